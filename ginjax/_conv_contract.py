@@ -1,0 +1,305 @@
+"""ConvContract: equivariant tensor convolution followed by contraction, on pluggable backends.
+
+The layer keeps ginjax 0.1.8's constructor, fields and results; its hot path is one call of
+`kernels.conv_contract`, so the backend (reference lax, dense lax, fused Triton or Pallas) is a
+dispatch decision, not a different model. See `kernels.explain(layer, x)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as random
+import numpy as np
+
+import kernels
+from kernels import ConvSpec, FilterBasis
+
+from ginjax import geometric as geom
+
+Key = tuple[tuple[bool, ...], int]
+Weights = dict[Key, dict[Key, jax.Array]]
+
+_BIAS_MODES = ("auto", "mean", "scalar")
+_SCALAR: Key = ((), 0)
+
+
+class MultiImageLayer(eqx.Module):
+    """A layer from MultiImage to MultiImage (identity here; subclasses override `__call__`)."""
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        return x
+
+
+def _filter_key(in_key: Key, out_key: Key) -> Key:
+    # invariant filters are contravariant in every index
+    return ((False,) * (len(in_key[0]) + len(out_key[0])), (in_key[1] + out_key[1]) % 2)
+
+
+def _normalize_bias(use_bias: Union[str, bool]) -> Union[str, bool]:
+    if isinstance(use_bias, bool):
+        return "auto" if use_bias else False
+    if isinstance(use_bias, str) and use_bias in _BIAS_MODES:
+        return use_bias
+    raise ValueError(f"`use_bias` (={use_bias!r}) must be a bool or one of {_BIAS_MODES}")
+
+
+@functools.lru_cache(maxsize=512)
+def _build_spec(
+    D: int,
+    in_keys: tuple,
+    out_keys: tuple,
+    pair_index: tuple,
+    bases: tuple,
+    is_torus: tuple,
+    stride,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+) -> ConvSpec:
+    pairs = [(a, b, bases[t]) for t, (a, b) in enumerate(pair_index)]
+    return kernels.make_spec(
+        D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs_dilation, rhs_dilation
+    )
+
+
+def _hashable(value):
+    """Lists (e.g. from JSON configs) to tuples, so geometry arguments can key a cache."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class ConvContract(MultiImageLayer):
+    """Equivariant convolution of a MultiImage with learned combinations of invariant filters.
+
+    For every input key a=(k_a, p_a) and target key b=(k_b, p_b) with an invariant filter of order
+    k_a + k_b and parity p_a + p_b, the filter W_ab = sum_f weights[a][b][:, :, f] * filters[f] is
+    convolved with the input block and its first k_a tensor indices are contracted with the input's;
+    the terms for one target key are summed.
+
+    Shapes (unbatched; use jax.vmap for a batch):
+        input block a: (in_c, *spatial, *(D,)*k_a); output block b: (out_c, *spatial', *(D,)*k_b).
+    Fields as ginjax 0.1.8: `weights[in_key][out_key]` of shape (out_c, in_c, n_filters),
+    `bias[out_key]` of shape (out_c,), `invariant_filters`, `missing_filter`, ... plus `backend`.
+    """
+
+    weights: Weights
+    bias: dict[Key, jax.Array]
+    invariant_filters: geom.MultiImage
+
+    input_keys: geom.Signature = eqx.field(static=True)
+    target_keys: geom.Signature = eqx.field(static=True)
+    use_bias: Union[str, bool] = eqx.field(static=True)
+    stride: Union[int, tuple[int, ...]] = eqx.field(static=True)
+    padding: Optional[Union[str, int, tuple[tuple[int, int], ...]]] = eqx.field(static=True)
+    lhs_dilation: Optional[tuple[int, ...]] = eqx.field(static=True)
+    rhs_dilation: Union[int, tuple[int, ...]] = eqx.field(static=True)
+    D: int = eqx.field(static=True)
+    fast_mode: bool = eqx.field(static=True)
+    missing_filter: bool = eqx.field(static=True)
+    backend: str = eqx.field(static=True)
+    # the filter bank as hashable constants, so fused kernels can specialise on its nonzeros
+    filter_bases: tuple[tuple[Key, FilterBasis], ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_keys: geom.Signature,
+        target_keys: geom.Signature,
+        invariant_filters: geom.MultiImage,
+        use_bias: Union[str, bool] = "auto",
+        stride: Union[int, tuple[int, ...]] = 1,
+        padding: Optional[Union[str, int, tuple[tuple[int, int], ...]]] = None,
+        lhs_dilation: Optional[tuple[int, ...]] = None,
+        rhs_dilation: Union[int, tuple[int, ...]] = 1,
+        key: Any = None,
+        *,
+        backend: str = "auto",
+    ):
+        """
+        Args:
+            input_keys: signature of the input, ((k, parity), channels) per key.
+            target_keys: signature of the output.
+            invariant_filters: MultiImage of invariant filters, one (n_filters, *(M,)*D, *(D,)*k)
+                block per filter key ((False,)*k, parity).
+            use_bias: 'auto' (plain bias for scalars, mean-scaled bias for the rest), 'mean',
+                'scalar' (plain bias for scalars, other outputs unbiased), True ('auto') or False.
+            stride, padding, lhs_dilation, rhs_dilation: as ginjax.geometric.convolve; padding None
+                means 'TORUS' if the input is a torus on any axis, else 'SAME'.
+            key: a jax.random key for the initial weights and biases.
+            backend: 'auto' or a kernels backend name ('reference', 'dense', 'triton', 'pallas').
+        """
+        if key is None:
+            raise ValueError("`key` (=None) must be a jax.random key to initialise the weights")
+        if not isinstance(invariant_filters, geom.MultiImage):
+            raise TypeError(
+                f"`invariant_filters` (={type(invariant_filters).__name__}) must be a geom.MultiImage"
+            )
+        if not isinstance(backend, str):
+            raise ValueError(f"`backend` (={backend!r}) must be a string")
+        if backend != "auto" and backend not in kernels.registered_backends():
+            raise ValueError(
+                f"`backend` (={backend!r}) is not a ConvContract backend; registered: "
+                f"{sorted(kernels.registered_backends())}, available here: "
+                f"{sorted(kernels.available_backends())} (or 'auto')"
+            )
+        # Signature normalises keys to ((False,)*k, parity) and checks the channel counts
+        input_keys = geom.Signature(input_keys)
+        target_keys = geom.Signature(target_keys)
+
+        self.input_keys = input_keys
+        self.target_keys = target_keys
+        self.invariant_filters = invariant_filters
+        self.use_bias = _normalize_bias(use_bias)
+        self.stride = _hashable(stride)
+        self.padding = _hashable(padding)
+        self.lhs_dilation = _hashable(lhs_dilation)
+        self.rhs_dilation = _hashable(rhs_dilation)
+        self.D = invariant_filters.D
+        self.backend = backend
+        self.fast_mode = False
+
+        self.filter_bases = tuple(
+            (fk, FilterBasis(np.asarray(block))) for fk, block in invariant_filters.items()
+        )
+        filter_spatial = {tuple(np.asarray(b).shape[1 : 1 + self.D]) for _, b in invariant_filters.items()}
+        if len(filter_spatial) > 1:
+            raise ValueError(
+                f"`invariant_filters` mixes filter sizes {sorted(filter_spatial)}; one ConvContract "
+                "uses one filter size"
+            )
+
+        missing = False
+        weights: Weights = {}
+        bias: dict[Key, jax.Array] = {}
+        for (in_k, in_p), in_c in input_keys:
+            weights[(in_k, in_p)] = {}
+            for (out_k, out_p), out_c in target_keys:
+                key, w_key, b_key = random.split(key, num=3)
+                fk = _filter_key((in_k, in_p), (out_k, out_p))
+                if fk not in invariant_filters:
+                    missing = True  # no invariant filter joins these two types
+                    continue
+                n_filters = invariant_filters[fk].shape[0]
+                fan_in = in_c * math.prod(invariant_filters[fk].shape[1 : 1 + self.D]) * self.D ** len(in_k)
+                bound = 1.0 / math.sqrt(fan_in)
+                weights[(in_k, in_p)][(out_k, out_p)] = random.uniform(
+                    w_key, (out_c, in_c, n_filters), minval=-bound, maxval=bound
+                )
+                if self.use_bias:
+                    bias[(out_k, out_p)] = random.uniform(b_key, (out_c,), minval=-bound, maxval=bound)
+        self.weights = weights
+        self.bias = bias
+        self.missing_filter = missing
+
+    # ---- the operation -------------------------------------------------------------------------
+    def conv_spec(self, x: Optional[geom.MultiImage] = None) -> ConvSpec:
+        """The static kernels.ConvSpec of this layer for input `x` (key order and is_torus)."""
+        if x is None:
+            in_order = tuple(k for k, _ in self.input_keys)
+            is_torus = (True,) * self.D
+        else:
+            in_order = tuple(x.keys())
+            is_torus = tuple(x.is_torus)
+        return self._spec(in_order, is_torus, self.weights)[0]
+
+    def _spec(self, in_order: tuple, is_torus: tuple, weights: Weights) -> tuple[ConvSpec, list, list]:
+        """Spec plus, in spec order, the output keys and the (in_key, out_key) of each pair.
+
+        Output order follows ginjax: input keys in the order of `x`, then target keys in layer
+        order; a target key appears when its first term does.
+        """
+        in_channels = dict(self.input_keys)
+        out_channels = dict(self.target_keys)
+        bases = dict(self.filter_bases)
+        out_order: list = []
+        pair_keys: list = []
+        pair_index = []
+        for a, in_key in enumerate(in_order):
+            present = weights.get(in_key, {})
+            # target-key order, not dict order: pytree flattening sorts dict keys
+            for out_key in (k for k, _ in self.target_keys if k in present):
+                if out_key not in out_order:
+                    out_order.append(out_key)
+                pair_keys.append((in_key, out_key))
+                pair_index.append((a, out_order.index(out_key)))
+        spec = _build_spec(
+            self.D,
+            tuple((len(k), p, in_channels[(k, p)]) for k, p in in_order),
+            tuple((len(k), p, out_channels[(k, p)]) for k, p in out_order),
+            tuple(pair_index),
+            tuple(bases[_filter_key(i, o)] for i, o in pair_keys),
+            is_torus,
+            self.stride,
+            self.padding,
+            self.lhs_dilation,
+            self.rhs_dilation,
+        )
+        return spec, out_order, pair_keys
+
+    def _check_input(self, x: geom.MultiImage) -> None:
+        if not isinstance(x, geom.MultiImage):
+            raise TypeError(f"`x` (={type(x).__name__}) must be a geom.MultiImage")
+        if x.D != self.D:
+            raise ValueError(f"`x.D` (={x.D}) does not match the layer's D (={self.D})")
+        expected = dict(self.input_keys)
+        got = {k: v.shape[0] for k, v in x.items()}
+        if set(got) != set(expected) or any(got[k] != expected[k] for k in got):
+            raise ValueError(
+                f"`x` has signature {tuple(got.items())}, but the layer expects "
+                f"{tuple(expected.items())} (keys ((False,)*k, parity) -> channels; unbatched: "
+                "use jax.vmap for a batch)"
+            )
+        for k, block in x.items():
+            if not jnp.issubdtype(block.dtype, jnp.floating):
+                raise ValueError(f"`x[{k}]` has dtype {block.dtype}; ConvContract needs floating point")
+
+    def _convolve(self, x: geom.MultiImage, weights: Weights, backend: Optional[str]) -> geom.MultiImage:
+        self._check_input(x)
+        in_order = tuple(x.keys())
+        spec, out_order, pair_keys = self._spec(in_order, tuple(x.is_torus), weights)
+        pair_weights = []
+        for (in_key, out_key), pair in zip(pair_keys, spec.pairs):
+            w = weights[in_key][out_key]
+            expected = (spec.out_keys[pair.out_index][2], spec.in_keys[pair.in_index][2], pair.basis.n_filters)
+            if tuple(w.shape) != expected:
+                raise ValueError(
+                    f"`weights[{in_key}][{out_key}]` has shape {tuple(w.shape)}; expected {expected}"
+                )
+            pair_weights.append(w)
+        outs = kernels.conv_contract(
+            spec, [x[k] for k in in_order], pair_weights, backend=backend
+        )
+        return geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
+
+    def fast_convolve(self, input_multi_image: geom.MultiImage, weights: Weights) -> geom.MultiImage:
+        """All pairs as one dense convolution (the `dense` backend), without bias."""
+        return self._convolve(input_multi_image, weights, "dense")
+
+    def individual_convolve(self, x: geom.MultiImage, weights: Weights) -> geom.MultiImage:
+        """One convolve_contract per key pair, as ginjax 0.1.8 (the `reference` backend), without bias."""
+        return self._convolve(x, weights, "reference")
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        """Convolve-contract `x` (unbatched) on the selected backend, then add the bias."""
+        out = self._convolve(x, self.weights, self.backend)
+        if not self.use_bias:
+            return out
+        biased = {}
+        for (k, p), block in out.items():
+            b = self.bias[(k, p)].reshape((-1,) + (1,) * (self.D + len(k)))
+            if (k, p) == _SCALAR and self.use_bias in ("auto", "scalar"):
+                biased[(k, p)] = block + b
+            elif self.use_bias == "mean" or (self.use_bias == "auto" and (k, p) != _SCALAR):
+                mean = jnp.mean(block, axis=tuple(range(1, 1 + self.D)), keepdims=True)
+                biased[(k, p)] = block + mean * b
+            else:  # 'scalar' mode leaves non-scalar outputs unbiased (ginjax 0.1.8 dropped them)
+                biased[(k, p)] = block
+        return geom.MultiImage(biased, out.D, out.is_torus)

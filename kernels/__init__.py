@@ -1,0 +1,140 @@
+"""ConvContract as a function of plain arrays, with interchangeable backends.
+
+    outputs = kernels.conv_contract(spec, inputs, weights, backend="auto", precision=None)
+
+`spec` (a `ConvSpec`, from `make_spec`) is the static part of a layer: keys, channel counts, the
+invariant filter bases of every (input key, output key) pair, padding, stride and dilations.
+`inputs` are the unbatched blocks (c_a, *spatial, *(D,)*k_a); `weights` the per-pair
+(o_b, c_a, n_filters) coefficient arrays. Batch with jax.vmap. This package never imports ginjax.
+
+Backends: `reference` (ginjax 0.1.8's per-pair algorithm, the oracle), `dense` (one convolution),
+and the fused GPU kernels `triton` and `pallas` when they can run. See `explain` for which one runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+
+from . import _registry
+from ._precision import MODES, TOLERANCE, resolve_precision
+from ._registry import (
+    Backend,
+    Choice,
+    available_backends,
+    register_backend,
+    registered_backends,
+    use_backend,
+)
+from ._spec import ConvSpec, FilterBasis, Pair, check_operands, make_spec, resolve_padding
+from .dense import assemble_dense_filter, conv_contract_dense
+from .reference import conv_contract_reference
+
+__all__ = [
+    "Backend",
+    "Choice",
+    "ConvSpec",
+    "FilterBasis",
+    "MODES",
+    "Pair",
+    "TOLERANCE",
+    "assemble_dense_filter",
+    "available_backends",
+    "conv_contract",
+    "explain",
+    "make_spec",
+    "register_backend",
+    "registered_backends",
+    "resolve_padding",
+    "resolve_precision",
+    "use_backend",
+]
+
+
+def _always() -> tuple[bool, str]:
+    return True, "pure lax, runs everywhere"
+
+
+def _covers_all(spec, spatial, dtype) -> tuple[bool, str]:
+    return True, "covers every configuration"
+
+
+register_backend(Backend("reference", conv_contract_reference, _always, _covers_all, priority={}))
+register_backend(
+    Backend("dense", conv_contract_dense, _always, _covers_all, priority={"cpu": 10, "gpu": 10, "tpu": 10})
+)
+
+
+def _register_optional() -> None:
+    # Fused backends register themselves on import; a missing optional dependency only means the
+    # backend reports itself unavailable, never that `import kernels` fails.
+    for module in ("kernels.triton", "kernels.pallas"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError as err:
+            if not err.name or not err.name.startswith("kernels."):
+                raise
+
+
+_register_optional()
+
+
+def _spatial_of(spec: ConvSpec, inputs) -> tuple[int, ...]:
+    x = inputs[0]
+    return tuple(x.shape[1 : 1 + spec.D])
+
+
+def conv_contract(
+    spec: ConvSpec,
+    inputs: Sequence[jax.Array],
+    weights: Sequence[jax.Array],
+    *,
+    backend: Optional[str] = None,
+    precision=None,
+) -> tuple[jax.Array, ...]:
+    """Run one ConvContract on unbatched blocks; returns the output blocks in `spec.out_keys` order.
+
+    Args:
+        spec: the layer's static description (`make_spec`).
+        inputs: per input key, (c_a, *spatial, *(D,)*k_a).
+        weights: per pair of `spec.pairs`, (o_b, c_a, n_filters).
+        backend: a registered name or "auto"/None (then `use_backend`, $GINJAX_BACKEND, auto).
+        precision: None (JAX's default matmul precision), "fp32", "tf32" or "bf16".
+    """
+    inputs = tuple(inputs)
+    weights = tuple(weights)
+    spatial = check_operands(spec, inputs, weights)
+    mode = resolve_precision(precision)
+    choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
+    return tuple(_registry.get(choice.backend).run(spec, inputs, weights, mode))
+
+
+def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:
+    """Say which backend runs for a layer (or ConvSpec) on input `x`, and why.
+
+    Args:
+        layer_or_spec: a `ConvSpec`, or an object with a `conv_spec()` method (e.g.
+            ginjax.layers.ConvContract) and optionally a `backend` attribute.
+        x: the input: a MultiImage-like mapping of blocks, a sequence of blocks, or the spatial
+            dims as a tuple. Leading batch axes are allowed. None means a generic size.
+        backend: override the layer's backend.
+    """
+    if isinstance(layer_or_spec, ConvSpec):
+        spec = layer_or_spec
+    else:
+        spec = layer_or_spec.conv_spec(x if hasattr(x, "is_torus") else None)
+        if backend is None:
+            backend = getattr(layer_or_spec, "backend", None)
+    dtype = None
+    if x is None:
+        spatial = (16,) * spec.D
+    elif isinstance(x, tuple) and all(isinstance(n, int) for n in x):
+        spatial = x
+    else:
+        blocks = list(x.values()) if hasattr(x, "values") else list(x)
+        k0 = spec.in_keys[0][0]
+        first = blocks[0]
+        spatial = tuple(first.shape[first.ndim - k0 - spec.D : first.ndim - k0])
+        dtype = first.dtype
+    return _registry.choose(spec, spatial, dtype, backend)

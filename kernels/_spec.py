@@ -1,0 +1,335 @@
+"""The static description of one ConvContract: keys, channels, filter bases and geometry.
+
+Everything in a `ConvSpec` is known when the layer is built, is hashable, and is passed to the
+backends as a static argument, so a fused kernel can specialise on it (on the nonzeros of the
+invariant basis in particular). Arrays that change during training (inputs, weights) are not here.
+
+Conventions (those of ginjax 0.1.8):
+    input block a:   (c_a, *spatial, *(D,) * k_a)
+    weights of pair: (o_b, c_a, F)          for input key a and output key b
+    basis of pair:   (F, *(M,) * D, *(D,) * (k_a + k_b))   input tensor indices first
+    output block b:  (o_b, *out_spatial, *(D,) * k_b)
+
+    out_b[o, x, j] = sum_a sum_{c, y, i} X_a[c, x * stride + y * rhs_dilation - pad, i] * W[o, c, y, i, j]
+    W[o, c, y, i, j] = sum_f w[o, c, f] * B[f, y, i, j]
+
+This is a correlation (no filter flip), as lax.conv_general_dilated computes it. Torus axes are
+padded by wrapping, the others with zeros; `lhs_dilation` dilates the (padded) input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Sequence, Union
+
+import numpy as np
+
+Padding = Union[str, int, Sequence[Sequence[int]], None]
+
+
+class FilterBasis:
+    """A read-only, hashable invariant filter basis of shape (F, *(M,)*D, *(D,)*k).
+
+    Hashing by content lets a basis sit in a static `ConvSpec` (jit caches and custom_vjp
+    non-differentiable arguments need hashable, comparable statics).
+    """
+
+    __slots__ = ("array", "_hash")
+
+    def __init__(self, array) -> None:
+        arr = np.array(array, dtype=np.float64, copy=True)
+        arr.setflags(write=False)
+        self.array = arr
+        digest = hashlib.sha1(arr.tobytes()).hexdigest()
+        self._hash = hash((arr.shape, digest))
+
+    @property
+    def n_filters(self) -> int:
+        return self.array.shape[0]
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, FilterBasis)
+            and self._hash == other._hash
+            and self.array.shape == other.array.shape
+            and bool(np.array_equal(self.array, other.array))
+        )
+
+    def __repr__(self) -> str:
+        return f"FilterBasis(shape={self.array.shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One (input key, output key) term of the layer: its filter basis and indices."""
+
+    in_index: int
+    out_index: int
+    basis: FilterBasis
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """Static geometry of a ConvContract.
+
+    Attributes:
+        D: spatial dimension (2 or 3).
+        in_keys: per input block, `(k, parity, channels)`.
+        out_keys: per output block, `(k, parity, channels)`; every output has at least one pair.
+        pairs: the terms of the sum, in evaluation order.
+        filter_shape: the filters' spatial extent, `(M,) * D`.
+        is_torus: per axis, whether the input wraps around.
+        stride, lhs_dilation, rhs_dilation: per axis.
+        torus_pad: per axis `(lo, hi)` cells added by wrapping around (torus axes only).
+        zero_pad: per axis `(lo, hi)` zero cells added (after wrapping).
+    """
+
+    D: int
+    in_keys: tuple[tuple[int, int, int], ...]
+    out_keys: tuple[tuple[int, int, int], ...]
+    pairs: tuple[Pair, ...]
+    filter_shape: tuple[int, ...]
+    is_torus: tuple[bool, ...]
+    stride: tuple[int, ...]
+    lhs_dilation: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    torus_pad: tuple[tuple[int, int], ...]
+    zero_pad: tuple[tuple[int, int], ...]
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def cin(self) -> int:
+        """Channels of the equivalent dense convolution: sum_a c_a * D^k_a."""
+        return sum(c * self.D**k for k, _, c in self.in_keys)
+
+    @property
+    def cout(self) -> int:
+        """Output channels of the equivalent dense convolution: sum_b o_b * D^k_b."""
+        return sum(c * self.D**k for k, _, c in self.out_keys)
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.filter_shape)
+
+    @property
+    def is_default_stride(self) -> bool:
+        return all(s == 1 for s in self.stride) and all(d == 1 for d in self.lhs_dilation)
+
+    def in_shape(self, a: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        k, _, c = self.in_keys[a]
+        return (c,) + tuple(spatial) + (self.D,) * k
+
+    def out_spatial(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Output spatial dims for input spatial dims, as lax.conv_general_dilated computes them."""
+        out = []
+        for n, tp, zp, m, s, ld, rd in zip(
+            spatial,
+            self.torus_pad,
+            self.zero_pad,
+            self.filter_shape,
+            self.stride,
+            self.lhs_dilation,
+            self.rhs_dilation,
+        ):
+            n_in = n + tp[0] + tp[1]
+            n_in = (n_in - 1) * ld + 1 + zp[0] + zp[1]
+            extent = (m - 1) * rd + 1
+            out.append(max(0, (n_in - extent) // s + 1))
+        return tuple(out)
+
+    def dense_flops(self, spatial: Sequence[int]) -> int:
+        """FLOPs of the equivalent dense convolution (2 * out pixels * taps * Cin * Cout)."""
+        return 2 * math.prod(self.out_spatial(spatial)) * self.taps * self.cin * self.cout
+
+
+def _per_axis(value, D: int, name: str) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * D
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        out = (int(value),) * D
+    elif isinstance(value, (tuple, list)) and len(value) == D:
+        out = tuple(int(v) for v in value)
+    else:
+        raise ValueError(f"`{name}` (={value!r}) must be an int or a tuple of {D} ints")
+    if any(v < 1 for v in out):
+        raise ValueError(f"`{name}` (={value!r}) must be >= 1 on every axis")
+    return out
+
+
+def resolve_padding(
+    padding: Padding,
+    is_torus: tuple[bool, ...],
+    filter_shape: tuple[int, ...],
+    rhs_dilation: tuple[int, ...],
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    """Turn a ginjax padding argument into per-axis (wrap, zero) cell counts.
+
+    None means 'TORUS' if any axis is a torus, else 'SAME'. 'TORUS' wraps the torus axes and
+    zero-pads the others as 'SAME' does; 'SAME' pads (M-1)//2 * rhs_dilation zeros on both sides;
+    'VALID' pads nothing; an int pads that many zeros on both sides of every axis; explicit
+    `((lo, hi),) * D` pairs are used as they are.
+    """
+    D = len(filter_shape)
+    if padding is None:
+        padding = "TORUS" if any(is_torus) else "SAME"
+    no_pad = ((0, 0),) * D
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("TORUS", "SAME", "VALID"):
+            raise ValueError(
+                f"`padding` (={padding!r}) must be 'TORUS', 'SAME', 'VALID', an int or "
+                f"{D} (lo, hi) pairs"
+            )
+        if mode == "VALID":
+            return no_pad, no_pad
+        even = [m for m in filter_shape if m % 2 == 0]
+        if even:
+            raise ValueError(
+                f"`padding` (={padding!r}) needs odd filter sizes, but the filters are "
+                f"{filter_shape}: give explicit (lo, hi) pairs instead"
+            )
+        half = tuple(((m - 1) // 2) * r for m, r in zip(filter_shape, rhs_dilation))
+        if mode == "SAME":
+            return no_pad, tuple((h, h) for h in half)
+        wrap = tuple((h, h) if t else (0, 0) for h, t in zip(half, is_torus))
+        zero = tuple((0, 0) if t else (h, h) for h, t in zip(half, is_torus))
+        return wrap, zero
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        if padding < 0:
+            raise ValueError(f"`padding` (={padding!r}) must be >= 0")
+        return no_pad, ((int(padding), int(padding)),) * D
+    try:
+        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`padding` (={padding!r}) must be 'TORUS', 'SAME', 'VALID', an int or {D} (lo, hi) pairs"
+        ) from None
+    if len(pairs) != D:
+        raise ValueError(f"`padding` (={padding!r}) must have {D} (lo, hi) pairs, one per axis")
+    return no_pad, pairs
+
+
+def make_spec(
+    D: int,
+    in_keys: Sequence[tuple[int, int, int]],
+    out_keys: Sequence[tuple[int, int, int]],
+    pairs: Sequence[tuple[int, int, np.ndarray]],
+    is_torus: Union[bool, Sequence[bool]],
+    stride=1,
+    padding: Padding = None,
+    lhs_dilation=None,
+    rhs_dilation=1,
+) -> ConvSpec:
+    """Validate and build a `ConvSpec`.
+
+    Args:
+        D: 2 or 3.
+        in_keys, out_keys: `(k, parity, channels)` per block, in block order.
+        pairs: `(in_index, out_index, basis)` with basis of shape (F, *(M,)*D, *(D,)*(k_a+k_b)).
+        is_torus: bool or per-axis bools.
+        stride, padding, lhs_dilation, rhs_dilation: as in ginjax.
+    """
+    if D not in (2, 3):
+        raise ValueError(f"`D` (={D!r}) must be 2 or 3")
+    if isinstance(is_torus, (bool, np.bool_)):
+        torus = (bool(is_torus),) * D
+    else:
+        torus = tuple(bool(t) for t in is_torus)
+        if len(torus) != D:
+            raise ValueError(f"`is_torus` (={is_torus!r}) must be a bool or {D} bools")
+    if not pairs:
+        raise ValueError("a ConvContract needs at least one (input key, output key) pair with a filter")
+
+    built_pairs = []
+    filter_shape = None
+    for a, b, basis in pairs:
+        basis = basis if isinstance(basis, FilterBasis) else FilterBasis(basis)
+        k_a, _, _ = in_keys[a]
+        k_b, _, _ = out_keys[b]
+        arr = basis.array
+        expected_tail = (D,) * (k_a + k_b)
+        if arr.ndim != 1 + D + k_a + k_b or arr.shape[1 + D :] != expected_tail:
+            raise ValueError(
+                f"filter basis for pair ({a}, {b}) has shape {arr.shape}; expected "
+                f"(n_filters, *(M,)*{D}, *{expected_tail})"
+            )
+        fs = arr.shape[1 : 1 + D]
+        if filter_shape is None:
+            filter_shape = fs
+        elif fs != filter_shape:
+            raise ValueError(
+                f"all filters of one layer must share a spatial size, got {filter_shape} and {fs}"
+            )
+        built_pairs.append(Pair(int(a), int(b), basis))
+    assert filter_shape is not None
+    used_out = {p.out_index for p in built_pairs}
+    if used_out != set(range(len(out_keys))):
+        missing = sorted(set(range(len(out_keys))) - used_out)
+        raise ValueError(f"output blocks {missing} receive no pair; drop them from `out_keys`")
+
+    stride_t = _per_axis(stride, D, "stride")
+    lhs_t = _per_axis(lhs_dilation, D, "lhs_dilation")
+    rhs_t = _per_axis(rhs_dilation, D, "rhs_dilation")
+    wrap, zero = resolve_padding(padding, torus, tuple(filter_shape), rhs_t)
+    return ConvSpec(
+        D=D,
+        in_keys=tuple((int(k), int(p) % 2, int(c)) for k, p, c in in_keys),
+        out_keys=tuple((int(k), int(p) % 2, int(c)) for k, p, c in out_keys),
+        pairs=tuple(built_pairs),
+        filter_shape=tuple(filter_shape),
+        is_torus=torus,
+        stride=stride_t,
+        lhs_dilation=lhs_t,
+        rhs_dilation=rhs_t,
+        torus_pad=wrap,
+        zero_pad=zero,
+    )
+
+
+def check_operands(spec: ConvSpec, inputs: Sequence, weights: Sequence) -> tuple[int, ...]:
+    """Check input and weight shapes against the spec; return the input spatial dims.
+
+    Raises ValueError naming the offending argument and its shape.
+    """
+    if len(inputs) != len(spec.in_keys):
+        raise ValueError(
+            f"`inputs` has {len(inputs)} blocks but the layer expects {len(spec.in_keys)} "
+            f"(keys (k, parity, channels) = {spec.in_keys})"
+        )
+    if len(weights) != len(spec.pairs):
+        raise ValueError(f"`weights` has {len(weights)} arrays but the layer has {len(spec.pairs)} pairs")
+    D = spec.D
+    spatial = None
+    for a, (x, (k, p, c)) in enumerate(zip(inputs, spec.in_keys)):
+        shape = tuple(x.shape)
+        if len(shape) != 1 + D + k or shape[0] != c or shape[1 + D :] != (D,) * k:
+            raise ValueError(
+                f"input block {a} (k={k}, parity={p}) has shape {shape}; expected "
+                f"({c}, *spatial[{D}], *{(D,) * k})"
+            )
+        sp = shape[1 : 1 + D]
+        if spatial is None:
+            spatial = sp
+        elif sp != spatial:
+            raise ValueError(f"input block {a} has spatial dims {sp}, others have {spatial}")
+    for t, (w, pair) in enumerate(zip(weights, spec.pairs)):
+        expected = (spec.out_keys[pair.out_index][2], spec.in_keys[pair.in_index][2], pair.basis.n_filters)
+        if tuple(w.shape) != expected:
+            raise ValueError(f"weights of pair {t} have shape {tuple(w.shape)}; expected {expected}")
+    assert spatial is not None
+    for ax, (n, tp) in enumerate(zip(spatial, spec.torus_pad)):
+        if tp[0] > n or tp[1] > n:
+            raise ValueError(
+                f"spatial axis {ax} has {n} cells, fewer than the {max(tp)}-cell torus wrap the "
+                f"filter needs"
+            )
+    if any(n <= 0 for n in spec.out_spatial(spatial)):
+        raise ValueError(
+            f"input spatial dims {spatial} are too small for filters {spec.filter_shape} with this padding"
+        )
+    return spatial

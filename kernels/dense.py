@@ -1,0 +1,79 @@
+"""`dense` backend: the whole layer as ONE lax.conv_general_dilated.
+
+Basis expansion and index contraction fold into the channel GEMM: input channels are
+Cin = sum_a c_a D^k_a (ordered block by block, (c, i) within a block), output channels
+Cout = sum_b o_b D^k_b, and the filter W[*taps, (c,i), (o,j)] = sum_f w[o,c,f] B[f,*taps,i,j] is
+assembled in HBM (small: taps * Cin * Cout). Pairs without a filter leave zero blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ._lax_common import compute_dtype, conv_channels_last, wrap_pad
+from ._precision import lax_operands
+from ._spec import ConvSpec
+
+
+def assemble_dense_filter(spec: ConvSpec, weights: Sequence[jax.Array], dtype=jnp.float32) -> jax.Array:
+    """The dense filter (*taps, Cin, Cout) of the layer (differentiable in the weights)."""
+    D, taps = spec.D, spec.filter_shape
+    n_taps = math.prod(taps)
+    blocks = {}
+    for pair, w in zip(spec.pairs, weights):
+        k_a, _, c = spec.in_keys[pair.in_index]
+        k_b, _, o = spec.out_keys[pair.out_index]
+        basis = jnp.asarray(pair.basis.array, dtype=dtype).reshape(
+            (pair.basis.n_filters, n_taps, D**k_a, D**k_b)
+        )
+        # (o, c, F) x (F, taps, i, j) -> (taps, c, i, o, j)
+        blk = jnp.einsum("ocf,ftij->tcioj", w.astype(dtype), basis, precision=jax.lax.Precision.HIGHEST)
+        blk = blk.reshape((n_taps, c * D**k_a, o * D**k_b))
+        key = (pair.in_index, pair.out_index)
+        blocks[key] = blk if key not in blocks else blocks[key] + blk
+    rows = []
+    for a, (k_a, _, c) in enumerate(spec.in_keys):
+        row = []
+        for b, (k_b, _, o) in enumerate(spec.out_keys):
+            blk = blocks.get((a, b))
+            row.append(blk if blk is not None else jnp.zeros((n_taps, c * D**k_a, o * D**k_b), dtype))
+        rows.append(jnp.concatenate(row, axis=2))
+    return jnp.concatenate(rows, axis=1).reshape(taps + (spec.cin, spec.cout))
+
+
+def pack_channels_last(spec: ConvSpec, inputs: Sequence[jax.Array]) -> jax.Array:
+    """Blocks (c, *spatial, *i) -> (*spatial, Cin) with channel index c * D^k + i."""
+    D = spec.D
+    parts = []
+    for x, (k, _, c) in zip(inputs, spec.in_keys):
+        spatial = x.shape[1 : 1 + D]
+        parts.append(jnp.moveaxis(x.reshape((c,) + spatial + (D**k,)), 0, D).reshape(spatial + (-1,)))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def unpack_channels_last(spec: ConvSpec, y: jax.Array) -> tuple[jax.Array, ...]:
+    """(*spatial, Cout) -> blocks (o, *spatial, *j)."""
+    D = spec.D
+    spatial = y.shape[:D]
+    outs, start = [], 0
+    for k, _, o in spec.out_keys:
+        width = o * D**k
+        blk = y[..., start : start + width].reshape(spatial + (o,) + (D,) * k)
+        outs.append(jnp.moveaxis(blk, D, 0))
+        start += width
+    return tuple(outs)
+
+
+def conv_contract_dense(
+    spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str
+) -> tuple[jax.Array, ...]:
+    dtype = compute_dtype(*inputs, *weights)
+    w_dense = assemble_dense_filter(spec, weights, dtype)
+    x = wrap_pad(pack_channels_last(spec, [x.astype(dtype) for x in inputs])[None], spec, lead=1)
+    precision, (x, w_dense) = lax_operands(mode, x, w_dense)
+    y = conv_channels_last(x, w_dense, spec, precision, out_dtype=dtype)[0]
+    return unpack_channels_last(spec, y)

@@ -1,0 +1,287 @@
+"""kernels.conv_contract on plain arrays: fixtures on every lax backend, dense vs reference on
+hypothesis-drawn configurations (forward and gradients), dispatch rules and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from conftest import conv_contract_case, conv_contract_cases, fixture_filters, float64, rel_l2
+
+LAX_BACKENDS = ["reference", "dense"]
+
+
+def _tup(value):
+    if isinstance(value, list):
+        return tuple(_tup(v) for v in value)
+    return value
+
+
+def _fixture_spec(meta, arrays):
+    """The spec, inputs and weights of a recorded ginjax 0.1.8 ConvContract case (bias excluded)."""
+    D, M = meta["D"], meta["M"]
+    filters = fixture_filters(D, M)
+    ins = [tuple(t) for t in meta["input"]]
+    outs_all = [tuple(t) for t in meta["target"]]
+    name = lambda k, p: f"k{k}p{p}"
+    pairs, weights, out_keys = [], [], []
+    for a, (ka, pa, _) in enumerate(ins):
+        for kb, pb, cb in outs_all:
+            fk = (ka + kb, (pa + pb) % 2)
+            if fk not in filters:
+                continue
+            if (kb, pb, cb) not in out_keys:
+                out_keys.append((kb, pb, cb))
+            pairs.append((a, out_keys.index((kb, pb, cb)), filters[fk]))
+            weights.append(arrays[f"w/{name(ka, pa)}/{name(kb, pb)}"])
+    kw = meta["kwargs"]
+    is_torus = _tup(meta["is_torus"])
+    spec = kernels.make_spec(
+        D, ins, out_keys, pairs, is_torus,
+        stride=_tup(kw.get("stride", 1)), padding=_tup(kw.get("padding")),
+        lhs_dilation=_tup(kw.get("lhs_dilation")), rhs_dilation=_tup(kw.get("rhs_dilation", 1)),
+    )
+    inputs = [arrays[f"x/{name(k, p)}"] for k, p, _ in ins]
+    expected = [arrays[f"out/{name(k, p)}"] for k, p, _ in out_keys]
+    return spec, inputs, weights, expected
+
+
+@pytest.mark.parametrize("backend", LAX_BACKENDS)
+@pytest.mark.parametrize("case", conv_contract_cases())
+def test_fixture_cases_unbiased(case, backend):
+    """Every recorded case without bias, reproduced at highest precision (rel. error <= 1e-5)."""
+    meta, arrays = conv_contract_case(case)
+    if meta["use_bias"]:
+        pytest.skip("biased cases are checked at the layer level (tests/test_conv_contract_layer.py)")
+    spec, inputs, weights, expected = _fixture_spec(meta, arrays)
+    outs = kernels.conv_contract(spec, inputs, weights, backend=backend, precision="fp32")
+    assert len(outs) == len(expected)
+    for got, want in zip(outs, expected):
+        assert got.shape == want.shape
+        assert rel_l2(got, want) <= 1e-5
+
+
+# ---- hypothesis: dense against reference --------------------------------------------------------
+KEYS = [(0, 0), (1, 0), (1, 1), (2, 0)]
+
+
+@st.composite
+def configurations(draw):
+    D = draw(st.sampled_from([2, 3]))
+    M = draw(st.sampled_from([2, 3, 5] if D == 2 else [2, 3]))
+    filters = fixture_filters(D, M)
+    ins = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True))
+    outs = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True))
+    in_keys = [(k, p, draw(st.integers(1, 3))) for k, p in ins]
+    out_candidates = [(k, p, draw(st.integers(1, 3))) for k, p in outs]
+    pairs, out_keys = [], []
+    for a, (ka, pa, _) in enumerate(in_keys):
+        for ob in out_candidates:
+            fk = (ka + ob[0], (pa + ob[1]) % 2)
+            if fk in filters:
+                if ob not in out_keys:
+                    out_keys.append(ob)
+                pairs.append((a, out_keys.index(ob), filters[fk]))
+    assume(pairs)
+    rhs = draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 2))
+    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
+    lhs = None
+    if M % 2 == 1:
+        padding = draw(st.sampled_from([None, "TORUS", "SAME", "VALID", 1, "explicit"]))
+    else:
+        padding = draw(st.sampled_from(["VALID", 1, "explicit"]))
+    if padding == "explicit":
+        padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(D))
+        if draw(st.booleans()):
+            lhs = (2,) * D
+    N = draw(st.integers(5, 8) if D == 2 else st.integers(4, 5))
+    assume(N >= ((M - 1) * rhs + 1))
+    batch = draw(st.integers(1, 2))
+    spec = kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs, rhs)
+    return spec, N, batch
+
+
+def _random_operands(spec, N, batch, seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((batch,) + spec.in_shape(a, (N,) * spec.D)).astype(dtype) for a in range(len(spec.in_keys))]
+    weights = [
+        rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)).astype(dtype)
+        for p in spec.pairs
+    ]
+    return inputs, weights
+
+
+def _batched(spec, backend, precision=None):
+    return jax.vmap(
+        lambda xs, ws: kernels.conv_contract(spec, xs, ws, backend=backend, precision=precision),
+        in_axes=(0, None),
+    )
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configurations(), seed=st.integers(0, 2**31 - 1))
+def test_dense_matches_reference_forward_and_grads(cfg, seed):
+    spec, N, batch = cfg
+    with float64():
+        inputs, weights = _random_operands(spec, N, batch, seed)
+        inputs = [jnp.asarray(x) for x in inputs]
+        weights = [jnp.asarray(w) for w in weights]
+        ref = _batched(spec, "reference")(inputs, weights)
+        got = _batched(spec, "dense")(inputs, weights)
+        for r, g in zip(ref, got):
+            assert r.shape == g.shape
+            assert rel_l2(g, r) <= 1e-10
+
+        # gradients w.r.t. inputs and weights of a generic scalar loss
+        def loss(backend, xs, ws):
+            outs = _batched(spec, backend)(xs, ws)
+            return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
+
+        g_ref = jax.grad(lambda xs, ws: loss("reference", xs, ws), argnums=(0, 1))(inputs, weights)
+        g_dense = jax.grad(lambda xs, ws: loss("dense", xs, ws), argnums=(0, 1))(inputs, weights)
+        for r, g in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_dense)):
+            if not np.any(np.asarray(r)):  # an input block no pair reads: its gradient is exactly 0
+                assert not np.any(np.asarray(g))
+            else:
+                assert rel_l2(g, r) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", LAX_BACKENDS)
+def test_float32_against_float64_oracle(backend):
+    """fp32 mode from float32 operands is within the fp32 tolerance of the float64 oracle."""
+    filters = fixture_filters(3, 3)
+    spec = kernels.make_spec(
+        3, [(0, 0, 3), (1, 0, 2)], [(0, 0, 2), (1, 0, 3)],
+        [(0, 0, filters[(0, 0)]), (0, 1, filters[(1, 0)]), (1, 0, filters[(1, 0)]), (1, 1, filters[(2, 0)])],
+        True,
+    )
+    inputs, weights = _random_operands(spec, 6, 2, seed=7)
+    with float64():
+        oracle = _batched(spec, "reference")([jnp.asarray(x) for x in inputs], [jnp.asarray(w) for w in weights])
+        oracle = [np.asarray(o) for o in oracle]
+    x32 = [jnp.asarray(x, jnp.float32) for x in inputs]
+    w32 = [jnp.asarray(w, jnp.float32) for w in weights]
+    got = _batched(spec, backend, "fp32")(x32, w32)
+    for g, o in zip(got, oracle):
+        assert g.dtype == jnp.float32
+        assert rel_l2(g, o) <= kernels.TOLERANCE["fp32"]
+    got_bf16 = _batched(spec, backend, "bf16")(x32, w32)
+    for g, o in zip(got_bf16, oracle):
+        assert rel_l2(g, o) <= kernels.TOLERANCE["bf16"]
+
+
+def test_jit_and_grad_of_vmap():
+    filters = fixture_filters(2, 3)
+    spec = kernels.make_spec(2, [(1, 0, 2)], [(0, 0, 2), (1, 0, 1)], [(0, 0, filters[(1, 0)]), (0, 1, filters[(2, 0)])], True)
+    inputs, weights = _random_operands(spec, 7, 3, seed=3, dtype=np.float32)
+    f = jax.jit(lambda xs, ws: sum(jnp.sum(o**2) for o in _batched(spec, "dense", "fp32")(xs, ws)))
+    g = jax.jit(jax.grad(lambda xs, ws: sum(jnp.sum(o**2) for o in _batched(spec, "reference", "fp32")(xs, ws)), argnums=1))
+    gd = jax.grad(lambda xs, ws: sum(jnp.sum(o**2) for o in _batched(spec, "dense", "fp32")(xs, ws)), argnums=1)
+    assert np.isfinite(float(f(inputs, weights)))
+    for a, b in zip(g(inputs, weights), gd(inputs, weights)):
+        assert rel_l2(b, a) <= 1e-4
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+def _small_spec():
+    filters = fixture_filters(2, 3)
+    return kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True)
+
+
+def test_selection_order(monkeypatch):
+    spec = _small_spec()
+    monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+    assert kernels.explain(spec).backend in kernels.available_backends()
+    monkeypatch.setenv(kernels._registry.ENV_VAR, "reference")
+    choice = kernels.explain(spec)
+    assert (choice.backend, choice.source) == ("reference", "$GINJAX_BACKEND")
+    with kernels.use_backend("dense"):
+        assert kernels.explain(spec).backend == "dense"
+        assert kernels.explain(spec, backend="reference").source == "argument"
+    assert "reference" in str(kernels.explain(spec))
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    spec = _small_spec()
+    x = [jnp.ones((1, 5, 5)) * 0.5]
+    w = [jnp.ones((1, 1, spec.pairs[0].basis.n_filters))]
+    with pytest.raises(ValueError, match="'cuda-magic'.*available here"):
+        kernels.conv_contract(spec, x, w, backend="cuda-magic")
+    monkeypatch.setenv(kernels._registry.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        kernels.conv_contract(spec, x, w)
+
+
+def test_backend_that_cannot_run_here_is_rejected():
+    unavailable = kernels.Backend(
+        "never-here", kernels.conv_contract_reference,
+        lambda: (False, "needs hardware this machine lacks"), lambda *a: (True, ""), priority={},
+    )
+    kernels.register_backend(unavailable)
+    try:
+        with pytest.raises(ValueError, match="cannot run here: needs hardware"):
+            kernels.explain(_small_spec(), backend="never-here")
+    finally:
+        kernels._registry._BACKENDS.pop("never-here")
+
+
+def test_uncovered_configuration_falls_back_to_dense():
+    narrow = kernels.Backend(
+        "narrow", kernels.conv_contract_reference, lambda: (True, ""),
+        lambda spec, spatial, dtype: (spec.is_default_stride, "stride > 1 not covered"), priority={"cpu": 100},
+    )
+    kernels.register_backend(narrow)
+    try:
+        filters = fixture_filters(2, 3)
+        strided = kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True, stride=2)
+        assert kernels.explain(_small_spec(), backend="narrow").backend == "narrow"
+        choice = kernels.explain(strided, backend="narrow")
+        assert choice.backend == "dense" and "stride > 1 not covered" in choice.reason
+        assert kernels.explain(strided).backend == "dense"  # auto skips it too
+    finally:
+        kernels._registry._BACKENDS.pop("narrow")
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def test_bad_specs_are_clear_errors():
+    filters = fixture_filters(2, 3)
+    f2 = fixture_filters(2, 2)
+    with pytest.raises(ValueError, match=r"`D` \(=4\)"):
+        kernels.make_spec(4, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True)
+    with pytest.raises(ValueError, match="needs odd filter sizes"):
+        kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, f2[(0, 0)])], True, padding="TORUS")
+    with pytest.raises(ValueError, match="needs odd filter sizes"):
+        kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, f2[(0, 0)])], False, padding="SAME")
+    with pytest.raises(ValueError, match=r"`padding` \(='FULL'\)"):
+        kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True, padding="FULL")
+    with pytest.raises(ValueError, match=r"`stride` \(=0\)"):
+        kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True, stride=0)
+    with pytest.raises(ValueError, match=r"`is_torus`"):
+        kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], (True,))
+    with pytest.raises(ValueError, match="filter basis for pair"):
+        kernels.make_spec(2, [(1, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], True)
+
+
+def test_bad_operands_are_clear_errors():
+    spec = _small_spec()
+    F = spec.pairs[0].basis.n_filters
+    good_x, good_w = jnp.ones((1, 6, 6)), jnp.ones((1, 1, F))
+    with pytest.raises(ValueError, match=r"input block 0 .* shape \(2, 6, 6\)"):
+        kernels.conv_contract(spec, [jnp.ones((2, 6, 6))], [good_w])
+    with pytest.raises(ValueError, match=r"weights of pair 0 have shape \(1, 1, 7\)"):
+        kernels.conv_contract(spec, [good_x], [jnp.ones((1, 1, 7))])
+    with pytest.raises(ValueError, match="`inputs` has 2 blocks"):
+        kernels.conv_contract(spec, [good_x, good_x], [good_w])
+    filters = fixture_filters(2, 3)
+    valid = kernels.make_spec(2, [(0, 0, 1)], [(0, 0, 1)], [(0, 0, filters[(0, 0)])], False, padding="VALID")
+    with pytest.raises(ValueError, match="too small"):
+        kernels.conv_contract(valid, [jnp.ones((1, 2, 2))], [good_w])
+    with pytest.raises(ValueError, match=r"`precision` \(='fp8'\)"):
+        kernels.conv_contract(spec, [good_x], [good_w], precision="fp8")
