@@ -1,0 +1,1 @@
+from ginjax import geometric
