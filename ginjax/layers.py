@@ -1,0 +1,473 @@
+"""Layers that map a MultiImage to a MultiImage (the ginjax 0.1.8 `ginjax.layers` interface).
+
+Every layer is an `equinox.Module` with an unbatched `__call__`: a MultiImage block has shape
+(channels, *spatial, *(D,)*k) and a batch is added with `jax.vmap` / `eqx.filter_vmap`.
+
+`ConvContract`, the equivariant convolution, lives in `ginjax._conv_contract` (it dispatches to
+the `kernels` backends) and is re-exported here so that `ginjax.layers.ConvContract` works.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as random
+from jaxtyping import ArrayLike
+
+from ginjax import geometric as geom
+from ginjax._conv_contract import ConvContract, MultiImageLayer
+
+__all__ = [
+    "ConvContract",
+    "GroupNorm",
+    "LayerNorm",
+    "LayerWrapper",
+    "LayerWrapperAux",
+    "MaxNormPool",
+    "MultiImageLayer",
+    "VectorNeuronNonlinear",
+]
+
+Key = tuple[tuple[bool, ...], int]
+_SCALAR: Key = ((), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _tensor_axes(block: jax.Array, D: int) -> tuple[int, ...]:
+    """Axes of the tensor indices of an unbatched block (channels, *spatial, *tensor)."""
+    return tuple(range(1 + D, block.ndim))
+
+
+def _safe_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Frobenius norm over `axes` (kept as size-1 axes), with a zero (not NaN) gradient at 0."""
+    squared = jnp.sum(x * x, axis=axes, keepdims=True) if axes else x * x
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def _check_dimension(layer: str, x: geom.MultiImage, D: int) -> None:
+    if not isinstance(x, geom.MultiImage):
+        raise TypeError(f"{layer}: `x` (={type(x).__name__}) must be a geom.MultiImage")
+    if x.D != D:
+        raise ValueError(f"{layer}: `x.D` (={x.D}) does not match the layer's `D` (={D})")
+
+
+def _missing_key(layer: str, key: Key, known) -> KeyError:
+    return KeyError(
+        f"{layer}: input key {key} was not in the `input_keys` the layer was built with "
+        f"(known keys: {sorted(known, key=str)})"
+    )
+
+
+def _group_norm_K1(
+    D: int, image_block: jax.Array, groups: int, method: str = "eigh", eps: float = 1e-5
+) -> jax.Array:
+    """Whiten a block of vector images, channel group by channel group.
+
+    Within each group the vectors of all its channels and pixels are centred on their mean and
+    multiplied by a whitening matrix built from their (biased) D x D covariance C:
+    - "eigh": C^(-1/2) = U diag(1/sqrt(lambda + eps)) U^T, which commutes with rotations and
+      reflections, so the result is equivariant;
+    - "cholesky": solves y (L + eps I) = x with C = L L^T; cheaper but not equivariant.
+
+    Args:
+        D: dimension of the space.
+        image_block: vector images, shape (channels, *spatial, D).
+        groups: number of channel groups; must divide `channels`.
+        method: "eigh" or "cholesky".
+        eps: added to the eigenvalues ("eigh") or to the Cholesky factor's diagonal ("cholesky").
+
+    Returns:
+        The whitened block, shape (channels, *spatial, D).
+    """
+    k = image_block.ndim - 1 - D
+    if k != 1:
+        raise ValueError(
+            f"_group_norm_K1: `image_block` (shape {tuple(image_block.shape)}) must be a block of "
+            f"vector images (channels, *spatial, D) with D={D}, but its tensor order is k={k}"
+        )
+    if image_block.shape[-1] != D:
+        raise ValueError(
+            f"_group_norm_K1: the last axis of `image_block` (shape {tuple(image_block.shape)}) "
+            f"must have length D (={D})"
+        )
+    channels = image_block.shape[0]
+    if not isinstance(groups, int) or groups <= 0 or channels % groups != 0:
+        raise ValueError(
+            f"_group_norm_K1: `groups` (={groups}) must be a positive int dividing the number of "
+            f"channels (={channels})"
+        )
+
+    # (G, channels/G * pixels, D): a group's channels are contiguous along axis 0
+    samples = image_block.reshape((groups, -1, D))
+    centred = samples - jnp.mean(samples, axis=1, keepdims=True)
+    covariance = jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
+
+    if method == "eigh":
+        eigvals, eigvecs = jnp.linalg.eigh(covariance, symmetrize_input=False)
+        inv_sqrt = 1.0 / jnp.sqrt(eigvals + eps)  # (G, D)
+        whitening = jnp.einsum("gij,gj,gkj->gik", eigvecs, inv_sqrt, eigvecs)  # symmetric
+        whitened = jnp.einsum("gnj,gij->gni", centred, whitening)
+    elif method == "cholesky":
+        factor = jax.lax.linalg.cholesky(covariance, symmetrize_input=False)
+        factor = factor + eps * jnp.eye(D, dtype=factor.dtype)
+        whitened = jax.lax.linalg.triangular_solve(factor, centred, left_side=False, lower=True)
+    else:
+        raise NotImplementedError(
+            f"_group_norm_K1: `method` (={method!r}) must be 'eigh' or 'cholesky'"
+        )
+    return whitened.reshape(image_block.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation
+# ---------------------------------------------------------------------------------------------
+class GroupNorm(MultiImageLayer):
+    """Group normalisation of a MultiImage, equivariant for scalars and vectors.
+
+    Scalars (k=0) use `equinox.nn.GroupNorm`. Vectors (k=1) are whitened per channel group with
+    `_group_norm_K1` ("eigh"), then scaled per channel and shifted by `bias` times the channel's
+    spatial mean vector. Tensors of order k > 1 are not supported.
+
+    groups = channels gives instance norm, groups = 1 layer norm.
+
+    Shapes: input and output blocks (channels, *spatial, *(D,)*k), unbatched.
+    """
+
+    scale: dict[Key, jax.Array]
+    bias: dict[Key, jax.Array]
+    vanilla_norm: dict[Key, eqx.nn.GroupNorm]
+
+    D: int = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_keys: geom.Signature,
+        D: int,
+        groups: int,
+        eps: float = 1e-5,
+    ) -> None:
+        """
+        Args:
+            input_keys: signature of the input, ((k, parity), channels) per key.
+            D: dimension of the space.
+            groups: number of channel groups; must divide every key's channel count.
+            eps: added to the variance (scalars) or eigenvalues (vectors).
+        """
+        if not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"GroupNorm: `groups` (={groups}) must be a positive int")
+        self.D = D
+        self.groups = groups
+        self.eps = eps
+        self.scale = {}
+        self.bias = {}
+        self.vanilla_norm = {}
+        for (k, p), channels in input_keys:
+            if channels % groups != 0:
+                raise ValueError(
+                    f"GroupNorm: `groups` (={groups}) must divide the channels (={channels}) of "
+                    f"input key {(k, p)}"
+                )
+            if len(k) == 0:
+                self.vanilla_norm[(k, p)] = eqx.nn.GroupNorm(groups, channels, eps)
+            elif len(k) == 1:
+                self.scale[(k, p)] = jnp.ones(channels)
+                self.bias[(k, p)] = jnp.zeros(channels)
+            else:
+                raise NotImplementedError(
+                    f"GroupNorm: equivariant normalisation of tensors of order k>1 is not "
+                    f"implemented, but `input_keys` has key {(k, p)} (k={len(k)})"
+                )
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        """Normalise `x`, a MultiImage with blocks (channels, *spatial, *(D,)*k), k <= 1."""
+        _check_dimension(type(self).__name__, x, self.D)
+        out = x.empty()
+        for (k, p), block in x.items():
+            if len(k) == 0:
+                if (k, p) not in self.vanilla_norm:
+                    raise _missing_key(type(self).__name__, (k, p), self._known_keys())
+                normed = self.vanilla_norm[(k, p)](block)
+            elif len(k) == 1:
+                if (k, p) not in self.scale:
+                    raise _missing_key(type(self).__name__, (k, p), self._known_keys())
+                lead = (-1,) + (1,) * (self.D + 1)
+                mean_vector = jnp.mean(block, axis=tuple(range(1, 1 + self.D)), keepdims=True)
+                whitened = _group_norm_K1(self.D, block, self.groups, eps=self.eps)
+                normed = (
+                    whitened * self.scale[(k, p)].reshape(lead)
+                    + mean_vector * self.bias[(k, p)].reshape(lead)
+                )
+            else:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: equivariant normalisation of tensors of order k>1 is "
+                    f"not implemented, but `x` has key {(k, p)} (k={len(k)})"
+                )
+            out.append(k, p, normed)
+        return out
+
+    def _known_keys(self) -> list:
+        return list(self.vanilla_norm) + list(self.scale)
+
+
+class LayerNorm(GroupNorm):
+    """`GroupNorm` with a single group: each key is normalised over all channels and pixels."""
+
+    def __init__(self, input_keys: geom.Signature, D: int, eps: float = 1e-5) -> None:
+        """
+        Args:
+            input_keys: signature of the input, ((k, parity), channels) per key.
+            D: dimension of the space.
+            eps: added to the variance (scalars) or eigenvalues (vectors).
+        """
+        super().__init__(input_keys, D, 1, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# nonlinearity
+# ---------------------------------------------------------------------------------------------
+class VectorNeuronNonlinear(MultiImageLayer):
+    """The Vector Neurons nonlinearity (Deng et al. 2021, arXiv:2104.12229) for tensor images.
+
+    Scalars get `scalar_activation` directly. For any other key, a learned channel mixing
+    d = weights @ x gives a direction per pixel; the component of x along d/|d| is rescaled by
+    scalar_activation(<x, d/|d|>) / |<x, d/|d|>| and the orthogonal part is kept, so the layer
+    commutes with rotations and reflections.
+
+    Shapes: input and output blocks (channels, *spatial, *(D,)*k); `weights[key]` is
+    (channels, channels) for every non-scalar key.
+    """
+
+    weights: dict[Key, jax.Array]
+
+    eps: float = eqx.field(static=True)
+    D: int = eqx.field(static=True)
+    scalar_activation: Callable = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_keys: geom.Signature,
+        D: int,
+        scalar_activation: Callable[[ArrayLike], jax.Array] = jax.nn.relu,
+        eps: float = 1e-5,
+        key: Any = None,
+    ) -> None:
+        """
+        Args:
+            input_keys: signature of the input, ((k, parity), channels) per key.
+            D: dimension of the space.
+            scalar_activation: elementwise nonlinearity, e.g. jax.nn.relu or jax.nn.gelu.
+            eps: keeps the divisions by |d| and |<x, d/|d|>| finite.
+            key: jax.random key for the channel mixing weights (needed unless every key is a
+                plain scalar).
+        """
+        if not callable(scalar_activation):
+            raise TypeError(
+                f"VectorNeuronNonlinear: `scalar_activation` (={scalar_activation!r}) must be "
+                "callable"
+            )
+        self.eps = eps
+        self.D = D
+        self.scalar_activation = scalar_activation
+        self.weights = {}
+        for (k, p), channels in input_keys:
+            if (k, p) == _SCALAR:
+                continue
+            if key is None:
+                raise ValueError(
+                    "VectorNeuronNonlinear: `key` (=None) must be a jax.random key, input key "
+                    f"{(k, p)} needs initial weights"
+                )
+            bound = 1.0 / math.sqrt(channels)
+            key, subkey = random.split(key)
+            self.weights[(k, p)] = random.uniform(
+                subkey, (channels, channels), minval=-bound, maxval=bound
+            )
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        """Apply the nonlinearity to `x`, a MultiImage with blocks (channels, *spatial, *tensor)."""
+        _check_dimension("VectorNeuronNonlinear", x, self.D)
+        out = x.empty()
+        for (k, p), block in x.items():
+            if (k, p) == _SCALAR:
+                out.append(k, p, self.scalar_activation(block))
+                continue
+            if (k, p) not in self.weights:
+                raise _missing_key("VectorNeuronNonlinear", (k, p), list(self.weights) + [_SCALAR])
+            weight = self.weights[(k, p)]
+            if weight.shape[1] != block.shape[0]:
+                raise ValueError(
+                    f"VectorNeuronNonlinear: key {(k, p)} of `x` has {block.shape[0]} channels, "
+                    f"but the layer was built for {weight.shape[1]}"
+                )
+            axes = _tensor_axes(block, self.D)
+            direction = jnp.tensordot(weight, block, axes=1)  # (channels, *spatial, *tensor)
+            unit = direction / (_safe_norm(direction, axes) + self.eps)
+            inner = jnp.sum(block * unit, axis=axes, keepdims=True) if axes else block * unit
+            parallel = inner * unit
+            gain = self.scalar_activation(inner) / (jnp.abs(inner) + self.eps)
+            out.append(k, p, gain * parallel + (block - parallel))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+# ---------------------------------------------------------------------------------------------
+def _norm_max_pool(D: int, block: jax.Array, patch_len: int, use_norm: bool) -> jax.Array:
+    """Max pool (channels, *spatial, *tensor) over non-overlapping patch_len^D patches.
+
+    The winning pixel of a patch is the one of largest tensor norm (use_norm) or, for scalars
+    without use_norm, of largest value; its whole tensor is kept. Ties go to the first pixel in
+    row-major patch order.
+    """
+    channels = block.shape[0]
+    spatial = block.shape[1 : 1 + D]
+    tensor_shape = block.shape[1 + D :]
+    coarse = tuple(n // patch_len for n in spatial)
+    split_shape = (channels,)
+    for n in coarse:
+        split_shape += (n, patch_len)
+    split = block.reshape(split_shape + tensor_shape)
+    order = (
+        (0,)
+        + tuple(1 + 2 * i for i in range(D))
+        + tuple(2 + 2 * i for i in range(D))
+        + tuple(range(1 + 2 * D, split.ndim))
+    )
+    patches = split.transpose(order).reshape((channels,) + coarse + (-1,) + tensor_shape)
+    patch_axis = 1 + D
+    tensor_axes = tuple(range(patch_axis + 1, patches.ndim))
+    if use_norm:
+        score = jnp.sum(patches * patches, axis=tensor_axes) if tensor_axes else patches * patches
+    else:
+        score = patches
+    winner = jnp.argmax(score, axis=patch_axis)  # (channels, *coarse)
+    winner = winner.reshape(winner.shape + (1,) * (1 + len(tensor_shape)))
+    return jnp.take_along_axis(patches, winner, axis=patch_axis).squeeze(patch_axis)
+
+
+class MaxNormPool(MultiImageLayer):
+    """Max pooling over non-overlapping patches, choosing the pixel of largest tensor norm.
+
+    With use_norm=False only scalar images can be pooled (plain max pooling). Every spatial size
+    must be divisible by `patch_len`.
+
+    Shapes: input block (channels, *spatial, *tensor) -> (channels, *(spatial // patch_len),
+    *tensor).
+    """
+
+    patch_len: int = eqx.field(static=True)
+    use_norm: bool = eqx.field(static=True)
+
+    def __init__(self, patch_len: int, use_norm: bool = True) -> None:
+        """
+        Args:
+            patch_len: side length of the square (cubic) patches.
+            use_norm: compare pixels by tensor norm; False compares raw scalar values.
+        """
+        if not isinstance(patch_len, int) or patch_len <= 0:
+            raise ValueError(f"MaxNormPool: `patch_len` (={patch_len}) must be a positive int")
+        self.patch_len = patch_len
+        self.use_norm = use_norm
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        """Pool every block of `x` (unbatched MultiImage)."""
+        if not isinstance(x, geom.MultiImage):
+            raise TypeError(f"MaxNormPool: `x` (={type(x).__name__}) must be a geom.MultiImage")
+        D = x.D
+        out = x.empty()
+        for (k, p), block in x.items():
+            spatial = tuple(block.shape[1 : 1 + D])
+            if any(n % self.patch_len != 0 for n in spatial):
+                raise ValueError(
+                    f"MaxNormPool: `patch_len` (={self.patch_len}) must divide every spatial "
+                    f"size, but key {(k, p)} has spatial shape {spatial}"
+                )
+            if not self.use_norm and len(k) > 0:
+                raise ValueError(
+                    f"MaxNormPool: `use_norm` (=False) only pools scalar images, but `x` has key "
+                    f"{(k, p)} of order k={len(k)}"
+                )
+            out.append(k, p, _norm_max_pool(D, block, self.patch_len, self.use_norm))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# wrappers for plain (non-equivariant) modules
+# ---------------------------------------------------------------------------------------------
+class LayerWrapper(MultiImageLayer):
+    """Apply a plain module or function to each block of a MultiImage.
+
+    The module maps an unbatched block (channels, *spatial, ...) to a block of the same tensor
+    type (it may change channels and spatial size, e.g. a convolution on a scalar image).
+    """
+
+    modules: dict[Key, Callable[..., Any]]
+
+    def __init__(self, module: Callable[..., Any], input_keys: geom.Signature) -> None:
+        """
+        Args:
+            module: a callable (module or activation) on one block.
+            input_keys: signature of the MultiImages it will process, one entry per key.
+        """
+        if not callable(module):
+            raise TypeError(f"LayerWrapper: `module` (={module!r}) must be callable")
+        self.modules = {}
+        for (k, p), _ in input_keys:
+            self.modules[(k, p)] = module
+
+    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+        """Apply the wrapped module to every block of `x`."""
+        if not isinstance(x, geom.MultiImage):
+            raise TypeError(f"LayerWrapper: `x` (={type(x).__name__}) must be a geom.MultiImage")
+        out = type(x)({}, x.D, x.is_torus)
+        for (k, p), block in x.items():
+            if (k, p) not in self.modules:
+                raise _missing_key("LayerWrapper", (k, p), self.modules)
+            out.append(k, p, self.modules[(k, p)](block))
+        return out
+
+
+class LayerWrapperAux(eqx.Module):
+    """Like `LayerWrapper`, for modules taking and returning auxiliary state (e.g. BatchNorm).
+
+    The module is called as module(block, aux_data) -> (block, aux_data) on each block in turn.
+    """
+
+    modules: dict[Key, Callable[..., Any]]
+
+    def __init__(self, module: Callable[..., Any], input_keys: geom.Signature):
+        """
+        Args:
+            module: a callable (block, aux_data) -> (block, aux_data), e.g. eqx.nn.BatchNorm.
+            input_keys: signature of the MultiImages it will process, one entry per key.
+        """
+        if not callable(module):
+            raise TypeError(f"LayerWrapperAux: `module` (={module!r}) must be callable")
+        self.modules = {}
+        for (k, p), _ in input_keys:
+            self.modules[(k, p)] = module
+
+    def __call__(
+        self, x: geom.MultiImage, aux_data: Optional[eqx.nn.State]
+    ) -> tuple[geom.MultiImage, Optional[eqx.nn.State]]:
+        """Apply the wrapped module to every block of `x`, threading `aux_data` through."""
+        if not isinstance(x, geom.MultiImage):
+            raise TypeError(
+                f"LayerWrapperAux: `x` (={type(x).__name__}) must be a geom.MultiImage"
+            )
+        out = type(x)({}, x.D, x.is_torus)
+        for (k, p), block in x.items():
+            if (k, p) not in self.modules:
+                raise _missing_key("LayerWrapperAux", (k, p), self.modules)
+            new_block, aux_data = self.modules[(k, p)](block, aux_data)
+            out.append(k, p, new_block)
+        return out, aux_data
