@@ -1,0 +1,392 @@
+"""ConvContract as fused Pallas kernels: forward, input gradient and weight gradient.
+
+Each direction is ONE `pallas_call` for all key pairs of the layer. A program owns a tile of
+`block_p` destination pixels (flattened over the spatial axes) and every destination channel,
+and loops over the filter taps. Per tap it reads each source block at the shifted pixels
+(torus wrap or zero padding by index arithmetic: no padded copy), builds the filter tile of each
+(i, j) component pair on chip from the learned weights and the static basis coefficients, and
+accumulates `filter tile @ source tile` in fp32 ("taps" algorithm; the "factorised" one, which
+runs the sparse basis stencil first and the channel GEMM after, is in factorised.py). Blocks
+stay in their native layout (c, *spatial, *tensor): the kernels see them flattened (a free
+reshape) and gather by offset.
+
+    forward        out_b[o, x, j] += W[y, i, j][o, c] * X_a[c, x + y*r - pad, i]
+    input grad     dX_a[c, x, i]  += W[y, i, j][o, c] * G_b[o, x - y*r + pad, j]
+    weight grad    dw[o, c, f]    += B[f, y, i, j] * sum_x G_b[o, x, j] X_a[c, x + y*r - pad, i]
+
+GPU lowering: Pallas' Triton lowering (`compiler_params=pltriton.CompilerParams`), supported on
+jax 0.10 and (deprecated, still shipped) on jax 0.11; see bench/PALLAS_NOTES.md. On a CPU the
+same kernels run in Pallas interpret mode. Batch with jax.vmap: pallas_call batches itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .._precision import resolve_precision
+from .._spec import ConvSpec, check_operands
+from . import _tiles as _t
+from . import factorised as _fact
+from . import _plan
+from ._plan import Stencil, channel_tile, coverage, default_block_p, forward_plan, input_grad_plan
+
+_F32 = jnp.float32
+ALGORITHMS = ("taps", "factorised")
+ALGORITHM_ENV = "GINJAX_PALLAS_ALGORITHM"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and launch parameters (powers of two; None picks a size from the layer).
+
+    Attributes:
+        algorithm: "taps" (loop over filter taps, the filter tile of each tap built on chip from
+            the weights and the basis, one tensor-core dot per component pair and tap) or
+            "factorised" (the static sparse basis stencil unrolled over its nonzeros, then a
+            channel GEMM: factorised.py).
+        block_p: destination pixels per program in the forward kernel.
+        block_p_dx: the same for the input-gradient kernel.
+        block_p_dw: pixels per step of the weight-gradient kernel.
+        dw_programs: programs of the weight-gradient kernel (each reduces a share of the pixel
+            tiles; their partial sums are added after the launch).
+        acc_budget: fp32 accumulator elements per program that the automatic block_p aims for.
+        hoist_budget: weight elements (all terms, padded) up to which the forward kernels load
+            the weights once per program instead of once per tap.
+        num_warps, num_warps_dw: Triton warps of the forward/input-gradient and of the
+            weight-gradient kernels (None: per-algorithm defaults chosen, without a GPU, as those
+            with no register spills in ptxas for the bench layer: see bench/PALLAS_NOTES.md).
+        num_stages: Triton pipelining depth. Launch parameters are ignored in interpret mode.
+    """
+
+    algorithm: str = "taps"
+    block_p: Optional[int] = None
+    block_p_dx: Optional[int] = None
+    block_p_dw: Optional[int] = None
+    dw_programs: int = 264
+    acc_budget: int = 8192
+    hoist_budget: int = 4096
+    num_warps: Optional[int] = None
+    num_warps_dw: Optional[int] = None
+    num_stages: int = 1
+
+    @classmethod
+    def get_default(cls) -> "BlockSizes":
+        """The defaults; $GINJAX_PALLAS_ALGORITHM overrides the algorithm (for A/B runs)."""
+        algorithm = os.environ.get(ALGORITHM_ENV)
+        if algorithm is None:
+            return cls()
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"`${ALGORITHM_ENV}` (={algorithm!r}) must be one of {ALGORITHMS}")
+        return cls(algorithm=algorithm)
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"`block_sizes.algorithm` (={self.algorithm!r}) must be one of {ALGORITHMS}")
+        for name in ("block_p", "block_p_dx", "block_p_dw"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be None or a power of two >= 16")
+        for name in ("num_warps", "num_warps_dw"):
+            v = getattr(self, name)
+            if v is not None and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be None, 1, 2, 4, 8 or 16")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"`block_sizes.num_stages` (={self.num_stages!r}) must be an int >= 1")
+        if not isinstance(self.dw_programs, int) or self.dw_programs < 1:
+            raise ValueError(f"`block_sizes.dw_programs` (={self.dw_programs!r}) must be an int >= 1")
+        if not isinstance(self.hoist_budget, int) or self.hoist_budget < 0:
+            raise ValueError(f"`block_sizes.hoist_budget` (={self.hoist_budget!r}) must be an int >= 0")
+        if not isinstance(self.acc_budget, int) or self.acc_budget < 256:
+            raise ValueError(f"`block_sizes.acc_budget` (={self.acc_budget!r}) must be an int >= 256")
+
+
+# ---- forward / input-gradient kernel ----------------------------------------------------------
+def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bool, n_alias: int,
+                    hoist: bool):
+    n_s, n_t = len(plan.src), len(plan.terms)
+    src_refs, w_refs = refs[:n_s], refs[n_s : n_s + n_t]
+    table_ref = refs[n_s + n_t]
+    out_refs = refs[n_s + n_t + 1 + n_alias :]
+    n_dst, n_src = math.prod(plan.dst_spatial), math.prod(plan.src_spatial)
+
+    pix = pl.program_id(0) * block_p + _t.iota(block_p)
+    pix_ok = pix < n_dst
+    coords = _t.unravel(pix, plan.dst_spatial)
+    slots = [(d, j) for d, (k, _) in enumerate(plan.dst) for j in range(plan.comps(k))]
+    acc0 = tuple(jnp.zeros((channel_tile(plan.dst[d][1]), block_p), _F32) for d, _ in slots)
+
+    def load_weights():
+        return [_t.load_weights(w_refs[t], plan, term) for t, term in enumerate(plan.terms)]
+
+    hoisted = load_weights() if hoist else None  # else reloaded per tap (from L1/L2)
+
+    def tap_step(tap, accs):
+        accs = list(accs)
+        weights = hoisted if hoist else load_weights()
+        src_pix, ok = _t.source_pixels(plan, coords, tap, pix_ok)
+        for a, (k, ch) in enumerate(plan.src):
+            for i in range(plan.comps(k)):
+                uses = _t.uses(plan, a, i)
+                if not uses:
+                    continue
+                x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
+                for t, term, j in uses:
+                    w = _t.filter_tile(weights[t], _t.coefficients(table_ref, plan, term, tap, i, j))
+                    s = slots.index((term.dst, j))
+                    accs[s] = accs[s] + _t.dot(w, x, mode, interpret)
+        return tuple(accs)
+
+    accs = lax.fori_loop(0, plan.n_taps, tap_step, acc0)
+    for (d, j), acc in zip(slots, accs):
+        k, ch = plan.dst[d]
+        _t.store_pixels(out_refs[d], acc, ch, plan.comps(k), j, n_dst, pix, pix_ok)
+
+
+def _stencil_call(plan: Stencil, srcs, weights, *, mode, bs: BlockSizes, block_p, interpret,
+                  poison: bool = False, name: str = "conv_contract"):
+    """Launch the stencil kernel; returns the destination blocks in their native shapes."""
+    block_p = default_block_p(plan, block_p, bs.acc_budget)
+    n_dst = math.prod(plan.dst_spatial)
+    out_shape = [
+        jax.ShapeDtypeStruct((ch * n_dst * plan.comps(k),), _F32) for k, ch in plan.dst
+    ]
+    operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
+    operands.append(jnp.asarray(plan.table.array, _F32))
+    aliases = {}
+    if poison:  # outputs start as NaN, to check that the kernel writes every element
+        aliases = {len(operands) + n: n for n in range(len(out_shape))}
+        operands += [jnp.full(s.shape, jnp.nan, _F32) for s in out_shape]
+    n_weights = sum(math.prod(_t.weight_offsets_shape(plan, term)) for term in plan.terms)
+    kernel = functools.partial(
+        _stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret,
+        n_alias=len(aliases), hoist=n_weights <= bs.hoist_budget,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_dst, block_p),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_t.compiler_params(bs, interpret, dw=False),
+        name=name,
+    )(*operands)
+    return tuple(o.reshape(_t.block_shape(plan, key, plan.dst_spatial)) for o, key in zip(outs, plan.dst))
+
+
+# ---- weight-gradient kernel -------------------------------------------------------------------
+def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mode: str,
+                        interpret: bool):
+    """Per program: partial dw[o, c, f] over its share of the pixel tiles (interleaved)."""
+    n_s, n_d = len(plan.src), len(plan.dst)
+    src_refs, grad_refs = refs[:n_s], refs[n_s : n_s + n_d]
+    table_ref = refs[n_s + n_d]
+    out_refs = refs[n_s + n_d + 1 :]
+    n_dst, n_src = math.prod(plan.dst_spatial), math.prod(plan.src_spatial)
+    n_steps = pl.cdiv(pl.cdiv(n_dst, block_p), n_programs)
+    prog = pl.program_id(0)
+
+    acc0 = tuple(_t.weight_offsets(plan, term)[0].shape for term in plan.terms)
+    acc0 = tuple(jnp.zeros(shape, _F32) for shape in acc0)
+    wanted = sorted({(term.dst, j) for term in plan.terms for _, j in term.blocks})
+
+    def tile_step(step, accs):
+        pix = (prog + step * n_programs) * block_p + _t.iota(block_p)
+        pix_ok = pix < n_dst
+        coords = _t.unravel(pix, plan.dst_spatial)
+        grads = {}
+        for d, j in wanted:
+            k, ch = plan.dst[d]
+            grads[(d, j)] = _t.load_pixels(grad_refs[d], ch, plan.comps(k), j, n_dst, pix, pix_ok)
+
+        def tap_step(tap, accs):
+            accs = list(accs)
+            src_pix, ok = _t.source_pixels(plan, coords, tap, pix_ok)
+            for a, (k, ch) in enumerate(plan.src):
+                for i in range(plan.comps(k)):
+                    uses = _t.uses(plan, a, i)
+                    if not uses:
+                        continue
+                    x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
+                    for t, term, j in uses:
+                        m = _t.dot(grads[(term.dst, j)], x, mode, interpret, contract_b=1)
+                        coef = _t.coefficients(table_ref, plan, term, tap, i, j)
+                        accs[t] = accs[t] + coef[:, None, None] * m[None, :, :]
+            return tuple(accs)
+
+        return lax.fori_loop(0, plan.n_taps, tap_step, accs)
+
+    accs = lax.fori_loop(0, n_steps, tile_step, acc0)
+    for term, out_ref, acc in zip(plan.terms, out_refs, accs):
+        offs, mask = _t.weight_offsets(plan, term)
+        size = plan.dst[term.dst][1] * plan.src[term.src][1] * term.n_filters
+        offs = jnp.where(mask, prog * size + offs, n_programs * size)
+        pltriton.store(out_ref.at[offs], acc, mask=mask)
+
+
+def _weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs: BlockSizes, interpret):
+    """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
+    n_dst = math.prod(plan.dst_spatial)
+    block_p = bs.block_p_dw or max(_plan.MIN_TILE, min(32, _plan.next_pow2(n_dst)))  # G tiles stay live
+    n_programs = max(1, min(bs.dw_programs, pl.cdiv(n_dst, block_p)))
+    sizes = [
+        (plan.dst[t.dst][1], plan.src[t.src][1], t.n_filters) for t in plan.terms
+    ]
+    out_shape = [jax.ShapeDtypeStruct((n_programs * math.prod(s),), _F32) for s in sizes]
+    operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
+    operands.append(jnp.asarray(plan.table.array, _F32))
+    kernel = functools.partial(
+        _weight_grad_kernel, plan=plan, block_p=block_p, n_programs=n_programs, mode=mode,
+        interpret=interpret,
+    )
+    partials = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n_programs,),
+        interpret=interpret,
+        compiler_params=_t.compiler_params(bs, interpret, dw=True),
+        name="conv_contract_dw",
+    )(*operands)
+    return tuple(p.reshape((n_programs,) + s).sum(axis=0) for p, s in zip(partials, sizes))
+
+
+# ---- differentiable entry ---------------------------------------------------------------------
+def _spatial(spec: ConvSpec, inputs) -> tuple[int, ...]:
+    return tuple(inputs[0].shape[1 : 1 + spec.D])
+
+
+def _launchers(bs: BlockSizes):
+    """(stencil launcher, weight-gradient launcher) of the chosen algorithm."""
+    if bs.algorithm == "factorised":
+        return _fact.stencil_call, _fact.weight_grad_call
+    return _stencil_call, _weight_grad_call
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _conv_contract(spec, mode, bs, interpret, inputs, weights):
+    plan = forward_plan(spec, _spatial(spec, inputs))
+    stencil, _ = _launchers(bs)
+    return stencil(plan, inputs, weights, mode=mode, bs=bs, block_p=bs.block_p, interpret=interpret)
+
+
+def _conv_contract_fwd(spec, mode, bs, interpret, inputs, weights):
+    return _conv_contract(spec, mode, bs, interpret, inputs, weights), (inputs, weights)
+
+
+def _conv_contract_bwd(spec, mode, bs, interpret, res, grads):
+    inputs, weights = res
+    spatial = _spatial(spec, inputs)
+    grads = tuple(g.astype(_F32) for g in grads)
+    stencil, weight_grad = _launchers(bs)
+    dx = stencil(
+        input_grad_plan(spec, spatial), grads, weights, mode=mode, bs=bs, block_p=bs.block_p_dx,
+        interpret=interpret, name="conv_contract_dx",
+    )
+    dw = weight_grad(forward_plan(spec, spatial), inputs, grads, mode=mode, bs=bs, interpret=interpret)
+    return dx, dw
+
+
+_conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)
+
+
+def default_interpret() -> bool:
+    """Interpret mode unless JAX's default backend is a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def _check_dtypes(name: str, arrays) -> None:
+    for n, x in enumerate(arrays):
+        if jnp.dtype(x.dtype) != jnp.float32:
+            raise ValueError(f"`{name}[{n}]` has dtype {jnp.dtype(x.dtype).name}; the Pallas kernels take float32")
+
+
+def conv_contract(
+    spec: ConvSpec,
+    inputs: Sequence[jax.Array],
+    weights: Sequence[jax.Array],
+    *,
+    precision=None,
+    block_sizes: Optional[BlockSizes] = None,
+    interpret: Optional[bool] = None,
+) -> tuple[jax.Array, ...]:
+    """One ConvContract on unbatched float32 blocks with the fused Pallas kernels.
+
+    Args:
+        spec: the layer (`kernels.make_spec`); must be inside `coverage` (else ValueError).
+        inputs: per input key, (c_a, *spatial, *(D,)*k_a).
+        weights: per pair, (o_b, c_a, n_filters).
+        precision: None (JAX's default), "fp32", "tf32" or "bf16".
+        block_sizes: tile sizes; None for the defaults.
+        interpret: run in Pallas interpret mode; None = unless the default backend is a GPU.
+    Returns: the output blocks in `spec.out_keys` order. Differentiable (custom_vjp), vmappable.
+    """
+    inputs, weights = tuple(inputs), tuple(weights)
+    spatial = check_operands(spec, inputs, weights)
+    _check_dtypes("inputs", inputs)
+    _check_dtypes("weights", weights)
+    ok, why = coverage(spec, spatial, None)
+    if not ok:
+        raise ValueError(f"`spec` is outside the Pallas kernels' coverage: {why}")
+    mode = resolve_precision(precision)
+    bs = BlockSizes.get_default() if block_sizes is None else block_sizes
+    if not isinstance(bs, BlockSizes):
+        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a BlockSizes or None")
+    bs.validate()
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    return _conv_contract(spec, mode, bs, interpret, inputs, weights)
+
+
+# ---- reference --------------------------------------------------------------------------------
+def stencil_reference(plan: Stencil, srcs, weights) -> tuple[jax.Array, ...]:
+    """The kernels' stencil contraction in plain jnp (fp32, highest precision), from the plan.
+
+    Source pixels are computed with numpy over the whole destination grid, independently of the
+    kernels' tile arithmetic; the tests use it to check the plans (input-gradient geometry).
+    """
+    import numpy as np
+
+    D = plan.D
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in plan.dst_spatial], indexing="ij"), 0)
+    table = np.asarray(plan.table.array)
+    outs = [
+        jnp.zeros((ch,) + plan.dst_spatial + (plan.comps(k),), _F32) for k, ch in plan.dst
+    ]
+    flat_srcs = [x.reshape((x.shape[0], -1, plan.comps(k))) for x, (k, _) in zip(srcs, plan.src)]
+    for tap in range(plan.n_taps):
+        ys = np.unravel_index(tap, plan.taps)
+        ok = np.ones(plan.dst_spatial, bool)
+        coords = []
+        for x, y, ax in zip(grid, ys, plan.axes):
+            s = x + ax.sign * ax.dilation * y + ax.offset
+            if ax.wrap:
+                s = np.mod(s, ax.n_src)
+            else:
+                ok &= (s >= 0) & (s < ax.n_src)
+            coords.append(np.clip(s, 0, ax.n_src - 1))
+        src_pix = np.ravel_multi_index(coords, plan.src_spatial)
+        for term, w in zip(plan.terms, weights):
+            n_i, n_j = plan.comps(plan.src[term.src][0]), plan.comps(plan.dst[term.dst][0])
+            F = term.n_filters
+            coef = table[term.table_offset : term.table_offset + plan.n_taps * n_i * n_j * F]
+            coef = jnp.asarray(coef.reshape(plan.n_taps, n_i, n_j, F)[tap], _F32)
+            w = jnp.swapaxes(w, 0, 1) if plan.weights_transposed else w
+            x = flat_srcs[term.src][:, src_pix.reshape(-1), :]  # (c, pixels, i)
+            x = jnp.where(jnp.asarray(ok.reshape(1, -1, 1)), x, 0.0)
+            contrib = jnp.einsum("ocf,ijf,cpi->opj", w, coef, x, precision=lax.Precision.HIGHEST)
+            outs[term.dst] = outs[term.dst] + contrib.reshape(outs[term.dst].shape)
+    return tuple(o.reshape((o.shape[0],) + plan.dst_spatial + (D,) * k) for o, (k, _) in zip(outs, plan.dst))
+
+
+def conv_contract_reference(spec: ConvSpec, inputs, weights) -> tuple[jax.Array, ...]:
+    """The forward pass through `stencil_reference`."""
+    plan = forward_plan(spec, _spatial(spec, inputs))
+    return stencil_reference(plan, [x.astype(_F32) for x in inputs], [w.astype(_F32) for w in weights])

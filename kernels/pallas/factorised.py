@@ -1,0 +1,210 @@
+"""The factorised Pallas kernels: the sparse static basis stencil first, then a channel GEMM.
+
+    Z[(term, f, j)][c, x] = sum over the basis NONZEROS (y, i) of B[f, y, i, j] * src[c, s(x, y), i]
+    dst[o, x, j]         += sum_(term, f) w[f][o, c] @ Z[(term, f, j)][c, x]
+    dw[f][o, c]          += G[o, x, j] @ Z[(term, f, j)][c, x]^T          (Z recomputed)
+
+The basis is static, so the stencil is unrolled at trace time over its nonzeros only (the
+invariant filters are sparse, their coefficients mostly +-1): plain FMAs on tiles, tap by tap,
+each source tile loaded once per tap and used by every (term, f, j) that needs it. The Z tiles
+stay on chip; the GEMM runs on tensor cores. Fewer FLOPs than the per-tap dense filter build of
+conv_contract.py for wide layers (ARCHITECTURE.md, "Factorised"); selected with
+BlockSizes(algorithm="factorised"). Same operands, outputs and geometry as the tap kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from . import _tiles as _t
+from ._plan import Stencil, channel_tile, factorised_block_p, term_table
+
+F32 = jnp.float32
+
+
+# ---- static structure -------------------------------------------------------------------------
+def _tap_uses(plan: Stencil, dst: int | None, j: int | None):
+    """Per tap: [(src a, component i, [(term index, f, j, coefficient), ...]), ...] over the basis
+    nonzeros, for terms into `dst` at component `j` (None: every destination / component)."""
+    tables = [term_table(plan, term) for term in plan.terms]
+    out = []
+    for tap in range(plan.n_taps):
+        reads = []
+        for a, (k, _) in enumerate(plan.src):
+            for i in range(plan.comps(k)):
+                entries = []
+                for t, term in enumerate(plan.terms):
+                    if term.src != a or (dst is not None and term.dst != dst):
+                        continue
+                    for jj in range(plan.comps(plan.dst[term.dst][0])) if j is None else (j,):
+                        for f in np.nonzero(tables[t][tap, i, jj])[0]:
+                            entries.append((t, int(f), jj, float(tables[t][tap, i, jj, f])))
+                if entries:
+                    reads.append((a, i, entries))
+        out.append(reads)
+    return out
+
+
+def _static_source_pixels(plan: Stencil, coords, tap: int, ok):
+    ys = np.unravel_index(tap, plan.taps)
+    flat, stride = jnp.int32(0), math.prod(plan.src_spatial)
+    for x, y, ax in zip(coords, ys, plan.axes):
+        stride //= ax.n_src
+        s = x + int(ax.sign * ax.dilation * y + ax.offset)
+        if ax.wrap:
+            s = lax.rem(s + ax.shift, jnp.int32(ax.n_src))
+        else:
+            ok = ok & (s >= 0) & (s < ax.n_src)
+        flat = flat + s * stride
+    return flat, ok
+
+
+def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses, keys):
+    """Z tiles {key(term, f, j): (src channel tile, pixels)} by the unrolled sparse stencil."""
+    n_src = math.prod(plan.src_spatial)
+    z = {}
+    for tap, reads in enumerate(uses):
+        if not reads:
+            continue
+        src_pix, ok = _static_source_pixels(plan, coords, tap, pix_ok)
+        for a, i, entries in reads:
+            k, ch = plan.src[a]
+            x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
+            for t, f, j, coef in entries:
+                term_x = x if coef == 1.0 else (-x if coef == -1.0 else x * coef)
+                key = keys(t, f, j)
+                z[key] = term_x if key not in z else z[key] + term_x
+    return z
+
+
+def _weight_tile(w_ref, plan: Stencil, term, f: int):
+    """w[f] as a (dst channel tile, src channel tile) matrix (transposed for the dX pass)."""
+    d_ch, s_ch, F = plan.dst[term.dst][1], plan.src[term.src][1], term.n_filters
+    o, c = _t.iota(channel_tile(d_ch))[:, None], _t.iota(channel_tile(s_ch))[None, :]
+    mask = (o < d_ch) & (c < s_ch)
+    offs = (c * (d_ch * F) + o * F + f) if plan.weights_transposed else (o * (s_ch * F) + c * F + f)
+    return jnp.where(mask, w_ref[jnp.where(mask, offs, 0)], 0.0)
+
+
+# ---- forward / input-gradient kernel ----------------------------------------------------------
+def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bool, n_alias: int):
+    n_s, n_t = len(plan.src), len(plan.terms)
+    src_refs, w_refs = refs[:n_s], refs[n_s : n_s + n_t]
+    out_refs = refs[n_s + n_t + n_alias :]
+    n_dst = math.prod(plan.dst_spatial)
+
+    pix = pl.program_id(0) * block_p + _t.iota(block_p)
+    pix_ok = pix < n_dst
+    coords = _t.unravel(pix, plan.dst_spatial)
+    z = _accumulate_z(plan, src_refs, coords, pix_ok, _tap_uses(plan, None, None), lambda t, f, j: (t, f, j))
+
+    for d, (k, ch) in enumerate(plan.dst):
+        for j in range(plan.comps(k)):
+            acc = jnp.zeros((channel_tile(ch), block_p), F32)
+            for (t, f, jj), tile in sorted(z.items()):
+                if jj == j and plan.terms[t].dst == d:
+                    w = _weight_tile(w_refs[t], plan, plan.terms[t], f)
+                    acc = acc + _t.dot(w, tile, mode, interpret)
+            _t.store_pixels(out_refs[d], acc, ch, plan.comps(k), j, n_dst, pix, pix_ok)
+
+
+def stencil_call(plan: Stencil, srcs, weights, *, mode, bs, block_p, interpret, poison=False,
+                 name="conv_contract"):
+    """Launch the factorised stencil kernel; returns the destination blocks, native shapes."""
+    budget = bs.acc_budget
+    block_p = factorised_block_p(plan, block_p, budget)
+    n_dst = math.prod(plan.dst_spatial)
+    out_shape = [jax.ShapeDtypeStruct((ch * n_dst * plan.comps(k),), F32) for k, ch in plan.dst]
+    operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
+    aliases = {}
+    if poison:  # outputs start as NaN, to check that the kernel writes every element
+        aliases = {len(operands) + n: n for n in range(len(out_shape))}
+        operands += [jnp.full(s.shape, jnp.nan, F32) for s in out_shape]
+    kernel = functools.partial(
+        _stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret, n_alias=len(aliases)
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_dst, block_p),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_t.compiler_params(bs, interpret, dw=False),
+        name=name + "_factorised",
+    )(*operands)
+    return tuple(o.reshape(_t.block_shape(plan, key, plan.dst_spatial)) for o, key in zip(outs, plan.dst))
+
+
+# ---- weight-gradient kernel -------------------------------------------------------------------
+def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mode: str, interpret: bool):
+    """Per program: partial dw[f][o, c] over its share of the pixel tiles (interleaved), with the
+    Z tiles of each pixel tile recomputed as in the forward kernel."""
+    n_s, n_d = len(plan.src), len(plan.dst)
+    src_refs, grad_refs = refs[:n_s], refs[n_s : n_s + n_d]
+    out_refs = refs[n_s + n_d :]
+    n_dst = math.prod(plan.dst_spatial)
+    n_steps = pl.cdiv(pl.cdiv(n_dst, block_p), n_programs)
+    prog = pl.program_id(0)
+    uses = _tap_uses(plan, None, None)
+    keys = [(t, f) for t, term in enumerate(plan.terms) for f in range(term.n_filters)]
+    acc0 = tuple(
+        jnp.zeros((channel_tile(plan.dst[plan.terms[t].dst][1]), channel_tile(plan.src[plan.terms[t].src][1])), F32)
+        for t, _ in keys
+    )
+
+    def tile_step(step, accs):
+        accs = list(accs)
+        pix = (prog + step * n_programs) * block_p + _t.iota(block_p)
+        pix_ok = pix < n_dst
+        coords = _t.unravel(pix, plan.dst_spatial)
+        z = _accumulate_z(plan, src_refs, coords, pix_ok, uses, lambda t, f, j: (t, f, j))
+        for d, (k, ch) in enumerate(plan.dst):
+            for j in range(plan.comps(k)):
+                g = None
+                for (t, f, jj), tile in sorted(z.items()):
+                    if jj != j or plan.terms[t].dst != d:
+                        continue
+                    if g is None:
+                        g = _t.load_pixels(grad_refs[d], ch, plan.comps(k), j, n_dst, pix, pix_ok)
+                    n = keys.index((t, f))
+                    accs[n] = accs[n] + _t.dot(g, tile, mode, interpret, contract_b=1)
+        return tuple(accs)
+
+    accs = lax.fori_loop(0, n_steps, tile_step, acc0)
+    for (t, f), acc in zip(keys, accs):
+        term = plan.terms[t]
+        d_ch, s_ch, F = plan.dst[term.dst][1], plan.src[term.src][1], term.n_filters
+        o, c = _t.iota(acc.shape[0])[:, None], _t.iota(acc.shape[1])[None, :]
+        mask = (o < d_ch) & (c < s_ch)
+        offs = jnp.where(mask, prog * (d_ch * s_ch * F) + o * (s_ch * F) + c * F + f, n_programs * d_ch * s_ch * F)
+        pltriton.store(out_refs[t].at[offs], acc, mask=mask)
+
+
+def weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs, interpret):
+    """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
+    n_dst = math.prod(plan.dst_spatial)
+    block_p = factorised_block_p(plan, bs.block_p_dw, bs.acc_budget)
+    n_programs = max(1, min(bs.dw_programs, pl.cdiv(n_dst, block_p)))
+    sizes = [(plan.dst[t.dst][1], plan.src[t.src][1], t.n_filters) for t in plan.terms]
+    out_shape = [jax.ShapeDtypeStruct((n_programs * math.prod(s),), F32) for s in sizes]
+    operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
+    kernel = functools.partial(
+        _weight_grad_kernel, plan=plan, block_p=block_p, n_programs=n_programs, mode=mode, interpret=interpret
+    )
+    partials = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n_programs,),
+        interpret=interpret,
+        compiler_params=_t.compiler_params(bs, interpret, dw=True),
+        name="conv_contract_dw_factorised",
+    )(*operands)
+    return tuple(p.reshape((n_programs,) + s).sum(axis=0) for p, s in zip(partials, sizes))
