@@ -27,6 +27,7 @@ from ._registry import (
     registered_backends,
     use_backend,
 )
+from ._sharding import SpatialSharding, active_spatial_sharding, sharded_conv_contract, spatial_sharding
 from ._spec import ConvSpec, FilterBasis, Pair, check_operands, make_spec, resolve_padding
 from .dense import assemble_dense_filter, conv_contract_dense
 from .reference import conv_contract_reference
@@ -48,6 +49,8 @@ __all__ = [
     "registered_backends",
     "resolve_padding",
     "resolve_precision",
+    "SpatialSharding",
+    "spatial_sharding",
     "use_backend",
 ]
 
@@ -106,6 +109,9 @@ def conv_contract(
     weights = tuple(weights)
     spatial = check_operands(spec, inputs, weights)
     mode = resolve_precision(precision)
+    layout = active_spatial_sharding()
+    if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
+        return sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode)
     choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
     return tuple(_registry.get(choice.backend).run(spec, inputs, weights, mode))
 
