@@ -1,8 +1,9 @@
 """Backend registry and selection.
 
 Selection order: the `backend` argument, then `use_backend(...)` context, then the environment
-variable GINJAX_BACKEND, then "auto". "auto" takes the registered backend with the highest
-priority for the current platform that can run here and covers the configuration. A named
+variable GINJAX_BACKEND, then "auto". "auto" takes, among the registered backends that can run here and cover the
+configuration, the fastest one measured on this GPU kind (kernels/measured/, see _measured.py),
+else the one with the highest priority for the platform. A named
 backend that cannot run on this machine raises ValueError; a named backend that runs here but
 does not cover a configuration (say stride 2 on a fused kernel) falls back to `dense`, and
 `explain` says so.
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 from typing import Callable, Optional, Sequence
 
 import jax
 
+from . import _measured
 from ._spec import ConvSpec
 
 ENV_VAR = "GINJAX_BACKEND"
@@ -65,6 +68,13 @@ def available_backends() -> tuple[str, ...]:
 
 def platform() -> str:
     return jax.default_backend()
+
+
+def device_kind() -> str:
+    try:
+        return jax.devices()[0].device_kind
+    except RuntimeError:  # no device initialised
+        return ""
 
 
 @contextlib.contextmanager
@@ -131,9 +141,11 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
             return Choice(name, name, source, "requested, and it covers this configuration")
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
+    measured = _measured.measured_ms(device_kind(), spec, spatial) if plat == "gpu" else {}
+    # measured-fastest first; unmeasured backends after, by their priority
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
-        key=lambda b: -b.priority[plat],
+        key=lambda b: (measured.get(b.name, math.inf), -b.priority[plat]),
     )
     skipped = []
     for b in ranked:
@@ -145,7 +157,10 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
         if not ok:
             skipped.append(f"{b.name}: {why}")
             continue
-        reason = f"highest-priority backend on {plat} that covers this configuration"
+        if b.name in measured:
+            reason = f"fastest measured on {device_kind()} for the nearest benchmarked configuration ({measured[b.name]} ms fwd_bwd)"
+        else:
+            reason = f"highest-priority backend on {plat} that covers this configuration"
         if skipped:
             reason += " (skipped " + "; ".join(skipped) + ")"
         return Choice(b.name, "auto", source, reason)

@@ -285,3 +285,29 @@ def test_bad_operands_are_clear_errors():
         kernels.conv_contract(valid, [jnp.ones((1, 2, 2))], [good_w])
     with pytest.raises(ValueError, match=r"`precision` \(='fp8'\)"):
         kernels.conv_contract(spec, [good_x], [good_w], precision="fp8")
+
+
+def test_auto_on_gpu_follows_the_measured_table(monkeypatch):
+    """On a GPU kind with a committed table, auto takes the measured-fastest covering backend."""
+    fast = kernels.Backend("fast-fused", kernels.conv_contract_reference, lambda: (True, ""), lambda *a: (True, ""), priority={"gpu": 99})
+    kernels.register_backend(fast)
+    try:
+        monkeypatch.setattr(kernels._registry, "platform", lambda: "gpu")
+        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "NVIDIA H200")
+        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+        filters = fixture_filters(3, 3)
+        spec = kernels.make_spec(
+            3, [(0, 0, 16), (1, 0, 16)], [(0, 0, 16), (1, 0, 16)],
+            [(0, 0, filters[(0, 0)]), (0, 1, filters[(1, 0)]), (1, 0, filters[(1, 0)]), (1, 1, filters[(2, 0)])], True,
+        )
+        measured = kernels._measured.measured_ms("NVIDIA H200", spec, (64, 64, 64))
+        assert measured, "the committed H200 table must cover the standard 3D configuration"
+        fastest = min((ms, name) for name, ms in measured.items() if name in kernels.available_backends())[1]
+        choice = kernels.explain(spec, (64, 64, 64))
+        assert choice.backend == fastest and "fastest measured" in choice.reason
+        # an unmeasured backend ranks after every measured one, whatever its priority
+        assert choice.backend != "fast-fused"
+        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Unmeasured GPU 9000")
+        assert kernels.explain(spec, (64, 64, 64)).backend == "fast-fused"
+    finally:
+        kernels._registry._BACKENDS.pop("fast-fused")
