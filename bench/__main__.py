@@ -1,0 +1,127 @@
+"""`python -m bench`: the A/B table of every available ConvContract backend on this device.
+
+    python -m bench [--configs quick|full|all|NAME,...] [--backends reference,dense,...]
+                    [--modes fwd,fwd_bwd,step] [--out DIR] [--commit SHA] [--max-time S]
+    python -m bench compare [OLD] [NEW] [--threshold 0.10]     (see bench/compare.py)
+
+Runs the pytest-benchmark suite (bench/test_conv_contract.py, bench/test_models.py) on the
+selected cases, then prints one row per benchmark: median and p20-p80 ms, speedup vs the
+`reference` and `dense` backends, dense-equivalent TFLOP/s and % of the device's measured dense
+peak (when known), temp MB from the compiled executable, relative error vs the reference oracle.
+With --out DIR it writes DIR/<device-slug>/<date>-<commit>.{json,png,txt}; `--out bench/results`
+records a baseline for `compare`. The commit comes from --commit, $BENCH_COMMIT or git, else
+'unknown' (git is not needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+
+from bench import _configs, _suite
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="A/B benchmark of ConvContract backends (subcommand: compare)",
+    )
+    p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, small-models); default: quick on CPU, all on GPU")
+    p.add_argument("--backends", default="", help="comma-separated backends (default: every one available here)")
+    p.add_argument("--modes", default="", help=f"comma-separated modes out of {', '.join(_configs.MODES)} (default: all)")
+    p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt}")
+    p.add_argument("--commit", default=None, help=f"commit id to record (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
+    p.add_argument("--max-time", type=float, default=1.0, help="seconds of timed calls per benchmark (default 1.0)")
+    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed calls (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, after the first call (default 1)")
+    p.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out, e.g. '*_k2-*-triton'")
+    p.add_argument("--time-budget", type=float, default=0.0, help="seconds; cases that would start later are skipped, so the run ends with its results (0: no limit)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG even with --out")
+    args = p.parse_args(argv)
+    if args.max_time <= 0:
+        p.error(f"--max-time (={args.max_time}) must be > 0")
+    if args.min_rounds < 1:
+        p.error(f"--min-rounds (={args.min_rounds}) must be >= 1")
+    if args.warmup < 0:
+        p.error(f"--warmup (={args.warmup}) must be >= 0")
+    if args.time_budget < 0:
+        p.error(f"--time-budget (={args.time_budget}) must be >= 0")
+    return args
+
+
+def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
+    """Configs, backends and modes to run; ValueError naming the flag for a bad value."""
+    import jax
+
+    import kernels
+
+    configs = _configs.select_configs(args.configs, jax.default_backend())
+    available = kernels.available_backends()
+    if args.backends.strip():
+        backends = _configs.parse_selection(args.backends, kernels.registered_backends(), "--backends")
+        for name in backends:
+            if name not in available:
+                try:
+                    with kernels.use_backend(name):
+                        pass
+                except ValueError as err:
+                    raise ValueError(f"--backends (={args.backends!r}): {err}") from None
+    else:
+        backends = available
+    modes = _configs.parse_selection(args.modes, _configs.MODES, "--modes")
+    return configs, backends, modes
+
+
+def run(args) -> int:
+    from bench import _harness, plot
+
+    try:
+        configs, backends, modes = _resolve_selection(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = _harness.device_info()
+    commit = _suite.resolve_commit(args.commit)
+    print(f"python -m bench: {info['device_kind']} | configs {','.join(configs)} | backends {','.join(backends)} | modes {','.join(modes)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.out:
+            paths = _suite.result_paths(pathlib.Path(args.out), info["device_slug"], commit)
+        else:
+            paths = {"json": pathlib.Path(tmp) / "results.json"}
+        rc = _suite.run_suite(
+            configs=configs, backends=backends, modes=modes, json_path=paths["json"], commit=commit,
+            max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
+            include_models=_configs.has_models(configs), exclude=args.exclude, time_budget=args.time_budget,
+        )
+        if not paths["json"].exists() or paths["json"].stat().st_size == 0:
+            print(f"error: the suite wrote no results (pytest exit code {rc})", file=sys.stderr)
+            return rc or 2
+        results = _suite.load_results(paths["json"])
+        table = _suite.describe_run(results) + "\n\n" + _suite.format_table(_suite.table_rows(results))
+        print()
+        print(table)
+        if args.out:
+            paths["txt"].write_text(table + "\n")
+            print(f"\nwrote {paths['json']}\nwrote {paths['txt']}")
+            if not args.no_plot:
+                if plot.plot_speedups(results, paths["png"]):
+                    print(f"wrote {paths['png']}")
+                else:
+                    print(plot.MISSING_MATPLOTLIB)
+    # 5: nothing selected/collected; not an error of the code under test
+    return 0 if rc in (0, 5) else rc
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "compare":
+        from bench import compare
+
+        return compare.main(argv[1:])
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

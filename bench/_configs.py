@@ -1,0 +1,194 @@
+"""The benchmark configurations, by the names tooling reads (see issue 3; keep them stable).
+
+A layer configuration is one ginjax ConvContract on a torus, keys {scalar, vector} (plus the
+2-tensor for `..._k2`) with `c` channels each in and out, 3x3(x3) invariant filters, vmapped over
+a batch of B. A model configuration is one training step of a ginjax model. Names carry the
+geometry: `d3_n64_b4_c16` = D=3, N=64 cells per axis, batch 4, 16 channels per key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+LAYER_MODES = ("fwd", "fwd_bwd")
+MODEL_MODES = ("step",)
+MODES = LAYER_MODES + MODEL_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """One ConvContract benchmark: keys of tensor order 0..k_max, `c` channels per key in and out."""
+
+    name: str
+    D: int
+    N: int
+    B: int
+    c: int
+    k_max: int = 1
+    quick: bool = False
+    M: int = 3
+
+    @property
+    def kind(self) -> str:
+        return "layer"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return LAYER_MODES
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return (self.N,) * self.D
+
+    @property
+    def filter_ks(self) -> tuple[int, ...]:
+        # a pair (k_a, k_b) needs a filter of order k_a + k_b; order <= 2 is ginjax's usual bank
+        return tuple(range(max(2, 2 * self.k_max) + 1))
+
+    @property
+    def keys(self) -> tuple[tuple[tuple[bool, ...], int], ...]:
+        """The MultiImage keys ((False,)*k, parity 0), in and out."""
+        return tuple(((False,) * k, 0) for k in range(self.k_max + 1))
+
+    @property
+    def pixels(self) -> int:
+        return self.N**self.D
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One model training step (value_and_grad of an MSE loss w.r.t. the model)."""
+
+    name: str
+    model: str  # attribute of ginjax.models
+    D: int
+    N: int
+    B: int
+    depth: int
+    model_kwargs: tuple[tuple[str, Union[int, str]], ...] = ()
+    in_channels: tuple[int, int] = (2, 2)  # (scalar, vector)
+    out_channels: tuple[int, int] = (1, 1)
+    small: bool = False  # CPU-sized: checks the model path, not part of quick/full
+    M: int = 3
+
+    @property
+    def quick(self) -> bool:
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "model"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return MODEL_MODES
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return (self.N,) * self.D
+
+    @property
+    def pixels(self) -> int:
+        return self.N**self.D
+
+
+Config = Union[LayerConfig, ModelConfig]
+
+LAYER_CONFIGS: tuple[LayerConfig, ...] = (
+    LayerConfig("d3_n64_b4_c16", D=3, N=64, B=4, c=16),
+    LayerConfig("d3_n64_b2_c32", D=3, N=64, B=2, c=32),
+    LayerConfig("d3_n128_b1_c16", D=3, N=128, B=1, c=16),
+    LayerConfig("d2_n256_b16_c32", D=2, N=256, B=16, c=32),
+    LayerConfig("d3_n64_b2_c8_k2", D=3, N=64, B=2, c=8, k_max=2),
+    LayerConfig("d3_n16_b2_c8", D=3, N=16, B=2, c=8, quick=True),
+    LayerConfig("d2_n64_b4_c8", D=2, N=64, B=4, c=8, quick=True),
+)
+
+MODEL_CONFIGS: tuple[ModelConfig, ...] = (
+    ModelConfig("unet_d3_n64_b4", "UNet", D=3, N=64, B=4, depth=16, model_kwargs=(("num_downsamples", 3),)),
+    ModelConfig("resnet_d3_n64_b4", "ResNet", D=3, N=64, B=4, depth=16, model_kwargs=(("num_blocks", 4),)),
+    ModelConfig("dilresnet_d3_n64_b4", "DilResNet", D=3, N=64, B=4, depth=16, model_kwargs=(("num_blocks", 2),)),
+    # CPU-sized steps (set `small-models`): a check of the model path; compiling them takes
+    # about a minute on 2 CPU cores, too slow for the quick set
+    ModelConfig("unet_d2_n16_b2", "UNet", D=2, N=16, B=2, depth=4, model_kwargs=(("num_downsamples", 2),), small=True),
+    ModelConfig("resnet_d2_n16_b2", "ResNet", D=2, N=16, B=2, depth=4, model_kwargs=(("num_blocks", 1),), small=True),
+    ModelConfig(
+        "dilresnet_d2_n16_b2", "DilResNet", D=2, N=16, B=2, depth=4, model_kwargs=(("num_blocks", 1),), small=True
+    ),
+)
+
+CONFIGS: dict[str, Config] = {c.name: c for c in LAYER_CONFIGS + MODEL_CONFIGS}
+
+# named sets accepted wherever configs are selected
+_SMALL = tuple(c.name for c in MODEL_CONFIGS if c.small)
+CONFIG_SETS: dict[str, tuple[str, ...]] = {
+    "quick": tuple(c.name for c in LAYER_CONFIGS if c.quick),
+    "full": tuple(c.name for c in CONFIGS.values() if not c.quick and c.name not in _SMALL),
+    "all": tuple(c for c in CONFIGS if c not in _SMALL),  # quick + full: the GPU default
+    "layers": tuple(c.name for c in LAYER_CONFIGS),
+    "models": tuple(c.name for c in MODEL_CONFIGS if not c.small),
+    "small-models": _SMALL,
+}
+
+# Dense throughput ceilings measured on the device (TFLOP/s), by precision mode; keyed by a
+# lower-case substring of jax's device_kind. Source: ARCHITECTURE.md (H200 anchors).
+DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h200": {"bf16": 790.0, "tf32": 395.0},
+}
+
+
+def case_id(config: Config, mode: str, backend: str) -> str:
+    """The pytest parameter id: `[quick-]{config}-{mode}-{backend}`."""
+    prefix = "quick-" if config.quick else ""
+    return f"{prefix}{config.name}-{mode}-{backend}"
+
+
+def group_name(config: Config, mode: str) -> str:
+    return f"{config.name}-{mode}"
+
+
+def default_set(platform: str) -> str:
+    """The set `python -m bench` and `pytest bench/` run when none is given: quick on CPU."""
+    return "quick" if platform == "cpu" else "all"
+
+
+def parse_selection(value: Optional[str], choices: tuple[str, ...], flag: str, sets: Optional[dict] = None) -> tuple[str, ...]:
+    """Turn 'a,b' (or a set name) into a tuple of names, rejecting unknown names.
+
+    Raises ValueError naming the flag and the bad value.
+    """
+    if value is None or value.strip() == "":
+        return choices
+    out: list[str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        if sets and part in sets:
+            names = sets[part]
+        elif part in choices:
+            names = (part,)
+        else:
+            known = list(choices) + (sorted(sets) if sets else [])
+            raise ValueError(f"{flag} (={value!r}): unknown name {part!r}; choose from {', '.join(known)}")
+        out.extend(n for n in names if n not in out)
+    return tuple(out)
+
+
+def select_configs(value: Optional[str], platform: str) -> tuple[str, ...]:
+    """Configs chosen by a --configs/--bench-configs value ('auto' or None: the device default)."""
+    if value is None or value.strip() in ("", "auto"):
+        value = default_set(platform)
+    return parse_selection(value, tuple(CONFIGS), "--configs", CONFIG_SETS)
+
+
+def peak_tflops(device_kind: str, precision: str) -> Optional[float]:
+    kind = device_kind.lower()
+    for needle, peaks in DEVICE_PEAK_TFLOPS.items():
+        if needle in kind:
+            return peaks.get(precision)
+    return None
+
+
+def has_models(names) -> bool:
+    return any(CONFIGS[n].kind == "model" for n in names if n in CONFIGS)

@@ -1,0 +1,227 @@
+"""The benchmark tooling on CPU: the quick suite as a correctness check, `python -m bench`'s JSON,
+table and plot, and `python -m bench compare`'s verdicts on synthetic regressions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bench import _configs, _suite, compare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ---- the suite -----------------------------------------------------------------------------------
+def test_quick_suite_is_a_correctness_check_of_every_available_backend():
+    import kernels
+
+    proc = _run("-m", "pytest", "bench/", "--benchmark-disable", "--bench-configs=quick", "-q", "-rs", "-p", "no:cacheprovider")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", proc.stdout).group(1))
+    quick = _configs.CONFIG_SETS["quick"]
+    assert len(quick) == 2 and all("quick" in _configs.case_id(_configs.CONFIGS[c], "fwd", "dense") for c in quick)
+    # every quick config x layer mode x backend that runs here, none skipped for falling back
+    assert passed == len(quick) * len(_configs.LAYER_MODES) * len(kernels.available_backends())
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """One real `python -m bench --out` run (small, short timing): its output and files."""
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = _run(
+        "-m", "bench", "--configs", "d2_n64_b4_c8", "--backends", "reference,dense", "--modes", "fwd",
+        "--max-time", "0.05", "--min-rounds", "3", "--out", str(out),
+        env_extra={_suite.COMMIT_ENV: "cafe123"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return proc, out
+
+
+def test_bench_command_writes_results_table_and_plot(recorded_run):
+    proc, out = recorded_run
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    json_files = [f for f in files if f.endswith(".json")]
+    assert len(json_files) == 1 and re.fullmatch(r"cpu/\d{4}-\d{2}-\d{2}-cafe123\.json", json_files[0]), files
+    results = _suite.load_results(out / json_files[0])
+    assert results["commit_info"]["id"] == "cafe123"
+    assert results["machine_info"]["device_slug"] == "cpu"
+    by_backend = {b["extra_info"]["backend"]: b for b in results["benchmarks"]}
+    assert set(by_backend) == {"reference", "dense"}
+    for bench in by_backend.values():
+        info = bench["extra_info"]
+        assert bench["group"] == "d2_n64_b4_c8-fwd"
+        assert info["config"] == "d2_n64_b4_c8" and info["mode"] == "fwd"
+        # dense-equivalent FLOPs: 2 * B * pixels * taps * Cin * Cout, Cin = Cout = 8 * (1 + 2)
+        assert info["gflop"] == pytest.approx(2 * 4 * 64 * 64 * 9 * 24 * 24 / 1e9)
+        assert info["io_bytes"] == 2 * 4 * 24 * 64 * 64 * 4
+        assert info["rel_err_vs_reference"] <= info["tolerance"]
+        assert info["p20_s"] <= info["median_s"] <= info["p80_s"]
+        assert bench["stats"]["rounds"] >= 3
+        for key in ("temp_bytes", "device_kind", "jax_version", "jaxlib_version"):
+            assert key in info
+    # the printed table: one row per benchmark, the reference is 1.00x of itself
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| d2_n64_b4_c8")]
+    assert len(rows) == 2 and "| reference | " in rows[0] and "1.00x" in rows[0]
+    assert (out / json_files[0]).with_suffix(".txt").read_text().count("| d2_n64_b4_c8") == 2
+    png = (out / json_files[0]).with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists() and "matplotlib is not installed" in proc.stdout
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- compare ---------------------------------------------------------------------------------------
+def _scaled(results: dict, factor: float) -> dict:
+    """A copy of `results` with every median (and every timing) multiplied by `factor`."""
+    out = copy.deepcopy(results)
+    for bench in out["benchmarks"]:
+        for key in ("min", "max", "mean", "median", "q1", "q3"):
+            if key in bench["stats"]:
+                bench["stats"][key] *= factor
+    return out
+
+
+@pytest.mark.parametrize("factor, expected_rc", [(1.20, 1), (1.02, 0), (0.80, 0)])
+def test_compare_flags_a_20_percent_regression_and_passes_2_percent(recorded_run, tmp_path, factor, expected_rc):
+    _, out = recorded_run
+    old_path = next(out.rglob("*.json"))
+    new_path = tmp_path / "new.json"
+    new_path.write_text(json.dumps(_scaled(_suite.load_results(old_path), factor)))
+    proc = _run("-m", "bench", "compare", str(old_path), str(new_path), "--threshold", "0.10", timeout=120)
+    assert proc.returncode == expected_rc, proc.stdout + proc.stderr
+    assert ("REGRESSION" in proc.stdout) == (expected_rc == 1)
+    assert f"{factor:.3f}" in proc.stdout  # the per-benchmark ratio is printed
+
+
+def test_compare_defaults_to_newest_baseline_against_a_fresh_run(recorded_run):
+    _, out = recorded_run
+    # a huge threshold: CPU timings are noisy, this checks the plumbing, not the speed
+    proc = _run(
+        "-m", "bench", "compare", "--results", str(out), "--threshold", "100", "--max-time", "0.05",
+        "--min-rounds", "3",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "new: fresh run" in proc.stdout and str(next(out.rglob("*.json"))) in proc.stdout
+    verdicts = ("ok", "faster", "SLOWER")
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[-1:] and line.split()[-1] in verdicts]
+    assert sorted(names) == [
+        "test_conv_contract[quick-d2_n64_b4_c8-fwd-dense]", "test_conv_contract[quick-d2_n64_b4_c8-fwd-reference]"
+    ]
+
+
+def _synthetic(medians: dict) -> dict:
+    return {
+        "machine_info": {"device_kind": "cpu"},
+        "commit_info": {"id": "x"},
+        "benchmarks": [{"name": n, "stats": {"median": m}, "extra_info": {}} for n, m in medians.items()],
+    }
+
+
+def test_compare_results_ratios_verdicts_and_threshold():
+    old = _synthetic({"a": 1.0, "b": 2.0, "c": 1.0, "gone": 1.0})
+    new = _synthetic({"a": 1.2, "b": 2.04, "c": 0.5, "added": 1.0})
+    rows, regressed = compare.compare_results(old, new, threshold=0.10)
+    verdicts = {r["name"]: r["verdict"] for r in rows}
+    assert regressed
+    assert verdicts == {"a": "SLOWER", "b": "ok", "c": "faster", "gone": "only in old", "added": "only in new"}
+    assert {r["name"]: r["ratio"] for r in rows}["a"] == pytest.approx(1.2)
+    assert not compare.compare_results(old, new, threshold=0.25)[1]
+    with pytest.raises(ValueError, match="threshold"):
+        compare.compare_results(old, new, threshold=-0.1)
+
+
+def test_compare_rejects_bad_input(tmp_path):
+    not_results = tmp_path / "x.json"
+    not_results.write_text('{"hello": 1}')
+    proc = _run("-m", "bench", "compare", str(not_results), str(not_results), timeout=120)
+    assert proc.returncode == 2 and "not pytest-benchmark JSON" in proc.stderr
+    proc = _run("-m", "bench", "compare", "a.json", "b.json", "--threshold", "-1", timeout=120)
+    assert proc.returncode == 2 and "--threshold (=-1.0)" in proc.stderr
+
+
+def test_stored_results_are_ordered_by_run_datetime(tmp_path):
+    folder = tmp_path / "cpu"
+    folder.mkdir()
+    for name, when in (("2026-01-02-bbb.json", "2026-01-02T00:00:00"), ("2026-01-01-zzz.json", "2026-01-01T00:00:00")):
+        (folder / name).write_text(json.dumps(dict(_synthetic({"a": 1.0}), datetime=when)))
+    (folder / "broken.json").write_text("{")
+    assert [p.name for p in compare.stored_results("cpu", tmp_path)] == ["2026-01-01-zzz.json", "2026-01-02-bbb.json"]
+
+
+# ---- small parts -------------------------------------------------------------------------------------
+def test_selection_errors_name_the_flag_and_value():
+    assert _configs.select_configs("quick", "gpu") == _configs.CONFIG_SETS["quick"]
+    assert _configs.select_configs(None, "cpu") == _configs.CONFIG_SETS["quick"]
+    assert set(_configs.select_configs("auto", "gpu")) >= {"d3_n64_b4_c16", "unet_d3_n64_b4", "d3_n16_b2_c8"}
+    with pytest.raises(ValueError, match=r"--configs \(='quick,d9_n1'\): unknown name 'd9_n1'"):
+        _configs.select_configs("quick,d9_n1", "cpu")
+    with pytest.raises(ValueError, match=r"--modes \(='bwd'\)"):
+        _configs.parse_selection("bwd", _configs.MODES, "--modes")
+
+
+def test_commit_falls_back_without_git(monkeypatch, tmp_path):
+    monkeypatch.delenv(_suite.COMMIT_ENV, raising=False)
+    assert _suite.resolve_commit("abc") == "abc"
+    monkeypatch.setenv(_suite.COMMIT_ENV, "fromenv")
+    assert _suite.resolve_commit() == "fromenv"
+    monkeypatch.delenv(_suite.COMMIT_ENV)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable at all
+    assert _suite.resolve_commit() == "unknown"
+
+
+def test_result_paths_never_overwrite(tmp_path):
+    first = _suite.result_paths(tmp_path, "nvidia-h200", "abc1234")
+    assert first["json"].parent.name == "nvidia-h200" and first["json"].name.endswith("-abc1234.json")
+    first["json"].parent.mkdir(parents=True)
+    first["json"].write_text("{}")
+    second = _suite.result_paths(tmp_path, "nvidia-h200", "abc1234")
+    assert second["json"] != first["json"] and second["json"].name.endswith("-abc1234-2.json")
+
+
+def test_peak_is_known_for_the_h200_only():
+    assert _configs.peak_tflops("NVIDIA H200", "tf32") == 395.0
+    assert _configs.peak_tflops("NVIDIA H200", "bf16") == 790.0
+    assert _configs.peak_tflops("cpu", "tf32") is None
+
+
+def test_rel_err_takes_the_worst_array_or_the_whole_vector():
+    import jax.numpy as jnp
+
+    from bench import _harness
+
+    expected = {"a": jnp.ones(4), "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
+    actual = {"a": jnp.ones(4) * 1.1, "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
+    assert _harness.rel_err(actual, expected) == pytest.approx(0.1, rel=1e-5)
+    assert _harness.rel_err(actual, expected, per_array=False) == pytest.approx(0.2 / 200.01, rel=1e-3)
+    assert _harness.rel_err(dict(actual, zero=jnp.ones(3)), expected) == float("inf")
+    assert _harness.rel_err(dict(actual, a=jnp.full(4, jnp.nan)), expected) == float("inf")
+
+
+def test_conv_flops_counts_the_dense_layer_as_its_spec_says():
+    """The models' GFLOP comes from counting convs in the jaxpr under `dense`: check it on a layer."""
+    import kernels
+
+    from bench import _harness
+
+    case = _harness.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
+    fn, args = case.function("fwd")
+    with kernels.use_backend("dense"):
+        counted = _harness.conv_flops(fn, *args)
+    assert counted == 3 * case.spec().dense_flops((8, 8)) > 0
