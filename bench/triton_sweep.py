@@ -1,0 +1,187 @@
+"""Time the `triton` backend's forward against `dense` and `reference` on the standard layers,
+with a sweep over its tiling. For the GPU machine; results go to OUT/triton_sweep.json.
+
+    python3 bench/triton_sweep.py --out DIR [--preset sweep|final] [--budget SECONDS]
+
+A layer: D-dimensional torus, keys {scalar, vector} with c channels each in and out, 3^D invariant
+filters (tests/data/ginjax-0.1.8), vmapped over a batch B, JAX's default precision (TF32).
+Every time is the median of 20 calls of an ahead-of-time compiled executable after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels  # noqa: E402
+from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
+
+FILTERS = ROOT / "tests" / "data" / "ginjax-0.1.8" / "invariant_filters.npz"
+CONFIGS = {  # name: (D, N, B, c)
+    "d3_n64_b4_c16": (3, 64, 4, 16),
+    "d3_n64_b2_c32": (3, 64, 2, 32),
+    "d3_n128_b1_c16": (3, 128, 1, 16),
+    "d2_n256_b16_c32": (2, 256, 16, 32),
+}
+SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 8 warps, "op")
+    "op-1x1x64-w4": dict(tile=(1, 1, 64), num_warps=4),
+    "op-1x1x32-w4": dict(tile=(1, 1, 32), num_warps=4),
+    "po-1x1x64-w8": dict(tile=(1, 1, 64), orientation="po"),
+    "op-1x2x64-w8": dict(tile=(1, 2, 64)),
+    "op-1x2x32-w8": dict(tile=(1, 2, 32)),
+    "op-1x1x64-w8-o16": dict(tile=(1, 1, 64), block_o=16),
+    "op-1x1x64-w8-vec": dict(tile=(1, 1, 64), vector_loads=True),
+    "op-1x64-w4": dict(tile=(1, 64), num_warps=4),
+    "op-2x64-w8": dict(tile=(2, 64)),
+    "op-1x128-w8": dict(tile=(1, 128)),
+}
+FINAL = {  # config: variants timed besides the default
+    "d3_n64_b4_c16": ["op-1x1x64-w4", "op-1x1x32-w4", "po-1x1x64-w8", "op-1x2x32-w8", "op-1x1x64-w8-vec"],
+    "d3_n64_b2_c32": ["op-1x1x64-w8-o16"],
+    "d3_n128_b1_c16": [],
+    "d2_n256_b16_c32": ["op-1x64-w4", "op-2x64-w8", "op-1x128-w8"],
+}
+
+
+def layer(D, N, B, c, seed=0):
+    bank = np.load(FILTERS)
+    basis = lambda k: bank[f"filters/D{D}M3/k{k}p0"]
+    spec = kernels.make_spec(
+        D, [(0, 0, c), (1, 0, c)], [(0, 0, c), (1, 0, c)],
+        [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))], True,
+    )
+    rng = np.random.default_rng(seed)
+    spatial = (N,) * D
+    xs = [jnp.asarray(rng.standard_normal((B,) + spec.in_shape(a, spatial)), jnp.float32) for a in range(2)]
+    ws = [jnp.asarray(rng.standard_normal((c, c, p.basis.n_filters)) / math.sqrt(c * p.basis.n_filters), jnp.float32) for p in spec.pairs]
+    return spec, xs, ws
+
+
+def measure(fn, args, reps=20):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    result = jax.block_until_ready(compiled(*args))
+    for _ in range(3):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    mem = compiled.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
+    return result, dict(ms=statistics.median(times), min_ms=min(times), compile_s=round(compile_s, 1), temp_bytes=temp)
+
+
+def rel(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    num = sum(float(jnp.sum((x.astype(jnp.float32) - y) ** 2)) for x, y in zip(la, lb))
+    return math.sqrt(num / sum(float(jnp.sum(y * y)) for y in lb))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/triton")
+    ap.add_argument("--preset", default="sweep", choices=["sweep", "final"])
+    ap.add_argument("--budget", type=float, default=240.0)
+    ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
+    ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows = []
+    dev = jax.devices()[0]
+    meta = dict(device=str(getattr(dev, "device_kind", dev.platform)), jax=jax.__version__)
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "triton_sweep.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
+
+    def run_case(config, label, fn, fargs, oracle=None, extra=None):
+        if time.perf_counter() - start > args.budget:
+            record(dict(config=config, label=label, skipped="time budget"))
+            return None
+        try:
+            result, row = measure(fn, fargs)
+            if oracle is not None:
+                row["rel_err"] = rel(result, oracle)
+        except Exception as err:  # one failing variant must not hide the others
+            row = dict(error=f"{type(err).__name__}: {str(err)[:600]}")
+            traceback.print_exc()
+            result = None
+        row.update(config=config, label=label, **(extra or {}))
+        record(row)
+        return result
+
+    configs = ["d3_n64_b4_c16"] if args.preset == "sweep" else list(CONFIGS)
+    for config in configs:
+        labels = [v for v in args.variants.split(",") if v] or (
+            [v for v in SWEEP if v.count("x") == 2] if args.preset == "sweep" else FINAL[config]
+        )
+        D, N, B, c = CONFIGS[config]
+        if args.tiny:
+            N, B, c = 6, 1, 4
+        spec, xs, ws = layer(D, N, B, c)
+        io_bytes = sum(x.size * 4 for x in xs) * 2  # outputs have the inputs' sizes here
+        extra = dict(io_bytes=io_bytes, dense_flops=B * spec.dense_flops((N,) * D))
+        fwd = lambda run: (lambda xs, ws: jax.vmap(lambda x: run(x, ws))(xs))
+        by_backend = lambda name, prec=None: fwd(lambda x, w: kernels.conv_contract(spec, x, w, backend=name, precision=prec))
+        oracle = jax.jit(by_backend("reference", "fp32"))(xs, ws)
+        if config == "d3_n64_b4_c16":
+            run_case(config, "copy-floor", lambda xs, ws: tuple(2.0 * x for x in xs), (xs, ws), extra=extra)
+        run_case(config, "reference", by_backend("reference"), (xs, ws), oracle, extra)
+        run_case(config, "dense", by_backend("dense"), (xs, ws), oracle, extra)
+        run_case(config, "triton", by_backend("triton"), (xs, ws), oracle, extra)
+        for label in labels:
+            blocks = BlockSizes(**SWEEP[label])
+            run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
+        for mode in ("fp32", "bf16") if config == "d3_n64_b4_c16" else ():
+            run_case(config, f"triton-{mode}", by_backend("triton", mode), (xs, ws), oracle, extra)
+        # forward + backward (the backward is dense's VJP for now)
+        cots = [jnp.ones_like(o) * 0.01 for o in oracle]
+        for name in ("reference", "dense", "triton"):
+            loss = lambda xs, ws, f=by_backend(name): sum(jnp.vdot(o, g) for o, g in zip(f(xs, ws), cots))
+            run_case(config, f"{name}-fwd_bwd", jax.value_and_grad(loss, argnums=(0, 1)), (xs, ws), None, extra)
+        del xs, ws, oracle
+
+    print(f"\n{meta}")
+    base = {(r["config"], r["label"]): r.get("ms") for r in rows}
+    print(f"{'config':16s} {'label':22s} {'ms':>8s} {'x ref':>6s} {'x dense':>7s} {'temp/io':>7s} {'rel err':>9s} {'compile':>7s}")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['config']:16s} {r['label']:22s} {r.get('error') or r.get('skipped')}")
+            continue
+        ref = base.get((r["config"], "reference" if "fwd_bwd" not in r["label"] else "reference-fwd_bwd"))
+        dense = base.get((r["config"], "dense" if "fwd_bwd" not in r["label"] else "dense-fwd_bwd"))
+        print(
+            f"{r['config']:16s} {r['label']:22s} {r['ms']:8.3f} {ref / r['ms'] if ref else 0:6.1f} "
+            f"{dense / r['ms'] if dense else 0:7.2f} {r['temp_bytes'] / r['io_bytes']:7.3f} "
+            f"{r.get('rel_err', float('nan')):9.2e} {r['compile_s']:7.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`triton` backend: the fused ConvContract forward as a Triton kernel launched through jax-triton.
+
+Registers itself on import. Importing never needs triton, torch or jax_triton: without them the
+backend reports itself unavailable and says why. It runs:
+- on an NVIDIA GPU with triton and jax_triton installed (the default backend there), or
+- on the host with TRITON_INTERPRET=1, triton and (CPU) torch: the same kernel source through
+  Triton's interpreter, for tests without a GPU.
+
+Covered: D 2 and 3, tensor orders up to 2, any channel counts and sizes, torus / SAME / VALID /
+explicit padding, rhs_dilation, stride 1, float32 / bfloat16 / float16 operands. Other
+configurations (stride > 1, lhs_dilation) run on `dense`; `kernels.explain` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .._registry import Backend, register_backend
+from .._spec import ConvSpec
+from ._kernel import MAX_NONZEROS, BlockSizes, check_sizes, count_nonzeros
+from ._launch import interpreting
+from .conv_contract import conv_contract_triton
+
+__all__ = ["BlockSizes", "conv_contract_triton"]
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str):
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # jax_triton raises more than ImportError on a CPU jaxlib
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_nvidia_gpu() -> bool:
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
+def availability() -> tuple[bool, str]:
+    if interpreting():
+        for module, why in (("triton", "Triton's interpreter"), ("torch", "CPU tensors for Triton's interpreter")):
+            err = _import_error(module)
+            if err:
+                return False, f"TRITON_INTERPRET=1 needs {module} ({why}), which failed to import: {err}"
+        return True, "Triton interpreter on the host (TRITON_INTERPRET=1), same kernel source as on the GPU"
+    if not _has_nvidia_gpu():
+        return False, "needs an NVIDIA GPU (or TRITON_INTERPRET=1 with triton and torch for the CPU interpreter)"
+    for module in ("triton", "jax_triton"):
+        err = _import_error(module)
+        if err:
+            return False, f"needs {module}, which failed to import: {err}"
+    return True, "NVIDIA GPU with triton and jax_triton"
+
+
+def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
+    orders = [k for k, _, _ in spec.in_keys + spec.out_keys]
+    if max(orders) > 2:
+        return False, f"tensor orders up to 2 are covered, this layer has order {max(orders)}"
+    if any(s != 1 for s in spec.stride):
+        return False, f"stride {spec.stride} is not covered (stride 1 only)"
+    if any(d != 1 for d in spec.lhs_dilation):
+        return False, f"lhs_dilation {spec.lhs_dilation} is not covered"
+    if dtype is not None and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return False, f"{jnp.dtype(dtype).name} operands are not covered (fp32 accumulation only)"
+    nonzeros = count_nonzeros(spec)
+    if nonzeros > MAX_NONZEROS:
+        return False, f"the basis has {nonzeros} nonzeros, more than the {MAX_NONZEROS} the kernel unrolls"
+    try:
+        check_sizes(spec, tuple(spatial))
+    except ValueError as err:
+        return False, str(err)
+    return True, "fused Triton forward (factorised over the basis nonzeros)"
+
+
+def _run(spec, inputs, weights, mode):
+    return conv_contract_triton(spec, inputs, weights, mode)
+
+
+register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}))

@@ -1,0 +1,125 @@
+"""Launching the generated forward kernel: jax-triton on a GPU, Triton's interpreter on the host.
+
+Both paths run the same generated source. On an NVIDIA GPU the kernel is a jax-triton custom call
+(XLA owns the buffers; nothing is copied). With TRITON_INTERPRET=1 it runs inside a
+`jax.pure_callback` on torch CPU tensors, so CI tests the real kernel without a GPU.
+
+Operands carry a leading batch axis of size 1 or B (size 1 is broadcast with a zero batch stride,
+e.g. weights shared by a vmapped batch); one launch covers the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._spec import ConvSpec
+from ._kernel import INT32_MAX, BlockSizes, Geometry, KernelPlan, compile_plan, plan_kernel
+
+
+def interpreting() -> bool:
+    """True when kernels run through Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def out_shapes(spec: ConvSpec, plan: KernelPlan, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(
+        jax.ShapeDtypeStruct((batch, o) + plan.out_spatial + (spec.D,) * k, jnp.float32)
+        for k, _, o in spec.out_keys
+    )
+
+
+def _batch_size(spec: ConvSpec, xs: Sequence, ws: Sequence) -> int:
+    sizes = {int(a.shape[0]) for a in list(xs) + list(ws)}
+    batch = max(sizes)
+    if sizes - {1, batch}:
+        raise ValueError(f"operands' leading batch sizes {sorted(sizes)} must each be 1 or {batch}")
+    return batch
+
+
+def launch(
+    spec: ConvSpec,
+    mode: str,
+    blocks: BlockSizes,
+    xs: Sequence[jax.Array],
+    ws: Sequence[jax.Array],
+    poison: Optional[float] = None,
+) -> tuple[jax.Array, ...]:
+    """Run the fused forward on batched operands; returns float32 outputs (B, o, *spatial', *tensor).
+
+    Args:
+        xs: per input key, (1 or B, c, *spatial, *(D,)*k).
+        ws: per pair, (1 or B, o, c, n_filters).
+        poison: if set, outputs start filled with this value (tests check that every element is
+            overwritten); on the interpreter path outputs always start as NaN.
+    """
+    batch = _batch_size(spec, xs, ws)
+    spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
+    geometry = Geometry(
+        spatial=spatial,
+        x_batched=tuple(batch > 1 and x.shape[0] == batch for x in xs),
+        w_batched=tuple(batch > 1 and w.shape[0] == batch for w in ws),
+    )
+    aliased = poison is not None and not interpreting()
+    # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
+    host = interpreting()
+    plan = plan_kernel(spec, geometry, mode, blocks, aliased, bf16_dot_in_fp32=host, layout_barrier=not host)
+    grid = plan.programs_per_batch * batch
+    if grid > INT32_MAX:
+        raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
+    shapes = out_shapes(spec, plan, batch)
+    if interpreting():
+        return _interpret(plan, shapes, grid, xs, ws, np.nan if poison is None else poison)
+    return _gpu(plan, shapes, grid, xs, ws, poison)
+
+
+# ---- GPU: jax-triton --------------------------------------------------------------------------------
+def _gpu(plan, shapes, grid, xs, ws, poison):
+    import jax_triton  # lazily: it fails to import on a CPU-only jaxlib
+
+    kernel = compile_plan(plan)
+    args = list(xs) + list(ws)
+    aliases = {}
+    if poison is not None:
+        for n, s in enumerate(shapes):
+            aliases[len(args)] = n
+            args.append(jnp.full(s.shape, poison, s.dtype))
+    outs = jax_triton.triton_call(
+        *args,
+        kernel=kernel,
+        out_shape=shapes,
+        grid=(grid,),
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+        input_output_aliases=aliases or None,
+        name=plan.name,
+    )
+    return tuple(outs)
+
+
+# ---- host: Triton's interpreter on torch CPU tensors ---------------------------------------------------
+def _to_torch(array: np.ndarray):
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # ml_dtypes bfloat16: torch cannot take it directly
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def _interpret(plan, shapes, grid, xs, ws, poison):
+    def host(*arrays):
+        import torch
+
+        kernel = compile_plan(plan)
+        tensors = [_to_torch(np.asarray(a)) for a in arrays]
+        outs = [torch.full(s.shape, float(poison), dtype=torch.float32) for s in shapes]
+        kernel[(grid,)](*tensors, *outs)
+        return tuple(o.numpy() for o in outs)
+
+    # never vmapped: the custom_vmap rule of conv_contract.py turns vmap into one batched launch
+    return tuple(jax.pure_callback(host, shapes, *xs, *ws))

@@ -1,0 +1,361 @@
+"""The `triton` backend on the host: the generated kernel through Triton's interpreter
+(TRITON_INTERPRET=1, torch CPU tensors), against the `reference` backend on fresh random inputs.
+
+Outputs on the interpreter path start as NaN, so an element the kernel fails to write shows up as
+a non-finite value; every comparison checks that all outputs are finite first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from conftest import conv_contract_case, conv_contract_cases, fixture_filters, float64, rel_l2
+
+triton_backend = pytest.importorskip("kernels.triton")
+from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
+from kernels.triton import _kernel, _launch  # noqa: E402
+
+if not triton_backend.availability()[0]:
+    pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
+
+KEYS = {"s": (0, 0), "v": (1, 0), "pv": (1, 1), "t": (2, 0), "pt": (2, 1)}
+
+
+def make_layer(D, M, ins, outs, is_torus=True, **geometry):
+    """A spec with every (input, output) pair whose invariant filter exists; keys as (name, channels)."""
+    filters = fixture_filters(D, M)
+    in_keys = [KEYS[n] + (c,) for n, c in ins]
+    out_keys, pairs = [], []
+    for a, (ka, pa, _) in enumerate(in_keys):
+        for n, c in outs:
+            kb, pb = KEYS[n]
+            fk = (ka + kb, (pa + pb) % 2)
+            if fk in filters:
+                if (kb, pb, c) not in out_keys:
+                    out_keys.append((kb, pb, c))
+                pairs.append((a, out_keys.index((kb, pb, c)), filters[fk]))
+    return kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, **geometry)
+
+
+def operands(spec, N, seed, batch=None, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    spatial = (N,) * spec.D if isinstance(N, int) else tuple(N)
+    xs = [jnp.asarray(rng.standard_normal(lead + spec.in_shape(a, spatial)), dtype) for a in range(len(spec.in_keys))]
+    ws = [
+        jnp.asarray(
+            rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)), dtype
+        )
+        for p in spec.pairs
+    ]
+    return xs, ws
+
+
+def check_close(got, want, mode):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == jnp.float32
+        assert np.isfinite(np.asarray(g)).all(), "an output element was never written (or is not finite)"
+        assert rel_l2(g, w) <= kernels.TOLERANCE[mode], (rel_l2(g, w), mode)
+
+
+def run(spec, xs, ws, backend, mode="fp32"):
+    return kernels.conv_contract(spec, xs, ws, backend=backend, precision=mode)
+
+
+# ---- agreement with the reference -------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
+def test_d3_scalar_vector_torus_all_modes(mode):
+    spec = make_layer(3, 3, [("s", 3), ("v", 2)], [("s", 2), ("v", 3)])
+    xs, ws = operands(spec, 5, seed=1)
+    check_close(run(spec, xs, ws, "triton", mode), run(spec, xs, ws, "reference", "fp32"), mode)
+
+
+@pytest.mark.parametrize(
+    "name, D, M, ins, outs, is_torus, geometry, N",
+    [
+        ("d2-all-orders-torus", 2, 3, [("s", 2), ("v", 2), ("pv", 1), ("t", 1)], [("s", 1), ("v", 2), ("pv", 1), ("t", 2), ("pt", 1)], True, {}, 7),
+        ("d2-same-zero-pad", 2, 3, [("s", 2), ("v", 3)], [("s", 3), ("v", 1)], False, {"padding": "SAME"}, 7),
+        ("d2-valid", 2, 3, [("v", 2)], [("s", 2), ("t", 1)], False, {"padding": "VALID"}, 7),
+        ("d2-explicit-asym", 2, 2, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)], False, {"padding": ((0, 2), (1, 0))}, 6),
+        ("d2-m5-mixed-torus", 2, 5, [("s", 1), ("v", 2)], [("s", 2), ("pv", 1)], (True, False), {}, 7),
+        ("d2-dilated-torus", 2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)], True, {"rhs_dilation": 2}, 7),
+        ("d2-dilated-valid", 2, 3, [("s", 1)], [("s", 2), ("v", 1)], False, {"padding": "VALID", "rhs_dilation": (2, 1)}, 7),
+        ("d3-tensor-in-out", 3, 3, [("s", 1), ("t", 1)], [("s", 1), ("t", 1)], True, {}, 4),
+        ("d3-same-mixed", 3, 3, [("v", 2)], [("s", 2), ("v", 1)], (True, False, True), {}, 5),
+        ("d3-m2-explicit", 3, 2, [("s", 2), ("v", 1)], [("v", 2)], False, {"padding": 1}, 4),
+        ("d3-dilated", 3, 3, [("s", 2)], [("v", 2)], (False, True, True), {"rhs_dilation": 2, "padding": "SAME"}, 5),
+    ],
+)
+def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometry, N):
+    spec = make_layer(D, M, ins, outs, is_torus, **geometry)
+    assert kernels.explain(spec, (N,) * D, backend="triton").backend == "triton"
+    xs, ws = operands(spec, N, seed=zlib.crc32(name.encode()))
+    check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
+
+
+def fixture_layer(case):
+    """A recorded ginjax 0.1.8 layer geometry with its inputs and fresh random weights."""
+    meta, arrays = conv_contract_case(case)
+    D, M = meta["D"], meta["M"]
+    tup = lambda v: tuple(tup(u) for u in v) if isinstance(v, list) else v
+    kw = meta["kwargs"]
+    filters = fixture_filters(D, M)
+    ins = [tuple(t) for t in meta["input"]]
+    out_keys, pairs = [], []
+    for a, (ka, pa, _) in enumerate(ins):
+        for kb, pb, cb in (tuple(t) for t in meta["target"]):
+            if (ka + kb, (pa + pb) % 2) in filters:
+                if (kb, pb, cb) not in out_keys:
+                    out_keys.append((kb, pb, cb))
+                pairs.append((a, out_keys.index((kb, pb, cb)), filters[(ka + kb, (pa + pb) % 2)]))
+    spec = kernels.make_spec(
+        D, ins, out_keys, pairs, tup(meta["is_torus"]), stride=tup(kw.get("stride", 1)),
+        padding=tup(kw.get("padding")), lhs_dilation=tup(kw.get("lhs_dilation")),
+        rhs_dilation=tup(kw.get("rhs_dilation", 1)),
+    )
+    xs = [jnp.asarray(arrays[f"x/k{k}p{p}"]) for k, p, _ in ins]
+    _, ws = operands(spec, meta["N"], seed=int(case[4:]))
+    return spec, xs, ws
+
+
+@pytest.mark.parametrize("case", conv_contract_cases())
+def test_fixture_cases(case):
+    """Every recorded ginjax 0.1.8 layer geometry (bias is the layer's job): covered ones run the
+    kernel, the others (stride, lhs_dilation) fall back to dense with a reason."""
+    spec, xs, ws = fixture_layer(case)
+    choice = kernels.explain(spec, xs, backend="triton")
+    if spec.is_default_stride:
+        assert choice.backend == "triton", choice
+    else:
+        assert choice.backend == "dense" and "not covered" in choice.reason
+    check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
+
+
+def test_many_tiles_chunks_and_masks():
+    """Tiles that do not divide the grid, channel chunks with a ragged tail, several output-channel
+    tiles: every mask and loop of the kernel, on a 2-program-per-axis grid."""
+    spec = make_layer(2, 3, [("s", 17), ("v", 1)], [("s", 17), ("v", 1)], (True, False), padding="TORUS")
+    xs, ws = operands(spec, (7, 9), seed=5)
+    want = run(spec, xs, ws, "reference")
+    blocks = BlockSizes(tile=(4, 8), block_c=16, block_o=16)
+    plan = _kernel.plan_kernel(spec, _kernel.Geometry((7, 9), (False, False), (False,) * 4), "fp32", blocks)
+    assert plan.programs_per_batch == 2 * 2 * 2  # output-channel tiles x tiles along each axis
+    assert "for ch in range(2):" in plan.source
+    check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), want, "fp32")
+    # the other accumulator orientation, and both tile orientations (the GPU picks by Triton version)
+    for orientation, pixels_first in (("po", False), ("op", True), ("po", True)):
+        other = BlockSizes(tile=(8, 16), block_o=16, orientation=orientation, pixels_first=pixels_first)
+        check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=other), want, "fp32")
+
+
+def test_bf16_operands_and_float64_fallback():
+    spec = make_layer(2, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 1)])
+    xs, ws = operands(spec, 6, seed=11)
+    want = run(spec, xs, ws, "reference")
+    got = run(spec, [x.astype(jnp.bfloat16) for x in xs], ws, "triton", "tf32")
+    check_close(got, want, "bf16")  # inputs rounded to bf16, so the bf16 tolerance applies
+    with float64():
+        xs64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in xs]
+        ws64 = [jnp.asarray(np.asarray(w), jnp.float64) for w in ws]
+        got = run(spec, xs64, ws64, "triton")  # beyond fp32 accumulation: runs the exact lax path
+        ref = run(spec, xs64, ws64, "reference")
+        for g, r in zip(got, ref):
+            assert g.dtype == jnp.float64 and rel_l2(g, r) <= 1e-12
+
+
+def test_nan_and_inf_propagate():
+    """A NaN and an inf input reach exactly the outputs their nonzero filter taps touch (the
+    structurally zero taps of the basis are skipped, unlike 0 * NaN in a dense convolution);
+    all other outputs equal the reference computed without them."""
+    spec = make_layer(3, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 2)])
+    N = 9
+    xs, ws = operands(spec, N, seed=9)
+    xs = [np.array(x) for x in xs]
+    xs[0][1, 4, 4, 4] = np.nan
+    xs[1][0, 2, 6, 7, 1] = np.inf
+    got = [np.asarray(o) for o in conv_contract_triton(spec, [jnp.asarray(x) for x in xs], ws, "fp32")]
+    clean = [x.copy() for x in xs]
+    clean[0][1, 4, 4, 4] = 0.0
+    clean[1][0, 2, 6, 7, 1] = 0.0
+    ref = kernels.conv_contract(spec, [jnp.asarray(x) for x in clean], ws, backend="reference", precision="fp32")
+    # outputs reached: output pixel p - y for every tap y with a nonzero B[f, y, i, :] of some pair
+    reached = [np.zeros(o.shape[1:], bool) for o in got]
+    for pair in spec.pairs:
+        k_a = spec.in_keys[pair.in_index][0]
+        src = (4, 4, 4) if pair.in_index == 0 else (2, 6, 7)
+        comp = 0 if pair.in_index == 0 else 1
+        B = pair.basis.array.reshape((pair.basis.n_filters, 3, 3, 3, 3**k_a, -1))
+        for f, y0, y1, y2, i, j in zip(*np.nonzero(B)):
+            if i != comp:
+                continue
+            p = tuple((s - (y - 1)) % N for s, y in zip(src, (y0, y1, y2)))
+            reached[pair.out_index].reshape((N, N, N, -1))[p + (j,)] = True
+    for g, r, hit in zip(got, ref, reached):
+        bad = ~np.isfinite(g)
+        assert (bad == np.broadcast_to(hit, g.shape)).all()
+        assert rel_l2(np.where(bad, 0, g), np.where(bad, 0, r)) <= 1e-5
+
+
+# ---- structure of the generated kernel ---------------------------------------------------------------
+def test_kernel_loads_each_tap_once_and_keeps_few_z_tiles_live():
+    """The standard layer (D=3, {scalar, vector}): one load per nonzero (tap, component) of each
+    input, no dense filter, and at most 10 Z tiles live at once (the tap schedule at work)."""
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    plan = _kernel.plan_kernel(spec, _kernel.Geometry((64,) * 3, (True, True), (False,) * 4), "tf32", BlockSizes())
+    assert plan.nonzeros == 342
+    assert plan.source.count("x = tl.load(") == 27 + 81
+    assert plan.source.count("tl.dot(") == 40  # one per (pair, filter, output component)
+    assert plan.peak_live_z <= 10
+    assert "for ch in range" not in plan.source  # 16 channels: one chunk, no loop
+
+
+# ---- transformations: vmap (one launch), grad, jit ---------------------------------------------------------
+def _count_launches(monkeypatch):
+    """Record the leading (batch) sizes of the tensors of every kernel run on the interpreter."""
+    calls = []
+    real = _launch.compile_plan
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*tensors):
+                calls.append(tuple(int(t.shape[0]) for t in tensors))
+                return self.kernel[grid](*tensors)
+
+            return launch
+
+    monkeypatch.setattr(_launch, "compile_plan", lambda plan: Spy(real(plan)))
+    return calls
+
+
+def test_vmap_is_one_batched_launch(monkeypatch):
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
+    xs, ws = operands(spec, 5, seed=2, batch=3)
+    calls = _count_launches(monkeypatch)
+    f = lambda backend: jax.vmap(lambda x, w: run(spec, x, w, backend), in_axes=(0, None))
+    got = f("triton")(xs, ws)
+    assert calls == [(3, 3, 1, 1, 1, 1, 3, 3)]  # inputs batched, weights shared (zero stride), outputs
+    check_close(got, f("reference")(xs, ws), "fp32")
+
+    # weights batched too, nested vmap, and the batch axis somewhere else
+    ws_b = [jnp.stack([w, 2 * w, -w]) for w in ws]
+    calls.clear()
+    got = jax.vmap(lambda x, w: run(spec, x, w, "triton"))(xs, ws_b)
+    assert calls == [(3,) * 8]
+    check_close(got, jax.vmap(lambda x, w: run(spec, x, w, "reference"))(xs, ws_b), "fp32")
+
+    xs2 = [jnp.stack([x, x[::-1]], axis=1) for x in xs]  # (3, 2, ...): vmap over axis 1 inside axis 0
+    calls.clear()
+    nested = lambda backend: jax.vmap(jax.vmap(lambda x, w: run(spec, x, w, backend), in_axes=(0, None)), in_axes=(1, None))
+    got = nested("triton")(xs2, ws)
+    assert calls == [(6, 6, 1, 1, 1, 1, 6, 6)]
+    check_close(got, nested("reference")(xs2, ws), "fp32")
+
+
+def test_grad_jvp_vmap_of_grad_and_grad_of_vmap_under_jit():
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
+    xs, ws = operands(spec, 5, seed=4, batch=2)
+
+    def loss(backend, x, w):
+        outs = run(spec, x, w, backend)
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    grad = lambda backend: jax.jit(jax.grad(lambda x, w: loss(backend, x, w), argnums=(0, 1)))
+    per_example = lambda backend: jax.vmap(grad(backend), in_axes=(0, None))  # vmap of grad
+    batched = lambda backend: jax.jit(
+        jax.grad(lambda x, w: jnp.sum(jax.vmap(lambda xi: loss(backend, xi, w))(x)), argnums=(0, 1))
+    )  # grad of vmap
+    for make in (per_example, batched):
+        got, want = make("triton")(xs, ws), make("reference")(xs, ws)
+        for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert rel_l2(g, r) <= 1e-5
+    # forward mode as well (the tangents are dense's)
+    x1 = [x[0] for x in xs]
+    primals, tangents = (x1, ws), ([0.5 * x for x in x1], [-0.1 * w for w in ws])
+    got = jax.jvp(lambda x, w: run(spec, x, w, "triton"), primals, tangents)
+    want = jax.jvp(lambda x, w: run(spec, x, w, "reference"), primals, tangents)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_l2(g, r) <= 1e-5
+
+
+# ---- registration, coverage and errors ------------------------------------------------------------------
+def test_registered_and_covered_configurations():
+    assert "triton" in kernels.registered_backends() and "triton" in kernels.available_backends()
+    ok, why = triton_backend.availability()
+    assert ok and "TRITON_INTERPRET" in why
+    spec = make_layer(3, 3, [("s", 1)], [("v", 1)])
+    assert triton_backend.coverage(spec, (8,) * 3, jnp.float32)[0]
+    strided = make_layer(2, 3, [("s", 1)], [("s", 1)], stride=2)
+    choice = kernels.explain(strided, (8, 8), backend="triton")
+    assert choice.backend == "dense" and "stride (2, 2) is not covered" in choice.reason
+    dilated = make_layer(2, 3, [("s", 1)], [("s", 1)], padding=((1, 1), (1, 1)), lhs_dilation=2)
+    assert "lhs_dilation" in triton_backend.coverage(dilated, (8, 8), None)[1]
+    assert "float64" in triton_backend.coverage(spec, (8,) * 3, jnp.float64)[1]
+
+
+def test_oversized_blocks_are_rejected_before_launch():
+    """A channel of more than 2^31 - 1 elements would overflow the kernel's 32-bit offsets:
+    coverage says so (auto falls back) and forcing the kernel raises ValueError, no launch."""
+    spec = make_layer(3, 3, [("t", 1)], [("s", 1)])
+    huge = (700, 700, 700)  # 700^3 * 9 elements per channel
+    ok, why = triton_backend.coverage(spec, huge, jnp.float32)
+    assert not ok and "2^31" in why
+    with pytest.raises(ValueError, match=r"input block 0 has 3087000000 elements per channel"):
+        _kernel.plan_kernel(spec, _kernel.Geometry(huge, (False,), (False,)), "tf32", BlockSizes())
+    # batch and channel offsets are 64-bit in the generated source
+    big = make_layer(3, 3, [("s", 200)], [("s", 1)])
+    plan = _kernel.plan_kernel(big, _kernel.Geometry((256,) * 3, (True,), (False,)), "tf32", BlockSizes())
+    assert "cc.to(tl.int64)" in plan.source and "rest.to(tl.int64)" in plan.source
+
+
+def test_bad_arguments_are_clear_errors():
+    spec = make_layer(2, 3, [("s", 1)], [("s", 1)])
+    xs, ws = operands(spec, 5, seed=0)
+    with pytest.raises(ValueError, match=r"`tile` \(=\(3, 8\)\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(tile=(3, 8)))
+    with pytest.raises(ValueError, match=r"`block_c` \(=8\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(block_c=8))
+    with pytest.raises(ValueError, match=r"`num_warps` \(=3\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(num_warps=3))
+    with pytest.raises(ValueError, match=r"`orientation` \(='pp'\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(orientation="pp"))
+    with pytest.raises(ValueError, match=r"`inputs\[0\]` has dtype int32"):
+        conv_contract_triton(spec, [x.astype(jnp.int32) for x in xs], ws, "fp32")
+
+
+def test_imports_cleanly_without_triton_torch_or_jax_triton():
+    """On a machine without the optional packages the backend registers and says why it cannot run."""
+    code = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("triton", "torch", "jax_triton"):
+                    raise ImportError("blocked " + name)
+        sys.meta_path.insert(0, Block())
+        import kernels
+        ok, why = kernels._registry.get("triton").availability()
+        assert not ok and ("torch" in why or "triton" in why), why
+        print("OK", why)
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr[-2000:]
+    env["TRITON_INTERPRET"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "NVIDIA GPU" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,148 @@
+"""The `triton` backend on an NVIDIA GPU (run on the GPU machine: `python3 -m pytest -m gpu
+tests/test_conv_contract_triton_gpu.py`): the compiled kernel through jax-triton against the
+`reference` backend, with poisoned outputs, NaN/inf inputs, odd sizes and a block of more than
+2^31 elements."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from conftest import conv_contract_cases, rel_l2
+
+pytestmark = pytest.mark.gpu
+
+triton_backend = pytest.importorskip("kernels.triton")
+from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
+from test_conv_contract_triton import fixture_layer, make_layer, operands  # noqa: E402
+from test_conv_contract_triton import test_nan_and_inf_propagate  # noqa: E402,F401  (re-run here on the GPU)
+
+if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip(f"needs the GPU path: {triton_backend.availability()[1]}", allow_module_level=True)
+
+
+def batched(spec, backend, mode, **kw):
+    if backend == "kernel":
+        fn = lambda x, w: conv_contract_triton(spec, x, w, mode, **kw)
+    else:
+        fn = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode)
+    return jax.jit(jax.vmap(fn, in_axes=(0, None)))
+
+
+def check(got, want, mode):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert bool(jnp.all(jnp.isfinite(g))), "an output element was never written (or is not finite)"
+        assert rel_l2(g, w) <= kernels.TOLERANCE[mode], (rel_l2(g, w), mode)
+
+
+def test_fixture_cases():
+    """Every recorded ginjax 0.1.8 layer geometry the kernel covers, at fp32, poisoned outputs."""
+    n_run = 0
+    for case in conv_contract_cases():
+        spec, xs, ws = fixture_layer(case)
+        if not spec.is_default_stride:
+            continue
+        want = kernels.conv_contract(spec, xs, ws, backend="reference", precision="fp32")
+        check(conv_contract_triton(spec, xs, ws, "fp32", poison=float("nan")), want, "fp32")
+        n_run += 1
+    assert n_run >= 10
+
+
+ODD = [
+    # name, D, M, ins, outs, is_torus, geometry, mode
+    ("d3-n37-torus-sv", 3, 3, [("s", 3), ("v", 3)], [("s", 3), ("v", 3)], True, {}, "tf32"),
+    ("d3-n37-same-tensor", 3, 3, [("s", 3), ("t", 2)], [("v", 3), ("t", 1)], False, {"padding": "SAME"}, "fp32"),
+    ("d3-n37-valid-dilated", 3, 3, [("v", 3)], [("s", 2), ("v", 3)], False, {"padding": "VALID", "rhs_dilation": 2}, "bf16"),
+    ("d2-n37-m5-mixed", 2, 5, [("s", 3), ("v", 2), ("pv", 1)], [("s", 3), ("v", 3), ("t", 2)], (True, False), {}, "tf32"),
+]
+
+
+@pytest.mark.parametrize("name, D, M, ins, outs, is_torus, geometry, mode", ODD, ids=[c[0] for c in ODD])
+def test_odd_sizes_batch2_against_reference(name, D, M, ins, outs, is_torus, geometry, mode):
+    spec = make_layer(D, M, ins, outs, is_torus, **geometry)
+    xs, ws = operands(spec, 37, seed=len(name), batch=2)
+    want = batched(spec, "reference", "fp32")(xs, ws)
+    check(batched(spec, "kernel", mode, poison=float("nan"))(xs, ws), want, mode)
+
+
+def test_poison_with_ragged_tiles_and_channel_chunks():
+    """Tiles, channel chunks and output-channel blocks that leave remainders everywhere."""
+    spec = make_layer(3, 3, [("s", 19), ("v", 3)], [("s", 17), ("v", 2)], (True, True, False))
+    xs, ws = operands(spec, (13, 11, 37), seed=3, batch=2)
+    want = batched(spec, "reference", "fp32")(xs, ws)
+    for blocks in (BlockSizes(tile=(2, 4, 16), block_o=16), BlockSizes(tile=(1, 1, 64), orientation="po")):
+        check(batched(spec, "kernel", "fp32", blocks=blocks, poison=float("nan"))(xs, ws), want, "fp32")
+
+
+def test_block_over_2_pow_31_elements():
+    """One input block of 3 x 896^3 = 2.16e9 elements (64-bit channel offsets in the kernel),
+    checked against float64 sums at pixels spread through the grid, the far corner included."""
+    spec = make_layer(3, 3, [("s", 3)], [("s", 1)])
+    N = 896
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, N, N, N), jnp.float32)
+    assert x.size > 2**31
+    w = jax.random.normal(jax.random.PRNGKey(1), (1, 3, spec.pairs[0].basis.n_filters), jnp.float32)
+    (out,) = conv_contract_triton(spec, [x], [w], "fp32")
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.integers(0, N, (64, 3)), [[N - 1] * 3, [0, 0, 0], [N - 1, 0, N - 1]]])
+    taps = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    idx = (pts[:, None, :] + taps[None]) % N  # (P, 27, 3)
+    patches = np.asarray(x[:, idx[..., 0], idx[..., 1], idx[..., 2]], np.float64)  # (c, P, 27)
+    B = spec.pairs[0].basis.array.reshape(spec.pairs[0].basis.n_filters, 27)
+    expect = np.einsum("ocf,ft,cpt->op", np.asarray(w, np.float64), B, patches)
+    got = np.asarray(out[:, pts[:, 0], pts[:, 1], pts[:, 2]], np.float64)
+    assert rel_l2(got, expect) <= 1e-5
+    del x, out
+
+
+def test_channel_over_2_pow_31_elements_is_rejected_before_launch():
+    spec = make_layer(3, 3, [("t", 1)], [("s", 1)])
+    big = jax.ShapeDtypeStruct((1, 700, 700, 700, 3, 3), jnp.float32)
+    w = jax.ShapeDtypeStruct((1, 1, spec.pairs[0].basis.n_filters), jnp.float32)
+    with pytest.raises(ValueError, match="elements per channel"):
+        jax.eval_shape(lambda x, w: conv_contract_triton(spec, [x], [w], "tf32"), big, w)
+    assert kernels.explain(spec, (700,) * 3, backend="triton").backend == "dense"
+
+
+def test_vmap_is_one_custom_call():
+    spec = make_layer(3, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 2)])
+    xs, ws = operands(spec, 8, seed=1, batch=3)
+    hlo = batched(spec, "triton", "tf32").lower(xs, ws).as_text()
+    calls = re.findall(r'custom_call @triton_kernel_call|custom_call_target="triton_kernel_call"', hlo)
+    assert len(calls) == 1, hlo[:3000]
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_memcheck_clean_on_a_3d_case():
+    code = textwrap.dedent(
+        """
+        import sys; sys.path.insert(0, "tests")
+        import jax, jax.numpy as jnp
+        from test_conv_contract_triton import make_layer, operands
+        from kernels.triton import conv_contract_triton, BlockSizes
+        spec = make_layer(3, 3, [("s", 3), ("v", 2)], [("s", 2), ("v", 3)], (True, False, True))
+        xs, ws = operands(spec, (7, 9, 11), seed=2)
+        for blocks in (BlockSizes(), BlockSizes(tile=(2, 2, 16), orientation="po")):
+            jax.block_until_ready(conv_contract_triton(spec, xs, ws, "tf32", blocks=blocks))
+        print("done")
+        """
+    )
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
