@@ -103,6 +103,8 @@ LAYER_CONFIGS: tuple[LayerConfig, ...] = (
     LayerConfig("d3_n64_b2_c8_k2", D=3, N=64, B=2, c=8, k_max=2),
     LayerConfig("d3_n16_b2_c8", D=3, N=16, B=2, c=8, quick=True),
     LayerConfig("d2_n64_b4_c8", D=2, N=64, B=4, c=8, quick=True),
+    # the foundation issue's CPU comparison (dense vs reference at N=32, 16 channels per key)
+    LayerConfig("d3_n32_b1_c16", D=3, N=32, B=1, c=16),
 )
 
 MODEL_CONFIGS: tuple[ModelConfig, ...] = (
@@ -142,6 +144,17 @@ def case_id(config: Config, mode: str, backend: str) -> str:
     """The pytest parameter id: `[quick-]{config}-{mode}-{backend}`."""
     prefix = "quick-" if config.quick else ""
     return f"{prefix}{config.name}-{mode}-{backend}"
+
+
+def cases(configs, backends) -> list[tuple[tuple[str, str, str], str]]:
+    """((config name, mode, backend), case_id) for every mode of every config on every backend:
+    the parametrisation of the bench/test_*.py benchmarks."""
+    return [
+        ((cfg.name, mode, backend), case_id(cfg, mode, backend))
+        for cfg in configs
+        for mode in cfg.modes
+        for backend in backends
+    ]
 
 
 def group_name(config: Config, mode: str) -> str:
