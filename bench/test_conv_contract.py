@@ -13,10 +13,8 @@ import kernels
 from bench import _configs, _harness
 
 CASES = [
-    pytest.param((cfg.name, mode, backend), id=_configs.case_id(cfg, mode, backend))
-    for cfg in _configs.LAYER_CONFIGS
-    for mode in cfg.modes
-    for backend in kernels.registered_backends()
+    pytest.param(case, id=case_id)
+    for case, case_id in _configs.cases(_configs.LAYER_CONFIGS, kernels.registered_backends())
 ]
 
 

@@ -1,4 +1,5 @@
-"""Shared test helpers: fixture paths, relative error, float64 context."""
+"""Shared test helpers: fixture paths, relative error, float64 context, and the ConvContract
+specs and operands that the kernel-backend tests build from the recorded ginjax 0.1.8 cases."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
 import jax
 import numpy as np
 import pytest
+from hypothesis import assume
+from hypothesis import strategies as st
 
 FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 
@@ -58,6 +61,91 @@ def conv_contract_case(case: str) -> tuple[dict, dict[str, np.ndarray]]:
     arrays = {name[len(case) + 1 :]: data[name] for name in data.files if name.startswith(case + "/")}
     meta = json.loads(str(arrays.pop("meta")))
     return meta, arrays
+
+
+def nested_tuple(value):
+    """`value` with every (nested) JSON list turned into a tuple, as make_spec and the layer take them."""
+    if isinstance(value, list):
+        return tuple(nested_tuple(v) for v in value)
+    return value
+
+
+def invariant_pairs(filters, in_keys, out_candidates):
+    """Every (input, output) pair whose invariant filter (k_in + k_out, parity sum mod 2) is in
+    `filters`, as make_spec's (in_index, out_index, basis) triples, and the output keys those pairs
+    reach, in first-reached order (a candidate no pair reaches is dropped)."""
+    out_keys, pairs = [], []
+    for a, (ka, pa, _) in enumerate(in_keys):
+        for kb, pb, cb in out_candidates:
+            fk = (ka + kb, (pa + pb) % 2)
+            if fk not in filters:
+                continue
+            if (kb, pb, cb) not in out_keys:
+                out_keys.append((kb, pb, cb))
+            pairs.append((a, out_keys.index((kb, pb, cb)), filters[fk]))
+    return out_keys, pairs
+
+
+def draw_keys_and_pairs(draw, key_types, max_keys):
+    """Hypothesis draw of D (2 or 3), a filter side M, up to `max_keys` input and output
+    (k, parity) types out of `key_types` with 1-3 channels each, and the invariant_pairs between
+    them: (D, M, in_keys, out_keys, pairs); draws without any pair are rejected."""
+    D = draw(st.sampled_from([2, 3]))
+    M = draw(st.sampled_from([2, 3, 5] if D == 2 else [2, 3]))
+    filters = fixture_filters(D, M)
+    ins = draw(st.lists(st.sampled_from(key_types), min_size=1, max_size=max_keys, unique=True))
+    outs = draw(st.lists(st.sampled_from(key_types), min_size=1, max_size=max_keys, unique=True))
+    in_keys = [(k, p, draw(st.integers(1, 3))) for k, p in ins]
+    out_candidates = [(k, p, draw(st.integers(1, 3))) for k, p in outs]
+    out_keys, pairs = invariant_pairs(filters, in_keys, out_candidates)
+    assume(pairs)
+    return D, M, in_keys, out_keys, pairs
+
+
+def draw_padding(draw, D, M):
+    """Hypothesis draw of a make_spec padding: the centred modes only for odd M, and per-axis
+    (low, high) pairs (a tuple) when 'explicit' is drawn."""
+    if M % 2 == 1:
+        padding = draw(st.sampled_from([None, "TORUS", "SAME", "VALID", 1, "explicit"]))
+    else:
+        padding = draw(st.sampled_from(["VALID", 1, "explicit"]))
+    if padding == "explicit":
+        padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(D))
+    return padding
+
+
+def fixture_spec(meta, arrays):
+    """The spec, inputs and weights of a recorded ginjax 0.1.8 ConvContract case (bias excluded),
+    and its recorded outputs."""
+    import kernels  # here, not at the top: only the kernel-backend tests need it
+
+    D, M = meta["D"], meta["M"]
+    ins = [tuple(t) for t in meta["input"]]
+    out_keys, pairs = invariant_pairs(fixture_filters(D, M), ins, [tuple(t) for t in meta["target"]])
+    name = lambda k, p: f"k{k}p{p}"
+    weights = [arrays[f"w/{name(*ins[a][:2])}/{name(*out_keys[b][:2])}"] for a, b, _ in pairs]
+    kw = meta["kwargs"]
+    spec = kernels.make_spec(
+        D, ins, out_keys, pairs, nested_tuple(meta["is_torus"]),
+        stride=nested_tuple(kw.get("stride", 1)), padding=nested_tuple(kw.get("padding")),
+        lhs_dilation=nested_tuple(kw.get("lhs_dilation")), rhs_dilation=nested_tuple(kw.get("rhs_dilation", 1)),
+    )
+    inputs = [arrays[f"x/{name(k, p)}"] for k, p, _ in ins]
+    expected = [arrays[f"out/{name(k, p)}"] for k, p, _ in out_keys]
+    return spec, inputs, weights, expected
+
+
+def random_operands(spec, spatial, seed, batch=None, dtype=np.float64):
+    """Fresh standard-normal numpy inputs and weights of `spec` (never zeros), inputs led by a
+    `batch` axis when given; one draw order, so a seed means the same operands in every test file."""
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    inputs = [rng.standard_normal(lead + spec.in_shape(a, spatial)).astype(dtype) for a in range(len(spec.in_keys))]
+    weights = [
+        rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)).astype(dtype)
+        for p in spec.pairs
+    ]
+    return inputs, weights
 
 
 @pytest.fixture

@@ -12,44 +12,19 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_case, conv_contract_cases, fixture_filters, float64, rel_l2
+from conftest import (
+    conv_contract_case,
+    conv_contract_cases,
+    fixture_filters,
+    fixture_spec,
+    float64,
+    draw_keys_and_pairs,
+    draw_padding,
+    random_operands,
+    rel_l2,
+)
 
 LAX_BACKENDS = ["reference", "dense"]
-
-
-def _tup(value):
-    if isinstance(value, list):
-        return tuple(_tup(v) for v in value)
-    return value
-
-
-def _fixture_spec(meta, arrays):
-    """The spec, inputs and weights of a recorded ginjax 0.1.8 ConvContract case (bias excluded)."""
-    D, M = meta["D"], meta["M"]
-    filters = fixture_filters(D, M)
-    ins = [tuple(t) for t in meta["input"]]
-    outs_all = [tuple(t) for t in meta["target"]]
-    name = lambda k, p: f"k{k}p{p}"
-    pairs, weights, out_keys = [], [], []
-    for a, (ka, pa, _) in enumerate(ins):
-        for kb, pb, cb in outs_all:
-            fk = (ka + kb, (pa + pb) % 2)
-            if fk not in filters:
-                continue
-            if (kb, pb, cb) not in out_keys:
-                out_keys.append((kb, pb, cb))
-            pairs.append((a, out_keys.index((kb, pb, cb)), filters[fk]))
-            weights.append(arrays[f"w/{name(ka, pa)}/{name(kb, pb)}"])
-    kw = meta["kwargs"]
-    is_torus = _tup(meta["is_torus"])
-    spec = kernels.make_spec(
-        D, ins, out_keys, pairs, is_torus,
-        stride=_tup(kw.get("stride", 1)), padding=_tup(kw.get("padding")),
-        lhs_dilation=_tup(kw.get("lhs_dilation")), rhs_dilation=_tup(kw.get("rhs_dilation", 1)),
-    )
-    inputs = [arrays[f"x/{name(k, p)}"] for k, p, _ in ins]
-    expected = [arrays[f"out/{name(k, p)}"] for k, p, _ in out_keys]
-    return spec, inputs, weights, expected
 
 
 @pytest.mark.parametrize("backend", LAX_BACKENDS)
@@ -59,7 +34,7 @@ def test_fixture_cases_unbiased(case, backend):
     meta, arrays = conv_contract_case(case)
     if meta["use_bias"]:
         pytest.skip("biased cases are checked at the layer level (tests/test_conv_contract_layer.py)")
-    spec, inputs, weights, expected = _fixture_spec(meta, arrays)
+    spec, inputs, weights, expected = fixture_spec(meta, arrays)
     outs = kernels.conv_contract(spec, inputs, weights, backend=backend, precision="fp32")
     assert len(outs) == len(expected)
     for got, want in zip(outs, expected):
@@ -73,34 +48,14 @@ KEYS = [(0, 0), (1, 0), (1, 1), (2, 0)]
 
 @st.composite
 def configurations(draw):
-    D = draw(st.sampled_from([2, 3]))
-    M = draw(st.sampled_from([2, 3, 5] if D == 2 else [2, 3]))
-    filters = fixture_filters(D, M)
-    ins = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True))
-    outs = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True))
-    in_keys = [(k, p, draw(st.integers(1, 3))) for k, p in ins]
-    out_candidates = [(k, p, draw(st.integers(1, 3))) for k, p in outs]
-    pairs, out_keys = [], []
-    for a, (ka, pa, _) in enumerate(in_keys):
-        for ob in out_candidates:
-            fk = (ka + ob[0], (pa + ob[1]) % 2)
-            if fk in filters:
-                if ob not in out_keys:
-                    out_keys.append(ob)
-                pairs.append((a, out_keys.index(ob), filters[fk]))
-    assume(pairs)
+    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 3)
     rhs = draw(st.integers(1, 2))
     stride = draw(st.integers(1, 2))
     is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
     lhs = None
-    if M % 2 == 1:
-        padding = draw(st.sampled_from([None, "TORUS", "SAME", "VALID", 1, "explicit"]))
-    else:
-        padding = draw(st.sampled_from(["VALID", 1, "explicit"]))
-    if padding == "explicit":
-        padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(D))
-        if draw(st.booleans()):
-            lhs = (2,) * D
+    padding = draw_padding(draw, D, M)
+    if isinstance(padding, tuple) and draw(st.booleans()):  # explicit padding: maybe upsample too
+        lhs = (2,) * D
     N = draw(st.integers(5, 8) if D == 2 else st.integers(4, 5))
     assume(N >= ((M - 1) * rhs + 1))
     batch = draw(st.integers(1, 2))
@@ -109,13 +64,7 @@ def configurations(draw):
 
 
 def _random_operands(spec, N, batch, seed, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    inputs = [rng.standard_normal((batch,) + spec.in_shape(a, (N,) * spec.D)).astype(dtype) for a in range(len(spec.in_keys))]
-    weights = [
-        rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)).astype(dtype)
-        for p in spec.pairs
-    ]
-    return inputs, weights
+    return random_operands(spec, (N,) * spec.D, seed, batch, dtype)
 
 
 def _batched(spec, backend, precision=None):

@@ -12,16 +12,10 @@ import pytest
 import kernels
 import ginjax.geometric as geom
 from ginjax.layers import ConvContract
-from conftest import conv_contract_case, conv_contract_cases, rel_l2
+from conftest import conv_contract_case, conv_contract_cases, nested_tuple, rel_l2
 
 BACKENDS = [b for b in kernels.available_backends()]
 _KEY = jax.random.PRNGKey(0)
-
-
-def _tup(value):
-    if isinstance(value, list):
-        return tuple(_tup(v) for v in value)
-    return value
 
 
 def _name(key):
@@ -38,13 +32,13 @@ def _fixture_layer(case, backend):
     D, M = meta["D"], meta["M"]
     sig_in = geom.Signature(tuple(((k, p), c) for k, p, c in meta["input"]))
     sig_out = geom.Signature(tuple(((k, p), c) for k, p, c in meta["target"]))
-    kw = {k: _tup(v) for k, v in meta["kwargs"].items()}
+    kw = {k: nested_tuple(v) for k, v in meta["kwargs"].items()}
     layer = ConvContract(sig_in, sig_out, _filters(D, M), meta["use_bias"], key=_KEY, backend=backend, **kw)
     new_w = {ik: {ok: jnp.asarray(arrays[f"w/{_name(ik)}/{_name(ok)}"]) for ok in d} for ik, d in layer.weights.items()}
     layer = eqx.tree_at(lambda m: m.weights, layer, new_w)
     if layer.bias:
         layer = eqx.tree_at(lambda m: m.bias, layer, {k: jnp.asarray(arrays[f"b/{_name(k)}"]) for k in layer.bias})
-    x = geom.MultiImage({((False,) * k, p): jnp.asarray(arrays[f"x/k{k}p{p}"]) for k, p, _ in meta["input"]}, D, _tup(meta["is_torus"]))
+    x = geom.MultiImage({((False,) * k, p): jnp.asarray(arrays[f"x/k{k}p{p}"]) for k, p, _ in meta["input"]}, D, nested_tuple(meta["is_torus"]))
     return meta, arrays, layer, x
 
 

@@ -16,31 +16,28 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_case, conv_contract_cases, fixture_filters, float64, rel_l2
+from conftest import (
+    conv_contract_case,
+    conv_contract_cases,
+    fixture_filters,
+    fixture_spec,
+    float64,
+    draw_keys_and_pairs,
+    draw_padding,
+    random_operands,
+    rel_l2,
+)
 from kernels import pallas as kp
 from kernels.pallas import _plan
-from test_conv_contract_kernels import _fixture_spec
 
 kpc = importlib.import_module("kernels.pallas.conv_contract")  # the module (the package exports the function)
 FP32 = kernels.TOLERANCE["fp32"]
 
 
 def _operands(spec, spatial, seed, batch=None):
-    """Fresh standard-normal float32 inputs and weights (never zeros)."""
-    rng = np.random.default_rng(seed)
-    lead = () if batch is None else (batch,)
-    inputs = [
-        jnp.asarray(rng.standard_normal(lead + spec.in_shape(a, spatial)), jnp.float32)
-        for a in range(len(spec.in_keys))
-    ]
-    weights = [
-        jnp.asarray(
-            rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)),
-            jnp.float32,
-        )
-        for p in spec.pairs
-    ]
-    return inputs, weights
+    """Fresh standard-normal float32 inputs and weights (never zeros), as jax arrays."""
+    inputs, weights = random_operands(spec, spatial, seed, batch, np.float32)
+    return [jnp.asarray(x) for x in inputs], [jnp.asarray(w) for w in weights]
 
 
 def _cotangents(spec, outs, seed):
@@ -99,7 +96,7 @@ def test_fixture_cases(case):
     """Every recorded ginjax 0.1.8 case: pallas where covered (forward and gradients against the
     reference backend, and the recorded output when unbiased), else a clear fallback to dense."""
     meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, expected = _fixture_spec(meta, arrays)
+    spec, inputs, weights, expected = fixture_spec(meta, arrays)
     spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
     choice = kernels.explain(spec, spatial, backend="pallas")
     ok, why = kp.coverage(spec, spatial, np.float32)
@@ -125,7 +122,7 @@ def test_fixture_cases_factorised(case):
     """The factorised kernels on fixtures with 2-tensors and a missing filter (D=2), a 5x5
     filter on a half torus, and D=3 with a half torus and dilation."""
     meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, _ = _fixture_spec(meta, arrays)
+    spec, inputs, weights, _ = fixture_spec(meta, arrays)
     inputs = [jnp.asarray(x, jnp.float32) for x in inputs]
     weights = [jnp.asarray(w, jnp.float32) for w in weights]
     _check_against_reference(spec, inputs, weights, seed=int(case[-2:]), algorithm="factorised")
@@ -137,30 +134,10 @@ KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
 
 @st.composite
 def covered_configurations(draw):
-    D = draw(st.sampled_from([2, 3]))
-    M = draw(st.sampled_from([2, 3, 5] if D == 2 else [2, 3]))
-    filters = fixture_filters(D, M)
-    ins = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True))
-    outs = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True))
-    in_keys = [(k, p, draw(st.integers(1, 3))) for k, p in ins]
-    candidates = [(k, p, draw(st.integers(1, 3))) for k, p in outs]
-    pairs, out_keys = [], []
-    for a, (ka, pa, _) in enumerate(in_keys):
-        for ob in candidates:
-            fk = (ka + ob[0], (pa + ob[1]) % 2)
-            if fk in filters:
-                if ob not in out_keys:
-                    out_keys.append(ob)
-                pairs.append((a, out_keys.index(ob), filters[fk]))
-    assume(pairs)
+    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 2)
     rhs = draw(st.integers(1, 2)) if M <= 3 else 1
     is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
-    if M % 2 == 1:
-        padding = draw(st.sampled_from([None, "TORUS", "SAME", "VALID", 1, "explicit"]))
-    else:
-        padding = draw(st.sampled_from(["VALID", 1, "explicit"]))
-    if padding == "explicit":
-        padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(D))
+    padding = draw_padding(draw, D, M)
     N = draw(st.integers(5, 7) if D == 2 else st.integers(4, 5))
     assume(N >= (M - 1) * rhs + 1)
     spec = kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, 1, padding, None, rhs)

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_case, conv_contract_cases, float64, rel_l2
+from conftest import conv_contract_case, conv_contract_cases, fixture_spec, float64, rel_l2
 from kernels import pallas as kp
 from kernels.pallas import _plan
-from test_conv_contract_kernels import _fixture_spec
 from test_conv_contract_pallas import (
     _check_against_reference,
     _cotangents,
@@ -52,7 +51,7 @@ def test_available_natively():
 @pytest.mark.parametrize("case", conv_contract_cases())
 def test_fixture_cases_natively(case):
     meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, expected = _fixture_spec(meta, arrays)
+    spec, inputs, weights, expected = fixture_spec(meta, arrays)
     spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
     if not kp.coverage(spec, spatial, np.float32)[0]:
         pytest.skip("outside the Pallas coverage (checked on the CPU)")

@@ -20,7 +20,16 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_case, conv_contract_cases, fixture_filters, float64, rel_l2
+from conftest import (
+    conv_contract_case,
+    conv_contract_cases,
+    fixture_filters,
+    fixture_spec,
+    float64,
+    invariant_pairs,
+    random_operands,
+    rel_l2,
+)
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
@@ -34,32 +43,15 @@ KEYS = {"s": (0, 0), "v": (1, 0), "pv": (1, 1), "t": (2, 0), "pt": (2, 1)}
 
 def make_layer(D, M, ins, outs, is_torus=True, **geometry):
     """A spec with every (input, output) pair whose invariant filter exists; keys as (name, channels)."""
-    filters = fixture_filters(D, M)
     in_keys = [KEYS[n] + (c,) for n, c in ins]
-    out_keys, pairs = [], []
-    for a, (ka, pa, _) in enumerate(in_keys):
-        for n, c in outs:
-            kb, pb = KEYS[n]
-            fk = (ka + kb, (pa + pb) % 2)
-            if fk in filters:
-                if (kb, pb, c) not in out_keys:
-                    out_keys.append((kb, pb, c))
-                pairs.append((a, out_keys.index((kb, pb, c)), filters[fk]))
+    out_keys, pairs = invariant_pairs(fixture_filters(D, M), in_keys, [KEYS[n] + (c,) for n, c in outs])
     return kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, **geometry)
 
 
 def operands(spec, N, seed, batch=None, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    lead = () if batch is None else (batch,)
     spatial = (N,) * spec.D if isinstance(N, int) else tuple(N)
-    xs = [jnp.asarray(rng.standard_normal(lead + spec.in_shape(a, spatial)), dtype) for a in range(len(spec.in_keys))]
-    ws = [
-        jnp.asarray(
-            rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters)), dtype
-        )
-        for p in spec.pairs
-    ]
-    return xs, ws
+    xs, ws = random_operands(spec, spatial, seed, batch)
+    return [jnp.asarray(x, dtype) for x in xs], [jnp.asarray(w, dtype) for w in ws]
 
 
 def check_close(got, want, mode):
@@ -108,24 +100,8 @@ def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometr
 def fixture_layer(case):
     """A recorded ginjax 0.1.8 layer geometry with its inputs and fresh random weights."""
     meta, arrays = conv_contract_case(case)
-    D, M = meta["D"], meta["M"]
-    tup = lambda v: tuple(tup(u) for u in v) if isinstance(v, list) else v
-    kw = meta["kwargs"]
-    filters = fixture_filters(D, M)
-    ins = [tuple(t) for t in meta["input"]]
-    out_keys, pairs = [], []
-    for a, (ka, pa, _) in enumerate(ins):
-        for kb, pb, cb in (tuple(t) for t in meta["target"]):
-            if (ka + kb, (pa + pb) % 2) in filters:
-                if (kb, pb, cb) not in out_keys:
-                    out_keys.append((kb, pb, cb))
-                pairs.append((a, out_keys.index((kb, pb, cb)), filters[(ka + kb, (pa + pb) % 2)]))
-    spec = kernels.make_spec(
-        D, ins, out_keys, pairs, tup(meta["is_torus"]), stride=tup(kw.get("stride", 1)),
-        padding=tup(kw.get("padding")), lhs_dilation=tup(kw.get("lhs_dilation")),
-        rhs_dilation=tup(kw.get("rhs_dilation", 1)),
-    )
-    xs = [jnp.asarray(arrays[f"x/k{k}p{p}"]) for k, p, _ in ins]
+    spec, inputs, _, _ = fixture_spec(meta, arrays)
+    xs = [jnp.asarray(x) for x in inputs]
     _, ws = operands(spec, meta["N"], seed=int(case[4:]))
     return spec, xs, ws
 

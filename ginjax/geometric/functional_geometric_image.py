@@ -271,6 +271,36 @@ def _floating(*arrays: jax.Array) -> np.dtype:
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
+def _correlate_raveled(
+    D: int,
+    image_raveled: jax.Array,
+    flat_filter: jax.Array,
+    dtype: np.dtype,
+    out_tensor: tuple[int, ...],
+    out_c: int,
+    is_torus: Union[bool, tuple[bool, ...]],
+    stride: Union[int, tuple[int, ...]],
+    padding: PaddingType,
+    lhs_dilation: Optional[tuple[int, ...]],
+    rhs_dilation: Union[int, tuple[int, ...]],
+) -> jax.Array:
+    """convolve_ravel of operands raveled by convolve / convolve_contract, in `dtype`; its output
+    channels, ordered (*out_tensor, out_c), unravelled to (batch, out_c, spatial, *out_tensor)."""
+    convolved = convolve_ravel(
+        D,
+        image_raveled.astype(dtype),
+        flat_filter.astype(dtype),
+        is_torus,
+        stride,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+    )
+    batch, out_spatial = convolved.shape[0], convolved.shape[1 : 1 + D]
+    convolved = convolved.reshape((batch,) + out_spatial + out_tensor + (out_c,))
+    return jnp.moveaxis(convolved, -1, 1)
+
+
 def convolve(
     D: int,
     image: jax.Array,
@@ -325,19 +355,10 @@ def convolve(
     # image channels ordered (component, in_c) so that group g holds component g of every channel
     image_raveled = jnp.moveaxis(image.reshape((batch, in_c) + image_spatial_dims + (-1,)), 1, -1)
     image_raveled = image_raveled.reshape((batch,) + image_spatial_dims + (n_groups * in_c,))
-    convolved = convolve_ravel(
-        D,
-        image_raveled.astype(dtype),
-        group_filter.astype(dtype),
-        is_torus,
-        stride,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
+    return _correlate_raveled(
+        D, image_raveled, group_filter, dtype, out_tensor, out_c,
+        is_torus, stride, padding, lhs_dilation, rhs_dilation,
     )
-    out_spatial = convolved.shape[1 : 1 + D]
-    convolved = convolved.reshape((batch,) + out_spatial + out_tensor + (out_c,))
-    return jnp.moveaxis(convolved, -1, 1)
 
 
 def convolve_contract(
@@ -379,19 +400,10 @@ def convolve_contract(
     dense_filter = jnp.swapaxes(dense_filter, D, D + 1).reshape(
         filter_spatial_dims + (in_c * n_image_components, -1)
     )
-    convolved = convolve_ravel(
-        D,
-        image_raveled.astype(dtype),
-        dense_filter.astype(dtype),
-        is_torus,
-        stride,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
+    return _correlate_raveled(
+        D, image_raveled, dense_filter, dtype, (D,) * out_k, out_c,
+        is_torus, stride, padding, lhs_dilation, rhs_dilation,
     )
-    out_spatial = convolved.shape[1 : 1 + D]
-    convolved = convolved.reshape((batch,) + out_spatial + (D,) * out_k + (out_c,))
-    return jnp.moveaxis(convolved, -1, 1)
 
 
 def get_contraction_indices(
@@ -502,6 +514,14 @@ def _check_operator(D: int, gg: np.ndarray) -> np.ndarray:
     gg = np.asarray(gg)
     if gg.shape != (D, D):
         raise ValueError(f"`gg` (shape {gg.shape}) must be a D x D (D={D}) matrix")
+    return gg
+
+
+def _check_group_element(caller: str, D: int, gg: np.ndarray) -> np.ndarray:
+    """gg as a NumPy array, after checking it is D x D (the error names the `caller`)."""
+    gg = np.asarray(gg)
+    if gg.shape != (D, D):
+        raise ValueError(f"{caller}: `gg` (shape {gg.shape}) must be ({D}, {D})")
     return gg
 
 

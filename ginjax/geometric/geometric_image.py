@@ -14,6 +14,7 @@ from typing_extensions import Self
 from ginjax.geometric.constants import TINY, KroneckerDeltaSymbol, LeviCivitaSymbol
 from ginjax.geometric.functional_geometric_image import (
     _as_torus_tuple,
+    _check_group_element,
     average_pool,
     convolve,
     hash,
@@ -367,12 +368,7 @@ class GeometricImage:
         self: Self, gg: np.ndarray, precision: Optional[jax.lax.Precision] = None
     ) -> Self:
         """Apply the O(D) element gg (acting on contravariant vectors as gg @ v)."""
-        gg = np.asarray(gg)
-        if gg.shape != (self.D, self.D):
-            raise ValueError(
-                f"GeometricImage.times_group_element: `gg` (shape {gg.shape}) must be "
-                f"({self.D}, {self.D})"
-            )
+        gg = _check_group_element("GeometricImage.times_group_element", self.D, gg)
         return self._like(
             times_group_element(
                 self.D, self.data, self.parity, gg, self.covariant_axes, precision

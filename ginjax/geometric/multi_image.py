@@ -11,6 +11,7 @@ from typing_extensions import Self
 
 from ginjax.geometric.constants import TINY
 from ginjax.geometric.functional_geometric_image import (
+    _check_group_element,
     average_pool,
     norm,
     rotate_is_torus,
@@ -468,11 +469,7 @@ class MultiImage:
         self: Self, gg: np.ndarray, precision: Optional[jax.lax.Precision] = None
     ) -> Self:
         """Apply the O(D) element gg to every block (and the metric tensors, if any)."""
-        gg = np.asarray(gg)
-        if gg.shape != (self.D, self.D):
-            raise ValueError(
-                f"MultiImage.times_group_element: `gg` (shape {gg.shape}) must be ({self.D}, {self.D})"
-            )
+        gg = _check_group_element("MultiImage.times_group_element", self.D, gg)
         out = self.__class__(
             {},
             self.D,

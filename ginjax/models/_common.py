@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ginjax import geometric as geom
 
 
@@ -9,6 +11,24 @@ def flat_scalar_signature(signature: geom.Signature, D: int) -> geom.Signature:
     """The single scalar key holding every tensor component of `signature` as a channel."""
     channels = sum(c * D ** len(k) for (k, _), c in signature)
     return geom.Signature(((((), 0), channels),))
+
+
+def model_signatures(
+    D: int,
+    input_keys: geom.Signature,
+    output_keys: geom.Signature,
+    depth: int,
+    equivariant: bool,
+    mid_keys: Optional[geom.Signature],
+) -> tuple[geom.Signature, geom.Signature, geom.Signature]:
+    """(block input, block output, mid) signatures; non-equivariant models flatten to scalars."""
+    if equivariant:
+        if mid_keys is None:
+            mid_keys = geom.signature_union(input_keys, output_keys, depth)
+        return input_keys, output_keys, mid_keys
+    if mid_keys is None:
+        mid_keys = geom.Signature(((((), 0), depth),))
+    return flat_scalar_signature(input_keys, D), flat_scalar_signature(output_keys, D), mid_keys
 
 
 def scaled_signature(signature: geom.Signature, factor: int) -> geom.Signature:

@@ -73,6 +73,36 @@ def _nonzero_sum_mask(filter_block: jax.Array, D: int) -> jax.Array:
     return jnp.linalg.norm(total, axis=1) > geom.TINY * size
 
 
+def _same_filter_order(
+    function: str, old_filters: jax.Array, old_D: int, new_filters: jax.Array, new_D: int
+) -> int:
+    """The tensor order k shared by the old and new filters, which the compatibility rescalings
+    need to be the same."""
+    k_old, k_new = _filter_k(old_filters, old_D), _filter_k(new_filters, new_D)
+    if k_old != k_new:
+        raise ValueError(f"{function}: old filters have order k={k_old}, new k={k_new}")
+    return k_old
+
+
+def _added_dimensions(function: str, old_D: int, new_D: int) -> int:
+    """new_D - old_D, which the compatibility rescalings need to be positive."""
+    d_up = new_D - old_D
+    if d_up <= 0:
+        raise ValueError(f"{function}: new D (={new_D}) must exceed old D (={old_D})")
+    return d_up
+
+
+def _check_collapses_onto_old(function: str, achieved: jax.Array, target: jax.Array) -> None:
+    """The compatibility rescalings' final check: the new weighted filters, collapsed onto the
+    old dimension (`achieved`), equal the old weighted filters (`target`)."""
+    diff = float(jnp.max(jnp.abs(achieved - target)))
+    if not jnp.allclose(achieved, target, rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            f"{function}: the rescaled filters do not collapse onto the old ones (max abs "
+            f"difference {diff}); are these orthoplex filters?"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # weights for the filters a higher dimension adds
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +251,7 @@ def compat_flex_rescale_weights(
     """
     old_filters, w, old_D = old_filter_triple
     new_filters, new_weights, new_D = new_filter_triple
-    k_old, k_new = _filter_k(old_filters, old_D), _filter_k(new_filters, new_D)
-    if k_old != k_new:
-        raise ValueError(
-            f"compat_flex_rescale_weights: old filters have order k={k_old}, new k={k_new}"
-        )
+    _same_filter_order("compat_flex_rescale_weights", old_filters, old_D, new_filters, new_D)
     if new_D - old_D != 1:
         raise ValueError(
             f"compat_flex_rescale_weights: needs new D = old D + 1, got {old_D} -> {new_D}"
@@ -291,12 +317,7 @@ def compatibility_norm_rescale_weights(
     """
     old_filters, old_weights, old_D = old_filter_triple
     new_filters, new_weights, new_D = new_filter_triple
-    d_up = new_D - old_D
-    if d_up <= 0:
-        raise ValueError(
-            f"compatibility_norm_rescale_weights: new D (={new_D}) must exceed old D "
-            f"(={old_D})"
-        )
+    d_up = _added_dimensions("compatibility_norm_rescale_weights", old_D, new_D)
     old_norm = _tensor_norm(old_filters, old_D)  # (n, *old_spatial)
     new_norm = _tensor_norm(new_filters, new_D)  # (n, *new_spatial)
     occupied = geom.nonempty_pixels(new_D, new_norm, 1)  # (n, *new_spatial)
@@ -324,12 +345,7 @@ def compatibility_norm_rescale_weights(
         updated = updated.at[:, :, i].set((2 * old_val - current_val) / filter_val)
 
     achieved = jnp.tensordot(updated, new_collapsed, axes=1)
-    diff = float(jnp.max(jnp.abs(achieved - target)))
-    if not jnp.allclose(achieved, target, rtol=1e-3, atol=1e-3):
-        raise ValueError(
-            "compatibility_norm_rescale_weights: the rescaled filters do not collapse onto "
-            f"the old ones (max abs difference {diff}); are these orthoplex filters?"
-        )
+    _check_collapses_onto_old("compatibility_norm_rescale_weights", achieved, target)
     if verbose:
         print("new weights:", new_weights)
         print("updated weights:", updated)
@@ -359,17 +375,8 @@ def compatibility_rescale_weights(
     """
     old_filters, old_weights, old_D = old_filter_triple
     new_filters, new_weights, new_D = new_filter_triple
-    k = _filter_k(old_filters, old_D)
-    if k != _filter_k(new_filters, new_D):
-        raise ValueError(
-            f"compatibility_rescale_weights: old filters have order k={k}, new "
-            f"k={_filter_k(new_filters, new_D)}"
-        )
-    d_up = new_D - old_D
-    if d_up <= 0:
-        raise ValueError(
-            f"compatibility_rescale_weights: new D (={new_D}) must exceed old D (={old_D})"
-        )
+    k = _same_filter_order("compatibility_rescale_weights", old_filters, old_D, new_filters, new_D)
+    d_up = _added_dimensions("compatibility_rescale_weights", old_D, new_D)
     if len(old_filters) != len(new_filters):
         raise ValueError(
             f"compatibility_rescale_weights: needs as many new filters as old, got "
@@ -412,12 +419,7 @@ def compatibility_rescale_weights(
     # check: collapsed new weighted filters == old weighted filters
     achieved = jnp.tensordot(alpha, jnp.sum(projected, axis=tuple(range(1, 1 + d_up))), axes=1)
     target = jnp.tensordot(old_weights, old_filters, axes=1)
-    diff = float(jnp.max(jnp.abs(achieved - target)))
-    if not jnp.allclose(achieved, target, rtol=1e-3, atol=1e-3):
-        raise ValueError(
-            "compatibility_rescale_weights: the rescaled filters do not collapse onto the "
-            f"old ones (max abs difference {diff}); are these orthoplex filters?"
-        )
+    _check_collapses_onto_old("compatibility_rescale_weights", achieved, target)
     if verbose:
         print("old weights:", old_weights)
         print("updated weights:", alpha)

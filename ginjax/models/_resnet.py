@@ -11,50 +11,53 @@ import jax.random as random
 from ginjax import geometric as geom
 from ginjax.models._base import AnyDimensionalModel
 from ginjax.models._blocks import ConvBlock
-from ginjax.models._common import check_signature, flat_scalar_signature, in_signature_order
+from ginjax.models._common import check_signature, in_signature_order, model_signatures
 
 _DILATIONS = (1, 2, 4, 8, 4, 2, 1)
 
 
-def _signatures(
-    D: int,
-    input_keys: geom.Signature,
-    output_keys: geom.Signature,
-    depth: int,
-    equivariant: bool,
-    mid_keys: Optional[geom.Signature],
-) -> tuple[geom.Signature, geom.Signature, geom.Signature]:
-    """(block input, block output, mid) signatures; non-equivariant models flatten to scalars."""
-    if equivariant:
-        if mid_keys is None:
-            mid_keys = geom.signature_union(input_keys, output_keys, depth)
-        return input_keys, output_keys, mid_keys
-    if mid_keys is None:
-        mid_keys = geom.Signature(((((), 0), depth),))
-    return flat_scalar_signature(input_keys, D), flat_scalar_signature(output_keys, D), mid_keys
+def _residual_layers(
+    D, block_in, block_out, mid_keys, num_blocks, block_conv_kwargs, use_bias, activation_f,
+    equivariant, conv_filters, kernel_size, use_group_norm, padding_mode, key,
+) -> tuple[list[ConvBlock], list[list[ConvBlock]], list[ConvBlock]]:
+    """(encoder, blocks, decoder) of a residual model.
 
+    The encoder is two 1x1 (non-equivariant) ConvBlocks into `mid_keys`, the decoder two out of
+    it (the last without activation); each of the `num_blocks` residual blocks has one ConvBlock
+    per entry of `block_conv_kwargs`, the extra ConvBlock arguments that make the models differ.
+    The key is split for the encoder, then for each block's ConvBlocks, then for the decoder.
+    """
+    key, enc1, enc2 = random.split(key, num=3)
+    blocks = []
+    for _ in range(num_blocks):
+        block = []
+        for conv_kwargs in block_conv_kwargs:
+            key, subkey = random.split(key)
+            block.append(
+                ConvBlock(
+                    D, mid_keys, mid_keys, use_bias, activation_f, equivariant, conv_filters,
+                    kernel_size, use_group_norm, padding_mode=padding_mode, key=subkey,
+                    **conv_kwargs,
+                )
+            )
+        blocks.append(block)
+    key, dec1, dec2 = random.split(key, num=3)
 
-def _encoder_decoder(
-    D, block_in, block_out, mid_keys, use_bias, activation_f, equivariant, conv_filters,
-    padding_mode, enc_keys, dec_keys,
-) -> tuple[list[ConvBlock], list[ConvBlock]]:
-    """Two 1x1 (non-equivariant) ConvBlocks in, two out; the last one has no activation."""
-
-    def block(in_keys, out_keys, act, subkey):
+    def one_by_one(in_keys, out_keys, act, subkey):
         return ConvBlock(
             D, in_keys, out_keys, use_bias, act, equivariant, conv_filters, 1,
             padding_mode=padding_mode, key=subkey,
         )
 
     encoder = [
-        block(block_in, mid_keys, activation_f, enc_keys[0]),
-        block(mid_keys, mid_keys, activation_f, enc_keys[1]),
+        one_by_one(block_in, mid_keys, activation_f, enc1),
+        one_by_one(mid_keys, mid_keys, activation_f, enc2),
     ]
     decoder = [
-        block(mid_keys, mid_keys, activation_f, dec_keys[0]),
-        block(mid_keys, block_out, None, dec_keys[1]),
+        one_by_one(mid_keys, mid_keys, activation_f, dec1),
+        one_by_one(mid_keys, block_out, None, dec2),
     ]
-    return encoder, decoder
+    return encoder, blocks, decoder
 
 
 def _run_residual(model, x: geom.MultiImage) -> geom.MultiImage:
@@ -140,7 +143,7 @@ class DilResNet(AnyDimensionalModel):
         self.equivariant = equivariant
         self.output_keys = output_keys
         self.input_keys = input_keys
-        block_in, block_out, mid_keys = _signatures(
+        block_in, block_out, mid_keys = model_signatures(
             D, input_keys, output_keys, depth, equivariant, mid_keys
         )
         self.use_bias = use_bias
@@ -149,24 +152,11 @@ class DilResNet(AnyDimensionalModel):
         self.mid_keys = mid_keys
         self.padding_mode = padding_mode
 
-        key, enc1, enc2 = random.split(key, num=3)
-        self.blocks = []
-        for _ in range(num_blocks):
-            block = []
-            for dilation in _DILATIONS:
-                key, subkey = random.split(key)
-                block.append(
-                    ConvBlock(
-                        D, mid_keys, mid_keys, use_bias, activation_f, equivariant, conv_filters,
-                        kernel_size, use_group_norm, rhs_dilation=(dilation,) * D,
-                        padding_mode=padding_mode, key=subkey,
-                    )
-                )
-            self.blocks.append(block)
-        key, dec1, dec2 = random.split(key, num=3)
-        self.encoder, self.decoder = _encoder_decoder(
-            D, block_in, block_out, mid_keys, use_bias, activation_f, equivariant, conv_filters,
-            padding_mode, (enc1, enc2), (dec1, dec2),
+        self.encoder, self.blocks, self.decoder = _residual_layers(
+            D, block_in, block_out, mid_keys, num_blocks,
+            [{"rhs_dilation": (dilation,) * D} for dilation in _DILATIONS],
+            use_bias, activation_f, equivariant, conv_filters, kernel_size, use_group_norm,
+            padding_mode, key,
         )
 
     def __call__(
@@ -274,7 +264,7 @@ class ResNet(AnyDimensionalModel):
         self.equivariant = equivariant
         self.output_keys = output_keys
         self.input_keys = input_keys
-        block_in, block_out, mid_keys = _signatures(
+        block_in, block_out, mid_keys = model_signatures(
             D, input_keys, output_keys, depth, equivariant, mid_keys
         )
         self.use_bias = use_bias
@@ -284,24 +274,11 @@ class ResNet(AnyDimensionalModel):
         self.mid_keys = mid_keys
         self.padding_mode = padding_mode
 
-        key, enc1, enc2 = random.split(key, num=3)
-        self.blocks = []
-        for _ in range(num_blocks):
-            block = []
-            for _ in range(num_conv):
-                key, subkey = random.split(key)
-                block.append(
-                    ConvBlock(
-                        D, mid_keys, mid_keys, use_bias, activation_f, equivariant, conv_filters,
-                        kernel_size, use_group_norm, preactivation_order=preactivation_order,
-                        padding_mode=padding_mode, key=subkey,
-                    )
-                )
-            self.blocks.append(block)
-        key, dec1, dec2 = random.split(key, num=3)
-        self.encoder, self.decoder = _encoder_decoder(
-            D, block_in, block_out, mid_keys, use_bias, activation_f, equivariant, conv_filters,
-            padding_mode, (enc1, enc2), (dec1, dec2),
+        self.encoder, self.blocks, self.decoder = _residual_layers(
+            D, block_in, block_out, mid_keys, num_blocks,
+            [{"preactivation_order": preactivation_order}] * num_conv,
+            use_bias, activation_f, equivariant, conv_filters, kernel_size, use_group_norm,
+            padding_mode, key,
         )
 
     def __call__(

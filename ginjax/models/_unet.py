@@ -14,8 +14,8 @@ from ginjax.models._base import AnyDimensionalModel
 from ginjax.models._blocks import ConvBlock, make_conv
 from ginjax.models._common import (
     check_signature,
-    flat_scalar_signature,
     in_signature_order,
+    model_signatures,
     scaled_signature,
 )
 
@@ -115,14 +115,9 @@ class UNet(AnyDimensionalModel):
                     "UNet: `upsample_filters` (=None) is required when equivariant and "
                     f"num_downsamples (={num_downsamples}) > 0"
                 )
-            if mid_keys is None:
-                mid_keys = geom.signature_union(input_keys, output_keys, depth)
-            block_in, block_out = input_keys, output_keys
-        else:
-            if mid_keys is None:
-                mid_keys = geom.Signature(((((), 0), depth),))
-            block_in = flat_scalar_signature(input_keys, D)
-            block_out = flat_scalar_signature(output_keys, D)
+        block_in, block_out, mid_keys = model_signatures(
+            D, input_keys, output_keys, depth, equivariant, mid_keys
+        )
 
         self.D = D
         self.equivariant = equivariant

@@ -1,4 +1,5 @@
-"""In-kernel helpers shared by the Pallas kernels: tile index arithmetic, gathers, stores, dots.
+"""In-kernel helpers shared by the Pallas kernels: tile index arithmetic, gathers, stores, dots;
+and the pallas_call launches that both algorithms (taps, factorised) make the same way.
 
 Everything works on blocks flattened to 1-D (a free reshape of the native (c, *spatial, *tensor)
 layout): a tile is gathered by offset, with masks for channels and pixels that do not exist and
@@ -8,12 +9,14 @@ tensor-core dots of at least 16 in every dimension (`channel_tile`, `MIN_TILE` i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ._plan import Stencil, channel_tile, next_pow2
@@ -37,16 +40,36 @@ def unravel(flat, shape: Sequence[int]) -> list:
 def source_pixels(plan: Stencil, coords, tap, ok):
     """Flat source pixel of every destination pixel at filter tap `tap`, and whether it exists."""
     ys = unravel(tap, plan.taps)
+    return shifted_source_pixels(
+        plan, coords, [y * (ax.sign * ax.dilation) + ax.offset for y, ax in zip(ys, plan.axes)], ok
+    )
+
+
+def shifted_source_pixels(plan: Stencil, coords, shifts, ok):
+    """Flat source pixel of every destination pixel moved by `shifts` (one per axis: a tap's
+    displacement, traced or a Python int), wrapped on torus axes, and whether it exists."""
     flat, stride = jnp.int32(0), math.prod(plan.src_spatial)
-    for x, y, ax in zip(coords, ys, plan.axes):
+    for x, shift, ax in zip(coords, shifts, plan.axes):
         stride //= ax.n_src
-        s = x + y * (ax.sign * ax.dilation) + ax.offset
+        s = x + shift
         if ax.wrap:
             s = lax.rem(s + ax.shift, jnp.int32(ax.n_src))
         else:
             ok = ok & (s >= 0) & (s < ax.n_src)
         flat = flat + s * stride
     return flat, ok
+
+
+def source_reads(plan: Stencil, src_refs, coords, tap, pix_ok):
+    """At filter tap `tap`: (component i, its (channel tile, pixels) tile, its uses) for every
+    source component that some term reads, each loaded once."""
+    src_pix, ok = source_pixels(plan, coords, tap, pix_ok)
+    n_src = math.prod(plan.src_spatial)
+    for a, (k, ch) in enumerate(plan.src):
+        for i in range(plan.comps(k)):
+            component_uses = uses(plan, a, i)
+            if component_uses:
+                yield i, load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok), component_uses
 
 
 def load_pixels(ref, channels: int, n_comp: int, comp: int, n_pix: int, pix, ok):
@@ -151,3 +174,46 @@ def compiler_params(bs, interpret: bool, dw: bool):
 def block_shape(plan: Stencil, key, spatial) -> tuple[int, ...]:
     k, ch = key
     return (ch,) + tuple(spatial) + (plan.D,) * k
+
+
+# ---- launches ----------------------------------------------------------------------------------
+def launch_stencil(kernel, plan: Stencil, operands, *, block_p: int, bs, interpret: bool, poison: bool,
+                   name: str):
+    """pallas_call of a forward stencil `kernel` (given n_alias) over tiles of `block_p`
+    destination pixels; returns the destination blocks in their native shapes."""
+    n_dst = math.prod(plan.dst_spatial)
+    out_shape = [jax.ShapeDtypeStruct((ch * n_dst * plan.comps(k),), F32) for k, ch in plan.dst]
+    operands = list(operands)
+    aliases = {}
+    if poison:  # outputs start as NaN, to check that the kernel writes every element
+        aliases = {len(operands) + n: n for n in range(len(out_shape))}
+        operands += [jnp.full(s.shape, jnp.nan, F32) for s in out_shape]
+    outs = pl.pallas_call(
+        functools.partial(kernel, n_alias=len(aliases)),
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_dst, block_p),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=compiler_params(bs, interpret, dw=False),
+        name=name,
+    )(*operands)
+    return tuple(o.reshape(block_shape(plan, key, plan.dst_spatial)) for o, key in zip(outs, plan.dst))
+
+
+def launch_weight_grad(kernel, plan: Stencil, operands, *, block_p: int, bs, interpret: bool, name: str):
+    """pallas_call of a weight-gradient `kernel` (given n_programs): each program sums its share
+    of the tiles of `block_p` pixels; the partial sums are added here. Returns dw per term, shaped
+    (dst channels, src channels, F) like the layer's weights."""
+    n_dst = math.prod(plan.dst_spatial)
+    n_programs = max(1, min(bs.dw_programs, pl.cdiv(n_dst, block_p)))
+    sizes = [(plan.dst[t.dst][1], plan.src[t.src][1], t.n_filters) for t in plan.terms]
+    out_shape = [jax.ShapeDtypeStruct((n_programs * math.prod(s),), F32) for s in sizes]
+    partials = pl.pallas_call(
+        functools.partial(kernel, n_programs=n_programs),
+        out_shape=out_shape,
+        grid=(n_programs,),
+        interpret=interpret,
+        compiler_params=compiler_params(bs, interpret, dw=True),
+        name=name,
+    )(*operands)
+    return tuple(p.reshape((n_programs,) + s).sum(axis=0) for p, s in zip(partials, sizes))

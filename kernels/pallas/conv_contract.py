@@ -117,7 +117,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     src_refs, w_refs = refs[:n_s], refs[n_s : n_s + n_t]
     table_ref = refs[n_s + n_t]
     out_refs = refs[n_s + n_t + 1 + n_alias :]
-    n_dst, n_src = math.prod(plan.dst_spatial), math.prod(plan.src_spatial)
+    n_dst = math.prod(plan.dst_spatial)
 
     pix = pl.program_id(0) * block_p + _t.iota(block_p)
     pix_ok = pix < n_dst
@@ -133,17 +133,11 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     def tap_step(tap, accs):
         accs = list(accs)
         weights = hoisted if hoist else load_weights()
-        src_pix, ok = _t.source_pixels(plan, coords, tap, pix_ok)
-        for a, (k, ch) in enumerate(plan.src):
-            for i in range(plan.comps(k)):
-                uses = _t.uses(plan, a, i)
-                if not uses:
-                    continue
-                x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
-                for t, term, j in uses:
-                    w = _t.filter_tile(weights[t], _t.coefficients(table_ref, plan, term, tap, i, j))
-                    s = slots.index((term.dst, j))
-                    accs[s] = accs[s] + _t.dot(w, x, mode, interpret)
+        for i, x, uses in _t.source_reads(plan, src_refs, coords, tap, pix_ok):
+            for t, term, j in uses:
+                w = _t.filter_tile(weights[t], _t.coefficients(table_ref, plan, term, tap, i, j))
+                s = slots.index((term.dst, j))
+                accs[s] = accs[s] + _t.dot(w, x, mode, interpret)
         return tuple(accs)
 
     accs = lax.fori_loop(0, plan.n_taps, tap_step, acc0)
@@ -156,31 +150,16 @@ def _stencil_call(plan: Stencil, srcs, weights, *, mode, bs: BlockSizes, block_p
                   poison: bool = False, name: str = "conv_contract"):
     """Launch the stencil kernel; returns the destination blocks in their native shapes."""
     block_p = default_block_p(plan, block_p, bs.acc_budget)
-    n_dst = math.prod(plan.dst_spatial)
-    out_shape = [
-        jax.ShapeDtypeStruct((ch * n_dst * plan.comps(k),), _F32) for k, ch in plan.dst
-    ]
     operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
     operands.append(jnp.asarray(plan.table.array, _F32))
-    aliases = {}
-    if poison:  # outputs start as NaN, to check that the kernel writes every element
-        aliases = {len(operands) + n: n for n in range(len(out_shape))}
-        operands += [jnp.full(s.shape, jnp.nan, _F32) for s in out_shape]
     n_weights = sum(math.prod(_t.weight_offsets_shape(plan, term)) for term in plan.terms)
     kernel = functools.partial(
         _stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret,
-        n_alias=len(aliases), hoist=n_weights <= bs.hoist_budget,
+        hoist=n_weights <= bs.hoist_budget,
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(pl.cdiv(n_dst, block_p),),
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=_t.compiler_params(bs, interpret, dw=False),
-        name=name,
-    )(*operands)
-    return tuple(o.reshape(_t.block_shape(plan, key, plan.dst_spatial)) for o, key in zip(outs, plan.dst))
+    return _t.launch_stencil(
+        kernel, plan, operands, block_p=block_p, bs=bs, interpret=interpret, poison=poison, name=name
+    )
 
 
 # ---- weight-gradient kernel -------------------------------------------------------------------
@@ -191,7 +170,7 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
     src_refs, grad_refs = refs[:n_s], refs[n_s : n_s + n_d]
     table_ref = refs[n_s + n_d]
     out_refs = refs[n_s + n_d + 1 :]
-    n_dst, n_src = math.prod(plan.dst_spatial), math.prod(plan.src_spatial)
+    n_dst = math.prod(plan.dst_spatial)
     n_steps = pl.cdiv(pl.cdiv(n_dst, block_p), n_programs)
     prog = pl.program_id(0)
 
@@ -210,17 +189,11 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
 
         def tap_step(tap, accs):
             accs = list(accs)
-            src_pix, ok = _t.source_pixels(plan, coords, tap, pix_ok)
-            for a, (k, ch) in enumerate(plan.src):
-                for i in range(plan.comps(k)):
-                    uses = _t.uses(plan, a, i)
-                    if not uses:
-                        continue
-                    x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
-                    for t, term, j in uses:
-                        m = _t.dot(grads[(term.dst, j)], x, mode, interpret, contract_b=1)
-                        coef = _t.coefficients(table_ref, plan, term, tap, i, j)
-                        accs[t] = accs[t] + coef[:, None, None] * m[None, :, :]
+            for i, x, uses in _t.source_reads(plan, src_refs, coords, tap, pix_ok):
+                for t, term, j in uses:
+                    m = _t.dot(grads[(term.dst, j)], x, mode, interpret, contract_b=1)
+                    coef = _t.coefficients(table_ref, plan, term, tap, i, j)
+                    accs[t] = accs[t] + coef[:, None, None] * m[None, :, :]
             return tuple(accs)
 
         return lax.fori_loop(0, plan.n_taps, tap_step, accs)
@@ -237,26 +210,12 @@ def _weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs: BlockSizes, inter
     """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
     n_dst = math.prod(plan.dst_spatial)
     block_p = bs.block_p_dw or max(_plan.MIN_TILE, min(32, _plan.next_pow2(n_dst)))  # G tiles stay live
-    n_programs = max(1, min(bs.dw_programs, pl.cdiv(n_dst, block_p)))
-    sizes = [
-        (plan.dst[t.dst][1], plan.src[t.src][1], t.n_filters) for t in plan.terms
-    ]
-    out_shape = [jax.ShapeDtypeStruct((n_programs * math.prod(s),), _F32) for s in sizes]
     operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
     operands.append(jnp.asarray(plan.table.array, _F32))
-    kernel = functools.partial(
-        _weight_grad_kernel, plan=plan, block_p=block_p, n_programs=n_programs, mode=mode,
-        interpret=interpret,
+    kernel = functools.partial(_weight_grad_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
+    return _t.launch_weight_grad(
+        kernel, plan, operands, block_p=block_p, bs=bs, interpret=interpret, name="conv_contract_dw"
     )
-    partials = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(n_programs,),
-        interpret=interpret,
-        compiler_params=_t.compiler_params(bs, interpret, dw=True),
-        name="conv_contract_dw",
-    )(*operands)
-    return tuple(p.reshape((n_programs,) + s).sum(axis=0) for p, s in zip(partials, sizes))
 
 
 # ---- differentiable entry ---------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -54,17 +53,10 @@ def _tap_uses(plan: Stencil, dst: int | None, j: int | None):
 
 
 def _static_source_pixels(plan: Stencil, coords, tap: int, ok):
+    """_t.source_pixels at a tap known when tracing: its displacement folds to a constant."""
     ys = np.unravel_index(tap, plan.taps)
-    flat, stride = jnp.int32(0), math.prod(plan.src_spatial)
-    for x, y, ax in zip(coords, ys, plan.axes):
-        stride //= ax.n_src
-        s = x + int(ax.sign * ax.dilation * y + ax.offset)
-        if ax.wrap:
-            s = lax.rem(s + ax.shift, jnp.int32(ax.n_src))
-        else:
-            ok = ok & (s >= 0) & (s < ax.n_src)
-        flat = flat + s * stride
-    return flat, ok
+    shifts = [int(ax.sign * ax.dilation * y + ax.offset) for y, ax in zip(ys, plan.axes)]
+    return _t.shifted_source_pixels(plan, coords, shifts, ok)
 
 
 def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses, keys):
@@ -119,28 +111,13 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
 def stencil_call(plan: Stencil, srcs, weights, *, mode, bs, block_p, interpret, poison=False,
                  name="conv_contract"):
     """Launch the factorised stencil kernel; returns the destination blocks, native shapes."""
-    budget = bs.acc_budget
-    block_p = factorised_block_p(plan, block_p, budget)
-    n_dst = math.prod(plan.dst_spatial)
-    out_shape = [jax.ShapeDtypeStruct((ch * n_dst * plan.comps(k),), F32) for k, ch in plan.dst]
+    block_p = factorised_block_p(plan, block_p, bs.acc_budget)
     operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
-    aliases = {}
-    if poison:  # outputs start as NaN, to check that the kernel writes every element
-        aliases = {len(operands) + n: n for n in range(len(out_shape))}
-        operands += [jnp.full(s.shape, jnp.nan, F32) for s in out_shape]
-    kernel = functools.partial(
-        _stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret, n_alias=len(aliases)
-    )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(pl.cdiv(n_dst, block_p),),
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=_t.compiler_params(bs, interpret, dw=False),
+    kernel = functools.partial(_stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
+    return _t.launch_stencil(
+        kernel, plan, operands, block_p=block_p, bs=bs, interpret=interpret, poison=poison,
         name=name + "_factorised",
-    )(*operands)
-    return tuple(o.reshape(_t.block_shape(plan, key, plan.dst_spatial)) for o, key in zip(outs, plan.dst))
+    )
 
 
 # ---- weight-gradient kernel -------------------------------------------------------------------
@@ -190,21 +167,9 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
 
 def weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs, interpret):
     """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
-    n_dst = math.prod(plan.dst_spatial)
     block_p = factorised_block_p(plan, bs.block_p_dw, bs.acc_budget)
-    n_programs = max(1, min(bs.dw_programs, pl.cdiv(n_dst, block_p)))
-    sizes = [(plan.dst[t.dst][1], plan.src[t.src][1], t.n_filters) for t in plan.terms]
-    out_shape = [jax.ShapeDtypeStruct((n_programs * math.prod(s),), F32) for s in sizes]
     operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
-    kernel = functools.partial(
-        _weight_grad_kernel, plan=plan, block_p=block_p, n_programs=n_programs, mode=mode, interpret=interpret
+    kernel = functools.partial(_weight_grad_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
+    return _t.launch_weight_grad(
+        kernel, plan, operands, block_p=block_p, bs=bs, interpret=interpret, name="conv_contract_dw_factorised"
     )
-    partials = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(n_programs,),
-        interpret=interpret,
-        compiler_params=_t.compiler_params(bs, interpret, dw=True),
-        name="conv_contract_dw_factorised",
-    )(*operands)
-    return tuple(p.reshape((n_programs,) + s).sum(axis=0) for p, s in zip(partials, sizes))
