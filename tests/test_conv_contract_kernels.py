@@ -74,6 +74,18 @@ def _batched(spec, backend, precision=None):
     )
 
 
+def _assert_close_or_both_zero(actual, expected, tol=1e-10):
+    """Relative L2 within `tol`; where the oracle is exactly zero, the result must be too.
+
+    Exact zeros are legitimate: an input block no pair reads has a zero gradient, and with
+    lhs_dilation, stride and an odd padding offset every tap can land in a dilation hole.
+    """
+    if not np.any(np.asarray(expected)):
+        assert not np.any(np.asarray(actual))
+    else:
+        assert rel_l2(actual, expected) <= tol
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configurations(), seed=st.integers(0, 2**31 - 1))
 def test_dense_matches_reference_forward_and_grads(cfg, seed):
@@ -86,7 +98,7 @@ def test_dense_matches_reference_forward_and_grads(cfg, seed):
         got = _batched(spec, "dense")(inputs, weights)
         for r, g in zip(ref, got):
             assert r.shape == g.shape
-            assert rel_l2(g, r) <= 1e-10
+            _assert_close_or_both_zero(g, r)
 
         # gradients w.r.t. inputs and weights of a generic scalar loss
         def loss(backend, xs, ws):
@@ -96,10 +108,7 @@ def test_dense_matches_reference_forward_and_grads(cfg, seed):
         g_ref = jax.grad(lambda xs, ws: loss("reference", xs, ws), argnums=(0, 1))(inputs, weights)
         g_dense = jax.grad(lambda xs, ws: loss("dense", xs, ws), argnums=(0, 1))(inputs, weights)
         for r, g in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_dense)):
-            if not np.any(np.asarray(r)):  # an input block no pair reads: its gradient is exactly 0
-                assert not np.any(np.asarray(g))
-            else:
-                assert rel_l2(g, r) <= 1e-10
+            _assert_close_or_both_zero(g, r)
 
 
 @pytest.mark.parametrize("backend", LAX_BACKENDS)
