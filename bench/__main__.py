@@ -29,7 +29,7 @@ def parse_args(argv) -> argparse.Namespace:
         description="A/B benchmark of ConvContract backends (subcommand: compare)",
     )
     p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, small-models); default: quick on CPU, all on GPU")
-    p.add_argument("--backends", default="", help="comma-separated backends (default: every one available here)")
+    p.add_argument("--backends", default="", help="comma-separated backends (default: every one available here; on a CPU, not the interpreted triton/pallas)")
     p.add_argument("--modes", default="", help=f"comma-separated modes out of {', '.join(_configs.MODES)} (default: all)")
     p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt}")
     p.add_argument("--commit", default=None, help=f"commit id to record (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
@@ -51,6 +51,9 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
+_INTERPRETED_ON_CPU = ("triton", "pallas")
+
+
 def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
     """Configs, backends and modes to run; ValueError naming the flag for a bad value."""
     import jax
@@ -68,6 +71,10 @@ def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
                         pass
                 except ValueError as err:
                     raise ValueError(f"--backends (={args.backends!r}): {err}") from None
+    elif jax.default_backend() == "cpu":
+        # the fused backends run in interpreters on a CPU: their timings say nothing and take
+        # minutes; they stay selectable with --backends
+        backends = tuple(b for b in available if b not in _INTERPRETED_ON_CPU)
     else:
         backends = available
     modes = _configs.parse_selection(args.modes, _configs.MODES, "--modes")
