@@ -83,11 +83,6 @@ def _register_optional() -> None:
 _register_optional()
 
 
-def _spatial_of(spec: ConvSpec, inputs) -> tuple[int, ...]:
-    x = inputs[0]
-    return tuple(x.shape[1 : 1 + spec.D])
-
-
 def conv_contract(
     spec: ConvSpec,
     inputs: Sequence[jax.Array],

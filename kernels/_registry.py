@@ -141,7 +141,8 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
             return Choice(name, name, source, "requested, and it covers this configuration")
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
-    measured = _measured.measured_ms(device_kind(), spec, spatial) if plat == "gpu" else {}
+    kind = device_kind() if plat == "gpu" else ""
+    measured = _measured.measured_ms(kind, spec, spatial) if kind else {}
     # measured-fastest first; unmeasured backends after, by their priority
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
@@ -158,7 +159,7 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
             skipped.append(f"{b.name}: {why}")
             continue
         if b.name in measured:
-            reason = f"fastest measured on {device_kind()} for the nearest benchmarked configuration ({measured[b.name]} ms fwd_bwd)"
+            reason = f"fastest measured on {kind} for the nearest benchmarked configuration ({measured[b.name]} ms fwd_bwd)"
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
         if skipped:
