@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything one GPU call needs, by stage, so that a session's few calls stay full. From the repo root:
+#
+#   python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+#   STAGES="sweep profile pallas" bash bench/gpu_session.sh
+#
+# Stages (each bounded by its own timeout; logs and JSON under $OUT/<stage>/):
+#   sweep    bench/triton_sweep.py --preset final (triton forward variants vs dense and reference)
+#   profile  Nsight Compute on one triton forward launch of d3_n64_b4_c16 (PROFILE_ARGS adds --bwd)
+#   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
+#   tests    python3 -m pytest -m gpu (every GPU test, memcheck included)
+#   bench    python3 -m bench on the standard configurations (the committed A/B table)
+# Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_session}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-$PWD}"
+mkdir -p "$OUT"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1
+  python3 -c 'import jax, triton; print("jax", jax.__version__, "triton", triton.__version__, jax.devices())'
+  git log -1 --format=%H 2>/dev/null || true
+} > "$OUT/env.log" 2>&1
+for stage in ${STAGES:-sweep profile pallas}; do
+  mkdir -p "$OUT/$stage"
+  t0=$(date +%s)
+  case "$stage" in
+    sweep)
+      timeout "${T_SWEEP:-240}" python3 bench/triton_sweep.py --out "$OUT/sweep" --preset "${PRESET:-final}" \
+        --budget "$(( ${T_SWEEP:-240} - 25 ))" ${SWEEP_ARGS:-} > "$OUT/sweep/log.txt" 2>&1 ;;
+    profile)
+      timeout "${T_PROFILE:-120}" ncu --clock-control none --kernel-name regex:conv_contract --launch-skip 2 --launch-count "${PROFILE_COUNT:-1}" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section InstructionStats python3 bench/triton_profile.py ${PROFILE_ARGS:-} > "$OUT/profile/ncu.txt" 2>&1 ;;
+    pallas)
+      OUT="$OUT/pallas" SKIP_TESTS=1 PALLAS_CHECK_TIMEOUT_S="${T_PALLAS:-150}" PALLAS_CHECK_BUDGET_S="$(( ${T_PALLAS:-150} - 30 ))" \
+        bash bench/pallas_gpu_check.sh > "$OUT/pallas/log.txt" 2>&1 ;;
+    tests)
+      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/tests/log.txt" 2>&1 ;;
+    bench)
+      timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+        --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
+done
