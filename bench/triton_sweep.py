@@ -50,10 +50,10 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x128-w8": dict(tile=(1, 128)),
 }
 FINAL = {  # config: variants timed besides the default
-    "d3_n64_b4_c16": ["op-1x1x64-w4", "op-1x1x32-w4", "po-1x1x64-w8", "op-1x2x32-w8", "op-1x1x64-w8-vec"],
+    "d3_n64_b4_c16": ["op-1x1x64-w4", "op-1x2x32-w8"],
     "d3_n64_b2_c32": ["op-1x1x64-w8-o16"],
     "d3_n128_b1_c16": [],
-    "d2_n256_b16_c32": ["op-1x64-w4", "op-2x64-w8", "op-1x128-w8"],
+    "d2_n256_b16_c32": ["op-1x128-w8"],
 }
 
 
@@ -71,21 +71,30 @@ def layer(D, N, B, c, seed=0):
     return spec, xs, ws
 
 
-def measure(fn, args, reps=20):
+def measure(fn, args, reps=20, stream=10):
+    """Median of `reps` synchronised calls, and the mean of `stream` calls queued back to back
+    (host dispatch hidden behind the GPU), after warming up for 0.3 s of continuous work so
+    that the clocks are up."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     result = jax.block_until_ready(compiled(*args))
-    for _ in range(3):
-        jax.block_until_ready(compiled(*args))
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        jax.block_until_ready([compiled(*args) for _ in range(5)])
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    jax.block_until_ready([compiled(*args) for _ in range(stream)])
+    stream_ms = (time.perf_counter() - t0) * 1e3 / stream
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
-    return result, dict(ms=statistics.median(times), min_ms=min(times), compile_s=round(compile_s, 1), temp_bytes=temp)
+    times.sort()
+    return result, dict(ms=statistics.median(times), p20_ms=times[len(times) // 5], p80_ms=times[(4 * len(times)) // 5],
+                        min_ms=times[0], stream_ms=stream_ms, compile_s=round(compile_s, 1), temp_bytes=temp)
 
 
 def rel(a, b):
@@ -160,24 +169,40 @@ def main():
             run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
         for mode in ("fp32", "bf16") if config == "d3_n64_b4_c16" else ():
             run_case(config, f"triton-{mode}", by_backend("triton", mode), (xs, ws), oracle, extra)
-        # forward + backward (the backward is dense's VJP for now)
+        # forward + backward: the fused backward, dense's VJP (A/B) and the weight kernel's tilings
         cots = [jnp.ones_like(o) * 0.01 for o in oracle]
+        def fwd_bwd(run):
+            loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
+            return jax.value_and_grad(loss, argnums=(0, 1))
         for name in ("reference", "dense", "triton"):
-            loss = lambda xs, ws, f=by_backend(name): sum(jnp.vdot(o, g) for o, g in zip(f(xs, ws), cots))
-            run_case(config, f"{name}-fwd_bwd", jax.value_and_grad(loss, argnums=(0, 1)), (xs, ws), None, extra)
+            run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
+        bwd_variants = {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
+        if config == "d3_n64_b4_c16":
+            bwd_variants.update({
+                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(blocks=BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u))
+                for w, t, u in ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6))
+            })
+        for label, kw in bwd_variants.items():
+            run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, "tf32", **kw)), (xs, ws), None, extra)
+        if config == "d3_n64_b4_c16":  # the backward's two kernels alone
+            from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+            spec_t, _ = transposed_spec(spec)
+            run_case(config, "bwd-input-grad-only", fwd(lambda g, w: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32")), (cots, ws), None, extra)
+            blocks = BlockSizes()
+            run_case(config, "bwd-weight-grad-only", lambda xs, gs: weight_grad_launch(spec, "tf32", blocks, xs, gs), (xs, cots), None, extra)
         del xs, ws, oracle
 
     print(f"\n{meta}")
     base = {(r["config"], r["label"]): r.get("ms") for r in rows}
-    print(f"{'config':16s} {'label':22s} {'ms':>8s} {'x ref':>6s} {'x dense':>7s} {'temp/io':>7s} {'rel err':>9s} {'compile':>7s}")
+    print(f"{'config':16s} {'label':26s} {'ms':>8s} {'stream':>7s} {'x ref':>6s} {'x dense':>7s} {'temp/io':>7s} {'rel err':>9s} {'compile':>7s}")
     for r in rows:
         if "ms" not in r:
-            print(f"{r['config']:16s} {r['label']:22s} {r.get('error') or r.get('skipped')}")
+            print(f"{r['config']:16s} {r['label']:26s} {r.get('error') or r.get('skipped')}")
             continue
         ref = base.get((r["config"], "reference" if "fwd_bwd" not in r["label"] else "reference-fwd_bwd"))
         dense = base.get((r["config"], "dense" if "fwd_bwd" not in r["label"] else "dense-fwd_bwd"))
         print(
-            f"{r['config']:16s} {r['label']:22s} {r['ms']:8.3f} {ref / r['ms'] if ref else 0:6.1f} "
+            f"{r['config']:16s} {r['label']:26s} {r['ms']:8.3f} {r['stream_ms']:7.3f} {ref / r['ms'] if ref else 0:6.1f} "
             f"{dense / r['ms'] if dense else 0:7.2f} {r['temp_bytes'] / r['io_bytes']:7.3f} "
             f"{r.get('rel_err', float('nan')):9.2e} {r['compile_s']:7.1f}"
         )

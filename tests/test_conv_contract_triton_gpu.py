@@ -136,6 +136,8 @@ def test_memcheck_clean_on_a_3d_case():
         xs, ws = operands(spec, (7, 9, 11), seed=2)
         for blocks in (BlockSizes(), BlockSizes(tile=(2, 2, 16), orientation="po")):
             jax.block_until_ready(conv_contract_triton(spec, xs, ws, "tf32", blocks=blocks))
+        loss = lambda xs, ws: sum(jnp.sum(o * o) for o in conv_contract_triton(spec, xs, ws, "tf32"))
+        jax.block_until_ready(jax.grad(loss, argnums=(0, 1))(xs, ws))  # the backward kernels too
         print("done")
         """
     )
@@ -146,3 +148,49 @@ def test_memcheck_clean_on_a_3d_case():
     )
     assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
     assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
+
+
+# ---- the fused backward on the GPU ----------------------------------------------------------------------
+def _grads(spec, backend, mode, **kw):
+    if backend == "kernel":
+        run = lambda x, w: conv_contract_triton(spec, x, w, mode, **kw)
+    else:
+        run = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode)
+
+    def loss(xs, ws):
+        outs = jax.vmap(lambda x: run(x, ws))(xs)
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def test_backward_fixture_cases_and_odd_sizes():
+    """Input and weight gradients against `reference` at fp32: every covered fixture geometry
+    (batch 2) and an odd layer (N=37, 3 channels) in fp32, tf32 and bf16."""
+    from test_conv_contract_triton_backward import check_grads
+
+    n_run = 0
+    for case in conv_contract_cases():
+        spec, xs, ws = fixture_layer(case)
+        if not spec.is_default_stride:
+            continue
+        xs2 = [jnp.stack([x, -0.5 * x]) for x in xs]
+        check_grads(_grads(spec, "kernel", "fp32")(xs2, ws), _grads(spec, "reference", "fp32")(xs2, ws))
+        n_run += 1
+    assert n_run >= 10
+    spec = make_layer(3, 3, [("s", 3), ("v", 3)], [("s", 3), ("v", 3)])
+    xs, ws = operands(spec, 37, seed=21, batch=2)
+    want = _grads(spec, "reference", "fp32")(xs, ws)
+    for mode in ("fp32", "tf32", "bf16"):
+        check_grads(_grads(spec, "kernel", mode)(xs, ws), want, kernels.TOLERANCE[mode])
+
+
+def test_backward_is_deterministic():
+    """The weight gradient's cross-program reduction has a fixed order: two runs, same bits."""
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    xs, ws = operands(spec, 32, seed=22, batch=4)
+    fn = _grads(spec, "kernel", "tf32")
+    first = [np.asarray(g) for g in jax.tree_util.tree_leaves(fn(xs, ws))]
+    for _ in range(2):
+        again = [np.asarray(g) for g in jax.tree_util.tree_leaves(fn(xs, ws))]
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))

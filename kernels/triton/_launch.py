@@ -33,8 +33,9 @@ def out_shapes(spec: ConvSpec, plan: KernelPlan, batch: int) -> tuple[jax.ShapeD
     )
 
 
-def _batch_size(spec: ConvSpec, xs: Sequence, ws: Sequence) -> int:
-    sizes = {int(a.shape[0]) for a in list(xs) + list(ws)}
+def batch_size(arrays: Sequence) -> int:
+    """The common leading batch size of operands whose leading axis is 1 (broadcast) or B."""
+    sizes = {int(a.shape[0]) for a in arrays}
     batch = max(sizes)
     if sizes - {1, batch}:
         raise ValueError(f"operands' leading batch sizes {sorted(sizes)} must each be 1 or {batch}")
@@ -57,7 +58,7 @@ def launch(
         poison: if set, outputs start filled with this value (tests check that every element is
             overwritten); on the interpreter path outputs always start as NaN.
     """
-    batch = _batch_size(spec, xs, ws)
+    batch = batch_size(list(xs) + list(ws))
     spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
     geometry = Geometry(
         spatial=spatial,
@@ -71,18 +72,24 @@ def launch(
     grid = plan.programs_per_batch * batch
     if grid > INT32_MAX:
         raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
-    shapes = out_shapes(spec, plan, batch)
+    return run_plan(plan, out_shapes(spec, plan, batch), grid, list(xs) + list(ws), poison)
+
+
+def run_plan(plan: KernelPlan, shapes, grid: int, args: Sequence[jax.Array], poison: Optional[float] = None):
+    """Launch a generated kernel on `args`, returning new float32 arrays of `shapes`.
+
+    With `poison`, outputs start filled with it (on the host they always start as NaN)."""
     if interpreting():
-        return _interpret(plan, shapes, grid, xs, ws, np.nan if poison is None else poison)
-    return _gpu(plan, shapes, grid, xs, ws, poison)
+        return _interpret(plan, shapes, grid, args, np.nan if poison is None else poison)
+    return _gpu(plan, shapes, grid, args, poison)
 
 
 # ---- GPU: jax-triton --------------------------------------------------------------------------------
-def _gpu(plan, shapes, grid, xs, ws, poison):
+def _gpu(plan, shapes, grid, args, poison):
     import jax_triton  # lazily: it fails to import on a CPU-only jaxlib
 
     kernel = compile_plan(plan)
-    args = list(xs) + list(ws)
+    args = list(args)
     aliases = {}
     if poison is not None:
         for n, s in enumerate(shapes):
@@ -91,7 +98,7 @@ def _gpu(plan, shapes, grid, xs, ws, poison):
     outs = jax_triton.triton_call(
         *args,
         kernel=kernel,
-        out_shape=shapes,
+        out_shape=list(shapes),
         grid=(grid,),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
@@ -111,7 +118,7 @@ def _to_torch(array: np.ndarray):
     return torch.from_numpy(array.copy())
 
 
-def _interpret(plan, shapes, grid, xs, ws, poison):
+def _interpret(plan, shapes, grid, args, poison):
     def host(*arrays):
         import torch
 
@@ -121,5 +128,5 @@ def _interpret(plan, shapes, grid, xs, ws, poison):
         kernel[(grid,)](*tensors, *outs)
         return tuple(o.numpy() for o in outs)
 
-    # never vmapped: the custom_vmap rule of conv_contract.py turns vmap into one batched launch
-    return tuple(jax.pure_callback(host, shapes, *xs, *ws))
+    # never vmapped: the custom_vmap rules of conv_contract.py turn vmap into one batched launch
+    return tuple(jax.pure_callback(host, tuple(shapes), *args))

@@ -1,11 +1,13 @@
-"""The `triton` backend's entry point: custom_jvp for gradients, custom_vmap for one batched launch.
+"""The `triton` backend's entry point: custom_vjp for gradients, custom_vmap for one batched launch.
 
     outputs = conv_contract_triton(spec, inputs, weights, mode)
 
-Forward: the fused kernel of `_kernel.py`. Derivatives: for now those of the `dense` backend, as
-a custom_jvp (see below; the fused backward is the next step). Under `jax.vmap` the kernel is launched once for the whole batch
-(jax-triton calls do not batch by themselves): `custom_vmap` folds every vmapped axis into the
-kernel's batch axis, broadcasting unbatched operands with a zero batch stride.
+Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
+forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
+Forward-mode differentiation (jax.jvp) is not defined for a custom_vjp: use `dense` for it.
+Under `jax.vmap` each kernel is launched once for the whole batch (jax-triton calls do not batch
+by themselves): `custom_vmap` folds every vmapped axis into the kernels' batch axis,
+broadcasting unbatched operands with a zero batch stride.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from .._lax_common import compute_dtype
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
+from ._backward import transposed_spec, transposed_weights, weight_grad_launch
 from ._kernel import BlockSizes, check_sizes
 from ._launch import interpreting, launch
 
@@ -55,6 +58,7 @@ def conv_contract_triton(
     *,
     blocks: Optional[BlockSizes] = None,
     poison: Optional[float] = None,
+    backward: str = "fused",
 ) -> tuple[jax.Array, ...]:
     """ConvContract on unbatched blocks with the fused Triton forward.
 
@@ -62,6 +66,7 @@ def conv_contract_triton(
         spec, inputs, weights, mode: as for `kernels.conv_contract` (operands already checked).
         blocks: the kernel's tiling (None: `default_blocks(spec)`).
         poison: tests only: outputs start filled with this value before the kernel writes them.
+        backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B).
     """
     inputs, weights = tuple(inputs), tuple(weights)
     for name, arrays in (("inputs", inputs), ("weights", weights)):
@@ -75,18 +80,20 @@ def conv_contract_triton(
     blocks = default_blocks(spec, spatial) if blocks is None else blocks
     blocks.check(spec.D)
     check_sizes(spec, spatial)
+    if backward not in ("fused", "dense"):
+        raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
-    return _conv_contract(spec, mode, blocks, poison, inputs, weights)
+    return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights)
 
 
-# ---- differentiation: the kernel's forward, dense's tangents --------------------------------------------
-# A custom_jvp rather than a custom_vjp: the operation is bilinear, so its tangent is
-# dense(dX, w) + dense(X, dw), plain lax convolutions that JAX transposes into dense's own backward
-# (its VJP, i.e. the backward "through dense"). Under vmap those convolutions batch like any lax
-# op; a custom_vjp's backward would instead be vmapped as a function, and the weight gradient of
-# a vmapped convolution is per example (a batch-grouped convolution, ~6x slower on the H200).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
-def _conv_contract(spec, mode, blocks, poison, inputs, weights):
+# ---- differentiation: custom_vjp with the fused backward kernels ------------------------------------
+# The input gradient is the forward kernel on the transposed layer (_backward.transposed_spec);
+# the weight gradient is its own kernel. Both are custom_vmap ops like the forward, so under vmap
+# each is one batched launch; the weight kernel returns per-example gradients (cheap: they are
+# summed in registers per program, not a grouped convolution), which JAX adds up for shared
+# weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights):
     return _forward(spec, mode, blocks, poison, inputs, weights)
 
 
@@ -96,14 +103,31 @@ def _forward(spec, mode, blocks, poison, inputs, weights):
     return tuple(o[0] for o in outs)
 
 
-@_conv_contract.defjvp
-def _conv_contract_jvp(spec, mode, blocks, poison, primals, tangents):
-    inputs, weights = primals
-    d_inputs, d_weights = tangents
-    outs = _forward(spec, mode, blocks, poison, inputs, weights)
-    via_inputs = conv_contract_dense(spec, d_inputs, weights, mode)
-    via_weights = conv_contract_dense(spec, inputs, d_weights, mode)
-    return outs, tuple(a + b for a, b in zip(via_inputs, via_weights))
+def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights):
+    return _forward(spec, mode, blocks, poison, inputs, weights), (inputs, weights)
+
+
+def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangents):
+    inputs, weights = residuals
+    cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
+    transposed = transposed_spec(spec) if backward == "fused" else None
+    if transposed is None:  # dense's VJP (asked for, or a padding the transpose does not cover)
+        _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, mode), inputs, weights)
+        d_inputs, d_weights = vjp(cotangents)
+    else:
+        spec_t, used = transposed
+        grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights))
+        by_key = dict(zip(used, grads))
+        d_inputs = tuple(by_key[a] if a in by_key else jnp.zeros(x.shape, jnp.float32) for a, x in enumerate(inputs))
+        op = _batched_weight_grad(spec, mode, blocks)
+        d_weights = tuple(d[0] for d in op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents)))
+    return (
+        tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
+        tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
+    )
+
+
+_conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)
 
 
 # ---- batching: custom_vmap into one launch ------------------------------------------------------------
@@ -115,30 +139,45 @@ def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison):
     def op(xs, ws):
         return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison))
 
-    @op.def_vmap
-    def _rule(axis_size, in_batched, xs, ws):
-        x_batched, w_batched = in_batched
-        operands = list(xs) + list(ws)
-        flags = list(x_batched) + list(w_batched)
-        # each operand is (n, L, ...) if vmapped, else (L, ...), with L in {1, inner}
-        inner = max(a.shape[1] if f else a.shape[0] for a, f in zip(operands, flags))
-        merged = []
-        for a, f in zip(operands, flags):
-            lead = a.shape[1] if f else a.shape[0]
-            if f and lead == inner:
-                merged.append(a.reshape((axis_size * inner,) + a.shape[2:]))
-            elif not f and lead == 1:
-                merged.append(a)  # shared by the whole merged batch: zero batch stride
-            else:
-                # vmapped but broadcast inside, or shared but batched inside: index (m, b) needs
-                # a real copy (weights in practice, which are small)
-                tail = a.shape[2:] if f else a.shape[1:]
-                full = a if f else a[None]
-                full = jnp.broadcast_to(full, (axis_size, inner) + tail)
-                merged.append(full.reshape((axis_size * inner,) + tail))
-        n_x = len(xs)
-        outs = op(tuple(merged[:n_x]), tuple(merged[n_x:]))
-        outs = tuple(o.reshape((axis_size, inner) + o.shape[1:]) for o in outs)
-        return outs, tuple(True for _ in outs)
-
+    op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
+
+
+@functools.lru_cache(maxsize=256)
+def _batched_weight_grad(spec: ConvSpec, mode: str, blocks: BlockSizes):
+    """The weight-gradient kernel on inputs and cotangents with a leading batch axis (1 or B);
+    per pair (B, o, c, F): per-example gradients, summed by the caller where weights are shared."""
+
+    @jax.custom_batching.custom_vmap
+    def op(xs, gs):
+        return weight_grad_launch(spec, mode, blocks, xs, gs)
+
+    op.def_vmap(functools.partial(_fold_batch_rule, op))
+    return op
+
+
+def _fold_batch_rule(op, axis_size, in_batched, xs, ys):
+    """custom_vmap rule of the batched ops: fold the vmapped axis into their leading batch axis."""
+    x_batched, y_batched = in_batched
+    operands = list(xs) + list(ys)
+    flags = list(x_batched) + list(y_batched)
+    # each operand is (n, L, ...) if vmapped, else (L, ...), with L in {1, inner}
+    inner = max(a.shape[1] if f else a.shape[0] for a, f in zip(operands, flags))
+    merged = []
+    for a, f in zip(operands, flags):
+        lead = a.shape[1] if f else a.shape[0]
+        if f and lead == inner:
+            merged.append(a.reshape((axis_size * inner,) + a.shape[2:]))
+        elif not f and lead == 1:
+            merged.append(a)  # shared by the whole merged batch: zero batch stride
+        else:
+            # vmapped but broadcast inside, or shared but batched inside: index (m, b) needs
+            # a real copy (weights in practice, which are small)
+            tail = a.shape[2:] if f else a.shape[1:]
+            full = a if f else a[None]
+            full = jnp.broadcast_to(full, (axis_size, inner) + tail)
+            merged.append(full.reshape((axis_size * inner,) + tail))
+    n_x = len(xs)
+    outs = op(tuple(merged[:n_x]), tuple(merged[n_x:]))
+    outs = tuple(o.reshape((axis_size, inner) + o.shape[1:]) for o in outs)
+    return outs, tuple(True for _ in outs)

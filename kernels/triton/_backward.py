@@ -1,0 +1,165 @@
+"""The fused backward of the `triton` backend: input gradient and weight gradient.
+
+Input gradient. The operation's transpose in X is again a ConvContract, with the roles of the
+keys swapped, every basis flipped in space and its tensor indices transposed, and the weights
+transposed in their channel axes:
+
+    dX_a[c, x, i] = sum_b sum_{o, f} w[o, c, f] sum_{y', j} B'_f[y', j, i] G_b[o, x + y' - pad', j]
+    B'_f[y', j, i] = B_f[M - 1 - y', i, j],     w'[c, o, f] = w[o, c, f]
+
+so `transposed_spec` builds that layer and the forward kernel computes it (sparse stencil on the
+cotangents, then the channel GEMM with w'): no dense filter, no padded copy. Padding transposes
+per axis: a torus wrap (lo, hi) becomes (hi, lo); zeros (lo, hi) become (R - lo, R - hi) with
+R = (M - 1) * rhs_dilation (negative means cropping, which the index arithmetic handles).
+
+Weight gradient. dw[o, c, f] = sum_{x, j} G_b[o, x, j] Z[c, f, j, x] with the forward's Z,
+recomputed from X by the same generated stencil; `plan_weight_grad_kernel` writes per-program
+partial sums and `plan_partial_sums` adds them in a fixed order: bit-identical run after run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._spec import ConvSpec, FilterBasis, Pair
+from ._kernel import INT32_MAX, BlockSizes, Geometry, plan_partial_sums, plan_weight_grad_kernel
+from ._launch import batch_size, interpreting, run_plan
+
+# programs of the weight-gradient kernel the automatic split aims for (~4 per H200 SM)
+DW_PROGRAMS = 528
+
+
+@functools.lru_cache(maxsize=256)
+def transposed_spec(spec: ConvSpec) -> Optional[tuple[ConvSpec, tuple[int, ...]]]:
+    """The layer whose forward is `spec`'s input gradient, and which input keys it produces.
+
+    Returns None when some axis mixes torus wrap with zeros, or wraps other than (M - 1) *
+    rhs_dilation cells in all (the input gradient then runs through `dense`). Input keys that no
+    pair reads get no output block (their gradient is zero).
+    """
+    if not spec.is_default_stride:
+        return None
+    torus_pad, zero_pad = [], []
+    for (wlo, whi), (zlo, zhi), m, rd in zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation):
+        reach = (m - 1) * rd
+        if wlo or whi:
+            if zlo or zhi or wlo + whi != reach:
+                return None
+            torus_pad.append((whi, wlo))
+            zero_pad.append((0, 0))
+        else:
+            torus_pad.append((0, 0))
+            zero_pad.append((reach - zlo, reach - zhi))
+    used = tuple(sorted({p.in_index for p in spec.pairs}))
+    index = {a: n for n, a in enumerate(used)}
+    D = spec.D
+    pairs = []
+    for p in spec.pairs:
+        k_a, k_b = spec.in_keys[p.in_index][0], spec.out_keys[p.out_index][0]
+        arr = p.basis.array
+        arr = np.flip(arr, axis=tuple(range(1, 1 + D)))
+        tensor_a = list(range(1 + D, 1 + D + k_a))
+        tensor_b = list(range(1 + D + k_a, 1 + D + k_a + k_b))
+        arr = np.transpose(arr, [0] + list(range(1, 1 + D)) + tensor_b + tensor_a)
+        pairs.append(Pair(p.out_index, index[p.in_index], FilterBasis(arr)))
+    spec_t = dataclasses.replace(
+        spec,
+        in_keys=spec.out_keys,
+        out_keys=tuple(spec.in_keys[a] for a in used),
+        pairs=tuple(pairs),
+        torus_pad=tuple(torus_pad),
+        zero_pad=tuple(zero_pad),
+    )
+    return spec_t, used
+
+
+def transposed_weights(weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """w'[..., c, o, f] = w[..., o, c, f] (small: the weights, not the filters)."""
+    return tuple(jnp.swapaxes(w, -3, -2) for w in weights)
+
+
+def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...], batch: int) -> int:
+    """Pixel-tile shares per (batch element, channel block) of the weight-gradient kernel: enough
+    programs to fill the GPU, each reducing a long run of tiles in registers."""
+    out_spatial = spec.out_spatial(spatial)
+    tiles = math.prod(-(-n // t) for n, t in zip(out_spatial, blocks.resolved_tile(spec.D)))
+    per_share = max(1, blocks_per_program(spec, blocks) * batch)
+    if interpreting():
+        return 1  # the interpreter runs programs one by one: fewer is faster
+    target = max(1, min(tiles, -(-DW_PROGRAMS // per_share)))
+    # a divisor of the tile count near the target spares the ragged last round its masks
+    divisor = max(g for g in range(1, target + 1) if tiles % g == 0)
+    return divisor if 2 * divisor >= target else target
+
+
+def blocks_per_program(spec: ConvSpec, blocks: BlockSizes) -> int:
+    n_chunks = max(-(-c // blocks.block_c) for _, _, c in spec.in_keys)
+    n_otiles = max(-(-o // min(max(1 << max(0, (o - 1).bit_length()), 16), blocks.block_o)) for _, _, o in spec.out_keys)
+    return n_chunks * n_otiles
+
+
+def weight_grad_units(spec: ConvSpec, max_units: int) -> list[tuple[tuple[int, int], ...]]:
+    """Split the layer's (pair, filter) units into kernels of at most `max_units` accumulators,
+    in (output key, pair, filter) order: units of one kernel share cotangent tiles and inputs."""
+    order = sorted(
+        ((p.out_index, t, f) for t, p in enumerate(spec.pairs) for f in range(p.basis.n_filters)),
+    )
+    units = [(t, f) for _, t, f in order]
+    return [tuple(units[n : n + max_units]) for n in range(0, len(units), max_units)]
+
+
+def weight_grad_launch(
+    spec: ConvSpec,
+    mode: str,
+    blocks: BlockSizes,
+    xs: Sequence[jax.Array],
+    gs: Sequence[jax.Array],
+    groups: Optional[int] = None,
+) -> tuple[jax.Array, ...]:
+    """Per pair, the weight gradient (B, o, c, F) in float32 of batched inputs and cotangents.
+
+    Args:
+        xs: per input key, (1 or B, c, *spatial, *(D,)*k).
+        gs: per output key, (1 or B, o, *out_spatial, *(D,)*k): the outputs' cotangents.
+        groups: pixel-tile shares per program column (None: `default_groups`).
+    """
+    batch = batch_size(list(xs) + list(gs))
+    spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
+    geometry = Geometry(
+        spatial=spatial,
+        x_batched=tuple(batch > 1 and x.shape[0] == batch for x in xs),
+        y_batched=tuple(batch > 1 and g.shape[0] == batch for g in gs),
+    )
+    host = interpreting()
+    # the interpreter keeps the forward's large tiles: it runs programs one by one
+    blocks = blocks if host else blocks.for_weight_grad(spec.D)
+    groups = default_groups(spec, blocks, spatial, batch) if groups is None else int(groups)
+    per_unit = {}
+    for units in weight_grad_units(spec, blocks.dw_units):
+        plan = plan_weight_grad_kernel(
+            spec, geometry, mode, blocks, groups, units, bf16_dot_in_fp32=host, layout_barrier=not host
+        )
+        sizes = [spec.out_keys[spec.pairs[t].out_index][2] * spec.in_keys[spec.pairs[t].in_index][2] for t, _ in units]
+        width = sum(sizes)
+        grid = plan.programs_per_batch * batch
+        if grid > INT32_MAX or batch * groups * width > INT32_MAX:
+            raise ValueError(f"batch (={batch}) is too large for one weight-gradient launch")
+        (partials,) = run_plan(plan, [jax.ShapeDtypeStruct((batch, groups, width), jnp.float32)], grid, list(xs) + list(gs))
+        sums = plan_partial_sums(batch, groups, width)
+        (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch, [partials])
+        start = 0
+        for (t, f), size in zip(units, sizes):
+            per_unit[(t, f)] = total[:, start : start + size]
+            start += size
+    out = []
+    for t, p in enumerate(spec.pairs):
+        o, c = spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2]
+        out.append(jnp.stack([per_unit[(t, f)].reshape(batch, o, c) for f in range(p.basis.n_filters)], axis=-1))
+    return tuple(out)

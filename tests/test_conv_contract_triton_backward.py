@@ -1,0 +1,147 @@
+"""The `triton` backend's fused backward (input- and weight-gradient kernels) through Triton's
+interpreter: gradients against `reference` on every fixture geometry and on hypothesis-drawn
+layers, the weight kernel's GPU tiling (short tiles, several pixel shares, a ragged last round),
+the transformations, and the `dense` backward kept for A/B runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from conftest import conv_contract_cases, draw_keys_and_pairs, draw_padding, rel_l2
+
+triton_backend = pytest.importorskip("kernels.triton")
+from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
+from kernels.triton import _backward  # noqa: E402
+from test_conv_contract_triton import fixture_layer, make_layer, operands  # noqa: E402
+
+if not triton_backend.availability()[0]:
+    pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
+
+
+def grads(spec, xs, ws, backend, batched=True, mode="fp32", **kw):
+    """d/d(inputs, weights) of a nonlinear loss of the layer's outputs, vmapped over a batch."""
+    run = (
+        (lambda x, w: conv_contract_triton(spec, x, w, mode, **kw))
+        if backend == "triton"
+        else (lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode))
+    )
+
+    def loss(x, w):
+        outs = jax.vmap(lambda xi: run(xi, w))(x) if batched else run(x, w)
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, ws)
+
+
+def check_grads(got, want, tol=kernels.TOLERANCE["fp32"]):
+    """Relative L2 error within `tol`. Gradients that vanish by symmetry (an antisymmetric
+    filter against a symmetric loss) come out of both sides as rounding noise of sums of O(1)
+    terms, so the error is relative to at least sqrt(size), i.e. O(1) per element: a real
+    gradient of these standard-normal operands is at least that large."""
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert np.isfinite(g).all()
+        scale = max(np.linalg.norm(w), np.sqrt(w.size))
+        assert np.linalg.norm(g - w) / scale <= tol, (np.linalg.norm(g - w) / scale, np.linalg.norm(w))
+
+
+@pytest.mark.parametrize("case", conv_contract_cases())
+def test_fixture_geometries_gradients_match_reference(case):
+    spec, xs, ws = fixture_layer(case)
+    if not spec.is_default_stride:
+        pytest.skip("outside the coverage: runs on dense (tests/test_conv_contract_triton.py)")
+    check_grads(grads(spec, xs, ws, "triton", batched=False), grads(spec, xs, ws, "reference", batched=False))
+
+
+KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+@st.composite
+def covered_layers(draw):
+    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 2)
+    rhs = draw(st.integers(1, 2)) if M <= 3 else 1
+    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
+    padding = draw_padding(draw, D, M)
+    N = draw(st.integers(5, 7) if D == 2 else st.integers(4, 5))
+    assume(N >= (M - 1) * rhs + 1)
+    return kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, 1, padding, None, rhs), N
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=covered_layers(), seed=st.integers(0, 2**31 - 1))
+def test_drawn_layers_gradients_match_reference(layer, seed):
+    spec, N = layer
+    assert _backward.transposed_spec(spec) is not None
+    xs, ws = operands(spec, N, seed=seed, batch=2)
+    check_grads(grads(spec, xs, ws, "triton"), grads(spec, xs, ws, "reference"))
+
+
+def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
+    """The GPU's weight-gradient tiling (16-pixel tiles, 2 warps, a few units per kernel) with 5
+    pixel shares that do not divide the tiles, channel chunks and two output-channel blocks."""
+    spec = make_layer(2, 3, [("s", 17), ("v", 2)], [("s", 18), ("v", 1)], (True, False))
+    xs, ws = operands(spec, (6, 9), seed=3, batch=2)
+    gs = [jnp.asarray(np.random.default_rng(4).standard_normal((2, o) + (6, 9) + (2,) * k), jnp.float32)
+          for k, _, o in spec.out_keys]
+    blocks = BlockSizes(block_o=16, dw_units=2).for_weight_grad(2)
+    assert blocks.tile == (1, 16) and blocks.num_warps == 2
+    got = _backward.weight_grad_launch(spec, "fp32", blocks, xs, gs, groups=5)
+    want = jax.vmap(lambda x, g: jax.vjp(lambda w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32"), ws)[1](g))(xs, gs)[0]
+    assert len(_backward.weight_grad_units(spec, 2)) > 3
+    for g, w in zip(got, want):
+        assert g.shape == w.shape  # per example: (B, o, c, F)
+        assert rel_l2(g, w) <= 1e-5
+
+
+def test_transposed_spec_swaps_keys_and_padding():
+    spec = make_layer(2, 3, [("s", 2), ("v", 3), ("t", 1)], [("v", 4)], (True, False), padding="TORUS", rhs_dilation=2)
+    spec_t, used = _backward.transposed_spec(spec)
+    assert spec_t.in_keys == spec.out_keys
+    assert spec_t.out_keys == tuple(spec.in_keys[a] for a in used)
+    assert spec_t.torus_pad == ((2, 2), (0, 0)) and spec_t.zero_pad == ((0, 0), (2, 2))
+    valid = make_layer(2, 3, [("s", 1)], [("s", 1)], False, padding=((0, 3), (1, 1)))
+    assert _backward.transposed_spec(valid)[0].zero_pad == ((2, -1), (1, 1))  # -1: one cell cropped
+
+
+def test_vmap_of_grad_grad_of_vmap_and_dense_backward_agree():
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
+    xs, ws = operands(spec, 5, seed=4, batch=3)
+
+    def loss(backend, x, w, **kw):
+        outs = conv_contract_triton(spec, x, w, "fp32", **kw) if backend == "triton" else kernels.conv_contract(spec, x, w, backend=backend, precision="fp32")
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    per_example = lambda backend, **kw: jax.jit(jax.vmap(jax.grad(lambda x, w: loss(backend, x, w, **kw), argnums=(0, 1)), in_axes=(0, None)))
+    want = per_example("reference")(xs, ws)
+    check_grads(per_example("triton")(xs, ws), want)
+    check_grads(per_example("triton", backward="dense")(xs, ws), want)
+    # per-example weights: the weight kernel's batch is the vmapped one
+    ws_b = [jnp.stack([w, -2 * w, 0.5 * w]) for w in ws]
+    both = lambda backend: jax.jit(jax.vmap(jax.grad(lambda x, w: loss(backend, x, w), argnums=(0, 1))))
+    check_grads(both("triton")(xs, ws_b), both("reference")(xs, ws_b))
+    with pytest.raises(ValueError, match=r"`backward` \(='fast'\)"):
+        conv_contract_triton(spec, [x[0] for x in xs], ws, "fp32", backward="fast")
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_reduced_precision_gradients(mode):
+    spec = make_layer(3, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 1)])
+    xs, ws = operands(spec, 4, seed=8, batch=2)
+    check_grads(grads(spec, xs, ws, "triton", mode=mode), grads(spec, xs, ws, "reference"), kernels.TOLERANCE[mode])
+
+
+def test_bf16_operands_get_bf16_gradients():
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
+    xs, ws = operands(spec, 6, seed=2, batch=2)
+    got = grads(spec, [x.astype(jnp.bfloat16) for x in xs], [w.astype(jnp.bfloat16) for w in ws], "triton", mode="tf32")
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(got))
+    want = grads(spec, [x.astype(jnp.bfloat16).astype(jnp.float32) for x in xs], [w.astype(jnp.bfloat16).astype(jnp.float32) for w in ws], "reference")
+    check_grads(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), got), want, kernels.TOLERANCE["bf16"])
