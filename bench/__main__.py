@@ -3,6 +3,7 @@
     python -m bench [--configs quick|full|all|NAME,...] [--backends reference,dense,...]
                     [--modes fwd,fwd_bwd,step] [--out DIR] [--commit SHA] [--max-time S]
     python -m bench compare [OLD] [NEW] [--threshold 0.10]     (see bench/compare.py)
+    python -m bench measured RESULTS.json     (the `auto` table kernels/measured/<device>.json)
 
 Runs the pytest-benchmark suite (bench/test_conv_contract.py, bench/test_models.py) on the
 selected cases, then prints one row per benchmark: median and p20-p80 ms, speedup vs the
@@ -123,6 +124,10 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "measured":
+        from bench import measured
+
+        return measured.main(argv[1:])
     if argv and argv[0] == "compare":
         from bench import compare
 

@@ -354,6 +354,7 @@ def rel_err_detail(actual, expected, per_array: bool = True) -> tuple[float, str
 
 
 # ---- timing ------------------------------------------------------------------------------------
+WARMUP_S = 0.25
 def measure(
     benchmark,
     run: Callable[[], Any],
@@ -378,6 +379,11 @@ def measure(
         rounds = min_rounds
     else:
         for _ in range(warmup):
+            run()
+        # then keep the GPU busy for WARMUP_S: its clocks ramp up from idle, and a median over
+        # calls made at lower clocks read up to 1.4x slow on the H200 (bench/NOTES.md)
+        start = time.perf_counter()
+        while warmup and time.perf_counter() - start < WARMUP_S:
             run()
         start = time.perf_counter()
         run()

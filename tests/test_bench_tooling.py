@@ -225,3 +225,17 @@ def test_conv_flops_counts_the_dense_layer_as_its_spec_says():
     with kernels.use_backend("dense"):
         counted = _harness.conv_flops(fn, *args)
     assert counted == 3 * case.spec().dense_flops((8, 8)) > 0
+
+
+def test_measured_table_from_a_committed_run():
+    """`python -m bench measured` rebuilds the committed `auto` table from the run it names."""
+    import json as _json
+
+    from bench.measured import table_from_run
+    from kernels._measured import _DIR
+
+    committed = _json.loads((_DIR / "nvidia-h200.json").read_text())
+    run = _json.loads((pathlib.Path(__file__).parents[1] / committed["source"]).read_text())
+    kind, configs = table_from_run(run)
+    assert kind == committed["device_kind"] == "NVIDIA H200"
+    assert configs == committed["configs"]
