@@ -80,15 +80,19 @@ def pytest_collection_modifyitems(config, items):
         (keep if chosen else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-    # reference and dense everywhere first, then the fused kernels: under --bench-time-budget the
-    # baseline numbers complete and the rest fill the time left (the sort is stable)
+    # layers before model steps (seconds each); within each, reference and dense first, then the
+    # fused kernels: under --bench-time-budget the layer A/B completes and models fill the time
+    # left (the sort is stable)
     keep.sort(key=lambda item: _tier(item))
     items[:] = keep
 
 
-def _tier(item) -> int:
+def _tier(item) -> tuple[int, int]:
     case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-    return 0 if case is None or case[2] in BASELINE_BACKENDS else 1
+    if case is None:
+        return (0, 0)
+    cfg = _configs.CONFIGS.get(case[0])
+    return (int(cfg is not None and cfg.kind == "model"), int(case[2] not in BASELINE_BACKENDS))
 
 
 @pytest.fixture(scope="session")

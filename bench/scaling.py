@@ -231,20 +231,28 @@ def add_efficiency(rows: list[dict]) -> None:
             row["efficiency_base_devices"] = base["devices"]
 
 
-def big_step(cfg: dict, n: int, n_devices: int) -> dict:
-    """One UNet step on an n^3 grid over all devices, and what one device would need."""
+def big_step(cfg: dict, n: int, n_devices: int, compile_one_device: bool = False) -> dict:
+    """One UNet step on an n^3 grid over all devices, and what one device would need: the step's
+    per-device temp bytes times the device count (compiling the 1-device step for its own
+    memory analysis takes minutes at these sizes: `compile_one_device` does it anyway)."""
     spatial = (n,) * 3
     row = run_one("unet", "big", n_devices, spatial, dict(cfg, repeats=1, warmup=1))
-    one = {"devices": 1}
-    try:
-        mesh = make_mesh(1)
-        fn, args = unet_workload(cfg, spatial, mesh)
-        one["temp_bytes"] = temp_bytes(compile_step(fn, args, mesh))
-    except Exception as err:  # noqa: BLE001 - the point: it may not even allocate the inputs
-        one["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+    stats = [getattr(d, "memory_stats", lambda: None)() or {} for d in jax.devices()[:n_devices]]
+    row["device_memory_bytes"] = stats[0].get("bytes_limit")
+    row["peak_bytes_in_use_per_device"] = [s.get("peak_bytes_in_use") for s in stats]
+    one: dict = {"devices": 1}
+    if row.get("temp_bytes_per_device"):
+        one["temp_bytes_estimate"] = row["temp_bytes_per_device"] * n_devices
+    if compile_one_device:
+        try:
+            mesh = make_mesh(1)
+            fn, args = unet_workload(cfg, spatial, mesh)
+            one["temp_bytes"] = temp_bytes(compile_step(fn, args, mesh))
+        except Exception as err:  # noqa: BLE001 - the point: it may not even allocate the inputs
+            one["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     row["one_device"] = one
-    row["device_memory_bytes"] = stats.get("bytes_limit")
+    log(f"big: {row.get('median_ms')} ms on {n_devices} devices; one device would need "
+        f"{one.get('temp_bytes_estimate', 0) / 2**30:.0f} GiB of temp, it has {(row['device_memory_bytes'] or 0) / 2**30:.0f} GiB")
     return row
 
 
@@ -363,6 +371,7 @@ def main(argv=None) -> int:
                 (out / "scaling.json").write_text(json.dumps(results, indent=2))
     if args.big:
         results["rows"].append(big_step(cfg, args.big, counts[-1]))
+        (out / "scaling.json").write_text(json.dumps(results, indent=2))
     results["wall_s"] = round(time.perf_counter() - started, 1)
 
     (out / "scaling.json").write_text(json.dumps(results, indent=2))

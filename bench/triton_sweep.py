@@ -1,7 +1,7 @@
 """Time the `triton` backend's forward against `dense` and `reference` on the standard layers,
 with a sweep over its tiling. For the GPU machine; results go to OUT/triton_sweep.json.
 
-    python3 bench/triton_sweep.py --out DIR [--preset sweep|final] [--budget SECONDS]
+    python3 bench/triton_sweep.py --out DIR [--preset sweep|final|backward] [--budget SECONDS]
 
 A layer: D-dimensional torus, keys {scalar, vector} with c channels each in and out, 3^D invariant
 filters (tests/data/ginjax-0.1.8), vmapped over a batch B, JAX's default precision (TF32).
@@ -106,7 +106,7 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/triton")
-    ap.add_argument("--preset", default="sweep", choices=["sweep", "final"])
+    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward"])
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
     ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
@@ -145,10 +145,11 @@ def main():
         record(row)
         return result
 
-    configs = ["d3_n64_b4_c16"] if args.preset == "sweep" else list(CONFIGS)
+    backward = args.preset == "backward"  # the fused backward's tilings only
+    configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else list(CONFIGS)
     for config in configs:
         labels = [v for v in args.variants.split(",") if v] or (
-            [v for v in SWEEP if v.count("x") == 2] if args.preset == "sweep" else FINAL[config]
+            [v for v in SWEEP if v.count("x") == 2] if args.preset == "sweep" else [] if backward else FINAL[config]
         )
         D, N, B, c = CONFIGS[config]
         if args.tiny:
@@ -161,26 +162,25 @@ def main():
         oracle = jax.jit(by_backend("reference", "fp32"))(xs, ws)
         if config == "d3_n64_b4_c16":
             run_case(config, "copy-floor", lambda xs, ws: tuple(2.0 * x for x in xs), (xs, ws), extra=extra)
-        run_case(config, "reference", by_backend("reference"), (xs, ws), oracle, extra)
-        run_case(config, "dense", by_backend("dense"), (xs, ws), oracle, extra)
-        run_case(config, "triton", by_backend("triton"), (xs, ws), oracle, extra)
+        for name in ("triton",) if backward else ("reference", "dense", "triton"):
+            run_case(config, name, by_backend(name), (xs, ws), oracle, extra)
         for label in labels:
             blocks = BlockSizes(**SWEEP[label])
             run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
-        for mode in ("fp32", "bf16") if config == "d3_n64_b4_c16" else ():
+        for mode in ("fp32", "bf16") if config == "d3_n64_b4_c16" and not backward else ():
             run_case(config, f"triton-{mode}", by_backend("triton", mode), (xs, ws), oracle, extra)
         # forward + backward: the fused backward, dense's VJP (A/B) and the weight kernel's tilings
         cots = [jnp.ones_like(o) * 0.01 for o in oracle]
         def fwd_bwd(run):
             loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
             return jax.value_and_grad(loss, argnums=(0, 1))
-        for name in ("reference", "dense", "triton"):
+        for name in ("triton",) if backward else ("reference", "dense", "triton"):
             run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
-        bwd_variants = {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
+        bwd_variants = {} if backward else {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
         if config == "d3_n64_b4_c16":
             bwd_variants.update({
                 f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(blocks=BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u))
-                for w, t, u in ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6))
+                for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)))
             })
         for label, kw in bwd_variants.items():
             run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, "tf32", **kw)), (xs, ws), None, extra)

@@ -43,8 +43,8 @@ def test_available_natively():
     ok, why = kp.availability()
     assert ok, why
     assert not kpc.default_interpret()
-    choice = kernels.explain(_layer(), (16, 16, 16))
-    assert choice.backend in ("pallas", "triton"), str(choice)  # a fused kernel, not the fallback
+    # `auto` ranks by the committed measurements (kernels/measured), which may favour dense;
+    # asked for by name, the layer runs the Pallas kernel, not the fallback
     assert kernels.explain(_layer(), (16, 16, 16), backend="pallas").backend == "pallas"
 
 

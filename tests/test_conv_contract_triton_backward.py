@@ -85,16 +85,16 @@ def test_drawn_layers_gradients_match_reference(layer, seed):
 
 
 def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
-    """The GPU's weight-gradient tiling (16-pixel tiles, 2 warps, a few units per kernel) with 5
+    """The GPU's weight-gradient tiling (32-pixel tiles, 2 warps, a few units per kernel) with 5
     pixel shares that do not divide the tiles, channel chunks and two output-channel blocks."""
     spec = make_layer(2, 3, [("s", 17), ("v", 2)], [("s", 18), ("v", 1)], (True, False))
     xs, ws = operands(spec, (6, 9), seed=3, batch=2)
     gs = [jnp.asarray(np.random.default_rng(4).standard_normal((2, o) + (6, 9) + (2,) * k), jnp.float32)
           for k, _, o in spec.out_keys]
     blocks = BlockSizes(block_o=16, dw_units=2).for_weight_grad(2)
-    assert blocks.tile == (1, 16) and blocks.num_warps == 2
+    assert blocks.tile == (1, 32) and blocks.num_warps == 2
     got = _backward.weight_grad_launch(spec, "fp32", blocks, xs, gs, groups=5)
-    want = jax.vmap(lambda x, g: jax.vjp(lambda w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32"), ws)[1](g))(xs, gs)[0]
+    want = jax.vmap(lambda x, g: jax.vjp(lambda w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32"), ws)[1](tuple(g)))(xs, gs)[0]
     assert len(_backward.weight_grad_units(spec, 2)) > 3
     for g, w in zip(got, want):
         assert g.shape == w.shape  # per example: (B, o, c, F)

@@ -32,8 +32,9 @@ from .._spec import ConvSpec, FilterBasis, Pair
 from ._kernel import INT32_MAX, BlockSizes, Geometry, plan_partial_sums, plan_weight_grad_kernel
 from ._launch import batch_size, interpreting, run_plan
 
-# programs of the weight-gradient kernel the automatic split aims for (~4 per H200 SM)
-DW_PROGRAMS = 528
+# warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
+# H200 SM (its programs have few warps each, so the count of programs follows their size)
+DW_WARPS = 132 * 16 * 2
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,7 +94,7 @@ def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...],
     per_share = max(1, blocks_per_program(spec, blocks) * batch)
     if interpreting():
         return 1  # the interpreter runs programs one by one: fewer is faster
-    target = max(1, min(tiles, -(-DW_PROGRAMS // per_share)))
+    target = max(1, min(tiles, -(-DW_WARPS // (blocks.num_warps * per_share))))
     # a divisor of the tile count near the target spares the ragged last round its masks
     divisor = max(g for g in range(1, target + 1) if tiles % g == 0)
     return divisor if 2 * divisor >= target else target

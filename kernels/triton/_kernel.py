@@ -57,11 +57,12 @@ class BlockSizes:
         pixels_first: tiles as (pixels, channels) rather than (channels, pixels); None picks
             what puts the lanes along pixels for the installed Triton (see
             `triton_prefers_first_dim`).
-        dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 16
+        dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
             pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
             Triton gives every warp the whole result, so few warps and short tiles keep the
-            registers in check (ptxas, sm_90a: 2 warps, 16 pixels, 6 units: 104-146 registers).
+            registers in check. Defaults: the fastest of five tilings on the H200
+            (bench/NOTES.md, "Backward").
     """
 
     tile: Optional[tuple[int, ...]] = None
@@ -74,11 +75,11 @@ class BlockSizes:
     pixels_first: Optional[bool] = None
     dw_tile: Optional[tuple[int, ...]] = None
     dw_num_warps: int = 2
-    dw_units: int = 6
+    dw_units: int = 4
 
     def for_weight_grad(self, D: int) -> "BlockSizes":
         """The tiling of the weight-gradient kernel, as a BlockSizes of its own."""
-        tile = self.dw_tile if self.dw_tile is not None else (1,) * (D - 1) + (16,)
+        tile = self.dw_tile if self.dw_tile is not None else (1,) * (D - 1) + (32,)
         return dataclasses.replace(self, tile=tile, num_warps=self.dw_num_warps)
 
     def resolved_tile(self, D: int) -> tuple[int, ...]:
@@ -338,7 +339,7 @@ class _Layer:
             src(f"q{ax} = t{ax} * {tile[ax]} + {expr}")
         p_ok = [f"(q{ax} < {self.out_spatial[ax]})" for ax in range(D) if self.out_spatial[ax] % tile[ax]]
         if extra_ok:
-            p_ok.append(f"(r >= 0) & ({extra_ok})")  # (r >= 0): a tile-shaped mask, not a scalar
+            p_ok.append(f"({extra_ok})")
         self.has_p_ok = bool(p_ok)
         if p_ok:
             src(f"p_ok = {' & '.join(p_ok)}")
@@ -628,7 +629,7 @@ def plan_weight_grad_kernel(
     src(f"for it in range({n_iter}):")
     src.depth += 1
     src(f"tid = grp + it * {groups}")
-    L.emit_pixels(src, f"tid % {total_tiles}" if ragged else "tid", extra_ok=f"tid < {total_tiles}" if ragged else None)
+    L.emit_pixels(src, f"tid % {total_tiles}" if ragged else "tid", extra_ok=f"tid + r * 0 < {total_tiles}" if ragged else None)  # r * 0: tile-shaped, not a scalar
     # cotangent tiles of this pixel tile, (out channels, pixels): the A operands of the dots
     used = sorted({(spec.pairs[tm.pair].out_index, tm.j) for d in L.terms_by_key for ts in d.values() for tm in ts})
     for b, j in used:

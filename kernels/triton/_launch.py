@@ -11,6 +11,7 @@ e.g. weights shared by a vmapped batch); one launch covers the whole batch.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -118,15 +119,22 @@ def _to_torch(array: np.ndarray):
     return torch.from_numpy(array.copy())
 
 
+# XLA may run independent callbacks of one program on several threads at once (the weight
+# gradient's kernels are independent); Triton's interpreter patches triton.language globally
+# and CPython 3.11's AST constructor is not thread-safe, so interpreted launches take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _interpret(plan, shapes, grid, args, poison):
     def host(*arrays):
         import torch
 
-        kernel = compile_plan(plan)
-        tensors = [_to_torch(np.asarray(a)) for a in arrays]
-        outs = [torch.full(s.shape, float(poison), dtype=torch.float32) for s in shapes]
-        kernel[(grid,)](*tensors, *outs)
-        return tuple(o.numpy() for o in outs)
+        with _INTERPRETER_LOCK:
+            kernel = compile_plan(plan)
+            tensors = [_to_torch(np.asarray(a)) for a in arrays]
+            outs = [torch.full(s.shape, float(poison), dtype=torch.float32) for s in shapes]
+            kernel[(grid,)](*tensors, *outs)
+            return tuple(o.numpy() for o in outs)
 
     # never vmapped: the custom_vmap rules of conv_contract.py turn vmap into one batched launch
     return tuple(jax.pure_callback(host, tuple(shapes), *args))
