@@ -1,7 +1,8 @@
-"""`python -m bench measured RESULTS.json`: write the `auto` table kernels/measured/<device>.json
-from a committed bench run (the median ms of every backend, per layer configuration and mode).
+"""`python -m bench measured RESULTS.json [MORE.json ...]`: write the `auto` table
+kernels/measured/<device>.json from committed bench runs (the median ms of every backend, per
+layer configuration and mode; a later run's numbers replace an earlier run's).
 
-    python -m bench measured bench/results/nvidia-h200/<date>-<commit>.json
+    python -m bench measured bench/results/nvidia-h200/<date>-<commit>.json [...]
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import pathlib
 from kernels._measured import _DIR, device_slug
 
 
-def table_from_run(run: dict) -> tuple[str, dict]:
-    """(device kind, table) from a pytest-benchmark JSON written by `python -m bench --out`."""
-    configs: dict = {}
+def table_from_run(run: dict, configs: dict | None = None) -> tuple[str, dict]:
+    """(device kind, table) from a pytest-benchmark JSON written by `python -m bench --out`,
+    updating `configs` (a table from earlier runs) when given."""
+    configs = {} if configs is None else configs
     kinds = set()
     for bench in run["benchmarks"]:
         info = bench.get("extra_info", {})
@@ -34,11 +36,17 @@ def table_from_run(run: dict) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench measured", description=__doc__.splitlines()[0])
-    p.add_argument("results", help="a bench JSON (bench/results/<device>/<date>-<commit>.json)")
+    p.add_argument("results", nargs="+", help="bench JSONs (bench/results/<device>/<date>-<commit>.json), oldest first")
     args = p.parse_args(argv)
-    path = pathlib.Path(args.results)
-    kind, configs = table_from_run(json.loads(path.read_text()))
+    configs: dict = {}
+    kinds = set()
+    for path in args.results:
+        kind, configs = table_from_run(json.loads(pathlib.Path(path).read_text()), configs)
+        kinds.add(kind)
+    if len(kinds) != 1:
+        raise SystemExit(f"the runs are from different device kinds: {sorted(kinds)}")
     out = _DIR / f"{device_slug(kind)}.json"
-    out.write_text(json.dumps({"device_kind": kind, "source": path.as_posix(), "configs": configs}, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}: {len(configs)} configurations from {path}")
+    sources = [pathlib.Path(path).as_posix() for path in args.results]
+    out.write_text(json.dumps({"device_kind": kind, "sources": sources, "configs": configs}, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {out}: {len(configs)} configurations from {', '.join(sources)}")
     return 0

@@ -285,13 +285,20 @@ class _Layer:
                     self.terms_by_key[pair.in_index].setdefault(key, []).extend(terms)
         self.nonzeros = sum(len(v) for d in self.terms_by_key for v in d.values())
         precision = {"tf32": "tf32", "fp32": "tf32x3"}.get(mode)
-        self.to_bf16 = ""
+        self.mode = mode
+        self.bf16_dot_in_fp32 = bf16_dot_in_fp32
         if mode == "bf16":
-            self.to_bf16 = ".to(tl.bfloat16).to(tl.float32)" if bf16_dot_in_fp32 else ".to(tl.bfloat16)"
             precision = "ieee" if bf16_dot_in_fp32 else None
         self.dot_kw = f", input_precision=\"{precision}\"" if precision else ""
         self.peak_live = 0
         self.segment = 0
+
+    def dot_operand(self, e: str) -> str:
+        """A float32 tile as a tl.dot operand of this precision mode (bf16 rounds to nearest
+        even, as the GPU does; Triton's interpreter would truncate, so it rounds by hand)."""
+        if self.mode != "bf16":
+            return e
+        return f"_round_bf16({e})" if self.bf16_dot_in_fp32 else f"({e}).to(tl.bfloat16)"
 
     def as_row(self, e: str) -> str:  # a pixel-index expression as a (1, BP) row
         return f"tl.trans({e})" if self.pf else f"({e})"
@@ -315,6 +322,14 @@ class _Layer:
             "    return tl.inline_asm_elementwise(",
             "        \"mov.b32 $0, $1;\", \"=r,r\", [z], dtype=tl.float32, is_pure=False, pack=1",
             "    )",
+            "",
+            "",
+            "@triton.jit",
+            "def _round_bf16(x):",
+            "    # float32 rounded to the nearest bfloat16 (ties to even), kept in float32",
+            "    b = x.to(tl.uint32, bitcast=True)",
+            "    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000",
+            "    return b.to(tl.float32, bitcast=True)",
             "",
             "",
             "@triton.jit",
@@ -545,8 +560,8 @@ def plan_kernel(
                 wptr = f"w{tm.pair}b + {ob_off}[:, None] + {cc_off}[None, :]"
             else:
                 wptr = f"w{tm.pair}b + {cc_off}[:, None] + {ob_off}[None, :]"
-            src(f"{wname} = tl.load({wptr}, mask={wmask}, other=0.0).to(tl.float32){L.to_bf16}")
-        zval = f"{z}{L.to_bf16}"
+            src(f"{wname} = {L.dot_operand(f'tl.load({wptr}, mask={wmask}, other=0.0).to(tl.float32)')}")
+        zval = L.dot_operand(z)
         acc = f"acc{b}_{tm.j}"
         if op:
             src(f"{acc} = tl.dot({wname}, {f'tl.trans({zval})' if pf else zval}, {acc}{L.dot_kw})")
@@ -638,12 +653,12 @@ def plan_weight_grad_kernel(
         pos = f"q * {L.dk_out[b]} + {j}" if L.dk_out[b] > 1 else "q"
         mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
         ptr = f"g{b}b + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
-        src(f"gt{b}_{j} = tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32){L.to_bf16}")
+        src(f"gt{b}_{j} = {L.dot_operand(f'tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)')}")
 
     def reduce_z(src, tm, z, c_a, c_mask):
         # dw[o, c, f] += G_b[o, :, j] @ Z[c, f, j, :]^T  (pixels are the K of the dot)
         b = spec.pairs[tm.pair].out_index
-        zval = f"{z}{L.to_bf16}"
+        zval = L.dot_operand(z)
         src(f"dw{tm.pair}_{tm.f} = tl.dot(gt{b}_{tm.j}, {zval if pf else f'tl.trans({zval})'}, dw{tm.pair}_{tm.f}{L.dot_kw})")
 
     L.emit_stencil(src, reduce_z, chunk_loop=False)
