@@ -118,20 +118,28 @@ def test_poisoned_outputs_are_all_written(algorithm, block_p):
 
 @pytest.mark.parametrize("algorithm", kpc.ALGORITHMS)
 def test_bench_layer_against_dense(algorithm):
-    """d3_n64_b4_c16 at TF32: forward and gradients within the tf32 tolerance of dense (fp32)."""
+    """d3_n64_b4_c16 at TF32: forward and gradients within the tf32 tolerance of dense (fp32).
+
+    The loss is linear in the outputs (fixed random cotangents): a nonlinear one (o * cos o, as
+    this test once had) feeds the forward's TF32 rounding, amplified by |o| ~ 10, into the
+    cotangents, and both backends' gradients then sit ~8e-3 from the fp32 ones (H200, 2026-11-21)."""
     spec = _layer(D=3, c=(16, 16))
     inputs, weights = _operands(spec, (64, 64, 64), seed=9, batch=4)
+    rng = np.random.default_rng(10)
+    cots = [jnp.asarray(rng.standard_normal((4, o) + (64,) * 3 + (3,) * k), jnp.float32) for k, _, o in spec.out_keys]
 
     def loss(backend, precision):
         def f(xs, ws):
             alg = algorithm if backend == "pallas" else None
             outs = _forward_fn(spec, backend, precision, batched=True, algorithm=alg)(xs, ws)
-            return sum(jnp.vdot(o, jnp.cos(o)) for o in outs), outs
+            return sum(jnp.vdot(o, g) for o, g in zip(outs, cots)), outs
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
     (_, want), want_g = loss("dense", "fp32")(inputs, weights)
     (_, got), got_g = loss("pallas", "tf32")(inputs, weights)
     for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+    for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
     for g, w in zip(jax.tree_util.tree_leaves(got_g), jax.tree_util.tree_leaves(want_g)):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
