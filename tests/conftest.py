@@ -121,6 +121,24 @@ def draw_padding(draw, D, M):
     return padding
 
 
+# every (k, parity) key type of tensor order up to 2: the fused backends' coverage
+COVERED_KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def draw_covered_layer(draw):
+    """Hypothesis draw of a layer inside the fused backends' coverage (stride 1, any padding,
+    rhs_dilation 1-2, torus per axis) and a grid side N that fits its filters: (spec, N)."""
+    import kernels  # here, not at the top: only the kernel-backend tests need it
+
+    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, COVERED_KEYS, 2)
+    rhs = draw(st.integers(1, 2)) if M <= 3 else 1
+    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
+    padding = draw_padding(draw, D, M)
+    N = draw(st.integers(5, 7) if D == 2 else st.integers(4, 5))
+    assume(N >= (M - 1) * rhs + 1)
+    return kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, 1, padding, None, rhs), N
+
+
 def fixture_spec(meta, arrays):
     """The spec, inputs and weights of a recorded ginjax 0.1.8 ConvContract case (bias excluded),
     and its recorded outputs."""

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax
@@ -22,8 +22,7 @@ from conftest import (
     fixture_filters,
     fixture_spec,
     float64,
-    draw_keys_and_pairs,
-    draw_padding,
+    draw_covered_layer,
     random_operands,
     rel_l2,
 )
@@ -129,20 +128,11 @@ def test_fixture_cases_factorised(case):
 
 
 # ---- hypothesis: configurations inside the coverage ----------------------------------------------
-KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
-
-
 @st.composite
 def covered_configurations(draw):
-    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 2)
-    rhs = draw(st.integers(1, 2)) if M <= 3 else 1
-    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
-    padding = draw_padding(draw, D, M)
-    N = draw(st.integers(5, 7) if D == 2 else st.integers(4, 5))
-    assume(N >= (M - 1) * rhs + 1)
-    spec = kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, 1, padding, None, rhs)
+    spec, N = draw_covered_layer(draw)
     batched = draw(st.booleans())
-    return spec, (N,) * D, batched
+    return spec, (N,) * spec.D, batched
 
 
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

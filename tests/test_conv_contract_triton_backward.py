@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_cases, draw_keys_and_pairs, draw_padding, rel_l2
+from conftest import conv_contract_cases, draw_covered_layer, rel_l2
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
@@ -61,18 +61,9 @@ def test_fixture_geometries_gradients_match_reference(case):
     check_grads(grads(spec, xs, ws, "triton", batched=False), grads(spec, xs, ws, "reference", batched=False))
 
 
-KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
-
-
 @st.composite
 def covered_layers(draw):
-    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 2)
-    rhs = draw(st.integers(1, 2)) if M <= 3 else 1
-    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
-    padding = draw_padding(draw, D, M)
-    N = draw(st.integers(5, 7) if D == 2 else st.integers(4, 5))
-    assume(N >= (M - 1) * rhs + 1)
-    return kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, 1, padding, None, rhs), N
+    return draw_covered_layer(draw)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
