@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._spec import ConvSpec, FilterBasis, Pair
-from ._kernel import INT32_MAX, BlockSizes, Geometry, plan_partial_sums, plan_weight_grad_kernel
+from ._kernel import INT32_MAX, BlockSizes, Geometry, _next_pow2, plan_partial_sums, plan_weight_grad_kernel
 from ._launch import batch_size, interpreting, run_plan
 
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
@@ -91,7 +91,7 @@ def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...],
     programs to fill the GPU, each reducing a long run of tiles in registers."""
     out_spatial = spec.out_spatial(spatial)
     tiles = math.prod(-(-n // t) for n, t in zip(out_spatial, blocks.resolved_tile(spec.D)))
-    per_share = max(1, blocks_per_program(spec, blocks) * batch)
+    per_share = max(1, programs_per_share(spec, blocks) * batch)
     if interpreting():
         return 1  # the interpreter runs programs one by one: fewer is faster
     target = max(1, min(tiles, -(-DW_WARPS // (blocks.num_warps * per_share))))
@@ -100,9 +100,10 @@ def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...],
     return divisor if 2 * divisor >= target else target
 
 
-def blocks_per_program(spec: ConvSpec, blocks: BlockSizes) -> int:
+def programs_per_share(spec: ConvSpec, blocks: BlockSizes) -> int:
+    """(input-channel chunk, output-channel block) programs of one pixel share, as the kernel tiles them."""
     n_chunks = max(-(-c // blocks.block_c) for _, _, c in spec.in_keys)
-    n_otiles = max(-(-o // min(max(1 << max(0, (o - 1).bit_length()), 16), blocks.block_o)) for _, _, o in spec.out_keys)
+    n_otiles = max(-(-o // min(max(_next_pow2(o), 16), blocks.block_o)) for _, _, o in spec.out_keys)
     return n_chunks * n_otiles
 
 
