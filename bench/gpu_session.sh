@@ -5,10 +5,12 @@
 #   STAGES="sweep profile pallas" bash bench/gpu_session.sh
 #
 # Stages (each bounded by its own timeout; logs and JSON under $OUT/<stage>/):
-#   sweep    bench/triton_sweep.py --preset final (triton forward variants vs dense and reference)
+#   sweep    bench/triton_sweep.py --preset $PRESET (final: forward variants and the backward vs dense and
+#            reference on every standard layer; backward: the weight kernel's tilings only)
 #   profile  Nsight Compute on one triton forward launch of d3_n64_b4_c16 (PROFILE_ARGS adds --bwd)
 #   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
-#   tests    python3 -m pytest -m gpu (every GPU test, memcheck included)
+#   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
+#            triton file alone needs more than 170 s with the backward tests)
 #   bench    python3 -m bench on the standard configurations (the committed A/B table)
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH.
 set -uo pipefail
@@ -38,7 +40,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       OUT="$OUT/pallas" SKIP_TESTS=1 PALLAS_CHECK_TIMEOUT_S="${T_PALLAS:-150}" PALLAS_CHECK_BUDGET_S="$(( ${T_PALLAS:-150} - 30 ))" \
         bash bench/pallas_gpu_check.sh > "$OUT/pallas/log.txt" 2>&1 ;;
     tests)
-      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/tests/log.txt" 2>&1 ;;
+      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
