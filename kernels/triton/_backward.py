@@ -30,7 +30,7 @@ import numpy as np
 
 from .._spec import ConvSpec, FilterBasis, Pair
 from ._kernel import INT32_MAX, BlockSizes, Geometry, _next_pow2, plan_partial_sums, plan_weight_grad_kernel
-from ._launch import batch_size, interpreting, run_plan
+from ._launch import batch_size, batched_flags, interpreting, run_plan
 
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
 # H200 SM (its programs have few warps each, so the count of programs follows their size)
@@ -136,8 +136,8 @@ def weight_grad_launch(
     spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
     geometry = Geometry(
         spatial=spatial,
-        x_batched=tuple(batch > 1 and x.shape[0] == batch for x in xs),
-        y_batched=tuple(batch > 1 and g.shape[0] == batch for g in gs),
+        x_batched=batched_flags(xs, batch),
+        y_batched=batched_flags(gs, batch),
     )
     host = interpreting()
     # the interpreter keeps the forward's large tiles: it runs programs one by one

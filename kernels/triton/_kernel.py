@@ -439,7 +439,7 @@ class _Layer:
                 if looping:
                     src(f"for ch in range({self.n_chunks}):")
                     src.depth += 1
-                src(f"cc = ch * {BC} + cr" if (looping or not chunk_loop) and self.n_chunks > 1 else "cc = cr")
+                src(f"cc = ch * {BC} + cr" if self.n_chunks > 1 else "cc = cr")
                 coff = "cc.to(tl.int64)" if wide else "cc"
                 src(f"xrow = x{a}b + ({coff} * {self.npix * self.dk_in[a]}){'[None, :]' if self.pf else '[:, None]'}")
                 if c_mask:

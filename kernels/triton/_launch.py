@@ -43,6 +43,11 @@ def batch_size(arrays: Sequence) -> int:
     return batch
 
 
+def batched_flags(arrays: Sequence, batch: int) -> tuple[bool, ...]:
+    """Per operand, whether it carries the batch (else its size-1 axis is broadcast, stride 0)."""
+    return tuple(batch > 1 and a.shape[0] == batch for a in arrays)
+
+
 def launch(
     spec: ConvSpec,
     mode: str,
@@ -63,8 +68,8 @@ def launch(
     spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
     geometry = Geometry(
         spatial=spatial,
-        x_batched=tuple(batch > 1 and x.shape[0] == batch for x in xs),
-        w_batched=tuple(batch > 1 and w.shape[0] == batch for w in ws),
+        x_batched=batched_flags(xs, batch),
+        w_batched=batched_flags(ws, batch),
     )
     aliased = poison is not None and not interpreting()
     # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
