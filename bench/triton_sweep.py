@@ -48,7 +48,21 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x64-w4": dict(tile=(1, 64), num_warps=4),
     "op-2x64-w8": dict(tile=(2, 64)),
     "op-1x128-w8": dict(tile=(1, 128)),
+    # register caps (ptxas .maxnreg): more resident warps for the latency-bound stencil
+    "op-1x1x64-w8-r80": dict(tile=(1, 1, 64), max_registers=80),
+    "op-1x1x64-w8-r64": dict(tile=(1, 1, 64), max_registers=64),
+    "op-1x1x32-w4": dict(tile=(1, 1, 32), num_warps=4),
+    "op-1x1x32-w4-r96": dict(tile=(1, 1, 32), num_warps=4, max_registers=96),
+    "op-1x1x32-w4-r80": dict(tile=(1, 1, 32), num_warps=4, max_registers=80),
+    "op-1x1x32-w4-r72": dict(tile=(1, 1, 32), num_warps=4, max_registers=72),
+    "op-1x1x32-w4-r64": dict(tile=(1, 1, 32), num_warps=4, max_registers=64),
+    "op-1x64-w4-r80": dict(tile=(1, 64), num_warps=4, max_registers=80),
+    "op-1x128-w8-r80": dict(tile=(1, 128), max_registers=80),
 }
+REGISTERS = [label for label in SWEEP if "-r" in label and label.count("x") == 2] + ["op-1x1x32-w4"]
+# weight-gradient tilings of the "registers" preset: (warps, tile along the last axis, units, cap)
+DW_REGISTERS = ((2, 32, 4, None), (2, 32, 4, 128), (2, 32, 4, 96), (2, 32, 4, 80), (2, 16, 4, 96), (2, 16, 4, 64),
+                (4, 32, 4, 128), (2, 32, 6, 128))
 FINAL = {  # config: variants timed besides the default
     "d3_n64_b4_c16": ["op-1x1x64-w4", "op-1x2x32-w8"],
     "d3_n64_b2_c32": ["op-1x1x64-w8-o16"],
@@ -106,7 +120,7 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/triton")
-    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward"])
+    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward", "registers"])
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
     ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
@@ -145,6 +159,8 @@ def main():
         record(row)
         return result
 
+    if args.preset == "registers":
+        return registers_preset(args, run_case, start)
     backward = args.preset == "backward"  # the fused backward's tilings only
     configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else list(CONFIGS)
     for config in configs:
@@ -206,6 +222,37 @@ def main():
             f"{dense / r['ms'] if dense else 0:7.2f} {r['temp_bytes'] / r['io_bytes']:7.3f} "
             f"{r.get('rel_err', float('nan')):9.2e} {r['compile_s']:7.1f}"
         )
+
+
+def registers_preset(args, run_case, start):
+    """Register caps on d3_n64_b4_c16: forward tilings, then the backward's two parts alone (the
+    input gradient is the forward kernel on the transposed layer), weight-gradient tilings last."""
+    from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+
+    config = "d3_n64_b4_c16"
+    D, N, B, c = CONFIGS[config]
+    if args.tiny:
+        N, B, c = 6, 1, 4
+    spec, xs, ws = layer(D, N, B, c)
+    extra = dict(io_bytes=sum(x.size * 4 for x in xs) * 2, dense_flops=B * spec.dense_flops((N,) * D))
+    fwd = lambda run: (lambda xs, ws: jax.vmap(lambda x: run(x, ws))(xs))
+    oracle = jax.jit(fwd(lambda x, w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32")))(xs, ws)
+    run_case(config, "triton", fwd(lambda x, w: conv_contract_triton(spec, x, w, "tf32")), (xs, ws), oracle, extra)
+    labels = [v for v in args.variants.split(",") if v] or REGISTERS
+    for label in labels:
+        blocks = BlockSizes(**SWEEP[label])
+        run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
+    cots = [jnp.asarray(np.random.default_rng(1).standard_normal(o.shape), jnp.float32) for o in oracle]
+    spec_t, _ = transposed_spec(spec)
+    for label in ["triton"] + labels[:4]:
+        blocks = BlockSizes(**SWEEP.get(label, {}))
+        run_case(config, f"bwd-input-grad-only-{label}",
+                 fwd(lambda g, w, b=blocks: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32", blocks=b)), (cots, ws), None, extra)
+    for w, t, u, cap in DW_REGISTERS:
+        blocks = BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u, dw_max_registers=cap)
+        run_case(config, f"bwd-weight-grad-only-w{w}-t{t}-u{u}-r{cap}",
+                 lambda xs, gs, b=blocks: weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
+    print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -307,8 +307,44 @@ def test_bad_arguments_are_clear_errors():
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(num_warps=3))
     with pytest.raises(ValueError, match=r"`orientation` \(='pp'\)"):
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(orientation="pp"))
+    with pytest.raises(ValueError, match=r"`max_registers` \(=16\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(max_registers=16))
+    with pytest.raises(ValueError, match=r"`dw_max_registers` \(=300\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(dw_max_registers=300))
     with pytest.raises(ValueError, match=r"`inputs\[0\]` has dtype int32"):
         conv_contract_triton(spec, [x.astype(jnp.int32) for x in xs], ws, "fp32")
+
+
+def test_register_cap_reaches_the_compiler_options(monkeypatch):
+    """jax-triton passes no `maxnreg`: the launcher wraps its kernel factory so that a capped
+    plan's backend options carry it, and leaves every other kernel's options alone."""
+    import types
+
+    seen = []
+
+    class Backend:
+        def parse_options(self, opts):
+            seen.append(dict(opts))
+            return opts
+
+    def factory(backend_init_func, platform, fn, *args, **kwargs):
+        return backend_init_func(0, 90).parse_options({"num_warps": kwargs["num_warps"]})
+
+    fake = types.SimpleNamespace(triton_lib=types.SimpleNamespace(get_or_create_triton_kernel=factory))
+    monkeypatch.setattr(_launch, "_REGISTER_CAPS", {})
+    _launch._cap_registers(fake, "capped_kernel", 80)
+    _launch._cap_registers(fake, "other_capped_kernel", 96)  # wraps once, records the cap
+    make = fake.triton_lib.get_or_create_triton_kernel
+    named = lambda name: types.SimpleNamespace(__name__=name)
+    assert make(lambda d, cc: Backend(), "cuda", named("capped_kernel"), num_warps=4) == {"num_warps": 4, "maxnreg": 80}
+    assert make(lambda d, cc: Backend(), "cuda", named("other_capped_kernel"), num_warps=8)["maxnreg"] == 96
+    assert make(lambda d, cc: Backend(), "cuda", named("plain_kernel"), num_warps=4) == {"num_warps": 4}
+    # the plan carries the cap; the weight-gradient kernel has its own
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    geometry = _kernel.Geometry((16,) * 3, (True, True), (False,) * 4)
+    blocks = BlockSizes(max_registers=80, dw_max_registers=128)
+    assert _kernel.plan_kernel(spec, geometry, "tf32", blocks).max_registers == 80
+    assert blocks.for_weight_grad(3).max_registers == 128
 
 
 def test_imports_cleanly_without_triton_torch_or_jax_triton():

@@ -49,6 +49,9 @@ class BlockSizes:
         block_o: most output channels per program and key (at least 16); wider keys get more
             programs, each recomputing the cheap stencil step.
         num_warps, num_stages: Triton launch options.
+        max_registers: a cap on registers per thread (ptxas' `.maxnreg`), or None for ptxas' own
+            choice. The stencil is latency-bound at 2 CTAs per SM: a cap trades a few spills (L1
+            hits) for more resident warps. Only the GPU path applies it.
         orientation: "op" accumulates (out channels, pixels), "po" (pixels, out channels).
         vector_loads: let Triton vectorise the loads of unshifted taps. Its coalescing pass then
             gives every load and store of the same tile shape 4 pixels per thread (the widest
@@ -62,7 +65,7 @@ class BlockSizes:
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
             Triton gives every warp the whole result, so few warps and short tiles keep the
             registers in check. Defaults: the fastest of five tilings on the H200
-            (bench/NOTES.md, "Backward").
+            (bench/NOTES.md, "Backward"). dw_max_registers: max_registers of that kernel.
     """
 
     tile: Optional[tuple[int, ...]] = None
@@ -76,11 +79,13 @@ class BlockSizes:
     dw_tile: Optional[tuple[int, ...]] = None
     dw_num_warps: int = 2
     dw_units: int = 4
+    max_registers: Optional[int] = None
+    dw_max_registers: Optional[int] = None
 
     def for_weight_grad(self, D: int) -> "BlockSizes":
         """The tiling of the weight-gradient kernel, as a BlockSizes of its own."""
         tile = self.dw_tile if self.dw_tile is not None else (1,) * (D - 1) + (32,)
-        return dataclasses.replace(self, tile=tile, num_warps=self.dw_num_warps)
+        return dataclasses.replace(self, tile=tile, num_warps=self.dw_num_warps, max_registers=self.dw_max_registers)
 
     def resolved_tile(self, D: int) -> tuple[int, ...]:
         return self.tile if self.tile is not None else default_tile(D)
@@ -101,6 +106,10 @@ class BlockSizes:
             raise ValueError(f"`num_stages` (={self.num_stages!r}) must be >= 1")
         if self.dw_num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"`dw_num_warps` (={self.dw_num_warps!r}) must be a power of 2 up to 32")
+        for name in ("max_registers", "dw_max_registers"):
+            v = getattr(self, name)
+            if v is not None and not 24 <= v <= 255:
+                raise ValueError(f"`{name}` (={v!r}) must be None or between 24 and 255")
         if self.dw_units < 1:
             raise ValueError(f"`dw_units` (={self.dw_units!r}) must be >= 1")
         if self.dw_tile is not None:
@@ -145,6 +154,7 @@ class KernelPlan:
     num_stages: int
     nonzeros: int
     peak_live_z: int
+    max_registers: Optional[int] = None
 
 
 # ---- the sparse structure of the basis and the tap schedule -------------------------------------
@@ -685,6 +695,7 @@ def _finish(L: _Layer, src: _Source, name: str, args: Sequence[str], programs_pe
         out_spatial=L.out_spatial,
         num_warps=L.blocks.num_warps,
         num_stages=L.blocks.num_stages,
+        max_registers=L.blocks.max_registers,
         nonzeros=L.nonzeros,
         peak_live_z=L.peak_live,
     )

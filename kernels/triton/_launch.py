@@ -95,6 +95,8 @@ def _gpu(plan, shapes, grid, args, poison):
     import jax_triton  # lazily: it fails to import on a CPU-only jaxlib
 
     kernel = compile_plan(plan)
+    if plan.max_registers is not None:
+        _cap_registers(jax_triton, plan.name, plan.max_registers)
     args = list(args)
     aliases = {}
     if poison is not None:
@@ -112,6 +114,38 @@ def _gpu(plan, shapes, grid, args, poison):
         name=plan.name,
     )
     return tuple(outs)
+
+
+_REGISTER_CAPS: dict[str, int] = {}
+
+
+def _cap_registers(jax_triton, name: str, cap: int) -> None:
+    """Compile kernel `name` with at most `cap` registers per thread.
+
+    jax-triton 0.3 passes no `maxnreg` to Triton, so its kernel factory is wrapped once: for a
+    kernel with a cap, the backend's parsed options get `maxnreg` (a CUDAOptions field since
+    Triton 3.0). Plans are named by a hash of their tiling, so each name has one cap. If the
+    factory is not where 0.3 keeps it, kernels compile uncapped (slower, never wrong)."""
+    _REGISTER_CAPS[name] = cap
+    lib = getattr(jax_triton, "triton_lib", None)
+    original = getattr(lib, "get_or_create_triton_kernel", None)
+    if original is None or getattr(original, "_ginjax_register_caps", False):
+        return
+
+    def get_or_create_triton_kernel(backend_init_func, platform, fn, *args, **kwargs):
+        limit = _REGISTER_CAPS.get(getattr(fn, "__name__", ""))
+        if limit is not None:
+            def backend_with_cap(*a, _init=backend_init_func, **kw):
+                backend = _init(*a, **kw)
+                parse = backend.parse_options
+                backend.parse_options = lambda opts: parse({**opts, "maxnreg": limit})
+                return backend
+
+            backend_init_func = backend_with_cap
+        return original(backend_init_func, platform, fn, *args, **kwargs)
+
+    get_or_create_triton_kernel._ginjax_register_caps = True
+    lib.get_or_create_triton_kernel = get_or_create_triton_kernel
 
 
 # ---- host: Triton's interpreter on torch CPU tensors ---------------------------------------------------
