@@ -50,16 +50,21 @@ class BlockSizes:
     """Tile sizes and launch parameters (powers of two; None picks a size from the layer).
 
     Attributes:
-        algorithm: "taps" (loop over filter taps, the filter tile of each tap built on chip from
-            the weights and the basis, one tensor-core dot per component pair and tap) or
-            "factorised" (the static sparse basis stencil unrolled over its nonzeros, then a
-            channel GEMM: factorised.py).
+        algorithm: "factorised" (default: the fastest on the H200, bench/PALLAS_NOTES.md) or
+            "taps" (loop over filter taps, the filter tile of each tap built on chip from
+            the weights and the basis, one tensor-core dot per component pair and tap);
+            "factorised" unrolls the static sparse basis stencil over its nonzeros, then does a
+            channel GEMM (factorised.py).
         block_p: destination pixels per program in the forward kernel.
         block_p_dx: the same for the input-gradient kernel.
         block_p_dw: pixels per step of the weight-gradient kernel.
         dw_programs: programs of the weight-gradient kernel (each reduces a share of the pixel
             tiles; their partial sums are added after the launch).
-        acc_budget: fp32 accumulator elements per program that the automatic block_p aims for.
+        acc_budget: fp32 accumulator elements per program that the automatic block_p aims for
+            (taps kernels; the factorised weight-gradient kernel's Z and accumulators).
+        z_budget: fp32 elements of on-chip Z tiles and accumulators per program that the factorised
+            forward and input-gradient kernels' automatic block_p aims for (24576 gives 32 pixels
+            on the standard {scalar, vector} x 16 layer in 3D, the fastest measured).
         hoist_budget: weight elements (all terms, padded) up to which the forward kernels load
             the weights once per program instead of once per tap.
         num_warps, num_warps_dw: Triton warps of the forward/input-gradient and of the
@@ -68,12 +73,13 @@ class BlockSizes:
         num_stages: Triton pipelining depth. Launch parameters are ignored in interpret mode.
     """
 
-    algorithm: str = "taps"
+    algorithm: str = "factorised"
     block_p: Optional[int] = None
     block_p_dx: Optional[int] = None
     block_p_dw: Optional[int] = None
     dw_programs: int = 264
     acc_budget: int = 8192
+    z_budget: int = 24576
     hoist_budget: int = 4096
     num_warps: Optional[int] = None
     num_warps_dw: Optional[int] = None
@@ -106,8 +112,10 @@ class BlockSizes:
             raise ValueError(f"`block_sizes.dw_programs` (={self.dw_programs!r}) must be an int >= 1")
         if not isinstance(self.hoist_budget, int) or self.hoist_budget < 0:
             raise ValueError(f"`block_sizes.hoist_budget` (={self.hoist_budget!r}) must be an int >= 0")
-        if not isinstance(self.acc_budget, int) or self.acc_budget < 256:
-            raise ValueError(f"`block_sizes.acc_budget` (={self.acc_budget!r}) must be an int >= 256")
+        for name in ("acc_budget", "z_budget"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 256:
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be an int >= 256")
 
 
 # ---- forward / input-gradient kernel ----------------------------------------------------------

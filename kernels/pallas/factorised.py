@@ -111,7 +111,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
 def stencil_call(plan: Stencil, srcs, weights, *, mode, bs, block_p, interpret, poison=False,
                  name="conv_contract"):
     """Launch the factorised stencil kernel; returns the destination blocks, native shapes."""
-    block_p = factorised_block_p(plan, block_p, bs.acc_budget)
+    block_p = factorised_block_p(plan, block_p, bs.z_budget)
     operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
     kernel = functools.partial(_stencil_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
     return _t.launch_stencil(
