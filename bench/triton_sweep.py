@@ -60,9 +60,11 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x128-w8-r80": dict(tile=(1, 128), max_registers=80),
 }
 REGISTERS = [label for label in SWEEP if "-r" in label and label.count("x") == 2] + ["op-1x1x32-w4"]
-# weight-gradient tilings of the "registers" preset: (warps, tile along the last axis, units, cap)
+# weight-gradient tilings: (warps, tile along the last axis, units, register cap)
 DW_REGISTERS = ((2, 32, 4, None), (2, 32, 4, 128), (2, 32, 4, 96), (2, 32, 4, 80), (2, 16, 4, 96), (2, 16, 4, 64),
                 (4, 32, 4, 128), (2, 32, 6, 128))
+DW_TILINGS = ((2, 16, 4, None), (2, 32, 4, None), (4, 32, 4, None), (1, 16, 4, None), (2, 16, 6, None),
+              (2, 16, 3, None), (4, 16, 4, None), (2, 32, 3, None))
 FINAL = {  # config: variants timed besides the default
     "d3_n64_b4_c16": ["op-1x1x64-w4", "op-1x2x32-w8"],
     "d3_n64_b2_c32": ["op-1x1x64-w8-o16"],
@@ -120,7 +122,7 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/triton")
-    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward", "registers"])
+    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward", "registers", "dw"])
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
     ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
@@ -159,7 +161,7 @@ def main():
         record(row)
         return result
 
-    if args.preset == "registers":
+    if args.preset in ("registers", "dw"):
         return registers_preset(args, run_case, start)
     backward = args.preset == "backward"  # the fused backward's tilings only
     configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else list(CONFIGS)
@@ -225,8 +227,11 @@ def main():
 
 
 def registers_preset(args, run_case, start):
-    """Register caps on d3_n64_b4_c16: forward tilings, then the backward's two parts alone (the
-    input gradient is the forward kernel on the transposed layer), weight-gradient tilings last."""
+    """d3_n64_b4_c16, preset "registers": register caps on the forward tilings, then the
+    backward's two parts alone (the input gradient is the forward kernel on the transposed layer)
+    and weight-gradient tilings with caps. Preset "dw": weight-gradient tilings alone, then
+    forward + backward (dense's and the fused one with a few weight tilings)."""
+    dw_only = args.preset == "dw"
     from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
 
     config = "d3_n64_b4_c16"
@@ -238,7 +243,7 @@ def registers_preset(args, run_case, start):
     fwd = lambda run: (lambda xs, ws: jax.vmap(lambda x: run(x, ws))(xs))
     oracle = jax.jit(fwd(lambda x, w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32")))(xs, ws)
     run_case(config, "triton", fwd(lambda x, w: conv_contract_triton(spec, x, w, "tf32")), (xs, ws), oracle, extra)
-    labels = [v for v in args.variants.split(",") if v] or REGISTERS
+    labels = [v for v in args.variants.split(",") if v] or ([] if dw_only else REGISTERS)
     for label in labels:
         blocks = BlockSizes(**SWEEP[label])
         run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
@@ -248,10 +253,20 @@ def registers_preset(args, run_case, start):
         blocks = BlockSizes(**SWEEP.get(label, {}))
         run_case(config, f"bwd-input-grad-only-{label}",
                  fwd(lambda g, w, b=blocks: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32", blocks=b)), (cots, ws), None, extra)
-    for w, t, u, cap in DW_REGISTERS:
-        blocks = BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u, dw_max_registers=cap)
+    dw_blocks = lambda w, t, u, cap: BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u, dw_max_registers=cap)
+    for w, t, u, cap in DW_TILINGS if dw_only else DW_REGISTERS:
         run_case(config, f"bwd-weight-grad-only-w{w}-t{t}-u{u}-r{cap}",
-                 lambda xs, gs, b=blocks: weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
+                 lambda xs, gs, b=dw_blocks(w, t, u, cap): weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
+    if dw_only:
+        def fwd_bwd(run):
+            loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
+            return jax.value_and_grad(loss, argnums=(0, 1))
+
+        for name in ("dense", "triton"):
+            run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
+        for w, t, u, cap in DW_TILINGS[:3]:
+            run_case(config, f"dw-w{w}-t{t}-u{u}-fwd_bwd",
+                     fwd_bwd(lambda x, ww, b=dw_blocks(w, t, u, cap): conv_contract_triton(spec, x, ww, "tf32", blocks=b)), (xs, ws), None, extra)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

@@ -92,6 +92,22 @@ def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
         assert rel_l2(g, w) <= 1e-5
 
 
+def test_weight_kernels_load_each_input_tile_once():
+    """Units are grouped by the taps their filters touch: on the standard 3D layer the kernels of
+    4 units load each of the 108 (tap, component) input tiles exactly once between them."""
+    from kernels.triton import _kernel
+
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    groups = _backward.weight_grad_units(spec, 4)
+    units = sorted(u for g in groups for u in g)
+    assert units == sorted((t, f) for t, p in enumerate(spec.pairs) for f in range(p.basis.n_filters))
+    assert max(len(g) for g in groups) == 4
+    geometry = _kernel.Geometry((64,) * 3, (True, True), (), (True, True))
+    blocks = BlockSizes().for_weight_grad(3)
+    loads = [_kernel.plan_weight_grad_kernel(spec, geometry, "tf32", blocks, 8, g).source.count("x = tl.load(") for g in groups]
+    assert sum(loads) == 27 + 81
+
+
 def test_transposed_spec_swaps_keys_and_padding():
     spec = make_layer(2, 3, [("s", 2), ("v", 3), ("t", 1)], [("v", 4)], (True, False), padding="TORUS", rhs_dilation=2)
     spec_t, used = _backward.transposed_spec(spec)
