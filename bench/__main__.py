@@ -64,7 +64,7 @@ def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
     configs = _configs.select_configs(args.configs, jax.default_backend())
     available = kernels.available_backends()
     if args.backends.strip():
-        backends = _configs.parse_selection(args.backends, kernels.registered_backends(), "--backends")
+        backends = _configs.parse_selection(args.backends, _configs.bench_backends(), "--backends")
         for name in backends:
             if name not in available:
                 try:

@@ -140,6 +140,17 @@ DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
+# `auto` (the dispatcher's own pick per layer) is a bench backend too, on request only.
+AUTO = "auto"
+
+
+def bench_backends() -> tuple[str, ...]:
+    """The backends a benchmark case can name: the registered ones, then `auto`."""
+    import kernels
+
+    return tuple(kernels.registered_backends()) + (AUTO,)
+
+
 def case_id(config: Config, mode: str, backend: str) -> str:
     """The pytest parameter id: `[quick-]{config}-{mode}-{backend}`."""
     prefix = "quick-" if config.quick else ""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import kernels
 
+from . import _configs
 from ._configs import Config, LayerConfig, ModelConfig, group_name
 
 SEED = 20261121
@@ -136,6 +137,8 @@ class LayerCase:
         if not ok:
             return False, why
         choice = kernels.explain(self.spec(), self.cfg.spatial, backend=backend)
+        if backend == _configs.AUTO:
+            return True, f"auto picks {choice.backend}: {choice.reason}"
         if choice.backend != backend:
             return False, choice.reason
         return True, choice.reason

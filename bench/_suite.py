@@ -110,7 +110,7 @@ def load_results(path) -> dict:
     return data
 
 
-_BACKEND_ORDER = ("reference", "dense", "triton", "pallas")
+_BACKEND_ORDER = ("reference", "dense", "triton", "pallas", "auto")
 
 
 def backend_order(name: str) -> tuple:

@@ -94,7 +94,7 @@ def _fresh_run(old: dict, args) -> tuple[Optional[dict], int]:
     run = dict(
         configs=configs,
         modes=sorted({m for _, m, _ in cases}),
-        backends=[b for b in sorted({b for _, _, b in cases}) if b in kernels.available_backends()],
+        backends=[b for b in sorted({b for _, _, b in cases}) if b in kernels.available_backends() + ("auto",)],
         commit=_suite.resolve_commit(args.commit),
         max_time=args.max_time,
         min_rounds=args.min_rounds,

@@ -51,7 +51,11 @@ def _selection(config) -> tuple[set, set, set]:
     try:
         configs = set(_configs.select_configs(config.getoption("--bench-configs"), _platform()))
         backends = set(
-            _configs.parse_selection(config.getoption("--bench-backends"), kernels.registered_backends(), "--bench-backends")
+            _configs.parse_selection(
+                config.getoption("--bench-backends") or ",".join(kernels.registered_backends()),
+                _configs.bench_backends(),
+                "--bench-backends",
+            )
         )
         modes = set(_configs.parse_selection(config.getoption("--bench-modes"), _configs.MODES, "--bench-modes"))
     except ValueError as err:

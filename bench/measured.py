@@ -21,8 +21,8 @@ def table_from_run(run: dict, configs: dict | None = None) -> tuple[str, dict]:
     kinds = set()
     for bench in run["benchmarks"]:
         info = bench.get("extra_info", {})
-        if info.get("kind") != "layer" or "median_s" not in info:
-            continue
+        if info.get("kind") != "layer" or "median_s" not in info or info.get("backend") == "auto":
+            continue  # `auto` rows measure the table's own pick
         kinds.add(info["device_kind"])
         entry = configs.setdefault(info["config"], {
             "D": info["D"], "cin": info["cin"], "cout": info["cout"], "k_max": info["k_max"],

@@ -15,7 +15,7 @@ from bench import _configs, _harness
 
 CASES = [
     pytest.param(case, id=case_id)
-    for case, case_id in _configs.cases(_configs.MODEL_CONFIGS, kernels.registered_backends())
+    for case, case_id in _configs.cases(_configs.MODEL_CONFIGS, _configs.bench_backends())
 ]
 
 

@@ -44,7 +44,7 @@ def recorded_run(tmp_path_factory):
     """One real `python -m bench --out` run (small, short timing): its output and files."""
     out = tmp_path_factory.mktemp("bench-out")
     proc = _run(
-        "-m", "bench", "--configs", "d2_n64_b4_c8", "--backends", "reference,dense", "--modes", "fwd",
+        "-m", "bench", "--configs", "d2_n64_b4_c8", "--backends", "reference,dense,auto", "--modes", "fwd",
         "--max-time", "0.05", "--min-rounds", "3", "--out", str(out),
         env_extra={_suite.COMMIT_ENV: "cafe123"},
     )
@@ -61,7 +61,7 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
     assert results["commit_info"]["id"] == "cafe123"
     assert results["machine_info"]["device_slug"] == "cpu"
     by_backend = {b["extra_info"]["backend"]: b for b in results["benchmarks"]}
-    assert set(by_backend) == {"reference", "dense"}
+    assert set(by_backend) == {"reference", "dense", "auto"}  # auto: the dispatcher's pick, on request
     for bench in by_backend.values():
         info = bench["extra_info"]
         assert bench["group"] == "d2_n64_b4_c8-fwd"
@@ -76,8 +76,8 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
             assert key in info
     # the printed table: one row per benchmark, the reference is 1.00x of itself
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| d2_n64_b4_c8")]
-    assert len(rows) == 2 and "| reference | " in rows[0] and "1.00x" in rows[0]
-    assert (out / json_files[0]).with_suffix(".txt").read_text().count("| d2_n64_b4_c8") == 2
+    assert len(rows) == 3 and "| reference | " in rows[0] and "1.00x" in rows[0] and "| auto " in rows[2]
+    assert (out / json_files[0]).with_suffix(".txt").read_text().count("| d2_n64_b4_c8") == 3
     png = (out / json_files[0]).with_suffix(".png")
     try:
         import matplotlib  # noqa: F401
@@ -122,7 +122,8 @@ def test_compare_defaults_to_newest_baseline_against_a_fresh_run(recorded_run):
     verdicts = ("ok", "faster", "SLOWER")
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[-1:] and line.split()[-1] in verdicts]
     assert sorted(names) == [
-        "test_conv_contract[quick-d2_n64_b4_c8-fwd-dense]", "test_conv_contract[quick-d2_n64_b4_c8-fwd-reference]"
+        "test_conv_contract[quick-d2_n64_b4_c8-fwd-auto]", "test_conv_contract[quick-d2_n64_b4_c8-fwd-dense]",
+        "test_conv_contract[quick-d2_n64_b4_c8-fwd-reference]",
     ]
 
 
