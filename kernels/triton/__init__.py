@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
 from .._spec import ConvSpec
-from ._kernel import MAX_NONZEROS, BlockSizes, check_sizes, count_nonzeros
+from ._stencil import check_sizes, count_nonzeros
+from ._tiling import MAX_NONZEROS, BlockSizes
 from ._launch import interpreting
 from .conv_contract import conv_contract_triton
 

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._spec import ConvSpec, FilterBasis, Pair
-from ._kernel import INT32_MAX, BlockSizes, Geometry, _next_pow2, plan_partial_sums, plan_weight_grad_kernel
+from ._kernel import plan_partial_sums, plan_weight_grad_kernel
+from ._stencil import _next_pow2
+from ._tiling import INT32_MAX, BlockSizes, Geometry
 from ._launch import batch_size, batched_flags, interpreting, run_plan
 
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._spec import ConvSpec
-from ._kernel import INT32_MAX, BlockSizes, Geometry, KernelPlan, compile_plan, plan_kernel
+from ._kernel import compile_plan, plan_kernel
+from ._tiling import INT32_MAX, BlockSizes, Geometry, KernelPlan
 
 
 def interpreting() -> bool:

@@ -23,7 +23,8 @@ from .._lax_common import compute_dtype
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from ._backward import transposed_spec, transposed_weights, weight_grad_launch
-from ._kernel import BlockSizes, check_sizes
+from ._stencil import check_sizes
+from ._tiling import BlockSizes
 from ._launch import interpreting, launch
 
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

@@ -1,0 +1,131 @@
+"""Tiling, geometry and plan records of the generated Triton kernels (forward and weight gradient)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+
+INT32_MAX = 2**31 - 1
+# Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
+MAX_NONZEROS = 6000
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the fused forward.
+
+    Attributes:
+        tile: output pixels per program along each spatial axis (powers of 2); None picks
+            `default_tile(D)`.
+        block_c: input channels per chunk (the K of each tl.dot; at least 16).
+        block_o: most output channels per program and key (at least 16); wider keys get more
+            programs, each recomputing the cheap stencil step.
+        num_warps, num_stages: Triton launch options.
+        max_registers: a cap on registers per thread (ptxas' `.maxnreg`), or None for ptxas' own
+            choice. The stencil is latency-bound at 2 CTAs per SM: a cap trades a few spills (L1
+            hits) for more resident warps. Only the GPU path applies it.
+        orientation: "op" accumulates (out channels, pixels), "po" (pixels, out channels).
+        vector_loads: let Triton vectorise the loads of unshifted taps. Its coalescing pass then
+            gives every load and store of the same tile shape 4 pixels per thread (the widest
+            vectorisable access sets it for all of them), so a warp's lanes stride 16 bytes (48 for
+            vectors) and each load instruction touches 4x more cache lines; off by default.
+        pixels_first: tiles as (pixels, channels) rather than (channels, pixels); None picks
+            what puts the lanes along pixels for the installed Triton (see
+            `triton_prefers_first_dim`).
+        dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
+            pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
+            dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
+            Triton gives every warp the whole result, so few warps and short tiles keep the
+            registers in check. Defaults: the fastest of five tilings on the H200
+            (bench/NOTES.md, "Backward"). dw_max_registers: max_registers of that kernel.
+    """
+
+    tile: Optional[tuple[int, ...]] = None
+    block_c: int = 16
+    block_o: int = 32
+    num_warps: int = 8
+    num_stages: int = 1
+    orientation: str = "op"
+    vector_loads: bool = False
+    pixels_first: Optional[bool] = None
+    dw_tile: Optional[tuple[int, ...]] = None
+    dw_num_warps: int = 2
+    dw_units: int = 4
+    max_registers: Optional[int] = None
+    dw_max_registers: Optional[int] = None
+
+    def for_weight_grad(self, D: int) -> "BlockSizes":
+        """The tiling of the weight-gradient kernel, as a BlockSizes of its own."""
+        tile = self.dw_tile if self.dw_tile is not None else (1,) * (D - 1) + (32,)
+        return dataclasses.replace(self, tile=tile, num_warps=self.dw_num_warps, max_registers=self.dw_max_registers)
+
+    def resolved_tile(self, D: int) -> tuple[int, ...]:
+        return self.tile if self.tile is not None else default_tile(D)
+
+    def check(self, D: int) -> None:
+        tile = self.resolved_tile(D)
+        if len(tile) != D or any(t < 1 or t & (t - 1) for t in tile) or math.prod(tile) < 16:
+            raise ValueError(f"`tile` (={self.tile!r}) must be {D} powers of 2 with at least 16 pixels")
+        for name in ("block_c", "block_o"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"`{name}` (={v!r}) must be a power of 2 >= 16 (tl.dot's minimum)")
+        if self.orientation not in ("op", "po"):
+            raise ValueError(f"`orientation` (={self.orientation!r}) must be 'op' or 'po'")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"`num_warps` (={self.num_warps!r}) must be a power of 2 up to 32")
+        if self.num_stages < 1:
+            raise ValueError(f"`num_stages` (={self.num_stages!r}) must be >= 1")
+        if self.dw_num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"`dw_num_warps` (={self.dw_num_warps!r}) must be a power of 2 up to 32")
+        for name in ("max_registers", "dw_max_registers"):
+            v = getattr(self, name)
+            if v is not None and not 24 <= v <= 255:
+                raise ValueError(f"`{name}` (={v!r}) must be None or between 24 and 255")
+        if self.dw_units < 1:
+            raise ValueError(f"`dw_units` (={self.dw_units!r}) must be >= 1")
+        if self.dw_tile is not None:
+            dataclasses.replace(self, tile=self.dw_tile, dw_tile=None).check(D)
+
+
+def triton_prefers_first_dim() -> bool:
+    """Whether Triton's coalescing, between dimensions of equal (unknown) contiguity, puts the
+    lanes along the first one: up to 3.6 it does (a stable sort of the contiguities); 3.9 takes
+    the last one. Without triton (plans built for the interpreter) it does not matter."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    return version < (3, 7)
+
+
+def default_tile(D: int) -> tuple[int, ...]:
+    return (1, 1, 64) if D == 3 else (1, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What a launch fixes beyond the spec: input sizes and which operands carry a batch axis."""
+
+    spatial: tuple[int, ...]
+    x_batched: tuple[bool, ...]
+    w_batched: tuple[bool, ...] = ()
+    y_batched: tuple[bool, ...] = ()  # the cotangents of the weight-gradient kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """A generated kernel and how to launch it."""
+
+    name: str
+    source: str
+    programs_per_batch: int
+    out_spatial: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+    nonzeros: int
+    peak_live_z: int
+    max_registers: Optional[int] = None
