@@ -31,8 +31,8 @@ import numpy as np
 from .._spec import ConvSpec, FilterBasis, Pair
 from ._kernel import plan_partial_sums, plan_weight_grad_kernel
 from ._stencil import _next_pow2
-from ._tiling import INT32_MAX, BlockSizes, Geometry
-from ._launch import batch_size, batched_flags, interpreting, run_plan
+from ._tiling import INT32_MAX, BlockSizes
+from ._launch import interpreting, launch_geometry, run_plan
 
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
 # H200 SM (its programs have few warps each, so the count of programs follows their size)
@@ -156,13 +156,8 @@ def weight_grad_launch(
         gs: per output key, (1 or B, o, *out_spatial, *(D,)*k): the outputs' cotangents.
         groups: pixel-tile shares per program column (None: `default_groups`).
     """
-    batch = batch_size(list(xs) + list(gs))
-    spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
-    geometry = Geometry(
-        spatial=spatial,
-        x_batched=batched_flags(xs, batch),
-        y_batched=batched_flags(gs, batch),
-    )
+    batch, geometry = launch_geometry(spec, xs, gs=gs)
+    spatial = geometry.spatial
     host = interpreting()
     # the interpreter keeps the forward's large tiles: it runs programs one by one
     blocks = blocks if host else blocks.for_weight_grad(spec.D)

@@ -49,6 +49,19 @@ def batched_flags(arrays: Sequence, batch: int) -> tuple[bool, ...]:
     return tuple(batch > 1 and a.shape[0] == batch for a in arrays)
 
 
+def launch_geometry(spec: ConvSpec, xs: Sequence, ws: Sequence = (), gs: Sequence = ()) -> tuple[int, Geometry]:
+    """The batch size of a launch's operands (inputs xs, weights ws, cotangents gs; each with a
+    leading batch axis of 1 or B) and its Geometry."""
+    batch = batch_size(list(xs) + list(ws) + list(gs))
+    spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
+    return batch, Geometry(
+        spatial=spatial,
+        x_batched=batched_flags(xs, batch),
+        w_batched=batched_flags(ws, batch),
+        y_batched=batched_flags(gs, batch),
+    )
+
+
 def launch(
     spec: ConvSpec,
     mode: str,
@@ -65,13 +78,7 @@ def launch(
         poison: if set, outputs start filled with this value (tests check that every element is
             overwritten); on the interpreter path outputs always start as NaN.
     """
-    batch = batch_size(list(xs) + list(ws))
-    spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
-    geometry = Geometry(
-        spatial=spatial,
-        x_batched=batched_flags(xs, batch),
-        w_batched=batched_flags(ws, batch),
-    )
+    batch, geometry = launch_geometry(spec, xs, ws=ws)
     aliased = poison is not None and not interpreting()
     # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
     host = interpreting()
