@@ -51,7 +51,6 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     # register caps (ptxas .maxnreg): more resident warps for the latency-bound stencil
     "op-1x1x64-w8-r80": dict(tile=(1, 1, 64), max_registers=80),
     "op-1x1x64-w8-r64": dict(tile=(1, 1, 64), max_registers=64),
-    "op-1x1x32-w4": dict(tile=(1, 1, 32), num_warps=4),
     "op-1x1x32-w4-r96": dict(tile=(1, 1, 32), num_warps=4, max_registers=96),
     "op-1x1x32-w4-r80": dict(tile=(1, 1, 32), num_warps=4, max_registers=80),
     "op-1x1x32-w4-r72": dict(tile=(1, 1, 32), num_warps=4, max_registers=72),
@@ -111,6 +110,17 @@ def measure(fn, args, reps=20, stream=10):
     times.sort()
     return result, dict(ms=statistics.median(times), p20_ms=times[len(times) // 5], p80_ms=times[(4 * len(times)) // 5],
                         min_ms=times[0], stream_ms=stream_ms, compile_s=round(compile_s, 1), temp_bytes=temp)
+
+
+def value_and_grad_of(fwd, run, cots):
+    """value_and_grad over (xs, ws) of the linear loss sum <fwd(run)(xs, ws), cots>."""
+    loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def dw_blocks(D, warps, tile, units, cap=None):
+    """The weight-gradient kernel's tiling: warps, pixels along the last axis, units, register cap."""
+    return BlockSizes(dw_num_warps=warps, dw_tile=(1,) * (D - 1) + (tile,), dw_units=units, dw_max_registers=cap)
 
 
 def rel(a, b):
@@ -189,15 +199,13 @@ def main():
             run_case(config, f"triton-{mode}", by_backend("triton", mode), (xs, ws), oracle, extra)
         # forward + backward: the fused backward, dense's VJP (A/B) and the weight kernel's tilings
         cots = [jnp.ones_like(o) * 0.01 for o in oracle]
-        def fwd_bwd(run):
-            loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
-            return jax.value_and_grad(loss, argnums=(0, 1))
+        fwd_bwd = lambda run: value_and_grad_of(fwd, run, cots)
         for name in ("triton",) if backward else ("reference", "dense", "triton"):
             run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
         bwd_variants = {} if backward else {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
         if config == "d3_n64_b4_c16":
             bwd_variants.update({
-                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(blocks=BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u))
+                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(blocks=dw_blocks(D, w, t, u))
                 for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)))
             })
         for label, kw in bwd_variants.items():
@@ -253,20 +261,16 @@ def registers_preset(args, run_case, start):
         blocks = BlockSizes(**SWEEP.get(label, {}))
         run_case(config, f"bwd-input-grad-only-{label}",
                  fwd(lambda g, w, b=blocks: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32", blocks=b)), (cots, ws), None, extra)
-    dw_blocks = lambda w, t, u, cap: BlockSizes(dw_num_warps=w, dw_tile=(1,) * (D - 1) + (t,), dw_units=u, dw_max_registers=cap)
     for w, t, u, cap in DW_TILINGS if dw_only else DW_REGISTERS:
         run_case(config, f"bwd-weight-grad-only-w{w}-t{t}-u{u}-r{cap}",
-                 lambda xs, gs, b=dw_blocks(w, t, u, cap): weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
+                 lambda xs, gs, b=dw_blocks(D, w, t, u, cap): weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
     if dw_only:
-        def fwd_bwd(run):
-            loss = lambda xs, ws: sum(jnp.vdot(o, g) for o, g in zip(fwd(run)(xs, ws), cots))
-            return jax.value_and_grad(loss, argnums=(0, 1))
-
+        fwd_bwd = lambda run: value_and_grad_of(fwd, run, cots)
         for name in ("dense", "triton"):
             run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
         for w, t, u, cap in DW_TILINGS[:3]:
             run_case(config, f"dw-w{w}-t{t}-u{u}-fwd_bwd",
-                     fwd_bwd(lambda x, ww, b=dw_blocks(w, t, u, cap): conv_contract_triton(spec, x, ww, "tf32", blocks=b)), (xs, ws), None, extra)
+                     fwd_bwd(lambda x, ww, b=dw_blocks(D, w, t, u, cap): conv_contract_triton(spec, x, ww, "tf32", blocks=b)), (xs, ws), None, extra)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 
