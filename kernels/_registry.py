@@ -40,6 +40,8 @@ class Backend:
         availability: () -> (ok, reason): can it run on this machine at all.
         coverage: (spec, spatial, dtype) -> (ok, reason): does it cover this configuration.
         priority: platform ("cpu", "gpu", "tpu") -> rank for "auto"; higher wins, absent = never.
+        describe: optional (spec, spatial) -> how the backend computes this configuration
+            (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Backend:
     availability: Callable[[], tuple[bool, str]]
     coverage: Callable[[ConvSpec, tuple, object], tuple[bool, str]]
     priority: dict
+    describe: Optional[Callable[[ConvSpec, tuple], str]] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -133,6 +136,15 @@ def requested_backend(backend: Optional[str]) -> tuple[str, str]:
 
 def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None) -> Choice:
     """Pick the backend for one call (see the module docstring for the rules)."""
+    choice = _choose(spec, spatial, dtype, backend)
+    describe = _BACKENDS[choice.backend].describe
+    how = describe(spec, spatial) if describe is not None else ""
+    if not how:
+        return choice
+    return dataclasses.replace(choice, reason=f"{choice.reason}; {choice.backend} runs it as {how}")
+
+
+def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Choice:
     name, source = requested_backend(backend)
     _check_name(name)
     if name != "auto":
