@@ -30,7 +30,7 @@ from ._registry import (
 )
 from ._sharding import SpatialSharding, active_spatial_sharding, sharded_conv_contract, spatial_sharding
 from ._spec import ConvSpec, FilterBasis, Pair, check_operands, make_spec, resolve_padding
-from .dense import assemble_dense_filter, conv_contract_dense
+from .dense import assemble_dense_filter, conv_contract_dense, describe_dense
 from .reference import conv_contract_reference
 
 __all__ = [
@@ -66,7 +66,14 @@ def _covers_all(spec, spatial, dtype) -> tuple[bool, str]:
 
 register_backend(Backend("reference", conv_contract_reference, _always, _covers_all, priority={}))
 register_backend(
-    Backend("dense", conv_contract_dense, _always, _covers_all, priority={"cpu": 10, "gpu": 10, "tpu": 10})
+    Backend(
+        "dense",
+        conv_contract_dense,
+        _always,
+        _covers_all,
+        priority={"cpu": 10, "gpu": 10, "tpu": 10},
+        describe=describe_dense,
+    )
 )
 
 

@@ -43,6 +43,8 @@ class Backend:
         fused_bias: `run` takes a fifth argument, the bias (kernels._bias), and adds it itself
             as `spec.bias_modes` say; otherwise `run` gets a spec without bias modes and the
             registry adds the bias after it (`run_backend`).
+        describe: optional (spec, spatial) -> how the backend computes this configuration
+            (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Backend:
     coverage: Callable[[ConvSpec, tuple, object], tuple[bool, str]]
     priority: dict
     fused_bias: bool = False
+    describe: Optional[Callable[[ConvSpec, tuple], str]] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -137,6 +140,15 @@ def requested_backend(backend: Optional[str]) -> tuple[str, str]:
 
 def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None) -> Choice:
     """Pick the backend for one call (see the module docstring for the rules)."""
+    choice = _choose(spec, spatial, dtype, backend)
+    describe = _BACKENDS[choice.backend].describe
+    how = describe(spec, spatial) if describe is not None else ""
+    if not how:
+        return choice
+    return dataclasses.replace(choice, reason=f"{choice.reason}; {choice.backend} runs it as {how}")
+
+
+def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Choice:
     name, source = requested_backend(backend)
     _check_name(name)
     if name != "auto":
