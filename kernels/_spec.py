@@ -364,7 +364,7 @@ def check_operands(spec: ConvSpec, inputs: Sequence, weights: Sequence) -> tuple
         n = spatial[ax]
         padded = (n + sum(spec.torus_pad[ax]) - 1) * ld + 1 + sum(spec.zero_pad[ax])
         raise ValueError(
-            f"input spatial axis {ax} has {n} cells, {padded} after padding (wrap "
+            f"input spatial axis {ax} is too small: it has {n} cells, {padded} after padding (wrap "
             f"{spec.torus_pad[ax]}, zeros {spec.zero_pad[ax]}"
             + (f", lhs_dilation {ld}" if ld != 1 else "")
             + f"), fewer than the {reach} cells the filter reaches (size {m}"

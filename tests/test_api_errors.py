@@ -111,7 +111,7 @@ CASES = [
     ("int32 input (item 11)", lambda: _layer()(_x(dtype=jnp.int32)), ValueError, r"`x\[\(\(\), 0\)\]` has dtype int32; ConvContract takes floating-point"),
     ("wrong signature input", lambda: _layer()(_x(sig=SCALAR)), ValueError, r"`x` has signature .* but the layer expects"),
     ("array instead of MultiImage", lambda: _layer()(jnp.ones((2, 4, 4))), TypeError, r"`x` \(=.*\) must be a geom.MultiImage"),
-    ("VALID + dilation too small (item 8)", lambda: _conv(padding="VALID", rhs_dilation=2)(_x(n=4)), ValueError, r"axis 0 has 4 cells, 4 after padding .* fewer than the 5 cells the filter reaches \(size 3 dilated by rhs_dilation 2\)"),
+    ("VALID + dilation too small (item 8)", lambda: _conv(padding="VALID", rhs_dilation=2)(_x(n=4)), ValueError, r"axis 0 is too small: it has 4 cells, 4 after padding .* fewer than the 5 cells the filter reaches \(size 3 dilated by rhs_dilation 2\)"),
     # --- kernels.conv_contract and make_spec (item 10)
     ("spec=None", lambda: kernels.conv_contract(None, *_operands()), TypeError, r"`spec` \(=NoneType\) must be a kernels.ConvSpec"),
     ("inputs as nested lists", lambda: kernels.conv_contract(_spec(), [[[1.0] * 4] * 4], _operands()[1]), TypeError, r"`inputs\[0\]` \(=list\) must be an array"),
