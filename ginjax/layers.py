@@ -20,9 +20,11 @@ from jaxtyping import ArrayLike
 
 from ginjax import geometric as geom
 from ginjax._conv_contract import ConvContract, MultiImageLayer
+from ginjax._filter_bank import FilterBank
 
 __all__ = [
     "ConvContract",
+    "FilterBank",
     "GroupNorm",
     "LayerNorm",
     "LayerWrapper",

@@ -29,7 +29,16 @@ from ._registry import (
     use_backend,
 )
 from ._sharding import SpatialSharding, active_spatial_sharding, sharded_conv_contract, spatial_sharding
-from ._spec import ConvSpec, FilterBasis, Pair, check_operands, make_spec, resolve_padding
+from ._spec import (
+    FLOAT_DTYPES,
+    ConvSpec,
+    FilterBasis,
+    Pair,
+    check_float_dtype,
+    check_operands,
+    make_spec,
+    resolve_padding,
+)
 from .dense import assemble_dense_filter, conv_contract_dense, describe_dense
 from .reference import conv_contract_reference
 
@@ -37,12 +46,14 @@ __all__ = [
     "Backend",
     "Choice",
     "ConvSpec",
+    "FLOAT_DTYPES",
     "FilterBasis",
     "MODES",
     "Pair",
     "TOLERANCE",
     "assemble_dense_filter",
     "available_backends",
+    "check_float_dtype",
     "conv_contract",
     "explain",
     "make_spec",
@@ -110,17 +121,32 @@ def conv_contract(
             ("add": out += b; "mean": out += b * spatial mean of out). None when no mode is set.
         backend: a registered name or "auto"/None (then `use_backend`, $GINJAX_BACKEND, auto).
         precision: None (JAX's default matmul precision), "fp32", "tf32" or "bf16".
+
+    dtypes: inputs and weights must be floating point (`FLOAT_DTYPES`; anything else raises a
+    ValueError); the outputs have the inputs' dtype, accumulated in at least float32.
     """
-    inputs = tuple(inputs)
-    weights = tuple(weights)
+    inputs = _as_sequence(inputs, "inputs")
+    weights = _as_sequence(weights, "weights")
     spatial = check_operands(spec, inputs, weights)
     bias = check_bias(spec, bias)
     mode = resolve_precision(precision)
+    out_dtype = jax.numpy.result_type(*inputs)
     layout = active_spatial_sharding()
     if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
-        return sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
-    choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
-    return _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
+        outs = sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
+    else:
+        choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
+        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
+    return tuple(o.astype(out_dtype) for o in outs)
+
+
+def _as_sequence(value, name: str) -> tuple:
+    if hasattr(value, "shape") or not isinstance(value, Sequence):
+        raise TypeError(
+            f"`{name}` (={type(value).__name__}) must be a list or tuple of arrays, one per "
+            + ("input key" if name == "inputs" else "pair of the spec")
+        )
+    return tuple(value)
 
 
 def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:

@@ -57,6 +57,12 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+# how an error names where a backend name came from (see requested_backend)
+_SOURCE_LABEL = {
+    "argument": "`backend`",
+    "use_backend()": "`use_backend` name",
+    f"${ENV_VAR}": f"environment variable {ENV_VAR}",
+}
 _local = threading.local()
 
 
@@ -87,7 +93,9 @@ def device_kind() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, ConvContract layers whose backend is "auto" use `name`."""
-    _check_name(name)
+    if not isinstance(name, str):
+        raise ValueError(f"`use_backend` name (={name!r}) must be a string")
+    _check_name(name, "`use_backend` name")
     prev = getattr(_local, "forced", None)
     _local.forced = name
     try:
@@ -96,18 +104,19 @@ def use_backend(name: str):
         _local.forced = prev
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, source: str = "`backend`") -> None:
+    """Raise a ValueError naming `source` (the argument or $GINJAX_BACKEND) unless `name` runs here."""
     if name == "auto":
         return
     if name not in _BACKENDS:
         raise ValueError(
-            f"unknown ConvContract backend {name!r}; registered: {sorted(_BACKENDS)}, "
+            f"{source} (={name!r}) is not a ConvContract backend; registered: {sorted(_BACKENDS)}, "
             f"available here: {sorted(available_backends())} (or 'auto')"
         )
     ok, why = _BACKENDS[name].availability()
     if not ok:
         raise ValueError(
-            f"ConvContract backend {name!r} cannot run here: {why}. "
+            f"{source} (={name!r}) names a ConvContract backend that cannot run here: {why}. "
             f"Available here: {sorted(available_backends())} (or 'auto')"
         )
 
@@ -128,11 +137,14 @@ class Choice:
 def requested_backend(backend: Optional[str]) -> tuple[str, str]:
     """The name asked for and where it came from."""
     if backend is not None and backend != "auto":
+        if not isinstance(backend, str):
+            raise ValueError(f"`backend` (={backend!r}) must be a backend name (a string) or None")
         return backend, "argument"
     forced = getattr(_local, "forced", None)
     if forced is not None:
         return forced, "use_backend()"
-    env = os.environ.get(ENV_VAR)
+    # shells and .env files leave stray spaces and capitals; the names are lower-case words
+    env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
         return env, f"${ENV_VAR}"
     return "auto", "default"
@@ -150,7 +162,7 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
 
 def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Choice:
     name, source = requested_backend(backend)
-    _check_name(name)
+    _check_name(name, _SOURCE_LABEL.get(source, source))
     if name != "auto":
         ok, why = _BACKENDS[name].coverage(spec, spatial, dtype)
         if ok:
