@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec
+from .._spec import ConvSpec, torus_wrap_exceeds
 from ._stencil import check_sizes, count_nonzeros
 from ._tiling import MAX_NONZEROS, BlockSizes
 from ._launch import interpreting
@@ -72,6 +72,8 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
         return False, f"lhs_dilation {spec.lhs_dilation} is not covered"
     if dtype is not None and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return False, f"{jnp.dtype(dtype).name} operands are not covered (fp32 accumulation only)"
+    if why := torus_wrap_exceeds(spec, spatial):
+        return False, why
     nonzeros = count_nonzeros(spec)
     if nonzeros > MAX_NONZEROS:
         return False, f"the basis has {nonzeros} nonzeros, more than the {MAX_NONZEROS} the kernel unrolls"
