@@ -20,18 +20,13 @@ import ginjax.geometric as geom
 from ginjax import ml, models
 from kernels import _sharding
 
-from _util import HaloSpy, check_close, ensure_hook, mesh, weighted_sum
+from _util import HaloSpy, check_close, mesh, weighted_sum
 from conftest import fixture_filters
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
 IN_SIG = geom.Signature(((SCALAR, 2), (VECTOR, 1)))
 OUT_SIG = geom.Signature(((SCALAR, 1), (VECTOR, 1)))
 TOL = 1e-10  # float64, same algorithm: only the summation order differs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _hook():
-    ensure_hook()
 
 
 @pytest.fixture(autouse=True)
