@@ -83,14 +83,14 @@ def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
 
 
 def run(args) -> int:
-    from bench import _harness, plot
+    from bench import _device, plot
 
     try:
         configs, backends, modes = _resolve_selection(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    info = _harness.device_info()
+    info = _device.device_info()
     commit = _suite.resolve_commit(args.commit)
     print(f"python -m bench: {info['device_kind']} | configs {','.join(configs)} | backends {','.join(backends)} | modes {','.join(modes)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +128,10 @@ def main(argv=None) -> int:
         from bench import measured
 
         return measured.main(argv[1:])
+    if argv and argv[0] == "profile":
+        from bench import profile
+
+        return profile.main(argv[1:])
     if argv and argv[0] == "compare":
         from bench import compare
 

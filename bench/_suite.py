@@ -36,11 +36,24 @@ def resolve_commit(explicit: Optional[str] = None) -> str:
     return sha if out.returncode == 0 and sha else "unknown"
 
 
-def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Optional[_dt.datetime] = None) -> dict:
-    """Free `<root>/<device-slug>/<date>-<commit>[-n].{json,png,txt}` paths (n from 2 on clashes)."""
+OUT_ENV = "GINJAX_BENCH_OUT"
+
+
+def default_out_dir() -> pathlib.Path:
+    """Where results go without --out: $GINJAX_BENCH_OUT, else ~/.cache/ginjax-bench (kept, and
+    outside the source tree so that a plain run never adds files to the repository)."""
+    if os.environ.get(OUT_ENV):
+        return pathlib.Path(os.environ[OUT_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "ginjax-bench"
+
+
+def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Optional[_dt.datetime] = None,
+                 tag: str = "") -> dict:
+    """Free `<root>/<device-slug>/<date>-<commit>[-<tag>][-n].{json,png,txt}` paths (n from 2 on clashes)."""
     when = when or _dt.datetime.now(_dt.timezone.utc)
     folder = pathlib.Path(root) / device_slug
-    stem = f"{when:%Y-%m-%d}-{commit}"
+    stem = f"{when:%Y-%m-%d}-{commit}" + (f"-{tag}" if tag else "")
     n = 1
     while (folder / f"{stem}.json").exists() if n == 1 else (folder / f"{stem}-{n}.json").exists():
         n += 1

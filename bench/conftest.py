@@ -124,9 +124,9 @@ def _progress_log(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from bench import _harness
+    from bench import _device
 
-    machine_info.update(_harness.device_info())
+    machine_info.update(_device.device_info())
 
 
 def pytest_benchmark_update_commit_info(config, commit_info):

@@ -14,7 +14,11 @@
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
 #            triton file alone needs more than 170 s with the backward tests)
 #   bench    python3 -m bench on the standard configurations (the committed A/B table)
-# Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH.
+#   profile-steps  python3 -m bench profile on the UNet, ResNet and DilResNet train steps (d3_n64_b4,
+#            backend $PROFILE_BACKEND, default auto): where each step's GPU time goes, JSON/TXT/PNG
+#            under $OUT/profile-steps/<device>/ (copy them to bench/results/ to commit); PROFILE_CONFIGS
+#            overrides the configs
+# Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -46,6 +50,10 @@ for stage in ${STAGES:-sweep profile pallas}; do
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
+    profile-steps)
+      timeout "${T_PROFILE_STEPS:-200}" python3 -u -m bench profile "${PROFILE_CONFIGS:-unet_d3_n64_b4,resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
+        --backend "${PROFILE_BACKEND:-auto}" --out "$OUT/profile-steps" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+        > "$OUT/profile-steps/log.txt" 2>&1 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"

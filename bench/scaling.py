@@ -85,7 +85,7 @@ def replicate(tree, mesh: Mesh):
 
 # ---- the two workloads ----------------------------------------------------------------------
 def _filters(D: int, M: int):
-    from bench._harness import invariant_filters
+    from bench._cases import invariant_filters
 
     return invariant_filters(D, M, (0, 1, 2))
 

@@ -205,26 +205,26 @@ def test_peak_is_known_for_the_h200_only():
 def test_rel_err_takes_the_worst_array_or_the_whole_vector():
     import jax.numpy as jnp
 
-    from bench import _harness
+    from bench import _errors
 
     expected = {"a": jnp.ones(4), "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
     actual = {"a": jnp.ones(4) * 1.1, "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
-    assert _harness.rel_err(actual, expected) == pytest.approx(0.1, rel=1e-5)
-    assert _harness.rel_err(actual, expected, per_array=False) == pytest.approx(0.2 / 200.01, rel=1e-3)
-    assert _harness.rel_err(dict(actual, zero=jnp.ones(3)), expected) == float("inf")
-    assert _harness.rel_err(dict(actual, a=jnp.full(4, jnp.nan)), expected) == float("inf")
+    assert _errors.rel_err(actual, expected) == pytest.approx(0.1, rel=1e-5)
+    assert _errors.rel_err(actual, expected, per_array=False) == pytest.approx(0.2 / 200.01, rel=1e-3)
+    assert _errors.rel_err(dict(actual, zero=jnp.ones(3)), expected) == float("inf")
+    assert _errors.rel_err(dict(actual, a=jnp.full(4, jnp.nan)), expected) == float("inf")
 
 
 def test_conv_flops_counts_the_dense_layer_as_its_spec_says():
     """The models' GFLOP comes from counting convs in the jaxpr under `dense`: check it on a layer."""
     import kernels
 
-    from bench import _harness
+    from bench import _cases, _flops
 
-    case = _harness.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
+    case = _cases.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
     fn, args = case.function("fwd")
     with kernels.use_backend("dense"):
-        counted = _harness.conv_flops(fn, *args)
+        counted = _flops.conv_flops(fn, *args)
     assert counted == 3 * case.spec().dense_flops((8, 8)) > 0
 
 
