@@ -62,6 +62,18 @@ def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Option
     return {ext: folder / f"{stem}.{ext}" for ext in ("json", "png", "txt")}
 
 
+class _SkipRecorder:
+    """A pytest plugin that keeps (test id, reason) of every skipped case, for the final report."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def pytest_runtest_logreport(self, report):
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.into.append((report.nodeid.split("::")[-1], reason.removeprefix("Skipped: ")))
+
+
 def run_suite(
     *,
     configs: Sequence[str],
@@ -72,20 +84,21 @@ def run_suite(
     max_time: float,
     min_rounds: int,
     warmup: int,
-    include_models: bool = True,
     exclude: str = "",
     time_budget: float = 0.0,
     extra_args: Iterable[str] = (),
+    skipped: Optional[list] = None,
 ) -> int:
-    """Run the selected benchmarks with pytest-benchmark in this process; returns pytest's exit code."""
+    """Run the selected benchmarks with pytest-benchmark in this process; returns pytest's exit code.
+
+    pytest-benchmark's own tables stay quiet (the caller prints the one table); `skipped`, when
+    given, receives (test id, reason) of every case that was skipped.
+    """
     import pytest
 
-    files = [str(BENCH_DIR / "test_conv_contract.py")]
-    if include_models:
-        files.append(str(BENCH_DIR / "test_models.py"))
-    args = files + [
+    args = [
+        str(BENCH_DIR / "test_suite.py"),
         "-q",
-        "-rs",
         "-p",
         "no:cacheprovider",
         "--bench-progress",
@@ -100,12 +113,12 @@ def run_suite(
         f"--benchmark-json={json_path}",
         f"--benchmark-max-time={max_time}",
         f"--benchmark-min-rounds={min_rounds}",
-        "--benchmark-columns=min,median,max,rounds",
-        "--benchmark-sort=name",
+        "--benchmark-quiet",
         *extra_args,
     ]
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    return int(pytest.main(args))
+    plugins = [_SkipRecorder(skipped)] if skipped is not None else []
+    return int(pytest.main(args, plugins=plugins))
 
 
 # ---- reading results ---------------------------------------------------------------------------
@@ -217,8 +230,10 @@ def describe_run(results: dict) -> str:
     """One line: device, precision, jax versions, commit, date."""
     m = results.get("machine_info", {})
     c = results.get("commit_info", {})
+    # on a CPU, JAX's default matmul precision is full fp32: there is no TF32 to speak of
+    precision = "fp32 (CPU)" if m.get("platform") == "cpu" else m.get("precision", "?")
     return (
         f"device: {m.get('device_kind', '?')} ({m.get('platform', '?')}), default precision "
-        f"{m.get('precision', '?')}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
+        f"{precision}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
         f"commit {c.get('id', 'unknown')}, {results.get('datetime', '?')}"
     )

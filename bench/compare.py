@@ -99,7 +99,6 @@ def _fresh_run(old: dict, args) -> tuple[Optional[dict], int]:
         max_time=args.max_time,
         min_rounds=args.min_rounds,
         warmup=args.warmup,
-        include_models=_configs.has_models(configs),
         exclude=args.exclude,
         time_budget=args.time_budget,
     )

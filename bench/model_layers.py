@@ -1,0 +1,164 @@
+"""The ConvContract configurations a step really runs, found by tracing it.
+
+    uses = conv_configs(step_fn, *args, batch=4)       # [LayerUse], one per distinct configuration
+
+Tracing (`jax.eval_shape`, nothing is computed) runs the step with `kernels.conv_contract` wrapped:
+every call records its ConvSpec, spatial size and dtype. A model applies its layers to unbatched
+blocks under `jax.vmap`, so the batch is not visible at the call: pass it. Calls that name a backend
+themselves (not 'auto') are not `auto`'s to choose and are left out.
+
+`signature(spec, spatial, dtype)` is the exact key `auto`'s measured table (kernels/_measured.py)
+looks configurations up by; `layer_function` builds the vmapped layer (forward, or value_and_grad
+of a linear loss) on one backend, batched as in the model, for `python -m bench measure-auto`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from kernels._measured import signature
+
+
+@dataclasses.dataclass
+class LayerUse:
+    """One distinct ConvContract configuration of a step and how often the step runs it."""
+
+    spec: kernels.ConvSpec
+    spatial: tuple[int, ...]
+    dtype: str
+    batch: int
+    count: int = 1
+    sources: tuple[str, ...] = ()  # names of the steps that use it
+
+    @property
+    def signature(self) -> str:
+        return signature(self.spec, self.spatial, self.dtype)
+
+    def describe(self) -> str:
+        spec = self.spec
+        keys = lambda ks: "+".join(f"{c}x{spec.D}^{k}" if k else f"{c}" for k, _, c in ks)  # noqa: E731
+        geometry = []
+        if any(s != 1 for s in spec.stride):
+            geometry.append(f"stride {spec.stride[0]}")
+        if any(d != 1 for d in spec.lhs_dilation):
+            geometry.append(f"lhs_dilation {spec.lhs_dilation[0]}")
+        if any(d != 1 for d in spec.rhs_dilation):
+            geometry.append(f"dilation {spec.rhs_dilation[0]}")
+        return (
+            f"D={spec.D} N={'x'.join(map(str, self.spatial))} B={self.batch} {keys(spec.in_keys)} -> {keys(spec.out_keys)} "
+            f"(Cin {spec.cin}, Cout {spec.cout}) M={spec.filter_shape[0]}" + (f" {', '.join(geometry)}" if geometry else "")
+            + f" {self.dtype} x{self.count}"
+        )
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, calls of kernels.conv_contract with backend None/'auto' are appended to
+    the yielded list as (spec, spatial, dtype)."""
+    calls: list = []
+    original = kernels.conv_contract
+
+    def wrapped(spec, inputs, weights, *, backend=None, precision=None):
+        if backend in (None, "auto"):
+            first = inputs[0]
+            k0 = spec.in_keys[0][0]
+            spatial = tuple(int(n) for n in first.shape[first.ndim - k0 - spec.D : first.ndim - k0])
+            calls.append((spec, spatial, str(jnp.dtype(first.dtype))))
+        return original(spec, inputs, weights, backend=backend, precision=precision)
+
+    kernels.conv_contract = wrapped
+    try:
+        yield calls
+    finally:
+        kernels.conv_contract = original
+
+
+def conv_configs(fn: Callable, *args: Any, batch: int, source: str = "") -> list[LayerUse]:
+    """The distinct ConvContract configurations of `fn(*args)`, in first-use order."""
+    if batch < 1:
+        raise ValueError(f"`batch` (={batch}) must be >= 1")
+    with recording() as calls:
+        jax.eval_shape(fn, *args)
+    uses: dict[str, LayerUse] = {}
+    for spec, spatial, dtype in calls:
+        use = LayerUse(spec, spatial, dtype, batch, sources=(source,) if source else ())
+        key = use.signature
+        if key in uses:
+            uses[key].count += 1
+        else:
+            uses[key] = use
+    return list(uses.values())
+
+
+def merge(groups: list[list[LayerUse]]) -> list[LayerUse]:
+    """One LayerUse per (signature, batch) over several steps; counts add up, sources collect."""
+    out: dict[tuple[str, int], LayerUse] = {}
+    for uses in groups:
+        for use in uses:
+            key = (use.signature, use.batch)
+            if key in out:
+                out[key].count += use.count
+                out[key].sources = tuple(dict.fromkeys(out[key].sources + use.sources))
+            else:
+                out[key] = dataclasses.replace(use)
+    return list(out.values())
+
+
+def layer_function(use: LayerUse, backend: str, mode: str, seed: int = 0) -> tuple[Callable, tuple]:
+    """(f, args) of one configuration on `backend`, vmapped over `use.batch`: `fwd` is the layer,
+    `fwd_bwd` value_and_grad of <layer(x, w), cotangent> w.r.t. inputs and weights."""
+    spec, spatial = use.spec, use.spatial
+    rng = np.random.default_rng(seed)
+    dtype = jnp.dtype(use.dtype)
+    xs = [jnp.asarray(rng.standard_normal((use.batch,) + spec.in_shape(a, spatial)), dtype) for a in range(len(spec.in_keys))]
+    ws = [
+        jnp.asarray(rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters))
+                    / math.sqrt(spec.in_keys[p.in_index][2] * p.basis.n_filters), dtype)
+        for p in spec.pairs
+    ]
+    out_spatial = spec.out_spatial(spatial)
+    cots = [jnp.asarray(rng.standard_normal((use.batch, c) + out_spatial + (spec.D,) * k), dtype) for k, _, c in spec.out_keys]
+
+    def forward(xs, ws):
+        return jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend))(xs)
+
+    if mode == "fwd":
+        return forward, (xs, ws)
+    if mode == "fwd_bwd":
+        def loss(xs, ws):
+            return sum(jnp.vdot(o, g) for o, g in zip(forward(xs, ws), cots))
+
+        return jax.value_and_grad(loss, argnums=(0, 1)), (xs, ws)
+    raise ValueError(f"`mode` (={mode!r}) must be 'fwd' or 'fwd_bwd'")
+
+
+def runs_itself(use: LayerUse, backend: str) -> tuple[bool, str]:
+    """Whether `backend` runs this configuration itself here (not by falling back), and why not."""
+    try:
+        choice = kernels.explain(use.spec, use.spatial, backend=backend)
+    except ValueError as err:
+        return False, str(err)
+    return choice.backend == backend, choice.reason
+
+
+def model_uses(config_names, *, on: Optional[str] = None) -> list[LayerUse]:
+    """conv_configs of the `step` of bench model configurations, merged."""
+    from bench import _cases, _configs
+
+    groups = []
+    for name in config_names:
+        cfg = _configs.CONFIGS[name]
+        if cfg.kind != "model":
+            raise ValueError(f"`configs` (={name!r}) must name model configurations")
+        fn, args = _cases.build_case(cfg).function("step")
+        groups.append(conv_configs(fn, *args, batch=cfg.B, source=name))
+    return merge(groups)
