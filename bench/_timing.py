@@ -126,12 +126,14 @@ def time_compiled(
     first_call_s: Optional[float] = None,
     calls_per_round: Optional[int] = None,
     runner: Optional[RoundsRunner] = None,
+    warmup_s: float = WARMUP_S,
 ) -> Timing:
     """Time `compiled(*args)` as the module docstring says; returns per-call statistics.
 
     first_call_s: the time of a first call the caller already made (else one is made here).
     calls_per_round: force the calls per round (default: decided on a warm call).
     runner: runs and times the rounds (pytest-benchmark's pedantic in the suite).
+    warmup_s: seconds of back-to-back calls after the `warmup` calls (when `warmup` > 0).
     """
     if min_rounds < 1 or max_rounds < min_rounds:
         raise ValueError(f"`min_rounds` (={min_rounds}) must be >= 1 and <= `max_rounds` (={max_rounds})")
@@ -153,7 +155,7 @@ def time_compiled(
         for _ in range(warmup):
             run()
         start = time.perf_counter()
-        while warmup and time.perf_counter() - start < WARMUP_S:
+        while warmup and time.perf_counter() - start < warmup_s:
             run()
         once = max(_timed_call(run), 1e-6)
         rounds = int(min(max_rounds, max(min_rounds, math.ceil(max_time / once))))

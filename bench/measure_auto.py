@@ -21,11 +21,14 @@ its `configs` section (from `python -m bench measured`) is kept as it is.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import datetime as _dt
 import json
 import pathlib
 import sys
 import time
+from typing import Any
 
 from bench import _configs, _suite
 
@@ -43,6 +46,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
     p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
     p.add_argument("--commit", default=None, help="commit id recorded in the table's sources")
+    p.add_argument("--workers", type=int, default=8, help="cases compiled at once, in threads (default 8)")
     p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
     args = p.parse_args(argv)
     try:
@@ -92,45 +96,96 @@ def write_table(table: dict, path: pathlib.Path) -> None:
     tmp.replace(path)
 
 
-def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log: list) -> None:
+@dataclasses.dataclass
+class _Case:
+    use: Any
+    mode: str
+    backend: str
+    compiled: Any = None
+    args: tuple = ()
+    compile_s: float = 0.0
+    error: str = ""
+
+    def row(self) -> dict:
+        return dict(signature=self.use.signature, batch=self.use.batch, mode=self.mode, backend=self.backend)
+
+
+def plan(uses, backends, modes) -> tuple[list, list]:
+    """(cases to measure, rows of the cases left out and why): per mode, configurations by
+    weight (the costliest first, so a budget cuts the cheap tail), dense then the fused backends."""
+    from bench import model_layers
+
+    todo, left_out = [], []
+    ordered = sorted(uses, key=lambda u: -u.weight)
+    for mode in modes:
+        for use in ordered:
+            for backend in backends:
+                ok, why = model_layers.runs_itself(use, backend)
+                if ok:
+                    todo.append(_Case(use, mode, backend))
+                else:
+                    left_out.append(dict(_Case(use, mode, backend).row(), skipped=why))
+    return todo, left_out
+
+
+def _compile(case: _Case) -> _Case:
     from bench import _timing, model_layers
 
+    start = time.perf_counter()
+    try:
+        fn, case.args = model_layers.layer_function(case.use, case.backend, case.mode)
+        case.compiled = _timing.compile_for(fn, case.args)
+    except Exception as err:  # noqa: BLE001 - one failing case (lowering, OOM) must not end the run
+        case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    case.compile_s = round(time.perf_counter() - start, 2)
+    return case
+
+
+def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log: list, workers: int = 1) -> None:
+    """Compile `workers` cases at a time in threads (XLA compiles outside the GIL), then time them
+    one by one with nothing else running; record each median into `table` and rewrite the file."""
+    import jax
+
+    from bench import _timing
+
     start = time.monotonic()
-    # the most used (count x cells x batch) first: under a budget they matter most
-    ordered = sorted(uses, key=lambda u: -u.count * u.batch * _pixels(u))
-    for mode in args.modes:
-        for i, use in enumerate(ordered):
-            for backend in backends:
-                if args.time_budget and time.monotonic() - start > args.time_budget:
-                    log.append(dict(signature=use.signature, batch=use.batch, mode=mode, backend=backend, skipped="time budget"))
-                    continue
-                ok, why = model_layers.runs_itself(use, backend)
-                if not ok:
-                    log.append(dict(signature=use.signature, batch=use.batch, mode=mode, backend=backend, skipped=why))
-                    continue
-                row = dict(signature=use.signature, batch=use.batch, mode=mode, backend=backend)
-                try:
-                    fn, fargs = model_layers.layer_function(use, backend, mode)
-                    _, timing, extra = _timing.compile_and_time(
-                        fn, fargs, max_time=args.max_time, min_rounds=args.min_rounds, warmup=1
-                    )
-                except Exception as err:  # noqa: BLE001 - one failing case (OOM, lowering) must not end the run
-                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-                    print(f"  {backend:8s} {mode:8s} {use.describe()}: FAILED {row['error']}", flush=True)
-                    log.append(row)
-                    continue
-                row.update(timing.as_ms(), **extra)
+    todo, left_out = plan(uses, backends, args.modes)
+    log.extend(left_out)
+    chunk = max(1, workers)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=chunk) if chunk > 1 else None
+    try:
+        for i in range(0, len(todo), chunk):
+            if args.time_budget and time.monotonic() - start > args.time_budget:
+                log.extend(dict(c.row(), skipped="time budget") for c in todo[i:])
+                print(f"  time budget spent: {len(todo) - i} of {len(todo)} cases left unmeasured", flush=True)
+                break
+            batch = todo[i : i + chunk]
+            done = list(pool.map(_compile, batch)) if pool else [_compile(c) for c in batch]
+            for n, case in enumerate(done, start=i + 1):
+                row = dict(case.row(), compile_s=case.compile_s)
+                if not case.error:
+                    try:
+                        first = time.perf_counter()
+                        jax.block_until_ready(case.compiled(*case.args))
+                        timing = _timing.time_compiled(
+                            case.compiled, case.args, max_time=args.max_time, min_rounds=args.min_rounds,
+                            warmup=1, warmup_s=0.05, first_call_s=time.perf_counter() - first,
+                        )
+                    except Exception as err:  # noqa: BLE001 - e.g. out of memory at run time
+                        case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                if case.error:
+                    row["error"] = case.error
+                    print(f"  {case.backend:8s} {case.mode:8s} FAILED {case.error}  {case.use.describe()}", flush=True)
+                else:
+                    row.update(timing.as_ms())
+                    record(table, case.use, case.mode, case.backend, timing.ms)
+                    print(f"  {case.backend:8s} {case.mode:8s} {timing.ms:9.3f} ms  [{n}/{len(todo)}] {case.use.describe()}", flush=True)
                 log.append(row)
-                record(table, use, mode, backend, timing.ms)
-                print(f"  {backend:8s} {mode:8s} {timing.ms:9.3f} ms  [{i + 1}/{len(ordered)}] {use.describe()}", flush=True)
+                case.compiled, case.args = None, ()  # free the device memory
             write_table(table, table_path)
-
-
-def _pixels(use) -> int:
-    n = 1
-    for s in use.spatial:
-        n *= s
-    return n
+    finally:
+        if pool:
+            pool.shutdown()
 
 
 def summary(uses, table: dict, backends) -> str:
@@ -146,10 +201,10 @@ def summary(uses, table: dict, backends) -> str:
         cells = " ".join(f"{ms[b]:9.3f}" if b in ms else f"{'-':>9s}" for b in backends)
         lines.append(f"{'':10s} {cells}  {pick:10s}  ({rule})  {use.describe()}")
         if pick in ms and "dense" in ms:
-            for source in use.sources:
+            for source, n in use.counts.items():
                 acc = per_step.setdefault(source, [0.0, 0.0])
-                acc[0] += use.count * ms[pick]
-                acc[1] += use.count * ms["dense"]
+                acc[0] += n * ms[pick]
+                acc[1] += n * ms["dense"]
     lines.append("")
     lines.append("per step, the ConvContract layers' fwd_bwd time summed (layer by layer, as measured):")
     for source, (auto_ms, dense_ms) in sorted(per_step.items()):
@@ -186,7 +241,7 @@ def main(argv=None) -> int:
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     print(f"measuring on {info['device_kind']} with {', '.join(backends)}; table {table_path}")
     log: list = []
-    measure_all(uses, backends, args, table, table_path, log)
+    measure_all(uses, backends, args, table, table_path, log, workers=args.workers)
     write_table(table, table_path)
     _measured.load.cache_clear()
     print()

@@ -36,8 +36,20 @@ class LayerUse:
     spatial: tuple[int, ...]
     dtype: str
     batch: int
-    count: int = 1
-    sources: tuple[str, ...] = ()  # names of the steps that use it
+    counts: dict = dataclasses.field(default_factory=dict)  # step name -> calls per step
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.counts)
+
+    @property
+    def weight(self) -> float:
+        """Dense-equivalent FLOPs of all its calls: what measuring it first is worth."""
+        return self.count * self.batch * self.spec.dense_flops(self.spatial)
 
     @property
     def signature(self) -> str:
@@ -82,20 +94,18 @@ def recording():
         kernels.conv_contract = original
 
 
-def conv_configs(fn: Callable, *args: Any, batch: int, source: str = "") -> list[LayerUse]:
+def conv_configs(fn: Callable, *args: Any, batch: int, source: str = "step") -> list[LayerUse]:
     """The distinct ConvContract configurations of `fn(*args)`, in first-use order."""
     if batch < 1:
         raise ValueError(f"`batch` (={batch}) must be >= 1")
     with recording() as calls:
-        jax.eval_shape(fn, *args)
+        # a fresh function: eval_shape caches traces by function, and a cached one calls nothing
+        jax.eval_shape(lambda *a: fn(*a), *args)
     uses: dict[str, LayerUse] = {}
     for spec, spatial, dtype in calls:
-        use = LayerUse(spec, spatial, dtype, batch, sources=(source,) if source else ())
-        key = use.signature
-        if key in uses:
-            uses[key].count += 1
-        else:
-            uses[key] = use
+        use = LayerUse(spec, spatial, dtype, batch)
+        use = uses.setdefault(use.signature, use)
+        use.counts[source] = use.counts.get(source, 0) + 1
     return list(uses.values())
 
 
@@ -105,11 +115,9 @@ def merge(groups: list[list[LayerUse]]) -> list[LayerUse]:
     for uses in groups:
         for use in uses:
             key = (use.signature, use.batch)
-            if key in out:
-                out[key].count += use.count
-                out[key].sources = tuple(dict.fromkeys(out[key].sources + use.sources))
-            else:
-                out[key] = dataclasses.replace(use)
+            merged = out.setdefault(key, dataclasses.replace(use, counts={}))
+            for source, n in use.counts.items():
+                merged.counts[source] = merged.counts.get(source, 0) + n
     return list(out.values())
 
 

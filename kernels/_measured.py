@@ -14,8 +14,9 @@ Ranking (the `fwd_bwd` medians: training is what users run), so that `auto` is n
 1. exact match: a backend counts when it was measured at every batch of the entry; a fused one
    only where it beat `dense` at every one of them. Its number is the geometric mean over them.
 2. otherwise the conservative rule: the measured configurations of the same D, the same tensor
-   orders in and out, the same stride/dilation class, and Cin and Cout within a factor of
-   CHANNEL_FACTOR; a fused backend only where it beat `dense` on every one of them.
+   orders in and out, the same stride/dilation class, Cin and Cout within a factor of
+   CHANNEL_FACTOR and grid cells within PIXEL_FACTOR; a fused backend only where it beat `dense`
+   on every one of them.
 3. no such configuration: `dense` alone, at the time of the nearest measured configuration.
 Backends left out of the returned dict rank after the measured ones (kernels/_registry.py), so
 `dense` wins wherever a fused backend was not shown faster. No table for the device: {} and the
@@ -37,6 +38,7 @@ from ._spec import ConvSpec
 _DIR = pathlib.Path(__file__).parent / "measured"
 BASELINE = "dense"
 CHANNEL_FACTOR = 2.0
+PIXEL_FACTOR = 8.0  # one halving of a 3D grid: a UNet's next level
 MODES = ("fwd", "fwd_bwd")
 
 
@@ -148,6 +150,8 @@ def _similar(entry: dict, want: dict, exact: bool = False) -> bool:
         if entry["in_orders"] != want["in_orders"] or entry["out_orders"] != want["out_orders"]:
             return False
     elif entry["k_max"] != want["k_max"]:
+        return False
+    if want.get("pixels") and entry.get("pixels") and not 1 / PIXEL_FACTOR <= entry["pixels"] / want["pixels"] <= PIXEL_FACTOR:
         return False
     return all(
         1 / CHANNEL_FACTOR <= entry[c] / want[c] <= CHANNEL_FACTOR for c in ("cin", "cout")
