@@ -142,8 +142,9 @@ def _compile(case: _Case) -> _Case:
 
 
 def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log: list, workers: int = 1) -> None:
-    """Compile `workers` cases at a time in threads (XLA compiles outside the GIL), then time them
-    one by one with nothing else running; record each median into `table` and rewrite the file."""
+    """Compile `workers` cases at a time (the fused ones in threads: XLA and Triton compile largely
+    outside the GIL), then time them one by one with nothing else running; record each median into
+    `table` and rewrite the file after every group."""
     import jax
 
     from bench import _timing
@@ -160,7 +161,18 @@ def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log
                 print(f"  time budget spent: {len(todo) - i} of {len(todo)} cases left unmeasured", flush=True)
                 break
             batch = todo[i : i + chunk]
-            done = list(pool.map(_compile, batch)) if pool else [_compile(c) for c in batch]
+            if pool:
+                # dense compiles here, alone: XLA autotunes its convolutions on the GPU, and
+                # autotuning next to other autotuning could pick a slower algorithm than the model gets
+                futures = [pool.submit(_compile, c) for c in batch if c.backend != "dense"]
+                for c in batch:
+                    if c.backend == "dense":
+                        _compile(c)
+                concurrent.futures.wait(futures)
+            else:
+                for c in batch:
+                    _compile(c)
+            done = batch
             for n, case in enumerate(done, start=i + 1):
                 row = dict(case.row(), compile_s=case.compile_s)
                 if not case.error:
