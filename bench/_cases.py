@@ -4,7 +4,10 @@ its batched inputs, and the function (`fwd`, `fwd_bwd` or a train `step`) timed 
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any, Callable
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +176,49 @@ class ModelCase:
 def build_case(cfg: Config):
     return LayerCase(cfg) if isinstance(cfg, LayerConfig) else ModelCase(cfg)
 
+
+
+# ---- kernel-level operands (no ginjax): the Pallas timing and `measure-auto` ------------------
+FIXTURE_FILTERS = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "ginjax-0.1.8" / "invariant_filters.npz"
+
+
+def fixture_spec(cfg: LayerConfig) -> kernels.ConvSpec:
+    """The ConvSpec of a standard layer config (keys scalar and vector, 3^D invariant filters of
+    ginjax 0.1.8 from tests/data), built without ginjax."""
+    if cfg.k_max != 1 or cfg.M != 3:
+        raise ValueError(f"`cfg` (={cfg.name}) must have k_max 1 and M 3 for the fixture spec")
+    data = np.load(FIXTURE_FILTERS)
+    basis = lambda k: data[f"filters/D{cfg.D}M3/k{k}p0"]  # noqa: E731
+    keys = [(0, 0, cfg.c), (1, 0, cfg.c)]
+    return kernels.make_spec(cfg.D, keys, keys, [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))], True)
+
+
+def spec_operands(spec: kernels.ConvSpec, spatial: tuple[int, ...], batch: int, seed: int = 0, dtype="float32"):
+    """Random batched (inputs, weights, output cotangents) of a ConvSpec; weights scaled so the
+    outputs stay O(1)."""
+    rng = np.random.default_rng(seed)
+    dtype = jnp.dtype(dtype)
+    xs = [jnp.asarray(rng.standard_normal((batch,) + spec.in_shape(a, spatial)), dtype) for a in range(len(spec.in_keys))]
+    ws = []
+    for p in spec.pairs:
+        o, c = spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2]
+        ws.append(jnp.asarray(rng.standard_normal((o, c, p.basis.n_filters)) / np.sqrt(c * p.basis.n_filters), dtype))
+    out_spatial = spec.out_spatial(spatial)
+    cots = [jnp.asarray(rng.standard_normal((batch, c) + out_spatial + (spec.D,) * k), dtype) for k, _, c in spec.out_keys]
+    return xs, ws, cots
+
+
+def layer_functions(run: Callable, cots) -> dict[str, Callable]:
+    """{'fwd': f(xs, ws), 'fwd_bwd': value_and_grad of <f(xs, ws), cots> w.r.t. both} for
+    run(x, ws) -> output blocks of one sample, vmapped over the batch."""
+
+    def forward(xs, ws):
+        return jax.vmap(lambda x: run(x, ws))(xs)
+
+    def loss(xs, ws):
+        return sum(jnp.vdot(o, g) for o, g in zip(forward(xs, ws), cots))
+
+    return {"fwd": forward, "fwd_bwd": jax.value_and_grad(loss, argnums=(0, 1))}
 
 
 # Cases stay cached for the whole session: the suite runs the reference and dense backends of every

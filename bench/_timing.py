@@ -4,7 +4,7 @@ Every number comes from an ahead-of-time compiled executable (`jax.jit(f).lower(
 so neither tracing nor compilation is ever timed; `memory_of` reads its temp bytes.
 
 `time_compiled` is the loop the pytest-benchmark suite, `python -m bench measure-auto`,
-triton_sweep.py, scaling.py and bench/pallas_timing.py all use:
+`python -m bench profile`, triton_sweep.py, scaling.py and bench/pallas_timing.py all use:
 - one call (unless the caller already made it) and, when that was short, one warm call decide
   how many calls make a round: calls under QUEUE_BELOW_S are queued QUEUED_CALLS to a round and
   synchronised once, as a training loop runs them (a synchronised single call also pays 0.2-0.8 ms
@@ -87,6 +87,7 @@ class Timing:
     rounds: int
     calls_per_round: int
     first_call_s: float
+    samples_s: tuple[float, ...] = ()  # per call, one per round, in the order timed
 
     @property
     def ms(self) -> float:
@@ -161,7 +162,8 @@ def time_compiled(
         rounds = int(min(max_rounds, max(min_rounds, math.ceil(max_time / once))))
     data = np.asarray((runner or _perf_counter_rounds)(run, rounds, calls_per_round), dtype=np.float64) / calls_per_round
     p20, p50, p80 = np.percentile(data, [20, 50, 80])
-    return Timing(float(p50), float(p20), float(p80), float(data.min()), len(data), calls_per_round, first_call_s)
+    return Timing(float(p50), float(p20), float(p80), float(data.min()), len(data), calls_per_round, first_call_s,
+                  tuple(float(t) for t in data))
 
 
 def compile_and_time(fn: Callable, args: tuple, backend: Optional[str] = None, **timing) -> tuple[Any, Timing, dict]:

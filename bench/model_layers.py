@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any, Callable, Optional
-
-import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -124,29 +121,14 @@ def merge(groups: list[list[LayerUse]]) -> list[LayerUse]:
 def layer_function(use: LayerUse, backend: str, mode: str, seed: int = 0) -> tuple[Callable, tuple]:
     """(f, args) of one configuration on `backend`, vmapped over `use.batch`: `fwd` is the layer,
     `fwd_bwd` value_and_grad of <layer(x, w), cotangent> w.r.t. inputs and weights."""
-    spec, spatial = use.spec, use.spatial
-    rng = np.random.default_rng(seed)
-    dtype = jnp.dtype(use.dtype)
-    xs = [jnp.asarray(rng.standard_normal((use.batch,) + spec.in_shape(a, spatial)), dtype) for a in range(len(spec.in_keys))]
-    ws = [
-        jnp.asarray(rng.standard_normal((spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2], p.basis.n_filters))
-                    / math.sqrt(spec.in_keys[p.in_index][2] * p.basis.n_filters), dtype)
-        for p in spec.pairs
-    ]
-    out_spatial = spec.out_spatial(spatial)
-    cots = [jnp.asarray(rng.standard_normal((use.batch, c) + out_spatial + (spec.D,) * k), dtype) for k, _, c in spec.out_keys]
+    from bench import _cases
 
-    def forward(xs, ws):
-        return jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend))(xs)
-
-    if mode == "fwd":
-        return forward, (xs, ws)
-    if mode == "fwd_bwd":
-        def loss(xs, ws):
-            return sum(jnp.vdot(o, g) for o, g in zip(forward(xs, ws), cots))
-
-        return jax.value_and_grad(loss, argnums=(0, 1)), (xs, ws)
-    raise ValueError(f"`mode` (={mode!r}) must be 'fwd' or 'fwd_bwd'")
+    if mode not in ("fwd", "fwd_bwd"):
+        raise ValueError(f"`mode` (={mode!r}) must be 'fwd' or 'fwd_bwd'")
+    spec = use.spec
+    xs, ws, cots = _cases.spec_operands(spec, use.spatial, use.batch, seed, use.dtype)
+    run = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend)  # noqa: E731
+    return _cases.layer_functions(run, cots)[mode], (xs, ws)
 
 
 def runs_itself(use: LayerUse, backend: str) -> tuple[bool, str]:
