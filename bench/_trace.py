@@ -328,8 +328,11 @@ def _kind_from_name(hlo_op: str) -> str:
 
 
 def module_events(events: Iterable[KernelEvent], module: Optional[str]) -> list[KernelEvent]:
-    """The events of one HLO module (all, when `module` is None or no event names a module)."""
+    """The events of one HLO module: those naming it (or a suffixed copy, `jit_f.1`) or no module.
+    All of them when `module` is None, no event names a module, or none names this one (a
+    runtime that renames modules must not leave the profile empty)."""
     events = list(events)
     if not module or not any(e.hlo_module for e in events):
         return events
-    return [e for e in events if e.hlo_module == module or not e.hlo_module]
+    ours = [e for e in events if not e.hlo_module or e.hlo_module == module or e.hlo_module.startswith(module + ".")]
+    return ours if any(e.hlo_module for e in ours) else events

@@ -170,7 +170,8 @@ def summarise(events, index: dict, steps: int) -> tuple[dict, list[KernelRow], f
     rows: dict[tuple[str, str], KernelRow] = {}
     total, launches = 0.0, 0
     for ev in events:
-        info = index.get(ev.hlo_op)
+        # XLA names a fusion's kernel after the instruction: the fallback when a trace lacks hlo_op
+        info = index.get(ev.hlo_op) or index.get(ev.name)
         kind = _trace.classify(ev, info)
         ms = ev.duration_ns / 1e6 / steps
         kinds[kind] = kinds.get(kind, 0.0) + ms
@@ -238,6 +239,9 @@ def profile_step(
         note = ("the trace has no GPU kernel events (the profiler's CUPTI tracer did not start?); "
                 "listing the host's XLA thunks instead")
     kinds, rows, total, launches = summarise(events, index, steps)
+    if step_ms is not None and total > 1.5 * step_ms:
+        note = (f"the kernels add up to {total:.1f} ms per step, more than the step's {step_ms:.1f} ms wall clock: "
+                "kernels overlapped on several streams, or the trace repeats events")
     return StepProfile(
         name=name, backend=backend or "auto", platform=info["platform"], device_kind=info["device_kind"],
         jax_version=info["jax_version"], steps=steps, step_ms=step_ms, kernel_ms=total, launches=launches,
