@@ -28,7 +28,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from bench import _configs, _suite
 
@@ -141,22 +141,26 @@ def _compile(case: _Case) -> _Case:
     return case
 
 
-def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log: list, workers: int = 1) -> None:
+def measure_all(uses, backends, args, table: dict, table_path, log: list, workers: int = 1,
+                deadline: Optional[float] = None) -> None:
     """Compile `workers` cases at a time (the fused ones in threads: XLA and Triton compile largely
     outside the GIL), then time them one by one with nothing else running; record each median into
-    `table` and rewrite the file after every group."""
+    `table` and rewrite the file(s) after every group (`table_path`: a path or a list of them).
+    No group starts after `deadline` (time.monotonic()), else after args.time_budget from now."""
     import jax
 
     from bench import _timing
 
-    start = time.monotonic()
+    if deadline is None and args.time_budget:
+        deadline = time.monotonic() + args.time_budget
+    paths = table_path if isinstance(table_path, (list, tuple)) else [table_path]
     todo, left_out = plan(uses, backends, args.modes)
     log.extend(left_out)
     chunk = max(1, workers)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=chunk) if chunk > 1 else None
     try:
         for i in range(0, len(todo), chunk):
-            if args.time_budget and time.monotonic() - start > args.time_budget:
+            if deadline is not None and time.monotonic() > deadline:
                 log.extend(dict(c.row(), skipped="time budget") for c in todo[i:])
                 print(f"  time budget spent: {len(todo) - i} of {len(todo)} cases left unmeasured", flush=True)
                 break
@@ -194,7 +198,8 @@ def measure_all(uses, backends, args, table: dict, table_path: pathlib.Path, log
                     print(f"  {case.backend:8s} {case.mode:8s} {timing.ms:9.3f} ms  [{n}/{len(todo)}] {case.use.describe()}", flush=True)
                 log.append(row)
                 case.compiled, case.args = None, ()  # free the device memory
-            write_table(table, table_path)
+            for path in paths:
+                write_table(table, path)
     finally:
         if pool:
             pool.shutdown()
@@ -230,7 +235,13 @@ def main(argv=None) -> int:
     from kernels import _measured
 
     info = _device.device_info()
+    if info["platform"] != "gpu" and not (args.list or args.table):
+        print(f"error: `auto` ranks by a measured table on GPUs only; on this {info['platform']} give --table PATH "
+              "to measure anyway, or --list to see the configurations", file=sys.stderr)
+        return 2
     started = time.perf_counter()
+    # the budget counts from here: tracing the steps is part of it
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
     uses = model_layers.model_uses(args.configs)
     print(f"{len(uses)} distinct ConvContract configurations (with batch) in {', '.join(args.configs)} "
           f"({time.perf_counter() - started:.0f} s to trace):")
@@ -244,26 +255,30 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if info["platform"] == "cpu" and not args.backends.strip():
-        print("note: on a CPU the fused backends run in interpreters and `auto` uses no table; "
-              "measuring dense only (name --backends to override)")
+        backends = ("dense",)
+        print("note: on a CPU the fused backends run in interpreters: measuring dense only (name --backends to override)")
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
     table = load_table(table_path, info["device_kind"])
     commit = _suite.resolve_commit(args.commit)
     source = f"python -m bench measure-auto --configs {','.join(args.configs)} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
-    print(f"measuring on {info['device_kind']} with {', '.join(backends)}; table {table_path}")
+    targets = [table_path]
+    if args.out:
+        paths = _suite.result_paths(pathlib.Path(args.out), info["device_slug"], commit, tag="measure-auto")
+        targets.append(paths["json"].parent / table_path.name)  # a copy that travels back with OUT
+        print(f"the table is also written to {targets[1]} as it fills")
+    print(f"measuring on {info['device_kind']} with {', '.join(backends)}; table {table_path}", flush=True)
     log: list = []
-    measure_all(uses, backends, args, table, table_path, log, workers=args.workers)
-    write_table(table, table_path)
+    try:
+        measure_all(uses, backends, args, table, targets, log, workers=args.workers, deadline=deadline)
+    finally:
+        for path in targets:
+            write_table(table, path)
+        if args.out:
+            paths["json"].write_text(json.dumps({"device": info, "configs": list(args.configs), "rows": log}, indent=1) + "\n")
     _measured.load.cache_clear()
     print()
     print(summary(uses, table, backends))
-    print(f"\nwrote {table_path} ({time.perf_counter() - started:.0f} s)")
-    if args.out:
-        paths = _suite.result_paths(pathlib.Path(args.out), info["device_slug"], commit, tag="measure-auto")
-        paths["json"].parent.mkdir(parents=True, exist_ok=True)
-        paths["json"].write_text(json.dumps({"device": info, "configs": list(args.configs), "rows": log}, indent=1) + "\n")
-        copy = paths["json"].parent / table_path.name
-        write_table(table, copy)
-        print(f"wrote {paths['json']} and {copy}")
+    print(f"\nwrote {', '.join(map(str, targets))}" + (f" and {paths['json']}" if args.out else "")
+          + f" ({time.perf_counter() - started:.0f} s)")
     return 0
