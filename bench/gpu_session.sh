@@ -59,15 +59,18 @@ for stage in ${STAGES:-sweep profile pallas}; do
     profile-steps)
       timeout "${T_PROFILE_STEPS:-200}" python3 -u -m bench profile "${PROFILE_CONFIGS:-unet_d3_n64_b4,resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
         --backend "${PROFILE_BACKEND:-auto}" --out "$OUT/profile-steps" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
-        > "$OUT/profile-steps/log.txt" 2>&1 ;;
+        > "$OUT/profile-steps/log.txt" 2>&1
+      rc=$?; sed -n '/^| step | backend/,$p' "$OUT/profile-steps/log.txt"; (exit $rc) ;;
     measure-auto)
       timeout "${T_MEASURE_AUTO:-240}" python3 -u -m bench measure-auto --configs "${AUTO_CONFIGS:-auto-models}" \
         --time-budget "$(( ${T_MEASURE_AUTO:-240} - 45 ))" --out "$OUT/measure-auto" \
-        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" ${MEASURE_ARGS:-} > "$OUT/measure-auto/log.txt" 2>&1 ;;
+        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" ${MEASURE_ARGS:-} > "$OUT/measure-auto/log.txt" 2>&1
+      rc=$?; sed -n '/^per step, the ConvContract/,$p' "$OUT/measure-auto/log.txt"; (exit $rc) ;;
     auto-check)
       timeout "${T_AUTO_CHECK:-400}" python3 -u -m bench --configs "${AUTO_CONFIGS:-auto-models}" --backends auto,dense --modes step \
         --max-time 0.5 --min-rounds 3 --out "$OUT/auto-check" --time-budget "$(( ${T_AUTO_CHECK:-400} - 40 ))" \
-        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/auto-check/log.txt" 2>&1 ;;
+        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/auto-check/log.txt" 2>&1
+      rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"; (exit $rc) ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"

@@ -143,3 +143,13 @@ def test_the_trace_json_gives_the_same_kernels_as_the_xplane(cpu_profile):
 def test_read_events_names_an_empty_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"`trace_dir` \(=.*\) holds no"):
         _trace.read_events(str(tmp_path))
+
+
+def test_profile_command_names_a_bad_config_and_takes_sets(capsys):
+    from bench import _configs
+    from bench.profile import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["unet_d9"])
+    assert "unknown name 'unet_d9'" in capsys.readouterr().err
+    assert parse_args(["models"]).configs == _configs.CONFIG_SETS["models"]
