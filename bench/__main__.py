@@ -42,6 +42,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out, e.g. '*_k2-*-triton'")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; cases that would start later are skipped, so the run ends with its results (0: no limit)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-check", action="store_true", help="time only: skip the error against the reference oracle (no oracle compiled; rel err shows '-')")
     args = p.parse_args(argv)
     if args.max_time <= 0:
         p.error(f"--max-time (={args.max_time}) must be > 0")
@@ -114,7 +115,7 @@ def run(args) -> int:
     rc = _suite.run_suite(
         configs=configs, backends=backends, modes=modes, json_path=paths["json"], commit=commit,
         max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
-        exclude=args.exclude, time_budget=args.time_budget, skipped=skipped,
+        exclude=args.exclude, time_budget=args.time_budget, skipped=skipped, check=not args.no_check,
     )
     if not paths["json"].exists() or paths["json"].stat().st_size == 0:
         print(f"error: the suite wrote no results (pytest exit code {rc})", file=sys.stderr)
