@@ -184,8 +184,15 @@ _KV = {
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 
 
+# where a step's model code lives: ginjax's models, layers and training loop (not ConvContract's
+# dispatch, which every convolution passes through)
+_MODEL_CODE = re.compile(r"ginjax/(models/|ml/|layers\.py|geometric/)")
+
+
 def _source_frames(text: str) -> dict[int, str]:
-    """stack frame id -> 'file:line (function)' from the HLO text's FileNames/.../StackFrames."""
+    """stack frame id -> 'file:line (function)' from the HLO text's FileNames/.../StackFrames: the
+    innermost frame, and after ' <- ' the innermost one in a model or layer of ginjax (where the
+    step's code made the op) when that is another frame."""
     sections: dict[str, dict[int, str]] = {}
     current = None
     for line in text.splitlines():
@@ -210,8 +217,22 @@ def _source_frames(text: str) -> dict[int, str]:
     locations = {}
     for k, v in sections.get("FileLocations", {}).items():
         f, fn, ln = field(v, "file_name_id"), field(v, "function_name_id"), field(v, "line")
-        locations[k] = f"{os.path.basename(files.get(f, '?'))}:{ln} ({funcs.get(fn, '?')})"
-    return {k: locations.get(field(v, "file_location_id"), "") for k, v in sections.get("StackFrames", {}).items()}
+        locations[k] = (files.get(f, "?"), f"{os.path.basename(files.get(f, '?'))}:{ln} ({funcs.get(fn, '?')})")
+    frames = {k: (locations.get(field(v, "file_location_id")), field(v, "parent_frame_id"))
+              for k, v in sections.get("StackFrames", {}).items()}
+    out = {}
+    for k, (loc, parent) in frames.items():
+        if loc is None:
+            continue
+        text, seen, caller = loc[1], {k}, None
+        while parent and parent not in seen and parent in frames:
+            seen.add(parent)
+            ploc, parent = frames[parent]
+            if ploc and _MODEL_CODE.search(ploc[0]):
+                caller = ploc[1]
+                break
+        out[k] = text if caller is None or _MODEL_CODE.search(loc[0]) else f"{text} <- {caller}"
+    return out
 
 
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")

@@ -83,6 +83,39 @@ def test_gpu_kernels_are_sorted_into_kinds_from_the_trace_and_the_hlo():
     assert "conv_contract_triton" in rows[0].jax_op
 
 
+def test_sources_name_the_op_and_the_model_code_that_called_it():
+    hlo = """HloModule m
+
+FileNames
+1 "/src/ginjax/kernels/dense.py"
+2 "/src/ginjax/ginjax/_conv_contract.py"
+3 "/src/ginjax/ginjax/models/unet.py"
+
+FunctionNames
+1 "assemble_dense_filter"
+2 "ConvContract.__call__"
+3 "UNet.__call__"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=34 end_line=34 column=1 end_column=2}
+2 {file_name_id=2 function_name_id=2 line=299 end_line=299 column=1 end_column=2}
+3 {file_name_id=3 function_name_id=3 line=120 end_line=120 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=3 parent_frame_id=0}
+2 {file_location_id=2 parent_frame_id=1}
+3 {file_location_id=1 parent_frame_id=2}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  ROOT %loop_fusion = f32[8]{0} fusion(%x), kind=kLoop, calls=%f, metadata={op_name="jit(step)/dot_general" stack_frame_id=3}
+}
+"""
+    info = _trace.hlo_index(hlo)["loop_fusion"]
+    assert info.source == "dense.py:34 (assemble_dense_filter) <- unet.py:120 (UNet.__call__)"
+    assert info.op_name == "jit(step)/dot_general" and info.fusion_kind == "kLoop"
+
+
 def test_a_kernel_without_hlo_text_is_classified_by_its_names():
     def kind(name, hlo_op="", tf_op=""):
         return _trace.classify(_trace.KernelEvent(name, 1.0, hlo_op=hlo_op, tf_op=tf_op), None)
