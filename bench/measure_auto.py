@@ -61,12 +61,16 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def candidates(value: str) -> tuple[str, ...]:
+    """The backends to time: those named, else dense and every other backend `auto` may pick on
+    this platform (it has a priority here; the reference oracle has none)."""
     import kernels
+    from kernels import _registry
 
     if value.strip():
         names = _configs.parse_selection(value, tuple(kernels.registered_backends()), "--backends")
     else:
-        names = ("dense",) + tuple(b for b in kernels.available_backends() if b not in ("dense", "reference"))
+        plat = _registry.platform()
+        names = ("dense",) + tuple(b for b in kernels.available_backends() if plat in _registry.get(b).priority)
     return ("dense",) + tuple(n for n in names if n != "dense")  # the baseline first
 
 
