@@ -5,7 +5,8 @@ with a sweep over its tiling. For the GPU machine; results go to OUT/triton_swee
 
 A layer: D-dimensional torus, keys {scalar, vector} with c channels each in and out, 3^D invariant
 filters (tests/data/ginjax-0.1.8), vmapped over a batch B, JAX's default precision (TF32).
-Every time is the median of 20 calls of an ahead-of-time compiled executable after warm-up.
+Every time is the median of 20 calls of an ahead-of-time compiled executable after warm-up
+(the shared timing loop, bench/_timing.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 import traceback
@@ -28,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
+from bench import _timing  # noqa: E402
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
 
 FILTERS = ROOT / "tests" / "data" / "ginjax-0.1.8" / "invariant_filters.npz"
@@ -88,28 +89,21 @@ def layer(D, N, B, c, seed=0):
 
 def measure(fn, args, reps=20, stream=10):
     """Median of `reps` synchronised calls, and the mean of `stream` calls queued back to back
-    (host dispatch hidden behind the GPU), after warming up for 0.3 s of continuous work so
-    that the clocks are up."""
+    (host dispatch hidden behind the GPU), after warming up so that the clocks are up: the shared
+    loop of bench/_timing.py."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = _timing.compile_for(fn, args)
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     result = jax.block_until_ready(compiled(*args))
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        jax.block_until_ready([compiled(*args) for _ in range(5)])
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    t0 = time.perf_counter()
-    jax.block_until_ready([compiled(*args) for _ in range(stream)])
-    stream_ms = (time.perf_counter() - t0) * 1e3 / stream
-    mem = compiled.memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
-    times.sort()
-    return result, dict(ms=statistics.median(times), p20_ms=times[len(times) // 5], p80_ms=times[(4 * len(times)) // 5],
-                        min_ms=times[0], stream_ms=stream_ms, compile_s=round(compile_s, 1), temp_bytes=temp)
+    first_s = time.perf_counter() - t0
+    sync = _timing.time_compiled(compiled, args, min_rounds=reps, max_rounds=reps, calls_per_round=1,
+                                 first_call_s=first_s, warmup_s=0.3)
+    queued = _timing.time_compiled(compiled, args, min_rounds=1, max_rounds=1, warmup=0, calls_per_round=stream,
+                                   first_call_s=first_s)
+    temp = _timing.memory_of(compiled)["temp_bytes"]
+    return result, dict(ms=sync.ms, p20_ms=1e3 * sync.p20_s, p80_ms=1e3 * sync.p80_s, min_ms=1e3 * sync.min_s,
+                        stream_ms=queued.ms, compile_s=round(compile_s, 1), temp_bytes=-1 if temp is None else temp)
 
 
 def value_and_grad_of(fwd, run, cots):
