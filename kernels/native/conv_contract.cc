@@ -15,6 +15,22 @@ constexpr int64_t kKBlock = 4;  // (c, f) rows per weight-gradient register bloc
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// 32-byte vectors through the compiler's vector extension (GCC and Clang): the accumulators of
+// the inner loops stay in registers, which plain arrays did not (the compiler spilled them).
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int64_t kWidth = 32 / sizeof(T);
+  static constexpr int64_t kPerLanes = kLanes / kWidth;  // vectors per kLanes pixels
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V splat(T x) { return V{} + x; }
+};
+
 // Sizes shared by every tile of one call.
 struct Geometry {
   bool d3;
@@ -139,6 +155,12 @@ void stencil(const Plan& p, const Geometry& g, size_t t, const Scratch<T>& s, T*
   const int64_t J = p.out_keys[pair.out_key].comps, F = pair.filters;
   const int64_t cols = g.cols(J), per_channel = g.channel_buffer(in);
   const T* buf = s.x.data() + s.x_offset[pair.in_key];
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t NV = S::kPerLanes;
+  // runs of kLanes pixels: (row, first pixel) in the input buffer and in Z, taken two at a time
+  // so that each basis entry feeds 2 * NV vector FMAs
+  const int64_t runs = g.rows * (g.lp / kLanes);
   for (int64_t c = 0; c < in.channels; ++c) {
     const T* xc = buf + c * per_channel;
     for (int64_t f = 0; f < F; ++f) {
@@ -146,15 +168,27 @@ void stencil(const Plan& p, const Geometry& g, size_t t, const Scratch<T>& s, T*
         const int64_t row = pair.row_start + f * J + j;
         const int64_t e0 = p.row_ptr[row], e1 = p.row_ptr[row + 1];
         T* zr = z + (c * F + f) * cols + j * g.rows * g.lp;
-        for (int64_t r = 0; r < g.rows; ++r) {
-          for (int64_t x0 = 0; x0 < g.lp; x0 += kLanes) {
-            T acc[kLanes] = {};
-            for (int64_t e = e0; e < e1; ++e) {
-              const T v = static_cast<T>(p.entry_val[e]);
-              const T* src = xc + g.entry_offset[e] + r * g.lq + x0;
-              for (int64_t u = 0; u < kLanes; ++u) acc[u] += v * src[u];
+        for (int64_t run = 0; run < runs; run += 2) {
+          const int64_t r0 = run / (g.lp / kLanes), x0 = run % (g.lp / kLanes) * kLanes;
+          const int64_t r1 = (run + 1) / (g.lp / kLanes), x1 = (run + 1) % (g.lp / kLanes) * kLanes;
+          const bool two = run + 1 < runs;
+          const T* s0 = xc + r0 * g.lq + x0;
+          const T* s1 = xc + (two ? r1 * g.lq + x1 : r0 * g.lq + x0);
+          V a0[NV] = {}, a1[NV] = {};
+          for (int64_t e = e0; e < e1; ++e) {
+            const V v = S::splat(static_cast<T>(p.entry_val[e]));
+            const int64_t off = g.entry_offset[e];
+#pragma GCC unroll 8
+            for (int64_t u = 0; u < NV; ++u) {
+              a0[u] += v * S::load(s0 + off + u * S::kWidth);
+              a1[u] += v * S::load(s1 + off + u * S::kWidth);
             }
-            std::memcpy(zr + r * g.lp + x0, acc, sizeof(acc));
+          }
+#pragma GCC unroll 8
+          for (int64_t u = 0; u < NV; ++u) S::store(zr + r0 * g.lp + x0 + u * S::kWidth, a0[u]);
+          if (two) {
+#pragma GCC unroll 8
+            for (int64_t u = 0; u < NV; ++u) S::store(zr + r1 * g.lp + x1 + u * S::kWidth, a1[u]);
           }
         }
       }
@@ -222,20 +256,32 @@ struct PackedWeights {
 // acc[o_pad][cols] += w[o_pad][k_pad] . z[k_pad][cols]
 template <typename T>
 void gemm_accumulate(const T* w, const T* z, T* acc, int64_t o_pad, int64_t k_pad, int64_t cols) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t NV = S::kPerLanes;
   for (int64_t o0 = 0; o0 < o_pad; o0 += kOBlock) {
     for (int64_t n0 = 0; n0 < cols; n0 += kLanes) {
-      T sum[kOBlock][kLanes];
+      V sum[kOBlock][NV];
+#pragma GCC unroll 8
       for (int64_t q = 0; q < kOBlock; ++q)
-        for (int64_t u = 0; u < kLanes; ++u) sum[q][u] = acc[(o0 + q) * cols + n0 + u];
+#pragma GCC unroll 8
+        for (int64_t u = 0; u < NV; ++u) sum[q][u] = S::load(acc + (o0 + q) * cols + n0 + u * S::kWidth);
       for (int64_t k = 0; k < k_pad; ++k) {
         const T* zr = z + k * cols + n0;
+        V zv[NV];
+#pragma GCC unroll 8
+        for (int64_t u = 0; u < NV; ++u) zv[u] = S::load(zr + u * S::kWidth);
+#pragma GCC unroll 8
         for (int64_t q = 0; q < kOBlock; ++q) {
-          const T wq = w[(o0 + q) * k_pad + k];
-          for (int64_t u = 0; u < kLanes; ++u) sum[q][u] += wq * zr[u];
+          const V wq = S::splat(w[(o0 + q) * k_pad + k]);
+#pragma GCC unroll 8
+          for (int64_t u = 0; u < NV; ++u) sum[q][u] += wq * zv[u];
         }
       }
+#pragma GCC unroll 8
       for (int64_t q = 0; q < kOBlock; ++q)
-        for (int64_t u = 0; u < kLanes; ++u) acc[(o0 + q) * cols + n0 + u] = sum[q][u];
+#pragma GCC unroll 8
+        for (int64_t u = 0; u < NV; ++u) S::store(acc + (o0 + q) * cols + n0 + u * S::kWidth, sum[q][u]);
     }
   }
 }
@@ -243,23 +289,27 @@ void gemm_accumulate(const T* w, const T* z, T* acc, int64_t o_pad, int64_t k_pa
 // dw[o_pad][k_pad] += g[o_pad][cols] . z[k_pad][cols]^T, in a fixed summation order.
 template <typename T>
 void gemm_reduce(const T* gt, const T* z, T* dw, int64_t o_pad, int64_t k_pad, int64_t cols) {
-  constexpr int64_t kO = 2, kV = 8;
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t kO = 2;
   for (int64_t o0 = 0; o0 < o_pad; o0 += kO) {
     for (int64_t k0 = 0; k0 < k_pad; k0 += kKBlock) {
-      T sum[kO][kKBlock][kV] = {};
-      for (int64_t n = 0; n < cols; n += kV) {
-        for (int64_t q = 0; q < kO; ++q) {
-          const T* gr = gt + (o0 + q) * cols + n;
-          for (int64_t m = 0; m < kKBlock; ++m) {
-            const T* zr = z + (k0 + m) * cols + n;
-            for (int64_t u = 0; u < kV; ++u) sum[q][m][u] += gr[u] * zr[u];
-          }
-        }
+      V sum[kO][kKBlock] = {};
+      for (int64_t n = 0; n < cols; n += S::kWidth) {
+        V gv[kO], zv[kKBlock];
+#pragma GCC unroll 8
+        for (int64_t q = 0; q < kO; ++q) gv[q] = S::load(gt + (o0 + q) * cols + n);
+#pragma GCC unroll 8
+        for (int64_t m = 0; m < kKBlock; ++m) zv[m] = S::load(z + (k0 + m) * cols + n);
+#pragma GCC unroll 8
+        for (int64_t q = 0; q < kO; ++q)
+#pragma GCC unroll 8
+          for (int64_t m = 0; m < kKBlock; ++m) sum[q][m] += gv[q] * zv[m];
       }
       for (int64_t q = 0; q < kO; ++q)
         for (int64_t m = 0; m < kKBlock; ++m) {
           T total = 0;
-          for (int64_t u = 0; u < kV; ++u) total += sum[q][m][u];
+          for (int64_t u = 0; u < S::kWidth; ++u) total += sum[q][m][u];
           dw[(o0 + q) * k_pad + k0 + m] += total;
         }
     }
