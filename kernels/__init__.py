@@ -91,7 +91,7 @@ register_backend(
 def _register_optional() -> None:
     # Fused backends register themselves on import; a missing optional dependency only means the
     # backend reports itself unavailable, never that `import kernels` fails.
-    for module in ("kernels.triton", "kernels.pallas"):
+    for module in ("kernels.triton", "kernels.pallas", "kernels.native"):
         try:
             __import__(module)
         except ModuleNotFoundError as err:
