@@ -1,8 +1,10 @@
-"""`triton` backend: the fused ConvContract forward as a Triton kernel launched through jax-triton.
+"""`triton` backend: the fused ConvContract as generated Triton kernels, launched as jaxlib's
+`triton_kernel_call` custom call with component-planar operand and result layouts (`_custom_call`).
 
 Registers itself on import. Importing never needs triton, torch or jax_triton: without them the
 backend reports itself unavailable and says why. It runs:
-- on an NVIDIA GPU with triton and jax_triton installed (the default backend there), or
+- on an NVIDIA GPU with triton and jax_triton (its compile helper) installed (the default backend
+  there), or
 - on the host with TRITON_INTERPRET=1, triton and (CPU) torch: the same kernel source through
   Triton's interpreter, for tests without a GPU.
 

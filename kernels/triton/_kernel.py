@@ -49,7 +49,7 @@ def plan_kernel(
 ) -> KernelPlan:
     """Generate the forward kernel source for one layer, input shape and precision mode.
 
-    `aliased` adds one unused pointer per output before the outputs: jax-triton passes the
+    `aliased` adds one unused pointer per output before the outputs: the launcher passes the
     buffers of `input_output_aliases` (the poisoned outputs of the tests) both ways.
     `bf16_dot_in_fp32` (for Triton's interpreter, whose tl.dot multiplies bf16 operands as raw
     uint16 words) rounds the bf16 operands and multiplies them in fp32: the same products.
@@ -121,7 +121,7 @@ def plan_kernel(
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
         src(f"yb = y{b} + bat * {block}")
         for j in range(L.dk_out[b]):
-            pos = f"q * {L.dk_out[b]} + {j}" if L.dk_out[b] > 1 else "q"
+            pos = L.component_offset("q", L.dk_out[b], j, L.nout)
             if op:
                 ptr = f"yb + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
                 mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
@@ -194,7 +194,7 @@ def plan_weight_grad_kernel(
     for b, j in used:
         block = spec.out_keys[b][2] * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
-        pos = f"q * {L.dk_out[b]} + {j}" if L.dk_out[b] > 1 else "q"
+        pos = L.component_offset("q", L.dk_out[b], j, L.nout)
         mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
         ptr = f"g{b}b + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
         src(f"gt{b}_{j} = {L.dot_operand(f'tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)')}")

@@ -34,6 +34,10 @@ class BlockSizes:
         pixels_first: tiles as (pixels, channels) rather than (channels, pixels); None picks
             what puts the lanes along pixels for the installed Triton (see
             `triton_prefers_first_dim`).
+        planar: read and write vector and 2-tensor blocks component-planar: each block's
+            tensor components ahead of its spatial axes in memory (the launcher asks XLA for that
+            layout), so a warp's load of 32 pixels of one component covers 128 consecutive bytes.
+            False: the native interleaved (*spatial, *tensor) order (stride-D^k component loads).
         dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
             pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
@@ -55,6 +59,7 @@ class BlockSizes:
     dw_units: int = 4
     max_registers: Optional[int] = None
     dw_max_registers: Optional[int] = None
+    planar: bool = True
 
     def for_weight_grad(self, D: int) -> "BlockSizes":
         """The tiling of the weight-gradient kernel, as a BlockSizes of its own."""

@@ -5,7 +5,7 @@
 Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
 forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
 Forward-mode differentiation (jax.jvp) is not defined for a custom_vjp: use `dense` for it.
-Under `jax.vmap` each kernel is launched once for the whole batch (jax-triton calls do not batch
+Under `jax.vmap` each kernel is launched once for the whole batch (the custom calls do not batch
 by themselves): `custom_vmap` folds every vmapped axis into the kernels' batch axis,
 broadcasting unbatched operands with a zero batch stride.
 """
