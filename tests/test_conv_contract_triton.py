@@ -97,6 +97,24 @@ def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometr
     check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
 
 
+@pytest.mark.parametrize("layout", ["planar", "planar_in", "interleaved"])
+def test_block_layouts_forward_and_gradients(layout):
+    """Each memory layout of the vector and 2-tensor blocks (the interpreter's callback moves the
+    axes into the order the kernel indexes): outputs and both gradients against `reference`."""
+    spec = make_layer(2, 3, [("s", 1), ("v", 2), ("t", 1)], [("s", 1), ("v", 1), ("t", 2)])
+    xs, ws = operands(spec, (5, 6), seed=9)
+    blocks = BlockSizes(layout=layout, tile=(4, 8))
+    check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), run(spec, xs, ws, "reference"), "fp32")
+
+    def loss(f, xs, ws):
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(xs, ws)))
+
+    got = jax.grad(lambda x, w: loss(lambda a, b: conv_contract_triton(spec, a, b, "fp32", blocks=blocks), x, w), argnums=(0, 1))(xs, ws)
+    want = jax.grad(lambda x, w: loss(lambda a, b: run(spec, a, b, "reference"), x, w), argnums=(0, 1))(xs, ws)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_l2(g, r) <= 1e-5
+
+
 def fixture_layer(case):
     """A recorded ginjax 0.1.8 layer geometry with its inputs and fresh random weights."""
     meta, arrays = conv_contract_case(case)
@@ -305,6 +323,8 @@ def test_bad_arguments_are_clear_errors():
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(block_c=8))
     with pytest.raises(ValueError, match=r"`num_warps` \(=3\)"):
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(num_warps=3))
+    with pytest.raises(ValueError, match=r"`layout` \(='nhwc'\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(layout="nhwc"))
     with pytest.raises(ValueError, match=r"`orientation` \(='pp'\)"):
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(orientation="pp"))
     with pytest.raises(ValueError, match=r"`max_registers` \(=16\)"):

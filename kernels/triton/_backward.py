@@ -162,7 +162,7 @@ def weight_grad_launch(
     # the interpreter keeps the forward's large tiles: it runs programs one by one
     blocks = blocks if host else blocks.for_weight_grad(spec.D)
     groups = default_groups(spec, blocks, spatial, batch) if groups is None else int(groups)
-    orders = [block_order(spec.D, a.ndim, blocks.planar) for a in list(xs) + list(gs)]
+    orders = [block_order(spec.D, a.ndim, blocks.planar_in) for a in list(xs) + list(gs)]
     per_unit = {}
     for units in weight_grad_units(spec, blocks.dw_units):
         plan = plan_weight_grad_kernel(

@@ -121,7 +121,7 @@ def plan_kernel(
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
         src(f"yb = y{b} + bat * {block}")
         for j in range(L.dk_out[b]):
-            pos = L.component_offset("q", L.dk_out[b], j, L.nout)
+            pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_out)
             if op:
                 ptr = f"yb + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
                 mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
@@ -194,7 +194,7 @@ def plan_weight_grad_kernel(
     for b, j in used:
         block = spec.out_keys[b][2] * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
-        pos = L.component_offset("q", L.dk_out[b], j, L.nout)
+        pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_in)  # cotangents: operands
         mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
         ptr = f"g{b}b + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
         src(f"gt{b}_{j} = {L.dot_operand(f'tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)')}")

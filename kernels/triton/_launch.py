@@ -92,8 +92,8 @@ def launch(
     if grid > INT32_MAX:
         raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
     shapes = out_shapes(spec, plan, batch)
-    in_orders = [block_order(spec.D, x.ndim, blocks.planar) for x in xs] + [None] * len(ws)
-    out_orders = [block_order(spec.D, len(s.shape), blocks.planar) for s in shapes]
+    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * len(ws)
+    out_orders = [block_order(spec.D, len(s.shape), blocks.planar_out) for s in shapes]
     return run_plan(plan, shapes, grid, list(xs) + list(ws), poison, in_orders, out_orders)
 
 

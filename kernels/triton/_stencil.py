@@ -173,12 +173,12 @@ class _Layer:
     def as_col(self, e: str) -> str:  # ... as a (BP, 1) column
         return f"({e})" if self.pf else f"tl.trans({e})"
 
-    def component_offset(self, pixel: str, dk: int, i: int, npix: int) -> str:
+    def component_offset(self, pixel: str, dk: int, i: int, npix: int, planar: bool) -> str:
         """Offset inside one channel of component i at flat pixel offset `pixel`: planar blocks
         hold each component's pixels contiguously, interleaved ones each pixel's components."""
         if dk == 1:
             return pixel
-        if self.blocks.planar:
+        if planar:
             return f"{pixel} + {i * npix}" if i else pixel
         return f"{pixel} * {dk} + {i}"
 
@@ -333,7 +333,7 @@ class _Layer:
                         if self.has_p_ok:
                             oks = ["p_ok"] + oks
                         tap_mask = " & ".join(oks) if oks else None
-                    pos = self.component_offset("pix", self.dk_in[a], i, self.npix)
+                    pos = self.component_offset("pix", self.dk_in[a], i, self.npix, self.blocks.planar_in)
                     masks = []
                     if tap_mask:
                         masks.append(f"({tap_mask})")
