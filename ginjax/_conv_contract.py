@@ -61,11 +61,26 @@ def _build_spec(
     padding,
     lhs_dilation,
     rhs_dilation,
+    bias_modes: tuple = (),
 ) -> ConvSpec:
     pairs = [(a, b, bases[t]) for t, (a, b) in enumerate(pair_index)]
     return kernels.make_spec(
-        D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs_dilation, rhs_dilation
+        D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs_dilation, rhs_dilation,
+        bias_modes=bias_modes or None,
     )
+
+
+def _bias_mode(use_bias: Union[str, bool], out_key: Key) -> str:
+    """The kernels bias mode of one output key under the layer's `use_bias` (ginjax 0.1.8's rules:
+    'auto' adds the bias to the scalar key and a mean-scaled bias to the others, 'mean' a
+    mean-scaled bias everywhere, 'scalar' only to the scalar key)."""
+    if not use_bias:
+        return "none"
+    if out_key == _SCALAR and use_bias in ("auto", "scalar"):
+        return "add"
+    if use_bias == "mean" or (use_bias == "auto" and out_key != _SCALAR):
+        return "mean"
+    return "none"  # 'scalar' leaves the other outputs unbiased
 
 
 def _hashable(value):
@@ -201,16 +216,19 @@ class ConvContract(MultiImageLayer):
 
     # ---- the operation -------------------------------------------------------------------------
     def conv_spec(self, x: Optional[geom.MultiImage] = None) -> ConvSpec:
-        """The static kernels.ConvSpec of this layer for input `x` (key order and is_torus)."""
+        """The static kernels.ConvSpec of this layer (bias included) for input `x` (key order
+        and is_torus)."""
         if x is None:
             in_order = tuple(k for k, _ in self.input_keys)
             is_torus = (True,) * self.D
         else:
             in_order = tuple(x.keys())
             is_torus = tuple(x.is_torus)
-        return self._spec(in_order, is_torus, self.weights)[0]
+        return self._spec(in_order, is_torus, self.weights, with_bias=True)[0]
 
-    def _spec(self, in_order: tuple, is_torus: tuple, weights: Weights) -> tuple[ConvSpec, list, list]:
+    def _spec(
+        self, in_order: tuple, is_torus: tuple, weights: Weights, with_bias: bool = False
+    ) -> tuple[ConvSpec, list, list]:
         """Spec plus, in spec order, the output keys and the (in_key, out_key) of each pair.
 
         Output order follows ginjax: input keys in the order of `x`, then target keys in layer
@@ -241,6 +259,7 @@ class ConvContract(MultiImageLayer):
             self.padding,
             self.lhs_dilation,
             self.rhs_dilation,
+            tuple(_bias_mode(self.use_bias, k) for k in out_order) if with_bias else (),
         )
         return spec, out_order, pair_keys
 
@@ -261,10 +280,12 @@ class ConvContract(MultiImageLayer):
             if not jnp.issubdtype(block.dtype, jnp.floating):
                 raise ValueError(f"`x[{k}]` has dtype {block.dtype}; ConvContract needs floating point")
 
-    def _convolve(self, x: geom.MultiImage, weights: Weights, backend: Optional[str]) -> geom.MultiImage:
+    def _convolve(
+        self, x: geom.MultiImage, weights: Weights, backend: Optional[str], with_bias: bool = False
+    ) -> geom.MultiImage:
         self._check_input(x)
         in_order = tuple(x.keys())
-        spec, out_order, pair_keys = self._spec(in_order, tuple(x.is_torus), weights)
+        spec, out_order, pair_keys = self._spec(in_order, tuple(x.is_torus), weights, with_bias)
         pair_weights = []
         for (in_key, out_key), pair in zip(pair_keys, spec.pairs):
             w = weights[in_key][out_key]
@@ -274,8 +295,11 @@ class ConvContract(MultiImageLayer):
                     f"`weights[{in_key}][{out_key}]` has shape {tuple(w.shape)}; expected {expected}"
                 )
             pair_weights.append(w)
+        bias = None
+        if spec.has_bias:
+            bias = [self.bias[k] if m != "none" else None for k, m in zip(out_order, spec.bias_modes)]
         outs = kernels.conv_contract(
-            spec, [x[k] for k in in_order], pair_weights, backend=backend
+            spec, [x[k] for k in in_order], pair_weights, bias=bias, backend=backend
         )
         return geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
 
@@ -288,18 +312,6 @@ class ConvContract(MultiImageLayer):
         return self._convolve(x, weights, "reference")
 
     def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
-        """Convolve-contract `x` (unbatched) on the selected backend, then add the bias."""
-        out = self._convolve(x, self.weights, self.backend)
-        if not self.use_bias:
-            return out
-        biased = {}
-        for (k, p), block in out.items():
-            b = self.bias[(k, p)].reshape((-1,) + (1,) * (self.D + len(k)))
-            if (k, p) == _SCALAR and self.use_bias in ("auto", "scalar"):
-                biased[(k, p)] = block + b
-            elif self.use_bias == "mean" or (self.use_bias == "auto" and (k, p) != _SCALAR):
-                mean = jnp.mean(block, axis=tuple(range(1, 1 + self.D)), keepdims=True)
-                biased[(k, p)] = block + mean * b
-            else:  # 'scalar' mode leaves non-scalar outputs unbiased (ginjax 0.1.8 dropped them)
-                biased[(k, p)] = block
-        return geom.MultiImage(biased, out.D, out.is_torus)
+        """Convolve-contract `x` (unbatched) on the selected backend, bias included (added by the
+        backend's epilogue or after it; see kernels._bias)."""
+        return self._convolve(x, self.weights, self.backend, with_bias=True)

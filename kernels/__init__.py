@@ -1,6 +1,6 @@
 """ConvContract as a function of plain arrays, with interchangeable backends.
 
-    outputs = kernels.conv_contract(spec, inputs, weights, backend="auto", precision=None)
+    outputs = kernels.conv_contract(spec, inputs, weights, bias=None, backend="auto", precision=None)
 
 `spec` (a `ConvSpec`, from `make_spec`) is the static part of a layer: keys, channel counts, the
 invariant filter bases of every (input key, output key) pair, padding, stride and dilations.
@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import jax
 
 from . import _registry
+from ._bias import apply_bias, bias_offsets, check_bias, output_means
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
     Backend,
@@ -88,6 +89,7 @@ def conv_contract(
     inputs: Sequence[jax.Array],
     weights: Sequence[jax.Array],
     *,
+    bias: Optional[Sequence[Optional[jax.Array]]] = None,
     backend: Optional[str] = None,
     precision=None,
 ) -> tuple[jax.Array, ...]:
@@ -97,18 +99,21 @@ def conv_contract(
         spec: the layer's static description (`make_spec`).
         inputs: per input key, (c_a, *spatial, *(D,)*k_a).
         weights: per pair of `spec.pairs`, (o_b, c_a, n_filters).
+        bias: per output key, an (o_b,) array where `spec.bias_modes` is not "none", else None
+            ("add": out += b; "mean": out += b * spatial mean of out). None when no mode is set.
         backend: a registered name or "auto"/None (then `use_backend`, $GINJAX_BACKEND, auto).
         precision: None (JAX's default matmul precision), "fp32", "tf32" or "bf16".
     """
     inputs = tuple(inputs)
     weights = tuple(weights)
     spatial = check_operands(spec, inputs, weights)
+    bias = check_bias(spec, bias)
     mode = resolve_precision(precision)
     layout = active_spatial_sharding()
     if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
-        return sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode)
+        return sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
     choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
-    return tuple(_registry.get(choice.backend).run(spec, inputs, weights, mode))
+    return _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
 
 
 def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:

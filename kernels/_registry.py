@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
-from . import _measured
+from . import _bias, _measured
 from ._spec import ConvSpec
 
 ENV_VAR = "GINJAX_BACKEND"
@@ -40,6 +40,9 @@ class Backend:
         availability: () -> (ok, reason): can it run on this machine at all.
         coverage: (spec, spatial, dtype) -> (ok, reason): does it cover this configuration.
         priority: platform ("cpu", "gpu", "tpu") -> rank for "auto"; higher wins, absent = never.
+        fused_bias: `run` takes a fifth argument, the bias (kernels._bias), and adds it itself
+            as `spec.bias_modes` say; otherwise `run` gets a spec without bias modes and the
+            registry adds the bias after it (`run_backend`).
     """
 
     name: str
@@ -47,6 +50,7 @@ class Backend:
     availability: Callable[[], tuple[bool, str]]
     coverage: Callable[[ConvSpec, tuple, object], tuple[bool, str]]
     priority: dict
+    fused_bias: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -170,3 +174,15 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
 
 def get(name: str) -> Backend:
     return _BACKENDS[name]
+
+
+def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None) -> tuple:
+    """Run backend `name` on checked operands, the bias (checked against spec) included."""
+    backend = _BACKENDS[name]
+    if backend.fused_bias:
+        return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias)))
+    # the backend sees a spec without bias, so its caches do not split by bias mode
+    outputs = tuple(backend.run(spec.without_bias(), inputs, weights, mode))
+    if not spec.has_bias:
+        return outputs
+    return _bias.apply_bias(spec, inputs, weights, outputs, bias)

@@ -87,6 +87,8 @@ class ConvSpec:
         stride, lhs_dilation, rhs_dilation: per axis.
         torus_pad: per axis `(lo, hi)` cells added by wrapping around (torus axes only).
         zero_pad: per axis `(lo, hi)` zero cells added (after wrapping).
+        bias_modes: per output block, "none", "add" (out += b[o]) or "mean" (out += b[o] * the
+            spatial mean of out, per channel and component); see kernels._bias. Empty: all "none".
     """
 
     D: int
@@ -100,6 +102,23 @@ class ConvSpec:
     rhs_dilation: tuple[int, ...]
     torus_pad: tuple[tuple[int, int], ...]
     zero_pad: tuple[tuple[int, int], ...]
+    bias_modes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # normalised here (not only in make_spec) so dataclasses.replace keeps one canonical form,
+        # which jit caches and custom_vjp statics compare by equality
+        modes = self.bias_modes or ("none",) * len(self.out_keys)
+        object.__setattr__(self, "bias_modes", _check_bias_modes(modes, len(self.out_keys)))
+
+    @property
+    def has_bias(self) -> bool:
+        return any(m != "none" for m in self.bias_modes)
+
+    def without_bias(self) -> "ConvSpec":
+        """This spec with every bias mode "none" (what a backend without fused bias runs)."""
+        if not self.has_bias:
+            return self
+        return dataclasses.replace(self, bias_modes=())
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -145,6 +164,18 @@ class ConvSpec:
     def dense_flops(self, spatial: Sequence[int]) -> int:
         """FLOPs of the equivalent dense convolution (2 * out pixels * taps * Cin * Cout)."""
         return 2 * math.prod(self.out_spatial(spatial)) * self.taps * self.cin * self.cout
+
+
+BIAS_MODES = ("none", "add", "mean")
+
+
+def _check_bias_modes(modes, n_out: int) -> tuple[str, ...]:
+    if isinstance(modes, str) or len(modes) != n_out or any(m not in BIAS_MODES for m in modes):
+        raise ValueError(
+            f"`bias_modes` (={modes!r}) must give one of {BIAS_MODES} per output block "
+            f"({n_out} blocks)"
+        )
+    return tuple(modes)
 
 
 def _per_axis(value, D: int, name: str) -> tuple[int, ...]:
@@ -224,6 +255,7 @@ def make_spec(
     padding: Padding = None,
     lhs_dilation=None,
     rhs_dilation=1,
+    bias_modes: Sequence[str] | None = None,
 ) -> ConvSpec:
     """Validate and build a `ConvSpec`.
 
@@ -233,6 +265,7 @@ def make_spec(
         pairs: `(in_index, out_index, basis)` with basis of shape (F, *(M,)*D, *(D,)*(k_a+k_b)).
         is_torus: bool or per-axis bools.
         stride, padding, lhs_dilation, rhs_dilation: as in ginjax.
+        bias_modes: per output block "none", "add" or "mean"; None: all "none".
     """
     if D not in (2, 3):
         raise ValueError(f"`D` (={D!r}) must be 2 or 3")
@@ -288,6 +321,7 @@ def make_spec(
         rhs_dilation=rhs_t,
         torus_pad=wrap,
         zero_pad=zero,
+        bias_modes=() if bias_modes is None else bias_modes if isinstance(bias_modes, str) else tuple(bias_modes),
     )
 
 
