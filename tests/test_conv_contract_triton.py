@@ -8,6 +8,7 @@ a non-finite value; every comparison checks that all outputs are finite first.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -113,6 +114,33 @@ def test_block_layouts_forward_and_gradients(layout):
     want = jax.grad(lambda x, w: loss(lambda a, b: run(spec, a, b, "reference"), x, w), argnums=(0, 1))(xs, ws)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert rel_l2(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("torus", [True, False])
+def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
+    """The layer's bias ('add' on the scalar output, 'mean' on the vector one) against `reference`:
+    outputs, gradients in inputs, weights and bias, vmapped over a batch. On a torus the mean
+    comes from the inputs' means and the offsets are added by the kernel: the forward's program
+    has one kernel call and reduces nothing of the output's size; with SAME padding the vector
+    output's own mean is added after the kernel."""
+    spec = make_layer(2, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 3)], torus, **({} if torus else {"padding": "SAME"}))
+    spec = kernels.make_spec(spec.D, spec.in_keys, spec.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in spec.pairs],
+                             torus, **({} if torus else {"padding": "SAME"}), bias_modes=("add", "mean"))
+    xs, ws = operands(spec, 6, seed=11, batch=3)
+    bias = [jnp.asarray([0.5, -1.0]), jnp.asarray([2.0, 0.25, -0.75])]
+    f = lambda backend: (lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend, precision="fp32"))
+    vf = lambda backend: jax.vmap(f(backend), in_axes=(0, None, None))
+    check_close(vf("triton")(xs, ws, bias), vf("reference")(xs, ws, bias), "fp32")
+    loss = lambda backend: (lambda x, w, b: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(vf(backend)(x, w, b))))
+    got = jax.grad(loss("triton"), argnums=(0, 1, 2))(xs, ws, bias)
+    want = jax.grad(loss("reference"), argnums=(0, 1, 2))(xs, ws, bias)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_l2(g, r) <= 1e-5
+    jaxpr = str(jax.make_jaxpr(vf("triton"))(xs, ws, bias))
+    assert jaxpr.count("pure_callback") == 1, jaxpr
+    # a spatial mean of the (B=3, o=3, 6, 6, 2) vector output (the inputs have 2 channels)
+    output_means = re.findall(r"f32\[3,3(?:,1,1)?,2\] = reduce_sum", jaxpr)
+    assert bool(output_means) != torus, jaxpr
 
 
 def fixture_layer(case):

@@ -21,6 +21,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from .._bias import bias_offsets
 from .._registry import Backend, register_backend
 from .._spec import ConvSpec
 from ._stencil import check_sizes, count_nonzeros
@@ -84,8 +85,22 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     return True, "fused Triton forward (factorised over the basis nonzeros)"
 
 
-def _run(spec, inputs, weights, mode):
-    return conv_contract_triton(spec, inputs, weights, mode)
+def _run(spec, inputs, weights, mode, bias=None):
+    """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue.
+    A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
+    mean after the kernel, as the lax backends do."""
+    offsets = bias_offsets(spec, inputs, weights, bias)
+    outputs = conv_contract_triton(spec.without_bias(), inputs, weights, mode, offsets=offsets)
+    late = [b for b, (m, off) in enumerate(zip(spec.bias_modes, offsets)) if m != "none" and off is None]
+    if not late:
+        return outputs
+    space = tuple(range(1, 1 + spec.D))
+    outputs = list(outputs)
+    for b in late:
+        k = spec.out_keys[b][0]
+        mean = jnp.mean(outputs[b], axis=space, keepdims=True)
+        outputs[b] = outputs[b] + bias[b].reshape((-1,) + (1,) * (spec.D + k)).astype(mean.dtype) * mean
+    return tuple(outputs)
 
 
-register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}))
+register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True))

@@ -66,6 +66,8 @@ def plan_kernel(
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     ws = [f"w{t}" for t in range(len(spec.pairs))]
     ys = [f"y{b}" for b in range(len(spec.out_keys))]
+    biased = dict(enumerate(geometry.bias_batched))
+    offs = [f"bias{b}" for b in range(len(spec.out_keys)) if biased.get(b) is not None]
     aliases = [f"y{b}_in" for b in range(len(spec.out_keys))] if aliased else []
 
     # -- which program: (out-channel tile, pixel tile, batch), out-channel tile fastest
@@ -115,7 +117,14 @@ def plan_kernel(
     L.emit_stencil(src, reduce_z, chunk_loop=True)
     loaded_w.clear()
 
-    # -- write every output block in its native layout
+    # -- the bias offsets (o, D^k per example) added to every pixel, then every output block written
+    for b, (k_b, _, o) in enumerate(spec.out_keys):
+        if biased.get(b) is None:
+            continue
+        src(f"ob = bias{b} + bat * {o * L.dk_out[b]}" if biased[b] else f"ob = bias{b}")
+        for j in range(L.dk_out[b]):
+            off = f"tl.load(ob + o{b} * {L.dk_out[b]} + {j}, mask=o{b}_ok, other=0.0)"
+            src(f"acc{b}_{j} = acc{b}_{j} + {off}{'[:, None]' if op else '[None, :]'}")
     for b, (k_b, _, o) in enumerate(spec.out_keys):
         block = o * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
@@ -130,7 +139,7 @@ def plan_kernel(
                 mask = f"o{b}_ok[None, :]" + (f" & {L.as_col('p_ok')}" if L.has_p_ok else "")
             src(f"tl.store({ptr}, acc{b}_{j}, mask={mask})")
 
-    return _finish(L, src, name, xs + ws + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
+    return _finish(L, src, name, xs + ws + offs + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,16 +54,19 @@ def batched_flags(arrays: Sequence, batch: int) -> tuple[bool, ...]:
     return tuple(batch > 1 and a.shape[0] == batch for a in arrays)
 
 
-def launch_geometry(spec: ConvSpec, xs: Sequence, ws: Sequence = (), gs: Sequence = ()) -> tuple[int, Geometry]:
-    """The batch size of a launch's operands (inputs xs, weights ws, cotangents gs; each with a
-    leading batch axis of 1 or B) and its Geometry."""
-    batch = batch_size(list(xs) + list(ws) + list(gs))
+def launch_geometry(spec: ConvSpec, xs: Sequence, ws: Sequence = (), gs: Sequence = (), bs: Sequence = ()) -> tuple[int, Geometry]:
+    """The batch size of a launch's operands (inputs xs, weights ws, cotangents gs, bias offsets
+    bs (None where a block has none); each with a leading batch axis of 1 or B) and its Geometry."""
+    present = [b for b in bs if b is not None]
+    batch = batch_size(list(xs) + list(ws) + list(gs) + present)
+    flags = iter(batched_flags(present, batch))
     spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
     return batch, Geometry(
         spatial=spatial,
         x_batched=batched_flags(xs, batch),
         w_batched=batched_flags(ws, batch),
         y_batched=batched_flags(gs, batch),
+        bias_batched=tuple(None if b is None else next(flags) for b in bs) if present else (),
     )
 
 
@@ -74,16 +77,21 @@ def launch(
     xs: Sequence[jax.Array],
     ws: Sequence[jax.Array],
     poison: Optional[float] = None,
+    offsets: Sequence[Optional[jax.Array]] = (),
 ) -> tuple[jax.Array, ...]:
     """Run the fused forward on batched operands; returns float32 outputs (B, o, *spatial', *tensor).
 
     Args:
         xs: per input key, (1 or B, c, *spatial, *(D,)*k).
         ws: per pair, (1 or B, o, c, n_filters).
+        offsets: per output key, None or a float32 (1 or B, o, D^k) offset added to every pixel
+            in the kernel's epilogue (the layer's bias); () for none at all.
         poison: if set, outputs start filled with this value (tests check that every element is
             overwritten); on the interpreter path outputs always start as NaN.
     """
-    batch, geometry = launch_geometry(spec, xs, ws=ws)
+    offsets = tuple(offsets) or (None,) * len(spec.out_keys)
+    present = [o for o in offsets if o is not None]
+    batch, geometry = launch_geometry(spec, xs, ws=ws, bs=offsets)
     aliased = poison is not None and not interpreting()
     # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
     host = interpreting()
@@ -92,9 +100,9 @@ def launch(
     if grid > INT32_MAX:
         raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
     shapes = out_shapes(spec, plan, batch)
-    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * len(ws)
+    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * (len(ws) + len(present))
     out_orders = [block_order(spec.D, len(s.shape), blocks.planar_out) for s in shapes]
-    return run_plan(plan, shapes, grid, list(xs) + list(ws), poison, in_orders, out_orders)
+    return run_plan(plan, shapes, grid, list(xs) + list(ws) + present, poison, in_orders, out_orders)
 
 
 def block_order(D: int, ndim: int, planar: bool) -> Optional[tuple[int, ...]]:

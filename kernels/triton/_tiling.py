@@ -132,6 +132,9 @@ class Geometry:
     x_batched: tuple[bool, ...]
     w_batched: tuple[bool, ...] = ()
     y_batched: tuple[bool, ...] = ()  # the cotangents of the weight-gradient kernel
+    # per output block of the forward: None (no bias offset), else whether its (1 or B, o, D^k)
+    # offset operand carries the batch
+    bias_batched: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
