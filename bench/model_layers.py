@@ -129,7 +129,7 @@ def layer_function(use: LayerUse, backend: str, mode: str, seed: int = 0) -> tup
     spec = use.spec
     xs, ws, cots = _cases.spec_operands(spec, use.spatial, use.batch, seed, use.dtype)
     run = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend)  # noqa: E731
-    return _cases.layer_functions(run, cots)[mode], (xs, ws)
+    return _cases.layer_functions(run)[mode], (xs, ws, cots)
 
 
 def runs_itself(use: LayerUse, backend: str) -> tuple[bool, str]:

@@ -89,12 +89,12 @@ def main(argv=None) -> int:
         bs = kp.BlockSizes(**block)
         return lambda x, w: kp.conv_contract(spec, x, w, precision=precision, block_sizes=bs)
 
-    oracle = {m: jax.jit(f)(xs, ws) for m, f in _cases.layer_functions(backend_run("reference", "fp32"), cots).items()}
+    oracle = {m: jax.jit(f)(xs, ws, cots) for m, f in _cases.layer_functions(backend_run("reference", "fp32")).items()}
     device = jax.devices()[0].device_kind
     rows = []
     for backend, precision, block in cases(kernels.available_backends()):
         run = pallas_run(precision, **block) if backend == "pallas" else backend_run(backend, precision)
-        for mode, fn in _cases.layer_functions(run, cots).items():
+        for mode, fn in _cases.layer_functions(run).items():
             if (precision or len(block) > 1) and mode == "fwd_bwd":
                 continue  # variants: forward only
             label = label_of(backend, precision, block)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                 print(f"skipped {label} {mode}: time budget")
                 continue
             try:
-                result, row = measure(fn, (xs, ws))
+                result, row = measure(fn, (xs, ws, cots))
                 row["rel_err_vs_fp32_reference"] = rel(result, oracle[mode])
                 row["tflops_dense_equiv"] = flops[mode] / row["median_ms"] / 1e9
             except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
