@@ -98,11 +98,12 @@ def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometr
     check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
 
 
-@pytest.mark.parametrize("layout", ["planar", "planar_in", "interleaved"])
+@pytest.mark.parametrize("layout", ["planar_in", "interleaved"])
 def test_block_layouts_forward_and_gradients(layout):
-    """Each memory layout of the vector and 2-tensor blocks (the interpreter's callback moves the
-    axes into the order the kernel indexes): outputs and both gradients against `reference`."""
-    spec = make_layer(2, 3, [("s", 1), ("v", 2), ("t", 1)], [("s", 1), ("v", 1), ("t", 2)])
+    """The other memory layouts of the vector and 2-tensor blocks (every other test runs the
+    default, planar; the interpreter's callback moves the axes into the order the kernel indexes):
+    outputs and both gradients against `reference`."""
+    spec = make_layer(2, 3, [("s", 1), ("v", 1), ("t", 1)], [("s", 1), ("v", 1), ("t", 1)])
     xs, ws = operands(spec, (5, 6), seed=9)
     blocks = BlockSizes(layout=layout, tile=(4, 8))
     check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), run(spec, xs, ws, "reference"), "fp32")
@@ -126,7 +127,7 @@ def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
     spec = make_layer(2, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 3)], torus, **({} if torus else {"padding": "SAME"}))
     spec = kernels.make_spec(spec.D, spec.in_keys, spec.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in spec.pairs],
                              torus, **({} if torus else {"padding": "SAME"}), bias_modes=("add", "mean"))
-    xs, ws = operands(spec, 6, seed=11, batch=3)
+    xs, ws = operands(spec, 5, seed=11, batch=2)
     bias = [jnp.asarray([0.5, -1.0]), jnp.asarray([2.0, 0.25, -0.75])]
     f = lambda backend: (lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend, precision="fp32"))
     vf = lambda backend: jax.vmap(f(backend), in_axes=(0, None, None))
@@ -138,8 +139,8 @@ def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
         assert rel_l2(g, r) <= 1e-5
     jaxpr = str(jax.make_jaxpr(vf("triton"))(xs, ws, bias))
     assert jaxpr.count("pure_callback") == 1, jaxpr
-    # a spatial mean of the (B=3, o=3, 6, 6, 2) vector output (the inputs have 2 channels)
-    output_means = re.findall(r"f32\[3,3(?:,1,1)?,2\] = reduce_sum", jaxpr)
+    # a spatial mean of the (B=2, o=3, 5, 5, 2) vector output (the inputs have 2 channels)
+    output_means = re.findall(r"f32\[2,3(?:,1,1)?,2\] = reduce_sum", jaxpr)
     assert bool(output_means) != torus, jaxpr
 
 

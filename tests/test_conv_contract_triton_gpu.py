@@ -117,7 +117,8 @@ def _hlo_computations(text: str) -> dict:
         if head and "=" not in line.split("{")[0]:
             current = comps.setdefault(head.group(1), [])
             continue
-        inst = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+(?:\s*\{[^}]*\})?\s+([\w\-]+)\((.*)", line)
+        # the shape is one array type or a parenthesised tuple of them (spaces inside)
+        inst = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\((.*)", line)
         if inst and current is not None:
             name, opcode, rest = inst.groups()
             operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0]) or re.findall(r"%([\w.\-]+)", rest)

@@ -79,6 +79,7 @@ def transposed_spec(spec: ConvSpec) -> Optional[tuple[ConvSpec, tuple[int, ...]]
         pairs=tuple(pairs),
         torus_pad=tuple(torus_pad),
         zero_pad=tuple(zero_pad),
+        bias_modes=(),  # the input gradient has no bias (and other output keys)
     )
     return spec_t, used
 
