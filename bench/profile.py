@@ -164,14 +164,29 @@ def _module_name(hlo_text: str) -> str:
     return m.group(1) if m else ""
 
 
+def _resolve(ev, index: dict):
+    """(event, HloInfo) with the event's HLO op set to the instruction that launched it.
+
+    Kernels replayed inside an XLA command buffer (a CUDA graph) carry the command buffer as their
+    `hlo_op`; XLA names a fusion's kernel after its instruction (`input_reduce_fusion_16` for
+    `input_reduce_fusion.16`), which then finds the instruction, its jax op and its kind. The same
+    fallback serves traces that lack `hlo_op`."""
+    info = None if ev.hlo_op.startswith("command_buffer") else index.get(ev.hlo_op)
+    if info is not None:
+        return ev, info
+    for name in (ev.name, re.sub(r"_(\d+)$", r".\1", ev.name)):
+        if name in index:
+            return dataclasses.replace(ev, hlo_op=name), index[name]
+    return ev, index.get(ev.hlo_op)
+
+
 def summarise(events, index: dict, steps: int) -> tuple[dict, list[KernelRow], float, float]:
     """(ms per kind, kernel rows sorted by time, total ms, launches) per step from trace events."""
     kinds: dict[str, float] = {}
     rows: dict[tuple[str, str], KernelRow] = {}
     total, launches = 0.0, 0
     for ev in events:
-        # XLA names a fusion's kernel after the instruction: the fallback when a trace lacks hlo_op
-        info = index.get(ev.hlo_op) or index.get(ev.name)
+        ev, info = _resolve(ev, index)
         kind = _trace.classify(ev, info)
         ms = ev.duration_ns / 1e6 / steps
         kinds[kind] = kinds.get(kind, 0.0) + ms

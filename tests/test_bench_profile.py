@@ -186,3 +186,16 @@ def test_profile_command_names_a_bad_config_and_takes_sets(capsys):
         parse_args(["unet_d9"])
     assert "unknown name 'unet_d9'" in capsys.readouterr().err
     assert parse_args(["models"]).configs == _configs.CONFIG_SETS["models"]
+
+
+def test_kernels_replayed_in_a_command_buffer_are_found_by_their_instruction_name():
+    # Inside a CUDA graph the trace's hlo_op names the command buffer; the kernel's own name
+    # (instruction name with '.' as '_') must still find the fusion, its kind and its jax op.
+    from bench.profile import summarise
+
+    index = _trace.hlo_index(GPU_HLO)
+    replayed = _trace.KernelEvent("input_reduce_fusion", 2e6, hlo_op="command_buffer_7", tf_op="XlaModule:")
+    kinds, rows, total, _ = summarise([replayed], index, steps=1)
+    assert kinds == {"XLA reduce fusion": pytest.approx(2.0)}
+    assert rows[0].hlo_op == "input_reduce_fusion"
+    assert rows[0].jax_op == "jit(step)/jvp(VectorNeuron)/reduce_sum"
