@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Optional, Union
 
 import equinox as eqx
@@ -18,9 +19,11 @@ import jax.random as random
 import numpy as np
 
 import kernels
-from kernels import ConvSpec, FilterBasis
+from kernels import ConvSpec
 
 from ginjax import geometric as geom
+from ginjax._filter_bank import FilterBank
+from ginjax._validate import as_signature, check_key
 
 Key = tuple[tuple[bool, ...], int]
 Weights = dict[Key, dict[Key, jax.Array]]
@@ -61,11 +64,70 @@ def _build_spec(
     padding,
     lhs_dilation,
     rhs_dilation,
+    bias_modes: tuple = (),
 ) -> ConvSpec:
     pairs = [(a, b, bases[t]) for t, (a, b) in enumerate(pair_index)]
     return kernels.make_spec(
-        D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs_dilation, rhs_dilation
+        D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs_dilation, rhs_dilation,
+        bias_modes=bias_modes or None,
     )
+
+
+def _bias_mode(use_bias: Union[str, bool], out_key: Key) -> str:
+    """The kernels bias mode of one output key under the layer's `use_bias` (ginjax 0.1.8's rules:
+    'auto' adds the bias to the scalar key and a mean-scaled bias to the others, 'mean' a
+    mean-scaled bias everywhere, 'scalar' only to the scalar key)."""
+    if not use_bias:
+        return "none"
+    if out_key == _SCALAR and use_bias in ("auto", "scalar"):
+        return "add"
+    if use_bias == "mean" or (use_bias == "auto" and out_key != _SCALAR):
+        return "mean"
+    return "none"  # 'scalar' leaves the other outputs unbiased
+
+
+def _pair_basis(bases: dict, in_key: Key, out_key: Key):
+    fk = _filter_key(in_key, out_key)
+    if fk not in bases:
+        raise ValueError(
+            f"`invariant_filters` has no filter for key {fk}, which the layer's weights "
+            f"[{in_key}][{out_key}] need: the bank was replaced by one with keys {list(bases)}"
+        )
+    return bases[fk]
+
+
+_WARNED_DROPS: set = set()
+
+
+def _warn_dropped_keys(input_keys: tuple, target_keys: tuple, weights: Weights) -> None:
+    """Warn (once per pair of signatures) about keys no invariant filter connects to the other side:
+    ginjax 0.1.8 leaves them out silently (inputs ignored, outputs absent from the result)."""
+    used_out = {o for pairs in weights.values() for o in pairs}
+    dropped_in = tuple(k for k, _ in input_keys if not weights.get(k))
+    dropped_out = tuple(k for k, _ in target_keys if k not in used_out)
+    if not (dropped_in or dropped_out) or (input_keys, target_keys) in _WARNED_DROPS:
+        return
+    _WARNED_DROPS.add((input_keys, target_keys))
+    parts = []
+    if dropped_in:
+        parts.append(f"input keys {list(dropped_in)} are ignored")
+    if dropped_out:
+        parts.append(f"target keys {list(dropped_out)} are left out of the output")
+    warnings.warn(
+        "ConvContract: no invariant filter joins these keys to the other side, so "
+        + " and ".join(parts)
+        + " (as in ginjax 0.1.8); add filters of the needed tensor order to keep them",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _same_dtype_as(x: geom.MultiImage, out: geom.MultiImage) -> geom.MultiImage:
+    """The dtype policy: outputs in the inputs' dtype (the float32 bias would promote bf16/f16)."""
+    dtype = jnp.result_type(*x.values())
+    if all(b.dtype == dtype for b in out.values()):
+        return out
+    return geom.MultiImage({k: b.astype(dtype) for k, b in out.items()}, out.D, out.is_torus)
 
 
 def _hashable(value):
@@ -89,6 +151,22 @@ class ConvContract(MultiImageLayer):
         input block a: (in_c, *spatial, *(D,)*k_a); output block b: (out_c, *spatial', *(D,)*k_b).
     Fields as ginjax 0.1.8: `weights[in_key][out_key]` of shape (out_c, in_c, n_filters),
     `bias[out_key]` of shape (out_c,), `invariant_filters`, `missing_filter`, ... plus `backend`.
+
+    The filters: `invariant_filters` holds a `FilterBank`, an immutable MultiImage that JAX and
+    equinox treat as one hashable non-array leaf. The layer computes with exactly what it holds:
+    `eqx.tree_at(lambda m: m.invariant_filters, layer, new_filters)` takes effect (on every
+    backend, jitted or not; the weights must still match the new bank's filter counts). Because
+    the fused kernels specialise on the filter values, the filters are constants: they are not
+    trained, have no gradient and are not written by `ginjax.ml.save`. A plain MultiImage put in
+    their place is converted on the next eager call; under jit its arrays are tracers and the
+    call raises a TypeError that says to wrap it in `FilterBank`.
+
+    Keys that no invariant filter joins to any key on the other side (e.g. an order-3 input with
+    filters up to order 2) are left out of the computation as in ginjax 0.1.8, with a warning
+    that names them.
+
+    dtypes: floating-point inputs only; float16/bfloat16 inputs give outputs of the same dtype
+    (accumulated in float32); integer inputs raise a ValueError.
     """
 
     weights: Weights
@@ -106,8 +184,6 @@ class ConvContract(MultiImageLayer):
     fast_mode: bool = eqx.field(static=True)
     missing_filter: bool = eqx.field(static=True)
     backend: str = eqx.field(static=True)
-    # the filter bank as hashable constants, so fused kernels can specialise on its nonzeros
-    filter_bases: tuple[tuple[Key, FilterBasis], ...] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -136,11 +212,11 @@ class ConvContract(MultiImageLayer):
             key: a jax.random key for the initial weights and biases.
             backend: 'auto' or a kernels backend name ('reference', 'dense', 'triton', 'pallas').
         """
-        if key is None:
-            raise ValueError("`key` (=None) must be a jax.random key to initialise the weights")
+        check_key(key, "ConvContract")
         if not isinstance(invariant_filters, geom.MultiImage):
             raise TypeError(
-                f"`invariant_filters` (={type(invariant_filters).__name__}) must be a geom.MultiImage"
+                f"ConvContract: `invariant_filters` (={type(invariant_filters).__name__}) must be "
+                "a geom.MultiImage"
             )
         if not isinstance(backend, str):
             raise ValueError(f"`backend` (={backend!r}) must be a string")
@@ -151,12 +227,21 @@ class ConvContract(MultiImageLayer):
                 f"{sorted(kernels.available_backends())} (or 'auto')"
             )
         # Signature normalises keys to ((False,)*k, parity) and checks the channel counts
-        input_keys = geom.Signature(input_keys)
-        target_keys = geom.Signature(target_keys)
+        input_keys = as_signature(input_keys, "ConvContract", "input_keys")
+        target_keys = as_signature(target_keys, "ConvContract", "target_keys")
+        for name, signature in (("input_keys", input_keys), ("target_keys", target_keys)):
+            if not signature:
+                raise ValueError(f"ConvContract: `{name}` (={signature!r}) has no keys")
+            for kp, c in signature:
+                if c < 1:
+                    raise ValueError(
+                        f"ConvContract: `{name}` gives key {kp} {c} channels; every key needs "
+                        "at least 1 channel (leave the key out instead)"
+                    )
 
         self.input_keys = input_keys
         self.target_keys = target_keys
-        self.invariant_filters = invariant_filters
+        self.invariant_filters = FilterBank(invariant_filters)
         self.use_bias = _normalize_bias(use_bias)
         self.stride = _hashable(stride)
         self.padding = _hashable(padding)
@@ -166,9 +251,6 @@ class ConvContract(MultiImageLayer):
         self.backend = backend
         self.fast_mode = False
 
-        self.filter_bases = tuple(
-            (fk, FilterBasis(np.asarray(block))) for fk, block in invariant_filters.items()
-        )
         filter_spatial = {tuple(np.asarray(b).shape[1 : 1 + self.D]) for _, b in invariant_filters.items()}
         if len(filter_spatial) > 1:
             raise ValueError(
@@ -198,19 +280,47 @@ class ConvContract(MultiImageLayer):
         self.weights = weights
         self.bias = bias
         self.missing_filter = missing
+        _warn_dropped_keys(input_keys, target_keys, weights)
 
     # ---- the operation -------------------------------------------------------------------------
+    def _filter_bank(self) -> FilterBank:
+        """The held filters as a FilterBank (a plain MultiImage put in by tree_at is converted)."""
+        held = self.invariant_filters
+        if isinstance(held, FilterBank):
+            bank = held
+        elif isinstance(held, geom.MultiImage):
+            if any(isinstance(b, jax.core.Tracer) for b in held.values()):
+                raise TypeError(
+                    "ConvContract: `invariant_filters` holds a plain geom.MultiImage, whose arrays "
+                    "are traced under jit/vmap; the kernels specialise on the filter values, so "
+                    "put the filters in as constants: ginjax.layers.FilterBank(filters)"
+                )
+            bank = FilterBank(held)
+        else:
+            raise TypeError(
+                f"ConvContract: `invariant_filters` (={type(held).__name__}) must be a "
+                "ginjax.layers.FilterBank or a geom.MultiImage"
+            )
+        if bank.D != self.D:
+            raise ValueError(
+                f"ConvContract: `invariant_filters` are for D={bank.D}, the layer for D={self.D}"
+            )
+        return bank
+
     def conv_spec(self, x: Optional[geom.MultiImage] = None) -> ConvSpec:
-        """The static kernels.ConvSpec of this layer for input `x` (key order and is_torus)."""
+        """The static kernels.ConvSpec of this layer (bias included) for input `x` (key order
+        and is_torus)."""
         if x is None:
             in_order = tuple(k for k, _ in self.input_keys)
             is_torus = (True,) * self.D
         else:
             in_order = tuple(x.keys())
             is_torus = tuple(x.is_torus)
-        return self._spec(in_order, is_torus, self.weights)[0]
+        return self._spec(in_order, is_torus, self.weights, with_bias=True)[0]
 
-    def _spec(self, in_order: tuple, is_torus: tuple, weights: Weights) -> tuple[ConvSpec, list, list]:
+    def _spec(
+        self, in_order: tuple, is_torus: tuple, weights: Weights, with_bias: bool = False
+    ) -> tuple[ConvSpec, list, list]:
         """Spec plus, in spec order, the output keys and the (in_key, out_key) of each pair.
 
         Output order follows ginjax: input keys in the order of `x`, then target keys in layer
@@ -218,7 +328,7 @@ class ConvContract(MultiImageLayer):
         """
         in_channels = dict(self.input_keys)
         out_channels = dict(self.target_keys)
-        bases = dict(self.filter_bases)
+        bases = self._filter_bank().bases
         out_order: list = []
         pair_keys: list = []
         pair_index = []
@@ -235,12 +345,13 @@ class ConvContract(MultiImageLayer):
             tuple((len(k), p, in_channels[(k, p)]) for k, p in in_order),
             tuple((len(k), p, out_channels[(k, p)]) for k, p in out_order),
             tuple(pair_index),
-            tuple(bases[_filter_key(i, o)] for i, o in pair_keys),
+            tuple(_pair_basis(bases, i, o) for i, o in pair_keys),
             is_torus,
             self.stride,
             self.padding,
             self.lhs_dilation,
             self.rhs_dilation,
+            tuple(_bias_mode(self.use_bias, k) for k in out_order) if with_bias else (),
         )
         return spec, out_order, pair_keys
 
@@ -258,13 +369,14 @@ class ConvContract(MultiImageLayer):
                 "use jax.vmap for a batch)"
             )
         for k, block in x.items():
-            if not jnp.issubdtype(block.dtype, jnp.floating):
-                raise ValueError(f"`x[{k}]` has dtype {block.dtype}; ConvContract needs floating point")
+            kernels.check_float_dtype(block, f"`x[{k}]`")
 
-    def _convolve(self, x: geom.MultiImage, weights: Weights, backend: Optional[str]) -> geom.MultiImage:
+    def _convolve(
+        self, x: geom.MultiImage, weights: Weights, backend: Optional[str], with_bias: bool = False
+    ) -> geom.MultiImage:
         self._check_input(x)
         in_order = tuple(x.keys())
-        spec, out_order, pair_keys = self._spec(in_order, tuple(x.is_torus), weights)
+        spec, out_order, pair_keys = self._spec(in_order, tuple(x.is_torus), weights, with_bias)
         pair_weights = []
         for (in_key, out_key), pair in zip(pair_keys, spec.pairs):
             w = weights[in_key][out_key]
@@ -274,8 +386,11 @@ class ConvContract(MultiImageLayer):
                     f"`weights[{in_key}][{out_key}]` has shape {tuple(w.shape)}; expected {expected}"
                 )
             pair_weights.append(w)
+        bias = None
+        if spec.has_bias:
+            bias = [self.bias[k] if m != "none" else None for k, m in zip(out_order, spec.bias_modes)]
         outs = kernels.conv_contract(
-            spec, [x[k] for k in in_order], pair_weights, backend=backend
+            spec, [x[k] for k in in_order], pair_weights, bias=bias, backend=backend
         )
         return geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
 
@@ -288,18 +403,6 @@ class ConvContract(MultiImageLayer):
         return self._convolve(x, weights, "reference")
 
     def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
-        """Convolve-contract `x` (unbatched) on the selected backend, then add the bias."""
-        out = self._convolve(x, self.weights, self.backend)
-        if not self.use_bias:
-            return out
-        biased = {}
-        for (k, p), block in out.items():
-            b = self.bias[(k, p)].reshape((-1,) + (1,) * (self.D + len(k)))
-            if (k, p) == _SCALAR and self.use_bias in ("auto", "scalar"):
-                biased[(k, p)] = block + b
-            elif self.use_bias == "mean" or (self.use_bias == "auto" and (k, p) != _SCALAR):
-                mean = jnp.mean(block, axis=tuple(range(1, 1 + self.D)), keepdims=True)
-                biased[(k, p)] = block + mean * b
-            else:  # 'scalar' mode leaves non-scalar outputs unbiased (ginjax 0.1.8 dropped them)
-                biased[(k, p)] = block
-        return geom.MultiImage(biased, out.D, out.is_torus)
+        """Convolve-contract `x` (unbatched) on the selected backend, bias included (added by the
+        backend's epilogue or after it; see kernels._bias)."""
+        return _same_dtype_as(x, self._convolve(x, self.weights, self.backend, with_bias=True))

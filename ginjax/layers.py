@@ -20,9 +20,11 @@ from jaxtyping import ArrayLike
 
 from ginjax import geometric as geom
 from ginjax._conv_contract import ConvContract, MultiImageLayer
+from ginjax._filter_bank import FilterBank
 
 __all__ = [
     "ConvContract",
+    "FilterBank",
     "GroupNorm",
     "LayerNorm",
     "LayerWrapper",
@@ -326,32 +328,38 @@ def _norm_max_pool(D: int, block: jax.Array, patch_len: int, use_norm: bool) -> 
 
     The winning pixel of a patch is the one of largest tensor norm (use_norm) or, for scalars
     without use_norm, of largest value; its whole tensor is kept. Ties go to the first pixel in
-    row-major patch order.
+    row-major patch order (and a NaN score wins, the first NaN, as jnp.argmax decides).
+
+    Computed in the block's own layout, (channels, n_0, p, n_1, p, ..., *tensor), with a one-hot
+    mask of the winners: reductions and a select, so neither the forward nor its gradient
+    transposes the block or runs a gather, scatter or select-and-scatter.
     """
     channels = block.shape[0]
     spatial = block.shape[1 : 1 + D]
     tensor_shape = block.shape[1 + D :]
-    coarse = tuple(n // patch_len for n in spatial)
     split_shape = (channels,)
-    for n in coarse:
-        split_shape += (n, patch_len)
+    for n in spatial:
+        split_shape += (n // patch_len, patch_len)
     split = block.reshape(split_shape + tensor_shape)
-    order = (
-        (0,)
-        + tuple(1 + 2 * i for i in range(D))
-        + tuple(2 + 2 * i for i in range(D))
-        + tuple(range(1 + 2 * D, split.ndim))
-    )
-    patches = split.transpose(order).reshape((channels,) + coarse + (-1,) + tensor_shape)
-    patch_axis = 1 + D
-    tensor_axes = tuple(range(patch_axis + 1, patches.ndim))
+    patch_axes = tuple(2 + 2 * i for i in range(D))
+    tensor_axes = tuple(range(1 + 2 * D, split.ndim))
+    values = jax.lax.stop_gradient(split)  # the choice of winner carries no gradient
     if use_norm:
-        score = jnp.sum(patches * patches, axis=tensor_axes) if tensor_axes else patches * patches
+        score = jnp.sum(values * values, axis=tensor_axes) if tensor_axes else values * values
     else:
-        score = patches
-    winner = jnp.argmax(score, axis=patch_axis)  # (channels, *coarse)
-    winner = winner.reshape(winner.shape + (1,) * (1 + len(tensor_shape)))
-    return jnp.take_along_axis(patches, winner, axis=patch_axis).squeeze(patch_axis)
+        score = values
+    # row-major position of every pixel inside its patch, broadcast over (channels, *coarse)
+    position = jnp.zeros((), jnp.int32)
+    for i, ax in enumerate(patch_axes):
+        shape = [1] * score.ndim
+        shape[ax] = patch_len
+        step = patch_len ** (D - 1 - i)
+        position = position + step * jnp.arange(patch_len, dtype=jnp.int32).reshape(shape)
+    best = jnp.max(score, axis=patch_axes, keepdims=True)
+    hit = (score == best) | jnp.isnan(score)
+    first = jnp.min(jnp.where(hit, position, patch_len**D), axis=patch_axes, keepdims=True)
+    winner = (position == first).reshape(score.shape + (1,) * len(tensor_shape))
+    return jnp.sum(jnp.where(winner, split, jnp.zeros((), split.dtype)), axis=patch_axes)
 
 
 class MaxNormPool(MultiImageLayer):

@@ -1,6 +1,6 @@
 """ConvContract as a function of plain arrays, with interchangeable backends.
 
-    outputs = kernels.conv_contract(spec, inputs, weights, backend="auto", precision=None)
+    outputs = kernels.conv_contract(spec, inputs, weights, bias=None, backend="auto", precision=None)
 
 `spec` (a `ConvSpec`, from `make_spec`) is the static part of a layer: keys, channel counts, the
 invariant filter bases of every (input key, output key) pair, padding, stride and dilations.
@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import jax
 
 from . import _registry
+from ._bias import apply_bias, bias_offsets, check_bias, output_means
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
     Backend,
@@ -28,20 +29,31 @@ from ._registry import (
     use_backend,
 )
 from ._sharding import SpatialSharding, active_spatial_sharding, sharded_conv_contract, spatial_sharding
-from ._spec import ConvSpec, FilterBasis, Pair, check_operands, make_spec, resolve_padding
-from .dense import assemble_dense_filter, conv_contract_dense
+from ._spec import (
+    FLOAT_DTYPES,
+    ConvSpec,
+    FilterBasis,
+    Pair,
+    check_float_dtype,
+    check_operands,
+    make_spec,
+    resolve_padding,
+)
+from .dense import assemble_dense_filter, conv_contract_dense, describe_dense
 from .reference import conv_contract_reference
 
 __all__ = [
     "Backend",
     "Choice",
     "ConvSpec",
+    "FLOAT_DTYPES",
     "FilterBasis",
     "MODES",
     "Pair",
     "TOLERANCE",
     "assemble_dense_filter",
     "available_backends",
+    "check_float_dtype",
     "conv_contract",
     "explain",
     "make_spec",
@@ -65,14 +77,21 @@ def _covers_all(spec, spatial, dtype) -> tuple[bool, str]:
 
 register_backend(Backend("reference", conv_contract_reference, _always, _covers_all, priority={}))
 register_backend(
-    Backend("dense", conv_contract_dense, _always, _covers_all, priority={"cpu": 10, "gpu": 10, "tpu": 10})
+    Backend(
+        "dense",
+        conv_contract_dense,
+        _always,
+        _covers_all,
+        priority={"cpu": 10, "gpu": 10, "tpu": 10},
+        describe=describe_dense,
+    )
 )
 
 
 def _register_optional() -> None:
     # Fused backends register themselves on import; a missing optional dependency only means the
     # backend reports itself unavailable, never that `import kernels` fails.
-    for module in ("kernels.triton", "kernels.pallas"):
+    for module in ("kernels.triton", "kernels.pallas", "kernels.native"):
         try:
             __import__(module)
         except ModuleNotFoundError as err:
@@ -88,6 +107,7 @@ def conv_contract(
     inputs: Sequence[jax.Array],
     weights: Sequence[jax.Array],
     *,
+    bias: Optional[Sequence[Optional[jax.Array]]] = None,
     backend: Optional[str] = None,
     precision=None,
 ) -> tuple[jax.Array, ...]:
@@ -97,18 +117,36 @@ def conv_contract(
         spec: the layer's static description (`make_spec`).
         inputs: per input key, (c_a, *spatial, *(D,)*k_a).
         weights: per pair of `spec.pairs`, (o_b, c_a, n_filters).
+        bias: per output key, an (o_b,) array where `spec.bias_modes` is not "none", else None
+            ("add": out += b; "mean": out += b * spatial mean of out). None when no mode is set.
         backend: a registered name or "auto"/None (then `use_backend`, $GINJAX_BACKEND, auto).
         precision: None (JAX's default matmul precision), "fp32", "tf32" or "bf16".
+
+    dtypes: inputs and weights must be floating point (`FLOAT_DTYPES`; anything else raises a
+    ValueError); the outputs have the inputs' dtype, accumulated in at least float32.
     """
-    inputs = tuple(inputs)
-    weights = tuple(weights)
+    inputs = _as_sequence(inputs, "inputs")
+    weights = _as_sequence(weights, "weights")
     spatial = check_operands(spec, inputs, weights)
+    bias = check_bias(spec, bias)
     mode = resolve_precision(precision)
+    out_dtype = jax.numpy.result_type(*inputs)
     layout = active_spatial_sharding()
     if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
-        return sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode)
-    choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
-    return tuple(_registry.get(choice.backend).run(spec, inputs, weights, mode))
+        outs = sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
+    else:
+        choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
+        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
+    return tuple(o.astype(out_dtype) for o in outs)
+
+
+def _as_sequence(value, name: str) -> tuple:
+    if hasattr(value, "shape") or not isinstance(value, Sequence):
+        raise TypeError(
+            f"`{name}` (={type(value).__name__}) must be a list or tuple of arrays, one per "
+            + ("input key" if name == "inputs" else "pair of the spec")
+        )
+    return tuple(value)
 
 
 def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
-from . import _measured
+from . import _bias, _measured
 from ._spec import ConvSpec
 
 ENV_VAR = "GINJAX_BACKEND"
@@ -40,6 +40,11 @@ class Backend:
         availability: () -> (ok, reason): can it run on this machine at all.
         coverage: (spec, spatial, dtype) -> (ok, reason): does it cover this configuration.
         priority: platform ("cpu", "gpu", "tpu") -> rank for "auto"; higher wins, absent = never.
+        fused_bias: `run` takes a fifth argument, the bias (kernels._bias), and adds it itself
+            as `spec.bias_modes` say; otherwise `run` gets a spec without bias modes and the
+            registry adds the bias after it (`run_backend`).
+        describe: optional (spec, spatial) -> how the backend computes this configuration
+            (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
     """
 
     name: str
@@ -47,9 +52,17 @@ class Backend:
     availability: Callable[[], tuple[bool, str]]
     coverage: Callable[[ConvSpec, tuple, object], tuple[bool, str]]
     priority: dict
+    fused_bias: bool = False
+    describe: Optional[Callable[[ConvSpec, tuple], str]] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
+# how an error names where a backend name came from (see requested_backend)
+_SOURCE_LABEL = {
+    "argument": "`backend`",
+    "use_backend()": "`use_backend` name",
+    f"${ENV_VAR}": f"environment variable {ENV_VAR}",
+}
 _local = threading.local()
 
 
@@ -80,7 +93,9 @@ def device_kind() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, ConvContract layers whose backend is "auto" use `name`."""
-    _check_name(name)
+    if not isinstance(name, str):
+        raise ValueError(f"`use_backend` name (={name!r}) must be a string")
+    _check_name(name, "`use_backend` name")
     prev = getattr(_local, "forced", None)
     _local.forced = name
     try:
@@ -89,18 +104,19 @@ def use_backend(name: str):
         _local.forced = prev
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, source: str = "`backend`") -> None:
+    """Raise a ValueError naming `source` (the argument or $GINJAX_BACKEND) unless `name` runs here."""
     if name == "auto":
         return
     if name not in _BACKENDS:
         raise ValueError(
-            f"unknown ConvContract backend {name!r}; registered: {sorted(_BACKENDS)}, "
+            f"{source} (={name!r}) is not a ConvContract backend; registered: {sorted(_BACKENDS)}, "
             f"available here: {sorted(available_backends())} (or 'auto')"
         )
     ok, why = _BACKENDS[name].availability()
     if not ok:
         raise ValueError(
-            f"ConvContract backend {name!r} cannot run here: {why}. "
+            f"{source} (={name!r}) names a ConvContract backend that cannot run here: {why}. "
             f"Available here: {sorted(available_backends())} (or 'auto')"
         )
 
@@ -121,11 +137,14 @@ class Choice:
 def requested_backend(backend: Optional[str]) -> tuple[str, str]:
     """The name asked for and where it came from."""
     if backend is not None and backend != "auto":
+        if not isinstance(backend, str):
+            raise ValueError(f"`backend` (={backend!r}) must be a backend name (a string) or None")
         return backend, "argument"
     forced = getattr(_local, "forced", None)
     if forced is not None:
         return forced, "use_backend()"
-    env = os.environ.get(ENV_VAR)
+    # shells and .env files leave stray spaces and capitals; the names are lower-case words
+    env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
         return env, f"${ENV_VAR}"
     return "auto", "default"
@@ -133,8 +152,17 @@ def requested_backend(backend: Optional[str]) -> tuple[str, str]:
 
 def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None) -> Choice:
     """Pick the backend for one call (see the module docstring for the rules)."""
+    choice = _choose(spec, spatial, dtype, backend)
+    describe = _BACKENDS[choice.backend].describe
+    how = describe(spec, spatial) if describe is not None else ""
+    if not how:
+        return choice
+    return dataclasses.replace(choice, reason=f"{choice.reason}; {choice.backend} runs it as {how}")
+
+
+def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Choice:
     name, source = requested_backend(backend)
-    _check_name(name)
+    _check_name(name, _SOURCE_LABEL.get(source, source))
     if name != "auto":
         ok, why = _BACKENDS[name].coverage(spec, spatial, dtype)
         if ok:
@@ -170,3 +198,15 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
 
 def get(name: str) -> Backend:
     return _BACKENDS[name]
+
+
+def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None) -> tuple:
+    """Run backend `name` on checked operands, the bias (checked against spec) included."""
+    backend = _BACKENDS[name]
+    if backend.fused_bias:
+        return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias)))
+    # the backend sees a spec without bias, so its caches do not split by bias mode
+    outputs = tuple(backend.run(spec.without_bias(), inputs, weights, mode))
+    if not spec.has_bias:
+        return outputs
+    return _bias.apply_bias(spec, inputs, weights, outputs, bias)

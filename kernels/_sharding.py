@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _registry
+from . import _bias, _registry
 from ._spec import ConvSpec
 
 # backends built from lax ops only: shard_map's replication check understands them
@@ -426,6 +427,7 @@ def sharded_conv_contract(
     *,
     backend: Optional[str] = None,
     mode: str = "tf32",
+    bias=None,
 ) -> tuple[jax.Array, ...]:
     """ConvContract of unbatched blocks (batch with jax.vmap), domain-decomposed over `layout`.
 
@@ -434,12 +436,29 @@ def sharded_conv_contract(
         layout: the mesh layout (`spatial_sharding` / `make_layout`).
         backend: the backend asked for; chosen for the local problem of one shard.
         mode: a resolved precision mode (kernels.resolve_precision).
+        bias: as kernels.conv_contract; added to the global outputs after the split
+            convolution (a "mean" bias needs the global mean, which no shard has alone).
     """
     inputs, weights = tuple(inputs), tuple(weights)
+    outputs = _split_conv_contract(spec.without_bias(), inputs, weights, layout, backend, mode)
+    if not spec.has_bias:
+        return outputs
+    return _bias.apply_bias(spec, inputs, weights, outputs, bias)
+
+
+def _split_conv_contract(
+    spec: ConvSpec,
+    inputs: tuple,
+    weights: tuple,
+    layout: SpatialSharding,
+    backend: Optional[str],
+    mode: str,
+) -> tuple[jax.Array, ...]:
     spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
     local_spec, plans = plan(spec, spatial, layout)
     choice = _registry.choose(local_spec, local_spatial(spatial, plans), inputs[0].dtype, backend)
-    run = _registry.get(choice.backend).run
+    # a bias-free spec: a fused-bias backend gets bias None
+    run = functools.partial(_registry.run_backend, choice.backend)
     if not plans:  # every named mesh axis has one device
         return tuple(run(spec, inputs, weights, mode))
     check = layout.check_vma

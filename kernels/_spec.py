@@ -28,6 +28,9 @@ import numpy as np
 
 Padding = Union[str, int, Sequence[Sequence[int]], None]
 
+# operand dtypes ConvContract takes; outputs come back in the inputs' dtype
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
 
 class FilterBasis:
     """A read-only, hashable invariant filter basis of shape (F, *(M,)*D, *(D,)*k).
@@ -87,6 +90,8 @@ class ConvSpec:
         stride, lhs_dilation, rhs_dilation: per axis.
         torus_pad: per axis `(lo, hi)` cells added by wrapping around (torus axes only).
         zero_pad: per axis `(lo, hi)` zero cells added (after wrapping).
+        bias_modes: per output block, "none", "add" (out += b[o]) or "mean" (out += b[o] * the
+            spatial mean of out, per channel and component); see kernels._bias. Empty: all "none".
     """
 
     D: int
@@ -100,6 +105,23 @@ class ConvSpec:
     rhs_dilation: tuple[int, ...]
     torus_pad: tuple[tuple[int, int], ...]
     zero_pad: tuple[tuple[int, int], ...]
+    bias_modes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # normalised here (not only in make_spec) so dataclasses.replace keeps one canonical form,
+        # which jit caches and custom_vjp statics compare by equality
+        modes = self.bias_modes or ("none",) * len(self.out_keys)
+        object.__setattr__(self, "bias_modes", _check_bias_modes(modes, len(self.out_keys)))
+
+    @property
+    def has_bias(self) -> bool:
+        return any(m != "none" for m in self.bias_modes)
+
+    def without_bias(self) -> "ConvSpec":
+        """This spec with every bias mode "none" (what a backend without fused bias runs)."""
+        if not self.has_bias:
+            return self
+        return dataclasses.replace(self, bias_modes=())
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -145,6 +167,18 @@ class ConvSpec:
     def dense_flops(self, spatial: Sequence[int]) -> int:
         """FLOPs of the equivalent dense convolution (2 * out pixels * taps * Cin * Cout)."""
         return 2 * math.prod(self.out_spatial(spatial)) * self.taps * self.cin * self.cout
+
+
+BIAS_MODES = ("none", "add", "mean")
+
+
+def _check_bias_modes(modes, n_out: int) -> tuple[str, ...]:
+    if isinstance(modes, str) or len(modes) != n_out or any(m not in BIAS_MODES for m in modes):
+        raise ValueError(
+            f"`bias_modes` (={modes!r}) must give one of {BIAS_MODES} per output block "
+            f"({n_out} blocks)"
+        )
+    return tuple(modes)
 
 
 def _per_axis(value, D: int, name: str) -> tuple[int, ...]:
@@ -224,6 +258,7 @@ def make_spec(
     padding: Padding = None,
     lhs_dilation=None,
     rhs_dilation=1,
+    bias_modes: Sequence[str] | None = None,
 ) -> ConvSpec:
     """Validate and build a `ConvSpec`.
 
@@ -233,6 +268,7 @@ def make_spec(
         pairs: `(in_index, out_index, basis)` with basis of shape (F, *(M,)*D, *(D,)*(k_a+k_b)).
         is_torus: bool or per-axis bools.
         stride, padding, lhs_dilation, rhs_dilation: as in ginjax.
+        bias_modes: per output block "none", "add" or "mean"; None: all "none".
     """
     if D not in (2, 3):
         raise ValueError(f"`D` (={D!r}) must be 2 or 3")
@@ -242,12 +278,31 @@ def make_spec(
         torus = tuple(bool(t) for t in is_torus)
         if len(torus) != D:
             raise ValueError(f"`is_torus` (={is_torus!r}) must be a bool or {D} bools")
+    for name, keys in (("in_keys", in_keys), ("out_keys", out_keys)):
+        for i, entry in enumerate(keys):
+            if (
+                not isinstance(entry, (tuple, list))
+                or len(entry) != 3
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in entry)
+                or entry[0] < 0
+                or entry[2] < 1
+            ):
+                raise ValueError(
+                    f"`{name}[{i}]` (={entry!r}) must be (k, parity, channels): ints with k >= 0 "
+                    "and channels >= 1"
+                )
     if not pairs:
         raise ValueError("a ConvContract needs at least one (input key, output key) pair with a filter")
 
     built_pairs = []
     filter_shape = None
-    for a, b, basis in pairs:
+    for t, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 3:
+            raise ValueError(f"`pairs[{t}]` must be (in_index, out_index, basis), got {type(pair).__name__}")
+        a, b, basis = pair
+        for name, index, n in (("in_index", a, len(in_keys)), ("out_index", b, len(out_keys))):
+            if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < n:
+                raise ValueError(f"`pairs[{t}]` {name} (={index!r}) must be an int in [0, {n})")
         basis = basis if isinstance(basis, FilterBasis) else FilterBasis(basis)
         k_a, _, _ = in_keys[a]
         k_b, _, _ = out_keys[b]
@@ -288,6 +343,7 @@ def make_spec(
         rhs_dilation=rhs_t,
         torus_pad=wrap,
         zero_pad=zero,
+        bias_modes=() if bias_modes is None else bias_modes if isinstance(bias_modes, str) else tuple(bias_modes),
     )
 
 
@@ -296,6 +352,16 @@ def check_operands(spec: ConvSpec, inputs: Sequence, weights: Sequence) -> tuple
 
     Raises ValueError naming the offending argument and its shape.
     """
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"`spec` (={type(spec).__name__}) must be a kernels.ConvSpec (from kernels.make_spec)")
+    for name, arrays in (("inputs", inputs), ("weights", weights)):
+        for i, x in enumerate(arrays):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise TypeError(
+                    f"`{name}[{i}]` (={type(x).__name__}) must be an array (jax or numpy), not a "
+                    "nested Python sequence: wrap it in jnp.asarray"
+                )
+            check_float_dtype(x, f"`{name}[{i}]`")
     if len(inputs) != len(spec.in_keys):
         raise ValueError(
             f"`inputs` has {len(inputs)} blocks but the layer expects {len(spec.in_keys)} "
@@ -322,14 +388,48 @@ def check_operands(spec: ConvSpec, inputs: Sequence, weights: Sequence) -> tuple
         if tuple(w.shape) != expected:
             raise ValueError(f"weights of pair {t} have shape {tuple(w.shape)}; expected {expected}")
     assert spatial is not None
-    for ax, (n, tp) in enumerate(zip(spatial, spec.torus_pad)):
-        if tp[0] > n or tp[1] > n:
-            raise ValueError(
-                f"spatial axis {ax} has {n} cells, fewer than the {max(tp)}-cell torus wrap the "
-                f"filter needs"
-            )
-    if any(n <= 0 for n in spec.out_spatial(spatial)):
+    # a torus wrap wider than the axis repeats the axis (as jnp.pad's 'wrap' does): allowed
+    out_spatial = spec.out_spatial(spatial)
+    for ax, n_out in enumerate(out_spatial):
+        if n_out > 0:
+            continue
+        m, rd, ld = spec.filter_shape[ax], spec.rhs_dilation[ax], spec.lhs_dilation[ax]
+        reach = (m - 1) * rd + 1
+        n = spatial[ax]
+        padded = (n + sum(spec.torus_pad[ax]) - 1) * ld + 1 + sum(spec.zero_pad[ax])
         raise ValueError(
-            f"input spatial dims {spatial} are too small for filters {spec.filter_shape} with this padding"
+            f"input spatial axis {ax} is too small: it has {n} cells, {padded} after padding (wrap "
+            f"{spec.torus_pad[ax]}, zeros {spec.zero_pad[ax]}"
+            + (f", lhs_dilation {ld}" if ld != 1 else "")
+            + f"), fewer than the {reach} cells the filter reaches (size {m}"
+            + (f" dilated by rhs_dilation {rd}" if rd != 1 else "")
+            + f"): give at least {n + reach - padded} more cells on that axis or pad more "
+            "('SAME', 'TORUS' or explicit pairs)"
         )
     return spatial
+
+
+def check_float_dtype(x, name: str) -> None:
+    """The dtype policy: ConvContract operands are floating point (float16, bfloat16, float32,
+    float64); anything else raises a ValueError naming the operand."""
+    dtype = np.dtype(x.dtype)
+    if dtype.name not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {dtype.name}; ConvContract takes floating-point arrays "
+            "(float16, bfloat16, float32 or float64): cast it, e.g. with .astype(jnp.float32)"
+        )
+
+
+def torus_wrap_exceeds(spec: ConvSpec, spatial) -> str:
+    """Why a torus wrap is wider than its axis (the wrap then repeats the axis), or "" if none is.
+
+    The lax backends compute the wider wrap; kernels that read each wrapped neighbour once (the
+    fused ones) return this from their coverage, so the registry falls back and `explain` says why.
+    """
+    for ax, (n, (lo, hi)) in enumerate(zip(spatial or (), spec.torus_pad)):
+        if lo > n or hi > n:
+            return (
+                f"the torus wrap ({lo}, {hi}) on spatial axis {ax} is wider than its {n} cells "
+                "(the wrap repeats the axis)"
+            )
+    return ""

@@ -4,6 +4,10 @@ Basis expansion and index contraction fold into the channel GEMM: input channels
 Cin = sum_a c_a D^k_a (ordered block by block, (c, i) within a block), output channels
 Cout = sum_b o_b D^k_b, and the filter W[*taps, (c,i), (o,j)] = sum_f w[o,c,f] B[f,*taps,i,j] is
 assembled in HBM (small: taps * Cin * Cout). Pairs without a filter leave zero blocks.
+
+Transposed (lhs_dilation) and strided layers do not run as a dilated or strided lax convolution
+(cuDNN's slow path on the GPU): `_resample` rewrites them as GEMMs and stride-1 convolutions
+(sub-pixel decomposition, space-to-depth); `describe_dense` says which form runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from . import _resample
 from ._lax_common import compute_dtype, conv_channels_last, wrap_pad
 from ._precision import lax_operands
 from ._spec import ConvSpec
@@ -75,5 +80,13 @@ def conv_contract_dense(
     w_dense = assemble_dense_filter(spec, weights, dtype)
     x = wrap_pad(pack_channels_last(spec, [x.astype(dtype) for x in inputs])[None], spec, lead=1)
     precision, (x, w_dense) = lax_operands(mode, x, w_dense)
-    y = conv_channels_last(x, w_dense, spec, precision, out_dtype=dtype)[0]
+    if _resample.method(spec) in ("subpixel", "space_to_depth"):
+        y = _resample.conv(spec, x[0], w_dense, precision, dtype)
+    else:
+        y = conv_channels_last(x, w_dense, spec, precision, out_dtype=dtype)[0]
     return unpack_channels_last(spec, y)
+
+
+def describe_dense(spec: ConvSpec, spatial: tuple) -> str:
+    """How `dense` computes this configuration (empty for one plain stride-1 convolution)."""
+    return _resample.describe(spec)

@@ -41,7 +41,7 @@ def rel_l2(actual, expected) -> float:
 
 @contextlib.contextmanager
 def float64():
-    """Enable 64-bit arrays inside the block only (the oracle precision of ARCHITECTURE.md)."""
+    """Enable 64-bit arrays inside the block only (the oracle precision of docs/ARCHITECTURE.md)."""
     with jax.enable_x64(True):
         yield
 

@@ -1,7 +1,6 @@
 """Invariant filters and groups against the ginjax 0.1.8 fixtures, plus group-action properties."""
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +8,8 @@ import jax
 import jax.numpy as jnp
 
 import ginjax.geometric as geom
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "ginjax-0.1.8"
-if not FIXTURES.exists():
-    FIXTURES = Path("/work/shared/fixtures/ginjax-0.1.8")
 FILTER_FILE = FIXTURES / "invariant_filters.npz"
 CASES = [(2, 2), (2, 3), (2, 5), (3, 2), (3, 3)]
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -20,8 +17,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 @pytest.fixture(scope="module")
 def fixture_data():
-    if not FILTER_FILE.exists():
-        pytest.skip(f"fixture file {FILTER_FILE} not found")
     with np.load(FILTER_FILE) as data:
         return {name: data[name] for name in data.files}
 

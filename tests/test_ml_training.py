@@ -322,7 +322,7 @@ def test_save_then_load_restores_an_identical_model(rng, tmp_path):
     assert extra == {"lr": 0.001, "depth": [1, 2]}
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(model)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="written by save_plus"):
+    with pytest.raises(ValueError, match="written by save; read it with load"):
         ml.load_plus(tmp_path / "model.eqx", template)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,12 @@ def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 
 def _pytest(path: str, timeout: int) -> None:
-    _run(["-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-x"], timeout)
+    """Run a test file in a subprocess; every test it collects must pass: a skip, xfail or
+    deselection there fails here (exit code 0 alone would let a module-level skip pass)."""
+    proc = _run(["-m", "pytest", path, "-q", "-rsxX", "-p", "no:cacheprovider", "-x"], timeout)
+    summary = proc.stdout.strip().splitlines()[-1]
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|skipped|xfailed|xpassed|deselected)", summary)}
+    assert counts.pop("passed", 0) > 0 and not counts, f"{path}: {summary}\n{proc.stdout[-4000:]}"
 
 
 # ---- the cases on simulated devices -------------------------------------------------------

@@ -1,6 +1,6 @@
 """MultiImage: a collection of geometric-image blocks keyed by tensor type, and Signature."""
 
-from collections.abc import ItemsView, KeysView, ValuesView
+from collections.abc import ItemsView, KeysView, Mapping, ValuesView
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -44,13 +44,26 @@ def normalize_key(key: Any) -> KeyType:
     return k_tuple, int(parity) % 2
 
 
-def Signature(signature: Sequence[tuple[Any, int]]) -> tuple[tuple[KeyType, int], ...]:
+def Signature(
+    signature: Union[Sequence[tuple[Any, int]], Mapping[Any, int]],
+) -> tuple[tuple[KeyType, int], ...]:
     """The layout of a MultiImage: a tuple of ((k_tuple, parity), channels) pairs. Keys may be
-    given with an int k; they are stored as ((False,)*k, parity)."""
+    given with an int k; they are stored as ((False,)*k, parity). A mapping {(k, parity):
+    channels} is taken in its iteration order."""
+    if isinstance(signature, Mapping):
+        signature = tuple(signature.items())
+    if signature is None or isinstance(signature, (str, bytes)):
+        raise ValueError(
+            f"Signature: `signature` (={signature!r}) must be a sequence of ((k, parity), "
+            "channels) pairs or a mapping {(k, parity): channels}"
+        )
     try:
         entries = tuple(signature)
     except TypeError:
-        raise ValueError(f"Signature: `signature` (={signature!r}) must be a sequence") from None
+        raise ValueError(
+            f"Signature: `signature` (={signature!r}) must be a sequence of ((k, parity), "
+            "channels) pairs or a mapping {(k, parity): channels}"
+        ) from None
     out = []
     for entry in entries:
         if not isinstance(entry, tuple) or len(entry) != 2:
@@ -58,7 +71,7 @@ def Signature(signature: Sequence[tuple[Any, int]]) -> tuple[tuple[KeyType, int]
                 f"Signature: entry (={entry!r}) must be a pair ((k, parity), channels)"
             )
         key, channels = entry
-        if not isinstance(channels, (int, np.integer)) or channels < 0:
+        if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 0:
             raise ValueError(f"Signature: channels of entry (={entry!r}) must be an int >= 0")
         out.append((normalize_key(key), int(channels)))
     return tuple(out)
@@ -68,9 +81,7 @@ def signature_union(
     signature_a: tuple, signature_b: tuple, num_channels: int
 ) -> tuple[tuple[KeyType, int], ...]:
     """Every key of either signature, each with num_channels channels."""
-    keys = {normalize_key(key) for key, _ in signature_a} | {
-        normalize_key(key) for key, _ in signature_b
-    }
+    keys = {key for key, _ in Signature(signature_a)} | {key for key, _ in Signature(signature_b)}
     return Signature(tuple((key, num_channels) for key in keys))
 
 

@@ -23,7 +23,7 @@ from ginjax.ml._losses import (
     timestep_smse_loss,
 )
 from ginjax.ml._mapper import Mapper
-from ginjax.ml._serialise import load, load_plus, save, save_plus
+from ginjax.ml._serialise import SaveFileError, load, load_plus, save, save_plus
 from ginjax.ml._stopping import AnyStop, EpochStop, StopCondition, TrainLoss, ValLoss
 from ginjax.ml._training import (
     evaluate,
@@ -43,6 +43,7 @@ __all__ = [
     "EpochStop",
     "Mapper",
     "MultiImageDataset",
+    "SaveFileError",
     "StopCondition",
     "TrainLoss",
     "ValLoss",

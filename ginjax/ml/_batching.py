@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ginjax.geometric import MultiImage
 from ginjax.ml._devices import resolve_devices, shard_batch
 
 
@@ -31,7 +32,15 @@ def _check_batch_size(batch_size: Any, n_samples: int, devices: Optional[tuple],
         )
 
 
-def _common_length(multi_images: Sequence[Any]) -> int:
+def _common_length(multi_images: Sequence[Any], names: Optional[Sequence[str]] = None) -> int:
+    names = names or [f"multi_images[{i}]" for i in range(len(multi_images))]
+    for m, name in zip(multi_images, names):
+        if not isinstance(m, MultiImage) or m.get_n_leading() < 1:
+            what = type(m).__name__ if not isinstance(m, MultiImage) else "a MultiImage without a batch axis"
+            raise ValueError(
+                f"`{name}` (={what}) must be a geom.MultiImage with a leading batch axis "
+                "(blocks (L, channels, *spatial, *tensor))"
+            )
     lengths = [m.get_L() for m in multi_images]
     if len(set(lengths)) != 1:
         raise ValueError(f"the MultiImages to batch together have different lengths {lengths}")
@@ -103,7 +112,7 @@ class MultiImageDataset:
         devices: Optional[Sequence[jax.Device]] = None,
         use_devices: bool = True,
     ) -> None:
-        _common_length([X, Y])
+        _common_length([X, Y], ["X", "Y"])
         self.D = X.D
         self.X = X
         self.Y = Y
@@ -133,7 +142,8 @@ class EpochBatches:
         self, X: Any, Y: Any, batch_size: int, rand_key: Any, devices: Optional[tuple], what: str
     ) -> None:
         self.X, self.Y = X, Y
-        self.n_samples = _common_length([X, Y])
+        y_name = {"X": "Y", "x": "y", "validation_X": "validation_Y"}.get(what, "Y")
+        self.n_samples = _common_length([X, Y], [what, y_name])
         _check_batch_size(batch_size, self.n_samples, devices, what)
         self.batch_size = batch_size
         self.rand_key = rand_key

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ginjax.ml._batching import EpochBatches, get_batches, loss_reducer, multi_image_reducer
@@ -112,6 +113,22 @@ def evaluate(
             f"with return_map={return_map}, but it returned {got}"
         )
     return (outputs[0], outputs[2]) if return_map else outputs[0]
+
+
+def _check_finite(losses: list, epoch: int, validation: bool = False) -> None:
+    """Stop training on a NaN/inf loss: continuing would return NaN parameters, or (with a
+    loss-watching stop condition) silently the untrained model. One device sync per epoch."""
+    finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(loss)) for loss in losses]))
+    if finite.all():
+        return
+    first = int(np.argmin(finite))
+    value = np.asarray(losses[first])
+    where = "validation loss" if validation else f"training loss of batch {first + 1} of {len(losses)}"
+    raise FloatingPointError(
+        f"ml.train: the {where} in epoch {epoch} is {value} (not finite); training stopped "
+        "instead of returning non-finite or untrained parameters. Check the data for NaN/inf, "
+        "lower the learning rate, or clip gradients (optax.clip_by_global_norm)"
+    )
 
 
 def _unpack_batch(batch: Any, source: str) -> tuple[Any, Any]:
@@ -258,6 +275,10 @@ def train_dl(
     Returns:
         (stop_condition's best model, aux_data, last epoch's mean train loss, last validation
         loss, total training time in seconds excluding validation)
+
+    Raises:
+        FloatingPointError: a training (or validation) loss is NaN or infinite; the message
+            names the epoch and the first such batch. Checked once per epoch.
     """
     if not isinstance(stop_condition, StopCondition):
         raise TypeError(f"`stop_condition` (={stop_condition!r}) must be a StopCondition")
@@ -281,7 +302,7 @@ def train_dl(
     while not stop_condition.stop(model, epoch, train_loss, val_loss, epoch_time):
         start = time.perf_counter()
         progress = ProgressBar(n_batches_hint, f"epoch {epoch + 1}")
-        loss_sum, n_batches = 0.0, 0
+        batch_losses = []
         for batch in train_dataloader:
             X_batch, Y_batch = _unpack_batch(batch, "train_dataloader")
             X_batch = shard_batch(X_batch, devices, "X batch")
@@ -289,24 +310,26 @@ def train_dl(
             model, opt_state, loss, aux_data = train_step(
                 map_and_loss, model, optimizer, opt_state, X_batch, Y_batch, aux_data
             )
-            loss_sum = loss_sum + loss
-            n_batches += 1
+            batch_losses.append(loss)
             progress.update()
         progress.close()
+        n_batches = len(batch_losses)
         if n_batches == 0:
             raise ValueError(
                 f"`train_dataloader` yielded no batches in epoch {epoch + 1}: it must be "
                 "re-iterable (a list, a DataLoader), not a one-shot iterator, and hold at least "
                 "one batch"
             )
-        train_loss = jax.block_until_ready(loss_sum / n_batches)  # so the timing is real
+        train_loss = jax.block_until_ready(loss_reducer(batch_losses))  # so the timing is real
         total_train_time += time.perf_counter() - start
         epoch += 1
+        _check_finite(batch_losses, epoch)
 
         if val_dataloader is not None:
             val_loss = map_loss_in_batches_dl(
                 val_map_and_loss, model, val_dataloader, aux_data=aux_data, devices=devices
             )
+            _check_finite([val_loss], epoch, validation=True)
         if wandb is not None:
             log = {"train/loss": float(train_loss)}
             if val_loss is not None:
@@ -363,6 +386,9 @@ def train(
     Returns:
         (best model, aux_data, last epoch's mean train loss, last validation loss or None,
         total training time in seconds excluding validation)
+
+    Raises:
+        FloatingPointError: a non-finite loss, naming the epoch and batch (see `train_dl`).
     """
     if (validation_X is None) != (validation_Y is None):
         raise ValueError(

@@ -9,6 +9,7 @@ import jax
 import jax.random as random
 from jaxtyping import ArrayLike
 
+from ginjax._validate import check_key
 from ginjax import geometric as geom
 from ginjax import layers
 from ginjax.models._base import MultiImageModule
@@ -103,8 +104,7 @@ def make_conv(
     Returns:
         a ConvContract, or a LayerWrapper around the equinox convolution.
     """
-    if key is None:
-        raise ValueError("make_conv: `key` (=None) must be a jax.random key")
+    check_key(key, "make_conv")
     if equivariant:
         if invariant_filters is None:
             raise ValueError(
@@ -233,8 +233,7 @@ class ConvBlock(MultiImageModule):
             key: jax.random key.
             conv_kwargs: stride, padding, lhs_dilation, rhs_dilation, padding_mode for make_conv.
         """
-        if key is None:
-            raise ValueError("ConvBlock: `key` (=None) must be a jax.random key")
+        check_key(key, "ConvBlock")
         if use_batch_norm and equivariant:
             raise ValueError(
                 "ConvBlock: `use_batch_norm` (=True) is only available for non-equivariant blocks "

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.random as random
 
+from ginjax._validate import as_signature, check_key
 from ginjax import geometric as geom
 from ginjax.models._base import AnyDimensionalModel
 from ginjax.models._blocks import ConvBlock
@@ -135,8 +136,9 @@ class DilResNet(AnyDimensionalModel):
             padding_mode: padding mode of the non-equivariant convolutions.
             key: jax.random key.
         """
-        if key is None:
-            raise ValueError("DilResNet: `key` (=None) must be a jax.random key")
+        check_key(key, "DilResNet")
+        input_keys = as_signature(input_keys, "DilResNet", "input_keys")
+        output_keys = as_signature(output_keys, "DilResNet", "output_keys")
         if equivariant and conv_filters is None:
             raise ValueError("DilResNet: `conv_filters` (=None) is required when equivariant")
         self.D = D
@@ -254,8 +256,9 @@ class ResNet(AnyDimensionalModel):
             padding_mode: padding mode of the non-equivariant convolutions (e.g. 'CIRCULAR').
             key: jax.random key.
         """
-        if key is None:
-            raise ValueError("ResNet: `key` (=None) must be a jax.random key")
+        check_key(key, "ResNet")
+        input_keys = as_signature(input_keys, "ResNet", "input_keys")
+        output_keys = as_signature(output_keys, "ResNet", "output_keys")
         if not isinstance(num_conv, int) or num_conv <= 0:
             raise ValueError(f"ResNet: `num_conv` (={num_conv}) must be a positive int")
         if equivariant and conv_filters is None:

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.random as random
 
+from ginjax._validate import as_signature, check_key
 from ginjax import geometric as geom
 from ginjax import layers
 from ginjax.models._base import AnyDimensionalModel
@@ -92,14 +93,15 @@ class UNet(AnyDimensionalModel):
             padding_mode: padding mode of the non-equivariant convolutions.
             key: jax.random key.
         """
-        if key is None:
-            raise ValueError("UNet: `key` (=None) must be a jax.random key")
+        check_key(key, "UNet")
         if not isinstance(num_conv, int) or num_conv <= 0:
             raise ValueError(f"UNet: `num_conv` (={num_conv}) must be a positive int")
         if not isinstance(num_downsamples, int) or num_downsamples < 0:
             raise ValueError(
                 f"UNet: `num_downsamples` (={num_downsamples}) must be a non-negative int"
             )
+        input_keys = as_signature(input_keys, "UNet", "input_keys")
+        output_keys = as_signature(output_keys, "UNet", "output_keys")
         self.input_keys = input_keys
         self.output_keys = output_keys
         if equivariant:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.random as random
 import numpy as np
 
+from ginjax._validate import as_signature, check_key
 from ginjax import geometric as geom
 from ginjax.models._base import AnyDimensionalModel, MultiImageModule
 from ginjax.models._blocks import ConvBlock
@@ -227,8 +228,9 @@ class SimpleConvSeries(AnyDimensionalModel):
         """
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"SimpleConvSeries: `depth` (={depth}) must be an int >= 1")
-        if key is None:
-            raise ValueError("SimpleConvSeries: `key` (=None) must be a jax.random key")
+        check_key(key, "SimpleConvSeries")
+        input_keys = as_signature(input_keys, "SimpleConvSeries", "input_keys")
+        target_keys = as_signature(target_keys, "SimpleConvSeries", "target_keys")
         self.D = conv_filters.D
         self.input_keys = input_keys
         self.target_keys = target_keys

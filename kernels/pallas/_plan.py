@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._spec import ConvSpec, FilterBasis
+from .._spec import ConvSpec, FilterBasis, torus_wrap_exceeds
 
 # Channel tiles are padded to a power of two of at least this size: Triton's tensor-core dot needs
 # every matrix dimension >= 16, and every Triton tensor dimension must be a power of two.
@@ -124,6 +124,8 @@ def coverage(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
             return False, f"axis {ax} both wraps and zero-pads"
         if any(tp) and tp[0] + tp[1] != (m - 1) * r:
             return False, f"axis {ax} wraps by {tp}, not the {(m - 1) * r} cells that keep its size"
+    if why := torus_wrap_exceeds(spec, spatial):
+        return False, why
     if spatial is not None:
         n_pix = math.prod(spatial)
         widest = max(c * spec.D**k for k, _, c in keys)

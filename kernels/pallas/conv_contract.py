@@ -5,8 +5,9 @@ Each direction is ONE `pallas_call` for all key pairs of the layer. A program ow
 and loops over the filter taps. Per tap it reads each source block at the shifted pixels
 (torus wrap or zero padding by index arithmetic: no padded copy), builds the filter tile of each
 (i, j) component pair on chip from the learned weights and the static basis coefficients, and
-accumulates `filter tile @ source tile` in fp32 ("taps" algorithm; the "factorised" one, which
-runs the sparse basis stencil first and the channel GEMM after, is in factorised.py). Blocks
+accumulates `filter tile @ source tile` in fp32 ("taps" algorithm; the "factorised" one, the
+default, which runs the sparse basis stencil first and the channel GEMM after, is in
+factorised.py). Blocks
 stay in their native layout (c, *spatial, *tensor): the kernels see them flattened (a free
 reshape) and gather by offset.
 

@@ -1,4 +1,4 @@
-"""Helpers of the sharded cases: meshes over simulated CPU devices, the hook, comparisons.
+"""Helpers of the sharded cases: meshes over simulated CPU devices, halo counting, comparisons.
 
 These modules run in a subprocess started by tests/test_sharding.py with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before jax starts).
@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType
 
-import kernels
 from kernels import _sharding
 
 from conftest import rel_l2
@@ -35,32 +34,9 @@ def mesh(shape: tuple[int, ...], names: tuple[str, ...], explicit: bool = False)
     return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape), devices=devices)
 
 
-def ensure_hook() -> None:
-    """Route kernels.conv_contract through the sharded path while a layout is active.
-
-    Once kernels/__init__.py carries the hook (it then exports `spatial_sharding`) this does
-    nothing; before that it adds the same three lines around kernels.conv_contract.
-    """
-    if hasattr(kernels, "spatial_sharding") or getattr(kernels.conv_contract, "_sharding_hook", False):
-        return
-    plain = kernels.conv_contract
-
-    def conv_contract(spec, inputs, weights, *, backend=None, precision=None):
-        layout = _sharding.active_spatial_sharding()
-        if layout is None:
-            return plain(spec, inputs, weights, backend=backend, precision=precision)
-        inputs, weights = tuple(inputs), tuple(weights)
-        kernels.check_operands(spec, inputs, weights)
-        mode = kernels.resolve_precision(precision)
-        return _sharding.sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode)
-
-    conv_contract._sharding_hook = True
-    kernels.conv_contract = conv_contract
-
-
 class HaloSpy:
     """Counts halo exchanges traced: proves a run went through the sharded path (a stale jit
-    trace or a missing hook would give the right numbers through XLA's own partitioning)."""
+    trace, or a layer that bypassed the sharded path, would give the right numbers through XLA's own partitioning)."""
 
     def __init__(self) -> None:
         self.calls = 0

@@ -20,17 +20,12 @@ import kernels
 from ginjax import layers
 from kernels import _sharding
 
-from _util import HaloSpy, check_close, ensure_hook, hlo_text, mesh, weighted_sum
+from _util import HaloSpy, check_close, hlo_text, mesh, weighted_sum
 from conftest import fixture_filters
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
 SIG_IN = geom.Signature(((SCALAR, 2), (VECTOR, 2)))
 SIG_OUT = geom.Signature(((SCALAR, 2), (VECTOR, 1)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _hook():
-    ensure_hook()
 
 
 def filters(D: int, M: int) -> geom.MultiImage:

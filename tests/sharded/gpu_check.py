@@ -30,7 +30,7 @@ import kernels  # noqa: E402
 from ginjax import layers  # noqa: E402
 from kernels import _registry, _sharding  # noqa: E402
 
-from _util import ensure_hook, mesh, weighted_sum  # noqa: E402
+from _util import mesh, weighted_sum  # noqa: E402
 from conftest import fixture_filters  # noqa: E402
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
@@ -61,7 +61,6 @@ def rel(a, b) -> float:
 
 
 def main() -> int:
-    ensure_hook()
     n_gpu = jax.device_count()
     print("devices:", jax.devices(), "backends:", kernels.available_backends(), flush=True)
     if n_gpu < 2:

@@ -17,25 +17,16 @@ import optax
 import pytest
 
 import ginjax.geometric as geom
+from ginjax import ml, models
 from kernels import _sharding
 
-from _util import HaloSpy, check_close, ensure_hook, mesh, weighted_sum
+from _util import HaloSpy, check_close, mesh, weighted_sum
 from conftest import fixture_filters
-
-models = pytest.importorskip("ginjax.models", reason="ginjax.models is not in this tree yet")
-for _name in ("UNet", "ResNet", "DilResNet"):
-    if not hasattr(models, _name):
-        pytest.skip(f"ginjax.models has no {_name} yet", allow_module_level=True)
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
 IN_SIG = geom.Signature(((SCALAR, 2), (VECTOR, 1)))
 OUT_SIG = geom.Signature(((SCALAR, 1), (VECTOR, 1)))
 TOL = 1e-10  # float64, same algorithm: only the summation order differs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _hook():
-    ensure_hook()
 
 
 @pytest.fixture(autouse=True)
@@ -118,9 +109,6 @@ def test_lax_path_without_the_block():
 def test_unet_ginjax_ml_train_step_batch_times_space():
     """ginjax.ml's own step (its vmap is named "batch", like the mesh axis) on data split over
     batch x space, with GroupNorm: the SGD update is minus the gradient."""
-    ml = pytest.importorskip("ginjax.ml")
-    if not hasattr(ml, "train_step") or not hasattr(ml, "Mapper"):
-        pytest.skip("ginjax.ml has no train_step/Mapper yet")
     model = build("UNet", 2, num_downsamples=1, use_group_norm=True)
     x, y = image(2, 8, True, 2, seed=6), image(2, 8, True, 2, seed=7, sig=OUT_SIG)
     optim = optax.sgd(1.0)

@@ -1,0 +1,52 @@
+"""Argument checks shared by the layers, models and training helpers.
+
+Each raises a ValueError that names the caller, the argument and its value, and says what would
+be valid, so that a bad argument never surfaces as a raw error from deep inside JAX or Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ginjax import geometric as geom
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_key(key: Any, where: str, name: str = "key") -> None:
+    """`key` must be a jax.random key: a typed key (jax.random.key) or a raw uint32 (2,) array
+    (jax.random.PRNGKey). Tracers pass on their dtype and shape, so this works under vmap/jit."""
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return
+    if dtype is not None and dtype == jnp.uint32 and shape == (2,):
+        return
+    raise ValueError(
+        f"{where}: `{name}` (={_short(key)}) must be a jax.random key, e.g. "
+        "jax.random.key(0) or jax.random.PRNGKey(0)"
+    )
+
+
+def as_signature(value: Any, where: str, name: str) -> geom.Signature:
+    """`value` as a geom.Signature, or a ValueError naming the argument."""
+    try:
+        return geom.Signature(value)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: `{name}` (={_short(value)}) is not a signature: {err}"
+        ) from None
+
+
+def check_multi_image(value: Any, where: str, name: str) -> None:
+    """`value` must be a geom.MultiImage."""
+    if not isinstance(value, geom.MultiImage):
+        raise TypeError(
+            f"{where}: `{name}` (={type(value).__name__}) must be a geom.MultiImage"
+        )

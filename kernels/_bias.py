@@ -1,0 +1,171 @@
+"""The layer bias of a ConvContract, in pure lax (differentiable by JAX autodiff, vmappable).
+
+Per output block b, `spec.bias_modes[b]` says what `bias[b]` (shape (o_b,)) does:
+    "none": nothing;
+    "add":  out_b[o, x, j] += bias[o]                       (ginjax's scalar bias);
+    "mean": out_b[o, x, j] += bias[o] * mean_x out_b[o, x, j] (ginjax's 'auto'/'mean' bias).
+
+The "mean" mode needs the spatial mean of the output, which naively is a second pass over the
+whole output after the convolution. When every spatial axis wraps (torus padding that returns an
+output of the input's size, no zero padding, stride 1, lhs_dilation 1) every input pixel meets
+every filter tap exactly once, so the output's spatial mean is the filter applied to the inputs'
+spatial means:
+
+    mean(out_b)[o, j] = sum_a sum_{c, i} mean(X_a)[c, i] * sum_y W_ab[o, c, y, i, j]
+
+which costs one read of the inputs (that XLA fuses with their producer) and a tiny contraction.
+A fused kernel can then add the per-block offset in its epilogue (`bias_offsets`). Elsewhere the
+output's own mean is used after the convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._spec import ConvSpec
+
+Bias = Sequence[Optional[jax.Array]]
+
+
+def check_bias(spec: ConvSpec, bias: Optional[Bias]) -> Optional[tuple]:
+    """Validate `bias` against `spec.bias_modes`; returns it as a tuple (None when no mode is set).
+
+    Raises ValueError naming `bias` and the offending value.
+    """
+    if not spec.has_bias:
+        if bias is None or all(b is None for b in bias):
+            return None
+        raise ValueError(
+            f"`bias` (={_describe(bias)}) is given, but every bias mode of the spec is 'none': "
+            "build the spec with make_spec(..., bias_modes=...)"
+        )
+    if bias is None or isinstance(bias, (str, jax.Array, np.ndarray)) or len(bias) != len(spec.out_keys):
+        raise ValueError(
+            f"`bias` (={_describe(bias)}) must be a sequence of {len(spec.out_keys)} entries, one "
+            f"per output block (bias modes {spec.bias_modes})"
+        )
+    out = []
+    for b, (mode, (k, p, o)) in enumerate(zip(spec.bias_modes, spec.out_keys)):
+        entry = bias[b]
+        if mode == "none":
+            if entry is not None:
+                raise ValueError(
+                    f"`bias[{b}]` (={_describe(entry)}) must be None: output block {b} has bias mode 'none'"
+                )
+            out.append(None)
+            continue
+        if entry is None or tuple(getattr(entry, "shape", ())) != (o,):
+            raise ValueError(
+                f"`bias[{b}]` (={_describe(entry)}) must be an array of shape ({o},) for output "
+                f"block {b} (k={k}, parity={p}, bias mode {mode!r})"
+            )
+        out.append(entry)
+    return tuple(out)
+
+
+def _describe(value) -> str:
+    if hasattr(value, "shape"):
+        return f"array of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_describe(v) for v in value) + "]"
+    return repr(value)
+
+
+def means_shortcut_exact(spec: ConvSpec) -> bool:
+    """Whether the output's spatial mean equals the filter applied to the inputs' spatial means.
+
+    True when every axis wraps and the output has the input's size: every input pixel is then read
+    through every tap exactly once over the output grid. (The output size is spatial +
+    wrap + zero pad - extent + 1 on every axis, so no zero padding and wrap == extent - 1.)
+    """
+    if not all(spec.is_torus) or not spec.is_default_stride:
+        return False
+    for (lo, hi), zero, m, rd in zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation):
+        if zero != (0, 0) or lo + hi != (m - 1) * rd:
+            return False
+    return True
+
+
+def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple:
+    """Per output block, its spatial mean (o_b, *(D,)*k_b) from the inputs' spatial means, or None
+    for every block when the shortcut is not exact for this spec (`means_shortcut_exact`).
+
+    Unbatched blocks, like kernels.conv_contract; the result has the inputs' compute dtype.
+    """
+    if not means_shortcut_exact(spec):
+        return (None,) * len(spec.out_keys)
+    D = spec.D
+    spatial_axes = tuple(range(1, 1 + D))
+    dtype = jnp.promote_types(jnp.result_type(*inputs, *weights), jnp.float32)
+    in_means = [jnp.mean(x.astype(dtype), axis=spatial_axes) for x in inputs]
+    outs: list = [None] * len(spec.out_keys)
+    hi = jax.lax.Precision.HIGHEST  # tiny contractions: no reason to round the means
+    for pair, w in zip(spec.pairs, weights):
+        k_a = spec.in_keys[pair.in_index][0]
+        k_b = spec.out_keys[pair.out_index][0]
+        basis = pair.basis.array
+        # sum over the taps: (F, *i, *j), then flatten the tensor indices
+        tap_sum = basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
+        m = in_means[pair.in_index].reshape(-1, D**k_a)  # (c, i)
+        per_filter = jnp.einsum("ci,fij->cfj", m, jnp.asarray(tap_sum, dtype), precision=hi)
+        term = jnp.einsum("ocf,cfj->oj", w.astype(dtype), per_filter, precision=hi)
+        term = term.reshape((term.shape[0],) + (D,) * k_b)
+        prev = outs[pair.out_index]
+        outs[pair.out_index] = term if prev is None else prev + term
+    return tuple(outs)
+
+
+def bias_offsets(
+    spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], bias: Optional[Bias]
+) -> tuple:
+    """Per output block the additive offset (o_b, *(D,)*k_b) that the bias amounts to, or None.
+
+    "add": b broadcast over the components; "mean": b * output_means. None for "none" blocks and
+    for "mean" blocks where the shortcut is not exact (the caller then uses the output's own mean
+    after the convolution, as `apply_bias` does). Adding an offset to every pixel has the spatial
+    sum of the output cotangent as its gradient.
+    """
+    bias = check_bias(spec, bias)
+    if bias is None:
+        return (None,) * len(spec.out_keys)
+    means = output_means(spec, inputs, weights) if "mean" in spec.bias_modes else None
+    offsets = []
+    for b, (mode, (k, _, o)) in enumerate(zip(spec.bias_modes, spec.out_keys)):
+        if mode == "add":
+            offsets.append(jnp.broadcast_to(bias[b].reshape((o,) + (1,) * k), (o,) + (spec.D,) * k))
+        elif mode == "mean" and means[b] is not None:
+            offsets.append(bias[b].reshape((o,) + (1,) * k).astype(means[b].dtype) * means[b])
+        else:
+            offsets.append(None)
+    return tuple(offsets)
+
+
+def apply_bias(
+    spec: ConvSpec,
+    inputs: Sequence[jax.Array],
+    weights: Sequence[jax.Array],
+    outputs: Sequence[jax.Array],
+    bias: Optional[Bias],
+) -> tuple:
+    """`outputs` (unbatched, spec.out_keys order) with the bias of `spec.bias_modes` added."""
+    outputs = tuple(outputs)
+    offsets = bias_offsets(spec, inputs, weights, bias)
+    bias = check_bias(spec, bias)
+    D = spec.D
+    result = []
+    for b, (out, off, mode) in enumerate(zip(outputs, offsets, spec.bias_modes)):
+        if mode == "none":
+            result.append(out)
+            continue
+        k = spec.out_keys[b][0]
+        if off is None:  # "mean" without the shortcut: the output's own mean
+            mean = jnp.mean(out, axis=tuple(range(1, 1 + D)))
+            off = bias[b].reshape((-1,) + (1,) * k).astype(mean.dtype) * mean
+        # offset (o, *tensor) -> (o, *1s for space, *tensor)
+        off = off.reshape((off.shape[0],) + (1,) * D + off.shape[1:])
+        result.append(out + off)
+    return tuple(result)

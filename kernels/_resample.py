@@ -1,0 +1,276 @@
+"""Transposed and strided convolutions of the `dense` backend without dilated or strided lax convs.
+
+A convolution with lhs_dilation s (a transposed convolution: the UNet's upsampling) reads, per
+output pixel, only the taps that land on an input pixel rather than in a dilation hole. Cuts of
+the output by residue j mod s ("phases") each see a fixed subset of taps, every s-th one, so
+each phase is a stride-1 correlation of the *undilated* input with that sub-filter (sub-pixel
+decomposition). When the filter side equals s on every axis each phase has exactly one tap:
+the whole layer is ONE GEMM of the input with the s^D taps stacked along the output channels,
+then an interleave of the phases (depth-to-space), and no convolution at all. lax's dilated form
+does s^D times that work, mostly on zeros, and cuDNN runs it on a slow indexed kernel.
+
+A convolution with stride s reads input position j*s + t*r for output j and tap t. Writing
+position p as (p // s, p % s) folds the s^D residues into the channels (space-to-depth); tap t
+then reads block j + (t*r)//s at residue (t*r) % s, a stride-1 correlation with a filter of
+(M-1)*r//s + 1 taps per axis, a pure GEMM when that is 1 (M <= s, r = 1).
+
+Both rewrites are pads, reshapes, transposes, slices, GEMMs and stride-1 VALID convolutions, so
+JAX's autodiff of them contains no dilated or strided convolution either: the transpose of a
+stride-1 convolution is a stride-1 convolution, of a GEMM a GEMM.
+
+Per axis, with the wrapped input x of n cells, zero padding (lo, hi), lhs_dilation s (spec
+docstring: the padded, then dilated, then zero-padded input):
+    dilated+padded position q = s*i + lo holds x[i]; output j reads q = j + t (rhs_dilation 1).
+    Output j = phi + s*J, tap t contributes iff (phi + t - lo) % s == 0, reading
+    x[J + (phi + t - lo) // s]; the taps of phase phi are t0, t0+s, ... with t0 = (lo - phi) % s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import string
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._lax_common import dimension_numbers
+from ._spec import ConvSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One residue class phi of the output along an axis of a transposed convolution.
+
+    Attributes:
+        first_tap: t0, the first filter tap the phase reads (then every s-th).
+        n_taps: how many taps it reads (0: the phase is all zeros).
+        offset: output J of the phase reads x[J + offset] through its first tap.
+    """
+
+    first_tap: int
+    n_taps: int
+    offset: int
+
+
+def method(spec: ConvSpec) -> str:
+    """How `dense` runs the spec: 'plain' (stride 1, no lhs_dilation), 'subpixel', 'space_to_depth',
+    or 'lax' (lhs_dilation with a stride or an rhs_dilation: one dilated lax convolution)."""
+    upsample = any(d != 1 for d in spec.lhs_dilation)
+    strided = any(s != 1 for s in spec.stride)
+    if not upsample and not strided:
+        return "plain"
+    if upsample:
+        if strided or any(r != 1 for r in spec.rhs_dilation):
+            return "lax"
+        return "subpixel"
+    return "space_to_depth"
+
+
+def axis_phases(s: int, M: int, lo: int) -> tuple[Phase, ...]:
+    """The s phases of one axis with lhs_dilation s, filter side M and zero padding lo before."""
+    phases = []
+    for phi in range(s):
+        t0 = (lo - phi) % s
+        phases.append(Phase(t0, len(range(t0, M, s)), (phi + t0 - lo) // s))
+    return tuple(phases)
+
+
+def _fmt(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else str(values)
+
+
+def describe(spec: ConvSpec) -> str:
+    """A line saying how `dense` computes this spec (empty for a plain stride-1 convolution)."""
+    how = method(spec)
+    if how == "plain":
+        return ""
+    if how == "lax":
+        return (
+            f"one lax convolution with lhs_dilation {_fmt(spec.lhs_dilation)}, stride "
+            f"{_fmt(spec.stride)}, rhs_dilation {_fmt(spec.rhs_dilation)} (no sub-pixel form for "
+            "lhs_dilation together with a stride or an rhs_dilation; cuDNN may take a slow path)"
+        )
+    if how == "subpixel":
+        per_axis = [
+            axis_phases(s, m, lo)
+            for s, m, (lo, _) in zip(spec.lhs_dilation, spec.filter_shape, spec.zero_pad)
+        ]
+        n_phases = math.prod(len(p) for p in per_axis)
+        counts = [math.prod(c) for c in itertools.product(*[[p.n_taps for p in ax] for ax in per_axis])]
+        if all(ph.n_taps == 1 for ax in per_axis for ph in ax):
+            return (
+                f"sub-pixel GEMM (lhs_dilation {_fmt(spec.lhs_dilation)}, {n_phases} phases, "
+                "1 tap each; no convolution)"
+            )
+        empty = sum(1 for c in counts if c == 0)
+        return (
+            f"sub-pixel decomposition (lhs_dilation {_fmt(spec.lhs_dilation)}, {n_phases} phases "
+            f"of {min(counts)}-{max(counts)} taps{f', {empty} all zero' if empty else ''}: "
+            "stride-1 convolutions, GEMMs where a phase has 1 tap)"
+        )
+    K = _s2d_taps(spec)
+    if all(k == 1 for k in K):
+        return (
+            f"space-to-depth GEMM (stride {_fmt(spec.stride)}, {math.prod(spec.stride)} residues "
+            "folded into the channels, 1 tap; no convolution)"
+        )
+    return (
+        f"space-to-depth + stride-1 convolution (stride {_fmt(spec.stride)}, "
+        f"{math.prod(spec.stride)} residues folded into the channels, {'x'.join(map(str, K))} taps)"
+    )
+
+
+def conv(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    """The spec's convolution of the wrapped input x (*spatial, Cin) with w (*taps, Cin, Cout).
+
+    Only for method(spec) in ('subpixel', 'space_to_depth'); returns (*out_spatial, Cout).
+    """
+    how = method(spec)
+    if how == "subpixel":
+        return _subpixel(spec, x, w, precision, out_dtype)
+    if how == "space_to_depth":
+        return _space_to_depth(spec, x, w, precision, out_dtype)
+    raise ValueError(f"kernels._resample.conv: `spec` needs method 'subpixel' or 'space_to_depth', not {how!r}")
+
+
+# ---- shared pieces -----------------------------------------------------------------------------
+def _gemm(x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    """(*spatial, Cin) @ (Cin, Cout) -> (*spatial, Cout)."""
+    return lax.dot_general(
+        x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=out_dtype
+    )
+
+
+def _valid_conv(x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    """Stride-1, undilated, unpadded correlation of x (*spatial, Cin) with w (*taps, Cin, Cout)."""
+    if all(m == 1 for m in w.shape[:-2]):
+        return _gemm(x, w.reshape(w.shape[-2:]), precision, out_dtype)
+    D = x.ndim - 1
+    return lax.conv_general_dilated(
+        x[None],
+        w,
+        window_strides=(1,) * D,
+        padding="VALID",
+        dimension_numbers=dimension_numbers(D),
+        precision=precision,
+        preferred_element_type=out_dtype,
+    )[0]
+
+
+def _pad(x: jax.Array, pads) -> jax.Array:
+    """Zero-pad (negative: crop) the leading spatial axes by (lo, hi) pairs; channels untouched."""
+    return lax.pad(x, jnp.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+
+
+# ---- transposed: sub-pixel decomposition ---------------------------------------------------------
+def _subpixel(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    D = spec.D
+    n = x.shape[:D]
+    s = spec.lhs_dilation
+    per_axis = [axis_phases(sd, m, lo) for sd, m, (lo, _) in zip(s, spec.filter_shape, spec.zero_pad)]
+    out = [
+        (nd - 1) * sd + 1 + lo + hi - m + 1
+        for nd, sd, m, (lo, hi) in zip(n, s, spec.filter_shape, spec.zero_pad)
+    ]
+    # every phase is computed on J = ceil(out / s) cells; the interleave is cropped to `out`
+    J = [-(-o // sd) for o, sd in zip(out, s)]
+    # x is padded once to cover the reads of every phase: x index e_lo .. J-1 + e_hi
+    e_lo = [min(p.offset for p in ax if p.n_taps) for ax in per_axis]
+    e_hi = [max(p.offset + p.n_taps - 1 for p in ax if p.n_taps) for ax in per_axis]
+    xp = _pad(x, [(-lo, j - 1 + hi - (nd - 1)) for lo, hi, j, nd in zip(e_lo, e_hi, J, n)])
+    cout = w.shape[-1]
+
+    if all(p.n_taps == 1 for ax in per_axis for p in ax):
+        # one GEMM of the input with every phase's single tap, phases along the output channels
+        for d, ax in enumerate(per_axis):
+            w = jnp.concatenate([lax.slice_in_dim(w, p.first_tap, p.first_tap + 1, axis=d) for p in ax], axis=d)
+        w_all = jnp.moveaxis(w, D, 0).reshape(w.shape[D], -1)  # (Cin, (*s, Cout))
+        y = _gemm(xp, w_all, precision, out_dtype).reshape(xp.shape[:D] + tuple(s) + (cout,))
+        for d, ax in enumerate(per_axis):  # each phase's window of J cells (shifted by its offset)
+            starts = [p.offset - e_lo[d] for p in ax]
+            if len(set(starts)) == 1:
+                y = lax.slice_in_dim(y, starts[0], starts[0] + J[d], axis=d)
+            else:
+                y = jnp.concatenate(
+                    [
+                        lax.slice_in_dim(lax.slice_in_dim(y, phi, phi + 1, axis=D + d), st, st + J[d], axis=d)
+                        for phi, st in enumerate(starts)
+                    ],
+                    axis=D + d,
+                )
+    else:
+        parts = []
+        for combo in itertools.product(*per_axis):
+            if any(p.n_taps == 0 for p in combo):  # every tap of this phase hits a dilation hole
+                parts.append(jnp.zeros(tuple(J) + (cout,), out_dtype))
+                continue
+            sub = w
+            window = xp
+            for d, p in enumerate(combo):
+                sub = lax.slice_in_dim(sub, p.first_tap, spec.filter_shape[d], stride=s[d], axis=d)
+                start = p.offset - e_lo[d]
+                window = lax.slice_in_dim(window, start, start + J[d] + p.n_taps - 1, axis=d)
+            parts.append(_valid_conv(window, sub, precision, out_dtype))
+        y = jnp.stack(parts, axis=D).reshape(tuple(J) + tuple(s) + (cout,))
+    return _depth_to_space(y, out)
+
+
+def _depth_to_space(y: jax.Array, out) -> jax.Array:
+    """(*J, *s, C) -> (*out, C): output cell phi + s*J of an axis comes from phase phi of cell J."""
+    D = len(out)
+    J, s = y.shape[:D], y.shape[D : 2 * D]
+    order = [a for d in range(D) for a in (d, D + d)] + [2 * D]
+    y = y.transpose(order).reshape(tuple(j * sd for j, sd in zip(J, s)) + (y.shape[-1],))
+    return y[tuple(slice(0, o) for o in out)]
+
+
+# ---- strided: space-to-depth ----------------------------------------------------------------------
+def _s2d_taps(spec: ConvSpec) -> tuple[int, ...]:
+    """Taps per axis of the stride-1 convolution after space-to-depth: (M-1)*r // s + 1."""
+    return tuple((m - 1) * r // s + 1 for m, r, s in zip(spec.filter_shape, spec.rhs_dilation, spec.stride))
+
+
+def _s2d_selector(M: int, r: int, s: int) -> np.ndarray:
+    """(K, s, M) 0/1: tap t of a stride-s axis reads block (t*r)//s at residue (t*r)%s."""
+    K = (M - 1) * r // s + 1
+    sel = np.zeros((K, s, M))
+    for t in range(M):
+        sel[(t * r) // s, (t * r) % s, t] = 1.0
+    return sel
+
+
+def _space_to_depth(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    D = spec.D
+    n = x.shape[:D]
+    s, K = spec.stride, _s2d_taps(spec)
+    out = [
+        (nd + lo + hi - ((m - 1) * r + 1)) // sd + 1
+        for nd, (lo, hi), m, r, sd in zip(n, spec.zero_pad, spec.filter_shape, spec.rhs_dilation, s)
+    ]
+    Q = [o + k - 1 for o, k in zip(out, K)]
+    # zero-pad (or crop) to exactly Q*s cells so every axis splits into (Q, s)
+    xp = _pad(x, [(lo, q * sd - nd - lo) for (lo, _), q, sd, nd in zip(spec.zero_pad, Q, s, n)])
+    cin = x.shape[-1]
+    split = xp.reshape(tuple(v for q, sd in zip(Q, s) for v in (q, sd)) + (cin,))
+    order = [2 * d for d in range(D)] + [2 * d + 1 for d in range(D)] + [2 * D]
+    z = split.transpose(order).reshape(tuple(Q) + (math.prod(s) * cin,))
+    # the filter regrouped the same way: (*K, *s, Cin, Cout), each tap moved to its (block, residue)
+    letters = iter(string.ascii_letters)
+    blk, res, tap = ([next(letters) for _ in range(D)] for _ in range(3))
+    ci, co = next(letters), next(letters)
+    operands = [
+        jnp.asarray(_s2d_selector(m, r, sd), w.dtype)
+        for m, r, sd in zip(spec.filter_shape, spec.rhs_dilation, s)
+    ]
+    subs = [f"{blk[d]}{res[d]}{tap[d]}" for d in range(D)] + ["".join(tap) + ci + co]
+    w_s2d = jnp.einsum(
+        ",".join(subs) + "->" + "".join(blk) + "".join(res) + ci + co,
+        *operands,
+        w,
+        precision=lax.Precision.HIGHEST,  # a selection: keep the weights exact
+    ).reshape(tuple(K) + (math.prod(s) * cin, w.shape[-1]))
+    return _valid_conv(z, w_s2d, precision, out_dtype)
+

@@ -1,0 +1,328 @@
+"""Upsampling and downsampling in the fast path.
+
+`dense` runs transposed (lhs_dilation) convolutions by sub-pixel decomposition and strided ones by
+space-to-depth (kernels/_resample.py): checked against `reference` at fp32, forward and gradients
+(inputs and weights), on the recorded ginjax 0.1.8 cases and on hypothesis-drawn configurations;
+the lowered forward and gradient must hold no lhs-dilated or strided convolution (cuDNN's slow
+path on the GPU). The UNet and ResNet still match `reference`. MaxNormPool keeps its semantics
+(ties to the first pixel) and lowers to reductions and selects only.
+"""
+
+from __future__ import annotations
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import ginjax.geometric as geom
+import kernels
+from ginjax import layers
+from kernels import _resample
+
+from conftest import (
+    conv_contract_case,
+    conv_contract_cases,
+    draw_keys_and_pairs,
+    draw_padding,
+    fixture_filters,
+    fixture_spec,
+    invariant_pairs,
+    random_operands,
+    rel_l2,
+)
+from test_models import build, random_image, rel_multi
+
+FP32 = kernels.TOLERANCE["fp32"]
+
+
+# ---- the HLO check: no convolution that dilates its input or strides its window -----------------
+_CONV_LINE = re.compile(r"^.*convolution.*$", re.MULTILINE)
+_WINDOW_FIELD = re.compile(
+    r"\b(stride|window_strides|lhs_dilate|lhs_dilation)\s*=\s*(?:array<i64:\s*|dense<)?\[?([0-9,\s]+)"
+)
+
+
+def resampling_convolutions(hlo_text: str) -> list[str]:
+    """The convolution lines of lowered (StableHLO) text with a window stride or lhs dilation != 1."""
+    bad = []
+    for line in _CONV_LINE.findall(hlo_text):
+        for _, values in _WINDOW_FIELD.findall(line):
+            if any(int(v) != 1 for v in values.replace(",", " ").split()):
+                bad.append(line.strip())
+                break
+    return bad
+
+
+def count_convolutions(hlo_text: str) -> int:
+    return len(re.findall(r"stablehlo\.convolution|\bconvolution\(", hlo_text))
+
+
+def test_hlo_check_catches_dilated_and_strided_convolutions():
+    """The parser flags what lax emits for a transposed and for a strided convolution (so the
+    checks below can fail), and passes a plain one."""
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((2, 2, 2, 3))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def lowered(**kw):
+        return jax.jit(lambda a, b: jax.lax.conv_general_dilated(a, b, dimension_numbers=dn, **kw)).lower(x, w).as_text()
+
+    assert resampling_convolutions(lowered(window_strides=(1, 1), padding=((1, 1),) * 2, lhs_dilation=(2, 2)))
+    assert resampling_convolutions(lowered(window_strides=(2, 1), padding="VALID"))
+    plain = lowered(window_strides=(1, 1), padding="VALID")
+    assert count_convolutions(plain) == 1 and not resampling_convolutions(plain)
+
+
+# ---- shared: dense vs reference, forward and gradients, and the lowering ------------------------
+def _batched(spec, backend):
+    return jax.vmap(
+        lambda xs, ws: kernels.conv_contract(spec, xs, ws, backend=backend, precision="fp32"),
+        in_axes=(0, None),
+    )
+
+
+def _loss(spec, backend):
+    def loss(xs, ws):
+        outs = _batched(spec, backend)(xs, ws)
+        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
+
+    return loss
+
+
+def _close(actual, expected, tol=FP32):
+    """Relative L2 within `tol`; where the oracle is exactly zero (an input block no pair reads, or
+    every tap of the output in a dilation hole) the result must be exactly zero too."""
+    expected = np.asarray(expected)
+    if not np.any(expected):
+        assert not np.any(np.asarray(actual))
+    else:
+        assert rel_l2(actual, expected) <= tol
+
+
+def check_against_reference(spec, inputs, weights):
+    """dense == reference at fp32 (forward, input and weight gradients), and dense's lowered
+    forward and gradient hold no lhs-dilated or strided convolution. Returns dense's lowering."""
+    inputs = [jnp.asarray(x) for x in inputs]
+    weights = [jnp.asarray(w) for w in weights]
+    fwd_ref = jax.jit(_batched(spec, "reference"))(inputs, weights)
+    grad_ref = jax.jit(jax.grad(_loss(spec, "reference"), argnums=(0, 1)))(inputs, weights)
+    fwd = jax.jit(_batched(spec, "dense")).lower(inputs, weights)
+    grad = jax.jit(jax.grad(_loss(spec, "dense"), argnums=(0, 1))).lower(inputs, weights)
+    for lowered in (fwd, grad):
+        bad = resampling_convolutions(lowered.as_text())
+        assert not bad, bad
+    got = fwd.compile()(inputs, weights)
+    assert len(got) == len(fwd_ref)
+    for g, r in zip(got, fwd_ref):
+        assert g.shape == r.shape
+        _close(g, r)
+    for g, r in zip(jax.tree_util.tree_leaves(grad.compile()(inputs, weights)), jax.tree_util.tree_leaves(grad_ref)):
+        _close(g, r)
+    return fwd, grad
+
+
+# ---- recorded ginjax 0.1.8 cases ------------------------------------------------------------------
+def _resampling_cases():
+    cases = []
+    for case in conv_contract_cases():
+        kw = conv_contract_case(case)[0]["kwargs"]
+        if kw.get("lhs_dilation") or kw.get("stride", 1) != 1:
+            cases.append(case)
+    return cases
+
+
+def test_fixtures_have_upsampling_and_strided_cases():
+    kinds = {_resample.method(fixture_spec(*conv_contract_case(c))[0]) for c in _resampling_cases()}
+    assert kinds == {"subpixel", "space_to_depth"}
+
+
+@pytest.mark.parametrize("case", _resampling_cases())
+def test_fixture_cases(case):
+    """The recorded outputs, then dense vs reference on fresh operands (with a batch of 2)."""
+    meta, arrays = conv_contract_case(case)
+    spec, inputs, weights, expected = fixture_spec(meta, arrays)
+    if not meta["use_bias"]:
+        outs = kernels.conv_contract(spec, inputs, weights, backend="dense", precision="fp32")
+        for got, want in zip(outs, expected):
+            assert got.shape == want.shape and rel_l2(got, want) <= FP32
+    spatial = tuple(np.asarray(inputs[0]).shape[1 : 1 + spec.D])
+    xs, ws = random_operands(spec, spatial, seed=14, batch=2, dtype=np.float32)
+    check_against_reference(spec, xs, ws)
+
+
+# ---- hypothesis: D 2/3, s 2/3, M 2/3, paddings, torus or not, key orders 0-2 ---------------------
+KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+
+
+@st.composite
+def resampling_layers(draw):
+    D, M, in_keys, out_keys, pairs = draw_keys_and_pairs(draw, KEYS, 2)
+    assume(M in (2, 3))
+    s = draw(st.integers(2, 3))
+    is_torus = draw(st.one_of(st.booleans(), st.tuples(*[st.booleans()] * D)))
+    if draw(st.booleans()):  # transposed: lhs_dilation s, explicit or simple padding
+        padding = draw(
+            st.one_of(
+                st.sampled_from(["VALID", 1]),
+                st.tuples(*[st.tuples(st.integers(0, M), st.integers(0, M))] * D),
+            )
+        )
+        stride, lhs, rhs = 1, (s,) * D if draw(st.booleans()) else tuple(draw(st.integers(1, 3)) for _ in range(D)), 1
+        assume(any(v > 1 for v in lhs))
+    else:  # strided, maybe with an rhs_dilation
+        padding = draw_padding(draw, D, M)
+        stride = (s,) * D if draw(st.booleans()) else tuple(draw(st.integers(1, 3)) for _ in range(D))
+        assume(any(v > 1 for v in stride))
+        lhs, rhs = None, draw(st.integers(1, 2))
+    N = draw(st.integers(4, 7) if D == 2 else st.integers(3, 4))
+    spec = kernels.make_spec(D, in_keys, out_keys, pairs, is_torus, stride, padding, lhs, rhs)
+    assume(all(max(tp) <= N for tp in spec.torus_pad))
+    assume(all(n > 0 for n in spec.out_spatial((N,) * D)))
+    return spec, N
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
+def test_drawn_layers_match_reference(cfg, seed):
+    spec, N = cfg
+    assert _resample.method(spec) in ("subpixel", "space_to_depth")
+    xs, ws = random_operands(spec, (N,) * spec.D, seed, batch=2, dtype=np.float32)
+    check_against_reference(spec, xs, ws)
+
+
+@pytest.mark.parametrize("D", [2, 3])
+def test_unet_upsampling_is_one_gemm(D):
+    """lhs_dilation 2, 2^D filters, padding 1 (the UNet's upsampling): no convolution at all, in the
+    forward and in the gradient, and explain says so."""
+    filters = fixture_filters(D, 2)
+    ins = [(0, 0, 3), (1, 0, 2)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 3)])
+    spec = kernels.make_spec(D, ins, outs, pairs, True, 1, ((1, 1),) * D, (2,) * D)
+    xs, ws = random_operands(spec, (4,) * D, seed=3, batch=2, dtype=np.float32)
+    fwd, grad = check_against_reference(spec, xs, ws)
+    assert count_convolutions(fwd.as_text()) == 0 and count_convolutions(grad.as_text()) == 0
+    why = kernels.explain(spec, (4,) * D, backend="dense").reason
+    assert f"sub-pixel GEMM (lhs_dilation 2, {2**D} phases, 1 tap each" in why
+    assert "sub-pixel GEMM" in kernels.explain(spec, (4,) * D).reason  # auto runs dense on a CPU
+
+
+def test_explain_names_the_form():
+    filters = fixture_filters(2, 3)
+    ins = [(0, 0, 1)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 1)])
+    make = lambda **kw: kernels.make_spec(2, ins, outs, pairs, False, **kw)
+    cases = {
+        "sub-pixel decomposition (lhs_dilation 2, 4 phases of 1-4 taps": make(padding=((1, 1),) * 2, lhs_dilation=2),
+        "space-to-depth + stride-1 convolution (stride 2, 4 residues": make(stride=2, padding="SAME"),
+        "space-to-depth GEMM (stride 3, 9 residues": make(stride=3, padding="VALID"),
+        "one lax convolution with lhs_dilation 2, stride 2": make(stride=2, padding=((1, 1),) * 2, lhs_dilation=2),
+    }
+    for text, spec in cases.items():
+        assert text in kernels.explain(spec, (8, 8), backend="dense").reason
+    assert "runs it as" not in kernels.explain(make(padding="SAME"), (8, 8), backend="dense").reason
+
+
+@pytest.mark.parametrize("s,M,lo", [(2, 2, 1), (2, 3, 1), (3, 2, 0), (3, 5, 4), (2, 3, -1)])
+def test_axis_phases_cover_every_tap_once(s, M, lo):
+    """Each tap belongs to exactly one phase, and a phase's taps read consecutive inputs."""
+    phases = _resample.axis_phases(s, M, lo)
+    taps = sorted(t for p in phases for t in range(p.first_tap, M, s))
+    assert taps == list(range(M)) and sum(p.n_taps for p in phases) == M
+    for phi, p in enumerate(phases):
+        for u, t in enumerate(range(p.first_tap, M, s)):
+            assert (phi + t - lo) % s == 0 and (phi + t - lo) // s == p.offset + u
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def _model_loss(model, x):
+    out, _ = model(x)
+    return sum(jnp.sum(jnp.sin(out[k])) for k in out.keys())
+
+
+@pytest.mark.parametrize("name,D,levels", [("UNet", 2, 2), ("UNet", 3, 1), ("ResNet", 2, 1)])
+def test_models_match_reference(name, D, levels):
+    """Outputs and every parameter gradient of the model on `dense` equal those on `reference`."""
+    model = build(name, D, levels=levels) if name == "UNet" else build(name, D)
+    x = random_image(D, seed=4)
+    results = {}
+    with jax.default_matmul_precision("highest"):
+        for backend in ("reference", "dense"):
+            with kernels.use_backend(backend):
+                out = eqx.filter_jit(lambda m, x: m(x)[0])(model, x)
+                grads = eqx.filter_jit(eqx.filter_grad(_model_loss))(model, x)
+            results[backend] = (out, jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array)))
+    assert rel_multi(results["dense"][0], results["reference"][0]) <= FP32
+    got, want = results["dense"][1], results["reference"][1]
+    assert len(got) == len(want) and len(got) > 0
+    flat = lambda leaves: np.concatenate([np.ravel(a) for a in leaves])
+    assert rel_l2(flat(got), flat(want)) <= FP32
+
+
+# ---- MaxNormPool ------------------------------------------------------------------------------------
+def _pool_oracle(D, block, p, use_norm):
+    """Loops in numpy: the first pixel (row-major in the patch) of largest norm or value wins.
+    Returns the pooled block and the 0/1 mask of the winners in the input's shape."""
+    block = np.asarray(block, np.float64)
+    c, spatial, tensor = block.shape[0], block.shape[1 : 1 + D], block.shape[1 + D :]
+    coarse = tuple(n // p for n in spatial)
+    out = np.zeros((c,) + coarse + tensor)
+    mask = np.zeros(block.shape[: 1 + D])
+    for ch in range(c):
+        for cell in np.ndindex(*coarse):
+            pixels = [tuple(q * p + o for q, o in zip(cell, off)) for off in np.ndindex(*((p,) * D))]
+            vals = [block[(ch,) + px] for px in pixels]
+            scores = [np.sum(v * v) if use_norm else float(v) for v in vals]
+            k = int(np.argmax(scores))
+            out[(ch,) + cell] = vals[k]
+            mask[(ch,) + pixels[k]] = 1.0
+    return out, mask
+
+
+def _tied_block(rng, D, c, n, k):
+    """Random tensors where many patches hold equal norms (rotated copies) and equal scalars."""
+    base = rng.integers(-2, 3, size=(c,) + (n,) * D + (D,) * k).astype(np.float32)
+    if k == 1:  # permuted components: same norm, different tensor
+        flip = rng.random((c,) + (n,) * D) < 0.5
+        base = np.where(flip[..., None], base[..., ::-1], base)
+    return base
+
+
+@pytest.mark.parametrize("D", [2, 3])
+@pytest.mark.parametrize("k,use_norm", [(0, True), (0, False), (1, True), (2, True)])
+def test_max_norm_pool_matches_oracle_with_ties(D, k, use_norm):
+    rng = np.random.default_rng(7 + D + k)
+    n, p = (6, 2) if D == 2 else (4, 2)
+    for block in (_tied_block(rng, D, 2, n, k), rng.standard_normal((2,) + (n,) * D + (D,) * k).astype(np.float32)):
+        key = ((False,) * k, 0)
+        x = geom.MultiImage({key: jnp.asarray(block)}, D)
+        pool = layers.MaxNormPool(p, use_norm)
+        want, mask = _pool_oracle(D, block, p, use_norm)
+        np.testing.assert_array_equal(np.asarray(pool(x)[key]), want.astype(np.float32))
+        # the gradient flows to the winning pixel only
+        g = rng.standard_normal(want.shape).astype(np.float32)
+        grad = jax.grad(lambda b: jnp.sum(pool(geom.MultiImage({key: b}, D))[key] * g))(jnp.asarray(block))
+        up = g
+        for ax in range(D):
+            up = np.repeat(up, p, axis=1 + ax)
+        expected = up * mask.reshape(mask.shape + (1,) * k)
+        np.testing.assert_array_equal(np.asarray(grad), expected)
+
+
+def test_max_norm_pool_lowers_without_gather_or_scatter():
+    D, k = 3, 1
+    key = ((False,) * k, 0)
+    pool = layers.MaxNormPool(2, True)
+    loss = lambda b: jnp.sum(jnp.sin(pool(geom.MultiImage({key: b}, D))[key]))
+    block = jnp.ones((2,) + (4,) * D + (D,) * k)
+    forbidden = re.compile(r"\b(gather|scatter|select_and_scatter|transpose)\b")
+    for fn in (lambda b: pool(geom.MultiImage({key: b}, D))[key], jax.grad(loss)):
+        text = jax.jit(fn).lower(block).as_text()
+        assert not forbidden.findall(text), sorted(set(forbidden.findall(text)))
+    # the pattern is live: a gather-based pool would be caught
+    gathered = jax.jit(lambda b: jnp.take_along_axis(b, jnp.zeros((2, 1), jnp.int32), axis=1)).lower(jnp.ones((2, 4)))
+    assert forbidden.findall(gathered.as_text())
