@@ -68,12 +68,13 @@ def find_trace_files(trace_dir: str) -> tuple[Optional[str], Optional[str]]:
 
 
 def _event_from_stats(name: str, duration_ns: float, stats: dict, device: str) -> KernelEvent:
+    tf_op = str(stats.get("tf_op", "") or stats.get("name", "") or "")
     return KernelEvent(
         name=name,
         duration_ns=float(duration_ns),
         hlo_op=str(stats.get("hlo_op", "") or ""),
         hlo_module=str(stats.get("hlo_module", "") or ""),
-        tf_op=str(stats.get("tf_op", "") or stats.get("name", "") or ""),
+        tf_op="" if tf_op.startswith("XlaModule") else tf_op,  # a module label, not a jax op
         device=device,
     )
 
@@ -280,6 +281,29 @@ def hlo_index(hlo_text: str) -> dict[str, HloInfo]:
     return out
 
 
+def _normal(name: str) -> str:
+    # kernels are named after their instruction with '.' as '_': fusion.12 -> fusion_12
+    return name.replace(".", "_")
+
+
+def in_command_buffer(event: KernelEvent) -> bool:
+    """Whether XLA launched the kernel inside a command buffer (a CUDA graph): then `hlo_op`
+    names the buffer, and only the kernel's own name says which instruction it runs."""
+    return event.hlo_op.startswith("command_buffer")
+
+
+def resolve(event: KernelEvent, index: dict, normal: Optional[dict] = None) -> tuple[str, Optional[HloInfo]]:
+    """(instruction name, HloInfo) of the instruction a kernel runs: its `hlo_op`, else (command
+    buffers, traces without the stat) the instruction its kernel name is made from."""
+    if normal is None:
+        normal = {_normal(k): k for k in index}
+    for name in ((event.hlo_op,) if event.hlo_op and not in_command_buffer(event) else ()) + (event.name,):
+        key = name if name in index else normal.get(_normal(name))
+        if key is not None:
+            return key, index[key]
+    return (event.name if in_command_buffer(event) or not event.hlo_op else event.hlo_op), None
+
+
 # ---- classification ----------------------------------------------------------------------------
 FUSED = "ConvContract fused"
 KINDS = (
@@ -317,14 +341,14 @@ def classify(event: KernelEvent, info: Optional[HloInfo]) -> str:
         direction = "input-grad" if _BACKWARD_STACK.search(op_name) else "fwd"
     if direction:
         return f"{FUSED} {direction}"
-    hlo = event.hlo_op.lower()
+    hlo = (event.name if in_command_buffer(event) or not event.hlo_op else event.hlo_op).lower()
     name = event.name.lower()
     if re.search("cudnn|cublas", info.target + info.backend_kind, re.I) or hlo.startswith(("cudnn", "cublas")):
         return "cuDNN/cuBLAS"
     if "gemm" in info.backend_kind or "gemm_fusion" in hlo or "triton_gemm" in hlo:
         return "XLA gemm fusion"
     if info.opcode in ("copy", "transpose", "copy-start", "copy-done") or "transpose" in hlo or hlo.startswith("copy") \
-            or name.startswith("memcpy") or "memcpy" in name:
+            or "memcpy" in name or "memset" in name:
         return "copy/transpose"
     kind = info.fusion_kind or _kind_from_name(hlo)
     if kind == "kInput":

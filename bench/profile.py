@@ -42,12 +42,17 @@ class KernelRow:
     """One kernel (name and HLO op) summed over a step."""
 
     kernel: str
-    hlo_op: str
+    hlo_op: str  # the first instruction that launched it
     kind: str
     ms: float  # per step
     launches: float  # per step
     jax_op: str = ""
     source: str = ""
+    hlo_ops: list = dataclasses.field(default_factory=list)  # every instruction that launched it
+
+    def ops_text(self) -> str:
+        more = len(self.hlo_ops) - 1
+        return self.hlo_op + (f" (+{more} more)" if more > 0 else "")
 
 
 @dataclasses.dataclass
@@ -100,7 +105,7 @@ class StepProfile:
             jax_op = k.jax_op or "?"
             lines.append(
                 f"{k.ms:8.3f} {100 * self.share(k.ms):5.1f}% {k.launches:6.0f}  {k.kind:22s} "
-                f"{_short(k.kernel, 60)} | {k.hlo_op} | {_short(jax_op, 110)}" + (f" [{k.source}]" if k.source else "")
+                f"{_short(k.kernel, 60)} | {k.ops_text()} | {_short(jax_op, 110)}" + (f" [{k.source}]" if k.source else "")
             )
         return "\n".join(lines)
 
@@ -164,40 +169,30 @@ def _module_name(hlo_text: str) -> str:
     return m.group(1) if m else ""
 
 
-def _resolve(ev, index: dict):
-    """(event, HloInfo) with the event's HLO op set to the instruction that launched it.
-
-    Kernels replayed inside an XLA command buffer (a CUDA graph) carry the command buffer as their
-    `hlo_op`; XLA names a fusion's kernel after its instruction (`input_reduce_fusion_16` for
-    `input_reduce_fusion.16`), which then finds the instruction, its jax op and its kind. The same
-    fallback serves traces that lack `hlo_op`."""
-    info = None if ev.hlo_op.startswith("command_buffer") else index.get(ev.hlo_op)
-    if info is not None:
-        return ev, info
-    for name in (ev.name, re.sub(r"_(\d+)$", r".\1", ev.name)):
-        if name in index:
-            return dataclasses.replace(ev, hlo_op=name), index[name]
-    return ev, index.get(ev.hlo_op)
-
-
 def summarise(events, index: dict, steps: int) -> tuple[dict, list[KernelRow], float, float]:
-    """(ms per kind, kernel rows sorted by time, total ms, launches) per step from trace events."""
+    """(ms per kind, kernel rows sorted by time, total ms, launches) per step from trace events.
+    A row is one kernel made by one jax op: launches of it from several HLO instructions (the
+    same layer repeated, command buffers) add up, and `hlo_op` lists the instructions."""
     kinds: dict[str, float] = {}
-    rows: dict[tuple[str, str], KernelRow] = {}
+    rows: dict[tuple[str, str, str], KernelRow] = {}
+    normal = {_trace._normal(k): k for k in index}
     total, launches = 0.0, 0
     for ev in events:
-        ev, info = _resolve(ev, index)
+        op, info = _trace.resolve(ev, index, normal)
         kind = _trace.classify(ev, info)
         ms = ev.duration_ns / 1e6 / steps
         kinds[kind] = kinds.get(kind, 0.0) + ms
         total += ms
         launches += 1
-        row = rows.get((ev.name, ev.hlo_op))
+        jax_op = (info.op_name if info else "") or ev.tf_op
+        row = rows.get((ev.name, kind, jax_op))
         if row is None:
-            row = rows[(ev.name, ev.hlo_op)] = KernelRow(
-                kernel=ev.name, hlo_op=ev.hlo_op, kind=kind, ms=0.0, launches=0.0,
-                jax_op=(info.op_name if info else "") or ev.tf_op, source=info.source if info else "",
+            row = rows[(ev.name, kind, jax_op)] = KernelRow(
+                kernel=ev.name, hlo_op=op, kind=kind, ms=0.0, launches=0.0, jax_op=jax_op,
+                source=info.source if info else "",
             )
+        if op not in row.hlo_ops:
+            row.hlo_ops.append(op)
         row.ms += ms
         row.launches += 1 / steps
     return kinds, sorted(rows.values(), key=lambda r: -r.ms), total, launches / steps

@@ -99,7 +99,8 @@ def _signature(scalar: int, vector: int):
 
 def conv_workload(cfg: dict, spatial: tuple, mesh: Mesh) -> tuple[Callable, tuple]:
     """ConvContract fwd+bwd: value_and_grad of a mean square w.r.t. weights and input.
-    Keys {scalar, vector} with `channels` each, in and out (the ARCHITECTURE.md anchors)."""
+    Keys {scalar, vector} with `channels` each, in and out, as the standard layers of
+    docs/ARCHITECTURE.md (section 5)."""
     import equinox as eqx
     from ginjax import layers
 

@@ -28,6 +28,8 @@ ENTRY %main (x: f32[8,64]) -> f32[8] {
   %custom-call.2 = f32[8,64]{1,0} custom-call(%x), custom_call_target="triton_kernel_call", metadata={op_name="jit(step)/jvp(ConvContract)/conv_contract_triton"}
   %custom-call.3 = f32[8,64]{1,0} custom-call(%x), custom_call_target="triton_kernel_call", metadata={op_name="jit(step)/transpose(jvp(ConvContract))/conv_contract_triton"}
   %custom-call.4 = f32[8,64]{1,0} custom-call(%x), custom_call_target="triton_kernel_call", metadata={op_name="jit(step)/transpose(jvp(ConvContract))/conv_contract_triton"}
+  %custom-call.5 = f32[8,64]{1,0} custom-call(%x), custom_call_target="triton_kernel_call", metadata={op_name="jit(step)/jvp(ConvContract)/conv_contract_triton"}
+  %loop_multiply_fusion.3 = f32[8,64]{1,0} fusion(%x), kind=kLoop, calls=%fused_mul, metadata={op_name="jit(step)/mul"}
   ROOT %copy.5 = f32[8]{0} copy(%x)
 }
 """
@@ -43,6 +45,11 @@ GPU_KERNELS = [
     ("conv_contract_fwd_0a1b", "custom-call.3", 8.0, "ConvContract fused input-grad"),
     ("conv_contract_dw_9f", "custom-call.4", 9.0, "ConvContract fused weight-grad"),
     ("copy_5", "copy.5", 1.0, "copy/transpose"),
+    # the same kernel launched by a second instruction of the same jax op: one row
+    ("conv_contract_fwd_0a1b", "custom-call.5", 7.0, "ConvContract fused fwd"),
+    # inside a CUDA graph, hlo_op names the command buffer: the kernel's name says the instruction
+    ("loop_multiply_fusion_3", "command_buffer_12", 1.5, "XLA loop fusion"),
+    ("Memset 3", "command_buffer_12", 0.5, "copy/transpose"),
 ]
 
 
@@ -75,12 +82,16 @@ def test_gpu_kernels_are_sorted_into_kinds_from_the_trace_and_the_hlo():
     assert index["cudnn-conv.1"].target == "__cudnn$convForward" and index["gemm_fusion_dot"].backend_kind == "__triton_gemm"
     assert index["input_reduce_fusion"].op_name == "jit(step)/jvp(VectorNeuron)/reduce_sum"  # from its fused root
     for event, (_, _, _, kind) in zip(events, GPU_KERNELS):
-        assert _trace.classify(event, index.get(event.hlo_op)) == kind, event
+        assert _trace.classify(event, _trace.resolve(event, index)[1]) == kind, event
     kinds, rows, total, launches = summarise(events, index, steps=2)
     assert total == pytest.approx(sum(us for _, _, us, _ in GPU_KERNELS) / 1e3 / 2)
     assert sum(kinds.values()) == pytest.approx(total) and launches == len(GPU_KERNELS) / 2
-    assert rows[0].kernel == "conv_contract_dw_9f" and rows[0].kind == "ConvContract fused weight-grad"
+    assert rows[0].kernel == "conv_contract_fwd_0a1b" and rows[0].kind == "ConvContract fused fwd"
+    assert rows[0].hlo_ops == ["custom-call.2", "custom-call.5"] and rows[0].ops_text() == "custom-call.2 (+1 more)"
+    assert rows[0].launches == 1.0 and rows[0].ms == pytest.approx(14e-3 / 2)
     assert "conv_contract_triton" in rows[0].jax_op
+    in_graph = next(r for r in rows if r.kernel == "loop_multiply_fusion_3")
+    assert in_graph.hlo_op == "loop_multiply_fusion.3" and in_graph.jax_op == "jit(step)/mul"
 
 
 def test_sources_name_the_op_and_the_model_code_that_called_it():
