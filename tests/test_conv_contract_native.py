@@ -54,12 +54,19 @@ def _vmapped(spec, backend, precision="fp32"):
     )
 
 
-def _loss(spec, backend):
+def _outs_and_grads(spec, backend):
+    """One jitted function: the vmapped outputs and the gradients of a generic scalar loss of them
+    (one compilation each, which is most of these tests' time)."""
+
     def loss(xs, ws):
         outs = _vmapped(spec, backend)(xs, ws)
-        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
+        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs)), outs
 
-    return loss
+    def run(xs, ws):
+        (_, outs), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(xs, ws)
+        return outs, jax.tree_util.tree_leaves(grads)
+
+    return jax.jit(run)
 
 
 def _oracle(spec, inputs, weights):
@@ -67,25 +74,20 @@ def _oracle(spec, inputs, weights):
     with float64():
         xs = [jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in inputs]
         ws = [jnp.asarray(np.asarray(w, np.float32), jnp.float64) for w in weights]
-        outs = [np.asarray(o) for o in _vmapped(spec, "reference")(xs, ws)]
-        grads = jax.grad(_loss(spec, "reference"), argnums=(0, 1))(xs, ws)
-        return outs, [np.asarray(g) for g in jax.tree_util.tree_leaves(grads)]
+        outs, grads = _outs_and_grads(spec, "reference")(xs, ws)
+        return [np.asarray(o) for o in outs], [np.asarray(g) for g in grads]
 
 
-def _check_against_oracle(spec, inputs, weights, tol=FP32, jit=False):
+def _check_against_oracle(spec, inputs, weights, tol=FP32):
     outs_ref, grads_ref = _oracle(spec, inputs, weights)
     xs = [jnp.asarray(x, jnp.float32) for x in inputs]
     ws = [jnp.asarray(w, jnp.float32) for w in weights]
-    fwd = _vmapped(spec, "native")
-    grad = jax.grad(_loss(spec, "native"), argnums=(0, 1))
-    if jit:
-        fwd, grad = jax.jit(fwd), jax.jit(grad)
-    outs = fwd(xs, ws)
+    outs, grads = _outs_and_grads(spec, "native")(xs, ws)
     assert len(outs) == len(outs_ref)
     for got, want in zip(outs, outs_ref):
         assert got.shape == want.shape and got.dtype == jnp.float32
         assert rel_l2(got, want) <= tol
-    for got, want in zip(jax.tree_util.tree_leaves(grad(xs, ws)), grads_ref):
+    for got, want in zip(grads, grads_ref):
         assert got.shape == want.shape
         if not np.any(want):  # an input block no pair reads: its gradient is exactly zero
             assert not np.any(np.asarray(got))
@@ -156,7 +158,7 @@ def _standard_spec(D, c, torus=True, padding=None, rhs_dilation=1, k2=False):
 def test_odd_sizes(D, spatial, kwargs):
     spec = _standard_spec(D, 3, **kwargs)
     inputs, weights = random_operands(spec, spatial, seed=11, batch=2, dtype=np.float32)
-    _check_against_oracle(spec, inputs, weights, jit=True)
+    _check_against_oracle(spec, inputs, weights)
 
 
 def test_float64_under_x64():
@@ -165,12 +167,10 @@ def test_float64_under_x64():
     with float64():
         xs = [jnp.asarray(x) for x in inputs]
         ws = [jnp.asarray(w) for w in weights]
-        for got, want in zip(_vmapped(spec, "native")(xs, ws), _vmapped(spec, "reference")(xs, ws)):
+        got_outs, got_grads = _outs_and_grads(spec, "native")(xs, ws)
+        want_outs, want_grads = _outs_and_grads(spec, "reference")(xs, ws)
+        for got, want in zip(list(got_outs) + got_grads, list(want_outs) + want_grads):
             assert got.dtype == jnp.float64
-            assert rel_l2(got, want) <= 1e-12
-        g_nat = jax.grad(_loss(spec, "native"), argnums=(0, 1))(xs, ws)
-        g_ref = jax.grad(_loss(spec, "reference"), argnums=(0, 1))(xs, ws)
-        for got, want in zip(jax.tree_util.tree_leaves(g_nat), jax.tree_util.tree_leaves(g_ref)):
             assert rel_l2(got, want) <= 1e-12
 
 
@@ -222,12 +222,11 @@ def test_nan_weights_reach_their_outputs():
 def test_gradients_are_bit_identical_across_runs():
     spec = _standard_spec(3, 4)
     inputs, weights = random_operands(spec, (8, 8, 8), seed=9, batch=2, dtype=np.float32)
-    grad = jax.grad(_loss(spec, "native"), argnums=(0, 1))
-    first = [np.asarray(g) for g in jax.tree_util.tree_leaves(grad(inputs, weights))]
-    for g_fn in (grad, jax.jit(grad)):
-        again = [np.asarray(g) for g in jax.tree_util.tree_leaves(g_fn(inputs, weights))]
-        for a, b in zip(first, again):
-            assert np.array_equal(a, b)
+    run = _outs_and_grads(spec, "native")
+    first = [np.asarray(g) for g in run(inputs, weights)[1]]
+    for _ in range(2):
+        for a, b in zip(first, run(inputs, weights)[1]):
+            assert np.array_equal(a, np.asarray(b))
 
 
 # ---- bad input, availability, dispatch ----------------------------------------------------------
