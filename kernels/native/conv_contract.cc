@@ -38,6 +38,9 @@ struct Geometry {
   int64_t outer_out, tiles_per_row;  // per batch element: outer_out * tiles_per_row tiles
   int64_t in_pixels, out_pixels;
   std::vector<int64_t> entry_offset;  // per entry, its offset in a channel's input buffer
+  // the longest run of the last axis' table that reads consecutive cells: [run_lo, run_hi)
+  // reads from run_src onwards (the interior, copied without table look-ups)
+  int64_t run_lo = 0, run_hi = 0, run_src = 0;
 
   explicit Geometry(const Plan& p) {
     const int D = p.D, a1 = D - 2, aL = D - 1;
@@ -55,6 +58,19 @@ struct Geometry {
       in_pixels *= p.n_in[ax];
       out_pixels *= p.n_out[ax];
     }
+    const std::vector<int64_t>& tab = p.table[aL];
+    for (int64_t lo = 0, hi; lo < static_cast<int64_t>(tab.size()); lo = hi) {
+      hi = lo + 1;
+      if (tab[lo] < 0) continue;
+      while (hi < static_cast<int64_t>(tab.size()) && tab[hi] == tab[hi - 1] + 1) ++hi;
+      if (hi - lo > run_hi - run_lo) {
+        run_lo = lo;
+        run_hi = hi;
+        run_src = tab[lo];
+      }
+    }
+    run_hi = std::min(run_hi, lq);
+    run_lo = std::min(run_lo, run_hi);
     entry_offset.resize(p.entry_tap.size());
     for (size_t e = 0; e < p.entry_tap.size(); ++e) {
       int64_t tap = p.entry_tap[e];
@@ -97,6 +113,27 @@ Tile tile_at(const Plan& p, const Geometry& g, int64_t n, int64_t t) {
   return tile;
 }
 
+// dst[i * comp_stride + q] = src[q * comps + i]: the interior of a row, de-interleaved.
+template <typename T, int64_t I>
+void copy_run_fixed(const T* src, T* dst, int64_t comp_stride, int64_t n) {
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t q = 0; q < n; ++q) dst[i * comp_stride + q] = src[q * I + i];
+}
+
+template <typename T>
+void copy_run(const T* src, T* dst, int64_t comp_stride, int64_t n, int64_t comps) {
+  switch (comps) {
+    case 1: return copy_run_fixed<T, 1>(src, dst, comp_stride, n);
+    case 2: return copy_run_fixed<T, 2>(src, dst, comp_stride, n);
+    case 3: return copy_run_fixed<T, 3>(src, dst, comp_stride, n);
+    case 4: return copy_run_fixed<T, 4>(src, dst, comp_stride, n);
+    case 9: return copy_run_fixed<T, 9>(src, dst, comp_stride, n);
+    default:
+      for (int64_t i = 0; i < comps; ++i)
+        for (int64_t q = 0; q < n; ++q) dst[i * comp_stride + q] = src[q * comps + i];
+  }
+}
+
 // Gathers every input key's halo tile into planar buffers [c][i][yo][row][q], zeros where the
 // index tables say the cell is padding.
 template <typename T>
@@ -127,20 +164,21 @@ void gather_inputs(const Plan& p, const Geometry& g, const Tile& tile, const std
         for (int64_t q1 = 0; q1 < g.halo_rows; ++q1) {
           const int64_t i1 = tile.x1 + q1;
           const int64_t s1 = (so >= 0 && i1 < len1) ? tab1[i1] : -1;
-          for (int64_t i = 0; i < I; ++i) {
-            T* dst = buf + ((((c * I) + i) * g.outer_taps + yo) * g.halo_rows + q1) * g.lq;
-            if (s1 < 0) {
-              std::fill(dst, dst + g.lq, T(0));
-              continue;
-            }
-            const T* src = xc + so * stride_o + s1 * stride_1 + i;
-            const int64_t qmax = std::min(g.lq, lenL);
-            for (int64_t q = 0; q < qmax; ++q) {
-              const int64_t sl = tabL[q];
-              dst[q] = sl >= 0 ? src[sl * stride_l] : T(0);
-            }
-            std::fill(dst + qmax, dst + g.lq, T(0));
+          T* dst = buf + (((c * I) * g.outer_taps + yo) * g.halo_rows + q1) * g.lq;
+          const int64_t comp_stride = g.outer_taps * g.halo_rows * g.lq;
+          if (s1 < 0) {
+            for (int64_t i = 0; i < I; ++i) std::fill(dst + i * comp_stride, dst + i * comp_stride + g.lq, T(0));
+            continue;
           }
+          const T* src = xc + so * stride_o + s1 * stride_1;
+          const int64_t qmax = std::min(g.lq, lenL);
+          for (int64_t i = 0; i < I; ++i) {
+            T* d = dst + i * comp_stride;
+            for (int64_t q = 0; q < g.run_lo; ++q) d[q] = tabL[q] >= 0 ? src[tabL[q] * stride_l + i] : T(0);
+            for (int64_t q = g.run_hi; q < qmax; ++q) d[q] = tabL[q] >= 0 ? src[tabL[q] * stride_l + i] : T(0);
+            std::fill(d + std::max(qmax, g.run_hi), d + g.lq, T(0));
+          }
+          copy_run(src + g.run_src * I, dst + g.run_lo, comp_stride, g.run_hi - g.run_lo, I);
         }
       }
     }
