@@ -125,10 +125,7 @@ def test_vector_moments(rng, D, groups):
     block = _normal(rng, (4,) + (6,) * D + (D,), loc=2.0) * jnp.arange(1, D + 1)
 
     def plain(block):
-        samples = block.reshape((groups, -1, D))
-        mean = samples.mean(axis=1)
-        centred = samples - mean[:, None]
-        cov = jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
+        mean, centred, cov = _plain_covariance(block, groups, D)
         return block.mean(axis=tuple(range(1, 1 + D))), mean, cov
 
     _same_value_and_grad(lambda b: vector_moments(b, groups, D), plain, (block,))
@@ -150,12 +147,7 @@ def _plain_group_norm(gn, x):
             continue
         D = gn.D
         lead = (-1,) + (1,) * (D + 1)
-        samples = block.reshape((gn.groups, -1, D))
-        centred = samples - samples.mean(axis=1, keepdims=True)
-        cov = jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
-        lam, u = jnp.linalg.eigh(cov)
-        white = jnp.einsum("gij,gj,gkj->gik", u, 1 / jnp.sqrt(lam + gn.eps), u)
-        whitened = jnp.einsum("gnj,gij->gni", centred, white).reshape(block.shape)
+        whitened = _plain_whiten(D, block, gn.groups, gn.eps)
         mean = jnp.mean(block, axis=tuple(range(1, 1 + D)), keepdims=True)
         out[(k, p)] = whitened * gn.scale[(k, p)].reshape(lead) + mean * gn.bias[(k, p)].reshape(lead)
     return out
@@ -212,10 +204,16 @@ def _plain_glue(monkeypatch):
     monkeypatch.setattr(_bias, "add_spatial_offset", lambda b, o, D: b + o.reshape((o.shape[0],) + (1,) * D + o.shape[1:]))
 
 
-def _plain_whiten(D, block, groups, eps):
+def _plain_covariance(block, groups, D):
+    """Two passes: each group's mean, the centred samples (G, n, D), their covariance by GEMM."""
     samples = block.reshape((groups, -1, D))
-    centred = samples - samples.mean(axis=1, keepdims=True)
-    cov = jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
+    mean = samples.mean(axis=1)
+    centred = samples - mean[:, None]
+    return mean, centred, jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
+
+
+def _plain_whiten(D, block, groups, eps):
+    _, centred, cov = _plain_covariance(block, groups, D)
     lam, u = jnp.linalg.eigh(cov)
     white = jnp.einsum("gij,gj,gkj->gik", u, 1 / jnp.sqrt(lam + eps), u)
     return jnp.einsum("gnj,gij->gni", centred, white).reshape(block.shape)
