@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import jax
 
 from . import _registry
-from ._bias import apply_bias, bias_offsets, check_bias, output_means
+from ._bias import check_bias
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
     Backend,
