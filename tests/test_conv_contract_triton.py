@@ -21,10 +21,7 @@ import jax.numpy as jnp
 
 import kernels
 from conftest import (
-    conv_contract_case,
-    conv_contract_cases,
     fixture_filters,
-    fixture_spec,
     float64,
     invariant_pairs,
     random_operands,
@@ -94,28 +91,6 @@ def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometr
     spec = make_layer(D, M, ins, outs, is_torus, **geometry)
     assert kernels.explain(spec, (N,) * D, backend="triton").backend == "triton"
     xs, ws = operands(spec, N, seed=zlib.crc32(name.encode()))
-    check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
-
-
-def fixture_layer(case):
-    """A recorded ginjax 0.1.8 layer geometry with its inputs and fresh random weights."""
-    meta, arrays = conv_contract_case(case)
-    spec, inputs, _, _ = fixture_spec(meta, arrays)
-    xs = [jnp.asarray(x) for x in inputs]
-    _, ws = operands(spec, meta["N"], seed=int(case[4:]))
-    return spec, xs, ws
-
-
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases(case):
-    """Every recorded ginjax 0.1.8 layer geometry (bias is the layer's job): covered ones run the
-    kernel, the others (stride, lhs_dilation) fall back to dense with a reason."""
-    spec, xs, ws = fixture_layer(case)
-    choice = kernels.explain(spec, xs, backend="triton")
-    if spec.is_default_stride:
-        assert choice.backend == "triton", choice
-    else:
-        assert choice.backend == "dense" and "not covered" in choice.reason
     check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
 
 
