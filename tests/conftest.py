@@ -29,6 +29,30 @@ from hypothesis import strategies as st
 
 FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 
+# Tests marked `slow` (deselected by default, `python -m pytest -m slow` runs them; CI runs them
+# when time allows): file -> test names (a name without [params] marks every parametrisation).
+# Listed here, not by decorators, so that one place shows what the default run leaves out and
+# why; each entry states its CPU seconds on 2 cores and what still covers it by default.
+SLOW: dict[str, dict[str, str]] = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    found: dict[str, set[str]] = {}
+    for item in items:
+        listed = SLOW.get(item.path.name, {})
+        for key in {item.name, item.originalname} & listed.keys():
+            item.add_marker(pytest.mark.slow)
+            found.setdefault(item.path.name, set()).add(key)
+    # a renamed or deleted test must not silently leave the list (checked when files are
+    # collected whole: no -k, no node ids)
+    if config.getoption("keyword") or any("::" in arg for arg in config.args):
+        return
+    for name in {item.path.name for item in items} & SLOW.keys():
+        missing = set(SLOW[name]) - found.get(name, set())
+        if missing:
+            raise pytest.UsageError(f"tests/conftest.py SLOW lists tests that {name} lacks: {sorted(missing)}")
+
 
 def rel_l2(actual, expected) -> float:
     """Relative L2 error ||a - e|| / ||e||, computed in float64."""

@@ -1,5 +1,6 @@
-"""kernels.conv_contract on plain arrays: fixtures on every lax backend, dense vs reference on
-hypothesis-drawn configurations (forward and gradients), dispatch rules and bad input."""
+"""kernels.conv_contract on plain arrays: dense vs reference on hypothesis-drawn configurations
+(forward and gradients; the recorded cases are in tests/test_conformance.py), dispatch rules and
+bad input."""
 
 from __future__ import annotations
 
@@ -13,10 +14,7 @@ import jax.numpy as jnp
 
 import kernels
 from conftest import (
-    conv_contract_case,
-    conv_contract_cases,
     fixture_filters,
-    fixture_spec,
     float64,
     draw_keys_and_pairs,
     draw_padding,
@@ -25,21 +23,6 @@ from conftest import (
 )
 
 LAX_BACKENDS = ["reference", "dense"]
-
-
-@pytest.mark.parametrize("backend", LAX_BACKENDS)
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases_unbiased(case, backend):
-    """Every recorded case without bias, reproduced at highest precision (rel. error <= 1e-5)."""
-    meta, arrays = conv_contract_case(case)
-    if meta["use_bias"]:
-        pytest.skip("biased cases are checked at the layer level (tests/test_conv_contract_layer.py)")
-    spec, inputs, weights, expected = fixture_spec(meta, arrays)
-    outs = kernels.conv_contract(spec, inputs, weights, backend=backend, precision="fp32")
-    assert len(outs) == len(expected)
-    for got, want in zip(outs, expected):
-        assert got.shape == want.shape
-        assert rel_l2(got, want) <= 1e-5
 
 
 # ---- hypothesis: dense against reference --------------------------------------------------------

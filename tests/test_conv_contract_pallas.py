@@ -1,6 +1,7 @@
-"""The `pallas` backend in Pallas interpret mode (CPU): fixture cases and hypothesis-drawn
-configurations against the `reference` backend, forward and gradients, vmap, jit, precision
-modes, poisoned outputs, coverage fallback, bad input, and the GPU (Triton) lowering."""
+"""The `pallas` backend in Pallas interpret mode (CPU): the "taps" kernels on fixture cases and
+both algorithms on hypothesis-drawn configurations against the `reference` backend, forward and
+gradients (every recorded case on the default algorithm: tests/test_conformance.py), vmap, jit,
+precision modes, poisoned outputs, coverage fallback, bad input, and the GPU (Triton) lowering."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 import kernels
 from conftest import (
     conv_contract_case,
-    conv_contract_cases,
     fixture_filters,
     fixture_spec,
     float64,
@@ -90,41 +90,16 @@ def _check_against_reference(spec, inputs, weights, seed, precision="fp32", batc
 
 
 # ---- fixture cases ------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases(case):
-    """Every recorded ginjax 0.1.8 case: pallas where covered (forward and gradients against the
-    reference backend, and the recorded output when unbiased), else a clear fallback to dense."""
-    meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, expected = fixture_spec(meta, arrays)
-    spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
-    choice = kernels.explain(spec, spatial, backend="pallas")
-    ok, why = kp.coverage(spec, spatial, np.float32)
-    if not ok:
-        assert choice.backend == "dense" and why in choice.reason
-        assert not spec.is_default_stride  # the only uncovered fixtures: stride 2, lhs_dilation 2
-        got = kernels.conv_contract(spec, inputs, weights, backend="pallas", precision="fp32")
-        want = kernels.conv_contract(spec, inputs, weights, backend="reference", precision="fp32")
-        for g, w in zip(got, want):
-            assert rel_l2(g, w) <= FP32
-        return
-    assert choice.backend == "pallas", str(choice)
-    inputs = [jnp.asarray(x, jnp.float32) for x in inputs]
-    weights = [jnp.asarray(w, jnp.float32) for w in weights]
-    _check_against_reference(spec, inputs, weights, seed=int(case[-2:]))
-    if not meta["use_bias"]:
-        for g, e in zip(kernels.conv_contract(spec, inputs, weights, backend="pallas", precision="fp32"), expected):
-            assert rel_l2(g, e) <= FP32
-
-
 @pytest.mark.parametrize("case", ["case01", "case08", "case12"])
-def test_fixture_cases_factorised(case):
-    """The factorised kernels on fixtures with 2-tensors and a missing filter (D=2), a 5x5
-    filter on a half torus, and D=3 with a half torus and dilation."""
+def test_fixture_cases_taps(case):
+    """The tap kernels (the conformance suite runs the default, factorised) on fixtures with
+    2-tensors and a missing filter (D=2), a 5x5 filter on a half torus, and D=3 with a half
+    torus and dilation."""
     meta, arrays = conv_contract_case(case)
     spec, inputs, weights, _ = fixture_spec(meta, arrays)
     inputs = [jnp.asarray(x, jnp.float32) for x in inputs]
     weights = [jnp.asarray(w, jnp.float32) for w in weights]
-    _check_against_reference(spec, inputs, weights, seed=int(case[-2:]), algorithm="factorised")
+    _check_against_reference(spec, inputs, weights, seed=int(case[-2:]), algorithm="taps")
 
 
 # ---- hypothesis: configurations inside the coverage ----------------------------------------------

@@ -1,6 +1,7 @@
-"""The `pallas` backend natively on an NVIDIA GPU (Pallas Triton lowering): availability, fixture
-cases and drawn configurations against `reference`, precision modes against a float64 oracle,
-poisoned outputs, the bench layer against `dense`. Run on the GPU machine:
+"""The `pallas` backend natively on an NVIDIA GPU (Pallas Triton lowering): availability, drawn
+configurations against `reference` (the recorded cases: tests/test_conformance_gpu.py),
+precision modes against a float64 oracle, poisoned outputs, the bench layer against `dense`.
+Run on the GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_pallas_gpu.py
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import conv_contract_case, conv_contract_cases, fixture_spec, float64, rel_l2
+from conftest import float64, rel_l2
 from kernels import pallas as kp
 from kernels.pallas import _plan
 from test_conv_contract_pallas import (
@@ -46,22 +47,6 @@ def test_available_natively():
     # `auto` ranks by the committed measurements (kernels/measured), which may favour dense;
     # asked for by name, the layer runs the Pallas kernel, not the fallback
     assert kernels.explain(_layer(), (16, 16, 16), backend="pallas").backend == "pallas"
-
-
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases_natively(case):
-    meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, expected = fixture_spec(meta, arrays)
-    spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
-    if not kp.coverage(spec, spatial, np.float32)[0]:
-        pytest.skip("outside the Pallas coverage (checked on the CPU)")
-    inputs = [jnp.asarray(x, jnp.float32) for x in inputs]
-    weights = [jnp.asarray(w, jnp.float32) for w in weights]
-    _check_against_reference(spec, inputs, weights, seed=int(case[-2:]))
-    if not meta["use_bias"]:
-        got = kernels.conv_contract(spec, inputs, weights, backend="pallas", precision="fp32")
-        for g, e in zip(got, expected):
-            assert rel_l2(g, e) <= FP32
 
 
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

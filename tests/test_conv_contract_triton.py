@@ -22,10 +22,7 @@ import jax.numpy as jnp
 
 import kernels
 from conftest import (
-    conv_contract_case,
-    conv_contract_cases,
     fixture_filters,
-    fixture_spec,
     float64,
     invariant_pairs,
     random_operands,
@@ -142,28 +139,6 @@ def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
     # a spatial mean of the (B=2, o=3, 5, 5, 2) vector output (the inputs have 2 channels)
     output_means = re.findall(r"f32\[2,3(?:,1,1)?,2\] = reduce_sum", jaxpr)
     assert bool(output_means) != torus, jaxpr
-
-
-def fixture_layer(case):
-    """A recorded ginjax 0.1.8 layer geometry with its inputs and fresh random weights."""
-    meta, arrays = conv_contract_case(case)
-    spec, inputs, _, _ = fixture_spec(meta, arrays)
-    xs = [jnp.asarray(x) for x in inputs]
-    _, ws = operands(spec, meta["N"], seed=int(case[4:]))
-    return spec, xs, ws
-
-
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases(case):
-    """Every recorded ginjax 0.1.8 layer geometry (bias is the layer's job): covered ones run the
-    kernel, the others (stride, lhs_dilation) fall back to dense with a reason."""
-    spec, xs, ws = fixture_layer(case)
-    choice = kernels.explain(spec, xs, backend="triton")
-    if spec.is_default_stride:
-        assert choice.backend == "triton", choice
-    else:
-        assert choice.backend == "dense" and "not covered" in choice.reason
-    check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
 
 
 def test_many_tiles_chunks_and_masks():

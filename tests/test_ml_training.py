@@ -257,10 +257,8 @@ def test_train_argument_errors(rng):
         ml.train(X, Y, MAPPER, model, key, 5, 4, optax.sgd(0.1))
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed"
-)
-def test_is_wandb_without_wandb_is_a_clear_error(rng):
+def test_is_wandb_without_wandb_is_a_clear_error(rng, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, installed or not
     X, Y, _, _, model = regression_problem(rng, 4, 1)
     with pytest.raises(ImportError, match="`is_wandb=True`.*pip install wandb"):
         ml.train(X, Y, MAPPER, model, None, ml.EpochStop(1), 4, optax.sgd(0.1), is_wandb=True)
