@@ -3,7 +3,7 @@ with a sweep over its tiling. For the GPU machine; results go to OUT/triton_swee
 
     python3 bench/triton_sweep.py --out DIR [--preset sweep|final|backward|layers] [--budget SECONDS]
 
-Preset "layers": the ginjax ConvContract layer with its bias (bench/_harness.py's LayerCase, as
+Preset "layers": the ginjax ConvContract layer with its bias (bench/_cases.py's LayerCase, as
 `python -m bench` builds it) on `dense` and `triton`, forward and forward + backward, with the
 block layouts (BlockSizes.layout) as variants and a chain of two layers (the planar blocks
 passed from one kernel to the next: the second layer's cost is the kernel's without the
@@ -253,7 +253,7 @@ def layers_preset(args, run_case):
     config every layout of --layouts, and two chained layers (planar between them)."""
     import contextlib
 
-    from bench import _configs, _harness
+    from bench import _cases, _configs
     from kernels.triton import conv_contract as triton_module
 
     by_name = {c.name: c for c in _configs.LAYER_CONFIGS}
@@ -276,7 +276,7 @@ def layers_preset(args, run_case):
         cfg = by_name[name]
         if args.tiny:
             cfg = dataclasses.replace(cfg, N=6, B=1, c=4)
-        case = _harness.build_case(cfg)
+        case = _cases.build_case(cfg)
         extra = dict(io_bytes=case.io_bytes(), dense_flops=int(case.gflop("fwd") * 1e9))
         for mode in ("fwd", "fwd_bwd"):
             fn, fargs = case.function(mode)
