@@ -16,7 +16,7 @@ from ginjax import layers, models
 from ginjax._channel_mix import channel_mix
 from ginjax._norm_stats import apply_group_matrix, scalar_group_norm, vector_moments
 from kernels import _bias, _reduce
-from conftest import rel_l2
+from conftest import float64, rel_l2
 
 TOL = 1e-5
 
@@ -224,7 +224,8 @@ def test_model_step_equals_plain_glue(monkeypatch, name, D):
     filters = geom.get_invariant_filters([3], [0, 1, 2], [0, 1], D, geom.make_all_operators(D))
     sig_in = geom.Signature(((((), 0), 2), (((False,), 0), 2)))
     sig_out = geom.Signature(((((), 0), 1), (((False,), 0), 1)))
-    kwargs = {"use_group_norm": True}
+    # gelu, not relu: at a kink, rounding alone may pick a different one-sided derivative
+    kwargs = {"use_group_norm": True, "activation_f": jax.nn.gelu}
     if name == "UNet":
         kwargs.update(num_downsamples=1, num_conv=1, upsample_filters=geom.get_invariant_filters(
             [2], [0, 1, 2], [0, 1], D, geom.make_all_operators(D)))
@@ -240,12 +241,17 @@ def test_model_step_equals_plain_glue(monkeypatch, name, D):
         out = jax.vmap(lambda xi: eqx.combine(params, static)(xi)[0])(x)
         return sum(jnp.mean(jnp.square(v)) for v in out.values())
 
-    with kernels.use_backend("dense"), jax.default_matmul_precision("highest"):
+    # float64: through 6-18 layers fp32 rounding differences grow past 1e-5; in float64 any
+    # difference of formulation still shows, rounding does not
+    with float64(), kernels.use_backend("dense"):
+        to64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+        params, x = to64(params), to64(x)
         new = jax.value_and_grad(step)(params, x)
         _plain_glue(monkeypatch)
         old = jax.value_and_grad(step)(params, x)
-    assert rel_l2(new[0], old[0]) <= TOL
-    assert rel_l2(_flat(new[1]), _flat(old[1])) <= TOL
+    tol = 1e-9
+    assert rel_l2(new[0], old[0]) <= tol
+    total = np.linalg.norm(_flat(old[1]))
     for a, b in zip(jax.tree_util.tree_leaves(new[1]), jax.tree_util.tree_leaves(old[1])):
         # leaf by leaf at the scale of the whole gradient (some bias gradients vanish by symmetry)
-        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= TOL * max(np.linalg.norm(b), np.linalg.norm(_flat(old[1])) / 10)
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= tol * max(np.linalg.norm(b), total)
