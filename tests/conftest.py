@@ -39,6 +39,9 @@ SLOW: dict[str, dict[str, str]] = {
             "the bench's quick suite in a subprocess on every backend, interpreters included: over"
             " 64 CPU s (cut off by its 600 s timeout on a loaded machine); the backends' correctness"
             " is test_conformance.py's, the bench command is checked by the other tests here",
+        "test_compare_defaults_to_newest_baseline_against_a_fresh_run":
+            "a second `python -m bench` run in a subprocess: 40 CPU s; compare's verdicts are"
+            " checked on stored and synthetic runs by the tests around it",
     },
     "test_sharding.py": {
         "test_model_sharded_cases":
