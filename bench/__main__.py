@@ -4,13 +4,16 @@
                     [--modes fwd,fwd_bwd,step] [--out DIR] [--commit SHA] [--max-time S]
     python -m bench compare [OLD] [NEW] [--threshold 0.10]     (see bench/compare.py)
     python -m bench measured RESULTS.json     (the `auto` table kernels/measured/<device>.json)
+    python -m bench measure-auto [...]        (the table's exact entries: see bench/measure_auto.py)
+    python -m bench profile CONFIG [...]      (where a step's GPU time goes: see bench/profile.py)
 
-Runs the pytest-benchmark suite (bench/test_conv_contract.py, bench/test_models.py) on the
-selected cases, then prints one row per benchmark: median and p20-p80 ms, speedup vs the
-`reference` and `dense` backends, dense-equivalent TFLOP/s and % of the device's measured dense
-peak (when known), temp MB from the compiled executable, relative error vs the reference oracle.
-With --out DIR it writes DIR/<device-slug>/<date>-<commit>.{json,png,txt}; `--out bench/results`
-records a baseline for `compare`. The commit comes from --commit, $BENCH_COMMIT or git, else
+Runs the pytest-benchmark suite (bench/test_suite.py) on the selected cases, then prints one
+row per benchmark: median and p20-p80 ms, speedup vs the `reference` and `dense` backends,
+dense-equivalent TFLOP/s and % of the device's measured dense peak (when known), temp MB from
+the compiled executable, relative error vs the reference oracle; then the backends and cases
+left out and why, and where the results went: DIR/<device-slug>/<date>-<commit>.{json,png,txt}
+with --out DIR (`--out bench/results` records a baseline for `compare`), else the same under
+$GINJAX_BENCH_OUT or ~/.cache/ginjax-bench. The commit comes from --commit, $BENCH_COMMIT or git, else
 'unknown' (git is not needed).
 """
 
@@ -19,27 +22,27 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 
-from bench import _configs, _suite
+from bench import _configs, _device, _suite
 
 
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="A/B benchmark of ConvContract backends (subcommand: compare)",
+        description="A/B benchmark of ConvContract backends (subcommands: compare, measured, measure-auto, profile)",
     )
-    p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, small-models); default: quick on CPU, all on GPU")
+    p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, models-b1, auto-models, small-models); default: quick on CPU, all on GPU")
     p.add_argument("--backends", default="", help="comma-separated backends (default: every one available here; on a CPU, not the interpreted triton/pallas)")
     p.add_argument("--modes", default="", help=f"comma-separated modes out of {', '.join(_configs.MODES)} (default: all)")
-    p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt}")
+    p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt} (default: $GINJAX_BENCH_OUT or ~/.cache/ginjax-bench)")
     p.add_argument("--commit", default=None, help=f"commit id to record (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
     p.add_argument("--max-time", type=float, default=1.0, help="seconds of timed calls per benchmark (default 1.0)")
     p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed calls (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, after the first call (default 1)")
     p.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out, e.g. '*_k2-*-triton'")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; cases that would start later are skipped, so the run ends with its results (0: no limit)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG even with --out")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-check", action="store_true", help="time only: skip the error against the reference oracle (no oracle compiled; rel err shows '-')")
     args = p.parse_args(argv)
     if args.max_time <= 0:
         p.error(f"--max-time (={args.max_time}) must be > 0")
@@ -55,14 +58,16 @@ def parse_args(argv) -> argparse.Namespace:
 _INTERPRETED_ON_CPU = ("triton", "pallas")
 
 
-def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
-    """Configs, backends and modes to run; ValueError naming the flag for a bad value."""
+def _resolve_selection(args) -> tuple[tuple, tuple, tuple, list]:
+    """Configs, backends and modes to run, and (backend, why) of those left out by default;
+    ValueError naming the flag for a bad value."""
     import jax
 
     import kernels
 
     configs = _configs.select_configs(args.configs, jax.default_backend())
     available = kernels.available_backends()
+    left_out = []
     if args.backends.strip():
         backends = _configs.parse_selection(args.backends, _configs.bench_backends(), "--backends")
         for name in backends:
@@ -72,52 +77,66 @@ def _resolve_selection(args) -> tuple[tuple, tuple, tuple]:
                         pass
                 except ValueError as err:
                     raise ValueError(f"--backends (={args.backends!r}): {err}") from None
-    elif jax.default_backend() == "cpu":
-        # the fused backends run in interpreters on a CPU: their timings say nothing and take
-        # minutes; they stay selectable with --backends
-        backends = tuple(b for b in available if b not in _INTERPRETED_ON_CPU)
     else:
         backends = available
+        for name in kernels.registered_backends():
+            if name not in available:
+                left_out.append((name, _device.backend_runs_here(name)[1]))
+        if jax.default_backend() == "cpu":
+            # the fused backends run in interpreters on a CPU: their timings say nothing and take
+            # minutes; they stay selectable with --backends
+            for name in _INTERPRETED_ON_CPU:
+                if name in backends:
+                    left_out.append((name, "runs in an interpreter on a CPU (timings mean nothing, minutes per case); name it in --backends to run it anyway"))
+            backends = tuple(b for b in available if b not in _INTERPRETED_ON_CPU)
     modes = _configs.parse_selection(args.modes, _configs.MODES, "--modes")
-    return configs, backends, modes
+    # only the modes some selected config has: no header entry without rows
+    modes = tuple(m for m in modes if any(m in _configs.CONFIGS[c].modes for c in configs))
+    return configs, backends, modes, left_out
 
 
 def run(args) -> int:
-    from bench import _harness, plot
+    from bench import plot
 
     try:
-        configs, backends, modes = _resolve_selection(args)
+        configs, backends, modes, left_out = _resolve_selection(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    info = _harness.device_info()
+    if not modes:
+        print(f"error: --modes (={args.modes!r}) matches no mode of the selected configs", file=sys.stderr)
+        return 2
+    info = _device.device_info()
     commit = _suite.resolve_commit(args.commit)
+    out_root = pathlib.Path(args.out) if args.out else _suite.default_out_dir()
+    paths = _suite.result_paths(out_root, info["device_slug"], commit)
     print(f"python -m bench: {info['device_kind']} | configs {','.join(configs)} | backends {','.join(backends)} | modes {','.join(modes)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.out:
-            paths = _suite.result_paths(pathlib.Path(args.out), info["device_slug"], commit)
+    skipped: list = []
+    rc = _suite.run_suite(
+        configs=configs, backends=backends, modes=modes, json_path=paths["json"], commit=commit,
+        max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
+        exclude=args.exclude, time_budget=args.time_budget, skipped=skipped, check=not args.no_check,
+    )
+    if not paths["json"].exists() or paths["json"].stat().st_size == 0:
+        print(f"error: the suite wrote no results (pytest exit code {rc})", file=sys.stderr)
+        return rc or 2
+    results = _suite.load_results(paths["json"])
+    table = _suite.describe_run(results) + "\n\n" + _suite.format_table(_suite.table_rows(results))
+    notes = [f"left out: {name}: {why}" for name, why in left_out]
+    notes += [f"skipped: {case}: {why}" for case, why in skipped]
+    if notes:
+        table += "\n\n" + "\n".join(notes)
+    print()
+    print(table)
+    paths["txt"].write_text(table + "\n")
+    written = [paths["json"], paths["txt"]]
+    if not args.no_plot:
+        if plot.plot_speedups(results, paths["png"]):
+            written.append(paths["png"])
         else:
-            paths = {"json": pathlib.Path(tmp) / "results.json"}
-        rc = _suite.run_suite(
-            configs=configs, backends=backends, modes=modes, json_path=paths["json"], commit=commit,
-            max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
-            include_models=_configs.has_models(configs), exclude=args.exclude, time_budget=args.time_budget,
-        )
-        if not paths["json"].exists() or paths["json"].stat().st_size == 0:
-            print(f"error: the suite wrote no results (pytest exit code {rc})", file=sys.stderr)
-            return rc or 2
-        results = _suite.load_results(paths["json"])
-        table = _suite.describe_run(results) + "\n\n" + _suite.format_table(_suite.table_rows(results))
-        print()
-        print(table)
-        if args.out:
-            paths["txt"].write_text(table + "\n")
-            print(f"\nwrote {paths['json']}\nwrote {paths['txt']}")
-            if not args.no_plot:
-                if plot.plot_speedups(results, paths["png"]):
-                    print(f"wrote {paths['png']}")
-                else:
-                    print(plot.MISSING_MATPLOTLIB)
+            print(plot.MISSING_MATPLOTLIB)
+    where = "" if args.out else f" (no --out: kept under {out_root}, or ${_suite.OUT_ENV})"
+    print("\nresults" + where + ":\n" + "\n".join(f"  {p}" for p in written))
     # 5: nothing selected/collected; not an error of the code under test
     return 0 if rc in (0, 5) else rc
 
@@ -128,6 +147,14 @@ def main(argv=None) -> int:
         from bench import measured
 
         return measured.main(argv[1:])
+    if argv and argv[0] == "measure-auto":
+        from bench import measure_auto
+
+        return measure_auto.main(argv[1:])
+    if argv and argv[0] == "profile":
+        from bench import profile
+
+        return profile.main(argv[1:])
     if argv and argv[0] == "compare":
         from bench import compare
 

@@ -71,6 +71,7 @@ class ModelConfig:
     out_channels: tuple[int, int] = (1, 1)
     small: bool = False  # CPU-sized: checks the model path, not part of quick/full
     M: int = 3
+    extra: bool = False  # outside quick/full/all: the batch-1 steps `auto` is checked on
 
     @property
     def quick(self) -> bool:
@@ -120,21 +121,33 @@ MODEL_CONFIGS: tuple[ModelConfig, ...] = (
     ),
 )
 
+# `auto` must not be slower than `dense` on the batch-1 steps of every model at these sizes (issue 14)
+_KWARGS = {"UNet": (("num_downsamples", 3),), "ResNet": (("num_blocks", 4),), "DilResNet": (("num_blocks", 2),)}
+MODEL_CONFIGS += tuple(
+    ModelConfig(f"{model.lower()}_d3_n{n}_b1", model, D=3, N=n, B=1, depth=16, model_kwargs=kwargs, extra=True)
+    for n in (32, 64, 128)
+    for model, kwargs in _KWARGS.items()
+)
+
 CONFIGS: dict[str, Config] = {c.name: c for c in LAYER_CONFIGS + MODEL_CONFIGS}
 
 # named sets accepted wherever configs are selected
 _SMALL = tuple(c.name for c in MODEL_CONFIGS if c.small)
+_EXTRA = tuple(c.name for c in MODEL_CONFIGS if c.extra)
 CONFIG_SETS: dict[str, tuple[str, ...]] = {
     "quick": tuple(c.name for c in LAYER_CONFIGS if c.quick),
-    "full": tuple(c.name for c in CONFIGS.values() if not c.quick and c.name not in _SMALL),
-    "all": tuple(c for c in CONFIGS if c not in _SMALL),  # quick + full: the GPU default
+    "full": tuple(c.name for c in CONFIGS.values() if not c.quick and c.name not in _SMALL + _EXTRA),
+    "all": tuple(c for c in CONFIGS if c not in _SMALL + _EXTRA),  # quick + full: the GPU default
     "layers": tuple(c.name for c in LAYER_CONFIGS),
-    "models": tuple(c.name for c in MODEL_CONFIGS if not c.small),
+    "models": tuple(c.name for c in MODEL_CONFIGS if not c.small and not c.extra),
+    "models-b1": _EXTRA,
     "small-models": _SMALL,
 }
+# the steps `python -m bench measure-auto` measures the layers of (and `auto` is checked on)
+CONFIG_SETS["auto-models"] = CONFIG_SETS["models"] + CONFIG_SETS["models-b1"]
 
 # Dense throughput ceilings measured on the device (TFLOP/s), by precision mode; keyed by a
-# lower-case substring of jax's device_kind. Source: ARCHITECTURE.md (H200 anchors).
+# lower-case substring of jax's device_kind: the H200's dense matmul peaks at TF32 and BF16.
 DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "h200": {"bf16": 790.0, "tf32": 395.0},
 }
@@ -212,7 +225,3 @@ def peak_tflops(device_kind: str, precision: str) -> Optional[float]:
         if needle in kind:
             return peaks.get(precision)
     return None
-
-
-def has_models(names) -> bool:
-    return any(CONFIGS[n].kind == "model" for n in names if n in CONFIGS)

@@ -36,17 +36,42 @@ def resolve_commit(explicit: Optional[str] = None) -> str:
     return sha if out.returncode == 0 and sha else "unknown"
 
 
-def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Optional[_dt.datetime] = None) -> dict:
-    """Free `<root>/<device-slug>/<date>-<commit>[-n].{json,png,txt}` paths (n from 2 on clashes)."""
+OUT_ENV = "GINJAX_BENCH_OUT"
+
+
+def default_out_dir() -> pathlib.Path:
+    """Where results go without --out: $GINJAX_BENCH_OUT, else ~/.cache/ginjax-bench (kept, and
+    outside the source tree so that a plain run never adds files to the repository)."""
+    if os.environ.get(OUT_ENV):
+        return pathlib.Path(os.environ[OUT_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "ginjax-bench"
+
+
+def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Optional[_dt.datetime] = None,
+                 tag: str = "") -> dict:
+    """Free `<root>/<device-slug>/<date>-<commit>[-<tag>][-n].{json,png,txt}` paths (n from 2 on clashes)."""
     when = when or _dt.datetime.now(_dt.timezone.utc)
     folder = pathlib.Path(root) / device_slug
-    stem = f"{when:%Y-%m-%d}-{commit}"
+    stem = f"{when:%Y-%m-%d}-{commit}" + (f"-{tag}" if tag else "")
     n = 1
     while (folder / f"{stem}.json").exists() if n == 1 else (folder / f"{stem}-{n}.json").exists():
         n += 1
     if n > 1:
         stem = f"{stem}-{n}"
     return {ext: folder / f"{stem}.{ext}" for ext in ("json", "png", "txt")}
+
+
+class _SkipRecorder:
+    """A pytest plugin that keeps (test id, reason) of every skipped case, for the final report."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def pytest_runtest_logreport(self, report):
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.into.append((report.nodeid.split("::")[-1], reason.removeprefix("Skipped: ")))
 
 
 def run_suite(
@@ -59,20 +84,22 @@ def run_suite(
     max_time: float,
     min_rounds: int,
     warmup: int,
-    include_models: bool = True,
     exclude: str = "",
     time_budget: float = 0.0,
     extra_args: Iterable[str] = (),
+    skipped: Optional[list] = None,
+    check: bool = True,
 ) -> int:
-    """Run the selected benchmarks with pytest-benchmark in this process; returns pytest's exit code."""
+    """Run the selected benchmarks with pytest-benchmark in this process; returns pytest's exit code.
+
+    pytest-benchmark's own tables stay quiet (the caller prints the one table); `skipped`, when
+    given, receives (test id, reason) of every case that was skipped.
+    """
     import pytest
 
-    files = [str(BENCH_DIR / "test_conv_contract.py")]
-    if include_models:
-        files.append(str(BENCH_DIR / "test_models.py"))
-    args = files + [
+    args = [
+        str(BENCH_DIR / "test_suite.py"),
         "-q",
-        "-rs",
         "-p",
         "no:cacheprovider",
         "--bench-progress",
@@ -87,12 +114,13 @@ def run_suite(
         f"--benchmark-json={json_path}",
         f"--benchmark-max-time={max_time}",
         f"--benchmark-min-rounds={min_rounds}",
-        "--benchmark-columns=min,median,max,rounds",
-        "--benchmark-sort=name",
+        "--benchmark-quiet",
+        *([] if check else ["--bench-no-check"]),
         *extra_args,
     ]
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    return int(pytest.main(args))
+    plugins = [_SkipRecorder(skipped)] if skipped is not None else []
+    return int(pytest.main(args, plugins=plugins))
 
 
 # ---- reading results ---------------------------------------------------------------------------
@@ -204,8 +232,10 @@ def describe_run(results: dict) -> str:
     """One line: device, precision, jax versions, commit, date."""
     m = results.get("machine_info", {})
     c = results.get("commit_info", {})
+    # on a CPU, JAX's default matmul precision is full fp32: there is no TF32 to speak of
+    precision = "fp32 (CPU)" if m.get("platform") == "cpu" else m.get("precision", "?")
     return (
         f"device: {m.get('device_kind', '?')} ({m.get('platform', '?')}), default precision "
-        f"{m.get('precision', '?')}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
+        f"{precision}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
         f"commit {c.get('id', 'unknown')}, {results.get('datetime', '?')}"
     )

@@ -80,7 +80,7 @@ def stored_results(device_slug: str, root=None) -> list[pathlib.Path]:
 
 def _fresh_run(old: dict, args) -> tuple[Optional[dict], int]:
     """Run, here and now, the benchmarks that `old` holds; returns (results or None, pytest exit code)."""
-    from bench import _configs, _harness
+    from bench import _configs, _device
 
     import kernels
 
@@ -99,12 +99,11 @@ def _fresh_run(old: dict, args) -> tuple[Optional[dict], int]:
         max_time=args.max_time,
         min_rounds=args.min_rounds,
         warmup=args.warmup,
-        include_models=_configs.has_models(configs),
         exclude=args.exclude,
         time_budget=args.time_budget,
     )
     if args.save:
-        json_path = _suite.result_paths(pathlib.Path(args.save), _harness.device_info()["device_slug"], run["commit"])["json"]
+        json_path = _suite.result_paths(pathlib.Path(args.save), _device.device_info()["device_slug"], run["commit"])["json"]
         rc = _suite.run_suite(json_path=json_path, **run)
         if json_path.exists():
             print(f"wrote {json_path}")
@@ -147,9 +146,9 @@ def main(argv=None) -> int:
         if args.old:
             old_path = pathlib.Path(args.old)
         else:
-            from bench import _harness
+            from bench import _device
 
-            slug = _harness.device_info()["device_slug"]
+            slug = _device.device_info()["device_slug"]
             stored = stored_results(slug, args.results)
             if not stored:
                 root = pathlib.Path(args.results or _suite.RESULTS_DIR) / slug

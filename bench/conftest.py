@@ -31,6 +31,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out")
     group.addoption("--bench-time-budget", type=float, default=0.0, help="seconds; cases starting later are skipped (0: no limit)")
     group.addoption("--bench-progress", action="store_true", help="log each phase of each case to stderr")
+    group.addoption("--bench-no-check", action="store_true", help="time only: no error against the reference oracle (saves compiling and running it)")
     group.addoption("--bench-commit", default=None, help=f"commit id to record (default: ${COMMIT_ENV}, else git)")
 
 
@@ -107,6 +108,7 @@ def bench_options(request) -> dict:
         "max_time": float(config.getoption("benchmark_max_time", 1.0) or 1.0),
         "min_rounds": int(config.getoption("benchmark_min_rounds", 5) or 5),
         "warmup": int(config.getoption("--bench-warmup")),
+        "check": not config.getoption("--bench-no-check"),
         "deadline": time.monotonic() + budget if budget > 0 else None,
         "log": _progress_log(config) if config.getoption("--bench-progress") else None,
     }
@@ -124,9 +126,9 @@ def _progress_log(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from bench import _harness
+    from bench import _device
 
-    machine_info.update(_harness.device_info())
+    machine_info.update(_device.device_info())
 
 
 def pytest_benchmark_update_commit_info(config, commit_info):

@@ -14,7 +14,17 @@
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
 #            triton file alone needs more than 170 s with the backward tests)
 #   bench    python3 -m bench on the standard configurations (the committed A/B table)
-# Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH.
+#   profile-steps  python3 -m bench profile on the UNet, ResNet and DilResNet train steps (d3_n64_b4,
+#            backend $PROFILE_BACKEND, default auto): where each step's GPU time goes, JSON/TXT/PNG
+#            under $OUT/profile-steps/<device>/ (copy them to bench/results/ to commit); PROFILE_CONFIGS
+#            overrides the configs
+#   measure-auto   python3 -m bench measure-auto: the ConvContract configurations of the UNet, ResNet and
+#            DilResNet steps (D=3, batch 1 at N=32/64/128 and batch 4 at N=64; AUTO_CONFIGS overrides),
+#            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
+#            measurement, under $OUT/measure-auto/<device>/: copy the table to kernels/measured/ to commit)
+#   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
+# Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
+# T_MEASURE_AUTO, T_AUTO_CHECK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -46,6 +56,21 @@ for stage in ${STAGES:-sweep profile pallas}; do
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
+    profile-steps)
+      timeout "${T_PROFILE_STEPS:-200}" python3 -u -m bench profile "${PROFILE_CONFIGS:-unet_d3_n64_b4,resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
+        --backend "${PROFILE_BACKEND:-auto}" --out "$OUT/profile-steps" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+        > "$OUT/profile-steps/log.txt" 2>&1
+      rc=$?; sed -n '/^| step | backend/,$p' "$OUT/profile-steps/log.txt"; (exit $rc) ;;
+    measure-auto)
+      timeout "${T_MEASURE_AUTO:-240}" python3 -u -m bench measure-auto --configs "${AUTO_CONFIGS:-auto-models}" \
+        --time-budget "$(( ${T_MEASURE_AUTO:-240} - 45 ))" --out "$OUT/measure-auto" \
+        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" ${MEASURE_ARGS:-} > "$OUT/measure-auto/log.txt" 2>&1
+      rc=$?; sed -n '/^per step, the ConvContract/,$p' "$OUT/measure-auto/log.txt"; (exit $rc) ;;
+    auto-check)
+      timeout "${T_AUTO_CHECK:-400}" python3 -u -m bench --configs "${AUTO_CONFIGS:-auto-models}" --backends auto,dense --modes step \
+        --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/auto-check" --time-budget "$(( ${T_AUTO_CHECK:-400} - 40 ))" \
+        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/auto-check/log.txt" 2>&1
+      rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"; (exit $rc) ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"

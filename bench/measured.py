@@ -1,6 +1,7 @@
-"""`python -m bench measured RESULTS.json [MORE.json ...]`: write the `auto` table
-kernels/measured/<device>.json from committed bench runs (the median ms of every backend, per
-layer configuration and mode; a later run's numbers replace an earlier run's).
+"""`python -m bench measured RESULTS.json [MORE.json ...]`: write the `configs` part of the `auto`
+table kernels/measured/<device>.json from committed bench runs (the median ms of every backend, per
+layer configuration and mode; a later run's numbers replace an earlier run's). The `exact` part,
+from `python -m bench measure-auto`, is kept.
 
     python -m bench measured bench/results/nvidia-h200/<date>-<commit>.json [...]
 """
@@ -47,6 +48,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"the runs are from different device kinds: {sorted(kinds)}")
     out = _DIR / f"{device_slug(kind)}.json"
     sources = [pathlib.Path(path).as_posix() for path in args.results]
-    out.write_text(json.dumps({"device_kind": kind, "sources": sources, "configs": configs}, indent=1, sort_keys=True) + "\n")
+    table = {"device_kind": kind, "sources": sources, "configs": configs}
+    if out.exists():  # keep the exact entries of `python -m bench measure-auto`
+        old = json.loads(out.read_text())
+        if old.get("exact"):
+            table["exact"] = old["exact"]
+            table["sources"] += [s for s in old.get("sources", []) if s.startswith("python -m bench measure-auto")]
+    out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}: {len(configs)} configurations from {', '.join(sources)}")
     return 0

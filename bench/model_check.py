@@ -22,7 +22,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench import _configs, _harness  # noqa: E402
+from bench import _cases, _configs, _errors, _timing  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="auto,dense")
     ap.add_argument("--precisions", default="default,highest")
     args = ap.parse_args(argv)
-    case = _harness.build_case(_configs.CONFIGS[args.config])
+    case = _cases.build_case(_configs.CONFIGS[args.config])
     fn, fargs = case.function("step")
     rows = []
     for precision in args.precisions.split(","):
@@ -39,12 +39,12 @@ def main(argv=None) -> int:
         results = {}
         for backend in ["reference"] + args.backends.split(","):
             start = time.perf_counter()
-            compiled = _harness.compile_for(fn, fargs, backend, precision=prec)
+            compiled = _timing.compile_for(fn, fargs, backend, precision=prec)
             results[backend] = jax.block_until_ready(compiled(*fargs))
             seconds = time.perf_counter() - start
             row = dict(config=args.config, precision=precision, backend=backend, seconds=round(seconds, 1))
             if backend != "reference":
-                err, _ = _harness.rel_err_detail(results[backend], results["reference"], per_array=False)
+                err, _ = _errors.rel_err_detail(results[backend], results["reference"], per_array=False)
                 row["rel_err_vs_reference"] = float(err)
             rows.append(row)
             print(json.dumps(row), flush=True)

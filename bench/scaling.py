@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import kernels
+from bench import _device, _timing
 from kernels import _sharding
 
 SEED = 20261121
@@ -85,7 +86,7 @@ def replicate(tree, mesh: Mesh):
 
 # ---- the two workloads ----------------------------------------------------------------------
 def _filters(D: int, M: int):
-    from bench._harness import invariant_filters
+    from bench._cases import invariant_filters  # noqa: PLC0415
 
     return invariant_filters(D, M, (0, 1, 2))
 
@@ -98,7 +99,8 @@ def _signature(scalar: int, vector: int):
 
 def conv_workload(cfg: dict, spatial: tuple, mesh: Mesh) -> tuple[Callable, tuple]:
     """ConvContract fwd+bwd: value_and_grad of a mean square w.r.t. weights and input.
-    Keys {scalar, vector} with `channels` each, in and out (the ARCHITECTURE.md anchors)."""
+    Keys {scalar, vector} with `channels` each, in and out, as the standard layers of
+    docs/ARCHITECTURE.md (section 5)."""
     import equinox as eqx
     from ginjax import layers
 
@@ -166,23 +168,19 @@ def compile_step(fn: Callable, args: tuple, mesh: Mesh):
 
 
 def temp_bytes(compiled) -> Optional[int]:
-    try:
-        stats = compiled.memory_analysis()
-        return int(stats.temp_size_in_bytes) if stats is not None else None
-    except Exception:  # noqa: BLE001 - not every runtime reports it
-        return None
+    return _timing.memory_of(compiled)["temp_bytes"]
 
 
 def time_calls(compiled, args: tuple, repeats: int, warmup: int) -> tuple[list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return times, out
+    """`repeats` synchronised calls (ms each, one per round) after `warmup` calls, with the shared
+    loop of bench/_timing.py; and the output of the first call."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    timing = _timing.time_compiled(
+        compiled, args, min_rounds=repeats, max_rounds=repeats, warmup=max(warmup - 1, 0), warmup_s=0.0,
+        first_call_s=time.perf_counter() - start, calls_per_round=1,
+    )
+    return [1e3 * t for t in timing.samples_s], out
 
 
 def run_one(kind: str, scaling: str, n_devices: int, spatial: tuple, cfg: dict) -> dict:
@@ -258,15 +256,7 @@ def big_step(cfg: dict, n: int, n_devices: int, compile_one_device: bool = False
 
 # ---- output ---------------------------------------------------------------------------------
 def device_info() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "platform": dev.platform,
-        "device_kind": str(getattr(dev, "device_kind", dev.platform)),
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "precision": kernels.resolve_precision(None),
-        "backends": list(kernels.available_backends()),
-    }
+    return dict(_device.device_info(), backends=list(kernels.available_backends()))
 
 
 def plot(results: dict, path: pathlib.Path) -> bool:

@@ -1,20 +1,27 @@
 """Time the `triton` backend's forward against `dense` and `reference` on the standard layers,
 with a sweep over its tiling. For the GPU machine; results go to OUT/triton_sweep.json.
 
-    python3 bench/triton_sweep.py --out DIR [--preset sweep|final|backward] [--budget SECONDS]
+    python3 bench/triton_sweep.py --out DIR [--preset sweep|final|backward|layers] [--budget SECONDS]
+
+Preset "layers": the ginjax ConvContract layer with its bias (bench/_harness.py's LayerCase, as
+`python -m bench` builds it) on `dense` and `triton`, forward and forward + backward, with the
+block layouts (BlockSizes.layout) as variants and a chain of two layers (the planar blocks
+passed from one kernel to the next: the second layer's cost is the kernel's without the
+relayouts XLA adds at the jit boundary).
 
 A layer: D-dimensional torus, keys {scalar, vector} with c channels each in and out, 3^D invariant
 filters (tests/data/ginjax-0.1.8), vmapped over a batch B, JAX's default precision (TF32).
-Every time is the median of 20 calls of an ahead-of-time compiled executable after warm-up.
+Every time is the median of 20 calls of an ahead-of-time compiled executable after warm-up
+(the shared timing loop, bench/_timing.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 import traceback
@@ -28,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
+from bench import _timing  # noqa: E402
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
 
 FILTERS = ROOT / "tests" / "data" / "ginjax-0.1.8" / "invariant_filters.npz"
@@ -88,28 +96,21 @@ def layer(D, N, B, c, seed=0):
 
 def measure(fn, args, reps=20, stream=10):
     """Median of `reps` synchronised calls, and the mean of `stream` calls queued back to back
-    (host dispatch hidden behind the GPU), after warming up for 0.3 s of continuous work so
-    that the clocks are up."""
+    (host dispatch hidden behind the GPU), after warming up so that the clocks are up: the shared
+    loop of bench/_timing.py."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = _timing.compile_for(fn, args)
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     result = jax.block_until_ready(compiled(*args))
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        jax.block_until_ready([compiled(*args) for _ in range(5)])
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    t0 = time.perf_counter()
-    jax.block_until_ready([compiled(*args) for _ in range(stream)])
-    stream_ms = (time.perf_counter() - t0) * 1e3 / stream
-    mem = compiled.memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
-    times.sort()
-    return result, dict(ms=statistics.median(times), p20_ms=times[len(times) // 5], p80_ms=times[(4 * len(times)) // 5],
-                        min_ms=times[0], stream_ms=stream_ms, compile_s=round(compile_s, 1), temp_bytes=temp)
+    first_s = time.perf_counter() - t0
+    sync = _timing.time_compiled(compiled, args, min_rounds=reps, max_rounds=reps, calls_per_round=1,
+                                 first_call_s=first_s, warmup_s=0.3)
+    queued = _timing.time_compiled(compiled, args, min_rounds=1, max_rounds=1, warmup=0, calls_per_round=stream,
+                                   first_call_s=first_s)
+    temp = _timing.memory_of(compiled)["temp_bytes"]
+    return result, dict(ms=sync.ms, p20_ms=1e3 * sync.p20_s, p80_ms=1e3 * sync.p80_s, min_ms=1e3 * sync.min_s,
+                        stream_ms=queued.ms, compile_s=round(compile_s, 1), temp_bytes=-1 if temp is None else temp)
 
 
 def value_and_grad_of(fwd, run, cots):
@@ -132,10 +133,12 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/triton")
-    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward", "registers", "dw"])
+    ap.add_argument("--preset", default="sweep", choices=["sweep", "final", "backward", "registers", "dw", "layers"])
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
     ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
+    ap.add_argument("--configs", default="", help="preset layers: comma-separated bench config names")
+    ap.add_argument("--layouts", default="planar,interleaved", help="preset layers: BlockSizes.layout variants on the first config")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +176,9 @@ def main():
 
     if args.preset in ("registers", "dw"):
         return registers_preset(args, run_case, start)
+    if args.preset == "layers":
+        layers_preset(args, run_case)
+        return summary(rows, meta)
     backward = args.preset == "backward"  # the fused backward's tilings only
     configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else list(CONFIGS)
     for config in configs:
@@ -217,7 +223,10 @@ def main():
             blocks = BlockSizes()
             run_case(config, "bwd-weight-grad-only", lambda xs, gs: weight_grad_launch(spec, "tf32", blocks, xs, gs), (xs, cots), None, extra)
         del xs, ws, oracle
+    summary(rows, meta)
 
+
+def summary(rows, meta):
     print(f"\n{meta}")
     base = {(r["config"], r["label"]): r.get("ms") for r in rows}
     print(f"{'config':16s} {'label':26s} {'ms':>8s} {'stream':>7s} {'x ref':>6s} {'x dense':>7s} {'temp/io':>7s} {'rel err':>9s} {'compile':>7s}")
@@ -226,12 +235,61 @@ def main():
             print(f"{r['config']:16s} {r['label']:26s} {r.get('error') or r.get('skipped')}")
             continue
         ref = base.get((r["config"], "reference" if "fwd_bwd" not in r["label"] else "reference-fwd_bwd"))
-        dense = base.get((r["config"], "dense" if "fwd_bwd" not in r["label"] else "dense-fwd_bwd"))
+        label = r["label"]
+        dense_label = "dense-fwd_bwd" if "fwd_bwd" in label else "dense-fwd" if label.endswith("-fwd") else "dense"
+        dense = base.get((r["config"], dense_label))
         print(
             f"{r['config']:16s} {r['label']:26s} {r['ms']:8.3f} {r['stream_ms']:7.3f} {ref / r['ms'] if ref else 0:6.1f} "
             f"{dense / r['ms'] if dense else 0:7.2f} {r['temp_bytes'] / r['io_bytes']:7.3f} "
             f"{r.get('rel_err', float('nan')):9.2e} {r['compile_s']:7.1f}"
         )
+
+
+LAYER_CONFIGS = "d3_n64_b4_c16,d3_n64_b2_c32,d3_n128_b1_c16,d2_n256_b16_c32,d3_n64_b2_c8_k2"
+
+
+def layers_preset(args, run_case):
+    """The ginjax layer (bias included) per config: dense and triton, fwd and fwd_bwd; on the first
+    config every layout of --layouts, and two chained layers (planar between them)."""
+    import contextlib
+
+    from bench import _configs, _harness
+    from kernels.triton import conv_contract as triton_module
+
+    by_name = {c.name: c for c in _configs.LAYER_CONFIGS}
+    names = [n for n in (args.configs or LAYER_CONFIGS).split(",") if n]
+    layouts = [v for v in args.layouts.split(",") if v]
+    real_default = triton_module.default_blocks
+
+    @contextlib.contextmanager
+    def layout(name):
+        triton_module.default_blocks = lambda spec, spatial: dataclasses.replace(real_default(spec, spatial), layout=name)
+        try:
+            yield
+        finally:
+            triton_module.default_blocks = real_default
+
+    def fresh(fn):  # jit caches traces by function: the backend is chosen while tracing
+        return lambda *a: fn(*a)
+
+    for n, name in enumerate(names):
+        cfg = by_name[name]
+        if args.tiny:
+            cfg = dataclasses.replace(cfg, N=6, B=1, c=4)
+        case = _harness.build_case(cfg)
+        extra = dict(io_bytes=case.io_bytes(), dense_flops=int(case.gflop("fwd") * 1e9))
+        for mode in ("fwd", "fwd_bwd"):
+            fn, fargs = case.function(mode)
+            with kernels.use_backend("dense"):
+                oracle = run_case(name, f"dense-{mode}", fresh(fn), fargs, None, extra)
+            for lay in (layouts if n == 0 else layouts[:1]):
+                with kernels.use_backend("triton"), layout(lay):
+                    run_case(name, f"triton-{lay}-{mode}", fresh(fn), fargs, oracle, extra)
+            if n == 0 and mode == "fwd":
+                twice = lambda params, x: fn(params, fn(params, x))
+                for backend in ("dense", "triton"):
+                    with kernels.use_backend(backend):
+                        run_case(name, f"{backend}-two-layers-{mode}", fresh(twice), fargs, None, extra)
 
 
 def registers_preset(args, run_case, start):

@@ -22,7 +22,7 @@ import kernels
 from kernels import ConvSpec
 
 from ginjax import geometric as geom
-from ginjax._filter_bank import FilterBank
+from ginjax._filter_bank import FilterBank, TracedFiltersError
 from ginjax._validate import as_signature, check_key
 
 Key = tuple[tuple[bool, ...], int]
@@ -289,13 +289,14 @@ class ConvContract(MultiImageLayer):
         if isinstance(held, FilterBank):
             bank = held
         elif isinstance(held, geom.MultiImage):
-            if any(isinstance(b, jax.core.Tracer) for b in held.values()):
+            try:
+                bank = FilterBank(held)
+            except TracedFiltersError:
                 raise TypeError(
                     "ConvContract: `invariant_filters` holds a plain geom.MultiImage, whose arrays "
                     "are traced under jit/vmap; the kernels specialise on the filter values, so "
                     "put the filters in as constants: ginjax.layers.FilterBank(filters)"
-                )
-            bank = FilterBank(held)
+                ) from None
         else:
             raise TypeError(
                 f"ConvContract: `invariant_filters` (={type(held).__name__}) must be a "

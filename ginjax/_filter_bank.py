@@ -20,6 +20,10 @@ from kernels import FilterBasis
 from ginjax import geometric as geom
 
 
+class TracedFiltersError(TypeError):
+    """Filters given as traced values (inside jit/vmap), which cannot be static constants."""
+
+
 class FilterBank(geom.MultiImage):
     """An immutable MultiImage of invariant filters, hashable by content.
 
@@ -46,13 +50,14 @@ class FilterBank(geom.MultiImage):
             )
         blocks, bases = {}, {}
         for key, block in data.items():
-            if isinstance(block, jax.core.Tracer):
-                raise TypeError(
+            try:
+                arr = np.asarray(block)
+            except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+                raise TracedFiltersError(
                     f"FilterBank: the filters for key {key} are traced values; the kernels "
                     "specialise on the filter values, so build the FilterBank (and the layer) "
                     "outside jit/vmap from concrete arrays"
-                )
-            arr = np.asarray(block)
+                ) from None
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(
                     f"FilterBank: the filters for key {key} have dtype {arr.dtype}; invariant "

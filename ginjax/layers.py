@@ -19,8 +19,10 @@ import jax.random as random
 from jaxtyping import ArrayLike
 
 from ginjax import geometric as geom
+from ginjax._channel_mix import channel_mix
 from ginjax._conv_contract import ConvContract, MultiImageLayer
 from ginjax._filter_bank import FilterBank
+from ginjax._norm_stats import apply_group_matrix, scalar_group_norm, vector_moments
 
 __all__ = [
     "ConvContract",
@@ -88,6 +90,11 @@ def _group_norm_K1(
     Returns:
         The whitened block, shape (channels, *spatial, D).
     """
+    _check_vector_block(D, image_block, groups)
+    return _whiten(D, image_block, groups, method, eps)[0]
+
+
+def _check_vector_block(D: int, image_block: jax.Array, groups: int) -> None:
     k = image_block.ndim - 1 - D
     if k != 1:
         raise ValueError(
@@ -106,16 +113,21 @@ def _group_norm_K1(
             f"channels (={channels})"
         )
 
+
+def _whiten(
+    D: int, image_block: jax.Array, groups: int, method: str, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """`_group_norm_K1` (arguments checked) and the channels' spatial mean vectors (channels,
+    D), both from one pass of statistics over the block (see ginjax._norm_stats)."""
+    channel_mean, mean, covariance = vector_moments(image_block, groups, D)
     # (G, channels/G * pixels, D): a group's channels are contiguous along axis 0
-    samples = image_block.reshape((groups, -1, D))
-    centred = samples - jnp.mean(samples, axis=1, keepdims=True)
-    covariance = jnp.einsum("gni,gnj->gij", centred, centred) / centred.shape[1]
+    centred = image_block.reshape((groups, -1, D)) - mean[:, None, :]
 
     if method == "eigh":
         eigvals, eigvecs = jnp.linalg.eigh(covariance, symmetrize_input=False)
         inv_sqrt = 1.0 / jnp.sqrt(eigvals + eps)  # (G, D)
         whitening = jnp.einsum("gij,gj,gkj->gik", eigvecs, inv_sqrt, eigvecs)  # symmetric
-        whitened = jnp.einsum("gnj,gij->gni", centred, whitening)
+        whitened = apply_group_matrix(whitening, centred)
     elif method == "cholesky":
         factor = jax.lax.linalg.cholesky(covariance, symmetrize_input=False)
         factor = factor + eps * jnp.eye(D, dtype=factor.dtype)
@@ -124,7 +136,7 @@ def _group_norm_K1(
         raise NotImplementedError(
             f"_group_norm_K1: `method` (={method!r}) must be 'eigh' or 'cholesky'"
         )
-    return whitened.reshape(image_block.shape)
+    return whitened.reshape(image_block.shape), channel_mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,13 +209,14 @@ class GroupNorm(MultiImageLayer):
             if len(k) == 0:
                 if (k, p) not in self.vanilla_norm:
                     raise _missing_key(type(self).__name__, (k, p), self._known_keys())
-                normed = self.vanilla_norm[(k, p)](block)
+                normed = scalar_group_norm(self.vanilla_norm[(k, p)], block)
             elif len(k) == 1:
                 if (k, p) not in self.scale:
                     raise _missing_key(type(self).__name__, (k, p), self._known_keys())
                 lead = (-1,) + (1,) * (self.D + 1)
-                mean_vector = jnp.mean(block, axis=tuple(range(1, 1 + self.D)), keepdims=True)
-                whitened = _group_norm_K1(self.D, block, self.groups, eps=self.eps)
+                _check_vector_block(self.D, block, self.groups)
+                whitened, mean_vector = _whiten(self.D, block, self.groups, "eigh", self.eps)
+                mean_vector = mean_vector.reshape((-1,) + (1,) * self.D + (self.D,))
                 normed = (
                     whitened * self.scale[(k, p)].reshape(lead)
                     + mean_vector * self.bias[(k, p)].reshape(lead)
@@ -311,7 +324,8 @@ class VectorNeuronNonlinear(MultiImageLayer):
                     f"but the layer was built for {weight.shape[1]}"
                 )
             axes = _tensor_axes(block, self.D)
-            direction = jnp.tensordot(weight, block, axes=1)  # (channels, *spatial, *tensor)
+            # (channels, *spatial, *tensor); a batched GEMM under vmap, no transposes
+            direction = channel_mix(weight, block)
             unit = direction / (_safe_norm(direction, axes) + self.eps)
             inner = jnp.sum(block * unit, axis=axes, keepdims=True) if axes else block * unit
             parallel = inner * unit

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import jax
 
 from . import _registry
-from ._bias import apply_bias, bias_offsets, check_bias, output_means
+from ._bias import check_bias
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
     Backend,
@@ -91,7 +91,7 @@ register_backend(
 def _register_optional() -> None:
     # Fused backends register themselves on import; a missing optional dependency only means the
     # backend reports itself unavailable, never that `import kernels` fails.
-    for module in ("kernels.triton", "kernels.pallas"):
+    for module in ("kernels.triton", "kernels.pallas", "kernels.native"):
         try:
             __import__(module)
         except ModuleNotFoundError as err:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._reduce import add_spatial_offset, spatial_mean
 from ._spec import ConvSpec
 
 Bias = Sequence[Optional[jax.Array]]
@@ -99,9 +100,8 @@ def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     if not means_shortcut_exact(spec):
         return (None,) * len(spec.out_keys)
     D = spec.D
-    spatial_axes = tuple(range(1, 1 + D))
     dtype = jnp.promote_types(jnp.result_type(*inputs, *weights), jnp.float32)
-    in_means = [jnp.mean(x.astype(dtype), axis=spatial_axes) for x in inputs]
+    in_means = [spatial_mean(x.astype(dtype), D) for x in inputs]
     outs: list = [None] * len(spec.out_keys)
     hi = jax.lax.Precision.HIGHEST  # tiny contractions: no reason to round the means
     for pair, w in zip(spec.pairs, weights):
@@ -163,9 +163,7 @@ def apply_bias(
             continue
         k = spec.out_keys[b][0]
         if off is None:  # "mean" without the shortcut: the output's own mean
-            mean = jnp.mean(out, axis=tuple(range(1, 1 + D)))
+            mean = spatial_mean(out, D)
             off = bias[b].reshape((-1,) + (1,) * k).astype(mean.dtype) * mean
-        # offset (o, *tensor) -> (o, *1s for space, *tensor)
-        off = off.reshape((off.shape[0],) + (1,) * D + off.shape[1:])
-        result.append(out + off)
+        result.append(add_spatial_offset(out, off, D))
     return tuple(result)

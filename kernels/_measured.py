@@ -1,16 +1,32 @@
 """Measured backend speeds, committed per device kind, that `auto` ranks GPU backends by.
 
-Each `kernels/measured/<device-slug>.json` holds, per standard bench configuration, the median
-milliseconds of every backend for `fwd` and `fwd_bwd` (copied from a committed
-bench/results/<device-slug>/*.json run). For a layer, `auto` looks up the measured configuration
-nearest to it (same D, same tensor order when available, closest log Cin*Cout, then closest grid size) and ranks backends
-by their `fwd_bwd` median there (training is what users run); backends without a measurement rank
-after the measured ones, by priority. No table for the device: priorities alone decide.
+`kernels/measured/<device-slug>.json` holds two tables:
+- `exact`: per configuration signature (`signature`: geometry, keys and channels, filter bases,
+  spatial size, dtype), the median ms of every backend, `fwd` and `fwd_bwd`, at each batch it was
+  measured at (`python -m bench measure-auto` measures the configurations the standard model
+  steps really run);
+- `configs`: per standard bench layer configuration, the same medians at its batch (from a
+  committed bench run, `python -m bench measured`); tables written before `exact` existed hold
+  only this one.
+
+Ranking (the `fwd_bwd` medians: training is what users run), so that `auto` is never slower than
+`dense` where it knows the numbers:
+1. exact match: a backend counts when it was measured at every batch of the entry; a fused one
+   only where it beat `dense` at every one of them. Its number is the geometric mean over them.
+2. otherwise the conservative rule: the measured configurations of the same D, the same tensor
+   orders in and out, the same stride/dilation class, Cin and Cout within a factor of
+   CHANNEL_FACTOR and grid cells within PIXEL_FACTOR; a fused backend only where it beat `dense`
+   on every one of them.
+3. no such configuration: `dense` alone, at the time of the nearest measured configuration.
+Backends left out of the returned dict rank after the measured ones (kernels/_registry.py), so
+`dense` wins wherever a fused backend was not shown faster. No table for the device: {} and the
+backends' priorities decide.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import pathlib
@@ -20,34 +36,166 @@ from typing import Optional
 from ._spec import ConvSpec
 
 _DIR = pathlib.Path(__file__).parent / "measured"
+BASELINE = "dense"
+CHANNEL_FACTOR = 2.0
+PIXEL_FACTOR = 8.0  # one halving of a 3D grid: a UNet's next level
+MODES = ("fwd", "fwd_bwd")
 
 
 def device_slug(device_kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-")
 
 
+def signature(spec: ConvSpec, spatial, dtype=None) -> str:
+    """The exact key of a configuration: readable geometry, then a hash of the filter bases."""
+    digest = hashlib.sha1()
+    for pair in spec.pairs:
+        digest.update(f"{pair.in_index},{pair.out_index},{pair.basis.array.shape};".encode())
+        digest.update(pair.basis.array.tobytes())
+
+    def keys(ks):
+        return ",".join(f"{k}.{p}x{c}" for k, p, c in ks)
+
+    def axes(values):
+        return ",".join(str(v) for v in values)
+
+    torus = "".join("t" if t else "z" for t in spec.is_torus)
+    pads = ";".join(f"{a}/{b}" for a, b in (tuple(map(sum, zip(t, z))) for t, z in zip(spec.torus_pad, spec.zero_pad)))
+    return (
+        f"D{spec.D} in[{keys(spec.in_keys)}] out[{keys(spec.out_keys)}] M{axes(spec.filter_shape)} "
+        f"s{axes(spec.stride)} ld{axes(spec.lhs_dilation)} rd{axes(spec.rhs_dilation)} {torus} pad{pads} "
+        f"N{axes(spatial)} {dtype or 'float32'} basis:{digest.hexdigest()[:10]}"
+    )
+
+
+def describe(spec: ConvSpec, spatial) -> dict:
+    """The fields the conservative rule compares (stored beside every exact entry)."""
+    return {
+        "D": spec.D,
+        "in_orders": sorted({k for k, _, _ in spec.in_keys}),
+        "out_orders": sorted({k for k, _, _ in spec.out_keys}),
+        "cin": spec.cin,
+        "cout": spec.cout,
+        "k_max": max(k for k, _, _ in spec.in_keys + spec.out_keys),
+        "geometry": geometry_class(spec),
+        "pixels": math.prod(spatial) if spatial else None,
+    }
+
+
+def geometry_class(spec: ConvSpec) -> str:
+    if any(s != 1 for s in spec.stride):
+        return "strided"
+    if any(d != 1 for d in spec.lhs_dilation):
+        return "transposed"
+    if any(d != 1 for d in spec.rhs_dilation):
+        return "dilated"
+    return "plain"
+
+
 @functools.lru_cache(maxsize=None)
-def table_for(device_kind: str) -> Optional[dict]:
+def load(device_kind: str) -> Optional[dict]:
+    """The whole table file for a device kind (None when there is none)."""
     path = _DIR / f"{device_slug(device_kind)}.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())["configs"]
+    return json.loads(path.read_text())
 
 
-def measured_ms(device_kind: str, spec: ConvSpec, spatial=None, mode: str = "fwd_bwd") -> dict[str, float]:
-    """Backend -> median ms on the measured configuration nearest to `spec` ({} if none)."""
-    table = table_for(device_kind)
-    if not table:
+def table_for(device_kind: str) -> Optional[dict]:
+    """The per-bench-configuration table (`configs`), as tables have always had it."""
+    data = load(device_kind)
+    return data.get("configs") if data else None
+
+
+def _geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(max(v, 1e-9)) for v in values) / len(values))
+
+
+def _allowed(samples: list[dict]) -> dict[str, float]:
+    """Backend -> geometric-mean ms over `samples` ({backend: ms} dicts), keeping a backend only if
+    it was measured in every sample and, unless it is the baseline, beat the baseline in each."""
+    if not samples or any(BASELINE not in s for s in samples):
         return {}
-    k_max = max(k for k, _, _ in spec.in_keys + spec.out_keys)
+    names = set.intersection(*(set(s) for s in samples))
+    out = {}
+    for name in names:
+        if name != BASELINE and not all(s[name] < s[BASELINE] for s in samples):
+            continue
+        out[name] = round(_geomean(s[name] for s in samples), 4)
+    return out
+
+
+def _old_entries(data: dict) -> list[dict]:
+    """The `configs` table's entries in the shape of exact entries (one batch each)."""
+    out = []
+    for entry in (data.get("configs") or {}).values():
+        out.append({
+            "D": entry["D"], "cin": entry["cin"], "cout": entry["cout"], "k_max": entry["k_max"],
+            "pixels": entry.get("pixels"), "geometry": "plain",
+            "batches": {"bench": {m: entry.get(m, {}) for m in MODES}},
+        })
+    return out
+
+
+def _similar(entry: dict, want: dict, exact: bool = False) -> bool:
+    """Same D, orders and geometry class; channels within CHANNEL_FACTOR (exact: the same channels
+    and pixels)."""
+    if entry["D"] != want["D"] or entry.get("geometry", "plain") != want["geometry"]:
+        return False
+    if exact:
+        return (entry["k_max"], entry["cin"], entry["cout"], entry.get("pixels")) == (
+            want["k_max"], want["cin"], want["cout"], want["pixels"])
+    if "in_orders" in entry:
+        if entry["in_orders"] != want["in_orders"] or entry["out_orders"] != want["out_orders"]:
+            return False
+    elif entry["k_max"] != want["k_max"]:
+        return False
+    if want.get("pixels") and entry.get("pixels") and not 1 / PIXEL_FACTOR <= entry["pixels"] / want["pixels"] <= PIXEL_FACTOR:
+        return False
+    return all(
+        1 / CHANNEL_FACTOR <= entry[c] / want[c] <= CHANNEL_FACTOR for c in ("cin", "cout")
+    )
+
+
+def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: str = "fwd_bwd",
+            table: Optional[dict] = None) -> tuple[dict, str]:
+    """(backend -> ms to rank by, which rule decided) for one configuration; see the module doc.
+    `table`: a table file's content to use instead of the committed one of `device_kind`."""
+    data = table if table is not None else load(device_kind)
+    if not data:
+        return {}, "no table for this device"
+    exact = data.get("exact") or {}
+    want = describe(spec, spatial)
+    old = _old_entries(data)
+    if spatial is not None:
+        entry = exact.get(signature(spec, spatial, dtype))
+        if entry:
+            samples = [b.get(mode) for b in entry["batches"].values() if b.get(mode)]
+            ms = _allowed(samples)
+            if ms:
+                return ms, f"exact match, {len(samples)} batch size(s)"
+        # a standard bench layer of the `configs` table: the same sizes count as an exact match
+        same = [e["batches"]["bench"][mode] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
+        ms = _allowed(same)
+        if ms:
+            return ms, "a benchmarked configuration of the same sizes"
+    entries = list(exact.values()) + old
+    similar = [e for e in entries if _similar(e, want)]
+    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode)]
+    ms = _allowed(samples)
+    if ms:
+        return ms, f"{len(samples)} similar measured configuration(s)"
+    # nothing close was measured: dense, at the time of the nearest configuration of this D
+    candidates = [e for e in entries if e["D"] == spec.D] or entries
+    with_dense = [(e, b[mode]) for e in candidates for b in e["batches"].values() if b.get(mode, {}).get(BASELINE)]
+    if not with_dense:
+        return {}, "no measured configuration"
     size = math.log(max(spec.cin * spec.cout, 1))
-    candidates = [c for c in table.values() if c["D"] == spec.D and c.get(mode)]
-    if not candidates:
-        return {}
-    pixels = math.log(math.prod(spatial)) if spatial else 0.0
+    nearest = min(with_dense, key=lambda eb: abs(math.log(eb[0]["cin"] * eb[0]["cout"]) - size))
+    return {BASELINE: nearest[1][BASELINE]}, "nothing similar measured: dense"
 
-    def distance(c):
-        return (c["k_max"] != k_max, abs(math.log(c["cin"] * c["cout"]) - size), abs(math.log(c["pixels"]) - pixels))
 
-    nearest = min(candidates, key=distance)
-    return dict(nearest[mode])
+def measured_ms(device_kind: str, spec: ConvSpec, spatial=None, mode: str = "fwd_bwd", dtype=None) -> dict[str, float]:
+    """Backend -> ms that `auto` ranks by for `spec` ({} if the device has no table)."""
+    return ranking(device_kind, spec, spatial, dtype, mode)[0]

@@ -169,7 +169,7 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Ch
             return Choice(name, name, source, "requested, and it covers this configuration")
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
-    kind = device_kind() if plat == "gpu" else ""
+    kind = device_kind()  # "cpu" on a CPU: kernels/measured/cpu.json
     measured = _measured.measured_ms(kind, spec, spatial) if kind else {}
     # measured-fastest first; unmeasured backends after, by their priority
     ranked = sorted(

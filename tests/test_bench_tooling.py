@@ -41,12 +41,13 @@ def test_quick_suite_is_a_correctness_check_of_every_available_backend():
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
-    """One real `python -m bench --out` run (small, short timing): its output and files."""
+    """One real `python -m bench` run (small, short timing) without --out: its output and the files
+    it keeps under $GINJAX_BENCH_OUT."""
     out = tmp_path_factory.mktemp("bench-out")
     proc = _run(
-        "-m", "bench", "--configs", "d2_n64_b4_c8", "--backends", "reference,dense,auto", "--modes", "fwd",
-        "--max-time", "0.05", "--min-rounds", "3", "--out", str(out),
-        env_extra={_suite.COMMIT_ENV: "cafe123"},
+        "-m", "bench", "--configs", "d2_n64_b4_c8", "--backends", "reference,dense,auto", "--modes", "fwd,step",
+        "--max-time", "0.05", "--min-rounds", "3",
+        env_extra={_suite.COMMIT_ENV: "cafe123", _suite.OUT_ENV: str(out)},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return proc, out
@@ -72,12 +73,22 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
         assert info["rel_err_vs_reference"] <= info["tolerance"]
         assert info["p20_s"] <= info["median_s"] <= info["p80_s"]
         assert bench["stats"]["rounds"] >= 3
+        # pytest-benchmark's own stats are per call too (a round may queue several calls)
+        assert bench["stats"]["median"] == pytest.approx(info["median_s"], rel=1e-6)
         for key in ("temp_bytes", "device_kind", "jax_version", "jaxlib_version"):
             assert key in info
     # the printed table: one row per benchmark, the reference is 1.00x of itself
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| d2_n64_b4_c8")]
     assert len(rows) == 3 and "| reference | " in rows[0] and "1.00x" in rows[0] and "| auto " in rows[2]
     assert (out / json_files[0]).with_suffix(".txt").read_text().count("| d2_n64_b4_c8") == 3
+    # one table: no pytest-benchmark group tables, no mode without rows, no TF32 on a CPU
+    assert "benchmark 'd2_n64_b4_c8" not in proc.stdout and "Wrote benchmark data" not in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("python -m bench:"))
+    assert header.endswith("| modes fwd")  # `step` asked for, but no selected config has it
+    assert "default precision fp32 (CPU)" in proc.stdout and "tf32" not in proc.stdout
+    # where the results went, named after the table, and they exist
+    listed = proc.stdout[proc.stdout.index("results (no --out"):]
+    assert str(out / json_files[0]) in listed and str(out) in listed
     png = (out / json_files[0]).with_suffix(".png")
     try:
         import matplotlib  # noqa: F401
@@ -167,6 +178,28 @@ def test_stored_results_are_ordered_by_run_datetime(tmp_path):
 
 
 # ---- small parts -------------------------------------------------------------------------------------
+def test_default_selection_says_what_it_leaves_out_and_why():
+    import argparse
+
+    import jax
+
+    import kernels
+    from bench.__main__ import _resolve_selection
+
+    args = argparse.Namespace(configs="d2_n64_b4_c8,d3_n16_b2_c8", backends="", modes="")
+    configs, backends, modes, left_out = _resolve_selection(args)
+    assert modes == ("fwd", "fwd_bwd")  # layer configs only: no `step`
+    why = dict(left_out)
+    for name in kernels.registered_backends():
+        assert (name in backends) != (name in why), name  # every registered backend: run, or said why not
+        if name in why and name in kernels.available_backends():
+            # left out although it runs: only the interpreted fused backends on a CPU
+            assert jax.default_backend() == "cpu" and name in ("triton", "pallas") and "interpreter" in why[name]
+        elif name in why:
+            assert why[name]  # the registry's reason it cannot run here
+
+
+
 def test_selection_errors_name_the_flag_and_value():
     assert _configs.select_configs("quick", "gpu") == _configs.CONFIG_SETS["quick"]
     assert _configs.select_configs(None, "cpu") == _configs.CONFIG_SETS["quick"]
@@ -205,26 +238,26 @@ def test_peak_is_known_for_the_h200_only():
 def test_rel_err_takes_the_worst_array_or_the_whole_vector():
     import jax.numpy as jnp
 
-    from bench import _harness
+    from bench import _errors
 
     expected = {"a": jnp.ones(4), "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
     actual = {"a": jnp.ones(4) * 1.1, "b": jnp.full(4, 100.0), "zero": jnp.zeros(3)}
-    assert _harness.rel_err(actual, expected) == pytest.approx(0.1, rel=1e-5)
-    assert _harness.rel_err(actual, expected, per_array=False) == pytest.approx(0.2 / 200.01, rel=1e-3)
-    assert _harness.rel_err(dict(actual, zero=jnp.ones(3)), expected) == float("inf")
-    assert _harness.rel_err(dict(actual, a=jnp.full(4, jnp.nan)), expected) == float("inf")
+    assert _errors.rel_err(actual, expected) == pytest.approx(0.1, rel=1e-5)
+    assert _errors.rel_err(actual, expected, per_array=False) == pytest.approx(0.2 / 200.01, rel=1e-3)
+    assert _errors.rel_err(dict(actual, zero=jnp.ones(3)), expected) == float("inf")
+    assert _errors.rel_err(dict(actual, a=jnp.full(4, jnp.nan)), expected) == float("inf")
 
 
 def test_conv_flops_counts_the_dense_layer_as_its_spec_says():
     """The models' GFLOP comes from counting convs in the jaxpr under `dense`: check it on a layer."""
     import kernels
 
-    from bench import _harness
+    from bench import _cases, _flops
 
-    case = _harness.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
+    case = _cases.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
     fn, args = case.function("fwd")
     with kernels.use_backend("dense"):
-        counted = _harness.conv_flops(fn, *args)
+        counted = _flops.conv_flops(fn, *args)
     assert counted == 3 * case.spec().dense_flops((8, 8)) > 0
 
 

@@ -8,6 +8,7 @@ a non-finite value; every comparison checks that all outputs are finite first.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,52 @@ def test_configurations_match_reference(name, D, M, ins, outs, is_torus, geometr
     assert kernels.explain(spec, (N,) * D, backend="triton").backend == "triton"
     xs, ws = operands(spec, N, seed=zlib.crc32(name.encode()))
     check_close(run(spec, xs, ws, "triton"), run(spec, xs, ws, "reference"), "fp32")
+
+
+@pytest.mark.parametrize("layout", ["planar_in", "interleaved"])
+def test_block_layouts_forward_and_gradients(layout):
+    """The other memory layouts of the vector and 2-tensor blocks (every other test runs the
+    default, planar; the interpreter's callback moves the axes into the order the kernel indexes):
+    outputs and both gradients against `reference`."""
+    spec = make_layer(2, 3, [("s", 1), ("v", 1), ("t", 1)], [("s", 1), ("v", 1), ("t", 1)])
+    xs, ws = operands(spec, (5, 6), seed=9)
+    blocks = BlockSizes(layout=layout, tile=(4, 8))
+    check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), run(spec, xs, ws, "reference"), "fp32")
+
+    def loss(f, xs, ws):
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(xs, ws)))
+
+    got = jax.grad(lambda x, w: loss(lambda a, b: conv_contract_triton(spec, a, b, "fp32", blocks=blocks), x, w), argnums=(0, 1))(xs, ws)
+    want = jax.grad(lambda x, w: loss(lambda a, b: run(spec, a, b, "reference"), x, w), argnums=(0, 1))(xs, ws)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_l2(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("torus", [True, False])
+def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
+    """The layer's bias ('add' on the scalar output, 'mean' on the vector one) against `reference`:
+    outputs, gradients in inputs, weights and bias, vmapped over a batch. On a torus the mean
+    comes from the inputs' means and the offsets are added by the kernel: the forward's program
+    has one kernel call and reduces nothing of the output's size; with SAME padding the vector
+    output's own mean is added after the kernel."""
+    spec = make_layer(2, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 3)], torus, **({} if torus else {"padding": "SAME"}))
+    spec = kernels.make_spec(spec.D, spec.in_keys, spec.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in spec.pairs],
+                             torus, **({} if torus else {"padding": "SAME"}), bias_modes=("add", "mean"))
+    xs, ws = operands(spec, 5, seed=11, batch=2)
+    bias = [jnp.asarray([0.5, -1.0]), jnp.asarray([2.0, 0.25, -0.75])]
+    f = lambda backend: (lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend, precision="fp32"))
+    vf = lambda backend: jax.vmap(f(backend), in_axes=(0, None, None))
+    check_close(vf("triton")(xs, ws, bias), vf("reference")(xs, ws, bias), "fp32")
+    loss = lambda backend: (lambda x, w, b: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(vf(backend)(x, w, b))))
+    got = jax.grad(loss("triton"), argnums=(0, 1, 2))(xs, ws, bias)
+    want = jax.grad(loss("reference"), argnums=(0, 1, 2))(xs, ws, bias)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel_l2(g, r) <= 1e-5
+    jaxpr = str(jax.make_jaxpr(vf("triton"))(xs, ws, bias))
+    assert jaxpr.count("pure_callback") == 1, jaxpr
+    # a spatial mean of the (B=2, o=3, 5, 5, 2) vector output (the inputs have 2 channels)
+    output_means = re.findall(r"f32\[2,3(?:,1,1)?,2\] = reduce_sum", jaxpr)
+    assert bool(output_means) != torus, jaxpr
 
 
 def test_many_tiles_chunks_and_masks():
@@ -280,6 +327,8 @@ def test_bad_arguments_are_clear_errors():
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(block_c=8))
     with pytest.raises(ValueError, match=r"`num_warps` \(=3\)"):
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(num_warps=3))
+    with pytest.raises(ValueError, match=r"`layout` \(='nhwc'\)"):
+        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(layout="nhwc"))
     with pytest.raises(ValueError, match=r"`orientation` \(='pp'\)"):
         conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(orientation="pp"))
     with pytest.raises(ValueError, match=r"`max_registers` \(=16\)"):
@@ -291,9 +340,11 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_register_cap_reaches_the_compiler_options(monkeypatch):
-    """jax-triton passes no `maxnreg`: the launcher wraps its kernel factory so that a capped
-    plan's backend options carry it, and leaves every other kernel's options alone."""
+    """jax-triton's compile helper passes no `maxnreg`: the launcher hands it a CUDA backend whose
+    option parser adds the plan's cap, and leaves uncapped plans' options alone."""
     import types
+
+    from kernels.triton import _custom_call
 
     seen = []
 
@@ -302,24 +353,68 @@ def test_register_cap_reaches_the_compiler_options(monkeypatch):
             seen.append(dict(opts))
             return opts
 
-    def factory(backend_init_func, platform, fn, *args, **kwargs):
-        return backend_init_func(0, 90).parse_options({"num_warps": kwargs["num_warps"]})
+    def factory(backend_init_func, platform, fn, arg_types, scalars, **kwargs):
+        backend_init_func(0, 90).parse_options({"num_warps": kwargs["num_warps"]})
+        return "kernel", {(i,): [["tt.divisibility", 16]] for i in range(len(arg_types))}
 
-    fake = types.SimpleNamespace(triton_lib=types.SimpleNamespace(get_or_create_triton_kernel=factory))
-    monkeypatch.setattr(_launch, "_REGISTER_CAPS", {})
-    _launch._cap_registers(fake, "capped_kernel", 80)
-    _launch._cap_registers(fake, "other_capped_kernel", 96)  # wraps once, records the cap
-    make = fake.triton_lib.get_or_create_triton_kernel
-    named = lambda name: types.SimpleNamespace(__name__=name)
-    assert make(lambda d, cc: Backend(), "cuda", named("capped_kernel"), num_warps=4) == {"num_warps": 4, "maxnreg": 80}
-    assert make(lambda d, cc: Backend(), "cuda", named("other_capped_kernel"), num_warps=8)["maxnreg"] == 96
-    assert make(lambda d, cc: Backend(), "cuda", named("plain_kernel"), num_warps=4) == {"num_warps": 4}
-    # the plan carries the cap; the weight-gradient kernel has its own
+    triton_lib = types.SimpleNamespace(get_or_create_triton_kernel=factory, get_cuda_backend=lambda d, cc: Backend())
+    monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_lib=triton_lib))
+    monkeypatch.setattr(_custom_call, "compile_plan", lambda plan: plan.name)
     spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
     geometry = _kernel.Geometry((16,) * 3, (True, True), (False,) * 4)
     blocks = BlockSizes(max_registers=80, dw_max_registers=128)
-    assert _kernel.plan_kernel(spec, geometry, "tf32", blocks).max_registers == 80
-    assert blocks.for_weight_grad(3).max_registers == 128
+    capped = _kernel.plan_kernel(spec, geometry, "tf32", blocks)
+    plain = _kernel.plan_kernel(spec, geometry, "tf32", BlockSizes())
+    assert capped.max_registers == 80 and blocks.for_weight_grad(3).max_registers == 128
+    assert _custom_call._compiled_kernel.__wrapped__(capped, ("*fp32",) * 2) == ("kernel", [True, True])
+    _custom_call._compiled_kernel.__wrapped__(plain, ("*fp32",))
+    assert seen == [{"num_warps": 8, "maxnreg": 80}, {"num_warps": 8}]
+
+
+def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
+    """The GPU path's custom call (lowered for CUDA here with jaxlib's kernel objects faked):
+    one `triton_kernel_call` whose operand and result layouts put the vector block's component
+    axis ahead of its spatial axes, and row-major weights."""
+    import types
+
+    import jax._src.lib as jax_lib
+    from kernels.triton import _custom_call
+
+    fake = types.SimpleNamespace(
+        create_array_parameter=lambda zeroed, align: align,
+        TritonKernelCall=lambda kernel, g0, g1, g2, params: types.SimpleNamespace(
+            to_proto=lambda name, meta: repr((kernel, name, g0, params)).encode()
+        ),
+    )
+    monkeypatch.setattr(jax_lib, "gpu_triton", fake, raising=False)
+    monkeypatch.setattr(_custom_call, "_compiled_kernel", lambda plan, types_: ("K", [True] * len(types_)))
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("v", 2)])
+    xs, ws = operands(spec, 6, seed=3)
+    f = lambda xs, ws: _launch.launch(spec, "tf32", BlockSizes(), [x[None] for x in xs], [w[None] for w in ws])
+    hlo = jax.jit(f).trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call @triton_kernel_call" in line]
+    assert len(calls) == 1, hlo
+    scalar, vector, weight = "dense<[3, 2, 1, 0]>", "dense<[3, 2, 4, 1, 0]>", "dense<[3, 2, 1, 0]>"
+    weights = ", ".join(f"{weight} : tensor<4xindex>" for _ in ws)
+    layouts = f"operand_layouts = [{scalar} : tensor<4xindex>, {vector} : tensor<5xindex>, {weights}]"
+    assert layouts in calls[0], calls[0]
+    assert f"result_layouts = [{vector} : tensor<5xindex>]" in calls[0], calls[0]
+    assert zlib.decompress(_backend_config(calls[0])).startswith(b"('K', 'conv_contract_fwd_"), calls[0]
+
+
+def _backend_config(line: str) -> bytes:
+    """The backend_config bytes of a custom call in StableHLO text (escaped as \\XX)."""
+    text = line.split('backend_config = "', 1)[1].split('", ', 1)[0]
+    out, n = bytearray(), 0
+    while n < len(text):
+        if text[n] == "\\":
+            out.append(int(text[n + 1 : n + 3], 16))
+            n += 3
+        else:
+            out.append(ord(text[n]))
+            n += 1
+    return bytes(out)
 
 
 def test_imports_cleanly_without_triton_torch_or_jax_triton():

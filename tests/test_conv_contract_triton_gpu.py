@@ -1,7 +1,7 @@
 """The `triton` backend on an NVIDIA GPU (run on the GPU machine: `python3 -m pytest -m gpu
-tests/test_conv_contract_triton_gpu.py`): the compiled kernel through jax-triton against the
-`reference` backend, with poisoned outputs, NaN/inf inputs, odd sizes and a block of more than
-2^31 elements."""
+tests/test_conv_contract_triton_gpu.py`): the compiled kernels through the launcher's custom call against the
+`reference` backend, with poisoned outputs, NaN/inf inputs, odd sizes, blocks of more than
+2^31 elements, memcheck, and the compiled HLO of a two-layer model (no relayout between kernels)."""
 
 from __future__ import annotations
 
@@ -73,25 +73,101 @@ def test_poison_with_ragged_tiles_and_channel_chunks():
         check(batched(spec, "kernel", "fp32", blocks=blocks, poison=float("nan"))(xs, ws), want, "fp32")
 
 
-def test_block_over_2_pow_31_elements():
-    """One input block of 3 x 896^3 = 2.16e9 elements (64-bit channel offsets in the kernel),
-    checked against float64 sums at pixels spread through the grid, the far corner included."""
-    spec = make_layer(3, 3, [("s", 3)], [("s", 1)])
-    N = 896
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, N, N, N), jnp.float32)
+@pytest.mark.parametrize("key, c, N", [("s", 3, 896), ("v", 2, 768)])
+def test_block_over_2_pow_31_elements(key, c, N):
+    """One input block of more than 2^31 elements (64-bit channel offsets in the kernel; the
+    vector block read component-planar), checked against float64 sums at pixels spread through
+    the grid, the far corner included."""
+    spec = make_layer(3, 3, [(key, c)], [("s", 1)])
+    dk = 3 if key == "v" else 1
+    x = jax.random.normal(jax.random.PRNGKey(0), (c, N, N, N) + (3,) * (key == "v"), jnp.float32)
     assert x.size > 2**31
-    w = jax.random.normal(jax.random.PRNGKey(1), (1, 3, spec.pairs[0].basis.n_filters), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(1), (1, c, spec.pairs[0].basis.n_filters), jnp.float32)
     (out,) = conv_contract_triton(spec, [x], [w], "fp32")
     rng = np.random.default_rng(0)
     pts = np.concatenate([rng.integers(0, N, (64, 3)), [[N - 1] * 3, [0, 0, 0], [N - 1, 0, N - 1]]])
     taps = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
     idx = (pts[:, None, :] + taps[None]) % N  # (P, 27, 3)
-    patches = np.asarray(x[:, idx[..., 0], idx[..., 1], idx[..., 2]], np.float64)  # (c, P, 27)
-    B = spec.pairs[0].basis.array.reshape(spec.pairs[0].basis.n_filters, 27)
-    expect = np.einsum("ocf,ft,cpt->op", np.asarray(w, np.float64), B, patches)
+    patches = np.asarray(x[:, idx[..., 0], idx[..., 1], idx[..., 2]], np.float64).reshape(c, len(pts), 27, dk)
+    B = spec.pairs[0].basis.array.reshape(spec.pairs[0].basis.n_filters, 27, dk)
+    expect = np.einsum("ocf,fti,cpti->op", np.asarray(w, np.float64), B, patches)
     got = np.asarray(out[:, pts[:, 0], pts[:, 1], pts[:, 2]], np.float64)
     assert rel_l2(got, expect) <= 1e-5
     del x, out
+
+
+def _hlo_computations(text: str) -> dict:
+    """name -> [(instruction, opcode, operand names, called computations)] of optimised HLO text."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("{")[0]:
+            current = comps.setdefault(head.group(1), [])
+            continue
+        # the shape is one array type or a parenthesised tuple of them (spaces inside)
+        inst = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\((.*)", line)
+        if inst and current is not None:
+            name, opcode, rest = inst.groups()
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0]) or re.findall(r"%([\w.\-]+)", rest)
+            calls = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+            current.append((name, opcode, operands, calls))
+    return comps
+
+
+def test_no_relayout_between_two_conv_contracts():
+    """A model of two ConvContracts with an elementwise nonlinearity between them: in the compiled
+    HLO nothing on the path from the first kernel's custom call to the second's is a copy or a
+    transpose (XLA writes the nonlinearity's output component-planar, as the second kernel asks)."""
+    spec = make_layer(3, 3, [("s", 4), ("v", 4)], [("s", 4), ("v", 4)])
+    xs, ws = operands(spec, 16, seed=5, batch=2)
+
+    def model(xs, ws):
+        one = lambda x: conv_contract_triton(spec, x, ws, "tf32")
+        hidden = jax.vmap(one)(xs)
+        hidden = [h * jax.nn.sigmoid(h) for h in hidden]
+        return jax.vmap(one)(hidden)
+
+    text = jax.jit(model).lower(xs, ws).compile().as_text()
+    comps = _hlo_computations(text)
+    insts = {name: (op, operands, calls) for body in comps.values() for name, op, operands, calls in body}
+    kernels_ = [name for name, (op, _, _) in insts.items() if op == "custom-call" and "triton_kernel_call" in _line_of(text, name)]
+    assert len(kernels_) == 2, text[-4000:]
+    first, second = sorted(kernels_, key=lambda n: text.index(f"{n} ="))
+    # instructions downstream of the first call and upstream of the second
+    down, frontier = {first}, [first]
+    while frontier:
+        node = frontier.pop()
+        for name, (_, operands, _) in insts.items():
+            if node in operands and name not in down:
+                down.add(name)
+                frontier.append(name)
+    up, frontier = set(), [second]
+    while frontier:
+        for operand in insts[frontier.pop()][1]:
+            if operand in insts and operand not in up:
+                up.add(operand)
+                frontier.append(operand)
+    between = (down & up) - {first}
+    assert between, "the second kernel does not read the first one's outputs"
+
+    def relayouts(name, seen=()):
+        op, _, calls = insts[name]
+        found = [name] if op in ("copy", "transpose") else []
+        for comp in calls:
+            for inner, inner_op, _, _ in comps.get(comp, []):
+                if inner_op in ("copy", "transpose"):
+                    found.append(f"{name}/{inner}")
+        return found
+
+    bad = [r for name in between for r in relayouts(name)]
+    assert not bad, (bad, [(n, insts[n][0]) for n in between])
+
+
+def _line_of(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if re.match(rf"\s*(?:ROOT\s+)?%?{re.escape(name)}\s*=", line):
+            return line
+    return ""
 
 
 def test_channel_over_2_pow_31_elements_is_rejected_before_launch():

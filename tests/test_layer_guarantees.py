@@ -135,6 +135,15 @@ def test_torus_wrap_wider_than_the_grid_is_computed(backend):
     assert rel_l2(out, _torus_oracle(layer, x, 8)) < 1e-5
 
 
+def test_dilresnet_runs_on_a_periodic_grid_smaller_than_its_dilations():
+    from ginjax import models
+
+    sig = geom.Signature((((0, 0), 1),))
+    net = models.DilResNet(D, sig, sig, 2, num_blocks=1, conv_filters=_filters(ks=(0, 1)), key=KEY)
+    out, _ = net(_x(sig, n=4))  # dilation 8 on 4 cells
+    assert out[((), 0)].shape == (1, 4, 4) and bool(jnp.all(jnp.isfinite(out[((), 0)])))
+
+
 @pytest.mark.parametrize("fused", [b for b in ("triton", "pallas") if b in kernels.registered_backends()])
 def test_fused_backends_fall_back_on_a_wrap_wider_than_the_grid(fused):
     sig = geom.Signature((((0, 0), 2),))

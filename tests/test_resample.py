@@ -86,44 +86,44 @@ def _batched(spec, backend):
     )
 
 
-def _loss(spec, backend):
+def _grads_and_outputs(spec, backend):
+    """jit of (xs, ws) -> ((d/dxs, d/dws), outputs) of a generic scalar loss of the outputs."""
+
     def loss(xs, ws):
         outs = _batched(spec, backend)(xs, ws)
-        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
+        return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs)), outs
 
-    return loss
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def _close(actual, expected, tol=FP32):
-    """Relative L2 within `tol`; where the oracle is exactly zero (an input block no pair reads, or
-    every tap of the output in a dilation hole) the result must be exactly zero too."""
-    expected = np.asarray(expected)
-    if not np.any(expected):
-        assert not np.any(np.asarray(actual))
-    else:
-        assert rel_l2(actual, expected) <= tol
+    """Relative L2 within `tol` over a list of blocks taken together, with a floor: the operands are
+    standard normal, so a quantity that does not cancel has entries of order one, and one that
+    cancels by the filters' symmetry (say a pseudoscalar-to-2-tensor gradient) is fp32 roundoff,
+    1e-8 in one summation order and exactly 0 in another: it is held to tol * sqrt(size)
+    absolutely (as is an output whose taps all fall in dilation holes)."""
+    flat = lambda blocks: np.concatenate([np.ravel(np.asarray(b, np.float64)) for b in blocks])
+    actual, expected = flat(actual), flat(expected)
+    scale = max(float(np.linalg.norm(expected)), float(np.sqrt(expected.size)))
+    assert float(np.linalg.norm(actual - expected)) <= tol * scale
 
 
 def check_against_reference(spec, inputs, weights):
-    """dense == reference at fp32 (forward, input and weight gradients), and dense's lowered
-    forward and gradient hold no lhs-dilated or strided convolution. Returns dense's lowering."""
+    """dense == reference at fp32 (outputs, input and weight gradients), and dense's lowered
+    forward + gradient holds no lhs-dilated or strided convolution. Returns dense's lowering."""
     inputs = [jnp.asarray(x) for x in inputs]
     weights = [jnp.asarray(w) for w in weights]
-    fwd_ref = jax.jit(_batched(spec, "reference"))(inputs, weights)
-    grad_ref = jax.jit(jax.grad(_loss(spec, "reference"), argnums=(0, 1)))(inputs, weights)
-    fwd = jax.jit(_batched(spec, "dense")).lower(inputs, weights)
-    grad = jax.jit(jax.grad(_loss(spec, "dense"), argnums=(0, 1))).lower(inputs, weights)
-    for lowered in (fwd, grad):
-        bad = resampling_convolutions(lowered.as_text())
-        assert not bad, bad
-    got = fwd.compile()(inputs, weights)
-    assert len(got) == len(fwd_ref)
-    for g, r in zip(got, fwd_ref):
-        assert g.shape == r.shape
-        _close(g, r)
-    for g, r in zip(jax.tree_util.tree_leaves(grad.compile()(inputs, weights)), jax.tree_util.tree_leaves(grad_ref)):
-        _close(g, r)
-    return fwd, grad
+    (dx_ref, dw_ref), out_ref = _grads_and_outputs(spec, "reference")(inputs, weights)
+    lowered = _grads_and_outputs(spec, "dense").lower(inputs, weights)
+    bad = resampling_convolutions(lowered.as_text())
+    assert not bad, bad
+    (dx, dw), out = lowered.compile()(inputs, weights)
+    assert [o.shape for o in out] == [o.shape for o in out_ref]
+    for got, want in zip(out, out_ref):
+        _close([got], [want])
+    _close(dx, dx_ref)
+    _close(dw, dw_ref)
+    return lowered
 
 
 # ---- recorded ginjax 0.1.8 cases ------------------------------------------------------------------
@@ -186,7 +186,7 @@ def resampling_layers(draw):
     return spec, N
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
 def test_drawn_layers_match_reference(cfg, seed):
     spec, N = cfg
@@ -204,8 +204,7 @@ def test_unet_upsampling_is_one_gemm(D):
     outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 3)])
     spec = kernels.make_spec(D, ins, outs, pairs, True, 1, ((1, 1),) * D, (2,) * D)
     xs, ws = random_operands(spec, (4,) * D, seed=3, batch=2, dtype=np.float32)
-    fwd, grad = check_against_reference(spec, xs, ws)
-    assert count_convolutions(fwd.as_text()) == 0 and count_convolutions(grad.as_text()) == 0
+    assert count_convolutions(check_against_reference(spec, xs, ws).as_text()) == 0
     why = kernels.explain(spec, (4,) * D, backend="dense").reason
     assert f"sub-pixel GEMM (lhs_dilation 2, {2**D} phases, 1 tap each" in why
     assert "sub-pixel GEMM" in kernels.explain(spec, (4,) * D).reason  # auto runs dense on a CPU
@@ -241,20 +240,24 @@ def test_axis_phases_cover_every_tap_once(s, M, lo):
 # ---- models ---------------------------------------------------------------------------------------
 def _model_loss(model, x):
     out, _ = model(x)
-    return sum(jnp.sum(jnp.sin(out[k])) for k in out.keys())
+    return sum(jnp.sum(jnp.sin(out[k])) for k in out.keys()), out
 
 
-@pytest.mark.parametrize("name,D,levels", [("UNet", 2, 2), ("UNet", 3, 1), ("ResNet", 2, 1)])
+@pytest.mark.parametrize(
+    "name,D,levels",
+    [("UNet", 2, 1), ("UNet", 3, 1), pytest.param("ResNet", 2, 1, marks=pytest.mark.slow)],
+)
 def test_models_match_reference(name, D, levels):
-    """Outputs and every parameter gradient of the model on `dense` equal those on `reference`."""
+    """Outputs and every parameter gradient of the model on `dense` equal those on `reference`
+    (the UNet's pooling and upsampling included; the ResNet has neither: a regression check)."""
     model = build(name, D, levels=levels) if name == "UNet" else build(name, D)
-    x = random_image(D, seed=4)
+    x = random_image(D, seed=4, n=8 if D == 2 else 4)
+    step = eqx.filter_jit(eqx.filter_grad(_model_loss, has_aux=True))
     results = {}
     with jax.default_matmul_precision("highest"):
         for backend in ("reference", "dense"):
             with kernels.use_backend(backend):
-                out = eqx.filter_jit(lambda m, x: m(x)[0])(model, x)
-                grads = eqx.filter_jit(eqx.filter_grad(_model_loss))(model, x)
+                grads, out = step(model, x)
             results[backend] = (out, jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array)))
     assert rel_multi(results["dense"][0], results["reference"][0]) <= FP32
     got, want = results["dense"][1], results["reference"][1]

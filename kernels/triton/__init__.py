@@ -1,8 +1,10 @@
-"""`triton` backend: the fused ConvContract forward as a Triton kernel launched through jax-triton.
+"""`triton` backend: the fused ConvContract as generated Triton kernels, launched as jaxlib's
+`triton_kernel_call` custom call with component-planar operand and result layouts (`_custom_call`).
 
 Registers itself on import. Importing never needs triton, torch or jax_triton: without them the
 backend reports itself unavailable and says why. It runs:
-- on an NVIDIA GPU with triton and jax_triton installed (the default backend there), or
+- on an NVIDIA GPU with triton and jax_triton (its compile helper) installed (the default backend
+  there), or
 - on the host with TRITON_INTERPRET=1, triton and (CPU) torch: the same kernel source through
   Triton's interpreter, for tests without a GPU.
 
@@ -19,6 +21,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from .._bias import bias_offsets
 from .._registry import Backend, register_backend
 from .._spec import ConvSpec, torus_wrap_exceeds
 from ._stencil import check_sizes, count_nonzeros
@@ -84,8 +87,22 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     return True, "fused Triton forward (factorised over the basis nonzeros)"
 
 
-def _run(spec, inputs, weights, mode):
-    return conv_contract_triton(spec, inputs, weights, mode)
+def _run(spec, inputs, weights, mode, bias=None):
+    """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue.
+    A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
+    mean after the kernel, as the lax backends do."""
+    offsets = bias_offsets(spec, inputs, weights, bias)
+    outputs = conv_contract_triton(spec.without_bias(), inputs, weights, mode, offsets=offsets)
+    late = [b for b, (m, off) in enumerate(zip(spec.bias_modes, offsets)) if m != "none" and off is None]
+    if not late:
+        return outputs
+    space = tuple(range(1, 1 + spec.D))
+    outputs = list(outputs)
+    for b in late:
+        k = spec.out_keys[b][0]
+        mean = jnp.mean(outputs[b], axis=space, keepdims=True)
+        outputs[b] = outputs[b] + bias[b].reshape((-1,) + (1,) * (spec.D + k)).astype(mean.dtype) * mean
+    return tuple(outputs)
 
 
-register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}))
+register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True))

@@ -32,7 +32,7 @@ from .._spec import ConvSpec, FilterBasis, Pair
 from ._kernel import plan_partial_sums, plan_weight_grad_kernel
 from ._stencil import _next_pow2
 from ._tiling import INT32_MAX, BlockSizes
-from ._launch import interpreting, launch_geometry, run_plan
+from ._launch import block_order, interpreting, launch_geometry, run_plan
 
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
 # H200 SM (its programs have few warps each, so the count of programs follows their size)
@@ -79,6 +79,7 @@ def transposed_spec(spec: ConvSpec) -> Optional[tuple[ConvSpec, tuple[int, ...]]
         pairs=tuple(pairs),
         torus_pad=tuple(torus_pad),
         zero_pad=tuple(zero_pad),
+        bias_modes=(),  # the input gradient has no bias (and other output keys)
     )
     return spec_t, used
 
@@ -162,6 +163,7 @@ def weight_grad_launch(
     # the interpreter keeps the forward's large tiles: it runs programs one by one
     blocks = blocks if host else blocks.for_weight_grad(spec.D)
     groups = default_groups(spec, blocks, spatial, batch) if groups is None else int(groups)
+    orders = [block_order(spec.D, a.ndim, blocks.planar_in) for a in list(xs) + list(gs)]
     per_unit = {}
     for units in weight_grad_units(spec, blocks.dw_units):
         plan = plan_weight_grad_kernel(
@@ -172,7 +174,8 @@ def weight_grad_launch(
         grid = plan.programs_per_batch * batch
         if grid > INT32_MAX or batch * groups * width > INT32_MAX:
             raise ValueError(f"batch (={batch}) is too large for one weight-gradient launch")
-        (partials,) = run_plan(plan, [jax.ShapeDtypeStruct((batch, groups, width), jnp.float32)], grid, list(xs) + list(gs))
+        (partials,) = run_plan(plan, [jax.ShapeDtypeStruct((batch, groups, width), jnp.float32)], grid,
+                               list(xs) + list(gs), in_orders=orders)
         sums = plan_partial_sums(batch, groups, width)
         (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch, [partials])
         start = 0

@@ -49,7 +49,7 @@ def plan_kernel(
 ) -> KernelPlan:
     """Generate the forward kernel source for one layer, input shape and precision mode.
 
-    `aliased` adds one unused pointer per output before the outputs: jax-triton passes the
+    `aliased` adds one unused pointer per output before the outputs: the launcher passes the
     buffers of `input_output_aliases` (the poisoned outputs of the tests) both ways.
     `bf16_dot_in_fp32` (for Triton's interpreter, whose tl.dot multiplies bf16 operands as raw
     uint16 words) rounds the bf16 operands and multiplies them in fp32: the same products.
@@ -66,6 +66,8 @@ def plan_kernel(
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     ws = [f"w{t}" for t in range(len(spec.pairs))]
     ys = [f"y{b}" for b in range(len(spec.out_keys))]
+    biased = dict(enumerate(geometry.bias_batched))
+    offs = [f"bias{b}" for b in range(len(spec.out_keys)) if biased.get(b) is not None]
     aliases = [f"y{b}_in" for b in range(len(spec.out_keys))] if aliased else []
 
     # -- which program: (out-channel tile, pixel tile, batch), out-channel tile fastest
@@ -115,13 +117,20 @@ def plan_kernel(
     L.emit_stencil(src, reduce_z, chunk_loop=True)
     loaded_w.clear()
 
-    # -- write every output block in its native layout
+    # -- the bias offsets (o, D^k per example) added to every pixel, then every output block written
+    for b, (k_b, _, o) in enumerate(spec.out_keys):
+        if biased.get(b) is None:
+            continue
+        src(f"ob = bias{b} + bat * {o * L.dk_out[b]}" if biased[b] else f"ob = bias{b}")
+        for j in range(L.dk_out[b]):
+            off = f"tl.load(ob + o{b} * {L.dk_out[b]} + {j}, mask=o{b}_ok, other=0.0)"
+            src(f"acc{b}_{j} = acc{b}_{j} + {off}{'[:, None]' if op else '[None, :]'}")
     for b, (k_b, _, o) in enumerate(spec.out_keys):
         block = o * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
         src(f"yb = y{b} + bat * {block}")
         for j in range(L.dk_out[b]):
-            pos = f"q * {L.dk_out[b]} + {j}" if L.dk_out[b] > 1 else "q"
+            pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_out)
             if op:
                 ptr = f"yb + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
                 mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
@@ -130,7 +139,7 @@ def plan_kernel(
                 mask = f"o{b}_ok[None, :]" + (f" & {L.as_col('p_ok')}" if L.has_p_ok else "")
             src(f"tl.store({ptr}, acc{b}_{j}, mask={mask})")
 
-    return _finish(L, src, name, xs + ws + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
+    return _finish(L, src, name, xs + ws + offs + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,7 +203,7 @@ def plan_weight_grad_kernel(
     for b, j in used:
         block = spec.out_keys[b][2] * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
-        pos = f"q * {L.dk_out[b]} + {j}" if L.dk_out[b] > 1 else "q"
+        pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_in)  # cotangents: operands
         mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
         ptr = f"g{b}b + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
         src(f"gt{b}_{j} = {L.dot_operand(f'tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)')}")

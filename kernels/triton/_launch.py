@@ -1,8 +1,13 @@
-"""Launching the generated forward kernel: jax-triton on a GPU, Triton's interpreter on the host.
+"""Launching the generated kernels: our own `triton_kernel_call` custom call on a GPU, Triton's
+interpreter on the host.
 
-Both paths run the same generated source. On an NVIDIA GPU the kernel is a jax-triton custom call
-(XLA owns the buffers; nothing is copied). With TRITON_INTERPRET=1 it runs inside a
-`jax.pure_callback` on torch CPU tensors, so CI tests the real kernel without a GPU.
+Both paths run the same generated source. On an NVIDIA GPU a kernel is jaxlib's
+`triton_kernel_call` custom call (`_custom_call`), with explicit operand and result layouts:
+vector and 2-tensor blocks are asked for component-planar (`block_order`), so XLA lays out the
+fusions that produce them that way and the kernels' warp loads cover consecutive bytes of one
+component. With TRITON_INTERPRET=1 a kernel runs inside a `jax.pure_callback` on torch CPU
+tensors whose axes the callback moves into the same physical order, so CI tests the real kernel
+without a GPU.
 
 Operands carry a leading batch axis of size 1 or B (size 1 is broadcast with a zero batch stride,
 e.g. weights shared by a vmapped batch); one launch covers the whole batch.
@@ -49,16 +54,19 @@ def batched_flags(arrays: Sequence, batch: int) -> tuple[bool, ...]:
     return tuple(batch > 1 and a.shape[0] == batch for a in arrays)
 
 
-def launch_geometry(spec: ConvSpec, xs: Sequence, ws: Sequence = (), gs: Sequence = ()) -> tuple[int, Geometry]:
-    """The batch size of a launch's operands (inputs xs, weights ws, cotangents gs; each with a
-    leading batch axis of 1 or B) and its Geometry."""
-    batch = batch_size(list(xs) + list(ws) + list(gs))
+def launch_geometry(spec: ConvSpec, xs: Sequence, ws: Sequence = (), gs: Sequence = (), bs: Sequence = ()) -> tuple[int, Geometry]:
+    """The batch size of a launch's operands (inputs xs, weights ws, cotangents gs, bias offsets
+    bs (None where a block has none); each with a leading batch axis of 1 or B) and its Geometry."""
+    present = [b for b in bs if b is not None]
+    batch = batch_size(list(xs) + list(ws) + list(gs) + present)
+    flags = iter(batched_flags(present, batch))
     spatial = tuple(int(n) for n in xs[0].shape[2 : 2 + spec.D])
     return batch, Geometry(
         spatial=spatial,
         x_batched=batched_flags(xs, batch),
         w_batched=batched_flags(ws, batch),
         y_batched=batched_flags(gs, batch),
+        bias_batched=tuple(None if b is None else next(flags) for b in bs) if present else (),
     )
 
 
@@ -69,16 +77,21 @@ def launch(
     xs: Sequence[jax.Array],
     ws: Sequence[jax.Array],
     poison: Optional[float] = None,
+    offsets: Sequence[Optional[jax.Array]] = (),
 ) -> tuple[jax.Array, ...]:
     """Run the fused forward on batched operands; returns float32 outputs (B, o, *spatial', *tensor).
 
     Args:
         xs: per input key, (1 or B, c, *spatial, *(D,)*k).
         ws: per pair, (1 or B, o, c, n_filters).
+        offsets: per output key, None or a float32 (1 or B, o, D^k) offset added to every pixel
+            in the kernel's epilogue (the layer's bias); () for none at all.
         poison: if set, outputs start filled with this value (tests check that every element is
             overwritten); on the interpreter path outputs always start as NaN.
     """
-    batch, geometry = launch_geometry(spec, xs, ws=ws)
+    offsets = tuple(offsets) or (None,) * len(spec.out_keys)
+    present = [o for o in offsets if o is not None]
+    batch, geometry = launch_geometry(spec, xs, ws=ws, bs=offsets)
     aliased = poison is not None and not interpreting()
     # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
     host = interpreting()
@@ -86,74 +99,53 @@ def launch(
     grid = plan.programs_per_batch * batch
     if grid > INT32_MAX:
         raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
-    return run_plan(plan, out_shapes(spec, plan, batch), grid, list(xs) + list(ws), poison)
+    shapes = out_shapes(spec, plan, batch)
+    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * (len(ws) + len(present))
+    out_orders = [block_order(spec.D, len(s.shape), blocks.planar_out) for s in shapes]
+    return run_plan(plan, shapes, grid, list(xs) + list(ws) + present, poison, in_orders, out_orders)
 
 
-def run_plan(plan: KernelPlan, shapes, grid: int, args: Sequence[jax.Array], poison: Optional[float] = None):
+def block_order(D: int, ndim: int, planar: bool) -> Optional[tuple[int, ...]]:
+    """Physical (major-to-minor) axis order of a (batch, channels, *spatial, *tensor) block:
+    with `planar` its tensor axes go ahead of the spatial ones; None for row-major (also
+    where there are no tensor axes, for which the two orders agree)."""
+    k = ndim - 2 - D
+    if not planar or k == 0:
+        return None
+    return (0, 1) + tuple(range(2 + D, ndim)) + tuple(range(2, 2 + D))
+
+
+def run_plan(
+    plan: KernelPlan,
+    shapes,
+    grid: int,
+    args: Sequence[jax.Array],
+    poison: Optional[float] = None,
+    in_orders: Optional[Sequence[Optional[tuple[int, ...]]]] = None,
+    out_orders: Optional[Sequence[Optional[tuple[int, ...]]]] = None,
+):
     """Launch a generated kernel on `args`, returning new float32 arrays of `shapes`.
 
+    in_orders / out_orders: per operand / result, the physical axis order (major to minor) the
+    kernel indexes it in, None for row-major. On the GPU XLA is asked for these layouts (it
+    lays out the producers accordingly, or inserts a copy); on the host the callback moves axes.
     With `poison`, outputs start filled with it (on the host they always start as NaN)."""
+    in_orders = tuple(in_orders) if in_orders is not None else (None,) * len(args)
+    out_orders = tuple(out_orders) if out_orders is not None else (None,) * len(shapes)
+    if len(in_orders) != len(args) or len(out_orders) != len(shapes):
+        raise ValueError(f"{len(in_orders)} operand / {len(out_orders)} result orders for {len(args)} / {len(shapes)}")
     if interpreting():
-        return _interpret(plan, shapes, grid, args, np.nan if poison is None else poison)
-    return _gpu(plan, shapes, grid, args, poison)
+        return _interpret(plan, shapes, grid, args, np.nan if poison is None else poison, in_orders, out_orders)
+    from ._custom_call import triton_kernel_call
 
-
-# ---- GPU: jax-triton --------------------------------------------------------------------------------
-def _gpu(plan, shapes, grid, args, poison):
-    import jax_triton  # lazily: it fails to import on a CPU-only jaxlib
-
-    kernel = compile_plan(plan)
-    if plan.max_registers is not None:
-        _cap_registers(jax_triton, plan.name, plan.max_registers)
     args = list(args)
-    aliases = {}
-    if poison is not None:
+    aliases = []
+    if poison is not None:  # the kernel's extra pointers ahead of its outputs: poisoned buffers, aliased
         for n, s in enumerate(shapes):
-            aliases[len(args)] = n
+            aliases.append((len(args), n))
             args.append(jnp.full(s.shape, poison, s.dtype))
-    outs = jax_triton.triton_call(
-        *args,
-        kernel=kernel,
-        out_shape=list(shapes),
-        grid=(grid,),
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        input_output_aliases=aliases or None,
-        name=plan.name,
-    )
-    return tuple(outs)
-
-
-_REGISTER_CAPS: dict[str, int] = {}
-
-
-def _cap_registers(jax_triton, name: str, cap: int) -> None:
-    """Compile kernel `name` with at most `cap` registers per thread.
-
-    jax-triton 0.3 passes no `maxnreg` to Triton, so its kernel factory is wrapped once: for a
-    kernel with a cap, the backend's parsed options get `maxnreg` (a CUDAOptions field since
-    Triton 3.0). Plans are named by a hash of their tiling, so each name has one cap. If the
-    factory is not where 0.3 keeps it, kernels compile uncapped (slower, never wrong)."""
-    _REGISTER_CAPS[name] = cap
-    lib = getattr(jax_triton, "triton_lib", None)
-    original = getattr(lib, "get_or_create_triton_kernel", None)
-    if original is None or getattr(original, "_ginjax_register_caps", False):
-        return
-
-    def get_or_create_triton_kernel(backend_init_func, platform, fn, *args, **kwargs):
-        limit = _REGISTER_CAPS.get(getattr(fn, "__name__", ""))
-        if limit is not None:
-            def backend_with_cap(*a, _init=backend_init_func, **kw):
-                backend = _init(*a, **kw)
-                parse = backend.parse_options
-                backend.parse_options = lambda opts: parse({**opts, "maxnreg": limit})
-                return backend
-
-            backend_init_func = backend_with_cap
-        return original(backend_init_func, platform, fn, *args, **kwargs)
-
-    get_or_create_triton_kernel._ginjax_register_caps = True
-    lib.get_or_create_triton_kernel = get_or_create_triton_kernel
+        in_orders = in_orders + out_orders
+    return triton_kernel_call(plan, tuple(shapes), grid, args, in_orders, out_orders, tuple(aliases))
 
 
 # ---- host: Triton's interpreter on torch CPU tensors ---------------------------------------------------
@@ -172,16 +164,30 @@ def _to_torch(array: np.ndarray):
 _INTERPRETER_LOCK = threading.Lock()
 
 
-def _interpret(plan, shapes, grid, args, poison):
+def _interpret(plan, shapes, grid, args, poison, in_orders, out_orders):
     def host(*arrays):
         import torch
 
         with _INTERPRETER_LOCK:
             kernel = compile_plan(plan)
-            tensors = [_to_torch(np.asarray(a)) for a in arrays]
-            outs = [torch.full(s.shape, float(poison), dtype=torch.float32) for s in shapes]
+            tensors = [_to_torch(_physical(np.asarray(a), order)) for a, order in zip(arrays, in_orders)]
+            outs = [torch.full(_physical_shape(s.shape, order), float(poison), dtype=torch.float32)
+                    for s, order in zip(shapes, out_orders)]
             kernel[(grid,)](*tensors, *outs)
-            return tuple(o.numpy() for o in outs)
+            return tuple(_logical(o.numpy(), order) for o, order in zip(outs, out_orders))
 
     # never vmapped: the custom_vmap rules of conv_contract.py turn vmap into one batched launch
     return tuple(jax.pure_callback(host, tuple(shapes), *args))
+
+
+def _physical(array: np.ndarray, order) -> np.ndarray:
+    """The array with its axes in memory order, contiguous (what the kernel indexes)."""
+    return array if order is None else np.ascontiguousarray(np.transpose(array, order))
+
+
+def _physical_shape(shape, order) -> tuple[int, ...]:
+    return tuple(shape) if order is None else tuple(shape[ax] for ax in order)
+
+
+def _logical(array: np.ndarray, order) -> np.ndarray:
+    return array if order is None else np.ascontiguousarray(np.transpose(array, np.argsort(order)))

@@ -173,6 +173,15 @@ class _Layer:
     def as_col(self, e: str) -> str:  # ... as a (BP, 1) column
         return f"({e})" if self.pf else f"tl.trans({e})"
 
+    def component_offset(self, pixel: str, dk: int, i: int, npix: int, planar: bool) -> str:
+        """Offset inside one channel of component i at flat pixel offset `pixel`: planar blocks
+        hold each component's pixels contiguously, interleaved ones each pixel's components."""
+        if dk == 1:
+            return pixel
+        if planar:
+            return f"{pixel} + {i * npix}" if i else pixel
+        return f"{pixel} * {dk} + {i}"
+
     def tap_coords(self, y: int) -> tuple[int, ...]:
         return tuple(int(s) for s in np.unravel_index(y, self.spec.filter_shape))
 
@@ -324,7 +333,7 @@ class _Layer:
                         if self.has_p_ok:
                             oks = ["p_ok"] + oks
                         tap_mask = " & ".join(oks) if oks else None
-                    pos = f"pix * {self.dk_in[a]} + {i}" if self.dk_in[a] > 1 else "pix"
+                    pos = self.component_offset("pix", self.dk_in[a], i, self.npix, self.blocks.planar_in)
                     masks = []
                     if tap_mask:
                         masks.append(f"({tap_mask})")

@@ -34,6 +34,13 @@ class BlockSizes:
         pixels_first: tiles as (pixels, channels) rather than (channels, pixels); None picks
             what puts the lanes along pixels for the installed Triton (see
             `triton_prefers_first_dim`).
+        layout: how the kernels' vector and 2-tensor blocks lie in memory. "planar": operands
+            (inputs, cotangents) and results component-planar, each block's tensor components
+            ahead of its spatial axes (the launcher asks XLA for that layout), so a warp's load of
+            32 pixels of one component covers 128 consecutive bytes; "planar_in": operands planar,
+            results in the native order; "interleaved": the native (*spatial, *tensor) order
+            everywhere (stride-D^k component loads). See bench/NOTES.md for the trade-off at a
+            jit boundary that hands over row-major arrays (XLA relayouts them).
         dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
             pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
@@ -55,6 +62,15 @@ class BlockSizes:
     dw_units: int = 4
     max_registers: Optional[int] = None
     dw_max_registers: Optional[int] = None
+    layout: str = "planar"
+
+    @property
+    def planar_in(self) -> bool:
+        return self.layout in ("planar", "planar_in")
+
+    @property
+    def planar_out(self) -> bool:
+        return self.layout == "planar"
 
     def for_weight_grad(self, D: int) -> "BlockSizes":
         """The tiling of the weight-gradient kernel, as a BlockSizes of its own."""
@@ -72,6 +88,8 @@ class BlockSizes:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"`{name}` (={v!r}) must be a power of 2 >= 16 (tl.dot's minimum)")
+        if self.layout not in ("planar", "planar_in", "interleaved"):
+            raise ValueError(f"`layout` (={self.layout!r}) must be 'planar', 'planar_in' or 'interleaved'")
         if self.orientation not in ("op", "po"):
             raise ValueError(f"`orientation` (={self.orientation!r}) must be 'op' or 'po'")
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
@@ -114,6 +132,9 @@ class Geometry:
     x_batched: tuple[bool, ...]
     w_batched: tuple[bool, ...] = ()
     y_batched: tuple[bool, ...] = ()  # the cotangents of the weight-gradient kernel
+    # per output block of the forward: None (no bias offset), else whether its (1 or B, o, D^k)
+    # offset operand carries the batch
+    bias_batched: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

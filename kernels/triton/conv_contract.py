@@ -5,7 +5,7 @@
 Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
 forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
 Forward-mode differentiation (jax.jvp) is not defined for a custom_vjp: use `dense` for it.
-Under `jax.vmap` each kernel is launched once for the whole batch (jax-triton calls do not batch
+Under `jax.vmap` each kernel is launched once for the whole batch (the custom calls do not batch
 by themselves): `custom_vmap` folds every vmapped axis into the kernels' batch axis,
 broadcasting unbatched operands with a zero batch stride.
 """
@@ -60,6 +60,7 @@ def conv_contract_triton(
     blocks: Optional[BlockSizes] = None,
     poison: Optional[float] = None,
     backward: str = "fused",
+    offsets: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """ConvContract on unbatched blocks with the fused Triton forward.
 
@@ -68,7 +69,16 @@ def conv_contract_triton(
         blocks: the kernel's tiling (None: `default_blocks(spec)`).
         poison: tests only: outputs start filled with this value before the kernel writes them.
         backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B).
+        offsets: per output key, None or an (o, *(D,)*k) array added to every pixel of that
+            output in the kernel's epilogue (`kernels._bias.bias_offsets`); differentiable: its
+            gradient is the spatial sum of the output's cotangent.
     """
+    offsets = tuple(offsets) if offsets is not None else (None,) * len(spec.out_keys)
+    if len(offsets) != len(spec.out_keys):
+        raise ValueError(f"`offsets` has {len(offsets)} entries; the layer has {len(spec.out_keys)} output keys")
+    for b, (off, (k, _, o)) in enumerate(zip(offsets, spec.out_keys)):
+        if off is not None and tuple(off.shape) != (o,) + (spec.D,) * k:
+            raise ValueError(f"`offsets[{b}]` has shape {tuple(off.shape)}; output key {b} needs {(o,) + (spec.D,) * k}")
     inputs, weights = tuple(inputs), tuple(weights)
     for name, arrays in (("inputs", inputs), ("weights", weights)):
         for n, a in enumerate(arrays):
@@ -76,7 +86,8 @@ def conv_contract_triton(
                 raise ValueError(f"`{name}[{n}]` has dtype {a.dtype}; ConvContract needs floating point")
     if compute_dtype(*inputs, *weights) != jnp.float32:
         # float64 (x64 oracles) is beyond the kernel's fp32 accumulation: the lax path is exact
-        return conv_contract_dense(spec, inputs, weights, mode)
+        outs = conv_contract_dense(spec, inputs, weights, mode)
+        return tuple(y if off is None else y + _over_space(off, spec.D) for y, off in zip(outs, offsets))
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = default_blocks(spec, spatial) if blocks is None else blocks
     blocks.check(spec.D)
@@ -84,7 +95,13 @@ def conv_contract_triton(
     if backward not in ("fused", "dense"):
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
-    return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights)
+    offsets = tuple(None if off is None else off.astype(jnp.float32) for off in offsets)
+    return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets)
+
+
+def _over_space(offset: jax.Array, D: int) -> jax.Array:
+    """An (o, *tensor) offset shaped to broadcast over (o, *spatial, *tensor)."""
+    return offset.reshape(offset.shape[:1] + (1,) * D + offset.shape[1:])
 
 
 # ---- differentiation: custom_vjp with the fused backward kernels ------------------------------------
@@ -94,23 +111,30 @@ def conv_contract_triton(
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
 # weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights):
-    return _forward(spec, mode, blocks, poison, inputs, weights)
+def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets):
+    return _forward(spec, mode, blocks, poison, inputs, weights, offsets)
 
 
-def _forward(spec, mode, blocks, poison, inputs, weights):
-    op = _batched_forward(spec, mode, blocks, poison)
-    outs = op(tuple(x[None] for x in inputs), tuple(w[None] for w in weights))
+def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None):
+    offsets = offsets or (None,) * len(spec.out_keys)
+    biased = tuple(b for b, off in enumerate(offsets) if off is not None)
+    op = _batched_forward(spec, mode, blocks, poison, biased)
+    # offsets go to the kernel as (o, D^k): one contiguous row of components per channel
+    flat = tuple(offsets[b].reshape(1, offsets[b].shape[0], -1) for b in biased)
+    outs = op(tuple(x[None] for x in inputs), tuple(w[None] for w in weights), flat)
     return tuple(o[0] for o in outs)
 
 
-def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights):
-    return _forward(spec, mode, blocks, poison, inputs, weights), (inputs, weights)
+def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights, offsets):
+    return _forward(spec, mode, blocks, poison, inputs, weights, offsets), (inputs, weights, offsets)
 
 
 def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangents):
-    inputs, weights = residuals
+    inputs, weights, offsets = residuals
     cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
+    # an offset added to every pixel: its gradient is the spatial sum of the cotangent
+    space = tuple(range(1, 1 + spec.D))
+    d_offsets = tuple(None if off is None else jnp.sum(g, axis=space).astype(off.dtype) for off, g in zip(offsets, cotangents))
     transposed = transposed_spec(spec) if backward == "fused" else None
     if transposed is None:  # dense's VJP (asked for, or a padding the transpose does not cover)
         _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, mode), inputs, weights)
@@ -125,6 +149,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
     return (
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
         tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
+        d_offsets,
     )
 
 
@@ -133,12 +158,16 @@ _conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)
 
 # ---- batching: custom_vmap into one launch ------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison):
-    """The kernel on operands with a leading batch axis of size 1 (broadcast) or B."""
+def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, biased: tuple[int, ...] = ()):
+    """The kernel on operands with a leading batch axis of size 1 (broadcast) or B; `biased`:
+    the output keys whose (1 or B, o, D^k) offsets are the third operand group."""
 
     @jax.custom_batching.custom_vmap
-    def op(xs, ws):
-        return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison))
+    def op(xs, ws, bs):
+        offsets = [None] * len(spec.out_keys)
+        for b, off in zip(biased, bs):
+            offsets[b] = off
+        return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison), offsets if bs else ())
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
@@ -157,11 +186,10 @@ def _batched_weight_grad(spec: ConvSpec, mode: str, blocks: BlockSizes):
     return op
 
 
-def _fold_batch_rule(op, axis_size, in_batched, xs, ys):
+def _fold_batch_rule(op, axis_size, in_batched, *groups):
     """custom_vmap rule of the batched ops: fold the vmapped axis into their leading batch axis."""
-    x_batched, y_batched = in_batched
-    operands = list(xs) + list(ys)
-    flags = list(x_batched) + list(y_batched)
+    operands = [a for group in groups for a in group]
+    flags = [f for group in in_batched for f in group]
     # each operand is (n, L, ...) if vmapped, else (L, ...), with L in {1, inner}
     inner = max(a.shape[1] if f else a.shape[0] for a, f in zip(operands, flags))
     merged = []
@@ -178,7 +206,10 @@ def _fold_batch_rule(op, axis_size, in_batched, xs, ys):
             full = a if f else a[None]
             full = jnp.broadcast_to(full, (axis_size, inner) + tail)
             merged.append(full.reshape((axis_size * inner,) + tail))
-    n_x = len(xs)
-    outs = op(tuple(merged[:n_x]), tuple(merged[n_x:]))
+    regrouped, start = [], 0
+    for group in groups:
+        regrouped.append(tuple(merged[start : start + len(group)]))
+        start += len(group)
+    outs = op(*regrouped)
     outs = tuple(o.reshape((axis_size, inner) + o.shape[1:]) for o in outs)
     return outs, tuple(True for _ in outs)

@@ -1,0 +1,44 @@
+"""What the numbers were measured on: the device, its slug for results/<device-slug>/, the
+precision mode, versions; and whether a ConvContract backend can run here."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+
+import kernels
+
+
+def slugify(text: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; used for results/<device-slug>/."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug or "unknown"
+
+
+def device_info() -> dict:
+    """What the numbers were measured on; goes into machine_info and every extra_info."""
+    import jaxlib
+
+    dev = jax.devices()[0]
+    kind = str(getattr(dev, "device_kind", dev.platform))
+    return {
+        "platform": dev.platform,
+        "device_kind": kind,
+        "device_slug": slugify(kind),
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        # the operand precision JAX's default matmul precision means for the kernels
+        "precision": kernels.resolve_precision(None),
+    }
+
+
+def backend_runs_here(backend: str) -> tuple[bool, str]:
+    """Whether a backend can run on this machine; the registry's reason when it cannot."""
+    try:
+        with kernels.use_backend(backend):
+            pass
+    except ValueError as err:
+        return False, str(err)
+    return True, "available"

@@ -1,0 +1,288 @@
+"""`python -m bench measure-auto`: measure the ConvContract configurations the model steps really
+run, on every candidate backend, and write them into `auto`'s table kernels/measured/<device>.json.
+
+    python -m bench measure-auto [--configs auto-models] [--backends dense,triton,pallas]
+        [--modes fwd_bwd,fwd] [--max-time 0.1] [--time-budget S] [--table PATH] [--out DIR] [--list]
+
+1. Trace each model step (bench/model_layers.py) and collect its distinct configurations
+   (signature: geometry, keys, channels, filter bases, spatial size, dtype) with the batch the
+   step runs them at. `--configs auto-models`: UNet, ResNet and DilResNet at D=3, batch 1 with
+   N=32, 64, 128, and the standard batch-4 N=64 steps.
+2. Time each configuration (vmapped over the batch, as in the model) on `dense` and every fused
+   backend that runs it itself, `fwd_bwd` first for all of them (what `auto` ranks by), then
+   `fwd`, with the shared loop of bench/_timing.py; the table is rewritten after every
+   configuration, so a time budget or a timeout keeps what was measured.
+3. Print, per configuration, the medians and what `auto` now picks, and per step the sum over its
+   layers of the picked backend's time against dense's.
+The table's `exact` section is keyed by signature and batch (kernels/_measured.py ranks with it);
+its `configs` section (from `python -m bench measured`) is kept as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime as _dt
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Optional
+
+from bench import _configs, _suite
+
+FUSED_ORDER = ("triton", "pallas")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench measure-auto", description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="auto-models", help="model configs or sets (default auto-models)")
+    p.add_argument("--backends", default="", help="candidates (default: dense and every fused backend available here)")
+    p.add_argument("--modes", default="fwd_bwd,fwd", help="fwd_bwd and/or fwd, in the order measured (default fwd_bwd,fwd)")
+    p.add_argument("--max-time", type=float, default=0.1, help="seconds of timed calls per case (default 0.1)")
+    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed rounds (default 5)")
+    p.add_argument("--time-budget", type=float, default=0.0, help="seconds; no case starts later (0: no limit)")
+    p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
+    p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
+    p.add_argument("--commit", default=None, help="commit id recorded in the table's sources")
+    p.add_argument("--workers", type=int, default=8, help="cases compiled at once, in threads (default 8)")
+    p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
+    args = p.parse_args(argv)
+    try:
+        args.configs = _configs.parse_selection(args.configs, tuple(_configs.CONFIGS), "--configs", _configs.CONFIG_SETS)
+        args.modes = _configs.parse_selection(args.modes, _configs.LAYER_MODES, "--modes")
+    except ValueError as err:
+        p.error(str(err))
+    if args.max_time <= 0 or args.min_rounds < 1 or args.time_budget < 0:
+        p.error(f"--max-time (={args.max_time}) must be > 0, --min-rounds (={args.min_rounds}) >= 1, "
+                f"--time-budget (={args.time_budget}) >= 0")
+    return args
+
+
+def candidates(value: str) -> tuple[str, ...]:
+    """The backends to time: those named, else dense and every other backend `auto` may pick on
+    this platform (it has a priority here; the reference oracle has none)."""
+    import kernels
+    from kernels import _registry
+
+    if value.strip():
+        names = _configs.parse_selection(value, tuple(kernels.registered_backends()), "--backends")
+    else:
+        plat = _registry.platform()
+        names = ("dense",) + tuple(b for b in kernels.available_backends() if plat in _registry.get(b).priority)
+    return ("dense",) + tuple(n for n in names if n != "dense")  # the baseline first
+
+
+def load_table(path: pathlib.Path, device_kind: str) -> dict:
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("device_kind", device_kind) != device_kind:
+            raise SystemExit(f"--table (={path}) is for {data['device_kind']!r}, this device is {device_kind!r}")
+    else:
+        data = {"device_kind": device_kind, "sources": [], "configs": {}}
+    data.setdefault("exact", {})
+    return data
+
+
+def record(table: dict, use, mode: str, backend: str, ms: float) -> None:
+    from kernels import _measured
+
+    entry = table["exact"].setdefault(use.signature, {**_measured.describe(use.spec, use.spatial), "batches": {}, "used_by": []})
+    entry["used_by"] = sorted(set(entry["used_by"]) | set(use.sources))
+    entry["batches"].setdefault(str(use.batch), {}).setdefault(mode, {})[backend] = round(ms, 4)
+
+
+def write_table(table: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+@dataclasses.dataclass
+class _Case:
+    use: Any
+    mode: str
+    backend: str
+    compiled: Any = None
+    args: tuple = ()
+    compile_s: float = 0.0
+    error: str = ""
+
+    def row(self) -> dict:
+        return dict(signature=self.use.signature, batch=self.use.batch, mode=self.mode, backend=self.backend)
+
+
+def plan(uses, backends, modes) -> tuple[list, list]:
+    """(cases to measure, rows of the cases left out and why): per mode, configurations by
+    weight (the costliest first, so a budget cuts the cheap tail), dense then the fused backends."""
+    from bench import model_layers
+
+    todo, left_out = [], []
+    ordered = sorted(uses, key=lambda u: -u.weight)
+    for mode in modes:
+        for use in ordered:
+            for backend in backends:
+                ok, why = model_layers.runs_itself(use, backend)
+                if ok:
+                    todo.append(_Case(use, mode, backend))
+                else:
+                    left_out.append(dict(_Case(use, mode, backend).row(), skipped=why))
+    return todo, left_out
+
+
+def _compile(case: _Case) -> _Case:
+    from bench import _timing, model_layers
+
+    start = time.perf_counter()
+    try:
+        fn, case.args = model_layers.layer_function(case.use, case.backend, case.mode)
+        case.compiled = _timing.compile_for(fn, case.args)
+    except Exception as err:  # noqa: BLE001 - one failing case (lowering, OOM) must not end the run
+        case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    case.compile_s = round(time.perf_counter() - start, 2)
+    return case
+
+
+def measure_all(uses, backends, args, table: dict, table_path, log: list, workers: int = 1,
+                deadline: Optional[float] = None) -> None:
+    """Compile `workers` cases at a time (the fused ones in threads: XLA and Triton compile largely
+    outside the GIL), then time them one by one with nothing else running; record each median into
+    `table` and rewrite the file(s) after every group (`table_path`: a path or a list of them).
+    No group starts after `deadline` (time.monotonic()), else after args.time_budget from now."""
+    import jax
+
+    from bench import _timing
+
+    if deadline is None and args.time_budget:
+        deadline = time.monotonic() + args.time_budget
+    paths = table_path if isinstance(table_path, (list, tuple)) else [table_path]
+    todo, left_out = plan(uses, backends, args.modes)
+    log.extend(left_out)
+    chunk = max(1, workers)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=chunk) if chunk > 1 else None
+    try:
+        for i in range(0, len(todo), chunk):
+            if deadline is not None and time.monotonic() > deadline:
+                log.extend(dict(c.row(), skipped="time budget") for c in todo[i:])
+                print(f"  time budget spent: {len(todo) - i} of {len(todo)} cases left unmeasured", flush=True)
+                break
+            batch = todo[i : i + chunk]
+            if pool:
+                # dense compiles here, alone: XLA autotunes its convolutions on the GPU, and
+                # autotuning next to other autotuning could pick a slower algorithm than the model gets
+                futures = [pool.submit(_compile, c) for c in batch if c.backend != "dense"]
+                for c in batch:
+                    if c.backend == "dense":
+                        _compile(c)
+                concurrent.futures.wait(futures)
+            else:
+                for c in batch:
+                    _compile(c)
+            done = batch
+            for n, case in enumerate(done, start=i + 1):
+                row = dict(case.row(), compile_s=case.compile_s)
+                if not case.error:
+                    try:
+                        first = time.perf_counter()
+                        jax.block_until_ready(case.compiled(*case.args))
+                        timing = _timing.time_compiled(
+                            case.compiled, case.args, max_time=args.max_time, min_rounds=args.min_rounds,
+                            warmup=1, warmup_s=0.05, first_call_s=time.perf_counter() - first,
+                        )
+                    except Exception as err:  # noqa: BLE001 - e.g. out of memory at run time
+                        case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                if case.error:
+                    row["error"] = case.error
+                    print(f"  {case.backend:8s} {case.mode:8s} FAILED {case.error}  {case.use.describe()}", flush=True)
+                else:
+                    row.update(timing.as_ms())
+                    record(table, case.use, case.mode, case.backend, timing.ms)
+                    print(f"  {case.backend:8s} {case.mode:8s} {timing.ms:9.3f} ms  [{n}/{len(todo)}] {case.use.describe()}", flush=True)
+                log.append(row)
+                case.compiled, case.args = None, ()  # free the device memory
+            for path in paths:
+                write_table(table, path)
+    finally:
+        if pool:
+            pool.shutdown()
+
+
+def summary(uses, table: dict, backends) -> str:
+    """Per configuration: medians and auto's pick; per step: the layers' time with auto vs dense."""
+    from kernels import _measured
+
+    lines = [f"{'fwd_bwd ms':>10s} " + " ".join(f"{b:>9s}" for b in backends) + "  auto picks  (rule)  configuration"]
+    per_step: dict[str, list[float]] = {}
+    for use in sorted(uses, key=lambda u: (u.sources, u.signature)):
+        ms = table["exact"].get(use.signature, {}).get("batches", {}).get(str(use.batch), {}).get("fwd_bwd", {})
+        ranked, rule = _measured.ranking(table["device_kind"], use.spec, use.spatial, use.dtype, table=table)
+        pick = min(ranked, key=ranked.get) if ranked else "-"
+        cells = " ".join(f"{ms[b]:9.3f}" if b in ms else f"{'-':>9s}" for b in backends)
+        lines.append(f"{'':10s} {cells}  {pick:10s}  ({rule})  {use.describe()}")
+        if pick in ms and "dense" in ms:
+            for source, n in use.counts.items():
+                acc = per_step.setdefault(source, [0.0, 0.0])
+                acc[0] += n * ms[pick]
+                acc[1] += n * ms["dense"]
+    lines.append("")
+    lines.append("per step, the ConvContract layers' fwd_bwd time summed (layer by layer, as measured):")
+    for source, (auto_ms, dense_ms) in sorted(per_step.items()):
+        lines.append(f"  {source:24s} auto {auto_ms:9.2f} ms   dense {dense_ms:9.2f} ms   auto/dense {auto_ms / dense_ms:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from bench import _device, model_layers
+    from kernels import _measured
+
+    info = _device.device_info()
+    if info["platform"] != "gpu" and not (args.list or args.table):
+        print(f"error: `auto` ranks by a measured table on GPUs only; on this {info['platform']} give --table PATH "
+              "to measure anyway, or --list to see the configurations", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    # the budget counts from here: tracing the steps is part of it
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    uses = model_layers.model_uses(args.configs)
+    print(f"{len(uses)} distinct ConvContract configurations (with batch) in {', '.join(args.configs)} "
+          f"({time.perf_counter() - started:.0f} s to trace):")
+    for use in uses:
+        print(f"  {use.describe()}  <- {', '.join(use.sources)}")
+    if args.list:
+        return 0
+    try:
+        backends = candidates(args.backends)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if info["platform"] == "cpu" and not args.backends.strip():
+        backends = ("dense",)
+        print("note: on a CPU the fused backends run in interpreters: measuring dense only (name --backends to override)")
+    table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
+    table = load_table(table_path, info["device_kind"])
+    commit = _suite.resolve_commit(args.commit)
+    source = f"python -m bench measure-auto --configs {','.join(args.configs)} ({_dt.date.today()}, commit {commit})"
+    table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
+    targets = [table_path]
+    if args.out:
+        paths = _suite.result_paths(pathlib.Path(args.out), info["device_slug"], commit, tag="measure-auto")
+        targets.append(paths["json"].parent / table_path.name)  # a copy that travels back with OUT
+        print(f"the table is also written to {targets[1]} as it fills")
+    print(f"measuring on {info['device_kind']} with {', '.join(backends)}; table {table_path}", flush=True)
+    log: list = []
+    try:
+        measure_all(uses, backends, args, table, targets, log, workers=args.workers, deadline=deadline)
+    finally:
+        for path in targets:
+            write_table(table, path)
+        if args.out:
+            paths["json"].write_text(json.dumps({"device": info, "configs": list(args.configs), "rows": log}, indent=1) + "\n")
+    _measured.load.cache_clear()
+    print()
+    print(summary(uses, table, backends))
+    print(f"\nwrote {', '.join(map(str, targets))}" + (f" and {paths['json']}" if args.out else "")
+          + f" ({time.perf_counter() - started:.0f} s)")
+    return 0

@@ -1,0 +1,85 @@
+"""Sums over the middle axes of a block, in the layout the block already has.
+
+A block (c, *spatial, *tensor) keeps its few tensor components as the minor axes. Summing over
+the spatial axes while keeping the components is, for XLA on a GPU, a column reduction whose
+kept minor dimension has D^k elements (3 for a vector in 3D): its reduction tiles are 32 lanes
+wide over that minor dimension, so most lanes idle and the reads are not coalesced.
+
+`middle_sum` reads the same memory as a column reduction with a wide minor dimension: the
+summed axes and the kept minor axes, contiguous in memory, are reshaped (a bitcast, no copy) to
+(rows, width) with width = r * T >= 64 elements, the rows are summed (every lane busy, whole
+rows read), and the r partial sums of each component are added last (a tiny reduction). No
+transpose anywhere; where no such split exists the plain sum is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# the minor extent the first stage keeps: two 32-lane warps' worth of fp32 (256 bytes per row)
+_MIN_WIDTH = 64
+
+
+def middle_sum(x: jax.Array, start: int, stop: int) -> jax.Array:
+    """sum of `x` over axes [start, stop), those axes dropped; the axes after `stop` (the
+    minor ones, kept) should be few elements. Equal to jnp.sum(x, axis=tuple(range(start, stop)))."""
+    axes = tuple(range(start, stop))
+    if not axes:
+        return x
+    lead, mid, tail = x.shape[:start], x.shape[start:stop], x.shape[stop:]
+    n, t = math.prod(mid), math.prod(tail)
+    r = _split(n, t)
+    if r is None:
+        return jnp.sum(x, axis=axes)
+    rows = x.reshape(lead + (n // r, r * t))
+    partial = jnp.sum(rows, axis=len(lead))  # (lead, r * t): the wide column reduction
+    return jnp.sum(partial.reshape(lead + (r,) + tail), axis=len(lead))
+
+
+def middle_mean(x: jax.Array, start: int, stop: int) -> jax.Array:
+    """mean of `x` over axes [start, stop) (see `middle_sum`)."""
+    n = math.prod(x.shape[start:stop])
+    return middle_sum(x, start, stop) / jnp.asarray(n, x.dtype)
+
+
+def spatial_mean(block: jax.Array, D: int) -> jax.Array:
+    """Spatial mean of an unbatched block (c, *spatial[D], *tensor): (c, *tensor)."""
+    return middle_mean(block, 1, 1 + D)
+
+
+def _split(n: int, t: int):
+    """The smallest r dividing n with r * t >= _MIN_WIDTH, or None when the plain sum is as good
+    (the kept minor extent is already wide, or n is too small to gain anything)."""
+    if t >= _MIN_WIDTH or n < 4 * _MIN_WIDTH:
+        return None
+    for r in range(-(-_MIN_WIDTH // t), min(n, 4 * _MIN_WIDTH) + 1):
+        if n % r == 0:
+            return r
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def add_spatial_offset(block: jax.Array, offset: jax.Array, D: int) -> jax.Array:
+    """block (c, *spatial[D], *tensor) + offset (c, *tensor) at every pixel.
+
+    Its gradient with respect to the offset is the spatial sum of the cotangent, taken with
+    `middle_sum` (autodiff of the broadcast would emit the narrow column reduction).
+    """
+    return block + offset.reshape((offset.shape[0],) + (1,) * D + offset.shape[1:])
+
+
+def _add_offset_fwd(block, offset, D):
+    # residuals: the offset (tiny) for its dtype, an empty array for the block's dtype
+    return add_spatial_offset(block, offset, D), (offset, jnp.zeros((0,), block.dtype))
+
+
+def _add_offset_bwd(D, res, g):
+    offset, block_dtype = res
+    return g.astype(block_dtype.dtype), middle_sum(g, 1, 1 + D).astype(offset.dtype)
+
+
+add_spatial_offset.defvjp(_add_offset_fwd, _add_offset_bwd)

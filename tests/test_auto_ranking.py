@@ -1,0 +1,123 @@
+"""`auto`'s measured ranking (kernels/_measured.py) and the bench tooling that fills its table
+(bench/model_layers.py, bench/measure_auto.py): exact entries first, a fused backend only where it
+was measured faster than dense, the conservative rule for configurations not measured."""
+
+from __future__ import annotations
+
+import pytest
+
+import kernels
+from kernels import _measured
+
+from conftest import fixture_filters
+
+
+def _spec(c: int = 16, D: int = 3, **geometry):
+    f = fixture_filters(D, 3)
+    pairs = [(0, 0, f[(0, 0)]), (0, 1, f[(1, 0)]), (1, 0, f[(1, 0)]), (1, 1, f[(2, 0)])]
+    return kernels.make_spec(D, [(0, 0, c), (1, 0, c)], [(0, 0, c), (1, 0, c)], pairs, True, **geometry)
+
+
+def _table(*entries) -> dict:
+    """A table file's content: entries are (spec, spatial, {batch: {backend: fwd_bwd ms}})."""
+    exact = {}
+    for spec, spatial, batches in entries:
+        exact[_measured.signature(spec, spatial)] = {
+            **_measured.describe(spec, spatial),
+            "batches": {str(b): {"fwd_bwd": ms} for b, ms in batches.items()},
+        }
+    return {"device_kind": "Test GPU", "configs": {}, "exact": exact}
+
+
+N64 = (64, 64, 64)
+
+
+def test_signature_is_exact_and_readable():
+    spec = _spec()
+    sig = _measured.signature(spec, N64)
+    assert sig == _measured.signature(_spec(), N64, "float32")
+    assert sig.startswith("D3 in[0.0x16,1.0x16] out[0.0x16,1.0x16] M3,3,3 s1,1,1 ld1,1,1 rd1,1,1 ttt")
+    assert "N64,64,64 float32 basis:" in sig
+    others = {_measured.signature(_spec(8), N64), _measured.signature(spec, (32, 32, 32)),
+              _measured.signature(spec, N64, "bfloat16"), _measured.signature(_spec(rhs_dilation=2), N64)}
+    assert sig not in others and len(others) == 4
+
+
+def test_exact_match_keeps_a_fused_backend_only_where_it_beats_dense_at_every_batch():
+    spec = _spec()
+    wins = _table((spec, N64, {1: {"dense": 2.0, "triton": 1.0}, 4: {"dense": 8.0, "triton": 4.0}}))
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=wins)
+    assert rule.startswith("exact match") and ms == {"dense": 4.0, "triton": 2.0}  # geometric means
+    loses_once = _table((spec, N64, {1: {"dense": 2.0, "triton": 1.0}, 4: {"dense": 8.0, "triton": 9.0, "pallas": 7.0}}))
+    ms, _ = _measured.ranking("Test GPU", spec, N64, table=loses_once)
+    assert ms == {"dense": 4.0}  # pallas was not measured at batch 1: not shown faster either
+
+
+def test_unmeasured_configurations_take_the_conservative_rule():
+    measured = [(_spec(16), N64, {4: {"dense": 7.0, "triton": 5.0}}), (_spec(24), N64, {4: {"dense": 9.0, "triton": 8.0}})]
+    # 20 channels per key: both measured ones are within a factor 2 and triton beat dense on both
+    ms, rule = _measured.ranking("Test GPU", _spec(20), N64, table=_table(*measured))
+    assert "similar" in rule and set(ms) == {"dense", "triton"} and ms["triton"] < ms["dense"]
+    # one similar configuration where triton lost: dense
+    lost = measured + [(_spec(12), N64, {1: {"dense": 1.0, "triton": 1.5}})]
+    ms, _ = _measured.ranking("Test GPU", _spec(20), N64, table=_table(*lost))
+    assert set(ms) == {"dense"}
+    # nothing similar (4x the channels, or another geometry): dense alone
+    for spec in (_spec(64), _spec(16, rhs_dilation=2)):
+        ms, rule = _measured.ranking("Test GPU", spec, N64, table=_table(*measured))
+        assert set(ms) == {"dense"} and "dense" in rule
+    assert _measured.ranking("Test GPU", _spec(), N64, table={"configs": {}})[0] == {}
+
+
+def test_the_committed_bench_table_still_ranks_its_own_configurations():
+    """Tables written before the exact entries: a standard layer's own sizes count as exact."""
+    table = _measured.load("NVIDIA H200")
+    entry = table["configs"]["d3_n64_b4_c16"]["fwd_bwd"]
+    ms, rule = _measured.ranking("NVIDIA H200", _spec(16), N64)
+    assert rule == "a benchmarked configuration of the same sizes"
+    assert ms == {b: t for b, t in entry.items() if b == "dense" or t < entry["dense"]}
+    # the UNet's 32-cell level at 16 channels was never measured: triton lost on a similar
+    # configuration (d3_n64_b2_c32), so dense
+    assert set(_measured.ranking("NVIDIA H200", _spec(16), (32, 32, 32))[0]) == {"dense"}
+
+
+def test_auto_dispatch_follows_the_ranking(monkeypatch):
+    fast = kernels.Backend("fast-fused", kernels.conv_contract_reference, lambda: (True, ""), lambda *a: (True, ""), priority={"gpu": 99})
+    kernels.register_backend(fast)
+    try:
+        monkeypatch.setattr(kernels._registry, "platform", lambda: "gpu")
+        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Test GPU")
+        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+        spec = _spec()
+        table = _table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}), (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}}))
+        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "Test GPU" else None)
+        assert kernels.explain(spec, N64).backend == "fast-fused"
+        assert kernels.explain(spec, (32,) * 3).backend == "dense"  # measured slower there
+        assert kernels.explain(_spec(64), N64).backend == "dense"  # nothing similar measured
+    finally:
+        kernels._registry._BACKENDS.pop("fast-fused")
+
+
+def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
+    """conv_configs on a small layer step, then measure-auto's loop on dense and reference."""
+    import argparse
+
+    from bench import _cases, _configs, measure_auto, model_layers
+
+    case = _cases.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=3, c=2))
+    fn, args = case.function("fwd_bwd")
+    uses = model_layers.conv_configs(fn, *args, batch=3, source="t")
+    assert len(uses) == 1 and uses[0].count == 1 and uses[0].spatial == (8, 8) and uses[0].batch == 3
+    assert uses[0].signature == _measured.signature(case.spec(), (8, 8), "float32")
+    twice = model_layers.merge([uses, model_layers.conv_configs(fn, *args, batch=3, source="u")])
+    assert len(twice) == 1 and twice[0].count == 2 and twice[0].sources == ("t", "u")
+    opts = argparse.Namespace(modes=("fwd_bwd",), time_budget=0.0, max_time=0.01, min_rounds=2)
+    table = {"device_kind": "cpu", "sources": [], "configs": {}, "exact": {}}
+    log: list = []
+    measure_auto.measure_all(uses, ("dense", "reference"), opts, table, tmp_path / "cpu.json", log)
+    entry = table["exact"][uses[0].signature]
+    assert set(entry["batches"]["3"]["fwd_bwd"]) == {"dense", "reference"} and entry["used_by"] == ["t"]
+    assert all(v > 0 for v in entry["batches"]["3"]["fwd_bwd"].values()) and (tmp_path / "cpu.json").exists()
+    ms, rule = _measured.ranking("cpu", case.spec(), (8, 8), table=table)
+    assert rule.startswith("exact match") and "dense" in ms
+    assert "t " in measure_auto.summary(uses, table, ("dense", "reference"))
