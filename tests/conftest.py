@@ -29,11 +29,28 @@ from hypothesis import strategies as st
 
 FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 
-# Tests marked `slow` (deselected by default, `python -m pytest -m slow` runs them; CI runs them
-# when time allows): file -> test names (a name without [params] marks every parametrisation).
-# Listed here, not by decorators, so that one place shows what the default run leaves out and
-# why; each entry states its CPU seconds on 2 cores and what still covers it by default.
-SLOW: dict[str, dict[str, str]] = {}
+# Whole tests marked `slow` (deselected by default, `python -m pytest -m slow` runs them; CI runs
+# them when time allows): file -> test name -> why, with what still covers it by default. Listed
+# here rather than by decorators in files other sessions own. Single parametrisations are marked
+# where they are defined (tests/test_conformance.py: most pallas rows).
+SLOW: dict[str, dict[str, str]] = {
+    "test_bench_tooling.py": {
+        "test_quick_suite_is_a_correctness_check_of_every_available_backend":
+            "the bench's quick suite in a subprocess on every backend, interpreters included: over"
+            " 64 CPU s (cut off by its 600 s timeout on a loaded machine); the backends' correctness"
+            " is test_conformance.py's, the bench command is checked by the other tests here",
+        "test_compare_defaults_to_newest_baseline_against_a_fresh_run":
+            "a second `python -m bench` run in a subprocess: 40 CPU s; compare's verdicts are"
+            " checked on stored and synthetic runs by the tests around it",
+    },
+    "test_sharding.py": {
+        "test_model_sharded_cases":
+            "UNet, ResNet, DilResNet in float64 on 4 simulated devices, in a subprocess; the split"
+            " itself (kernels.spatial_sharding) is checked by test_conv_contract_sharded_cases",
+        "test_scaling_benchmark_smoke":
+            "bench.scaling end to end (bench tooling, not the library's API) in a subprocess",
+    },
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
