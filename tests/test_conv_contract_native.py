@@ -1,6 +1,6 @@
-"""The `native` backend (C++ kernels through XLA FFI) against `reference`: every recorded case,
-hypothesis-drawn layers (forward and gradients, vmapped, jitted), odd sizes, float64, NaN/inf,
-bad input, bit-identical gradients, how it reports itself when not built, and `auto` on a CPU.
+"""The `native` backend (C++ kernels through XLA FFI) against `reference` (every recorded case:
+tests/test_conformance.py): hypothesis-drawn layers (forward and gradients, vmapped, jitted), odd
+sizes, float64, NaN/inf, bad input, bit-identical gradients, how it reports itself when not built, and `auto` on a CPU.
 
 The backend exists only where `pip install` compiled it. Without it these tests skip with the
 reason, except where GINJAX_REQUIRE_NATIVE=1 (CI sets it): there a missing build is a failure.
@@ -21,11 +21,8 @@ import jax.numpy as jnp
 import kernels
 from kernels.native import conv_contract_native
 from conftest import (
-    conv_contract_case,
-    conv_contract_cases,
     draw_covered_layer,
     fixture_filters,
-    fixture_spec,
     float64,
     random_operands,
     rel_l2,
@@ -94,31 +91,6 @@ def _check_against_oracle(spec, inputs, weights, tol=FP32):
             assert not np.any(np.asarray(got))
         else:
             assert rel_l2(got, want) <= tol
-
-
-def _covered(spec, spatial, dtype=jnp.float32) -> bool:
-    return kernels._registry.get("native").coverage(spec, spatial, dtype)[0]
-
-
-# ---- recorded ginjax 0.1.8 cases ----------------------------------------------------------------
-@pytest.mark.parametrize("case", conv_contract_cases())
-def test_fixture_cases(case):
-    """Every recorded case: forward and gradients against the float64 reference; the unbiased
-    ones also against ginjax's recorded outputs. Cases outside the coverage fall back to dense."""
-    meta, arrays = conv_contract_case(case)
-    spec, inputs, weights, expected = fixture_spec(meta, arrays)
-    spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
-    choice = kernels.explain(spec, spatial, backend="native")
-    if not _covered(spec, spatial):
-        assert choice.backend == "dense" and "not covered" in choice.reason
-        return
-    assert choice.backend == "native"
-    if not meta["use_bias"]:
-        outs = kernels.conv_contract(spec, inputs, weights, backend="native", precision="fp32")
-        for got, want in zip(outs, expected):
-            assert got.shape == want.shape
-            assert rel_l2(got, want) <= FP32
-    _check_against_oracle(spec, [x[None] for x in inputs], weights)
 
 
 # ---- hypothesis-drawn layers --------------------------------------------------------------------
