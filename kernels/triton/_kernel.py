@@ -1,6 +1,8 @@
-"""The fused ConvContract forward as a Triton kernel, generated per layer from its invariant basis.
+"""The fused ConvContract kernels as Triton source, generated per layer from its invariant basis:
+the forward (which also serves the input gradient, run on the transposed layer) and the weight
+gradient with its deterministic partial sums.
 
-The factorised form of ARCHITECTURE.md, for one tile of output pixels and one chunk of input
+The factorised form of docs/ARCHITECTURE.md, for one tile of output pixels and one chunk of input
 channels at a time:
 
     Z[c, f, j, x] = sum_{y, i} B[f, y, i, j] X[c, x + y, i]     sparse stencil, fp32 FMAs
