@@ -249,7 +249,7 @@ def test_unbuilt_module_reports_itself_unavailable(monkeypatch):
     monkeypatch.setattr("kernels.native.registered", lambda: (False, "the compiled module is not built (test)"))
     ok, why = native.availability()
     assert not ok and "not built" in why
-    with pytest.raises(ValueError, match="'native' cannot run here: the compiled module is not built"):
+    with pytest.raises(ValueError, match="native.* cannot run here: the compiled module is not built"):
         kernels.explain(_standard_spec(2, 1), backend="native")
     assert kernels.explain(_standard_spec(2, 1)).backend != "native"
 
