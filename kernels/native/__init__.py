@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec
+from .._spec import ConvSpec, fused_coverage
 from ._ffi import registered
 from .conv_contract import conv_contract_native
 
@@ -35,15 +35,9 @@ def availability() -> tuple[bool, str]:
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
-    orders = [k for k, _, _ in spec.in_keys + spec.out_keys]
-    if max(orders) > 2:
-        return False, f"tensor orders up to 2 are covered, this layer has order {max(orders)}"
-    if any(s != 1 for s in spec.stride):
-        return False, f"stride {spec.stride} is not covered (stride 1 only)"
-    if any(d != 1 for d in spec.lhs_dilation):
-        return False, f"lhs_dilation {spec.lhs_dilation} is not covered"
-    if dtype is not None and jnp.dtype(dtype) not in _DTYPES:
-        return False, f"{jnp.dtype(dtype).name} operands are not covered"
+    ok, why = fused_coverage(spec, spatial, dtype, _DTYPES)
+    if not ok:
+        return False, why
     return True, "native C++ kernels (factorised over the basis nonzeros)"
 
 

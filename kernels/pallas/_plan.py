@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._spec import ConvSpec, FilterBasis, torus_wrap_exceeds
+from .._spec import ConvSpec, FilterBasis, fused_coverage
 
 # Channel tiles are padded to a power of two of at least this size: Triton's tensor-core dot needs
 # every matrix dimension >= 16, and every Triton tensor dimension must be a power of two.
@@ -108,24 +108,17 @@ def coverage(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
     """Whether the Pallas kernels compute this configuration, and if not, why."""
     if spec.D not in (2, 3):
         return False, f"D={spec.D}; the Pallas kernels cover D=2 and D=3"
+    ok, why = fused_coverage(spec, spatial, dtype, (np.float32,), MAX_TENSOR_ORDER)
+    if not ok:
+        return False, why
     keys = spec.in_keys + spec.out_keys
-    if any(k > MAX_TENSOR_ORDER for k, _, _ in keys):
-        return False, f"tensor order above {MAX_TENSOR_ORDER} (keys {keys})"
-    if any(s != 1 for s in spec.stride):
-        return False, f"stride {spec.stride}; the Pallas kernels cover stride 1 only"
-    if any(d != 1 for d in spec.lhs_dilation):
-        return False, f"lhs_dilation {spec.lhs_dilation}; the Pallas kernels do not dilate the input"
     if any(c > MAX_CHANNELS for _, _, c in keys):
         return False, f"more than {MAX_CHANNELS} channels in one key (no channel tiling yet)"
-    if dtype is not None and np.dtype(dtype) != np.float32:
-        return False, f"dtype {np.dtype(dtype).name}; the Pallas kernels take float32 blocks"
     for ax, (tp, zp, m, r) in enumerate(zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation)):
         if any(tp) and any(zp):
             return False, f"axis {ax} both wraps and zero-pads"
         if any(tp) and tp[0] + tp[1] != (m - 1) * r:
             return False, f"axis {ax} wraps by {tp}, not the {(m - 1) * r} cells that keep its size"
-    if why := torus_wrap_exceeds(spec, spatial):
-        return False, why
     if spatial is not None:
         n_pix = math.prod(spatial)
         widest = max(c * spec.D**k for k, _, c in keys)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from .._bias import bias_offsets
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec, torus_wrap_exceeds
+from .._spec import ConvSpec, fused_coverage
 from ._stencil import check_sizes, count_nonzeros
 from ._tiling import MAX_NONZEROS, BlockSizes
 from ._launch import interpreting
@@ -66,16 +66,9 @@ def availability() -> tuple[bool, str]:
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
-    orders = [k for k, _, _ in spec.in_keys + spec.out_keys]
-    if max(orders) > 2:
-        return False, f"tensor orders up to 2 are covered, this layer has order {max(orders)}"
-    if any(s != 1 for s in spec.stride):
-        return False, f"stride {spec.stride} is not covered (stride 1 only)"
-    if any(d != 1 for d in spec.lhs_dilation):
-        return False, f"lhs_dilation {spec.lhs_dilation} is not covered"
-    if dtype is not None and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return False, f"{jnp.dtype(dtype).name} operands are not covered (fp32 accumulation only)"
-    if why := torus_wrap_exceeds(spec, spatial):
+    # fp32 accumulation only: float64 operands go to dense
+    ok, why = fused_coverage(spec, spatial, dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
+    if not ok:
         return False, why
     nonzeros = count_nonzeros(spec)
     if nonzeros > MAX_NONZEROS:
