@@ -73,9 +73,13 @@ def test_the_committed_bench_table_still_ranks_its_own_configurations():
     """Tables written before the exact entries: a standard layer's own sizes count as exact."""
     table = _measured.load("NVIDIA H200")
     entry = table["configs"]["d3_n64_b4_c16"]["fwd_bwd"]
-    ms, rule = _measured.ranking("NVIDIA H200", _spec(16), N64)
+    before_exact = {k: v for k, v in table.items() if k != "exact"}
+    ms, rule = _measured.ranking("NVIDIA H200", _spec(16), N64, table=before_exact)
     assert rule == "a benchmarked configuration of the same sizes"
     assert ms == {b: t for b, t in entry.items() if b == "dense" or t < entry["dense"]}
+    # the committed table now also holds measure-auto's exact entry for this layer, which decides
+    _, rule = _measured.ranking("NVIDIA H200", _spec(16), N64)
+    assert rule.startswith("exact match")
     # the UNet's 32-cell level at 16 channels was never measured: triton lost on a similar
     # configuration (d3_n64_b2_c32), so dense
     assert set(_measured.ranking("NVIDIA H200", _spec(16), (32, 32, 32))[0]) == {"dense"}
