@@ -52,10 +52,12 @@ def operands(spec, N, seed, batch=None, dtype=np.float32):
     return [jnp.asarray(x, dtype) for x in xs], [jnp.asarray(w, dtype) for w in ws]
 
 
-def check_close(got, want, mode):
+def check_close(got, want, mode, dtype=jnp.float32):
+    """`got` in `dtype` (the inputs' dtype: kernels.conv_contract's dtype policy), within the
+    tolerance of `mode` of `want`, every element written and finite."""
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == jnp.float32
+        assert g.shape == w.shape and g.dtype == dtype
         assert np.isfinite(np.asarray(g)).all(), "an output element was never written (or is not finite)"
         assert rel_l2(g, w) <= kernels.TOLERANCE[mode], (rel_l2(g, w), mode)
 
@@ -163,7 +165,7 @@ def test_bf16_operands_and_float64_fallback():
     xs, ws = operands(spec, 6, seed=11)
     want = run(spec, xs, ws, "reference")
     got = run(spec, [x.astype(jnp.bfloat16) for x in xs], ws, "triton", "tf32")
-    check_close(got, want, "bf16")  # inputs rounded to bf16, so the bf16 tolerance applies
+    check_close(got, want, "bf16", jnp.bfloat16)  # inputs rounded to bf16: the bf16 tolerance
     with float64():
         xs64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in xs]
         ws64 = [jnp.asarray(np.asarray(w), jnp.float64) for w in ws]
