@@ -110,3 +110,8 @@ class FilterBank(geom.MultiImage):
                 and list(self._bases.items()) == list(other._bases.items())
             )
         return super().__eq__(other, *args, **kwargs)
+
+
+# A pytree node without children: the bank lives in the tree's structure (hashed by content), so
+# plain jax.jit, make_jaxpr and vmap take a module holding one, as they took 0.1.8's array leaves.
+jax.tree_util.register_pytree_node(FilterBank, lambda bank: ((), bank), lambda bank, _: bank)

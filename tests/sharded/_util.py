@@ -88,4 +88,6 @@ def weighted_sum(tree) -> jax.Array:
 
 
 def hlo_text(fn, *args) -> str:
-    return jax.jit(fn).lower(*args).compile().as_text()
+    """The compiled HLO of fn(*args); modules' non-array leaves (a layer's FilterBank) stay static."""
+    arrays, static = eqx.partition(args, eqx.is_array)
+    return jax.jit(lambda a: fn(*eqx.combine(a, static))).lower(arrays).compile().as_text()

@@ -133,7 +133,9 @@ def test_stride_two():
 def test_transposed_upsampling():
     # the UNet's upsampling: M=2 filters, lhs_dilation 2, padding (1, 1): the grid doubles
     conv = layer(2, M=2, padding=((1, 1), (1, 1)), lhs_dilation=(2, 2))
-    y, _ = compare(conv, image(2, 8, True, 2, seed=6), mesh((4,), ("space",)), {0: "space"})
+    # 3e-5: the bias gradient is one fp32 sum over every output with cancellation, and the split
+    # (sub-pixel GEMM per shard) sums it in another order (1.3e-5 seen on the CPU)
+    y, _ = compare(conv, image(2, 8, True, 2, seed=6), mesh((4,), ("space",)), {0: "space"}, tol=3e-5)
     assert y.get_spatial_dims() == (16, 16)
 
 
