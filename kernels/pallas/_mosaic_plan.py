@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import numpy as np
 
@@ -113,6 +114,29 @@ def make_plan(spec: ConvSpec, spatial: tuple[int, int, int]) -> MosaicPlan:
     c = spec.in_keys[0][2]
     o = spec.out_keys[0][2]
     return MosaicPlan(tuple(spatial), c, o, tuple(groups))
+
+
+def shared_reads(plan: MosaicPlan):
+    """The stencil walked by source tile: per distinct (offset (dz, dy, dx), source block, component
+    i), the (group, tile, coefficient) it feeds. Each shifted tile is then read from shared memory
+    once per chunk instead of once per nonzero (108 reads instead of 342 for the standard layer)."""
+    reads: dict = {}
+    for gi, g in enumerate(plan.groups):
+        for ti, entries in enumerate(g.entries):
+            for offset, a, i, coef in entries:
+                reads.setdefault((offset, a, i), []).append((gi, ti, coef))
+    return tuple((key, tuple(uses)) for key, uses in sorted(reads.items()))
+
+
+def halo_row(coord, d: int, n: int, rem=operator.mod):
+    """Source row of offset d in {-1, 0, 1} on a torus axis of n cells; the kernel passes lax.rem
+    (a non-negative dividend, so truncating and flooring remainders agree)."""
+    return rem(coord + (d + n), n)
+
+
+def pixel_start(dx: int) -> int:
+    """First pixel of the shifted x window inside a wrap-padded row."""
+    return PAD + dx
 
 
 def weight_sets(plan: MosaicPlan) -> tuple[tuple[tuple[int, int], ...], ...]:

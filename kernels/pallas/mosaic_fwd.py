@@ -31,7 +31,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ._mosaic_plan import CHUNK, PAD, ROW, SWIZZLE, MosaicPlan, make_plan, pack_weights, weight_sets
+from ._mosaic_plan import (
+    CHUNK,
+    PAD,
+    ROW,
+    SWIZZLE,
+    MosaicPlan,
+    halo_row,
+    make_plan,
+    pack_weights,
+    pixel_start,
+    shared_reads,
+    weight_sets,
+)
 
 try:  # the module imports on any jax; the kernel needs Mosaic GPU (jax >= 0.10)
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -56,6 +68,11 @@ def _load(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
+def _fma(acc, v, coef: float):
+    term = v if coef == 1.0 else (-v if coef == -1.0 else v * coef)
+    return term if acc is None else acc + term
+
+
 def pad_rows(x, k: int):
     """Wrap-pad the x axis by PAD pixels on each side, flattening (x, 3) for vectors:
     (B, c, z, y, x[, 3]) -> (B, c, z, y, (x + 2 * PAD) * 3**k)."""
@@ -67,7 +84,7 @@ def _tiled():
     return dict(transforms=(plgpu.TilingTransform((8, SWIZZLE // 4)), plgpu.SwizzleTransform(SWIZZLE)))
 
 
-def _kernel(x0, x1, *refs, plan: MosaicPlan, sets):
+def _kernel(x0, x1, *refs, plan: MosaicPlan, sets, share_loads: bool):
     n_sets, n_groups = len(sets), len(plan.groups)
     w_gmem = refs[:n_sets]
     y0, y1 = refs[n_sets : n_sets + 2]
@@ -86,34 +103,52 @@ def _kernel(x0, x1, *refs, plan: MosaicPlan, sets):
     for s in range(n_sets):
         plgpu.barrier_wait(bar_w.at[s])
 
+    def tile(offset, a, i):
+        """(64 pixels, CHUNK channels) of source block a, component i, at offset (dz, dy, dx)."""
+        dz, dy, dx = offset
+        row = xs[a].at[dz + 1, dy + 1]  # (CHUNK, padded x row)
+        if a == 0:
+            view = row.at[:, pl.ds(pixel_start(dx), ROW)]
+        else:  # component i of the (pixel, 3) row: a stride-3 view
+            view = row.reshape(CHUNK, ROW + 2 * PAD, 3).at[:, pl.ds(pixel_start(dx), ROW), i]
+        return _load(plgpu.transpose_ref(view, (1, 0)), layout)
+
     def body(accs):
         for h in range(plan.n_chunks):
             chans = pl.ds(h * CHUNK, CHUNK)
             n = 0
             for dz in range(3):
                 for dy in range(3):
-                    zz = lax.rem(z + (dz - 1 + nz), nz)
-                    yy = lax.rem(y + (dy - 1 + ny), ny)
+                    zz, yy = halo_row(z, dz - 1, nz, lax.rem), halo_row(y, dy - 1, ny, lax.rem)
                     for src, xg in ((x0, xs0), (x1, xs1)):
                         plgpu.copy_gmem_to_smem(src.at[b, chans, zz, yy], xg.at[dz, dy], bar_x[h].at[n])
                         n += 1
             for m in range(n):
                 plgpu.barrier_wait(bar_x[h].at[m])
-            for gi, g in enumerate(plan.groups):
-                for ti, entries in enumerate(g.entries):
-                    zt = None
-                    for (dz, dy, dx), a, i, coef in entries:
-                        row = xs[a].at[dz + 1, dy + 1]  # (CHUNK, padded x row)
-                        if a == 0:
-                            view = row.at[:, pl.ds(PAD + dx, ROW)]
-                        else:  # component i of the (pixel, 3) row: a stride-3 view
-                            view = row.reshape(CHUNK, ROW + 2 * PAD, 3).at[:, pl.ds(PAD + dx, ROW), i]
-                        v = _load(plgpu.transpose_ref(view, (1, 0)), layout)
-                        term = v if coef == 1.0 else (-v if coef == -1.0 else v * coef)
-                        zt = term if zt is None else zt + term
-                    a_s[gi][:, pl.ds(ti * CHUNK, CHUNK)] = zt
+            if share_loads:
+                # every Z tile of the chunk live at once (40 x 4 registers per thread for the
+                # standard layer), each shifted tile read once
+                z_tiles: dict = {}
+                for (offset, a, i), uses in shared_reads(plan):
+                    v = tile(offset, a, i)
+                    for gi, ti, coef in uses:
+                        z_tiles[gi, ti] = _fma(z_tiles.get((gi, ti)), v, coef)
+                for gi, g in enumerate(plan.groups):
+                    for ti in range(len(g.tiles)):
+                        a_s[gi][:, pl.ds(ti * CHUNK, CHUNK)] = z_tiles[gi, ti]
                 plgpu.commit_smem()
-                plgpu.wgmma(accs[gi], a_s[gi], plgpu.transpose_ref(w_s[set_of[gi]].at[h], (1, 0)))
+                for gi in range(n_groups):
+                    plgpu.wgmma(accs[gi], a_s[gi], plgpu.transpose_ref(w_s[set_of[gi]].at[h], (1, 0)))
+            else:
+                # group by group: a group's wgmma runs while the next group's stencil computes
+                for gi, g in enumerate(plan.groups):
+                    for ti, entries in enumerate(g.entries):
+                        zt = None
+                        for offset, a, i, coef in entries:
+                            zt = _fma(zt, tile(offset, a, i), coef)
+                        a_s[gi][:, pl.ds(ti * CHUNK, CHUNK)] = zt
+                    plgpu.commit_smem()
+                    plgpu.wgmma(accs[gi], a_s[gi], plgpu.transpose_ref(w_s[set_of[gi]].at[h], (1, 0)))
             plgpu.wgmma_wait(0)
 
     def scoped(*accs):
@@ -135,7 +170,7 @@ def _kernel(x0, x1, *refs, plan: MosaicPlan, sets):
 
 
 @functools.lru_cache(maxsize=32)
-def _build(plan: MosaicPlan, batch: int, auto_barriers: bool):
+def _build(plan: MosaicPlan, batch: int, auto_barriers: bool, share_loads: bool):
     sets = weight_sets(plan)
     nz, ny, nx = plan.spatial
     c, o = plan.channels, plan.out_channels
@@ -154,7 +189,7 @@ def _build(plan: MosaicPlan, batch: int, auto_barriers: bool):
         jax.ShapeDtypeStruct((batch, o, nz, ny, 3 * nx), F32),
     )
     return plgpu.kernel(
-        functools.partial(_kernel, plan=plan, sets=sets),
+        functools.partial(_kernel, plan=plan, sets=sets, share_loads=share_loads),
         out_type=out_type,
         scratch_types=scratch,
         grid=(batch, nz, ny),
@@ -165,18 +200,20 @@ def _build(plan: MosaicPlan, batch: int, auto_barriers: bool):
     )
 
 
-def mosaic_forward(spec, inputs, weights, *, auto_barriers: bool = True):
+def mosaic_forward(spec, inputs, weights, *, auto_barriers: bool = True, share_loads: bool = False):
     """Batched forward: inputs [(B, c, z, y, x), (B, c, z, y, x, 3)], weights per pair
     (o, c, F) -> [(B, o, z, y, x), (B, o, z, y, x, 3)]. TF32 operands, fp32 accumulation.
 
     auto_barriers=False drops the barrier Pallas puts before every shared-memory store; the
-    kernel's own commit_smem barriers order the TMA, the Z stores and the wgmma (see _kernel)."""
+    kernel's own commit_smem barriers order the TMA, the Z stores and the wgmma (see _kernel).
+    share_loads=True reads each shifted source tile once per chunk for every Z tile (all live in
+    registers) instead of once per basis nonzero."""
     if plgpu is None:  # pragma: no cover
         raise RuntimeError("jax.experimental.pallas.mosaic_gpu is not available in this jax")
     x0, x1 = inputs
     spatial = tuple(x0.shape[2:5])
     plan = make_plan(spec, spatial)
     ws = pack_weights(plan, [w.astype(F32) for w in weights], xp=jnp)
-    call = _build(plan, x0.shape[0], auto_barriers)
+    call = _build(plan, x0.shape[0], auto_barriers, share_loads)
     y0, y1 = call(pad_rows(x0.astype(F32), 0), pad_rows(x1.astype(F32), 1), *ws)
     return [y0, y1.reshape(y1.shape[:4] + (spatial[2], 3))]
