@@ -66,10 +66,10 @@ def main(argv=None) -> int:
         ref_box["ref"] = [jax.block_until_ready(r) for r in ref]
         return {}
 
-    def correct_and_time(auto_barriers):
+    def correct_and_time(**variant):
         """One compile: the error against the reference, then the timing of the same executable."""
         def run():
-            f = jax.jit(lambda xs, ws: mf.mosaic_forward(spec, xs, ws, auto_barriers=auto_barriers))
+            f = jax.jit(lambda xs, ws: mf.mosaic_forward(spec, xs, ws, **variant))
             t0 = time.perf_counter()
             compiled = f.lower(xs, ws).compile()
             compile_s = time.perf_counter() - t0
@@ -97,11 +97,12 @@ def main(argv=None) -> int:
         return run
 
     stage("reference", reference)
-    stage("mosaic", correct_and_time(True))
+    stage("mosaic", correct_and_time())
+    stage("mosaic_shared_reads", correct_and_time(share_loads=True, auto_barriers=False))
     stage("triton", timed(layer("triton")))
     stage("dense", timed(layer("dense")))
     stage("pad_rows", timed(lambda xs, ws: (mf.pad_rows(xs[0], 0), mf.pad_rows(xs[1], 1))))
-    stage("mosaic_no_auto_barriers", correct_and_time(False))
+    stage("mosaic_no_auto_barriers", correct_and_time(auto_barriers=False))
     return 0
 
 

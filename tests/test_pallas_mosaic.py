@@ -44,7 +44,7 @@ def test_plan_of_the_standard_layer():
 
 def test_shared_memory_fits_one_block():
     plan = mp.make_plan(SPEC, (64, 64, 64))
-    assert mp.smem_bytes(plan) == 199_680
+    assert mp.smem_bytes(plan) == 204_288
     assert mp.smem_bytes(plan) <= H100_SMEM
 
 
@@ -52,14 +52,16 @@ def test_tma_boxes_are_aligned():
     plan = mp.make_plan(SPEC, (64, 64, 64))
     for k in (0, 1):
         row = plan.row_floats(k)
-        assert row == (64 + 2 * mp.PAD) * 3**k
+        assert row == (64 + 3 * mp.PAD) * 3**k
+        assert mp.bank_conflicts(row, 3**k) == 1  # the padded pitch: one wavefront per warp read
+        assert mp.bank_conflicts((64 + 2 * mp.PAD) * 3**k, 3**k) == 2  # a symmetric pad: two
         assert mp.tma_box_ok(0, row, row), k
     assert mp.tma_box_ok(0, 64, 64) and mp.tma_box_ok(0, 3 * 64, 3 * 64)  # the output rows
     # what the wrap-padded rows avoid: a start one pixel (3 floats) into a vector row, a box past
     # 256 elements (a 16-pixel vector pad)
     assert not mp.tma_box_ok(3, 192, 192)
     assert not mp.tma_box_ok(0, 288, 288)
-    assert mp.pixel_start(-1) == mp.PAD - 1 and mp.pixel_start(1) + 64 <= 64 + 2 * mp.PAD
+    assert mp.pixel_start(-1) == mp.PAD - 1 and mp.pixel_start(1) + 64 <= mp.ROW_PIXELS
 
 
 def test_halo_rows_wrap():
@@ -111,7 +113,7 @@ def _emulate(plan, xs, ws):
             def tile(offset, a, i):
                 dz, dy, dx = offset
                 rows = xpad[a][b, ch][:, mp.halo_row(zs, dz, nz)][:, :, mp.halo_row(ys, dy, ny)]
-                rows = rows.reshape(rows.shape[:3] + (mp.ROW + 2 * mp.PAD, 3**a))
+                rows = rows.reshape(rows.shape[:3] + (mp.ROW_PIXELS, 3**a))
                 view = rows[..., mp.pixel_start(dx) : mp.pixel_start(dx) + mp.ROW, i]  # (c, z, y, px)
                 return np.moveaxis(view, 0, -1)  # (z, y, px, c)
 

@@ -27,8 +27,11 @@ ROW = 64  # pixels per program: one x row (the wgmma M)
 CHUNK = 8  # input channels per pass: one (8, 8) tf32 tile column of the A operand
 SWIZZLE = 32  # bytes; tf32 tiles are (8, SWIZZLE // 4)
 TMA_ALIGN_FLOATS = 4  # innermost TMA box starts and row strides are multiples of 16 bytes
-PAD = TMA_ALIGN_FLOATS  # pixels of wrap added on each side of an x row: whole pixels keep a vector
-# row a (pixels, 3) array, and 4 pixels keep every row start 16-byte aligned
+PAD = TMA_ALIGN_FLOATS  # pixels of wrap before an x row: whole pixels keep a vector row a
+# (pixels, 3) array, and 4 pixels keep every row start 16-byte aligned
+PAD_RIGHT = 2 * PAD  # pixels of wrap after it: 4 more than needed make the row pitch 76 (scalar)
+# and 228 (vector) floats, for which the tile reads below hit 32 distinct banks (72 and 216: 2-way)
+ROW_PIXELS = ROW + PAD + PAD_RIGHT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,7 @@ class MosaicPlan:
 
     def row_floats(self, k: int) -> int:
         """Floats of one x row of a block of tensor order k, wrap-padded on both sides."""
-        return (self.spatial[2] + 2 * PAD) * 3**k
+        return ROW_PIXELS * 3**k
 
 
 def coverage(spec: ConvSpec, spatial) -> tuple[bool, str]:
@@ -132,6 +135,18 @@ def halo_row(coord, d: int, n: int, rem=operator.mod):
     """Source row of offset d in {-1, 0, 1} on a torus axis of n cells; the kernel passes lax.rem
     (a non-negative dividend, so truncating and flooring remainders agree)."""
     return rem(coord + (d + n), n)
+
+
+def bank_conflicts(row_floats: int, pixel_stride: int) -> int:
+    """Largest number of distinct addresses that share a bank in one warp's read of a tile: the
+    tiles' register layout (Mosaic's 32-bit WGMMA accumulator layout) gives a warp 8 consecutive
+    pixels x 4 channels 2 apart; a channel is `row_floats` floats from the next."""
+    banks: dict[int, set[int]] = {}
+    for lane in range(32):
+        p, c = lane // 4, 2 * (lane % 4)
+        addr = c * row_floats + p * pixel_stride
+        banks.setdefault(addr % 32, set()).add(addr)
+    return max(len(a) for a in banks.values())
 
 
 def pixel_start(dx: int) -> int:

@@ -34,6 +34,8 @@ from jax.experimental import pallas as pl
 from ._mosaic_plan import (
     CHUNK,
     PAD,
+    PAD_RIGHT,
+    ROW_PIXELS,
     ROW,
     SWIZZLE,
     MosaicPlan,
@@ -74,9 +76,9 @@ def _fma(acc, v, coef: float):
 
 
 def pad_rows(x, k: int):
-    """Wrap-pad the x axis by PAD pixels on each side, flattening (x, 3) for vectors:
-    (B, c, z, y, x[, 3]) -> (B, c, z, y, (x + 2 * PAD) * 3**k)."""
-    x = jnp.concatenate([x[:, :, :, :, -PAD:], x, x[:, :, :, :, :PAD]], axis=4)
+    """Wrap-pad the x axis by PAD pixels before and PAD_RIGHT after, flattening (x, 3) for vectors:
+    (B, c, z, y, x[, 3]) -> (B, c, z, y, ROW_PIXELS * 3**k)."""
+    x = jnp.concatenate([x[:, :, :, :, -PAD:], x, x[:, :, :, :, :PAD_RIGHT]], axis=4)
     return x.reshape(x.shape[:4] + (-1,))
 
 
@@ -110,7 +112,7 @@ def _kernel(x0, x1, *refs, plan: MosaicPlan, sets, share_loads: bool):
         if a == 0:
             view = row.at[:, pl.ds(pixel_start(dx), ROW)]
         else:  # component i of the (pixel, 3) row: a stride-3 view
-            view = row.reshape(CHUNK, ROW + 2 * PAD, 3).at[:, pl.ds(pixel_start(dx), ROW), i]
+            view = row.reshape(CHUNK, ROW_PIXELS, 3).at[:, pl.ds(pixel_start(dx), ROW), i]
         return _load(plgpu.transpose_ref(view, (1, 0)), layout)
 
     def body(accs):
