@@ -3,7 +3,7 @@ against `reference` (float32 'highest'), then kernel-level forward times against
 `dense` on the same operands (bench/_timing.py's loop, queued calls). Each stage is guarded, so a
 failure is recorded and the rest still runs; rows go to OUT/mosaic_spike.json after every stage.
 
-    python -m bench.mosaic_spike OUT_DIR [--config d3_n64_b4_c16]
+    python -m bench.mosaic_spike OUT_DIR [--config d3_n64_b4_c16] [--zy N --b B]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mosaic_spike")
     p.add_argument("out")
     p.add_argument("--config", default="d3_n64_b4_c16")
+    p.add_argument("--zy", type=int, default=None, help="z and y extent override (a CPU dry run: 2)")
+    p.add_argument("--b", type=int, default=None, help="batch override")
     args = p.parse_args(argv)
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
 
     cfg = _configs.CONFIGS[args.config]
     spec = _cases.fixture_spec(cfg)
-    xs, ws, _ = _cases.spec_operands(spec, cfg.spatial, cfg.B, seed=1)
-    rows: dict = {"config": cfg.name, "jax": jax.__version__, "device": str(jax.devices()[0]), "stages": {}}
+    spatial = (args.zy or cfg.N, args.zy or cfg.N, cfg.N)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, args.b or cfg.B, seed=1)
+    rows: dict = {"config": cfg.name, "spatial": spatial, "batch": args.b or cfg.B, "jax": jax.__version__,
+                  "device": str(jax.devices()[0]), "stages": {}}
 
     def save():
         (out_dir / "mosaic_spike.json").write_text(json.dumps(rows, indent=1))
