@@ -251,13 +251,17 @@ def test_vector_neuron_and_norm_step_structure():
     """A train step's passes over a vector block: the VectorNeuron is its three GEMMs and
     elementwise work (no reductions: the component sums are multiply-adds); the vector
     LayerNorm is two wide reductions forward and two backward, no GEMM, concatenation or
-    transpose of the block (ginjax 0.1.8's formulation by autodiff: 7 and 9 reductions)."""
+    transpose of the block, for vectors and scalars alike (ginjax 0.1.8's formulation by
+    autodiff: 7, 9 and 6 reductions)."""
     D, N, B, C = 3, 8, 2, 16
-    sig = geom.Signature((((((False,), 0), C),)))
-    x = geom.MultiImage({((False,), 0): jnp.ones((B, C) + (N,) * D + (D,))}, D, True)
+    vector, scalar = ((False,), 0), ((), 0)
     found = {}
-    for name, layer in [("VectorNeuron", layers.VectorNeuronNonlinear(sig, D, key=jax.random.PRNGKey(0))),
-                        ("LayerNorm", layers.LayerNorm(sig, D))]:
+    for name, key, layer in [
+        ("VectorNeuron", vector, layers.VectorNeuronNonlinear(geom.Signature(((vector, C),)), D, key=jax.random.PRNGKey(0))),
+        ("LayerNorm", vector, layers.LayerNorm(geom.Signature(((vector, C),)), D)),
+        ("scalar LayerNorm", scalar, layers.LayerNorm(geom.Signature(((scalar, C),)), D)),
+    ]:
+        x = geom.MultiImage({key: jnp.ones((B, C) + (N,) * D + (D,) * len(key[0]))}, D, True)
         params, static = eqx.partition(layer, eqx.is_inexact_array)
 
         def loss(params, x):
@@ -265,7 +269,8 @@ def test_vector_neuron_and_norm_step_structure():
             return sum(jnp.sum(jnp.sin(v)) for v in out.values())
 
         found[name] = _block_sized_ops(jax.jit(jax.grad(loss, (0, 1))).lower(params, x).as_text(), B * C * N**D)
-    assert found == {"VectorNeuron": {"stablehlo.dot_general": 3}, "LayerNorm": {"stablehlo.reduce(": 4}}, found
+    assert found == {"VectorNeuron": {"stablehlo.dot_general": 3}, "LayerNorm": {"stablehlo.reduce(": 4},
+                     "scalar LayerNorm": {"stablehlo.reduce(": 4}}, found
 
 
 # ---- whole models: the glue against its plain formulation ----------------------------------------
