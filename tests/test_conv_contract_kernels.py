@@ -94,7 +94,7 @@ def _dense_matches_reference_forward_and_grads(cfg, seed):
             _assert_close_or_both_zero(g, r)
 
 
-@drawn_examples(4, 15)
+@drawn_examples(3, 15)
 def test_dense_matches_reference_forward_and_grads(examples):
     run_drawn(_dense_matches_reference_forward_and_grads, examples, cfg=configurations(), seed=st.integers(0, 2**31 - 1))
 
