@@ -217,7 +217,8 @@ def main():
         for label, kw in bwd_variants.items():
             run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, "tf32", **kw)), (xs, ws), None, extra)
         if config == "d3_n64_b4_c16":  # the backward's two kernels alone
-            from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+            from kernels._fused import transposed_spec, transposed_weights
+            from kernels.triton._backward import weight_grad_launch
             spec_t, _ = transposed_spec(spec)
             run_case(config, "bwd-input-grad-only", fwd(lambda g, w: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32")), (cots, ws), None, extra)
             blocks = BlockSizes()
@@ -298,7 +299,8 @@ def registers_preset(args, run_case, start):
     and weight-gradient tilings with caps. Preset "dw": weight-gradient tilings alone, then
     forward + backward (dense's and the fused one with a few weight tilings)."""
     dw_only = args.preset == "dw"
-    from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+    from kernels._fused import transposed_spec, transposed_weights
+    from kernels.triton._backward import weight_grad_launch
 
     config = "d3_n64_b4_c16"
     D, N, B, c = CONFIGS[config]

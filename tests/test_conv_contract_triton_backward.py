@@ -19,6 +19,7 @@ from conftest import draw_covered_layer, rel_l2
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
 from kernels.triton import _backward  # noqa: E402
+from kernels._fused import transposed_spec  # noqa: E402
 from test_conv_contract_triton import make_layer, operands  # noqa: E402
 
 if not triton_backend.availability()[0]:
@@ -62,7 +63,7 @@ def covered_layers(draw):
 @given(layer=covered_layers(), seed=st.integers(0, 2**31 - 1))
 def test_drawn_layers_gradients_match_reference(layer, seed):
     spec, N = layer
-    assert _backward.transposed_spec(spec) is not None
+    assert transposed_spec(spec) is not None
     xs, ws = operands(spec, N, seed=seed, batch=2)
     check_grads(grads(spec, xs, ws, "triton"), grads(spec, xs, ws, "reference"))
 
@@ -102,12 +103,12 @@ def test_weight_kernels_load_each_input_tile_once():
 
 def test_transposed_spec_swaps_keys_and_padding():
     spec = make_layer(2, 3, [("s", 2), ("v", 3), ("t", 1)], [("v", 4)], (True, False), padding="TORUS", rhs_dilation=2)
-    spec_t, used = _backward.transposed_spec(spec)
+    spec_t, used = transposed_spec(spec)
     assert spec_t.in_keys == spec.out_keys
     assert spec_t.out_keys == tuple(spec.in_keys[a] for a in used)
     assert spec_t.torus_pad == ((2, 2), (0, 0)) and spec_t.zero_pad == ((0, 0), (2, 2))
     valid = make_layer(2, 3, [("s", 1)], [("s", 1)], False, padding=((0, 3), (1, 1)))
-    assert _backward.transposed_spec(valid)[0].zero_pad == ((2, -1), (1, 1))  # -1: one cell cropped
+    assert transposed_spec(valid)[0].zero_pad == ((2, -1), (1, 1))  # -1: one cell cropped
 
 
 def test_vmap_of_grad_grad_of_vmap_and_dense_backward_agree():

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec, fused_coverage
+from .._fused import fused_coverage
+from .._spec import ConvSpec
 from ._ffi import registered
 from .conv_contract import conv_contract_native
 

@@ -18,6 +18,7 @@ import functools
 
 import numpy as np
 
+from .._fused import basis_nonzeros
 from .._spec import ConvSpec
 
 LANES = 16  # the kernel's pixels per vector loop (kLanes in conv_contract.cc)
@@ -38,25 +39,23 @@ def tile_rows(spec: ConvSpec, out_spatial: tuple[int, ...]) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _basis_entries(spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    D, taps = spec.D, spec.taps
+    """(pairs, rows, entries, values): per pair (in key, out key, F, first row); per (pair, f, j)
+    row the start of its run of entries, (tap, i) and values, in the shared nonzeros' order."""
+    runs: dict[tuple[int, int, int], list] = {}
+    for nz in basis_nonzeros(spec):
+        runs.setdefault((nz.pair, nz.f, nz.j), []).append(nz)
     pairs, rows, entries, values = [], [0], [], []
-    for pair in spec.pairs:
-        k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
-        F, I, J = pair.basis.n_filters, D**k_a, D**k_b
-        basis = pair.basis.array.reshape(F, taps, I, J)
-        pairs.extend([pair.in_index, pair.out_index, F, len(rows) - 1])
-        for f in range(F):
+    for t, pair in enumerate(spec.pairs):
+        J = spec.D ** spec.out_keys[pair.out_index][0]
+        pairs.extend([pair.in_index, pair.out_index, pair.basis.n_filters, len(rows) - 1])
+        for f in range(pair.basis.n_filters):
             for j in range(J):
-                tap, comp = np.nonzero(basis[f, :, :, j])
-                entries.extend(np.stack([tap, comp], axis=1).ravel().tolist())
-                values.extend(basis[f, tap, comp, j].tolist())
+                for nz in runs.get((t, f, j), ()):
+                    entries.extend((nz.tap, nz.i))
+                    values.append(nz.value)
                 rows.append(len(values))
     as_i64 = lambda v: np.asarray(v, dtype=np.int64)
     return as_i64(pairs), as_i64(rows), as_i64(entries), np.asarray(values, dtype=np.float64)
-
-
-def count_nonzeros(spec: ConvSpec) -> int:
-    return int(_basis_entries(spec)[3].size)
 
 
 @functools.lru_cache(maxsize=256)

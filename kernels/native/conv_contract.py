@@ -4,7 +4,7 @@
 
 Forward: one FFI call computes every output block from every input block (all pairs).
 Backward (custom_vjp): the input gradient is the same forward kernel on the transposed layer
-(kernels.triton._backward.transposed_spec: keys swapped, bases flipped and transposed, weights
+(kernels._fused.transposed_spec: keys swapped, bases flipped and transposed, weights
 transposed in their channel axes); the weight gradient is its own kernel, which recomputes Z from
 the inputs and sums in a fixed order (bit-identical run after run). Residuals: inputs and weights.
 Batching: the FFI calls use vmap_method="broadcast_all", so a vmapped batch is one call whose
@@ -21,10 +21,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from .._fused import scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
-from ..triton._backward import transposed_spec, transposed_weights
 from ._ffi import ensure_registered
 from ._plan import plan_attributes
 
@@ -89,8 +89,8 @@ def _conv_contract_bwd(spec, residuals, cotangents):
         (d_inputs,) = vjp(cotangents)
     else:
         spec_t, used = transposed
-        grads = dict(zip(used, _forward(spec_t, cotangents, transposed_weights(weights))))
-        d_inputs = tuple(grads[a] if a in grads else jnp.zeros(x.shape, dtype) for a, x in enumerate(inputs))
+        grads = _forward(spec_t, cotangents, transposed_weights(weights))
+        d_inputs = scatter_input_grads(used, grads, inputs, dtype)
     d_weights = _weight_grad(spec, inputs, cotangents)
     return tuple(d_inputs), tuple(d_weights)
 

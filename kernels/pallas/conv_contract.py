@@ -38,8 +38,8 @@ from .._precision import resolve_precision
 from .._spec import ConvSpec, check_operands
 from . import _tiles as _t
 from . import factorised as _fact
-from . import _plan
-from ._plan import Stencil, channel_tile, coverage, default_block_p, forward_plan, input_grad_plan
+from .._fused import MIN_DOT_TILE, dot_tile, next_pow2, scatter_input_grads
+from ._plan import Stencil, coverage, default_block_p, forward_plan, input_grad_keys, input_grad_plan
 
 _F32 = jnp.float32
 ALGORITHMS = ("taps", "factorised")
@@ -132,7 +132,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     pix_ok = pix < n_dst
     coords = _t.unravel(pix, plan.dst_spatial)
     slots = [(d, j) for d, (k, _) in enumerate(plan.dst) for j in range(plan.comps(k))]
-    acc0 = tuple(jnp.zeros((channel_tile(plan.dst[d][1]), block_p), _F32) for d, _ in slots)
+    acc0 = tuple(jnp.zeros((dot_tile(plan.dst[d][1]), block_p), _F32) for d, _ in slots)
 
     def load_weights():
         return [_t.load_weights(w_refs[t], plan, term) for t, term in enumerate(plan.terms)]
@@ -218,7 +218,7 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
 def _weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs: BlockSizes, interpret):
     """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
     n_dst = math.prod(plan.dst_spatial)
-    block_p = bs.block_p_dw or max(_plan.MIN_TILE, min(32, _plan.next_pow2(n_dst)))  # G tiles stay live
+    block_p = bs.block_p_dw or max(MIN_DOT_TILE, min(32, next_pow2(n_dst)))  # G tiles stay live
     operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
     operands.append(jnp.asarray(plan.table.array, _F32))
     kernel = functools.partial(_weight_grad_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
@@ -259,6 +259,7 @@ def _conv_contract_bwd(spec, mode, bs, interpret, res, grads):
         input_grad_plan(spec, spatial), grads, weights, mode=mode, bs=bs, block_p=bs.block_p_dx,
         interpret=interpret, name="conv_contract_dx",
     )
+    dx = scatter_input_grads(input_grad_keys(spec), dx, inputs, _F32)
     dw = weight_grad(forward_plan(spec, spatial), inputs, grads, mode=mode, bs=bs, interpret=interpret)
     return dx, dw
 
@@ -334,7 +335,7 @@ def stencil_reference(plan: Stencil, srcs, weights) -> tuple[jax.Array, ...]:
         ok = np.ones(plan.dst_spatial, bool)
         coords = []
         for x, y, ax in zip(grid, ys, plan.axes):
-            s = x + ax.sign * ax.dilation * y + ax.offset
+            s = x + ax.dilation * y + ax.offset
             if ax.wrap:
                 s = np.mod(s, ax.n_src)
             else:

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 
 from .._bias import bias_offsets
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec, fused_coverage
-from ._stencil import check_sizes, count_nonzeros
+from .._fused import count_nonzeros, fused_coverage
+from .._spec import ConvSpec
+from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes
 from ._launch import interpreting
 from .conv_contract import conv_contract_triton

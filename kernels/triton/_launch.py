@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._fused import INT32_MAX
 from .._spec import ConvSpec
 from ._kernel import compile_plan, plan_kernel
-from ._tiling import INT32_MAX, BlockSizes, Geometry, KernelPlan
+from ._tiling import BlockSizes, Geometry, KernelPlan
 
 
 def interpreting() -> bool:

@@ -1,7 +1,7 @@
-"""The sparse stencil shared by the generated kernels: the basis nonzeros as (tap, component) terms,
-the tap schedule that keeps few Z tiles live, and `_Layer`, the source emitters (pixel indices,
-tap offsets with torus wrap and zero padding, input and output bases, the stencil itself) that
-the forward and weight-gradient generators in `_kernel` share."""
+"""The sparse stencil shared by the generated kernels: the basis nonzeros (kernels._fused.basis)
+as (tap, component) terms, the tap schedule that keeps few Z tiles live, and `_Layer`, the source
+emitters (pixel indices, tap offsets with torus wrap and zero padding, input and output bases,
+the stencil itself) that the forward and weight-gradient generators in `_kernel` share."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .._fused import INT32_MAX, dot_tile, int32_overflow, nonzeros_by_read
 from .._spec import ConvSpec
-from ._tiling import INT32_MAX, BlockSizes, Geometry, triton_prefers_first_dim
+from ._tiling import BlockSizes, Geometry, triton_prefers_first_dim
 
 # ---- the sparse structure of the basis and the tap schedule -------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -23,20 +24,6 @@ class _Term:
     f: int
     j: int
     coef: float
-
-
-def _pair_terms(spec: ConvSpec, t: int) -> dict[tuple[int, int], list[_Term]]:
-    """Nonzeros of pair t's basis, grouped by (tap, input component)."""
-    pair = spec.pairs[t]
-    k_a = spec.in_keys[pair.in_index][0]
-    k_b = spec.out_keys[pair.out_index][0]
-    basis = pair.basis.array.reshape(pair.basis.n_filters, spec.taps, spec.D**k_a, spec.D**k_b)
-    out: dict[tuple[int, int], list[_Term]] = {}
-    for f, y, i, j in zip(*np.nonzero(basis)):
-        # the kernel computes in fp32, so the coefficients are fp32 literals
-        coef = float(np.float32(basis[f, y, i, j]))
-        out.setdefault((int(y), int(i)), []).append(_Term(t, int(f), int(j), coef))
-    return out
 
 
 def _schedule(taps: dict[int, set]) -> list[list[int]]:
@@ -87,30 +74,10 @@ def _literal(value: float) -> str:
     return repr(float(value))
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def check_sizes(spec: ConvSpec, spatial: Sequence[int]) -> None:
     """Reject, before any launch, blocks whose per-channel offsets would overflow int32."""
-    npix = math.prod(spatial)
-    nout = math.prod(spec.out_spatial(spatial))
-    for a, (k, _, c) in enumerate(spec.in_keys):
-        if npix * spec.D**k > INT32_MAX:
-            raise ValueError(
-                f"input block {a} has {npix * spec.D**k} elements per channel (spatial {tuple(spatial)}, "
-                f"tensor order {k}); the triton backend supports at most 2^31 - 1 per channel"
-            )
-    for b, (k, _, o) in enumerate(spec.out_keys):
-        if nout * spec.D**k > INT32_MAX:
-            raise ValueError(
-                f"output block {b} has {nout * spec.D**k} elements per channel; the triton backend "
-                f"supports at most 2^31 - 1 per channel"
-            )
-
-
-def count_nonzeros(spec: ConvSpec) -> int:
-    return sum(int(np.count_nonzero(p.basis.array)) for p in spec.pairs)
+    if why := int32_overflow(spec, spatial, "triton", per_channel=True):
+        raise ValueError(why)
 
 
 class _Layer:
@@ -132,7 +99,7 @@ class _Layer:
         self.in_stride = [math.prod(spatial[ax + 1 :]) for ax in range(D)]
         self.out_stride = [math.prod(self.out_spatial[ax + 1 :]) for ax in range(D)]
         self.n_tiles = [-(-n // t) for n, t in zip(self.out_spatial, self.tile)]
-        self.BO = [min(max(_next_pow2(o), 16), blocks.block_o) for _, _, o in spec.out_keys]
+        self.BO = [min(dot_tile(o), blocks.block_o) for _, _, o in spec.out_keys]
         self.n_otiles = max(-(-o // bo) for (_, _, o), bo in zip(spec.out_keys, self.BO))
         self.n_chunks = max(-(-c // self.BC) for _, _, c in spec.in_keys)
         self.dk_in = [D**k for k, _, _ in spec.in_keys]
@@ -144,12 +111,16 @@ class _Layer:
         self.pf = blocks.pixels_first if blocks.pixels_first is not None else triton_prefers_first_dim()
         # sparse terms per input key: (tap, component) -> terms
         self.terms_by_key: list[dict[tuple[int, int], list[_Term]]] = [dict() for _ in spec.in_keys]
-        for t, pair in enumerate(spec.pairs):
-            for key, terms in _pair_terms(spec, t).items():
-                if units is not None:  # only these (pair, filter) units
-                    terms = [tm for tm in terms if (tm.pair, tm.f) in units]
-                if terms:
-                    self.terms_by_key[pair.in_index].setdefault(key, []).extend(terms)
+        for (a, y, i), nonzeros in nonzeros_by_read(spec).items():
+            # the kernel computes in fp32, so the coefficients are fp32 literals; with `units`,
+            # only those (pair, filter) units
+            terms = [
+                _Term(nz.pair, nz.f, nz.j, float(np.float32(nz.value)))
+                for nz in nonzeros
+                if units is None or (nz.pair, nz.f) in units
+            ]
+            if terms:
+                self.terms_by_key[a][(y, i)] = terms
         self.nonzeros = sum(len(v) for d in self.terms_by_key for v in d.values())
         precision = {"tf32": "tf32", "fp32": "tf32x3"}.get(mode)
         self.mode = mode

@@ -6,8 +6,6 @@ import dataclasses
 import math
 from typing import Optional
 
-
-INT32_MAX = 2**31 - 1
 # Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
 MAX_NONZEROS = 6000
 

@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from .._fused import next_pow2, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
-from ._backward import transposed_spec, transposed_weights, weight_grad_launch
+from ._backward import weight_grad_launch
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
 from ._launch import interpreting, launch
@@ -38,17 +39,13 @@ def default_blocks(spec: ConvSpec, spatial: tuple[int, ...]) -> BlockSizes:
     """
     if not interpreting():
         return BlockSizes()
-    tile = [_pow2_at_least(n) for n in spec.out_spatial(spatial)]
+    tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
     for ax in range(len(tile)):
         while math.prod(tile) > 512 and tile[ax] > 1:
             tile[ax] //= 2
     while math.prod(tile) < 16:
         tile[-1] *= 2
     return BlockSizes(tile=tuple(tile))
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def conv_contract_triton(
@@ -105,7 +102,7 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 
 
 # ---- differentiation: custom_vjp with the fused backward kernels ------------------------------------
-# The input gradient is the forward kernel on the transposed layer (_backward.transposed_spec);
+# The input gradient is the forward kernel on the transposed layer (_fused.transposed_spec);
 # the weight gradient is its own kernel. Both are custom_vmap ops like the forward, so under vmap
 # each is one batched launch; the weight kernel returns per-example gradients (cheap: they are
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
@@ -142,8 +139,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
     else:
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights))
-        by_key = dict(zip(used, grads))
-        d_inputs = tuple(by_key[a] if a in by_key else jnp.zeros(x.shape, jnp.float32) for a, x in enumerate(inputs))
+        d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
         op = _batched_weight_grad(spec, mode, blocks)
         d_weights = tuple(d[0] for d in op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents)))
     return (
