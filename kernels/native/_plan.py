@@ -1,6 +1,6 @@
 """The static plan the native kernels read: geometry, padding index tables and the basis nonzeros.
 
-Everything here depends on the `ConvSpec` and the input spatial size only; it is passed to the
+Everything here depends on the `ConvSpec`, the input spatial size and the tiling only; it is passed to the
 XLA FFI call as attributes (int64 and float64 arrays), so the C++ side holds no state.
 
 Index tables. Per axis, for q = out_pixel + tap * rhs_dilation (stride 1), the input cell to read
@@ -20,9 +20,7 @@ import numpy as np
 
 from .._fused import basis_nonzeros
 from .._spec import ConvSpec
-
-LANES = 16  # the kernel's pixels per vector loop (kLanes in conv_contract.cc)
-TILE_PIXELS = 64  # output pixels (rows x padded row length) per tile, a size whose Z stays in cache
+from ._tiling import BlockSizes
 
 
 def index_table(n: int, n_out: int, taps: int, dil: int, wrap: tuple[int, int], zero_lo: int) -> np.ndarray:
@@ -30,11 +28,6 @@ def index_table(n: int, n_out: int, taps: int, dil: int, wrap: tuple[int, int], 
     p = q - zero_lo
     inside = (p >= 0) & (p < n + wrap[0] + wrap[1])
     return np.where(inside, np.mod(p - wrap[0], n), -1).astype(np.int64)
-
-
-def tile_rows(spec: ConvSpec, out_spatial: tuple[int, ...]) -> int:
-    padded_row = -(-out_spatial[-1] // LANES) * LANES
-    return max(1, min(out_spatial[-2], TILE_PIXELS // padded_row))
 
 
 @functools.lru_cache(maxsize=256)
@@ -59,9 +52,9 @@ def _basis_entries(spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(spec: ConvSpec, spatial: tuple[int, ...]) -> tuple[tuple[str, np.ndarray], ...]:
+def _plan(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes) -> tuple[tuple[str, np.ndarray], ...]:
     out_spatial = spec.out_spatial(spatial)
-    geom = [spec.D, tile_rows(spec, out_spatial), *spatial, *out_spatial, *spec.filter_shape, *spec.rhs_dilation]
+    geom = [spec.D, blocks.tile_rows(out_spatial), *spatial, *out_spatial, *spec.filter_shape, *spec.rhs_dilation]
     tables = [
         index_table(n, n_out, m, r, wrap, zero[0])
         for n, n_out, m, r, wrap, zero in zip(
@@ -83,7 +76,7 @@ def _plan(spec: ConvSpec, spatial: tuple[int, ...]) -> tuple[tuple[str, np.ndarr
     )
 
 
-def plan_attributes(spec: ConvSpec, spatial: tuple[int, ...]) -> dict[str, np.ndarray]:
+def plan_attributes(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes = BlockSizes()) -> dict[str, np.ndarray]:
     """The FFI attributes of `spec` on inputs of `spatial` size (stride 1, lhs_dilation 1)."""
-    return dict(_plan(spec, tuple(int(n) for n in spatial)))
+    return dict(_plan(spec, tuple(int(n) for n in spatial), blocks))
 

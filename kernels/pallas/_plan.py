@@ -19,11 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
 
 import numpy as np
 
-from .._fused import MIN_DOT_TILE, dot_tile, fused_coverage, int32_overflow, next_pow2, pair_basis
+from .._fused import fused_coverage, int32_overflow, pair_basis
 from .._fused import transpose_blocker, transposed_spec
 from .._spec import ConvSpec, FilterBasis
 
@@ -165,38 +164,9 @@ def input_grad_keys(spec: ConvSpec) -> tuple[int, ...]:
     return transposed_spec(spec)[1]
 
 
-def default_block_p(plan: Stencil, requested: Optional[int], budget: int) -> int:
-    """Pixels per program: the request, or the largest power of two (16..128) whose fp32
-    accumulators (sum over destination blocks of channel tile x components x pixels) fit `budget`."""
-    n_dst = math.prod(plan.dst_spatial)
-    if requested is not None:
-        return requested
-    rows = sum(dot_tile(c) * plan.comps(k) for k, c in plan.dst)
-    bp = 128
-    while bp > MIN_DOT_TILE and rows * bp > budget:
-        bp //= 2
-    return max(MIN_DOT_TILE, min(bp, next_pow2(n_dst)))
-
-
 def term_table(plan: Stencil, term: Term) -> np.ndarray:
     """The term's coefficients, (taps, I_src, J_dst, F)."""
     n_i, n_j = plan.comps(plan.src[term.src][0]), plan.comps(plan.dst[term.dst][0])
     size = plan.n_taps * n_i * n_j * term.n_filters
     table = plan.table.array[term.table_offset : term.table_offset + size]
     return table.reshape(plan.n_taps, n_i, n_j, term.n_filters)
-
-
-def factorised_block_p(plan: Stencil, requested: Optional[int], budget: int) -> int:
-    """Pixels per program of the factorised kernels: the request, or the largest power of two
-    (16..128) for which the on-chip Z tiles (every nonzero (term, f, j): a source channel tile)
-    and the accumulators fit `budget` fp32 elements."""
-    if requested is not None:
-        return requested
-    rows = sum(dot_tile(c) * plan.comps(k) for k, c in plan.dst)
-    for term in plan.terms:
-        used = np.any(term_table(plan, term) != 0, axis=(0, 1))  # (J, F)
-        rows += int(used.sum()) * dot_tile(plan.src[term.src][1])
-    bp = 128
-    while bp > MIN_DOT_TILE and rows * bp > budget:
-        bp //= 2
-    return max(MIN_DOT_TILE, min(bp, next_pow2(math.prod(plan.dst_spatial))))

@@ -158,18 +158,10 @@ def filter_tile(weights, coef):
     return jnp.sum(coef[:, None, None] * weights, axis=0)
 
 
-# (algorithm, weight-gradient kernel) -> warps: without a GPU to time on, the counts for which
-# ptxas (sm_90a) reports no or few register spills on the bench layer (bench/PALLAS_NOTES.md).
-DEFAULT_WARPS = {("taps", False): 8, ("taps", True): 4, ("factorised", False): 4, ("factorised", True): 8}
-
-
 def compiler_params(bs, interpret: bool, dw: bool):
     if interpret:
         return None
-    warps = bs.num_warps_dw if dw else bs.num_warps
-    if warps is None:
-        warps = DEFAULT_WARPS[(bs.algorithm, dw)]
-    return pltriton.CompilerParams(num_warps=warps, num_stages=bs.num_stages)
+    return pltriton.CompilerParams(num_warps=bs.warps(dw), num_stages=bs.num_stages)
 
 
 def block_shape(plan: Stencil, key, spatial) -> tuple[int, ...]:

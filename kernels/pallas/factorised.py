@@ -27,7 +27,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from . import _tiles as _t
 from .._fused import dot_tile, nonzeros_by_read
-from ._plan import Stencil, factorised_block_p
+from ._plan import Stencil
+from ._tiling import factorised_block_p
 
 F32 = jnp.float32
 

@@ -17,37 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fused import INT32_MAX, dot_tile, pair_basis
+from .._fused import INT32_MAX, pair_basis
 from .._spec import ConvSpec
 from ._kernel import plan_partial_sums, plan_weight_grad_kernel
-from ._tiling import BlockSizes
-from ._launch import block_order, interpreting, launch_geometry, run_plan
-
-# warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
-# H200 SM (its programs have few warps each, so the count of programs follows their size)
-DW_WARPS = 132 * 16 * 2
-
-
-def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...], batch: int) -> int:
-    """Pixel-tile shares per (batch element, channel block) of the weight-gradient kernel: enough
-    programs to fill the GPU, each reducing a long run of tiles in registers."""
-    out_spatial = spec.out_spatial(spatial)
-    tiles = math.prod(-(-n // t) for n, t in zip(out_spatial, blocks.resolved_tile(spec.D)))
-    per_share = max(1, programs_per_share(spec, blocks) * batch)
-    if interpreting():
-        return 1  # the interpreter runs programs one by one: fewer is faster
-    target = max(1, min(tiles, -(-DW_WARPS // (blocks.num_warps * per_share))))
-    # a divisor of the tile count near the target spares the ragged last round its masks
-    divisor = max(g for g in range(1, target + 1) if tiles % g == 0)
-    return divisor if 2 * divisor >= target else target
-
-
-def programs_per_share(spec: ConvSpec, blocks: BlockSizes) -> int:
-    """(input-channel chunk, output-channel block) programs of one pixel share, as the kernel tiles them."""
-    n_chunks = max(-(-c // blocks.block_c) for _, _, c in spec.in_keys)
-    n_otiles = max(-(-o // min(dot_tile(o), blocks.block_o)) for _, _, o in spec.out_keys)
-    return n_chunks * n_otiles
-
+from ._tiling import BlockSizes, default_groups, interpreting
+from ._launch import block_order, launch_geometry, run_plan
 
 def weight_grad_units(spec: ConvSpec, max_units: int) -> list[tuple[tuple[int, int], ...]]:
     """Split the layer's (pair, filter) units into kernels of at most `max_units` accumulators so

@@ -85,7 +85,7 @@ class _Layer:
 
     def __init__(self, spec: ConvSpec, geometry: Geometry, mode: str, blocks: BlockSizes,
                  bf16_dot_in_fp32: bool, layout_barrier: bool, units: Optional[frozenset] = None) -> None:
-        blocks.check(spec.D)
+        blocks.validate(spec.D)
         check_sizes(spec, geometry.spatial)
         self.spec, self.geometry, self.blocks = spec, geometry, blocks
         self.layout_barrier = layout_barrier

@@ -1,6 +1,6 @@
 """The `triton` backend's entry point: custom_vjp for gradients, custom_vmap for one batched launch.
 
-    outputs = conv_contract_triton(spec, inputs, weights, mode)
+    outputs = conv_contract_triton(spec, inputs, weights, precision=..., block_sizes=...)
 
 Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
 forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
@@ -13,57 +13,40 @@ broadcasting unbatched operands with a zero batch stride.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .._fused import next_pow2, scatter_input_grads, transposed_spec, transposed_weights
+from .._fused import scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
+from .._precision import resolve_precision
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from ._backward import weight_grad_launch
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
-from ._launch import interpreting, launch
+from ._launch import launch
 
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def default_blocks(spec: ConvSpec, spatial: tuple[int, ...]) -> BlockSizes:
-    """The tiling used when none is given.
-
-    On the interpreter one program covers up to 512 output pixels: every program is a Python
-    loop over numpy ops, so fewer, larger programs are much faster there.
-    """
-    if not interpreting():
-        return BlockSizes()
-    tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
-    for ax in range(len(tile)):
-        while math.prod(tile) > 512 and tile[ax] > 1:
-            tile[ax] //= 2
-    while math.prod(tile) < 16:
-        tile[-1] *= 2
-    return BlockSizes(tile=tuple(tile))
 
 
 def conv_contract_triton(
     spec: ConvSpec,
     inputs: Sequence[jax.Array],
     weights: Sequence[jax.Array],
-    mode: str,
     *,
-    blocks: Optional[BlockSizes] = None,
+    precision=None,
+    block_sizes: Optional[BlockSizes] = None,
     poison: Optional[float] = None,
     backward: str = "fused",
     offsets: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
-    """ConvContract on unbatched blocks with the fused Triton forward.
+    """ConvContract on unbatched blocks with the fused Triton kernels (forward and gradients).
 
     Args:
-        spec, inputs, weights, mode: as for `kernels.conv_contract` (operands already checked).
-        blocks: the kernel's tiling (None: `default_blocks(spec)`).
+        spec, inputs, weights, precision: as for `kernels.conv_contract` (operands already checked).
+        block_sizes: the kernels' tiling (None: `BlockSizes.for_layer(spec, spatial)`).
         poison: tests only: outputs start filled with this value before the kernel writes them.
         backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B).
         offsets: per output key, None or an (o, *(D,)*k) array added to every pixel of that
@@ -76,6 +59,7 @@ def conv_contract_triton(
     for b, (off, (k, _, o)) in enumerate(zip(offsets, spec.out_keys)):
         if off is not None and tuple(off.shape) != (o,) + (spec.D,) * k:
             raise ValueError(f"`offsets[{b}]` has shape {tuple(off.shape)}; output key {b} needs {(o,) + (spec.D,) * k}")
+    mode = resolve_precision(precision)
     inputs, weights = tuple(inputs), tuple(weights)
     for name, arrays in (("inputs", inputs), ("weights", weights)):
         for n, a in enumerate(arrays):
@@ -86,8 +70,10 @@ def conv_contract_triton(
         outs = conv_contract_dense(spec, inputs, weights, mode)
         return tuple(y if off is None else y + _over_space(off, spec.D) for y, off in zip(outs, offsets))
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    blocks = default_blocks(spec, spatial) if blocks is None else blocks
-    blocks.check(spec.D)
+    blocks = BlockSizes.for_layer(spec, spatial) if block_sizes is None else block_sizes
+    if not isinstance(blocks, BlockSizes):
+        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a kernels.triton.BlockSizes or None")
+    blocks.validate(spec.D)
     check_sizes(spec, spatial)
     if backward not in ("fused", "dense"):
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
