@@ -10,7 +10,6 @@ partial sums and `plan_partial_sums` adds them in a fixed order: bit-identical r
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import jax

@@ -28,7 +28,6 @@ from ._stencil import check_sizes
 from ._tiling import BlockSizes
 from ._launch import launch
 
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def conv_contract_triton(
