@@ -35,11 +35,11 @@ F32 = jnp.float32
 
 # ---- static structure -------------------------------------------------------------------------
 def _tap_uses(plan: Stencil):
-    """Per tap: [(src a, component i, [(term index, f, j, coefficient), ...]), ...]: the basis
-    nonzeros (kernels._fused.basis) grouped by the source tile they read."""
+    """Per tap: [(src a, component i, its nonzeros), ...]: the basis nonzeros
+    (kernels._fused.basis) grouped by the source tile they read; a nonzero's pair is its term."""
     out = [[] for _ in range(plan.n_taps)]
     for (a, tap, i), nonzeros in nonzeros_by_read(plan.spec).items():
-        out[tap].append((a, i, [(nz.pair, nz.f, nz.j, nz.value) for nz in nonzeros]))
+        out[tap].append((a, i, nonzeros))
     return out
 
 
@@ -50,20 +50,21 @@ def _static_source_pixels(plan: Stencil, coords, tap: int, ok):
     return _t.shifted_source_pixels(plan, coords, shifts, ok)
 
 
-def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses, keys):
-    """Z tiles {key(term, f, j): (src channel tile, pixels)} by the unrolled sparse stencil."""
+def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses):
+    """Z tiles {(term, f, j): (src channel tile, pixels)} by the unrolled sparse stencil."""
     n_src = math.prod(plan.src_spatial)
     z = {}
     for tap, reads in enumerate(uses):
         if not reads:
             continue
         src_pix, ok = _static_source_pixels(plan, coords, tap, pix_ok)
-        for a, i, entries in reads:
+        for a, i, nonzeros in reads:
             k, ch = plan.src[a]
             x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
-            for t, f, j, coef in entries:
+            for nz in nonzeros:
+                coef = nz.value
                 term_x = x if coef == 1.0 else (-x if coef == -1.0 else x * coef)
-                key = keys(t, f, j)
+                key = (nz.pair, nz.f, nz.j)
                 z[key] = term_x if key not in z else z[key] + term_x
     return z
 
@@ -87,7 +88,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     pix = pl.program_id(0) * block_p + _t.iota(block_p)
     pix_ok = pix < n_dst
     coords = _t.unravel(pix, plan.dst_spatial)
-    z = _accumulate_z(plan, src_refs, coords, pix_ok, _tap_uses(plan), lambda t, f, j: (t, f, j))
+    z = _accumulate_z(plan, src_refs, coords, pix_ok, _tap_uses(plan))
 
     for d, (k, ch) in enumerate(plan.dst):
         for j in range(plan.comps(k)):
@@ -133,7 +134,7 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
         pix = (prog + step * n_programs) * block_p + _t.iota(block_p)
         pix_ok = pix < n_dst
         coords = _t.unravel(pix, plan.dst_spatial)
-        z = _accumulate_z(plan, src_refs, coords, pix_ok, uses, lambda t, f, j: (t, f, j))
+        z = _accumulate_z(plan, src_refs, coords, pix_ok, uses)
         for d, (k, ch) in enumerate(plan.dst):
             for j in range(plan.comps(k)):
                 g = None

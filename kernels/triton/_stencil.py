@@ -1,5 +1,5 @@
 """The sparse stencil shared by the generated kernels: the basis nonzeros (kernels._fused.basis)
-as (tap, component) terms, the tap schedule that keeps few Z tiles live, and `_Layer`, the source
+grouped by the (tap, component) tile they read, the tap schedule that keeps few Z tiles live, and `_Layer`, the source
 emitters (pixel indices, tap offsets with torus wrap and zero padding, input and output bases,
 the stencil itself) that the forward and weight-gradient generators in `_kernel` share."""
 
@@ -11,21 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .._fused import INT32_MAX, dot_tile, int32_overflow, nonzeros_by_read
+from .._fused import INT32_MAX, Nonzero, dot_tile, int32_overflow, nonzeros_by_read
 from .._spec import ConvSpec
 from ._tiling import BlockSizes, Geometry, triton_prefers_first_dim
 
-# ---- the sparse structure of the basis and the tap schedule -------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Term:
-    """One nonzero B[f, y, i, j] of pair `pair`: Z(pair, f, j) += coef * X_a[:, x + y, i]."""
-
-    pair: int
-    f: int
-    j: int
-    coef: float
-
-
+# ---- the tap schedule -----------------------------------------------------------------------------
 def _schedule(taps: dict[int, set]) -> list[list[int]]:
     """Order taps so that few Z tiles are live at once; split where none is live.
 
@@ -110,12 +100,13 @@ class _Layer:
         # of vector blocks): lanes must run along pixels. Pixel-index vectors have that tile layout.
         self.pf = blocks.pixels_first if blocks.pixels_first is not None else triton_prefers_first_dim()
         # sparse terms per input key: (tap, component) -> terms
-        self.terms_by_key: list[dict[tuple[int, int], list[_Term]]] = [dict() for _ in spec.in_keys]
+        # the basis nonzeros per input key, grouped by the tile they read: (tap, component) ->
+        # Z(pair, f, j) += value * X_a[:, x + tap, i]. The kernel computes in fp32, so the values
+        # are fp32 literals; with `units`, only those (pair, filter) units.
+        self.terms_by_key: list[dict[tuple[int, int], list[Nonzero]]] = [dict() for _ in spec.in_keys]
         for (a, y, i), nonzeros in nonzeros_by_read(spec).items():
-            # the kernel computes in fp32, so the coefficients are fp32 literals; with `units`,
-            # only those (pair, filter) units
             terms = [
-                _Term(nz.pair, nz.f, nz.j, float(np.float32(nz.value)))
+                dataclasses.replace(nz, value=float(np.float32(nz.value)))
                 for nz in nonzeros
                 if units is None or (nz.pair, nz.f) in units
             ]
@@ -314,7 +305,7 @@ class _Layer:
                     src(f"x = tl.load(xrow + ({pos}){mask}).to(tl.float32)")
                     for tm in terms[(y, i)]:
                         z = f"z{tm.pair}_{tm.f}_{tm.j}"
-                        coef = tm.coef
+                        coef = tm.value
                         term = "x" if coef == 1.0 else "-x" if coef == -1.0 else f"{_literal(coef)} * x"
                         if (tm.pair, tm.f, tm.j) not in started:
                             started.add((tm.pair, tm.f, tm.j))
