@@ -20,7 +20,8 @@ MAX_NONZEROS = 6000
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiling of the fused forward.
+    """Tiling of the fused kernels: the forward (which also runs the input gradient) and, through
+    the dw_* fields, the weight gradient.
 
     Attributes:
         tile: output pixels per program along each spatial axis (powers of 2); None picks
