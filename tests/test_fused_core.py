@@ -202,6 +202,35 @@ def test_pair_basis_axes():
     assert table[f, y0 * 3 + y1, i, j] == basis[f, y0, y1, i, j]
 
 
+# ---- per-axis geometry --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n, taps, dilation, wrap, zero",
+    [(5, 3, 1, (1, 1), (0, 0)), (5, 3, 2, (2, 2), (0, 0)), (6, 3, 1, (0, 0), (1, 1)), (4, 2, 1, (0, 0), (0, 3)),
+     (7, 5, 1, (0, 0), (4, 0)), (6, 3, 1, (0, 0), (-1, 2)), (3, 3, 2, (4, 0), (0, 0))],
+)
+def test_axis_geometry_reads_the_padded_axis(n, taps, dilation, wrap, zero):
+    """The source table against the padded axis built cell by cell (zeros, wrapped cells, the
+    input, wrapped cells, zeros), then cropped where zero_lo is negative."""
+    padded = [-1] * max(zero[0], 0) + [(c - wrap[0]) % n for c in range(n + wrap[0] + wrap[1])] + [-1] * max(zero[1], 0)
+    padded = padded[max(-zero[0], 0) : len(padded) - max(-zero[1], 0)]
+    n_out = len(padded) - (taps - 1) * dilation
+    geo = _fused.AxisGeometry(n, n_out, taps, dilation, wrap[0], wrap[1], zero[0])
+    assert geo.source_table().tolist() == padded
+    assert geo.wrap == any(wrap) and geo.frame == n + sum(wrap)
+    for q in range(n_out):  # the offset form the kernels use, on the cells inside the frame
+        for y in range(taps):
+            cell = q + y * dilation + geo.offset
+            if -wrap[0] <= cell < n + wrap[1]:
+                assert padded[q + y * dilation] == cell % n
+
+
+def test_axes_of_a_spec():
+    spec = _layer(2, 3, [SCALAR + (1,)], [SCALAR + (1,)], (True, False), padding="TORUS", rhs_dilation=(1, 2))
+    assert _fused.axes(spec, (6, 7)) == (
+        _fused.AxisGeometry(6, 6, 3, 1, 1, 1, 0), _fused.AxisGeometry(7, 7, 3, 2, 0, 0, 2)
+    )
+
+
 # ---- limits and tile sizes ----------------------------------------------------------------------
 def test_next_pow2_and_dot_tile():
     assert [_fused.next_pow2(n) for n in (0, 1, 2, 3, 4, 5, 16, 17, 1000)] == [1, 1, 2, 4, 4, 8, 16, 32, 1024]

@@ -4,9 +4,7 @@ Everything here depends on the `ConvSpec`, the input spatial size and the tiling
 XLA FFI call as attributes (int64 and float64 arrays), so the C++ side holds no state.
 
 Index tables. Per axis, for q = out_pixel + tap * rhs_dilation (stride 1), the input cell to read
-or -1 for a zero: the padded axis is zeros(lo) + wrap(lo) + X + wrap(hi) + zeros(hi), so cell
-p = q - zero_lo is a zero outside [0, N + wrap_lo + wrap_hi) and X[(p - wrap_lo) mod N] inside.
-A negative zero_lo (the input gradient's transposed layer crops) works the same way.
+or -1 for a zero (kernels._fused.geometry).
 
 Basis nonzeros. Per pair, its (f, j) rows in order, each a run of (flattened tap, input
 component i, value) entries: Z[(c, f), j] = sum over the run of value * X[c, shifted by tap, i].
@@ -18,16 +16,9 @@ import functools
 
 import numpy as np
 
-from .._fused import basis_nonzeros
+from .._fused import axes, basis_nonzeros
 from .._spec import ConvSpec
 from ._tiling import BlockSizes
-
-
-def index_table(n: int, n_out: int, taps: int, dil: int, wrap: tuple[int, int], zero_lo: int) -> np.ndarray:
-    q = np.arange(n_out + (taps - 1) * dil, dtype=np.int64)
-    p = q - zero_lo
-    inside = (p >= 0) & (p < n + wrap[0] + wrap[1])
-    return np.where(inside, np.mod(p - wrap[0], n), -1).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,12 +46,7 @@ def _basis_entries(spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 def _plan(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes) -> tuple[tuple[str, np.ndarray], ...]:
     out_spatial = spec.out_spatial(spatial)
     geom = [spec.D, blocks.tile_rows(out_spatial), *spatial, *out_spatial, *spec.filter_shape, *spec.rhs_dilation]
-    tables = [
-        index_table(n, n_out, m, r, wrap, zero[0])
-        for n, n_out, m, r, wrap, zero in zip(
-            spatial, out_spatial, spec.filter_shape, spec.rhs_dilation, spec.torus_pad, spec.zero_pad
-        )
-    ]
+    tables = [axis.source_table() for axis in axes(spec, spatial)]
     keys = [len(spec.in_keys), len(spec.out_keys)]
     for k, _, c in spec.in_keys + spec.out_keys:
         keys.extend([c, spec.D**k])

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .._fused import fused_coverage, int32_overflow, pair_basis
+from .._fused import axes, fused_coverage, int32_overflow, pair_basis
 from .._fused import transpose_blocker, transposed_spec
 from .._spec import ConvSpec, FilterBasis
 
@@ -136,16 +136,15 @@ def _key_shapes(keys) -> tuple[tuple[int, int], ...]:
 @functools.lru_cache(maxsize=256)
 def forward_plan(spec: ConvSpec, spatial: tuple[int, ...]) -> Stencil:
     """out_b[o, x, j] += W[y, i, j] . X_a[c, x + y*r - pad, i]  (wrap axes modulo n)."""
-    out_spatial = spec.out_spatial(spatial)
-    axes = []
-    for n, n_out, tp, zp, r in zip(spatial, out_spatial, spec.torus_pad, spec.zero_pad, spec.rhs_dilation):
-        wrap = bool(any(tp))
-        offset = -tp[0] if wrap else -zp[0]
-        shift = n * (-(offset // n)) if wrap and offset < 0 else 0
-        axes.append(Axis(n_out, n, offset, r, wrap, shift))
+    plan_axes = []
+    for ax in axes(spec, spatial):
+        # coverage: a wrapped axis has no zeros, so the frame is the wrap's and the source
+        # modulo n is exact once shifted non-negative
+        shift = ax.n * (-(ax.offset // ax.n)) if ax.wrap and ax.offset < 0 else 0
+        plan_axes.append(Axis(ax.n_out, ax.n, ax.offset, ax.dilation, ax.wrap, shift))
     terms, table = _terms_and_table(spec)
     return Stencil(
-        spec, spec.D, spec.filter_shape, tuple(axes), _key_shapes(spec.in_keys),
+        spec, spec.D, spec.filter_shape, tuple(plan_axes), _key_shapes(spec.in_keys),
         _key_shapes(spec.out_keys), terms, table, weights_transposed=False,
     )
 

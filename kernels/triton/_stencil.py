@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .._fused import INT32_MAX, Nonzero, dot_tile, int32_overflow, nonzeros_by_read
+from .._fused import INT32_MAX, Nonzero, axes, dot_tile, int32_overflow, nonzeros_by_read
 from .._spec import ConvSpec
 from ._tiling import BlockSizes, Geometry, triton_prefers_first_dim
 
@@ -204,21 +204,20 @@ class _Layer:
             # every access scalar with lanes along pixels. See BlockSizes.
             src("unaligned = tl.program_id(0) >> 31  # 0, of unknown divisibility")
             src("q = q + unaligned")
-        # Per axis and filter shift: input offset (in pixels) and validity, by index arithmetic.
-        # Padded coordinate u = q + s * rhs_dilation - zero_lo lies in the wrapped frame of
-        # n + wrap_lo + wrap_hi cells (zero outside); the source cell is (u - wrap_lo) mod n.
+        # Per axis and filter shift: input offset (in pixels) and validity, by index arithmetic
+        # (kernels._fused.geometry): padded coordinate u = q + s * rhs_dilation - zero_lo lies in
+        # the wrapped frame (zero outside); the source cell is (u - wrap_lo) mod n.
         self.ok_names: dict[tuple[int, int], Optional[str]] = {}
-        for ax in range(D):
-            n, m, rd = self.spatial[ax], spec.filter_shape[ax], spec.rhs_dilation[ax]
-            (wlo, whi), (zlo, _) = spec.torus_pad[ax], spec.zero_pad[ax]
-            for s in range(m):
-                shift = s * rd - zlo
-                u_lo, u_hi = shift, self.out_spatial[ax] - 1 + shift
+        for ax, geo in enumerate(axes(spec, self.spatial)):
+            n, wlo, whi = geo.n, geo.wrap_lo, geo.wrap_hi
+            for s in range(geo.taps):
+                shift = s * geo.dilation - geo.zero_lo
+                u_lo, u_hi = shift, geo.n_out - 1 + shift
                 conds = []
                 if u_lo < 0:
                     conds.append("(u >= 0)")
-                if u_hi >= n + wlo + whi:
-                    conds.append(f"(u < {n + wlo + whi})")
+                if u_hi >= geo.frame:
+                    conds.append(f"(u < {geo.frame})")
                 v = f"q{ax} + {shift - wlo}" if shift != wlo else f"q{ax}"
                 if conds:
                     src(f"u = q{ax} + {shift}")
