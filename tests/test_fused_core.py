@@ -281,3 +281,16 @@ def test_launcher_contract(backend):
     assert isinstance(default, block_sizes)
     default.validate(2)
     assert block_sizes.validate.__code__.co_varnames[:2] == ("self", "D")
+    assert _fused.resolve_block_sizes(None, block_sizes, spec, (8, 8)) == default
+    with pytest.raises(ValueError, match=rf"`block_sizes` \(=\{{\}}\) must be a kernels\.{backend}\.BlockSizes or None"):
+        _fused.resolve_block_sizes({}, block_sizes, spec, (8, 8))
+
+
+def test_native_block_sizes():
+    from kernels.native import BlockSizes
+
+    with pytest.raises(ValueError, match=r"`block_sizes\.tile_pixels` \(=0\)"):
+        BlockSizes(tile_pixels=0).validate(3)
+    # rows of the last axis padded to 16 lanes: 64 pixels hold 4 rows of 10, 2 of 20, 1 of 40
+    assert [BlockSizes().tile_rows((9, n)) for n in (10, 20, 40)] == [4, 2, 1]
+    assert BlockSizes(tile_pixels=256).tile_rows((3, 10)) == 3  # at most the axis

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._fused import scatter_input_grads, transposed_spec, transposed_weights
+from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
 from .._spec import ConvSpec
@@ -60,10 +60,7 @@ def conv_contract_native(
             if not jnp.issubdtype(a.dtype, jnp.floating):
                 raise ValueError(f"`{name}[{n}]` has dtype {a.dtype}; ConvContract needs floating point")
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    blocks = BlockSizes.for_layer(spec, spatial) if block_sizes is None else block_sizes
-    if not isinstance(blocks, BlockSizes):
-        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a kernels.native.BlockSizes or None")
-    blocks.validate(spec.D)
+    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     dtype = compute_dtype(*inputs, *weights)
     inputs, weights = tuple(x.astype(dtype) for x in inputs), tuple(w.astype(dtype) for w in weights)
     return _conv_contract(spec, blocks, inputs, weights)

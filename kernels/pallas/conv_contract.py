@@ -36,7 +36,7 @@ from .._precision import resolve_precision
 from .._spec import ConvSpec, check_operands
 from . import _tiles as _t
 from . import factorised as _fact
-from .._fused import dot_tile, scatter_input_grads
+from .._fused import dot_tile, resolve_block_sizes, scatter_input_grads
 from ._plan import Stencil, coverage, forward_plan, input_grad_keys, input_grad_plan, term_table
 from ._tiling import ALGORITHMS, ALGORITHM_ENV, BlockSizes, taps_block_p, taps_weight_grad_block_p  # noqa: F401 (re-exported)
 
@@ -229,10 +229,7 @@ def conv_contract_pallas(
     if not ok:
         raise ValueError(f"`spec` is outside the Pallas kernels' coverage: {why}")
     mode = resolve_precision(precision)
-    bs = BlockSizes.for_layer(spec, spatial) if block_sizes is None else block_sizes
-    if not isinstance(bs, BlockSizes):
-        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a kernels.pallas.BlockSizes or None")
-    bs.validate(spec.D)
+    bs = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     interpret = default_interpret() if interpret is None else bool(interpret)
     return _conv_contract(spec, mode, bs, interpret, inputs, weights)
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._fused import scatter_input_grads, transposed_spec, transposed_weights
+from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
 from .._spec import ConvSpec
@@ -69,10 +69,7 @@ def conv_contract_triton(
         outs = conv_contract_dense(spec, inputs, weights, mode)
         return tuple(y if off is None else y + _over_space(off, spec.D) for y, off in zip(outs, offsets))
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    blocks = BlockSizes.for_layer(spec, spatial) if block_sizes is None else block_sizes
-    if not isinstance(blocks, BlockSizes):
-        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a kernels.triton.BlockSizes or None")
-    blocks.validate(spec.D)
+    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     check_sizes(spec, spatial)
     if backward not in ("fused", "dense"):
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
