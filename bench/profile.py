@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import pathlib
 import re
@@ -74,12 +75,16 @@ class StepProfile:
     reader: str
     hlo_module: str
     note: str = ""
+    # the compiled step's optimized HLO (layouts, fusions, the copies layout assignment added);
+    # written only on request (`write(hlo=True)`, `--hlo`), never into the JSON
+    hlo_text: str = dataclasses.field(default="", repr=False)
 
     def share(self, ms: float) -> float:
         return ms / self.kernel_ms if self.kernel_ms > 0 else 0.0
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
+        out.pop("hlo_text")
         out["kernels"] = [dataclasses.asdict(k) for k in self.kernels]
         out["kind_order"] = list(_trace.KINDS)
         return out
@@ -109,8 +114,9 @@ class StepProfile:
             )
         return "\n".join(lines)
 
-    def write(self, out_dir, commit: Optional[str] = None, plot: bool = True) -> dict:
-        """Write `<out_dir>/<device-slug>/<date>-<commit>-profile-<name>.{json,txt,png}`; the paths."""
+    def write(self, out_dir, commit: Optional[str] = None, plot: bool = True, hlo: bool = False) -> dict:
+        """Write `<out_dir>/<device-slug>/<date>-<commit>-profile-<name>.{json,txt,png}` (and, with
+        `hlo`, the optimized HLO as `.hlo.txt.gz`); the paths."""
         from bench import _device
 
         commit = _suite.resolve_commit(commit)
@@ -124,6 +130,9 @@ class StepProfile:
         written = {"json": paths["json"], "txt": paths["txt"]}
         if plot and self.plot(paths["png"]):
             written["png"] = paths["png"]
+        if hlo and self.hlo_text:
+            written["hlo"] = paths["json"].with_suffix(".hlo.txt.gz")
+            written["hlo"].write_bytes(gzip.compress(self.hlo_text.encode()))
         return written
 
     def plot(self, path) -> bool:
@@ -256,6 +265,7 @@ def profile_step(
         name=name, backend=backend or "auto", platform=info["platform"], device_kind=info["device_kind"],
         jax_version=info["jax_version"], steps=steps, step_ms=step_ms, kernel_ms=total, launches=launches,
         kinds=kinds, kernels=rows, source=source, reader=reader, hlo_module=module, note=note,
+        hlo_text=hlo_text,
     )
 
 
@@ -286,6 +296,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="kernels listed (default 15)")
     p.add_argument("--commit", default=None, help=f"commit id in the file names (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--hlo", action="store_true", help="also write the step's optimized HLO (<stem>.hlo.txt.gz): layouts and the copies XLA added")
     args = p.parse_args(argv)
     try:
         args.configs = _configs.parse_selection(args.configs, tuple(_configs.CONFIGS), "configs", _configs.CONFIG_SETS)
@@ -312,7 +323,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         report = profile_config(config, args.backend, args.mode, args.steps)
         print(report.format(top=args.top))
-        paths = report.write(out, args.commit, plot=not args.no_plot)
+        paths = report.write(out, args.commit, plot=not args.no_plot, hlo=args.hlo)
         print(f"({time.perf_counter() - start:.0f} s) wrote " + ", ".join(str(p) for p in paths.values()) + "\n", flush=True)
         summary.append(report)
     if len(summary) > 1:

@@ -1,14 +1,19 @@
-"""The statistics and small per-pixel products of GroupNorm/LayerNorm, in one pass over a block.
+"""GroupNorm/LayerNorm of a block as two passes forward and two backward.
 
-- Scalars: the mean and variance of each channel group come from one read of the block (two
-  sibling reductions XLA fuses into one kernel: the sum and the sum of squares, about a shift so
-  the difference of squares loses no precision), not a mean followed by a variance pass.
-- Vectors: the per-channel mean vectors, and each group's mean and D x D covariance, come from
-  one reduction of the block over its pixels, in its (c, *spatial, D) layout (kernels._reduce),
-  instead of a mean pass, a centring pass and a GEMM with the pixel count as its inner dimension.
-- The whitening product y = W_g x at every pixel (D x D, D <= 3) is written out as D
-  multiply-adds that fuse with the surrounding elementwise work, instead of a GEMM with inner
-  dimension D; its backward reduces the weight gradient the same wide way.
+A block (c, *spatial, *tensor) is viewed as x (c, P, T): P pixels, T components (1 for scalars,
+D for vectors). Normalising a channel group, whitening included, is a per-channel affine map of
+the components, y[c, p] = M_c x[c, p] + v_c, whose M and v are small functions of each channel's
+sums over pixels of x and of x x^T. So the layer is:
+
+- `channel_sums`: one read of the block, the per-channel sums as wide reductions in the block's
+  own layout (kernels._reduce); its backward is elementwise (d/dx of sum x x^T is (G + G^T) x);
+- the statistics, eigh and the affine coefficients on (c, T, T) arrays (autodiff);
+- `channel_affine`: one elementwise pass (T multiply-adds per component, fused by XLA; no GEMM
+  with inner dimension T); its backward is one `channel_sums` of (gy, x) for gM and gv, and one
+  elementwise pass for gx = M^T gy, which XLA fuses with the sums' backward.
+
+Forward: 1 read (statistics) + 1 read and 1 write; backward: 2 reads (weight sums) + 2 reads and
+1 write: no transposes, concatenations or GEMMs over the block.
 """
 
 from __future__ import annotations
@@ -21,63 +26,155 @@ from kernels._reduce import middle_sum
 
 def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
     """`norm` (an equinox.nn.GroupNorm) applied to `block` (channels, ...), equal to norm(block)
-    up to rounding; its groups, eps and channelwise affine parameters are used as they are."""
+    up to rounding; its groups, eps and channelwise affine parameters are used as they are.
+
+    Computed as `vector_group_norm` is, with one component: one statistics pass, then the
+    per-channel map y = w_c inv_g (x - mean_g) + b_c as one `channel_affine`."""
     orig_dtype = block.dtype
     x = block.astype(jnp.promote_types(block.dtype, jnp.float32))
-    y = x.reshape((norm.groups, -1))
-    # shifting by one sample of the group leaves mean and variance exact while keeping the
-    # sum of squares small: the one-pass formula then loses nothing to cancellation
-    d = y - jax.lax.stop_gradient(y[:, :1])
-    m1 = jnp.mean(d, axis=1, keepdims=True)
-    m2 = jnp.mean(d * d, axis=1, keepdims=True)
-    inv = jax.lax.rsqrt(jnp.maximum(m2 - m1 * m1, 0.0) + norm.eps)
-    out = ((d - m1) * inv).reshape(x.shape)
+    c = x.shape[0]
+    shift, d, _, m1, m2 = _group_moments(x.reshape((c, -1, 1)), norm.groups)
+    per = c // norm.groups
+    inv = jax.lax.rsqrt(jnp.maximum(m2[:, 0, 0] - m1[:, 0] * m1[:, 0], 0.0) + norm.eps)
+    m = jnp.repeat(inv, per)
+    v = -m * jnp.repeat(m1[:, 0], per)
     if norm.channelwise_affine:
-        lead = (-1,) + (1,) * (x.ndim - 1)
-        out = norm.weight.astype(out.dtype).reshape(lead) * out + norm.bias.astype(out.dtype).reshape(lead)
-    return out.astype(orig_dtype)
+        weight = norm.weight.astype(x.dtype)
+        m, v = weight * m, weight * v + norm.bias.astype(x.dtype)
+    out = channel_affine(m[:, None, None], v[:, None], d)
+    return out.reshape(x.shape).astype(orig_dtype)
 
 
-def vector_moments(block: jax.Array, groups: int, D: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One pass over a vector block (c, *spatial[D], D).
+def _group_moments(x: jax.Array, groups: int):
+    """One statistics pass over x (c, P, T) in channel groups.
 
-    Returns (channel_mean (c, D), group_mean (G, D), group_cov (G, D, D)): the spatial mean vector
-    of every channel, and the mean and biased covariance of each group's vectors (all its
-    channels and pixels).
+    Returns (shift (c, T), d = x - shift, first (c, T) = sum_p d, m1 (G, T), m2 (G, T, T)): m1
+    and m2 the mean of d and of d d^T over each group's channels and pixels. The shift is one
+    sample of the group (no gradient): the moments of d are those of x about a point inside the
+    data, so the one-pass covariance m2 - m1 m1^T does not cancel.
     """
-    c = block.shape[0]
+    c, P, T = x.shape
     per = c // groups
-    shift = jax.lax.stop_gradient(block.reshape((groups, -1, D))[:, 0, :])  # (G, D)
-    d = block - jnp.repeat(shift, per, axis=0).reshape((c,) + (1,) * D + (D,))
-    outer = (d[..., :, None] * d[..., None, :]).reshape(d.shape[:-1] + (D * D,))
-    sums = middle_sum(jnp.concatenate([d, outer], axis=-1), 1, 1 + D)  # (c, D + D*D)
-    pixels = d.size // (c * D)
-    channel_mean = jnp.repeat(shift, per, axis=0) + sums[:, :D] / pixels
-    group = sums.reshape((groups, per, D + D * D)).sum(axis=1) / (per * pixels)
-    m1, m2 = group[:, :D], group[:, D:].reshape((groups, D, D))
-    cov = m2 - m1[:, :, None] * m1[:, None, :]
-    cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))  # exactly symmetric for eigh
-    return channel_mean, shift + m1, cov
+    shift = jnp.repeat(jax.lax.stop_gradient(x.reshape((groups, -1, T))[:, 0, :]), per, axis=0)
+    d = x - shift[:, None, :]
+    first, products = channel_sums(d, d)
+    m1 = first.reshape((groups, per, T)).sum(axis=1) / (per * P)
+    m2 = products.reshape((groups, per, T, T)).sum(axis=1) / (per * P)
+    return shift, d, first, m1, m2
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a, b (c, P, T) -> (sum_p a[c, p, i] (c, T), sum_p a[c, p, i] b[c, p, j] (c, T, T)).
+
+    Both are wide column reductions in the block's layout (kernels._reduce.middle_sum); the
+    backward is one elementwise pass per operand (per-channel T x T products written as
+    multiply-adds), not the reductions and transposes autodiff of the outer product makes.
+    """
+    return _channel_sums(a, b)
 
 
 @jax.custom_vjp
-def apply_group_matrix(a: jax.Array, v: jax.Array) -> jax.Array:
-    """y[g, n, i] = sum_j a[g, i, j] v[g, n, j] for a (G, D, D), v (G, n, D)."""
-    D = a.shape[-1]
-    return sum(v[..., j : j + 1] * a[:, None, :, j] for j in range(D))
+def _channel_sums(a, b):
+    c, P, T = a.shape
+    first = middle_sum(a, 1, 2)
+    products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
+    return first, middle_sum(products, 1, 2).reshape((c, T, T))
 
 
-def _apply_fwd(a, v):
-    return apply_group_matrix(a, v), (a, v)
+def _channel_sums_fwd(a, b):
+    return _channel_sums(a, b), (a, b)
 
 
-def _apply_bwd(res, g):
-    a, v = res
-    D = a.shape[-1]
-    dv = apply_group_matrix(jnp.swapaxes(a, 1, 2), g)
-    outer = (g[..., :, None] * v[..., None, :]).reshape(g.shape[:-1] + (D * D,))
-    da = middle_sum(outer, 1, 2).reshape(a.shape)
-    return da.astype(a.dtype), dv.astype(v.dtype)
+def _channel_sums_bwd(res, g):
+    a, b = res
+    g_first, g_products = g
+    da = g_first[:, None, :] + channel_matvec(g_products, b)
+    db = channel_matvec(jnp.swapaxes(g_products, 1, 2), a)
+    return da.astype(a.dtype), db.astype(b.dtype)
 
 
-apply_group_matrix.defvjp(_apply_fwd, _apply_bwd)
+_channel_sums.defvjp(_channel_sums_fwd, _channel_sums_bwd)
+
+
+def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
+    """y[c, p, i] = sum_j m[c, i, j] x[c, p, j] for m (c, T, T), x (c, P, T): T multiply-adds that
+    fuse with the elementwise work around them (no GEMM with inner dimension T)."""
+    T = m.shape[-1]
+    out = x[..., 0:1] * m[:, None, :, 0]
+    for j in range(1, T):
+        out = out + x[..., j : j + 1] * m[:, None, :, j]
+    return out
+
+
+@jax.custom_vjp
+def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array) -> jax.Array:
+    """y[c, p] = m[c] x[c, p] + v[c] for m (c, T, T), v (c, T), x (c, P, T): one elementwise pass;
+    the backward reduces gm and gv in one `channel_sums` and gx is one elementwise pass."""
+    return channel_matvec(m, x) + v[:, None, :]
+
+
+def _affine_fwd(m, v, x):
+    return channel_affine(m, v, x), (m, x)
+
+
+def _affine_bwd(res, g):
+    m, x = res
+    gv, gm = _channel_sums(g, x)
+    gx = channel_matvec(jnp.swapaxes(m, 1, 2), g)
+    return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype)
+
+
+channel_affine.defvjp(_affine_fwd, _affine_bwd)
+
+
+def vector_group_norm(
+    block: jax.Array,
+    groups: int,
+    D: int,
+    eps: float,
+    method: str = "eigh",
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+    """Whiten a vector block (c, *spatial[D], D) per channel group, then (optionally) scale each
+    channel and add `bias` times its spatial mean vector:
+
+        y[c, p] = scale[c] A_g (x[c, p] - mean_g) + bias[c] mean_c
+
+    with mean_g and the biased covariance C_g of group g's vectors (all its channels and
+    pixels), mean_c channel c's spatial mean, A_g = C_g^(-1/2) by "eigh" (eigenvalues + eps) or
+    the inverse transposed Cholesky factor (+ eps on its diagonal) by "cholesky".
+
+    One statistics pass (`_group_moments`), the G x D x D algebra, and one per-channel affine
+    map y = M_c (x - shift_c) + v_c (`channel_affine`); eigh's (or the Cholesky factor's)
+    gradient is autodiff's on the D x D matrices.
+    """
+    c = block.shape[0]
+    per = c // groups
+    x = block.reshape((c, -1, D))
+    P = x.shape[1]
+    shift, d, first, m1, m2 = _group_moments(x, groups)
+    cov = m2 - m1[:, :, None] * m1[:, None, :]
+    cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))  # exactly symmetric for eigh
+    if method == "eigh":
+        eigvals, eigvecs = jnp.linalg.eigh(cov, symmetrize_input=False)
+        inv_sqrt = 1.0 / jnp.sqrt(eigvals + eps)
+        whitening = jnp.einsum("gij,gj,gkj->gik", eigvecs, inv_sqrt, eigvecs)
+    elif method == "cholesky":
+        factor = jax.lax.linalg.cholesky(cov, symmetrize_input=False)
+        factor = factor + eps * jnp.eye(D, dtype=factor.dtype)
+        # row vectors y with y L = x, i.e. y = L^-T x as columns
+        eye = jnp.broadcast_to(jnp.eye(D, dtype=factor.dtype), factor.shape)
+        whitening = jnp.swapaxes(
+            jax.lax.linalg.triangular_solve(factor, eye, left_side=False, lower=True), 1, 2)
+    else:
+        raise NotImplementedError(f"_group_norm_K1: `method` (={method!r}) must be 'eigh' or 'cholesky'")
+    m = jnp.repeat(whitening, per, axis=0)  # (c, D, D)
+    centre = jnp.repeat(m1, per, axis=0)  # mean_g - shift_c
+    v = -jnp.einsum("cij,cj->ci", m, centre)
+    if scale is not None:
+        m = scale[:, None, None] * m
+        v = scale[:, None] * v
+    if bias is not None:
+        v = v + bias[:, None] * (shift + first / P)
+    return channel_affine(m.astype(x.dtype), v.astype(x.dtype), d).reshape(block.shape)

@@ -19,10 +19,10 @@ import jax.random as random
 from jaxtyping import ArrayLike
 
 from ginjax import geometric as geom
-from ginjax._channel_mix import channel_mix
 from ginjax._conv_contract import ConvContract, MultiImageLayer
 from ginjax._filter_bank import FilterBank
-from ginjax._norm_stats import apply_group_matrix, scalar_group_norm, vector_moments
+from ginjax._norm_stats import scalar_group_norm, vector_group_norm
+from ginjax._vector_neuron import vector_neuron
 
 __all__ = [
     "ConvContract",
@@ -43,18 +43,6 @@ _SCALAR: Key = ((), 0)
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _tensor_axes(block: jax.Array, D: int) -> tuple[int, ...]:
-    """Axes of the tensor indices of an unbatched block (channels, *spatial, *tensor)."""
-    return tuple(range(1 + D, block.ndim))
-
-
-def _safe_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Frobenius norm over `axes` (kept as size-1 axes), with a zero (not NaN) gradient at 0."""
-    squared = jnp.sum(x * x, axis=axes, keepdims=True) if axes else x * x
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
-
-
 def _check_dimension(layer: str, x: geom.MultiImage, D: int) -> None:
     if not isinstance(x, geom.MultiImage):
         raise TypeError(f"{layer}: `x` (={type(x).__name__}) must be a geom.MultiImage")
@@ -91,7 +79,7 @@ def _group_norm_K1(
         The whitened block, shape (channels, *spatial, D).
     """
     _check_vector_block(D, image_block, groups)
-    return _whiten(D, image_block, groups, method, eps)[0]
+    return vector_group_norm(image_block, groups, D, eps, method)
 
 
 def _check_vector_block(D: int, image_block: jax.Array, groups: int) -> None:
@@ -112,31 +100,6 @@ def _check_vector_block(D: int, image_block: jax.Array, groups: int) -> None:
             f"_group_norm_K1: `groups` (={groups}) must be a positive int dividing the number of "
             f"channels (={channels})"
         )
-
-
-def _whiten(
-    D: int, image_block: jax.Array, groups: int, method: str, eps: float
-) -> tuple[jax.Array, jax.Array]:
-    """`_group_norm_K1` (arguments checked) and the channels' spatial mean vectors (channels,
-    D), both from one pass of statistics over the block (see ginjax._norm_stats)."""
-    channel_mean, mean, covariance = vector_moments(image_block, groups, D)
-    # (G, channels/G * pixels, D): a group's channels are contiguous along axis 0
-    centred = image_block.reshape((groups, -1, D)) - mean[:, None, :]
-
-    if method == "eigh":
-        eigvals, eigvecs = jnp.linalg.eigh(covariance, symmetrize_input=False)
-        inv_sqrt = 1.0 / jnp.sqrt(eigvals + eps)  # (G, D)
-        whitening = jnp.einsum("gij,gj,gkj->gik", eigvecs, inv_sqrt, eigvecs)  # symmetric
-        whitened = apply_group_matrix(whitening, centred)
-    elif method == "cholesky":
-        factor = jax.lax.linalg.cholesky(covariance, symmetrize_input=False)
-        factor = factor + eps * jnp.eye(D, dtype=factor.dtype)
-        whitened = jax.lax.linalg.triangular_solve(factor, centred, left_side=False, lower=True)
-    else:
-        raise NotImplementedError(
-            f"_group_norm_K1: `method` (={method!r}) must be 'eigh' or 'cholesky'"
-        )
-    return whitened.reshape(image_block.shape), channel_mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +176,10 @@ class GroupNorm(MultiImageLayer):
             elif len(k) == 1:
                 if (k, p) not in self.scale:
                     raise _missing_key(type(self).__name__, (k, p), self._known_keys())
-                lead = (-1,) + (1,) * (self.D + 1)
                 _check_vector_block(self.D, block, self.groups)
-                whitened, mean_vector = _whiten(self.D, block, self.groups, "eigh", self.eps)
-                mean_vector = mean_vector.reshape((-1,) + (1,) * self.D + (self.D,))
-                normed = (
-                    whitened * self.scale[(k, p)].reshape(lead)
-                    + mean_vector * self.bias[(k, p)].reshape(lead)
+                # whitening, scale and the mean-vector bias as one per-channel affine map
+                normed = vector_group_norm(
+                    block, self.groups, self.D, self.eps, "eigh", self.scale[(k, p)], self.bias[(k, p)]
                 )
             else:
                 raise NotImplementedError(
@@ -323,14 +283,9 @@ class VectorNeuronNonlinear(MultiImageLayer):
                     f"VectorNeuronNonlinear: key {(k, p)} of `x` has {block.shape[0]} channels, "
                     f"but the layer was built for {weight.shape[1]}"
                 )
-            axes = _tensor_axes(block, self.D)
-            # (channels, *spatial, *tensor); a batched GEMM under vmap, no transposes
-            direction = channel_mix(weight, block)
-            unit = direction / (_safe_norm(direction, axes) + self.eps)
-            inner = jnp.sum(block * unit, axis=axes, keepdims=True) if axes else block * unit
-            parallel = inner * unit
-            gain = self.scalar_activation(inner) / (jnp.abs(inner) + self.eps)
-            out.append(k, p, gain * parallel + (block - parallel))
+            # one custom-VJP operation: the mixing is a batched GEMM under vmap, the rest one
+            # elementwise pass forward and one backward (ginjax._vector_neuron)
+            out.append(k, p, vector_neuron(weight, block, self.D, self.scalar_activation, self.eps))
         return out
 
 

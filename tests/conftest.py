@@ -17,7 +17,7 @@ if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
 import jax
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, given, settings
 
 # CI explores the same examples every run (a red CI then means a regression, not a new draw);
 # local runs keep drawing fresh ones.
@@ -42,6 +42,44 @@ SLOW: dict[str, dict[str, str]] = {
         "test_compare_defaults_to_newest_baseline_against_a_fresh_run":
             "a second `python -m bench` run in a subprocess: 40 CPU s; compare's verdicts are"
             " checked on stored and synthetic runs by the tests around it",
+    },
+    # Kernel-internal checks in the CPU interpreters, 10-40 CPU seconds each; what covers each
+    # mechanism by default is named.
+    "test_conv_contract_triton.py": {
+        "test_bias_in_the_epilogue_with_gradients_under_vmap[True]":
+            "the epilogue bias with a torus mean; [False] runs by default, test_conformance.py the kernels",
+        "test_vmap_is_one_batched_launch": "also a GPU test (test_conv_contract_triton_gpu.py)",
+        "test_block_layouts_forward_and_gradients[planar_in]": "planar and interleaved run by default",
+        "test_many_tiles_chunks_and_masks": "ragged tiles: test_configurations_match_reference's odd grids",
+        "test_bf16_operands_and_float64_fallback": "dtype coverage: test_conformance.py and the layer's dtype tests",
+        "test_grad_vmap_of_grad_and_grad_of_vmap_under_jit":
+            "transformations: test_conv_contract_triton_backward.py's vmap/grad test",
+    },
+    "test_conv_contract_triton_backward.py": {
+        "test_weight_kernel_gpu_tiling_shares_and_ragged_round":
+            "the GPU's tiling in the interpreter; the default tiling's gradients run in every conformance row",
+    },
+    "test_conv_contract_pallas.py": {
+        "test_precision_modes_against_float64_oracle[fp32]": "[tf32] runs by default",
+        "test_precision_modes_against_float64_oracle[bf16]": "[tf32] runs by default",
+        "test_small_tiles_many_programs_and_poisoned_outputs[factorised]": "[taps] runs by default",
+        "test_fixture_cases_taps[case01]": "[case08] runs by default",
+        "test_fixture_cases_taps[case12]": "[case08] runs by default",
+        "test_jit_of_grad_of_vmap_matches_reference": "drawn configurations run batched and unbatched by default",
+        "test_input_gradient_plan_is_the_transpose": "the input gradient is checked in every pallas conformance row",
+        "test_lowers_to_triton_for_cuda[bf16-factorised]": "[fp32-factorised] runs by default",
+        "test_lowers_to_triton_for_cuda[tf32-factorised]": "[fp32-factorised] runs by default",
+    },
+    "test_conv_contract_bias.py": {
+        "test_gradients_match_the_plain_bias[reference-{'is_torus': True}]": "the dense row runs by default",
+        "test_bias_modes_fused_backends[pallas]": "[triton] and [native] run by default",
+    },
+    "test_conv_contract_kernels.py": {
+        "test_float32_against_float64_oracle[reference]": "[dense] runs by default",
+    },
+    "test_conv_contract_native.py": {
+        "test_odd_sizes[3-spatial4-kwargs4]": "2-tensors: test_conformance.py's native rows (case01)",
+        "test_odd_sizes[3-spatial3-kwargs3]": "mixed torus and rhs_dilation: native conformance rows and drawn layers",
     },
     "test_sharding.py": {
         "test_model_sharded_cases":
@@ -69,6 +107,26 @@ def pytest_collection_modifyitems(config, items):
         missing = set(SLOW[name]) - found.get(name, set())
         if missing:
             raise pytest.UsageError(f"tests/conftest.py SLOW lists tests that {name} lacks: {sorted(missing)}")
+
+
+def drawn_examples(few: int, many: int):
+    """Parametrise a hypothesis check by its number of drawn examples: the default run draws `few`,
+    the `slow` run `many` (each example compiles several XLA programs, so the count is the cost).
+    The test takes `examples` and calls `run_drawn` with it."""
+    return pytest.mark.parametrize(
+        "examples",
+        [pytest.param(few, id=f"{few}-drawn"), pytest.param(many, id=f"{many}-drawn", marks=pytest.mark.slow)],
+    )
+
+
+def run_drawn(check, examples: int, **strategies) -> None:
+    """Run `check(**drawn)` on `examples` hypothesis draws of `strategies` (the profile loaded
+    above decides derandomisation; no deadline: first calls compile)."""
+    run = settings(
+        max_examples=examples, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )(given(**strategies)(check))
+    run()
 
 
 def rel_l2(actual, expected) -> float:

@@ -4,6 +4,7 @@ hand-written XSpace with the kernels a GPU step launches."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 
@@ -172,6 +173,10 @@ def test_profile_step_on_cpu_reads_a_real_trace_and_says_it_needs_a_gpu(cpu_prof
     assert data["kinds"] == report.kinds and data["commit"] == "abc1234" and data["kernels"][0]["kernel"]
     if "png" in paths:
         assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "hlo_text" not in data and "hlo" not in paths
+    with_hlo = report.write(tmp_path, commit="abc1234", plot=False, hlo=True)
+    assert with_hlo["hlo"].name == with_hlo["json"].name.replace(".json", ".hlo.txt.gz")
+    assert gzip.decompress(with_hlo["hlo"].read_bytes()).decode().lstrip().startswith("HloModule")
 
 
 def test_the_trace_json_gives_the_same_kernels_as_the_xplane(cpu_profile):

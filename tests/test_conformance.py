@@ -20,16 +20,18 @@ FUSED = ("triton", "pallas")  # the backends whose documented coverage is "every
 
 # Pallas' interpret mode compiles each case's three kernels as large XLA CPU programs: about 23
 # CPU seconds per case on 2 cores (case00, measured), 5 minutes for all twelve covered cases.
-# By default it runs a 2D case with 2-tensors and a missing filter and the standard 3D layer;
-# the other cases are `slow` (tests/test_conv_contract_pallas.py covers their geometries by
+# By default it runs the standard 3D layer (case09); the other cases are `slow` (tests/test_conv_contract_pallas.py covers their geometries by
 # default: the tap kernels on recorded cases, drawn configurations of both algorithms).
-PALLAS_DEFAULT = ("case01", "case09")
+# Triton's interpreter: 5-20 CPU seconds a case; by default a 2D case with 2-tensors and a missing
+# filter and the standard 3D layer, the others `slow` (test_conv_contract_triton.py's configurations
+# run by default).
+INTERPRETED_DEFAULT = {"pallas": ("case09",), "triton": ("case01", "case09")}
 
 
 def _matrix():
     for backend in BACKENDS:
         for case in CASES:
-            slow = backend == "pallas" and case not in PALLAS_DEFAULT
+            slow = backend in INTERPRETED_DEFAULT and case not in INTERPRETED_DEFAULT[backend]
             yield pytest.param(backend, case, marks=[pytest.mark.slow] if slow else [], id=f"{backend}-{case}")
 
 

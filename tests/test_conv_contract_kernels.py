@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import jax
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 import kernels
 from conftest import (
+    drawn_examples,
+    run_drawn,
     fixture_filters,
     float64,
     draw_keys_and_pairs,
@@ -69,9 +71,7 @@ def _assert_close_or_both_zero(actual, expected, tol=1e-10):
         assert rel_l2(actual, expected) <= tol
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=configurations(), seed=st.integers(0, 2**31 - 1))
-def test_dense_matches_reference_forward_and_grads(cfg, seed):
+def _dense_matches_reference_forward_and_grads(cfg, seed):
     spec, N, batch = cfg
     with float64():
         inputs, weights = _random_operands(spec, N, batch, seed)
@@ -92,6 +92,11 @@ def test_dense_matches_reference_forward_and_grads(cfg, seed):
         g_dense = jax.grad(lambda xs, ws: loss("dense", xs, ws), argnums=(0, 1))(inputs, weights)
         for r, g in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_dense)):
             _assert_close_or_both_zero(g, r)
+
+
+@drawn_examples(4, 15)
+def test_dense_matches_reference_forward_and_grads(examples):
+    run_drawn(_dense_matches_reference_forward_and_grads, examples, cfg=configurations(), seed=st.integers(0, 2**31 - 1))
 
 
 @pytest.mark.parametrize("backend", LAX_BACKENDS)

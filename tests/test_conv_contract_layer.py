@@ -45,14 +45,17 @@ def _fixture_layer(case, backend):
 def _layer_fixture_params():
     """Every recorded case on the lax backends; on the others only the biased cases: their
     unbiased forward is the conformance suite's (tests/test_conformance.py), the layer's bias
-    passed through to them is not."""
+    passed through to them is not. By default the reference rows (the same layer code as dense's,
+    whose kernel-level agreement test_conformance.py checks on every case) and Pallas' interpret
+    rows but the standard 3D layer's (case09) are `slow`: 10-40 CPU seconds each."""
     lax = ("reference", "dense")
-    return [
-        (case, backend)
-        for case in conv_contract_cases()
-        for backend in BACKENDS
-        if backend in lax or conv_contract_case(case)[0]["use_bias"]
-    ]
+    params = []
+    for case in conv_contract_cases():
+        for backend in BACKENDS:
+            if backend in lax or conv_contract_case(case)[0]["use_bias"]:
+                slow = backend == "reference" or (backend == "pallas" and case != "case09")
+                params.append(pytest.param(case, backend, marks=[pytest.mark.slow] if slow else []))
+    return params
 
 
 @pytest.mark.parametrize("case, backend", _layer_fixture_params())
@@ -82,7 +85,8 @@ SIG_D = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "dense"])
+# the reference rows are `slow` (eager float64 lax; dense runs the same layer code by default)
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "dense"])
 @pytest.mark.parametrize("D", [2, 3])
 def test_equivariant_under_every_group_element(D, backend):
     """f(g.x) == g.f(x) for all 8 (D=2) / 48 (D=3) elements, torus padding, highest precision."""
@@ -119,7 +123,7 @@ def test_jit_vmap_grad_through_layer():
 
     grads = eqx.filter_jit(eqx.filter_grad(loss))(layer, xb)
     ref_layer = ConvContract(sig, sig, _filters(D, 3), "auto", key=_KEY, backend="reference")
-    grads_ref = eqx.filter_grad(loss)(ref_layer, xb)
+    grads_ref = eqx.filter_jit(eqx.filter_grad(loss))(ref_layer, xb)
     with jax.default_matmul_precision("highest"):
         for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array)), jax.tree_util.tree_leaves(eqx.filter(grads_ref, eqx.is_array))):
             if np.any(np.asarray(b)):

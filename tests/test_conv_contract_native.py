@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax
@@ -21,6 +20,8 @@ import jax.numpy as jnp
 import kernels
 from kernels.native import conv_contract_native
 from conftest import (
+    drawn_examples,
+    run_drawn,
     draw_covered_layer,
     fixture_filters,
     float64,
@@ -102,12 +103,15 @@ def native_layers(draw):
     return spec, spatial, draw(st.integers(1, 2))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layer=native_layers(), seed=st.integers(0, 2**31 - 1))
-def test_matches_reference_forward_and_grads(layer, seed):
+def _matches_reference_forward_and_grads(layer, seed):
     spec, spatial, batch = layer
     inputs, weights = random_operands(spec, spatial, seed, batch, np.float32)
     _check_against_oracle(spec, inputs, weights)
+
+
+@drawn_examples(3, 12)
+def test_matches_reference_forward_and_grads(examples):
+    run_drawn(_matches_reference_forward_and_grads, examples, layer=native_layers(), seed=st.integers(0, 2**31 - 1))
 
 
 def _standard_spec(D, c, torus=True, padding=None, rhs_dilation=1, k2=False):

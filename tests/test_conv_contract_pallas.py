@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 
 import kernels
 from conftest import (
+    drawn_examples,
+    run_drawn,
     conv_contract_case,
     fixture_filters,
     fixture_spec,
@@ -110,13 +111,16 @@ def covered_configurations(draw):
     return spec, (N,) * spec.D, batched
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=covered_configurations(), algorithm=st.sampled_from(kpc.ALGORITHMS), seed=st.integers(0, 2**31 - 1))
-def test_drawn_configurations_match_reference(cfg, algorithm, seed):
+def _drawn_configurations_match_reference(cfg, algorithm, seed):
     spec, spatial, batched = cfg
     assert kp.coverage(spec, spatial, np.float32)[0]
     inputs, weights = _operands(spec, spatial, seed, batch=2 if batched else None)
     _check_against_reference(spec, inputs, weights, seed, batched=batched, algorithm=algorithm)
+
+
+@drawn_examples(3, 12)
+def test_drawn_configurations_match_reference(examples):
+    run_drawn(_drawn_configurations_match_reference, examples, cfg=covered_configurations(), algorithm=st.sampled_from(kpc.ALGORITHMS), seed=st.integers(0, 2**31 - 1))
 
 
 # ---- transformations, precision, tiles ----------------------------------------------------------

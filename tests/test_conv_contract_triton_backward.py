@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import draw_covered_layer, rel_l2
+from conftest import draw_covered_layer, drawn_examples, rel_l2, run_drawn
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
@@ -59,13 +58,16 @@ def covered_layers(draw):
     return draw_covered_layer(draw)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(layer=covered_layers(), seed=st.integers(0, 2**31 - 1))
-def test_drawn_layers_gradients_match_reference(layer, seed):
+def _drawn_layers_gradients_match_reference(layer, seed):
     spec, N = layer
     assert transposed_spec(spec) is not None
     xs, ws = operands(spec, N, seed=seed, batch=2)
     check_grads(grads(spec, xs, ws, "triton"), grads(spec, xs, ws, "reference"))
+
+
+@drawn_examples(3, 10)
+def test_drawn_layers_gradients_match_reference(examples):
+    run_drawn(_drawn_layers_gradients_match_reference, examples, layer=covered_layers(), seed=st.integers(0, 2**31 - 1))
 
 
 def test_weight_kernel_gpu_tiling_shares_and_ragged_round():

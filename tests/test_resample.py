@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import ginjax.geometric as geom
@@ -26,6 +26,8 @@ from ginjax import layers
 from kernels import _resample
 
 from conftest import (
+    drawn_examples,
+    run_drawn,
     conv_contract_case,
     conv_contract_cases,
     draw_keys_and_pairs,
@@ -186,13 +188,16 @@ def resampling_layers(draw):
     return spec, N
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
-def test_drawn_layers_match_reference(cfg, seed):
+def _drawn_layers_match_reference(cfg, seed):
     spec, N = cfg
     assert _resample.method(spec) in ("subpixel", "space_to_depth")
     xs, ws = random_operands(spec, (N,) * spec.D, seed, batch=2, dtype=np.float32)
     check_against_reference(spec, xs, ws)
+
+
+@drawn_examples(4, 12)
+def test_drawn_layers_match_reference(examples):
+    run_drawn(_drawn_layers_match_reference, examples, cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
 
 
 @pytest.mark.parametrize("D", [2, 3])
