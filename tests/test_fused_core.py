@@ -10,13 +10,12 @@ import inspect
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
 from conftest import (
-    conv_contract_case, conv_contract_cases, draw_covered_layer, fixture_filters, fixture_spec,
-    float64, invariant_pairs, random_operands,
+    conv_contract_case, conv_contract_cases, draw_covered_layer, drawn_examples, fixture_filters,
+    fixture_spec, float64, invariant_pairs, random_operands, run_drawn,
 )
 from kernels import _fused
 
@@ -117,14 +116,17 @@ def test_transposed_spec_is_the_adjoint(D, M, is_torus, geometry, spatial):
     _check_adjoint(spec, spatial, seed=3)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_transposed_spec_is_the_adjoint_on_drawn_layers(data):
-    spec, N = data.draw(st.composite(lambda draw: draw_covered_layer(draw))())
+def _adjoint_on_drawn_layer(layer):
+    spec, N = layer
     if _fused.transpose_blocker(spec):
         assert _fused.transposed_spec(spec) is None
         return
     _check_adjoint(spec, (N,) * spec.D, seed=5)
+
+
+@drawn_examples(10, 60)
+def test_transposed_spec_is_the_adjoint_on_drawn_layers(examples):
+    run_drawn(_adjoint_on_drawn_layer, examples, layer=st.composite(lambda draw: draw_covered_layer(draw))())
 
 
 def test_transposed_spec_drops_unread_keys_and_swaps_padding():
