@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     def pallas_run(precision=None, **block):
         bs = kp.BlockSizes(**block)
-        return lambda x, w: kp.conv_contract(spec, x, w, precision=precision, block_sizes=bs)
+        return lambda x, w: kp.conv_contract_pallas(spec, x, w, precision=precision, block_sizes=bs)
 
     oracle = {m: jax.jit(f)(xs, ws, cots) for m, f in _cases.layer_functions(backend_run("reference", "fp32")).items()}
     device = jax.devices()[0].device_kind

@@ -200,7 +200,7 @@ def main():
             run_case(config, name, by_backend(name), (xs, ws), oracle, extra)
         for label in labels:
             blocks = BlockSizes(**SWEEP[label])
-            run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
+            run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, precision="tf32", block_sizes=b)), (xs, ws), oracle, extra)
         for mode in ("fp32", "bf16") if config == "d3_n64_b4_c16" and not backward else ():
             run_case(config, f"triton-{mode}", by_backend("triton", mode), (xs, ws), oracle, extra)
         # forward + backward: the fused backward, dense's VJP (A/B) and the weight kernel's tilings
@@ -211,15 +211,16 @@ def main():
         bwd_variants = {} if backward else {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
         if config == "d3_n64_b4_c16":
             bwd_variants.update({
-                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(blocks=dw_blocks(D, w, t, u))
+                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(block_sizes=dw_blocks(D, w, t, u))
                 for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)))
             })
         for label, kw in bwd_variants.items():
-            run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, "tf32", **kw)), (xs, ws), None, extra)
+            run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, precision="tf32", **kw)), (xs, ws), None, extra)
         if config == "d3_n64_b4_c16":  # the backward's two kernels alone
-            from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+            from kernels._fused import transposed_spec, transposed_weights
+            from kernels.triton._backward import weight_grad_launch
             spec_t, _ = transposed_spec(spec)
-            run_case(config, "bwd-input-grad-only", fwd(lambda g, w: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32")), (cots, ws), None, extra)
+            run_case(config, "bwd-input-grad-only", fwd(lambda g, w: conv_contract_triton(spec_t, g, transposed_weights(w), precision="tf32")), (cots, ws), None, extra)
             blocks = BlockSizes()
             run_case(config, "bwd-weight-grad-only", lambda xs, gs: weight_grad_launch(spec, "tf32", blocks, xs, gs), (xs, cots), None, extra)
         del xs, ws, oracle
@@ -254,20 +255,20 @@ def layers_preset(args, run_case):
     import contextlib
 
     from bench import _cases, _configs
-    from kernels.triton import conv_contract as triton_module
-
     by_name = {c.name: c for c in _configs.LAYER_CONFIGS}
     names = [n for n in (args.configs or LAYER_CONFIGS).split(",") if n]
     layouts = [v for v in args.layouts.split(",") if v]
-    real_default = triton_module.default_blocks
+    real_default = BlockSizes.__dict__["for_layer"]
 
     @contextlib.contextmanager
     def layout(name):
-        triton_module.default_blocks = lambda spec, spatial: dataclasses.replace(real_default(spec, spatial), layout=name)
+        BlockSizes.for_layer = classmethod(
+            lambda cls, spec, spatial: dataclasses.replace(real_default.__func__(cls, spec, spatial), layout=name)
+        )
         try:
             yield
         finally:
-            triton_module.default_blocks = real_default
+            BlockSizes.for_layer = real_default
 
     def fresh(fn):  # jit caches traces by function: the backend is chosen while tracing
         return lambda *a: fn(*a)
@@ -298,7 +299,8 @@ def registers_preset(args, run_case, start):
     and weight-gradient tilings with caps. Preset "dw": weight-gradient tilings alone, then
     forward + backward (dense's and the fused one with a few weight tilings)."""
     dw_only = args.preset == "dw"
-    from kernels.triton._backward import transposed_spec, transposed_weights, weight_grad_launch
+    from kernels._fused import transposed_spec, transposed_weights
+    from kernels.triton._backward import weight_grad_launch
 
     config = "d3_n64_b4_c16"
     D, N, B, c = CONFIGS[config]
@@ -308,17 +310,17 @@ def registers_preset(args, run_case, start):
     extra = dict(io_bytes=sum(x.size * 4 for x in xs) * 2, dense_flops=B * spec.dense_flops((N,) * D))
     fwd = lambda run: (lambda xs, ws: jax.vmap(lambda x: run(x, ws))(xs))
     oracle = jax.jit(fwd(lambda x, w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32")))(xs, ws)
-    run_case(config, "triton", fwd(lambda x, w: conv_contract_triton(spec, x, w, "tf32")), (xs, ws), oracle, extra)
+    run_case(config, "triton", fwd(lambda x, w: conv_contract_triton(spec, x, w, precision="tf32")), (xs, ws), oracle, extra)
     labels = [v for v in args.variants.split(",") if v] or ([] if dw_only else REGISTERS)
     for label in labels:
         blocks = BlockSizes(**SWEEP[label])
-        run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, "tf32", blocks=b)), (xs, ws), oracle, extra)
+        run_case(config, label, fwd(lambda x, w, b=blocks: conv_contract_triton(spec, x, w, precision="tf32", block_sizes=b)), (xs, ws), oracle, extra)
     cots = [jnp.asarray(np.random.default_rng(1).standard_normal(o.shape), jnp.float32) for o in oracle]
     spec_t, _ = transposed_spec(spec)
     for label in ["triton"] + labels[:4]:
         blocks = BlockSizes(**SWEEP.get(label, {}))
         run_case(config, f"bwd-input-grad-only-{label}",
-                 fwd(lambda g, w, b=blocks: conv_contract_triton(spec_t, g, transposed_weights(w), "tf32", blocks=b)), (cots, ws), None, extra)
+                 fwd(lambda g, w, b=blocks: conv_contract_triton(spec_t, g, transposed_weights(w), precision="tf32", block_sizes=b)), (cots, ws), None, extra)
     for w, t, u, cap in DW_TILINGS if dw_only else DW_REGISTERS:
         run_case(config, f"bwd-weight-grad-only-w{w}-t{t}-u{u}-r{cap}",
                  lambda xs, gs, b=dw_blocks(D, w, t, u, cap): weight_grad_launch(spec, "tf32", b, xs, gs), (xs, cots), None, extra)
@@ -328,7 +330,7 @@ def registers_preset(args, run_case, start):
             run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
         for w, t, u, cap in DW_TILINGS[:3]:
             run_case(config, f"dw-w{w}-t{t}-u{u}-fwd_bwd",
-                     fwd_bwd(lambda x, ww, b=dw_blocks(D, w, t, u, cap): conv_contract_triton(spec, x, ww, "tf32", blocks=b)), (xs, ws), None, extra)
+                     fwd_bwd(lambda x, ww, b=dw_blocks(D, w, t, u, cap): conv_contract_triton(spec, x, ww, precision="tf32", block_sizes=b)), (xs, ws), None, extra)
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

@@ -217,7 +217,7 @@ def test_bad_operands_are_clear_errors():
         kernels.conv_contract(spec, inputs, [np.ones((1, 1, 99), np.float32)] + weights[1:], backend="native")
     # kernels.conv_contract sends integer operands to dense (not covered); called directly:
     with pytest.raises(ValueError, match=r"`inputs\[0\]` has dtype int32"):
-        conv_contract_native(spec, [inputs[0].astype(np.int32), inputs[1]], weights, "fp32")
+        conv_contract_native(spec, [inputs[0].astype(np.int32), inputs[1]], weights, precision="fp32")
 
 
 @pytest.mark.without_build

@@ -50,7 +50,7 @@ def _forward_fn(spec, backend, precision="fp32", batched=False, algorithm=None):
 
     def one(xs, ws):
         if algorithm is not None:
-            return kp.conv_contract(spec, xs, ws, precision=precision, block_sizes=kp.BlockSizes(algorithm=algorithm))
+            return kp.conv_contract_pallas(spec, xs, ws, precision=precision, block_sizes=kp.BlockSizes(algorithm=algorithm))
         return kernels.conv_contract(spec, xs, ws, backend=backend, precision=precision)
 
     def run(xs, ws):
@@ -158,7 +158,7 @@ def test_precision_modes_against_float64_oracle(precision):
             backend="reference", precision="fp32",
         )
         oracle = [np.asarray(o) for o in oracle]
-    got = kp.conv_contract(spec, inputs, weights, precision=precision)
+    got = kp.conv_contract_pallas(spec, inputs, weights, precision=precision)
     for g, o in zip(got, oracle):
         assert g.dtype == jnp.float32
         assert rel_l2(g, o) <= kernels.TOLERANCE[precision]
@@ -184,7 +184,7 @@ def test_small_tiles_many_programs_and_poisoned_outputs(algorithm):
     # the same tiles through the differentiable entry, gradients included
     cots = _cotangents(spec, want, seed=3)
     _, want_grads = _vjp_fn(spec, "reference")(inputs, weights, cots)
-    pull = jax.jit(lambda xs, ws, cots: jax.vjp(lambda xs, ws: kp.conv_contract(spec, xs, ws, precision="fp32", block_sizes=bs), xs, ws)[1](cots))
+    pull = jax.jit(lambda xs, ws, cots: jax.vjp(lambda xs, ws: kp.conv_contract_pallas(spec, xs, ws, precision="fp32", block_sizes=bs), xs, ws)[1](cots))
     for g, r in zip(jax.tree_util.tree_leaves(pull(inputs, weights, cots)), jax.tree_util.tree_leaves(want_grads)):
         assert rel_l2(g, r) <= FP32
 
@@ -226,7 +226,7 @@ def test_uncovered_configurations_fall_back(kwargs, reason):
     choice = kernels.explain(spec, (5, 5, 5), backend="pallas")
     assert choice.backend == "dense" and reason in choice.reason
     with pytest.raises(ValueError, match=r"`spec` is outside .*" + reason):
-        kp.conv_contract(spec, *_operands(spec, (5, 5, 5), seed=0))
+        kp.conv_contract_pallas(spec, *_operands(spec, (5, 5, 5), seed=0))
 
 
 def test_coverage_reasons():
@@ -249,34 +249,34 @@ def no_launch(monkeypatch):
 
 def test_algorithm_from_the_environment(monkeypatch, no_launch):
     monkeypatch.setenv(kpc.ALGORITHM_ENV, "factorised")
-    assert kp.BlockSizes.get_default().algorithm == "factorised"
+    assert kp.BlockSizes.for_layer().algorithm == "factorised"
     monkeypatch.setenv(kpc.ALGORITHM_ENV, "fft")
     spec = _layer(D=2)
     with pytest.raises(ValueError, match=r"`\$GINJAX_PALLAS_ALGORITHM` \(='fft'\)"):
-        kp.conv_contract(spec, *_operands(spec, (5, 5), seed=1))
+        kp.conv_contract_pallas(spec, *_operands(spec, (5, 5), seed=1))
 
 
 def test_bad_input_is_a_clear_error_before_any_launch(no_launch):
     spec = _layer(D=2)
     inputs, weights = _operands(spec, (5, 5), seed=1)
     with pytest.raises(ValueError, match=r"input block 1 .* has shape \(3, 5, 5\)"):
-        kp.conv_contract(spec, [inputs[0], inputs[1][..., 0]], weights)
+        kp.conv_contract_pallas(spec, [inputs[0], inputs[1][..., 0]], weights)
     with pytest.raises(ValueError, match=r"`inputs\[0\]` has dtype float16"):
-        kp.conv_contract(spec, [inputs[0].astype(jnp.float16), inputs[1]], weights)
+        kp.conv_contract_pallas(spec, [inputs[0].astype(jnp.float16), inputs[1]], weights)
     with pytest.raises(ValueError, match=r"`weights\[2\]` has dtype int32"):
-        kp.conv_contract(spec, inputs, [*weights[:2], weights[2].astype(jnp.int32), weights[3]])
+        kp.conv_contract_pallas(spec, inputs, [*weights[:2], weights[2].astype(jnp.int32), weights[3]])
     with pytest.raises(ValueError, match=r"`precision` \(='fp8'\)"):
-        kp.conv_contract(spec, inputs, weights, precision="fp8")
+        kp.conv_contract_pallas(spec, inputs, weights, precision="fp8")
     with pytest.raises(ValueError, match=r"`block_sizes.block_p` \(=24\)"):
-        kp.conv_contract(spec, inputs, weights, block_sizes=kp.BlockSizes(block_p=24))
+        kp.conv_contract_pallas(spec, inputs, weights, block_sizes=kp.BlockSizes(block_p=24))
     with pytest.raises(ValueError, match=r"`block_sizes.algorithm` \(='winograd'\)"):
-        kp.conv_contract(spec, inputs, weights, block_sizes=kp.BlockSizes(algorithm="winograd"))
+        kp.conv_contract_pallas(spec, inputs, weights, block_sizes=kp.BlockSizes(algorithm="winograd"))
     with pytest.raises(ValueError, match=r"`block_sizes.num_warps` \(=3\)"):
-        kp.conv_contract(spec, inputs, weights, block_sizes=kp.BlockSizes(num_warps=3))
+        kp.conv_contract_pallas(spec, inputs, weights, block_sizes=kp.BlockSizes(num_warps=3))
     with pytest.raises(ValueError, match=r"`block_sizes` \(=\{\}\)"):
-        kp.conv_contract(spec, inputs, weights, block_sizes={})
+        kp.conv_contract_pallas(spec, inputs, weights, block_sizes={})
     with pytest.raises(ValueError, match="weights of pair 0 have shape"):
-        kp.conv_contract(spec, inputs, [weights[0][:, :1], *weights[1:]])
+        kp.conv_contract_pallas(spec, inputs, [weights[0][:, :1], *weights[1:]])
 
 
 # ---- the GPU lowering, checked on a CPU ---------------------------------------------------------
@@ -290,7 +290,7 @@ def _gpu_lowering(spec, batch, spatial, precision, algorithm="taps"):
 
     def loss(xs, ws):
         bs = kp.BlockSizes(algorithm=algorithm)
-        outs = jax.vmap(lambda x: kp.conv_contract(spec, x, ws, precision=precision, interpret=False, block_sizes=bs))(xs)
+        outs = jax.vmap(lambda x: kp.conv_contract_pallas(spec, x, ws, precision=precision, interpret=False, block_sizes=bs))(xs)
         return sum(jnp.sum(o * o) for o in outs)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(xs, ws).lower(lowering_platforms=("cuda",))

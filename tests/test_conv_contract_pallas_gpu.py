@@ -92,7 +92,7 @@ def test_poisoned_outputs_are_all_written(algorithm, block_p):
     stencil = kpc._launchers(bs)[0]
     for plan, srcs in (
         (_plan.forward_plan(spec, spatial), inputs),
-        (_plan.input_grad_plan(spec, spatial), _cotangents(spec, kp.conv_contract(spec, inputs, weights), 4)),
+        (_plan.input_grad_plan(spec, spatial), _cotangents(spec, kp.conv_contract_pallas(spec, inputs, weights), 4)),
     ):
         outs = stencil(plan, srcs, weights, mode="fp32", bs=bs, block_p=block_p, interpret=False, poison=True)
         want = kpc._stencil_call(plan, srcs, weights, mode="fp32", bs=bs, block_p=block_p, interpret=True)

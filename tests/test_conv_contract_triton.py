@@ -105,12 +105,12 @@ def test_block_layouts_forward_and_gradients(layout):
     spec = make_layer(2, 3, [("s", 1), ("v", 1), ("t", 1)], [("s", 1), ("v", 1), ("t", 1)])
     xs, ws = operands(spec, (5, 6), seed=9)
     blocks = BlockSizes(layout=layout, tile=(4, 8))
-    check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), run(spec, xs, ws, "reference"), "fp32")
+    check_close(conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=blocks), run(spec, xs, ws, "reference"), "fp32")
 
     def loss(f, xs, ws):
         return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(xs, ws)))
 
-    got = jax.grad(lambda x, w: loss(lambda a, b: conv_contract_triton(spec, a, b, "fp32", blocks=blocks), x, w), argnums=(0, 1))(xs, ws)
+    got = jax.grad(lambda x, w: loss(lambda a, b: conv_contract_triton(spec, a, b, precision="fp32", block_sizes=blocks), x, w), argnums=(0, 1))(xs, ws)
     want = jax.grad(lambda x, w: loss(lambda a, b: run(spec, a, b, "reference"), x, w), argnums=(0, 1))(xs, ws)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert rel_l2(g, r) <= 1e-5
@@ -153,11 +153,11 @@ def test_many_tiles_chunks_and_masks():
     plan = _kernel.plan_kernel(spec, _kernel.Geometry((7, 9), (False, False), (False,) * 4), "fp32", blocks)
     assert plan.programs_per_batch == 2 * 2 * 2  # output-channel tiles x tiles along each axis
     assert "for ch in range(2):" in plan.source
-    check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=blocks), want, "fp32")
+    check_close(conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=blocks), want, "fp32")
     # the other accumulator orientation, and both tile orientations (the GPU picks by Triton version)
     for orientation, pixels_first in (("po", False), ("op", True), ("po", True)):
         other = BlockSizes(tile=(8, 16), block_o=16, orientation=orientation, pixels_first=pixels_first)
-        check_close(conv_contract_triton(spec, xs, ws, "fp32", blocks=other), want, "fp32")
+        check_close(conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=other), want, "fp32")
 
 
 def test_bf16_operands_and_float64_fallback():
@@ -185,7 +185,7 @@ def test_nan_and_inf_propagate():
     xs = [np.array(x) for x in xs]
     xs[0][1, 4, 4, 4] = np.nan
     xs[1][0, 2, 6, 7, 1] = np.inf
-    got = [np.asarray(o) for o in conv_contract_triton(spec, [jnp.asarray(x) for x in xs], ws, "fp32")]
+    got = [np.asarray(o) for o in conv_contract_triton(spec, [jnp.asarray(x) for x in xs], ws, precision="fp32")]
     clean = [x.copy() for x in xs]
     clean[0][1, 4, 4, 4] = 0.0
     clean[1][0, 2, 6, 7, 1] = 0.0
@@ -323,22 +323,28 @@ def test_oversized_blocks_are_rejected_before_launch():
 def test_bad_arguments_are_clear_errors():
     spec = make_layer(2, 3, [("s", 1)], [("s", 1)])
     xs, ws = operands(spec, 5, seed=0)
-    with pytest.raises(ValueError, match=r"`tile` \(=\(3, 8\)\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(tile=(3, 8)))
-    with pytest.raises(ValueError, match=r"`block_c` \(=8\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(block_c=8))
-    with pytest.raises(ValueError, match=r"`num_warps` \(=3\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(num_warps=3))
-    with pytest.raises(ValueError, match=r"`layout` \(='nhwc'\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(layout="nhwc"))
-    with pytest.raises(ValueError, match=r"`orientation` \(='pp'\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(orientation="pp"))
-    with pytest.raises(ValueError, match=r"`max_registers` \(=16\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(max_registers=16))
-    with pytest.raises(ValueError, match=r"`dw_max_registers` \(=300\)"):
-        conv_contract_triton(spec, xs, ws, "fp32", blocks=BlockSizes(dw_max_registers=300))
+    with pytest.raises(ValueError, match=r"`block_sizes\.tile` \(=\(3, 8\)\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(tile=(3, 8)))
+    with pytest.raises(ValueError, match=r"`block_sizes\.block_c` \(=8\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(block_c=8))
+    with pytest.raises(ValueError, match=r"`block_sizes\.num_warps` \(=3\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(num_warps=3))
+    with pytest.raises(ValueError, match=r"`block_sizes\.layout` \(='nhwc'\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(layout="nhwc"))
+    with pytest.raises(ValueError, match=r"`block_sizes\.orientation` \(='pp'\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(orientation="pp"))
+    with pytest.raises(ValueError, match=r"`block_sizes\.max_registers` \(=16\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(max_registers=16))
+    with pytest.raises(ValueError, match=r"`block_sizes\.dw_max_registers` \(=300\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(dw_max_registers=300))
+    with pytest.raises(ValueError, match=r"`block_sizes\.dw_tile` \(=\(1, 12\)\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=BlockSizes(dw_tile=(1, 12)))
+    with pytest.raises(ValueError, match=r"`block_sizes` \(=\{\}\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes={})
+    with pytest.raises(ValueError, match=r"`precision` \(='fp8'\)"):
+        conv_contract_triton(spec, xs, ws, precision="fp8")
     with pytest.raises(ValueError, match=r"`inputs\[0\]` has dtype int32"):
-        conv_contract_triton(spec, [x.astype(jnp.int32) for x in xs], ws, "fp32")
+        conv_contract_triton(spec, [x.astype(jnp.int32) for x in xs], ws, precision="fp32")
 
 
 def test_register_cap_reaches_the_compiler_options(monkeypatch):

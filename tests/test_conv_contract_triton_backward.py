@@ -18,6 +18,7 @@ from conftest import draw_covered_layer, drawn_examples, rel_l2, run_drawn
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
 from kernels.triton import _backward  # noqa: E402
+from kernels._fused import transposed_spec  # noqa: E402
 from test_conv_contract_triton import make_layer, operands  # noqa: E402
 
 if not triton_backend.availability()[0]:
@@ -27,7 +28,7 @@ if not triton_backend.availability()[0]:
 def grads(spec, xs, ws, backend, batched=True, mode="fp32", **kw):
     """d/d(inputs, weights) of a nonlinear loss of the layer's outputs, vmapped over a batch."""
     run = (
-        (lambda x, w: conv_contract_triton(spec, x, w, mode, **kw))
+        (lambda x, w: conv_contract_triton(spec, x, w, precision=mode, **kw))
         if backend == "triton"
         else (lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode))
     )
@@ -59,7 +60,7 @@ def covered_layers(draw):
 
 def _drawn_layers_gradients_match_reference(layer, seed):
     spec, N = layer
-    assert _backward.transposed_spec(spec) is not None
+    assert transposed_spec(spec) is not None
     xs, ws = operands(spec, N, seed=seed, batch=2)
     check_grads(grads(spec, xs, ws, "triton"), grads(spec, xs, ws, "reference"))
 
@@ -102,22 +103,12 @@ def test_weight_kernels_load_each_input_tile_once():
     assert sum(loads) == 27 + 81
 
 
-def test_transposed_spec_swaps_keys_and_padding():
-    spec = make_layer(2, 3, [("s", 2), ("v", 3), ("t", 1)], [("v", 4)], (True, False), padding="TORUS", rhs_dilation=2)
-    spec_t, used = _backward.transposed_spec(spec)
-    assert spec_t.in_keys == spec.out_keys
-    assert spec_t.out_keys == tuple(spec.in_keys[a] for a in used)
-    assert spec_t.torus_pad == ((2, 2), (0, 0)) and spec_t.zero_pad == ((0, 0), (2, 2))
-    valid = make_layer(2, 3, [("s", 1)], [("s", 1)], False, padding=((0, 3), (1, 1)))
-    assert _backward.transposed_spec(valid)[0].zero_pad == ((2, -1), (1, 1))  # -1: one cell cropped
-
-
 def test_vmap_of_grad_grad_of_vmap_and_dense_backward_agree():
     spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
     xs, ws = operands(spec, 5, seed=4, batch=3)
 
     def loss(backend, x, w, **kw):
-        outs = conv_contract_triton(spec, x, w, "fp32", **kw) if backend == "triton" else kernels.conv_contract(spec, x, w, backend=backend, precision="fp32")
+        outs = conv_contract_triton(spec, x, w, precision="fp32", **kw) if backend == "triton" else kernels.conv_contract(spec, x, w, backend=backend, precision="fp32")
         return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
 
     per_example = lambda backend, **kw: jax.jit(jax.vmap(jax.grad(lambda x, w: loss(backend, x, w, **kw), argnums=(0, 1)), in_axes=(0, None)))
@@ -129,7 +120,7 @@ def test_vmap_of_grad_grad_of_vmap_and_dense_backward_agree():
     both = lambda backend: jax.jit(jax.vmap(jax.grad(lambda x, w: loss(backend, x, w), argnums=(0, 1))))
     check_grads(both("triton")(xs, ws_b), both("reference")(xs, ws_b))
     with pytest.raises(ValueError, match=r"`backward` \(='fast'\)"):
-        conv_contract_triton(spec, [x[0] for x in xs], ws, "fp32", backward="fast")
+        conv_contract_triton(spec, [x[0] for x in xs], ws, precision="fp32", backward="fast")
 
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
@@ -143,7 +134,7 @@ def test_reduced_precision_gradients(mode):
 
     def grads_linear(backend, mode):
         def loss(x, w):
-            run = lambda xi: (conv_contract_triton(spec, xi, w, mode) if backend == "triton"
+            run = lambda xi: (conv_contract_triton(spec, xi, w, precision=mode) if backend == "triton"
                               else kernels.conv_contract(spec, xi, w, backend=backend, precision=mode))
             return sum(jnp.vdot(o, g) for o, g in zip(jax.vmap(run)(x), cots))
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, ws)

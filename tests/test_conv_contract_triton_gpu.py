@@ -34,7 +34,7 @@ if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0
 
 def batched(spec, backend, mode, **kw):
     if backend == "kernel":
-        fn = lambda x, w: conv_contract_triton(spec, x, w, mode, **kw)
+        fn = lambda x, w: conv_contract_triton(spec, x, w, precision=mode, **kw)
     else:
         fn = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode)
     return jax.jit(jax.vmap(fn, in_axes=(0, None)))
@@ -70,7 +70,7 @@ def test_poison_with_ragged_tiles_and_channel_chunks():
     xs, ws = operands(spec, (13, 11, 37), seed=3, batch=2)
     want = batched(spec, "reference", "fp32")(xs, ws)
     for blocks in (BlockSizes(tile=(2, 4, 16), block_o=16), BlockSizes(tile=(1, 1, 64), orientation="po")):
-        check(batched(spec, "kernel", "fp32", blocks=blocks, poison=float("nan"))(xs, ws), want, "fp32")
+        check(batched(spec, "kernel", "fp32", block_sizes=blocks, poison=float("nan"))(xs, ws), want, "fp32")
 
 
 @pytest.mark.parametrize("key, c, N", [("s", 3, 896), ("v", 2, 768)])
@@ -83,7 +83,7 @@ def test_block_over_2_pow_31_elements(key, c, N):
     x = jax.random.normal(jax.random.PRNGKey(0), (c, N, N, N) + (3,) * (key == "v"), jnp.float32)
     assert x.size > 2**31
     w = jax.random.normal(jax.random.PRNGKey(1), (1, c, spec.pairs[0].basis.n_filters), jnp.float32)
-    (out,) = conv_contract_triton(spec, [x], [w], "fp32")
+    (out,) = conv_contract_triton(spec, [x], [w], precision="fp32")
     rng = np.random.default_rng(0)
     pts = np.concatenate([rng.integers(0, N, (64, 3)), [[N - 1] * 3, [0, 0, 0], [N - 1, 0, N - 1]]])
     taps = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -122,7 +122,7 @@ def test_no_relayout_between_two_conv_contracts():
     xs, ws = operands(spec, 16, seed=5, batch=2)
 
     def model(xs, ws):
-        one = lambda x: conv_contract_triton(spec, x, ws, "tf32")
+        one = lambda x: conv_contract_triton(spec, x, ws, precision="tf32")
         hidden = jax.vmap(one)(xs)
         hidden = [h * jax.nn.sigmoid(h) for h in hidden]
         return jax.vmap(one)(hidden)
@@ -175,7 +175,7 @@ def test_channel_over_2_pow_31_elements_is_rejected_before_launch():
     big = jax.ShapeDtypeStruct((1, 700, 700, 700, 3, 3), jnp.float32)
     w = jax.ShapeDtypeStruct((1, 1, spec.pairs[0].basis.n_filters), jnp.float32)
     with pytest.raises(ValueError, match="elements per channel"):
-        jax.eval_shape(lambda x, w: conv_contract_triton(spec, [x], [w], "tf32"), big, w)
+        jax.eval_shape(lambda x, w: conv_contract_triton(spec, [x], [w], precision="tf32"), big, w)
     assert kernels.explain(spec, (700,) * 3, backend="triton").backend == "dense"
 
 
@@ -198,8 +198,8 @@ def test_memcheck_clean_on_a_3d_case():
         spec = make_layer(3, 3, [("s", 3), ("v", 2)], [("s", 2), ("v", 3)], (True, False, True))
         xs, ws = operands(spec, (7, 9, 11), seed=2)
         for blocks in (BlockSizes(), BlockSizes(tile=(2, 2, 16), orientation="po")):
-            jax.block_until_ready(conv_contract_triton(spec, xs, ws, "tf32", blocks=blocks))
-        loss = lambda xs, ws: sum(jnp.sum(o * o) for o in conv_contract_triton(spec, xs, ws, "tf32"))
+            jax.block_until_ready(conv_contract_triton(spec, xs, ws, precision="tf32", block_sizes=blocks))
+        loss = lambda xs, ws: sum(jnp.sum(o * o) for o in conv_contract_triton(spec, xs, ws, precision="tf32"))
         jax.block_until_ready(jax.grad(loss, argnums=(0, 1))(xs, ws))  # the backward kernels too
         print("done")
         """
@@ -220,7 +220,7 @@ def _grads(spec, backend, mode, linear=False, **kw):
     modes: there cos(o) would turn the forward's rounding (relative 1e-3 of outputs of size ~30)
     into cotangent errors of a few percent, a test of conditioning, not of the kernels."""
     if backend == "kernel":
-        run = lambda x, w: conv_contract_triton(spec, x, w, mode, **kw)
+        run = lambda x, w: conv_contract_triton(spec, x, w, precision=mode, **kw)
     else:
         run = lambda x, w: kernels.conv_contract(spec, x, w, backend=backend, precision=mode)
 

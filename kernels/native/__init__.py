@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec, fused_coverage
+from .._fused import fused_coverage
+from .._spec import ConvSpec
 from ._ffi import registered
+from ._tiling import BlockSizes
 from .conv_contract import conv_contract_native
 
-__all__ = ["conv_contract_native"]
+__all__ = ["BlockSizes", "conv_contract_native"]
 
 _DTYPES = (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16)
 
@@ -41,4 +43,8 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     return True, "native C++ kernels (factorised over the basis nonzeros)"
 
 
-register_backend(Backend("native", conv_contract_native, availability, coverage, priority={"cpu": 5}))
+def _run(spec, inputs, weights, mode):
+    return conv_contract_native(spec, inputs, weights, precision=mode)
+
+
+register_backend(Backend("native", _run, availability, coverage, priority={"cpu": 5}))

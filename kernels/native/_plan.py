@@ -1,12 +1,10 @@
 """The static plan the native kernels read: geometry, padding index tables and the basis nonzeros.
 
-Everything here depends on the `ConvSpec` and the input spatial size only; it is passed to the
+Everything here depends on the `ConvSpec`, the input spatial size and the tiling only; it is passed to the
 XLA FFI call as attributes (int64 and float64 arrays), so the C++ side holds no state.
 
 Index tables. Per axis, for q = out_pixel + tap * rhs_dilation (stride 1), the input cell to read
-or -1 for a zero: the padded axis is zeros(lo) + wrap(lo) + X + wrap(hi) + zeros(hi), so cell
-p = q - zero_lo is a zero outside [0, N + wrap_lo + wrap_hi) and X[(p - wrap_lo) mod N] inside.
-A negative zero_lo (the input gradient's transposed layer crops) works the same way.
+or -1 for a zero (kernels._fused.geometry).
 
 Basis nonzeros. Per pair, its (f, j) rows in order, each a run of (flattened tap, input
 component i, value) entries: Z[(c, f), j] = sum over the run of value * X[c, shifted by tap, i].
@@ -18,57 +16,37 @@ import functools
 
 import numpy as np
 
+from .._fused import axes, basis_nonzeros
 from .._spec import ConvSpec
-
-LANES = 16  # the kernel's pixels per vector loop (kLanes in conv_contract.cc)
-TILE_PIXELS = 64  # output pixels (rows x padded row length) per tile, a size whose Z stays in cache
-
-
-def index_table(n: int, n_out: int, taps: int, dil: int, wrap: tuple[int, int], zero_lo: int) -> np.ndarray:
-    q = np.arange(n_out + (taps - 1) * dil, dtype=np.int64)
-    p = q - zero_lo
-    inside = (p >= 0) & (p < n + wrap[0] + wrap[1])
-    return np.where(inside, np.mod(p - wrap[0], n), -1).astype(np.int64)
-
-
-def tile_rows(spec: ConvSpec, out_spatial: tuple[int, ...]) -> int:
-    padded_row = -(-out_spatial[-1] // LANES) * LANES
-    return max(1, min(out_spatial[-2], TILE_PIXELS // padded_row))
+from ._tiling import BlockSizes
 
 
 @functools.lru_cache(maxsize=256)
 def _basis_entries(spec: ConvSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    D, taps = spec.D, spec.taps
+    """(pairs, rows, entries, values): per pair (in key, out key, F, first row); per (pair, f, j)
+    row the start of its run of entries, (tap, i) and values, in the shared nonzeros' order."""
+    runs: dict[tuple[int, int, int], list] = {}
+    for nz in basis_nonzeros(spec):
+        runs.setdefault((nz.pair, nz.f, nz.j), []).append(nz)
     pairs, rows, entries, values = [], [0], [], []
-    for pair in spec.pairs:
-        k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
-        F, I, J = pair.basis.n_filters, D**k_a, D**k_b
-        basis = pair.basis.array.reshape(F, taps, I, J)
-        pairs.extend([pair.in_index, pair.out_index, F, len(rows) - 1])
-        for f in range(F):
+    for t, pair in enumerate(spec.pairs):
+        J = spec.D ** spec.out_keys[pair.out_index][0]
+        pairs.extend([pair.in_index, pair.out_index, pair.basis.n_filters, len(rows) - 1])
+        for f in range(pair.basis.n_filters):
             for j in range(J):
-                tap, comp = np.nonzero(basis[f, :, :, j])
-                entries.extend(np.stack([tap, comp], axis=1).ravel().tolist())
-                values.extend(basis[f, tap, comp, j].tolist())
+                for nz in runs.get((t, f, j), ()):
+                    entries.extend((nz.tap, nz.i))
+                    values.append(nz.value)
                 rows.append(len(values))
     as_i64 = lambda v: np.asarray(v, dtype=np.int64)
     return as_i64(pairs), as_i64(rows), as_i64(entries), np.asarray(values, dtype=np.float64)
 
 
-def count_nonzeros(spec: ConvSpec) -> int:
-    return int(_basis_entries(spec)[3].size)
-
-
 @functools.lru_cache(maxsize=256)
-def _plan(spec: ConvSpec, spatial: tuple[int, ...]) -> tuple[tuple[str, np.ndarray], ...]:
+def _plan(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes) -> tuple[tuple[str, np.ndarray], ...]:
     out_spatial = spec.out_spatial(spatial)
-    geom = [spec.D, tile_rows(spec, out_spatial), *spatial, *out_spatial, *spec.filter_shape, *spec.rhs_dilation]
-    tables = [
-        index_table(n, n_out, m, r, wrap, zero[0])
-        for n, n_out, m, r, wrap, zero in zip(
-            spatial, out_spatial, spec.filter_shape, spec.rhs_dilation, spec.torus_pad, spec.zero_pad
-        )
-    ]
+    geom = [spec.D, blocks.tile_rows(out_spatial), *spatial, *out_spatial, *spec.filter_shape, *spec.rhs_dilation]
+    tables = [axis.source_table() for axis in axes(spec, spatial)]
     keys = [len(spec.in_keys), len(spec.out_keys)]
     for k, _, c in spec.in_keys + spec.out_keys:
         keys.extend([c, spec.D**k])
@@ -84,7 +62,7 @@ def _plan(spec: ConvSpec, spatial: tuple[int, ...]) -> tuple[tuple[str, np.ndarr
     )
 
 
-def plan_attributes(spec: ConvSpec, spatial: tuple[int, ...]) -> dict[str, np.ndarray]:
+def plan_attributes(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes = BlockSizes()) -> dict[str, np.ndarray]:
     """The FFI attributes of `spec` on inputs of `spatial` size (stride 1, lhs_dilation 1)."""
-    return dict(_plan(spec, tuple(int(n) for n in spatial)))
+    return dict(_plan(spec, tuple(int(n) for n in spatial), blocks))
 

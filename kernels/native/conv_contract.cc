@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace ginjax_native {
 namespace {
@@ -369,6 +370,45 @@ OutStrides out_strides(const Plan& p, const Geometry& g, const Key& key) {
   return s;
 }
 
+// The per-tile buffer of the output keys (the forward's accumulators, the weight gradient's
+// cotangent tile): per key, [o_pad][j][row][px] with o_pad a multiple of the GEMMs' register
+// block; `start` is each key's offset in it and `size` its length.
+struct KeyTiles {
+  std::vector<int64_t> start;
+  int64_t size = 0;
+
+  KeyTiles(const Plan& p, const Geometry& g) {
+    for (const Key& k : p.out_keys) {
+      start.push_back(size);
+      size += round_up(k.channels, kOBlock) * g.cols(k.comps);
+    }
+  }
+};
+
+// Copies one output key's pixels of `tile` between its block in the native layout (batch
+// element tile.n) and its planar part of the per-tile buffer: into the buffer (kToPlanar, the
+// cotangent) or out of it (the forward's result).
+template <bool kToPlanar, typename T>
+void copy_key_tile(const Plan& p, const Geometry& g, const Tile& tile, const Key& key,
+                   std::conditional_t<kToPlanar, const T*, T*> native, std::conditional_t<kToPlanar, T*, const T*> planar) {
+  const OutStrides st = out_strides(p, g, key);
+  const int64_t J = key.comps, cols = g.cols(J);
+  native += tile.n * key.channels * st.channel + tile.xo * st.outer;
+  for (int64_t o = 0; o < key.channels; ++o)
+    for (int64_t r = 0; r < tile.rows_here; ++r) {
+      const auto row = native + o * st.channel + (tile.x1 + r) * st.row;
+      for (int64_t j = 0; j < J; ++j) {
+        const auto buf = planar + o * cols + (j * g.rows + r) * g.lp;
+        for (int64_t x = 0; x < g.lx; ++x) {
+          if constexpr (kToPlanar)
+            buf[x] = row[x * J + j];
+          else
+            row[x * J + j] = buf[x];
+        }
+      }
+    }
+}
+
 }  // namespace
 
 std::string Plan::decode(const int64_t* geom, int64_t n_geom, const int64_t* tables, int64_t n_tables,
@@ -443,39 +483,21 @@ void forward(const Plan& p, int64_t batch, const std::vector<const T*>& xs, cons
   const PackedWeights<T> packed(p, batch, &ws);
   const int64_t tiles = g.tiles();
   const int64_t z_size = z_capacity(p, g);
-  std::vector<int64_t> acc_offset;
-  int64_t acc_size = 0;
-  for (const Key& k : p.out_keys) {
-    acc_offset.push_back(acc_size);
-    acc_size += round_up(k.channels, kOBlock) * g.cols(k.comps);
-  }
+  const KeyTiles acc_tiles(p, g);
   parallel_for(batch * tiles, [&](int64_t item) {
     const Tile tile = tile_at(p, g, item / tiles, item % tiles);
     Scratch<T>& s = scratch<T>();
     gather_inputs(p, g, tile, xs, s);
     if (static_cast<int64_t>(s.z.size()) < z_size) s.z.resize(z_size);
-    s.acc.assign(acc_size, T(0));
+    s.acc.assign(acc_tiles.size, T(0));
     for (size_t t = 0; t < p.pairs.size(); ++t) {
       const PairPlan& pair = p.pairs[t];
       stencil(p, g, t, s, s.z.data());
-      gemm_accumulate(packed.at(tile.n, t), s.z.data(), s.acc.data() + acc_offset[pair.out_key], packed.o_pad[t],
+      gemm_accumulate(packed.at(tile.n, t), s.z.data(), s.acc.data() + acc_tiles.start[pair.out_key], packed.o_pad[t],
                       packed.k_pad[t], g.cols(p.out_keys[pair.out_key].comps));
     }
-    for (size_t b = 0; b < p.out_keys.size(); ++b) {
-      const Key& key = p.out_keys[b];
-      const OutStrides st = out_strides(p, g, key);
-      const int64_t J = key.comps, cols = g.cols(J);
-      T* out = outs[b] + tile.n * key.channels * st.channel + tile.xo * st.outer;
-      const T* acc = s.acc.data() + acc_offset[b];
-      for (int64_t o = 0; o < key.channels; ++o)
-        for (int64_t r = 0; r < tile.rows_here; ++r) {
-          T* dst = out + o * st.channel + (tile.x1 + r) * st.row;
-          for (int64_t j = 0; j < J; ++j) {
-            const T* src = acc + o * cols + (j * g.rows + r) * g.lp;
-            for (int64_t x = 0; x < g.lx; ++x) dst[x * J + j] = src[x];
-          }
-        }
-    }
+    for (size_t b = 0; b < p.out_keys.size(); ++b)
+      copy_key_tile<false, T>(p, g, tile, p.out_keys[b], outs[b], s.acc.data() + acc_tiles.start[b]);
   });
 }
 
@@ -491,12 +513,7 @@ void weight_grad(const Plan& p, int64_t batch, const std::vector<const T*>& xs, 
   const int64_t part = layout.per_batch;
   std::vector<T> partial(batch * chunks * part, T(0));
   const int64_t z_size = z_capacity(p, g);
-  std::vector<int64_t> g_offset;
-  int64_t g_size = 0;
-  for (const Key& k : p.out_keys) {
-    g_offset.push_back(g_size);
-    g_size += round_up(k.channels, kOBlock) * g.cols(k.comps);
-  }
+  const KeyTiles g_tiles(p, g);
   parallel_for(batch * chunks, [&](int64_t item) {
     const int64_t n = item / chunks, chunk = item % chunks;
     T* dw = partial.data() + item * part;
@@ -505,29 +522,16 @@ void weight_grad(const Plan& p, int64_t batch, const std::vector<const T*>& xs, 
     for (int64_t t_index = chunk * tiles / chunks; t_index < (chunk + 1) * tiles / chunks; ++t_index) {
       const Tile tile = tile_at(p, g, n, t_index);
       gather_inputs(p, g, tile, xs, s);
-      // the cotangent tile, planar [o][j][row][px], zero beyond the layer's pixels
-      s.acc.assign(g_size, T(0));
-      for (size_t b = 0; b < p.out_keys.size(); ++b) {
-        const Key& key = p.out_keys[b];
-        const OutStrides st = out_strides(p, g, key);
-        const int64_t J = key.comps, cols = g.cols(J);
-        const T* gb = gs[b] + n * key.channels * st.channel + tile.xo * st.outer;
-        T* dst = s.acc.data() + g_offset[b];
-        for (int64_t o = 0; o < key.channels; ++o)
-          for (int64_t r = 0; r < tile.rows_here; ++r) {
-            const T* src = gb + o * st.channel + (tile.x1 + r) * st.row;
-            for (int64_t j = 0; j < J; ++j) {
-              T* d = dst + o * cols + (j * g.rows + r) * g.lp;
-              for (int64_t x = 0; x < g.lx; ++x) d[x] = src[x * J + j];
-            }
-          }
-      }
+      // the cotangent tile, planar, zero beyond the layer's pixels
+      s.acc.assign(g_tiles.size, T(0));
+      for (size_t b = 0; b < p.out_keys.size(); ++b)
+        copy_key_tile<true, T>(p, g, tile, p.out_keys[b], gs[b], s.acc.data() + g_tiles.start[b]);
       for (size_t t = 0; t < p.pairs.size(); ++t) {
         const PairPlan& pair = p.pairs[t];
         stencil(p, g, t, s, s.z.data());
         mask_columns(g, tile, p.in_keys[pair.in_key].channels * pair.filters * p.out_keys[pair.out_key].comps,
                      s.z.data());
-        gemm_reduce(s.acc.data() + g_offset[pair.out_key], s.z.data(), dw + layout.offset[t], layout.o_pad[t],
+        gemm_reduce(s.acc.data() + g_tiles.start[pair.out_key], s.z.data(), dw + layout.offset[t], layout.o_pad[t],
                     layout.k_pad[t], g.cols(p.out_keys[pair.out_key].comps));
       }
     }

@@ -13,15 +13,14 @@ from .._registry import Backend, register_backend
 from ._plan import coverage
 
 try:  # a jax without Pallas' Triton module must not break `import kernels`
-    from .conv_contract import (
-        ALGORITHMS, BlockSizes, conv_contract, conv_contract_reference, default_interpret,
-    )
+    from .conv_contract import conv_contract_pallas, conv_contract_reference, default_interpret
+    from ._tiling import ALGORITHMS, BlockSizes
 except ImportError as _err:  # pragma: no cover - depends on the installed jax
     _IMPORT_ERROR: object = _err
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["ALGORITHMS", "BlockSizes", "conv_contract", "conv_contract_reference", "coverage", "availability"]
+__all__ = ["ALGORITHMS", "BlockSizes", "conv_contract_pallas", "conv_contract_reference", "coverage", "availability"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +38,7 @@ def _gpu_probe() -> tuple[bool, str]:
         spec = make_spec(2, [(0, 0, 2)], [(0, 0, 2)], [(0, 0, basis)], is_torus=True)
 
         def loss(x, w):
-            (y,) = conv_contract(spec, [x], [w], interpret=False)
+            (y,) = conv_contract_pallas(spec, [x], [w], interpret=False)
             return jnp.sum(y * y)
 
         x = jax.ShapeDtypeStruct((2, 8, 8), jnp.float32)
@@ -59,7 +58,7 @@ def availability() -> tuple[bool, str]:
 
 
 def _run(spec, inputs, weights, mode):
-    return conv_contract(spec, inputs, weights, precision=mode)
+    return conv_contract_pallas(spec, inputs, weights, precision=mode)
 
 
 register_backend(Backend("pallas", _run, availability, coverage, priority={"gpu": 15}))

@@ -4,7 +4,7 @@ and the pallas_call launches that both algorithms (taps, factorised) make the sa
 Everything works on blocks flattened to 1-D (a free reshape of the native (c, *spatial, *tensor)
 layout): a tile is gathered by offset, with masks for channels and pixels that do not exist and
 offsets clamped so that nothing is read out of bounds. Triton needs power-of-two tile sides and
-tensor-core dots of at least 16 in every dimension (`channel_tile`, `MIN_TILE` in _plan.py).
+tensor-core dots of at least 16 in every dimension (kernels._fused.limits.dot_tile).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ._plan import Stencil, channel_tile, next_pow2
+from .._fused import dot_tile, next_pow2
+from ._plan import Stencil
 
 F32 = jnp.float32
 
@@ -41,7 +42,7 @@ def source_pixels(plan: Stencil, coords, tap, ok):
     """Flat source pixel of every destination pixel at filter tap `tap`, and whether it exists."""
     ys = unravel(tap, plan.taps)
     return shifted_source_pixels(
-        plan, coords, [y * (ax.sign * ax.dilation) + ax.offset for y, ax in zip(ys, plan.axes)], ok
+        plan, coords, [y * ax.dilation + ax.offset for y, ax in zip(ys, plan.axes)], ok
     )
 
 
@@ -75,14 +76,14 @@ def source_reads(plan: Stencil, src_refs, coords, tap, pix_ok):
 def load_pixels(ref, channels: int, n_comp: int, comp: int, n_pix: int, pix, ok):
     """(channel tile, pixels) of component `comp` of a flattened (c, pixels, comps) block; zero
     where the channel or the pixel does not exist (offsets clamped: nothing out of bounds)."""
-    c = iota(channel_tile(channels))
+    c = iota(dot_tile(channels))
     mask = (c < channels)[:, None] & ok[None, :]
     offs = c[:, None] * (n_pix * n_comp) + pix[None, :] * n_comp + comp
     return jnp.where(mask, ref[jnp.where(mask, offs, 0)], 0.0)
 
 
 def store_pixels(ref, value, channels: int, n_comp: int, comp: int, n_pix: int, pix, ok):
-    c = iota(channel_tile(channels))
+    c = iota(dot_tile(channels))
     mask = (c < channels)[:, None] & ok[None, :]
     offs = c[:, None] * (n_pix * n_comp) + pix[None, :] * n_comp + comp
     # Masked lanes point one past the end: never touched on a GPU, dropped by interpret mode.
@@ -129,8 +130,8 @@ def weight_offsets(plan: Stencil, term):
     """Offsets and mask of the (F_pad, dst channel tile, src channel tile) weight tile."""
     d_ch, s_ch, F = plan.dst[term.dst][1], plan.src[term.src][1], term.n_filters
     f = iota(next_pow2(F))[:, None, None]
-    o = iota(channel_tile(d_ch))[None, :, None]
-    c = iota(channel_tile(s_ch))[None, None, :]
+    o = iota(dot_tile(d_ch))[None, :, None]
+    c = iota(dot_tile(s_ch))[None, None, :]
     mask = (f < F) & (o < d_ch) & (c < s_ch)
     if plan.weights_transposed:
         offs = c * (d_ch * F) + o * F + f
@@ -142,8 +143,8 @@ def weight_offsets(plan: Stencil, term):
 def weight_offsets_shape(plan: Stencil, term) -> tuple[int, int, int]:
     return (
         next_pow2(term.n_filters),
-        channel_tile(plan.dst[term.dst][1]),
-        channel_tile(plan.src[term.src][1]),
+        dot_tile(plan.dst[term.dst][1]),
+        dot_tile(plan.src[term.src][1]),
     )
 
 
@@ -157,18 +158,10 @@ def filter_tile(weights, coef):
     return jnp.sum(coef[:, None, None] * weights, axis=0)
 
 
-# (algorithm, weight-gradient kernel) -> warps: without a GPU to time on, the counts for which
-# ptxas (sm_90a) reports no or few register spills on the bench layer (bench/PALLAS_NOTES.md).
-DEFAULT_WARPS = {("taps", False): 8, ("taps", True): 4, ("factorised", False): 4, ("factorised", True): 8}
-
-
 def compiler_params(bs, interpret: bool, dw: bool):
     if interpret:
         return None
-    warps = bs.num_warps_dw if dw else bs.num_warps
-    if warps is None:
-        warps = DEFAULT_WARPS[(bs.algorithm, dw)]
-    return pltriton.CompilerParams(num_warps=warps, num_stages=bs.num_stages)
+    return pltriton.CompilerParams(num_warps=bs.warps(dw), num_stages=bs.num_stages)
 
 
 def block_shape(plan: Stencil, key, spatial) -> tuple[int, ...]:

@@ -22,10 +22,8 @@ same kernels run in Pallas interpret mode. Batch with jax.vmap: pallas_call batc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -38,85 +36,11 @@ from .._precision import resolve_precision
 from .._spec import ConvSpec, check_operands
 from . import _tiles as _t
 from . import factorised as _fact
-from . import _plan
-from ._plan import Stencil, channel_tile, coverage, default_block_p, forward_plan, input_grad_plan
+from .._fused import dot_tile, resolve_block_sizes, scatter_input_grads
+from ._plan import Stencil, coverage, forward_plan, input_grad_keys, input_grad_plan, term_table
+from ._tiling import ALGORITHMS, ALGORITHM_ENV, BlockSizes, taps_block_p, taps_weight_grad_block_p  # noqa: F401 (re-exported)
 
 _F32 = jnp.float32
-ALGORITHMS = ("taps", "factorised")
-ALGORITHM_ENV = "GINJAX_PALLAS_ALGORITHM"
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes and launch parameters (powers of two; None picks a size from the layer).
-
-    Attributes:
-        algorithm: "factorised" (default: the fastest on the H200, bench/PALLAS_NOTES.md) or
-            "taps" (loop over filter taps, the filter tile of each tap built on chip from
-            the weights and the basis, one tensor-core dot per component pair and tap);
-            "factorised" unrolls the static sparse basis stencil over its nonzeros, then does a
-            channel GEMM (factorised.py).
-        block_p: destination pixels per program in the forward kernel.
-        block_p_dx: the same for the input-gradient kernel.
-        block_p_dw: pixels per step of the weight-gradient kernel.
-        dw_programs: programs of the weight-gradient kernel (each reduces a share of the pixel
-            tiles; their partial sums are added after the launch).
-        acc_budget: fp32 accumulator elements per program that the automatic block_p aims for
-            (taps kernels; the factorised weight-gradient kernel's Z and accumulators).
-        z_budget: fp32 elements of on-chip Z tiles and accumulators per program that the factorised
-            forward and input-gradient kernels' automatic block_p aims for (24576 gives 32 pixels
-            on the standard {scalar, vector} x 16 layer in 3D, the fastest measured).
-        hoist_budget: weight elements (all terms, padded) up to which the forward kernels load
-            the weights once per program instead of once per tap.
-        num_warps, num_warps_dw: Triton warps of the forward/input-gradient and of the
-            weight-gradient kernels (None: per-algorithm defaults chosen, without a GPU, as those
-            with no register spills in ptxas for the bench layer: see bench/PALLAS_NOTES.md).
-        num_stages: Triton pipelining depth. Launch parameters are ignored in interpret mode.
-    """
-
-    algorithm: str = "factorised"
-    block_p: Optional[int] = None
-    block_p_dx: Optional[int] = None
-    block_p_dw: Optional[int] = None
-    dw_programs: int = 264
-    acc_budget: int = 8192
-    z_budget: int = 24576
-    hoist_budget: int = 4096
-    num_warps: Optional[int] = None
-    num_warps_dw: Optional[int] = None
-    num_stages: int = 1
-
-    @classmethod
-    def get_default(cls) -> "BlockSizes":
-        """The defaults; $GINJAX_PALLAS_ALGORITHM overrides the algorithm (for A/B runs)."""
-        algorithm = os.environ.get(ALGORITHM_ENV)
-        if algorithm is None:
-            return cls()
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"`${ALGORITHM_ENV}` (={algorithm!r}) must be one of {ALGORITHMS}")
-        return cls(algorithm=algorithm)
-
-    def validate(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"`block_sizes.algorithm` (={self.algorithm!r}) must be one of {ALGORITHMS}")
-        for name in ("block_p", "block_p_dx", "block_p_dw"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
-                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be None or a power of two >= 16")
-        for name in ("num_warps", "num_warps_dw"):
-            v = getattr(self, name)
-            if v is not None and v not in (1, 2, 4, 8, 16):
-                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be None, 1, 2, 4, 8 or 16")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"`block_sizes.num_stages` (={self.num_stages!r}) must be an int >= 1")
-        if not isinstance(self.dw_programs, int) or self.dw_programs < 1:
-            raise ValueError(f"`block_sizes.dw_programs` (={self.dw_programs!r}) must be an int >= 1")
-        if not isinstance(self.hoist_budget, int) or self.hoist_budget < 0:
-            raise ValueError(f"`block_sizes.hoist_budget` (={self.hoist_budget!r}) must be an int >= 0")
-        for name in ("acc_budget", "z_budget"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 256:
-                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be an int >= 256")
 
 
 # ---- forward / input-gradient kernel ----------------------------------------------------------
@@ -132,7 +56,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     pix_ok = pix < n_dst
     coords = _t.unravel(pix, plan.dst_spatial)
     slots = [(d, j) for d, (k, _) in enumerate(plan.dst) for j in range(plan.comps(k))]
-    acc0 = tuple(jnp.zeros((channel_tile(plan.dst[d][1]), block_p), _F32) for d, _ in slots)
+    acc0 = tuple(jnp.zeros((dot_tile(plan.dst[d][1]), block_p), _F32) for d, _ in slots)
 
     def load_weights():
         return [_t.load_weights(w_refs[t], plan, term) for t, term in enumerate(plan.terms)]
@@ -158,7 +82,7 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
 def _stencil_call(plan: Stencil, srcs, weights, *, mode, bs: BlockSizes, block_p, interpret,
                   poison: bool = False, name: str = "conv_contract"):
     """Launch the stencil kernel; returns the destination blocks in their native shapes."""
-    block_p = default_block_p(plan, block_p, bs.acc_budget)
+    block_p = taps_block_p(plan, block_p, bs.acc_budget)
     operands = [x.reshape(-1) for x in srcs] + [w.reshape(-1) for w in weights]
     operands.append(jnp.asarray(plan.table.array, _F32))
     n_weights = sum(math.prod(_t.weight_offsets_shape(plan, term)) for term in plan.terms)
@@ -217,8 +141,7 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
 
 def _weight_grad_call(plan: Stencil, srcs, grads, *, mode, bs: BlockSizes, interpret):
     """dw per term, shaped (dst channels, src channels, F) like the layer's weights."""
-    n_dst = math.prod(plan.dst_spatial)
-    block_p = bs.block_p_dw or max(_plan.MIN_TILE, min(32, _plan.next_pow2(n_dst)))  # G tiles stay live
+    block_p = taps_weight_grad_block_p(plan, bs.block_p_dw)
     operands = [x.reshape(-1) for x in srcs] + [g.reshape(-1) for g in grads]
     operands.append(jnp.asarray(plan.table.array, _F32))
     kernel = functools.partial(_weight_grad_kernel, plan=plan, block_p=block_p, mode=mode, interpret=interpret)
@@ -259,6 +182,7 @@ def _conv_contract_bwd(spec, mode, bs, interpret, res, grads):
         input_grad_plan(spec, spatial), grads, weights, mode=mode, bs=bs, block_p=bs.block_p_dx,
         interpret=interpret, name="conv_contract_dx",
     )
+    dx = scatter_input_grads(input_grad_keys(spec), dx, inputs, _F32)
     dw = weight_grad(forward_plan(spec, spatial), inputs, grads, mode=mode, bs=bs, interpret=interpret)
     return dx, dw
 
@@ -277,7 +201,7 @@ def _check_dtypes(name: str, arrays) -> None:
             raise ValueError(f"`{name}[{n}]` has dtype {jnp.dtype(x.dtype).name}; the Pallas kernels take float32")
 
 
-def conv_contract(
+def conv_contract_pallas(
     spec: ConvSpec,
     inputs: Sequence[jax.Array],
     weights: Sequence[jax.Array],
@@ -305,10 +229,7 @@ def conv_contract(
     if not ok:
         raise ValueError(f"`spec` is outside the Pallas kernels' coverage: {why}")
     mode = resolve_precision(precision)
-    bs = BlockSizes.get_default() if block_sizes is None else block_sizes
-    if not isinstance(bs, BlockSizes):
-        raise ValueError(f"`block_sizes` (={block_sizes!r}) must be a BlockSizes or None")
-    bs.validate()
+    bs = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     interpret = default_interpret() if interpret is None else bool(interpret)
     return _conv_contract(spec, mode, bs, interpret, inputs, weights)
 
@@ -324,7 +245,6 @@ def stencil_reference(plan: Stencil, srcs, weights) -> tuple[jax.Array, ...]:
 
     D = plan.D
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in plan.dst_spatial], indexing="ij"), 0)
-    table = np.asarray(plan.table.array)
     outs = [
         jnp.zeros((ch,) + plan.dst_spatial + (plan.comps(k),), _F32) for k, ch in plan.dst
     ]
@@ -334,7 +254,7 @@ def stencil_reference(plan: Stencil, srcs, weights) -> tuple[jax.Array, ...]:
         ok = np.ones(plan.dst_spatial, bool)
         coords = []
         for x, y, ax in zip(grid, ys, plan.axes):
-            s = x + ax.sign * ax.dilation * y + ax.offset
+            s = x + ax.dilation * y + ax.offset
             if ax.wrap:
                 s = np.mod(s, ax.n_src)
             else:
@@ -342,10 +262,7 @@ def stencil_reference(plan: Stencil, srcs, weights) -> tuple[jax.Array, ...]:
             coords.append(np.clip(s, 0, ax.n_src - 1))
         src_pix = np.ravel_multi_index(coords, plan.src_spatial)
         for term, w in zip(plan.terms, weights):
-            n_i, n_j = plan.comps(plan.src[term.src][0]), plan.comps(plan.dst[term.dst][0])
-            F = term.n_filters
-            coef = table[term.table_offset : term.table_offset + plan.n_taps * n_i * n_j * F]
-            coef = jnp.asarray(coef.reshape(plan.n_taps, n_i, n_j, F)[tap], _F32)
+            coef = jnp.asarray(term_table(plan, term)[tap], _F32)
             w = jnp.swapaxes(w, 0, 1) if plan.weights_transposed else w
             x = flat_srcs[term.src][:, src_pix.reshape(-1), :]  # (c, pixels, i)
             x = jnp.where(jnp.asarray(ok.reshape(1, -1, 1)), x, 0.0)

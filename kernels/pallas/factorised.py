@@ -26,55 +26,45 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from . import _tiles as _t
-from ._plan import Stencil, channel_tile, factorised_block_p, term_table
+from .._fused import dot_tile, nonzeros_by_read
+from ._plan import Stencil
+from ._tiling import factorised_block_p
 
 F32 = jnp.float32
 
 
 # ---- static structure -------------------------------------------------------------------------
-def _tap_uses(plan: Stencil, dst: int | None, j: int | None):
-    """Per tap: [(src a, component i, [(term index, f, j, coefficient), ...]), ...] over the basis
-    nonzeros, for terms into `dst` at component `j` (None: every destination / component)."""
-    tables = [term_table(plan, term) for term in plan.terms]
-    out = []
-    for tap in range(plan.n_taps):
-        reads = []
-        for a, (k, _) in enumerate(plan.src):
-            for i in range(plan.comps(k)):
-                entries = []
-                for t, term in enumerate(plan.terms):
-                    if term.src != a or (dst is not None and term.dst != dst):
-                        continue
-                    for jj in range(plan.comps(plan.dst[term.dst][0])) if j is None else (j,):
-                        for f in np.nonzero(tables[t][tap, i, jj])[0]:
-                            entries.append((t, int(f), jj, float(tables[t][tap, i, jj, f])))
-                if entries:
-                    reads.append((a, i, entries))
-        out.append(reads)
+def _tap_uses(plan: Stencil):
+    """Per tap: [(src a, component i, its nonzeros), ...]: the basis nonzeros
+    (kernels._fused.basis) grouped by the source tile they read; a nonzero's pair is its term."""
+    out = [[] for _ in range(plan.n_taps)]
+    for (a, tap, i), nonzeros in nonzeros_by_read(plan.spec).items():
+        out[tap].append((a, i, nonzeros))
     return out
 
 
 def _static_source_pixels(plan: Stencil, coords, tap: int, ok):
     """_t.source_pixels at a tap known when tracing: its displacement folds to a constant."""
     ys = np.unravel_index(tap, plan.taps)
-    shifts = [int(ax.sign * ax.dilation * y + ax.offset) for y, ax in zip(ys, plan.axes)]
+    shifts = [int(ax.dilation * y + ax.offset) for y, ax in zip(ys, plan.axes)]
     return _t.shifted_source_pixels(plan, coords, shifts, ok)
 
 
-def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses, keys):
-    """Z tiles {key(term, f, j): (src channel tile, pixels)} by the unrolled sparse stencil."""
+def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses):
+    """Z tiles {(term, f, j): (src channel tile, pixels)} by the unrolled sparse stencil."""
     n_src = math.prod(plan.src_spatial)
     z = {}
     for tap, reads in enumerate(uses):
         if not reads:
             continue
         src_pix, ok = _static_source_pixels(plan, coords, tap, pix_ok)
-        for a, i, entries in reads:
+        for a, i, nonzeros in reads:
             k, ch = plan.src[a]
             x = _t.load_pixels(src_refs[a], ch, plan.comps(k), i, n_src, src_pix, ok)
-            for t, f, j, coef in entries:
+            for nz in nonzeros:
+                coef = nz.value
                 term_x = x if coef == 1.0 else (-x if coef == -1.0 else x * coef)
-                key = keys(t, f, j)
+                key = (nz.pair, nz.f, nz.j)
                 z[key] = term_x if key not in z else z[key] + term_x
     return z
 
@@ -82,7 +72,7 @@ def _accumulate_z(plan: Stencil, src_refs, coords, pix_ok, uses, keys):
 def _weight_tile(w_ref, plan: Stencil, term, f: int):
     """w[f] as a (dst channel tile, src channel tile) matrix (transposed for the dX pass)."""
     d_ch, s_ch, F = plan.dst[term.dst][1], plan.src[term.src][1], term.n_filters
-    o, c = _t.iota(channel_tile(d_ch))[:, None], _t.iota(channel_tile(s_ch))[None, :]
+    o, c = _t.iota(dot_tile(d_ch))[:, None], _t.iota(dot_tile(s_ch))[None, :]
     mask = (o < d_ch) & (c < s_ch)
     offs = (c * (d_ch * F) + o * F + f) if plan.weights_transposed else (o * (s_ch * F) + c * F + f)
     return jnp.where(mask, w_ref[jnp.where(mask, offs, 0)], 0.0)
@@ -98,11 +88,11 @@ def _stencil_kernel(*refs, plan: Stencil, block_p: int, mode: str, interpret: bo
     pix = pl.program_id(0) * block_p + _t.iota(block_p)
     pix_ok = pix < n_dst
     coords = _t.unravel(pix, plan.dst_spatial)
-    z = _accumulate_z(plan, src_refs, coords, pix_ok, _tap_uses(plan, None, None), lambda t, f, j: (t, f, j))
+    z = _accumulate_z(plan, src_refs, coords, pix_ok, _tap_uses(plan))
 
     for d, (k, ch) in enumerate(plan.dst):
         for j in range(plan.comps(k)):
-            acc = jnp.zeros((channel_tile(ch), block_p), F32)
+            acc = jnp.zeros((dot_tile(ch), block_p), F32)
             for (t, f, jj), tile in sorted(z.items()):
                 if jj == j and plan.terms[t].dst == d:
                     w = _weight_tile(w_refs[t], plan, plan.terms[t], f)
@@ -132,10 +122,10 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
     n_dst = math.prod(plan.dst_spatial)
     n_steps = pl.cdiv(pl.cdiv(n_dst, block_p), n_programs)
     prog = pl.program_id(0)
-    uses = _tap_uses(plan, None, None)
+    uses = _tap_uses(plan)
     keys = [(t, f) for t, term in enumerate(plan.terms) for f in range(term.n_filters)]
     acc0 = tuple(
-        jnp.zeros((channel_tile(plan.dst[plan.terms[t].dst][1]), channel_tile(plan.src[plan.terms[t].src][1])), F32)
+        jnp.zeros((dot_tile(plan.dst[plan.terms[t].dst][1]), dot_tile(plan.src[plan.terms[t].src][1])), F32)
         for t, _ in keys
     )
 
@@ -144,7 +134,7 @@ def _weight_grad_kernel(*refs, plan: Stencil, block_p: int, n_programs: int, mod
         pix = (prog + step * n_programs) * block_p + _t.iota(block_p)
         pix_ok = pix < n_dst
         coords = _t.unravel(pix, plan.dst_spatial)
-        z = _accumulate_z(plan, src_refs, coords, pix_ok, uses, lambda t, f, j: (t, f, j))
+        z = _accumulate_z(plan, src_refs, coords, pix_ok, uses)
         for d, (k, ch) in enumerate(plan.dst):
             for j in range(plan.comps(k)):
                 g = None

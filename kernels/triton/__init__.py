@@ -23,10 +23,10 @@ import jax.numpy as jnp
 
 from .._bias import bias_offsets
 from .._registry import Backend, register_backend
-from .._spec import ConvSpec, fused_coverage
-from ._stencil import check_sizes, count_nonzeros
-from ._tiling import MAX_NONZEROS, BlockSizes
-from ._launch import interpreting
+from .._fused import count_nonzeros, fused_coverage
+from .._spec import ConvSpec
+from ._stencil import check_sizes
+from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from .conv_contract import conv_contract_triton
 
 __all__ = ["BlockSizes", "conv_contract_triton"]
@@ -85,7 +85,7 @@ def _run(spec, inputs, weights, mode, bias=None):
     A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
     mean after the kernel, as the lax backends do."""
     offsets = bias_offsets(spec, inputs, weights, bias)
-    outputs = conv_contract_triton(spec.without_bias(), inputs, weights, mode, offsets=offsets)
+    outputs = conv_contract_triton(spec.without_bias(), inputs, weights, precision=mode, offsets=offsets)
     late = [b for b, (m, off) in enumerate(zip(spec.bias_modes, offsets)) if m != "none" and off is None]
     if not late:
         return outputs

@@ -1,16 +1,7 @@
-"""The fused backward of the `triton` backend: input gradient and weight gradient.
+"""The fused backward of the `triton` backend: the weight gradient's kernels.
 
-Input gradient. The operation's transpose in X is again a ConvContract, with the roles of the
-keys swapped, every basis flipped in space and its tensor indices transposed, and the weights
-transposed in their channel axes:
-
-    dX_a[c, x, i] = sum_b sum_{o, f} w[o, c, f] sum_{y', j} B'_f[y', j, i] G_b[o, x + y' - pad', j]
-    B'_f[y', j, i] = B_f[M - 1 - y', i, j],     w'[c, o, f] = w[o, c, f]
-
-so `transposed_spec` builds that layer and the forward kernel computes it (sparse stencil on the
-cotangents, then the channel GEMM with w'): no dense filter, no padded copy. Padding transposes
-per axis: a torus wrap (lo, hi) becomes (hi, lo); zeros (lo, hi) become (R - lo, R - hi) with
-R = (M - 1) * rhs_dilation (negative means cropping, which the index arithmetic handles).
+Input gradient: the forward kernel on the transposed layer (kernels._fused.transpose), sparse
+stencil on the cotangents, then the channel GEMM with the transposed weights.
 
 Weight gradient. dw[o, c, f] = sum_{x, j} G_b[o, x, j] Z[c, f, j, x] with the forward's Z,
 recomputed from X by the same generated stencil; `plan_weight_grad_kernel` writes per-program
@@ -19,96 +10,17 @@ partial sums and `plan_partial_sums` adds them in a fixed order: bit-identical r
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._spec import ConvSpec, FilterBasis, Pair
+from .._fused import INT32_MAX, pair_basis
+from .._spec import ConvSpec
 from ._kernel import plan_partial_sums, plan_weight_grad_kernel
-from ._stencil import _next_pow2
-from ._tiling import INT32_MAX, BlockSizes
-from ._launch import block_order, interpreting, launch_geometry, run_plan
-
-# warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
-# H200 SM (its programs have few warps each, so the count of programs follows their size)
-DW_WARPS = 132 * 16 * 2
-
-
-@functools.lru_cache(maxsize=256)
-def transposed_spec(spec: ConvSpec) -> Optional[tuple[ConvSpec, tuple[int, ...]]]:
-    """The layer whose forward is `spec`'s input gradient, and which input keys it produces.
-
-    Returns None when some axis mixes torus wrap with zeros, or wraps other than (M - 1) *
-    rhs_dilation cells in all (the input gradient then runs through `dense`). Input keys that no
-    pair reads get no output block (their gradient is zero).
-    """
-    if not spec.is_default_stride:
-        return None
-    torus_pad, zero_pad = [], []
-    for (wlo, whi), (zlo, zhi), m, rd in zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation):
-        reach = (m - 1) * rd
-        if wlo or whi:
-            if zlo or zhi or wlo + whi != reach:
-                return None
-            torus_pad.append((whi, wlo))
-            zero_pad.append((0, 0))
-        else:
-            torus_pad.append((0, 0))
-            zero_pad.append((reach - zlo, reach - zhi))
-    used = tuple(sorted({p.in_index for p in spec.pairs}))
-    index = {a: n for n, a in enumerate(used)}
-    D = spec.D
-    pairs = []
-    for p in spec.pairs:
-        k_a, k_b = spec.in_keys[p.in_index][0], spec.out_keys[p.out_index][0]
-        arr = p.basis.array
-        arr = np.flip(arr, axis=tuple(range(1, 1 + D)))
-        tensor_a = list(range(1 + D, 1 + D + k_a))
-        tensor_b = list(range(1 + D + k_a, 1 + D + k_a + k_b))
-        arr = np.transpose(arr, [0] + list(range(1, 1 + D)) + tensor_b + tensor_a)
-        pairs.append(Pair(p.out_index, index[p.in_index], FilterBasis(arr)))
-    spec_t = dataclasses.replace(
-        spec,
-        in_keys=spec.out_keys,
-        out_keys=tuple(spec.in_keys[a] for a in used),
-        pairs=tuple(pairs),
-        torus_pad=tuple(torus_pad),
-        zero_pad=tuple(zero_pad),
-        bias_modes=(),  # the input gradient has no bias (and other output keys)
-    )
-    return spec_t, used
-
-
-def transposed_weights(weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-    """w'[..., c, o, f] = w[..., o, c, f] (small: the weights, not the filters)."""
-    return tuple(jnp.swapaxes(w, -3, -2) for w in weights)
-
-
-def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...], batch: int) -> int:
-    """Pixel-tile shares per (batch element, channel block) of the weight-gradient kernel: enough
-    programs to fill the GPU, each reducing a long run of tiles in registers."""
-    out_spatial = spec.out_spatial(spatial)
-    tiles = math.prod(-(-n // t) for n, t in zip(out_spatial, blocks.resolved_tile(spec.D)))
-    per_share = max(1, programs_per_share(spec, blocks) * batch)
-    if interpreting():
-        return 1  # the interpreter runs programs one by one: fewer is faster
-    target = max(1, min(tiles, -(-DW_WARPS // (blocks.num_warps * per_share))))
-    # a divisor of the tile count near the target spares the ragged last round its masks
-    divisor = max(g for g in range(1, target + 1) if tiles % g == 0)
-    return divisor if 2 * divisor >= target else target
-
-
-def programs_per_share(spec: ConvSpec, blocks: BlockSizes) -> int:
-    """(input-channel chunk, output-channel block) programs of one pixel share, as the kernel tiles them."""
-    n_chunks = max(-(-c // blocks.block_c) for _, _, c in spec.in_keys)
-    n_otiles = max(-(-o // min(max(_next_pow2(o), 16), blocks.block_o)) for _, _, o in spec.out_keys)
-    return n_chunks * n_otiles
-
+from ._tiling import BlockSizes, default_groups, interpreting
+from ._launch import block_order, launch_geometry, run_plan
 
 def weight_grad_units(spec: ConvSpec, max_units: int) -> list[tuple[tuple[int, int], ...]]:
     """Split the layer's (pair, filter) units into kernels of at most `max_units` accumulators so
@@ -123,7 +35,7 @@ def weight_grad_units(spec: ConvSpec, max_units: int) -> list[tuple[tuple[int, i
     """
     touched = {}
     for t, pair in enumerate(spec.pairs):
-        basis = pair.basis.array.reshape(pair.basis.n_filters, spec.taps, -1, spec.D ** spec.out_keys[pair.out_index][0])
+        basis = pair_basis(spec, t)
         for f in range(pair.basis.n_filters):
             taps, comps = np.nonzero(np.any(basis[f] != 0, axis=-1))
             touched[(t, f)] = {(pair.in_index, int(y), int(i)) for y, i in zip(taps, comps)}

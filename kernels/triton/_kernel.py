@@ -34,9 +34,10 @@ import linecache
 import math
 from typing import Sequence
 
+from .._fused import INT32_MAX
 from .._spec import ConvSpec
 from ._stencil import _Layer, _Source
-from ._tiling import INT32_MAX, BlockSizes, Geometry, KernelPlan
+from ._tiling import BlockSizes, Geometry, KernelPlan
 
 
 @functools.lru_cache(maxsize=256)

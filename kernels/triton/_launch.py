@@ -15,7 +15,6 @@ e.g. weights shared by a vmapped batch); one launch covers the whole batch.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional, Sequence
 
@@ -23,14 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._fused import INT32_MAX
 from .._spec import ConvSpec
 from ._kernel import compile_plan, plan_kernel
-from ._tiling import INT32_MAX, BlockSizes, Geometry, KernelPlan
-
-
-def interpreting() -> bool:
-    """True when kernels run through Triton's interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ._tiling import BlockSizes, Geometry, KernelPlan, interpreting
 
 
 def out_shapes(spec: ConvSpec, plan: KernelPlan, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:

@@ -1,7 +1,7 @@
-"""The sparse stencil shared by the generated kernels: the basis nonzeros as (tap, component) terms,
-the tap schedule that keeps few Z tiles live, and `_Layer`, the source emitters (pixel indices,
-tap offsets with torus wrap and zero padding, input and output bases, the stencil itself) that
-the forward and weight-gradient generators in `_kernel` share."""
+"""The sparse stencil shared by the generated kernels: the basis nonzeros (kernels._fused.basis)
+grouped by the (tap, component) tile they read, the tap schedule that keeps few Z tiles live, and `_Layer`, the source
+emitters (pixel indices, tap offsets with torus wrap and zero padding, input and output bases,
+the stencil itself) that the forward and weight-gradient generators in `_kernel` share."""
 
 from __future__ import annotations
 
@@ -11,34 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .._fused import INT32_MAX, Nonzero, axes, dot_tile, int32_overflow, nonzeros_by_read
 from .._spec import ConvSpec
-from ._tiling import INT32_MAX, BlockSizes, Geometry, triton_prefers_first_dim
+from ._tiling import BlockSizes, Geometry, triton_prefers_first_dim
 
-# ---- the sparse structure of the basis and the tap schedule -------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Term:
-    """One nonzero B[f, y, i, j] of pair `pair`: Z(pair, f, j) += coef * X_a[:, x + y, i]."""
-
-    pair: int
-    f: int
-    j: int
-    coef: float
-
-
-def _pair_terms(spec: ConvSpec, t: int) -> dict[tuple[int, int], list[_Term]]:
-    """Nonzeros of pair t's basis, grouped by (tap, input component)."""
-    pair = spec.pairs[t]
-    k_a = spec.in_keys[pair.in_index][0]
-    k_b = spec.out_keys[pair.out_index][0]
-    basis = pair.basis.array.reshape(pair.basis.n_filters, spec.taps, spec.D**k_a, spec.D**k_b)
-    out: dict[tuple[int, int], list[_Term]] = {}
-    for f, y, i, j in zip(*np.nonzero(basis)):
-        # the kernel computes in fp32, so the coefficients are fp32 literals
-        coef = float(np.float32(basis[f, y, i, j]))
-        out.setdefault((int(y), int(i)), []).append(_Term(t, int(f), int(j), coef))
-    return out
-
-
+# ---- the tap schedule -----------------------------------------------------------------------------
 def _schedule(taps: dict[int, set]) -> list[list[int]]:
     """Order taps so that few Z tiles are live at once; split where none is live.
 
@@ -87,30 +64,10 @@ def _literal(value: float) -> str:
     return repr(float(value))
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def check_sizes(spec: ConvSpec, spatial: Sequence[int]) -> None:
     """Reject, before any launch, blocks whose per-channel offsets would overflow int32."""
-    npix = math.prod(spatial)
-    nout = math.prod(spec.out_spatial(spatial))
-    for a, (k, _, c) in enumerate(spec.in_keys):
-        if npix * spec.D**k > INT32_MAX:
-            raise ValueError(
-                f"input block {a} has {npix * spec.D**k} elements per channel (spatial {tuple(spatial)}, "
-                f"tensor order {k}); the triton backend supports at most 2^31 - 1 per channel"
-            )
-    for b, (k, _, o) in enumerate(spec.out_keys):
-        if nout * spec.D**k > INT32_MAX:
-            raise ValueError(
-                f"output block {b} has {nout * spec.D**k} elements per channel; the triton backend "
-                f"supports at most 2^31 - 1 per channel"
-            )
-
-
-def count_nonzeros(spec: ConvSpec) -> int:
-    return sum(int(np.count_nonzero(p.basis.array)) for p in spec.pairs)
+    if why := int32_overflow(spec, spatial, "triton", per_channel=True):
+        raise ValueError(why)
 
 
 class _Layer:
@@ -118,7 +75,7 @@ class _Layer:
 
     def __init__(self, spec: ConvSpec, geometry: Geometry, mode: str, blocks: BlockSizes,
                  bf16_dot_in_fp32: bool, layout_barrier: bool, units: Optional[frozenset] = None) -> None:
-        blocks.check(spec.D)
+        blocks.validate(spec.D)
         check_sizes(spec, geometry.spatial)
         self.spec, self.geometry, self.blocks = spec, geometry, blocks
         self.layout_barrier = layout_barrier
@@ -132,7 +89,7 @@ class _Layer:
         self.in_stride = [math.prod(spatial[ax + 1 :]) for ax in range(D)]
         self.out_stride = [math.prod(self.out_spatial[ax + 1 :]) for ax in range(D)]
         self.n_tiles = [-(-n // t) for n, t in zip(self.out_spatial, self.tile)]
-        self.BO = [min(max(_next_pow2(o), 16), blocks.block_o) for _, _, o in spec.out_keys]
+        self.BO = [min(dot_tile(o), blocks.block_o) for _, _, o in spec.out_keys]
         self.n_otiles = max(-(-o // bo) for (_, _, o), bo in zip(spec.out_keys, self.BO))
         self.n_chunks = max(-(-c // self.BC) for _, _, c in spec.in_keys)
         self.dk_in = [D**k for k, _, _ in spec.in_keys]
@@ -143,13 +100,18 @@ class _Layer:
         # of vector blocks): lanes must run along pixels. Pixel-index vectors have that tile layout.
         self.pf = blocks.pixels_first if blocks.pixels_first is not None else triton_prefers_first_dim()
         # sparse terms per input key: (tap, component) -> terms
-        self.terms_by_key: list[dict[tuple[int, int], list[_Term]]] = [dict() for _ in spec.in_keys]
-        for t, pair in enumerate(spec.pairs):
-            for key, terms in _pair_terms(spec, t).items():
-                if units is not None:  # only these (pair, filter) units
-                    terms = [tm for tm in terms if (tm.pair, tm.f) in units]
-                if terms:
-                    self.terms_by_key[pair.in_index].setdefault(key, []).extend(terms)
+        # the basis nonzeros per input key, grouped by the tile they read: (tap, component) ->
+        # Z(pair, f, j) += value * X_a[:, x + tap, i]. The kernel computes in fp32, so the values
+        # are fp32 literals; with `units`, only those (pair, filter) units.
+        self.terms_by_key: list[dict[tuple[int, int], list[Nonzero]]] = [dict() for _ in spec.in_keys]
+        for (a, y, i), nonzeros in nonzeros_by_read(spec).items():
+            terms = [
+                dataclasses.replace(nz, value=float(np.float32(nz.value)))
+                for nz in nonzeros
+                if units is None or (nz.pair, nz.f) in units
+            ]
+            if terms:
+                self.terms_by_key[a][(y, i)] = terms
         self.nonzeros = sum(len(v) for d in self.terms_by_key for v in d.values())
         precision = {"tf32": "tf32", "fp32": "tf32x3"}.get(mode)
         self.mode = mode
@@ -242,21 +204,20 @@ class _Layer:
             # every access scalar with lanes along pixels. See BlockSizes.
             src("unaligned = tl.program_id(0) >> 31  # 0, of unknown divisibility")
             src("q = q + unaligned")
-        # Per axis and filter shift: input offset (in pixels) and validity, by index arithmetic.
-        # Padded coordinate u = q + s * rhs_dilation - zero_lo lies in the wrapped frame of
-        # n + wrap_lo + wrap_hi cells (zero outside); the source cell is (u - wrap_lo) mod n.
+        # Per axis and filter shift: input offset (in pixels) and validity, by index arithmetic
+        # (kernels._fused.geometry): padded coordinate u = q + s * rhs_dilation - zero_lo lies in
+        # the wrapped frame (zero outside); the source cell is (u - wrap_lo) mod n.
         self.ok_names: dict[tuple[int, int], Optional[str]] = {}
-        for ax in range(D):
-            n, m, rd = self.spatial[ax], spec.filter_shape[ax], spec.rhs_dilation[ax]
-            (wlo, whi), (zlo, _) = spec.torus_pad[ax], spec.zero_pad[ax]
-            for s in range(m):
-                shift = s * rd - zlo
-                u_lo, u_hi = shift, self.out_spatial[ax] - 1 + shift
+        for ax, geo in enumerate(axes(spec, self.spatial)):
+            n, wlo, whi = geo.n, geo.wrap_lo, geo.wrap_hi
+            for s in range(geo.taps):
+                shift = s * geo.dilation - geo.zero_lo
+                u_lo, u_hi = shift, geo.n_out - 1 + shift
                 conds = []
                 if u_lo < 0:
                     conds.append("(u >= 0)")
-                if u_hi >= n + wlo + whi:
-                    conds.append(f"(u < {n + wlo + whi})")
+                if u_hi >= geo.frame:
+                    conds.append(f"(u < {geo.frame})")
                 v = f"q{ax} + {shift - wlo}" if shift != wlo else f"q{ax}"
                 if conds:
                     src(f"u = q{ax} + {shift}")
@@ -343,7 +304,7 @@ class _Layer:
                     src(f"x = tl.load(xrow + ({pos}){mask}).to(tl.float32)")
                     for tm in terms[(y, i)]:
                         z = f"z{tm.pair}_{tm.f}_{tm.j}"
-                        coef = tm.coef
+                        coef = tm.value
                         term = "x" if coef == 1.0 else "-x" if coef == -1.0 else f"{_literal(coef)} * x"
                         if (tm.pair, tm.f, tm.j) not in started:
                             started.add((tm.pair, tm.f, tm.j))

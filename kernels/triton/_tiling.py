@@ -1,20 +1,27 @@
-"""Tiling, geometry and plan records of the generated Triton kernels (forward and weight gradient)."""
+"""Tiling of the generated Triton kernels (`BlockSizes` and the heuristics that pick it), and the
+geometry and plan records of a launch."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional
 
+from .._fused import MIN_DOT_TILE, dot_tile, next_pow2
+from .._spec import ConvSpec
 
-INT32_MAX = 2**31 - 1
+# warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
+# H200 SM (its programs have few warps each, so the count of programs follows their size)
+DW_WARPS = 132 * 16 * 2
 # Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
 MAX_NONZEROS = 6000
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiling of the fused forward.
+    """Tiling of the fused kernels: the forward (which also runs the input gradient) and, through
+    the dw_* fields, the weight gradient.
 
     Attributes:
         tile: output pixels per program along each spatial axis (powers of 2); None picks
@@ -80,32 +87,79 @@ class BlockSizes:
     def resolved_tile(self, D: int) -> tuple[int, ...]:
         return self.tile if self.tile is not None else default_tile(D)
 
-    def check(self, D: int) -> None:
-        tile = self.resolved_tile(D)
-        if len(tile) != D or any(t < 1 or t & (t - 1) for t in tile) or math.prod(tile) < 16:
-            raise ValueError(f"`tile` (={self.tile!r}) must be {D} powers of 2 with at least 16 pixels")
+    @classmethod
+    def for_layer(cls, spec: ConvSpec, spatial: tuple[int, ...]) -> "BlockSizes":
+        """The tiling used when none is given.
+
+        On the interpreter one program covers up to 512 output pixels: every program is a Python
+        loop over numpy ops, so fewer, larger programs are much faster there.
+        """
+        if not interpreting():
+            return cls()
+        tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
+        for ax in range(len(tile)):
+            while math.prod(tile) > 512 and tile[ax] > 1:
+                tile[ax] //= 2
+        while math.prod(tile) < MIN_DOT_TILE:
+            tile[-1] *= 2
+        return cls(tile=tuple(tile))
+
+    def validate(self, D: int) -> None:
+        """Raise a ValueError naming the first field that is not a valid tiling for D axes."""
+        for name, tile in (("tile", self.resolved_tile(D)), ("dw_tile", self.dw_tile)):
+            if tile is None:
+                continue
+            if len(tile) != D or any(t < 1 or t & (t - 1) for t in tile) or math.prod(tile) < MIN_DOT_TILE:
+                raise ValueError(
+                    f"`block_sizes.{name}` (={getattr(self, name)!r}) must be {D} powers of 2 with at "
+                    f"least {MIN_DOT_TILE} pixels"
+                )
         for name in ("block_c", "block_o"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"`{name}` (={v!r}) must be a power of 2 >= 16 (tl.dot's minimum)")
+            if v < MIN_DOT_TILE or v & (v - 1):
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be a power of 2 >= {MIN_DOT_TILE} (tl.dot's minimum)")
         if self.layout not in ("planar", "planar_in", "interleaved"):
-            raise ValueError(f"`layout` (={self.layout!r}) must be 'planar', 'planar_in' or 'interleaved'")
+            raise ValueError(f"`block_sizes.layout` (={self.layout!r}) must be 'planar', 'planar_in' or 'interleaved'")
         if self.orientation not in ("op", "po"):
-            raise ValueError(f"`orientation` (={self.orientation!r}) must be 'op' or 'po'")
-        if self.num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"`num_warps` (={self.num_warps!r}) must be a power of 2 up to 32")
+            raise ValueError(f"`block_sizes.orientation` (={self.orientation!r}) must be 'op' or 'po'")
+        for name in ("num_warps", "dw_num_warps"):
+            v = getattr(self, name)
+            if v not in (1, 2, 4, 8, 16, 32):
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be a power of 2 up to 32")
         if self.num_stages < 1:
-            raise ValueError(f"`num_stages` (={self.num_stages!r}) must be >= 1")
-        if self.dw_num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"`dw_num_warps` (={self.dw_num_warps!r}) must be a power of 2 up to 32")
+            raise ValueError(f"`block_sizes.num_stages` (={self.num_stages!r}) must be >= 1")
         for name in ("max_registers", "dw_max_registers"):
             v = getattr(self, name)
             if v is not None and not 24 <= v <= 255:
-                raise ValueError(f"`{name}` (={v!r}) must be None or between 24 and 255")
+                raise ValueError(f"`block_sizes.{name}` (={v!r}) must be None or between 24 and 255")
         if self.dw_units < 1:
-            raise ValueError(f"`dw_units` (={self.dw_units!r}) must be >= 1")
-        if self.dw_tile is not None:
-            dataclasses.replace(self, tile=self.dw_tile, dw_tile=None).check(D)
+            raise ValueError(f"`block_sizes.dw_units` (={self.dw_units!r}) must be >= 1")
+
+
+def interpreting() -> bool:
+    """True when kernels run through Triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_groups(spec: ConvSpec, blocks: BlockSizes, spatial: tuple[int, ...], batch: int) -> int:
+    """Pixel-tile shares per (batch element, channel block) of the weight-gradient kernel: enough
+    programs to fill the GPU, each reducing a long run of tiles in registers."""
+    out_spatial = spec.out_spatial(spatial)
+    tiles = math.prod(-(-n // t) for n, t in zip(out_spatial, blocks.resolved_tile(spec.D)))
+    per_share = max(1, programs_per_share(spec, blocks) * batch)
+    if interpreting():
+        return 1  # the interpreter runs programs one by one: fewer is faster
+    target = max(1, min(tiles, -(-DW_WARPS // (blocks.num_warps * per_share))))
+    # a divisor of the tile count near the target spares the ragged last round its masks
+    divisor = max(g for g in range(1, target + 1) if tiles % g == 0)
+    return divisor if 2 * divisor >= target else target
+
+
+def programs_per_share(spec: ConvSpec, blocks: BlockSizes) -> int:
+    """(input-channel chunk, output-channel block) programs of one pixel share, as the kernel tiles them."""
+    n_chunks = max(-(-c // blocks.block_c) for _, _, c in spec.in_keys)
+    n_otiles = max(-(-o // min(dot_tile(o), blocks.block_o)) for _, _, o in spec.out_keys)
+    return n_chunks * n_otiles
 
 
 def triton_prefers_first_dim() -> bool:

@@ -1,6 +1,6 @@
 """The `triton` backend's entry point: custom_vjp for gradients, custom_vmap for one batched launch.
 
-    outputs = conv_contract_triton(spec, inputs, weights, mode)
+    outputs = conv_contract_triton(spec, inputs, weights, precision=..., block_sizes=...)
 
 Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
 forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
@@ -13,60 +13,39 @@ broadcasting unbatched operands with a zero batch stride.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
+from .._precision import resolve_precision
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
-from ._backward import transposed_spec, transposed_weights, weight_grad_launch
+from ._backward import weight_grad_launch
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
-from ._launch import interpreting, launch
+from ._launch import launch
 
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def default_blocks(spec: ConvSpec, spatial: tuple[int, ...]) -> BlockSizes:
-    """The tiling used when none is given.
-
-    On the interpreter one program covers up to 512 output pixels: every program is a Python
-    loop over numpy ops, so fewer, larger programs are much faster there.
-    """
-    if not interpreting():
-        return BlockSizes()
-    tile = [_pow2_at_least(n) for n in spec.out_spatial(spatial)]
-    for ax in range(len(tile)):
-        while math.prod(tile) > 512 and tile[ax] > 1:
-            tile[ax] //= 2
-    while math.prod(tile) < 16:
-        tile[-1] *= 2
-    return BlockSizes(tile=tuple(tile))
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def conv_contract_triton(
     spec: ConvSpec,
     inputs: Sequence[jax.Array],
     weights: Sequence[jax.Array],
-    mode: str,
     *,
-    blocks: Optional[BlockSizes] = None,
+    precision=None,
+    block_sizes: Optional[BlockSizes] = None,
     poison: Optional[float] = None,
     backward: str = "fused",
     offsets: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
-    """ConvContract on unbatched blocks with the fused Triton forward.
+    """ConvContract on unbatched blocks with the fused Triton kernels (forward and gradients).
 
     Args:
-        spec, inputs, weights, mode: as for `kernels.conv_contract` (operands already checked).
-        blocks: the kernel's tiling (None: `default_blocks(spec)`).
+        spec, inputs, weights, precision: as for `kernels.conv_contract` (operands already checked).
+        block_sizes: the kernels' tiling (None: `BlockSizes.for_layer(spec, spatial)`).
         poison: tests only: outputs start filled with this value before the kernel writes them.
         backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B).
         offsets: per output key, None or an (o, *(D,)*k) array added to every pixel of that
@@ -79,6 +58,7 @@ def conv_contract_triton(
     for b, (off, (k, _, o)) in enumerate(zip(offsets, spec.out_keys)):
         if off is not None and tuple(off.shape) != (o,) + (spec.D,) * k:
             raise ValueError(f"`offsets[{b}]` has shape {tuple(off.shape)}; output key {b} needs {(o,) + (spec.D,) * k}")
+    mode = resolve_precision(precision)
     inputs, weights = tuple(inputs), tuple(weights)
     for name, arrays in (("inputs", inputs), ("weights", weights)):
         for n, a in enumerate(arrays):
@@ -89,8 +69,7 @@ def conv_contract_triton(
         outs = conv_contract_dense(spec, inputs, weights, mode)
         return tuple(y if off is None else y + _over_space(off, spec.D) for y, off in zip(outs, offsets))
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    blocks = default_blocks(spec, spatial) if blocks is None else blocks
-    blocks.check(spec.D)
+    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     check_sizes(spec, spatial)
     if backward not in ("fused", "dense"):
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
@@ -105,7 +84,7 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 
 
 # ---- differentiation: custom_vjp with the fused backward kernels ------------------------------------
-# The input gradient is the forward kernel on the transposed layer (_backward.transposed_spec);
+# The input gradient is the forward kernel on the transposed layer (_fused.transposed_spec);
 # the weight gradient is its own kernel. Both are custom_vmap ops like the forward, so under vmap
 # each is one batched launch; the weight kernel returns per-example gradients (cheap: they are
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
@@ -142,8 +121,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
     else:
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights))
-        by_key = dict(zip(used, grads))
-        d_inputs = tuple(by_key[a] if a in by_key else jnp.zeros(x.shape, jnp.float32) for a, x in enumerate(inputs))
+        d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
         op = _batched_weight_grad(spec, mode, blocks)
         d_weights = tuple(d[0] for d in op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents)))
     return (

@@ -1,0 +1,95 @@
+"""The input gradient of a ConvContract as the forward of a transposed layer.
+
+The operation's transpose in X is again a ConvContract, with the roles of the keys swapped,
+every basis flipped in space and its tensor indices transposed, and the weights transposed in
+their channel axes:
+
+    dX_a[c, x, i] = sum_b sum_{o, f} w[o, c, f] sum_{y', j} B'_f[y', j, i] G_b[o, x + y' * r - pad', j]
+    B'_f[y', j, i] = B_f[M - 1 - y', i, j],     w'[c, o, f] = w[o, c, f]
+
+so every fused backend computes the input gradient with its forward kernel on `transposed_spec`
+(no dense filter, no padded copy). Padding transposes per axis: a torus wrap (lo, hi) becomes
+(hi, lo); zeros (lo, hi) become (R - lo, R - hi) with R = (M - 1) * rhs_dilation (negative means
+cropping, which the kernels' index arithmetic handles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._spec import ConvSpec, FilterBasis, Pair
+
+
+def transpose_blocker(spec: ConvSpec) -> str:
+    """Why `spec`'s input gradient is not the forward of a plain layer, or "" if it is: stride
+    or lhs_dilation, an axis that both wraps and zero-pads, or one that wraps other than the
+    (M - 1) * rhs_dilation cells that keep its size."""
+    if not spec.is_default_stride:
+        return f"stride {spec.stride} / lhs_dilation {spec.lhs_dilation} (the transpose needs 1 and 1)"
+    for ax, (tp, zp, m, r) in enumerate(zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation)):
+        if any(tp) and any(zp):
+            return f"axis {ax} both wraps and zero-pads"
+        if any(tp) and tp[0] + tp[1] != (m - 1) * r:
+            return f"axis {ax} wraps by {tp}, not the {(m - 1) * r} cells that keep its size"
+    return ""
+
+
+@functools.lru_cache(maxsize=256)
+def transposed_spec(spec: ConvSpec) -> Optional[tuple[ConvSpec, tuple[int, ...]]]:
+    """The layer whose forward is `spec`'s input gradient, and which input keys it produces.
+
+    Returns None where `transpose_blocker` gives a reason (the input gradient then runs through
+    `dense`). Input keys that no pair reads get no output block (their gradient is zero).
+    """
+    if transpose_blocker(spec):
+        return None
+    torus_pad, zero_pad = [], []
+    for (wlo, whi), (zlo, zhi), m, rd in zip(spec.torus_pad, spec.zero_pad, spec.filter_shape, spec.rhs_dilation):
+        reach = (m - 1) * rd
+        if wlo or whi:
+            torus_pad.append((whi, wlo))
+            zero_pad.append((0, 0))
+        else:
+            torus_pad.append((0, 0))
+            zero_pad.append((reach - zlo, reach - zhi))
+    used = tuple(sorted({p.in_index for p in spec.pairs}))
+    index = {a: n for n, a in enumerate(used)}
+    D = spec.D
+    pairs = []
+    for p in spec.pairs:
+        k_a, k_b = spec.in_keys[p.in_index][0], spec.out_keys[p.out_index][0]
+        arr = p.basis.array
+        arr = np.flip(arr, axis=tuple(range(1, 1 + D)))
+        tensor_a = list(range(1 + D, 1 + D + k_a))
+        tensor_b = list(range(1 + D + k_a, 1 + D + k_a + k_b))
+        arr = np.transpose(arr, [0] + list(range(1, 1 + D)) + tensor_b + tensor_a)
+        pairs.append(Pair(p.out_index, index[p.in_index], FilterBasis(arr)))
+    spec_t = dataclasses.replace(
+        spec,
+        in_keys=spec.out_keys,
+        out_keys=tuple(spec.in_keys[a] for a in used),
+        pairs=tuple(pairs),
+        torus_pad=tuple(torus_pad),
+        zero_pad=tuple(zero_pad),
+        bias_modes=(),  # the input gradient has no bias (and other output keys)
+    )
+    return spec_t, used
+
+
+def transposed_weights(weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """w'[..., c, o, f] = w[..., o, c, f] (small: the weights, not the filters)."""
+    return tuple(jnp.swapaxes(w, -3, -2) for w in weights)
+
+
+def scatter_input_grads(used: Sequence[int], grads: Sequence[jax.Array], inputs: Sequence[jax.Array], dtype=None):
+    """Per input key, the transposed layer's output for it, or zeros for a key no pair reads."""
+    by_key = dict(zip(used, grads))
+    return tuple(
+        by_key[a] if a in by_key else jnp.zeros(x.shape, dtype or x.dtype) for a, x in enumerate(inputs)
+    )
