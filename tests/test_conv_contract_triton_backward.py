@@ -45,11 +45,15 @@ def check_grads(got, want, tol=kernels.TOLERANCE["fp32"]):
     filter against a symmetric loss) come out of both sides as rounding noise of sums of O(1)
     terms, so the error is relative to at least sqrt(size), i.e. O(1) per element: a real
     gradient of these standard-normal operands is at least that large."""
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    leaves = jax.tree_util.tree_leaves(want)
+    # a small block whose gradient cancels (a sum of many O(1) terms) carries the rounding of
+    # those terms: at least the scale of all the gradients together
+    total = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in leaves))
+    for g, w in zip(jax.tree_util.tree_leaves(got), leaves):
         assert g.shape == w.shape and g.dtype == w.dtype
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert np.isfinite(g).all()
-        scale = max(np.linalg.norm(w), np.sqrt(w.size))
+        scale = max(np.linalg.norm(w), np.sqrt(w.size), total)
         assert np.linalg.norm(g - w) / scale <= tol, (np.linalg.norm(g - w) / scale, np.linalg.norm(w))
 
 
