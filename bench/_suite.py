@@ -120,7 +120,13 @@ def run_suite(
     ]
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     plugins = [_SkipRecorder(skipped)] if skipped is not None else []
-    return int(pytest.main(args, plugins=plugins))
+    # Under a pytest-xdist worker (the tests run `python -m bench` in a subprocess) the inherited
+    # PYTEST_XDIST_WORKER makes pytest-benchmark disable itself: this run is not distributed.
+    xdist_env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PYTEST_XDIST_")}
+    try:
+        return int(pytest.main(args, plugins=plugins))
+    finally:
+        os.environ.update(xdist_env)
 
 
 # ---- reading results ---------------------------------------------------------------------------
