@@ -81,6 +81,21 @@ SLOW: dict[str, dict[str, str]] = {
         "test_odd_sizes[3-spatial4-kwargs4]": "2-tensors: test_conformance.py's native rows (case01)",
         "test_odd_sizes[3-spatial3-kwargs3]": "mixed torus and rhs_dilation: native conformance rows and drawn layers",
     },
+    "test_models.py": {
+        "test_convertD_unet_to_3d_stays_equivariant":
+            "100 CPU s; convertD is checked by test_convertD_compatibility_on_orthoplex_filters, 3D UNet"
+            " equivariance by test_model_equivariant",
+        "test_training_lowers_loss": "64 CPU s; training is tests/test_ml_training.py's",
+        "test_non_equivariant_variants_run[UNet]": "[ResNet] runs by default",
+        "test_model_equivariant[UNet-plain-2]": "[UNet-plain-3] and [UNet-groupnorm-2] run by default",
+    },
+    "test_glue.py": {
+        "test_model_step_equals_plain_glue[ResNet-3]": "[DilResNet-2] (the same residual blocks, norms, VectorNeuron) runs by default",
+        "test_model_step_equals_plain_glue[UNet-2]": "[DilResNet-2] runs by default",
+    },
+    "test_resample.py": {
+        "test_models_match_reference[UNet-2-1]": "[UNet-3-1] runs by default",
+    },
     "test_sharding.py": {
         "test_model_sharded_cases":
             "UNet, ResNet, DilResNet in float64 on 4 simulated devices, in a subprocess; the split"
