@@ -17,7 +17,7 @@
 #   profile-steps  python3 -m bench profile on the UNet, ResNet and DilResNet train steps (d3_n64_b4,
 #            backend $PROFILE_BACKEND, default auto): where each step's GPU time goes, JSON/TXT/PNG
 #            under $OUT/profile-steps/<device>/ (copy them to bench/results/ to commit); PROFILE_CONFIGS
-#            overrides the configs
+#            overrides the configs, PROFILE_STEP_ARGS adds arguments (e.g. --hlo)
 #   measure-auto   python3 -m bench measure-auto: the ConvContract configurations of the UNet, ResNet and
 #            DilResNet steps (D=3, batch 1 at N=32/64/128 and batch 4 at N=64; AUTO_CONFIGS overrides),
 #            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
@@ -58,7 +58,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
     profile-steps)
       timeout "${T_PROFILE_STEPS:-200}" python3 -u -m bench profile "${PROFILE_CONFIGS:-unet_d3_n64_b4,resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
-        --backend "${PROFILE_BACKEND:-auto}" --out "$OUT/profile-steps" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+        --backend "${PROFILE_BACKEND:-auto}" ${PROFILE_STEP_ARGS:-} --out "$OUT/profile-steps" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         > "$OUT/profile-steps/log.txt" 2>&1
       rc=$?; sed -n '/^| step | backend/,$p' "$OUT/profile-steps/log.txt"; (exit $rc) ;;
     measure-auto)
