@@ -158,7 +158,9 @@ def _kernel(x0, x1, *refs, plan: MosaicPlan, sets, share_loads: bool):
         for gi, g in enumerate(plan.groups):
             out = plgpu.layout_cast(accs[gi][...], layout)  # (64 pixels, o)
             if g.dst == 0:
-                dst = o0
+                # an indexed view: jax 0.11's transpose_ref asserts on a bare scoped ref's
+                # memory_space, which a traced ref no longer exposes as an attribute
+                dst = o0.at[:, :]
             else:
                 dst = o1.reshape(plan.out_channels, ROW, 3).at[:, :, g.j]
             plgpu.transpose_ref(dst, (1, 0))[...] = out
