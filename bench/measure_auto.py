@@ -217,7 +217,7 @@ def summary(uses, table: dict, backends) -> str:
     per_step: dict[str, list[float]] = {}
     for use in sorted(uses, key=lambda u: (u.sources, u.signature)):
         ms = table["exact"].get(use.signature, {}).get("batches", {}).get(str(use.batch), {}).get("fwd_bwd", {})
-        ranked, rule = _measured.ranking(table["device_kind"], use.spec, use.spatial, use.dtype, table=table)
+        ranked, rule = _measured.ranking(table["device_kind"], use.spec, use.spatial, use.dtype, table=table, batch=use.batch)
         pick = min(ranked, key=ranked.get) if ranked else "-"
         cells = " ".join(f"{ms[b]:9.3f}" if b in ms else f"{'-':>9s}" for b in backends)
         lines.append(f"{'':10s} {cells}  {pick:10s}  ({rule})  {use.describe()}")

@@ -13,6 +13,7 @@ and the fused GPU kernels `triton` and `pallas` when they can run. See `explain`
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -135,7 +136,7 @@ def conv_contract(
     if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
         outs = sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
     else:
-        choice = _registry.choose(spec, spatial, inputs[0].dtype, backend)
+        choice = _registry.choose(spec, spatial, inputs[0].dtype, backend, _registry.traced_batch(inputs[0]))
         outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
     return tuple(o.astype(out_dtype) for o in outs)
 
@@ -156,7 +157,8 @@ def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:
         layer_or_spec: a `ConvSpec`, or an object with a `conv_spec()` method (e.g.
             ginjax.layers.ConvContract) and optionally a `backend` attribute.
         x: the input: a MultiImage-like mapping of blocks, a sequence of blocks, or the spatial
-            dims as a tuple. Leading batch axes are allowed. None means a generic size.
+            dims as a tuple. Leading batch axes are allowed: their product is the batch `auto`
+            ranks at (as a vmapped call's). None means a generic size.
         backend: override the layer's backend.
     """
     if isinstance(layer_or_spec, ConvSpec):
@@ -165,7 +167,7 @@ def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:
         spec = layer_or_spec.conv_spec(x if hasattr(x, "is_torus") else None)
         if backend is None:
             backend = getattr(layer_or_spec, "backend", None)
-    dtype = None
+    dtype, batch = None, None
     if x is None:
         spatial = (16,) * spec.D
     elif isinstance(x, tuple) and all(isinstance(n, int) for n in x):
@@ -176,4 +178,6 @@ def explain(layer_or_spec, x=None, *, backend: Optional[str] = None) -> Choice:
         first = blocks[0]
         spatial = tuple(first.shape[first.ndim - k0 - spec.D : first.ndim - k0])
         dtype = first.dtype
-    return _registry.choose(spec, spatial, dtype, backend)
+        lead = first.shape[: max(first.ndim - k0 - spec.D - 1, 0)]  # axes before the channel axis
+        batch = math.prod(lead) if lead else _registry.traced_batch(first)
+    return _registry.choose(spec, spatial, dtype, backend, batch)

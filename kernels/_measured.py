@@ -11,12 +11,18 @@
 
 Ranking (the `fwd_bwd` medians: training is what users run), so that `auto` is never slower than
 `dense` where it knows the numbers:
-1. exact match: a backend counts when it was measured at every batch of the entry; a fused one
-   only where it beat `dense` at every one of them. Its number is the geometric mean over them.
-2. otherwise the conservative rule: the measured configurations of the same D, the same tensor
-   orders in and out, the same stride/dilation class, Cin and Cout within a factor of
-   CHANNEL_FACTOR and grid cells within PIXEL_FACTOR; a fused backend only where it beat `dense`
-   on every one of them.
+1. exact match: at the batch the call runs at (the product of the vmap axes it is traced under,
+   `kernels._registry.traced_batch`), when a fused backend was measured at that batch: the
+   backends that beat `dense` there. Otherwise (batch unknown or not measured with a fused
+   backend): a backend counts when it was measured at every batch of the entry, a fused one only
+   where it beat `dense` at every one of them; its number is the geometric mean over them. (One
+   layer can win on a fused kernel at batch 4 and lose at batch 1: the launch is too small to
+   fill the GPU.)
+2. otherwise (also at a known batch that no fused backend was measured at) the conservative
+   rule: the measured configurations of the same D, the same tensor orders in and out, the same
+   stride/dilation class, Cin and Cout within a factor of CHANNEL_FACTOR and grid cells within
+   PIXEL_FACTOR, at any batch; a fused backend only where it beat `dense` on every one of them
+   (samples of `dense` alone do not count).
 3. no such configuration: `dense` alone, at the time of the nearest measured configuration.
 Backends left out of the returned dict rank after the measured ones (kernels/_registry.py), so
 `dense` wins wherever a fused backend was not shown faster. No table for the device: {} and the
@@ -159,9 +165,10 @@ def _similar(entry: dict, want: dict, exact: bool = False) -> bool:
 
 
 def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: str = "fwd_bwd",
-            table: Optional[dict] = None) -> tuple[dict, str]:
+            table: Optional[dict] = None, batch: Optional[int] = None) -> tuple[dict, str]:
     """(backend -> ms to rank by, which rule decided) for one configuration; see the module doc.
-    `table`: a table file's content to use instead of the committed one of `device_kind`."""
+    `table`: a table file's content to use instead of the committed one of `device_kind`;
+    `batch`: the batch the call runs at, when known."""
     data = table if table is not None else load(device_kind)
     if not data:
         return {}, "no table for this device"
@@ -171,9 +178,14 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     if spatial is not None:
         entry = exact.get(signature(spec, spatial, dtype))
         if entry:
+            at_batch = entry["batches"].get(str(batch), {}).get(mode) if batch is not None else None
+            if at_batch and BASELINE in at_batch and set(at_batch) - {BASELINE}:
+                return _allowed([at_batch]), f"exact match at batch {batch}"
             samples = [b.get(mode) for b in entry["batches"].values() if b.get(mode)]
             ms = _allowed(samples)
-            if ms:
+            # at a known batch that no fused backend was measured at, dense alone is no verdict:
+            # the similar configurations (this one's other batches among them) may still show one
+            if ms and (batch is None or set(ms) - {BASELINE}):
                 return ms, f"exact match, {len(samples)} batch size(s)"
         # a standard bench layer of the `configs` table: the same sizes count as an exact match
         same = [e["batches"]["bench"][mode] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
@@ -182,7 +194,8 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
             return ms, "a benchmarked configuration of the same sizes"
     entries = list(exact.values()) + old
     similar = [e for e in entries if _similar(e, want)]
-    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode)]
+    # a sample of dense alone (a budget cut its fused cases) says nothing about the fused ones
+    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode) and set(b[mode]) - {BASELINE}]
     ms = _allowed(samples)
     if ms:
         return ms, f"{len(samples)} similar measured configuration(s)"
@@ -196,6 +209,7 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     return {BASELINE: nearest[1][BASELINE]}, "nothing similar measured: dense"
 
 
-def measured_ms(device_kind: str, spec: ConvSpec, spatial=None, mode: str = "fwd_bwd", dtype=None) -> dict[str, float]:
+def measured_ms(device_kind: str, spec: ConvSpec, spatial=None, mode: str = "fwd_bwd", dtype=None,
+                batch: Optional[int] = None) -> dict[str, float]:
     """Backend -> ms that `auto` ranks by for `spec` ({} if the device has no table)."""
-    return ranking(device_kind, spec, spatial, dtype, mode)[0]
+    return ranking(device_kind, spec, spatial, dtype, mode, batch=batch)[0]

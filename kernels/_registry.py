@@ -150,9 +150,34 @@ def requested_backend(backend: Optional[str]) -> tuple[str, str]:
     return "auto", "default"
 
 
-def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None) -> Choice:
-    """Pick the backend for one call (see the module docstring for the rules)."""
-    choice = _choose(spec, spatial, dtype, backend)
+def traced_batch(x) -> Optional[int]:
+    """The batch one call of the operation runs at: the product of the sizes of the vmap axes
+    that `x` is traced under (None outside vmap). Models call the layer on one sample and vmap
+    it, so the shapes alone do not say it; the batching tracers do (a private jax structure,
+    read defensively: anything unexpected means unknown)."""
+    try:
+        from jax._src.interpreters import ad, batching
+    except ImportError:  # pragma: no cover
+        return None
+    size, seen = 1, False
+    for _ in range(64):  # nested transformations; bounded so a cycle cannot hang dispatch
+        if isinstance(x, batching.BatchTracer):
+            dim = getattr(x, "batch_dim", None)
+            if type(dim) is int:
+                size *= int(jax.numpy.shape(x.val)[dim])
+                seen = True
+            x = x.val
+        elif isinstance(x, ad.JVPTracer):
+            x = x.primal
+        else:
+            break
+    return size if seen else None
+
+
+def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None, batch: Optional[int] = None) -> Choice:
+    """Pick the backend for one call (see the module docstring for the rules); `batch`: the
+    batch the call runs at when known (`traced_batch`), which `auto`'s measured table may rank by."""
+    choice = _choose(spec, spatial, dtype, backend, batch)
     describe = _BACKENDS[choice.backend].describe
     how = describe(spec, spatial) if describe is not None else ""
     if not how:
@@ -160,7 +185,7 @@ def choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str] = None)
     return dataclasses.replace(choice, reason=f"{choice.reason}; {choice.backend} runs it as {how}")
 
 
-def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Choice:
+def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch: Optional[int] = None) -> Choice:
     name, source = requested_backend(backend)
     _check_name(name, _SOURCE_LABEL.get(source, source))
     if name != "auto":
@@ -170,7 +195,7 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Ch
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
     kind = device_kind()  # "cpu" on a CPU: kernels/measured/cpu.json
-    measured = _measured.measured_ms(kind, spec, spatial) if kind else {}
+    measured, rule = _measured.ranking(kind, spec, spatial, batch=batch) if kind else ({}, "")
     # measured-fastest first; unmeasured backends after, by their priority
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
@@ -187,7 +212,7 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str]) -> Ch
             skipped.append(f"{b.name}: {why}")
             continue
         if b.name in measured:
-            reason = f"fastest measured on {kind} for the nearest benchmarked configuration ({measured[b.name]} ms fwd_bwd)"
+            reason = f"fastest measured on {kind} ({rule}: {measured[b.name]} ms fwd_bwd)"
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
         if skipped:

@@ -4,10 +4,12 @@ was measured faster than dense, the conservative rule for configurations not mea
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import kernels
-from kernels import _measured
+from kernels import _measured, _registry
 
 from conftest import fixture_filters
 
@@ -125,3 +127,78 @@ def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
     ms, rule = _measured.ranking("cpu", case.spec(), (8, 8), table=table)
     assert rule.startswith("exact match") and "dense" in ms
     assert "t " in measure_auto.summary(uses, table, ("dense", "reference"))
+
+
+def test_exact_match_at_the_batch_the_call_runs_at():
+    """A layer that wins on a fused kernel at batch 4 and loses at batch 1 (the launch too small to
+    fill the GPU): the batch the call runs at decides; unknown, the every-batch rule (dense)."""
+    spec = _spec()
+    table = _table((spec, N64, {1: {"dense": 1.9, "triton": 3.4}, 4: {"dense": 7.2, "triton": 5.1}}))
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=table, batch=4)
+    assert rule == "exact match at batch 4" and ms == {"dense": 7.2, "triton": 5.1}
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=table, batch=1)
+    assert rule == "exact match at batch 1" and ms == {"dense": 1.9}
+    # unknown batch: the every-batch rule (triton lost at one measured batch)
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=table)
+    assert rule.startswith("exact match, 2 batch") and ms == {"dense": round((1.9 * 7.2) ** 0.5, 4)}
+    # a batch not measured: the similar configurations, this one's batches among them: dense
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=table, batch=2)
+    assert "similar" in rule and set(ms) == {"dense"}
+    # measured at the batch with dense alone (a budget cut the fused case): no verdict there; the
+    # similar configurations decide (this one's batch 4, a larger grid at batch 1: triton won)
+    dilated = _spec(rhs_dilation=2)
+    partial = _table((dilated, N64, {1: {"dense": 12.8}, 4: {"dense": 47.8, "triton": 5.5}}),
+                     (dilated, (128,) * 3, {1: {"dense": 100.2, "triton": 11.7}}))
+    ms, rule = _measured.ranking("Test GPU", dilated, N64, table=partial, batch=1)
+    assert "similar" in rule and min(ms, key=ms.get) == "triton"
+    # unknown batch: the entry's every-batch rule stays strict (triton unmeasured at batch 1)
+    ms, rule = _measured.ranking("Test GPU", dilated, N64, table=partial)
+    assert rule.startswith("exact match") and set(ms) == {"dense"}
+    # a similar configuration where triton lost at batch 1 keeps dense
+    lost = _table((dilated, N64, {1: {"dense": 12.8}, 4: {"dense": 47.8, "triton": 5.5}}),
+                  (dilated, (32,) * 3, {1: {"dense": 1.0, "triton": 1.4}}))
+    assert set(_measured.ranking("Test GPU", dilated, N64, table=lost, batch=1)[0]) == {"dense"}
+
+
+def test_vmapped_calls_rank_at_their_batch(monkeypatch):
+    """`auto` inside vmap (as models run) sees the batch through the tracers, also under grad and
+    nested vmaps; `explain` reads it from leading axes."""
+    calls = []
+
+    def run(spec, inputs, weights, mode):
+        calls.append(_registry.traced_batch(inputs[0]))
+        return kernels.conv_contract_reference(spec, inputs, weights, mode)
+
+    fast = kernels.Backend("fast-at-4", run, lambda: (True, ""), lambda *a: (True, ""), priority={"gpu": 99})
+    kernels.register_backend(fast)
+    try:
+        monkeypatch.setattr(kernels._registry, "platform", lambda: "gpu")
+        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Test GPU")
+        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+        spec, n = _spec(2, D=2), (8, 8)
+        table = _table((spec, n, {1: {"dense": 1.0, "fast-at-4": 2.0}, 4: {"dense": 4.0, "fast-at-4": 2.0}}))
+        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "Test GPU" else None)
+        keys = jax.random.split(jax.random.PRNGKey(0), 6)
+        w = [jax.random.normal(k, (2, 2, p.basis.n_filters)) for k, p in zip(keys, spec.pairs)]
+        xs = [jax.random.normal(keys[4], (4, 2) + n), jax.random.normal(keys[5], (4, 2) + n + (2,))]
+
+        def one(x0, x1, w):
+            return kernels.conv_contract(spec, [x0, x1], w)
+
+        def loss(w, xs):
+            outs = jax.vmap(one, in_axes=(0, 0, None))(*xs, w)
+            return sum(jnp.sum(o**2) for o in outs)
+
+        jax.grad(loss)(w, xs)
+        assert calls == [4]
+        pairs = [x.reshape((2, 2) + x.shape[1:]) for x in xs]
+        jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, 0, None))(*pairs, w)
+        assert calls == [4, 4]
+        jax.vmap(one, in_axes=(0, 0, None))(xs[0][:1], xs[1][:1], w)  # batch 1: dense
+        one(xs[0][0], xs[1][0], w)  # unbatched: dense (lost at batch 1)
+        assert calls == [4, 4]
+        assert kernels.explain(spec, xs).backend == "fast-at-4"
+        assert "exact match at batch 4" in kernels.explain(spec, xs).reason
+        assert kernels.explain(spec, [x[0] for x in xs]).backend == "dense"
+    finally:
+        kernels._registry._BACKENDS.pop("fast-at-4")
