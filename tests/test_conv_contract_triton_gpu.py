@@ -129,7 +129,7 @@ def test_no_relayout_between_two_conv_contracts():
 
     text = jax.jit(model).lower(xs, ws).compile().as_text()
     comps = _hlo_computations(text)
-    insts = {name: (op, operands, calls) for body in comps.values() for name, op, operands, calls in body}
+    insts = {name: (op, ins, calls) for body in comps.values() for name, op, ins, calls in body}
     kernels_ = [name for name, (op, _, _) in insts.items() if op == "custom-call" and "triton_kernel_call" in _line_of(text, name)]
     assert len(kernels_) == 2, text[-4000:]
     first, second = sorted(kernels_, key=lambda n: text.index(f"{n} ="))
@@ -137,8 +137,8 @@ def test_no_relayout_between_two_conv_contracts():
     down, frontier = {first}, [first]
     while frontier:
         node = frontier.pop()
-        for name, (_, operands, _) in insts.items():
-            if node in operands and name not in down:
+        for name, (_, inputs, _) in insts.items():
+            if node in inputs and name not in down:
                 down.add(name)
                 frontier.append(name)
     up, frontier = set(), [second]
