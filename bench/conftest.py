@@ -85,9 +85,9 @@ def pytest_collection_modifyitems(config, items):
         (keep if chosen else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-    # layers before model steps (seconds each); within each, reference and dense first, then the
-    # fused kernels: under --bench-time-budget the layer A/B completes and models fill the time
-    # left (the sort is stable)
+    # layers before model steps (seconds each); layers: reference and dense first, then the fused
+    # kernels, so under --bench-time-budget the layer A/B completes; model steps: each config's
+    # backends together, so a budget cut leaves whole comparisons (the sort is stable)
     keep.sort(key=lambda item: _tier(item))
     items[:] = keep
 
@@ -97,7 +97,9 @@ def _tier(item) -> tuple[int, int]:
     if case is None:
         return (0, 0)
     cfg = _configs.CONFIGS.get(case[0])
-    return (int(cfg is not None and cfg.kind == "model"), int(case[2] not in BASELINE_BACKENDS))
+    if cfg is not None and cfg.kind == "model":
+        return (1, 0)
+    return (0, int(case[2] not in BASELINE_BACKENDS))
 
 
 @pytest.fixture(scope="session")

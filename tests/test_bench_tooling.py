@@ -276,3 +276,23 @@ def test_measured_table_from_a_committed_run():
         kind, configs = table_from_run(_json.loads((pathlib.Path(__file__).parents[1] / source).read_text()), configs)
         assert kind == committed["device_kind"] == "NVIDIA H200"
     assert configs == committed["configs"]
+
+
+def test_bench_order_keeps_each_model_steps_backends_together():
+    """Under a time budget the layer A/B (baselines first) completes, and each model step's
+    backends run back to back, so a cut leaves whole auto-vs-dense comparisons."""
+    import types
+
+    from bench import _configs
+    from bench import conftest as bench_conftest
+
+    def item(cfg, backend, mode):
+        return types.SimpleNamespace(callspec=types.SimpleNamespace(params={"case": (cfg, mode, backend)}))
+
+    models = [c.name for c in _configs.MODEL_CONFIGS][:2]
+    layer = _configs.LAYER_CONFIGS[0].name
+    items = [item(m, b, "step") for m in models for b in ("dense", "auto")]
+    items += [item(layer, b, "fwd") for b in ("triton", "dense")]
+    ordered = sorted(items, key=bench_conftest._tier)
+    names = [(i.callspec.params["case"][0], i.callspec.params["case"][2]) for i in ordered]
+    assert names == [(layer, "dense"), (layer, "triton")] + [(m, b) for m in models for b in ("dense", "auto")]
