@@ -456,7 +456,8 @@ def _split_conv_contract(
 ) -> tuple[jax.Array, ...]:
     spatial = tuple(inputs[0].shape[1 : 1 + spec.D])
     local_spec, plans = plan(spec, spatial, layout)
-    choice = _registry.choose(local_spec, local_spatial(spatial, plans), inputs[0].dtype, backend)
+    choice = _registry.choose(local_spec, local_spatial(spatial, plans), inputs[0].dtype, backend,
+                              _registry.traced_batch(inputs[0]))
     # a bias-free spec: a fused-bias backend gets bias None
     run = functools.partial(_registry.run_backend, choice.backend)
     if not plans:  # every named mesh axis has one device
