@@ -51,7 +51,7 @@ def test_row_layout_reads_are_bank_conflict_free(nx):
         assert _plan.bank_conflict_free(pitch, skew, comps)
     assert not _plan.bank_conflict_free(66, (0, 0, 0, 0), 1)  # the packed row: conflicts
     lay = _plan.layout(SPEC, nx)
-    assert lay.smem_bytes <= _plan.SMEM_LIMIT and lay.threads == 8 * nx // 16
+    assert lay.smem_bytes <= _plan.SMEM_LIMIT and lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
 
 
 def test_shared_memory_of_the_standard_layer():
