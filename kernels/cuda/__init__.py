@@ -1,0 +1,36 @@
+"""`cuda`: the forward ConvContract as a CUDA C++ kernel for Hopper (sm_90a), through XLA FFI.
+
+Not a registered backend and never picked by `auto`: call `conv_contract_cuda` directly (bench/
+cuda_spike.py, tests/test_conv_contract_cuda_gpu.py). The library is opt-in and not part of the
+default install; kernels/cuda/README.md has the build command. `availability()` and `coverage()`
+say why it cannot run (not built, no GPU, a layer it was not compiled for).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from .._spec import ConvSpec
+from ._ffi import registered
+from ._plan import coverage as _coverage
+from ._tiling import BlockSizes
+from .conv_contract import conv_contract_cuda
+
+__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage"]
+
+
+def availability() -> tuple[bool, str]:
+    ok, why = registered()
+    if not ok:
+        return False, why
+    if jax.default_backend() != "gpu":
+        return False, f"runs on an NVIDIA GPU; JAX's default backend here is {jax.default_backend()!r}"
+    return True, "CUDA forward kernel through XLA FFI"
+
+
+def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
+    """Whether the kernel computes this configuration; first, whether the library is built."""
+    ok, why = registered()
+    if not ok:
+        return False, why
+    return _coverage(spec, spatial, dtype)

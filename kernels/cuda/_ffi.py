@@ -1,0 +1,39 @@
+"""Loading the compiled kernel library and registering its XLA FFI target (once, for CUDA)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import pathlib
+import sys
+
+import jax
+
+TARGET = "ginjax_cuda_forward"
+NAME = "_ginjax_cuda.so"
+ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
+BUILD = "CMAKE_ARGS=-DGINJAX_CUDA=ON pip install -e . (needs nvcc >= 12 and sm_90a; see kernels/cuda/README.md)"
+
+
+@functools.lru_cache(maxsize=None)
+def registered() -> tuple[bool, str]:
+    """Load kernels/cuda/_ginjax_cuda.so and register its target; (ok, why not)."""
+    path = library()
+    if path is None:
+        return False, f"the CUDA extension {NAME} is not built (opt-in: {BUILD})"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GinjaxCudaForward), platform="CUDA")
+    except (OSError, AttributeError, ValueError) as err:
+        return False, f"the CUDA extension {LIBRARY.name} could not be loaded from {path}: {err}"
+    return True, ""
+
+
+def library():
+    """The built library: $GINJAX_CUDA_LIBRARY, next to this file (a wheel, or the in-place CMake
+    build), or under kernels/cuda on sys.path (an editable install's build tree); None if absent."""
+    candidates = [pathlib.Path(os.environ[ENV])] if os.environ.get(ENV) else []
+    candidates += [pathlib.Path(__file__).with_name(NAME)]
+    candidates += [pathlib.Path(p) / "kernels" / "cuda" / NAME for p in sys.path if p]
+    return next((c for c in candidates if c.is_file()), None)

@@ -1,0 +1,90 @@
+"""The CUDA forward's entry point: one XLA FFI call per (batched) forward, dense's VJP backward.
+
+    outputs = conv_contract_cuda(spec, inputs, weights, precision=..., block_sizes=...)
+
+Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, fp32 accumulation), all pairs in one
+launch. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
+whose operands all carry the batch axes; the packed weights (40 KB) are broadcast with them.
+Backward (custom_vjp): `dense`'s VJP (this issue's kernel is the forward only).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._fused import resolve_block_sizes
+from .._precision import resolve_precision
+from .._spec import ConvSpec
+from ..dense import conv_contract_dense
+from . import _plan
+from ._ffi import TARGET, registered
+from ._tiling import BlockSizes
+
+
+def conv_contract_cuda(
+    spec: ConvSpec,
+    inputs: Sequence[jax.Array],
+    weights: Sequence[jax.Array],
+    *,
+    precision=None,
+    block_sizes: Optional[BlockSizes] = None,
+) -> tuple[jax.Array, ...]:
+    """ConvContract forward on unbatched blocks with the CUDA kernel (gradients through dense).
+
+    Args:
+        spec, inputs, weights: as for `kernels.conv_contract` (operands already checked).
+        precision: None or a mode whose tolerance TF32 meets ("tf32", "bf16"); "fp32" is refused.
+        block_sizes: the kernel's tiling (None: `BlockSizes.for_layer(spec, spatial)`).
+    """
+    ok, why = registered()
+    if not ok:
+        raise ValueError(f"ConvContract backend 'cuda' cannot run here: {why}")
+    mode = resolve_precision(precision)
+    if mode == "fp32":
+        raise ValueError(f"`precision` (={precision!r}) resolves to fp32; the CUDA kernel computes in tf32")
+    inputs, weights = tuple(inputs), tuple(weights)
+    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    ok, why = _plan.coverage(spec, spatial, inputs[0].dtype)
+    if not ok:
+        raise ValueError(f"`spec` is not covered by the CUDA kernel: {why}")
+    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
+    return _conv_contract(spec, blocks, inputs, tuple(w.astype(jnp.float32) for w in weights))
+
+
+def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) -> list[int]:
+    """The kernel's `geom` attribute (conv_contract.cu's header lists the entries)."""
+    lay = _plan.layout(spec, spatial[2])
+    (c0, c1), o = lay.channels, spec.out_keys[0][2]
+    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], lay.weight_floats]
+
+
+def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights):
+    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    o = spec.out_keys[0][2]
+    shapes = [jax.ShapeDtypeStruct((o,) + spatial, jnp.float32), jax.ShapeDtypeStruct((o,) + spatial + (3,), jnp.float32)]
+    packed = _plan.pack_weights(spec, weights, xp=jnp)
+    call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all")
+    return tuple(call(*inputs, packed, geom=np.asarray(geometry(spec, spatial, blocks), np.int64)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv_contract(spec, blocks, inputs, weights):
+    return _forward(spec, blocks, inputs, weights)
+
+
+def _conv_contract_fwd(spec, blocks, inputs, weights):
+    return _forward(spec, blocks, inputs, weights), (inputs, weights)
+
+
+def _conv_contract_bwd(spec, blocks, residuals, cotangents):
+    inputs, weights = residuals
+    _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, "tf32"), inputs, weights)
+    return vjp(tuple(cotangents))
+
+
+_conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)

@@ -1,0 +1,92 @@
+"""The CUDA forward kernel (kernels/cuda) built and run on a Hopper GPU, against `reference` at the
+tf32 tolerance: the standard layer's grid, odd grids (z, y not powers of two, short strips that
+end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one launch, and
+gradients (dense's VJP). Build first (kernels/cuda/README.md), then on the GPU machine:
+
+    python3 -m pytest -m gpu tests/test_conv_contract_cuda_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from conftest import rel_l2
+from kernels import cuda
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
+]
+SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    ok, why = cuda.availability()
+    if not ok:
+        pytest.fail(f"the CUDA kernel must be built for these tests: {why}")
+
+
+def _reference(xs, ws):
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(jax.vmap(lambda x: kernels.conv_contract(SPEC, x, ws, backend="reference")))(xs)
+
+
+def _check(spatial, batch, seed, blocks=None):
+    xs, ws, _ = _cases.spec_operands(SPEC, spatial, batch, seed=seed)
+    run = jax.jit(jax.vmap(lambda x, ws: cuda.conv_contract_cuda(SPEC, x, ws, block_sizes=blocks), in_axes=(0, None)))
+    got = run(xs, ws)
+    for g, w in zip(got, _reference(xs, ws)):
+        assert g.shape == w.shape
+        assert bool(jnp.all(jnp.isfinite(g))), "non-finite output: an unwritten or corrupted element"
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+def test_standard_grid_against_reference():
+    _check((64, 64, 64), 1, seed=21)
+
+
+@pytest.mark.parametrize(
+    "spatial, batch, strip",
+    [((5, 7, 64), 2, None), ((3, 5, 16), 3, 2), ((4, 9, 32), 1, 4), ((1, 2, 48), 2, 1), ((7, 3, 64), 1, 7)],
+)
+def test_odd_grids_and_strips(spatial, batch, strip):
+    _check(spatial, batch, seed=22, blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip))
+
+
+def test_outputs_are_fully_written():
+    """The output buffers are fresh (uninitialised) memory: donate a NaN-filled buffer of the same
+    size first so a skipped element shows up as NaN."""
+    xs, ws, _ = _cases.spec_operands(SPEC, (5, 6, 32), 2, seed=23)
+    poison = [jnp.full((2, 16, 5, 6, 32), jnp.nan), jnp.full((2, 16, 5, 6, 32, 3), jnp.nan)]
+    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
+    got = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(SPEC, x, ws)))(xs)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
+
+
+def test_vmap_is_one_launch_and_gradients_match():
+    xs, ws, cots = _cases.spec_operands(SPEC, (4, 6, 32), 3, seed=24)
+    run = jax.vmap(lambda x, ws: cuda.conv_contract_cuda(SPEC, x, ws), in_axes=(0, None))
+    hlo = jax.jit(run).lower(xs, ws).as_text()
+    assert hlo.count("ginjax_cuda_forward") == 1
+
+    def loss(fn, xs, ws):
+        return sum(jnp.vdot(o, c) for o, c in zip(fn(xs, ws), cots))
+
+    ref = jax.vmap(lambda x, ws: kernels.conv_contract(SPEC, x, ws, backend="reference"), in_axes=(0, None))
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda x, w: loss(ref, x, w), argnums=(0, 1))(xs, ws)
+    got = jax.jit(jax.grad(lambda x, w: loss(run, x, w), argnums=(0, 1)))(xs, ws)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+def test_fp32_precision_is_refused():
+    xs, ws, _ = _cases.spec_operands(SPEC, (3, 3, 16), 1, seed=25)
+    with pytest.raises(ValueError, match="`precision`"):
+        cuda.conv_contract_cuda(SPEC, [x[0] for x in xs], ws, precision="fp32")
