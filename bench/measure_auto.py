@@ -53,6 +53,7 @@ def parse_args(argv) -> argparse.Namespace:
                    help="cases compiled at once, in threads (default 8 on a GPU, 1 on a CPU; at 1 the table records compile times)")
     p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
     args = p.parse_args(argv)
+    args.configs_arg = args.configs  # as given (a set's name), for the table's sources
     try:
         args.configs = _configs.parse_selection(
             args.configs, tuple(_configs.CONFIGS) + tuple(_configs.AUTO_LAYER_GRID), "--configs",
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
     table = load_table(table_path, info["device_kind"])
     commit = _suite.resolve_commit(args.commit)
-    source = f"python -m bench measure-auto --configs {','.join(args.configs)} ({_dt.date.today()}, commit {commit})"
+    source = f"python -m bench measure-auto --configs {args.configs_arg} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     targets = [table_path]
     if args.out:
