@@ -226,6 +226,7 @@ def test_bad_operands_are_clear_errors():
 
 @pytest.mark.without_build
 def test_unbuilt_module_reports_itself_unavailable(monkeypatch):
+    monkeypatch.delenv("GINJAX_DISABLE_NATIVE", raising=False)
     native = kernels._registry.get("native")
     monkeypatch.setattr("kernels.native.registered", lambda: (False, "the compiled module is not built (test)"))
     ok, why = native.availability()
