@@ -190,7 +190,8 @@ def fixture_spec(cfg: LayerConfig) -> kernels.ConvSpec:
     data = np.load(FIXTURE_FILTERS)
     basis = lambda k: data[f"filters/D{cfg.D}M3/k{k}p0"]  # noqa: E731
     keys = [(0, 0, cfg.c), (1, 0, cfg.c)]
-    return kernels.make_spec(cfg.D, keys, keys, [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))], True)
+    pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
+    return kernels.make_spec(cfg.D, keys, keys, pairs, True, rhs_dilation=cfg.rhs_dilation)
 
 
 def spec_operands(spec: kernels.ConvSpec, spatial: tuple[int, ...], batch: int, seed: int = 0, dtype="float32"):

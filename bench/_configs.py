@@ -28,6 +28,7 @@ class LayerConfig:
     k_max: int = 1
     quick: bool = False
     M: int = 3
+    rhs_dilation: int = 1
 
     @property
     def kind(self) -> str:
@@ -130,6 +131,23 @@ MODEL_CONFIGS += tuple(
 )
 
 CONFIGS: dict[str, Config] = {c.name: c for c in LAYER_CONFIGS + MODEL_CONFIGS}
+
+# Small layers whose speeds `auto` ranks backends by on a CPU (`python -m bench measure-auto
+# --configs cpu-small`): the sizes of CPU prototyping and of the test suite's models (1-8
+# channels per key, 4-16 cells a side), plain and dilated (DilResNet), at batch 1 and 4. Only
+# measure-auto takes them, as single layers (their times are mostly call overhead: no bench run).
+AUTO_LAYER_GRID: dict[str, LayerConfig] = {
+    c.name: c
+    for c in (
+        LayerConfig(f"cpu_d{D}_n{N}_b{B}_c{ch}" + (f"_dil{d}" if d > 1 else ""), D=D, N=N, B=B, c=ch, rhs_dilation=d)
+        for D, sides in ((2, (4, 8, 16)), (3, (4, 8)))
+        for N in sides
+        for ch in (1, 2, 4, 8)
+        for d in (1, 2)
+        for B in (1, 4)
+    )
+}
+AUTO_LAYER_SETS: dict[str, tuple[str, ...]] = {"cpu-small": tuple(AUTO_LAYER_GRID)}
 
 # named sets accepted wherever configs are selected
 _SMALL = tuple(c.name for c in MODEL_CONFIGS if c.small)

@@ -8,10 +8,13 @@ run, on every candidate backend, and write them into `auto`'s table kernels/meas
    (signature: geometry, keys, channels, filter bases, spatial size, dtype) with the batch the
    step runs them at. `--configs auto-models`: UNet, ResNet and DilResNet at D=3, batch 1 with
    N=32, 64, 128, and the standard batch-4 N=64 steps.
+   `--configs cpu-small`: single layers of CPU-sized models (bench/_configs.py AUTO_LAYER_GRID),
+   what `auto` ranks by on a CPU beside the committed bench layers.
 2. Time each configuration (vmapped over the batch, as in the model) on `dense` and every fused
-   backend that runs it itself, `fwd_bwd` first for all of them (what `auto` ranks by), then
-   `fwd`, with the shared loop of bench/_timing.py; the table is rewritten after every
-   configuration, so a time budget or a timeout keeps what was measured.
+   backend that runs it itself and `auto` may pick here (on a CPU: `native`), `fwd_bwd` first for
+   all of them (what `auto` ranks by), then `fwd`, with the shared loop of bench/_timing.py; the
+   table is rewritten after every configuration, so a time budget or a timeout keeps what was
+   measured. With one worker (a CPU's default) the compile times go into the table too.
 3. Print, per configuration, the medians and what `auto` now picks, and per step the sum over its
    layers of the picked backend's time against dense's.
 The table's `exact` section is keyed by signature and batch (kernels/_measured.py ranks with it);
@@ -46,11 +49,15 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
     p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
     p.add_argument("--commit", default=None, help="commit id recorded in the table's sources")
-    p.add_argument("--workers", type=int, default=8, help="cases compiled at once, in threads (default 8)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="cases compiled at once, in threads (default 8 on a GPU, 1 on a CPU; at 1 the table records compile times)")
     p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
     args = p.parse_args(argv)
+    args.configs_arg = args.configs  # as given (a set's name), for the table's sources
     try:
-        args.configs = _configs.parse_selection(args.configs, tuple(_configs.CONFIGS), "--configs", _configs.CONFIG_SETS)
+        args.configs = _configs.parse_selection(
+            args.configs, tuple(_configs.CONFIGS) + tuple(_configs.AUTO_LAYER_GRID), "--configs",
+            {**_configs.CONFIG_SETS, **_configs.AUTO_LAYER_SETS})
         args.modes = _configs.parse_selection(args.modes, _configs.LAYER_MODES, "--modes")
     except ValueError as err:
         p.error(str(err))
@@ -85,12 +92,17 @@ def load_table(path: pathlib.Path, device_kind: str) -> dict:
     return data
 
 
-def record(table: dict, use, mode: str, backend: str, ms: float) -> None:
+def record(table: dict, use, mode: str, backend: str, ms: float, compile_s: Optional[float] = None) -> None:
+    """The median `ms` into the entry's batch and mode; `compile_s` (trace, lower and compile, one
+    case at a time) beside it under "compile_s", which the ranking does not read."""
     from kernels import _measured
 
     entry = table["exact"].setdefault(use.signature, {**_measured.describe(use.spec, use.spatial), "batches": {}, "used_by": []})
     entry["used_by"] = sorted(set(entry["used_by"]) | set(use.sources))
-    entry["batches"].setdefault(str(use.batch), {}).setdefault(mode, {})[backend] = round(ms, 4)
+    batch = entry["batches"].setdefault(str(use.batch), {})
+    batch.setdefault(mode, {})[backend] = round(ms, 4)
+    if compile_s is not None:
+        batch.setdefault("compile_s", {}).setdefault(mode, {})[backend] = round(compile_s, 3)
 
 
 def write_table(table: dict, path: pathlib.Path) -> None:
@@ -198,7 +210,8 @@ def measure_all(uses, backends, args, table: dict, table_path, log: list, worker
                     print(f"  {case.backend:8s} {case.mode:8s} FAILED {case.error}  {case.use.describe()}", flush=True)
                 else:
                     row.update(timing.as_ms())
-                    record(table, case.use, case.mode, case.backend, timing.ms)
+                    # compile times only mean something when nothing else compiled beside them
+                    record(table, case.use, case.mode, case.backend, timing.ms, case.compile_s if chunk == 1 else None)
                     print(f"  {case.backend:8s} {case.mode:8s} {timing.ms:9.3f} ms  [{n}/{len(todo)}] {case.use.describe()}", flush=True)
                 log.append(row)
                 case.compiled, case.args = None, ()  # free the device memory
@@ -216,10 +229,14 @@ def summary(uses, table: dict, backends) -> str:
     lines = [f"{'fwd_bwd ms':>10s} " + " ".join(f"{b:>9s}" for b in backends) + "  auto picks  (rule)  configuration"]
     per_step: dict[str, list[float]] = {}
     for use in sorted(uses, key=lambda u: (u.sources, u.signature)):
-        ms = table["exact"].get(use.signature, {}).get("batches", {}).get(str(use.batch), {}).get("fwd_bwd", {})
+        measured = table["exact"].get(use.signature, {}).get("batches", {}).get(str(use.batch), {})
+        ms = measured.get("fwd_bwd", {})
         ranked, rule = _measured.ranking(table["device_kind"], use.spec, use.spatial, use.dtype, table=table, batch=use.batch)
         pick = min(ranked, key=ranked.get) if ranked else "-"
         cells = " ".join(f"{ms[b]:9.3f}" if b in ms else f"{'-':>9s}" for b in backends)
+        compiled = measured.get("compile_s", {}).get("fwd_bwd", {})
+        if compiled:
+            cells += "  compile s " + " ".join(f"{b} {compiled[b]:.2f}" for b in backends if b in compiled)
         lines.append(f"{'':10s} {cells}  {pick:10s}  ({rule})  {use.describe()}")
         if pick in ms and "dense" in ms:
             for source, n in use.counts.items():
@@ -239,10 +256,14 @@ def main(argv=None) -> int:
     from kernels import _measured
 
     info = _device.device_info()
-    if info["platform"] != "gpu" and not (args.list or args.table):
-        print(f"error: `auto` ranks by a measured table on GPUs only; on this {info['platform']} give --table PATH "
-              "to measure anyway, or --list to see the configurations", file=sys.stderr)
+    if info["platform"] not in ("gpu", "cpu") and not (args.list or args.table):
+        print(f"error: `auto` ranks by a measured table on GPUs and CPUs only; on this {info['platform']} give "
+              "--table PATH to measure anyway, or --list to see the configurations", file=sys.stderr)
         return 2
+    if args.workers is None:
+        # a CPU compiles on the cores it times on: one case at a time, and then its compile time
+        # is recorded too
+        args.workers = 1 if info["platform"] == "cpu" else 8
     started = time.perf_counter()
     # the budget counts from here: tracing the steps is part of it
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
@@ -258,13 +279,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if info["platform"] == "cpu" and not args.backends.strip():
-        backends = ("dense",)
-        print("note: on a CPU the fused backends run in interpreters: measuring dense only (name --backends to override)")
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
     table = load_table(table_path, info["device_kind"])
     commit = _suite.resolve_commit(args.commit)
-    source = f"python -m bench measure-auto --configs {','.join(args.configs)} ({_dt.date.today()}, commit {commit})"
+    source = f"python -m bench measure-auto --configs {args.configs_arg} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     targets = [table_path]
     if args.out:

@@ -142,14 +142,19 @@ def runs_itself(use: LayerUse, backend: str) -> tuple[bool, str]:
 
 
 def model_uses(config_names, *, on: Optional[str] = None) -> list[LayerUse]:
-    """conv_configs of the `step` of bench model configurations, merged."""
+    """conv_configs of the `step` of bench model configurations, merged; a name of
+    `_configs.AUTO_LAYER_GRID` is its one layer (the standard keys and invariant filters)."""
     from bench import _cases, _configs
 
     groups = []
     for name in config_names:
+        grid = _configs.AUTO_LAYER_GRID.get(name)
+        if grid is not None:
+            groups.append([LayerUse(_cases.fixture_spec(grid), grid.spatial, "float32", grid.B, {name: 1})])
+            continue
         cfg = _configs.CONFIGS[name]
         if cfg.kind != "model":
-            raise ValueError(f"`configs` (={name!r}) must name model configurations")
+            raise ValueError(f"`configs` (={name!r}) must name model configurations or layers of the CPU grid")
         fn, args = _cases.build_case(cfg).function("step")
         groups.append(conv_configs(fn, *args, batch=cfg.B, source=name))
     return merge(groups)

@@ -1,10 +1,12 @@
-"""Measured backend speeds, committed per device kind, that `auto` ranks GPU backends by.
+"""Measured backend speeds, committed per device kind, that `auto` ranks backends by (GPU kinds,
+and `cpu` for the native backend against dense).
 
 `kernels/measured/<device-slug>.json` holds two tables:
 - `exact`: per configuration signature (`signature`: geometry, keys and channels, filter bases,
   spatial size, dtype), the median ms of every backend, `fwd` and `fwd_bwd`, at each batch it was
   measured at (`python -m bench measure-auto` measures the configurations the standard model
-  steps really run);
+  steps really run; on the CPU, a grid of small layers: `--configs cpu-small`), with each
+  case's compile seconds beside them where measured one at a time (`compile_s`, not ranked by);
 - `configs`: per standard bench layer configuration, the same medians at its batch (from a
   committed bench run, `python -m bench measured`); tables written before `exact` existed hold
   only this one.

@@ -195,7 +195,8 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
     kind = device_kind()  # "cpu" on a CPU: kernels/measured/cpu.json
-    measured, rule = _measured.ranking(kind, spec, spatial, batch=batch) if kind else ({}, "")
+    dtype_name = str(jax.numpy.dtype(dtype)) if dtype is not None else None
+    measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
     # measured-fastest first; unmeasured backends after, by their priority
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
@@ -212,13 +213,22 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             skipped.append(f"{b.name}: {why}")
             continue
         if b.name in measured:
-            reason = f"fastest measured on {kind} ({rule}: {measured[b.name]} ms fwd_bwd)"
+            reason = _measured_reason(kind, b.name, measured, rule)
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
         if skipped:
             reason += " (skipped " + "; ".join(skipped) + ")"
         return Choice(b.name, "auto", source, reason)
     return Choice(FALLBACK, "auto", source, f"no ranked backend on {plat} covers it; using {FALLBACK!r}")
+
+
+def _measured_reason(kind: str, name: str, measured: dict, rule: str) -> str:
+    """Why the measured table put `name` first: its time, the others', and which rule matched."""
+    if rule.startswith("nothing similar"):
+        return f"no configuration like this one was measured on {kind}, so {name} (a fused backend only where measured faster)"
+    others = ", ".join(f"{n} {ms} ms" for n, ms in sorted(measured.items(), key=lambda nm: nm[1]) if n != name)
+    against = f" against {others}" if others else f" (no fused backend beat {_measured.BASELINE} on all of them)"
+    return f"fastest measured on {kind} ({rule}): {measured[name]} ms fwd_bwd{against}"
 
 
 def get(name: str) -> Backend:

@@ -97,9 +97,13 @@ def test_auto_dispatch_follows_the_ranking(monkeypatch):
         spec = _spec()
         table = _table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}), (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}}))
         monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "Test GPU" else None)
-        assert kernels.explain(spec, N64).backend == "fast-fused"
-        assert kernels.explain(spec, (32,) * 3).backend == "dense"  # measured slower there
-        assert kernels.explain(_spec(64), N64).backend == "dense"  # nothing similar measured
+        choice = kernels.explain(spec, N64)
+        assert choice.backend == "fast-fused"
+        assert "exact match" in choice.reason and "1.0 ms fwd_bwd against dense 2.0 ms" in choice.reason
+        slower = kernels.explain(spec, (32,) * 3)
+        assert slower.backend == "dense" and "no fused backend beat dense" in slower.reason  # measured slower there
+        unmeasured = kernels.explain(_spec(64), N64)
+        assert unmeasured.backend == "dense" and "no configuration like this one was measured" in unmeasured.reason
     finally:
         kernels._registry._BACKENDS.pop("fast-fused")
 
@@ -124,6 +128,8 @@ def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
     entry = table["exact"][uses[0].signature]
     assert set(entry["batches"]["3"]["fwd_bwd"]) == {"dense", "reference"} and entry["used_by"] == ["t"]
     assert all(v > 0 for v in entry["batches"]["3"]["fwd_bwd"].values()) and (tmp_path / "cpu.json").exists()
+    compiled = entry["batches"]["3"]["compile_s"]["fwd_bwd"]  # one worker: compile times recorded
+    assert set(compiled) == {"dense", "reference"} and all(v > 0 for v in compiled.values())
     ms, rule = _measured.ranking("cpu", case.spec(), (8, 8), table=table)
     assert rule.startswith("exact match") and "dense" in ms
     assert "t " in measure_auto.summary(uses, table, ("dense", "reference"))
@@ -202,3 +208,42 @@ def test_vmapped_calls_rank_at_their_batch(monkeypatch):
         assert kernels.explain(spec, [x[0] for x in xs]).backend == "dense"
     finally:
         kernels._registry._BACKENDS.pop("fast-at-4")
+
+
+def test_the_cpu_grid_is_a_measure_auto_selection_of_single_layers(capsys):
+    from bench import _configs, measure_auto, model_layers
+
+    args = measure_auto.parse_args(["--configs", "cpu-small", "--list"])
+    assert args.configs == tuple(_configs.AUTO_LAYER_GRID) and args.configs_arg == "cpu-small"
+    (use,) = model_layers.model_uses(["cpu_d2_n4_b4_c2_dil2"])
+    assert (use.spatial, use.batch, use.spec.rhs_dilation, use.spec.cin) == ((4, 4), 4, (2, 2), 2 + 2 * 2)
+    with pytest.raises(SystemExit):
+        measure_auto.parse_args(["--configs", "cpu-huge"])
+    assert "--configs (='cpu-huge'): unknown name 'cpu-huge'" in capsys.readouterr().err
+
+
+def _dense_and_native(entry, mode="fwd_bwd"):
+    return [(b[mode]["dense"], b[mode]["native"]) for b in entry["batches"].values()]
+
+
+def test_the_committed_cpu_table_ranks_native_only_where_it_was_measured_faster():
+    """Every layer of the CPU grid: `auto` keeps native exactly where native beat dense at both
+    measured batches. A D=3 test-sized layer that was never measured (6 cells, 3 channels a key):
+    the grid's D=3 layers, where native won at every one, decide by the similar rule."""
+    from bench import _cases, _configs
+
+    table = _measured.load("cpu")
+    checked = 0
+    for cfg in _configs.AUTO_LAYER_GRID.values():
+        spec = _cases.fixture_spec(cfg)
+        entry = table["exact"][_measured.signature(spec, cfg.spatial)]
+        ms, rule = _measured.ranking("cpu", spec, cfg.spatial)
+        assert rule.startswith("exact match, 2 batch"), (cfg.name, rule)
+        faster = all(n < d for d, n in _dense_and_native(entry))
+        assert ("native" in ms) == faster, (cfg.name, entry["batches"])
+        checked += 1
+    assert checked == len(_configs.AUTO_LAYER_GRID) == 80
+    d3 = [e for e in table["exact"].values() if e["D"] == 3]
+    assert d3 and all(n < d for e in d3 for d, n in _dense_and_native(e))
+    ms, rule = _measured.ranking("cpu", _spec(3, D=3), (6, 6, 6))
+    assert "similar" in rule and ms["native"] < ms["dense"]

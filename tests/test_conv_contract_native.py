@@ -226,6 +226,7 @@ def test_bad_operands_are_clear_errors():
 
 @pytest.mark.without_build
 def test_unbuilt_module_reports_itself_unavailable(monkeypatch):
+    monkeypatch.delenv("GINJAX_DISABLE_NATIVE", raising=False)
     native = kernels._registry.get("native")
     monkeypatch.setattr("kernels.native.registered", lambda: (False, "the compiled module is not built (test)"))
     ok, why = native.availability()
@@ -233,6 +234,33 @@ def test_unbuilt_module_reports_itself_unavailable(monkeypatch):
     with pytest.raises(ValueError, match="native.* cannot run here: the compiled module is not built"):
         kernels.explain(_standard_spec(2, 1), backend="native")
     assert kernels.explain(_standard_spec(2, 1)).backend != "native"
+
+
+@pytest.mark.without_build
+def test_the_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+    monkeypatch.setenv("GINJAX_DISABLE_NATIVE", "1")
+    native = kernels._registry.get("native")
+    ok, why = native.availability()
+    assert not ok and "GINJAX_DISABLE_NATIVE='1'" in why
+    assert "native" not in kernels.available_backends()
+    with pytest.raises(ValueError, match="native.* cannot run here: disabled by the environment variable"):
+        kernels.explain(_standard_spec(3, 2), backend="native")
+    assert kernels.explain(_standard_spec(3, 2), (8, 8, 8)).backend == "dense"
+    monkeypatch.setenv("GINJAX_DISABLE_NATIVE", "0")
+    assert "disabled" not in native.availability()[1]
+
+
+def test_auto_picks_native_for_small_3d_layers_measured_faster(monkeypatch):
+    """The test suite's model layers (2-4 channels a key, 4-8 cells a side): the committed table's
+    small-layer grid has native faster than dense at every D=3 size, and explain says so."""
+    monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+    for c, n in ((2, 8), (3, 6), (4, 4)):
+        choice = kernels.explain(_standard_spec(3, c), (n,) * 3)
+        assert choice.backend == "native", str(choice)
+        assert "fastest measured on cpu" in choice.reason and "against dense" in choice.reason
+    dilated = kernels.explain(_standard_spec(3, 2, rhs_dilation=2), (8, 8, 8))
+    assert dilated.backend == "native" and "exact match" in dilated.reason  # a grid layer itself
 
 
 def test_uncovered_configurations_fall_back_to_dense():

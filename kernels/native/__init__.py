@@ -3,7 +3,7 @@
 Registers itself on import. The compiled module `kernels/native/_ginjax_native` is built by
 `pip install` (CMakeLists.txt through scikit-build-core); without it (a source tree run with
 PYTHONPATH=., or a machine that could not build it) the backend reports itself unavailable and
-says why, and nothing else changes.
+says why, and nothing else changes; GINJAX_DISABLE_NATIVE=1 makes a built one do the same.
 
 Covered: D 2 and 3, tensor orders up to 2, any channel counts and sizes, torus / SAME / VALID /
 explicit padding, rhs_dilation, stride 1, float32 (float64 under x64; bfloat16/float16 operands
@@ -11,6 +11,8 @@ are computed in float32). Other configurations (stride > 1, lhs_dilation) run on
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,14 @@ __all__ = ["BlockSizes", "conv_contract_native"]
 _DTYPES = (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16)
 
 
+# set to 1: the backend reports itself unavailable, as an unbuilt one does (an A/B of `auto` with
+# and without it, or a way out should the build misbehave on some machine)
+DISABLE_ENV = "GINJAX_DISABLE_NATIVE"
+
+
 def availability() -> tuple[bool, str]:
+    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+        return False, f"disabled by the environment variable {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}"
     ok, why = registered()
     if not ok:
         return False, why
