@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 
 # Without an NVIDIA GPU, the Triton backend runs its kernels through Triton's interpreter on
 # torch CPU tensors; the variable must be set before triton is imported.
@@ -18,6 +19,30 @@ import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+
+# One XLA compilation cache per test run, shared by the pytest-xdist workers and by the
+# subprocesses tests start (they inherit the variable): a program one process compiled (a
+# float64 oracle, a model's initialisers, the eager ops every file runs) is loaded by the others
+# instead of compiled again. The first process of the run makes the directory and removes it at
+# the end, so no run ever loads another run's programs.
+_XLA_CACHE = "GINJAX_TESTS_XLA_CACHE"
+_OWN_XLA_CACHE = _XLA_CACHE not in os.environ
+if _OWN_XLA_CACHE:
+    os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="ginjax-tests-xla-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+try:  # a size bound turns on jax's file lock: no process reads an entry another is still writing
+    import filelock  # noqa: F401
+
+    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
+except ImportError:  # unlocked: a torn read fails decompression and jax compiles instead
+    pass
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:
+        shutil.rmtree(os.environ.pop(_XLA_CACHE), ignore_errors=True)
 
 # CI explores the same examples every run (a red CI then means a regression, not a new draw);
 # local runs keep drawing fresh ones.
@@ -151,6 +176,23 @@ def rel_l2(actual, expected) -> float:
     denom = np.linalg.norm(e)
     assert denom > 0, "reference is all zeros: the comparison would prove nothing"
     return float(np.linalg.norm(a - e) / denom)
+
+
+def gradient_errors(got, want) -> list[float]:
+    """Per block of the gradient pytrees `got` and `want` (same structure): ||g - w|| over the
+    larger of ||w|| and the norm of all of `want` together, in float64. A block whose gradient
+    cancels by symmetry (a sum of many O(1) terms) is rounding noise on both sides, 1e-16 in a
+    float64 oracle and 1e-7 in fp32: measured against its own norm it would fail for nothing, so
+    it is measured at the scale of the whole gradient."""
+    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got) == len(want), (len(got), len(want))
+    want = [np.asarray(w, np.float64) for w in want]
+    total = np.sqrt(sum(np.sum(np.square(w)) for w in want))
+    assert total > 0, "reference gradient is all zeros: the comparison would prove nothing"
+    return [
+        float(np.linalg.norm(np.asarray(g, np.float64) - w) / max(np.linalg.norm(w), total))
+        for g, w in zip(got, want)
+    ]
 
 
 @contextlib.contextmanager
