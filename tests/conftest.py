@@ -58,9 +58,9 @@ FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 # when time allows): file -> test name (or one parametrisation's id) -> why, with what still
 # covers it by default. Every single test or parametrisation is listed here. Three rules over
 # generated matrices mark theirs where the matrix is built, since they would be dozens of rows
-# here: the many-draws variant of every hypothesis check (`drawn_examples` below), and the
-# interpreted backends' rows of tests/test_conformance.py and tests/test_conv_contract_layer.py's
-# fixture matrix (each file says which rows run by default).
+# here: the many-draws variant of every hypothesis check (`drawn_examples` below), the backend x
+# case rows of tests/test_conformance.py outside its DEFAULT_CASES, and the reference and Pallas
+# rows of tests/test_conv_contract_layer.py's fixture matrix (each file says why).
 SLOW: dict[str, dict[str, str]] = {
     "test_bench_tooling.py": {
         "test_quick_suite_is_a_correctness_check_of_every_available_backend":
