@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 
 # Without an NVIDIA GPU, the Triton backend runs its kernels through Triton's interpreter on
 # torch CPU tensors; the variable must be set before triton is imported.
@@ -19,6 +20,30 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+# One XLA compilation cache per test run, shared by the pytest-xdist workers and by the
+# subprocesses tests start (they inherit the variable): a program one process compiled (a
+# float64 oracle, a model's initialisers, the eager ops every file runs) is loaded by the others
+# instead of compiled again. The first process of the run makes the directory and removes it at
+# the end, so no run ever loads another run's programs.
+_XLA_CACHE = "GINJAX_TESTS_XLA_CACHE"
+_OWN_XLA_CACHE = _XLA_CACHE not in os.environ
+if _OWN_XLA_CACHE:
+    os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="ginjax-tests-xla-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+try:  # a size bound turns on jax's file lock: no process reads an entry another is still writing
+    import filelock  # noqa: F401
+
+    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
+except ImportError:  # unlocked: a torn read fails decompression and jax compiles instead
+    pass
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:
+        shutil.rmtree(os.environ.pop(_XLA_CACHE), ignore_errors=True)
+
 # CI explores the same examples every run (a red CI then means a regression, not a new draw);
 # local runs keep drawing fresh ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -29,10 +54,13 @@ from hypothesis import strategies as st
 
 FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 
-# Whole tests marked `slow` (deselected by default, `python -m pytest -m slow` runs them; CI runs
-# them when time allows): file -> test name -> why, with what still covers it by default. Listed
-# here rather than by decorators in files other sessions own. Single parametrisations are marked
-# where they are defined (tests/test_conformance.py: most pallas rows).
+# Tests marked `slow` (deselected by default, `python -m pytest -m slow` runs them; CI runs them
+# when time allows): file -> test name (or one parametrisation's id) -> why, with what still
+# covers it by default. Every single test or parametrisation is listed here. Three rules over
+# generated matrices mark theirs where the matrix is built, since they would be dozens of rows
+# here: the many-draws variant of every hypothesis check (`drawn_examples` below), the backend x
+# case rows of tests/test_conformance.py outside its DEFAULT_CASES, and the reference and Pallas
+# rows of tests/test_conv_contract_layer.py's fixture matrix (each file says why).
 SLOW: dict[str, dict[str, str]] = {
     "test_bench_tooling.py": {
         "test_quick_suite_is_a_correctness_check_of_every_available_backend":
@@ -77,6 +105,10 @@ SLOW: dict[str, dict[str, str]] = {
     "test_conv_contract_kernels.py": {
         "test_float32_against_float64_oracle[reference]": "[dense] runs by default",
     },
+    "test_conv_contract_layer.py": {
+        "test_equivariant_under_every_group_element[2-reference]": "[2-dense] (the same layer code) runs by default",
+        "test_equivariant_under_every_group_element[3-reference]": "[3-dense] (the same layer code) runs by default",
+    },
     "test_conv_contract_native.py": {
         "test_odd_sizes[3-spatial4-kwargs4]": "2-tensors: test_conformance.py's native rows (case01)",
         "test_odd_sizes[3-spatial3-kwargs3]": "mixed torus and rhs_dilation: native conformance rows and drawn layers",
@@ -90,11 +122,15 @@ SLOW: dict[str, dict[str, str]] = {
         "test_model_equivariant[UNet-plain-2]": "[UNet-plain-3] and [UNet-groupnorm-2] run by default",
     },
     "test_glue.py": {
-        "test_model_step_equals_plain_glue[ResNet-3]": "[DilResNet-2] (the same residual blocks, norms, VectorNeuron) runs by default",
-        "test_model_step_equals_plain_glue[UNet-2]": "[DilResNet-2] runs by default",
+        "test_model_step_equals_plain_glue[ResNet-3]": "[ResNet-2] runs by default",
+        "test_model_step_equals_plain_glue[DilResNet-2]":
+            "[ResNet-2] (the same residual blocks, norms, VectorNeuron and bias means) runs by default",
+        "test_model_step_equals_plain_glue[UNet-2]": "[ResNet-2] runs by default",
     },
     "test_resample.py": {
         "test_models_match_reference[UNet-2-1]": "[UNet-3-1] runs by default",
+        "test_models_match_reference[ResNet-2-1]":
+            "a model without pooling or upsampling; [UNet-3-1] (the same blocks and both) runs by default",
     },
     "test_sharding.py": {
         "test_model_sharded_cases":
@@ -153,6 +189,25 @@ def rel_l2(actual, expected) -> float:
     return float(np.linalg.norm(a - e) / denom)
 
 
+def gradient_errors(got, want, element_scale: float = 0.0) -> list[float]:
+    """Per block of the gradient pytrees `got` and `want` (same structure): ||g - w|| over the
+    largest of ||w||, the norm of all of `want` together and element_scale * sqrt(block size),
+    in float64. A block whose gradient cancels by symmetry (a sum of many O(1) terms) is rounding
+    noise on both sides, 1e-16 in a float64 oracle and 1e-7 in fp32: measured against its own
+    norm it would fail for nothing, so it is measured at the scale of the whole gradient, or,
+    where every block cancels, at `element_scale`, the size of a term per element."""
+    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got) == len(want), (len(got), len(want))
+    want = [np.asarray(w, np.float64) for w in want]
+    total = np.sqrt(sum(np.sum(np.square(w)) for w in want))
+    errors = []
+    for g, w in zip(got, want):
+        scale = max(np.linalg.norm(w), total, element_scale * np.sqrt(w.size))
+        assert scale > 0, "the reference gradient is all zeros: the comparison would prove nothing"
+        errors.append(float(np.linalg.norm(np.asarray(g, np.float64) - w) / scale))
+    return errors
+
+
 @contextlib.contextmanager
 def float64():
     """Enable 64-bit arrays inside the block only (the oracle precision of docs/ARCHITECTURE.md)."""
@@ -170,6 +225,22 @@ def fixture_filters(D: int, M: int) -> dict[tuple[int, int], np.ndarray]:
             k, p = int(kp[1 : kp.index("p")]), int(kp[kp.index("p") + 1 :])
             out[(k, p)] = data[name]
     return out
+
+
+def filter_bank(D: int, M: int, keep=None, *, ks=(0, 1, 2)):
+    """`geom.get_invariant_filters([M], list(ks), [0, 1], D, geom.make_all_operators(D))` as
+    recorded from ginjax 0.1.8 (tests/test_geometric_filters.py checks the live ones against the
+    record; building them costs seconds of eager dispatch per call). `keep`: {(k, parity):
+    filter indices} for a subset of the bank."""
+    import jax.numpy as jnp
+    import ginjax.geometric as geom  # here, not at the top: the kernel-backend tests do not need it
+
+    blocks = {}
+    for (k, p), arr in sorted(fixture_filters(D, M).items()):
+        if k not in ks or (keep is not None and (k, p) not in keep):
+            continue
+        blocks[((False,) * k, p)] = jnp.asarray(arr if keep is None else arr[list(keep[(k, p)])])
+    return geom.MultiImage(blocks, D)
 
 
 def conv_contract_cases() -> list[str]:

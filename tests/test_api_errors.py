@@ -20,6 +20,8 @@ import ginjax.geometric as geom
 from ginjax import ml, models
 from ginjax.layers import ConvContract
 
+from conftest import filter_bank
+
 D = 2
 KEY = jax.random.PRNGKey(0)
 SIG = geom.Signature((((0, 0), 2), ((1, 0), 1)))
@@ -28,7 +30,7 @@ SCALAR = geom.Signature((((0, 0), 1),))
 
 @functools.cache
 def _filters():
-    return geom.get_invariant_filters([3], [0, 1, 2], [0, 1], D, geom.make_all_operators(D))
+    return filter_bank(D, 3)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ cover every recorded stride-1 geometry (so their coverage cannot shrink unnotice
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,13 +26,16 @@ FUSED = ("triton", "pallas")  # the backends whose documented coverage is "every
 # Triton's interpreter: 5-20 CPU seconds a case; by default a 2D case with 2-tensors and a missing
 # filter and the standard 3D layer, the others `slow` (test_conv_contract_triton.py's configurations
 # run by default).
-INTERPRETED_DEFAULT = {"pallas": ("case09",), "triton": ("case01", "case09")}
+# `reference` at fp32 is the oracle's own code (run in float64 on every case here) in another
+# dtype, and its fp32 forward meets the recorded ginjax outputs of every unbiased case below: its
+# rows check the precision plumbing, which the same two cases show.
+DEFAULT_CASES = {"pallas": ("case09",), "triton": ("case01", "case09"), "reference": ("case01", "case09")}
 
 
 def _matrix():
     for backend in BACKENDS:
         for case in CASES:
-            slow = backend in INTERPRETED_DEFAULT and case not in INTERPRETED_DEFAULT[backend]
+            slow = backend in DEFAULT_CASES and case not in DEFAULT_CASES[backend]
             yield pytest.param(backend, case, marks=[pytest.mark.slow] if slow else [], id=f"{backend}-{case}")
 
 
@@ -51,7 +55,8 @@ def test_lax_backends_reproduce_recorded_outputs(backend, case):
     """The recorded ginjax 0.1.8 outputs of the unbiased cases (bias is the layer's job:
     tests/test_conv_contract_layer.py), from the recorded inputs and weights, at fp32."""
     spec, inputs, weights, expected = fixture_spec(*conv_contract_case(case))
-    outs = kernels.conv_contract(spec, inputs, weights, backend=backend, precision="fp32")
+    # jitted: the reference backend op by op compiles a program per operation
+    outs = jax.jit(lambda xs, ws: kernels.conv_contract(spec, xs, ws, backend=backend, precision="fp32"))(inputs, weights)
     assert len(outs) == len(expected)
     for got, want in zip(outs, expected):
         assert got.shape == want.shape

@@ -17,7 +17,7 @@ import kernels
 import ginjax.geometric as geom
 from ginjax.layers import ConvContract
 from kernels import _bias, _registry
-from conftest import fixture_filters, invariant_pairs, random_operands, rel_l2
+from conftest import filter_bank, fixture_filters, invariant_pairs, random_operands, rel_l2
 
 SCALAR = ((), 0)
 FUSED = [b for b in ("triton", "pallas") if b in kernels.available_backends()]
@@ -180,7 +180,7 @@ def test_layer_bias_is_ginjax_semantics(use_bias, is_torus):
     D = 2
     sig_in = geom.Signature((((0, 0), 2), ((1, 0), 2)))
     sig_out = geom.Signature((((0, 0), 2), ((1, 0), 2), ((0, 1), 1)))
-    filters = geom.get_invariant_filters([3], [0, 1, 2], [0, 1], D, geom.make_all_operators(D))
+    filters = filter_bank(D, 3)
     layer = ConvContract(sig_in, sig_out, filters, use_bias, key=jax.random.PRNGKey(1), backend="dense")
     rng = np.random.default_rng(8)
     x = geom.MultiImage(
@@ -226,7 +226,7 @@ def test_layer_bias_is_ginjax_semantics(use_bias, is_torus):
 def test_layer_spec_carries_the_bias_modes():
     D = 2
     sig = geom.Signature((((0, 0), 1), ((1, 0), 1), ((0, 1), 1)))
-    filters = geom.get_invariant_filters([3], [0, 1, 2], [0, 1], D, geom.make_all_operators(D))
+    filters = filter_bank(D, 3)
     expected = {"auto": {SCALAR: "add"}, "mean": {}, "scalar": {SCALAR: "add"}, False: {}}
     default = {"auto": "mean", "mean": "mean", "scalar": "none", False: "none"}
     for use_bias in expected:

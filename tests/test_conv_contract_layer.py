@@ -12,7 +12,7 @@ import pytest
 import kernels
 import ginjax.geometric as geom
 from ginjax.layers import ConvContract
-from conftest import conv_contract_case, conv_contract_cases, nested_tuple, rel_l2
+from conftest import conv_contract_case, conv_contract_cases, filter_bank, nested_tuple, rel_l2
 
 BACKENDS = [b for b in kernels.available_backends()]
 _KEY = jax.random.PRNGKey(0)
@@ -24,7 +24,7 @@ def _name(key):
 
 
 def _filters(D, M):
-    return geom.get_invariant_filters([M], [0, 1, 2], [0, 1], D, geom.make_all_operators(D))
+    return filter_bank(D, M)
 
 
 def _fixture_layer(case, backend):
@@ -85,8 +85,7 @@ SIG_D = {
 }
 
 
-# the reference rows are `slow` (eager float64 lax; dense runs the same layer code by default)
-@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "dense"])
+@pytest.mark.parametrize("backend", ["reference", "dense"])
 @pytest.mark.parametrize("D", [2, 3])
 def test_equivariant_under_every_group_element(D, backend):
     """f(g.x) == g.f(x) for all 8 (D=2) / 48 (D=3) elements, torus padding, highest precision."""

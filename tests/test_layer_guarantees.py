@@ -16,7 +16,7 @@ import pytest
 import kernels
 import ginjax.geometric as geom
 from ginjax.layers import ConvContract, FilterBank
-from conftest import rel_l2
+from conftest import filter_bank, rel_l2
 
 D = 2
 KEY = jax.random.PRNGKey(3)
@@ -25,7 +25,7 @@ LAX_BACKENDS = ["reference", "dense"]
 
 
 def _filters(M=3, ks=(0, 1, 2)):
-    return geom.get_invariant_filters([M], list(ks), [0, 1], D, geom.make_all_operators(D))
+    return filter_bank(D, M, ks=ks)
 
 
 def _x(sig=SIG, n=5, seed=0, dtype=jnp.float32, is_torus=True):

@@ -250,7 +250,7 @@ def _model_loss(model, x):
 
 @pytest.mark.parametrize(
     "name,D,levels",
-    [("UNet", 2, 1), ("UNet", 3, 1), pytest.param("ResNet", 2, 1, marks=pytest.mark.slow)],
+    [("UNet", 2, 1), ("UNet", 3, 1), ("ResNet", 2, 1)],
 )
 def test_models_match_reference(name, D, levels):
     """Outputs and every parameter gradient of the model on `dense` equal those on `reference`

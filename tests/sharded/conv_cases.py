@@ -21,16 +21,11 @@ from ginjax import layers
 from kernels import _sharding
 
 from _util import HaloSpy, check_close, hlo_text, mesh, weighted_sum
-from conftest import fixture_filters
+from conftest import filter_bank as filters
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
 SIG_IN = geom.Signature(((SCALAR, 2), (VECTOR, 2)))
 SIG_OUT = geom.Signature(((SCALAR, 2), (VECTOR, 1)))
-
-
-def filters(D: int, M: int) -> geom.MultiImage:
-    blocks = {((False,) * k, p): jnp.asarray(a) for (k, p), a in sorted(fixture_filters(D, M).items())}
-    return geom.MultiImage(blocks, D)
 
 
 def image(D: int, n, is_torus, batch: int, seed: int, sig=SIG_IN) -> geom.MultiImage:

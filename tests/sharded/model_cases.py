@@ -21,7 +21,7 @@ from ginjax import ml, models
 from kernels import _sharding
 
 from _util import HaloSpy, check_close, mesh, weighted_sum
-from conftest import fixture_filters
+from conftest import filter_bank as filters
 
 SCALAR, VECTOR = ((), 0), ((False,), 0)
 IN_SIG = geom.Signature(((SCALAR, 2), (VECTOR, 1)))
@@ -33,11 +33,6 @@ TOL = 1e-10  # float64, same algorithm: only the summation order differs
 def _float64():
     with jax.enable_x64(True):
         yield
-
-
-def filters(D: int, M: int) -> geom.MultiImage:
-    blocks = {((False,) * k, p): jnp.asarray(a) for (k, p), a in sorted(fixture_filters(D, M).items())}
-    return geom.MultiImage(blocks, D)
 
 
 def build(name: str, D: int, **kw):
