@@ -228,7 +228,8 @@ def _measured_reason(kind: str, name: str, measured: dict, rule: str) -> str:
         return f"no configuration like this one was measured on {kind}, so {name} (a fused backend only where measured faster)"
     others = ", ".join(f"{n} {ms} ms" for n, ms in sorted(measured.items(), key=lambda nm: nm[1]) if n != name)
     against = f" against {others}" if others else f" (no fused backend beat {_measured.BASELINE} on all of them)"
-    return f"fastest measured on {kind} ({rule}): {measured[name]} ms fwd_bwd{against}"
+    mean = "; geometric means over them" if "similar" in rule or rule.startswith("exact match,") else ""
+    return f"fastest measured on {kind} ({rule}{mean}): {measured[name]} ms fwd_bwd{against}"
 
 
 def get(name: str) -> Backend:
