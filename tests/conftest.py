@@ -22,15 +22,17 @@ from hypothesis import HealthCheck, given, settings
 
 # One XLA compilation cache per test run, shared by the pytest-xdist workers and by the
 # subprocesses tests start (they inherit the variable): a program one process compiled (a
-# float64 oracle, a model's initialisers, the eager ops every file runs) is loaded by the others
-# instead of compiled again. The first process of the run makes the directory and removes it at
+# float64 oracle, a model's initialisers and steps) is loaded by the others instead of compiled
+# again. The first process of the run makes the directory and removes it at
 # the end, so no run ever loads another run's programs.
 _XLA_CACHE = "GINJAX_TESTS_XLA_CACHE"
 _OWN_XLA_CACHE = _XLA_CACHE not in os.environ
 if _OWN_XLA_CACHE:
     os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="ginjax-tests-xla-")
 jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# not the single eager operations (tens of ms each): writing every one costs them 20% more CPU
+# than the other worker's hits save
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 try:  # a size bound turns on jax's file lock: no process reads an entry another is still writing
     import filelock  # noqa: F401
