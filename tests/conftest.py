@@ -22,27 +22,34 @@ from hypothesis import HealthCheck, given, settings
 
 # One XLA compilation cache per test run, shared by the pytest-xdist workers and by the
 # subprocesses tests start (they inherit the variable): a program one process compiled (a
-# float64 oracle, a model's initialisers, the eager ops every file runs) is loaded by the others
-# instead of compiled again. The first process of the run makes the directory and removes it at
+# float64 oracle, a model's initialisers and steps) is loaded by the others instead of compiled
+# again. The first process of the run makes the directory and removes it at
 # the end, so no run ever loads another run's programs.
 _XLA_CACHE = "GINJAX_TESTS_XLA_CACHE"
-_OWN_XLA_CACHE = _XLA_CACHE not in os.environ
-if _OWN_XLA_CACHE:
-    os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="ginjax-tests-xla-")
-jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-try:  # a size bound turns on jax's file lock: no process reads an entry another is still writing
-    import filelock  # noqa: F401
+_own_xla_cache = False
 
-    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
-except ImportError:  # unlocked: a torn read fails decompression and jax compiles instead
-    pass
+
+def pytest_configure(config):
+    global _own_xla_cache
+    if _XLA_CACHE not in os.environ:  # the run's first process: the workers start after this
+        os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="ginjax-tests-xla-")
+        _own_xla_cache = True
+    jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE])
+    # not the single eager operations (tens of ms each): writing every one made them 20% slower
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    try:  # a size bound turns on jax's file lock: no process reads an entry another is writing
+        import filelock  # noqa: F401
+
+        jax.config.update("jax_compilation_cache_max_size", 1 << 40)
+    except ImportError:  # unlocked: a torn read fails decompression and jax compiles instead
+        pass
 
 
 def pytest_unconfigure(config):
-    if _OWN_XLA_CACHE:
+    if _own_xla_cache:
         shutil.rmtree(os.environ.pop(_XLA_CACHE), ignore_errors=True)
+
 
 # CI explores the same examples every run (a red CI then means a regression, not a new draw);
 # local runs keep drawing fresh ones.

@@ -63,7 +63,8 @@ def test_reproduces_ginjax_fixture(case, backend):
     meta, arrays, layer, x = _fixture_layer(case, backend)
     assert layer.missing_filter == meta["missing_filter"]
     with jax.default_matmul_precision("highest"):
-        out = layer(x)
+        # jitted: op by op the layer compiles dozens of small programs per case
+        out = eqx.filter_jit(lambda layer, x: layer(x))(layer, x)
     expected = {k: v for k, v in arrays.items() if k.startswith("out/")}
     assert sorted(f"out/{_name(k)}" for k in out.keys()) == sorted(expected)
     for key, block in out.items():
