@@ -134,6 +134,11 @@ def _allowed(samples: list[dict]) -> dict[str, float]:
     return out
 
 
+def _has_fused(sample: dict) -> bool:
+    """Whether a {backend: ms} sample holds anything but the baseline."""
+    return bool(set(sample) - {BASELINE})
+
+
 def _old_entries(data: dict) -> list[dict]:
     """The `configs` table's entries in the shape of exact entries (one batch each)."""
     out = []
@@ -181,13 +186,13 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
         entry = exact.get(signature(spec, spatial, dtype))
         if entry:
             at_batch = entry["batches"].get(str(batch), {}).get(mode) if batch is not None else None
-            if at_batch and BASELINE in at_batch and set(at_batch) - {BASELINE}:
+            if at_batch and BASELINE in at_batch and _has_fused(at_batch):
                 return _allowed([at_batch]), f"exact match at batch {batch}"
             samples = [b.get(mode) for b in entry["batches"].values() if b.get(mode)]
             ms = _allowed(samples)
             # at a known batch that no fused backend was measured at, dense alone is no verdict:
             # the similar configurations (this one's other batches among them) may still show one
-            if ms and (batch is None or set(ms) - {BASELINE}):
+            if ms and (batch is None or _has_fused(ms)):
                 return ms, f"exact match, {len(samples)} batch size(s)"
         # a standard bench layer of the `configs` table: the same sizes count as an exact match
         same = [e["batches"]["bench"][mode] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
@@ -197,7 +202,7 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     entries = list(exact.values()) + old
     similar = [e for e in entries if _similar(e, want)]
     # a sample of dense alone (a budget cut its fused cases) says nothing about the fused ones
-    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode) and set(b[mode]) - {BASELINE}]
+    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode) and _has_fused(b[mode])]
     ms = _allowed(samples)
     if ms:
         return ms, f"{len(samples)} similar measured configuration(s)"
