@@ -18,13 +18,24 @@ broadcasts, a transposed copy for the norm's backward). Here the backward is wri
 so the forward is the GEMM and one elementwise pass (x, d -> y), and the backward one elementwise
 pass (gy, x, d -> gd and the local part of gx) and the two GEMMs; n, u, s are recomputed, only
 x and d are kept. The sums over the T components are written as T multiply-adds on slices of
-the minor axis, so they fuse with the elementwise work instead of becoming reductions.
+the components' axis, so they fuse with the elementwise work instead of becoming reductions.
+
+Two arrangements of the same arithmetic, by where the T components sit:
+- "minor": (c, *spatial, T), the block's own axis order; the GEMM reads (c, S * T).
+- "planar": (c, T, *spatial), the components ahead of the pixels; the GEMM reads (c, T * S).
+On a GPU the fused ConvContract kernels ask XLA for component-planar blocks (physically
+(c, T, *spatial)), so there "planar" makes both axis moves layout-only bitcasts and the GEMM reads
+and writes the planes as they lie; "minor" made XLA copy every GEMM output into the planar
+layout and back in the backward (bench/NOTES.md, "Round 2 measured"). On a CPU the blocks are
+components-minor and "minor" is the copy-free one. `GINJAX_VN_LAYOUT` (minor / planar) overrides
+the platform's default.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Callable
 
 import jax
@@ -33,29 +44,57 @@ import jax.numpy as jnp
 from ginjax._channel_mix import _mix, _mix_bwd
 
 
+LAYOUTS = ("minor", "planar")
+LAYOUT_ENV = "GINJAX_VN_LAYOUT"
+
+
+def default_layout() -> str:
+    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (where the fused kernels keep blocks
+    component-planar) and "minor" elsewhere."""
+    layout = os.environ.get(LAYOUT_ENV, "")
+    if layout:
+        if layout not in LAYOUTS:
+            raise ValueError(f"${LAYOUT_ENV} (={layout!r}) must be one of {LAYOUTS}")
+        return layout
+    return "planar" if jax.default_backend() == "gpu" else "minor"
+
+
 def vector_neuron(
-    weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float
+    weight: jax.Array,
+    block: jax.Array,
+    D: int,
+    activation: Callable,
+    eps: float,
+    layout: str | None = None,
 ) -> jax.Array:
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
-    (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable."""
+    (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
+    `layout` ("minor" / "planar", default `default_layout()`) only arranges the arithmetic."""
+    layout = default_layout() if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"vector_neuron: `layout` (={layout!r}) must be one of {LAYOUTS}")
     lead = block.shape[: 1 + D]
     T = math.prod(block.shape[1 + D :])
-    y = _vn(weight, block.reshape(lead + (T,)), activation, eps)
-    return y.reshape(block.shape)
+    x = block.reshape(lead + (T,))
+    if layout == "minor":
+        return _vn(weight, x, activation, eps, -1).reshape(block.shape)
+    y = _vn(weight, jnp.moveaxis(x, -1, 1), activation, eps, 1)
+    return jnp.moveaxis(y, 1, -1).reshape(block.shape)
 
 
-def component_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """sum_i a[..., i] b[..., i], keeping the axis (size 1): multiply-adds on slices, so XLA
-    fuses it with the elementwise work around it."""
-    out = a[..., 0:1] * b[..., 0:1]
-    for i in range(1, a.shape[-1]):
-        out = out + a[..., i : i + 1] * b[..., i : i + 1]
+def component_dot(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:
+    """sum_i a[.., i, ..] b[.., i, ..] over `axis`, keeping it (size 1): multiply-adds on
+    slices, so XLA fuses it with the elementwise work around it."""
+    at = lambda v, i: jax.lax.slice_in_dim(v, i, i + 1, axis=axis)  # noqa: E731
+    out = at(a, 0) * at(b, 0)
+    for i in range(1, a.shape[axis]):
+        out = out + at(a, i) * at(b, i)
     return out
 
 
-def _norm(d):
-    """|d| over the minor axis (kept), and the mask where it is positive."""
-    squared = component_dot(d, d)
+def _norm(d, axis):
+    """|d| over the components' axis (kept), and the mask where it is positive."""
+    squared = component_dot(d, d, axis)
     positive = squared > 0
     return jnp.sqrt(jnp.where(positive, squared, 1.0)) * positive, positive
 
@@ -64,41 +103,42 @@ def _h(activation, eps, s):
     return (activation(s) / (jnp.abs(s) + eps) - 1.0) * s
 
 
-def _local(x, d, activation, eps):
-    n, positive = _norm(d)
+def _local(x, d, activation, eps, axis):
+    n, positive = _norm(d, axis)
     u = d / (n + eps)
-    s = component_dot(x, u)
+    s = component_dot(x, u, axis)
     return n, positive, u, s
 
 
-def _forward(w, x, activation, eps):
+def _forward(w, x, activation, eps, axis):
     d = _mix(w, x)
-    _, _, u, s = _local(x, d, activation, eps)
+    _, _, u, s = _local(x, d, activation, eps, axis)
     parallel = s * u
     gain = activation(s) / (jnp.abs(s) + eps)
     return gain * parallel + (x - parallel), d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _vn(w, x, activation, eps):
-    return _forward(w, x, activation, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _vn(w, x, activation, eps, axis):
+    """x (c, ...) with its T components on `axis` (-1 or 1)."""
+    return _forward(w, x, activation, eps, axis)[0]
 
 
-def _vn_fwd(w, x, activation, eps):
-    y, d = _forward(w, x, activation, eps)
+def _vn_fwd(w, x, activation, eps, axis):
+    y, d = _forward(w, x, activation, eps, axis)
     return y, (w, x, d)
 
 
-def _vn_bwd(activation, eps, res, gy):
+def _vn_bwd(activation, eps, axis, res, gy):
     w, x, d = res
-    n, positive, u, s = _local(x, d, activation, eps)
+    n, positive, u, s = _local(x, d, activation, eps, axis)
     h, dh = jax.jvp(functools.partial(_h, activation, eps), (s,), (jnp.ones_like(s),))
-    gs = component_dot(gy, u) * dh
+    gs = component_dot(gy, u, axis) * dh
     gu = h * gy + gs * x
     scale = 1.0 / (n + eps)
     # d|d|/dd = d / |d|, taken as 0 at d = 0 (the safe norm's convention)
     inv_n = jnp.where(positive, 1.0 / jnp.where(positive, n, 1.0), 0.0)
-    gd = gu * scale - component_dot(gu, d) * (scale * scale * inv_n) * d
+    gd = gu * scale - component_dot(gu, d, axis) * (scale * scale * inv_n) * d
     gw, gx_mix = _mix_bwd((w, x), gd)
     return gw, (gy + gs * u + gx_mix).astype(x.dtype)
 

@@ -15,7 +15,7 @@ import pytest
 
 import kernels
 import ginjax.geometric as geom
-from ginjax import layers, models
+from ginjax import _vector_neuron, layers, models
 from ginjax._channel_mix import channel_mix
 from ginjax._norm_stats import channel_affine, channel_sums, scalar_group_norm, vector_group_norm
 from kernels import _bias, _reduce
@@ -192,8 +192,11 @@ def test_group_norm_layer(rng, D, groups):
     _same_value_and_grad(lambda gn, x: dict(gn(x).items()), _plain_group_norm, (gn, x), (0, 1))
 
 
-@pytest.mark.parametrize("D", [2, 3])
-def test_vector_neuron_layer(rng, D):
+@pytest.mark.parametrize("D, layout", [(2, "minor"), (3, "minor"), (2, "planar"), (3, "planar")])
+def test_vector_neuron_layer(rng, D, layout, monkeypatch):
+    # both arrangements of the arithmetic (ginjax._vector_neuron: components minor, the CPU's
+    # default, or ahead of the pixels, the GPU's) against the plain autodiff chain
+    monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, layout)
     sig = geom.Signature((((0, 0), 3), ((0, 1), 2), ((1, 0), 4), ((2, 1), 2)))
     vn = layers.VectorNeuronNonlinear(sig, D, jax.nn.gelu, key=jax.random.PRNGKey(3))
     x = geom.MultiImage({
@@ -350,3 +353,12 @@ def test_model_step_equals_plain_glue(monkeypatch, name, D):
     assert rel_l2(new[0], old[0]) <= tol
     assert jax.tree_util.tree_structure(new[1]) == jax.tree_util.tree_structure(old[1])
     assert max(gradient_errors(new[1], old[1])) <= tol  # some bias gradients vanish by symmetry
+
+
+def test_vector_neuron_layout_is_checked(monkeypatch):
+    w, block = jnp.eye(2), jnp.ones((2, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"`layout` \(='rows'\) must be one of"):
+        _vector_neuron.vector_neuron(w, block, 2, jax.nn.relu, 1e-5, layout="rows")
+    monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, "rows")
+    with pytest.raises(ValueError, match=r"\$GINJAX_VN_LAYOUT \(='rows'\) must be one of"):
+        _vector_neuron.vector_neuron(w, block, 2, jax.nn.relu, 1e-5)
