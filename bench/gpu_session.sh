@@ -23,6 +23,8 @@
 #            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
 #            measurement, under $OUT/measure-auto/<device>/: copy the table to kernels/measured/ to commit)
 #   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
+# Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
+# results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
 # T_MEASURE_AUTO, T_AUTO_CHECK.
 set -uo pipefail
