@@ -87,6 +87,23 @@ def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
         assert rel_l2(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize("batch, groups, width", [(2, 37, 70), (1, 512, 130), (3, 5, 1)])
+def test_partial_sums_add_every_group_in_a_fixed_order(batch, groups, width):
+    """The weight gradient's second stage: ragged group tiles and column blocks, against a float64
+    sum; twice, bit-identical."""
+    from kernels.triton._kernel import plan_partial_sums
+    from kernels.triton._launch import run_plan
+
+    part = jnp.asarray(np.random.default_rng(groups).standard_normal((batch, groups, width)), jnp.float32)
+    plan = plan_partial_sums(batch, groups, width)
+    out_shape = [jax.ShapeDtypeStruct((batch, width), jnp.float32)]
+    (got,) = run_plan(plan, out_shape, plan.programs_per_batch * batch, [part])
+    (again,) = run_plan(plan, out_shape, plan.programs_per_batch * batch, [part])
+    want = np.asarray(part, np.float64).sum(axis=1)
+    assert rel_l2(got, want) <= 1e-6
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(again))
+
+
 def test_weight_kernels_load_each_input_tile_once():
     """Units are grouped by the taps their filters touch: on the standard 3D layer the kernels of
     4 units load each of the 108 (tap, component) input tiles exactly once between them."""

@@ -34,7 +34,7 @@ import linecache
 import math
 from typing import Sequence
 
-from .._fused import INT32_MAX
+from .._fused import INT32_MAX, next_pow2
 from .._spec import ConvSpec
 from ._stencil import _Layer, _Source
 from ._tiling import BlockSizes, Geometry, KernelPlan
@@ -248,10 +248,19 @@ def _finish(L: _Layer, src: _Source, name: str, args: Sequence[str], programs_pe
 
 
 @functools.lru_cache(maxsize=64)
-def plan_partial_sums(batch: int, groups: int, width: int, block: int = 1024) -> KernelPlan:
-    """out[b, :] = sum_g part[b, g, :], g in increasing order: a deterministic reduction."""
+def plan_partial_sums(batch: int, groups: int, width: int, block: int = 64, group_tile: int = 32) -> KernelPlan:
+    """out[b, :] = sum_g part[b, g, :] in a fixed order: a deterministic reduction.
+
+    A program owns `block` columns of one batch element and reads the groups `group_tile` rows at
+    a time into a (group_tile, block) accumulator (row r sums groups r, r + group_tile, ...),
+    then adds its rows by `tl.sum`'s fixed tree: bit-identical run after run. Many narrow
+    programs with wide independent loads, because the buffer is small (a few MB) and a handful of
+    programs each walking all groups one row at a time is latency-bound (4 programs for
+    (4, 512, 1024) took 0.15 ms on the H200 for 2 MB).
+    """
     name = f"conv_contract_dw_sum_{batch}_{groups}_{width}"
     n_blocks = -(-width // block)
+    group_tile = min(group_tile, next_pow2(groups))
     source = "\n".join([
         "import triton",
         "import triton.language as tl",
@@ -263,14 +272,17 @@ def plan_partial_sums(batch: int, groups: int, width: int, block: int = 1024) ->
         f"    bat = (pid // {n_blocks}).to(tl.int64)",
         f"    cols = (pid % {n_blocks}) * {block} + tl.arange(0, {block})",
         f"    ok = cols < {width}",
-        f"    acc = tl.zeros(({block},), tl.float32)",
+        f"    rows = tl.arange(0, {group_tile})",
+        f"    acc = tl.zeros(({group_tile}, {block}), tl.float32)",
         f"    base = part + bat * {groups * width}",
-        f"    for g in range({groups}):",
-        f"        acc += tl.load(base + g * {width} + cols, mask=ok, other=0.0)",
-        f"    tl.store(out + bat * {width} + cols, acc, mask=ok)",
+        f"    for g0 in range(0, {groups}, {group_tile}):",
+        "        g = g0 + rows",
+        f"        mask = (g < {groups})[:, None] & ok[None, :]",
+        f"        acc += tl.load(base + (g * {width})[:, None] + cols[None, :], mask=mask, other=0.0)",
+        f"    tl.store(out + bat * {width} + cols, tl.sum(acc, axis=0), mask=ok)",
     ]) + "\n"
     return KernelPlan(name=name, source=source, programs_per_batch=n_blocks, out_spatial=(),
-                      num_warps=4, num_stages=1, nonzeros=0, peak_live_z=0)
+                      num_warps=4, num_stages=3, nonzeros=0, peak_live_z=0)
 
 
 @functools.lru_cache(maxsize=256)
