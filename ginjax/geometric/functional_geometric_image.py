@@ -3,6 +3,9 @@
 A geometric image block is an array of shape (lead..., spatial..., tensor...) where the D spatial
 axes are followed by k tensor axes of length D. Functions take and return plain jax arrays, so
 they compose with jit, vmap and grad.
+
+Why one file past 600 lines: it is ginjax 0.1.8's public module of the same name, and users
+import its functions from this path; helpers used by nothing else stay beside their callers.
 """
 
 import functools

@@ -1,4 +1,8 @@
-"""MultiImage: a collection of geometric-image blocks keyed by tensor type, and Signature."""
+"""MultiImage: a collection of geometric-image blocks keyed by tensor type, and Signature.
+
+Why one file past 600 lines: it is ginjax 0.1.8's public module of the same name (users import
+MultiImage and Signature from this path), and most of its length is MultiImage's API methods.
+"""
 
 from collections.abc import ItemsView, KeysView, Mapping, ValuesView
 from typing import Any, Optional, Sequence, Union
