@@ -36,22 +36,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--modes", default="", help=f"comma-separated modes out of {', '.join(_configs.MODES)} (default: all)")
     p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt} (default: $GINJAX_BENCH_OUT or ~/.cache/ginjax-bench)")
     p.add_argument("--commit", default=None, help=f"commit id to record (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
-    p.add_argument("--max-time", type=float, default=1.0, help="seconds of timed calls per benchmark (default 1.0)")
-    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed calls (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, after the first call (default 1)")
+    _suite.add_timing_args(p)
     p.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out, e.g. '*_k2-*-triton'")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds; cases that would start later are skipped, so the run ends with its results (0: no limit)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-check", action="store_true", help="time only: skip the error against the reference oracle (no oracle compiled; rel err shows '-')")
     args = p.parse_args(argv)
-    if args.max_time <= 0:
-        p.error(f"--max-time (={args.max_time}) must be > 0")
-    if args.min_rounds < 1:
-        p.error(f"--min-rounds (={args.min_rounds}) must be >= 1")
-    if args.warmup < 0:
-        p.error(f"--warmup (={args.warmup}) must be >= 0")
-    if args.time_budget < 0:
-        p.error(f"--time-budget (={args.time_budget}) must be >= 0")
+    _suite.check_timing_args(p, args)
     return args
 
 

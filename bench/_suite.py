@@ -245,3 +245,24 @@ def describe_run(results: dict) -> str:
         f"{precision}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
         f"commit {c.get('id', 'unknown')}, {results.get('datetime', '?')}"
     )
+
+
+def add_timing_args(p, *, max_time: float = 1.0, warmup: bool = True, budget_help: str = "") -> None:
+    """The timing options every bench command shares, on argparse parser `p`."""
+    p.add_argument("--max-time", type=float, default=max_time, help=f"seconds of timed calls per benchmark (default {max_time})")
+    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed calls (default 5)")
+    if warmup:
+        p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing, after the first call (default 1)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help=budget_help or "seconds; cases that would start later are skipped, so the run ends with its results (0: no limit)")
+
+
+def check_timing_args(p, args) -> None:
+    """`p.error` (exit 2, naming the option and its value) on a timing option out of range."""
+    checks = [("--max-time", args.max_time, args.max_time > 0, "> 0"),
+              ("--min-rounds", args.min_rounds, args.min_rounds >= 1, ">= 1"),
+              ("--warmup", getattr(args, "warmup", 0), getattr(args, "warmup", 0) >= 0, ">= 0"),
+              ("--time-budget", args.time_budget, args.time_budget >= 0, ">= 0")]
+    for name, value, ok, rule in checks:
+        if not ok:
+            p.error(f"{name} (={value}) must be {rule}")

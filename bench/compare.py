@@ -123,20 +123,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--results", default=None, help=f"stored results root (default {_suite.RESULTS_DIR})")
     p.add_argument("--save", default=None, help="also keep the fresh run under DIR/<device-slug>/")
     p.add_argument("--commit", default=None, help="commit id for the fresh run")
-    p.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark in the fresh run")
-    p.add_argument("--min-rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    _suite.add_timing_args(p, budget_help="seconds for the fresh run (see python -m bench)")
     p.add_argument("--exclude", default="", help="fnmatch patterns of '{config}-{mode}-{backend}' the fresh run leaves out")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds for the fresh run (see python -m bench)")
     args = p.parse_args(argv)
     if args.threshold < 0:
         p.error(f"--threshold (={args.threshold}) must be >= 0")
-    if args.max_time <= 0:
-        p.error(f"--max-time (={args.max_time}) must be > 0")
-    if args.time_budget < 0:
-        p.error(f"--time-budget (={args.time_budget}) must be >= 0")
-    if args.min_rounds < 1:
-        p.error(f"--min-rounds (={args.min_rounds}) must be >= 1")
+    _suite.check_timing_args(p, args)
     return args
 
 

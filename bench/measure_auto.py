@@ -43,9 +43,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--configs", default="auto-models", help="model configs or sets (default auto-models)")
     p.add_argument("--backends", default="", help="candidates (default: dense and every fused backend available here)")
     p.add_argument("--modes", default="fwd_bwd,fwd", help="fwd_bwd and/or fwd, in the order measured (default fwd_bwd,fwd)")
-    p.add_argument("--max-time", type=float, default=0.1, help="seconds of timed calls per case (default 0.1)")
-    p.add_argument("--min-rounds", type=int, default=5, help="at least this many timed rounds (default 5)")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds; no case starts later (0: no limit)")
+    _suite.add_timing_args(p, max_time=0.1, warmup=False, budget_help="seconds; no case starts later (0: no limit)")
     p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
     p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
     p.add_argument("--commit", default=None, help="commit id recorded in the table's sources")
@@ -61,9 +59,7 @@ def parse_args(argv) -> argparse.Namespace:
         args.modes = _configs.parse_selection(args.modes, _configs.LAYER_MODES, "--modes")
     except ValueError as err:
         p.error(str(err))
-    if args.max_time <= 0 or args.min_rounds < 1 or args.time_budget < 0:
-        p.error(f"--max-time (={args.max_time}) must be > 0, --min-rounds (={args.min_rounds}) >= 1, "
-                f"--time-budget (={args.time_budget}) >= 0")
+    _suite.check_timing_args(p, args)
     return args
 
 

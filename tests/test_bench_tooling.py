@@ -296,3 +296,18 @@ def test_bench_order_keeps_each_model_steps_backends_together():
     ordered = sorted(items, key=bench_conftest._tier)
     names = [(i.callspec.params["case"][0], i.callspec.params["case"][2]) for i in ordered]
     assert names == [(layer, "dense"), (layer, "triton")] + [(m, b) for m in models for b in ("dense", "auto")]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench.__main__", ["--max-time", "0"], "--max-time (=0.0) must be > 0"),
+    ("bench.compare", ["--min-rounds", "0"], "--min-rounds (=0) must be >= 1"),
+    ("bench.measure_auto", ["--time-budget", "-1"], "--time-budget (=-1.0) must be >= 0"),
+    ("bench.__main__", ["--warmup", "-2"], "--warmup (=-2) must be >= 0"),
+])
+def test_timing_options_out_of_range_are_named(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
