@@ -69,6 +69,11 @@ FIXTURES = pathlib.Path(__file__).parent / "data" / "ginjax-0.1.8"
 # case rows of tests/test_conformance.py outside its DEFAULT_CASES, and the reference and Pallas
 # rows of tests/test_conv_contract_layer.py's fixture matrix (each file says why).
 SLOW: dict[str, dict[str, str]] = {
+    "test_bench_step_variants.py": {
+        "test_small_model_step_under_two_variants":
+            "a model step compiled twice on the CPU (~60 CPU s); the variants' mechanics and that each"
+            " changes its program are checked by default",
+    },
     "test_bench_tooling.py": {
         "test_quick_suite_is_a_correctness_check_of_every_available_backend":
             "the bench's quick suite in a subprocess on every backend, interpreters included: over"

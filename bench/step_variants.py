@@ -1,0 +1,112 @@
+"""A/B of train-step variants in one process: the same model step compiled under each variant (an
+environment variable or a module attribute set while it is traced and compiled), then timed in
+alternation, so that clocks and neighbours weigh on every variant alike. For glue choices that
+cannot be judged on a CPU (which layout XLA gives a reduction, whether a fused kernel beats XLA's
+fusions), several of which one GPU call can settle.
+
+    python -m bench.step_variants OUT_DIR [--configs resnet_d3_n64_b4,...] [--variants baseline,vn-minor,...]
+
+Rows (per config and variant: median ms of each alternation, their median, compile s, temp
+bytes) go to OUT_DIR/step_variants.json after every config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import pathlib
+import statistics
+import time
+
+# name -> (environment variables, (module, attribute, value) patches); baseline: as shipped
+VARIANTS: dict[str, tuple[dict, tuple]] = {
+    "baseline": ({}, ()),
+    "vn-minor": ({"GINJAX_VN_LAYOUT": "minor"}, ()),
+    "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
+    "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
+}
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Apply variant `name` for the duration of the block (restored after, also on error)."""
+    if name not in VARIANTS:
+        raise ValueError(f"variant (={name!r}) must be one of {sorted(VARIANTS)}")
+    env, patches = VARIANTS[name]
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = []
+    try:
+        os.environ.update(env)
+        for module, attr, value in patches:
+            mod = importlib.import_module(module)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def measure(config: str, names, alternations: int, max_time: float) -> dict:
+    import jax
+
+    from bench import _cases, _configs, _timing
+
+    case = _cases.ModelCase(_configs.CONFIGS[config])
+    fn, args = case.function("step")
+    compiled, rows = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        with variant(name):
+            compiled[name] = _timing.compile_for(fn, args)
+        rows[name] = {"compile_s": round(time.perf_counter() - t0, 1), **_timing.memory_of(compiled[name]), "ms": []}
+        jax.block_until_ready(compiled[name](*args))
+    for _ in range(alternations):
+        for name in names:
+            t = _timing.time_compiled(compiled[name], args, max_time=max_time, min_rounds=3, warmup=1)
+            rows[name]["ms"].append(round(t.ms, 3))
+    for name in names:
+        rows[name]["median_ms"] = statistics.median(rows[name]["ms"])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.step_variants", description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--configs", default="resnet_d3_n64_b4,dilresnet_d3_n64_b4")
+    p.add_argument("--variants", default="baseline,plain-middle-sum")
+    p.add_argument("--alternations", type=int, default=3)
+    p.add_argument("--max-time", type=float, default=0.3)
+    args = p.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    for name in names:
+        if name not in VARIANTS:
+            p.error(f"--variants: {name!r} is not one of {sorted(VARIANTS)}")
+    if args.alternations < 1:
+        p.error(f"--alternations (={args.alternations}) must be >= 1")
+    path = pathlib.Path(args.out) / "step_variants.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "configs": {}}
+    for config in [c for c in args.configs.split(",") if c]:
+        try:
+            result["configs"][config] = measure(config, names, args.alternations, args.max_time)
+        except Exception as e:  # noqa: BLE001 - recorded; the next config still runs
+            result["configs"][config] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        path.write_text(json.dumps(result, indent=1))
+        for name, row in result["configs"][config].items():
+            print(config, name, row if isinstance(row, str) else {k: v for k, v in row.items() if k != "ms"}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

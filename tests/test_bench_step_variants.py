@@ -1,0 +1,57 @@
+"""bench/step_variants.py: variants are applied while a step is traced and undone after, and each
+one changes the program it names (else its A/B would time the same program twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import step_variants
+from kernels import _reduce
+
+
+def test_variant_sets_and_restores_env_and_attributes(monkeypatch):
+    monkeypatch.delenv("GINJAX_VN_LAYOUT", raising=False)
+    split = _reduce._split
+    with step_variants.variant("vn-minor"):
+        assert os.environ["GINJAX_VN_LAYOUT"] == "minor"
+    assert "GINJAX_VN_LAYOUT" not in os.environ
+    with pytest.raises(RuntimeError):
+        with step_variants.variant("plain-middle-sum"):
+            assert _reduce._split(4096, 3) is None
+            raise RuntimeError("inside")
+    assert _reduce._split is split and split(4096, 3) is not None
+    with pytest.raises(ValueError, match=r"variant \(='nope'\) must be one of"):
+        with step_variants.variant("nope"):
+            pass
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("plain-middle-sum", lambda x: _reduce.middle_sum(x, 1, 4)),
+    ("vn-planar", lambda x: __import__("ginjax._vector_neuron", fromlist=["x"]).vector_neuron(
+        jnp.eye(2), x, 3, jax.nn.relu, 1e-5)),
+])
+def test_each_variant_changes_the_program(name, fn):
+    x = jnp.ones((2, 16, 16, 16, 3))
+    base = jax.jit(fn).lower(x).as_text()
+    with step_variants.variant(name):
+        other = jax.jit(lambda x: fn(x)).lower(x).as_text()
+    assert base != other
+
+
+def test_unknown_variant_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        step_variants.main(["/tmp/unused", "--variants", "baseline,nope"])
+    assert "--variants: 'nope' is not one of" in capsys.readouterr().err
+
+
+def test_small_model_step_under_two_variants(tmp_path):
+    step_variants.main([str(tmp_path), "--configs", "resnet_d2_n16_b2", "--variants", "baseline,plain-middle-sum",
+                        "--alternations", "1", "--max-time", "0.05"])
+    rows = json.loads((tmp_path / "step_variants.json").read_text())["configs"]["resnet_d2_n16_b2"]
+    assert set(rows) == {"baseline", "plain-middle-sum"}
+    assert all(r["median_ms"] > 0 for r in rows.values())
