@@ -87,6 +87,25 @@ def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
         assert rel_l2(g, w) <= 1e-5
 
 
+def test_weight_kernels_also_sum_the_cotangents_over_pixels():
+    """The bias gradient from the weight kernels: the cotangent of each output key summed over the
+    pixels, with ragged pixel shares, two output-channel tiles and two input-channel chunks (only
+    chunk 0 writes the sums), in fp32 although the dots round to bf16 (fp32 sums: the bias tests
+    of test_conv_contract_triton.py)."""
+    mode = "bf16"
+    spec = make_layer(2, 3, [("s", 17), ("v", 2)], [("s", 18), ("v", 1)], (True, False))
+    xs, _ = operands(spec, (5, 7), seed=6, batch=2)
+    rng = np.random.default_rng(7)
+    gs = [jnp.asarray(rng.standard_normal((2, o) + (5, 7) + (2,) * k), jnp.float32) for k, _, o in spec.out_keys]
+    blocks = BlockSizes(block_o=16, block_c=16, dw_units=2)
+    got = _backward.weight_grad_launch(spec, mode, blocks, xs, gs, groups=3, sums=(1, 0))
+    assert len(got) == len(spec.pairs) + 2
+    for s, b in zip(got[len(spec.pairs):], (1, 0)):
+        want = np.asarray(gs[b], np.float64).sum(axis=(2, 3))
+        assert s.shape == want.shape
+        assert rel_l2(s, want) <= 1e-6
+
+
 @pytest.mark.parametrize("batch, groups, width", [(2, 37, 70), (1, 512, 130), (3, 5, 1)])
 def test_partial_sums_add_every_group_in_a_fixed_order(batch, groups, width):
     """The weight gradient's second stage: ragged group tiles and column blocks, against a float64

@@ -61,13 +61,17 @@ def weight_grad_launch(
     xs: Sequence[jax.Array],
     gs: Sequence[jax.Array],
     groups: Optional[int] = None,
+    sums: tuple[int, ...] = (),
 ) -> tuple[jax.Array, ...]:
-    """Per pair, the weight gradient (B, o, c, F) in float32 of batched inputs and cotangents.
+    """Per pair, the weight gradient (B, o, c, F) in float32 of batched inputs and cotangents;
+    then, per output key b in `sums`, the cotangent summed over the pixels, (B, o, *(D,)*k): the
+    gradient of the layer's bias offsets, added up by the kernels from the tiles they load.
 
     Args:
         xs: per input key, (1 or B, c, *spatial, *(D,)*k).
         gs: per output key, (1 or B, o, *out_spatial, *(D,)*k): the outputs' cotangents.
         groups: pixel-tile shares per program column (None: `default_groups`).
+        sums: output keys whose pixel sums are wanted.
     """
     batch, geometry = launch_geometry(spec, xs, gs=gs)
     spatial = geometry.spatial
@@ -76,26 +80,40 @@ def weight_grad_launch(
     blocks = blocks if host else blocks.for_weight_grad(spec.D)
     groups = default_groups(spec, blocks, spatial, batch) if groups is None else int(groups)
     orders = [block_order(spec.D, a.ndim, blocks.planar_in) for a in list(xs) + list(gs)]
-    per_unit = {}
+    per_unit, per_sum = {}, {}
+    pending = list(sums)
     for units in weight_grad_units(spec, blocks.dw_units):
+        # each wanted sum in the first kernel that reads that output key's cotangent
+        here = tuple(b for b in pending if any(spec.pairs[t].out_index == b for t, _ in units))
+        pending = [b for b in pending if b not in here]
         plan = plan_weight_grad_kernel(
-            spec, geometry, mode, blocks, groups, units, bf16_dot_in_fp32=host, layout_barrier=not host
+            spec, geometry, mode, blocks, groups, units, bf16_dot_in_fp32=host, layout_barrier=not host, sums=here
         )
         sizes = [spec.out_keys[spec.pairs[t].out_index][2] * spec.in_keys[spec.pairs[t].in_index][2] for t, _ in units]
-        width = sum(sizes)
+        sum_sizes = [spec.out_keys[b][2] * spec.D ** spec.out_keys[b][0] for b in here]
+        width = sum(sizes) + sum(sum_sizes)
         grid = plan.programs_per_batch * batch
         if grid > INT32_MAX or batch * groups * width > INT32_MAX:
             raise ValueError(f"batch (={batch}) is too large for one weight-gradient launch")
         (partials,) = run_plan(plan, [jax.ShapeDtypeStruct((batch, groups, width), jnp.float32)], grid,
                                list(xs) + list(gs), in_orders=orders)
-        sums = plan_partial_sums(batch, groups, width)
-        (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch, [partials])
+        adder = plan_partial_sums(batch, groups, width)
+        (total,) = run_plan(adder, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], adder.programs_per_batch * batch, [partials])
         start = 0
         for (t, f), size in zip(units, sizes):
             per_unit[(t, f)] = total[:, start : start + size]
             start += size
+        for b, size in zip(here, sum_sizes):
+            # stored component-major ((j, o) per kernel row): back to (o, *tensor)
+            k, o = spec.out_keys[b][0], spec.out_keys[b][2]
+            per_sum[b] = jnp.moveaxis(total[:, start : start + size].reshape(batch, spec.D**k, o), 1, 2)
+            per_sum[b] = per_sum[b].reshape((batch, o) + (spec.D,) * k)
+            start += size
+    for b in pending:  # an output key no pair reads: its cotangent was never loaded
+        per_sum[b] = jnp.sum(jnp.broadcast_to(gs[b], (batch,) + gs[b].shape[1:]).astype(jnp.float32),
+                             axis=tuple(range(2, 2 + spec.D)))
     out = []
     for t, p in enumerate(spec.pairs):
         o, c = spec.out_keys[p.out_index][2], spec.in_keys[p.in_index][2]
         out.append(jnp.stack([per_unit[(t, f)].reshape(batch, o, c) for f in range(p.basis.n_filters)], axis=-1))
-    return tuple(out)
+    return tuple(out) + tuple(per_sum[b] for b in sums)

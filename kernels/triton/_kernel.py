@@ -155,10 +155,15 @@ def plan_weight_grad_kernel(
     units: tuple[tuple[int, int], ...],
     bf16_dot_in_fp32: bool = False,
     layout_barrier: bool = True,
+    sums: tuple[int, ...] = (),
 ) -> KernelPlan:
     """Generate a weight-gradient kernel: per program, partial sums of
 
         dw[o, c, f] = sum_{x, j} G_b[o, x, j] Z[c, f, j, x],   Z as in the forward (recomputed)
+
+    and, for each output key b in `sums`, of the cotangent over the pixels, sum_x G_b[o, x, j]
+    (the gradient of an offset added at every pixel: the layer's bias), from the tiles the
+    kernel loads anyway; the programs of channel chunk 0 write those, so each is written once.
 
     for the (pair, filter) `units` given, one block of output channels, one chunk of input
     channels, one batch element and one of `groups` interleaved shares of the pixel tiles. Each
@@ -171,7 +176,7 @@ def plan_weight_grad_kernel(
     pf = L.pf
     src = _Source()
     name = "conv_contract_dw_" + hashlib.sha1(
-        repr((hash(spec), geometry, mode, blocks, groups, units, bf16_dot_in_fp32, layout_barrier)).encode()
+        repr((hash(spec), geometry, mode, blocks, groups, units, bf16_dot_in_fp32, layout_barrier, sums)).encode()
     ).hexdigest()[:12]
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     gs = [f"g{b}" for b in range(len(spec.out_keys))]
@@ -181,6 +186,10 @@ def plan_weight_grad_kernel(
     for t, f in units:
         offsets[(t, f)] = W
         W += spec.out_keys[spec.pairs[t].out_index][2] * spec.in_keys[spec.pairs[t].in_index][2]
+    summed = [(b, j) for b in sums for j in range(L.dk_out[b])]
+    for b, j in summed:
+        offsets[("sum", b, j)] = W
+        W += spec.out_keys[b][2]
 
     src("pid = tl.program_id(0)")
     src(f"o_tile = pid % {L.n_otiles}")
@@ -193,6 +202,8 @@ def plan_weight_grad_kernel(
     L.emit_out_channels(src)
     for t, f in units:
         src(f"dw{t}_{f} = tl.zeros(({L.BO[spec.pairs[t].out_index]}, {L.BC}), tl.float32)")
+    for b, j in summed:
+        src(f"gs{b}_{j} = tl.zeros(({L.BO[b]},), tl.float32)")
     for b, (k_b, _, o) in enumerate(spec.out_keys):
         block = o * L.nout * L.dk_out[b]
         src(f"g{b}b = g{b} + bat * {block}" if geometry.y_batched[b] else f"g{b}b = g{b}")
@@ -203,13 +214,19 @@ def plan_weight_grad_kernel(
     L.emit_pixels(src, f"tid % {total_tiles}" if ragged else "tid", extra_ok=f"tid + r * 0 < {total_tiles}" if ragged else None)  # r * 0: tile-shaped, not a scalar
     # cotangent tiles of this pixel tile, (out channels, pixels): the A operands of the dots
     used = sorted({(spec.pairs[tm.pair].out_index, tm.j) for d in L.terms_by_key for ts in d.values() for tm in ts})
-    for b, j in used:
+    for b, j in sorted(set(used) | set(summed)):
         block = spec.out_keys[b][2] * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
         pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_in)  # cotangents: operands
         mask = f"o{b}_ok[:, None]" + (f" & {L.as_row('p_ok')}" if L.has_p_ok else "")
         ptr = f"g{b}b + ({ooff} * {L.nout * L.dk_out[b]})[:, None] + {L.as_row(pos)}"
-        src(f"gt{b}_{j} = {L.dot_operand(f'tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)')}")
+        load = f"tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)"
+        if (b, j) in summed:  # the sum in fp32, before any rounding for the dot
+            src(f"graw{b}_{j} = {load}")
+            src(f"gs{b}_{j} += tl.sum(graw{b}_{j}, axis=1)")
+            load = f"graw{b}_{j}"
+        if (b, j) in used:
+            src(f"gt{b}_{j} = {L.dot_operand(load)}")
 
     def reduce_z(src, tm, z, c_a, c_mask):
         # dw[o, c, f] += G_b[o, :, j] @ Z[c, f, j, :]^T  (pixels are the K of the dot)
@@ -227,6 +244,9 @@ def plan_weight_grad_kernel(
         c_a = spec.in_keys[a][2]
         ptr = f"pb + {offsets[(t, f)]} + (o{b} * {c_a})[:, None] + cc[None, :]"
         src(f"tl.store({ptr}, dw{t}_{f}, mask=o{b}_ok[:, None] & (cc < {c_a})[None, :])")
+    for b, j in summed:
+        # (o * 0 + ch): a tile-shaped test, as Triton's interpreter wants masks of the store's shape
+        src(f"tl.store(pb + {offsets[('sum', b, j)]} + o{b}, gs{b}_{j}, mask=o{b}_ok & ((o{b} * 0 + ch) == 0))")
     programs = L.n_otiles * L.n_chunks * groups
     return _finish(L, src, name, xs + gs + ["part"], programs)
 

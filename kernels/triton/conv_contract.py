@@ -112,18 +112,23 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
     inputs, weights, offsets = residuals
     cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
     # an offset added to every pixel: its gradient is the spatial sum of the cotangent
-    space = tuple(range(1, 1 + spec.D))
-    d_offsets = tuple(None if off is None else jnp.sum(g, axis=space).astype(off.dtype) for off, g in zip(offsets, cotangents))
+    biased = tuple(b for b, off in enumerate(offsets) if off is not None)
+    sums = {}
     transposed = transposed_spec(spec) if backward == "fused" else None
     if transposed is None:  # dense's VJP (asked for, or a padding the transpose does not cover)
         _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, mode), inputs, weights)
         d_inputs, d_weights = vjp(cotangents)
+        sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
     else:
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights))
         d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
-        op = _batched_weight_grad(spec, mode, blocks)
-        d_weights = tuple(d[0] for d in op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents)))
+        # the weight kernels also add up the biased keys' cotangents from the tiles they load
+        op = _batched_weight_grad(spec, mode, blocks, biased)
+        outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
+        d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
+        sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
+    d_offsets = tuple(None if off is None else sums[b].astype(off.dtype) for b, off in enumerate(offsets))
     return (
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
         tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
@@ -152,13 +157,14 @@ def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, bias
 
 
 @functools.lru_cache(maxsize=256)
-def _batched_weight_grad(spec: ConvSpec, mode: str, blocks: BlockSizes):
+def _batched_weight_grad(spec: ConvSpec, mode: str, blocks: BlockSizes, sums: tuple[int, ...] = ()):
     """The weight-gradient kernel on inputs and cotangents with a leading batch axis (1 or B);
-    per pair (B, o, c, F): per-example gradients, summed by the caller where weights are shared."""
+    per pair (B, o, c, F): per-example gradients, summed by the caller where weights are shared;
+    then per output key in `sums` its cotangent summed over the pixels, (B, o, *tensor)."""
 
     @jax.custom_batching.custom_vmap
     def op(xs, gs):
-        return weight_grad_launch(spec, mode, blocks, xs, gs)
+        return weight_grad_launch(spec, mode, blocks, xs, gs, sums=sums)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
