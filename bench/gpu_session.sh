@@ -23,10 +23,13 @@
 #            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
 #            measurement, under $OUT/measure-auto/<device>/: copy the table to kernels/measured/ to commit)
 #   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
+#   variants       python3 -m bench.step_variants: train-step variants of the glue timed in alternation
+#            (VARIANT_CONFIGS, default resnet_d3_n64_b4,dilresnet_d3_n64_b4; VARIANTS, default
+#            baseline,plain-middle-sum)
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -73,6 +76,10 @@ for stage in ${STAGES:-sweep profile pallas}; do
         --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/auto-check" --time-budget "$(( ${T_AUTO_CHECK:-400} - 40 ))" \
         --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/auto-check/log.txt" 2>&1
       rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"; (exit $rc) ;;
+    variants)
+      timeout "${T_VARIANTS:-300}" python3 -u -m bench.step_variants "$OUT/variants" --configs "${VARIANT_CONFIGS:-resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
+        --variants "${VARIANTS:-baseline,plain-middle-sum}" > "$OUT/variants/log.txt" 2>&1
+      rc=$?; cat "$OUT/variants/log.txt" | tail -20; (exit $rc) ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
