@@ -160,7 +160,9 @@ def test_gradients_match_the_plain_bias(backend, geometry):
     def loss(fn):
         def f(xs, ws, bs):
             return sum(jnp.sum(o * c) for o, c in zip(fn(xs, ws, bs), cot))
-        return jax.grad(f, argnums=(0, 1, 2))(inputs, weights, bias)
+        # jitted: the eager transposes of the reference's einsums cost several times the compile
+        # (eager gradients through a layer: test_layer_bias_is_ginjax_semantics)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(inputs, weights, bias)
 
     got = loss(lambda xs, ws, bs: kernels.conv_contract(spec, xs, ws, bias=bs, backend=backend, precision="fp32"))
     want = loss(lambda xs, ws, bs: _plain_bias(

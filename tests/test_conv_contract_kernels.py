@@ -73,23 +73,25 @@ def _assert_close_or_both_zero(actual, expected, tol=1e-10):
 
 def _dense_matches_reference_forward_and_grads(cfg, seed):
     spec, N, batch = cfg
+
+    # one program per backend (outputs and gradients of a generic scalar loss together): eager
+    # float64 dispatch of the reference's einsums and their transposes costs several times the compile
+    def outputs_and_grads(backend):
+        def loss(xs, ws):
+            outs = _batched(spec, backend)(xs, ws)
+            return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs)), outs
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
     with float64():
         inputs, weights = _random_operands(spec, N, batch, seed)
         inputs = [jnp.asarray(x) for x in inputs]
         weights = [jnp.asarray(w) for w in weights]
-        ref = _batched(spec, "reference")(inputs, weights)
-        got = _batched(spec, "dense")(inputs, weights)
+        g_ref, ref = outputs_and_grads("reference")(inputs, weights)
+        g_dense, got = outputs_and_grads("dense")(inputs, weights)
         for r, g in zip(ref, got):
             assert r.shape == g.shape
             _assert_close_or_both_zero(g, r)
-
-        # gradients w.r.t. inputs and weights of a generic scalar loss
-        def loss(backend, xs, ws):
-            outs = _batched(spec, backend)(xs, ws)
-            return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs))
-
-        g_ref = jax.grad(lambda xs, ws: loss("reference", xs, ws), argnums=(0, 1))(inputs, weights)
-        g_dense = jax.grad(lambda xs, ws: loss("dense", xs, ws), argnums=(0, 1))(inputs, weights)
         for r, g in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_dense)):
             _assert_close_or_both_zero(g, r)
 

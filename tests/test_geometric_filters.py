@@ -107,12 +107,14 @@ def test_group_action_composition(D):
     for k, parity in [(0, 1), (1, 0), (2, 1)]:
         data = jnp.array(rng.normal(size=(2,) + spatial + (D,) * k), dtype=jnp.float32)
         cov = (False,) * k
-        for _ in range(4):
-            g1, g2 = (operators[i] for i in rng.integers(len(operators), size=2))
-            composed = geom.times_group_element(D, data, parity, g1 @ g2, cov, HIGHEST)
-            in_turn = geom.times_group_element(
-                D, geom.times_group_element(D, data, parity, g2, cov, HIGHEST), parity, g1, cov, HIGHEST
-            )
+        pairs = [tuple(operators[i] for i in rng.integers(len(operators), size=2)) for _ in range(4)]
+        act = lambda x, gg: geom.times_group_element(D, x, parity, gg, cov, HIGHEST)
+
+        @jax.jit  # one program for the four pairs (eager, every element's ops compile separately)
+        def both_ways(x):
+            return [(act(x, g1 @ g2), act(act(x, g2), g1)) for g1, g2 in pairs]
+
+        for composed, in_turn in both_ways(data):
             np.testing.assert_allclose(composed, in_turn, atol=1e-5)
 
 
@@ -122,12 +124,14 @@ def test_group_action_matches_rotated_keys_gather(D):
     rng = np.random.default_rng(1)
     spatial = (3, 5) if D == 2 else (2, 3, 4)
     data = rng.normal(size=spatial + (D,)).astype(np.float32)
-    for gg in geom.make_all_operators(D)[1::3]:
+    operators = geom.make_all_operators(D)[1::3]
+    # one program for all the elements (eager, every element's ops compile separately)
+    act = jax.jit(lambda x: [geom.times_group_element(D, x, 0, gg, (False,), HIGHEST) for gg in operators])
+    for gg, actual in zip(operators, act(jnp.array(data))):
         keys = geom.get_rotated_keys(D, spatial, gg)
         rotated_dims = tuple(np.abs(gg @ np.array(spatial)))
         moved = data[tuple(keys.T)].reshape(rotated_dims + (D,))
         expected = np.einsum("...a,na->...n", moved, gg)
-        actual = geom.times_group_element(D, jnp.array(data), 0, gg, (False,), HIGHEST)
         np.testing.assert_allclose(actual, expected, atol=1e-6)
         assert geom.rotate_is_torus((True, False, True)[:D], gg) == tuple(
             (True, False, True)[:D][int(np.argmax(np.abs(row)))] for row in gg
