@@ -26,6 +26,13 @@ Ranking (the `fwd_bwd` medians: training is what users run), so that `auto` is n
    PIXEL_FACTOR, at any batch; a fused backend only where it beat `dense` on every one of them
    (samples of `dense` alone do not count).
 3. no such configuration: `dense` alone, at the time of the nearest measured configuration.
+On a CPU (CALLS_PER_COMPILE), each measured time counts its compile: a batch's number for a backend
+is its run ms plus its `compile_s` spread over CALLS_PER_COMPILE calls (ms + 1000 * compile_s /
+calls), wherever the table recorded compile times for every backend of that batch (samples without
+them count run time alone). Small CPU layers run for 0.1-1 ms but compile for 0.1-7 s, so over
+the calls a test, a notebook cell or a short run makes, compile is most of what a layer costs;
+where native is slower per call on the CPU grid, it still wins back its compile saving only after
+4,000-70,000 calls. The GPU tables rank run time alone (no entry: long runs amortise compile).
 Backends left out of the returned dict rank after the measured ones (kernels/_registry.py), so
 `dense` wins wherever a fused backend was not shown faster. No table for the device: {} and the
 backends' priorities decide.
@@ -48,6 +55,9 @@ BASELINE = "dense"
 CHANNEL_FACTOR = 2.0
 PIXEL_FACTOR = 8.0  # one halving of a 3D grid: a UNet's next level
 MODES = ("fwd", "fwd_bwd")
+# calls one compile is spread over, per device slug (absent: run time alone)
+CALLS_PER_COMPILE = {"cpu": 1000}
+COMPILE_RULE = "ms per call = run ms + compile / "  # how a rule that counted compile says so
 
 
 def device_slug(device_kind: str) -> str:
@@ -120,10 +130,27 @@ def _geomean(values) -> float:
     return math.exp(sum(math.log(max(v, 1e-9)) for v in values) / len(values))
 
 
-def _allowed(samples: list[dict]) -> dict[str, float]:
-    """Backend -> geometric-mean ms over `samples` ({backend: ms} dicts), keeping a backend only if
-    it was measured in every sample and, unless it is the baseline, beat the baseline in each."""
-    if not samples or any(BASELINE not in s for s in samples):
+def _compiled(batch: dict, mode: str) -> Optional[dict]:
+    """A measured batch's compile seconds per backend, when recorded for every backend it timed."""
+    compiled = (batch.get("compile_s") or {}).get(mode) or {}
+    return compiled if batch.get(mode) and set(batch[mode]) <= set(compiled) else None
+
+
+def _costs(batch: dict, mode: str, calls: Optional[int]) -> Optional[dict]:
+    """One measured batch's {backend: ms to rank by}: the median run ms, plus each backend's
+    compile spread over `calls` calls where compile times were recorded for all of them."""
+    compiled = _compiled(batch, mode) if calls else None
+    if compiled is None:
+        return batch.get(mode)
+    return {name: t + 1000.0 * compiled[name] / calls for name, t in batch[mode].items()}
+
+
+def _allowed(batches: list[dict], mode: str, calls: Optional[int] = None) -> dict[str, float]:
+    """Backend -> geometric-mean ms to rank by over the measured `batches` (see _costs), keeping a
+    backend only if it was measured in every one and, unless it is the baseline, beat the baseline
+    in each."""
+    samples = [_costs(b, mode, calls) for b in batches]
+    if not samples or any(not s or BASELINE not in s for s in samples):
         return {}
     names = set.intersection(*(set(s) for s in samples))
     out = {}
@@ -132,6 +159,23 @@ def _allowed(samples: list[dict]) -> dict[str, float]:
             continue
         out[name] = round(_geomean(s[name] for s in samples), 4)
     return out
+
+
+def _compile_note(batches: list[dict], mode: str, calls: Optional[int], names) -> str:
+    """What the ranked numbers are made of when compile counted: each backend's run ms and
+    compile s (geometric means over `batches`), for `explain`."""
+    if not calls:
+        return ""
+    timed = [b for b in batches if _compiled(b, mode) is not None]
+    if not timed:
+        return ""
+    parts = []
+    for name in sorted(names):
+        run = _geomean(b[mode][name] for b in timed)
+        compiled = _geomean(b["compile_s"][mode][name] for b in timed)
+        parts.append(f"{name} {run:.4g} ms + {compiled:.3g} s compile")
+    share = "" if len(timed) == len(batches) else f" ({len(timed)} of {len(batches)} samples timed compile)"
+    return f"; {COMPILE_RULE}{calls} calls{share}: " + ", ".join(parts)
 
 
 def _has_fused(sample: dict) -> bool:
@@ -179,33 +223,39 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     data = table if table is not None else load(device_kind)
     if not data:
         return {}, "no table for this device"
+    calls = CALLS_PER_COMPILE.get(device_slug(device_kind))
+
+    def verdict(batches: list[dict], rule: str) -> tuple[dict, str]:
+        ms = _allowed(batches, mode, calls)
+        return ms, rule + (_compile_note(batches, mode, calls, ms) if ms else "")
+
     exact = data.get("exact") or {}
     want = describe(spec, spatial)
     old = _old_entries(data)
     if spatial is not None:
         entry = exact.get(signature(spec, spatial, dtype))
         if entry:
-            at_batch = entry["batches"].get(str(batch), {}).get(mode) if batch is not None else None
-            if at_batch and BASELINE in at_batch and _has_fused(at_batch):
-                return _allowed([at_batch]), f"exact match at batch {batch}"
-            samples = [b.get(mode) for b in entry["batches"].values() if b.get(mode)]
-            ms = _allowed(samples)
+            at_batch = entry["batches"].get(str(batch), {}) if batch is not None else {}
+            if BASELINE in at_batch.get(mode, {}) and _has_fused(at_batch[mode]):
+                return verdict([at_batch], f"exact match at batch {batch}")
+            batches = [b for b in entry["batches"].values() if b.get(mode)]
+            ms, rule = verdict(batches, f"exact match, {len(batches)} batch size(s)")
             # at a known batch that no fused backend was measured at, dense alone is no verdict:
             # the similar configurations (this one's other batches among them) may still show one
             if ms and (batch is None or _has_fused(ms)):
-                return ms, f"exact match, {len(samples)} batch size(s)"
+                return ms, rule
         # a standard bench layer of the `configs` table: the same sizes count as an exact match
-        same = [e["batches"]["bench"][mode] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
-        ms = _allowed(same)
+        same = [e["batches"]["bench"] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
+        ms, rule = verdict(same, "a benchmarked configuration of the same sizes")
         if ms:
-            return ms, "a benchmarked configuration of the same sizes"
+            return ms, rule
     entries = list(exact.values()) + old
     similar = [e for e in entries if _similar(e, want)]
     # a sample of dense alone (a budget cut its fused cases) says nothing about the fused ones
-    samples = [b[mode] for e in similar for b in e["batches"].values() if b.get(mode) and _has_fused(b[mode])]
-    ms = _allowed(samples)
+    batches = [b for e in similar for b in e["batches"].values() if b.get(mode) and _has_fused(b[mode])]
+    ms, rule = verdict(batches, f"{len(batches)} similar measured configuration(s)")
     if ms:
-        return ms, f"{len(samples)} similar measured configuration(s)"
+        return ms, rule
     # nothing close was measured: dense, at the time of the nearest configuration of this D
     candidates = [e for e in entries if e["D"] == spec.D] or entries
     with_dense = [(e, b[mode]) for e in candidates for b in e["batches"].values() if b.get(mode, {}).get(BASELINE)]

@@ -1,9 +1,10 @@
 """Backend registry and selection.
 
 Selection order: the `backend` argument, then `use_backend(...)` context, then the environment
-variable GINJAX_BACKEND, then "auto". "auto" takes, among the registered backends that can run here and cover the
-configuration, the fastest one measured on this GPU kind (kernels/measured/, see _measured.py),
-else the one with the highest priority for the platform. A named
+variable GINJAX_BACKEND, then "auto". "auto" takes, among the registered backends that can run
+here and cover the configuration, the fastest one measured on this device kind
+(kernels/measured/, see _measured.py; on a CPU a backend's compile counts, spread over
+_measured.CALLS_PER_COMPILE calls), else the one with the highest priority for the platform. A named
 backend that cannot run on this machine raises ValueError; a named backend that runs here but
 does not cover a configuration (say stride 2 on a fused kernel) falls back to `dense`, and
 `explain` says so.
@@ -229,7 +230,8 @@ def _measured_reason(kind: str, name: str, measured: dict, rule: str) -> str:
     others = ", ".join(f"{n} {ms} ms" for n, ms in sorted(measured.items(), key=lambda nm: nm[1]) if n != name)
     against = f" against {others}" if others else f" (no fused backend beat {_measured.BASELINE} on all of them)"
     mean = "; geometric means over them" if "similar" in rule or rule.startswith("exact match,") else ""
-    return f"fastest measured on {kind} ({rule}{mean}): {measured[name]} ms fwd_bwd{against}"
+    unit = "ms per fwd_bwd call (compile included)" if _measured.COMPILE_RULE in rule else "ms fwd_bwd"
+    return f"fastest measured on {kind} ({rule}{mean}): {measured[name]} {unit}{against}"
 
 
 def get(name: str) -> Backend:

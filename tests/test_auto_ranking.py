@@ -226,24 +226,91 @@ def _dense_and_native(entry, mode="fwd_bwd"):
     return [(b[mode]["dense"], b[mode]["native"]) for b in entry["batches"].values()]
 
 
-def test_the_committed_cpu_table_ranks_native_only_where_it_was_measured_faster():
-    """Every layer of the CPU grid: `auto` keeps native exactly where native beat dense at both
-    measured batches. A D=3 test-sized layer that was never measured (6 cells, 3 channels a key):
-    the grid's D=3 layers, where native won at every one, decide by the similar rule."""
+def _cost(batch, name, calls, mode="fwd_bwd"):
+    """Run ms plus compile spread over `calls` calls, from a table entry's batch (independently of
+    kernels/_measured.py's arithmetic)."""
+    return batch[mode][name] + batch["compile_s"][mode][name] * 1000 / calls
+
+
+def test_the_committed_cpu_table_ranks_native_where_run_plus_compile_is_less():
+    """Every layer of the CPU grid: `auto` keeps native exactly where its run time plus its compile
+    spread over CALLS_PER_COMPILE calls beat dense's at both measured batches (with compile that
+    is every one; by run time alone, not all the D=2 ones). A D=3 test-sized layer that was never
+    measured (6 cells, 3 channels a key): the grid's D=3 layers decide by the similar rule."""
     from bench import _cases, _configs
 
     table = _measured.load("cpu")
-    checked = 0
+    calls = _measured.CALLS_PER_COMPILE["cpu"]
+    checked, faster_by_run = 0, 0
     for cfg in _configs.AUTO_LAYER_GRID.values():
         spec = _cases.fixture_spec(cfg)
         entry = table["exact"][_measured.signature(spec, cfg.spatial)]
         ms, rule = _measured.ranking("cpu", spec, cfg.spatial)
-        assert rule.startswith("exact match, 2 batch"), (cfg.name, rule)
-        faster = all(n < d for d, n in _dense_and_native(entry))
-        assert ("native" in ms) == faster, (cfg.name, entry["batches"])
+        assert rule.startswith("exact match, 2 batch") and _measured.COMPILE_RULE in rule, (cfg.name, rule)
+        cheaper = all(_cost(b, "native", calls) < _cost(b, "dense", calls) for b in entry["batches"].values())
+        assert ("native" in ms) == cheaper, (cfg.name, entry["batches"])
+        faster_by_run += all(n < d for d, n in _dense_and_native(entry))
         checked += 1
     assert checked == len(_configs.AUTO_LAYER_GRID) == 80
+    assert faster_by_run < checked  # the rule changes the verdict where native is slower per call
     d3 = [e for e in table["exact"].values() if e["D"] == 3]
     assert d3 and all(n < d for e in d3 for d, n in _dense_and_native(e))
     ms, rule = _measured.ranking("cpu", _spec(3, D=3), (6, 6, 6))
     assert "similar" in rule and ms["native"] < ms["dense"]
+
+
+def _timed_table(kind, spec, spatial, batches) -> dict:
+    """A table of one entry: batches are {batch: ({backend: fwd_bwd ms}, {backend: compile s})}."""
+    table = _table((spec, spatial, {b: ms for b, (ms, _) in batches.items()}))
+    entry = table["exact"][_measured.signature(spec, spatial)]
+    for b, (_, compiled) in batches.items():
+        if compiled is not None:
+            entry["batches"][str(b)]["compile_s"] = {"fwd_bwd": compiled}
+    return {**table, "device_kind": kind}
+
+
+def test_on_a_cpu_compile_counts_spread_over_calls_per_compile(monkeypatch):
+    """native 0.1 ms slower per call but compiling 2 s faster: on the CPU it wins while 2 s is
+    more than 0.1 ms x CALLS_PER_COMPILE; a GPU table ranks run time alone; a sample whose
+    compile times miss a backend counts run time alone."""
+    spec, n = _spec(2, D=2), (8, 8)
+    batches = {1: ({"dense": 0.2, "native": 0.3}, {"dense": 2.5, "native": 0.5})}
+    table = _timed_table("cpu", spec, n, batches)
+    ms, rule = _measured.ranking("cpu", spec, n, table=table, batch=1)
+    assert ms == {"dense": 2.7, "native": 0.8} and min(ms, key=ms.get) == "native"
+    assert rule == ("exact match at batch 1; ms per call = run ms + compile / 1000 calls: "
+                    "dense 0.2 ms + 2.5 s compile, native 0.3 ms + 0.5 s compile")
+    # over 40,000 calls the 0.1 ms a call outweighs the 2 s: dense
+    monkeypatch.setitem(_measured.CALLS_PER_COMPILE, "cpu", 40_000)
+    ms, rule = _measured.ranking("cpu", spec, n, table=table, batch=1)
+    assert set(ms) == {"dense"} and ms["dense"] == round(0.2 + 2500 / 40_000, 4)
+    monkeypatch.undo()
+    # the same numbers on a GPU kind: run time alone
+    ms, rule = _measured.ranking("Test GPU", spec, n, table={**table, "device_kind": "Test GPU"}, batch=1)
+    assert ms == {"dense": 0.2} and "compile" not in rule
+    # compile recorded for dense only: no fair comparison of compile, run time alone
+    partial = _timed_table("cpu", spec, n, {1: ({"dense": 0.2, "native": 0.3}, {"dense": 2.5})})
+    assert _measured.ranking("cpu", spec, n, table=partial, batch=1)[0] == {"dense": 0.2}
+    # every batch must win with compile counted (one that loses even so keeps dense)
+    two = _timed_table("cpu", spec, n, {**batches, 4: ({"dense": 0.4, "native": 3.9}, {"dense": 2.5, "native": 0.5})})
+    ms, rule = _measured.ranking("cpu", spec, n, table=two)
+    assert rule.startswith("exact match, 2 batch") and set(ms) == {"dense"}
+
+
+def test_explain_on_a_cpu_names_the_rule_and_the_run_and_compile_times(monkeypatch):
+    cheap = kernels.Backend("cheap-compile", kernels.conv_contract_reference, lambda: (True, ""), lambda *a: (True, ""), priority={"cpu": -1})
+    kernels.register_backend(cheap)
+    try:
+        monkeypatch.setattr(kernels._registry, "platform", lambda: "cpu")
+        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "cpu")
+        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+        spec, n = _spec(2, D=2), (8, 8)
+        table = _timed_table("cpu", spec, n, {1: ({"dense": 0.2, "cheap-compile": 0.3}, {"dense": 2.5, "cheap-compile": 0.5})})
+        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "cpu" else None)
+        choice = kernels.explain(spec, n)  # no batch: the every-batch rule, over one batch here
+        assert choice.backend == "cheap-compile"
+        assert ("fastest measured on cpu (exact match, 1 batch size(s); ms per call = run ms + compile / 1000 calls: "
+                "cheap-compile 0.3 ms + 0.5 s compile, dense 0.2 ms + 2.5 s compile; geometric means over them): "
+                "0.8 ms per fwd_bwd call (compile included) against dense 2.7 ms") in choice.reason
+    finally:
+        kernels._registry._BACKENDS.pop("cheap-compile")
