@@ -16,7 +16,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import rel_l2
+from conftest import float64, rel_l2
 
 pytestmark = pytest.mark.gpu
 
@@ -33,6 +33,11 @@ from test_vector_neuron_triton import test_nan_propagates_like_xla  # noqa: E402
 
 EPS = 1e-5
 TOL = 1e-5  # fp32: the kernels' dots are "ieee", the XLA path runs at 'highest'
+# The gradients pass through gd = gu / (n + eps) - <gu, d> d / ((n + eps)^2 n), two terms of size
+# |gu| / n that cancel: on 2^20 pixels a few have a small |d| and amplify the fp32 rounding of d
+# (the XLA path's and the kernel's alike) past 1e-5. The gradients are held to the float64
+# truth: no further from it than MARGIN times the XLA path's own fp32 error (and 1e-5).
+MARGIN = 3.0
 
 
 def _operands(seed, shape, c):
@@ -65,14 +70,20 @@ CASES = [
 @pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
 def test_against_xla_fp32(name, D, shape, activation):
     w, x, gy = _operands(1, shape, shape[1])
-    got = _step("triton", D, activation)(w, x, gy)
+    got = [np.asarray(a) for a in _step("triton", D, activation)(w, x, gy)]
     with jax.default_matmul_precision("highest"):
-        want = _step("xla", D, activation)(w, x, gy)
-    for label, g, r in zip(("y", "gw", "gx"), got, want):
+        xla = [np.asarray(a) for a in _step("xla", D, activation)(w, x, gy)]
+    with float64():
+        truth = [np.asarray(a) for a in _step("xla", D, activation)(*(a.astype(jnp.float64) for a in (w, x, gy)))]
+    for label, g, r, t in zip(("y", "gw", "gx"), got, xla, truth):
         assert g.shape == r.shape, label
-        assert bool(jnp.all(jnp.isfinite(g))), f"{label}: non-finite (an element never written?)"
-        err = rel_l2(np.asarray(g), np.asarray(r))
-        assert err < TOL, f"{label}: relative L2 {err:.2e}"
+        assert np.all(np.isfinite(g)), f"{label}: non-finite (an element never written?)"
+        if label == "y":
+            err = rel_l2(g, r)
+            assert err < TOL, f"y: relative L2 {err:.2e} from the XLA path"
+        else:
+            err, own = rel_l2(g, t), rel_l2(r, t)
+            assert err < max(TOL, MARGIN * own), f"{label}: {err:.2e} from float64 (the XLA path's: {own:.2e})"
 
 
 def test_weight_gradient_bit_identical():
