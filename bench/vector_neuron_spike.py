@@ -8,6 +8,11 @@ at matmul precision 'highest' (the kernels' dots are fp32 "ieee"); the XLA rows 
 default precision, as in a model step.
 
     python -m bench.vector_neuron_spike OUT_DIR [--config d3_n64_b4_c16] [--activation gelu]
+                                                [--tilings 64/32/4 256/128/8 ...]
+
+After the default tiling's rows, fwd_bwd of the kernels at the other tilings given as
+PIXELS/BWD_PIXELS/NUM_WARPS (kernels.triton.VNBlocks): the register budget behind the default
+tile sizes is a guess until measured.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--config", default="d3_n64_b4_c16")
     p.add_argument("--activation", choices=("gelu", "relu"), default="gelu")
+    p.add_argument("--tilings", nargs="*", default=["64/32/4", "256/64/4", "128/64/8", "256/128/8"])
     args = p.parse_args(argv)
     from ginjax import _vector_neuron
     from kernels import triton
@@ -41,15 +47,20 @@ def main(argv=None) -> int:
     spike.xs, spike.ws = block, weight
     spike.rows["block"] = list(block.shape)
 
-    def fwd(impl):
+    def fwd(impl, blocks=None):
+        def one(w, b):
+            if blocks is not None:
+                return triton.vector_neuron_triton(w, b, 3, activation, EPS, blocks)
+            return _vector_neuron.vector_neuron(w, b, 3, activation, EPS, impl=impl)
+
         def f(x, w):
-            return (jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, 3, activation, EPS, impl=impl))(x),)
+            return (jax.vmap(lambda b: one(w, b))(x),)
         return f
 
-    def fwd_bwd(impl):
+    def fwd_bwd(impl, blocks=None):
         # value and both gradients of a loss whose cotangent depends on the output
         def f(x, w):
-            loss = lambda x, w: jnp.sum(jnp.sin(fwd(impl)(x, w)[0]))  # noqa: E731
+            loss = lambda x, w: jnp.sum(jnp.sin(fwd(impl, blocks)(x, w)[0]))  # noqa: E731
             value, (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
             return gx, gw
         return f
@@ -67,6 +78,10 @@ def main(argv=None) -> int:
     spike.stage("reference_fwd_bwd", reference(fwd_bwd("xla")))
     spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
     spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
+    for tiling in args.tilings:
+        pixels, bwd_pixels, warps = (int(v) for v in tiling.split("/"))
+        blocks = triton.VNBlocks(pixels=pixels, bwd_pixels=bwd_pixels, num_warps=warps)
+        spike.stage(f"triton_fwd_bwd_{pixels}_{bwd_pixels}_{warps}", spike.correct_and_time(fwd_bwd("triton", blocks)))
     return 0
 
 

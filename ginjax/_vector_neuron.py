@@ -37,8 +37,10 @@ Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton
   kernel forward and one backward over the component-planar block, each reading its operands
   once and writing once. Used where it covers the call: the `triton` backend is available (an
   NVIDIA GPU, or the host with TRITON_INTERPRET=1), float32 weight and block, tensor order 1 or
-  2, activation jax.nn.relu or jax.nn.gelu (by identity), eps a Python number; any other call
-  takes the "xla" path. On a CPU the default stays "xla": the interpreter is for tests.
+  2, activation jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and
+  no `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
+  block onto every device); any other call takes the "xla" path. On a CPU the default stays
+  "xla": the interpreter is for tests.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Calla
         and isinstance(eps, (int, float))
         and eps > 0
         and supported_activation(activation) is not None
+        and kernels.active_spatial_sharding() is None
+        and jax.device_count() == 1
         and "triton" in kernels.available_backends()
     )
 
