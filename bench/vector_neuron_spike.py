@@ -8,11 +8,11 @@ at matmul precision 'highest' (the kernels' dots are fp32 "ieee"); the XLA rows 
 default precision, as in a model step.
 
     python -m bench.vector_neuron_spike OUT_DIR [--config d3_n64_b4_c16] [--activation gelu]
-                                                [--tilings 64/32/4 256/128/8 ...]
+                                                [--tilings 32/4/32/4 128/8/32/8 ...]
 
 After the default tiling's rows, fwd_bwd of the kernels at the other tilings given as
-PIXELS/BWD_PIXELS/NUM_WARPS (kernels.triton.VNBlocks): the register budget behind the default
-tile sizes is a guess until measured.
+PIXELS/WARPS/BWD_PIXELS/BWD_WARPS (kernels.triton.VNBlocks): the defaults were picked from ptxas'
+register counts, not from timings.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--config", default="d3_n64_b4_c16")
     p.add_argument("--activation", choices=("gelu", "relu"), default="gelu")
-    p.add_argument("--tilings", nargs="*", default=["64/32/4", "256/64/4", "128/64/8", "256/128/8"])
+    p.add_argument("--tilings", nargs="*", default=["32/4/16/4", "128/8/64/8", "64/8/32/8", "256/8/16/8"])
     args = p.parse_args(argv)
     from ginjax import _vector_neuron
     from kernels import triton
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
     spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
     for tiling in args.tilings:
-        pixels, bwd_pixels, warps = (int(v) for v in tiling.split("/"))
-        blocks = triton.VNBlocks(pixels=pixels, bwd_pixels=bwd_pixels, num_warps=warps)
-        spike.stage(f"triton_fwd_bwd_{pixels}_{bwd_pixels}_{warps}", spike.correct_and_time(fwd_bwd("triton", blocks)))
+        pixels, warps, bwd_pixels, bwd_warps = (int(v) for v in tiling.split("/"))
+        blocks = triton.VNBlocks(pixels=pixels, num_warps=warps, bwd_pixels=bwd_pixels, bwd_num_warps=bwd_warps)
+        spike.stage(f"triton_fwd_bwd_{tiling.replace('/', '_')}", spike.correct_and_time(fwd_bwd("triton", blocks)))
     return 0
 
 

@@ -37,8 +37,9 @@ Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton
   kernel forward and one backward over the component-planar block, each reading its operands
   once and writing once. Used where it covers the call: the `triton` backend is available (an
   NVIDIA GPU, or the host with TRITON_INTERPRET=1), float32 weight and block, tensor order 1 or
-  2, activation jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and
-  no `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
+  2, up to 64 channels (32 for 2-tensors: `kernels.triton.vector_neuron_fits`), activation
+  jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and no
+  `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
   block onto every device); any other call takes the "xla" path. On a CPU the default stays
   "xla": the interpreter is for tests.
 """
@@ -86,11 +87,12 @@ def default_impl() -> str:
 def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:
     """Whether the fused Triton kernels run this call (module docstring, "triton")."""
     import kernels
-    from kernels.triton import supported_activation
+    from kernels.triton import supported_activation, vector_neuron_fits
 
     k = block.ndim - 1 - D
     return (
         1 <= k <= 2
+        and vector_neuron_fits(block.shape[0], D**k)
         and weight.dtype == jnp.float32
         and block.dtype == jnp.float32
         and isinstance(eps, (int, float))

@@ -88,7 +88,7 @@ def test_weight_gradient_partials_ragged_and_bit_identical():
     # (two of them walk past the last tile): the partial sums' fixed order, run twice
     D, c = 3, 3
     w, x, gy = _operands(7, c, (3, 5, 6), D, 1)
-    blocks = VNBlocks(pixels=32, bwd_pixels=16, groups=4)
+    blocks = VNBlocks(pixels=32, bwd_pixels=16, bwd_num_warps=2, groups=4)
     run = jax.jit(lambda w, x, gy: _value_and_grads(
         lambda w, x: vector_neuron_triton(w, x, D, jax.nn.relu, EPS, blocks), w, x, gy))
     first, second = run(w, x, gy), run(w, x, gy)
@@ -153,6 +153,10 @@ def test_unsupported_activation_falls_back_to_xla():
     assert not _vector_neuron.triton_covers(w, x.astype(jnp.float16), D, jax.nn.relu, EPS)
     assert not _vector_neuron.triton_covers(w, x, D, jax.nn.relu, jnp.float32(EPS))
     assert not _vector_neuron.triton_covers(w, jnp.zeros((c, 5, 6, 2, 2, 2)), D, jax.nn.relu, EPS)
+    # channels past what the kernels keep in registers: 64 for vectors, 32 for 2-tensors
+    assert _vector_neuron.triton_covers(jnp.zeros((64, 64)), jnp.zeros((64, 5, 6, 2)), D, jax.nn.relu, EPS)
+    assert not _vector_neuron.triton_covers(jnp.zeros((65, 65)), jnp.zeros((65, 5, 6, 2)), D, jax.nn.relu, EPS)
+    assert not _vector_neuron.triton_covers(jnp.zeros((33, 33)), jnp.zeros((33, 5, 6, 2, 2)), D, jax.nn.relu, EPS)
     assert _vector_neuron.triton_covers(w, x, D, jax.nn.relu, EPS)
 
 
@@ -173,6 +177,8 @@ def test_bad_input_names_the_argument(monkeypatch):
         vector_neuron_triton(w, x, D, jax.nn.relu, 0.0)
     with pytest.raises(ValueError, match="`blocks.pixels`"):
         vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(pixels=24))
+    with pytest.raises(ValueError, match="`blocks.bwd_num_warps`"):
+        vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(bwd_num_warps=3))
     with pytest.raises(ValueError, match="`impl`"):
         _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS, impl="cuda")
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")

@@ -31,20 +31,19 @@ _GELU_A = "0.044715"
 
 @dataclasses.dataclass(frozen=True)
 class VNBlocks:
-    """Tiling of the VectorNeuron kernels.
+    """Tiling of the VectorNeuron kernels; None picks `default_tiling`.
 
     Attributes:
-        pixels, bwd_pixels: pixels per tile of the forward / backward (powers of 2 >= 16); None
-            keeps the T component tiles of x and d (and, backward, of the cotangent and its
-            partial results) within a register budget.
-        num_warps: Triton launch option of both kernels.
+        pixels, num_warps: pixels per tile (a power of 2 >= 16) and warps of the forward.
+        bwd_pixels, bwd_num_warps: the same for the backward.
         groups: backward programs per batch element (each walks every groups-th pixel tile and
             writes one (c, c) weight-gradient partial); None fills the GPU (a few programs per SM).
     """
 
     pixels: Optional[int] = None
+    num_warps: Optional[int] = None
     bwd_pixels: Optional[int] = None
-    num_warps: int = 4
+    bwd_num_warps: Optional[int] = None
     groups: Optional[int] = None
 
     def validate(self) -> None:
@@ -52,8 +51,10 @@ class VNBlocks:
             v = getattr(self, name)
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"`blocks.{name}` (={v!r}) must be None or a power of 2 >= 16")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"`blocks.num_warps` (={self.num_warps!r}) must be a power of 2 up to 16")
+        for name in ("num_warps", "bwd_num_warps"):
+            v = getattr(self, name)
+            if v is not None and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"`blocks.{name}` (={v!r}) must be None or a power of 2 up to 16")
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"`blocks.groups` (={self.groups!r}) must be None or >= 1")
 
@@ -70,26 +71,47 @@ class VNGeometry:
     g_batched: bool = False  # the cotangent (backward only)
 
 
-# the register budget of a program's live (C, P) tiles, in fp32 elements per warp-set of 4 warps
-_FWD_BUDGET = 2 * 8192
-_BWD_BUDGET = 4 * 4096
+# Default (pixels, warps) of the forward and the backward by (padded channels, components <= 3 or
+# more). Triton's fp32 ("ieee") dot hands every thread whole operand rows, so registers jump with
+# the tile and the warps, and not monotonically; these are the smallest register counts without
+# spills that ptxas gives for sm_90a (Triton 3.9, cuobjdump --dump-resource-usage), in brackets:
+# e.g. C=16, T=3, 4 warps: forward 48 / 96 / 165 registers at P = 32 / 64 / 128, backward
+# 100 / 177 / 255 + spills. (TF32x3 dots were worse: the backward spilled at every tile.) Not yet
+# timed on a GPU: bench/vector_neuron_spike.py compares other tilings.
+_DEFAULT_TILING = {
+    (16, False): ((64, 4), (32, 4)),  # forward [96], backward [100]
+    (16, True): ((16, 8), (16, 8)),  # [48], [102]
+    (32, False): ((32, 8), (16, 8)),  # [48], [138]
+    (32, True): ((16, 8), (16, 8)),
+    (64, False): ((16, 8), (16, 8)),  # [117], [254]
+    (64, True): ((16, 8), (16, 8)),
+}
+MAX_CHANNELS = 64  # wider blocks take the XLA path: the fp32 dot's operands outgrow the registers
+
+
+def fits(channels: int, components: int) -> bool:
+    """Whether the default tiling keeps a block of these sizes in registers (ptxas, above): up to
+    64 channels for vectors, 32 for more components (64 with 9 spill in the backward)."""
+    return _padded(channels) <= (MAX_CHANNELS if components <= 3 else MAX_CHANNELS // 2)
 # the interpreter runs programs one after another: few large tiles are faster there
 _HOST_PIXELS = 1024
 # backward programs over all batch elements the automatic `groups` aims for (8 per H200 SM)
 _BWD_PROGRAMS = 132 * 8
 
 
-def tile_pixels(blocks: VNBlocks, g: VNGeometry, backward: bool) -> int:
-    given = blocks.bwd_pixels if backward else blocks.pixels
-    if given is not None:
-        return given
+def default_tiling(g: VNGeometry, backward: bool) -> tuple[int, int]:
+    """(pixels per tile, warps) of the forward or backward kernel for a launch's geometry."""
     if interpreting():
-        return max(16, min(_HOST_PIXELS, next_pow2(g.pixels)))
-    live = 4 if backward else 2  # (C, P) tiles per component: x, d (+ cotangent, gd)
-    budget = (_BWD_BUDGET if backward else _FWD_BUDGET) * blocks.num_warps // 4
-    p = budget // (live * g.components * _padded(g.channels))
-    p = 1 << max(4, p.bit_length() - 1)  # a power of 2, at least 16
-    return max(16, min(p, next_pow2(g.pixels)))
+        return max(16, min(_HOST_PIXELS, next_pow2(g.pixels))), 4
+    key = (min(max(_padded(g.channels), 16), MAX_CHANNELS), g.components > 3)
+    return _DEFAULT_TILING[key][1 if backward else 0]
+
+
+def tiling(blocks: VNBlocks, g: VNGeometry, backward: bool) -> tuple[int, int]:
+    pixels, warps = default_tiling(g, backward)
+    given_p, given_w = (blocks.bwd_pixels, blocks.bwd_num_warps) if backward else (blocks.pixels, blocks.num_warps)
+    pixels = given_p if given_p is not None else min(pixels, max(16, next_pow2(g.pixels)))
+    return pixels, given_w if given_w is not None else warps
 
 
 def backward_groups(blocks: VNBlocks, g: VNGeometry, batch: int, pixels: int) -> int:
@@ -193,14 +215,14 @@ def _name(kind: str, key) -> str:
     return f"vector_neuron_{kind}_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 
-def _finish(name, args, e: _Emit, programs: int, blocks: VNBlocks) -> KernelPlan:
+def _finish(name, args, e: _Emit, programs: int, warps: int) -> KernelPlan:
     source = "\n".join(_header(name, args) + e.lines) + "\n"
     return KernelPlan(name=name, source=source, programs_per_batch=programs, out_spatial=(),
-                      num_warps=blocks.num_warps, num_stages=1, nonzeros=0, peak_live_z=0)
+                      num_warps=warps, num_stages=1, nonzeros=0, peak_live_z=0)
 
 
 @functools.lru_cache(maxsize=128)
-def plan_forward(g: VNGeometry, activation: str, eps: float, blocks: VNBlocks, pixels: int) -> KernelPlan:
+def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int) -> KernelPlan:
     """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y)."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
@@ -219,11 +241,11 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, blocks: VNBlocks, p
     sm = f", mask={mask}" if mask else ""
     for t in range(T):
         e(f"tl.store(yb + rows + {t * S}, x{t} + h * u{t}{sm})")
-    return _finish(_name("fwd", (g, activation, eps, blocks, P)), ["x", "w", "y"], e, tiles, blocks)
+    return _finish(_name("fwd", (g, activation, eps, P, warps)), ["x", "w", "y"], e, tiles, warps)
 
 
 @functools.lru_cache(maxsize=128)
-def plan_backward(g: VNGeometry, activation: str, eps: float, blocks: VNBlocks, pixels: int, groups: int) -> KernelPlan:
+def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int, groups: int) -> KernelPlan:
     """gx and the weight gradient's partials for one share of the pixel tiles per program:
     kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards."""
     C, T, S = g.channels, g.components, g.pixels
@@ -264,5 +286,5 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, blocks: VNBlocks, 
     e.depth -= 1
     wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""
     e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
-    key = (g, activation, eps, blocks, P, groups)
-    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, blocks)
+    key = (g, activation, eps, P, warps, groups)
+    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, warps)

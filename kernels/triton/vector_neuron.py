@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from .._fused import INT32_MAX
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
-from ._vn_kernel import ACTIVATIONS, VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tile_pixels
+from ._vn_kernel import ACTIVATIONS, VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
 from .conv_contract import _fold_batch_rule
 
 __all__ = ["VNBlocks", "supported_activation", "vector_neuron_triton"]
@@ -160,8 +160,7 @@ def _launch_forward(cfg, x, w):
     """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> y (B, c, *spatial, *tensor)."""
     D, act, eps, blocks = cfg
     batch, g = _geometry(cfg, x, w)
-    P = tile_pixels(blocks, g, backward=False)
-    plan = plan_forward(g, act, eps, blocks, P)
+    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False))
     order = block_order(D, x.ndim, True)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     (y,) = run_plan(plan, [out], plan.programs_per_batch * batch, [x, w], in_orders=[order, None], out_orders=[order])
@@ -172,9 +171,9 @@ def _launch_backward(cfg, x, gy, w):
     """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> gx (B, ...), per-example gW (B, c, c)."""
     D, act, eps, blocks = cfg
     batch, g = _geometry(cfg, x, w, gy)
-    P = tile_pixels(blocks, g, backward=True)
+    P, warps = tiling(blocks, g, backward=True)
     groups = backward_groups(blocks, g, batch, P)
-    plan = plan_backward(g, act, eps, blocks, P, groups)
+    plan = plan_backward(g, act, eps, P, warps, groups)
     order = block_order(D, x.ndim, True)
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
