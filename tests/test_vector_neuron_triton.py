@@ -124,6 +124,22 @@ def test_vmap_is_one_launch_and_matches_xla(monkeypatch):
     _check(got, ref_run(w, x, gy))
 
 
+def test_nested_vmap_with_per_example_weights():
+    # outer vmap shares the weights, inner vmap maps them: both fold into one launch's batch
+    D = 2
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6, 2)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 4, 4)) / 2, jnp.float32)
+    gy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def run(one):
+        f = jax.vmap(jax.vmap(one), in_axes=(None, 0))
+        return jax.jit(lambda w, x, gy: _value_and_grads(f, w, x, gy))(w, x, gy)
+
+    got = run(lambda w, x: vector_neuron_triton(w, x, D, jax.nn.gelu, EPS))
+    _check(got, run(lambda w, x: _vector_neuron.vector_neuron(w, x, D, jax.nn.gelu, EPS, impl="xla")))
+
+
 def test_nan_propagates_like_xla():
     D, c = 2, 3
     w, x, gy = _operands(5, c, (5, 6), D, 1)
