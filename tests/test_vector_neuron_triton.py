@@ -16,12 +16,15 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import rel_l2
+import equinox as eqx
+
+import kernels
+from conftest import filter_bank, gradient_errors, rel_l2
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import VNBlocks, vector_neuron_triton  # noqa: E402
 
-from ginjax import _vector_neuron  # noqa: E402
+from ginjax import _vector_neuron, geometric as geom, models  # noqa: E402
 
 if not triton_backend.availability()[0]:
     pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
@@ -201,3 +204,33 @@ def test_bad_input_names_the_argument(monkeypatch):
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")
     with pytest.raises(ValueError, match=_vector_neuron.IMPL_ENV):
         _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS)
+
+
+def test_resnet_step_with_the_kernels_matches_xla(monkeypatch):
+    """A ResNet train step (value and gradients; D=2, 8x8, batch 2, gelu) with its
+    VectorNeuronNonlinear layers on the kernels (GINJAX_VN_IMPL=triton) against the XLA path."""
+    D = 2
+    sig_in = geom.Signature(((((), 0), 2), (((False,), 0), 2)))
+    sig_out = geom.Signature(((((), 0), 1), (((False,), 0), 1)))
+    model = models.ResNet(D, sig_in, sig_out, 4, conv_filters=filter_bank(D, 3), key=jax.random.PRNGKey(4),
+                          use_group_norm=True, activation_f=jax.nn.gelu, num_blocks=1)
+    rng = np.random.default_rng(5)
+    x = geom.MultiImage({kp: jnp.asarray(rng.normal(size=(2, c) + (8,) * D + (D,) * len(kp[0])) * 0.5, jnp.float32)
+                         for kp, c in sig_in}, D, True)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(params, x):
+        out = jax.vmap(lambda xi: eqx.combine(params, static)(xi)[0])(x)
+        return sum(jnp.mean(jnp.square(v)) for v in out.values())
+
+    results = {}
+    for impl in ("triton", "xla"):
+        monkeypatch.setenv(_vector_neuron.IMPL_ENV, impl)
+        with kernels.use_backend("dense"), jax.default_matmul_precision("highest"):
+            lowered = jax.jit(jax.value_and_grad(step)).lower(params, x)
+            launches = lowered.as_text().count("python_cpu_callback")  # the interpreter's pure_callbacks
+            assert (launches > 0) == (impl == "triton"), (impl, launches)
+            results[impl] = lowered.compile()(params, x)
+    got, want = results["triton"], results["xla"]
+    assert rel_l2(got[0], want[0]) < TOL
+    assert max(gradient_errors(got[1], want[1])) < TOL
