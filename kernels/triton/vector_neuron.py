@@ -180,6 +180,6 @@ def _launch_backward(cfg, x, gy, w):
               jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
     gx, part = run_plan(plan, shapes, groups * batch, [x, w, gy],
                         in_orders=[order, None, order], out_orders=[order, None])
-    sums = plan_partial_sums(batch, groups, c * c)
+    sums = plan_partial_sums(batch, groups, c * c, prefix="vector_neuron_dw_sum")
     (gw,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, c * c), jnp.float32)], sums.programs_per_batch * batch, [part])
     return gx, gw.reshape(batch, c, c)
