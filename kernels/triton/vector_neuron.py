@@ -90,7 +90,7 @@ def vector_neuron_triton(
     for arg, a in (("weight", weight), ("block", block)):
         if a.dtype != jnp.float32:
             raise ValueError(f"`{arg}` (dtype {a.dtype}) must be float32")
-    if isinstance(eps, jax.core.Tracer) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # a traced eps is neither
         raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (a literal of the kernel)")
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
