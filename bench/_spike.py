@@ -1,4 +1,5 @@
-"""The harness the kernel spikes share (bench/mosaic_spike.py, bench/cuda_spike.py): one standard
+"""The harness the kernel spikes share (bench/mosaic_spike.py, bench/cuda_spike.py,
+bench/vector_neuron_spike.py): one standard
 layer's operands, stages that are each guarded (a failure is recorded and the next stage still
 runs) with the rows rewritten to OUT/<name>.json after every stage, the `reference` outputs
 (float32 'highest'), a candidate's error and timing from one compiled executable, and the

@@ -26,10 +26,12 @@
 #   variants       python3 -m bench.step_variants: train-step variants of the glue timed in alternation
 #            (VARIANT_CONFIGS, default resnet_d3_n64_b4,dilresnet_d3_n64_b4; VARIANTS, default
 #            baseline,plain-middle-sum)
+#   vn-spike       python3 -m bench.vector_neuron_spike: the VectorNeuron of a d3_n64_b4_c16 vector block, XLA path
+#            vs the fused Triton kernels, fwd and fwd_bwd (VN_SPIKE_ARGS adds arguments, e.g. --activation relu)
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -80,6 +82,9 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_VARIANTS:-300}" python3 -u -m bench.step_variants "$OUT/variants" --configs "${VARIANT_CONFIGS:-resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
         --variants "${VARIANTS:-baseline,plain-middle-sum}" > "$OUT/variants/log.txt" 2>&1
       rc=$?; cat "$OUT/variants/log.txt" | tail -20; (exit $rc) ;;
+    vn-spike)
+      timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1
+      rc=$?; cut -c1-400 "$OUT/vn-spike/log.txt" | tail -8; (exit $rc) ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"

@@ -29,6 +29,19 @@ and writes the planes as they lie; "minor" made XLA copy every GEMM output into 
 layout and back in the backward (bench/NOTES.md, "Round 2 measured"). On a CPU the blocks are
 components-minor and "minor" is the copy-free one. `GINJAX_VN_LAYOUT` (minor / planar) overrides
 the platform's default.
+
+Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton" on a GPU,
+"xla" elsewhere):
+- "xla": the GEMM and the elementwise passes above, written in jax (any dtype, any activation).
+- "triton": `kernels.triton.vector_neuron_triton`, the whole nonlinearity as one fused Triton
+  kernel forward and one backward over the component-planar block, each reading its operands
+  once and writing once. Used where it covers the call: the `triton` backend is available (an
+  NVIDIA GPU, or the host with TRITON_INTERPRET=1), float32 weight and block, tensor order 1 or
+  2, up to 64 channels (32 for 2-tensors: `kernels.triton.vector_neuron_fits`), activation
+  jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and no
+  `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
+  block onto every device); any other call takes the "xla" path. On a CPU the default stays
+  "xla": the interpreter is for tests.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ from ginjax._channel_mix import _mix, _mix_bwd
 
 LAYOUTS = ("minor", "planar")
 LAYOUT_ENV = "GINJAX_VN_LAYOUT"
+IMPLS = ("xla", "triton")
+IMPL_ENV = "GINJAX_VN_IMPL"
 
 
 def default_layout() -> str:
@@ -59,6 +74,36 @@ def default_layout() -> str:
     return "planar" if jax.default_backend() == "gpu" else "minor"
 
 
+def default_impl() -> str:
+    """$GINJAX_VN_IMPL if set, else "triton" on a GPU and "xla" elsewhere."""
+    impl = os.environ.get(IMPL_ENV, "")
+    if impl:
+        if impl not in IMPLS:
+            raise ValueError(f"${IMPL_ENV} (={impl!r}) must be one of {IMPLS}")
+        return impl
+    return "triton" if jax.default_backend() == "gpu" else "xla"
+
+
+def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:
+    """Whether the fused Triton kernels run this call (module docstring, "triton")."""
+    import kernels
+    from kernels.triton import supported_activation, vector_neuron_fits
+
+    k = block.ndim - 1 - D
+    return (
+        1 <= k <= 2
+        and vector_neuron_fits(block.shape[0], D**k)
+        and weight.dtype == jnp.float32
+        and block.dtype == jnp.float32
+        and isinstance(eps, (int, float))
+        and eps > 0
+        and supported_activation(activation) is not None
+        and kernels.active_spatial_sharding() is None
+        and jax.device_count() == 1
+        and "triton" in kernels.available_backends()
+    )
+
+
 def vector_neuron(
     weight: jax.Array,
     block: jax.Array,
@@ -66,13 +111,23 @@ def vector_neuron(
     activation: Callable,
     eps: float,
     layout: str | None = None,
+    impl: str | None = None,
 ) -> jax.Array:
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
-    `layout` ("minor" / "planar", default `default_layout()`) only arranges the arithmetic."""
+    `layout` ("minor" / "planar", default `default_layout()`) only arranges the arithmetic of
+    the "xla" path; `impl` ("xla" / "triton", default `default_impl()`) picks the path ("triton"
+    where `triton_covers` the call, else "xla")."""
     layout = default_layout() if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"vector_neuron: `layout` (={layout!r}) must be one of {LAYOUTS}")
+    impl = default_impl() if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
+    if impl == "triton" and triton_covers(weight, block, D, activation, eps):
+        from kernels.triton import vector_neuron_triton
+
+        return vector_neuron_triton(weight, block, D, activation, float(eps))
     lead = block.shape[: 1 + D]
     T = math.prod(block.shape[1 + D :])
     x = block.reshape(lead + (T,))

@@ -11,6 +11,9 @@ backend reports itself unavailable and says why. It runs:
 Covered: D 2 and 3, tensor orders up to 2, any channel counts and sizes, torus / SAME / VALID /
 explicit padding, rhs_dilation, stride 1, float32 / bfloat16 / float16 operands. Other
 configurations (stride > 1, lhs_dilation) run on `dense`; `kernels.explain` says why.
+
+Also here: `vector_neuron_triton`, ginjax's VectorNeuron nonlinearity of one block as one fused
+kernel forward and one backward (`vector_neuron.py`), on the same launcher.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from .._spec import ConvSpec
 from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from .conv_contract import conv_contract_triton
+from ._vn_kernel import fits as vector_neuron_fits
+from .vector_neuron import VNBlocks, supported_activation, vector_neuron_triton
 
-__all__ = ["BlockSizes", "conv_contract_triton"]
+__all__ = ["BlockSizes", "VNBlocks", "conv_contract_triton", "supported_activation", "vector_neuron_fits",
+           "vector_neuron_triton"]
 
 
 @functools.lru_cache(maxsize=None)

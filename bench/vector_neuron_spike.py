@@ -1,0 +1,89 @@
+"""The VectorNeuron nonlinearity of one vector block, ginjax's XLA path against the fused Triton
+kernels (kernels/triton/vector_neuron.py), forward and forward + backward, in the spikes' format
+(bench/_spike.py: each stage guarded, rows to OUT/vector_neuron_spike.json after every stage).
+
+The block is the vector key of a standard layer's output: (B, c, N, N, N, 3) of the config, gelu
+(the models' default) unless --activation says otherwise. Correctness is against the XLA path
+at matmul precision 'highest' (the kernels' dots are fp32 "ieee"); the XLA rows run at the
+default precision, as in a model step.
+
+    python -m bench.vector_neuron_spike OUT_DIR [--config d3_n64_b4_c16] [--activation gelu]
+                                                [--tilings 32/4/32/4 128/8/32/8 ...]
+
+After the default tiling's rows, fwd_bwd of the kernels at the other tilings given as
+PIXELS/WARPS/BWD_PIXELS/BWD_WARPS (kernels.triton.VNBlocks): the defaults were picked from ptxas'
+register counts, not from timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from bench._spike import Spike
+
+EPS = 1e-5
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.vector_neuron_spike")
+    p.add_argument("out")
+    p.add_argument("--config", default="d3_n64_b4_c16")
+    p.add_argument("--activation", choices=("gelu", "relu"), default="gelu")
+    p.add_argument("--tilings", nargs="*", default=["32/4/16/4", "128/8/64/8", "64/8/32/8", "256/8/16/8"])
+    args = p.parse_args(argv)
+    from ginjax import _vector_neuron
+    from kernels import triton
+
+    activation = getattr(jax.nn, args.activation)
+    spike = Spike("vector_neuron_spike", args.out, args.config, availability=triton.availability(),
+                  activation=args.activation)
+    # the layer's vector output block, and a VectorNeuron weight as the layer initialises it
+    block = spike.xs[1] if len(spike.xs) > 1 else spike.xs[0]
+    c = block.shape[1]
+    weight = jax.random.uniform(jax.random.PRNGKey(0), (c, c), jnp.float32, -c ** -0.5, c ** -0.5)
+    spike.xs, spike.ws = block, weight
+    spike.rows["block"] = list(block.shape)
+
+    def fwd(impl, blocks=None):
+        def one(w, b):
+            if blocks is not None:
+                return triton.vector_neuron_triton(w, b, 3, activation, EPS, blocks)
+            return _vector_neuron.vector_neuron(w, b, 3, activation, EPS, impl=impl)
+
+        def f(x, w):
+            return (jax.vmap(lambda b: one(w, b))(x),)
+        return f
+
+    def fwd_bwd(impl, blocks=None):
+        # value and both gradients of a loss whose cotangent depends on the output
+        def f(x, w):
+            loss = lambda x, w: jnp.sum(jnp.sin(fwd(impl, blocks)(x, w)[0]))  # noqa: E731
+            value, (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+            return gx, gw
+        return f
+
+    def reference(fn):
+        def run():
+            with jax.default_matmul_precision("highest"):
+                spike.ref = [jax.block_until_ready(r) for r in jax.jit(fn)(spike.xs, spike.ws)]
+            return {}
+        return run
+
+    spike.stage("reference_fwd", reference(fwd("xla")))
+    spike.stage("triton_fwd", spike.correct_and_time(fwd("triton")))
+    spike.stage("xla_fwd", spike.correct_and_time(fwd("xla")))
+    spike.stage("reference_fwd_bwd", reference(fwd_bwd("xla")))
+    spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
+    spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
+    for tiling in args.tilings:
+        pixels, warps, bwd_pixels, bwd_warps = (int(v) for v in tiling.split("/"))
+        blocks = triton.VNBlocks(pixels=pixels, num_warps=warps, bwd_pixels=bwd_pixels, bwd_num_warps=bwd_warps)
+        spike.stage(f"triton_fwd_bwd_{tiling.replace('/', '_')}", spike.correct_and_time(fwd_bwd("triton", blocks)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

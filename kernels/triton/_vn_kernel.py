@@ -1,0 +1,290 @@
+"""Triton source of the VectorNeuron nonlinearity of one non-scalar block: one forward kernel and
+one backward kernel (input gradient plus per-program partial sums of the weight gradient), each
+reading its operands once and writing its results once.
+
+In kernel terms a block is component-planar, (c, T, S) per batch element: T = D^k component
+planes of S pixels each, a plane contiguous per channel. A program owns one batch element and a
+tile of P pixels (the backward: a share of the tiles, walked in a loop, so that its (c, c) weight
+gradient partial stays in registers). Per tile, for each component t, x_t is a (C, P) tile
+(channels padded to a power of 2 >= 16, tl.dot's minimum) and d_t = W x_t one fp32 `tl.dot`
+("ieee": no TF32, so the result is the fp32 GEMM's); the rest is elementwise across the T tiles
+(the math is in kernels/triton/vector_neuron.py's docstring). Sizes, eps and the activation are
+literals of the generated source: one compiled kernel per (c, T, S, P, activation, eps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+from typing import Optional
+
+from .._fused import next_pow2
+from ._tiling import KernelPlan, interpreting
+
+ACTIVATIONS = ("relu", "gelu")
+# sqrt(2 / pi) and the cubic coefficient of jax.nn.gelu's tanh form (approximate=True)
+_GELU_C = repr(math.sqrt(2.0 / math.pi))
+_GELU_A = "0.044715"
+
+
+@dataclasses.dataclass(frozen=True)
+class VNBlocks:
+    """Tiling of the VectorNeuron kernels; None picks `default_tiling`.
+
+    Attributes:
+        pixels, num_warps: pixels per tile (a power of 2 >= 16) and warps of the forward.
+        bwd_pixels, bwd_num_warps: the same for the backward.
+        groups: backward programs per batch element (each walks every groups-th pixel tile and
+            writes one (c, c) weight-gradient partial); None fills the GPU (a few programs per SM).
+    """
+
+    pixels: Optional[int] = None
+    num_warps: Optional[int] = None
+    bwd_pixels: Optional[int] = None
+    bwd_num_warps: Optional[int] = None
+    groups: Optional[int] = None
+
+    def validate(self) -> None:
+        for name in ("pixels", "bwd_pixels"):
+            v = getattr(self, name)
+            if v is not None and (v < 16 or v & (v - 1)):
+                raise ValueError(f"`blocks.{name}` (={v!r}) must be None or a power of 2 >= 16")
+        for name in ("num_warps", "bwd_num_warps"):
+            v = getattr(self, name)
+            if v is not None and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"`blocks.{name}` (={v!r}) must be None or a power of 2 up to 16")
+        if self.groups is not None and self.groups < 1:
+            raise ValueError(f"`blocks.groups` (={self.groups!r}) must be None or >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class VNGeometry:
+    """What one launch fixes: channels, components, pixels and which operands carry the batch."""
+
+    channels: int
+    components: int
+    pixels: int
+    x_batched: bool
+    w_batched: bool
+    g_batched: bool = False  # the cotangent (backward only)
+
+
+# Default (pixels, warps) of the forward and the backward by (padded channels, components <= 3 or
+# more). Triton's fp32 ("ieee") dot hands every thread whole operand rows, so registers jump with
+# the tile and the warps, and not monotonically; these are the smallest register counts without
+# spills that ptxas gives for sm_90a (Triton 3.9, cuobjdump --dump-resource-usage), in brackets:
+# e.g. C=16, T=3, 4 warps: forward 48 / 96 / 165 registers at P = 32 / 64 / 128, backward
+# 100 / 177 / 255 + spills. (TF32x3 dots were worse: the backward spilled at every tile.) Not yet
+# timed on a GPU: bench/vector_neuron_spike.py compares other tilings.
+_DEFAULT_TILING = {
+    (16, False): ((64, 4), (32, 4)),  # forward [96], backward [100]
+    (16, True): ((16, 8), (16, 8)),  # [48], [102]
+    (32, False): ((32, 8), (16, 8)),  # [48], [138]
+    (32, True): ((16, 8), (16, 8)),
+    (64, False): ((16, 8), (16, 8)),  # [117], [254]
+    (64, True): ((16, 8), (16, 8)),
+}
+MAX_CHANNELS = 64  # wider blocks take the XLA path: the fp32 dot's operands outgrow the registers
+
+
+def fits(channels: int, components: int) -> bool:
+    """Whether the default tiling keeps a block of these sizes in registers (ptxas, above): up to
+    64 channels for vectors, 32 for more components (64 with 9 spill in the backward)."""
+    return _padded(channels) <= (MAX_CHANNELS if components <= 3 else MAX_CHANNELS // 2)
+# the interpreter runs programs one after another: few large tiles are faster there
+_HOST_PIXELS = 1024
+# backward programs over all batch elements the automatic `groups` aims for (8 per H200 SM)
+_BWD_PROGRAMS = 132 * 8
+
+
+def default_tiling(g: VNGeometry, backward: bool) -> tuple[int, int]:
+    """(pixels per tile, warps) of the forward or backward kernel for a launch's geometry."""
+    if interpreting():
+        return max(16, min(_HOST_PIXELS, next_pow2(g.pixels))), 4
+    key = (min(max(_padded(g.channels), 16), MAX_CHANNELS), g.components > 3)
+    return _DEFAULT_TILING[key][1 if backward else 0]
+
+
+def tiling(blocks: VNBlocks, g: VNGeometry, backward: bool) -> tuple[int, int]:
+    pixels, warps = default_tiling(g, backward)
+    given_p, given_w = (blocks.bwd_pixels, blocks.bwd_num_warps) if backward else (blocks.pixels, blocks.num_warps)
+    pixels = given_p if given_p is not None else min(pixels, max(16, next_pow2(g.pixels)))
+    return pixels, given_w if given_w is not None else warps
+
+
+def backward_groups(blocks: VNBlocks, g: VNGeometry, batch: int, pixels: int) -> int:
+    tiles = -(-g.pixels // pixels)
+    if blocks.groups is not None:
+        return min(blocks.groups, tiles)
+    if interpreting():
+        return 1
+    target = max(1, min(tiles, -(-_BWD_PROGRAMS // batch)))
+    # a divisor of the tile count near the target spares the last round its masks
+    divisor = max(d for d in range(1, target + 1) if tiles % d == 0)
+    return divisor if 2 * divisor >= target else target
+
+
+def _padded(c: int) -> int:
+    return max(16, next_pow2(c))
+
+
+class _Emit:
+    """Source lines at an indentation depth."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 1
+
+    def __call__(self, line: str) -> None:
+        self.lines.append("    " * self.depth + line)
+
+
+def _header(name: str, args) -> list[str]:
+    return ["import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {name}({', '.join(args)}):"]
+
+
+def _emit_weights(e: _Emit, g: VNGeometry, transposed: bool) -> None:
+    C = g.channels
+    e(f"wb = w + bat * {C * C}" if g.w_batched else "wb = w")
+    wmask = ", mask=c_ok[:, None] & c_ok[None, :], other=0.0" if _padded(C) != C else ""
+    e(f"wm = tl.load(wb + ch[:, None] * {C} + ch[None, :]{wmask})")
+    if transposed:
+        e(f"wt = tl.load(wb + ch[None, :] * {C} + ch[:, None]{wmask})")
+
+
+def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
+    """Pixel indices of the tile `tile` and loads of each (name, pointer) operand's T planes;
+    returns the mask of the tile's stores."""
+    C, T, S = g.channels, g.components, g.pixels
+    e(f"p = tile * {P} + tl.arange(0, {P})")
+    masks = []
+    if _padded(C) != C:
+        masks.append("c_ok[:, None]")
+    if ragged:
+        e(f"p_ok = p < {S}")
+        masks.append("p_ok[None, :]")
+    mask = " & ".join(masks)
+    e(f"rows = (ch * {T * S})[:, None] + p[None, :]")
+    for name, ptr in operands:
+        for t in range(T):
+            lm = f", mask={mask}, other=0.0" if mask else ""
+            e(f"{name}{t} = tl.load({ptr} + rows + {t * S}{lm})")
+    return mask
+
+
+def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool) -> None:
+    """d_t = W x_t, then n, u_t, s and h(s) (and h'(s) with `derivative`)."""
+    T = g.components
+    for t in range(T):
+        e(f"d{t} = tl.dot(wm, x{t}, input_precision=\"ieee\")")
+    e("nsq = " + " + ".join(f"d{t} * d{t}" for t in range(T)))
+    e("pos = nsq > 0")
+    e("n = tl.where(pos, tl.sqrt_rn(tl.where(pos, nsq, 1.0)), 0.0)")
+    e(f"inv = 1.0 / (n + {eps})")
+    for t in range(T):
+        e(f"u{t} = d{t} * inv")
+    e("s = " + " + ".join(f"x{t} * u{t}" for t in range(T)))
+    if activation == "relu":
+        e("act = tl.where(s > 0, s, 0.0)")
+        if derivative:
+            e("dact = tl.where(s > 0, 1.0, 0.0)")
+    elif activation == "gelu":
+        e(f"z = {_GELU_C} * (s + {_GELU_A} * (s * s * s))")
+        # tanh(z) from exp(-2|z|) <= 1: no overflow at either end
+        e("ez = tl.exp(-2.0 * tl.abs(z))")
+        e("th = (1.0 - ez) / (1.0 + ez)")
+        e("th = tl.where(z < 0, -th, th)")
+        e("cdf = 0.5 * (1.0 + th)")
+        e("act = s * cdf")
+        if derivative:
+            e(f"dact = cdf + s * 0.5 * (1.0 - th * th) * {_GELU_C} * (1.0 + {3 * float(_GELU_A)!r} * (s * s))")
+    else:
+        raise ValueError(f"`activation` (={activation!r}) must be one of {ACTIVATIONS}")
+    e(f"q = tl.abs(s) + {eps}")
+    e("gain = act / q")
+    e("h = (gain - 1.0) * s")
+    if derivative:
+        # d/ds of (act(s) / (|s| + eps) - 1) s, with d|s|/ds = sign(s) (0 at 0, as jnp.abs)
+        e("sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))")
+        e("dh = (dact / q - act * sgn / (q * q)) * s + (gain - 1.0)")
+
+
+def _name(kind: str, key) -> str:
+    return f"vector_neuron_{kind}_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+
+
+def _finish(name, args, e: _Emit, programs: int, warps: int) -> KernelPlan:
+    source = "\n".join(_header(name, args) + e.lines) + "\n"
+    return KernelPlan(name=name, source=source, programs_per_batch=programs, out_spatial=(),
+                      num_warps=warps, num_stages=1, nonzeros=0, peak_live_z=0)
+
+
+@functools.lru_cache(maxsize=128)
+def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int) -> KernelPlan:
+    """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y)."""
+    C, T, S = g.channels, g.components, g.pixels
+    P = pixels
+    tiles = -(-S // P)
+    e = _Emit()
+    e("pid = tl.program_id(0)")
+    e(f"tile = pid % {tiles}")
+    e(f"bat = (pid // {tiles}).to(tl.int64)  # 64-bit: batch offsets may pass 2^31")
+    e(f"ch = tl.arange(0, {_padded(C)})")
+    e(f"c_ok = ch < {C}")
+    _emit_weights(e, g, transposed=False)
+    e(f"xb = x + bat * {C * T * S}" if g.x_batched else "xb = x")
+    e(f"yb = y + bat * {C * T * S}")
+    mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
+    _emit_local(e, g, activation, repr(float(eps)), derivative=False)
+    sm = f", mask={mask}" if mask else ""
+    for t in range(T):
+        e(f"tl.store(yb + rows + {t * S}, x{t} + h * u{t}{sm})")
+    return _finish(_name("fwd", (g, activation, eps, P, warps)), ["x", "w", "y"], e, tiles, warps)
+
+
+@functools.lru_cache(maxsize=128)
+def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int, groups: int) -> KernelPlan:
+    """gx and the weight gradient's partials for one share of the pixel tiles per program:
+    kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards."""
+    C, T, S = g.channels, g.components, g.pixels
+    P = pixels
+    tiles = -(-S // P)
+    n_iter = -(-tiles // groups)
+    e = _Emit()
+    e("pid = tl.program_id(0)")
+    e(f"grp = pid % {groups}")
+    e(f"bat = (pid // {groups}).to(tl.int64)")
+    e(f"ch = tl.arange(0, {_padded(C)})")
+    e(f"c_ok = ch < {C}")
+    _emit_weights(e, g, transposed=True)
+    e(f"xb = x + bat * {C * T * S}" if g.x_batched else "xb = x")
+    e(f"gb = gy + bat * {C * T * S}" if g.g_batched else "gb = gy")
+    e(f"gxb = gx + bat * {C * T * S}")
+    e(f"gw = tl.zeros(({_padded(C)}, {_padded(C)}), tl.float32)")
+    e(f"for it in range({n_iter}):")
+    e.depth += 1
+    e(f"tile = grp + it * {groups}")
+    # a share past the last tile has p >= S everywhere: masked loads give zeros, whose gradient
+    # terms are all zero
+    ragged = S % P != 0 or tiles % groups != 0
+    mask = _emit_tile(e, g, P, ragged, [("x", "xb"), ("gy", "gb")])
+    _emit_local(e, g, activation, repr(float(eps)), derivative=True)
+    e("gs = (" + " + ".join(f"gy{t} * u{t}" for t in range(T)) + ") * dh")
+    for t in range(T):
+        e(f"gu{t} = h * gy{t} + gs * x{t}")
+    # d|d|/dd = d / |d|, 0 at d = 0
+    e("inv_n = tl.where(pos, 1.0 / tl.where(pos, n, 1.0), 0.0)")
+    e("coef = (" + " + ".join(f"gu{t} * d{t}" for t in range(T)) + ") * (inv * inv * inv_n)")
+    sm = f", mask={mask}" if mask else ""
+    for t in range(T):
+        e(f"gd{t} = gu{t} * inv - coef * d{t}")
+        e(f"gxt = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"ieee\")")
+        e(f"tl.store(gxb + rows + {t * S}, gxt{sm})")
+        e(f"gw = tl.dot(gd{t}, tl.trans(x{t}), gw, input_precision=\"ieee\")")
+    e.depth -= 1
+    wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""
+    e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
+    key = (g, activation, eps, P, warps, groups)
+    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, warps)

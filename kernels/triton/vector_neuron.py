@@ -1,0 +1,185 @@
+"""The VectorNeuron nonlinearity of one non-scalar block as one fused Triton kernel forward and
+one backward (plus a fixed-order sum of the weight gradient's partials).
+
+    y = vector_neuron_triton(weight, block, D, activation, eps)
+
+Per pixel and channel, with x the block's T = D^k components and W = weight (c, c):
+
+    d = W x,  n = |d| (0 where d = 0),  u = d / (n + eps),  s = <x, u>,
+    h(s) = (act(s) / (|s| + eps) - 1) s,  y = x + h(s) u
+
+Backward (reverse mode, custom_vjp), with n, u, s recomputed from x (the only residual):
+
+    gs = <gy, u> h'(s),  gu = h gy + gs x,
+    gd = gu / (n + eps) - <gu, d> d / ((n + eps)^2 n)    (second term 0 where d = 0)
+    gx = gy + gs u + W^T gd,  gW = sum over pixels and components of gd x^T
+
+The forward reads x once and writes y once; the backward reads x and gy once and writes gx once
+and a (c, c) partial of gW per program, which `plan_partial_sums` adds in a fixed order
+(bit-identical run after run; no atomics). The kernels index the block component-planar,
+(c, T, pixels) per example: launched through `_launch.run_plan` with `block_order(planar=True)`,
+so on a GPU they read and write the layout XLA keeps for vector blocks beside the fused
+ConvContract kernels (no transposes), and with TRITON_INTERPRET=1 they run on the host.
+
+Activations: jax.nn.relu and jax.nn.gelu (its default tanh form), recognised by identity
+(`supported_activation`); anything else raises here (ginjax._vector_neuron falls back to its
+XLA path). float32 only. Under `jax.vmap` each kernel is one launch for the whole batch
+(custom_vmap, as the ConvContract kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .._fused import INT32_MAX
+from ._kernel import plan_partial_sums
+from ._launch import batch_size, batched_flags, block_order, run_plan
+from ._vn_kernel import ACTIVATIONS, VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
+from .conv_contract import _fold_batch_rule
+
+__all__ = ["VNBlocks", "supported_activation", "vector_neuron_triton"]
+
+
+def supported_activation(activation: Callable) -> Optional[str]:
+    """The kernel's name for `activation` ("relu", "gelu"), or None where it has none (only the
+    functions themselves: e.g. functools.partial(jax.nn.gelu, approximate=False) is not gelu's
+    tanh form)."""
+    if activation is jax.nn.relu:
+        return "relu"
+    if activation is jax.nn.gelu:
+        return "gelu"
+    return None
+
+
+def vector_neuron_triton(
+    weight: jax.Array,
+    block: jax.Array,
+    D: int,
+    activation: Callable,
+    eps: float,
+    blocks: Optional[VNBlocks] = None,
+) -> jax.Array:
+    """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as
+    the fused Triton kernels; float32 in and out. Reverse-mode differentiable and vmappable.
+
+    Args:
+        weight: (c, c) float32.
+        block: (c, *spatial, *(D,)*k) float32, k >= 1.
+        D: the number of spatial axes.
+        activation: jax.nn.relu or jax.nn.gelu (see `supported_activation`).
+        eps: a Python float > 0.
+        blocks: the kernels' tiling (None: `VNBlocks()`).
+    """
+    name = supported_activation(activation)
+    if name is None:
+        raise ValueError(f"`activation` (={activation!r}) must be jax.nn.relu or jax.nn.gelu (one of {ACTIVATIONS})")
+    if not isinstance(D, int) or D < 1:
+        raise ValueError(f"`D` (={D!r}) must be a positive int")
+    if block.ndim < D + 2:
+        raise ValueError(f"`block` (shape {tuple(block.shape)}) must be (c, *spatial[{D}], *tensor) with a tensor axis")
+    if any(n != D for n in block.shape[1 + D :]):
+        raise ValueError(f"`block` (shape {tuple(block.shape)}) must have tensor axes of size D (={D})")
+    c = block.shape[0]
+    if weight.shape != (c, c):
+        raise ValueError(f"`weight` (shape {tuple(weight.shape)}) must be (c, c) = {(c, c)} for a block of {c} channels")
+    for arg, a in (("weight", weight), ("block", block)):
+        if a.dtype != jnp.float32:
+            raise ValueError(f"`{arg}` (dtype {a.dtype}) must be float32")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # a traced eps is neither
+        raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (a literal of the kernel)")
+    blocks = VNBlocks() if blocks is None else blocks
+    blocks.validate()
+    return _vn((D, name, float(eps), blocks), weight, block)
+
+
+# ---- differentiation: custom_vjp, the residual is x --------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vn(cfg, w, x):
+    (y,) = _batched_forward(cfg)((x[None],), (w[None],))
+    return y[0]
+
+
+def _vn_fwd(cfg, w, x):
+    return _vn(cfg, w, x), (w, x)
+
+
+def _vn_bwd(cfg, res, gy):
+    w, x = res
+    gx, gw = _batched_backward(cfg)((x[None], gy.astype(jnp.float32)[None]), (w[None],))
+    return gw[0], gx[0]
+
+
+_vn.defvjp(_vn_fwd, _vn_bwd)
+
+
+# ---- batching: custom_vmap into one launch -------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _batched_forward(cfg):
+    @jax.custom_batching.custom_vmap
+    def op(xs, ws):
+        return (_launch_forward(cfg, xs[0], ws[0]),)
+
+    op.def_vmap(functools.partial(_fold_batch_rule, op))
+    return op
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_backward(cfg):
+    @jax.custom_batching.custom_vmap
+    def op(xgs, ws):
+        return _launch_backward(cfg, xgs[0], xgs[1], ws[0])
+
+    op.def_vmap(functools.partial(_fold_batch_rule, op))
+    return op
+
+
+def _geometry(cfg, x, w, gy=None):
+    D = cfg[0]
+    arrays = [x, w] + ([] if gy is None else [gy])
+    batch = batch_size(arrays)
+    flags = batched_flags(arrays, batch)
+    g = VNGeometry(
+        channels=int(x.shape[1]),
+        components=math.prod(x.shape[2 + D :]),
+        pixels=math.prod(x.shape[2 : 2 + D]),
+        x_batched=flags[0],
+        w_batched=flags[1],
+        g_batched=flags[2] if gy is not None else False,
+    )
+    if g.channels * g.components * g.pixels > INT32_MAX:
+        raise ValueError(f"`block` (shape {tuple(x.shape[1:])}) has more than 2^31 elements per example")
+    return batch, g
+
+
+def _launch_forward(cfg, x, w):
+    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> y (B, c, *spatial, *tensor)."""
+    D, act, eps, blocks = cfg
+    batch, g = _geometry(cfg, x, w)
+    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False))
+    order = block_order(D, x.ndim, True)
+    out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
+    (y,) = run_plan(plan, [out], plan.programs_per_batch * batch, [x, w], in_orders=[order, None], out_orders=[order])
+    return y
+
+
+def _launch_backward(cfg, x, gy, w):
+    """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> gx (B, ...), per-example gW (B, c, c)."""
+    D, act, eps, blocks = cfg
+    batch, g = _geometry(cfg, x, w, gy)
+    P, warps = tiling(blocks, g, backward=True)
+    groups = backward_groups(blocks, g, batch, P)
+    plan = plan_backward(g, act, eps, P, warps, groups)
+    order = block_order(D, x.ndim, True)
+    c = g.channels
+    shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
+              jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
+    gx, part = run_plan(plan, shapes, groups * batch, [x, w, gy],
+                        in_orders=[order, None, order], out_orders=[order, None])
+    sums = plan_partial_sums(batch, groups, c * c, prefix="vector_neuron_dw_sum")
+    (gw,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, c * c), jnp.float32)], sums.programs_per_batch * batch, [part])
+    return gx, gw.reshape(batch, c, c)
