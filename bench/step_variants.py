@@ -27,6 +27,7 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "vn-minor": ({"GINJAX_VN_LAYOUT": "minor"}, ()),
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
+    "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
 }
 
 

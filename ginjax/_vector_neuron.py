@@ -30,8 +30,10 @@ layout and back in the backward (bench/NOTES.md, "Round 2 measured"). On a CPU t
 components-minor and "minor" is the copy-free one. `GINJAX_VN_LAYOUT` (minor / planar) overrides
 the platform's default.
 
-Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton" on a GPU,
-"xla" elsewhere):
+Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "xla" everywhere until
+the Triton kernels have passed their GPU tests and beaten the XLA path on the H200:
+tests/test_vector_neuron_triton_gpu.py and bench/vector_neuron_spike.py, bench/NOTES.md
+"VectorNeuron as one Triton kernel"; they are checked on the CPU through Triton's interpreter):
 - "xla": the GEMM and the elementwise passes above, written in jax (any dtype, any activation).
 - "triton": `kernels.triton.vector_neuron_triton`, the whole nonlinearity as one fused Triton
   kernel forward and one backward over the component-planar block, each reading its operands
@@ -40,8 +42,8 @@ Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton
   2, up to 64 channels (32 for 2-tensors: `kernels.triton.vector_neuron_fits`), activation
   jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and no
   `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
-  block onto every device); any other call takes the "xla" path. On a CPU the default stays
-  "xla": the interpreter is for tests.
+  block onto every device); any other call takes the "xla" path. On a CPU it is for tests
+  only (the interpreter is slow).
 """
 
 from __future__ import annotations
@@ -75,13 +77,13 @@ def default_layout() -> str:
 
 
 def default_impl() -> str:
-    """$GINJAX_VN_IMPL if set, else "triton" on a GPU and "xla" elsewhere."""
+    """$GINJAX_VN_IMPL if set, else "xla" (see the module docstring for why not yet "triton")."""
     impl = os.environ.get(IMPL_ENV, "")
     if impl:
         if impl not in IMPLS:
             raise ValueError(f"${IMPL_ENV} (={impl!r}) must be one of {IMPLS}")
         return impl
-    return "triton" if jax.default_backend() == "gpu" else "xla"
+    return "xla"
 
 
 def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:

@@ -32,6 +32,8 @@ def test_variant_sets_and_restores_env_and_attributes(monkeypatch):
 
 @pytest.mark.parametrize("name, fn", [
     ("plain-middle-sum", lambda x: _reduce.middle_sum(x, 1, 4)),
+    ("vn-triton", lambda x: __import__("ginjax._vector_neuron", fromlist=["x"]).vector_neuron(
+        jnp.eye(2), x, 3, jax.nn.relu, 1e-5)),
     ("vn-planar", lambda x: __import__("ginjax._vector_neuron", fromlist=["x"]).vector_neuron(
         jnp.eye(2), x, 3, jax.nn.relu, 1e-5)),
 ])
