@@ -121,6 +121,18 @@ def test_numpy_emulation_matches_reference():
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= kernels.TOLERANCE["fp32"]
 
 
+def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    bad = tmp_path / "_ginjax_cuda.so"
+    bad.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(_ffi.ENV, str(bad))
+    _ffi.registered.cache_clear()
+    try:
+        ok, why = _ffi.registered()
+    finally:
+        _ffi.registered.cache_clear()
+    assert not ok and f"{_ffi.NAME} could not be loaded from {bad}" in why
+
+
 def test_coverage_reasons(monkeypatch):
     monkeypatch.setattr(_ffi, "library", lambda: None)
     _ffi.registered.cache_clear()

@@ -26,7 +26,7 @@ def registered() -> tuple[bool, str]:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GinjaxCudaForward), platform="CUDA")
     except (OSError, AttributeError, ValueError) as err:
-        return False, f"the CUDA extension {LIBRARY.name} could not be loaded from {path}: {err}"
+        return False, f"the CUDA extension {NAME} could not be loaded from {path}: {err}"
     return True, ""
 
 
