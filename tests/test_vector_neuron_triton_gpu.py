@@ -28,7 +28,7 @@ if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0
     pytest.skip(f"needs the GPU path: {triton_backend.availability()[1]}", allow_module_level=True)
 
 from test_conv_contract_triton import make_layer, operands  # noqa: E402
-from test_conv_contract_triton_gpu import _hlo_computations  # noqa: E402
+from test_conv_contract_triton_gpu import _hlo_computations, _line_of  # noqa: E402
 from test_vector_neuron_triton import test_nan_propagates_like_xla  # noqa: E402,F401  (re-run here on the GPU)
 
 EPS = 1e-5
@@ -95,13 +95,6 @@ def test_weight_gradient_bit_identical():
         assert np.array_equal(a, b)
 
 
-def _line(text: str, name: str) -> str:
-    for line in text.splitlines():
-        if re.match(rf"\s*(?:ROOT\s+)?%?{re.escape(name)}\s*=", line):
-            return line
-    return ""
-
-
 def test_no_relayout_around_the_vector_neuron():
     """A ResNet-like step (ConvContract, VectorNeuron on the vector key, ConvContract; value and
     gradients): in the compiled HLO no operand of a VectorNeuron custom call is produced by, and
@@ -122,9 +115,9 @@ def test_no_relayout_around_the_vector_neuron():
     comps = _hlo_computations(text)
     insts = {name: (op, ins, calls) for body in comps.values() for name, op, ins, calls in body}
     # the VectorNeuron's kernels: the triton calls with a (1, 16, 16) weight operand
-    calls = [n for n, (op, _, _) in insts.items() if op == "custom-call" and "triton_kernel_call" in _line(text, n)]
-    vn = [n for n in calls if re.search(r"f32\[1,16,16\]", _line(text, n).split("custom-call(", 1)[-1])]
-    assert len(vn) == 2, (len(calls), [_line(text, n)[:300] for n in calls])  # forward and backward
+    calls = [n for n, (op, _, _) in insts.items() if op == "custom-call" and "triton_kernel_call" in _line_of(text, n)]
+    vn = [n for n in calls if re.search(r"f32\[1,16,16\]", _line_of(text, n).split("custom-call(", 1)[-1])]
+    assert len(vn) == 2, (len(calls), [_line_of(text, n)[:300] for n in calls])  # forward and backward
 
     def relayout(name):
         op, _, called = insts[name]
