@@ -16,7 +16,7 @@ heuristics, in its `_tiling` module) and its entry point, whose contract is the 
 """
 
 from .basis import Nonzero, basis_nonzeros, count_nonzeros, nonzeros_by_read, pair_basis
-from .contract import resolve_block_sizes
+from .contract import ffi_availability, require_registered, resolve_block_sizes
 from .coverage import fused_coverage, torus_wrap_exceeds
 from .geometry import AxisGeometry, axes
 from .limits import INT32_MAX, MIN_DOT_TILE, dot_tile, int32_overflow, next_pow2
@@ -24,6 +24,6 @@ from .transpose import scatter_input_grads, transpose_blocker, transposed_spec, 
 
 __all__ = [
     "AxisGeometry", "axes", "INT32_MAX", "MIN_DOT_TILE", "Nonzero", "basis_nonzeros", "count_nonzeros", "dot_tile",
-    "fused_coverage", "int32_overflow", "next_pow2", "nonzeros_by_read", "pair_basis", "scatter_input_grads",
-    "resolve_block_sizes", "torus_wrap_exceeds", "transpose_blocker", "transposed_spec", "transposed_weights",
+    "ffi_availability", "fused_coverage", "int32_overflow", "next_pow2", "nonzeros_by_read", "pair_basis", "scatter_input_grads",
+    "require_registered", "resolve_block_sizes", "torus_wrap_exceeds", "transpose_blocker", "transposed_spec", "transposed_weights",
 ]

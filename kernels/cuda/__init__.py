@@ -8,8 +8,7 @@ say why it cannot run (not built, no GPU, a layer it was not compiled for).
 
 from __future__ import annotations
 
-import jax
-
+from .._fused import ffi_availability
 from .._spec import ConvSpec
 from ._ffi import registered
 from ._plan import coverage as _coverage
@@ -20,12 +19,7 @@ __all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage"]
 
 
 def availability() -> tuple[bool, str]:
-    ok, why = registered()
-    if not ok:
-        return False, why
-    if jax.default_backend() != "gpu":
-        return False, f"runs on an NVIDIA GPU; JAX's default backend here is {jax.default_backend()!r}"
-    return True, "CUDA forward kernel through XLA FFI"
+    return ffi_availability(registered, "gpu", "an NVIDIA GPU", "CUDA forward kernel through XLA FFI")
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:

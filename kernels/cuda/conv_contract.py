@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fused import resolve_block_sizes
+from .._fused import require_registered, resolve_block_sizes
 from .._precision import resolve_precision
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
@@ -41,9 +41,7 @@ def conv_contract_cuda(
         precision: None or a mode whose tolerance TF32 meets ("tf32", "bf16"); "fp32" is refused.
         block_sizes: the kernel's tiling (None: `BlockSizes.for_layer(spec, spatial)`).
     """
-    ok, why = registered()
-    if not ok:
-        raise ValueError(f"ConvContract backend 'cuda' cannot run here: {why}")
+    require_registered(registered, "cuda")
     mode = resolve_precision(precision)
     if mode == "fp32":
         raise ValueError(f"`precision` (={precision!r}) resolves to fp32; the CUDA kernel computes in tf32")

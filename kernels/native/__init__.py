@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, register_backend
-from .._fused import fused_coverage
+from .._fused import ffi_availability, fused_coverage
 from .._spec import ConvSpec
 from ._ffi import registered
 from ._tiling import BlockSizes
@@ -37,12 +36,7 @@ DISABLE_ENV = "GINJAX_DISABLE_NATIVE"
 def availability() -> tuple[bool, str]:
     if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
         return False, f"disabled by the environment variable {DISABLE_ENV}={os.environ[DISABLE_ENV]!r}"
-    ok, why = registered()
-    if not ok:
-        return False, why
-    if jax.default_backend() != "cpu":
-        return False, f"runs on the CPU; JAX's default backend here is {jax.default_backend()!r}"
-    return True, "C++ kernels on the CPU through XLA FFI"
+    return ffi_availability(registered, "cpu", "the CPU", "C++ kernels on the CPU through XLA FFI")
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:

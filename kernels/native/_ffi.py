@@ -21,9 +21,3 @@ def registered() -> tuple[bool, str]:
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return True, ""
-
-
-def ensure_registered() -> None:
-    ok, why = registered()
-    if not ok:
-        raise ValueError(f"ConvContract backend 'native' cannot run here: {why}")

@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
+from .._fused import require_registered, resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
-from ._ffi import ensure_registered
+from ._ffi import registered
 from ._plan import plan_attributes
 from ._tiling import BlockSizes
 
@@ -52,7 +52,7 @@ def conv_contract_native(
         spec, inputs, weights, precision: as for `kernels.conv_contract` (operands already checked).
         block_sizes: the kernels' tiling (None: `BlockSizes.for_layer(spec, spatial)`).
     """
-    ensure_registered()
+    require_registered(registered, "native")
     resolve_precision(precision)  # a bad one is an error here too, though the kernels need none
     inputs, weights = tuple(inputs), tuple(weights)
     for name, arrays in (("inputs", inputs), ("weights", weights)):
