@@ -145,13 +145,18 @@ def _header(name: str, args) -> list[str]:
     return ["import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {name}({', '.join(args)}):"]
 
 
-def _emit_weights(e: _Emit, g: VNGeometry, transposed: bool) -> None:
+def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool) -> None:
+    """The channel indices and their mask, W (and W^T for the backward) and x's batch base: what
+    both kernels set up once per program, after `bat`."""
     C = g.channels
+    e(f"ch = tl.arange(0, {_padded(C)})")
+    e(f"c_ok = ch < {C}")
     e(f"wb = w + bat * {C * C}" if g.w_batched else "wb = w")
     wmask = ", mask=c_ok[:, None] & c_ok[None, :], other=0.0" if _padded(C) != C else ""
     e(f"wm = tl.load(wb + ch[:, None] * {C} + ch[None, :]{wmask})")
     if transposed:
         e(f"wt = tl.load(wb + ch[None, :] * {C} + ch[:, None]{wmask})")
+    e(f"xb = x + bat * {C * g.components * g.pixels}" if g.x_batched else "xb = x")
 
 
 def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
@@ -231,10 +236,7 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     e("pid = tl.program_id(0)")
     e(f"tile = pid % {tiles}")
     e(f"bat = (pid // {tiles}).to(tl.int64)  # 64-bit: batch offsets may pass 2^31")
-    e(f"ch = tl.arange(0, {_padded(C)})")
-    e(f"c_ok = ch < {C}")
-    _emit_weights(e, g, transposed=False)
-    e(f"xb = x + bat * {C * T * S}" if g.x_batched else "xb = x")
+    _emit_channels_and_weights(e, g, transposed=False)
     e(f"yb = y + bat * {C * T * S}")
     mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
     _emit_local(e, g, activation, repr(float(eps)), derivative=False)
@@ -256,10 +258,7 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     e("pid = tl.program_id(0)")
     e(f"grp = pid % {groups}")
     e(f"bat = (pid // {groups}).to(tl.int64)")
-    e(f"ch = tl.arange(0, {_padded(C)})")
-    e(f"c_ok = ch < {C}")
-    _emit_weights(e, g, transposed=True)
-    e(f"xb = x + bat * {C * T * S}" if g.x_batched else "xb = x")
+    _emit_channels_and_weights(e, g, transposed=True)
     e(f"gb = gy + bat * {C * T * S}" if g.g_batched else "gb = gy")
     e(f"gxb = gx + bat * {C * T * S}")
     e(f"gw = tl.zeros(({_padded(C)}, {_padded(C)}), tl.float32)")
