@@ -87,25 +87,28 @@ def test_the_committed_bench_table_still_ranks_its_own_configurations():
     assert set(_measured.ranking("NVIDIA H200", _spec(16), (32, 32, 32))[0]) == {"dense"}
 
 
+def _auto_with(monkeypatch, name, run, platform, kind, table, priority=99):
+    """`auto` on a pretend `platform` and device `kind` whose measured table is `table`, with one
+    more backend `name` (always available and covering, running `run`); undone after the test."""
+    backend = kernels.Backend(name, run, lambda: (True, ""), lambda *a: (True, ""), priority={platform: priority})
+    monkeypatch.setitem(kernels._registry._BACKENDS, name, backend)
+    monkeypatch.setattr(kernels._registry, "platform", lambda: platform)
+    monkeypatch.setattr(kernels._registry, "device_kind", lambda: kind)
+    monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
+    monkeypatch.setattr(_measured, "load", lambda k: table if k == kind else None)
+
+
 def test_auto_dispatch_follows_the_ranking(monkeypatch):
-    fast = kernels.Backend("fast-fused", kernels.conv_contract_reference, lambda: (True, ""), lambda *a: (True, ""), priority={"gpu": 99})
-    kernels.register_backend(fast)
-    try:
-        monkeypatch.setattr(kernels._registry, "platform", lambda: "gpu")
-        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Test GPU")
-        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
-        spec = _spec()
-        table = _table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}), (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}}))
-        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "Test GPU" else None)
-        choice = kernels.explain(spec, N64)
-        assert choice.backend == "fast-fused"
-        assert "exact match" in choice.reason and "1.0 ms fwd_bwd against dense 2.0 ms" in choice.reason
-        slower = kernels.explain(spec, (32,) * 3)
-        assert slower.backend == "dense" and "no fused backend beat dense" in slower.reason  # measured slower there
-        unmeasured = kernels.explain(_spec(64), N64)
-        assert unmeasured.backend == "dense" and "no configuration like this one was measured" in unmeasured.reason
-    finally:
-        kernels._registry._BACKENDS.pop("fast-fused")
+    spec = _spec()
+    table = _table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}), (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}}))
+    _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Test GPU", table)
+    choice = kernels.explain(spec, N64)
+    assert choice.backend == "fast-fused"
+    assert "exact match" in choice.reason and "1.0 ms fwd_bwd against dense 2.0 ms" in choice.reason
+    slower = kernels.explain(spec, (32,) * 3)
+    assert slower.backend == "dense" and "no fused backend beat dense" in slower.reason  # measured slower there
+    unmeasured = kernels.explain(_spec(64), N64)
+    assert unmeasured.backend == "dense" and "no configuration like this one was measured" in unmeasured.reason
 
 
 def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
@@ -175,39 +178,31 @@ def test_vmapped_calls_rank_at_their_batch(monkeypatch):
         calls.append(_registry.traced_batch(inputs[0]))
         return kernels.conv_contract_reference(spec, inputs, weights, mode)
 
-    fast = kernels.Backend("fast-at-4", run, lambda: (True, ""), lambda *a: (True, ""), priority={"gpu": 99})
-    kernels.register_backend(fast)
-    try:
-        monkeypatch.setattr(kernels._registry, "platform", lambda: "gpu")
-        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Test GPU")
-        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
-        spec, n = _spec(2, D=2), (8, 8)
-        table = _table((spec, n, {1: {"dense": 1.0, "fast-at-4": 2.0}, 4: {"dense": 4.0, "fast-at-4": 2.0}}))
-        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "Test GPU" else None)
-        keys = jax.random.split(jax.random.PRNGKey(0), 6)
-        w = [jax.random.normal(k, (2, 2, p.basis.n_filters)) for k, p in zip(keys, spec.pairs)]
-        xs = [jax.random.normal(keys[4], (4, 2) + n), jax.random.normal(keys[5], (4, 2) + n + (2,))]
+    spec, n = _spec(2, D=2), (8, 8)
+    table = _table((spec, n, {1: {"dense": 1.0, "fast-at-4": 2.0}, 4: {"dense": 4.0, "fast-at-4": 2.0}}))
+    _auto_with(monkeypatch, "fast-at-4", run, "gpu", "Test GPU", table)
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    w = [jax.random.normal(k, (2, 2, p.basis.n_filters)) for k, p in zip(keys, spec.pairs)]
+    xs = [jax.random.normal(keys[4], (4, 2) + n), jax.random.normal(keys[5], (4, 2) + n + (2,))]
 
-        def one(x0, x1, w):
-            return kernels.conv_contract(spec, [x0, x1], w)
+    def one(x0, x1, w):
+        return kernels.conv_contract(spec, [x0, x1], w)
 
-        def loss(w, xs):
-            outs = jax.vmap(one, in_axes=(0, 0, None))(*xs, w)
-            return sum(jnp.sum(o**2) for o in outs)
+    def loss(w, xs):
+        outs = jax.vmap(one, in_axes=(0, 0, None))(*xs, w)
+        return sum(jnp.sum(o**2) for o in outs)
 
-        jax.grad(loss)(w, xs)
-        assert calls == [4]
-        pairs = [x.reshape((2, 2) + x.shape[1:]) for x in xs]
-        jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, 0, None))(*pairs, w)
-        assert calls == [4, 4]
-        jax.vmap(one, in_axes=(0, 0, None))(xs[0][:1], xs[1][:1], w)  # batch 1: dense
-        one(xs[0][0], xs[1][0], w)  # unbatched: dense (lost at batch 1)
-        assert calls == [4, 4]
-        assert kernels.explain(spec, xs).backend == "fast-at-4"
-        assert "exact match at batch 4" in kernels.explain(spec, xs).reason
-        assert kernels.explain(spec, [x[0] for x in xs]).backend == "dense"
-    finally:
-        kernels._registry._BACKENDS.pop("fast-at-4")
+    jax.grad(loss)(w, xs)
+    assert calls == [4]
+    pairs = [x.reshape((2, 2) + x.shape[1:]) for x in xs]
+    jax.vmap(jax.vmap(one, in_axes=(0, 0, None)), in_axes=(0, 0, None))(*pairs, w)
+    assert calls == [4, 4]
+    jax.vmap(one, in_axes=(0, 0, None))(xs[0][:1], xs[1][:1], w)  # batch 1: dense
+    one(xs[0][0], xs[1][0], w)  # unbatched: dense (lost at batch 1)
+    assert calls == [4, 4]
+    assert kernels.explain(spec, xs).backend == "fast-at-4"
+    assert "exact match at batch 4" in kernels.explain(spec, xs).reason
+    assert kernels.explain(spec, [x[0] for x in xs]).backend == "dense"
 
 
 def test_the_cpu_grid_is_a_measure_auto_selection_of_single_layers(capsys):
@@ -298,19 +293,11 @@ def test_on_a_cpu_compile_counts_spread_over_calls_per_compile(monkeypatch):
 
 
 def test_explain_on_a_cpu_names_the_rule_and_the_run_and_compile_times(monkeypatch):
-    cheap = kernels.Backend("cheap-compile", kernels.conv_contract_reference, lambda: (True, ""), lambda *a: (True, ""), priority={"cpu": -1})
-    kernels.register_backend(cheap)
-    try:
-        monkeypatch.setattr(kernels._registry, "platform", lambda: "cpu")
-        monkeypatch.setattr(kernels._registry, "device_kind", lambda: "cpu")
-        monkeypatch.delenv(kernels._registry.ENV_VAR, raising=False)
-        spec, n = _spec(2, D=2), (8, 8)
-        table = _timed_table("cpu", spec, n, {1: ({"dense": 0.2, "cheap-compile": 0.3}, {"dense": 2.5, "cheap-compile": 0.5})})
-        monkeypatch.setattr(_measured, "load", lambda kind: table if kind == "cpu" else None)
-        choice = kernels.explain(spec, n)  # no batch: the every-batch rule, over one batch here
-        assert choice.backend == "cheap-compile"
-        assert ("fastest measured on cpu (exact match, 1 batch size(s); ms per call = run ms + compile / 1000 calls: "
-                "cheap-compile 0.3 ms + 0.5 s compile, dense 0.2 ms + 2.5 s compile; geometric means over them): "
-                "0.8 ms per fwd_bwd call (compile included) against dense 2.7 ms") in choice.reason
-    finally:
-        kernels._registry._BACKENDS.pop("cheap-compile")
+    spec, n = _spec(2, D=2), (8, 8)
+    table = _timed_table("cpu", spec, n, {1: ({"dense": 0.2, "cheap-compile": 0.3}, {"dense": 2.5, "cheap-compile": 0.5})})
+    _auto_with(monkeypatch, "cheap-compile", kernels.conv_contract_reference, "cpu", "cpu", table, priority=-1)
+    choice = kernels.explain(spec, n)  # no batch: the every-batch rule, over one batch here
+    assert choice.backend == "cheap-compile"
+    assert ("fastest measured on cpu (exact match, 1 batch size(s); ms per call = run ms + compile / 1000 calls: "
+            "cheap-compile 0.3 ms + 0.5 s compile, dense 0.2 ms + 2.5 s compile; geometric means over them): "
+            "0.8 ms per fwd_bwd call (compile included) against dense 2.7 ms") in choice.reason
