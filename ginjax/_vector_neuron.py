@@ -65,31 +65,31 @@ IMPLS = ("xla", "triton")
 IMPL_ENV = "GINJAX_VN_IMPL"
 
 
+def _from_env(env: str, choices: tuple[str, ...], default: str) -> str:
+    """$env if set (one of `choices`, else a ValueError naming it), else `default`."""
+    value = os.environ.get(env, "")
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"${env} (={value!r}) must be one of {choices}")
+    return value
+
+
 def default_layout() -> str:
     """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (where the fused kernels keep blocks
     component-planar) and "minor" elsewhere."""
-    layout = os.environ.get(LAYOUT_ENV, "")
-    if layout:
-        if layout not in LAYOUTS:
-            raise ValueError(f"${LAYOUT_ENV} (={layout!r}) must be one of {LAYOUTS}")
-        return layout
-    return "planar" if jax.default_backend() == "gpu" else "minor"
+    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
 
 
 def default_impl() -> str:
     """$GINJAX_VN_IMPL if set, else "xla" (see the module docstring for why not yet "triton")."""
-    impl = os.environ.get(IMPL_ENV, "")
-    if impl:
-        if impl not in IMPLS:
-            raise ValueError(f"${IMPL_ENV} (={impl!r}) must be one of {IMPLS}")
-        return impl
-    return "xla"
+    return _from_env(IMPL_ENV, IMPLS, "xla")
 
 
 def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:
     """Whether the fused Triton kernels run this call (module docstring, "triton")."""
     import kernels
-    from kernels.triton import supported_activation, vector_neuron_fits
+    from kernels.triton import literal_eps, supported_activation, vector_neuron_fits
 
     k = block.ndim - 1 - D
     return (
@@ -97,8 +97,7 @@ def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Calla
         and vector_neuron_fits(block.shape[0], D**k)
         and weight.dtype == jnp.float32
         and block.dtype == jnp.float32
-        and isinstance(eps, (int, float))
-        and eps > 0
+        and literal_eps(eps)
         and supported_activation(activation) is not None
         and kernels.active_spatial_sharding() is None
         and jax.device_count() == 1

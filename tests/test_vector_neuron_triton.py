@@ -172,6 +172,7 @@ def test_unsupported_activation_falls_back_to_xla():
     # other dtypes, an eps that is an array (not a literal) and tensor order 3 take the XLA path too
     assert not _vector_neuron.triton_covers(w, x.astype(jnp.float16), D, jax.nn.relu, EPS)
     assert not _vector_neuron.triton_covers(w, x, D, jax.nn.relu, jnp.float32(EPS))
+    assert not _vector_neuron.triton_covers(w, x, D, jax.nn.relu, True)  # a bool is no epsilon: the kernel refuses it
     assert not _vector_neuron.triton_covers(w, jnp.zeros((c, 5, 6, 2, 2, 2)), D, jax.nn.relu, EPS)
     # channels past what the kernels keep in registers: 64 for vectors, 32 for 2-tensors
     assert _vector_neuron.triton_covers(jnp.zeros((64, 64)), jnp.zeros((64, 5, 6, 2)), D, jax.nn.relu, EPS)

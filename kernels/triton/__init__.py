@@ -32,9 +32,9 @@ from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from .conv_contract import conv_contract_triton
 from ._vn_kernel import fits as vector_neuron_fits
-from .vector_neuron import VNBlocks, supported_activation, vector_neuron_triton
+from .vector_neuron import VNBlocks, literal_eps, supported_activation, vector_neuron_triton
 
-__all__ = ["BlockSizes", "VNBlocks", "conv_contract_triton", "supported_activation", "vector_neuron_fits",
+__all__ = ["BlockSizes", "VNBlocks", "conv_contract_triton", "literal_eps", "supported_activation", "vector_neuron_fits",
            "vector_neuron_triton"]
 
 

@@ -42,7 +42,7 @@ from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._vn_kernel import ACTIVATIONS, VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
 from .conv_contract import _fold_batch_rule
 
-__all__ = ["VNBlocks", "supported_activation", "vector_neuron_triton"]
+__all__ = ["VNBlocks", "literal_eps", "supported_activation", "vector_neuron_triton"]
 
 
 def supported_activation(activation: Callable) -> Optional[str]:
@@ -54,6 +54,12 @@ def supported_activation(activation: Callable) -> Optional[str]:
     if activation is jax.nn.gelu:
         return "gelu"
     return None
+
+
+def literal_eps(eps) -> bool:
+    """Whether `eps` can be a literal of the kernels: a Python int or float > 0 (a traced eps is
+    neither, and a bool is no epsilon)."""
+    return not isinstance(eps, bool) and isinstance(eps, (int, float)) and eps > 0
 
 
 def vector_neuron_triton(
@@ -90,7 +96,7 @@ def vector_neuron_triton(
     for arg, a in (("weight", weight), ("block", block)):
         if a.dtype != jnp.float32:
             raise ValueError(f"`{arg}` (dtype {a.dtype}) must be float32")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # a traced eps is neither
+    if not literal_eps(eps):
         raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (a literal of the kernel)")
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
