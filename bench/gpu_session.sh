@@ -25,7 +25,7 @@
 #   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
 #   variants       python3 -m bench.step_variants: train-step variants of the glue timed in alternation
 #            (VARIANT_CONFIGS, default resnet_d3_n64_b4,dilresnet_d3_n64_b4; VARIANTS, default
-#            baseline,plain-middle-sum)
+#            baseline,vn-xla)
 #   vn-spike       python3 -m bench.vector_neuron_spike: the VectorNeuron of a d3_n64_b4_c16 vector block, XLA path
 #            vs the fused Triton kernels, fwd and fwd_bwd (VN_SPIKE_ARGS adds arguments, e.g. --activation relu)
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
@@ -80,7 +80,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"; (exit $rc) ;;
     variants)
       timeout "${T_VARIANTS:-300}" python3 -u -m bench.step_variants "$OUT/variants" --configs "${VARIANT_CONFIGS:-resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
-        --variants "${VARIANTS:-baseline,plain-middle-sum}" > "$OUT/variants/log.txt" 2>&1
+        --variants "${VARIANTS:-baseline,vn-xla}" > "$OUT/variants/log.txt" 2>&1
       rc=$?; cat "$OUT/variants/log.txt" | tail -20; (exit $rc) ;;
     vn-spike)
       timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1

@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
+    "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),
 }
 
 
