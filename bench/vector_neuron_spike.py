@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--config", default="d3_n64_b4_c16")
     p.add_argument("--activation", choices=("gelu", "relu"), default="gelu")
+    p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--tilings", nargs="*", default=["32/4/16/4", "128/8/64/8", "64/8/32/8", "256/8/16/8"])
     args = p.parse_args(argv)
     from ginjax import _vector_neuron
@@ -54,7 +55,9 @@ def main(argv=None) -> int:
             return _vector_neuron.vector_neuron(w, b, 3, activation, EPS, impl=impl)
 
         def f(x, w):
-            return (jax.vmap(lambda b: one(w, b))(x),)
+            for _ in range(args.repeat):
+                x = jax.vmap(lambda b: one(w, b))(x)
+            return (x,)
         return f
 
     def fwd_bwd(impl, blocks=None):
@@ -78,9 +81,14 @@ def main(argv=None) -> int:
     spike.stage("reference_fwd_bwd", reference(fwd_bwd("xla")))
     spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
     spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
+    spike.rows["repeat"] = args.repeat
+    fields = ("pixels", "num_warps", "bwd_pixels", "bwd_num_warps", "groups", "bwd_stages", "precision")
     for tiling in args.tilings:
-        pixels, warps, bwd_pixels, bwd_warps = (int(v) for v in tiling.split("/"))
-        blocks = triton.VNBlocks(pixels=pixels, num_warps=warps, bwd_pixels=bwd_pixels, bwd_num_warps=bwd_warps)
+        values = tiling.split("/")
+        if not 4 <= len(values) <= len(fields):
+            p.error(f"--tilings: {tiling!r} is not PIXELS/WARPS/BWD_PIXELS/BWD_WARPS[/GROUPS[/BWD_STAGES[/PRECISION]]]")
+        given = {k: (v if k == "precision" else int(v)) for k, v in zip(fields, values) if v != "-"}
+        blocks = triton.VNBlocks(**given)
         spike.stage(f"triton_fwd_bwd_{tiling.replace('/', '_')}", spike.correct_and_time(fwd_bwd("triton", blocks)))
     return 0
 

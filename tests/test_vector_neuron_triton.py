@@ -86,12 +86,14 @@ def test_forward_and_gradients_match_xla(D, k, c, spatial, activation):
     _check(got, plain(w, x, gy))
 
 
-def test_weight_gradient_partials_ragged_and_bit_identical():
+@pytest.mark.parametrize("extra", [{}, {"bwd_stages": 2, "precision": "tf32x3"}])
+def test_weight_gradient_partials_ragged_and_bit_identical(extra):
     # 90 pixels in tiles of 16 (the last one ragged), 6 tiles shared by 4 programs per example
-    # (two of them walk past the last tile): the partial sums' fixed order, run twice
+    # (two of them walk past the last tile): the partial sums' fixed order, run twice; also with
+    # a pipelined loop and tensor-core dots (the interpreter runs them at fp32)
     D, c = 3, 3
     w, x, gy = _operands(7, c, (3, 5, 6), D, 1)
-    blocks = VNBlocks(pixels=32, bwd_pixels=16, bwd_num_warps=2, groups=4)
+    blocks = VNBlocks(pixels=32, bwd_pixels=16, bwd_num_warps=2, groups=4, **extra)
     run = jax.jit(lambda w, x, gy: _value_and_grads(
         lambda w, x: vector_neuron_triton(w, x, D, jax.nn.relu, EPS, blocks), w, x, gy))
     first, second = run(w, x, gy), run(w, x, gy)
@@ -200,6 +202,10 @@ def test_bad_input_names_the_argument(monkeypatch):
         vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(pixels=24))
     with pytest.raises(ValueError, match="`blocks.bwd_num_warps`"):
         vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(bwd_num_warps=3))
+    with pytest.raises(ValueError, match=r"`blocks.bwd_stages` \(=0\)"):
+        vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(bwd_stages=0))
+    with pytest.raises(ValueError, match=r"`blocks.precision` \(='bf16'\) must be None or one of"):
+        vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(precision="bf16"))
     with pytest.raises(ValueError, match="`impl`"):
         _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS, impl="cuda")
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")

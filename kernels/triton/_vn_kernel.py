@@ -24,6 +24,7 @@ from .._fused import next_pow2
 from ._tiling import KernelPlan, interpreting
 
 ACTIVATIONS = ("relu", "gelu")
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 # sqrt(2 / pi) and the cubic coefficient of jax.nn.gelu's tanh form (approximate=True)
 _GELU_C = repr(math.sqrt(2.0 / math.pi))
 _GELU_A = "0.044715"
@@ -38,6 +39,9 @@ class VNBlocks:
         bwd_pixels, bwd_num_warps: the same for the backward.
         groups: backward programs per batch element (each walks every groups-th pixel tile and
             writes one (c, c) weight-gradient partial); None fills the GPU (a few programs per SM).
+        bwd_stages: Triton's software-pipelining depth of the backward's loop over tiles (None: 1).
+        precision: the channel-mixing dots' `input_precision`: "ieee" (None; fp32 FMA dots),
+            "tf32x3" (tensor cores, three TF32 products: about fp32's accuracy) or "tf32".
     """
 
     pixels: Optional[int] = None
@@ -45,6 +49,8 @@ class VNBlocks:
     bwd_pixels: Optional[int] = None
     bwd_num_warps: Optional[int] = None
     groups: Optional[int] = None
+    bwd_stages: Optional[int] = None
+    precision: Optional[str] = None
 
     def validate(self) -> None:
         for name in ("pixels", "bwd_pixels"):
@@ -57,6 +63,10 @@ class VNBlocks:
                 raise ValueError(f"`blocks.{name}` (={v!r}) must be None or a power of 2 up to 16")
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"`blocks.groups` (={self.groups!r}) must be None or >= 1")
+        if self.bwd_stages is not None and self.bwd_stages < 1:
+            raise ValueError(f"`blocks.bwd_stages` (={self.bwd_stages!r}) must be None or >= 1")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"`blocks.precision` (={self.precision!r}) must be None or one of {PRECISIONS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,11 +189,11 @@ def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
     return mask
 
 
-def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool) -> None:
+def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool, precision: str) -> None:
     """d_t = W x_t, then n, u_t, s and h(s) (and h'(s) with `derivative`)."""
     T = g.components
     for t in range(T):
-        e(f"d{t} = tl.dot(wm, x{t}, input_precision=\"ieee\")")
+        e(f"d{t} = tl.dot(wm, x{t}, input_precision=\"{precision}\")")
     e("nsq = " + " + ".join(f"d{t} * d{t}" for t in range(T)))
     e("pos = nsq > 0")
     e("n = tl.where(pos, tl.sqrt_rn(tl.where(pos, nsq, 1.0)), 0.0)")
@@ -220,14 +230,15 @@ def _name(kind: str, key) -> str:
     return f"vector_neuron_{kind}_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 
-def _finish(name, args, e: _Emit, programs: int, warps: int) -> KernelPlan:
+def _finish(name, args, e: _Emit, programs: int, warps: int, stages: int = 1) -> KernelPlan:
     source = "\n".join(_header(name, args) + e.lines) + "\n"
     return KernelPlan(name=name, source=source, programs_per_batch=programs, out_spatial=(),
-                      num_warps=warps, num_stages=1, nonzeros=0, peak_live_z=0)
+                      num_warps=warps, num_stages=stages, nonzeros=0, peak_live_z=0)
 
 
 @functools.lru_cache(maxsize=128)
-def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int) -> KernelPlan:
+def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int,
+                 precision: str = "ieee") -> KernelPlan:
     """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y)."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
@@ -239,15 +250,17 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     _emit_channels_and_weights(e, g, transposed=False)
     e(f"yb = y + bat * {C * T * S}")
     mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
-    _emit_local(e, g, activation, repr(float(eps)), derivative=False)
+    _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
     sm = f", mask={mask}" if mask else ""
     for t in range(T):
         e(f"tl.store(yb + rows + {t * S}, x{t} + h * u{t}{sm})")
-    return _finish(_name("fwd", (g, activation, eps, P, warps)), ["x", "w", "y"], e, tiles, warps)
+    key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
+    return _finish(_name("fwd", key), ["x", "w", "y"], e, tiles, warps)
 
 
 @functools.lru_cache(maxsize=128)
-def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int, groups: int) -> KernelPlan:
+def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int, groups: int,
+                  precision: str = "ieee", stages: int = 1) -> KernelPlan:
     """gx and the weight gradient's partials for one share of the pixel tiles per program:
     kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards."""
     C, T, S = g.channels, g.components, g.pixels
@@ -269,7 +282,7 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     # terms are all zero
     ragged = S % P != 0 or tiles % groups != 0
     mask = _emit_tile(e, g, P, ragged, [("x", "xb"), ("gy", "gb")])
-    _emit_local(e, g, activation, repr(float(eps)), derivative=True)
+    _emit_local(e, g, activation, repr(float(eps)), derivative=True, precision=precision)
     e("gs = (" + " + ".join(f"gy{t} * u{t}" for t in range(T)) + ") * dh")
     for t in range(T):
         e(f"gu{t} = h * gy{t} + gs * x{t}")
@@ -279,11 +292,11 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     sm = f", mask={mask}" if mask else ""
     for t in range(T):
         e(f"gd{t} = gu{t} * inv - coef * d{t}")
-        e(f"gxt = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"ieee\")")
+        e(f"gxt = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"{precision}\")")
         e(f"tl.store(gxb + rows + {t * S}, gxt{sm})")
-        e(f"gw = tl.dot(gd{t}, tl.trans(x{t}), gw, input_precision=\"ieee\")")
+        e(f"gw = tl.dot(gd{t}, tl.trans(x{t}), gw, input_precision=\"{precision}\")")
     e.depth -= 1
     wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""
     e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
-    key = (g, activation, eps, P, warps, groups)
-    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, warps)
+    key = (g, activation, eps, P, warps, groups) + ((precision, stages) if (precision, stages) != ("ieee", 1) else ())
+    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, warps, stages)

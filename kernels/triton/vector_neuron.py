@@ -166,7 +166,7 @@ def _launch_forward(cfg, x, w):
     """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> y (B, c, *spatial, *tensor)."""
     D, act, eps, blocks = cfg
     batch, g = _geometry(cfg, x, w)
-    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False))
+    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee")
     order = block_order(D, x.ndim, True)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     (y,) = run_plan(plan, [out], plan.programs_per_batch * batch, [x, w], in_orders=[order, None], out_orders=[order])
@@ -179,7 +179,8 @@ def _launch_backward(cfg, x, gy, w):
     batch, g = _geometry(cfg, x, w, gy)
     P, warps = tiling(blocks, g, backward=True)
     groups = backward_groups(blocks, g, batch, P)
-    plan = plan_backward(g, act, eps, P, warps, groups)
+    plan = plan_backward(g, act, eps, P, warps, groups, precision=blocks.precision or "ieee",
+                         stages=blocks.bwd_stages or 1)
     order = block_order(D, x.ndim, True)
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
