@@ -50,6 +50,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="cases compiled at once, in threads (default 8 on a GPU, 1 on a CPU; at 1 the table records compile times)")
     p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
+    p.add_argument("--only-unmeasured", action="store_true",
+                   help="skip the cases the table already holds (configuration, batch, mode and backend): "
+                        "a budgeted run measures the costliest first, so its cheap tail is measured by a second run")
     args = p.parse_args(argv)
     args.configs_arg = args.configs  # as given (a set's name), for the table's sources
     try:
@@ -122,18 +125,23 @@ class _Case:
         return dict(signature=self.use.signature, batch=self.use.batch, mode=self.mode, backend=self.backend)
 
 
-def plan(uses, backends, modes) -> tuple[list, list]:
+def plan(uses, backends, modes, table: Optional[dict] = None) -> tuple[list, list]:
     """(cases to measure, rows of the cases left out and why): per mode, configurations by
-    weight (the costliest first, so a budget cuts the cheap tail), dense then the fused backends."""
+    weight (the costliest first, so a budget cuts the cheap tail), dense then the fused backends;
+    with `table`, the cases it already holds are left out."""
     from bench import model_layers
 
     todo, left_out = [], []
     ordered = sorted(uses, key=lambda u: -u.weight)
     for mode in modes:
         for use in ordered:
+            held = {} if table is None else (
+                table["exact"].get(use.signature, {}).get("batches", {}).get(str(use.batch), {}).get(mode, {}))
             for backend in backends:
                 ok, why = model_layers.runs_itself(use, backend)
-                if ok:
+                if ok and backend in held:
+                    left_out.append(dict(_Case(use, mode, backend).row(), skipped="already in the table"))
+                elif ok:
                     todo.append(_Case(use, mode, backend))
                 else:
                     left_out.append(dict(_Case(use, mode, backend).row(), skipped=why))
@@ -166,7 +174,7 @@ def measure_all(uses, backends, args, table: dict, table_path, log: list, worker
     if deadline is None and args.time_budget:
         deadline = time.monotonic() + args.time_budget
     paths = table_path if isinstance(table_path, (list, tuple)) else [table_path]
-    todo, left_out = plan(uses, backends, args.modes)
+    todo, left_out = plan(uses, backends, args.modes, table if getattr(args, "only_unmeasured", False) else None)
     log.extend(left_out)
     chunk = max(1, workers)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=chunk) if chunk > 1 else None

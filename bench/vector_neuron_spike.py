@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         values = tiling.split("/")
         if not 4 <= len(values) <= len(fields):
             p.error(f"--tilings: {tiling!r} is not PIXELS/WARPS/BWD_PIXELS/BWD_WARPS[/GROUPS[/BWD_STAGES[/PRECISION]]]")
-        given = {k: (v if k == "precision" else int(v)) for k, v in zip(fields, values) if v != "-"}
+        given = {k: (v if k == "precision" else int(v)) for k, v in zip(fields, values) if v != "."}
         blocks = triton.VNBlocks(**given)
         spike.stage(f"triton_fwd_bwd_{tiling.replace('/', '_')}", spike.correct_and_time(fwd_bwd("triton", blocks)))
     return 0

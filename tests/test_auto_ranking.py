@@ -136,6 +136,11 @@ def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
     ms, rule = _measured.ranking("cpu", case.spec(), (8, 8), table=table)
     assert rule.startswith("exact match") and "dense" in ms
     assert "t " in measure_auto.summary(uses, table, ("dense", "reference"))
+    # --only-unmeasured: what the table holds is left out, with the reason, the rest measured
+    todo, left_out = measure_auto.plan(uses, ("dense", "reference", "native"), ("fwd_bwd", "fwd"), table)
+    assert {(c.mode, c.backend) for c in todo} >= {("fwd", "dense"), ("fwd", "reference")}
+    assert not {(c.mode, c.backend) for c in todo} & {("fwd_bwd", "dense"), ("fwd_bwd", "reference")}
+    assert sum(r.get("skipped") == "already in the table" for r in left_out) == 2
 
 
 def test_exact_match_at_the_batch_the_call_runs_at():
