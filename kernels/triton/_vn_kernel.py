@@ -83,13 +83,15 @@ class VNGeometry:
 
 # Default (pixels, warps) of the forward and the backward by (padded channels, components <= 3 or
 # more). Triton's fp32 ("ieee") dot hands every thread whole operand rows, so registers jump with
-# the tile and the warps, and not monotonically; these are the smallest register counts without
-# spills that ptxas gives for sm_90a (Triton 3.9, cuobjdump --dump-resource-usage), in brackets:
-# e.g. C=16, T=3, 4 warps: forward 48 / 96 / 165 registers at P = 32 / 64 / 128, backward
-# 100 / 177 / 255 + spills. (TF32x3 dots were worse: the backward spilled at every tile.) Not yet
-# timed on a GPU: bench/vector_neuron_spike.py compares other tilings.
+# the tile and the warps, and not monotonically; the register counts in brackets are ptxas' for
+# sm_90a (cuobjdump --dump-resource-usage). Timed on the H200 only at C=16, T=3 (d3_n64_b4_c16,
+# bench/NOTES.md "VectorNeuron as one Triton kernel"): the backward is bound by L1/shared-memory
+# traffic (ncu: 94% L1/TEX throughput at P=32, 4 warps; the FMA dots read their operands through
+# shared memory, each thread whole rows), and one warp on 16 pixels reads the least per product:
+# 5.60 ms for 8 chained fwd+bwd against 6.83 at (32, 4), 6.60 at (32, 1), 7.15 at (16, 2);
+# pipelining the loop or tensor-core dots (tf32x3) were slower. The other rows are register picks.
 _DEFAULT_TILING = {
-    (16, False): ((64, 4), (32, 4)),  # forward [96], backward [100]
+    (16, False): ((64, 4), (16, 1)),  # forward [96]
     (16, True): ((16, 8), (16, 8)),  # [48], [102]
     (32, False): ((32, 8), (16, 8)),  # [48], [138]
     (32, True): ((16, 8), (16, 8)),
