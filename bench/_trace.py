@@ -172,6 +172,7 @@ class HloInfo:
     target: str = ""  # a custom call's target
     op_name: str = ""  # the jax name stack of the op that made it
     source: str = ""  # file:line of the innermost frame, where the HLO text carries stack frames
+    source_path: str = ""  # that frame's file, as the HLO text names it
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -190,10 +191,10 @@ _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _MODEL_CODE = re.compile(r"ginjax/(models/|ml/|layers\.py|geometric/)")
 
 
-def _source_frames(text: str) -> dict[int, str]:
-    """stack frame id -> 'file:line (function)' from the HLO text's FileNames/.../StackFrames: the
-    innermost frame, and after ' <- ' the innermost one in a model or layer of ginjax (where the
-    step's code made the op) when that is another frame."""
+def _source_frames(text: str) -> dict[int, tuple[str, str]]:
+    """stack frame id -> ('file:line (function)', path of that file) from the HLO text's
+    FileNames/.../StackFrames: the innermost frame, and after ' <- ' the innermost one in a model
+    or layer of ginjax (where the step's code made the op) when that is another frame."""
     sections: dict[str, dict[int, str]] = {}
     current = None
     for line in text.splitlines():
@@ -232,7 +233,7 @@ def _source_frames(text: str) -> dict[int, str]:
             if ploc and _MODEL_CODE.search(ploc[0]):
                 caller = ploc[1]
                 break
-        out[k] = text if caller is None or _MODEL_CODE.search(loc[0]) else f"{text} <- {caller}"
+        out[k] = (text if caller is None or _MODEL_CODE.search(loc[0]) else f"{text} <- {caller}", loc[0])
     return out
 
 
@@ -263,21 +264,20 @@ def hlo_index(hlo_text: str) -> dict[str, HloInfo]:
         op = _OPCODE.search(rest)
         fields = {k: (r.search(rest).group(1) if r.search(rest) else "") for k, r in _KV.items()}
         frame = _FRAME_ID.search(rest)
-        info = HloInfo(
-            opcode=op.group(1) if op else "",
-            source=frames.get(int(frame.group(1)), "") if frame else "",
-            **fields,
-        )
+        source, source_path = frames.get(int(frame.group(1)), ("", "")) if frame else ("", "")
+        info = HloInfo(opcode=op.group(1) if op else "", source=source, source_path=source_path, **fields)
         out[name] = info
         if info.op_name and (line.lstrip().startswith("ROOT") or current not in computation_op):
-            computation_op[current] = (info.op_name, info.source)
+            computation_op[current] = (info.op_name, info.source, info.source_path)
         called = _CALLS.search(rest)
         if called:
             calls[name] = called.group(1)
     for name, computation in calls.items():
         if not out[name].op_name and computation in computation_op:
-            op_name, source = computation_op[computation]
-            out[name] = dataclasses.replace(out[name], op_name=op_name, source=out[name].source or source)
+            op_name, source, path = computation_op[computation]
+            if not out[name].source:
+                out[name] = dataclasses.replace(out[name], source=source, source_path=path)
+            out[name] = dataclasses.replace(out[name], op_name=op_name)
     return out
 
 
@@ -306,13 +306,18 @@ def resolve(event: KernelEvent, index: dict, normal: Optional[dict] = None) -> t
 
 # ---- classification ----------------------------------------------------------------------------
 FUSED = "ConvContract fused"
+# ConvContract layers that `auto` (or the caller) sent to the dense backend: library convolutions
+# and GEMMs made by its lax path (kernels/dense.py, _lax_common.py, _resample.py's sub-pixel GEMMs)
+DENSE = "ConvContract dense (cuDNN/cuBLAS)"
+VECTOR_NEURON = "VectorNeuron fused"
 KINDS = (
-    f"{FUSED} fwd", f"{FUSED} input-grad", f"{FUSED} weight-grad",
+    f"{FUSED} fwd", f"{FUSED} input-grad", f"{FUSED} weight-grad", DENSE, VECTOR_NEURON,
     "cuDNN/cuBLAS", "XLA gemm fusion", "XLA loop fusion", "XLA input fusion", "XLA reduce fusion",
     "XLA output fusion", "XLA custom fusion", "copy/transpose", "other",
 )
 _LIBRARY_KERNEL = re.compile(r"cudnn|cublas|cutlass|xmma|implicit_gemm|nvjet|gemm|sm\d\d_|winograd|fft", re.I)
 _BACKWARD_STACK = re.compile(r"\btranspose\(")
+_DENSE_PATH = re.compile(r"(^|/)kernels/(dense|_lax_common|_resample)\.py$")
 
 
 def fused_direction(kernel: str, op_name: str) -> Optional[str]:
@@ -343,8 +348,12 @@ def classify(event: KernelEvent, info: Optional[HloInfo]) -> str:
         return f"{FUSED} {direction}"
     hlo = (event.name if in_command_buffer(event) or not event.hlo_op else event.hlo_op).lower()
     name = event.name.lower()
+    if name.startswith("vector_neuron_"):  # kernels/triton/vector_neuron.py (and its partial sums)
+        return VECTOR_NEURON
+    # a library call is ConvContract's when its lax path made it (the layer ran on `dense`)
+    library = DENSE if _DENSE_PATH.search(info.source_path) else "cuDNN/cuBLAS"
     if re.search("cudnn|cublas", info.target + info.backend_kind, re.I) or hlo.startswith(("cudnn", "cublas")):
-        return "cuDNN/cuBLAS"
+        return library
     if "gemm" in info.backend_kind or "gemm_fusion" in hlo or "triton_gemm" in hlo:
         return "XLA gemm fusion"
     if info.opcode in ("copy", "transpose", "copy-start", "copy-done") or "transpose" in hlo or hlo.startswith("copy") \
@@ -358,9 +367,9 @@ def classify(event: KernelEvent, info: Optional[HloInfo]) -> str:
     if info.opcode in ("reduce", "reduce-window"):
         return "XLA reduce fusion"
     if info.opcode in ("convolution", "dot"):  # unfused: a library call (cuDNN/cuBLAS; on a CPU Eigen/oneDNN)
-        return "cuDNN/cuBLAS"
+        return library
     if not info.opcode and _LIBRARY_KERNEL.search(name):
-        return "cuDNN/cuBLAS"
+        return library
     return "other"
 
 

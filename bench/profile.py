@@ -9,7 +9,8 @@
 A step is compiled once (ahead of time), run once to load its kernels, timed (wall clock), then
 run `steps` times under `jax.profiler.trace`; the trace's kernels of that executable are summed
 per step and sorted into kinds (bench/_trace.py: fused ConvContract kernels by direction,
-cuDNN/cuBLAS, XLA fusions by kind, copies/transposes, other), with the top kernels, the HLO op
+cuDNN/cuBLAS (ConvContract's layers on dense apart from other library calls), the VectorNeuron kernels,
+XLA fusions by kind, copies/transposes, other), with the top kernels, the HLO op
 that launched each and the jax op (name stack and source line) that made it.
 
 Kernel timing needs a GPU. On a CPU the step runs once under the profiler and the report lists
@@ -82,6 +83,12 @@ class StepProfile:
     def share(self, ms: float) -> float:
         return ms / self.kernel_ms if self.kernel_ms > 0 else 0.0
 
+    def conv_contract_ms(self) -> tuple[float, float]:
+        """(ms per step in the fused ConvContract kernels, the same plus ConvContract's layers that
+        ran on dense: cuDNN/cuBLAS calls its lax path made)."""
+        fused = sum(ms for k, ms in self.kinds.items() if k.startswith(_trace.FUSED))
+        return fused, fused + self.kinds.get(_trace.DENSE, 0.0)
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("hlo_text")
@@ -99,6 +106,10 @@ class StepProfile:
             lines.append(f"note: {self.note}")
         wall = f"step {self.step_ms:.2f} ms wall clock (median); " if self.step_ms is not None else ""
         lines.append(f"{wall}{unit}: {self.kernel_ms:.2f} ms per step in {self.launches:.0f} launches")
+        fused, conv = self.conv_contract_ms()
+        lines.append(f"ConvContract: fused kernels {fused:.2f} ms ({100 * self.share(fused):.1f}%), with its layers "
+                     f"on dense (library calls) {conv:.2f} ms ({100 * self.share(conv):.1f}%); outside ConvContract "
+                     f"{100 * (1 - self.share(conv)):.1f}%")
         lines.append("")
         lines.append(f"{'kind':28s} {'ms/step':>9s} {'share':>6s}")
         for kind, ms in sorted(self.kinds.items(), key=lambda kv: -kv[1]):
@@ -149,7 +160,8 @@ class StepProfile:
         kinds = [k for k in _trace.KINDS if self.kinds.get(k)] + sorted(k for k in self.kinds if k not in _trace.KINDS)
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(kinds) + 1.5))
         values = [self.kinds[k] for k in kinds]
-        colors = ["C0" if k.startswith(_trace.FUSED) else "C3" if k == "cuDNN/cuBLAS" else "C7" for k in kinds]
+        colors = ["C0" if k.startswith(_trace.FUSED) else "C9" if k == _trace.DENSE else "C2" if k == _trace.VECTOR_NEURON
+                  else "C3" if k == "cuDNN/cuBLAS" else "C7" for k in kinds]
         ax.barh(kinds[::-1], values[::-1], color=colors[::-1])
         for y, v in enumerate(values[::-1]):
             ax.text(v, y, f" {v:.2f} ms ({100 * self.share(v):.0f}%)", va="center", fontsize=8)
@@ -333,8 +345,10 @@ def main(argv=None) -> int:
 
 def split_table(reports: list[StepProfile]) -> str:
     """One row per profiled step: wall ms, kernel ms, and the share of the main kinds."""
-    cols = [f"{_trace.FUSED} fwd", f"{_trace.FUSED} input-grad", f"{_trace.FUSED} weight-grad", "cuDNN/cuBLAS"]
-    head = ["step", "backend", "wall ms", "kernel ms", "fused fwd", "fused dx", "fused dw", "cuDNN/cuBLAS", "everything else"]
+    cols = [f"{_trace.FUSED} fwd", f"{_trace.FUSED} input-grad", f"{_trace.FUSED} weight-grad", _trace.DENSE,
+            _trace.VECTOR_NEURON, "cuDNN/cuBLAS"]
+    head = ["step", "backend", "wall ms", "kernel ms", "fused fwd", "fused dx", "fused dw", "dense conv", "VectorNeuron",
+            "other cuDNN/cuBLAS", "everything else"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         rest = r.kernel_ms - sum(r.kinds.get(c, 0.0) for c in cols)

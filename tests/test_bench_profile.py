@@ -125,7 +125,55 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 """
     info = _trace.hlo_index(hlo)["loop_fusion"]
     assert info.source == "dense.py:34 (assemble_dense_filter) <- unet.py:120 (UNet.__call__)"
+    assert info.source_path == "/src/ginjax/kernels/dense.py"
     assert info.op_name == "jit(step)/dot_general" and info.fusion_kind == "kLoop"
+
+
+LIBRARY_HLO = """HloModule m
+
+FileNames
+1 "/site/kernels/_lax_common.py"
+2 "/site/ginjax/_channel_mix.py"
+
+FunctionNames
+1 "conv_channels_last"
+2 "channel_mix"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=34 end_line=34 column=1 end_column=2}
+2 {file_name_id=2 function_name_id=2 line=50 end_line=50 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=0}
+2 {file_location_id=2 parent_frame_id=0}
+
+ENTRY %main (x: f32[8,64]) -> f32[8,64] {
+  %x = f32[8,64]{1,0} parameter(0)
+  %cudnn-conv.1 = (f32[8,64]{1,0}, u8[0]{0}) custom-call(%x), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/conv_general_dilated" stack_frame_id=1}
+  %custom-call.7 = f32[8,64]{1,0} custom-call(%x), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/dot_general" stack_frame_id=2}
+  ROOT %custom-call.8 = f32[8,64]{1,0} custom-call(%x), custom_call_target="triton_kernel_call", metadata={op_name="jit(step)/transpose(jvp(vmap()))/ginjax_triton_kernel_call"}
+}
+"""
+
+
+def test_library_calls_of_conv_contracts_on_dense_and_the_vector_neuron_kernels_have_their_own_kinds():
+    from bench.profile import StepProfile
+
+    index = _trace.hlo_index(LIBRARY_HLO)
+    events = [_trace.KernelEvent("sm90_xmma_fprop_implicit_gemm", 4e6, hlo_op="cudnn-conv.1"),
+              _trace.KernelEvent("nvjet_tst_64x8", 1e6, hlo_op="custom-call.7"),
+              _trace.KernelEvent("vector_neuron_bwd_4a3203e08726", 2e6, hlo_op="custom-call.8"),
+              _trace.KernelEvent("conv_contract_dw_9f", 3e6, hlo_op="custom-call.9")]
+    kinds = [_trace.classify(e, _trace.resolve(e, index)[1]) for e in events]
+    assert kinds == [_trace.DENSE, "cuDNN/cuBLAS", _trace.VECTOR_NEURON, "ConvContract fused weight-grad"]
+    report = StepProfile(
+        name="t", backend="auto", platform="gpu", device_kind="H", jax_version="0", steps=1, step_ms=11.0,
+        kernel_ms=10.0, launches=4, kinds={_trace.DENSE: 4.0, "cuDNN/cuBLAS": 1.0, _trace.VECTOR_NEURON: 2.0,
+                                           "ConvContract fused weight-grad": 3.0},
+        kernels=[], source="gpu", reader="test", hlo_module="m")
+    assert report.conv_contract_ms() == (3.0, 7.0)
+    assert "fused kernels 3.00 ms (30.0%), with its layers on dense (library calls) 7.00 ms (70.0%); " \
+           "outside ConvContract 30.0%" in report.format()
 
 
 def test_a_kernel_without_hlo_text_is_classified_by_its_names():
