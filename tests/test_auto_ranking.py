@@ -143,6 +143,29 @@ def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
     assert sum(r.get("skipped") == "already in the table" for r in left_out) == 2
 
 
+def test_a_small_win_at_a_larger_batch_does_not_carry_to_a_smaller_one():
+    """The models' embedding layer was measured at batch 4 only, where triton won by 5%: at batch
+    1 (unmeasured; such layers lose there) `auto` keeps dense, at batch 8 or an unknown batch the
+    batch-4 win counts. A dilated layer's 8.7x win carries down. The same for a similar
+    configuration's samples."""
+    spec = _spec()
+    table = _table((spec, N64, {4: {"dense": 3.68, "triton": 3.49}}))
+    ms, rule = _measured.ranking("Test GPU", spec, N64, table=table, batch=1)
+    assert set(ms) == {"dense"}
+    for batch in (8, None):
+        ms, rule = _measured.ranking("Test GPU", spec, N64, table=table, batch=batch)
+        assert min(ms, key=ms.get) == "triton" and rule.startswith("exact match, 1 batch")
+    ms, rule = _measured.ranking("Test GPU", spec, (32,) * 3, table=table, batch=1)
+    assert set(ms) == {"dense"}
+    ms, rule = _measured.ranking("Test GPU", spec, (32,) * 3, table=table, batch=4)
+    assert min(ms, key=ms.get) == "triton" and "1 similar" in rule
+    dilated = _spec(rhs_dilation=2)
+    table = _table((dilated, N64, {4: {"dense": 47.8, "triton": 5.5}}))
+    for spatial in (N64, (32,) * 3):
+        ms, rule = _measured.ranking("Test GPU", dilated, spatial, table=table, batch=1)
+        assert min(ms, key=ms.get) == "triton" and ms["triton"] == pytest.approx(5.5 * _measured.LARGER_BATCH_MARGIN)
+
+
 def test_exact_match_at_the_batch_the_call_runs_at():
     """A layer that wins on a fused kernel at batch 4 and loses at batch 1 (the launch too small to
     fill the GPU): the batch the call runs at decides; unknown, the every-batch rule (dense)."""
