@@ -46,6 +46,7 @@ constexpr int kThreads = 128;  // pixels per tile, one thread each
 constexpr int kRelu = 0, kGelu = 1;
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
+constexpr float kGeluA3 = 0.134145f;  // 3 kGeluA, the literal of the Triton kernel's h' (not 3.f * kGeluA)
 
 // act(s), act'(s) (with `derivative`), h(s) and h'(s) of _vn_kernel._emit_local.
 template <bool kDerivative>
@@ -61,7 +62,7 @@ __device__ __forceinline__ void local_gain(float s, float eps, int act, float& h
     th = z < 0.f ? -th : th;
     const float cdf = 0.5f * (1.f + th);
     a = s * cdf;
-    if (kDerivative) da = cdf + s * 0.5f * (1.f - th * th) * kGeluC * (1.f + 3.f * kGeluA * (s * s));
+    if (kDerivative) da = cdf + s * 0.5f * (1.f - th * th) * kGeluC * (1.f + kGeluA3 * (s * s));
   }
   const float q = fabsf(s) + eps;
   const float gain = a / q;
