@@ -10,6 +10,7 @@ running, timing."""
 
 from __future__ import annotations
 
+import pathlib
 import re
 import shutil
 import subprocess
@@ -182,6 +183,74 @@ def test_emulated_kernels_match_autodiff_of_the_xla_path(c, spatial, D, k, act, 
     assert rel_l2(unplanar(gx), want_gx) < 1e-12
     assert rel_l2(gw, want_gw) < 1e-12
     assert part.shape == (groups, c, c) and np.allclose(part.sum(axis=0), gw, rtol=0, atol=0)
+
+
+HOST = pathlib.Path(__file__).with_name("vn_cuda_host.cpp")
+CU = pathlib.Path(vn.__file__).with_name("vector_neuron.cu")
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """vector_neuron.cu's device code compiled for the host by g++ (tests/vn_cuda_host.cpp: a CTA
+    as 128 OS threads meeting at a barrier for __syncthreads, dynamic shared memory a static
+    buffer). Runs (C, T, S, B, groups, act, x, w, gy) -> y, gx, part."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
+    src = CU.read_text()
+    device = src[src.index("// ---- device code") : src.index("// ---- host side")]
+    assert device.count("extern __shared__ float4 smem4[];") == 1
+    device = device.replace("extern __shared__ float4 smem4[];", "float4* smem4 = reinterpret_cast<float4*>(dynamic_smem);")
+    tmp = tmp_path_factory.mktemp("vn_host")
+    (tmp / "device.inc").write_text(device)
+    exe = tmp / "vn_host"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+           f'-DGJ_DEVICE_CODE="{tmp / "device.inc"}"', str(HOST), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    def run(C, T, S, B, groups, act, x, w, gy):
+        head = f"{C} {T} {S} {B} {groups} {vn.ACTIVATIONS.index(act)} {EPS!r}\n".encode()
+        data = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (x, w, gy))
+        out = subprocess.run([str(exe)], input=head + data, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        flat = np.frombuffer(out.stdout, np.float32)
+        n = x.size
+        assert flat.size == 2 * n + B * groups * C * C
+        return flat[:n].reshape(x.shape), flat[n : 2 * n].reshape(x.shape), flat[2 * n :].reshape(B, groups, C, C)
+    return run
+
+
+@pytest.mark.parametrize(
+    "c, spatial, D, k, act, groups",
+    [
+        (16, (5, 6, 7), 3, 1, "gelu", 2),  # T = 3, a ragged last tile, one tile per CTA
+        (16, (17, 19), 2, 1, "relu", 1),  # T = 2, one CTA walks three tiles
+        (16, (9, 15), 2, 2, "gelu", 1),  # T = 4, two tiles
+        (8, (3, 4, 5), 3, 1, "relu", 1),  # fewer pixels than a tile
+        (8, (23, 29), 2, 1, "gelu", 3),  # three CTAs over six tiles
+        (8, (11, 13), 2, 2, "relu", 2),  # T = 4
+    ],
+)
+def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spatial, D, k, act, groups):
+    """The kernels' own code (indexing, masks, staging, the splits' reduction) on fresh random
+    inputs, every output starting as NaN, against float64 autodiff of ginjax's XLA path."""
+    B, T, S = 2, D**k, int(np.prod(spatial))
+    rng = np.random.default_rng(11)
+    blocks = rng.normal(size=(B, c) + spatial + (D,) * k).astype(np.float32)
+    ws = (rng.uniform(-1, 1, size=(B, c, c)) / np.sqrt(c)).astype(np.float32)
+    gys = rng.normal(size=blocks.shape).astype(np.float32)
+    planar = lambda a: np.moveaxis(a.reshape((B, c, S, T)), -1, 2)  # noqa: E731  (B, c, T, S)
+    y, gx, part = host_kernels(c, T, S, B, groups, act, planar(blocks), ws, planar(gys))
+    assert all(np.all(np.isfinite(a)) for a in (y, gx, part)), "an output element never written"
+    unplanar = lambda a: np.moveaxis(a, 2, -1).reshape(blocks.shape)  # noqa: E731
+    with float64():
+        f = lambda w, x: _vector_neuron.vector_neuron(w, x, D, getattr(jax.nn, act), EPS, impl="xla")  # noqa: E731
+        for b in range(B):
+            want_y, vjp = jax.vjp(f, jnp.asarray(ws[b], jnp.float64), jnp.asarray(blocks[b], jnp.float64))
+            want_gw, want_gx = vjp(jnp.asarray(gys[b], jnp.float64))
+            assert rel_l2(unplanar(y)[b], want_y) < 1e-6
+            assert rel_l2(unplanar(gx)[b], want_gx) < 1e-5
+            assert rel_l2(part[b].sum(axis=0), want_gw) < 1e-5
 
 
 @pytest.mark.slow

@@ -42,7 +42,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// ---- device code (tests/test_vector_neuron_cuda.py compiles this part for the host as well)
 constexpr int kThreads = 128;  // pixels per tile, one thread each
+// The instantiated (C, T): vector_neuron.py's COVERED lists the same pairs.
+#define GJ_VN_SIZES(X) X(8, 2) X(8, 3) X(8, 4) X(16, 2) X(16, 3) X(16, 4)
 constexpr int kRelu = 0, kGelu = 1;
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
@@ -273,6 +276,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   }
 }
 
+// ---- host side: launches and the FFI handlers
 template <int C, int T>
 cudaError_t launch_forward(const float* x, const float* w, float* y, int S, int batch, float eps, int act,
                            cudaStream_t stream) {
@@ -290,9 +294,6 @@ cudaError_t launch_backward(const float* x, const float* w, const float* gy, flo
   backward_kernel<C, T><<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, gy, gx, part, S, groups, eps, act);
   return cudaGetLastError();
 }
-
-// The instantiated (C, T): vector_neuron.py's COVERED lists the same pairs.
-#define GJ_VN_SIZES(X) X(8, 2) X(8, 3) X(8, 4) X(16, 2) X(16, 3) X(16, 4)
 
 ffi::Error bad(const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda VectorNeuron: " + why); }
 
