@@ -12,11 +12,8 @@ transpose next to the CUDA calls (the planar block is a bitcast). Build first
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,7 +22,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import float64, rel_l2
+from conftest import assert_memcheck_clean, float64, rel_l2
 from ginjax import _vector_neuron
 from kernels import cuda
 from kernels.cuda import _ffi
@@ -139,13 +136,7 @@ def test_memcheck_clean():
         print("done")
         """
     )
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
-        capture_output=True, text=True, env=env, timeout=400,
-    )
-    assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
-    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
+    assert_memcheck_clean(code)
 
 
 def test_no_relayout_around_the_cuda_calls():

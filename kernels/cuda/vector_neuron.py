@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._vn_args import ACTIVATIONS, check_arguments, literal_eps, supported_activation
 from ._ffi import VN_BACKWARD, VN_FORWARD, registered
 
 __all__ = ["COVERED", "coverage", "vector_neuron_cuda", "vector_neuron_cuda_covers"]
 
-ACTIVATIONS = ("relu", "gelu")  # the kernels' `activation` attribute is the index
 THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
 # (channels, components) -> backward CTAs resident per SM: the register limit of ptxas' count
 # for sm_90a (65,536 / (128 threads x registers rounded up to 8)); the shared memory,
@@ -38,20 +38,6 @@ THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
 # (slow) recompiles and holds ptxas to these and to no spills.
 COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 2}
 DEFAULT_SMS = 132  # an H200's, where the device does not say
-
-
-def supported_activation(activation: Callable):
-    """"relu" / "gelu" for jax.nn.relu / jax.nn.gelu (by identity, as the Triton kernels), else None."""
-    if activation is jax.nn.relu:
-        return "relu"
-    if activation is jax.nn.gelu:
-        return "gelu"
-    return None
-
-
-def literal_eps(eps) -> bool:
-    """A Python int or float > 0 (a traced eps is not a kernel attribute; a bool is no epsilon)."""
-    return not isinstance(eps, bool) and isinstance(eps, (int, float)) and eps > 0
 
 
 def coverage(channels: int, components: int, dtype=jnp.float32) -> tuple[bool, str]:
@@ -99,24 +85,8 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         activation: jax.nn.relu or jax.nn.gelu (its default tanh form).
         eps: a Python float > 0.
     """
-    name = supported_activation(activation)
-    if name is None:
-        raise ValueError(f"`activation` (={activation!r}) must be jax.nn.relu or jax.nn.gelu (one of {ACTIVATIONS})")
-    if not isinstance(D, int) or isinstance(D, bool) or D < 1:
-        raise ValueError(f"`D` (={D!r}) must be a positive int")
-    if block.ndim < D + 2:
-        raise ValueError(f"`block` (shape {tuple(block.shape)}) must be (c, *spatial[{D}], *tensor) with a tensor axis")
-    if any(n != D for n in block.shape[1 + D :]):
-        raise ValueError(f"`block` (shape {tuple(block.shape)}) must have tensor axes of size D (={D})")
+    name, T = check_arguments(weight, block, D, activation, eps)
     c = block.shape[0]
-    if weight.shape != (c, c):
-        raise ValueError(f"`weight` (shape {tuple(weight.shape)}) must be (c, c) = {(c, c)} for a block of {c} channels")
-    for arg, a in (("weight", weight), ("block", block)):
-        if a.dtype != jnp.float32:
-            raise ValueError(f"`{arg}` (dtype {a.dtype}) must be float32")
-    if not literal_eps(eps):
-        raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (an attribute of the kernel)")
-    T = math.prod(block.shape[1 + D :])
     ok, why = sizes_covered(c, T)
     if not ok:
         raise ValueError(f"`block` (shape {tuple(block.shape)}) is not covered by the CUDA kernels: {why}")
