@@ -29,6 +29,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),
+    # the opt-in CUDA VectorNeuron kernels (needs the built _ginjax_cuda.so; where they do not
+    # cover a call, it takes triton's path, so without the library this is vn-triton)
+    "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
 }
 
 

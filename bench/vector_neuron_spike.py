@@ -10,9 +10,11 @@ default precision, as in a model step.
     python -m bench.vector_neuron_spike OUT_DIR [--config d3_n64_b4_c16] [--activation gelu]
                                                 [--tilings 32/4/32/4 128/8/32/8 ...]
 
-After the default tiling's rows, fwd_bwd of the kernels at the other tilings given as
-PIXELS/WARPS/BWD_PIXELS/BWD_WARPS (kernels.triton.VNBlocks): the defaults were picked from ptxas'
-register counts, not from timings.
+Where the opt-in CUDA library is built (kernels/cuda/README.md) and covers the block, cuda_fwd and
+cuda_fwd_bwd rows (kernels.cuda.vector_neuron_cuda, through GINJAX_VN_IMPL's "cuda" path) follow
+the triton ones; otherwise the rows' "cuda" says why not. After the default tiling's rows,
+fwd_bwd of the kernels at the other tilings given as PIXELS/WARPS/BWD_PIXELS/BWD_WARPS
+(kernels.triton.VNBlocks): the defaults were picked from ptxas' register counts, not from timings.
 """
 
 from __future__ import annotations
@@ -75,11 +77,18 @@ def main(argv=None) -> int:
             return {}
         return run
 
+    # the CUDA kernels (opt-in library, kernels/cuda/README.md) where built and covering the block
+    cuda_ok, cuda_why = _vector_neuron.cuda_covers(weight, block[0], 3, activation, EPS)
+    spike.rows["cuda"] = "covered" if cuda_ok else cuda_why
     spike.stage("reference_fwd", reference(fwd("xla")))
     spike.stage("triton_fwd", spike.correct_and_time(fwd("triton")))
+    if cuda_ok:
+        spike.stage("cuda_fwd", spike.correct_and_time(fwd("cuda")))
     spike.stage("xla_fwd", spike.correct_and_time(fwd("xla")))
     spike.stage("reference_fwd_bwd", reference(fwd_bwd("xla")))
     spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
+    if cuda_ok:
+        spike.stage("cuda_fwd_bwd", spike.correct_and_time(fwd_bwd("cuda")))
     spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
     spike.rows["repeat"] = args.repeat
     fields = ("pixels", "num_warps", "bwd_pixels", "bwd_num_warps", "groups", "bwd_stages", "precision")

@@ -30,8 +30,8 @@ layout and back in the backward (bench/NOTES.md, "Round 2 measured"). On a CPU t
 components-minor and "minor" is the copy-free one. `GINJAX_VN_LAYOUT` (minor / planar) overrides
 the platform's default.
 
-Two implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton; default "triton" on a GPU,
-"xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
+Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
+GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
 (tests/test_vector_neuron_triton_gpu.py) and took a ResNet train step (d3_n64_b4) from 81.1 to
 72.7 ms and a DilResNet step from 104.9 to 93.7 ms, with 7-9 GB less temporary memory
 (bench/step_variants.py, bench/NOTES.md "VectorNeuron as one Triton kernel"); on a CPU they run
@@ -46,6 +46,14 @@ only through Triton's interpreter, which is for tests:
   `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
   block onto every device); any other call takes the "xla" path. On a CPU it is for tests
   only (the interpreter is slow).
+- "cuda" (opt-in only, never a default): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
+  C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
+  block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
+  traffic). Used where `cuda_covers` the call: the opt-in library `_ginjax_cuda.so` built and
+  registered (kernels/cuda/README.md) and JAX's default backend a GPU, float32, jax.nn.relu or
+  jax.nn.gelu, eps a Python number, one device, no spatial sharding, and (channels, components)
+  among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels,
+  2 to 4 components); any other call takes the "triton" path where that covers it, else "xla".
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from ginjax._channel_mix import _mix, _mix_bwd
 
 LAYOUTS = ("minor", "planar")
 LAYOUT_ENV = "GINJAX_VN_LAYOUT"
-IMPLS = ("xla", "triton")
+IMPLS = ("xla", "triton", "cuda")
 IMPL_ENV = "GINJAX_VN_IMPL"
 
 
@@ -107,6 +115,20 @@ def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Calla
     )
 
 
+def cuda_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> tuple[bool, str]:
+    """Whether the CUDA kernels run this call, and why not (module docstring, "cuda")."""
+    import kernels
+    from kernels.cuda import availability
+    from kernels.cuda.vector_neuron import vector_neuron_cuda_covers
+
+    ok, why = availability()
+    if not ok:
+        return False, why
+    if jax.device_count() != 1 or kernels.active_spatial_sharding() is not None:
+        return False, "more than one device or spatial sharding (XLA cannot partition the custom call)"
+    return vector_neuron_cuda_covers(weight, block, D, activation, eps)
+
+
 def vector_neuron(
     weight: jax.Array,
     block: jax.Array,
@@ -119,15 +141,20 @@ def vector_neuron(
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
     `layout` ("minor" / "planar", default `default_layout()`) only arranges the arithmetic of
-    the "xla" path; `impl` ("xla" / "triton", default `default_impl()`) picks the path ("triton"
-    where `triton_covers` the call, else "xla")."""
+    the "xla" path; `impl` ("xla" / "triton" / "cuda", default `default_impl()`) picks the path
+    ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
+    not covered falls back to "triton" and "xla" in that order)."""
     layout = default_layout() if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"vector_neuron: `layout` (={layout!r}) must be one of {LAYOUTS}")
     impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
-    if impl == "triton" and triton_covers(weight, block, D, activation, eps):
+    if impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0]:
+        from kernels.cuda import vector_neuron_cuda
+
+        return vector_neuron_cuda(weight, block, D, activation, float(eps))
+    if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
         from kernels.triton import vector_neuron_triton
 
         return vector_neuron_triton(weight, block, D, activation, float(eps))

@@ -373,3 +373,18 @@ def random_operands(spec, spatial, seed, batch=None, dtype=np.float64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261121)
+
+
+def assert_memcheck_clean(code: str, timeout: int = 400) -> None:
+    """Run `code` (a Python script that prints "done" at its end) under compute-sanitizer's
+    memcheck with this test run's sys.path; fail on any error it reports or a script failure."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr

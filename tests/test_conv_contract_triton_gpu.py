@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -19,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import rel_l2
+from conftest import assert_memcheck_clean, rel_l2
 
 pytestmark = pytest.mark.gpu
 
@@ -204,13 +202,7 @@ def test_memcheck_clean_on_a_3d_case():
         print("done")
         """
     )
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
-        capture_output=True, text=True, env=env, timeout=400,
-    )
-    assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
-    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
+    assert_memcheck_clean(code)
 
 
 # ---- the fused backward on the GPU ----------------------------------------------------------------------

@@ -374,6 +374,6 @@ def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl)
     assert (_vector_neuron.default_layout(), _vector_neuron.default_impl()) == (layout, impl)
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "xla" if impl == "triton" else "triton")
     assert _vector_neuron.default_impl() != impl
-    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")
-    with pytest.raises(ValueError, match=r"\$GINJAX_VN_IMPL \(='cuda'\) must be one of"):
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "pallas")
+    with pytest.raises(ValueError, match=r"\$GINJAX_VN_IMPL \(='pallas'\) must be one of"):
         _vector_neuron.default_impl()

@@ -207,8 +207,8 @@ def test_bad_input_names_the_argument(monkeypatch):
     with pytest.raises(ValueError, match=r"`blocks.precision` \(='bf16'\) must be None or one of"):
         vector_neuron_triton(w, x, D, jax.nn.relu, EPS, VNBlocks(precision="bf16"))
     with pytest.raises(ValueError, match="`impl`"):
-        _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS, impl="cuda")
-    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")
+        _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS, impl="pallas")
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "pallas")
     with pytest.raises(ValueError, match=_vector_neuron.IMPL_ENV):
         _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS)
 

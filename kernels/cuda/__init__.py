@@ -1,4 +1,6 @@
-"""`cuda`: the forward ConvContract as a CUDA C++ kernel for Hopper (sm_90a), through XLA FFI.
+"""`cuda`: the forward ConvContract as a CUDA C++ kernel for Hopper (sm_90a), through XLA FFI, and
+the VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in through
+ginjax's GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
 Not a registered backend and never picked by `auto`: call `conv_contract_cuda` directly (bench/
 cuda_spike.py, tests/test_conv_contract_cuda_gpu.py). The library is opt-in and not part of the
@@ -14,12 +16,14 @@ from ._ffi import registered
 from ._plan import coverage as _coverage
 from ._tiling import BlockSizes
 from .conv_contract import conv_contract_cuda
+from .vector_neuron import vector_neuron_cuda, vector_neuron_cuda_covers
 
-__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage"]
+__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "vector_neuron_cuda",
+           "vector_neuron_cuda_covers"]
 
 
 def availability() -> tuple[bool, str]:
-    return ffi_availability(registered, "gpu", "an NVIDIA GPU", "CUDA forward kernel through XLA FFI")
+    return ffi_availability(registered, "gpu", "an NVIDIA GPU", "CUDA kernels through XLA FFI")
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:

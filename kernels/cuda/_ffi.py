@@ -1,4 +1,5 @@
-"""Loading the compiled kernel library and registering its XLA FFI target (once, for CUDA)."""
+"""Loading the compiled kernel library and registering its XLA FFI targets (once, for CUDA): the
+ConvContract forward and the VectorNeuron forward and backward."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import sys
 import jax
 
 TARGET = "ginjax_cuda_forward"
+VN_FORWARD = "ginjax_cuda_vn_forward"
+VN_BACKWARD = "ginjax_cuda_vn_backward"
+# target -> the handler symbol the library exports
+HANDLERS = {TARGET: "GinjaxCudaForward", VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
 BUILD = "CMAKE_ARGS=-DGINJAX_CUDA=ON pip install -e . (needs nvcc >= 12 and sm_90a; see kernels/cuda/README.md)"
@@ -18,13 +23,14 @@ BUILD = "CMAKE_ARGS=-DGINJAX_CUDA=ON pip install -e . (needs nvcc >= 12 and sm_9
 
 @functools.lru_cache(maxsize=None)
 def registered() -> tuple[bool, str]:
-    """Load kernels/cuda/_ginjax_cuda.so and register its target; (ok, why not)."""
+    """Load kernels/cuda/_ginjax_cuda.so and register its targets; (ok, why not)."""
     path = library()
     if path is None:
         return False, f"the CUDA extension {NAME} is not built (opt-in: {BUILD})"
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GinjaxCudaForward), platform="CUDA")
+        for target, symbol in HANDLERS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
     except (OSError, AttributeError, ValueError) as err:
         return False, f"the CUDA extension {NAME} could not be loaded from {path}: {err}"
     return True, ""

@@ -21,9 +21,9 @@ import math
 from typing import Optional
 
 from .._fused import next_pow2
+from .._vn_args import ACTIVATIONS
 from ._tiling import KernelPlan, interpreting
 
-ACTIVATIONS = ("relu", "gelu")
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 # sqrt(2 / pi) and the cubic coefficient of jax.nn.gelu's tanh form (approximate=True)
 _GELU_C = repr(math.sqrt(2.0 / math.pi))

@@ -37,29 +37,13 @@ import jax
 import jax.numpy as jnp
 
 from .._fused import INT32_MAX
+from .._vn_args import check_arguments, literal_eps, supported_activation
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
-from ._vn_kernel import ACTIVATIONS, VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
+from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
 from .conv_contract import _fold_batch_rule
 
 __all__ = ["VNBlocks", "literal_eps", "supported_activation", "vector_neuron_triton"]
-
-
-def supported_activation(activation: Callable) -> Optional[str]:
-    """The kernel's name for `activation` ("relu", "gelu"), or None where it has none (only the
-    functions themselves: e.g. functools.partial(jax.nn.gelu, approximate=False) is not gelu's
-    tanh form)."""
-    if activation is jax.nn.relu:
-        return "relu"
-    if activation is jax.nn.gelu:
-        return "gelu"
-    return None
-
-
-def literal_eps(eps) -> bool:
-    """Whether `eps` can be a literal of the kernels: a Python int or float > 0 (a traced eps is
-    neither, and a bool is no epsilon)."""
-    return not isinstance(eps, bool) and isinstance(eps, (int, float)) and eps > 0
 
 
 def vector_neuron_triton(
@@ -81,23 +65,7 @@ def vector_neuron_triton(
         eps: a Python float > 0.
         blocks: the kernels' tiling (None: `VNBlocks()`).
     """
-    name = supported_activation(activation)
-    if name is None:
-        raise ValueError(f"`activation` (={activation!r}) must be jax.nn.relu or jax.nn.gelu (one of {ACTIVATIONS})")
-    if not isinstance(D, int) or D < 1:
-        raise ValueError(f"`D` (={D!r}) must be a positive int")
-    if block.ndim < D + 2:
-        raise ValueError(f"`block` (shape {tuple(block.shape)}) must be (c, *spatial[{D}], *tensor) with a tensor axis")
-    if any(n != D for n in block.shape[1 + D :]):
-        raise ValueError(f"`block` (shape {tuple(block.shape)}) must have tensor axes of size D (={D})")
-    c = block.shape[0]
-    if weight.shape != (c, c):
-        raise ValueError(f"`weight` (shape {tuple(weight.shape)}) must be (c, c) = {(c, c)} for a block of {c} channels")
-    for arg, a in (("weight", weight), ("block", block)):
-        if a.dtype != jnp.float32:
-            raise ValueError(f"`{arg}` (dtype {a.dtype}) must be float32")
-    if not literal_eps(eps):
-        raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (a literal of the kernel)")
+    name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
     return _vn((D, name, float(eps), blocks), weight, block)

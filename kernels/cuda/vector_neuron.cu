@@ -1,0 +1,380 @@
+// The VectorNeuron nonlinearity of one non-scalar block in CUDA C++, forward and backward, behind
+// XLA FFI custom calls (kernels/cuda/vector_neuron.py). Per pixel and channel, x the block's T
+// components and W (C, C) the channel mixing:
+//
+//   d = W x,  n = |d| (0 where d = 0),  u = d / (n + eps),  s = <x, u>,
+//   h(s) = (act(s) / (|s| + eps) - 1) s,  y = x + h(s) u
+//   gs = <gy, u> h'(s),  gu = h gy + gs x,  gd = gu / (n + eps) - <gu, d> d / ((n + eps)^2 n)
+//   gx = gy + gs u + W^T gd,  gW = sum over pixels and components of gd x^T
+//
+// The elementwise formulas are those of kernels/triton/_vn_kernel.py `_emit_local` (the sign
+// convention of |s|' at 0, gelu's tanh from exp(-2|z|)), so both kernels compute the same thing.
+//
+// Why this shape. Triton's fp32 `tl.dot` hands every thread whole operand rows through shared
+// memory: its backward was bound by L1/shared traffic (bench/NOTES.md). Here one thread owns one
+// pixel and keeps all C x T components of x in registers; W lives in shared memory and every
+// thread of a warp reads the same element (a broadcast: one wavefront per float4 of W), so
+// d = W x is C*C*T register FMAs with no operand re-reads. The channel loop computes one output
+// channel's d_c, its local terms and (backward) gd_c at a time, so only x, and the backward's
+// W^T gd accumulator, are C x T register arrays.
+//
+// The weight gradient. After a tile's gx, each thread stages its pixel's x and gd in shared
+// memory, row-major per pixel with a pitch of T*C + 4 floats (== 4 mod 8: the float4 stores of
+// any 8 consecutive pixels hit distinct bank quads). Then the CTA's threads each own a 2 x 4
+// block of gW (SLOTS = C*C/8 blocks) and SPLITS = threads / SLOTS of them share one block, each
+// walking every SPLITS-th (pixel, component) of the tile: one 8-byte gd and one 16-byte x read per
+// 8 FMAs, and for C = 16 a warp is one split, so both reads are broadcasts. A CTA walks a fixed
+// share of the tiles (tile = group, group + groups, ...), then adds its splits in order and
+// writes one (C, C) partial; vector_neuron.py sums the partials in a fixed order. No atomics:
+// the result is bit-identical run to run.
+//
+// Operands (unbatched shapes; any leading batch dims, the same on every operand): x, gy (C, T, S)
+// row-major, w (C, C); results y, gx (C, T, S), part (groups, C * C). Attributes: channels,
+// components, pixels, activation (0 relu, 1 gelu), eps, and (backward) groups.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---- device code (tests/test_vector_neuron_cuda.py compiles this part for the host as well)
+constexpr int kThreads = 128;  // pixels per tile, one thread each
+// The instantiated (C, T): vector_neuron.py's COVERED lists the same pairs.
+#define GJ_VN_SIZES(X) X(8, 2) X(8, 3) X(8, 4) X(16, 2) X(16, 3) X(16, 4)
+constexpr int kRelu = 0, kGelu = 1;
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+constexpr float kGeluA3 = 0.134145f;  // 3 kGeluA, the literal of the Triton kernel's h' (not 3.f * kGeluA)
+
+// act(s), act'(s) (with `derivative`), h(s) and h'(s) of _vn_kernel._emit_local.
+template <bool kDerivative>
+__device__ __forceinline__ void local_gain(float s, float eps, int act, float& h, float& dh) {
+  float a, da = 0.f;
+  if (act == kRelu) {
+    a = s > 0.f ? s : 0.f;
+    if (kDerivative) da = s > 0.f ? 1.f : 0.f;
+  } else {
+    const float z = kGeluC * (s + kGeluA * (s * s * s));
+    const float ez = expf(-2.f * fabsf(z));  // tanh(z) from exp(-2|z|) <= 1: no overflow
+    float th = (1.f - ez) / (1.f + ez);
+    th = z < 0.f ? -th : th;
+    const float cdf = 0.5f * (1.f + th);
+    a = s * cdf;
+    if (kDerivative) da = cdf + s * 0.5f * (1.f - th * th) * kGeluC * (1.f + kGeluA3 * (s * s));
+  }
+  const float q = fabsf(s) + eps;
+  const float gain = a / q;
+  h = (gain - 1.f) * s;
+  if (kDerivative) {
+    const float sgn = s > 0.f ? 1.f : (s < 0.f ? -1.f : 0.f);  // d|s|/ds, 0 at 0 (as jnp.abs)
+    dh = (da / q - a * sgn / (q * q)) * s + (gain - 1.f);
+  }
+}
+
+// d_c = W[c, :] x (T components), k ascending, W read as float4 broadcasts from shared memory.
+template <int C, int T>
+__device__ __forceinline__ void mix_row(const float4* sw, int c, const float (&x)[C][T], float (&d)[T]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t) d[t] = 0.f;
+#pragma unroll
+  for (int kq = 0; kq < C / 4; ++kq) {
+    const float4 wq = sw[c * (C / 4) + kq];
+    const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int t = 0; t < T; ++t) d[t] = fmaf(wk[i], x[4 * kq + i][t], d[t]);
+  }
+}
+
+// n, 1 / (n + eps), u and s of one channel.
+template <int T>
+__device__ __forceinline__ void local_unit(const float (&d)[T], const float* xc, float eps, float& n, float& inv,
+                                           float (&u)[T], float& s) {
+  float nsq = 0.f;
+#pragma unroll
+  for (int t = 0; t < T; ++t) nsq = fmaf(d[t], d[t], nsq);
+  n = nsq > 0.f ? sqrtf(nsq) : 0.f;
+  inv = 1.f / (n + eps);
+  s = 0.f;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    u[t] = d[t] * inv;
+    s = fmaf(xc[t], u[t], s);
+  }
+}
+
+template <int C>
+__device__ __forceinline__ void load_weight(float4* sw, const float* w) {
+  for (int e = threadIdx.x; e < C * C / 4; e += blockDim.x) sw[e] = reinterpret_cast<const float4*>(w)[e];
+}
+
+template <int C, int T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                           float* __restrict__ y, int S, float eps, int act) {
+  __shared__ float4 sw[C * C / 4];
+  const size_t b = blockIdx.y;
+  load_weight<C>(sw, w + b * C * C);
+  const int p = blockIdx.x * kThreads + threadIdx.x;
+  const bool ok = p < S;
+  const float* xb = x + b * C * T * (size_t)S + p;
+  float xv[C][T];
+#pragma unroll
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int t = 0; t < T; ++t) xv[c][t] = ok ? xb[(size_t)(c * T + t) * S] : 0.f;
+  __syncthreads();
+  if (!ok) return;
+  float* yb = y + b * C * T * (size_t)S + p;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    float d[T], u[T], n, inv, s, h, dh;
+    mix_row<C, T>(sw, c, xv, d);
+    local_unit<T>(d, xv[c], eps, n, inv, u, s);
+    local_gain<false>(s, eps, act, h, dh);
+#pragma unroll
+    for (int t = 0; t < T; ++t) yb[(size_t)(c * T + t) * S] = xv[c][t] + h * u[t];
+  }
+}
+
+template <int C, int T>
+struct Bwd {
+  static constexpr int kPitch = T * C + 4;          // floats per staged pixel row (== 4 mod 8)
+  static constexpr int kSlots = C * C / 8;          // 2 x 4 blocks of gW
+  static constexpr int kSplits = kThreads / kSlots;  // threads per block, each every kSplits-th row
+  static constexpr int kBlocksPerRow = C / 4;
+  static_assert(C % 8 == 0 && kThreads % kSlots == 0 && kPitch % 8 == 4, "unsupported size");
+  static constexpr size_t smem_bytes() {
+    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch);
+  }
+};
+
+template <int C, int T>
+__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                            const float* __restrict__ gy, float* __restrict__ gx,
+                                                            float* __restrict__ part, int S, int groups, float eps,
+                                                            int act) {
+  using K = Bwd<C, T>;
+  extern __shared__ float4 smem4[];
+  float4* sw = smem4;                                   // C * C floats
+  float* xs = reinterpret_cast<float*>(smem4 + C * C / 4);  // kThreads * kPitch
+  float* gds = xs + kThreads * K::kPitch;                // kThreads * kPitch
+  const size_t b = blockIdx.y;
+  const int grp = blockIdx.x, tid = threadIdx.x;
+  load_weight<C>(sw, w + b * C * C);
+  const size_t base = b * C * T * (size_t)S;
+  const int slot = tid % K::kSlots, split = tid / K::kSlots;
+  const int c0 = 2 * (slot / K::kBlocksPerRow), k0 = 4 * (slot % K::kBlocksPerRow);
+  float gw[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  float* xrow = xs + tid * K::kPitch;
+  float* gdrow = gds + tid * K::kPitch;
+  const int tiles = (S + kThreads - 1) / kThreads;
+  __syncthreads();
+  for (int tile = grp; tile < tiles; tile += groups) {
+    const int p = tile * kThreads + tid;
+    const bool ok = p < S;
+    // past the end: x = gy = 0, so d = 0, h = gs = 0, gu = gd = 0: nothing reaches gW
+    const float* xb = x + base + p;
+    const float* gb = gy + base + p;
+    float xv[C][T], acc[C][T];
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int t = 0; t < T; ++t) xv[c][t] = ok ? xb[(size_t)(c * T + t) * S] : 0.f;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int t = 0; t < T; ++t) acc[c][t] = 0.f;
+    float gdq[4][T];  // gd of four channels, stored as float4s
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      float d[T], u[T], g[T], n, inv, s, h, dh;
+      mix_row<C, T>(sw, c, xv, d);
+      local_unit<T>(d, xv[c], eps, n, inv, u, s);
+      local_gain<true>(s, eps, act, h, dh);
+      float gyu = 0.f;
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        g[t] = ok ? gb[(size_t)(c * T + t) * S] : 0.f;
+        gyu = fmaf(g[t], u[t], gyu);
+      }
+      const float gs = gyu * dh;
+      const float inv_n = n > 0.f ? 1.f / n : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
+      float gu[T], gud = 0.f;
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        gu[t] = h * g[t] + gs * xv[c][t];
+        gud = fmaf(gu[t], d[t], gud);
+      }
+      const float coef = gud * (inv * inv * inv_n);
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const float gd = gu[t] * inv - coef * d[t];
+        gdq[c % 4][t] = gd;
+        acc[c][t] += g[t] + gs * u[t];
+      }
+      // W^T gd: channel c's gd reaches every k through W[c, k] (the float4 row d_c read)
+#pragma unroll
+      for (int kq = 0; kq < C / 4; ++kq) {
+        const float4 wq = sw[c * (C / 4) + kq];
+        const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int t = 0; t < T; ++t) acc[4 * kq + i][t] = fmaf(wk[i], gdq[c % 4][t], acc[4 * kq + i][t]);
+      }
+      if (c % 4 == 3) {
+#pragma unroll
+        for (int t = 0; t < T; ++t)
+          *reinterpret_cast<float4*>(gdrow + t * C + c - 3) = make_float4(gdq[0][t], gdq[1][t], gdq[2][t], gdq[3][t]);
+      }
+    }
+    if (ok) {
+      float* gxb = gx + base + p;
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int t = 0; t < T; ++t) gxb[(size_t)(c * T + t) * S] = acc[c][t];
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t)
+#pragma unroll
+      for (int kq = 0; kq < C / 4; ++kq)
+        *reinterpret_cast<float4*>(xrow + t * C + 4 * kq) =
+            make_float4(xv[4 * kq][t], xv[4 * kq + 1][t], xv[4 * kq + 2][t], xv[4 * kq + 3][t]);
+    __syncthreads();
+    // rows j = (pixel, component) of the tile, pixel-major; this thread's split takes every kSplits-th
+    for (int j = split; j < kThreads * T; j += K::kSplits) {
+      const int off = (j / T) * K::kPitch + (j % T) * C;
+      const float2 g2 = *reinterpret_cast<const float2*>(gds + off + c0);
+      const float4 x4 = *reinterpret_cast<const float4*>(xs + off + k0);
+      const float gv[2] = {g2.x, g2.y}, xk[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gw[i][q] = fmaf(gv[i], xk[q], gw[i][q]);
+    }
+    __syncthreads();
+  }
+  // the splits' blocks meet in shared memory (xs, free now) and are added in split order
+  float* red = xs;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[split * C * C + (c0 + i) * C + k0 + q] = gw[i][q];
+  __syncthreads();
+  float* pb = part + (b * groups + grp) * (size_t)(C * C);
+  for (int e = tid; e < C * C; e += kThreads) {
+    float sum = red[e];
+    for (int sp = 1; sp < K::kSplits; ++sp) sum += red[sp * C * C + e];
+    pb[e] = sum;
+  }
+}
+
+// ---- host side: launches and the FFI handlers
+template <int C, int T>
+cudaError_t launch_forward(const float* x, const float* w, float* y, int S, int batch, float eps, int act,
+                           cudaStream_t stream) {
+  const dim3 grid((S + kThreads - 1) / kThreads, batch);
+  forward_kernel<C, T><<<grid, kThreads, 0, stream>>>(x, w, y, S, eps, act);
+  return cudaGetLastError();
+}
+
+template <int C, int T>
+cudaError_t launch_backward(const float* x, const float* w, const float* gy, float* gx, float* part, int S, int groups,
+                            int batch, float eps, int act, cudaStream_t stream) {
+  const size_t smem = Bwd<C, T>::smem_bytes();
+  cudaError_t err = cudaFuncSetAttribute(backward_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  backward_kernel<C, T><<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, gy, gx, part, S, groups, eps, act);
+  return cudaGetLastError();
+}
+
+ffi::Error bad(const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda VectorNeuron: " + why); }
+
+ffi::Error failed(cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("ginjax cuda VectorNeuron: ") + cudaGetErrorString(err));
+}
+
+// Checks the sizes and attributes common to both calls; sets the batch.
+ffi::Error check(int64_t C, int64_t T, int64_t S, int64_t act, float eps, int64_t x_count, int64_t w_count,
+                 int64_t& batch) {
+  if (C < 1 || T < 1 || S < 1) return bad("channels, components and pixels must be >= 1");
+  if (S > (int64_t)INT32_MAX - kThreads) return bad("pixels must be below 2^31 - 128");
+  if (act != kRelu && act != kGelu) return bad("activation must be 0 (relu) or 1 (gelu)");
+  if (!(eps > 0.f)) return bad("eps must be > 0");
+  const int64_t per = C * T * S;
+  batch = x_count / per;
+  if (batch < 1 || batch > 65535 || x_count != batch * per) return bad("the block's size is not batch x C x T x S");
+  if (w_count != batch * C * C) return bad("the weight's size is not batch x C x C");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t C, int64_t T, int64_t S, int64_t act, float eps) {
+  int64_t batch = 0;
+  ffi::Error e = check(C, T, S, act, eps, x.element_count(), w.element_count(), batch);
+  if (e.failure()) return e;
+  if (y->element_count() != x.element_count()) return bad("the result's size differs from the block's");
+#define GJ_FWD(c, t)                                                                                       \
+  if (C == c && T == t)                                                                                    \
+    return failed(launch_forward<c, t>(x.typed_data(), w.typed_data(), y->typed_data(), (int)S, (int)batch, \
+                                       eps, (int)act, stream));
+  GJ_VN_SIZES(GJ_FWD)
+#undef GJ_FWD
+  return bad("(channels, components) = (" + std::to_string(C) + ", " + std::to_string(T) + ") is not compiled");
+}
+
+ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> gy,
+                    ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> part, int64_t C, int64_t T, int64_t S,
+                    int64_t act, float eps, int64_t groups) {
+  int64_t batch = 0;
+  ffi::Error e = check(C, T, S, act, eps, x.element_count(), w.element_count(), batch);
+  if (e.failure()) return e;
+  if (gy.element_count() != x.element_count() || gx->element_count() != x.element_count())
+    return bad("the cotangent's or the input gradient's size differs from the block's");
+  if (groups < 1 || groups > 65535) return bad("groups must be in [1, 65535]");
+  if (part->element_count() != batch * groups * C * C) return bad("the partials' size is not batch x groups x C x C");
+#define GJ_BWD(c, t)                                                                                           \
+  if (C == c && T == t)                                                                                        \
+    return failed(launch_backward<c, t>(x.typed_data(), w.typed_data(), gy.typed_data(), gx->typed_data(),     \
+                                        part->typed_data(), (int)S, (int)groups, (int)batch, eps, (int)act, stream));
+  GJ_VN_SIZES(GJ_BWD)
+#undef GJ_BWD
+  return bad("(channels, components) = (" + std::to_string(C) + ", " + std::to_string(T) + ") is not compiled");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("channels")
+                                  .Attr<int64_t>("components")
+                                  .Attr<int64_t>("pixels")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("channels")
+                                  .Attr<int64_t>("components")
+                                  .Attr<int64_t>("pixels")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("groups"));

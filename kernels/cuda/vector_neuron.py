@@ -1,0 +1,144 @@
+"""The VectorNeuron nonlinearity of one non-scalar block as CUDA C++ kernels behind XLA FFI, forward
+and backward (kernels/cuda/vector_neuron.cu; the math and design are in its header).
+
+    y = vector_neuron_cuda(weight, block, D, activation, eps)
+
+The same signature, validation and arithmetic as `kernels.triton.vector_neuron_triton`; opt-in
+(`GINJAX_VN_IMPL=cuda`, ginjax/_vector_neuron.py) and only for the (channels, components) the
+library instantiates (`COVERED`; `coverage` says why not). The block goes to the kernels
+component-planar, (c, T, *spatial) row-major: on a GPU the fused ConvContract kernels keep vector
+blocks physically so, and the axis move is a layout bitcast (as for ginjax's "planar" XLA path).
+
+Backward (custom_vjp, the residual is x): one launch writes gx and per-CTA (c, c) partials of gW,
+`groups` CTAs per example; the partials are added by a plain `jnp.sum` over that axis (XLA's
+reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
+vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
+included) carry the batch axes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._vn_args import ACTIVATIONS, check_arguments, literal_eps, supported_activation
+from ._ffi import VN_BACKWARD, VN_FORWARD, registered
+
+__all__ = ["COVERED", "coverage", "vector_neuron_cuda", "vector_neuron_cuda_covers"]
+
+THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
+# (channels, components) -> backward CTAs resident per SM: the register limit of ptxas' count
+# for sm_90a (65,536 / (128 threads x registers rounded up to 8)); the shared memory,
+# 4 (C^2 + 2 x 128 x (T C + 4)) bytes, admits at least as many. tests/test_vector_neuron_cuda.py
+# (slow) recompiles and holds ptxas to these and to no spills.
+COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 2}
+DEFAULT_SMS = 132  # an H200's, where the device does not say
+
+
+def coverage(channels: int, components: int, dtype=jnp.float32) -> tuple[bool, str]:
+    """Whether the kernels compute blocks of these sizes; first, whether the library is built."""
+    ok, why = registered()
+    if not ok:
+        return False, why
+    return sizes_covered(channels, components, dtype)
+
+
+def sizes_covered(channels: int, components: int, dtype=jnp.float32) -> tuple[bool, str]:
+    """`coverage` without the library check."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return False, f"float32 only (got {jnp.dtype(dtype)})"
+    if (channels, components) not in COVERED:
+        return False, (f"(channels, components) = ({channels}, {components}) is not instantiated in "
+                       f"vector_neuron.cu (compiled: {sorted(COVERED)})")
+    return True, ""
+
+
+def vector_neuron_cuda_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> tuple[bool, str]:
+    """(ok, why not) of running this call on the CUDA kernels: the library registered, float32,
+    relu / gelu, a literal eps, an instantiated (channels, components). Device count and spatial
+    sharding are the caller's (ginjax._vector_neuron)."""
+    if supported_activation(activation) is None:
+        return False, f"activation {activation!r} is not jax.nn.relu or jax.nn.gelu"
+    if not literal_eps(eps):
+        return False, f"eps {eps!r} is not a Python number > 0"
+    if weight.dtype != jnp.float32:
+        return False, f"float32 only (the weight is {weight.dtype})"
+    k = block.ndim - 1 - D
+    if k < 1:
+        return False, f"the block (shape {tuple(block.shape)}) has no tensor axes"
+    return coverage(block.shape[0], D**k, block.dtype)
+
+
+def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float) -> jax.Array:
+    """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as the
+    CUDA kernels; float32 in and out. Reverse-mode differentiable and vmappable.
+
+    Args:
+        weight: (c, c) float32.
+        block: (c, *spatial, *(D,)*k) float32, k >= 1, with (c, D^k) in `COVERED`.
+        D: the number of spatial axes.
+        activation: jax.nn.relu or jax.nn.gelu (its default tanh form).
+        eps: a Python float > 0.
+    """
+    name, T = check_arguments(weight, block, D, activation, eps)
+    c = block.shape[0]
+    ok, why = sizes_covered(c, T)
+    if not ok:
+        raise ValueError(f"`block` (shape {tuple(block.shape)}) is not covered by the CUDA kernels: {why}")
+    ok, why = registered()
+    if not ok:
+        raise ValueError(f"the CUDA VectorNeuron cannot run here: {why}")
+    lead = block.shape[: 1 + D]
+    planar = jnp.moveaxis(block.reshape(lead + (T,)), -1, 1)  # (c, T, *spatial)
+    y = _vn((ACTIVATIONS.index(name), float(eps)), weight, planar)
+    return jnp.moveaxis(y, 1, -1).reshape(block.shape)
+
+
+def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None) -> int:
+    """Backward CTAs per example: every resident slot of the GPU (`COVERED`), at most one per tile.
+    Per example, not per batch: under vmap the batch is not known when the call is traced, and a
+    batch of B fills B waves of equal CTAs."""
+    if sms is None:
+        sms = getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
+    tiles = -(-pixels // THREADS)
+    return max(1, min(tiles, sms * COVERED[(channels, components)]))
+
+
+def _attrs(cfg, x):
+    act, eps = cfg
+    return dict(channels=np.int64(x.shape[0]), components=np.int64(x.shape[1]),
+                pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(act), eps=np.float32(eps))
+
+
+def _forward(cfg, w, x):
+    call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
+    return call(x, w, **_attrs(cfg, x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vn(cfg, w, x):
+    """x (c, T, *spatial) planar; cfg (activation index, eps)."""
+    return _forward(cfg, w, x)
+
+
+def _vn_fwd(cfg, w, x):
+    return _forward(cfg, w, x), (w, x)
+
+
+def _vn_bwd(cfg, res, gy):
+    w, x = res
+    attrs = _attrs(cfg, x)
+    c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
+    groups = backward_groups(c, T, S)
+    shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
+    call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")
+    gx, part = call(x, w, gy.astype(jnp.float32), groups=np.int64(groups), **attrs)
+    return jnp.sum(part, axis=-2).reshape(c, c), gx
+
+
+_vn.defvjp(_vn_fwd, _vn_bwd)

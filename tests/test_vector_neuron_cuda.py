@@ -1,0 +1,278 @@
+"""The CUDA VectorNeuron (kernels/cuda/vector_neuron.{cu,py}) on a CPU: argument validation, the
+coverage reasons, ginjax's dispatch (cuda only when asked for and covered, else triton / xla),
+the FFI plumbing as lowered (one forward and one backward call under vmap and grad, their
+operands component-planar with the batch leading), a float64 numpy emulation of the kernels'
+loops (kernels/cuda/_vn_emulate.py: channel loop, tiles, the backward's CTAs and splits of gW)
+against autodiff of ginjax's XLA path, and (slow) nvcc's resource report for every
+instantiation: no spills, registers within the residency `COVERED` assumes. What only
+tests/test_vector_neuron_cuda_gpu.py covers: the compiled kernels' numbers, the FFI calls
+running, timing."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels.cuda
+from conftest import float64, rel_l2
+from ginjax import _vector_neuron
+from kernels.cuda import _ffi, _vn_emulate, vector_neuron as vn
+
+EPS = 1e-5
+
+
+def _operands(seed, c, spatial, D, k, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(c,) + spatial + (D,) * k).astype(dtype)
+    w = (rng.uniform(-1, 1, size=(c, c)) / np.sqrt(c)).astype(dtype)
+    gy = rng.normal(size=x.shape).astype(dtype)
+    return w, x, gy
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The library as if built and registered (nothing here runs it: lowering only)."""
+    monkeypatch.setattr(vn, "registered", lambda: (True, ""))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(activation=jnp.tanh), "`activation`"),
+        (dict(D=0), "`D` \\(=0\\)"),
+        (dict(block=jnp.zeros((16, 4, 4, 4))), "`block` \\(shape \\(16, 4, 4, 4\\)\\).*tensor axis"),
+        (dict(block=jnp.zeros((16, 4, 4, 4, 2))), "`block`.*tensor axes of size D \\(=3\\)"),
+        (dict(weight=jnp.zeros((8, 8))), "`weight` \\(shape \\(8, 8\\)\\) must be \\(c, c\\) = \\(16, 16\\)"),
+        (dict(weight=jnp.zeros((16, 16), jnp.bfloat16)), "`weight` \\(dtype bfloat16\\)"),
+        (dict(eps=0.0), "`eps` \\(=0.0\\)"),
+        (dict(eps=True), "`eps` \\(=True\\)"),
+        (dict(block=jnp.zeros((5, 4, 4, 4, 3))), "`weight`"),
+    ],
+)
+def test_validation_names_the_argument(kwargs, match, built):
+    args = dict(weight=jnp.zeros((16, 16)), block=jnp.zeros((16, 4, 4, 4, 3)), D=3, activation=jax.nn.gelu, eps=EPS)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        vn.vector_neuron_cuda(**args)
+
+
+def test_uncovered_sizes_and_an_unbuilt_library_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match=r"`block` \(shape \(5, 4, 4, 4, 3\)\).*\(5, 3\) is not instantiated"):
+        vn.vector_neuron_cuda(jnp.zeros((5, 5)), jnp.zeros((5, 4, 4, 4, 3)), 3, jax.nn.relu, EPS)
+    monkeypatch.setattr(_ffi, "library", lambda: None)
+    _ffi.registered.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="cannot run here.*not built"):
+            vn.vector_neuron_cuda(jnp.zeros((16, 16)), jnp.zeros((16, 4, 4, 4, 3)), 3, jax.nn.relu, EPS)
+        ok, why = vn.coverage(16, 3)
+        assert not ok and "not built" in why and "GINJAX_CUDA=ON" in why
+    finally:
+        _ffi.registered.cache_clear()
+
+
+def test_coverage_reasons(built):
+    w, x = jnp.zeros((16, 16)), jnp.zeros((16, 4, 4, 4, 3))
+    assert vn.vector_neuron_cuda_covers(w, x, 3, jax.nn.gelu, EPS) == (True, "")
+    assert vn.vector_neuron_cuda_covers(w, jnp.zeros((16, 4, 4, 2, 2)), 2, jax.nn.relu, 1) == (True, "")  # T = 4
+    assert "jax.nn.relu or jax.nn.gelu" in vn.vector_neuron_cuda_covers(w, x, 3, jnp.tanh, EPS)[1]
+    assert "eps" in vn.vector_neuron_cuda_covers(w, x, 3, jax.nn.gelu, jnp.float32(EPS))[1]
+    assert "float32 only" in vn.vector_neuron_cuda_covers(w.astype(jnp.bfloat16), x, 3, jax.nn.gelu, EPS)[1]
+    assert "float32 only" in vn.vector_neuron_cuda_covers(w, x.astype(jnp.bfloat16), 3, jax.nn.gelu, EPS)[1]
+    why = vn.vector_neuron_cuda_covers(w, jnp.zeros((16, 4, 4, 4, 3, 3)), 3, jax.nn.gelu, EPS)[1]
+    assert "(16, 9) is not instantiated" in why
+    assert "(32, 3)" in vn.vector_neuron_cuda_covers(jnp.zeros((32, 32)), jnp.zeros((32, 4, 4, 4, 3)), 3, jax.nn.gelu,
+                                                     EPS)[1]
+    assert "no tensor axes" in vn.vector_neuron_cuda_covers(w, jnp.zeros((16, 4, 4, 4)), 3, jax.nn.gelu, EPS)[1]
+
+
+def test_dispatch_picks_cuda_only_when_asked_and_covered(monkeypatch):
+    calls = []
+
+    def fake(weight, block, D, activation, eps):
+        calls.append((block.shape, D, activation, eps))
+        return block
+
+    monkeypatch.setattr(kernels.cuda, "availability", lambda: (True, "test"))
+    monkeypatch.setattr(vn, "registered", lambda: (True, ""))
+    monkeypatch.setattr(kernels.cuda, "vector_neuron_cuda", fake)
+    w, x, _ = (jnp.asarray(a) for a in _operands(0, 8, (3, 5), 2, 1))
+    assert _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="cuda") is x
+    assert calls == [((8, 3, 5, 2), 2, jax.nn.relu, EPS)]
+    want = _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="xla")
+    # not asked for, or not covered (an activation without a kernel, a channel count not
+    # instantiated, two devices): the triton-or-xla result, and no call of the CUDA kernels
+    assert rel_l2(_vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS), want) < 1e-6
+    assert rel_l2(_vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="triton"), want) < 1e-5
+    got = _vector_neuron.vector_neuron(w, x, 2, jax.nn.softplus, EPS, impl="cuda")
+    assert rel_l2(got, _vector_neuron.vector_neuron(w, x, 2, jax.nn.softplus, EPS, impl="xla")) < 1e-6
+    w5, x5, _ = (jnp.asarray(a) for a in _operands(1, 5, (3, 5), 2, 1))
+    got = _vector_neuron.vector_neuron(w5, x5, 2, jax.nn.relu, EPS, impl="cuda")
+    assert rel_l2(got, _vector_neuron.vector_neuron(w5, x5, 2, jax.nn.relu, EPS, impl="xla")) < 1e-5
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert not _vector_neuron.cuda_covers(w, x, 2, jax.nn.relu, EPS)[0]
+    assert len(calls) == 1
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")
+    assert _vector_neuron.default_impl() == "cuda"
+
+
+def test_cuda_is_not_covered_without_a_gpu():
+    w, x, _ = (jnp.asarray(a) for a in _operands(0, 8, (3, 5), 2, 1))
+    ok, why = _vector_neuron.cuda_covers(w, x, 2, jax.nn.relu, EPS)
+    assert not ok and why
+
+
+def test_lowered_calls_are_one_forward_and_one_backward_planar(built):
+    w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, (5, 6, 7), 3, 1))
+    xs = jnp.stack([x, x + 1, x - 1])
+
+    def loss(w, xs):
+        ys = jax.vmap(lambda b: vn.vector_neuron_cuda(w, b, 3, jax.nn.gelu, EPS))(xs)
+        return jnp.sum(jnp.sin(ys))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, xs).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert [bool(re.search(f"@{t}\\(", c)) for c, t in zip(calls, (_ffi.VN_FORWARD, _ffi.VN_BACKWARD))] == [True, True]
+    assert len(calls) == 2
+    fwd, bwd = calls
+    planar = "tensor<3x16x3x5x6x7xf32>"  # (batch, c, T, *spatial)
+    assert f"({planar}, tensor<3x16x16xf32>) -> {planar}" in fwd
+    groups = vn.backward_groups(16, 3, 210)
+    assert groups == 2  # 210 pixels: two tiles of 128
+    assert f"groups = {groups} : i64" in bwd and "pixels = 210 : i64" in bwd and "activation = 1 : i64" in bwd
+    assert f"-> ({planar}, tensor<3x{groups}x256xf32>)" in bwd
+
+
+def test_backward_groups():
+    assert vn.backward_groups(16, 3, 64**3, sms=132) == 264  # 2 CTAs per SM (ptxas: 202 registers)
+    assert vn.backward_groups(8, 3, 64**3, sms=132) == 528
+    assert vn.backward_groups(16, 3, 300, sms=132) == 3  # at most one per tile
+
+
+@pytest.mark.parametrize(
+    "c, spatial, D, k, act, groups",
+    [
+        (16, (5, 6, 7), 3, 1, "gelu", 2),  # 210 pixels: a ragged last tile
+        (8, (9, 31), 2, 1, "relu", 1),  # T = 2, 279 pixels, one CTA walks 3 tiles
+        (8, (11, 13), 2, 2, "gelu", 2),  # T = 4, the second CTA's share is one tile
+        (16, (3, 3, 3), 3, 1, "relu", 1),  # fewer pixels than a tile
+    ],
+)
+def test_emulated_kernels_match_autodiff_of_the_xla_path(c, spatial, D, k, act, groups):
+    w, x, gy = _operands(7, c, spatial, D, k, np.float64)
+    activation = getattr(jax.nn, act)
+    T = D**k
+    S = int(np.prod(spatial))
+    xp = np.moveaxis(x.reshape((c, S, T)), -1, 1)  # (c, T, S), as the kernels see the block
+    gp = np.moveaxis(gy.reshape((c, S, T)), -1, 1)
+    y = _vn_emulate.forward(w, xp, act, EPS)
+    gx, part, gw = _vn_emulate.backward(w, xp, gp, act, EPS, groups)
+    with float64():
+        f = lambda w, x: _vector_neuron.vector_neuron(w, x, D, activation, EPS, impl="xla")  # noqa: E731
+        want_y, vjp = jax.vjp(f, jnp.asarray(w), jnp.asarray(x))
+        want_gw, want_gx = vjp(jnp.asarray(gy))
+    unplanar = lambda a: np.moveaxis(a, 1, -1).reshape(x.shape)  # noqa: E731
+    assert rel_l2(unplanar(y), want_y) < 1e-12
+    assert rel_l2(unplanar(gx), want_gx) < 1e-12
+    assert rel_l2(gw, want_gw) < 1e-12
+    assert part.shape == (groups, c, c) and np.allclose(part.sum(axis=0), gw, rtol=0, atol=0)
+
+
+HOST = pathlib.Path(__file__).with_name("vn_cuda_host.cpp")
+CU = pathlib.Path(vn.__file__).with_name("vector_neuron.cu")
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """vector_neuron.cu's device code compiled for the host by g++ (tests/vn_cuda_host.cpp: a CTA
+    as 128 OS threads meeting at a barrier for __syncthreads, dynamic shared memory a static
+    buffer). Runs (C, T, S, B, groups, act, x, w, gy) -> y, gx, part."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
+    src = CU.read_text()
+    device = src[src.index("// ---- device code") : src.index("// ---- host side")]
+    assert device.count("extern __shared__ float4 smem4[];") == 1
+    device = device.replace("extern __shared__ float4 smem4[];", "float4* smem4 = reinterpret_cast<float4*>(dynamic_smem);")
+    tmp = tmp_path_factory.mktemp("vn_host")
+    (tmp / "device.inc").write_text(device)
+    exe = tmp / "vn_host"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+           f'-DGJ_DEVICE_CODE="{tmp / "device.inc"}"', str(HOST), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    def run(C, T, S, B, groups, act, x, w, gy):
+        head = f"{C} {T} {S} {B} {groups} {vn.ACTIVATIONS.index(act)} {EPS!r}\n".encode()
+        data = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (x, w, gy))
+        out = subprocess.run([str(exe)], input=head + data, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        flat = np.frombuffer(out.stdout, np.float32)
+        n = x.size
+        assert flat.size == 2 * n + B * groups * C * C
+        return flat[:n].reshape(x.shape), flat[n : 2 * n].reshape(x.shape), flat[2 * n :].reshape(B, groups, C, C)
+    return run
+
+
+@pytest.mark.parametrize(
+    "c, spatial, D, k, act, groups",
+    [
+        (16, (5, 6, 7), 3, 1, "gelu", 2),  # T = 3, a ragged last tile, one tile per CTA
+        (16, (17, 19), 2, 1, "relu", 1),  # T = 2, one CTA walks three tiles
+        (16, (9, 15), 2, 2, "gelu", 1),  # T = 4, two tiles
+        (8, (3, 4, 5), 3, 1, "relu", 1),  # fewer pixels than a tile
+        (8, (23, 29), 2, 1, "gelu", 3),  # three CTAs over six tiles
+        (8, (11, 13), 2, 2, "relu", 2),  # T = 4
+    ],
+)
+def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spatial, D, k, act, groups):
+    """The kernels' own code (indexing, masks, staging, the splits' reduction) on fresh random
+    inputs, every output starting as NaN, against float64 autodiff of ginjax's XLA path."""
+    B, T, S = 2, D**k, int(np.prod(spatial))
+    rng = np.random.default_rng(11)
+    blocks = rng.normal(size=(B, c) + spatial + (D,) * k).astype(np.float32)
+    ws = (rng.uniform(-1, 1, size=(B, c, c)) / np.sqrt(c)).astype(np.float32)
+    gys = rng.normal(size=blocks.shape).astype(np.float32)
+    planar = lambda a: np.moveaxis(a.reshape((B, c, S, T)), -1, 2)  # noqa: E731  (B, c, T, S)
+    y, gx, part = host_kernels(c, T, S, B, groups, act, planar(blocks), ws, planar(gys))
+    assert all(np.all(np.isfinite(a)) for a in (y, gx, part)), "an output element never written"
+    unplanar = lambda a: np.moveaxis(a, 2, -1).reshape(blocks.shape)  # noqa: E731
+    with float64():
+        f = lambda w, x: _vector_neuron.vector_neuron(w, x, D, getattr(jax.nn, act), EPS, impl="xla")  # noqa: E731
+        for b in range(B):
+            want_y, vjp = jax.vjp(f, jnp.asarray(ws[b], jnp.float64), jnp.asarray(blocks[b], jnp.float64))
+            want_gw, want_gx = vjp(jnp.asarray(gys[b], jnp.float64))
+            assert rel_l2(unplanar(y)[b], want_y) < 1e-6
+            assert rel_l2(unplanar(gx)[b], want_gx) < 1e-5
+            assert rel_l2(part[b].sum(axis=0), want_gw) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernels' compile check)")
+def test_ptxas_resources_match_the_residency_table(tmp_path):
+    src = vn.__file__.replace("vector_neuron.py", "vector_neuron.cu")
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
+           "-o", str(tmp_path / "vn.cubin"), src]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    kinds = {}
+    for chunk in res.stderr.split("Compiling entry function")[1:]:
+        name = re.match(r" '\w*?(forward|backward)_kernelILi(\d+)ELi(\d+)E", chunk)
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", chunk)
+        regs = re.search(r"Used (\d+) registers", chunk)
+        assert name and spill and regs, chunk
+        kinds[(name[1], int(name[2]), int(name[3]))] = tuple(int(v) for v in spill.groups()) + (int(regs[1]),)
+    assert set(kinds) == {(kind, c, t) for kind in ("forward", "backward") for c, t in vn.COVERED}, res.stderr
+    for (kind, c, t), (stack, stores, loads, regs) in kinds.items():
+        assert (stack, stores, loads) == (0, 0, 0), (kind, c, t, res.stderr)
+        if kind == "backward":
+            per_cta = vn.THREADS * -(-regs // 8) * 8
+            assert 65536 // per_cta >= vn.COVERED[(c, t)], (c, t, regs)
+            smem = 4 * (c * c + 2 * vn.THREADS * (t * c + 4))
+            assert (228 * 1024) // (smem + 1024) >= vn.COVERED[(c, t)], (c, t, smem)

@@ -1,0 +1,187 @@
+"""The CUDA VectorNeuron (kernels/cuda/vector_neuron.cu) built and run on an NVIDIA GPU, against
+ginjax's XLA path with TF32 off: the standard block (B=4, 16 channels, 64^3, vectors) and odd
+sizes (pixels not a multiple of the 128-pixel tile, every instantiated (channels, components),
+fewer pixels than a tile), through ginjax's GINJAX_VN_IMPL=cuda dispatch; the weight gradient
+bit-identical run to run; outputs fully written (poisoned buffers); vmap as one launch of each
+kernel; compute-sanitizer memcheck; and the compiled HLO of a ResNet-like step: no copy or
+transpose next to the CUDA calls (the planar block is a bitcast). Build first
+(kernels/cuda/README.md), then on the GPU machine:
+
+    python3 -m pytest -m gpu tests/test_vector_neuron_cuda_gpu.py
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from conftest import assert_memcheck_clean, float64, rel_l2
+from ginjax import _vector_neuron
+from kernels import cuda
+from kernels.cuda import _ffi
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
+]
+
+EPS = 1e-5
+TOL = 1e-5  # fp32 FMA arithmetic; the XLA path runs at 'highest'
+MARGIN = 3.0  # gradients: no further from float64 than MARGIN x the XLA path's own fp32 error
+# (the cancellation in gd amplifies the rounding of d at small |d|: tests/test_vector_neuron_triton_gpu.py)
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    ok, why = cuda.availability()
+    if not ok:
+        pytest.skip(f"the CUDA library is not built (kernels/cuda/README.md): {why}")
+
+
+def _operands(seed, shape, c):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.uniform(-1, 1, size=(c, c)) / np.sqrt(c), jnp.float32)
+    gy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return w, x, gy
+
+
+def _step(impl, D, activation):
+    """jit of (y, gw, gx) of the vmapped VectorNeuron, cotangent gy."""
+    def batched(w, x):
+        return jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, D, activation, EPS, impl=impl))(x)
+
+    def f(w, x, gy):
+        y, vjp = jax.vjp(batched, w, x)
+        return (y,) + vjp(gy)
+    return jax.jit(f)
+
+
+CASES = [
+    ("standard-gelu", 3, (4, 16, 64, 64, 64, 3), jax.nn.gelu),
+    ("standard-relu", 3, (4, 16, 64, 64, 64, 3), jax.nn.relu),
+    ("c16-t3-odd", 3, (2, 16, 7, 9, 11), jax.nn.gelu),  # 693 pixels: a ragged last tile
+    ("c16-t2", 2, (3, 16, 37, 41, 2), jax.nn.relu),
+    ("c16-t4", 2, (2, 16, 33, 35, 2, 2), jax.nn.gelu),
+    ("c8-t2", 2, (2, 8, 19, 23, 2), jax.nn.gelu),
+    ("c8-t3-tiny", 3, (3, 8, 3, 4, 5, 3), jax.nn.relu),  # fewer pixels than a tile
+    ("c8-t4", 2, (1, 8, 45, 29, 2, 2), jax.nn.relu),
+]
+
+
+@pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
+def test_against_xla_fp32(name, D, shape, activation):
+    w, x, gy = _operands(1, shape, shape[1])
+    assert _vector_neuron.cuda_covers(w, x[0], D, activation, EPS)[0]
+    got = [np.asarray(a) for a in _step("cuda", D, activation)(w, x, gy)]
+    with jax.default_matmul_precision("highest"):
+        xla = [np.asarray(a) for a in _step("xla", D, activation)(w, x, gy)]
+    with float64():
+        truth = [np.asarray(a) for a in _step("xla", D, activation)(*(a.astype(jnp.float64) for a in (w, x, gy)))]
+    for label, g, r, t in zip(("y", "gw", "gx"), got, xla, truth):
+        assert g.shape == r.shape, label
+        assert np.all(np.isfinite(g)), f"{label}: non-finite (an element never written?)"
+        if label == "y":
+            err = rel_l2(g, r)
+            assert err < TOL, f"y: relative L2 {err:.2e} from the XLA path"
+        else:
+            err, own = rel_l2(g, t), rel_l2(r, t)
+            assert err < max(TOL, MARGIN * own), f"{label}: {err:.2e} from float64 (the XLA path's: {own:.2e})"
+
+
+def test_weight_gradient_bit_identical():
+    w, x, gy = _operands(2, (4, 16, 64, 64, 64, 3), 16)
+    run = _step("cuda", 3, jax.nn.gelu)
+    first = [np.asarray(a) for a in run(w, x, gy)]
+    second = [np.asarray(a) for a in run(w, x, gy)]
+    for a, b in zip(first, second):
+        assert np.array_equal(a, b)
+
+
+def test_outputs_are_fully_written():
+    """Fresh (uninitialised) result buffers: free a NaN-filled buffer of the same size first so
+    an element the kernels skip shows up as NaN."""
+    w, x, gy = _operands(3, (2, 16, 5, 6, 37, 3), 16)
+    jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(x.shape, jnp.nan)))
+    got = _step("cuda", 3, jax.nn.gelu)(w, x, gy)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
+
+
+def test_vmap_is_one_launch_of_each_kernel():
+    w, x, gy = _operands(4, (3, 16, 4, 6, 32, 3), 16)
+    hlo = _step("cuda", 3, jax.nn.gelu).lower(w, x, gy).as_text()
+    assert len(re.findall(rf"@{_ffi.VN_FORWARD}\(", hlo)) == 1
+    assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", hlo)) == 1
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_memcheck_clean():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from kernels.cuda import vector_neuron_cuda
+        rng = np.random.default_rng(0)
+        for c, D, spatial, k in ((16, 3, (5, 6, 7), 1), (8, 2, (13, 11), 2), (16, 2, (3, 5), 1)):
+            x = jnp.asarray(rng.normal(size=(2, c) + spatial + (D,) * k), jnp.float32)
+            w = jnp.asarray(rng.normal(size=(c, c)) / c, jnp.float32)
+            f = lambda w, x: jnp.sum(jnp.sin(jax.vmap(lambda b: vector_neuron_cuda(w, b, D, jax.nn.gelu, 1e-5))(x)))
+            jax.block_until_ready(jax.jit(jax.grad(f, argnums=(0, 1)))(w, x))
+        print("done")
+        """
+    )
+    assert_memcheck_clean(code)
+
+
+def test_no_relayout_around_the_cuda_calls():
+    """A ResNet-like step (Triton ConvContract, the CUDA VectorNeuron on the vector key,
+    ConvContract; value and gradients): in the compiled HLO no operand of a CUDA VectorNeuron
+    call is produced by, and no result consumed by, a copy, a transpose or a fusion containing one."""
+    pytest.importorskip("kernels.triton")
+    from kernels.triton import conv_contract_triton
+    from test_conv_contract_triton import make_layer, operands
+    from test_conv_contract_triton_gpu import _hlo_computations, _line_of
+
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    xs, ws = operands(spec, 32, seed=5, batch=2)
+    vn_w = jnp.asarray(np.random.default_rng(0).uniform(-0.25, 0.25, (16, 16)), jnp.float32)
+
+    def loss(ws, vn_w, xs):
+        one = lambda x: conv_contract_triton(spec, x, ws, precision="tf32")  # noqa: E731
+        s, v = jax.vmap(one)(xs)
+        v = jax.vmap(lambda b: cuda.vector_neuron_cuda(vn_w, b, 3, jax.nn.gelu, EPS))(v)
+        out = jax.vmap(one)([jax.nn.gelu(s), v])
+        return sum(jnp.sum(o * o) for o in out)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(ws, vn_w, xs).compile().as_text()
+    comps = _hlo_computations(text)
+    insts = {name: (op, ins, calls) for body in comps.values() for name, op, ins, calls in body}
+    vn = [n for n, (op, _, _) in insts.items()
+          if op == "custom-call" and re.search(r"ginjax_cuda_vn_(forward|backward)", _line_of(text, n))]
+    assert len(vn) == 2, [_line_of(text, n)[:300] for n in vn]
+
+    def relayout(name):
+        op, _, called = insts[name]
+        inner = [i for comp in called for _, i, _, _ in comps.get(comp, [])]
+        return op in ("copy", "transpose") or any(i in ("copy", "transpose") for i in inner)
+
+    def through(name, step):
+        seen, frontier, found = set(), [name], []
+        while frontier:
+            for nxt in step(frontier.pop()):
+                if nxt in seen or nxt not in insts:
+                    continue
+                seen.add(nxt)
+                (frontier if insts[nxt][0] in ("bitcast", "get-tuple-element", "tuple") else found).append(nxt)
+        return found
+
+    producers = lambda n: insts[n][1]  # noqa: E731
+    consumers = lambda n: [m for m, (_, ins, _) in insts.items() if n in ins]  # noqa: E731
+    bad = [(n, m, insts[m][0]) for n in vn for m in through(n, producers) + through(n, consumers) if relayout(m)]
+    assert not bad, bad

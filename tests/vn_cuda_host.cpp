@@ -1,0 +1,91 @@
+// Host harness for kernels/cuda/vector_neuron.cu's device code (tests/test_vector_neuron_cuda.py):
+// the kernels compiled by g++ with CUDA's vocabulary defined here, a CTA run as kThreads OS
+// threads that meet at a std::barrier for __syncthreads, CTAs one after another (so a function's
+// `__shared__` statics are the CTA's shared memory). This checks the kernels' own indexing, masks,
+// shared-memory staging and split reduction on a CPU; not their speed, nor anything of the GPU.
+//
+// stdin: C T S B groups act eps as text on one line, then raw float32 x (B C T S), w (B C C),
+// gy (B C T S). stdout: raw float32 y, gx (B C T S), part (B groups C C).
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+struct float2 {
+  float x, y;
+};
+struct float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct uint3_ {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local uint3_ threadIdx;
+uint3_ blockIdx, blockDim;
+std::barrier<>* cta_barrier = nullptr;
+inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
+alignas(16) static float dynamic_smem[1 << 16];
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__ static
+
+namespace {
+#include GJ_DEVICE_CODE
+}  // namespace
+
+template <typename F>
+void run_cta(unsigned bx, unsigned by, F body) {
+  blockIdx.x = bx, blockIdx.y = by, blockDim.x = kThreads;
+  std::barrier<> bar(kThreads);
+  cta_barrier = &bar;
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < kThreads; ++t)
+    threads.emplace_back([t, &body] {
+      threadIdx.x = t;
+      body();
+    });
+  for (auto& th : threads) th.join();
+}
+
+template <int C, int T>
+void run(int S, int B, int groups, int act, float eps, const float* x, const float* w, const float* gy, float* y,
+         float* gx, float* part) {
+  std::memset(dynamic_smem, 0xff, sizeof(dynamic_smem));  // NaN: an unwritten staged value shows
+  for (int b = 0; b < B; ++b)
+    for (int bx = 0; bx < (S + kThreads - 1) / kThreads; ++bx)
+      run_cta(bx, b, [&] { forward_kernel<C, T>(x, w, y, S, eps, act); });
+  if (Bwd<C, T>::smem_bytes() > sizeof(dynamic_smem)) throw std::runtime_error("harness shared memory too small");
+  for (int b = 0; b < B; ++b)
+    for (int g = 0; g < groups; ++g)
+      run_cta(g, b, [&] { backward_kernel<C, T>(x, w, gy, gx, part, S, groups, eps, act); });
+}
+
+int main() {
+  int C, T, S, B, groups, act;
+  float eps;
+  if (scanf("%d %d %d %d %d %d %f", &C, &T, &S, &B, &groups, &act, &eps) != 7) return 2;
+  getchar();  // the newline
+  const size_t n = (size_t)B * C * T * S, nw = (size_t)B * C * C, np = (size_t)B * groups * C * C;
+  std::vector<float> x(n), w(nw), gy(n), y(n, NAN), gx(n, NAN), part(np, NAN);
+  if (fread(x.data(), 4, n, stdin) != n || fread(w.data(), 4, nw, stdin) != nw || fread(gy.data(), 4, n, stdin) != n)
+    return 3;
+  const float* a[3] = {x.data(), w.data(), gy.data()};
+  float* r[3] = {y.data(), gx.data(), part.data()};
+#define GJ_RUN(c, t) \
+  if (C == c && T == t) run<c, t>(S, B, groups, act, eps, a[0], a[1], a[2], r[0], r[1], r[2]);
+  GJ_VN_SIZES(GJ_RUN)
+  fwrite(y.data(), 4, n, stdout);
+  fwrite(gx.data(), 4, n, stdout);
+  fwrite(part.data(), 4, np, stdout);
+  return 0;
+}
