@@ -28,10 +28,13 @@
 #            baseline,vn-xla)
 #   vn-spike       python3 -m bench.vector_neuron_spike: the VectorNeuron of a d3_n64_b4_c16 vector block, XLA path
 #            vs the fused Triton kernels, fwd and fwd_bwd (VN_SPIKE_ARGS adds arguments, e.g. --activation relu)
+#   vn-cuda        builds the opt-in CUDA kernels (kernels/cuda, -DGINJAX_CUDA=ON in place), runs the CUDA
+#            VectorNeuron's GPU tests, then bench.vector_neuron_spike (its cuda rows beside triton); the
+#            build log and the tests' log under $OUT/vn-cuda/
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -85,6 +88,16 @@ for stage in ${STAGES:-sweep profile pallas}; do
     vn-spike)
       timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1
       rc=$?; cut -c1-400 "$OUT/vn-spike/log.txt" | tail -8; (exit $rc) ;;
+    vn-cuda)
+      export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+      { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
+          && cmake --build build/cuda; } > "$OUT/vn-cuda/build.log" 2>&1
+      grep -E "registers|spill|error" "$OUT/vn-cuda/build.log" | tail -20
+      timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \
+        > "$OUT/vn-cuda/tests.log" 2>&1
+      rc=$?; tail -5 "$OUT/vn-cuda/tests.log"
+      timeout 150 python3 -u -m bench.vector_neuron_spike "$OUT/vn-cuda" --repeat 8 --tilings > "$OUT/vn-cuda/spike.log" 2>&1
+      cut -c1-300 "$OUT/vn-cuda/spike.log" | grep -E "^(triton|cuda)_" ; (exit $rc) ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
