@@ -22,7 +22,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import assert_memcheck_clean, float64, rel_l2
+from _vector_neuron_gpu import EPS, check_against_xla, check_bit_identical, operands, step
+from conftest import assert_memcheck_clean
 from ginjax import _vector_neuron
 from kernels import cuda
 from kernels.cuda import _ffi
@@ -32,11 +33,6 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
 ]
 
-EPS = 1e-5
-TOL = 1e-5  # fp32 FMA arithmetic; the XLA path runs at 'highest'
-MARGIN = 3.0  # gradients: no further from float64 than MARGIN x the XLA path's own fp32 error
-# (the cancellation in gd amplifies the rounding of d at small |d|: tests/test_vector_neuron_triton_gpu.py)
-
 
 @pytest.fixture(autouse=True)
 def _built():
@@ -45,29 +41,10 @@ def _built():
         pytest.skip(f"the CUDA library is not built (kernels/cuda/README.md): {why}")
 
 
-def _operands(seed, shape, c):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    w = jnp.asarray(rng.uniform(-1, 1, size=(c, c)) / np.sqrt(c), jnp.float32)
-    gy = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    return w, x, gy
-
-
-def _step(impl, D, activation):
-    """jit of (y, gw, gx) of the vmapped VectorNeuron, cotangent gy."""
-    def batched(w, x):
-        return jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, D, activation, EPS, impl=impl))(x)
-
-    def f(w, x, gy):
-        y, vjp = jax.vjp(batched, w, x)
-        return (y,) + vjp(gy)
-    return jax.jit(f)
-
-
 CASES = [
     ("standard-gelu", 3, (4, 16, 64, 64, 64, 3), jax.nn.gelu),
     ("standard-relu", 3, (4, 16, 64, 64, 64, 3), jax.nn.relu),
-    ("c16-t3-odd", 3, (2, 16, 7, 9, 11), jax.nn.gelu),  # 693 pixels: a ragged last tile
+    ("c16-t3-odd", 3, (2, 16, 7, 9, 11, 3), jax.nn.gelu),  # 693 pixels: a ragged last tile
     ("c16-t2", 2, (3, 16, 37, 41, 2), jax.nn.relu),
     ("c16-t4", 2, (2, 16, 33, 35, 2, 2), jax.nn.gelu),
     ("c8-t2", 2, (2, 8, 19, 23, 2), jax.nn.gelu),
@@ -78,45 +55,27 @@ CASES = [
 
 @pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
 def test_against_xla_fp32(name, D, shape, activation):
-    w, x, gy = _operands(1, shape, shape[1])
+    w, x, _ = operands(1, shape, shape[1])
     assert _vector_neuron.cuda_covers(w, x[0], D, activation, EPS)[0]
-    got = [np.asarray(a) for a in _step("cuda", D, activation)(w, x, gy)]
-    with jax.default_matmul_precision("highest"):
-        xla = [np.asarray(a) for a in _step("xla", D, activation)(w, x, gy)]
-    with float64():
-        truth = [np.asarray(a) for a in _step("xla", D, activation)(*(a.astype(jnp.float64) for a in (w, x, gy)))]
-    for label, g, r, t in zip(("y", "gw", "gx"), got, xla, truth):
-        assert g.shape == r.shape, label
-        assert np.all(np.isfinite(g)), f"{label}: non-finite (an element never written?)"
-        if label == "y":
-            err = rel_l2(g, r)
-            assert err < TOL, f"y: relative L2 {err:.2e} from the XLA path"
-        else:
-            err, own = rel_l2(g, t), rel_l2(r, t)
-            assert err < max(TOL, MARGIN * own), f"{label}: {err:.2e} from float64 (the XLA path's: {own:.2e})"
+    check_against_xla("cuda", D, shape, activation)
 
 
 def test_weight_gradient_bit_identical():
-    w, x, gy = _operands(2, (4, 16, 64, 64, 64, 3), 16)
-    run = _step("cuda", 3, jax.nn.gelu)
-    first = [np.asarray(a) for a in run(w, x, gy)]
-    second = [np.asarray(a) for a in run(w, x, gy)]
-    for a, b in zip(first, second):
-        assert np.array_equal(a, b)
+    check_bit_identical("cuda")
 
 
 def test_outputs_are_fully_written():
     """Fresh (uninitialised) result buffers: free a NaN-filled buffer of the same size first so
     an element the kernels skip shows up as NaN."""
-    w, x, gy = _operands(3, (2, 16, 5, 6, 37, 3), 16)
+    w, x, gy = operands(3, (2, 16, 5, 6, 37, 3), 16)
     jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(x.shape, jnp.nan)))
-    got = _step("cuda", 3, jax.nn.gelu)(w, x, gy)
+    got = step("cuda", 3, jax.nn.gelu)(w, x, gy)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
 
 
 def test_vmap_is_one_launch_of_each_kernel():
-    w, x, gy = _operands(4, (3, 16, 4, 6, 32, 3), 16)
-    hlo = _step("cuda", 3, jax.nn.gelu).lower(w, x, gy).as_text()
+    w, x, gy = operands(4, (3, 16, 4, 6, 32, 3), 16)
+    hlo = step("cuda", 3, jax.nn.gelu).lower(w, x, gy).as_text()
     assert len(re.findall(rf"@{_ffi.VN_FORWARD}\(", hlo)) == 1
     assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", hlo)) == 1
 

@@ -16,13 +16,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from conftest import float64, rel_l2
+from _vector_neuron_gpu import EPS, check_against_xla, check_bit_identical
 
 pytestmark = pytest.mark.gpu
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import conv_contract_triton, vector_neuron_triton  # noqa: E402
-from ginjax import _vector_neuron  # noqa: E402
 
 if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip(f"needs the GPU path: {triton_backend.availability()[1]}", allow_module_level=True)
@@ -30,34 +29,6 @@ if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0
 from test_conv_contract_triton import make_layer, operands  # noqa: E402
 from test_conv_contract_triton_gpu import _hlo_computations, _line_of  # noqa: E402
 from test_vector_neuron_triton import test_nan_propagates_like_xla  # noqa: E402,F401  (re-run here on the GPU)
-
-EPS = 1e-5
-TOL = 1e-5  # fp32: the kernels' dots are "ieee", the XLA path runs at 'highest'
-# The gradients pass through gd = gu / (n + eps) - <gu, d> d / ((n + eps)^2 n), two terms of size
-# |gu| / n that cancel: on 2^20 pixels a few have a small |d| and amplify the fp32 rounding of d
-# (the XLA path's and the kernel's alike) past 1e-5. The gradients are held to the float64
-# truth: no further from it than MARGIN times the XLA path's own fp32 error (and 1e-5).
-MARGIN = 3.0
-
-
-def _operands(seed, shape, c):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    w = jnp.asarray(rng.uniform(-1, 1, size=(c, c)) / np.sqrt(c), jnp.float32)
-    gy = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    return w, x, gy
-
-
-def _step(impl, D, activation):
-    """jit of (y, gw, gx) of the vmapped VectorNeuron, cotangent gy."""
-    def batched(w, x):
-        return jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, D, activation, EPS, impl=impl))(x)
-
-    def f(w, x, gy):
-        y, vjp = jax.vjp(batched, w, x)
-        return (y,) + vjp(gy)
-    return jax.jit(f)
-
 
 CASES = [
     ("standard-gelu", 3, (4, 16, 64, 64, 64, 3), jax.nn.gelu),
@@ -69,30 +40,11 @@ CASES = [
 
 @pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
 def test_against_xla_fp32(name, D, shape, activation):
-    w, x, gy = _operands(1, shape, shape[1])
-    got = [np.asarray(a) for a in _step("triton", D, activation)(w, x, gy)]
-    with jax.default_matmul_precision("highest"):
-        xla = [np.asarray(a) for a in _step("xla", D, activation)(w, x, gy)]
-    with float64():
-        truth = [np.asarray(a) for a in _step("xla", D, activation)(*(a.astype(jnp.float64) for a in (w, x, gy)))]
-    for label, g, r, t in zip(("y", "gw", "gx"), got, xla, truth):
-        assert g.shape == r.shape, label
-        assert np.all(np.isfinite(g)), f"{label}: non-finite (an element never written?)"
-        if label == "y":
-            err = rel_l2(g, r)
-            assert err < TOL, f"y: relative L2 {err:.2e} from the XLA path"
-        else:
-            err, own = rel_l2(g, t), rel_l2(r, t)
-            assert err < max(TOL, MARGIN * own), f"{label}: {err:.2e} from float64 (the XLA path's: {own:.2e})"
+    check_against_xla("triton", D, shape, activation)
 
 
 def test_weight_gradient_bit_identical():
-    w, x, gy = _operands(2, (4, 16, 64, 64, 64, 3), 16)
-    run = _step("triton", 3, jax.nn.gelu)
-    first = [np.asarray(a) for a in run(w, x, gy)]
-    second = [np.asarray(a) for a in run(w, x, gy)]
-    for a, b in zip(first, second):
-        assert np.array_equal(a, b)
+    check_bit_identical("triton")
 
 
 def test_no_relayout_around_the_vector_neuron():
