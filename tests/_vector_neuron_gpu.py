@@ -69,3 +69,55 @@ def check_bit_identical(impl):
     second = [np.asarray(a) for a in run(w, x, gy)]
     for a, b in zip(first, second):
         assert np.array_equal(a, b)
+
+
+def resnet_like_step_hlo(vector_neuron) -> str:
+    """The compiled HLO text of value and gradients of a ResNet-like step: a Triton ConvContract
+    (16 scalar + 16 vector channels, 32^3, batch 2), `vector_neuron(weight, block)` on the vector
+    key, the same ConvContract again."""
+    from kernels.triton import conv_contract_triton
+    from test_conv_contract_triton import make_layer, operands as layer_operands
+
+    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
+    xs, ws = layer_operands(spec, 32, seed=5, batch=2)
+    vn_w = jnp.asarray(np.random.default_rng(0).uniform(-0.25, 0.25, (16, 16)), jnp.float32)
+
+    def loss(ws, vn_w, xs):
+        one = lambda x: conv_contract_triton(spec, x, ws, precision="tf32")  # noqa: E731
+        s, v = jax.vmap(one)(xs)
+        v = jax.vmap(lambda b: vector_neuron(vn_w, b))(v)
+        out = jax.vmap(one)([jax.nn.gelu(s), v])
+        return sum(jnp.sum(o * o) for o in out)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(ws, vn_w, xs).compile().as_text()
+
+
+def relayouts_next_to(text: str, is_call) -> tuple[list, list]:
+    """(the custom calls `is_call(name, hlo line)` picks, [(call, neighbour, opcode)] for every
+    producer of an operand or consumer of a result that is a copy, a transpose or a fusion
+    containing one), walking past bitcasts and tuple plumbing to the real neighbours."""
+    from test_conv_contract_triton_gpu import _hlo_computations, _line_of
+
+    comps = _hlo_computations(text)
+    insts = {name: (op, ins, calls) for body in comps.values() for name, op, ins, calls in body}
+    picked = [n for n, (op, _, _) in insts.items() if op == "custom-call" and is_call(n, _line_of(text, n))]
+
+    def relayout(name):
+        op, _, called = insts[name]
+        inner = [i for comp in called for _, i, _, _ in comps.get(comp, [])]
+        return op in ("copy", "transpose") or any(i in ("copy", "transpose") for i in inner)
+
+    def through(name, step):
+        seen, frontier, found = set(), [name], []
+        while frontier:
+            for nxt in step(frontier.pop()):
+                if nxt in seen or nxt not in insts:
+                    continue
+                seen.add(nxt)
+                (frontier if insts[nxt][0] in ("bitcast", "get-tuple-element", "tuple") else found).append(nxt)
+        return found
+
+    producers = lambda n: insts[n][1]  # noqa: E731
+    consumers = lambda n: [m for m, (_, ins, _) in insts.items() if n in ins]  # noqa: E731
+    bad = [(n, m, insts[m][0]) for n in picked for m in through(n, producers) + through(n, consumers) if relayout(m)]
+    return picked, bad

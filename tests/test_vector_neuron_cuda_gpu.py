@@ -16,13 +16,13 @@ import re
 import shutil
 import textwrap
 
-import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from _vector_neuron_gpu import EPS, check_against_xla, check_bit_identical, operands, step
+from _vector_neuron_gpu import (EPS, check_against_xla, check_bit_identical, operands, relayouts_next_to,
+                                resnet_like_step_hlo, step)
 from conftest import assert_memcheck_clean
 from ginjax import _vector_neuron
 from kernels import cuda
@@ -103,44 +103,7 @@ def test_no_relayout_around_the_cuda_calls():
     ConvContract; value and gradients): in the compiled HLO no operand of a CUDA VectorNeuron
     call is produced by, and no result consumed by, a copy, a transpose or a fusion containing one."""
     pytest.importorskip("kernels.triton")
-    from kernels.triton import conv_contract_triton
-    from test_conv_contract_triton import make_layer, operands
-    from test_conv_contract_triton_gpu import _hlo_computations, _line_of
-
-    spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
-    xs, ws = operands(spec, 32, seed=5, batch=2)
-    vn_w = jnp.asarray(np.random.default_rng(0).uniform(-0.25, 0.25, (16, 16)), jnp.float32)
-
-    def loss(ws, vn_w, xs):
-        one = lambda x: conv_contract_triton(spec, x, ws, precision="tf32")  # noqa: E731
-        s, v = jax.vmap(one)(xs)
-        v = jax.vmap(lambda b: cuda.vector_neuron_cuda(vn_w, b, 3, jax.nn.gelu, EPS))(v)
-        out = jax.vmap(one)([jax.nn.gelu(s), v])
-        return sum(jnp.sum(o * o) for o in out)
-
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(ws, vn_w, xs).compile().as_text()
-    comps = _hlo_computations(text)
-    insts = {name: (op, ins, calls) for body in comps.values() for name, op, ins, calls in body}
-    vn = [n for n, (op, _, _) in insts.items()
-          if op == "custom-call" and re.search(r"ginjax_cuda_vn_(forward|backward)", _line_of(text, n))]
-    assert len(vn) == 2, [_line_of(text, n)[:300] for n in vn]
-
-    def relayout(name):
-        op, _, called = insts[name]
-        inner = [i for comp in called for _, i, _, _ in comps.get(comp, [])]
-        return op in ("copy", "transpose") or any(i in ("copy", "transpose") for i in inner)
-
-    def through(name, step):
-        seen, frontier, found = set(), [name], []
-        while frontier:
-            for nxt in step(frontier.pop()):
-                if nxt in seen or nxt not in insts:
-                    continue
-                seen.add(nxt)
-                (frontier if insts[nxt][0] in ("bitcast", "get-tuple-element", "tuple") else found).append(nxt)
-        return found
-
-    producers = lambda n: insts[n][1]  # noqa: E731
-    consumers = lambda n: [m for m, (_, ins, _) in insts.items() if n in ins]  # noqa: E731
-    bad = [(n, m, insts[m][0]) for n in vn for m in through(n, producers) + through(n, consumers) if relayout(m)]
+    text = resnet_like_step_hlo(lambda w, b: cuda.vector_neuron_cuda(w, b, 3, jax.nn.gelu, EPS))
+    vn, bad = relayouts_next_to(text, lambda name, line: re.search(r"ginjax_cuda_vn_(forward|backward)", line))
+    assert len(vn) == 2, vn
     assert not bad, bad
