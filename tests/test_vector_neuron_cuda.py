@@ -2,7 +2,7 @@
 coverage reasons, ginjax's dispatch (cuda only when asked for and covered, else triton / xla),
 the FFI plumbing as lowered (one forward and one backward call under vmap and grad, their
 operands component-planar with the batch leading), a float64 numpy emulation of the kernels'
-loops (kernels/cuda/_vn_emulate.py: channel loop, tiles, the backward's CTAs and splits of gW)
+loops (tests/_vn_cuda_emulate.py: channel loop, tiles, the backward's CTAs and splits of gW)
 against autodiff of ginjax's XLA path, and (slow) nvcc's resource report for every
 instantiation: no spills, registers within the residency `COVERED` assumes. What only
 tests/test_vector_neuron_cuda_gpu.py covers: the compiled kernels' numbers, the FFI calls
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 
 import kernels.cuda
+import _vn_cuda_emulate as emulate
 from conftest import float64, rel_l2
 from ginjax import _vector_neuron
-from kernels.cuda import _ffi, _vn_emulate, vector_neuron as vn
+from kernels.cuda import _ffi, vector_neuron as vn
 
 EPS = 1e-5
 
@@ -172,8 +173,8 @@ def test_emulated_kernels_match_autodiff_of_the_xla_path(c, spatial, D, k, act, 
     S = int(np.prod(spatial))
     xp = np.moveaxis(x.reshape((c, S, T)), -1, 1)  # (c, T, S), as the kernels see the block
     gp = np.moveaxis(gy.reshape((c, S, T)), -1, 1)
-    y = _vn_emulate.forward(w, xp, act, EPS)
-    gx, part, gw = _vn_emulate.backward(w, xp, gp, act, EPS, groups)
+    y = emulate.forward(w, xp, act, EPS)
+    gx, part, gw = emulate.backward(w, xp, gp, act, EPS, groups)
     with float64():
         f = lambda w, x: _vector_neuron.vector_neuron(w, x, D, activation, EPS, impl="xla")  # noqa: E731
         want_y, vjp = jax.vjp(f, jnp.asarray(w), jnp.asarray(x))

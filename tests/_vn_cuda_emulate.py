@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .vector_neuron import ACTIVATIONS, THREADS
+from kernels._vn_args import ACTIVATIONS
+from kernels.cuda.vector_neuron import THREADS
 
 GELU_C = np.sqrt(2.0 / np.pi)
 GELU_A = 0.044715
