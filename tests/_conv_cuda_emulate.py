@@ -157,23 +157,35 @@ class Emulator:
             A = np.zeros((16, 8))
             A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a
             for n in range(self.nt):
-                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * LANE + (t * self.nt + n) * 64
+                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
                 B = np.zeros((8, 8))
                 B[TID, G], B[TID + 4, G] = self.packed[idx], self.packed[idx + 1]
                 D = A @ B
                 acc[tile.group, n] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])
 
     def store(self, seg, z, y, acc0, acc1):
+        """The halves' meeting in the staging area and the segment's 16-byte stores."""
         o, s0, s1 = self.o, *_plan.STAGE_PITCH
         stage = np.full(o * (s0 + s1), np.nan)
-        for half, acc in ((1, acc1), (0, acc0)):
-            for q, (blk, comp) in enumerate(self.groups):
-                for n in range(self.nt):
-                    for k in range(4):
-                        oo, xx = n * 8 + 2 * TID + (k & 1), 2 * G + (k >> 1)
-                        at = oo * s0 + xx if blk == 0 else o * s0 + oo * s1 + 3 * xx + comp
-                        assert len(set(at.tolist())) == 32
-                        stage[at] = acc[q, n, k] if half == 1 else stage[at] + acc[q, n, k]
+        frag = lambda q, n, k: ((q * self.nt + n) * 4 + k) * 32 + LANE  # noqa: E731
+        assert len(self.groups) * self.nt * 4 * 32 <= stage.size
+        for q in range(len(self.groups)):  # half 1: partials in fragment order
+            for n in range(self.nt):
+                for k in range(4):
+                    stage[frag(q, n, k)] = acc1[q, n, k]
+        total = np.zeros_like(acc0)
+        for q in range(len(self.groups)):  # half 0 reads all of them (then __syncwarp) ...
+            for n in range(self.nt):
+                for k in range(4):
+                    total[q, n, k] = acc0[q, n, k] + stage[frag(q, n, k)]
+        stage[:] = np.nan  # ... so nothing of the partials may be read after its own stores
+        for q, (blk, comp) in enumerate(self.groups):
+            for n in range(self.nt):
+                for k in range(4):
+                    oo, xx = n * 8 + 2 * TID + (k & 1), 2 * G + (k >> 1)
+                    at = oo * s0 + xx if blk == 0 else o * s0 + oo * s1 + 3 * xx + comp
+                    assert len(set(at.tolist())) == 32 and np.isnan(stage[at]).all()  # each float once
+                    stage[at] = total[q, n, k]
         row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
         o_rows = self.nz * self.ny
         for t in range(64):

@@ -104,10 +104,12 @@ def test_shared_memory_of_the_standard_layer():
 
 
 def test_staging_writes_take_two_wavefronts_and_rows_are_16_byte_aligned():
-    """Each of a warp's 32 staging stores (q, n, k) hits 32 distinct floats in 2 bank wavefronts
-    (pixel pairs 2g + r: even strides, the minimum); each staged output row is float4-aligned."""
+    """Each of half 0's 32 staging stores (q, n, k) hits 32 distinct floats in 2 bank wavefronts
+    (pixel pairs 2g + r: even strides, the minimum); each staged output row is float4-aligned;
+    half 1's partials in fragment order fit the same area."""
     o, (s0, s1) = 16, _plan.STAGE_PITCH
     assert s0 % 4 == 0 and s1 % 4 == 0 and (o * s0) % 4 == 0
+    assert 4 * 2 * 4 * 32 <= o * (s0 + s1)  # groups x n-tiles x fragment x lanes
     for blk, comp in ((0, 0), (1, 0), (1, 1), (1, 2)):
         for n in range(2):
             for k in range(4):
@@ -130,7 +132,7 @@ def test_packed_weights_are_mma_b_fragments():
                 for n in range(2):
                     for lane in range(32):
                         for r in range(2):
-                            got = packed[base + ((h * n_t + T) * 2 + n) * 64 + 2 * lane + r]
+                            got = packed[base + ((h * n_t + T) * 32 + lane) * 4 + 2 * n + r]
                             want = ws[tile.term][8 * n + lane // 4, 8 * h + lane % 4 + 4 * r, tile.f]
                             assert got == _plan.round_tf32(np.float32(want))
         base += 2 * n_t * 2 * 64

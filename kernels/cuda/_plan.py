@@ -320,8 +320,9 @@ def round_tf32(x, xp=np):
 
 def pack_weights(spec: ConvSpec, weights, xp=np, tf32: bool = True):
     """The mma B fragments, flat and rounded to tf32 (the kernel copies them as they are): per
-    phase (vector, then scalar), [chunk h][tile T][n-tile][lane][r] = w_t[o = 8 n + lane / 4,
-    c = 8 h + lane % 4 + 4 r, f] of tile T = (t, f). One 8-byte read per lane and mma. `tf32`
+    phase (vector, then scalar), [chunk h][tile T][lane][n-tile][r] = w_t[o = 8 n + lane / 4,
+    c = 8 h + lane % 4 + 4 r, f] of tile T = (t, f). One read per lane and tile (16 bytes for
+    both n-tiles of 16 output channels). `tf32`
     False keeps the float32 values (the CPU emulation's exact check of the index arithmetic)."""
     _, phs = phases(spec)
     parts = []
@@ -329,6 +330,6 @@ def pack_weights(spec: ConvSpec, weights, xp=np, tf32: bool = True):
         w = xp.stack([weights[t.term][:, :, t.f] for t in ph.tiles])  # (T, o, c)
         n_t, o, c = w.shape
         w = w.reshape(n_t, o // 8, 8, c // CHUNK, 2, 4)  # T, n, g, h, r, tid
-        parts.append(w.transpose(3, 0, 1, 2, 5, 4).reshape(-1))  # h, T, n, g, tid, r
+        parts.append(w.transpose(3, 0, 2, 5, 1, 4).reshape(-1))  # h, T, g, tid, n, r
     packed = xp.concatenate(parts)
     return round_tf32(packed, xp) if tf32 else packed

@@ -82,6 +82,18 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 // ignores the low 13 bits of a tf32 operand, so adding half of their range rounds the magnitude.
 __device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
 
+// A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
+template <int NT>
+__device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
+  if constexpr (NT == 2) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    bw[0] = v.x, bw[1] = v.y, bw[2] = v.z, bw[3] = v.w;
+  } else {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    bw[0] = v.x, bw[1] = v.y;
+  }
+}
+
 __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
@@ -183,14 +195,14 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
       float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                            \
       GJ_##NAME##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_MID)                                  \
-      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * lane;                 \
+      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * NT * lane;            \
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) {                                      \
         const uint32_t a[4] = {tf32_bits(zt[t][0]), tf32_bits(zt[t][1]), tf32_bits(zt[t][2]),  \
                                tf32_bits(zt[t][3])};                                            \
-        _Pragma("unroll") for (int n = 0; n < NT; ++n) {                                        \
-          const float2 bw = *reinterpret_cast<const float2*>(wt + (t * NT + n) * 64);           \
-          mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw.x), __float_as_uint(bw.y)); \
-        }                                                                                       \
+        float bw[2 * NT];                                                                       \
+        load_b<NT>(bw, wt + t * NT * 64);                                                       \
+        _Pragma("unroll") for (int n = 0; n < NT; ++n)                                          \
+          mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw[2 * n]), __float_as_uint(bw[2 * n + 1])); \
       }                                                                                         \
     }                                                                                           \
   }
@@ -241,8 +253,10 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     GJ_PHASE(S)
     oldest = mid;
 
-    // The warp halves' sums meet in the segment's staging area in the outputs' layout (scalar
-    // [o][16 x], vector [o][16 x][3]); then the segment's 64 threads store it as 16-byte rows.
+    // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
+    // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
+    // sums in the outputs' layout (scalar [o][16 x], vector [o][16 x][3]; two wavefronts a
+    // store); then the segment's 64 threads store it as 16-byte rows.
     float* st = s_stage + seg * kO * (kStage0 + kStage1);
     auto at = [&](int q, int n, int k) {
       const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
@@ -254,7 +268,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
+          for (int k = 0; k < 4; ++k) st[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
     }
     pair_barrier(1 + seg);
     if (half == 0) {
@@ -263,7 +277,14 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int k = 0; k < 4; ++k) st[at(q, n, k)] += acc[q][n][k], acc[q][n][k] = 0.f;
+          for (int k = 0; k < 4; ++k) acc[q][n][k] += st[((q * NT + n) * 4 + k) * 32 + lane];
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < GJ_GROUPS; ++q)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
     }
     pair_barrier(1 + seg);
     const int t = half * 32 + lane;
