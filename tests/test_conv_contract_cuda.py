@@ -137,6 +137,8 @@ def test_packed_weights_are_mma_b_fragments():
                             assert got == _plan.round_tf32(np.float32(want))
         base += 2 * n_t * 2 * 64
     assert base == packed.size
+    traced = jax.jit(lambda w: _plan.pack_weights(SPEC, w, xp=jnp))([jnp.asarray(w, jnp.float32) for w in ws])
+    assert np.array_equal(np.asarray(traced), packed)  # the path conv_contract_cuda takes
 
 
 def test_round_tf32():

@@ -1,13 +1,16 @@
 """The CUDA forward kernel (kernels/cuda) built and run on a Hopper GPU, against `reference` at the
 tf32 tolerance: the standard layer's grid, odd grids (z, y not powers of two, short strips that
 end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one launch, and
-gradients (dense's VJP). Build first (kernels/cuda/README.md), then on the GPU machine:
+gradients (dense's VJP); and against its own lane-by-lane numpy emulation
+(tests/_conv_cuda_emulate.py), far tighter than tf32's tolerance: the same tf32 rounding of Z
+(the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights. Build first (kernels/cuda/README.md), then on the GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_gpu.py
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import jax
@@ -15,8 +18,10 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+from _conv_cuda_emulate import Emulator
 from conftest import rel_l2
 from kernels import cuda
+from kernels.cuda import _plan
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,3 +95,18 @@ def test_fp32_precision_is_refused():
     xs, ws, _ = _cases.spec_operands(SPEC, (3, 3, 16), 1, seed=25)
     with pytest.raises(ValueError, match="`precision`"):
         cuda.conv_contract_cuda(SPEC, [x[0] for x in xs], ws, precision="fp32")
+
+
+@pytest.mark.parametrize("spatial, strip", [((3, 4, 32), 3), ((2, 3, 16), 2)])
+def test_matches_its_emulation(spatial, strip):
+    """The kernel and its emulation round Z and the weights to tf32 alike; what differs is fp32
+    against fp64 accumulation and the rare Z whose rounding that flips: ~1e-6, where tf32's own
+    error is ~3e-4 (a kernel that truncated Z, or rounded it twice, would be ~1e-4 off)."""
+    xs, ws, _ = _cases.spec_operands(SPEC, spatial, 1, seed=26)
+    got = jax.jit(lambda x, ws: cuda.conv_contract_cuda(SPEC, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))(
+        [x[0] for x in xs], ws)
+    packed = _plan.pack_weights(SPEC, [np.asarray(w) for w in ws])
+    emu = Emulator(SPEC, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip)
+    want = emu.run()[:2]
+    for g, w in zip(got, want):
+        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5

@@ -15,21 +15,29 @@
 // channels tid, tid + 4 (A columns), so one input row read (x = 2g - 1 .. 2g + 2, both
 // channels: 8 shared loads) serves the three dx taps of both pixels, and every Z tile of the
 // phase (27 reading the vector block, then 13 reading the scalar one) is live at once, so each
-// of the phase's input rows is read once per chunk.
+// of the phase's input rows is read once per chunk. The walk uses the filters' reflection
+// symmetry (_plan.row_groups): the three z rows of a (dy, component) are loaded together and
+// each tile's symmetric pair of taps (dz = +-1, dx = +-1) is one FMA on a shared sum or
+// difference: 948 FP32 instructions per warp and row instead of 1,368.
 //
 // Why the stencil on FMA and the channel GEMM on mma.sync.m16n8k8 TF32: the stencil is sparse
 // (342 nonzeros over 40 tiles, 108 distinct shifted reads) and belongs on the FP32 pipe, where
 // its result is already in the A fragment's registers; the GEMM (10,240 MACs a pixel) on FMA
 // would double the FP32 work, while on the tensor cores it is ~15 % of the stencil's issue
 // slots. wgmma would need Z in shared memory (tf32 A comes only from shared memory), i.e. one
-// store and one barrier per Z element: mma.sync takes A from registers.
+// store and one barrier per Z element: mma.sync takes A from registers. tf32: the weights are
+// rounded once on the host (pack_weights) and copied as they are; Z is rounded by one integer
+// add (tf32_bits), not cvt.rna's compare-and-add.
 //
 // The y ring: slices y-1, y, y+1; slice y+2 overwrites y-1's slot once every warp is past the
 // dy = -1 rows of the phase (MID in the generated walk), so the copy overlaps the rest of the
-// row. Copies are 4-byte cp.async: the rows are laid out with per-channel pitch and skew
-// (_plan.row_layout) that make every stencil read one bank wavefront, which 16-byte-aligned rows
-// cannot; the x wrap is in the copy's source index. The warp halves' partial outputs meet in
-// shared memory; half 0 stores them.
+// row. Slice layout [block][channel][dz][x] with compile-time row pitches per x extent (the
+// kernel is instantiated per nx): every stencil read is a per-lane base plus an immediate.
+// Copies are 4-byte cp.async: the per-channel skews (_plan.row_layout) that make every stencil
+// read one bank wavefront are what 16-byte-aligned rows cannot have; a warp copies a channel's
+// rows with immediate offsets from one base per row, the x wrap as one extra float per lane
+// for lanes < 2 comps. The warp halves' partial outputs meet in shared memory and are staged
+// in the outputs' layout, so the global stores are 16-byte and whole 32-byte sectors.
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), results y0
