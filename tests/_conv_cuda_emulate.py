@@ -45,9 +45,8 @@ class Emulator:
         plane = self.ny * row
         zoff = [zz[d] * plane + yy * row for d in range(3)]
         volume = self.nz * plane
-        e_src = np.where(LANE < m, row - m + LANE, LANE - m)
-        e_dst = np.where(LANE < m, LANE, row + LANE)
-        base = lay.region[key] + m + LANE
+        left, right = LANE < m, (LANE >= m) & (LANE < 2 * m)
+        base = lay.region[key] + m + LANE  # interior float `lane` of row 0
 
         def put(dst, src, mask):
             np.add.at(writes, dst[mask], 1)
@@ -55,15 +54,16 @@ class Emulator:
 
         for warp in range(warps):
             for c in range(warp, C, warps):
-                src_c = c * volume
+                src_c = LANE + c * volume
                 dst_c = base + 3 * c * P + skew[c & 3]
                 for dz in range(3):
                     src, dst = src_c + zoff[dz], dst_c + dz * P
                     for k in range(k_full):
-                        put(dst + 32 * k, src + LANE + 32 * k, LANE >= 0)
+                        put(dst + 32 * k, src + 32 * k, LANE >= 0)
                     if k_rem:
-                        put(dst + 32 * k_full, src + LANE + 32 * k_full, LANE < k_rem)
-                    put(dst - m - LANE + e_dst, src + e_src, LANE < 2 * m)
+                        put(dst + 32 * k_full, src + 32 * k_full, LANE < k_rem)
+                    put(dst - m, src + row - m, left)
+                    put(dst + row - m, src - m, right)
 
     # ---- the kernel ---------------------------------------------------------------------------
     def run(self):

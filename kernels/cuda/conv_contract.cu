@@ -125,32 +125,34 @@ __device__ __forceinline__ void pair_barrier(int id) {
 
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel, x = -1 .. NX
 // wrapped) into `slice`: a warp per channel, its three rows in turn; lane l copies floats l,
-// l + 32, ... of the interior (source and destination offsets compile-time immediates of one
-// per-row base) and, for l < 2 kM, one wrap float (x = -1 from x = NX - 1, x = NX from x = 0).
+// l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM: x = -1 from
+// x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base (+ lane) plus
+// an immediate.
 template <int NX, int KEY>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int yy, const int (&zz)[3]) {
   using L = RowLayout<NX, KEY>;
   constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
   const int lane = threadIdx.x & 31, C = p.c[KEY];
-  const int e_src = lane < kM ? kRow - kM + lane : lane - kM;  // wrap float: source, destination
-  const int e_dst = lane < kM ? lane : kRow + lane;
+  const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
   const int plane = p.ny * kRow;  // floats of one (channel, z) plane
   // offsets inside a channel's volume (32-bit: one channel of one batch element); the 64-bit
   // channel base once per channel
   const int zoff[3] = {zz[0] * plane + yy * kRow, zz[1] * plane + yy * kRow, zz[2] * plane + yy * kRow};
   const size_t volume = (size_t)p.nz * plane;
-  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;
+  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;  // interior float `lane` of row 0
+  const float* x = p.x[KEY] + lane;
   for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
-    const float* src_c = p.x[KEY] + (size_t)(b * C + c) * volume;
+    const float* src_c = x + (size_t)(b * C + c) * volume;
     float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
 #pragma unroll
     for (int dz = 0; dz < 3; ++dz) {
       const float* src = src_c + zoff[dz];
       float* dst = dst_c + dz * L::kPitch;
 #pragma unroll
-      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + lane + 32 * k);
-      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + lane + 32 * kFull);
-      if (lane < 2 * kM) cp_async4(dst - kM - lane + e_dst, src + e_src);
+      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + 32 * k);
+      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + 32 * kFull);
+      if (left) cp_async4(dst - kM, src + kRow - kM);   // column lane: x = -1, component lane
+      if (right) cp_async4(dst + kRow - kM, src - kM);  // column kRow + lane: x = NX
     }
   }
 }
