@@ -12,10 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
+import kernels
+from bench import _cases
 from kernels.cuda import _plan
 
 LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
+
+
+def standard_spec(c_in: int, c_out: int):
+    """The standard D=3 {scalar, vector} layer (bench/_cases.fixture_spec's filters) with c_in
+    input and c_out output channels per key: 32 inputs make the kernel's warp halves take two
+    chunk rounds per phase."""
+    data = np.load(_cases.FIXTURE_FILTERS)
+    basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731
+    pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
+    return kernels.make_spec(3, [(0, 0, c_in), (1, 0, c_in)], [(0, 0, c_out), (1, 0, c_out)], pairs, True)
 
 
 class Emulator:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from _conv_cuda_emulate import Emulator
+from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels.cuda import _ffi, _plan
 
@@ -155,24 +155,28 @@ def test_round_tf32():
     assert np.abs(_plan.round_tf32(r) / r - 1).max() <= 2.0**-11
 
 
-def _emulated(spatial, strip, round_z, seed):
+def _emulated(spatial, strip, round_z, seed, spec=SPEC):
     """The emulated kernel on fresh operands; without `round_z` neither Z nor the packed weights
     are rounded to tf32, so only the index arithmetic and the walk's reassociation remain."""
-    xs, ws, _ = _cases.spec_operands(SPEC, spatial, 1, seed=seed)
-    packed = _plan.pack_weights(SPEC, [np.asarray(w) for w in ws], tf32=round_z)
-    emu = Emulator(SPEC, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z)
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
-        want = kernels.conv_contract(SPEC, [x[0] for x in xs], ws, backend="reference")
+        want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
     return emu, (y0, y1), want, copies
 
 
-@pytest.mark.parametrize("spatial, strip", [((3, 5, 32), 2), ((2, 3, 16), 3)])
-def test_emulated_kernel_matches_reference(spatial, strip):
+@pytest.mark.parametrize("spatial, strip, channels", [((3, 5, 32), 2, (16, 16)), ((2, 3, 16), 3, (16, 16)),
+                                                     ((2, 3, 16), 2, (32, 8))])
+def test_emulated_kernel_matches_reference(spatial, strip, channels):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be, written once;
-    every output float is stored once."""
-    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5)
+    every output float is stored once. 32 input channels: two chunk rounds per warp half; 8
+    outputs: one n-tile."""
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    assert _plan.coverage(spec, spatial, np.float32)[0]
+    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec)
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
     assert all((w == 1).all() for w in emu.out_writes)

@@ -31,8 +31,8 @@
 //
 // The y ring: slices y-1, y, y+1; slice y+2 overwrites y-1's slot once every warp is past the
 // dy = -1 rows of the phase (MID in the generated walk), so the copy overlaps the rest of the
-// row. The two MID barriers (each after a wait for every copy in flight) are a row's only
-// CTA-wide barriers. Slice layout [block][channel][dz][x] with compile-time row pitches per x extent (the
+// row. The two MID barriers are a row's only CTA-wide barriers (the vector one after a wait
+// for every copy in flight). Slice layout [block][channel][dz][x] with compile-time row pitches per x extent (the
 // kernel is instantiated per nx): every stencil read is a per-lane base plus an immediate.
 // Copies are 4-byte cp.async: the per-channel skews (_plan.row_layout) that make every stencil
 // read one bank wavefront are what 16-byte-aligned rows cannot have; a warp copies a channel's
@@ -181,7 +181,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   zt[T][3] = fmaf(coef, GJ_VAL(zk, xk, 1, 1), zt[T][3]);
 #define GJ_MID()                                                              \
   if (last) {                                                                 \
-    cp_async_wait<0>();                                                       \
+    if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
     if (more) load_slice<NX, kKey>(p, next, b, y_next, zz);                   \
     cp_async_commit();                                                        \
@@ -195,6 +195,11 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
     constexpr int kKey = GJ_##NAME##_KEY, kTiles = GJ_##NAME##_TILES;                           \
     constexpr int kM = RowLayout<NX, kKey>::kM, kP = RowLayout<NX, kKey>::kPitch;               \
     const int n_chunks = p.c[kKey] / kChunk;                                                    \
+    /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
+    if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
+      cp_async_wait<0>();                                                                       \
+      __syncthreads();                                                                          \
+    }                                                                                           \
     for (int h = half; h < n_chunks; h += 2) {                                                  \
       const bool last = h + 2 >= n_chunks;                                                      \
       const int c0 = h * kChunk + tid, c1 = c0 + 4;                                             \
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_commit();
   for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
   cp_async_commit();
-  cp_async_wait<1>();  // the weights and vector slices; the scalar ones by the first vector MID
+  cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
   __syncthreads();
 
   float acc[GJ_GROUPS][NT][4];
@@ -258,11 +263,11 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
     const bool more = y + 2 <= y1;  // row y + 1 is in the strip and needs slice y + 2
     const int y_next = wrap_y(y + 2);
-    // The MID hooks are the row's only CTA barriers. The vector phase's waits for every copy in
-    // flight (the scalar slice y + 1, issued at the last row's scalar MID) before it refills
-    // the vector part of slot y - 1: the scalar phase then finds its slices complete. The
-    // scalar phase's MID waits likewise for the vector slice y + 2 the next row reads. Each
-    // copy has the rest of a phase and a third of the next to land.
+    // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
+    // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
+    // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
+    // Before them a phase reads only slice y - 1, long complete. So a vector copy has a whole
+    // row to land and a scalar one two thirds of a phase and the row's tail.
     GJ_PHASE(V)
     GJ_PHASE(S)
     oldest = mid;
