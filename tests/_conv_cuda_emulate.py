@@ -173,7 +173,8 @@ class Emulator:
                 B = np.zeros((8, 8))
                 B[TID, G], B[TID + 4, G] = self.packed[idx], self.packed[idx + 1]
                 D = A @ B
-                acc[tile.group, n] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])
+                c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
+                acc[tile.group, n] += np.stack(c)
 
     def store(self, seg, z, y, acc0, acc1):
         """The halves' meeting in the staging area and the segment's 16-byte stores."""

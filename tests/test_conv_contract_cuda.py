@@ -182,7 +182,7 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels):
     assert all((w == 1).all() for w in emu.out_writes)
     nz, ny, nx = spatial
     lay = emu.lay
-    x = [np.asarray(emu.x[0]).reshape(lay.channels[0], nz, ny, nx, 1), np.asarray(emu.x[1]).reshape(lay.channels[1], nz, ny, nx, 3)]
+    x = [emu.x[0].reshape(lay.channels[0], nz, ny, nx, 1), emu.x[1].reshape(lay.channels[1], nz, ny, nx, 3)]
     for key, z, yy, writes in copies:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         want_at = np.zeros(lay.slice_floats, int)

@@ -3,7 +3,8 @@ tf32 tolerance: the standard layer's grid, odd grids (z, y not powers of two, sh
 end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one launch, and
 gradients (dense's VJP); and against its own lane-by-lane numpy emulation
 (tests/_conv_cuda_emulate.py), far tighter than tf32's tolerance: the same tf32 rounding of Z
-(the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights. Build first (kernels/cuda/README.md), then on the GPU machine:
+(the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights.
+Build first (kernels/cuda/README.md), then on the GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_gpu.py
 """
