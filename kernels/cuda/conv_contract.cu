@@ -142,6 +142,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   const size_t volume = (size_t)p.nz * plane;
   float* base = slice + (KEY ? p.region1 : 0) + kM + lane;  // interior float `lane` of row 0
   const float* x = p.x[KEY] + lane;
+#pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
   for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
     const float* src_c = x + (size_t)(b * C + c) * volume;
     float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
