@@ -1,13 +1,17 @@
 """The CUDA forward kernel (kernels/cuda) built and run on a Hopper GPU, against `reference` at the
 tf32 tolerance: the standard layer's grid, odd grids (z, y not powers of two, short strips that
 end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one launch, and
-gradients (dense's VJP). Build first (kernels/cuda/README.md), then on the GPU machine:
+gradients (dense's VJP); and against its own lane-by-lane numpy emulation
+(tests/_conv_cuda_emulate.py), far tighter than tf32's tolerance: the same tf32 rounding of Z
+(the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights.
+Build first (kernels/cuda/README.md), then on the GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_gpu.py
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import jax
@@ -15,8 +19,10 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels import cuda
+from kernels.cuda import _plan
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,3 +96,25 @@ def test_fp32_precision_is_refused():
     xs, ws, _ = _cases.spec_operands(SPEC, (3, 3, 16), 1, seed=25)
     with pytest.raises(ValueError, match="`precision`"):
         cuda.conv_contract_cuda(SPEC, [x[0] for x in xs], ws, precision="fp32")
+
+
+@pytest.mark.parametrize(
+    "spatial, strip, channels", [((3, 4, 32), 3, (16, 16)), ((2, 3, 16), 2, (16, 16)), ((3, 5, 16), 2, (32, 8)),
+                                 ((2, 4, 16), 3, (32, 16))])
+def test_matches_its_emulation(spatial, strip, channels):
+    """The kernel and its emulation round Z and the weights to tf32 alike; what differs is fp32
+    against fp64 accumulation and the rare Z whose rounding that flips: ~1e-6, where tf32's own
+    error is ~3e-4 (a kernel that truncated Z, or rounded it twice, would be ~1e-4 off). 32 input
+    channels: two chunk rounds per warp half (the vector phase's extra wait); 8 outputs: one
+    n-tile. Also against `reference` at the tf32 tolerance."""
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=26)
+    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
+    got = run([x[0] for x in xs], ws)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip)
+    with jax.default_matmul_precision("highest"):
+        ref = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    for g, w, r in zip(got, emu.run()[:2], ref):
+        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5
+        assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"]

@@ -15,21 +15,30 @@
 // channels tid, tid + 4 (A columns), so one input row read (x = 2g - 1 .. 2g + 2, both
 // channels: 8 shared loads) serves the three dx taps of both pixels, and every Z tile of the
 // phase (27 reading the vector block, then 13 reading the scalar one) is live at once, so each
-// of the phase's input rows is read once per chunk.
+// of the phase's input rows is read once per chunk. The walk uses the filters' reflection
+// symmetry (_plan.row_groups): the three z rows of a (dy, component) are loaded together and
+// each tile's symmetric pair of taps (dz = +-1, dx = +-1) is one FMA on a shared sum or
+// difference: 948 FP32 instructions per warp and row instead of 1,368.
 //
 // Why the stencil on FMA and the channel GEMM on mma.sync.m16n8k8 TF32: the stencil is sparse
 // (342 nonzeros over 40 tiles, 108 distinct shifted reads) and belongs on the FP32 pipe, where
 // its result is already in the A fragment's registers; the GEMM (10,240 MACs a pixel) on FMA
 // would double the FP32 work, while on the tensor cores it is ~15 % of the stencil's issue
 // slots. wgmma would need Z in shared memory (tf32 A comes only from shared memory), i.e. one
-// store and one barrier per Z element: mma.sync takes A from registers.
+// store and one barrier per Z element: mma.sync takes A from registers. tf32: the weights are
+// rounded once on the host (pack_weights) and copied as they are; Z is rounded by one integer
+// add (tf32_bits), not cvt.rna's compare-and-add.
 //
 // The y ring: slices y-1, y, y+1; slice y+2 overwrites y-1's slot once every warp is past the
 // dy = -1 rows of the phase (MID in the generated walk), so the copy overlaps the rest of the
-// row. Copies are 4-byte cp.async: the rows are laid out with per-channel pitch and skew
-// (_plan.row_layout) that make every stencil read one bank wavefront, which 16-byte-aligned rows
-// cannot; the x wrap is in the copy's source index. The warp halves' partial outputs meet in
-// shared memory; half 0 stores them.
+// row. The two MID barriers are a row's only CTA-wide barriers (the vector one after a wait
+// for every copy in flight). Slice layout [block][channel][dz][x] with compile-time row pitches per x extent (the
+// kernel is instantiated per nx): every stencil read is a per-lane base plus an immediate.
+// Copies are 4-byte cp.async: the per-channel skews (_plan.row_layout) that make every stencil
+// read one bank wavefront are what 16-byte-aligned rows cannot have; a warp copies a channel's
+// rows with immediate offsets from one base per row, the x wrap as one extra float per lane
+// for lanes < 2 comps. The warp halves' partial outputs meet in shared memory and are staged
+// in the outputs' layout, so the global stores are 16-byte and whole 32-byte sectors.
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), results y0
@@ -50,22 +59,26 @@ namespace {
 
 constexpr int kSeg = 16;   // pixels per warp (mma M)
 constexpr int kChunk = 8;  // channels per mma k-step
-constexpr int kMaxThreads = 256;
+constexpr int kStage0 = kSeg + 4, kStage1 = 3 * kSeg + 4;  // _plan.STAGE_PITCH
 
 struct Params {
   const float* x[2];
   const float* w;
   float* y[2];
-  int nz, ny, nx, c[2], o, strip;
-  int pitch[2], skew[2][4];
-  int w_floats, slice_floats, zrow_floats, region[2], w_base[2];
+  int nz, ny, c[2], o, strip;
+  int w_floats, slice_floats, region1, w_base[2];
 };
 
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
+// Block KEY's row layout for x extent NX (generated tables, _plan.row_layout): a channel c's rows
+// dz = -1, 0, 1 at region + (3 c + dz + 1) * kPitch + skew(c), each x = -1 .. NX, kM floats a pixel.
+template <int NX, int KEY>
+struct RowLayout {
+  static constexpr int kM = KEY ? 3 : 1;
+  static constexpr int kPitch = KEY ? kPitch3[NX / kSeg - 1] : kPitch1[NX / kSeg - 1];
+  static constexpr int kSkews = KEY ? kSkew3[NX / kSeg - 1] : kSkew1[NX / kSeg - 1];
+  static constexpr int kRow = NX * kM;  // floats of the interior x = 0 .. NX - 1
+  __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
+};
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -74,9 +87,30 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// tf32 of a finite float, to nearest with ties away (cvt.rna's result) in one integer add: the mma
+// ignores the low 13 bits of a tf32 operand, so adding half of their range rounds the magnitude.
+__device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
+
+// A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
+template <int NT>
+__device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
+  if constexpr (NT == 2) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    bw[0] = v.x, bw[1] = v.y, bw[2] = v.z, bw[3] = v.w;
+  } else {
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    bw[0] = v.x, bw[1] = v.y;
+  }
+}
+
 __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(float* dst, const float* src) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -90,99 +124,132 @@ __device__ __forceinline__ void pair_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(64) : "memory");
 }
 
-// One y slice of input block `key` (3 z rows around z, every channel, x = -1 .. nx wrapped) into
-// `slice`: a warp per (z row, channel), lanes along the row.
-template <int KEY>
-__device__ void load_slice(const Params& p, float* slice, int b, int z, int yy) {
-  constexpr int m = KEY ? 3 : 1;
-  const int C = p.c[KEY], row = p.nx * m, width = row + 2 * m;
-  const int lane = threadIdx.x & 31;
-  for (int r = threadIdx.x >> 5; r < 3 * C; r += blockDim.x >> 5) {
-    const int dz = r / C, c = r - dz * C;
-    int zz = z + dz - 1;
-    zz += zz < 0 ? p.nz : (zz >= p.nz ? -p.nz : 0);
-    const float* src = p.x[KEY] + ((((size_t)b * C + c) * p.nz + zz) * p.ny + yy) * (size_t)row;
-    float* dst = slice + dz * p.zrow_floats + p.region[KEY] + c * p.pitch[KEY] + p.skew[KEY][c & 3];
-    for (int e = lane; e < width; e += 32) {
-      int xs = e - m;  // (x', i) at e = (x' + 1) m + i reads x' mod nx
-      xs += xs < 0 ? row : (xs >= row ? -row : 0);
-      cp_async4(dst + e, src + xs);
+// One y slice of input block KEY (3 z rows zz[0..2] around z, every channel, x = -1 .. NX
+// wrapped) into `slice`: a warp per channel, its three rows in turn; lane l copies floats l,
+// l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM: x = -1 from
+// x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base (+ lane) plus
+// an immediate.
+template <int NX, int KEY>
+__device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int yy, const int (&zz)[3]) {
+  using L = RowLayout<NX, KEY>;
+  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
+  const int lane = threadIdx.x & 31, C = p.c[KEY];
+  const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
+  const int plane = p.ny * kRow;  // floats of one (channel, z) plane
+  // offsets inside a channel's volume (32-bit: one channel of one batch element); the 64-bit
+  // channel base once per channel
+  const int zoff[3] = {zz[0] * plane + yy * kRow, zz[1] * plane + yy * kRow, zz[2] * plane + yy * kRow};
+  const size_t volume = (size_t)p.nz * plane;
+  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;  // interior float `lane` of row 0
+  const float* x = p.x[KEY] + lane;
+#pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
+  for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
+    const float* src_c = x + (size_t)(b * C + c) * volume;
+    float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
+#pragma unroll
+    for (int dz = 0; dz < 3; ++dz) {
+      const float* src = src_c + zoff[dz];
+      float* dst = dst_c + dz * L::kPitch;
+#pragma unroll
+      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + 32 * k);
+      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + 32 * kFull);
+      if (left) cp_async4(dst - kM, src + kRow - kM);   // column lane: x = -1, component lane
+      if (right) cp_async4(dst + kRow - kM, src - kM);  // column kRow + lane: x = NX
     }
   }
 }
 
-// The generated walk's hooks (stencil_d3.inc): ROW loads v, NZ accumulates a Z tile, MID frees
-// the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
-#define GJ_ROW(dz, dy, i)                                                         \
-  {                                                                               \
-    const float* r_ = sl[(dy) + 1] + ((dz) + 1) * p.zrow_floats + (i);            \
-    _Pragma("unroll") for (int s = 0; s < 4; ++s) {                               \
-      v[0][s] = r_[off0 + s * kM];                                                \
-      v[1][s] = r_[off1 + s * kM];                                                \
-    }                                                                             \
+// The generated walk's hooks (stencil_d3.inc): ROW loads u[dz + 1], ZC / XC form the symmetric
+// classes, NZ accumulates a Z tile, MID frees the oldest y slice of this phase's block once the
+// whole CTA is past its dy = -1 rows.
+#define GJ_ROW(dz, dy, i)                                                        \
+  _Pragma("unroll") for (int s = 0; s < 4; ++s) {                                \
+    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
+    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
   }
-#define GJ_NZ(T, dx, coef)                               \
-  zt[T][0] = fmaf(coef, v[0][(dx) + 1], zt[T][0]);       \
-  zt[T][1] = fmaf(coef, v[0][(dx) + 2], zt[T][1]);       \
-  zt[T][2] = fmaf(coef, v[1][(dx) + 1], zt[T][2]);       \
-  zt[T][3] = fmaf(coef, v[1][(dx) + 2], zt[T][3]);
-#define GJ_MID()                                                        \
-  if (last) {                                                           \
-    __syncthreads();                                                    \
-    if (more) load_slice<kKey>(p, next, b, z, y_next);                  \
-    cp_async_commit();                                                  \
+#define GJ_Z(zk, ch, s) ((zk) == 0 ? u[1][ch][s] : zc[zk][ch][s])
+#define GJ_ZC(zk)                                                                             \
+  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int s = 0; s < 4; ++s) \
+    zc[zk][ch][s] = (zk) == 1 ? u[0][ch][s] + u[2][ch][s] : u[2][ch][s] - u[0][ch][s];
+#define GJ_XC(zk, xk)                                                                           \
+  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int q = 0; q < 2; ++q) \
+    xc[zk][xk][ch][q] = (xk) == 1 ? GJ_Z(zk, ch, q) + GJ_Z(zk, ch, q + 2) : GJ_Z(zk, ch, q + 2) - GJ_Z(zk, ch, q);
+#define GJ_VAL(zk, xk, ch, q) ((xk) == 0 ? GJ_Z(zk, ch, (q) + 1) : xc[zk][xk][ch][q])
+#define GJ_NZ(T, zk, xk, coef)                                  \
+  zt[T][0] = fmaf(coef, GJ_VAL(zk, xk, 0, 0), zt[T][0]);        \
+  zt[T][1] = fmaf(coef, GJ_VAL(zk, xk, 0, 1), zt[T][1]);        \
+  zt[T][2] = fmaf(coef, GJ_VAL(zk, xk, 1, 0), zt[T][2]);        \
+  zt[T][3] = fmaf(coef, GJ_VAL(zk, xk, 1, 1), zt[T][3]);
+#define GJ_MID()                                                              \
+  if (last) {                                                                 \
+    if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
+    __syncthreads();                                                          \
+    if (more) load_slice<NX, kKey>(p, next, b, y_next, zz);                   \
+    cp_async_commit();                                                        \
   }
 
 // One phase of one output row: the warp half's chunks of the phase's block, each a stencil walk
-// into the Z tiles and their mma into the groups' accumulators.
+// into the Z tiles and their mma into the groups' accumulators. Lane bases r0 / r1 per y slice;
+// every row offset of the walk is an immediate.
 #define GJ_PHASE(NAME)                                                                          \
   {                                                                                             \
-    constexpr int kKey = GJ_##NAME##_KEY, kM = kKey ? 3 : 1, kTiles = GJ_##NAME##_TILES;      \
+    constexpr int kKey = GJ_##NAME##_KEY, kTiles = GJ_##NAME##_TILES;                           \
+    constexpr int kM = RowLayout<NX, kKey>::kM, kP = RowLayout<NX, kKey>::kPitch;               \
     const int n_chunks = p.c[kKey] / kChunk;                                                    \
+    /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
+    if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
+      cp_async_wait<0>();                                                                       \
+      __syncthreads();                                                                          \
+    }                                                                                           \
     for (int h = half; h < n_chunks; h += 2) {                                                  \
       const bool last = h + 2 >= n_chunks;                                                      \
       const int c0 = h * kChunk + tid, c1 = c0 + 4;                                             \
-      const int px = (seg * kSeg + 2 * g) * kM + p.region[kKey];                                \
-      const int off0 = px + c0 * p.pitch[kKey] + p.skew[kKey][c0 & 3];                          \
-      const int off1 = px + c1 * p.pitch[kKey] + p.skew[kKey][c1 & 3];                          \
+      const int px = (seg * kSeg + 2 * g) * kM + (kKey ? p.region1 : 0);                        \
+      const int off0 = px + 3 * c0 * kP + RowLayout<NX, kKey>::skew(c0);                        \
+      const int off1 = px + 3 * c1 * kP + RowLayout<NX, kKey>::skew(c1);                        \
+      const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                          \
+      const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                          \
       float zt[kTiles][4];                                                                      \
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
-      float v[2][4];                                                                            \
-      GJ_##NAME##_STENCIL(GJ_ROW, GJ_NZ, GJ_MID)                                                \
-      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * lane;                 \
+      float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                            \
+      GJ_##NAME##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_MID)                                  \
+      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * NT * lane;            \
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) {                                      \
-        const uint32_t a[4] = {to_tf32(zt[t][0]), to_tf32(zt[t][1]), to_tf32(zt[t][2]),        \
-                               to_tf32(zt[t][3])};                                              \
-        _Pragma("unroll") for (int n = 0; n < NT; ++n) {                                        \
-          const float2 bw = *reinterpret_cast<const float2*>(wt + (t * NT + n) * 64);           \
-          mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw.x), __float_as_uint(bw.y)); \
-        }                                                                                       \
+        const uint32_t a[4] = {tf32_bits(zt[t][0]), tf32_bits(zt[t][1]), tf32_bits(zt[t][2]),  \
+                               tf32_bits(zt[t][3])};                                            \
+        float bw[2 * NT];                                                                       \
+        load_b<NT>(bw, wt + t * NT * 64);                                                       \
+        _Pragma("unroll") for (int n = 0; n < NT; ++n)                                          \
+          mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw[2 * n]), __float_as_uint(bw[2 * n + 1])); \
       }                                                                                         \
     }                                                                                           \
   }
 
-// NT: output channels / 8 (the mma n-tiles of each group).
-template <int NT>
-__global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(const Params p) {
-  extern __shared__ float smem[];
+// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles).
+template <int NX, int NT>
+__global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
+  extern __shared__ __align__(16) float smem[];
+  constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
   float* ring = smem;
   float* s_w = ring + 3 * p.slice_floats;
-  float* s_red = s_w + p.w_floats;
+  float* s_stage = s_w + p.w_floats;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_seg = blockDim.x >> 6;
-  const int seg = warp % n_seg, half = warp / n_seg;
+  const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z, z = blockIdx.y;
   const int y0 = blockIdx.x * p.strip, y1 = min(y0 + p.strip, p.ny);
-  auto slot = [&](int yy) { return ring + ((yy - y0 + 1) % 3) * p.slice_floats; };
+  const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
   auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
 
-  const float* wg = p.w + (size_t)b * p.w_floats;  // tf32 once, here
-  for (int e = threadIdx.x; e < p.w_floats; e += blockDim.x) s_w[e] = __uint_as_float(to_tf32(wg[e]));
-  for (int yy = y0 - 1; yy <= y0 + 1; ++yy) load_slice<1>(p, slot(yy), b, z, wrap_y(yy));
+  // the packed weights are tf32 already (_plan.pack_weights): 16-byte copies, with the vector slices
+  const float* wg = p.w + (size_t)b * p.w_floats;
+  for (int e = 4 * threadIdx.x; e < p.w_floats; e += 4 * kThreads) cp_async16(s_w + e, wg + e);
+  for (int k = 0; k < 3; ++k) load_slice<NX, 1>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
   cp_async_commit();
-  for (int yy = y0 - 1; yy <= y0 + 1; ++yy) load_slice<0>(p, slot(yy), b, z, wrap_y(yy));
+  for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
   cp_async_commit();
+  cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
+  __syncthreads();
 
   float acc[GJ_GROUPS][NT][4];
 #pragma unroll
@@ -190,60 +257,92 @@ __global__ void __launch_bounds__(kMaxThreads, 1) forward_kernel(const Params p)
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
 
+  int oldest = 0;  // ring slot of slice y - 1
   for (int y = y0; y < y1; ++y) {
-    const float* sl[3] = {slot(y - 1), slot(y), slot(y + 1)};
-    float* next = slot(y + 2);  // y - 1's slot
+    const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
+    const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
+    float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
     const bool more = y + 2 <= y1;  // row y + 1 is in the strip and needs slice y + 2
     const int y_next = wrap_y(y + 2);
-    // groups in flight: this row's vector slice (oldest) and scalar slice (newest)
-    cp_async_wait<1>();
-    __syncthreads();
+    // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
+    // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
+    // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
+    // Before them a phase reads only slice y - 1, long complete. So a vector copy has a whole
+    // row to land and a scalar one two thirds of a phase and the row's tail.
     GJ_PHASE(V)
-    cp_async_wait<1>();  // all but the vector slice y + 2 just issued
-    __syncthreads();
     GJ_PHASE(S)
+    oldest = mid;
 
-    float* red = s_red + seg * (GJ_GROUPS * NT * 4 * 32) + lane;
+    // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
+    // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
+    // sums in the outputs' layout (scalar [o][16 x], vector [o][16 x][3]; two wavefronts a
+    // store); then the segment's 64 threads store it as 16-byte rows.
+    float* st = s_stage + seg * kO * (kStage0 + kStage1);
+    auto at = [&](int q, int n, int k) {
+      const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
+      return kGroupBlock[q] == 0 ? o * kStage0 + x : kO * kStage0 + o * kStage1 + 3 * x + kGroupComp[q];
+    };
     if (half == 1) {
 #pragma unroll
       for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            red[((q * NT + n) * 4 + k) * 32] = acc[q][n][k];
-            acc[q][n][k] = 0.f;
-          }
+          for (int k = 0; k < 4; ++k) st[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
     }
     pair_barrier(1 + seg);
     if (half == 0) {
 #pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q) {
-        const int blk = kGroupBlock[q], m = blk ? 3 : 1;
+      for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int o = n * 8 + 2 * tid + (k & 1), x = seg * kSeg + 2 * g + (k >> 1);
-            const size_t pix = ((((size_t)b * p.o + o) * p.nz + z) * p.ny + y) * p.nx + x;
-            p.y[blk][pix * m + kGroupComp[q]] = acc[q][n][k] + red[((q * NT + n) * 4 + k) * 32];
-            acc[q][n][k] = 0.f;
-          }
-      }
+          for (int k = 0; k < 4; ++k) acc[q][n][k] += st[((q * NT + n) * 4 + k) * 32 + lane];
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < GJ_GROUPS; ++q)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
+    }
+    pair_barrier(1 + seg);
+    const int t = half * 32 + lane;
+    const size_t row = ((size_t)b * kO * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+#pragma unroll
+    for (int f = t; f < kO * 4; f += 64) {
+      const int o = f >> 2, x4 = f & 3;
+      *reinterpret_cast<float4*>(p.y[0] + (row + o * o_rows) * NX + seg * kSeg + 4 * x4) =
+          *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
+    }
+#pragma unroll
+    for (int f = t; f < kO * 12; f += 64) {
+      const int o = f / 12, x4 = f - 12 * o;
+      *reinterpret_cast<float4*>(p.y[1] + (row + o * o_rows) * (3 * NX) + seg * 3 * kSeg + 4 * x4) =
+          *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
     }
   }
   cp_async_wait<0>();
 }
 
-template <int NT>
+template <int NX, int NT>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
-  const int threads = 64 * (p.nx / kSeg);
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (p.nx / kSeg) * GJ_GROUPS * NT * 4 * 32);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (NX / kSeg) * 8 * NT * (kStage0 + kStage1));
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
-  forward_kernel<NT><<<grid, threads, smem, stream>>>(p);
+  forward_kernel<NX, NT><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int NT>
+cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
+  switch (nx) {
+    case 16: return launch<16, NT>(p, batch, stream);
+    case 32: return launch<32, NT>(p, batch, stream);
+    case 48: return launch<48, NT>(p, batch, stream);
+    default: return launch<64, NT>(p, batch, stream);
+  }
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
@@ -252,16 +351,21 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
   if (geom.size() != 18) return bad("`geom` must have 18 entries");
   Params p{};
-  p.nz = (int)geom[0], p.ny = (int)geom[1], p.nx = (int)geom[2];
+  const int nx = (int)geom[2];
+  p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
-  p.pitch[0] = (int)geom[7], p.pitch[1] = (int)geom[8];
-  for (int k = 0; k < 4; ++k) p.skew[0][k] = (int)geom[9 + k], p.skew[1][k] = (int)geom[13 + k];
   p.w_floats = (int)geom[17];
-  if (p.nx % kSeg || p.nx < kSeg || p.nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
+  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
   if (p.c[0] % (2 * kChunk) || p.c[1] % (2 * kChunk)) return bad("input channels must be multiples of 16");
   if (p.o != 8 && p.o != 16) return bad("output channels must be 8 or 16");
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
-  const int64_t pix = (int64_t)p.nz * p.ny * p.nx;
+  // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
+  const int l = nx / kSeg - 1;
+  for (int k = 0; k < 4; ++k)
+    if (geom[9 + k] != ((kSkew1[l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkew3[l] >> (8 * k)) & 0xff))
+      return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
+  if (geom[7] != kPitch1[l] || geom[8] != kPitch3[l]) return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
+  const int64_t pix = (int64_t)p.nz * p.ny * nx;
   const int64_t batch = x0.element_count() / (p.c[0] * pix);
   if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
   if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * 3 ||
@@ -270,13 +374,12 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
-  p.region[0] = 0, p.region[1] = p.c[0] * p.pitch[0];
-  p.zrow_floats = p.region[1] + p.c[1] * p.pitch[1];
-  p.slice_floats = 3 * p.zrow_floats;
+  p.region1 = 3 * p.c[0] * kPitch1[l];
+  p.slice_floats = (p.region1 + 3 * p.c[1] * kPitch3[l] + 3) / 4 * 4;
   const int nt = p.o / 8;
   p.w_base[1] = 0, p.w_base[0] = (p.c[1] / kChunk) * GJ_V_TILES * nt * 64;
   if (p.w_base[0] + (p.c[0] / kChunk) * GJ_S_TILES * nt * 64 != p.w_floats) return bad("packed weights have the wrong size");
-  const cudaError_t err = nt == 1 ? launch<1>(p, (int)batch, stream) : launch<2>(p, (int)batch, stream);
+  const cudaError_t err = nt == 1 ? launch_nx<1>(p, nx, (int)batch, stream) : launch_nx<2>(p, nx, (int)batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -1,0 +1,214 @@
+"""conv_contract.cu's index arithmetic and arithmetic in numpy, lane by lane, for the CPU tests:
+the slice copies (every lane's cp.async source and destination, the wrap floats), the ring of
+three y slices per strip and the MID hook that refills the oldest one, the stencil reads at each
+lane's base plus the walk's immediates, the symmetric walk (ROW / ZC / XC / NZ of
+`_plan.row_groups`), the mma fragments (A from the Z registers, B from the packed weights, C to
+the lanes), the warp halves' meeting in the staging area and its 16-byte stores. Vectorised over
+the 32 lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one
+integer add). Counts every shared-memory float a copy writes and every output float stored, so
+the tests can check that each is written exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import kernels
+from bench import _cases
+from kernels.cuda import _plan
+
+LANE = np.arange(32)
+G, TID = LANE >> 2, LANE & 3
+
+
+def standard_spec(c_in: int, c_out: int):
+    """The standard D=3 {scalar, vector} layer (bench/_cases.fixture_spec's filters) with c_in
+    input and c_out output channels per key: 32 inputs make the kernel's warp halves take two
+    chunk rounds per phase."""
+    data = np.load(_cases.FIXTURE_FILTERS)
+    basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731
+    pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
+    return kernels.make_spec(3, [(0, 0, c_in), (1, 0, c_in)], [(0, 0, c_out), (1, 0, c_out)], pairs, True)
+
+
+class Emulator:
+    """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights."""
+
+    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True):
+        self.c0, self.nz, self.ny, self.nx = x0.shape
+        self.lay = _plan.layout(spec, self.nx)
+        self.groups, self.phases = _plan.phases(spec)
+        self.o = spec.out_keys[0][2]
+        self.nt = self.o // 8
+        self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
+        self.packed = np.asarray(packed, np.float64)
+        self.strip, self.round_z = strip, round_z
+        c = self.lay.channels
+        self.w_base = [(c[1] // _plan.CHUNK) * len(self.phases[0].tiles) * self.nt * 64, 0]
+        self.out = [np.zeros(self.o * self.nz * self.ny * self.nx), np.zeros(self.o * self.nz * self.ny * self.nx * 3)]
+        self.out_writes = [np.zeros(a.size, int) for a in self.out]
+
+    # ---- load_slice ---------------------------------------------------------------------------
+    def load_slice(self, key, slot, z, yy, writes):
+        lay, nx = self.lay, self.nx
+        m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+        row, C = nx * m, lay.channels[key]
+        k_full, k_rem, warps = row // 32, row % 32, nx // 8
+        zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
+        plane = self.ny * row
+        zoff = [zz[d] * plane + yy * row for d in range(3)]
+        volume = self.nz * plane
+        left, right = LANE < m, (LANE >= m) & (LANE < 2 * m)
+        base = lay.region[key] + m + LANE  # interior float `lane` of row 0
+
+        def put(dst, src, mask):
+            np.add.at(writes, dst[mask], 1)
+            slot[dst[mask]] = self.x[key][src[mask]]
+
+        for warp in range(warps):
+            for c in range(warp, C, warps):
+                src_c = LANE + c * volume
+                dst_c = base + 3 * c * P + skew[c & 3]
+                for dz in range(3):
+                    src, dst = src_c + zoff[dz], dst_c + dz * P
+                    for k in range(k_full):
+                        put(dst + 32 * k, src + 32 * k, LANE >= 0)
+                    if k_rem:
+                        put(dst + 32 * k_full, src + 32 * k_full, LANE < k_rem)
+                    put(dst - m, src + row - m, left)
+                    put(dst + row - m, src - m, right)
+
+    # ---- the kernel ---------------------------------------------------------------------------
+    def run(self):
+        """Every CTA (strip, z) of the batch element; returns the outputs (o, nz, ny, nx), (o, nz, ny, nx, 3)
+        and the shared-memory write counts of every slice copy (the tests' coverage checks)."""
+        copies = []
+        for z in range(self.nz):
+            for y0 in range(0, self.ny, self.strip):
+                copies += self.cta(z, y0, min(y0 + self.strip, self.ny))
+        shape = (self.o, self.nz, self.ny, self.nx)
+        return self.out[0].reshape(shape), self.out[1].reshape(shape + (3,)), copies
+
+    def cta(self, z, y0, y1):
+        sf = self.lay.slice_floats
+        ring = np.full(3 * sf, np.nan)
+        copies = []
+        for k in range(3):
+            for key in (1, 0):
+                w = np.zeros(sf, int)
+                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, (y0 - 1 + k) % self.ny, w)
+                copies.append((key, z, (y0 - 1 + k) % self.ny, w))
+        segs = self.nx // _plan.SEG
+        warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
+        oldest = 0
+        for y in range(y0, y1):
+            mid = (oldest + 1) % 3
+            newest = (mid + 1) % 3
+            sl = [ring[s * sf : (s + 1) * sf] for s in (oldest, mid, newest)]
+            nxt = ring[oldest * sf : (oldest + 1) * sf]
+            more, y_next = y + 2 <= y1, (y + 2) % self.ny
+            acc = {w: np.zeros((len(self.groups), self.nt, 4, 32)) for w in warps}
+            for ph in self.phases:
+                n_chunks = self.lay.channels[ph.key] // _plan.CHUNK
+                groups = _plan.row_groups(ph)
+                first = [g for g in groups if g.dy == -1]
+                rest = [g for g in groups if g.dy != -1]
+                # chunk rounds: every warp's chunk h = half + 2 r; the MID hook of the last round
+                for r in range(n_chunks // 2):
+                    states = {w: self.chunk_start(ph, w, w[1] + 2 * r) for w in warps}
+                    for w in warps:
+                        self.walk(ph, states[w], first, sl)
+                    if r == n_chunks // 2 - 1 and more:  # MID: __syncthreads, then the copy
+                        w = np.zeros(sf, int)
+                        self.load_slice(ph.key, nxt, z, y_next, w)
+                        copies.append((ph.key, z, y_next, w))
+                    for w in warps:
+                        self.walk(ph, states[w], rest, sl)
+                        self.mma(ph, states[w], acc[w])
+            oldest = mid
+            for seg in range(segs):
+                self.store(seg, z, y, acc[(seg, 0)], acc[(seg, 1)])
+        return copies
+
+    def chunk_start(self, ph, warp, h):
+        seg, _ = warp
+        lay = self.lay
+        m, P, skew = (3 if ph.key else 1), lay.pitch[ph.key], lay.skew[ph.key]
+        c0 = h * _plan.CHUNK + TID
+        c1 = c0 + 4
+        px = (seg * _plan.SEG + 2 * G) * m + lay.region[ph.key]
+        offs = [px + 3 * c * P + np.asarray(skew)[c & 3] for c in (c0, c1)]
+        return {"h": h, "offs": offs, "m": m, "P": P, "zt": np.zeros((len(ph.tiles), 4, 32))}
+
+    def walk(self, ph, st, groups, sl):
+        m, P, zt = st["m"], st["P"], st["zt"]
+        for grp in groups:
+            u = {}
+            for dz in grp.dzs:  # u[dz][ch][s]
+                u[dz] = np.stack([[sl[grp.dy + 1][off + (dz + 1) * P + grp.i + s * m] for s in range(4)]
+                                  for off in st["offs"]])
+            zc = {0: u.get(0)}
+            for zk in grp.zc:
+                zc[zk] = u[-1] + u[1] if zk == 1 else u[1] - u[-1]
+            for t, zk, xk, coef in grp.uses:
+                zv = zc[zk]
+                if xk == 0:
+                    val = zv[:, 1:3]
+                elif xk == 1:
+                    val = zv[:, 0:2] + zv[:, 2:4]
+                else:
+                    val = zv[:, 2:4] - zv[:, 0:2]
+                # A fragment order: (p 0, ch 0), (p 1, ch 0), (p 0, ch 1), (p 1, ch 1)
+                zt[t] += coef * np.stack([val[0, 0], val[0, 1], val[1, 0], val[1, 1]])
+
+    def mma(self, ph, st, acc):
+        n_t = len(ph.tiles)
+        for t, tile in enumerate(ph.tiles):
+            a = st["zt"][t]
+            if self.round_z:
+                a = np.asarray(_plan.round_tf32(a.astype(np.float32)), np.float64)
+            A = np.zeros((16, 8))
+            A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a
+            for n in range(self.nt):
+                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
+                B = np.zeros((8, 8))
+                B[TID, G], B[TID + 4, G] = self.packed[idx], self.packed[idx + 1]
+                D = A @ B
+                c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
+                acc[tile.group, n] += np.stack(c)
+
+    def store(self, seg, z, y, acc0, acc1):
+        """The halves' meeting in the staging area and the segment's 16-byte stores."""
+        o, s0, s1 = self.o, *_plan.STAGE_PITCH
+        stage = np.full(o * (s0 + s1), np.nan)
+        frag = lambda q, n, k: ((q * self.nt + n) * 4 + k) * 32 + LANE  # noqa: E731
+        assert len(self.groups) * self.nt * 4 * 32 <= stage.size
+        for q in range(len(self.groups)):  # half 1: partials in fragment order
+            for n in range(self.nt):
+                for k in range(4):
+                    stage[frag(q, n, k)] = acc1[q, n, k]
+        total = np.zeros_like(acc0)
+        for q in range(len(self.groups)):  # half 0 reads all of them (then __syncwarp) ...
+            for n in range(self.nt):
+                for k in range(4):
+                    total[q, n, k] = acc0[q, n, k] + stage[frag(q, n, k)]
+        stage[:] = np.nan  # ... so nothing of the partials may be read after its own stores
+        for q, (blk, comp) in enumerate(self.groups):
+            for n in range(self.nt):
+                for k in range(4):
+                    oo, xx = n * 8 + 2 * TID + (k & 1), 2 * G + (k >> 1)
+                    at = oo * s0 + xx if blk == 0 else o * s0 + oo * s1 + 3 * xx + comp
+                    assert len(set(at.tolist())) == 32 and np.isnan(stage[at]).all()  # each float once
+                    stage[at] = total[q, n, k]
+        row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
+        o_rows = self.nz * self.ny
+        for t in range(64):
+            for f in range(t, o * 4, 64):
+                oo, x4 = f >> 2, f & 3
+                dst = (row + oo * o_rows) * self.nx + seg * _plan.SEG + 4 * x4 + np.arange(4)
+                self.out[0][dst] = stage[oo * s0 + 4 * x4 + np.arange(4)]
+                self.out_writes[0][dst] += 1
+            for f in range(t, o * 12, 64):
+                oo, x4 = f // 12, f % 12
+                dst = (row + oo * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * x4 + np.arange(4)
+                self.out[1][dst] = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
+                self.out_writes[1][dst] += 1
