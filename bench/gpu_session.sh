@@ -28,13 +28,16 @@
 #            baseline,vn-xla)
 #   vn-spike       python3 -m bench.vector_neuron_spike: the VectorNeuron of a d3_n64_b4_c16 vector block, XLA path
 #            vs the fused Triton kernels, fwd and fwd_bwd (VN_SPIKE_ARGS adds arguments, e.g. --activation relu)
-#   vn-cuda        builds the opt-in CUDA kernels (kernels/cuda, -DGINJAX_CUDA=ON in place), runs the CUDA
-#            VectorNeuron's GPU tests, then bench.vector_neuron_spike (its cuda rows beside triton); the
-#            build log and the tests' log under $OUT/vn-cuda/
+#   cuda-build     builds the opt-in CUDA kernels (kernels/cuda, -DGINJAX_CUDA=ON in place) for the stages after
+#            it (variants cuda-fwd / vn-cuda); ptxas' report in $OUT/cuda-build/build.log
+#   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
+#            (run cuda-build first)
+#   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
+#            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -46,6 +49,12 @@ mkdir -p "$OUT"
   python3 -c 'import jax, triton; print("jax", jax.__version__, "triton", triton.__version__, jax.devices())'
   git log -1 --format=%H 2>/dev/null || true
 } > "$OUT/env.log" 2>&1
+build_cuda() {  # the opt-in CUDA library in place, for this and the later stages
+  export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+  { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
+      && cmake --build build/cuda; } > "$1" 2>&1
+  grep -E "registers|spill|error" "$1" | tail -20
+}
 for stage in ${STAGES:-sweep profile pallas}; do
   mkdir -p "$OUT/$stage"
   t0=$(date +%s)
@@ -88,11 +97,16 @@ for stage in ${STAGES:-sweep profile pallas}; do
     vn-spike)
       timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1
       rc=$?; cut -c1-400 "$OUT/vn-spike/log.txt" | tail -8; (exit $rc) ;;
+    cuda-build)
+      build_cuda "$OUT/cuda-build/build.log" ;;
+    cuda-fwd)
+      timeout "${T_CUDA_FWD:-120}" python3 -u -m bench.cuda_spike "$OUT/cuda-fwd" > "$OUT/cuda-fwd/spike.log" 2>&1
+      cut -c1-200 "$OUT/cuda-fwd/spike.log"
+      timeout "${T_CUDA_FWD:-120}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_gpu.py \
+        > "$OUT/cuda-fwd/tests.log" 2>&1
+      rc=$?; tail -3 "$OUT/cuda-fwd/tests.log"; (exit $rc) ;;
     vn-cuda)
-      export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
-      { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
-          && cmake --build build/cuda; } > "$OUT/vn-cuda/build.log" 2>&1
-      grep -E "registers|spill|error" "$OUT/vn-cuda/build.log" | tail -20
+      build_cuda "$OUT/vn-cuda/build.log"
       timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \
         > "$OUT/vn-cuda/tests.log" 2>&1
       rc=$?; tail -5 "$OUT/vn-cuda/tests.log"

@@ -92,6 +92,28 @@ def test_vmap_is_one_launch_and_gradients_match():
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
+def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatch):
+    """GINJAX_TRITON_FORWARD=cuda: the triton backend's forward and its input gradient (the
+    transposed layer on the forward's bases, weights moved by sign) are two CUDA launches, the
+    weight gradient triton's kernel; value and gradients against `reference` at tf32."""
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+    xs, ws, cots = _cases.spec_operands(SPEC, (5, 6, 32), 2, seed=26)
+    run = jax.vmap(lambda x, ws: kernels.conv_contract(SPEC, x, ws, backend="triton"), in_axes=(0, None))
+
+    def loss(fn, xs, ws):
+        return sum(jnp.vdot(o, c) for o, c in zip(fn(xs, ws), cots))
+
+    step = jax.jit(jax.value_and_grad(lambda x, w: loss(run, x, w), argnums=(0, 1)))
+    hlo = step.lower(xs, ws).as_text()
+    assert hlo.count("ginjax_cuda_forward") == 2, "forward and input gradient on the CUDA kernel"
+    ref = jax.vmap(lambda x, ws: kernels.conv_contract(SPEC, x, ws, backend="reference"), in_axes=(0, None))
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda x, w: loss(ref, x, w), argnums=(0, 1))(xs, ws)
+    got = step(xs, ws)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
 def test_fp32_precision_is_refused():
     xs, ws, _ = _cases.spec_operands(SPEC, (3, 3, 16), 1, seed=25)
     with pytest.raises(ValueError, match="`precision`"):

@@ -20,10 +20,12 @@ from .contract import ffi_availability, require_registered, resolve_block_sizes
 from .coverage import fused_coverage, torus_wrap_exceeds
 from .geometry import AxisGeometry, axes
 from .limits import INT32_MAX, MIN_DOT_TILE, dot_tile, int32_overflow, next_pow2
-from .transpose import scatter_input_grads, transpose_blocker, transposed_spec, transposed_weights
+from .transpose import (scatter_input_grads, signed_permutation, transpose_blocker, transposed_spec,
+                        transposed_weights, with_bases_of)
 
 __all__ = [
     "AxisGeometry", "axes", "INT32_MAX", "MIN_DOT_TILE", "Nonzero", "basis_nonzeros", "count_nonzeros", "dot_tile",
     "ffi_availability", "fused_coverage", "int32_overflow", "next_pow2", "nonzeros_by_read", "pair_basis", "scatter_input_grads",
-    "require_registered", "resolve_block_sizes", "torus_wrap_exceeds", "transpose_blocker", "transposed_spec", "transposed_weights",
+    "require_registered", "resolve_block_sizes", "signed_permutation", "torus_wrap_exceeds", "transpose_blocker", "transposed_spec",
+    "transposed_weights", "with_bases_of",
 ]

@@ -93,3 +93,48 @@ def scatter_input_grads(used: Sequence[int], grads: Sequence[jax.Array], inputs:
     return tuple(
         by_key[a] if a in by_key else jnp.zeros(x.shape, dtype or x.dtype) for a, x in enumerate(inputs)
     )
+
+
+def signed_permutation(target: FilterBasis, source: FilterBasis) -> Optional[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """(perm, signs) with target[f] == signs[f] * source[perm[f]] for every filter f, or None.
+
+    The transposed layer of an invariant basis is often the same filters up to signs (a vector ->
+    scalar filter is odd under the point reflection the flip is): then a kernel built for the
+    forward's basis computes the input gradient too, with the weights moved by `permute_filters`."""
+    a, b = target.array, source.array
+    if a.shape != b.shape:
+        return None
+    perm, signs, free = [], [], set(range(b.shape[0]))
+    for f in range(a.shape[0]):
+        hit = next(((g, s) for g in sorted(free) for s in (1.0, -1.0) if np.array_equal(a[f], s * b[g])), None)
+        if hit is None:
+            return None
+        free.discard(hit[0])
+        perm.append(hit[0])
+        signs.append(hit[1])
+    return tuple(perm), tuple(signs)
+
+
+def with_bases_of(spec: ConvSpec, like: ConvSpec):
+    """`spec` rewritten on the bases of `like`'s pairs with the same (input, output) keys, and the
+    weight map that keeps the layer the same: (spec', fn(weights) -> weights'), or None where some
+    pair's basis is not a signed permutation of `like`'s."""
+    bases = {(p.in_index, p.out_index): p.basis for p in like.pairs}
+    maps, pairs = [], []
+    for p in spec.pairs:
+        source = bases.get((p.in_index, p.out_index))
+        found = None if source is None else signed_permutation(p.basis, source)
+        if found is None:
+            return None
+        maps.append(found)
+        pairs.append(Pair(p.in_index, p.out_index, source))
+
+    def weights_for(weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        out = []
+        for w, (perm, signs) in zip(weights, maps):
+            # sum_f w[f] B[f] = sum_f w[f] s_f A[perm f]: w'[perm f] = s_f w[f]
+            moved = jnp.zeros_like(w).at[..., jnp.asarray(perm)].set(w * jnp.asarray(signs, w.dtype))
+            out.append(moved)
+        return tuple(out)
+
+    return dataclasses.replace(spec, pairs=tuple(pairs)), weights_for

@@ -3,8 +3,9 @@ the VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-
 ginjax's GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
 Not a registered backend and never picked by `auto`: call `conv_contract_cuda` directly (bench/
-cuda_spike.py, tests/test_conv_contract_cuda_gpu.py). The library is opt-in and not part of the
-default install; kernels/cuda/README.md has the build command. `availability()` and `coverage()`
+cuda_spike.py, tests/test_conv_contract_cuda_gpu.py), or set GINJAX_TRITON_FORWARD=cuda to run the
+`triton` backend's forward (and its input gradient, where the transposed layer is covered) on it.
+The library is opt-in and not part of the default install; kernels/cuda/README.md has the build command. `availability()` and `coverage()`
 say why it cannot run (not built, no GPU, a layer it was not compiled for).
 """
 
@@ -15,10 +16,10 @@ from .._spec import ConvSpec
 from ._ffi import registered
 from ._plan import coverage as _coverage
 from ._tiling import BlockSizes
-from .conv_contract import conv_contract_cuda
+from .conv_contract import conv_contract_cuda, forward_call
 from .vector_neuron import vector_neuron_cuda, vector_neuron_cuda_covers
 
-__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "vector_neuron_cuda",
+__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forward_call", "vector_neuron_cuda",
            "vector_neuron_cuda_covers"]
 
 

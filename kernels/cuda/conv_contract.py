@@ -54,6 +54,15 @@ def conv_contract_cuda(
     return _conv_contract(spec, blocks, inputs, tuple(w.astype(jnp.float32) for w in weights))
 
 
+def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """The kernel's outputs with no gradient rule of their own, for a backend that defines the
+    gradients itself (the `triton` backend's GINJAX_TRITON_FORWARD=cuda); the caller has checked
+    `coverage` and that TF32 is the precision asked for. Batches under vmap like the custom call."""
+    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    blocks = resolve_block_sizes(None, BlockSizes, spec, spatial)
+    return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights))
+
+
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries)."""
     lay = _plan.layout(spec, spatial[2])

@@ -13,12 +13,13 @@ broadcasting unbatched operands with a zero batch stride.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
+from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
 from .._spec import ConvSpec
@@ -94,8 +95,43 @@ def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offset
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets)
 
 
-def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None):
+FORWARD_IMPLS = ("triton", "cuda")
+
+
+def forward_impl() -> str:
+    """Which kernel runs the backend's forward (and its input gradient, the forward of the
+    transposed layer): GINJAX_TRITON_FORWARD, "triton" (default) or "cuda", the opt-in CUDA
+    forward of kernels/cuda where it is built and covers the layer (triton elsewhere). Opt-in
+    because it has been measured as a kernel only, not inside the train steps."""
+    impl = os.environ.get("GINJAX_TRITON_FORWARD", "triton")
+    if impl not in FORWARD_IMPLS:
+        raise ValueError(f"`GINJAX_TRITON_FORWARD` (={impl!r}) must be one of {FORWARD_IMPLS}")
+    return impl
+
+
+def _cuda_forward(spec, mode, poison, inputs, weights, like=None):
+    """The outputs of kernels.cuda's forward where GINJAX_TRITON_FORWARD=cuda asks for it and it
+    computes this call exactly as asked (TF32, no test poison, a layer it was compiled for:
+    `spec` itself or, for an input gradient, `spec` on the bases of the forward layer `like` with
+    the weights moved, `with_bases_of`), else None."""
+    if forward_impl() != "cuda" or mode != "tf32" or poison is not None:
+        return None
+    from .. import cuda
+
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
+    if cuda.coverage(spec, spatial, inputs[0].dtype)[0]:
+        return cuda.forward_call(spec, inputs, weights)
+    twin = with_bases_of(spec, like) if like is not None else None
+    if twin is None or not cuda.coverage(twin[0], spatial, inputs[0].dtype)[0]:
+        return None
+    return cuda.forward_call(twin[0], inputs, twin[1](weights))
+
+
+def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
     offsets = offsets or (None,) * len(spec.out_keys)
+    outs = _cuda_forward(spec, mode, poison, inputs, weights, like)
+    if outs is not None:  # no bias epilogue there: the offsets are one XLA add after it
+        return tuple(y if off is None else y + _over_space(off, spec.D).astype(y.dtype) for y, off in zip(outs, offsets))
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
     op = _batched_forward(spec, mode, blocks, poison, biased)
     # offsets go to the kernel as (o, D^k): one contiguous row of components per channel
@@ -121,7 +157,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
         sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
     else:
         spec_t, used = transposed
-        grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights))
+        grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec)
         d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
         # the weight kernels also add up the biased keys' cotangents from the tiles they load
         op = _batched_weight_grad(spec, mode, blocks, biased)

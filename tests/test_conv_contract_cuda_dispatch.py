@@ -1,0 +1,141 @@
+"""The `triton` backend's opt-in CUDA forward (GINJAX_TRITON_FORWARD=cuda) on a CPU: the input
+gradient's transposed layer rewritten on the forward layer's bases (a signed permutation of its
+filters, so the one compiled CUDA stencil serves both directions), and the dispatch: forward and
+input gradient to the CUDA call where it covers them, the bias offsets added after it, the
+weight gradient on triton's kernel, gradients equal to `reference`. The CUDA call itself is a
+stand-in here (`dense` with a record of the specs it was asked for); the compiled kernel's
+numbers are tests/test_conv_contract_cuda_gpu.py's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from conftest import gradient_errors, rel_l2
+from kernels import cuda
+from kernels._fused import signed_permutation, transposed_spec, transposed_weights, with_bases_of
+from kernels._spec import FilterBasis, Pair
+from kernels.cuda import _plan
+
+triton_backend = pytest.importorskip("kernels.triton")
+from kernels.triton import conv_contract as triton_entry  # noqa: E402
+
+SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+
+
+def small_layer(c=2, N=5, batch=2, seed=0):
+    """The standard layer's bases with c channels per key, on an N^3 torus."""
+    spec = dataclasses.replace(
+        SPEC,
+        in_keys=tuple(k[:2] + (c,) for k in SPEC.in_keys),
+        out_keys=tuple(k[:2] + (c,) for k in SPEC.out_keys),
+    )
+    rng = np.random.default_rng(seed)
+    xs = [jnp.asarray(rng.standard_normal((batch,) + spec.in_shape(a, (N,) * 3)), jnp.float32) for a in range(2)]
+    ws = [jnp.asarray(rng.standard_normal((c, c, p.basis.n_filters)) / np.sqrt(c * p.basis.n_filters), jnp.float32)
+          for p in spec.pairs]
+    return spec, xs, ws
+
+
+def test_the_transposed_standard_layer_is_its_forward_bases_up_to_signs():
+    spec_t, _ = transposed_spec(SPEC)
+    assert not _plan.coverage(spec_t, (64, 64, 64), "float32")[0]  # its own basis is not compiled
+    twin, move = with_bases_of(spec_t, SPEC)
+    assert _plan.coverage(twin, (64, 64, 64), "float32")[0]
+    by_keys = {(p.in_index, p.out_index): p.basis for p in SPEC.pairs}
+    for p in spec_t.pairs:
+        perm, signs = signed_permutation(p.basis, by_keys[p.in_index, p.out_index])
+        # scalar <-> vector filters are odd under the flip: their signs turn
+        assert set(signs) == ({-1.0} if p.in_index != p.out_index else {1.0}), (p.in_index, p.out_index, signs)
+    # the rewritten layer is the same linear map, on fresh operands
+    spec, xs, ws = small_layer(c=3, N=4, batch=1, seed=11)
+    spec_t, _ = transposed_spec(spec)
+    twin, move = with_bases_of(spec_t, spec)
+    gs = [x[0] for x in xs]
+    wt = transposed_weights(ws)
+    want = kernels.conv_contract(spec_t, gs, wt, backend="reference", precision="fp32")
+    got = kernels.conv_contract(twin, gs, move(wt), backend="reference", precision="fp32")
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= 1e-6
+
+
+def test_with_bases_of_refuses_filters_that_are_not_a_signed_permutation():
+    pair = SPEC.pairs[-1]
+    bent = pair.basis.array.copy()
+    bent[0] = bent[0] + 0.5 * bent[1]  # a combination of two filters, not one of them
+    assert signed_permutation(FilterBasis(bent), pair.basis) is None
+    spec = dataclasses.replace(SPEC, pairs=SPEC.pairs[:-1] + (Pair(pair.in_index, pair.out_index, FilterBasis(bent)),))
+    assert with_bases_of(spec, SPEC) is None
+    perm, signs = signed_permutation(FilterBasis(-pair.basis.array[::-1]), pair.basis)
+    n = pair.basis.n_filters
+    assert perm == tuple(range(n - 1, -1, -1)) and signs == (-1.0,) * n
+
+
+def test_an_unknown_forward_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cudnn")
+    with pytest.raises(ValueError, match=r"`GINJAX_TRITON_FORWARD` \(='cudnn'\) must be one of"):
+        triton_entry.forward_impl()
+
+
+def _loss(spec, offsets):
+    def loss(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="triton")
+                        if offsets is None else
+                        triton_entry.conv_contract_triton(spec, x, ws, offsets=offs))(xs)
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+    return loss
+
+
+def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(monkeypatch):
+    spec, xs, ws = small_layer()
+    offsets = (None, jnp.asarray(np.random.default_rng(5).standard_normal((2, 3)), jnp.float32))
+    asked = []
+
+    def covers(s, spatial, dtype):  # the compiled stencil: the forward layer's bases, in its order
+        return [p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in"
+
+    def call(s, inputs, weights):  # the kernel's contract: unbatched blocks, batched by vmap
+        asked.append(s)
+        return kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
+
+    monkeypatch.setattr(cuda, "coverage", covers)
+    monkeypatch.setattr(cuda, "forward_call", call)
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+    (value, outs), grads = jax.value_and_grad(_loss(spec, offsets), argnums=(0, 1, 2), has_aux=True)(xs, ws, offsets)
+    # forward on the layer itself, input gradient on its transpose spelled in the forward's bases
+    assert [s.in_keys for s in asked] == [spec.in_keys, spec.out_keys]
+    assert all([p.basis for p in s.pairs] == [p.basis for p in spec.pairs] for s in asked)
+
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+
+    def reference(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference", precision="fp32"))(xs)
+        outs = (outs[0], outs[1] + offs[1][None, :, None, None, None, :])
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+
+    (want_value, want_outs), want_grads = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(xs, ws, offsets)
+    for o, w in zip(outs, want_outs):
+        assert rel_l2(o, w) <= kernels.TOLERANCE["tf32"]
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
+def test_without_the_library_the_backend_runs_its_own_kernels(monkeypatch):
+    """Opt-in, not a requirement: where the CUDA call does not cover a layer (here: not built),
+    GINJAX_TRITON_FORWARD=cuda leaves the triton kernels to do the work, with the same numbers."""
+    if cuda.coverage(SPEC, (64, 64, 64), "float32")[0]:
+        pytest.skip("the CUDA library is built here: the fallback is not what runs")
+    spec, xs, ws = small_layer(c=2, N=4, batch=1, seed=2)
+    run = jax.jit(lambda xs, ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="triton"))(xs))
+    want = run(xs, ws)
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+    got = jax.jit(lambda xs, ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="triton"))(xs))(xs, ws)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
