@@ -127,6 +127,10 @@ __device__ __forceinline__ void pair_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(64) : "memory");
 }
 
+// The CTA barrier where warps reach it at different instructions (v3's MIDA / MIDB sit in
+// whichever unit is a warp's first / last): the non-.aligned form, which PTX allows there.
+__device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 // threadIdx.x where the compiler may not hoist it (a value live across the whole row loop costs
 // a register where there is none to spare)
 __device__ __forceinline__ int tid_x() {
@@ -354,12 +358,13 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 // warp's first unit before its dy = +1 rows, MIDB (sync, then copy slice y + 2 of both blocks into
 // slice y - 1's slot) in its last unit after its dy = -1 rows. Every warp has >= 2 units (4 a chunk
 // pair), so MIDA precedes MIDB in every warp; a copy has from one row's MIDB to the next row's MIDA.
+// The warps reach MIDA / MIDB in different units, hence the non-.aligned barrier (cta_barrier).
 // Row end: warps 0 and 1 leave their partials in fragment order, warp 2 (the one with fewest
 // units) adds them and stages the sums as v2's half 0 does; the segment's 96 threads store. The
 // role-2 warps (the CTA's last) also take the slice copies' extra channels (16 over 12 warps).
 #define GJ_MIDB()                                                         \
   if (unit == last) {                                                     \
-    __syncthreads();                                                      \
+    cta_barrier();                                                        \
     if (more) {                                                           \
       load_slice<NX, 1, kWarps, true>(p, next, b, y_next, zz);            \
       load_slice<NX, 0, kWarps, true>(p, next, b, y_next, zz);            \
@@ -369,7 +374,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 #define GJ_MIDA()        \
   if (unit == first) {   \
     cp_async_wait<0>();  \
-    __syncthreads();     \
+    cta_barrier();       \
   }
 #define GJ_UNIT(K)                                                                                \
   {                                                                                               \
