@@ -254,6 +254,13 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, variant):
                 assert np.array_equal(slot[start : start + (nx + 2) * m], row)
 
 
+@pytest.mark.parametrize("spatial, strip", [((2, 3, 64), 3), ((1, 3, 48), 2)])
+def test_emulated_v3_with_12_and_9_warps(spatial, strip):
+    """v3 at nx 64 and 48: the slice copies spread over 12 and 9 warps (the last ones taking the
+    extra channels), 4 and 3 segments meeting at their own staging areas."""
+    test_emulated_kernel_matches_reference(spatial, strip, (16, 16), "v3")
+
+
 @pytest.mark.parametrize("variant", ["v2", "v3"])
 def test_emulated_kernel_with_tf32_meets_the_tolerance(variant):
     _, got, want, _ = _emulated((3, 4, 16), 4, round_z=True, seed=6, variant=variant)
