@@ -87,11 +87,15 @@ def _check_against_oracle(spec, inputs, weights, tol=FP32):
     for got, want in zip(outs, outs_ref):
         assert got.shape == want.shape and got.dtype == jnp.float32
         assert rel_l2(got, want) <= tol
-    for got, want in zip(grads, grads_ref):
+    read = {p.in_index for p in spec.pairs}
+    for a, (got, want) in enumerate(zip(grads, grads_ref)):
         assert got.shape == want.shape
-        if not np.any(want):  # an input block no pair reads: its gradient is exactly zero
+        if a < len(inputs) and a not in read:  # an input block no pair reads: exactly zero
             assert not np.any(np.asarray(got))
-    assert max(gradient_errors(grads, grads_ref)) <= tol
+    # element_scale: a drawn layer's gradient may cancel everywhere (an odd filter against this
+    # loss), leaving float64 and float32 rounding noise on the two sides; a real gradient term of
+    # these standard-normal operands is O(1) per element
+    assert max(gradient_errors(grads, grads_ref, element_scale=1.0)) <= tol
 
 
 # ---- hypothesis-drawn layers --------------------------------------------------------------------
