@@ -68,7 +68,7 @@ def conv_contract_triton(
     if compute_dtype(*inputs, *weights) != jnp.float32:
         # float64 (x64 oracles) is beyond the kernel's fp32 accumulation: the lax path is exact
         outs = conv_contract_dense(spec, inputs, weights, mode)
-        return tuple(y if off is None else y + _over_space(off, spec.D) for y, off in zip(outs, offsets))
+        return _add_offsets(outs, offsets, spec.D)
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     check_sizes(spec, spatial)
@@ -77,6 +77,12 @@ def conv_contract_triton(
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
     offsets = tuple(None if off is None else off.astype(jnp.float32) for off in offsets)
     return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets)
+
+
+def _add_offsets(outs, offsets, D: int) -> tuple[jax.Array, ...]:
+    """Each output plus its key's (o, *tensor) offset at every pixel, where the kernel that made
+    it has no bias epilogue."""
+    return tuple(y if off is None else y + _over_space(off, D) for y, off in zip(outs, offsets))
 
 
 def _over_space(offset: jax.Array, D: int) -> jax.Array:
@@ -131,7 +137,7 @@ def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=Non
     offsets = offsets or (None,) * len(spec.out_keys)
     outs = _cuda_forward(spec, mode, poison, inputs, weights, like)
     if outs is not None:  # no bias epilogue there: the offsets are one XLA add after it
-        return tuple(y if off is None else y + _over_space(off, spec.D).astype(y.dtype) for y, off in zip(outs, offsets))
+        return _add_offsets(outs, offsets, spec.D)
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
     op = _batched_forward(spec, mode, blocks, poison, biased)
     # offsets go to the kernel as (o, D^k): one contiguous row of components per channel
