@@ -31,7 +31,26 @@ def device_info() -> dict:
         "jaxlib_version": jaxlib.__version__,
         # the operand precision JAX's default matmul precision means for the kernels
         "precision": kernels.resolve_precision(None),
+        "cuda_kernels": cuda_kernels(),
     }
+
+
+def cuda_kernels() -> str:
+    """Whether kernels/cuda's kernels ran under the `triton` backend's name (its forward and input
+    gradient where they cover a layer), or why not: the rows say "triton" either way."""
+    from kernels import cuda
+
+    try:
+        from kernels.triton.conv_contract import forward_impl
+    except ImportError as err:  # no triton: no backend to run them under
+        return f"not used: {err}"
+
+    ok, why = cuda.availability()
+    if not ok:
+        return f"not used: {why}"
+    if forward_impl() != "cuda":
+        return "built, not used (GINJAX_TRITON_FORWARD=triton)"
+    return "triton's forward and input gradient where the CUDA kernel covers the layer"
 
 
 def backend_runs_here(backend: str) -> tuple[bool, str]:

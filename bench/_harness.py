@@ -143,7 +143,7 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
         "tolerance": kernels.TOLERANCE[info["precision"]],
         "compile_s": compile_s,
         "calls_per_round": timing.calls_per_round if timing else 1,
-        **{k: info[k] for k in ("platform", "device_kind", "jax_version", "jaxlib_version", "precision")},
+        **{k: info[k] for k in ("platform", "device_kind", "jax_version", "jaxlib_version", "precision", "cuda_kernels")},
     }
     if isinstance(cfg, LayerConfig):
         extra.update(c=cfg.c, k_max=cfg.k_max, cin=case.spec().cin, cout=case.spec().cout)

@@ -244,6 +244,7 @@ def describe_run(results: dict) -> str:
         f"device: {m.get('device_kind', '?')} ({m.get('platform', '?')}), default precision "
         f"{precision}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
         f"commit {c.get('id', 'unknown')}, {results.get('datetime', '?')}"
+        + (f"; CUDA kernels: {m['cuda_kernels']}" if m.get("cuda_kernels") else "")
     )
 
 

@@ -1,4 +1,4 @@
-"""The `triton` backend's opt-in CUDA forward (GINJAX_TRITON_FORWARD=cuda) on a CPU: the input
+"""The `triton` backend's CUDA forward (GINJAX_TRITON_FORWARD, default "cuda") on a CPU: the input
 gradient's transposed layer rewritten on the forward layer's bases (a signed permutation of its
 filters, so the one compiled CUDA stencil serves both directions), and the dispatch: forward and
 input gradient to the CUDA call where it covers them, the bias offsets added after it, the
@@ -105,9 +105,10 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
         asked.append(s)
         return kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
 
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.setattr(cuda, "coverage", covers)
     monkeypatch.setattr(cuda, "forward_call", call)
-    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)  # the default
     (value, outs), grads = jax.value_and_grad(_loss(spec, offsets), argnums=(0, 1, 2), has_aux=True)(xs, ws, offsets)
     # forward on the layer itself, input gradient on its transpose spelled in the forward's bases
     assert [s.in_keys for s in asked] == [spec.in_keys, spec.out_keys]
@@ -128,14 +129,39 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
 
 
 def test_without_the_library_the_backend_runs_its_own_kernels(monkeypatch):
-    """Opt-in, not a requirement: where the CUDA call does not cover a layer (here: not built),
-    GINJAX_TRITON_FORWARD=cuda leaves the triton kernels to do the work, with the same numbers."""
-    if cuda.coverage(SPEC, (64, 64, 64), "float32")[0]:
-        pytest.skip("the CUDA library is built here: the fallback is not what runs")
+    """Where the CUDA call cannot run a layer (here: not built, or not a GPU), the default leaves
+    the triton kernels to do the work, with the numbers GINJAX_TRITON_FORWARD=triton gives."""
+    if triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32")[0]:
+        pytest.skip("the CUDA kernel runs here: the fallback is not what runs")
     spec, xs, ws = small_layer(c=2, N=4, batch=1, seed=2)
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
     run = jax.jit(lambda xs, ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="triton"))(xs))
     want = run(xs, ws)
-    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD")
     got = jax.jit(lambda xs, ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="triton"))(xs))(xs, ws)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_the_cuda_forward_runs_only_where_asked_built_and_on_hopper(monkeypatch):
+    """The reasons `cuda_forward_covers` gives, one gate at a time, the covered layer fixed."""
+    monkeypatch.setattr(cuda, "coverage", lambda s, spatial, dtype: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "ffi_availability", lambda *a: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
+    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (True, "stand-in")
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "GINJAX_TRITON_FORWARD=triton")
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD")
+    monkeypatch.setattr(cuda, "_compute_capability", lambda: "8.0")
+    ok, why = triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32")
+    assert not ok and "compute capability is 8.0" in why, why
+    monkeypatch.setattr(cuda, "ffi_availability", lambda *a: (False, "not built"))
+    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "not built")
+
+
+def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
+    monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (False, "stand-in"))
+    assert "CUDA" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (True, "stand-in"))
+    reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    assert "forward and the input gradient on kernels/cuda's CUDA kernel" in reason, reason

@@ -2,14 +2,19 @@
 the VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in through
 ginjax's GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
-Not a registered backend and never picked by `auto`: call `conv_contract_cuda` directly (bench/
-cuda_spike.py, tests/test_conv_contract_cuda_gpu.py), or set GINJAX_TRITON_FORWARD=cuda to run the
-`triton` backend's forward (and its input gradient, where the transposed layer is covered) on it.
-The library is opt-in and not part of the default install; kernels/cuda/README.md has the build command. `availability()` and `coverage()`
+Not a registered backend of its own: where it is built and runs (a Hopper GPU), the `triton`
+backend runs its forward and its input gradient (where the transposed layer is covered) on it
+(GINJAX_TRITON_FORWARD=triton opts out); `conv_contract_cuda` calls it directly (bench/
+cuda_spike.py, tests/test_conv_contract_cuda_gpu.py). kernels/cuda/README.md says when
+`pip install` builds the library. `availability()` and `coverage()`
 say why it cannot run (not built, no GPU, a layer it was not compiled for).
 """
 
 from __future__ import annotations
+
+import functools
+
+import jax
 
 from .._fused import ffi_availability
 from .._spec import ConvSpec
@@ -24,7 +29,17 @@ __all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forw
 
 
 def availability() -> tuple[bool, str]:
-    return ffi_availability(registered, "gpu", "an NVIDIA GPU", "CUDA kernels through XLA FFI")
+    """Whether the kernels can run here: the library built and loaded, JAX on a GPU, and that GPU a
+    Hopper (the library holds sm_90a code only; elsewhere its launches would fail)."""
+    ok, why = ffi_availability(registered, "gpu", "an NVIDIA GPU", "CUDA kernels through XLA FFI")
+    if ok and (cc := _compute_capability()) != "9.0":
+        return False, f"the library is compiled for sm_90a (Hopper); this GPU's compute capability is {cc}"
+    return ok, why
+
+
+@functools.lru_cache(maxsize=1)
+def _compute_capability() -> str:
+    return str(getattr(jax.devices()[0], "compute_capability", "unknown"))
 
 
 def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:

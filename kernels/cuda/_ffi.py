@@ -18,7 +18,8 @@ VN_BACKWARD = "ginjax_cuda_vn_backward"
 HANDLERS = {TARGET: "GinjaxCudaForward", VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
-BUILD = "CMAKE_ARGS=-DGINJAX_CUDA=ON pip install -e . (needs nvcc >= 12 and sm_90a; see kernels/cuda/README.md)"
+BUILD = ("`pip install` builds it where the machine has a Hopper GPU and nvcc >= 12, or "
+         "CMAKE_ARGS=-DGINJAX_CUDA=ON pip install -e .; see kernels/cuda/README.md")
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +27,7 @@ def registered() -> tuple[bool, str]:
     """Load kernels/cuda/_ginjax_cuda.so and register its targets; (ok, why not)."""
     path = library()
     if path is None:
-        return False, f"the CUDA extension {NAME} is not built (opt-in: {BUILD})"
+        return False, f"the CUDA extension {NAME} is not built ({BUILD})"
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in HANDLERS.items():

@@ -30,6 +30,7 @@ from .._fused import count_nonzeros, fused_coverage
 from .._spec import ConvSpec
 from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
+from . import conv_contract as _entry
 from .conv_contract import conv_contract_triton
 from ._vn_kernel import fits as vector_neuron_fits
 from .vector_neuron import VNBlocks, literal_eps, supported_activation, vector_neuron_triton
@@ -104,4 +105,14 @@ def _run(spec, inputs, weights, mode, bias=None):
     return tuple(outputs)
 
 
-register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True))
+def describe(spec: ConvSpec, spatial) -> str:
+    """What runs the layer's directions (for `kernels.explain`): the CUDA forward where it covers
+    the layer (GINJAX_TRITON_FORWARD), else the Triton kernels."""
+    if _entry.cuda_forward_covers(spec, tuple(spatial), "float32")[0]:
+        return ("the forward and the input gradient on kernels/cuda's CUDA kernel at tf32 (Triton's at "
+                "other precisions), the weight gradient on Triton's kernel")
+    return ""
+
+
+register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True,
+                         describe=describe))

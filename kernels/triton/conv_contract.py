@@ -101,34 +101,47 @@ def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offset
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets)
 
 
-FORWARD_IMPLS = ("triton", "cuda")
+FORWARD_IMPLS = ("cuda", "triton")
 
 
 def forward_impl() -> str:
     """Which kernel runs the backend's forward (and its input gradient, the forward of the
-    transposed layer): GINJAX_TRITON_FORWARD, "triton" (default) or "cuda", the opt-in CUDA
-    forward of kernels/cuda where it is built and covers the layer (triton elsewhere). Opt-in
-    because it has been measured as a kernel only, not inside the train steps."""
-    impl = os.environ.get("GINJAX_TRITON_FORWARD", "triton")
+    transposed layer): GINJAX_TRITON_FORWARD, "cuda" (default: kernels/cuda's forward wherever it
+    is built, runs and covers the call; triton's kernel elsewhere) or "triton" (always triton's).
+    The CUDA forward is 1.9x triton's on the standard layer, and the ResNet and DilResNet train
+    steps are 7% and 3% faster with it (bench/NOTES.md, "The CUDA forward in the train steps")."""
+    impl = os.environ.get("GINJAX_TRITON_FORWARD", "cuda")
     if impl not in FORWARD_IMPLS:
         raise ValueError(f"`GINJAX_TRITON_FORWARD` (={impl!r}) must be one of {FORWARD_IMPLS}")
     return impl
 
 
+def cuda_forward_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
+    """(whether, why) the forward of `spec` at `spatial` runs on kernels/cuda's kernel under this
+    backend: asked for (GINJAX_TRITON_FORWARD), the library built, a Hopper GPU, a covered layer."""
+    if forward_impl() != "cuda":
+        return False, "GINJAX_TRITON_FORWARD=triton"
+    from .. import cuda
+
+    ok, why = cuda.availability()
+    if not ok:
+        return False, why
+    return cuda.coverage(spec, spatial, dtype)
+
+
 def _cuda_forward(spec, mode, poison, inputs, weights, like=None):
-    """The outputs of kernels.cuda's forward where GINJAX_TRITON_FORWARD=cuda asks for it and it
-    computes this call exactly as asked (TF32, no test poison, a layer it was compiled for:
-    `spec` itself or, for an input gradient, `spec` on the bases of the forward layer `like` with
-    the weights moved, `with_bases_of`), else None."""
-    if forward_impl() != "cuda" or mode != "tf32" or poison is not None:
+    """The outputs of kernels.cuda's forward where it computes this call exactly as asked (TF32,
+    no test poison, a layer it was compiled for: `spec` itself or, for an input gradient, `spec`
+    on the bases of the forward layer `like` with the weights moved, `with_bases_of`), else None."""
+    if mode != "tf32" or poison is not None:
         return None
     from .. import cuda
 
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    if cuda.coverage(spec, spatial, inputs[0].dtype)[0]:
+    if cuda_forward_covers(spec, spatial, inputs[0].dtype)[0]:
         return cuda.forward_call(spec, inputs, weights)
     twin = with_bases_of(spec, like) if like is not None else None
-    if twin is None or not cuda.coverage(twin[0], spatial, inputs[0].dtype)[0]:
+    if twin is None or not cuda_forward_covers(twin[0], spatial, inputs[0].dtype)[0]:
         return None
     return cuda.forward_call(twin[0], inputs, twin[1](weights))
 
