@@ -55,6 +55,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+#include "common.cuh"
 #include "stencil_d3.inc"
 
 constexpr int kSeg = 16;   // pixels per warp (mma M)
@@ -80,17 +81,6 @@ struct RowLayout {
   __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
 };
 
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// tf32 of a finite float, to nearest with ties away (cvt.rna's result) in one integer add: the mma
-// ignores the low 13 bits of a tf32 operand, so adding half of their range rounds the magnitude.
-__device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
-
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>
 __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
@@ -101,23 +91,6 @@ __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
     const float2 v = *reinterpret_cast<const float2*>(src);
     bw[0] = v.x, bw[1] = v.y;
   }
-}
-
-__device__ __forceinline__ void cp_async4(float* dst, const float* src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async16(float* dst, const float* src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void pair_barrier(int id) {
@@ -159,27 +132,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   }
 }
 
-// The generated walk's hooks (stencil_d3.inc): ROW loads u[dz + 1], ZC / XC form the symmetric
-// classes, NZ accumulates a Z tile, MID frees the oldest y slice of this phase's block once the
-// whole CTA is past its dy = -1 rows.
-#define GJ_ROW(dz, dy, i)                                                        \
-  _Pragma("unroll") for (int s = 0; s < 4; ++s) {                                \
-    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
-    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
-  }
-#define GJ_Z(zk, ch, s) ((zk) == 0 ? u[1][ch][s] : zc[zk][ch][s])
-#define GJ_ZC(zk)                                                                             \
-  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int s = 0; s < 4; ++s) \
-    zc[zk][ch][s] = (zk) == 1 ? u[0][ch][s] + u[2][ch][s] : u[2][ch][s] - u[0][ch][s];
-#define GJ_XC(zk, xk)                                                                           \
-  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int q = 0; q < 2; ++q) \
-    xc[zk][xk][ch][q] = (xk) == 1 ? GJ_Z(zk, ch, q) + GJ_Z(zk, ch, q + 2) : GJ_Z(zk, ch, q + 2) - GJ_Z(zk, ch, q);
-#define GJ_VAL(zk, xk, ch, q) ((xk) == 0 ? GJ_Z(zk, ch, (q) + 1) : xc[zk][xk][ch][q])
-#define GJ_NZ(T, zk, xk, coef)                                  \
-  zt[T][0] = fmaf(coef, GJ_VAL(zk, xk, 0, 0), zt[T][0]);        \
-  zt[T][1] = fmaf(coef, GJ_VAL(zk, xk, 0, 1), zt[T][1]);        \
-  zt[T][2] = fmaf(coef, GJ_VAL(zk, xk, 1, 0), zt[T][2]);        \
-  zt[T][3] = fmaf(coef, GJ_VAL(zk, xk, 1, 1), zt[T][3]);
+// MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
 #define GJ_MID()                                                              \
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
