@@ -177,14 +177,11 @@ def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:
 
 # ---- coverage ---------------------------------------------------------------------------------
 def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
-    """The forward's coverage, and both input blocks with the same channel count (a CTA walks
-    16 channels of each)."""
+    """The forward's coverage (which has both input blocks with the same channel count, so a CTA
+    walks 16 channels of each) and the weight gradient's compiled passes."""
     ok, why = _plan.coverage(spec, spatial, dtype)
     if not ok:
         return False, why
-    c0, c1 = (c for _, _, c in spec.in_keys)
-    if c0 != c1:
-        return False, f"input channels (={c0}, {c1}) must be equal (a CTA walks 16 of each block)"
     if spatial is not None and (need := layout(spec, int(tuple(spatial)[2])).smem_bytes) > _plan.SMEM_LIMIT:
         return False, f"needs {need} bytes of shared memory (> {_plan.SMEM_LIMIT})"
     if dw_source(spec) != compiled_source():

@@ -42,8 +42,18 @@ def weight_gradient_call(
             partials (`_dw_plan.scratch_bytes`).
     """
     strip = _dw_plan.DEFAULT_STRIP if strip is None else strip
-    if not isinstance(strip, int) or isinstance(strip, bool) or strip < 1:
-        raise ValueError(f"`strip` (={strip!r}) must be an int >= 1")
+    _check_strip(strip)
+    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
+    n_w = len(_dw_plan.weights(spec))
+    parts = partials(spec, inputs, cotangents, strip)
+    return _dw_plan.unpack(spec, jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
+
+
+def partials(spec: ConvSpec, inputs, cotangents, strip: int) -> jax.Array:
+    """The kernel's result: per CTA (channel group, z, strip) its partial dW, (CTAs, partial
+    floats) in fragment order (`_dw_plan.unpack`)."""
+    _check_strip(strip)
     x0, x1 = (jnp.asarray(x, jnp.float32) for x in inputs)
     g0, g1 = (jnp.asarray(g, jnp.float32) for g in cotangents)
     spatial = tuple(int(n) for n in x0.shape[1:4])
@@ -51,6 +61,9 @@ def weight_gradient_call(
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.partial_floats), jnp.float32)
     call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all")
-    partials = call(x0, x1, g0, g1, geom=np.asarray(geometry(spec, spatial, strip), np.int64))
-    summed = jnp.sum(partials.reshape(groups, nz * strips, 2, lay.n_weights, 4, 32), axis=1)
-    return _dw_plan.unpack(spec, summed, xp=jnp)
+    return call(x0, x1, g0, g1, geom=np.asarray(geometry(spec, spatial, strip), np.int64))
+
+
+def _check_strip(strip) -> None:
+    if not isinstance(strip, int) or isinstance(strip, bool) or strip < 1:
+        raise ValueError(f"`strip` (={strip!r}) must be an int >= 1")
