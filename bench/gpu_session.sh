@@ -32,12 +32,15 @@
 #            it (variants cuda-fwd / vn-cuda); ptxas' report in $OUT/cuda-build/build.log
 #   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
 #            (run cuda-build first)
+#   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
+#            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
+#            --strip with no value: no forward rows); run cuda-build first
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_DW.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -105,6 +108,12 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_CUDA_FWD:-120}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_gpu.py \
         > "$OUT/cuda-fwd/tests.log" 2>&1
       rc=$?; tail -3 "$OUT/cuda-fwd/tests.log"; (exit $rc) ;;
+    cuda-dw)
+      timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \
+        > "$OUT/cuda-dw/tests.log" 2>&1
+      rc=$?; tail -3 "$OUT/cuda-dw/tests.log"
+      timeout "${T_CUDA_DW:-300}" python3 -u -m bench.cuda_spike "$OUT/cuda-dw" --strip > "$OUT/cuda-dw/spike.log" 2>&1
+      cut -c1-300 "$OUT/cuda-dw/spike.log"; (exit $rc) ;;
     vn-cuda)
       build_cuda "$OUT/vn-cuda/build.log"
       timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \

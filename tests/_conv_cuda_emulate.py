@@ -33,12 +33,10 @@ def standard_spec(c_in: int, c_out: int):
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights."""
 
-    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, variant: str = "v2"):
+    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True):
         self.c0, self.nz, self.ny, self.nx = x0.shape
-        self.variant = variant
-        self.lay = _plan.layout(spec, self.nx, variant)
+        self.lay = _plan.layout(spec, self.nx)
         self.groups, self.phases = _plan.phases(spec)
-        self.passes = _plan.passes(spec)
         self.o = spec.out_keys[0][2]
         self.nt = self.o // 8
         self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
@@ -50,13 +48,11 @@ class Emulator:
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
 
     # ---- load_slice ---------------------------------------------------------------------------
-    def load_slice(self, key, slot, z, yy, writes, warps=None, last_first=False):
-        """`warps` copying warps (v2: nx / 8); `last_first`: channel c to warp warps - 1 - c (mod warps)."""
+    def load_slice(self, key, slot, z, yy, writes):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         row, C = nx * m, lay.channels[key]
-        k_full, k_rem = row // 32, row % 32
-        warps = warps or nx // 8
+        k_full, k_rem, warps = row // 32, row % 32, nx // 8
         zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
         plane = self.ny * row
         zoff = [zz[d] * plane + yy * row for d in range(3)]
@@ -69,7 +65,7 @@ class Emulator:
             slot[dst[mask]] = self.x[key][src[mask]]
 
         for warp in range(warps):
-            for c in range(warps - 1 - warp if last_first else warp, C, warps):
+            for c in range(warp, C, warps):
                 src_c = LANE + c * volume
                 dst_c = base + 3 * c * P + skew[c & 3]
                 for dz in range(3):
@@ -86,10 +82,9 @@ class Emulator:
         """Every CTA (strip, z) of the batch element; returns the outputs (o, nz, ny, nx), (o, nz, ny, nx, 3)
         and the shared-memory write counts of every slice copy (the tests' coverage checks)."""
         copies = []
-        cta = self.cta if self.variant == "v2" else self.cta_v3
         for z in range(self.nz):
             for y0 in range(0, self.ny, self.strip):
-                copies += cta(z, y0, min(y0 + self.strip, self.ny))
+                copies += self.cta(z, y0, min(y0 + self.strip, self.ny))
         shape = (self.o, self.nz, self.ny, self.nx)
         return self.out[0].reshape(shape), self.out[1].reshape(shape + (3,)), copies
 
@@ -134,7 +129,7 @@ class Emulator:
                 self.store(seg, z, y, acc[(seg, 0)], acc[(seg, 1)])
         return copies
 
-    def chunk_start(self, ph, warp, h, n_tiles=None):
+    def chunk_start(self, ph, warp, h):
         seg, _ = warp
         lay = self.lay
         m, P, skew = (3 if ph.key else 1), lay.pitch[ph.key], lay.skew[ph.key]
@@ -142,7 +137,7 @@ class Emulator:
         c1 = c0 + 4
         px = (seg * _plan.SEG + 2 * G) * m + lay.region[ph.key]
         offs = [px + 3 * c * P + np.asarray(skew)[c & 3] for c in (c0, c1)]
-        return {"h": h, "offs": offs, "m": m, "P": P, "zt": np.zeros((n_tiles or len(ph.tiles), 4, 32))}
+        return {"h": h, "offs": offs, "m": m, "P": P, "zt": np.zeros((len(ph.tiles), 4, 32))}
 
     def walk(self, ph, st, groups, sl):
         m, P, zt = st["m"], st["P"], st["zt"]
@@ -165,47 +160,37 @@ class Emulator:
                 # A fragment order: (p 0, ch 0), (p 1, ch 0), (p 0, ch 1), (p 1, ch 1)
                 zt[t] += coef * np.stack([val[0, 0], val[0, 1], val[1, 0], val[1, 1]])
 
-    def mma(self, ph, st, acc, tiles=None):
-        """The mma of the Z tiles into the groups' accumulators; `tiles` (v3: a pass's phase tile
-        per pass-local tile) defaults to every tile of the phase."""
+    def mma(self, ph, st, acc):
         n_t = len(ph.tiles)
-        for t, T in enumerate(range(n_t) if tiles is None else tiles):
-            tile = ph.tiles[T]
+        for t, tile in enumerate(ph.tiles):
             a = st["zt"][t]
             if self.round_z:
                 a = np.asarray(_plan.round_tf32(a.astype(np.float32)), np.float64)
             A = np.zeros((16, 8))
             A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a
             for n in range(self.nt):
-                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + T * self.nt * 64 + 2 * n
+                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
                 B = np.zeros((8, 8))
                 B[TID, G], B[TID + 4, G] = self.packed[idx], self.packed[idx + 1]
                 D = A @ B
                 c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
                 acc[tile.group, n] += np.stack(c)
 
-    def store(self, seg, z, y, acc0, *partials):
-        """The warps' meeting in the staging area and the segment's 16-byte stores: v2's half 1
-        (v3's warps 0 and 1: the second at the staging's end) leave their partials in fragment
-        order, the reducing warp (acc0) adds them and stages the sums."""
+    def store(self, seg, z, y, acc0, acc1):
+        """The halves' meeting in the staging area and the segment's 16-byte stores."""
         o, s0, s1 = self.o, *_plan.STAGE_PITCH
-        staged = o * (s0 + s1)
-        stage = np.full(staged + (self.lay.partial_floats if self.variant == "v3" else 0), np.nan)
+        stage = np.full(o * (s0 + s1), np.nan)
         frag = lambda q, n, k: ((q * self.nt + n) * 4 + k) * 32 + LANE  # noqa: E731
-        assert self.lay.partial_floats <= staged
-        for w, part in enumerate(partials):  # partials in fragment order
-            for q in range(len(self.groups)):
-                for n in range(self.nt):
-                    for k in range(4):
-                        at = w * staged + frag(q, n, k)
-                        assert np.isnan(stage[at]).all()
-                        stage[at] = part[q, n, k]
-        total = acc0.copy()
-        for w in range(len(partials)):  # the reducer reads all of them (then __syncwarp) ...
-            for q in range(len(self.groups)):
-                for n in range(self.nt):
-                    for k in range(4):
-                        total[q, n, k] += stage[w * staged + frag(q, n, k)]
+        assert len(self.groups) * self.nt * 4 * 32 <= stage.size
+        for q in range(len(self.groups)):  # half 1: partials in fragment order
+            for n in range(self.nt):
+                for k in range(4):
+                    stage[frag(q, n, k)] = acc1[q, n, k]
+        total = np.zeros_like(acc0)
+        for q in range(len(self.groups)):  # half 0 reads all of them (then __syncwarp) ...
+            for n in range(self.nt):
+                for k in range(4):
+                    total[q, n, k] = acc0[q, n, k] + stage[frag(q, n, k)]
         stage[:] = np.nan  # ... so nothing of the partials may be read after its own stores
         for q, (blk, comp) in enumerate(self.groups):
             for n in range(self.nt):
@@ -216,113 +201,14 @@ class Emulator:
                     stage[at] = total[q, n, k]
         row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
         o_rows = self.nz * self.ny
-        threads = 32 * (1 + len(partials))
-        for t in range(threads):
-            for f in range(t, o * 4, threads):
+        for t in range(64):
+            for f in range(t, o * 4, 64):
                 oo, x4 = f >> 2, f & 3
                 dst = (row + oo * o_rows) * self.nx + seg * _plan.SEG + 4 * x4 + np.arange(4)
                 self.out[0][dst] = stage[oo * s0 + 4 * x4 + np.arange(4)]
                 self.out_writes[0][dst] += 1
-            for f in range(t, o * 12, threads):
+            for f in range(t, o * 12, 64):
                 oo, x4 = f // 12, f % 12
                 dst = (row + oo * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * x4 + np.arange(4)
                 self.out[1][dst] = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
                 self.out_writes[1][dst] += 1
-
-    # ---- forward_kernel_v3 --------------------------------------------------------------------
-    def units(self):
-        """v3's units (pass index, chunk): vector chunk-major over its passes, then scalar."""
-        c = self.lay.channels
-        out = []
-        for key in (1, 0):
-            mine = [k for k, p in enumerate(self.passes) if p.key == key]
-            out += [(k, h) for h in range(c[key] // _plan.CHUNK) for k in mine]
-        return out
-
-    def warp_ops(self, role, units):
-        """A warp's row in program order: ("walk", unit, row groups), the hooks ("A",), ("B",)
-        (MIDA in its first unit, MIDB in its last), ("mma", unit)."""
-        mine = list(range(role, len(units), _plan.V3_ROLES))
-        assert len(mine) >= 2  # MIDA (first unit) before MIDB (last unit)
-        ops = []
-        for u in mine:
-            pas = self.passes[units[u][0]]
-            for grp in pas.groups:
-                if grp.dy > -1 and u == mine[-1] and ("B",) not in ops:
-                    ops.append(("B",))
-                if grp.dy == 1 and u == mine[0] and ("A",) not in ops:
-                    ops.append(("A",))
-                ops.append(("walk", u, grp))
-            if u == mine[-1] and ("B",) not in ops:
-                ops.append(("B",))
-            if u == mine[0] and ("A",) not in ops:
-                ops.append(("A",))
-            ops.append(("mma", u))
-        assert ops.index(("A",)) < ops.index(("B",))
-        return ops
-
-    def cta_v3(self, z, y0, y1):
-        """The CTA of forward_kernel_v3. A copy issued at MIDB lands at the next MIDA: until then
-        its destination reads NaN, so a read of a slice before its MIDA (or of the refilled slot
-        after MIDB) shows in the outputs. The initial scalar slices land at the first MIDA."""
-        sf = self.lay.slice_floats
-        ring = np.full(3 * sf, np.nan)
-        copies, pending = [], []
-        for k in range(3):
-            for key in (1, 0):
-                w = np.zeros(sf, int)
-                tmp = np.full(sf, np.nan)
-                self.load_slice(key, tmp, z, (y0 - 1 + k) % self.ny, w, self.lay.threads // 32)
-                copies.append((key, z, (y0 - 1 + k) % self.ny, w))
-                if key == 1:
-                    ring[k * sf : (k + 1) * sf][w > 0] = tmp[w > 0]
-                else:
-                    pending.append((k, tmp, w > 0))
-        segs = self.nx // _plan.SEG
-        units = self.units()
-        ops = {r: self.warp_ops(r, units) for r in range(_plan.V3_ROLES)}
-        oldest = 0
-        for y in range(y0, y1):
-            mid = (oldest + 1) % 3
-            newest = (mid + 1) % 3
-            sl = [ring[s * sf : (s + 1) * sf] for s in (oldest, mid, newest)]
-            more, y_next = y + 2 <= y1, (y + 2) % self.ny
-            warps = [(seg, r) for r in range(_plan.V3_ROLES) for seg in range(segs)]
-            acc = {w: np.zeros((len(self.groups), self.nt, 4, 32)) for w in warps}
-            states = {}
-            pos = {w: 0 for w in warps}
-
-            def run_until(hook):
-                for w in warps:
-                    seq = ops[w[1]]
-                    while pos[w] < len(seq) and seq[pos[w]] != hook:
-                        op = seq[pos[w]]
-                        k, h = units[op[1]]
-                        ph = next(ph for ph in self.phases if ph.key == self.passes[k].key)
-                        if (w, op[1]) not in states:
-                            states[w, op[1]] = self.chunk_start(ph, (w[0], None), h, len(self.passes[k].tiles))
-                        if op[0] == "walk":
-                            self.walk(ph, states[w, op[1]], [op[2]], sl)
-                        else:
-                            self.mma(ph, states[w, op[1]], acc[w], self.passes[k].tiles)
-                        pos[w] += 1
-                    pos[w] += 1  # past the hook
-
-            run_until(("A",))  # MIDA: every copy in flight lands, then the barrier
-            for slot, tmp, mask in pending:
-                ring[slot * sf : (slot + 1) * sf][mask] = tmp[mask]
-            pending = []
-            run_until(("B",))  # MIDB: the barrier, then slice y + 2 into slice y - 1's slot
-            if more:
-                for key in (1, 0):
-                    w = np.zeros(sf, int)
-                    tmp = np.full(sf, np.nan)
-                    self.load_slice(key, tmp, z, y_next, w, self.lay.threads // 32, last_first=True)
-                    copies.append((key, z, y_next, w))
-                    ring[oldest * sf : (oldest + 1) * sf][w > 0] = np.nan  # in flight
-                    pending.append((oldest, tmp, w > 0))
-            run_until(None)
-            oldest = mid
-            for seg in range(segs):
-                self.store(seg, z, y, acc[(seg, 2)], acc[(seg, 0)], acc[(seg, 1)])
-        return copies

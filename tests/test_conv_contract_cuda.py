@@ -30,7 +30,6 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 MAX_REGISTERS = 255  # __launch_bounds__(256, 1): 65,536 registers / 256 threads
-V3_MAX_REGISTERS = 168  # 3 warps a scheduler: 16,384 registers / 96 threads, in steps of 8
 
 
 def test_generated_stencil_is_up_to_date():
@@ -74,55 +73,6 @@ def test_row_groups_reconstruct_every_tap():
         got = {k: v for k, v in got.items() if v != 0.0}
         assert got.keys() == want.keys()
         assert max(abs(got[k] - want[k]) for k in want) < 1e-7
-
-
-def test_v3_passes_split_the_phases_by_component():
-    """Each row group of a phase in exactly one pass (the pass of its component, dy-major), a
-    pass's tiles exactly the ones its rows touch (13 live instead of 27), the uses renumbered."""
-    _, phs = _plan.phases(SPEC)
-    ps = _plan.passes(SPEC)
-    assert [(p.key, p.i, len(p.tiles)) for p in ps] == [(1, 0, 13), (1, 1, 13), (1, 2, 13), (0, 0, 13)]
-    for ph in phs:
-        mine = [p for p in ps if p.key == ph.key]
-        got = [(g.dy, g.i, tuple((p.tiles[t], zk, xk, c) for t, zk, xk, c in g.uses)) for p in mine for g in p.groups]
-        want = [(g.dy, g.i, g.uses) for g in _plan.row_groups(ph)]
-        assert sorted(got) == sorted(want)
-        for p in mine:
-            assert [g.dy for g in p.groups] == sorted(g.dy for g in p.groups)
-            assert set(p.tiles) == {p.tiles[t] for g in p.groups for t, _, _, _ in g.uses}
-    # tile-mma's a chunk: vector 39 (27 in v2), scalar 13
-    assert sum(len(p.tiles) for p in ps if p.key == 1) == 39
-
-
-def test_v3_layout_and_geometry():
-    lay = _plan.layout(SPEC, 64, "v3")
-    assert lay.threads == 384 and lay.partial_floats == 1024
-    assert lay.stage_floats == 4 * (1152 + 1024)
-    assert lay.smem_bytes == 230_720 <= _plan.SMEM_LIMIT  # the second partial area; one CTA per SM
-    from kernels.cuda import conv_contract as cc
-
-    geom = cc.geometry(SPEC, (4, 5, 64), kernels.cuda.BlockSizes(variant="v3"))
-    assert len(geom) == 19 and geom[-1] == 3 and cc.geometry(SPEC, (4, 5, 64), kernels.cuda.BlockSizes())[-1] == 2
-    with pytest.raises(ValueError, match=r"`block_sizes.variant` \(='v4'\)"):
-        kernels.cuda.BlockSizes(variant="v4").validate(3)
-    with pytest.raises(ValueError, match=r"`variant` \(='v1'\)"):
-        _plan.layout(SPEC, 64, "v1")
-
-
-def test_v3_emulation_sees_a_slice_read_while_its_copy_is_in_flight(monkeypatch):
-    """The v3 emulation's copies land only at the next MIDA (NaN until then): with MIDB moved to
-    the start of each warp's last unit, its dy = -1 rows read the slot being refilled."""
-    orig = Emulator.warp_ops
-
-    def early_b(self, role, units):
-        ops = [op for op in orig(self, role, units) if op != ("B",)]
-        last_unit = ops[-1][1]  # a warp's last op is its last unit's mma
-        at = next(i for i, op in enumerate(ops) if op[0] == "walk" and op[1] == last_unit)
-        return ops[:at] + [("B",)] + ops[at:]
-
-    monkeypatch.setattr(Emulator, "warp_ops", early_b)
-    _, (y0, y1), _, _ = _emulated((2, 4, 16), 4, round_z=False, seed=7, variant="v3")
-    assert np.isnan(y0).any() or np.isnan(y1).any()
 
 
 @pytest.mark.parametrize("nx", [16, 32, 48, 64])
@@ -205,29 +155,28 @@ def test_round_tf32():
     assert np.abs(_plan.round_tf32(r) / r - 1).max() <= 2.0**-11
 
 
-def _emulated(spatial, strip, round_z, seed, spec=SPEC, variant="v2"):
+def _emulated(spatial, strip, round_z, seed, spec=SPEC):
     """The emulated kernel on fresh operands; without `round_z` neither Z nor the packed weights
     are rounded to tf32, so only the index arithmetic and the walk's reassociation remain."""
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
-    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z, variant=variant)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z)
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
         want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
     return emu, (y0, y1), want, copies
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
 @pytest.mark.parametrize("spatial, strip, channels", [((3, 5, 32), 2, (16, 16)), ((2, 3, 16), 3, (16, 16)),
                                                      ((2, 3, 16), 2, (32, 8))])
-def test_emulated_kernel_matches_reference(spatial, strip, channels, variant):
+def test_emulated_kernel_matches_reference(spatial, strip, channels):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be, written once;
     every output float is stored once. 32 input channels: two chunk rounds per warp half; 8
     outputs: one n-tile."""
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
-    assert _plan.coverage(spec, spatial, np.float32, variant)[0]
-    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, variant=variant)
+    assert _plan.coverage(spec, spatial, np.float32)[0]
+    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec)
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
     assert all((w == 1).all() for w in emu.out_writes)
@@ -254,16 +203,8 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, variant):
                 assert np.array_equal(slot[start : start + (nx + 2) * m], row)
 
 
-@pytest.mark.parametrize("spatial, strip", [((2, 3, 64), 3), ((1, 3, 48), 2)])
-def test_emulated_v3_with_12_and_9_warps(spatial, strip):
-    """v3 at nx 64 and 48: the slice copies spread over 12 and 9 warps (the last ones taking the
-    extra channels), 4 and 3 segments meeting at their own staging areas."""
-    test_emulated_kernel_matches_reference(spatial, strip, (16, 16), "v3")
-
-
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_emulated_kernel_with_tf32_meets_the_tolerance(variant):
-    _, got, want, _ = _emulated((3, 4, 16), 4, round_z=True, seed=6, variant=variant)
+def test_emulated_kernel_with_tf32_meets_the_tolerance():
+    _, got, want, _ = _emulated((3, 4, 16), 4, round_z=True, seed=6)
     for g, w in zip(got, want):
         err = rel_l2(jnp.asarray(g, jnp.float32), w)
         assert 1e-6 < err <= kernels.TOLERANCE["tf32"]  # rounded (not fp32-exact), within tf32's bound
@@ -311,13 +252,8 @@ def test_ptxas_resources_within_budget(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    kernels_regs = re.findall(r"Compiling entry function '\w*?(forward_kernel(?:_v3)?)ILi(\d+)ELi(\d)E\w*'.*?"
-                              r"Used (\d+) registers", report, re.S)
-    # forward_kernel and forward_kernel_v3 <nx 16..64, n-tiles 1, 2>
-    assert len(kernels_regs) == 16 and len(spills) == 16, report
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert len(regs) == 8 and len(spills) == 8, report  # forward_kernel<nx 16..64, n-tiles 1, 2>
     assert all(s == ("0", "0") for s in spills), report
-    for name, nx, nt, regs in kernels_regs:
-        assert int(regs) <= MAX_REGISTERS, report
-        if name.endswith("v3") and int(nx) >= 48:  # 9 or 12 warps: 3 a scheduler
-            assert int(regs) <= V3_MAX_REGISTERS, report
+    assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))

@@ -4,7 +4,6 @@ end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one
 gradients (dense's VJP); and against its own lane-by-lane numpy emulation
 (tests/_conv_cuda_emulate.py), far tighter than tf32's tolerance: the same tf32 rounding of Z
 (the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights.
-Both kernels (BlockSizes.variant "v2", the default, and "v3") where the variant matters.
 Build first (kernels/cuda/README.md), then on the GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_gpu.py
@@ -54,33 +53,25 @@ def _check(spatial, batch, seed, blocks=None):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
-VARIANTS = ["v2", "v3"]  # BlockSizes.variant: forward_kernel, forward_kernel_v3
+def test_standard_grid_against_reference():
+    _check((64, 64, 64), 1, seed=21)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_standard_grid_against_reference(variant):
-    _check((64, 64, 64), 1, seed=21, blocks=cuda.BlockSizes(variant=variant))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "spatial, batch, strip",
     [((5, 7, 64), 2, None), ((3, 5, 16), 3, 2), ((4, 9, 32), 1, 4), ((1, 2, 48), 2, 1), ((7, 3, 64), 1, 7)],
 )
-def test_odd_grids_and_strips(spatial, batch, strip, variant):
-    blocks = cuda.BlockSizes(variant=variant) if strip is None else cuda.BlockSizes(strip_rows=strip, variant=variant)
-    _check(spatial, batch, seed=22, blocks=blocks)
+def test_odd_grids_and_strips(spatial, batch, strip):
+    _check(spatial, batch, seed=22, blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_outputs_are_fully_written(variant):
+def test_outputs_are_fully_written():
     """The output buffers are fresh (uninitialised) memory: donate a NaN-filled buffer of the same
     size first so a skipped element shows up as NaN."""
     xs, ws, _ = _cases.spec_operands(SPEC, (5, 6, 32), 2, seed=23)
     poison = [jnp.full((2, 16, 5, 6, 32), jnp.nan), jnp.full((2, 16, 5, 6, 32, 3), jnp.nan)]
     jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
-    blocks = cuda.BlockSizes(variant=variant)
-    got = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(SPEC, x, ws, block_sizes=blocks)))(xs)
+    got = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(SPEC, x, ws)))(xs)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
 
 
@@ -129,11 +120,10 @@ def test_fp32_precision_is_refused():
         cuda.conv_contract_cuda(SPEC, [x[0] for x in xs], ws, precision="fp32")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "spatial, strip, channels", [((3, 4, 32), 3, (16, 16)), ((2, 3, 16), 2, (16, 16)), ((3, 5, 16), 2, (32, 8)),
                                  ((2, 4, 16), 3, (32, 16))])
-def test_matches_its_emulation(spatial, strip, channels, variant):
+def test_matches_its_emulation(spatial, strip, channels):
     """The kernel and its emulation round Z and the weights to tf32 alike; what differs is fp32
     against fp64 accumulation and the rare Z whose rounding that flips: ~1e-6, where tf32's own
     error is ~3e-4 (a kernel that truncated Z, or rounded it twice, would be ~1e-4 off). 32 input
@@ -141,11 +131,10 @@ def test_matches_its_emulation(spatial, strip, channels, variant):
     n-tile. Also against `reference` at the tf32 tolerance."""
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=26)
-    blocks = cuda.BlockSizes(strip_rows=strip, variant=variant)
-    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks))
+    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
     got = run([x[0] for x in xs], ws)
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
-    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, variant=variant)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip)
     with jax.default_matmul_precision("highest"):
         ref = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
     for g, w, r in zip(got, emu.run()[:2], ref):

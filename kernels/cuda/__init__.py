@@ -1,4 +1,5 @@
-"""`cuda`: the forward ConvContract as a CUDA C++ kernel for Hopper (sm_90a), through XLA FFI, and
+"""`cuda`: the forward ConvContract and its weight gradient (`weight_gradient_call`) as CUDA C++
+kernels for Hopper (sm_90a), through XLA FFI, and
 the VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in through
 ginjax's GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
@@ -19,13 +20,15 @@ import jax
 from .._fused import ffi_availability
 from .._spec import ConvSpec
 from ._ffi import registered
+from ._dw_plan import coverage as _dw_coverage
 from ._plan import coverage as _coverage
 from ._tiling import BlockSizes
 from .conv_contract import conv_contract_cuda, forward_call
+from .weight_gradient import weight_gradient_call
 from .vector_neuron import vector_neuron_cuda, vector_neuron_cuda_covers
 
 __all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forward_call", "vector_neuron_cuda",
-           "vector_neuron_cuda_covers"]
+           "vector_neuron_cuda_covers", "weight_gradient_call", "weight_gradient_coverage"]
 
 
 def availability() -> tuple[bool, str]:
@@ -48,3 +51,11 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     if not ok:
         return False, why
     return _coverage(spec, spatial, dtype)
+
+
+def weight_gradient_coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
+    """Whether `weight_gradient_call` computes this configuration; first, whether the library is built."""
+    ok, why = registered()
+    if not ok:
+        return False, why
+    return _dw_coverage(spec, spatial, dtype)

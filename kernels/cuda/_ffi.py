@@ -1,5 +1,5 @@
 """Loading the compiled kernel library and registering its XLA FFI targets (once, for CUDA): the
-ConvContract forward and the VectorNeuron forward and backward."""
+ConvContract forward and weight gradient, and the VectorNeuron forward and backward."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import sys
 import jax
 
 TARGET = "ginjax_cuda_forward"
+DW_TARGET = "ginjax_cuda_weight_gradient"
 VN_FORWARD = "ginjax_cuda_vn_forward"
 VN_BACKWARD = "ginjax_cuda_vn_backward"
 # target -> the handler symbol the library exports
-HANDLERS = {TARGET: "GinjaxCudaForward", VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
+HANDLERS = {TARGET: "GinjaxCudaForward", DW_TARGET: "GinjaxCudaWeightGradient", VN_FORWARD: "GinjaxCudaVnForward",
+            VN_BACKWARD: "GinjaxCudaVnBackward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
 BUILD = ("`pip install` builds it where the machine has a Hopper GPU and nvcc >= 12, or "

@@ -130,81 +130,6 @@ def walk_cost(phase: Phase) -> int:
     return sum(4 * len(g.uses) + 8 * len(g.zc) + 4 * len(g.xc) for g in row_groups(phase))
 
 
-VARIANTS = ("v2", "v3")  # conv_contract.cu's kernels: BlockSizes.variant
-V3_ROLES = 3  # v3: warps per x segment
-
-
-@dataclasses.dataclass(frozen=True)
-class Pass:
-    """v3's unit of work: a phase's row groups of one input component i, and the phase's tiles
-    they touch (pass-local index -> the phase's tile index): a Z tile is complete at the end of
-    the pass, so only the pass's tiles are live, and the other passes' contributions to the same
-    tile are separate mma's (linear in Z)."""
-
-    key: int
-    i: int
-    tiles: tuple[int, ...]
-    groups: tuple[RowGroup, ...]  # uses renumbered to pass-local tiles, dy-major
-
-
-@functools.lru_cache(maxsize=32)
-def passes(spec: ConvSpec) -> tuple[Pass, ...]:
-    """v3's passes: the vector phase split by input component (13 tiles each for the standard
-    layer, instead of 27 live at once), the scalar phase whole (13 tiles)."""
-    _, phs = phases(spec)
-    out = []
-    for ph in phs:
-        groups = row_groups(ph)
-        for i in sorted({g.i for g in groups}):
-            mine = [g for g in groups if g.i == i]
-            tiles = tuple(sorted({t for g in mine for t, _, _, _ in g.uses}))
-            local = {t: k for k, t in enumerate(tiles)}
-            renum = tuple(dataclasses.replace(g, uses=tuple((local[t], zk, xk, c) for t, zk, xk, c in g.uses))
-                          for g in mine)
-            out.append(Pass(ph.key, i, tiles, renum))
-    return tuple(out)
-
-
-def _pass_source(spec: ConvSpec) -> list[str]:
-    """v3's pass walks: GJ_P<k>_STENCIL(ROW, ZC, XC, NZ, MIDB, MIDA) with hooks MIDB after the
-    dy = -1 rows and MIDA before the dy = +1 rows; tables of each pass's phase tiles."""
-    _, phs = phases(spec)
-    ps = passes(spec)
-    lines = [
-        "// v3 passes (_plan.passes): a phase's rows of one input component, NZ on pass-local tiles;",
-        "// MIDB() after the dy = -1 rows, MIDA() before the dy = +1 rows.",
-        f"#define GJ_PASSES {len(ps)}",
-        f"#define GJ_V_PASSES {sum(p.key == 1 for p in ps)}",
-        f"#define GJ_S_PASSES {sum(p.key == 0 for p in ps)}",
-        "__device__ constexpr int kPassKey[GJ_PASSES] = {" + ", ".join(str(p.key) for p in ps) + "};",
-    ]
-    for k, p in enumerate(ps):
-        ph = next(ph for ph in phs if ph.key == p.key)
-        lines += [
-            f"#define GJ_P{k}_TILES {len(p.tiles)}",
-            f"#define GJ_P{k}_KEY {p.key}",
-            f"__device__ constexpr int kP{k}Tile[GJ_P{k}_TILES] = {{" + ", ".join(str(t) for t in p.tiles) + "};",
-            f"__device__ constexpr int kP{k}Group[GJ_P{k}_TILES] = {{"
-            + ", ".join(str(ph.tiles[t].group) for t in p.tiles) + "};",
-            f"#define GJ_P{k}_STENCIL(ROW, ZC, XC, NZ, MIDB, MIDA) \\",
-        ]
-        hooks = []  # each hook exactly once, MIDB before MIDA
-        for grp in p.groups:
-            if "B" not in hooks and grp.dy > -1:
-                hooks.append("B")
-                lines.append("  MIDB() \\")
-            if "A" not in hooks and grp.dy == 1:
-                hooks.append("A")
-                lines.append("  MIDA() \\")
-            parts = [f"ROW({dz}, {grp.dy}, {grp.i})" for dz in grp.dzs]
-            parts += [f"ZC({zk})" for zk in grp.zc] + [f"XC({zk}, {xk})" for zk, xk in grp.xc]
-            parts += [f"NZ({t}, {zk}, {xk}, {_float(c)})" for t, zk, xk, c in grp.uses]
-            lines.append("  " + " ".join(parts) + " \\")
-        lines += [f"  MID{h}() \\" for h in "BA" if h not in hooks]
-        lines.append("  /* end */")
-    return lines
-
-
 def plan_src(spec: ConvSpec, term: int) -> int:
     return spec.pairs[term].in_index
 
@@ -256,12 +181,11 @@ def stencil_source(spec: ConvSpec) -> str:
             parts += [f"NZ({t}, {zk}, {xk}, {_float(c)})" for t, zk, xk, c in grp.uses]
             lines.append("  " + " ".join(parts) + " \\")
         lines.append("  /* end */")
-    lines += _pass_source(spec)
     return "\n".join(lines) + "\n"
 
 
 # ---- coverage ---------------------------------------------------------------------------------
-def coverage(spec: ConvSpec, spatial, dtype=None, variant: str = "v2") -> tuple[bool, str]:
+def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
     8 or 16 (both keys the same), float32, within the shared-memory budget."""
@@ -280,7 +204,7 @@ def coverage(spec: ConvSpec, spatial, dtype=None, variant: str = "v2") -> tuple[
         nx = int(tuple(spatial)[2])
         if nx % SEG or not SEG <= nx <= 4 * SEG:
             return False, f"the x extent (={nx}) must be 16, 32, 48 or 64"
-        if (need := layout(spec, nx, variant).smem_bytes) > SMEM_LIMIT:
+        if (need := layout(spec, nx).smem_bytes) > SMEM_LIMIT:
             return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})"
     if stencil_source(spec) != compiled_stencil():
         return False, "the layer's basis is not the one kernels/cuda/stencil_d3.inc was generated for"
@@ -341,8 +265,6 @@ class Layout:
     skew: tuple[tuple[int, ...], tuple[int, ...]]
     weight_floats: int
     out_channels: int
-    groups: int = 4  # output groups (block, component)
-    variant: str = "v2"
 
     @property
     def region(self) -> tuple[int, int]:
@@ -359,15 +281,7 @@ class Layout:
     def stage_floats(self) -> int:
         """The segments' output staging: per output channel 16 scalar and 48 vector floats,
         padded (STAGE_PITCH)."""
-        per_seg = self.out_channels * sum(STAGE_PITCH)
-        if self.variant == "v3":  # a second warp's partials in fragment order (the first's in the staging)
-            per_seg += self.partial_floats
-        return (self.nx // SEG) * per_seg
-
-    @property
-    def partial_floats(self) -> int:
-        """One warp's accumulators: groups x n-tiles x 4 x 32 lanes."""
-        return self.groups * (self.out_channels // 8) * 4 * 32
+        return (self.nx // SEG) * self.out_channels * sum(STAGE_PITCH)
 
     @property
     def smem_bytes(self) -> int:
@@ -376,19 +290,16 @@ class Layout:
 
     @property
     def threads(self) -> int:
-        """v2: 2 warp halves per x segment; v3: V3_ROLES warps per segment."""
-        return (2 if self.variant == "v2" else V3_ROLES) * 32 * (self.nx // SEG)
+        return 2 * 32 * (self.nx // SEG)
 
 
-def layout(spec: ConvSpec, nx: int, variant: str = "v2") -> Layout:
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` (={variant!r}) must be one of {VARIANTS}")
+def layout(spec: ConvSpec, nx: int) -> Layout:
     (c0, c1), o = (tuple(c for _, _, c in spec.in_keys), spec.out_keys[0][2])
-    groups, phs = phases(spec)
+    _, phs = phases(spec)
     p0, s0 = row_layout(nx, 1)
     p1, s1 = row_layout(nx, 3)
     weights = sum(len(ph.tiles) * spec.in_keys[ph.key][2] * o for ph in phs)
-    return Layout(nx, (c0, c1), (p0, p1), (s0, s1), weights, o, len(groups), variant)
+    return Layout(nx, (c0, c1), (p0, p1), (s0, s1), weights, o)
 
 
 # ---- weights ----------------------------------------------------------------------------------

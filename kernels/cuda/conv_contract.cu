@@ -40,13 +40,10 @@
 // for lanes < 2 comps. The warp halves' partial outputs meet in shared memory and are staged
 // in the outputs' layout, so the global stores are 16-byte and whole 32-byte sectors.
 //
-// forward_kernel_v3 (BlockSizes.variant "v3", its section below) splits the phases into passes of
-// 13 tiles and a segment's work over 3 warps: 168 registers, 12 warps an SM instead of 8.
-//
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), results y0
 // (o, nz, ny, nx), y1 (o, nz, ny, nx, 3). Attribute `geom`: nz, ny, nx, c0, c1, o, strip,
-// pitch0, pitch1, skew0[4], skew1[4], weight floats, variant (2: forward_kernel, 3: forward_kernel_v3).
+// pitch0, pitch1, skew0[4], skew1[4], weight floats.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -58,6 +55,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+#include "common.cuh"
 #include "stencil_d3.inc"
 
 constexpr int kSeg = 16;   // pixels per warp (mma M)
@@ -83,17 +81,6 @@ struct RowLayout {
   __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
 };
 
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// tf32 of a finite float, to nearest with ties away (cvt.rna's result) in one integer add: the mma
-// ignores the low 13 bits of a tf32 operand, so adding half of their range rounds the magnitude.
-__device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
-
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>
 __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
@@ -106,41 +93,8 @@ __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
   }
 }
 
-__device__ __forceinline__ void cp_async4(float* dst, const float* src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async16(float* dst, const float* src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void pair_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(64) : "memory");
-}
-
-// The CTA barrier where warps reach it at different instructions (v3's MIDA / MIDB sit in
-// whichever unit is a warp's first / last): the non-.aligned form, which PTX allows there.
-__device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
-
-// threadIdx.x where the compiler may not hoist it (a value live across the whole row loop costs
-// a register where there is none to spare)
-__device__ __forceinline__ int tid_x() {
-  int t;
-  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
-  return t;
-}
-
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel, x = -1 .. NX
@@ -148,10 +102,10 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM: x = -1 from
 // x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base (+ lane) plus
 // an immediate.
-template <int NX, int KEY, int WARPS = NX / 8, bool LAST_FIRST = false>
+template <int NX, int KEY>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int yy, const int (&zz)[3]) {
   using L = RowLayout<NX, KEY>;
-  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = WARPS;
+  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
   const int lane = threadIdx.x & 31, C = p.c[KEY];
   const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
   const int plane = p.ny * kRow;  // floats of one (channel, z) plane
@@ -162,8 +116,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   float* base = slice + (KEY ? p.region1 : 0) + kM + lane;  // interior float `lane` of row 0
   const float* x = p.x[KEY] + lane;
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
-  // LAST_FIRST: channel c to warp kWarps - 1 - c (mod kWarps), so the last warps take the extra channels
-  for (int c = LAST_FIRST ? kWarps - 1 - (threadIdx.x >> 5) : threadIdx.x >> 5; c < C; c += kWarps) {
+  for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
     const float* src_c = x + (size_t)(b * C + c) * volume;
     float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
 #pragma unroll
@@ -179,27 +132,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   }
 }
 
-// The generated walk's hooks (stencil_d3.inc): ROW loads u[dz + 1], ZC / XC form the symmetric
-// classes, NZ accumulates a Z tile, MID frees the oldest y slice of this phase's block once the
-// whole CTA is past its dy = -1 rows.
-#define GJ_ROW(dz, dy, i)                                                        \
-  _Pragma("unroll") for (int s = 0; s < 4; ++s) {                                \
-    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
-    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
-  }
-#define GJ_Z(zk, ch, s) ((zk) == 0 ? u[1][ch][s] : zc[zk][ch][s])
-#define GJ_ZC(zk)                                                                             \
-  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int s = 0; s < 4; ++s) \
-    zc[zk][ch][s] = (zk) == 1 ? u[0][ch][s] + u[2][ch][s] : u[2][ch][s] - u[0][ch][s];
-#define GJ_XC(zk, xk)                                                                           \
-  _Pragma("unroll") for (int ch = 0; ch < 2; ++ch) _Pragma("unroll") for (int q = 0; q < 2; ++q) \
-    xc[zk][xk][ch][q] = (xk) == 1 ? GJ_Z(zk, ch, q) + GJ_Z(zk, ch, q + 2) : GJ_Z(zk, ch, q + 2) - GJ_Z(zk, ch, q);
-#define GJ_VAL(zk, xk, ch, q) ((xk) == 0 ? GJ_Z(zk, ch, (q) + 1) : xc[zk][xk][ch][q])
-#define GJ_NZ(T, zk, xk, coef)                                  \
-  zt[T][0] = fmaf(coef, GJ_VAL(zk, xk, 0, 0), zt[T][0]);        \
-  zt[T][1] = fmaf(coef, GJ_VAL(zk, xk, 0, 1), zt[T][1]);        \
-  zt[T][2] = fmaf(coef, GJ_VAL(zk, xk, 1, 0), zt[T][2]);        \
-  zt[T][3] = fmaf(coef, GJ_VAL(zk, xk, 1, 1), zt[T][3]);
+// MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
 #define GJ_MID()                                                              \
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
@@ -345,176 +278,6 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-
-// ---- v3: three warps per x segment, the vector phase split into passes --------------------------
-// v2 keeps the vector phase's 27 Z tiles live (~240 registers: one 8-warp CTA an SM, 2 warps a
-// scheduler, latency-bound). v3 walks a phase's rows one input component at a time (_plan.passes:
-// the standard layer's vector phase in 3 passes of 13 tiles, the scalar phase as 1 of 13), each
-// pass ending in the mma of its tiles: the tiles touched by several passes get one mma per pass
-// (Z is linear), 39 tile-mma's a vector chunk instead of 27, and no row is read twice. A (pass,
-// chunk) is a *unit*; a segment's units (vector chunk-major, then scalar) go round-robin to its 3
-// warps, so a CTA is 12 warps at <= 168 registers (one CTA an SM: 3 warps a scheduler).
-// The ring's two CTA barriers a row: MIDA (wait for every copy in flight, then sync) in each
-// warp's first unit before its dy = +1 rows, MIDB (sync, then copy slice y + 2 of both blocks into
-// slice y - 1's slot) in its last unit after its dy = -1 rows. Every warp has >= 2 units (4 a chunk
-// pair), so MIDA precedes MIDB in every warp; a copy has from one row's MIDB to the next row's MIDA.
-// The warps reach MIDA / MIDB in different units, hence the non-.aligned barrier (cta_barrier).
-// Row end: warps 0 and 1 leave their partials in fragment order, warp 2 (the one with fewest
-// units) adds them and stages the sums as v2's half 0 does; the segment's 96 threads store. The
-// role-2 warps (the CTA's last) also take the slice copies' extra channels (16 over 12 warps).
-#define GJ_MIDB()                                                         \
-  if (unit == last) {                                                     \
-    cta_barrier();                                                        \
-    if (more) {                                                           \
-      load_slice<NX, 1, kWarps, true>(p, next, b, y_next, zz);            \
-      load_slice<NX, 0, kWarps, true>(p, next, b, y_next, zz);            \
-    }                                                                     \
-    cp_async_commit();                                                    \
-  }
-#define GJ_MIDA()        \
-  if (unit == first) {   \
-    cp_async_wait<0>();  \
-    cta_barrier();       \
-  }
-#define GJ_UNIT(K)                                                                                \
-  {                                                                                               \
-    constexpr int kKey = GJ_P##K##_KEY, kTiles = GJ_P##K##_TILES;                                 \
-    constexpr int kM = RowLayout<NX, kKey>::kM, kP = RowLayout<NX, kKey>::kPitch;                 \
-    constexpr int kPhaseTiles = kKey == GJ_V_KEY ? GJ_V_TILES : GJ_S_TILES;                       \
-    const int c0 = h * kChunk + tid, c1 = c0 + 4;                                                 \
-    const int px = (seg * kSeg + 2 * g) * kM + (kKey ? p.region1 : 0);                            \
-    const int off0 = px + 3 * c0 * kP + RowLayout<NX, kKey>::skew(c0);                            \
-    const int off1 = px + 3 * c1 * kP + RowLayout<NX, kKey>::skew(c1);                            \
-    const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                              \
-    const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                              \
-    float zt[kTiles][4];                                                                          \
-    _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
-    float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                                \
-    GJ_P##K##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_MIDB, GJ_MIDA)                              \
-    const float* wt = s_w + p.w_base[kKey] + h * kPhaseTiles * NT * 64 + 2 * NT * lane;           \
-    _Pragma("unroll") for (int t = 0; t < kTiles; ++t) {                                          \
-      const uint32_t a[4] = {tf32_bits(zt[t][0]), tf32_bits(zt[t][1]), tf32_bits(zt[t][2]),      \
-                             tf32_bits(zt[t][3])};                                                \
-      float bw[2 * NT];                                                                           \
-      load_b<NT>(bw, wt + kP##K##Tile[t] * NT * 64);                                              \
-      _Pragma("unroll") for (int n = 0; n < NT; ++n)                                              \
-        mma_tf32(acc[kP##K##Group[t]][n], a, __float_as_uint(bw[2 * n]), __float_as_uint(bw[2 * n + 1])); \
-    }                                                                                             \
-  }
-
-constexpr int kRoles = 3;  // _plan.V3_ROLES
-static_assert(GJ_PASSES == 4 && GJ_V_PASSES == 3 && GJ_S_PASSES == 1, "forward_kernel_v3 walks 4 passes");
-
-template <int NX, int NT>
-__global__ void __launch_bounds__(kRoles * 2 * NX, 1) forward_kernel_v3(const Params p) {
-  extern __shared__ __align__(16) float smem[];
-  constexpr int kO = 8 * NT, kThreads = kRoles * 2 * NX, kSegs = NX / kSeg, kWarps = kThreads / 32;
-  constexpr int kStaged = kO * (kStage0 + kStage1), kPartial = GJ_GROUPS * NT * 4 * 32;
-  float* ring = smem;
-  float* s_w = ring + 3 * p.slice_floats;
-  float* s_stage = s_w + p.w_floats;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int seg = warp % kSegs, role = warp / kSegs;
-  const int g = lane >> 2, tid = lane & 3;
-  const int b = blockIdx.z, z = blockIdx.y;
-  const int y0 = blockIdx.x * p.strip, y1 = min(y0 + p.strip, p.ny);
-  const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
-  auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
-
-  const float* wg = p.w + (size_t)b * p.w_floats;
-  for (int e = 4 * threadIdx.x; e < p.w_floats; e += 4 * kThreads) cp_async16(s_w + e, wg + e);
-  for (int k = 0; k < 3; ++k) load_slice<NX, 1, kWarps>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
-  cp_async_commit();
-  for (int k = 0; k < 3; ++k) load_slice<NX, 0, kWarps>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
-  cp_async_commit();
-  cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first MIDA
-  __syncthreads();
-
-  float acc[GJ_GROUPS][NT][4];
-#pragma unroll
-  for (int q = 0; q < GJ_GROUPS; ++q)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
-
-  // units: (vector chunk h, pass 0..2) for h < nv, then (scalar chunk h, pass 3); this warp's are
-  // role, role + 3, ...
-  const int nv = GJ_V_PASSES * (p.c[1] / kChunk), n_units = nv + GJ_S_PASSES * (p.c[0] / kChunk);
-  const int first = role, last = role + (n_units - 1 - role) / kRoles * kRoles;
-  int oldest = 0;  // ring slot of slice y - 1
-  for (int y = y0; y < y1; ++y) {
-    const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
-    const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
-    float* next = ring + oldest * p.slice_floats;
-    const bool more = y + 2 <= y1;
-    const int y_next = wrap_y(y + 2);
-#pragma unroll 1
-    for (int unit = first; unit < n_units; unit += kRoles) {
-      const int v = unit < nv ? unit : unit - nv;
-      const int h = unit < nv ? v / GJ_V_PASSES : v;
-      const int pass = unit < nv ? v - h * GJ_V_PASSES : GJ_V_PASSES;
-      switch (pass) {
-        case 0: GJ_UNIT(0) break;
-        case 1: GJ_UNIT(1) break;
-        case 2: GJ_UNIT(2) break;
-        default: GJ_UNIT(3) break;
-      }
-    }
-    oldest = mid;
-
-    // the warp's role and segment again (kept across the loop they would take registers the walk needs)
-    const int role = (tid_x() >> 5) / kSegs, seg = (tid_x() >> 5) - role * kSegs;
-    float* st = s_stage + seg * (kStaged + kPartial);
-    float* part = role == 0 ? st : st + kStaged;  // the writers' partials, fragment order
-    auto at = [&](int q, int n, int k) {
-      const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
-      return kGroupBlock[q] == 0 ? o * kStage0 + x : kO * kStage0 + o * kStage1 + 3 * x + kGroupComp[q];
-    };
-    if (role < 2) {
-#pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) part[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
-    }
-    named_barrier(1 + seg, 32 * kRoles);
-    if (role == 2) {
-#pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int f = ((q * NT + n) * 4 + k) * 32 + lane;
-            acc[q][n][k] += st[f] + st[kStaged + f];
-          }
-      __syncwarp();
-#pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
-    }
-    named_barrier(1 + seg, 32 * kRoles);
-    const int t = role * 32 + (tid_x() & 31);
-    const size_t row = ((size_t)b * kO * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;
-#pragma unroll
-    for (int f = t; f < kO * 4; f += 32 * kRoles) {
-      const int o = f >> 2, x4 = f & 3;
-      *reinterpret_cast<float4*>(p.y[0] + (row + o * o_rows) * NX + seg * kSeg + 4 * x4) =
-          *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
-    }
-#pragma unroll
-    for (int f = t; f < kO * 12; f += 32 * kRoles) {
-      const int o = f / 12, x4 = f - 12 * o;
-      *reinterpret_cast<float4*>(p.y[1] + (row + o * o_rows) * (3 * NX) + seg * 3 * kSeg + 4 * x4) =
-          *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
-    }
-  }
-  cp_async_wait<0>();
-}
-
 template <int NX, int NT>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (NX / kSeg) * 8 * NT * (kStage0 + kStage1));
@@ -525,27 +288,8 @@ cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int NX, int NT>
-cudaError_t launch_v3(const Params& p, int batch, cudaStream_t stream) {
-  const size_t stage = (NX / kSeg) * (8 * NT * (kStage0 + kStage1) + GJ_GROUPS * NT * 4 * 32);  // _plan.Layout.stage_floats
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + stage);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel_v3<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
-  forward_kernel_v3<NX, NT><<<grid, kRoles * 2 * NX, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <int NT>
-cudaError_t launch_nx(const Params& p, int nx, int variant, int batch, cudaStream_t stream) {
-  if (variant == 3) {
-    switch (nx) {
-      case 16: return launch_v3<16, NT>(p, batch, stream);
-      case 32: return launch_v3<32, NT>(p, batch, stream);
-      case 48: return launch_v3<48, NT>(p, batch, stream);
-      default: return launch_v3<64, NT>(p, batch, stream);
-    }
-  }
+cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
     case 16: return launch<16, NT>(p, batch, stream);
     case 32: return launch<32, NT>(p, batch, stream);
@@ -558,9 +302,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 19) return bad("`geom` must have 19 entries");
-  const int variant = (int)geom[18];
-  if (variant != 2 && variant != 3) return bad("the variant (geom[18]) must be 2 or 3");
+  if (geom.size() != 18) return bad("`geom` must have 18 entries");
   Params p{};
   const int nx = (int)geom[2];
   p.nz = (int)geom[0], p.ny = (int)geom[1];
@@ -590,8 +332,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   const int nt = p.o / 8;
   p.w_base[1] = 0, p.w_base[0] = (p.c[1] / kChunk) * GJ_V_TILES * nt * 64;
   if (p.w_base[0] + (p.c[0] / kChunk) * GJ_S_TILES * nt * 64 != p.w_floats) return bad("packed weights have the wrong size");
-  const cudaError_t err =
-      nt == 1 ? launch_nx<1>(p, nx, variant, (int)batch, stream) : launch_nx<2>(p, nx, variant, (int)batch, stream);
+  const cudaError_t err = nt == 1 ? launch_nx<1>(p, nx, (int)batch, stream) : launch_nx<2>(p, nx, (int)batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -47,10 +47,10 @@ def conv_contract_cuda(
         raise ValueError(f"`precision` (={precision!r}) resolves to fp32; the CUDA kernel computes in tf32")
     inputs, weights = tuple(inputs), tuple(weights)
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
-    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
-    ok, why = _plan.coverage(spec, spatial, inputs[0].dtype, blocks.variant)
+    ok, why = _plan.coverage(spec, spatial, inputs[0].dtype)
     if not ok:
         raise ValueError(f"`spec` is not covered by the CUDA kernel: {why}")
+    blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     return _conv_contract(spec, blocks, inputs, tuple(w.astype(jnp.float32) for w in weights))
 
 
@@ -65,10 +65,9 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries)."""
-    lay = _plan.layout(spec, spatial[2], blocks.variant)
+    lay = _plan.layout(spec, spatial[2])
     (c0, c1), o = lay.channels, spec.out_keys[0][2]
-    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], lay.weight_floats,
-            int(blocks.variant[1:])]
+    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], lay.weight_floats]
 
 
 def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights):

@@ -1,0 +1,257 @@
+"""The static plan of the CUDA weight gradient (kernels/cuda/weight_gradient.cu): pure Python and
+numpy, so its tables, shared-memory layout, scratch size and the unpacking of its per-CTA
+partials are checked on a CPU.
+
+    dW_t[o, c, f] = sum over pixels p and the forward's tiles T = (group (b, j), t, f):
+                    Z_T[p, c] * gY_(b,j)[p, o]
+
+The Z tiles are the forward's (kernels/cuda/_plan.py: phases, symmetric row groups); the walk is
+split into *passes* by input component (the vector phase's 27 tiles as 3 passes of 13, the
+scalar phase as 1 of 13), each ending in the mma of its tiles into per-weight accumulators: a
+(t, f) shared by the three vector output components accumulates their three tiles (each with its
+own gY_j) into one accumulator, 18 distinct weights for the standard layer (the forward's 40
+tiles). Z is linear, so a tile touched by several passes is simply mma'd once per pass.
+
+Lane mapping (the forward's transposed): mma.m16n8k8 with M = output channel, N = input channel,
+K = pixel. Lane (g, tid) owns input channel g of its warp's chunk and the pixels 2 tid, 2 tid + 1
+(k-step 0) and 8 + 2 tid, 9 + 2 tid (k-step 1) of its 16-pixel segment, so the forward's walk
+(ROW / ZC / XC / NZ with the channel pair replaced by the k-step pair) runs unchanged on a
+different per-lane base; that needs its own conflict-free row layout (`row_layout`: 8 channels x
+4 pixel pairs a wavefront instead of 4 channels x 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import numpy as np
+
+from .._spec import ConvSpec
+from . import _plan
+from ._plan import CHUNK, NX_COVERED, SEG, RowGroup, phases, row_groups
+
+INCLUDE = pathlib.Path(__file__).with_name("weight_gradient_d3.inc")
+CHANNELS = 2 * CHUNK  # input channels per block one CTA walks (a chunk per warp half)
+DEFAULT_STRIP = 64  # y rows a CTA slides over: few, long CTAs keep the partials' scratch small
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """A phase's row groups of one input component i and the phase's tiles they touch (pass-local
+    index -> (phase tile, output group, weight index)); uses renumbered to pass-local tiles."""
+
+    key: int
+    i: int
+    tiles: tuple[int, ...]
+    group: tuple[int, ...]  # output group (block, component) of each pass tile: its gY
+    weight: tuple[int, ...]  # index into `weights(spec)` of each pass tile: its accumulator
+    groups: tuple[RowGroup, ...]
+    last: bool  # the phase's last pass: its MID hook frees the oldest y slice
+
+
+@functools.lru_cache(maxsize=32)
+def weights(spec: ConvSpec) -> tuple[tuple[int, int], ...]:
+    """The distinct (term, f) of the forward's tiles, sorted: one accumulator each."""
+    _, phs = phases(spec)
+    return tuple(sorted({(t.term, t.f) for ph in phs for t in ph.tiles}))
+
+
+@functools.lru_cache(maxsize=32)
+def passes(spec: ConvSpec) -> tuple[Pass, ...]:
+    _, phs = phases(spec)
+    index = {w: k for k, w in enumerate(weights(spec))}
+    out = []
+    for ph in phs:
+        groups = row_groups(ph)
+        comps = sorted({g.i for g in groups})
+        for i in comps:
+            mine = [g for g in groups if g.i == i]
+            tiles = tuple(sorted({t for g in mine for t, _, _, _ in g.uses}))
+            local = {t: k for k, t in enumerate(tiles)}
+            renum = tuple(dataclasses.replace(g, uses=tuple((local[t], zk, xk, c) for t, zk, xk, c in g.uses))
+                          for g in mine)
+            out.append(Pass(ph.key, i, tiles, tuple(ph.tiles[t].group for t in tiles),
+                            tuple(index[ph.tiles[t].term, ph.tiles[t].f] for t in tiles), renum, i == comps[-1]))
+    return tuple(out)
+
+
+def mma_count(spec: ConvSpec) -> int:
+    """mma.sync per warp and output row: every pass tile, two k-steps of 8 pixels."""
+    return sum(2 * len(p.tiles) for p in passes(spec))
+
+
+# ---- shared-memory layout ---------------------------------------------------------------------
+def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int) -> bool:
+    """Whether one warp's stencil read hits 32 distinct banks: lane (g, tid) reads channel g at
+    float 3 g pitch + skew[g] + comps * 2 tid (+ a uniform shift for dz, s, i and the k-step)."""
+    seen = {(3 * g * pitch + skew[g] + comps * 2 * t) % 32 for g in range(8) for t in range(4)}
+    return len(seen) == 32
+
+
+@functools.lru_cache(maxsize=16)
+def row_layout(nx: int, comps: int) -> tuple[int, tuple[int, ...]]:
+    """(row pitch, skew per channel mod 8): the smallest pitch, then the lexicographically
+    smallest skews (each <= pitch - row), with conflict-free reads."""
+    need = (nx + 2) * comps
+
+    def extend(pitch, skew):
+        if len(skew) == 8:
+            return skew
+        for s in range(pitch - need + 1):
+            cand = skew + (s,)
+            banks = [(3 * g * pitch + cand[g] + comps * 2 * t) % 32 for g in range(len(cand)) for t in range(4)]
+            if len(set(banks)) == len(banks) and (found := extend(pitch, cand)):
+                return found
+        return None
+
+    for pitch in range(need, need + 64):
+        if skew := extend(pitch, ()):
+            return pitch, skew
+    raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}")
+
+
+def gy_pitch(nx: int) -> tuple[int, int]:
+    """Floats per output channel of the staged gY rows (scalar [o][x], vector [o][x][3]): the
+    smallest >= the row with pitch = 8 (mod 32), so the fragment reads (float2 at o = g, pixel
+    2 tid; vector: three float2 at 3 (2 tid)) are conflict-free per half warp."""
+    return tuple(-(-(n - 8) // 32) * 32 + 8 for n in (nx, 3 * nx))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    nx: int
+    pitch: tuple[int, int]
+    skew: tuple[tuple[int, ...], tuple[int, ...]]
+    n_weights: int
+
+    @property
+    def region(self) -> tuple[int, int]:
+        return 0, 3 * CHANNELS * self.pitch[0]
+
+    @property
+    def slice_floats(self) -> int:
+        """One y slice: 3 z rows of the CTA's 16 channels of both blocks, 16-byte multiple."""
+        return -(-(self.region[1] + 3 * CHANNELS * self.pitch[1]) // 4) * 4
+
+    @property
+    def gy_floats(self) -> int:
+        """One staged gY row (16 output channels, both blocks)."""
+        return 16 * sum(gy_pitch(self.nx))
+
+    @property
+    def partial_floats(self) -> int:
+        """One CTA's partial dW, fragment order: 2 warp halves x weights x 4 x 32 lanes."""
+        return 2 * self.n_weights * 4 * 32
+
+    @property
+    def threads(self) -> int:
+        return 4 * self.nx
+
+    @property
+    def smem_bytes(self) -> int:
+        """The ring of three y slices and two gY rows (the next one lands during this one); the
+        segments' partials reuse the ring at the end."""
+        assert (self.nx // SEG) * self.partial_floats <= 3 * self.slice_floats
+        return 4 * (3 * self.slice_floats + 2 * self.gy_floats)
+
+
+def layout(spec: ConvSpec, nx: int) -> Layout:
+    p0, s0 = row_layout(nx, 1)
+    p1, s1 = row_layout(nx, 3)
+    return Layout(nx, (p0, p1), (s0, s1), len(weights(spec)))
+
+
+def grid(spec: ConvSpec, spatial, strip: int) -> tuple[int, int, int]:
+    """CTAs per batch element: (y strips, z, channel groups of 16)."""
+    nz, ny, _ = spatial
+    return -(-ny // strip), nz, spec.in_keys[0][2] // CHANNELS
+
+
+def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:
+    """The per-CTA partials the kernel returns (XLA sums them over the CTAs)."""
+    strips, nz, groups = grid(spec, spatial, strip)
+    return 4 * batch * strips * nz * groups * layout(spec, spatial[2]).partial_floats
+
+
+# ---- coverage ---------------------------------------------------------------------------------
+def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
+    """The forward's coverage (which has both input blocks with the same channel count, so a CTA
+    walks 16 channels of each) and the weight gradient's compiled passes."""
+    ok, why = _plan.coverage(spec, spatial, dtype)
+    if not ok:
+        return False, why
+    if spatial is not None and (need := layout(spec, int(tuple(spatial)[2])).smem_bytes) > _plan.SMEM_LIMIT:
+        return False, f"needs {need} bytes of shared memory (> {_plan.SMEM_LIMIT})"
+    if dw_source(spec) != compiled_source():
+        return False, "the layer's basis is not the one kernels/cuda/weight_gradient_d3.inc was generated for"
+    return True, "CUDA weight gradient: D=3 {scalar, vector} torus layer, tf32 mma.sync"
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_source() -> str:
+    return INCLUDE.read_text() if INCLUDE.exists() else ""
+
+
+# ---- generated source -------------------------------------------------------------------------
+def dw_source(spec: ConvSpec) -> str:
+    """The generated C++ of the weight gradient's passes, tables and row layouts
+    (kernels/cuda/weight_gradient_d3.inc)."""
+    ps = passes(spec)
+    lines = [
+        "// Generated by kernels/cuda/_dw_plan.py (dw_source) for the D=3 {scalar, vector} layer with",
+        "// 3x3x3 invariant filters; tests/test_conv_contract_cuda_dw.py checks it is up to date.",
+        "// GJ_DW_P<k>_STENCIL(ROW, ZC, XC, NZ, MID): pass k's walk (stencil_d3.inc's hooks; the channel",
+        "// pair ch of ROW / NZ is the k-step here), MID() after the dy = -1 rows of a phase's last pass.",
+        "// kDwP<k>Group / kDwP<k>Weight: each pass tile's output group (its gY) and accumulator.",
+        f"#define GJ_DW_WEIGHTS {len(weights(spec))}",
+        f"#define GJ_DW_PASSES {len(ps)}",
+        "// Row layouts per x extent 16, 32, 48, 64 (row_layout): pitch, skew by channel mod 8 packed",
+        "// 4 bits each, for the scalar (comps 1) and vector (comps 3) block; gY staging pitches.",
+    ]
+    for comps in (1, 3):
+        lays = [row_layout(nx, comps) for nx in NX_COVERED]
+        assert all(max(sk) < 16 for _, sk in lays)
+        lines.append(f"constexpr int kDwPitch{comps}[4] = {{" + ", ".join(str(p) for p, _ in lays) + "};")
+        lines.append(f"constexpr unsigned kDwSkew{comps}[4] = {{"
+                     + ", ".join(f"{sum(s << (4 * k) for k, s in enumerate(sk))}u" for _, sk in lays) + "};")
+    for b in (0, 1):
+        lines.append(f"constexpr int kGyPitch{b}[4] = {{" + ", ".join(str(gy_pitch(nx)[b]) for nx in NX_COVERED) + "};")
+    for k, p in enumerate(ps):
+        lines += [
+            f"#define GJ_DW_P{k}_TILES {len(p.tiles)}",
+            f"#define GJ_DW_P{k}_KEY {p.key}",
+            f"__device__ constexpr int kDwP{k}Group[GJ_DW_P{k}_TILES] = {{" + ", ".join(map(str, p.group)) + "};",
+            f"__device__ constexpr int kDwP{k}Weight[GJ_DW_P{k}_TILES] = {{" + ", ".join(map(str, p.weight)) + "};",
+            f"#define GJ_DW_P{k}_STENCIL(ROW, ZC, XC, NZ, MID) \\",
+        ]
+        mid = not p.last
+        for grp in p.groups:
+            if grp.dy > -1 and not mid:
+                lines.append("  MID() \\")
+                mid = True
+            parts = [f"ROW({dz}, {grp.dy}, {grp.i})" for dz in grp.dzs]
+            parts += [f"ZC({zk})" for zk in grp.zc] + [f"XC({zk}, {xk})" for zk, xk in grp.xc]
+            parts += [f"NZ({t}, {zk}, {xk}, {_plan._float(c)})" for t, zk, xk, c in grp.uses]
+            lines.append("  " + " ".join(parts) + " \\")
+        if not mid:
+            lines.append("  MID() \\")
+        lines.append("  /* end */")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the partials back to weights -------------------------------------------------------------
+def unpack(spec: ConvSpec, partial, xp=np) -> tuple:
+    """Per pair (o, c, F) from the partials summed over a batch element's CTAs, shaped
+    (channel groups, 2 halves, weights, 4, 32): fragment k of lane (g, tid) is
+    D[o = g + 8 (k >> 1)][c = 2 tid + (k & 1)] of half h's chunk, c = 16 group + 8 h + that."""
+    n_groups, _, n_w, _, _ = partial.shape
+    d = partial.reshape(n_groups, 2, n_w, 2, 2, 8, 4)  # group, half, w, o-high, c-low, g, tid
+    d = d.transpose(2, 3, 5, 0, 1, 6, 4).reshape(n_w, 16, n_groups * CHANNELS)  # w, o, c
+    index = {w: k for k, w in enumerate(weights(spec))}
+    out = []
+    for t, pair in enumerate(spec.pairs):
+        o = spec.out_keys[pair.out_index][2]
+        out.append(xp.stack([d[index[t, f], :o] for f in range(pair.basis.n_filters)], axis=-1))
+    return tuple(out)

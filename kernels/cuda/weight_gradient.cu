@@ -1,0 +1,362 @@
+// Weight gradient of the CUDA ConvContract (conv_contract.cu's layer) for Hopper (sm_90a), behind
+// an XLA FFI custom call:
+//
+//   dW_t[o, c, f] = sum over pixels p, and the forward's tiles T = (group (b, j), t, f):
+//                   Z_T[p, c] * gY_(b,j)[p, o]
+//
+// with Z_T the forward's Z tiles of the inputs (conv_contract.cu's header) and gY the outputs'
+// cotangents. Plan and tables: kernels/cuda/_dw_plan.py, weight_gradient_d3.inc (generated).
+//
+// Work split. As the forward: a CTA owns (batch, z, strip of y rows) and slides along y with the
+// ring of three y slices in shared memory; here also one *channel group* (16 channels of each
+// input block: the ring holds only those, so its size does not grow with the channels), and the
+// default strip is 64 rows (few, long CTAs: their partials are the only scratch). Warps:
+// (x segment of 16 pixels) x (warp half: chunk 0 / 1 of the group's 8-channel chunks).
+// Per output row a warp walks its chunk's Z tiles in *passes* (one per input component of a
+// phase: 3 x 13 vector tiles, 1 x 13 scalar, _dw_plan.passes) straight into the registers of
+// the mma B fragment, then mma's them into per-weight accumulators:
+//
+//   D[o (16), c (8)] += gY^T[o, p (8)] * Z[p (8), c (8)]      (m16n8k8 tf32, K = pixels)
+//
+// Lane (g, tid) owns channel g of the chunk (B's column) and pixels 2 tid, 2 tid + 1 (k-step 0:
+// B rows tid, tid + 4) and 8 + 2 tid, 9 + 2 tid (k-step 1): the forward's lane mapping
+// transposed. One input row read (x = 2 tid - 1 .. 2 tid + 2 and the same 8 pixels on: 8 shared
+// loads) serves the three dx taps of both pixels of both k-steps, so the forward's generated walk
+// (ROW / ZC / XC / NZ, common.cuh) runs as it is, its channel pair now the k-step pair, on a row
+// layout of its own (_dw_plan.row_layout: 8 channels x 4 pixel pairs per read wavefront are
+// conflict-free, the forward's layout would be 2-way). A (t, f) shared by the vector output
+// components accumulates their tiles, each with its own gY_j (A fragment), into one accumulator:
+// 18 weights x 4 floats a lane, live for the whole strip. gY rows are staged by 16-byte cp.async
+// one row ahead (two buffers); A fragments are float2 reads (pitch = 8 mod 32: conflict-free per
+// half warp), rounded to tf32 by tf32_bits as Z is.
+//
+// Why passes (the forward keeps the vector phase's 27 tiles live): 72 accumulator registers live
+// across rows; with 27 tiles (108 registers) the walk would spill. A pass keeps 13 tiles (52) live;
+// a tile of several passes is mma'd once per pass (Z is linear): 39 + 13 tile-mma's a chunk, each
+// 2 k-steps: 104 mma.sync per warp and row (the forward: 80). No input row is read twice.
+//
+// The y ring and the copies. Per row three CTA barriers: row start (wait for gY row y and the
+// vector slice y + 1, issued a row ago; then gY row y + 1 into the other buffer), MID in the last
+// vector pass after its dy = -1 rows (slice y + 2 of the vector block into slice y - 1's slot) and
+// MID in the scalar pass (wait for the scalar slice y + 1; then the scalar block's slice y + 2).
+// A vector copy has ~45 % of a row to land, the scalar copy (a third of the bytes) ~20 % plus the
+// next row's vector passes.
+//
+// Cross-CTA reduction without atomics: at the end the segments' accumulators meet in shared memory
+// (the ring), summed in segment order, and the CTA writes its partial dW (fragment order, 2 x 18 x
+// 128 floats) to the scratch result; XLA sums the CTAs (_dw_plan.unpack, in fixed order).
+// Scratch: 18,432 bytes a CTA, 256 CTAs on d3_n64_b4_c16 at strip 64: 4.7 MB (1.8 % of its I/O).
+//
+// Arithmetic per warp and output row (d3_n64_b4_c16): walk 948 FP32 (_plan.walk_cost, the same
+// rows as the forward) + 104 mma + 52 tf32 adds of Z (+104 of the B operands' register moves
+// folded) + A fragments: 4 passes x <= 16 LDS.64 + 32 IADD + 8 x 8 LDS of the rows (ROW: 4 x 2 a
+// row, 27 + 9 rows: 288 LDS) + copies (~2,150 / 8 warps as the forward's v2: ~270) ~ 1,950
+// instructions, the forward's v2 ~2,150 - 80 mma + 104 mma. Prediction: the forward's measured rate
+// (286 M instructions at 0.50 a cycle per scheduler, 0.70 ms) scaled by the instruction count,
+// plus the fewer CTAs' tail: ~0.70 x 1,950 / 2,150 x 1.03 ~ 0.66 ms (bench/NOTES.md, "CUDA weight
+// gradient").
+//
+// Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c, nz, ny, nx),
+// x1 (c, nz, ny, nx, 3), gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3); result: the partials
+// (channel groups x nz x strips, 2 x weights x 128). Attribute `geom`: nz, ny, nx, c, o, strip,
+// pitch0, pitch1, skew0, skew1 (packed 4 bits a channel), weights.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#include "common.cuh"
+#include "weight_gradient_d3.inc"
+
+constexpr int kSeg = 16;       // pixels per warp: two k-steps of 8
+constexpr int kChunk = 8;      // input channels per warp (mma N)
+constexpr int kChannels = 16;  // input channels per block a CTA walks (_dw_plan.CHANNELS)
+constexpr int kGroups = 4;     // output groups: scalar, vector j = 0, 1, 2 (_plan.phases)
+constexpr int kPartial = 2 * GJ_DW_WEIGHTS * 4 * 32;  // a CTA's partial dW: halves x weights x fragment
+
+struct DwParams {
+  const float* x[2];
+  const float* gy[2];
+  float* dw;
+  int nz, ny, c, strip, groups;
+  int slice_floats, region1;
+};
+
+// Block KEY's row layout (_dw_plan.row_layout): channel c's rows dz = -1, 0, 1 at region +
+// chan(c) + (dz + 1) * kPitch, each x = -1 .. NX, kM floats a pixel.
+template <int NX, int KEY>
+struct DwLayout {
+  static constexpr int kM = KEY ? 3 : 1;
+  static constexpr int kPitch = KEY ? kDwPitch3[NX / kSeg - 1] : kDwPitch1[NX / kSeg - 1];
+  static constexpr unsigned kSkews = KEY ? kDwSkew3[NX / kSeg - 1] : kDwSkew1[NX / kSeg - 1];
+  static constexpr int kRow = NX * kM;
+  __device__ static __forceinline__ int chan(int c) { return 3 * c * kPitch + ((kSkews >> (4 * (c & 7))) & 0xf); }
+};
+
+// One staged gY row: scalar [o][x] (pitch kP0), then vector [o][x][3] (pitch kP1), 16 channels.
+template <int NX>
+struct GyLayout {
+  static constexpr int kP0 = kGyPitch0[NX / kSeg - 1], kP1 = kGyPitch1[NX / kSeg - 1];
+  static constexpr int kFloats = 16 * (kP0 + kP1);
+};
+
+// One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -1
+// .. NX wrapped): conv_contract.cu's load_slice on this layout.
+template <int NX, int KEY>
+__device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
+                                              const int (&zz)[3]) {
+  using L = DwLayout<NX, KEY>;
+  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
+  const int lane = threadIdx.x & 31;
+  const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
+  const int plane = p.ny * kRow;
+  const int zoff[3] = {zz[0] * plane + yy * kRow, zz[1] * plane + yy * kRow, zz[2] * plane + yy * kRow};
+  const size_t volume = (size_t)p.nz * plane;
+  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;
+  const float* x = p.x[KEY] + lane;
+#pragma unroll 1
+  for (int c = threadIdx.x >> 5; c < kChannels; c += kWarps) {
+    const float* src_c = x + (size_t)(b * p.c + kg * kChannels + c) * volume;
+    float* dst_c = base + L::chan(c);
+#pragma unroll
+    for (int dz = 0; dz < 3; ++dz) {
+      const float* src = src_c + zoff[dz];
+      float* dst = dst_c + dz * L::kPitch;
+#pragma unroll
+      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + 32 * k);
+      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + 32 * kFull);
+      if (left) cp_async4(dst - kM, src + kRow - kM);
+      if (right) cp_async4(dst + kRow - kM, src - kM);
+    }
+  }
+}
+
+// gY row (b, z, y) of both blocks into `dst`, 16-byte copies (rows are 64-byte aligned: NX % 16 == 0).
+template <int NX, int NT>
+__device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y) {
+  using G = GyLayout<NX>;
+  constexpr int kO = 8 * NT, kThreads = 4 * NX, kQ0 = NX / 4, kQ1 = 3 * NX / 4;
+  const size_t row = (((size_t)b * kO) * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+#pragma unroll
+  for (int f = threadIdx.x; f < kO * kQ0; f += kThreads) {
+    const int o = f / kQ0, q = f - o * kQ0;
+    cp_async16(dst + o * G::kP0 + 4 * q, p.gy[0] + (row + o * o_rows) * NX + 4 * q);
+  }
+#pragma unroll
+  for (int f = threadIdx.x; f < kO * kQ1; f += kThreads) {
+    const int o = f / kQ1, q = f - o * kQ1;
+    cp_async16(dst + 16 * G::kP0 + o * G::kP1 + 4 * q, p.gy[1] + (row + o * o_rows) * (3 * NX) + 4 * q);
+  }
+}
+
+// The A fragments of every output group, both k-steps, from the staged gY row: lane (g, tid)
+// a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + 1], gY_q[g + 8][x + 1]}, x = 2 tid + 8 s
+// of the segment; tf32-rounded. The pass's mma reads only its groups' (the rest is dead code).
+template <int NX, int NT>
+__device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float* gyr, int seg, int g, int tid) {
+  using G = GyLayout<NX>;
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int x = seg * kSeg + 2 * tid + 8 * s;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (r < NT) {
+        const int o = g + 8 * r;
+        const float2 v = *reinterpret_cast<const float2*>(gyr + o * G::kP0 + x);
+        const float* vr = gyr + 16 * G::kP0 + o * G::kP1 + 3 * x;
+        const float2 v01 = *reinterpret_cast<const float2*>(vr);
+        const float2 v23 = *reinterpret_cast<const float2*>(vr + 2);
+        const float2 v45 = *reinterpret_cast<const float2*>(vr + 4);
+        a[0][s][r] = tf32_bits(v.x), a[0][s][2 + r] = tf32_bits(v.y);
+        a[1][s][r] = tf32_bits(v01.x), a[1][s][2 + r] = tf32_bits(v23.y);  // j = 0: pixels x, x + 1
+        a[2][s][r] = tf32_bits(v01.y), a[2][s][2 + r] = tf32_bits(v45.x);  // j = 1
+        a[3][s][r] = tf32_bits(v23.x), a[3][s][2 + r] = tf32_bits(v45.y);  // j = 2
+      } else {
+#pragma unroll
+        for (int q = 0; q < kGroups; ++q) a[q][s][r] = a[q][s][2 + r] = 0u;
+      }
+    }
+  }
+}
+
+// MID of a phase's last pass: the CTA is past the phase's dy = -1 rows of slice y - 1, whose slot
+// takes slice y + 2 of this block; the scalar MID first waits for its slice y + 1 (the rows after
+// the hook read it; the two younger groups, gY y + 1 and the vector slice y + 2, stay in flight).
+#define GJ_DW_MID()                                                        \
+  {                                                                        \
+    if (kKey == 0) cp_async_wait<2>();                                     \
+    __syncthreads();                                                       \
+    if (more) load_slice_dw<NX, kKey>(p, next, b, kg, y_next, zz);         \
+    cp_async_commit();                                                     \
+  }
+
+// Pass K of one output row: the walk of its 13 tiles for the warp's chunk, then their mma's into
+// the weights' accumulators, B = the tile (k-step s: pixels 2 tid + 8 s, + 1), A = its group's gY.
+#define GJ_DW_PASS(K)                                                                             \
+  {                                                                                               \
+    constexpr int kKey = GJ_DW_P##K##_KEY, kTiles = GJ_DW_P##K##_TILES;                           \
+    constexpr int kM = DwLayout<NX, kKey>::kM, kP = DwLayout<NX, kKey>::kPitch;                   \
+    const int off0 = (kKey ? p.region1 : 0) + DwLayout<NX, kKey>::chan(half * kChunk + g) +       \
+                     (seg * kSeg + 2 * tid) * kM;                                                 \
+    const int off1 = off0 + 8 * kM;                                                               \
+    const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                              \
+    const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                              \
+    float zt[kTiles][4];                                                                          \
+    _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
+    float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                                \
+    GJ_DW_P##K##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_DW_MID)                                  \
+    uint32_t a[kGroups][2][4];                                                                    \
+    load_a<NX, NT>(a, gyr, seg, g, tid);                                                          \
+    _Pragma("unroll") for (int t = 0; t < kTiles; ++t)                                            \
+      _Pragma("unroll") for (int s = 0; s < 2; ++s)                                               \
+        mma_tf32(acc[kDwP##K##Weight[t]], a[kDwP##K##Group[t]][s], tf32_bits(zt[t][2 * s]),      \
+                 tf32_bits(zt[t][2 * s + 1]));                                                    \
+  }
+
+static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_DW_P2_KEY == 1 && GJ_DW_P3_KEY == 0,
+              "weight_gradient_kernel walks three vector passes, then one scalar pass");
+
+// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves).
+template <int NX, int NT>
+__global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwParams p) {
+  extern __shared__ __align__(16) float smem[];
+  constexpr int kThreads = 4 * NX, kSegs = NX / kSeg;
+  float* ring = smem;
+  float* gy = ring + 3 * p.slice_floats;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int seg = warp % kSegs, half = warp / kSegs;
+  const int g = lane >> 2, tid = lane & 3;
+  const int b = blockIdx.z / p.groups, kg = blockIdx.z - b * p.groups, z = blockIdx.y;
+  const int y0 = blockIdx.x * p.strip, y1 = min(y0 + p.strip, p.ny);
+  const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
+  auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
+
+  for (int k = 0; k < 3; ++k) {
+    load_slice_dw<NX, 1>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
+    load_slice_dw<NX, 0>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
+  }
+  load_gy<NX, NT>(p, gy + (y0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float acc[GJ_DW_WEIGHTS][4];
+#pragma unroll
+  for (int w = 0; w < GJ_DW_WEIGHTS; ++w) acc[w][0] = acc[w][1] = acc[w][2] = acc[w][3] = 0.f;
+
+  int oldest = 0;  // ring slot of slice y - 1
+  for (int y = y0; y < y1; ++y) {
+    const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
+    const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
+    float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
+    const bool more = y + 2 <= y1;
+    const int y_next = wrap_y(y + 2);
+    if (y > y0) {  // gY row y and the vector slice y + 1 (the scalar one may stay in flight)
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    if (y + 1 < y1) load_gy<NX, NT>(p, gy + ((y + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + 1);
+    cp_async_commit();
+    const float* gyr = gy + (y & 1) * GyLayout<NX>::kFloats;
+    GJ_DW_PASS(0)
+    GJ_DW_PASS(1)
+    GJ_DW_PASS(2)
+    GJ_DW_PASS(3)
+    oldest = mid;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // the segments' accumulators meet in the ring ([seg][half][w][k][lane]); summed in segment order
+  float* red = smem + seg * kPartial + ((half * GJ_DW_WEIGHTS) * 4) * 32 + lane;
+#pragma unroll
+  for (int w = 0; w < GJ_DW_WEIGHTS; ++w)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) red[(w * 4 + k) * 32] = acc[w][k];
+  __syncthreads();
+  float* out = p.dw + ((size_t)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * kPartial;
+  for (int e = threadIdx.x; e < kPartial; e += kThreads) {
+    float sum = smem[e];
+#pragma unroll
+    for (int s = 1; s < kSegs; ++s) sum += smem[s * kPartial + e];
+    out[e] = sum;
+  }
+}
+
+template <int NX, int NT>
+cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + 2 * GyLayout<NX>::kFloats);
+  if ((NX / kSeg) * kPartial > 3 * p.slice_floats) return cudaErrorInvalidValue;  // the reduction reuses the ring
+  cudaError_t err =
+      cudaFuncSetAttribute(weight_gradient_kernel<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch * p.groups);
+  weight_gradient_kernel<NX, NT><<<grid, 4 * NX, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int NT>
+cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stream) {
+  switch (nx) {
+    case 16: return launch_dw<16, NT>(p, batch, stream);
+    case 32: return launch_dw<32, NT>(p, batch, stream);
+    case 48: return launch_dw<48, NT>(p, batch, stream);
+    default: return launch_dw<64, NT>(p, batch, stream);
+  }
+}
+
+ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                          ffi::Buffer<ffi::F32> gy0, ffi::Buffer<ffi::F32> gy1, ffi::ResultBuffer<ffi::F32> dw,
+                          ffi::Span<const int64_t> geom) {
+  auto bad = [](const std::string& why) {
+    return ffi::Error::InvalidArgument("ginjax cuda ConvContract weight gradient: " + why);
+  };
+  if (geom.size() != 11) return bad("`geom` must have 11 entries");
+  DwParams p{};
+  const int nx = (int)geom[2], o = (int)geom[4];
+  p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
+  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
+  if (p.c % kChannels || p.c < kChannels) return bad("input channels must be a positive multiple of 16");
+  if (o != 8 && o != 16) return bad("output channels must be 8 or 16");
+  if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
+  if (geom[10] != GJ_DW_WEIGHTS) return bad("the weight count in `geom` is not the compiled one (rebuild the library)");
+  const int l = nx / kSeg - 1;
+  if (geom[6] != kDwPitch1[l] || geom[7] != kDwPitch3[l] || geom[8] != kDwSkew1[l] || geom[9] != kDwSkew3[l])
+    return bad("the row layout in `geom` is not the compiled one (rebuild the library)");
+  p.groups = p.c / kChannels;
+  const int64_t pix = (int64_t)p.nz * p.ny * nx;
+  const int64_t batch = x0.element_count() / (p.c * pix);
+  if (batch < 1 || batch * p.groups > 65535) return bad("batch x channel groups must be in [1, 65535]");
+  const int64_t ctas = (int64_t)p.groups * p.nz * ((p.ny + p.strip - 1) / p.strip);
+  if (x0.element_count() != batch * p.c * pix || x1.element_count() != batch * p.c * pix * 3 ||
+      gy0.element_count() != batch * o * pix || gy1.element_count() != batch * o * pix * 3 ||
+      dw->element_count() != batch * ctas * kPartial)
+    return bad("operand sizes do not match `geom` and the batch");
+  p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.gy[0] = gy0.typed_data(), p.gy[1] = gy1.typed_data();
+  p.dw = dw->typed_data();
+  p.region1 = 3 * kChannels * kDwPitch1[l];
+  p.slice_floats = (p.region1 + 3 * kChannels * kDwPitch3[l] + 3) / 4 * 4;
+  const cudaError_t err =
+      o == 8 ? launch_dw_nx<1>(p, nx, (int)batch, stream) : launch_dw_nx<2>(p, nx, (int)batch, stream);
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("ginjax cuda ConvContract weight gradient: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaWeightGradient, WeightGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("geom"));

@@ -1,0 +1,69 @@
+"""The CUDA weight gradient's entry point: one XLA FFI call (kernels/cuda/weight_gradient.cu) for
+the per-CTA partial dW, summed over the CTAs by XLA in a fixed order (no atomics: deterministic).
+
+    d_weights = weight_gradient_call(spec, inputs, cotangents)
+
+The same layer as the forward (`_plan.coverage`), with equal channel counts in both input blocks
+(`_dw_plan.coverage`). Batching: vmap_method="broadcast_all", so a vmapped batch is one launch
+(grid z axis) and, like the triton backend's weight-gradient kernel, gives one dW per batch
+element of the vmapped axis, which the caller sums where the weights are shared.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._spec import ConvSpec
+from . import _dw_plan
+from ._ffi import DW_TARGET
+
+
+def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int) -> list[int]:
+    """The kernel's `geom` attribute (weight_gradient.cu's header lists the entries)."""
+    lay = _dw_plan.layout(spec, spatial[2])
+    packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
+    return [*spatial, spec.in_keys[0][2], spec.out_keys[0][2], strip, *lay.pitch, *packed, lay.n_weights]
+
+
+def weight_gradient_call(
+    spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None
+) -> tuple[jax.Array, ...]:
+    """Per pair, dW (o, c, F) in float32 of unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx,
+    3) and output cotangents gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3): the `weights` layout of
+    `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` and that TF32 is the
+    precision asked for (gY and Z are rounded to tf32, fp32 accumulation).
+
+    Args:
+        strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`); fewer, longer CTAs write fewer
+            partials (`_dw_plan.scratch_bytes`).
+    """
+    strip = _dw_plan.DEFAULT_STRIP if strip is None else strip
+    _check_strip(strip)
+    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
+    n_w = len(_dw_plan.weights(spec))
+    parts = partials(spec, inputs, cotangents, strip)
+    return _dw_plan.unpack(spec, jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
+
+
+def partials(spec: ConvSpec, inputs, cotangents, strip: int) -> jax.Array:
+    """The kernel's result: per CTA (channel group, z, strip) its partial dW, (CTAs, partial
+    floats) in fragment order (`_dw_plan.unpack`)."""
+    _check_strip(strip)
+    x0, x1 = (jnp.asarray(x, jnp.float32) for x in inputs)
+    g0, g1 = (jnp.asarray(g, jnp.float32) for g in cotangents)
+    spatial = tuple(int(n) for n in x0.shape[1:4])
+    lay = _dw_plan.layout(spec, spatial[2])
+    strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
+    shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.partial_floats), jnp.float32)
+    call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all")
+    return call(x0, x1, g0, g1, geom=np.asarray(geometry(spec, spatial, strip), np.int64))
+
+
+def _check_strip(strip) -> None:
+    if not isinstance(strip, int) or isinstance(strip, bool) or strip < 1:
+        raise ValueError(f"`strip` (={strip!r}) must be an int >= 1")

@@ -1,0 +1,218 @@
+"""weight_gradient.cu's index arithmetic and arithmetic in numpy, lane by lane, for the CPU tests:
+the slice copies on the weight gradient's row layout (the CTA's 16 channels of each block), the
+gY rows staged one row ahead into two buffers, the three barriers of a row and the commit groups
+they wait for (a copy's destination reads NaN from its issue to the wait that lands it, so a
+read of a slot being refilled, or of a row not yet landed, poisons the result), the passes' walk
+on the transposed lane mapping (the forward emulation's `walk`, its channel pair the k-step
+pair), the A fragments from the staged gY, the mma into per-weight accumulators, the segments'
+reduction in shared memory and the per-CTA partials; then XLA's sum over the CTAs and
+`_dw_plan.unpack`. Vectorised over the 32 lanes of a warp, float64 arithmetic (tf32 rounding of
+both operands optional)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from _conv_cuda_emulate import Emulator
+from kernels.cuda import _dw_plan, _plan
+
+LANE = np.arange(32)
+G, TID = LANE >> 2, LANE & 3
+SEG, CH = _plan.SEG, _dw_plan.CHANNELS
+
+
+class DwEmulator:
+    """A batch: x0 (B, c, nz, ny, nx), x1 (B, c, nz, ny, nx, 3), gy0 (B, o, nz, ny, nx), gy1 (B, o,
+    nz, ny, nx, 3)."""
+
+    def __init__(self, spec, x0, x1, gy0, gy1, strip: int, round_tf32: bool = True):
+        self.batch, self.c, self.nz, self.ny, self.nx = x0.shape
+        self.o = gy0.shape[1]
+        self.spec, self.strip, self.round = spec, strip, round_tf32
+        self.lay = _dw_plan.layout(spec, self.nx)
+        self.passes = _dw_plan.passes(spec)
+        self.n_w = len(_dw_plan.weights(spec))
+        self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
+        self.gy = [np.asarray(gy0, np.float64).reshape(-1), np.asarray(gy1, np.float64).reshape(-1)]
+        self.gp = _dw_plan.gy_pitch(self.nx)
+        self.sf, self.gf = self.lay.slice_floats, self.lay.gy_floats
+
+    # ---- cp.async: issue (destination NaN while in flight), commit, wait --------------------------
+    def issue(self, dst, src_buf, src):
+        self.smem[dst] = np.nan
+        self.group.append((dst, src_buf[src]))
+
+    def commit(self):
+        self.pending.append(self.group)
+        self.group = []
+
+    def wait(self, n):
+        while len(self.pending) > n:
+            for dst, vals in self.pending.pop(0):
+                self.smem[dst] = vals
+
+    # ---- copies -----------------------------------------------------------------------------------
+    def load_slice(self, key, slot, b, kg, z, yy):
+        lay, nx = self.lay, self.nx
+        m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+        row, warps = nx * m, nx // 8
+        k_full, k_rem = row // 32, row % 32
+        zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
+        plane = self.ny * row
+        volume = self.nz * plane
+        left, right = LANE < m, (LANE >= m) & (LANE < 2 * m)
+        base = slot + lay.region[key] + m + LANE
+        for warp in range(warps):
+            for c in range(warp, CH, warps):
+                src_c = LANE + (b * self.c + kg * CH + c) * volume
+                dst_c = base + 3 * c * P + skew[c & 7]
+                for dz in range(3):
+                    src, dst = src_c + zz[dz] * plane + yy * row, dst_c + dz * P
+                    for k in range(k_full):
+                        self.issue(dst + 32 * k, self.x[key], src + 32 * k)
+                    if k_rem:
+                        self.issue((dst + 32 * k_full)[LANE < k_rem], self.x[key], (src + 32 * k_full)[LANE < k_rem])
+                    self.issue((dst - m)[left], self.x[key], (src + row - m)[left])
+                    self.issue((dst + row - m)[right], self.x[key], (src - m)[right])
+
+    def load_gy(self, dst, b, z, y):
+        nx, o, (p0, p1) = self.nx, self.o, self.gp
+        row, o_rows = ((b * o) * self.nz + z) * self.ny + y, self.nz * self.ny
+        four = np.arange(4)
+        for f in range(o * nx // 4):  # one thread's 16-byte copy each
+            oo, q = divmod(f, nx // 4)
+            self.issue(dst + oo * p0 + 4 * q + four, self.gy[0], (row + oo * o_rows) * nx + 4 * q + four)
+        for f in range(o * 3 * nx // 4):
+            oo, q = divmod(f, 3 * nx // 4)
+            self.issue(dst + 16 * p0 + oo * p1 + 4 * q + four, self.gy[1], (row + oo * o_rows) * 3 * nx + 4 * q + four)
+
+    # ---- the kernel -------------------------------------------------------------------------------
+    def row_ops(self):
+        """A warp's row in program order: ("walk", pass, row group), ("mid", key) after the dy = -1
+        rows of a phase's last pass, ("mma", pass)."""
+        ops = []
+        for k, p in enumerate(self.passes):
+            mid = not p.last
+            for grp in p.groups:
+                if grp.dy > -1 and not mid:
+                    ops.append(("mid", p.key))
+                    mid = True
+                ops.append(("walk", k, grp))
+            if not mid:
+                ops.append(("mid", p.key))
+            ops.append(("mma", k))
+        return ops
+
+    def run(self):
+        """Per pair, dW (B, o, c, F), and the per-CTA partials (B, CTAs, partial floats)."""
+        strips, nz, groups = _dw_plan.grid(self.spec, (self.nz, self.ny, self.nx), self.strip)
+        parts = np.zeros((self.batch, groups, nz * strips, self.lay.partial_floats))
+        for b in range(self.batch):
+            for kg in range(groups):
+                for z in range(nz):
+                    for s in range(strips):
+                        y0 = s * self.strip
+                        parts[b, kg, z * strips + s] = self.cta(b, kg, z, y0, min(y0 + self.strip, self.ny))
+        summed = parts.sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
+        dws = [_dw_plan.unpack(self.spec, summed[b]) for b in range(self.batch)]
+        return tuple(np.stack(d) for d in zip(*dws)), parts.reshape(self.batch, groups * nz * strips, -1)
+
+    def cta(self, b, kg, z, y0, y1):
+        sf, gf = self.sf, self.gf
+        self.smem = np.full(3 * sf + 2 * gf, np.nan)
+        self.group, self.pending = [], []
+        gy = 3 * sf
+        for k in range(3):
+            self.load_slice(1, k * sf, b, kg, z, (y0 - 1 + k) % self.ny)
+            self.load_slice(0, k * sf, b, kg, z, (y0 - 1 + k) % self.ny)
+        self.load_gy(gy + (y0 & 1) * gf, b, z, y0)
+        self.commit()
+        self.wait(0)
+        segs = self.nx // SEG
+        warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
+        acc = {w: np.zeros((self.n_w, 4, 32)) for w in warps}
+        ops = self.row_ops()
+        oldest = 0
+        for y in range(y0, y1):
+            mid, newest = (oldest + 1) % 3, (oldest + 2) % 3
+            # views of the ring: reads see the NaN of copies in flight
+            sl = [self.smem[s * sf : (s + 1) * sf] for s in (oldest, mid, newest)]
+            more, y_next = y + 2 <= y1, (y + 2) % self.ny
+            if y > y0:
+                self.wait(1)
+            if y + 1 < y1:
+                self.load_gy(gy + ((y + 1) & 1) * gf, b, z, y + 1)
+            self.commit()
+            gyr = gy + (y & 1) * gf
+            states = {w: {} for w in warps}
+            start = 0
+            while start < len(ops):  # the warps run up to the next barrier (a MID) in any order
+                stop = next((i for i in range(start, len(ops)) if ops[i][0] == "mid"), len(ops))
+                for w in warps:
+                    for op in ops[start:stop]:
+                        self.step(op, w, states[w], sl, gyr, acc[w])
+                if stop < len(ops):
+                    key = ops[stop][1]
+                    if key == 0:
+                        self.wait(2)
+                    if more:
+                        self.load_slice(key, oldest * sf, b, kg, z, y_next)
+                    self.commit()
+                start = stop + 1
+            oldest = mid
+        self.wait(0)
+        # the segments' accumulators meet in the ring, [seg][half][w][k][lane], summed in segment order
+        part = self.lay.partial_floats
+        self.smem[: segs * part] = np.nan
+        for (seg, half), a in acc.items():
+            at = seg * part + ((half * self.n_w + np.arange(self.n_w)[:, None, None]) * 4 + np.arange(4)[:, None]) * 32 + LANE
+            assert np.isnan(self.smem[at]).all()
+            self.smem[at] = a
+        out = self.smem[:part].copy()
+        for seg in range(1, segs):
+            out += self.smem[seg * part : (seg + 1) * part]
+        return out
+
+    def step(self, op, warp, st, sl, gyr, acc):
+        seg, half = warp
+        if op[0] == "walk":
+            _, k, grp = op
+            p = self.passes[k]
+            if k not in st:
+                m, P, skew = (3 if p.key else 1), self.lay.pitch[p.key], self.lay.skew[p.key]
+                c = half * _plan.CHUNK + G
+                off0 = self.lay.region[p.key] + 3 * c * P + np.asarray(skew)[c & 7] + (seg * SEG + 2 * TID) * m
+                st[k] = {"offs": [off0, off0 + 8 * m], "m": m, "P": P, "zt": np.zeros((len(p.tiles), 4, 32))}
+            Emulator.walk(None, None, st[k], [grp], sl)
+        else:
+            self.mma(self.passes[op[1]], st[op[1]]["zt"], seg, gyr, acc)
+
+    def tf32(self, v):
+        return np.asarray(_plan.round_tf32(np.asarray(v, np.float32)), np.float64) if self.round else v
+
+    def fragments(self, seg, gyr):
+        """a[q][s] = (a0, a1, a2, a3) of output group q, k-step s: gY_q[o][x] at o = g, g + 8 (rows
+        >= o zero), x = 2 tid + 8 s and x + 1, read from the staged row."""
+        p0, p1 = self.gp
+        a = np.zeros((4, 2, 4, 32))
+        for s in range(2):
+            x = seg * SEG + 2 * TID + 8 * s
+            for r in range(self.o // 8):
+                o = G + 8 * r
+                a[0, s, r], a[0, s, 2 + r] = self.smem[gyr + o * p0 + x], self.smem[gyr + o * p0 + x + 1]
+                for j in range(3):
+                    vec = gyr + 16 * p0 + o * p1
+                    a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[vec + 3 * x + j], self.smem[vec + 3 * (x + 1) + j]
+        return self.tf32(a)
+
+    def mma(self, p, zt, seg, gyr, acc):
+        a = self.fragments(seg, gyr)
+        z = self.tf32(zt)
+        for t, (q, w) in enumerate(zip(p.group, p.weight)):
+            for s in range(2):
+                A = np.zeros((16, 8))
+                A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a[q, s]
+                B = np.zeros((8, 8))
+                B[TID, G], B[TID + 4, G] = z[t, 2 * s], z[t, 2 * s + 1]
+                D = A @ B
+                acc[w] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])

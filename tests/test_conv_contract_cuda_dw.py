@@ -1,0 +1,259 @@
+"""The CUDA weight gradient (kernels/cuda/weight_gradient.cu) on a CPU: its generated include is up
+to date, the plan's passes and per-weight accumulators, the row layout of the transposed lane
+mapping and the staged gY rows (bank-conflict-free reads), shared memory, scratch and register
+arithmetic, the unpacking of the per-CTA partials, a lane-by-lane numpy emulation of the kernel
+(tests/_conv_cuda_dw_emulate.py: copies in flight read NaN) against the float64 VJP of
+`reference`, `weight_gradient_call`'s batching with the kernel replaced by that emulation, the
+coverage reasons, and (slow) nvcc's resource report. What only tests/test_conv_contract_cuda_dw_gpu.py
+covers: the compiled kernel's numbers, the FFI call, determinism, memcheck, timing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from _conv_cuda_dw_emulate import DwEmulator
+from _conv_cuda_emulate import standard_spec
+from conftest import float64
+from kernels.cuda import _dw_plan, _ffi, _plan
+from kernels.cuda import weight_gradient as wg
+
+SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+LANE = np.arange(32)
+G, TID = LANE >> 2, LANE & 3
+MAX_REGISTERS = 255  # __launch_bounds__(4 nx, 1) at nx 64: 65,536 registers / 256 threads
+
+
+def reference_dw(spec, xs, ws, cots):
+    """dW of the batch (weights shared) by jax.vjp of `reference`, in float64 (jit: eager
+    dispatch of the reference's einsums costs seconds)."""
+
+    def vjp(x64, w64, c64):
+        run = lambda ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(x64)  # noqa: E731
+        return jax.vjp(run, w64)[1](tuple(c64))[0]
+
+    with float64():
+        x64, w64, c64 = ([jnp.asarray(np.asarray(a), jnp.float64) for a in group] for group in (xs, ws, cots))
+        return [np.asarray(g) for g in jax.jit(vjp)(x64, w64, c64)]
+
+
+def rel(got, want):
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def test_generated_include_is_up_to_date():
+    assert _dw_plan.INCLUDE.read_text() == _dw_plan.dw_source(SPEC), (
+        "regenerate: kernels/cuda/weight_gradient_d3.inc = _dw_plan.dw_source(spec)")
+
+
+def test_passes_and_weights_of_the_standard_layer():
+    """Each phase's row groups in exactly one pass (by input component, dy-major), a pass's tiles
+    exactly the ones its rows touch, each with the forward tile's group and its (t, f)'s
+    accumulator: 18 weights for the 40 tiles (a vector (t, f) serves 3 output components)."""
+    groups, phs = _plan.phases(SPEC)
+    assert groups == ((0, 0), (1, 0), (1, 1), (1, 2))  # the kernel's A fragments: scalar, then j = 0..2
+    ps = _dw_plan.passes(SPEC)
+    ws = _dw_plan.weights(SPEC)
+    assert [(p.key, p.i, len(p.tiles), p.last) for p in ps] == [
+        (1, 0, 13, False), (1, 1, 13, False), (1, 2, 13, True), (0, 0, 13, True)]
+    assert len(ws) == 18 == sum(p.basis.n_filters for p in SPEC.pairs)
+    for ph in phs:
+        mine = [p for p in ps if p.key == ph.key]
+        got = [(g.dy, g.i, tuple((p.tiles[t], zk, xk, c) for t, zk, xk, c in g.uses)) for p in mine for g in p.groups]
+        assert sorted(got) == sorted((g.dy, g.i, g.uses) for g in _plan.row_groups(ph))
+        for p in mine:
+            assert [g.dy for g in p.groups] == sorted(g.dy for g in p.groups)
+            assert set(range(len(p.tiles))) == {t for g in p.groups for t, _, _, _ in g.uses}
+            for k, T in enumerate(p.tiles):
+                tile = ph.tiles[T]
+                assert p.group[k] == tile.group and ws[p.weight[k]] == (tile.term, tile.f)
+    assert _dw_plan.mma_count(SPEC) == 104  # (39 + 13) tiles x 2 k-steps; the forward: 80
+
+
+@pytest.mark.parametrize("nx", [16, 32, 48, 64])
+def test_row_layout_reads_are_bank_conflict_free(nx):
+    """Every stencil read of a warp (lane (g, tid): channel g, pixel 2 tid, shifted by s, dz, i,
+    the k-step and the chunk) hits 32 distinct banks; the forward's layout would not."""
+    for comps in (1, 3):
+        pitch, skew = _dw_plan.row_layout(nx, comps)
+        assert pitch >= (nx + 2) * comps + max(skew) and len(skew) == 8
+        for chunk in (0, 1):
+            for s in range(4):
+                for dz in range(3):
+                    for step in (0, 1):
+                        c = chunk * 8 + G
+                        addr = 3 * c * pitch + np.asarray(skew)[c & 7] + (2 * TID + 8 * step + s) * comps + dz * pitch
+                        assert len(set((addr % 32).tolist())) == 32
+        assert not _dw_plan.bank_conflict_free(*_plan.row_layout(nx, comps)[:1], (0,) * 8, comps)
+
+
+@pytest.mark.parametrize("nx", [16, 32, 48, 64])
+def test_staged_gy_reads_are_conflict_free_and_aligned(nx):
+    """A fragments: float2 reads (scalar: o = g, pixel x = 2 tid + 8 s; vector: three float2 from
+    3 x), each half warp's 16 lanes on distinct 8-byte bank pairs; 16-byte copy destinations."""
+    p0, p1 = _dw_plan.gy_pitch(nx)
+    assert p0 >= nx and p1 >= 3 * nx and p0 % 4 == 0 and p1 % 4 == 0
+    for s in (0, 1):
+        for r in (0, 1):
+            x = 2 * TID + 8 * s
+            for addr in [(G + 8 * r) * p0 + x] + [16 * p0 + (G + 8 * r) * p1 + 3 * x + 2 * k for k in range(3)]:
+                assert (addr % 2 == 0).all()
+                for lanes in (LANE < 16, LANE >= 16):
+                    assert len(set(((addr[lanes] // 2) % 16).tolist())) == 16
+
+
+def test_shared_memory_scratch_and_registers():
+    lay = _dw_plan.layout(SPEC, 64)
+    assert (lay.pitch, lay.slice_floats, lay.gy_floats) == ((68, 200), 12_864, 4_352)
+    assert lay.smem_bytes == 189_184 <= _plan.SMEM_LIMIT  # 3 slices + 2 gY rows: one CTA an SM
+    assert 4 * lay.partial_floats == 18_432
+    for nx in _plan.NX_COVERED:
+        assert _dw_plan.layout(SPEC, nx).smem_bytes <= _plan.SMEM_LIMIT  # and the reduction fits the ring
+    # d3_n64_b4_c16 at the default strip: 256 CTAs, 4.7 MB of partials, < 5 % of the I/O
+    spatial, batch = (64, 64, 64), 4
+    io = 4 * batch * 64**3 * (16 + 48) * 2  # inputs and cotangents, float32
+    assert _dw_plan.grid(SPEC, spatial, _dw_plan.DEFAULT_STRIP) == (1, 64, 1)
+    assert _dw_plan.scratch_bytes(SPEC, spatial, _dw_plan.DEFAULT_STRIP, batch) == 4_718_592 < 0.05 * io
+    # registers live in the walk: accumulators + a pass's Z tiles + the row registers of the
+    # symmetric walk (u 24, z / x classes <= 24 + 16) + A fragments of 4 groups x 2 k-steps
+    live = 4 * len(_dw_plan.weights(SPEC)) + 4 * max(len(p.tiles) for p in _dw_plan.passes(SPEC)) + 24 + 40
+    assert live == 188 and live + 32 <= MAX_REGISTERS - 20  # ptxas: 210-221 (notes), no spills
+
+
+def test_unpack_is_the_inverse_of_the_fragment_order():
+    rng = np.random.default_rng(1)
+    spec = standard_spec(32, 8)
+    n_w = len(_dw_plan.weights(spec))
+    part = rng.standard_normal((2, 2, n_w, 4, 32))
+    got = _dw_plan.unpack(spec, part)
+    index = {w: k for k, w in enumerate(_dw_plan.weights(spec))}
+    for t, pair in enumerate(spec.pairs):
+        assert got[t].shape == (8, 32, pair.basis.n_filters)
+        for f in range(pair.basis.n_filters):
+            for kg in range(2):
+                for half in range(2):
+                    for k in range(4):
+                        o, c = G + 8 * (k >> 1), 16 * kg + 8 * half + 2 * TID + (k & 1)
+                        keep = o < 8
+                        assert np.array_equal(got[t][o[keep], c[keep], f], part[kg, half, index[t, f], k][keep])
+
+
+@pytest.mark.parametrize("spatial, strip, batch, channels", [
+    ((2, 3, 16), 2, 3, (16, 16)), ((1, 3, 32), 2, 1, (32, 8)), ((1, 2, 48), 1, 1, (16, 16)),
+    ((1, 2, 64), 3, 1, (16, 16))])
+def test_emulated_kernel_matches_reference(spatial, strip, batch, channels):
+    """Without tf32 rounding the emulated kernel (float64) is the float64 VJP of `reference` up
+    to reassociation: its index arithmetic, copies, ring, barriers and reduction; odd batch, two
+    channel groups with 8 outputs (one A row half), strips that end mid-grid or exceed it."""
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    assert _dw_plan.coverage(spec, spatial, np.float32)[0]
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=7)
+    emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False)
+    dws, parts = emu.run()
+    assert not np.isnan(parts).any()
+    for g, w in zip(dws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape[1:] == w.shape and rel(g.sum(axis=0), w) <= 1e-12
+
+
+def test_emulated_kernel_with_tf32_meets_the_tolerance():
+    xs, ws, cots = _cases.spec_operands(SPEC, (2, 4, 16), 1, seed=8)
+    dws, _ = DwEmulator(SPEC, *(np.asarray(a) for a in xs + cots), 4).run()
+    for g, w in zip(dws, reference_dw(SPEC, xs, ws, cots)):
+        assert 1e-6 < rel(g[0], w) <= kernels.TOLERANCE["tf32"]  # rounded, within tf32's bound
+
+
+def test_emulation_sees_a_slot_refilled_too_early(monkeypatch):
+    """The emulation's copies read NaN until waited for: with the vector MID before the last
+    vector pass's dy = -1 rows, those rows read the slot being refilled."""
+    orig = DwEmulator.row_ops
+
+    def early(self):
+        ops = [op for op in orig(self) if op != ("mid", 1)]
+        at = next(i for i, op in enumerate(ops) if op[0] == "walk" and op[1] == 2)
+        return ops[:at] + [("mid", 1)] + ops[at:]
+
+    monkeypatch.setattr(DwEmulator, "row_ops", early)
+    xs, _, cots = _cases.spec_operands(SPEC, (1, 4, 16), 1, seed=9)
+    _, parts = DwEmulator(SPEC, *(np.asarray(a) for a in xs + cots), 4, round_tf32=False).run()
+    assert np.isnan(parts).any()
+
+
+def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
+    """weight_gradient_call with the FFI call replaced by the emulation: under vmap one call for
+    the batch (broadcast_all), one dW per batch element, in the weights' layout; their sum is
+    the VJP of the shared weights. The geometry attribute is the compiled layout's."""
+    spec = standard_spec(32, 16)
+    spatial, strip = (2, 3, 16), 2
+    calls = []
+
+    def ffi_call(target, shape, vmap_method):
+        assert target == _ffi.DW_TARGET and vmap_method == "broadcast_all"
+
+        def call(x0, x1, g0, g1, geom):
+            assert list(geom) == wg.geometry(spec, spatial, strip)
+            calls.append(x0.shape)
+
+            def host(*ops):
+                lead = ops[0].shape[:-4]
+                flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
+                _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False).run()
+                return parts.reshape(lead + shape.shape).astype(np.float32)
+
+            return jax.pure_callback(host, shape, x0, x1, g0, g1, vmap_method="broadcast_all")
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=10)
+    got = jax.vmap(lambda x, g: wg.weight_gradient_call(spec, x, g, strip=strip))(xs, cots)
+    assert len(calls) == 1
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == (3,) + w.shape and g.dtype == jnp.float32
+        assert rel(jnp.sum(g, axis=0), want) <= 1e-5
+    with pytest.raises(ValueError, match=r"`strip` \(=0\)"):
+        wg.weight_gradient_call(spec, [x[0] for x in xs], [c[0] for c in cots], strip=0)
+
+
+def test_coverage_reasons(monkeypatch):
+    assert _dw_plan.coverage(SPEC, (5, 7, 64), np.float32)[0]
+    assert "x extent" in _dw_plan.coverage(SPEC, (5, 7, 40), np.float32)[1]
+    data = np.load(_cases.FIXTURE_FILTERS)
+    basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731
+    pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
+    unequal = kernels.make_spec(3, [(0, 0, 16), (1, 0, 32)], [(0, 0, 16), (1, 0, 16)], pairs, True)
+    assert "same channel count" in _dw_plan.coverage(unequal, (4, 4, 16), np.float32)[1]  # a CTA walks 16 of each
+    monkeypatch.setattr(_dw_plan, "compiled_source", lambda: "")  # a library built before the weight gradient
+    assert "weight_gradient_d3.inc was generated" in _dw_plan.coverage(SPEC, None)[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(_ffi, "library", lambda: None)
+    _ffi.registered.cache_clear()
+    try:
+        ok, why = kernels.cuda.weight_gradient_coverage(SPEC, (64, 64, 64), jnp.float32)
+        assert not ok and "not built" in why
+    finally:
+        _ffi.registered.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
+def test_ptxas_resources_within_budget(tmp_path):
+    src = _dw_plan.INCLUDE.with_name("weight_gradient.cu")
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
+           f"-I{src.parent}", "-o", str(tmp_path / "k.cubin"), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = res.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert len(regs) == 8 and len(spills) == 8, report  # weight_gradient_kernel<nx 16..64, n-tiles 1, 2>
+    assert all(s == ("0", "0") for s in spills), report
+    assert max(regs) <= MAX_REGISTERS, report

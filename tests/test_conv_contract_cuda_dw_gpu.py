@@ -1,0 +1,141 @@
+"""The CUDA weight gradient (kernels/cuda/weight_gradient.cu) built and run on a Hopper GPU: dW
+against the float64 VJP of `reference` at the tf32 tolerance (the standard grid, odd grids and
+strips, two channel groups with 8 outputs), against its own lane-by-lane emulation far tighter
+(the same tf32 rounding of gY and Z), every per-CTA partial written (NaN-poisoned memory), vmap as
+one launch with one dW per batch element, two runs bit-identical, and compute-sanitizer memcheck.
+Build first (kernels/cuda/README.md), then on the GPU machine:
+
+    python3 -m pytest -m gpu tests/test_conv_contract_cuda_dw_gpu.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from _conv_cuda_dw_emulate import DwEmulator
+from _conv_cuda_emulate import standard_spec
+from conftest import assert_memcheck_clean, float64
+from kernels import cuda
+from kernels.cuda import _dw_plan
+from kernels.cuda import weight_gradient as wg
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
+]
+SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    ok, why = cuda.weight_gradient_coverage(SPEC, (16, 16, 16), jnp.float32)
+    if not ok:
+        pytest.fail(f"the CUDA weight gradient must be built for these tests: {why}")
+
+
+def reference_dw(spec, xs, ws, cots):
+    def vjp(x64, w64, c64):
+        run = lambda ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(x64)  # noqa: E731
+        return jax.vjp(run, w64)[1](tuple(c64))[0]
+
+    with float64():
+        x64, w64, c64 = ([jnp.asarray(np.asarray(a), jnp.float64) for a in group] for group in (xs, ws, cots))
+        return [np.asarray(g) for g in jax.jit(vjp)(x64, w64, c64)]
+
+
+def rel(got, want):
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def batched(spec, strip=None):
+    """Per batch element dW under vmap (one launch), summed over the batch: the shared weights'."""
+    per = jax.vmap(lambda x, g: wg.weight_gradient_call(spec, x, g, strip=strip))
+    return jax.jit(lambda xs, cots: [jnp.sum(d, axis=0) for d in per(xs, cots)])
+
+
+@pytest.mark.parametrize(
+    "spatial, batch, strip, channels",
+    [((64, 64, 64), 1, None, (16, 16)), ((5, 7, 64), 2, None, (16, 16)), ((3, 5, 16), 3, 2, (16, 16)),
+     ((4, 9, 32), 1, 4, (16, 16)), ((1, 2, 48), 2, 1, (16, 16)), ((7, 3, 64), 1, 7, (16, 16)),
+     ((3, 5, 16), 1, 2, (32, 8)), ((2, 4, 32), 3, 3, (32, 16))],
+)
+def test_against_float64_reference(spatial, batch, strip, channels):
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=31)
+    got = batched(spec, strip)(xs, cots)
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == w.shape and g.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel(g, want) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("spatial, strip, channels", [((3, 4, 32), 3, (16, 16)), ((2, 3, 16), 2, (32, 8)),
+                                                     ((2, 5, 64), 2, (16, 16))])
+def test_matches_its_emulation(spatial, strip, channels):
+    """The kernel and its emulation round gY and Z to tf32 alike; what differs is fp32 against
+    fp64 accumulation (and the rare operand whose rounding that flips): ~1e-6, where tf32's own
+    error is ~3e-4. Also the per-CTA partials, each against the emulation's."""
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    xs, _, cots = _cases.spec_operands(spec, spatial, 1, seed=32)
+    parts = jax.jit(lambda x, g: wg.partials(spec, x, g, strip))([x[0] for x in xs], [c[0] for c in cots])
+    got = wg.weight_gradient_call(spec, [x[0] for x in xs], [c[0] for c in cots], strip=strip)
+    dws, want_parts = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip).run()
+    assert rel(parts, want_parts[0]) <= 2e-5
+    for g, w in zip(got, dws):
+        assert rel(g, w[0]) <= 2e-5
+
+
+def test_partials_are_fully_written():
+    """The partials are fresh (uninitialised) memory: donate a NaN-filled buffer of the same size
+    first so a skipped element shows up as NaN."""
+    spatial, strip = (5, 6, 32), 4
+    xs, _, cots = _cases.spec_operands(SPEC, spatial, 2, seed=33)
+    strips, nz, groups = _dw_plan.grid(SPEC, spatial, strip)
+    shape = (2, groups * nz * strips, _dw_plan.layout(SPEC, 32).partial_floats)
+    jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(shape, jnp.nan)))
+    parts = jax.jit(jax.vmap(lambda x, g: wg.partials(SPEC, x, g, strip)))(xs, cots)
+    assert parts.shape == shape and bool(jnp.all(jnp.isfinite(parts)))
+
+
+def test_vmap_is_one_launch_per_example_and_deterministic():
+    """One launch for the vmapped batch; element b's dW equals the unbatched call on element b;
+    two runs are bit-identical (no atomics; XLA sums the partials in a fixed order)."""
+    xs, _, cots = _cases.spec_operands(SPEC, (4, 6, 32), 3, seed=34)
+    per = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_call(SPEC, x, g)))
+    assert per.lower(xs, cots).as_text().count("ginjax_cuda_weight_gradient") == 1
+    got = per(xs, cots)
+    again = per(xs, cots)
+    one = jax.jit(lambda x, g: wg.weight_gradient_call(SPEC, x, g))
+    for b in range(3):
+        single = one([x[b] for x in xs], [c[b] for c in cots])
+        for g, s in zip(got, single):
+            np.testing.assert_allclose(np.asarray(g[b]), np.asarray(s), rtol=1e-6, atol=1e-6)
+    for g, h in zip(got, again):
+        assert np.array_equal(np.asarray(g), np.asarray(h))
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
+def test_memcheck_clean():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp
+        from bench import _cases, _configs
+        from kernels.cuda import weight_gradient as wg
+        spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+        for spatial, strip in (((3, 5, 16), 2), ((2, 3, 64), 64), ((1, 4, 48), 3)):
+            xs, _, cots = _cases.spec_operands(spec, spatial, 2, seed=35)
+            run = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_call(spec, x, g, strip=strip)))
+            jax.block_until_ready(run(xs, cots))
+        print("done")
+        """
+    )
+    assert_memcheck_clean(code)
