@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # a layer (the default where the library is built), and on Triton's kernels only
     "cuda-fwd": ({"GINJAX_TRITON_FORWARD": "cuda"}, ()),
     "triton-fwd": ({"GINJAX_TRITON_FORWARD": "triton"}, ()),
+    # and its weight gradient on kernels/cuda's weight-gradient kernel where that covers the layer
+    "cuda-dw": ({"GINJAX_TRITON_WEIGHT_GRAD": "cuda"}, ()),
 }
 
 

@@ -165,3 +165,45 @@ def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
     monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (True, "stand-in"))
     reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     assert "forward and the input gradient on kernels/cuda's CUDA kernel" in reason, reason
+
+
+def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
+    """GINJAX_TRITON_WEIGHT_GRAD=cuda: the weight gradient from kernels.cuda's call (a stand-in:
+    dense's VJP, with a record of the calls), the bias gradient as the cotangents' spatial sums;
+    gradients equal to `reference`, bias included. Unset, the call is never made."""
+    spec, xs, ws = small_layer(c=2, N=4, batch=2, seed=7)
+    offsets = (jnp.asarray(np.random.default_rng(8).standard_normal((2,)), jnp.float32),
+               jnp.asarray(np.random.default_rng(9).standard_normal((2, 3)), jnp.float32))
+    asked = []
+
+    def call(s, inputs, cotangents):
+        asked.append(s)
+        _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), ws)
+        return vjp(tuple(cotangents))[0]
+
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "weight_gradient_coverage", lambda s, spatial, dtype: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "weight_gradient_call", call)
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+    loss = _loss(spec, offsets)
+    grads_triton = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))(xs, ws, offsets)
+    assert asked == []
+    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+    grads = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))(xs, ws, offsets)
+    assert asked and all(s == spec for s in asked)
+
+    def reference(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference", precision="fp32"))(xs)
+        outs = (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    want = jax.grad(reference, argnums=(0, 1, 2))(xs, ws, offsets)
+    for got in (grads, grads_triton):
+        errors = gradient_errors(got, want, element_scale=1.0)
+        assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
+def test_an_unknown_weight_gradient_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cudnn")
+    with pytest.raises(ValueError, match=r"`GINJAX_TRITON_WEIGHT_GRAD` \(='cudnn'\) must be one of"):
+        triton_entry.weight_grad_impl()

@@ -114,6 +114,39 @@ def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatc
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
+def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
+    """GINJAX_TRITON_WEIGHT_GRAD=cuda with the default CUDA forward: forward, input gradient and
+    weight gradient are CUDA launches (no triton kernel left in the step), the layer's biases
+    included; value and gradients (inputs, weights, biases) against `reference` at tf32."""
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+    spatial = (4, 6, 32)
+    xs, ws, cots = _cases.spec_operands(SPEC, spatial, 3, seed=31)
+    rng = np.random.default_rng(32)
+    offs = (jnp.asarray(rng.standard_normal((16,)), jnp.float32), jnp.asarray(rng.standard_normal((16, 3)), jnp.float32))
+    from kernels.triton.conv_contract import conv_contract_triton
+
+    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(SPEC, x, ws, precision="tf32", offsets=offs),
+                   in_axes=(0, None, None))
+
+    def ref(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(SPEC, x, ws, backend="reference"))(xs)
+        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+
+    def loss(fn, *args):
+        return sum(jnp.vdot(o, c) for o, c in zip(fn(*args), cots))
+
+    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
+    hlo = step.lower(xs, ws, offs).as_text()
+    assert hlo.count("ginjax_cuda_forward") == 2 and hlo.count("ginjax_cuda_weight_gradient") == 1, hlo[-3000:]
+    assert "triton_kernel_call" not in hlo
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
+    got = step(xs, ws, offs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
 def test_fp32_precision_is_refused():
     xs, ws, _ = _cases.spec_operands(SPEC, (3, 3, 16), 1, seed=25)
     with pytest.raises(ValueError, match="`precision`"):

@@ -146,6 +146,31 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None):
     return cuda.forward_call(twin[0], inputs, twin[1](weights))
 
 
+WEIGHT_GRAD_IMPLS = ("triton", "cuda")
+
+
+def weight_grad_impl() -> str:
+    """Which kernel runs the backend's weight gradient: GINJAX_TRITON_WEIGHT_GRAD, "triton" (default)
+    or "cuda" (kernels/cuda's weight gradient where it is built, runs and covers the layer)."""
+    impl = os.environ.get("GINJAX_TRITON_WEIGHT_GRAD", "triton")
+    if impl not in WEIGHT_GRAD_IMPLS:
+        raise ValueError(f"`GINJAX_TRITON_WEIGHT_GRAD` (={impl!r}) must be one of {WEIGHT_GRAD_IMPLS}")
+    return impl
+
+
+def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
+    """Per pair, dW from kernels.cuda's weight gradient where GINJAX_TRITON_WEIGHT_GRAD asks for it
+    and it computes this call as asked (TF32, no test poison, a covered layer), else None."""
+    if weight_grad_impl() != "cuda" or mode != "tf32" or poison is not None:
+        return None
+    from .. import cuda
+
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
+    if not cuda.availability()[0] or not cuda.weight_gradient_coverage(spec, spatial, inputs[0].dtype)[0]:
+        return None
+    return cuda.weight_gradient_call(spec, inputs, cotangents)
+
+
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
     offsets = offsets or (None,) * len(spec.out_keys)
     outs = _cuda_forward(spec, mode, poison, inputs, weights, like)
@@ -178,11 +203,14 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec)
         d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
-        # the weight kernels also add up the biased keys' cotangents from the tiles they load
-        op = _batched_weight_grad(spec, mode, blocks, biased)
-        outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
-        d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
-        sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
+        d_weights = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
+        if d_weights is not None:
+            sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
+        else:  # the weight kernels also add up the biased keys' cotangents from the tiles they load
+            op = _batched_weight_grad(spec, mode, blocks, biased)
+            outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
+            d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
+            sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
     d_offsets = tuple(None if off is None else sums[b].astype(off.dtype) for b, off in enumerate(offsets))
     return (
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
