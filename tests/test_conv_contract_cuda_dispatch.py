@@ -207,3 +207,25 @@ def test_an_unknown_weight_gradient_kernel_is_refused(monkeypatch):
     monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cudnn")
     with pytest.raises(ValueError, match=r"`GINJAX_TRITON_WEIGHT_GRAD` \(='cudnn'\) must be one of"):
         triton_entry.weight_grad_impl()
+
+
+def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypatch):
+    from kernels.cuda import _tiling
+    from kernels.cuda import conv_contract as cuda_entry
+
+    assert _tiling.strip_for(64, 64, 4, 32) == 32  # the standard layer: 512 CTAs as before
+    assert _tiling.strip_for(32, 32, 1, 32) == 4  # batch 1, 32^3: 256 CTAs, not 32
+    assert _tiling.strip_for(64, 64, 1, 32) == 16
+    assert _tiling.strip_for(4, 4, 1, 32) == 2  # never below 2 rows
+    for nz, ny, batch in ((64, 64, 4), (32, 32, 1), (16, 48, 2), (5, 7, 3)):
+        strip = _tiling.strip_for(nz, ny, batch, 32)
+        ctas = batch * nz * -(-ny // strip)
+        assert ctas >= _tiling.MIN_CTAS or strip == 2
+        assert strip == 32 or batch * nz * -(-ny // (2 * strip)) < _tiling.MIN_CTAS  # the longest such
+    seen = []
+    monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights: seen.append(blocks.strip_rows) or
+                        tuple(jnp.zeros((k[2],) + inputs[0].shape[1:4] + (3,) * k[0]) for k in spec.out_keys))
+    spec, xs, ws = small_layer(c=2, N=32, batch=1)
+    jax.eval_shape(lambda xs: jax.vmap(lambda x: cuda_entry.forward_call(spec, x, ws))(xs), xs)
+    jax.eval_shape(lambda x: cuda_entry.forward_call(spec, x, ws), [x[0] for x in xs])
+    assert seen == [4, 4]  # the vmapped batch of 1 and an unbatched call alike

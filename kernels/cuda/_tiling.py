@@ -20,12 +20,31 @@ class BlockSizes:
     strip_rows: int = 32
 
     @classmethod
-    def for_layer(cls, spec: Optional[ConvSpec] = None, spatial: Optional[tuple[int, ...]] = None) -> "BlockSizes":
-        """The tiling used when none is given (the same for every covered layer)."""
-        return cls()
+    def for_layer(cls, spec: Optional[ConvSpec] = None, spatial: Optional[tuple[int, ...]] = None,
+                  batch: Optional[int] = None) -> "BlockSizes":
+        """The tiling used when none is given: 32-row strips, shorter where that leaves fewer than
+        `MIN_CTAS` CTAs (`strip_for`; `batch`: the launch's batch, None: 1)."""
+        if spatial is None:
+            return cls()
+        return cls(strip_rows=strip_for(int(spatial[0]), int(spatial[1]), batch or 1, cls.strip_rows))
 
     def validate(self, D: int) -> None:
         """Raise a ValueError naming the first field that is not valid."""
         s = self.strip_rows
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"`block_sizes.strip_rows` (={s!r}) must be an int >= 1")
+
+
+# One CTA an SM (shared memory and registers), 132 SMs on an H200: fewer than ~2 waves of CTAs
+# leave SMs idle (a batch-1 32^3 layer at 32-row strips is 32 CTAs: a quarter of the GPU).
+MIN_CTAS = 256
+
+
+def strip_for(nz: int, ny: int, batch: int, longest: int) -> int:
+    """The longest strip (halving from `longest`, down to 2 rows) that gives a launch over `batch`
+    examples of nz x ny rows at least MIN_CTAS CTAs. Shorter strips cost ring refills (2 extra y
+    slices a strip), which idle SMs cost more than."""
+    strip = longest
+    while strip > 2 and batch * nz * -(-ny // strip) < MIN_CTAS:
+        strip //= 2
+    return strip

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._fused import require_registered, resolve_block_sizes
 from .._precision import resolve_precision
+from .._registry import traced_batch
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from . import _plan
@@ -59,7 +60,7 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     gradients itself (the `triton` backend's GINJAX_TRITON_FORWARD=cuda); the caller has checked
     `coverage` and that TF32 is the precision asked for. Batches under vmap like the custom call."""
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
-    blocks = resolve_block_sizes(None, BlockSizes, spec, spatial)
+    blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights))
 
 

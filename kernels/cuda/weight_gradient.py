@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._fused import require_registered
+from .._registry import traced_batch
 from .._spec import ConvSpec
 from . import _dw_plan
-from ._ffi import DW_TARGET
+from ._ffi import DW_TARGET, registered
+from ._tiling import strip_for
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int) -> list[int]:
@@ -38,12 +41,15 @@ def weight_gradient_call(
     precision asked for (gY and Z are rounded to tf32, fp32 accumulation).
 
     Args:
-        strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`); fewer, longer CTAs write fewer
-            partials (`_dw_plan.scratch_bytes`).
+        strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, halved while the launch would
+            have fewer than `_tiling.MIN_CTAS` CTAs); fewer, longer CTAs write fewer partials
+            (`_dw_plan.scratch_bytes`).
     """
-    strip = _dw_plan.DEFAULT_STRIP if strip is None else strip
-    _check_strip(strip)
+    require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
+        strip = strip_for(spatial[0], spatial[1], traced_batch(inputs[0]) or 1, _dw_plan.DEFAULT_STRIP)
+    _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
     parts = partials(spec, inputs, cotangents, strip)
