@@ -335,11 +335,24 @@ def fused_direction(kernel: str, op_name: str) -> Optional[str]:
     return "fwd"
 
 
+def _cuda_direction(kernel: str, target: str, op_name: str) -> Optional[str]:
+    """The direction of a kernels/cuda ConvContract kernel, from its FFI target (its kernel names,
+    `forward_kernel<...>`, are shared with the VectorNeuron's): the forward kernel runs the input
+    gradient too (on the transposed layer), which only the name stack tells."""
+    if target == "ginjax_cuda_weight_gradient" or kernel.startswith("void (anonymous namespace)::weight_gradient_kernel"):
+        return "weight-grad"
+    if target == "ginjax_cuda_forward":
+        return "input-grad" if _BACKWARD_STACK.search(op_name) else "fwd"
+    return None
+
+
 def classify(event: KernelEvent, info: Optional[HloInfo]) -> str:
     """The profile kind of one kernel (see KINDS)."""
     info = info or HloInfo()
     op_name = info.op_name or event.tf_op
-    direction = fused_direction(event.name, op_name)
+    direction = fused_direction(event.name, op_name) or _cuda_direction(event.name, info.target, op_name)
+    if info.target.startswith("ginjax_cuda_vn_"):
+        return VECTOR_NEURON
     if direction is None and info.opcode == "custom-call" and "conv_contract" in op_name and not re.search(
         "cudnn|cublas", info.target, re.I
     ):

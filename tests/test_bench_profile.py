@@ -176,6 +176,25 @@ def test_library_calls_of_conv_contracts_on_dense_and_the_vector_neuron_kernels_
            "outside ConvContract 30.0%" in report.format()
 
 
+def test_the_cuda_kernels_are_sorted_by_their_ffi_target():
+    """kernels/cuda's ConvContract forward (which also runs the input gradient, under jax's
+    transpose) and weight gradient, and its VectorNeuron kernels, whose kernel name is also
+    `forward_kernel`: the custom call's target tells them apart."""
+    def kind(name, target, op_name):
+        return _trace.classify(_trace.KernelEvent(name, 1.0, hlo_op="ffi_call.3"),
+                               _trace.HloInfo(opcode="custom-call", target=target, op_name=op_name))
+
+    conv = "void (anonymous namespace)::forward_kernel<32, 2>((anonymous namespace)::Params)"
+    assert kind(conv, "ginjax_cuda_forward", "jit(s)/jvp(vmap())/ffi_call") == "ConvContract fused fwd"
+    assert kind(conv, "ginjax_cuda_forward", "jit(s)/transpose(jvp(vmap()))/ffi_call") == "ConvContract fused input-grad"
+    dw = "void (anonymous namespace)::weight_gradient_kernel<64>((anonymous namespace)::DwParams)"
+    assert kind(dw, "ginjax_cuda_weight_gradient", "jit(s)/transpose(jvp(vmap()))/ffi_call") == \
+        "ConvContract fused weight-grad"
+    vn = "void (anonymous namespace)::forward_kernel<16, 3>(float const*, float const*, float*, int, float, int)"
+    assert kind(vn, "ginjax_cuda_vn_forward", "jit(s)/jvp(vmap())/ffi_call") == _trace.VECTOR_NEURON
+    assert kind(vn, "some_other_ffi_target", "jit(s)/ffi_call") == "other"
+
+
 def test_a_kernel_without_hlo_text_is_classified_by_its_names():
     def kind(name, hlo_op="", tf_op=""):
         return _trace.classify(_trace.KernelEvent(name, 1.0, hlo_op=hlo_op, tf_op=tf_op), None)
