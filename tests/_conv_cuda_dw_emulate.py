@@ -165,7 +165,8 @@ class DwEmulator:
         part = self.lay.partial_floats
         self.smem[: segs * part] = np.nan
         for (seg, half), a in acc.items():
-            at = seg * part + ((half * self.n_w + np.arange(self.n_w)[:, None, None]) * 4 + np.arange(4)[:, None]) * 32 + LANE
+            w, k = np.arange(self.n_w)[:, None, None], np.arange(4)[:, None]
+            at = seg * part + ((half * self.n_w + w) * 4 + k) * 32 + LANE
             assert np.isnan(self.smem[at]).all()
             self.smem[at] = a
         out = self.smem[:part].copy()

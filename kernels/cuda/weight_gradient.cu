@@ -47,14 +47,18 @@
 // 128 floats) to the scratch result; XLA sums the CTAs (_dw_plan.unpack, in fixed order).
 // Scratch: 18,432 bytes a CTA, 256 CTAs on d3_n64_b4_c16 at strip 64: 4.7 MB (1.8 % of its I/O).
 //
-// Arithmetic per warp and output row (d3_n64_b4_c16): walk 948 FP32 (_plan.walk_cost, the same
-// rows as the forward) + 104 mma + 52 tf32 adds of Z (+104 of the B operands' register moves
-// folded) + A fragments: 4 passes x <= 16 LDS.64 + 32 IADD + 8 x 8 LDS of the rows (ROW: 4 x 2 a
-// row, 27 + 9 rows: 288 LDS) + copies (~2,150 / 8 warps as the forward's v2: ~270) ~ 1,950
-// instructions, the forward's v2 ~2,150 - 80 mma + 104 mma. Prediction: the forward's measured rate
-// (286 M instructions at 0.50 a cycle per scheduler, 0.70 ms) scaled by the instruction count,
-// plus the fewer CTAs' tail: ~0.70 x 1,950 / 2,150 x 1.03 ~ 0.66 ms (bench/NOTES.md, "CUDA weight
-// gradient").
+// Arithmetic per warp and output row (d3_n64_b4_c16, 131,072 warp-rows as the forward): the walk
+// is the forward's 948 FP32 (_plan.walk_cost: the same rows, none read twice) and 288 row loads;
+// on top 104 mma (forward 80), 208 tf32 adds of Z (160), and per pass the A fragments: 16 LDS.64
+// and 32 tf32 adds (128 + 64 a row; the forward's B fragments were 40 LDS.128), the gY copy (4
+// cp.async.16 a thread) and a third barrier. ptxas: 210-221 registers, no spills (the forward
+// 237-244), so the same 8 warps an SM. Counted in PTX (nvcc -ptx, the row loop's body, copy
+// loops once): 2,585 instructions against the forward's 2,324, whose row measured 2,182 SASS
+// instructions under ncu (286 M / 131,072): ~2,430 SASS a warp-row, 318 M in all. At the
+// forward's measured 0.50 instructions a cycle per scheduler (latency-bound at 2 warps a
+// scheduler, which this kernel shares): 0.70 ms x 2,430 / 2,182 ~ 0.78 ms, + ~0.01 ms for XLA's
+// sum of the partials; triton's weight-gradient kernels take 2.47 ms on this layer (bench/NOTES.md,
+// "CUDA weight gradient").
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c, nz, ny, nx),
 // x1 (c, nz, ny, nx, 3), gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3); result: the partials
