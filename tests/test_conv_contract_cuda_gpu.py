@@ -92,11 +92,10 @@ def test_vmap_is_one_launch_and_gradients_match():
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
-def test_triton_backend_forward_and_gradients_on_the_cuda_kernels(monkeypatch):
+def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatch):
     """GINJAX_TRITON_FORWARD=cuda: the triton backend's forward and its input gradient (the
-    transposed layer on the forward's bases, weights moved by sign) are two CUDA forward launches,
-    the weight gradient one CUDA weight-gradient launch; value and gradients against `reference`
-    at tf32."""
+    transposed layer on the forward's bases, weights moved by sign) are two CUDA launches, the
+    weight gradient triton's kernel; value and gradients against `reference` at tf32."""
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
     xs, ws, cots = _cases.spec_operands(SPEC, (5, 6, 32), 2, seed=26)
     run = jax.vmap(lambda x, ws: kernels.conv_contract(SPEC, x, ws, backend="triton"), in_axes=(0, None))
@@ -107,7 +106,6 @@ def test_triton_backend_forward_and_gradients_on_the_cuda_kernels(monkeypatch):
     step = jax.jit(jax.value_and_grad(lambda x, w: loss(run, x, w), argnums=(0, 1)))
     hlo = step.lower(xs, ws).as_text()
     assert hlo.count("ginjax_cuda_forward") == 2, "forward and input gradient on the CUDA kernel"
-    assert hlo.count("ginjax_cuda_weight_gradient") == 1, "the weight gradient on the CUDA kernel"
     ref = jax.vmap(lambda x, ws: kernels.conv_contract(SPEC, x, ws, backend="reference"), in_axes=(0, None))
     with jax.default_matmul_precision("highest"):
         want = jax.value_and_grad(lambda x, w: loss(ref, x, w), argnums=(0, 1))(xs, ws)

@@ -5,8 +5,7 @@ GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
 Not a registered backend and never picked by `auto`: call `conv_contract_cuda` directly (bench/
 cuda_spike.py, tests/test_conv_contract_cuda_gpu.py), or set GINJAX_TRITON_FORWARD=cuda to run the
-`triton` backend's forward (and its input gradient, where the transposed layer is covered) and
-its weight gradient on them.
+`triton` backend's forward (and its input gradient, where the transposed layer is covered) on it.
 The library is opt-in and not part of the default install; kernels/cuda/README.md has the build command. `availability()` and `coverage()`
 say why it cannot run (not built, no GPU, a layer it was not compiled for).
 """

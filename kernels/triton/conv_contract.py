@@ -133,20 +133,6 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None):
     return cuda.forward_call(twin[0], inputs, twin[1](weights))
 
 
-def _cuda_weight_gradient(spec, mode, poison, inputs, cotangents):
-    """The weight gradient from kernels.cuda where GINJAX_TRITON_FORWARD=cuda asks for it and it
-    computes this call exactly as asked (as `_cuda_forward`), else None. Unbatched operands; under
-    vmap one dW per example, as the triton kernel's."""
-    if forward_impl() != "cuda" or mode != "tf32" or poison is not None:
-        return None
-    from .. import cuda
-
-    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    if not cuda.weight_gradient_coverage(spec, spatial, inputs[0].dtype)[0]:
-        return None
-    return cuda.weight_gradient_call(spec, inputs, cotangents)
-
-
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
     offsets = offsets or (None,) * len(spec.out_keys)
     outs = _cuda_forward(spec, mode, poison, inputs, weights, like)
@@ -179,15 +165,11 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec)
         d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
-        d_weights = _cuda_weight_gradient(spec, mode, poison, inputs, cotangents)
-        if d_weights is not None:  # no bias sums in that kernel: XLA adds up the cotangents
-            sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
-        else:
-            # the weight kernels also add up the biased keys' cotangents from the tiles they load
-            op = _batched_weight_grad(spec, mode, blocks, biased)
-            outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
-            d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
-            sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
+        # the weight kernels also add up the biased keys' cotangents from the tiles they load
+        op = _batched_weight_grad(spec, mode, blocks, biased)
+        outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
+        d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
+        sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
     d_offsets = tuple(None if off is None else sums[b].astype(off.dtype) for b, off in enumerate(offsets))
     return (
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
