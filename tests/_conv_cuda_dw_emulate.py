@@ -4,7 +4,7 @@ gY rows staged one row ahead into two buffers, the three barriers of a row and t
 they wait for (a copy's destination reads NaN from its issue to the wait that lands it, so a
 read of a slot being refilled, or of a row not yet landed, poisons the result), the passes' walk
 on the transposed lane mapping (the forward emulation's `walk`, its channel pair the k-step
-pair), the A fragments from the staged gY, the mma into per-weight accumulators, the segments'
+pair), the A fragments read from the staged gY at a row's start, the mma into per-weight accumulators, the segments'
 reduction in shared memory and the per-CTA partials; then XLA's sum over the CTAs and
 `_dw_plan.unpack`. Vectorised over the 32 lanes of a warp, float64 arithmetic (tf32 rounding of
 both operands optional)."""
@@ -143,14 +143,14 @@ class DwEmulator:
             if y + 1 < y1:
                 self.load_gy(gy + ((y + 1) & 1) * gf, b, z, y + 1)
             self.commit()
-            gyr = gy + (y & 1) * gf
-            states = {w: {} for w in warps}
+            # each warp's A fragments of gY row y, read once at the row's start
+            states = {w: {"a": self.fragments(w[0], gy + (y & 1) * gf)} for w in warps}
             start = 0
             while start < len(ops):  # the warps run up to the next barrier (a MID) in any order
                 stop = next((i for i in range(start, len(ops)) if ops[i][0] == "mid"), len(ops))
                 for w in warps:
                     for op in ops[start:stop]:
-                        self.step(op, w, states[w], sl, gyr, acc[w])
+                        self.step(op, w, states[w], sl, acc[w])
                 if stop < len(ops):
                     key = ops[stop][1]
                     if key == 0:
@@ -165,7 +165,8 @@ class DwEmulator:
         part = self.lay.partial_floats
         self.smem[: segs * part] = np.nan
         for (seg, half), a in acc.items():
-            at = seg * part + ((half * self.n_w + np.arange(self.n_w)[:, None, None]) * 4 + np.arange(4)[:, None]) * 32 + LANE
+            w, k = np.arange(self.n_w)[:, None, None], np.arange(4)[:, None]
+            at = seg * part + ((half * self.n_w + w) * 4 + k) * 32 + LANE
             assert np.isnan(self.smem[at]).all()
             self.smem[at] = a
         out = self.smem[:part].copy()
@@ -173,7 +174,7 @@ class DwEmulator:
             out += self.smem[seg * part : (seg + 1) * part]
         return out
 
-    def step(self, op, warp, st, sl, gyr, acc):
+    def step(self, op, warp, st, sl, acc):
         seg, half = warp
         if op[0] == "walk":
             _, k, grp = op
@@ -185,7 +186,7 @@ class DwEmulator:
                 st[k] = {"offs": [off0, off0 + 8 * m], "m": m, "P": P, "zt": np.zeros((len(p.tiles), 4, 32))}
             Emulator.walk(None, None, st[k], [grp], sl)
         else:
-            self.mma(self.passes[op[1]], st[op[1]]["zt"], seg, gyr, acc)
+            self.mma(self.passes[op[1]], st[op[1]]["zt"], st["a"], acc)
 
     def tf32(self, v):
         return np.asarray(_plan.round_tf32(np.asarray(v, np.float32)), np.float64) if self.round else v
@@ -205,8 +206,7 @@ class DwEmulator:
                     a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[vec + 3 * x + j], self.smem[vec + 3 * (x + 1) + j]
         return self.tf32(a)
 
-    def mma(self, p, zt, seg, gyr, acc):
-        a = self.fragments(seg, gyr)
+    def mma(self, p, zt, a, acc):
         z = self.tf32(zt)
         for t, (q, w) in enumerate(zip(p.group, p.weight)):
             for s in range(2):

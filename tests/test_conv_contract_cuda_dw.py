@@ -123,10 +123,10 @@ def test_shared_memory_scratch_and_registers():
     io = 4 * batch * 64**3 * (16 + 48) * 2  # inputs and cotangents, float32
     assert _dw_plan.grid(SPEC, spatial, _dw_plan.DEFAULT_STRIP) == (1, 64, 1)
     assert _dw_plan.scratch_bytes(SPEC, spatial, _dw_plan.DEFAULT_STRIP, batch) == 4_718_592 < 0.05 * io
-    # registers live in the walk: accumulators + a pass's Z tiles + the row registers of the
-    # symmetric walk (u 24, z / x classes <= 24 + 16) + A fragments of 4 groups x 2 k-steps
-    live = 4 * len(_dw_plan.weights(SPEC)) + 4 * max(len(p.tiles) for p in _dw_plan.passes(SPEC)) + 24 + 40
-    assert live == 188 and live + 32 <= MAX_REGISTERS - 20  # ptxas: 210-221 (notes), no spills
+    # registers live in the walk: accumulators + a pass's Z tiles + A fragments of 4 groups x 2
+    # k-steps (the row's) + the row registers of the symmetric walk (u 24, z / x classes <= 24 + 16)
+    live = 4 * len(_dw_plan.weights(SPEC)) + 4 * max(len(p.tiles) for p in _dw_plan.passes(SPEC)) + 32 + 24 + 40
+    assert live == 220 <= MAX_REGISTERS - 32  # ptxas: 199-219 (the walk's classes are not all live at once)
 
 
 def test_unpack_is_the_inverse_of_the_fragment_order():

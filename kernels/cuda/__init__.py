@@ -1,7 +1,7 @@
-"""`cuda`: the forward ConvContract and its weight gradient (`weight_gradient_call`) as CUDA C++
-kernels for Hopper (sm_90a), through XLA FFI, and
-the VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in through
-ginjax's GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
+"""`cuda`: the forward ConvContract and its weight gradient (`weight_gradient_call`,
+`weight_gradient_coverage`) as CUDA C++ kernels for Hopper (sm_90a), through XLA FFI, and the
+VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in through ginjax's
+GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
 Not a registered backend of its own: where it is built and runs (a Hopper GPU), the `triton`
 backend runs its forward and its input gradient (where the transposed layer is covered) on it
@@ -19,13 +19,13 @@ import jax
 
 from .._fused import ffi_availability
 from .._spec import ConvSpec
-from ._ffi import registered
 from ._dw_plan import coverage as _dw_coverage
+from ._ffi import registered
 from ._plan import coverage as _coverage
 from ._tiling import BlockSizes
 from .conv_contract import conv_contract_cuda, forward_call
-from .weight_gradient import weight_gradient_call
 from .vector_neuron import vector_neuron_cuda, vector_neuron_cuda_covers
+from .weight_gradient import weight_gradient_call
 
 __all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forward_call", "vector_neuron_cuda",
            "vector_neuron_cuda_covers", "weight_gradient_call", "weight_gradient_coverage"]

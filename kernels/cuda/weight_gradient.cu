@@ -27,11 +27,13 @@
 // conflict-free, the forward's layout would be 2-way). A (t, f) shared by the vector output
 // components accumulates their tiles, each with its own gY_j (A fragment), into one accumulator:
 // 18 weights x 4 floats a lane, live for the whole strip. gY rows are staged by 16-byte cp.async
-// one row ahead (two buffers); A fragments are float2 reads (pitch = 8 mod 32: conflict-free per
-// half warp), rounded to tf32 by tf32_bits as Z is.
+// one row ahead (two buffers); each warp reads its A fragments of the row once, at the row's
+// start (float2 reads, pitch = 8 mod 32: conflict-free per half warp), rounded to tf32 by
+// tf32_bits as Z is: 32 registers live through the row.
 //
 // Why passes (the forward keeps the vector phase's 27 tiles live): 72 accumulator registers live
-// across rows; with 27 tiles (108 registers) the walk would spill. A pass keeps 13 tiles (52) live;
+// across rows and 32 of A fragments through a row; with 27 tiles (108 registers) the walk would
+// spill. A pass keeps 13 tiles (52) live;
 // a tile of several passes is mma'd once per pass (Z is linear): 39 + 13 tile-mma's a chunk, each
 // 2 k-steps: 104 mma.sync per warp and row (the forward: 80). No input row is read twice.
 //
@@ -47,14 +49,17 @@
 // 128 floats) to the scratch result; XLA sums the CTAs (_dw_plan.unpack, in fixed order).
 // Scratch: 18,432 bytes a CTA, 256 CTAs on d3_n64_b4_c16 at strip 64: 4.7 MB (1.8 % of its I/O).
 //
-// Arithmetic per warp and output row (d3_n64_b4_c16): walk 948 FP32 (_plan.walk_cost, the same
-// rows as the forward) + 104 mma + 52 tf32 adds of Z (+104 of the B operands' register moves
-// folded) + A fragments: 4 passes x <= 16 LDS.64 + 32 IADD + 8 x 8 LDS of the rows (ROW: 4 x 2 a
-// row, 27 + 9 rows: 288 LDS) + copies (~2,150 / 8 warps as the forward's v2: ~270) ~ 1,950
-// instructions, the forward's v2 ~2,150 - 80 mma + 104 mma. Prediction: the forward's measured rate
-// (286 M instructions at 0.50 a cycle per scheduler, 0.70 ms) scaled by the instruction count,
-// plus the fewer CTAs' tail: ~0.70 x 1,950 / 2,150 x 1.03 ~ 0.66 ms (bench/NOTES.md, "CUDA weight
-// gradient").
+// Arithmetic per warp and output row (d3_n64_b4_c16, 131,072 warp-rows as the forward): the walk
+// is the forward's 948 FP32 (_plan.walk_cost: the same rows, none read twice) and 288 row loads;
+// on top 104 mma (forward 80), 208 tf32 adds of Z (160), the A fragments (16 LDS.64 and 32 tf32
+// adds a row; the forward's B fragments were 40 LDS.128), the gY copy (4 cp.async.16 a thread) and
+// a third barrier. ptxas: 199-219 registers, no spills (the forward 237-244), so the same 8 warps
+// an SM. Counted in PTX (nvcc -ptx, the row loop's body, copy loops once): 2,481 instructions
+// against the forward's 2,324, whose row measured 2,182 SASS instructions under ncu (286 M /
+// 131,072): ~2,330 SASS a warp-row, ~305 M in all. At the forward's measured 0.50 instructions a
+// cycle per scheduler (latency-bound at 2 warps a scheduler, which this kernel shares): 0.70 ms x
+// 2,330 / 2,182 ~ 0.75 ms, + ~0.01 ms for XLA's sum of the partials; triton's weight-gradient
+// kernels take 2.47 ms on this layer (bench/NOTES.md, "CUDA weight gradient").
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c, nz, ny, nx),
 // x1 (c, nz, ny, nx, 3), gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3); result: the partials
@@ -157,7 +162,7 @@ __device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, in
 
 // The A fragments of every output group, both k-steps, from the staged gY row: lane (g, tid)
 // a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + 1], gY_q[g + 8][x + 1]}, x = 2 tid + 8 s
-// of the segment; tf32-rounded. The pass's mma reads only its groups' (the rest is dead code).
+// of the segment; tf32-rounded.
 template <int NX, int NT>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float* gyr, int seg, int g, int tid) {
   using G = GyLayout<NX>;
@@ -197,7 +202,8 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   }
 
 // Pass K of one output row: the walk of its 13 tiles for the warp's chunk, then their mma's into
-// the weights' accumulators, B = the tile (k-step s: pixels 2 tid + 8 s, + 1), A = its group's gY.
+// the weights' accumulators, B = the tile (k-step s: pixels 2 tid + 8 s, + 1), A = its group's gY
+// fragments (a, loaded at the row's start).
 #define GJ_DW_PASS(K)                                                                             \
   {                                                                                               \
     constexpr int kKey = GJ_DW_P##K##_KEY, kTiles = GJ_DW_P##K##_TILES;                           \
@@ -211,8 +217,6 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
     _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
     float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                                \
     GJ_DW_P##K##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_DW_MID)                                  \
-    uint32_t a[kGroups][2][4];                                                                    \
-    load_a<NX, NT>(a, gyr, seg, g, tid);                                                          \
     _Pragma("unroll") for (int t = 0; t < kTiles; ++t)                                            \
       _Pragma("unroll") for (int s = 0; s < 2; ++s)                                               \
         mma_tf32(acc[kDwP##K##Weight[t]], a[kDwP##K##Group[t]][s], tf32_bits(zt[t][2 * s]),      \
@@ -263,7 +267,10 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
     }
     if (y + 1 < y1) load_gy<NX, NT>(p, gy + ((y + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + 1);
     cp_async_commit();
-    const float* gyr = gy + (y & 1) * GyLayout<NX>::kFloats;
+    // the A fragments of gY row y, every group and k-step, once a row (32 registers live through
+    // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
+    uint32_t a[kGroups][2][4];
+    load_a<NX, NT>(a, gy + (y & 1) * GyLayout<NX>::kFloats, seg, g, tid);
     GJ_DW_PASS(0)
     GJ_DW_PASS(1)
     GJ_DW_PASS(2)
