@@ -36,21 +36,24 @@ def device_info() -> dict:
 
 
 def cuda_kernels() -> str:
-    """Whether kernels/cuda's kernels ran under the `triton` backend's name (its forward and input
-    gradient where they cover a layer), or why not: the rows say "triton" either way."""
+    """Whether kernels/cuda's kernels ran under the `triton` backend's name (its forward, input
+    gradient and weight gradient where they cover a layer), or why not: the rows say "triton"
+    either way."""
     from kernels import cuda
 
     try:
-        from kernels.triton.conv_contract import forward_impl
+        from kernels.triton.conv_contract import forward_impl, weight_grad_impl
     except ImportError as err:  # no triton: no backend to run them under
         return f"not used: {err}"
 
     ok, why = cuda.availability()
     if not ok:
         return f"not used: {why}"
-    if forward_impl() != "cuda":
-        return "built, not used (GINJAX_TRITON_FORWARD=triton)"
-    return "triton's forward and input gradient where the CUDA kernel covers the layer"
+    directions = [what for what, impl in (("forward and input gradient", forward_impl()),
+                                          ("weight gradient", weight_grad_impl())) if impl == "cuda"]
+    if not directions:
+        return "built, not used (GINJAX_TRITON_FORWARD=triton, GINJAX_TRITON_WEIGHT_GRAD=triton)"
+    return "triton's " + " and ".join(directions) + " where the CUDA kernels cover the layer"
 
 
 def backend_runs_here(backend: str) -> tuple[bool, str]:

@@ -37,7 +37,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "cuda-fwd": ({"GINJAX_TRITON_FORWARD": "cuda"}, ()),
     "triton-fwd": ({"GINJAX_TRITON_FORWARD": "triton"}, ()),
     # and its weight gradient on kernels/cuda's weight-gradient kernel where that covers the layer
+    # (the default where the library is built), and on Triton's kernel only
     "cuda-dw": ({"GINJAX_TRITON_WEIGHT_GRAD": "cuda"}, ()),
+    "triton-dw": ({"GINJAX_TRITON_WEIGHT_GRAD": "triton"}, ()),
 }
 
 

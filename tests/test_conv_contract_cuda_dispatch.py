@@ -163,14 +163,21 @@ def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
     monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (False, "stand-in"))
     assert "CUDA" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (True, "stand-in"))
+    monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (False, "stand-in"))
     reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
-    assert "forward and the input gradient on kernels/cuda's CUDA kernel" in reason, reason
+    assert "the forward and the input gradient on kernels/cuda's CUDA kernels" in reason, reason
+    assert "the weight gradient on Triton's kernels" in reason, reason
+    monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (True, "stand-in"))
+    reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    assert "the forward and the input gradient and the weight gradient on kernels/cuda's" in reason, reason
+    assert "Triton's kernels" not in reason, reason
 
 
 def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
-    """GINJAX_TRITON_WEIGHT_GRAD=cuda: the weight gradient from kernels.cuda's call (a stand-in:
-    dense's VJP, with a record of the calls), the bias gradient as the cotangents' spatial sums;
-    gradients equal to `reference`, bias included. Unset, the call is never made."""
+    """By default (GINJAX_TRITON_WEIGHT_GRAD unset or "cuda") the weight gradient comes from
+    kernels.cuda's call (a stand-in: dense's VJP, with a record of the calls), the bias gradient as
+    the cotangents' spatial sums; gradients equal to `reference`, bias included. Under "triton"
+    the call is never made."""
     spec, xs, ws = small_layer(c=2, N=4, batch=2, seed=7)
     offsets = (jnp.asarray(np.random.default_rng(8).standard_normal((2,)), jnp.float32),
                jnp.asarray(np.random.default_rng(9).standard_normal((2, 3)), jnp.float32))
@@ -185,10 +192,11 @@ def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
     monkeypatch.setattr(cuda, "weight_gradient_coverage", lambda s, spatial, dtype: (True, "stand-in"))
     monkeypatch.setattr(cuda, "weight_gradient_call", call)
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "triton")
     loss = _loss(spec, offsets)
     grads_triton = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))(xs, ws, offsets)
     assert asked == []
-    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD")
     grads = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))(xs, ws, offsets)
     assert asked and all(s == spec for s in asked)
 

@@ -4,8 +4,8 @@ VectorNeuron nonlinearity's forward and backward (`vector_neuron_cuda`, opt-in t
 GINJAX_VN_IMPL=cuda; `vector_neuron_cuda_covers` says why it cannot run a call).
 
 Not a registered backend of its own: where it is built and runs (a Hopper GPU), the `triton`
-backend runs its forward and its input gradient (where the transposed layer is covered) on it
-(GINJAX_TRITON_FORWARD=triton opts out); `conv_contract_cuda` calls it directly (bench/
+backend runs its forward, its input gradient (where the transposed layer is covered) and its
+weight gradient on it (GINJAX_TRITON_FORWARD=triton, GINJAX_TRITON_WEIGHT_GRAD=triton opt out); `conv_contract_cuda` calls it directly (bench/
 cuda_spike.py, tests/test_conv_contract_cuda_gpu.py). kernels/cuda/README.md says when
 `pip install` builds the library. `availability()` and `coverage()`
 say why it cannot run (not built, no GPU, a layer it was not compiled for).

@@ -106,12 +106,20 @@ def _run(spec, inputs, weights, mode, bias=None):
 
 
 def describe(spec: ConvSpec, spatial) -> str:
-    """What runs the layer's directions (for `kernels.explain`): the CUDA forward where it covers
-    the layer (GINJAX_TRITON_FORWARD), else the Triton kernels."""
-    if _entry.cuda_forward_covers(spec, tuple(spatial), "float32")[0]:
-        return ("the forward and the input gradient on kernels/cuda's CUDA kernel at tf32 (Triton's at "
-                "other precisions), the weight gradient on Triton's kernel")
-    return ""
+    """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
+    gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), else
+    the Triton kernels."""
+    forward = _entry.cuda_forward_covers(spec, tuple(spatial), "float32")[0]
+    weight_grad = _entry.cuda_weight_grad_covers(spec, tuple(spatial), "float32")[0]
+    if not (forward or weight_grad):
+        return ""
+    on_cuda = [what for what, ok in (("the forward and the input gradient", forward),
+                                     ("the weight gradient", weight_grad)) if ok]
+    on_triton = [] if weight_grad else ["the weight gradient"]
+    if not forward:
+        on_triton = ["the forward and the input gradient"]
+    said = " and ".join(on_cuda) + " on kernels/cuda's CUDA kernels at tf32 (Triton's at other precisions)"
+    return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
 
 register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True,
