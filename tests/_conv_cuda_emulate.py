@@ -33,7 +33,7 @@ def standard_spec(c_in: int, c_out: int):
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights."""
 
-    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True):
+    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx)
         self.groups, self.phases = _plan.phases(spec)
@@ -42,6 +42,8 @@ class Emulator:
         self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
         self.packed = np.asarray(packed, np.float64)
         self.strip, self.round_z = strip, round_z
+        # the epilogue's `off` operand: o scalar offsets, then (o, 3) vector ones
+        self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
         self.w_base = [(c[1] // _plan.CHUNK) * len(self.phases[0].tiles) * self.nt * 64, 0]
         self.out = [np.zeros(self.o * self.nz * self.ny * self.nx), np.zeros(self.o * self.nz * self.ny * self.nx * 3)]
@@ -205,10 +207,12 @@ class Emulator:
             for f in range(t, o * 4, 64):
                 oo, x4 = f >> 2, f & 3
                 dst = (row + oo * o_rows) * self.nx + seg * _plan.SEG + 4 * x4 + np.arange(4)
-                self.out[0][dst] = stage[oo * s0 + 4 * x4 + np.arange(4)]
+                self.out[0][dst] = stage[oo * s0 + 4 * x4 + np.arange(4)] + self.off[oo]
                 self.out_writes[0][dst] += 1
             for f in range(t, o * 12, 64):
                 oo, x4 = f // 12, f % 12
                 dst = (row + oo * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * x4 + np.arange(4)
-                self.out[1][dst] = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
+                j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
+                comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
+                self.out[1][dst] = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)] + self.off[o + 3 * oo + comps]
                 self.out_writes[1][dst] += 1

@@ -25,6 +25,7 @@ from bench import _cases, _configs
 from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels.cuda import _ffi, _plan
+from kernels.cuda import conv_contract as cuda_entry
 
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 LANE = np.arange(32)
@@ -99,7 +100,7 @@ def test_shared_memory_of_the_standard_layer():
     assert (lay.pitch, lay.skew) == ((69, 200), ((0, 0, 1, 3), (0, 1, 0, 1)))
     assert lay.region == (0, 3312) and lay.slice_floats == 12_912
     assert lay.weight_floats == 10_240 and lay.stage_floats == 4_608
-    assert lay.smem_bytes == 214_336  # 3 x 51,648 ring + 40,960 weights + 18,432 staging: one CTA per SM
+    assert lay.smem_bytes == 214_592  # 3 x 51,648 ring + 40,960 weights + 18,432 staging + 256 offsets: one CTA per SM
     assert lay.slice_floats % 4 == 0 and lay.weight_floats % 4 == 0  # 16-byte weight copies, float4 staging
 
 
@@ -156,14 +157,21 @@ def test_round_tf32():
 
 
 def _emulated(spatial, strip, round_z, seed, spec=SPEC):
-    """The emulated kernel on fresh operands; without `round_z` neither Z nor the packed weights
-    are rounded to tf32, so only the index arithmetic and the walk's reassociation remain."""
+    """The emulated kernel on fresh operands, with fresh bias offsets in its epilogue (the
+    `off` operand `cuda.conv_contract.flat_offsets` builds); without `round_z` neither Z nor the
+    packed weights are rounded to tf32, so only the index arithmetic and the walk's
+    reassociation remain."""
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
+    o = spec.out_keys[0][2]
+    rng = np.random.default_rng(seed + 100)
+    offsets = (jnp.asarray(rng.standard_normal(o), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
-    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z,
+                   offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)))
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
         want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    want = (want[0] + offsets[0][:, None, None, None], want[1] + offsets[1][:, None, None, None, :])
     return emu, (y0, y1), want, copies
 
 

@@ -96,14 +96,18 @@ def _loss(spec, offsets):
 def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(monkeypatch):
     spec, xs, ws = small_layer()
     offsets = (None, jnp.asarray(np.random.default_rng(5).standard_normal((2, 3)), jnp.float32))
-    asked = []
+    asked, given = [], []
 
     def covers(s, spatial, dtype):  # the compiled stencil: the forward layer's bases, in its order
         return [p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in"
 
-    def call(s, inputs, weights):  # the kernel's contract: unbatched blocks, batched by vmap
+    def call(s, inputs, weights, offsets=None):  # the kernel's contract: unbatched blocks, batched by vmap
         asked.append(s)
-        return kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
+        given.append(offsets)
+        outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
+        # the epilogue's bias: each key's (o, *tensor) offset at every pixel
+        return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
+                     for y, off in zip(outs, offsets or (None,) * len(outs)))
 
     monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.setattr(cuda, "coverage", covers)
@@ -113,6 +117,8 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
     # forward on the layer itself, input gradient on its transpose spelled in the forward's bases
     assert [s.in_keys for s in asked] == [spec.in_keys, spec.out_keys]
     assert all([p.basis for p in s.pairs] == [p.basis for p in spec.pairs] for s in asked)
+    # the bias offsets go to the forward's epilogue (no XLA add after it), none to the input gradient
+    assert given[0][0] is None and given[0][1].shape == (2, 3) and given[1] is None
 
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
 
@@ -231,7 +237,7 @@ def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypa
         assert ctas >= _tiling.MIN_CTAS or strip == 2
         assert strip == 32 or batch * nz * -(-ny // (2 * strip)) < _tiling.MIN_CTAS  # the longest such
     seen = []
-    monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights: seen.append(blocks.strip_rows) or
+    monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights, offsets=None: seen.append(blocks.strip_rows) or
                         tuple(jnp.zeros((k[2],) + inputs[0].shape[1:4] + (3,) * k[0]) for k in spec.out_keys))
     spec, xs, ws = small_layer(c=2, N=32, batch=1)
     jax.eval_shape(lambda xs: jax.vmap(lambda x: cuda_entry.forward_call(spec, x, ws))(xs), xs)

@@ -11,6 +11,8 @@ Build first (kernels/cuda/README.md), then on the GPU machine:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -145,6 +147,44 @@ def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
     got = step(xs, ws, offs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+def test_layer_bias_in_the_forward_epilogue_per_example():
+    """The layer's bias through the public API (scalar "add", vector "mean": offsets from each
+    example's input means, so batched under vmap) goes into the CUDA forward's epilogue: one
+    forward launch, no broadcast add of the outputs after it; outputs and gradients (inputs,
+    weights, biases) against `reference` at tf32."""
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, bias_modes=("add", "mean"))
+    spatial = (4, 6, 32)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=41)
+    rng = np.random.default_rng(42)
+    bias = (jnp.asarray(rng.standard_normal((16,)), jnp.float32), jnp.asarray(rng.standard_normal((16,)), jnp.float32))
+
+    def outputs(backend):
+        return jax.vmap(lambda x, ws, b: kernels.conv_contract(spec, x, ws, bias=b, backend=backend),
+                        in_axes=(0, None, None))
+
+    def loss(backend, *args):
+        return sum(jnp.vdot(o, c) for o, c in zip(outputs(backend)(*args), cots))
+
+    fwd = jax.jit(outputs("triton"))
+    hlo = fwd.lower(xs, ws, bias).compile().as_text()
+    assert hlo.count("ginjax_cuda_forward") == 1, hlo[-3000:]
+    got = fwd(xs, ws, bias)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(outputs("reference"))(xs, ws, bias)
+        want_grads = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(xs, ws, bias)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+    grads = jax.jit(jax.value_and_grad(lambda *a: loss("triton", *a), argnums=(0, 1, 2)))(xs, ws, bias)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+    # no fusion makes an array of the outputs' (or the inputs') size: the custom call's results
+    # are the outputs, with no add over them
+    big = re.compile(r"\s*(ROOT )?%\S+ = f32\[3,16,4,6,32(,3)?\]\S* fusion\(")
+    assert not [line for line in hlo.splitlines() if big.match(line)], hlo[-3000:]
 
 
 def test_fp32_precision_is_refused():

@@ -285,8 +285,8 @@ class Layout:
 
     @property
     def smem_bytes(self) -> int:
-        """Three y slices (a ring), the packed weights, the output staging."""
-        return 4 * (3 * self.slice_floats + self.weight_floats + self.stage_floats)
+        """Three y slices (a ring), the packed weights, the output staging, the bias offsets."""
+        return 4 * (3 * self.slice_floats + self.weight_floats + self.stage_floats + 4 * self.out_channels)
 
     @property
     def threads(self) -> int:

@@ -40,9 +40,14 @@
 // for lanes < 2 comps. The warp halves' partial outputs meet in shared memory and are staged
 // in the outputs' layout, so the global stores are 16-byte and whole 32-byte sectors.
 //
+// The layer's bias is the epilogue's: per batch element an offset per output channel (scalar)
+// and per output channel and component (vector), added to every pixel as the staged rows go out
+// (the offsets read from shared memory, where the CTA copied them at its start). For the "mean"
+// bias the offsets come from the inputs' means (kernels._bias), so no pass over the output.
+//
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
-// x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), results y0
-// (o, nz, ny, nx), y1 (o, nz, ny, nx, 3). Attribute `geom`: nz, ny, nx, c0, c1, o, strip,
+// x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), off (4 o: o scalar
+// offsets, then (o, 3) vector ones), results y0 (o, nz, ny, nx), y1 (o, nz, ny, nx, 3). Attribute `geom`: nz, ny, nx, c0, c1, o, strip,
 // pitch0, pitch1, skew0[4], skew1[4], weight floats.
 #include <cuda_runtime.h>
 
@@ -65,6 +70,7 @@ constexpr int kStage0 = kSeg + 4, kStage1 = 3 * kSeg + 4;  // _plan.STAGE_PITCH
 struct Params {
   const float* x[2];
   const float* w;
+  const float* off;
   float* y[2];
   int nz, ny, c[2], o, strip;
   int w_floats, slice_floats, region1, w_base[2];
@@ -186,6 +192,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   float* ring = smem;
   float* s_w = ring + 3 * p.slice_floats;
   float* s_stage = s_w + p.w_floats;
+  float* s_off = s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
@@ -197,6 +204,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   // the packed weights are tf32 already (_plan.pack_weights): 16-byte copies, with the vector slices
   const float* wg = p.w + (size_t)b * p.w_floats;
   for (int e = 4 * threadIdx.x; e < p.w_floats; e += 4 * kThreads) cp_async16(s_w + e, wg + e);
+  if (threadIdx.x < 4 * kO) s_off[threadIdx.x] = p.off[(size_t)b * 4 * kO + threadIdx.x];  // seen after the barrier below
   for (int k = 0; k < 3; ++k) load_slice<NX, 1>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
   cp_async_commit();
   for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
@@ -265,14 +273,21 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 #pragma unroll
     for (int f = t; f < kO * 4; f += 64) {
       const int o = f >> 2, x4 = f & 3;
-      *reinterpret_cast<float4*>(p.y[0] + (row + o * o_rows) * NX + seg * kSeg + 4 * x4) =
-          *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
+      float4 v = *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
+      const float a = s_off[o];
+      v.x += a, v.y += a, v.z += a, v.w += a;
+      *reinterpret_cast<float4*>(p.y[0] + (row + o * o_rows) * NX + seg * kSeg + 4 * x4) = v;
     }
 #pragma unroll
     for (int f = t; f < kO * 12; f += 64) {
       const int o = f / 12, x4 = f - 12 * o;
-      *reinterpret_cast<float4*>(p.y[1] + (row + o * o_rows) * (3 * NX) + seg * 3 * kSeg + 4 * x4) =
-          *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
+      float4 v = *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
+      // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
+      const float* a = s_off + kO + 3 * o;
+      const int j = x4 % 3;
+      const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
+      v.x += a0, v.y += a1, v.z += a2, v.w += a0;
+      *reinterpret_cast<float4*>(p.y[1] + (row + o * o_rows) * (3 * NX) + seg * 3 * kSeg + 4 * x4) = v;
     }
   }
   cp_async_wait<0>();
@@ -280,7 +295,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 
 template <int NX, int NT>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (NX / kSeg) * 8 * NT * (kStage0 + kStage1));
+  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
@@ -299,7 +314,7 @@ cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
-                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
   if (geom.size() != 18) return bad("`geom` must have 18 entries");
@@ -322,10 +337,11 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   const int64_t batch = x0.element_count() / (p.c[0] * pix);
   if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
   if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * 3 ||
-      w.element_count() != batch * p.w_floats || y0->element_count() != batch * p.o * pix ||
+      w.element_count() != batch * p.w_floats || off.element_count() != batch * 4 * p.o ||
+      y0->element_count() != batch * p.o * pix ||
       y1->element_count() != batch * p.o * pix * 3)
     return bad("operand sizes do not match `geom` and the batch");
-  p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data();
+  p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
   p.region1 = 3 * p.c[0] * kPitch1[l];
   p.slice_floats = (p.region1 + 3 * p.c[1] * kPitch3[l] + 3) / 4 * 4;
@@ -342,6 +358,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -3,7 +3,7 @@
     outputs = conv_contract_cuda(spec, inputs, weights, precision=..., block_sizes=...)
 
 Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, fp32 accumulation), all pairs in one
-launch. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
+launch, the layer's bias offsets (`forward_call`'s) added in its epilogue. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
 whose operands all carry the batch axes; the packed weights (40 KB) are broadcast with them.
 Backward (custom_vjp): `dense`'s VJP (this issue's kernel is the forward only).
 """
@@ -55,13 +55,16 @@ def conv_contract_cuda(
     return _conv_contract(spec, blocks, inputs, tuple(w.astype(jnp.float32) for w in weights))
 
 
-def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
+                 offsets: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
     """The kernel's outputs with no gradient rule of their own, for a backend that defines the
-    gradients itself (the `triton` backend's GINJAX_TRITON_FORWARD=cuda); the caller has checked
-    `coverage` and that TF32 is the precision asked for. Batches under vmap like the custom call."""
+    gradients itself (the `triton` backend); the caller has checked `coverage` and that TF32 is
+    the precision asked for. `offsets`: per output key None or its (o, *tensor) offset, added to
+    every pixel in the kernel's epilogue (the layer's bias, kernels._bias.bias_offsets). Batches
+    under vmap like the custom call."""
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
-    return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights))
+    return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets)
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) -> list[int]:
@@ -71,13 +74,23 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) 
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], lay.weight_floats]
 
 
-def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights):
+def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:
+    """The kernel's `off` operand: (4 o,) floats, the scalar key's (o,) offsets then the vector
+    key's (o, 3), zeros for a key without one (under vmap a batched key's batch axis is jax's)."""
+    o = spec.out_keys[0][2]
+    parts = [jnp.zeros(n, jnp.float32) if off is None else off.astype(jnp.float32).reshape(n)
+             for off, n in zip(offsets or (None, None), (o, 3 * o))]
+    return jnp.concatenate(parts)
+
+
+def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None):
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     o = spec.out_keys[0][2]
     shapes = [jax.ShapeDtypeStruct((o,) + spatial, jnp.float32), jax.ShapeDtypeStruct((o,) + spatial + (3,), jnp.float32)]
     packed = _plan.pack_weights(spec, weights, xp=jnp)
     call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all")
-    return tuple(call(*inputs, packed, geom=np.asarray(geometry(spec, spatial, blocks), np.int64)))
+    geom = np.asarray(geometry(spec, spatial, blocks), np.int64)
+    return tuple(call(*inputs, packed, flat_offsets(spec, offsets), geom=geom))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -129,17 +129,18 @@ def cuda_forward_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
     return cuda.coverage(spec, spatial, dtype)
 
 
-def _cuda_forward(spec, mode, poison, inputs, weights, like=None):
-    """The outputs of kernels.cuda's forward where it computes this call exactly as asked (TF32,
-    no test poison, a layer it was compiled for: `spec` itself or, for an input gradient, `spec`
-    on the bases of the forward layer `like` with the weights moved, `with_bases_of`), else None."""
+def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
+    """The outputs of kernels.cuda's forward, `offsets` added in its epilogue, where it computes
+    this call exactly as asked (TF32, no test poison, a layer it was compiled for: `spec` itself
+    or, for an input gradient (no offsets), `spec` on the bases of the forward layer `like` with
+    the weights moved, `with_bases_of`), else None."""
     if mode != "tf32" or poison is not None:
         return None
     from .. import cuda
 
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     if cuda_forward_covers(spec, spatial, inputs[0].dtype)[0]:
-        return cuda.forward_call(spec, inputs, weights)
+        return cuda.forward_call(spec, inputs, weights, offsets)
     twin = with_bases_of(spec, like) if like is not None else None
     if twin is None or not cuda_forward_covers(twin[0], spatial, inputs[0].dtype)[0]:
         return None
@@ -190,9 +191,9 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
 
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
     offsets = offsets or (None,) * len(spec.out_keys)
-    outs = _cuda_forward(spec, mode, poison, inputs, weights, like)
-    if outs is not None:  # no bias epilogue there: the offsets are one XLA add after it
-        return _add_offsets(outs, offsets, spec.D)
+    outs = _cuda_forward(spec, mode, poison, inputs, weights, like, offsets)
+    if outs is not None:
+        return outs
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
     op = _batched_forward(spec, mode, blocks, poison, biased)
     # offsets go to the kernel as (o, D^k): one contiguous row of components per channel
