@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
+from .._reduce import middle_sum
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from ._backward import weight_grad_launch
@@ -216,14 +217,14 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
     if transposed is None:  # dense's VJP (asked for, or a padding the transpose does not cover)
         _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, mode), inputs, weights)
         d_inputs, d_weights = vjp(cotangents)
-        sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
+        sums = _spatial_sums(cotangents, biased, spec.D)
     else:
         spec_t, used = transposed
         grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec)
         d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
         d_weights = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
         if d_weights is not None:
-            sums = {b: jnp.sum(cotangents[b], axis=tuple(range(1, 1 + spec.D))) for b in biased}
+            sums = _spatial_sums(cotangents, biased, spec.D)
         else:  # the weight kernels also add up the biased keys' cotangents from the tiles they load
             op = _batched_weight_grad(spec, mode, blocks, biased)
             outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
@@ -235,6 +236,13 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
         tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
         d_offsets,
     )
+
+
+def _spatial_sums(cotangents, biased, D: int) -> dict:
+    """Per biased output key, its cotangent summed over the pixels: (o, *tensor). In the layout
+    the cotangent has (`middle_sum`): a plain sum keeping the 3 components minor is a column
+    reduction XLA ran in 1.0 ms on a 4 x 16 x 64^3 vector block on the H200, ~15x one read of it)."""
+    return {b: middle_sum(cotangents[b], 1, 1 + D) for b in biased}
 
 
 _conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)
