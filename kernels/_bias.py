@@ -103,7 +103,6 @@ def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     dtype = jnp.promote_types(jnp.result_type(*inputs, *weights), jnp.float32)
     in_means = [spatial_mean(x.astype(dtype), D) for x in inputs]
     outs: list = [None] * len(spec.out_keys)
-    hi = jax.lax.Precision.HIGHEST  # tiny contractions: no reason to round the means
     for pair, w in zip(spec.pairs, weights):
         k_a = spec.in_keys[pair.in_index][0]
         k_b = spec.out_keys[pair.out_index][0]
@@ -111,8 +110,10 @@ def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
         # sum over the taps: (F, *i, *j), then flatten the tensor indices
         tap_sum = basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
         m = in_means[pair.in_index].reshape(-1, D**k_a)  # (c, i)
-        per_filter = jnp.einsum("ci,fij->cfj", m, jnp.asarray(tap_sum, dtype), precision=hi)
-        term = jnp.einsum("ocf,cfj->oj", w.astype(dtype), per_filter, precision=hi)
+        # tiny contractions as products and sums (exact fp32 products, no tf32 rounding): XLA
+        # fuses them with the means' last stage instead of launching a GEMM and its transposes
+        per_filter = jnp.sum(m[:, None, :, None] * jnp.asarray(tap_sum, dtype)[None], axis=2)  # (c, F, j)
+        term = jnp.sum(w.astype(dtype)[..., None] * per_filter[None], axis=(1, 2))  # (o, j)
         term = term.reshape((term.shape[0],) + (D,) * k_b)
         prev = outs[pair.out_index]
         outs[pair.out_index] = term if prev is None else prev + term
