@@ -226,6 +226,11 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
 
 def test_coverage_reasons(monkeypatch):
     assert _dw_plan.coverage(SPEC, (5, 7, 64), np.float32)[0]
+    # one channel group in shared memory: 32 + 32 inputs at x 64 (the UNet's decoder layer after
+    # its skip concatenation) fit here, not in the forward's ring of every channel
+    wide = standard_spec(32, 16)
+    assert _dw_plan.coverage(wide, (64, 64, 64), np.float32)[0]
+    assert "shared memory" in _plan.coverage(wide, (64, 64, 64), np.float32)[1]
     assert "x extent" in _dw_plan.coverage(SPEC, (5, 7, 40), np.float32)[1]
     data = np.load(_cases.FIXTURE_FILTERS)
     basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731

@@ -66,7 +66,7 @@ def batched(spec, strip=None):
     "spatial, batch, strip, channels",
     [((64, 64, 64), 1, None, (16, 16)), ((5, 7, 64), 2, None, (16, 16)), ((3, 5, 16), 3, 2, (16, 16)),
      ((4, 9, 32), 1, 4, (16, 16)), ((1, 2, 48), 2, 1, (16, 16)), ((7, 3, 64), 1, 7, (16, 16)),
-     ((3, 5, 16), 1, 2, (32, 8)), ((2, 4, 32), 3, 3, (32, 16))],
+     ((3, 5, 16), 1, 2, (32, 8)), ((2, 4, 32), 3, 3, (32, 16)), ((2, 3, 64), 2, None, (32, 16))],
 )
 def test_against_float64_reference(spatial, batch, strip, channels):
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)

@@ -177,13 +177,13 @@ def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:
 
 # ---- coverage ---------------------------------------------------------------------------------
 def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
-    """The forward's coverage (which has both input blocks with the same channel count, so a CTA
-    walks 16 channels of each) and the weight gradient's compiled passes."""
-    ok, why = _plan.coverage(spec, spatial, dtype)
+    """The forward's layers (which have both input blocks with the same channel count, so a CTA
+    walks 16 channels of each) within this kernel's shared memory, which holds one channel group
+    (so 32 + 32 input channels at x extent 64 fit here, not in the forward), and the weight
+    gradient's compiled passes."""
+    ok, why = _plan.layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
     if not ok:
         return False, why
-    if spatial is not None and (need := layout(spec, int(tuple(spatial)[2])).smem_bytes) > _plan.SMEM_LIMIT:
-        return False, f"needs {need} bytes of shared memory (> {_plan.SMEM_LIMIT})"
     if dw_source(spec) != compiled_source():
         return False, "the layer's basis is not the one kernels/cuda/weight_gradient_d3.inc was generated for"
     return True, "CUDA weight gradient: D=3 {scalar, vector} torus layer, tf32 mma.sync"

@@ -189,6 +189,12 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
     8 or 16 (both keys the same), float32, within the shared-memory budget."""
+    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
+
+
+def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None) -> tuple[bool, str]:
+    """`coverage` with the shared memory a kernel needs at x extent nx given by `smem(nx)` (None:
+    not checked): the forward's ring holds every input channel, the weight gradient's one group."""
     ok, why = mosaic_coverage(spec, None)
     if not ok:
         return False, why.replace("the spike covers", "the CUDA kernel covers")
@@ -204,7 +210,7 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
         nx = int(tuple(spatial)[2])
         if nx % SEG or not SEG <= nx <= 4 * SEG:
             return False, f"the x extent (={nx}) must be 16, 32, 48 or 64"
-        if (need := layout(spec, nx).smem_bytes) > SMEM_LIMIT:
+        if smem is not None and (need := smem(nx)) > SMEM_LIMIT:
             return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})"
     if stencil_source(spec) != compiled_stencil():
         return False, "the layer's basis is not the one kernels/cuda/stencil_d3.inc was generated for"
