@@ -120,14 +120,18 @@ def forward_impl() -> str:
 def cuda_forward_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
     """(whether, why) the forward of `spec` at `spatial` runs on kernels/cuda's kernel under this
     backend: asked for (GINJAX_TRITON_FORWARD), the library built, a Hopper GPU, a covered layer."""
-    if forward_impl() != "cuda":
-        return False, "GINJAX_TRITON_FORWARD=triton"
+    return _cuda_covers(forward_impl(), "GINJAX_TRITON_FORWARD", "coverage", spec, spatial, dtype)
+
+
+def _cuda_covers(impl: str, env: str, coverage: str, spec, spatial, dtype) -> tuple[bool, str]:
+    if impl != "cuda":
+        return False, f"{env}=triton"
     from .. import cuda
 
     ok, why = cuda.availability()
     if not ok:
         return False, why
-    return cuda.coverage(spec, spatial, dtype)
+    return getattr(cuda, coverage)(spec, spatial, dtype)  # looked up per call: tests stand in for it
 
 
 def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
@@ -167,14 +171,8 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
     """(whether, why) the weight gradient of `spec` at `spatial` runs on kernels/cuda's kernel under
     this backend: asked for (GINJAX_TRITON_WEIGHT_GRAD), the library built, a Hopper GPU, a covered
     layer."""
-    if weight_grad_impl() != "cuda":
-        return False, "GINJAX_TRITON_WEIGHT_GRAD=triton"
-    from .. import cuda
-
-    ok, why = cuda.availability()
-    if not ok:
-        return False, why
-    return cuda.weight_gradient_coverage(spec, spatial, dtype)
+    return _cuda_covers(weight_grad_impl(), "GINJAX_TRITON_WEIGHT_GRAD", "weight_gradient_coverage", spec, spatial,
+                        dtype)
 
 
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
