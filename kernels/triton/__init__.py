@@ -109,15 +109,12 @@ def describe(spec: ConvSpec, spatial) -> str:
     """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
     gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), else
     the Triton kernels."""
-    forward = _entry.cuda_forward_covers(spec, tuple(spatial), "float32")[0]
-    weight_grad = _entry.cuda_weight_grad_covers(spec, tuple(spatial), "float32")[0]
-    if not (forward or weight_grad):
+    directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
+                  "the weight gradient": _entry.cuda_weight_grad_covers}
+    on_cuda = [what for what, covers in directions.items() if covers(spec, tuple(spatial), "float32")[0]]
+    if not on_cuda:
         return ""
-    on_cuda = [what for what, ok in (("the forward and the input gradient", forward),
-                                     ("the weight gradient", weight_grad)) if ok]
-    on_triton = [] if weight_grad else ["the weight gradient"]
-    if not forward:
-        on_triton = ["the forward and the input gradient"]
+    on_triton = [what for what in directions if what not in on_cuda]
     said = " and ".join(on_cuda) + " on kernels/cuda's CUDA kernels at tf32 (Triton's at other precisions)"
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
