@@ -3,10 +3,13 @@ the slice copies (every lane's cp.async source and destination, the wrap floats)
 three y slices per strip and the MID hook that refills the oldest one, the stencil reads at each
 lane's base plus the walk's immediates, the symmetric walk (ROW / ZC / XC / NZ of
 `_plan.row_groups`), the mma fragments (A from the Z registers, B from the packed weights, C to
-the lanes), the warp halves' meeting in the staging area and its 16-byte stores. Vectorised over
-the 32 lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one
-integer add). Counts every shared-memory float a copy writes and every output float stored, so
-the tests can check that each is written exactly once."""
+the lanes), the warp halves' meeting in the staging area and its 16-byte stores; with several
+channel groups, one pass of the CTA per group (the group's weight copy, the ring refilled with its
+channels) and the read-add-store epilogue of the passes after the first. Vectorised over the 32
+lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one integer
+add). Counts every shared-memory float a copy writes and every output float stored and read,
+with the thread that did it, so the tests can check that each slice float is written once per
+copy and each output float G times and read G - 1 times, all by one thread."""
 
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ def standard_spec(c_in: int, c_out: int):
 
 
 class Emulator:
-    """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights."""
+    """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights; `n_groups`
+    channel groups (None: the kernel's choice, `_plan.groups`)."""
 
-    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None):
+    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None):
         self.c0, self.nz, self.ny, self.nx = x0.shape
-        self.lay = _plan.layout(spec, self.nx)
+        self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
+        self.n_groups = self.lay.groups
         self.groups, self.phases = _plan.phases(spec)
         self.o = spec.out_keys[0][2]
         self.nt = self.o // 8
@@ -46,11 +51,14 @@ class Emulator:
         self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
         self.w_base = [(c[1] // _plan.CHUNK) * len(self.phases[0].tiles) * self.nt * 64, 0]
-        self.out = [np.zeros(self.o * self.nz * self.ny * self.nx), np.zeros(self.o * self.nz * self.ny * self.nx * 3)]
+        # the outputs are fresh memory: NaN until stored, so a read before the first store shows
+        self.out = [np.full(self.o * self.nz * self.ny * self.nx, np.nan), np.full(self.o * self.nz * self.ny * self.nx * 3, np.nan)]
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
+        self.out_reads = [np.zeros(a.size, int) for a in self.out]
+        self.out_thread = [np.full(a.size, -1) for a in self.out]  # (CTA, thread) of every access
 
     # ---- load_slice ---------------------------------------------------------------------------
-    def load_slice(self, key, slot, z, yy, writes):
+    def load_slice(self, key, slot, z, yy, writes, grp=0):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         row, C = nx * m, lay.channels[key]
@@ -68,7 +76,7 @@ class Emulator:
 
         for warp in range(warps):
             for c in range(warp, C, warps):
-                src_c = LANE + c * volume
+                src_c = LANE + (grp * C + c) * volume  # the group's channel c
                 dst_c = base + 3 * c * P + skew[c & 3]
                 for dz in range(3):
                     src, dst = src_c + zoff[dz], dst_c + dz * P
@@ -86,18 +94,36 @@ class Emulator:
         copies = []
         for z in range(self.nz):
             for y0 in range(0, self.ny, self.strip):
-                copies += self.cta(z, y0, min(y0 + self.strip, self.ny))
+                for grp in range(self.n_groups):
+                    copies += self.cta(z, y0, min(y0 + self.strip, self.ny), grp)
         shape = (self.o, self.nz, self.ny, self.nx)
         return self.out[0].reshape(shape), self.out[1].reshape(shape + (3,)), copies
 
-    def cta(self, z, y0, y1):
+    def group_weights(self, grp):
+        """The kernel's copy of a group's packed weights into shared memory: float e (16-byte
+        steps) from the group's range of the vector phase (e < its size) or of the scalar one."""
+        wv_n = self.w_base[0]
+        ws_n = self.lay.weight_floats - wv_n
+        wv = grp * wv_n
+        ws = self.n_groups * wv_n + grp * ws_n - wv_n
+        s_w = np.full(self.lay.weight_floats, np.nan)
+        for e in range(0, self.lay.weight_floats, 4):
+            src = (wv if e < wv_n else ws) + e
+            s_w[e : e + 4] = self.packed[src : src + 4]
+        return s_w
+
+    def cta(self, z, y0, y1, grp=0):
+        """One pass of the CTA (z, strip y0 .. y1) over channel group grp; the ring and the
+        weights start over (the kernel's barrier between passes), the outputs do not."""
         sf = self.lay.slice_floats
         ring = np.full(3 * sf, np.nan)
+        self.s_w = self.group_weights(grp)
+        self.cta_id = (z * self.ny + y0) * 256  # + thread: who touched an output float
         copies = []
         for k in range(3):
             for key in (1, 0):
                 w = np.zeros(sf, int)
-                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, (y0 - 1 + k) % self.ny, w)
+                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, (y0 - 1 + k) % self.ny, w, grp)
                 copies.append((key, z, (y0 - 1 + k) % self.ny, w))
         segs = self.nx // _plan.SEG
         warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
@@ -121,14 +147,14 @@ class Emulator:
                         self.walk(ph, states[w], first, sl)
                     if r == n_chunks // 2 - 1 and more:  # MID: __syncthreads, then the copy
                         w = np.zeros(sf, int)
-                        self.load_slice(ph.key, nxt, z, y_next, w)
+                        self.load_slice(ph.key, nxt, z, y_next, w, grp)
                         copies.append((ph.key, z, y_next, w))
                     for w in warps:
                         self.walk(ph, states[w], rest, sl)
                         self.mma(ph, states[w], acc[w])
             oldest = mid
             for seg in range(segs):
-                self.store(seg, z, y, acc[(seg, 0)], acc[(seg, 1)])
+                self.store(seg, z, y, acc[(seg, 0)], acc[(seg, 1)], grp)
         return copies
 
     def chunk_start(self, ph, warp, h):
@@ -173,14 +199,30 @@ class Emulator:
             for n in range(self.nt):
                 idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
                 B = np.zeros((8, 8))
-                B[TID, G], B[TID + 4, G] = self.packed[idx], self.packed[idx + 1]
+                B[TID, G], B[TID + 4, G] = self.s_w[idx], self.s_w[idx + 1]
                 D = A @ B
                 c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
                 acc[tile.group, n] += np.stack(c)
 
-    def store(self, seg, z, y, acc0, acc1):
-        """The halves' meeting in the staging area and the segment's 16-byte stores."""
+    def store(self, seg, z, y, acc0, acc1, grp=0):
+        """The halves' meeting in the staging area and the segment's 16-byte stores: the first
+        group's with the bias offsets, a later one's added to what the previous pass stored
+        (loaded by each thread before the halves meet, as the kernel does)."""
         o, s0, s1 = self.o, *_plan.STAGE_PITCH
+        row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
+        o_rows = self.nz * self.ny
+        segs = self.nx // _plan.SEG
+        # thread t = half * 32 + lane of the segment (warp (half, seg)): its float4 f = t + 64 i
+        # of the row, scalar f < 4 o at dst0(f), vector f < 12 o at dst1(f)
+        dst0 = lambda f: (row + (f >> 2) * o_rows) * self.nx + seg * _plan.SEG + 4 * (f & 3) + np.arange(4)  # noqa: E731
+        dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * (f % 12) + np.arange(4)  # noqa: E731
+        thread = lambda t: self.cta_id + ((t >> 5) * segs + seg) * 32 + (t & 31)  # noqa: E731
+        prev = {}
+        if grp > 0:
+            for t in range(64):
+                for key, dst, n in ((0, dst0, o * 4), (1, dst1, o * 12)):
+                    for f in range(t, n, 64):
+                        prev[key, f] = self.load(key, dst(f), grp, thread(t))
         stage = np.full(o * (s0 + s1), np.nan)
         frag = lambda q, n, k: ((q * self.nt + n) * 4 + k) * 32 + LANE  # noqa: E731
         assert len(self.groups) * self.nt * 4 * 32 <= stage.size
@@ -201,18 +243,30 @@ class Emulator:
                     at = oo * s0 + xx if blk == 0 else o * s0 + oo * s1 + 3 * xx + comp
                     assert len(set(at.tolist())) == 32 and np.isnan(stage[at]).all()  # each float once
                     stage[at] = total[q, n, k]
-        row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
-        o_rows = self.nz * self.ny
         for t in range(64):
             for f in range(t, o * 4, 64):
                 oo, x4 = f >> 2, f & 3
-                dst = (row + oo * o_rows) * self.nx + seg * _plan.SEG + 4 * x4 + np.arange(4)
-                self.out[0][dst] = stage[oo * s0 + 4 * x4 + np.arange(4)] + self.off[oo]
-                self.out_writes[0][dst] += 1
+                v = stage[oo * s0 + 4 * x4 + np.arange(4)]
+                self.put(0, dst0(f), v + (self.off[oo] if grp == 0 else prev[0, f]), grp, thread(t))
             for f in range(t, o * 12, 64):
                 oo, x4 = f // 12, f % 12
-                dst = (row + oo * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * x4 + np.arange(4)
                 j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
                 comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
-                self.out[1][dst] = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)] + self.off[o + 3 * oo + comps]
-                self.out_writes[1][dst] += 1
+                v = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
+                self.put(1, dst1(f), v + (self.off[o + 3 * oo + comps] if grp == 0 else prev[1, f]), grp, thread(t))
+
+    def load(self, key, dst, grp, thread):
+        """A later pass's read of an output float4: what this thread stored there in the
+        previous pass (and nobody else since)."""
+        assert (self.out_thread[key][dst] == thread).all(), "an output float read by a thread that did not store it"
+        assert (self.out_writes[key][dst] == grp).all(), "a pass read a float its predecessor did not store"
+        self.out_reads[key][dst] += 1
+        return self.out[key][dst].copy()
+
+    def put(self, key, dst, v, grp, thread):
+        owner = self.out_thread[key][dst]
+        assert ((owner == -1) | (owner == thread)).all(), "an output float stored by two threads"
+        assert (self.out_writes[key][dst] == grp).all()  # once per pass
+        self.out_thread[key][dst] = thread
+        self.out_writes[key][dst] += 1
+        self.out[key][dst] = v

@@ -2,9 +2,11 @@
 plan's phases, symmetric row groups and shared-memory layout (bank-conflict-free reads, the
 budget), the packed, tf32-rounded mma B fragments, a lane-by-lane numpy emulation of the kernel
 (tests/_conv_cuda_emulate.py: slice copies and wrap floats, the ring and its refill, the stencil
-reads, the symmetric walk, the mma fragments, the output staging and 16-byte stores) against
-`reference` with every shared-memory and output float written exactly once, the coverage
-reasons, and (slow) nvcc's resource report: no spills, the register budget. What only
+reads, the symmetric walk, the mma fragments, the output staging and 16-byte stores, the channel
+groups' passes) against `reference` with every shared-memory float written once per copy and
+every output float written once per channel group (read back by the same thread in between),
+the channel-group choice and its shared memory, the coverage reasons, and (slow) nvcc's resource
+report: no spills, the register budget. What only
 tests/test_conv_contract_cuda_gpu.py covers: the compiled kernel's numbers (the hardware's
 cp.async, barriers, mma), the FFI call, vmap, timing."""
 
@@ -24,6 +26,7 @@ import kernels
 from bench import _cases, _configs
 from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
+from kernels import cuda
 from kernels.cuda import _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
 
@@ -95,6 +98,36 @@ def test_row_layout_reads_are_bank_conflict_free(nx):
     assert lay.smem_bytes <= _plan.SMEM_LIMIT and lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
 
 
+def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
+    """32 + 32 inputs (16 + 16 outputs) at x 64, the UNet's decoder layer after its skip
+    concatenation: one group needs 410 KB, two are the standard layer's 214,592 bytes each.
+    The passes are off by default (GINJAX_CUDA_CHANNEL_GROUPS) until they have run on a GPU."""
+    wide = standard_spec(32, 16)
+    assert _plan.splits(wide) == (1, 2) and _plan.splits(SPEC) == (1,) and _plan.splits(standard_spec(64, 8)) == (1, 2, 4)
+    monkeypatch.delenv(_plan.CHANNEL_GROUPS_ENV, raising=False)
+    assert _plan.groups(wide, 64) is None and _plan.layout(wide, 64).groups == 1
+    ok, why = _plan.coverage(wide, (64, 64, 64), np.float32)
+    assert not ok and "410496 bytes" in why and f"{_plan.CHANNEL_GROUPS_ENV}=1" in why, why
+    assert _plan.groups(SPEC, 64) == 1 and _plan.coverage(SPEC, (64, 64, 64), np.float32)[0]
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "yes")
+    with pytest.raises(ValueError, match="GINJAX_CUDA_CHANNEL_GROUPS"):
+        _plan.groups(wide, 64)
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    assert _plan.groups(wide, 64) == 2 and _plan.groups(SPEC, 64) == 1
+    assert _plan.groups(wide, 16) == 1 and _plan.groups(wide, 32) == 2  # 178,944 fits; 253,824 does not
+    one, two = _plan.layout(wide, 64, 1), _plan.layout(wide, 64)
+    assert one.smem_bytes == 410_496 > _plan.SMEM_LIMIT  # 3 x 103,296 ring + 81,920 weights + staging, offsets
+    assert (two.groups, two.channels, two.weight_floats) == (2, (16, 16), 10_240)
+    assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
+    assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
+    geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
+    assert len(geom) == 19 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2]
+    assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:] == [20_480, 2]
+    assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:] == [10_240, 1]
+    with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
+        _plan.layout(wide, 64, 3)
+
+
 def test_shared_memory_of_the_standard_layer():
     lay = _plan.layout(SPEC, 64)
     assert (lay.pitch, lay.skew) == ((69, 200), ((0, 0, 1, 3), (0, 1, 0, 1)))
@@ -156,18 +189,18 @@ def test_round_tf32():
     assert np.abs(_plan.round_tf32(r) / r - 1).max() <= 2.0**-11
 
 
-def _emulated(spatial, strip, round_z, seed, spec=SPEC):
+def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None):
     """The emulated kernel on fresh operands, with fresh bias offsets in its epilogue (the
     `off` operand `cuda.conv_contract.flat_offsets` builds); without `round_z` neither Z nor the
     packed weights are rounded to tf32, so only the index arithmetic and the walk's
-    reassociation remain."""
+    reassociation remain. `n_groups` forces a channel-group split (None: the kernel's)."""
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
     o = spec.out_keys[0][2]
     rng = np.random.default_rng(seed + 100)
     offsets = (jnp.asarray(rng.standard_normal(o), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
     emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z,
-                   offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)))
+                   offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)), n_groups=n_groups)
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
         want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
@@ -175,22 +208,30 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC):
     return emu, (y0, y1), want, copies
 
 
-@pytest.mark.parametrize("spatial, strip, channels", [((3, 5, 32), 2, (16, 16)), ((2, 3, 16), 3, (16, 16)),
-                                                     ((2, 3, 16), 2, (32, 8))])
-def test_emulated_kernel_matches_reference(spatial, strip, channels):
+@pytest.mark.parametrize("spatial, strip, channels, n_groups", [
+    ((3, 5, 32), 2, (16, 16), None), ((2, 3, 16), 3, (16, 16), None), ((2, 3, 16), 2, (32, 8), None),
+    ((2, 3, 16), 2, (32, 16), 2), ((3, 4, 16), 3, (48, 8), 3), ((1, 3, 32), 2, (32, 16), None)])
+def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
-    accuracy; every slice float a copy writes is the wrapped input it should be, written once;
-    every output float is stored once. 32 input channels: two chunk rounds per warp half; 8
-    outputs: one n-tile."""
+    accuracy; every slice float a copy writes is the wrapped input it should be (of the copy's
+    channel group), written once; every output float is stored once per channel group and read
+    back G - 1 times, all by one thread. 32 input channels: two chunk rounds per warp half; 8
+    outputs: one n-tile; (32, 16) at x 16 forced to 2 groups and (48, 8) to 3; (32, 16) at x 32
+    takes 2 because one does not fit."""
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
     assert _plan.coverage(spec, spatial, np.float32)[0]
-    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec)
+    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups)
+    G = emu.n_groups
+    assert G == (n_groups or _plan.groups(spec, spatial[2])) and G == (n_groups or (2 if channels == (32, 16) else 1))
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
-    assert all((w == 1).all() for w in emu.out_writes)
+    assert all((w == G).all() for w in emu.out_writes) and all((r == G - 1).all() for r in emu.out_reads)
+    assert all((t >= 0).all() for t in emu.out_thread)
     nz, ny, nx = spatial
     lay = emu.lay
-    x = [emu.x[0].reshape(lay.channels[0], nz, ny, nx, 1), emu.x[1].reshape(lay.channels[1], nz, ny, nx, 3)]
+    x = [emu.x[0].reshape(G * lay.channels[0], nz, ny, nx, 1), emu.x[1].reshape(G * lay.channels[1], nz, ny, nx, 3)]
+    assert len(copies) == G * nz * sum(2 * (min(y0 + strip, ny) - y0 + 2) for y0 in range(0, ny, strip))  # 3 + L - 1 slices a key
     for key, z, yy, writes in copies:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         want_at = np.zeros(lay.slice_floats, int)
@@ -199,16 +240,32 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels):
                 start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
                 want_at[start : start + (nx + 2) * m] = 1
         assert np.array_equal(writes, want_at), (key, z, yy)  # every float of every row once, no pad touched
-    # the ring's last contents for one CTA: the copies wrote the wrapped rows
-    slot = np.full(lay.slice_floats, np.nan)
-    for key in (0, 1):
-        emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int))
-        m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
-        for c in range(lay.channels[key]):
-            for dz in range(3):
-                start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
-                row = x[key][c, (dz - 1) % nz, ny - 1][np.arange(-1, nx + 1) % nx].reshape(-1)
-                assert np.array_equal(slot[start : start + (nx + 2) * m], row)
+    # a slot's contents for one CTA and each group: the copies wrote the group's wrapped rows
+    for grp in range(G):
+        slot = np.full(lay.slice_floats, np.nan)
+        for key in (0, 1):
+            emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int), grp)
+            m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+            for c in range(lay.channels[key]):
+                for dz in range(3):
+                    start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
+                    row = x[key][grp * lay.channels[key] + c, (dz - 1) % nz, ny - 1][np.arange(-1, nx + 1) % nx]
+                    assert np.array_equal(slot[start : start + (nx + 2) * m], row.reshape(-1))
+
+
+def test_group_weights_are_the_groups_chunks():
+    """A group's shared-memory weights (the kernel's two contiguous copies) are pack_weights of
+    the group's channels alone: the packed layout is chunk-major within each phase."""
+    spec, G = standard_spec(48, 16), 3
+    rng = np.random.default_rng(4)
+    ws = [rng.standard_normal((16, 48, p.basis.n_filters)) for p in spec.pairs]
+    packed = _plan.pack_weights(spec, ws, tf32=False)
+    emu = Emulator(spec, np.zeros((48, 1, 1, 16)), np.zeros((48, 1, 1, 16, 3)), packed, 1, n_groups=G)
+    sub = standard_spec(16, 16)
+    assert G * emu.lay.weight_floats == packed.size == G * _plan.layout(sub, 16).weight_floats
+    for grp in range(G):
+        mine = [w[:, 16 * grp : 16 * (grp + 1)] for w in ws]
+        assert np.array_equal(emu.group_weights(grp), _plan.pack_weights(sub, mine, tf32=False))
 
 
 def test_emulated_kernel_with_tf32_meets_the_tolerance():
@@ -216,6 +273,45 @@ def test_emulated_kernel_with_tf32_meets_the_tolerance():
     for g, w in zip(got, want):
         err = rel_l2(jnp.asarray(g, jnp.float32), w)
         assert 1e-6 < err <= kernels.TOLERANCE["tf32"]  # rounded (not fp32-exact), within tf32's bound
+
+
+def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch):
+    """forward_call with the FFI call replaced by the emulation, configured only from what the
+    kernel gets (`geom` as Forward reads it, the packed weights, the offsets): 32 + 32 inputs at
+    x 64 arrive as two channel groups and match `reference` (the Python side's totals, weight
+    size and group count agree with the kernel's reading of them)."""
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    spec, spatial = standard_spec(32, 16), (1, 2, 64)
+    calls = []
+
+    def ffi_call(target, shapes, vmap_method):
+        assert target == _ffi.TARGET and vmap_method == "broadcast_all"
+
+        def call(x0, x1, w, off, geom):
+            nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
+            G, w_floats = int(geom[18]), int(geom[17])
+            assert len(geom) == 19 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16)
+            assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
+            calls.append(G)
+
+            def host(x0, x1, w, off):
+                emu = Emulator(spec, np.asarray(x0), np.asarray(x1), np.asarray(w), strip, round_z=False,
+                               offsets=np.asarray(off), n_groups=G)
+                assert G * emu.lay.weight_floats == w_floats
+                return tuple(np.asarray(a, np.float32) for a in emu.run()[:2])
+
+            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off)
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=7)
+    got = cuda_entry.forward_call(spec, [x[0] for x in xs], ws)
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    assert calls == [2]
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]  # the packed weights are tf32, Z is not
 
 
 def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):
@@ -247,6 +343,14 @@ def test_coverage_reasons(monkeypatch):
     assert "multiples of 16" in _plan.coverage(c8, (16, 16, 16), np.float32)[1]
     d2 = _cases.fixture_spec(_configs.CONFIGS["d2_n64_b4_c8"])
     assert "D=2" in _plan.coverage(d2, None, np.float32)[1]
+    # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the
+    # standard layer's ring, always fit: with the channel-group passes on, shared memory no longer
+    # limits the forward's coverage
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    for c in (48, 64, 80):
+        assert _plan.coverage(standard_spec(c, 16), (5, 7, 64), np.float32)[0]
+        assert _plan.groups(standard_spec(c, 16), 64) == c // 16
+    assert _plan.groups(standard_spec(64, 8), 16) == 2  # where G = 1 does not fit, the fewest that do
 
 
 @pytest.mark.slow
@@ -261,7 +365,7 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert len(regs) == 8 and len(spills) == 8, report  # forward_kernel<nx 16..64, n-tiles 1, 2>
+    assert len(regs) == 16 and len(spills) == 16, report  # forward_kernel<nx 16..64, n-tiles 1, 2, groups 1 / G>
     assert all(s == ("0", "0") for s in spills), report
     assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))

@@ -227,10 +227,13 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
 def test_coverage_reasons(monkeypatch):
     assert _dw_plan.coverage(SPEC, (5, 7, 64), np.float32)[0]
     # one channel group in shared memory: 32 + 32 inputs at x 64 (the UNet's decoder layer after
-    # its skip concatenation) fit here, not in the forward's ring of every channel
+    # its skip concatenation) fit here, and in the forward's two channel-group passes
     wide = standard_spec(32, 16)
     assert _dw_plan.coverage(wide, (64, 64, 64), np.float32)[0]
-    assert "shared memory" in _plan.coverage(wide, (64, 64, 64), np.float32)[1]
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    assert _plan.coverage(wide, (64, 64, 64), np.float32)[0] and _plan.groups(wide, 64) == 2
+    # layer_coverage still refuses a layout over the budget (the weight gradient's check)
+    assert "shared memory" in _plan.layer_coverage(wide, (4, 4, 64), np.float32, smem=lambda nx: _plan.SMEM_LIMIT + 1)[1]
     assert "x extent" in _dw_plan.coverage(SPEC, (5, 7, 40), np.float32)[1]
     data = np.load(_cases.FIXTURE_FILTERS)
     basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731

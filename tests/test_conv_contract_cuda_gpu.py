@@ -1,7 +1,8 @@
 """The CUDA forward kernel (kernels/cuda) built and run on a Hopper GPU, against `reference` at the
 tf32 tolerance: the standard layer's grid, odd grids (z, y not powers of two, short strips that
 end mid-grid, x 16/32/48), poisoned outputs (every element written), vmap as one launch, and
-gradients (dense's VJP); and against its own lane-by-lane numpy emulation
+gradients (dense's VJP); channel-group passes (32 + 32 inputs at x 64, two groups because one
+does not fit; a forced split at a small grid); and against its own lane-by-lane numpy emulation
 (tests/_conv_cuda_emulate.py), far tighter than tf32's tolerance: the same tf32 rounding of Z
 (the one-add trick relies on the mma ignoring a tf32 operand's low 13 bits) and of the weights.
 Build first (kernels/cuda/README.md), then on the GPU machine:
@@ -40,16 +41,16 @@ def _built():
         pytest.fail(f"the CUDA kernel must be built for these tests: {why}")
 
 
-def _reference(xs, ws):
+def _reference(xs, ws, spec=SPEC):
     with jax.default_matmul_precision("highest"):
-        return jax.jit(jax.vmap(lambda x: kernels.conv_contract(SPEC, x, ws, backend="reference")))(xs)
+        return jax.jit(jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference")))(xs)
 
 
-def _check(spatial, batch, seed, blocks=None):
-    xs, ws, _ = _cases.spec_operands(SPEC, spatial, batch, seed=seed)
-    run = jax.jit(jax.vmap(lambda x, ws: cuda.conv_contract_cuda(SPEC, x, ws, block_sizes=blocks), in_axes=(0, None)))
+def _check(spatial, batch, seed, blocks=None, spec=SPEC):
+    xs, ws, _ = _cases.spec_operands(spec, spatial, batch, seed=seed)
+    run = jax.jit(jax.vmap(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks), in_axes=(0, None)))
     got = run(xs, ws)
-    for g, w in zip(got, _reference(xs, ws)):
+    for g, w in zip(got, _reference(xs, ws, spec)):
         assert g.shape == w.shape
         assert bool(jnp.all(jnp.isfinite(g))), "non-finite output: an unwritten or corrupted element"
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
@@ -75,6 +76,54 @@ def test_outputs_are_fully_written():
     jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
     got = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(SPEC, x, ws)))(xs)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
+
+
+WIDE = standard_spec(32, 16)  # the UNet's decoder layer after its skip concatenation: 32 + 32 -> 16 + 16
+
+
+@pytest.fixture
+def channel_groups(monkeypatch):
+    """The channel-group passes on (off by default until these tests have passed on a GPU)."""
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+
+
+@pytest.mark.parametrize("spatial, strip", [((2, 3, 64), None), ((3, 5, 64), None), ((3, 5, 64), 2)])
+def test_two_channel_groups_against_reference(spatial, strip, channel_groups):
+    """32 + 32 inputs at x 64: the full ring needs 410 KB, so the kernel passes over each strip
+    twice (16 + 16 channels a pass), the second adding to the first's stored outputs."""
+    assert _plan.groups(WIDE, spatial[2]) == 2
+    _check(spatial, 2, seed=27, blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip), spec=WIDE)
+
+
+def test_two_channel_groups_write_every_output(channel_groups):
+    """Poisoned (NaN) output buffers: the first pass must store every element the second reads
+    back, and the second every element again."""
+    xs, ws, _ = _cases.spec_operands(WIDE, (2, 3, 64), 2, seed=28)
+    poison = [jnp.full((2, 16, 2, 3, 64), jnp.nan), jnp.full((2, 16, 2, 3, 64, 3), jnp.nan)]
+    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
+    got = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(WIDE, x, ws)))(xs)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
+    for g, w in zip(got, _reference(xs, ws, WIDE)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("spatial, strip, channels, n_groups", [((2, 4, 16), 3, (32, 16), 2), ((3, 5, 32), 2, (48, 8), 3)])
+def test_forced_channel_groups_match_the_emulation(monkeypatch, spatial, strip, channels, n_groups, channel_groups):
+    """A split where one group would fit (`_plan.groups` patched, so `geometry` asks for it):
+    the kernel against its emulation of the same passes (tf32 alike, ~1e-6) and `reference`."""
+    spec = standard_spec(*channels)
+    monkeypatch.setattr(_plan, "groups", lambda spec, nx: n_groups)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=29)
+    blocks = cuda.BlockSizes(strip_rows=strip)
+    assert cuda.conv_contract.geometry(spec, spatial, blocks)[-1] == n_groups
+    got = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks))([x[0] for x in xs], ws)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, n_groups=n_groups)
+    with jax.default_matmul_precision("highest"):
+        ref = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    for g, w, r in zip(got, emu.run()[:2], ref):
+        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5
+        assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"]
 
 
 def test_vmap_is_one_launch_and_gradients_match():

@@ -18,13 +18,19 @@ FMA on a shared sum or difference: 948 instead of 1,368 FP32 instructions per wa
 `stencil_source(spec)` emits that walk as straight-line C++ (kernels/cuda/stencil_d3.inc, committed
 and compiled in); `coverage` accepts a layer only if it regenerates the same text, i.e. the kernel
 was compiled for its basis.
+
+Shared memory holds a ring of three y slices of every input channel and the packed weights; where
+that does not fit (`SMEM_LIMIT`), the kernel passes over each strip once per *channel group*
+(`groups`: the fewest that fit), the ring and weights holding one group at a time (`layout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pathlib
+from typing import Optional
 
 import numpy as np
 
@@ -35,6 +41,7 @@ from ..pallas._mosaic_plan import coverage as mosaic_coverage
 INCLUDE = pathlib.Path(__file__).with_name("stencil_d3.inc")
 SEG = 16  # output pixels (x) per warp: one m16 row block of the mma
 CHUNK = 8  # input channels per mma k-step
+CHANNELS_PER_ROUND = 2 * CHUNK  # a chunk per warp half: a block's (and a channel group's) multiple
 NX_COVERED = (16, 32, 48, 64)  # x extents the kernel is compiled for (a segment of 16 per warp)
 SMEM_LIMIT = 232_448  # bytes of dynamic shared memory one block may take on sm_90
 PHASE_KEYS = (1, 0)  # the vector block's tiles first (the larger phase), then the scalar ones
@@ -188,8 +195,14 @@ def stencil_source(spec: ConvSpec) -> str:
 def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
-    8 or 16 (both keys the same), float32, within the shared-memory budget."""
-    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
+    8 or 16 (both keys the same), float32, within the shared-memory budget in some number of
+    channel groups (`groups`)."""
+    ok, why = layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
+    if not ok and why.startswith("needs") and not channel_groups_enabled():
+        nx = int(tuple(spatial)[2])
+        if any(layout(spec, nx, g).smem_bytes <= SMEM_LIMIT for g in splits(spec)):
+            why += f"; channel-group passes would fit ({CHANNEL_GROUPS_ENV}=1, not yet run on a GPU)"
+    return ok, why
 
 
 def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None) -> tuple[bool, str]:
@@ -202,8 +215,8 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None) -> tuple[bool
         return False, f"{np.dtype(dtype).name} operands are not covered (float32 only)"
     c0, c1 = (c for _, _, c in spec.in_keys)
     o0, o1 = (o for _, _, o in spec.out_keys)
-    if c0 % (2 * CHUNK) or c1 % (2 * CHUNK):
-        return False, f"input channels (={c0}, {c1}) must be multiples of {2 * CHUNK} (a chunk per warp half)"
+    if c0 % CHANNELS_PER_ROUND or c1 % CHANNELS_PER_ROUND:
+        return False, f"input channels (={c0}, {c1}) must be multiples of {CHANNELS_PER_ROUND} (a chunk per warp half)"
     if o0 != o1 or o0 not in (8, 16):
         return False, f"output channels (={o0}, {o1}) must be equal and 8 or 16"
     if spatial is not None:
@@ -265,12 +278,16 @@ def _round4(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """Shared memory of one CTA pass over a channel group: `channels` and `weight_floats` are one
+    group's (the ring and the weights shared memory holds at a time), `groups` the passes."""
+
     nx: int
-    channels: tuple[int, int]  # input channels (scalar, vector)
+    channels: tuple[int, int]  # input channels (scalar, vector) of one group
     pitch: tuple[int, int]
     skew: tuple[tuple[int, ...], tuple[int, ...]]
-    weight_floats: int
+    weight_floats: int  # one group's packed weights
     out_channels: int
+    groups: int = 1
 
     @property
     def region(self) -> tuple[int, int]:
@@ -299,13 +316,54 @@ class Layout:
         return 2 * 32 * (self.nx // SEG)
 
 
-def layout(spec: ConvSpec, nx: int) -> Layout:
+def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
+    """The layout of `n_groups` channel groups (None: `groups(spec, nx)`; where no split fits,
+    the one of least shared memory, so the coverage reason names what the best split needs)."""
     (c0, c1), o = (tuple(c for _, _, c in spec.in_keys), spec.out_keys[0][2])
+    if n_groups is None:
+        n_groups = groups(spec, nx) or max(allowed_splits(spec), default=1)
+    if n_groups != 1 and n_groups not in splits(spec):
+        raise ValueError(f"`n_groups` (={n_groups}) must split both input blocks (={c0}, {c1} channels) into "
+                         f"groups of a multiple of {CHANNELS_PER_ROUND}: one of {(1,) + splits(spec)[1:]}")
+    c = (c0 // n_groups, c1 // n_groups)
     _, phs = phases(spec)
     p0, s0 = row_layout(nx, 1)
     p1, s1 = row_layout(nx, 3)
-    weights = sum(len(ph.tiles) * spec.in_keys[ph.key][2] * o for ph in phs)
-    return Layout(nx, (c0, c1), (p0, p1), (s0, s1), weights, o)
+    weights = sum(len(ph.tiles) * c[ph.key] * o for ph in phs)
+    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups)
+
+
+def splits(spec: ConvSpec) -> tuple[int, ...]:
+    """The channel-group counts the kernel can pass over: G splitting both input blocks into
+    groups of whole chunk rounds (multiples of CHANNELS_PER_ROUND), ascending."""
+    c0, c1 = (c for _, _, c in spec.in_keys)
+    return tuple(g for g in range(1, min(c0, c1) // CHANNELS_PER_ROUND + 1)
+                 if not c0 % (g * CHANNELS_PER_ROUND) and not c1 % (g * CHANNELS_PER_ROUND))
+
+
+CHANNEL_GROUPS_ENV = "GINJAX_CUDA_CHANNEL_GROUPS"
+
+
+def channel_groups_enabled() -> bool:
+    """Whether the forward may pass over several channel groups: GINJAX_CUDA_CHANNEL_GROUPS="1".
+    Off ("0") by default until the group passes have run on a GPU (bench/NOTES.md,
+    "Channel-group passes"): a layer that needs them then stays on the Triton fallback."""
+    value = os.environ.get(CHANNEL_GROUPS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"`{CHANNEL_GROUPS_ENV}` (={value!r}) must be '0' or '1'")
+    return value == "1"
+
+
+def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
+    """`splits`, or only the single group where channel-group passes are off."""
+    return splits(spec) if channel_groups_enabled() else splits(spec)[:1]
+
+
+def groups(spec: ConvSpec, nx: int) -> Optional[int]:
+    """The number of channel groups the kernel passes over at x extent nx: the smallest allowed
+    split (`allowed_splits`) whose layout fits SMEM_LIMIT (each group past the first costs a read
+    and a write of the outputs and a ring refill), None where none fits."""
+    return next((g for g in allowed_splits(spec) if layout(spec, nx, g).smem_bytes <= SMEM_LIMIT), None)
 
 
 # ---- weights ----------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
 // (tiles, groups and phases: kernels/cuda/_plan.py; the basis walk: stencil_d3.inc, generated).
 //
 // Work split. A CTA owns one (batch, z) and a strip of y rows, all x, and slides along y: a ring
-// of three y slices (3 z rows x every input channel of both blocks) lives in shared memory, so
-// each input row is fetched from L2 once per CTA plus three z neighbours (not 9x as one row per
-// CTA did). Warps: (x segment of 16 pixels) x (warp half: even / odd channel chunks of 8).
+// of three y slices (3 z rows x every input channel of both blocks, or of one channel group:
+// below) lives in shared memory, so each input row is fetched from L2 once per CTA plus three z
+// neighbours (not 9x as one row per CTA did). Warps: (x segment of 16 pixels) x (warp half:
+// even / odd channel chunks of 8).
 // Per output row and chunk a warp computes Z tiles straight in the registers of the mma A
 // fragment: lane (g, tid) owns pixels x = 2g, 2g + 1 of its segment (mma rows g, g + 8) and
 // channels tid, tid + 4 (A columns), so one input row read (x = 2g - 1 .. 2g + 2, both
@@ -45,10 +46,23 @@
 // (the offsets read from shared memory, where the CTA copied them at its start). For the "mean"
 // bias the offsets come from the inputs' means (kernels._bias), so no pass over the output.
 //
+// Channel groups. The ring holds every channel of a group and shared memory one group's packed
+// weights; where the layer's full ring does not fit (32 + 32 input channels at x 64 need 410 KB
+// against 227 KB), the CTA passes over its strip once per group of c0 / G scalar and c1 / G
+// vector channels (each a multiple of 16; _plan.groups picks the smallest G that fits): per pass
+// it copies the group's weights (its chunks are a contiguous range of each phase's packed
+// weights), refills the ring with the group's channels and slides the strip as above. The first
+// pass stores its sums with the bias offsets; a later one reads the float4 it stored in the
+// previous pass (the same thread and address, so program order makes it visible), adds, and
+// stores: deterministic, no atomics. A group past the first costs one more read and write of the
+// outputs and a ring refill (the inputs are still read once: each group its own channels).
+// G = 1 is its own instantiation (kGroups false), compiled without the group loop or the reads.
+//
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), off (4 o: o scalar
-// offsets, then (o, 3) vector ones), results y0 (o, nz, ny, nx), y1 (o, nz, ny, nx, 3). Attribute `geom`: nz, ny, nx, c0, c1, o, strip,
-// pitch0, pitch1, skew0[4], skew1[4], weight floats.
+// offsets, then (o, 3) vector ones), results y0 (o, nz, ny, nx), y1 (o, nz, ny, nx, 3).
+// Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
+// floats (an example's, every group), channel groups G.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -73,7 +87,8 @@ struct Params {
   const float* off;
   float* y[2];
   int nz, ny, c[2], o, strip;
-  int w_floats, slice_floats, region1, w_base[2];
+  int groups, cg[2];  // channel groups, and one group's channels per block (what the ring holds)
+  int w_floats, w_group, slice_floats, region1, w_base[2];  // weights: an example's, one group's
 };
 
 // Block KEY's row layout for x extent NX (generated tables, _plan.row_layout): a channel c's rows
@@ -103,16 +118,17 @@ __device__ __forceinline__ void pair_barrier(int id) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(64) : "memory");
 }
 
-// One y slice of input block KEY (3 z rows zz[0..2] around z, every channel, x = -1 .. NX
-// wrapped) into `slice`: a warp per channel, its three rows in turn; lane l copies floats l,
-// l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM: x = -1 from
-// x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base (+ lane) plus
-// an immediate.
+// One y slice of input block KEY (3 z rows zz[0..2] around z, every channel of channel group
+// grp, x = -1 .. NX wrapped) into `slice`: a warp per channel, its three rows in turn; lane l
+// copies floats l, l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM:
+// x = -1 from x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base
+// (+ lane) plus an immediate.
 template <int NX, int KEY>
-__device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int yy, const int (&zz)[3]) {
+__device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3]) {
   using L = RowLayout<NX, KEY>;
   constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
-  const int lane = threadIdx.x & 31, C = p.c[KEY];
+  const int lane = threadIdx.x & 31, C = p.cg[KEY];
+  const int ch0 = b * p.c[KEY] + grp * C;  // the group's first channel in the batch's channel axis
   const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
   const int plane = p.ny * kRow;  // floats of one (channel, z) plane
   // offsets inside a channel's volume (32-bit: one channel of one batch element); the 64-bit
@@ -123,7 +139,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   const float* x = p.x[KEY] + lane;
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
   for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
-    const float* src_c = x + (size_t)(b * C + c) * volume;
+    const float* src_c = x + (size_t)(ch0 + c) * volume;
     float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
 #pragma unroll
     for (int dz = 0; dz < 3; ++dz) {
@@ -143,7 +159,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey>(p, next, b, y_next, zz);                   \
+    if (more) load_slice<NX, kKey>(p, next, b, grp, y_next, zz);              \
     cp_async_commit();                                                        \
   }
 
@@ -154,7 +170,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   {                                                                                             \
     constexpr int kKey = GJ_##NAME##_KEY, kTiles = GJ_##NAME##_TILES;                           \
     constexpr int kM = RowLayout<NX, kKey>::kM, kP = RowLayout<NX, kKey>::kPitch;               \
-    const int n_chunks = p.c[kKey] / kChunk;                                                    \
+    const int n_chunks = p.cg[kKey] / kChunk;                                                   \
     /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
     if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
       cp_async_wait<0>();                                                                       \
@@ -184,14 +200,16 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
     }                                                                                           \
   }
 
-// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles).
-template <int NX, int NT>
+// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles),
+// kGroups: more than one channel group (false: the single pass, compiled without the group loop
+// or the read-add epilogue).
+template <int NX, int NT, bool kGroups>
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
   float* ring = smem;
   float* s_w = ring + 3 * p.slice_floats;
-  float* s_stage = s_w + p.w_floats;
+  float* s_stage = s_w + p.w_group;
   float* s_off = s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = warp % kSegs, half = warp / kSegs;
@@ -201,130 +219,191 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
   auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
 
-  // the packed weights are tf32 already (_plan.pack_weights): 16-byte copies, with the vector slices
-  const float* wg = p.w + (size_t)b * p.w_floats;
-  for (int e = 4 * threadIdx.x; e < p.w_floats; e += 4 * kThreads) cp_async16(s_w + e, wg + e);
   if (threadIdx.x < 4 * kO) s_off[threadIdx.x] = p.off[(size_t)b * 4 * kO + threadIdx.x];  // seen after the barrier below
-  for (int k = 0; k < 3; ++k) load_slice<NX, 1>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
-  cp_async_commit();
-  for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, wrap_y(y0 - 1 + k), zz);
-  cp_async_commit();
-  cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
-  __syncthreads();
-
   float acc[GJ_GROUPS][NT][4];
 #pragma unroll
   for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
 
-  int oldest = 0;  // ring slot of slice y - 1
-  for (int y = y0; y < y1; ++y) {
-    const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
-    const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
-    float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
-    const bool more = y + 2 <= y1;  // row y + 1 is in the strip and needs slice y + 2
-    const int y_next = wrap_y(y + 2);
-    // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
-    // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
-    // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
-    // Before them a phase reads only slice y - 1, long complete. So a vector copy has a whole
-    // row to land and a scalar one two thirds of a phase and the row's tail.
-    GJ_PHASE(V)
-    GJ_PHASE(S)
-    oldest = mid;
+  // One pass over the strip per channel group (one pass where the whole ring fits): the ring and
+  // the weights hold one group's channels; the epilogue of a pass past the first adds to what the
+  // previous pass stored.
+  const int n_groups = kGroups ? p.groups : 1;
+  for (int grp = 0; grp < n_groups; ++grp) {
+    if (grp > 0) {  // every warp past the last pass's reads of the ring, weights and staging
+      cp_async_wait<0>();
+      __syncthreads();
+    }
+    // The group's packed weights (tf32 already, _plan.pack_weights): its chunks of the vector
+    // phase, then of the scalar one, each a contiguous range of the example's weights.
+    const float* wx = p.w + (size_t)b * p.w_floats;
+    const int wv_n = p.w_base[0], ws_n = p.w_group - wv_n;       // one group's floats per phase
+    const float* wv = wx + grp * wv_n;                           // + e, e < wv_n: vector float e
+    const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
+    for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
+    for (int k = 0; k < 3; ++k) load_slice<NX, 1>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    cp_async_commit();
+    for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    cp_async_commit();
+    cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
+    __syncthreads();
 
-    // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
-    // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
-    // sums in the outputs' layout (scalar [o][16 x], vector [o][16 x][3]; two wavefronts a
-    // store); then the segment's 64 threads store it as 16-byte rows.
-    float* st = s_stage + seg * kO * (kStage0 + kStage1);
-    auto at = [&](int q, int n, int k) {
-      const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
-      return kGroupBlock[q] == 0 ? o * kStage0 + x : kO * kStage0 + o * kStage1 + 3 * x + kGroupComp[q];
-    };
-    if (half == 1) {
+    int oldest = 0;  // ring slot of slice y - 1
+    for (int y = y0; y < y1; ++y) {
+      const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
+      const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
+      float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
+      const bool more = y + 2 <= y1;  // row y + 1 is in the strip and needs slice y + 2
+      const int y_next = wrap_y(y + 2);
+      // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
+      // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
+      // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
+      // Before them a phase reads only slice y - 1, long complete. So a vector copy has a whole
+      // row to land and a scalar one two thirds of a phase and the row's tail.
+      GJ_PHASE(V)
+      GJ_PHASE(S)
+      oldest = mid;
+
+      // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
+      // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
+      // sums in the outputs' layout (scalar [o][16 x], vector [o][16 x][3]; two wavefronts a
+      // store); then the segment's 64 threads store it as 16-byte rows (float4 f of the row:
+      // scalar f < 4 kO, vector f < 12 kO, thread t's f = t + 64 i), the first pass with the
+      // bias offsets, a later one adding what the previous pass stored there: the same thread's
+      // store to the same address, so program order makes it visible. A later pass loads those
+      // float4s before the halves meet, all at once, so their latency overlaps the staging.
+      const int t = half * 32 + lane;
+      const size_t row = ((size_t)b * kO * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+      float* y0_row = p.y[0] + row * NX + seg * kSeg;             // float4 (o, x4) at + o o_rows NX + 4 x4
+      float* y1_row = p.y[1] + row * (3 * NX) + seg * 3 * kSeg;  // at + o o_rows 3 NX + 4 x4
+      auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * NX + 4 * (f & 3)); };
+      auto y1_at = [&](int f) {
+        const int o = f / 12;
+        return reinterpret_cast<float4*>(y1_row + o * o_rows * (3 * NX) + 4 * (f - 12 * o));
+      };
+      constexpr int kF0 = (kO * 4 + 63) / 64, kF1 = (kO * 12 + 63) / 64;  // float4s per thread, at most
+      float4 prev[kF0 + kF1];
+      if (kGroups && grp > 0) {
 #pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
+        for (int i = 0; i < kF0; ++i)
+          if (t + 64 * i < kO * 4) prev[i] = *y0_at(t + 64 * i);
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int i = 0; i < kF1; ++i)
+          if (t + 64 * i < kO * 12) prev[kF0 + i] = *y1_at(t + 64 * i);
+      }
+      float* st = s_stage + seg * kO * (kStage0 + kStage1);
+      auto at = [&](int q, int n, int k) {
+        const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
+        return kGroupBlock[q] == 0 ? o * kStage0 + x : kO * kStage0 + o * kStage1 + 3 * x + kGroupComp[q];
+      };
+      if (half == 1) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) st[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
-    }
-    pair_barrier(1 + seg);
-    if (half == 0) {
+        for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
+          for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+            for (int k = 0; k < 4; ++k) st[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
+      }
+      pair_barrier(1 + seg);
+      if (half == 0) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) acc[q][n][k] += st[((q * NT + n) * 4 + k) * 32 + lane];
-      __syncwarp();
+        for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
-      for (int q = 0; q < GJ_GROUPS; ++q)
+          for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+            for (int k = 0; k < 4; ++k) acc[q][n][k] += st[((q * NT + n) * 4 + k) * 32 + lane];
+        __syncwarp();
 #pragma unroll
-          for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
-    }
-    pair_barrier(1 + seg);
-    const int t = half * 32 + lane;
-    const size_t row = ((size_t)b * kO * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+        for (int q = 0; q < GJ_GROUPS; ++q)
 #pragma unroll
-    for (int f = t; f < kO * 4; f += 64) {
-      const int o = f >> 2, x4 = f & 3;
-      float4 v = *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
-      const float a = s_off[o];
-      v.x += a, v.y += a, v.z += a, v.w += a;
-      *reinterpret_cast<float4*>(p.y[0] + (row + o * o_rows) * NX + seg * kSeg + 4 * x4) = v;
-    }
+          for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int f = t; f < kO * 12; f += 64) {
-      const int o = f / 12, x4 = f - 12 * o;
-      float4 v = *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
-      // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
-      const float* a = s_off + kO + 3 * o;
-      const int j = x4 % 3;
-      const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
-      v.x += a0, v.y += a1, v.z += a2, v.w += a0;
-      *reinterpret_cast<float4*>(p.y[1] + (row + o * o_rows) * (3 * NX) + seg * 3 * kSeg + 4 * x4) = v;
+            for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
+      }
+      pair_barrier(1 + seg);
+      if (grp == 0) {
+#pragma unroll
+        for (int f = t; f < kO * 4; f += 64) {
+          const int o = f >> 2, x4 = f & 3;
+          float4 v = *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
+          const float a = s_off[o];
+          v.x += a, v.y += a, v.z += a, v.w += a;
+          *y0_at(f) = v;
+        }
+#pragma unroll
+        for (int f = t; f < kO * 12; f += 64) {
+          const int o = f / 12, x4 = f - 12 * o;
+          float4 v = *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
+          // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
+          const float* a = s_off + kO + 3 * o;
+          const int j = x4 % 3;
+          const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
+          v.x += a0, v.y += a1, v.z += a2, v.w += a0;
+          *y1_at(f) = v;
+        }
+      } else {
+        auto add = [](float4 v, const float4& u) { return make_float4(v.x + u.x, v.y + u.y, v.z + u.z, v.w + u.w); };
+#pragma unroll
+        for (int i = 0; i < kF0; ++i) {
+          const int f = t + 64 * i, o = f >> 2, x4 = f & 3;
+          if (f < kO * 4) *y0_at(f) = add(*reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4), prev[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < kF1; ++i) {
+          const int f = t + 64 * i, o = f / 12, x4 = f - 12 * o;
+          if (f < kO * 12)
+            *y1_at(f) = add(*reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4), prev[kF0 + i]);
+        }
+      }
     }
   }
   cp_async_wait<0>();
 }
 
-template <int NX, int NT>
+template <int NX, int NT, bool kGroups>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_floats + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
-  forward_kernel<NX, NT><<<grid, 4 * NX, smem, stream>>>(p);
+  forward_kernel<NX, NT, kGroups><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int NT>
+template <int NT, bool kGroups>
 cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
-    case 16: return launch<16, NT>(p, batch, stream);
-    case 32: return launch<32, NT>(p, batch, stream);
-    case 48: return launch<48, NT>(p, batch, stream);
-    default: return launch<64, NT>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups>(p, batch, stream);
+    case 32: return launch<32, NT, kGroups>(p, batch, stream);
+    case 48: return launch<48, NT, kGroups>(p, batch, stream);
+    default: return launch<64, NT, kGroups>(p, batch, stream);
   }
+}
+
+template <int NT>
+cudaError_t launch_groups(const Params& p, int nx, int batch, cudaStream_t stream) {
+  return p.groups > 1 ? launch_nx<NT, true>(p, nx, batch, stream) : launch_nx<NT, false>(p, nx, batch, stream);
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 18) return bad("`geom` must have 18 entries");
+  if (geom.size() != 19) return bad("`geom` must have 19 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[2];
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
-  p.w_floats = (int)geom[17];
+  p.w_floats = (int)geom[17], p.groups = (int)geom[18];
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
-  if (p.c[0] % (2 * kChunk) || p.c[1] % (2 * kChunk)) return bad("input channels must be multiples of 16");
+  if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
+    return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
+               std::to_string(p.c[0]) + ", " + std::to_string(p.c[1]) + ")");
+  p.cg[0] = p.c[0] / p.groups, p.cg[1] = p.c[1] / p.groups;
+  if (p.cg[0] % (2 * kChunk) || p.cg[1] % (2 * kChunk))
+    return bad("a channel group's input channels (" + std::to_string(p.cg[0]) + ", " + std::to_string(p.cg[1]) +
+               ") must be multiples of 16");
   if (p.o != 8 && p.o != 16) return bad("output channels must be 8 or 16");
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
@@ -343,12 +422,14 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
-  p.region1 = 3 * p.c[0] * kPitch1[l];
-  p.slice_floats = (p.region1 + 3 * p.c[1] * kPitch3[l] + 3) / 4 * 4;
+  p.region1 = 3 * p.cg[0] * kPitch1[l];
+  p.slice_floats = (p.region1 + 3 * p.cg[1] * kPitch3[l] + 3) / 4 * 4;
   const int nt = p.o / 8;
-  p.w_base[1] = 0, p.w_base[0] = (p.c[1] / kChunk) * GJ_V_TILES * nt * 64;
-  if (p.w_base[0] + (p.c[0] / kChunk) * GJ_S_TILES * nt * 64 != p.w_floats) return bad("packed weights have the wrong size");
-  const cudaError_t err = nt == 1 ? launch_nx<1>(p, nx, (int)batch, stream) : launch_nx<2>(p, nx, (int)batch, stream);
+  p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
+  p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
+  if ((int64_t)p.groups * p.w_group != p.w_floats)
+    return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
+  const cudaError_t err = nt == 1 ? launch_groups<1>(p, nx, (int)batch, stream) : launch_groups<2>(p, nx, (int)batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

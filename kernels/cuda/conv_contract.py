@@ -67,11 +67,15 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets)
 
 
-def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes) -> list[int]:
-    """The kernel's `geom` attribute (conv_contract.cu's header lists the entries)."""
-    lay = _plan.layout(spec, spatial[2])
-    (c0, c1), o = lay.channels, spec.out_keys[0][2]
-    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], lay.weight_floats]
+def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
+             n_groups: Optional[int] = None) -> list[int]:
+    """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
+    channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
+    split: the tests' way to run several groups where one would fit)."""
+    lay = _plan.layout(spec, spatial[2], n_groups)
+    g = lay.groups
+    (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
+    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g]
 
 
 def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:
