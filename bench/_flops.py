@@ -1,4 +1,5 @@
-"""Sizes of a case: dense-equivalent FLOPs of the convolutions in a jaxpr, bytes of a pytree."""
+"""Sizes of a case: dense-equivalent FLOPs of the convolutions in a jaxpr, bytes of a pytree; the
+equations of a jaxpr with its nested programs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,25 @@ def tree_bytes(tree) -> int:
 def conv_flops(fn: Callable, *args) -> int:
     """FLOPs of the conv_general_dilated ops in fn's forward jaxpr (2 * out elements * window)."""
     closed = jax.make_jaxpr(fn)(*args)
-    return _jaxpr_conv_flops(closed.jaxpr)
+    total = 0
+    for eqn in equations(closed.jaxpr):
+        if eqn.primitive.name == "conv_general_dilated":
+            out = eqn.outvars[0].aval.shape
+            rhs = eqn.invars[1].aval.shape
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, *spatial)
+            window = math.prod(rhs[d] for d in rhs_spec[1:])  # in-features per group * taps
+            total += 2 * math.prod(out) * window
+    return total
+
+
+def equations(jaxpr):
+    """Every equation of `jaxpr` and of the programs nested in its equations' parameters (jit,
+    custom_vjp, custom_vmap, ...), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from equations(sub)
 
 
 def _sub_jaxprs(value):
@@ -28,18 +47,3 @@ def _sub_jaxprs(value):
     elif isinstance(value, (tuple, list)):
         for v in value:
             yield from _sub_jaxprs(v)
-
-
-def _jaxpr_conv_flops(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            out = eqn.outvars[0].aval.shape
-            rhs = eqn.invars[1].aval.shape
-            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, *spatial)
-            window = math.prod(rhs[d] for d in rhs_spec[1:])  # in-features per group * taps
-            total += 2 * math.prod(out) * window
-        for value in eqn.params.values():
-            for sub in _sub_jaxprs(value):
-                total += _jaxpr_conv_flops(sub)
-    return total

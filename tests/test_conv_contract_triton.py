@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from bench._flops import equations
 from conftest import (
     fixture_filters,
     float64,
@@ -115,21 +116,6 @@ def test_block_layouts_forward_and_gradients(layout):
         assert rel_l2(g, r) <= 1e-5
 
 
-def primitive_operands(jaxpr) -> list[tuple[str, tuple[int, ...]]]:
-    """(primitive name, first operand's shape) of every equation of `jaxpr` and the programs nested
-    in its equations' parameters (jit, custom_vjp, ...)."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.invars:
-            found.append((eqn.primitive.name, tuple(getattr(eqn.invars[0].aval, "shape", ()))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += primitive_operands(inner)
-    return found
-
-
 @pytest.mark.parametrize("torus", [True, False])
 def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
     """The layer's bias ('add' on the scalar output, 'mean' on the vector one) against `reference`:
@@ -155,7 +141,7 @@ def test_bias_in_the_epilogue_with_gradients_under_vmap(torus):
     # a spatial mean of the (B=2, o=3, 5, 5, 2) vector output: a reduction whose operand has the
     # output's size (the bias means' own tiny contractions reduce arrays of a few dozen entries)
     output_size = 2 * 3 * 5 * 5 * 2
-    reduced = [shape for name, shape in primitive_operands(closed.jaxpr) if name == "reduce_sum"]
+    reduced = [tuple(e.invars[0].aval.shape) for e in equations(closed.jaxpr) if e.primitive.name == "reduce_sum"]
     assert any(int(np.prod(shape)) == output_size for shape in reduced) != torus, (reduced, closed)
 
 

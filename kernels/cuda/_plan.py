@@ -195,8 +195,8 @@ def stencil_source(spec: ConvSpec) -> str:
 def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
-    8 or 16 (both keys the same), float32, within the shared-memory budget in some number of
-    channel groups (`groups`)."""
+    8 or 16 (both keys the same), float32, within the shared-memory budget in one channel group
+    or, with GINJAX_CUDA_CHANNEL_GROUPS=1, in several (`groups`)."""
     ok, why = layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
     if not ok and why.startswith("needs") and not channel_groups_enabled():
         nx = int(tuple(spatial)[2])
@@ -317,8 +317,8 @@ class Layout:
 
 
 def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
-    """The layout of `n_groups` channel groups (None: `groups(spec, nx)`; where no split fits,
-    the one of least shared memory, so the coverage reason names what the best split needs)."""
+    """The layout of `n_groups` channel groups (None: `groups(spec, nx)`; where no allowed split
+    fits, the allowed one of least shared memory, so the coverage reason names what it needs)."""
     (c0, c1), o = (tuple(c for _, _, c in spec.in_keys), spec.out_keys[0][2])
     if n_groups is None:
         n_groups = groups(spec, nx) or max(allowed_splits(spec), default=1)
