@@ -40,6 +40,10 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # (the default where the library is built), and on Triton's kernel only
     "cuda-dw": ({"GINJAX_TRITON_WEIGHT_GRAD": "cuda"}, ()),
     "triton-dw": ({"GINJAX_TRITON_WEIGHT_GRAD": "triton"}, ()),
+    # the CUDA forward's channel-group passes on and off (kernels/cuda/_plan.py): layers whose
+    # input channels do not fit its shared memory in one group run on it, or on Triton's kernel
+    "cuda-groups": ({"GINJAX_CUDA_CHANNEL_GROUPS": "1"}, ()),
+    "no-cuda-groups": ({"GINJAX_CUDA_CHANNEL_GROUPS": "0"}, ()),
 }
 
 
