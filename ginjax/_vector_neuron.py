@@ -23,12 +23,13 @@ the components' axis, so they fuse with the elementwise work instead of becoming
 Two arrangements of the same arithmetic, by where the T components sit:
 - "minor": (c, *spatial, T), the block's own axis order; the GEMM reads (c, S * T).
 - "planar": (c, T, *spatial), the components ahead of the pixels; the GEMM reads (c, T * S).
-On a GPU the fused ConvContract kernels ask XLA for component-planar blocks (physically
-(c, T, *spatial)), so there "planar" makes both axis moves layout-only bitcasts and the GEMM reads
-and writes the planes as they lie; "minor" made XLA copy every GEMM output into the planar
-layout and back in the backward (bench/NOTES.md, "Round 2 measured"). On a CPU the blocks are
-components-minor and "minor" is the copy-free one. `GINJAX_VN_LAYOUT` (minor / planar) overrides
-the platform's default.
+The layout is also the one the "triton" kernels index the block in, so it is the physical layout
+XLA gives the block around them. It should match the neighbouring convolutions': the Triton
+ConvContract kernels ask XLA for component-planar blocks (with "minor" XLA copied every block
+into the planar layout and back, bench/NOTES.md "Round 2 measured"), the CUDA ConvContract
+kernels (kernels/cuda, the default for the layers they cover on a Hopper GPU where they are
+built) for components-minor ones. Default (`default_layout`): "minor" on a CPU and where the CUDA
+kernels run, "planar" on other GPUs. `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
@@ -86,9 +87,19 @@ def _from_env(env: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def default_layout() -> str:
-    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (where the fused kernels keep blocks
-    component-planar) and "minor" elsewhere."""
-    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
+    """$GINJAX_VN_LAYOUT if set, else the layout of the neighbouring convolutions' kernels:
+    "minor" where the CUDA ConvContract kernels run (and on a CPU), "planar" on other GPUs
+    (the Triton kernels keep blocks component-planar)."""
+    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" and not _cuda_kernels() else "minor")
+
+
+def _cuda_kernels() -> bool:
+    """Whether kernels/cuda's ConvContract kernels can run here (built, a Hopper GPU)."""
+    try:
+        from kernels.cuda import availability
+    except ImportError:
+        return False
+    return availability()[0]
 
 
 def default_impl() -> str:
@@ -140,8 +151,8 @@ def vector_neuron(
 ) -> jax.Array:
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
-    `layout` ("minor" / "planar", default `default_layout()`) only arranges the arithmetic of
-    the "xla" path; `impl` ("xla" / "triton" / "cuda", default `default_impl()`) picks the path
+    `layout` ("minor" / "planar", default `default_layout()`) arranges the arithmetic of the
+    "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" / "triton" / "cuda", default `default_impl()`) picks the path
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
     not covered falls back to "triton" and "xla" in that order)."""
     layout = default_layout() if layout is None else layout
@@ -157,7 +168,7 @@ def vector_neuron(
     if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
         from kernels.triton import vector_neuron_triton
 
-        return vector_neuron_triton(weight, block, D, activation, float(eps))
+        return vector_neuron_triton(weight, block, D, activation, float(eps), planar=layout == "planar")
     lead = block.shape[: 1 + D]
     T = math.prod(block.shape[1 + D :])
     x = block.reshape(lead + (T,))

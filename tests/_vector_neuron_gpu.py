@@ -30,10 +30,11 @@ def operands(seed, shape, c):
     return w, x, gy
 
 
-def step(impl, D, activation):
-    """jit of (y, gw, gx) of the vmapped VectorNeuron, cotangent gy."""
+def step(impl, D, activation, layout=None):
+    """jit of (y, gw, gx) of the vmapped VectorNeuron, cotangent gy (`layout`: ginjax's, None
+    for its default)."""
     def batched(w, x):
-        return jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, D, activation, EPS, impl=impl))(x)
+        return jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, D, activation, EPS, layout=layout, impl=impl))(x)
 
     def f(w, x, gy):
         y, vjp = jax.vjp(batched, w, x)
@@ -41,11 +42,11 @@ def step(impl, D, activation):
     return jax.jit(f)
 
 
-def check_against_xla(impl, D, shape, activation):
+def check_against_xla(impl, D, shape, activation, layout=None):
     """y within TOL of the XLA path at fp32; gw and gx no further from the float64 truth than
     MARGIN times the XLA path's own error; everything finite (an unwritten element shows)."""
     w, x, gy = operands(1, shape, shape[1])
-    got = [np.asarray(a) for a in step(impl, D, activation)(w, x, gy)]
+    got = [np.asarray(a) for a in step(impl, D, activation, layout)(w, x, gy)]
     with jax.default_matmul_precision("highest"):
         xla = [np.asarray(a) for a in step("xla", D, activation)(w, x, gy)]
     with float64():

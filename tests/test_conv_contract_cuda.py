@@ -101,13 +101,15 @@ def test_row_layout_reads_are_bank_conflict_free(nx):
 def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     """32 + 32 inputs (16 + 16 outputs) at x 64, the UNet's decoder layer after its skip
     concatenation: one group needs 410 KB, two are the standard layer's 214,592 bytes each.
-    The passes are off by default (GINJAX_CUDA_CHANNEL_GROUPS) until they have run on a GPU."""
+    The passes are on by default; GINJAX_CUDA_CHANNEL_GROUPS=0 turns them off."""
     wide = standard_spec(32, 16)
     assert _plan.splits(wide) == (1, 2) and _plan.splits(SPEC) == (1,) and _plan.splits(standard_spec(64, 8)) == (1, 2, 4)
     monkeypatch.delenv(_plan.CHANNEL_GROUPS_ENV, raising=False)
+    assert _plan.groups(wide, 64) == 2 and _plan.coverage(wide, (64, 64, 64), np.float32)[0]
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "0")
     assert _plan.groups(wide, 64) is None and _plan.layout(wide, 64).groups == 1
     ok, why = _plan.coverage(wide, (64, 64, 64), np.float32)
-    assert not ok and "410496 bytes" in why and f"{_plan.CHANNEL_GROUPS_ENV}=1" in why, why
+    assert not ok and "410496 bytes" in why and f"{_plan.CHANNEL_GROUPS_ENV}=0" in why, why
     assert _plan.groups(SPEC, 64) == 1 and _plan.coverage(SPEC, (64, 64, 64), np.float32)[0]
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "yes")
     with pytest.raises(ValueError, match="GINJAX_CUDA_CHANNEL_GROUPS"):

@@ -74,11 +74,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "minor"])
 @pytest.mark.parametrize("D,k,c,spatial,activation", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_forward_and_gradients_match_xla(D, k, c, spatial, activation):
+def test_forward_and_gradients_match_xla(D, k, c, spatial, activation, planar):
     w, x, gy = _operands(D * 10 + c, c, spatial, D, k)
     got = jax.jit(lambda w, x, gy: _value_and_grads(
-        lambda w, x: vector_neuron_triton(w, x, D, activation, EPS), w, x, gy))(w, x, gy)
+        lambda w, x: vector_neuron_triton(w, x, D, activation, EPS, planar=planar), w, x, gy))(w, x, gy)
     xla = jax.jit(lambda w, x, gy: _value_and_grads(
         lambda w, x: _vector_neuron.vector_neuron(w, x, D, activation, EPS, layout="minor", impl="xla"), w, x, gy))
     _check(got, xla(w, x, gy))
@@ -86,8 +87,8 @@ def test_forward_and_gradients_match_xla(D, k, c, spatial, activation):
     _check(got, plain(w, x, gy))
 
 
-@pytest.mark.parametrize("extra", [{}, {"bwd_stages": 2, "precision": "tf32x3"}])
-def test_weight_gradient_partials_ragged_and_bit_identical(extra):
+@pytest.mark.parametrize("extra, planar", [({}, True), ({}, False), ({"bwd_stages": 2, "precision": "tf32x3"}, True)])
+def test_weight_gradient_partials_ragged_and_bit_identical(extra, planar):
     # 90 pixels in tiles of 16 (the last one ragged), 6 tiles shared by 4 programs per example
     # (two of them walk past the last tile): the partial sums' fixed order, run twice; also with
     # a pipelined loop and tensor-core dots (the interpreter runs them at fp32)
@@ -95,7 +96,7 @@ def test_weight_gradient_partials_ragged_and_bit_identical(extra):
     w, x, gy = _operands(7, c, (3, 5, 6), D, 1)
     blocks = VNBlocks(pixels=32, bwd_pixels=16, bwd_num_warps=2, groups=4, **extra)
     run = jax.jit(lambda w, x, gy: _value_and_grads(
-        lambda w, x: vector_neuron_triton(w, x, D, jax.nn.relu, EPS, blocks), w, x, gy))
+        lambda w, x: vector_neuron_triton(w, x, D, jax.nn.relu, EPS, blocks, planar=planar), w, x, gy))
     first, second = run(w, x, gy), run(w, x, gy)
     ref = jax.jit(lambda w, x, gy: _value_and_grads(
         lambda w, x: _vector_neuron.vector_neuron(w, x, D, jax.nn.relu, EPS, impl="xla"), w, x, gy))

@@ -34,21 +34,38 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["planar", "minor"])
 @pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
-def test_against_xla_fp32(name, D, shape, activation):
-    check_against_xla("triton", D, shape, activation)
+def test_against_xla_fp32(name, D, shape, activation, layout):
+    check_against_xla("triton", D, shape, activation, layout)
 
 
 def test_weight_gradient_bit_identical():
     check_bit_identical("triton")
 
 
-def test_no_relayout_around_the_vector_neuron():
+@pytest.mark.parametrize("planar", [True, False], ids=["planar-triton-conv", "minor-cuda-conv"])
+def test_no_relayout_around_the_vector_neuron(planar, monkeypatch):
     """A ResNet-like step (ConvContract, VectorNeuron on the vector key, ConvContract; value and
     gradients): in the compiled HLO no operand of a VectorNeuron custom call is produced by, and
-    no result consumed by, a copy, a transpose or a fusion containing one (XLA keeps the block
-    component-planar from the ConvContract kernels through the VectorNeuron's)."""
-    text = resnet_like_step_hlo(lambda w, b: vector_neuron_triton(w, b, 3, jax.nn.gelu, EPS))
+    no result consumed by, a copy, a transpose or a fusion containing one. Component-planar
+    kernels beside the Triton ConvContract kernels (which keep blocks planar); components-minor
+    ones beside the CUDA ConvContract kernels (which keep them minor), ginjax's default where
+    those run."""
+    if planar:
+        monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+        monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "triton")
+    else:
+        from kernels import cuda
+
+        ok, why = cuda.availability()
+        if not ok:
+            pytest.skip(f"the CUDA ConvContract kernels do not run here: {why}")
+        monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
+        monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+    text = resnet_like_step_hlo(lambda w, b: vector_neuron_triton(w, b, 3, jax.nn.gelu, EPS, planar=planar))
+    if not planar:
+        assert 'custom_call_target="ginjax_cuda_forward"' in text, "the step's convolutions did not run on the CUDA kernels"
     # the VectorNeuron's kernels: the triton calls with a (1, 16, 16) weight operand
     vn, bad = relayouts_next_to(text, lambda name, line: "triton_kernel_call" in line
                                 and re.search(r"f32\[1,16,16\]", line.split("custom-call(", 1)[-1]))

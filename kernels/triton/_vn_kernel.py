@@ -2,8 +2,10 @@
 one backward kernel (input gradient plus per-program partial sums of the weight gradient), each
 reading its operands once and writing its results once.
 
-In kernel terms a block is component-planar, (c, T, S) per batch element: T = D^k component
-planes of S pixels each, a plane contiguous per channel. A program owns one batch element and a
+In kernel terms a block is (c, T, S) per batch element, T = D^k components of S pixels, laid
+out either component-planar (`VNGeometry.planar`: a plane of S pixels contiguous per channel and
+component, as the Triton ConvContract kernels keep vector blocks) or components-minor (the T
+components of a pixel adjacent, (c, S, T), as the CUDA ConvContract kernels keep them). A program owns one batch element and a
 tile of P pixels (the backward: a share of the tiles, walked in a loop, so that its (c, c) weight
 gradient partial stays in registers). Per tile, for each component t, x_t is a (C, P) tile
 (channels padded to a power of 2 >= 16, tl.dot's minimum) and d_t = W x_t one fp32 `tl.dot`
@@ -79,6 +81,12 @@ class VNGeometry:
     x_batched: bool
     w_batched: bool
     g_batched: bool = False  # the cotangent (backward only)
+    planar: bool = True  # (c, T, S) per example; False: components minor, (c, S, T)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """(pixel, component) strides in floats within a channel."""
+        return (1, self.pixels) if self.planar else (self.components, 1)
 
 
 # Default (pixels, warps) of the forward and the backward by (padded channels, components <= 3 or
@@ -183,11 +191,12 @@ def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
         e(f"p_ok = p < {S}")
         masks.append("p_ok[None, :]")
     mask = " & ".join(masks)
-    e(f"rows = (ch * {T * S})[:, None] + p[None, :]")
+    sp, st = g.strides
+    e(f"rows = (ch * {T * S})[:, None] + " + ("p[None, :]" if sp == 1 else f"(p * {sp})[None, :]"))
     for name, ptr in operands:
         for t in range(T):
             lm = f", mask={mask}, other=0.0" if mask else ""
-            e(f"{name}{t} = tl.load({ptr} + rows + {t * S}{lm})")
+            e(f"{name}{t} = tl.load({ptr} + rows + {t * st}{lm})")
     return mask
 
 
@@ -255,7 +264,7 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
     sm = f", mask={mask}" if mask else ""
     for t in range(T):
-        e(f"tl.store(yb + rows + {t * S}, x{t} + h * u{t}{sm})")
+        e(f"tl.store(yb + rows + {t * g.strides[1]}, x{t} + h * u{t}{sm})")
     key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
     return _finish(_name("fwd", key), ["x", "w", "y"], e, tiles, warps)
 
@@ -295,7 +304,7 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     for t in range(T):
         e(f"gd{t} = gu{t} * inv - coef * d{t}")
         e(f"gxt = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"{precision}\")")
-        e(f"tl.store(gxb + rows + {t * S}, gxt{sm})")
+        e(f"tl.store(gxb + rows + {t * g.strides[1]}, gxt{sm})")
         e(f"gw = tl.dot(gd{t}, tl.trans(x{t}), gw, input_precision=\"{precision}\")")
     e.depth -= 1
     wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""

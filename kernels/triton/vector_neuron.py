@@ -17,9 +17,11 @@ Backward (reverse mode, custom_vjp), with n, u, s recomputed from x (the only re
 The forward reads x once and writes y once; the backward reads x and gy once and writes gx once
 and a (c, c) partial of gW per program, which `plan_partial_sums` adds in a fixed order
 (bit-identical run after run; no atomics). The kernels index the block component-planar,
-(c, T, pixels) per example: launched through `_launch.run_plan` with `block_order(planar=True)`,
-so on a GPU they read and write the layout XLA keeps for vector blocks beside the fused
-ConvContract kernels (no transposes), and with TRITON_INTERPRET=1 they run on the host.
+(c, T, pixels) per example (`planar=True`, the layout of vector blocks beside the Triton
+ConvContract kernels), or components-minor, (c, pixels, T) (`planar=False`, the block's own axis
+order, which the CUDA ConvContract kernels read and write): launched through `_launch.run_plan`
+with that `block_order`, so on a GPU XLA lays the producers out accordingly (no transposes where
+the neighbours agree), and with TRITON_INTERPRET=1 they run on the host.
 
 Activations: jax.nn.relu and jax.nn.gelu (its default tanh form), recognised by identity
 (`supported_activation`); anything else raises here (ginjax._vector_neuron falls back to its
@@ -53,6 +55,7 @@ def vector_neuron_triton(
     activation: Callable,
     eps: float,
     blocks: Optional[VNBlocks] = None,
+    planar: bool = True,
 ) -> jax.Array:
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as
     the fused Triton kernels; float32 in and out. Reverse-mode differentiable and vmappable.
@@ -64,11 +67,13 @@ def vector_neuron_triton(
         activation: jax.nn.relu or jax.nn.gelu (see `supported_activation`).
         eps: a Python float > 0.
         blocks: the kernels' tiling (None: `VNBlocks()`).
+        planar: index the block component-planar (True) or components-minor (False); the
+            result is the same, the layout XLA gives the block around the call differs.
     """
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
-    return _vn((D, name, float(eps), blocks), weight, block)
+    return _vn((D, name, float(eps), blocks, bool(planar)), weight, block)
 
 
 # ---- differentiation: custom_vjp, the residual is x --------------------------------------------------
@@ -113,7 +118,7 @@ def _batched_backward(cfg):
 
 
 def _geometry(cfg, x, w, gy=None):
-    D = cfg[0]
+    D, planar = cfg[0], cfg[4]
     arrays = [x, w] + ([] if gy is None else [gy])
     batch = batch_size(arrays)
     flags = batched_flags(arrays, batch)
@@ -124,6 +129,7 @@ def _geometry(cfg, x, w, gy=None):
         x_batched=flags[0],
         w_batched=flags[1],
         g_batched=flags[2] if gy is not None else False,
+        planar=planar,
     )
     if g.channels * g.components * g.pixels > INT32_MAX:
         raise ValueError(f"`block` (shape {tuple(x.shape[1:])}) has more than 2^31 elements per example")
@@ -132,10 +138,10 @@ def _geometry(cfg, x, w, gy=None):
 
 def _launch_forward(cfg, x, w):
     """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> y (B, c, *spatial, *tensor)."""
-    D, act, eps, blocks = cfg
+    D, act, eps, blocks, planar = cfg
     batch, g = _geometry(cfg, x, w)
     plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee")
-    order = block_order(D, x.ndim, True)
+    order = block_order(D, x.ndim, planar)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     (y,) = run_plan(plan, [out], plan.programs_per_batch * batch, [x, w], in_orders=[order, None], out_orders=[order])
     return y
@@ -143,13 +149,13 @@ def _launch_forward(cfg, x, w):
 
 def _launch_backward(cfg, x, gy, w):
     """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> gx (B, ...), per-example gW (B, c, c)."""
-    D, act, eps, blocks = cfg
+    D, act, eps, blocks, planar = cfg
     batch, g = _geometry(cfg, x, w, gy)
     P, warps = tiling(blocks, g, backward=True)
     groups = backward_groups(blocks, g, batch, P)
     plan = plan_backward(g, act, eps, P, warps, groups, precision=blocks.precision or "ieee",
                          stages=blocks.bwd_stages or 1)
-    order = block_order(D, x.ndim, True)
+    order = block_order(D, x.ndim, planar)
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
               jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
