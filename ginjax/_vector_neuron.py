@@ -24,12 +24,13 @@ Two arrangements of the same arithmetic, by where the T components sit:
 - "minor": (c, *spatial, T), the block's own axis order; the GEMM reads (c, S * T).
 - "planar": (c, T, *spatial), the components ahead of the pixels; the GEMM reads (c, T * S).
 The layout is also the one the "triton" kernels index the block in, so it is the physical layout
-XLA gives the block around them. It should match the neighbouring convolutions': the Triton
-ConvContract kernels ask XLA for component-planar blocks (with "minor" XLA copied every block
-into the planar layout and back, bench/NOTES.md "Round 2 measured"), the CUDA ConvContract
-kernels (kernels/cuda, the default for the layers they cover on a Hopper GPU where they are
-built) for components-minor ones. Default (`default_layout`): "minor" on a CPU and where the CUDA
-kernels run, "planar" on other GPUs. `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
+XLA gives the block around them. The Triton ConvContract kernels ask XLA for component-planar
+blocks (with "minor" XLA copied every block into the planar layout and back, bench/NOTES.md
+"Round 2 measured"); the CUDA ConvContract kernels read and write components-minor ones, yet
+beside them too "planar" is faster: the kernels' stride-T loads cost more than the transposes
+they spare (H200, steps at d3_n64_b4: ResNet 50.5 ms planar against 53.3 minor, DilResNet 78.7
+against 89.8, UNet 39.9 against 43.7; bench/NOTES.md "Session 13"). Default (`default_layout`):
+"planar" on a GPU, "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
@@ -87,19 +88,9 @@ def _from_env(env: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def default_layout() -> str:
-    """$GINJAX_VN_LAYOUT if set, else the layout of the neighbouring convolutions' kernels:
-    "minor" where the CUDA ConvContract kernels run (and on a CPU), "planar" on other GPUs
-    (the Triton kernels keep blocks component-planar)."""
-    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" and not _cuda_kernels() else "minor")
-
-
-def _cuda_kernels() -> bool:
-    """Whether kernels/cuda's ConvContract kernels can run here (built, a Hopper GPU)."""
-    try:
-        from kernels.cuda import availability
-    except ImportError:
-        return False
-    return availability()[0]
+    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (measured faster there, also beside the
+    components-minor CUDA kernels: module docstring) and "minor" elsewhere."""
+    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
 
 
 def default_impl() -> str:

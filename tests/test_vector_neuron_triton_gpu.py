@@ -50,8 +50,8 @@ def test_no_relayout_around_the_vector_neuron(planar, monkeypatch):
     gradients): in the compiled HLO no operand of a VectorNeuron custom call is produced by, and
     no result consumed by, a copy, a transpose or a fusion containing one. Component-planar
     kernels beside the Triton ConvContract kernels (which keep blocks planar); components-minor
-    ones beside the CUDA ConvContract kernels (which keep them minor), ginjax's default where
-    those run."""
+    ones beside the CUDA ConvContract kernels (which keep them minor; GINJAX_VN_LAYOUT=minor,
+    measured slower in the steps than planar with its transposes)."""
     if planar:
         monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
         monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "triton")
