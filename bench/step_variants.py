@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # the opt-in CUDA VectorNeuron kernels (needs the built _ginjax_cuda.so; where they do not
     # cover a call, it takes triton's path, so without the library this is vn-triton)
     "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
+    # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it
+    "vn-save-mix": ({"GINJAX_VN_SAVE_MIX": "1"}, ()),
     # the triton backend's forward and input gradient on the CUDA forward kernel where it covers
     # a layer (the default where the library is built), and on Triton's kernels only
     "cuda-fwd": ({"GINJAX_TRITON_FORWARD": "cuda"}, ()),

@@ -47,7 +47,9 @@ only through Triton's interpreter, which is for tests:
   jax.nn.relu or jax.nn.gelu (by identity), eps a Python number, one device and no
   `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
   block onto every device); any other call takes the "xla" path. On a CPU it is for tests
-  only (the interpreter is slow).
+  only (the interpreter is slow). `GINJAX_VN_SAVE_MIX=1` keeps d = W x from the forward for the
+  backward instead of recomputing it (a block-sized residual per call; not yet timed on a GPU,
+  so off by default).
 - "cuda" (opt-in only, never a default): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
   C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
   block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
@@ -75,6 +77,9 @@ LAYOUTS = ("minor", "planar")
 LAYOUT_ENV = "GINJAX_VN_LAYOUT"
 IMPLS = ("xla", "triton", "cuda")
 IMPL_ENV = "GINJAX_VN_IMPL"
+# "1": the "triton" kernels keep d = W x from the forward for the backward (kernels.triton.VNBlocks
+# save_mix); "0" (default): the backward recomputes it
+SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 
 
 def _from_env(env: str, choices: tuple[str, ...], default: str) -> str:
@@ -157,9 +162,10 @@ def vector_neuron(
 
         return vector_neuron_cuda(weight, block, D, activation, float(eps))
     if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
-        from kernels.triton import vector_neuron_triton
+        from kernels.triton import VNBlocks, vector_neuron_triton
 
-        return vector_neuron_triton(weight, block, D, activation, float(eps), planar=layout == "planar")
+        blocks = VNBlocks(save_mix=_from_env(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
+        return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar")
     lead = block.shape[: 1 + D]
     T = math.prod(block.shape[1 + D :])
     x = block.reshape(lead + (T,))

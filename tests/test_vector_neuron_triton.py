@@ -74,12 +74,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("planar", [True, False], ids=["planar", "minor"])
+@pytest.mark.parametrize("planar, save_mix", [(True, False), (False, False), (True, True)],
+                         ids=["planar", "minor", "planar-saved-mix"])
 @pytest.mark.parametrize("D,k,c,spatial,activation", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_forward_and_gradients_match_xla(D, k, c, spatial, activation, planar):
+def test_forward_and_gradients_match_xla(D, k, c, spatial, activation, planar, save_mix):
     w, x, gy = _operands(D * 10 + c, c, spatial, D, k)
+    blocks = VNBlocks(save_mix=save_mix)
     got = jax.jit(lambda w, x, gy: _value_and_grads(
-        lambda w, x: vector_neuron_triton(w, x, D, activation, EPS, planar=planar), w, x, gy))(w, x, gy)
+        lambda w, x: vector_neuron_triton(w, x, D, activation, EPS, blocks, planar=planar), w, x, gy))(w, x, gy)
     xla = jax.jit(lambda w, x, gy: _value_and_grads(
         lambda w, x: _vector_neuron.vector_neuron(w, x, D, activation, EPS, layout="minor", impl="xla"), w, x, gy))
     _check(got, xla(w, x, gy))
@@ -87,7 +89,8 @@ def test_forward_and_gradients_match_xla(D, k, c, spatial, activation, planar):
     _check(got, plain(w, x, gy))
 
 
-@pytest.mark.parametrize("extra, planar", [({}, True), ({}, False), ({"bwd_stages": 2, "precision": "tf32x3"}, True)])
+@pytest.mark.parametrize("extra, planar", [({}, True), ({}, False), ({"bwd_stages": 2, "precision": "tf32x3"}, True),
+                                           ({"save_mix": True}, False)])
 def test_weight_gradient_partials_ragged_and_bit_identical(extra, planar):
     # 90 pixels in tiles of 16 (the last one ragged), 6 tiles shared by 4 programs per example
     # (two of them walk past the last tile): the partial sums' fixed order, run twice; also with
@@ -103,6 +106,45 @@ def test_weight_gradient_partials_ragged_and_bit_identical(extra, planar):
     _check(first, ref(w, x, gy))
     for a, b in zip(first, second):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _callback_results(fn, *args) -> list[int]:
+    """The number of results of each host launch in fn's jaxpr, nested programs included."""
+    from bench._flops import equations
+
+    return [len(e.outvars) for e in equations(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "pure_callback"]
+
+
+def test_saved_mix_is_written_only_under_differentiation_and_vmaps(monkeypatch):
+    # save_mix: the forward writes d = W x only where a backward will read it; under vmap of the
+    # forward, and with only the cotangent vmapped (d then shared, broadcast to the launch's batch)
+    D, c = 3, 3
+    w, x, gy = _operands(17, c, (2, 3, 5), D, 1)
+    blocks = VNBlocks(save_mix=True)
+    f = lambda w, x: vector_neuron_triton(w, x, D, jax.nn.gelu, EPS, blocks)  # noqa: E731
+    ref = lambda w, x: _vector_neuron.vector_neuron(w, x, D, jax.nn.gelu, EPS, impl="xla")  # noqa: E731
+    assert _callback_results(f, w, x) == [1]
+    assert _callback_results(lambda w, x: jax.vjp(f, w, x)[0], w, x) == [2]
+    xs = jnp.stack([x, -0.5 * x])
+    gys = jnp.stack([gy, gy[::-1]])
+    batched = lambda fn: jax.jit(lambda w, xs, gys: _value_and_grads(jax.vmap(fn, in_axes=(None, 0)), w, xs, gys))  # noqa: E731
+    _check(batched(f)(w, xs, gys), batched(ref)(w, xs, gys))
+
+    def cotangents_vmapped(fn):
+        y, vjp = jax.vjp(fn, w, x)
+        return (y,) + jax.vmap(vjp)(gys)
+
+    got, want = jax.jit(lambda: cotangents_vmapped(f))(), jax.jit(lambda: cotangents_vmapped(ref))()
+    _check((got[0], got[1][1], got[2][1]), (want[0], want[1][1], want[2][1]))
+    _check((got[0], got[1][0], got[2][0]), (want[0], want[1][0], want[2][0]))
+    # through ginjax's entry, switched by the environment; a bad value names the variable
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "triton")
+    monkeypatch.setenv(_vector_neuron.SAVE_MIX_ENV, "1")
+    g = lambda w, x: _vector_neuron.vector_neuron(w, x, D, jax.nn.gelu, EPS)  # noqa: E731
+    assert _callback_results(lambda w, x: jax.vjp(g, w, x)[0], w, x) == [2]
+    monkeypatch.setenv(_vector_neuron.SAVE_MIX_ENV, "yes")
+    with pytest.raises(ValueError, match=r"\$GINJAX_VN_SAVE_MIX \(='yes'\) must be one of"):
+        g(w, x)
 
 
 def _callbacks(jaxpr) -> int:

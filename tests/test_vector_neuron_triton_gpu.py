@@ -40,6 +40,15 @@ def test_against_xla_fp32(name, D, shape, activation, layout):
     check_against_xla("triton", D, shape, activation, layout)
 
 
+@pytest.mark.parametrize("name, D, shape, activation", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+def test_saved_mix_against_xla_fp32(name, D, shape, activation, monkeypatch):
+    """The backward reading the forward's d = W x (GINJAX_VN_SAVE_MIX=1) instead of recomputing it."""
+    from ginjax import _vector_neuron
+
+    monkeypatch.setenv(_vector_neuron.SAVE_MIX_ENV, "1")
+    check_against_xla("triton", D, shape, activation)
+
+
 def test_weight_gradient_bit_identical():
     check_bit_identical("triton")
 

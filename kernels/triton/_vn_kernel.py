@@ -44,6 +44,10 @@ class VNBlocks:
         bwd_stages: Triton's software-pipelining depth of the backward's loop over tiles (None: 1).
         precision: the channel-mixing dots' `input_precision`: "ieee" (None; fp32 FMA dots),
             "tf32x3" (tensor cores, three TF32 products: about fp32's accuracy) or "tf32".
+        save_mix: under differentiation, the forward also writes d = W x (a block-sized
+            residual) and the backward reads it instead of recomputing it: three of the
+            backward's nine dots per tile traded for one more block written and read (None:
+            False, recompute).
     """
 
     pixels: Optional[int] = None
@@ -53,6 +57,7 @@ class VNBlocks:
     groups: Optional[int] = None
     bwd_stages: Optional[int] = None
     precision: Optional[str] = None
+    save_mix: Optional[bool] = None
 
     def validate(self) -> None:
         for name in ("pixels", "bwd_pixels"):
@@ -69,6 +74,8 @@ class VNBlocks:
             raise ValueError(f"`blocks.bwd_stages` (={self.bwd_stages!r}) must be None or >= 1")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"`blocks.precision` (={self.precision!r}) must be None or one of {PRECISIONS}")
+        if self.save_mix not in (None, True, False):
+            raise ValueError(f"`blocks.save_mix` (={self.save_mix!r}) must be None, True or False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +207,13 @@ def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
     return mask
 
 
-def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool, precision: str) -> None:
-    """d_t = W x_t, then n, u_t, s and h(s) (and h'(s) with `derivative`)."""
+def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool, precision: str,
+                saved_mix: bool = False) -> None:
+    """d_t = W x_t (with `saved_mix`: the tiles dm_t loaded beside x_t), then n, u_t, s and h(s)
+    (and h'(s) with `derivative`)."""
     T = g.components
     for t in range(T):
-        e(f"d{t} = tl.dot(wm, x{t}, input_precision=\"{precision}\")")
+        e(f"d{t} = dm{t}" if saved_mix else f"d{t} = tl.dot(wm, x{t}, input_precision=\"{precision}\")")
     e("nsq = " + " + ".join(f"d{t} * d{t}" for t in range(T)))
     e("pos = nsq > 0")
     e("n = tl.where(pos, tl.sqrt_rn(tl.where(pos, nsq, 1.0)), 0.0)")
@@ -249,8 +258,9 @@ def _finish(name, args, e: _Emit, programs: int, warps: int, stages: int = 1) ->
 
 @functools.lru_cache(maxsize=128)
 def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int,
-                 precision: str = "ieee") -> KernelPlan:
-    """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y)."""
+                 precision: str = "ieee", save_mix: bool = False) -> KernelPlan:
+    """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y), or with
+    `save_mix` kernel(x, w, y, dm), also storing d = W x into dm (the block's shape and layout)."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -260,20 +270,25 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     e(f"bat = (pid // {tiles}).to(tl.int64)  # 64-bit: batch offsets may pass 2^31")
     _emit_channels_and_weights(e, g, transposed=False)
     e(f"yb = y + bat * {C * T * S}")
+    if save_mix:
+        e(f"dmb = dm + bat * {C * T * S}")
     mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
     sm = f", mask={mask}" if mask else ""
     for t in range(T):
         e(f"tl.store(yb + rows + {t * g.strides[1]}, x{t} + h * u{t}{sm})")
-    key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
-    return _finish(_name("fwd", key), ["x", "w", "y"], e, tiles, warps)
+        if save_mix:
+            e(f"tl.store(dmb + rows + {t * g.strides[1]}, d{t}{sm})")
+    key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ()) + (("save_mix",) if save_mix else ())
+    return _finish(_name("fwd", key), ["x", "w", "y"] + (["dm"] if save_mix else []), e, tiles, warps)
 
 
 @functools.lru_cache(maxsize=128)
 def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int, groups: int,
-                  precision: str = "ieee", stages: int = 1) -> KernelPlan:
+                  precision: str = "ieee", stages: int = 1, saved_mix: bool = False) -> KernelPlan:
     """gx and the weight gradient's partials for one share of the pixel tiles per program:
-    kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards."""
+    kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards; with
+    `saved_mix` kernel(x, w, gy, dm, gx, part), d = W x read from dm (batched like gx)."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -284,6 +299,8 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     e(f"bat = (pid // {groups}).to(tl.int64)")
     _emit_channels_and_weights(e, g, transposed=True)
     e(f"gb = gy + bat * {C * T * S}" if g.g_batched else "gb = gy")
+    if saved_mix:
+        e(f"dmb = dm + bat * {C * T * S}")
     e(f"gxb = gx + bat * {C * T * S}")
     e(f"gw = tl.zeros(({_padded(C)}, {_padded(C)}), tl.float32)")
     e(f"for it in range({n_iter}):")
@@ -292,8 +309,8 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     # a share past the last tile has p >= S everywhere: masked loads give zeros, whose gradient
     # terms are all zero
     ragged = S % P != 0 or tiles % groups != 0
-    mask = _emit_tile(e, g, P, ragged, [("x", "xb"), ("gy", "gb")])
-    _emit_local(e, g, activation, repr(float(eps)), derivative=True, precision=precision)
+    mask = _emit_tile(e, g, P, ragged, [("x", "xb"), ("gy", "gb")] + ([("dm", "dmb")] if saved_mix else []))
+    _emit_local(e, g, activation, repr(float(eps)), derivative=True, precision=precision, saved_mix=saved_mix)
     e("gs = (" + " + ".join(f"gy{t} * u{t}" for t in range(T)) + ") * dh")
     for t in range(T):
         e(f"gu{t} = h * gy{t} + gs * x{t}")
@@ -310,4 +327,6 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""
     e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
     key = (g, activation, eps, P, warps, groups) + ((precision, stages) if (precision, stages) != ("ieee", 1) else ())
-    return _finish(_name("bwd", key), ["x", "w", "gy", "gx", "part"], e, groups, warps, stages)
+    key += ("saved_mix",) if saved_mix else ()
+    args = ["x", "w", "gy"] + (["dm"] if saved_mix else []) + ["gx", "part"]
+    return _finish(_name("bwd", key), args, e, groups, warps, stages)

@@ -16,7 +16,9 @@ Backward (reverse mode, custom_vjp), with n, u, s recomputed from x (the only re
 
 The forward reads x once and writes y once; the backward reads x and gy once and writes gx once
 and a (c, c) partial of gW per program, which `plan_partial_sums` adds in a fixed order
-(bit-identical run after run; no atomics). The kernels index the block component-planar,
+(bit-identical run after run; no atomics). With `VNBlocks(save_mix=True)` the forward under
+differentiation also writes d = W x and the backward reads it rather than recompute it (three of
+its nine dots per tile, for a block-sized residual). The kernels index the block component-planar,
 (c, T, pixels) per example (`planar=True`, the layout of vector blocks beside the Triton
 ConvContract kernels), or components-minor, (c, pixels, T) (`planar=False`, the block's own axis
 order, which the CUDA ConvContract kernels read and write): launched through `_launch.run_plan`
@@ -76,21 +78,29 @@ def vector_neuron_triton(
     return _vn((D, name, float(eps), blocks, bool(planar)), weight, block)
 
 
-# ---- differentiation: custom_vjp, the residual is x --------------------------------------------------
+# ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x):
-    (y,) = _batched_forward(cfg)((x[None],), (w[None],))
+    (y,) = _batched_forward(cfg, False)((x[None],), (w[None],))
     return y[0]
 
 
 def _vn_fwd(cfg, w, x):
-    return _vn(cfg, w, x), (w, x)
+    if not _saves_mix(cfg):
+        return _vn(cfg, w, x), (w, x, None)
+    y, d = _batched_forward(cfg, True)((x[None],), (w[None],))
+    return y[0], (w, x, d[0])
 
 
 def _vn_bwd(cfg, res, gy):
-    w, x = res
-    gx, gw = _batched_backward(cfg)((x[None], gy.astype(jnp.float32)[None]), (w[None],))
+    w, x, d = res
+    xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
+    gx, gw = _batched_backward(cfg)(xgs, (w[None],))
     return gw[0], gx[0]
+
+
+def _saves_mix(cfg) -> bool:
+    return bool(cfg[3].save_mix)
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)
@@ -98,10 +108,10 @@ _vn.defvjp(_vn_fwd, _vn_bwd)
 
 # ---- batching: custom_vmap into one launch -------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def _batched_forward(cfg):
+def _batched_forward(cfg, with_mix: bool):
     @jax.custom_batching.custom_vmap
     def op(xs, ws):
-        return (_launch_forward(cfg, xs[0], ws[0]),)
+        return _launch_forward(cfg, xs[0], ws[0], with_mix)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
@@ -111,7 +121,7 @@ def _batched_forward(cfg):
 def _batched_backward(cfg):
     @jax.custom_batching.custom_vmap
     def op(xgs, ws):
-        return _launch_backward(cfg, xgs[0], xgs[1], ws[0])
+        return _launch_backward(cfg, xgs[0], xgs[1], ws[0], *xgs[2:])
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
@@ -136,31 +146,40 @@ def _geometry(cfg, x, w, gy=None):
     return batch, g
 
 
-def _launch_forward(cfg, x, w):
-    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> y (B, c, *spatial, *tensor)."""
+def _launch_forward(cfg, x, w, with_mix: bool):
+    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> (y,) or with `with_mix` (y, d), each
+    (B, c, *spatial, *tensor)."""
     D, act, eps, blocks, planar = cfg
     batch, g = _geometry(cfg, x, w)
-    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee")
+    plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee",
+                        save_mix=with_mix)
     order = block_order(D, x.ndim, planar)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
-    (y,) = run_plan(plan, [out], plan.programs_per_batch * batch, [x, w], in_orders=[order, None], out_orders=[order])
-    return y
+    n_out = 2 if with_mix else 1
+    return tuple(run_plan(plan, [out] * n_out, plan.programs_per_batch * batch, [x, w], in_orders=[order, None],
+                          out_orders=[order] * n_out))
 
 
-def _launch_backward(cfg, x, gy, w):
-    """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> gx (B, ...), per-example gW (B, c, c)."""
+def _launch_backward(cfg, x, gy, w, d=None):
+    """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c), the forward's d = W x or None ->
+    gx (B, ...), per-example gW (B, c, c)."""
     D, act, eps, blocks, planar = cfg
     batch, g = _geometry(cfg, x, w, gy)
     P, warps = tiling(blocks, g, backward=True)
     groups = backward_groups(blocks, g, batch, P)
     plan = plan_backward(g, act, eps, P, warps, groups, precision=blocks.precision or "ieee",
-                         stages=blocks.bwd_stages or 1)
+                         stages=blocks.bwd_stages or 1, saved_mix=d is not None)
     order = block_order(D, x.ndim, planar)
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
               jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
-    gx, part = run_plan(plan, shapes, groups * batch, [x, w, gy],
-                        in_orders=[order, None, order], out_orders=[order, None])
+    operands, in_orders = [x, w, gy], [order, None, order]
+    if d is not None:
+        # the kernel indexes d with the full batch (a cotangent vmapped over an unbatched
+        # forward leaves d shared)
+        operands.append(jnp.broadcast_to(d, (batch,) + tuple(d.shape[1:])))
+        in_orders.append(order)
+    gx, part = run_plan(plan, shapes, groups * batch, operands, in_orders=in_orders, out_orders=[order, None])
     sums = plan_partial_sums(batch, groups, c * c, prefix="vector_neuron_dw_sum")
     (gw,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, c * c), jnp.float32)], sums.programs_per_batch * batch, [part])
     return gx, gw.reshape(batch, c, c)
