@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,17 @@ def vector_neuron_triton(
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
-    return _vn((D, name, float(eps), blocks, bool(planar)), weight, block)
+    return _vn(_Config(D, name, float(eps), blocks, bool(planar)), weight, block)
+
+
+class _Config(NamedTuple):
+    """What one call fixes (hashable: the custom_vjp's static argument, the launchers' cache key)."""
+
+    D: int
+    activation: str
+    eps: float
+    blocks: VNBlocks
+    planar: bool
 
 
 # ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
@@ -86,7 +96,7 @@ def _vn(cfg, w, x):
 
 
 def _vn_fwd(cfg, w, x):
-    if not _saves_mix(cfg):
+    if not cfg.blocks.save_mix:
         return _vn(cfg, w, x), (w, x, None)
     y, d = _batched_forward(cfg, True)((x[None],), (w[None],))
     return y[0], (w, x, d[0])
@@ -97,10 +107,6 @@ def _vn_bwd(cfg, res, gy):
     xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
     gx, gw = _batched_backward(cfg)(xgs, (w[None],))
     return gw[0], gx[0]
-
-
-def _saves_mix(cfg) -> bool:
-    return bool(cfg[3].save_mix)
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)
@@ -128,7 +134,7 @@ def _batched_backward(cfg):
 
 
 def _geometry(cfg, x, w, gy=None):
-    D, planar = cfg[0], cfg[4]
+    D, planar = cfg.D, cfg.planar
     arrays = [x, w] + ([] if gy is None else [gy])
     batch = batch_size(arrays)
     flags = batched_flags(arrays, batch)
