@@ -85,6 +85,9 @@ def _resolve_selection(args) -> tuple[tuple, tuple, tuple, list]:
     return configs, backends, modes, left_out
 
 
+INTERRUPTED = 2  # pytest.ExitCode.INTERRUPTED: what a SIGTERM during the suite ends it with
+
+
 def run(args) -> int:
     from bench import plot
 
@@ -114,6 +117,8 @@ def run(args) -> int:
     table = _suite.describe_run(results) + "\n\n" + _suite.format_table(_suite.table_rows(results))
     notes = [f"left out: {name}: {why}" for name, why in left_out]
     notes += [f"skipped: {case}: {why}" for case, why in skipped]
+    if rc == INTERRUPTED:
+        notes.append("interrupted (SIGTERM or Ctrl-C): the cases after these did not run")
     if notes:
         table += "\n\n" + "\n".join(notes)
     print()

@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import pathlib
+import signal
 import subprocess
+import threading
 from typing import Iterable, Optional, Sequence
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
@@ -124,9 +127,30 @@ def run_suite(
     # PYTEST_XDIST_WORKER makes pytest-benchmark disable itself: this run is not distributed.
     xdist_env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PYTEST_XDIST_")}
     try:
-        return int(pytest.main(args, plugins=plugins))
+        with _terminate_as_interrupt():
+            return int(pytest.main(args, plugins=plugins))
     finally:
         os.environ.update(xdist_env)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (what `timeout` sends) raises KeyboardInterrupt while the suite runs: pytest then
+    ends the session as interrupted and pytest-benchmark still writes the cases that finished,
+    where the default action would kill the process and lose every result. (Main thread only:
+    elsewhere signal handlers cannot be set, and the default stays.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- reading results ---------------------------------------------------------------------------

@@ -311,3 +311,33 @@ def test_timing_options_out_of_range_are_named(module, argv, message, capsys):
         importlib.import_module(module).parse_args(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_terminated_run_keeps_the_cases_that_finished(tmp_path):
+    """`timeout` sends SIGTERM: the suite ends as interrupted and the JSON and table hold every
+    case that finished (the default action would kill the process with all of them)."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--configs", "d2_n64_b4_c8,d3_n16_b2_c8", "--backends", "dense",
+         "--modes", "fwd,fwd_bwd", "--max-time", "0.05", "--min-rounds", "1", "--no-check", "--no-plot",
+         "--out", str(tmp_path), "--commit", "sigterm"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "median" in line:  # the first case is done: stop the run during the next
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(seen) + out
+    assert proc.returncode == 2, text[-3000:]
+    assert "interrupted (SIGTERM or Ctrl-C)" in text, text[-3000:]
+    (json_path,) = tmp_path.glob("*/*-sigterm.json")
+    benchmarks = json.loads(json_path.read_text())["benchmarks"]
+    assert 1 <= len(benchmarks) < 4, [b["name"] for b in benchmarks]
+    finished = {line.split("]", 1)[1].split(":")[0].strip() for line in text.splitlines() if ": median " in line}
+    kept = {f'{b["extra_info"]["config"]}-{b["extra_info"]["mode"]}-dense' for b in benchmarks}
+    # every case that printed its median is kept (one more may have finished as the signal came)
+    assert finished <= kept and len(kept - finished) <= 1, (finished, kept)
