@@ -37,6 +37,7 @@
 #            --strip with no value: no forward rows); run cuda-build first
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
+# Every stage's files end up in $OUT/results.tar.gz as well (the device tool returns few files).
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
@@ -125,3 +126,6 @@ for stage in ${STAGES:-sweep profile pallas}; do
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
 done
+# The device tool returns at most 8 files and no deeply nested folders: everything in one archive.
+tar czf "/tmp/gpu_session_results.tar.gz" -C "$OUT" . && mv /tmp/gpu_session_results.tar.gz "$OUT/results.tar.gz"
+echo "archived under $OUT/results.tar.gz"
