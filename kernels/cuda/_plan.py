@@ -197,17 +197,19 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
     8 or 16 (both keys the same), float32, within the shared-memory budget in one channel group
     or in several (`groups`; GINJAX_CUDA_CHANNEL_GROUPS=0 allows one only)."""
-    ok, why = layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
-    if not ok and why.startswith("needs") and not channel_groups_enabled():
-        nx = int(tuple(spatial)[2])
-        if any(layout(spec, nx, g).smem_bytes <= SMEM_LIMIT for g in splits(spec)):
-            why += f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
-    return ok, why
+
+    def groups_hint(nx: int) -> str:
+        if channel_groups_enabled() or all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
+            return ""
+        return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
+
+    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=groups_hint)
 
 
-def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None) -> tuple[bool, str]:
+def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=None) -> tuple[bool, str]:
     """`coverage` with the shared memory a kernel needs at x extent nx given by `smem(nx)` (None:
-    not checked): the forward's ring holds every input channel, the weight gradient's one group."""
+    not checked): the forward's ring holds every input channel, the weight gradient's one group.
+    `smem_hint(nx)`, if given, is appended to the reason when that does not fit."""
     ok, why = mosaic_coverage(spec, None)
     if not ok:
         return False, why.replace("the spike covers", "the CUDA kernel covers")
@@ -224,7 +226,7 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None) -> tuple[bool
         if nx % SEG or not SEG <= nx <= 4 * SEG:
             return False, f"the x extent (={nx}) must be 16, 32, 48 or 64"
         if smem is not None and (need := smem(nx)) > SMEM_LIMIT:
-            return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})"
+            return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})" + (smem_hint(nx) if smem_hint else "")
     if stencil_source(spec) != compiled_stencil():
         return False, "the layer's basis is not the one kernels/cuda/stencil_d3.inc was generated for"
     return True, "CUDA forward: D=3 {scalar, vector} torus layer, tf32 mma.sync"
