@@ -148,7 +148,8 @@ def vector_neuron(
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
     `layout` ("minor" / "planar", default `default_layout()`) arranges the arithmetic of the
-    "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" / "triton" / "cuda", default `default_impl()`) picks the path
+    "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" /
+    "triton" / "cuda", default `default_impl()`) picks the path
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
     not covered falls back to "triton" and "xla" in that order)."""
     layout = default_layout() if layout is None else layout

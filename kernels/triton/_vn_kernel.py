@@ -5,12 +5,13 @@ reading its operands once and writing its results once.
 In kernel terms a block is (c, T, S) per batch element, T = D^k components of S pixels, laid
 out either component-planar (`VNGeometry.planar`: a plane of S pixels contiguous per channel and
 component, as the Triton ConvContract kernels keep vector blocks) or components-minor (the T
-components of a pixel adjacent, (c, S, T), as the CUDA ConvContract kernels keep them). A program owns one batch element and a
-tile of P pixels (the backward: a share of the tiles, walked in a loop, so that its (c, c) weight
-gradient partial stays in registers). Per tile, for each component t, x_t is a (C, P) tile
-(channels padded to a power of 2 >= 16, tl.dot's minimum) and d_t = W x_t one fp32 `tl.dot`
-("ieee": no TF32, so the result is the fp32 GEMM's); the rest is elementwise across the T tiles
-(the math is in kernels/triton/vector_neuron.py's docstring). Sizes, eps and the activation are
+components of a pixel adjacent, (c, S, T), as the CUDA ConvContract kernels keep them). A
+program owns one batch element and a tile of P pixels (the backward: a share of the tiles,
+walked in a loop, so that its (c, c) weight gradient partial stays in registers). Per tile, for
+each component t, x_t is a (C, P) tile (channels padded to a power of 2 >= 16, tl.dot's
+minimum) and d_t = W x_t one fp32 `tl.dot` ("ieee": no TF32, so the result is the fp32 GEMM's);
+the rest is elementwise across the T tiles (the math is in kernels/triton/vector_neuron.py's
+docstring). Sizes, eps and the activation are
 literals of the generated source: one compiled kernel per (c, T, S, P, activation, eps).
 """
 
@@ -172,15 +173,17 @@ def _header(name: str, args) -> list[str]:
     return ["import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {name}({', '.join(args)}):"]
 
 
-def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool) -> None:
-    """The channel indices and their mask, W (and W^T for the backward) and x's batch base: what
-    both kernels set up once per program, after `bat`."""
+def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool, mixing: bool = True) -> None:
+    """The channel indices and their mask, W (where the kernel forms d = W x: `mixing`), W^T (the
+    backward: `transposed`) and x's batch base: what both kernels set up once per program, after
+    `bat`."""
     C = g.channels
     e(f"ch = tl.arange(0, {_padded(C)})")
     e(f"c_ok = ch < {C}")
     e(f"wb = w + bat * {C * C}" if g.w_batched else "wb = w")
     wmask = ", mask=c_ok[:, None] & c_ok[None, :], other=0.0" if _padded(C) != C else ""
-    e(f"wm = tl.load(wb + ch[:, None] * {C} + ch[None, :]{wmask})")
+    if mixing:
+        e(f"wm = tl.load(wb + ch[:, None] * {C} + ch[None, :]{wmask})")
     if transposed:
         e(f"wt = tl.load(wb + ch[None, :] * {C} + ch[:, None]{wmask})")
     e(f"xb = x + bat * {C * g.components * g.pixels}" if g.x_batched else "xb = x")
@@ -279,7 +282,8 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
         e(f"tl.store(yb + rows + {t * g.strides[1]}, x{t} + h * u{t}{sm})")
         if save_mix:
             e(f"tl.store(dmb + rows + {t * g.strides[1]}, d{t}{sm})")
-    key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ()) + (("save_mix",) if save_mix else ())
+    key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
+    key += ("save_mix",) if save_mix else ()
     return _finish(_name("fwd", key), ["x", "w", "y"] + (["dm"] if save_mix else []), e, tiles, warps)
 
 
@@ -297,7 +301,7 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     e("pid = tl.program_id(0)")
     e(f"grp = pid % {groups}")
     e(f"bat = (pid // {groups}).to(tl.int64)")
-    _emit_channels_and_weights(e, g, transposed=True)
+    _emit_channels_and_weights(e, g, transposed=True, mixing=not saved_mix)
     e(f"gb = gy + bat * {C * T * S}" if g.g_batched else "gb = gy")
     if saved_mix:
         e(f"dmb = dm + bat * {C * T * S}")
