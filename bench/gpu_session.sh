@@ -57,7 +57,9 @@ build_cuda() {  # the opt-in CUDA library in place, for this and the later stage
   export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
   { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
       && cmake --build build/cuda; } > "$1" 2>&1
+  local rc=$?  # the build's status, not grep's (a warm machine relinks only: no ptxas lines)
   grep -E "registers|spill|error" "$1" | tail -20
+  return $rc
 }
 for stage in ${STAGES:-sweep profile pallas}; do
   mkdir -p "$OUT/$stage"

@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
     # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it
     "vn-save-mix": ({"GINJAX_VN_SAVE_MIX": "1"}, ()),
+    # the norms' statistics, their affine gradients and the bias gradients beside the CUDA kernels
+    # as one Triton kernel (kernels/triton/channel_sums.py) instead of XLA's column reductions
+    "channel-sums-triton": ({"GINJAX_CHANNEL_SUMS": "triton"}, ()),
     # the triton backend's forward and input gradient on the CUDA forward kernel where it covers
     # a layer (the default where the library is built), and on Triton's kernels only
     "cuda-fwd": ({"GINJAX_TRITON_FORWARD": "cuda"}, ()),

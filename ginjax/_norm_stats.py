@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._reduce import middle_sum
+from kernels._reduce import fused_sums_cover, middle_sum
 
 
 def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
@@ -57,16 +57,18 @@ def _group_moments(x: jax.Array, groups: int):
     per = c // groups
     shift = jnp.repeat(jax.lax.stop_gradient(x.reshape((groups, -1, T))[:, 0, :]), per, axis=0)
     d = x - shift[:, None, :]
-    first, products = channel_sums(d, d)
+    first, products = channel_sums(d)
     m1 = first.reshape((groups, per, T)).sum(axis=1) / (per * P)
     m2 = products.reshape((groups, per, T, T)).sum(axis=1) / (per * P)
     return shift, d, first, m1, m2
 
 
-def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a, b (c, P, T) -> (sum_p a[c, p, i] (c, T), sum_p a[c, p, i] b[c, p, j] (c, T, T)).
+def channel_sums(a: jax.Array, b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """a, b (c, P, T) -> (sum_p a[c, p, i] (c, T), sum_p a[c, p, i] b[c, p, j] (c, T, T)); b None
+    means b = a (read once).
 
-    Both are wide column reductions in the block's layout (kernels._reduce.middle_sum); the
+    Both are wide column reductions in the block's layout (kernels._reduce.middle_sum), or one
+    Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS=triton); the
     backward is one elementwise pass per operand (per-channel T x T products written as
     multiply-adds), not the reductions and transposes autodiff of the outer product makes.
     """
@@ -75,7 +77,12 @@ def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @jax.custom_vjp
 def _channel_sums(a, b):
+    if fused_sums_cover(a, products=True):
+        from kernels.triton.channel_sums import channel_sums_triton
+
+        return channel_sums_triton(a, b)
     c, P, T = a.shape
+    b = a if b is None else b
     first = middle_sum(a, 1, 2)
     products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
     return first, middle_sum(products, 1, 2).reshape((c, T, T))
@@ -88,6 +95,9 @@ def _channel_sums_fwd(a, b):
 def _channel_sums_bwd(res, g):
     a, b = res
     g_first, g_products = g
+    if b is None:  # d/da of sum a a^T: (G + G^T) a
+        da = g_first[:, None, :] + channel_matvec(g_products + jnp.swapaxes(g_products, 1, 2), a)
+        return da.astype(a.dtype), None
     da = g_first[:, None, :] + channel_matvec(g_products, b)
     db = channel_matvec(jnp.swapaxes(g_products, 1, 2), a)
     return da.astype(a.dtype), db.astype(b.dtype)

@@ -10,12 +10,18 @@ summed axes and the kept minor axes, contiguous in memory, are reshaped (a bitca
 (rows, width) with width = r * T >= 64 elements, the rows are summed (every lane busy, whole
 rows read), and the r partial sums of each component are added last (a tiny reduction). No
 transpose anywhere; where no such split exists the plain sum is used.
+
+`GINJAX_CHANNEL_SUMS=triton` runs the per-channel sums of (c, P, T) blocks that the norms and the
+bias gradients take (`fused_sums_cover`) as one Triton kernel instead
+(kernels/triton/channel_sums.py); "xla" (the default) keeps `middle_sum`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +89,34 @@ def _add_offset_bwd(D, res, g):
 
 
 add_spatial_offset.defvjp(_add_offset_fwd, _add_offset_bwd)
+
+
+SUMS_ENV = "GINJAX_CHANNEL_SUMS"
+SUMS_IMPLS = ("xla", "triton")
+
+
+def channel_sums_impl() -> str:
+    """$GINJAX_CHANNEL_SUMS: "xla" (default, `middle_sum`) or "triton" (the fused kernel where
+    `fused_sums_cover`). Off by default until its train-step A/B on a GPU (bench/NOTES.md)."""
+    impl = os.environ.get(SUMS_ENV, "") or "xla"
+    if impl not in SUMS_IMPLS:
+        raise ValueError(f"${SUMS_ENV} (={impl!r}) must be one of {SUMS_IMPLS}")
+    return impl
+
+
+def fused_sums_cover(a: jax.Array, products: bool) -> bool:
+    """Whether the per-channel sums of `a` (c, P, T) run on kernels/triton/channel_sums.py: asked
+    for, float32, the triton backend available, one device and no spatial sharding (XLA cannot
+    partition the custom call), T <= 4 where products are summed."""
+    if channel_sums_impl() != "triton" or a.ndim != 3 or a.dtype != jnp.float32:
+        return False
+    import kernels
+    from kernels.triton.channel_sums import products_fit
+
+    return (
+        (not products or products_fit(int(a.shape[2])))
+        and a.shape[1] * a.shape[2] <= 2**31 - 1
+        and jax.device_count() == 1
+        and kernels.active_spatial_sharding() is None
+        and "triton" in kernels.available_backends()
+    )

@@ -1,0 +1,186 @@
+"""Per-channel sums over the pixels of a block, and of its component products, as one Triton
+kernel that reads the block once (plus a fixed-order sum of the per-program partials).
+
+    first, products = channel_sums_triton(a)        # sum_p a[c, p, i], sum_p a[c, p, i] a[c, p, j]
+    first, products = channel_sums_triton(a, b)     # sum_p a[c, p, i], sum_p a[c, p, i] b[c, p, j]
+    first, _ = channel_sums_triton(a, products=False)
+
+a and b are (c, P, T) float32 in row-major order: components minor, the layout the CUDA
+ConvContract kernels read and write. These are the norms' statistics, the norms' affine
+gradient and the layers' bias gradients. XLA runs them as column reductions with a 3-wide (or,
+for the products, a 9-wide computed) kept axis and its emitter reads the block at a fraction of
+HBM speed: on the H200, ResNet step profile at fffb5eb, ~0.2 ms per 201 MB vector block where
+one read takes ~0.05 ms (bench/NOTES.md, "Session 14").
+
+A program owns one (example, channel) and a run of pixels. It loads the T components of
+`block` pixels with T stride-T loads (the loads of one tile touch the same cache lines, so HBM
+is read once) and keeps T (+ T^2, or T (T + 1) / 2 for a = b) register accumulators. It writes
+one partial row per program, and `plan_partial_sums` adds the rows in a fixed order: the result
+is bit-identical run after run (no atomics). Under `jax.vmap` one launch covers the batch
+(custom_vmap, as the other kernels). With TRITON_INTERPRET=1 the same source runs on the host.
+
+Not differentiable by itself: the callers (ginjax._norm_stats, the triton backend's bias
+gradient) use it inside their own custom_vjp rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from .._fused import INT32_MAX
+from ._kernel import plan_partial_sums
+from ._launch import batch_size, batched_flags, run_plan
+from ._tiling import KernelPlan
+
+__all__ = ["channel_sums_triton", "products_fit"]
+
+# components whose products the kernel keeps in registers (T (T + 1) / 2 + T accumulators)
+_MAX_PRODUCT_COMPONENTS = 4
+# programs a launch aims at: a few per SM slot on a 132-SM GPU, each still a long run of pixels
+_TARGET_PROGRAMS = 4096
+
+
+def products_fit(T: int) -> bool:
+    """Whether the kernel sums component products for T components (vectors up to D = 4)."""
+    return 1 <= T <= _MAX_PRODUCT_COMPONENTS
+
+
+def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products: bool = True):
+    """(sum_p a[c, p, :] (c, T), sum_p a[c, p, :, None] b[c, p, None, :] (c, T, T) or None).
+
+    Args:
+        a: (c, P, T) float32.
+        b: (c, P, T) float32, or None for b = a (read once; the products are symmetric).
+        products: also sum the products (T <= 4); False: the first sums only (b must be None).
+    """
+    if a.ndim != 3:
+        raise ValueError(f"`a` (shape {a.shape}) must be (channels, pixels, components)")
+    if a.dtype != jnp.float32:
+        raise ValueError(f"`a` (dtype {a.dtype}) must be float32")
+    if b is not None:
+        if not products:
+            raise ValueError("`b` (given) needs `products`=True: the first sums read `a` only")
+        if b.shape != a.shape or b.dtype != a.dtype:
+            raise ValueError(f"`b` (shape {b.shape}, {b.dtype}) must match `a` (shape {a.shape}, {a.dtype})")
+    T = int(a.shape[2])
+    if products and not products_fit(T):
+        raise ValueError(f"`a` has T (={T}) components; products are summed for 1 <= T <= {_MAX_PRODUCT_COMPONENTS}")
+    if int(a.shape[1]) * T > INT32_MAX:
+        raise ValueError(f"`a` (shape {a.shape}) has more than 2^31 elements per channel")
+    operands = (a[None],) if b is None else (a[None], b[None])
+    (total,) = _batched(bool(products), b is not None)(operands)
+    c = int(a.shape[0])
+    total = total[0].reshape(c, -1)
+    first = total[:, :T]
+    return first, (total[:, T:].reshape(c, T, T) if products else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _batched(products: bool, two: bool):
+    @jax.custom_batching.custom_vmap
+    def op(operands):
+        return (_launch(products, two, operands),)
+
+    from .conv_contract import _fold_batch_rule
+
+    op.def_vmap(functools.partial(_fold_batch_rule, op))
+    return op
+
+
+def _launch(products: bool, two: bool, operands) -> jax.Array:
+    """operands: a (and b), each (1 or B, c, P, T) -> (B, c * n_out) sums, n_out = T (+ T^2)."""
+    batch = batch_size(operands)
+    flags = batched_flags(operands, batch)
+    _, c, P, T = (int(n) for n in operands[0].shape)
+    plan, chunks = plan_channel_sums(c, P, T, batch, products, two, flags)
+    width = c * _outputs(T, products)
+    part_shape = jax.ShapeDtypeStruct((batch, chunks, width), jnp.float32)
+    (part,) = run_plan(plan, [part_shape], plan.programs_per_batch * batch, list(operands))
+    sums = plan_partial_sums(batch, chunks, width, prefix="channel_sums_total")
+    (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch,
+                        [part])
+    return total
+
+
+def _outputs(T: int, products: bool) -> int:
+    return T + (T * T if products else 0)
+
+
+def _tile(T: int) -> int:
+    return 512 if T <= 4 else 128
+
+
+def chunking(c: int, P: int, T: int, batch: int) -> tuple[int, int]:
+    """(pixels per program, programs per (example, channel)): about _TARGET_PROGRAMS programs in
+    all, each a whole number of tiles."""
+    tile = _tile(T)
+    tiles = -(-P // tile)
+    chunks = max(1, min(tiles, -(-_TARGET_PROGRAMS // (batch * c))))
+    per = -(-tiles // chunks) * tile
+    return per, -(-P // per)
+
+
+def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: bool,
+                      batched: tuple[bool, ...]) -> tuple[KernelPlan, int]:
+    """The generated kernel and the number of pixel runs per (example, channel).
+
+    Partials go to part[bat, chunk, ch * n_out + k]: k < T the sums of a, then the T x T
+    products row-major."""
+    tile = _tile(T)
+    per, chunks = chunking(c, P, T, batch)
+    n_out = _outputs(T, products)
+    tag = f"{'ab' if two else 'aa' if products else 'a'}_{c}_{P}_{T}_{batch}_{''.join('1' if f else '0' for f in batched)}"
+    name = f"channel_sums_{tag}"  # the profiler attributes kernels by name prefix
+    args = ["a", "b", "part"] if two else ["a", "part"]
+    pairs = [(i, j) for i in range(T) for j in range(T) if two or j >= i] if products else []
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({', '.join(args)}):",
+        "    pid = tl.program_id(0)",
+        f"    ch = pid % {c}",
+        f"    chunk = (pid // {c}) % {chunks}",
+        f"    bat = (pid // {c * chunks}).to(tl.int64)",
+        f"    row = ch.to(tl.int64) * {P * T}",
+        f"    a_row = a + {'bat * ' + str(c * P * T) + ' + ' if batched[0] else ''}row",
+    ]
+    if two:
+        lines.append(f"    b_row = b + {'bat * ' + str(c * P * T) + ' + ' if batched[1] else ''}row")
+    lines.append(f"    offs = tl.arange(0, {tile})")
+    for i in range(T):
+        lines.append(f"    f{i} = tl.zeros(({tile},), tl.float32)")
+    for i, j in pairs:
+        lines.append(f"    q{i}{j} = tl.zeros(({tile},), tl.float32)")
+    lines += [
+        f"    start = chunk * {per}",
+        f"    for p0 in range(start, start + {per}, {tile}):",
+        "        p = p0 + offs",
+        f"        m = p < {P}",
+    ]
+    for i in range(T):
+        lines.append(f"        a{i} = tl.load(a_row + p * {T} + {i}, mask=m, other=0.0)")
+        if two:
+            lines.append(f"        b{i} = tl.load(b_row + p * {T} + {i}, mask=m, other=0.0)")
+    for i in range(T):
+        lines.append(f"        f{i} += a{i}")
+    for i, j in pairs:
+        lines.append(f"        q{i}{j} += a{i} * {'b' if two else 'a'}{j}")
+    lines.append(f"    out = part + ((bat * {chunks} + chunk) * {c} + ch) * {n_out}")
+    for i in range(T):
+        lines.append(f"    tl.store(out + {i}, tl.sum(f{i}, axis=0))")
+    for i, j in pairs:
+        lines.append(f"    s{i}{j} = tl.sum(q{i}{j}, axis=0)")
+        lines.append(f"    tl.store(out + {T + i * T + j}, s{i}{j})")
+        if not two and j != i:
+            lines.append(f"    tl.store(out + {T + j * T + i}, s{i}{j})")
+    source = "\n".join(lines) + "\n"
+    plan = KernelPlan(name=name, source=source, programs_per_batch=c * chunks, out_spatial=(), num_warps=4,
+                      num_stages=3, nonzeros=0, peak_live_z=0)
+    return plan, chunks

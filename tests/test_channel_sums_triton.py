@@ -1,0 +1,166 @@
+"""The per-channel sums kernel (kernels.triton.channel_sums) on the host through Triton's
+interpreter (TRITON_INTERPRET=1), against float64 numpy on fresh random inputs; the norms and the
+bias gradient with GINJAX_CHANNEL_SUMS=triton against the default XLA path, values and gradients
+at fp32. Its partials start as NaN on the interpreter path, so a program that fails to write
+shows up as non-finite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from conftest import rel_l2
+
+triton_backend = pytest.importorskip("kernels.triton")
+from kernels import _reduce  # noqa: E402
+from kernels.triton import conv_contract as triton_conv  # noqa: E402
+from kernels.triton.channel_sums import channel_sums_triton, chunking  # noqa: E402
+
+from ginjax._norm_stats import scalar_group_norm, vector_group_norm  # noqa: E402
+
+if not triton_backend.availability()[0]:
+    pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
+
+TOL = 1e-5  # fp32 (ARCHITECTURE.md)
+
+
+def _normal(rng, shape, loc=0.0):
+    return jnp.asarray(rng.normal(loc, 1.0, size=shape), jnp.float32)
+
+
+def _want(a, b=None):
+    a = np.asarray(a, np.float64)
+    b = a if b is None else np.asarray(b, np.float64)
+    return a.sum(axis=-2), np.einsum("...cpi,...cpj->...cij", a, b)
+
+
+def _check(got, want):
+    got = np.asarray(got)
+    assert np.isfinite(got).all(), "a sum was not written (NaN) or overflowed"
+    assert rel_l2(got, want) <= TOL
+
+
+# (c, P, T): a ragged last tile (P not a multiple of the 512-pixel tile), one pixel run, several
+CASES = [(3, 1000, 3), (2, 777, 1), (4, 513, 2), (1, 64, 4), (5, 3000, 3)]
+
+
+@pytest.mark.parametrize("c, P, T", CASES)
+def test_sums_and_products(c, P, T):
+    rng = np.random.default_rng(c * P + T)
+    a, b = _normal(rng, (c, P, T), loc=1.0), _normal(rng, (c, P, T))
+    first, products = channel_sums_triton(a)
+    want_first, want_products = _want(a)
+    _check(first, want_first)
+    _check(products, want_products)
+    first, products = channel_sums_triton(a, b)
+    _check(first, want_first)
+    _check(products, _want(a, b)[1])
+
+
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_first_sums_only(T):
+    a = _normal(np.random.default_rng(T), (3, 611, T), loc=-2.0)
+    first, products = channel_sums_triton(a, products=False)
+    assert products is None
+    _check(first, _want(a)[0])
+
+
+def test_vmapped_batch_is_one_launch_with_a_shared_operand():
+    rng = np.random.default_rng(7)
+    a, b = _normal(rng, (3, 2, 700, 3)), _normal(rng, (2, 700, 3))
+    f = jax.vmap(lambda x: channel_sums_triton(x, b))
+    first, products = f(a)
+    _check(first, np.asarray(a, np.float64).sum(axis=2))
+    _check(products, np.einsum("ncpi,cpj->ncij", np.asarray(a, np.float64), np.asarray(b, np.float64)))
+    # one launch for the batch: the interpreter's callbacks are the kernel and the partials' sum
+    assert str(jax.make_jaxpr(f)(a)).count("pure_callback") == 2
+
+
+def test_bit_identical_run_to_run():
+    a = _normal(np.random.default_rng(3), (4, 5000, 3))
+    one, two = channel_sums_triton(a), channel_sums_triton(a)
+    for x, y in zip(one, two):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_chunking_covers_every_pixel_once():
+    for c, P, T, batch in [(16, 64**3, 3, 4), (1, 100, 1, 1), (64, 4096, 3, 1), (2, 513, 9, 3)]:
+        per, chunks = chunking(c, P, T, batch)
+        assert per * chunks >= P > per * (chunks - 1)
+        assert per % (512 if T <= 4 else 128) == 0
+
+
+def test_bad_arguments_name_themselves():
+    a = jnp.zeros((2, 10, 3), jnp.float32)
+    with pytest.raises(ValueError, match="`a`"):
+        channel_sums_triton(a[0])
+    with pytest.raises(ValueError, match="float32"):
+        channel_sums_triton(a.astype(jnp.float16))
+    with pytest.raises(ValueError, match="`b`"):
+        channel_sums_triton(a, a[:, :5])
+    with pytest.raises(ValueError, match="`products`"):
+        channel_sums_triton(a, a, products=False)
+    with pytest.raises(ValueError, match="T \\(=9\\)"):
+        channel_sums_triton(jnp.zeros((2, 10, 9), jnp.float32))
+
+
+def test_switch_is_checked(monkeypatch):
+    monkeypatch.setenv(_reduce.SUMS_ENV, "cuda")
+    with pytest.raises(ValueError, match="GINJAX_CHANNEL_SUMS"):
+        _reduce.channel_sums_impl()
+    monkeypatch.delenv(_reduce.SUMS_ENV)
+    assert _reduce.channel_sums_impl() == "xla"
+    assert not _reduce.fused_sums_cover(jnp.zeros((2, 10, 3), jnp.float32), products=True)
+
+
+def _value_and_grads(f, args, g):
+    y, vjp = jax.vjp(f, *args)
+    return (y,) + vjp(g)
+
+
+def _same_with_and_without(monkeypatch, f, args, g):
+    """f's value and gradients with the fused sums against the XLA path, and the fused path taken."""
+    monkeypatch.setenv(_reduce.SUMS_ENV, "xla")
+    want = _value_and_grads(f, args, g)
+    assert "pure_callback" not in str(jax.make_jaxpr(lambda *a: _value_and_grads(f, a, g))(*args))
+    monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
+    got = _value_and_grads(f, args, g)
+    assert "pure_callback" in str(jax.make_jaxpr(lambda *a: _value_and_grads(f, a, g))(*args))
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        _check(x, np.asarray(y, np.float64))
+
+
+@pytest.mark.parametrize("D, groups", [(3, 2), (2, 1)])
+def test_vector_group_norm_with_fused_sums(monkeypatch, D, groups):
+    rng = np.random.default_rng(10 + D)
+    block = _normal(rng, (2, 4) + (5,) * D + (D,), loc=2.0) * jnp.arange(1, D + 1)
+    scale, bias = _normal(rng, (4,)), _normal(rng, (4,))
+    f = jax.vmap(lambda b, s, t: vector_group_norm(b, groups, D, 1e-5, "eigh", s, t), in_axes=(0, None, None))
+    _same_with_and_without(monkeypatch, f, (block, scale, bias), _normal(rng, block.shape))
+
+
+def test_scalar_group_norm_with_fused_sums(monkeypatch):
+    import equinox as eqx
+
+    rng = np.random.default_rng(11)
+    norm = eqx.nn.GroupNorm(2, 4)
+    norm = eqx.tree_at(lambda n: (n.weight, n.bias), norm, (_normal(rng, (4,)), _normal(rng, (4,))))
+    x = _normal(rng, (2, 4, 6, 6, 6), loc=3.0)
+    f = jax.vmap(lambda b: scalar_group_norm(norm, b))
+    _same_with_and_without(monkeypatch, f, (x,), _normal(rng, x.shape))
+
+
+def test_bias_gradient_sums_with_fused_sums(monkeypatch):
+    rng = np.random.default_rng(12)
+    cotangents = (_normal(rng, (4, 6, 7, 5)), _normal(rng, (3, 6, 7, 5, 3)), _normal(rng, (2, 6, 7, 5, 3, 3)))
+    monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
+    got = triton_conv._spatial_sums(cotangents, (0, 1, 2), 3, row_major=True)
+    for b, g in enumerate(cotangents):
+        _check(got[b], np.asarray(g, np.float64).sum(axis=(1, 2, 3)))
+    assert "pure_callback" in str(jax.make_jaxpr(
+        lambda gs: triton_conv._spatial_sums(gs, (1,), 3, row_major=True))(cotangents))
+    # not row-major (the Triton kernels' planar cotangents): the XLA path, whatever the switch says
+    assert "pure_callback" not in str(jax.make_jaxpr(lambda gs: triton_conv._spatial_sums(gs, (1,), 3))(cotangents))
