@@ -243,3 +243,86 @@ def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypa
     jax.eval_shape(lambda xs: jax.vmap(lambda x: cuda_entry.forward_call(spec, x, ws))(xs), xs)
     jax.eval_shape(lambda x: cuda_entry.forward_call(spec, x, ws), [x[0] for x in xs])
     assert seen == [4, 4]  # the vmapped batch of 1 and an unbatched call alike
+
+
+def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
+    """GINJAX_CUDA_OUTPUT_GROUPS=1: a layer with 32 output channels per key, which the CUDA
+    kernels do not cover (8 or 16), runs its forward (bias offsets sliced per group), its input
+    gradient (the transposed layer 32 -> 32, on the forward's bases) and its weight gradient as
+    two covered launches of 16 output channels each (stand-ins: dense, with a record); values and
+    gradients equal to `reference`. Off (the default): no such launch."""
+    spec = dataclasses.replace(SPEC, in_keys=tuple(k[:2] + (32,) for k in SPEC.in_keys),
+                               out_keys=tuple(k[:2] + (32,) for k in SPEC.out_keys))
+    rng = np.random.default_rng(21)
+    N, batch = 3, 2
+    xs = [jnp.asarray(rng.standard_normal((batch,) + spec.in_shape(a, (N,) * 3)), jnp.float32) for a in range(2)]
+    ws = [jnp.asarray(rng.standard_normal((32, 32, p.basis.n_filters)) / np.sqrt(32 * p.basis.n_filters), jnp.float32)
+          for p in spec.pairs]
+    offsets = (jnp.asarray(rng.standard_normal((32,)), jnp.float32), jnp.asarray(rng.standard_normal((32, 3)), jnp.float32))
+    forward_asked, dw_asked = [], []
+
+    def covers(s, spatial, dtype):  # the compiled kernels: the forward's bases, 16 outputs per key
+        return ([p.basis for p in s.pairs] == [p.basis for p in spec.pairs]
+                and all(o == 16 for _, _, o in s.out_keys)), "stand-in"
+
+    def forward(s, inputs, weights, offs=None):
+        forward_asked.append((s, offs))
+        outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
+        return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
+                     for y, off in zip(outs, offs or (None,) * len(outs)))
+
+    def weight_gradient(s, inputs, cotangents):
+        dw_asked.append(s)
+        shapes = [(16, 32, p.basis.n_filters) for p in s.pairs]
+        zeros = [jnp.zeros(sh, jnp.float32) for sh in shapes]
+        _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), zeros)
+        return vjp(tuple(cotangents))[0]
+
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "coverage", covers)
+    monkeypatch.setattr(cuda, "weight_gradient_coverage", covers)
+    monkeypatch.setattr(cuda, "forward_call", forward)
+    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
+    loss = _loss(spec, offsets)
+    (value, outs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(xs, ws, offsets)
+    # forward: two launches with the offsets' rows 0-15 and 16-31; input gradient: two more
+    assert len(forward_asked) == 4 and len(dw_asked) == 2
+    assert all(all(o == 16 for _, _, o in s.out_keys) for s, _ in forward_asked)
+    for g, (_, offs) in enumerate(forward_asked[:2]):
+        np.testing.assert_array_equal(np.asarray(offs[1]), np.asarray(offsets[1][16 * g : 16 * (g + 1)]))
+    assert forward_asked[2][1] is None and forward_asked[3][1] is None
+    assert "as 2 launches of 16 output channels per key" in kernels.explain(spec, (N,) * 3, backend="triton").reason
+
+    def reference(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference", precision="fp32"))(xs)
+        outs = (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+
+    (_, want_outs), want = jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True)(xs, ws, offsets)
+    for o, w in zip(outs, want_outs):
+        assert rel_l2(o, w) <= kernels.TOLERANCE["tf32"]
+    errors = gradient_errors(grads, want, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+    # off: the split is never taken (the layer stays on Triton's kernels)
+    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "0")
+    assert triton_entry.output_split(spec, lambda s: covers(s, None, None)[0]) is None
+    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "2")
+    with pytest.raises(ValueError, match="GINJAX_CUDA_OUTPUT_GROUPS"):
+        triton_entry.output_groups_enabled()
+
+
+def test_output_split_needs_equal_multiples_of_the_group(monkeypatch):
+    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
+    covers_all = lambda s: True  # noqa: E731
+
+    def wide(o0, o1):
+        return dataclasses.replace(SPEC, out_keys=(SPEC.out_keys[0][:2] + (o0,), SPEC.out_keys[1][:2] + (o1,)))
+
+    assert triton_entry.output_split(wide(64, 64), covers_all)[1] == 4
+    assert triton_entry.output_split(wide(16, 16), covers_all) is None  # one launch already
+    assert triton_entry.output_split(wide(32, 16), covers_all) is None  # keys differ
+    assert triton_entry.output_split(wide(24, 24), covers_all) is None  # not a multiple of 16
+    assert triton_entry.output_split(wide(32, 32), lambda s: False) is None

@@ -199,6 +199,49 @@ def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
+@pytest.mark.parametrize("channels, spatial", [((32, 32), (3, 5, 64)), ((16, 32), (4, 6, 32)), ((32, 64), (3, 4, 16))])
+def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
+    """GINJAX_CUDA_OUTPUT_GROUPS=1: a layer with 32 or 64 output channels per key runs its
+    forward, input gradient and weight gradient as launches of 16 output channels each (the
+    first case also passes over two input channel groups at x 64); value and gradients (inputs,
+    weights, biases) against `reference` at tf32, and no Triton kernel left in the step."""
+    import dataclasses
+
+    from kernels.triton.conv_contract import OUTPUT_GROUPS_ENV, conv_contract_triton
+
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.setenv(OUTPUT_GROUPS_ENV, "1")
+    c, o = channels
+    spec = dataclasses.replace(SPEC, in_keys=tuple(k[:2] + (c,) for k in SPEC.in_keys),
+                               out_keys=tuple(k[:2] + (o,) for k in SPEC.out_keys))
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=51)
+    rng = np.random.default_rng(52)
+    offs = (jnp.asarray(rng.standard_normal((o,)), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
+    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="tf32", offsets=offs),
+                   in_axes=(0, None, None))
+
+    def ref(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(xs)
+        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+
+    def loss(fn, *args):
+        return sum(jnp.vdot(out, ct) for out, ct in zip(fn(*args), cots))
+
+    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
+    hlo = step.lower(xs, ws, offs).as_text()
+    launches = o // 16 + (c // 16 if c > 16 else 1)  # the forward's groups + the input gradient's
+    assert hlo.count("ginjax_cuda_forward") == launches, hlo[-3000:]
+    assert hlo.count("ginjax_cuda_weight_gradient") == o // 16
+    assert "triton_kernel_call" not in hlo
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
+    got = step(xs, ws, offs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
 def test_layer_bias_in_the_forward_epilogue_per_example():
     """The layer's bias through the public API (scalar "add", vector "mean": offsets from each
     example's input means, so batched under vmap) goes into the CUDA forward's epilogue: one

@@ -12,6 +12,7 @@ broadcasting unbatched operands with a zero batch stride.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -139,18 +140,70 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
     """The outputs of kernels.cuda's forward, `offsets` added in its epilogue, where it computes
     this call exactly as asked (TF32, no test poison, a layer it was compiled for: `spec` itself
     or, for an input gradient (no offsets), `spec` on the bases of the forward layer `like` with
-    the weights moved, `with_bases_of`), else None."""
+    the weights moved, `with_bases_of`; either one whole or, with `output_groups_enabled`, as
+    launches of OUTPUT_GROUP output channels per key, `output_split`), else None."""
     if mode != "tf32" or poison is not None:
         return None
     from .. import cuda
 
+    if offsets is not None and all(o is None for o in offsets):
+        offsets = None
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    if cuda_forward_covers(spec, spatial, inputs[0].dtype)[0]:
-        return cuda.forward_call(spec, inputs, weights, offsets)
-    twin = with_bases_of(spec, like) if like is not None else None
-    if twin is None or not cuda_forward_covers(twin[0], spatial, inputs[0].dtype)[0]:
+    covers = lambda layer: cuda_forward_covers(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
+    layers = [(spec, lambda w: w)]
+    if like is not None and (twin := with_bases_of(spec, like)) is not None:
+        layers.append(twin)
+    for layer, move in layers:
+        if covers(layer):
+            return cuda.forward_call(layer, inputs, move(weights), offsets)
+    for layer, move in layers:
+        if (split := output_split(layer, covers)) is not None:
+            return _by_output_groups(cuda.forward_call, split, inputs, move(weights), offsets)
+    return None
+
+
+# output channels per key of one CUDA launch where a layer's outputs are split (the kernels
+# cover 8 or 16: kernels.cuda._plan.layer_coverage)
+OUTPUT_GROUP = 16
+OUTPUT_GROUPS_ENV = "GINJAX_CUDA_OUTPUT_GROUPS"
+
+
+def output_groups_enabled() -> bool:
+    """Whether a layer with 16k output channels per key (k > 1) may run on the CUDA kernels as k
+    launches of 16 each ($GINJAX_CUDA_OUTPUT_GROUPS="1"); off ("0", the default) until its GPU
+    tests and train-step A/B run (bench/NOTES.md, "Output-channel groups")."""
+    value = os.environ.get(OUTPUT_GROUPS_ENV, "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"`{OUTPUT_GROUPS_ENV}` (={value!r}) must be '0' or '1'")
+    return value == "1"
+
+
+def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
+    """(the layer with OUTPUT_GROUP output channels per key, the number of launches) where output
+    groups are on, every output key has the same channels, a multiple of OUTPUT_GROUP above it,
+    and `covers` the smaller layer; else None. Each launch reads every input channel and writes
+    its own slice of the outputs: the same result as one launch over all of them."""
+    channels = {o for _, _, o in spec.out_keys}
+    if not output_groups_enabled() or len(channels) != 1:
         return None
-    return cuda.forward_call(twin[0], inputs, twin[1](weights))
+    (o,) = channels
+    if o <= OUTPUT_GROUP or o % OUTPUT_GROUP:
+        return None
+    sub = dataclasses.replace(spec, out_keys=tuple((k, p, OUTPUT_GROUP) for k, p, _ in spec.out_keys))
+    return (sub, o // OUTPUT_GROUP) if covers(sub) else None
+
+
+def _by_output_groups(call, split, inputs, weights, per_output=None):
+    """`call(sub, inputs, weights[g], per_output[g])` for each output group g of `split`, each
+    result's blocks concatenated over the groups along their leading (output channel) axis.
+    weights: per pair (o, c, F); per_output: per output key None or an array led by o (or None)."""
+    sub, n = split
+    results = []
+    for g in range(n):
+        rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
+        part = None if per_output is None else tuple(None if a is None else a[rows] for a in per_output)
+        results.append(call(sub, inputs, tuple(w[rows] for w in weights), part))
+    return tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*results))
 
 
 WEIGHT_GRAD_IMPLS = ("triton", "cuda")
@@ -178,15 +231,20 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
 
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
     """Per pair, dW from kernels.cuda's weight gradient where it computes this call as asked (TF32,
-    no test poison, `cuda_weight_grad_covers`), else None."""
+    no test poison, `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
     if mode != "tf32" or poison is not None:
-        return None
-    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    if not cuda_weight_grad_covers(spec, spatial, inputs[0].dtype)[0]:
         return None
     from .. import cuda
 
-    return cuda.weight_gradient_call(spec, inputs, cotangents)
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
+    covers = lambda layer: cuda_weight_grad_covers(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
+    if covers(spec):
+        return cuda.weight_gradient_call(spec, inputs, cotangents)
+    if (split := output_split(spec, covers)) is None:
+        return None
+    # dW of output group g is that group's cotangents against every input: rows g of each pair's dW
+    return _by_output_groups(lambda sub, xs, gs, _: cuda.weight_gradient_call(sub, xs, gs), split, inputs,
+                             cotangents)
 
 
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
