@@ -18,6 +18,8 @@ Forward: 1 read (statistics) + 1 read and 1 write; backward: 2 reads (weight sum
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -68,16 +70,19 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None) -> tuple[jax.Array, j
     means b = a (read once).
 
     Both are wide column reductions in the block's layout (kernels._reduce.middle_sum), or one
-    Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS=triton); the
-    backward is one elementwise pass per operand (per-channel T x T products written as
-    multiply-adds), not the reductions and transposes autodiff of the outer product makes.
+    Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS=triton, read when
+    the call is traced); the backward is one elementwise pass per operand (per-channel T x T
+    products written as multiply-adds), not the reductions and transposes autodiff of the outer
+    product makes.
     """
-    return _channel_sums(a, b)
+    return _channel_sums(fused_sums_cover(a, products=True), a, b)
 
 
-@jax.custom_vjp
-def _channel_sums(a, b):
-    if fused_sums_cover(a, products=True):
+# `fused` is a static argument, decided outside: a decision taken inside a custom_vjp's rules
+# would be reused from any trace JAX caches of them
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _channel_sums(fused: bool, a, b):
+    if fused:
         from kernels.triton.channel_sums import channel_sums_triton
 
         return channel_sums_triton(a, b)
@@ -88,11 +93,11 @@ def _channel_sums(a, b):
     return first, middle_sum(products, 1, 2).reshape((c, T, T))
 
 
-def _channel_sums_fwd(a, b):
-    return _channel_sums(a, b), (a, b)
+def _channel_sums_fwd(fused, a, b):
+    return _channel_sums(fused, a, b), (a, b)
 
 
-def _channel_sums_bwd(res, g):
+def _channel_sums_bwd(fused, res, g):
     a, b = res
     g_first, g_products = g
     if b is None:  # d/da of sum a a^T: (G + G^T) a
@@ -116,25 +121,29 @@ def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
     return out
 
 
-@jax.custom_vjp
 def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array) -> jax.Array:
     """y[c, p] = m[c] x[c, p] + v[c] for m (c, T, T), v (c, T), x (c, P, T): one elementwise pass;
     the backward reduces gm and gv in one `channel_sums` and gx is one elementwise pass."""
+    return _channel_affine(fused_sums_cover(x, products=True), m, v, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _channel_affine(fused: bool, m, v, x):
     return channel_matvec(m, x) + v[:, None, :]
 
 
-def _affine_fwd(m, v, x):
-    return channel_affine(m, v, x), (m, x)
+def _affine_fwd(fused, m, v, x):
+    return _channel_affine(fused, m, v, x), (m, x)
 
 
-def _affine_bwd(res, g):
+def _affine_bwd(fused, res, g):
     m, x = res
-    gv, gm = _channel_sums(g, x)
+    gv, gm = _channel_sums(fused, g, x)
     gx = channel_matvec(jnp.swapaxes(m, 1, 2), g)
     return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype)
 
 
-channel_affine.defvjp(_affine_fwd, _affine_bwd)
+_channel_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 def vector_group_norm(

@@ -122,13 +122,21 @@ def _value_and_grads(f, args, g):
 
 
 def _same_with_and_without(monkeypatch, f, args, g):
-    """f's value and gradients with the fused sums against the XLA path, and the fused path taken."""
+    """f's value and gradients with the fused sums against the XLA path, and the fused path taken
+    (jitted: one trace per path, not an eager dispatch per operation)."""
+    def step(*a):  # a new function per path: jit caches a trace by the function it is given
+        return _value_and_grads(f, a, g)
+
     monkeypatch.setenv(_reduce.SUMS_ENV, "xla")
-    want = _value_and_grads(f, args, g)
-    assert "pure_callback" not in str(jax.make_jaxpr(lambda *a: _value_and_grads(f, a, g))(*args))
+    assert "pure_callback" not in str(jax.make_jaxpr(step)(*args))
+    want = jax.jit(step)(*args)
     monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
-    got = _value_and_grads(f, args, g)
-    assert "pure_callback" in str(jax.make_jaxpr(lambda *a: _value_and_grads(f, a, g))(*args))
+
+    def step(*a):  # noqa: F811
+        return _value_and_grads(f, a, g)
+
+    assert "pure_callback" in str(jax.make_jaxpr(step)(*args))
+    got = jax.jit(step)(*args)
     for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         _check(x, np.asarray(y, np.float64))
 
