@@ -93,6 +93,26 @@ def _loss(spec, offsets):
     return loss
 
 
+def _dense_with_offsets(s, inputs, weights, offsets=None):
+    """The CUDA forward's contract on `dense`: unbatched blocks, each key's (o, *tensor) offset
+    added at every pixel (the epilogue's bias)."""
+    outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
+    return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
+                 for y, off in zip(outs, offsets or (None,) * len(outs)))
+
+
+def _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient):
+    """kernels.cuda's forward and weight gradient replaced (both cover what `covers` says), with
+    the default dispatch (no GINJAX_TRITON_FORWARD / _WEIGHT_GRAD)."""
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "coverage", covers)
+    monkeypatch.setattr(cuda, "weight_gradient_coverage", covers)
+    monkeypatch.setattr(cuda, "forward_call", forward)
+    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+
+
 def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(monkeypatch):
     spec, xs, ws = small_layer()
     offsets = (None, jnp.asarray(np.random.default_rng(5).standard_normal((2, 3)), jnp.float32))
@@ -104,10 +124,7 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
     def call(s, inputs, weights, offsets=None):  # the kernel's contract: unbatched blocks, batched by vmap
         asked.append(s)
         given.append(offsets)
-        outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
-        # the epilogue's bias: each key's (o, *tensor) offset at every pixel
-        return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
-                     for y, off in zip(outs, offsets or (None,) * len(outs)))
+        return _dense_with_offsets(s, inputs, weights, offsets)
 
     monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.setattr(cuda, "coverage", covers)
@@ -267,9 +284,7 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
 
     def forward(s, inputs, weights, offs=None):
         forward_asked.append((s, offs))
-        outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
-        return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
-                     for y, off in zip(outs, offs or (None,) * len(outs)))
+        return _dense_with_offsets(s, inputs, weights, offs)
 
     def weight_gradient(s, inputs, cotangents):
         dw_asked.append(s)
@@ -278,13 +293,7 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
         _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), zeros)
         return vjp(tuple(cotangents))[0]
 
-    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
-    monkeypatch.setattr(cuda, "coverage", covers)
-    monkeypatch.setattr(cuda, "weight_gradient_coverage", covers)
-    monkeypatch.setattr(cuda, "forward_call", forward)
-    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
-    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
-    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient)
     monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
     loss = _loss(spec, offsets)
     (value, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(xs, ws, offsets)
@@ -340,23 +349,12 @@ def test_bias_gradient_sums_follow_the_switch_at_each_trace(monkeypatch):
     offsets = (jnp.asarray(np.random.default_rng(14).standard_normal((2,)), jnp.float32),
                jnp.asarray(np.random.default_rng(15).standard_normal((2, 3)), jnp.float32))
 
-    def forward(s, inputs, weights, offs=None):
-        outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
-        return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
-                     for y, off in zip(outs, offs or (None,) * len(outs)))
-
     def weight_gradient(s, inputs, cotangents):
         _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), ws)
         return vjp(tuple(cotangents))[0]
 
     covers = lambda s, spatial, dtype: ([p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in")  # noqa: E731
-    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
-    monkeypatch.setattr(cuda, "coverage", covers)
-    monkeypatch.setattr(cuda, "weight_gradient_coverage", covers)
-    monkeypatch.setattr(cuda, "forward_call", forward)
-    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
-    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
-    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    _install_cuda_stand_ins(monkeypatch, covers, _dense_with_offsets, weight_gradient)
 
     def grads_and_callbacks():
         step = jax.grad(lambda *a: _loss(spec, offsets)(*a)[0], argnums=(0, 1, 2))  # a new function each time
