@@ -48,8 +48,9 @@ only through Triton's interpreter, which is for tests:
   `kernels.spatial_sharding` active (XLA cannot partition a custom call: it would gather the
   block onto every device); any other call takes the "xla" path. On a CPU it is for tests
   only (the interpreter is slow). `GINJAX_VN_SAVE_MIX=1` keeps d = W x from the forward for the
-  backward instead of recomputing it (a block-sized residual per call; not yet timed on a GPU,
-  so off by default).
+  backward instead of recomputing it: a block-sized residual per call, for 0.7-0.8 ms of a
+  ResNet or DilResNet step on the H200 at 26-37% more temporary memory, so off by default
+  (bench/NOTES.md, "Session 14").
 - "cuda" (opt-in only, never a default): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
   C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
   block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
@@ -64,13 +65,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from ginjax._channel_mix import _mix, _mix_bwd
+from kernels._env import env_choice
 
 
 LAYOUTS = ("minor", "planar")
@@ -82,25 +83,15 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 
 
-def _from_env(env: str, choices: tuple[str, ...], default: str) -> str:
-    """$env if set (one of `choices`, else a ValueError naming it), else `default`."""
-    value = os.environ.get(env, "")
-    if not value:
-        return default
-    if value not in choices:
-        raise ValueError(f"${env} (={value!r}) must be one of {choices}")
-    return value
-
-
 def default_layout() -> str:
     """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (measured faster there, also beside the
     components-minor CUDA kernels: module docstring) and "minor" elsewhere."""
-    return _from_env(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
+    return env_choice(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
 
 
 def default_impl() -> str:
     """$GINJAX_VN_IMPL if set, else "triton" on a GPU and "xla" elsewhere (module docstring)."""
-    return _from_env(IMPL_ENV, IMPLS, "triton" if jax.default_backend() == "gpu" else "xla")
+    return env_choice(IMPL_ENV, IMPLS, "triton" if jax.default_backend() == "gpu" else "xla")
 
 
 def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:
@@ -165,7 +156,7 @@ def vector_neuron(
     if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
         from kernels.triton import VNBlocks, vector_neuron_triton
 
-        blocks = VNBlocks(save_mix=_from_env(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
+        blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
         return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar")
     lead = block.shape[: 1 + D]
     T = math.prod(block.shape[1 + D :])

@@ -21,10 +21,11 @@ from __future__ import annotations
 import functools
 import math
 
-import os
-
 import jax
 import jax.numpy as jnp
+
+from ._env import env_choice
+from ._fused import INT32_MAX
 
 # the minor extent the first stage keeps: two 32-lane warps' worth of fp32 (256 bytes per row)
 _MIN_WIDTH = 64
@@ -98,10 +99,7 @@ SUMS_IMPLS = ("xla", "triton")
 def channel_sums_impl() -> str:
     """$GINJAX_CHANNEL_SUMS: "xla" (default, `middle_sum`) or "triton" (the fused kernel where
     `fused_sums_cover`). Off by default until its train-step A/B on a GPU (bench/NOTES.md)."""
-    impl = os.environ.get(SUMS_ENV, "") or "xla"
-    if impl not in SUMS_IMPLS:
-        raise ValueError(f"${SUMS_ENV} (={impl!r}) must be one of {SUMS_IMPLS}")
-    return impl
+    return env_choice(SUMS_ENV, SUMS_IMPLS, "xla")
 
 
 def fused_sums_cover(a: jax.Array, products: bool) -> bool:
@@ -115,7 +113,7 @@ def fused_sums_cover(a: jax.Array, products: bool) -> bool:
 
     return (
         (not products or products_fit(int(a.shape[2])))
-        and a.shape[1] * a.shape[2] <= 2**31 - 1
+        and a.shape[1] * a.shape[2] <= INT32_MAX
         and jax.device_count() == 1
         and kernels.active_spatial_sharding() is None
         and "triton" in kernels.available_backends()

@@ -111,16 +111,17 @@ def describe(spec: ConvSpec, spatial) -> str:
     or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), else the Triton kernels."""
     directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
                   "the weight gradient": _entry.cuda_weight_grad_covers}
-    on_cuda = []
+    on_cuda, on_triton = [], []
     for what, covers in directions.items():
         layer_covered = lambda layer: covers(layer, tuple(spatial), "float32")[0]  # noqa: E731
         if layer_covered(spec):
             on_cuda.append(what)
         elif (split := _entry.output_split(spec, layer_covered)) is not None:
             on_cuda.append(f"{what} (as {split[1]} launches of {_entry.OUTPUT_GROUP} output channels per key)")
+        else:
+            on_triton.append(what)
     if not on_cuda:
         return ""
-    on_triton = [what for what in directions if not any(c.startswith(what) for c in on_cuda)]
     said = " and ".join(on_cuda) + " on kernels/cuda's CUDA kernels at tf32 (Triton's at other precisions)"
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 

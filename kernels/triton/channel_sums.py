@@ -35,6 +35,7 @@ from .._fused import INT32_MAX
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, run_plan
 from ._tiling import KernelPlan
+from .conv_contract import _fold_batch_rule
 
 __all__ = ["channel_sums_triton", "products_fit"]
 
@@ -84,8 +85,6 @@ def _batched(products: bool, two: bool):
     @jax.custom_batching.custom_vmap
     def op(operands):
         return (_launch(products, two, operands),)
-
-    from .conv_contract import _fold_batch_rule
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op

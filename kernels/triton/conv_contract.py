@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
@@ -172,10 +173,7 @@ def output_groups_enabled() -> bool:
     """Whether a layer with 16k output channels per key (k > 1) may run on the CUDA kernels as k
     launches of 16 each ($GINJAX_CUDA_OUTPUT_GROUPS="1"); off ("0", the default) until its GPU
     tests and train-step A/B run (bench/NOTES.md, "Output-channel groups")."""
-    value = os.environ.get(OUTPUT_GROUPS_ENV, "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"`{OUTPUT_GROUPS_ENV}` (={value!r}) must be '0' or '1'")
-    return value == "1"
+    return env_choice(OUTPUT_GROUPS_ENV, ("0", "1"), "0") == "1"
 
 
 def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
@@ -304,8 +302,8 @@ def _spatial_sums(cotangents, biased, D: int, row_major: bool = False) -> dict:
     sums = {}
     for b in biased:
         g = cotangents[b]
-        flat = g.reshape((g.shape[0], math.prod(g.shape[1 : 1 + D]), -1))
-        if row_major and fused_sums_cover(flat, products=False):
+        flat = g.reshape((g.shape[0], math.prod(g.shape[1 : 1 + D]), -1)) if row_major else None
+        if flat is not None and fused_sums_cover(flat, products=False):
             from .channel_sums import channel_sums_triton
 
             sums[b] = channel_sums_triton(flat, products=False)[0].reshape((g.shape[0],) + g.shape[1 + D :])
