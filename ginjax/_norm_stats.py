@@ -70,8 +70,8 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None) -> tuple[jax.Array, j
     means b = a (read once).
 
     Both are wide column reductions in the block's layout (kernels._reduce.middle_sum), or one
-    Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS=triton, read when
-    the call is traced); the backward is one elementwise pass per operand (per-channel T x T
+    Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS, "triton" by default on a
+    GPU, read when the call is traced); the backward is one elementwise pass per operand (per-channel T x T
     products written as multiply-adds), not the reductions and transposes autodiff of the outer
     product makes.
     """

@@ -112,6 +112,7 @@ def test_switch_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="GINJAX_CHANNEL_SUMS"):
         _reduce.channel_sums_impl()
     monkeypatch.delenv(_reduce.SUMS_ENV)
+    assert jax.default_backend() == "cpu"  # the default is "triton" on a GPU only
     assert _reduce.channel_sums_impl() == "xla"
     assert not _reduce.fused_sums_cover(jnp.zeros((2, 10, 3), jnp.float32), products=True)
 

@@ -62,6 +62,9 @@ def test_vector_group_norm_step(monkeypatch):
         return jnp.sum(jnp.sin(y))
 
     step = lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(block, scale, bias)
+    monkeypatch.delenv(_reduce.SUMS_ENV, raising=False)
+    assert _reduce.channel_sums_impl() == "triton"  # the default on a GPU
+    assert _reduce.fused_sums_cover(block[0].reshape(16, -1, 3), products=True)
     with jax.default_matmul_precision("float32"):
         monkeypatch.setenv(_reduce.SUMS_ENV, "xla")
         want = step()

@@ -267,7 +267,7 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
     kernels do not cover (8 or 16), runs its forward (bias offsets sliced per group), its input
     gradient (the transposed layer 32 -> 32, on the forward's bases) and its weight gradient as
     two covered launches of 16 output channels each (stand-ins: dense, with a record); values and
-    gradients equal to `reference`. Off (the default): no such launch."""
+    gradients equal to `reference`. On by default; off ("0"): no such launch."""
     spec = dataclasses.replace(SPEC, in_keys=tuple(k[:2] + (32,) for k in SPEC.in_keys),
                                out_keys=tuple(k[:2] + (32,) for k in SPEC.out_keys))
     rng = np.random.default_rng(21)
@@ -321,6 +321,8 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
     monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "2")
     with pytest.raises(ValueError, match="GINJAX_CUDA_OUTPUT_GROUPS"):
         triton_entry.output_groups_enabled()
+    monkeypatch.delenv(triton_entry.OUTPUT_GROUPS_ENV)
+    assert triton_entry.output_groups_enabled()
 
 
 def test_output_split_needs_equal_multiples_of_the_group(monkeypatch):
