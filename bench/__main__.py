@@ -110,8 +110,10 @@ def run(args) -> int:
         max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
         exclude=args.exclude, time_budget=args.time_budget, skipped=skipped, check=not args.no_check,
     )
+    cases = _suite.cases_path(paths["json"])
     if not paths["json"].exists() or paths["json"].stat().st_size == 0:
-        print(f"error: the suite wrote no results (pytest exit code {rc})", file=sys.stderr)
+        kept = f"; the cases that finished are in {cases}" if cases.exists() else ""
+        print(f"error: the suite wrote no results (pytest exit code {rc}){kept}", file=sys.stderr)
         return rc or 2
     results = _suite.load_results(paths["json"])
     table = _suite.describe_run(results) + "\n\n" + _suite.format_table(_suite.table_rows(results))

@@ -8,6 +8,7 @@ counts), _errors (error metrics), _timing (compiling and the timing loop).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Optional
 
@@ -59,6 +60,17 @@ def progress(options: dict, message: str) -> None:
     log = options.get("log")
     if log is not None:
         log(f"[bench {time.strftime('%H:%M:%S')}] {message}")
+
+
+def record_case(options: dict, label: str, extra: dict) -> None:
+    """One JSON line per finished case in options["cases_path"] (where set), written as the case
+    ends: pytest-benchmark writes its JSON only when the session ends, and a process killed
+    without it (a SIGTERM that lands while the main thread sits in native code, such as a long
+    kernel compile on the GPU) would lose every case that did finish."""
+    path = options.get("cases_path")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"name": label, **extra}, default=str) + "\n")
 
 
 def _pytest_benchmark_runner(benchmark):
@@ -150,6 +162,7 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
     if timing is not None:
         extra.update(p20_s=timing.p20_s, median_s=timing.median_s, p80_s=timing.p80_s, tflops=gflop / 1e3 / timing.median_s)
     benchmark.extra_info.update(extra)
+    record_case(options, label, extra)  # before the log line, which is what a watcher acts on
     if timing is not None:
         progress(options, f"{label}: median {timing.ms:.3f} ms")
 

@@ -51,6 +51,12 @@ def default_out_dir() -> pathlib.Path:
     return pathlib.Path(cache) / "ginjax-bench"
 
 
+def cases_path(json_path) -> pathlib.Path:
+    """Where the suite appends each finished case as it ends (`_harness.record_case`): what is
+    left of a run killed before pytest-benchmark wrote `json_path`."""
+    return pathlib.Path(str(json_path) + ".cases.jsonl")
+
+
 def result_paths(root: pathlib.Path, device_slug: str, commit: str, when: Optional[_dt.datetime] = None,
                  tag: str = "") -> dict:
     """Free `<root>/<device-slug>/<date>-<commit>[-<tag>][-n].{json,png,txt}` paths (n from 2 on clashes)."""
@@ -115,6 +121,7 @@ def run_suite(
         f"--bench-time-budget={time_budget}",
         f"--bench-commit={commit}",
         f"--benchmark-json={json_path}",
+        f"--bench-cases={cases_path(json_path)}",
         f"--benchmark-max-time={max_time}",
         f"--benchmark-min-rounds={min_rounds}",
         "--benchmark-quiet",
@@ -122,13 +129,17 @@ def run_suite(
         *extra_args,
     ]
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    cases_path(json_path).unlink(missing_ok=True)
     plugins = [_SkipRecorder(skipped)] if skipped is not None else []
     # Under a pytest-xdist worker (the tests run `python -m bench` in a subprocess) the inherited
     # PYTEST_XDIST_WORKER makes pytest-benchmark disable itself: this run is not distributed.
     xdist_env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PYTEST_XDIST_")}
     try:
         with _terminate_as_interrupt():
-            return int(pytest.main(args, plugins=plugins))
+            rc = int(pytest.main(args, plugins=plugins))
+        if pathlib.Path(json_path).exists() and pathlib.Path(json_path).stat().st_size:
+            cases_path(json_path).unlink(missing_ok=True)  # the JSON holds every case
+        return rc
     finally:
         os.environ.update(xdist_env)
 

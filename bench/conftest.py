@@ -31,6 +31,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out")
     group.addoption("--bench-time-budget", type=float, default=0.0, help="seconds; cases starting later are skipped (0: no limit)")
     group.addoption("--bench-progress", action="store_true", help="log each phase of each case to stderr")
+    group.addoption("--bench-cases", default="", help="append one JSON line per finished case to this file")
     group.addoption("--bench-no-check", action="store_true", help="time only: no error against the reference oracle (saves compiling and running it)")
     group.addoption("--bench-commit", default=None, help=f"commit id to record (default: ${COMMIT_ENV}, else git)")
 
@@ -113,6 +114,7 @@ def bench_options(request) -> dict:
         "check": not config.getoption("--bench-no-check"),
         "deadline": time.monotonic() + budget if budget > 0 else None,
         "log": _progress_log(config) if config.getoption("--bench-progress") else None,
+        "cases_path": config.getoption("--bench-cases") or None,
     }
 
 

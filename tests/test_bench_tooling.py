@@ -341,3 +341,36 @@ def test_a_terminated_run_keeps_the_cases_that_finished(tmp_path):
     kept = {f'{b["extra_info"]["config"]}-{b["extra_info"]["mode"]}-dense' for b in benchmarks}
     # every case that printed its median is kept (one more may have finished as the signal came)
     assert finished <= kept and len(kept - finished) <= 1, (finished, kept)
+
+
+def test_a_killed_run_keeps_the_cases_that_finished_in_jsonl(tmp_path):
+    """A process killed outright (SIGKILL here; on the GPU a SIGTERM that lands during a long
+    native compile ended a run the same way) writes no pytest-benchmark JSON: the cases that
+    finished are each a line of `<json>.cases.jsonl`, written as they end. A run that ends
+    normally leaves only the JSON."""
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    def argv(configs, modes, commit):
+        return [sys.executable, "-m", "bench", "--configs", configs, "--backends", "dense", "--modes", modes,
+                "--max-time", "0.05", "--min-rounds", "1", "--no-check", "--no-plot", "--out", str(tmp_path),
+                "--commit", commit]
+
+    proc = subprocess.Popen(argv("d2_n64_b4_c8,d3_n16_b2_c8", "fwd,fwd_bwd", "sigkill"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    finished = []
+    for line in proc.stdout:
+        if ": median " in line:  # the first case is done: kill the run during the next
+            finished.append(line.split("]", 1)[1].split(":")[0].strip())
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and finished
+    (cases,) = tmp_path.glob("*/*-sigkill.json.cases.jsonl")
+    rows = [json.loads(line) for line in cases.read_text().splitlines()]
+    assert [r["name"] for r in rows][:1] == finished, rows
+    assert rows[0]["median_s"] > 0 and rows[0]["backend"] == "dense" and rows[0]["config"] in ("d2_n64_b4_c8", "d3_n16_b2_c8")
+    # a whole run: the JSON, and no cases file beside it
+    done = subprocess.run(argv("d3_n16_b2_c8", "fwd", "whole"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list(tmp_path.glob("*/*-whole.json")) and not list(tmp_path.glob("*/*-whole.json.cases.jsonl"))
