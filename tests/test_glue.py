@@ -361,7 +361,7 @@ def test_vector_neuron_layout_is_checked(monkeypatch):
     with pytest.raises(ValueError, match=r"`layout` \(='rows'\) must be one of"):
         _vector_neuron.vector_neuron(w, block, 2, jax.nn.relu, 1e-5, layout="rows")
     monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, "rows")
-    with pytest.raises(ValueError, match=r"\$GINJAX_VN_LAYOUT \(='rows'\) must be one of"):
+    with pytest.raises(ValueError, match=r"`GINJAX_VN_LAYOUT` \(='rows'\) must be one of"):
         _vector_neuron.vector_neuron(w, block, 2, jax.nn.relu, 1e-5)
 
 
@@ -377,5 +377,5 @@ def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl)
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "xla" if impl == "triton" else "triton")
     assert _vector_neuron.default_impl() != impl
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "pallas")
-    with pytest.raises(ValueError, match=r"\$GINJAX_VN_IMPL \(='pallas'\) must be one of"):
+    with pytest.raises(ValueError, match=r"`GINJAX_VN_IMPL` \(='pallas'\) must be one of"):
         _vector_neuron.default_impl()

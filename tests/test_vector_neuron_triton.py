@@ -143,7 +143,7 @@ def test_saved_mix_is_written_only_under_differentiation_and_vmaps(monkeypatch):
     g = lambda w, x: _vector_neuron.vector_neuron(w, x, D, jax.nn.gelu, EPS)  # noqa: E731
     assert _callback_results(lambda w, x: jax.vjp(g, w, x)[0], w, x) == [2]
     monkeypatch.setenv(_vector_neuron.SAVE_MIX_ENV, "yes")
-    with pytest.raises(ValueError, match=r"\$GINJAX_VN_SAVE_MIX \(='yes'\) must be one of"):
+    with pytest.raises(ValueError, match=r"`GINJAX_VN_SAVE_MIX` \(='yes'\) must be one of"):
         g(w, x)
 
 

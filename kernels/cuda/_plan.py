@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import pathlib
 from typing import Optional
 
 import numpy as np
 
+from .._env import env_choice
 from .._spec import ConvSpec
 from ..pallas._mosaic_plan import MosaicPlan, make_plan
 from ..pallas._mosaic_plan import coverage as mosaic_coverage
@@ -351,10 +351,7 @@ def channel_groups_enabled() -> bool:
     GINJAX_CUDA_CHANNEL_GROUPS="0" (then a layer that needs them stays on the Triton fallback).
     Their GPU tests passed on the H200 and they took a UNet step from 41.8 to 40.1 ms
     (bench/NOTES.md, "Channel-group passes")."""
-    value = os.environ.get(CHANNEL_GROUPS_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"`{CHANNEL_GROUPS_ENV}` (={value!r}) must be '0' or '1'")
-    return value == "1"
+    return env_choice(CHANNEL_GROUPS_ENV, ("0", "1"), "1") == "1"
 
 
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Optional
 
+from .._env import env_choice
 from .._fused import MIN_DOT_TILE, basis_nonzeros, dot_tile, next_pow2
 from .._spec import ConvSpec
 from ._plan import Stencil
@@ -62,12 +62,8 @@ class BlockSizes:
     def for_layer(cls, spec: Optional[ConvSpec] = None, spatial: Optional[tuple[int, ...]] = None) -> "BlockSizes":
         """The tiling used when none is given: the defaults (pixels per program follow the layer
         at launch, `block_p`); $GINJAX_PALLAS_ALGORITHM overrides the algorithm (for A/B runs)."""
-        algorithm = os.environ.get(ALGORITHM_ENV)
-        if algorithm is None:
-            return cls()
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"`${ALGORITHM_ENV}` (={algorithm!r}) must be one of {ALGORITHMS}")
-        return cls(algorithm=algorithm)
+        algorithm = env_choice(ALGORITHM_ENV, ALGORITHMS, "")
+        return cls(algorithm=algorithm) if algorithm else cls()
 
     def validate(self, D: int) -> None:
         """Raise a ValueError naming the first field that is not valid (D: the layer's, unused:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -114,10 +113,7 @@ def forward_impl() -> str:
     is built, runs and covers the call; triton's kernel elsewhere) or "triton" (always triton's).
     The CUDA forward is 1.9x triton's on the standard layer, and the ResNet and DilResNet train
     steps are 7% and 3% faster with it (bench/NOTES.md, "The CUDA forward in the train steps")."""
-    impl = os.environ.get("GINJAX_TRITON_FORWARD", "cuda")
-    if impl not in FORWARD_IMPLS:
-        raise ValueError(f"`GINJAX_TRITON_FORWARD` (={impl!r}) must be one of {FORWARD_IMPLS}")
-    return impl
+    return env_choice("GINJAX_TRITON_FORWARD", FORWARD_IMPLS, "cuda")
 
 
 def cuda_forward_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
@@ -214,10 +210,7 @@ def weight_grad_impl() -> str:
     elsewhere) or "triton" (always triton's). The CUDA weight gradient is 3.3x triton's on the
     standard layer, and the ResNet and DilResNet train steps are 6% and 9% faster with it
     (bench/NOTES.md, "The CUDA weight gradient measured")."""
-    impl = os.environ.get("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
-    if impl not in WEIGHT_GRAD_IMPLS:
-        raise ValueError(f"`GINJAX_TRITON_WEIGHT_GRAD` (={impl!r}) must be one of {WEIGHT_GRAD_IMPLS}")
-    return impl
+    return env_choice("GINJAX_TRITON_WEIGHT_GRAD", WEIGHT_GRAD_IMPLS, "cuda")
 
 
 def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
