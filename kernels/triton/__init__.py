@@ -28,6 +28,7 @@ from .._bias import bias_offsets
 from .._registry import Backend, register_backend
 from .._fused import count_nonzeros, fused_coverage
 from .._spec import ConvSpec
+from ._filter_groups import LIVE_Z_CAP, filter_groups
 from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from . import conv_contract as _entry
@@ -108,7 +109,12 @@ def _run(spec, inputs, weights, mode, bias=None):
 def describe(spec: ConvSpec, spatial) -> str:
     """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
     gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), whole
-    or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), else the Triton kernels."""
+    or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), else the Triton kernels, in filter
+    groups where one kernel would keep too many Z tiles live (`_filter_groups`)."""
+    groups = filter_groups(spec.without_bias(), tuple(spatial), "tf32", BlockSizes.for_layer(spec.without_bias(), tuple(spatial)))
+    if groups is not None:
+        return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, summed (one kernel "
+                f"would keep more than {LIVE_Z_CAP} Z tiles live)")
     directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
                   "the weight gradient": _entry.cuda_weight_grad_covers}
     on_cuda, on_triton = [], []

@@ -28,6 +28,7 @@ from .._reduce import fused_sums_cover, middle_sum
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from ._backward import weight_grad_launch
+from ._filter_groups import filter_groups
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
 from ._launch import launch
@@ -79,7 +80,26 @@ def conv_contract_triton(
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
     offsets = tuple(None if off is None else off.astype(jnp.float32) for off in offsets)
-    return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets)
+    groups = filter_groups(spec, spatial, mode, blocks)
+    if groups is None:
+        return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets)
+    return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs: _conv_contract(
+        sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, xs, ws, offs),
+        inputs, weights, offsets)
+
+
+def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets) -> tuple[jax.Array, ...]:
+    """The layer as the sum of its filter groups' launches (`_filter_groups`): `call(sub, inputs,
+    weights, offsets)` per group with its inputs, its weights' filter columns and, for the first
+    group that writes an output, that output's offset (the bias is added once)."""
+    outputs: list = [None] * n_outputs
+    for group in groups:
+        ws = tuple(weights[t][..., f[0]:f[-1] + 1] for t, f in group.filters)  # runs are consecutive
+        offs = tuple(offsets[b] if outputs[b] is None else None for b in group.outputs)
+        ys = call(group.spec, tuple(inputs[a] for a in group.inputs), ws, offs)
+        for b, y in zip(group.outputs, ys):
+            outputs[b] = y if outputs[b] is None else outputs[b] + y
+    return tuple(outputs)
 
 
 def _add_offsets(outs, offsets, D: int) -> tuple[jax.Array, ...]:
