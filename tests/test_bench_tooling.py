@@ -343,6 +343,7 @@ def test_a_terminated_run_keeps_the_cases_that_finished(tmp_path):
     assert finished <= kept and len(kept - finished) <= 1, (finished, kept)
 
 
+@pytest.mark.slow  # two bench runs in subprocesses (~20 s)
 def test_a_killed_run_keeps_the_cases_that_finished_in_jsonl(tmp_path):
     """A process killed outright (SIGKILL here; on the GPU a SIGTERM that lands during a long
     native compile ended a run the same way) writes no pytest-benchmark JSON: the cases that
