@@ -13,7 +13,11 @@ sums over pixels of x and of x x^T. So the layer is:
   elementwise pass for gx = M^T gy, which XLA fuses with the sums' backward.
 
 Forward: 1 read (statistics) + 1 read and 1 write; backward: 2 reads (weight sums) + 2 reads and
-1 write: no transposes, concatenations or GEMMs over the block.
+1 write: no transposes, concatenations or GEMMs over the block. The statistics are taken about a
+per-group sample (`_group_moments`), and that shift is handed to the sums and the affine map,
+which subtract it as they read the block: the shifted block is never written out (a custom call,
+such as the Triton sums kernel, would otherwise make XLA write it, and the affine map's backward
+would keep it).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
     orig_dtype = block.dtype
     x = block.astype(jnp.promote_types(block.dtype, jnp.float32))
     c = x.shape[0]
-    shift, d, _, m1, m2 = _group_moments(x.reshape((c, -1, 1)), norm.groups)
+    shift, _, m1, m2 = _group_moments(x.reshape((c, -1, 1)), norm.groups)
     per = c // norm.groups
     inv = jax.lax.rsqrt(jnp.maximum(m2[:, 0, 0] - m1[:, 0] * m1[:, 0], 0.0) + norm.eps)
     m = jnp.repeat(inv, per)
@@ -43,31 +47,32 @@ def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
     if norm.channelwise_affine:
         weight = norm.weight.astype(x.dtype)
         m, v = weight * m, weight * v + norm.bias.astype(x.dtype)
-    out = channel_affine(m[:, None, None], v[:, None], d)
+    out = channel_affine(m[:, None, None], v[:, None], x.reshape((c, -1, 1)), shift)
     return out.reshape(x.shape).astype(orig_dtype)
 
 
 def _group_moments(x: jax.Array, groups: int):
     """One statistics pass over x (c, P, T) in channel groups.
 
-    Returns (shift (c, T), d = x - shift, first (c, T) = sum_p d, m1 (G, T), m2 (G, T, T)): m1
-    and m2 the mean of d and of d d^T over each group's channels and pixels. The shift is one
+    Returns (shift (c, T), first (c, T) = sum_p d, m1 (G, T), m2 (G, T, T)) for d = x - shift:
+    m1 and m2 the mean of d and of d d^T over each group's channels and pixels. The shift is one
     sample of the group (no gradient): the moments of d are those of x about a point inside the
-    data, so the one-pass covariance m2 - m1 m1^T does not cancel.
+    data, so the one-pass covariance m2 - m1 m1^T does not cancel. d is never materialised: the
+    sums subtract the shift as they read x (so does `channel_affine` after them).
     """
     c, P, T = x.shape
     per = c // groups
     shift = jnp.repeat(jax.lax.stop_gradient(x.reshape((groups, -1, T))[:, 0, :]), per, axis=0)
-    d = x - shift[:, None, :]
-    first, products = channel_sums(d)
+    first, products = channel_sums(x, shift=shift)
     m1 = first.reshape((groups, per, T)).sum(axis=1) / (per * P)
     m2 = products.reshape((groups, per, T, T)).sum(axis=1) / (per * P)
-    return shift, d, first, m1, m2
+    return shift, first, m1, m2
 
 
-def channel_sums(a: jax.Array, b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def channel_sums(a: jax.Array, b: jax.Array | None = None, shift: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """a, b (c, P, T) -> (sum_p a[c, p, i] (c, T), sum_p a[c, p, i] b[c, p, j] (c, T, T)); b None
-    means b = a (read once).
+    means b = a (read once). `shift` (c, T), if given, is subtracted from b (from a as well where
+    b is a) as the block is read: the shifted block is never written out.
 
     Both are wide column reductions in the block's layout (kernels._reduce.middle_sum), or one
     Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS, "triton" by default on a
@@ -75,37 +80,48 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None) -> tuple[jax.Array, j
     products written as multiply-adds), not the reductions and transposes autodiff of the outer
     product makes.
     """
-    return _channel_sums(fused_sums_cover(a, products=True), a, b)
+    return _channel_sums(fused_sums_cover(a, products=True), a, b, shift)
+
+
+def _shifted(x: jax.Array, shift: jax.Array | None) -> jax.Array:
+    return x if shift is None else x - shift[:, None, :]
 
 
 # `fused` is a static argument, decided outside: a decision taken inside a custom_vjp's rules
 # would be reused from any trace JAX caches of them
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _channel_sums(fused: bool, a, b):
+def _channel_sums(fused: bool, a, b, shift):
     if fused:
         from kernels.triton.channel_sums import channel_sums_triton
 
-        return channel_sums_triton(a, b)
+        return channel_sums_triton(a, b, shift=shift)
     c, P, T = a.shape
+    a, b = (_shifted(a, shift), None) if b is None else (a, _shifted(b, shift))
     b = a if b is None else b
     first = middle_sum(a, 1, 2)
     products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
     return first, middle_sum(products, 1, 2).reshape((c, T, T))
 
 
-def _channel_sums_fwd(fused, a, b):
-    return _channel_sums(fused, a, b), (a, b)
+def _channel_sums_fwd(fused, a, b, shift):
+    sums = _channel_sums(fused, a, b, shift)
+    return sums, (a, b, shift, None if shift is None else sums[0])
 
 
 def _channel_sums_bwd(fused, res, g):
-    a, b = res
+    a, b, shift, first = res
     g_first, g_products = g
-    if b is None:  # d/da of sum a a^T: (G + G^T) a
-        da = g_first[:, None, :] + channel_matvec(g_products + jnp.swapaxes(g_products, 1, 2), a)
-        return da.astype(a.dtype), None
-    da = g_first[:, None, :] + channel_matvec(g_products, b)
+    if b is None:  # d/da of sum d d^T (d = a - shift): (G + G^T) d
+        sym = g_products + jnp.swapaxes(g_products, 1, 2)
+        da = g_first[:, None, :] + channel_matvec(sym, _shifted(a, shift))
+        # d/dshift of sum d and sum d d^T: -P and -(ds F^T + F ds^T), F = sum d
+        ds = None if shift is None else -a.shape[1] * g_first - jnp.einsum("cij,cj->ci", sym, first)
+        return da.astype(a.dtype), None, None if ds is None else ds.astype(shift.dtype)
+    da = g_first[:, None, :] + channel_matvec(g_products, _shifted(b, shift))
     db = channel_matvec(jnp.swapaxes(g_products, 1, 2), a)
-    return da.astype(a.dtype), db.astype(b.dtype)
+    # d/dshift of sum a (b - shift)^T: -F dshift^T, F = sum a
+    ds = None if shift is None else -jnp.einsum("cij,ci->cj", g_products, first)
+    return da.astype(a.dtype), db.astype(b.dtype), None if ds is None else ds.astype(shift.dtype)
 
 
 _channel_sums.defvjp(_channel_sums_fwd, _channel_sums_bwd)
@@ -121,26 +137,31 @@ def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
     return out
 
 
-def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array) -> jax.Array:
-    """y[c, p] = m[c] x[c, p] + v[c] for m (c, T, T), v (c, T), x (c, P, T): one elementwise pass;
-    the backward reduces gm and gv in one `channel_sums` and gx is one elementwise pass."""
-    return _channel_affine(fused_sums_cover(x, products=True), m, v, x)
+def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    """y[c, p] = m[c] (x[c, p] - shift[c]) + v[c] for m (c, T, T), v (c, T), x (c, P, T), shift
+    (c, T) or None (0): one elementwise pass; the backward reduces gm and gv in one
+    `channel_sums` (shifted as it reads x) and gx is one elementwise pass. x, not x - shift, is
+    what the backward keeps."""
+    return _channel_affine(fused_sums_cover(x, products=True), m, v, x, shift)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _channel_affine(fused: bool, m, v, x):
-    return channel_matvec(m, x) + v[:, None, :]
+def _channel_affine(fused: bool, m, v, x, shift):
+    return channel_matvec(m, _shifted(x, shift)) + v[:, None, :]
 
 
-def _affine_fwd(fused, m, v, x):
-    return _channel_affine(fused, m, v, x), (m, x)
+def _affine_fwd(fused, m, v, x, shift):
+    return _channel_affine(fused, m, v, x, shift), (m, x, shift)
 
 
 def _affine_bwd(fused, res, g):
-    m, x = res
-    gv, gm = _channel_sums(fused, g, x)
-    gx = channel_matvec(jnp.swapaxes(m, 1, 2), g)
-    return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype)
+    m, x, shift = res
+    gv, gm = _channel_sums(fused, g, x, shift)
+    mt = jnp.swapaxes(m, 1, 2)
+    gx = channel_matvec(mt, g)
+    # d/dshift: -m^T summed over pixels, i.e. -m^T gv
+    ds = None if shift is None else -jnp.einsum("cij,cj->ci", mt, gv).astype(shift.dtype)
+    return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype), ds
 
 
 _channel_affine.defvjp(_affine_fwd, _affine_bwd)
@@ -172,7 +193,7 @@ def vector_group_norm(
     per = c // groups
     x = block.reshape((c, -1, D))
     P = x.shape[1]
-    shift, d, first, m1, m2 = _group_moments(x, groups)
+    shift, first, m1, m2 = _group_moments(x, groups)
     cov = m2 - m1[:, :, None] * m1[:, None, :]
     cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))  # exactly symmetric for eigh
     if method == "eigh":
@@ -196,4 +217,4 @@ def vector_group_norm(
         v = scale[:, None] * v
     if bias is not None:
         v = v + bias[:, None] * (shift + first / P)
-    return channel_affine(m.astype(x.dtype), v.astype(x.dtype), d).reshape(block.shape)
+    return channel_affine(m.astype(x.dtype), v.astype(x.dtype), x, shift).reshape(block.shape)

@@ -60,6 +60,29 @@ def test_sums_and_products(c, P, T):
     _check(products, _want(a, b)[1])
 
 
+@pytest.mark.parametrize("c, P, T", CASES[:3])
+def test_shift_is_subtracted_as_the_block_is_read(c, P, T):
+    """shift (c, T): the sums of a - shift (b = a) and of a (b - shift), ragged last tiles
+    included (a masked pixel adds nothing, not -shift); under vmap with a per-example shift."""
+    rng = np.random.default_rng(c + P + T)
+    a, b, shift = _normal(rng, (c, P, T), loc=3.0), _normal(rng, (c, P, T)), _normal(rng, (c, T), loc=3.0)
+    d = np.asarray(a, np.float64) - np.asarray(shift, np.float64)[:, None]
+    first, products = channel_sums_triton(a, shift=shift)
+    _check(first, d.sum(axis=1))
+    _check(products, _want(d)[1])
+    first, products = channel_sums_triton(a, b, shift=shift)
+    _check(first, _want(a)[0])
+    _check(products, _want(a, np.asarray(b, np.float64) - np.asarray(shift, np.float64)[:, None])[1])
+    shifts = jnp.stack([shift, 2 * shift])
+    first, products = jax.vmap(lambda s: channel_sums_triton(a, shift=s))(shifts)
+    for n in range(2):
+        dn = np.asarray(a, np.float64) - (n + 1) * np.asarray(shift, np.float64)[:, None]
+        _check(first[n], dn.sum(axis=1))
+        _check(products[n], _want(dn)[1])
+    with pytest.raises(ValueError, match="`shift`"):
+        channel_sums_triton(a, shift=shift[:1])
+
+
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_first_sums_only(T):
     a = _normal(np.random.default_rng(T), (3, 611, T), loc=-2.0)
@@ -187,8 +210,10 @@ except ImportError as err:
 from kernels.triton._kernel import compile_plan
 from kernels.triton.channel_sums import plan_channel_sums
 
-for T, products, two in [(3, True, False), (3, True, True), (1, False, False), (9, False, False)]:
-    plan, _ = plan_channel_sums(16, 64**3, T, 4, products, two, (True, False) if two else (True,))
+for T, products, two, shifted in [(3, True, False, False), (3, True, True, False), (1, False, False, False),
+                                  (9, False, False, False), (3, True, False, True), (3, True, True, True)]:
+    flags = ((True, False) if two else (True,)) + ((True,) if shifted else ())
+    plan, _ = plan_channel_sums(16, 64**3, T, 4, products, two, flags, shifted)
     fn = compile_plan(plan)
     try:
         source = ASTSource(fn=fn, signature={name: "*fp32" for name in fn.arg_names}, constexprs={})
@@ -205,7 +230,7 @@ for T, products, two in [(3, True, False), (3, True, True), (1, False, False), (
 
 def test_kernel_compiles_for_hopper():
     """If this Triton can compile offline, the generated sources for the ResNet's standard block
-    (a = b, a and b, first sums of scalars and of 2-tensors) compile to sm_90 cubins without a
+    (a = b, a and b, first sums of scalars and of 2-tensors, a = b and a and b with a shift) compile to sm_90 cubins without a
     GPU: catches what the interpreter accepts but the compiler rejects before a GPU session
     spends time on it. In a subprocess: the interpreter patches triton.language process-wide."""
     import os
@@ -219,4 +244,4 @@ def test_kernel_compiles_for_hopper():
     assert done.returncode == 0, done.stderr[-3000:]
     if done.stdout.startswith("skip:"):
         pytest.skip(done.stdout.strip())
-    assert done.stdout.count("compiled") == 4, done.stdout
+    assert done.stdout.count("compiled") == 6, done.stdout

@@ -1,7 +1,7 @@
 """The per-channel sums kernel on an NVIDIA GPU (`python3 -m pytest -m gpu
 tests/test_channel_sums_triton_gpu.py`): the compiled kernel through the launcher's custom call
 against float64 numpy on the ResNet's standard vector block (B=4, 16 channels, 64^3) and odd sizes,
-bit-identical run to run, NaN propagated; and a jitted ResNet-like norm step (vector group norm,
+bit-identical run to run, with a shift subtracted as the block is read, NaN propagated; and a jitted ResNet-like norm step (vector group norm,
 value and gradients) with GINJAX_CHANNEL_SUMS=triton against the XLA path."""
 
 from __future__ import annotations
@@ -42,6 +42,24 @@ def test_against_float64(shape, two):
     again = f(jnp.asarray(a), jnp.asarray(b))
     for x, y in zip((first, products), again):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 64**3, 3), (3, 5, 7 * 9 * 11, 3)])
+@pytest.mark.parametrize("two", [False, True])
+def test_shift_against_float64(shape, two):
+    """A per-example (c, T) shift subtracted as the block is read: from b, and from a where b is
+    a (the norms' statistics); ragged last tiles add nothing."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    a = rng.normal(3.0, 1.0, size=shape).astype(np.float32)
+    b = rng.normal(size=shape).astype(np.float32)
+    s = rng.normal(3.0, 1.0, size=(shape[0], shape[1], shape[3])).astype(np.float32)
+    f = jax.jit(jax.vmap(lambda x, y, z: channel_sums_triton(x, y if two else None, shift=z)))
+    first, products = f(jnp.asarray(a), jnp.asarray(b), jnp.asarray(s))
+    d = a.astype(np.float64) - s.astype(np.float64)[:, :, None]
+    left = a.astype(np.float64) if two else d
+    right = b.astype(np.float64) - s.astype(np.float64)[:, :, None] if two else d
+    _check(first, left.sum(axis=2))
+    _check(products, np.einsum("ncpi,ncpj->ncij", left, right))
 
 
 def test_nan_propagates():

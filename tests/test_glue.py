@@ -150,6 +150,12 @@ def test_channel_sums(rng, T):
     _same_value_and_grad(channel_sums, plain, (a, b), (0, 1))
     _same_value_and_grad(lambda a: channel_sums(a, a), lambda a: plain(a, a), (a,))
     _same_value_and_grad(channel_sums, lambda a: plain(a, a), (a,))  # b = a, read once
+    # with a shift (c, T): subtracted from b, and from a where b is a; gradients in the shift too
+    shift = _normal(rng, (3, T), loc=1.0)
+    _same_value_and_grad(lambda a, s: channel_sums(a, shift=s), lambda a, s: plain(a - s[:, None], a - s[:, None]),
+                         (a, shift), (0, 1))
+    _same_value_and_grad(lambda a, b, s: channel_sums(a, b, s), lambda a, b, s: plain(a, b - s[:, None]),
+                         (a, b, shift), (0, 1, 2))
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])
@@ -157,6 +163,8 @@ def test_channel_affine(rng, T):
     m, v, x = _normal(rng, (3, T, T)), _normal(rng, (3, T)), _normal(rng, (3, 300, T))
     plain = lambda m, v, x: jnp.einsum("cij,cpj->cpi", m, x) + v[:, None, :]
     _same_value_and_grad(channel_affine, plain, (m, v, x), (0, 1, 2))
+    shift = _normal(rng, (3, T), loc=1.0)
+    _same_value_and_grad(channel_affine, lambda m, v, x, s: plain(m, v, x - s[:, None]), (m, v, x, shift), (0, 1, 2, 3))
 
 
 @pytest.mark.parametrize("D, groups, method", [(2, 2, "eigh"), (3, 1, "eigh"), (3, 4, "eigh"), (3, 2, "cholesky")])

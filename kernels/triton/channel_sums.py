@@ -4,6 +4,7 @@ kernel that reads the block once (plus a fixed-order sum of the per-program part
     first, products = channel_sums_triton(a)        # sum_p a[c, p, i], sum_p a[c, p, i] a[c, p, j]
     first, products = channel_sums_triton(a, b)     # sum_p a[c, p, i], sum_p a[c, p, i] b[c, p, j]
     first, _ = channel_sums_triton(a, products=False)
+    first, products = channel_sums_triton(a, shift=s)  # of d = a - s[:, None, :]: d is never written
 
 a and b are (c, P, T) float32 in row-major order: components minor, the layout the CUDA
 ConvContract kernels read and write. These are the norms' statistics, the norms' affine
@@ -50,13 +51,16 @@ def products_fit(T: int) -> bool:
     return 1 <= T <= _MAX_PRODUCT_COMPONENTS
 
 
-def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products: bool = True):
+def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products: bool = True,
+                        shift: Optional[jax.Array] = None):
     """(sum_p a[c, p, :] (c, T), sum_p a[c, p, :, None] b[c, p, None, :] (c, T, T) or None).
 
     Args:
         a: (c, P, T) float32.
         b: (c, P, T) float32, or None for b = a (read once; the products are symmetric).
         products: also sum the products (T <= 4); False: the first sums only (b must be None).
+        shift: (c, T) float32 or None, subtracted from every pixel of `b` as it is loaded (of `a`
+            too where `b` is None, for both sums): the sums of a shifted block without writing it.
     """
     if a.ndim != 3:
         raise ValueError(f"`a` (shape {a.shape}) must be (channels, pixels, components)")
@@ -68,12 +72,15 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
         if b.shape != a.shape or b.dtype != a.dtype:
             raise ValueError(f"`b` (shape {b.shape}, {b.dtype}) must match `a` (shape {a.shape}, {a.dtype})")
     T = int(a.shape[2])
+    if shift is not None and (shift.shape != (a.shape[0], T) or shift.dtype != a.dtype):
+        raise ValueError(f"`shift` (shape {shift.shape}, {shift.dtype}) must be ({a.shape[0]}, {T}) {a.dtype}")
     if products and not products_fit(T):
         raise ValueError(f"`a` has T (={T}) components; products are summed for 1 <= T <= {_MAX_PRODUCT_COMPONENTS}")
     if int(a.shape[1]) * T > INT32_MAX:
         raise ValueError(f"`a` (shape {a.shape}) has more than 2^31 elements per channel")
     operands = (a[None],) if b is None else (a[None], b[None])
-    (total,) = _batched(bool(products), b is not None)(operands)
+    operands += () if shift is None else (shift[None],)
+    (total,) = _batched(bool(products), b is not None, shift is not None)(operands)
     c = int(a.shape[0])
     total = total[0].reshape(c, -1)
     first = total[:, :T]
@@ -81,21 +88,22 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
 
 
 @functools.lru_cache(maxsize=16)
-def _batched(products: bool, two: bool):
+def _batched(products: bool, two: bool, shifted: bool):
     @jax.custom_batching.custom_vmap
     def op(operands):
-        return (_launch(products, two, operands),)
+        return (_launch(products, two, shifted, operands),)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
 
 
-def _launch(products: bool, two: bool, operands) -> jax.Array:
-    """operands: a (and b), each (1 or B, c, P, T) -> (B, c * n_out) sums, n_out = T (+ T^2)."""
+def _launch(products: bool, two: bool, shifted: bool, operands) -> jax.Array:
+    """operands: a (and b), each (1 or B, c, P, T), (and the shift, (1 or B, c, T)) -> (B, c * n_out)
+    sums, n_out = T (+ T^2)."""
     batch = batch_size(operands)
     flags = batched_flags(operands, batch)
     _, c, P, T = (int(n) for n in operands[0].shape)
-    plan, chunks = plan_channel_sums(c, P, T, batch, products, two, flags)
+    plan, chunks = plan_channel_sums(c, P, T, batch, products, two, flags, shifted)
     width = c * _outputs(T, products)
     part_shape = jax.ShapeDtypeStruct((batch, chunks, width), jnp.float32)
     (part,) = run_plan(plan, [part_shape], plan.programs_per_batch * batch, list(operands))
@@ -124,17 +132,19 @@ def chunking(c: int, P: int, T: int, batch: int) -> tuple[int, int]:
 
 
 def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: bool,
-                      batched: tuple[bool, ...]) -> tuple[KernelPlan, int]:
+                      batched: tuple[bool, ...], shifted: bool = False) -> tuple[KernelPlan, int]:
     """The generated kernel and the number of pixel runs per (example, channel).
 
     Partials go to part[bat, chunk, ch * n_out + k]: k < T the sums of a, then the T x T
-    products row-major."""
+    products row-major. `shifted`: a last operand s (c, T) is subtracted from b's loads (from a's
+    where b is a), masked pixels staying 0."""
     tile = _tile(T)
     per, chunks = chunking(c, P, T, batch)
     n_out = _outputs(T, products)
-    tag = f"{'ab' if two else 'aa' if products else 'a'}_{c}_{P}_{T}_{batch}_{''.join('1' if f else '0' for f in batched)}"
+    tag = (f"{'ab' if two else 'aa' if products else 'a'}{'_shifted' if shifted else ''}_{c}_{P}_{T}_{batch}_"
+           f"{''.join('1' if f else '0' for f in batched)}")
     name = f"channel_sums_{tag}"  # the profiler attributes kernels by name prefix
-    args = ["a", "b", "part"] if two else ["a", "part"]
+    args = (["a", "b"] if two else ["a"]) + (["s"] if shifted else []) + ["part"]
     pairs = [(i, j) for i in range(T) for j in range(T) if two or j >= i] if products else []
     lines = [
         "import triton",
@@ -152,6 +162,9 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
     ]
     if two:
         lines.append(f"    b_row = b + {'bat * ' + str(c * P * T) + ' + ' if batched[1] else ''}row")
+    if shifted:
+        s_row = f"s + {'bat * ' + str(c * T) + ' + ' if batched[-1] else ''}ch.to(tl.int64) * {T}"
+        lines += [f"    s{i} = tl.load({s_row} + {i})" for i in range(T)]
     lines.append(f"    offs = tl.arange(0, {tile})")
     for i in range(T):
         lines.append(f"    f{i} = tl.zeros(({tile},), tl.float32)")
@@ -167,6 +180,8 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
         lines.append(f"        a{i} = tl.load(a_row + p * {T} + {i}, mask=m, other=0.0)")
         if two:
             lines.append(f"        b{i} = tl.load(b_row + p * {T} + {i}, mask=m, other=0.0)")
+        if shifted:  # masked pixels must add nothing: the shift is applied where m only
+            lines.append(f"        {'b' if two else 'a'}{i} = tl.where(m, {'b' if two else 'a'}{i} - s{i}, 0.0)")
     for i in range(T):
         lines.append(f"        f{i} += a{i}")
     for i, j in pairs:
