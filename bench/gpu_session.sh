@@ -19,7 +19,8 @@
 #            under $OUT/profile-steps/<device>/ (copy them to bench/results/ to commit); PROFILE_CONFIGS
 #            overrides the configs, PROFILE_STEP_ARGS adds arguments (e.g. --hlo)
 #   measure-auto   python3 -m bench measure-auto: the ConvContract configurations of the UNet, ResNet and
-#            DilResNet steps (D=3, batch 1 at N=32/64/128 and batch 4 at N=64; AUTO_CONFIGS overrides),
+#            DilResNet steps (D=3, batch 1 at N=32/64/128 and batch 4 at N=64; MEASURE_CONFIGS overrides,
+#            else AUTO_CONFIGS),
 #            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
 #            measurement, under $OUT/measure-auto/<device>/: copy the table to kernels/measured/ to commit)
 #   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
@@ -62,7 +63,7 @@ build_cuda() {  # the opt-in CUDA library in place, for this and the later stage
   return $rc
 }
 for stage in ${STAGES:-sweep profile pallas}; do
-  mkdir -p "$OUT/$stage"
+  rm -rf "${OUT:?}/$stage" && mkdir -p "$OUT/$stage"  # a warm machine may keep an earlier run's files
   t0=$(date +%s)
   case "$stage" in
     sweep)
@@ -87,7 +88,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
         > "$OUT/profile-steps/log.txt" 2>&1
       rc=$?; sed -n '/^| step | backend/,$p' "$OUT/profile-steps/log.txt"; (exit $rc) ;;
     measure-auto)
-      timeout "${T_MEASURE_AUTO:-240}" python3 -u -m bench measure-auto --configs "${AUTO_CONFIGS:-auto-models}" \
+      timeout "${T_MEASURE_AUTO:-240}" python3 -u -m bench measure-auto --configs "${MEASURE_CONFIGS:-${AUTO_CONFIGS:-auto-models}}" \
         --time-budget "$(( ${T_MEASURE_AUTO:-240} - 45 ))" --out "$OUT/measure-auto" \
         --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" ${MEASURE_ARGS:-} > "$OUT/measure-auto/log.txt" 2>&1
       rc=$?; sed -n '/^per step, the ConvContract/,$p' "$OUT/measure-auto/log.txt"; (exit $rc) ;;
@@ -124,10 +125,11 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=$?; tail -5 "$OUT/vn-cuda/tests.log"
       timeout 150 python3 -u -m bench.vector_neuron_spike "$OUT/vn-cuda" --repeat 8 --tilings > "$OUT/vn-cuda/spike.log" 2>&1
       cut -c1-300 "$OUT/vn-cuda/spike.log" | grep -E "^(triton|cuda)_" ; (exit $rc) ;;
-    *) echo "unknown stage $stage" ;;
+    *) echo "unknown stage $stage"; (exit 2) ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
 done
 # The device tool returns at most 8 files and no deeply nested folders: everything in one archive.
+rm -f "$OUT/results.tar.gz"  # not the previous run's archive inside this one
 tar czf "/tmp/gpu_session_results.tar.gz" -C "$OUT" . && mv /tmp/gpu_session_results.tar.gz "$OUT/results.tar.gz"
 echo "archived under $OUT/results.tar.gz"
