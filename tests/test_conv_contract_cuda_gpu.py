@@ -166,57 +166,15 @@ def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatc
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
-def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
-    """GINJAX_TRITON_WEIGHT_GRAD=cuda with the default CUDA forward: forward, input gradient and
-    weight gradient are CUDA launches (no triton kernel left in the step), the layer's biases
-    included; value and gradients (inputs, weights, biases) against `reference` at tf32."""
-    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
-    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
-    spatial = (4, 6, 32)
-    xs, ws, cots = _cases.spec_operands(SPEC, spatial, 3, seed=31)
-    rng = np.random.default_rng(32)
-    offs = (jnp.asarray(rng.standard_normal((16,)), jnp.float32), jnp.asarray(rng.standard_normal((16, 3)), jnp.float32))
+def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_grads, finite=False):
+    """value_and_grad of a vmapped, biased `triton` layer (tf32) whose HLO holds `forwards` CUDA
+    forward launches, `weight_grads` CUDA weight-gradient launches and no Triton kernel; value and
+    gradients (inputs, weights, biases) against `reference` (`finite`: every gradient finite too)."""
     from kernels.triton.conv_contract import conv_contract_triton
 
-    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(SPEC, x, ws, precision="tf32", offsets=offs),
-                   in_axes=(0, None, None))
-
-    def ref(xs, ws, offs):
-        outs = jax.vmap(lambda x: kernels.conv_contract(SPEC, x, ws, backend="reference"))(xs)
-        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
-
-    def loss(fn, *args):
-        return sum(jnp.vdot(o, c) for o, c in zip(fn(*args), cots))
-
-    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
-    hlo = step.lower(xs, ws, offs).as_text()
-    assert hlo.count("ginjax_cuda_forward") == 2 and hlo.count("ginjax_cuda_weight_gradient") == 1, hlo[-3000:]
-    assert "triton_kernel_call" not in hlo
-    with jax.default_matmul_precision("highest"):
-        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
-    got = step(xs, ws, offs)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
-
-
-@pytest.mark.parametrize("channels, spatial", [((32, 32), (3, 5, 64)), ((16, 32), (4, 6, 32)), ((32, 64), (3, 4, 16))])
-def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
-    """GINJAX_CUDA_OUTPUT_GROUPS=1: a layer with 32 or 64 output channels per key runs its
-    forward, input gradient and weight gradient as launches of 16 output channels each (the
-    first case also passes over two input channel groups at x 64); value and gradients (inputs,
-    weights, biases) against `reference` at tf32, and no Triton kernel left in the step."""
-    import dataclasses
-
-    from kernels.triton.conv_contract import OUTPUT_GROUPS_ENV, conv_contract_triton
-
-    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
-    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
-    monkeypatch.setenv(OUTPUT_GROUPS_ENV, "1")
-    c, o = channels
-    spec = dataclasses.replace(SPEC, in_keys=tuple(k[:2] + (c,) for k in SPEC.in_keys),
-                               out_keys=tuple(k[:2] + (o,) for k in SPEC.out_keys))
-    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=51)
-    rng = np.random.default_rng(52)
+    o = spec.out_keys[0][2]
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=seed)
+    rng = np.random.default_rng(seed + 1)
     offs = (jnp.asarray(rng.standard_normal((o,)), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
     run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="tf32", offsets=offs),
                    in_axes=(0, None, None))
@@ -230,16 +188,45 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
 
     step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
     hlo = step.lower(xs, ws, offs).as_text()
-    launches = o // 16 + (c // 16 if c > 16 else 1)  # the forward's groups + the input gradient's
-    assert hlo.count("ginjax_cuda_forward") == launches, hlo[-3000:]
-    assert hlo.count("ginjax_cuda_weight_gradient") == o // 16
+    assert hlo.count("ginjax_cuda_forward") == forwards, hlo[-3000:]
+    assert hlo.count("ginjax_cuda_weight_gradient") == weight_grads
     assert "triton_kernel_call" not in hlo
     with jax.default_matmul_precision("highest"):
         want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
     got = step(xs, ws, offs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert bool(jnp.all(jnp.isfinite(g)))
+        if finite:
+            assert bool(jnp.all(jnp.isfinite(g)))
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
+    """GINJAX_TRITON_WEIGHT_GRAD=cuda with the default CUDA forward: forward, input gradient and
+    weight gradient are CUDA launches (no triton kernel left in the step), the layer's biases
+    included; value and gradients (inputs, weights, biases) against `reference` at tf32."""
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+    _cuda_step_against_reference(SPEC, (4, 6, 32), 3, seed=31, forwards=2, weight_grads=1)
+
+
+@pytest.mark.parametrize("channels, spatial", [((32, 32), (3, 5, 64)), ((16, 32), (4, 6, 32)), ((32, 64), (3, 4, 16))])
+def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
+    """GINJAX_CUDA_OUTPUT_GROUPS=1: a layer with 32 or 64 output channels per key runs its
+    forward, input gradient and weight gradient as launches of 16 output channels each (the
+    first case also passes over two input channel groups at x 64); value and gradients (inputs,
+    weights, biases) against `reference` at tf32, and no Triton kernel left in the step."""
+    import dataclasses
+
+    from kernels.triton.conv_contract import OUTPUT_GROUPS_ENV
+
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.setenv(OUTPUT_GROUPS_ENV, "1")
+    c, o = channels
+    spec = dataclasses.replace(SPEC, in_keys=tuple(k[:2] + (c,) for k in SPEC.in_keys),
+                               out_keys=tuple(k[:2] + (o,) for k in SPEC.out_keys))
+    launches = o // 16 + (c // 16 if c > 16 else 1)  # the forward's groups + the input gradient's
+    _cuda_step_against_reference(spec, spatial, 2, seed=51, forwards=launches, weight_grads=o // 16, finite=True)
 
 
 def test_layer_bias_in_the_forward_epilogue_per_example():
