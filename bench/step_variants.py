@@ -35,11 +35,15 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it
     "vn-save-mix": ({"GINJAX_VN_SAVE_MIX": "1"}, ()),
     # the norms' statistics, their affine gradients and the bias gradients beside the CUDA kernels
-    # as one Triton kernel (kernels/triton/channel_sums.py) instead of XLA's column reductions
+    # as one Triton kernel (kernels/triton/channel_sums.py; the default on a GPU), and as XLA's
+    # column reductions
     "channel-sums-triton": ({"GINJAX_CHANNEL_SUMS": "triton"}, ()),
+    "channel-sums-xla": ({"GINJAX_CHANNEL_SUMS": "xla"}, ()),
     # layers with 32, 48, ... output channels per key on the CUDA kernels as launches of 16 each
-    # (the UNet decoder's input gradient, 16 + 16 -> 32 + 32, leaves Triton's kernel)
+    # (the default: the UNet decoder's input gradient, 16 + 16 -> 32 + 32, leaves Triton's
+    # kernel), and such layers on Triton's kernels
     "cuda-output-groups": ({"GINJAX_CUDA_OUTPUT_GROUPS": "1"}, ()),
+    "no-cuda-output-groups": ({"GINJAX_CUDA_OUTPUT_GROUPS": "0"}, ()),
     # the triton backend's forward and input gradient on the CUDA forward kernel where it covers
     # a layer (the default where the library is built), and on Triton's kernels only
     "cuda-fwd": ({"GINJAX_TRITON_FORWARD": "cuda"}, ()),

@@ -96,8 +96,10 @@ def _channel_sums(fused: bool, a, b, shift):
 
         return channel_sums_triton(a, b, shift=shift)
     c, P, T = a.shape
-    a, b = (_shifted(a, shift), None) if b is None else (a, _shifted(b, shift))
-    b = a if b is None else b
+    if b is None:
+        a = b = _shifted(a, shift)
+    else:
+        b = _shifted(b, shift)
     first = middle_sum(a, 1, 2)
     products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
     return first, middle_sum(products, 1, 2).reshape((c, T, T))

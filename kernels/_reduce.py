@@ -11,9 +11,9 @@ summed axes and the kept minor axes, contiguous in memory, are reshaped (a bitca
 rows read), and the r partial sums of each component are added last (a tiny reduction). No
 transpose anywhere; where no such split exists the plain sum is used.
 
-`GINJAX_CHANNEL_SUMS=triton` runs the per-channel sums of (c, P, T) blocks that the norms and the
-bias gradients take (`fused_sums_cover`) as one Triton kernel instead
-(kernels/triton/channel_sums.py); "xla" (the default) keeps `middle_sum`.
+On a GPU the per-channel sums of (c, P, T) blocks that the norms and the bias gradients take
+(`fused_sums_cover`) run as one Triton kernel instead (kernels/triton/channel_sums.py);
+`GINJAX_CHANNEL_SUMS=xla` (the default elsewhere) keeps `middle_sum`.
 """
 
 from __future__ import annotations

@@ -136,15 +136,15 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
     """The generated kernel and the number of pixel runs per (example, channel).
 
     Partials go to part[bat, chunk, ch * n_out + k]: k < T the sums of a, then the T x T
-    products row-major. `shifted`: a last operand s (c, T) is subtracted from b's loads (from a's
-    where b is a), masked pixels staying 0."""
+    products row-major. `shifted`: a last operand `shift` (c, T) is subtracted from b's loads
+    (from a's where b is a), masked pixels staying 0."""
     tile = _tile(T)
     per, chunks = chunking(c, P, T, batch)
     n_out = _outputs(T, products)
     tag = (f"{'ab' if two else 'aa' if products else 'a'}{'_shifted' if shifted else ''}_{c}_{P}_{T}_{batch}_"
            f"{''.join('1' if f else '0' for f in batched)}")
     name = f"channel_sums_{tag}"  # the profiler attributes kernels by name prefix
-    args = (["a", "b"] if two else ["a"]) + (["s"] if shifted else []) + ["part"]
+    args = (["a", "b"] if two else ["a"]) + (["shift"] if shifted else []) + ["part"]
     pairs = [(i, j) for i in range(T) for j in range(T) if two or j >= i] if products else []
     lines = [
         "import triton",
@@ -163,8 +163,8 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
     if two:
         lines.append(f"    b_row = b + {'bat * ' + str(c * P * T) + ' + ' if batched[1] else ''}row")
     if shifted:
-        s_row = f"s + {'bat * ' + str(c * T) + ' + ' if batched[-1] else ''}ch.to(tl.int64) * {T}"
-        lines += [f"    s{i} = tl.load({s_row} + {i})" for i in range(T)]
+        shift_row = f"shift + {'bat * ' + str(c * T) + ' + ' if batched[-1] else ''}ch.to(tl.int64) * {T}"
+        lines += [f"    shift{i} = tl.load({shift_row} + {i})" for i in range(T)]
     lines.append(f"    offs = tl.arange(0, {tile})")
     for i in range(T):
         lines.append(f"    f{i} = tl.zeros(({tile},), tl.float32)")
@@ -181,7 +181,7 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
         if two:
             lines.append(f"        b{i} = tl.load(b_row + p * {T} + {i}, mask=m, other=0.0)")
         if shifted:  # masked pixels must add nothing: the shift is applied where m only
-            lines.append(f"        {'b' if two else 'a'}{i} = tl.where(m, {'b' if two else 'a'}{i} - s{i}, 0.0)")
+            lines.append(f"        {'b' if two else 'a'}{i} = tl.where(m, {'b' if two else 'a'}{i} - shift{i}, 0.0)")
     for i in range(T):
         lines.append(f"        f{i} += a{i}")
     for i, j in pairs:
