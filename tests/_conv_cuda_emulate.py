@@ -35,9 +35,13 @@ def standard_spec(c_in: int, c_out: int):
 
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights; `n_groups`
-    channel groups (None: the kernel's choice, `_plan.groups`)."""
+    channel groups (None: the kernel's choice, `_plan.groups`). Output groups: the results hold
+    `out_channels` channels per key (None: the layer's o) of which this launch writes
+    `first_channel` .. + o - 1, starting from `out` (the previous group's results, aliased) or, if
+    None, from fresh memory."""
 
-    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None):
+    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None,
+                 out_channels=None, first_channel=0, out=None):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
@@ -51,8 +55,11 @@ class Emulator:
         self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
         self.w_base = [(c[1] // _plan.CHUNK) * len(self.phases[0].tiles) * self.nt * 64, 0]
-        # the outputs are fresh memory: NaN until stored, so a read before the first store shows
-        self.out = [np.full(self.o * self.nz * self.ny * self.nx, np.nan), np.full(self.o * self.nz * self.ny * self.nx * 3, np.nan)]
+        self.o_total, self.o_base = out_channels or self.o, first_channel
+        # fresh outputs are NaN until stored, so a read before the first store shows
+        pixels = self.o_total * self.nz * self.ny * self.nx
+        self.out = ([np.full(pixels, np.nan), np.full(pixels * 3, np.nan)] if out is None else
+                    [np.array(a, np.float64).reshape(-1) for a in out])
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
         self.out_reads = [np.zeros(a.size, int) for a in self.out]
         self.out_thread = [np.full(a.size, -1) for a in self.out]  # (CTA, thread) of every access
@@ -96,7 +103,7 @@ class Emulator:
             for y0 in range(0, self.ny, self.strip):
                 for grp in range(self.n_groups):
                     copies += self.cta(z, y0, min(y0 + self.strip, self.ny), grp)
-        shape = (self.o, self.nz, self.ny, self.nx)
+        shape = (self.o_total, self.nz, self.ny, self.nx)
         return self.out[0].reshape(shape), self.out[1].reshape(shape + (3,)), copies
 
     def group_weights(self, grp):
@@ -209,8 +216,8 @@ class Emulator:
         group's with the bias offsets, a later one's added to what the previous pass stored
         (loaded by each thread before the halves meet, as the kernel does)."""
         o, s0, s1 = self.o, *_plan.STAGE_PITCH
-        row = (z * self.ny + y)  # (o = 0, z, y) of one batch element
         o_rows = self.nz * self.ny
+        row = self.o_base * o_rows + z * self.ny + y  # (o = o_base, z, y) of one batch element
         segs = self.nx // _plan.SEG
         # thread t = half * 32 + lane of the segment (warp (half, seg)): its float4 f = t + 64 i
         # of the row, scalar f < 4 o at dst0(f), vector f < 12 o at dst1(f)

@@ -123,9 +123,9 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 19 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2]
-    assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:] == [20_480, 2]
-    assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:] == [10_240, 1]
+    assert len(geom) == 21 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0]
+    assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
+    assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
         _plan.layout(wide, 64, 3)
 
@@ -292,7 +292,7 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch):
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 19 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16)
+            assert len(geom) == 21 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16)
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
@@ -314,6 +314,89 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch):
     assert calls == [2]
     for g, w in zip(got, want):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]  # the packed weights are tf32, Z is not
+
+
+def test_output_groups_write_their_slices_of_one_result(monkeypatch):
+    """kernels.triton's CUDA forward of a layer with 32 output channels per key as two launches of
+    16 (`_forward_by_output_groups`), the FFI calls replaced by the emulation configured only from
+    what the kernel gets: the first launch's results are fresh (NaN) buffers of all 32 channels of
+    which it writes channels 0-15 (`geom`'s O and o_base), the second aliases them
+    (`ginjax_cuda_forward_into`, operands 4 and 5 to results 0 and 1) and writes 16-31, each output
+    float once over the two; no concatenation; the bias offsets' rows per launch; against
+    `reference`. Out-of-range slices are refused by `geometry`."""
+    from kernels.triton import conv_contract as triton_entry
+
+    spec = standard_spec(16, 32)
+    spatial = (2, 3, 16)
+    rng = np.random.default_rng(17)
+    offsets = (jnp.asarray(rng.standard_normal((32,)), jnp.float32),
+               jnp.asarray(rng.standard_normal((32, 3)), jnp.float32))
+    calls = []
+
+    def ffi_call(target, shapes, vmap_method, input_output_aliases=None):
+        assert vmap_method == "broadcast_all" and [s.shape[0] for s in shapes] == [32, 32]
+
+        def call(*operands, geom):
+            total, first = int(geom[19]), int(geom[20])
+            calls.append((target, total, first, input_output_aliases))
+            x0, x1, w, off = operands[:4]
+            prev = operands[4:]
+
+            def host(x0, x1, w, off, *prev):
+                emu = Emulator(_sub, np.asarray(x0), np.asarray(x1), np.asarray(w), int(geom[6]), round_z=False,
+                               offsets=np.asarray(off), out_channels=total, first_channel=first,
+                               out=[np.asarray(p) for p in prev] if prev else None)
+                outs = emu.run()[:2]
+                writes.append([c.reshape(o.shape) for c, o in zip(emu.out_writes, outs)])
+                return tuple(np.asarray(a, np.float32) for a in outs)
+
+            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, *prev)
+
+        return call
+
+    _sub = standard_spec(16, 16)
+    writes = []
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=19)
+    split = (_sub, 2)
+    fn = lambda x, w, offs: triton_entry._forward_by_output_groups(split, x, w, offs)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(fn)([x[0] for x in xs], ws, offsets))
+    joins = [line for line in jaxpr.splitlines() if "concatenate" in line]
+    assert not [line for line in joins if "[32,2,3,16" in line], joins  # only the weight packing's
+    calls.clear()
+    got = fn([x[0] for x in xs], ws, offsets)
+    assert [c[:3] for c in calls] == [(_ffi.TARGET, 32, 0), (_ffi.INTO_TARGET, 32, 16)]
+    assert calls[0][3] is None and calls[1][3] == {4: 0, 5: 1}
+    for key in range(2):  # launch g wrote exactly its 16 channels, each float once
+        assert (writes[0][key][:16] == 1).all() and (writes[0][key][16:] == 0).all()
+        assert (writes[1][key][:16] == 0).all() and (writes[1][key][16:] == 1).all()
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    want = (want[0] + offsets[0][:, None, None, None], want[1] + offsets[1][:, None, None, None, :])
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]  # the packed weights are tf32, Z is not
+    with pytest.raises(ValueError, match=r"`first_channel` \(=8\)"):
+        cuda_entry.geometry(_sub, spatial, cuda.BlockSizes(strip_rows=2), out_channels=32, first_channel=8)
+    with pytest.raises(ValueError, match=r"`first_channel` \(=32\)"):
+        cuda_entry.geometry(_sub, spatial, cuda.BlockSizes(strip_rows=2), out_channels=32, first_channel=32)
+
+
+def test_output_groups_lower_to_aliased_custom_calls():
+    """The real FFI calls of a vmapped two-group forward, lowered for CUDA on this host: the second
+    launch (`ginjax_cuda_forward_into`) takes the first one's batched results as operands 4 and 5,
+    aliased to its results 0 and 1, so XLA keeps one buffer per output key."""
+    from kernels.triton import conv_contract as triton_entry
+
+    spec, sub = standard_spec(16, 32), standard_spec(16, 16)
+    xs, ws, _ = _cases.spec_operands(spec, (2, 3, 16), 2, seed=23)
+    run = jax.jit(jax.vmap(lambda x, w: triton_entry._forward_by_output_groups((sub, 2), x, w, None), in_axes=(0, None)))
+    text = run.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert [re.search(r"custom_call @(\w+)", c).group(1) for c in calls] == [_ffi.TARGET, _ffi.INTO_TARGET]
+    assert "output_operand_alias" not in calls[0]
+    aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d)", calls[1])
+    assert aliases == [("0", "4"), ("1", "5")], calls[1]
+    assert "-> (tensor<2x32x2x3x16xf32>, tensor<2x32x2x3x16x3xf32>)" in calls[0]
 
 
 def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):

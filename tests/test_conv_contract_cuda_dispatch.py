@@ -254,7 +254,7 @@ def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypa
         assert ctas >= _tiling.MIN_CTAS or strip == 2
         assert strip == 32 or batch * nz * -(-ny // (2 * strip)) < _tiling.MIN_CTAS  # the longest such
     seen = []
-    monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights, offsets=None: seen.append(blocks.strip_rows) or
+    monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights, *rest: seen.append(blocks.strip_rows) or
                         tuple(jnp.zeros((k[2],) + inputs[0].shape[1:4] + (3,) * k[0]) for k in spec.out_keys))
     spec, xs, ws = small_layer(c=2, N=32, batch=1)
     jax.eval_shape(lambda xs: jax.vmap(lambda x: cuda_entry.forward_call(spec, x, ws))(xs), xs)
@@ -282,9 +282,14 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
         return ([p.basis for p in s.pairs] == [p.basis for p in spec.pairs]
                 and all(o == 16 for _, _, o in s.out_keys)), "stand-in"
 
-    def forward(s, inputs, weights, offs=None):
-        forward_asked.append((s, offs))
-        return _dense_with_offsets(s, inputs, weights, offs)
+    def forward(s, inputs, weights, offs=None, *, out_channels=None, first_channel=0, into=None):
+        # the kernel's contract: results of out_channels per key, this launch's slice written into
+        # the previous launch's results (fresh ones: NaN, so a slice nobody writes shows)
+        forward_asked.append((s, offs, out_channels, first_channel, into is not None))
+        part = _dense_with_offsets(s, inputs, weights, offs)
+        if into is None:
+            into = tuple(jnp.full((out_channels,) + y.shape[1:], jnp.nan, y.dtype) for y in part)
+        return tuple(full.at[first_channel : first_channel + y.shape[0]].set(y) for full, y in zip(into, part))
 
     def weight_gradient(s, inputs, cotangents):
         dw_asked.append(s)
@@ -299,10 +304,12 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
     (value, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(xs, ws, offsets)
     # forward: two launches with the offsets' rows 0-15 and 16-31; input gradient: two more
     assert len(forward_asked) == 4 and len(dw_asked) == 2
-    assert all(all(o == 16 for _, _, o in s.out_keys) for s, _ in forward_asked)
+    assert all(all(o == 16 for _, _, o in asked[0].out_keys) for asked in forward_asked)
     # each forward launch gets its 16 rows of each key's offsets (which rows: the values below)
-    assert all(offs[0].shape == (16,) and offs[1].shape == (16, 3) for _, offs in forward_asked[:2])
+    assert all(asked[1][0].shape == (16,) and asked[1][1].shape == (16, 3) for asked in forward_asked[:2])
     assert forward_asked[2][1] is None and forward_asked[3][1] is None
+    # each writes its channel slice of one 32-channel result, the second into the first's
+    assert [asked[2:] for asked in forward_asked] == [(32, 0, False), (32, 16, True)] * 2
     assert "as 2 launches of 16 output channels per key" in kernels.explain(spec, (N,) * 3, backend="triton").reason
 
     def reference(xs, ws, offs):

@@ -116,7 +116,7 @@ def test_forced_channel_groups_match_the_emulation(monkeypatch, spatial, strip, 
     monkeypatch.setattr(_plan, "groups", lambda spec, nx: n_groups)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=29)
     blocks = cuda.BlockSizes(strip_rows=strip)
-    assert cuda.conv_contract.geometry(spec, spatial, blocks)[-1] == n_groups
+    assert cuda.conv_contract.geometry(spec, spatial, blocks)[18] == n_groups
     got = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks))([x[0] for x in xs], ws)
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
     emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, n_groups=n_groups)
@@ -227,6 +227,15 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
                                out_keys=tuple(k[:2] + (o,) for k in SPEC.out_keys))
     launches = o // 16 + (c // 16 if c > 16 else 1)  # the forward's groups + the input gradient's
     _cuda_step_against_reference(spec, spatial, 2, seed=51, forwards=launches, weight_grads=o // 16, finite=True)
+    # the forward's groups write their slices of one result: no concatenation of the outputs
+    from kernels.triton.conv_contract import conv_contract_triton
+
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=52)
+    fwd = jax.jit(jax.vmap(lambda x, ws: conv_contract_triton(spec, x, ws, precision="tf32"), in_axes=(0, None)))
+    hlo = fwd.lower(xs, ws).compile().as_text()
+    assert hlo.count("ginjax_cuda_forward_into") == o // 16 - 1, hlo[-3000:]
+    joins = [line for line in hlo.splitlines() if "concatenate(" in line and f"[2,{o}," in line]
+    assert not joins, joins
 
 
 def test_layer_bias_in_the_forward_epilogue_per_example():

@@ -381,10 +381,9 @@ def test_register_cap_reaches_the_compiler_options(monkeypatch):
     assert seen == [{"num_warps": 8, "maxnreg": 80}, {"num_warps": 8}]
 
 
-def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
-    """The GPU path's custom call (lowered for CUDA here with jaxlib's kernel objects faked):
-    one `triton_kernel_call` whose operand and result layouts put the vector block's component
-    axis ahead of its spatial axes, and row-major weights."""
+def triton_calls_lowered_for_cuda(monkeypatch, f, *args) -> list[str]:
+    """The `triton_kernel_call` custom calls of `f(*args)` lowered for CUDA on this host, with
+    jaxlib's GPU kernel objects faked (the backend config is the repr of what they were given)."""
     import types
 
     import jax._src.lib as jax_lib
@@ -399,11 +398,19 @@ def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
     monkeypatch.setattr(jax_lib, "gpu_triton", fake, raising=False)
     monkeypatch.setattr(_custom_call, "_compiled_kernel", lambda plan, types_: ("K", [True] * len(types_)))
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return [line for line in hlo.splitlines() if "custom_call @triton_kernel_call" in line]
+
+
+def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
+    """The GPU path's custom call (lowered for CUDA here with jaxlib's kernel objects faked):
+    one `triton_kernel_call` whose operand and result layouts put the vector block's component
+    axis ahead of its spatial axes, and row-major weights."""
     spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("v", 2)])
     xs, ws = operands(spec, 6, seed=3)
     f = lambda xs, ws: _launch.launch(spec, "tf32", BlockSizes(), [x[None] for x in xs], [w[None] for w in ws])
-    hlo = jax.jit(f).trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call @triton_kernel_call" in line]
+    calls = triton_calls_lowered_for_cuda(monkeypatch, f, xs, ws)
+    hlo = "\n".join(calls)
     assert len(calls) == 1, hlo
     scalar, vector, weight = "dense<[3, 2, 1, 0]>", "dense<[3, 2, 4, 1, 0]>", "dense<[3, 2, 1, 0]>"
     weights = ", ".join(f"{weight} : tensor<4xindex>" for _ in ws)

@@ -6,6 +6,7 @@ through Triton's interpreter against `reference`, with the cap lowered so a smal
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,9 @@ triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import conv_contract as triton_entry  # noqa: E402
 from kernels.triton._filter_groups import LIVE_Z_CAP, filter_groups, peak_live_z  # noqa: E402
 from kernels.triton._tiling import BlockSizes  # noqa: E402
-from test_conv_contract_triton import _count_launches, check_close, make_layer, operands  # noqa: E402
+from kernels.triton import _launch  # noqa: E402
+from test_conv_contract_triton import (  # noqa: E402
+    _count_launches, check_close, make_layer, operands, triton_calls_lowered_for_cuda)
 
 
 def _covers_every_filter_once(spec, groups):
@@ -78,9 +81,28 @@ def test_split_layer_matches_reference_with_bias_and_gradients(monkeypatch, cap=
     said = kernels.explain(spec, (5, 5), backend="triton").reason
     assert f"as {len(groups)} launches over groups of the filters" in said, said
     calls = _count_launches(monkeypatch)
+    launched = []  # (batch, output keys with a prior) of every launch traced
+    real_launch = triton_entry.launch
+
+    def spy(spec, mode, blocks, xs, ws, poison=None, offsets=(), priors=()):
+        launched.append((int(xs[0].shape[0]), tuple(b for b, p in enumerate(priors) if p is not None)))
+        return real_launch(spec, mode, blocks, xs, ws, poison, offsets, priors)
+
+    monkeypatch.setattr(triton_entry, "launch", spy)
     got = vf("triton")(xs, ws, bias)
+    carried = [c for batch, c in launched if batch == 2]  # the batched launches (vmap folded in)
     assert len(calls) == len(groups)  # one batched launch per group
     check_close(got, vf("reference")(xs, ws, bias), "fp32")
+    # a group adds into the outputs earlier groups wrote (its kernel's priors), so no partial
+    # output is summed outside the kernels: no output-sized add in the program
+    written, want_carried = set(), []
+    for group in groups:
+        want_carried.append(tuple(n for n, b in enumerate(group.outputs) if b in written))
+        written.update(group.outputs)
+    assert carried == want_carried and any(want_carried)
+    jaxpr = jax.make_jaxpr(vf("triton"))(xs, ws, bias)
+    adds = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "add" and e.outvars[0].aval.ndim >= 4]
+    assert not adds, adds
 
     def loss(backend):
         return lambda x, w, b: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(vf(backend)(x, w, b)))
@@ -89,3 +111,40 @@ def test_split_layer_matches_reference_with_bias_and_gradients(monkeypatch, cap=
     want = jax.grad(loss("reference"), argnums=(0, 1, 2))(xs, ws, bias)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert rel_l2(g, r) <= 1e-5
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside its equations (custom_vjp, pjit, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    yield from _equations(getattr(inner, "jaxpr", inner))
+
+
+def test_priors_lower_to_aliased_operands(monkeypatch):
+    """On the GPU a launch with a prior for one output key takes it as an operand in that output's
+    (component-planar) layout, aliased to the output: the group adds in place. With test poison
+    only the other output gets a poisoned buffer (the carried one starts as the prior)."""
+    spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("s", 1), ("v", 2)])
+    xs, ws = operands(spec, 6, seed=5)
+    prior = jnp.ones((1, 2, 6, 6, 2), jnp.float32)
+
+    def run(poison):
+        return lambda xs, ws, p: _launch.launch(spec, "tf32", BlockSizes(), [x[None] for x in xs],
+                                                [w[None] for w in ws], poison=poison, priors=(None, p))
+
+    vector = "dense<[3, 2, 4, 1, 0]> : tensor<5xindex>"
+    (call,) = triton_calls_lowered_for_cuda(monkeypatch, run(None), xs, ws, prior)
+    n = len(xs) + len(ws)  # the prior follows the inputs and weights (no offsets here)
+    assert f"output_tuple_indices = [1], operand_index = {n}," in call, call
+    assert call.count("output_operand_alias<") == 1
+    layouts = re.search(r"operand_layouts = \[(.*?)\], (output_operand_aliases|result_layouts)", call).group(1)
+    assert layouts.count("dense") == n + 1 and layouts.endswith(vector), call
+    (call,) = triton_calls_lowered_for_cuda(monkeypatch, run(float("nan")), xs, ws, prior)
+    aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d+)", call)
+    assert sorted(aliases) == [("0", str(n + 1)), ("1", str(n))], call
+    with pytest.raises(ValueError, match=r"`priors\[1\]` has shape"):
+        jax.eval_shape(run(None), xs, ws, prior[:, :1])

@@ -12,12 +12,13 @@ import sys
 import jax
 
 TARGET = "ginjax_cuda_forward"
+INTO_TARGET = "ginjax_cuda_forward_into"  # a later output group's launch, into the previous results
 DW_TARGET = "ginjax_cuda_weight_gradient"
 VN_FORWARD = "ginjax_cuda_vn_forward"
 VN_BACKWARD = "ginjax_cuda_vn_backward"
 # target -> the handler symbol the library exports
-HANDLERS = {TARGET: "GinjaxCudaForward", DW_TARGET: "GinjaxCudaWeightGradient", VN_FORWARD: "GinjaxCudaVnForward",
-            VN_BACKWARD: "GinjaxCudaVnBackward"}
+HANDLERS = {TARGET: "GinjaxCudaForward", INTO_TARGET: "GinjaxCudaForwardInto", DW_TARGET: "GinjaxCudaWeightGradient",
+            VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
 BUILD = ("`pip install` builds it where the machine has a Hopper GPU and nvcc >= 12, or "

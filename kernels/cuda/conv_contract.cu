@@ -60,9 +60,17 @@
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), off (4 o: o scalar
-// offsets, then (o, 3) vector ones), results y0 (o, nz, ny, nx), y1 (o, nz, ny, nx, 3).
+// offsets, then (o, 3) vector ones), results y0 (O, nz, ny, nx), y1 (O, nz, ny, nx, 3) of which a
+// launch writes output channels o_base .. o_base + o - 1 (O = o for a whole layer).
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
-// floats (an example's, every group), channel groups G.
+// floats (an example's, every group), channel groups G, O, o_base.
+//
+// Output groups. A layer with O = k o outputs per key (o = 8 or 16 covered) runs as k launches,
+// each on the weights' rows of its o channels, writing its channel slice of the full outputs:
+// the first launch's results are fresh buffers (the other slices are written by the launches after
+// it), each later one takes the previous results as operands aliased to its own
+// (GinjaxCudaForwardInto), so the slices land in one buffer with no concatenation and no extra
+// temporary memory.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -87,6 +95,7 @@ struct Params {
   const float* off;
   float* y[2];
   int nz, ny, c[2], o, strip;
+  int o_total, o_base;  // the results' output channels, and the first one this launch writes
   int groups, cg[2];  // channel groups, and one group's channels per block (what the ring holds)
   int w_floats, w_group, slice_floats, region1, w_base[2];  // weights: an example's, one group's
 };
@@ -274,7 +283,8 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       // store to the same address, so program order makes it visible. A later pass loads those
       // float4s before the halves meet, all at once, so their latency overlaps the staging.
       const int t = half * 32 + lane;
-      const size_t row = ((size_t)b * kO * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+      const size_t row = (((size_t)b * p.o_total + p.o_base) * p.nz + z) * p.ny + y;  // (b, o = o_base, z, y)
+      const size_t o_rows = (size_t)p.nz * p.ny;
       float* y0_row = p.y[0] + row * NX + seg * kSeg;             // float4 (o, x4) at + o o_rows NX + 4 x4
       float* y1_row = p.y[1] + row * (3 * NX) + seg * 3 * kSeg;  // at + o o_rows 3 NX + 4 x4
       auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * NX + 4 * (f & 3)); };
@@ -390,12 +400,12 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 19) return bad("`geom` must have 19 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 21) return bad("`geom` must have 21 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[2];
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
-  p.w_floats = (int)geom[17], p.groups = (int)geom[18];
+  p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
   if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
     return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
@@ -405,6 +415,9 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("a channel group's input channels (" + std::to_string(p.cg[0]) + ", " + std::to_string(p.cg[1]) +
                ") must be multiples of 16");
   if (p.o != 8 && p.o != 16) return bad("output channels must be 8 or 16");
+  if (p.o_base < 0 || p.o_base % p.o || p.o_base + p.o > p.o_total)
+    return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(p.o) +
+               ") must be a whole group within the results' " + std::to_string(p.o_total));
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
   const int l = nx / kSeg - 1;
@@ -417,8 +430,8 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
   if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * 3 ||
       w.element_count() != batch * p.w_floats || off.element_count() != batch * 4 * p.o ||
-      y0->element_count() != batch * p.o * pix ||
-      y1->element_count() != batch * p.o * pix * 3)
+      y0->element_count() != batch * p.o_total * pix ||
+      y1->element_count() != batch * p.o_total * pix * 3)
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
@@ -434,7 +447,32 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// A later output group's launch: prev0 and prev1 are the previous launch's results, aliased to y0
+// and y1 (XLA hands over the same buffers, or copies them in where a previous result is still read
+// elsewhere), so the channels already written stay and this launch adds its slice.
+ffi::Error ForwardInto(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> prev0,
+                       ffi::Buffer<ffi::F32> prev1, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                       ffi::Span<const int64_t> geom) {
+  if (prev0.typed_data() != y0->typed_data() || prev1.typed_data() != y1->typed_data())
+    return ffi::Error::InvalidArgument("ginjax cuda ConvContract: the previous output group's results are not aliased to the results");
+  return Forward(stream, x0, x1, w, off, y0, y1, geom);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardInto, ForwardInto,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("geom"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward, Forward,
                               ffi::Ffi::Bind()

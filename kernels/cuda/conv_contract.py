@@ -23,7 +23,7 @@ from .._registry import traced_batch
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from . import _plan
-from ._ffi import TARGET, registered
+from ._ffi import INTO_TARGET, TARGET, registered
 from ._tiling import BlockSizes
 
 
@@ -56,26 +56,40 @@ def conv_contract_cuda(
 
 
 def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
-                 offsets: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
+                 offsets: Optional[Sequence[Optional[jax.Array]]] = None, *, out_channels: Optional[int] = None,
+                 first_channel: int = 0, into: Optional[Sequence[jax.Array]] = None) -> tuple[jax.Array, ...]:
     """The kernel's outputs with no gradient rule of their own, for a backend that defines the
     gradients itself (the `triton` backend); the caller has checked `coverage` and that TF32 is
     the precision asked for. `offsets`: per output key None or its (o, *tensor) offset, added to
     every pixel in the kernel's epilogue (the layer's bias, kernels._bias.bias_offsets). Batches
-    under vmap like the custom call."""
+    under vmap like the custom call.
+
+    Output groups (conv_contract.cu's header): with `out_channels` O (a multiple of the layer's o),
+    the results have O channels per key and this launch writes channels `first_channel` ..
+    `first_channel` + o - 1 of them; `into` are the previous group's results, which this launch's
+    results alias (the slices written before stay; the first group passes None and its other
+    slices hold garbage until the later groups have written them)."""
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
-    return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets)
+    return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets,
+                    out_channels, first_channel, into)
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
-             n_groups: Optional[int] = None) -> list[int]:
+             n_groups: Optional[int] = None, out_channels: Optional[int] = None, first_channel: int = 0) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
     channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
-    split: the tests' way to run several groups where one would fit)."""
+    split: the tests' way to run several groups where one would fit), the results' output
+    channels and the first one this launch writes (`forward_call`'s output groups)."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
-    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g]
+    total = o if out_channels is None else int(out_channels)
+    if total % o or not 0 <= first_channel <= total - o or first_channel % o:
+        raise ValueError(f"`first_channel` (={first_channel}) must be a multiple of the layer's {o} output channels "
+                         f"below `out_channels` (={total}, a multiple of {o})")
+    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
+            total, first_channel]
 
 
 def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:
@@ -87,14 +101,24 @@ def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]
     return jnp.concatenate(parts)
 
 
-def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None):
+def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, out_channels=None, first_channel=0,
+             into=None):
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
-    o = spec.out_keys[0][2]
-    shapes = [jax.ShapeDtypeStruct((o,) + spatial, jnp.float32), jax.ShapeDtypeStruct((o,) + spatial + (3,), jnp.float32)]
+    geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel)
+    total = geom[19]
+    shapes = [jax.ShapeDtypeStruct((total,) + spatial, jnp.float32),
+              jax.ShapeDtypeStruct((total,) + spatial + (3,), jnp.float32)]
     packed = _plan.pack_weights(spec, weights, xp=jnp)
-    call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all")
-    geom = np.asarray(geometry(spec, spatial, blocks), np.int64)
-    return tuple(call(*inputs, packed, flat_offsets(spec, offsets), geom=geom))
+    operands = [*inputs, packed, flat_offsets(spec, offsets)]
+    if into is None:
+        call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all")
+    else:
+        if [tuple(a.shape) for a in into] != [s.shape for s in shapes]:
+            raise ValueError(f"`into` has shapes {[tuple(a.shape) for a in into]}; the results are {[s.shape for s in shapes]}")
+        call = jax.ffi.ffi_call(INTO_TARGET, shapes, vmap_method="broadcast_all",
+                                input_output_aliases={len(operands): 0, len(operands) + 1: 1})
+        operands += list(into)
+    return tuple(call(*operands, geom=np.asarray(geom, np.int64)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -1,5 +1,6 @@
 """Filter groups: a layer whose forward kernel would keep too many Z tiles live runs as several
-launches, each over a group of its pairs' filters, whose outputs are summed.
+launches, each over a group of its pairs' filters, each adding into the outputs the groups before
+it wrote.
 
 The forward kernel keeps a Z tile (BP x BC, one per pair, filter and filter component) in
 registers from its first tap to its last (`_stencil._schedule`). The standard layer peaks at 10;
@@ -10,9 +11,10 @@ outputs as the sum of the partial layers' outputs. Each group is a layer of its 
 custom_vjp: the input gradients add up, each weight gradient is that group's slice of the
 filters), so the three directions all run on kernels of bounded size.
 
-Cost: a group reads the input keys it touches and writes the output keys it touches; the sums
-are one more read of each partial output (XLA fuses the adds). Groups are packed so that a
-launch does as much as its Z budget allows.
+Cost: a group reads the input keys it touches and writes the output keys it touches; a group
+after the first to write an output key also reads it (its kernel's epilogue adds the output so far,
+its `priors`, in the same buffer: no partial outputs are kept and no separate sum runs). Groups
+are packed so that a launch does as much as its Z budget allows.
 """
 
 from __future__ import annotations

@@ -49,11 +49,17 @@ def plan_kernel(
     aliased: bool = False,
     bf16_dot_in_fp32: bool = False,
     layout_barrier: bool = True,
+    carried: tuple[int, ...] = (),
 ) -> KernelPlan:
     """Generate the forward kernel source for one layer, input shape and precision mode.
 
-    `aliased` adds one unused pointer per output before the outputs: the launcher passes the
-    buffers of `input_output_aliases` (the poisoned outputs of the tests) both ways.
+    `carried`: output keys whose previous value (a `y{b}_prev` operand in the output's layout,
+    after the bias offsets) the kernel adds to what it computes: a filter group's launch
+    accumulating into the previous group's outputs (on the GPU the operand and the output share
+    one buffer: each element is loaded and stored by the same program).
+    `aliased` adds one unused pointer per output that is not carried, before the outputs: the
+    launcher passes the buffers of `input_output_aliases` (the poisoned outputs of the tests)
+    both ways.
     `bf16_dot_in_fp32` (for Triton's interpreter, whose tl.dot multiplies bf16 operands as raw
     uint16 words) rounds the bf16 operands and multiplies them in fp32: the same products.
     `layout_barrier` passes each Z through an opaque identity (inline PTX, so GPU only) before
@@ -64,14 +70,17 @@ def plan_kernel(
     op, pf = L.op, L.pf
     src = _Source()
     name = "conv_contract_fwd_" + hashlib.sha1(
-        repr((hash(spec), geometry, mode, blocks, aliased, bf16_dot_in_fp32, layout_barrier)).encode()
+        repr((hash(spec), geometry, mode, blocks, aliased, bf16_dot_in_fp32, layout_barrier, carried)).encode()
     ).hexdigest()[:12]
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     ws = [f"w{t}" for t in range(len(spec.pairs))]
     ys = [f"y{b}" for b in range(len(spec.out_keys))]
     biased = dict(enumerate(geometry.bias_batched))
     offs = [f"bias{b}" for b in range(len(spec.out_keys)) if biased.get(b) is not None]
-    aliases = [f"y{b}_in" for b in range(len(spec.out_keys))] if aliased else []
+    if sorted(set(carried)) != list(carried) or any(not 0 <= b < len(spec.out_keys) for b in carried):
+        raise ValueError(f"`carried` (={carried!r}) must be increasing output key indices below {len(spec.out_keys)}")
+    prevs = [f"y{b}_prev" for b in carried]
+    aliases = [f"y{b}_in" for b in range(len(spec.out_keys)) if b not in carried] if aliased else []
 
     # -- which program: (out-channel tile, pixel tile, batch), out-channel tile fastest
     src("pid = tl.program_id(0)")
@@ -132,6 +141,8 @@ def plan_kernel(
         block = o * L.nout * L.dk_out[b]
         ooff = f"o{b}.to(tl.int64)" if block > INT32_MAX else f"o{b}"
         src(f"yb = y{b} + bat * {block}")
+        if b in carried:
+            src(f"pb = y{b}_prev + bat * {block}")
         for j in range(L.dk_out[b]):
             pos = L.component_offset("q", L.dk_out[b], j, L.nout, L.blocks.planar_out)
             if op:
@@ -140,9 +151,12 @@ def plan_kernel(
             else:
                 ptr = f"yb + {L.as_col(pos)} + ({ooff} * {L.nout * L.dk_out[b]})[None, :]"
                 mask = f"o{b}_ok[None, :]" + (f" & {L.as_col('p_ok')}" if L.has_p_ok else "")
+            if b in carried:
+                before = "pb" + ptr[len("yb"):]
+                src(f"acc{b}_{j} = acc{b}_{j} + tl.load({before}, mask={mask}, other=0.0)")
             src(f"tl.store({ptr}, acc{b}_{j}, mask={mask})")
 
-    return _finish(L, src, name, xs + ws + offs + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
+    return _finish(L, src, name, xs + ws + offs + prevs + aliases + ys, L.n_otiles * math.prod(L.n_tiles))
 
 
 @functools.lru_cache(maxsize=256)

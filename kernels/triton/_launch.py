@@ -73,6 +73,7 @@ def launch(
     ws: Sequence[jax.Array],
     poison: Optional[float] = None,
     offsets: Sequence[Optional[jax.Array]] = (),
+    priors: Sequence[Optional[jax.Array]] = (),
 ) -> tuple[jax.Array, ...]:
     """Run the fused forward on batched operands; returns float32 outputs (B, o, *spatial', *tensor).
 
@@ -81,23 +82,36 @@ def launch(
         ws: per pair, (1 or B, o, c, n_filters).
         offsets: per output key, None or a float32 (1 or B, o, D^k) offset added to every pixel
             in the kernel's epilogue (the layer's bias); () for none at all.
+        priors: per output key, None or a float32 array of that output's shape (batch B) that the
+            kernel adds to what it computes, into the same buffer on the GPU (a filter group
+            accumulating into the previous group's outputs); () for none at all.
         poison: if set, outputs start filled with this value (tests check that every element is
             overwritten); on the interpreter path outputs always start as NaN.
     """
     offsets = tuple(offsets) or (None,) * len(spec.out_keys)
+    priors = tuple(priors) or (None,) * len(spec.out_keys)
     present = [o for o in offsets if o is not None]
+    carried = tuple(b for b, p in enumerate(priors) if p is not None)
     batch, geometry = launch_geometry(spec, xs, ws=ws, bs=offsets)
     aliased = poison is not None and not interpreting()
     # the interpreter runs no PTX (no layout barrier) and multiplies bf16 dot operands wrongly
     host = interpreting()
-    plan = plan_kernel(spec, geometry, mode, blocks, aliased, bf16_dot_in_fp32=host, layout_barrier=not host)
+    plan = plan_kernel(spec, geometry, mode, blocks, aliased, bf16_dot_in_fp32=host, layout_barrier=not host,
+                       carried=carried)
     grid = plan.programs_per_batch * batch
     if grid > INT32_MAX:
         raise ValueError(f"batch (={batch}) needs {grid} programs, more than a launch grid holds (2^31 - 1)")
     shapes = out_shapes(spec, plan, batch)
+    for b in carried:
+        if tuple(priors[b].shape) != shapes[b].shape:
+            raise ValueError(f"`priors[{b}]` has shape {tuple(priors[b].shape)}; output key {b} is {shapes[b].shape}")
     in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * (len(ws) + len(present))
     out_orders = [block_order(spec.D, len(s.shape), blocks.planar_out) for s in shapes]
-    return run_plan(plan, shapes, grid, list(xs) + list(ws) + present, poison, in_orders, out_orders)
+    in_orders += [out_orders[b] for b in carried]
+    args = list(xs) + list(ws) + present + [priors[b].astype(jnp.float32) for b in carried]
+    first_prior = len(args) - len(carried)
+    return run_plan(plan, shapes, grid, args, poison, in_orders, out_orders,
+                    carried=tuple((first_prior + n, b) for n, b in enumerate(carried)))
 
 
 def block_order(D: int, ndim: int, planar: bool) -> Optional[tuple[int, ...]]:
@@ -118,13 +132,16 @@ def run_plan(
     poison: Optional[float] = None,
     in_orders: Optional[Sequence[Optional[tuple[int, ...]]]] = None,
     out_orders: Optional[Sequence[Optional[tuple[int, ...]]]] = None,
+    carried: tuple[tuple[int, int], ...] = (),
 ):
     """Launch a generated kernel on `args`, returning new float32 arrays of `shapes`.
 
     in_orders / out_orders: per operand / result, the physical axis order (major to minor) the
     kernel indexes it in, None for row-major. On the GPU XLA is asked for these layouts (it
     lays out the producers accordingly, or inserts a copy); on the host the callback moves axes.
-    With `poison`, outputs start filled with it (on the host they always start as NaN)."""
+    carried: (operand, result) pairs where the kernel reads the operand and writes the result
+    element by element (a prior it adds to): on the GPU they share one buffer.
+    With `poison`, the other outputs start filled with it (on the host every output starts as NaN)."""
     in_orders = tuple(in_orders) if in_orders is not None else (None,) * len(args)
     out_orders = tuple(out_orders) if out_orders is not None else (None,) * len(shapes)
     if len(in_orders) != len(args) or len(out_orders) != len(shapes):
@@ -134,12 +151,13 @@ def run_plan(
     from ._custom_call import triton_kernel_call
 
     args = list(args)
-    aliases = []
+    aliases = list(carried)
     if poison is not None:  # the kernel's extra pointers ahead of its outputs: poisoned buffers, aliased
         for n, s in enumerate(shapes):
-            aliases.append((len(args), n))
-            args.append(jnp.full(s.shape, poison, s.dtype))
-        in_orders = in_orders + out_orders
+            if n not in {r for _, r in carried}:
+                aliases.append((len(args), n))
+                args.append(jnp.full(s.shape, poison, s.dtype))
+                in_orders = in_orders + (out_orders[n],)
     return triton_kernel_call(plan, tuple(shapes), grid, args, in_orders, out_orders, tuple(aliases))
 
 

@@ -81,24 +81,28 @@ def conv_contract_triton(
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
     offsets = tuple(None if off is None else off.astype(jnp.float32) for off in offsets)
     groups = filter_groups(spec, spatial, mode, blocks)
+    none = (None,) * len(spec.out_keys)
     if groups is None:
-        return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets)
-    return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs: _conv_contract(
-        sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, xs, ws, offs),
-        inputs, weights, offsets)
+        return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets, none)
+    return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
+        sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, xs, ws, offs,
+        priors), inputs, weights, offsets)
 
 
 def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets) -> tuple[jax.Array, ...]:
     """The layer as the sum of its filter groups' launches (`_filter_groups`): `call(sub, inputs,
-    weights, offsets)` per group with its inputs, its weights' filter columns and, for the first
-    group that writes an output, that output's offset (the bias is added once)."""
+    weights, offsets, priors)` per group with its inputs, its weights' filter columns, for the
+    first group that writes an output that output's offset (the bias is added once) and, for a
+    later one, the output so far as its prior: the group's kernel adds to it in place, so no
+    partial output is kept and no separate sum runs."""
     outputs: list = [None] * n_outputs
     for group in groups:
         ws = tuple(weights[t][..., f[0]:f[-1] + 1] for t, f in group.filters)  # runs are consecutive
         offs = tuple(offsets[b] if outputs[b] is None else None for b in group.outputs)
-        ys = call(group.spec, tuple(inputs[a] for a in group.inputs), ws, offs)
+        priors = tuple(outputs[b] for b in group.outputs)
+        ys = call(group.spec, tuple(inputs[a] for a in group.inputs), ws, offs, priors)
         for b, y in zip(group.outputs, ys):
-            outputs[b] = y if outputs[b] is None else outputs[b] + y
+            outputs[b] = y
     return tuple(outputs)
 
 
@@ -118,10 +122,12 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 # the weight gradient is its own kernel. Both are custom_vmap ops like the forward, so under vmap
 # each is one batched launch; the weight kernel returns per-example gradients (cheap: they are
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
-# weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored).
+# weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored). `priors`
+# (per output key None or an output-shaped array the forward adds to: filter groups) pass their
+# cotangent through unchanged.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets):
-    return _forward(spec, mode, blocks, poison, inputs, weights, offsets)
+def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets, priors):
+    return _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
 
 
 FORWARD_IMPLS = ("cuda", "triton")
@@ -175,8 +181,23 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
             return cuda.forward_call(layer, inputs, move(weights), offsets)
     for layer, move in layers:
         if (split := output_split(layer, covers)) is not None:
-            return _by_output_groups(cuda.forward_call, split, inputs, move(weights), offsets)
+            return _forward_by_output_groups(split, inputs, move(weights), offsets)
     return None
+
+
+def _forward_by_output_groups(split, inputs, weights, offsets):
+    """The CUDA forward of `split`'s layer as one launch per output group, each writing its channel
+    slice of the same results (the later launches alias the previous results: no concatenation)."""
+    from .. import cuda
+
+    sub, n = split
+    outs = None
+    for g in range(n):
+        rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
+        part = None if offsets is None else tuple(None if a is None else a[rows] for a in offsets)
+        outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * OUTPUT_GROUP,
+                                 first_channel=g * OUTPUT_GROUP, into=outs)
+    return outs
 
 
 # output channels per key of one CUDA launch where a layer's outputs are split (the kernels
@@ -208,16 +229,14 @@ def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
     return (sub, o // OUTPUT_GROUP) if covers(sub) else None
 
 
-def _by_output_groups(call, split, inputs, weights, per_output=None):
-    """`call(sub, inputs, weights[g], per_output[g])` for each output group g of `split`, each
-    result's blocks concatenated over the groups along their leading (output channel) axis.
-    weights: per pair (o, c, F); per_output: per output key None or an array led by o (or None)."""
+def _weight_grad_by_output_groups(split, inputs, cotangents):
+    """Per pair dW of `split`'s layer from one CUDA launch per output group: group g's cotangents
+    against every input are rows g of each pair's dW (weights are small: concatenated)."""
+    from .. import cuda
+
     sub, n = split
-    results = []
-    for g in range(n):
-        rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
-        part = None if per_output is None else tuple(None if a is None else a[rows] for a in per_output)
-        results.append(call(sub, inputs, tuple(w[rows] for w in weights), part))
+    rows = [slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP) for g in range(n)]
+    results = [cuda.weight_gradient_call(sub, inputs, tuple(c[r] for c in cotangents)) for r in rows]
     return tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*results))
 
 
@@ -254,30 +273,32 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
         return cuda.weight_gradient_call(spec, inputs, cotangents)
     if (split := output_split(spec, covers)) is None:
         return None
-    # dW of output group g is that group's cotangents against every input: rows g of each pair's dW
-    return _by_output_groups(lambda sub, xs, gs, _: cuda.weight_gradient_call(sub, xs, gs), split, inputs,
-                             cotangents)
+    return _weight_grad_by_output_groups(split, inputs, cotangents)
 
 
-def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None):
+def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
     offsets = offsets or (None,) * len(spec.out_keys)
+    priors = priors or (None,) * len(spec.out_keys)
     outs = _cuda_forward(spec, mode, poison, inputs, weights, like, offsets)
     if outs is not None:
-        return outs
+        return tuple(y if p is None else p + y for y, p in zip(outs, priors))
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
-    op = _batched_forward(spec, mode, blocks, poison, biased)
+    carried = tuple(b for b, p in enumerate(priors) if p is not None)
+    op = _batched_forward(spec, mode, blocks, poison, biased, carried)
     # offsets go to the kernel as (o, D^k): one contiguous row of components per channel
     flat = tuple(offsets[b].reshape(1, offsets[b].shape[0], -1) for b in biased)
-    outs = op(tuple(x[None] for x in inputs), tuple(w[None] for w in weights), flat)
+    outs = op(tuple(x[None] for x in inputs), tuple(w[None] for w in weights), flat,
+              tuple(priors[b][None] for b in carried))
     return tuple(o[0] for o in outs)
 
 
-def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights, offsets):
-    return _forward(spec, mode, blocks, poison, inputs, weights, offsets), (inputs, weights, offsets)
+def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights, offsets, priors):
+    outs = _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
+    return outs, (inputs, weights, offsets, tuple(p is not None for p in priors))
 
 
 def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangents):
-    inputs, weights, offsets = residuals
+    inputs, weights, offsets, carried = residuals
     cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
     # an offset added to every pixel: its gradient is the spatial sum of the cotangent
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
@@ -304,6 +325,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
         tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
         d_offsets,
+        tuple(g if c else None for g, c in zip(cotangents, carried)),
     )
 
 
@@ -331,16 +353,21 @@ _conv_contract.defvjp(_conv_contract_fwd, _conv_contract_bwd)
 
 # ---- batching: custom_vmap into one launch ------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, biased: tuple[int, ...] = ()):
+def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, biased: tuple[int, ...] = (),
+                     carried: tuple[int, ...] = ()):
     """The kernel on operands with a leading batch axis of size 1 (broadcast) or B; `biased`:
-    the output keys whose (1 or B, o, D^k) offsets are the third operand group."""
+    the output keys whose (1 or B, o, D^k) offsets are the third operand group; `carried`: those
+    whose priors (output-shaped, batch B) are the fourth, added to in place."""
 
     @jax.custom_batching.custom_vmap
-    def op(xs, ws, bs):
-        offsets = [None] * len(spec.out_keys)
+    def op(xs, ws, bs, ps):
+        offsets, priors = [None] * len(spec.out_keys), [None] * len(spec.out_keys)
         for b, off in zip(biased, bs):
             offsets[b] = off
-        return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison), offsets if bs else ())
+        for b, prior in zip(carried, ps):
+            priors[b] = prior
+        return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison), offsets if bs else (),
+                      priors if ps else ())
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
