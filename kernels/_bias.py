@@ -91,17 +91,20 @@ def means_shortcut_exact(spec: ConvSpec) -> bool:
     return True
 
 
-def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple:
-    """Per output block, its spatial mean (o_b, *(D,)*k_b) from the inputs' spatial means, or None
-    for every block when the shortcut is not exact for this spec (`means_shortcut_exact`).
+def input_means(spec: ConvSpec, inputs: Sequence[jax.Array]) -> Optional[tuple]:
+    """Per input key its spatial mean (c, *(D,)*k) in the compute dtype (at least float32), where
+    a "mean" bias block takes the shortcut (`means_shortcut_exact`); else None."""
+    if "mean" not in spec.bias_modes or not means_shortcut_exact(spec):
+        return None
+    dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
+    return tuple(spatial_mean(x.astype(dtype), spec.D) for x in inputs)
 
-    Unbatched blocks, like kernels.conv_contract; the result has the inputs' compute dtype.
-    """
-    if not means_shortcut_exact(spec):
-        return (None,) * len(spec.out_keys)
+
+def means_to_outputs(spec: ConvSpec, in_means: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple:
+    """Per output block its spatial mean (o_b, *(D,)*k_b) from the inputs' spatial means (valid
+    where `means_shortcut_exact`): the filters' tap sums applied to the means."""
     D = spec.D
-    dtype = jnp.promote_types(jnp.result_type(*inputs, *weights), jnp.float32)
-    in_means = [spatial_mean(x.astype(dtype), D) for x in inputs]
+    dtype = jnp.promote_types(jnp.result_type(*in_means, *weights), jnp.float32)
     outs: list = [None] * len(spec.out_keys)
     for pair, w in zip(spec.pairs, weights):
         k_a = spec.in_keys[pair.in_index][0]
@@ -109,7 +112,7 @@ def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
         basis = pair.basis.array
         # sum over the taps: (F, *i, *j), then flatten the tensor indices
         tap_sum = basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
-        m = in_means[pair.in_index].reshape(-1, D**k_a)  # (c, i)
+        m = in_means[pair.in_index].astype(dtype).reshape(-1, D**k_a)  # (c, i)
         # tiny contractions as products and sums (exact fp32 products, no tf32 rounding): XLA
         # fuses them with the means' last stage instead of launching a GEMM and its transposes
         per_filter = jnp.sum(m[:, None, :, None] * jnp.asarray(tap_sum, dtype)[None], axis=2)  # (c, F, j)
@@ -118,6 +121,38 @@ def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
         prev = outs[pair.out_index]
         outs[pair.out_index] = term if prev is None else prev + term
     return tuple(outs)
+
+
+def output_means(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple:
+    """Per output block, its spatial mean (o_b, *(D,)*k_b) from the inputs' spatial means, or None
+    for every block when the shortcut is not exact for this spec (`means_shortcut_exact`).
+
+    Unbatched blocks, like kernels.conv_contract; the result has the inputs' compute dtype.
+    """
+    if not means_shortcut_exact(spec):
+        return (None,) * len(spec.out_keys)
+    dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
+    return means_to_outputs(spec, [spatial_mean(x.astype(dtype), spec.D) for x in inputs], weights)
+
+
+def offsets_from_means(spec: ConvSpec, in_means: Optional[Sequence[jax.Array]], weights: Sequence[jax.Array],
+                       bias: Optional[Bias]) -> tuple:
+    """`bias_offsets` from the inputs' spatial means (`input_means`; None where no "mean" block
+    takes the shortcut): only tiny arrays, so a backend may differentiate it by itself and route
+    the means' gradient (a per-channel constant over the pixels) where it costs no pass."""
+    bias = check_bias(spec, bias)
+    if bias is None:
+        return (None,) * len(spec.out_keys)
+    means = means_to_outputs(spec, in_means, weights) if in_means is not None else None
+    offsets = []
+    for b, (mode, (k, _, o)) in enumerate(zip(spec.bias_modes, spec.out_keys)):
+        if mode == "add":
+            offsets.append(jnp.broadcast_to(bias[b].reshape((o,) + (1,) * k), (o,) + (spec.D,) * k))
+        elif mode == "mean" and means is not None and means[b] is not None:
+            offsets.append(bias[b].reshape((o,) + (1,) * k).astype(means[b].dtype) * means[b])
+        else:
+            offsets.append(None)
+    return tuple(offsets)
 
 
 def bias_offsets(
@@ -130,19 +165,9 @@ def bias_offsets(
     after the convolution, as `apply_bias` does). Adding an offset to every pixel has the spatial
     sum of the output cotangent as its gradient.
     """
-    bias = check_bias(spec, bias)
-    if bias is None:
+    if check_bias(spec, bias) is None:
         return (None,) * len(spec.out_keys)
-    means = output_means(spec, inputs, weights) if "mean" in spec.bias_modes else None
-    offsets = []
-    for b, (mode, (k, _, o)) in enumerate(zip(spec.bias_modes, spec.out_keys)):
-        if mode == "add":
-            offsets.append(jnp.broadcast_to(bias[b].reshape((o,) + (1,) * k), (o,) + (spec.D,) * k))
-        elif mode == "mean" and means[b] is not None:
-            offsets.append(bias[b].reshape((o,) + (1,) * k).astype(means[b].dtype) * means[b])
-        else:
-            offsets.append(None)
-    return tuple(offsets)
+    return offsets_from_means(spec, input_means(spec, inputs), weights, bias)
 
 
 def apply_bias(

@@ -174,6 +174,48 @@ def test_gradients_match_the_plain_bias(backend, geometry):
         assert rel_l2(flat(g), flat(w)) <= 1e-5
 
 
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the triton backend (its interpreter on a CPU)")
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+def test_triton_routes_the_means_gradient_into_the_input_gradient_kernel(monkeypatch, geometry):
+    """The triton backend takes the layer's bias into its custom_vjp: values and gradients (inputs,
+    weights, bias) equal the plain bias's, and on a torus the input-gradient launch gets the
+    inputs' means' gradient as its epilogue offsets (no pass over the input gradient adds it);
+    without the shortcut (zero padding) it gets none and the output's own mean is used."""
+    from kernels.triton import conv_contract as triton_entry
+
+    spec = _spec(2, bias_modes=("add", "mean", "mean"), **geometry)
+    inputs, weights = _fp32(spec, seed=16)
+    bias = _bias_arrays(spec, seed=16)
+    cot = [jnp.asarray(np.random.default_rng(17 + i).standard_normal(s.shape).astype(np.float32))
+           for i, s in enumerate(kernels.conv_contract(spec, inputs, weights, bias=bias, backend="reference"))]
+    launches = []  # (input gradient?, offsets per output key given?)
+    real = triton_entry._forward
+
+    def spy(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
+        launches.append((like is not None, tuple(o is not None for o in offsets or ())))
+        return real(spec, mode, blocks, poison, inputs, weights, offsets, like, priors)
+
+    monkeypatch.setattr(triton_entry, "_forward", spy)
+
+    def loss(fn):
+        def f(xs, ws, bs):
+            return sum(jnp.sum(o * c) for o, c in zip(fn(xs, ws, bs), cot))
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(inputs, weights, bias)
+
+    got = loss(lambda xs, ws, bs: kernels.conv_contract(spec, xs, ws, bias=bs, backend="triton", precision="fp32"))
+    want = loss(lambda xs, ws, bs: _plain_bias(
+        spec, kernels.conv_contract(spec.without_bias(), xs, ws, backend="reference", precision="fp32"), bs))
+    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
+    for g, w in zip(got, want):
+        assert rel_l2(flat(g), flat(w)) <= 1e-5
+    shortcut = _bias.means_shortcut_exact(spec)
+    forward = [given for grad, given in launches if not grad]
+    backward = [given for grad, given in launches if grad]
+    assert forward and backward
+    assert all(given == (True, shortcut, shortcut) for given in forward)  # "add" always, "mean" with the shortcut
+    assert all(given == ((True, True) if shortcut else ()) for given in backward)
+
+
 # ---- the layer ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "use_bias, is_torus", [("auto", True), ("mean", True), ("scalar", True), (False, True), ("auto", False)]

@@ -240,6 +240,43 @@ def test_an_unknown_weight_gradient_kernel_is_refused(monkeypatch):
         triton_entry.weight_grad_impl()
 
 
+def test_a_layer_bias_puts_the_means_gradient_in_the_cuda_input_gradient(monkeypatch):
+    """The public API on the triton backend with the layer's bias (scalar "add", vector "mean" on
+    a torus), vmapped, on CUDA stand-ins: the forward's epilogue gets per-example offsets for both
+    keys, the input gradient's gets the inputs' means' gradient (per example, per input key), and
+    values and gradients (inputs, weights, bias) equal `reference`'s."""
+    spec, xs, ws = small_layer(c=2, N=4, batch=3, seed=13)
+    spec = dataclasses.replace(spec, bias_modes=("add", "mean"))
+    bias = [jnp.asarray([0.5, -1.25], jnp.float32), jnp.asarray([2.0, 0.75], jnp.float32)]
+    given = []  # per call (the forward's, then the input gradient's, traced in that order): offsets' shapes
+
+    def covers(s, spatial, dtype):
+        return [p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in"
+
+    def call(s, inputs, weights, offsets=None, **kw):
+        given.append(None if offsets is None else tuple(None if o is None else o.shape for o in offsets))
+        return _dense_with_offsets(s, inputs, weights, offsets)
+
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
+    monkeypatch.setattr(cuda, "coverage", covers)
+    monkeypatch.setattr(cuda, "forward_call", call)
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    rng = np.random.default_rng(14)
+    cots = [jnp.asarray(rng.standard_normal((3, 2, 4, 4, 4) + (3,) * b), jnp.float32) for b in range(2)]
+
+    def loss(backend, mode):  # the CUDA path runs where tf32 is asked for (the stand-ins compute fp32)
+        run = jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend, precision=mode),
+                       in_axes=(0, None, None))
+        return lambda x, w, b: sum(jnp.vdot(o, c) for o, c in zip(run(x, w, b), cots))
+
+    got = jax.jit(jax.value_and_grad(loss("triton", "tf32"), argnums=(0, 1, 2)))(xs, ws, bias)
+    assert given == [((2,), (2, 3))] * 2  # unbatched inside the vmap
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(jax.value_and_grad(loss("reference", "fp32"), argnums=(0, 1, 2)))(xs, ws, bias)
+    errors = gradient_errors(got[1], want[1], element_scale=1.0)
+    assert rel_l2(got[0], want[0]) <= 1e-5 and max(errors) <= 1e-5, errors
+
+
 def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypatch):
     from kernels.cuda import _tiling
     from kernels.cuda import conv_contract as cuda_entry

@@ -24,7 +24,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from .._bias import bias_offsets
+from .._bias import check_bias, means_shortcut_exact
 from .._registry import Backend, register_backend
 from .._fused import count_nonzeros, fused_coverage
 from .._spec import ConvSpec
@@ -89,12 +89,14 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
 
 
 def _run(spec, inputs, weights, mode, bias=None):
-    """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue.
+    """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue,
+    the inputs' means' gradient in the input gradient's (`conv_contract_triton`'s `bias`).
     A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
     mean after the kernel, as the lax backends do."""
-    offsets = bias_offsets(spec, inputs, weights, bias)
-    outputs = conv_contract_triton(spec.without_bias(), inputs, weights, precision=mode, offsets=offsets)
-    late = [b for b, (m, off) in enumerate(zip(spec.bias_modes, offsets)) if m != "none" and off is None]
+    bias = check_bias(spec, bias)
+    outputs = conv_contract_triton(spec, inputs, weights, precision=mode, bias=bias)
+    exact = means_shortcut_exact(spec)
+    late = [b for b, m in enumerate(spec.bias_modes) if m == "mean" and not exact]
     if not late:
         return outputs
     space = tuple(range(1, 1 + spec.D))
@@ -113,8 +115,8 @@ def describe(spec: ConvSpec, spatial) -> str:
     groups where one kernel would keep too many Z tiles live (`_filter_groups`)."""
     groups = filter_groups(spec.without_bias(), tuple(spatial), "tf32", BlockSizes.for_layer(spec.without_bias(), tuple(spatial)))
     if groups is not None:
-        return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, summed (one kernel "
-                f"would keep more than {LIVE_Z_CAP} Z tiles live)")
+        return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, each adding into the "
+                f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
     directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
                   "the weight gradient": _entry.cuda_weight_grad_covers}
     on_cuda, on_triton = [], []

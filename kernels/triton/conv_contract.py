@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from .._bias import bias_offsets, check_bias, input_means, offsets_from_means
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
@@ -45,6 +46,7 @@ def conv_contract_triton(
     poison: Optional[float] = None,
     backward: str = "fused",
     offsets: Optional[Sequence[Optional[jax.Array]]] = None,
+    bias: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """ConvContract on unbatched blocks with the fused Triton kernels (forward and gradients).
 
@@ -56,7 +58,20 @@ def conv_contract_triton(
         offsets: per output key, None or an (o, *(D,)*k) array added to every pixel of that
             output in the kernel's epilogue (`kernels._bias.bias_offsets`); differentiable: its
             gradient is the spatial sum of the output's cotangent.
+        bias: the layer's bias for `spec.bias_modes` (kernels._bias; not with `offsets`): its
+            offsets go into the forward's epilogue; a "mean" block's offset is a function of the
+            inputs' spatial means, whose gradient (a constant per channel and component over the
+            pixels) goes into the input-gradient kernel's epilogue, so no pass over the input
+            gradient adds it. A "mean" block without the means shortcut (not a full torus) gets
+            nothing here: the caller adds the output's own mean (kernels.triton._run).
     """
+    if bias is not None and check_bias(spec, bias) is not None:
+        if offsets is not None and any(off is not None for off in offsets):
+            raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
+        bias = check_bias(spec, bias)
+    else:
+        bias = None
+    bias_spec, spec = (spec if bias is not None else None), spec.without_bias()
     offsets = tuple(offsets) if offsets is not None else (None,) * len(spec.out_keys)
     if len(offsets) != len(spec.out_keys):
         raise ValueError(f"`offsets` has {len(offsets)} entries; the layer has {len(spec.out_keys)} output keys")
@@ -72,6 +87,8 @@ def conv_contract_triton(
     if compute_dtype(*inputs, *weights) != jnp.float32:
         # float64 (x64 oracles) is beyond the kernel's fp32 accumulation: the lax path is exact
         outs = conv_contract_dense(spec, inputs, weights, mode)
+        if bias is not None:
+            offsets = bias_offsets(bias_spec, inputs, weights, bias)
         return _add_offsets(outs, offsets, spec.D)
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
@@ -83,10 +100,13 @@ def conv_contract_triton(
     groups = filter_groups(spec, spatial, mode, blocks)
     none = (None,) * len(spec.out_keys)
     if groups is None:
-        return _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets, none)
+        return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias)
+    if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
+        offsets = tuple(None if off is None else off.astype(jnp.float32)
+                        for off in bias_offsets(bias_spec, inputs, weights, bias))
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
-        sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, xs, ws, offs,
-        priors), inputs, weights, offsets)
+        sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
+        priors, None), inputs, weights, offsets)
 
 
 def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets) -> tuple[jax.Array, ...]:
@@ -124,10 +144,24 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
 # weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored). `priors`
 # (per output key None or an output-shaped array the forward adds to: filter groups) pass their
-# cotangent through unchanged.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _conv_contract(spec, mode, blocks, poison, backward, inputs, weights, offsets, priors):
+# cotangent through unchanged. With `bias_spec` (the layer with its bias modes) the offsets come
+# from `bias` and the inputs' means (`_bias_offsets`) and the means' gradient, a constant over the
+# pixels, is the input-gradient kernel's epilogue offset.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
+    if bias_spec is not None:
+        offsets = _offsets_from_means(bias_spec, input_means(bias_spec, inputs), weights, bias)
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
+
+
+def _offsets_from_means(bias_spec, means, weights, bias):
+    return tuple(None if o is None else o.astype(jnp.float32) for o in offsets_from_means(bias_spec, means, weights, bias))
+
+
+def _bias_offsets(bias_spec, inputs, weights, bias):
+    """The layer's bias as float32 epilogue offsets, and the VJP of the tiny map from the inputs'
+    spatial means, the weights and the bias to them (the means' reduction stays outside it)."""
+    return jax.vjp(functools.partial(_offsets_from_means, bias_spec), input_means(bias_spec, inputs), weights, bias)
 
 
 FORWARD_IMPLS = ("cuda", "triton")
@@ -162,7 +196,7 @@ def _cuda_covers(impl: str, env: str, coverage: str, spec, spatial, dtype) -> tu
 def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
     """The outputs of kernels.cuda's forward, `offsets` added in its epilogue, where it computes
     this call exactly as asked (TF32, no test poison, a layer it was compiled for: `spec` itself
-    or, for an input gradient (no offsets), `spec` on the bases of the forward layer `like` with
+    or, for an input gradient, `spec` on the bases of the forward layer `like` with
     the weights moved, `with_bases_of`; either one whole or, with `output_groups_enabled`, as
     launches of OUTPUT_GROUP output channels per key, `output_split`), else None."""
     if mode != "tf32" or poison is not None:
@@ -292,26 +326,25 @@ def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=Non
     return tuple(o[0] for o in outs)
 
 
-def _conv_contract_fwd(spec, mode, blocks, poison, backward, inputs, weights, offsets, priors):
+def _conv_contract_fwd(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
+    bias_vjp = None
+    if bias_spec is not None:
+        offsets, bias_vjp = _bias_offsets(bias_spec, inputs, weights, bias)
     outs = _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
-    return outs, (inputs, weights, offsets, tuple(p is not None for p in priors))
+    return outs, (inputs, weights, offsets, tuple(p is not None for p in priors), bias_vjp)
 
 
-def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangents):
-    inputs, weights, offsets, carried = residuals
+def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residuals, cotangents):
+    inputs, weights, offsets, carried, bias_vjp = residuals
     cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
     # an offset added to every pixel: its gradient is the spatial sum of the cotangent
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
-    sums = {}
     transposed = transposed_spec(spec) if backward == "fused" else None
     if transposed is None:  # dense's VJP (asked for, or a padding the transpose does not cover)
         _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, mode), inputs, weights)
         d_inputs, d_weights = vjp(cotangents)
         sums = _spatial_sums(cotangents, biased, spec.D)
     else:
-        spec_t, used = transposed
-        grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec)
-        d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
         d_weights = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
         if d_weights is not None:
             sums = _spatial_sums(cotangents, biased, spec.D, row_major=True)
@@ -321,11 +354,28 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, residuals, cotangen
             d_weights = tuple(d[0] for d in outs[: len(spec.pairs)])
             sums = {b: d[0] for b, d in zip(biased, outs[len(spec.pairs) :])}
     d_offsets = tuple(None if off is None else sums[b].astype(off.dtype) for b, off in enumerate(offsets))
+    d_bias, in_offsets = None, None
+    if bias_vjp is not None:  # through the tiny map to the inputs' means, the weights and the bias
+        d_means, d_w_bias, d_bias = bias_vjp(d_offsets)
+        d_weights = tuple(d + e for d, e in zip(d_weights, d_w_bias))
+        d_offsets = (None,) * len(offsets)
+        if d_means is not None:  # d mean / d x = 1 / pixels at every pixel
+            pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
+            in_offsets = tuple((m / pixels).astype(jnp.float32) for m in d_means)
+    if transposed is None:
+        if in_offsets is not None:
+            d_inputs = _add_offsets(d_inputs, in_offsets, spec.D)
+    else:
+        spec_t, used = transposed
+        grads = _forward(spec_t, mode, blocks, None, cotangents, transposed_weights(weights), like=spec,
+                         offsets=None if in_offsets is None else tuple(in_offsets[a] for a in used))
+        d_inputs = scatter_input_grads(used, grads, inputs, jnp.float32)
     return (
         tuple(d.astype(x.dtype) for d, x in zip(d_inputs, inputs)),
         tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)),
         d_offsets,
         tuple(g if c else None for g, c in zip(cotangents, carried)),
+        d_bias,
     )
 
 
