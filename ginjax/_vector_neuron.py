@@ -27,10 +27,12 @@ The layout is also the one the "triton" kernels index the block in, so it is the
 XLA gives the block around them. The Triton ConvContract kernels ask XLA for component-planar
 blocks (with "minor" XLA copied every block into the planar layout and back, bench/NOTES.md
 "Round 2 measured"); the CUDA ConvContract kernels read and write components-minor ones, yet
-beside them too "planar" is faster: the kernels' stride-T loads cost more than the transposes
-they spare (H200, steps at d3_n64_b4: ResNet 50.5 ms planar against 53.3 minor, DilResNet 78.7
-against 89.8, UNet 39.9 against 43.7; bench/NOTES.md "Session 13"). Default (`default_layout`):
-"planar" on a GPU, "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
+beside them too "planar" was faster while the "minor" kernels loaded each component at stride T:
+those loads cost more than the transposes they spared (H200, steps at d3_n64_b4: ResNet 50.5 ms
+planar against 53.3 minor, DilResNet 78.7 against 89.8, UNet 39.9 against 43.7; bench/NOTES.md
+"Session 13"). The "minor" kernels now read and write whole pixels (`_vn_kernel._packed`, up to
+32 channels of 2 to 4 components), not yet timed on a GPU. Default (`default_layout`): "planar"
+on a GPU, "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests

@@ -189,16 +189,46 @@ def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool, mixing
     e(f"xb = x + bat * {C * g.components * g.pixels}" if g.x_batched else "xb = x")
 
 
+def _packed(g: VNGeometry) -> bool:
+    """Whether a components-minor block is read and written a whole pixel at a time: one
+    (C, P, T') load of T' = 2 or 4 (T = 3 padded, the fourth masked) consecutive floats per pixel,
+    split into the T component tiles (`tl.split`), instead of T loads at stride T, each of whose
+    warp loads touches T times the cache lines of one component's 32 pixels, for every operand.
+    Compiled offline for sm_90 (Triton 3.9), the (C, P, 4) loads are laid out 4 threads along the
+    pixel's floats and 8 along the pixels: a warp load reads 8 whole pixels, 96 contiguous bytes.
+    Not past 32 (padded) channels: there the backward's packed tiles spill (280 bytes of stack at
+    64 channels, none planar or strided)."""
+    return not g.planar and g.components in (2, 3, 4) and _padded(g.channels) <= 32
+
+
 def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
-    """Pixel indices of the tile `tile` and loads of each (name, pointer) operand's T planes;
-    returns the mask of the tile's stores."""
+    """Pixel indices of the tile `tile` and loads of each (name, pointer) operand's T component
+    tiles name0 .. name{T-1}, (C, P) each; returns the mask of the tile's stores (`_emit_store`)."""
     C, T, S = g.channels, g.components, g.pixels
     e(f"p = tile * {P} + tl.arange(0, {P})")
+    if ragged:
+        e(f"p_ok = p < {S}")
+    if _packed(g):
+        TP = 2 if T == 2 else 4
+        e(f"k = tl.arange(0, {TP})")
+        masks = (["c_ok[:, None, None]"] if _padded(C) != C else []) + (["p_ok[None, :, None]"] if ragged else [])
+        masks += [f"(k < {T})[None, None, :]"] if TP != T else []
+        mask = " & ".join(masks)
+        e(f"rows = (ch * {T * S})[:, None, None] + (p * {T})[None, :, None] + k[None, None, :]")
+        for name, ptr in operands:
+            lm = f", mask={mask}, other=0.0" if mask else ""
+            e(f"{name}_px = tl.load({ptr} + rows{lm})")
+            if TP == 2:
+                e(f"{name}0, {name}1 = tl.split({name}_px)")
+            else:  # (C, P, 4) -> (C, P, 2, 2): [i, j] is component 2 i + j
+                e(f"{name}_e, {name}_o = tl.split(tl.reshape({name}_px, ({_padded(C)}, {P}, 2, 2)))")
+                e(f"{name}0, {name}2 = tl.split({name}_e)")
+                e(f"{name}1, {name}3 = tl.split({name}_o)")
+        return mask
     masks = []
     if _padded(C) != C:
         masks.append("c_ok[:, None]")
     if ragged:
-        e(f"p_ok = p < {S}")
         masks.append("p_ok[None, :]")
     mask = " & ".join(masks)
     sp, st = g.strides
@@ -208,6 +238,27 @@ def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
             lm = f", mask={mask}, other=0.0" if mask else ""
             e(f"{name}{t} = tl.load({ptr} + rows + {t * st}{lm})")
     return mask
+
+
+def _emit_store(e: _Emit, g: VNGeometry, P: int, base: str, values: dict, mask: str) -> None:
+    """Store component tiles of the tile at `base` with the tile's `mask` (`_emit_tile`'s):
+    `values` maps a component to an expression, (C, P); a packed block takes all T at once."""
+    sm = f", mask={mask}" if mask else ""
+    if not _packed(g):
+        for t, v in values.items():
+            e(f"tl.store({base} + rows + {t * g.strides[1]}, {v}{sm})")
+        return
+    if sorted(values) != list(range(g.components)):
+        raise ValueError(f"a packed store takes every component at once (got {sorted(values)})")
+    for t, v in values.items():
+        e(f"st{t} = {v}")
+    if g.components == 2:
+        e(f"tl.store({base} + rows, tl.join(st0, st1){sm})")
+        return
+    if g.components == 3:
+        e("st3 = tl.zeros_like(st0)")  # the masked fourth float of each pixel
+    e(f"tl.store({base} + rows, tl.reshape(tl.join(tl.join(st0, st2), tl.join(st1, st3)), "
+      f"({_padded(g.channels)}, {P}, 4)){sm})")
 
 
 def _emit_local(e: _Emit, g: VNGeometry, activation: str, eps: str, derivative: bool, precision: str,
@@ -277,11 +328,9 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
         e(f"dmb = dm + bat * {C * T * S}")
     mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
-    sm = f", mask={mask}" if mask else ""
-    for t in range(T):
-        e(f"tl.store(yb + rows + {t * g.strides[1]}, x{t} + h * u{t}{sm})")
-        if save_mix:
-            e(f"tl.store(dmb + rows + {t * g.strides[1]}, d{t}{sm})")
+    _emit_store(e, g, P, "yb", {t: f"x{t} + h * u{t}" for t in range(T)}, mask)
+    if save_mix:
+        _emit_store(e, g, P, "dmb", {t: f"d{t}" for t in range(T)}, mask)
     key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
     key += ("save_mix",) if save_mix else ()
     return _finish(_name("fwd", key), ["x", "w", "y"] + (["dm"] if save_mix else []), e, tiles, warps)
@@ -321,12 +370,14 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     # d|d|/dd = d / |d|, 0 at d = 0
     e("inv_n = tl.where(pos, 1.0 / tl.where(pos, n, 1.0), 0.0)")
     e("coef = (" + " + ".join(f"gu{t} * d{t}" for t in range(T)) + ") * (inv * inv * inv_n)")
-    sm = f", mask={mask}" if mask else ""
     for t in range(T):
         e(f"gd{t} = gu{t} * inv - coef * d{t}")
-        e(f"gxt = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"{precision}\")")
-        e(f"tl.store(gxb + rows + {t * g.strides[1]}, gxt{sm})")
+        e(f"gx{t} = gy{t} + gs * u{t} + tl.dot(wt, gd{t}, input_precision=\"{precision}\")")
+        if not _packed(g):  # stored as it is made (a packed store takes all T at once, below)
+            _emit_store(e, g, P, "gxb", {t: f"gx{t}"}, mask)
         e(f"gw = tl.dot(gd{t}, tl.trans(x{t}), gw, input_precision=\"{precision}\")")
+    if _packed(g):
+        _emit_store(e, g, P, "gxb", {t: f"gx{t}" for t in range(T)}, mask)
     e.depth -= 1
     wmask = ", mask=c_ok[:, None] & c_ok[None, :]" if _padded(C) != C else ""
     e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
