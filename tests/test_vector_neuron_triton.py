@@ -65,11 +65,13 @@ def _check(got, want, tol=TOL):
         assert err < tol, f"{name}: relative L2 {err:.2e} >= {tol}"
 
 
-# D, tensor order k, channels, spatial, activation: T = 2 (D=2 vectors), 3, 9 (D=3 2-tensors);
-# c = 3 and 17 pad the dots to 16 and 32 channels
+# D, tensor order k, channels, spatial, activation: T = 2 (D=2 vectors), 3, 4 (D=2 2-tensors), 9
+# (D=3 2-tensors); c = 3, 5 and 17 pad the dots to 16 and 32 channels. Components-minor blocks of
+# T = 2, 3 and 4 are read and written whole pixels at a time (`_vn_kernel._packed`), T = 9 at stride T.
 CASES = [
     (2, 1, 3, (5, 6), jax.nn.gelu),
     (3, 1, 16, (3, 5, 6), jax.nn.relu),
+    (2, 2, 5, (4, 7), jax.nn.relu),
     (3, 2, 17, (2, 3, 5), jax.nn.gelu),
 ]
 
