@@ -1,0 +1,72 @@
+"""Offline compilation of generated Triton plans for sm_90 on a host without a GPU: catches what
+the interpreter accepts but the compiler rejects (or spills) before a GPU session spends time on
+it. The compiles run in a subprocess (`run_offline`): the interpreter the other tests use patches
+triton.language process-wide."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+
+class OfflineUnavailable(Exception):
+    """This Triton has no offline compile API of the shape used here (says nothing of the kernels)."""
+
+
+def compile_for_hopper(plan):
+    """Triton's compiled kernel of a generated `KernelPlan` (all pointer arguments fp32) for sm_90."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        raise OfflineUnavailable(str(err)) from err
+    from kernels.triton._kernel import compile_plan
+
+    fn = compile_plan(plan)
+    try:
+        source = ASTSource(fn=fn, signature={name: "*fp32" for name in fn.arg_names}, constexprs={})
+    except TypeError as err:
+        raise OfflineUnavailable(str(err)) from err
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+
+
+def stack_bytes(compiled):
+    """The kernel's stack frame in bytes (spills) from the cuobjdump Triton ships, or None."""
+    import triton
+
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+    found = re.search(r"STACK:(\d+)", usage)
+    return int(found.group(1)) if found else None
+
+
+def run_offline(body: str, timeout: int = 600) -> list[str]:
+    """Run `body` (Python with `compile_for_hopper` and `stack_bytes` in scope) in a subprocess
+    without the interpreter; its printed lines, or a pytest skip where the offline API is missing."""
+    pytest.importorskip("triton")
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+            "from _hopper_compile import OfflineUnavailable, compile_for_hopper, stack_bytes\n"
+            "try:\n" + "".join(f"    {line}\n" for line in body.strip("\n").splitlines()) +
+            "except OfflineUnavailable as err:\n"
+            "    print('skip:', err)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("skip:"):
+        pytest.skip(done.stdout.strip())
+    return done.stdout.splitlines()
