@@ -153,8 +153,9 @@ def run_plan(
     args = list(args)
     aliases = list(carried)
     if poison is not None:  # the kernel's extra pointers ahead of its outputs: poisoned buffers, aliased
+        carried_results = {r for _, r in carried}
         for n, s in enumerate(shapes):
-            if n not in {r for _, r in carried}:
+            if n not in carried_results:
                 aliases.append((len(args), n))
                 args.append(jnp.full(s.shape, poison, s.dtype))
                 in_orders = in_orders + (out_orders[n],)

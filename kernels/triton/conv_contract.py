@@ -65,12 +65,9 @@ def conv_contract_triton(
             gradient adds it. A "mean" block without the means shortcut (not a full torus) gets
             nothing here: the caller adds the output's own mean (kernels.triton._run).
     """
-    if bias is not None and check_bias(spec, bias) is not None:
-        if offsets is not None and any(off is not None for off in offsets):
-            raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
-        bias = check_bias(spec, bias)
-    else:
-        bias = None
+    bias = None if bias is None else check_bias(spec, bias)
+    if bias is not None and offsets is not None and any(off is not None for off in offsets):
+        raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
     bias_spec, spec = (spec if bias is not None else None), spec.without_bias()
     offsets = tuple(offsets) if offsets is not None else (None,) * len(spec.out_keys)
     if len(offsets) != len(spec.out_keys):
@@ -102,8 +99,7 @@ def conv_contract_triton(
     if groups is None:
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias)
     if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
-        offsets = tuple(None if off is None else off.astype(jnp.float32)
-                        for off in bias_offsets(bias_spec, inputs, weights, bias))
+        offsets = _offsets_from_means(bias_spec, input_means(bias_spec, inputs), weights, bias)
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
         sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
         priors, None), inputs, weights, offsets)
