@@ -31,8 +31,12 @@ beside them too "planar" was faster while the "minor" kernels loaded each compon
 those loads cost more than the transposes they spared (H200, steps at d3_n64_b4: ResNet 50.5 ms
 planar against 53.3 minor, DilResNet 78.7 against 89.8, UNet 39.9 against 43.7; bench/NOTES.md
 "Session 13"). The "minor" kernels now read and write whole pixels (`_vn_kernel._packed`, up to
-32 channels of 2 to 4 components), not yet timed on a GPU. Default (`default_layout`): "planar"
-on a GPU, "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
+32 channels of 2 to 4 components): a ResNet step (d3_n64_b4, 16 channels) took 45.09 ms against
+45.65 planar, faster in each of three alternations, with 69 MB less temporary memory (H200,
+bench/NOTES.md "Session 17"). Default (`default_layout`): on a GPU "minor" for the blocks read a
+whole pixel at a time where the CUDA ConvContract kernels run, "planar" for wider blocks or
+beside Triton's ConvContract kernels; "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar)
+overrides it.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
@@ -85,10 +89,20 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 
 
-def default_layout() -> str:
-    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU (measured faster there, also beside the
-    components-minor CUDA kernels: module docstring) and "minor" elsewhere."""
-    return env_choice(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
+def default_layout(channels: int | None = None, components: int | None = None) -> str:
+    """$GINJAX_VN_LAYOUT if set; else "minor" off a GPU; on a GPU "minor" where the CUDA
+    ConvContract kernels run (they keep blocks components-minor) and the Triton kernels read a
+    block of `channels` x `components` a whole pixel at a time
+    (`kernels.triton.vector_neuron_reads_whole_pixels`: up to 32 channels of 2 to 4 components),
+    else "planar", the layout of Triton's ConvContract kernels (module docstring)."""
+    fallback = "minor"
+    if jax.default_backend() == "gpu":
+        from kernels import cuda
+        from kernels.triton import vector_neuron_reads_whole_pixels
+
+        whole = channels is not None and components is not None and vector_neuron_reads_whole_pixels(channels, components)
+        fallback = "minor" if whole and cuda.availability()[0] else "planar"
+    return env_choice(LAYOUT_ENV, LAYOUTS, fallback)
 
 
 def default_impl() -> str:
@@ -145,7 +159,8 @@ def vector_neuron(
     "triton" / "cuda", default `default_impl()`) picks the path
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
     not covered falls back to "triton" and "xla" in that order)."""
-    layout = default_layout() if layout is None else layout
+    T = math.prod(block.shape[1 + D :])
+    layout = default_layout(block.shape[0], T) if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"vector_neuron: `layout` (={layout!r}) must be one of {LAYOUTS}")
     impl = default_impl() if impl is None else impl
@@ -161,7 +176,6 @@ def vector_neuron(
         blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
         return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar")
     lead = block.shape[: 1 + D]
-    T = math.prod(block.shape[1 + D :])
     x = block.reshape(lead + (T,))
     if layout == "minor":
         return _vn(weight, x, activation, eps, -1).reshape(block.shape)

@@ -189,6 +189,12 @@ def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool, mixing
     e(f"xb = x + bat * {C * g.components * g.pixels}" if g.x_batched else "xb = x")
 
 
+def reads_whole_pixels(channels: int, components: int) -> bool:
+    """Whether a components-minor block of these sizes is read a whole pixel at a time
+    (`_packed`), the case in which "minor" beat "planar" in a ResNet step on the H200."""
+    return components in (2, 3, 4) and _padded(channels) <= 32
+
+
 def _packed(g: VNGeometry) -> bool:
     """Whether a components-minor block is read and written a whole pixel at a time: one
     (C, P, T') load of T' = 2 or 4 (T = 3 padded, the fourth masked) consecutive floats per pixel,
@@ -198,7 +204,7 @@ def _packed(g: VNGeometry) -> bool:
     pixel's floats and 8 along the pixels: a warp load reads 8 whole pixels, 96 contiguous bytes.
     Not past 32 (padded) channels: there the backward's packed tiles spill (280 bytes of stack at
     64 channels, none planar or strided)."""
-    return not g.planar and g.components in (2, 3, 4) and _padded(g.channels) <= 32
+    return not g.planar and reads_whole_pixels(g.channels, g.components)
 
 
 def _emit_tile(e: _Emit, g: VNGeometry, P: int, ragged: bool, operands) -> str:
