@@ -17,7 +17,9 @@ Forward: 1 read (statistics) + 1 read and 1 write; backward: 2 reads (weight sum
 per-group sample (`_group_moments`), and that shift is handed to the sums and the affine map,
 which subtract it as they read the block: the shifted block is never written out (a custom call,
 such as the Triton sums kernel, would otherwise make XLA write it, and the affine map's backward
-would keep it).
+would keep it). `vector_group_norm_coefficients` stops before the affine pass, for a consumer
+that applies the map as it reads the block (the Triton VectorNeuron kernels,
+layers.normalize_and_activate).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels._reduce import fused_sums_cover, middle_sum
+from kernels._reduce import affine_backward, channel_matvec, channel_sums_value, fused_sums_cover, shifted
 
 
 def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
@@ -83,26 +85,11 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, shift: jax.Array | No
     return _channel_sums(fused_sums_cover(a, products=True), a, b, shift)
 
 
-def _shifted(x: jax.Array, shift: jax.Array | None) -> jax.Array:
-    return x if shift is None else x - shift[:, None, :]
-
-
 # `fused` is a static argument, decided outside: a decision taken inside a custom_vjp's rules
 # would be reused from any trace JAX caches of them
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _channel_sums(fused: bool, a, b, shift):
-    if fused:
-        from kernels.triton.channel_sums import channel_sums_triton
-
-        return channel_sums_triton(a, b, shift=shift)
-    c, P, T = a.shape
-    if b is None:
-        a = b = _shifted(a, shift)
-    else:
-        b = _shifted(b, shift)
-    first = middle_sum(a, 1, 2)
-    products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
-    return first, middle_sum(products, 1, 2).reshape((c, T, T))
+    return channel_sums_value(fused, a, b, shift)
 
 
 def _channel_sums_fwd(fused, a, b, shift):
@@ -115,11 +102,11 @@ def _channel_sums_bwd(fused, res, g):
     g_first, g_products = g
     if b is None:  # d/da of sum d d^T (d = a - shift): (G + G^T) d
         sym = g_products + jnp.swapaxes(g_products, 1, 2)
-        da = g_first[:, None, :] + channel_matvec(sym, _shifted(a, shift))
+        da = g_first[:, None, :] + channel_matvec(sym, shifted(a, shift))
         # d/dshift of sum d and sum d d^T: -P and -(ds F^T + F ds^T), F = sum d
         ds = None if shift is None else -a.shape[1] * g_first - jnp.einsum("cij,cj->ci", sym, first)
         return da.astype(a.dtype), None, None if ds is None else ds.astype(shift.dtype)
-    da = g_first[:, None, :] + channel_matvec(g_products, _shifted(b, shift))
+    da = g_first[:, None, :] + channel_matvec(g_products, shifted(b, shift))
     db = channel_matvec(jnp.swapaxes(g_products, 1, 2), a)
     # d/dshift of sum a (b - shift)^T: -F dshift^T, F = sum a
     ds = None if shift is None else -jnp.einsum("cij,ci->cj", g_products, first)
@@ -127,16 +114,6 @@ def _channel_sums_bwd(fused, res, g):
 
 
 _channel_sums.defvjp(_channel_sums_fwd, _channel_sums_bwd)
-
-
-def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
-    """y[c, p, i] = sum_j m[c, i, j] x[c, p, j] for m (c, T, T), x (c, P, T): T multiply-adds that
-    fuse with the elementwise work around them (no GEMM with inner dimension T)."""
-    T = m.shape[-1]
-    out = x[..., 0:1] * m[:, None, :, 0]
-    for j in range(1, T):
-        out = out + x[..., j : j + 1] * m[:, None, :, j]
-    return out
 
 
 def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
@@ -149,7 +126,7 @@ def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array, shift: jax.Array | 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _channel_affine(fused: bool, m, v, x, shift):
-    return channel_matvec(m, _shifted(x, shift)) + v[:, None, :]
+    return channel_matvec(m, shifted(x, shift)) + v[:, None, :]
 
 
 def _affine_fwd(fused, m, v, x, shift):
@@ -158,11 +135,8 @@ def _affine_fwd(fused, m, v, x, shift):
 
 def _affine_bwd(fused, res, g):
     m, x, shift = res
-    gv, gm = _channel_sums(fused, g, x, shift)
-    mt = jnp.swapaxes(m, 1, 2)
-    gx = channel_matvec(mt, g)
-    # d/dshift: -m^T summed over pixels, i.e. -m^T gv
-    ds = None if shift is None else -jnp.einsum("cij,cj->ci", mt, gv).astype(shift.dtype)
+    gm, gv, gx, ds = affine_backward(fused, m, x, shift, g)
+    ds = None if ds is None else ds.astype(shift.dtype)
     return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype), ds
 
 
@@ -191,6 +165,23 @@ def vector_group_norm(
     map y = M_c (x - shift_c) + v_c (`channel_affine`); eigh's (or the Cholesky factor's)
     gradient is autodiff's on the D x D matrices.
     """
+    m, v, shift = vector_group_norm_coefficients(block, groups, D, eps, method, scale, bias)
+    x = block.reshape((block.shape[0], -1, D))
+    return channel_affine(m, v, x, shift).reshape(block.shape)
+
+
+def vector_group_norm_coefficients(
+    block: jax.Array,
+    groups: int,
+    D: int,
+    eps: float,
+    method: str = "eigh",
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`vector_group_norm`'s per-channel affine map as (M (c, D, D), v (c, D), shift (c, D)) in
+    the block's dtype: the norm is y[c, p] = M_c (x[c, p] - shift_c) + v_c, which a consumer may
+    apply itself (the VectorNeuron kernels do, in registers) instead of reading y."""
     c = block.shape[0]
     per = c // groups
     x = block.reshape((c, -1, D))
@@ -219,4 +210,4 @@ def vector_group_norm(
         v = scale[:, None] * v
     if bias is not None:
         v = v + bias[:, None] * (shift + first / P)
-    return channel_affine(m.astype(x.dtype), v.astype(x.dtype), x, shift).reshape(block.shape)
+    return m.astype(x.dtype), v.astype(x.dtype), shift

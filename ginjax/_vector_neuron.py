@@ -77,6 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from ginjax._channel_mix import _mix, _mix_bwd
+from ginjax._norm_stats import channel_affine
 from kernels._env import env_choice
 
 
@@ -151,9 +152,13 @@ def vector_neuron(
     eps: float,
     layout: str | None = None,
     impl: str | None = None,
+    affine: tuple | None = None,
 ) -> jax.Array:
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
+    `affine` (m (c, T, T), v (c, T), shift (c, T), e.g. a norm's `vector_group_norm_coefficients`):
+    the nonlinearity of m_c (block - shift_c) + v_c instead, which the "triton" kernels compute
+    in registers (never written out) and the other paths as one `channel_affine` pass first.
     `layout` ("minor" / "planar", default `default_layout()`) arranges the arithmetic of the
     "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" /
     "triton" / "cuda", default `default_impl()`) picks the path
@@ -166,6 +171,18 @@ def vector_neuron(
     impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
+    # the affine map goes into the "triton" kernels where they run the call; elsewhere one pass first
+    in_kernel = (
+        affine is not None
+        and impl in ("triton", "cuda")
+        and all(a.dtype == jnp.float32 for a in affine)
+        and triton_covers(weight, block, D, activation, eps)
+        and not (impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0])
+    )
+    if affine is not None and not in_kernel:
+        m, v, shift = affine
+        block = channel_affine(m, v, block.reshape((block.shape[0], -1, T)), shift).reshape(block.shape)
+        affine = None
     if impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0]:
         from kernels.cuda import vector_neuron_cuda
 
@@ -174,7 +191,8 @@ def vector_neuron(
         from kernels.triton import VNBlocks, vector_neuron_triton
 
         blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
-        return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar")
+        return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar",
+                                    affine=affine)
     lead = block.shape[: 1 + D]
     x = block.reshape(lead + (T,))
     if layout == "minor":

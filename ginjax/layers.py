@@ -21,7 +21,7 @@ from jaxtyping import ArrayLike
 from ginjax import geometric as geom
 from ginjax._conv_contract import ConvContract, MultiImageLayer
 from ginjax._filter_bank import FilterBank
-from ginjax._norm_stats import scalar_group_norm, vector_group_norm
+from ginjax._norm_stats import scalar_group_norm, vector_group_norm, vector_group_norm_coefficients
 from ginjax._vector_neuron import vector_neuron
 
 __all__ = [
@@ -169,25 +169,36 @@ class GroupNorm(MultiImageLayer):
         _check_dimension(type(self).__name__, x, self.D)
         out = x.empty()
         for (k, p), block in x.items():
-            if len(k) == 0:
-                if (k, p) not in self.vanilla_norm:
-                    raise _missing_key(type(self).__name__, (k, p), self._known_keys())
-                normed = scalar_group_norm(self.vanilla_norm[(k, p)], block)
-            elif len(k) == 1:
-                if (k, p) not in self.scale:
-                    raise _missing_key(type(self).__name__, (k, p), self._known_keys())
-                _check_vector_block(self.D, block, self.groups)
-                # whitening, scale and the mean-vector bias as one per-channel affine map
-                normed = vector_group_norm(
-                    block, self.groups, self.D, self.eps, "eigh", self.scale[(k, p)], self.bias[(k, p)]
-                )
-            else:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: equivariant normalisation of tensors of order k>1 is "
-                    f"not implemented, but `x` has key {(k, p)} (k={len(k)})"
-                )
-            out.append(k, p, normed)
+            out.append(k, p, self._normalize_block(k, p, block))
         return out
+
+    def _normalize_block(self, k, p, block: jax.Array) -> jax.Array:
+        """One block normalised; vector blocks as `_vector_affine`'s map."""
+        if len(k) == 0:
+            if (k, p) not in self.vanilla_norm:
+                raise _missing_key(type(self).__name__, (k, p), self._known_keys())
+            return scalar_group_norm(self.vanilla_norm[(k, p)], block)
+        self._check_vector_key(k, p, block)
+        # whitening, scale and the mean-vector bias as one per-channel affine map
+        return vector_group_norm(block, self.groups, self.D, self.eps, "eigh", self.scale[(k, p)], self.bias[(k, p)])
+
+    def _vector_affine(self, k, p, block: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """A vector block's normalisation as its per-channel affine map (M, v, shift): whitening,
+        scale and the mean-vector bias (`vector_group_norm_coefficients`)."""
+        self._check_vector_key(k, p, block)
+        return vector_group_norm_coefficients(
+            block, self.groups, self.D, self.eps, "eigh", self.scale[(k, p)], self.bias[(k, p)]
+        )
+
+    def _check_vector_key(self, k, p, block: jax.Array) -> None:
+        if len(k) != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: equivariant normalisation of tensors of order k>1 is "
+                f"not implemented, but `x` has key {(k, p)} (k={len(k)})"
+            )
+        if (k, p) not in self.scale:
+            raise _missing_key(type(self).__name__, (k, p), self._known_keys())
+        _check_vector_block(self.D, block, self.groups)
 
     def _known_keys(self) -> list:
         return list(self.vanilla_norm) + list(self.scale)
@@ -272,21 +283,44 @@ class VectorNeuronNonlinear(MultiImageLayer):
         _check_dimension("VectorNeuronNonlinear", x, self.D)
         out = x.empty()
         for (k, p), block in x.items():
-            if (k, p) == _SCALAR:
-                out.append(k, p, self.scalar_activation(block))
-                continue
-            if (k, p) not in self.weights:
-                raise _missing_key("VectorNeuronNonlinear", (k, p), list(self.weights) + [_SCALAR])
-            weight = self.weights[(k, p)]
-            if weight.shape[1] != block.shape[0]:
-                raise ValueError(
-                    f"VectorNeuronNonlinear: key {(k, p)} of `x` has {block.shape[0]} channels, "
-                    f"but the layer was built for {weight.shape[1]}"
-                )
-            # one custom-VJP operation: the mixing is a batched GEMM under vmap, the rest one
-            # elementwise pass forward and one backward (ginjax._vector_neuron)
-            out.append(k, p, vector_neuron(weight, block, self.D, self.scalar_activation, self.eps))
+            out.append(k, p, self._activate_block(k, p, block))
         return out
+
+    def _activate_block(self, k, p, block: jax.Array, affine: Optional[tuple] = None) -> jax.Array:
+        """One block through the nonlinearity; `affine` (M, v, shift), for non-scalar blocks:
+        the nonlinearity of M (block - shift) + v (`vector_neuron`)."""
+        if (k, p) == _SCALAR:
+            return self.scalar_activation(block)
+        if (k, p) not in self.weights:
+            raise _missing_key("VectorNeuronNonlinear", (k, p), list(self.weights) + [_SCALAR])
+        weight = self.weights[(k, p)]
+        if weight.shape[1] != block.shape[0]:
+            raise ValueError(
+                f"VectorNeuronNonlinear: key {(k, p)} of `x` has {block.shape[0]} channels, "
+                f"but the layer was built for {weight.shape[1]}"
+            )
+        # one custom-VJP operation: the mixing is a batched GEMM under vmap, the rest one
+        # elementwise pass forward and one backward (ginjax._vector_neuron)
+        return vector_neuron(weight, block, self.D, self.scalar_activation, self.eps, affine=affine)
+
+
+def normalize_and_activate(
+    norm: GroupNorm, nonlinearity: VectorNeuronNonlinear, x: geom.MultiImage
+) -> geom.MultiImage:
+    """nonlinearity(norm(x)), equal to the two layers one after the other, with each vector
+    block's normalisation handed to the VectorNeuron as its affine map: where the fused Triton
+    kernels run it they apply the map in registers, so the normalised block is never written
+    out nor kept for the backward (ginjax._vector_neuron)."""
+    _check_dimension(type(norm).__name__, x, norm.D)
+    _check_dimension("VectorNeuronNonlinear", x, nonlinearity.D)
+    out = x.empty()
+    for (k, p), block in x.items():
+        if len(k) == 1:
+            affine = norm._vector_affine(k, p, block)
+            out.append(k, p, nonlinearity._activate_block(k, p, block, affine=affine))
+        else:
+            out.append(k, p, nonlinearity._activate_block(k, p, norm._normalize_block(k, p, block)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

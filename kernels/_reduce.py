@@ -119,3 +119,49 @@ def fused_sums_cover(a: jax.Array, products: bool) -> bool:
         and kernels.active_spatial_sharding() is None
         and "triton" in kernels.available_backends()
     )
+
+
+def shifted(x: jax.Array, shift) -> jax.Array:
+    """x (c, P, T) less shift (c, T) at every pixel (None: x)."""
+    return x if shift is None else x - shift[:, None, :]
+
+
+def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
+    """y[c, p, i] = sum_j m[c, i, j] x[c, p, j] for m (c, T, T), x (c, P, T): T multiply-adds that
+    fuse with the elementwise work around them (no GEMM with inner dimension T)."""
+    T = m.shape[-1]
+    out = x[..., 0:1] * m[:, None, :, 0]
+    for j in range(1, T):
+        out = out + x[..., j : j + 1] * m[:, None, :, j]
+    return out
+
+
+def channel_sums_value(fused: bool, a: jax.Array, b, shift) -> tuple[jax.Array, jax.Array]:
+    """(sum_p a (c, T), sum_p a b^T (c, T, T)) for a, b (c, P, T), b None meaning a, `shift`
+    subtracted from b (and from a where b is a) as they are read: the Triton kernel where `fused`
+    (`fused_sums_cover`, decided by the caller), else `middle_sum`. Not differentiable itself
+    (ginjax._norm_stats.channel_sums is)."""
+    if fused:
+        from kernels.triton.channel_sums import channel_sums_triton
+
+        return channel_sums_triton(a, b, shift=shift)
+    c, P, T = a.shape
+    if b is None:
+        a = b = shifted(a, shift)
+    else:
+        b = shifted(b, shift)
+    first = middle_sum(a, 1, 2)
+    products = (a[..., :, None] * b[..., None, :]).reshape((c, P, T * T))
+    return first, middle_sum(products, 1, 2).reshape((c, T, T))
+
+
+def affine_backward(fused: bool, m: jax.Array, x: jax.Array, shift, g: jax.Array):
+    """The VJP of y = m (x - shift) + v (per channel; m (c, T, T), x (c, P, T), shift (c, T) or
+    None) at cotangent g (c, P, T): (gm, gv, gx, gshift or None) in float32. gm and gv are one
+    `channel_sums_value` of (g, x) shifted as it reads x, gx = m^T g one elementwise pass."""
+    gv, gm = channel_sums_value(fused, g, x, shift)
+    mt = jnp.swapaxes(m, 1, 2)
+    gx = channel_matvec(mt, g)
+    # d/dshift: -m^T summed over pixels, i.e. -m^T gv
+    ds = None if shift is None else -jnp.einsum("cij,cj->ci", mt, gv)
+    return gm, gv, gx, ds

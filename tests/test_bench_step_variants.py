@@ -52,6 +52,26 @@ def test_each_variant_changes_the_program(name, base_name, fn):
     assert base != other
 
 
+def test_norm_apart_takes_the_norm_out_of_the_kernels(monkeypatch):
+    # with the Triton VectorNeuron (the GPU's default) the norm is the kernels' affine operand;
+    # norm-apart applies it first, so the kernel's launch has one operand fewer
+    from ginjax import geometric as geom, layers
+
+    monkeypatch.setenv("GINJAX_VN_IMPL", "triton")
+    sig = geom.Signature((((((False,), 0), 2),)))
+    norm = layers.GroupNorm(sig, 3, 1)
+    act = layers.VectorNeuronNonlinear(sig, 3, key=jax.random.PRNGKey(0))
+    x = geom.MultiImage({((False,), 0): jnp.ones((2, 4, 4, 4, 3)) + jnp.arange(3.0)}, 3, True)
+    fn = lambda x: layers.normalize_and_activate(norm, act, x)[((False,), 0)]  # noqa: E731
+    operands = {}
+    for name in ("baseline", "norm-apart"):
+        with step_variants.variant(name):
+            jaxpr = jax.make_jaxpr(lambda x: fn(x))(x)
+        operands[name] = [len(e.invars) for e in jaxpr.jaxpr.eqns if "callback" in e.primitive.name
+                          or e.primitive.name == "custom_vjp_call"]
+    assert operands["baseline"] and operands["norm-apart"] and operands["baseline"] != operands["norm-apart"], operands
+
+
 def test_unknown_variant_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         step_variants.main(["/tmp/unused", "--variants", "baseline,nope"])

@@ -241,8 +241,9 @@ def test_vector_neuron_layer(rng, D, layout, monkeypatch):
         assert rel_l2(a, t) <= max(TOL, 2 * rel_l2(b, t))
 
 
-def _plain_vector_neuron(w, block, D, activation, eps):
+def _plain_vector_neuron(w, block, D, activation, eps, affine=None):
     """ginjax 0.1.8's formulation, differentiated by autodiff (safe norm: zero gradient at 0)."""
+    assert affine is None, "the plain glue normalises first (layers.normalize_and_activate swapped out)"
     axes = tuple(range(1 + D, block.ndim))
     d = jnp.tensordot(w, block, axes=1)
     squared = jnp.sum(d * d, axis=axes, keepdims=True)
@@ -298,6 +299,7 @@ def _plain_glue(monkeypatch):
     monkeypatch.setattr(layers, "vector_neuron", _plain_vector_neuron)
     monkeypatch.setattr(layers, "scalar_group_norm", lambda norm, block: norm(block))
     monkeypatch.setattr(layers, "vector_group_norm", _plain_vector_group_norm)
+    monkeypatch.setattr(layers, "normalize_and_activate", lambda norm, nonlinearity, x: nonlinearity(norm(x)))
     monkeypatch.setattr(_bias, "means_shortcut_exact", lambda spec: False)
     monkeypatch.setattr(_bias, "spatial_mean", lambda x, D: jnp.mean(x, axis=tuple(range(1, 1 + D))))
     monkeypatch.setattr(_bias, "add_spatial_offset", lambda b, o, D: b + o.reshape((o.shape[0],) + (1,) * D + o.shape[1:]))

@@ -297,7 +297,13 @@ for C, T in ((16, 3), (32, 3), (3, 2)):
         fwd = vk.plan_forward(vk.VNGeometry(C, T, 64**3, True, False, planar=planar), "relu", 1e-5, *tiling[0])
         bwd = vk.plan_backward(vk.VNGeometry(C, T, 64**3, True, False, True, planar=planar), "gelu", 1e-5,
                                *tiling[1], 64)
-        for plan in (fwd, bwd):
+        plans = [fwd, bwd]
+        if C == 16:  # with a norm's affine map as the prologue
+            plans += [vk.plan_forward(vk.VNGeometry(C, T, 64**3, True, False, planar=planar, affine=True, a_batched=True),
+                                      "gelu", 1e-5, *tiling[0]),
+                      vk.plan_backward(vk.VNGeometry(C, T, 64**3, True, False, True, planar=planar, affine=True,
+                                                     a_batched=True), "gelu", 1e-5, *tiling[1], 64)]
+        for plan in plans:
             compiled = compile_for_hopper(plan)
             assert compiled.asm.get("cubin"), plan.name
             assert ("tl.split" in plan.source) == (not planar), plan.name  # packed where minor
@@ -308,13 +314,14 @@ for C, T in ((16, 3), (32, 3), (3, 2)):
 @pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """If this Triton can compile offline, the forward and backward sources at the GPU's default
-    tilings (16 and 32 channels of 3D vectors, 3 of 2D ones; planar and packed components-minor)
+    tilings (16 and 32 channels of 3D vectors, 3 of 2D ones; planar and packed components-minor;
+    at 16 channels also with the affine prologue)
     compile to sm_90 cubins without a GPU (tests/_hopper_compile.py), and where Triton ships
     cuobjdump, with no stack (no spills) for the 3D vectors."""
     from _hopper_compile import run_offline
 
     lines = [line.split() for line in run_offline(_COMPILE_FOR_HOPPER) if line.startswith("compiled")]
-    assert len(lines) == 12, lines
+    assert len(lines) == 16, lines
     for _, name, C, T, planar, _, stack in lines:
         if T == "3":
             assert stack in ("0", "None"), f"{name} ({C} channels, planar={planar}) spills: stack {stack}"

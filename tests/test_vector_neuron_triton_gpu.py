@@ -80,3 +80,13 @@ def test_no_relayout_around_the_vector_neuron(planar, monkeypatch):
                                 and re.search(r"f32\[1,16,16\]", line.split("custom-call(", 1)[-1]))
     assert len(vn) == 2, vn  # forward and backward
     assert not bad, bad
+
+
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "minor"])
+def test_affine_prologue_against_composition_fp32(planar):
+    """A norm's affine map applied in the kernels' registers against `channel_affine` then the XLA
+    path, on the standard block and an odd D=2 2-tensor one."""
+    from test_vector_neuron_affine_triton import check_against_composition
+
+    check_against_composition(3, (16, 64, 64, 64, 3), jax.nn.gelu, planar)
+    check_against_composition(2, (5, 37, 41, 2, 2), jax.nn.relu, planar, seed=1)

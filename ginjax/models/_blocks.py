@@ -279,6 +279,10 @@ class ConvBlock(MultiImageModule):
     def _norm_and_activate(
         self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State]
     ) -> tuple[geom.MultiImage, Optional[eqx.nn.State]]:
+        if self.use_group_norm and isinstance(self.group_norm, layers.GroupNorm) and isinstance(
+            self.nonlinearity, layers.VectorNeuronNonlinear
+        ):  # the vector blocks' norm as the VectorNeuron's affine map (layers.normalize_and_activate)
+            return layers.normalize_and_activate(self.group_norm, self.nonlinearity, x), batch_stats
         if self.use_group_norm:
             x = self.group_norm(x)
         elif self.use_batch_norm:

@@ -90,6 +90,9 @@ class VNGeometry:
     w_batched: bool
     g_batched: bool = False  # the cotangent (backward only)
     planar: bool = True  # (c, T, S) per example; False: components minor, (c, S, T)
+    # the block is x and the nonlinearity's input y = M_c (x - shift_c) + v_c (`affine_row`)
+    affine: bool = False
+    a_batched: bool = False  # the affine coefficients carry the batch
 
     @property
     def strides(self) -> tuple[int, int]:
@@ -187,6 +190,34 @@ def _emit_channels_and_weights(e: _Emit, g: VNGeometry, transposed: bool, mixing
     if transposed:
         e(f"wt = tl.load(wb + ch[None, :] * {C} + ch[:, None]{wmask})")
     e(f"xb = x + bat * {C * g.components * g.pixels}" if g.x_batched else "xb = x")
+
+
+def affine_row(components: int) -> int:
+    """Floats per channel of the affine coefficients: M (T x T, row-major), v (T), shift (T)."""
+    return components * components + 2 * components
+
+
+def _emit_affine_coefficients(e: _Emit, g: VNGeometry) -> None:
+    """The program's row of affine coefficients, `ab` (loaded where `_emit_affine` uses them)."""
+    e(f"ab = aff + bat * {g.channels * affine_row(g.components)}" if g.a_batched else "ab = aff")
+
+
+def _emit_affine(e: _Emit, g: VNGeometry) -> None:
+    """x{t} <- y{t} = sum_j m{t}{j} (x{j} - sh{j}) + v{t}, in registers (the tile's x is not kept).
+    The coefficients are loaded here, per tile, as (C, 1) columns (padded channels 0, so their y
+    is 0 as their x is): held across the backward's pixel loop, the 15 columns of 3D vectors
+    pushed its 16-channel kernel into spilling (compiled offline for sm_90); reloaded per tile
+    they are L1 hits and live only through these lines."""
+    C, T = g.channels, g.components
+    K = affine_row(T)
+    lm = ", mask=c_ok, other=0.0" if _padded(C) != C else ""
+    col = lambda n: f"tl.load(ab + ch * {K} + {n}{lm})[:, None]"  # noqa: E731
+    for j in range(T):
+        e(f"xs{j} = x{j} - {col(T * T + T + j)}")
+    for i in range(T):
+        e(f"pre{i} = " + " + ".join(f"{col(i * T + j)} * xs{j}" for j in range(T)) + f" + {col(T * T + i)}")
+    for i in range(T):
+        e(f"x{i} = pre{i}")
 
 
 def reads_whole_pixels(channels: int, components: int) -> bool:
@@ -320,7 +351,9 @@ def _finish(name, args, e: _Emit, programs: int, warps: int, stages: int = 1) ->
 def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int,
                  precision: str = "ieee", save_mix: bool = False) -> KernelPlan:
     """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y), or with
-    `save_mix` kernel(x, w, y, dm), also storing d = W x into dm (the block's shape and layout)."""
+    `save_mix` kernel(x, w, y, dm), also storing d = W x into dm (the block's shape and layout).
+    With `g.affine` kernel(x, w, aff, y[, dm]): the nonlinearity of M (x - shift) + v, its
+    coefficients (c, `affine_row`) per example in aff."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -332,14 +365,19 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     e(f"yb = y + bat * {C * T * S}")
     if save_mix:
         e(f"dmb = dm + bat * {C * T * S}")
+    if g.affine:
+        _emit_affine_coefficients(e, g)
     mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
+    if g.affine:
+        _emit_affine(e, g)
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
     _emit_store(e, g, P, "yb", {t: f"x{t} + h * u{t}" for t in range(T)}, mask)
     if save_mix:
         _emit_store(e, g, P, "dmb", {t: f"d{t}" for t in range(T)}, mask)
     key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
     key += ("save_mix",) if save_mix else ()
-    return _finish(_name("fwd", key), ["x", "w", "y"] + (["dm"] if save_mix else []), e, tiles, warps)
+    args = ["x", "w"] + (["aff"] if g.affine else []) + ["y"] + (["dm"] if save_mix else [])
+    return _finish(_name("fwd", key), args, e, tiles, warps)
 
 
 @functools.lru_cache(maxsize=128)
@@ -347,7 +385,9 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
                   precision: str = "ieee", stages: int = 1, saved_mix: bool = False) -> KernelPlan:
     """gx and the weight gradient's partials for one share of the pixel tiles per program:
     kernel(x, w, gy, gx, part), part (B, groups, C * C), summed in a fixed order afterwards; with
-    `saved_mix` kernel(x, w, gy, dm, gx, part), d = W x read from dm (batched like gx)."""
+    `saved_mix` kernel(x, w, gy, dm, gx, part), d = W x read from dm (batched like gx). With
+    `g.affine` aff follows w (as in `plan_forward`) and gx is the gradient in y = M (x - shift) + v,
+    the nonlinearity's input (the affine map's own backward is the caller's)."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -361,6 +401,8 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     if saved_mix:
         e(f"dmb = dm + bat * {C * T * S}")
     e(f"gxb = gx + bat * {C * T * S}")
+    if g.affine:
+        _emit_affine_coefficients(e, g)
     e(f"gw = tl.zeros(({_padded(C)}, {_padded(C)}), tl.float32)")
     e(f"for it in range({n_iter}):")
     e.depth += 1
@@ -369,6 +411,8 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     # terms are all zero
     ragged = S % P != 0 or tiles % groups != 0
     mask = _emit_tile(e, g, P, ragged, [("x", "xb"), ("gy", "gb")] + ([("dm", "dmb")] if saved_mix else []))
+    if g.affine:  # masked pixels get y = v - M shift, but gy = 0 there: no gradient terms
+        _emit_affine(e, g)
     _emit_local(e, g, activation, repr(float(eps)), derivative=True, precision=precision, saved_mix=saved_mix)
     e("gs = (" + " + ".join(f"gy{t} * u{t}" for t in range(T)) + ") * dh")
     for t in range(T):
@@ -389,5 +433,5 @@ def plan_backward(g: VNGeometry, activation: str, eps: float, pixels: int, warps
     e(f"tl.store(part + (bat * {groups} + grp) * {C * C} + ch[:, None] * {C} + ch[None, :], gw{wmask})")
     key = (g, activation, eps, P, warps, groups) + ((precision, stages) if (precision, stages) != ("ieee", 1) else ())
     key += ("saved_mix",) if saved_mix else ()
-    args = ["x", "w", "gy"] + (["dm"] if saved_mix else []) + ["gx", "part"]
+    args = ["x", "w"] + (["aff"] if g.affine else []) + ["gy"] + (["dm"] if saved_mix else []) + ["gx", "part"]
     return _finish(_name("bwd", key), args, e, groups, warps, stages)

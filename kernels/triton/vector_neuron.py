@@ -25,6 +25,13 @@ order, which the CUDA ConvContract kernels read and write): launched through `_l
 with that `block_order`, so on a GPU XLA lays the producers out accordingly (no transposes where
 the neighbours agree), and with TRITON_INTERPRET=1 they run on the host.
 
+With `affine=(m, v, shift)` (a norm's per-channel map, ginjax._norm_stats.
+vector_group_norm_coefficients) the kernels take x <- m_c (x - shift_c) + v_c in registers right
+after the load, forward and backward: the normalised block is neither written nor kept. The
+backward kernel then returns the gradient in that normalised block, and the map's own VJP
+(kernels._reduce.affine_backward: one channel-sums pass, one elementwise pass) completes gx, gm,
+gv and gshift. The coefficients ride along as one (c, T^2 + 2T) operand, per example under vmap.
+
 Activations: jax.nn.relu and jax.nn.gelu (its default tanh form), recognised by identity
 (`supported_activation`); anything else raises here (ginjax._vector_neuron falls back to its
 XLA path). float32 only. Under `jax.vmap` each kernel is one launch for the whole batch
@@ -41,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from .._fused import INT32_MAX
+from .._reduce import affine_backward, fused_sums_cover
 from .._vn_args import check_arguments, literal_eps, supported_activation
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
@@ -58,6 +66,7 @@ def vector_neuron_triton(
     eps: float,
     blocks: Optional[VNBlocks] = None,
     planar: bool = True,
+    affine: Optional[tuple] = None,
 ) -> jax.Array:
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as
     the fused Triton kernels; float32 in and out. Reverse-mode differentiable and vmappable.
@@ -71,11 +80,36 @@ def vector_neuron_triton(
         blocks: the kernels' tiling (None: `VNBlocks()`).
         planar: index the block component-planar (True) or components-minor (False); the
             result is the same, the layout XLA gives the block around the call differs.
+        affine: None, or (m (c, T, T), v (c, T), shift (c, T)) float32: the nonlinearity of
+            y = m_c (x - shift_c) + v_c per pixel instead of x, y computed in the kernels'
+            registers (a norm's affine map: y is never written; the backward recomputes it
+            from x). Differentiable in m, v and shift too.
     """
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
-    return _vn(_Config(D, name, float(eps), blocks, bool(planar)), weight, block)
+    cfg = _Config(D, name, float(eps), blocks, bool(planar))
+    if affine is None:
+        return _vn(cfg, weight, block)
+    m, v, shift = _check_affine(affine, block, D)
+    sums_fused = fused_sums_cover(block.reshape((block.shape[0], -1, m.shape[-1])), products=True)
+    return _vn_affine(cfg._replace(sums_fused=sums_fused), weight, block, m, v, shift)
+
+
+def _check_affine(affine, block: jax.Array, D: int) -> tuple:
+    if not isinstance(affine, (tuple, list)) or len(affine) != 3:
+        raise ValueError(f"`affine` must be None or a tuple (m, v, shift); got {type(affine).__name__}")
+    c, T = block.shape[0], math.prod(block.shape[1 + D :])
+    for name, a, shape in zip(("m", "v", "shift"), affine, ((c, T, T), (c, T), (c, T))):
+        if tuple(a.shape) != shape or a.dtype != jnp.float32:
+            raise ValueError(f"`affine`'s {name} ({a.dtype}{list(a.shape)}) must be float32{list(shape)} for a block of "
+                             f"{c} channels of {T} components")
+    return tuple(affine)
+
+
+def _pack_affine(m, v, shift) -> jax.Array:
+    """(c, affine_row(T)): M row-major, v, shift per channel (the kernels' `aff` operand)."""
+    return jnp.concatenate([m.reshape(m.shape[0], -1), v, shift], axis=1)
 
 
 class _Config(NamedTuple):
@@ -86,6 +120,7 @@ class _Config(NamedTuple):
     eps: float
     blocks: VNBlocks
     planar: bool
+    sums_fused: bool = False  # the affine map's backward sums on the Triton sums kernel
 
 
 # ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
@@ -112,12 +147,42 @@ def _vn_bwd(cfg, res, gy):
 _vn.defvjp(_vn_fwd, _vn_bwd)
 
 
+# the affine map's coefficients: per example under vmap, so an operand group of the launch; the
+# kernels' gradient is in y, the affine map's own VJP (kernels._reduce.affine_backward) follows
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vn_affine(cfg, w, x, m, v, shift):
+    (y,) = _batched_forward(cfg, False)((x[None],), (w[None], _pack_affine(m, v, shift)[None]))
+    return y[0]
+
+
+def _vn_affine_fwd(cfg, w, x, m, v, shift):
+    ws = (w[None], _pack_affine(m, v, shift)[None])
+    if not cfg.blocks.save_mix:
+        (y,) = _batched_forward(cfg, False)((x[None],), ws)
+        return y[0], (w, x, m, v, shift, None)
+    y, d = _batched_forward(cfg, True)((x[None],), ws)
+    return y[0], (w, x, m, v, shift, d[0])
+
+
+def _vn_affine_bwd(cfg, res, gy):
+    w, x, m, v, shift, d = res
+    xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
+    g_pre, gw = _batched_backward(cfg)(xgs, (w[None], _pack_affine(m, v, shift)[None]))
+    c, T = m.shape[0], m.shape[-1]
+    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift,
+                                         g_pre[0].reshape((c, -1, T)))
+    return gw[0], gx.reshape(x.shape), gm, gv, gshift
+
+
+_vn_affine.defvjp(_vn_affine_fwd, _vn_affine_bwd)
+
+
 # ---- batching: custom_vmap into one launch -------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _batched_forward(cfg, with_mix: bool):
     @jax.custom_batching.custom_vmap
-    def op(xs, ws):
-        return _launch_forward(cfg, xs[0], ws[0], with_mix)
+    def op(xs, ws):  # ws: (w,) or (w, aff)
+        return _launch_forward(cfg, xs[0], ws[0], with_mix, *ws[1:])
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
@@ -126,16 +191,16 @@ def _batched_forward(cfg, with_mix: bool):
 @functools.lru_cache(maxsize=64)
 def _batched_backward(cfg):
     @jax.custom_batching.custom_vmap
-    def op(xgs, ws):
-        return _launch_backward(cfg, xgs[0], xgs[1], ws[0], *xgs[2:])
+    def op(xgs, ws):  # xgs: (x, gy) or (x, gy, d); ws: (w,) or (w, aff)
+        return _launch_backward(cfg, xgs[0], xgs[1], ws[0], *xgs[2:], aff=ws[1] if len(ws) > 1 else None)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
 
 
-def _geometry(cfg, x, w, gy=None):
+def _geometry(cfg, x, w, gy=None, aff=None):
     D, planar = cfg.D, cfg.planar
-    arrays = [x, w] + ([] if gy is None else [gy])
+    arrays = [x, w] + ([] if gy is None else [gy]) + ([] if aff is None else [aff])
     batch = batch_size(arrays)
     flags = batched_flags(arrays, batch)
     g = VNGeometry(
@@ -146,31 +211,34 @@ def _geometry(cfg, x, w, gy=None):
         w_batched=flags[1],
         g_batched=flags[2] if gy is not None else False,
         planar=planar,
+        affine=aff is not None,
+        a_batched=flags[-1] if aff is not None else False,
     )
     if g.channels * g.components * g.pixels > INT32_MAX:
         raise ValueError(f"`block` (shape {tuple(x.shape[1:])}) has more than 2^31 elements per example")
     return batch, g
 
 
-def _launch_forward(cfg, x, w, with_mix: bool):
-    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c) -> (y,) or with `with_mix` (y, d), each
-    (B, c, *spatial, *tensor)."""
-    D, act, eps, blocks, planar = cfg
-    batch, g = _geometry(cfg, x, w)
+def _launch_forward(cfg, x, w, with_mix: bool, aff=None):
+    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c), aff None or (1 or B, c, affine_row(T))
+    -> (y,) or with `with_mix` (y, d), each (B, c, *spatial, *tensor)."""
+    D, act, eps, blocks, planar = cfg.D, cfg.activation, cfg.eps, cfg.blocks, cfg.planar
+    batch, g = _geometry(cfg, x, w, aff=aff)
     plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee",
                         save_mix=with_mix)
     order = block_order(D, x.ndim, planar)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     n_out = 2 if with_mix else 1
-    return tuple(run_plan(plan, [out] * n_out, plan.programs_per_batch * batch, [x, w], in_orders=[order, None],
-                          out_orders=[order] * n_out))
+    operands = [x, w] + ([] if aff is None else [aff])
+    return tuple(run_plan(plan, [out] * n_out, plan.programs_per_batch * batch, operands,
+                          in_orders=[order] + [None] * (len(operands) - 1), out_orders=[order] * n_out))
 
 
-def _launch_backward(cfg, x, gy, w, d=None):
-    """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c), the forward's d = W x or None ->
-    gx (B, ...), per-example gW (B, c, c)."""
-    D, act, eps, blocks, planar = cfg
-    batch, g = _geometry(cfg, x, w, gy)
+def _launch_backward(cfg, x, gy, w, d=None, aff=None):
+    """x, gy (1 or B, c, *spatial, *tensor), w (1 or B, c, c), the forward's d = W x or None, aff
+    as `_launch_forward`'s -> gx (B, ...; with aff the gradient in y), per-example gW (B, c, c)."""
+    D, act, eps, blocks, planar = cfg.D, cfg.activation, cfg.eps, cfg.blocks, cfg.planar
+    batch, g = _geometry(cfg, x, w, gy, aff)
     P, warps = tiling(blocks, g, backward=True)
     groups = backward_groups(blocks, g, batch, P)
     plan = plan_backward(g, act, eps, P, warps, groups, precision=blocks.precision or "ieee",
@@ -179,7 +247,7 @@ def _launch_backward(cfg, x, gy, w, d=None):
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
               jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
-    operands, in_orders = [x, w, gy], [order, None, order]
+    operands, in_orders = [x, w] + ([] if aff is None else [aff]) + [gy], [order, None] + ([] if aff is None else [None]) + [order]
     if d is not None:
         # the kernel indexes d with the full batch (a cotangent vmapped over an unbatched
         # forward leaves d shared)
