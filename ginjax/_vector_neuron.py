@@ -33,10 +33,10 @@ planar against 53.3 minor, DilResNet 78.7 against 89.8, UNet 39.9 against 43.7; 
 "Session 13"). The "minor" kernels now read and write whole pixels (`_vn_kernel._packed`, up to
 32 channels of 2 to 4 components): a ResNet step (d3_n64_b4, 16 channels) took 45.09 ms against
 45.65 planar, faster in each of three alternations, with 69 MB less temporary memory (H200,
-bench/NOTES.md "Session 17"). Default (`default_layout`): on a GPU "minor" for the blocks read a
-whole pixel at a time where the CUDA ConvContract kernels run, "planar" for wider blocks or
-beside Triton's ConvContract kernels; "minor" elsewhere; `GINJAX_VN_LAYOUT` (minor / planar)
-overrides it.
+bench/NOTES.md "Session 17"), but a DilResNet step took 86.4 ms with them against 78.7 planar
+(its dilated layers run on Triton's planar ConvContract kernels) and the UNet's 37.4 against
+37.2 (bench/NOTES.md "Session 18"). Default (`default_layout`): "planar" on a GPU, "minor"
+elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
@@ -90,20 +90,9 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 
 
-def default_layout(channels: int | None = None, components: int | None = None) -> str:
-    """$GINJAX_VN_LAYOUT if set; else "minor" off a GPU; on a GPU "minor" where the CUDA
-    ConvContract kernels run (they keep blocks components-minor) and the Triton kernels read a
-    block of `channels` x `components` a whole pixel at a time
-    (`kernels.triton.vector_neuron_reads_whole_pixels`: up to 32 channels of 2 to 4 components),
-    else "planar", the layout of Triton's ConvContract kernels (module docstring)."""
-    fallback = "minor"
-    if jax.default_backend() == "gpu":
-        from kernels import cuda
-        from kernels.triton import vector_neuron_reads_whole_pixels
-
-        whole = channels is not None and components is not None and vector_neuron_reads_whole_pixels(channels, components)
-        fallback = "minor" if whole and cuda.availability()[0] else "planar"
-    return env_choice(LAYOUT_ENV, LAYOUTS, fallback)
+def default_layout() -> str:
+    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU and "minor" elsewhere (module docstring)."""
+    return env_choice(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
 
 
 def default_impl() -> str:
@@ -158,22 +147,26 @@ def vector_neuron(
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
     `affine` (m (c, T, T), v (c, T), shift (c, T), e.g. a norm's `vector_group_norm_coefficients`):
     the nonlinearity of m_c (block - shift_c) + v_c instead, which the "triton" kernels compute
-    in registers (never written out) and the other paths as one `channel_affine` pass first.
+    in registers on planar blocks (never written out) and the other paths as one
+    `channel_affine` pass first.
     `layout` ("minor" / "planar", default `default_layout()`) arranges the arithmetic of the
     "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" /
     "triton" / "cuda", default `default_impl()`) picks the path
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
     not covered falls back to "triton" and "xla" in that order)."""
     T = math.prod(block.shape[1 + D :])
-    layout = default_layout(block.shape[0], T) if layout is None else layout
+    layout = default_layout() if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"vector_neuron: `layout` (={layout!r}) must be one of {LAYOUTS}")
     impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
-    # the affine map goes into the "triton" kernels where they run the call; elsewhere one pass first
+    # the affine map goes into the "triton" kernels where they run the call on planar blocks;
+    # elsewhere one pass first (on components-minor blocks the prologue made a ResNet step 1.2 ms
+    # slower on the H200, bench/NOTES.md "Session 18")
     in_kernel = (
         affine is not None
+        and layout == "planar"
         and impl in ("triton", "cuda")
         and all(a.dtype == jnp.float32 for a in affine)
         and triton_covers(weight, block, D, activation, eps)

@@ -384,7 +384,6 @@ def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl)
     monkeypatch.delenv(_vector_neuron.IMPL_ENV, raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     assert (_vector_neuron.default_layout(), _vector_neuron.default_impl()) == (layout, impl)
-    assert _vector_neuron.default_layout(16, 3) == layout  # no CUDA kernels on this host
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "xla" if impl == "triton" else "triton")
     assert _vector_neuron.default_impl() != impl
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "pallas")
@@ -392,19 +391,3 @@ def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl)
         _vector_neuron.default_impl()
 
 
-@pytest.mark.parametrize("channels, components, cuda_runs, layout", [
-    (16, 3, True, "minor"), (32, 2, True, "minor"), (32, 4, True, "minor"), (8, 3, True, "minor"),
-    (64, 3, True, "planar"), (16, 9, True, "planar"), (16, 3, False, "planar"), (None, None, True, "planar"),
-])
-def test_vector_neuron_layout_on_a_gpu_follows_the_conv_kernels(monkeypatch, channels, components, cuda_runs, layout):
-    """On a GPU "minor" only beside the CUDA ConvContract kernels (components-minor blocks) and
-    where the Triton kernels read a whole pixel at a time (up to 32 channels, 2 to 4 components:
-    faster than planar in a ResNet step on the H200); the environment still overrides it."""
-    from kernels import cuda
-
-    monkeypatch.delenv(_vector_neuron.LAYOUT_ENV, raising=False)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(cuda, "availability", lambda: (cuda_runs, "stand-in"))
-    assert _vector_neuron.default_layout(channels, components) == layout
-    monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, "planar" if layout == "minor" else "minor")
-    assert _vector_neuron.default_layout(channels, components) != layout

@@ -138,22 +138,27 @@ def _resnet_step(D=2):
     return jax.value_and_grad(step), params, x
 
 
-def test_resnet_step_hands_the_norm_to_the_kernels(monkeypatch):
-    """A ResNet step (GroupNorm then VectorNeuronNonlinear in each block) with the kernels: the
-    vector blocks' norm goes into the kernels as their affine map (no `channel_affine` pass
-    forward), and value and gradients equal the step with the norm applied first."""
+@pytest.mark.parametrize("layout", ["planar", "minor"])
+def test_resnet_step_hands_the_norm_to_the_kernels(monkeypatch, layout):
+    """A ResNet step (GroupNorm then VectorNeuronNonlinear in each block) with the kernels: on
+    planar blocks the vector blocks' norm goes into the kernels as their affine map (no
+    `channel_affine` pass), on components-minor ones it is applied first; value and gradients
+    equal the step with the norm applied as its own layer."""
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "triton")
-    results, affine_passes = {}, {}
+    monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, layout)
+    results, passes = {}, {}
     for fused in (True, False):
         step, params, x = _resnet_step()  # a new function: jit's cache would keep the first trace
         if not fused:
             monkeypatch.setattr(layers, "normalize_and_activate", lambda norm, act, x: act(norm(x)))
-        calls = []
-        monkeypatch.setattr(layers, "vector_group_norm", _counting(layers.vector_group_norm, calls))
+        norms, firsts = [], []
+        monkeypatch.setattr(layers, "vector_group_norm", _counting(layers.vector_group_norm, norms))
+        monkeypatch.setattr(_vector_neuron, "channel_affine", _counting(_vector_neuron.channel_affine, firsts))
         with kernels.use_backend("dense"), jax.default_matmul_precision("highest"):
             results[fused] = jax.jit(step)(params, x)
-        affine_passes[fused] = len(calls)
-    assert affine_passes == {True: 0, False: 2}, affine_passes  # two ConvBlocks with a norm and a nonlinearity
+        passes[fused] = (len(norms), len(firsts))
+    # two ConvBlocks with a norm and a nonlinearity
+    assert passes == {True: (0, 0 if layout == "planar" else 2), False: (2, 0)}, passes
     got, want = results[True], results[False]
     assert rel_l2(got[0], want[0]) < TOL
     assert max(gradient_errors(got[1], want[1])) < TOL

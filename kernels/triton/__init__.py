@@ -34,11 +34,10 @@ from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from . import conv_contract as _entry
 from .conv_contract import conv_contract_triton
 from ._vn_kernel import fits as vector_neuron_fits
-from ._vn_kernel import reads_whole_pixels as vector_neuron_reads_whole_pixels
 from .vector_neuron import VNBlocks, literal_eps, supported_activation, vector_neuron_triton
 
 __all__ = ["BlockSizes", "VNBlocks", "conv_contract_triton", "literal_eps", "supported_activation", "vector_neuron_fits",
-           "vector_neuron_reads_whole_pixels", "vector_neuron_triton"]
+           "vector_neuron_triton"]
 
 
 @functools.lru_cache(maxsize=None)
