@@ -54,8 +54,7 @@ def test_each_variant_changes_the_program(name, base_name, fn):
 
 def test_norm_apart_takes_the_norm_out_of_the_kernels(monkeypatch):
     # with the Triton VectorNeuron on planar blocks (the GPU's default) the norm is the kernels'
-    # affine operand;
-    # norm-apart applies it first, so the kernel's launch has one operand fewer
+    # affine operand; norm-apart applies it first, so the kernel's launch has one operand fewer
     from ginjax import geometric as geom, layers
 
     monkeypatch.setenv("GINJAX_VN_IMPL", "triton")
