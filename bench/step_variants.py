@@ -56,9 +56,10 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # input channels do not fit its shared memory in one group run on it, or on Triton's kernel
     "cuda-groups": ({"GINJAX_CUDA_CHANNEL_GROUPS": "1"}, ()),
     "no-cuda-groups": ({"GINJAX_CUDA_CHANNEL_GROUPS": "0"}, ()),
-    # ConvBlocks' GroupNorm applied as its own pass before the VectorNeuron, instead of handed to
-    # the Triton VectorNeuron kernels as their affine prologue (layers.normalize_and_activate)
-    "norm-apart": ({}, (("ginjax.layers", "normalize_and_activate", lambda norm, act, x: act(norm(x))),)),
+    # ConvBlocks' GroupNorm applied as its own pass before the VectorNeuron, and handed to the
+    # Triton VectorNeuron kernels as their affine prologue (planar blocks; layers.normalize_and_activate)
+    "norm-apart": ({"GINJAX_VN_NORM_PROLOGUE": "0"}, ()),
+    "norm-prologue": ({"GINJAX_VN_NORM_PROLOGUE": "1"}, ()),
 }
 
 

@@ -56,7 +56,9 @@ only through Triton's interpreter, which is for tests:
   only (the interpreter is slow). `GINJAX_VN_SAVE_MIX=1` keeps d = W x from the forward for the
   backward instead of recomputing it: a block-sized residual per call, for 0.7-0.8 ms of a
   ResNet or DilResNet step on the H200 at 26-37% more temporary memory, so off by default
-  (bench/NOTES.md, "Session 14").
+  (bench/NOTES.md, "Session 14"). A norm's affine map passed as `affine` runs in the kernels
+  as their prologue on planar blocks (`GINJAX_VN_NORM_PROLOGUE=0` applies it as its own pass:
+  one block-sized residual more per call; bench/NOTES.md "Session 18").
 - "cuda" (opt-in only, never a default): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
   C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
   block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
@@ -88,6 +90,10 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 # "1": the "triton" kernels keep d = W x from the forward for the backward (kernels.triton.VNBlocks
 # save_mix); "0" (default): the backward recomputes it
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
+# "1" (default): a norm's affine map handed to `vector_neuron` runs in the "triton" kernels on
+# planar blocks (the normalised block is neither written nor kept: a block-sized residual less per
+# call); "0": it is always applied first, as its own pass
+NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
 
 
 def default_layout() -> str:
@@ -167,6 +173,7 @@ def vector_neuron(
     in_kernel = (
         affine is not None
         and layout == "planar"
+        and env_choice(NORM_PROLOGUE_ENV, ("0", "1"), "1") == "1"
         and impl in ("triton", "cuda")
         and all(a.dtype == jnp.float32 for a in affine)
         and triton_covers(weight, block, D, activation, eps)

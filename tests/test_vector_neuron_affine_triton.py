@@ -138,14 +138,16 @@ def _resnet_step(D=2):
     return jax.value_and_grad(step), params, x
 
 
-@pytest.mark.parametrize("layout", ["planar", "minor"])
-def test_resnet_step_hands_the_norm_to_the_kernels(monkeypatch, layout):
+@pytest.mark.parametrize("layout, prologue", [("planar", "1"), ("minor", "1"), ("planar", "0")])
+def test_resnet_step_hands_the_norm_to_the_kernels(monkeypatch, layout, prologue):
     """A ResNet step (GroupNorm then VectorNeuronNonlinear in each block) with the kernels: on
     planar blocks the vector blocks' norm goes into the kernels as their affine map (no
-    `channel_affine` pass), on components-minor ones it is applied first; value and gradients
-    equal the step with the norm applied as its own layer."""
+    `channel_affine` pass), on components-minor ones or with GINJAX_VN_NORM_PROLOGUE=0 it is
+    applied first; value and gradients equal the step with the norm applied as its own layer."""
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "triton")
     monkeypatch.setenv(_vector_neuron.LAYOUT_ENV, layout)
+    monkeypatch.setenv(_vector_neuron.NORM_PROLOGUE_ENV, prologue)
+    in_kernel = layout == "planar" and prologue == "1"
     results, passes = {}, {}
     for fused in (True, False):
         step, params, x = _resnet_step()  # a new function: jit's cache would keep the first trace
@@ -158,10 +160,17 @@ def test_resnet_step_hands_the_norm_to_the_kernels(monkeypatch, layout):
             results[fused] = jax.jit(step)(params, x)
         passes[fused] = (len(norms), len(firsts))
     # two ConvBlocks with a norm and a nonlinearity
-    assert passes == {True: (0, 0 if layout == "planar" else 2), False: (2, 0)}, passes
+    assert passes == {True: (0, 0 if in_kernel else 2), False: (2, 0)}, passes
     got, want = results[True], results[False]
     assert rel_l2(got[0], want[0]) < TOL
     assert max(gradient_errors(got[1], want[1])) < TOL
+
+
+def test_bad_prologue_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv(_vector_neuron.NORM_PROLOGUE_ENV, "yes")
+    w, x, affine, _ = affine_operands(0, (3, 5, 6, 2), 2)
+    with pytest.raises(ValueError, match=r"`GINJAX_VN_NORM_PROLOGUE` \(='yes'\) must be one of"):
+        _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, layout="planar", impl="triton", affine=affine)
 
 
 def _counting(fn, calls):
