@@ -171,13 +171,8 @@ def vector_group_norm(
 
 
 def vector_group_norm_coefficients(
-    block: jax.Array,
-    groups: int,
-    D: int,
-    eps: float,
-    method: str = "eigh",
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    block: jax.Array, groups: int, D: int, eps: float, method: str = "eigh",
+    scale: jax.Array | None = None, bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`vector_group_norm`'s per-channel affine map as (M (c, D, D), v (c, D), shift (c, D)) in
     the block's dtype: the norm is y[c, p] = M_c (x[c, p] - shift_c) + v_c, which a consumer may
