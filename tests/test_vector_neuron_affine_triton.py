@@ -119,6 +119,8 @@ def test_bad_affine_names_the_argument():
         run((jnp.zeros((3, 3, 3)), v, shift))
     with pytest.raises(ValueError, match=r"`affine`'s shift \(float16\[3, 2\]\) must be float32\[3, 2\]"):
         run((m, v, shift.astype(jnp.float16)))
+    with pytest.raises(ValueError, match=r"`affine`'s v \(list\) must be float32\[3, 2\]"):
+        run((m, [[0.0, 0.0]] * 3, shift))
 
 
 def _resnet_step(D=2):

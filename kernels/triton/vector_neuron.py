@@ -101,8 +101,9 @@ def _check_affine(affine, block: jax.Array, D: int) -> tuple:
         raise ValueError(f"`affine` must be None or a tuple (m, v, shift); got {type(affine).__name__}")
     c, T = block.shape[0], math.prod(block.shape[1 + D :])
     for name, a, shape in zip(("m", "v", "shift"), affine, ((c, T, T), (c, T), (c, T))):
-        if tuple(a.shape) != shape or a.dtype != jnp.float32:
-            raise ValueError(f"`affine`'s {name} ({a.dtype}{list(a.shape)}) must be float32{list(shape)} for a block of "
+        if not hasattr(a, "shape") or tuple(a.shape) != shape or a.dtype != jnp.float32:
+            found = f"{a.dtype}{list(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+            raise ValueError(f"`affine`'s {name} ({found}) must be float32{list(shape)} for a block of "
                              f"{c} channels of {T} components")
     return tuple(affine)
 
