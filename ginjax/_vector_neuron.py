@@ -139,6 +139,16 @@ def cuda_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callabl
     return vector_neuron_cuda_covers(weight, block, D, activation, eps)
 
 
+def _path(impl: str, weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> str:
+    """Which implementation runs the call: "cuda" where asked and `cuda_covers` it, else "triton"
+    where asked ("triton" or "cuda") and `triton_covers` it, else "xla"."""
+    if impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0]:
+        return "cuda"
+    if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
+        return "triton"
+    return "xla"
+
+
 def vector_neuron(
     weight: jax.Array,
     block: jax.Array,
@@ -167,27 +177,25 @@ def vector_neuron(
     impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
+    path = _path(impl, weight, block, D, activation, eps)
     # the affine map goes into the "triton" kernels where they run the call on planar blocks;
     # elsewhere one pass first (on components-minor blocks the prologue made a ResNet step 1.2 ms
     # slower on the H200, bench/NOTES.md "Session 18")
-    in_kernel = (
-        affine is not None
+    if affine is not None and not (
+        path == "triton"
         and layout == "planar"
         and env_choice(NORM_PROLOGUE_ENV, ("0", "1"), "1") == "1"
-        and impl in ("triton", "cuda")
         and all(a.dtype == jnp.float32 for a in affine)
-        and triton_covers(weight, block, D, activation, eps)
-        and not (impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0])
-    )
-    if affine is not None and not in_kernel:
+    ):
         m, v, shift = affine
         block = channel_affine(m, v, block.reshape((block.shape[0], -1, T)), shift).reshape(block.shape)
         affine = None
-    if impl == "cuda" and cuda_covers(weight, block, D, activation, eps)[0]:
+        path = _path(impl, weight, block, D, activation, eps)  # the map's dtype may promote the block's
+    if path == "cuda":
         from kernels.cuda import vector_neuron_cuda
 
         return vector_neuron_cuda(weight, block, D, activation, float(eps))
-    if impl in ("triton", "cuda") and triton_covers(weight, block, D, activation, eps):
+    if path == "triton":
         from kernels.triton import VNBlocks, vector_neuron_triton
 
         blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")

@@ -90,10 +90,10 @@ def vector_neuron_triton(
     blocks.validate()
     cfg = _Config(D, name, float(eps), blocks, bool(planar))
     if affine is None:
-        return _vn(cfg, weight, block)
-    m, v, shift = _check_affine(affine, block, D)
-    sums_fused = fused_sums_cover(block.reshape((block.shape[0], -1, m.shape[-1])), products=True)
-    return _vn_affine(cfg._replace(sums_fused=sums_fused), weight, block, m, v, shift)
+        return _vn(cfg, weight, block, None)
+    affine = _check_affine(affine, block, D)
+    sums_fused = fused_sums_cover(block.reshape((block.shape[0], -1, affine[0].shape[-1])), products=True)
+    return _vn(cfg._replace(sums_fused=sums_fused), weight, block, affine)
 
 
 def _check_affine(affine, block: jax.Array, D: int) -> tuple:
@@ -125,57 +125,40 @@ class _Config(NamedTuple):
 
 
 # ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
+# `affine` is None or (m, v, shift): per example under vmap, so its packed coefficients are an
+# operand group of the launch; with it the kernels' gradient is in y = m (x - shift) + v, and the
+# map's own VJP (kernels._reduce.affine_backward) follows
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _vn(cfg, w, x):
-    (y,) = _batched_forward(cfg, False)((x[None],), (w[None],))
+def _vn(cfg, w, x, affine):
+    (y,) = _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine))
     return y[0]
 
 
-def _vn_fwd(cfg, w, x):
+def _launch_weights(w, affine) -> tuple:
+    """The launch's per-example operands besides the block: (w,) or (w, packed coefficients)."""
+    return (w[None],) if affine is None else (w[None], _pack_affine(*affine)[None])
+
+
+def _vn_fwd(cfg, w, x, affine):
     if not cfg.blocks.save_mix:
-        return _vn(cfg, w, x), (w, x, None)
-    y, d = _batched_forward(cfg, True)((x[None],), (w[None],))
-    return y[0], (w, x, d[0])
+        return _vn(cfg, w, x, affine), (w, x, affine, None)
+    y, d = _batched_forward(cfg, True)((x[None],), _launch_weights(w, affine))
+    return y[0], (w, x, affine, d[0])
 
 
 def _vn_bwd(cfg, res, gy):
-    w, x, d = res
+    w, x, affine, d = res
     xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
-    gx, gw = _batched_backward(cfg)(xgs, (w[None],))
-    return gw[0], gx[0]
+    g, gw = _batched_backward(cfg)(xgs, _launch_weights(w, affine))
+    if affine is None:
+        return gw[0], g[0], None
+    m, _, shift = affine
+    c, T = m.shape[0], m.shape[-1]
+    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift, g[0].reshape((c, -1, T)))
+    return gw[0], gx.reshape(x.shape), (gm, gv, gshift)
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)
-
-
-# the affine map's coefficients: per example under vmap, so an operand group of the launch; the
-# kernels' gradient is in y, the affine map's own VJP (kernels._reduce.affine_backward) follows
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _vn_affine(cfg, w, x, m, v, shift):
-    (y,) = _batched_forward(cfg, False)((x[None],), (w[None], _pack_affine(m, v, shift)[None]))
-    return y[0]
-
-
-def _vn_affine_fwd(cfg, w, x, m, v, shift):
-    ws = (w[None], _pack_affine(m, v, shift)[None])
-    if not cfg.blocks.save_mix:
-        (y,) = _batched_forward(cfg, False)((x[None],), ws)
-        return y[0], (w, x, m, v, shift, None)
-    y, d = _batched_forward(cfg, True)((x[None],), ws)
-    return y[0], (w, x, m, v, shift, d[0])
-
-
-def _vn_affine_bwd(cfg, res, gy):
-    w, x, m, v, shift, d = res
-    xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
-    g_pre, gw = _batched_backward(cfg)(xgs, (w[None], _pack_affine(m, v, shift)[None]))
-    c, T = m.shape[0], m.shape[-1]
-    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift,
-                                         g_pre[0].reshape((c, -1, T)))
-    return gw[0], gx.reshape(x.shape), gm, gv, gshift
-
-
-_vn_affine.defvjp(_vn_affine_fwd, _vn_affine_bwd)
 
 
 # ---- batching: custom_vmap into one launch -------------------------------------------------------------
@@ -248,7 +231,12 @@ def _launch_backward(cfg, x, gy, w, d=None, aff=None):
     c = g.channels
     shapes = [jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32),
               jax.ShapeDtypeStruct((batch, groups, c * c), jnp.float32)]
-    operands, in_orders = [x, w] + ([] if aff is None else [aff]) + [gy], [order, None] + ([] if aff is None else [None]) + [order]
+    operands, in_orders = [x, w], [order, None]
+    if aff is not None:
+        operands.append(aff)
+        in_orders.append(None)
+    operands.append(gy)
+    in_orders.append(order)
     if d is not None:
         # the kernel indexes d with the full batch (a cotangent vmapped over an unbatched
         # forward leaves d shared)
