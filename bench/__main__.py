@@ -23,7 +23,7 @@ import argparse
 import pathlib
 import sys
 
-from bench import _configs, _device, _suite
+from bench import _configs, _device, _suite, _timing
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -40,6 +40,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--exclude", default="", help="comma-separated fnmatch patterns of '{config}-{mode}-{backend}' to leave out, e.g. '*_k2-*-triton'")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-check", action="store_true", help="time only: skip the error against the reference oracle (no oracle compiled; rel err shows '-')")
+    p.add_argument("--operand-layouts", default="row-major", choices=_timing.OPERAND_LAYOUTS,
+                   help="the compiled step's arguments and results: row-major (default; XLA relayouts them for kernels "
+                        "that want another layout), or auto (XLA picks them, as for a layer inside a model)")
     args = p.parse_args(argv)
     _suite.check_timing_args(p, args)
     return args
@@ -109,6 +112,7 @@ def run(args) -> int:
         configs=configs, backends=backends, modes=modes, json_path=paths["json"], commit=commit,
         max_time=args.max_time, min_rounds=args.min_rounds, warmup=args.warmup,
         exclude=args.exclude, time_budget=args.time_budget, skipped=skipped, check=not args.no_check,
+        operand_layouts=args.operand_layouts,
     )
     cases = _suite.cases_path(paths["json"])
     if not paths["json"].exists() or paths["json"].stat().st_size == 0:

@@ -98,6 +98,7 @@ def run_suite(
     extra_args: Iterable[str] = (),
     skipped: Optional[list] = None,
     check: bool = True,
+    operand_layouts: str = "row-major",
 ) -> int:
     """Run the selected benchmarks with pytest-benchmark in this process; returns pytest's exit code.
 
@@ -126,6 +127,7 @@ def run_suite(
         f"--benchmark-min-rounds={min_rounds}",
         "--benchmark-quiet",
         *([] if check else ["--bench-no-check"]),
+        f"--bench-operand-layouts={operand_layouts}",
         *extra_args,
     ]
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,22 @@ WARM_CHECK_BELOW_S = 2.0
 RoundsRunner = Callable[[Callable[[], Any], int, int], Sequence[float]]
 
 
-def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precision: Optional[str] = None):
+OPERAND_LAYOUTS = ("row-major", "auto")
+
+
+def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precision: Optional[str] = None,
+                operand_layouts: str = "row-major"):
     """AOT-compile fn(*args) with every 'auto' ConvContract on `backend` (None: left to `auto`).
 
     precision: None for JAX's default matmul precision, or a jax.default_matmul_precision name
     ('highest' for the reference oracle).
+    operand_layouts: "row-major" (arguments and results as JAX hands them over; a kernel that
+    wants another layout gets a relayout pass at the boundary), or "auto": XLA picks the layouts
+    of the arguments and results as it does between the ops of a program, i.e. the function as
+    one part of a larger program (a layer inside a model). Call it on `place(compiled, args)`.
     """
+    if operand_layouts not in OPERAND_LAYOUTS:
+        raise ValueError(f"`operand_layouts` (={operand_layouts!r}) must be one of {OPERAND_LAYOUTS}")
 
     # A fresh function object per call: jit's trace cache is keyed on the function, and the
     # backend choice happens at trace time, outside anything jit knows about.
@@ -53,8 +63,24 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
 
     ctx = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
     use = kernels.use_backend(backend) if backend else contextlib.nullcontext()
+    if operand_layouts == "auto":
+        from jax.experimental.layout import Format, Layout
+
+        jit = jax.jit(traced, in_shardings=jax.tree.map(lambda _: Format(Layout.AUTO), tuple(args)),
+                      out_shardings=Format(Layout.AUTO))
+    else:
+        jit = jax.jit(traced)
     with use, ctx:
-        return jax.jit(traced).lower(*args).compile()
+        return jit.lower(*args).compile()
+
+
+def place(compiled, args: tuple) -> tuple:
+    """`args` in the layouts `compiled` takes them in (a copy only where those are not row-major:
+    `compile_for(..., operand_layouts="auto")`)."""
+    formats = getattr(compiled, "input_formats", None)
+    if formats is None:
+        return args
+    return tuple(jax.tree.map(lambda a, f: jax.device_put(a, f), tuple(args), tuple(formats[0])))
 
 
 def memory_of(compiled) -> dict:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from bench import _configs
+from bench import _configs, _timing
 from bench._suite import COMMIT_ENV
 
 BASELINE_BACKENDS = ("reference", "dense")
@@ -33,6 +33,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-progress", action="store_true", help="log each phase of each case to stderr")
     group.addoption("--bench-cases", default="", help="append one JSON line per finished case to this file")
     group.addoption("--bench-no-check", action="store_true", help="time only: no error against the reference oracle (saves compiling and running it)")
+    group.addoption("--bench-operand-layouts", default="row-major", choices=_timing.OPERAND_LAYOUTS,
+                    help="arguments and results row-major, or in the layouts XLA picks (auto)")
     group.addoption("--bench-commit", default=None, help=f"commit id to record (default: ${COMMIT_ENV}, else git)")
 
 
@@ -112,6 +114,7 @@ def bench_options(request) -> dict:
         "min_rounds": int(config.getoption("benchmark_min_rounds", 5) or 5),
         "warmup": int(config.getoption("--bench-warmup")),
         "check": not config.getoption("--bench-no-check"),
+        "operand_layouts": config.getoption("--bench-operand-layouts"),
         "deadline": time.monotonic() + budget if budget > 0 else None,
         "log": _progress_log(config) if config.getoption("--bench-progress") else None,
         "cases_path": config.getoption("--bench-cases") or None,

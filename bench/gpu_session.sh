@@ -104,8 +104,8 @@ for stage in ${STAGES:-sweep profile pallas}; do
     vn-spike)
       timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1
       rc=$?; cut -c1-400 "$OUT/vn-spike/log.txt" | tail -8; (exit $rc) ;;
-    cuda-build)
-      build_cuda "$OUT/cuda-build/build.log" ;;
+    cuda-build)  # the library comes back too: carry it as kernels/cuda/_ginjax_cuda.so to skip the next build
+      build_cuda "$OUT/cuda-build/build.log" && cp kernels/cuda/_ginjax_cuda.so "$OUT/cuda-build/" ;;
     cuda-fwd)
       timeout "${T_CUDA_FWD:-120}" python3 -u -m bench.cuda_spike "$OUT/cuda-fwd" > "$OUT/cuda-fwd/spike.log" 2>&1
       cut -c1-200 "$OUT/cuda-fwd/spike.log"

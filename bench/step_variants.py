@@ -25,6 +25,12 @@ import time
 VARIANTS: dict[str, tuple[dict, tuple]] = {
     "baseline": ({}, ()),
     "vn-minor": ({"GINJAX_VN_LAYOUT": "minor"}, ()),
+    # session 18's layouts: the CUDA ConvContract kernels and the sums kernel components minor
+    # beside planar VectorNeuron kernels (XLA transposes between them); the default since session 19
+    # is every block kernel planar on a GPU (kernels/_layout.py)
+    "cuda-minor": ({"GINJAX_BLOCK_LAYOUT": "minor", "GINJAX_VN_LAYOUT": "planar"}, ()),
+    # every block kernel components minor (the packed minor VectorNeuron beside the minor CUDA kernels)
+    "blocks-minor": ({"GINJAX_BLOCK_LAYOUT": "minor"}, ()),
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),

@@ -29,7 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels._reduce import affine_backward, channel_matvec, channel_sums_value, fused_sums_cover, shifted
+from kernels._reduce import (affine_backward, channel_matvec, channel_sums_value, fused_sums_cover, shifted,
+                             sums_planar)
 
 
 def scalar_group_norm(norm, block: jax.Array) -> jax.Array:
@@ -78,26 +79,27 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, shift: jax.Array | No
 
     Both are wide column reductions in the block's layout (kernels._reduce.middle_sum), or one
     Triton kernel where `kernels._reduce.fused_sums_cover` (GINJAX_CHANNEL_SUMS, "triton" by default on a
-    GPU, read when the call is traced); the backward is one elementwise pass per operand (per-channel T x T
-    products written as multiply-adds), not the reductions and transposes autodiff of the outer
-    product makes.
+    GPU, read when the call is traced), reading the block component-planar where
+    `kernels._reduce.sums_planar()` (GINJAX_BLOCK_LAYOUT); the backward is one elementwise pass per
+    operand (per-channel T x T products written as multiply-adds), not the reductions and
+    transposes autodiff of the outer product makes.
     """
-    return _channel_sums(fused_sums_cover(a, products=True), a, b, shift)
+    return _channel_sums(fused_sums_cover(a, products=True), sums_planar(), a, b, shift)
 
 
-# `fused` is a static argument, decided outside: a decision taken inside a custom_vjp's rules
-# would be reused from any trace JAX caches of them
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _channel_sums(fused: bool, a, b, shift):
-    return channel_sums_value(fused, a, b, shift)
+# `fused` and `planar` are static arguments, decided outside: a decision taken inside a
+# custom_vjp's rules would be reused from any trace JAX caches of them
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _channel_sums(fused: bool, planar: bool, a, b, shift):
+    return channel_sums_value(fused, a, b, shift, planar)
 
 
-def _channel_sums_fwd(fused, a, b, shift):
-    sums = _channel_sums(fused, a, b, shift)
+def _channel_sums_fwd(fused, planar, a, b, shift):
+    sums = _channel_sums(fused, planar, a, b, shift)
     return sums, (a, b, shift, None if shift is None else sums[0])
 
 
-def _channel_sums_bwd(fused, res, g):
+def _channel_sums_bwd(fused, planar, res, g):
     a, b, shift, first = res
     g_first, g_products = g
     if b is None:  # d/da of sum d d^T (d = a - shift): (G + G^T) d
@@ -121,21 +123,21 @@ def channel_affine(m: jax.Array, v: jax.Array, x: jax.Array, shift: jax.Array | 
     (c, T) or None (0): one elementwise pass; the backward reduces gm and gv in one
     `channel_sums` (shifted as it reads x) and gx is one elementwise pass. x, not x - shift, is
     what the backward keeps."""
-    return _channel_affine(fused_sums_cover(x, products=True), m, v, x, shift)
+    return _channel_affine(fused_sums_cover(x, products=True), sums_planar(), m, v, x, shift)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _channel_affine(fused: bool, m, v, x, shift):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _channel_affine(fused: bool, planar: bool, m, v, x, shift):
     return channel_matvec(m, shifted(x, shift)) + v[:, None, :]
 
 
-def _affine_fwd(fused, m, v, x, shift):
-    return _channel_affine(fused, m, v, x, shift), (m, x, shift)
+def _affine_fwd(fused, planar, m, v, x, shift):
+    return _channel_affine(fused, planar, m, v, x, shift), (m, x, shift)
 
 
-def _affine_bwd(fused, res, g):
+def _affine_bwd(fused, planar, res, g):
     m, x, shift = res
-    gm, gv, gx, ds = affine_backward(fused, m, x, shift, g)
+    gm, gv, gx, ds = affine_backward(fused, m, x, shift, g, planar)
     ds = None if ds is None else ds.astype(shift.dtype)
     return gm.astype(m.dtype), gv.astype(m.dtype), gx.astype(x.dtype), ds
 

@@ -35,8 +35,10 @@ planar against 53.3 minor, DilResNet 78.7 against 89.8, UNet 39.9 against 43.7; 
 45.65 planar, faster in each of three alternations, with 69 MB less temporary memory (H200,
 bench/NOTES.md "Session 17"), but a DilResNet step took 86.4 ms with them against 78.7 planar
 (its dilated layers run on Triton's planar ConvContract kernels) and the UNet's 37.4 against
-37.2 (bench/NOTES.md "Session 18"). Default (`default_layout`): "planar" on a GPU, "minor"
-elsewhere; `GINJAX_VN_LAYOUT` (minor / planar) overrides it.
+37.2 (bench/NOTES.md "Session 18"). Since session 19 the CUDA ConvContract kernels read and write
+component-planar blocks too, and all the block kernels follow one switch (kernels/_layout.py):
+`default_layout` is GINJAX_BLOCK_LAYOUT's choice, "planar" on a GPU and "minor" elsewhere;
+`GINJAX_VN_LAYOUT` (minor / planar) overrides it for the VectorNeuron alone.
 
 Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
 GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
@@ -81,6 +83,7 @@ import jax.numpy as jnp
 from ginjax._channel_mix import _mix, _mix_bwd
 from ginjax._norm_stats import channel_affine
 from kernels._env import env_choice
+from kernels._layout import block_layout
 
 
 LAYOUTS = ("minor", "planar")
@@ -97,8 +100,9 @@ NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
 
 
 def default_layout() -> str:
-    """$GINJAX_VN_LAYOUT if set, else "planar" on a GPU and "minor" elsewhere (module docstring)."""
-    return env_choice(LAYOUT_ENV, LAYOUTS, "planar" if jax.default_backend() == "gpu" else "minor")
+    """$GINJAX_VN_LAYOUT if set, else kernels._layout.block_layout(): "planar" on a GPU and "minor"
+    elsewhere unless GINJAX_BLOCK_LAYOUT says otherwise (module docstring)."""
+    return block_layout(LAYOUT_ENV)
 
 
 def default_impl() -> str:

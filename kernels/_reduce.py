@@ -12,7 +12,8 @@ rows read), and the r partial sums of each component are added last (a tiny redu
 transpose anywhere; where no such split exists the plain sum is used.
 
 On a GPU the per-channel sums of (c, P, T) blocks that the norms and the bias gradients take
-(`fused_sums_cover`) run as one Triton kernel instead (kernels/triton/channel_sums.py);
+(`fused_sums_cover`) run as one Triton kernel instead (kernels/triton/channel_sums.py), reading
+the blocks in the layout the kernels around it share (`sums_planar`);
 `GINJAX_CHANNEL_SUMS=xla` (the default elsewhere) keeps `middle_sum`.
 """
 
@@ -121,6 +122,16 @@ def fused_sums_cover(a: jax.Array, products: bool) -> bool:
     )
 
 
+def sums_planar() -> bool:
+    """Whether the Triton sums kernel reads its blocks component-planar: `block_layout()`
+    (kernels/_layout.py, $GINJAX_BLOCK_LAYOUT) is "planar", the layout the kernels producing and
+    consuming those blocks are asked for, so XLA inserts no transpose next to the sums. Read when
+    the caller is traced, beside `fused_sums_cover`, and handed down as a static argument."""
+    from ._layout import block_layout
+
+    return block_layout() == "planar"
+
+
 def shifted(x: jax.Array, shift) -> jax.Array:
     """x (c, P, T) less shift (c, T) at every pixel (None: x)."""
     return x if shift is None else x - shift[:, None, :]
@@ -136,15 +147,17 @@ def channel_matvec(m: jax.Array, x: jax.Array) -> jax.Array:
     return out
 
 
-def channel_sums_value(fused: bool, a: jax.Array, b, shift) -> tuple[jax.Array, jax.Array]:
+def channel_sums_value(fused: bool, a: jax.Array, b, shift,
+                       planar: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum_p a (c, T), sum_p a b^T (c, T, T)) for a, b (c, P, T), b None meaning a, `shift`
     subtracted from b (and from a where b is a) as they are read: the Triton kernel where `fused`
-    (`fused_sums_cover`, decided by the caller), else `middle_sum`. Not differentiable itself
-    (ginjax._norm_stats.channel_sums is)."""
+    (`fused_sums_cover`, decided by the caller), reading a and b component-planar where `planar`
+    (`sums_planar()`, also the caller's), else `middle_sum` (`planar` unused). Not
+    differentiable itself (ginjax._norm_stats.channel_sums is)."""
     if fused:
         from kernels.triton.channel_sums import channel_sums_triton
 
-        return channel_sums_triton(a, b, shift=shift)
+        return channel_sums_triton(a, b, shift=shift, planar=planar)
     c, P, T = a.shape
     if b is None:
         a = b = shifted(a, shift)
@@ -155,11 +168,12 @@ def channel_sums_value(fused: bool, a: jax.Array, b, shift) -> tuple[jax.Array, 
     return first, middle_sum(products, 1, 2).reshape((c, T, T))
 
 
-def affine_backward(fused: bool, m: jax.Array, x: jax.Array, shift, g: jax.Array):
+def affine_backward(fused: bool, m: jax.Array, x: jax.Array, shift, g: jax.Array, planar: bool = False):
     """The VJP of y = m (x - shift) + v (per channel; m (c, T, T), x (c, P, T), shift (c, T) or
     None) at cotangent g (c, P, T): (gm, gv, gx, gshift or None) in float32. gm and gv are one
-    `channel_sums_value` of (g, x) shifted as it reads x, gx = m^T g one elementwise pass."""
-    gv, gm = channel_sums_value(fused, g, x, shift)
+    `channel_sums_value` of (g, x) shifted as it reads x (`fused`, `planar` as there), gx = m^T g
+    one elementwise pass."""
+    gv, gm = channel_sums_value(fused, g, x, shift, planar)
     mt = jnp.swapaxes(m, 1, 2)
     gx = channel_matvec(mt, g)
     # d/dshift: -m^T summed over pixels, i.e. -m^T gv

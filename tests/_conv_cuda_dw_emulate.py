@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _conv_cuda_emulate import Emulator
+from _conv_cuda_emulate import Emulator, slice_copies, to_physical
 from kernels.cuda import _dw_plan, _plan
 
 LANE = np.arange(32)
@@ -22,18 +22,21 @@ SEG, CH = _plan.SEG, _dw_plan.CHANNELS
 
 
 class DwEmulator:
-    """A batch: x0 (B, c, nz, ny, nx), x1 (B, c, nz, ny, nx, 3), gy0 (B, o, nz, ny, nx), gy1 (B, o,
-    nz, ny, nx, 3)."""
+    """A batch: x0 (B, c, nz, ny, nx), x1 (B, c, nz, ny, nx, 3), gy0 (B, O, nz, ny, nx), gy1 (B, O,
+    nz, ny, nx, 3) of which the launch reads output channels first_channel .. + o - 1 (o the
+    layer's); `planar`: the vector blocks lie component-planar in memory (arrays in are logical)."""
 
-    def __init__(self, spec, x0, x1, gy0, gy1, strip: int, round_tf32: bool = True):
+    def __init__(self, spec, x0, x1, gy0, gy1, strip: int, round_tf32: bool = True, first_channel: int = 0,
+                 planar: bool = False):
         self.batch, self.c, self.nz, self.ny, self.nx = x0.shape
-        self.o = gy0.shape[1]
+        self.o, self.o_total, self.o_base = spec.out_keys[0][2], gy0.shape[1], first_channel
+        self.planar = planar
         self.spec, self.strip, self.round = spec, strip, round_tf32
         self.lay = _dw_plan.layout(spec, self.nx)
         self.passes = _dw_plan.passes(spec)
         self.n_w = len(_dw_plan.weights(spec))
-        self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
-        self.gy = [np.asarray(gy0, np.float64).reshape(-1), np.asarray(gy1, np.float64).reshape(-1)]
+        self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
+        self.gy = [np.asarray(gy0, np.float64).reshape(-1), to_physical(np.asarray(gy1, np.float64), planar)]
         self.gp = _dw_plan.gy_pitch(self.nx)
         self.sf, self.gf = self.lay.slice_floats, self.lay.gy_floats
 
@@ -55,36 +58,33 @@ class DwEmulator:
     def load_slice(self, key, slot, b, kg, z, yy):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
-        row, warps = nx * m, nx // 8
-        k_full, k_rem = row // 32, row % 32
+        planar = self.planar and key == 1
+        run, warps = (nx if planar else nx * m), nx // 8
         zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
-        plane = self.ny * row
-        volume = self.nz * plane
-        left, right = LANE < m, (LANE >= m) & (LANE < 2 * m)
-        base = slot + lay.region[key] + m + LANE
+        plane = self.ny * run
+        zoff = [zz[d] * plane + yy * run for d in range(3)]
+        volume, channel = self.nz * plane, m * self.nz * self.ny * nx
+        base = slot + lay.region[key] + m
         for warp in range(warps):
             for c in range(warp, CH, warps):
-                src_c = LANE + (b * self.c + kg * CH + c) * volume
-                dst_c = base + 3 * c * P + skew[c & 7]
-                for dz in range(3):
-                    src, dst = src_c + zz[dz] * plane + yy * row, dst_c + dz * P
-                    for k in range(k_full):
-                        self.issue(dst + 32 * k, self.x[key], src + 32 * k)
-                    if k_rem:
-                        self.issue((dst + 32 * k_full)[LANE < k_rem], self.x[key], (src + 32 * k_full)[LANE < k_rem])
-                    self.issue((dst - m)[left], self.x[key], (src + row - m)[left])
-                    self.issue((dst + row - m)[right], self.x[key], (src - m)[right])
+                dst_c, src_c = base + 3 * c * P + skew[c & 7], (b * self.c + kg * CH + c) * channel
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar):
+                    self.issue(dst[mask], self.x[key], src[mask])
 
     def load_gy(self, dst, b, z, y):
         nx, o, (p0, p1) = self.nx, self.o, self.gp
-        row, o_rows = ((b * o) * self.nz + z) * self.ny + y, self.nz * self.ny
+        first, o_rows, zy = b * self.o_total + self.o_base, self.nz * self.ny, z * self.ny + y
         four = np.arange(4)
         for f in range(o * nx // 4):  # one thread's 16-byte copy each
             oo, q = divmod(f, nx // 4)
-            self.issue(dst + oo * p0 + 4 * q + four, self.gy[0], (row + oo * o_rows) * nx + 4 * q + four)
+            self.issue(dst + oo * p0 + 4 * q + four, self.gy[0], ((first + oo) * o_rows + zy) * nx + 4 * q + four)
         for f in range(o * 3 * nx // 4):
-            oo, q = divmod(f, 3 * nx // 4)
-            self.issue(dst + 16 * p0 + oo * p1 + 4 * q + four, self.gy[1], (row + oo * o_rows) * 3 * nx + 4 * q + four)
+            oo, q = divmod(f, 3 * nx // 4)  # float4 q of output oo's 3 nx floats
+            if self.planar:  # component q // (nx / 4), pixels 4 (q % (nx / 4)) ..
+                src = ((3 * (first + oo) + q // (nx // 4)) * o_rows + zy) * nx + 4 * (q % (nx // 4))
+            else:
+                src = ((first + oo) * o_rows + zy) * 3 * nx + 4 * q
+            self.issue(dst + 16 * p0 + oo * p1 + 4 * q + four, self.gy[1], src + four)
 
     # ---- the kernel -------------------------------------------------------------------------------
     def row_ops(self):
@@ -203,7 +203,9 @@ class DwEmulator:
                 a[0, s, r], a[0, s, 2 + r] = self.smem[gyr + o * p0 + x], self.smem[gyr + o * p0 + x + 1]
                 for j in range(3):
                     vec = gyr + 16 * p0 + o * p1
-                    a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[vec + 3 * x + j], self.smem[vec + 3 * (x + 1) + j]
+                    at = vec + j * self.nx + x if self.planar else vec + 3 * x + j  # pixel x's component j
+                    step = 1 if self.planar else 3
+                    a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[at], self.smem[at + step]
         return self.tf32(a)
 
     def mma(self, p, zt, a, acc):

@@ -23,6 +23,52 @@ LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 
 
+def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool):
+    """common.cuh's copy_channel_rows for one channel, as (destination, source, lane mask) lane
+    vectors per cp.async: dst_c the row dz = -1's interior x = 0 in shared memory, src_c the
+    channel's first float, zoff[dz] a row's offset in a component's volume. Minor: lane l copies
+    floats l, l + 32, ... of the row's one run and, for l < 2 m, a wrap float; planar (m = 3):
+    component i's run of nx floats at i * volume, lane l's pixels to 3 x + i, lanes < 6 the wrap."""
+    copies = []
+    every = LANE >= 0
+    if not planar:
+        row = nx * m
+        k_full, k_rem = divmod(row, 32)
+        for dz in range(3):
+            src, dst = src_c + zoff[dz] + LANE, dst_c + dz * pitch + LANE
+            copies += [(dst + 32 * k, src + 32 * k, every) for k in range(k_full)]
+            if k_rem:
+                copies.append((dst + 32 * k_full, src + 32 * k_full, LANE < k_rem))
+            copies.append((dst - m, src + row - m, LANE < m))
+            copies.append((dst + row - m, src - m, (LANE >= m) & (LANE < 2 * m)))
+        return copies
+    assert m == 3, "only vector blocks have a planar layout"
+    k_full, k_rem = divmod(nx, 32)
+    wrap_i = np.where(LANE < 3, LANE, LANE - 3)
+    for dz in range(3):
+        for i in range(3):
+            src, dst = src_c + i * volume + zoff[dz] + LANE, dst_c + dz * pitch + 3 * LANE + i
+            copies += [(dst + 96 * k, src + 32 * k, every) for k in range(k_full)]
+            if k_rem:
+                copies.append((dst + 96 * k_full, src + 32 * k_full, LANE < k_rem))
+        src, dst = src_c + wrap_i * volume + zoff[dz], dst_c + dz * pitch + wrap_i
+        copies.append((dst - 3, src + nx - 1, LANE < 3))
+        copies.append((dst + 3 * nx, src, (LANE >= 3) & (LANE < 6)))
+    return copies
+
+
+def to_physical(x1: np.ndarray, planar: bool) -> np.ndarray:
+    """A vector block (..., c, nz, ny, nx, 3) flattened in the kernel's memory order."""
+    return (np.moveaxis(x1, -1, -4) if planar else x1).reshape(-1)
+
+
+def from_physical(flat: np.ndarray, shape: tuple, planar: bool) -> np.ndarray:
+    """`to_physical`'s inverse: the flat buffer as the logical (..., c, nz, ny, nx, 3) block."""
+    if not planar:
+        return flat.reshape(shape)
+    return np.moveaxis(flat.reshape(shape[:-4] + (3,) + shape[-4:-1]), -4, -1)
+
+
 def standard_spec(c_in: int, c_out: int):
     """The standard D=3 {scalar, vector} layer (bench/_cases.fixture_spec's filters) with c_in
     input and c_out output channels per key: 32 inputs make the kernel's warp halves take two
@@ -38,17 +84,19 @@ class Emulator:
     channel groups (None: the kernel's choice, `_plan.groups`). Output groups: the results hold
     `out_channels` channels per key (None: the layer's o) of which this launch writes
     `first_channel` .. + o - 1, starting from `out` (the previous group's results, aliased) or, if
-    None, from fresh memory."""
+    None, from fresh memory. `planar`: the vector blocks x1 and y1 lie component-planar in memory
+    (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers)."""
 
     def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None,
-                 out_channels=None, first_channel=0, out=None):
+                 out_channels=None, first_channel=0, out=None, planar=False):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
         self.groups, self.phases = _plan.phases(spec)
         self.o = spec.out_keys[0][2]
         self.nt = self.o // 8
-        self.x = [np.asarray(x0, np.float64).reshape(-1), np.asarray(x1, np.float64).reshape(-1)]
+        self.planar = planar
+        self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
         self.packed = np.asarray(packed, np.float64)
         self.strip, self.round_z = strip, round_z
         # the epilogue's `off` operand: o scalar offsets, then (o, 3) vector ones
@@ -59,7 +107,7 @@ class Emulator:
         # fresh outputs are NaN until stored, so a read before the first store shows
         pixels = self.o_total * self.nz * self.ny * self.nx
         self.out = ([np.full(pixels, np.nan), np.full(pixels * 3, np.nan)] if out is None else
-                    [np.array(a, np.float64).reshape(-1) for a in out])
+                    [np.array(out[0], np.float64).reshape(-1), to_physical(np.array(out[1], np.float64), planar)])
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
         self.out_reads = [np.zeros(a.size, int) for a in self.out]
         self.out_thread = [np.full(a.size, -1) for a in self.out]  # (CTA, thread) of every access
@@ -68,31 +116,19 @@ class Emulator:
     def load_slice(self, key, slot, z, yy, writes, grp=0):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
-        row, C = nx * m, lay.channels[key]
-        k_full, k_rem, warps = row // 32, row % 32, nx // 8
+        planar = self.planar and key == 1
+        run, C, warps = (nx if planar else nx * m), lay.channels[key], nx // 8
         zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
-        plane = self.ny * row
-        zoff = [zz[d] * plane + yy * row for d in range(3)]
-        volume = self.nz * plane
-        left, right = LANE < m, (LANE >= m) & (LANE < 2 * m)
-        base = lay.region[key] + m + LANE  # interior float `lane` of row 0
-
-        def put(dst, src, mask):
-            np.add.at(writes, dst[mask], 1)
-            slot[dst[mask]] = self.x[key][src[mask]]
-
+        plane = self.ny * run
+        zoff = [zz[d] * plane + yy * run for d in range(3)]
+        volume, channel = self.nz * plane, m * self.nz * self.ny * nx
+        base = lay.region[key] + m  # interior x = 0 of row 0
         for warp in range(warps):
             for c in range(warp, C, warps):
-                src_c = LANE + (grp * C + c) * volume  # the group's channel c
-                dst_c = base + 3 * c * P + skew[c & 3]
-                for dz in range(3):
-                    src, dst = src_c + zoff[dz], dst_c + dz * P
-                    for k in range(k_full):
-                        put(dst + 32 * k, src + 32 * k, LANE >= 0)
-                    if k_rem:
-                        put(dst + 32 * k_full, src + 32 * k_full, LANE < k_rem)
-                    put(dst - m, src + row - m, left)
-                    put(dst + row - m, src - m, right)
+                dst_c, src_c = base + 3 * c * P + skew[c & 3], (grp * C + c) * channel  # the group's channel c
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar):
+                    np.add.at(writes, dst[mask], 1)
+                    slot[dst[mask]] = self.x[key][src[mask]]
 
     # ---- the kernel ---------------------------------------------------------------------------
     def run(self):
@@ -104,7 +140,7 @@ class Emulator:
                 for grp in range(self.n_groups):
                     copies += self.cta(z, y0, min(y0 + self.strip, self.ny), grp)
         shape = (self.o_total, self.nz, self.ny, self.nx)
-        return self.out[0].reshape(shape), self.out[1].reshape(shape + (3,)), copies
+        return self.out[0].reshape(shape), from_physical(self.out[1], shape + (3,), self.planar), copies
 
     def group_weights(self, grp):
         """The kernel's copy of a group's packed weights into shared memory: float e (16-byte
@@ -222,7 +258,11 @@ class Emulator:
         # thread t = half * 32 + lane of the segment (warp (half, seg)): its float4 f = t + 64 i
         # of the row, scalar f < 4 o at dst0(f), vector f < 12 o at dst1(f)
         dst0 = lambda f: (row + (f >> 2) * o_rows) * self.nx + seg * _plan.SEG + 4 * (f & 3) + np.arange(4)  # noqa: E731
-        dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * (f % 12) + np.arange(4)  # noqa: E731
+        if self.planar:  # output o's float4 r: component r // 4, pixels 4 (r % 4) ..
+            dst1 = lambda f: ((((self.o_base + f // 12) * 3 + f % 12 // 4) * o_rows + z * self.ny + y) * self.nx  # noqa: E731
+                              + seg * _plan.SEG + 4 * (f % 4) + np.arange(4))
+        else:
+            dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * (f % 12) + np.arange(4)  # noqa: E731
         thread = lambda t: self.cta_id + ((t >> 5) * segs + seg) * 32 + (t & 31)  # noqa: E731
         prev = {}
         if grp > 0:
@@ -247,7 +287,10 @@ class Emulator:
             for n in range(self.nt):
                 for k in range(4):
                     oo, xx = n * 8 + 2 * TID + (k & 1), 2 * G + (k >> 1)
-                    at = oo * s0 + xx if blk == 0 else o * s0 + oo * s1 + 3 * xx + comp
+                    if blk == 0:
+                        at = oo * s0 + xx
+                    else:
+                        at = o * s0 + oo * s1 + (_plan.SEG * comp + xx if self.planar else 3 * xx + comp)
                     assert len(set(at.tolist())) == 32 and np.isnan(stage[at]).all()  # each float once
                     stage[at] = total[q, n, k]
         for t in range(64):
@@ -257,8 +300,11 @@ class Emulator:
                 self.put(0, dst0(f), v + (self.off[oo] if grp == 0 else prev[0, f]), grp, thread(t))
             for f in range(t, o * 12, 64):
                 oo, x4 = f // 12, f % 12
-                j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
-                comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
+                if self.planar:  # four pixels of one component
+                    comps = np.full(4, x4 // 4)
+                else:
+                    j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
+                    comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
                 v = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
                 self.put(1, dst1(f), v + (self.off[o + 3 * oo + comps] if grp == 0 else prev[1, f]), grp, thread(t))
 

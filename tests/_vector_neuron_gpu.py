@@ -93,10 +93,12 @@ def resnet_like_step_hlo(vector_neuron) -> str:
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(ws, vn_w, xs).compile().as_text()
 
 
-def relayouts_next_to(text: str, is_call) -> tuple[list, list]:
+def relayouts_next_to(text: str, is_call, boundary: bool = True) -> tuple[list, list]:
     """(the custom calls `is_call(name, hlo line)` picks, [(call, neighbour, opcode)] for every
     producer of an operand or consumer of a result that is a copy, a transpose or a fusion
-    containing one), walking past bitcasts and tuple plumbing to the real neighbours."""
+    containing one), walking past bitcasts and tuple plumbing to the real neighbours. Without
+    `boundary`, relayouts of the step's own parameters (the jit boundary hands over row-major
+    arrays) are left out."""
     from test_conv_contract_triton_gpu import _hlo_computations, _line_of
 
     comps = _hlo_computations(text)
@@ -120,5 +122,9 @@ def relayouts_next_to(text: str, is_call) -> tuple[list, list]:
 
     producers = lambda n: insts[n][1]  # noqa: E731
     consumers = lambda n: [m for m, (_, ins, _) in insts.items() if n in ins]  # noqa: E731
-    bad = [(n, m, insts[m][0]) for n in picked for m in through(n, producers) + through(n, consumers) if relayout(m)]
+    def of_parameters(name):
+        return all(insts.get(i, ("",))[0] == "parameter" for i in through(name, producers)) if not boundary else False
+
+    bad = [(n, m, insts[m][0]) for n in picked for m in through(n, producers) + through(n, consumers)
+           if relayout(m) and not of_parameters(m)]
     return picked, bad

@@ -375,3 +375,24 @@ def test_a_killed_run_keeps_the_cases_that_finished_in_jsonl(tmp_path):
     done = subprocess.run(argv("d3_n16_b2_c8", "fwd", "whole"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert list(tmp_path.glob("*/*-whole.json")) and not list(tmp_path.glob("*/*-whole.json.cases.jsonl"))
+
+
+def test_auto_operand_layouts_give_the_row_major_results():
+    """`compile_for(..., operand_layouts="auto")` (`python -m bench --operand-layouts auto`): XLA
+    picks the layouts of the arguments and results, as for a layer inside a model; `place` hands
+    the arguments over in them, and the values are those of the row-major program (compared
+    through the host: on jax 0.10.2 a jitted op misreads an array in a non-default layout)."""
+    import jax
+    import numpy as np
+
+    from bench import _harness, _timing
+
+    case = _harness.cached_case(_configs.CONFIGS["d2_n64_b4_c8"])
+    fn, args = case.function("fwd_bwd")
+    want = _timing.compile_for(fn, args, "dense")(*args)
+    auto = _timing.compile_for(fn, args, "dense", operand_layouts="auto")
+    got = auto(*_timing.place(auto, args))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`operand_layouts` \(='planar'\) must be one of"):
+        _timing.compile_for(fn, args, "dense", operand_layouts="planar")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from _conv_cuda_emulate import Emulator, standard_spec
+from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import rel_l2
 from kernels import cuda
 from kernels.cuda import _ffi, _plan
@@ -123,7 +123,7 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 21 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0]
+    assert len(geom) == 22 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
@@ -191,7 +191,7 @@ def test_round_tf32():
     assert np.abs(_plan.round_tf32(r) / r - 1).max() <= 2.0**-11
 
 
-def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None):
+def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None, planar=False):
     """The emulated kernel on fresh operands, with fresh bias offsets in its epilogue (the
     `off` operand `cuda.conv_contract.flat_offsets` builds); without `round_z` neither Z nor the
     packed weights are rounded to tf32, so only the index arithmetic and the walk's
@@ -202,7 +202,7 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None):
     offsets = (jnp.asarray(rng.standard_normal(o), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
     packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
     emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z,
-                   offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)), n_groups=n_groups)
+                   offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)), n_groups=n_groups, planar=planar)
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
         want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
@@ -210,20 +210,25 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None):
     return emu, (y0, y1), want, copies
 
 
-@pytest.mark.parametrize("spatial, strip, channels, n_groups", [
-    ((3, 5, 32), 2, (16, 16), None), ((2, 3, 16), 3, (16, 16), None), ((2, 3, 16), 2, (32, 8), None),
-    ((2, 3, 16), 2, (32, 16), 2), ((3, 4, 16), 3, (48, 8), 3), ((1, 3, 32), 2, (32, 16), None)])
-def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, monkeypatch):
+@pytest.mark.parametrize("spatial, strip, channels, n_groups, planar", [
+    ((3, 5, 32), 2, (16, 16), None, False), ((2, 3, 16), 3, (16, 16), None, False), ((2, 3, 16), 2, (32, 8), None, False),
+    ((2, 3, 16), 2, (32, 16), 2, False), ((3, 4, 16), 3, (48, 8), 3, False), ((1, 3, 32), 2, (32, 16), None, False),
+    ((3, 5, 32), 2, (16, 16), None, True), ((2, 3, 16), 2, (32, 8), None, True), ((3, 4, 16), 3, (48, 8), 3, True),
+    ((1, 2, 48), 1, (16, 16), None, True)])
+def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be (of the copy's
     channel group), written once; every output float is stored once per channel group and read
     back G - 1 times, all by one thread. 32 input channels: two chunk rounds per warp half; 8
     outputs: one n-tile; (32, 16) at x 16 forced to 2 groups and (48, 8) to 3; (32, 16) at x 32
-    takes 2 because one does not fit."""
+    takes 2 because one does not fit. `planar`: the vector blocks component-planar in memory
+    (the copies' other lane mapping, x 48 where a component's row is not a multiple of 32 floats,
+    and the planar staging and stores)."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
     assert _plan.coverage(spec, spatial, np.float32)[0]
-    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups)
+    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups,
+                                       planar=planar)
     G = emu.n_groups
     assert G == (n_groups or _plan.groups(spec, spatial[2])) and G == (n_groups or (2 if channels == (32, 16) else 1))
     for g, w in zip(got, want):
@@ -232,7 +237,8 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, m
     assert all((t >= 0).all() for t in emu.out_thread)
     nz, ny, nx = spatial
     lay = emu.lay
-    x = [emu.x[0].reshape(G * lay.channels[0], nz, ny, nx, 1), emu.x[1].reshape(G * lay.channels[1], nz, ny, nx, 3)]
+    x = [emu.x[0].reshape(G * lay.channels[0], nz, ny, nx, 1),
+         from_physical(emu.x[1], (G * lay.channels[1], nz, ny, nx, 3), planar)]
     assert len(copies) == G * nz * sum(2 * (min(y0 + strip, ny) - y0 + 2) for y0 in range(0, ny, strip))  # 3 + L - 1 slices a key
     for key, z, yy, writes in copies:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
@@ -277,28 +283,35 @@ def test_emulated_kernel_with_tf32_meets_the_tolerance():
         assert 1e-6 < err <= kernels.TOLERANCE["tf32"]  # rounded (not fp32-exact), within tf32's bound
 
 
-def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch):
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
     """forward_call with the FFI call replaced by the emulation, configured only from what the
     kernel gets (`geom` as Forward reads it, the packed weights, the offsets): 32 + 32 inputs at
     x 64 arrive as two channel groups and match `reference` (the Python side's totals, weight
-    size and group count agree with the kernel's reading of them)."""
+    size and group count agree with the kernel's reading of them). GINJAX_CUDA_LAYOUT=planar asks
+    XLA for the vector blocks component-planar and says so in `geom`; the emulation then indexes
+    the planar buffers."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    planar = layout == "planar"
+    vector = cuda_entry.PLANAR_VECTOR if planar else None
     spec, spatial = standard_spec(32, 16), (1, 2, 64)
     calls = []
 
-    def ffi_call(target, shapes, vmap_method):
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts):
         assert target == _ffi.TARGET and vmap_method == "broadcast_all"
+        assert list(input_layouts) == [None, vector, None, None] and list(output_layouts) == [None, vector]
 
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 21 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16)
+            assert len(geom) == 22 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
             def host(x0, x1, w, off):
                 emu = Emulator(spec, np.asarray(x0), np.asarray(x1), np.asarray(w), strip, round_z=False,
-                               offsets=np.asarray(off), n_groups=G)
+                               offsets=np.asarray(off), n_groups=G, planar=bool(geom[21]))
                 assert G * emu.lay.weight_floats == w_floats
                 return tuple(np.asarray(a, np.float32) for a in emu.run()[:2])
 
@@ -316,15 +329,20 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]  # the packed weights are tf32, Z is not
 
 
-def test_output_groups_write_their_slices_of_one_result(monkeypatch):
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_output_groups_write_their_slices_of_one_result(monkeypatch, layout):
     """kernels.triton's CUDA forward of a layer with 32 output channels per key as two launches of
     16 (`_forward_by_output_groups`), the FFI calls replaced by the emulation configured only from
     what the kernel gets: the first launch's results are fresh (NaN) buffers of all 32 channels of
     which it writes channels 0-15 (`geom`'s O and o_base), the second aliases them
     (`ginjax_cuda_forward_into`, operands 4 and 5 to results 0 and 1) and writes 16-31, each output
     float once over the two; no concatenation; the bias offsets' rows per launch; against
-    `reference`. Out-of-range slices are refused by `geometry`."""
+    `reference`. Out-of-range slices are refused by `geometry`. Both layouts (the aliased
+    operands in the results' layout)."""
     from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    vector = cuda_entry.PLANAR_VECTOR if layout == "planar" else None
 
     spec = standard_spec(16, 32)
     spatial = (2, 3, 16)
@@ -333,8 +351,10 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch):
                jnp.asarray(rng.standard_normal((32, 3)), jnp.float32))
     calls = []
 
-    def ffi_call(target, shapes, vmap_method, input_output_aliases=None):
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts, input_output_aliases=None):
         assert vmap_method == "broadcast_all" and [s.shape[0] for s in shapes] == [32, 32]
+        assert list(output_layouts) == [None, vector]
+        assert list(input_layouts) == [None, vector, None, None] + ([None, vector] if input_output_aliases else [])
 
         def call(*operands, geom):
             total, first = int(geom[19]), int(geom[20])
@@ -345,9 +365,10 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch):
             def host(x0, x1, w, off, *prev):
                 emu = Emulator(_sub, np.asarray(x0), np.asarray(x1), np.asarray(w), int(geom[6]), round_z=False,
                                offsets=np.asarray(off), out_channels=total, first_channel=first,
-                               out=[np.asarray(p) for p in prev] if prev else None)
+                               out=[np.asarray(p) for p in prev] if prev else None, planar=bool(geom[21]))
                 outs = emu.run()[:2]
-                writes.append([c.reshape(o.shape) for c, o in zip(emu.out_writes, outs)])
+                writes.append([emu.out_writes[0].reshape(outs[0].shape),
+                               from_physical(emu.out_writes[1], outs[1].shape, emu.planar)])
                 return tuple(np.asarray(a, np.float32) for a in outs)
 
             return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, *prev)
@@ -381,11 +402,16 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch):
         cuda_entry.geometry(_sub, spatial, cuda.BlockSizes(strip_rows=2), out_channels=32, first_channel=32)
 
 
-def test_output_groups_lower_to_aliased_custom_calls():
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
     """The real FFI calls of a vmapped two-group forward, lowered for CUDA on this host: the second
     launch (`ginjax_cuda_forward_into`) takes the first one's batched results as operands 4 and 5,
-    aliased to its results 0 and 1, so XLA keeps one buffer per output key."""
+    aliased to its results 0 and 1, so XLA keeps one buffer per output key. The vector blocks'
+    layouts (minor-to-major, the vmapped batch the most major axis): row-major, or with the
+    components ahead of the spatial axes where planar, on the operand and its aliased result alike."""
     from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
 
     spec, sub = standard_spec(16, 32), standard_spec(16, 16)
     xs, ws, _ = _cases.spec_operands(spec, (2, 3, 16), 2, seed=23)
@@ -397,6 +423,13 @@ def test_output_groups_lower_to_aliased_custom_calls():
     aliases = re.findall(r"output_tuple_indices = \[(\d)\], operand_index = (\d)", calls[1])
     assert aliases == [("0", "4"), ("1", "5")], calls[1]
     assert "-> (tensor<2x32x2x3x16xf32>, tensor<2x32x2x3x16x3xf32>)" in calls[0]
+    scalar, vector = "[4, 3, 2, 1, 0]", ("[4, 3, 2, 5, 1, 0]" if layout == "planar" else "[5, 4, 3, 2, 1, 0]")
+    weights = ["[1, 0]", "[1, 0]"]  # the packed weights and the offsets, batched
+    for call, operands in zip(calls, ([scalar, vector] + weights, [scalar, vector] + weights + [scalar, vector])):
+        got = re.findall(r"dense<(\[[\d, ]+\])>", call.split("operand_layouts")[1].split("result_layouts")[0])
+        assert got == operands, (layout, got)
+        results = re.findall(r"dense<(\[[\d, ]+\])>", call.split("result_layouts")[1])
+        assert results[:2] == [scalar, vector], (layout, results)
 
 
 def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):

@@ -328,12 +328,14 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
             into = tuple(jnp.full((out_channels,) + y.shape[1:], jnp.nan, y.dtype) for y in part)
         return tuple(full.at[first_channel : first_channel + y.shape[0]].set(y) for full, y in zip(into, part))
 
-    def weight_gradient(s, inputs, cotangents):
-        dw_asked.append(s)
+    def weight_gradient(s, inputs, cotangents, *, first_channel=0):
+        # the kernel's contract: the whole cotangents, of which it reads its 16 rows in place
+        dw_asked.append((s, first_channel, cotangents[1].shape[0]))
+        rows = tuple(c[first_channel : first_channel + 16] for c in cotangents)
         shapes = [(16, 32, p.basis.n_filters) for p in s.pairs]
         zeros = [jnp.zeros(sh, jnp.float32) for sh in shapes]
         _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), zeros)
-        return vjp(tuple(cotangents))[0]
+        return vjp(rows)[0]
 
     _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient)
     monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
@@ -347,6 +349,7 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
     assert forward_asked[2][1] is None and forward_asked[3][1] is None
     # each writes its channel slice of one 32-channel result, the second into the first's
     assert [asked[2:] for asked in forward_asked] == [(32, 0, False), (32, 16, True)] * 2
+    assert [asked[1:] for asked in dw_asked] == [(0, 32), (16, 32)]  # rows read in place, no slice copied
     assert "as 2 launches of 16 output channels per key" in kernels.explain(spec, (N,) * 3, backend="triton").reason
 
     def reference(xs, ws, offs):

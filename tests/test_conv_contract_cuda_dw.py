@@ -25,6 +25,7 @@ from _conv_cuda_dw_emulate import DwEmulator
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
 from kernels.cuda import _dw_plan, _ffi, _plan
+from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as wg
 
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
@@ -147,17 +148,19 @@ def test_unpack_is_the_inverse_of_the_fragment_order():
                         assert np.array_equal(got[t][o[keep], c[keep], f], part[kg, half, index[t, f], k][keep])
 
 
-@pytest.mark.parametrize("spatial, strip, batch, channels", [
-    ((2, 3, 16), 2, 3, (16, 16)), ((1, 3, 32), 2, 1, (32, 8)), ((1, 2, 48), 1, 1, (16, 16)),
-    ((1, 2, 64), 3, 1, (16, 16))])
-def test_emulated_kernel_matches_reference(spatial, strip, batch, channels):
+@pytest.mark.parametrize("spatial, strip, batch, channels, planar", [
+    ((2, 3, 16), 2, 3, (16, 16), False), ((1, 3, 32), 2, 1, (32, 8), False), ((1, 2, 48), 1, 1, (16, 16), False),
+    ((1, 2, 64), 3, 1, (16, 16), False), ((2, 3, 16), 2, 3, (16, 16), True), ((1, 3, 32), 2, 1, (32, 8), True),
+    ((1, 2, 48), 1, 1, (16, 16), True)])
+def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, planar):
     """Without tf32 rounding the emulated kernel (float64) is the float64 VJP of `reference` up
     to reassociation: its index arithmetic, copies, ring, barriers and reduction; odd batch, two
-    channel groups with 8 outputs (one A row half), strips that end mid-grid or exceed it."""
+    channel groups with 8 outputs (one A row half), strips that end mid-grid or exceed it; the
+    vector blocks components minor or component-planar in memory."""
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
     assert _dw_plan.coverage(spec, spatial, np.float32)[0]
     xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=7)
-    emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False)
+    emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False, planar=planar)
     dws, parts = emu.run()
     assert not np.isnan(parts).any()
     for g, w in zip(dws, reference_dw(spec, xs, ws, cots)):
@@ -187,25 +190,31 @@ def test_emulation_sees_a_slot_refilled_too_early(monkeypatch):
     assert np.isnan(parts).any()
 
 
-def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch, layout):
     """weight_gradient_call with the FFI call replaced by the emulation: under vmap one call for
     the batch (broadcast_all), one dW per batch element, in the weights' layout; their sum is
-    the VJP of the shared weights. The geometry attribute is the compiled layout's."""
+    the VJP of the shared weights. The geometry attribute is the compiled layout's; the vector
+    blocks are asked for in GINJAX_CUDA_LAYOUT's layout and `geom` says which."""
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    planar = layout == "planar"
+    vector = cuda_entry.PLANAR_VECTOR if planar else None
     spec = standard_spec(32, 16)
     spatial, strip = (2, 3, 16), 2
     calls = []
 
-    def ffi_call(target, shape, vmap_method):
+    def ffi_call(target, shape, vmap_method, input_layouts):
         assert target == _ffi.DW_TARGET and vmap_method == "broadcast_all"
+        assert list(input_layouts) == [None, vector, None, vector]
 
         def call(x0, x1, g0, g1, geom):
-            assert list(geom) == wg.geometry(spec, spatial, strip)
+            assert list(geom) == wg.geometry(spec, spatial, strip, planar=planar)
             calls.append(x0.shape)
 
             def host(*ops):
                 lead = ops[0].shape[:-4]
                 flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
-                _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False).run()
+                _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, planar=bool(geom[13])).run()
                 return parts.reshape(lead + shape.shape).astype(np.float32)
 
             return jax.pure_callback(host, shape, x0, x1, g0, g1, vmap_method="broadcast_all")
@@ -222,6 +231,45 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
         assert rel(jnp.sum(g, axis=0), want) <= 1e-5
     with pytest.raises(ValueError, match=r"`strip` \(=0\)"):
         wg.weight_gradient_call(spec, [x[0] for x in xs], [c[0] for c in cots], strip=0)
+
+
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
+    """kernels.triton's weight gradient of a layer with 32 output channels per key as two launches
+    of 16 (`_weight_grad_by_output_groups`), the FFI calls replaced by the emulation configured
+    only from what the kernel gets: each launch takes the whole 32-channel cotangents (no channel
+    slice is copied out for it) and reads rows `geom`[12] .. + 15 of them; the rows of dW against
+    `reference`'s VJP. A first channel off the group grid is refused by `geometry`."""
+    from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
+    spec, sub = standard_spec(16, 32), standard_spec(16, 16)
+    spatial = (2, 3, 16)
+    seen = []
+
+    def ffi_call(target, shape, vmap_method, input_layouts):
+        def call(x0, x1, g0, g1, geom):
+            seen.append((int(geom[11]), int(geom[12]), g0.shape, g1.shape))
+
+            def host(*ops):
+                _, parts = DwEmulator(sub, *(np.asarray(a)[None] for a in ops), int(geom[5]), round_tf32=False,
+                                      first_channel=int(geom[12]), planar=bool(geom[13])).run()
+                return parts[0].astype(np.float32)
+
+            return jax.pure_callback(host, shape, x0, x1, g0, g1)
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
+    got = triton_entry._weight_grad_by_output_groups((sub, 2), [x[0] for x in xs], [c[0] for c in cots])
+    assert [s[:2] for s in seen] == [(32, 0), (32, 16)]
+    assert all(g0[0] == 32 and g1[0] == 32 for *_, g0, g1 in seen)  # the whole cotangents, not a slice
+    for g, w in zip(got, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == w.shape and rel(g, w) <= 1e-5
+    with pytest.raises(ValueError, match=r"`first_channel` \(=8\)"):
+        wg.geometry(sub, spatial, 2, out_channels=32, first_channel=8)
 
 
 def test_coverage_reasons(monkeypatch):

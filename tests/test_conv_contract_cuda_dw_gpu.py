@@ -35,6 +35,14 @@ pytestmark = [
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
 
+@pytest.fixture(autouse=True, params=["minor", "planar"])
+def layout(request, monkeypatch):
+    """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
+    minor, and component-planar (kernels/_layout.py's default on a GPU)."""
+    monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _built():
     ok, why = cuda.weight_gradient_coverage(SPEC, (16, 16, 16), jnp.float32)

@@ -53,15 +53,16 @@ def test_weight_gradient_bit_identical():
     check_bit_identical("triton")
 
 
-@pytest.mark.parametrize("planar", [True, False], ids=["planar-triton-conv", "minor-cuda-conv"])
-def test_no_relayout_around_the_vector_neuron(planar, monkeypatch):
+@pytest.mark.parametrize("planar, conv", [(True, "triton"), (False, "cuda"), (True, "cuda")],
+                         ids=["planar-triton-conv", "minor-cuda-conv", "planar-cuda-conv"])
+def test_no_relayout_around_the_vector_neuron(planar, conv, monkeypatch):
     """A ResNet-like step (ConvContract, VectorNeuron on the vector key, ConvContract; value and
     gradients): in the compiled HLO no operand of a VectorNeuron custom call is produced by, and
     no result consumed by, a copy, a transpose or a fusion containing one. Component-planar
-    kernels beside the Triton ConvContract kernels (which keep blocks planar); components-minor
-    ones beside the CUDA ConvContract kernels (which keep them minor; GINJAX_VN_LAYOUT=minor,
-    measured slower in the steps than planar with its transposes)."""
-    if planar:
+    kernels beside the Triton ConvContract kernels (which keep blocks planar) and beside the CUDA
+    ones in their planar layout (kernels/_layout.py's default on a GPU); components-minor ones
+    beside the CUDA kernels in their minor layout (GINJAX_BLOCK_LAYOUT=minor)."""
+    if conv == "triton":
         monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
         monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "triton")
     else:
@@ -69,17 +70,22 @@ def test_no_relayout_around_the_vector_neuron(planar, monkeypatch):
 
         ok, why = cuda.availability()
         if not ok:
-            pytest.skip(f"the CUDA ConvContract kernels do not run here: {why}")
+            pytest.fail(f"the CUDA ConvContract kernels must run here: {why}")
         monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cuda")
         monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cuda")
+        monkeypatch.setenv("GINJAX_BLOCK_LAYOUT", "planar" if planar else "minor")
     text = resnet_like_step_hlo(lambda w, b: vector_neuron_triton(w, b, 3, jax.nn.gelu, EPS, planar=planar))
-    if not planar:
+    if conv == "cuda":
         assert 'custom_call_target="ginjax_cuda_forward"' in text, "the step's convolutions did not run on the CUDA kernels"
     # the VectorNeuron's kernels: the triton calls with a (1, 16, 16) weight operand
     vn, bad = relayouts_next_to(text, lambda name, line: "triton_kernel_call" in line
                                 and re.search(r"f32\[1,16,16\]", line.split("custom-call(", 1)[-1]))
     assert len(vn) == 2, vn  # forward and backward
     assert not bad, bad
+    if conv == "cuda" and planar:  # nor around the CUDA kernels (their forward, input and weight gradients)
+        cuda_calls, bad = relayouts_next_to(text, lambda name, line: "ginjax_cuda_" in line, boundary=False)
+        assert len(cuda_calls) >= 3, cuda_calls
+        assert not bad, bad
 
 
 @pytest.mark.parametrize("planar", [True, False], ids=["planar", "minor"])

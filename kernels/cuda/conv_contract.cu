@@ -61,9 +61,12 @@
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c0, nz, ny, nx),
 // x1 (c1, nz, ny, nx, 3), w packed by _plan.pack_weights (per batch element), off (4 o: o scalar
 // offsets, then (o, 3) vector ones), results y0 (O, nz, ny, nx), y1 (O, nz, ny, nx, 3) of which a
-// launch writes output channels o_base .. o_base + o - 1 (O = o for a whole layer).
+// launch writes output channels o_base .. o_base + o - 1 (O = o for a whole layer). The vector
+// blocks x1 and y1 lie components minor (as shaped) or component-planar, (c1, 3, nz, ny, nx) and
+// (O, 3, nz, ny, nx) in memory (kernels/_layout.py: the layout of the VectorNeuron kernels beside
+// them, so XLA inserts no transposes); only the copies into the ring and the output stores differ.
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
-// floats (an example's, every group), channel groups G, O, o_base.
+// floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1).
 //
 // Output groups. A layer with O = k o outputs per key (o = 8 or 16 covered) runs as k launches,
 // each on the weights' rows of its o channels, writing its channel slice of the full outputs:
@@ -128,39 +131,26 @@ __device__ __forceinline__ void pair_barrier(int id) {
 }
 
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel of channel group
-// grp, x = -1 .. NX wrapped) into `slice`: a warp per channel, its three rows in turn; lane l
-// copies floats l, l + 32, ... of the interior and, for l < 2 kM, one wrap float (lanes < kM:
-// x = -1 from x = NX - 1; the next kM: x = NX from x = 0). Every address is one per-row base
-// (+ lane) plus an immediate.
-template <int NX, int KEY>
+// grp, x = -1 .. NX wrapped) into `slice`: a warp per channel (common.cuh's copy_channel_rows, in
+// the block's global layout: kPlanar, the vector block component-planar).
+template <int NX, int KEY, bool kPlanar>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3]) {
   using L = RowLayout<NX, KEY>;
-  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
+  constexpr bool kPl = kPlanar && KEY == 1;
+  constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;  // kRun: floats of one row run
   const int lane = threadIdx.x & 31, C = p.cg[KEY];
   const int ch0 = b * p.c[KEY] + grp * C;  // the group's first channel in the batch's channel axis
-  const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
-  const int plane = p.ny * kRow;  // floats of one (channel, z) plane
-  // offsets inside a channel's volume (32-bit: one channel of one batch element); the 64-bit
-  // channel base once per channel
-  const int zoff[3] = {zz[0] * plane + yy * kRow, zz[1] * plane + yy * kRow, zz[2] * plane + yy * kRow};
-  const size_t volume = (size_t)p.nz * plane;
-  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;  // interior float `lane` of row 0
-  const float* x = p.x[KEY] + lane;
+  const int plane = p.ny * kRun;           // floats of one (channel[, component], z) plane
+  // offsets inside a channel's (component's) volume (32-bit: one channel of one batch element);
+  // the 64-bit channel base once per channel
+  const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
+  const int volume = p.nz * plane;  // planar: one component's floats
+  const size_t channel = (size_t)kM * p.nz * p.ny * NX;
+  float* base = slice + (KEY ? p.region1 : 0) + kM;  // interior x = 0 of row 0
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
-  for (int c = threadIdx.x >> 5; c < C; c += kWarps) {
-    const float* src_c = x + (size_t)(ch0 + c) * volume;
-    float* dst_c = base + 3 * c * L::kPitch + L::skew(c);
-#pragma unroll
-    for (int dz = 0; dz < 3; ++dz) {
-      const float* src = src_c + zoff[dz];
-      float* dst = dst_c + dz * L::kPitch;
-#pragma unroll
-      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + 32 * k);
-      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + 32 * kFull);
-      if (left) cp_async4(dst - kM, src + kRow - kM);   // column lane: x = -1, component lane
-      if (right) cp_async4(dst + kRow - kM, src - kM);  // column kRow + lane: x = NX
-    }
-  }
+  for (int c = threadIdx.x >> 5; c < C; c += kWarps)
+    copy_channel_rows<NX, kM, L::kPitch, kPl>(base + 3 * c * L::kPitch + L::skew(c), p.x[KEY] + (ch0 + c) * channel,
+                                              zoff, volume, lane);
 }
 
 // MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
@@ -168,7 +158,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey>(p, next, b, grp, y_next, zz);              \
+    if (more) load_slice<NX, kKey, kPlanar>(p, next, b, grp, y_next, zz);              \
     cp_async_commit();                                                        \
   }
 
@@ -211,8 +201,8 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles),
 // kGroups: more than one channel group (false: the single pass, compiled without the group loop
-// or the read-add epilogue).
-template <int NX, int NT, bool kGroups>
+// or the read-add epilogue), kPlanar: the vector blocks (x1, y1) component-planar in global memory.
+template <int NX, int NT, bool kGroups, bool kPlanar>
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -251,9 +241,9 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     const float* wv = wx + grp * wv_n;                           // + e, e < wv_n: vector float e
     const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
     for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
-    for (int k = 0; k < 3; ++k) load_slice<NX, 1>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    for (int k = 0; k < 3; ++k) load_slice<NX, 1, kPlanar>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
     cp_async_commit();
-    for (int k = 0; k < 3; ++k) load_slice<NX, 0>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    for (int k = 0; k < 3; ++k) load_slice<NX, 0, kPlanar>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
     cp_async_commit();
     cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
     __syncthreads();
@@ -276,21 +266,26 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 
       // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
       // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
-      // sums in the outputs' layout (scalar [o][16 x], vector [o][16 x][3]; two wavefronts a
-      // store); then the segment's 64 threads store it as 16-byte rows (float4 f of the row:
-      // scalar f < 4 kO, vector f < 12 kO, thread t's f = t + 64 i), the first pass with the
-      // bias offsets, a later one adding what the previous pass stored there: the same thread's
-      // store to the same address, so program order makes it visible. A later pass loads those
-      // float4s before the halves meet, all at once, so their latency overlaps the staging.
+      // sums in the outputs' layout (scalar [o][16 x]; vector [o][16 x][3], planar [o][3][16 x];
+      // two wavefronts a store); then the segment's 64 threads store it as 16-byte rows (float4
+      // f of the row: scalar f < 4 kO, vector f < 12 kO, float4 r = f - 12 o of output o's 48
+      // staged floats; thread t's f = t + 64 i), the first pass with the bias offsets, a later
+      // one adding what the previous pass stored there: the same thread's store to the same
+      // address, so program order makes it visible. A later pass loads those float4s before the
+      // halves meet, all at once, so their latency overlaps the staging.
       const int t = half * 32 + lane;
-      const size_t row = (((size_t)b * p.o_total + p.o_base) * p.nz + z) * p.ny + y;  // (b, o = o_base, z, y)
-      const size_t o_rows = (size_t)p.nz * p.ny;
-      float* y0_row = p.y[0] + row * NX + seg * kSeg;             // float4 (o, x4) at + o o_rows NX + 4 x4
-      float* y1_row = p.y[1] + row * (3 * NX) + seg * 3 * kSeg;  // at + o o_rows 3 NX + 4 x4
+      const size_t first = (size_t)b * p.o_total + p.o_base;  // (b, o = o_base)
+      const size_t o_rows = (size_t)p.nz * p.ny, zy = (size_t)z * p.ny + y;
+      float* y0_row = p.y[0] + (first * o_rows + zy) * NX + seg * kSeg;  // float4 (o, x4) at + o o_rows NX + 4 x4
+      // minor: float4 r of output o at + o o_rows 3 NX + 4 r; planar: component r / 4, x4 = r % 4 at
+      // + (3 o + r / 4) o_rows NX + 4 x4
+      float* y1_row = kPlanar ? p.y[1] + (3 * first * o_rows + zy) * NX + seg * kSeg
+                              : p.y[1] + (first * o_rows + zy) * (3 * NX) + seg * 3 * kSeg;
       auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * NX + 4 * (f & 3)); };
       auto y1_at = [&](int f) {
-        const int o = f / 12;
-        return reinterpret_cast<float4*>(y1_row + o * o_rows * (3 * NX) + 4 * (f - 12 * o));
+        const int o = f / 12, r = f - 12 * o;
+        return reinterpret_cast<float4*>(kPlanar ? y1_row + (3 * o + (r >> 2)) * o_rows * NX + 4 * (r & 3)
+                                                 : y1_row + o * o_rows * (3 * NX) + 4 * r);
       };
       constexpr int kF0 = (kO * 4 + 63) / 64, kF1 = (kO * 12 + 63) / 64;  // float4s per thread, at most
       float4 prev[kF0 + kF1];
@@ -305,7 +300,8 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       float* st = s_stage + seg * kO * (kStage0 + kStage1);
       auto at = [&](int q, int n, int k) {
         const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
-        return kGroupBlock[q] == 0 ? o * kStage0 + x : kO * kStage0 + o * kStage1 + 3 * x + kGroupComp[q];
+        if (kGroupBlock[q] == 0) return o * kStage0 + x;
+        return kO * kStage0 + o * kStage1 + (kPlanar ? kSeg * kGroupComp[q] + x : 3 * x + kGroupComp[q]);
       };
       if (half == 1) {
 #pragma unroll
@@ -345,11 +341,15 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
         for (int f = t; f < kO * 12; f += 64) {
           const int o = f / 12, x4 = f - 12 * o;
           float4 v = *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
-          // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
           const float* a = s_off + kO + 3 * o;
-          const int j = x4 % 3;
-          const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
-          v.x += a0, v.y += a1, v.z += a2, v.w += a0;
+          if constexpr (kPlanar) {  // 4 pixels of component x4 / 4
+            const float a0 = a[x4 >> 2];
+            v.x += a0, v.y += a0, v.z += a0, v.w += a0;
+          } else {  // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
+            const int j = x4 % 3;
+            const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
+            v.x += a0, v.y += a1, v.z += a2, v.w += a0;
+          }
           *y1_at(f) = v;
         }
       } else {
@@ -371,41 +371,49 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-template <int NX, int NT, bool kGroups>
+template <int NX, int NT, bool kGroups, bool kPlanar>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
-  forward_kernel<NX, NT, kGroups><<<grid, 4 * NX, smem, stream>>>(p);
+  forward_kernel<NX, NT, kGroups, kPlanar><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int NT, bool kGroups>
+template <int NT, bool kGroups, bool kPlanar>
 cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
-    case 16: return launch<16, NT, kGroups>(p, batch, stream);
-    case 32: return launch<32, NT, kGroups>(p, batch, stream);
-    case 48: return launch<48, NT, kGroups>(p, batch, stream);
-    default: return launch<64, NT, kGroups>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups, kPlanar>(p, batch, stream);
+    case 32: return launch<32, NT, kGroups, kPlanar>(p, batch, stream);
+    case 48: return launch<48, NT, kGroups, kPlanar>(p, batch, stream);
+    default: return launch<64, NT, kGroups, kPlanar>(p, batch, stream);
   }
 }
 
-template <int NT>
+template <int NT, bool kPlanar>
 cudaError_t launch_groups(const Params& p, int nx, int batch, cudaStream_t stream) {
-  return p.groups > 1 ? launch_nx<NT, true>(p, nx, batch, stream) : launch_nx<NT, false>(p, nx, batch, stream);
+  return p.groups > 1 ? launch_nx<NT, true, kPlanar>(p, nx, batch, stream)
+                      : launch_nx<NT, false, kPlanar>(p, nx, batch, stream);
+}
+
+template <bool kPlanar>
+cudaError_t launch_nt(const Params& p, int nx, int batch, cudaStream_t stream) {
+  return p.o == 8 ? launch_groups<1, kPlanar>(p, nx, batch, stream) : launch_groups<2, kPlanar>(p, nx, batch, stream);
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 21) return bad("`geom` must have 21 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 22) return bad("`geom` must have 22 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[2];
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
   p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
+  if (geom[21] != 0 && geom[21] != 1) return bad("`geom`[21] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
+  const bool planar = geom[21] == 1;
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
   if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
     return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
@@ -442,7 +450,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
   if ((int64_t)p.groups * p.w_group != p.w_floats)
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  const cudaError_t err = nt == 1 ? launch_groups<1>(p, nx, (int)batch, stream) : launch_groups<2>(p, nx, (int)batch, stream);
+  const cudaError_t err = planar ? launch_nt<true>(p, nx, (int)batch, stream) : launch_nt<false>(p, nx, (int)batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -3,7 +3,9 @@
     outputs = conv_contract_cuda(spec, inputs, weights, precision=..., block_sizes=...)
 
 Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, fp32 accumulation), all pairs in one
-launch, the layer's bias offsets (`forward_call`'s) added in its epilogue. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
+launch, the layer's bias offsets (`forward_call`'s) added in its epilogue. The vector blocks in
+and out are component-planar or components minor in memory (`layout()`: kernels/_layout.py's
+switch, GINJAX_CUDA_LAYOUT overriding it); the custom call asks XLA for that layout. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
 whose operands all carry the batch axes; the packed weights (40 KB) are broadcast with them.
 Backward (custom_vjp): `dense`'s VJP (this issue's kernel is the forward only).
 """
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._fused import require_registered, resolve_block_sizes
+from .._layout import block_layout
 from .._precision import resolve_precision
 from .._registry import traced_batch
 from .._spec import ConvSpec
@@ -25,6 +28,21 @@ from ..dense import conv_contract_dense
 from . import _plan
 from ._ffi import INTO_TARGET, TARGET, registered
 from ._tiling import BlockSizes
+
+LAYOUT_ENV = "GINJAX_CUDA_LAYOUT"
+# a vector block (c, nz, ny, nx, 3) component-planar: physical axis order, major to minor
+PLANAR_VECTOR = (0, 4, 1, 2, 3)
+
+
+def layout() -> str:
+    """The vector blocks' layout in memory of the CUDA kernels' launches traced now: $GINJAX_CUDA_LAYOUT
+    if set, else kernels._layout.block_layout() ("planar" on a GPU)."""
+    return block_layout(LAYOUT_ENV)
+
+
+def vector_layouts(planar: bool, n: int) -> list:
+    """ffi_call layouts (major to minor; None: row-major) of n (scalar, vector) block pairs."""
+    return [None, PLANAR_VECTOR if planar else None] * n
 
 
 def conv_contract_cuda(
@@ -76,11 +94,13 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
-             n_groups: Optional[int] = None, out_channels: Optional[int] = None, first_channel: int = 0) -> list[int]:
+             n_groups: Optional[int] = None, out_channels: Optional[int] = None, first_channel: int = 0,
+             planar: bool = False) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
     channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
     split: the tests' way to run several groups where one would fit), the results' output
-    channels and the first one this launch writes (`forward_call`'s output groups)."""
+    channels and the first one this launch writes (`forward_call`'s output groups), and whether
+    the vector blocks are component-planar."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
@@ -89,7 +109,7 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
         raise ValueError(f"`first_channel` (={first_channel}) must be a multiple of the layer's {o} output channels "
                          f"below `out_channels` (={total}, a multiple of {o})")
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel]
+            total, first_channel, int(planar)]
 
 
 def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:
@@ -104,19 +124,22 @@ def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]
 def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, out_channels=None, first_channel=0,
              into=None):
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
-    geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel)
+    planar = layout() == "planar"
+    geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel, planar=planar)
     total = geom[19]
     shapes = [jax.ShapeDtypeStruct((total,) + spatial, jnp.float32),
               jax.ShapeDtypeStruct((total,) + spatial + (3,), jnp.float32)]
     packed = _plan.pack_weights(spec, weights, xp=jnp)
     operands = [*inputs, packed, flat_offsets(spec, offsets)]
+    layouts = dict(input_layouts=vector_layouts(planar, 1) + [None, None], output_layouts=vector_layouts(planar, 1))
     if into is None:
-        call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all")
+        call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all", **layouts)
     else:
         if [tuple(a.shape) for a in into] != [s.shape for s in shapes]:
             raise ValueError(f"`into` has shapes {[tuple(a.shape) for a in into]}; the results are {[s.shape for s in shapes]}")
+        layouts["input_layouts"] += vector_layouts(planar, 1)  # an aliased operand has its result's layout
         call = jax.ffi.ffi_call(INTO_TARGET, shapes, vmap_method="broadcast_all",
-                                input_output_aliases={len(operands): 0, len(operands) + 1: 1})
+                                input_output_aliases={len(operands): 0, len(operands) + 1: 1}, **layouts)
         operands += list(into)
     return tuple(call(*operands, geom=np.asarray(geom, np.int64)))
 

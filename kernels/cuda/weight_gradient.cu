@@ -62,9 +62,12 @@
 // kernels take 2.47 ms on this layer (bench/NOTES.md, "CUDA weight gradient").
 //
 // Operands (unbatched shapes; any leading batch dims, the same on all): x0 (c, nz, ny, nx),
-// x1 (c, nz, ny, nx, 3), gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3); result: the partials
-// (channel groups x nz x strips, 2 x weights x 128). Attribute `geom`: nz, ny, nx, c, o, strip,
-// pitch0, pitch1, skew0, skew1 (packed 4 bits a channel), weights.
+// x1 (c, nz, ny, nx, 3), gy0 (O, nz, ny, nx), gy1 (O, nz, ny, nx, 3) of which the launch reads
+// output channels o_base .. o_base + o - 1 (an output group's rows, with no slice copied out;
+// O = o for a whole layer); the vector blocks components minor or component-planar in memory
+// (conv_contract.cu's header). Result: the partials (channel groups x nz x strips, 2 x weights x
+// 128). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
+// channel), weights, O, o_base, planar (0 or 1).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -90,6 +93,7 @@ struct DwParams {
   const float* gy[2];
   float* dw;
   int nz, ny, c, strip, groups;
+  int o_total, o_base;  // the cotangents' output channels, and the first one this launch reads
   int slice_floats, region1;
 };
 
@@ -112,58 +116,52 @@ struct GyLayout {
 };
 
 // One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -1
-// .. NX wrapped): conv_contract.cu's load_slice on this layout.
-template <int NX, int KEY>
+// .. NX wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
+template <int NX, int KEY, bool kPlanar>
 __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
                                               const int (&zz)[3]) {
   using L = DwLayout<NX, KEY>;
-  constexpr int kM = L::kM, kRow = L::kRow, kFull = kRow / 32, kRem = kRow % 32, kWarps = NX / 8;
+  constexpr bool kPl = kPlanar && KEY == 1;
+  constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;
   const int lane = threadIdx.x & 31;
-  const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
-  const int plane = p.ny * kRow;
-  const int zoff[3] = {zz[0] * plane + yy * kRow, zz[1] * plane + yy * kRow, zz[2] * plane + yy * kRow};
-  const size_t volume = (size_t)p.nz * plane;
-  float* base = slice + (KEY ? p.region1 : 0) + kM + lane;
-  const float* x = p.x[KEY] + lane;
+  const int plane = p.ny * kRun;
+  const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
+  const int volume = p.nz * plane;
+  const size_t channel = (size_t)kM * p.nz * p.ny * NX;
+  float* base = slice + (KEY ? p.region1 : 0) + kM;
+  const int ch0 = b * p.c + kg * kChannels;
 #pragma unroll 1
-  for (int c = threadIdx.x >> 5; c < kChannels; c += kWarps) {
-    const float* src_c = x + (size_t)(b * p.c + kg * kChannels + c) * volume;
-    float* dst_c = base + L::chan(c);
-#pragma unroll
-    for (int dz = 0; dz < 3; ++dz) {
-      const float* src = src_c + zoff[dz];
-      float* dst = dst_c + dz * L::kPitch;
-#pragma unroll
-      for (int k = 0; k < kFull; ++k) cp_async4(dst + 32 * k, src + 32 * k);
-      if (kRem && lane < kRem) cp_async4(dst + 32 * kFull, src + 32 * kFull);
-      if (left) cp_async4(dst - kM, src + kRow - kM);
-      if (right) cp_async4(dst + kRow - kM, src - kM);
-    }
-  }
+  for (int c = threadIdx.x >> 5; c < kChannels; c += kWarps)
+    copy_channel_rows<NX, kM, L::kPitch, kPl>(base + L::chan(c), p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
 }
 
-// gY row (b, z, y) of both blocks into `dst`, 16-byte copies (rows are 64-byte aligned: NX % 16 == 0).
-template <int NX, int NT>
+// gY row (b, z, y) of both blocks, output channels o_base .. o_base + kO - 1, into `dst`, 16-byte
+// copies (rows are 64-byte aligned: NX % 16 == 0). The vector row is staged as it lies: [o][x][3]
+// components minor, [o][3][x] planar (kPlanar).
+template <int NX, int NT, bool kPlanar>
 __device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y) {
   using G = GyLayout<NX>;
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kQ0 = NX / 4, kQ1 = 3 * NX / 4;
-  const size_t row = (((size_t)b * kO) * p.nz + z) * p.ny + y, o_rows = (size_t)p.nz * p.ny;  // (b, o = 0, z, y)
+  const size_t first = (size_t)b * p.o_total + p.o_base, o_rows = (size_t)p.nz * p.ny;  // (b, o = o_base)
+  const size_t zy = (size_t)z * p.ny + y;
 #pragma unroll
   for (int f = threadIdx.x; f < kO * kQ0; f += kThreads) {
     const int o = f / kQ0, q = f - o * kQ0;
-    cp_async16(dst + o * G::kP0 + 4 * q, p.gy[0] + (row + o * o_rows) * NX + 4 * q);
+    cp_async16(dst + o * G::kP0 + 4 * q, p.gy[0] + ((first + o) * o_rows + zy) * NX + 4 * q);
   }
 #pragma unroll
   for (int f = threadIdx.x; f < kO * kQ1; f += kThreads) {
-    const int o = f / kQ1, q = f - o * kQ1;
-    cp_async16(dst + 16 * G::kP0 + o * G::kP1 + 4 * q, p.gy[1] + (row + o * o_rows) * (3 * NX) + 4 * q);
+    const int o = f / kQ1, q = f - o * kQ1;  // float4 q of output o's 3 NX floats
+    const float* src = kPlanar ? p.gy[1] + ((3 * (first + o) + q / kQ0) * o_rows + zy) * NX + 4 * (q % kQ0)
+                               : p.gy[1] + ((first + o) * o_rows + zy) * (3 * NX) + 4 * q;
+    cp_async16(dst + 16 * G::kP0 + o * G::kP1 + 4 * q, src);
   }
 }
 
 // The A fragments of every output group, both k-steps, from the staged gY row: lane (g, tid)
 // a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + 1], gY_q[g + 8][x + 1]}, x = 2 tid + 8 s
 // of the segment; tf32-rounded.
-template <int NX, int NT>
+template <int NX, int NT, bool kPlanar>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float* gyr, int seg, int g, int tid) {
   using G = GyLayout<NX>;
 #pragma unroll
@@ -174,14 +172,23 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
       if (r < NT) {
         const int o = g + 8 * r;
         const float2 v = *reinterpret_cast<const float2*>(gyr + o * G::kP0 + x);
-        const float* vr = gyr + 16 * G::kP0 + o * G::kP1 + 3 * x;
-        const float2 v01 = *reinterpret_cast<const float2*>(vr);
-        const float2 v23 = *reinterpret_cast<const float2*>(vr + 2);
-        const float2 v45 = *reinterpret_cast<const float2*>(vr + 4);
         a[0][s][r] = tf32_bits(v.x), a[0][s][2 + r] = tf32_bits(v.y);
-        a[1][s][r] = tf32_bits(v01.x), a[1][s][2 + r] = tf32_bits(v23.y);  // j = 0: pixels x, x + 1
-        a[2][s][r] = tf32_bits(v01.y), a[2][s][2 + r] = tf32_bits(v45.x);  // j = 1
-        a[3][s][r] = tf32_bits(v23.x), a[3][s][2 + r] = tf32_bits(v45.y);  // j = 2
+        if constexpr (kPlanar) {  // component j's pixels x, x + 1 at j NX + x
+          const float* vr = gyr + 16 * G::kP0 + o * G::kP1 + x;
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const float2 vj = *reinterpret_cast<const float2*>(vr + j * NX);
+            a[1 + j][s][r] = tf32_bits(vj.x), a[1 + j][s][2 + r] = tf32_bits(vj.y);
+          }
+        } else {
+          const float* vr = gyr + 16 * G::kP0 + o * G::kP1 + 3 * x;
+          const float2 v01 = *reinterpret_cast<const float2*>(vr);
+          const float2 v23 = *reinterpret_cast<const float2*>(vr + 2);
+          const float2 v45 = *reinterpret_cast<const float2*>(vr + 4);
+          a[1][s][r] = tf32_bits(v01.x), a[1][s][2 + r] = tf32_bits(v23.y);  // j = 0: pixels x, x + 1
+          a[2][s][r] = tf32_bits(v01.y), a[2][s][2 + r] = tf32_bits(v45.x);  // j = 1
+          a[3][s][r] = tf32_bits(v23.x), a[3][s][2 + r] = tf32_bits(v45.y);  // j = 2
+        }
       } else {
 #pragma unroll
         for (int q = 0; q < kGroups; ++q) a[q][s][r] = a[q][s][2 + r] = 0u;
@@ -197,7 +204,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   {                                                                        \
     if (kKey == 0) cp_async_wait<2>();                                     \
     __syncthreads();                                                       \
-    if (more) load_slice_dw<NX, kKey>(p, next, b, kg, y_next, zz);         \
+    if (more) load_slice_dw<NX, kKey, kPlanar>(p, next, b, kg, y_next, zz);         \
     cp_async_commit();                                                     \
   }
 
@@ -226,8 +233,9 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
 static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_DW_P2_KEY == 1 && GJ_DW_P3_KEY == 0,
               "weight_gradient_kernel walks three vector passes, then one scalar pass");
 
-// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves).
-template <int NX, int NT>
+// NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves),
+// kPlanar: the vector blocks (x1, gy1) component-planar in global memory.
+template <int NX, int NT, bool kPlanar>
 __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -242,10 +250,10 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
 
   for (int k = 0; k < 3; ++k) {
-    load_slice_dw<NX, 1>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
-    load_slice_dw<NX, 0>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
+    load_slice_dw<NX, 1, kPlanar>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
+    load_slice_dw<NX, 0, kPlanar>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
   }
-  load_gy<NX, NT>(p, gy + (y0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
+  load_gy<NX, NT, kPlanar>(p, gy + (y0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -265,12 +273,12 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
       cp_async_wait<1>();
       __syncthreads();
     }
-    if (y + 1 < y1) load_gy<NX, NT>(p, gy + ((y + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + 1);
+    if (y + 1 < y1) load_gy<NX, NT, kPlanar>(p, gy + ((y + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + 1);
     cp_async_commit();
     // the A fragments of gY row y, every group and k-step, once a row (32 registers live through
     // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
     uint32_t a[kGroups][2][4];
-    load_a<NX, NT>(a, gy + (y & 1) * GyLayout<NX>::kFloats, seg, g, tid);
+    load_a<NX, NT, kPlanar>(a, gy + (y & 1) * GyLayout<NX>::kFloats, seg, g, tid);
     GJ_DW_PASS(0)
     GJ_DW_PASS(1)
     GJ_DW_PASS(2)
@@ -296,26 +304,31 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   }
 }
 
-template <int NX, int NT>
+template <int NX, int NT, bool kPlanar>
 cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + 2 * GyLayout<NX>::kFloats);
   if ((NX / kSeg) * kPartial > 3 * p.slice_floats) return cudaErrorInvalidValue;  // the reduction reuses the ring
   cudaError_t err =
-      cudaFuncSetAttribute(weight_gradient_kernel<NX, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch * p.groups);
-  weight_gradient_kernel<NX, NT><<<grid, 4 * NX, smem, stream>>>(p);
+  weight_gradient_kernel<NX, NT, kPlanar><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int NT>
+template <int NT, bool kPlanar>
 cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
-    case 16: return launch_dw<16, NT>(p, batch, stream);
-    case 32: return launch_dw<32, NT>(p, batch, stream);
-    case 48: return launch_dw<48, NT>(p, batch, stream);
-    default: return launch_dw<64, NT>(p, batch, stream);
+    case 16: return launch_dw<16, NT, kPlanar>(p, batch, stream);
+    case 32: return launch_dw<32, NT, kPlanar>(p, batch, stream);
+    case 48: return launch_dw<48, NT, kPlanar>(p, batch, stream);
+    default: return launch_dw<64, NT, kPlanar>(p, batch, stream);
   }
+}
+
+template <bool kPlanar>
+cudaError_t launch_dw_nt(const DwParams& p, int o, int nx, int batch, cudaStream_t stream) {
+  return o == 8 ? launch_dw_nx<1, kPlanar>(p, nx, batch, stream) : launch_dw_nx<2, kPlanar>(p, nx, batch, stream);
 }
 
 ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
@@ -324,13 +337,19 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   auto bad = [](const std::string& why) {
     return ffi::Error::InvalidArgument("ginjax cuda ConvContract weight gradient: " + why);
   };
-  if (geom.size() != 11) return bad("`geom` must have 11 entries");
+  if (geom.size() != 14) return bad("`geom` must have 14 entries");
   DwParams p{};
   const int nx = (int)geom[2], o = (int)geom[4];
   p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
   if (p.c % kChannels || p.c < kChannels) return bad("input channels must be a positive multiple of 16");
   if (o != 8 && o != 16) return bad("output channels must be 8 or 16");
+  p.o_total = (int)geom[11], p.o_base = (int)geom[12];
+  if (p.o_base < 0 || p.o_base % o || p.o_base + o > p.o_total)
+    return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(o) +
+               ") must be a whole group within the cotangents' " + std::to_string(p.o_total));
+  if (geom[13] != 0 && geom[13] != 1) return bad("`geom`[13] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
+  const bool planar = geom[13] == 1;
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
   if (geom[10] != GJ_DW_WEIGHTS) return bad("the weight count in `geom` is not the compiled one (rebuild the library)");
   const int l = nx / kSeg - 1;
@@ -342,15 +361,15 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   if (batch < 1 || batch * p.groups > 65535) return bad("batch x channel groups must be in [1, 65535]");
   const int64_t ctas = (int64_t)p.groups * p.nz * ((p.ny + p.strip - 1) / p.strip);
   if (x0.element_count() != batch * p.c * pix || x1.element_count() != batch * p.c * pix * 3 ||
-      gy0.element_count() != batch * o * pix || gy1.element_count() != batch * o * pix * 3 ||
+      gy0.element_count() != batch * p.o_total * pix || gy1.element_count() != batch * p.o_total * pix * 3 ||
       dw->element_count() != batch * ctas * kPartial)
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.gy[0] = gy0.typed_data(), p.gy[1] = gy1.typed_data();
   p.dw = dw->typed_data();
   p.region1 = 3 * kChannels * kDwPitch1[l];
   p.slice_floats = (p.region1 + 3 * kChannels * kDwPitch3[l] + 3) / 4 * 4;
-  const cudaError_t err =
-      o == 8 ? launch_dw_nx<1>(p, nx, (int)batch, stream) : launch_dw_nx<2>(p, nx, (int)batch, stream);
+  const cudaError_t err = planar ? launch_dw_nt<true>(p, o, nx, (int)batch, stream)
+                                 : launch_dw_nt<false>(p, o, nx, (int)batch, stream);
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("ginjax cuda ConvContract weight gradient: ") + cudaGetErrorString(err));
   return ffi::Error::Success();

@@ -23,20 +23,29 @@ from .._spec import ConvSpec
 from . import _dw_plan
 from ._ffi import DW_TARGET, registered
 from ._tiling import strip_for
+from .conv_contract import layout, vector_layouts
 
 
-def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int) -> list[int]:
+def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_channels: Optional[int] = None,
+             first_channel: int = 0, planar: bool = False) -> list[int]:
     """The kernel's `geom` attribute (weight_gradient.cu's header lists the entries)."""
     lay = _dw_plan.layout(spec, spatial[2])
     packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
-    return [*spatial, spec.in_keys[0][2], spec.out_keys[0][2], strip, *lay.pitch, *packed, lay.n_weights]
+    o = spec.out_keys[0][2]
+    total = o if out_channels is None else int(out_channels)
+    if total % o or not 0 <= first_channel <= total - o or first_channel % o:
+        raise ValueError(f"`first_channel` (={first_channel}) must be a multiple of the layer's {o} output channels "
+                         f"below `out_channels` (={total}, a multiple of {o})")
+    return [*spatial, spec.in_keys[0][2], o, strip, *lay.pitch, *packed, lay.n_weights, total, first_channel,
+            int(planar)]
 
 
 def weight_gradient_call(
-    spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None
+    spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None,
+    *, first_channel: int = 0
 ) -> tuple[jax.Array, ...]:
     """Per pair, dW (o, c, F) in float32 of unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx,
-    3) and output cotangents gy0 (o, nz, ny, nx), gy1 (o, nz, ny, nx, 3): the `weights` layout of
+    3) and output cotangents gy0 (O, nz, ny, nx), gy1 (O, nz, ny, nx, 3): the `weights` layout of
     `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` and that TF32 is the
     precision asked for (gY and Z are rounded to tf32, fp32 accumulation).
 
@@ -44,6 +53,9 @@ def weight_gradient_call(
         strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, halved while the launch would
             have fewer than `_tiling.MIN_CTAS` CTAs); fewer, longer CTAs write fewer partials
             (`_dw_plan.scratch_bytes`).
+        first_channel: the cotangents' first of the layer's o output channels (O a multiple of o,
+            an output group's launch: `kernels.triton.conv_contract.output_split`); the kernel
+            reads those rows where they lie, so no channel slice of the cotangents is copied out.
     """
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
@@ -52,13 +64,13 @@ def weight_gradient_call(
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
-    parts = partials(spec, inputs, cotangents, strip)
+    parts = partials(spec, inputs, cotangents, strip, first_channel)
     return _dw_plan.unpack(spec, jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
 
 
-def partials(spec: ConvSpec, inputs, cotangents, strip: int) -> jax.Array:
+def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int = 0) -> jax.Array:
     """The kernel's result: per CTA (channel group, z, strip) its partial dW, (CTAs, partial
-    floats) in fragment order (`_dw_plan.unpack`)."""
+    floats) in fragment order (`_dw_plan.unpack`); the vector blocks in `layout()`."""
     _check_strip(strip)
     x0, x1 = (jnp.asarray(x, jnp.float32) for x in inputs)
     g0, g1 = (jnp.asarray(g, jnp.float32) for g in cotangents)
@@ -66,8 +78,10 @@ def partials(spec: ConvSpec, inputs, cotangents, strip: int) -> jax.Array:
     lay = _dw_plan.layout(spec, spatial[2])
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.partial_floats), jnp.float32)
-    call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all")
-    return call(x0, x1, g0, g1, geom=np.asarray(geometry(spec, spatial, strip), np.int64))
+    planar = layout() == "planar"
+    geom = geometry(spec, spatial, strip, int(g0.shape[0]), first_channel, planar)
+    call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all", input_layouts=vector_layouts(planar, 2))
+    return call(x0, x1, g0, g1, geom=np.asarray(geom, np.int64))
 
 
 def _check_strip(strip) -> None:

@@ -130,7 +130,11 @@ def describe(spec: ConvSpec, spatial) -> str:
             on_triton.append(what)
     if not on_cuda:
         return ""
-    said = " and ".join(on_cuda) + " on kernels/cuda's CUDA kernels at tf32 (Triton's at other precisions)"
+    from ..cuda.conv_contract import layout as cuda_layout
+
+    blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
+    said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at tf32 ({blocks} vector blocks; Triton's "
+            "at other precisions)")
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
 

@@ -6,19 +6,23 @@ kernel that reads the block once (plus a fixed-order sum of the per-program part
     first, _ = channel_sums_triton(a, products=False)
     first, products = channel_sums_triton(a, shift=s)  # of d = a - s[:, None, :]: d is never written
 
-a and b are (c, P, T) float32 in row-major order: components minor, the layout the CUDA
-ConvContract kernels read and write. These are the norms' statistics, the norms' affine
-gradient and the layers' bias gradients. XLA runs them as column reductions with a 3-wide (or,
-for the products, a 9-wide computed) kept axis and its emitter reads the block at a fraction of
-HBM speed: on the H200, ResNet step profile at fffb5eb, ~0.2 ms per 201 MB vector block where
-one read takes ~0.05 ms (bench/NOTES.md, "Session 14").
+a and b are (c, P, T) float32, read in row-major order (components minor, the layout the CUDA
+ConvContract kernels read and write) or, with `planar=True`, component-planar: the same logical
+array laid out (c, T, P) in memory, each component's pixels contiguous, which the launch asks XLA
+for (as the Triton ConvContract and VectorNeuron kernels ask for theirs), so that XLA needs no
+transpose between the sums and planar neighbours. The sums are the norms' statistics, the norms'
+affine gradient and the layers' bias gradients. XLA runs them as column reductions with a
+3-wide (or, for the products, a 9-wide computed) kept axis and its emitter reads the block at a
+fraction of HBM speed: on the H200, ResNet step profile at fffb5eb, ~0.2 ms per 201 MB vector
+block where one read takes ~0.05 ms (bench/NOTES.md, "Session 14").
 
 A program owns one (example, channel) and a run of pixels. It loads the T components of
 `block` pixels with T stride-T loads (the loads of one tile touch the same cache lines, so HBM
-is read once) and keeps T (+ T^2, or T (T + 1) / 2 for a = b) register accumulators. It writes
-one partial row per program, and `plan_partial_sums` adds the rows in a fixed order: the result
-is bit-identical run after run (no atomics). Under `jax.vmap` one launch covers the batch
-(custom_vmap, as the other kernels). With TRITON_INTERPRET=1 the same source runs on the host.
+is read once; planar: T contiguous runs, component t of pixel p at t P + p) and keeps T (+ T^2,
+or T (T + 1) / 2 for a = b) register accumulators. It writes one partial row per program, and
+`plan_partial_sums` adds the rows in a fixed order: the result is bit-identical run after run
+(no atomics). Under `jax.vmap` one launch covers the batch (custom_vmap, as the other kernels).
+With TRITON_INTERPRET=1 the same source runs on the host (planar operands' axes moved there).
 
 Not differentiable by itself: the callers (ginjax._norm_stats, the triton backend's bias
 gradient) use it inside their own custom_vjp rules.
@@ -52,7 +56,7 @@ def products_fit(T: int) -> bool:
 
 
 def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products: bool = True,
-                        shift: Optional[jax.Array] = None):
+                        shift: Optional[jax.Array] = None, planar: bool = False):
     """(sum_p a[c, p, :] (c, T), sum_p a[c, p, :, None] b[c, p, None, :] (c, T, T) or None).
 
     Args:
@@ -61,6 +65,10 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
         products: also sum the products (T <= 4); False: the first sums only (b must be None).
         shift: (c, T) float32 or None, subtracted from every pixel of `b` as it is loaded (of `a`
             too where `b` is None, for both sums): the sums of a shifted block without writing it.
+        planar: index `a` and `b` component-planar, physically (c, T, P), and ask XLA for that
+            layout (False: row-major (c, P, T)). The shapes and sums are the same either way;
+            the layout XLA gives the operands around the call differs. For T = 1 the two
+            layouts are one and the row-major kernel runs.
     """
     if a.ndim != 3:
         raise ValueError(f"`a` (shape {a.shape}) must be (channels, pixels, components)")
@@ -80,7 +88,8 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
         raise ValueError(f"`a` (shape {a.shape}) has more than 2^31 elements per channel")
     operands = (a[None],) if b is None else (a[None], b[None])
     operands += () if shift is None else (shift[None],)
-    (total,) = _batched(bool(products), b is not None, shift is not None)(operands)
+    planar = bool(planar) and T > 1
+    (total,) = _batched(bool(products), b is not None, shift is not None, planar)(operands)
     c = int(a.shape[0])
     total = total[0].reshape(c, -1)
     first = total[:, :T]
@@ -88,25 +97,31 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
 
 
 @functools.lru_cache(maxsize=16)
-def _batched(products: bool, two: bool, shifted: bool):
+def _batched(products: bool, two: bool, shifted: bool, planar: bool):
     @jax.custom_batching.custom_vmap
     def op(operands):
-        return (_launch(products, two, shifted, operands),)
+        return (_launch(products, two, shifted, planar, operands),)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
 
 
-def _launch(products: bool, two: bool, shifted: bool, operands) -> jax.Array:
+# the physical order of a planar (batch, c, P, T) operand: (batch, c, T, P)
+_PLANAR_ORDER = (0, 1, 3, 2)
+
+
+def _launch(products: bool, two: bool, shifted: bool, planar: bool, operands) -> jax.Array:
     """operands: a (and b), each (1 or B, c, P, T), (and the shift, (1 or B, c, T)) -> (B, c * n_out)
-    sums, n_out = T (+ T^2)."""
+    sums, n_out = T (+ T^2). `planar`: a and b are read (and asked of XLA) as (1 or B, c, T, P)."""
     batch = batch_size(operands)
     flags = batched_flags(operands, batch)
     _, c, P, T = (int(n) for n in operands[0].shape)
-    plan, chunks = plan_channel_sums(c, P, T, batch, products, two, flags, shifted)
+    plan, chunks = plan_channel_sums(c, P, T, batch, products, two, flags, shifted, planar)
     width = c * _outputs(T, products)
     part_shape = jax.ShapeDtypeStruct((batch, chunks, width), jnp.float32)
-    (part,) = run_plan(plan, [part_shape], plan.programs_per_batch * batch, list(operands))
+    blocks = 2 if two else 1
+    in_orders = [_PLANAR_ORDER if planar else None] * blocks + [None] * (len(operands) - blocks)
+    (part,) = run_plan(plan, [part_shape], plan.programs_per_batch * batch, list(operands), in_orders=in_orders)
     sums = plan_partial_sums(batch, chunks, width, prefix="channel_sums_total")
     (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch,
                         [part])
@@ -132,16 +147,20 @@ def chunking(c: int, P: int, T: int, batch: int) -> tuple[int, int]:
 
 
 def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: bool,
-                      batched: tuple[bool, ...], shifted: bool = False) -> tuple[KernelPlan, int]:
+                      batched: tuple[bool, ...], shifted: bool = False,
+                      planar: bool = False) -> tuple[KernelPlan, int]:
     """The generated kernel and the number of pixel runs per (example, channel).
 
     Partials go to part[bat, chunk, ch * n_out + k]: k < T the sums of a, then the T x T
     products row-major. `shifted`: a last operand `shift` (c, T) is subtracted from b's loads
-    (from a's where b is a), masked pixels staying 0."""
+    (from a's where b is a), masked pixels staying 0. `planar`: a and b are indexed (batch, c,
+    T, P), component i of pixel p at i * P + p within a channel (the row-major kernel's source is
+    unchanged by the option; the planar one's name says `_planar`)."""
     tile = _tile(T)
     per, chunks = chunking(c, P, T, batch)
     n_out = _outputs(T, products)
-    tag = (f"{'ab' if two else 'aa' if products else 'a'}{'_shifted' if shifted else ''}_{c}_{P}_{T}_{batch}_"
+    tag = (f"{'ab' if two else 'aa' if products else 'a'}{'_shifted' if shifted else ''}"
+           f"{'_planar' if planar else ''}_{c}_{P}_{T}_{batch}_"
            f"{''.join('1' if f else '0' for f in batched)}")
     name = f"channel_sums_{tag}"  # the profiler attributes kernels by name prefix
     args = (["a", "b"] if two else ["a"]) + (["shift"] if shifted else []) + ["part"]
@@ -165,6 +184,11 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
     if shifted:
         shift_row = f"shift + {'bat * ' + str(c * T) + ' + ' if batched[-1] else ''}ch.to(tl.int64) * {T}"
         lines += [f"    shift{i} = tl.load({shift_row} + {i})" for i in range(T)]
+    if planar:  # one base per component run: int64 pointers, the loop's offsets stay p < 2^31
+        for i in range(T):
+            lines.append(f"    a_row{i} = a_row + {i * P}")
+            if two:
+                lines.append(f"    b_row{i} = b_row + {i * P}")
     lines.append(f"    offs = tl.arange(0, {tile})")
     for i in range(T):
         lines.append(f"    f{i} = tl.zeros(({tile},), tl.float32)")
@@ -177,9 +201,9 @@ def plan_channel_sums(c: int, P: int, T: int, batch: int, products: bool, two: b
         f"        m = p < {P}",
     ]
     for i in range(T):
-        lines.append(f"        a{i} = tl.load(a_row + p * {T} + {i}, mask=m, other=0.0)")
-        if two:
-            lines.append(f"        b{i} = tl.load(b_row + p * {T} + {i}, mask=m, other=0.0)")
+        for x in ("a", "b") if two else ("a",):
+            offset = f"{x}_row{i} + p" if planar else f"{x}_row + p * {T} + {i}"
+            lines.append(f"        {x}{i} = tl.load({offset}, mask=m, other=0.0)")
         if shifted:  # masked pixels must add nothing: the shift is applied where m only
             lines.append(f"        {'b' if two else 'a'}{i} = tl.where(m, {'b' if two else 'a'}{i} - shift{i}, 0.0)")
     for i in range(T):

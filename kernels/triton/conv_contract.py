@@ -261,12 +261,12 @@ def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
 
 def _weight_grad_by_output_groups(split, inputs, cotangents):
     """Per pair dW of `split`'s layer from one CUDA launch per output group: group g's cotangents
-    against every input are rows g of each pair's dW (weights are small: concatenated)."""
+    (read in place: `first_channel`) against every input are rows g of each pair's dW (weights
+    are small: concatenated)."""
     from .. import cuda
 
     sub, n = split
-    rows = [slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP) for g in range(n)]
-    results = [cuda.weight_gradient_call(sub, inputs, tuple(c[r] for c in cotangents)) for r in rows]
+    results = [cuda.weight_gradient_call(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP) for g in range(n)]
     return tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*results))
 
 
@@ -343,7 +343,9 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residual
     else:
         d_weights = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
         if d_weights is not None:
-            sums = _spatial_sums(cotangents, biased, spec.D, row_major=True)
+            from ..cuda.conv_contract import layout as cuda_layout
+
+            sums = _spatial_sums(cotangents, biased, spec.D, fixed_layout=cuda_layout())
         else:  # the weight kernels also add up the biased keys' cotangents from the tiles they load
             op = _batched_weight_grad(spec, mode, blocks, biased)
             outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
@@ -375,20 +377,21 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residual
     )
 
 
-def _spatial_sums(cotangents, biased, D: int, row_major: bool = False) -> dict:
+def _spatial_sums(cotangents, biased, D: int, fixed_layout: Optional[str] = None) -> dict:
     """Per biased output key, its cotangent summed over the pixels: (o, *tensor). In the layout
     the cotangent has (`middle_sum`): a plain sum keeping the 3 components minor is a column
     reduction XLA ran in 1.0 ms on a 4 x 16 x 64^3 vector block on the H200, ~15x one read of it.
-    `row_major`: the cotangents are laid out row-major for their other readers (the CUDA
-    kernels), so the Triton sums kernel (GINJAX_CHANNEL_SUMS=triton) may read them there too."""
+    `fixed_layout`: "planar" or "minor", the layout the cotangents' other readers (the CUDA
+    kernels) fix, in which the Triton sums kernel (GINJAX_CHANNEL_SUMS=triton) reads them too."""
     sums = {}
     for b in biased:
         g = cotangents[b]
-        flat = g.reshape((g.shape[0], math.prod(g.shape[1 : 1 + D]), -1)) if row_major else None
+        flat = g.reshape((g.shape[0], math.prod(g.shape[1 : 1 + D]), -1)) if fixed_layout else None
         if flat is not None and fused_sums_cover(flat, products=False):
             from .channel_sums import channel_sums_triton
 
-            sums[b] = channel_sums_triton(flat, products=False)[0].reshape((g.shape[0],) + g.shape[1 + D :])
+            first = channel_sums_triton(flat, products=False, planar=fixed_layout == "planar")[0]
+            sums[b] = first.reshape((g.shape[0],) + g.shape[1 + D :])
         else:
             sums[b] = middle_sum(g, 1, 1 + D)
     return sums

@@ -29,8 +29,9 @@ With `affine=(m, v, shift)` (a norm's per-channel map, ginjax._norm_stats.
 vector_group_norm_coefficients) the kernels take x <- m_c (x - shift_c) + v_c in registers right
 after the load, forward and backward: the normalised block is neither written nor kept. The
 backward kernel then returns the gradient in that normalised block, and the map's own VJP
-(kernels._reduce.affine_backward: one channel-sums pass, one elementwise pass) completes gx, gm,
-gv and gshift. The coefficients ride along as one (c, T^2 + 2T) operand, per example under vmap.
+(kernels._reduce.affine_backward: one channel-sums pass, in the kernels' own layout, and one
+elementwise pass) completes gx, gm, gv and gshift. The coefficients ride along as one
+(c, T^2 + 2T) operand, per example under vmap.
 
 Activations: jax.nn.relu and jax.nn.gelu (its default tanh form), recognised by identity
 (`supported_activation`); anything else raises here (ginjax._vector_neuron falls back to its
@@ -121,7 +122,7 @@ class _Config(NamedTuple):
     eps: float
     blocks: VNBlocks
     planar: bool
-    sums_fused: bool = False  # the affine map's backward sums on the Triton sums kernel
+    sums_fused: bool = False  # the affine map's backward sums on the Triton sums kernel (indexed as `planar`)
 
 
 # ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
@@ -154,7 +155,9 @@ def _vn_bwd(cfg, res, gy):
         return gw[0], g[0], None
     m, _, shift = affine
     c, T = m.shape[0], m.shape[-1]
-    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift, g[0].reshape((c, -1, T)))
+    # the sums read x and g in the layout these kernels read x and wrote g in: no transposes between
+    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift, g[0].reshape((c, -1, T)),
+                                         planar=cfg.planar)
     return gw[0], gx.reshape(x.shape), (gm, gv, gshift)
 
 
