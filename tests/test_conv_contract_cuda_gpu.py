@@ -286,10 +286,12 @@ def test_layer_bias_in_the_forward_epilogue_per_example():
     grads = jax.jit(jax.value_and_grad(lambda *a: loss("triton", *a), argnums=(0, 1, 2)))(xs, ws, bias)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
-    # no fusion makes an array of the outputs' (or the inputs') size: the custom call's results
-    # are the outputs, with no add over them
+    # no fusion makes an array of the outputs' (or the inputs') size but a relayout at the jit
+    # boundary (planar blocks in and out of a program whose arguments are row-major): the custom
+    # call's results are the outputs, with no add over them
     big = re.compile(r"\s*(ROOT )?%\S+ = f32\[3,16,4,6,32(,3)?\]\S* fusion\(")
-    assert not [line for line in hlo.splitlines() if big.match(line)], hlo[-3000:]
+    adds = [line for line in hlo.splitlines() if big.match(line) and "transpose" not in line.split("calls=")[-1][:40]]
+    assert not adds, hlo[-3000:]
 
 
 def test_fp32_precision_is_refused():
