@@ -33,6 +33,8 @@
 #            it (variants cuda-fwd / vn-cuda); ptxas' report in $OUT/cuda-build/build.log
 #   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
 #            (run cuda-build first)
+#   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 in each layout (CUDA_NCU_LAYOUTS, default
+#            "minor planar"; run cuda-build first)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
 #            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
 #            --strip with no value: no forward rows); run cuda-build first
@@ -42,7 +44,7 @@
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_DW.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -112,6 +114,14 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_CUDA_FWD:-120}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_gpu.py \
         > "$OUT/cuda-fwd/tests.log" 2>&1
       rc=$?; tail -3 "$OUT/cuda-fwd/tests.log"; (exit $rc) ;;
+    cuda-ncu)  # the CUDA forward under Nsight Compute in each vector-block layout (run cuda-build first)
+      for layout in ${CUDA_NCU_LAYOUTS:-minor planar}; do
+        GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
+          --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
+          python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-$layout" --strip 32 --dw-strip > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
+        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Stall Long Scoreboard|Issued Warp" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
+      done ;;
     cuda-dw)
       timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \
         > "$OUT/cuda-dw/tests.log" 2>&1
