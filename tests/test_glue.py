@@ -391,3 +391,26 @@ def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl)
         _vector_neuron.default_impl()
 
 
+@pytest.mark.parametrize("platform", ["gpu", "cpu"])
+def test_one_block_layout_for_every_kernel(monkeypatch, platform):
+    """kernels._layout.block_layout: "planar" on a GPU, "minor" elsewhere; GINJAX_BLOCK_LAYOUT sets
+    it for the CUDA ConvContract kernels, the VectorNeuron and the sums alike; GINJAX_CUDA_LAYOUT
+    and GINJAX_VN_LAYOUT override it for one of them; a value they do not know is named."""
+    from kernels._layout import ENV, block_layout
+    from kernels.cuda import conv_contract as cuda_entry
+
+    for env in (ENV, cuda_entry.LAYOUT_ENV, _vector_neuron.LAYOUT_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    default = "planar" if platform == "gpu" else "minor"
+    assert block_layout() == cuda_entry.layout() == _vector_neuron.default_layout() == default
+    other = "minor" if default == "planar" else "planar"
+    monkeypatch.setenv(ENV, other)
+    assert block_layout() == cuda_entry.layout() == _vector_neuron.default_layout() == other
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, default)
+    assert (cuda_entry.layout(), _vector_neuron.default_layout()) == (default, other)
+    monkeypatch.setenv(ENV, "rows")
+    with pytest.raises(ValueError, match=r"`GINJAX_BLOCK_LAYOUT` \(='rows'\) must be one of"):
+        block_layout()
+
+
