@@ -26,8 +26,8 @@ Two arrangements of the same arithmetic, by where the T components sit:
 The layout is also the one the "triton" kernels index the block in, so it is the physical layout
 XLA gives the block around them. The Triton ConvContract kernels ask XLA for component-planar
 blocks (with "minor" XLA copied every block into the planar layout and back, bench/NOTES.md
-"Round 2 measured"); the CUDA ConvContract kernels read and write components-minor ones, yet
-beside them too "planar" was faster while the "minor" kernels loaded each component at stride T:
+"Round 2 measured"); the CUDA ConvContract kernels read and wrote components-minor ones until
+session 19, yet beside them too "planar" was faster while the "minor" kernels loaded each component at stride T:
 those loads cost more than the transposes they spared (H200, steps at d3_n64_b4: ResNet 50.5 ms
 planar against 53.3 minor, DilResNet 78.7 against 89.8, UNet 39.9 against 43.7; bench/NOTES.md
 "Session 13"). The "minor" kernels now read and write whole pixels (`_vn_kernel._packed`, up to

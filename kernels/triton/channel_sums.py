@@ -6,8 +6,9 @@ kernel that reads the block once (plus a fixed-order sum of the per-program part
     first, _ = channel_sums_triton(a, products=False)
     first, products = channel_sums_triton(a, shift=s)  # of d = a - s[:, None, :]: d is never written
 
-a and b are (c, P, T) float32, read in row-major order (components minor, the layout the CUDA
-ConvContract kernels read and write) or, with `planar=True`, component-planar: the same logical
+a and b are (c, P, T) float32, read in row-major order (components minor, the CUDA ConvContract
+kernels' layout under GINJAX_BLOCK_LAYOUT=minor) or, with `planar=True`, component-planar (every
+block kernel's layout on a GPU by default, kernels/_layout.py): the same logical
 array laid out (c, T, P) in memory, each component's pixels contiguous, which the launch asks XLA
 for (as the Triton ConvContract and VectorNeuron kernels ask for theirs), so that XLA needs no
 transpose between the sums and planar neighbours. The sums are the norms' statistics, the norms'
