@@ -50,6 +50,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="cases compiled at once, in threads (default 8 on a GPU, 1 on a CPU; at 1 the table records compile times)")
     p.add_argument("--list", action="store_true", help="only list the configurations (no timing; runs on a CPU)")
+    p.add_argument("--operand-layouts", default="row-major", choices=OPERAND_LAYOUTS,
+                   help="the timed layer's arguments and results: row-major (default), auto (XLA picks them, every "
+                        "backend), or fused-auto (the fused backends with XLA's picks, as inside a model where their "
+                        "neighbours take their block layout; dense row-major)")
     p.add_argument("--only-unmeasured", action="store_true",
                    help="skip the cases the table already holds (configuration, batch, mode and backend): "
                         "a budgeted run measures the costliest first, so its cheap tail is measured by a second run")
@@ -64,6 +68,18 @@ def parse_args(argv) -> argparse.Namespace:
         p.error(str(err))
     _suite.check_timing_args(p, args)
     return args
+
+
+OPERAND_LAYOUTS = ("row-major", "auto", "fused-auto")
+
+
+def layouts_for(choice: str, backend: str) -> str:
+    """`_timing.compile_for`'s operand_layouts for a backend under --operand-layouts `choice`."""
+    if choice not in OPERAND_LAYOUTS:
+        raise ValueError(f"`--operand-layouts` (={choice!r}) must be one of {OPERAND_LAYOUTS}")
+    if choice == "fused-auto":
+        return "row-major" if backend in ("dense", "reference") else "auto"
+    return choice
 
 
 def candidates(value: str) -> tuple[str, ...]:
@@ -120,6 +136,7 @@ class _Case:
     args: tuple = ()
     compile_s: float = 0.0
     error: str = ""
+    layouts: str = "row-major"  # _timing.compile_for's operand_layouts
 
     def row(self) -> dict:
         return dict(signature=self.use.signature, batch=self.use.batch, mode=self.mode, backend=self.backend)
@@ -154,7 +171,9 @@ def _compile(case: _Case) -> _Case:
     start = time.perf_counter()
     try:
         fn, case.args = model_layers.layer_function(case.use, case.backend, case.mode)
-        case.compiled = _timing.compile_for(fn, case.args)
+        case.compiled = _timing.compile_for(fn, case.args, operand_layouts=case.layouts)
+        if case.layouts != "row-major":
+            case.args = _timing.place(case.compiled, case.args)
     except Exception as err:  # noqa: BLE001 - one failing case (lowering, OOM) must not end the run
         case.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
     case.compile_s = round(time.perf_counter() - start, 2)
@@ -175,6 +194,8 @@ def measure_all(uses, backends, args, table: dict, table_path, log: list, worker
         deadline = time.monotonic() + args.time_budget
     paths = table_path if isinstance(table_path, (list, tuple)) else [table_path]
     todo, left_out = plan(uses, backends, args.modes, table if getattr(args, "only_unmeasured", False) else None)
+    for case in todo:
+        case.layouts = layouts_for(getattr(args, "operand_layouts", "row-major"), case.backend)
     log.extend(left_out)
     chunk = max(1, workers)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=chunk) if chunk > 1 else None
@@ -198,7 +219,7 @@ def measure_all(uses, backends, args, table: dict, table_path, log: list, worker
                     _compile(c)
             done = batch
             for n, case in enumerate(done, start=i + 1):
-                row = dict(case.row(), compile_s=case.compile_s)
+                row = dict(case.row(), compile_s=case.compile_s, operand_layouts=case.layouts)
                 if not case.error:
                     try:
                         first = time.perf_counter()
@@ -286,7 +307,8 @@ def main(argv=None) -> int:
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
     table = load_table(table_path, info["device_kind"])
     commit = _suite.resolve_commit(args.commit)
-    source = f"python -m bench measure-auto --configs {args.configs_arg} ({_dt.date.today()}, commit {commit})"
+    layouts = "" if args.operand_layouts == "row-major" else f" --operand-layouts {args.operand_layouts}"
+    source = f"python -m bench measure-auto --configs {args.configs_arg}{layouts} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     targets = [table_path]
     if args.out:

@@ -136,6 +136,20 @@ def test_a_steps_configurations_are_found_and_measured_into_a_table(tmp_path):
     ms, rule = _measured.ranking("cpu", case.spec(), (8, 8), table=table)
     assert rule.startswith("exact match") and "dense" in ms
     assert "t " in measure_auto.summary(uses, table, ("dense", "reference"))
+    # --operand-layouts fused-auto: the fused backends timed with XLA's picks, dense row-major
+    # (each row says which); a choice it does not know is named
+    opts.operand_layouts = "fused-auto"
+    log.clear()
+    measure_auto.measure_all(uses, ("dense", "reference"), opts, dict(table, exact={}), tmp_path / "cpu2.json", log)
+    assert {r["backend"]: r["operand_layouts"] for r in log} == {"dense": "row-major", "reference": "row-major"}
+    assert measure_auto.layouts_for("fused-auto", "triton") == "auto"
+    assert measure_auto.parse_args(["--operand-layouts", "auto", "--list"]).operand_layouts == "auto"
+    with pytest.raises(ValueError, match=r"`--operand-layouts` \(='planar'\) must be one of"):
+        measure_auto.layouts_for("planar", "dense")
+    opts.operand_layouts = "auto"
+    log.clear()
+    measure_auto.measure_all(uses, ("dense",), opts, dict(table, exact={}), tmp_path / "cpu3.json", log)
+    assert [r["operand_layouts"] for r in log] == ["auto"] and all("error" not in r for r in log)
     # --only-unmeasured: what the table holds is left out, with the reason, the rest measured
     todo, left_out = measure_auto.plan(uses, ("dense", "reference", "native"), ("fwd_bwd", "fwd"), table)
     assert {(c.mode, c.backend) for c in todo} >= {("fwd", "dense"), ("fwd", "reference")}
