@@ -158,7 +158,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey, kPlanar>(p, next, b, grp, y_next, zz);              \
+    if (more) load_slice<NX, kKey, kPlanar>(p, next, b, grp, y_next, zz);     \
     cp_async_commit();                                                        \
   }
 

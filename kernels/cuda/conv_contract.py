@@ -104,12 +104,20 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
+    total = output_slice(spec, out_channels, first_channel)
+    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
+            total, first_channel, int(planar)]
+
+
+def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int) -> int:
+    """The outputs' (or cotangents') channels O of an output group's launch (None: the layer's o),
+    checked to hold the launch's o channels from `first_channel` on a whole group."""
+    o = spec.out_keys[0][2]
     total = o if out_channels is None else int(out_channels)
     if total % o or not 0 <= first_channel <= total - o or first_channel % o:
         raise ValueError(f"`first_channel` (={first_channel}) must be a multiple of the layer's {o} output channels "
                          f"below `out_channels` (={total}, a multiple of {o})")
-    return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel, int(planar)]
+    return total
 
 
 def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:

@@ -23,7 +23,7 @@ from .._spec import ConvSpec
 from . import _dw_plan
 from ._ffi import DW_TARGET, registered
 from ._tiling import strip_for
-from .conv_contract import layout, vector_layouts
+from .conv_contract import layout, output_slice, vector_layouts
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_channels: Optional[int] = None,
@@ -31,13 +31,9 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_chan
     """The kernel's `geom` attribute (weight_gradient.cu's header lists the entries)."""
     lay = _dw_plan.layout(spec, spatial[2])
     packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
-    o = spec.out_keys[0][2]
-    total = o if out_channels is None else int(out_channels)
-    if total % o or not 0 <= first_channel <= total - o or first_channel % o:
-        raise ValueError(f"`first_channel` (={first_channel}) must be a multiple of the layer's {o} output channels "
-                         f"below `out_channels` (={total}, a multiple of {o})")
-    return [*spatial, spec.in_keys[0][2], o, strip, *lay.pitch, *packed, lay.n_weights, total, first_channel,
-            int(planar)]
+    total = output_slice(spec, out_channels, first_channel)
+    return [*spatial, spec.in_keys[0][2], spec.out_keys[0][2], strip, *lay.pitch, *packed, lay.n_weights, total,
+            first_channel, int(planar)]
 
 
 def weight_gradient_call(

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from .._fused import INT32_MAX
 from ._kernel import plan_partial_sums
-from ._launch import batch_size, batched_flags, run_plan
+from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._tiling import KernelPlan
 from .conv_contract import _fold_batch_rule
 
@@ -107,10 +107,6 @@ def _batched(products: bool, two: bool, shifted: bool, planar: bool):
     return op
 
 
-# the physical order of a planar (batch, c, P, T) operand: (batch, c, T, P)
-_PLANAR_ORDER = (0, 1, 3, 2)
-
-
 def _launch(products: bool, two: bool, shifted: bool, planar: bool, operands) -> jax.Array:
     """operands: a (and b), each (1 or B, c, P, T), (and the shift, (1 or B, c, T)) -> (B, c * n_out)
     sums, n_out = T (+ T^2). `planar`: a and b are read (and asked of XLA) as (1 or B, c, T, P)."""
@@ -121,7 +117,8 @@ def _launch(products: bool, two: bool, shifted: bool, planar: bool, operands) ->
     width = c * _outputs(T, products)
     part_shape = jax.ShapeDtypeStruct((batch, chunks, width), jnp.float32)
     blocks = 2 if two else 1
-    in_orders = [_PLANAR_ORDER if planar else None] * blocks + [None] * (len(operands) - blocks)
+    # a (batch, c, P, T) block, P one flattened spatial axis: planar is (batch, c, T, P) in memory
+    in_orders = [block_order(1, 4, planar)] * blocks + [None] * (len(operands) - blocks)
     (part,) = run_plan(plan, [part_shape], plan.programs_per_batch * batch, list(operands), in_orders=in_orders)
     sums = plan_partial_sums(batch, chunks, width, prefix="channel_sums_total")
     (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch,
