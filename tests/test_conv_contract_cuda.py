@@ -483,7 +483,12 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert len(regs) == 16 and len(spills) == 16, report  # forward_kernel<nx 16..64, n-tiles 1, 2, groups 1 / G>
+    # forward_kernel<NX, NT, kGroups, kPlanar>: every tile width, both n-tile counts, G = 1 and G > 1,
+    # both block layouts, each compiled exactly once.
+    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])EE", report)
+    expected = {(str(nx), str(nt), g, pl) for nx in (16, 32, 48, 64) for nt in (1, 2) for g in "01" for pl in "01"}
+    assert sorted(kernels_) == sorted(expected), report
+    assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report
     assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))

@@ -311,6 +311,10 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert len(regs) == 8 and len(spills) == 8, report  # weight_gradient_kernel<nx 16..64, n-tiles 1, 2>
+    # weight_gradient_kernel<NX, NT, kPlanar>: every tile width, both n-tile counts, both block layouts.
+    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])EE", report)
+    expected = {(str(nx), str(nt), pl) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"}
+    assert sorted(kernels_) == sorted(expected), report
+    assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report
     assert max(regs) <= MAX_REGISTERS, report
