@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # every block kernel components minor (the packed minor VectorNeuron beside the minor CUDA kernels)
     "blocks-minor": ({"GINJAX_BLOCK_LAYOUT": "minor"}, ()),
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
+    # the CUDA forward on dilated layers (DilResNet's; off by default until its GPU tests pass)
+    "cuda-dilated": ({"GINJAX_CUDA_DILATED": "1"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -1,6 +1,7 @@
 """conv_contract.cu's index arithmetic and arithmetic in numpy, lane by lane, for the CPU tests:
 the slice copies (every lane's cp.async source and destination, the wrap floats), the ring of
-three y slices per strip and the MID hook that refills the oldest one, the stencil reads at each
+three y slices per strip (at dilation d: rows y - d, y, y + d of one y phase) and the MID hook
+that refills the oldest one, the stencil reads at each
 lane's base plus the walk's immediates, the symmetric walk (ROW / ZC / XC / NZ of
 `_plan.row_groups`), the mma fragments (A from the Z registers, B from the packed weights, C to
 the lanes), the warp halves' meeting in the staging area and its 16-byte stores; with several
@@ -23,14 +24,16 @@ LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 
 
-def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool):
+def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool, d: int = 1):
     """common.cuh's copy_channel_rows for one channel, as (destination, source, lane mask) lane
-    vectors per cp.async: dst_c the row dz = -1's interior x = 0 in shared memory, src_c the
-    channel's first float, zoff[dz] a row's offset in a component's volume. Minor: lane l copies
-    floats l, l + 32, ... of the row's one run and, for l < 2 m, a wrap float; planar (m = 3):
-    component i's run of nx floats at i * volume, lane l's pixels to 3 x + i, lanes < 6 the wrap."""
+    vectors per cp.async: dst_c the row dz = -d's interior x = 0 in shared memory, src_c the
+    channel's first float, zoff[k] row k's offset in a component's volume, d the dilation (d wrap
+    pixels on each side). Minor: lane l copies floats l, l + 32, ... of the row's one run and wrap
+    floats w = l, l + 32, ... < 2 d m; planar (m = 3): component i's run of nx floats at i *
+    volume, lane l's pixels to 3 x + i, and wrap floats w < 6 d (component w % 3)."""
     copies = []
     every = LANE >= 0
+    wrap = d * m
     if not planar:
         row = nx * m
         k_full, k_rem = divmod(row, 32)
@@ -39,21 +42,25 @@ def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, 
             copies += [(dst + 32 * k, src + 32 * k, every) for k in range(k_full)]
             if k_rem:
                 copies.append((dst + 32 * k_full, src + 32 * k_full, LANE < k_rem))
-            copies.append((dst - m, src + row - m, LANE < m))
-            copies.append((dst + row - m, src - m, (LANE >= m) & (LANE < 2 * m)))
+            for w0 in range(0, 2 * wrap, 32):
+                w = w0 + LANE
+                copies.append((dst + w0 - wrap, src + w0 + row - wrap, w < wrap))
+                copies.append((dst + w0 + row - wrap, src + w0 - wrap, (w >= wrap) & (w < 2 * wrap)))
         return copies
     assert m == 3, "only vector blocks have a planar layout"
     k_full, k_rem = divmod(nx, 32)
-    wrap_i = np.where(LANE < 3, LANE, LANE - 3)
     for dz in range(3):
         for i in range(3):
             src, dst = src_c + i * volume + zoff[dz] + LANE, dst_c + dz * pitch + 3 * LANE + i
             copies += [(dst + 96 * k, src + 32 * k, every) for k in range(k_full)]
             if k_rem:
                 copies.append((dst + 96 * k_full, src + 32 * k_full, LANE < k_rem))
-        src, dst = src_c + wrap_i * volume + zoff[dz], dst_c + dz * pitch + wrap_i
-        copies.append((dst - 3, src + nx - 1, LANE < 3))
-        copies.append((dst + 3 * nx, src, (LANE >= 3) & (LANE < 6)))
+        for w0 in range(0, 2 * wrap, 32):
+            w = w0 + LANE
+            i, x = w % 3, w // 3
+            src = src_c + i * volume + zoff[dz] + np.where(x < d, nx - d + x, x - d)
+            dst = dst_c + dz * pitch + 3 * np.where(x < d, x - d, nx + x - d) + i
+            copies.append((dst, src, w < 2 * wrap))
     return copies
 
 
@@ -69,14 +76,15 @@ def from_physical(flat: np.ndarray, shape: tuple, planar: bool) -> np.ndarray:
     return np.moveaxis(flat.reshape(shape[:-4] + (3,) + shape[-4:-1]), -4, -1)
 
 
-def standard_spec(c_in: int, c_out: int):
+def standard_spec(c_in: int, c_out: int, dilation: int = 1):
     """The standard D=3 {scalar, vector} layer (bench/_cases.fixture_spec's filters) with c_in
-    input and c_out output channels per key: 32 inputs make the kernel's warp halves take two
-    chunk rounds per phase."""
+    input and c_out output channels per key (and rhs_dilation `dilation` on every axis): 32 inputs
+    make the kernel's warp halves take two chunk rounds per phase."""
     data = np.load(_cases.FIXTURE_FILTERS)
     basis = lambda k: data[f"filters/D3M3/k{k}p0"]  # noqa: E731
     pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
-    return kernels.make_spec(3, [(0, 0, c_in), (1, 0, c_in)], [(0, 0, c_out), (1, 0, c_out)], pairs, True)
+    return kernels.make_spec(3, [(0, 0, c_in), (1, 0, c_in)], [(0, 0, c_out), (1, 0, c_out)], pairs, True,
+                             rhs_dilation=dilation)
 
 
 class Emulator:
@@ -92,6 +100,7 @@ class Emulator:
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
+        self.d = self.lay.dilation
         self.groups, self.phases = _plan.phases(spec)
         self.o = spec.out_keys[0][2]
         self.nt = self.o // 8
@@ -118,27 +127,31 @@ class Emulator:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         planar = self.planar and key == 1
         run, C, warps = (nx if planar else nx * m), lay.channels[key], nx // 8
-        zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
+        zz = [(z - self.d) % self.nz, z, (z + self.d) % self.nz]
         plane = self.ny * run
-        zoff = [zz[d] * plane + yy * run for d in range(3)]
+        zoff = [zz[k] * plane + yy * run for k in range(3)]
         volume, channel = self.nz * plane, m * self.nz * self.ny * nx
-        base = lay.region[key] + m  # interior x = 0 of row 0
+        base = lay.region[key] + self.d * m  # interior x = 0 of row 0
         for warp in range(warps):
             for c in range(warp, C, warps):
                 dst_c, src_c = base + 3 * c * P + skew[c & 3], (grp * C + c) * channel  # the group's channel c
-                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar):
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar, self.d):
                     np.add.at(writes, dst[mask], 1)
                     slot[dst[mask]] = self.x[key][src[mask]]
 
     # ---- the kernel ---------------------------------------------------------------------------
     def run(self):
-        """Every CTA (strip, z) of the batch element; returns the outputs (o, nz, ny, nx), (o, nz, ny, nx, 3)
-        and the shared-memory write counts of every slice copy (the tests' coverage checks)."""
+        """Every CTA (z, y phase, strip) of the batch element; returns the outputs (o, nz, ny, nx),
+        (o, nz, ny, nx, 3) and the shared-memory write counts of every slice copy (the tests'
+        coverage checks)."""
         copies = []
+        d = self.d
+        rows = self.ny // d
         for z in range(self.nz):
-            for y0 in range(0, self.ny, self.strip):
-                for grp in range(self.n_groups):
-                    copies += self.cta(z, y0, min(y0 + self.strip, self.ny), grp)
+            for phase in range(d):
+                for j0 in range(0, rows, self.strip):
+                    for grp in range(self.n_groups):
+                        copies += self.cta(z, phase, j0, min(j0 + self.strip, rows), grp)
         shape = (self.o_total, self.nz, self.ny, self.nx)
         return self.out[0].reshape(shape), from_physical(self.out[1], shape + (3,), self.planar), copies
 
@@ -155,28 +168,32 @@ class Emulator:
             s_w[e : e + 4] = self.packed[src : src + 4]
         return s_w
 
-    def cta(self, z, y0, y1, grp=0):
-        """One pass of the CTA (z, strip y0 .. y1) over channel group grp; the ring and the
-        weights start over (the kernel's barrier between passes), the outputs do not."""
-        sf = self.lay.slice_floats
+    def cta(self, z, phase, j0, j1, grp=0):
+        """One pass of the CTA (z, rows y = phase + d j for j0 <= j < j1) over channel group grp;
+        the ring and the weights start over (the kernel's barrier between passes), the outputs do
+        not."""
+        sf, d = self.lay.slice_floats, self.d
         ring = np.full(3 * sf, np.nan)
         self.s_w = self.group_weights(grp)
+        y0 = phase + d * j0
         self.cta_id = (z * self.ny + y0) * 256  # + thread: who touched an output float
         copies = []
         for k in range(3):
             for key in (1, 0):
                 w = np.zeros(sf, int)
-                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, (y0 - 1 + k) % self.ny, w, grp)
-                copies.append((key, z, (y0 - 1 + k) % self.ny, w))
+                yy = (y0 + (k - 1) * d) % self.ny
+                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, yy, w, grp)
+                copies.append((key, z, yy, w))
         segs = self.nx // _plan.SEG
         warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
         oldest = 0
-        for y in range(y0, y1):
+        for j in range(j0, j1):
+            y = phase + d * j
             mid = (oldest + 1) % 3
             newest = (mid + 1) % 3
             sl = [ring[s * sf : (s + 1) * sf] for s in (oldest, mid, newest)]
             nxt = ring[oldest * sf : (oldest + 1) * sf]
-            more, y_next = y + 2 <= y1, (y + 2) % self.ny
+            more, y_next = j + 2 <= j1, (y + 2 * d) % self.ny
             acc = {w: np.zeros((len(self.groups), self.nt, 4, 32)) for w in warps}
             for ph in self.phases:
                 n_chunks = self.lay.channels[ph.key] // _plan.CHUNK
@@ -206,16 +223,17 @@ class Emulator:
         m, P, skew = (3 if ph.key else 1), lay.pitch[ph.key], lay.skew[ph.key]
         c0 = h * _plan.CHUNK + TID
         c1 = c0 + 4
-        px = (seg * _plan.SEG + 2 * G) * m + lay.region[ph.key]
+        px = (seg * _plan.SEG + _plan.lane_pixel(G, self.d)) * m + lay.region[ph.key]
         offs = [px + 3 * c * P + np.asarray(skew)[c & 3] for c in (c0, c1)]
-        return {"h": h, "offs": offs, "m": m, "P": P, "zt": np.zeros((len(ph.tiles), 4, 32))}
+        return {"h": h, "offs": offs, "m": m, "P": P, "xs": m * self.d, "zt": np.zeros((len(ph.tiles), 4, 32))}
 
     def walk(self, ph, st, groups, sl):
-        m, P, zt = st["m"], st["P"], st["zt"]
+        # xs: floats between a row read's four x (kXs: the pixel's floats times the dilation)
+        P, zt, xs = st["P"], st["zt"], st.get("xs", st["m"])
         for grp in groups:
             u = {}
             for dz in grp.dzs:  # u[dz][ch][s]
-                u[dz] = np.stack([[sl[grp.dy + 1][off + (dz + 1) * P + grp.i + s * m] for s in range(4)]
+                u[dz] = np.stack([[sl[grp.dy + 1][off + (dz + 1) * P + grp.i + s * xs] for s in range(4)]
                                   for off in st["offs"]])
             zc = {0: u.get(0)}
             for zk in grp.zc:
@@ -286,7 +304,7 @@ class Emulator:
         for q, (blk, comp) in enumerate(self.groups):
             for n in range(self.nt):
                 for k in range(4):
-                    oo, xx = n * 8 + 2 * TID + (k & 1), 2 * G + (k >> 1)
+                    oo, xx = n * 8 + 2 * TID + (k & 1), _plan.lane_pixel(G, self.d) + self.d * (k >> 1)
                     if blk == 0:
                         at = oo * s0 + xx
                     else:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
-from conftest import rel_l2
+from conftest import gradient_errors, rel_l2
 from kernels import cuda
 from kernels.cuda import _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
@@ -79,23 +79,32 @@ def test_row_groups_reconstruct_every_tap():
         assert max(abs(got[k] - want[k]) for k in want) < 1e-7
 
 
+@pytest.mark.parametrize("dilation", _plan.DILATIONS)
 @pytest.mark.parametrize("nx", [16, 32, 48, 64])
-def test_row_layout_reads_are_bank_conflict_free(nx):
+def test_row_layout_reads_are_bank_conflict_free(nx, dilation):
+    d = dilation
     for comps in (1, 3):
-        pitch, skew = _plan.row_layout(nx, comps)
-        assert pitch >= (nx + 2) * comps + max(skew)
-        assert _plan.bank_conflict_free(pitch, skew, comps)
+        pitch, skew = _plan.row_layout(nx, comps, d)
+        assert pitch >= (nx + 2 * d) * comps + max(skew) and max(skew) < 256  # 8 bits a skew
+        assert _plan.bank_conflict_free(pitch, skew, comps, d)
         # the brute force: every (channel half, s, dz, i) read of a warp hits 32 distinct banks
         for half in (0, 4):
             for s in range(4):
                 for dz in range(3):
                     for i in range(comps):
                         c = TID + half
-                        addr = 3 * c * pitch + np.asarray(skew)[c & 3] + (2 * G + s) * comps + dz * pitch + i
+                        x = _plan.lane_pixel(G, d) + s * d  # the lane's read s: x - d + s d from the row's x = -d
+                        addr = 3 * c * pitch + np.asarray(skew)[c & 3] + x * comps + dz * pitch + i
                         assert len(set((addr % 32).tolist())) == 32
+    # the lanes' 16 pixels: each segment pixel once, as row g (x) or row g + 8 (x + d)
+    assert sorted(np.concatenate([_plan.lane_pixel(np.arange(8), d), _plan.lane_pixel(np.arange(8), d) + d])) == list(range(16))
     assert not _plan.bank_conflict_free(66, (0, 0, 0, 0), 1)  # the packed row: conflicts
-    lay = _plan.layout(SPEC, nx)
-    assert lay.smem_bytes <= _plan.SMEM_LIMIT and lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
+    lay = _plan.layout(standard_spec(16, 16, d), nx)
+    assert lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
+    # the standard layer's ring fits at every dilation but 8 at x 64 (the wrap: 80 pixels a row)
+    assert (lay.smem_bytes <= _plan.SMEM_LIMIT) == (d < 8 or nx < 64)
+    if d == 1:  # the layouts measured since version 2
+        assert (lay.pitch, lay.smem_bytes) == (_plan.layout(SPEC, nx).pitch, _plan.layout(SPEC, nx).smem_bytes)
 
 
 def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
@@ -123,7 +132,7 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 22 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0]
+    assert len(geom) == 23 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
@@ -210,12 +219,18 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None, planar=Fa
     return emu, (y0, y1), want, copies
 
 
-@pytest.mark.parametrize("spatial, strip, channels, n_groups, planar", [
-    ((3, 5, 32), 2, (16, 16), None, False), ((2, 3, 16), 3, (16, 16), None, False), ((2, 3, 16), 2, (32, 8), None, False),
-    ((2, 3, 16), 2, (32, 16), 2, False), ((3, 4, 16), 3, (48, 8), 3, False), ((1, 3, 32), 2, (32, 16), None, False),
-    ((3, 5, 32), 2, (16, 16), None, True), ((2, 3, 16), 2, (32, 8), None, True), ((3, 4, 16), 3, (48, 8), 3, True),
-    ((1, 2, 48), 1, (16, 16), None, True)])
-def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, monkeypatch):
+@pytest.mark.parametrize("spatial, strip, channels, n_groups, planar, dilation", [
+    ((3, 5, 32), 2, (16, 16), None, False, 1), ((2, 3, 16), 3, (16, 16), None, False, 1),
+    ((2, 3, 16), 2, (32, 8), None, False, 1), ((2, 3, 16), 2, (32, 16), 2, False, 1), ((3, 4, 16), 3, (48, 8), 3, False, 1),
+    ((1, 3, 32), 2, (32, 16), None, False, 1), ((3, 5, 32), 2, (16, 16), None, True, 1),
+    ((2, 3, 16), 2, (32, 8), None, True, 1), ((3, 4, 16), 3, (48, 8), 3, True, 1), ((1, 2, 48), 1, (16, 16), None, True, 1),
+    # dilated: rows of one y phase per CTA, wider wrap, the lanes' pixel pairs d apart; strips that
+    # end inside a phase (2 of 3 rows), wrap floats past 32 lanes (d 8: 48 of them), z wrapping
+    # more than once (nz < d), 32 inputs (two chunk rounds)
+    ((3, 6, 16), 2, (16, 16), None, False, 2), ((2, 8, 32), 3, (32, 8), None, True, 2),
+    ((5, 8, 16), 2, (16, 16), None, True, 4), ((2, 4, 48), 1, (16, 8), None, False, 4),
+    ((3, 8, 16), 1, (16, 16), None, False, 8), ((2, 16, 32), 2, (16, 8), None, True, 8)])
+def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, dilation, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be (of the copy's
     channel group), written once; every output float is stored once per channel group and read
@@ -223,9 +238,10 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     outputs: one n-tile; (32, 16) at x 16 forced to 2 groups and (48, 8) to 3; (32, 16) at x 32
     takes 2 because one does not fit. `planar`: the vector blocks component-planar in memory
     (the copies' other lane mapping, x 48 where a component's row is not a multiple of 32 floats,
-    and the planar staging and stores)."""
+    and the planar staging and stores). `dilation` d: taps at -d, 0, d on every axis."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
-    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0]
     emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups,
                                        planar=planar)
@@ -236,17 +252,19 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     assert all((w == G).all() for w in emu.out_writes) and all((r == G - 1).all() for r in emu.out_reads)
     assert all((t >= 0).all() for t in emu.out_thread)
     nz, ny, nx = spatial
-    lay = emu.lay
+    lay, d = emu.lay, emu.d
+    assert d == dilation
     x = [emu.x[0].reshape(G * lay.channels[0], nz, ny, nx, 1),
          from_physical(emu.x[1], (G * lay.channels[1], nz, ny, nx, 3), planar)]
-    assert len(copies) == G * nz * sum(2 * (min(y0 + strip, ny) - y0 + 2) for y0 in range(0, ny, strip))  # 3 + L - 1 slices a key
+    rows = ny // d  # a CTA's strip: rows of one y phase; 3 + L - 1 slices a key
+    assert len(copies) == G * nz * d * sum(2 * (min(j0 + strip, rows) - j0 + 2) for j0 in range(0, rows, strip))
     for key, z, yy, writes in copies:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         want_at = np.zeros(lay.slice_floats, int)
         for c in range(lay.channels[key]):
             for dz in range(3):
                 start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
-                want_at[start : start + (nx + 2) * m] = 1
+                want_at[start : start + (nx + 2 * d) * m] = 1
         assert np.array_equal(writes, want_at), (key, z, yy)  # every float of every row once, no pad touched
     # a slot's contents for one CTA and each group: the copies wrote the group's wrapped rows
     for grp in range(G):
@@ -257,8 +275,8 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
             for c in range(lay.channels[key]):
                 for dz in range(3):
                     start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
-                    row = x[key][grp * lay.channels[key] + c, (dz - 1) % nz, ny - 1][np.arange(-1, nx + 1) % nx]
-                    assert np.array_equal(slot[start : start + (nx + 2) * m], row.reshape(-1))
+                    row = x[key][grp * lay.channels[key] + c, (d * (dz - 1)) % nz, ny - 1][np.arange(-d, nx + d) % nx]
+                    assert np.array_equal(slot[start : start + (nx + 2 * d) * m], row.reshape(-1))
 
 
 def test_group_weights_are_the_groups_chunks():
@@ -305,7 +323,7 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 22 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
+            assert len(geom) == 23 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
@@ -432,6 +450,66 @@ def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
         assert results[:2] == [scalar, vector], (layout, results)
 
 
+@pytest.mark.parametrize("layout, dilation", [("planar", 2), ("minor", 4)])
+def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(monkeypatch, layout, dilation):
+    """The `triton` backend on a dilated layer (DilResNet's), the CUDA FFI calls replaced by the
+    emulation configured only from what the kernel gets: the forward and the input gradient (the
+    transposed layer, a dilated layer on the forward's bases) are two launches whose `geom` says
+    the dilation, the strips are of one y phase's rows, and the weight gradient stays on triton's
+    kernel (the CUDA one is compiled at dilation 1 only); outputs and every gradient match
+    `reference`."""
+    from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
+    monkeypatch.setattr(cuda, "registered", lambda: (True, "emulated"))  # the coverage checks are the real ones
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    spec, spatial = standard_spec(16, 16, dilation), (dilation + 1, 2 * dilation, 16)  # the backend wraps d <= n
+    assert triton_entry.cuda_forward_covers(spec, spatial, np.float32)[0]
+    assert not triton_entry.cuda_weight_grad_covers(spec, spatial, np.float32)[0]
+    launches = []
+
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts):
+        assert target == _ffi.TARGET, target  # no CUDA weight gradient
+
+        def call(x0, x1, w, off, geom):
+            assert len(geom) == 23 and int(geom[22]) == dilation and geom[21] == (layout == "planar")
+            launches.append(int(geom[6]))
+
+            def host(x0, x1, w, off):
+                layer = standard_spec(16, 16, dilation)  # either direction: the forward's bases
+                outs = []
+                for b in range(x0.shape[0]):  # the vmapped batch, one emulated launch per example
+                    emu = Emulator(layer, np.asarray(x0[b]), np.asarray(x1[b]), np.asarray(w[b]), int(geom[6]),
+                                   round_z=False, offsets=np.asarray(off[b]), planar=bool(geom[21]))
+                    outs.append(emu.run()[:2])
+                return tuple(np.stack([o[k] for o in outs]).astype(np.float32) for k in range(2))
+
+            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, vmap_method="broadcast_all")
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=29)
+
+    def loss(backend):
+        def f(xs, ws):
+            outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend))(xs)
+            return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+        return f
+
+    (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
+    assert len(launches) == 2  # the forward and the input gradient
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1), has_aux=True)(xs, ws)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
 def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     bad = tmp_path / "_ginjax_cuda.so"
     bad.write_bytes(b"not an ELF file")
@@ -461,6 +539,24 @@ def test_coverage_reasons(monkeypatch):
     assert "multiples of 16" in _plan.coverage(c8, (16, 16, 16), np.float32)[1]
     d2 = _cases.fixture_spec(_configs.CONFIGS["d2_n64_b4_c8"])
     assert "D=2" in _plan.coverage(d2, None, np.float32)[1]
+    # dilations: 1, 2, 4, 8 on every axis, the y extent a multiple (a CTA's rows are one y phase),
+    # one channel group; the weight gradient is compiled at dilation 1 only. Off by default until
+    # the GPU tests pass.
+    monkeypatch.delenv(_plan.DILATED_ENV, raising=False)
+    assert f"{_plan.DILATED_ENV}=1 turns it on" in _plan.coverage(standard_spec(16, 16, 2), (5, 8, 32), np.float32)[1]
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    for d in (2, 4, 8):
+        ok, why = _plan.coverage(standard_spec(16, 16, d), (5, 8, 32), np.float32)
+        assert ok and f"dilation {d}" in why
+        assert not kernels.cuda.weight_gradient_coverage(standard_spec(16, 16, d), (5, 8, 32), np.float32)[0]
+    assert "rhs_dilation (3, 3, 3) is not covered" in _plan.coverage(standard_spec(16, 16, 3), (5, 9, 32), np.float32)[1]
+    mixed = kernels.make_spec(3, SPEC.in_keys, SPEC.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in SPEC.pairs],
+                              True, rhs_dilation=(1, 2, 2))
+    assert "rhs_dilation (1, 2, 2) is not covered" in _plan.coverage(mixed, (5, 8, 32), np.float32)[1]
+    assert "multiple of the dilation 4" in _plan.coverage(standard_spec(16, 16, 4), (5, 6, 32), np.float32)[1]
+    assert "shared memory" in _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[1]
+    why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
+    assert "shared memory" in why and "dilation 1 only" in why
     # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the
     # standard layer's ring, always fit: with the channel-group passes on, shared memory no longer
     # limits the forward's coverage
@@ -483,10 +579,11 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # forward_kernel<NX, NT, kGroups, kPlanar>: every tile width, both n-tile counts, G = 1 and G > 1,
-    # both block layouts, each compiled exactly once.
-    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])EE", report)
-    expected = {(str(nx), str(nt), g, pl) for nx in (16, 32, 48, 64) for nt in (1, 2) for g in "01" for pl in "01"}
+    # forward_kernel<NX, NT, kGroups, kPlanar, D>: every tile width, both n-tile counts, both block
+    # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; each compiled exactly once.
+    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)EE", report)
+    expected = {(str(nx), str(nt), g, pl, str(d)) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"
+                for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report

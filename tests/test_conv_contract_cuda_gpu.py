@@ -27,6 +27,7 @@ from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels import cuda
 from kernels.cuda import _plan
+from kernels.cuda import conv_contract as cuda_entry
 from test_conv_contract_triton import _backend_config
 
 pytestmark = [
@@ -39,8 +40,10 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 @pytest.fixture(autouse=True, params=["minor", "planar"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU)."""
+    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward on
+    (GINJAX_CUDA_DILATED, off by default until these tests pass)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
     return request.param
 
 
@@ -320,3 +323,66 @@ def test_matches_its_emulation(spatial, strip, channels):
     for g, w, r in zip(got, emu.run()[:2], ref):
         assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5
         assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dilation, spatial, batch, strip", [
+    (2, (64, 64, 64), 2, None), (4, (64, 64, 64), 1, None), (8, (32, 32, 32), 2, None),  # DilResNet's grids
+    (2, (5, 6, 16), 3, 2), (4, (3, 8, 48), 2, 1), (8, (9, 16, 16), 1, 3), (2, (7, 10, 32), 1, 4)])
+def test_dilated_layers_against_reference(dilation, spatial, batch, strip):
+    """rhs_dilation d on every axis (DilResNet's 2, 4, 8): CTAs over one y phase's rows, the wider
+    wrap, the lanes' pixel pairs d apart; grids whose z extent is below 2d (z taps that wrap onto
+    each other), strips that end inside a phase."""
+    spec = standard_spec(16, 16, dilation)
+    assert _plan.coverage(spec, spatial, np.float32)[0]
+    _check(spatial, batch, seed=40 + dilation, blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
+           spec=spec)
+
+
+@pytest.mark.parametrize("dilation, spatial, strip", [(2, (3, 4, 32), 1), (4, (5, 8, 16), 2), (8, (2, 16, 16), 2)])
+def test_dilated_layers_match_their_emulation(dilation, spatial, strip):
+    """The compiled dilated kernel against its lane-by-lane emulation (tf32 alike; see
+    test_matches_its_emulation), with poisoned (NaN) output buffers: every element written."""
+    spec = standard_spec(16, 16, dilation)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=50 + dilation)
+    poison = [jnp.full((16,) + spatial, jnp.nan), jnp.full((16,) + spatial + (3,), jnp.nan)]
+    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
+    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
+    got = run([x[0] for x in xs], ws)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip,
+                   planar=cuda_entry.layout() == "planar")
+    for g, w in zip(got, emu.run()[:2]):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5
+
+
+def test_dilated_layer_all_directions_in_the_triton_backend(monkeypatch):
+    """A biased dilated layer in the `triton` backend: forward and input gradient are CUDA launches
+    (the weight gradient stays on triton's kernel: the CUDA one is compiled at dilation 1 only);
+    value and gradients against `reference`."""
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    spec = standard_spec(16, 16, 4)
+    o = 16
+    xs, ws, cots = _cases.spec_operands(spec, (8, 8, 32), 2, seed=61)
+    rng = np.random.default_rng(62)
+    offs = (jnp.asarray(rng.standard_normal((o,)), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
+    from kernels.triton.conv_contract import conv_contract_triton
+
+    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="tf32", offsets=offs),
+                   in_axes=(0, None, None))
+
+    def ref(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(xs)
+        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+
+    def loss(fn, *args):
+        return sum(jnp.vdot(out, ct) for out, ct in zip(fn(*args), cots))
+
+    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
+    hlo = step.lower(xs, ws, offs).as_text()
+    assert hlo.count("ginjax_cuda_forward") == 2 and hlo.count("ginjax_cuda_weight_gradient") == 0
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
+    for g, w in zip(jax.tree.leaves(step(xs, ws, offs)), jax.tree.leaves(want)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]

@@ -43,6 +43,9 @@ SEG = 16  # output pixels (x) per warp: one m16 row block of the mma
 CHUNK = 8  # input channels per mma k-step
 CHANNELS_PER_ROUND = 2 * CHUNK  # a chunk per warp half: a block's (and a channel group's) multiple
 NX_COVERED = (16, 32, 48, 64)  # x extents the kernel is compiled for (a segment of 16 per warp)
+# rhs_dilations the forward is compiled for (the same on every axis): a lane's two pixels x, x + d
+# keep the walk's four reads per row (x - d .. x + 2d) within a segment of 16 for d | 8
+DILATIONS = (1, 2, 4, 8)
 SMEM_LIMIT = 232_448  # bytes of dynamic shared memory one block may take on sm_90
 PHASE_KEYS = (1, 0)  # the vector block's tiles first (the larger phase), then the scalar ones
 
@@ -67,9 +70,34 @@ class Phase:
         return sum(1 for (dz, dy, i), _ in self.rows if dy == -1)
 
 
+def dilation(spec: ConvSpec) -> int:
+    """The layer's rhs_dilation d where it is the same on every axis (the kernel's one factor),
+    else 0."""
+    d = set(spec.rhs_dilation)
+    return d.pop() if len(d) == 1 else 0
+
+
+def undilated(spec: ConvSpec) -> ConvSpec:
+    """`spec` with rhs_dilation 1 (and the torus padding of 3^3 filters): the same basis walk,
+    which the dilation only spreads (every tap offset times d); identity for an undilated spec."""
+    if all(r == 1 for r in spec.rhs_dilation):
+        return spec
+    return dataclasses.replace(spec, rhs_dilation=(1,) * spec.D, torus_pad=((1, 1),) * spec.D)
+
+
+def lane_pixel(g, d: int):
+    """The x (within a warp's segment of 16) of mma row g's pixel at dilation d; row g + 8's is
+    that + d. Each lane's two pixels are d apart, so one row read x - d, x, x + d, x + 2d (four
+    loads at stride d) serves the three dx taps of both, as x - 1 .. x + 2 does at d = 1 (the
+    lanes' 16 pixels: 2d-blocks, the first d of each block and + d)."""
+    return 2 * d * (g // d) + g % d
+
+
 @functools.lru_cache(maxsize=32)
 def phases(spec: ConvSpec) -> tuple[tuple[tuple[int, int], ...], tuple[Phase, ...]]:
-    """((dst block, j) per output group, the phases) of a layer the Mosaic plan covers."""
+    """((dst block, j) per output group, the phases) of a layer the Mosaic plan covers (at
+    dilation 1: a dilated layer's phases are its undilated one's)."""
+    spec = undilated(spec)
     plan: MosaicPlan = make_plan(spec, (3, 3, 64))  # the tables do not depend on z, y
     groups = tuple((g.dst, g.j) for g in plan.groups)
     out = []
@@ -161,14 +189,17 @@ def stencil_source(spec: ConvSpec) -> str:
         f"#define GJ_GROUPS {len(groups)}",
         "__device__ constexpr int kGroupBlock[GJ_GROUPS] = {" + ", ".join(str(b) for b, _ in groups) + "};",
         "__device__ constexpr int kGroupComp[GJ_GROUPS] = {" + ", ".join(str(j) for _, j in groups) + "};",
-        "// Row layouts per x extent 16, 32, 48, 64 (row_layout): pitch, skew by channel mod 4 packed",
-        "// 8 bits each, for the scalar (comps 1) and vector (comps 3) block.",
+        "// Row layouts per dilation 1, 2, 4, 8 and x extent 16, 32, 48, 64 (row_layout): pitch, skew",
+        "// by channel mod 4 packed 8 bits each, for the scalar (comps 1) and vector (comps 3) block.",
     ]
     for comps in (1, 3):
-        lays = [row_layout(nx, comps) for nx in NX_COVERED]
-        lines.append(f"constexpr int kPitch{comps}[4] = {{" + ", ".join(str(p) for p, _ in lays) + "};")
-        lines.append(f"constexpr int kSkew{comps}[4] = {{"
-                     + ", ".join(str(sum(s << (8 * k) for k, s in enumerate(sk))) for _, sk in lays) + "};")
+        lays = [[row_layout(nx, comps, d) for nx in NX_COVERED] for d in DILATIONS]
+        shape = f"[{len(DILATIONS)}][{len(NX_COVERED)}]"
+        lines.append(f"constexpr int kPitch{comps}{shape} = {{"
+                     + ", ".join("{" + ", ".join(str(p) for p, _ in row) + "}" for row in lays) + "};")
+        lines.append(f"constexpr int kSkew{comps}{shape} = {{"
+                     + ", ".join("{" + ", ".join(str(sum(s << (8 * k) for k, s in enumerate(sk))) for _, sk in row) + "}"
+                                 for row in lays) + "};")
     for ph in phs:
         name = "V" if ph.key == 1 else "S"
         lines += [
@@ -196,21 +227,34 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
     compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
     8 or 16 (both keys the same), float32, within the shared-memory budget in one channel group
-    or in several (`groups`; GINJAX_CUDA_CHANNEL_GROUPS=0 allows one only)."""
+    or in several (`groups`; GINJAX_CUDA_CHANNEL_GROUPS=0 allows one only); rhs_dilation d = 1,
+    2, 4 or 8 on every axis (d > 1: one channel group, the y extent a multiple of d)."""
 
     def groups_hint(nx: int) -> str:
+        if dilation(spec) != 1:
+            return " (channel-group passes are compiled at dilation 1 only)"
         if channel_groups_enabled() or all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
             return ""
         return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
 
-    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=groups_hint)
+    if dilation(spec) > 1 and not dilated_enabled():
+        return False, f"the dilated forward is off until its GPU tests pass ({DILATED_ENV}=1 turns it on)"
+    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=groups_hint,
+                          dilations=DILATIONS)
 
 
-def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=None) -> tuple[bool, str]:
+def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=None,
+                   dilations: tuple[int, ...] = (1,)) -> tuple[bool, str]:
     """`coverage` with the shared memory a kernel needs at x extent nx given by `smem(nx)` (None:
     not checked): the forward's ring holds every input channel, the weight gradient's one group.
-    `smem_hint(nx)`, if given, is appended to the reason when that does not fit."""
-    ok, why = mosaic_coverage(spec, None)
+    `smem_hint(nx)`, if given, is appended to the reason when that does not fit. `dilations`: the
+    rhs_dilations (one factor on every axis) the kernel was compiled for."""
+    d = dilation(spec)
+    if d not in dilations or (d > 1 and spec.torus_pad != ((d, d),) * spec.D):
+        allowed = ", ".join(map(str, dilations))
+        return False, (f"rhs_dilation {spec.rhs_dilation} is not covered (the same factor {allowed} on every axis, "
+                       "torus padding)")
+    ok, why = mosaic_coverage(undilated(spec), None)
     if not ok:
         return False, why.replace("the spike covers", "the CUDA kernel covers")
     if dtype is not None and np.dtype(dtype) != np.float32:
@@ -225,11 +269,13 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=Non
         nx = int(tuple(spatial)[2])
         if nx % SEG or not SEG <= nx <= 4 * SEG:
             return False, f"the x extent (={nx}) must be 16, 32, 48 or 64"
+        if d > 1 and int(tuple(spatial)[1]) % d:
+            return False, f"the y extent (={tuple(spatial)[1]}) must be a multiple of the dilation {d} (a CTA's rows)"
         if smem is not None and (need := smem(nx)) > SMEM_LIMIT:
             return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})" + (smem_hint(nx) if smem_hint else "")
-    if stencil_source(spec) != compiled_stencil():
+    if stencil_source(undilated(spec)) != compiled_stencil():
         return False, "the layer's basis is not the one kernels/cuda/stencil_d3.inc was generated for"
-    return True, "CUDA forward: D=3 {scalar, vector} torus layer, tf32 mma.sync"
+    return True, "CUDA forward: D=3 {scalar, vector} torus layer" + (f", dilation {d}" if d > 1 else "") + ", tf32 mma.sync"
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,40 +284,43 @@ def compiled_stencil() -> str:
 
 
 # ---- shared-memory layout ---------------------------------------------------------------------
-# One y slice holds, per input block and channel c, its three z rows dz = -1, 0, 1 at
-# region + (3 c + dz + 1) * pitch + skew[c % 4]: the stencil's row offsets (dz * pitch + i + s * comps)
-# are then compile-time immediates of one per-lane base. A row is x = -1 .. nx wrapped, `comps`
-# floats a pixel.
+# One y slice holds, per input block and channel c, its three z rows dz = -d, 0, d at
+# region + (3 c + dz / d + 1) * pitch + skew[c % 4]: the stencil's row offsets (dz * pitch + i + s * d
+# * comps) are then compile-time immediates of one per-lane base. A row is x = -d .. nx + d - 1
+# wrapped, `comps` floats a pixel (d: the dilation).
 STAGE_PITCH = (SEG + 4, 3 * SEG + 4)  # floats per output channel of a segment's staged outputs
 
 
-def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int) -> bool:
+def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int, dilation: int = 1) -> bool:
     """Whether one warp's stencil read hits 32 distinct banks: lane (g, tid) reads channel tid
-    (and, in a second load, tid + 4) at float 3 c * pitch + skew[c % 4] + comps * 2g (+ a uniform
-    shift for dz, s, i)."""
+    (and, in a second load, tid + 4) at float 3 c * pitch + skew[c % 4] + comps * lane_pixel(g, d)
+    (+ a uniform shift for dz, s, i)."""
     for half in (0, 4):
         seen = set()
         for lane in range(32):
             g, c = lane >> 2, (lane & 3) + half
-            seen.add((3 * c * pitch + skew[c & 3] + comps * 2 * g) % 32)
+            seen.add((3 * c * pitch + skew[c & 3] + comps * lane_pixel(g, dilation)) % 32)
         if len(seen) != 32:
             return False
     return True
 
 
-@functools.lru_cache(maxsize=16)
-def row_layout(nx: int, comps: int) -> tuple[int, tuple[int, int, int, int]]:
+@functools.lru_cache(maxsize=64)
+def row_layout(nx: int, comps: int, dilation: int = 1) -> tuple[int, tuple[int, int, int, int]]:
     """(row pitch, skew per channel mod 4) in floats: the smallest pitch (then skew) for which
-    the stencil reads are free of bank conflicts; a row and its skew fit one pitch."""
-    need = (nx + 2) * comps
+    the stencil reads are free of bank conflicts; a row (x = -d .. nx + d - 1) and its skew fit
+    one pitch. Skews up to 3 at d = 1 (the layouts measured since version 2), up to 15 otherwise
+    (d = 4 at x 64 then fits the shared-memory budget: pitch 78 where skews < 4 need 90)."""
+    need = (nx + 2 * dilation) * comps
+    top = 4 if dilation == 1 else 16
     for pitch in range(need, need + 64):
-        for s1 in range(4):
-            for s2 in range(4):
-                for s3 in range(4):
+        for s1 in range(top):
+            for s2 in range(top):
+                for s3 in range(top):
                     skew = (0, s1, s2, s3)
-                    if pitch >= need + max(skew) and bank_conflict_free(pitch, skew, comps):
+                    if pitch >= need + max(skew) and bank_conflict_free(pitch, skew, comps, dilation):
                         return pitch, skew
-    raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}")
+    raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}, dilation={dilation}")
 
 
 def _round4(n: int) -> int:
@@ -290,6 +339,7 @@ class Layout:
     weight_floats: int  # one group's packed weights
     out_channels: int
     groups: int = 1
+    dilation: int = 1
 
     @property
     def region(self) -> tuple[int, int]:
@@ -329,10 +379,11 @@ def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
                          f"groups of a multiple of {CHANNELS_PER_ROUND}: one of {(1,) + splits(spec)[1:]}")
     c = (c0 // n_groups, c1 // n_groups)
     _, phs = phases(spec)
-    p0, s0 = row_layout(nx, 1)
-    p1, s1 = row_layout(nx, 3)
+    d = dilation(spec) or 1
+    p0, s0 = row_layout(nx, 1, d)
+    p1, s1 = row_layout(nx, 3, d)
     weights = sum(len(ph.tiles) * c[ph.key] * o for ph in phs)
-    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups)
+    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups, d)
 
 
 def splits(spec: ConvSpec) -> tuple[int, ...]:
@@ -354,9 +405,20 @@ def channel_groups_enabled() -> bool:
     return env_choice(CHANNEL_GROUPS_ENV, ("0", "1"), "1") == "1"
 
 
+DILATED_ENV = "GINJAX_CUDA_DILATED"
+
+
+def dilated_enabled() -> bool:
+    """Whether the forward runs dilated layers (rhs_dilation 2, 4, 8): off unless
+    GINJAX_CUDA_DILATED="1" until the compiled kernel's GPU tests have passed (its index arithmetic
+    is checked on the CPU by the lane emulation); such a layer stays on the Triton fallback."""
+    return env_choice(DILATED_ENV, ("0", "1"), "0") == "1"
+
+
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
-    """`splits`, or only the single group where channel-group passes are off."""
-    return splits(spec) if channel_groups_enabled() else splits(spec)[:1]
+    """`splits`, or only the single group where channel-group passes are off or the layer is
+    dilated (the group passes are compiled at dilation 1 only)."""
+    return splits(spec) if channel_groups_enabled() and dilation(spec) == 1 else splits(spec)[:1]
 
 
 def groups(spec: ConvSpec, nx: int) -> Optional[int]:

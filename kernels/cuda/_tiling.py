@@ -13,8 +13,9 @@ class BlockSizes:
     """Tiling of the CUDA forward kernel.
 
     Attributes:
-        strip_rows: output y rows one CTA slides over (its ring re-reads 2 slices per strip);
-            with 1 CTA per SM, 32 gives 512 CTAs on a 4 x 64^3 batch (3.9 waves on 132 SMs).
+        strip_rows: output y rows one CTA slides over (its ring re-reads 2 slices per strip; at
+            dilation d the rows y, y + d, ... of one phase); with 1 CTA per SM, 32 gives 512 CTAs on
+            a 4 x 64^3 batch (3.9 waves on 132 SMs).
     """
 
     strip_rows: int = 32
@@ -23,10 +24,13 @@ class BlockSizes:
     def for_layer(cls, spec: Optional[ConvSpec] = None, spatial: Optional[tuple[int, ...]] = None,
                   batch: Optional[int] = None) -> "BlockSizes":
         """The tiling used when none is given: 32-row strips, shorter where that leaves fewer than
-        `MIN_CTAS` CTAs (`strip_for`; `batch`: the launch's batch, None: 1)."""
+        `MIN_CTAS` CTAs (`strip_for`; `batch`: the launch's batch, None: 1). At dilation d a CTA's
+        strip holds rows of one y phase (y mod d): d phases of ny / d rows each."""
         if spatial is None:
             return cls()
-        return cls(strip_rows=strip_for(int(spatial[0]), int(spatial[1]), batch or 1, cls.strip_rows))
+        d = max(1, min(spec.rhs_dilation)) if spec is not None else 1
+        nz, ny = int(spatial[0]), int(spatial[1])
+        return cls(strip_rows=strip_for(nz * d, max(1, ny // d), batch or 1, cls.strip_rows))
 
     def validate(self, D: int) -> None:
         """Raise a ValueError naming the first field that is not valid."""

@@ -31,22 +31,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// The three z rows (dz = -1, 0, 1) of one channel of a y slice into shared memory, by one warp.
-// dst: the row dz = -1's interior x = 0 in shared memory (row dz at + (dz + 1) kPitch, the wrap
-// x = -1 and x = NX a pixel before and after the interior, kM floats a pixel); src: the channel's
-// first float in global memory; zoff[dz]: the row's offset within one component's volume.
-// Components minor (kPlanar false): a row is one run of NX kM floats; lane l copies floats l,
-// l + 32, ... and, for l < 2 kM, one wrap float (l < kM: x = -1 from x = NX - 1, component l; the
-// next kM: x = NX from x = 0). Component-planar (kPlanar, kM = 3): component i's row is a run of
-// NX floats at i * volume; lane l copies its pixels l, l + 32, ... of each component to 3 x + i
-// (stride 3 floats: 32 distinct banks), lanes < 6 the wrap floats. Either way every address is a
-// per-row base (+ lane) plus an immediate, and a warp's load is 128 consecutive bytes.
-template <int NX, int kM, int kPitch, bool kPlanar>
+// The three z rows (dz = -d, 0, d; d the dilation kD) of one channel of a y slice into shared
+// memory, by one warp. dst: the row dz = -d's interior x = 0 in shared memory (row dz at + (dz / d
+// + 1) kPitch, the wrap x = -d .. -1 and x = NX .. NX + d - 1 before and after the interior, kM
+// floats a pixel); src: the channel's first float in global memory; zoff[k]: row k's offset within
+// one component's volume. Components minor (kPlanar false): a row is one run of NX kM floats; lane
+// l copies floats l, l + 32, ... and the wrap floats w = l (and l + 32 where 2 d kM > 32), w < d kM
+// before the interior (from the row's last d pixels), the next d kM after it (from its first).
+// Component-planar (kPlanar, kM = 3): component i's row is a run of NX floats at i * volume; lane l
+// copies its pixels l, l + 32, ... of each component to 3 x + i (stride 3 floats: 32 distinct
+// banks), and wrap floats w < 6 d: pixel w / 3 (before) or w / 3 - d (after) of component w % 3.
+// Either way every address is a per-row base (+ lane) plus an immediate, and a warp's load of the
+// interior is 128 consecutive bytes.
+template <int NX, int kM, int kPitch, bool kPlanar, int kD = 1>
 __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, const int (&zoff)[3], int volume,
                                                   int lane) {
+  constexpr int kWrap = kD * kM;  // wrap floats on each side
   if constexpr (!kPlanar) {
     constexpr int kRow = NX * kM, kFull = kRow / 32, kRem = kRow % 32;
-    const bool left = lane < kM, right = lane >= kM && lane < 2 * kM;
 #pragma unroll
     for (int dz = 0; dz < 3; ++dz) {
       const float* s = src + lane + zoff[dz];
@@ -54,13 +56,16 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
 #pragma unroll
       for (int k = 0; k < kFull; ++k) cp_async4(d + 32 * k, s + 32 * k);
       if (kRem && lane < kRem) cp_async4(d + 32 * kFull, s + 32 * kFull);
-      if (left) cp_async4(d - kM, s + kRow - kM);
-      if (right) cp_async4(d + kRow - kM, s - kM);
+#pragma unroll
+      for (int w0 = 0; w0 < 2 * kWrap; w0 += 32) {
+        const int w = w0 + lane;
+        if (w < kWrap) cp_async4(d + w0 - kWrap, s + w0 + kRow - kWrap);
+        else if (w < 2 * kWrap) cp_async4(d + w0 + kRow - kWrap, s + w0 - kWrap);
+      }
     }
   } else {
     static_assert(kM == 3, "only vector blocks have a planar layout here");
     constexpr int kFull = NX / 32, kRem = NX % 32;
-    const int wrap_i = lane < 3 ? lane : lane - 3;  // the wrap float's component (lanes < 6)
 #pragma unroll
     for (int dz = 0; dz < 3; ++dz) {
 #pragma unroll
@@ -71,21 +76,24 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
         for (int k = 0; k < kFull; ++k) cp_async4(d + 96 * k, s + 32 * k);
         if (kRem && lane < kRem) cp_async4(d + 96 * kFull, s + 32 * kFull);
       }
-      const float* s = src + wrap_i * volume + zoff[dz];
-      float* d = dst + dz * kPitch + wrap_i;
-      if (lane < 3) cp_async4(d - 3, s + NX - 1);
-      else if (lane < 6) cp_async4(d + 3 * NX, s);
+#pragma unroll
+      for (int w0 = 0; w0 < 2 * kWrap; w0 += 32) {
+        const int w = w0 + lane, i = w % 3, x = w / 3;  // x < kD: pixel x - kD; else pixel NX + x - kD
+        const float* s = src + i * volume + zoff[dz] + (x < kD ? NX - kD + x : x - kD);
+        if (w < 2 * kWrap) cp_async4(dst + dz * kPitch + 3 * (x < kD ? x - kD : NX + x - kD) + i, s);
+      }
     }
   }
 }
 
 // The generated walk's hooks (stencil_d3.inc, weight_gradient_d3.inc): ROW loads u[dz + 1] from
 // the lane's row bases r0 / r1 per y slice (the channel pair in the forward, the k-step pair in
-// the weight gradient), ZC / XC form the symmetric classes, NZ accumulates a Z tile.
+// the weight gradient; kXs floats between its four x reads), ZC / XC form the symmetric classes, NZ
+// accumulates a Z tile.
 #define GJ_ROW(dz, dy, i)                                                        \
   _Pragma("unroll") for (int s = 0; s < 4; ++s) {                                \
-    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
-    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kM];            \
+    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kXs];           \
+    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kXs];           \
   }
 #define GJ_Z(zk, ch, s) ((zk) == 0 ? u[1][ch][s] : zc[zk][ch][s])
 #define GJ_ZC(zk)                                                                             \

@@ -66,7 +66,19 @@
 // (O, 3, nz, ny, nx) in memory (kernels/_layout.py: the layout of the VectorNeuron kernels beside
 // them, so XLA inserts no transposes); only the copies into the ring and the output stores differ.
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
-// floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1).
+// floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation.
+//
+// Dilation (DilResNet's rhs_dilation d = 2, 4, 8 on every axis; template D, 1 the undilated
+// kernel). The taps sit at -d, 0, d, so the walk is unchanged if every "neighbour" is d away: z
+// rows z - d, z, z + d in a slice; a CTA's strip holds rows y = r + d j of one y phase r (grid x:
+// d phases x strips of ny / d rows), so consecutive rows still share two of their three slices
+// and the ring slides as before (slice y + 2d replaces y - d); a lane's two pixels are x and
+// x + d (mma rows g and g + 8; _plan.lane_pixel lays the segment's 16 pixels out as 2d-blocks),
+// so its four reads x - d .. x + 2d at stride d kM floats (kXs, still immediates) serve both
+// pixels' three x taps, as x - 1 .. x + 2 do at d = 1. A row holds x = -d .. nx + d - 1 (the
+// wrap: d pixels each side), with its own bank-conflict-free pitch and skews per (d, nx). Only the
+// single channel group is compiled dilated (G = 1). d = 8 at x 64 needs 253 KB (a row of 80
+// pixels) and stays on the Triton fallback.
 //
 // Output groups. A layer with O = k o outputs per key (o = 8 or 16 covered) runs as k launches,
 // each on the weights' rows of its o channels, writing its channel slice of the full outputs:
@@ -103,16 +115,25 @@ struct Params {
   int w_floats, w_group, slice_floats, region1, w_base[2];  // weights: an example's, one group's
 };
 
-// Block KEY's row layout for x extent NX (generated tables, _plan.row_layout): a channel c's rows
-// dz = -1, 0, 1 at region + (3 c + dz + 1) * kPitch + skew(c), each x = -1 .. NX, kM floats a pixel.
-template <int NX, int KEY>
+// The generated tables' index of dilation D (_plan.DILATIONS: 1, 2, 4, 8).
+constexpr int dil_index(int D) { return D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3; }
+
+// Block KEY's row layout for x extent NX and dilation D (generated tables, _plan.row_layout): a
+// channel c's rows dz = -D, 0, D at region + (3 c + dz / D + 1) * kPitch + skew(c), each x = -D ..
+// NX + D - 1, kM floats a pixel.
+template <int NX, int KEY, int D>
 struct RowLayout {
   static constexpr int kM = KEY ? 3 : 1;
-  static constexpr int kPitch = KEY ? kPitch3[NX / kSeg - 1] : kPitch1[NX / kSeg - 1];
-  static constexpr int kSkews = KEY ? kSkew3[NX / kSeg - 1] : kSkew1[NX / kSeg - 1];
+  static constexpr int kPitch = KEY ? kPitch3[dil_index(D)][NX / kSeg - 1] : kPitch1[dil_index(D)][NX / kSeg - 1];
+  static constexpr int kSkews = KEY ? kSkew3[dil_index(D)][NX / kSeg - 1] : kSkew1[dil_index(D)][NX / kSeg - 1];
   static constexpr int kRow = NX * kM;  // floats of the interior x = 0 .. NX - 1
   __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
 };
+
+// The x (within its warp's 16-pixel segment) of mma row g's pixel at dilation D; row g + 8's is
+// that + D (_plan.lane_pixel): a lane's four reads x - D, x, x + D, x + 2D serve both pixels' taps.
+template <int D>
+__device__ __forceinline__ int lane_pixel(int g) { return 2 * D * (g / D) + g % D; }
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>
@@ -131,11 +152,11 @@ __device__ __forceinline__ void pair_barrier(int id) {
 }
 
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel of channel group
-// grp, x = -1 .. NX wrapped) into `slice`: a warp per channel (common.cuh's copy_channel_rows, in
-// the block's global layout: kPlanar, the vector block component-planar).
-template <int NX, int KEY, bool kPlanar>
+// grp, x = -D .. NX + D - 1 wrapped) into `slice`: a warp per channel (common.cuh's
+// copy_channel_rows, in the block's global layout: kPlanar, the vector block component-planar).
+template <int NX, int KEY, bool kPlanar, int D>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3]) {
-  using L = RowLayout<NX, KEY>;
+  using L = RowLayout<NX, KEY, D>;
   constexpr bool kPl = kPlanar && KEY == 1;
   constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;  // kRun: floats of one row run
   const int lane = threadIdx.x & 31, C = p.cg[KEY];
@@ -146,11 +167,11 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
   const int volume = p.nz * plane;  // planar: one component's floats
   const size_t channel = (size_t)kM * p.nz * p.ny * NX;
-  float* base = slice + (KEY ? p.region1 : 0) + kM;  // interior x = 0 of row 0
+  float* base = slice + (KEY ? p.region1 : 0) + D * kM;  // interior x = 0 of row 0
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
   for (int c = threadIdx.x >> 5; c < C; c += kWarps)
-    copy_channel_rows<NX, kM, L::kPitch, kPl>(base + 3 * c * L::kPitch + L::skew(c), p.x[KEY] + (ch0 + c) * channel,
-                                              zoff, volume, lane);
+    copy_channel_rows<NX, kM, L::kPitch, kPl, D>(base + 3 * c * L::kPitch + L::skew(c),
+                                                 p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
 }
 
 // MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
@@ -158,7 +179,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey, kPlanar>(p, next, b, grp, y_next, zz);     \
+    if (more) load_slice<NX, kKey, kPlanar, D>(p, next, b, grp, y_next, zz);  \
     cp_async_commit();                                                        \
   }
 
@@ -168,7 +189,8 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 #define GJ_PHASE(NAME)                                                                          \
   {                                                                                             \
     constexpr int kKey = GJ_##NAME##_KEY, kTiles = GJ_##NAME##_TILES;                           \
-    constexpr int kM = RowLayout<NX, kKey>::kM, kP = RowLayout<NX, kKey>::kPitch;               \
+    constexpr int kM = RowLayout<NX, kKey, D>::kM, kP = RowLayout<NX, kKey, D>::kPitch;         \
+    constexpr int kXs = D * kM; /* floats between a row read's four x */                        \
     const int n_chunks = p.cg[kKey] / kChunk;                                                   \
     /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
     if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
@@ -178,9 +200,9 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
     for (int h = half; h < n_chunks; h += 2) {                                                  \
       const bool last = h + 2 >= n_chunks;                                                      \
       const int c0 = h * kChunk + tid, c1 = c0 + 4;                                             \
-      const int px = (seg * kSeg + 2 * g) * kM + (kKey ? p.region1 : 0);                        \
-      const int off0 = px + 3 * c0 * kP + RowLayout<NX, kKey>::skew(c0);                        \
-      const int off1 = px + 3 * c1 * kP + RowLayout<NX, kKey>::skew(c1);                        \
+      const int px = (seg * kSeg + lane_pixel<D>(g)) * kM + (kKey ? p.region1 : 0);             \
+      const int off0 = px + 3 * c0 * kP + RowLayout<NX, kKey, D>::skew(c0);                     \
+      const int off1 = px + 3 * c1 * kP + RowLayout<NX, kKey, D>::skew(c1);                     \
       const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                          \
       const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                          \
       float zt[kTiles][4];                                                                      \
@@ -201,8 +223,9 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles),
 // kGroups: more than one channel group (false: the single pass, compiled without the group loop
-// or the read-add epilogue), kPlanar: the vector blocks (x1, y1) component-planar in global memory.
-template <int NX, int NT, bool kGroups, bool kPlanar>
+// or the read-add epilogue), kPlanar: the vector blocks (x1, y1) component-planar in global memory,
+// D: the dilation (1, 2, 4, 8: taps at -D, 0, D on every axis).
+template <int NX, int NT, bool kGroups, bool kPlanar, int D>
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -214,9 +237,13 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z, z = blockIdx.y;
-  const int y0 = blockIdx.x * p.strip, y1 = min(y0 + p.strip, p.ny);
-  const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
-  auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
+  // The CTA's rows: a strip of y = phase + D j, j = j0 .. j1 - 1, of one phase (y mod D): with
+  // taps at y - D, y, y + D, consecutive rows of a phase share two of their three slices.
+  const int phase = blockIdx.x % D, j0 = blockIdx.x / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  const int y0 = phase + D * j0;
+  auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
+  const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
+  auto wrap_y = [&](int yy) { return wrap(yy, p.ny); };
 
   if (threadIdx.x < 4 * kO) s_off[threadIdx.x] = p.off[(size_t)b * 4 * kO + threadIdx.x];  // seen after the barrier below
   float acc[GJ_GROUPS][NT][4];
@@ -241,20 +268,21 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     const float* wv = wx + grp * wv_n;                           // + e, e < wv_n: vector float e
     const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
     for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
-    for (int k = 0; k < 3; ++k) load_slice<NX, 1, kPlanar>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    for (int k = 0; k < 3; ++k) load_slice<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz);
     cp_async_commit();
-    for (int k = 0; k < 3; ++k) load_slice<NX, 0, kPlanar>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 - 1 + k), zz);
+    for (int k = 0; k < 3; ++k) load_slice<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz);
     cp_async_commit();
     cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
     __syncthreads();
 
-    int oldest = 0;  // ring slot of slice y - 1
-    for (int y = y0; y < y1; ++y) {
+    int oldest = 0;  // ring slot of slice y - D
+    for (int j = j0; j < j1; ++j) {
+      const int y = phase + D * j;
       const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
       const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
-      float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
-      const bool more = y + 2 <= y1;  // row y + 1 is in the strip and needs slice y + 2
-      const int y_next = wrap_y(y + 2);
+      float* next = ring + oldest * p.slice_floats;  // slice y + 2D replaces y - D
+      const bool more = j + 2 <= j1;  // row y + D is in the strip and needs slice y + 2D
+      const int y_next = wrap_y(y + 2 * D);
       // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
       // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
       // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
@@ -299,7 +327,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       }
       float* st = s_stage + seg * kO * (kStage0 + kStage1);
       auto at = [&](int q, int n, int k) {
-        const int o = n * 8 + 2 * tid + (k & 1), x = 2 * g + (k >> 1);
+        const int o = n * 8 + 2 * tid + (k & 1), x = lane_pixel<D>(g) + D * (k >> 1);
         if (kGroupBlock[q] == 0) return o * kStage0 + x;
         return kO * kStage0 + o * kStage1 + (kPlanar ? kSeg * kGroupComp[q] + x : 3 * x + kGroupComp[q]);
       };
@@ -371,42 +399,50 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-template <int NX, int NT, bool kGroups, bool kPlanar>
+template <int NX, int NT, bool kGroups, bool kPlanar, int D>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch);
-  forward_kernel<NX, NT, kGroups, kPlanar><<<grid, 4 * NX, smem, stream>>>(p);
+  const dim3 grid(D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // strips of each y phase
+  forward_kernel<NX, NT, kGroups, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int NT, bool kGroups, bool kPlanar>
+template <int NT, bool kGroups, bool kPlanar, int D>
 cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
-    case 16: return launch<16, NT, kGroups, kPlanar>(p, batch, stream);
-    case 32: return launch<32, NT, kGroups, kPlanar>(p, batch, stream);
-    case 48: return launch<48, NT, kGroups, kPlanar>(p, batch, stream);
-    default: return launch<64, NT, kGroups, kPlanar>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups, kPlanar, D>(p, batch, stream);
+    case 32: return launch<32, NT, kGroups, kPlanar, D>(p, batch, stream);
+    case 48: return launch<48, NT, kGroups, kPlanar, D>(p, batch, stream);
+    default: return launch<64, NT, kGroups, kPlanar, D>(p, batch, stream);
   }
 }
 
+// Channel-group passes are compiled at dilation 1 only (Forward refuses groups with a dilation).
 template <int NT, bool kPlanar>
-cudaError_t launch_groups(const Params& p, int nx, int batch, cudaStream_t stream) {
-  return p.groups > 1 ? launch_nx<NT, true, kPlanar>(p, nx, batch, stream)
-                      : launch_nx<NT, false, kPlanar>(p, nx, batch, stream);
+cudaError_t launch_groups(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
+  switch (dilation) {
+    case 2: return launch_nx<NT, false, kPlanar, 2>(p, nx, batch, stream);
+    case 4: return launch_nx<NT, false, kPlanar, 4>(p, nx, batch, stream);
+    case 8: return launch_nx<NT, false, kPlanar, 8>(p, nx, batch, stream);
+    default:
+      return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1>(p, nx, batch, stream)
+                          : launch_nx<NT, false, kPlanar, 1>(p, nx, batch, stream);
+  }
 }
 
 template <bool kPlanar>
-cudaError_t launch_nt(const Params& p, int nx, int batch, cudaStream_t stream) {
-  return p.o == 8 ? launch_groups<1, kPlanar>(p, nx, batch, stream) : launch_groups<2, kPlanar>(p, nx, batch, stream);
+cudaError_t launch_nt(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
+  return p.o == 8 ? launch_groups<1, kPlanar>(p, nx, dilation, batch, stream)
+                  : launch_groups<2, kPlanar>(p, nx, dilation, batch, stream);
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 22) return bad("`geom` must have 22 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 23) return bad("`geom` must have 23 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[2];
   p.nz = (int)geom[0], p.ny = (int)geom[1];
@@ -414,6 +450,9 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
   if (geom[21] != 0 && geom[21] != 1) return bad("`geom`[21] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
   const bool planar = geom[21] == 1;
+  const int dilation = (int)geom[22];
+  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
+    return bad("the dilation (`geom`[22] = " + std::to_string(geom[22]) + ") must be 1, 2, 4 or 8");
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
   if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
     return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
@@ -427,12 +466,15 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(p.o) +
                ") must be a whole group within the results' " + std::to_string(p.o_total));
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
+  if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
+  if (dilation > 1 && p.groups > 1) return bad("channel groups are compiled at dilation 1 only");
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
-  const int l = nx / kSeg - 1;
+  const int l = nx / kSeg - 1, di = dil_index(dilation);
   for (int k = 0; k < 4; ++k)
-    if (geom[9 + k] != ((kSkew1[l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkew3[l] >> (8 * k)) & 0xff))
+    if (geom[9 + k] != ((kSkew1[di][l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkew3[di][l] >> (8 * k)) & 0xff))
       return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
-  if (geom[7] != kPitch1[l] || geom[8] != kPitch3[l]) return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
+  if (geom[7] != kPitch1[di][l] || geom[8] != kPitch3[di][l])
+    return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
   const int64_t pix = (int64_t)p.nz * p.ny * nx;
   const int64_t batch = x0.element_count() / (p.c[0] * pix);
   if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
@@ -443,14 +485,15 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
-  p.region1 = 3 * p.cg[0] * kPitch1[l];
-  p.slice_floats = (p.region1 + 3 * p.cg[1] * kPitch3[l] + 3) / 4 * 4;
+  p.region1 = 3 * p.cg[0] * kPitch1[di][l];
+  p.slice_floats = (p.region1 + 3 * p.cg[1] * kPitch3[di][l] + 3) / 4 * 4;
   const int nt = p.o / 8;
   p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
   if ((int64_t)p.groups * p.w_group != p.w_floats)
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  const cudaError_t err = planar ? launch_nt<true>(p, nx, (int)batch, stream) : launch_nt<false>(p, nx, (int)batch, stream);
+  const cudaError_t err = planar ? launch_nt<true>(p, nx, dilation, (int)batch, stream)
+                                 : launch_nt<false>(p, nx, dilation, (int)batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -99,14 +99,14 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
     channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
     split: the tests' way to run several groups where one would fit), the results' output
-    channels and the first one this launch writes (`forward_call`'s output groups), and whether
-    the vector blocks are component-planar."""
+    channels and the first one this launch writes (`forward_call`'s output groups), whether
+    the vector blocks are component-planar, and the dilation."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel, int(planar)]
+            total, first_channel, int(planar), lay.dilation]
 
 
 def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int) -> int:

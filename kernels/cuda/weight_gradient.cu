@@ -214,7 +214,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
 #define GJ_DW_PASS(K)                                                                             \
   {                                                                                               \
     constexpr int kKey = GJ_DW_P##K##_KEY, kTiles = GJ_DW_P##K##_TILES;                           \
-    constexpr int kM = DwLayout<NX, kKey>::kM, kP = DwLayout<NX, kKey>::kPitch;                   \
+    constexpr int kM = DwLayout<NX, kKey>::kM, kP = DwLayout<NX, kKey>::kPitch, kXs = kM;         \
     const int off0 = (kKey ? p.region1 : 0) + DwLayout<NX, kKey>::chan(half * kChunk + g) +       \
                      (seg * kSeg + 2 * tid) * kM;                                                 \
     const int off1 = off0 + 8 * kM;                                                               \
