@@ -33,6 +33,7 @@ class DwEmulator:
         self.planar = planar
         self.spec, self.strip, self.round = spec, strip, round_tf32
         self.lay = _dw_plan.layout(spec, self.nx)
+        self.d = self.lay.dilation
         self.passes = _dw_plan.passes(spec)
         self.n_w = len(_dw_plan.weights(spec))
         self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
@@ -60,15 +61,15 @@ class DwEmulator:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         planar = self.planar and key == 1
         run, warps = (nx if planar else nx * m), nx // 8
-        zz = [(z - 1) % self.nz, z, (z + 1) % self.nz]
+        zz = [(z - self.d) % self.nz, z, (z + self.d) % self.nz]
         plane = self.ny * run
-        zoff = [zz[d] * plane + yy * run for d in range(3)]
+        zoff = [zz[k] * plane + yy * run for k in range(3)]
         volume, channel = self.nz * plane, m * self.nz * self.ny * nx
-        base = slot + lay.region[key] + m
+        base = slot + lay.region[key] + self.d * m
         for warp in range(warps):
             for c in range(warp, CH, warps):
                 dst_c, src_c = base + 3 * c * P + skew[c & 7], (b * self.c + kg * CH + c) * channel
-                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar):
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar, self.d):
                     self.issue(dst[mask], self.x[key], src[mask])
 
     def load_gy(self, dst, b, z, y):
@@ -107,25 +108,28 @@ class DwEmulator:
         """Per pair, dW (B, o, c, F), and the per-CTA partials (B, CTAs, partial floats)."""
         strips, nz, groups = _dw_plan.grid(self.spec, (self.nz, self.ny, self.nx), self.strip)
         parts = np.zeros((self.batch, groups, nz * strips, self.lay.partial_floats))
+        d, rows = self.d, self.ny // self.d
         for b in range(self.batch):
             for kg in range(groups):
                 for z in range(nz):
-                    for s in range(strips):
-                        y0 = s * self.strip
-                        parts[b, kg, z * strips + s] = self.cta(b, kg, z, y0, min(y0 + self.strip, self.ny))
+                    for s in range(strips):  # grid x: y phase s % d, its strip s // d
+                        j0 = s // d * self.strip
+                        parts[b, kg, z * strips + s] = self.cta(b, kg, z, s % d, j0, min(j0 + self.strip, rows))
         summed = parts.sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
         dws = [_dw_plan.unpack(self.spec, summed[b]) for b in range(self.batch)]
         return tuple(np.stack(d) for d in zip(*dws)), parts.reshape(self.batch, groups * nz * strips, -1)
 
-    def cta(self, b, kg, z, y0, y1):
-        sf, gf = self.sf, self.gf
+    def cta(self, b, kg, z, phase, j0, j1):
+        """The CTA of rows y = phase + d j, j0 <= j < j1."""
+        sf, gf, d = self.sf, self.gf, self.d
         self.smem = np.full(3 * sf + 2 * gf, np.nan)
         self.group, self.pending = [], []
         gy = 3 * sf
+        y0 = phase + d * j0
         for k in range(3):
-            self.load_slice(1, k * sf, b, kg, z, (y0 - 1 + k) % self.ny)
-            self.load_slice(0, k * sf, b, kg, z, (y0 - 1 + k) % self.ny)
-        self.load_gy(gy + (y0 & 1) * gf, b, z, y0)
+            self.load_slice(1, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny)
+            self.load_slice(0, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny)
+        self.load_gy(gy + (j0 & 1) * gf, b, z, y0)
         self.commit()
         self.wait(0)
         segs = self.nx // SEG
@@ -133,18 +137,19 @@ class DwEmulator:
         acc = {w: np.zeros((self.n_w, 4, 32)) for w in warps}
         ops = self.row_ops()
         oldest = 0
-        for y in range(y0, y1):
+        for j in range(j0, j1):
+            y = phase + d * j
             mid, newest = (oldest + 1) % 3, (oldest + 2) % 3
             # views of the ring: reads see the NaN of copies in flight
             sl = [self.smem[s * sf : (s + 1) * sf] for s in (oldest, mid, newest)]
-            more, y_next = y + 2 <= y1, (y + 2) % self.ny
-            if y > y0:
+            more, y_next = j + 2 <= j1, (y + 2 * d) % self.ny
+            if j > j0:
                 self.wait(1)
-            if y + 1 < y1:
-                self.load_gy(gy + ((y + 1) & 1) * gf, b, z, y + 1)
+            if j + 1 < j1:
+                self.load_gy(gy + ((j + 1) & 1) * gf, b, z, y + d)
             self.commit()
             # each warp's A fragments of gY row y, read once at the row's start
-            states = {w: {"a": self.fragments(w[0], gy + (y & 1) * gf)} for w in warps}
+            states = {w: {"a": self.fragments(w[0], gy + (j & 1) * gf)} for w in warps}
             start = 0
             while start < len(ops):  # the warps run up to the next barrier (a MID) in any order
                 stop = next((i for i in range(start, len(ops)) if ops[i][0] == "mid"), len(ops))
@@ -182,8 +187,10 @@ class DwEmulator:
             if k not in st:
                 m, P, skew = (3 if p.key else 1), self.lay.pitch[p.key], self.lay.skew[p.key]
                 c = half * _plan.CHUNK + G
-                off0 = self.lay.region[p.key] + 3 * c * P + np.asarray(skew)[c & 7] + (seg * SEG + 2 * TID) * m
-                st[k] = {"offs": [off0, off0 + 8 * m], "m": m, "P": P, "zt": np.zeros((len(p.tiles), 4, 32))}
+                off0 = (self.lay.region[p.key] + 3 * c * P + np.asarray(skew)[c & 7]
+                        + (seg * SEG + _dw_plan.k_pixel(TID, self.d)) * m)
+                st[k] = {"offs": [off0, off0 + _dw_plan.kstep_shift(self.d) * m], "m": m, "P": P, "xs": m * self.d,
+                         "zt": np.zeros((len(p.tiles), 4, 32))}
             Emulator.walk(None, None, st[k], [grp], sl)
         else:
             self.mma(self.passes[op[1]], st[op[1]]["zt"], st["a"], acc)
@@ -193,18 +200,20 @@ class DwEmulator:
 
     def fragments(self, seg, gyr):
         """a[q][s] = (a0, a1, a2, a3) of output group q, k-step s: gY_q[o][x] at o = g, g + 8 (rows
-        >= o zero), x = 2 tid + 8 s and x + 1, read from the staged row."""
+        >= o zero), x = the k-step's pixel of B row tid (2 tid + 8 s at d = 1) and x + d, read from
+        the staged row."""
         p0, p1 = self.gp
+        d = self.d
         a = np.zeros((4, 2, 4, 32))
         for s in range(2):
-            x = seg * SEG + 2 * TID + 8 * s
+            x = seg * SEG + _dw_plan.k_pixel(TID, d) + _dw_plan.kstep_shift(d) * s
             for r in range(self.o // 8):
                 o = G + 8 * r
-                a[0, s, r], a[0, s, 2 + r] = self.smem[gyr + o * p0 + x], self.smem[gyr + o * p0 + x + 1]
+                a[0, s, r], a[0, s, 2 + r] = self.smem[gyr + o * p0 + x], self.smem[gyr + o * p0 + x + d]
                 for j in range(3):
                     vec = gyr + 16 * p0 + o * p1
                     at = vec + j * self.nx + x if self.planar else vec + 3 * x + j  # pixel x's component j
-                    step = 1 if self.planar else 3
+                    step = d if self.planar else 3 * d
                     a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[at], self.smem[at + step]
         return self.tf32(a)
 

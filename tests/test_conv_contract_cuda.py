@@ -24,11 +24,13 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+from _conv_cuda_dw_emulate import DwEmulator
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
 from kernels.cuda import _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
+from kernels.cuda import weight_gradient as cuda_wg
 
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 LANE = np.arange(32)
@@ -453,26 +455,40 @@ def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
 @pytest.mark.parametrize("layout, dilation", [("planar", 2), ("minor", 4)])
 def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(monkeypatch, layout, dilation):
     """The `triton` backend on a dilated layer (DilResNet's), the CUDA FFI calls replaced by the
-    emulation configured only from what the kernel gets: the forward and the input gradient (the
-    transposed layer, a dilated layer on the forward's bases) are two launches whose `geom` says
-    the dilation, the strips are of one y phase's rows, and the weight gradient stays on triton's
-    kernel (the CUDA one is compiled at dilation 1 only); outputs and every gradient match
-    `reference`."""
+    emulations configured only from what the kernels get: the forward and the input gradient (the
+    transposed layer, a dilated layer on the forward's bases) are two forward launches whose
+    `geom` says the dilation, the weight gradient one launch of the dilated weight-gradient
+    kernel; outputs and every gradient match `reference`."""
     from kernels.triton import conv_contract as triton_entry
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
     monkeypatch.setattr(cuda, "registered", lambda: (True, "emulated"))  # the coverage checks are the real ones
+    monkeypatch.setattr(cuda_wg, "registered", lambda: (True, "emulated"))
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     spec, spatial = standard_spec(16, 16, dilation), (dilation + 1, 2 * dilation, 16)  # the backend wraps d <= n
     assert triton_entry.cuda_forward_covers(spec, spatial, np.float32)[0]
-    assert not triton_entry.cuda_weight_grad_covers(spec, spatial, np.float32)[0]
-    launches = []
+    assert triton_entry.cuda_weight_grad_covers(spec, spatial, np.float32)[0]
+    launches, dw_launches = [], []
 
-    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts):
-        assert target == _ffi.TARGET, target  # no CUDA weight gradient
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
+        if target == _ffi.DW_TARGET:
+            def dw_call(x0, x1, g0, g1, geom):
+                assert len(geom) == 15 and int(geom[14]) == dilation
+                dw_launches.append(int(geom[5]))
+
+                def host(*ops):
+                    lead = ops[0].shape[:-4]
+                    flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
+                    _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, planar=bool(geom[13])).run()
+                    return parts.reshape(lead + shapes.shape).astype(np.float32)
+
+                return jax.pure_callback(host, shapes, x0, x1, g0, g1, vmap_method="broadcast_all")
+
+            return dw_call
+        assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
             assert len(geom) == 23 and int(geom[22]) == dilation and geom[21] == (layout == "planar")
@@ -501,7 +517,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
         return f
 
     (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
-    assert len(launches) == 2  # the forward and the input gradient
+    assert len(launches) == 2 and len(dw_launches) == 1  # forward, input gradient; weight gradient
     with jax.default_matmul_precision("highest"):
         (_, want), want_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1), has_aux=True)(xs, ws)
     for g, w in zip(got, want):
@@ -548,7 +564,6 @@ def test_coverage_reasons(monkeypatch):
     for d in (2, 4, 8):
         ok, why = _plan.coverage(standard_spec(16, 16, d), (5, 8, 32), np.float32)
         assert ok and f"dilation {d}" in why
-        assert not kernels.cuda.weight_gradient_coverage(standard_spec(16, 16, d), (5, 8, 32), np.float32)[0]
     assert "rhs_dilation (3, 3, 3) is not covered" in _plan.coverage(standard_spec(16, 16, 3), (5, 9, 32), np.float32)[1]
     mixed = kernels.make_spec(3, SPEC.in_keys, SPEC.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in SPEC.pairs],
                               True, rhs_dilation=(1, 2, 2))

@@ -80,21 +80,29 @@ def test_passes_and_weights_of_the_standard_layer():
     assert _dw_plan.mma_count(SPEC) == 104  # (39 + 13) tiles x 2 k-steps; the forward: 80
 
 
+@pytest.mark.parametrize("dilation", _plan.DILATIONS)
 @pytest.mark.parametrize("nx", [16, 32, 48, 64])
-def test_row_layout_reads_are_bank_conflict_free(nx):
-    """Every stencil read of a warp (lane (g, tid): channel g, pixel 2 tid, shifted by s, dz, i,
-    the k-step and the chunk) hits 32 distinct banks; the forward's layout would not."""
+def test_row_layout_reads_are_bank_conflict_free(nx, dilation):
+    """Every stencil read of a warp (lane (g, tid): channel g, pixel k_pixel(tid, d), shifted by
+    s d, dz, i, the k-step and the chunk) hits 32 distinct banks; the forward's layout would not.
+    The k-steps' 16 pixels: each of the segment's once, as B row tid (x) or tid + 4 (x + d)."""
+    d = dilation
     for comps in (1, 3):
-        pitch, skew = _dw_plan.row_layout(nx, comps)
-        assert pitch >= (nx + 2) * comps + max(skew) and len(skew) == 8
+        pitch, skew = _dw_plan.row_layout(nx, comps, d)
+        assert pitch >= (nx + 2 * d) * comps + max(skew) and len(skew) == 8 and max(skew) < 16
         for chunk in (0, 1):
             for s in range(4):
                 for dz in range(3):
                     for step in (0, 1):
                         c = chunk * 8 + G
-                        addr = 3 * c * pitch + np.asarray(skew)[c & 7] + (2 * TID + 8 * step + s) * comps + dz * pitch
+                        x = _dw_plan.k_pixel(TID, d) + _dw_plan.kstep_shift(d) * step + s * d
+                        addr = 3 * c * pitch + np.asarray(skew)[c & 7] + x * comps + dz * pitch
                         assert len(set((addr % 32).tolist())) == 32
-        assert not _dw_plan.bank_conflict_free(*_plan.row_layout(nx, comps)[:1], (0,) * 8, comps)
+        if d == 1:
+            assert not _dw_plan.bank_conflict_free(*_plan.row_layout(nx, comps)[:1], (0,) * 8, comps)
+    tids = np.arange(4)
+    first = [_dw_plan.k_pixel(tids, d) + _dw_plan.kstep_shift(d) * step for step in (0, 1)]
+    assert sorted(np.concatenate(first + [f + d for f in first])) == list(range(16))
 
 
 @pytest.mark.parametrize("nx", [16, 32, 48, 64])
@@ -148,16 +156,21 @@ def test_unpack_is_the_inverse_of_the_fragment_order():
                         assert np.array_equal(got[t][o[keep], c[keep], f], part[kg, half, index[t, f], k][keep])
 
 
-@pytest.mark.parametrize("spatial, strip, batch, channels, planar", [
-    ((2, 3, 16), 2, 3, (16, 16), False), ((1, 3, 32), 2, 1, (32, 8), False), ((1, 2, 48), 1, 1, (16, 16), False),
-    ((1, 2, 64), 3, 1, (16, 16), False), ((2, 3, 16), 2, 3, (16, 16), True), ((1, 3, 32), 2, 1, (32, 8), True),
-    ((1, 2, 48), 1, 1, (16, 16), True)])
-def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, planar):
+@pytest.mark.parametrize("spatial, strip, batch, channels, planar, dilation", [
+    ((2, 3, 16), 2, 3, (16, 16), False, 1), ((1, 3, 32), 2, 1, (32, 8), False, 1), ((1, 2, 48), 1, 1, (16, 16), False, 1),
+    ((1, 2, 64), 3, 1, (16, 16), False, 1), ((2, 3, 16), 2, 3, (16, 16), True, 1), ((1, 3, 32), 2, 1, (32, 8), True, 1),
+    ((1, 2, 48), 1, 1, (16, 16), True, 1),
+    # dilated: CTAs over one y phase's rows, the k-steps' pixel pairs d apart (k-step 1 four pixels
+    # on at d 8), gY fragments one float a load, z taps wrapping onto each other (nz < 2d)
+    ((3, 4, 16), 1, 2, (16, 16), False, 2), ((2, 6, 32), 2, 1, (32, 8), True, 2), ((5, 8, 16), 3, 1, (16, 16), True, 4),
+    ((3, 8, 48), 1, 1, (16, 8), False, 4), ((3, 24, 32), 2, 1, (16, 16), False, 8), ((9, 8, 32), 1, 1, (16, 16), True, 8)])
+def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, planar, dilation, monkeypatch):
     """Without tf32 rounding the emulated kernel (float64) is the float64 VJP of `reference` up
     to reassociation: its index arithmetic, copies, ring, barriers and reduction; odd batch, two
     channel groups with 8 outputs (one A row half), strips that end mid-grid or exceed it; the
-    vector blocks components minor or component-planar in memory."""
-    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    vector blocks components minor or component-planar in memory; rhs_dilation d on every axis."""
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _dw_plan.coverage(spec, spatial, np.float32)[0]
     xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=7)
     emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False, planar=planar)
@@ -274,6 +287,17 @@ def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
 
 def test_coverage_reasons(monkeypatch):
     assert _dw_plan.coverage(SPEC, (5, 7, 64), np.float32)[0]
+    # dilated: off until the GPU tests pass; then 2, 4, 8 (8 at x 64 too: one channel group's ring
+    # fits), the y extent a multiple of d
+    monkeypatch.delenv(_plan.DILATED_ENV, raising=False)
+    assert f"{_plan.DILATED_ENV}=1 turns it on" in _dw_plan.coverage(standard_spec(16, 16, 2), (4, 4, 16), np.float32)[1]
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    for d in (2, 4, 8):
+        ok, why = _dw_plan.coverage(standard_spec(16, 16, d), (64, 64, 64), np.float32)
+        assert ok and f"dilation {d}" in why
+    assert "multiple of the dilation 4" in _dw_plan.coverage(standard_spec(16, 16, 4), (4, 6, 16), np.float32)[1]
+    assert "rhs_dilation (3, 3, 3)" in _dw_plan.coverage(standard_spec(16, 16, 3), (4, 6, 16), np.float32)[1]
+    monkeypatch.delenv(_plan.DILATED_ENV)
     # one channel group in shared memory: 32 + 32 inputs at x 64 (the UNet's decoder layer after
     # its skip concatenation) fit here, and in the forward's two channel-group passes
     wide = standard_spec(32, 16)
@@ -311,9 +335,11 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # weight_gradient_kernel<NX, NT, kPlanar>: every tile width, both n-tile counts, both block layouts.
-    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])EE", report)
-    expected = {(str(nx), str(nt), pl) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"}
+    # weight_gradient_kernel<NX, NT, kPlanar, D>: every tile width, both n-tile counts, both block
+    # layouts, every dilation.
+    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)EE", report)
+    expected = {(str(nx), str(nt), pl, str(d)) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"
+                for d in _plan.DILATIONS}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report

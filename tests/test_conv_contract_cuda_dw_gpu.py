@@ -25,7 +25,7 @@ from _conv_cuda_dw_emulate import DwEmulator
 from _conv_cuda_emulate import standard_spec
 from conftest import assert_memcheck_clean, float64
 from kernels import cuda
-from kernels.cuda import _dw_plan
+from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import weight_gradient as wg
 
 pytestmark = [
@@ -38,8 +38,10 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 @pytest.fixture(autouse=True, params=["minor", "planar"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU)."""
+    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated kernels on
+    (GINJAX_CUDA_DILATED, off by default until these tests pass)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
     return request.param
 
 
@@ -143,7 +145,54 @@ def test_memcheck_clean():
             xs, _, cots = _cases.spec_operands(spec, spatial, 2, seed=35)
             run = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_call(spec, x, g, strip=strip)))
             jax.block_until_ready(run(xs, cots))
+        # dilated (the wider wrap copies at the row ends, the y phases' strips), weight gradient
+        # and forward
+        import os, sys
+        os.environ["GINJAX_CUDA_DILATED"] = "1"
+        sys.path.insert(0, "tests")
+        from _conv_cuda_emulate import standard_spec
+        from kernels import cuda
+        for d, spatial, strip in ((2, (3, 6, 16), 2), (4, (2, 8, 64), 1), (8, (3, 16, 48), 3)):
+            dspec = standard_spec(16, 16, d)
+            xs, ws, cots = _cases.spec_operands(dspec, spatial, 2, seed=36)
+            run = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_call(dspec, x, g, strip=strip)))
+            jax.block_until_ready(run(xs, cots))
+            if d < 8 or spatial[2] < 64:
+                fwd = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(dspec, x, ws)))
+                jax.block_until_ready(fwd(xs))
         print("done")
         """
     )
     assert_memcheck_clean(code)
+
+
+@pytest.mark.parametrize("dilation, spatial, batch, strip", [
+    (2, (64, 64, 64), 1, None), (4, (5, 8, 32), 2, 2), (8, (3, 24, 64), 1, None), (8, (9, 8, 16), 2, 1),
+    (2, (3, 10, 48), 3, 4)])
+def test_dilated_against_float64_reference(dilation, spatial, batch, strip):
+    """rhs_dilation d on every axis (DilResNet's 2, 4, 8): the CTAs over one y phase's rows, the
+    k-steps' pixel pairs d apart (k-step 1 four pixels on at d = 8), gY fragments one float a load;
+    d = 8 at x 64 too (one channel group's ring fits here, unlike the forward's)."""
+    spec = standard_spec(16, 16, dilation)
+    assert _dw_plan.coverage(spec, spatial, np.float32)[0]
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=37 + dilation)
+    got = batched(spec, strip)(xs, cots)
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
+        assert rel(g, want) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dilation, spatial, strip", [(2, (3, 4, 32), 1), (4, (5, 8, 16), 2), (8, (3, 24, 32), 2)])
+def test_dilated_matches_its_emulation(dilation, spatial, strip):
+    """The dilated kernel against its emulation, per-CTA partials included (NaN-poisoned memory
+    first: every partial written)."""
+    spec = standard_spec(16, 16, dilation)
+    xs, _, cots = _cases.spec_operands(spec, spatial, 1, seed=45 + dilation)
+    strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
+    shape = (groups * nz * strips, _dw_plan.layout(spec, spatial[2]).partial_floats)
+    jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(shape, jnp.nan)))
+    parts = jax.jit(lambda x, g: wg.partials(spec, x, g, strip))([x[0] for x in xs], [c[0] for c in cots])
+    assert parts.shape == shape and bool(jnp.all(jnp.isfinite(parts)))
+    dws, want_parts = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip,
+                                 planar=cuda.conv_contract.layout() == "planar").run()
+    assert rel(parts, want_parts[0]) <= 2e-5

@@ -18,6 +18,11 @@ K = pixel. Lane (g, tid) owns input channel g of its warp's chunk and the pixels
 (ROW / ZC / XC / NZ with the channel pair replaced by the k-step pair) runs unchanged on a
 different per-lane base; that needs its own conflict-free row layout (`row_layout`: 8 channels x
 4 pixel pairs a wavefront instead of 4 channels x 8).
+
+Dilated layers (rhs_dilation d = 2, 4, 8, as the forward): a lane's pixel pair is x and x + d with
+x = `k_pixel(tid, d)`, and k-step 1 is k-step 0 shifted by `kstep_shift(d)` pixels (8, or 4 at
+d = 8), so the walk's four reads x - d .. x + 2d serve both pixels; a CTA slides over the rows of
+one y phase, as the forward's does.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 
 from .._spec import ConvSpec
 from . import _plan
-from ._plan import CHUNK, NX_COVERED, SEG, RowGroup, phases, row_groups
+from ._plan import CHUNK, DILATIONS, NX_COVERED, SEG, RowGroup, dilation, lane_pixel, phases, row_groups
 
 INCLUDE = pathlib.Path(__file__).with_name("weight_gradient_d3.inc")
 CHANNELS = 2 * CHUNK  # input channels per block one CTA walks (a chunk per warp half)
@@ -82,26 +87,42 @@ def mma_count(spec: ConvSpec) -> int:
     return sum(2 * len(p.tiles) for p in passes(spec))
 
 
+# ---- lane mapping -----------------------------------------------------------------------------
+def k_pixel(tid, d: int = 1):
+    """The x (within the warp's 16-pixel segment) of k-step 0's B row tid at dilation d; row
+    tid + 4's is that + d, and k-step 1's are these + `kstep_shift(d)` (d = 1: 2 tid, 2 tid + 1
+    and + 8)."""
+    return lane_pixel(tid, d)
+
+
+def kstep_shift(d: int = 1) -> int:
+    """Pixels between k-step 0's and k-step 1's: 8, or 4 at d = 8 (k-step 0 then holds x = 0..3
+    and 8..11)."""
+    return 4 if d == 8 else 8
+
+
 # ---- shared-memory layout ---------------------------------------------------------------------
-def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int) -> bool:
+def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int, d: int = 1) -> bool:
     """Whether one warp's stencil read hits 32 distinct banks: lane (g, tid) reads channel g at
-    float 3 g pitch + skew[g] + comps * 2 tid (+ a uniform shift for dz, s, i and the k-step)."""
-    seen = {(3 * g * pitch + skew[g] + comps * 2 * t) % 32 for g in range(8) for t in range(4)}
+    float 3 g pitch + skew[g] + comps * k_pixel(tid, d) (+ a uniform shift for dz, s, i and the
+    k-step)."""
+    seen = {(3 * g * pitch + skew[g] + comps * k_pixel(t, d)) % 32 for g in range(8) for t in range(4)}
     return len(seen) == 32
 
 
-@functools.lru_cache(maxsize=16)
-def row_layout(nx: int, comps: int) -> tuple[int, tuple[int, ...]]:
+@functools.lru_cache(maxsize=64)
+def row_layout(nx: int, comps: int, d: int = 1) -> tuple[int, tuple[int, ...]]:
     """(row pitch, skew per channel mod 8): the smallest pitch, then the lexicographically
-    smallest skews (each <= pitch - row), with conflict-free reads."""
-    need = (nx + 2) * comps
+    smallest skews (each <= pitch - row, and < 16: 4 bits a channel), with conflict-free reads;
+    a row is x = -d .. nx + d - 1."""
+    need = (nx + 2 * d) * comps
 
     def extend(pitch, skew):
         if len(skew) == 8:
             return skew
-        for s in range(pitch - need + 1):
+        for s in range(min(pitch - need + 1, 16)):
             cand = skew + (s,)
-            banks = [(3 * g * pitch + cand[g] + comps * 2 * t) % 32 for g in range(len(cand)) for t in range(4)]
+            banks = [(3 * g * pitch + cand[g] + comps * k_pixel(t, d)) % 32 for g in range(len(cand)) for t in range(4)]
             if len(set(banks)) == len(banks) and (found := extend(pitch, cand)):
                 return found
         return None
@@ -109,7 +130,7 @@ def row_layout(nx: int, comps: int) -> tuple[int, tuple[int, ...]]:
     for pitch in range(need, need + 64):
         if skew := extend(pitch, ()):
             return pitch, skew
-    raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}")
+    raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}, d={d}")
 
 
 def gy_pitch(nx: int) -> tuple[int, int]:
@@ -125,6 +146,7 @@ class Layout:
     pitch: tuple[int, int]
     skew: tuple[tuple[int, ...], tuple[int, ...]]
     n_weights: int
+    dilation: int = 1
 
     @property
     def region(self) -> tuple[int, int]:
@@ -158,15 +180,18 @@ class Layout:
 
 
 def layout(spec: ConvSpec, nx: int) -> Layout:
-    p0, s0 = row_layout(nx, 1)
-    p1, s1 = row_layout(nx, 3)
-    return Layout(nx, (p0, p1), (s0, s1), len(weights(spec)))
+    d = dilation(spec) or 1
+    p0, s0 = row_layout(nx, 1, d)
+    p1, s1 = row_layout(nx, 3, d)
+    return Layout(nx, (p0, p1), (s0, s1), len(weights(spec)), d)
 
 
 def grid(spec: ConvSpec, spatial, strip: int) -> tuple[int, int, int]:
-    """CTAs per batch element: (y strips, z, channel groups of 16)."""
+    """CTAs per batch element: (y strips of every y phase, z, channel groups of 16); at dilation d
+    a strip holds rows of one phase (y mod d), d phases of ny / d rows."""
     nz, ny, _ = spatial
-    return -(-ny // strip), nz, spec.in_keys[0][2] // CHANNELS
+    d = dilation(spec) or 1
+    return d * -(-(ny // d) // strip), nz, spec.in_keys[0][2] // CHANNELS
 
 
 def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:
@@ -181,12 +206,16 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     walks 16 channels of each) within this kernel's shared memory, which holds one channel group
     (so 32 + 32 input channels at x extent 64 fit here, not in the forward), and the weight
     gradient's compiled passes."""
-    ok, why = _plan.layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes)
+    d = dilation(spec)
+    if d > 1 and not _plan.dilated_enabled():
+        return False, f"the dilated weight gradient is off until its GPU tests pass ({_plan.DILATED_ENV}=1 turns it on)"
+    ok, why = _plan.layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes,
+                                   dilations=DILATIONS)
     if not ok:
         return False, why
-    if dw_source(spec) != compiled_source():
+    if dw_source(_plan.undilated(spec)) != compiled_source():
         return False, "the layer's basis is not the one kernels/cuda/weight_gradient_d3.inc was generated for"
-    return True, "CUDA weight gradient: D=3 {scalar, vector} torus layer, tf32 mma.sync"
+    return True, "CUDA weight gradient: D=3 {scalar, vector} torus layer" + (f", dilation {d}" if d > 1 else "") + ", tf32 mma.sync"
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,15 +236,19 @@ def dw_source(spec: ConvSpec) -> str:
         "// kDwP<k>Group / kDwP<k>Weight: each pass tile's output group (its gY) and accumulator.",
         f"#define GJ_DW_WEIGHTS {len(weights(spec))}",
         f"#define GJ_DW_PASSES {len(ps)}",
-        "// Row layouts per x extent 16, 32, 48, 64 (row_layout): pitch, skew by channel mod 8 packed",
-        "// 4 bits each, for the scalar (comps 1) and vector (comps 3) block; gY staging pitches.",
+        "// Row layouts per dilation 1, 2, 4, 8 and x extent 16, 32, 48, 64 (row_layout): pitch, skew by",
+        "// channel mod 8 packed 4 bits each, for the scalar (comps 1) and vector (comps 3) block; gY",
+        "// staging pitches per x extent.",
     ]
+    shape = f"[{len(DILATIONS)}][{len(NX_COVERED)}]"
     for comps in (1, 3):
-        lays = [row_layout(nx, comps) for nx in NX_COVERED]
-        assert all(max(sk) < 16 for _, sk in lays)
-        lines.append(f"constexpr int kDwPitch{comps}[4] = {{" + ", ".join(str(p) for p, _ in lays) + "};")
-        lines.append(f"constexpr unsigned kDwSkew{comps}[4] = {{"
-                     + ", ".join(f"{sum(s << (4 * k) for k, s in enumerate(sk))}u" for _, sk in lays) + "};")
+        lays = [[row_layout(nx, comps, d) for nx in NX_COVERED] for d in DILATIONS]
+        assert all(max(sk) < 16 for row in lays for _, sk in row)
+        lines.append(f"constexpr int kDwPitch{comps}{shape} = {{"
+                     + ", ".join("{" + ", ".join(str(p) for p, _ in row) + "}" for row in lays) + "};")
+        lines.append(f"constexpr unsigned kDwSkew{comps}{shape} = {{"
+                     + ", ".join("{" + ", ".join(f"{sum(s << (4 * k) for k, s in enumerate(sk))}u" for _, sk in row) + "}"
+                                 for row in lays) + "};")
     for b in (0, 1):
         lines.append(f"constexpr int kGyPitch{b}[4] = {{" + ", ".join(str(gy_pitch(nx)[b]) for nx in NX_COVERED) + "};")
     for k, p in enumerate(ps):

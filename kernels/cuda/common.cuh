@@ -3,6 +3,15 @@
 // namespace.
 #pragma once
 
+// The generated tables' index of dilation D (_plan.DILATIONS: 1, 2, 4, 8).
+constexpr int dil_index(int D) { return D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3; }
+
+// The x (within a 16-pixel segment) of a lane's first pixel at dilation D, its second being x + D
+// (_plan.lane_pixel): the forward's mma rows g and g + 8, the weight gradient's B rows tid and
+// tid + 4 of k-step 0. A lane's four row reads x - D, x, x + D, x + 2D serve both pixels' taps.
+template <int D>
+__device__ __forceinline__ int lane_pixel(int g) { return 2 * D * (g / D) + g % D; }
+
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"

@@ -115,9 +115,6 @@ struct Params {
   int w_floats, w_group, slice_floats, region1, w_base[2];  // weights: an example's, one group's
 };
 
-// The generated tables' index of dilation D (_plan.DILATIONS: 1, 2, 4, 8).
-constexpr int dil_index(int D) { return D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3; }
-
 // Block KEY's row layout for x extent NX and dilation D (generated tables, _plan.row_layout): a
 // channel c's rows dz = -D, 0, D at region + (3 c + dz / D + 1) * kPitch + skew(c), each x = -D ..
 // NX + D - 1, kM floats a pixel.
@@ -130,10 +127,6 @@ struct RowLayout {
   __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
 };
 
-// The x (within its warp's 16-pixel segment) of mma row g's pixel at dilation D; row g + 8's is
-// that + D (_plan.lane_pixel): a lane's four reads x - D, x, x + D, x + 2D serve both pixels' taps.
-template <int D>
-__device__ __forceinline__ int lane_pixel(int g) { return 2 * D * (g / D) + g % D; }
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>

@@ -67,7 +67,13 @@
 // O = o for a whole layer); the vector blocks components minor or component-planar in memory
 // (conv_contract.cu's header). Result: the partials (channel groups x nz x strips, 2 x weights x
 // 128). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
-// channel), weights, O, o_base, planar (0 or 1).
+// channel), weights, O, o_base, planar (0 or 1), dilation.
+//
+// Dilation (template D; conv_contract.cu's header): the CTA's rows are one y phase's, its slices
+// hold the z rows z - D, z, z + D, rows carry D wrap pixels a side (their own conflict-free layout
+// per (D, nx)), and a lane's pixel pair per k-step is x, x + D (B rows tid, tid + 4; x =
+// lane_pixel<D>(tid), k-step 1 at x + 8, or + 4 at D = 8), so the walk's four reads x - D .. x + 2D
+// serve both; the A fragments read gY at the same two pixels (one float a load where D > 1).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -97,13 +103,13 @@ struct DwParams {
   int slice_floats, region1;
 };
 
-// Block KEY's row layout (_dw_plan.row_layout): channel c's rows dz = -1, 0, 1 at region +
-// chan(c) + (dz + 1) * kPitch, each x = -1 .. NX, kM floats a pixel.
-template <int NX, int KEY>
+// Block KEY's row layout at dilation D (_dw_plan.row_layout): channel c's rows dz = -D, 0, D at
+// region + chan(c) + (dz / D + 1) * kPitch, each x = -D .. NX + D - 1, kM floats a pixel.
+template <int NX, int KEY, int D>
 struct DwLayout {
   static constexpr int kM = KEY ? 3 : 1;
-  static constexpr int kPitch = KEY ? kDwPitch3[NX / kSeg - 1] : kDwPitch1[NX / kSeg - 1];
-  static constexpr unsigned kSkews = KEY ? kDwSkew3[NX / kSeg - 1] : kDwSkew1[NX / kSeg - 1];
+  static constexpr int kPitch = KEY ? kDwPitch3[dil_index(D)][NX / kSeg - 1] : kDwPitch1[dil_index(D)][NX / kSeg - 1];
+  static constexpr unsigned kSkews = KEY ? kDwSkew3[dil_index(D)][NX / kSeg - 1] : kDwSkew1[dil_index(D)][NX / kSeg - 1];
   static constexpr int kRow = NX * kM;
   __device__ static __forceinline__ int chan(int c) { return 3 * c * kPitch + ((kSkews >> (4 * (c & 7))) & 0xf); }
 };
@@ -115,12 +121,12 @@ struct GyLayout {
   static constexpr int kFloats = 16 * (kP0 + kP1);
 };
 
-// One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -1
-// .. NX wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
-template <int NX, int KEY, bool kPlanar>
+// One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -D
+// .. NX + D - 1 wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
+template <int NX, int KEY, bool kPlanar, int D>
 __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
                                               const int (&zz)[3]) {
-  using L = DwLayout<NX, KEY>;
+  using L = DwLayout<NX, KEY, D>;
   constexpr bool kPl = kPlanar && KEY == 1;
   constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;
   const int lane = threadIdx.x & 31;
@@ -128,11 +134,11 @@ __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, i
   const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
   const int volume = p.nz * plane;
   const size_t channel = (size_t)kM * p.nz * p.ny * NX;
-  float* base = slice + (KEY ? p.region1 : 0) + kM;
+  float* base = slice + (KEY ? p.region1 : 0) + D * kM;
   const int ch0 = b * p.c + kg * kChannels;
 #pragma unroll 1
   for (int c = threadIdx.x >> 5; c < kChannels; c += kWarps)
-    copy_channel_rows<NX, kM, L::kPitch, kPl>(base + L::chan(c), p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
+    copy_channel_rows<NX, kM, L::kPitch, kPl, D>(base + L::chan(c), p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
 }
 
 // gY row (b, z, y) of both blocks, output channels o_base .. o_base + kO - 1, into `dst`, 16-byte
@@ -159,17 +165,27 @@ __device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, in
 }
 
 // The A fragments of every output group, both k-steps, from the staged gY row: lane (g, tid)
-// a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + 1], gY_q[g + 8][x + 1]}, x = 2 tid + 8 s
-// of the segment; tf32-rounded.
-template <int NX, int NT, bool kPlanar>
+// a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + D], gY_q[g + 8][x + D]}, x = the k-step's
+// pixel of B row tid (2 tid + 8 s at D = 1: _dw_plan.k_pixel, kstep_shift); tf32-rounded.
+template <int NX, int NT, bool kPlanar, int D>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float* gyr, int seg, int g, int tid) {
   using G = GyLayout<NX>;
+  constexpr int kShift = D == 8 ? 4 : 8;  // pixels from k-step 0 to k-step 1
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    const int x = seg * kSeg + 2 * tid + 8 * s;
+    const int x = seg * kSeg + lane_pixel<D>(tid) + kShift * s;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (r < NT) {
+      if (r < NT && D > 1) {  // pixels x and x + D: one float a load
+        const int o = g + 8 * r;
+        a[0][s][r] = tf32_bits(gyr[o * G::kP0 + x]), a[0][s][2 + r] = tf32_bits(gyr[o * G::kP0 + x + D]);
+        const float* vr = gyr + 16 * G::kP0 + o * G::kP1;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {  // component j of pixel x: planar at j NX + x, minor at 3 x + j
+          const int at = kPlanar ? j * NX + x : 3 * x + j, step = kPlanar ? D : 3 * D;
+          a[1 + j][s][r] = tf32_bits(vr[at]), a[1 + j][s][2 + r] = tf32_bits(vr[at + step]);
+        }
+      } else if (r < NT) {
         const int o = g + 8 * r;
         const float2 v = *reinterpret_cast<const float2*>(gyr + o * G::kP0 + x);
         a[0][s][r] = tf32_bits(v.x), a[0][s][2 + r] = tf32_bits(v.y);
@@ -204,20 +220,21 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   {                                                                        \
     if (kKey == 0) cp_async_wait<2>();                                     \
     __syncthreads();                                                       \
-    if (more) load_slice_dw<NX, kKey, kPlanar>(p, next, b, kg, y_next, zz);         \
+    if (more) load_slice_dw<NX, kKey, kPlanar, D>(p, next, b, kg, y_next, zz);      \
     cp_async_commit();                                                     \
   }
 
 // Pass K of one output row: the walk of its 13 tiles for the warp's chunk, then their mma's into
-// the weights' accumulators, B = the tile (k-step s: pixels 2 tid + 8 s, + 1), A = its group's gY
-// fragments (a, loaded at the row's start).
+// the weights' accumulators, B = the tile (k-step s: pixels x, x + D of B rows tid, tid + 4; x =
+// 2 tid + 8 s at D = 1), A = its group's gY fragments (a, loaded at the row's start).
 #define GJ_DW_PASS(K)                                                                             \
   {                                                                                               \
     constexpr int kKey = GJ_DW_P##K##_KEY, kTiles = GJ_DW_P##K##_TILES;                           \
-    constexpr int kM = DwLayout<NX, kKey>::kM, kP = DwLayout<NX, kKey>::kPitch, kXs = kM;         \
-    const int off0 = (kKey ? p.region1 : 0) + DwLayout<NX, kKey>::chan(half * kChunk + g) +       \
-                     (seg * kSeg + 2 * tid) * kM;                                                 \
-    const int off1 = off0 + 8 * kM;                                                               \
+    constexpr int kM = DwLayout<NX, kKey, D>::kM, kP = DwLayout<NX, kKey, D>::kPitch;             \
+    constexpr int kXs = D * kM; /* floats between a row read's four x */                        \
+    const int off0 = (kKey ? p.region1 : 0) + DwLayout<NX, kKey, D>::chan(half * kChunk + g) +    \
+                     (seg * kSeg + lane_pixel<D>(tid)) * kM;                                      \
+    const int off1 = off0 + (D == 8 ? 4 : 8) * kM; /* k-step 1: kShift pixels on */             \
     const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                              \
     const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                              \
     float zt[kTiles][4];                                                                          \
@@ -234,8 +251,9 @@ static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_
               "weight_gradient_kernel walks three vector passes, then one scalar pass");
 
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves),
-// kPlanar: the vector blocks (x1, gy1) component-planar in global memory.
-template <int NX, int NT, bool kPlanar>
+// kPlanar: the vector blocks (x1, gy1) component-planar in global memory, D: the dilation (taps
+// at -D, 0, D; the CTA's rows one y phase, as the forward's).
+template <int NX, int NT, bool kPlanar, int D>
 __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -245,15 +263,18 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z / p.groups, kg = blockIdx.z - b * p.groups, z = blockIdx.y;
-  const int y0 = blockIdx.x * p.strip, y1 = min(y0 + p.strip, p.ny);
-  const int zz[3] = {z == 0 ? p.nz - 1 : z - 1, z, z + 1 == p.nz ? 0 : z + 1};
-  auto wrap_y = [&](int yy) { return yy < 0 ? yy + p.ny : (yy >= p.ny ? yy - p.ny : yy); };
+  // rows y = phase + D j, j0 <= j < j1, of one y phase (the forward's strips)
+  const int phase = blockIdx.x % D, j0 = blockIdx.x / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  const int y0 = phase + D * j0;
+  auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
+  const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
+  auto wrap_y = [&](int yy) { return wrap(yy, p.ny); };
 
   for (int k = 0; k < 3; ++k) {
-    load_slice_dw<NX, 1, kPlanar>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
-    load_slice_dw<NX, 0, kPlanar>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 - 1 + k), zz);
+    load_slice_dw<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz);
+    load_slice_dw<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz);
   }
-  load_gy<NX, NT, kPlanar>(p, gy + (y0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
+  load_gy<NX, NT, kPlanar>(p, gy + (j0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -262,23 +283,24 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
 #pragma unroll
   for (int w = 0; w < GJ_DW_WEIGHTS; ++w) acc[w][0] = acc[w][1] = acc[w][2] = acc[w][3] = 0.f;
 
-  int oldest = 0;  // ring slot of slice y - 1
-  for (int y = y0; y < y1; ++y) {
+  int oldest = 0;  // ring slot of slice y - D
+  for (int j = j0; j < j1; ++j) {
+    const int y = phase + D * j;
     const int mid = oldest == 2 ? 0 : oldest + 1, newest = mid == 2 ? 0 : mid + 1;
     const float* sl[3] = {ring + oldest * p.slice_floats, ring + mid * p.slice_floats, ring + newest * p.slice_floats};
-    float* next = ring + oldest * p.slice_floats;  // slice y + 2 replaces y - 1
-    const bool more = y + 2 <= y1;
-    const int y_next = wrap_y(y + 2);
-    if (y > y0) {  // gY row y and the vector slice y + 1 (the scalar one may stay in flight)
+    float* next = ring + oldest * p.slice_floats;  // slice y + 2D replaces y - D
+    const bool more = j + 2 <= j1;
+    const int y_next = wrap_y(y + 2 * D);
+    if (j > j0) {  // gY row y and the vector slice y + D (the scalar one may stay in flight)
       cp_async_wait<1>();
       __syncthreads();
     }
-    if (y + 1 < y1) load_gy<NX, NT, kPlanar>(p, gy + ((y + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + 1);
+    if (j + 1 < j1) load_gy<NX, NT, kPlanar>(p, gy + ((j + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + D);
     cp_async_commit();
     // the A fragments of gY row y, every group and k-step, once a row (32 registers live through
     // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
     uint32_t a[kGroups][2][4];
-    load_a<NX, NT, kPlanar>(a, gy + (y & 1) * GyLayout<NX>::kFloats, seg, g, tid);
+    load_a<NX, NT, kPlanar, D>(a, gy + (j & 1) * GyLayout<NX>::kFloats, seg, g, tid);
     GJ_DW_PASS(0)
     GJ_DW_PASS(1)
     GJ_DW_PASS(2)
@@ -304,31 +326,42 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   }
 }
 
-template <int NX, int NT, bool kPlanar>
+template <int NX, int NT, bool kPlanar, int D>
 cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + 2 * GyLayout<NX>::kFloats);
   if ((NX / kSeg) * kPartial > 3 * p.slice_floats) return cudaErrorInvalidValue;  // the reduction reuses the ring
-  cudaError_t err =
-      cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.ny + p.strip - 1) / p.strip, p.nz, batch * p.groups);
-  weight_gradient_kernel<NX, NT, kPlanar><<<grid, 4 * NX, smem, stream>>>(p);
+  const dim3 grid(D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // strips of each y phase
+  weight_gradient_kernel<NX, NT, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int NT, bool kPlanar>
+template <int NT, bool kPlanar, int D>
 cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stream) {
   switch (nx) {
-    case 16: return launch_dw<16, NT, kPlanar>(p, batch, stream);
-    case 32: return launch_dw<32, NT, kPlanar>(p, batch, stream);
-    case 48: return launch_dw<48, NT, kPlanar>(p, batch, stream);
-    default: return launch_dw<64, NT, kPlanar>(p, batch, stream);
+    case 16: return launch_dw<16, NT, kPlanar, D>(p, batch, stream);
+    case 32: return launch_dw<32, NT, kPlanar, D>(p, batch, stream);
+    case 48: return launch_dw<48, NT, kPlanar, D>(p, batch, stream);
+    default: return launch_dw<64, NT, kPlanar, D>(p, batch, stream);
+  }
+}
+
+template <int NT, bool kPlanar>
+cudaError_t launch_dw_dil(const DwParams& p, int nx, int dilation, int batch, cudaStream_t stream) {
+  switch (dilation) {
+    case 2: return launch_dw_nx<NT, kPlanar, 2>(p, nx, batch, stream);
+    case 4: return launch_dw_nx<NT, kPlanar, 4>(p, nx, batch, stream);
+    case 8: return launch_dw_nx<NT, kPlanar, 8>(p, nx, batch, stream);
+    default: return launch_dw_nx<NT, kPlanar, 1>(p, nx, batch, stream);
   }
 }
 
 template <bool kPlanar>
-cudaError_t launch_dw_nt(const DwParams& p, int o, int nx, int batch, cudaStream_t stream) {
-  return o == 8 ? launch_dw_nx<1, kPlanar>(p, nx, batch, stream) : launch_dw_nx<2, kPlanar>(p, nx, batch, stream);
+cudaError_t launch_dw_nt(const DwParams& p, int o, int nx, int dilation, int batch, cudaStream_t stream) {
+  return o == 8 ? launch_dw_dil<1, kPlanar>(p, nx, dilation, batch, stream)
+                : launch_dw_dil<2, kPlanar>(p, nx, dilation, batch, stream);
 }
 
 ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
@@ -337,7 +370,7 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   auto bad = [](const std::string& why) {
     return ffi::Error::InvalidArgument("ginjax cuda ConvContract weight gradient: " + why);
   };
-  if (geom.size() != 14) return bad("`geom` must have 14 entries");
+  if (geom.size() != 15) return bad("`geom` must have 15 entries");
   DwParams p{};
   const int nx = (int)geom[2], o = (int)geom[4];
   p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
@@ -350,26 +383,31 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
                ") must be a whole group within the cotangents' " + std::to_string(p.o_total));
   if (geom[13] != 0 && geom[13] != 1) return bad("`geom`[13] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
   const bool planar = geom[13] == 1;
+  const int dilation = (int)geom[14];
+  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
+    return bad("the dilation (`geom`[14] = " + std::to_string(geom[14]) + ") must be 1, 2, 4 or 8");
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
+  if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
   if (geom[10] != GJ_DW_WEIGHTS) return bad("the weight count in `geom` is not the compiled one (rebuild the library)");
-  const int l = nx / kSeg - 1;
-  if (geom[6] != kDwPitch1[l] || geom[7] != kDwPitch3[l] || geom[8] != kDwSkew1[l] || geom[9] != kDwSkew3[l])
+  const int l = nx / kSeg - 1, di = dil_index(dilation);
+  if (geom[6] != kDwPitch1[di][l] || geom[7] != kDwPitch3[di][l] || geom[8] != kDwSkew1[di][l] ||
+      geom[9] != kDwSkew3[di][l])
     return bad("the row layout in `geom` is not the compiled one (rebuild the library)");
   p.groups = p.c / kChannels;
   const int64_t pix = (int64_t)p.nz * p.ny * nx;
   const int64_t batch = x0.element_count() / (p.c * pix);
   if (batch < 1 || batch * p.groups > 65535) return bad("batch x channel groups must be in [1, 65535]");
-  const int64_t ctas = (int64_t)p.groups * p.nz * ((p.ny + p.strip - 1) / p.strip);
+  const int64_t ctas = (int64_t)p.groups * p.nz * dilation * ((p.ny / dilation + p.strip - 1) / p.strip);
   if (x0.element_count() != batch * p.c * pix || x1.element_count() != batch * p.c * pix * 3 ||
       gy0.element_count() != batch * p.o_total * pix || gy1.element_count() != batch * p.o_total * pix * 3 ||
       dw->element_count() != batch * ctas * kPartial)
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.gy[0] = gy0.typed_data(), p.gy[1] = gy1.typed_data();
   p.dw = dw->typed_data();
-  p.region1 = 3 * kChannels * kDwPitch1[l];
-  p.slice_floats = (p.region1 + 3 * kChannels * kDwPitch3[l] + 3) / 4 * 4;
-  const cudaError_t err = planar ? launch_dw_nt<true>(p, o, nx, (int)batch, stream)
-                                 : launch_dw_nt<false>(p, o, nx, (int)batch, stream);
+  p.region1 = 3 * kChannels * kDwPitch1[di][l];
+  p.slice_floats = (p.region1 + 3 * kChannels * kDwPitch3[di][l] + 3) / 4 * 4;
+  const cudaError_t err = planar ? launch_dw_nt<true>(p, o, nx, dilation, (int)batch, stream)
+                                 : launch_dw_nt<false>(p, o, nx, dilation, (int)batch, stream);
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("ginjax cuda ConvContract weight gradient: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
