@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
     # the CUDA forward on dilated layers (DilResNet's; off by default until its GPU tests pass)
     "cuda-dilated": ({"GINJAX_CUDA_DILATED": "1"}, ()),
+    # the CUDA kernels in x windows (rows over 64 pixels: the N=128 grids; off until their GPU tests pass)
+    "cuda-windows": ({"GINJAX_CUDA_X_WINDOWS": "1"}, ()),
+    "cuda-dilated-windows": ({"GINJAX_CUDA_DILATED": "1", "GINJAX_CUDA_X_WINDOWS": "1"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _conv_cuda_emulate import Emulator, slice_copies, to_physical
+from _conv_cuda_emulate import Emulator, slice_copies, to_physical, x_window
 from kernels.cuda import _dw_plan, _plan
 
 LANE = np.arange(32)
@@ -34,11 +34,12 @@ class DwEmulator:
         self.spec, self.strip, self.round = spec, strip, round_tf32
         self.lay = _dw_plan.layout(spec, self.nx)
         self.d = self.lay.dilation
+        self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
         self.passes = _dw_plan.passes(spec)
         self.n_w = len(_dw_plan.weights(spec))
         self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
         self.gy = [np.asarray(gy0, np.float64).reshape(-1), to_physical(np.asarray(gy1, np.float64), planar)]
-        self.gp = _dw_plan.gy_pitch(self.nx)
+        self.gp = _dw_plan.gy_pitch(self.w)
         self.sf, self.gf = self.lay.slice_floats, self.lay.gy_floats
 
     # ---- cp.async: issue (destination NaN while in flight), commit, wait --------------------------
@@ -56,11 +57,12 @@ class DwEmulator:
                 self.smem[dst] = vals
 
     # ---- copies -----------------------------------------------------------------------------------
-    def load_slice(self, key, slot, b, kg, z, yy):
+    def load_slice(self, key, slot, b, kg, z, yy, x0=0):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         planar = self.planar and key == 1
-        run, warps = (nx if planar else nx * m), nx // 8
+        run, warps = (nx if planar else nx * m), self.w // 8
+        win = x_window(x0, self.w, nx, self.d)
         zz = [(z - self.d) % self.nz, z, (z + self.d) % self.nz]
         plane = self.ny * run
         zoff = [zz[k] * plane + yy * run for k in range(3)]
@@ -69,22 +71,23 @@ class DwEmulator:
         for warp in range(warps):
             for c in range(warp, CH, warps):
                 dst_c, src_c = base + 3 * c * P + skew[c & 7], (b * self.c + kg * CH + c) * channel
-                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar, self.d):
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, self.w, planar, self.d, win):
                     self.issue(dst[mask], self.x[key], src[mask])
 
-    def load_gy(self, dst, b, z, y):
-        nx, o, (p0, p1) = self.nx, self.o, self.gp
+    def load_gy(self, dst, b, z, y, x0=0):
+        """The gY row y of the x window of w pixels from x0 (rows of nx)."""
+        nx, w, o, (p0, p1) = self.nx, self.w, self.o, self.gp
         first, o_rows, zy = b * self.o_total + self.o_base, self.nz * self.ny, z * self.ny + y
         four = np.arange(4)
-        for f in range(o * nx // 4):  # one thread's 16-byte copy each
-            oo, q = divmod(f, nx // 4)
-            self.issue(dst + oo * p0 + 4 * q + four, self.gy[0], ((first + oo) * o_rows + zy) * nx + 4 * q + four)
-        for f in range(o * 3 * nx // 4):
-            oo, q = divmod(f, 3 * nx // 4)  # float4 q of output oo's 3 nx floats
-            if self.planar:  # component q // (nx / 4), pixels 4 (q % (nx / 4)) ..
-                src = ((3 * (first + oo) + q // (nx // 4)) * o_rows + zy) * nx + 4 * (q % (nx // 4))
+        for f in range(o * w // 4):  # one thread's 16-byte copy each
+            oo, q = divmod(f, w // 4)
+            self.issue(dst + oo * p0 + 4 * q + four, self.gy[0], ((first + oo) * o_rows + zy) * nx + x0 + 4 * q + four)
+        for f in range(o * 3 * w // 4):
+            oo, q = divmod(f, 3 * w // 4)  # float4 q of output oo's 3 w floats
+            if self.planar:  # component q // (w / 4), pixels 4 (q % (w / 4)) ..
+                src = ((3 * (first + oo) + q // (w // 4)) * o_rows + zy) * nx + x0 + 4 * (q % (w // 4))
             else:
-                src = ((first + oo) * o_rows + zy) * 3 * nx + 4 * q
+                src = ((first + oo) * o_rows + zy) * 3 * nx + 3 * x0 + 4 * q
             self.issue(dst + 16 * p0 + oo * p1 + 4 * q + four, self.gy[1], src + four)
 
     # ---- the kernel -------------------------------------------------------------------------------
@@ -108,31 +111,33 @@ class DwEmulator:
         """Per pair, dW (B, o, c, F), and the per-CTA partials (B, CTAs, partial floats)."""
         strips, nz, groups = _dw_plan.grid(self.spec, (self.nz, self.ny, self.nx), self.strip)
         parts = np.zeros((self.batch, groups, nz * strips, self.lay.partial_floats))
-        d, rows = self.d, self.ny // self.d
+        d, rows, windows = self.d, self.ny // self.d, self.lay.windows
         for b in range(self.batch):
             for kg in range(groups):
                 for z in range(nz):
-                    for s in range(strips):  # grid x: y phase s % d, its strip s // d
-                        j0 = s // d * self.strip
-                        parts[b, kg, z * strips + s] = self.cta(b, kg, z, s % d, j0, min(j0 + self.strip, rows))
+                    for s in range(strips):  # grid x: x window s % windows, then y phase, then strip
+                        xw, rest = s % windows, s // windows
+                        j0 = rest // d * self.strip
+                        parts[b, kg, z * strips + s] = self.cta(b, kg, z, rest % d, j0, min(j0 + self.strip, rows),
+                                                                xw * self.w)
         summed = parts.sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
         dws = [_dw_plan.unpack(self.spec, summed[b]) for b in range(self.batch)]
         return tuple(np.stack(d) for d in zip(*dws)), parts.reshape(self.batch, groups * nz * strips, -1)
 
-    def cta(self, b, kg, z, phase, j0, j1):
-        """The CTA of rows y = phase + d j, j0 <= j < j1."""
+    def cta(self, b, kg, z, phase, j0, j1, x0=0):
+        """The CTA of rows y = phase + d j, j0 <= j < j1, in the x window from x0."""
         sf, gf, d = self.sf, self.gf, self.d
         self.smem = np.full(3 * sf + 2 * gf, np.nan)
         self.group, self.pending = [], []
         gy = 3 * sf
         y0 = phase + d * j0
         for k in range(3):
-            self.load_slice(1, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny)
-            self.load_slice(0, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny)
-        self.load_gy(gy + (j0 & 1) * gf, b, z, y0)
+            self.load_slice(1, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny, x0)
+            self.load_slice(0, k * sf, b, kg, z, (y0 + (k - 1) * d) % self.ny, x0)
+        self.load_gy(gy + (j0 & 1) * gf, b, z, y0, x0)
         self.commit()
         self.wait(0)
-        segs = self.nx // SEG
+        segs = self.w // SEG
         warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
         acc = {w: np.zeros((self.n_w, 4, 32)) for w in warps}
         ops = self.row_ops()
@@ -146,7 +151,7 @@ class DwEmulator:
             if j > j0:
                 self.wait(1)
             if j + 1 < j1:
-                self.load_gy(gy + ((j + 1) & 1) * gf, b, z, y + d)
+                self.load_gy(gy + ((j + 1) & 1) * gf, b, z, y + d, x0)
             self.commit()
             # each warp's A fragments of gY row y, read once at the row's start
             states = {w: {"a": self.fragments(w[0], gy + (j & 1) * gf)} for w in warps}
@@ -161,7 +166,7 @@ class DwEmulator:
                     if key == 0:
                         self.wait(2)
                     if more:
-                        self.load_slice(key, oldest * sf, b, kg, z, y_next)
+                        self.load_slice(key, oldest * sf, b, kg, z, y_next, x0)
                     self.commit()
                 start = stop + 1
             oldest = mid
@@ -212,7 +217,7 @@ class DwEmulator:
                 a[0, s, r], a[0, s, 2 + r] = self.smem[gyr + o * p0 + x], self.smem[gyr + o * p0 + x + d]
                 for j in range(3):
                     vec = gyr + 16 * p0 + o * p1
-                    at = vec + j * self.nx + x if self.planar else vec + 3 * x + j  # pixel x's component j
+                    at = vec + j * self.w + x if self.planar else vec + 3 * x + j  # pixel x's component j
                     step = d if self.planar else 3 * d
                     a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[at], self.smem[at + step]
         return self.tf32(a)

@@ -24,13 +24,22 @@ LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 
 
-def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool, d: int = 1):
+def x_window(x0: int, w: int, nx: int, d: int) -> tuple[int, int, int]:
+    """common.cuh's XWindow of the window of w pixels from x0 in rows of nx: (x0, xl, xr), where the
+    d wrap pixels before and after it start."""
+    return x0, (x0 - d if x0 >= d else nx - d), (x0 + w if x0 + w < nx else 0)
+
+
+def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool, d: int = 1,
+                 win=None):
     """common.cuh's copy_channel_rows for one channel, as (destination, source, lane mask) lane
     vectors per cp.async: dst_c the row dz = -d's interior x = 0 in shared memory, src_c the
-    channel's first float, zoff[k] row k's offset in a component's volume, d the dilation (d wrap
-    pixels on each side). Minor: lane l copies floats l, l + 32, ... of the row's one run and wrap
-    floats w = l, l + 32, ... < 2 d m; planar (m = 3): component i's run of nx floats at i *
-    volume, lane l's pixels to 3 x + i, and wrap floats w < 6 d (component w % 3)."""
+    channel's first float, zoff[k] row k's offset in a component's volume, nx the x window's pixels,
+    d the dilation (d wrap pixels on each side), win its (x0, xl, xr) in the rows (`x_window`; None:
+    the whole row). Minor: lane l copies floats l, l + 32, ... of the window's run and wrap floats
+    w = l, l + 32, ... < 2 d m; planar (m = 3): component i's run at i * volume, lane l's pixels
+    to 3 x + i, and wrap floats w < 6 d (component w % 3)."""
+    x0, xl, xr = win if win is not None else (0, nx - d, 0)
     copies = []
     every = LANE >= 0
     wrap = d * m
@@ -39,26 +48,27 @@ def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, 
         k_full, k_rem = divmod(row, 32)
         for dz in range(3):
             src, dst = src_c + zoff[dz] + LANE, dst_c + dz * pitch + LANE
-            copies += [(dst + 32 * k, src + 32 * k, every) for k in range(k_full)]
+            inner = src + x0 * m
+            copies += [(dst + 32 * k, inner + 32 * k, every) for k in range(k_full)]
             if k_rem:
-                copies.append((dst + 32 * k_full, src + 32 * k_full, LANE < k_rem))
+                copies.append((dst + 32 * k_full, inner + 32 * k_full, LANE < k_rem))
             for w0 in range(0, 2 * wrap, 32):
                 w = w0 + LANE
-                copies.append((dst + w0 - wrap, src + w0 + row - wrap, w < wrap))
-                copies.append((dst + w0 + row - wrap, src + w0 - wrap, (w >= wrap) & (w < 2 * wrap)))
+                copies.append((dst + w0 - wrap, src + w0 + xl * m, w < wrap))
+                copies.append((dst + w0 + row - wrap, src + w0 - wrap + xr * m, (w >= wrap) & (w < 2 * wrap)))
         return copies
     assert m == 3, "only vector blocks have a planar layout"
     k_full, k_rem = divmod(nx, 32)
     for dz in range(3):
         for i in range(3):
-            src, dst = src_c + i * volume + zoff[dz] + LANE, dst_c + dz * pitch + 3 * LANE + i
+            src, dst = src_c + i * volume + zoff[dz] + x0 + LANE, dst_c + dz * pitch + 3 * LANE + i
             copies += [(dst + 96 * k, src + 32 * k, every) for k in range(k_full)]
             if k_rem:
                 copies.append((dst + 96 * k_full, src + 32 * k_full, LANE < k_rem))
         for w0 in range(0, 2 * wrap, 32):
             w = w0 + LANE
             i, x = w % 3, w // 3
-            src = src_c + i * volume + zoff[dz] + np.where(x < d, nx - d + x, x - d)
+            src = src_c + i * volume + zoff[dz] + np.where(x < d, xl + x, xr + x - d)
             dst = dst_c + dz * pitch + 3 * np.where(x < d, x - d, nx + x - d) + i
             copies.append((dst, src, w < 2 * wrap))
     return copies
@@ -101,6 +111,7 @@ class Emulator:
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
         self.d = self.lay.dilation
+        self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
         self.groups, self.phases = _plan.phases(spec)
         self.o = spec.out_keys[0][2]
         self.nt = self.o // 8
@@ -122,11 +133,12 @@ class Emulator:
         self.out_thread = [np.full(a.size, -1) for a in self.out]  # (CTA, thread) of every access
 
     # ---- load_slice ---------------------------------------------------------------------------
-    def load_slice(self, key, slot, z, yy, writes, grp=0):
+    def load_slice(self, key, slot, z, yy, writes, grp=0, x0=0):
         lay, nx = self.lay, self.nx
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         planar = self.planar and key == 1
-        run, C, warps = (nx if planar else nx * m), lay.channels[key], nx // 8
+        run, C, warps = (nx if planar else nx * m), lay.channels[key], self.w // 8
+        win = x_window(x0, self.w, nx, self.d)
         zz = [(z - self.d) % self.nz, z, (z + self.d) % self.nz]
         plane = self.ny * run
         zoff = [zz[k] * plane + yy * run for k in range(3)]
@@ -135,7 +147,7 @@ class Emulator:
         for warp in range(warps):
             for c in range(warp, C, warps):
                 dst_c, src_c = base + 3 * c * P + skew[c & 3], (grp * C + c) * channel  # the group's channel c
-                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, nx, planar, self.d):
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, self.w, planar, self.d, win):
                     np.add.at(writes, dst[mask], 1)
                     slot[dst[mask]] = self.x[key][src[mask]]
 
@@ -150,8 +162,9 @@ class Emulator:
         for z in range(self.nz):
             for phase in range(d):
                 for j0 in range(0, rows, self.strip):
-                    for grp in range(self.n_groups):
-                        copies += self.cta(z, phase, j0, min(j0 + self.strip, rows), grp)
+                    for x0 in range(0, self.nx, self.w):
+                        for grp in range(self.n_groups):
+                            copies += self.cta(z, phase, j0, min(j0 + self.strip, rows), grp, x0)
         shape = (self.o_total, self.nz, self.ny, self.nx)
         return self.out[0].reshape(shape), from_physical(self.out[1], shape + (3,), self.planar), copies
 
@@ -168,23 +181,24 @@ class Emulator:
             s_w[e : e + 4] = self.packed[src : src + 4]
         return s_w
 
-    def cta(self, z, phase, j0, j1, grp=0):
-        """One pass of the CTA (z, rows y = phase + d j for j0 <= j < j1) over channel group grp;
-        the ring and the weights start over (the kernel's barrier between passes), the outputs do
-        not."""
+    def cta(self, z, phase, j0, j1, grp=0, x0=0):
+        """One pass of the CTA (z, rows y = phase + d j for j0 <= j < j1, the x window from x0) over
+        channel group grp; the ring and the weights start over (the kernel's barrier between
+        passes), the outputs do not."""
+        self.x0 = x0
         sf, d = self.lay.slice_floats, self.d
         ring = np.full(3 * sf, np.nan)
         self.s_w = self.group_weights(grp)
         y0 = phase + d * j0
-        self.cta_id = (z * self.ny + y0) * 256  # + thread: who touched an output float
+        self.cta_id = ((z * self.ny + y0) * self.nx + x0) * 256  # + thread: who touched an output float
         copies = []
         for k in range(3):
             for key in (1, 0):
                 w = np.zeros(sf, int)
                 yy = (y0 + (k - 1) * d) % self.ny
-                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, yy, w, grp)
+                self.load_slice(key, ring[k * sf : (k + 1) * sf], z, yy, w, grp, x0)
                 copies.append((key, z, yy, w))
-        segs = self.nx // _plan.SEG
+        segs = self.w // _plan.SEG
         warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
         oldest = 0
         for j in range(j0, j1):
@@ -207,7 +221,7 @@ class Emulator:
                         self.walk(ph, states[w], first, sl)
                     if r == n_chunks // 2 - 1 and more:  # MID: __syncthreads, then the copy
                         w = np.zeros(sf, int)
-                        self.load_slice(ph.key, nxt, z, y_next, w, grp)
+                        self.load_slice(ph.key, nxt, z, y_next, w, grp, x0)
                         copies.append((ph.key, z, y_next, w))
                     for w in warps:
                         self.walk(ph, states[w], rest, sl)
@@ -272,15 +286,16 @@ class Emulator:
         o, s0, s1 = self.o, *_plan.STAGE_PITCH
         o_rows = self.nz * self.ny
         row = self.o_base * o_rows + z * self.ny + y  # (o = o_base, z, y) of one batch element
-        segs = self.nx // _plan.SEG
+        segs = self.w // _plan.SEG
+        x = self.x0 + seg * _plan.SEG  # the segment's first pixel in the row
         # thread t = half * 32 + lane of the segment (warp (half, seg)): its float4 f = t + 64 i
         # of the row, scalar f < 4 o at dst0(f), vector f < 12 o at dst1(f)
-        dst0 = lambda f: (row + (f >> 2) * o_rows) * self.nx + seg * _plan.SEG + 4 * (f & 3) + np.arange(4)  # noqa: E731
+        dst0 = lambda f: (row + (f >> 2) * o_rows) * self.nx + x + 4 * (f & 3) + np.arange(4)  # noqa: E731
         if self.planar:  # output o's float4 r: component r // 4, pixels 4 (r % 4) ..
             dst1 = lambda f: ((((self.o_base + f // 12) * 3 + f % 12 // 4) * o_rows + z * self.ny + y) * self.nx  # noqa: E731
-                              + seg * _plan.SEG + 4 * (f % 4) + np.arange(4))
+                              + x + 4 * (f % 4) + np.arange(4))
         else:
-            dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + seg * 3 * _plan.SEG + 4 * (f % 12) + np.arange(4)  # noqa: E731
+            dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + 3 * x + 4 * (f % 12) + np.arange(4)  # noqa: E731
         thread = lambda t: self.cta_id + ((t >> 5) * segs + seg) * 32 + (t & 31)  # noqa: E731
         prev = {}
         if grp > 0:

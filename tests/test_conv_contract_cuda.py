@@ -134,7 +134,7 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 23 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1]
+    assert len(geom) == 24 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
@@ -231,7 +231,11 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None, planar=Fa
     # more than once (nz < d), 32 inputs (two chunk rounds)
     ((3, 6, 16), 2, (16, 16), None, False, 2), ((2, 8, 32), 3, (32, 8), None, True, 2),
     ((5, 8, 16), 2, (16, 16), None, True, 4), ((2, 4, 48), 1, (16, 8), None, False, 4),
-    ((3, 8, 16), 1, (16, 16), None, False, 8), ((2, 16, 32), 2, (16, 8), None, True, 8)])
+    ((3, 8, 16), 1, (16, 16), None, False, 8), ((2, 16, 32), 2, (16, 8), None, True, 8),
+    # x windows: rows over 64 pixels (128: two windows of 64; 80: five of 16) with the wrap runs from
+    # the neighbouring windows, two channel groups in windows, and dilation 8 at x 64 (two of 32)
+    ((1, 2, 128), 2, (16, 16), None, False, 1), ((2, 2, 80), 1, (16, 8), None, True, 1),
+    ((1, 2, 128), 1, (32, 16), None, True, 1), ((3, 8, 64), 2, (16, 16), None, True, 8)])
 def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, dilation, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be (of the copy's
@@ -243,12 +247,16 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     and the planar staging and stores). `dilation` d: taps at -d, 0, d on every axis."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0]
     emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups,
                                        planar=planar)
     G = emu.n_groups
-    assert G == (n_groups or _plan.groups(spec, spatial[2])) and G == (n_groups or (2 if channels == (32, 16) else 1))
+    assert G == (n_groups or _plan.groups(spec, spatial[2]))
+    assert G == (n_groups or (2 if channels == (32, 16) and spatial[2] >= 32 else 1))
+    windows = {128: 2, 80: 5}.get(spatial[2], 2 if dilation == 8 and spatial[2] == 64 else 1)
+    assert emu.lay.windows == windows and emu.w * windows == spatial[2]
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
     assert all((w == G).all() for w in emu.out_writes) and all((r == G - 1).all() for r in emu.out_reads)
@@ -258,27 +266,29 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     assert d == dilation
     x = [emu.x[0].reshape(G * lay.channels[0], nz, ny, nx, 1),
          from_physical(emu.x[1], (G * lay.channels[1], nz, ny, nx, 3), planar)]
-    rows = ny // d  # a CTA's strip: rows of one y phase; 3 + L - 1 slices a key
-    assert len(copies) == G * nz * d * sum(2 * (min(j0 + strip, rows) - j0 + 2) for j0 in range(0, rows, strip))
+    rows, w = ny // d, emu.w  # a CTA's strip: rows of one y phase of one x window; 3 + L - 1 slices a key
+    assert len(copies) == G * nz * d * windows * sum(2 * (min(j0 + strip, rows) - j0 + 2) for j0 in range(0, rows, strip))
     for key, z, yy, writes in copies:
         m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
         want_at = np.zeros(lay.slice_floats, int)
         for c in range(lay.channels[key]):
             for dz in range(3):
                 start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
-                want_at[start : start + (nx + 2 * d) * m] = 1
+                want_at[start : start + (w + 2 * d) * m] = 1
         assert np.array_equal(writes, want_at), (key, z, yy)  # every float of every row once, no pad touched
-    # a slot's contents for one CTA and each group: the copies wrote the group's wrapped rows
+    # a slot's contents for one CTA (the last x window) and each group: the copies wrote the
+    # group's wrapped rows
+    x0 = nx - w
     for grp in range(G):
         slot = np.full(lay.slice_floats, np.nan)
         for key in (0, 1):
-            emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int), grp)
+            emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int), grp, x0)
             m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
             for c in range(lay.channels[key]):
                 for dz in range(3):
                     start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
-                    row = x[key][grp * lay.channels[key] + c, (d * (dz - 1)) % nz, ny - 1][np.arange(-d, nx + d) % nx]
-                    assert np.array_equal(slot[start : start + (nx + 2 * d) * m], row.reshape(-1))
+                    row = x[key][grp * lay.channels[key] + c, (d * (dz - 1)) % nz, ny - 1][np.arange(x0 - d, nx + d) % nx]
+                    assert np.array_equal(slot[start : start + (w + 2 * d) * m], row.reshape(-1))
 
 
 def test_group_weights_are_the_groups_chunks():
@@ -325,7 +335,7 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 23 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
+            assert len(geom) == 24 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
@@ -476,7 +486,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
         if target == _ffi.DW_TARGET:
             def dw_call(x0, x1, g0, g1, geom):
-                assert len(geom) == 15 and int(geom[14]) == dilation
+                assert len(geom) == 16 and int(geom[14]) == dilation
                 dw_launches.append(int(geom[5]))
 
                 def host(*ops):
@@ -491,7 +501,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
-            assert len(geom) == 23 and int(geom[22]) == dilation and geom[21] == (layout == "planar")
+            assert len(geom) == 24 and int(geom[22]) == dilation and geom[21] == (layout == "planar")
             launches.append(int(geom[6]))
 
             def host(x0, x1, w, off):
@@ -569,7 +579,16 @@ def test_coverage_reasons(monkeypatch):
                               True, rhs_dilation=(1, 2, 2))
     assert "rhs_dilation (1, 2, 2) is not covered" in _plan.coverage(mixed, (5, 8, 32), np.float32)[1]
     assert "multiple of the dilation 4" in _plan.coverage(standard_spec(16, 16, 4), (5, 6, 32), np.float32)[1]
-    assert "shared memory" in _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[1]
+    why = _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[1]
+    assert "shared memory" in why and f"x windows may fit ({_plan.X_WINDOWS_ENV}=1" in why
+    # x windows (off until the GPU tests pass): rows over 64 pixels, and dilation 8 at x 64
+    assert "needs x windows" in _plan.coverage(SPEC, (4, 4, 128), np.float32)[1]
+    assert "multiple of 16" in _plan.coverage(SPEC, (4, 4, 72), np.float32)[1]
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
+    for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 48), (SPEC, 80, 16), (standard_spec(16, 16, 8), 64, 32), (SPEC, 64, 64)):
+        assert _plan.coverage(spec, (8, 8, nx), np.float32)[0] and _plan.window(spec, nx) == w
+        assert _plan.layout(spec, nx).windows == nx // w
+    monkeypatch.delenv(_plan.X_WINDOWS_ENV)
     why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and "dilation 1 only" in why
     # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the

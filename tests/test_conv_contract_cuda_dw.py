@@ -163,15 +163,19 @@ def test_unpack_is_the_inverse_of_the_fragment_order():
     # dilated: CTAs over one y phase's rows, the k-steps' pixel pairs d apart (k-step 1 four pixels
     # on at d 8), gY fragments one float a load, z taps wrapping onto each other (nz < 2d)
     ((3, 4, 16), 1, 2, (16, 16), False, 2), ((2, 6, 32), 2, 1, (32, 8), True, 2), ((5, 8, 16), 3, 1, (16, 16), True, 4),
-    ((3, 8, 48), 1, 1, (16, 8), False, 4), ((3, 24, 32), 2, 1, (16, 16), False, 8), ((9, 8, 32), 1, 1, (16, 16), True, 8)])
+    ((3, 8, 48), 1, 1, (16, 8), False, 4), ((3, 24, 32), 2, 1, (16, 16), False, 8), ((9, 8, 32), 1, 1, (16, 16), True, 8),
+    # x windows: rows over 64 pixels, the gY rows staged from the window
+    ((1, 2, 128), 2, 2, (16, 16), True, 1), ((2, 3, 80), 1, 1, (32, 8), False, 1), ((3, 4, 128), 1, 1, (16, 16), False, 2)])
 def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, planar, dilation, monkeypatch):
     """Without tf32 rounding the emulated kernel (float64) is the float64 VJP of `reference` up
     to reassociation: its index arithmetic, copies, ring, barriers and reduction; odd batch, two
     channel groups with 8 outputs (one A row half), strips that end mid-grid or exceed it; the
     vector blocks components minor or component-planar in memory; rhs_dilation d on every axis."""
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _dw_plan.coverage(spec, spatial, np.float32)[0]
+    assert _dw_plan.layout(spec, spatial[2]).windows == {128: 2, 80: 5}.get(spatial[2], 1)
     xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=7)
     emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False, planar=planar)
     dws, parts = emu.run()

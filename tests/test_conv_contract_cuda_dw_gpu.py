@@ -38,10 +38,12 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 @pytest.fixture(autouse=True, params=["minor", "planar"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated kernels on
-    (GINJAX_CUDA_DILATED, off by default until these tests pass)."""
+    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated kernels and the
+    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS: off by default until these tests
+    pass)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     return request.param
 
 
@@ -149,17 +151,18 @@ def test_memcheck_clean():
         # and forward
         import os, sys
         os.environ["GINJAX_CUDA_DILATED"] = "1"
+        os.environ["GINJAX_CUDA_X_WINDOWS"] = "1"
         sys.path.insert(0, "tests")
         from _conv_cuda_emulate import standard_spec
         from kernels import cuda
-        for d, spatial, strip in ((2, (3, 6, 16), 2), (4, (2, 8, 64), 1), (8, (3, 16, 48), 3)):
+        for d, spatial, strip in ((2, (3, 6, 16), 2), (4, (2, 8, 64), 1), (8, (3, 16, 48), 3), (1, (2, 3, 128), 2),
+                                  (8, (2, 8, 64), 1)):
             dspec = standard_spec(16, 16, d)
             xs, ws, cots = _cases.spec_operands(dspec, spatial, 2, seed=36)
             run = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_call(dspec, x, g, strip=strip)))
             jax.block_until_ready(run(xs, cots))
-            if d < 8 or spatial[2] < 64:
-                fwd = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(dspec, x, ws)))
-                jax.block_until_ready(fwd(xs))
+            fwd = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(dspec, x, ws)))
+            jax.block_until_ready(fwd(xs))
         print("done")
         """
     )
@@ -196,3 +199,16 @@ def test_dilated_matches_its_emulation(dilation, spatial, strip):
     dws, want_parts = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip,
                                  planar=cuda.conv_contract.layout() == "planar").run()
     assert rel(parts, want_parts[0]) <= 2e-5
+
+
+@pytest.mark.parametrize("spatial, batch, strip, channels", [((4, 6, 128), 2, None, (16, 16)), ((3, 4, 80), 1, 1, (32, 8)),
+                                                             ((2, 5, 96), 1, 2, (16, 16))])
+def test_x_windows_against_float64_reference(spatial, batch, strip, channels):
+    """Rows over 64 pixels in x windows: the slices and the staged gY rows from each CTA's window."""
+    spec = SPEC if channels == (16, 16) else standard_spec(*channels)
+    assert _dw_plan.layout(spec, spatial[2]).windows > 1
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=90 + spatial[2])
+    got = batched(spec, strip)(xs, cots)
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
+        assert rel(g, want) <= kernels.TOLERANCE["tf32"]

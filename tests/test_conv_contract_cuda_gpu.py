@@ -40,10 +40,12 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 @pytest.fixture(autouse=True, params=["minor", "planar"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward on
-    (GINJAX_CUDA_DILATED, off by default until these tests pass)."""
+    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward and the
+    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS: off by default until these tests
+    pass)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     return request.param
 
 
@@ -385,3 +387,33 @@ def test_dilated_layer_all_directions_in_the_triton_backend(monkeypatch):
         want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
     for g, w in zip(jax.tree.leaves(step(xs, ws, offs)), jax.tree.leaves(want)):
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("spatial, batch, strip, channels, dilation", [
+    ((8, 8, 128), 2, None, (16, 16), 1), ((3, 5, 80), 1, 2, (16, 16), 1), ((4, 6, 128), 1, 3, (32, 16), 1),
+    ((2, 4, 96), 2, 1, (16, 8), 1), ((8, 16, 64), 1, None, (16, 16), 8), ((4, 8, 128), 1, 2, (16, 16), 4)])
+def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
+    """Rows over 64 pixels in x windows (two of 64 at 128, five of 16 at 80, two of 48 at 96), the
+    wrap runs from the neighbouring windows; channel groups in windows (32 + 32 inputs); dilation
+    8 at x 64 in two windows of 32 (the whole row's ring does not fit)."""
+    spec = standard_spec(*channels, dilation=dilation)
+    assert _plan.coverage(spec, spatial, np.float32)[0] and _plan.layout(spec, spatial[2]).windows > 1
+    _check(spatial, batch, seed=70 + spatial[2], blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
+           spec=spec)
+
+
+def test_x_windows_match_their_emulation():
+    """Two windows of 64 against the emulation (tf32 alike), NaN-poisoned outputs: every element
+    written once by the window that owns it."""
+    spec, spatial, strip = SPEC, (2, 3, 128), 2
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=81)
+    poison = [jnp.full((16,) + spatial, jnp.nan), jnp.full((16,) + spatial + (3,), jnp.nan)]
+    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
+    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
+    got = run([x[0] for x in xs], ws)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip,
+                   planar=cuda_entry.layout() == "planar")
+    for g, w in zip(got, emu.run()[:2]):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5

@@ -147,6 +147,11 @@ class Layout:
     skew: tuple[tuple[int, ...], tuple[int, ...]]
     n_weights: int
     dilation: int = 1
+    row: int = 0  # the rows' x extent (0: nx, one window); nx is a CTA's x window
+
+    @property
+    def windows(self) -> int:
+        return (self.row or self.nx) // self.nx
 
     @property
     def region(self) -> tuple[int, int]:
@@ -180,6 +185,14 @@ class Layout:
 
 
 def layout(spec: ConvSpec, nx: int) -> Layout:
+    """The layout of rows of nx pixels: a CTA's x window (`_plan.window` on this kernel's shared
+    memory) and its row layouts."""
+    w = _plan.window(spec, nx, smem=lambda w: window_layout(spec, w).smem_bytes) or nx
+    return dataclasses.replace(window_layout(spec, w), row=nx)
+
+
+def window_layout(spec: ConvSpec, nx: int) -> Layout:
+    """The shared-memory layout of one CTA's x window of nx pixels."""
     d = dilation(spec) or 1
     p0, s0 = row_layout(nx, 1, d)
     p1, s1 = row_layout(nx, 3, d)
@@ -187,11 +200,11 @@ def layout(spec: ConvSpec, nx: int) -> Layout:
 
 
 def grid(spec: ConvSpec, spatial, strip: int) -> tuple[int, int, int]:
-    """CTAs per batch element: (y strips of every y phase, z, channel groups of 16); at dilation d
-    a strip holds rows of one phase (y mod d), d phases of ny / d rows."""
-    nz, ny, _ = spatial
+    """CTAs per batch element: (x windows x y phases x y strips, z, channel groups of 16); at
+    dilation d a strip holds rows of one phase (y mod d), d phases of ny / d rows."""
+    nz, ny, nx = spatial
     d = dilation(spec) or 1
-    return d * -(-(ny // d) // strip), nz, spec.in_keys[0][2] // CHANNELS
+    return layout(spec, nx).windows * d * -(-(ny // d) // strip), nz, spec.in_keys[0][2] // CHANNELS
 
 
 def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:

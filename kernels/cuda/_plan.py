@@ -225,10 +225,11 @@ def stencil_source(spec: ConvSpec) -> str:
 # ---- coverage ---------------------------------------------------------------------------------
 def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """What the kernel covers: the standard D=3 {scalar, vector} torus layer with the basis it was
-    compiled for, x extent 16/32/48/64, input channels per key a multiple of 16, output channels
-    8 or 16 (both keys the same), float32, within the shared-memory budget in one channel group
-    or in several (`groups`; GINJAX_CUDA_CHANNEL_GROUPS=0 allows one only); rhs_dilation d = 1,
-    2, 4 or 8 on every axis (d > 1: one channel group, the y extent a multiple of d)."""
+    compiled for, x extent 16/32/48/64 (any multiple of 16 in x windows of those, GINJAX_CUDA_X_WINDOWS),
+    input channels per key a multiple of 16, output channels 8 or 16 (both keys the same), float32,
+    within the shared-memory budget in one channel group or in several (`groups`;
+    GINJAX_CUDA_CHANNEL_GROUPS=0 allows one only); rhs_dilation d = 1, 2, 4 or 8 on every axis
+    (d > 1: one channel group, the y extent a multiple of d)."""
 
     def groups_hint(nx: int) -> str:
         if dilation(spec) != 1:
@@ -267,12 +268,17 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=Non
         return False, f"output channels (={o0}, {o1}) must be equal and 8 or 16"
     if spatial is not None:
         nx = int(tuple(spatial)[2])
-        if nx % SEG or not SEG <= nx <= 4 * SEG:
-            return False, f"the x extent (={nx}) must be 16, 32, 48 or 64"
+        if nx % SEG or nx < SEG:
+            return False, f"the x extent (={nx}) must be a multiple of {SEG}"
+        if not window_choices(nx):
+            return False, f"the x extent (={nx}) over {max(NX_COVERED)} needs x windows ({X_WINDOWS_ENV}=1 turns them on)"
         if d > 1 and int(tuple(spatial)[1]) % d:
             return False, f"the y extent (={tuple(spatial)[1]}) must be a multiple of the dilation {d} (a CTA's rows)"
         if smem is not None and (need := smem(nx)) > SMEM_LIMIT:
-            return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})" + (smem_hint(nx) if smem_hint else "")
+            hint = smem_hint(nx) if smem_hint else ""
+            if not x_windows_enabled() and nx > SEG:
+                hint += f"; x windows may fit ({X_WINDOWS_ENV}=1 turns them on)"
+            return False, f"needs {need} bytes of shared memory (> {SMEM_LIMIT})" + hint
     if stencil_source(undilated(spec)) != compiled_stencil():
         return False, "the layer's basis is not the one kernels/cuda/stencil_d3.inc was generated for"
     return True, "CUDA forward: D=3 {scalar, vector} torus layer" + (f", dilation {d}" if d > 1 else "") + ", tf32 mma.sync"
@@ -340,6 +346,12 @@ class Layout:
     out_channels: int
     groups: int = 1
     dilation: int = 1
+    row: int = 0  # the rows' x extent (0: nx, one window); nx is a CTA's x window
+
+    @property
+    def windows(self) -> int:
+        """x windows of nx pixels per row (conv_contract.cu's header, "X windows")."""
+        return (self.row or self.nx) // self.nx
 
     @property
     def region(self) -> tuple[int, int]:
@@ -369,11 +381,54 @@ class Layout:
 
 
 def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
-    """The layout of `n_groups` channel groups (None: `groups(spec, nx)`; where no allowed split
-    fits, the allowed one of least shared memory, so the coverage reason names what it needs)."""
-    (c0, c1), o = (tuple(c for _, _, c in spec.in_keys), spec.out_keys[0][2])
+    """The layout of rows of nx pixels (its x window: `window`) in `n_groups` channel groups
+    (None: `groups(spec, nx)`; where no allowed split fits, the allowed one of least shared
+    memory, so the coverage reason names what it needs)."""
+    w = window(spec, nx) or nx
     if n_groups is None:
-        n_groups = groups(spec, nx) or max(allowed_splits(spec), default=1)
+        n_groups = _groups_at(spec, w) or max(allowed_splits(spec), default=1)
+    return dataclasses.replace(window_layout(spec, w, n_groups), row=nx)
+
+
+X_WINDOWS_ENV = "GINJAX_CUDA_X_WINDOWS"
+
+
+def x_windows_enabled() -> bool:
+    """Whether a CTA may cover an x window of a row rather than the whole row (rows over 64
+    pixels; dilation 8 at x 64): off unless GINJAX_CUDA_X_WINDOWS="1" until the GPU tests pass."""
+    return env_choice(X_WINDOWS_ENV, ("0", "1"), "0") == "1"
+
+
+def window_choices(nx: int) -> tuple[int, ...]:
+    """The x windows a row of nx pixels can be split into, widest first: the whole row (nx <= 64),
+    and with x windows on every width of NX_COVERED dividing nx."""
+    if nx % SEG or nx < SEG:
+        return ()
+    whole = (nx,) if nx <= max(NX_COVERED) else ()
+    if not x_windows_enabled():
+        return whole
+    return whole + tuple(w for w in sorted(NX_COVERED, reverse=True) if w < nx and nx % w == 0)
+
+
+def window(spec: ConvSpec, nx: int, smem=None) -> Optional[int]:
+    """The x window of rows of nx pixels: the widest choice (`window_choices`) whose layout fits
+    SMEM_LIMIT in an allowed channel split (`smem(w)`, if given, instead: another kernel's shared
+    memory), else the widest (so the coverage reason names what it needs); None where nx has none."""
+    choices = window_choices(nx)
+    if smem is None:
+        fits = lambda w: _groups_at(spec, w) is not None  # noqa: E731
+    else:
+        fits = lambda w: smem(w) <= SMEM_LIMIT  # noqa: E731
+    return next((w for w in choices if fits(w)), choices[0] if choices else None)
+
+
+def _groups_at(spec: ConvSpec, w: int) -> Optional[int]:
+    return next((g for g in allowed_splits(spec) if window_layout(spec, w, g).smem_bytes <= SMEM_LIMIT), None)
+
+
+def window_layout(spec: ConvSpec, nx: int, n_groups: int = 1) -> Layout:
+    """The shared-memory layout of one CTA's x window of nx pixels in `n_groups` channel groups."""
+    (c0, c1), o = (tuple(c for _, _, c in spec.in_keys), spec.out_keys[0][2])
     if n_groups != 1 and n_groups not in splits(spec):
         raise ValueError(f"`n_groups` (={n_groups}) must split both input blocks (={c0}, {c1} channels) into "
                          f"groups of a multiple of {CHANNELS_PER_ROUND}: one of {(1,) + splits(spec)[1:]}")
@@ -422,10 +477,11 @@ def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
 
 
 def groups(spec: ConvSpec, nx: int) -> Optional[int]:
-    """The number of channel groups the kernel passes over at x extent nx: the smallest allowed
-    split (`allowed_splits`) whose layout fits SMEM_LIMIT (each group past the first costs a read
-    and a write of the outputs and a ring refill), None where none fits."""
-    return next((g for g in allowed_splits(spec) if layout(spec, nx, g).smem_bytes <= SMEM_LIMIT), None)
+    """The number of channel groups the kernel passes over at x extent nx (in its x window): the
+    smallest allowed split (`allowed_splits`) whose layout fits SMEM_LIMIT (each group past the
+    first costs a read and a write of the outputs and a ring refill), None where none fits."""
+    w = window(spec, nx)
+    return None if w is None else _groups_at(spec, w)
 
 
 # ---- weights ----------------------------------------------------------------------------------

@@ -25,12 +25,16 @@ class BlockSizes:
                   batch: Optional[int] = None) -> "BlockSizes":
         """The tiling used when none is given: 32-row strips, shorter where that leaves fewer than
         `MIN_CTAS` CTAs (`strip_for`; `batch`: the launch's batch, None: 1). At dilation d a CTA's
-        strip holds rows of one y phase (y mod d): d phases of ny / d rows each."""
+        strip holds rows of one y phase (y mod d): d phases of ny / d rows each; a row of x windows
+        (`_plan.window`) has a CTA per window."""
         if spatial is None:
             return cls()
+        from . import _plan
+
         d = max(1, min(spec.rhs_dilation)) if spec is not None else 1
-        nz, ny = int(spatial[0]), int(spatial[1])
-        return cls(strip_rows=strip_for(nz * d, max(1, ny // d), batch or 1, cls.strip_rows))
+        nz, ny, nx = (int(n) for n in spatial)
+        w = (_plan.window(spec, nx) if spec is not None else None) or nx  # CTAs per row: its x windows
+        return cls(strip_rows=strip_for(nz * d * max(1, nx // w), max(1, ny // d), batch or 1, cls.strip_rows))
 
     def validate(self, D: int) -> None:
         """Raise a ValueError naming the first field that is not valid."""

@@ -40,36 +40,45 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// Where a CTA's x window (NX pixels from x0 of a row of nx; the whole row where NX = nx) and its
+// wrap come from: the interior x0 .. x0 + NX - 1, the kD pixels before it from xl = (x0 - kD) mod nx
+// and the kD after it from xr = (x0 + NX) mod nx, each a contiguous run of the row (x0 is a
+// multiple of NX >= 16 > kD).
+struct XWindow {
+  int x0, xl, xr;
+};
+
 // The three z rows (dz = -d, 0, d; d the dilation kD) of one channel of a y slice into shared
 // memory, by one warp. dst: the row dz = -d's interior x = 0 in shared memory (row dz at + (dz / d
 // + 1) kPitch, the wrap x = -d .. -1 and x = NX .. NX + d - 1 before and after the interior, kM
-// floats a pixel); src: the channel's first float in global memory; zoff[k]: row k's offset within
-// one component's volume. Components minor (kPlanar false): a row is one run of NX kM floats; lane
-// l copies floats l, l + 32, ... and the wrap floats w = l (and l + 32 where 2 d kM > 32), w < d kM
-// before the interior (from the row's last d pixels), the next d kM after it (from its first).
-// Component-planar (kPlanar, kM = 3): component i's row is a run of NX floats at i * volume; lane l
-// copies its pixels l, l + 32, ... of each component to 3 x + i (stride 3 floats: 32 distinct
+// floats a pixel); src: the channel's first float in global memory (x = 0 of its row); zoff[k]: row
+// k's offset within one component's volume; win: the window's runs (XWindow). Components minor
+// (kPlanar false): the interior is one run of NX kM floats; lane l copies floats l, l + 32, ... and
+// the wrap floats w = l (and l + 32 where 2 d kM > 32), w < d kM before the interior, the next
+// d kM after it. Component-planar (kPlanar, kM = 3): component i's row is a run at i * volume; lane
+// l copies its pixels l, l + 32, ... of each component to 3 x + i (stride 3 floats: 32 distinct
 // banks), and wrap floats w < 6 d: pixel w / 3 (before) or w / 3 - d (after) of component w % 3.
 // Either way every address is a per-row base (+ lane) plus an immediate, and a warp's load of the
 // interior is 128 consecutive bytes.
 template <int NX, int kM, int kPitch, bool kPlanar, int kD = 1>
 __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, const int (&zoff)[3], int volume,
-                                                  int lane) {
+                                                  int lane, const XWindow& win) {
   constexpr int kWrap = kD * kM;  // wrap floats on each side
   if constexpr (!kPlanar) {
     constexpr int kRow = NX * kM, kFull = kRow / 32, kRem = kRow % 32;
 #pragma unroll
     for (int dz = 0; dz < 3; ++dz) {
       const float* s = src + lane + zoff[dz];
+      const float* si = s + win.x0 * kM;
       float* d = dst + lane + dz * kPitch;
 #pragma unroll
-      for (int k = 0; k < kFull; ++k) cp_async4(d + 32 * k, s + 32 * k);
-      if (kRem && lane < kRem) cp_async4(d + 32 * kFull, s + 32 * kFull);
+      for (int k = 0; k < kFull; ++k) cp_async4(d + 32 * k, si + 32 * k);
+      if (kRem && lane < kRem) cp_async4(d + 32 * kFull, si + 32 * kFull);
 #pragma unroll
       for (int w0 = 0; w0 < 2 * kWrap; w0 += 32) {
         const int w = w0 + lane;
-        if (w < kWrap) cp_async4(d + w0 - kWrap, s + w0 + kRow - kWrap);
-        else if (w < 2 * kWrap) cp_async4(d + w0 + kRow - kWrap, s + w0 - kWrap);
+        if (w < kWrap) cp_async4(d + w0 - kWrap, s + w0 + win.xl * kM);
+        else if (w < 2 * kWrap) cp_async4(d + w0 + kRow - kWrap, s + w0 - kWrap + win.xr * kM);
       }
     }
   } else {
@@ -79,7 +88,7 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
     for (int dz = 0; dz < 3; ++dz) {
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
-        const float* s = src + i * volume + zoff[dz] + lane;
+        const float* s = src + i * volume + zoff[dz] + win.x0 + lane;
         float* d = dst + dz * kPitch + 3 * lane + i;
 #pragma unroll
         for (int k = 0; k < kFull; ++k) cp_async4(d + 96 * k, s + 32 * k);
@@ -88,11 +97,33 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
 #pragma unroll
       for (int w0 = 0; w0 < 2 * kWrap; w0 += 32) {
         const int w = w0 + lane, i = w % 3, x = w / 3;  // x < kD: pixel x - kD; else pixel NX + x - kD
-        const float* s = src + i * volume + zoff[dz] + (x < kD ? NX - kD + x : x - kD);
+        const float* s = src + i * volume + zoff[dz] + (x < kD ? win.xl + x : win.xr + x - kD);
         if (w < 2 * kWrap) cp_async4(dst + dz * kPitch + 3 * (x < kD ? x - kD : NX + x - kD) + i, s);
       }
     }
   }
+}
+
+// Rows of channels first .. first + n - 1 of block x (kM floats a pixel, channels of nz x ny x nx
+// pixels) for one y slice (row yy, z rows zz, the x window of NX pixels from x0) into shared
+// memory, a warp per channel: channel c's row dz = -d's interior x = 0 at base + chan(c)
+// (copy_channel_rows). The window's wrap runs are derived here, so a kernel keeps only x0 live.
+template <int NX, int kM, int kPitch, bool kPlanar, int kD, class Chan>
+__device__ __forceinline__ void copy_slice_channels(float* base, const float* x, size_t first, int n, int nz, int ny,
+                                                    int nx, int yy, const int (&zz)[3], int x0, Chan chan) {
+  constexpr int kWarps = NX / 8;
+  const XWindow win{x0, x0 >= kD ? x0 - kD : nx - kD, x0 + NX < nx ? x0 + NX : 0};
+  const int lane = threadIdx.x & 31;
+  const int run = kPlanar ? nx : nx * kM;  // floats of one row run
+  const int plane = ny * run;              // floats of one (channel[, component], z) plane
+  // offsets inside a channel's (component's) volume (32-bit: one channel of one batch element);
+  // the 64-bit channel base once per channel
+  const int zoff[3] = {zz[0] * plane + yy * run, zz[1] * plane + yy * run, zz[2] * plane + yy * run};
+  const int volume = nz * plane;  // planar: one component's floats
+  const size_t channel = (size_t)kM * nz * ny * nx;
+#pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
+  for (int c = threadIdx.x >> 5; c < n; c += kWarps)
+    copy_channel_rows<NX, kM, kPitch, kPlanar, kD>(base + chan(c), x + (first + c) * channel, zoff, volume, lane, win);
 }
 
 // The generated walk's hooks (stencil_d3.inc, weight_gradient_d3.inc): ROW loads u[dz + 1] from

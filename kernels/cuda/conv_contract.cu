@@ -66,7 +66,13 @@
 // (O, 3, nz, ny, nx) in memory (kernels/_layout.py: the layout of the VectorNeuron kernels beside
 // them, so XLA inserts no transposes); only the copies into the ring and the output stores differ.
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
-// floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation.
+// floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation, x
+// window.
+//
+// X windows (rows longer than 64 pixels, and dilation 8 at x 64 where the whole row's ring does not
+// fit): a CTA covers a window of NX of the row's nx pixels from x0 (grid x: windows x y phases x
+// strips), its slices holding x0 - d .. x0 + NX + d - 1 (the wrap runs from the neighbouring
+// windows, or around the row at its ends: XWindow); it stores its window of each output row.
 //
 // Dilation (DilResNet's rhs_dilation d = 2, 4, 8 on every axis; template D, 1 the undilated
 // kernel). The taps sit at -d, 0, d, so the walk is unchanged if every "neighbour" is d away: z
@@ -110,6 +116,7 @@ struct Params {
   const float* off;
   float* y[2];
   int nz, ny, c[2], o, strip;
+  int nx, windows;  // the rows' x extent, and the x windows of NX pixels a row is split into
   int o_total, o_base;  // the results' output channels, and the first one this launch writes
   int groups, cg[2];  // channel groups, and one group's channels per block (what the ring holds)
   int w_floats, w_group, slice_floats, region1, w_base[2];  // weights: an example's, one group's
@@ -123,7 +130,6 @@ struct RowLayout {
   static constexpr int kM = KEY ? 3 : 1;
   static constexpr int kPitch = KEY ? kPitch3[dil_index(D)][NX / kSeg - 1] : kPitch1[dil_index(D)][NX / kSeg - 1];
   static constexpr int kSkews = KEY ? kSkew3[dil_index(D)][NX / kSeg - 1] : kSkew1[dil_index(D)][NX / kSeg - 1];
-  static constexpr int kRow = NX * kM;  // floats of the interior x = 0 .. NX - 1
   __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
 };
 
@@ -148,23 +154,14 @@ __device__ __forceinline__ void pair_barrier(int id) {
 // grp, x = -D .. NX + D - 1 wrapped) into `slice`: a warp per channel (common.cuh's
 // copy_channel_rows, in the block's global layout: kPlanar, the vector block component-planar).
 template <int NX, int KEY, bool kPlanar, int D>
-__device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3]) {
+__device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3],
+                                           int x0) {
   using L = RowLayout<NX, KEY, D>;
-  constexpr bool kPl = kPlanar && KEY == 1;
-  constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;  // kRun: floats of one row run
-  const int lane = threadIdx.x & 31, C = p.cg[KEY];
-  const int ch0 = b * p.c[KEY] + grp * C;  // the group's first channel in the batch's channel axis
-  const int plane = p.ny * kRun;           // floats of one (channel[, component], z) plane
-  // offsets inside a channel's (component's) volume (32-bit: one channel of one batch element);
-  // the 64-bit channel base once per channel
-  const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
-  const int volume = p.nz * plane;  // planar: one component's floats
-  const size_t channel = (size_t)kM * p.nz * p.ny * NX;
-  float* base = slice + (KEY ? p.region1 : 0) + D * kM;  // interior x = 0 of row 0
-#pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
-  for (int c = threadIdx.x >> 5; c < C; c += kWarps)
-    copy_channel_rows<NX, kM, L::kPitch, kPl, D>(base + 3 * c * L::kPitch + L::skew(c),
-                                                 p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
+  const int C = p.cg[KEY];
+  // the group's channels from its first in the batch's channel axis, interior x = 0 of row 0
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D>(
+      slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c[KEY] + grp * C, C, p.nz, p.ny, p.nx, yy,
+      zz, x0, [](int c) { return 3 * c * L::kPitch + L::skew(c); });
 }
 
 // MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
@@ -172,7 +169,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey, kPlanar, D>(p, next, b, grp, y_next, zz);  \
+    if (more) load_slice<NX, kKey, kPlanar, D>(p, next, b, grp, y_next, zz, x0);  \
     cp_async_commit();                                                        \
   }
 
@@ -231,8 +228,11 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z, z = blockIdx.y;
   // The CTA's rows: a strip of y = phase + D j, j = j0 .. j1 - 1, of one phase (y mod D): with
-  // taps at y - D, y, y + D, consecutive rows of a phase share two of their three slices.
-  const int phase = blockIdx.x % D, j0 = blockIdx.x / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  // taps at y - D, y, y + D, consecutive rows of a phase share two of their three slices. Its x:
+  // window `xw` of the row's (NX pixels from x0; the whole row where there is one window).
+  const int xw = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
+  const int phase = rest % D, j0 = rest / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  const int x0 = xw * NX;
   const int y0 = phase + D * j0;
   auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
   const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
@@ -261,9 +261,11 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     const float* wv = wx + grp * wv_n;                           // + e, e < wv_n: vector float e
     const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
     for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
-    for (int k = 0; k < 3; ++k) load_slice<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz);
+    for (int k = 0; k < 3; ++k)
+      load_slice<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
-    for (int k = 0; k < 3; ++k) load_slice<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz);
+    for (int k = 0; k < 3; ++k)
+      load_slice<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
     cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
     __syncthreads();
@@ -297,16 +299,17 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       const int t = half * 32 + lane;
       const size_t first = (size_t)b * p.o_total + p.o_base;  // (b, o = o_base)
       const size_t o_rows = (size_t)p.nz * p.ny, zy = (size_t)z * p.ny + y;
-      float* y0_row = p.y[0] + (first * o_rows + zy) * NX + seg * kSeg;  // float4 (o, x4) at + o o_rows NX + 4 x4
-      // minor: float4 r of output o at + o o_rows 3 NX + 4 r; planar: component r / 4, x4 = r % 4 at
-      // + (3 o + r / 4) o_rows NX + 4 x4
-      float* y1_row = kPlanar ? p.y[1] + (3 * first * o_rows + zy) * NX + seg * kSeg
-                              : p.y[1] + (first * o_rows + zy) * (3 * NX) + seg * 3 * kSeg;
-      auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * NX + 4 * (f & 3)); };
+      const size_t nx = p.nx;  // the rows' extent (NX: the window's)
+      float* y0_row = p.y[0] + (first * o_rows + zy) * nx + x0 + seg * kSeg;  // float4 (o, x4) at + o o_rows nx + 4 x4
+      // minor: float4 r of output o at + o o_rows 3 nx + 4 r; planar: component r / 4, x4 = r % 4 at
+      // + (3 o + r / 4) o_rows nx + 4 x4
+      float* y1_row = kPlanar ? p.y[1] + (3 * first * o_rows + zy) * nx + x0 + seg * kSeg
+                              : p.y[1] + (first * o_rows + zy) * (3 * nx) + 3 * (x0 + seg * kSeg);
+      auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * nx + 4 * (f & 3)); };
       auto y1_at = [&](int f) {
         const int o = f / 12, r = f - 12 * o;
-        return reinterpret_cast<float4*>(kPlanar ? y1_row + (3 * o + (r >> 2)) * o_rows * NX + 4 * (r & 3)
-                                                 : y1_row + o * o_rows * (3 * NX) + 4 * r);
+        return reinterpret_cast<float4*>(kPlanar ? y1_row + (3 * o + (r >> 2)) * o_rows * nx + 4 * (r & 3)
+                                                 : y1_row + o * o_rows * (3 * nx) + 4 * r);
       };
       constexpr int kF0 = (kO * 4 + 63) / 64, kF1 = (kO * 12 + 63) / 64;  // float4s per thread, at most
       float4 prev[kF0 + kF1];
@@ -397,7 +400,7 @@ cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // strips of each y phase
+  const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // windows x phases x strips
   forward_kernel<NX, NT, kGroups, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -435,9 +438,12 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 23) return bad("`geom` must have 23 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 24) return bad("`geom` must have 24 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
-  const int nx = (int)geom[2];
+  const int nx = (int)geom[23];  // the x window's extent (the kernel's NX); the rows' is geom[2]
+  p.nx = (int)geom[2];
+  if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[23]) must divide the x extent");
+  p.windows = p.nx / nx;
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
   p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
@@ -446,7 +452,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   const int dilation = (int)geom[22];
   if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
     return bad("the dilation (`geom`[22] = " + std::to_string(geom[22]) + ") must be 1, 2, 4 or 8");
-  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
+  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
   if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
     return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
                std::to_string(p.c[0]) + ", " + std::to_string(p.c[1]) + ")");
@@ -468,7 +474,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
       return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
   if (geom[7] != kPitch1[di][l] || geom[8] != kPitch3[di][l])
     return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
-  const int64_t pix = (int64_t)p.nz * p.ny * nx;
+  const int64_t pix = (int64_t)p.nz * p.ny * p.nx;
   const int64_t batch = x0.element_count() / (p.c[0] * pix);
   if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
   if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * 3 ||

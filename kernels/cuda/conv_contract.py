@@ -100,13 +100,13 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
     channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
     split: the tests' way to run several groups where one would fit), the results' output
     channels and the first one this launch writes (`forward_call`'s output groups), whether
-    the vector blocks are component-planar, and the dilation."""
+    the vector blocks are component-planar, the dilation and the x window (`_plan.window`)."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel, int(planar), lay.dilation]
+            total, first_channel, int(planar), lay.dilation, lay.nx]
 
 
 def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int) -> int:

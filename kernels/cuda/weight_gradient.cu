@@ -67,7 +67,8 @@
 // O = o for a whole layer); the vector blocks components minor or component-planar in memory
 // (conv_contract.cu's header). Result: the partials (channel groups x nz x strips, 2 x weights x
 // 128). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
-// channel), weights, O, o_base, planar (0 or 1), dilation.
+// channel), weights, O, o_base, planar (0 or 1), dilation, x window (conv_contract.cu's header: a
+// CTA covers NX of a row's nx pixels; its gY rows are staged from the window).
 //
 // Dilation (template D; conv_contract.cu's header): the CTA's rows are one y phase's, its slices
 // hold the z rows z - D, z, z + D, rows carry D wrap pixels a side (their own conflict-free layout
@@ -99,6 +100,7 @@ struct DwParams {
   const float* gy[2];
   float* dw;
   int nz, ny, c, strip, groups;
+  int nx, windows;  // the rows' x extent, and the x windows of NX pixels a row is split into
   int o_total, o_base;  // the cotangents' output channels, and the first one this launch reads
   int slice_floats, region1;
 };
@@ -110,7 +112,6 @@ struct DwLayout {
   static constexpr int kM = KEY ? 3 : 1;
   static constexpr int kPitch = KEY ? kDwPitch3[dil_index(D)][NX / kSeg - 1] : kDwPitch1[dil_index(D)][NX / kSeg - 1];
   static constexpr unsigned kSkews = KEY ? kDwSkew3[dil_index(D)][NX / kSeg - 1] : kDwSkew1[dil_index(D)][NX / kSeg - 1];
-  static constexpr int kRow = NX * kM;
   __device__ static __forceinline__ int chan(int c) { return 3 * c * kPitch + ((kSkews >> (4 * (c & 7))) & 0xf); }
 };
 
@@ -125,41 +126,32 @@ struct GyLayout {
 // .. NX + D - 1 wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
 template <int NX, int KEY, bool kPlanar, int D>
 __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
-                                              const int (&zz)[3]) {
+                                              const int (&zz)[3], int x0) {
   using L = DwLayout<NX, KEY, D>;
-  constexpr bool kPl = kPlanar && KEY == 1;
-  constexpr int kM = L::kM, kRun = kPl ? NX : L::kRow, kWarps = NX / 8;
-  const int lane = threadIdx.x & 31;
-  const int plane = p.ny * kRun;
-  const int zoff[3] = {zz[0] * plane + yy * kRun, zz[1] * plane + yy * kRun, zz[2] * plane + yy * kRun};
-  const int volume = p.nz * plane;
-  const size_t channel = (size_t)kM * p.nz * p.ny * NX;
-  float* base = slice + (KEY ? p.region1 : 0) + D * kM;
-  const int ch0 = b * p.c + kg * kChannels;
-#pragma unroll 1
-  for (int c = threadIdx.x >> 5; c < kChannels; c += kWarps)
-    copy_channel_rows<NX, kM, L::kPitch, kPl, D>(base + L::chan(c), p.x[KEY] + (ch0 + c) * channel, zoff, volume, lane);
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D>(
+      slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c + kg * kChannels, kChannels, p.nz, p.ny,
+      p.nx, yy, zz, x0, [](int c) { return L::chan(c); });
 }
 
 // gY row (b, z, y) of both blocks, output channels o_base .. o_base + kO - 1, into `dst`, 16-byte
 // copies (rows are 64-byte aligned: NX % 16 == 0). The vector row is staged as it lies: [o][x][3]
 // components minor, [o][3][x] planar (kPlanar).
 template <int NX, int NT, bool kPlanar>
-__device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y) {
+__device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y, int x0) {
   using G = GyLayout<NX>;
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kQ0 = NX / 4, kQ1 = 3 * NX / 4;
   const size_t first = (size_t)b * p.o_total + p.o_base, o_rows = (size_t)p.nz * p.ny;  // (b, o = o_base)
-  const size_t zy = (size_t)z * p.ny + y;
+  const size_t zy = (size_t)z * p.ny + y, nx = p.nx;  // the window: NX pixels from x0 of rows of nx
 #pragma unroll
   for (int f = threadIdx.x; f < kO * kQ0; f += kThreads) {
     const int o = f / kQ0, q = f - o * kQ0;
-    cp_async16(dst + o * G::kP0 + 4 * q, p.gy[0] + ((first + o) * o_rows + zy) * NX + 4 * q);
+    cp_async16(dst + o * G::kP0 + 4 * q, p.gy[0] + ((first + o) * o_rows + zy) * nx + x0 + 4 * q);
   }
 #pragma unroll
   for (int f = threadIdx.x; f < kO * kQ1; f += kThreads) {
     const int o = f / kQ1, q = f - o * kQ1;  // float4 q of output o's 3 NX floats
-    const float* src = kPlanar ? p.gy[1] + ((3 * (first + o) + q / kQ0) * o_rows + zy) * NX + 4 * (q % kQ0)
-                               : p.gy[1] + ((first + o) * o_rows + zy) * (3 * NX) + 4 * q;
+    const float* src = kPlanar ? p.gy[1] + ((3 * (first + o) + q / kQ0) * o_rows + zy) * nx + x0 + 4 * (q % kQ0)
+                               : p.gy[1] + ((first + o) * o_rows + zy) * (3 * nx) + 3 * x0 + 4 * q;
     cp_async16(dst + 16 * G::kP0 + o * G::kP1 + 4 * q, src);
   }
 }
@@ -220,7 +212,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   {                                                                        \
     if (kKey == 0) cp_async_wait<2>();                                     \
     __syncthreads();                                                       \
-    if (more) load_slice_dw<NX, kKey, kPlanar, D>(p, next, b, kg, y_next, zz);      \
+    if (more) load_slice_dw<NX, kKey, kPlanar, D>(p, next, b, kg, y_next, zz, x0);  \
     cp_async_commit();                                                     \
   }
 
@@ -263,18 +255,20 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z / p.groups, kg = blockIdx.z - b * p.groups, z = blockIdx.y;
-  // rows y = phase + D j, j0 <= j < j1, of one y phase (the forward's strips)
-  const int phase = blockIdx.x % D, j0 = blockIdx.x / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  // rows y = phase + D j, j0 <= j < j1, of one y phase, in x window xw (the forward's CTAs)
+  const int xw = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
+  const int phase = rest % D, j0 = rest / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
+  const int x0 = xw * NX;
   const int y0 = phase + D * j0;
   auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
   const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
   auto wrap_y = [&](int yy) { return wrap(yy, p.ny); };
 
   for (int k = 0; k < 3; ++k) {
-    load_slice_dw<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz);
-    load_slice_dw<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz);
+    load_slice_dw<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
+    load_slice_dw<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
   }
-  load_gy<NX, NT, kPlanar>(p, gy + (j0 & 1) * GyLayout<NX>::kFloats, b, z, y0);
+  load_gy<NX, NT, kPlanar>(p, gy + (j0 & 1) * GyLayout<NX>::kFloats, b, z, y0, x0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -295,7 +289,7 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
       cp_async_wait<1>();
       __syncthreads();
     }
-    if (j + 1 < j1) load_gy<NX, NT, kPlanar>(p, gy + ((j + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + D);
+    if (j + 1 < j1) load_gy<NX, NT, kPlanar>(p, gy + ((j + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + D, x0);
     cp_async_commit();
     // the A fragments of gY row y, every group and k-step, once a row (32 registers live through
     // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
@@ -333,7 +327,7 @@ cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // strips of each y phase
+  const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // windows x phases x strips
   weight_gradient_kernel<NX, NT, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -370,11 +364,14 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   auto bad = [](const std::string& why) {
     return ffi::Error::InvalidArgument("ginjax cuda ConvContract weight gradient: " + why);
   };
-  if (geom.size() != 15) return bad("`geom` must have 15 entries");
+  if (geom.size() != 16) return bad("`geom` must have 16 entries");
   DwParams p{};
-  const int nx = (int)geom[2], o = (int)geom[4];
+  const int nx = (int)geom[15], o = (int)geom[4];  // the x window's extent (the kernel's NX); the rows' is geom[2]
+  p.nx = (int)geom[2];
+  if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[15]) must divide the x extent");
+  p.windows = p.nx / nx;
   p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
-  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("nx must be 16, 32, 48 or 64");
+  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
   if (p.c % kChannels || p.c < kChannels) return bad("input channels must be a positive multiple of 16");
   if (o != 8 && o != 16) return bad("output channels must be 8 or 16");
   p.o_total = (int)geom[11], p.o_base = (int)geom[12];
@@ -394,10 +391,10 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
       geom[9] != kDwSkew3[di][l])
     return bad("the row layout in `geom` is not the compiled one (rebuild the library)");
   p.groups = p.c / kChannels;
-  const int64_t pix = (int64_t)p.nz * p.ny * nx;
+  const int64_t pix = (int64_t)p.nz * p.ny * p.nx;
   const int64_t batch = x0.element_count() / (p.c * pix);
   if (batch < 1 || batch * p.groups > 65535) return bad("batch x channel groups must be in [1, 65535]");
-  const int64_t ctas = (int64_t)p.groups * p.nz * dilation * ((p.ny / dilation + p.strip - 1) / p.strip);
+  const int64_t ctas = (int64_t)p.groups * p.nz * p.windows * dilation * ((p.ny / dilation + p.strip - 1) / p.strip);
   if (x0.element_count() != batch * p.c * pix || x1.element_count() != batch * p.c * pix * 3 ||
       gy0.element_count() != batch * p.o_total * pix || gy1.element_count() != batch * p.o_total * pix * 3 ||
       dw->element_count() != batch * ctas * kPartial)

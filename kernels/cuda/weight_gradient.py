@@ -33,7 +33,7 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_chan
     packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, spec.in_keys[0][2], spec.out_keys[0][2], strip, *lay.pitch, *packed, lay.n_weights, total,
-            first_channel, int(planar), lay.dilation]
+            first_channel, int(planar), lay.dilation, lay.nx]
 
 
 def weight_gradient_call(
@@ -56,8 +56,9 @@ def weight_gradient_call(
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
-        d = _dw_plan.layout(spec, spatial[2]).dilation  # a strip holds rows of one y phase
-        strip = strip_for(spatial[0] * d, spatial[1] // d, traced_batch(inputs[0]) or 1, _dw_plan.DEFAULT_STRIP)
+        lay = _dw_plan.layout(spec, spatial[2])  # a strip holds rows of one y phase, of one x window
+        strip = strip_for(spatial[0] * lay.dilation * lay.windows, spatial[1] // lay.dilation,
+                          traced_batch(inputs[0]) or 1, _dw_plan.DEFAULT_STRIP)
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
