@@ -21,6 +21,17 @@ G, TID = LANE >> 2, LANE & 3
 SEG, CH = _plan.SEG, _dw_plan.CHANNELS
 
 
+def emulated_partials(spec, ops, geom, shape):
+    """The weight-gradient FFI call's result emulated from what the kernel gets (a pure_callback
+    host, `broadcast_all` batching): operands x0, x1, gy0, gy1 with any leading batch axes, `geom`
+    (strip, layout, first channel), `shape` the unbatched result's."""
+    lead = ops[0].shape[:-4]
+    flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
+    _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, first_channel=int(geom[12]),
+                          planar=bool(geom[13])).run()
+    return parts.reshape(lead + shape.shape).astype(np.float32)
+
+
 class DwEmulator:
     """A batch: x0 (B, c, nz, ny, nx), x1 (B, c, nz, ny, nx, 3), gy0 (B, O, nz, ny, nx), gy1 (B, O,
     nz, ny, nx, 3) of which the launch reads output channels first_channel .. + o - 1 (o the

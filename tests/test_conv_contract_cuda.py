@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from _conv_cuda_dw_emulate import DwEmulator
+from _conv_cuda_dw_emulate import emulated_partials
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
@@ -489,12 +489,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
                 assert len(geom) == 16 and int(geom[14]) == dilation
                 dw_launches.append(int(geom[5]))
 
-                def host(*ops):
-                    lead = ops[0].shape[:-4]
-                    flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
-                    _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, planar=bool(geom[13])).run()
-                    return parts.reshape(lead + shapes.shape).astype(np.float32)
-
+                host = lambda *ops: emulated_partials(spec, ops, geom, shapes)  # noqa: E731
                 return jax.pure_callback(host, shapes, x0, x1, g0, g1, vmap_method="broadcast_all")
 
             return dw_call

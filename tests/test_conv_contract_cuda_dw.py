@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from _conv_cuda_dw_emulate import DwEmulator
+from _conv_cuda_dw_emulate import DwEmulator, emulated_partials
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
 from kernels.cuda import _dw_plan, _ffi, _plan
@@ -228,12 +228,7 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch, layout
             assert list(geom) == wg.geometry(spec, spatial, strip, planar=planar)
             calls.append(x0.shape)
 
-            def host(*ops):
-                lead = ops[0].shape[:-4]
-                flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
-                _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, planar=bool(geom[13])).run()
-                return parts.reshape(lead + shape.shape).astype(np.float32)
-
+            host = lambda *ops: emulated_partials(spec, ops, geom, shape)  # noqa: E731
             return jax.pure_callback(host, shape, x0, x1, g0, g1, vmap_method="broadcast_all")
 
         return call

@@ -363,30 +363,7 @@ def test_dilated_layer_all_directions_in_the_triton_backend(monkeypatch):
     are CUDA launches; value and gradients (inputs, weights, biases) against `reference`."""
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
-    spec = standard_spec(16, 16, 4)
-    o = 16
-    xs, ws, cots = _cases.spec_operands(spec, (8, 8, 32), 2, seed=61)
-    rng = np.random.default_rng(62)
-    offs = (jnp.asarray(rng.standard_normal((o,)), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
-    from kernels.triton.conv_contract import conv_contract_triton
-
-    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="tf32", offsets=offs),
-                   in_axes=(0, None, None))
-
-    def ref(xs, ws, offs):
-        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(xs)
-        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
-
-    def loss(fn, *args):
-        return sum(jnp.vdot(out, ct) for out, ct in zip(fn(*args), cots))
-
-    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
-    hlo = step.lower(xs, ws, offs).as_text()
-    assert hlo.count("ginjax_cuda_forward") == 2 and hlo.count("ginjax_cuda_weight_gradient") == 1
-    with jax.default_matmul_precision("highest"):
-        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
-    for g, w in zip(jax.tree.leaves(step(xs, ws, offs)), jax.tree.leaves(want)):
-        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+    _cuda_step_against_reference(standard_spec(16, 16, 4), (8, 8, 32), 2, seed=61, forwards=2, weight_grads=1)
 
 
 @pytest.mark.parametrize("spatial, batch, strip, channels, dilation", [

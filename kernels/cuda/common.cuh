@@ -104,6 +104,23 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
   }
 }
 
+// A CTA's rows and x window (both kernels): grid x = x windows x y phases x strips. Rows y =
+// phase + D j, j0 <= j < j1, of one phase (y mod D): with taps at y - D, y, y + D consecutive rows
+// of a phase share two of their three slices; the window holds NX pixels from x0 (the whole row
+// where windows is 1); zz the z rows z - D, z, z + D.
+template <int NX, int D>
+struct CtaRows {
+  int x0, phase, j0, j1, y0, ny, zz[3];
+
+  __device__ __forceinline__ CtaRows(int windows, int strip, int nz, int ny_, int z) : ny(ny_) {
+    const int xw = blockIdx.x % windows, rest = blockIdx.x / windows;
+    x0 = xw * NX, phase = rest % D, j0 = rest / D * strip, j1 = min(j0 + strip, ny / D), y0 = phase + D * j0;
+    zz[0] = wrap(z - D % nz, nz), zz[1] = z, zz[2] = wrap(z + D % nz, nz);
+  }
+  __device__ __forceinline__ static int wrap(int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); }  // v in [-n, 2n)
+  __device__ __forceinline__ int wrap_y(int yy) const { return wrap(yy, ny); }
+};
+
 // Rows of channels first .. first + n - 1 of block x (kM floats a pixel, channels of nz x ny x nx
 // pixels) for one y slice (row yy, z rows zz, the x window of NX pixels from x0) into shared
 // memory, a warp per channel: channel c's row dz = -d's interior x = 0 at base + chan(c)

@@ -227,16 +227,10 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z, z = blockIdx.y;
-  // The CTA's rows: a strip of y = phase + D j, j = j0 .. j1 - 1, of one phase (y mod D): with
-  // taps at y - D, y, y + D, consecutive rows of a phase share two of their three slices. Its x:
-  // window `xw` of the row's (NX pixels from x0; the whole row where there is one window).
-  const int xw = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
-  const int phase = rest % D, j0 = rest / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
-  const int x0 = xw * NX;
-  const int y0 = phase + D * j0;
-  auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
-  const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
-  auto wrap_y = [&](int yy) { return wrap(yy, p.ny); };
+  const CtaRows<NX, D> cta(p.windows, p.strip, p.nz, p.ny, z);  // its rows y = phase + D j and x window
+  const int x0 = cta.x0, phase = cta.phase, j0 = cta.j0, j1 = cta.j1, y0 = cta.y0;
+  const auto& zz = cta.zz;
+  auto wrap_y = [&](int yy) { return cta.wrap_y(yy); };
 
   if (threadIdx.x < 4 * kO) s_off[threadIdx.x] = p.off[(size_t)b * 4 * kO + threadIdx.x];  // seen after the barrier below
   float acc[GJ_GROUPS][NT][4];

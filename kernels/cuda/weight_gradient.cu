@@ -255,14 +255,10 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z / p.groups, kg = blockIdx.z - b * p.groups, z = blockIdx.y;
-  // rows y = phase + D j, j0 <= j < j1, of one y phase, in x window xw (the forward's CTAs)
-  const int xw = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
-  const int phase = rest % D, j0 = rest / D * p.strip, j1 = min(j0 + p.strip, p.ny / D);
-  const int x0 = xw * NX;
-  const int y0 = phase + D * j0;
-  auto wrap = [](int v, int n) { return v < 0 ? v + n : (v >= n ? v - n : v); };  // v in [-n, 2n)
-  const int zz[3] = {wrap(z - D % p.nz, p.nz), z, wrap(z + D % p.nz, p.nz)};
-  auto wrap_y = [&](int yy) { return wrap(yy, p.ny); };
+  const CtaRows<NX, D> cta(p.windows, p.strip, p.nz, p.ny, z);  // the forward's rows and x window
+  const int x0 = cta.x0, phase = cta.phase, j0 = cta.j0, j1 = cta.j1, y0 = cta.y0;
+  const auto& zz = cta.zz;
+  auto wrap_y = [&](int yy) { return cta.wrap_y(yy); };
 
   for (int k = 0; k < 3; ++k) {
     load_slice_dw<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
