@@ -232,9 +232,9 @@ def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None, planar=Fa
     ((3, 6, 16), 2, (16, 16), None, False, 2), ((2, 8, 32), 3, (32, 8), None, True, 2),
     ((5, 8, 16), 2, (16, 16), None, True, 4), ((2, 4, 48), 1, (16, 8), None, False, 4),
     ((3, 8, 16), 1, (16, 16), None, False, 8), ((2, 16, 32), 2, (16, 8), None, True, 8),
-    # x windows: rows over 64 pixels (128: two windows of 64; 80: five of 16) with the wrap runs from
-    # the neighbouring windows, two channel groups in windows, and dilation 8 at x 64 (two of 32)
-    ((1, 2, 128), 2, (16, 16), None, False, 1), ((2, 2, 80), 1, (16, 8), None, True, 1),
+    # x windows: rows over 64 pixels (128: two windows of 64; 96: three of 32) with the wrap runs
+    # from the neighbouring windows, two channel groups in windows, and dilation 8 at x 64 (two of 32)
+    ((1, 2, 128), 2, (16, 16), None, False, 1), ((2, 2, 96), 1, (16, 8), None, True, 1),
     ((1, 2, 128), 1, (32, 16), None, True, 1), ((3, 8, 64), 2, (16, 16), None, True, 8)])
 def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, dilation, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
@@ -255,7 +255,7 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     G = emu.n_groups
     assert G == (n_groups or _plan.groups(spec, spatial[2]))
     assert G == (n_groups or (2 if channels == (32, 16) and spatial[2] >= 32 else 1))
-    windows = {128: 2, 80: 5}.get(spatial[2], 2 if dilation == 8 and spatial[2] == 64 else 1)
+    windows = {128: 2, 96: 3}.get(spatial[2], 2 if dilation == 8 and spatial[2] == 64 else 1)
     assert emu.lay.windows == windows and emu.w * windows == spatial[2]
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
@@ -580,9 +580,10 @@ def test_coverage_reasons(monkeypatch):
     assert "needs x windows" in _plan.coverage(SPEC, (4, 4, 128), np.float32)[1]
     assert "multiple of 16" in _plan.coverage(SPEC, (4, 4, 72), np.float32)[1]
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
-    for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 48), (SPEC, 80, 16), (standard_spec(16, 16, 8), 64, 32), (SPEC, 64, 64)):
+    for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 32), (SPEC, 256, 64), (standard_spec(16, 16, 8), 64, 32), (SPEC, 64, 64)):
         assert _plan.coverage(spec, (8, 8, nx), np.float32)[0] and _plan.window(spec, nx) == w
         assert _plan.layout(spec, nx).windows == nx // w
+    assert "multiple of 32" in _plan.coverage(SPEC, (4, 4, 80), np.float32)[1]  # windows of 64 or 32 only
     monkeypatch.delenv(_plan.X_WINDOWS_ENV)
     why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and "dilation 1 only" in why
@@ -608,11 +609,13 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # forward_kernel<NX, NT, kGroups, kPlanar, D>: every tile width, both n-tile counts, both block
-    # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; each compiled exactly once.
-    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)EE", report)
-    expected = {(str(nx), str(nt), g, pl, str(d)) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"
-                for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
+    # forward_kernel<NX, NT, kGroups, kPlanar, D, kWin>: both n-tile counts, both block layouts; G = 1
+    # and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width (kWin false) and
+    # the window widths (kWin true); each compiled exactly once.
+    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])EE",
+                          report)
+    expected = {(str(nx), str(nt), g, pl, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report

@@ -165,7 +165,7 @@ def test_unpack_is_the_inverse_of_the_fragment_order():
     ((3, 4, 16), 1, 2, (16, 16), False, 2), ((2, 6, 32), 2, 1, (32, 8), True, 2), ((5, 8, 16), 3, 1, (16, 16), True, 4),
     ((3, 8, 48), 1, 1, (16, 8), False, 4), ((3, 24, 32), 2, 1, (16, 16), False, 8), ((9, 8, 32), 1, 1, (16, 16), True, 8),
     # x windows: rows over 64 pixels, the gY rows staged from the window
-    ((1, 2, 128), 2, 2, (16, 16), True, 1), ((2, 3, 80), 1, 1, (32, 8), False, 1), ((3, 4, 128), 1, 1, (16, 16), False, 2)])
+    ((1, 2, 128), 2, 2, (16, 16), True, 1), ((2, 3, 96), 1, 1, (32, 8), False, 1), ((3, 4, 128), 1, 1, (16, 16), False, 2)])
 def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, planar, dilation, monkeypatch):
     """Without tf32 rounding the emulated kernel (float64) is the float64 VJP of `reference` up
     to reassociation: its index arithmetic, copies, ring, barriers and reduction; odd batch, two
@@ -175,7 +175,7 @@ def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, plan
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _dw_plan.coverage(spec, spatial, np.float32)[0]
-    assert _dw_plan.layout(spec, spatial[2]).windows == {128: 2, 80: 5}.get(spatial[2], 1)
+    assert _dw_plan.layout(spec, spatial[2]).windows == {128: 2, 96: 3}.get(spatial[2], 1)
     xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=7)
     emu = DwEmulator(spec, *(np.asarray(a) for a in xs + cots), strip, round_tf32=False, planar=planar)
     dws, parts = emu.run()
@@ -334,11 +334,12 @@ def test_ptxas_resources_within_budget(tmp_path):
     report = res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # weight_gradient_kernel<NX, NT, kPlanar, D>: every tile width, both n-tile counts, both block
-    # layouts, every dilation.
-    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)EE", report)
-    expected = {(str(nx), str(nt), pl, str(d)) for nx in (16, 32, 48, 64) for nt in (1, 2) for pl in "01"
-                for d in _plan.DILATIONS}
+    # weight_gradient_kernel<NX, NT, kPlanar, D, kWin>: both n-tile counts, both block layouts, every
+    # dilation; every whole-row width (kWin false) and the window widths (kWin true).
+    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])EE",
+                          report)
+    expected = {(str(nx), str(nt), pl, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected) and len(spills) == len(expected), report
     assert all(s == ("0", "0") for s in spills), report

@@ -367,12 +367,12 @@ def test_dilated_layer_all_directions_in_the_triton_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("spatial, batch, strip, channels, dilation", [
-    ((8, 8, 128), 2, None, (16, 16), 1), ((3, 5, 80), 1, 2, (16, 16), 1), ((4, 6, 128), 1, 3, (32, 16), 1),
-    ((2, 4, 96), 2, 1, (16, 8), 1), ((8, 16, 64), 1, None, (16, 16), 8), ((4, 8, 128), 1, 2, (16, 16), 4)])
+    ((8, 8, 128), 2, None, (16, 16), 1), ((3, 5, 96), 1, 2, (16, 16), 1), ((4, 6, 128), 1, 3, (32, 16), 1),
+    ((2, 4, 192), 2, 1, (16, 8), 1), ((8, 16, 64), 1, None, (16, 16), 8), ((4, 8, 128), 1, 2, (16, 16), 4)])
 def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
-    """Rows over 64 pixels in x windows (two of 64 at 128, five of 16 at 80, two of 48 at 96), the
-    wrap runs from the neighbouring windows; channel groups in windows (32 + 32 inputs); dilation
-    8 at x 64 in two windows of 32 (the whole row's ring does not fit)."""
+    """Rows over 64 pixels in x windows (two of 64 at 128, three of 32 at 96, three of 64 at 192),
+    the wrap runs from the neighbouring windows; channel groups in windows (32 + 32 inputs);
+    dilation 8 at x 64 in two windows of 32 (the whole row's ring does not fit)."""
     spec = standard_spec(*channels, dilation=dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0] and _plan.layout(spec, spatial[2]).windows > 1
     _check(spatial, batch, seed=70 + spatial[2], blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),

@@ -271,6 +271,8 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=Non
         if nx % SEG or nx < SEG:
             return False, f"the x extent (={nx}) must be a multiple of {SEG}"
         if not window_choices(nx):
+            if x_windows_enabled():
+                return False, f"the x extent (={nx}) over {max(NX_COVERED)} must be a multiple of 32 (x windows of 64 or 32)"
             return False, f"the x extent (={nx}) over {max(NX_COVERED)} needs x windows ({X_WINDOWS_ENV}=1 turns them on)"
         if d > 1 and int(tuple(spatial)[1]) % d:
             return False, f"the y extent (={tuple(spatial)[1]}) must be a multiple of the dilation {d} (a CTA's rows)"
@@ -399,15 +401,18 @@ def x_windows_enabled() -> bool:
     return env_choice(X_WINDOWS_ENV, ("0", "1"), "0") == "1"
 
 
+WINDOWS_COVERED = (64, 32)  # x window widths compiled for rows longer than their window (kWin)
+
+
 def window_choices(nx: int) -> tuple[int, ...]:
     """The x windows a row of nx pixels can be split into, widest first: the whole row (nx <= 64),
-    and with x windows on every width of NX_COVERED dividing nx."""
+    and with x windows on, the widths of WINDOWS_COVERED dividing nx."""
     if nx % SEG or nx < SEG:
         return ()
     whole = (nx,) if nx <= max(NX_COVERED) else ()
     if not x_windows_enabled():
         return whole
-    return whole + tuple(w for w in sorted(NX_COVERED, reverse=True) if w < nx and nx % w == 0)
+    return whole + tuple(w for w in WINDOWS_COVERED if w < nx and nx % w == 0)
 
 
 def window(spec: ConvSpec, nx: int, smem=None) -> Optional[int]:

@@ -106,14 +106,14 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
 
 // A CTA's rows and x window (both kernels): grid x = x windows x y phases x strips. Rows y =
 // phase + D j, j0 <= j < j1, of one phase (y mod D): with taps at y - D, y, y + D consecutive rows
-// of a phase share two of their three slices; the window holds NX pixels from x0 (the whole row
-// where windows is 1); zz the z rows z - D, z, z + D.
-template <int NX, int D>
+// of a phase share two of their three slices; the window holds NX pixels from x0 (kWin; else the
+// whole row, x0 = 0 at compile time); zz the z rows z - D, z, z + D.
+template <int NX, int D, bool kWin>
 struct CtaRows {
   int x0, phase, j0, j1, y0, ny, zz[3];
 
   __device__ __forceinline__ CtaRows(int windows, int strip, int nz, int ny_, int z) : ny(ny_) {
-    const int xw = blockIdx.x % windows, rest = blockIdx.x / windows;
+    const int xw = kWin ? blockIdx.x % windows : 0, rest = kWin ? blockIdx.x / windows : blockIdx.x;
     x0 = xw * NX, phase = rest % D, j0 = rest / D * strip, j1 = min(j0 + strip, ny / D), y0 = phase + D * j0;
     zz[0] = wrap(z - D % nz, nz), zz[1] = z, zz[2] = wrap(z + D % nz, nz);
   }
@@ -124,11 +124,13 @@ struct CtaRows {
 // Rows of channels first .. first + n - 1 of block x (kM floats a pixel, channels of nz x ny x nx
 // pixels) for one y slice (row yy, z rows zz, the x window of NX pixels from x0) into shared
 // memory, a warp per channel: channel c's row dz = -d's interior x = 0 at base + chan(c)
-// (copy_channel_rows). The window's wrap runs are derived here, so a kernel keeps only x0 live.
-template <int NX, int kM, int kPitch, bool kPlanar, int kD, class Chan>
+// (copy_channel_rows). The window's wrap runs are derived here, so a kernel keeps only x0 live;
+// without kWin the row is the whole window (nx = NX, x0 = 0), all of it compile-time.
+template <int NX, int kM, int kPitch, bool kPlanar, int kD, bool kWin, class Chan>
 __device__ __forceinline__ void copy_slice_channels(float* base, const float* x, size_t first, int n, int nz, int ny,
-                                                    int nx, int yy, const int (&zz)[3], int x0, Chan chan) {
+                                                    int nx_, int yy, const int (&zz)[3], int x0_, Chan chan) {
   constexpr int kWarps = NX / 8;
+  const int nx = kWin ? nx_ : NX, x0 = kWin ? x0_ : 0;
   const XWindow win{x0, x0 >= kD ? x0 - kD : nx - kD, x0 + NX < nx ? x0 + NX : 0};
   const int lane = threadIdx.x & 31;
   const int run = kPlanar ? nx : nx * kM;  // floats of one row run

@@ -153,13 +153,13 @@ __device__ __forceinline__ void pair_barrier(int id) {
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel of channel group
 // grp, x = -D .. NX + D - 1 wrapped) into `slice`: a warp per channel (common.cuh's
 // copy_channel_rows, in the block's global layout: kPlanar, the vector block component-planar).
-template <int NX, int KEY, bool kPlanar, int D>
+template <int NX, int KEY, bool kPlanar, int D, bool kWin>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3],
                                            int x0) {
   using L = RowLayout<NX, KEY, D>;
   const int C = p.cg[KEY];
   // the group's channels from its first in the batch's channel axis, interior x = 0 of row 0
-  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D>(
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin>(
       slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c[KEY] + grp * C, C, p.nz, p.ny, p.nx, yy,
       zz, x0, [](int c) { return 3 * c * L::kPitch + L::skew(c); });
 }
@@ -169,7 +169,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey, kPlanar, D>(p, next, b, grp, y_next, zz, x0);  \
+    if (more) load_slice<NX, kKey, kPlanar, D, kWin>(p, next, b, grp, y_next, zz, x0); \
     cp_async_commit();                                                        \
   }
 
@@ -214,8 +214,9 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (the mma n-tiles),
 // kGroups: more than one channel group (false: the single pass, compiled without the group loop
 // or the read-add epilogue), kPlanar: the vector blocks (x1, y1) component-planar in global memory,
-// D: the dilation (1, 2, 4, 8: taps at -D, 0, D on every axis).
-template <int NX, int NT, bool kGroups, bool kPlanar, int D>
+// D: the dilation (1, 2, 4, 8: taps at -D, 0, D on every axis), kWin: the row in x windows of NX
+// (false: the whole row is the window, its offsets compile-time).
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin>
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z, z = blockIdx.y;
-  const CtaRows<NX, D> cta(p.windows, p.strip, p.nz, p.ny, z);  // its rows y = phase + D j and x window
+  const CtaRows<NX, D, kWin> cta(p.windows, p.strip, p.nz, p.ny, z);  // its rows y = phase + D j and x window
   const int x0 = cta.x0, phase = cta.phase, j0 = cta.j0, j1 = cta.j1, y0 = cta.y0;
   const auto& zz = cta.zz;
   auto wrap_y = [&](int yy) { return cta.wrap_y(yy); };
@@ -256,10 +257,10 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
     const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
     for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
     for (int k = 0; k < 3; ++k)
-      load_slice<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
+      load_slice<NX, 1, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
     for (int k = 0; k < 3; ++k)
-      load_slice<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
+      load_slice<NX, 0, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
     cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
     __syncthreads();
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       const int t = half * 32 + lane;
       const size_t first = (size_t)b * p.o_total + p.o_base;  // (b, o = o_base)
       const size_t o_rows = (size_t)p.nz * p.ny, zy = (size_t)z * p.ny + y;
-      const size_t nx = p.nx;  // the rows' extent (NX: the window's)
+      const size_t nx = kWin ? p.nx : NX;  // the rows' extent (NX: the window's)
       float* y0_row = p.y[0] + (first * o_rows + zy) * nx + x0 + seg * kSeg;  // float4 (o, x4) at + o o_rows nx + 4 x4
       // minor: float4 r of output o at + o o_rows 3 nx + 4 r; planar: component r / 4, x4 = r % 4 at
       // + (3 o + r / 4) o_rows nx + 4 x4
@@ -389,23 +390,28 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-template <int NX, int NT, bool kGroups, bool kPlanar, int D>
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // windows x phases x strips
-  forward_kernel<NX, NT, kGroups, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
+  forward_kernel<NX, NT, kGroups, kPlanar, D, kWin><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
+// The whole row (one window: NX = nx, 16 .. 64), or x windows of 32 or 64 (kWin, the rows longer
+// than their window; Forward refuses other window widths).
 template <int NT, bool kGroups, bool kPlanar, int D>
 cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
+  if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true>(p, batch, stream)
+                                     : launch<64, NT, kGroups, kPlanar, D, true>(p, batch, stream);
   switch (nx) {
-    case 16: return launch<16, NT, kGroups, kPlanar, D>(p, batch, stream);
-    case 32: return launch<32, NT, kGroups, kPlanar, D>(p, batch, stream);
-    case 48: return launch<48, NT, kGroups, kPlanar, D>(p, batch, stream);
-    default: return launch<64, NT, kGroups, kPlanar, D>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups, kPlanar, D, false>(p, batch, stream);
+    case 32: return launch<32, NT, kGroups, kPlanar, D, false>(p, batch, stream);
+    case 48: return launch<48, NT, kGroups, kPlanar, D, false>(p, batch, stream);
+    default: return launch<64, NT, kGroups, kPlanar, D, false>(p, batch, stream);
   }
 }
 
@@ -438,6 +444,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   p.nx = (int)geom[2];
   if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[23]) must divide the x extent");
   p.windows = p.nx / nx;
+  if (p.windows > 1 && nx != 32 && nx != 64) return bad("x windows must be 32 or 64 pixels wide");
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
   p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];

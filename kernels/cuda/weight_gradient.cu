@@ -124,11 +124,11 @@ struct GyLayout {
 
 // One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -D
 // .. NX + D - 1 wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
-template <int NX, int KEY, bool kPlanar, int D>
+template <int NX, int KEY, bool kPlanar, int D, bool kWin>
 __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
                                               const int (&zz)[3], int x0) {
   using L = DwLayout<NX, KEY, D>;
-  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D>(
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin>(
       slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c + kg * kChannels, kChannels, p.nz, p.ny,
       p.nx, yy, zz, x0, [](int c) { return L::chan(c); });
 }
@@ -136,12 +136,14 @@ __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, i
 // gY row (b, z, y) of both blocks, output channels o_base .. o_base + kO - 1, into `dst`, 16-byte
 // copies (rows are 64-byte aligned: NX % 16 == 0). The vector row is staged as it lies: [o][x][3]
 // components minor, [o][3][x] planar (kPlanar).
-template <int NX, int NT, bool kPlanar>
-__device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y, int x0) {
+template <int NX, int NT, bool kPlanar, bool kWin>
+__device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, int z, int y, int x0_) {
   using G = GyLayout<NX>;
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kQ0 = NX / 4, kQ1 = 3 * NX / 4;
   const size_t first = (size_t)b * p.o_total + p.o_base, o_rows = (size_t)p.nz * p.ny;  // (b, o = o_base)
-  const size_t zy = (size_t)z * p.ny + y, nx = p.nx;  // the window: NX pixels from x0 of rows of nx
+  // the window: NX pixels from x0 of rows of nx (without kWin the whole row: nx = NX, x0 = 0)
+  const size_t zy = (size_t)z * p.ny + y, nx = kWin ? p.nx : NX;
+  const int x0 = kWin ? x0_ : 0;
 #pragma unroll
   for (int f = threadIdx.x; f < kO * kQ0; f += kThreads) {
     const int o = f / kQ0, q = f - o * kQ0;
@@ -212,7 +214,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   {                                                                        \
     if (kKey == 0) cp_async_wait<2>();                                     \
     __syncthreads();                                                       \
-    if (more) load_slice_dw<NX, kKey, kPlanar, D>(p, next, b, kg, y_next, zz, x0);  \
+    if (more) load_slice_dw<NX, kKey, kPlanar, D, kWin>(p, next, b, kg, y_next, zz, x0); \
     cp_async_commit();                                                     \
   }
 
@@ -244,8 +246,8 @@ static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_
 
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves),
 // kPlanar: the vector blocks (x1, gy1) component-planar in global memory, D: the dilation (taps
-// at -D, 0, D; the CTA's rows one y phase, as the forward's).
-template <int NX, int NT, bool kPlanar, int D>
+// at -D, 0, D; the CTA's rows one y phase, as the forward's), kWin: the row in x windows of NX.
+template <int NX, int NT, bool kPlanar, int D, bool kWin>
 __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -255,16 +257,16 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
   const int b = blockIdx.z / p.groups, kg = blockIdx.z - b * p.groups, z = blockIdx.y;
-  const CtaRows<NX, D> cta(p.windows, p.strip, p.nz, p.ny, z);  // the forward's rows and x window
+  const CtaRows<NX, D, kWin> cta(p.windows, p.strip, p.nz, p.ny, z);  // the forward's rows and x window
   const int x0 = cta.x0, phase = cta.phase, j0 = cta.j0, j1 = cta.j1, y0 = cta.y0;
   const auto& zz = cta.zz;
   auto wrap_y = [&](int yy) { return cta.wrap_y(yy); };
 
   for (int k = 0; k < 3; ++k) {
-    load_slice_dw<NX, 1, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
-    load_slice_dw<NX, 0, kPlanar, D>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
+    load_slice_dw<NX, 1, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
+    load_slice_dw<NX, 0, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, kg, wrap_y(y0 + (k - 1) * D), zz, x0);
   }
-  load_gy<NX, NT, kPlanar>(p, gy + (j0 & 1) * GyLayout<NX>::kFloats, b, z, y0, x0);
+  load_gy<NX, NT, kPlanar, kWin>(p, gy + (j0 & 1) * GyLayout<NX>::kFloats, b, z, y0, x0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
       cp_async_wait<1>();
       __syncthreads();
     }
-    if (j + 1 < j1) load_gy<NX, NT, kPlanar>(p, gy + ((j + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + D, x0);
+    if (j + 1 < j1) load_gy<NX, NT, kPlanar, kWin>(p, gy + ((j + 1) & 1) * GyLayout<NX>::kFloats, b, z, y + D, x0);
     cp_async_commit();
     // the A fragments of gY row y, every group and k-step, once a row (32 registers live through
     // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
@@ -316,25 +318,28 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   }
 }
 
-template <int NX, int NT, bool kPlanar, int D>
+template <int NX, int NT, bool kPlanar, int D, bool kWin>
 cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + 2 * GyLayout<NX>::kFloats);
   if ((NX / kSeg) * kPartial > 3 * p.slice_floats) return cudaErrorInvalidValue;  // the reduction reuses the ring
-  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D>,
+  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D, kWin>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // windows x phases x strips
-  weight_gradient_kernel<NX, NT, kPlanar, D><<<grid, 4 * NX, smem, stream>>>(p);
+  weight_gradient_kernel<NX, NT, kPlanar, D, kWin><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
+// The whole row (NX = nx), or x windows of 32 or 64 (kWin; WeightGradient refuses other widths).
 template <int NT, bool kPlanar, int D>
 cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stream) {
+  if (p.windows > 1) return nx == 32 ? launch_dw<32, NT, kPlanar, D, true>(p, batch, stream)
+                                     : launch_dw<64, NT, kPlanar, D, true>(p, batch, stream);
   switch (nx) {
-    case 16: return launch_dw<16, NT, kPlanar, D>(p, batch, stream);
-    case 32: return launch_dw<32, NT, kPlanar, D>(p, batch, stream);
-    case 48: return launch_dw<48, NT, kPlanar, D>(p, batch, stream);
-    default: return launch_dw<64, NT, kPlanar, D>(p, batch, stream);
+    case 16: return launch_dw<16, NT, kPlanar, D, false>(p, batch, stream);
+    case 32: return launch_dw<32, NT, kPlanar, D, false>(p, batch, stream);
+    case 48: return launch_dw<48, NT, kPlanar, D, false>(p, batch, stream);
+    default: return launch_dw<64, NT, kPlanar, D, false>(p, batch, stream);
   }
 }
 
@@ -366,6 +371,7 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   p.nx = (int)geom[2];
   if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[15]) must divide the x extent");
   p.windows = p.nx / nx;
+  if (p.windows > 1 && nx != 32 && nx != 64) return bad("x windows must be 32 or 64 pixels wide");
   p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
   if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
   if (p.c % kChannels || p.c < kChannels) return bad("input channels must be a positive multiple of 16");
