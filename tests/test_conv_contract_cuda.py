@@ -561,8 +561,8 @@ def test_coverage_reasons(monkeypatch):
     d2 = _cases.fixture_spec(_configs.CONFIGS["d2_n64_b4_c8"])
     assert "D=2" in _plan.coverage(d2, None, np.float32)[1]
     # dilations: 1, 2, 4, 8 on every axis, the y extent a multiple (a CTA's rows are one y phase),
-    # one channel group; the weight gradient is compiled at dilation 1 only. Off by default until
-    # the GPU tests pass.
+    # one channel group (the weight gradient's coverage: test_conv_contract_cuda_dw.py). Off by
+    # default until the GPU tests pass.
     monkeypatch.delenv(_plan.DILATED_ENV, raising=False)
     assert f"{_plan.DILATED_ENV}=1 turns it on" in _plan.coverage(standard_spec(16, 16, 2), (5, 8, 32), np.float32)[1]
     monkeypatch.setenv(_plan.DILATED_ENV, "1")

@@ -340,12 +340,15 @@ def test_dilated_layers_against_reference(dilation, spatial, batch, strip):
            spec=spec)
 
 
-@pytest.mark.parametrize("dilation, spatial, strip", [(2, (3, 4, 32), 1), (4, (5, 8, 16), 2), (8, (2, 16, 16), 2)])
-def test_dilated_layers_match_their_emulation(dilation, spatial, strip):
-    """The compiled dilated kernel against its lane-by-lane emulation (tf32 alike; see
-    test_matches_its_emulation), with poisoned (NaN) output buffers: every element written."""
-    spec = standard_spec(16, 16, dilation)
-    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=50 + dilation)
+@pytest.mark.parametrize("dilation, spatial, strip, seed", [
+    (2, (3, 4, 32), 1, 52), (4, (5, 8, 16), 2, 54), (8, (2, 16, 16), 2, 58),  # dilated
+    (1, (2, 3, 128), 2, 81)])  # two x windows of 64
+def test_dilated_and_windowed_kernels_match_their_emulation(dilation, spatial, strip, seed):
+    """The compiled kernel on dilated layers and in x windows against its lane-by-lane emulation
+    (tf32 alike; see test_matches_its_emulation), with poisoned (NaN) output buffers: every element
+    written, once by the window that owns it."""
+    spec = SPEC if dilation == 1 else standard_spec(16, 16, dilation)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
     poison = [jnp.full((16,) + spatial, jnp.nan), jnp.full((16,) + spatial + (3,), jnp.nan)]
     jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
     run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
@@ -377,20 +380,3 @@ def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
     assert _plan.coverage(spec, spatial, np.float32)[0] and _plan.layout(spec, spatial[2]).windows > 1
     _check(spatial, batch, seed=70 + spatial[2], blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
            spec=spec)
-
-
-def test_x_windows_match_their_emulation():
-    """Two windows of 64 against the emulation (tf32 alike), NaN-poisoned outputs: every element
-    written once by the window that owns it."""
-    spec, spatial, strip = SPEC, (2, 3, 128), 2
-    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=81)
-    poison = [jnp.full((16,) + spatial, jnp.nan), jnp.full((16,) + spatial + (3,), jnp.nan)]
-    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
-    run = jax.jit(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=cuda.BlockSizes(strip_rows=strip)))
-    got = run([x[0] for x in xs], ws)
-    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
-    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip,
-                   planar=cuda_entry.layout() == "planar")
-    for g, w in zip(got, emu.run()[:2]):
-        assert bool(jnp.all(jnp.isfinite(g)))
-        assert rel_l2(g, jnp.asarray(w, jnp.float32)) <= 2e-5
