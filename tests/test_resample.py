@@ -157,6 +157,58 @@ def test_fixture_cases(case):
     check_against_reference(spec, xs, ws)
 
 
+# ---- padding past the filter: the lax convolutions' gradients on XLA:CPU -----------------------
+# (spatial, filter, padding, lhs_dilation, rhs_dilation, stride). The first case's input gradient,
+# taken by JAX through lax.conv_general_dilated directly, is a convolution with low padding -1 and
+# high padding 1, which XLA:CPU's f32 convolution computes from memory past the input
+# (openxla/xla#48713: relative error 1e30 here). The others pad past the filter without that shape.
+PAST_THE_FILTER = [
+    ((4, 4), (2, 2), ((1, 1), (2, 0)), (2, 2), (1, 1), 1),
+    ((6, 5), (3, 3), ((3, 1), (0, 3)), (1, 1), (1, 1), 1),
+    ((7, 6), (3, 2), ((4, 0), (3, 1)), (1, 1), (2, 1), 2),
+    ((5, 5, 5), (2, 2, 2), ((2, 0), (1, 1), (0, 2)), (2, 2, 2), (1, 1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("case", PAST_THE_FILTER)
+def test_lax_convolution_gradients_with_padding_past_the_filter(case):
+    """The lax convolution every lax path shares (reference, dense, geom.convolve): fp32 gradients
+    within fp32 tolerance of the float64 ones."""
+    from kernels._lax_common import conv_general_channels_last
+
+    spatial, taps, padding, lhs, rhs, stride = case
+    D = len(spatial)
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((1,) + spatial + (3,)), rng.standard_normal(taps + (3, 2))
+
+    def loss(x, w):
+        y = conv_general_channels_last(x, w, stride=(stride,) * D, padding=padding, lhs_dilation=lhs, rhs_dilation=rhs)
+        return jnp.sum(jnp.sin(y))
+
+    with jax.enable_x64(True):
+        want = jax.grad(loss, (0, 1))(jnp.asarray(x), jnp.asarray(w))
+        got = jax.grad(loss, (0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+        assert got[0].dtype == jnp.float32 and want[0].dtype == jnp.float64
+    for g, e in zip(got, want):
+        _close([g], [e])
+
+
+def test_geom_convolve_input_gradient_with_padding_past_the_filter():
+    """The same through ginjax's public convolve: an upsampling with padding (1, 1) and (2, 0)."""
+    rng = np.random.default_rng(8)
+    image = rng.standard_normal((1, 2, 4, 4))  # (batch, in_c, *spatial), scalars
+    filt = rng.standard_normal((3, 2, 2, 2))  # (out_c, in_c, *taps)
+
+    def loss(image):
+        out = geom.convolve(2, image, filt.astype(image.dtype), False, padding=((1, 1), (2, 0)), lhs_dilation=(2, 2))
+        return jnp.sum(jnp.sin(out))
+
+    with jax.enable_x64(True):
+        want = jax.grad(loss)(jnp.asarray(image))
+        got = jax.grad(loss)(jnp.asarray(image, jnp.float32))
+    _close([got], [want])
+
+
 # ---- hypothesis: D 2/3, s 2/3, M 2/3, paddings, torus or not, key orders 0-2 ---------------------
 KEYS = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
 

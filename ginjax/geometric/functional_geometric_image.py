@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from ginjax.geometric.constants import TINY
+from kernels._lax_common import conv_general_channels_last
 
 PaddingType = Optional[Union[str, int, tuple[tuple[int, int], ...]]]
 
@@ -245,15 +246,15 @@ def convolve_ravel(
             f"filter's input channels (={filter_in})"
         )
     spatial = _SPATIAL_LETTERS[:D]
-    return jax.lax.conv_general_dilated(
+    return conv_general_channels_last(
         image,
         filter_image,
-        window_strides=stride,
+        stride=stride,
         padding=padding_literal,
         lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation,
-        dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
         feature_group_count=image.shape[-1] // filter_in,
+        dimension_numbers_=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"),
     )
 
 
