@@ -133,12 +133,24 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert (two.groups, two.channels, two.weight_floats) == (2, (16, 16), 10_240)
     assert two.smem_bytes == _plan.layout(SPEC, 64).smem_bytes == 214_592
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
+
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
     assert len(geom) == 24 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
         _plan.layout(wide, 64, 3)
+
+
+def test_a_patched_group_count_reaches_the_launch_geometry(monkeypatch):
+    """The GPU tests force a split where one group would fit by patching `_plan.groups`: the
+    layout, and so the launch's geometry, must take its count from there."""
+    spec = standard_spec(32, 16)
+    blocks = cuda.BlockSizes(strip_rows=3)
+    assert cuda_entry.geometry(spec, (2, 4, 16), blocks)[18] == 1
+    monkeypatch.setattr(_plan, "groups", lambda spec, nx: 2)
+    assert _plan.layout(spec, 16).groups == 2
+    assert cuda_entry.geometry(spec, (2, 4, 16), blocks)[18] == 2
 
 
 def test_shared_memory_of_the_standard_layer():

@@ -387,8 +387,8 @@ def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
     (None: `groups(spec, nx)`; where no allowed split fits, the allowed one of least shared
     memory, so the coverage reason names what it needs)."""
     w = window(spec, nx) or nx
-    if n_groups is None:
-        n_groups = _groups_at(spec, w) or max(allowed_splits(spec), default=1)
+    if n_groups is None:  # through `groups`: the one place the split is decided (tests patch it)
+        n_groups = groups(spec, nx) or max(allowed_splits(spec), default=1)
     return dataclasses.replace(window_layout(spec, w, n_groups), row=nx)
 
 
