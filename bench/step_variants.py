@@ -32,11 +32,11 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # every block kernel components minor (the packed minor VectorNeuron beside the minor CUDA kernels)
     "blocks-minor": ({"GINJAX_BLOCK_LAYOUT": "minor"}, ()),
     "vn-planar": ({"GINJAX_VN_LAYOUT": "planar"}, ()),
-    # the CUDA forward on dilated layers (DilResNet's; off by default until its GPU tests pass)
-    "cuda-dilated": ({"GINJAX_CUDA_DILATED": "1"}, ()),
-    # the CUDA kernels in x windows (rows over 64 pixels: the N=128 grids; off until their GPU tests pass)
-    "cuda-windows": ({"GINJAX_CUDA_X_WINDOWS": "1"}, ()),
-    "cuda-dilated-windows": ({"GINJAX_CUDA_DILATED": "1", "GINJAX_CUDA_X_WINDOWS": "1"}, ()),
+    # dilated layers (DilResNet's) and rows over 64 pixels (the N=128 grids) back on Triton: the CUDA
+    # kernels' dilated and x-window instantiations turned off (both on by default since session 21)
+    "triton-dilated": ({"GINJAX_CUDA_DILATED": "0"}, ()),
+    "triton-windows": ({"GINJAX_CUDA_X_WINDOWS": "0"}, ()),
+    "triton-dilated-windows": ({"GINJAX_CUDA_DILATED": "0", "GINJAX_CUDA_X_WINDOWS": "0"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -101,9 +101,10 @@ def test_row_layout_reads_are_bank_conflict_free(nx, dilation):
     # the lanes' 16 pixels: each segment pixel once, as row g (x) or row g + 8 (x + d)
     assert sorted(np.concatenate([_plan.lane_pixel(np.arange(8), d), _plan.lane_pixel(np.arange(8), d) + d])) == list(range(16))
     assert not _plan.bank_conflict_free(66, (0, 0, 0, 0), 1)  # the packed row: conflicts
-    lay = _plan.layout(standard_spec(16, 16, d), nx)
+    lay = _plan.window_layout(standard_spec(16, 16, d), nx)  # the whole row in one CTA
     assert lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
-    # the standard layer's ring fits at every dilation but 8 at x 64 (the wrap: 80 pixels a row)
+    # the standard layer's ring fits at every dilation but 8 at x 64 (the wrap: 80 pixels a row;
+    # there x windows of 32 take it)
     assert (lay.smem_bytes <= _plan.SMEM_LIMIT) == (d < 8 or nx < 64)
     if d == 1:  # the layouts measured since version 2
         assert (lay.pitch, lay.smem_bytes) == (_plan.layout(SPEC, nx).pitch, _plan.layout(SPEC, nx).smem_bytes)
@@ -573,11 +574,11 @@ def test_coverage_reasons(monkeypatch):
     d2 = _cases.fixture_spec(_configs.CONFIGS["d2_n64_b4_c8"])
     assert "D=2" in _plan.coverage(d2, None, np.float32)[1]
     # dilations: 1, 2, 4, 8 on every axis, the y extent a multiple (a CTA's rows are one y phase),
-    # one channel group (the weight gradient's coverage: test_conv_contract_cuda_dw.py). Off by
-    # default until the GPU tests pass.
-    monkeypatch.delenv(_plan.DILATED_ENV, raising=False)
-    assert f"{_plan.DILATED_ENV}=1 turns it on" in _plan.coverage(standard_spec(16, 16, 2), (5, 8, 32), np.float32)[1]
-    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    # one channel group (the weight gradient's coverage: test_conv_contract_cuda_dw.py). On by
+    # default; GINJAX_CUDA_DILATED=0 turns it off.
+    monkeypatch.setenv(_plan.DILATED_ENV, "0")
+    assert f"turned off ({_plan.DILATED_ENV}=0)" in _plan.coverage(standard_spec(16, 16, 2), (5, 8, 32), np.float32)[1]
+    monkeypatch.delenv(_plan.DILATED_ENV)
     for d in (2, 4, 8):
         ok, why = _plan.coverage(standard_spec(16, 16, d), (5, 8, 32), np.float32)
         assert ok and f"dilation {d}" in why
@@ -586,17 +587,18 @@ def test_coverage_reasons(monkeypatch):
                               True, rhs_dilation=(1, 2, 2))
     assert "rhs_dilation (1, 2, 2) is not covered" in _plan.coverage(mixed, (5, 8, 32), np.float32)[1]
     assert "multiple of the dilation 4" in _plan.coverage(standard_spec(16, 16, 4), (5, 6, 32), np.float32)[1]
+    # x windows (on by default, GINJAX_CUDA_X_WINDOWS=0 turns them off): rows over 64 pixels, and
+    # dilation 8 at x 64
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "0")
     why = _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[1]
-    assert "shared memory" in why and f"x windows may fit ({_plan.X_WINDOWS_ENV}=1" in why
-    # x windows (off until the GPU tests pass): rows over 64 pixels, and dilation 8 at x 64
+    assert "shared memory" in why and f"x windows may fit (turned off by {_plan.X_WINDOWS_ENV}=0)" in why
     assert "needs x windows" in _plan.coverage(SPEC, (4, 4, 128), np.float32)[1]
     assert "multiple of 16" in _plan.coverage(SPEC, (4, 4, 72), np.float32)[1]
-    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
+    monkeypatch.delenv(_plan.X_WINDOWS_ENV)
     for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 32), (SPEC, 256, 64), (standard_spec(16, 16, 8), 64, 32), (SPEC, 64, 64)):
         assert _plan.coverage(spec, (8, 8, nx), np.float32)[0] and _plan.window(spec, nx) == w
         assert _plan.layout(spec, nx).windows == nx // w
     assert "multiple of 32" in _plan.coverage(SPEC, (4, 4, 80), np.float32)[1]  # windows of 64 or 32 only
-    monkeypatch.delenv(_plan.X_WINDOWS_ENV)
     why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and "dilation 1 only" in why
     # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the

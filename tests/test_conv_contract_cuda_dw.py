@@ -286,17 +286,16 @@ def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
 
 def test_coverage_reasons(monkeypatch):
     assert _dw_plan.coverage(SPEC, (5, 7, 64), np.float32)[0]
-    # dilated: off until the GPU tests pass; then 2, 4, 8 (8 at x 64 too: one channel group's ring
+    # dilated (on unless GINJAX_CUDA_DILATED=0): 2, 4, 8 (8 at x 64 too: one channel group's ring
     # fits), the y extent a multiple of d
-    monkeypatch.delenv(_plan.DILATED_ENV, raising=False)
-    assert f"{_plan.DILATED_ENV}=1 turns it on" in _dw_plan.coverage(standard_spec(16, 16, 2), (4, 4, 16), np.float32)[1]
-    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    monkeypatch.setenv(_plan.DILATED_ENV, "0")
+    assert f"turned off ({_plan.DILATED_ENV}=0)" in _dw_plan.coverage(standard_spec(16, 16, 2), (4, 4, 16), np.float32)[1]
+    monkeypatch.delenv(_plan.DILATED_ENV)
     for d in (2, 4, 8):
         ok, why = _dw_plan.coverage(standard_spec(16, 16, d), (64, 64, 64), np.float32)
         assert ok and f"dilation {d}" in why
     assert "multiple of the dilation 4" in _dw_plan.coverage(standard_spec(16, 16, 4), (4, 6, 16), np.float32)[1]
     assert "rhs_dilation (3, 3, 3)" in _dw_plan.coverage(standard_spec(16, 16, 3), (4, 6, 16), np.float32)[1]
-    monkeypatch.delenv(_plan.DILATED_ENV)
     # one channel group in shared memory: 32 + 32 inputs at x 64 (the UNet's decoder layer after
     # its skip concatenation) fit here, and in the forward's two channel-group passes
     wide = standard_spec(32, 16)

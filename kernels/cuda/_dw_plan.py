@@ -221,7 +221,7 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     gradient's compiled passes."""
     d = dilation(spec)
     if d > 1 and not _plan.dilated_enabled():
-        return False, f"the dilated weight gradient is off until its GPU tests pass ({_plan.DILATED_ENV}=1 turns it on)"
+        return False, f"the dilated weight gradient is turned off ({_plan.DILATED_ENV}=0)"
     ok, why = _plan.layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes,
                                    dilations=DILATIONS)
     if not ok:
