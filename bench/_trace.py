@@ -26,6 +26,8 @@ import os
 import re
 from typing import Iterable, Optional
 
+from kernels.cuda import _ffi
+
 # Lines of a device plane that profiler tooling derives from the stream lines (their events
 # repeat the kernels' time); only the raw stream lines are summed.
 _DERIVED_LINES = ("XLA Ops", "XLA Modules", "Framework Ops", "Framework Name Scope", "Steps", "Source code",
@@ -339,9 +341,9 @@ def _cuda_direction(kernel: str, target: str, op_name: str) -> Optional[str]:
     """The direction of a kernels/cuda ConvContract kernel, from its FFI target (its kernel names,
     `forward_kernel<...>`, are shared with the VectorNeuron's): the forward kernel runs the input
     gradient too (on the transposed layer), which only the name stack tells."""
-    if target == "ginjax_cuda_weight_gradient" or kernel.startswith("void (anonymous namespace)::weight_gradient_kernel"):
+    if target == _ffi.DW_TARGET or kernel.startswith("void (anonymous namespace)::weight_gradient_kernel"):
         return "weight-grad"
-    if target == "ginjax_cuda_forward":
+    if target in (_ffi.TARGET, _ffi.INTO_TARGET):  # INTO: an output group's launch past the first
         return "input-grad" if _BACKWARD_STACK.search(op_name) else "fwd"
     return None
 

@@ -187,6 +187,10 @@ def test_the_cuda_kernels_are_sorted_by_their_ffi_target():
     conv = "void (anonymous namespace)::forward_kernel<32, 2>((anonymous namespace)::Params)"
     assert kind(conv, "ginjax_cuda_forward", "jit(s)/jvp(vmap())/ffi_call") == "ConvContract fused fwd"
     assert kind(conv, "ginjax_cuda_forward", "jit(s)/transpose(jvp(vmap()))/ffi_call") == "ConvContract fused input-grad"
+    # a later output group's launch, writing its channels into the previous launch's results
+    assert kind(conv, "ginjax_cuda_forward_into", "jit(s)/jvp(vmap())/ffi_call") == "ConvContract fused fwd"
+    assert kind(conv, "ginjax_cuda_forward_into", "jit(s)/transpose(jvp(vmap()))/ffi_call") == \
+        "ConvContract fused input-grad"
     dw = "void (anonymous namespace)::weight_gradient_kernel<64>((anonymous namespace)::DwParams)"
     assert kind(dw, "ginjax_cuda_weight_gradient", "jit(s)/transpose(jvp(vmap()))/ffi_call") == \
         "ConvContract fused weight-grad"
