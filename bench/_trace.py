@@ -312,8 +312,10 @@ FUSED = "ConvContract fused"
 # and GEMMs made by its lax path (kernels/dense.py, _lax_common.py, _resample.py's sub-pixel GEMMs)
 DENSE = "ConvContract dense (cuDNN/cuBLAS)"
 VECTOR_NEURON = "VectorNeuron fused"
+# kernels/triton/channel_sums.py: the norms' statistics and the bias and affine gradients, per channel
+CHANNEL_SUMS = "channel sums fused"
 KINDS = (
-    f"{FUSED} fwd", f"{FUSED} input-grad", f"{FUSED} weight-grad", DENSE, VECTOR_NEURON,
+    f"{FUSED} fwd", f"{FUSED} input-grad", f"{FUSED} weight-grad", DENSE, VECTOR_NEURON, CHANNEL_SUMS,
     "cuDNN/cuBLAS", "XLA gemm fusion", "XLA loop fusion", "XLA input fusion", "XLA reduce fusion",
     "XLA output fusion", "XLA custom fusion", "copy/transpose", "other",
 )
@@ -365,6 +367,8 @@ def classify(event: KernelEvent, info: Optional[HloInfo]) -> str:
     name = event.name.lower()
     if name.startswith("vector_neuron_"):  # kernels/triton/vector_neuron.py (and its partial sums)
         return VECTOR_NEURON
+    if name.startswith("channel_sums_"):
+        return CHANNEL_SUMS
     # a library call is ConvContract's when its lax path made it (the layer ran on `dense`)
     library = DENSE if _DENSE_PATH.search(info.source_path) else "cuDNN/cuBLAS"
     if re.search("cudnn|cublas", info.target + info.backend_kind, re.I) or hlo.startswith(("cudnn", "cublas")):

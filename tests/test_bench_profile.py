@@ -197,6 +197,11 @@ def test_the_cuda_kernels_are_sorted_by_their_ffi_target():
     vn = "void (anonymous namespace)::forward_kernel<16, 3>(float const*, float const*, float*, int, float, int)"
     assert kind(vn, "ginjax_cuda_vn_forward", "jit(s)/jvp(vmap())/ffi_call") == _trace.VECTOR_NEURON
     assert kind(vn, "some_other_ffi_target", "jit(s)/ffi_call") == "other"
+    # the per-channel sums kernel (Triton, through jaxlib's triton_kernel_call) has its own kind
+    sums = _trace.classify(_trace.KernelEvent("channel_sums_a_planar_16_262144_3_4_1", 1.0, hlo_op="ginjax_triton_kernel_call.1"),
+                           _trace.HloInfo(opcode="custom-call", target="triton_kernel_call",
+                                          op_name="jit(s)/transpose(jvp(vmap()))/ginjax_triton_kernel_call"))
+    assert sums == _trace.CHANNEL_SUMS
 
 
 def test_a_kernel_without_hlo_text_is_classified_by_its_names():

@@ -18,6 +18,14 @@
 // channel's d_c, its local terms and (backward) gd_c at a time, so only x, and the backward's
 // W^T gd accumulator, are C x T register arrays.
 //
+// The backward's loads. A CTA walks many tiles in sequence (2 CTAs an SM at C = 16, T = 3), so a
+// load issued when its value is needed stalls the thread for a whole HBM round trip with little
+// else resident to cover it. Each thread therefore copies its own pixel's x and gy of the *next*
+// tile into shared memory (cp.async, [component row][pixel]: a warp's 32 pixels are 32 banks) while
+// it works on this one: x as soon as this tile's x is in registers, gy once this tile's channel
+// loop is done. A thread reads back only what it copied itself, so its own cp.async wait orders
+// them: no CTA barrier.
+//
 // The weight gradient. After a tile's gx, each thread stages its pixel's x and gd in shared
 // memory, row-major per pixel with a pitch of T*C + 4 floats (== 4 mod 8: the float4 stores of
 // any 8 consecutive pixels hit distinct bank quads). Then the CTA's threads each own a 2 x 4
@@ -73,6 +81,42 @@ __device__ __forceinline__ void local_gain(float s, float eps, int act, float& h
   if (kDerivative) {
     const float sgn = s > 0.f ? 1.f : (s < 0.f ? -1.f : 0.f);  // d|s|/ds, 0 at 0 (as jnp.abs)
     dh = (da / q - a * sgn / (q * q)) * s + (gain - 1.f);
+  }
+}
+
+// A 4-byte asynchronous copy global -> shared and its waits (the host build of the device code,
+// tests/vn_cuda_host.cpp, copies at once).
+__device__ __forceinline__ void copy4_async(float* dst, const float* src) {
+#if defined(__CUDA_ARCH__)
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  // "memory": the compiler must not move this thread's earlier reads of the slot past the copy
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+#else
+  *dst = *src;
+#endif
+}
+__device__ __forceinline__ void copies_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void copies_wait_all() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// One thread's pixel p of a tile, C x T values of `src` (row-major (C, T, S) from `base`), into its
+// column of `dst` ([C T][kThreads]); zeros past the end (p >= S).
+template <int C, int T>
+__device__ __forceinline__ void prefetch_column(float* dst, const float* src, int p, int S) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < C * T; ++e) {
+    if (p < S)
+      copy4_async(dst + e * kThreads + tid, src + (size_t)e * S + p);
+    else
+      dst[e * kThreads + tid] = 0.f;
   }
 }
 
@@ -149,8 +193,8 @@ struct Bwd {
   static constexpr int kSplits = kThreads / kSlots;  // threads per block, each every kSplits-th row
   static constexpr int kBlocksPerRow = C / 4;
   static_assert(C % 8 == 0 && kThreads % kSlots == 0 && kPitch % 8 == 4, "unsupported size");
-  static constexpr size_t smem_bytes() {
-    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch);
+  static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's x and gy
+    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + 2 * (size_t)C * T * kThreads);
   }
 };
 
@@ -164,6 +208,8 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   float4* sw = smem4;                                   // C * C floats
   float* xs = reinterpret_cast<float*>(smem4 + C * C / 4);  // kThreads * kPitch
   float* gds = xs + kThreads * K::kPitch;                // kThreads * kPitch
+  float* next_x = gds + kThreads * K::kPitch;            // [C T][kThreads]: the tile's x, copied a tile ahead
+  float* next_gy = next_x + C * T * kThreads;            // [C T][kThreads]: its gy
   const size_t b = blockIdx.y;
   const int grp = blockIdx.x, tid = threadIdx.x;
   load_weight<C>(sw, w + b * C * C);
@@ -174,18 +220,28 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   float* xrow = xs + tid * K::kPitch;
   float* gdrow = gds + tid * K::kPitch;
   const int tiles = (S + kThreads - 1) / kThreads;
+  if (grp < tiles) {
+    prefetch_column<C, T>(next_x, x + base, grp * kThreads + tid, S);
+    prefetch_column<C, T>(next_gy, gy + base, grp * kThreads + tid, S);
+    copies_commit();
+  }
   __syncthreads();
   for (int tile = grp; tile < tiles; tile += groups) {
     const int p = tile * kThreads + tid;
     const bool ok = p < S;
-    // past the end: x = gy = 0, so d = 0, h = gs = 0, gu = gd = 0: nothing reaches gW
-    const float* xb = x + base + p;
-    const float* gb = gy + base + p;
+    const bool more = tile + groups < tiles;
+    // past the end: x = gy = 0 (zeros in the copies), so d = 0, h = gs = 0, gu = gd = 0: nothing
+    // reaches gW
+    copies_wait_all();  // this thread's copies of the tile's x and gy
     float xv[C][T], acc[C][T];
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
-      for (int t = 0; t < T; ++t) xv[c][t] = ok ? xb[(size_t)(c * T + t) * S] : 0.f;
+      for (int t = 0; t < T; ++t) xv[c][t] = next_x[(c * T + t) * kThreads + tid];
+    if (more) {  // the next tile's x into the column just read
+      prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
+      copies_commit();
+    }
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
@@ -200,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
       float gyu = 0.f;
 #pragma unroll
       for (int t = 0; t < T; ++t) {
-        g[t] = ok ? gb[(size_t)(c * T + t) * S] : 0.f;
+        g[t] = next_gy[(c * T + t) * kThreads + tid];
         gyu = fmaf(g[t], u[t], gyu);
       }
       const float gs = gyu * dh;
@@ -233,6 +289,10 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
         for (int t = 0; t < T; ++t)
           *reinterpret_cast<float4*>(gdrow + t * C + c - 3) = make_float4(gdq[0][t], gdq[1][t], gdq[2][t], gdq[3][t]);
       }
+    }
+    if (more) {  // the next tile's gy, behind this one's stores and gW
+      prefetch_column<C, T>(next_gy, gy + base, p + groups * kThreads, S);
+      copies_commit();
     }
     if (ok) {
       float* gxb = gx + base + p;
