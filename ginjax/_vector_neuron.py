@@ -69,6 +69,7 @@ only through Triton's interpreter, which is for tests:
   jax.nn.gelu, eps a Python number, one device, no spatial sharding, and (channels, components)
   among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels,
   2 to 4 components); any other call takes the "triton" path where that covers it, else "xla".
+  A norm's affine map runs in these kernels as their prologue too (`GINJAX_VN_NORM_PROLOGUE`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 # save_mix); "0" (default): the backward recomputes it
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 # "1" (default): a norm's affine map handed to `vector_neuron` runs in the "triton" kernels on
-# planar blocks (the normalised block is neither written nor kept: a block-sized residual less per
+# planar blocks and in the "cuda" kernels (the normalised block is neither written nor kept: a block-sized residual less per
 # call); "0": it is always applied first, as its own pass
 NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
 
@@ -182,12 +183,11 @@ def vector_neuron(
     if impl not in IMPLS:
         raise ValueError(f"vector_neuron: `impl` (={impl!r}) must be one of {IMPLS}")
     path = _path(impl, weight, block, D, activation, eps)
-    # the affine map goes into the "triton" kernels where they run the call on planar blocks;
-    # elsewhere one pass first (on components-minor blocks the prologue made a ResNet step 1.2 ms
-    # slower on the H200, bench/NOTES.md "Session 18")
+    # the affine map goes into the kernels where they run the call on planar blocks (the "cuda"
+    # ones always do); elsewhere one pass first (on components-minor blocks the prologue made a
+    # ResNet step 1.2 ms slower on the H200, bench/NOTES.md "Session 18")
     if affine is not None and not (
-        path == "triton"
-        and layout == "planar"
+        (path == "cuda" or (path == "triton" and layout == "planar"))
         and env_choice(NORM_PROLOGUE_ENV, ("0", "1"), "1") == "1"
         and all(a.dtype == jnp.float32 for a in affine)
     ):
@@ -198,7 +198,7 @@ def vector_neuron(
     if path == "cuda":
         from kernels.cuda import vector_neuron_cuda
 
-        return vector_neuron_cuda(weight, block, D, activation, float(eps))
+        return vector_neuron_cuda(weight, block, D, activation, float(eps), affine=affine)
     if path == "triton":
         from kernels.triton import VNBlocks, vector_neuron_triton
 

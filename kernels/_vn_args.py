@@ -52,3 +52,22 @@ def check_arguments(weight: jax.Array, block: jax.Array, D: int, activation: Cal
     if not literal_eps(eps):
         raise ValueError(f"`eps` (={eps!r}) must be a Python number > 0 (a literal of the kernel)")
     return name, math.prod(block.shape[1 + D :])
+
+
+def check_affine(affine, channels: int, components: int) -> tuple:
+    """A norm's affine map for the kernels' prologue: (m, v, shift) float32 of shapes (c, T, T),
+    (c, T), (c, T), or a ValueError naming what is not."""
+    c, T = channels, components
+    if not isinstance(affine, (tuple, list)) or len(affine) != 3:
+        raise ValueError(f"`affine` must be None or a tuple (m, v, shift); got {type(affine).__name__}")
+    for name, a, shape in zip(("m", "v", "shift"), affine, ((c, T, T), (c, T), (c, T))):
+        if not hasattr(a, "shape") or tuple(a.shape) != shape or a.dtype != jnp.float32:
+            found = f"{a.dtype}{list(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+            raise ValueError(f"`affine`'s {name} ({found}) must be float32{list(shape)} for a block of "
+                             f"{c} channels of {T} components")
+    return tuple(affine)
+
+
+def pack_affine(m, v, shift) -> jax.Array:
+    """(c, T^2 + 2T): m row-major, v, shift per channel, the kernels' `aff` operand."""
+    return jnp.concatenate([m.reshape(m.shape[0], -1), v, shift], axis=1)

@@ -67,9 +67,11 @@ def check(got, want, tol=TOL):
         assert err < tol, f"{name}: relative L2 {err:.2e} >= {tol}"
 
 
-def check_against_composition(D, shape, activation, planar, blocks=None, seed=0):
+def check_against_composition(D, shape, activation, planar, blocks=None, seed=0, kernel=None):
+    """`kernel` (w, x, affine) -> y, default the Triton kernels with `blocks` and `planar`."""
     w, x, affine, gy = affine_operands(seed, shape, D)
-    kernel = lambda w, x, a: vector_neuron_triton(w, x, D, activation, EPS, blocks, planar=planar, affine=a)  # noqa: E731
+    if kernel is None:
+        kernel = lambda w, x, a: vector_neuron_triton(w, x, D, activation, EPS, blocks, planar=planar, affine=a)  # noqa: E731
     got = jax.jit(lambda *args: value_and_grads(kernel, *args))(w, x, affine, gy)
     with jax.default_matmul_precision("highest"):  # no TF32 in the reference where this runs on a GPU
         want = jax.jit(lambda *args: value_and_grads(lambda w, x, a: composed(w, x, a, D, activation), *args))(

@@ -4,7 +4,8 @@ the FFI plumbing as lowered (one forward and one backward call under vmap and gr
 operands component-planar with the batch leading), a float64 numpy emulation of the kernels'
 loops (tests/_vn_cuda_emulate.py: channel loop, tiles, the backward's CTAs and splits of gW)
 against autodiff of ginjax's XLA path, and (slow) nvcc's resource report for every
-instantiation: no spills, registers within the residency `COVERED` assumes. What only
+instantiation (with and without the affine prologue): no spills, and the residency `COVERED`
+holds the register and shared-memory limits. What only
 tests/test_vector_neuron_cuda_gpu.py covers: the compiled kernels' numbers, the FFI calls
 running, timing."""
 
@@ -97,8 +98,8 @@ def test_coverage_reasons(built):
 def test_dispatch_picks_cuda_only_when_asked_and_covered(monkeypatch):
     calls = []
 
-    def fake(weight, block, D, activation, eps):
-        calls.append((block.shape, D, activation, eps))
+    def fake(weight, block, D, activation, eps, affine=None):
+        calls.append((block.shape, D, activation, eps) + (() if affine is None else (len(affine),)))
         return block
 
     monkeypatch.setattr(kernels.cuda, "availability", lambda: (True, "test"))
@@ -107,6 +108,14 @@ def test_dispatch_picks_cuda_only_when_asked_and_covered(monkeypatch):
     w, x, _ = (jnp.asarray(a) for a in _operands(0, 8, (3, 5), 2, 1))
     assert _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="cuda") is x
     assert calls == [((8, 3, 5, 2), 2, jax.nn.relu, EPS)]
+    # a norm's affine map goes into the CUDA kernels as their prologue, not as a pass before them
+    aff = (jnp.ones((8, 2, 2)), jnp.zeros((8, 2)), jnp.zeros((8, 2)))
+    assert _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="cuda", affine=aff) is x
+    assert calls.pop() == ((8, 3, 5, 2), 2, jax.nn.relu, EPS, 3)
+    monkeypatch.setenv(_vector_neuron.NORM_PROLOGUE_ENV, "0")  # then the map is its own pass
+    assert _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="cuda", affine=aff) is not x
+    assert calls.pop() == ((8, 3, 5, 2), 2, jax.nn.relu, EPS)
+    monkeypatch.delenv(_vector_neuron.NORM_PROLOGUE_ENV)
     want = _vector_neuron.vector_neuron(w, x, 2, jax.nn.relu, EPS, impl="xla")
     # not asked for, or not covered (an activation without a kernel, a channel count not
     # instantiated, two devices): the triton-or-xla result, and no call of the CUDA kernels
@@ -144,11 +153,32 @@ def test_lowered_calls_are_one_forward_and_one_backward_planar(built):
     assert len(calls) == 2
     fwd, bwd = calls
     planar = "tensor<3x16x3x5x6x7xf32>"  # (batch, c, T, *spatial)
-    assert f"({planar}, tensor<3x16x16xf32>) -> {planar}" in fwd
+    assert f"({planar}, tensor<3x16x16xf32>, tensor<3x1xf32>) -> {planar}" in fwd  # no affine map: 1 float
+    assert "affine = 0 : i64" in fwd and "affine = 0 : i64" in bwd
     groups = vn.backward_groups(16, 3, 210)
     assert groups == 2  # 210 pixels: two tiles of 128
     assert f"groups = {groups} : i64" in bwd and "pixels = 210 : i64" in bwd and "activation = 1 : i64" in bwd
     assert f"-> ({planar}, tensor<3x{groups}x256xf32>)" in bwd
+
+
+def test_lowered_calls_with_an_affine_prologue(built):
+    """With a norm's map: the packed (c, T^2 + 2T) coefficients per example beside the weight and
+    affine = 1 on both calls, and every operand, the map's included, differentiable."""
+    w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, (5, 6, 7), 3, 1))
+    xs = jnp.stack([x, x + 1, x - 1])
+    m, v, shift = jnp.ones((16, 3, 3)), jnp.zeros((16, 3)), jnp.zeros((16, 3))
+
+    def loss(w, xs, m, v, shift):
+        ys = jax.vmap(lambda b: vn.vector_neuron_cuda(w, b, 3, jax.nn.gelu, EPS, affine=(m, v, shift)))(xs)
+        return jnp.sum(jnp.sin(ys))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(w, xs, m, v, shift).as_text()
+    fwd, bwd = [line for line in text.splitlines() if "stablehlo.custom_call" in line and "ginjax_cuda_vn" in line]
+    planar = "tensor<3x16x3x5x6x7xf32>"
+    assert f"({planar}, tensor<3x16x16xf32>, tensor<3x16x15xf32>) -> {planar}" in fwd
+    assert "affine = 1 : i64" in fwd and "affine = 1 : i64" in bwd
+    with pytest.raises(ValueError, match="`affine`'s m \\(float32\\[16, 2, 2\\]\\) must be float32\\[16, 3, 3\\]"):
+        vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, affine=(jnp.ones((16, 2, 2)), v, shift))
 
 
 def test_backward_groups():
@@ -194,7 +224,7 @@ CU = pathlib.Path(vn.__file__).with_name("vector_neuron.cu")
 def host_kernels(tmp_path_factory):
     """vector_neuron.cu's device code compiled for the host by g++ (tests/vn_cuda_host.cpp: a CTA
     as 128 OS threads meeting at a barrier for __syncthreads, dynamic shared memory a static
-    buffer). Runs (C, T, S, B, groups, act, x, w, gy) -> y, gx, part."""
+    buffer). Runs (C, T, S, B, groups, act, x, w, gy[, aff]) -> y, gx, part."""
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
     src = CU.read_text()
@@ -209,9 +239,9 @@ def host_kernels(tmp_path_factory):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
 
-    def run(C, T, S, B, groups, act, x, w, gy):
-        head = f"{C} {T} {S} {B} {groups} {vn.ACTIVATIONS.index(act)} {EPS!r}\n".encode()
-        data = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (x, w, gy))
+    def run(C, T, S, B, groups, act, x, w, gy, aff=None):
+        head = f"{C} {T} {S} {B} {groups} {vn.ACTIVATIONS.index(act)} {EPS!r} {int(aff is not None)}\n".encode()
+        data = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (x, w, gy) + (() if aff is None else (aff,)))
         out = subprocess.run([str(exe)], input=head + data, capture_output=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         flat = np.frombuffer(out.stdout, np.float32)
@@ -254,6 +284,39 @@ def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spati
             assert rel_l2(part[b].sum(axis=0), want_gw) < 1e-5
 
 
+@pytest.mark.parametrize("c, spatial, D, k, act, groups", [
+    (16, (5, 6, 7), 3, 1, "gelu", 2),  # a ragged last tile: x' = v - m shift past the end, gy = 0
+    (8, (23, 29), 2, 1, "relu", 3),  # CTAs walking two tiles
+    (8, (11, 13), 2, 2, "gelu", 2),  # T = 4
+])
+def test_the_cuda_source_with_an_affine_prologue_on_the_host(host_kernels, c, spatial, D, k, act, groups):
+    """The norm's affine map as the kernels' prologue: y = VN(x') with x' = m (x - shift) + v per
+    channel, and gx the gradient in x' (the map's VJP is the caller's), against float64 autodiff."""
+    B, T, S = 2, D**k, int(np.prod(spatial))
+    rng = np.random.default_rng(12)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    # float32 operands; the expected values from them in float64
+    blocks = f32(rng.normal(size=(B, c, S, T))).astype(np.float64)
+    m = f32(rng.normal(size=(B, c, T, T)) / np.sqrt(T)).astype(np.float64)
+    v, shift = (f32(rng.normal(size=(B, c, T))).astype(np.float64) for _ in range(2))
+    ws = f32(rng.uniform(-1, 1, size=(B, c, c)) / np.sqrt(c)).astype(np.float64)
+    gys = f32(rng.normal(size=(B, c, S, T))).astype(np.float64)
+    mapped = np.einsum("bcij,bcpj->bcpi", m, blocks - shift[:, :, None]) + v[:, :, None]  # x', float64
+    aff = np.concatenate([m.reshape(B, c, T * T), v, shift], axis=-1)
+    planar = lambda a: np.moveaxis(a, -1, 2)  # noqa: E731  (B, c, S, T) -> (B, c, T, S)
+    y, gx, part = host_kernels(c, T, S, B, groups, act, planar(f32(blocks)), f32(ws), planar(f32(gys)), f32(aff))
+    assert all(np.all(np.isfinite(a)) for a in (y, gx, part)), "an output element never written"
+    with float64():
+        f = lambda w, x: _vector_neuron.vector_neuron(w, x, D, getattr(jax.nn, act), EPS, impl="xla")  # noqa: E731
+        shape = (c,) + spatial + (D,) * k  # pixels and components row-major, as (c, S, T)
+        for b in range(B):
+            want_y, vjp = jax.vjp(f, jnp.asarray(ws[b]), jnp.asarray(mapped[b].reshape(shape)))
+            want_gw, want_gx = vjp(jnp.asarray(gys[b].reshape(shape)))
+            assert rel_l2(np.moveaxis(y[b], 1, -1), np.reshape(want_y, (c, S, T))) < 1e-5
+            assert rel_l2(np.moveaxis(gx[b], 1, -1), np.reshape(want_gx, (c, S, T))) < 1e-5
+            assert rel_l2(part[b].sum(axis=0), want_gw) < 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernels' compile check)")
 def test_ptxas_resources_match_the_residency_table(tmp_path):
@@ -264,16 +327,20 @@ def test_ptxas_resources_match_the_residency_table(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     kinds = {}
     for chunk in res.stderr.split("Compiling entry function")[1:]:
-        name = re.match(r" '\w*?(forward|backward)_kernelILi(\d+)ELi(\d+)E", chunk)
+        name = re.match(r" '\w*?(forward|backward)_kernelILi(\d+)ELi(\d+)ELb([01])E", chunk)
         spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", chunk)
         regs = re.search(r"Used (\d+) registers", chunk)
         assert name and spill and regs, chunk
-        kinds[(name[1], int(name[2]), int(name[3]))] = tuple(int(v) for v in spill.groups()) + (int(regs[1]),)
-    assert set(kinds) == {(kind, c, t) for kind in ("forward", "backward") for c, t in vn.COVERED}, res.stderr
-    for (kind, c, t), (stack, stores, loads, regs) in kinds.items():
-        assert (stack, stores, loads) == (0, 0, 0), (kind, c, t, res.stderr)
+        key = (name[1], int(name[2]), int(name[3]), bool(int(name[4])))
+        kinds[key] = tuple(int(v) for v in spill.groups()) + (int(regs[1]),)
+    assert set(kinds) == {(kind, c, t, affine) for kind in ("forward", "backward") for c, t in vn.COVERED
+                          for affine in (False, True)}, res.stderr
+    resident = {}
+    for (kind, c, t, affine), (stack, stores, loads, regs) in kinds.items():
+        assert (stack, stores, loads) == (0, 0, 0), (kind, c, t, affine, res.stderr)
         if kind == "backward":
             per_cta = vn.THREADS * -(-regs // 8) * 8
-            smem = 4 * (c * c + 2 * vn.THREADS * (t * c + 4) + 2 * vn.THREADS * t * c)
-            resident = min(65536 // per_cta, (228 * 1024) // (smem + 1024))
-            assert vn.COVERED[(c, t)] == resident, (c, t, regs, smem)
+            smem = 4 * (c * c + 2 * vn.THREADS * (t * c + 4) + 2 * vn.THREADS * t * c + c * (t * t + 2 * t))
+            fits = min(65536 // per_cta, (228 * 1024) // (smem + 1024))
+            resident[(c, t)] = min(resident.get((c, t), fits), fits)  # with and without the affine map
+    assert resident == vn.COVERED

@@ -2,7 +2,8 @@
 ginjax's XLA path with TF32 off: the standard block (B=4, 16 channels, 64^3, vectors) and odd
 sizes (pixels not a multiple of the 128-pixel tile, every instantiated (channels, components),
 fewer pixels than a tile), through ginjax's GINJAX_VN_IMPL=cuda dispatch; the weight gradient
-bit-identical run to run; outputs fully written (poisoned buffers); vmap as one launch of each
+bit-identical run to run; a norm's affine map as the kernels' prologue against the composition it
+replaces; outputs fully written (poisoned buffers); vmap as one launch of each
 kernel; compute-sanitizer memcheck; and the compiled HLO of a ResNet-like step: no copy or
 transpose next to the CUDA calls (the planar block is a bitcast). Build first
 (kernels/cuda/README.md), then on the GPU machine:
@@ -58,6 +59,20 @@ def test_against_xla_fp32(name, D, shape, activation):
     w, x, _ = operands(1, shape, shape[1])
     assert _vector_neuron.cuda_covers(w, x[0], D, activation, EPS)[0]
     check_against_xla("cuda", D, shape, activation)
+
+
+@pytest.mark.parametrize("D, shape, activation", [
+    (3, (16, 64, 64, 64, 3), jax.nn.gelu),
+    (3, (16, 7, 9, 11, 3), jax.nn.relu),  # a ragged last tile: x' = v - m shift past the end
+    (2, (8, 33, 35, 2, 2), jax.nn.gelu),
+], ids=["standard", "c16-t3-odd", "c8-t4"])
+def test_affine_prologue_against_composition_fp32(D, shape, activation):
+    """A norm's affine map in the kernels' registers against `channel_affine` then the XLA path:
+    the value and the gradients in w, x, m, v and shift."""
+    from test_vector_neuron_affine_triton import check_against_composition
+
+    kernel = lambda w, x, a: cuda.vector_neuron_cuda(w, x, D, activation, EPS, affine=a)  # noqa: E731
+    check_against_composition(D, shape, activation, True, seed=5, kernel=kernel)
 
 
 def test_weight_gradient_bit_identical():

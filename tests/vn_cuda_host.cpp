@@ -4,8 +4,9 @@
 // `__shared__` statics are the CTA's shared memory). This checks the kernels' own indexing, masks,
 // shared-memory staging and split reduction on a CPU; not their speed, nor anything of the GPU.
 //
-// stdin: C T S B groups act eps as text on one line, then raw float32 x (B C T S), w (B C C),
-// gy (B C T S). stdout: raw float32 y, gx (B C T S), part (B groups C C).
+// stdin: C T S B groups act eps affine as text on one line, then raw float32 x (B C T S), w (B C C),
+// gy (B C T S) and, with affine = 1, aff (B C (T^2 + 2T)). stdout: raw float32 y, gx (B C T S),
+// part (B groups C C).
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -58,31 +59,43 @@ void run_cta(unsigned bx, unsigned by, F body) {
 }
 
 template <int C, int T>
-void run(int S, int B, int groups, int act, float eps, const float* x, const float* w, const float* gy, float* y,
-         float* gx, float* part) {
+void run(int S, int B, int groups, int act, float eps, int affine, const float* x, const float* w, const float* aff,
+         const float* gy, float* y, float* gx, float* part) {
   std::memset(dynamic_smem, 0xff, sizeof(dynamic_smem));  // NaN: an unwritten staged value shows
   for (int b = 0; b < B; ++b)
     for (int bx = 0; bx < (S + kThreads - 1) / kThreads; ++bx)
-      run_cta(bx, b, [&] { forward_kernel<C, T>(x, w, y, S, eps, act); });
+      run_cta(bx, b, [&] {
+        if (affine)
+          forward_kernel<C, T, true>(x, w, aff, y, S, eps, act);
+        else
+          forward_kernel<C, T, false>(x, w, aff, y, S, eps, act);
+      });
   if (Bwd<C, T>::smem_bytes() > sizeof(dynamic_smem)) throw std::runtime_error("harness shared memory too small");
   for (int b = 0; b < B; ++b)
     for (int g = 0; g < groups; ++g)
-      run_cta(g, b, [&] { backward_kernel<C, T>(x, w, gy, gx, part, S, groups, eps, act); });
+      run_cta(g, b, [&] {
+        if (affine)
+          backward_kernel<C, T, true>(x, w, aff, gy, gx, part, S, groups, eps, act);
+        else
+          backward_kernel<C, T, false>(x, w, aff, gy, gx, part, S, groups, eps, act);
+      });
 }
 
 int main() {
-  int C, T, S, B, groups, act;
+  int C, T, S, B, groups, act, affine;
   float eps;
-  if (scanf("%d %d %d %d %d %d %f", &C, &T, &S, &B, &groups, &act, &eps) != 7) return 2;
+  if (scanf("%d %d %d %d %d %d %f %d", &C, &T, &S, &B, &groups, &act, &eps, &affine) != 8) return 2;
   getchar();  // the newline
   const size_t n = (size_t)B * C * T * S, nw = (size_t)B * C * C, np = (size_t)B * groups * C * C;
-  std::vector<float> x(n), w(nw), gy(n), y(n, NAN), gx(n, NAN), part(np, NAN);
+  const size_t na = affine ? (size_t)B * C * (T * T + 2 * T) : 1;
+  std::vector<float> x(n), w(nw), gy(n), aff(na, NAN), y(n, NAN), gx(n, NAN), part(np, NAN);
   if (fread(x.data(), 4, n, stdin) != n || fread(w.data(), 4, nw, stdin) != nw || fread(gy.data(), 4, n, stdin) != n)
     return 3;
-  const float* a[3] = {x.data(), w.data(), gy.data()};
+  if (affine && fread(aff.data(), 4, na, stdin) != na) return 3;
+  const float* a[4] = {x.data(), w.data(), gy.data(), aff.data()};
   float* r[3] = {y.data(), gx.data(), part.data()};
 #define GJ_RUN(c, t) \
-  if (C == c && T == t) run<c, t>(S, B, groups, act, eps, a[0], a[1], a[2], r[0], r[1], r[2]);
+  if (C == c && T == t) run<c, t>(S, B, groups, act, eps, affine, a[0], a[1], a[3], a[2], r[0], r[1], r[2]);
   GJ_VN_SIZES(GJ_RUN)
   fwrite(y.data(), 4, n, stdout);
   fwrite(gx.data(), 4, n, stdout);

@@ -36,9 +36,17 @@
 // writes one (C, C) partial; vector_neuron.py sums the partials in a fixed order. No atomics:
 // the result is bit-identical run to run.
 //
+// A norm's affine map as a prologue (attribute affine = 1): the nonlinearity of x' = m_c (x - shift_c)
+// + v_c per channel, computed in registers from x as it is read (the kernels of
+// kernels/triton/_vn_kernel.py `_emit_affine` do the same), so the mapped block is never written;
+// the backward's gx is then the gradient in x', and the map's own VJP is the caller's
+// (kernels/_reduce.affine_backward). Past the last pixel x' = v - m shift is not 0, but gy is, so
+// gs = gu = gd = 0 there and nothing reaches gW.
+//
 // Operands (unbatched shapes; any leading batch dims, the same on every operand): x, gy (C, T, S)
-// row-major, w (C, C); results y, gx (C, T, S), part (groups, C * C). Attributes: channels,
-// components, pixels, activation (0 relu, 1 gelu), eps, and (backward) groups.
+// row-major, w (C, C), aff (C, T*T + 2T: m row-major, v, shift per channel; any one float when
+// affine = 0); results y, gx (C, T, S), part (groups, C * C). Attributes: channels, components,
+// pixels, activation (0 relu, 1 gelu), eps, affine, and (backward) groups.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -158,12 +166,38 @@ __device__ __forceinline__ void load_weight(float4* sw, const float* w) {
   for (int e = threadIdx.x; e < C * C / 4; e += blockDim.x) sw[e] = reinterpret_cast<const float4*>(w)[e];
 }
 
+template <int T>
+constexpr int kAffineRow = T * T + 2 * T;  // m (T x T), v, shift: one channel's coefficients
+
 template <int C, int T>
+__device__ __forceinline__ void load_affine(float* s_aff, const float* aff) {
+  for (int e = threadIdx.x; e < C * kAffineRow<T>; e += blockDim.x) s_aff[e] = aff[e];
+}
+
+// x <- m (x - shift) + v for one channel's T components, a = its coefficients (read as broadcasts).
+template <int T>
+__device__ __forceinline__ void affine_map(const float* a, float (&x)[T]) {
+  float xs[T];
+#pragma unroll
+  for (int j = 0; j < T; ++j) xs[j] = x[j] - a[T * T + T + j];
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    float r = a[T * T + i];
+#pragma unroll
+    for (int j = 0; j < T; ++j) r = fmaf(a[i * T + j], xs[j], r);
+    x[i] = r;
+  }
+}
+
+template <int C, int T, bool kAffine>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                                           float* __restrict__ y, int S, float eps, int act) {
+                                                           const float* __restrict__ aff, float* __restrict__ y, int S,
+                                                           float eps, int act) {
   __shared__ float4 sw[C * C / 4];
+  __shared__ float s_aff[C * kAffineRow<T>];
   const size_t b = blockIdx.y;
   load_weight<C>(sw, w + b * C * C);
+  if constexpr (kAffine) load_affine<C, T>(s_aff, aff + b * C * kAffineRow<T>);
   const int p = blockIdx.x * kThreads + threadIdx.x;
   const bool ok = p < S;
   const float* xb = x + b * C * T * (size_t)S + p;
@@ -174,6 +208,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restri
     for (int t = 0; t < T; ++t) xv[c][t] = ok ? xb[(size_t)(c * T + t) * S] : 0.f;
   __syncthreads();
   if (!ok) return;
+  if constexpr (kAffine) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) affine_map<T>(s_aff + c * kAffineRow<T>, xv[c]);
+  }
   float* yb = y + b * C * T * (size_t)S + p;
 #pragma unroll
   for (int c = 0; c < C; ++c) {
@@ -193,16 +231,16 @@ struct Bwd {
   static constexpr int kSplits = kThreads / kSlots;  // threads per block, each every kSplits-th row
   static constexpr int kBlocksPerRow = C / 4;
   static_assert(C % 8 == 0 && kThreads % kSlots == 0 && kPitch % 8 == 4, "unsupported size");
-  static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's x and gy
-    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + 2 * (size_t)C * T * kThreads);
+  static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's x and gy, the affine map
+    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + 2 * (size_t)C * T * kThreads + C * kAffineRow<T>);
   }
 };
 
-template <int C, int T>
+template <int C, int T, bool kAffine>
 __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                                            const float* __restrict__ gy, float* __restrict__ gx,
-                                                            float* __restrict__ part, int S, int groups, float eps,
-                                                            int act) {
+                                                            const float* __restrict__ aff, const float* __restrict__ gy,
+                                                            float* __restrict__ gx, float* __restrict__ part, int S,
+                                                            int groups, float eps, int act) {
   using K = Bwd<C, T>;
   extern __shared__ float4 smem4[];
   float4* sw = smem4;                                   // C * C floats
@@ -210,9 +248,11 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   float* gds = xs + kThreads * K::kPitch;                // kThreads * kPitch
   float* next_x = gds + kThreads * K::kPitch;            // [C T][kThreads]: the tile's x, copied a tile ahead
   float* next_gy = next_x + C * T * kThreads;            // [C T][kThreads]: its gy
+  float* s_aff = next_gy + C * T * kThreads;             // [C][affine_row]
   const size_t b = blockIdx.y;
   const int grp = blockIdx.x, tid = threadIdx.x;
   load_weight<C>(sw, w + b * C * C);
+  if constexpr (kAffine) load_affine<C, T>(s_aff, aff + b * C * kAffineRow<T>);
   const size_t base = b * C * T * (size_t)S;
   const int slot = tid % K::kSlots, split = tid / K::kSlots;
   const int c0 = 2 * (slot / K::kBlocksPerRow), k0 = 4 * (slot % K::kBlocksPerRow);
@@ -233,6 +273,17 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
     // past the end: x = gy = 0 (zeros in the copies), so d = 0, h = gs = 0, gu = gd = 0: nothing
     // reaches gW
     copies_wait_all();  // this thread's copies of the tile's x and gy
+    if constexpr (kAffine) {  // x' in place in this thread's column (the coefficients landed before the first barrier),
+                   // one channel at a time: in registers beside x and acc, T = 4 would spill
+      for (int c = 0; c < C; ++c) {
+        float xc[T];
+#pragma unroll
+        for (int t = 0; t < T; ++t) xc[t] = next_x[(c * T + t) * kThreads + tid];
+        affine_map<T>(s_aff + c * kAffineRow<T>, xc);
+#pragma unroll
+        for (int t = 0; t < T; ++t) next_x[(c * T + t) * kThreads + tid] = xc[t];
+      }
+    }
     float xv[C][T], acc[C][T];
 #pragma unroll
     for (int c = 0; c < C; ++c)
@@ -338,20 +389,24 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
 
 // ---- host side: launches and the FFI handlers
 template <int C, int T>
-cudaError_t launch_forward(const float* x, const float* w, float* y, int S, int batch, float eps, int act,
-                           cudaStream_t stream) {
+cudaError_t launch_forward(const float* x, const float* w, const float* aff, float* y, int S, int batch, float eps,
+                           int act, int affine, cudaStream_t stream) {
   const dim3 grid((S + kThreads - 1) / kThreads, batch);
-  forward_kernel<C, T><<<grid, kThreads, 0, stream>>>(x, w, y, S, eps, act);
+  if (affine)
+    forward_kernel<C, T, true><<<grid, kThreads, 0, stream>>>(x, w, aff, y, S, eps, act);
+  else
+    forward_kernel<C, T, false><<<grid, kThreads, 0, stream>>>(x, w, aff, y, S, eps, act);
   return cudaGetLastError();
 }
 
 template <int C, int T>
-cudaError_t launch_backward(const float* x, const float* w, const float* gy, float* gx, float* part, int S, int groups,
-                            int batch, float eps, int act, cudaStream_t stream) {
+cudaError_t launch_backward(const float* x, const float* w, const float* aff, const float* gy, float* gx, float* part,
+                            int S, int groups, int batch, float eps, int act, int affine, cudaStream_t stream) {
   const size_t smem = Bwd<C, T>::smem_bytes();
-  cudaError_t err = cudaFuncSetAttribute(backward_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  auto kernel = affine ? backward_kernel<C, T, true> : backward_kernel<C, T, false>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  backward_kernel<C, T><<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, gy, gx, part, S, groups, eps, act);
+  kernel<<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, aff, gy, gx, part, S, groups, eps, act);
   return cudaGetLastError();
 }
 
@@ -363,8 +418,8 @@ ffi::Error failed(cudaError_t err) {
 }
 
 // Checks the sizes and attributes common to both calls; sets the batch.
-ffi::Error check(int64_t C, int64_t T, int64_t S, int64_t act, float eps, int64_t x_count, int64_t w_count,
-                 int64_t& batch) {
+ffi::Error check(int64_t C, int64_t T, int64_t S, int64_t act, float eps, int64_t affine, int64_t x_count,
+                 int64_t w_count, int64_t aff_count, int64_t& batch) {
   if (C < 1 || T < 1 || S < 1) return bad("channels, components and pixels must be >= 1");
   if (S > (int64_t)INT32_MAX - kThreads) return bad("pixels must be below 2^31 - 128");
   if (act != kRelu && act != kGelu) return bad("activation must be 0 (relu) or 1 (gelu)");
@@ -373,29 +428,32 @@ ffi::Error check(int64_t C, int64_t T, int64_t S, int64_t act, float eps, int64_
   batch = x_count / per;
   if (batch < 1 || batch > 65535 || x_count != batch * per) return bad("the block's size is not batch x C x T x S");
   if (w_count != batch * C * C) return bad("the weight's size is not batch x C x C");
+  if (affine != 0 && affine != 1) return bad("affine must be 0 or 1");
+  if (affine && aff_count != batch * C * (T * T + 2 * T)) return bad("the affine map's size is not batch x C x (T^2 + 2T)");
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t C, int64_t T, int64_t S, int64_t act, float eps) {
+ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> aff,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t C, int64_t T, int64_t S, int64_t act, float eps,
+                   int64_t affine) {
   int64_t batch = 0;
-  ffi::Error e = check(C, T, S, act, eps, x.element_count(), w.element_count(), batch);
+  ffi::Error e = check(C, T, S, act, eps, affine, x.element_count(), w.element_count(), aff.element_count(), batch);
   if (e.failure()) return e;
   if (y->element_count() != x.element_count()) return bad("the result's size differs from the block's");
 #define GJ_FWD(c, t)                                                                                       \
   if (C == c && T == t)                                                                                    \
-    return failed(launch_forward<c, t>(x.typed_data(), w.typed_data(), y->typed_data(), (int)S, (int)batch, \
-                                       eps, (int)act, stream));
+    return failed(launch_forward<c, t>(x.typed_data(), w.typed_data(), aff.typed_data(), y->typed_data(), (int)S, \
+                                       (int)batch, eps, (int)act, (int)affine, stream));
   GJ_VN_SIZES(GJ_FWD)
 #undef GJ_FWD
   return bad("(channels, components) = (" + std::to_string(C) + ", " + std::to_string(T) + ") is not compiled");
 }
 
-ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> gy,
-                    ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> part, int64_t C, int64_t T, int64_t S,
-                    int64_t act, float eps, int64_t groups) {
+ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> aff,
+                    ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> part, int64_t C,
+                    int64_t T, int64_t S, int64_t act, float eps, int64_t affine, int64_t groups) {
   int64_t batch = 0;
-  ffi::Error e = check(C, T, S, act, eps, x.element_count(), w.element_count(), batch);
+  ffi::Error e = check(C, T, S, act, eps, affine, x.element_count(), w.element_count(), aff.element_count(), batch);
   if (e.failure()) return e;
   if (gy.element_count() != x.element_count() || gx->element_count() != x.element_count())
     return bad("the cotangent's or the input gradient's size differs from the block's");
@@ -403,8 +461,9 @@ ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (part->element_count() != batch * groups * C * C) return bad("the partials' size is not batch x groups x C x C");
 #define GJ_BWD(c, t)                                                                                           \
   if (C == c && T == t)                                                                                        \
-    return failed(launch_backward<c, t>(x.typed_data(), w.typed_data(), gy.typed_data(), gx->typed_data(),     \
-                                        part->typed_data(), (int)S, (int)groups, (int)batch, eps, (int)act, stream));
+    return failed(launch_backward<c, t>(x.typed_data(), w.typed_data(), aff.typed_data(), gy.typed_data(),      \
+                                        gx->typed_data(), part->typed_data(), (int)S, (int)groups, (int)batch, eps, \
+                                        (int)act, (int)affine, stream));
   GJ_VN_SIZES(GJ_BWD)
 #undef GJ_BWD
   return bad("(channels, components) = (" + std::to_string(C) + ", " + std::to_string(T) + ") is not compiled");
@@ -417,16 +476,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnForward, Forward,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("channels")
                                   .Attr<int64_t>("components")
                                   .Attr<int64_t>("pixels")
                                   .Attr<int64_t>("activation")
-                                  .Attr<float>("eps"));
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("affine"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -437,4 +499,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnBackward, Backward,
                                   .Attr<int64_t>("pixels")
                                   .Attr<int64_t>("activation")
                                   .Attr<float>("eps")
+                                  .Attr<int64_t>("affine")
                                   .Attr<int64_t>("groups"));

@@ -9,6 +9,11 @@ library instantiates (`COVERED`; `coverage` says why not). The block goes to the
 component-planar, (c, T, *spatial) row-major: on a GPU the fused ConvContract kernels keep vector
 blocks physically so, and the axis move is a layout bitcast (as for ginjax's "planar" XLA path).
 
+A norm's affine map (`affine` = (m, v, shift)) runs as the kernels' prologue: they compute the
+nonlinearity of m_c (x - shift_c) + v_c from x in registers, and the backward's gx is the gradient
+in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
+`kernels._reduce.affine_backward` after it, as on the Triton path.
+
 Backward (custom_vjp, the residual is x): one launch writes gx and per-CTA (c, c) partials of gW,
 `groups` CTAs per example; the partials are added by a plain `jnp.sum` over that axis (XLA's
 reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
@@ -26,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._vn_args import ACTIVATIONS, check_arguments, literal_eps, supported_activation
+from .._vn_args import ACTIVATIONS, check_affine, check_arguments, literal_eps, pack_affine, supported_activation
+from .._reduce import affine_backward, fused_sums_cover
 from ._ffi import VN_BACKWARD, VN_FORWARD, registered
 
 __all__ = ["COVERED", "coverage", "vector_neuron_cuda", "vector_neuron_cuda_covers"]
@@ -75,7 +81,8 @@ def vector_neuron_cuda_covers(weight: jax.Array, block: jax.Array, D: int, activ
     return coverage(block.shape[0], D**k, block.dtype)
 
 
-def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float) -> jax.Array:
+def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float,
+                       affine: tuple | None = None) -> jax.Array:
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as the
     CUDA kernels; float32 in and out. Reverse-mode differentiable and vmappable.
 
@@ -85,19 +92,24 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         D: the number of spatial axes.
         activation: jax.nn.relu or jax.nn.gelu (its default tanh form).
         eps: a Python float > 0.
+        affine: None, or (m (c, T, T), v (c, T), shift (c, T)) float32: the nonlinearity of
+            m_c (block - shift_c) + v_c instead, the map computed in the kernels.
     """
     name, T = check_arguments(weight, block, D, activation, eps)
     c = block.shape[0]
     ok, why = sizes_covered(c, T)
     if not ok:
         raise ValueError(f"`block` (shape {tuple(block.shape)}) is not covered by the CUDA kernels: {why}")
+    if affine is not None:
+        affine = check_affine(affine, c, T)
     ok, why = registered()
     if not ok:
         raise ValueError(f"the CUDA VectorNeuron cannot run here: {why}")
     lead = block.shape[: 1 + D]
     planar = jnp.moveaxis(block.reshape(lead + (T,)), -1, 1)  # (c, T, *spatial)
-    y = _vn((ACTIVATIONS.index(name), float(eps)), weight, planar)
+    y = _vn((ACTIVATIONS.index(name), float(eps)), weight, planar, affine)
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
+
 
 
 def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None) -> int:
@@ -116,30 +128,44 @@ def _attrs(cfg, x):
                 pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(act), eps=np.float32(eps))
 
 
-def _forward(cfg, w, x):
+def _packed_affine(affine) -> jax.Array:
+    """The kernels' `aff` operand (`pack_affine`); without a map one float they do not read."""
+    return jnp.zeros((1,), jnp.float32) if affine is None else pack_affine(*affine)
+
+
+def _forward(cfg, w, x, affine):
     call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
-    return call(x, w, **_attrs(cfg, x))
+    return call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _vn(cfg, w, x):
-    """x (c, T, *spatial) planar; cfg (activation index, eps)."""
-    return _forward(cfg, w, x)
+def _vn(cfg, w, x, affine):
+    """x (c, T, *spatial) planar; cfg (activation index, eps); affine None or (m, v, shift)."""
+    return _forward(cfg, w, x, affine)
 
 
-def _vn_fwd(cfg, w, x):
-    return _forward(cfg, w, x), (w, x)
+def _vn_fwd(cfg, w, x, affine):
+    return _forward(cfg, w, x, affine), (w, x, affine)
 
 
 def _vn_bwd(cfg, res, gy):
-    w, x = res
+    w, x, affine = res
     attrs = _attrs(cfg, x)
     c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
     groups = backward_groups(c, T, S)
     shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
     call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")
-    gx, part = call(x, w, gy.astype(jnp.float32), groups=np.int64(groups), **attrs)
-    return jnp.sum(part, axis=-2).reshape(c, c), gx
+    g, part = call(x, w, _packed_affine(affine), gy.astype(jnp.float32), affine=np.int64(affine is not None),
+                   groups=np.int64(groups), **attrs)
+    gw = jnp.sum(part, axis=-2).reshape(c, c)
+    if affine is None:
+        return gw, g, None
+    # g is the gradient in the mapped block; the map's VJP on (c, S, T) views of the planar arrays
+    m, _, shift = affine
+    as_rows = lambda a: jnp.moveaxis(a.reshape(c, T, S), 1, 2)  # noqa: E731
+    gm, gv, gx, gshift = affine_backward(fused_sums_cover(as_rows(x), products=True), m, as_rows(x), shift,
+                                         as_rows(g), planar=True)
+    return gw, jnp.moveaxis(gx, 2, 1).reshape(x.shape), (gm, gv, gshift)
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)

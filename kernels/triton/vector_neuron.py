@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from .._fused import INT32_MAX
 from .._reduce import affine_backward, fused_sums_cover
-from .._vn_args import check_arguments, literal_eps, supported_activation
+from .._vn_args import check_affine, check_arguments, literal_eps, pack_affine, supported_activation
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
@@ -92,26 +92,9 @@ def vector_neuron_triton(
     cfg = _Config(D, name, float(eps), blocks, bool(planar))
     if affine is None:
         return _vn(cfg, weight, block, None)
-    affine = _check_affine(affine, block, D)
+    affine = check_affine(affine, block.shape[0], math.prod(block.shape[1 + D :]))
     sums_fused = fused_sums_cover(block.reshape((block.shape[0], -1, affine[0].shape[-1])), products=True)
     return _vn(cfg._replace(sums_fused=sums_fused), weight, block, affine)
-
-
-def _check_affine(affine, block: jax.Array, D: int) -> tuple:
-    if not isinstance(affine, (tuple, list)) or len(affine) != 3:
-        raise ValueError(f"`affine` must be None or a tuple (m, v, shift); got {type(affine).__name__}")
-    c, T = block.shape[0], math.prod(block.shape[1 + D :])
-    for name, a, shape in zip(("m", "v", "shift"), affine, ((c, T, T), (c, T), (c, T))):
-        if not hasattr(a, "shape") or tuple(a.shape) != shape or a.dtype != jnp.float32:
-            found = f"{a.dtype}{list(a.shape)}" if hasattr(a, "shape") else type(a).__name__
-            raise ValueError(f"`affine`'s {name} ({found}) must be float32{list(shape)} for a block of "
-                             f"{c} channels of {T} components")
-    return tuple(affine)
-
-
-def _pack_affine(m, v, shift) -> jax.Array:
-    """(c, affine_row(T)): M row-major, v, shift per channel (the kernels' `aff` operand)."""
-    return jnp.concatenate([m.reshape(m.shape[0], -1), v, shift], axis=1)
 
 
 class _Config(NamedTuple):
@@ -137,7 +120,7 @@ def _vn(cfg, w, x, affine):
 
 def _launch_weights(w, affine) -> tuple:
     """The launch's per-example operands besides the block: (w,) or (w, packed coefficients)."""
-    return (w[None],) if affine is None else (w[None], _pack_affine(*affine)[None])
+    return (w[None],) if affine is None else (w[None], pack_affine(*affine)[None])
 
 
 def _vn_fwd(cfg, w, x, affine):
