@@ -41,6 +41,9 @@
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
 # Every stage's files end up in $OUT/results.tar.gz as well (the device tool returns few files).
+# CUDA_PREBUILT=1: the CUDA stages use a kernels/cuda/_ginjax_cuda.so carried with the tree (built
+# on the CPU machine with the same nvcc: cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON
+# -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON && cmake --build build/cuda) instead of building it.
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
@@ -57,6 +60,12 @@ mkdir -p "$OUT"
   git log -1 --format=%H 2>/dev/null || true
 } > "$OUT/env.log" 2>&1
 build_cuda() {  # the opt-in CUDA library in place, for this and the later stages
+  if [ "${CUDA_PREBUILT:-0}" = 1 ] && [ -f kernels/cuda/_ginjax_cuda.so ]; then
+    # carried from a machine with the same nvcc (run's `carry`): no device time on the build
+    export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+    echo "CUDA_PREBUILT=1: using the carried kernels/cuda/_ginjax_cuda.so" | tee "$1"
+    return 0
+  fi
   export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
   { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
       && cmake --build build/cuda; } > "$1" 2>&1
