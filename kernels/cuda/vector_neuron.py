@@ -1,7 +1,7 @@
 """The VectorNeuron nonlinearity of one non-scalar block as CUDA C++ kernels behind XLA FFI, forward
 and backward (kernels/cuda/vector_neuron.cu; the math and design are in its header).
 
-    y = vector_neuron_cuda(weight, block, D, activation, eps)
+    y = vector_neuron_cuda(weight, block, D, activation, eps, affine=None)
 
 The same signature, validation and arithmetic as `kernels.triton.vector_neuron_triton`; opt-in
 (`GINJAX_VN_IMPL=cuda`, ginjax/_vector_neuron.py) and only for the (channels, components) the
@@ -14,7 +14,7 @@ nonlinearity of m_c (x - shift_c) + v_c from x in registers, and the backward's 
 in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 `kernels._reduce.affine_backward` after it, as on the Triton path.
 
-Backward (custom_vjp, the residual is x): one launch writes gx and per-CTA (c, c) partials of gW,
+Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
 `groups` CTAs per example; the partials are added by a plain `jnp.sum` over that axis (XLA's
 reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
