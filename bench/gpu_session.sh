@@ -60,13 +60,12 @@ mkdir -p "$OUT"
   git log -1 --format=%H 2>/dev/null || true
 } > "$OUT/env.log" 2>&1
 build_cuda() {  # the opt-in CUDA library in place, for this and the later stages
+  export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
   if [ "${CUDA_PREBUILT:-0}" = 1 ] && [ -f kernels/cuda/_ginjax_cuda.so ]; then
     # carried from a machine with the same nvcc (run's `carry`): no device time on the build
-    export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
     echo "CUDA_PREBUILT=1: using the carried kernels/cuda/_ginjax_cuda.so" | tee "$1"
     return 0
   fi
-  export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
   { cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON -DGINJAX_NATIVE=OFF -DGINJAX_CUDA_INPLACE=ON \
       && cmake --build build/cuda; } > "$1" 2>&1
   local rc=$?  # the build's status, not grep's (a warm machine relinks only: no ptxas lines)

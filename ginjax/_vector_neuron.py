@@ -95,8 +95,8 @@ IMPL_ENV = "GINJAX_VN_IMPL"
 # save_mix); "0" (default): the backward recomputes it
 SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 # "1" (default): a norm's affine map handed to `vector_neuron` runs in the "triton" kernels on
-# planar blocks and in the "cuda" kernels (the normalised block is neither written nor kept: a block-sized residual less per
-# call); "0": it is always applied first, as its own pass
+# planar blocks and in the "cuda" kernels (the normalised block is neither written nor kept: a
+# block-sized residual less per call); "0": it is always applied first, as its own pass
 NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
 
 
@@ -167,9 +167,9 @@ def vector_neuron(
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
     `affine` (m (c, T, T), v (c, T), shift (c, T), e.g. a norm's `vector_group_norm_coefficients`):
-    the nonlinearity of m_c (block - shift_c) + v_c instead, which the "triton" kernels compute
-    in registers on planar blocks (never written out) and the other paths as one
-    `channel_affine` pass first.
+    the nonlinearity of m_c (block - shift_c) + v_c instead, which the "triton" kernels on planar
+    blocks and the "cuda" kernels compute as they load the block (never written out) and the
+    other paths as one `channel_affine` pass first.
     `layout` ("minor" / "planar", default `default_layout()`) arranges the arithmetic of the
     "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" /
     "triton" / "cuda", default `default_impl()`) picks the path

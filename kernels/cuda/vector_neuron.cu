@@ -273,8 +273,9 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
     // past the end: x = gy = 0 (zeros in the copies), so d = 0, h = gs = 0, gu = gd = 0: nothing
     // reaches gW
     copies_wait_all();  // this thread's copies of the tile's x and gy
-    if constexpr (kAffine) {  // x' in place in this thread's column (the coefficients landed before the first barrier),
-                   // one channel at a time: in registers beside x and acc, T = 4 would spill
+    // x' in place in this thread's column (the coefficients landed before the first barrier), one
+    // channel at a time: mapped in registers beside x and acc, (16, 4) spilled
+    if constexpr (kAffine) {
       for (int c = 0; c < C; ++c) {
         float xc[T];
 #pragma unroll

@@ -107,9 +107,11 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         raise ValueError(f"the CUDA VectorNeuron cannot run here: {why}")
     lead = block.shape[: 1 + D]
     planar = jnp.moveaxis(block.reshape(lead + (T,)), -1, 1)  # (c, T, *spatial)
-    y = _vn((ACTIVATIONS.index(name), float(eps)), weight, planar, affine)
+    # whether the map's backward sums run on the Triton sums kernel: decided here, outside the
+    # custom_vjp's rules (a decision inside them would be reused from any trace JAX caches of them)
+    sums_fused = affine is not None and fused_sums_cover(block.reshape((c, -1, T)), products=True)
+    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused), weight, planar, affine)
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
-
 
 
 def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None) -> int:
@@ -123,7 +125,7 @@ def backward_groups(channels: int, components: int, pixels: int, sms: int | None
 
 
 def _attrs(cfg, x):
-    act, eps = cfg
+    act, eps, _ = cfg
     return dict(channels=np.int64(x.shape[0]), components=np.int64(x.shape[1]),
                 pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(act), eps=np.float32(eps))
 
@@ -140,7 +142,8 @@ def _forward(cfg, w, x, affine):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
-    """x (c, T, *spatial) planar; cfg (activation index, eps); affine None or (m, v, shift)."""
+    """x (c, T, *spatial) planar; cfg (activation index, eps, whether the map's backward sums are
+    fused); affine None or (m, v, shift)."""
     return _forward(cfg, w, x, affine)
 
 
@@ -163,8 +166,7 @@ def _vn_bwd(cfg, res, gy):
     # g is the gradient in the mapped block; the map's VJP on (c, S, T) views of the planar arrays
     m, _, shift = affine
     as_rows = lambda a: jnp.moveaxis(a.reshape(c, T, S), 1, 2)  # noqa: E731
-    gm, gv, gx, gshift = affine_backward(fused_sums_cover(as_rows(x), products=True), m, as_rows(x), shift,
-                                         as_rows(g), planar=True)
+    gm, gv, gx, gshift = affine_backward(cfg[2], m, as_rows(x), shift, as_rows(g), planar=True)
     return gw, jnp.moveaxis(gx, 2, 1).reshape(x.shape), (gm, gv, gshift)
 
 
