@@ -8,6 +8,9 @@ fusions), several of which one GPU call can settle.
 
 Rows (per config and variant: median ms of each alternation, their median, compile s, temp
 bytes) go to OUT_DIR/step_variants.json after every config.
+
+A variant `backend=NAME` compiles the step with every ConvContract on backend NAME (e.g.
+`--variants backend=auto,backend=dense`): `auto` against one backend, timed in alternation too.
 """
 
 from __future__ import annotations
@@ -74,12 +77,31 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
 }
 
 
+BACKEND_PREFIX = "backend="
+
+
+def _backend_of(name: str):
+    """The ConvContract backend a variant compiles the step under (None: the config's own)."""
+    return name[len(BACKEND_PREFIX):] if name.startswith(BACKEND_PREFIX) else None
+
+
+def _check(name: str) -> None:
+    from kernels import registered_backends
+
+    backend = _backend_of(name)
+    if backend is not None:
+        known = ("auto",) + registered_backends()
+        if backend not in known:
+            raise ValueError(f"variant (={name!r}) names backend {backend!r}; backends are {sorted(known)}")
+    elif name not in VARIANTS:
+        raise ValueError(f"variant (={name!r}) must be one of {sorted(VARIANTS)} or {BACKEND_PREFIX}<backend>")
+
+
 @contextlib.contextmanager
 def variant(name: str):
     """Apply variant `name` for the duration of the block (restored after, also on error)."""
-    if name not in VARIANTS:
-        raise ValueError(f"variant (={name!r}) must be one of {sorted(VARIANTS)}")
-    env, patches = VARIANTS[name]
+    _check(name)
+    env, patches = VARIANTS.get(name, ({}, ()))
     saved_env = {k: os.environ.get(k) for k in env}
     saved = []
     try:
@@ -110,7 +132,7 @@ def measure(config: str, names, alternations: int, max_time: float) -> dict:
     for name in names:
         t0 = time.perf_counter()
         with variant(name):
-            compiled[name] = _timing.compile_for(fn, args)
+            compiled[name] = _timing.compile_for(fn, args, _backend_of(name))
         rows[name] = {"compile_s": round(time.perf_counter() - t0, 1), **_timing.memory_of(compiled[name]), "ms": []}
         jax.block_until_ready(compiled[name](*args))
     for _ in range(alternations):
@@ -132,8 +154,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     for name in names:
-        if name not in VARIANTS:
-            p.error(f"--variants: {name!r} is not one of {sorted(VARIANTS)}")
+        try:
+            _check(name)
+        except ValueError as e:
+            p.error(f"--variants: {e}")
     if args.alternations < 1:
         p.error(f"--alternations (={args.alternations}) must be >= 1")
     path = pathlib.Path(args.out) / "step_variants.json"

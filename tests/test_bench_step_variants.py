@@ -76,7 +76,7 @@ def test_norm_apart_takes_the_norm_out_of_the_kernels(monkeypatch):
 def test_unknown_variant_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         step_variants.main(["/tmp/unused", "--variants", "baseline,nope"])
-    assert "--variants: 'nope' is not one of" in capsys.readouterr().err
+    assert "--variants: variant (='nope') must be one of" in capsys.readouterr().err
 
 
 def test_small_model_step_under_two_variants(tmp_path):
@@ -85,3 +85,13 @@ def test_small_model_step_under_two_variants(tmp_path):
     rows = json.loads((tmp_path / "step_variants.json").read_text())["configs"]["resnet_d2_n16_b2"]
     assert set(rows) == {"baseline", "plain-middle-sum"}
     assert all(r["median_ms"] > 0 for r in rows.values())
+
+
+def test_backend_variants_compile_under_their_backend():
+    assert step_variants._backend_of("backend=dense") == "dense"
+    assert step_variants._backend_of("vn-xla") is None
+    step_variants._check("backend=auto")
+    with pytest.raises(ValueError, match="names backend 'nope'"):
+        step_variants._check("backend=nope")
+    with pytest.raises(SystemExit):
+        step_variants.main(["/tmp/unused", "--variants", "backend=auto,backend=nope"])
