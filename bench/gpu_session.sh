@@ -23,7 +23,8 @@
 #            else AUTO_CONFIGS),
 #            timed on dense, triton and pallas, into kernels/measured/<device>.json (a copy, and every
 #            measurement, under $OUT/measure-auto/<device>/: copy the table to kernels/measured/ to commit)
-#   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower
+#   auto-check     python3 -m bench on the same steps with auto and dense (mode step): auto no slower; then
+#            bench.step_variants on them with backend=auto,backend=dense in alternation (AUTO_ALTERNATE=0: not)
 #   variants       python3 -m bench.step_variants: train-step variants of the glue timed in alternation
 #            (VARIANT_CONFIGS, default resnet_d3_n64_b4,dilresnet_d3_n64_b4; VARIANTS, default
 #            baseline,vn-xla)
@@ -106,7 +107,14 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_AUTO_CHECK:-400}" python3 -u -m bench --configs "${AUTO_CONFIGS:-auto-models}" --backends auto,dense --modes step \
         --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/auto-check" --time-budget "$(( ${T_AUTO_CHECK:-400} - 40 ))" \
         --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/auto-check/log.txt" 2>&1
-      rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"; (exit $rc) ;;
+      rc=$?; grep -E '^\| (unet|resnet|dilresnet)' "$OUT/auto-check/log.txt"
+      # the same steps in alternation (auto, dense, auto, ...): a batch-1 step at N = 32 is host-bound
+      # and its time jumps between two levels (4.9 / 7.0 ms, session 22), which one pass per backend
+      # can catch on different levels
+      [ "${AUTO_ALTERNATE:-1}" = 1 ] && timeout "${T_AUTO_ALTERNATE:-200}" python3 -u -m bench.step_variants "$OUT/auto-check" \
+        --configs "${AUTO_CONFIGS:-auto-models}" \
+        --variants backend=auto,backend=dense --alternations 5 > "$OUT/auto-check/alternation.txt" 2>&1 && tail -n 12 "$OUT/auto-check/alternation.txt"
+      (exit $rc) ;;
     variants)
       timeout "${T_VARIANTS:-300}" python3 -u -m bench.step_variants "$OUT/variants" --configs "${VARIANT_CONFIGS:-resnet_d3_n64_b4,dilresnet_d3_n64_b4}" \
         --variants "${VARIANTS:-baseline,vn-xla}" > "$OUT/variants/log.txt" 2>&1
@@ -138,7 +146,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       cut -c1-300 "$OUT/cuda-dw/spike.log"; (exit $rc) ;;
     vn-cuda)
       build_cuda "$OUT/vn-cuda/build.log"
-      timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \
+      timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \
         > "$OUT/vn-cuda/tests.log" 2>&1
       rc=$?; tail -5 "$OUT/vn-cuda/tests.log"
       timeout 150 python3 -u -m bench.vector_neuron_spike "$OUT/vn-cuda" --repeat 8 --tilings > "$OUT/vn-cuda/spike.log" 2>&1

@@ -147,7 +147,7 @@ def measure(config: str, names, alternations: int, max_time: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.step_variants", description=__doc__.splitlines()[0])
     p.add_argument("out")
-    p.add_argument("--configs", default="resnet_d3_n64_b4,dilresnet_d3_n64_b4")
+    p.add_argument("--configs", default="resnet_d3_n64_b4,dilresnet_d3_n64_b4", help="model configs or sets (e.g. models-b1)")
     p.add_argument("--variants", default="baseline,plain-middle-sum")
     p.add_argument("--alternations", type=int, default=3)
     p.add_argument("--max-time", type=float, default=0.3)
@@ -165,7 +165,13 @@ def main(argv=None) -> int:
     import jax
 
     result = {"device": str(jax.devices()[0]), "jax": jax.__version__, "configs": {}}
-    for config in [c for c in args.configs.split(",") if c]:
+    from bench import _configs
+
+    try:
+        configs = _configs.parse_selection(args.configs, tuple(_configs.CONFIGS), "--configs", _configs.CONFIG_SETS)
+    except ValueError as e:
+        p.error(str(e))
+    for config in configs:
         try:
             result["configs"][config] = measure(config, names, args.alternations, args.max_time)
         except Exception as e:  # noqa: BLE001 - recorded; the next config still runs

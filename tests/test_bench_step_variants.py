@@ -95,3 +95,9 @@ def test_backend_variants_compile_under_their_backend():
         step_variants._check("backend=nope")
     with pytest.raises(SystemExit):
         step_variants.main(["/tmp/unused", "--variants", "backend=auto,backend=nope"])
+
+
+def test_configs_take_sets_and_reject_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        step_variants.main(["/tmp/unused", "--configs", "models-b1,nope", "--variants", "baseline"])
+    assert "--configs (='models-b1,nope'): unknown name 'nope'" in capsys.readouterr().err
