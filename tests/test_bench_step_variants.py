@@ -87,14 +87,36 @@ def test_small_model_step_under_two_variants(tmp_path):
     assert all(r["median_ms"] > 0 for r in rows.values())
 
 
-def test_backend_variants_compile_under_their_backend():
-    assert step_variants._backend_of("backend=dense") == "dense"
-    assert step_variants._backend_of("vn-xla") is None
-    step_variants._check("backend=auto")
+def test_backend_variants_compile_under_their_backend(tmp_path, monkeypatch):
+    from bench import _cases, _timing
+
+    seen = []
+    compile_for = _timing.compile_for
+
+    def spy(fn, args, backend=None, *rest, **kw):
+        seen.append(backend)
+        return compile_for(fn, args, backend, *rest, **kw)
+
+    monkeypatch.setattr(_timing, "compile_for", spy)
+
+    class TinyCase:  # a step that compiles in milliseconds: what is checked is the backend handed over
+        def __init__(self, cfg):
+            pass
+
+        def function(self, mode):
+            return (lambda x: x * 2.0), (jnp.ones(3),)
+
+    monkeypatch.setattr(_cases, "ModelCase", TinyCase)
+    step_variants.main([str(tmp_path), "--configs", "resnet_d2_n16_b2", "--variants", "backend=dense,backend=reference,baseline",
+                        "--alternations", "1", "--max-time", "0.01"])
+    assert seen == ["dense", "reference", None]
+    rows = json.loads((tmp_path / "step_variants.json").read_text())["configs"]["resnet_d2_n16_b2"]
+    assert set(rows) == {"backend=dense", "backend=reference", "baseline"}
+    assert all(r["median_ms"] > 0 for r in rows.values())
     with pytest.raises(ValueError, match="names backend 'nope'"):
         step_variants._check("backend=nope")
     with pytest.raises(SystemExit):
-        step_variants.main(["/tmp/unused", "--variants", "backend=auto,backend=nope"])
+        step_variants.main([str(tmp_path), "--variants", "backend=auto,backend=nope"])
 
 
 def test_configs_take_sets_and_reject_unknown_names(capsys):
