@@ -40,6 +40,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "triton-dilated": ({"GINJAX_CUDA_DILATED": "0"}, ()),
     "triton-windows": ({"GINJAX_CUDA_X_WINDOWS": "0"}, ()),
     "triton-dilated-windows": ({"GINJAX_CUDA_DILATED": "0", "GINJAX_CUDA_X_WINDOWS": "0"}, ()),
+    # the forward and input gradient of rows of 64 pixels whose ring does not fit (dilation 8 at x
+    # 64) on Triton's kernel instead of CUDA x windows of 32 (the weight gradient stays CUDA)
+    "triton-narrow-windows": ({"GINJAX_CUDA_NARROW_WINDOWS": "0"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -28,7 +28,7 @@ from _conv_cuda_dw_emulate import emulated_partials
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
-from kernels.cuda import _ffi, _plan
+from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as cuda_wg
 
@@ -599,6 +599,15 @@ def test_coverage_reasons(monkeypatch):
         assert _plan.coverage(spec, (8, 8, nx), np.float32)[0] and _plan.window(spec, nx) == w
         assert _plan.layout(spec, nx).windows == nx // w
     assert "multiple of 32" in _plan.coverage(SPEC, (4, 4, 80), np.float32)[1]  # windows of 64 or 32 only
+    # GINJAX_CUDA_NARROW_WINDOWS=0: a row of 64 pixels whose ring does not fit stays whole, so the
+    # forward leaves it (to Triton); rows over 64 pixels keep their windows, the weight gradient its layout
+    monkeypatch.setenv(_plan.NARROW_WINDOWS_ENV, "0")
+    ok, why = _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)
+    assert not ok and f"turned off for rows of 64 pixels by {_plan.NARROW_WINDOWS_ENV}=0" in why
+    assert _plan.coverage(standard_spec(16, 16, 8), (8, 8, 128), np.float32)[0] and _plan.window(standard_spec(16, 16, 8), 128) == 32
+    assert _plan.coverage(SPEC, (8, 8, 64), np.float32)[0] and _plan.window(SPEC, 64) == 64
+    assert _dw_plan.layout(standard_spec(16, 16, 8), 64).windows == 1
+    monkeypatch.delenv(_plan.NARROW_WINDOWS_ENV)
     why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and "dilation 1 only" in why
     # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the

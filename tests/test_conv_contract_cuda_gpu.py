@@ -41,11 +41,12 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
     minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward and the
-    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS: on by default; pinned
-    here against a user's =0)."""
+    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS, GINJAX_CUDA_NARROW_WINDOWS: on by
+    default; pinned here against a user's =0)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
+    monkeypatch.setenv(_plan.NARROW_WINDOWS_ENV, "1")
     return request.param
 
 

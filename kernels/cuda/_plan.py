@@ -238,9 +238,14 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
             return ""
         return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
 
+    def hint(nx: int) -> str:
+        if x_windows_enabled() and nx <= max(NX_COVERED) and not narrow_windows_enabled():
+            return groups_hint(nx) + f"; x windows may fit (turned off for rows of {nx} pixels by {NARROW_WINDOWS_ENV}=0)"
+        return groups_hint(nx)
+
     if dilation(spec) > 1 and not dilated_enabled():
         return False, f"the dilated forward is turned off ({DILATED_ENV}=0)"
-    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=groups_hint,
+    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=hint,
                           dilations=DILATIONS)
 
 
@@ -416,11 +421,27 @@ def window_choices(nx: int) -> tuple[int, ...]:
     return whole + tuple(w for w in WINDOWS_COVERED if w < nx and nx % w == 0)
 
 
+NARROW_WINDOWS_ENV = "GINJAX_CUDA_NARROW_WINDOWS"
+
+
+def narrow_windows_enabled() -> bool:
+    """Whether the forward may split a row of at most 64 pixels into x windows where the whole
+    row's ring does not fit shared memory (dilation 8 at x 64: windows of 32, one 4-warp CTA an SM):
+    on unless GINJAX_CUDA_NARROW_WINDOWS="0", which leaves such layers' forward and input gradient
+    to Triton's kernel (1.10 ms a launch at fffb5eb against the windows' 1.20; bench/NOTES.md,
+    "Session 22"). The weight gradient's own layout is not affected."""
+    return env_choice(NARROW_WINDOWS_ENV, ("0", "1"), "1") == "1"
+
+
 def window(spec: ConvSpec, nx: int, smem=None) -> Optional[int]:
     """The x window of rows of nx pixels: the widest choice (`window_choices`) whose layout fits
     SMEM_LIMIT in an allowed channel split (`smem(w)`, if given, instead: another kernel's shared
-    memory), else the widest (so the coverage reason names what it needs); None where nx has none."""
+    memory), else the widest (so the coverage reason names what it needs); None where nx has none.
+    The forward's (`smem` None) rows of at most 64 pixels stay whole where `narrow_windows_enabled`
+    is off."""
     choices = window_choices(nx)
+    if smem is None and nx <= max(NX_COVERED) and not narrow_windows_enabled():
+        choices = choices[:1]
     if smem is None:
         fits = lambda w: _groups_at(spec, w) is not None  # noqa: E731
     else:
