@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # the forward and input gradient of rows of 64 pixels whose ring does not fit (dilation 8 at x
     # 64) on Triton's kernel instead of CUDA x windows of 32 (the weight gradient stays CUDA)
     "triton-narrow-windows": ({"GINJAX_CUDA_NARROW_WINDOWS": "0"}, ()),
+    # a "mean" bias's input means beside the CUDA forward on the per-channel sums kernel instead
+    # of XLA's two reductions a block
+    "means-triton": ({"GINJAX_INPUT_MEANS": "triton"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

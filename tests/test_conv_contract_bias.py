@@ -216,6 +216,66 @@ def test_triton_routes_the_means_gradient_into_the_input_gradient_kernel(monkeyp
     assert all(given == ((True, True) if shortcut else ()) for given in backward)
 
 
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the triton backend (its interpreter on a CPU)")
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_triton_input_means_on_the_sums_kernel(monkeypatch, layout):
+    """GINJAX_INPUT_MEANS=triton: where the CUDA forward runs a layer (stood in for here, the
+    Triton kernel computing it), the "mean" bias takes its inputs' means from the per-channel sums
+    kernel read in the CUDA kernels' layout; values and gradients equal the plain bias's."""
+    from kernels import _reduce
+    from kernels.cuda import conv_contract as cuda_entry
+    from kernels.triton import channel_sums as sums_module
+    from kernels.triton import conv_contract as triton_entry
+
+    spec = _spec(2, bias_modes=("add", "mean", "mean"), **GEOMETRIES[0])
+    assert _bias.means_shortcut_exact(spec)
+    inputs, weights = _fp32(spec, seed=26)
+    bias = _bias_arrays(spec, seed=26)
+    cot = [jnp.asarray(np.random.default_rng(27 + i).standard_normal(s.shape).astype(np.float32))
+           for i, s in enumerate(kernels.conv_contract(spec, inputs, weights, bias=bias, backend="reference"))]
+    monkeypatch.setenv(triton_entry.INPUT_MEANS_ENV, "triton")
+    monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    monkeypatch.setattr(triton_entry, "_cuda_forward_plan", lambda *a, **k: ("a plan",))
+    monkeypatch.setattr(triton_entry, "_cuda_forward", lambda *a, **k: None)
+    seen, real = [], sums_module.channel_sums_triton
+
+    def spy(a, *args, planar=False, **kwargs):
+        seen.append((a.shape, planar))
+        return real(a, *args, planar=planar, **kwargs)
+
+    monkeypatch.setattr(sums_module, "channel_sums_triton", spy)
+
+    def loss(fn):
+        def f(xs, ws, bs):
+            return sum(jnp.sum(o * c) for o, c in zip(fn(xs, ws, bs), cot))
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(inputs, weights, bias)
+
+    got = loss(lambda xs, ws, bs: kernels.conv_contract(spec, xs, ws, bias=bs, backend="triton", precision="fp32"))
+    want = loss(lambda xs, ws, bs: _plain_bias(
+        spec, kernels.conv_contract(spec.without_bias(), xs, ws, backend="reference", precision="fp32"), bs))
+    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
+    for g, w in zip(got, want):
+        assert rel_l2(flat(g), flat(w)) <= 1e-5
+    # both inputs' means on the kernel, in the layout asked for, once each (the backward's bias
+    # sums stay with the Triton weight kernel here: fp32, no CUDA weight gradient)
+    assert sorted(seen) == [((2, 36, 1), layout == "planar"), ((2, 36, 2), layout == "planar")], seen
+    # vmapped (each example its own means)
+    batch = [jnp.stack([x, 2.0 * x + 1.0]) for x in inputs]
+    got = jax.jit(jax.vmap(lambda xs: kernels.conv_contract(spec, xs, weights, bias=bias, backend="triton",
+                                                            precision="fp32")))(batch)
+    for e in range(2):
+        want = _plain_bias(spec, kernels.conv_contract(spec.without_bias(), [x[e] for x in batch], weights,
+                                                       backend="reference", precision="fp32"), bias)
+        for g, w in zip(got, want):
+            assert rel_l2(g[e], w) <= 1e-5
+    monkeypatch.setenv(triton_entry.INPUT_MEANS_ENV, "xla")
+    seen.clear()
+    jax.jit(lambda xs, ws, bs: kernels.conv_contract(spec, xs, ws, bias=bs, backend="triton", precision="fp32"))(
+        inputs, weights, bias)
+    assert not seen
+
+
 # ---- the layer ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "use_bias, is_torus", [("auto", True), ("mean", True), ("scalar", True), (False, True), ("auto", False)]

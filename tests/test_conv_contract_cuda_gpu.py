@@ -260,12 +260,18 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
     assert not joins, joins
 
 
-def test_layer_bias_in_the_forward_epilogue_per_example():
+@pytest.mark.parametrize("means", ["xla", "triton"])
+def test_layer_bias_in_the_forward_epilogue_per_example(monkeypatch, means):
     """The layer's bias through the public API (scalar "add", vector "mean": offsets from each
     example's input means, so batched under vmap) goes into the CUDA forward's epilogue: one
     forward launch, no broadcast add of the outputs after it; outputs and gradients (inputs,
-    weights, biases) against `reference` at tf32."""
+    weights, biases) against `reference` at tf32. The means by XLA's reductions or by the sums
+    kernel (GINJAX_INPUT_MEANS; then the forward's only Triton launches are the sums')."""
     import dataclasses
+
+    from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(triton_entry.INPUT_MEANS_ENV, means)
 
     spec = dataclasses.replace(SPEC, bias_modes=("add", "mean"))
     spatial = (4, 6, 32)
@@ -283,6 +289,10 @@ def test_layer_bias_in_the_forward_epilogue_per_example():
     fwd = jax.jit(outputs("triton"))
     hlo = fwd.lower(xs, ws, bias).compile().as_text()
     assert hlo.count("ginjax_cuda_forward") == 1, hlo[-3000:]
+    lowered = fwd.lower(xs, ws, bias).as_text()
+    triton_calls = [line for line in lowered.splitlines() if "custom_call @triton_kernel_call" in line]
+    assert bool(triton_calls) == (means == "triton"), triton_calls
+    assert all(b"channel_sums" in zlib.decompress(_backend_config(line)) for line in triton_calls)
     got = fwd(xs, ws, bias)
     with jax.default_matmul_precision("highest"):
         want = jax.jit(outputs("reference"))(xs, ws, bias)

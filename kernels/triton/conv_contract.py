@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._bias import bias_offsets, check_bias, input_means, offsets_from_means
+from .._bias import bias_offsets, check_bias, input_means, means_shortcut_exact, offsets_from_means
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
@@ -146,7 +146,7 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
     if bias_spec is not None:
-        offsets = _offsets_from_means(bias_spec, input_means(bias_spec, inputs), weights, bias)
+        offsets = _offsets_from_means(bias_spec, _input_means(spec, mode, poison, bias_spec, inputs), weights, bias)
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
 
 
@@ -154,10 +154,39 @@ def _offsets_from_means(bias_spec, means, weights, bias):
     return tuple(None if o is None else o.astype(jnp.float32) for o in offsets_from_means(bias_spec, means, weights, bias))
 
 
-def _bias_offsets(bias_spec, inputs, weights, bias):
+def _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias):
     """The layer's bias as float32 epilogue offsets, and the VJP of the tiny map from the inputs'
     spatial means, the weights and the bias to them (the means' reduction stays outside it)."""
-    return jax.vjp(functools.partial(_offsets_from_means, bias_spec), input_means(bias_spec, inputs), weights, bias)
+    means = _input_means(spec, mode, poison, bias_spec, inputs)
+    return jax.vjp(functools.partial(_offsets_from_means, bias_spec), means, weights, bias)
+
+
+INPUT_MEANS_ENV = "GINJAX_INPUT_MEANS"
+INPUT_MEANS_IMPLS = ("xla", "triton")
+
+
+def input_means_impl() -> str:
+    """How a "mean" bias takes its inputs' spatial means where the CUDA forward runs the layer:
+    $GINJAX_INPUT_MEANS, "xla" (the default: `middle_sum`, two XLA reductions a block) or "triton"
+    (the per-channel sums kernel, reading the blocks in the CUDA kernels' layout, as the backward's
+    bias sums do). Predicted ~0.5 ms off a DilResNet step, not yet timed (bench/NOTES.md, "Session 22")."""
+    return env_choice(INPUT_MEANS_ENV, INPUT_MEANS_IMPLS, "xla")
+
+
+def _input_means(spec, mode, poison, bias_spec, inputs):
+    """`kernels._bias.input_means`, on the sums kernel in the CUDA kernels' layout where
+    `input_means_impl` asks for it and the CUDA forward runs this call (so the inputs already lie
+    in that layout); the same sums either way (the layout only decides where XLA transposes)."""
+    if input_means_impl() != "triton" or _cuda_forward_plan(spec, mode, poison, inputs) is None:
+        return input_means(bias_spec, inputs)
+    if "mean" not in bias_spec.bias_modes or not means_shortcut_exact(bias_spec):
+        return None
+    from ..cuda.conv_contract import layout as cuda_layout
+
+    # float32 operands: the CUDA forward covers no other dtype
+    sums = _spatial_sums(inputs, range(len(inputs)), spec.D, fixed_layout=cuda_layout())
+    pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
+    return tuple(sums[a] / pixels for a in range(len(inputs)))
 
 
 FORWARD_IMPLS = ("cuda", "triton")
@@ -195,12 +224,25 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
     or, for an input gradient, `spec` on the bases of the forward layer `like` with
     the weights moved, `with_bases_of`; either one whole or, with `output_groups_enabled`, as
     launches of OUTPUT_GROUP output channels per key, `output_split`), else None."""
-    if mode != "tf32" or poison is not None:
+    plan = _cuda_forward_plan(spec, mode, poison, inputs, like)
+    if plan is None:
         return None
     from .. import cuda
 
     if offsets is not None and all(o is None for o in offsets):
         offsets = None
+    layer, move, split = plan
+    if split is None:
+        return cuda.forward_call(layer, inputs, move(weights), offsets)
+    return _forward_by_output_groups(split, inputs, move(weights), offsets)
+
+
+def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
+    """How `_cuda_forward` runs this call: (layer, weight move, None) for one launch of `layer`,
+    (layer, move, output split) for launches per output group, or None where it does not (then
+    Triton's kernel runs it). Also what the inputs' means are read beside (`_input_means`)."""
+    if mode != "tf32" or poison is not None:
+        return None
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     covers = lambda layer: cuda_forward_covers(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
     layers = [(spec, lambda w: w)]
@@ -208,10 +250,10 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
         layers.append(twin)
     for layer, move in layers:
         if covers(layer):
-            return cuda.forward_call(layer, inputs, move(weights), offsets)
+            return layer, move, None
     for layer, move in layers:
         if (split := output_split(layer, covers)) is not None:
-            return _forward_by_output_groups(split, inputs, move(weights), offsets)
+            return layer, move, split
     return None
 
 
@@ -325,7 +367,7 @@ def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=Non
 def _conv_contract_fwd(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
     bias_vjp = None
     if bias_spec is not None:
-        offsets, bias_vjp = _bias_offsets(bias_spec, inputs, weights, bias)
+        offsets, bias_vjp = _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias)
     outs = _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
     return outs, (inputs, weights, offsets, tuple(p is not None for p in priors), bias_vjp)
 
