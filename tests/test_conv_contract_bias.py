@@ -174,28 +174,13 @@ def test_gradients_match_the_plain_bias(backend, geometry):
         assert rel_l2(flat(g), flat(w)) <= 1e-5
 
 
-@pytest.mark.skipif("triton" not in FUSED, reason="needs the triton backend (its interpreter on a CPU)")
-@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
-def test_triton_routes_the_means_gradient_into_the_input_gradient_kernel(monkeypatch, geometry):
-    """The triton backend takes the layer's bias into its custom_vjp: values and gradients (inputs,
-    weights, bias) equal the plain bias's, and on a torus the input-gradient launch gets the
-    inputs' means' gradient as its epilogue offsets (no pass over the input gradient adds it);
-    without the shortcut (zero padding) it gets none and the output's own mean is used."""
-    from kernels.triton import conv_contract as triton_entry
-
-    spec = _spec(2, bias_modes=("add", "mean", "mean"), **geometry)
-    inputs, weights = _fp32(spec, seed=16)
-    bias = _bias_arrays(spec, seed=16)
-    cot = [jnp.asarray(np.random.default_rng(17 + i).standard_normal(s.shape).astype(np.float32))
+def _triton_gradients_match_the_plain_bias(spec, seed):
+    """Gradients (inputs, weights, bias) of a loss through the `triton` layer with its bias, at
+    fp32, against the plain bias's on the reference backend; returns the operands."""
+    inputs, weights = _fp32(spec, seed=seed)
+    bias = _bias_arrays(spec, seed=seed)
+    cot = [jnp.asarray(np.random.default_rng(seed + 1 + i).standard_normal(s.shape).astype(np.float32))
            for i, s in enumerate(kernels.conv_contract(spec, inputs, weights, bias=bias, backend="reference"))]
-    launches = []  # (input gradient?, offsets per output key given?)
-    real = triton_entry._forward
-
-    def spy(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
-        launches.append((like is not None, tuple(o is not None for o in offsets or ())))
-        return real(spec, mode, blocks, poison, inputs, weights, offsets, like, priors)
-
-    monkeypatch.setattr(triton_entry, "_forward", spy)
 
     def loss(fn):
         def f(xs, ws, bs):
@@ -208,6 +193,28 @@ def test_triton_routes_the_means_gradient_into_the_input_gradient_kernel(monkeyp
     flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
     for g, w in zip(got, want):
         assert rel_l2(flat(g), flat(w)) <= 1e-5
+    return inputs, weights, bias
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="needs the triton backend (its interpreter on a CPU)")
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+def test_triton_routes_the_means_gradient_into_the_input_gradient_kernel(monkeypatch, geometry):
+    """The triton backend takes the layer's bias into its custom_vjp: values and gradients (inputs,
+    weights, bias) equal the plain bias's, and on a torus the input-gradient launch gets the
+    inputs' means' gradient as its epilogue offsets (no pass over the input gradient adds it);
+    without the shortcut (zero padding) it gets none and the output's own mean is used."""
+    from kernels.triton import conv_contract as triton_entry
+
+    spec = _spec(2, bias_modes=("add", "mean", "mean"), **geometry)
+    launches = []  # (input gradient?, offsets per output key given?)
+    real = triton_entry._forward
+
+    def spy(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
+        launches.append((like is not None, tuple(o is not None for o in offsets or ())))
+        return real(spec, mode, blocks, poison, inputs, weights, offsets, like, priors)
+
+    monkeypatch.setattr(triton_entry, "_forward", spy)
+    _triton_gradients_match_the_plain_bias(spec, seed=16)
     shortcut = _bias.means_shortcut_exact(spec)
     forward = [given for grad, given in launches if not grad]
     backward = [given for grad, given in launches if grad]
@@ -229,10 +236,6 @@ def test_triton_input_means_on_the_sums_kernel(monkeypatch, layout):
 
     spec = _spec(2, bias_modes=("add", "mean", "mean"), **GEOMETRIES[0])
     assert _bias.means_shortcut_exact(spec)
-    inputs, weights = _fp32(spec, seed=26)
-    bias = _bias_arrays(spec, seed=26)
-    cot = [jnp.asarray(np.random.default_rng(27 + i).standard_normal(s.shape).astype(np.float32))
-           for i, s in enumerate(kernels.conv_contract(spec, inputs, weights, bias=bias, backend="reference"))]
     monkeypatch.setenv(triton_entry.INPUT_MEANS_ENV, "triton")
     monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
@@ -245,18 +248,7 @@ def test_triton_input_means_on_the_sums_kernel(monkeypatch, layout):
         return real(a, *args, planar=planar, **kwargs)
 
     monkeypatch.setattr(sums_module, "channel_sums_triton", spy)
-
-    def loss(fn):
-        def f(xs, ws, bs):
-            return sum(jnp.sum(o * c) for o, c in zip(fn(xs, ws, bs), cot))
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(inputs, weights, bias)
-
-    got = loss(lambda xs, ws, bs: kernels.conv_contract(spec, xs, ws, bias=bs, backend="triton", precision="fp32"))
-    want = loss(lambda xs, ws, bs: _plain_bias(
-        spec, kernels.conv_contract(spec.without_bias(), xs, ws, backend="reference", precision="fp32"), bs))
-    flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
-    for g, w in zip(got, want):
-        assert rel_l2(flat(g), flat(w)) <= 1e-5
+    inputs, weights, bias = _triton_gradients_match_the_plain_bias(spec, seed=26)
     # both inputs' means on the kernel, in the layout asked for, once each (the backward's bias
     # sums stay with the Triton weight kernel here: fp32, no CUDA weight gradient)
     assert sorted(seen) == [((2, 36, 1), layout == "planar"), ((2, 36, 2), layout == "planar")], seen
