@@ -35,7 +35,7 @@
 #   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
 #            (run cuda-build first)
 #   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 in each layout (CUDA_NCU_LAYOUTS, default
-#            "minor planar"; run cuda-build first)
+#            "minor planar"), warp stall reasons included; run cuda-build first (or CUDA_PREBUILT=1)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
 #            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
 #            --strip with no value: no forward rows); run cuda-build first
@@ -135,8 +135,12 @@ for stage in ${STAGES:-sweep profile pallas}; do
         GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
           --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
+          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats --print-details all \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
           python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-$layout" --strip 32 --dw-strip > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
-        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Stall Long Scoreboard|Issued Warp" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
+        # (not --set full: it segfaults under the Python process, session 22)
+        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issued Warp" "$OUT/cuda-ncu/ncu-$layout.txt" | head -8
+        grep issue_stalled "$OUT/cuda-ncu/ncu-$layout.txt" | awk '{print $NF, $1}' | sort -rn | head -10  # the top stall reasons
       done ;;
     cuda-dw)
       timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \
