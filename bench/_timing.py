@@ -12,7 +12,8 @@ so neither tracing nor compilation is ever timed; `memory_of` reads its temp byt
 - `warmup` calls, then WARMUP_S of back-to-back calls so a GPU's clocks are up (a median over
   calls at lower clocks read up to 1.4x slow on the H200);
 - rounds filling about `max_time` seconds (at least `min_rounds`, at most `max_rounds`); a case
-  whose first call already took longer than `max_time` runs `min_rounds` rounds without warm-up.
+  whose warm call (or, past WARM_CHECK_BELOW_S, first call) already took longer than `max_time`
+  runs `min_rounds` rounds without warm-up.
 Statistics are per call (round time / calls per round).
 """
 
@@ -167,16 +168,17 @@ def time_compiled(
     call = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
     if first_call_s is None:
         first_call_s = _timed_call(call)
+    # decided on a warm call: a first call also loads modules (jax-triton's PTX, cuDNN's engines);
+    # judged by it, every triton case once ran 1 call per round next to 5 for dense, and 6 ms
+    # steps whose first call passed `max_time` got 3 rounds without warm-up (session 22)
+    warm_s = _timed_call(call) if first_call_s < WARM_CHECK_BELOW_S else first_call_s
     if calls_per_round is None:
-        # decided on a warm call: a first call also loads modules (jax-triton's PTX) and once
-        # left every triton case at 1 call per round next to 5 for dense (bench/NOTES.md)
-        warm_s = _timed_call(call) if first_call_s < WARM_CHECK_BELOW_S else first_call_s
         calls_per_round = QUEUED_CALLS if warm_s < QUEUE_BELOW_S else 1
 
     def run():
         return jax.block_until_ready([compiled(*args) for _ in range(calls_per_round)])
 
-    if first_call_s > max_time:
+    if warm_s > max_time:
         rounds = min_rounds
     else:
         for _ in range(warmup):

@@ -396,3 +396,26 @@ def test_auto_operand_layouts_give_the_row_major_results():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"`operand_layouts` \(='planar'\) must be one of"):
         _timing.compile_for(fn, args, "dense", operand_layouts="planar")
+
+
+def test_a_slow_first_call_does_not_cut_the_warm_up():
+    """A first call that carries one-time work (module loads, autotuning) longer than `max_time`
+    does not decide the rounds: a fast warm call still gets the warm-up and rounds filling
+    `max_time`, queued calls included."""
+    import time as _time
+
+    import numpy as np
+
+    from bench import _timing
+
+    calls = []
+
+    def fake(*args):
+        calls.append(_time.perf_counter())
+        if len(calls) == 1:
+            _time.sleep(0.2)
+        return np.zeros(())
+
+    t = _timing.time_compiled(fake, (), max_time=0.05, min_rounds=3, warmup_s=0.01)
+    assert t.calls_per_round == _timing.QUEUED_CALLS
+    assert t.rounds > 3 and len(calls) > 1 + 1 + t.rounds * t.calls_per_round
