@@ -239,7 +239,7 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
         return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
 
     def hint(nx: int) -> str:
-        if x_windows_enabled() and nx <= max(NX_COVERED) and not narrow_windows_enabled():
+        if x_windows_enabled() and forward_rows_whole(nx):
             return groups_hint(nx) + f"; x windows may fit (turned off for rows of {nx} pixels by {NARROW_WINDOWS_ENV}=0)"
         return groups_hint(nx)
 
@@ -433,14 +433,19 @@ def narrow_windows_enabled() -> bool:
     return env_choice(NARROW_WINDOWS_ENV, ("0", "1"), "1") == "1"
 
 
+def forward_rows_whole(nx: int) -> bool:
+    """Whether the forward keeps rows of nx pixels whole whatever shared memory they need: rows of
+    at most 64 pixels with `narrow_windows_enabled` off."""
+    return nx <= max(NX_COVERED) and not narrow_windows_enabled()
+
+
 def window(spec: ConvSpec, nx: int, smem=None) -> Optional[int]:
     """The x window of rows of nx pixels: the widest choice (`window_choices`) whose layout fits
     SMEM_LIMIT in an allowed channel split (`smem(w)`, if given, instead: another kernel's shared
     memory), else the widest (so the coverage reason names what it needs); None where nx has none.
-    The forward's (`smem` None) rows of at most 64 pixels stay whole where `narrow_windows_enabled`
-    is off."""
+    The forward's (`smem` None) rows stay whole where `forward_rows_whole`."""
     choices = window_choices(nx)
-    if smem is None and nx <= max(NX_COVERED) and not narrow_windows_enabled():
+    if smem is None and forward_rows_whole(nx):
         choices = choices[:1]
     if smem is None:
         fits = lambda w: _groups_at(spec, w) is not None  # noqa: E731
