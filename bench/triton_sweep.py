@@ -65,6 +65,17 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x1x32-w4-r64": dict(tile=(1, 1, 32), num_warps=4, max_registers=64),
     "op-1x64-w4-r80": dict(tile=(1, 64), num_warps=4, max_registers=80),
     "op-1x128-w8-r80": dict(tile=(1, 128), max_registers=80),
+    # D=2 with 32 channels walks each stencil segment as a loop over two channel chunks: unrolled
+    # (ptxas may overlap one chunk's loads with the other's dots) or software-pipelined by Triton
+    # (num_stages > 1: the next chunk's tiles come in by cp.async while this one is used)
+    "op-1x64-w8-unroll": dict(tile=(1, 64), unroll_chunks=True),
+    "op-1x64-w4-unroll": dict(tile=(1, 64), num_warps=4, unroll_chunks=True),
+    "op-1x64-w8-s2": dict(tile=(1, 64), num_stages=2),
+    "op-1x64-w8-s3": dict(tile=(1, 64), num_stages=3),
+    "op-1x64-w4-s2": dict(tile=(1, 64), num_warps=4, num_stages=2),
+    "op-1x128-w8-s2": dict(tile=(1, 128), num_stages=2),
+    "op-1x32-w4-s2": dict(tile=(1, 32), num_warps=4, num_stages=2),
+    "op-1x32-w4-unroll": dict(tile=(1, 32), num_warps=4, unroll_chunks=True),
 }
 REGISTERS = [label for label in SWEEP if "-r" in label and label.count("x") == 2] + ["op-1x1x32-w4"]
 # weight-gradient tilings: (warps, tile along the last axis, units, register cap)
@@ -137,7 +148,9 @@ def main():
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--variants", default="", help="comma-separated SWEEP labels (default: all for sweep)")
     ap.add_argument("--tiny", action="store_true", help="N=6, B=1: a dry run on the interpreter")
-    ap.add_argument("--configs", default="", help="preset layers: comma-separated bench config names")
+    ap.add_argument("--configs", default="", help="comma-separated config names (preset layers: bench configs; "
+                    "preset final: of CONFIGS, default all)")
+    ap.add_argument("--variants-bwd", action="store_true", help="preset final: each variant's fwd_bwd too")
     ap.add_argument("--layouts", default="planar,interleaved", help="preset layers: BlockSizes.layout variants on the first config")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -180,7 +193,8 @@ def main():
         layers_preset(args, run_case)
         return summary(rows, meta)
     backward = args.preset == "backward"  # the fused backward's tilings only
-    configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else list(CONFIGS)
+    configs = ["d3_n64_b4_c16"] if args.preset in ("sweep", "backward") else (
+        [c for c in args.configs.split(",") if c] or list(CONFIGS))
     for config in configs:
         labels = [v for v in args.variants.split(",") if v] or (
             [v for v in SWEEP if v.count("x") == 2] if args.preset == "sweep" else [] if backward else FINAL[config]
@@ -209,6 +223,8 @@ def main():
         for name in ("triton",) if backward else ("reference", "dense", "triton"):
             run_case(config, f"{name}-fwd_bwd", fwd_bwd(lambda x, w, n=name: kernels.conv_contract(spec, x, w, backend=n)), (xs, ws), None, extra)
         bwd_variants = {} if backward else {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
+        if args.variants_bwd:
+            bwd_variants.update({f"{label}-fwd_bwd": dict(block_sizes=BlockSizes(**SWEEP[label])) for label in labels})
         if config == "d3_n64_b4_c16":
             bwd_variants.update({
                 f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(block_sizes=dw_blocks(D, w, t, u))

@@ -7,6 +7,7 @@ a non-finite value; every comparison checks that all outputs are finite first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -160,6 +161,11 @@ def test_many_tiles_chunks_and_masks():
     for orientation, pixels_first in (("po", False), ("op", True), ("po", True)):
         other = BlockSizes(tile=(8, 16), block_o=16, orientation=orientation, pixels_first=pixels_first)
         check_close(conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=other), want, "fp32")
+    # the chunks unrolled: the same walk as straight-line code, ragged tail included
+    unrolled = dataclasses.replace(blocks, unroll_chunks=True)
+    source = _kernel.plan_kernel(spec, _kernel.Geometry((7, 9), (False, False), (False,) * 4), "fp32", unrolled).source
+    assert "for ch in tl.static_range(2):" in source and "for ch in range(" not in source
+    check_close(conv_contract_triton(spec, xs, ws, precision="fp32", block_sizes=unrolled), want, "fp32")
 
 
 def test_bf16_operands_and_float64_fallback():

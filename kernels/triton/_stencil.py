@@ -274,7 +274,8 @@ class _Layer:
                 src(f"# input {a}, taps {[self.tap_coords(y) for y in seg]}")
                 looping = chunk_loop and self.n_chunks > 1
                 if looping:
-                    src(f"for ch in range({self.n_chunks}):")
+                    loop = "tl.static_range" if self.blocks.unroll_chunks else "range"
+                    src(f"for ch in {loop}({self.n_chunks}):")
                     src.depth += 1
                 src(f"cc = ch * {BC} + cr" if self.n_chunks > 1 else "cc = cr")
                 coff = "cc.to(tl.int64)" if wide else "cc"

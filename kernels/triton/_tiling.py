@@ -48,6 +48,10 @@ class BlockSizes:
             results in the native order; "interleaved": the native (*spatial, *tensor) order
             everywhere (stride-D^k component loads). See bench/NOTES.md for the trade-off at a
             jit boundary that hands over row-major arrays (XLA relayouts them).
+        unroll_chunks: walk the input-channel chunks of each stencil segment in unrolled code
+            (`tl.static_range`) instead of a loop, so that ptxas may issue the next chunk's loads
+            while the current chunk's dots run (more registers; layers with more than `block_c`
+            input channels only).
         dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
             pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
@@ -70,6 +74,7 @@ class BlockSizes:
     max_registers: Optional[int] = None
     dw_max_registers: Optional[int] = None
     layout: str = "planar"
+    unroll_chunks: bool = False
 
     @property
     def planar_in(self) -> bool:
