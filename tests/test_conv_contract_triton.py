@@ -411,14 +411,14 @@ def triton_calls_lowered_for_cuda(monkeypatch, f, *args) -> list[str]:
 def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
     """The GPU path's custom call (lowered for CUDA here with jaxlib's kernel objects faked):
     one `triton_kernel_call` whose operand and result layouts put the vector block's component
-    axis ahead of its spatial axes, and row-major weights."""
+    axis ahead of its spatial axes, and weights output-channel minor (filters major)."""
     spec = make_layer(2, 3, [("s", 2), ("v", 1)], [("v", 2)])
     xs, ws = operands(spec, 6, seed=3)
     f = lambda xs, ws: _launch.launch(spec, "tf32", BlockSizes(), [x[None] for x in xs], [w[None] for w in ws])
     calls = triton_calls_lowered_for_cuda(monkeypatch, f, xs, ws)
     hlo = "\n".join(calls)
     assert len(calls) == 1, hlo
-    scalar, vector, weight = "dense<[3, 2, 1, 0]>", "dense<[3, 2, 4, 1, 0]>", "dense<[3, 2, 1, 0]>"
+    scalar, vector, weight = "dense<[3, 2, 1, 0]>", "dense<[3, 2, 4, 1, 0]>", "dense<[1, 2, 3, 0]>"
     weights = ", ".join(f"{weight} : tensor<4xindex>" for _ in ws)
     layouts = f"operand_layouts = [{scalar} : tensor<4xindex>, {vector} : tensor<5xindex>, {weights}]"
     assert layouts in calls[0], calls[0]

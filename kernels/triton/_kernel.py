@@ -107,9 +107,11 @@ def plan_kernel(
         wname = f"wt{tm.pair}_{tm.f}"
         if (tm.pair, tm.f, L.segment) not in loaded_w:  # once per segment (and chunk)
             loaded_w.add((tm.pair, tm.f, L.segment))
-            F = pair.basis.n_filters
-            ob_off = f"(o{b} * {c_a * F})"
-            cc_off = f"(cc * {F} + {tm.f})"
+            # w[o, c, f] lies output-channel minor (`launch` asks for WEIGHT_ORDER): a warp's lanes
+            # along o read one 128-byte line, where the row-major (o, c, f) put every lane in its own
+            n_out = spec.out_keys[b][2]
+            ob_off = f"o{b}"
+            cc_off = f"(cc * {n_out} + {tm.f * c_a * n_out})"
             wmask = f"o{b}_ok[:, None]" if op else f"o{b}_ok[None, :]"
             if c_mask:
                 wmask += " & c_ok[None, :]" if op else " & c_ok[:, None]"

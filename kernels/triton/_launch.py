@@ -105,13 +105,20 @@ def launch(
     for b in carried:
         if tuple(priors[b].shape) != shapes[b].shape:
             raise ValueError(f"`priors[{b}]` has shape {tuple(priors[b].shape)}; output key {b} is {shapes[b].shape}")
-    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [None] * (len(ws) + len(present))
+    in_orders = [block_order(spec.D, x.ndim, blocks.planar_in) for x in xs] + [WEIGHT_ORDER] * len(ws)
+    in_orders += [None] * len(present)
     out_orders = [block_order(spec.D, len(s.shape), blocks.planar_out) for s in shapes]
     in_orders += [out_orders[b] for b in carried]
     args = list(xs) + list(ws) + present + [priors[b].astype(jnp.float32) for b in carried]
     first_prior = len(args) - len(carried)
     return run_plan(plan, shapes, grid, args, poison, in_orders, out_orders,
                     carried=tuple((first_prior + n, b) for n, b in enumerate(carried)))
+
+
+# The forward's weights, logical (1 or B, o, c, n_filters), lie filter-major and output-channel
+# minor in memory: the kernel's (out channels x in channels) tile of one filter then has 32
+# consecutive output channels under each warp load. XLA transposes the small weight arrays.
+WEIGHT_ORDER = (0, 3, 2, 1)
 
 
 def block_order(D: int, ndim: int, planar: bool) -> Optional[tuple[int, ...]]:
