@@ -76,6 +76,11 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x128-w8-s2": dict(tile=(1, 128), num_stages=2),
     "op-1x32-w4-s2": dict(tile=(1, 32), num_warps=4, num_stages=2),
     "op-1x32-w4-unroll": dict(tile=(1, 32), num_warps=4, unroll_chunks=True),
+    "op-1x64-w2": dict(tile=(1, 64), num_warps=2),
+    "op-1x32-w2": dict(tile=(1, 32), num_warps=2),
+    "op-1x128-w4": dict(tile=(1, 128), num_warps=4),
+    "op-2x64-w4": dict(tile=(2, 64), num_warps=4),
+    "op-1x64-w4-o16": dict(tile=(1, 64), num_warps=4, block_o=16),
 }
 REGISTERS = [label for label in SWEEP if "-r" in label and label.count("x") == 2] + ["op-1x1x32-w4"]
 # weight-gradient tilings: (warps, tile along the last axis, units, register cap)
@@ -130,9 +135,12 @@ def value_and_grad_of(fwd, run, cots):
     return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def dw_blocks(D, warps, tile, units, cap=None):
-    """The weight-gradient kernel's tiling: warps, pixels along the last axis, units, register cap."""
-    return BlockSizes(dw_num_warps=warps, dw_tile=(1,) * (D - 1) + (tile,), dw_units=units, dw_max_registers=cap)
+def dw_blocks(D, warps, tile, units, cap=None, spec=None, spatial=None):
+    """The weight-gradient kernel's tiling: warps, pixels along the last axis, units, register cap;
+    the forward's as `BlockSizes.for_layer(spec, spatial)` picks it (given both), else the default."""
+    base = BlockSizes() if spec is None else BlockSizes.for_layer(spec, spatial)
+    return dataclasses.replace(base, dw_num_warps=warps, dw_tile=(1,) * (D - 1) + (tile,), dw_units=units,
+                               dw_max_registers=cap)
 
 
 def rel(a, b):
@@ -151,6 +159,7 @@ def main():
     ap.add_argument("--configs", default="", help="comma-separated config names (preset layers: bench configs; "
                     "preset final: of CONFIGS, default all)")
     ap.add_argument("--variants-bwd", action="store_true", help="preset final: each variant's fwd_bwd too")
+    ap.add_argument("--dw-variants", action="store_true", help="preset final: the weight kernel's tilings on every config")
     ap.add_argument("--layouts", default="planar,interleaved", help="preset layers: BlockSizes.layout variants on the first config")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -225,9 +234,9 @@ def main():
         bwd_variants = {} if backward else {"triton-dense_bwd-fwd_bwd": dict(backward="dense")}
         if args.variants_bwd:
             bwd_variants.update({f"{label}-fwd_bwd": dict(block_sizes=BlockSizes(**SWEEP[label])) for label in labels})
-        if config == "d3_n64_b4_c16":
+        if config == "d3_n64_b4_c16" or args.dw_variants:
             bwd_variants.update({
-                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(block_sizes=dw_blocks(D, w, t, u))
+                f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(block_sizes=dw_blocks(D, w, t, u, spec=spec, spatial=(N,) * D))
                 for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)))
             })
         for label, kw in bwd_variants.items():

@@ -14,6 +14,8 @@ from .._spec import ConvSpec
 # warps of the weight-gradient kernel the automatic split aims for: two waves of 16 warps per
 # H200 SM (its programs have few warps each, so the count of programs follows their size)
 DW_WARPS = 132 * 16 * 2
+# warps of a D=2 forward program (bench/NOTES.md, "Session 23": the H200 sweep)
+D2_WARPS = 4
 # Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
 MAX_NONZEROS = 6000
 
@@ -97,10 +99,12 @@ class BlockSizes:
         """The tiling used when none is given.
 
         On the interpreter one program covers up to 512 output pixels: every program is a Python
-        loop over numpy ops, so fewer, larger programs are much faster there.
+        loop over numpy ops, so fewer, larger programs are much faster there. On a GPU, D=2 layers
+        run 4 warps a program (4 CTAs an SM instead of 2, the same 16 warps): 1.10 against 1.31 ms
+        on d2_n256_b16_c32 (bench/NOTES.md, "Session 23").
         """
         if not interpreting():
-            return cls()
+            return cls(num_warps=D2_WARPS) if spec.D == 2 else cls()
         tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
         for ax in range(len(tile)):
             while math.prod(tile) > 512 and tile[ax] > 1:
