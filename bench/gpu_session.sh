@@ -135,12 +135,11 @@ for stage in ${STAGES:-sweep profile pallas}; do
         GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
           --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
-          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats --print-details all \
-          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
           python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-$layout" --strip 32 --dw-strip > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
-        # (not --set full: it segfaults under the Python process, session 22)
-        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issued Warp" "$OUT/cuda-ncu/ncu-$layout.txt" | head -8
-        grep issue_stalled "$OUT/cuda-ncu/ncu-$layout.txt" | awk '{print $NF, $1}' | sort -rn | head -10  # the top stall reasons
+        # (not --set full, --print-details all or regex stall metrics: each segfaulted ncu under the
+        # Python process, sessions 22 and 23; WarpStateStats' advice names the top stall reason)
+        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issued Warp|stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
       done ;;
     cuda-dw)
       timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \
