@@ -426,6 +426,20 @@ def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
     assert zlib.decompress(_backend_config(calls[0])).startswith(b"('K', 'conv_contract_fwd_"), calls[0]
 
 
+def test_gpu_default_tiling_per_dimension(monkeypatch):
+    """On a GPU (the interpreter's large tiles patched away) D=3 layers get 8-warp programs and D=2
+    layers 4-warp ones (bench/NOTES.md, "Session 23": 1.10 against 1.31 ms on d2_n256_b16_c32),
+    both over 64 pixels of a row."""
+    from kernels.triton import _tiling
+
+    monkeypatch.setattr(_tiling, "interpreting", lambda: False)
+    d3 = BlockSizes.for_layer(make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)]), (64,) * 3)
+    d2 = BlockSizes.for_layer(make_layer(2, 3, [("s", 32), ("v", 32)], [("s", 32), ("v", 32)]), (256,) * 2)
+    assert (d3.num_warps, d3.resolved_tile(3)) == (8, (1, 1, 64))
+    assert (d2.num_warps, d2.resolved_tile(2)) == (_tiling.D2_WARPS, (1, 64)) and _tiling.D2_WARPS == 4
+    assert not d2.unroll_chunks and d2.num_stages == 1
+
+
 def _backend_config(line: str) -> bytes:
     """The backend_config bytes of a custom call in StableHLO text: MLIR prints a backslash as
     two backslashes, other non-printable bytes (and the quote) as a backslash and two hex digits."""
