@@ -108,7 +108,7 @@ def plan_kernel(
         if (tm.pair, tm.f, L.segment) not in loaded_w:  # once per segment (and chunk)
             loaded_w.add((tm.pair, tm.f, L.segment))
             # w[o, c, f] lies output-channel minor (`launch` asks for WEIGHT_ORDER): a warp's lanes
-            # along o read one 128-byte line, where the row-major (o, c, f) put every lane in its own
+            # along o read one 128-byte line (row-major (o, c, f) would give each lane its own line)
             n_out = spec.out_keys[b][2]
             ob_off = f"o{b}"
             cc_off = f"(cc * {n_out} + {tm.f * c_a * n_out})"

@@ -53,7 +53,8 @@ class BlockSizes:
         unroll_chunks: walk the input-channel chunks of each stencil segment in unrolled code
             (`tl.static_range`) instead of a loop, so that ptxas may issue the next chunk's loads
             while the current chunk's dots run (more registers; layers with more than `block_c`
-            input channels only).
+            input channels only). Slower than the loop on the H200's D=2 layer (bench/NOTES.md,
+            "Session 23"): kept for sweeps.
         dw_tile, dw_num_warps, dw_units: the weight-gradient kernel's pixel tile (None: 32
             pixels along the last axis), warps and (pair, filter) accumulators per kernel. Its
             dots are (out channels x pixels) @ (pixels x in channels): with 16 x 16 results
@@ -100,8 +101,8 @@ class BlockSizes:
 
         On the interpreter one program covers up to 512 output pixels: every program is a Python
         loop over numpy ops, so fewer, larger programs are much faster there. On a GPU, D=2 layers
-        run 4 warps a program (4 CTAs an SM instead of 2, the same 16 warps): 1.10 against 1.31 ms
-        on d2_n256_b16_c32 (bench/NOTES.md, "Session 23").
+        run 4-warp programs, measured faster than 8-warp ones on the H200 (1.10 against 1.31 ms
+        on d2_n256_b16_c32; bench/NOTES.md, "Session 23").
         """
         if not interpreting():
             return cls(num_warps=D2_WARPS) if spec.D == 2 else cls()
