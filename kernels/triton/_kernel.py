@@ -219,7 +219,9 @@ def plan_weight_grad_kernel(
     for t, f in units:
         src(f"dw{t}_{f} = tl.zeros(({L.BO[spec.pairs[t].out_index]}, {L.BC}), tl.float32)")
     for b, j in summed:
-        src(f"gs{b}_{j} = tl.zeros(({L.BO[b]},), tl.float32)")
+        # summed over the pixels once, after the loop: a per-iteration tl.sum across the lanes
+        # (5 shuffles and adds per register) nearly doubled the kernel's instructions
+        src(f"gs{b}_{j} = tl.zeros(({L.BO[b]}, {L.BP}), tl.float32)")
     for b, (k_b, _, o) in enumerate(spec.out_keys):
         block = o * L.nout * L.dk_out[b]
         src(f"g{b}b = g{b} + bat * {block}" if geometry.y_batched[b] else f"g{b}b = g{b}")
@@ -239,7 +241,7 @@ def plan_weight_grad_kernel(
         load = f"tl.load({ptr}, mask={mask}, other=0.0).to(tl.float32)"
         if (b, j) in summed:  # the sum in fp32, before any rounding for the dot
             src(f"graw{b}_{j} = {load}")
-            src(f"gs{b}_{j} += tl.sum(graw{b}_{j}, axis=1)")
+            src(f"gs{b}_{j} += graw{b}_{j}")
             load = f"graw{b}_{j}"
         if (b, j) in used:
             src(f"gt{b}_{j} = {L.dot_operand(load)}")
@@ -262,7 +264,7 @@ def plan_weight_grad_kernel(
         src(f"tl.store({ptr}, dw{t}_{f}, mask=o{b}_ok[:, None] & (cc < {c_a})[None, :])")
     for b, j in summed:
         # (o * 0 + ch): a tile-shaped test, as Triton's interpreter wants masks of the store's shape
-        src(f"tl.store(pb + {offsets[('sum', b, j)]} + o{b}, gs{b}_{j}, mask=o{b}_ok & ((o{b} * 0 + ch) == 0))")
+        src(f"tl.store(pb + {offsets[('sum', b, j)]} + o{b}, tl.sum(gs{b}_{j}, axis=1), mask=o{b}_ok & ((o{b} * 0 + ch) == 0))")
     programs = L.n_otiles * L.n_chunks * groups
     return _finish(L, src, name, xs + gs + ["part"], programs)
 
