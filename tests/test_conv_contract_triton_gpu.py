@@ -25,6 +25,7 @@ triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
 from test_conv_contract_triton import make_layer, operands  # noqa: E402
 from test_conv_contract_triton import test_nan_and_inf_propagate  # noqa: E402,F401  (re-run here on the GPU)
+from test_conv_contract_triton_backward import test_weight_kernels_also_sum_the_cotangents_over_pixels  # noqa: E402,F401
 
 if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip(f"needs the GPU path: {triton_backend.availability()[1]}", allow_module_level=True)
@@ -247,3 +248,30 @@ def test_backward_is_deterministic():
     for _ in range(2):
         again = [np.asarray(g) for g in jax.tree_util.tree_leaves(fn(xs, ws))]
         assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("D, n, ins, outs", [
+    (2, 77, [("s", 32), ("v", 32)], [("s", 32), ("v", 32)]),
+    (3, 21, [("s", 5), ("t", 3)], [("v", 17), ("t", 2)]),
+], ids=["d2-c32", "d3-tensor"])
+def test_weight_kernel_bias_sums_on_gpu_tilings(D, n, ins, outs):
+    """The weight kernels' bias sums with the GPU's own tiling and pixel shares (many loop
+    iterations a program, the lanes' partial sums crossed once after the loop), in fp32 against
+    float64 sums, twice bit-identically."""
+    from kernels.triton import _backward
+
+    spec = make_layer(D, 3, ins, outs)
+    xs, _ = operands(spec, n, seed=D + n, batch=2)
+    rng = np.random.default_rng(n)
+    gs = [jnp.asarray(rng.standard_normal((2, o) + (n,) * D + (D,) * k), jnp.float32) for k, _, o in spec.out_keys]
+    sums = tuple(range(len(spec.out_keys)))
+    run = jax.jit(lambda xs, gs: _backward.weight_grad_launch(spec, "tf32", BlockSizes.for_layer(spec, (n,) * D), xs, gs,
+                                                              sums=sums))
+    got = run(xs, gs)
+    again = run(xs, gs)
+    for s, b in zip(got[len(spec.pairs):], sums):
+        want = np.asarray(gs[b], np.float64).sum(axis=tuple(range(2, 2 + D)))
+        assert s.shape == want.shape
+        assert rel_l2(s, want) <= 1e-6, (b, rel_l2(s, want))
+    for a, b in zip(got, again):
+        assert bool(jnp.array_equal(a, b))
