@@ -91,10 +91,16 @@ def means_shortcut_exact(spec: ConvSpec) -> bool:
     return True
 
 
+def takes_input_means(spec: ConvSpec) -> bool:
+    """Whether the layer's offsets need its inputs' spatial means: a "mean" bias block that takes
+    the shortcut (`means_shortcut_exact`)."""
+    return "mean" in spec.bias_modes and means_shortcut_exact(spec)
+
+
 def input_means(spec: ConvSpec, inputs: Sequence[jax.Array]) -> Optional[tuple]:
     """Per input key its spatial mean (c, *(D,)*k) in the compute dtype (at least float32), where
-    a "mean" bias block takes the shortcut (`means_shortcut_exact`); else None."""
-    if "mean" not in spec.bias_modes or not means_shortcut_exact(spec):
+    `takes_input_means`; else None."""
+    if not takes_input_means(spec):
         return None
     dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
     return tuple(spatial_mean(x.astype(dtype), spec.D) for x in inputs)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._bias import bias_offsets, check_bias, input_means, means_shortcut_exact, offsets_from_means
+from .._bias import bias_offsets, check_bias, input_means, offsets_from_means, takes_input_means
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
@@ -169,7 +169,8 @@ def input_means_impl() -> str:
     """How a "mean" bias takes its inputs' spatial means where the CUDA forward runs the layer:
     $GINJAX_INPUT_MEANS, "xla" (the default: `middle_sum`, two XLA reductions a block) or "triton"
     (the per-channel sums kernel, reading the blocks in the CUDA kernels' layout, as the backward's
-    bias sums do). Predicted ~0.5 ms off a DilResNet step, not yet timed (bench/NOTES.md, "Session 22")."""
+    bias sums do). Opt-in: timed in session 23 at -0.2 ms a ResNet step and within the noise of a
+    DilResNet one (bench/NOTES.md, "Session 23")."""
     return env_choice(INPUT_MEANS_ENV, INPUT_MEANS_IMPLS, "xla")
 
 
@@ -179,7 +180,7 @@ def _input_means(spec, mode, poison, bias_spec, inputs):
     in that layout); the same sums either way (the layout only decides where XLA transposes)."""
     if input_means_impl() != "triton" or _cuda_forward_plan(spec, mode, poison, inputs) is None:
         return input_means(bias_spec, inputs)
-    if "mean" not in bias_spec.bias_modes or not means_shortcut_exact(bias_spec):
+    if not takes_input_means(bias_spec):
         return None
     from ..cuda.conv_contract import layout as cuda_layout
 
