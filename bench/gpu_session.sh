@@ -9,7 +9,8 @@
 #            reference on every standard layer; backward: the weight kernel's tilings only; registers:
 #            register caps on the forward, the input-gradient and the weight-gradient kernels)
 #   profile  Nsight Compute on triton launches of d3_n64_b4_c16 (PROFILE_ARGS=--bwd: the backward's too;
-#            PROFILE_SKIP launches skipped, PROFILE_COUNT profiled)
+#            PROFILE_SKIP launches skipped, PROFILE_COUNT profiled;
+#            PROFILE_KERNEL: the kernel-name regex, default conv_contract, e.g. conv_contract_dw)
 #   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
 #            triton file alone needs more than 170 s with the backward tests)
@@ -81,7 +82,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_SWEEP:-240}" python3 bench/triton_sweep.py --out "$OUT/sweep" --preset "${PRESET:-final}" \
         --budget "$(( ${T_SWEEP:-240} - 25 ))" ${SWEEP_ARGS:-} > "$OUT/sweep/log.txt" 2>&1 ;;
     profile)
-      timeout "${T_PROFILE:-120}" ncu --clock-control none --kernel-name regex:conv_contract --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-1}" \
+      timeout "${T_PROFILE:-120}" ncu --clock-control none --kernel-name "regex:${PROFILE_KERNEL:-conv_contract}" --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-1}" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
         --section InstructionStats python3 bench/triton_profile.py ${PROFILE_ARGS:-} > "$OUT/profile/ncu.txt" 2>&1 ;;
