@@ -141,6 +141,16 @@ for stage in ${STAGES:-sweep profile pallas}; do
         # (not --set full, --print-details all or regex stall metrics: each segfaulted ncu under the
         # Python process, sessions 22 and 23; WarpStateStats' advice names the top stall reason)
         grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issued Warp|stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
+        # the stall reasons by name (plain metric names, no regex, no --print-details): a separate
+        # run, so that a crash here leaves the sections above
+        [ "${CUDA_NCU_STALLS:-1}" = 1 ] && GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none \
+          --kernel-name regex:forward_kernel --launch-skip 2 --launch-count 1 --metrics "$(printf \
+          'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' short_scoreboard long_scoreboard mio_throttle \
+          barrier math_pipe_throttle wait not_selected selected dispatch_stall lg_throttle no_instruction \
+          branch_resolving membar tex_throttle drain imc_miss misc | sed 's/,$//')" \
+          python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-stalls-$layout" --strip 32 --dw-strip \
+          > "$OUT/cuda-ncu/ncu-stalls-$layout.txt" 2>&1
+        grep -E "stalled" "$OUT/cuda-ncu/ncu-stalls-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
     cuda-dw)
       timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \

@@ -81,6 +81,10 @@ SWEEP = {  # label: BlockSizes kwargs (the default is tile 1 x 1 x 64 / 1 x 64, 
     "op-1x128-w4": dict(tile=(1, 128), num_warps=4),
     "op-2x64-w4": dict(tile=(2, 64), num_warps=4),
     "op-1x64-w4-o16": dict(tile=(1, 64), num_warps=4, block_o=16),
+    # D=2 at 4 warps holds 168 registers: 3 programs an SM (12 warps); caps for 4 and 5
+    "op-1x64-w4-r128": dict(tile=(1, 64), num_warps=4, max_registers=128),
+    "op-1x64-w4-r96": dict(tile=(1, 64), num_warps=4, max_registers=96),
+    "op-1x32-w4-r128": dict(tile=(1, 32), num_warps=4, max_registers=128),
 }
 REGISTERS = [label for label in SWEEP if "-r" in label and label.count("x") == 2] + ["op-1x1x32-w4"]
 # weight-gradient tilings: (warps, tile along the last axis, units, register cap)
