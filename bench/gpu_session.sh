@@ -10,7 +10,8 @@
 #            register caps on the forward, the input-gradient and the weight-gradient kernels)
 #   profile  Nsight Compute on triton launches of d3_n64_b4_c16 (PROFILE_ARGS=--bwd: the backward's too;
 #            PROFILE_SKIP launches skipped, PROFILE_COUNT profiled;
-#            PROFILE_KERNEL: the kernel-name regex, default conv_contract, e.g. conv_contract_dw)
+#            PROFILE_KERNEL: the kernel-name regex, default conv_contract, e.g. conv_contract_dw or
+#            forward_kernel, the CUDA forward; PROFILE_STALLS=1: the warp stall reasons too)
 #   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
 #            triton file alone needs more than 170 s with the backward tests)
@@ -74,6 +75,10 @@ build_cuda() {  # the opt-in CUDA library in place, for this and the later stage
   grep -E "registers|spill|error" "$1" | tail -20
   return $rc
 }
+# warp stall reasons by plain metric name (a regex or --print-details all segfaulted ncu, sessions 22-23)
+STALL_METRICS="$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' short_scoreboard \
+  long_scoreboard mio_throttle barrier math_pipe_throttle wait not_selected selected dispatch_stall lg_throttle \
+  no_instruction branch_resolving membar tex_throttle drain imc_miss misc | sed 's/,$//')"
 for stage in ${STAGES:-sweep profile pallas}; do
   rm -rf "${OUT:?}/$stage" && mkdir -p "$OUT/$stage"  # a warm machine may keep an earlier run's files
   t0=$(date +%s)
@@ -85,7 +90,10 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_PROFILE:-120}" ncu --clock-control none --kernel-name "regex:${PROFILE_KERNEL:-conv_contract}" --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-1}" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-        --section InstructionStats python3 bench/triton_profile.py ${PROFILE_ARGS:-} > "$OUT/profile/ncu.txt" 2>&1 ;;
+        --section InstructionStats ${PROFILE_STALLS:+--metrics "$STALL_METRICS"} python3 bench/triton_profile.py ${PROFILE_ARGS:-} \
+        > "$OUT/profile/ncu.txt" 2>&1
+      rc=$?; grep -E "Duration|Issue Slots Busy|L1/TEX Cache Throughput|Registers Per" "$OUT/profile/ncu.txt"
+      grep -E "stalled" "$OUT/profile/ncu.txt" | sort -k3 -n -r | head -18; (exit $rc) ;;
     pallas)
       OUT="$OUT/pallas" SKIP_TESTS=1 PALLAS_CHECK_TIMEOUT_S="${T_PALLAS:-150}" PALLAS_CHECK_BUDGET_S="$(( ${T_PALLAS:-150} - 30 ))" \
         bash bench/pallas_gpu_check.sh > "$OUT/pallas/log.txt" 2>&1 ;;
@@ -144,10 +152,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
         # the stall reasons by name (plain metric names, no regex, no --print-details): a separate
         # run, so that a crash here leaves the sections above
         [ "${CUDA_NCU_STALLS:-1}" = 1 ] && GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none \
-          --kernel-name regex:forward_kernel --launch-skip 2 --launch-count 1 --metrics "$(printf \
-          'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' short_scoreboard long_scoreboard mio_throttle \
-          barrier math_pipe_throttle wait not_selected selected dispatch_stall lg_throttle no_instruction \
-          branch_resolving membar tex_throttle drain imc_miss misc | sed 's/,$//')" \
+          --kernel-name regex:forward_kernel --launch-skip 2 --launch-count 1 --metrics "$STALL_METRICS" \
           python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-stalls-$layout" --strip 32 --dw-strip \
           > "$OUT/cuda-ncu/ncu-stalls-$layout.txt" 2>&1
         grep -E "stalled" "$OUT/cuda-ncu/ncu-stalls-$layout.txt" | sort -k3 -n -r | head -18
