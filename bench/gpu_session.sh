@@ -38,6 +38,8 @@
 #            (run cuda-build first)
 #   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 in each layout (CUDA_NCU_LAYOUTS, default
 #            "minor planar"), warp stall reasons included; run cuda-build first (or CUDA_PREBUILT=1)
+#   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
+#            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
 #            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
 #            --strip with no value: no forward rows); run cuda-build first
@@ -157,6 +159,12 @@ for stage in ${STAGES:-sweep profile pallas}; do
           > "$OUT/cuda-ncu/ncu-stalls-$layout.txt" 2>&1
         grep -E "stalled" "$OUT/cuda-ncu/ncu-stalls-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
+    cuda-ab)  # two builds of the CUDA library in alternation (bench/library_ab.py): carry the baseline as
+      # kernels/cuda/_ginjax_cuda_base.so beside the new kernels/cuda/_ginjax_cuda.so
+      timeout "${T_CUDA_AB:-300}" python3 -u -m bench.library_ab "$OUT/cuda-ab" --a kernels/cuda/_ginjax_cuda_base.so \
+        --b kernels/cuda/_ginjax_cuda.so --rounds "${AB_ROUNDS:-3}" -- ${AB_ARGS:---configs d3_n64_b4_c16 --backends triton --modes fwd,fwd_bwd} \
+        > "$OUT/cuda-ab/log.txt" 2>&1
+      rc=$?; tail -8 "$OUT/cuda-ab/log.txt"; (exit $rc) ;;
     cuda-dw)
       timeout "${T_CUDA_DW:-300}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_conv_contract_cuda_dw_gpu.py \
         > "$OUT/cuda-dw/tests.log" 2>&1

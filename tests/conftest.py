@@ -375,16 +375,21 @@ def rng():
     return np.random.default_rng(20261121)
 
 
-def assert_memcheck_clean(code: str, timeout: int = 400) -> None:
+def assert_memcheck_clean(code: str, timeout: int = 400, tool: str = "memcheck") -> None:
     """Run `code` (a Python script that prints "done" at its end) under compute-sanitizer's
-    memcheck with this test run's sys.path; fail on any error it reports or a script failure."""
+    `tool` (memcheck, racecheck, synccheck) with this test run's sys.path; fail on any error it
+    reports or a script failure."""
     import subprocess
     import sys
 
+    if tool not in ("memcheck", "racecheck", "synccheck", "initcheck"):
+        raise ValueError(f"`tool` (={tool!r}) must be one of compute-sanitizer's memcheck, racecheck, synccheck, initcheck")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", code],
+        ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", code],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
     assert out.returncode == 0 and "done" in out.stdout, (out.stdout[-3000:], out.stderr[-3000:])
-    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
+    # racecheck sums up hazards, not errors
+    summary = "RACECHECK SUMMARY: 0 hazards" if tool == "racecheck" else "ERROR SUMMARY: 0 errors"
+    assert summary in out.stdout + out.stderr, (out.stdout[-3000:], out.stderr[-3000:])

@@ -391,3 +391,38 @@ def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
     assert _plan.coverage(spec, spatial, np.float32)[0] and _plan.layout(spec, spatial[2]).windows > 1
     _check(spatial, batch, seed=70 + spatial[2], blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
            spec=spec)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_forward_under_compute_sanitizer(tool):
+    """The forward's ring under compute-sanitizer (both layouts, the fixture): strips of several
+    rows (the y ring slides, each MID leaving the other block's copy in flight), two chunk rounds
+    a phase (32 + 32 channels at x 16: the scalar phase waits for its slice before the MID), two
+    channel groups (32 + 32 at x 64), a dilated strip; memcheck, racecheck on shared memory and
+    synccheck on the barriers."""
+    import shutil
+    import textwrap
+
+    from conftest import assert_memcheck_clean
+
+    if shutil.which("compute-sanitizer") is None:
+        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        import jax
+        from bench import _cases
+        from _conv_cuda_emulate import standard_spec
+        from kernels import cuda
+        for c, d, spatial, strip in ((16, 1, (2, 5, 16), 5), (32, 1, (2, 5, 16), 3), (32, 1, (1, 4, 64), 4),
+                                     (16, 2, (2, 6, 16), 3)):
+            spec = standard_spec(c, 16, d)
+            xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=61)
+            blocks = cuda.BlockSizes(strip_rows=strip)
+            run = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks)))
+            jax.block_until_ready(run(xs))
+        print("done")
+        """
+    )
+    assert_memcheck_clean(code, timeout=500, tool=tool)
