@@ -165,17 +165,9 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 }
 
 // MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
-// Each MID first waits for its own block's slice y + D, which the rows after it read. The copy
-// groups go out in the order vector y + 2D (vector MID), scalar y + 2D (scalar MID), so either
-// MID may leave the youngest group, the other block's copy, in flight: the scalar copy lands
-// during the next vector phase instead of stalling its MID (ncu at b1002ce: 0.34 cycles of long
-// scoreboard an instruction). The first row's vector MID also waits for the prologue's scalar slices.
 #define GJ_MID()                                                              \
   if (last) {                                                                 \
-    if (kKey == GJ_V_KEY && j == j0)                                          \
-      cp_async_wait<0>();                                                     \
-    else                                                                      \
-      cp_async_wait<1>();                                                     \
+    if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
     if (more) load_slice<NX, kKey, kPlanar, D, kWin>(p, next, b, grp, y_next, zz, x0); \
     cp_async_commit();                                                        \
@@ -190,13 +182,9 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
     constexpr int kM = RowLayout<NX, kKey, D>::kM, kP = RowLayout<NX, kKey, D>::kPitch;         \
     constexpr int kXs = D * kM; /* floats between a row read's four x */                        \
     const int n_chunks = p.cg[kKey] / kChunk;                                                   \
-    /* more than one chunk round: the first reads slice y + D before the MID's wait (the      \
-       scalar phase: every group but the vector copy of this row's MID) */                      \
-    if (n_chunks > 2) {                                                                         \
-      if (kKey == GJ_V_KEY)                                                                     \
-        cp_async_wait<0>();                                                                     \
-      else                                                                                      \
-        cp_async_wait<1>();                                                                     \
+    /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
+    if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
+      cp_async_wait<0>();                                                                       \
       __syncthreads();                                                                          \
     }                                                                                           \
     for (int h = half; h < n_chunks; h += 2) {                                                  \
@@ -285,9 +273,11 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
       float* next = ring + oldest * p.slice_floats;  // slice y + 2D replaces y - D
       const bool more = j + 2 <= j1;  // row y + D is in the strip and needs slice y + 2D
       const int y_next = wrap_y(y + 2 * D);
-      // The MID hooks are the row's only CTA barriers. Each waits for its block's slice y + D
-      // (issued a row ago), which the phase reads after its MID; before them a phase reads only
-      // slice y - D, long complete. So every copy has a whole row to land.
+      // The MID hooks are the row's only CTA barriers. Before the vector phase's, every copy in
+      // flight is waited for: the vector slice y + 1 (issued a row ago), which the phase reads
+      // after its MID, and the scalar slice y + 1, which the scalar phase reads after its own.
+      // Before them a phase reads only slice y - 1, long complete. So a vector copy has a whole
+      // row to land and a scalar one two thirds of a phase and the row's tail.
       GJ_PHASE(V)
       GJ_PHASE(S)
       oldest = mid;
