@@ -242,13 +242,22 @@ def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
     """How `_cuda_forward` runs this call: (layer, weight move, None) for one launch of `layer`,
     (layer, move, output split) for launches per output group, or None where it does not (then
     Triton's kernel runs it). Also what the inputs' means are read beside (`_input_means`)."""
-    if mode != "tf32" or poison is not None:
-        return None
-    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    covers = lambda layer: cuda_forward_covers(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
         layers.append(twin)
+    return _cuda_plan(cuda_forward_covers, layers, mode, poison, inputs)
+
+
+def _cuda_plan(covers_fn, layers, mode, poison, inputs):
+    """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
+    (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None), else
+    the first whose `output_split` it takes, as (layer, move, split); None where the call is not
+    the CUDA kernels' (not TF32, test poison, no covered layer)."""
+    if mode != "tf32" or poison is not None:
+        return None
+    spec = layers[0][0]
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
+    covers = lambda layer: covers_fn(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
     for layer, move in layers:
         if covers(layer):
             return layer, move, None
@@ -336,16 +345,14 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
     """Per pair, dW from kernels.cuda's weight gradient where it computes this call as asked (TF32,
     no test poison, `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
-    if mode != "tf32" or poison is not None:
+    plan = _cuda_plan(cuda_weight_grad_covers, [(spec, None)], mode, poison, inputs)
+    if plan is None:
         return None
     from .. import cuda
 
-    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    covers = lambda layer: cuda_weight_grad_covers(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
-    if covers(spec):
+    _, _, split = plan
+    if split is None:
         return cuda.weight_gradient_call(spec, inputs, cotangents)
-    if (split := output_split(spec, covers)) is None:
-        return None
     return _weight_grad_by_output_groups(split, inputs, cotangents)
 
 
