@@ -11,6 +11,9 @@ bytes) go to OUT_DIR/step_variants.json after every config.
 
 A variant `backend=NAME` compiles the step with every ConvContract on backend NAME (e.g.
 `--variants backend=auto,backend=dense`): `auto` against one backend, timed in alternation too.
+A variant `table=PATH` compiles it with `auto` ranking from the measured table at PATH instead of
+kernels/measured/<device>.json (e.g. `--variants baseline,table=/tmp/old.json`: a table against
+the one before it).
 """
 
 from __future__ import annotations
@@ -84,6 +87,21 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
 
 
 BACKEND_PREFIX = "backend="
+TABLE_PREFIX = "table="
+
+
+def _table_loader(path: pathlib.Path):
+    """A stand-in for `kernels._measured.load` that returns the table at `path` for its device."""
+    data = json.loads(path.read_text())
+
+    def load(device_kind: str):
+        if data.get("device_kind") != device_kind:
+            raise ValueError(f"variant {TABLE_PREFIX}{path}: the table is for {data.get('device_kind')!r}, "
+                             f"this device is {device_kind!r}")
+        return data
+
+    load.cache_clear = lambda: None
+    return load
 
 
 def _backend_of(name: str):
@@ -99,8 +117,12 @@ def _check(name: str) -> None:
         known = ("auto",) + registered_backends()
         if backend not in known:
             raise ValueError(f"variant (={name!r}) names backend {backend!r}; backends are {sorted(known)}")
+    elif name.startswith(TABLE_PREFIX):
+        if not pathlib.Path(name[len(TABLE_PREFIX):]).is_file():
+            raise ValueError(f"variant (={name!r}) names no table file")
     elif name not in VARIANTS:
-        raise ValueError(f"variant (={name!r}) must be one of {sorted(VARIANTS)} or {BACKEND_PREFIX}<backend>")
+        raise ValueError(f"variant (={name!r}) must be one of {sorted(VARIANTS)}, {BACKEND_PREFIX}<backend> "
+                         f"or {TABLE_PREFIX}<path>")
 
 
 @contextlib.contextmanager
@@ -108,6 +130,8 @@ def variant(name: str):
     """Apply variant `name` for the duration of the block (restored after, also on error)."""
     _check(name)
     env, patches = VARIANTS.get(name, ({}, ()))
+    if name.startswith(TABLE_PREFIX):
+        patches = (("kernels._measured", "load", _table_loader(pathlib.Path(name[len(TABLE_PREFIX):]))),)
     saved_env = {k: os.environ.get(k) for k in env}
     saved = []
     try:

@@ -123,3 +123,32 @@ def test_configs_take_sets_and_reject_unknown_names(capsys):
     with pytest.raises(SystemExit):
         step_variants.main(["/tmp/unused", "--configs", "models-b1,nope", "--variants", "baseline"])
     assert "--configs (='models-b1,nope'): unknown name 'nope'" in capsys.readouterr().err
+
+
+def test_table_variant_ranks_from_the_given_table(tmp_path):
+    """`table=PATH`: while it is applied, `auto`'s ranking reads PATH (here a table in which
+    triton beats dense on one signature, so the verdict flips), and the committed table after."""
+    from bench import _configs, _cases
+    from kernels import _measured
+
+    spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+    spatial = (8, 8, 8)
+    kind = "NVIDIA H200"
+    times = {"fwd_bwd": {"dense": 2.0, "triton": 1.0}}
+    entry = {**_measured.describe(spec, spatial), "batches": {"1": times}, "used_by": []}
+    table = {"device_kind": kind, "exact": {_measured.signature(spec, spatial, "float32"): entry}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    before = _measured.load
+    committed = _measured.ranking(kind, spec, spatial, "float32", batch=1)
+    assert "triton" not in committed[0]  # the committed table has no such win: the variant must flip it
+    with step_variants.variant(f"table={path}"):
+        ms, rule = _measured.ranking(kind, spec, spatial, "float32", batch=1)
+        assert ms == {"dense": 2.0, "triton": 1.0} and rule == "exact match at batch 1"
+        with pytest.raises(ValueError, match="the table is for 'NVIDIA H200'"):
+            _measured.load("cpu")
+    assert _measured.load is before
+    assert _measured.ranking(kind, spec, spatial, "float32", batch=1) == committed
+    with pytest.raises(ValueError, match="names no table file"):
+        with step_variants.variant(f"table={tmp_path / 'missing.json'}"):
+            pass
