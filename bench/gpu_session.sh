@@ -36,8 +36,9 @@
 #            it (variants cuda-fwd / vn-cuda); ptxas' report in $OUT/cuda-build/build.log
 #   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
 #            (run cuda-build first)
-#   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 in each layout (CUDA_NCU_LAYOUTS, default
-#            "minor planar"), warp stall reasons included; run cuda-build first (or CUDA_PREBUILT=1)
+#   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 (CUDA_NCU_CONFIG: a bench/triton_sweep.py
+#            config) in each layout (CUDA_NCU_LAYOUTS, default "minor planar"), warp stall reasons included;
+#            run cuda-build first (or CUDA_PREBUILT=1)
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
@@ -142,22 +143,17 @@ for stage in ${STAGES:-sweep profile pallas}; do
         > "$OUT/cuda-fwd/tests.log" 2>&1
       rc=$?; tail -3 "$OUT/cuda-fwd/tests.log"; (exit $rc) ;;
     cuda-ncu)  # the CUDA forward under Nsight Compute in each vector-block layout (run cuda-build first)
+      # through bench/triton_profile.py (the triton backend's forward runs the CUDA kernel): under
+      # bench.cuda_spike ncu segfaulted at the first kernel (session 24), also with the plain
+      # sections; --print-details all and regex metrics segfaulted it in sessions 22-23
       for layout in ${CUDA_NCU_LAYOUTS:-minor planar}; do
         GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
           --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
-          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
-          python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-$layout" --strip 32 --dw-strip > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
-        # (not --set full, --print-details all or regex stall metrics: each segfaulted ncu under the
-        # Python process, sessions 22 and 23; WarpStateStats' advice names the top stall reason)
-        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issued Warp|stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
-        # the stall reasons by name (plain metric names, no regex, no --print-details): a separate
-        # run, so that a crash here leaves the sections above
-        [ "${CUDA_NCU_STALLS:-1}" = 1 ] && GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none \
-          --kernel-name regex:forward_kernel --launch-skip 2 --launch-count 1 --metrics "$STALL_METRICS" \
-          python3 -m bench.cuda_spike "$OUT/cuda-ncu/spike-stalls-$layout" --strip 32 --dw-strip \
-          > "$OUT/cuda-ncu/ncu-stalls-$layout.txt" 2>&1
-        grep -E "stalled" "$OUT/cuda-ncu/ncu-stalls-$layout.txt" | sort -k3 -n -r | head -18
+          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats --metrics "$STALL_METRICS" \
+          python3 bench/triton_profile.py --config "${CUDA_NCU_CONFIG:-d3_n64_b4_c16}" > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
+        grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issue Slots Busy|Registers Per" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
+        grep -E "stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
     cuda-ab)  # two builds of the CUDA library in alternation (bench/library_ab.py): carry the baseline as
       # kernels/cuda/_ginjax_cuda_base.so beside the new kernels/cuda/_ginjax_cuda.so
