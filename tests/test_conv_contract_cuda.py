@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 from _conv_cuda_dw_emulate import emulated_partials
+import _nonfinite
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
@@ -324,6 +325,25 @@ def test_emulated_kernel_with_tf32_meets_the_tolerance():
     for g, w in zip(got, want):
         err = rel_l2(jnp.asarray(g, jnp.float32), w)
         assert 1e-6 < err <= kernels.TOLERANCE["tf32"]  # rounded (not fp32-exact), within tf32's bound
+
+
+@pytest.mark.parametrize("dilation, spatial, planar", [(1, (3, 5, 16), False), (1, (2, 4, 32), True),
+                                                       (2, (3, 6, 16), True)])
+def test_nan_and_inf_reach_exactly_the_tapped_outputs_on_the_emulated_kernel(dilation, spatial, planar):
+    """A NaN (scalar input) and an inf (one component of a vector input) through the emulated
+    kernel: non-finite exactly at the outputs a nonzero basis tap carries them to, every output
+    channel there, no more (the symmetric walk's shared sums and differences of two taps only
+    combine taps that are both nonzero), and the reference of the clean inputs elsewhere. The GPU
+    test of the same name runs the kernel itself."""
+    spec = standard_spec(16, 16, dilation)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=23)
+    hits, values = _nonfinite.standard_hits(spatial)
+    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=False)
+    y0, y1, _ = Emulator(spec, bad[0], bad[1], packed, 2, round_z=False, planar=planar).run()
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [jnp.asarray(x) for x in clean], ws, backend="reference")
+    _nonfinite.check_nonfinite_exactly_reached(spec, spatial, hits, (y0, y1), want, 1e-5)
 
 
 @pytest.mark.parametrize("layout", ["minor", "planar"])

@@ -17,12 +17,15 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+import _nonfinite
 from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels import cuda
@@ -426,3 +429,43 @@ def test_forward_under_compute_sanitizer(tool):
         """
     )
     assert_memcheck_clean(code, timeout=500, tool=tool)
+
+
+@pytest.mark.parametrize("dilation, spatial", [(1, (5, 6, 32)), (1, (3, 4, 128)), (2, (4, 6, 64))])
+def test_nan_and_inf_reach_exactly_the_tapped_outputs(dilation, spatial):
+    """The kernel itself on a NaN (scalar input) and an inf (a vector input's component): non-finite
+    exactly at the outputs a nonzero basis tap carries them to, in every output channel, and the
+    reference of the clean inputs (tf32) elsewhere; whole rows, x windows (128) and a dilated
+    layer. The same check runs on the CPU on the lane emulation (tests/test_conv_contract_cuda.py)."""
+    spec = standard_spec(16, 16, dilation)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=23)
+    hits, values = _nonfinite.standard_hits(spatial)
+    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
+    run = jax.jit(jax.vmap(lambda x: cuda.conv_contract_cuda(spec, x, ws)))
+    got = [np.asarray(o[0]) for o in run([jnp.asarray(b)[None] for b in bad])]
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [jnp.asarray(x) for x in clean], ws, backend="reference")
+    _nonfinite.check_nonfinite_exactly_reached(spec, spatial, hits, got, want, kernels.TOLERANCE["tf32"])
+
+
+@st.composite
+def covered_layers(draw):
+    """A layer and grid the CUDA forward covers: dilation, x extent (whole rows and x windows),
+    y a multiple of the dilation, 16 or 32 inputs and 8 or 16 outputs per key, a strip."""
+    d = draw(st.sampled_from([1, 1, 2, 4]))
+    spatial = (draw(st.integers(1, 5)), d * draw(st.integers(1, 4)), draw(st.sampled_from([16, 32, 48, 64, 96, 128])))
+    spec = standard_spec(draw(st.sampled_from([16, 32])), draw(st.sampled_from([8, 16])), d)
+    ok, _ = _plan.coverage(spec, spatial, np.float32)
+    assume(ok)
+    return spec, spatial, draw(st.integers(1, 2)), draw(st.one_of(st.none(), st.integers(1, 4)))
+
+
+# the autouse layout fixture is function-scoped on purpose: every drawn example runs in its layout
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+@given(layer=covered_layers(), seed=st.integers(0, 2**31 - 1))
+def test_drawn_layers_against_reference(layer, seed):
+    """Hypothesis-drawn layers the kernel covers (both layouts, the fixture), against `reference`
+    at tf32, every output finite."""
+    spec, spatial, batch, strip = layer
+    _check(spatial, batch, seed % 1000, None if strip is None else cuda.BlockSizes(strip_rows=strip), spec=spec)

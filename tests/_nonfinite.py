@@ -1,0 +1,73 @@
+"""A NaN and an inf in a torus layer's inputs: which outputs they may reach, and the check that a
+kernel's outputs are non-finite exactly there and match the reference elsewhere.
+
+A fused kernel walks only the basis' nonzero taps, so a non-finite input reaches output pixel
+p - d (y - 1) (per axis, wrapped; d the dilation) for every tap y and output component j with a
+nonzero B[f, y, i, j] of a pair reading its component i; a dense convolution would also spread
+it through 0 * NaN. Shared by the CUDA kernels' CPU test (on the lane emulation) and GPU test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reached_outputs(spec, spatial, hits):
+    """Per output block, a bool array (*spatial, components) of the outputs the `hits` reach.
+
+    hits: (input block, pixel tuple, component) of every non-finite input (any channel: the
+    channel GEMM carries it to every output channel). Torus layers, stride 1, odd filters."""
+    if not all(spec.is_torus) or any(s != 1 for s in spec.stride):
+        raise ValueError(f"`spec` (torus {spec.is_torus}, stride {spec.stride}) must be a stride-1 torus layer")
+    out = [np.zeros(tuple(spatial) + (spec.D ** k,), bool) for k, _, _ in spec.out_keys]
+    for pair in spec.pairs:
+        k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
+        B = pair.basis.array.reshape((pair.basis.n_filters,) + tuple(spec.filter_shape) + (spec.D**k_a, spec.D**k_b))
+        centre = [m // 2 for m in spec.filter_shape]
+        for block, src, comp in hits:
+            if block != pair.in_index:
+                continue
+            taps = np.argwhere(B[..., comp, :] != 0)  # (f, y_1 .. y_D, j)
+            for row in taps:
+                y, j = row[1:-1], row[-1]
+                p = tuple((s - d * (t - c)) % n for s, t, c, d, n in zip(src, y, centre, spec.rhs_dilation, spatial))
+                out[pair.out_index][p + (j,)] = True
+    return out
+
+
+def poison(inputs, hits, values):
+    """Copies of `inputs` (numpy, one example: (c, *spatial[, comps])) with values[n] at hits[n]
+    ((block, channel, pixel, component)), and the clean copies with 0 there."""
+    bad = [np.array(x, np.float32) for x in inputs]
+    clean = [np.array(x, np.float32) for x in inputs]
+    for (block, channel, pixel, comp), value in zip(hits, values):
+        index = (channel,) + tuple(pixel) + ((comp,) if bad[block].ndim > 1 + len(pixel) else ())
+        bad[block][index] = value
+        clean[block][index] = 0.0
+    return bad, clean
+
+
+def check_nonfinite_exactly_reached(spec, spatial, hits, got, want, tol):
+    """`got` (per output block, (o, *spatial[, comps])) is non-finite exactly where the `hits`
+    ((block, channel, pixel, component)) reach, in every output channel, and within `tol` (rel L2)
+    of `want` (the clean inputs' outputs) everywhere else."""
+    reached = reached_outputs(spec, spatial, [(b, p, i) for b, _, p, i in hits])
+    assert any(r.any() for r in reached), "the hits reach no output: the check would prove nothing"
+    for b, (g, w, r) in enumerate(zip(got, want, reached)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        g = g.reshape(g.shape[:1 + spec.D] + (-1,))
+        w = w.reshape(g.shape)
+        bad = ~np.isfinite(g)
+        expect = np.broadcast_to(r, g.shape)
+        wrong = np.argwhere(bad != expect)
+        assert not len(wrong), f"output block {b}: non-finite at {len(wrong)} wrong places, e.g. {wrong[:3].tolist()}"
+        err = np.linalg.norm(np.where(bad, 0, g - w)) / np.linalg.norm(np.where(bad, 0, w))
+        assert err <= tol, f"output block {b}: rel L2 {err:.2e} away from the reached outputs (tolerance {tol})"
+
+
+def standard_hits(spatial):
+    """A NaN in scalar channel 3 and an inf in component 2 of vector channel 5, at pixels away
+    from each other (so the reached sets overlap only where the grid is small)."""
+    first = tuple(n // 2 for n in spatial)
+    second = tuple((n // 2 + n // 3 + 1) % n for n in spatial)
+    return [(0, 3, first, 0), (1, 5, second, 2)], [np.nan, np.inf]
