@@ -1,10 +1,13 @@
 """A NaN and an inf in a torus layer's inputs: which outputs they may reach, and the check that a
-kernel's outputs are non-finite exactly there and match the reference elsewhere.
+kernel's outputs (or weight gradient) are non-finite exactly there and match the reference
+elsewhere.
 
 A fused kernel walks only the basis' nonzero taps, so a non-finite input reaches output pixel
 p - d (y - 1) (per axis, wrapped; d the dilation) for every tap y and output component j with a
 nonzero B[f, y, i, j] of a pair reading its component i; a dense convolution would also spread
-it through 0 * NaN. Shared by the CUDA kernels' CPU test (on the lane emulation) and GPU test.
+it through 0 * NaN. In the weight gradient, dW[o, c, f] = sum_p gY[p, o] Z_f[p, c] takes the hit of
+input channel c through every filter f with a nonzero tap on its component. Shared by the CUDA
+kernels' CPU tests (on the lane emulations) and GPU tests.
 """
 
 from __future__ import annotations
@@ -71,3 +74,33 @@ def standard_hits(spatial):
     first = tuple(n // 2 for n in spatial)
     second = tuple((n // 2 + n // 3 + 1) % n for n in spatial)
     return [(0, 3, first, 0), (1, 5, second, 2)], [np.nan, np.inf]
+
+
+def reached_weights(spec, hits):
+    """Per pair, a bool array (o, c, filters) of the weight-gradient entries the input `hits`
+    ((block, channel, pixel, component)) reach: every output channel (the cotangents are nonzero
+    everywhere), the hit's channel, each filter with a nonzero tap on the hit's component."""
+    out = []
+    for pair in spec.pairs:
+        k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
+        B = pair.basis.array.reshape((pair.basis.n_filters, -1, spec.D**k_a, spec.D**k_b))
+        r = np.zeros((spec.out_keys[pair.out_index][2], spec.in_keys[pair.in_index][2], pair.basis.n_filters), bool)
+        for block, channel, _, comp in hits:
+            if block == pair.in_index:
+                r[:, channel, np.any(B[:, :, comp, :] != 0, axis=(1, 2))] = True
+        out.append(r)
+    return out
+
+
+def check_weights_nonfinite_exactly_reached(spec, hits, got, want, tol):
+    """`got` (per pair, (o, c, filters)) is non-finite exactly where `reached_weights` says and
+    within `tol` (rel L2) of `want` (the clean inputs' dW) everywhere else."""
+    reached = reached_weights(spec, hits)
+    assert any(r.any() for r in reached) and not all(r.all() for r in reached), "a check that proves nothing"
+    for t, (g, w, r) in enumerate(zip(got, want, reached)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        bad = ~np.isfinite(g)
+        wrong = np.argwhere(bad != r)
+        assert not len(wrong), f"pair {t}: non-finite at {len(wrong)} wrong places, e.g. {wrong[:3].tolist()}"
+        err = np.linalg.norm(np.where(bad, 0, g - w)) / max(np.linalg.norm(np.where(bad, 0, w)), 1e-30)
+        assert err <= tol, f"pair {t}: rel L2 {err:.2e} away from the reached entries (tolerance {tol})"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, emulated_partials
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
@@ -189,6 +190,23 @@ def test_emulated_kernel_with_tf32_meets_the_tolerance():
     dws, _ = DwEmulator(SPEC, *(np.asarray(a) for a in xs + cots), 4).run()
     for g, w in zip(dws, reference_dw(SPEC, xs, ws, cots)):
         assert 1e-6 < rel(g[0], w) <= kernels.TOLERANCE["tf32"]  # rounded, within tf32's bound
+
+
+@pytest.mark.parametrize("dilation, spatial, planar", [(1, (2, 3, 16), False), (2, (3, 4, 16), True)])
+def test_nan_and_inf_reach_exactly_their_weights_on_the_emulated_kernel(dilation, spatial, planar, monkeypatch):
+    """A NaN (scalar input) and an inf (a vector input's component) through the emulated weight
+    gradient: dW non-finite exactly for the hit's input channel under each filter with a nonzero
+    tap on the hit's component (every output channel), the clean inputs' float64 VJP elsewhere.
+    The GPU test of the same name runs the kernel itself."""
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    spec = standard_spec(16, 16, dilation=dilation)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
+    hits, values = _nonfinite.standard_hits(spatial)
+    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
+    dws, _ = DwEmulator(spec, bad[0][None], bad[1][None], *(np.asarray(c) for c in cots), 2, round_tf32=False,
+                        planar=planar).run()
+    want = reference_dw(spec, [c[None] for c in clean], ws, cots)
+    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, [g[0] for g in dws], want, 1e-10)
 
 
 def test_emulation_sees_a_slot_refilled_too_early(monkeypatch):

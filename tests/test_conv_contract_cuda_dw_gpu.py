@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator
 from _conv_cuda_emulate import standard_spec
 from conftest import assert_memcheck_clean, float64
@@ -212,3 +213,19 @@ def test_x_windows_against_float64_reference(spatial, batch, strip, channels):
     for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
         assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
         assert rel(g, want) <= kernels.TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dilation, spatial", [(1, (5, 6, 32)), (1, (3, 4, 128)), (2, (4, 6, 64))])
+def test_nan_and_inf_reach_exactly_their_weights(dilation, spatial):
+    """The kernel itself on a NaN (scalar input) and an inf (a vector input's component): dW
+    non-finite exactly for the hit's input channel under each filter with a nonzero tap on the hit's
+    component (every output channel), the clean inputs' float64 VJP (tf32) elsewhere; whole rows, x
+    windows (128) and a dilated layer. The same check runs on the CPU on the lane emulation."""
+    spec = standard_spec(16, 16, dilation=dilation)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
+    hits, values = _nonfinite.standard_hits(spatial)
+    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
+    got = batched(spec)([jnp.asarray(b)[None] for b in bad], cots)
+    want = reference_dw(spec, [c[None] for c in clean], ws, cots)
+    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, got, want, kernels.TOLERANCE["tf32"])
+
