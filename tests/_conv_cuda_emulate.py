@@ -8,7 +8,7 @@ the lanes), the warp halves' meeting in the staging area and its 16-byte stores;
 channel groups, one pass of the CTA per group (the group's weight copy, the ring refilled with its
 channels) and the read-add-store epilogue of the passes after the first. Vectorised over the 32
 lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one integer
-add). Counts every shared-memory float a copy writes and every output float stored and read,
+add; or the fp32 kernels' 3xTF32 split of Z and the weights). Counts every shared-memory float a copy writes and every output float stored and read,
 with the thread that did it, so the tests can check that each slice float is written once per
 copy and each output float G times and read G - 1 times, all by one thread."""
 
@@ -97,6 +97,15 @@ def standard_spec(c_in: int, c_out: int, dilation: int = 1):
                              rhs_dilation=dilation)
 
 
+def split_tf32(x):
+    """common.cuh's split_tf32 of float64 values taken as float32: [hi, lo], hi x rounded to tf32,
+    lo the float32 remainder x - hi rounded to tf32 (as the mma reads it)."""
+    x32 = np.asarray(x, np.float64).astype(np.float32)
+    hi = _plan.round_tf32(x32)
+    lo = _plan.round_tf32((x32 - hi).astype(np.float32))
+    return [np.asarray(hi, np.float64), np.asarray(lo, np.float64)]
+
+
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights; `n_groups`
     channel groups (None: the kernel's choice, `_plan.groups`). Output groups: the results hold
@@ -106,7 +115,7 @@ class Emulator:
     (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers)."""
 
     def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None,
-                 out_channels=None, first_channel=0, out=None, planar=False):
+                 out_channels=None, first_channel=0, out=None, planar=False, fp32=False):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
@@ -118,7 +127,7 @@ class Emulator:
         self.planar = planar
         self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
         self.packed = np.asarray(packed, np.float64)
-        self.strip, self.round_z = strip, round_z
+        self.strip, self.round_z, self.fp32 = strip, round_z, fp32  # fp32: the 3xTF32 kernels (packed unrounded)
         # the epilogue's `off` operand: o scalar offsets, then (o, 3) vector ones
         self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
@@ -267,17 +276,29 @@ class Emulator:
         n_t = len(ph.tiles)
         for t, tile in enumerate(ph.tiles):
             a = st["zt"][t]
-            if self.round_z:
-                a = np.asarray(_plan.round_tf32(a.astype(np.float32)), np.float64)
-            A = np.zeros((16, 8))
-            A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a
+            if self.fp32:  # 3xTF32: Z (fp32, as the kernel holds it) split into a tf32 part and remainder
+                parts_a = split_tf32(a)
+            else:
+                parts_a = [np.asarray(_plan.round_tf32(a.astype(np.float32)), np.float64) if self.round_z else a]
+            As = []
+            for part in parts_a:
+                A = np.zeros((16, 8))
+                A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = part
+                As.append(A)
             for n in range(self.nt):
                 idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
-                B = np.zeros((8, 8))
-                B[TID, G], B[TID + 4, G] = self.s_w[idx], self.s_w[idx + 1]
-                D = A @ B
-                c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
-                acc[tile.group, n] += np.stack(c)
+                w = np.stack([self.s_w[idx], self.s_w[idx + 1]])
+                Bs = []
+                for part in (split_tf32(w) if self.fp32 else [w]):
+                    B = np.zeros((8, 8))
+                    B[TID, G], B[TID + 4, G] = part
+                    Bs.append(B)
+                # the kernel's order: remainder x weight, Z x remainder, Z x weight (fp32); one mma (tf32)
+                products = [(As[1], Bs[0]), (As[0], Bs[1]), (As[0], Bs[0])] if self.fp32 else [(As[0], Bs[0])]
+                for A, B in products:
+                    D = A @ B
+                    c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
+                    acc[tile.group, n] += np.stack(c)
 
     def store(self, seg, z, y, acc0, acc1, grp=0):
         """The halves' meeting in the staging area and the segment's 16-byte stores: the first

@@ -137,7 +137,7 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
 
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 24 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64]
+    assert len(geom) == 25 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64, 0]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
@@ -368,7 +368,8 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 24 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
+            assert len(geom) == 25 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
+            assert geom[24] == 0  # tf32
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
@@ -529,7 +530,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
-            assert len(geom) == 24 and int(geom[22]) == dilation and geom[21] == (layout == "planar")
+            assert len(geom) == 25 and int(geom[22]) == dilation and geom[21] == (layout == "planar") and geom[24] == 0
             launches.append(int(geom[6]))
 
             def host(x0, x1, w, off):
@@ -562,6 +563,88 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
     errors = gradient_errors(grads, want_grads, element_scale=1.0)
     assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
+def test_the_fp32_kernels_emulated_meet_the_fp32_tolerance():
+    """The 3xTF32 instantiation (template kSplit) emulated lane by lane: Z and the unrounded packed
+    weights each split into a tf32 part and a tf32 remainder, three mma a tile. Within fp32's
+    tolerance of `reference` in float64, where one tf32 mma is ~100x further off."""
+    spec, spatial = SPEC, (3, 4, 16)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=41)
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    errors = {}
+    for fp32 in (True, False):
+        packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=not fp32)
+        got = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, 2, fp32=fp32).run()[:2]
+        errors[fp32] = max(rel_l2(jnp.asarray(g, jnp.float32), w) for g, w in zip(got, want))
+    assert errors[True] <= kernels.TOLERANCE["fp32"] < 0.1 * errors[False], errors
+
+
+@pytest.mark.parametrize("layout", ["minor", "planar"])
+def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
+    """precision="fp32" on the `triton` backend with GINJAX_CUDA_FP32=1: the forward and the input
+    gradient are forward launches with `geom`[24] = 1 and unrounded packed weights (the FFI calls
+    replaced by the emulation); outputs and gradients within fp32's tolerance of `reference`, the
+    weight gradient on Triton's kernel (the CUDA one is tf32 only). Without the switch, or on a
+    dilated layer (compiled at dilation 1 only), fp32 makes no CUDA launch."""
+    from kernels.triton import conv_contract as triton_entry
+
+    monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
+    monkeypatch.setattr(cuda, "registered", lambda: (True, "emulated"))
+    monkeypatch.setattr(cuda_wg, "registered", lambda: (True, "emulated"))
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    spec, spatial = standard_spec(16, 16), (2, 3, 16)
+    launches = []
+
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
+        assert target == _ffi.TARGET, target  # no CUDA weight gradient in fp32
+
+        def call(x0, x1, w, off, geom):
+            assert len(geom) == 25
+            launches.append(int(geom[24]))
+
+            def host(x0, x1, w, off):
+                outs = []
+                for b in range(x0.shape[0]):
+                    emu = Emulator(spec, np.asarray(x0[b]), np.asarray(x1[b]), np.asarray(w[b]), int(geom[6]),
+                                   offsets=np.asarray(off[b]), planar=bool(geom[21]), fp32=bool(geom[24]))
+                    outs.append(emu.run()[:2])
+                return tuple(np.stack([o[k] for o in outs]).astype(np.float32) for k in range(2))
+
+            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, vmap_method="broadcast_all")
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=43)
+
+    def loss(backend, layer=spec):
+        def f(xs, ws):
+            outs = jax.vmap(lambda x: kernels.conv_contract(layer, x, ws, backend=backend, precision="fp32"))(xs)
+            return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+        return f
+
+    monkeypatch.setenv(_plan.FP32_ENV, "0")
+    jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
+    assert launches == []  # off by default: Triton's kernels
+    monkeypatch.setenv(_plan.FP32_ENV, "1")
+    (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
+    assert launches == [1, 1]  # the forward and the input gradient, both split
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1), has_aux=True)(xs, ws)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["fp32"]
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["fp32"], errors
+    dilated = standard_spec(16, 16, 2)
+    assert triton_entry.cuda_forward_covers(dilated, (3, 4, 16), np.float32)[0]
+    assert not _plan.fp32_coverage(dilated, (3, 4, 16), np.float32)[0]
+    launches.clear()
+    jax.value_and_grad(loss("triton", dilated), argnums=(0, 1), has_aux=True)(*_cases.spec_operands(dilated, (3, 4, 16), 1, seed=44)[:2])
+    assert launches == []
 
 
 def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_path):

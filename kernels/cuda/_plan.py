@@ -502,6 +502,28 @@ def dilated_enabled() -> bool:
     return env_choice(DILATED_ENV, ("0", "1"), "1") == "1"
 
 
+FP32_ENV = "GINJAX_CUDA_FP32"
+
+
+def fp32_enabled() -> bool:
+    """Whether the `triton` backend runs fp32 calls of the layers `fp32_coverage` takes on the CUDA
+    forward's 3xTF32 instantiation: GINJAX_CUDA_FP32="1"; "0", the default, leaves fp32 on Triton's
+    kernel. Off until its GPU tests have run (tests/test_conv_contract_cuda_gpu.py, `fp32`)."""
+    return env_choice(FP32_ENV, ("0", "1"), "0") == "1"
+
+
+def fp32_coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
+    """`coverage` of the fp32 (3xTF32) forward, compiled at dilation 1 on whole rows (no x windows)."""
+    ok, why = coverage(spec, spatial, dtype)
+    if not ok:
+        return ok, why
+    if dilation(spec) != 1:
+        return False, "the fp32 (3xTF32) forward is compiled at dilation 1 only"
+    if spatial is not None and layout(spec, int(tuple(spatial)[2])).windows > 1:
+        return False, f"the fp32 (3xTF32) forward takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
+    return True, ""
+
+
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
     """`splits`, or only the single group where channel-group passes are off or the layer is
     dilated (the group passes are compiled at dilation 1 only)."""
@@ -536,8 +558,8 @@ def pack_weights(spec: ConvSpec, weights, xp=np, tf32: bool = True):
     """The mma B fragments, flat and rounded to tf32 (the kernel copies them as they are): per
     phase (vector, then scalar), [chunk h][tile T][lane][n-tile][r] = w_t[o = 8 n + lane / 4,
     c = 8 h + lane % 4 + 4 r, f] of tile T = (t, f). One read per lane and tile (16 bytes for
-    both n-tiles of 16 output channels). `tf32`
-    False keeps the float32 values (the CPU emulation's exact check of the index arithmetic)."""
+    both n-tiles of 16 output channels). `tf32` False keeps the float32 values (the fp32 kernels
+    split them themselves; the CPU emulation's exact check of the index arithmetic)."""
     _, phs = phases(spec)
     parts = []
     for ph in phs:

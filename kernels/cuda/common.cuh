@@ -23,6 +23,13 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 // ignores the low 13 bits of a tf32 operand, so adding half of their range rounds the magnitude.
 __device__ __forceinline__ uint32_t tf32_bits(float x) { return __float_as_uint(x) + 0x1000u; }
 
+// 3xTF32's split of a finite float: hi, x rounded to tf32 (its low 13 bits cleared), and lo, the
+// remainder x - hi (exact in fp32) as a tf32 operand; hi + lo carries ~21 of x's 24 bits.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+  lo = tf32_bits(x - __uint_as_float(hi));
+}
+
 __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");

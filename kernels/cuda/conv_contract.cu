@@ -67,7 +67,7 @@
 // them, so XLA inserts no transposes); only the copies into the ring and the output stores differ.
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
 // floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation, x
-// window.
+// window, precision (0: tf32, 1: fp32 by 3xTF32, the weights packed unrounded).
 //
 // X windows (rows longer than 64 pixels, and dilation 8 at x 64 where the whole row's ring does not
 // fit): a CTA covers a window of NX of the row's nx pixels from x0 (grid x: windows x y phases x
@@ -201,12 +201,24 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
       GJ_##NAME##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_MID)                                  \
       const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * NT * lane;            \
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) {                                      \
-        const uint32_t a[4] = {tf32_bits(zt[t][0]), tf32_bits(zt[t][1]), tf32_bits(zt[t][2]),  \
-                               tf32_bits(zt[t][3])};                                            \
         float bw[2 * NT];                                                                       \
         load_b<NT>(bw, wt + t * NT * 64);                                                       \
-        _Pragma("unroll") for (int n = 0; n < NT; ++n)                                          \
-          mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw[2 * n]), __float_as_uint(bw[2 * n + 1])); \
+        if constexpr (kSplit) {                                                                 \
+          uint32_t a[4], a_lo[4], b[2 * NT], b_lo[2 * NT];                                      \
+          _Pragma("unroll") for (int r = 0; r < 4; ++r) split_tf32(zt[t][r], a[r], a_lo[r]);    \
+          _Pragma("unroll") for (int r = 0; r < 2 * NT; ++r) split_tf32(bw[r], b[r], b_lo[r]);  \
+          _Pragma("unroll") for (int n = 0; n < NT; ++n) {                                      \
+            float(&d)[4] = acc[k##NAME##TileGroup[t]][n];                                       \
+            mma_tf32(d, a_lo, b[2 * n], b[2 * n + 1]);                                          \
+            mma_tf32(d, a, b_lo[2 * n], b_lo[2 * n + 1]);                                       \
+            mma_tf32(d, a, b[2 * n], b[2 * n + 1]);                                             \
+          }                                                                                     \
+        } else {                                                                                \
+          const uint32_t a[4] = {tf32_bits(zt[t][0]), tf32_bits(zt[t][1]), tf32_bits(zt[t][2]), \
+                                 tf32_bits(zt[t][3])};                                          \
+          _Pragma("unroll") for (int n = 0; n < NT; ++n)                                        \
+            mma_tf32(acc[k##NAME##TileGroup[t]][n], a, __float_as_uint(bw[2 * n]), __float_as_uint(bw[2 * n + 1])); \
+        }                                                                                       \
       }                                                                                         \
     }                                                                                           \
   }
@@ -215,8 +227,11 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 // kGroups: more than one channel group (false: the single pass, compiled without the group loop
 // or the read-add epilogue), kPlanar: the vector blocks (x1, y1) component-planar in global memory,
 // D: the dilation (1, 2, 4, 8: taps at -D, 0, D on every axis), kWin: the row in x windows of NX
-// (false: the whole row is the window, its offsets compile-time).
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin>
+// (false: the whole row is the window, its offsets compile-time), kSplit: fp32 by 3xTF32 (each Z
+// and weight split into a tf32 part and a tf32 remainder, three mma a tile: remainder x weight,
+// Z x remainder, Z x weight; the packed weights then hold plain fp32), compiled at D = 1 on whole
+// rows only.
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -390,55 +405,60 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin>
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin>,
+  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // windows x phases x strips
-  forward_kernel<NX, NT, kGroups, kPlanar, D, kWin><<<grid, 4 * NX, smem, stream>>>(p);
+  forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 // The whole row (one window: NX = nx, 16 .. 64), or x windows of 32 or 64 (kWin, the rows longer
 // than their window; Forward refuses other window widths).
-template <int NT, bool kGroups, bool kPlanar, int D>
+template <int NT, bool kGroups, bool kPlanar, int D, bool kSplit>
 cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
-  if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true>(p, batch, stream)
-                                     : launch<64, NT, kGroups, kPlanar, D, true>(p, batch, stream);
+  if constexpr (!kSplit) {  // the split (fp32) kernels take whole rows only (Forward refuses windows)
+    if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true, false>(p, batch, stream)
+                                       : launch<64, NT, kGroups, kPlanar, D, true, false>(p, batch, stream);
+  }
   switch (nx) {
-    case 16: return launch<16, NT, kGroups, kPlanar, D, false>(p, batch, stream);
-    case 32: return launch<32, NT, kGroups, kPlanar, D, false>(p, batch, stream);
-    case 48: return launch<48, NT, kGroups, kPlanar, D, false>(p, batch, stream);
-    default: return launch<64, NT, kGroups, kPlanar, D, false>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
+    case 32: return launch<32, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
+    case 48: return launch<48, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
+    default: return launch<64, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
   }
 }
 
 // Channel-group passes are compiled at dilation 1 only (Forward refuses groups with a dilation).
-template <int NT, bool kPlanar>
+// The split (fp32) kernels: dilation 1 only (Forward refuses others).
+template <int NT, bool kPlanar, bool kSplit>
 cudaError_t launch_groups(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
-  switch (dilation) {
-    case 2: return launch_nx<NT, false, kPlanar, 2>(p, nx, batch, stream);
-    case 4: return launch_nx<NT, false, kPlanar, 4>(p, nx, batch, stream);
-    case 8: return launch_nx<NT, false, kPlanar, 8>(p, nx, batch, stream);
-    default:
-      return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1>(p, nx, batch, stream)
-                          : launch_nx<NT, false, kPlanar, 1>(p, nx, batch, stream);
+  if constexpr (!kSplit) {
+    switch (dilation) {
+      case 2: return launch_nx<NT, false, kPlanar, 2, false>(p, nx, batch, stream);
+      case 4: return launch_nx<NT, false, kPlanar, 4, false>(p, nx, batch, stream);
+      case 8: return launch_nx<NT, false, kPlanar, 8, false>(p, nx, batch, stream);
+      default: break;
+    }
   }
+  return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, kSplit>(p, nx, batch, stream)
+                      : launch_nx<NT, false, kPlanar, 1, kSplit>(p, nx, batch, stream);
 }
 
-template <bool kPlanar>
+template <bool kPlanar, bool kSplit>
 cudaError_t launch_nt(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
-  return p.o == 8 ? launch_groups<1, kPlanar>(p, nx, dilation, batch, stream)
-                  : launch_groups<2, kPlanar>(p, nx, dilation, batch, stream);
+  return p.o == 8 ? launch_groups<1, kPlanar, kSplit>(p, nx, dilation, batch, stream)
+                  : launch_groups<2, kPlanar, kSplit>(p, nx, dilation, batch, stream);
 }
 
 ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                    ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                    ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 24) return bad("`geom` must have 24 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 25) return bad("`geom` must have 25 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[23];  // the x window's extent (the kernel's NX); the rows' is geom[2]
   p.nx = (int)geom[2];
@@ -468,6 +488,9 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
   if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
   if (dilation > 1 && p.groups > 1) return bad("channel groups are compiled at dilation 1 only");
+  if (geom[24] != 0 && geom[24] != 1) return bad("`geom`[24] (the precision) must be 0 (tf32) or 1 (fp32, 3xTF32)");
+  const bool split = geom[24] == 1;
+  if (split && (dilation > 1 || p.windows > 1)) return bad("the fp32 (3xTF32) kernels take dilation 1 and whole rows only");
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
   const int l = nx / kSeg - 1, di = dil_index(dilation);
   for (int k = 0; k < 4; ++k)
@@ -492,8 +515,10 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
   if ((int64_t)p.groups * p.w_group != p.w_floats)
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  const cudaError_t err = planar ? launch_nt<true>(p, nx, dilation, (int)batch, stream)
-                                 : launch_nt<false>(p, nx, dilation, (int)batch, stream);
+  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, nx, dilation, (int)batch, stream)
+                                          : launch_nt<false, true>(p, nx, dilation, (int)batch, stream))
+                                 : (planar ? launch_nt<true, false>(p, nx, dilation, (int)batch, stream)
+                                           : launch_nt<false, false>(p, nx, dilation, (int)batch, stream));
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -2,7 +2,7 @@
 
     outputs = conv_contract_cuda(spec, inputs, weights, precision=..., block_sizes=...)
 
-Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, fp32 accumulation), all pairs in one
+Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, or fp32 by 3xTF32; fp32 accumulation), all pairs in one
 launch, the layer's bias offsets (`forward_call`'s) added in its epilogue. The vector blocks in
 and out are component-planar or components minor in memory (`layout()`: kernels/_layout.py's
 switch, GINJAX_CUDA_LAYOUT overriding it); the custom call asks XLA for that layout. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)
@@ -57,28 +57,28 @@ def conv_contract_cuda(
 
     Args:
         spec, inputs, weights: as for `kernels.conv_contract` (operands already checked).
-        precision: None or a mode whose tolerance TF32 meets ("tf32", "bf16"); "fp32" is refused.
+        precision: None or a mode: "tf32" (and "bf16", whose tolerance TF32 meets) or "fp32"
+            (3xTF32, `_plan.fp32_coverage`: dilation 1, whole rows).
         block_sizes: the kernel's tiling (None: `BlockSizes.for_layer(spec, spatial)`).
     """
     require_registered(registered, "cuda")
-    mode = resolve_precision(precision)
-    if mode == "fp32":
-        raise ValueError(f"`precision` (={precision!r}) resolves to fp32; the CUDA kernel computes in tf32")
+    split = resolve_precision(precision) == "fp32"
     inputs, weights = tuple(inputs), tuple(weights)
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
-    ok, why = _plan.coverage(spec, spatial, inputs[0].dtype)
+    ok, why = (_plan.fp32_coverage if split else _plan.coverage)(spec, spatial, inputs[0].dtype)
     if not ok:
-        raise ValueError(f"`spec` is not covered by the CUDA kernel: {why}")
+        raise ValueError(f"`spec` is not covered by the CUDA kernel{' in fp32' if split else ''}: {why}")
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
-    return _conv_contract(spec, blocks, inputs, tuple(w.astype(jnp.float32) for w in weights))
+    return _conv_contract(spec, blocks, split, inputs, tuple(w.astype(jnp.float32) for w in weights))
 
 
 def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
                  offsets: Optional[Sequence[Optional[jax.Array]]] = None, *, out_channels: Optional[int] = None,
-                 first_channel: int = 0, into: Optional[Sequence[jax.Array]] = None) -> tuple[jax.Array, ...]:
+                 first_channel: int = 0, into: Optional[Sequence[jax.Array]] = None,
+                 fp32: bool = False) -> tuple[jax.Array, ...]:
     """The kernel's outputs with no gradient rule of their own, for a backend that defines the
-    gradients itself (the `triton` backend); the caller has checked `coverage` and that TF32 is
-    the precision asked for. `offsets`: per output key None or its (o, *tensor) offset, added to
+    gradients itself (the `triton` backend); the caller has checked `coverage` (`fp32`: the 3xTF32
+    kernels, `_plan.fp32_coverage`; else TF32). `offsets`: per output key None or its (o, *tensor) offset, added to
     every pixel in the kernel's epilogue (the layer's bias, kernels._bias.bias_offsets). Batches
     under vmap like the custom call.
 
@@ -90,23 +90,24 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets,
-                    out_channels, first_channel, into)
+                    out_channels, first_channel, into, fp32)
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
              n_groups: Optional[int] = None, out_channels: Optional[int] = None, first_channel: int = 0,
-             planar: bool = False) -> list[int]:
+             planar: bool = False, fp32: bool = False) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
     channel and weight totals, the channel groups `_plan.groups` picks (`n_groups` forces a
     split: the tests' way to run several groups where one would fit), the results' output
     channels and the first one this launch writes (`forward_call`'s output groups), whether
-    the vector blocks are component-planar, the dilation and the x window (`_plan.window`)."""
+    the vector blocks are component-planar, the dilation, the x window (`_plan.window`) and the
+    precision (1: fp32 by 3xTF32)."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel, int(planar), lay.dilation, lay.nx]
+            total, first_channel, int(planar), lay.dilation, lay.nx, int(fp32)]
 
 
 def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int) -> int:
@@ -130,14 +131,15 @@ def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]
 
 
 def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, out_channels=None, first_channel=0,
-             into=None):
+             into=None, fp32=False):
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     planar = layout() == "planar"
-    geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel, planar=planar)
+    geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel, planar=planar,
+                    fp32=fp32)
     total = geom[19]
     shapes = [jax.ShapeDtypeStruct((total,) + spatial, jnp.float32),
               jax.ShapeDtypeStruct((total,) + spatial + (3,), jnp.float32)]
-    packed = _plan.pack_weights(spec, weights, xp=jnp)
+    packed = _plan.pack_weights(spec, weights, xp=jnp, tf32=not fp32)  # fp32: the kernel splits them
     operands = [*inputs, packed, flat_offsets(spec, offsets)]
     layouts = dict(input_layouts=vector_layouts(planar, 1) + [None, None], output_layouts=vector_layouts(planar, 1))
     if into is None:
@@ -152,18 +154,18 @@ def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, 
     return tuple(call(*operands, geom=np.asarray(geom, np.int64)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _conv_contract(spec, blocks, inputs, weights):
-    return _forward(spec, blocks, inputs, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _conv_contract(spec, blocks, fp32, inputs, weights):
+    return _forward(spec, blocks, inputs, weights, fp32=fp32)
 
 
-def _conv_contract_fwd(spec, blocks, inputs, weights):
-    return _forward(spec, blocks, inputs, weights), (inputs, weights)
+def _conv_contract_fwd(spec, blocks, fp32, inputs, weights):
+    return _forward(spec, blocks, inputs, weights, fp32=fp32), (inputs, weights)
 
 
-def _conv_contract_bwd(spec, blocks, residuals, cotangents):
+def _conv_contract_bwd(spec, blocks, fp32, residuals, cotangents):
     inputs, weights = residuals
-    _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, "tf32"), inputs, weights)
+    _, vjp = jax.vjp(lambda x, w: conv_contract_dense(spec, x, w, "fp32" if fp32 else "tf32"), inputs, weights)
     return vjp(tuple(cotangents))
 
 

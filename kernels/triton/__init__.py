@@ -132,9 +132,13 @@ def describe(spec: ConvSpec, spatial) -> str:
         return ""
     from ..cuda.conv_contract import layout as cuda_layout
 
+    from ..cuda._plan import fp32_enabled
+
     blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
-    said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at tf32 ({blocks} vector blocks; Triton's "
-            "at other precisions)")
+    precisions = ("tf32, and the forward's fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=1)"
+                  if fp32_enabled() else "tf32")
+    said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at {precisions} ({blocks} vector blocks; "
+            "Triton's at other precisions)")
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
 

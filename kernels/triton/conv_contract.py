@@ -232,42 +232,53 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
 
     if offsets is not None and all(o is None for o in offsets):
         offsets = None
-    layer, move, split = plan
+    layer, move, split, fp32 = plan
+    precision = {"fp32": True} if fp32 else {}  # TF32 calls as they always were
     if split is None:
-        return cuda.forward_call(layer, inputs, move(weights), offsets)
-    return _forward_by_output_groups(split, inputs, move(weights), offsets)
+        return cuda.forward_call(layer, inputs, move(weights), offsets, **precision)
+    return _forward_by_output_groups(split, inputs, move(weights), offsets, **precision)
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
-    """How `_cuda_forward` runs this call: (layer, weight move, None) for one launch of `layer`,
-    (layer, move, output split) for launches per output group, or None where it does not (then
-    Triton's kernel runs it). Also what the inputs' means are read beside (`_input_means`)."""
+    """How `_cuda_forward` runs this call: (layer, weight move, None, fp32) for one launch of
+    `layer`, (layer, move, output split, fp32) for launches per output group, or None where it does
+    not (then Triton's kernel runs it); fp32: the 3xTF32 kernels (mode "fp32" where
+    GINJAX_CUDA_FP32=1 and `fp32_coverage` takes the layer). Also what the inputs' means are read
+    beside (`_input_means`)."""
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
         layers.append(twin)
-    return _cuda_plan(cuda_forward_covers, layers, mode, poison, inputs)
+    return _cuda_plan(cuda_forward_covers, layers, mode, poison, inputs, fp32_kernels=True)
 
 
-def _cuda_plan(covers_fn, layers, mode, poison, inputs):
+def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_kernels=False):
     """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
-    (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None), else
-    the first whose `output_split` it takes, as (layer, move, split); None where the call is not
-    the CUDA kernels' (not TF32, test poison, no covered layer)."""
-    if mode != "tf32" or poison is not None:
+    (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None, fp32),
+    else the first whose `output_split` it takes, as (layer, move, split, fp32); None where the call
+    is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: TF32,
+    and fp32 where `fp32_kernels` and GINJAX_CUDA_FP32 allow, `kernels.cuda._plan.fp32_coverage`)."""
+    from ..cuda._plan import fp32_coverage, fp32_enabled
+
+    fp32 = mode == "fp32" and fp32_kernels and fp32_enabled()
+    if (mode != "tf32" and not fp32) or poison is not None:
         return None
     spec = layers[0][0]
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
-    covers = lambda layer: covers_fn(layer, spatial, inputs[0].dtype)[0]  # noqa: E731
+    dtype = inputs[0].dtype
+
+    def covers(layer):
+        return covers_fn(layer, spatial, dtype)[0] and (not fp32 or fp32_coverage(layer, spatial, dtype)[0])
+
     for layer, move in layers:
         if covers(layer):
-            return layer, move, None
+            return layer, move, None, fp32
     for layer, move in layers:
         if (split := output_split(layer, covers)) is not None:
-            return layer, move, split
+            return layer, move, split, fp32
     return None
 
 
-def _forward_by_output_groups(split, inputs, weights, offsets):
+def _forward_by_output_groups(split, inputs, weights, offsets, fp32=False):
     """The CUDA forward of `split`'s layer as one launch per output group, each writing its channel
     slice of the same results (the later launches alias the previous results: no concatenation)."""
     from .. import cuda
@@ -278,7 +289,7 @@ def _forward_by_output_groups(split, inputs, weights, offsets):
         rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
         part = None if offsets is None else tuple(None if a is None else a[rows] for a in offsets)
         outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * OUTPUT_GROUP,
-                                 first_channel=g * OUTPUT_GROUP, into=outs)
+                                 first_channel=g * OUTPUT_GROUP, into=outs, **({"fp32": True} if fp32 else {}))
     return outs
 
 
@@ -350,7 +361,7 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
         return None
     from .. import cuda
 
-    _, _, split = plan
+    split = plan[2]
     if split is None:
         return cuda.weight_gradient_call(spec, inputs, cotangents)
     return _weight_grad_by_output_groups(split, inputs, cotangents)
