@@ -733,17 +733,23 @@ def test_ptxas_resources_within_budget(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = res.stderr
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # forward_kernel<NX, NT, kGroups, kPlanar, D, kWin>: both n-tile counts, both block layouts; G = 1
-    # and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width (kWin false) and
-    # the window widths (kWin true); each compiled exactly once.
-    kernels_ = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])EE",
-                          report)
-    expected = {(str(nx), str(nt), g, pl, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+    # forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
+    # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width
+    # (kWin false) and the window widths (kWin true); the fp32 (3xTF32) ones at dilation 1 on whole
+    # rows; each compiled exactly once.
+    entries = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])EE"
+                         r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    kernels_ = [e[:7] for e in entries]
+    expected = {(str(nx), str(nt), g, pl, str(d), win, "0") for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
+    expected |= {(str(nx), str(nt), g, pl, "1", "0", "1") for nx in _plan.NX_COVERED for nt in (1, 2) for pl in "01"
+                 for g in "01"}
     assert sorted(kernels_) == sorted(expected), report
-    assert len(regs) == len(expected) and len(spills) == len(expected), report
-    assert all(s == ("0", "0") for s in spills), report
+    assert len(regs) == len(expected), report
+    # the TF32 kernels do not spill; the fp32 ones (3 mma a tile, their splits live beside the Z
+    # tiles) at most a few words (ptxas, nvcc 13.0: 3 of 32 spill 8-12 bytes)
+    for e in entries:
+        assert (e[7], e[8]) == ("0", "0") if e[6] == "0" else int(e[7]) <= 16, (e, report)
     assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))
