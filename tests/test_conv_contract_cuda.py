@@ -496,6 +496,41 @@ def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
         assert results[:2] == [scalar, vector], (layout, results)
 
 
+def _emulated_launch(layer, geom, shapes, operands, **kwargs):
+    """A forward FFI call's results from the lane emulation configured only from what the kernel
+    gets (`geom`, the packed weights, the offsets): one emulated launch per example of the vmapped
+    batch (`broadcast_all`)."""
+
+    def host(x0, x1, w, off):
+        outs = []
+        for b in range(x0.shape[0]):
+            emu = Emulator(layer, np.asarray(x0[b]), np.asarray(x1[b]), np.asarray(w[b]), int(geom[6]),
+                           offsets=np.asarray(off[b]), planar=bool(geom[21]), fp32=bool(geom[24]), **kwargs)
+            outs.append(emu.run()[:2])
+        return tuple(np.stack([o[k] for o in outs]).astype(np.float32) for k in range(2))
+
+    return jax.pure_callback(host, tuple(shapes), *operands, vmap_method="broadcast_all")
+
+
+def _assert_matches_reference(got, grads, reference_loss, xs, ws, tol):
+    """Outputs and gradients (in xs and ws, of a `_sin_loss`) within `tol` of `reference_loss`'s at
+    JAX's highest matmul precision."""
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True)(xs, ws)
+    for g, w in zip(got, want):
+        assert rel_l2(g, w) <= tol
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= tol, errors
+
+
+def _sin_loss(spec, backend, precision=None):
+    """(loss, outputs) of a vmapped layer on `backend`: a nonlinear loss, so every gradient is tested."""
+    def f(xs, ws):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend, precision=precision))(xs)
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+    return f
+
+
 @pytest.mark.parametrize("layout, dilation", [("planar", 2), ("minor", 4)])
 def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(monkeypatch, layout, dilation):
     """The `triton` backend on a dilated layer (DilResNet's), the CUDA FFI calls replaced by the
@@ -533,36 +568,18 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
             assert len(geom) == 25 and int(geom[22]) == dilation and geom[21] == (layout == "planar") and geom[24] == 0
             launches.append(int(geom[6]))
 
-            def host(x0, x1, w, off):
-                layer = standard_spec(16, 16, dilation)  # either direction: the forward's bases
-                outs = []
-                for b in range(x0.shape[0]):  # the vmapped batch, one emulated launch per example
-                    emu = Emulator(layer, np.asarray(x0[b]), np.asarray(x1[b]), np.asarray(w[b]), int(geom[6]),
-                                   round_z=False, offsets=np.asarray(off[b]), planar=bool(geom[21]))
-                    outs.append(emu.run()[:2])
-                return tuple(np.stack([o[k] for o in outs]).astype(np.float32) for k in range(2))
-
-            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, vmap_method="broadcast_all")
+            # either direction runs a layer on the forward's bases
+            return _emulated_launch(standard_spec(16, 16, dilation), geom, shapes, (x0, x1, w, off), round_z=False)
 
         return call
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=29)
-
-    def loss(backend):
-        def f(xs, ws):
-            outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend))(xs)
-            return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
-        return f
+    loss = lambda backend: _sin_loss(spec, backend)  # noqa: E731
 
     (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
     assert len(launches) == 2 and len(dw_launches) == 1  # forward, input gradient; weight gradient
-    with jax.default_matmul_precision("highest"):
-        (_, want), want_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1), has_aux=True)(xs, ws)
-    for g, w in zip(got, want):
-        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
-    errors = gradient_errors(grads, want_grads, element_scale=1.0)
-    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+    _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["tf32"])
 
 
 def test_the_fp32_kernels_emulated_meet_the_fp32_tolerance():
@@ -606,26 +623,13 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
             assert len(geom) == 25
             launches.append(int(geom[24]))
 
-            def host(x0, x1, w, off):
-                outs = []
-                for b in range(x0.shape[0]):
-                    emu = Emulator(spec, np.asarray(x0[b]), np.asarray(x1[b]), np.asarray(w[b]), int(geom[6]),
-                                   offsets=np.asarray(off[b]), planar=bool(geom[21]), fp32=bool(geom[24]))
-                    outs.append(emu.run()[:2])
-                return tuple(np.stack([o[k] for o in outs]).astype(np.float32) for k in range(2))
-
-            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, vmap_method="broadcast_all")
+            return _emulated_launch(spec, geom, shapes, (x0, x1, w, off))
 
         return call
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=43)
-
-    def loss(backend, layer=spec):
-        def f(xs, ws):
-            outs = jax.vmap(lambda x: kernels.conv_contract(layer, x, ws, backend=backend, precision="fp32"))(xs)
-            return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
-        return f
+    loss = lambda backend, layer=spec: _sin_loss(layer, backend, "fp32")  # noqa: E731
 
     monkeypatch.setenv(_plan.FP32_ENV, "0")
     jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
@@ -633,12 +637,7 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     monkeypatch.setenv(_plan.FP32_ENV, "1")
     (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
     assert launches == [1, 1]  # the forward and the input gradient, both split
-    with jax.default_matmul_precision("highest"):
-        (_, want), want_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1), has_aux=True)(xs, ws)
-    for g, w in zip(got, want):
-        assert rel_l2(g, w) <= kernels.TOLERANCE["fp32"]
-    errors = gradient_errors(grads, want_grads, element_scale=1.0)
-    assert max(errors) <= kernels.TOLERANCE["fp32"], errors
+    _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["fp32"])
     dilated = standard_spec(16, 16, 2)
     assert triton_entry.cuda_forward_covers(dilated, (3, 4, 16), np.float32)[0]
     assert not _plan.fp32_coverage(dilated, (3, 4, 16), np.float32)[0]
