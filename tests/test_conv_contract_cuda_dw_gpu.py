@@ -15,6 +15,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +231,28 @@ def test_nan_and_inf_reach_exactly_their_weights(dilation, spatial):
     want = reference_dw(spec, [c[None] for c in clean], ws, cots)
     _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, got, want, kernels.TOLERANCE["tf32"])
 
+
+@st.composite
+def covered_weight_gradients(draw):
+    """A layer and grid the CUDA weight gradient covers (`_dw_plan.coverage`): dilation 1-8, x
+    extent (whole rows and x windows), 16 or 32 inputs and 8 or 16 outputs per key, a batch."""
+    d = draw(st.sampled_from([1, 1, 2, 4, 8]))
+    spatial = (draw(st.integers(1, 5)), d * draw(st.integers(1, 3)), draw(st.sampled_from([16, 32, 48, 64, 96, 128])))
+    spec = standard_spec(draw(st.sampled_from([16, 32])), draw(st.sampled_from([8, 16])), d)
+    assume(_dw_plan.coverage(spec, spatial, np.float32)[0])
+    return spec, spatial, draw(st.integers(1, 2))
+
+
+# the autouse layout fixture is function-scoped on purpose: every drawn example runs in its layout
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+@given(layer=covered_weight_gradients(), seed=st.integers(0, 999))
+def test_drawn_weight_gradients_against_reference(layer, seed):
+    """Hypothesis-drawn layers the weight gradient covers (both layouts): dW summed over the
+    vmapped batch against the float64 VJP of `reference` at tf32, every entry finite."""
+    spec, spatial, batch = layer
+    xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=seed)
+    got = batched(spec)(xs, cots)
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
+        assert rel(g, want) <= kernels.TOLERANCE["tf32"]

@@ -337,6 +337,37 @@ def test_fp32_against_reference(spatial, batch, strip, channels):
         cuda.conv_contract_cuda(dilated, [x[0] for x in xs], ws, precision="fp32")
 
 
+def test_fp32_through_the_triton_backend(monkeypatch):
+    """GINJAX_CUDA_FP32=1: a biased `triton` layer at precision="fp32" runs its forward and input
+    gradient as two CUDA launches of the 3xTF32 kernels (the weight gradient on Triton's fp32
+    kernel); value and gradients (inputs, weights, biases) within fp32's tolerance of `reference`."""
+    from kernels.triton.conv_contract import conv_contract_triton
+
+    monkeypatch.setenv(_plan.FP32_ENV, "1")
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    spec, spatial = SPEC, (3, 4, 32)
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=27)
+    rng = np.random.default_rng(28)
+    offs = (jnp.asarray(rng.standard_normal((16,)), jnp.float32), jnp.asarray(rng.standard_normal((16, 3)), jnp.float32))
+    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="fp32", offsets=offs),
+                   in_axes=(0, None, None))
+
+    def ref(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(xs)
+        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+
+    def loss(fn, *args):
+        return sum(jnp.vdot(out, ct) for out, ct in zip(fn(*args), cots))
+
+    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
+    hlo = step.lower(xs, ws, offs).as_text()
+    assert hlo.count("ginjax_cuda_forward") == 2 and "ginjax_cuda_weight_gradient" not in hlo, hlo[-3000:]
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
+    for g, w in zip(jax.tree.leaves(step(xs, ws, offs)), jax.tree.leaves(want)):
+        assert rel_l2(g, w) <= kernels.TOLERANCE["fp32"]
+
+
 @pytest.mark.parametrize(
     "spatial, strip, channels", [((3, 4, 32), 3, (16, 16)), ((2, 3, 16), 2, (16, 16)), ((3, 5, 16), 2, (32, 8)),
                                  ((2, 4, 16), 3, (32, 16))])
