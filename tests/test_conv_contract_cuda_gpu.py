@@ -185,18 +185,18 @@ def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatc
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
-def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_grads, finite=False):
-    """value_and_grad of a vmapped, biased `triton` layer (tf32) whose HLO holds `forwards` CUDA
-    forward launches, `weight_grads` CUDA weight-gradient launches and no Triton kernel but the
-    offsets' channel sums; value and gradients (inputs, weights, biases) against `reference`
-    (`finite`: every gradient finite too)."""
+def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_grads, finite=False, precision="tf32"):
+    """value_and_grad of a vmapped, biased `triton` layer at `precision` whose HLO holds `forwards`
+    CUDA forward launches, `weight_grads` CUDA weight-gradient launches and (tf32) no Triton kernel
+    but the offsets' channel sums; value and gradients (inputs, weights, biases) against `reference`
+    at the precision's tolerance (`finite`: every gradient finite too)."""
     from kernels.triton.conv_contract import conv_contract_triton
 
     o = spec.out_keys[0][2]
     xs, ws, cots = _cases.spec_operands(spec, spatial, batch, seed=seed)
     rng = np.random.default_rng(seed + 1)
     offs = (jnp.asarray(rng.standard_normal((o,)), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
-    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="tf32", offsets=offs),
+    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision=precision, offsets=offs),
                    in_axes=(0, None, None))
 
     def ref(xs, ws, offs):
@@ -210,8 +210,8 @@ def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_gr
     hlo = step.lower(xs, ws, offs).as_text()
     assert hlo.count("ginjax_cuda_forward") == forwards, hlo[-3000:]
     assert hlo.count("ginjax_cuda_weight_gradient") == weight_grads
-    # the only Triton kernels left: the offsets' gradient, each a sum of its cotangent (channel sums)
-    for line in hlo.splitlines():
+    # the only Triton kernels left at tf32: the offsets' gradient, each a sum of its cotangent (channel sums)
+    for line in hlo.splitlines() if precision == "tf32" else ():
         if "custom_call @triton_kernel_call" in line:
             assert b"channel_sums_" in zlib.decompress(_backend_config(line)), line[:300]
     with jax.default_matmul_precision("highest"):
@@ -220,7 +220,7 @@ def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_gr
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         if finite:
             assert bool(jnp.all(jnp.isfinite(g)))
-        assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
+        assert rel_l2(g, w) <= kernels.TOLERANCE[precision]
 
 
 def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
@@ -341,31 +341,9 @@ def test_fp32_through_the_triton_backend(monkeypatch):
     """GINJAX_CUDA_FP32=1: a biased `triton` layer at precision="fp32" runs its forward and input
     gradient as two CUDA launches of the 3xTF32 kernels (the weight gradient on Triton's fp32
     kernel); value and gradients (inputs, weights, biases) within fp32's tolerance of `reference`."""
-    from kernels.triton.conv_contract import conv_contract_triton
-
     monkeypatch.setenv(_plan.FP32_ENV, "1")
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
-    spec, spatial = SPEC, (3, 4, 32)
-    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=27)
-    rng = np.random.default_rng(28)
-    offs = (jnp.asarray(rng.standard_normal((16,)), jnp.float32), jnp.asarray(rng.standard_normal((16, 3)), jnp.float32))
-    run = jax.vmap(lambda x, ws, offs: conv_contract_triton(spec, x, ws, precision="fp32", offsets=offs),
-                   in_axes=(0, None, None))
-
-    def ref(xs, ws, offs):
-        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(xs)
-        return (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
-
-    def loss(fn, *args):
-        return sum(jnp.vdot(out, ct) for out, ct in zip(fn(*args), cots))
-
-    step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
-    hlo = step.lower(xs, ws, offs).as_text()
-    assert hlo.count("ginjax_cuda_forward") == 2 and "ginjax_cuda_weight_gradient" not in hlo, hlo[-3000:]
-    with jax.default_matmul_precision("highest"):
-        want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
-    for g, w in zip(jax.tree.leaves(step(xs, ws, offs)), jax.tree.leaves(want)):
-        assert rel_l2(g, w) <= kernels.TOLERANCE["fp32"]
+    _cuda_step_against_reference(SPEC, (3, 4, 32), 2, seed=27, forwards=2, weight_grads=0, precision="fp32")
 
 
 @pytest.mark.parametrize(
