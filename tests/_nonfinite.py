@@ -6,8 +6,8 @@ A fused kernel walks only the basis' nonzero taps, so a non-finite input reaches
 p - d (y - 1) (per axis, wrapped; d the dilation) for every tap y and output component j with a
 nonzero B[f, y, i, j] of a pair reading its component i; a dense convolution would also spread
 it through 0 * NaN. In the weight gradient, dW[o, c, f] = sum_p gY[p, o] Z_f[p, c] takes the hit of
-input channel c through every filter f with a nonzero tap on its component. Shared by the CUDA
-kernels' CPU tests (on the lane emulations) and GPU tests.
+input channel c through every filter f with a nonzero tap on its component. Shared by the Triton
+kernel's test and the CUDA kernels' CPU tests (on the lane emulations) and GPU tests.
 """
 
 from __future__ import annotations

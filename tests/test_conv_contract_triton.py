@@ -20,6 +20,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import _nonfinite
 import kernels
 from bench._flops import equations
 from conftest import (
@@ -186,34 +187,15 @@ def test_bf16_operands_and_float64_fallback():
 def test_nan_and_inf_propagate():
     """A NaN and an inf input reach exactly the outputs their nonzero filter taps touch (the
     structurally zero taps of the basis are skipped, unlike 0 * NaN in a dense convolution);
-    all other outputs equal the reference computed without them."""
+    all other outputs equal the reference computed without them (tests/_nonfinite.py)."""
     spec = make_layer(3, 3, [("s", 2), ("v", 2)], [("s", 2), ("v", 2)])
     N = 9
     xs, ws = operands(spec, N, seed=9)
-    xs = [np.array(x) for x in xs]
-    xs[0][1, 4, 4, 4] = np.nan
-    xs[1][0, 2, 6, 7, 1] = np.inf
-    got = [np.asarray(o) for o in conv_contract_triton(spec, [jnp.asarray(x) for x in xs], ws, precision="fp32")]
-    clean = [x.copy() for x in xs]
-    clean[0][1, 4, 4, 4] = 0.0
-    clean[1][0, 2, 6, 7, 1] = 0.0
+    hits = [(0, 1, (4, 4, 4), 0), (1, 0, (2, 6, 7), 1)]
+    bad, clean = _nonfinite.poison([np.asarray(x) for x in xs], hits, [np.nan, np.inf])
+    got = [np.asarray(o) for o in conv_contract_triton(spec, [jnp.asarray(x) for x in bad], ws, precision="fp32")]
     ref = kernels.conv_contract(spec, [jnp.asarray(x) for x in clean], ws, backend="reference", precision="fp32")
-    # outputs reached: output pixel p - y for every tap y with a nonzero B[f, y, i, :] of some pair
-    reached = [np.zeros(o.shape[1:], bool) for o in got]
-    for pair in spec.pairs:
-        k_a = spec.in_keys[pair.in_index][0]
-        src = (4, 4, 4) if pair.in_index == 0 else (2, 6, 7)
-        comp = 0 if pair.in_index == 0 else 1
-        B = pair.basis.array.reshape((pair.basis.n_filters, 3, 3, 3, 3**k_a, -1))
-        for f, y0, y1, y2, i, j in zip(*np.nonzero(B)):
-            if i != comp:
-                continue
-            p = tuple((s - (y - 1)) % N for s, y in zip(src, (y0, y1, y2)))
-            reached[pair.out_index].reshape((N, N, N, -1))[p + (j,)] = True
-    for g, r, hit in zip(got, ref, reached):
-        bad = ~np.isfinite(g)
-        assert (bad == np.broadcast_to(hit, g.shape)).all()
-        assert rel_l2(np.where(bad, 0, g), np.where(bad, 0, r)) <= 1e-5
+    _nonfinite.check_nonfinite_exactly_reached(spec, (N,) * 3, hits, got, ref, 1e-5)
 
 
 # ---- structure of the generated kernel ---------------------------------------------------------------
