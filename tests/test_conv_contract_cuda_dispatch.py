@@ -93,9 +93,10 @@ def _loss(spec, offsets):
     return loss
 
 
-def _dense_with_offsets(s, inputs, weights, offsets=None):
+def _dense_with_offsets(s, inputs, weights, offsets=None, fp32=False):
     """The CUDA forward's contract on `dense`: unbatched blocks, each key's (o, *tensor) offset
-    added at every pixel (the epilogue's bias)."""
+    added at every pixel (the epilogue's bias); asked at tf32 here (`fp32`: the 3xTF32 kernels)."""
+    assert not fp32, "a tf32 call reached the CUDA forward as fp32"
     outs = kernels.conv_contract(s, inputs, weights, backend="dense", precision="fp32")
     return tuple(y if off is None else y + off.reshape(off.shape[:1] + (1,) * 3 + off.shape[1:])
                  for y, off in zip(outs, offsets or (None,) * len(outs)))
@@ -121,10 +122,10 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
     def covers(s, spatial, dtype):  # the compiled stencil: the forward layer's bases, in its order
         return [p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in"
 
-    def call(s, inputs, weights, offsets=None):  # the kernel's contract: unbatched blocks, batched by vmap
+    def call(s, inputs, weights, offsets=None, fp32=False):  # the kernel's contract: unbatched blocks, batched by vmap
         asked.append(s)
         given.append(offsets)
-        return _dense_with_offsets(s, inputs, weights, offsets)
+        return _dense_with_offsets(s, inputs, weights, offsets, fp32)
 
     monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.setattr(cuda, "coverage", covers)
@@ -319,11 +320,11 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
         return ([p.basis for p in s.pairs] == [p.basis for p in spec.pairs]
                 and all(o == 16 for _, _, o in s.out_keys)), "stand-in"
 
-    def forward(s, inputs, weights, offs=None, *, out_channels=None, first_channel=0, into=None):
+    def forward(s, inputs, weights, offs=None, *, out_channels=None, first_channel=0, into=None, fp32=False):
         # the kernel's contract: results of out_channels per key, this launch's slice written into
         # the previous launch's results (fresh ones: NaN, so a slice nobody writes shows)
         forward_asked.append((s, offs, out_channels, first_channel, into is not None))
-        part = _dense_with_offsets(s, inputs, weights, offs)
+        part = _dense_with_offsets(s, inputs, weights, offs, fp32)
         if into is None:
             into = tuple(jnp.full((out_channels,) + y.shape[1:], jnp.nan, y.dtype) for y in part)
         return tuple(full.at[first_channel : first_channel + y.shape[0]].set(y) for full, y in zip(into, part))

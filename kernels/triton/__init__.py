@@ -130,9 +130,8 @@ def describe(spec: ConvSpec, spatial) -> str:
             on_triton.append(what)
     if not on_cuda:
         return ""
-    from ..cuda.conv_contract import layout as cuda_layout
-
     from ..cuda._plan import fp32_enabled
+    from ..cuda.conv_contract import layout as cuda_layout
 
     blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
     precisions = ("tf32, and the forward's fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=1)"

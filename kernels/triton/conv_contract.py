@@ -233,10 +233,9 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
     if offsets is not None and all(o is None for o in offsets):
         offsets = None
     layer, move, split, fp32 = plan
-    precision = {"fp32": True} if fp32 else {}  # TF32 calls as they always were
     if split is None:
-        return cuda.forward_call(layer, inputs, move(weights), offsets, **precision)
-    return _forward_by_output_groups(split, inputs, move(weights), offsets, **precision)
+        return cuda.forward_call(layer, inputs, move(weights), offsets, fp32=fp32)
+    return _forward_by_output_groups(split, inputs, move(weights), offsets, fp32)
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
@@ -289,7 +288,7 @@ def _forward_by_output_groups(split, inputs, weights, offsets, fp32=False):
         rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
         part = None if offsets is None else tuple(None if a is None else a[rows] for a in offsets)
         outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * OUTPUT_GROUP,
-                                 first_channel=g * OUTPUT_GROUP, into=outs, **({"fp32": True} if fp32 else {}))
+                                 first_channel=g * OUTPUT_GROUP, into=outs, fp32=fp32)
     return outs
 
 
