@@ -375,7 +375,7 @@ def rng():
     return np.random.default_rng(20261121)
 
 
-def assert_memcheck_clean(code: str, timeout: int = 400, tool: str = "memcheck") -> None:
+def assert_sanitizer_clean(code: str, timeout: int = 400, tool: str = "memcheck") -> None:
     """Run `code` (a Python script that prints "done" at its end) under compute-sanitizer's
     `tool` (memcheck, racecheck, synccheck) with this test run's sys.path; fail on any error it
     reports or a script failure."""

@@ -26,7 +26,7 @@ from bench import _cases, _configs
 import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator
 from _conv_cuda_emulate import standard_spec
-from conftest import assert_memcheck_clean, float64
+from conftest import assert_sanitizer_clean, float64
 from kernels import cuda
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import weight_gradient as wg
@@ -169,7 +169,7 @@ def test_memcheck_clean():
         print("done")
         """
     )
-    assert_memcheck_clean(code)
+    assert_sanitizer_clean(code)
 
 
 @pytest.mark.parametrize("dilation, spatial, batch, strip", [

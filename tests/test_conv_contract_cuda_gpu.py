@@ -433,7 +433,7 @@ def test_forward_under_compute_sanitizer(tool):
     import shutil
     import textwrap
 
-    from conftest import assert_memcheck_clean
+    from conftest import assert_sanitizer_clean
 
     if shutil.which("compute-sanitizer") is None:
         pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
@@ -455,7 +455,7 @@ def test_forward_under_compute_sanitizer(tool):
         print("done")
         """
     )
-    assert_memcheck_clean(code, timeout=500, tool=tool)
+    assert_sanitizer_clean(code, timeout=500, tool=tool)
 
 
 @pytest.mark.parametrize("dilation, spatial", [(1, (5, 6, 32)), (1, (3, 4, 128)), (2, (4, 6, 64))])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import assert_memcheck_clean, rel_l2
+from conftest import assert_sanitizer_clean, rel_l2
 
 pytestmark = pytest.mark.gpu
 
@@ -203,7 +203,7 @@ def test_memcheck_clean_on_a_3d_case():
         print("done")
         """
     )
-    assert_memcheck_clean(code)
+    assert_sanitizer_clean(code)
 
 
 # ---- the fused backward on the GPU ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from _vector_neuron_gpu import (EPS, check_against_xla, check_bit_identical, operands, relayouts_next_to,
                                 resnet_like_step_hlo, step)
-from conftest import assert_memcheck_clean
+from conftest import assert_sanitizer_clean
 from ginjax import _vector_neuron
 from kernels import cuda
 from kernels.cuda import _ffi
@@ -110,7 +110,7 @@ def test_memcheck_clean():
         print("done")
         """
     )
-    assert_memcheck_clean(code)
+    assert_sanitizer_clean(code)
 
 
 def test_no_relayout_around_the_cuda_calls():
