@@ -6,9 +6,11 @@ so neither tracing nor compilation is ever timed; `memory_of` reads its temp byt
 `time_compiled` is the loop the pytest-benchmark suite, `python -m bench measure-auto`,
 `python -m bench profile`, triton_sweep.py, scaling.py and bench/pallas_timing.py all use:
 - one call (unless the caller already made it) and, when that was short, one warm call decide
-  how many calls make a round: calls under QUEUE_BELOW_S are queued QUEUED_CALLS to a round and
+  how many calls make a round: calls under QUEUE_BELOW_S are queued `queued_calls()` to a round and
   synchronised once, as a training loop runs them (a synchronised single call also pays 0.2-0.8 ms
-  of host round trip on the H200, which is not the backend's cost; bench/NOTES.md);
+  of host round trip on the H200, which is not the backend's cost; bench/NOTES.md); a round still
+  pays one round trip, a share of it per call, so $GINJAX_BENCH_QUEUED_CALLS (default 5) sets
+  the queue depth to see how much of a short call's time that share is;
 - `warmup` calls, then WARMUP_S of back-to-back calls so a GPU's clocks are up (a median over
   calls at lower clocks read up to 1.4x slow on the H200);
 - rounds filling about `max_time` seconds (at least `min_rounds`, at most `max_rounds`); a case
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,12 +35,24 @@ import jax
 import kernels
 
 WARMUP_S = 0.25
-QUEUED_CALLS = 5
+QUEUED_CALLS_ENV = "GINJAX_BENCH_QUEUED_CALLS"
 QUEUE_BELOW_S = 0.05
 WARM_CHECK_BELOW_S = 2.0
 
 # runner(run, rounds, calls_per_round) -> seconds of each round; the default times them with perf_counter
 RoundsRunner = Callable[[Callable[[], Any], int, int], Sequence[float]]
+
+
+def queued_calls() -> int:
+    """Calls queued to a round for calls under QUEUE_BELOW_S: $GINJAX_BENCH_QUEUED_CALLS, default 5."""
+    raw = os.environ.get(QUEUED_CALLS_ENV, "5")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"${QUEUED_CALLS_ENV} (={raw!r}) must be an int >= 1")
+    return n
 
 
 OPERAND_LAYOUTS = ("row-major", "auto")
@@ -173,7 +188,7 @@ def time_compiled(
     # steps whose first call passed `max_time` got 3 rounds without warm-up (session 22)
     warm_s = _timed_call(call) if first_call_s < WARM_CHECK_BELOW_S else first_call_s
     if calls_per_round is None:
-        calls_per_round = QUEUED_CALLS if warm_s < QUEUE_BELOW_S else 1
+        calls_per_round = queued_calls() if warm_s < QUEUE_BELOW_S else 1
 
     def run():
         return jax.block_until_ready([compiled(*args) for _ in range(calls_per_round)])

@@ -417,5 +417,20 @@ def test_a_slow_first_call_does_not_cut_the_warm_up():
         return np.zeros(())
 
     t = _timing.time_compiled(fake, (), max_time=0.05, min_rounds=3, warmup_s=0.01)
-    assert t.calls_per_round == _timing.QUEUED_CALLS
+    assert t.calls_per_round == 5
     assert t.rounds > 3 and len(calls) > 1 + 1 + t.rounds * t.calls_per_round
+
+
+def test_queued_calls_from_the_environment(monkeypatch):
+    """$GINJAX_BENCH_QUEUED_CALLS sets the queue depth of short calls; a bad value names the variable."""
+    import numpy as np
+
+    from bench import _timing
+
+    monkeypatch.setenv(_timing.QUEUED_CALLS_ENV, "12")
+    t = _timing.time_compiled(lambda: np.zeros(()), (), max_time=0.02, min_rounds=2, warmup=0)
+    assert t.calls_per_round == 12
+    for bad in ("0", "five"):
+        monkeypatch.setenv(_timing.QUEUED_CALLS_ENV, bad)
+        with pytest.raises(ValueError, match="GINJAX_BENCH_QUEUED_CALLS"):
+            _timing.time_compiled(lambda: np.zeros(()), (), max_time=0.02, min_rounds=2, warmup=0)
