@@ -6,15 +6,16 @@ read of a slot being refilled, or of a row not yet landed, poisons the result), 
 on the transposed lane mapping (the forward emulation's `walk`, its channel pair the k-step
 pair), the A fragments read from the staged gY at a row's start, the mma into per-weight accumulators, the segments'
 reduction in shared memory and the per-CTA partials; then XLA's sum over the CTAs and
-`_dw_plan.unpack`. Vectorised over the 32 lanes of a warp, float64 arithmetic (tf32 rounding of
-both operands optional)."""
+`_dw_plan.unpack`. Vectorised over the 32 lanes of a warp, float64 arithmetic (both operands as tf32
+operands, truncated, optional)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from _conv_cuda_emulate import Emulator, slice_copies, to_physical, x_window
+from _conv_cuda_emulate import Emulator, slice_copies, tf32_operand, to_physical, x_window
 from kernels.cuda import _dw_plan, _plan
+from kernels.cuda.weight_gradient import TRUNCATION_SCALE
 
 LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
@@ -27,7 +28,7 @@ def emulated_partials(spec, ops, geom, shape):
     (strip, layout, first channel), `shape` the unbatched result's."""
     lead = ops[0].shape[:-4]
     flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
-    _, parts = DwEmulator(spec, *flat, int(geom[5]), round_tf32=False, first_channel=int(geom[12]),
+    _, parts = DwEmulator(spec, *flat, int(geom[5]), tf32=False, first_channel=int(geom[12]),
                           planar=bool(geom[13])).run()
     return parts.reshape(lead + shape.shape).astype(np.float32)
 
@@ -37,12 +38,12 @@ class DwEmulator:
     nz, ny, nx, 3) of which the launch reads output channels first_channel .. + o - 1 (o the
     layer's); `planar`: the vector blocks lie component-planar in memory (arrays in are logical)."""
 
-    def __init__(self, spec, x0, x1, gy0, gy1, strip: int, round_tf32: bool = True, first_channel: int = 0,
+    def __init__(self, spec, x0, x1, gy0, gy1, strip: int, tf32: bool = True, first_channel: int = 0,
                  planar: bool = False):
         self.batch, self.c, self.nz, self.ny, self.nx = x0.shape
         self.o, self.o_total, self.o_base = spec.out_keys[0][2], gy0.shape[1], first_channel
         self.planar = planar
-        self.spec, self.strip, self.round = spec, strip, round_tf32
+        self.spec, self.strip, self.tf32 = spec, strip, tf32
         self.lay = _dw_plan.layout(spec, self.nx)
         self.d = self.lay.dilation
         self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
@@ -132,6 +133,8 @@ class DwEmulator:
                         parts[b, kg, z * strips + s] = self.cta(b, kg, z, rest % d, j0, min(j0 + self.strip, rows),
                                                                 xw * self.w)
         summed = parts.sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
+        if self.tf32:  # weight_gradient_call's scale: both operands' truncation bias out
+            summed = summed * TRUNCATION_SCALE
         dws = [_dw_plan.unpack(self.spec, summed[b]) for b in range(self.batch)]
         return tuple(np.stack(d) for d in zip(*dws)), parts.reshape(self.batch, groups * nz * strips, -1)
 
@@ -211,8 +214,8 @@ class DwEmulator:
         else:
             self.mma(self.passes[op[1]], st[op[1]]["zt"], st["a"], acc)
 
-    def tf32(self, v):
-        return np.asarray(_plan.round_tf32(np.asarray(v, np.float32)), np.float64) if self.round else v
+    def operand(self, v):
+        return tf32_operand(v) if self.tf32 else v
 
     def fragments(self, seg, gyr):
         """a[q][s] = (a0, a1, a2, a3) of output group q, k-step s: gY_q[o][x] at o = g, g + 8 (rows
@@ -231,10 +234,10 @@ class DwEmulator:
                     at = vec + j * self.w + x if self.planar else vec + 3 * x + j  # pixel x's component j
                     step = d if self.planar else 3 * d
                     a[1 + j, s, r], a[1 + j, s, 2 + r] = self.smem[at], self.smem[at + step]
-        return self.tf32(a)
+        return self.operand(a)
 
     def mma(self, p, zt, a, acc):
-        z = self.tf32(zt)
+        z = self.operand(zt)
         for t, (q, w) in enumerate(zip(p.group, p.weight)):
             for s in range(2):
                 A = np.zeros((16, 8))

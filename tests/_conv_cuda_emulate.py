@@ -97,6 +97,18 @@ def standard_spec(c_in: int, c_out: int, dilation: int = 1):
                              rhs_dilation=dilation)
 
 
+CANONICAL_NAN = np.uint32(0x7FFFFFFF).view(np.float32)
+
+
+def tf32_operand(x):
+    """What the mma reads of a float the kernel computed (common.cuh's tf32_bits), as float64: the
+    GPU's arithmetic returns every NaN as the canonical 0x7fffffff, and the mma truncates to tf32.
+    (numpy keeps a NaN's payload, so without the first step a bit trick that loses the canonical
+    NaN would pass here and fail on the GPU.)"""
+    x = np.asarray(x, np.float64).astype(np.float32)
+    return np.asarray(_plan.truncate_tf32(np.where(np.isnan(x), CANONICAL_NAN, x)), np.float64)
+
+
 def split_tf32(x):
     """common.cuh's split_tf32 of float64 values taken as float32: [hi, lo], hi x rounded to tf32,
     lo the float32 remainder x - hi rounded to tf32 (as the mma reads it)."""
@@ -114,7 +126,7 @@ class Emulator:
     None, from fresh memory. `planar`: the vector blocks x1 and y1 lie component-planar in memory
     (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers)."""
 
-    def __init__(self, spec, x0, x1, packed, strip: int, round_z: bool = True, offsets=None, n_groups=None,
+    def __init__(self, spec, x0, x1, packed, strip: int, tf32: bool = True, offsets=None, n_groups=None,
                  out_channels=None, first_channel=0, out=None, planar=False, fp32=False):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
@@ -127,7 +139,7 @@ class Emulator:
         self.planar = planar
         self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
         self.packed = np.asarray(packed, np.float64)
-        self.strip, self.round_z, self.fp32 = strip, round_z, fp32  # fp32: the 3xTF32 kernels (packed unrounded)
+        self.strip, self.tf32, self.fp32 = strip, tf32, fp32  # fp32: the 3xTF32 kernels (packed unrounded)
         # the epilogue's `off` operand: o scalar offsets, then (o, 3) vector ones
         self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
@@ -279,7 +291,7 @@ class Emulator:
             if self.fp32:  # 3xTF32: Z (fp32, as the kernel holds it) split into a tf32 part and remainder
                 parts_a = split_tf32(a)
             else:
-                parts_a = [np.asarray(_plan.round_tf32(a.astype(np.float32)), np.float64) if self.round_z else a]
+                parts_a = [tf32_operand(a) if self.tf32 else a]
             As = []
             for part in parts_a:
                 A = np.zeros((16, 8))

@@ -195,11 +195,26 @@ def test_packed_weights_are_mma_b_fragments():
                         for r in range(2):
                             got = packed[base + ((h * n_t + T) * 32 + lane) * 4 + 2 * n + r]
                             want = ws[tile.term][8 * n + lane // 4, 8 * h + lane % 4 + 4 * r, tile.f]
-                            assert got == _plan.round_tf32(np.float32(want))
+                            scaled = np.float32(want) * np.float32(1 / (1 - _plan.TF32_TRUNCATION_BIAS))
+                            assert got == _plan.round_tf32(scaled)
         base += 2 * n_t * 2 * 64
     assert base == packed.size
     traced = jax.jit(lambda w: _plan.pack_weights(SPEC, w, xp=jnp))([jnp.asarray(w, jnp.float32) for w in ws])
     assert np.array_equal(np.asarray(traced), packed)  # the path conv_contract_cuda takes
+
+
+def test_truncate_tf32_keeps_nan_and_inf():
+    """The mma's reading of a float: the low 13 bits cleared, the GPU's canonical NaN (0x7fffffff)
+    and inf kept (an add of 0x1000 first, the old rounding, made that NaN -0); its mean relative
+    error on log-uniform mantissas is TF32_TRUNCATION_BIAS."""
+    canonical = np.uint32([0x7FFFFFFF, 0xFFFFFFFF]).view(np.float32)
+    got = _plan.truncate_tf32(np.concatenate([canonical, np.float32([np.inf, -np.inf, 1 + 2**-11, -3.0])]))
+    assert np.isnan(got[:2]).all() and np.array_equal(got[2:], np.float32([np.inf, -np.inf, 1.0, -3.0]))
+    assert np.array_equal(np.asarray(_plan.truncate_tf32(jnp.asarray(got), jnp)), got, equal_nan=True)
+    assert not np.isnan((canonical.view(np.uint32) + np.uint32(0x1000)).view(np.float32)).any()  # the old add
+    m = np.exp2(np.random.default_rng(1).uniform(0, 1, 200_000)).astype(np.float32)  # log-uniform in [1, 2)
+    bias = np.mean(1 - _plan.truncate_tf32(m) / m)
+    assert abs(bias - _plan.TF32_TRUNCATION_BIAS) < 0.02 * _plan.TF32_TRUNCATION_BIAS
 
 
 def test_round_tf32():
@@ -216,17 +231,17 @@ def test_round_tf32():
     assert np.abs(_plan.round_tf32(r) / r - 1).max() <= 2.0**-11
 
 
-def _emulated(spatial, strip, round_z, seed, spec=SPEC, n_groups=None, planar=False):
+def _emulated(spatial, strip, tf32, seed, spec=SPEC, n_groups=None, planar=False):
     """The emulated kernel on fresh operands, with fresh bias offsets in its epilogue (the
-    `off` operand `cuda.conv_contract.flat_offsets` builds); without `round_z` neither Z nor the
+    `off` operand `cuda.conv_contract.flat_offsets` builds); without `tf32` neither Z nor the
     packed weights are rounded to tf32, so only the index arithmetic and the walk's
     reassociation remain. `n_groups` forces a channel-group split (None: the kernel's)."""
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=seed)
     o = spec.out_keys[0][2]
     rng = np.random.default_rng(seed + 100)
     offsets = (jnp.asarray(rng.standard_normal(o), jnp.float32), jnp.asarray(rng.standard_normal((o, 3)), jnp.float32))
-    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=round_z)
-    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, round_z=round_z,
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=tf32)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, tf32=tf32,
                    offsets=np.asarray(cuda_entry.flat_offsets(spec, offsets)), n_groups=n_groups, planar=planar)
     y0, y1, copies = emu.run()
     with jax.default_matmul_precision("highest"):
@@ -264,7 +279,7 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     spec = SPEC if channels == (16, 16) and dilation == 1 else standard_spec(*channels, dilation=dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0]
-    emu, got, want, copies = _emulated(spatial, strip, round_z=False, seed=5, spec=spec, n_groups=n_groups,
+    emu, got, want, copies = _emulated(spatial, strip, tf32=False, seed=5, spec=spec, n_groups=n_groups,
                                        planar=planar)
     G = emu.n_groups
     assert G == (n_groups or _plan.groups(spec, spatial[2]))
@@ -321,7 +336,7 @@ def test_group_weights_are_the_groups_chunks():
 
 
 def test_emulated_kernel_with_tf32_meets_the_tolerance():
-    _, got, want, _ = _emulated((3, 4, 16), 4, round_z=True, seed=6)
+    _, got, want, _ = _emulated((3, 4, 16), 4, tf32=True, seed=6)
     for g, w in zip(got, want):
         err = rel_l2(jnp.asarray(g, jnp.float32), w)
         assert 1e-6 < err <= kernels.TOLERANCE["tf32"]  # rounded (not fp32-exact), within tf32's bound
@@ -333,17 +348,18 @@ def test_nan_and_inf_reach_exactly_the_tapped_outputs_on_the_emulated_kernel(dil
     """A NaN (scalar input) and an inf (one component of a vector input) through the emulated
     kernel: non-finite exactly at the outputs a nonzero basis tap carries them to, every output
     channel there, no more (the symmetric walk's shared sums and differences of two taps only
-    combine taps that are both nonzero), and the reference of the clean inputs elsewhere. The GPU
+    combine taps that are both nonzero), and the reference of the clean inputs elsewhere (tf32).
+    Z reaches the mma as the GPU makes it (`tf32_operand`: the canonical NaN, truncated). The GPU
     test of the same name runs the kernel itself."""
     spec = standard_spec(16, 16, dilation)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=23)
     hits, values = _nonfinite.standard_hits(spatial)
     bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
-    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=False)
-    y0, y1, _ = Emulator(spec, bad[0], bad[1], packed, 2, round_z=False, planar=planar).run()
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws])
+    y0, y1, _ = Emulator(spec, bad[0], bad[1], packed, 2, planar=planar).run()
     with jax.default_matmul_precision("highest"):
         want = kernels.conv_contract(spec, [jnp.asarray(x) for x in clean], ws, backend="reference")
-    _nonfinite.check_nonfinite_exactly_reached(spec, spatial, hits, (y0, y1), want, 1e-5)
+    _nonfinite.check_nonfinite_exactly_reached(spec, spatial, hits, (y0, y1), want, kernels.TOLERANCE["tf32"])
 
 
 @pytest.mark.parametrize("layout", ["minor", "planar"])
@@ -374,7 +390,7 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
             calls.append(G)
 
             def host(x0, x1, w, off):
-                emu = Emulator(spec, np.asarray(x0), np.asarray(x1), np.asarray(w), strip, round_z=False,
+                emu = Emulator(spec, np.asarray(x0), np.asarray(x1), np.asarray(w), strip, tf32=False,
                                offsets=np.asarray(off), n_groups=G, planar=bool(geom[21]))
                 assert G * emu.lay.weight_floats == w_floats
                 return tuple(np.asarray(a, np.float32) for a in emu.run()[:2])
@@ -427,7 +443,7 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch, layout):
             prev = operands[4:]
 
             def host(x0, x1, w, off, *prev):
-                emu = Emulator(_sub, np.asarray(x0), np.asarray(x1), np.asarray(w), int(geom[6]), round_z=False,
+                emu = Emulator(_sub, np.asarray(x0), np.asarray(x1), np.asarray(w), int(geom[6]), tf32=False,
                                offsets=np.asarray(off), out_channels=total, first_channel=first,
                                out=[np.asarray(p) for p in prev] if prev else None, planar=bool(geom[21]))
                 outs = emu.run()[:2]
@@ -569,7 +585,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
             launches.append(int(geom[6]))
 
             # either direction runs a layer on the forward's bases
-            return _emulated_launch(standard_spec(16, 16, dilation), geom, shapes, (x0, x1, w, off), round_z=False)
+            return _emulated_launch(standard_spec(16, 16, dilation), geom, shapes, (x0, x1, w, off), tf32=False)
 
         return call
 

@@ -27,8 +27,8 @@
 // would double the FP32 work, while on the tensor cores it is ~15 % of the stencil's issue
 // slots. wgmma would need Z in shared memory (tf32 A comes only from shared memory), i.e. one
 // store and one barrier per Z element: mma.sync takes A from registers. tf32: the weights are
-// rounded once on the host (pack_weights) and copied as they are; Z is rounded by one integer
-// add (tf32_bits), not cvt.rna's compare-and-add.
+// rounded once on the host (pack_weights, with truncation's mean bias taken out) and copied as
+// they are; Z goes to the mma as it is, truncated (common.cuh's tf32_bits: no instruction, NaN-safe).
 //
 // The y ring: slices y-1, y, y+1; slice y+2 overwrites y-1's slot once every warp is past the
 // dy = -1 rows of the phase (MID in the generated walk), so the copy overlaps the rest of the

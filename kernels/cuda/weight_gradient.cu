@@ -28,8 +28,8 @@
 // components accumulates their tiles, each with its own gY_j (A fragment), into one accumulator:
 // 18 weights x 4 floats a lane, live for the whole strip. gY rows are staged by 16-byte cp.async
 // one row ahead (two buffers); each warp reads its A fragments of the row once, at the row's
-// start (float2 reads, pitch = 8 mod 32: conflict-free per half warp), rounded to tf32 by
-// tf32_bits as Z is: 32 registers live through the row.
+// start (float2 reads, pitch = 8 mod 32: conflict-free per half warp), as tf32 operands
+// (truncated, as Z is: common.cuh's tf32_bits): 32 registers live through the row.
 //
 // Why passes (the forward keeps the vector phase's 27 tiles live): 72 accumulator registers live
 // across rows and 32 of A fragments through a row; with 27 tiles (108 registers) the walk would

@@ -22,8 +22,14 @@ from .._registry import traced_batch
 from .._spec import ConvSpec
 from . import _dw_plan
 from ._ffi import DW_TARGET, registered
+from ._plan import TF32_TRUNCATION_BIAS
 from ._tiling import strip_for
 from .conv_contract import layout, output_slice, vector_layouts
+
+
+# Both mma operands (gY and Z) reach the tensor cores truncated to tf32 (common.cuh's tf32_bits):
+# the sums of the partials are scaled by this to take out their mean error.
+TRUNCATION_SCALE = 1.0 / (1.0 - TF32_TRUNCATION_BIAS) ** 2
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_channels: Optional[int] = None,
@@ -43,7 +49,8 @@ def weight_gradient_call(
     """Per pair, dW (o, c, F) in float32 of unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx,
     3) and output cotangents gy0 (O, nz, ny, nx), gy1 (O, nz, ny, nx, 3): the `weights` layout of
     `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` and that TF32 is the
-    precision asked for (gY and Z are rounded to tf32, fp32 accumulation).
+    precision asked for (gY and Z are truncated to tf32, their mean error scaled out; fp32
+    accumulation).
 
     Args:
         strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, halved while the launch would
@@ -63,7 +70,7 @@ def weight_gradient_call(
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
     parts = partials(spec, inputs, cotangents, strip, first_channel)
-    return _dw_plan.unpack(spec, jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
+    return _dw_plan.unpack(spec, jnp.float32(TRUNCATION_SCALE) * jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
 
 
 def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int = 0) -> jax.Array:
