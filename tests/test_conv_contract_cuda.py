@@ -616,7 +616,7 @@ def test_the_fp32_kernels_emulated_meet_the_fp32_tolerance():
 
 @pytest.mark.parametrize("layout", ["minor", "planar"])
 def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
-    """precision="fp32" on the `triton` backend with GINJAX_CUDA_FP32=1: the forward and the input
+    """precision="fp32" on the `triton` backend (GINJAX_CUDA_FP32 unset, on): the forward and the input
     gradient are forward launches with `geom`[24] = 1 and unrounded packed weights (the FFI calls
     replaced by the emulation); outputs and gradients within fp32's tolerance of `reference`, the
     weight gradient on Triton's kernel (the CUDA one is tf32 only). Without the switch, or on a
@@ -649,8 +649,8 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
 
     monkeypatch.setenv(_plan.FP32_ENV, "0")
     jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
-    assert launches == []  # off by default: Triton's kernels
-    monkeypatch.setenv(_plan.FP32_ENV, "1")
+    assert launches == []  # turned off: Triton's kernels
+    monkeypatch.delenv(_plan.FP32_ENV)  # on by default
     (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
     assert launches == [1, 1]  # the forward and the input gradient, both split
     _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["fp32"])
@@ -762,9 +762,11 @@ def test_ptxas_resources_within_budget(tmp_path):
                  for g in "01"}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected), report
-    # the TF32 kernels do not spill; the fp32 ones (3 mma a tile, their splits live beside the Z
-    # tiles) at most a few words (ptxas, nvcc 13.0: 3 of 32 spill 8-12 bytes)
+    # the TF32 kernels do not spill, but for three whole-row ones at dilation 8 (x 16 and 48, 16
+    # outputs: the widest walk offsets); the fp32 ones (3 mma a tile, their splits live beside the
+    # Z tiles) at most a few words (ptxas, nvcc 13.0: 4-12 bytes in each of those 5 of 192)
     for e in entries:
-        assert (e[7], e[8]) == ("0", "0") if e[6] == "0" else int(e[7]) <= 16, (e, report)
+        few_words = e[6] == "1" or (e[4] == "8" and e[5] == "0" and e[0] in ("16", "48") and e[1] == "2")
+        assert int(e[7]) <= 16 if few_words else (e[7], e[8]) == ("0", "0"), (e, report)
     assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))

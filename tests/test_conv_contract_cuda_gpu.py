@@ -338,7 +338,7 @@ def test_fp32_against_reference(spatial, batch, strip, channels):
 
 
 def test_fp32_through_the_triton_backend(monkeypatch):
-    """GINJAX_CUDA_FP32=1: a biased `triton` layer at precision="fp32" runs its forward and input
+    """GINJAX_CUDA_FP32 on (the default): a biased `triton` layer at precision="fp32" runs its forward and input
     gradient as two CUDA launches of the 3xTF32 kernels (the weight gradient on Triton's fp32
     kernel); value and gradients (inputs, weights, biases) within fp32's tolerance of `reference`."""
     monkeypatch.setenv(_plan.FP32_ENV, "1")

@@ -134,7 +134,7 @@ def describe(spec: ConvSpec, spatial) -> str:
     from ..cuda.conv_contract import layout as cuda_layout
 
     blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
-    precisions = ("tf32, and the forward's fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=1)"
+    precisions = ("tf32, and the forward's fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
                   if fp32_enabled() else "tf32")
     said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at {precisions} ({blocks} vector blocks; "
             "Triton's at other precisions)")

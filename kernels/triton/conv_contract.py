@@ -242,7 +242,7 @@ def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
     """How `_cuda_forward` runs this call: (layer, weight move, None, fp32) for one launch of
     `layer`, (layer, move, output split, fp32) for launches per output group, or None where it does
     not (then Triton's kernel runs it); fp32: the 3xTF32 kernels (mode "fp32" where
-    GINJAX_CUDA_FP32=1 and `fp32_coverage` takes the layer). Also what the inputs' means are read
+    GINJAX_CUDA_FP32 is not "0" and `fp32_coverage` takes the layer). Also what the inputs' means are read
     beside (`_input_means`)."""
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
