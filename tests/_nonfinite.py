@@ -68,18 +68,31 @@ def check_nonfinite_exactly_reached(spec, spatial, hits, got, want, tol):
         assert err <= tol, f"output block {b}: rel L2 {err:.2e} away from the reached outputs (tolerance {tol})"
 
 
+# The NaN a GPU's arithmetic makes (numpy's np.nan is 0x7fc00000): what an upstream op leaves in
+# memory, and the bit pattern an integer add of 0x1000 (a tf32 rounding) turns into -0.
+CANONICAL_NAN = np.uint32(0x7FFFFFFF).view(np.float32)
+
+
 def standard_hits(spatial):
-    """A NaN in scalar channel 3 and an inf in component 2 of vector channel 5, at pixels away
-    from each other (so the reached sets overlap only where the grid is small)."""
+    """The GPU's canonical NaN in scalar channel 3 and an inf in component 2 of vector channel 5, at
+    pixels away from each other (so the reached sets overlap only where the grid is small)."""
     first = tuple(n // 2 for n in spatial)
     second = tuple((n // 2 + n // 3 + 1) % n for n in spatial)
-    return [(0, 3, first, 0), (1, 5, second, 2)], [np.nan, np.inf]
+    return [(0, 3, first, 0), (1, 5, second, 2)], [CANONICAL_NAN, np.inf]
 
 
-def reached_weights(spec, hits):
+def cotangent_hit(spatial):
+    """A canonical NaN in the cotangent of output block 1 (vector), channel 7, component 1: the
+    weight gradient reads it from memory as it is (no arithmetic makes it canonical first)."""
+    return (1, 7, tuple((n // 3) % n for n in spatial), 1), CANONICAL_NAN
+
+
+def reached_weights(spec, hits, cotangent_hits=()):
     """Per pair, a bool array (o, c, filters) of the weight-gradient entries the input `hits`
     ((block, channel, pixel, component)) reach: every output channel (the cotangents are nonzero
-    everywhere), the hit's channel, each filter with a nonzero tap on the hit's component."""
+    everywhere), the hit's channel, each filter with a nonzero tap on the hit's component; and
+    those the `cotangent_hits` (the same, in the output cotangents) reach: the hit's output
+    channel, every input channel, each filter with a nonzero tap into the hit's component."""
     out = []
     for pair in spec.pairs:
         k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
@@ -88,14 +101,17 @@ def reached_weights(spec, hits):
         for block, channel, _, comp in hits:
             if block == pair.in_index:
                 r[:, channel, np.any(B[:, :, comp, :] != 0, axis=(1, 2))] = True
+        for block, channel, _, comp in cotangent_hits:
+            if block == pair.out_index:
+                r[channel, :, np.any(B[:, :, :, comp] != 0, axis=(1, 2))] = True
         out.append(r)
     return out
 
 
-def check_weights_nonfinite_exactly_reached(spec, hits, got, want, tol):
+def check_weights_nonfinite_exactly_reached(spec, hits, got, want, tol, cotangent_hits=()):
     """`got` (per pair, (o, c, filters)) is non-finite exactly where `reached_weights` says and
     within `tol` (rel L2) of `want` (the clean inputs' dW) everywhere else."""
-    reached = reached_weights(spec, hits)
+    reached = reached_weights(spec, hits, cotangent_hits)
     assert any(r.any() for r in reached) and not all(r.all() for r in reached), "a check that proves nothing"
     for t, (g, w, r) in enumerate(zip(got, want, reached)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)

@@ -194,19 +194,22 @@ def test_emulated_kernel_with_tf32_meets_the_tolerance():
 
 @pytest.mark.parametrize("dilation, spatial, planar", [(1, (2, 3, 16), False), (2, (3, 4, 16), True)])
 def test_nan_and_inf_reach_exactly_their_weights_on_the_emulated_kernel(dilation, spatial, planar, monkeypatch):
-    """A NaN (scalar input) and an inf (a vector input's component) through the emulated weight
-    gradient: dW non-finite exactly for the hit's input channel under each filter with a nonzero
-    tap on the hit's component (every output channel), the clean inputs' float64 VJP elsewhere
-    (tf32: gY and Z reach the mma as the GPU makes them, `tf32_operand`). The GPU test of the same
-    name runs the kernel itself."""
+    """A NaN (scalar input), an inf (a vector input's component) and a NaN in a vector cotangent
+    (each NaN the GPU's canonical one) through the emulated weight gradient: dW non-finite exactly
+    where `_nonfinite.reached_weights` says, the clean operands' float64 VJP elsewhere (tf32: gY
+    and Z reach the mma as the GPU makes them, `tf32_operand`). The GPU test of the same name runs
+    the kernel itself."""
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     spec = standard_spec(16, 16, dilation=dilation)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
     hits, values = _nonfinite.standard_hits(spatial)
     bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
-    dws, _ = DwEmulator(spec, bad[0][None], bad[1][None], *(np.asarray(c) for c in cots), 2, planar=planar).run()
-    want = reference_dw(spec, [c[None] for c in clean], ws, cots)
-    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, [g[0] for g in dws], want, kernels.TOLERANCE["tf32"])
+    g_hit, g_value = _nonfinite.cotangent_hit(spatial)
+    bad_g, clean_g = _nonfinite.poison([np.asarray(c[0]) for c in cots], [g_hit], [g_value])
+    dws, _ = DwEmulator(spec, bad[0][None], bad[1][None], *(g[None] for g in bad_g), 2, planar=planar).run()
+    want = reference_dw(spec, [c[None] for c in clean], ws, [jnp.asarray(g)[None] for g in clean_g])
+    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, [g[0] for g in dws], want, kernels.TOLERANCE["tf32"],
+                                                       cotangent_hits=[g_hit])
 
 
 def test_emulation_sees_a_slot_refilled_too_early(monkeypatch):

@@ -219,17 +219,21 @@ def test_x_windows_against_float64_reference(spatial, batch, strip, channels):
 
 @pytest.mark.parametrize("dilation, spatial", [(1, (5, 6, 32)), (1, (3, 4, 128)), (2, (4, 6, 64))])
 def test_nan_and_inf_reach_exactly_their_weights(dilation, spatial):
-    """The kernel itself on a NaN (scalar input) and an inf (a vector input's component): dW
-    non-finite exactly for the hit's input channel under each filter with a nonzero tap on the hit's
-    component (every output channel), the clean inputs' float64 VJP (tf32) elsewhere; whole rows, x
-    windows (128) and a dilated layer. The same check runs on the CPU on the lane emulation."""
+    """The kernel itself on a NaN (scalar input) and an inf (a vector input's component) and a NaN
+    in a vector cotangent (the GPU's canonical NaN, read from memory as it is): dW non-finite
+    exactly where `_nonfinite.reached_weights` says, the clean operands' float64 VJP (tf32)
+    elsewhere; whole rows, x windows (128) and a dilated layer. The same check runs on the CPU on
+    the lane emulation."""
     spec = standard_spec(16, 16, dilation=dilation)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
     hits, values = _nonfinite.standard_hits(spatial)
     bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
-    got = batched(spec)([jnp.asarray(b)[None] for b in bad], cots)
-    want = reference_dw(spec, [c[None] for c in clean], ws, cots)
-    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, got, want, kernels.TOLERANCE["tf32"])
+    g_hit, g_value = _nonfinite.cotangent_hit(spatial)
+    bad_g, clean_g = _nonfinite.poison([np.asarray(c[0]) for c in cots], [g_hit], [g_value])
+    got = batched(spec)([jnp.asarray(b)[None] for b in bad], [jnp.asarray(g)[None] for g in bad_g])
+    want = reference_dw(spec, [c[None] for c in clean], ws, [jnp.asarray(g)[None] for g in clean_g])
+    _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, got, want, kernels.TOLERANCE["tf32"],
+                                                       cotangent_hits=[g_hit])
 
 
 @st.composite

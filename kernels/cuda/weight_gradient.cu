@@ -160,7 +160,7 @@ __device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, in
 
 // The A fragments of every output group, both k-steps, from the staged gY row: lane (g, tid)
 // a[q][s] = {gY_q[o = g][x], gY_q[g + 8][x], gY_q[g][x + D], gY_q[g + 8][x + D]}, x = the k-step's
-// pixel of B row tid (2 tid + 8 s at D = 1: _dw_plan.k_pixel, kstep_shift); tf32-rounded.
+// pixel of B row tid (2 tid + 8 s at D = 1: _dw_plan.k_pixel, kstep_shift); tf32 by truncation.
 template <int NX, int NT, bool kPlanar, int D>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float* gyr, int seg, int g, int tid) {
   using G = GyLayout<NX>;
