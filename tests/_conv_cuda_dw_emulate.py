@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _conv_cuda_emulate import Emulator, slice_copies, tf32_operand, to_physical, x_window
+from _conv_cuda_emulate import Emulator, slice_copies, split_tf32, tf32_operand, to_physical, x_window
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda.weight_gradient import TRUNCATION_SCALE
 
@@ -25,11 +25,12 @@ SEG, CH = _plan.SEG, _dw_plan.CHANNELS
 def emulated_partials(spec, ops, geom, shape):
     """The weight-gradient FFI call's result emulated from what the kernel gets (a pure_callback
     host, `broadcast_all` batching): operands x0, x1, gy0, gy1 with any leading batch axes, `geom`
-    (strip, layout, first channel), `shape` the unbatched result's."""
+    (strip, layout, first channel, precision), `shape` the unbatched result's. TF32 calls are
+    emulated exactly (no truncation: the index arithmetic alone), fp32 ones with the kernel's split."""
     lead = ops[0].shape[:-4]
     flat = [np.asarray(a).reshape((-1,) + a.shape[len(lead):]) for a in ops]
     _, parts = DwEmulator(spec, *flat, int(geom[5]), tf32=False, first_channel=int(geom[12]),
-                          planar=bool(geom[13])).run()
+                          planar=bool(geom[13]), fp32=bool(geom[16])).run()
     return parts.reshape(lead + shape.shape).astype(np.float32)
 
 
@@ -39,11 +40,12 @@ class DwEmulator:
     layer's); `planar`: the vector blocks lie component-planar in memory (arrays in are logical)."""
 
     def __init__(self, spec, x0, x1, gy0, gy1, strip: int, tf32: bool = True, first_channel: int = 0,
-                 planar: bool = False):
+                 planar: bool = False, fp32: bool = False):
         self.batch, self.c, self.nz, self.ny, self.nx = x0.shape
         self.o, self.o_total, self.o_base = spec.out_keys[0][2], gy0.shape[1], first_channel
         self.planar = planar
-        self.spec, self.strip, self.tf32 = spec, strip, tf32
+        # fp32: the 3xTF32 kernels (gY and Z split into rounded tf32 parts at each mma), no scale
+        self.spec, self.strip, self.tf32, self.fp32 = spec, strip, tf32 and not fp32, fp32
         self.lay = _dw_plan.layout(spec, self.nx)
         self.d = self.lay.dilation
         self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
@@ -240,9 +242,17 @@ class DwEmulator:
         z = self.operand(zt)
         for t, (q, w) in enumerate(zip(p.group, p.weight)):
             for s in range(2):
-                A = np.zeros((16, 8))
-                A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = a[q, s]
-                B = np.zeros((8, 8))
-                B[TID, G], B[TID + 4, G] = z[t, 2 * s], z[t, 2 * s + 1]
-                D = A @ B
-                acc[w] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])
+                As, Bs = [], []
+                for part in (split_tf32(a[q, s]) if self.fp32 else [a[q, s]]):
+                    A = np.zeros((16, 8))
+                    A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = part
+                    As.append(A)
+                for part in (split_tf32(z[t, 2 * s : 2 * s + 2]) if self.fp32 else [z[t, 2 * s : 2 * s + 2]]):
+                    B = np.zeros((8, 8))
+                    B[TID, G], B[TID + 4, G] = part
+                    Bs.append(B)
+                # the kernel's order: remainder x Z, gY x remainder, gY x Z (fp32); one mma (tf32)
+                products = [(As[1], Bs[0]), (As[0], Bs[1]), (As[0], Bs[0])] if self.fp32 else [(As[0], Bs[0])]
+                for A, B in products:
+                    D = A @ B
+                    acc[w] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])

@@ -571,7 +571,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
         if target == _ffi.DW_TARGET:
             def dw_call(x0, x1, g0, g1, geom):
-                assert len(geom) == 16 and int(geom[14]) == dilation
+                assert len(geom) == 17 and int(geom[14]) == dilation and int(geom[16]) == 0
                 dw_launches.append(int(geom[5]))
 
                 host = lambda *ops: emulated_partials(spec, ops, geom, shapes)  # noqa: E731
@@ -619,8 +619,9 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     """precision="fp32" on the `triton` backend (GINJAX_CUDA_FP32 unset, on): the forward and the input
     gradient are forward launches with `geom`[24] = 1 and unrounded packed weights (the FFI calls
     replaced by the emulation); outputs and gradients within fp32's tolerance of `reference`, the
-    weight gradient on Triton's kernel (the CUDA one is tf32 only). Without the switch, or on a
-    dilated layer (compiled at dilation 1 only), fp32 makes no CUDA launch."""
+    weight gradient on Triton's kernel unless GINJAX_CUDA_FP32_WEIGHT_GRAD=1 (off by default), then
+    one weight-gradient launch with `geom`[16] = 1 (emulated with the split). Without the switch, or
+    on a dilated layer (compiled at dilation 1 only), fp32 makes no CUDA launch."""
     from kernels.triton import conv_contract as triton_entry
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
@@ -630,10 +631,19 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     spec, spatial = standard_spec(16, 16), (2, 3, 16)
-    launches = []
+    launches, dw_launches = [], []
 
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
-        assert target == _ffi.TARGET, target  # no CUDA weight gradient in fp32
+        if target == _ffi.DW_TARGET:
+            def dw_call(x0, x1, g0, g1, geom):
+                assert len(geom) == 17
+                dw_launches.append(int(geom[16]))
+
+                host = lambda *ops: emulated_partials(spec, ops, geom, shapes)  # noqa: E731
+                return jax.pure_callback(host, shapes, x0, x1, g0, g1, vmap_method="broadcast_all")
+
+            return dw_call
+        assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
             assert len(geom) == 25
@@ -652,7 +662,12 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     assert launches == []  # turned off: Triton's kernels
     monkeypatch.delenv(_plan.FP32_ENV)  # on by default
     (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
-    assert launches == [1, 1]  # the forward and the input gradient, both split
+    assert launches == [1, 1] and dw_launches == []  # the forward and the input gradient, both split
+    _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["fp32"])
+    monkeypatch.setenv(_dw_plan.FP32_ENV, "1")
+    launches.clear()
+    (_, got), grads = jax.value_and_grad(loss("triton"), argnums=(0, 1), has_aux=True)(xs, ws)
+    assert launches == [1, 1] and dw_launches == [1]  # and the weight gradient, split
     _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["fp32"])
     dilated = standard_spec(16, 16, 2)
     assert triton_entry.cuda_forward_covers(dilated, (3, 4, 16), np.float32)[0]

@@ -185,6 +185,34 @@ def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, plan
         assert g.shape[1:] == w.shape and rel(g.sum(axis=0), w) <= 1e-12
 
 
+def test_emulated_fp32_kernel_meets_the_fp32_tolerance():
+    """The 3xTF32 instantiation (template kSplit) emulated lane by lane: gY and Z split into a
+    rounded tf32 part and remainder at each mma, three mma, no truncation scale. Within fp32's
+    tolerance of the float64 VJP, where the tf32 kernel is ~100x further off."""
+    xs, ws, cots = _cases.spec_operands(SPEC, (2, 4, 16), 1, seed=9)
+    want = reference_dw(SPEC, xs, ws, cots)
+    errors = {}
+    for fp32 in (True, False):
+        dws, _ = DwEmulator(SPEC, *(np.asarray(a) for a in xs + cots), 4, fp32=fp32).run()
+        errors[fp32] = max(rel(g[0], w) for g, w in zip(dws, want))
+    assert errors[True] <= kernels.TOLERANCE["fp32"] < 0.1 * errors[False], errors
+
+
+def test_fp32_coverage_is_opt_in_at_dilation_1_on_whole_rows(monkeypatch):
+    """The split weight gradient runs only with GINJAX_CUDA_FP32_WEIGHT_GRAD=1, at dilation 1, on
+    rows the kernel takes whole; the reasons name what is missing."""
+    monkeypatch.delenv(_dw_plan.FP32_ENV, raising=False)
+    ok, why = _dw_plan.fp32_coverage(SPEC, (2, 4, 16), np.float32)
+    assert not ok and _dw_plan.FP32_ENV in why
+    monkeypatch.setenv(_dw_plan.FP32_ENV, "1")
+    assert _dw_plan.fp32_coverage(SPEC, (2, 4, 64), np.float32) == (True, "")
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")
+    ok, why = _dw_plan.fp32_coverage(standard_spec(16, 16, dilation=2), (2, 4, 16), np.float32)
+    assert not ok and "dilation 1" in why
+    ok, why = _dw_plan.fp32_coverage(SPEC, (2, 4, 128), np.float32)
+    assert not ok and "whole rows" in why
+
+
 def test_emulated_kernel_with_tf32_meets_the_tolerance():
     xs, ws, cots = _cases.spec_operands(SPEC, (2, 4, 16), 1, seed=8)
     dws, _ = DwEmulator(SPEC, *(np.asarray(a) for a in xs + cots), 4).run()
@@ -353,15 +381,20 @@ def test_ptxas_resources_within_budget(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = res.stderr
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    # weight_gradient_kernel<NX, NT, kPlanar, D, kWin>: both n-tile counts, both block layouts, every
-    # dilation; every whole-row width (kWin false) and the window widths (kWin true).
-    kernels_ = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])EE",
-                          report)
-    expected = {(str(nx), str(nt), pl, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+    # weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
+    # layouts, every dilation; every whole-row width (kWin false) and the window widths (kWin true);
+    # the fp32 (3xTF32) ones at dilation 1 on whole rows.
+    entries = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])ELb([01])EE"
+                         r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    kernels_ = [e[:6] for e in entries]
+    expected = {(str(nx), str(nt), pl, str(d), win, "0") for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS}
+    expected |= {(str(nx), str(nt), pl, "1", "0", "1") for nx in _plan.NX_COVERED for nt in (1, 2) for pl in "01"}
     assert sorted(kernels_) == sorted(expected), report
-    assert len(regs) == len(expected) and len(spills) == len(expected), report
-    assert all(s == ("0", "0") for s in spills), report
+    assert len(regs) == len(expected), report
+    # the TF32 kernels do not spill; the fp32 ones (gY split per use beside the accumulators) at
+    # most a few words (ptxas, nvcc 13.0: one of 16 spills 8 bytes)
+    for e in entries:
+        assert (e[6], e[7]) == ("0", "0") if e[5] == "0" else int(e[6]) <= 16, (e, report)
     assert max(regs) <= MAX_REGISTERS, report

@@ -29,7 +29,7 @@ import _nonfinite
 from _conv_cuda_emulate import Emulator, standard_spec
 from conftest import rel_l2
 from kernels import cuda
-from kernels.cuda import _plan
+from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from test_conv_contract_triton import _backend_config
 
@@ -340,10 +340,15 @@ def test_fp32_against_reference(spatial, batch, strip, channels):
 def test_fp32_through_the_triton_backend(monkeypatch):
     """GINJAX_CUDA_FP32 on (the default): a biased `triton` layer at precision="fp32" runs its forward and input
     gradient as two CUDA launches of the 3xTF32 kernels (the weight gradient on Triton's fp32
-    kernel); value and gradients (inputs, weights, biases) within fp32's tolerance of `reference`."""
+    kernel, or with GINJAX_CUDA_FP32_WEIGHT_GRAD=1 one launch of the split CUDA one); value and
+    gradients (inputs, weights, biases) within fp32's tolerance of `reference`."""
     monkeypatch.setenv(_plan.FP32_ENV, "1")
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.delenv(_dw_plan.FP32_ENV, raising=False)
     _cuda_step_against_reference(SPEC, (3, 4, 32), 2, seed=27, forwards=2, weight_grads=0, precision="fp32")
+    monkeypatch.setenv(_dw_plan.FP32_ENV, "1")  # and the weight gradient's split kernel
+    _cuda_step_against_reference(SPEC, (3, 4, 32), 2, seed=28, forwards=2, weight_grads=1, precision="fp32")
 
 
 @pytest.mark.parametrize(

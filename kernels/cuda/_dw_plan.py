@@ -33,6 +33,7 @@ import pathlib
 
 import numpy as np
 
+from .._env import env_choice
 from .._spec import ConvSpec
 from . import _plan
 from ._plan import CHUNK, DILATIONS, NX_COVERED, SEG, RowGroup, dilation, lane_pixel, phases, row_groups
@@ -229,6 +230,31 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     if dw_source(_plan.undilated(spec)) != compiled_source():
         return False, "the layer's basis is not the one kernels/cuda/weight_gradient_d3.inc was generated for"
     return True, "CUDA weight gradient: D=3 {scalar, vector} torus layer" + (f", dilation {d}" if d > 1 else "") + ", tf32 mma.sync"
+
+
+FP32_ENV = "GINJAX_CUDA_FP32_WEIGHT_GRAD"
+
+
+def fp32_enabled() -> bool:
+    """Whether the fp32 (3xTF32) weight gradient may run: GINJAX_CUDA_FP32_WEIGHT_GRAD="1" (and
+    the forward's GINJAX_CUDA_FP32 not "0"); "0", the default, leaves fp32 weight gradients on
+    Triton's kernel until its GPU tests have run (tests/test_conv_contract_cuda_dw_gpu.py, `fp32`)."""
+    return env_choice(FP32_ENV, ("0", "1"), "0") == "1"
+
+
+def fp32_coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
+    """`coverage` of the fp32 (3xTF32) weight gradient, compiled at dilation 1 on whole rows, where
+    `fp32_enabled`."""
+    if not fp32_enabled():
+        return False, f"the fp32 (3xTF32) weight gradient is turned off ({FP32_ENV}=0, the default)"
+    ok, why = coverage(spec, spatial, dtype)
+    if not ok:
+        return ok, why
+    if dilation(spec) != 1:
+        return False, "the fp32 (3xTF32) weight gradient is compiled at dilation 1 only"
+    if spatial is not None and layout(spec, int(tuple(spatial)[2])).windows > 1:
+        return False, f"the fp32 (3xTF32) weight gradient takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
+    return True, ""
 
 
 @functools.lru_cache(maxsize=1)

@@ -68,7 +68,8 @@
 // (conv_contract.cu's header). Result: the partials (channel groups x nz x strips, 2 x weights x
 // 128). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
 // channel), weights, O, o_base, planar (0 or 1), dilation, x window (conv_contract.cu's header: a
-// CTA covers NX of a row's nx pixels; its gY rows are staged from the window).
+// CTA covers NX of a row's nx pixels; its gY rows are staged from the window), precision (0: tf32,
+// 1: fp32 by 3xTF32).
 //
 // Dilation (template D; conv_contract.cu's header): the CTA's rows are one y phase's, its slices
 // hold the z rows z - D, z, z + D, rows carry D wrap pixels a side (their own conflict-free layout
@@ -236,9 +237,22 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
     float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                                \
     GJ_DW_P##K##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_DW_MID)                                  \
     _Pragma("unroll") for (int t = 0; t < kTiles; ++t)                                            \
-      _Pragma("unroll") for (int s = 0; s < 2; ++s)                                               \
-        mma_tf32(acc[kDwP##K##Weight[t]], a[kDwP##K##Group[t]][s], tf32_bits(zt[t][2 * s]),      \
-                 tf32_bits(zt[t][2 * s + 1]));                                                    \
+      _Pragma("unroll") for (int s = 0; s < 2; ++s) {                                             \
+        if constexpr (kSplit) {                                                                   \
+          const uint32_t(&ar)[4] = a[kDwP##K##Group[t]][s];                                       \
+          uint32_t ah[4], al[4], bh[2], bl[2];                                                    \
+          _Pragma("unroll") for (int r = 0; r < 4; ++r) split_tf32(__uint_as_float(ar[r]), ah[r], al[r]); \
+          split_tf32(zt[t][2 * s], bh[0], bl[0]);                                                 \
+          split_tf32(zt[t][2 * s + 1], bh[1], bl[1]);                                             \
+          float(&d)[4] = acc[kDwP##K##Weight[t]];                                                 \
+          mma_tf32(d, al, bh[0], bh[1]);                                                          \
+          mma_tf32(d, ah, bl[0], bl[1]);                                                          \
+          mma_tf32(d, ah, bh[0], bh[1]);                                                          \
+        } else {                                                                                  \
+          mma_tf32(acc[kDwP##K##Weight[t]], a[kDwP##K##Group[t]][s], tf32_bits(zt[t][2 * s]),    \
+                   tf32_bits(zt[t][2 * s + 1]));                                                  \
+        }                                                                                         \
+      }                                                                                           \
   }
 
 static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_DW_P2_KEY == 1 && GJ_DW_P3_KEY == 0,
@@ -246,8 +260,11 @@ static_assert(GJ_DW_PASSES == 4 && GJ_DW_P0_KEY == 1 && GJ_DW_P1_KEY == 1 && GJ_
 
 // NX: the x extent (16, 32, 48, 64; 4 NX threads), NT: output channels / 8 (A's row halves),
 // kPlanar: the vector blocks (x1, gy1) component-planar in global memory, D: the dilation (taps
-// at -D, 0, D; the CTA's rows one y phase, as the forward's), kWin: the row in x windows of NX.
-template <int NX, int NT, bool kPlanar, int D, bool kWin>
+// at -D, 0, D; the CTA's rows one y phase, as the forward's), kWin: the row in x windows of NX,
+// kSplit: fp32 by 3xTF32 (gY and Z each split into a tf32 part and a tf32 remainder at the mma,
+// three mma a tile and k-step: remainder x Z, gY x remainder, gY x Z), compiled at D = 1 on
+// whole rows only; the A fragments stay the raw gY floats, split per use.
+template <int NX, int NT, bool kPlanar, int D, bool kWin, bool kSplit>
 __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kThreads = 4 * NX, kSegs = NX / kSeg;
@@ -318,45 +335,52 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   }
 }
 
-template <int NX, int NT, bool kPlanar, int D, bool kWin>
+template <int NX, int NT, bool kPlanar, int D, bool kWin, bool kSplit>
 cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + 2 * GyLayout<NX>::kFloats);
   if ((NX / kSeg) * kPartial > 3 * p.slice_floats) return cudaErrorInvalidValue;  // the reduction reuses the ring
-  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D, kWin>,
+  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // windows x phases x strips
-  weight_gradient_kernel<NX, NT, kPlanar, D, kWin><<<grid, 4 * NX, smem, stream>>>(p);
+  weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit><<<grid, 4 * NX, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-// The whole row (NX = nx), or x windows of 32 or 64 (kWin; WeightGradient refuses other widths).
-template <int NT, bool kPlanar, int D>
+// The whole row (NX = nx), or x windows of 32 or 64 (kWin; WeightGradient refuses other widths,
+// and windows for the split kernels).
+template <int NT, bool kPlanar, int D, bool kSplit>
 cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stream) {
-  if (p.windows > 1) return nx == 32 ? launch_dw<32, NT, kPlanar, D, true>(p, batch, stream)
-                                     : launch_dw<64, NT, kPlanar, D, true>(p, batch, stream);
+  if constexpr (!kSplit) {
+    if (p.windows > 1) return nx == 32 ? launch_dw<32, NT, kPlanar, D, true, false>(p, batch, stream)
+                                       : launch_dw<64, NT, kPlanar, D, true, false>(p, batch, stream);
+  }
   switch (nx) {
-    case 16: return launch_dw<16, NT, kPlanar, D, false>(p, batch, stream);
-    case 32: return launch_dw<32, NT, kPlanar, D, false>(p, batch, stream);
-    case 48: return launch_dw<48, NT, kPlanar, D, false>(p, batch, stream);
-    default: return launch_dw<64, NT, kPlanar, D, false>(p, batch, stream);
+    case 16: return launch_dw<16, NT, kPlanar, D, false, kSplit>(p, batch, stream);
+    case 32: return launch_dw<32, NT, kPlanar, D, false, kSplit>(p, batch, stream);
+    case 48: return launch_dw<48, NT, kPlanar, D, false, kSplit>(p, batch, stream);
+    default: return launch_dw<64, NT, kPlanar, D, false, kSplit>(p, batch, stream);
   }
 }
 
-template <int NT, bool kPlanar>
+// The split (fp32) kernels: dilation 1 only (WeightGradient refuses others).
+template <int NT, bool kPlanar, bool kSplit>
 cudaError_t launch_dw_dil(const DwParams& p, int nx, int dilation, int batch, cudaStream_t stream) {
-  switch (dilation) {
-    case 2: return launch_dw_nx<NT, kPlanar, 2>(p, nx, batch, stream);
-    case 4: return launch_dw_nx<NT, kPlanar, 4>(p, nx, batch, stream);
-    case 8: return launch_dw_nx<NT, kPlanar, 8>(p, nx, batch, stream);
-    default: return launch_dw_nx<NT, kPlanar, 1>(p, nx, batch, stream);
+  if constexpr (!kSplit) {
+    switch (dilation) {
+      case 2: return launch_dw_nx<NT, kPlanar, 2, false>(p, nx, batch, stream);
+      case 4: return launch_dw_nx<NT, kPlanar, 4, false>(p, nx, batch, stream);
+      case 8: return launch_dw_nx<NT, kPlanar, 8, false>(p, nx, batch, stream);
+      default: break;
+    }
   }
+  return launch_dw_nx<NT, kPlanar, 1, kSplit>(p, nx, batch, stream);
 }
 
-template <bool kPlanar>
+template <bool kPlanar, bool kSplit>
 cudaError_t launch_dw_nt(const DwParams& p, int o, int nx, int dilation, int batch, cudaStream_t stream) {
-  return o == 8 ? launch_dw_dil<1, kPlanar>(p, nx, dilation, batch, stream)
-                : launch_dw_dil<2, kPlanar>(p, nx, dilation, batch, stream);
+  return o == 8 ? launch_dw_dil<1, kPlanar, kSplit>(p, nx, dilation, batch, stream)
+                : launch_dw_dil<2, kPlanar, kSplit>(p, nx, dilation, batch, stream);
 }
 
 ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
@@ -365,7 +389,7 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   auto bad = [](const std::string& why) {
     return ffi::Error::InvalidArgument("ginjax cuda ConvContract weight gradient: " + why);
   };
-  if (geom.size() != 16) return bad("`geom` must have 16 entries");
+  if (geom.size() != 17) return bad("`geom` must have 17 entries (has " + std::to_string(geom.size()) + ")");
   DwParams p{};
   const int nx = (int)geom[15], o = (int)geom[4];  // the x window's extent (the kernel's NX); the rows' is geom[2]
   p.nx = (int)geom[2];
@@ -387,6 +411,10 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
     return bad("the dilation (`geom`[14] = " + std::to_string(geom[14]) + ") must be 1, 2, 4 or 8");
   if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
   if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
+  if (geom[16] != 0 && geom[16] != 1) return bad("`geom`[16] (the precision) must be 0 (tf32) or 1 (fp32)");
+  const bool split = geom[16] == 1;
+  if (split && (dilation != 1 || p.windows > 1))
+    return bad("the fp32 (3xTF32) weight gradient is compiled at dilation 1 on whole rows only");
   if (geom[10] != GJ_DW_WEIGHTS) return bad("the weight count in `geom` is not the compiled one (rebuild the library)");
   const int l = nx / kSeg - 1, di = dil_index(dilation);
   if (geom[6] != kDwPitch1[di][l] || geom[7] != kDwPitch3[di][l] || geom[8] != kDwSkew1[di][l] ||
@@ -405,8 +433,11 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   p.dw = dw->typed_data();
   p.region1 = 3 * kChannels * kDwPitch1[di][l];
   p.slice_floats = (p.region1 + 3 * kChannels * kDwPitch3[di][l] + 3) / 4 * 4;
-  const cudaError_t err = planar ? launch_dw_nt<true>(p, o, nx, dilation, (int)batch, stream)
-                                 : launch_dw_nt<false>(p, o, nx, dilation, (int)batch, stream);
+  const cudaError_t err =
+      split ? (planar ? launch_dw_nt<true, true>(p, o, nx, dilation, (int)batch, stream)
+                      : launch_dw_nt<false, true>(p, o, nx, dilation, (int)batch, stream))
+            : (planar ? launch_dw_nt<true, false>(p, o, nx, dilation, (int)batch, stream)
+                      : launch_dw_nt<false, false>(p, o, nx, dilation, (int)batch, stream));
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("ginjax cuda ConvContract weight gradient: ") + cudaGetErrorString(err));
   return ffi::Error::Success();

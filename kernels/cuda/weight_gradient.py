@@ -33,24 +33,25 @@ TRUNCATION_SCALE = 1.0 / (1.0 - TF32_TRUNCATION_BIAS) ** 2
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_channels: Optional[int] = None,
-             first_channel: int = 0, planar: bool = False) -> list[int]:
+             first_channel: int = 0, planar: bool = False, fp32: bool = False) -> list[int]:
     """The kernel's `geom` attribute (weight_gradient.cu's header lists the entries)."""
     lay = _dw_plan.layout(spec, spatial[2])
     packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, spec.in_keys[0][2], spec.out_keys[0][2], strip, *lay.pitch, *packed, lay.n_weights, total,
-            first_channel, int(planar), lay.dilation, lay.nx]
+            first_channel, int(planar), lay.dilation, lay.nx, int(fp32)]
 
 
 def weight_gradient_call(
     spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None,
-    *, first_channel: int = 0
+    *, first_channel: int = 0, fp32: bool = False
 ) -> tuple[jax.Array, ...]:
     """Per pair, dW (o, c, F) in float32 of unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx,
     3) and output cotangents gy0 (O, nz, ny, nx), gy1 (O, nz, ny, nx, 3): the `weights` layout of
-    `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` and that TF32 is the
-    precision asked for (gY and Z are truncated to tf32, their mean error scaled out; fp32
-    accumulation).
+    `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` (with `fp32`,
+    `_dw_plan.fp32_coverage`) and the precision: TF32 (gY and Z truncated to tf32, their mean
+    error scaled out), or with `fp32` fp32 by 3xTF32 (each split into a rounded tf32 part and
+    remainder, three mma); fp32 accumulation either way.
 
     Args:
         strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, halved while the launch would
@@ -69,11 +70,12 @@ def weight_gradient_call(
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
-    parts = partials(spec, inputs, cotangents, strip, first_channel)
-    return _dw_plan.unpack(spec, jnp.float32(TRUNCATION_SCALE) * jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
+    parts = partials(spec, inputs, cotangents, strip, first_channel, fp32)
+    scale = jnp.float32(1.0 if fp32 else TRUNCATION_SCALE)
+    return _dw_plan.unpack(spec, scale * jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
 
 
-def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int = 0) -> jax.Array:
+def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int = 0, fp32: bool = False) -> jax.Array:
     """The kernel's result: per CTA (channel group, z, strip) its partial dW, (CTAs, partial
     floats) in fragment order (`_dw_plan.unpack`); the vector blocks in `layout()`."""
     _check_strip(strip)
@@ -84,7 +86,7 @@ def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int 
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.partial_floats), jnp.float32)
     planar = layout() == "planar"
-    geom = geometry(spec, spatial, strip, int(g0.shape[0]), first_channel, planar)
+    geom = geometry(spec, spatial, strip, int(g0.shape[0]), first_channel, planar, fp32)
     call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all", input_layouts=vector_layouts(planar, 2))
     return call(x0, x1, g0, g1, geom=np.asarray(geom, np.int64))
 

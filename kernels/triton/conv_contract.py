@@ -247,18 +247,21 @@ def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
         layers.append(twin)
-    return _cuda_plan(cuda_forward_covers, layers, mode, poison, inputs, fp32_kernels=True)
+    from ..cuda._plan import fp32_coverage
+
+    return _cuda_plan(cuda_forward_covers, layers, mode, poison, inputs, fp32_coverage)
 
 
-def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_kernels=False):
+def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
     (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None, fp32),
     else the first whose `output_split` it takes, as (layer, move, split, fp32); None where the call
     is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: TF32,
-    and fp32 where `fp32_kernels` and GINJAX_CUDA_FP32 allow, `kernels.cuda._plan.fp32_coverage`)."""
-    from ..cuda._plan import fp32_coverage, fp32_enabled
+    and fp32 where GINJAX_CUDA_FP32 allows and `fp32_coverage` takes the layer: the kernels'
+    3xTF32 instantiations, `kernels.cuda._plan.fp32_coverage` or `_dw_plan.fp32_coverage`)."""
+    from ..cuda._plan import fp32_enabled
 
-    fp32 = mode == "fp32" and fp32_kernels and fp32_enabled()
+    fp32 = mode == "fp32" and fp32_enabled()
     if (mode != "tf32" and not fp32) or poison is not None:
         return None
     spec = layers[0][0]
@@ -321,14 +324,15 @@ def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
     return (sub, o // OUTPUT_GROUP) if covers(sub) else None
 
 
-def _weight_grad_by_output_groups(split, inputs, cotangents):
+def _weight_grad_by_output_groups(split, inputs, cotangents, fp32=False):
     """Per pair dW of `split`'s layer from one CUDA launch per output group: group g's cotangents
     (read in place: `first_channel`) against every input are rows g of each pair's dW (weights
     are small: concatenated)."""
     from .. import cuda
 
     sub, n = split
-    results = [cuda.weight_gradient_call(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP) for g in range(n)]
+    results = [cuda.weight_gradient_call(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP, fp32=fp32)
+               for g in range(n)]
     return tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*results))
 
 
@@ -354,16 +358,19 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
 
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
     """Per pair, dW from kernels.cuda's weight gradient where it computes this call as asked (TF32,
-    no test poison, `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
-    plan = _cuda_plan(cuda_weight_grad_covers, [(spec, None)], mode, poison, inputs)
+    or fp32 by 3xTF32 where `_dw_plan.fp32_coverage` takes it; no test poison,
+    `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
+    from ..cuda._dw_plan import fp32_coverage
+
+    plan = _cuda_plan(cuda_weight_grad_covers, [(spec, None)], mode, poison, inputs, fp32_coverage)
     if plan is None:
         return None
     from .. import cuda
 
-    split = plan[2]
+    _, _, split, fp32 = plan
     if split is None:
-        return cuda.weight_gradient_call(spec, inputs, cotangents)
-    return _weight_grad_by_output_groups(split, inputs, cotangents)
+        return cuda.weight_gradient_call(spec, inputs, cotangents, fp32=fp32)
+    return _weight_grad_by_output_groups(split, inputs, cotangents, fp32)
 
 
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
