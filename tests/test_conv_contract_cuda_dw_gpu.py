@@ -253,6 +253,20 @@ def test_fp32_against_float64_reference(spatial, batch, strip, channels, monkeyp
         assert rel(g, w) <= kernels.TOLERANCE["fp32"] < 0.1 * rel(t, w)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the fp32 weight gradient misses fp32's tolerance on the standard layer: 2.7e-5 in the H200 "
+    "bench (session 25), each accumulator summing ~6,000 pixel products inside the tensor cores "
+    "(bench/NOTES.md); why it stays opt-in"))
+def test_fp32_on_the_standard_layer(monkeypatch):
+    """The small grids above pass; the bench's layer (64^3, batch 4) is where an accumulator's chain
+    is long. Strict: passes only once the kernel is fixed, and then says so."""
+    monkeypatch.setenv(_dw_plan.FP32_ENV, "1")
+    xs, ws, cots = _cases.spec_operands(SPEC, (64, 64, 64), 4, seed=37)
+    got = batched(SPEC, fp32=True)(xs, cots)
+    for g, w in zip(got, reference_dw(SPEC, xs, ws, cots)):
+        assert rel(g, w) <= kernels.TOLERANCE["fp32"]
+
+
 @st.composite
 def covered_weight_gradients(draw):
     """A layer and grid the CUDA weight gradient covers (`_dw_plan.coverage`): dilation 1-8, x

@@ -238,7 +238,9 @@ FP32_ENV = "GINJAX_CUDA_FP32_WEIGHT_GRAD"
 def fp32_enabled() -> bool:
     """Whether the fp32 (3xTF32) weight gradient may run: GINJAX_CUDA_FP32_WEIGHT_GRAD="1" (and
     the forward's GINJAX_CUDA_FP32 not "0"); "0", the default, leaves fp32 weight gradients on
-    Triton's kernel until its GPU tests have run (tests/test_conv_contract_cuda_dw_gpu.py, `fp32`)."""
+    Triton's kernel. Its GPU tests pass on small grids, but on the standard layer (64^3, batch 4)
+    it misses fp32's tolerance (2.7e-5 against 1e-5 on the H200, bench/NOTES.md "Session 25"),
+    though it takes that layer's fp32 fwd_bwd from 5.72 to 3.86 ms."""
     return env_choice(FP32_ENV, ("0", "1"), "0") == "1"
 
 
