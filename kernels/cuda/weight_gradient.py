@@ -54,9 +54,9 @@ def weight_gradient_call(
     remainder, three mma); fp32 accumulation either way.
 
     Args:
-        strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, halved while the launch would
-            have fewer than `_tiling.MIN_CTAS` CTAs); fewer, longer CTAs write fewer partials
-            (`_dw_plan.scratch_bytes`).
+        strip: y rows per CTA (None: `_dw_plan.DEFAULT_STRIP`, or with `fp32` the shorter
+            `_dw_plan.FP32_STRIP`, halved while the launch would have fewer than `_tiling.MIN_CTAS`
+            CTAs); fewer, longer CTAs write fewer partials (`_dw_plan.scratch_bytes`).
         first_channel: the cotangents' first of the layer's o output channels (O a multiple of o,
             an output group's launch: `kernels.triton.conv_contract.output_split`); the kernel
             reads those rows where they lie, so no channel slice of the cotangents is copied out.
@@ -66,7 +66,7 @@ def weight_gradient_call(
     if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
         lay = _dw_plan.layout(spec, spatial[2])  # a strip holds rows of one y phase, of one x window
         strip = strip_for(spatial[0] * lay.dilation * lay.windows, spatial[1] // lay.dilation,
-                          traced_batch(inputs[0]) or 1, _dw_plan.DEFAULT_STRIP)
+                          traced_batch(inputs[0]) or 1, _dw_plan.FP32_STRIP if fp32 else _dw_plan.DEFAULT_STRIP)
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
