@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from _conv_cuda_emulate import Emulator, slice_copies, split_tf32, tf32_operand, to_physical, x_window
+from _conv_cuda_emulate import Emulator, mma_fragments, slice_copies, tf32_operand, to_physical, x_window
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda.weight_gradient import TRUNCATION_SCALE
 
@@ -242,17 +242,4 @@ class DwEmulator:
         z = self.operand(zt)
         for t, (q, w) in enumerate(zip(p.group, p.weight)):
             for s in range(2):
-                As, Bs = [], []
-                for part in (split_tf32(a[q, s]) if self.fp32 else [a[q, s]]):
-                    A = np.zeros((16, 8))
-                    A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = part
-                    As.append(A)
-                for part in (split_tf32(z[t, 2 * s : 2 * s + 2]) if self.fp32 else [z[t, 2 * s : 2 * s + 2]]):
-                    B = np.zeros((8, 8))
-                    B[TID, G], B[TID + 4, G] = part
-                    Bs.append(B)
-                # the kernel's order: remainder x Z, gY x remainder, gY x Z (fp32); one mma (tf32)
-                products = [(As[1], Bs[0]), (As[0], Bs[1]), (As[0], Bs[0])] if self.fp32 else [(As[0], Bs[0])]
-                for A, B in products:
-                    D = A @ B
-                    acc[w] += np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])
+                acc[w] += mma_fragments(a[q, s], z[t, 2 * s : 2 * s + 2], self.fp32)

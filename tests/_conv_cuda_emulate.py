@@ -118,6 +118,25 @@ def split_tf32(x):
     return [np.asarray(hi, np.float64), np.asarray(lo, np.float64)]
 
 
+def mma_fragments(a, b, fp32=False):
+    """mma.sync.m16n8k8 on the lanes' fragments, a (4, 32) and b (2, 32) (the A and B registers of
+    every lane), as the kernels issue it: one product of the operands as given, or with `fp32`
+    3xTF32's three in the kernels' order (a's remainder x b, a x b's remainder, a x b); the D
+    fragment (4, 32) to add to the accumulators."""
+    As, Bs = [], []
+    for part in (split_tf32(a) if fp32 else [a]):
+        A = np.zeros((16, 8))
+        A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = part
+        As.append(A)
+    for part in (split_tf32(b) if fp32 else [b]):
+        B = np.zeros((8, 8))
+        B[TID, G], B[TID + 4, G] = part
+        Bs.append(B)
+    products = [(As[1], Bs[0]), (As[0], Bs[1]), (As[0], Bs[0])] if fp32 else [(As[0], Bs[0])]
+    D = sum(A @ B for A, B in products)
+    return np.stack([D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]])
+
+
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights; `n_groups`
     channel groups (None: the kernel's choice, `_plan.groups`). Output groups: the results hold
@@ -287,30 +306,11 @@ class Emulator:
     def mma(self, ph, st, acc):
         n_t = len(ph.tiles)
         for t, tile in enumerate(ph.tiles):
-            a = st["zt"][t]
-            if self.fp32:  # 3xTF32: Z (fp32, as the kernel holds it) split into a tf32 part and remainder
-                parts_a = split_tf32(a)
-            else:
-                parts_a = [tf32_operand(a) if self.tf32 else a]
-            As = []
-            for part in parts_a:
-                A = np.zeros((16, 8))
-                A[G, TID], A[G + 8, TID], A[G, TID + 4], A[G + 8, TID + 4] = part
-                As.append(A)
+            a = st["zt"][t]  # fp32: as the kernel holds it, split at the mma
+            a = tf32_operand(a) if self.tf32 and not self.fp32 else a
             for n in range(self.nt):
                 idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
-                w = np.stack([self.s_w[idx], self.s_w[idx + 1]])
-                Bs = []
-                for part in (split_tf32(w) if self.fp32 else [w]):
-                    B = np.zeros((8, 8))
-                    B[TID, G], B[TID + 4, G] = part
-                    Bs.append(B)
-                # the kernel's order: remainder x weight, Z x remainder, Z x weight (fp32); one mma (tf32)
-                products = [(As[1], Bs[0]), (As[0], Bs[1]), (As[0], Bs[0])] if self.fp32 else [(As[0], Bs[0])]
-                for A, B in products:
-                    D = A @ B
-                    c = [D[G, 2 * TID], D[G, 2 * TID + 1], D[G + 8, 2 * TID], D[G + 8, 2 * TID + 1]]
-                    acc[tile.group, n] += np.stack(c)
+                acc[tile.group, n] += mma_fragments(a, np.stack([self.s_w[idx], self.s_w[idx + 1]]), self.fp32)
 
     def store(self, seg, z, y, acc0, acc1, grp=0):
         """The halves' meeting in the staging area and the segment's 16-byte stores: the first

@@ -254,14 +254,7 @@ def fp32_coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     `fp32_enabled`."""
     if not fp32_enabled():
         return False, f"the fp32 (3xTF32) weight gradient is turned off ({FP32_ENV}=0, the default)"
-    ok, why = coverage(spec, spatial, dtype)
-    if not ok:
-        return ok, why
-    if dilation(spec) != 1:
-        return False, "the fp32 (3xTF32) weight gradient is compiled at dilation 1 only"
-    if spatial is not None and layout(spec, int(tuple(spatial)[2])).windows > 1:
-        return False, f"the fp32 (3xTF32) weight gradient takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
-    return True, ""
+    return _plan.split_coverage("weight gradient", coverage(spec, spatial, dtype), spec, spatial, layout)
 
 
 @functools.lru_cache(maxsize=1)

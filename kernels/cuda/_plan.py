@@ -515,13 +515,19 @@ def fp32_enabled() -> bool:
 
 def fp32_coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """`coverage` of the fp32 (3xTF32) forward, compiled at dilation 1 on whole rows (no x windows)."""
-    ok, why = coverage(spec, spatial, dtype)
+    return split_coverage("forward", coverage(spec, spatial, dtype), spec, spatial, layout)
+
+
+def split_coverage(what: str, covered: tuple[bool, str], spec: ConvSpec, spatial, layout_of) -> tuple[bool, str]:
+    """A kernel's (`what`) fp32 (3xTF32) instantiations, compiled at dilation 1 on whole rows: its
+    TF32 coverage (`covered`), then the dilation and the x windows of `layout_of(spec, nx)`."""
+    ok, why = covered
     if not ok:
         return ok, why
     if dilation(spec) != 1:
-        return False, "the fp32 (3xTF32) forward is compiled at dilation 1 only"
-    if spatial is not None and layout(spec, int(tuple(spatial)[2])).windows > 1:
-        return False, f"the fp32 (3xTF32) forward takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
+        return False, f"the fp32 (3xTF32) {what} is compiled at dilation 1 only"
+    if spatial is not None and layout_of(spec, int(tuple(spatial)[2])).windows > 1:
+        return False, f"the fp32 (3xTF32) {what} takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
     return True, ""
 
 
