@@ -207,7 +207,8 @@ def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
                jnp.asarray(np.random.default_rng(9).standard_normal((2, 3)), jnp.float32))
     asked = []
 
-    def call(s, inputs, cotangents):
+    def call(s, inputs, cotangents, fp32=False):
+        assert not fp32  # a tf32 call stays tf32
         asked.append(s)
         _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), ws)
         return vjp(tuple(cotangents))[0]
@@ -329,7 +330,8 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
             into = tuple(jnp.full((out_channels,) + y.shape[1:], jnp.nan, y.dtype) for y in part)
         return tuple(full.at[first_channel : first_channel + y.shape[0]].set(y) for full, y in zip(into, part))
 
-    def weight_gradient(s, inputs, cotangents, *, first_channel=0):
+    def weight_gradient(s, inputs, cotangents, *, first_channel=0, fp32=False):
+        assert not fp32  # a tf32 call stays tf32
         # the kernel's contract: the whole cotangents, of which it reads its 16 rows in place
         dw_asked.append((s, first_channel, cotangents[1].shape[0]))
         rows = tuple(c[first_channel : first_channel + 16] for c in cotangents)
@@ -399,7 +401,8 @@ def test_bias_gradient_sums_follow_the_switch_at_each_trace(monkeypatch):
     offsets = (jnp.asarray(np.random.default_rng(14).standard_normal((2,)), jnp.float32),
                jnp.asarray(np.random.default_rng(15).standard_normal((2, 3)), jnp.float32))
 
-    def weight_gradient(s, inputs, cotangents):
+    def weight_gradient(s, inputs, cotangents, fp32=False):
+        assert not fp32  # a tf32 call stays tf32
         _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), ws)
         return vjp(tuple(cotangents))[0]
 
