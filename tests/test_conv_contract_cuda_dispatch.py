@@ -195,6 +195,16 @@ def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
     reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     assert "the forward and the input gradient and the weight gradient on kernels/cuda's" in reason, reason
     assert "Triton's kernels" not in reason, reason
+    # the precisions: fp32 by 3xTF32 for the forward (on by default), the weight gradient's opt-in
+    monkeypatch.delenv("GINJAX_CUDA_FP32", raising=False)
+    monkeypatch.delenv("GINJAX_CUDA_FP32_WEIGHT_GRAD", raising=False)
+    reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    assert "and the forward's fp32 by 3xTF32" in reason and "weight gradient's fp32" not in reason, reason
+    monkeypatch.setenv("GINJAX_CUDA_FP32_WEIGHT_GRAD", "1")
+    reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    assert "the forward's and the weight gradient's fp32 by 3xTF32" in reason, reason
+    monkeypatch.setenv("GINJAX_CUDA_FP32", "0")
+    assert "3xTF32" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
 
 
 def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):

@@ -130,11 +130,13 @@ def describe(spec: ConvSpec, spatial) -> str:
             on_triton.append(what)
     if not on_cuda:
         return ""
+    from ..cuda import _dw_plan
     from ..cuda._plan import fp32_enabled
     from ..cuda.conv_contract import layout as cuda_layout
 
     blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
-    precisions = ("tf32, and the forward's fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
+    split = "the forward's" + (" and the weight gradient's" if _dw_plan.fp32_enabled() else "")
+    precisions = (f"tf32, and {split} fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
                   if fp32_enabled() else "tf32")
     said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at {precisions} ({blocks} vector blocks; "
             "Triton's at other precisions)")
