@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import jax
+
 from _conv_cuda_emulate import Emulator, mma_fragments, slice_copies, tf32_operand, to_physical, x_window
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda.weight_gradient import TRUNCATION_SCALE
@@ -32,6 +34,19 @@ def emulated_partials(spec, ops, geom, shape):
     _, parts = DwEmulator(spec, *flat, int(geom[5]), tf32=False, first_channel=int(geom[12]),
                           planar=bool(geom[13]), fp32=bool(geom[16])).run()
     return parts.reshape(lead + shape.shape).astype(np.float32)
+
+
+def emulated_dw_call(spec, shape, record=lambda geom: None):
+    """A stand-in for the weight gradient's FFI call (what `jax.ffi.ffi_call(DW_TARGET, ...)`
+    returns): `record(geom)` (a test's checks of the call), then `emulated_partials` through a
+    pure_callback batched like the kernel (`broadcast_all`)."""
+
+    def call(x0, x1, g0, g1, geom):
+        record(geom)
+        host = lambda *ops: emulated_partials(spec, ops, geom, shape)  # noqa: E731
+        return jax.pure_callback(host, shape, x0, x1, g0, g1, vmap_method="broadcast_all")
+
+    return call
 
 
 class DwEmulator:

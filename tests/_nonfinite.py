@@ -87,6 +87,17 @@ def cotangent_hit(spatial):
     return (1, 7, tuple((n // 3) % n for n in spatial), 1), CANONICAL_NAN
 
 
+def poison_weight_gradient_operands(inputs, cotangents, spatial):
+    """One example's inputs and cotangents (numpy, (c, *spatial[, comps])) poisoned for the weight
+    gradient's check: `standard_hits` in the inputs, `cotangent_hit` in the cotangents. Returns
+    (input hits, cotangent hits, bad inputs, clean inputs, bad cotangents, clean cotangents)."""
+    hits, values = standard_hits(spatial)
+    bad, clean = poison(inputs, hits, values)
+    g_hit, g_value = cotangent_hit(spatial)
+    bad_g, clean_g = poison(cotangents, [g_hit], [g_value])
+    return hits, [g_hit], bad, clean, bad_g, clean_g
+
+
 def reached_weights(spec, hits, cotangent_hits=()):
     """Per pair, a bool array (o, c, filters) of the weight-gradient entries the input `hits`
     ((block, channel, pixel, component)) reach: every output channel (the cotangents are nonzero

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from _conv_cuda_dw_emulate import emulated_partials
+from _conv_cuda_dw_emulate import emulated_dw_call
 import _nonfinite
 from _conv_cuda_emulate import Emulator, from_physical, standard_spec
 from conftest import gradient_errors, rel_l2
@@ -570,14 +570,11 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
 
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
         if target == _ffi.DW_TARGET:
-            def dw_call(x0, x1, g0, g1, geom):
+            def record(geom):
                 assert len(geom) == 17 and int(geom[14]) == dilation and int(geom[16]) == 0
                 dw_launches.append(int(geom[5]))
 
-                host = lambda *ops: emulated_partials(spec, ops, geom, shapes)  # noqa: E731
-                return jax.pure_callback(host, shapes, x0, x1, g0, g1, vmap_method="broadcast_all")
-
-            return dw_call
+            return emulated_dw_call(spec, shapes, record)
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
@@ -635,14 +632,11 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
 
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
         if target == _ffi.DW_TARGET:
-            def dw_call(x0, x1, g0, g1, geom):
+            def record(geom):
                 assert len(geom) == 17
                 dw_launches.append(int(geom[16]))
 
-                host = lambda *ops: emulated_partials(spec, ops, geom, shapes)  # noqa: E731
-                return jax.pure_callback(host, shapes, x0, x1, g0, g1, vmap_method="broadcast_all")
-
-            return dw_call
+            return emulated_dw_call(spec, shapes, record)
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 import _nonfinite
-from _conv_cuda_dw_emulate import DwEmulator, emulated_partials
+from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
 from kernels.cuda import _dw_plan, _ffi, _plan
@@ -230,14 +230,12 @@ def test_nan_and_inf_reach_exactly_their_weights_on_the_emulated_kernel(dilation
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     spec = standard_spec(16, 16, dilation=dilation)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
-    hits, values = _nonfinite.standard_hits(spatial)
-    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
-    g_hit, g_value = _nonfinite.cotangent_hit(spatial)
-    bad_g, clean_g = _nonfinite.poison([np.asarray(c[0]) for c in cots], [g_hit], [g_value])
+    hits, g_hits, bad, clean, bad_g, clean_g = _nonfinite.poison_weight_gradient_operands(
+        [np.asarray(x[0]) for x in xs], [np.asarray(c[0]) for c in cots], spatial)
     dws, _ = DwEmulator(spec, bad[0][None], bad[1][None], *(g[None] for g in bad_g), 2, planar=planar).run()
     want = reference_dw(spec, [c[None] for c in clean], ws, [jnp.asarray(g)[None] for g in clean_g])
     _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, [g[0] for g in dws], want, kernels.TOLERANCE["tf32"],
-                                                       cotangent_hits=[g_hit])
+                                                       cotangent_hits=g_hits)
 
 
 def test_emulation_sees_a_slot_refilled_too_early(monkeypatch):
@@ -273,14 +271,11 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch, layout
         assert target == _ffi.DW_TARGET and vmap_method == "broadcast_all"
         assert list(input_layouts) == [None, vector, None, vector]
 
-        def call(x0, x1, g0, g1, geom):
+        def record(geom):
             assert list(geom) == wg.geometry(spec, spatial, strip, planar=planar)
-            calls.append(x0.shape)
+            calls.append(geom)
 
-            host = lambda *ops: emulated_partials(spec, ops, geom, shape)  # noqa: E731
-            return jax.pure_callback(host, shape, x0, x1, g0, g1, vmap_method="broadcast_all")
-
-        return call
+        return emulated_dw_call(spec, shape, record)
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))

@@ -226,14 +226,12 @@ def test_nan_and_inf_reach_exactly_their_weights(dilation, spatial):
     the lane emulation."""
     spec = standard_spec(16, 16, dilation=dilation)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
-    hits, values = _nonfinite.standard_hits(spatial)
-    bad, clean = _nonfinite.poison([np.asarray(x[0]) for x in xs], hits, values)
-    g_hit, g_value = _nonfinite.cotangent_hit(spatial)
-    bad_g, clean_g = _nonfinite.poison([np.asarray(c[0]) for c in cots], [g_hit], [g_value])
+    hits, g_hits, bad, clean, bad_g, clean_g = _nonfinite.poison_weight_gradient_operands(
+        [np.asarray(x[0]) for x in xs], [np.asarray(c[0]) for c in cots], spatial)
     got = batched(spec)([jnp.asarray(b)[None] for b in bad], [jnp.asarray(g)[None] for g in bad_g])
     want = reference_dw(spec, [c[None] for c in clean], ws, [jnp.asarray(g)[None] for g in clean_g])
     _nonfinite.check_weights_nonfinite_exactly_reached(spec, hits, got, want, kernels.TOLERANCE["tf32"],
-                                                       cotangent_hits=[g_hit])
+                                                       cotangent_hits=g_hits)
 
 
 @pytest.mark.parametrize("spatial, batch, strip, channels", [((3, 4, 32), 2, None, (16, 16)), ((2, 5, 64), 1, 2, (16, 16)),

@@ -13,6 +13,8 @@ Build first (kernels/cuda/README.md), then on the GPU machine:
 from __future__ import annotations
 
 import re
+import shutil
+import textwrap
 import zlib
 
 import numpy as np
@@ -27,7 +29,7 @@ import kernels
 from bench import _cases, _configs
 import _nonfinite
 from _conv_cuda_emulate import Emulator, standard_spec
-from conftest import rel_l2
+from conftest import assert_sanitizer_clean, rel_l2
 from kernels import cuda
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import conv_contract as cuda_entry
@@ -316,8 +318,8 @@ def test_layer_bias_in_the_forward_epilogue_per_example(monkeypatch, means):
 @pytest.mark.parametrize("spatial, batch, strip, channels", [((3, 4, 32), 2, None, (16, 16)), ((2, 5, 64), 1, 2, (16, 16)),
                                                           ((3, 3, 16), 1, None, (32, 8)), ((2, 3, 64), 1, None, (32, 16))])
 def test_fp32_against_reference(spatial, batch, strip, channels):
-    """precision="fp32": the 3xTF32 instantiation (not yet the `triton` backend's default for fp32:
-    GINJAX_CUDA_FP32) within fp32's tolerance of `reference` in float64, where TF32 is ~100x
+    """precision="fp32": the 3xTF32 instantiation (the `triton` backend's for fp32 unless
+    GINJAX_CUDA_FP32=0) within fp32's tolerance of `reference` in float64, where TF32 is ~100x
     further off; whole rows, 8 or 16 outputs, two channel groups (32 + 32 at x 64). A dilated
     layer or x windows are refused in fp32 (compiled at dilation 1 on whole rows)."""
     spec = SPEC if channels == (16, 16) else standard_spec(*channels)
@@ -435,11 +437,6 @@ def test_forward_under_compute_sanitizer(tool):
     a phase (32 + 32 channels at x 16: the scalar phase waits for its slice before the MID), two
     channel groups (32 + 32 at x 64), a dilated strip; memcheck, racecheck on shared memory and
     synccheck on the barriers."""
-    import shutil
-    import textwrap
-
-    from conftest import assert_sanitizer_clean
-
     if shutil.which("compute-sanitizer") is None:
         pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
     code = textwrap.dedent(
