@@ -5,6 +5,9 @@
 | tf32   | tf32                       | 2e-3                               |
 | bf16   | bf16                       | 2e-2                               |
 
+A mode is the least precision a call accepts: a backend may compute more precisely where that
+is no slower (the CUDA kernels behind `triton` run bf16 calls at tf32).
+
 `None` follows JAX's default matmul precision (`jax.default_matmul_precision` /
 `jax_default_matmul_precision`): "highest"/"float32" give fp32, "bfloat16" gives bf16, anything
 else tf32 (JAX's default on GPU).

@@ -205,6 +205,11 @@ def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
     assert "the forward's and the weight gradient's fp32 by 3xTF32" in reason, reason
     monkeypatch.setenv("GINJAX_CUDA_FP32", "0")
     assert "3xTF32" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    # bf16 calls on the TF32 kernels (on by default)
+    monkeypatch.delenv("GINJAX_CUDA_BF16", raising=False)
+    assert "bf16 calls too, at tf32" in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    monkeypatch.setenv("GINJAX_CUDA_BF16", "0")
+    assert "bf16" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
 
 
 def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
@@ -244,6 +249,58 @@ def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
     for got in (grads, grads_triton):
         errors = gradient_errors(got, want, element_scale=1.0)
         assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16", "fp32"])
+def test_which_precisions_reach_the_cuda_calls(monkeypatch, mode):
+    """tf32 calls, and bf16 ones (GINJAX_CUDA_BF16 unset: on), run all three directions on the CUDA
+    calls at TF32 (`fp32` False); with GINJAX_CUDA_BF16=0 a bf16 call makes none and Triton's bf16
+    kernels run it. fp32 runs the forward's 3xTF32 calls (`fp32` True) and, by default, Triton's
+    fp32 weight gradient. Every result within its mode's tolerance of `reference`."""
+    spec, xs, ws = small_layer(c=2, N=4, batch=2, seed=21)
+    forwards, weight_grads = [], []
+
+    def covers(s, spatial, dtype):  # the compiled stencil: the forward layer's bases, in its order
+        return [p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in"
+
+    def forward(s, inputs, weights, offsets=None, fp32=False):
+        forwards.append(fp32)
+        return _dense_with_offsets(s, inputs, weights, offsets)
+
+    def weight_gradient(s, inputs, cotangents, fp32=False):
+        weight_grads.append(fp32)
+        _, vjp = jax.vjp(lambda w: kernels.conv_contract(s, inputs, w, backend="dense", precision="fp32"), ws)
+        return vjp(tuple(cotangents))[0]
+
+    _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient)
+    monkeypatch.setattr(cuda._plan, "fp32_coverage", lambda s, spatial, dtype: (True, "stand-in"))
+    monkeypatch.delenv(_plan.BF16_ENV, raising=False)
+    monkeypatch.delenv(_plan.FP32_ENV, raising=False)
+    monkeypatch.delenv("GINJAX_CUDA_FP32_WEIGHT_GRAD", raising=False)
+
+    def value(backend, precision):
+        def f(xs, w):
+            outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, w, backend=backend, precision=precision))(xs)
+            return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs)), outs
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(xs, ws)
+
+    (_, got), grads = value("triton", mode)
+    expected = {"tf32": ([False, False], [False]), "bf16": ([False, False], [False]), "fp32": ([True, True], [])}[mode]
+    assert (forwards, weight_grads) == expected, (forwards, weight_grads)
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = value("reference", "fp32")
+    for o, w in zip(got, want):
+        assert rel_l2(o, w) <= kernels.TOLERANCE[mode]
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE[mode], errors
+    if mode == "bf16":  # turned off: Triton's bf16 kernels, no CUDA call
+        forwards.clear(), weight_grads.clear()
+        monkeypatch.setenv(_plan.BF16_ENV, "0")
+        (_, got), grads = value("triton", mode)
+        assert (forwards, weight_grads) == ([], [])
+        errors = gradient_errors(grads, want_grads, element_scale=1.0)
+        assert max(rel_l2(o, w) for o, w in zip(got, want)) <= kernels.TOLERANCE["bf16"]
+        assert max(errors) <= kernels.TOLERANCE["bf16"], errors
 
 
 def test_an_unknown_weight_gradient_kernel_is_refused(monkeypatch):

@@ -187,11 +187,12 @@ def test_triton_backend_forward_and_input_gradient_on_the_cuda_kernel(monkeypatc
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
 
 
-def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_grads, finite=False, precision="tf32"):
+def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_grads, finite=False, precision="tf32",
+                                 tolerance=None):
     """value_and_grad of a vmapped, biased `triton` layer at `precision` whose HLO holds `forwards`
-    CUDA forward launches, `weight_grads` CUDA weight-gradient launches and (tf32) no Triton kernel
-    but the offsets' channel sums; value and gradients (inputs, weights, biases) against `reference`
-    at the precision's tolerance (`finite`: every gradient finite too)."""
+    CUDA forward launches, `weight_grads` CUDA weight-gradient launches and (tf32, bf16) no Triton
+    kernel but the offsets' channel sums; value and gradients (inputs, weights, biases) against
+    `reference` within `tolerance` (None: the precision's; `finite`: every gradient finite too)."""
     from kernels.triton.conv_contract import conv_contract_triton
 
     o = spec.out_keys[0][2]
@@ -212,8 +213,9 @@ def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_gr
     hlo = step.lower(xs, ws, offs).as_text()
     assert hlo.count("ginjax_cuda_forward") == forwards, hlo[-3000:]
     assert hlo.count("ginjax_cuda_weight_gradient") == weight_grads
-    # the only Triton kernels left at tf32: the offsets' gradient, each a sum of its cotangent (channel sums)
-    for line in hlo.splitlines() if precision == "tf32" else ():
+    # the only Triton kernels left at tf32 (and bf16, on the TF32 kernels): the offsets' gradient, each
+    # a sum of its cotangent (channel sums)
+    for line in hlo.splitlines() if precision in ("tf32", "bf16") else ():
         if "custom_call @triton_kernel_call" in line:
             assert b"channel_sums_" in zlib.decompress(_backend_config(line)), line[:300]
     with jax.default_matmul_precision("highest"):
@@ -222,7 +224,7 @@ def _cuda_step_against_reference(spec, spatial, batch, seed, forwards, weight_gr
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         if finite:
             assert bool(jnp.all(jnp.isfinite(g)))
-        assert rel_l2(g, w) <= kernels.TOLERANCE[precision]
+        assert rel_l2(g, w) <= (kernels.TOLERANCE[precision] if tolerance is None else tolerance)
 
 
 def test_triton_backend_all_three_directions_on_the_cuda_kernels(monkeypatch):
@@ -337,6 +339,17 @@ def test_fp32_against_reference(spatial, batch, strip, channels):
     xs, ws, _ = _cases.spec_operands(dilated, (2, 4, 16), 1, seed=26)
     with pytest.raises(ValueError, match="in fp32: the fp32 .3xTF32. forward is compiled at dilation 1 only"):
         cuda.conv_contract_cuda(dilated, [x[0] for x in xs], ws, precision="fp32")
+
+
+def test_bf16_through_the_triton_backend_runs_the_tf32_kernels(monkeypatch):
+    """GINJAX_CUDA_BF16 unset (on): a biased `triton` layer at precision="bf16" runs all three
+    directions as CUDA launches of the TF32 kernels, so its value and gradients land within tf32's
+    tolerance of `reference`, not only bf16's."""
+    monkeypatch.delenv(_plan.BF16_ENV, raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    _cuda_step_against_reference(SPEC, (3, 4, 32), 2, seed=37, forwards=2, weight_grads=1, precision="bf16",
+                                 tolerance=kernels.TOLERANCE["tf32"])
 
 
 def test_fp32_through_the_triton_backend(monkeypatch):

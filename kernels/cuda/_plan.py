@@ -513,6 +513,18 @@ def fp32_enabled() -> bool:
     return env_choice(FP32_ENV, ("0", "1"), "1") == "1"
 
 
+BF16_ENV = "GINJAX_CUDA_BF16"
+
+
+def bf16_enabled() -> bool:
+    """Whether the `triton` backend runs bf16 calls of the layers the CUDA kernels cover on their
+    TF32 instantiations: on unless GINJAX_CUDA_BF16="0", which leaves bf16 on Triton's bf16 dots.
+    tf32 operands meet bf16's tolerance (2e-2) with ~70x to spare (3.0e-4 on the standard layer),
+    and Triton's bf16 kernel runs at its tf32 speed (5.63 against 5.46 ms in its first version),
+    which is about half the CUDA kernels' (bench/NOTES.md, "Session 26")."""
+    return env_choice(BF16_ENV, ("0", "1"), "1") == "1"
+
+
 def fp32_coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     """`coverage` of the fp32 (3xTF32) forward, compiled at dilation 1 on whole rows (no x windows)."""
     return split_coverage("forward", coverage(spec, spatial, dtype), spec, spatial, layout)

@@ -131,13 +131,14 @@ def describe(spec: ConvSpec, spatial) -> str:
     if not on_cuda:
         return ""
     from ..cuda import _dw_plan
-    from ..cuda._plan import fp32_enabled
+    from ..cuda._plan import bf16_enabled, fp32_enabled
     from ..cuda.conv_contract import layout as cuda_layout
 
     blocks = "component-planar" if cuda_layout() == "planar" else "components-minor"
     split = "the forward's" + (" and the weight gradient's" if _dw_plan.fp32_enabled() else "")
-    precisions = (f"tf32, and {split} fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
-                  if fp32_enabled() else "tf32")
+    precisions = "tf32" + (" (bf16 calls too, at tf32: GINJAX_CUDA_BF16=0 for Triton's bf16)" if bf16_enabled() else "")
+    if fp32_enabled():
+        precisions += f", and {split} fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
     said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at {precisions} ({blocks} vector blocks; "
             "Triton's at other precisions)")
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")

@@ -242,8 +242,9 @@ def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
     """How `_cuda_forward` runs this call: (layer, weight move, None, fp32) for one launch of
     `layer`, (layer, move, output split, fp32) for launches per output group, or None where it does
     not (then Triton's kernel runs it); fp32: the 3xTF32 kernels (mode "fp32" where
-    GINJAX_CUDA_FP32 is not "0" and `fp32_coverage` takes the layer). Also what the inputs' means are read
-    beside (`_input_means`)."""
+    GINJAX_CUDA_FP32 is not "0" and `fp32_coverage` takes the layer), else TF32 (mode "tf32", and
+    "bf16" unless GINJAX_CUDA_BF16 is "0"). Also what the inputs' means are read beside
+    (`_input_means`)."""
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
         layers.append(twin)
@@ -256,13 +257,16 @@ def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
     (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None, fp32),
     else the first whose `output_split` it takes, as (layer, move, split, fp32); None where the call
-    is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: TF32,
-    and fp32 where GINJAX_CUDA_FP32 allows and `fp32_coverage` takes the layer: the kernels'
-    3xTF32 instantiations, `kernels.cuda._plan.fp32_coverage` or `_dw_plan.fp32_coverage`)."""
-    from ..cuda._plan import fp32_enabled
+    is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: they
+    compute TF32, which also serves bf16 calls where GINJAX_CUDA_BF16 allows (more precise than
+    bf16, and faster than Triton's bf16 kernel), and fp32 where GINJAX_CUDA_FP32 allows and
+    `fp32_coverage` takes the layer: the kernels' 3xTF32 instantiations,
+    `kernels.cuda._plan.fp32_coverage` or `_dw_plan.fp32_coverage`)."""
+    from ..cuda._plan import bf16_enabled, fp32_enabled
 
     fp32 = mode == "fp32" and fp32_enabled()
-    if (mode != "tf32" and not fp32) or poison is not None:
+    tf32 = mode == "tf32" or (mode == "bf16" and bf16_enabled())
+    if not (tf32 or fp32) or poison is not None:
         return None
     spec = layers[0][0]
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
@@ -358,7 +362,7 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
 
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
     """Per pair, dW from kernels.cuda's weight gradient where it computes this call as asked (TF32,
-    or fp32 by 3xTF32 where `_dw_plan.fp32_coverage` takes it; no test poison,
+    bf16 on TF32, or fp32 by 3xTF32 where `_dw_plan.fp32_coverage` takes it; no test poison,
     `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
     from ..cuda._dw_plan import fp32_coverage
 
