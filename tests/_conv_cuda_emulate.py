@@ -175,7 +175,7 @@ class Emulator:
     # ---- load_slice ---------------------------------------------------------------------------
     def load_slice(self, key, slot, z, yy, writes, grp=0, x0=0):
         lay, nx = self.lay, self.nx
-        m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+        m, P = (3 if key else 1), lay.pitch[key]
         planar = self.planar and key == 1
         run, C, warps = (nx if planar else nx * m), lay.channels[key], self.w // 8
         win = x_window(x0, self.w, nx, self.d)
@@ -186,7 +186,7 @@ class Emulator:
         base = lay.region[key] + self.d * m  # interior x = 0 of row 0
         for warp in range(warps):
             for c in range(warp, C, warps):
-                dst_c, src_c = base + 3 * c * P + skew[c & 3], (grp * C + c) * channel  # the group's channel c
+                dst_c, src_c = base + lay.chan(key, c), (grp * C + c) * channel  # the group's channel c
                 for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, self.w, planar, self.d, win):
                     np.add.at(writes, dst[mask], 1)
                     slot[dst[mask]] = self.x[key][src[mask]]
@@ -269,16 +269,19 @@ class Emulator:
             oldest = mid
             for seg in range(segs):
                 self.store(seg, z, y, acc[(seg, 0)], acc[(seg, 1)], grp)
+            if self.lay.stage_in_weights and j + 1 < j1:  # after a barrier: the vector weights again
+                vector = self.lay.vector_weight_floats
+                self.s_w[:vector] = self.group_weights(grp)[:vector]
         return copies
 
     def chunk_start(self, ph, warp, h):
         seg, _ = warp
         lay = self.lay
-        m, P, skew = (3 if ph.key else 1), lay.pitch[ph.key], lay.skew[ph.key]
+        m, P = (3 if ph.key else 1), lay.pitch[ph.key]
         c0 = h * _plan.CHUNK + TID
         c1 = c0 + 4
         px = (seg * _plan.SEG + _plan.lane_pixel(G, self.d)) * m + lay.region[ph.key]
-        offs = [px + 3 * c * P + np.asarray(skew)[c & 3] for c in (c0, c1)]
+        offs = [px + lay.chan(ph.key, c) for c in (c0, c1)]
         return {"h": h, "offs": offs, "m": m, "P": P, "xs": m * self.d, "zt": np.zeros((len(ph.tiles), 4, 32))}
 
     def walk(self, ph, st, groups, sl):
@@ -336,7 +339,13 @@ class Emulator:
                 for key, dst, n in ((0, dst0, o * 4), (1, dst1, o * 12)):
                     for f in range(t, n, 64):
                         prev[key, f] = self.load(key, dst(f), grp, thread(t))
-        stage = np.full(o * (s0 + s1), np.nan)
+        if self.lay.stage_in_weights:  # over the vector phase's weights, which the next row copies in again
+            at = seg * o * (s0 + s1)
+            assert at + o * (s0 + s1) <= self.lay.vector_weight_floats
+            stage = self.s_w[at : at + o * (s0 + s1)]
+            stage[:] = np.nan
+        else:
+            stage = np.full(o * (s0 + s1), np.nan)
         frag = lambda q, n, k: ((q * self.nt + n) * 4 + k) * 32 + LANE  # noqa: E731
         assert len(self.groups) * self.nt * 4 * 32 <= stage.size
         for q in range(len(self.groups)):  # half 1: partials in fragment order

@@ -87,9 +87,15 @@ def test_row_groups_reconstruct_every_tap():
 def test_row_layout_reads_are_bank_conflict_free(nx, dilation):
     d = dilation
     for comps in (1, 3):
-        pitch, skew = _plan.row_layout(nx, comps, d)
+        pitch, skew, stride = _plan.row_layout(nx, comps, d)
         assert pitch >= (nx + 2 * d) * comps + max(skew) and max(skew) < 256  # 8 bits a skew
-        assert _plan.bank_conflict_free(pitch, skew, comps, d)
+        # a channel's three rows fit its stride, whatever the skews of it and the next channel
+        assert all(stride + skew[(c + 1) & 3] >= 2 * pitch + (nx + 2 * d) * comps + skew[c & 3] for c in range(4))
+        if d in _plan.PACKED_DILATIONS:  # packed rows, a gap of 8 after each channel's three
+            assert (pitch, skew, stride) == ((nx + 2 * d) * comps, (0, 0, 0, 0), 3 * pitch + 8)
+        else:
+            assert stride == 3 * pitch
+        assert _plan.bank_conflict_free(pitch, skew, comps, d, stride)
         # the brute force: every (channel half, s, dz, i) read of a warp hits 32 distinct banks
         for half in (0, 4):
             for s in range(4):
@@ -97,16 +103,17 @@ def test_row_layout_reads_are_bank_conflict_free(nx, dilation):
                     for i in range(comps):
                         c = TID + half
                         x = _plan.lane_pixel(G, d) + s * d  # the lane's read s: x - d + s d from the row's x = -d
-                        addr = 3 * c * pitch + np.asarray(skew)[c & 3] + x * comps + dz * pitch + i
+                        addr = c * stride + np.asarray(skew)[c & 3] + x * comps + dz * pitch + i
                         assert len(set((addr % 32).tolist())) == 32
     # the lanes' 16 pixels: each segment pixel once, as row g (x) or row g + 8 (x + d)
     assert sorted(np.concatenate([_plan.lane_pixel(np.arange(8), d), _plan.lane_pixel(np.arange(8), d) + d])) == list(range(16))
     assert not _plan.bank_conflict_free(66, (0, 0, 0, 0), 1)  # the packed row: conflicts
     lay = _plan.window_layout(standard_spec(16, 16, d), nx)  # the whole row in one CTA
     assert lay.threads == 4 * nx  # 2 warp halves x nx / 16 segments
-    # the standard layer's ring fits at every dilation but 8 at x 64 (the wrap: 80 pixels a row;
-    # there x windows of 32 take it)
-    assert (lay.smem_bytes <= _plan.SMEM_LIMIT) == (d < 8 or nx < 64)
+    # the standard layer's ring fits at every dilation, 8 at x 64 (the wrap: 80 pixels a row) with
+    # packed rows and the outputs staged over the vector phase's weights
+    assert lay.smem_bytes <= _plan.SMEM_LIMIT
+    assert lay.stage_in_weights == (d == 8) and lay.stage_floats <= lay.vector_weight_floats
     if d == 1:  # the layouts measured since version 2
         assert (lay.pitch, lay.smem_bytes) == (_plan.layout(SPEC, nx).pitch, _plan.layout(SPEC, nx).smem_bytes)
 
@@ -262,9 +269,12 @@ def _emulated(spatial, strip, tf32, seed, spec=SPEC, n_groups=None, planar=False
     ((5, 8, 16), 2, (16, 16), None, True, 4), ((2, 4, 48), 1, (16, 8), None, False, 4),
     ((3, 8, 16), 1, (16, 16), None, False, 8), ((2, 16, 32), 2, (16, 8), None, True, 8),
     # x windows: rows over 64 pixels (128: two windows of 64; 96: three of 32) with the wrap runs
-    # from the neighbouring windows, two channel groups in windows, and dilation 8 at x 64 (two of 32)
+    # from the neighbouring windows, two channel groups in windows; dilation 8 (packed rows, the
+    # outputs staged over the vector weights, copied in again between a strip's rows) at x 64 whole
+    # and at x 128 in two windows of 64
     ((1, 2, 128), 2, (16, 16), None, False, 1), ((2, 2, 96), 1, (16, 8), None, True, 1),
-    ((1, 2, 128), 1, (32, 16), None, True, 1), ((3, 8, 64), 2, (16, 16), None, True, 8)])
+    ((1, 2, 128), 1, (32, 16), None, True, 1), ((2, 16, 64), 2, (16, 16), None, True, 8),
+    ((1, 16, 128), 2, (16, 16), None, False, 8)])
 def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, planar, dilation, monkeypatch):
     """Without tf32 rounding the kernel's index arithmetic and walk agree with `reference` to fp32
     accuracy; every slice float a copy writes is the wrapped input it should be (of the copy's
@@ -284,7 +294,7 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     G = emu.n_groups
     assert G == (n_groups or _plan.groups(spec, spatial[2]))
     assert G == (n_groups or (2 if channels == (32, 16) and spatial[2] >= 32 else 1))
-    windows = {128: 2, 96: 3}.get(spatial[2], 2 if dilation == 8 and spatial[2] == 64 else 1)
+    windows = {128: 2, 96: 3}.get(spatial[2], 1)
     assert emu.lay.windows == windows and emu.w * windows == spatial[2]
     for g, w in zip(got, want):
         assert rel_l2(jnp.asarray(g, jnp.float32), w) <= 1e-5
@@ -298,11 +308,11 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
     rows, w = ny // d, emu.w  # a CTA's strip: rows of one y phase of one x window; 3 + L - 1 slices a key
     assert len(copies) == G * nz * d * windows * sum(2 * (min(j0 + strip, rows) - j0 + 2) for j0 in range(0, rows, strip))
     for key, z, yy, writes in copies:
-        m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+        m, P = (3 if key else 1), lay.pitch[key]
         want_at = np.zeros(lay.slice_floats, int)
         for c in range(lay.channels[key]):
             for dz in range(3):
-                start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
+                start = lay.region[key] + lay.chan(key, c) + dz * P
                 want_at[start : start + (w + 2 * d) * m] = 1
         assert np.array_equal(writes, want_at), (key, z, yy)  # every float of every row once, no pad touched
     # a slot's contents for one CTA (the last x window) and each group: the copies wrote the
@@ -312,10 +322,10 @@ def test_emulated_kernel_matches_reference(spatial, strip, channels, n_groups, p
         slot = np.full(lay.slice_floats, np.nan)
         for key in (0, 1):
             emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int), grp, x0)
-            m, P, skew = (3 if key else 1), lay.pitch[key], lay.skew[key]
+            m, P = (3 if key else 1), lay.pitch[key]
             for c in range(lay.channels[key]):
                 for dz in range(3):
-                    start = lay.region[key] + 3 * c * P + skew[c & 3] + dz * P
+                    start = lay.region[key] + lay.chan(key, c) + dz * P
                     row = x[key][grp * lay.channels[key] + c, (d * (dz - 1)) % nz, ny - 1][np.arange(x0 - d, nx + d) % nx]
                     assert np.array_equal(slot[start : start + (w + 2 * d) * m], row.reshape(-1))
 
@@ -715,26 +725,37 @@ def test_coverage_reasons(monkeypatch):
     assert "rhs_dilation (1, 2, 2) is not covered" in _plan.coverage(mixed, (5, 8, 32), np.float32)[1]
     assert "multiple of the dilation 4" in _plan.coverage(standard_spec(16, 16, 4), (5, 6, 32), np.float32)[1]
     # x windows (on by default, GINJAX_CUDA_X_WINDOWS=0 turns them off): rows over 64 pixels, and
-    # dilation 8 at x 64
+    # rows of 64 whose ring does not fit whole (32 + 32 inputs at dilation 2: 368 KB, windows of 32
+    # 216 KB; dilation 8 at x 64 fits whole since its rows are packed)
+    narrow = standard_spec(32, 8, 2)
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "0")
-    why = _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[1]
+    why = _plan.coverage(narrow, (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and f"x windows may fit (turned off by {_plan.X_WINDOWS_ENV}=0)" in why
     assert "needs x windows" in _plan.coverage(SPEC, (4, 4, 128), np.float32)[1]
     assert "multiple of 16" in _plan.coverage(SPEC, (4, 4, 72), np.float32)[1]
     monkeypatch.delenv(_plan.X_WINDOWS_ENV)
-    for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 32), (SPEC, 256, 64), (standard_spec(16, 16, 8), 64, 32), (SPEC, 64, 64)):
+    for spec, nx, w in ((SPEC, 128, 64), (SPEC, 96, 32), (SPEC, 256, 64), (narrow, 64, 32), (SPEC, 64, 64),
+                        (standard_spec(16, 16, 8), 64, 64), (standard_spec(16, 16, 8), 128, 64)):
         assert _plan.coverage(spec, (8, 8, nx), np.float32)[0] and _plan.window(spec, nx) == w
         assert _plan.layout(spec, nx).windows == nx // w
     assert "multiple of 32" in _plan.coverage(SPEC, (4, 4, 80), np.float32)[1]  # windows of 64 or 32 only
     # GINJAX_CUDA_NARROW_WINDOWS=0: a row of 64 pixels whose ring does not fit stays whole, so the
     # forward leaves it (to Triton); rows over 64 pixels keep their windows, the weight gradient its layout
     monkeypatch.setenv(_plan.NARROW_WINDOWS_ENV, "0")
-    ok, why = _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)
+    ok, why = _plan.coverage(narrow, (8, 8, 64), np.float32)
     assert not ok and f"turned off for rows of 64 pixels by {_plan.NARROW_WINDOWS_ENV}=0" in why
-    assert _plan.coverage(standard_spec(16, 16, 8), (8, 8, 128), np.float32)[0] and _plan.window(standard_spec(16, 16, 8), 128) == 32
+    assert _plan.coverage(narrow, (8, 8, 128), np.float32)[0] and _plan.window(narrow, 128) == 32
+    assert _plan.coverage(standard_spec(16, 16, 8), (8, 8, 64), np.float32)[0]  # whole, as without the switch
     assert _plan.coverage(SPEC, (8, 8, 64), np.float32)[0] and _plan.window(SPEC, 64) == 64
     assert _dw_plan.layout(standard_spec(16, 16, 8), 64).windows == 1
     monkeypatch.delenv(_plan.NARROW_WINDOWS_ENV)
+    # at dilation 8 the staging shares the vector phase's weights; were it larger, a reason, not a crash
+    d8 = standard_spec(16, 16, 8)
+    with monkeypatch.context() as m:
+        m.setattr(_plan, "STAGE_PITCH", (64, 64))
+        ok, why = _plan.coverage(d8, (8, 8, 64), np.float32)
+        assert not ok and "does not fit the vector phase's weights (6912) it shares at dilation 8" in why, why
+    assert _plan.coverage(d8, (8, 8, 64), np.float32)[0]
     why = _plan.coverage(standard_spec(32, 16, 2), (8, 8, 64), np.float32)[1]
     assert "shared memory" in why and "dilation 1 only" in why
     # the blocks' channel counts are equal (the Mosaic plan's tables), so groups of 16 + 16, the
@@ -771,9 +792,10 @@ def test_ptxas_resources_within_budget(tmp_path):
                  for g in "01"}
     assert sorted(kernels_) == sorted(expected), report
     assert len(regs) == len(expected), report
-    # the TF32 kernels do not spill, but for three whole-row ones at dilation 8 (x 16 and 48, 16
-    # outputs: the widest walk offsets); the fp32 ones (3 mma a tile, their splits live beside the
-    # Z tiles) at most a few words (ptxas, nvcc 13.0: 4-12 bytes in each of those 5 of 192)
+    # the TF32 kernels do not spill, but the whole-row ones at dilation 8, x 16 and 48, 16 outputs
+    # (the widest walk offsets), and the fp32 ones (3 mma a tile, their splits live beside the Z
+    # tiles) at most a few words (ptxas, nvcc 13.0: 4-12 bytes in 3 of the fp32 ones and in the
+    # planar dilation-8 one at x 48)
     for e in entries:
         few_words = e[6] == "1" or (e[4] == "8" and e[5] == "0" and e[0] in ("16", "48") and e[1] == "2")
         assert int(e[7]) <= 16 if few_words else (e[7], e[8]) == ("0", "0"), (e, report)

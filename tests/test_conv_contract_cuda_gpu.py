@@ -390,11 +390,14 @@ def test_matches_its_emulation(spatial, strip, channels):
 
 @pytest.mark.parametrize("dilation, spatial, batch, strip", [
     (2, (64, 64, 64), 2, None), (4, (64, 64, 64), 1, None), (8, (32, 32, 32), 2, None),  # DilResNet's grids
+    (8, (64, 64, 64), 1, None), (8, (3, 32, 64), 2, 3),  # d = 8 at x 64: whole rows, staged over the weights
     (2, (5, 6, 16), 3, 2), (4, (3, 8, 48), 2, 1), (8, (9, 16, 16), 1, 3), (2, (7, 10, 32), 1, 4)])
 def test_dilated_layers_against_reference(dilation, spatial, batch, strip):
     """rhs_dilation d on every axis (DilResNet's 2, 4, 8): CTAs over one y phase's rows, the wider
     wrap, the lanes' pixel pairs d apart; grids whose z extent is below 2d (z taps that wrap onto
-    each other), strips that end inside a phase."""
+    each other), strips that end inside a phase. At d = 8 the rows are packed and the outputs
+    staged over the vector phase's weights, which each row after a strip's first copies in again
+    (strips of 3 rows at x 64)."""
     spec = standard_spec(16, 16, dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0]
     _check(spatial, batch, seed=40 + dilation, blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
@@ -402,7 +405,7 @@ def test_dilated_layers_against_reference(dilation, spatial, batch, strip):
 
 
 @pytest.mark.parametrize("dilation, spatial, strip, seed", [
-    (2, (3, 4, 32), 1, 52), (4, (5, 8, 16), 2, 54), (8, (2, 16, 16), 2, 58),  # dilated
+    (2, (3, 4, 32), 1, 52), (4, (5, 8, 16), 2, 54), (8, (2, 16, 16), 2, 58), (8, (2, 24, 64), 3, 59),  # dilated
     (1, (2, 3, 128), 2, 81)])  # two x windows of 64
 def test_dilated_and_windowed_kernels_match_their_emulation(dilation, spatial, strip, seed):
     """The compiled kernel on dilated layers and in x windows against its lane-by-lane emulation
@@ -432,11 +435,13 @@ def test_dilated_layer_all_directions_in_the_triton_backend(monkeypatch):
 
 @pytest.mark.parametrize("spatial, batch, strip, channels, dilation", [
     ((8, 8, 128), 2, None, (16, 16), 1), ((3, 5, 96), 1, 2, (16, 16), 1), ((4, 6, 128), 1, 3, (32, 16), 1),
-    ((2, 4, 192), 2, 1, (16, 8), 1), ((8, 16, 64), 1, None, (16, 16), 8), ((4, 8, 128), 1, 2, (16, 16), 4)])
+    ((2, 4, 192), 2, 1, (16, 8), 1), ((4, 16, 128), 1, 2, (16, 16), 8), ((4, 8, 128), 1, 2, (16, 16), 4),
+    ((2, 8, 64), 1, 2, (32, 8), 2)])
 def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
     """Rows over 64 pixels in x windows (two of 64 at 128, three of 32 at 96, three of 64 at 192),
     the wrap runs from the neighbouring windows; channel groups in windows (32 + 32 inputs);
-    dilation 8 at x 64 in two windows of 32 (the whole row's ring does not fit)."""
+    dilation 8 in windows of 64 (packed rows, staged over the weights); a row of 64 whose ring does
+    not fit whole in two windows of 32 (32 + 32 inputs at dilation 2)."""
     spec = standard_spec(*channels, dilation=dilation)
     assert _plan.coverage(spec, spatial, np.float32)[0] and _plan.layout(spec, spatial[2]).windows > 1
     _check(spatial, batch, seed=70 + spatial[2], blocks=None if strip is None else cuda.BlockSizes(strip_rows=strip),
@@ -448,8 +453,9 @@ def test_forward_under_compute_sanitizer(tool):
     """The forward's ring under compute-sanitizer (both layouts, the fixture): strips of several
     rows (the y ring slides, each MID leaving the other block's copy in flight), two chunk rounds
     a phase (32 + 32 channels at x 16: the scalar phase waits for its slice before the MID), two
-    channel groups (32 + 32 at x 64), a dilated strip; memcheck, racecheck on shared memory and
-    synccheck on the barriers."""
+    channel groups (32 + 32 at x 64), a dilated strip, and a strip at dilation 8 at x 64 (its
+    outputs staged over the vector phase's weights, which each row copies in again); memcheck,
+    racecheck on shared memory and synccheck on the barriers."""
     if shutil.which("compute-sanitizer") is None:
         pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
     code = textwrap.dedent(
@@ -461,7 +467,7 @@ def test_forward_under_compute_sanitizer(tool):
         from _conv_cuda_emulate import standard_spec
         from kernels import cuda
         for c, d, spatial, strip in ((16, 1, (2, 5, 16), 5), (32, 1, (2, 5, 16), 3), (32, 1, (1, 4, 64), 4),
-                                     (16, 2, (2, 6, 16), 3)):
+                                     (16, 2, (2, 6, 16), 3), (16, 8, (1, 24, 64), 3)):
             spec = standard_spec(c, 16, d)
             xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=61)
             blocks = cuda.BlockSizes(strip_rows=strip)

@@ -190,16 +190,19 @@ def stencil_source(spec: ConvSpec) -> str:
         "__device__ constexpr int kGroupBlock[GJ_GROUPS] = {" + ", ".join(str(b) for b, _ in groups) + "};",
         "__device__ constexpr int kGroupComp[GJ_GROUPS] = {" + ", ".join(str(j) for _, j in groups) + "};",
         "// Row layouts per dilation 1, 2, 4, 8 and x extent 16, 32, 48, 64 (row_layout): pitch, skew",
-        "// by channel mod 4 packed 8 bits each, for the scalar (comps 1) and vector (comps 3) block.",
+        "// by channel mod 4 packed 8 bits each, channel stride, for the scalar (comps 1) and vector",
+        "// (comps 3) block.",
     ]
     for comps in (1, 3):
         lays = [[row_layout(nx, comps, d) for nx in NX_COVERED] for d in DILATIONS]
         shape = f"[{len(DILATIONS)}][{len(NX_COVERED)}]"
         lines.append(f"constexpr int kPitch{comps}{shape} = {{"
-                     + ", ".join("{" + ", ".join(str(p) for p, _ in row) + "}" for row in lays) + "};")
+                     + ", ".join("{" + ", ".join(str(p) for p, _, _ in row) + "}" for row in lays) + "};")
         lines.append(f"constexpr int kSkew{comps}{shape} = {{"
-                     + ", ".join("{" + ", ".join(str(sum(s << (8 * k) for k, s in enumerate(sk))) for _, sk in row) + "}"
+                     + ", ".join("{" + ", ".join(str(sum(s << (8 * k) for k, s in enumerate(sk))) for _, sk, _ in row) + "}"
                                  for row in lays) + "};")
+        lines.append(f"constexpr int kStride{comps}{shape} = {{"
+                     + ", ".join("{" + ", ".join(str(t) for _, _, t in row) + "}" for row in lays) + "};")
     for ph in phs:
         name = "V" if ph.key == 1 else "S"
         lines += [
@@ -245,8 +248,14 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
 
     if dilation(spec) > 1 and not dilated_enabled():
         return False, f"the dilated forward is turned off ({DILATED_ENV}=0)"
-    return layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=hint,
-                          dilations=DILATIONS)
+    ok, why = layer_coverage(spec, spatial, dtype, smem=lambda nx: layout(spec, nx).smem_bytes, smem_hint=hint,
+                             dilations=DILATIONS)
+    if ok and spatial is not None:
+        lay = layout(spec, int(tuple(spatial)[2]))
+        if lay.stage_in_weights and lay.stage_floats > lay.vector_weight_floats:  # the kernel refuses it too
+            return False, (f"its output staging ({lay.stage_floats} floats) does not fit the vector phase's weights "
+                           f"({lay.vector_weight_floats}) it shares at dilation {lay.dilation}")
+    return ok, why
 
 
 def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=None,
@@ -298,33 +307,49 @@ def compiled_stencil() -> str:
 
 # ---- shared-memory layout ---------------------------------------------------------------------
 # One y slice holds, per input block and channel c, its three z rows dz = -d, 0, d at
-# region + (3 c + dz / d + 1) * pitch + skew[c % 4]: the stencil's row offsets (dz * pitch + i + s * d
-# * comps) are then compile-time immediates of one per-lane base. A row is x = -d .. nx + d - 1
-# wrapped, `comps` floats a pixel (d: the dilation).
+# region + c * stride + skew[c % 4] + (dz / d + 1) * pitch: the stencil's row offsets (dz * pitch +
+# i + s * d * comps) are then compile-time immediates of one per-lane base. A row is
+# x = -d .. nx + d - 1 wrapped, `comps` floats a pixel (d: the dilation).
 STAGE_PITCH = (SEG + 4, 3 * SEG + 4)  # floats per output channel of a segment's staged outputs
+# Dilations whose rows are packed (pitch = the row's floats, each channel's three rows followed by a
+# gap that makes the reads conflict-free, `row_layout`) and whose kernels stage their outputs in the
+# vector phase's weights (`Layout.stage_in_weights`): together 24.6 KB less than the ring with
+# skews inside the pitch and a staging area of its own, so the whole row of 64 pixels fits at d = 8.
+PACKED_DILATIONS = (8,)
 
 
-def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int, dilation: int = 1) -> bool:
+def bank_conflict_free(pitch: int, skew: tuple[int, ...], comps: int, dilation: int = 1,
+                       stride: Optional[int] = None) -> bool:
     """Whether one warp's stencil read hits 32 distinct banks: lane (g, tid) reads channel tid
-    (and, in a second load, tid + 4) at float 3 c * pitch + skew[c % 4] + comps * lane_pixel(g, d)
-    (+ a uniform shift for dz, s, i)."""
+    (and, in a second load, tid + 4) at float c * stride + skew[c % 4] + comps * lane_pixel(g, d)
+    (+ a uniform shift for dz, s, i); `stride` None: 3 pitch, the rows of one channel after another."""
+    stride = 3 * pitch if stride is None else stride
     for half in (0, 4):
         seen = set()
         for lane in range(32):
             g, c = lane >> 2, (lane & 3) + half
-            seen.add((3 * c * pitch + skew[c & 3] + comps * lane_pixel(g, dilation)) % 32)
+            seen.add((c * stride + skew[c & 3] + comps * lane_pixel(g, dilation)) % 32)
         if len(seen) != 32:
             return False
     return True
 
 
 @functools.lru_cache(maxsize=64)
-def row_layout(nx: int, comps: int, dilation: int = 1) -> tuple[int, tuple[int, int, int, int]]:
-    """(row pitch, skew per channel mod 4) in floats: the smallest pitch (then skew) for which
-    the stencil reads are free of bank conflicts; a row (x = -d .. nx + d - 1) and its skew fit
-    one pitch. Skews up to 3 at d = 1 (the layouts measured since version 2), up to 15 otherwise
-    (d = 4 at x 64 then fits the shared-memory budget: pitch 78 where skews < 4 need 90)."""
+def row_layout(nx: int, comps: int, dilation: int = 1) -> tuple[int, tuple[int, int, int, int], int]:
+    """(row pitch, skew per channel mod 4, channel stride) in floats: the smallest pitch (then
+    skew) for which the stencil reads are free of bank conflicts; a row (x = -d .. nx + d - 1)
+    and its skew fit one pitch, a channel's three rows one stride (3 pitch). Skews up to 3 at d = 1
+    (the layouts measured since version 2), up to 15 otherwise (d = 4 at x 64 then fits the
+    shared-memory budget: pitch 78 where skews < 4 need 90). At the PACKED_DILATIONS the rows are
+    packed instead (pitch = the row, no skews) and the channels' stride is 3 pitch plus the
+    smallest gap that makes the reads conflict-free (8 floats: channels tid 0..3 then start 8 banks
+    apart; at d = 8, x 64 the stride is 248 and 728 floats against 264 and 744 with skews)."""
     need = (nx + 2 * dilation) * comps
+    if dilation in PACKED_DILATIONS:
+        for gap in range(32):
+            if bank_conflict_free(need, (0, 0, 0, 0), comps, dilation, 3 * need + gap):
+                return need, (0, 0, 0, 0), 3 * need + gap
+        raise ValueError(f"no bank-conflict-free packed rows for nx={nx}, comps={comps}, dilation={dilation}")
     top = 4 if dilation == 1 else 16
     for pitch in range(need, need + 64):
         for s1 in range(top):
@@ -332,7 +357,7 @@ def row_layout(nx: int, comps: int, dilation: int = 1) -> tuple[int, tuple[int, 
                 for s3 in range(top):
                     skew = (0, s1, s2, s3)
                     if pitch >= need + max(skew) and bank_conflict_free(pitch, skew, comps, dilation):
-                        return pitch, skew
+                        return pitch, skew, 3 * pitch
     raise ValueError(f"no bank-conflict-free row layout for nx={nx}, comps={comps}, dilation={dilation}")
 
 
@@ -354,6 +379,24 @@ class Layout:
     groups: int = 1
     dilation: int = 1
     row: int = 0  # the rows' x extent (0: nx, one window); nx is a CTA's x window
+    stride: tuple[int, int] = (0, 0)  # floats from one channel's rows to the next's (0: 3 pitch)
+    vector_weight_floats: int = 0  # the vector phase's share of weight_floats (first in it)
+
+    def channel_stride(self, key: int) -> int:
+        return self.stride[key] or 3 * self.pitch[key]
+
+    def chan(self, key: int, c: int) -> int:
+        """Where channel c (an int, or lanes' channels as an integer array) of block `key` starts
+        within the block's region: its row dz = -d."""
+        return c * self.channel_stride(key) + np.asarray(self.skew[key])[np.bitwise_and(c, 3)]
+
+    @property
+    def stage_in_weights(self) -> bool:
+        """Whether the kernel stages its outputs in the vector phase's weights (the PACKED_DILATIONS):
+        they are read only in the vector phase, which every warp has left by the scalar MID's
+        barrier, and each row after the strip's first copies them in again after a barrier behind
+        the stores, landing by the next row's vector MID (conv_contract.cu, "Staging")."""
+        return self.dilation in PACKED_DILATIONS
 
     @property
     def windows(self) -> int:
@@ -363,13 +406,13 @@ class Layout:
     @property
     def region(self) -> tuple[int, int]:
         """Where each block's channels start in a slice (floats)."""
-        return 0, 3 * self.channels[0] * self.pitch[0]
+        return 0, self.channels[0] * self.channel_stride(0)
 
     @property
     def slice_floats(self) -> int:
         """One y slice: 3 z rows of both input blocks, every channel (16-byte multiple, so the
         weights after the ring are aligned for 16-byte copies)."""
-        return _round4(self.region[1] + 3 * self.channels[1] * self.pitch[1])
+        return _round4(self.region[1] + self.channels[1] * self.channel_stride(1))
 
     @property
     def stage_floats(self) -> int:
@@ -379,8 +422,10 @@ class Layout:
 
     @property
     def smem_bytes(self) -> int:
-        """Three y slices (a ring), the packed weights, the output staging, the bias offsets."""
-        return 4 * (3 * self.slice_floats + self.weight_floats + self.stage_floats + 4 * self.out_channels)
+        """Three y slices (a ring), the packed weights, the output staging (none of its own where
+        `stage_in_weights`), the bias offsets."""
+        stage = 0 if self.stage_in_weights else self.stage_floats
+        return 4 * (3 * self.slice_floats + self.weight_floats + stage + 4 * self.out_channels)
 
     @property
     def threads(self) -> int:
@@ -402,7 +447,7 @@ X_WINDOWS_ENV = "GINJAX_CUDA_X_WINDOWS"
 
 def x_windows_enabled() -> bool:
     """Whether a CTA may cover an x window of a row rather than the whole row (rows over 64
-    pixels; dilation 8 at x 64): on unless GINJAX_CUDA_X_WINDOWS="0". Their GPU tests passed on the
+    pixels; rows of 64 whose ring does not fit whole): on unless GINJAX_CUDA_X_WINDOWS="0". Their GPU tests passed on the
     H200 and they took a ResNet step at N = 128 from 134.8 to 91.3 ms (bench/NOTES.md, "Session 21")."""
     return env_choice(X_WINDOWS_ENV, ("0", "1"), "1") == "1"
 
@@ -426,10 +471,11 @@ NARROW_WINDOWS_ENV = "GINJAX_CUDA_NARROW_WINDOWS"
 
 def narrow_windows_enabled() -> bool:
     """Whether the forward may split a row of at most 64 pixels into x windows where the whole
-    row's ring does not fit shared memory (dilation 8 at x 64: windows of 32, one 4-warp CTA an SM):
-    on unless GINJAX_CUDA_NARROW_WINDOWS="0", which leaves such layers' forward and input gradient
-    to Triton's kernel (1.10 ms a launch at fffb5eb against the windows' 1.20; bench/NOTES.md,
-    "Session 22"). The weight gradient's own layout is not affected."""
+    row's ring does not fit shared memory (e.g. 32 + 32 inputs at dilation 2: windows of 32, one
+    4-warp CTA an SM): on unless GINJAX_CUDA_NARROW_WINDOWS="0", which leaves such layers' forward
+    and input gradient to Triton's kernel (measured on dilation 8 at x 64 when its rows took windows:
+    1.10 ms a launch at fffb5eb against the windows' 1.20; bench/NOTES.md, "Session 22"). The
+    weight gradient's own layout is not affected."""
     return env_choice(NARROW_WINDOWS_ENV, ("0", "1"), "1") == "1"
 
 
@@ -467,10 +513,11 @@ def window_layout(spec: ConvSpec, nx: int, n_groups: int = 1) -> Layout:
     c = (c0 // n_groups, c1 // n_groups)
     _, phs = phases(spec)
     d = dilation(spec) or 1
-    p0, s0 = row_layout(nx, 1, d)
-    p1, s1 = row_layout(nx, 3, d)
+    p0, s0, t0 = row_layout(nx, 1, d)
+    p1, s1, t1 = row_layout(nx, 3, d)
     weights = sum(len(ph.tiles) * c[ph.key] * o for ph in phs)
-    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups, d)
+    vector = sum(len(ph.tiles) * c[ph.key] * o for ph in phs if ph.key == 1)
+    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups, d, stride=(t0, t1), vector_weight_floats=vector)
 
 
 def splits(spec: ConvSpec) -> tuple[int, ...]:

@@ -69,8 +69,7 @@
 // floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation, x
 // window, precision (0: tf32, 1: fp32 by 3xTF32, the weights packed unrounded).
 //
-// X windows (rows longer than 64 pixels, and dilation 8 at x 64 where the whole row's ring does not
-// fit): a CTA covers a window of NX of the row's nx pixels from x0 (grid x: windows x y phases x
+// X windows (rows longer than 64 pixels): a CTA covers a window of NX of the row's nx pixels from x0 (grid x: windows x y phases x
 // strips), its slices holding x0 - d .. x0 + NX + d - 1 (the wrap runs from the neighbouring
 // windows, or around the row at its ends: XWindow); it stores its window of each output row.
 //
@@ -83,8 +82,21 @@
 // so its four reads x - d .. x + 2d at stride d kM floats (kXs, still immediates) serve both
 // pixels' three x taps, as x - 1 .. x + 2 do at d = 1. A row holds x = -d .. nx + d - 1 (the
 // wrap: d pixels each side), with its own bank-conflict-free pitch and skews per (d, nx). Only the
-// single channel group is compiled dilated (G = 1). d = 8 at x 64 needs 253 KB (a row of 80
-// pixels) and stays on the Triton fallback.
+// single channel group is compiled dilated (G = 1).
+//
+// Staging at d = 8 (stage_in_weights, _plan.PACKED_DILATIONS). A row of 64 pixels with 8 wrap
+// pixels a side took 253 KB with the layout above (the rows' skews inside their pitch, a staging
+// area of its own) against the 227 KB a CTA may have, so it ran in x windows of 32 at 1.21 ms, 1.7x
+// the whole-row kernels' time. Two changes fit it in 228.6 KB: the rows are packed (pitch = the
+// row's floats) and each channel's three rows are followed by an 8-float gap instead (stride 3
+// pitch + 8: channels tid 0..3 then start 8 banks apart, the reads conflict-free; 6 KB less), and
+// the outputs are staged over the vector phase's packed weights (18 KB less). Those weights are
+// read only by the vector phase's mma, and every warp has left that phase once it passes the scalar
+// MID's barrier, which comes before any staging store. After a row's stores a barrier lets every
+// segment finish reading its staging, then the CTA copies the vector weights in again (27 KB from
+// L2) as a cp.async group of its own, which the next row's vector MID waits for, as it does for
+// the ring's copies, before that row's first mma reads them. Cost: a third CTA barrier a row and
+// the copy; the last row of a strip skips both.
 //
 // Output groups. A layer with O = k o outputs per key (o = 8 or 16 covered) runs as k launches,
 // each on the weights' rows of its o channels, writing its channel slice of the full outputs:
@@ -123,15 +135,20 @@ struct Params {
 };
 
 // Block KEY's row layout for x extent NX and dilation D (generated tables, _plan.row_layout): a
-// channel c's rows dz = -D, 0, D at region + (3 c + dz / D + 1) * kPitch + skew(c), each x = -D ..
+// channel c's rows dz = -D, 0, D at region + chan(c) + (dz / D + 1) * kPitch, each x = -D ..
 // NX + D - 1, kM floats a pixel.
 template <int NX, int KEY, int D>
 struct RowLayout {
   static constexpr int kM = KEY ? 3 : 1;
   static constexpr int kPitch = KEY ? kPitch3[dil_index(D)][NX / kSeg - 1] : kPitch1[dil_index(D)][NX / kSeg - 1];
   static constexpr int kSkews = KEY ? kSkew3[dil_index(D)][NX / kSeg - 1] : kSkew1[dil_index(D)][NX / kSeg - 1];
-  __device__ static __forceinline__ int skew(int c) { return (kSkews >> (8 * (c & 3))) & 0xff; }
+  static constexpr int kStride = KEY ? kStride3[dil_index(D)][NX / kSeg - 1] : kStride1[dil_index(D)][NX / kSeg - 1];
+  __device__ static __forceinline__ int chan(int c) { return c * kStride + ((kSkews >> (8 * (c & 3))) & 0xff); }
 };
+
+// Dilations whose kernels stage their outputs in the vector phase's weights (_plan.PACKED_DILATIONS;
+// the header's "Staging").
+__host__ __device__ constexpr bool stage_in_weights(int d) { return d == 8; }
 
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
@@ -161,7 +178,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   // the group's channels from its first in the batch's channel axis, interior x = 0 of row 0
   copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin>(
       slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c[KEY] + grp * C, C, p.nz, p.ny, p.nx, yy,
-      zz, x0, [](int c) { return 3 * c * L::kPitch + L::skew(c); });
+      zz, x0, [](int c) { return L::chan(c); });
 }
 
 // MID frees the oldest y slice of this phase's block once the whole CTA is past its dy = -1 rows.
@@ -191,8 +208,8 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
       const bool last = h + 2 >= n_chunks;                                                      \
       const int c0 = h * kChunk + tid, c1 = c0 + 4;                                             \
       const int px = (seg * kSeg + lane_pixel<D>(g)) * kM + (kKey ? p.region1 : 0);             \
-      const int off0 = px + 3 * c0 * kP + RowLayout<NX, kKey, D>::skew(c0);                     \
-      const int off1 = px + 3 * c1 * kP + RowLayout<NX, kKey, D>::skew(c1);                     \
+      const int off0 = px + RowLayout<NX, kKey, D>::chan(c0);                                   \
+      const int off1 = px + RowLayout<NX, kKey, D>::chan(c1);                                   \
       const float* r0[3] = {sl[0] + off0, sl[1] + off0, sl[2] + off0};                          \
       const float* r1[3] = {sl[0] + off1, sl[1] + off1, sl[2] + off1};                          \
       float zt[kTiles][4];                                                                      \
@@ -235,10 +252,11 @@ template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSp
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
+  constexpr bool kStageInWeights = stage_in_weights(D);
   float* ring = smem;
   float* s_w = ring + 3 * p.slice_floats;
-  float* s_stage = s_w + p.w_group;
-  float* s_off = s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
+  float* s_stage = kStageInWeights ? s_w : s_w + p.w_group;  // over the vector phase's weights, or after them
+  float* s_off = kStageInWeights ? s_w + p.w_group : s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
@@ -400,6 +418,13 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
             *y1_at(f) = add(*reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4), prev[kF0 + i]);
         }
       }
+      if constexpr (kStageInWeights) {
+        if (j + 1 < j1) {  // the vector phase's weights back over the staging, for the next row
+          __syncthreads();  // every segment's stores have read its staging
+          for (int e = 4 * threadIdx.x; e < wv_n; e += 4 * kThreads) cp_async16(s_w + e, wv + e);
+          cp_async_commit();  // waited for at the next row's vector MID, before its first mma
+        }
+      }
     }
   }
   cp_async_wait<0>();
@@ -407,7 +432,8 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 
 template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + (NX / kSeg) * 8 * NT * (kStage0 + kStage1) + 32 * NT);
+  const size_t stage = stage_in_weights(D) ? 0 : (NX / kSeg) * 8 * NT * (kStage0 + kStage1);
+  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + stage + 32 * NT);
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
@@ -508,13 +534,15 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
-  p.region1 = 3 * p.cg[0] * kPitch1[di][l];
-  p.slice_floats = (p.region1 + 3 * p.cg[1] * kPitch3[di][l] + 3) / 4 * 4;
+  p.region1 = p.cg[0] * kStride1[di][l];
+  p.slice_floats = (p.region1 + p.cg[1] * kStride3[di][l] + 3) / 4 * 4;
   const int nt = p.o / 8;
   p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
   if ((int64_t)p.groups * p.w_group != p.w_floats)
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
+  if (dilation == 8 && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
+    return bad("the output staging does not fit the vector phase's weights it shares at dilation 8");
   const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, nx, dilation, (int)batch, stream)
                                           : launch_nt<false, true>(p, nx, dilation, (int)batch, stream))
                                  : (planar ? launch_nt<true, false>(p, nx, dilation, (int)batch, stream)
