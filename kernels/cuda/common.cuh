@@ -7,7 +7,7 @@
 constexpr int dil_index(int D) { return D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3; }
 
 // The x (within a 16-pixel segment) of a lane's first pixel at dilation D, its second being x + D
-// (_plan.lane_pixel): the forward's mma rows g and g + 8, the weight gradient's B rows tid and
+// (_walk.lane_pixel): the forward's mma rows g and g + 8, the weight gradient's B rows tid and
 // tid + 4 of k-step 0. A lane's four row reads x - D, x, x + D, x + 2D serve both pixels' taps.
 template <int D>
 __device__ __forceinline__ int lane_pixel(int g) { return 2 * D * (g / D) + g % D; }

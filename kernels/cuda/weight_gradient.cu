@@ -50,7 +50,7 @@
 // Scratch: 18,432 bytes a CTA, 256 CTAs on d3_n64_b4_c16 at strip 64: 4.7 MB (1.8 % of its I/O).
 //
 // Arithmetic per warp and output row (d3_n64_b4_c16, 131,072 warp-rows as the forward): the walk
-// is the forward's 948 FP32 (_plan.walk_cost: the same rows, none read twice) and 288 row loads;
+// is the forward's 948 FP32 (_walk.walk_cost: the same rows, none read twice) and 288 row loads;
 // on top 104 mma (forward 80), 208 tf32 adds of Z (160), the A fragments (16 LDS.64 and 32 tf32
 // adds a row; the forward's B fragments were 40 LDS.128), the gY copy (4 cp.async.16 a thread) and
 // a third barrier. ptxas: 199-219 registers, no spills (the forward 237-244), so the same 8 warps
@@ -93,7 +93,7 @@ namespace {
 constexpr int kSeg = 16;       // pixels per warp: two k-steps of 8
 constexpr int kChunk = 8;      // input channels per warp (mma N)
 constexpr int kChannels = 16;  // input channels per block a CTA walks (_dw_plan.CHANNELS)
-constexpr int kGroups = 4;     // output groups: scalar, vector j = 0, 1, 2 (_plan.phases)
+constexpr int kGroups = 4;     // output groups: scalar, vector j = 0, 1, 2 (_walk.phases)
 constexpr int kPartial = 2 * GJ_DW_WEIGHTS * 4 * 32;  // a CTA's partial dW: halves x weights x fragment
 
 struct DwParams {
