@@ -242,21 +242,18 @@ class Layout:
     channels: tuple[int, int]  # input channels (scalar, vector) of one group
     pitch: tuple[int, int]
     skew: tuple[tuple[int, ...], tuple[int, ...]]
+    stride: tuple[int, int]  # floats from one channel's rows to the next's (`row_layout`)
     weight_floats: int  # one group's packed weights
+    vector_weight_floats: int  # the vector phase's share of them (first in them)
     out_channels: int
     groups: int = 1
     dilation: int = 1
     row: int = 0  # the rows' x extent (0: nx, one window); nx is a CTA's x window
-    stride: tuple[int, int] = (0, 0)  # floats from one channel's rows to the next's (0: 3 pitch)
-    vector_weight_floats: int = 0  # the vector phase's share of weight_floats (first in it)
-
-    def channel_stride(self, key: int) -> int:
-        return self.stride[key] or 3 * self.pitch[key]
 
     def chan(self, key: int, c: int) -> int:
         """Where channel c (an int, or lanes' channels as an integer array) of block `key` starts
         within the block's region: its row dz = -d."""
-        return c * self.channel_stride(key) + np.asarray(self.skew[key])[np.bitwise_and(c, 3)]
+        return c * self.stride[key] + np.asarray(self.skew[key])[np.bitwise_and(c, 3)]
 
     @property
     def stage_in_weights(self) -> bool:
@@ -274,13 +271,13 @@ class Layout:
     @property
     def region(self) -> tuple[int, int]:
         """Where each block's channels start in a slice (floats)."""
-        return 0, self.channels[0] * self.channel_stride(0)
+        return 0, self.channels[0] * self.stride[0]
 
     @property
     def slice_floats(self) -> int:
         """One y slice: 3 z rows of both input blocks, every channel (16-byte multiple, so the
         weights after the ring are aligned for 16-byte copies)."""
-        return _round4(self.region[1] + self.channels[1] * self.channel_stride(1))
+        return _round4(self.region[1] + self.channels[1] * self.stride[1])
 
     @property
     def stage_floats(self) -> int:
@@ -385,7 +382,7 @@ def window_layout(spec: ConvSpec, nx: int, n_groups: int = 1) -> Layout:
     p1, s1, t1 = row_layout(nx, 3, d)
     weights = sum(len(ph.tiles) * c[ph.key] * o for ph in phs)
     vector = sum(len(ph.tiles) * c[ph.key] * o for ph in phs if ph.key == 1)
-    return Layout(nx, c, (p0, p1), (s0, s1), weights, o, n_groups, d, stride=(t0, t1), vector_weight_floats=vector)
+    return Layout(nx, c, (p0, p1), (s0, s1), (t0, t1), weights, vector, o, n_groups, d)
 
 
 def splits(spec: ConvSpec) -> tuple[int, ...]:
