@@ -7,7 +7,9 @@ assembled in HBM (small: taps * Cin * Cout). Pairs without a filter leave zero b
 
 Transposed (lhs_dilation) and strided layers do not run as a dilated or strided lax convolution
 (cuDNN's slow path on the GPU): `_resample` rewrites them as GEMMs and stride-1 convolutions
-(sub-pixel decomposition, space-to-depth); `describe_dense` says which form runs.
+(sub-pixel decomposition, space-to-depth). Thin layers (few channels on one side: a model's
+first and last) run in two stages, a convolution with the filter bases and GEMMs with the weights
+(`_thin`). `describe_dense` says which form runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _resample
+from . import _resample, _thin
 from ._lax_common import compute_dtype, conv_channels_last, wrap_pad
 from ._precision import lax_operands
 from ._spec import ConvSpec
@@ -77,6 +79,8 @@ def conv_contract_dense(
     spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str
 ) -> tuple[jax.Array, ...]:
     dtype = compute_dtype(*inputs, *weights)
+    if (form := _thin.thin_form(spec)) is not None:
+        return _thin.conv_contract_thin(spec, inputs, weights, mode, dtype, form)
     w_dense = assemble_dense_filter(spec, weights, dtype)
     x = wrap_pad(pack_channels_last(spec, [x.astype(dtype) for x in inputs])[None], spec, lead=1)
     precision, (x, w_dense) = lax_operands(mode, x, w_dense)
@@ -89,4 +93,4 @@ def conv_contract_dense(
 
 def describe_dense(spec: ConvSpec, spatial: tuple) -> str:
     """How `dense` computes this configuration (empty for one plain stride-1 convolution)."""
-    return _resample.describe(spec)
+    return _thin.describe(spec) or _resample.describe(spec)

@@ -1,0 +1,152 @@
+"""Thin layers (few channels on one side) in two lax stages: the factorised form, in its order or
+with the contraction first. `dense` runs a layer this way where `thin_form` picks one.
+
+A model's first layer lifts a few data channels into the hidden ones (2 + 2 -> 16 + 16 in the
+benchmarked steps) and its last projects them back (16 + 16 -> 1 + 1). As one convolution
+(`dense`) their filter gradient is a cuDNN weight gradient with 8 input or 4 output channels, and
+the fused kernels pad the thin side to their smallest tile (16 channels): both took 3.2-5.0 ms
+fwd_bwd on the H200 for layers whose HBM floor is ~0.2 ms (bench/NOTES.md, "Session 26").
+Splitting the layer at its factorised form keeps every stage efficient:
+
+    stencil first (few inputs):   Z_a[c, p, (b, f, j)] = sum_{tap, i} B_ab[f, tap, i, j] X_a[c, p + tap, i]
+                                  out_b[o, p, j]       = sum_{a, c, f} w_ab[o, c, f] Z_a[c, p, (b, f, j)]
+    contract first (few outputs): V_b[o, p, (a, f, i)] = sum_c w_ab[o, c, f] X_a[c, p, i]
+                                  out_b[o, p, j]       = sum_{tap, (a, f, i)} B_ab[f, tap, i, j] V_b[o, p + tap, (a, f, i)]
+
+The convolutions' filters are the filter bases, constants, so autodiff makes no convolution
+weight gradient; the weights meet the data only in the GEMMs, whose gradients are GEMMs that
+reduce over the pixels. The intermediate (Z or V) has `fields` floats a pixel, written once and
+read once (twice under differentiation): the form is taken only where that is at most THIN_RATIO
+times the layer's own channels in and out, i.e. where it costs about as much HBM traffic as
+reading the input and writing the output once more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ._env import env_choice
+from ._lax_common import conv_channels_last, wrap_pad
+from ._precision import lax_operands
+from ._spec import ConvSpec
+
+THIN_RATIO = 1.5
+WIDE = 32  # channels (Cin or Cout) the wide side needs: narrower layers stay one convolution
+THIN_ENV = "GINJAX_DENSE_THIN"
+FORMS = ("stencil-first", "contract-first")
+
+
+def fields(spec: ConvSpec) -> dict[str, int]:
+    """Floats a pixel of each form's intermediate: Z (stencil first) and V (contract first)."""
+    D = spec.D
+    z = v = 0
+    for p in spec.pairs:
+        k_a, _, c = spec.in_keys[p.in_index]
+        k_b, _, o = spec.out_keys[p.out_index]
+        z += c * p.basis.n_filters * D**k_b
+        v += o * p.basis.n_filters * D**k_a
+    return {"stencil-first": z, "contract-first": v}
+
+
+def thin_form(spec: ConvSpec) -> Optional[str]:
+    """The two-stage form `dense` runs `spec` in, or None (one convolution): the form of the
+    smaller intermediate where it is at most THIN_RATIO x (Cin + Cout) floats a pixel and the wide
+    side has at least WIDE channels (a small layer on both sides is one cheap convolution), for
+    layers of stride 1 without lhs dilation; GINJAX_DENSE_THIN="0" turns the forms off."""
+    if env_choice(THIN_ENV, ("0", "1"), "1") == "0" or not spec.pairs or max(spec.cin, spec.cout) < WIDE:
+        return None
+    if not spec.is_default_stride:
+        return None
+    size, form = min((n, f) for f, n in fields(spec).items())
+    return form if size <= THIN_RATIO * (spec.cin + spec.cout) else None
+
+
+def describe(spec: ConvSpec) -> str:
+    form = thin_form(spec)
+    if form is None:
+        return ""
+    n = fields(spec)[form]
+    return (f"thin layer in two stages, {form} ({n} intermediate floats a pixel against {spec.cin} in, "
+            f"{spec.cout} out; {THIN_ENV}=0: one convolution)")
+
+
+def _basis(spec: ConvSpec, pair, dtype) -> jax.Array:
+    """The pair's basis as (taps, I, F, J)."""
+    D = spec.D
+    k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
+    b = jnp.asarray(pair.basis.array, dtype).reshape((pair.basis.n_filters, math.prod(spec.filter_shape), D**k_a, D**k_b))
+    return jnp.transpose(b, (1, 2, 0, 3))
+
+
+def conv_contract_thin(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str,
+                       dtype, form: str) -> tuple[jax.Array, ...]:
+    """The layer on unbatched blocks (c_a, *spatial, *i) in `form` (one of FORMS)."""
+    if form not in FORMS:
+        raise ValueError(f"`form` (={form!r}) must be one of {FORMS}")
+    run = _stencil_first if form == "stencil-first" else _contract_first
+    outs = run(spec, [x.astype(dtype) for x in inputs], [w.astype(dtype) for w in weights], mode, dtype)
+    D = spec.D
+    spatial = spec.out_spatial(tuple(inputs[0].shape[1 : 1 + D]))
+    return tuple(
+        y if y is not None else jnp.zeros((o,) + tuple(spatial) + (D,) * k, dtype)
+        for y, (k, _, o) in zip(outs, spec.out_keys)
+    )
+
+
+def _stencil_first(spec, inputs, weights, mode, dtype) -> list:
+    """Per input block, one convolution of its channels (as the batch) with the bases of every
+    pair reading it; then per pair a GEMM over (c, f) into its output block."""
+    D, taps = spec.D, spec.filter_shape
+    outs: list = [None] * len(spec.out_keys)
+    for a, x in enumerate(inputs):
+        pairs = [(t, p) for t, p in enumerate(spec.pairs) if p.in_index == a]
+        if not pairs:
+            continue
+        c, spatial = x.shape[0], x.shape[1 : 1 + D]
+        bases = [_basis(spec, p, dtype) for _, p in pairs]
+        n_in = bases[0].shape[1]
+        filt = jnp.concatenate([b.reshape(b.shape[:2] + (-1,)) for b in bases], axis=2).reshape(taps + (n_in, -1))
+        xs = wrap_pad(x.reshape((c,) + spatial + (n_in,)), spec, lead=1)
+        precision, (xs, filt) = lax_operands(mode, xs, filt)
+        z = conv_channels_last(xs, filt, spec, precision, out_dtype=dtype)  # (c, *out, sum F J)
+        out_spatial, start = z.shape[1 : 1 + D], 0
+        for (t, p), b in zip(pairs, bases):
+            n_f, n_j = b.shape[2], b.shape[3]
+            zt = z[..., start : start + n_f * n_j].reshape((c,) + out_spatial + (n_f, n_j))
+            start += n_f * n_j
+            precision, (zt, w) = lax_operands(mode, zt, weights[t])
+            y = jnp.einsum("c...fj,ocf->o...j", zt, w, precision=precision, preferred_element_type=dtype)
+            y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
+            outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
+    return outs
+
+
+def _contract_first(spec, inputs, weights, mode, dtype) -> list:
+    """Per output block, the GEMMs of every pair writing it (weights against its input channels,
+    for each filter), stacked as the channels of one convolution with the bases, its outputs as
+    the batch."""
+    D, taps = spec.D, spec.filter_shape
+    outs: list = [None] * len(spec.out_keys)
+    for b, (k_b, _, o) in enumerate(spec.out_keys):
+        pairs = [(t, p) for t, p in enumerate(spec.pairs) if p.out_index == b]
+        if not pairs:
+            continue
+        parts, filts = [], []
+        for t, p in pairs:
+            x = inputs[p.in_index]
+            c, spatial = x.shape[0], x.shape[1 : 1 + D]
+            precision, (xs, w) = lax_operands(mode, x.reshape((c,) + spatial + (-1,)), weights[t])
+            v = jnp.einsum("ocf,c...i->o...fi", w, xs, precision=precision, preferred_element_type=dtype)
+            parts.append(v.reshape(v.shape[: 1 + D] + (-1,)))  # (o, *spatial, F I)
+            basis = _basis(spec, p, dtype)  # (taps, I, F, J)
+            filts.append(jnp.transpose(basis, (0, 2, 1, 3)).reshape((basis.shape[0], -1, basis.shape[3])))
+        vs = wrap_pad(jnp.concatenate(parts, axis=-1), spec, lead=1)
+        filt = jnp.concatenate(filts, axis=1).reshape(taps + (vs.shape[-1], -1))
+        precision, (vs, filt) = lax_operands(mode, vs, filt)
+        y = conv_channels_last(vs, filt, spec, precision, out_dtype=dtype)  # (o, *out, J)
+        outs[b] = y.reshape(y.shape[: 1 + D] + (D,) * k_b)
+    return outs

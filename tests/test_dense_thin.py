@@ -1,0 +1,146 @@
+"""`dense` on thin layers (kernels/_thin.py): a model's first layer (few inputs: stencil first) and
+last layer (few outputs: contract first) in two lax stages, against `reference` on fresh operands
+(values, and gradients in the inputs and the weights), over torus, zero-padded and dilated
+geometries, D = 2 and 3, vmapped; the form choice and its switch; and the structure that makes
+it fast: the weights' gradient has no convolution in it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from conftest import gradient_errors, rel_l2
+from kernels import _thin
+from kernels.dense import describe_dense
+
+SPEC3 = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+SPEC2 = _cases.fixture_spec(_configs.CONFIGS["d2_n256_b16_c32"])
+
+
+def layer(spec, cin: int, cout: int, **geometry):
+    """`spec`'s keys and bases with cin channels per input key and cout per output key."""
+    return dataclasses.replace(spec, in_keys=tuple(k[:2] + (cin,) for k in spec.in_keys),
+                               out_keys=tuple(k[:2] + (cout,) for k in spec.out_keys), **geometry)
+
+
+def test_the_first_and_last_layers_take_the_forms_and_the_hidden_one_does_not(monkeypatch):
+    monkeypatch.delenv(_thin.THIN_ENV, raising=False)
+    first, last, hidden = layer(SPEC3, 2, 16), layer(SPEC3, 16, 1), SPEC3
+    # Z: 2 x (4 + 3 x 3) + 2 x (3 + 8 x 3) = 80 floats a pixel, against Cin + Cout = 8 + 64
+    assert _thin.fields(first) == {"stencil-first": 80, "contract-first": 640}
+    assert _thin.thin_form(first) == "stencil-first"
+    # V: 1 x (4 + 3 x 3) + 1 x (3 + 8 x 3) = 40, against 64 + 4
+    assert _thin.fields(last)["contract-first"] == 40 and _thin.thin_form(last) == "contract-first"
+    assert _thin.thin_form(hidden) is None and describe_dense(hidden, (8, 8, 8)) == ""
+    # narrow on both sides (1 + 1 -> 1 + 1: V 40 <= 1.5 x 8, but 4 + 4 channels): one convolution
+    assert _thin.fields(layer(SPEC3, 1, 1))["contract-first"] == 40 and _thin.thin_form(layer(SPEC3, 1, 1)) is None
+    assert "stencil-first (80 intermediate floats a pixel against 8 in, 64 out" in describe_dense(first, (8, 8, 8))
+    assert "stencil-first" in kernels.explain(first, (8, 8, 8), backend="dense").reason
+    # strided and transposed layers keep their own rewrites
+    assert _thin.thin_form(dataclasses.replace(first, stride=(2, 2, 2))) is None
+    assert _thin.thin_form(dataclasses.replace(first, lhs_dilation=(2, 2, 2))) is None
+    monkeypatch.setenv(_thin.THIN_ENV, "0")
+    assert _thin.thin_form(first) is None and _thin.thin_form(last) is None
+    monkeypatch.setenv(_thin.THIN_ENV, "yes")
+    with pytest.raises(ValueError, match=_thin.THIN_ENV):
+        _thin.thin_form(first)
+
+
+def test_an_unknown_form_is_refused():
+    with pytest.raises(ValueError, match=r"`form` \(='gemm'\) must be one of"):
+        _thin.conv_contract_thin(SPEC3, [], [], "fp32", jnp.float32, "gemm")
+
+
+CASES = [
+    ("first, torus", SPEC3, 2, 16, {}, (5, 6, 7)),
+    ("last, torus", SPEC3, 16, 1, {}, (5, 6, 7)),
+    ("first, dilation 2", SPEC3, 2, 16, {"rhs_dilation": (2, 2, 2), "torus_pad": ((2, 2),) * 3}, (6, 5, 8)),
+    ("last, zero padding", SPEC3, 8, 1, {"torus_pad": ((0, 0),) * 3, "zero_pad": ((1, 1),) * 3}, (4, 5, 6)),
+    ("last, valid", SPEC3, 8, 1, {"torus_pad": ((0, 0),) * 3}, (5, 5, 6)),
+    ("first, D = 2", SPEC2, 1, 16, {}, (9, 10)),
+    ("last, D = 2", SPEC2, 16, 1, {}, (9, 10)),
+]
+
+
+@pytest.mark.parametrize("name, base, cin, cout, geometry, spatial", CASES, ids=[c[0] for c in CASES])
+def test_thin_forms_match_reference_with_gradients(name, base, cin, cout, geometry, spatial, monkeypatch):
+    """Values and the gradients of a random linear loss in the inputs and the weights, vmapped over
+    a batch of 2, at fp32 (both sides HIGHEST): the forms are the same linear map as `reference`."""
+    monkeypatch.delenv(_thin.THIN_ENV, raising=False)
+    spec = layer(base, cin, cout, **geometry)
+    assert _thin.thin_form(spec) == ("stencil-first" if cin < cout else "contract-first")
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=len(name))
+
+    def loss(backend):
+        def f(xs, ws):
+            outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend, precision="fp32"))(xs)
+            return sum(jnp.vdot(o, c) for o, c in zip(outs, cots)), outs
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    with jax.default_matmul_precision("highest"):
+        (_, got), grads = loss("dense")(xs, ws)
+        (_, want), want_grads = loss("reference")(xs, ws)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel_l2(g, w) <= kernels.TOLERANCE["fp32"]
+    errors = gradient_errors(grads, want_grads, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["fp32"], errors
+
+
+def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
+    """The output shapes of every convolution in a jaxpr, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                shapes += _conv_outputs(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("cin, cout, forward, dgrad", [(2, 16, 2, 0), (16, 1, 2, 2)])
+def test_the_weight_gradient_has_no_filter_gradient_convolution(cin, cout, forward, dgrad, monkeypatch):
+    """The forms' convolutions have the bases as filters, constants: the gradient in the weights
+    alone (a first layer's, whose input is data) has no convolution that makes a filter gradient
+    (an output of the filter's shape, 3 x 3 x 3 x Cin x Cout), only the forward's convolutions
+    (one per input block stencil first, one per output block contract first) and, contract first,
+    their transposes in the image (the weights sit before the convolution there). One convolution
+    (GINJAX_DENSE_THIN=0) makes its filter gradient by a convolution."""
+    spec = layer(SPEC3, cin, cout)
+    xs, ws, cots = _cases.spec_operands(spec, (4, 4, 4), 1, seed=2)
+    x = [a[0] for a in xs]
+
+    def convs():
+        grad = jax.grad(lambda ws: sum(jnp.vdot(o, c[0]) for o, c in
+                                       zip(kernels.conv_contract(spec, x, ws, backend="dense"), cots)))
+        shapes = _conv_outputs(jax.make_jaxpr(grad)(ws).jaxpr)
+        return [s for s in shapes if s[:3] != (3, 3, 3)], [s for s in shapes if s[:3] == (3, 3, 3)]
+
+    monkeypatch.delenv(_thin.THIN_ENV, raising=False)
+    images, filters = convs()
+    assert len(images) == forward + dgrad and filters == []
+    monkeypatch.setenv(_thin.THIN_ENV, "0")
+    images, filters = convs()
+    assert len(images) == 1 and filters == [(3, 3, 3, spec.cin, spec.cout)]
+
+
+def test_tf32_and_bf16_within_their_tolerances(monkeypatch):
+    monkeypatch.delenv(_thin.THIN_ENV, raising=False)
+    for cin, cout in ((2, 16), (16, 1)):
+        spec = layer(SPEC3, cin, cout)
+        xs, ws, _ = _cases.spec_operands(spec, (4, 5, 6), 1, seed=9)
+        x = [a[0] for a in xs]
+        with jax.default_matmul_precision("highest"):
+            want = kernels.conv_contract(spec, x, ws, backend="reference")
+        for mode in ("tf32", "bf16"):
+            got = kernels.conv_contract(spec, x, ws, backend="dense", precision=mode)
+            assert max(rel_l2(g, w) for g, w in zip(got, want)) <= kernels.TOLERANCE[mode]
+        assert np.all([np.isfinite(np.asarray(g)).all() for g in got])
