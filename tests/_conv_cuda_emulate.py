@@ -4,7 +4,9 @@ three y slices per strip (at dilation d: rows y - d, y, y + d of one y phase) an
 that refills the oldest one, the stencil reads at each
 lane's base plus the walk's immediates, the symmetric walk (ROW / ZC / XC / NZ of
 `_plan.row_groups`), the mma fragments (A from the Z registers, B from the packed weights, C to
-the lanes), the warp halves' meeting in the staging area and its 16-byte stores; with several
+the lanes), the warp halves' meeting in the staging area (at dilation 8 a view of the vector
+phase's weights, poisoned after use and copied in again before the strip's next row) and its
+16-byte stores; with several
 channel groups, one pass of the CTA per group (the group's weight copy, the ring refilled with its
 channels) and the read-add-store epilogue of the passes after the first. Vectorised over the 32
 lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one integer
