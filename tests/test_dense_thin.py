@@ -7,6 +7,8 @@ it fast: the weights' gradient has no convolution in it."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
@@ -144,3 +146,25 @@ def test_tf32_and_bf16_within_their_tolerances(monkeypatch):
             got = kernels.conv_contract(spec, x, ws, backend="dense", precision=mode)
             assert max(rel_l2(g, w) for g, w in zip(got, want)) <= kernels.TOLERANCE[mode]
         assert np.all([np.isfinite(np.asarray(g)).all() for g in got])
+
+
+def test_the_thin_spike_times_each_way_and_restores_the_switch(tmp_path, monkeypatch, capsys):
+    """bench/thin_spike.py on a CPU-sized grid: every stage ok, each forward within fp32 reach of
+    `reference` ('highest' on both sides), the form recorded as the switch made it, and the switch
+    as it was afterwards; a bad --variants value is named."""
+    from bench import thin_spike
+
+    monkeypatch.setenv(_thin.THIN_ENV, "1")
+    with jax.default_matmul_precision("highest"):
+        rc = thin_spike.main([str(tmp_path), "--spatial", "5", "--batch", "1", "--variants", "dense-thin,dense-one-conv",
+                              "--modes", "fwd,dw"])
+    rows = json.loads((tmp_path / "thin_spike.json").read_text())["stages"]
+    assert rc == 0 and len(rows) == 8 and all(r["ok"] for r in rows.values())
+    assert rows["first/dense-thin/fwd"]["form"] == "stencil-first" and rows["last/dense-thin/dw"]["form"] == "contract-first"
+    assert rows["first/dense-one-conv/fwd"]["form"] == "one convolution"
+    assert max(r["rel_l2"] for name, r in rows.items() if name.endswith("/fwd")) <= kernels.TOLERANCE["fp32"]
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert os.environ[_thin.THIN_ENV] == "1"
+    with pytest.raises(SystemExit):
+        thin_spike.main([str(tmp_path), "--variants", "cudnn"])
+    assert "--variants (='cudnn') must be a comma-separated subset" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""A model's first and last ConvContract (the thin layers: 2 + 2 -> 16 + 16 and 16 + 16 -> 1 + 1
+channels, the standard 3x3x3 bases on a torus) on each way to run them, in one process: `dense`
+in two stages (kernels/_thin.py), `dense` as one convolution (GINJAX_DENSE_THIN=0) and `triton`.
+Per layer and mode (fwd; fwd_bwd: value_and_grad in the inputs and the weights; dw: in the
+weights only, as a first layer runs in a model, whose input is data): the error of the forward
+against `reference` (float32 'highest'), the time (bench/_timing.py's loop) and the temp bytes.
+Rows to OUT/thin_spike.json after every stage (bench/_spike.py's guard: a failure is recorded,
+the next stage runs).
+
+    python -m bench.thin_spike OUT_DIR [--spatial 64] [--batch 4] [--variants dense-thin,dense-one-conv,triton]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs, _timing
+from bench._spike import TIMING, rel_l2
+from kernels import _thin
+
+LAYERS = {"first": (2, 16), "last": (16, 1)}  # channels per key in, out
+VARIANTS = {"dense-thin": ("dense", "1"), "dense-one-conv": ("dense", "0"), "triton": ("triton", None)}
+MODES = ("fwd", "fwd_bwd", "dw")
+
+
+def thin_layer(cin: int, cout: int) -> kernels.ConvSpec:
+    """The standard layer's keys and bases with cin channels per input key and cout per output key."""
+    spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+    return dataclasses.replace(spec, in_keys=tuple(k[:2] + (cin,) for k in spec.in_keys),
+                               out_keys=tuple(k[:2] + (cout,) for k in spec.out_keys))
+
+
+def functions(spec: kernels.ConvSpec, backend: str) -> dict:
+    """{mode: f(xs, ws, cots)} of the vmapped layer on `backend`."""
+    run = lambda x, ws: kernels.conv_contract(spec, x, ws, backend=backend)  # noqa: E731
+    fns = _cases.layer_functions(run)
+
+    def loss(ws, xs, cots):
+        return sum(jnp.vdot(o, g) for o, g in zip(jax.vmap(lambda x: run(x, ws))(xs), cots))
+
+    fns["dw"] = lambda xs, ws, cots: jax.value_and_grad(loss)(ws, xs, cots)
+    return fns
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.thin_spike")
+    p.add_argument("out")
+    p.add_argument("--spatial", type=int, default=64, help="grid side (default 64)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {tuple(VARIANTS)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    modes = [m for m in args.modes.split(",") if m]
+    for name, value, allowed in (("--variants", variants, VARIANTS), ("--modes", modes, MODES)):
+        if not value or any(v not in allowed for v in value):
+            p.error(f"{name} (={','.join(value)!r}) must be a comma-separated subset of {tuple(allowed)}")
+    path = pathlib.Path(args.out) / "thin_spike.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spatial = (args.spatial,) * 3
+    rows: dict = {"spatial": spatial, "batch": args.batch, "jax": jax.__version__, "device": str(jax.devices()[0]),
+                  "stages": {}}
+    saved = os.environ.get(_thin.THIN_ENV)
+    try:
+        for layer, (cin, cout) in LAYERS.items():
+            spec = thin_layer(cin, cout)
+            xs, ws, cots = _cases.spec_operands(spec, spatial, args.batch, seed=1)
+            with jax.default_matmul_precision("highest"):
+                ref = jax.jit(functions(spec, "reference")["fwd"])(xs, ws, cots)
+            for variant in variants:
+                backend, thin = VARIANTS[variant]
+                if thin is not None:
+                    os.environ[_thin.THIN_ENV] = thin  # read when the layer is traced
+                for mode in modes:
+                    _stage(rows, f"{layer}/{variant}/{mode}",
+                           lambda: _run(spec, backend, mode, (xs, ws, cots), ref, thin))
+                    path.write_text(json.dumps(rows, indent=1))
+    finally:
+        if saved is None:
+            os.environ.pop(_thin.THIN_ENV, None)
+        else:
+            os.environ[_thin.THIN_ENV] = saved
+    return 0 if all(r["ok"] for r in rows["stages"].values()) else 1
+
+
+def _run(spec, backend, mode, args, ref, thin) -> dict:
+    fn = functions(spec, backend)[mode]
+    compiled = _timing.compile_for(fn, args)
+    out = jax.block_until_ready(compiled(*args))
+    row = {"form": (_thin.thin_form(spec) or "one convolution") if backend == "dense" else backend,
+           **_timing.memory_of(compiled)}
+    if mode == "fwd":
+        row["rel_l2"] = rel_l2(out, ref)
+    timing = _timing.time_compiled(compiled, args, **TIMING)
+    return {**row, **timing.as_ms()}
+
+
+def _stage(rows: dict, name: str, fn) -> None:
+    start = time.perf_counter()
+    try:
+        rows["stages"][name] = {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - recorded, the next stage still runs
+        rows["stages"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000],
+                                "traceback": traceback.format_exc()[-6000:]}
+    rows["stages"][name]["wall_s"] = round(time.perf_counter() - start, 2)
+    print(name, json.dumps(rows["stages"][name])[:600], flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
