@@ -8,10 +8,12 @@ the fused kernels pad the thin side to their smallest tile (16 channels): both t
 fwd_bwd on the H200 for layers whose HBM floor is ~0.2 ms (bench/NOTES.md, "Session 26").
 Splitting the layer at its factorised form keeps every stage efficient:
 
-    stencil first (few inputs):   Z_a[c, p, (b, f, j)] = sum_{tap, i} B_ab[f, tap, i, j] X_a[c, p + tap, i]
-                                  out_b[o, p, j]       = sum_{a, c, f} w_ab[o, c, f] Z_a[c, p, (b, f, j)]
-    contract first (few outputs): V_b[o, p, (a, f, i)] = sum_c w_ab[o, c, f] X_a[c, p, i]
-                                  out_b[o, p, j]       = sum_{tap, (a, f, i)} B_ab[f, tap, i, j] V_b[o, p + tap, (a, f, i)]
+    stencil first (few inputs):   Z_ab[c, p, f, j] = sum_{tap, i} B_ab[f, tap, i, j] X_a[c, p + tap, i]
+                                  out_b[o, p, j]   = sum_a sum_{c, f} w_ab[o, c, f] Z_ab[c, p, f, j]
+    contract first (few outputs): V_ab[o, p, f, i] = sum_c w_ab[o, c, f] X_a[c, p, i]
+                                  out_b[o, p, j]   = sum_a sum_{tap, f, i} B_ab[f, tap, i, j] V_ab[o, p + tap, f, i]
+
+one convolution and one GEMM per pair (a -> b), the pairs into an output block summed.
 
 The convolutions' filters are the filter bases, constants, so autodiff makes no convolution
 weight gradient; the weights meet the data only in the GEMMs, whose gradients are GEMMs that
@@ -98,55 +100,40 @@ def conv_contract_thin(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Seq
 
 
 def _stencil_first(spec, inputs, weights, mode, dtype) -> list:
-    """Per input block, one convolution of its channels (as the batch) with the bases of every
-    pair reading it; then per pair a GEMM over (c, f) into its output block."""
+    """Per pair, one convolution of its input block's channels (as the batch) with its basis,
+    then a GEMM over (c, f) into its output block. A pair's own convolution (the input block,
+    small here, read once per pair) leaves each Z as the GEMM reads it: no slicing copy."""
     D, taps = spec.D, spec.filter_shape
+    padded = [wrap_pad(x.reshape(x.shape[: 1 + D] + (-1,)), spec, lead=1) for x in inputs]
     outs: list = [None] * len(spec.out_keys)
-    for a, x in enumerate(inputs):
-        pairs = [(t, p) for t, p in enumerate(spec.pairs) if p.in_index == a]
-        if not pairs:
-            continue
-        c, spatial = x.shape[0], x.shape[1 : 1 + D]
-        bases = [_basis(spec, p, dtype) for _, p in pairs]
-        n_in = bases[0].shape[1]
-        filt = jnp.concatenate([b.reshape(b.shape[:2] + (-1,)) for b in bases], axis=2).reshape(taps + (n_in, -1))
-        xs = wrap_pad(x.reshape((c,) + spatial + (n_in,)), spec, lead=1)
-        precision, (xs, filt) = lax_operands(mode, xs, filt)
-        z = conv_channels_last(xs, filt, spec, precision, out_dtype=dtype)  # (c, *out, sum F J)
-        out_spatial, start = z.shape[1 : 1 + D], 0
-        for (t, p), b in zip(pairs, bases):
-            n_f, n_j = b.shape[2], b.shape[3]
-            zt = z[..., start : start + n_f * n_j].reshape((c,) + out_spatial + (n_f, n_j))
-            start += n_f * n_j
-            precision, (zt, w) = lax_operands(mode, zt, weights[t])
-            y = jnp.einsum("c...fj,ocf->o...j", zt, w, precision=precision, preferred_element_type=dtype)
-            y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
-            outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
+    for t, p in enumerate(spec.pairs):
+        basis = _basis(spec, p, dtype)  # (taps, I, F, J)
+        n_f, n_j = basis.shape[2], basis.shape[3]
+        precision, (xs, filt) = lax_operands(mode, padded[p.in_index], basis.reshape(taps + (basis.shape[1], -1)))
+        z = conv_channels_last(xs, filt, spec, precision, out_dtype=dtype)  # (c, *out, F J)
+        z = z.reshape(z.shape[:-1] + (n_f, n_j))
+        precision, (z, w) = lax_operands(mode, z, weights[t])
+        y = jnp.einsum("c...fj,ocf->o...j", z, w, precision=precision, preferred_element_type=dtype)
+        y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
+        outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
     return outs
 
 
 def _contract_first(spec, inputs, weights, mode, dtype) -> list:
-    """Per output block, the GEMMs of every pair writing it (weights against its input channels,
-    for each filter), stacked as the channels of one convolution with the bases, its outputs as
-    the batch."""
+    """Per pair, the GEMM of its weights against its input block's channels for each filter,
+    V (o, *spatial, F I), then one convolution of V (its outputs as the batch) with the pair's
+    basis into its output block."""
     D, taps = spec.D, spec.filter_shape
     outs: list = [None] * len(spec.out_keys)
-    for b, (k_b, _, o) in enumerate(spec.out_keys):
-        pairs = [(t, p) for t, p in enumerate(spec.pairs) if p.out_index == b]
-        if not pairs:
-            continue
-        parts, filts = [], []
-        for t, p in pairs:
-            x = inputs[p.in_index]
-            c, spatial = x.shape[0], x.shape[1 : 1 + D]
-            precision, (xs, w) = lax_operands(mode, x.reshape((c,) + spatial + (-1,)), weights[t])
-            v = jnp.einsum("ocf,c...i->o...fi", w, xs, precision=precision, preferred_element_type=dtype)
-            parts.append(v.reshape(v.shape[: 1 + D] + (-1,)))  # (o, *spatial, F I)
-            basis = _basis(spec, p, dtype)  # (taps, I, F, J)
-            filts.append(jnp.transpose(basis, (0, 2, 1, 3)).reshape((basis.shape[0], -1, basis.shape[3])))
-        vs = wrap_pad(jnp.concatenate(parts, axis=-1), spec, lead=1)
-        filt = jnp.concatenate(filts, axis=1).reshape(taps + (vs.shape[-1], -1))
-        precision, (vs, filt) = lax_operands(mode, vs, filt)
-        y = conv_channels_last(vs, filt, spec, precision, out_dtype=dtype)  # (o, *out, J)
-        outs[b] = y.reshape(y.shape[: 1 + D] + (D,) * k_b)
+    for t, p in enumerate(spec.pairs):
+        x = inputs[p.in_index]
+        precision, (xs, w) = lax_operands(mode, x.reshape(x.shape[: 1 + D] + (-1,)), weights[t])
+        v = jnp.einsum("ocf,c...i->o...fi", w, xs, precision=precision, preferred_element_type=dtype)
+        v = wrap_pad(v.reshape(v.shape[: 1 + D] + (-1,)), spec, lead=1)  # (o, *spatial, F I)
+        basis = _basis(spec, p, dtype)  # (taps, I, F, J)
+        filt = jnp.transpose(basis, (0, 2, 1, 3)).reshape(taps + (-1, basis.shape[3]))
+        precision, (v, filt) = lax_operands(mode, v, filt)
+        y = conv_channels_last(v, filt, spec, precision, out_dtype=dtype)  # (o, *out, J)
+        y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
+        outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
     return outs

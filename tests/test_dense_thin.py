@@ -108,13 +108,13 @@ def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.parametrize("cin, cout, forward, dgrad", [(2, 16, 2, 0), (16, 1, 2, 2)])
+@pytest.mark.parametrize("cin, cout, forward, dgrad", [(2, 16, 4, 0), (16, 1, 4, 4)])
 def test_the_weight_gradient_has_no_filter_gradient_convolution(cin, cout, forward, dgrad, monkeypatch):
     """The forms' convolutions have the bases as filters, constants: the gradient in the weights
     alone (a first layer's, whose input is data) has no convolution that makes a filter gradient
     (an output of the filter's shape, 3 x 3 x 3 x Cin x Cout), only the forward's convolutions
-    (one per input block stencil first, one per output block contract first) and, contract first,
-    their transposes in the image (the weights sit before the convolution there). One convolution
+    (one per pair) and, contract first, their transposes in the image (the weights sit before the
+    convolution there). One convolution
     (GINJAX_DENSE_THIN=0) makes its filter gradient by a convolution."""
     spec = layer(SPEC3, cin, cout)
     xs, ws, cots = _cases.spec_operands(spec, (4, 4, 4), 1, seed=2)
