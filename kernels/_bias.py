@@ -97,13 +97,41 @@ def takes_input_means(spec: ConvSpec) -> bool:
     return "mean" in spec.bias_modes and means_shortcut_exact(spec)
 
 
+def tap_sums(spec: ConvSpec, pair) -> np.ndarray:
+    """A pair's basis summed over the taps, (F, D^k_a, D^k_b) in float64."""
+    D = spec.D
+    k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
+    basis = np.asarray(pair.basis.array, np.float64)
+    return basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
+
+
+def input_means_needed(spec: ConvSpec) -> tuple[bool, ...]:
+    """Per input key whether its spatial mean reaches a "mean" block's offset: some pair from it
+    into such a block has a filter whose taps do not sum to exactly zero. An invariant filter that
+    changes the tensor order by one (scalar to vector, vector to scalar) is odd under a reflection,
+    so its taps sum to zero: ginjax's layers (scalar "add", vector "mean") never need their scalar
+    inputs' means, and that block's reduction pass is not run."""
+    need = [False] * len(spec.in_keys)
+    for pair in spec.pairs:
+        if spec.bias_modes[pair.out_index] == "mean" and np.any(tap_sums(spec, pair) != 0.0):
+            need[pair.in_index] = True
+    return tuple(need)
+
+
 def input_means(spec: ConvSpec, inputs: Sequence[jax.Array]) -> Optional[tuple]:
     """Per input key its spatial mean (c, *(D,)*k) in the compute dtype (at least float32), where
-    `takes_input_means`; else None."""
+    `takes_input_means`; else None. A key whose mean reaches no offset (`input_means_needed`) gets
+    zeros, a constant: no pass over it."""
     if not takes_input_means(spec):
         return None
     dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
-    return tuple(spatial_mean(x.astype(dtype), spec.D) for x in inputs)
+    return tuple(spatial_mean(x.astype(dtype), spec.D) if need else unread_mean(x, spec.D, dtype)
+                 for x, need in zip(inputs, input_means_needed(spec)))
+
+
+def unread_mean(x: jax.Array, D: int, dtype) -> jax.Array:
+    """The zeros that stand for an unbatched block's spatial mean where no offset reads it."""
+    return jnp.zeros((x.shape[0],) + tuple(x.shape[1 + D :]), dtype)
 
 
 def means_to_outputs(spec: ConvSpec, in_means: Sequence[jax.Array], weights: Sequence[jax.Array]) -> tuple:
@@ -115,9 +143,7 @@ def means_to_outputs(spec: ConvSpec, in_means: Sequence[jax.Array], weights: Seq
     for pair, w in zip(spec.pairs, weights):
         k_a = spec.in_keys[pair.in_index][0]
         k_b = spec.out_keys[pair.out_index][0]
-        basis = pair.basis.array
-        # sum over the taps: (F, *i, *j), then flatten the tensor indices
-        tap_sum = basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
+        tap_sum = tap_sums(spec, pair)  # (F, i, j)
         m = in_means[pair.in_index].astype(dtype).reshape(-1, D**k_a)  # (c, i)
         # tiny contractions as products and sums (exact fp32 products, no tf32 rounding): XLA
         # fuses them with the means' last stage instead of launching a GEMM and its transposes

@@ -249,9 +249,11 @@ def test_triton_input_means_on_the_sums_kernel(monkeypatch, layout):
 
     monkeypatch.setattr(sums_module, "channel_sums_triton", spy)
     inputs, weights, bias = _triton_gradients_match_the_plain_bias(spec, seed=26)
-    # both inputs' means on the kernel, in the layout asked for, once each (the backward's bias
-    # sums stay with the Triton weight kernel here: fp32, no CUDA weight gradient)
-    assert sorted(seen) == [((2, 36, 1), layout == "planar"), ((2, 36, 2), layout == "planar")], seen
+    # the vector input's mean on the kernel, in the layout asked for, once (the scalar input's
+    # reaches no offset: `input_means_needed`; the backward's bias sums stay with the Triton weight
+    # kernel here: fp32, no CUDA weight gradient)
+    assert _bias.input_means_needed(spec) == (False, True)
+    assert seen == [((2, 36, 2), layout == "planar")], seen
     # vmapped (each example its own means)
     batch = [jnp.stack([x, 2.0 * x + 1.0]) for x in inputs]
     got = jax.jit(jax.vmap(lambda xs: kernels.conv_contract(spec, xs, weights, bias=bias, backend="triton",
@@ -383,3 +385,25 @@ def test_bad_bias_is_a_clear_error():
         kernels.conv_contract(spec.without_bias(), inputs, weights, bias=ok, backend="dense")
     with pytest.raises(ValueError, match=r"`bias_modes` \(=\('add', 'sum'\)\) must give one of"):
         _spec(2, bias_modes=("add", "sum"), outs=((0, 0, 2), (1, 0, 2)))
+
+
+@pytest.mark.parametrize("modes, needed", [(("add", "mean"), (False, True)), (("mean", "mean"), (True, True)),
+                                           (("mean", "none"), (True, False))])
+def test_only_the_means_an_offset_reads_are_taken(modes, needed, monkeypatch):
+    """A scalar input's mean reaches a vector "mean" block only through scalar-to-vector filters,
+    whose taps sum to zero (odd under a reflection), and a vector input's a scalar one only through
+    vector-to-scalar ones: ginjax's layers (scalar "add", vector "mean") skip the scalar block's
+    reduction. The offsets are exactly those with every mean taken, and the input means' jaxpr
+    holds the reductions of the needed blocks only."""
+    spec = _spec(D=2, bias_modes=modes, outs=((0, 0, 2), (1, 0, 2)))
+    assert _bias.input_means_needed(spec) == needed
+    inputs, weights = _fp32(spec, seed=31, N=32)  # 1,024 pixels: middle_sum's two stages
+    bias = _bias_arrays(spec, seed=32)
+    got = _bias.bias_offsets(spec, inputs, weights, bias)
+    reductions = str(jax.make_jaxpr(lambda xs: _bias.input_means(spec, xs))(inputs)).count("reduce_sum")
+    monkeypatch.setattr(_bias, "input_means_needed", lambda spec: (True,) * len(spec.in_keys))
+    want = _bias.bias_offsets(spec, inputs, weights, bias)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or np.array_equal(np.asarray(g), np.asarray(w)))
+    every = str(jax.make_jaxpr(lambda xs: _bias.input_means(spec, xs))(inputs)).count("reduce_sum")
+    assert reductions == every * sum(needed) // len(needed) and every > 0

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._bias import bias_offsets, check_bias, input_means, offsets_from_means, takes_input_means
+from .._bias import (bias_offsets, check_bias, input_means, input_means_needed, offsets_from_means,
+                     takes_input_means, unread_mean)
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
@@ -185,9 +186,11 @@ def _input_means(spec, mode, poison, bias_spec, inputs):
     from ..cuda.conv_contract import layout as cuda_layout
 
     # float32 operands: the CUDA forward covers no other dtype
-    sums = _spatial_sums(inputs, range(len(inputs)), spec.D, fixed_layout=cuda_layout())
+    needed = input_means_needed(bias_spec)
+    sums = _spatial_sums(inputs, [a for a, need in enumerate(needed) if need], spec.D, fixed_layout=cuda_layout())
     pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
-    return tuple(sums[a] / pixels for a in range(len(inputs)))
+    return tuple(sums[a] / pixels if need else unread_mean(x, spec.D, jnp.float32)
+                 for a, (x, need) in enumerate(zip(inputs, needed)))
 
 
 FORWARD_IMPLS = ("cuda", "triton")
