@@ -13,7 +13,9 @@ spatial means:
 
     mean(out_b)[o, j] = sum_a sum_{c, i} mean(X_a)[c, i] * sum_y W_ab[o, c, y, i, j]
 
-which costs one read of the inputs (that XLA fuses with their producer) and a tiny contraction.
+which costs one read of the inputs (that XLA fuses with their producer) and a tiny contraction;
+an input whose filters' tap sums into every "mean" block are zero (a change of tensor order by
+one: odd filters) is not read at all (`input_means_needed`).
 A fused kernel can then add the per-block offset in its epilogue (`bias_offsets`). Elsewhere the
 output's own mean is used after the convolution.
 """
