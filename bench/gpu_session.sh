@@ -30,6 +30,8 @@
 #   variants       python3 -m bench.step_variants: train-step variants of the glue timed in alternation
 #            (VARIANT_CONFIGS, default resnet_d3_n64_b4,dilresnet_d3_n64_b4; VARIANTS, default
 #            baseline,vn-xla)
+#   thin-spike     python3 -m bench.thin_spike: a model's first and last layers (thin) on dense in two stages, dense as
+#            one convolution and triton, fwd / fwd_bwd / dw (THIN_SPIKE_ARGS adds arguments, e.g. --spatial 128 --batch 1)
 #   vn-spike       python3 -m bench.vector_neuron_spike: the VectorNeuron of a d3_n64_b4_c16 vector block, XLA path
 #            vs the fused Triton kernels, fwd and fwd_bwd (VN_SPIKE_ARGS adds arguments, e.g. --activation relu)
 #   cuda-build     builds the opt-in CUDA kernels (kernels/cuda, -DGINJAX_CUDA=ON in place) for the stages after
@@ -53,7 +55,7 @@
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -134,6 +136,9 @@ for stage in ${STAGES:-sweep profile pallas}; do
     vn-spike)
       timeout "${T_VN_SPIKE:-150}" python3 -u -m bench.vector_neuron_spike "$OUT/vn-spike" ${VN_SPIKE_ARGS:-} > "$OUT/vn-spike/log.txt" 2>&1
       rc=$?; cut -c1-400 "$OUT/vn-spike/log.txt" | tail -8; (exit $rc) ;;
+    thin-spike)
+      timeout "${T_THIN_SPIKE:-240}" python3 -u -m bench.thin_spike "$OUT/thin-spike" ${THIN_SPIKE_ARGS:-} > "$OUT/thin-spike/log.txt" 2>&1
+      rc=$?; cut -c1-300 "$OUT/thin-spike/log.txt" | tail -20; (exit $rc) ;;
     cuda-build)  # the library comes back too: carry it as kernels/cuda/_ginjax_cuda.so to skip the next build
       build_cuda "$OUT/cuda-build/build.log" && cp kernels/cuda/_ginjax_cuda.so "$OUT/cuda-build/" ;;
     cuda-fwd)
