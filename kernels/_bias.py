@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._fused.basis import pair_basis
 from ._reduce import add_spatial_offset, spatial_mean
 from ._spec import ConvSpec
 
@@ -99,12 +100,9 @@ def takes_input_means(spec: ConvSpec) -> bool:
     return "mean" in spec.bias_modes and means_shortcut_exact(spec)
 
 
-def tap_sums(spec: ConvSpec, pair) -> np.ndarray:
-    """A pair's basis summed over the taps, (F, D^k_a, D^k_b) in float64."""
-    D = spec.D
-    k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
-    basis = np.asarray(pair.basis.array, np.float64)
-    return basis.sum(axis=tuple(range(1, 1 + D))).reshape(basis.shape[0], D**k_a, D**k_b)
+def tap_sums(spec: ConvSpec, t: int) -> np.ndarray:
+    """Pair t's basis summed over the taps, (F, D^k_a, D^k_b) in float64."""
+    return np.asarray(pair_basis(spec, t), np.float64).sum(axis=1)
 
 
 def input_means_needed(spec: ConvSpec) -> tuple[bool, ...]:
@@ -114,8 +112,8 @@ def input_means_needed(spec: ConvSpec) -> tuple[bool, ...]:
     so its taps sum to zero: ginjax's layers (scalar "add", vector "mean") never need their scalar
     inputs' means, and that block's reduction pass is not run."""
     need = [False] * len(spec.in_keys)
-    for pair in spec.pairs:
-        if spec.bias_modes[pair.out_index] == "mean" and np.any(tap_sums(spec, pair) != 0.0):
+    for t, pair in enumerate(spec.pairs):
+        if spec.bias_modes[pair.out_index] == "mean" and np.any(tap_sums(spec, t) != 0.0):
             need[pair.in_index] = True
     return tuple(need)
 
@@ -142,10 +140,10 @@ def means_to_outputs(spec: ConvSpec, in_means: Sequence[jax.Array], weights: Seq
     D = spec.D
     dtype = jnp.promote_types(jnp.result_type(*in_means, *weights), jnp.float32)
     outs: list = [None] * len(spec.out_keys)
-    for pair, w in zip(spec.pairs, weights):
+    for t, (pair, w) in enumerate(zip(spec.pairs, weights)):
         k_a = spec.in_keys[pair.in_index][0]
         k_b = spec.out_keys[pair.out_index][0]
-        tap_sum = tap_sums(spec, pair)  # (F, i, j)
+        tap_sum = tap_sums(spec, t)  # (F, i, j)
         m = in_means[pair.in_index].astype(dtype).reshape(-1, D**k_a)  # (c, i)
         # tiny contractions as products and sums (exact fp32 products, no tf32 rounding): XLA
         # fuses them with the means' last stage instead of launching a GEMM and its transposes

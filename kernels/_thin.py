@@ -25,13 +25,13 @@ reading the input and writing the output once more.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from ._env import env_choice
+from ._fused.basis import pair_basis
 from ._lax_common import conv_channels_last, wrap_pad
 from ._precision import lax_operands
 from ._spec import ConvSpec
@@ -59,9 +59,8 @@ def thin_form(spec: ConvSpec) -> Optional[str]:
     smaller intermediate where it is at most THIN_RATIO x (Cin + Cout) floats a pixel and the wide
     side has at least WIDE channels (a small layer on both sides is one cheap convolution), for
     layers of stride 1 without lhs dilation; GINJAX_DENSE_THIN="0" turns the forms off."""
-    if env_choice(THIN_ENV, ("0", "1"), "1") == "0" or not spec.pairs or max(spec.cin, spec.cout) < WIDE:
-        return None
-    if not spec.is_default_stride:
+    if (env_choice(THIN_ENV, ("0", "1"), "1") == "0" or not spec.pairs or not spec.is_default_stride
+            or max(spec.cin, spec.cout) < WIDE):
         return None
     size, form = min((n, f) for f, n in fields(spec).items())
     return form if size <= THIN_RATIO * (spec.cin + spec.cout) else None
@@ -76,12 +75,9 @@ def describe(spec: ConvSpec) -> str:
             f"{spec.cout} out; {THIN_ENV}=0: one convolution)")
 
 
-def _basis(spec: ConvSpec, pair, dtype) -> jax.Array:
-    """The pair's basis as (taps, I, F, J)."""
-    D = spec.D
-    k_a, k_b = spec.in_keys[pair.in_index][0], spec.out_keys[pair.out_index][0]
-    b = jnp.asarray(pair.basis.array, dtype).reshape((pair.basis.n_filters, math.prod(spec.filter_shape), D**k_a, D**k_b))
-    return jnp.transpose(b, (1, 2, 0, 3))
+def _basis(spec: ConvSpec, t: int, dtype) -> jax.Array:
+    """Pair t's basis as (taps, I, F, J)."""
+    return jnp.transpose(jnp.asarray(pair_basis(spec, t), dtype), (1, 2, 0, 3))
 
 
 def conv_contract_thin(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str,
@@ -107,7 +103,7 @@ def _stencil_first(spec, inputs, weights, mode, dtype) -> list:
     padded = [wrap_pad(x.reshape(x.shape[: 1 + D] + (-1,)), spec, lead=1) for x in inputs]
     outs: list = [None] * len(spec.out_keys)
     for t, p in enumerate(spec.pairs):
-        basis = _basis(spec, p, dtype)  # (taps, I, F, J)
+        basis = _basis(spec, t, dtype)  # (taps, I, F, J)
         n_f, n_j = basis.shape[2], basis.shape[3]
         precision, (xs, filt) = lax_operands(mode, padded[p.in_index], basis.reshape(taps + (basis.shape[1], -1)))
         z = conv_channels_last(xs, filt, spec, precision, out_dtype=dtype)  # (c, *out, F J)
@@ -130,7 +126,7 @@ def _contract_first(spec, inputs, weights, mode, dtype) -> list:
         precision, (xs, w) = lax_operands(mode, x.reshape(x.shape[: 1 + D] + (-1,)), weights[t])
         v = jnp.einsum("ocf,c...i->o...fi", w, xs, precision=precision, preferred_element_type=dtype)
         v = wrap_pad(v.reshape(v.shape[: 1 + D] + (-1,)), spec, lead=1)  # (o, *spatial, F I)
-        basis = _basis(spec, p, dtype)  # (taps, I, F, J)
+        basis = _basis(spec, t, dtype)  # (taps, I, F, J)
         filt = jnp.transpose(basis, (0, 2, 1, 3)).reshape(taps + (-1, basis.shape[3]))
         precision, (v, filt) = lax_operands(mode, v, filt)
         y = conv_channels_last(v, filt, spec, precision, out_dtype=dtype)  # (o, *out, J)
