@@ -3,6 +3,7 @@ its batched inputs, and the function (`fwd`, `fwd_bwd` or a train `step`) timed 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from typing import Any, Callable
@@ -192,6 +193,12 @@ def fixture_spec(cfg: LayerConfig) -> kernels.ConvSpec:
     keys = [(0, 0, cfg.c), (1, 0, cfg.c)]
     pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
     return kernels.make_spec(cfg.D, keys, keys, pairs, True, rhs_dilation=cfg.rhs_dilation)
+
+
+def with_channels(spec: kernels.ConvSpec, cin: int, cout: int) -> kernels.ConvSpec:
+    """`spec` with cin channels on every input key and cout on every output key."""
+    return dataclasses.replace(spec, in_keys=tuple(k[:2] + (cin,) for k in spec.in_keys),
+                               out_keys=tuple(k[:2] + (cout,) for k in spec.out_keys))
 
 
 def spec_operands(spec: kernels.ConvSpec, spatial: tuple[int, ...], batch: int, seed: int = 0, dtype="float32"):

@@ -27,6 +27,19 @@ def rel_l2(out, ref) -> float:
     return (num / den) ** 0.5
 
 
+def run_stage(stages: dict, name: str, fn, shown: int = 1500) -> None:
+    """stages[name] = fn()'s row with ok True, or the error and its traceback with ok False (the
+    next stage still runs), and the stage's wall time; the row printed (its first `shown` chars)."""
+    start = time.perf_counter()
+    try:
+        stages[name] = {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - recorded, the next stage still runs
+        stages[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000],
+                        "traceback": traceback.format_exc()[-6000:]}
+    stages[name]["wall_s"] = round(time.perf_counter() - start, 2)
+    print(name, json.dumps(stages[name])[:shown], flush=True)
+
+
 class Spike:
     def __init__(self, name: str, out_dir, config: str, spatial=None, batch=None, **extra):
         cfg = _configs.CONFIGS[config]
@@ -44,14 +57,7 @@ class Spike:
         self.path.write_text(json.dumps(self.rows, indent=1))
 
     def stage(self, name: str, fn) -> None:
-        start = time.perf_counter()
-        try:
-            self.rows["stages"][name] = {"ok": True, **fn()}
-        except Exception as e:  # noqa: BLE001 - recorded, the next stage still runs
-            self.rows["stages"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000],
-                                         "traceback": traceback.format_exc()[-6000:]}
-        self.rows["stages"][name]["wall_s"] = round(time.perf_counter() - start, 2)
-        print(name, json.dumps(self.rows["stages"][name])[:1500], flush=True)
+        run_stage(self.rows["stages"], name, fn)
         self.save()
 
     def layer(self, backend: str):

@@ -13,19 +13,16 @@ the next stage runs).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
-import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs, _timing
-from bench._spike import TIMING, rel_l2
+from bench._spike import TIMING, rel_l2, run_stage
 from kernels import _thin
 
 LAYERS = {"first": (2, 16), "last": (16, 1)}  # channels per key in, out
@@ -35,9 +32,7 @@ MODES = ("fwd", "fwd_bwd", "dw")
 
 def thin_layer(cin: int, cout: int) -> kernels.ConvSpec:
     """The standard layer's keys and bases with cin channels per input key and cout per output key."""
-    spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
-    return dataclasses.replace(spec, in_keys=tuple(k[:2] + (cin,) for k in spec.in_keys),
-                               out_keys=tuple(k[:2] + (cout,) for k in spec.out_keys))
+    return _cases.with_channels(_cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"]), cin, cout)
 
 
 def functions(spec: kernels.ConvSpec, backend: str) -> dict:
@@ -82,8 +77,8 @@ def main(argv=None) -> int:
                 if thin is not None:
                     os.environ[_thin.THIN_ENV] = thin  # read when the layer is traced
                 for mode in modes:
-                    _stage(rows, f"{layer}/{variant}/{mode}",
-                           lambda: _run(spec, backend, mode, (xs, ws, cots), ref, thin))
+                    run_stage(rows["stages"], f"{layer}/{variant}/{mode}",
+                              lambda: _run(spec, backend, mode, (xs, ws, cots), ref), shown=600)
                     path.write_text(json.dumps(rows, indent=1))
     finally:
         if saved is None:
@@ -93,7 +88,7 @@ def main(argv=None) -> int:
     return 0 if all(r["ok"] for r in rows["stages"].values()) else 1
 
 
-def _run(spec, backend, mode, args, ref, thin) -> dict:
+def _run(spec, backend, mode, args, ref) -> dict:
     fn = functions(spec, backend)[mode]
     compiled = _timing.compile_for(fn, args)
     out = jax.block_until_ready(compiled(*args))
@@ -103,17 +98,6 @@ def _run(spec, backend, mode, args, ref, thin) -> dict:
         row["rel_l2"] = rel_l2(out, ref)
     timing = _timing.time_compiled(compiled, args, **TIMING)
     return {**row, **timing.as_ms()}
-
-
-def _stage(rows: dict, name: str, fn) -> None:
-    start = time.perf_counter()
-    try:
-        rows["stages"][name] = {"ok": True, **fn()}
-    except Exception as e:  # noqa: BLE001 - recorded, the next stage still runs
-        rows["stages"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:4000],
-                                "traceback": traceback.format_exc()[-6000:]}
-    rows["stages"][name]["wall_s"] = round(time.perf_counter() - start, 2)
-    print(name, json.dumps(rows["stages"][name])[:600], flush=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ SPEC2 = _cases.fixture_spec(_configs.CONFIGS["d2_n256_b16_c32"])
 
 def layer(spec, cin: int, cout: int, **geometry):
     """`spec`'s keys and bases with cin channels per input key and cout per output key."""
-    return dataclasses.replace(spec, in_keys=tuple(k[:2] + (cin,) for k in spec.in_keys),
-                               out_keys=tuple(k[:2] + (cout,) for k in spec.out_keys), **geometry)
+    return dataclasses.replace(_cases.with_channels(spec, cin, cout), **geometry)
 
 
 def test_the_first_and_last_layers_take_the_forms_and_the_hidden_one_does_not(monkeypatch):
