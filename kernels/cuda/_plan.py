@@ -71,6 +71,9 @@ def stencil_source(spec: ConvSpec) -> str:
                                  for row in lays) + "};")
         lines.append(f"constexpr int kStride{comps}{shape} = {{"
                      + ", ".join("{" + ", ".join(str(t) for _, _, t in row) + "}" for row in lays) + "};")
+    lines.append("// Per dilation whether the outputs are staged over the vector phase's weights (PACKED_DILATIONS).")
+    lines.append(f"constexpr bool kStageInWeights[{len(DILATIONS)}] = {{"
+                 + ", ".join("true" if d in PACKED_DILATIONS else "false" for d in DILATIONS) + "};")
     for ph in phs:
         name = "V" if ph.key == 1 else "S"
         lines += [

@@ -84,7 +84,7 @@
 // wrap: d pixels each side), with its own bank-conflict-free pitch and skews per (d, nx). Only the
 // single channel group is compiled dilated (G = 1).
 //
-// Staging at d = 8 (stage_in_weights, _plan.PACKED_DILATIONS). A row of 64 pixels with 8 wrap
+// Staging at d = 8 (kStageInWeights, generated from _plan.PACKED_DILATIONS). A row of 64 pixels with 8 wrap
 // pixels a side took 253 KB with the layout above (the rows' skews inside their pitch, a staging
 // area of its own) against the 227 KB a CTA may have, so it ran in x windows of 32 at 1.21 ms, 1.7x
 // the whole-row kernels' time. Two changes fit it in 228.6 KB: the rows are packed (pitch = the
@@ -146,10 +146,13 @@ struct RowLayout {
   __device__ static __forceinline__ int chan(int c) { return c * kStride + ((kSkews >> (8 * (c & 3))) & 0xff); }
 };
 
-// Dilations whose kernels stage their outputs in the vector phase's weights (_plan.PACKED_DILATIONS;
-// the header's "Staging").
-__host__ __device__ constexpr bool stage_in_weights(int d) { return d == 8; }
 
+// Whether the kernels at dilation D stage their outputs over the vector phase's weights (generated
+// from _plan.PACKED_DILATIONS; the header's "Staging at d = 8").
+template <int D>
+struct Staging {
+  static constexpr bool kInWeights = kStageInWeights[dil_index(D)];
+};
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>
@@ -252,11 +255,11 @@ template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSp
 __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
-  constexpr bool kStageInWeights = stage_in_weights(D);
+  constexpr bool kStaged = Staging<D>::kInWeights;
   float* ring = smem;
   float* s_w = ring + 3 * p.slice_floats;
-  float* s_stage = kStageInWeights ? s_w : s_w + p.w_group;  // over the vector phase's weights, or after them
-  float* s_off = kStageInWeights ? s_w + p.w_group : s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
+  float* s_stage = kStaged ? s_w : s_w + p.w_group;  // over the vector phase's weights, or after them
+  float* s_off = kStaged ? s_w + p.w_group : s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = warp % kSegs, half = warp / kSegs;
   const int g = lane >> 2, tid = lane & 3;
@@ -418,7 +421,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
             *y1_at(f) = add(*reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4), prev[kF0 + i]);
         }
       }
-      if constexpr (kStageInWeights) {
+      if constexpr (kStaged) {
         if (j + 1 < j1) {  // the vector phase's weights back over the staging, for the next row
           __syncthreads();  // every segment's stores have read its staging
           for (int e = 4 * threadIdx.x; e < wv_n; e += 4 * kThreads) cp_async16(s_w + e, wv + e);
@@ -432,7 +435,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
 
 template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
 cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
-  const size_t stage = stage_in_weights(D) ? 0 : (NX / kSeg) * 8 * NT * (kStage0 + kStage1);
+  const size_t stage = Staging<D>::kInWeights ? 0 : (NX / kSeg) * 8 * NT * (kStage0 + kStage1);
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + stage + 32 * NT);
   cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -541,8 +544,8 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
   if ((int64_t)p.groups * p.w_group != p.w_floats)
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  if (dilation == 8 && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
-    return bad("the output staging does not fit the vector phase's weights it shares at dilation 8");
+  if (kStageInWeights[di] && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
+    return bad("the output staging does not fit the vector phase's weights it shares at this dilation");
   const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, nx, dilation, (int)batch, stream)
                                           : launch_nt<false, true>(p, nx, dilation, (int)batch, stream))
                                  : (planar ? launch_nt<true, false>(p, nx, dilation, (int)batch, stream)
