@@ -5,8 +5,9 @@ they wait for (a copy's destination reads NaN from its issue to the wait that la
 read of a slot being refilled, or of a row not yet landed, poisons the result), the passes' walk
 on the transposed lane mapping (the forward emulation's `walk`, its channel pair the k-step
 pair), the A fragments read from the staged gY at a row's start, the mma into per-weight accumulators, the segments'
-reduction in shared memory and the per-CTA partials; then XLA's sum over the CTAs and
-`_dw_plan.unpack`. Vectorised over the 32 lanes of a warp, float64 arithmetic (both operands as tf32
+reduction in shared memory and the per-CTA partials, and each thread's share of the cotangent sums
+(`GySum`) read from the same staged rows and added up at the end through the freed gY buffers; then
+XLA's sum over the CTAs, `_dw_plan.unpack` and `unpack_sums`. Vectorised over the 32 lanes of a warp, float64 arithmetic (both operands as tf32
 operands, truncated, optional)."""
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class DwEmulator:
     def run(self):
         """Per pair, dW (B, o, c, F), and the per-CTA partials (B, CTAs, partial floats)."""
         strips, nz, groups = _dw_plan.grid(self.spec, (self.nz, self.ny, self.nx), self.strip)
-        parts = np.zeros((self.batch, groups, nz * strips, self.lay.partial_floats))
+        parts = np.zeros((self.batch, groups, nz * strips, self.lay.result_floats))
         d, rows, windows = self.d, self.ny // self.d, self.lay.windows
         for b in range(self.batch):
             for kg in range(groups):
@@ -149,10 +150,12 @@ class DwEmulator:
                         j0 = rest // d * self.strip
                         parts[b, kg, z * strips + s] = self.cta(b, kg, z, rest % d, j0, min(j0 + self.strip, rows),
                                                                 xw * self.w)
-        summed = parts.sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
+        n_dw = self.lay.partial_floats
+        summed = parts[..., :n_dw].sum(axis=2).reshape(self.batch, groups, 2, self.n_w, 4, 32)
         if self.tf32:  # weight_gradient_call's scale: both operands' truncation bias out
             summed = summed * TRUNCATION_SCALE
         dws = [_dw_plan.unpack(self.spec, summed[b]) for b in range(self.batch)]
+        self.sums = _dw_plan.unpack_sums(self.o, parts[:, 0, :, n_dw:].sum(axis=1))
         return tuple(np.stack(d) for d in zip(*dws)), parts.reshape(self.batch, groups * nz * strips, -1)
 
     def cta(self, b, kg, z, phase, j0, j1, x0=0):
@@ -171,6 +174,8 @@ class DwEmulator:
         segs = self.w // SEG
         warps = [(seg, half) for half in (0, 1) for seg in range(segs)]
         acc = {w: np.zeros((self.n_w, 4, 32)) for w in warps}
+        sum_at, sum_step = self.sum_shares()
+        gsum = np.zeros(len(sum_at))
         ops = self.row_ops()
         oldest = 0
         for j in range(j0, j1):
@@ -186,6 +191,9 @@ class DwEmulator:
             self.commit()
             # each warp's A fragments of gY row y, read once at the row's start
             states = {w: {"a": self.fragments(w[0], gy + (j & 1) * gf)} for w in warps}
+            if kg == 0:  # each thread's kO pixels of its sum, from the same staged row
+                k = np.arange(self.o)
+                gsum += self.smem[gy + (j & 1) * gf + sum_at[:, None] + sum_step[:, None] * k].sum(axis=1)
             start = 0
             while start < len(ops):  # the warps run up to the next barrier (a MID) in any order
                 stop = next((i for i in range(start, len(ops)) if ops[i][0] == "mid"), len(ops))
@@ -210,9 +218,36 @@ class DwEmulator:
             at = seg * part + ((half * self.n_w + w) * 4 + k) * 32 + LANE
             assert np.isnan(self.smem[at]).all()
             self.smem[at] = a
+        # the threads' sums in the freed gY buffers, past the ring that holds the segments' partials
+        assert segs * part <= gy
+        self.smem[gy : gy + len(gsum)] = gsum
         out = self.smem[:part].copy()
         for seg in range(1, segs):
             out += self.smem[seg * part : (seg + 1) * part]
+        return np.concatenate([out, self.sum_totals(self.smem[gy : gy + len(gsum)])])
+
+    def sum_shares(self):
+        """Per thread of the CTA (4 w of them), the first float of its share of the cotangent sums
+        in a staged gY row and the floats between its kO pixels: sum s = t // (w / kO) (kO scalar
+        channels, then kO x 3 vector channel components), pixels kO (t % (w / kO)) on."""
+        o, w, (p0, p1) = self.o, self.w, self.gp
+        per = w // o
+        t = np.arange(4 * w)
+        s, x = t // per, (t % per) * o
+        oo, j = (s - o) // 3, (s - o) % 3
+        vec = 16 * p0 + oo * p1 + (j * w + x if self.planar else 3 * x + j)
+        at = np.where(s < o, s * p0 + x, vec)
+        step = np.where((s < o) | self.planar, 1, 3)
+        return at, step
+
+    def sum_totals(self, part):
+        """The result's SUM_FLOATS sums from the threads' partials, each in thread order; 0 past o."""
+        per = self.w // self.o
+        out = np.zeros(_dw_plan.SUM_FLOATS)
+        for e in range(_dw_plan.SUM_FLOATS):
+            oo, s = (e, e) if e < 16 else ((e - 16) // 3, self.o + e - 16)
+            if oo < self.o:
+                out[e] = sum(part[s * per + q] for q in range(per))
         return out
 
     def step(self, op, warp, st, sl, acc):

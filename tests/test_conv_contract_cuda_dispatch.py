@@ -102,6 +102,19 @@ def _dense_with_offsets(s, inputs, weights, offsets=None, fp32=False):
                  for y, off in zip(outs, offsets or (None,) * len(outs)))
 
 
+def _weight_gradient_stand_in(monkeypatch, weight_gradient):
+    """kernels.cuda's weight gradient replaced by `weight_gradient` (per pair dW), its cotangent
+    sums (the kernel's second result, the layer's bias gradient) taken here by jnp."""
+
+    def with_sums(s, inputs, cotangents, **kw):  # the launch's o rows from `first_channel` on
+        first, o = kw.get("first_channel", 0), s.out_keys[0][2]
+        sums = tuple(jnp.sum(g[first : first + o], axis=(1, 2, 3)) for g in cotangents)
+        return weight_gradient(s, inputs, cotangents, **kw), sums
+
+    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
+    monkeypatch.setattr(cuda, "weight_gradient_and_sums", with_sums)
+
+
 def _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient):
     """kernels.cuda's forward and weight gradient replaced (both cover what `covers` says), with
     the default dispatch (no GINJAX_TRITON_FORWARD / _WEIGHT_GRAD)."""
@@ -109,7 +122,7 @@ def _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient):
     monkeypatch.setattr(cuda, "coverage", covers)
     monkeypatch.setattr(cuda, "weight_gradient_coverage", covers)
     monkeypatch.setattr(cuda, "forward_call", forward)
-    monkeypatch.setattr(cuda, "weight_gradient_call", weight_gradient)
+    _weight_gradient_stand_in(monkeypatch, weight_gradient)
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
 
@@ -230,7 +243,7 @@ def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
 
     monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.setattr(cuda, "weight_gradient_coverage", lambda s, spatial, dtype: (True, "stand-in"))
-    monkeypatch.setattr(cuda, "weight_gradient_call", call)
+    _weight_gradient_stand_in(monkeypatch, call)
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
     monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "triton")
     loss = _loss(spec, offsets)
@@ -456,12 +469,12 @@ def test_output_split_needs_equal_multiples_of_the_group(monkeypatch):
     assert triton_entry.output_split(wide(32, 32), lambda s: False) is None
 
 
-def test_bias_gradient_sums_follow_the_switch_at_each_trace(monkeypatch):
-    """Next to the CUDA weight gradient the bias gradients are the cotangents' pixel sums:
-    XLA's (`middle_sum`) by default, the Triton sums kernel (interpreted here: a pure_callback)
-    with GINJAX_CHANNEL_SUMS=triton; the switch is read again by a new trace of the same layer
-    (the decision sits in the backward rule, which JAX runs at every transposition); gradients
-    equal either way."""
+def test_bias_gradient_is_the_cuda_weight_gradients_sums(monkeypatch):
+    """Next to the CUDA weight gradient the bias gradients (the cotangents' pixel sums) are that
+    call's second result, which the kernel takes from the gY rows it stages: no other pass reads
+    the cotangents for them, not even with GINJAX_CHANNEL_SUMS=triton (the Triton sums kernel,
+    interpreted here: a pure_callback). Gradients as with every sum taken by jnp; sums from the
+    call scaled by 2 double the offsets' gradient and nothing else."""
     from kernels import _reduce
 
     spec, xs, ws = small_layer(c=2, N=4, batch=2, seed=13)
@@ -475,15 +488,28 @@ def test_bias_gradient_sums_follow_the_switch_at_each_trace(monkeypatch):
 
     covers = lambda s, spatial, dtype: ([p.basis for p in s.pairs] == [p.basis for p in spec.pairs], "stand-in")  # noqa: E731
     _install_cuda_stand_ins(monkeypatch, covers, _dense_with_offsets, weight_gradient)
+    monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
 
     def grads_and_callbacks():
-        step = jax.grad(lambda *a: _loss(spec, offsets)(*a)[0], argnums=(0, 1, 2))  # a new function each time
+        step = jax.grad(lambda *a: _loss(spec, offsets)(*a)[0], argnums=(0, 1, 2))
         return step(xs, ws, offsets), str(jax.make_jaxpr(step)(xs, ws, offsets)).count("pure_callback")
 
-    monkeypatch.setenv(_reduce.SUMS_ENV, "xla")
-    want, plain = grads_and_callbacks()
-    monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
-    got, fused = grads_and_callbacks()
-    assert plain == 0 and fused == 4  # per biased key: the kernel and its partials' sum
+    got, callbacks = grads_and_callbacks()
+    assert callbacks == 0
+
+    def reference(xs, ws, offs):
+        outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="dense", precision="fp32"))(xs)
+        outs = (outs[0] + offs[0][None, :, None, None, None], outs[1] + offs[1][None, :, None, None, None, :])
+        return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(outs))
+
+    want = jax.grad(reference, argnums=(0, 1, 2))(xs, ws, offsets)
     errors = gradient_errors(got, want, element_scale=1.0)
     assert max(errors) <= 1e-5, errors
+    with_sums = cuda.weight_gradient_and_sums
+    monkeypatch.setattr(cuda, "weight_gradient_and_sums",
+                        lambda *a, **kw: (lambda dw, sums: (dw, tuple(2 * s for s in sums)))(*with_sums(*a, **kw)))
+    doubled, _ = grads_and_callbacks()
+    for a, b in zip(jax.tree.leaves(doubled[2]), jax.tree.leaves(got[2])):
+        np.testing.assert_allclose(a, 2 * b, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(doubled[:2]), jax.tree.leaves(got[:2])):
+        np.testing.assert_array_equal(a, b)

@@ -125,14 +125,14 @@ def test_shared_memory_scratch_and_registers():
     lay = _dw_plan.layout(SPEC, 64)
     assert (lay.pitch, lay.slice_floats, lay.gy_floats) == ((68, 200), 12_864, 4_352)
     assert lay.smem_bytes == 189_184 <= _plan.SMEM_LIMIT  # 3 slices + 2 gY rows: one CTA an SM
-    assert 4 * lay.partial_floats == 18_432
+    assert 4 * lay.partial_floats == 18_432 and 4 * lay.result_floats == 18_432 + 256  # + the cotangent sums
     for nx in _plan.NX_COVERED:
         assert _dw_plan.layout(SPEC, nx).smem_bytes <= _plan.SMEM_LIMIT  # and the reduction fits the ring
-    # d3_n64_b4_c16 at the default strip: 256 CTAs, 4.7 MB of partials, < 5 % of the I/O
+    # d3_n64_b4_c16 at the default strip: 256 CTAs, 4.8 MB of partials, < 5 % of the I/O
     spatial, batch = (64, 64, 64), 4
     io = 4 * batch * 64**3 * (16 + 48) * 2  # inputs and cotangents, float32
     assert _dw_plan.grid(SPEC, spatial, _dw_plan.DEFAULT_STRIP) == (1, 64, 1)
-    assert _dw_plan.scratch_bytes(SPEC, spatial, _dw_plan.DEFAULT_STRIP, batch) == 4_718_592 < 0.05 * io
+    assert _dw_plan.scratch_bytes(SPEC, spatial, _dw_plan.DEFAULT_STRIP, batch) == 4_784_128 < 0.05 * io
     # registers live in the walk: accumulators + a pass's Z tiles + A fragments of 4 groups x 2
     # k-steps (the row's) + the row registers of the symmetric walk (u 24, z / x classes <= 24 + 16)
     live = 4 * len(_dw_plan.weights(SPEC)) + 4 * max(len(p.tiles) for p in _dw_plan.passes(SPEC)) + 32 + 24 + 40
@@ -183,6 +183,10 @@ def test_emulated_kernel_matches_reference(spatial, strip, batch, channels, plan
     assert not np.isnan(parts).any()
     for g, w in zip(dws, reference_dw(spec, xs, ws, cots)):
         assert g.shape[1:] == w.shape and rel(g.sum(axis=0), w) <= 1e-12
+    # the bias gradient from the same staged rows: every pixel of every row once, channel group 0's CTAs only
+    for got, cot in zip(emu.sums, cots):
+        want = np.asarray(cot, np.float64).sum(axis=(2, 3, 4))
+        assert got.shape == want.shape and rel(got, want) <= 1e-12
 
 
 def test_emulated_fp32_kernel_meets_the_fp32_tolerance():
@@ -280,12 +284,17 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch, layout
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
     xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=10)
-    got = jax.vmap(lambda x, g: wg.weight_gradient_call(spec, x, g, strip=strip))(xs, cots)
+    got, sums = jax.vmap(lambda x, g: wg.weight_gradient_and_sums(spec, x, g, strip=strip))(xs, cots)
     assert len(calls) == 1
     for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
         assert g.shape == (3,) + w.shape and g.dtype == jnp.float32
         # the emulation's sums are exact; the entry point scales them for the kernel's truncation
         assert rel(jnp.sum(g, axis=0) / wg.TRUNCATION_SCALE, want) <= 1e-5
+    for s, cot in zip(sums, cots):  # per batch element, unscaled: the sums meet no tf32 operand
+        want = np.asarray(cot, np.float64).sum(axis=(2, 3, 4))
+        assert s.shape == want.shape and s.dtype == jnp.float32 and rel(s, want) <= 1e-6
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.vmap(lambda x, g: wg.weight_gradient_call(
+        spec, x, g, strip=strip))(xs, cots), got))
     with pytest.raises(ValueError, match=r"`strip` \(=0\)"):
         wg.weight_gradient_call(spec, [x[0] for x in xs], [c[0] for c in cots], strip=0)
 
@@ -320,11 +329,14 @@ def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
-    got = triton_entry._weight_grad_by_output_groups((sub, 2), [x[0] for x in xs], [c[0] for c in cots])
+    got, sums = triton_entry._weight_grad_by_output_groups((sub, 2), [x[0] for x in xs], [c[0] for c in cots])
     assert [s[:2] for s in seen] == [(32, 0), (32, 16)]
     assert all(g0[0] == 32 and g1[0] == 32 for *_, g0, g1 in seen)  # the whole cotangents, not a slice
     for g, w in zip(got, reference_dw(spec, xs, ws, cots)):  # exact sums, scaled as for the kernel
         assert g.shape == w.shape and rel(g / wg.TRUNCATION_SCALE, w) <= 1e-5
+    for s, cot in zip(sums, cots):  # each launch's 16 channels of the bias gradient, concatenated
+        want = np.asarray(cot[0], np.float64).sum(axis=(1, 2, 3))
+        assert s.shape == want.shape and rel(s, want) <= 1e-6
     with pytest.raises(ValueError, match=r"`first_channel` \(=8\)"):
         wg.geometry(sub, spatial, 2, out_channels=32, first_channel=8)
 

@@ -93,6 +93,22 @@ def test_against_float64_reference(spatial, batch, strip, channels):
         assert rel(g, want) <= kernels.TOLERANCE["tf32"]
 
 
+@pytest.mark.parametrize("spatial, batch, strip, channels, dilation", [
+    ((64, 64, 64), 2, None, (16, 16), 1), ((3, 5, 16), 3, 2, (32, 8), 1), ((2, 5, 192), 1, 2, (16, 16), 1),
+    ((3, 24, 64), 2, None, (16, 16), 8), ((5, 8, 16), 1, 3, (16, 16), 4)])
+def test_cotangent_sums_against_float64(spatial, batch, strip, channels, dilation):
+    """The kernel's second result, the cotangents' pixel sums (the layer's bias gradient) from the
+    gY rows it stages: per batch element under vmap, within fp32's tolerance of float64 sums; two
+    channel groups (only the first's CTAs sum), x windows, dilated strips."""
+    spec = standard_spec(*channels, dilation) if (channels, dilation) != ((16, 16), 1) else SPEC
+    xs, _, cots = _cases.spec_operands(spec, spatial, batch, seed=61)
+    run = jax.jit(jax.vmap(lambda x, g: wg.weight_gradient_and_sums(spec, x, g, strip=strip)[1]))
+    for got, cot in zip(run(xs, cots), cots):
+        want = np.asarray(cot, np.float64).sum(axis=(2, 3, 4))
+        assert got.shape == want.shape and bool(jnp.all(jnp.isfinite(got)))
+        assert rel(got, want) <= kernels.TOLERANCE["fp32"]
+
+
 @pytest.mark.parametrize("spatial, strip, channels", [((3, 4, 32), 3, (16, 16)), ((2, 3, 16), 2, (32, 8)),
                                                      ((2, 5, 64), 2, (16, 16))])
 def test_matches_its_emulation(spatial, strip, channels):
@@ -115,7 +131,7 @@ def test_partials_are_fully_written():
     spatial, strip = (5, 6, 32), 4
     xs, _, cots = _cases.spec_operands(SPEC, spatial, 2, seed=33)
     strips, nz, groups = _dw_plan.grid(SPEC, spatial, strip)
-    shape = (2, groups * nz * strips, _dw_plan.layout(SPEC, 32).partial_floats)
+    shape = (2, groups * nz * strips, _dw_plan.layout(SPEC, 32).result_floats)
     jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(shape, jnp.nan)))
     parts = jax.jit(jax.vmap(lambda x, g: wg.partials(SPEC, x, g, strip)))(xs, cots)
     assert parts.shape == shape and bool(jnp.all(jnp.isfinite(parts)))
@@ -195,7 +211,7 @@ def test_dilated_matches_its_emulation(dilation, spatial, strip):
     spec = standard_spec(16, 16, dilation)
     xs, _, cots = _cases.spec_operands(spec, spatial, 1, seed=45 + dilation)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
-    shape = (groups * nz * strips, _dw_plan.layout(spec, spatial[2]).partial_floats)
+    shape = (groups * nz * strips, _dw_plan.layout(spec, spatial[2]).result_floats)
     jax.block_until_ready(jax.jit(lambda p: p * 2, donate_argnums=0)(jnp.full(shape, jnp.nan)))
     parts = jax.jit(lambda x, g: wg.partials(spec, x, g, strip))([x[0] for x in xs], [c[0] for c in cots])
     assert parts.shape == shape and bool(jnp.all(jnp.isfinite(parts)))

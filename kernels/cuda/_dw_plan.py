@@ -45,6 +45,9 @@ DEFAULT_STRIP = 64  # y rows a CTA slides over: few, long CTAs keep the partials
 # tensor cores, whose fp32 accumulation does not round to nearest; 64-row strips missed fp32's
 # tolerance on the H200 (2.7e-5 on d3_n64_b4_c16, bench/NOTES.md "Session 25"), 2-5 rows met it.
 FP32_STRIP = 4
+# A CTA's share of the cotangents' spatial sums after its partial dW (weight_gradient.cu's GySum):
+# 16 scalar channels, then 16 x 3 vector channel components (o-major), zero past the launch's
+SUM_FLOATS = 4 * 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +181,11 @@ class Layout:
         return 2 * self.n_weights * 4 * 32
 
     @property
+    def result_floats(self) -> int:
+        """One CTA's row of the kernel's result: its partial dW, then its cotangent sums."""
+        return self.partial_floats + SUM_FLOATS
+
+    @property
     def threads(self) -> int:
         return 4 * self.nx
 
@@ -213,9 +221,10 @@ def grid(spec: ConvSpec, spatial, strip: int) -> tuple[int, int, int]:
 
 
 def scratch_bytes(spec: ConvSpec, spatial, strip: int, batch: int = 1) -> int:
-    """The per-CTA partials the kernel returns (XLA sums them over the CTAs)."""
+    """The per-CTA partials (dW and the cotangent sums) the kernel returns (XLA sums them over
+    the CTAs)."""
     strips, nz, groups = grid(spec, spatial, strip)
-    return 4 * batch * strips * nz * groups * layout(spec, spatial[2]).partial_floats
+    return 4 * batch * strips * nz * groups * layout(spec, spatial[2]).result_floats
 
 
 # ---- coverage ---------------------------------------------------------------------------------
@@ -327,3 +336,9 @@ def unpack(spec: ConvSpec, partial, xp=np) -> tuple:
         o = spec.out_keys[pair.out_index][2]
         out.append(xp.stack([d[index[t, f], :o] for f in range(pair.basis.n_filters)], axis=-1))
     return tuple(out)
+
+
+def unpack_sums(o: int, summed, xp=np) -> tuple:
+    """The cotangents' spatial sums, (o,) scalar and (o, 3) vector, from the sums part of the
+    CTAs' rows summed over the CTAs (`SUM_FLOATS`, leading axes kept)."""
+    return summed[..., :o], summed[..., 16 : 16 + 3 * o].reshape(summed.shape[:-1] + (o, 3))

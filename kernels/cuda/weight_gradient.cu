@@ -47,7 +47,8 @@
 // Cross-CTA reduction without atomics: at the end the segments' accumulators meet in shared memory
 // (the ring), summed in segment order, and the CTA writes its partial dW (fragment order, 2 x 18 x
 // 128 floats) to the scratch result; XLA sums the CTAs (_dw_plan.unpack, in fixed order).
-// Scratch: 18,432 bytes a CTA, 256 CTAs on d3_n64_b4_c16 at strip 64: 4.7 MB (1.8 % of its I/O).
+// Scratch: 18,688 bytes a CTA (256 of them the sums), 256 CTAs on d3_n64_b4_c16 at strip 64: 4.8 MB
+// (1.8 % of its I/O).
 //
 // Arithmetic per warp and output row (d3_n64_b4_c16, 131,072 warp-rows as the forward): the walk
 // is the forward's 948 FP32 (_walk.walk_cost: the same rows, none read twice) and 288 row loads;
@@ -66,7 +67,8 @@
 // output channels o_base .. o_base + o - 1 (an output group's rows, with no slice copied out;
 // O = o for a whole layer); the vector blocks components minor or component-planar in memory
 // (conv_contract.cu's header). Result: the partials (channel groups x nz x strips, 2 x weights x
-// 128). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
+// 128 + 64), each CTA's partial dW and then its share of the cotangents' spatial sums (the bias
+// gradient: GySum, from the staged gY rows, so that no other pass reads gY for it). Attribute `geom`: nz, ny, nx, c, o, strip, pitch0, pitch1, skew0, skew1 (packed 4 bits a
 // channel), weights, O, o_base, planar (0 or 1), dilation, x window (conv_contract.cu's header: a
 // CTA covers NX of a row's nx pixels; its gY rows are staged from the window), precision (0: tf32,
 // 1: fp32 by 3xTF32).
@@ -95,6 +97,9 @@ constexpr int kChunk = 8;      // input channels per warp (mma N)
 constexpr int kChannels = 16;  // input channels per block a CTA walks (_dw_plan.CHANNELS)
 constexpr int kGroups = 4;     // output groups: scalar, vector j = 0, 1, 2 (_walk.phases)
 constexpr int kPartial = 2 * GJ_DW_WEIGHTS * 4 * 32;  // a CTA's partial dW: halves x weights x fragment
+// then its cotangent sums (_dw_plan.SUM_FLOATS): 16 scalar, then 16 x 3 vector (o-major), zero past
+// the launch's o channels and in the CTAs of channel groups past the first
+constexpr int kSumFloats = 4 * 16;
 
 struct DwParams {
   const float* x[2];
@@ -208,6 +213,50 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][4], const float
   }
 }
 
+// A thread's share of the cotangents' spatial sums (the layer's bias gradient, which XLA would
+// otherwise take in a pass of its own over gY): 4 kO sums (kO scalar channels, then kO x 3 vector
+// channel components), each over NX / kO threads of kO consecutive pixels of every staged gY row.
+template <int NX, int NT, bool kPlanar>
+struct GySum {
+  static constexpr int kO = 8 * NT, kPer = NX / kO;
+  int at, step;  // the thread's first float of a staged row, and the floats between its pixels
+  __device__ __forceinline__ GySum(int t) {
+    using G = GyLayout<NX>;
+    const int s = t / kPer, x = (t - s * kPer) * kO;
+    if (s < kO) {
+      at = s * G::kP0 + x, step = 1;
+    } else {
+      const int o = (s - kO) / 3, j = s - kO - 3 * o;
+      at = 16 * G::kP0 + o * G::kP1 + (kPlanar ? j * NX + x : 3 * x + j), step = kPlanar ? 1 : 3;
+    }
+  }
+  // The row's kO floats (16-byte loads where they are consecutive: every row of the planar layout).
+  __device__ __forceinline__ float row(const float* gyr) const {
+    float s = 0.f;
+    if constexpr (kPlanar) {
+#pragma unroll
+      for (int i = 0; i < kO; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(gyr + at + i);
+        s += (v.x + v.y) + (v.z + v.w);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kO; ++i) s += gyr[at + i * step];
+    }
+    return s;
+  }
+  // Output e's sum (e < kSumFloats: the result's layout) from the threads' partials in `part`, in
+  // thread order; 0 for channels past kO.
+  __device__ static __forceinline__ float total(const float* part, int e) {
+    const int s = e < 16 ? e : kO + (e - 16);  // scalar o = e; vector (o, j) at kO + 3 o + j
+    if ((e < 16 ? e : (e - 16) / 3) >= kO) return 0.f;
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) v += part[s * kPer + q];
+    return v;
+  }
+};
+
 // MID of a phase's last pass: the CTA is past the phase's dy = -1 rows of slice y - 1, whose slot
 // takes slice y + 2 of this block; the scalar MID first waits for its slice y + 1 (the rows after
 // the hook read it; the two younger groups, gY y + 1 and the vector slice y + 2, stay in flight).
@@ -291,6 +340,9 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   float acc[GJ_DW_WEIGHTS][4];
 #pragma unroll
   for (int w = 0; w < GJ_DW_WEIGHTS; ++w) acc[w][0] = acc[w][1] = acc[w][2] = acc[w][3] = 0.f;
+  // every channel group's CTAs read the same gY rows: the first group's sum them
+  const GySum<NX, NT, kPlanar> gsum_at(threadIdx.x);
+  float gsum = 0.f;
 
   int oldest = 0;  // ring slot of slice y - D
   for (int j = j0; j < j1; ++j) {
@@ -310,6 +362,7 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
     // the walk; loaded per pass they cost 96 more LDS and tf32 adds a row and, in ptxas, registers)
     uint32_t a[kGroups][2][4];
     load_a<NX, NT, kPlanar, D>(a, gy + (j & 1) * GyLayout<NX>::kFloats, seg, g, tid);
+    if (kg == 0) gsum += gsum_at.row(gy + (j & 1) * GyLayout<NX>::kFloats);
     GJ_DW_PASS(0)
     GJ_DW_PASS(1)
     GJ_DW_PASS(2)
@@ -319,20 +372,23 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   cp_async_wait<0>();
   __syncthreads();
 
-  // the segments' accumulators meet in the ring ([seg][half][w][k][lane]); summed in segment order
+  // the segments' accumulators meet in the ring ([seg][half][w][k][lane]); summed in segment order;
+  // the threads' cotangent sums in the gY buffers, now free (past the ring: kSegs kPartial fits it)
   float* red = smem + seg * kPartial + ((half * GJ_DW_WEIGHTS) * 4) * 32 + lane;
 #pragma unroll
   for (int w = 0; w < GJ_DW_WEIGHTS; ++w)
 #pragma unroll
     for (int k = 0; k < 4; ++k) red[(w * 4 + k) * 32] = acc[w][k];
+  gy[threadIdx.x] = gsum;
   __syncthreads();
-  float* out = p.dw + ((size_t)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * kPartial;
+  float* out = p.dw + ((size_t)(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (kPartial + kSumFloats);
   for (int e = threadIdx.x; e < kPartial; e += kThreads) {
     float sum = smem[e];
 #pragma unroll
     for (int s = 1; s < kSegs; ++s) sum += smem[s * kPartial + e];
     out[e] = sum;
   }
+  if (threadIdx.x < kSumFloats) out[kPartial + threadIdx.x] = GySum<NX, NT, kPlanar>::total(gy, threadIdx.x);
 }
 
 template <int NX, int NT, bool kPlanar, int D, bool kWin, bool kSplit>
@@ -427,7 +483,7 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   const int64_t ctas = (int64_t)p.groups * p.nz * p.windows * dilation * ((p.ny / dilation + p.strip - 1) / p.strip);
   if (x0.element_count() != batch * p.c * pix || x1.element_count() != batch * p.c * pix * 3 ||
       gy0.element_count() != batch * p.o_total * pix || gy1.element_count() != batch * p.o_total * pix * 3 ||
-      dw->element_count() != batch * ctas * kPartial)
+      dw->element_count() != batch * ctas * (kPartial + kSumFloats))
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.gy[0] = gy0.typed_data(), p.gy[1] = gy1.typed_data();
   p.dw = dw->typed_data();

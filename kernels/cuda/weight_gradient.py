@@ -1,7 +1,9 @@
 """The CUDA weight gradient's entry point: one XLA FFI call (kernels/cuda/weight_gradient.cu) for
-the per-CTA partial dW, summed over the CTAs by XLA in a fixed order (no atomics: deterministic).
+the per-CTA partial dW and cotangent sums, summed over the CTAs by XLA in a fixed order (no
+atomics: deterministic).
 
     d_weights = weight_gradient_call(spec, inputs, cotangents)
+    d_weights, (gy0_sum, gy1_sum) = weight_gradient_and_sums(spec, inputs, cotangents)
 
 The same layer as the forward (`_plan.coverage`), with equal channel counts in both input blocks
 (`_dw_plan.coverage`). Batching: vmap_method="broadcast_all", so a vmapped batch is one launch
@@ -46,9 +48,19 @@ def weight_gradient_call(
     spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None,
     *, first_channel: int = 0, fp32: bool = False
 ) -> tuple[jax.Array, ...]:
-    """Per pair, dW (o, c, F) in float32 of unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx,
-    3) and output cotangents gy0 (O, nz, ny, nx), gy1 (O, nz, ny, nx, 3): the `weights` layout of
-    `conv_contract_cuda`. The caller has checked `_dw_plan.coverage` (with `fp32`,
+    """Per pair, dW (o, c, F): `weight_gradient_and_sums` without the sums."""
+    return weight_gradient_and_sums(spec, inputs, cotangents, strip, first_channel=first_channel, fp32=fp32)[0]
+
+
+def weight_gradient_and_sums(
+    spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None,
+    *, first_channel: int = 0, fp32: bool = False
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array]]:
+    """(per pair dW (o, c, F), (gy0's sum over the pixels (o,), gy1's (o, 3))) in float32, of
+    unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx, 3) and output cotangents gy0 (O, nz,
+    ny, nx), gy1 (O, nz, ny, nx, 3): dW in the `weights` layout of `conv_contract_cuda`, the sums
+    (the layer's bias gradient, of this launch's o channels) taken by the kernel from the gY rows
+    it stages anyway, in fp32. The caller has checked `_dw_plan.coverage` (with `fp32`,
     `_dw_plan.fp32_coverage`) and the precision: TF32 (gY and Z truncated to tf32, their mean
     error scaled out), or with `fp32` fp32 by 3xTF32 (each split into a rounded tf32 part and
     remainder, three mma); fp32 accumulation either way.
@@ -70,21 +82,27 @@ def weight_gradient_call(
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     n_w = len(_dw_plan.weights(spec))
-    parts = partials(spec, inputs, cotangents, strip, first_channel, fp32)
+    parts = partials(spec, inputs, cotangents, strip, first_channel, fp32).reshape(groups, nz * strips, -1)
+    n_dw = _dw_plan.layout(spec, spatial[2]).partial_floats
     scale = jnp.float32(1.0 if fp32 else TRUNCATION_SCALE)
-    return _dw_plan.unpack(spec, scale * jnp.sum(parts.reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1), xp=jnp)
+    dws = _dw_plan.unpack(spec, scale * jnp.sum(parts[..., :n_dw].reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1),
+                          xp=jnp)
+    # the sums are exact fp32 (no tf32 operand, no scale); only channel group 0's CTAs take them
+    sums = _dw_plan.unpack_sums(spec.out_keys[0][2], jnp.sum(parts[0, :, n_dw:], axis=0), xp=jnp)
+    return dws, sums
 
 
 def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int = 0, fp32: bool = False) -> jax.Array:
-    """The kernel's result: per CTA (channel group, z, strip) its partial dW, (CTAs, partial
-    floats) in fragment order (`_dw_plan.unpack`); the vector blocks in `layout()`."""
+    """The kernel's result: per CTA (channel group, z, strip) its partial dW in fragment order
+    (`_dw_plan.unpack`) and its share of the cotangent sums (`_dw_plan.unpack_sums`), (CTAs,
+    `result_floats`); the vector blocks in `layout()`."""
     _check_strip(strip)
     x0, x1 = (jnp.asarray(x, jnp.float32) for x in inputs)
     g0, g1 = (jnp.asarray(g, jnp.float32) for g in cotangents)
     spatial = tuple(int(n) for n in x0.shape[1:4])
     lay = _dw_plan.layout(spec, spatial[2])
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
-    shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.partial_floats), jnp.float32)
+    shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.result_floats), jnp.float32)
     planar = layout() == "planar"
     geom = geometry(spec, spatial, strip, int(g0.shape[0]), first_channel, planar, fp32)
     call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all", input_layouts=vector_layouts(planar, 2))

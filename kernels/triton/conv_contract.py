@@ -332,15 +332,16 @@ def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
 
 
 def _weight_grad_by_output_groups(split, inputs, cotangents, fp32=False):
-    """Per pair dW of `split`'s layer from one CUDA launch per output group: group g's cotangents
-    (read in place: `first_channel`) against every input are rows g of each pair's dW (weights
-    are small: concatenated)."""
+    """(per pair dW, per block cotangent sums) of `split`'s layer from one CUDA launch per output
+    group: group g's cotangents (read in place: `first_channel`) against every input are rows g
+    of each pair's dW and of each block's sums (small: concatenated)."""
     from .. import cuda
 
     sub, n = split
-    results = [cuda.weight_gradient_call(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP, fp32=fp32)
+    results = [cuda.weight_gradient_and_sums(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP, fp32=fp32)
                for g in range(n)]
-    return tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*results))
+    join = lambda parts: tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*parts))  # noqa: E731
+    return join([r[0] for r in results]), join([r[1] for r in results])
 
 
 WEIGHT_GRAD_IMPLS = ("triton", "cuda")
@@ -364,9 +365,11 @@ def cuda_weight_grad_covers(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
 
 
 def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
-    """Per pair, dW from kernels.cuda's weight gradient where it computes this call as asked (TF32,
-    bf16 on TF32, or fp32 by 3xTF32 where `_dw_plan.fp32_coverage` takes it; no test poison,
-    `cuda_weight_grad_covers` the layer or its `output_split`), else None."""
+    """(per pair dW, the cotangents' spatial sums per output block) from kernels.cuda's weight
+    gradient where it computes this call as asked (TF32, bf16 on TF32, or fp32 by 3xTF32 where
+    `_dw_plan.fp32_coverage` takes it; no test poison, `cuda_weight_grad_covers` the layer or its
+    `output_split`), else None. The sums come from the gY rows the kernel stages anyway, so no
+    other pass reads the cotangents for the bias gradient."""
     from ..cuda._dw_plan import fp32_coverage
 
     plan = _cuda_plan(cuda_weight_grad_covers, [(spec, None)], mode, poison, inputs, fp32_coverage)
@@ -376,7 +379,7 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
 
     _, _, split, fp32 = plan
     if split is None:
-        return cuda.weight_gradient_call(spec, inputs, cotangents, fp32=fp32)
+        return cuda.weight_gradient_and_sums(spec, inputs, cotangents, fp32=fp32)
     return _weight_grad_by_output_groups(split, inputs, cotangents, fp32)
 
 
@@ -415,11 +418,10 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residual
         d_inputs, d_weights = vjp(cotangents)
         sums = _spatial_sums(cotangents, biased, spec.D)
     else:
-        d_weights = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
-        if d_weights is not None:
-            from ..cuda.conv_contract import layout as cuda_layout
-
-            sums = _spatial_sums(cotangents, biased, spec.D, fixed_layout=cuda_layout())
+        cuda_dw = _cuda_weight_grad(spec, mode, poison, inputs, cotangents)
+        if cuda_dw is not None:  # its kernel also adds up the cotangents from the rows it stages
+            d_weights, block_sums = cuda_dw
+            sums = {b: block_sums[b] for b in biased}
         else:  # the weight kernels also add up the biased keys' cotangents from the tiles they load
             op = _batched_weight_grad(spec, mode, blocks, biased)
             outs = op(tuple(x[None] for x in inputs), tuple(g[None] for g in cotangents))
