@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _resample, _thin
+from ._fused.basis import pair_basis
 from ._lax_common import compute_dtype, conv_channels_last, wrap_pad
 from ._precision import lax_operands
 from ._spec import ConvSpec
@@ -31,12 +32,10 @@ def assemble_dense_filter(spec: ConvSpec, weights: Sequence[jax.Array], dtype=jn
     D, taps = spec.D, spec.filter_shape
     n_taps = math.prod(taps)
     blocks = {}
-    for pair, w in zip(spec.pairs, weights):
+    for t, (pair, w) in enumerate(zip(spec.pairs, weights)):
         k_a, _, c = spec.in_keys[pair.in_index]
         k_b, _, o = spec.out_keys[pair.out_index]
-        basis = jnp.asarray(pair.basis.array, dtype=dtype).reshape(
-            (pair.basis.n_filters, n_taps, D**k_a, D**k_b)
-        )
+        basis = jnp.asarray(pair_basis(spec, t), dtype=dtype)
         # (o, c, F) x (F, taps, i, j) -> (taps, c, i, o, j)
         blk = jnp.einsum("ocf,ftij->tcioj", w.astype(dtype), basis, precision=jax.lax.Precision.HIGHEST)
         blk = blk.reshape((n_taps, c * D**k_a, o * D**k_b))

@@ -65,19 +65,17 @@ void run(int S, int B, int groups, int act, float eps, int affine, const float* 
   for (int b = 0; b < B; ++b)
     for (int bx = 0; bx < (S + kThreads - 1) / kThreads; ++bx)
       run_cta(bx, b, [&] {
-        if (affine)
-          forward_kernel<C, T, true>(x, w, aff, y, S, eps, act);
-        else
-          forward_kernel<C, T, false>(x, w, aff, y, S, eps, act);
+        auto kernel = affine ? (act ? forward_kernel<C, T, true, kGelu> : forward_kernel<C, T, true, kRelu>)
+                             : (act ? forward_kernel<C, T, false, kGelu> : forward_kernel<C, T, false, kRelu>);
+        kernel(x, w, aff, y, S, eps);
       });
   if (Bwd<C, T>::smem_bytes() > sizeof(dynamic_smem)) throw std::runtime_error("harness shared memory too small");
   for (int b = 0; b < B; ++b)
     for (int g = 0; g < groups; ++g)
       run_cta(g, b, [&] {
-        if (affine)
-          backward_kernel<C, T, true>(x, w, aff, gy, gx, part, S, groups, eps, act);
-        else
-          backward_kernel<C, T, false>(x, w, aff, gy, gx, part, S, groups, eps, act);
+        auto kernel = affine ? (act ? backward_kernel<C, T, true, kGelu> : backward_kernel<C, T, true, kRelu>)
+                             : (act ? backward_kernel<C, T, false, kGelu> : backward_kernel<C, T, false, kRelu>);
+        kernel(x, w, aff, gy, gx, part, S, groups, eps);
       });
 }
 

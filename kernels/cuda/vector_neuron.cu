@@ -30,8 +30,8 @@
 // memory, row-major per pixel with a pitch of T*C + 4 floats (== 4 mod 8: the float4 stores of
 // any 8 consecutive pixels hit distinct bank quads). Then the CTA's threads each own a 2 x 4
 // block of gW (SLOTS = C*C/8 blocks) and SPLITS = threads / SLOTS of them share one block, each
-// walking every SPLITS-th (pixel, component) of the tile: one 8-byte gd and one 16-byte x read per
-// 8 FMAs, and for C = 16 a warp is one split, so both reads are broadcasts. A CTA walks a fixed
+// walking every SPLITS-th pixel of the tile with its T components: one 8-byte gd and one 16-byte x
+// read per 8 FMAs, and for C = 16 a warp is one split, so both reads are broadcasts. A CTA walks a fixed
 // share of the tiles (tile = group, group + groups, ...), then adds its splits in order and
 // writes one (C, C) partial; vector_neuron.py sums the partials in a fixed order. No atomics:
 // the result is bit-identical run to run.
@@ -46,7 +46,12 @@
 // Operands (unbatched shapes; any leading batch dims, the same on every operand): x, gy (C, T, S)
 // row-major, w (C, C), aff (C, T*T + 2T: m row-major, v, shift per channel; any one float when
 // affine = 0); results y, gx (C, T, S), part (groups, C * C). Attributes: channels, components,
-// pixels, activation (0 relu, 1 gelu), eps, affine, and (backward) groups.
+// pixels, activation (0 relu, 1 gelu: each kernel is compiled per activation), eps, affine, and
+// (backward) groups.
+//
+// Instructions (session 27, from the SASS of the (16, 3) backward: bench/NOTES.md): the activation
+// a template argument, divisions as div.full.f32 (Triton's fp32 `/`), the prefetch's zeros by
+// cp.async's source size and its addresses by one add a copy, gW's rows walked by pointer.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -67,40 +72,55 @@ constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
 constexpr float kGeluA3 = 0.134145f;  // 3 kGeluA, the literal of the Triton kernel's h' (not 3.f * kGeluA)
 
-// act(s), act'(s) (with `derivative`), h(s) and h'(s) of _vn_kernel._emit_local.
-template <bool kDerivative>
-__device__ __forceinline__ void local_gain(float s, float eps, int act, float& h, float& dh) {
+// a / b as Triton compiles an fp32 division (div.full.f32: within 2 ulp, no slow path). IEEE `/`
+// compiles to a call with a branch to a slow path: the backward's five divisions a channel held a
+// fifth of its taken branches (bench/NOTES.md, "Session 27").
+__device__ __forceinline__ float fast_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return a / b;
+#endif
+}
+
+// act(s), act'(s) (with `derivative`), h(s) and h'(s) of _vn_kernel._emit_local; the activation
+// is a template argument, so the channel loop holds no branch on it.
+template <bool kDerivative, int kAct>
+__device__ __forceinline__ void local_gain(float s, float eps, float& h, float& dh) {
   float a, da = 0.f;
-  if (act == kRelu) {
+  if constexpr (kAct == kRelu) {
     a = s > 0.f ? s : 0.f;
     if (kDerivative) da = s > 0.f ? 1.f : 0.f;
   } else {
     const float z = kGeluC * (s + kGeluA * (s * s * s));
     const float ez = expf(-2.f * fabsf(z));  // tanh(z) from exp(-2|z|) <= 1: no overflow
-    float th = (1.f - ez) / (1.f + ez);
+    float th = fast_div(1.f - ez, 1.f + ez);
     th = z < 0.f ? -th : th;
     const float cdf = 0.5f * (1.f + th);
     a = s * cdf;
     if (kDerivative) da = cdf + s * 0.5f * (1.f - th * th) * kGeluC * (1.f + kGeluA3 * (s * s));
   }
-  const float q = fabsf(s) + eps;
-  const float gain = a / q;
+  const float rq = fast_div(1.f, fabsf(s) + eps);  // 1 / q, q = |s| + eps
+  const float gain = a * rq;
   h = (gain - 1.f) * s;
   if (kDerivative) {
     const float sgn = s > 0.f ? 1.f : (s < 0.f ? -1.f : 0.f);  // d|s|/ds, 0 at 0 (as jnp.abs)
-    dh = (da / q - a * sgn / (q * q)) * s + (gain - 1.f);
+    dh = (da - a * sgn * rq) * rq * s + (gain - 1.f);
   }
 }
 
-// A 4-byte asynchronous copy global -> shared and its waits (the host build of the device code,
-// tests/vn_cuda_host.cpp, copies at once).
-__device__ __forceinline__ void copy4_async(float* dst, const float* src) {
+// A 4-byte asynchronous copy global -> shared, zeros where !ok (cp.async's source size 0 reads
+// nothing and fills the destination with zeros: no branch, no separate store), and its waits (the
+// host build of the device code, tests/vn_cuda_host.cpp, copies at once).
+__device__ __forceinline__ void copy4_async(float* dst, const float* src, bool ok) {
 #if defined(__CUDA_ARCH__)
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   // "memory": the compiler must not move this thread's earlier reads of the slot past the copy
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4u : 0u) : "memory");
 #else
-  *dst = *src;
+  *dst = ok ? *src : 0.f;
 #endif
 }
 __device__ __forceinline__ void copies_commit() {
@@ -119,13 +139,10 @@ __device__ __forceinline__ void copies_wait_all() {
 template <int C, int T>
 __device__ __forceinline__ void prefetch_column(float* dst, const float* src, int p, int S) {
   const int tid = threadIdx.x;
+  const bool ok = p < S;
+  const float* at = src + (ok ? p : 0);  // a valid address where nothing is read
 #pragma unroll
-  for (int e = 0; e < C * T; ++e) {
-    if (p < S)
-      copy4_async(dst + e * kThreads + tid, src + (size_t)e * S + p);
-    else
-      dst[e * kThreads + tid] = 0.f;
-  }
+  for (int e = 0; e < C * T; ++e, at += S) copy4_async(dst + e * kThreads + tid, at, ok);
 }
 
 // d_c = W[c, :] x (T components), k ascending, W read as float4 broadcasts from shared memory.
@@ -152,7 +169,7 @@ __device__ __forceinline__ void local_unit(const float (&d)[T], const float* xc,
 #pragma unroll
   for (int t = 0; t < T; ++t) nsq = fmaf(d[t], d[t], nsq);
   n = nsq > 0.f ? sqrtf(nsq) : 0.f;
-  inv = 1.f / (n + eps);
+  inv = fast_div(1.f, n + eps);
   s = 0.f;
 #pragma unroll
   for (int t = 0; t < T; ++t) {
@@ -189,10 +206,10 @@ __device__ __forceinline__ void affine_map(const float* a, float (&x)[T]) {
   }
 }
 
-template <int C, int T, bool kAffine>
+template <int C, int T, bool kAffine, int kAct>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                                            const float* __restrict__ aff, float* __restrict__ y, int S,
-                                                           float eps, int act) {
+                                                           float eps) {
   __shared__ float4 sw[C * C / 4];
   __shared__ float s_aff[C * kAffineRow<T>];
   const size_t b = blockIdx.y;
@@ -218,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const float* __restri
     float d[T], u[T], n, inv, s, h, dh;
     mix_row<C, T>(sw, c, xv, d);
     local_unit<T>(d, xv[c], eps, n, inv, u, s);
-    local_gain<false>(s, eps, act, h, dh);
+    local_gain<false, kAct>(s, eps, h, dh);
 #pragma unroll
     for (int t = 0; t < T; ++t) yb[(size_t)(c * T + t) * S] = xv[c][t] + h * u[t];
   }
@@ -236,11 +253,11 @@ struct Bwd {
   }
 };
 
-template <int C, int T, bool kAffine>
+template <int C, int T, bool kAffine, int kAct>
 __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                                             const float* __restrict__ aff, const float* __restrict__ gy,
                                                             float* __restrict__ gx, float* __restrict__ part, int S,
-                                                            int groups, float eps, int act) {
+                                                            int groups, float eps) {
   using K = Bwd<C, T>;
   extern __shared__ float4 smem4[];
   float4* sw = smem4;                                   // C * C floats
@@ -304,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
       float d[T], u[T], g[T], n, inv, s, h, dh;
       mix_row<C, T>(sw, c, xv, d);
       local_unit<T>(d, xv[c], eps, n, inv, u, s);
-      local_gain<true>(s, eps, act, h, dh);
+      local_gain<true, kAct>(s, eps, h, dh);
       float gyu = 0.f;
 #pragma unroll
       for (int t = 0; t < T; ++t) {
@@ -312,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
         gyu = fmaf(g[t], u[t], gyu);
       }
       const float gs = gyu * dh;
-      const float inv_n = n > 0.f ? 1.f / n : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
+      const float inv_n = n > 0.f ? fast_div(1.f, n) : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
       float gu[T], gud = 0.f;
 #pragma unroll
       for (int t = 0; t < T; ++t) {
@@ -360,16 +377,22 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
         *reinterpret_cast<float4*>(xrow + t * C + 4 * kq) =
             make_float4(xv[4 * kq][t], xv[4 * kq + 1][t], xv[4 * kq + 2][t], xv[4 * kq + 3][t]);
     __syncthreads();
-    // rows j = (pixel, component) of the tile, pixel-major; this thread's split takes every kSplits-th
-    for (int j = split; j < kThreads * T; j += K::kSplits) {
-      const int off = (j / T) * K::kPitch + (j % T) * C;
-      const float2 g2 = *reinterpret_cast<const float2*>(gds + off + c0);
-      const float4 x4 = *reinterpret_cast<const float4*>(xs + off + k0);
-      const float gv[2] = {g2.x, g2.y}, xk[4] = {x4.x, x4.y, x4.z, x4.w};
+    // this thread's split takes every kSplits-th pixel of the tile, each with all T components
+    // (pointers walked by the pitch: no division by T, 4x unrolled)
+    const float* g_at = gds + split * K::kPitch + c0;
+    const float* x_at = xs + split * K::kPitch + k0;
+#pragma unroll 4
+    for (int r = split; r < kThreads; r += K::kSplits, g_at += K::kSplits * K::kPitch, x_at += K::kSplits * K::kPitch) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int t = 0; t < T; ++t) {
+        const float2 g2 = *reinterpret_cast<const float2*>(g_at + t * C);
+        const float4 x4 = *reinterpret_cast<const float4*>(x_at + t * C);
+        const float gv[2] = {g2.x, g2.y}, xk[4] = {x4.x, x4.y, x4.z, x4.w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) gw[i][q] = fmaf(gv[i], xk[q], gw[i][q]);
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) gw[i][q] = fmaf(gv[i], xk[q], gw[i][q]);
+      }
     }
     __syncthreads();
   }
@@ -393,10 +416,9 @@ template <int C, int T>
 cudaError_t launch_forward(const float* x, const float* w, const float* aff, float* y, int S, int batch, float eps,
                            int act, int affine, cudaStream_t stream) {
   const dim3 grid((S + kThreads - 1) / kThreads, batch);
-  if (affine)
-    forward_kernel<C, T, true><<<grid, kThreads, 0, stream>>>(x, w, aff, y, S, eps, act);
-  else
-    forward_kernel<C, T, false><<<grid, kThreads, 0, stream>>>(x, w, aff, y, S, eps, act);
+  auto kernel = affine ? (act == kGelu ? forward_kernel<C, T, true, kGelu> : forward_kernel<C, T, true, kRelu>)
+                       : (act == kGelu ? forward_kernel<C, T, false, kGelu> : forward_kernel<C, T, false, kRelu>);
+  kernel<<<grid, kThreads, 0, stream>>>(x, w, aff, y, S, eps);
   return cudaGetLastError();
 }
 
@@ -404,10 +426,11 @@ template <int C, int T>
 cudaError_t launch_backward(const float* x, const float* w, const float* aff, const float* gy, float* gx, float* part,
                             int S, int groups, int batch, float eps, int act, int affine, cudaStream_t stream) {
   const size_t smem = Bwd<C, T>::smem_bytes();
-  auto kernel = affine ? backward_kernel<C, T, true> : backward_kernel<C, T, false>;
+  auto kernel = affine ? (act == kGelu ? backward_kernel<C, T, true, kGelu> : backward_kernel<C, T, true, kRelu>)
+                       : (act == kGelu ? backward_kernel<C, T, false, kGelu> : backward_kernel<C, T, false, kRelu>);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, aff, gy, gx, part, S, groups, eps, act);
+  kernel<<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, aff, gy, gx, part, S, groups, eps);
   return cudaGetLastError();
 }
 
