@@ -181,10 +181,19 @@ def test_lowered_calls_with_an_affine_prologue(built):
         vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, affine=(jnp.ones((16, 2, 2)), v, shift))
 
 
-def test_backward_groups():
-    assert vn.backward_groups(16, 3, 64**3, sms=132) == 264  # 2 CTAs per SM (ptxas: 212-220 registers)
+def test_backward_groups(monkeypatch):
+    # 16 channels, pixels a multiple of 4: the tensor-core kernel, 3 CTAs an SM, steps of 64 pixels
+    assert vn.uses_mma(16, 3, 64**3) and not vn.uses_mma(16, 3, 301) and not vn.uses_mma(8, 3, 64**3)
+    assert vn.backward_groups(16, 3, 64**3, sms=132) == 396
+    assert vn.backward_groups(16, 3, 300, sms=132) == 5  # at most one per step
+    assert vn.backward_groups(16, 3, 301, sms=132) == 3  # the FFMA kernel: one per tile of 128
     assert vn.backward_groups(8, 3, 64**3, sms=132) == 528  # 4 (126 registers; shared memory too)
-    assert vn.backward_groups(16, 3, 300, sms=132) == 3  # at most one per tile
+    monkeypatch.setenv(vn.MMA_ENV, "0")
+    assert not vn.uses_mma(16, 3, 64**3)
+    assert vn.backward_groups(16, 3, 64**3, sms=132) == 264  # 2 CTAs per SM (ptxas: 212-220 registers)
+    monkeypatch.setenv(vn.MMA_ENV, "2")
+    with pytest.raises(ValueError, match="GINJAX_VN_CUDA_MMA"):
+        vn.uses_mma(16, 3, 64**3)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +238,10 @@ def host_kernels(tmp_path_factory):
         pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
     src = CU.read_text()
     device = src[src.index("// ---- device code") : src.index("// ---- host side")]
-    assert device.count("extern __shared__ float4 smem4[];") == 1
+    mma = '#include "vector_neuron_mma.cuh"'
+    assert device.count(mma) == 1
+    device = device.replace(mma, CU.with_name("vector_neuron_mma.cuh").read_text())
+    assert device.count("extern __shared__ float4 smem4[];") == 2  # the FFMA and the tensor-core backward
     device = device.replace("extern __shared__ float4 smem4[];", "float4* smem4 = reinterpret_cast<float4*>(dynamic_smem);")
     tmp = tmp_path_factory.mktemp("vn_host")
     (tmp / "device.inc").write_text(device)
@@ -255,6 +267,10 @@ def host_kernels(tmp_path_factory):
     "c, spatial, D, k, act, groups",
     [
         (16, (5, 6, 7), 3, 1, "gelu", 2),  # T = 3, a ragged last tile, one tile per CTA
+        # C = 16 and S % 4 == 0: the tensor-core backward (m-tiles of 16 pixels, steps of 64)
+        (16, (4, 6, 7), 3, 1, "gelu", 2),  # 168 pixels: a ragged last step, CTAs walking two
+        (16, (12, 20), 2, 1, "relu", 5),  # T = 2, 240 pixels; more CTAs than steps
+        (16, (8, 10), 2, 2, "gelu", 1),  # T = 4, 80 pixels
         (16, (17, 19), 2, 1, "relu", 1),  # T = 2, one CTA walks three tiles
         (16, (9, 15), 2, 2, "gelu", 1),  # T = 4, two tiles
         (8, (3, 4, 5), 3, 1, "relu", 1),  # fewer pixels than a tile
@@ -286,6 +302,8 @@ def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spati
 
 @pytest.mark.parametrize("c, spatial, D, k, act, groups", [
     (16, (5, 6, 7), 3, 1, "gelu", 2),  # a ragged last tile: x' = v - m shift past the end, gy = 0
+    (16, (4, 6, 7), 3, 1, "relu", 2),  # the tensor-core backward, a ragged last m-tile
+    (16, (8, 10), 2, 2, "gelu", 1),  # ... at T = 4
     (8, (23, 29), 2, 1, "relu", 3),  # CTAs walking two tiles
     (8, (11, 13), 2, 2, "gelu", 2),  # T = 4
 ])
@@ -325,8 +343,14 @@ def test_ptxas_resources_match_the_residency_table(tmp_path):
            "-o", str(tmp_path / "vn.cubin"), src]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
-    kinds = {}
+    kinds, mma = {}, {}
     for chunk in res.stderr.split("Compiling entry function")[1:]:
+        # the tensor-core backward <T, kAffine, kAct> (C = 16, vector_neuron_mma.cuh)
+        if name := re.match(r" '\w*?backward_mma_kernelILi(\d+)ELb([01])ELi([01])E", chunk):
+            spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", chunk)
+            assert spill and spill.groups() == ("0", "0", "0"), chunk
+            mma[(int(name[1]), bool(int(name[2])), int(name[3]))] = int(re.search(r"Used (\d+) registers", chunk)[1])
+            continue
         # <C, T, kAffine, kAct>: each kernel per affine map and activation (0 relu, 1 gelu)
         name = re.match(r" '\w*?(forward|backward)_kernelILi(\d+)ELi(\d+)ELb([01])ELi([01])E", chunk)
         spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", chunk)
@@ -345,3 +369,11 @@ def test_ptxas_resources_match_the_residency_table(tmp_path):
             fits = min(65536 // per_cta, (228 * 1024) // (smem + 1024))
             resident[(c, t)] = min(resident.get((c, t), fits), fits)  # every affine map and activation
     assert resident == vn.COVERED
+    assert set(mma) == {(t, affine, act) for (_, t) in vn.COVERED_MMA for affine in (False, True) for act in (0, 1)}
+    resident = {}
+    for (t, affine, act), regs in mma.items():
+        pitch = next(p for p in range(16 * t, 16 * t + 32) if p % 32 == 8)
+        smem = 4 * (4 * (2 * 20 * t * 16 + 2 * 16 * pitch) + 16 * (t * t + 2 * t))
+        fits = min(65536 // (128 * -(-regs // 8) * 8), (228 * 1024) // (smem + 1024))
+        resident[(16, t)] = min(resident.get((16, t), fits), fits)
+    assert resident == vn.COVERED_MMA

@@ -13,6 +13,7 @@ transpose next to the CUDA calls (the planar block is a bitcast). Build first
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import textwrap
@@ -51,6 +52,10 @@ CASES = [
     ("c8-t2", 2, (2, 8, 19, 23, 2), jax.nn.gelu),
     ("c8-t3-tiny", 3, (3, 8, 3, 4, 5, 3), jax.nn.relu),  # fewer pixels than a tile
     ("c8-t4", 2, (1, 8, 45, 29, 2, 2), jax.nn.relu),
+    # 16 channels, pixels a multiple of 4 (the standard block too): the tensor-core backward
+    ("c16-t3-mma-ragged", 3, (2, 16, 5, 6, 10, 3), jax.nn.relu),  # 300 pixels: a ragged last step
+    ("c16-t2-mma", 2, (3, 16, 36, 41, 2), jax.nn.gelu),
+    ("c16-t4-mma", 2, (2, 16, 32, 35, 2, 2), jax.nn.relu),
 ]
 
 
@@ -79,6 +84,23 @@ def test_weight_gradient_bit_identical():
     check_bit_identical("cuda")
 
 
+@pytest.mark.parametrize("D, shape", [(3, (4, 16, 64, 64, 64, 3)), (2, (2, 16, 32, 35, 2, 2))], ids=["standard", "t4"])
+def test_tensor_core_backward_matches_the_ffma_one(monkeypatch, D, shape):
+    """The same gradients from both backward kernels of a 16-channel block (GINJAX_VN_CUDA_MMA=0
+    keeps the FFMA one): within fp32's tolerance of each other (3xTF32 against fp32 FMAs)."""
+    from kernels.cuda import vector_neuron as vn
+
+    w, x, gy = operands(6, shape, 16)
+    assert vn.uses_mma(16, math.prod(shape[2 + D :]), math.prod(shape[2 : 2 + D]))
+    grads = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(vn.MMA_ENV, flag)
+        grads[flag] = step("cuda", D, jax.nn.gelu)(w, x, gy)  # a new trace per flag
+    for a, b in zip(grads["1"], grads["0"]):
+        err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert err <= 1e-5, err
+
+
 def test_outputs_are_fully_written():
     """Fresh (uninitialised) result buffers: free a NaN-filled buffer of the same size first so
     an element the kernels skip shows up as NaN."""
@@ -102,7 +124,8 @@ def test_memcheck_clean():
         import jax, jax.numpy as jnp, numpy as np
         from kernels.cuda import vector_neuron_cuda
         rng = np.random.default_rng(0)
-        for c, D, spatial, k in ((16, 3, (5, 6, 7), 1), (8, 2, (13, 11), 2), (16, 2, (3, 5), 1)):
+        for c, D, spatial, k in ((16, 3, (5, 6, 7), 1), (8, 2, (13, 11), 2), (16, 2, (3, 5), 1), (16, 3, (4, 6, 7), 1),
+                                 (16, 2, (8, 10), 2)):  # the last two: the tensor-core backward
             x = jnp.asarray(rng.normal(size=(2, c) + spatial + (D,) * k), jnp.float32)
             w = jnp.asarray(rng.normal(size=(c, c)) / c, jnp.float32)
             f = lambda w, x: jnp.sum(jnp.sin(jax.vmap(lambda b: vector_neuron_cuda(w, b, D, jax.nn.gelu, 1e-5))(x)))

@@ -11,7 +11,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <cstdint>
 #include <functional>
+#include <memory>
 #include <iostream>
 #include <stdexcept>
 #include <thread>
@@ -20,6 +22,7 @@
 struct float2 {
   float x, y;
 };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct float4 {
   float x, y, z, w;
 };
@@ -32,6 +35,45 @@ uint3_ blockIdx, blockDim;
 std::barrier<>* cta_barrier = nullptr;
 inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
 alignas(16) static float dynamic_smem[1 << 16];
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Warps: 32 of the CTA's threads meet at their own barrier (__syncwarp), and an mma.sync is their
+// fragments exchanged there: every lane writes its A and B registers, then computes its own four
+// accumulator entries from all lanes' (m16n8k8, operands read truncated to tf32 as the tensor
+// cores read them; products summed in double), then they meet again before the arrays are reused.
+constexpr int kMaxWarps = 4;
+std::barrier<>* warp_barrier[kMaxWarps] = {};
+inline void __syncwarp() { warp_barrier[threadIdx.x >> 5]->arrive_and_wait(); }
+struct WarpFragments {
+  float a[32][4], b[32][2];
+};
+WarpFragments warp_fragments[kMaxWarps];
+inline float tf32_operand(uint32_t bits) { return __uint_as_float(bits & 0xffffe000u); }
+inline void host_mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tid = lane & 3;
+  WarpFragments& f = warp_fragments[w];
+  for (int r = 0; r < 4; ++r) f.a[lane][r] = tf32_operand(a[r]);
+  f.b[lane][0] = tf32_operand(b0), f.b[lane][1] = tf32_operand(b1);
+  __syncwarp();
+  for (int k = 0; k < 4; ++k) {  // D[row][col], row g + 8 (k >> 1), col 2 tid + (k & 1)
+    const int row = g + 8 * (k >> 1), col = 2 * tid + (k & 1);
+    double acc = d[k];
+    for (int kk = 0; kk < 8; ++kk)  // A[row][kk]: lane 4 (row % 8) + kk % 4, register (row >= 8) + 2 (kk >= 4);
+                                    // B[kk][col]: lane 4 col + kk % 4, register kk >= 4
+      acc += (double)f.a[4 * (row % 8) + kk % 4][(row >= 8) + 2 * (kk >= 4)] * f.b[4 * col + kk % 4][kk >= 4];
+    d[k] = (float)acc;
+  }
+  __syncwarp();
+}
 
 #define __global__
 #define __device__
@@ -49,6 +91,8 @@ void run_cta(unsigned bx, unsigned by, F body) {
   blockIdx.x = bx, blockIdx.y = by, blockDim.x = kThreads;
   std::barrier<> bar(kThreads);
   cta_barrier = &bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  for (int w = 0; w < kThreads / 32; ++w) warp_barrier[w] = warps.emplace_back(std::make_unique<std::barrier<>>(32)).get();
   std::vector<std::thread> threads;
   for (unsigned t = 0; t < kThreads; ++t)
     threads.emplace_back([t, &body] {
@@ -70,6 +114,19 @@ void run(int S, int B, int groups, int act, float eps, int affine, const float* 
         kernel(x, w, aff, y, S, eps);
       });
   if (Bwd<C, T>::smem_bytes() > sizeof(dynamic_smem)) throw std::runtime_error("harness shared memory too small");
+  if constexpr (C == 16) {  // vector_neuron.cu's launch_backward: the tensor-core kernel where S % 4 == 0
+    if (S % 4 == 0) {
+      if (MmaBwd<T>::smem_bytes() > sizeof(dynamic_smem)) throw std::runtime_error("harness shared memory too small");
+      for (int b = 0; b < B; ++b)
+        for (int g = 0; g < groups; ++g)
+          run_cta(g, b, [&] {
+            auto kernel = affine ? (act ? backward_mma_kernel<T, true, kGelu> : backward_mma_kernel<T, true, kRelu>)
+                                 : (act ? backward_mma_kernel<T, false, kGelu> : backward_mma_kernel<T, false, kRelu>);
+            kernel(x, w, aff, gy, gx, part, S, groups, eps);
+          });
+      return;
+    }
+  }
   for (int b = 0; b < B; ++b)
     for (int g = 0; g < groups; ++g)
       run_cta(g, b, [&] {

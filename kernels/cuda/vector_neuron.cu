@@ -47,7 +47,7 @@
 // row-major, w (C, C), aff (C, T*T + 2T: m row-major, v, shift per channel; any one float when
 // affine = 0); results y, gx (C, T, S), part (groups, C * C). Attributes: channels, components,
 // pixels, activation (0 relu, 1 gelu: each kernel is compiled per activation), eps, affine, and
-// (backward) groups.
+// (backward) groups and tensor_cores (1: vector_neuron_mma.cuh's kernel, C = 16 and S % 4 == 0).
 //
 // Instructions (session 27, from the SASS of the (16, 3) backward: bench/NOTES.md): the activation
 // a template argument, divisions as div.full.f32 (Triton's fp32 `/`), the prefetch's zeros by
@@ -121,6 +121,15 @@ __device__ __forceinline__ void copy4_async(float* dst, const float* src, bool o
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 4u : 0u) : "memory");
 #else
   *dst = ok ? *src : 0.f;
+#endif
+}
+// A 16-byte one, zeros where !ok (the tensor-core backward's m-tile rows; the host build copies at once).
+__device__ __forceinline__ void copy16_async(float* dst, const float* src, bool ok) {
+#if defined(__CUDA_ARCH__)
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16u : 0u) : "memory");
+#else
+  for (int i = 0; i < 4; ++i) dst[i] = ok ? src[i] : 0.f;
 #endif
 }
 __device__ __forceinline__ void copies_commit() {
@@ -411,6 +420,10 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   }
 }
 
+// The backward of C = 16 on the tensor cores (the FFMA kernel above keeps C = 8 and pixel counts
+// that are not a multiple of 4).
+#include "vector_neuron_mma.cuh"
+
 // ---- host side: launches and the FFI handlers
 template <int C, int T>
 cudaError_t launch_forward(const float* x, const float* w, const float* aff, float* y, int S, int batch, float eps,
@@ -422,9 +435,26 @@ cudaError_t launch_forward(const float* x, const float* w, const float* aff, flo
   return cudaGetLastError();
 }
 
+template <int T>
+cudaError_t launch_backward_mma(const float* x, const float* w, const float* aff, const float* gy, float* gx,
+                                float* part, int S, int groups, int batch, float eps, int act, int affine,
+                                cudaStream_t stream) {
+  const size_t smem = MmaBwd<T>::smem_bytes();
+  auto kernel = affine ? (act == kGelu ? backward_mma_kernel<T, true, kGelu> : backward_mma_kernel<T, true, kRelu>)
+                       : (act == kGelu ? backward_mma_kernel<T, false, kGelu> : backward_mma_kernel<T, false, kRelu>);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(groups, batch), kMmaWarps * 32, smem, stream>>>(x, w, aff, gy, gx, part, S, groups, eps);
+  return cudaGetLastError();
+}
+
 template <int C, int T>
 cudaError_t launch_backward(const float* x, const float* w, const float* aff, const float* gy, float* gx, float* part,
-                            int S, int groups, int batch, float eps, int act, int affine, cudaStream_t stream) {
+                            int S, int groups, int batch, float eps, int act, int affine, bool mma,
+                            cudaStream_t stream) {
+  if constexpr (C == 16) {  // the tensor-core kernel (Backward checked its 16-byte rows: S % 4 == 0)
+    if (mma) return launch_backward_mma<T>(x, w, aff, gy, gx, part, S, groups, batch, eps, act, affine, stream);
+  }
   const size_t smem = Bwd<C, T>::smem_bytes();
   auto kernel = affine ? (act == kGelu ? backward_kernel<C, T, true, kGelu> : backward_kernel<C, T, true, kRelu>)
                        : (act == kGelu ? backward_kernel<C, T, false, kGelu> : backward_kernel<C, T, false, kRelu>);
@@ -475,7 +505,8 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 
 ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> aff,
                     ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> part, int64_t C,
-                    int64_t T, int64_t S, int64_t act, float eps, int64_t affine, int64_t groups) {
+                    int64_t T, int64_t S, int64_t act, float eps, int64_t affine, int64_t groups,
+                    int64_t tensor_cores) {
   int64_t batch = 0;
   ffi::Error e = check(C, T, S, act, eps, affine, x.element_count(), w.element_count(), aff.element_count(), batch);
   if (e.failure()) return e;
@@ -483,11 +514,13 @@ ffi::Error Backward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return bad("the cotangent's or the input gradient's size differs from the block's");
   if (groups < 1 || groups > 65535) return bad("groups must be in [1, 65535]");
   if (part->element_count() != batch * groups * C * C) return bad("the partials' size is not batch x groups x C x C");
+  if (tensor_cores != 0 && tensor_cores != 1) return bad("tensor_cores must be 0 or 1");
+  if (tensor_cores && (C != 16 || S % 4)) return bad("the tensor-core backward takes 16 channels and S % 4 == 0");
 #define GJ_BWD(c, t)                                                                                           \
   if (C == c && T == t)                                                                                        \
     return failed(launch_backward<c, t>(x.typed_data(), w.typed_data(), aff.typed_data(), gy.typed_data(),      \
                                         gx->typed_data(), part->typed_data(), (int)S, (int)groups, (int)batch, eps, \
-                                        (int)act, (int)affine, stream));
+                                        (int)act, (int)affine, tensor_cores == 1, stream));
   GJ_VN_SIZES(GJ_BWD)
 #undef GJ_BWD
   return bad("(channels, components) = (" + std::to_string(C) + ", " + std::to_string(T) + ") is not compiled");
@@ -524,4 +557,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaVnBackward, Backward,
                                   .Attr<int64_t>("activation")
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("affine")
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("tensor_cores"));

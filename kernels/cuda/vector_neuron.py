@@ -15,7 +15,8 @@ in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 `kernels._reduce.affine_backward` after it, as on the Triton path.
 
 Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
-`groups` CTAs per example; the partials are added by a plain `jnp.sum` over that axis (XLA's
+`groups` CTAs per example; 16-channel blocks whose pixel count is a multiple of 4 run on the
+tensor cores (vector_neuron_mma.cuh; `GINJAX_VN_CUDA_MMA=0` keeps the FFMA kernel, `uses_mma`); the partials are added by a plain `jnp.sum` over that axis (XLA's
 reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
 included) carry the batch axes.
@@ -31,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._env import env_choice
 from .._vn_args import ACTIVATIONS, check_affine, check_arguments, literal_eps, pack_affine, supported_activation
 from .._reduce import affine_backward, fused_sums_cover
 from ._ffi import VN_BACKWARD, VN_FORWARD, registered
 
-__all__ = ["COVERED", "coverage", "vector_neuron_cuda", "vector_neuron_cuda_covers"]
+__all__ = ["COVERED", "COVERED_MMA", "coverage", "uses_mma", "vector_neuron_cuda", "vector_neuron_cuda_covers"]
 
 THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
 # (channels, components) -> backward CTAs resident per SM: the least of the register limit of
@@ -44,6 +46,12 @@ THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
 # x and gy) plus 1 KB a CTA out of 228 KB. tests/test_vector_neuron_cuda.py (slow) recompiles and
 # holds ptxas and the shared memory to these, and to no spills.
 COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 1}
+# The same for the tensor-core backward of 16 channels (4 warps, 4 x 16 pixels a step): registers
+# and its shared memory, 4 (4 (2 x 20 T 16 + 2 x 16 pitch) + 16 (T^2 + 2T)) bytes, pitch the least
+# >= 16 T that is 8 mod 32.
+COVERED_MMA = {(16, 2): 4, (16, 3): 3, (16, 4): 2}
+MMA_STEP = 64  # pixels a CTA of the tensor-core backward takes per step
+MMA_ENV = "GINJAX_VN_CUDA_MMA"
 DEFAULT_SMS = 132  # an H200's, where the device does not say
 
 
@@ -114,14 +122,23 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
 
 
+def uses_mma(channels: int, components: int, pixels: int) -> bool:
+    """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): 16
+    channels, pixels a multiple of 4 (its 16-byte rows), unless GINJAX_VN_CUDA_MMA=0."""
+    on = env_choice(MMA_ENV, ("1", "0"), "1") == "1"
+    return on and (channels, components) in COVERED_MMA and pixels % 4 == 0
+
+
 def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None) -> int:
-    """Backward CTAs per example: every resident slot of the GPU (`COVERED`), at most one per tile.
-    Per example, not per batch: under vmap the batch is not known when the call is traced, and a
-    batch of B fills B waves of equal CTAs."""
+    """Backward CTAs per example: every resident slot of the GPU (`COVERED`, `COVERED_MMA`), at
+    most one per tile (the tensor-core kernel's: a step of 64 pixels). Per example, not per batch:
+    under vmap the batch is not known when the call is traced, and a batch of B fills B waves of
+    equal CTAs."""
     if sms is None:
         sms = getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
-    tiles = -(-pixels // THREADS)
-    return max(1, min(tiles, sms * COVERED[(channels, components)]))
+    if uses_mma(channels, components, pixels):
+        return max(1, min(-(-pixels // MMA_STEP), sms * COVERED_MMA[(channels, components)]))
+    return max(1, min(-(-pixels // THREADS), sms * COVERED[(channels, components)]))
 
 
 def _attrs(cfg, x):
@@ -159,7 +176,7 @@ def _vn_bwd(cfg, res, gy):
     shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
     call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")
     g, part = call(x, w, _packed_affine(affine), gy.astype(jnp.float32), affine=np.int64(affine is not None),
-                   groups=np.int64(groups), **attrs)
+                   groups=np.int64(groups), tensor_cores=np.int64(uses_mma(c, T, S)), **attrs)
     gw = jnp.sum(part, axis=-2).reshape(c, c)
     if affine is None:
         return gw, g, None
