@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # the opt-in CUDA VectorNeuron kernels (needs the built _ginjax_cuda.so; where they do not
     # cover a call, it takes triton's path, so without the library this is vn-triton)
     "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
+    # the same with the FFMA backward for 16 channels too (not the tensor-core one)
+    "vn-cuda-ffma": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0"}, ()),
     # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it
     "vn-save-mix": ({"GINJAX_VN_SAVE_MIX": "1"}, ()),
     # the norms' statistics, their affine gradients and the bias gradients beside the CUDA kernels
