@@ -244,8 +244,9 @@ class DwEmulator:
         """The result's SUM_FLOATS sums from the threads' partials, each in thread order; 0 past o."""
         per = self.w // self.o
         out = np.zeros(_dw_plan.SUM_FLOATS)
+        n = _dw_plan.SUM_CHANNELS
         for e in range(_dw_plan.SUM_FLOATS):
-            oo, s = (e, e) if e < 16 else ((e - 16) // 3, self.o + e - 16)
+            oo, s = (e, e) if e < n else ((e - n) // 3, self.o + e - n)
             if oo < self.o:
                 out[e] = sum(part[s * per + q] for q in range(per))
         return out

@@ -46,8 +46,10 @@ DEFAULT_STRIP = 64  # y rows a CTA slides over: few, long CTAs keep the partials
 # tolerance on the H200 (2.7e-5 on d3_n64_b4_c16, bench/NOTES.md "Session 25"), 2-5 rows met it.
 FP32_STRIP = 4
 # A CTA's share of the cotangents' spatial sums after its partial dW (weight_gradient.cu's GySum):
-# 16 scalar channels, then 16 x 3 vector channel components (o-major), zero past the launch's
-SUM_FLOATS = 4 * 16
+# SUM_CHANNELS scalar channels, then SUM_CHANNELS x 3 vector channel components (o-major), zero
+# past the launch's
+SUM_CHANNELS = 16
+SUM_FLOATS = 4 * SUM_CHANNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,4 +343,5 @@ def unpack(spec: ConvSpec, partial, xp=np) -> tuple:
 def unpack_sums(o: int, summed, xp=np) -> tuple:
     """The cotangents' spatial sums, (o,) scalar and (o, 3) vector, from the sums part of the
     CTAs' rows summed over the CTAs (`SUM_FLOATS`, leading axes kept)."""
-    return summed[..., :o], summed[..., 16 : 16 + 3 * o].reshape(summed.shape[:-1] + (o, 3))
+    vector = summed[..., SUM_CHANNELS : SUM_CHANNELS + 3 * o]
+    return summed[..., :o], vector.reshape(summed.shape[:-1] + (o, 3))

@@ -90,6 +90,35 @@ __device__ __forceinline__ void a_from_acc(const float (&v)[4], uint32_t (&hi)[4
   split_x3(v[3], hi[3], lo[3]);  // (g + 8, 2 tid + 1)
 }
 
+// acc[t][nt] += A_t B over the 16 channels (K), per component t: A_t in the accumulator layout
+// (`a_from_acc`), B the split W fragments [kc][nt].
+template <int T>
+__device__ __forceinline__ void mix_channels(float (&acc)[T][2][4], const float (&a)[T][2][4], const SplitB (&w)[2][2]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+#pragma unroll
+    for (int kc = 0; kc < 2; ++kc) {
+      uint32_t ah[4], al[4];
+      a_from_acc(a[t][kc], ah, al);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) mma_x3(acc[t][nt], ah, al, w[kc][nt]);
+    }
+}
+
+// An m-tile in the accumulator layout into a warp's staging [pixel][t C + c] (pitch P): one
+// 8-byte store per (t, n-tile, row half).
+template <int T, int P>
+__device__ __forceinline__ void stage_acc(float* st, const float (&v)[T][2][4], int g, int tid) {
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(st + (g + 8 * h) * P + t * 16 + 8 * nt + 2 * tid) =
+            make_float2(v[t][nt][2 * h], v[t][nt][2 * h + 1]);
+}
+
 template <int T>
 struct MmaBwd {
   static constexpr int C = 16, NT = 2;  // channels, 8-channel n-tiles
@@ -189,29 +218,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
           for (int t = 0; t < T; ++t) xv[t][nt][k] = xc[t];
         }
     }
-    // X (the nonlinearity's input) staged for gW: [pixel][t C + c], one 8-byte store per (t, nt, row half)
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<float2*>(st_x + (g + 8 * h) * K::kStPitch + t * C + 8 * nt + 2 * tid) =
-              make_float2(xv[t][nt][2 * h], xv[t][nt][2 * h + 1]);
-    // d = X W^T per component
-    float dv[T][NT][4];
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) dv[t][nt][0] = dv[t][nt][1] = dv[t][nt][2] = dv[t][nt][3] = 0.f;
-#pragma unroll
-      for (int kc = 0; kc < NT; ++kc) {
-        uint32_t ah[4], al[4];
-        a_from_acc(xv[t][kc], ah, al);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_x3(dv[t][nt], ah, al, wd[kc][nt]);
-      }
-    }
+    stage_acc<T, K::kStPitch>(st_x, xv, g, tid);  // X, the nonlinearity's input, for gW
+    float dv[T][NT][4] = {};
+    mix_channels<T>(dv, xv, wd);  // d = X W^T per component
     // per (pixel, channel): the elementwise terms; gd into dv (d's last use), gy + gs u into gv
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -241,23 +250,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
         }
       }
     // GD staged for gW; gx = (gy + gs u) + GD W, the mma accumulating onto the local part
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<float2*>(st_gd + (g + 8 * h) * K::kStPitch + t * C + 8 * nt + 2 * tid) =
-              make_float2(dv[t][nt][2 * h], dv[t][nt][2 * h + 1]);
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-#pragma unroll
-      for (int kc = 0; kc < NT; ++kc) {
-        uint32_t ah[4], al[4];
-        a_from_acc(dv[t][kc], ah, al);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_x3(gv[t][nt], ah, al, wg[kc][nt]);
-      }
+    stage_acc<T, K::kStPitch>(st_gd, dv, g, tid);
+    mix_channels<T>(gv, dv, wg);
     {
       float* gxb = gx + base;
 #pragma unroll
