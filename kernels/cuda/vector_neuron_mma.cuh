@@ -32,9 +32,9 @@
 // as zeros (cp.async's source size 0), so d = 0 and nothing reaches gW; S must be a multiple of 4
 // (16-byte rows), which vector_neuron.cu's Backward checks before it picks this kernel.
 //
-// The host build (tests/vn_cuda_host.cpp) runs this code with one OS thread a lane: the mma, the
-// split and __syncwarp come from the harness there (host_mma_tf32: the fragments exchanged at a
-// warp barrier, operands truncated to tf32 as the tensor cores read them).
+// The host build (tests/vn_cuda_host.cpp) runs this code with one OS thread a lane: the mma and
+// __syncwarp come from the harness there (host_mma_tf32: the fragments exchanged at a warp
+// barrier, operands truncated to tf32 as the tensor cores read them).
 
 constexpr int kMmaWarps = 4;                 // warps a CTA (128 threads, as the FFMA kernel)
 constexpr int kMmaRows = 16;                 // pixels of a warp's m-tile: the mma's M
@@ -54,11 +54,11 @@ __device__ __forceinline__ void mma_tf32x1(float (&d)[4], const uint32_t (&a)[4]
 
 // 3xTF32's split x = hi + lo: hi is x rounded to tf32 on its bits (add half an ulp of tf32, clear
 // the 13 low bits), lo = x - hi exactly (|lo| <= 2^-11 |x|), read by the mma truncated: the
-// products lose ~2^-22 of x. Three integer / FP32 instructions a split, where cvt.rna took ~9 (the
-// first build of this kernel: 1,300 of its 2,036 a m-tile); taking hi truncated instead (two)
-// lost ~2^-20 and missed fp32's tolerance on the host build (1.2e-5 on gx). A NaN's bits may round
-// to anything in hi, but lo = NaN - hi is NaN, and an inf gives lo = NaN: a non-finite input keeps
-// its outputs non-finite.
+// products lose ~2^-22 of x. Three integer / FP32 instructions a split, where cvt.rna takes ~9
+// (at 96 splits an m-tile, most of the loop); hi truncated instead (two) loses ~2^-20, beyond
+// fp32's tolerance on gx (1.2e-5 on the host build). A NaN's bits may round to anything in hi,
+// but lo = NaN - hi is NaN, and an inf gives lo = NaN: a non-finite input keeps its outputs
+// non-finite.
 __device__ __forceinline__ void split_x3(float x, uint32_t& hi, uint32_t& lo) {
   hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
   lo = __float_as_uint(x - __uint_as_float(hi));
