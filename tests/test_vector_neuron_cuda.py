@@ -181,6 +181,29 @@ def test_lowered_calls_with_an_affine_prologue(built):
         vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, affine=(jnp.ones((16, 2, 2)), v, shift))
 
 
+def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
+    """GINJAX_VN_CUDA_FORWARD=triton: the forward is kernels/triton's kernel (its interpreter here)
+    on the same planar block, equal to the XLA path at fp32, with and without a norm's map; the
+    gradient's lowering holds the CUDA backward and no CUDA forward; a bad value is named."""
+    pytest.importorskip("kernels.triton")
+    monkeypatch.setenv(vn.FORWARD_ENV, "triton")
+    w, x, _ = (jnp.asarray(a) for a in _operands(3, 16, (3, 4, 5), 3, 1))
+    m = jnp.asarray(np.random.default_rng(4).normal(size=(16, 3, 3)) / 2, jnp.float32)
+    v, shift = jnp.full((16, 3), 0.25), jnp.full((16, 3), -0.5)
+    for affine in (None, (m, v, shift)):
+        got = vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, affine=affine)
+        mapped = x if affine is None else jnp.einsum("cij,c...j->c...i", m, x - shift[:, None, None, None]) + v[:, None, None, None]
+        want = _vector_neuron.vector_neuron(w, mapped, 3, jax.nn.gelu, EPS, impl="xla")
+        assert rel_l2(got, want) < 1e-5
+    xs = jnp.stack([x, x + 1])
+    loss = lambda w, xs: jnp.sum(jnp.sin(jax.vmap(lambda b: vn.vector_neuron_cuda(w, b, 3, jax.nn.relu, EPS))(xs)))  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, xs).as_text()
+    assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", text)) == 1 and not re.search(rf"@{_ffi.VN_FORWARD}\(", text)
+    monkeypatch.setenv(vn.FORWARD_ENV, "xla")
+    with pytest.raises(ValueError, match="GINJAX_VN_CUDA_FORWARD"):
+        vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS)
+
+
 def test_backward_groups(monkeypatch):
     # 16 channels, pixels a multiple of 4: the tensor-core kernel, 3 CTAs an SM, steps of 64 pixels
     assert vn.uses_mma(16, 3, 64**3) and not vn.uses_mma(16, 3, 301) and not vn.uses_mma(8, 3, 64**3)

@@ -117,6 +117,21 @@ def test_vmap_is_one_launch_of_each_kernel():
     assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", hlo)) == 1
 
 
+def test_triton_forward_beside_the_cuda_backward(monkeypatch):
+    """GINJAX_VN_CUDA_FORWARD=triton (the Triton forward kernel, the CUDA backward): the same value
+    and gradients as the CUDA pair, within fp32's tolerance, on the standard block."""
+    from kernels.cuda import vector_neuron as vn
+
+    w, x, gy = operands(7, (4, 16, 64, 64, 64, 3), 16)
+    outs = {}
+    for impl in ("cuda", "triton"):
+        monkeypatch.setenv(vn.FORWARD_ENV, impl)
+        outs[impl] = step("cuda", 3, jax.nn.relu)(w, x, gy)  # a new trace per setting
+    for a, b in zip(outs["triton"], outs["cuda"]):
+        err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert err <= 1e-5, err
+
+
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not installed")
 def test_memcheck_clean():
     code = textwrap.dedent(

@@ -16,7 +16,8 @@ in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 
 Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
 `groups` CTAs per example; 16-channel blocks whose pixel count is a multiple of 4 run on the
-tensor cores (vector_neuron_mma.cuh; `GINJAX_VN_CUDA_MMA=0` keeps the FFMA kernel, `uses_mma`); the partials are added by a plain `jnp.sum` over that axis (XLA's
+tensor cores (vector_neuron_mma.cuh; `GINJAX_VN_CUDA_MMA=0` keeps the FFMA kernel, `uses_mma`;
+`GINJAX_VN_CUDA_FORWARD=triton` runs the forward on kernels/triton's kernel, `forward_impl`); the partials are added by a plain `jnp.sum` over that axis (XLA's
 reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
 included) carry the batch axes.
@@ -118,8 +119,21 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
     # whether the map's backward sums run on the Triton sums kernel: decided here, outside the
     # custom_vjp's rules (a decision inside them would be reused from any trace JAX caches of them)
     sums_fused = affine is not None and fused_sums_cover(block.reshape((c, -1, T)), products=True)
-    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused), weight, planar, affine)
+    triton_forward = (D, tuple(block.shape[1 + D :])) if forward_impl() == "triton" else None
+    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward), weight, planar, affine)
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
+
+
+FORWARD_ENV = "GINJAX_VN_CUDA_FORWARD"
+
+
+def forward_impl() -> str:
+    """Which kernel runs the forward beside the CUDA backward: GINJAX_VN_CUDA_FORWARD, "cuda"
+    (default) or "triton" (kernels/triton's forward kernel on the same planar block: its residual
+    is x, as the CUDA forward's, so the CUDA backward follows it unchanged). The Triton forward
+    measured 0.115 ms a launch against the CUDA one's 0.139 (session 22, before session 27 halved
+    the CUDA kernels' instructions): the switch lets one A/B decide."""
+    return env_choice(FORWARD_ENV, ("cuda", "triton"), "cuda")
 
 
 def uses_mma(channels: int, components: int, pixels: int) -> bool:
@@ -142,7 +156,7 @@ def backward_groups(channels: int, components: int, pixels: int, sms: int | None
 
 
 def _attrs(cfg, x):
-    act, eps, _ = cfg
+    act, eps = cfg[:2]
     return dict(channels=np.int64(x.shape[0]), components=np.int64(x.shape[1]),
                 pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(act), eps=np.float32(eps))
 
@@ -153,6 +167,15 @@ def _packed_affine(affine) -> jax.Array:
 
 
 def _forward(cfg, w, x, affine):
+    if cfg[3] is not None:  # the Triton forward on the block as (c, *spatial, *tensor), planar
+        from ..triton.vector_neuron import vector_neuron_triton
+
+        D, tensor = cfg[3]
+        c, T, spatial = x.shape[0], x.shape[1], x.shape[2:]
+        block = jnp.moveaxis(x, 1, -1).reshape((c,) + spatial + tensor)
+        activation = getattr(jax.nn, ACTIVATIONS[cfg[0]])
+        y = vector_neuron_triton(w, block, D, activation, cfg[1], planar=True, affine=affine)
+        return jnp.moveaxis(y.reshape((c,) + spatial + (T,)), -1, 1)
     call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
     return call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
 
@@ -160,7 +183,7 @@ def _forward(cfg, w, x, affine):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
     """x (c, T, *spatial) planar; cfg (activation index, eps, whether the map's backward sums are
-    fused); affine None or (m, v, shift)."""
+    fused, None or (D, tensor shape) for the Triton forward); affine None or (m, v, shift)."""
     return _forward(cfg, w, x, affine)
 
 
