@@ -12,7 +12,9 @@ default precision, as in a model step.
 
 Where the opt-in CUDA library is built (kernels/cuda/README.md) and covers the block, cuda_fwd and
 cuda_fwd_bwd rows (kernels.cuda.vector_neuron_cuda, through GINJAX_VN_IMPL's "cuda" path) follow
-the triton ones; otherwise the rows' "cuda" says why not. After the default tiling's rows,
+the triton ones, then its variants: cuda_fwd_bwd_ffma (GINJAX_VN_CUDA_MMA=0: the FFMA backward for
+16 channels) and cuda_fwd_bwd_triton_fwd (GINJAX_VN_CUDA_FORWARD=triton: Triton's forward beside
+the CUDA backward); otherwise the rows' "cuda" says why not. After the default tiling's rows,
 fwd_bwd of the kernels at the other tilings given as PIXELS/WARPS/BWD_PIXELS/BWD_WARPS
 (kernels.triton.VNBlocks): the defaults were picked from ptxas' register counts, not from timings.
 """
@@ -20,6 +22,7 @@ fwd_bwd of the kernels at the other tilings given as PIXELS/WARPS/BWD_PIXELS/BWD
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +92,9 @@ def main(argv=None) -> int:
     spike.stage("triton_fwd_bwd", spike.correct_and_time(fwd_bwd("triton")))
     if cuda_ok:
         spike.stage("cuda_fwd_bwd", spike.correct_and_time(fwd_bwd("cuda")))
+        for row, env, value in (("cuda_fwd_bwd_ffma", "GINJAX_VN_CUDA_MMA", "0"),
+                                ("cuda_fwd_bwd_triton_fwd", "GINJAX_VN_CUDA_FORWARD", "triton")):
+            spike.stage(row, _with_env(env, value, spike.correct_and_time(fwd_bwd("cuda"))))
     spike.stage("xla_fwd_bwd", spike.correct_and_time(fwd_bwd("xla")))
     spike.rows["repeat"] = args.repeat
     fields = ("pixels", "num_warps", "bwd_pixels", "bwd_num_warps", "groups", "bwd_stages", "precision")
@@ -100,6 +106,21 @@ def main(argv=None) -> int:
         blocks = triton.VNBlocks(**given)
         spike.stage(f"triton_fwd_bwd_{tiling.replace('/', '_')}", spike.correct_and_time(fwd_bwd("triton", blocks)))
     return 0
+
+
+def _with_env(name: str, value: str, run):
+    """`run` (a stage) with os.environ[name] = value while it traces and times, then as before."""
+    def stage():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return run()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return stage
 
 
 if __name__ == "__main__":

@@ -181,6 +181,22 @@ def test_lowered_calls_with_an_affine_prologue(built):
         vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, affine=(jnp.ones((16, 2, 2)), v, shift))
 
 
+def test_lowered_backward_names_its_kernel(monkeypatch, built):
+    """The backward's `tensor_cores` attribute and its groups follow `uses_mma` as the call is made:
+    on for 16 channels and a pixel count divisible by 4 (steps of 64 pixels), off for 210 pixels
+    and with GINJAX_VN_CUDA_MMA=0 (tiles of 128)."""
+    def lowered(spatial):
+        w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, spatial, 3, 1))
+        loss = lambda w, x: jnp.sum(jnp.sin(vn.vector_neuron_cuda(w, x, 3, jax.nn.relu, EPS)))  # noqa: E731
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x).as_text()
+        return next(line for line in text.splitlines() if f"@{_ffi.VN_BACKWARD}(" in line)
+
+    assert "tensor_cores = 1 : i64" in lowered((4, 6, 8)) and "groups = 3 : i64" in lowered((4, 6, 8))  # 192 px
+    assert "tensor_cores = 0 : i64" in lowered((5, 6, 7))  # 210 pixels
+    monkeypatch.setenv(vn.MMA_ENV, "0")
+    assert "tensor_cores = 0 : i64" in lowered((4, 6, 8)) and "groups = 2 : i64" in lowered((4, 6, 8))
+
+
 def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
     """GINJAX_VN_CUDA_FORWARD=triton: the forward is kernels/triton's kernel (its interpreter here)
     on the same planar block, equal to the XLA path at fp32, with and without a norm's map; the

@@ -116,11 +116,13 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         raise ValueError(f"the CUDA VectorNeuron cannot run here: {why}")
     lead = block.shape[: 1 + D]
     planar = jnp.moveaxis(block.reshape(lead + (T,)), -1, 1)  # (c, T, *spatial)
-    # whether the map's backward sums run on the Triton sums kernel: decided here, outside the
-    # custom_vjp's rules (a decision inside them would be reused from any trace JAX caches of them)
+    # whether the map's backward sums run on the Triton sums kernel, which forward and which
+    # backward kernel: decided here, outside the custom_vjp's rules (a decision inside them would
+    # be reused from any trace JAX caches of them)
     sums_fused = affine is not None and fused_sums_cover(block.reshape((c, -1, T)), products=True)
     triton_forward = (D, tuple(block.shape[1 + D :])) if forward_impl() == "triton" else None
-    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward), weight, planar, affine)
+    mma = uses_mma(c, T, math.prod(block.shape[1 : 1 + D]))
+    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma), weight, planar, affine)
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
 
 
@@ -143,14 +145,15 @@ def uses_mma(channels: int, components: int, pixels: int) -> bool:
     return on and (channels, components) in COVERED_MMA and pixels % 4 == 0
 
 
-def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None) -> int:
+def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None,
+                    mma: bool | None = None) -> int:
     """Backward CTAs per example: every resident slot of the GPU (`COVERED`, `COVERED_MMA`), at
-    most one per tile (the tensor-core kernel's: a step of 64 pixels). Per example, not per batch:
-    under vmap the batch is not known when the call is traced, and a batch of B fills B waves of
-    equal CTAs."""
+    most one per tile (the tensor-core kernel's, `mma`, None: `uses_mma`: a step of 64 pixels).
+    Per example, not per batch: under vmap the batch is not known when the call is traced, and a
+    batch of B fills B waves of equal CTAs."""
     if sms is None:
         sms = getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
-    if uses_mma(channels, components, pixels):
+    if uses_mma(channels, components, pixels) if mma is None else mma:
         return max(1, min(-(-pixels // MMA_STEP), sms * COVERED_MMA[(channels, components)]))
     return max(1, min(-(-pixels // THREADS), sms * COVERED[(channels, components)]))
 
@@ -183,7 +186,9 @@ def _forward(cfg, w, x, affine):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
     """x (c, T, *spatial) planar; cfg (activation index, eps, whether the map's backward sums are
-    fused, None or (D, tensor shape) for the Triton forward); affine None or (m, v, shift)."""
+    fused, None or (D, tensor shape) for the Triton forward, whether the backward runs on the
+    tensor cores): decided outside the custom_vjp's rules, as `vector_neuron_cuda` says why;
+    affine None or (m, v, shift)."""
     return _forward(cfg, w, x, affine)
 
 
@@ -195,11 +200,11 @@ def _vn_bwd(cfg, res, gy):
     w, x, affine = res
     attrs = _attrs(cfg, x)
     c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
-    groups = backward_groups(c, T, S)
+    groups = backward_groups(c, T, S, mma=cfg[4])
     shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
     call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")
     g, part = call(x, w, _packed_affine(affine), gy.astype(jnp.float32), affine=np.int64(affine is not None),
-                   groups=np.int64(groups), tensor_cores=np.int64(uses_mma(c, T, S)), **attrs)
+                   groups=np.int64(groups), tensor_cores=np.int64(cfg[4]), **attrs)
     gw = jnp.sum(part, axis=-2).reshape(c, c)
     if affine is None:
         return gw, g, None
