@@ -17,8 +17,8 @@ in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
 `groups` CTAs per example; 16-channel blocks whose pixel count is a multiple of 4 run on the
 tensor cores (vector_neuron_mma.cuh; `GINJAX_VN_CUDA_MMA=0` keeps the FFMA kernel, `uses_mma`;
-`GINJAX_VN_CUDA_FORWARD=triton` runs the forward on kernels/triton's kernel, `forward_impl`); the partials are added by a plain `jnp.sum` over that axis (XLA's
-reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
+`GINJAX_VN_CUDA_FORWARD=triton` runs the forward on kernels/triton's kernel, `forward_impl`); the
+partials are added by a plain `jnp.sum` over that axis (XLA's reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
 included) carry the batch axes.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +122,7 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
     sums_fused = affine is not None and fused_sums_cover(block.reshape((c, -1, T)), products=True)
     triton_forward = (D, tuple(block.shape[1 + D :])) if forward_impl() == "triton" else None
     mma = uses_mma(c, T, math.prod(block.shape[1 : 1 + D]))
-    y = _vn((ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma), weight, planar, affine)
+    y = _vn(_Config(ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma), weight, planar, affine)
     return jnp.moveaxis(y, 1, -1).reshape(block.shape)
 
 
@@ -158,10 +158,20 @@ def backward_groups(channels: int, components: int, pixels: int, sms: int | None
     return max(1, min(-(-pixels // THREADS), sms * COVERED[(channels, components)]))
 
 
+class _Config(NamedTuple):
+    """What one call fixes (the custom_vjp's static argument), decided outside its rules, as
+    `vector_neuron_cuda` says why."""
+
+    act: int  # index into ACTIVATIONS
+    eps: float
+    sums_fused: bool  # the affine map's backward sums on the Triton sums kernel
+    triton_forward: Optional[tuple]  # (D, tensor shape): the forward on Triton's kernel; None: CUDA's
+    mma: bool  # the backward on the tensor cores (`uses_mma`)
+
+
 def _attrs(cfg, x):
-    act, eps = cfg[:2]
     return dict(channels=np.int64(x.shape[0]), components=np.int64(x.shape[1]),
-                pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(act), eps=np.float32(eps))
+                pixels=np.int64(math.prod(x.shape[2:])), activation=np.int64(cfg.act), eps=np.float32(cfg.eps))
 
 
 def _packed_affine(affine) -> jax.Array:
@@ -170,14 +180,14 @@ def _packed_affine(affine) -> jax.Array:
 
 
 def _forward(cfg, w, x, affine):
-    if cfg[3] is not None:  # the Triton forward on the block as (c, *spatial, *tensor), planar
+    if cfg.triton_forward is not None:  # the Triton forward on the block as (c, *spatial, *tensor), planar
         from ..triton.vector_neuron import vector_neuron_triton
 
-        D, tensor = cfg[3]
+        D, tensor = cfg.triton_forward
         c, T, spatial = x.shape[0], x.shape[1], x.shape[2:]
         block = jnp.moveaxis(x, 1, -1).reshape((c,) + spatial + tensor)
-        activation = getattr(jax.nn, ACTIVATIONS[cfg[0]])
-        y = vector_neuron_triton(w, block, D, activation, cfg[1], planar=True, affine=affine)
+        activation = getattr(jax.nn, ACTIVATIONS[cfg.act])
+        y = vector_neuron_triton(w, block, D, activation, cfg.eps, planar=True, affine=affine)
         return jnp.moveaxis(y.reshape((c,) + spatial + (T,)), -1, 1)
     call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
     return call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
@@ -185,10 +195,7 @@ def _forward(cfg, w, x, affine):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
-    """x (c, T, *spatial) planar; cfg (activation index, eps, whether the map's backward sums are
-    fused, None or (D, tensor shape) for the Triton forward, whether the backward runs on the
-    tensor cores): decided outside the custom_vjp's rules, as `vector_neuron_cuda` says why;
-    affine None or (m, v, shift)."""
+    """x (c, T, *spatial) planar; cfg a `_Config`; affine None or (m, v, shift)."""
     return _forward(cfg, w, x, affine)
 
 
@@ -200,18 +207,18 @@ def _vn_bwd(cfg, res, gy):
     w, x, affine = res
     attrs = _attrs(cfg, x)
     c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
-    groups = backward_groups(c, T, S, mma=cfg[4])
+    groups = backward_groups(c, T, S, mma=cfg.mma)
     shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
     call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")
     g, part = call(x, w, _packed_affine(affine), gy.astype(jnp.float32), affine=np.int64(affine is not None),
-                   groups=np.int64(groups), tensor_cores=np.int64(cfg[4]), **attrs)
+                   groups=np.int64(groups), tensor_cores=np.int64(cfg.mma), **attrs)
     gw = jnp.sum(part, axis=-2).reshape(c, c)
     if affine is None:
         return gw, g, None
     # g is the gradient in the mapped block; the map's VJP on (c, S, T) views of the planar arrays
     m, _, shift = affine
     as_rows = lambda a: jnp.moveaxis(a.reshape(c, T, S), 1, 2)  # noqa: E731
-    gm, gv, gx, gshift = affine_backward(cfg[2], m, as_rows(x), shift, as_rows(g), planar=True)
+    gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, as_rows(x), shift, as_rows(g), planar=True)
     return gw, jnp.moveaxis(gx, 2, 1).reshape(x.shape), (gm, gv, gshift)
 
 
