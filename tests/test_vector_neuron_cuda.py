@@ -339,6 +339,26 @@ def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spati
             assert rel_l2(part[b].sum(axis=0), want_gw) < 1e-5
 
 
+@pytest.mark.parametrize("c, spatial, D, k, groups", [(16, (4, 6, 7), 3, 1, 2), (8, (3, 4, 5), 3, 1, 1)],
+                         ids=["tensor-cores", "ffma"])
+def test_a_nan_input_reaches_the_outputs_on_the_host(host_kernels, c, spatial, D, k, groups):
+    """One input float the GPU's canonical NaN (0x7fffffff, the bits every NaN its arithmetic makes
+    has; rounded to tf32 on its bits it carries into the sign and reads -0): that pixel's y and gx
+    and all of gW are NaN, every other pixel's y and gx finite."""
+    B, T, S = 1, D**k, int(np.prod(spatial))
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(B, c, T, S)).astype(np.float32)
+    x.view(np.uint32)[0, 3, 1, 17] = 0x7FFFFFFF
+    w = (rng.uniform(-1, 1, size=(B, c, c)) / np.sqrt(c)).astype(np.float32)
+    gy = rng.normal(size=x.shape).astype(np.float32)
+    y, gx, part = host_kernels(c, T, S, B, groups, "gelu", x, w, gy)
+    bad = np.zeros(S, bool)
+    bad[17] = True
+    for out in (y, gx):
+        assert np.isnan(out[0][:, :, bad]).any() and np.isfinite(out[0][:, :, ~bad]).all()
+    assert np.isnan(part.sum(axis=1)).all()
+
+
 @pytest.mark.parametrize("c, spatial, D, k, act, groups", [
     (16, (5, 6, 7), 3, 1, "gelu", 2),  # a ragged last tile: x' = v - m shift past the end, gy = 0
     (16, (4, 6, 7), 3, 1, "relu", 2),  # the tensor-core backward, a ragged last m-tile

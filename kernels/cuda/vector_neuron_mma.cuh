@@ -53,15 +53,19 @@ __device__ __forceinline__ void mma_tf32x1(float (&d)[4], const uint32_t (&a)[4]
 }
 
 // 3xTF32's split x = hi + lo: hi is x rounded to tf32 on its bits (add half an ulp of tf32, clear
-// the 13 low bits), lo = x - hi exactly (|lo| <= 2^-11 |x|), read by the mma truncated: the
-// products lose ~2^-22 of x. Three integer / FP32 instructions a split, where cvt.rna takes ~9
-// (at 96 splits an m-tile, most of the loop); hi truncated instead (two) loses ~2^-20, beyond
-// fp32's tolerance on gx (1.2e-5 on the host build). A NaN's bits may round to anything in hi,
-// but lo = NaN - hi is NaN, and an inf gives lo = NaN: a non-finite input keeps its outputs
-// non-finite.
+// the 13 low bits), lo = x - hi (exact, |lo| <= 2^-11 |x|) rounded the same way: the products
+// lose ~2^-23 of x, with no bias. Seven integer / FP32 instructions a split, where cvt.rna takes
+// ~9 (at 96 splits an m-tile, a large part of the loop). Both roundings matter because truncation
+// errs one way, so its errors add up along a dot product instead of cancelling: hi truncated
+// missed fp32's tolerance on the host build (1.2e-5 on gx), lo read truncated by the mma left the
+// standard gelu block's gW at 3.1e-5 from float64 on the H200 (the XLA path's fp32: 8.7e-6; the
+// FFMA kernel's: 2.8e-6). NaN: the GPU's canonical NaN 0x7fffffff rounds into the sign bit (-0), as
+// in session 25's tf32 bug, so lo takes x itself there and carries the NaN; an inf stays inf in hi
+// (and makes lo NaN): a non-finite input keeps its outputs non-finite.
 __device__ __forceinline__ void split_x3(float x, uint32_t& hi, uint32_t& lo) {
   hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
-  lo = __float_as_uint(x - __uint_as_float(hi));
+  lo = (__float_as_uint(x - __uint_as_float(hi)) + 0x1000u) & 0xffffe000u;
+  if (x != x) lo = __float_as_uint(x);  // NaN: the rounding carried 0x7fffffff into the sign (-0)
 }
 
 // B's two registers split: hi (b0, b1), then lo (b0, b1).
