@@ -187,6 +187,33 @@ __device__ __forceinline__ void local_unit(const float (&d)[T], const float* xc,
   }
 }
 
+// The backward's terms of one (pixel, channel) from its d = W x, x and gy (T components each):
+// gd, and gx's local part gy + gs u (W^T gd is the caller's). Both backward kernels run it.
+template <int T, int kAct>
+__device__ __forceinline__ void local_backward(const float (&d)[T], const float (&x)[T], const float (&gy)[T], float eps,
+                                               float (&gd)[T], float (&gx_local)[T]) {
+  float u[T], n, inv, s, h, dh;
+  local_unit<T>(d, x, eps, n, inv, u, s);
+  local_gain<true, kAct>(s, eps, h, dh);
+  float gyu = 0.f;
+#pragma unroll
+  for (int t = 0; t < T; ++t) gyu = fmaf(gy[t], u[t], gyu);
+  const float gs = gyu * dh;
+  const float inv_n = n > 0.f ? fast_div(1.f, n) : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
+  float gu[T], gud = 0.f;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    gu[t] = h * gy[t] + gs * x[t];
+    gud = fmaf(gu[t], d[t], gud);
+  }
+  const float coef = gud * (inv * inv * inv_n);
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    gd[t] = gu[t] * inv - coef * d[t];
+    gx_local[t] = gy[t] + gs * u[t];
+  }
+}
+
 template <int C>
 __device__ __forceinline__ void load_weight(float4* sw, const float* w) {
   for (int e = threadIdx.x; e < C * C / 4; e += blockDim.x) sw[e] = reinterpret_cast<const float4*>(w)[e];
@@ -327,31 +354,13 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
     float gdq[4][T];  // gd of four channels, stored as float4s
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      float d[T], u[T], g[T], n, inv, s, h, dh;
+      float d[T], g[T], gxl[T];
       mix_row<C, T>(sw, c, xv, d);
-      local_unit<T>(d, xv[c], eps, n, inv, u, s);
-      local_gain<true, kAct>(s, eps, h, dh);
-      float gyu = 0.f;
 #pragma unroll
-      for (int t = 0; t < T; ++t) {
-        g[t] = next_gy[(c * T + t) * kThreads + tid];
-        gyu = fmaf(g[t], u[t], gyu);
-      }
-      const float gs = gyu * dh;
-      const float inv_n = n > 0.f ? fast_div(1.f, n) : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
-      float gu[T], gud = 0.f;
+      for (int t = 0; t < T; ++t) g[t] = next_gy[(c * T + t) * kThreads + tid];
+      local_backward<T, kAct>(d, xv[c], g, eps, gdq[c % 4], gxl);
 #pragma unroll
-      for (int t = 0; t < T; ++t) {
-        gu[t] = h * g[t] + gs * xv[c][t];
-        gud = fmaf(gu[t], d[t], gud);
-      }
-      const float coef = gud * (inv * inv * inv_n);
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        const float gd = gu[t] * inv - coef * d[t];
-        gdq[c % 4][t] = gd;
-        acc[c][t] += g[t] + gs * u[t];
-      }
+      for (int t = 0; t < T; ++t) acc[c][t] += gxl[t];
       // W^T gd: channel c's gd reaches every k through W[c, k] (the float4 row d_c read)
 #pragma unroll
       for (int kq = 0; kq < C / 4; ++kq) {

@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
   float* st_gd = bg + K::kIn;
   float* st_x = st_gd + K::kSt;
   if constexpr (kAffine) {
-    for (int e = threadIdx.x; e < C * kAffineRow<T>; e += kMmaWarps * 32) s_aff[e] = aff[b * C * kAffineRow<T> + e];
+    load_affine<C, T>(s_aff, aff + b * C * kAffineRow<T>);
   }
   // W's B fragments, split once: d = X W^T takes B[k][n] = W[8 nt + n][8 kc + perm(k)], G = GD W
   // takes B[k][n] = W[8 kc + perm(k)][8 nt + n]; perm(tid) = 2 tid, perm(tid + 4) = 2 tid + 1
@@ -230,28 +230,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        float d[T], u[T], xc[T], n, inv, s, h, dh;
+        float d[T], xc[T], gyc[T], gd[T], gxl[T];
 #pragma unroll
-        for (int t = 0; t < T; ++t) d[t] = dv[t][nt][k], xc[t] = xv[t][nt][k];
-        local_unit<T>(d, xc, eps, n, inv, u, s);
-        local_gain<true, kAct>(s, eps, h, dh);
-        float gyu = 0.f;
+        for (int t = 0; t < T; ++t) d[t] = dv[t][nt][k], xc[t] = xv[t][nt][k], gyc[t] = gv[t][nt][k];
+        local_backward<T, kAct>(d, xc, gyc, eps, gd, gxl);
 #pragma unroll
-        for (int t = 0; t < T; ++t) gyu = fmaf(gv[t][nt][k], u[t], gyu);
-        const float gs = gyu * dh;
-        const float inv_n = n > 0.f ? fast_div(1.f, n) : 0.f;  // d|d|/dd = d / |d|, 0 at d = 0
-        float gu[T], gud = 0.f;
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          gu[t] = h * gv[t][nt][k] + gs * xc[t];
-          gud = fmaf(gu[t], d[t], gud);
-        }
-        const float coef = gud * (inv * inv * inv_n);
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          dv[t][nt][k] = gu[t] * inv - coef * d[t];    // gd
-          gv[t][nt][k] = gv[t][nt][k] + gs * u[t];   // gx's local part
-        }
+        for (int t = 0; t < T; ++t) dv[t][nt][k] = gd[t], gv[t][nt][k] = gxl[t];
       }
     // GD staged for gW; gx = (gy + gs u) + GD W, the mma accumulating onto the local part
     stage_acc<T, K::kStPitch>(st_gd, dv, g, tid);
