@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # the opt-in CUDA VectorNeuron kernels (needs the built _ginjax_cuda.so; where they do not
     # cover a call, it takes triton's path, so without the library this is vn-triton)
     "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
+    # the layers after a Triton VectorNeuron reduce its output for their bias's means themselves
+    # instead of taking the means its forward kernel added up (session 28's default)
+    "vn-no-means": ({"GINJAX_VN_MEANS": "0"}, ()),
     # the same with the FFMA backward for 16 channels too (not the tensor-core one)
     "vn-cuda-ffma": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0"}, ()),
     # and with Triton's forward kernel beside the CUDA backward

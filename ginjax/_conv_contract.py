@@ -390,8 +390,16 @@ class ConvContract(MultiImageLayer):
         bias = None
         if spec.has_bias:
             bias = [self.bias[k] if m != "none" else None for k, m in zip(out_order, spec.bias_modes)]
+        # the inputs' means where the layer that made a block added them up (the VectorNeuron):
+        # a "mean" bias then reads no block again for them
+        given = [x._block_mean(k) for k in in_order] if bias is not None else []
         outs = kernels.conv_contract(
-            spec, [x[k] for k in in_order], pair_weights, bias=bias, backend=backend
+            spec,
+            [x[k] for k in in_order],
+            pair_weights,
+            bias=bias,
+            backend=backend,
+            input_means=given if any(m is not None for m in given) else None,
         )
         return geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
 

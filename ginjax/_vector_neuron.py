@@ -98,6 +98,11 @@ SAVE_MIX_ENV = "GINJAX_VN_SAVE_MIX"
 # planar blocks and in the "cuda" kernels (the normalised block is neither written nor kept: a
 # block-sized residual less per call); "0": it is always applied first, as its own pass
 NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
+# "1" (default): with `with_means` the "triton" forward kernel (also where it runs beside the "cuda"
+# backward, GINJAX_VN_CUDA_FORWARD=triton) adds up y's spatial means as it writes y, for a following
+# ConvContract's "mean" bias, which then reads no block again for them; "0": it does not, and the
+# bias takes its means from the block as before (for A/B)
+MEANS_ENV = "GINJAX_VN_MEANS"
 
 
 def default_layout() -> str:
@@ -163,7 +168,8 @@ def vector_neuron(
     layout: str | None = None,
     impl: str | None = None,
     affine: tuple | None = None,
-) -> jax.Array:
+    with_means: bool = False,
+):
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
     `affine` (m (c, T, T), v (c, T), shift (c, T), e.g. a norm's `vector_group_norm_coefficients`):
@@ -174,7 +180,14 @@ def vector_neuron(
     "xla" path and is the layout the "triton" kernels index the block in; `impl` ("xla" /
     "triton" / "cuda", default `default_impl()`) picks the path
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
-    not covered falls back to "triton" and "xla" in that order)."""
+    not covered falls back to "triton" and "xla" in that order).
+    `with_means`: return (y, means), means y's spatial mean (c, *tensor) where the "triton"
+    forward kernel added it up as it wrote y (no pass over y; GINJAX_VN_MEANS), else None."""
+    y, means = _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means)
+    return (y, means) if with_means else y
+
+
+def _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means):
     T = math.prod(block.shape[1 + D :])
     layout = default_layout() if layout is None else layout
     if layout not in LAYOUTS:
@@ -195,22 +208,25 @@ def vector_neuron(
         block = channel_affine(m, v, block.reshape((block.shape[0], -1, T)), shift).reshape(block.shape)
         affine = None
         path = _path(impl, weight, block, D, activation, eps)  # the map's dtype may promote the block's
+    with_means = with_means and path != "xla" and env_choice(MEANS_ENV, ("0", "1"), "1") == "1"
     if path == "cuda":
         from kernels.cuda import vector_neuron_cuda
 
-        return vector_neuron_cuda(weight, block, D, activation, float(eps), affine=affine)
+        out = vector_neuron_cuda(weight, block, D, activation, float(eps), affine=affine, with_means=with_means)
+        return out if with_means else (out, None)
     if path == "triton":
         from kernels.triton import VNBlocks, vector_neuron_triton
 
         blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
-        return vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar",
-                                    affine=affine)
+        out = vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar",
+                                   affine=affine, with_means=with_means)
+        return out if with_means else (out, None)
     lead = block.shape[: 1 + D]
     x = block.reshape(lead + (T,))
     if layout == "minor":
-        return _vn(weight, x, activation, eps, -1).reshape(block.shape)
+        return _vn(weight, x, activation, eps, -1).reshape(block.shape), None
     y = _vn(weight, jnp.moveaxis(x, -1, 1), activation, eps, 1)
-    return jnp.moveaxis(y, 1, -1).reshape(block.shape)
+    return jnp.moveaxis(y, 1, -1).reshape(block.shape), None
 
 
 def component_dot(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:

@@ -283,12 +283,24 @@ class VectorNeuronNonlinear(MultiImageLayer):
         _check_dimension("VectorNeuronNonlinear", x, self.D)
         out = x.empty()
         for (k, p), block in x.items():
-            out.append(k, p, self._activate_block(k, p, block))
+            self._append_activated(out, k, p, block)
         return out
 
-    def _activate_block(self, k, p, block: jax.Array, affine: Optional[tuple] = None) -> jax.Array:
+    def _append_activated(self, out: geom.MultiImage, k, p, block: jax.Array, affine: Optional[tuple] = None) -> None:
+        """Append the activated block to `out`, with its spatial mean where the kernel added it up
+        (read by a following ConvContract's bias: `MultiImage._set_block_mean`)."""
+        if (k, p) == _SCALAR:
+            out.append(k, p, self.scalar_activation(block))
+            return
+        y, mean = self._activate_block(k, p, block, affine=affine, with_means=True)
+        out.append(k, p, y)
+        if mean is not None:
+            out._set_block_mean((k, p), mean)
+
+    def _activate_block(self, k, p, block: jax.Array, affine: Optional[tuple] = None, with_means: bool = False):
         """One block through the nonlinearity; `affine` (M, v, shift), for non-scalar blocks:
-        the nonlinearity of M (block - shift) + v (`vector_neuron`)."""
+        the nonlinearity of M (block - shift) + v (`vector_neuron`); `with_means` (non-scalar
+        blocks): (y, its spatial mean or None), as `vector_neuron`'s."""
         if (k, p) == _SCALAR:
             return self.scalar_activation(block)
         if (k, p) not in self.weights:
@@ -301,7 +313,8 @@ class VectorNeuronNonlinear(MultiImageLayer):
             )
         # one custom-VJP operation: the mixing is a batched GEMM under vmap, the rest one
         # elementwise pass forward and one backward (ginjax._vector_neuron)
-        return vector_neuron(weight, block, self.D, self.scalar_activation, self.eps, affine=affine)
+        return vector_neuron(weight, block, self.D, self.scalar_activation, self.eps, affine=affine,
+                             with_means=with_means)
 
 
 def normalize_and_activate(
@@ -316,10 +329,9 @@ def normalize_and_activate(
     out = x.empty()
     for (k, p), block in x.items():
         if len(k) == 1:
-            affine = norm._vector_affine(k, p, block)
-            out.append(k, p, nonlinearity._activate_block(k, p, block, affine=affine))
+            nonlinearity._append_activated(out, k, p, block, affine=norm._vector_affine(k, p, block))
         else:
-            out.append(k, p, nonlinearity._activate_block(k, p, norm._normalize_block(k, p, block)))
+            nonlinearity._append_activated(out, k, p, norm._normalize_block(k, p, block))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import jax
 
 from . import _registry
-from ._bias import check_bias
+from ._bias import check_bias, check_given_means
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
     Backend,
@@ -111,6 +111,7 @@ def conv_contract(
     bias: Optional[Sequence[Optional[jax.Array]]] = None,
     backend: Optional[str] = None,
     precision=None,
+    input_means: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """Run one ConvContract on unbatched blocks; returns the output blocks in `spec.out_keys` order.
 
@@ -122,6 +123,12 @@ def conv_contract(
             ("add": out += b; "mean": out += b * spatial mean of out). None when no mode is set.
         backend: a registered name or "auto"/None (then `use_backend`, $GINJAX_BACKEND, auto).
         precision: None (JAX's default matmul precision), "fp32", "tf32" or "bf16".
+        input_means: None, or per input key None or that input's spatial mean (c_a, *(D,)*k_a)
+            as its producer already computed it (e.g. `ginjax.layers.VectorNeuronNonlinear`'s
+            kernel adds it up as it writes the block): where a "mean" bias reads the inputs'
+            means, these are used instead of another pass over the inputs. They must be the
+            inputs' means: they are taken as given, and the gradient reaches the inputs as
+            through their own means (`kernels._bias.known_mean`), none reaches these arrays.
 
     dtypes: inputs and weights must be floating point (`FLOAT_DTYPES`; anything else raises a
     ValueError); the outputs have the inputs' dtype, accumulated in at least float32.
@@ -130,6 +137,9 @@ def conv_contract(
     weights = _as_sequence(weights, "weights")
     spatial = check_operands(spec, inputs, weights)
     bias = check_bias(spec, bias)
+    input_means = check_given_means(spec, inputs, input_means)
+    if bias is None:  # nothing reads them
+        input_means = None
     mode = resolve_precision(precision)
     out_dtype = jax.numpy.result_type(*inputs)
     layout = active_spatial_sharding()
@@ -137,7 +147,7 @@ def conv_contract(
         outs = sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
     else:
         choice = _registry.choose(spec, spatial, inputs[0].dtype, backend, _registry.traced_batch(inputs[0]))
-        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias)
+        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias, input_means)
     return tuple(o.astype(out_dtype) for o in outs)
 
 

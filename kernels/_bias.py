@@ -15,13 +15,15 @@ spatial means:
 
 which costs one read of the inputs (that XLA fuses with their producer) and a tiny contraction;
 an input whose filters' tap sums into every "mean" block are zero (a change of tensor order by
-one: odd filters) is not read at all (`input_means_needed`).
+one: odd filters) is not read at all (`input_means_needed`), and one whose producer already
+added it up (the VectorNeuron's forward kernel: `given` means, `known_mean`) is not read either.
 A fused kernel can then add the per-block offset in its epilogue (`bias_offsets`). Elsewhere the
 output's own mean is used after the convolution.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -118,15 +120,60 @@ def input_means_needed(spec: ConvSpec) -> tuple[bool, ...]:
     return tuple(need)
 
 
-def input_means(spec: ConvSpec, inputs: Sequence[jax.Array]) -> Optional[tuple]:
+def input_means(spec: ConvSpec, inputs: Sequence[jax.Array], given: Optional[Sequence] = None) -> Optional[tuple]:
     """Per input key its spatial mean (c, *(D,)*k) in the compute dtype (at least float32), where
     `takes_input_means`; else None. A key whose mean reaches no offset (`input_means_needed`) gets
-    zeros, a constant: no pass over it."""
+    zeros, a constant: no pass over it. `given` (`check_given_means`): per key None or the mean its
+    producer computed, taken as is (`known_mean`: no pass over that input either)."""
     if not takes_input_means(spec):
         return None
     dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
-    return tuple(spatial_mean(x.astype(dtype), spec.D) if need else unread_mean(x, spec.D, dtype)
-                 for x, need in zip(inputs, input_means_needed(spec)))
+    given = tuple(given) if given is not None else (None,) * len(inputs)
+    return tuple(unread_mean(x, spec.D, dtype) if not need
+                 else spatial_mean(x.astype(dtype), spec.D) if m is None
+                 else known_mean(x, m.astype(dtype), spec.D)
+                 for x, need, m in zip(inputs, input_means_needed(spec), given))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def known_mean(x: jax.Array, mean: jax.Array, D: int) -> jax.Array:
+    """`mean`, standing for the spatial mean of the unbatched block `x` (c, *spatial[D], *tensor)
+    that its producer already computed: the value is `mean` (x is not read), the derivative that
+    of the spatial mean of x (so a gradient reaches x at every pixel, as through
+    `spatial_mean`), and `mean` itself carries none (it is a function of x, counted through x)."""
+    return mean
+
+
+@known_mean.defjvp
+def _known_mean_jvp(D, primals, tangents):
+    x, mean = primals
+    return mean, spatial_mean(tangents[0], D).astype(mean.dtype)
+
+
+def check_given_means(spec: ConvSpec, inputs: Sequence[jax.Array], given) -> Optional[tuple]:
+    """`given` (None, or per input key None or that input's spatial mean (c_a, *(D,)*k_a), as its
+    producer computed it) as a tuple of float arrays, None when it holds none. Raises ValueError
+    naming `input_means` and the offending entry."""
+    if given is None:
+        return None
+    if isinstance(given, (jax.Array, np.ndarray)) or len(given) != len(inputs):
+        raise ValueError(
+            f"`input_means` (={_describe(given)}) must be a sequence of {len(inputs)} entries, one per input key"
+        )
+    out = []
+    for a, (m, x) in enumerate(zip(given, inputs)):
+        if m is None:
+            out.append(None)
+            continue
+        k = spec.in_keys[a][0]
+        want = (x.shape[0],) + (spec.D,) * k
+        if tuple(getattr(m, "shape", ())) != want or not jnp.issubdtype(m.dtype, jnp.floating):
+            raise ValueError(
+                f"`input_means[{a}]` (={_describe(m)}) must be a floating-point array of shape {want}: "
+                f"the spatial mean of input {a}"
+            )
+        out.append(m)
+    return tuple(out) if any(m is not None for m in out) else None
 
 
 def unread_mean(x: jax.Array, D: int, dtype) -> jax.Array:
@@ -188,18 +235,19 @@ def offsets_from_means(spec: ConvSpec, in_means: Optional[Sequence[jax.Array]], 
 
 
 def bias_offsets(
-    spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], bias: Optional[Bias]
+    spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], bias: Optional[Bias],
+    given_means: Optional[Sequence] = None,
 ) -> tuple:
     """Per output block the additive offset (o_b, *(D,)*k_b) that the bias amounts to, or None.
 
     "add": b broadcast over the components; "mean": b * output_means. None for "none" blocks and
     for "mean" blocks where the shortcut is not exact (the caller then uses the output's own mean
     after the convolution, as `apply_bias` does). Adding an offset to every pixel has the spatial
-    sum of the output cotangent as its gradient.
+    sum of the output cotangent as its gradient. `given_means`: as `input_means`' `given`.
     """
     if check_bias(spec, bias) is None:
         return (None,) * len(spec.out_keys)
-    return offsets_from_means(spec, input_means(spec, inputs), weights, bias)
+    return offsets_from_means(spec, input_means(spec, inputs, given_means), weights, bias)
 
 
 def apply_bias(
@@ -208,10 +256,12 @@ def apply_bias(
     weights: Sequence[jax.Array],
     outputs: Sequence[jax.Array],
     bias: Optional[Bias],
+    given_means: Optional[Sequence] = None,
 ) -> tuple:
-    """`outputs` (unbatched, spec.out_keys order) with the bias of `spec.bias_modes` added."""
+    """`outputs` (unbatched, spec.out_keys order) with the bias of `spec.bias_modes` added
+    (`given_means`: as `input_means`' `given`)."""
     outputs = tuple(outputs)
-    offsets = bias_offsets(spec, inputs, weights, bias)
+    offsets = bias_offsets(spec, inputs, weights, bias, given_means)
     bias = check_bias(spec, bias)
     D = spec.D
     result = []

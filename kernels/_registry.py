@@ -42,8 +42,9 @@ class Backend:
         coverage: (spec, spatial, dtype) -> (ok, reason): does it cover this configuration.
         priority: platform ("cpu", "gpu", "tpu") -> rank for "auto"; higher wins, absent = never.
         fused_bias: `run` takes a fifth argument, the bias (kernels._bias), and adds it itself
-            as `spec.bias_modes` say; otherwise `run` gets a spec without bias modes and the
-            registry adds the bias after it (`run_backend`).
+            as `spec.bias_modes` say, and a keyword `input_means` (the inputs' spatial means
+            where their producer computed them, `kernels.conv_contract`'s); otherwise `run` gets
+            a spec without bias modes and the registry adds the bias after it (`run_backend`).
         describe: optional (spec, spatial) -> how the backend computes this configuration
             (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
     """
@@ -238,13 +239,17 @@ def get(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None) -> tuple:
-    """Run backend `name` on checked operands, the bias (checked against spec) included."""
+def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None, input_means=None) -> tuple:
+    """Run backend `name` on checked operands, the bias (checked against spec) included;
+    `input_means` (checked: `_bias.check_given_means`) stand in for the inputs' own where the
+    bias reads them."""
     backend = _BACKENDS[name]
     if backend.fused_bias:
-        return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias)))
+        if input_means is None:
+            return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias)))
+        return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias), input_means=input_means))
     # the backend sees a spec without bias, so its caches do not split by bias mode
     outputs = tuple(backend.run(spec.without_bias(), inputs, weights, mode))
     if not spec.has_bias:
         return outputs
-    return _bias.apply_bias(spec, inputs, weights, outputs, bias)
+    return _bias.apply_bias(spec, inputs, weights, outputs, bias, input_means)

@@ -241,9 +241,12 @@ def test_vector_neuron_layer(rng, D, layout, monkeypatch):
         assert rel_l2(a, t) <= max(TOL, 2 * rel_l2(b, t))
 
 
-def _plain_vector_neuron(w, block, D, activation, eps, affine=None):
-    """ginjax 0.1.8's formulation, differentiated by autodiff (safe norm: zero gradient at 0)."""
+def _plain_vector_neuron(w, block, D, activation, eps, affine=None, with_means=False):
+    """ginjax 0.1.8's formulation, differentiated by autodiff (safe norm: zero gradient at 0);
+    `with_means` as `vector_neuron`'s (no means: the layers after it reduce the block)."""
     assert affine is None, "the plain glue normalises first (layers.normalize_and_activate swapped out)"
+    if with_means:
+        return _plain_vector_neuron(w, block, D, activation, eps), None
     axes = tuple(range(1 + D, block.ndim))
     d = jnp.tensordot(w, block, axes=1)
     squared = jnp.sum(d * d, axis=axes, keepdims=True)

@@ -98,9 +98,9 @@ def test_coverage_reasons(built):
 def test_dispatch_picks_cuda_only_when_asked_and_covered(monkeypatch):
     calls = []
 
-    def fake(weight, block, D, activation, eps, affine=None):
+    def fake(weight, block, D, activation, eps, affine=None, with_means=False):
         calls.append((block.shape, D, activation, eps) + (() if affine is None else (len(affine),)))
-        return block
+        return (block, None) if with_means else block
 
     monkeypatch.setattr(kernels.cuda, "availability", lambda: (True, "test"))
     monkeypatch.setattr(vn, "registered", lambda: (True, ""))
@@ -218,6 +218,29 @@ def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
     monkeypatch.setenv(vn.FORWARD_ENV, "xla")
     with pytest.raises(ValueError, match="GINJAX_VN_CUDA_FORWARD"):
         vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS)
+
+
+def test_means_come_from_the_triton_forward_only(monkeypatch, built):
+    """with_means: beside Triton's forward (GINJAX_VN_CUDA_FORWARD=triton) the means its kernel
+    added up, equal to y's own; the gradient of a loss reading them (as a known mean of y, the
+    way a ConvContract's bias does) lowers to the CUDA backward alone. The CUDA forward has none."""
+    pytest.importorskip("kernels.triton")
+    from kernels._bias import known_mean
+
+    w, x, _ = (jnp.asarray(a) for a in _operands(5, 16, (3, 4, 5), 3, 1))
+    y, means = jax.eval_shape(lambda w, x: vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, with_means=True), w, x)
+    assert means is None and y.shape == x.shape
+    monkeypatch.setenv(vn.FORWARD_ENV, "triton")
+    y, means = vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, with_means=True)
+    assert means.shape == (16, 3)
+    assert rel_l2(means, jnp.mean(y, axis=(1, 2, 3))) < 1e-5
+
+    def loss(w, x):
+        y, means = vn.vector_neuron_cuda(w, x, 3, jax.nn.relu, EPS, with_means=True)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(known_mean(y, means, 3) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x).as_text()
+    assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", text)) == 1 and not re.search(rf"@{_ffi.VN_FORWARD}\(", text)
 
 
 def test_backward_groups(monkeypatch):

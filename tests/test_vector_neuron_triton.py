@@ -300,7 +300,7 @@ for C, T in ((16, 3), (32, 3), (3, 2)):
         plans = [fwd, bwd]
         if C == 16:  # with a norm's affine map as the prologue
             plans += [vk.plan_forward(vk.VNGeometry(C, T, 64**3, True, False, planar=planar, affine=True, a_batched=True),
-                                      "gelu", 1e-5, *tiling[0]),
+                                      "gelu", 1e-5, *tiling[0], sums=True),
                       vk.plan_backward(vk.VNGeometry(C, T, 64**3, True, False, True, planar=planar, affine=True,
                                                      a_batched=True), "gelu", 1e-5, *tiling[1], 64)]
         for plan in plans:
@@ -315,7 +315,8 @@ for C, T in ((16, 3), (32, 3), (3, 2)):
 def test_kernels_compile_for_hopper():
     """If this Triton can compile offline, the forward and backward sources at the GPU's default
     tilings (16 and 32 channels of 3D vectors, 3 of 2D ones; planar and packed components-minor;
-    at 16 channels also with the affine prologue)
+    at 16 channels also with the affine prologue, whose forward adds up its output's means as in
+    the models)
     compile to sm_90 cubins without a GPU (tests/_hopper_compile.py), and where Triton ships
     cuobjdump, with no stack (no spills) for the 3D vectors."""
     from _hopper_compile import run_offline

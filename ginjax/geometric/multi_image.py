@@ -351,10 +351,36 @@ class MultiImage:
         return out
 
     def __add__(self: Self, other: Self) -> Self:
-        return self._blockwise(other, "__add__", jnp.add)
+        return self._with_block_means(other, self._blockwise(other, "__add__", jnp.add), jnp.add)
 
     def __sub__(self: Self, other: Self) -> Self:
-        return self._blockwise(other, "__sub__", jnp.subtract)
+        return self._with_block_means(other, self._blockwise(other, "__sub__", jnp.subtract), jnp.subtract)
+
+    # --- spatial means that a block's producer computed (private: the layers' fast path) ------
+
+    def _set_block_mean(self: Self, idx: KeyType, mean: jax.Array) -> None:
+        """Record `mean`, the spatial mean (channels, *tensor) of the block now at `idx`, as the
+        layer that made the block computed it (e.g. the VectorNeuron's kernel, as it wrote the
+        block), so that a ConvContract's bias need not read the block again for it. The record
+        holds for that very block only: once the key holds another array it is ignored."""
+        key = normalize_key(idx)
+        self.__dict__.setdefault("_block_means", {})[key] = (self.data[key], mean)
+
+    def _block_mean(self: Self, idx: KeyType) -> Optional[jax.Array]:
+        """The mean `_set_block_mean` recorded for the block at `idx`, if the key still holds
+        that block; else None (pytree flattening, copies and new blocks drop the record)."""
+        key = normalize_key(idx)
+        entry = self.__dict__.get("_block_means", {}).get(key)
+        return entry[1] if entry is not None and self.data.get(key) is entry[0] else None
+
+    def _with_block_means(self: Self, other: Self, out: Self, fn) -> Self:
+        """`out` = fn(self, other) blockwise, with fn(mean, mean) recorded where both operands
+        have their block's mean (the mean is linear)."""
+        for key in out.keys():
+            a, b = self._block_mean(key), other._block_mean(key)
+            if a is not None and b is not None:
+                out._set_block_mean(key, fn(a, b))
+        return out
 
     def __mul__(self: Self, other: Union[Self, float]) -> Self:
         if isinstance(other, MultiImage):

@@ -91,7 +91,7 @@ def vector_neuron_cuda_covers(weight: jax.Array, block: jax.Array, D: int, activ
 
 
 def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float,
-                       affine: tuple | None = None) -> jax.Array:
+                       affine: tuple | None = None, with_means: bool = False):
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as the
     CUDA kernels; float32 in and out. Reverse-mode differentiable and vmappable.
 
@@ -103,6 +103,8 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         eps: a Python float > 0.
         affine: None, or (m (c, T, T), v (c, T), shift (c, T)) float32: the nonlinearity of
             m_c (block - shift_c) + v_c instead, the map computed in the kernels.
+        with_means: return (y, means), means y's spatial mean (c, *tensor) where the forward
+            runs on Triton's kernel, which adds it up as it writes y (`forward_impl`), else None.
     """
     name, T = check_arguments(weight, block, D, activation, eps)
     c = block.shape[0]
@@ -122,8 +124,13 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
     sums_fused = affine is not None and fused_sums_cover(block.reshape((c, -1, T)), products=True)
     triton_forward = (D, tuple(block.shape[1 + D :])) if forward_impl() == "triton" else None
     mma = uses_mma(c, T, math.prod(block.shape[1 : 1 + D]))
-    y = _vn(_Config(ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma), weight, planar, affine)
-    return jnp.moveaxis(y, 1, -1).reshape(block.shape)
+    means = bool(with_means) and triton_forward is not None
+    out = _vn(_Config(ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma, means), weight, planar,
+              affine)
+    y = jnp.moveaxis(out[0] if means else out, 1, -1).reshape(block.shape)
+    if not with_means:
+        return y
+    return y, (out[1] if means else None)
 
 
 FORWARD_ENV = "GINJAX_VN_CUDA_FORWARD"
@@ -167,6 +174,7 @@ class _Config(NamedTuple):
     sums_fused: bool  # the affine map's backward sums on the Triton sums kernel
     triton_forward: Optional[tuple]  # (D, tensor shape): the forward on Triton's kernel; None: CUDA's
     mma: bool  # the backward on the tensor cores (`uses_mma`)
+    means: bool = False  # also y's spatial means (c, *tensor), from Triton's forward kernel
 
 
 def _attrs(cfg, x):
@@ -187,8 +195,10 @@ def _forward(cfg, w, x, affine):
         c, T, spatial = x.shape[0], x.shape[1], x.shape[2:]
         block = jnp.moveaxis(x, 1, -1).reshape((c,) + spatial + tensor)
         activation = getattr(jax.nn, ACTIVATIONS[cfg.act])
-        y = vector_neuron_triton(w, block, D, activation, cfg.eps, planar=True, affine=affine)
-        return jnp.moveaxis(y.reshape((c,) + spatial + (T,)), -1, 1)
+        out = vector_neuron_triton(w, block, D, activation, cfg.eps, planar=True, affine=affine,
+                                   with_means=cfg.means)
+        y = jnp.moveaxis((out[0] if cfg.means else out).reshape((c,) + spatial + (T,)), -1, 1)
+        return (y, out[1]) if cfg.means else y
     call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
     return call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
 
@@ -207,6 +217,10 @@ def _vn_bwd(cfg, res, gy):
     w, x, affine = res
     attrs = _attrs(cfg, x)
     c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
+    if cfg.means:  # a mean's cotangent reaches every pixel over their count (zero, dropped by XLA,
+        # where the consumer takes the means as constants: kernels._bias.known_mean)
+        gy, g_means = gy
+        gy = gy + (g_means.reshape(c, T) / S).reshape((c, T) + (1,) * (x.ndim - 2))
     groups = backward_groups(c, T, S, mma=cfg.mma)
     shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct((groups, c * c), jnp.float32))
     call = jax.ffi.ffi_call(VN_BACKWARD, shapes, vmap_method="broadcast_all")

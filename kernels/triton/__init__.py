@@ -88,13 +88,14 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     return True, "fused Triton forward (factorised over the basis nonzeros)"
 
 
-def _run(spec, inputs, weights, mode, bias=None):
+def _run(spec, inputs, weights, mode, bias=None, input_means=None):
     """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue,
-    the inputs' means' gradient in the input gradient's (`conv_contract_triton`'s `bias`).
+    the inputs' means' gradient in the input gradient's (`conv_contract_triton`'s `bias`; its
+    `input_means` where the inputs' producers computed them).
     A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
     mean after the kernel, as the lax backends do."""
     bias = check_bias(spec, bias)
-    outputs = conv_contract_triton(spec, inputs, weights, precision=mode, bias=bias)
+    outputs = conv_contract_triton(spec, inputs, weights, precision=mode, bias=bias, input_means=input_means)
     exact = means_shortcut_exact(spec)
     late = [b for b, m in enumerate(spec.bias_modes) if m == "mean" and not exact]
     if not late:

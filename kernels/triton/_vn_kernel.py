@@ -349,11 +349,14 @@ def _finish(name, args, e: _Emit, programs: int, warps: int, stages: int = 1) ->
 
 @functools.lru_cache(maxsize=128)
 def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int,
-                 precision: str = "ieee", save_mix: bool = False) -> KernelPlan:
+                 precision: str = "ieee", save_mix: bool = False, sums: bool = False) -> KernelPlan:
     """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y), or with
     `save_mix` kernel(x, w, y, dm), also storing d = W x into dm (the block's shape and layout).
     With `g.affine` kernel(x, w, aff, y[, dm]): the nonlinearity of M (x - shift) + v, its
-    coefficients (c, `affine_row`) per example in aff."""
+    coefficients (c, `affine_row`) per example in aff. With `sums` a last result part
+    (B, tiles, C * T): each program's sums of y over its tile's pixels, per channel and component
+    ([c * T + t]), for `plan_partial_sums` to add up: the block's spatial means (a consumer's
+    "mean" bias reads them, kernels._bias) without another pass over y."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -371,12 +374,23 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     if g.affine:
         _emit_affine(e, g)
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
-    _emit_store(e, g, P, "yb", {t: f"x{t} + h * u{t}" for t in range(T)}, mask)
+    for t in range(T):
+        e(f"y{t} = x{t} + h * u{t}")
+    _emit_store(e, g, P, "yb", {t: f"y{t}" for t in range(T)}, mask)
     if save_mix:
         _emit_store(e, g, P, "dmb", {t: f"d{t}" for t in range(T)}, mask)
+    if sums:
+        # pixels past the block's end: x loads as 0, but the affine map makes their y v - M shift
+        ragged = S % P != 0
+        e(f"sb = part + (bat * {tiles} + tile) * {C * T} + ch * {T}")
+        sm = ", mask=c_ok" if _padded(C) != C else ""
+        for t in range(T):
+            y = f"tl.where(p_ok[None, :], y{t}, 0.0)" if ragged else f"y{t}"
+            e(f"tl.store(sb + {t}, tl.sum({y}, axis=1){sm})")
     key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
     key += ("save_mix",) if save_mix else ()
-    args = ["x", "w"] + (["aff"] if g.affine else []) + ["y"] + (["dm"] if save_mix else [])
+    key += ("sums",) if sums else ()
+    args = ["x", "w"] + (["aff"] if g.affine else []) + ["y"] + (["dm"] if save_mix else []) + (["part"] if sums else [])
     return _finish(_name("fwd", key), args, e, tiles, warps)
 
 

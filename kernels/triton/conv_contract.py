@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .._bias import (bias_offsets, check_bias, input_means, input_means_needed, offsets_from_means,
+from .. import _bias
+from .._bias import (bias_offsets, check_bias, check_given_means, input_means_needed, offsets_from_means,
                      takes_input_means, unread_mean)
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
@@ -48,6 +49,7 @@ def conv_contract_triton(
     backward: str = "fused",
     offsets: Optional[Sequence[Optional[jax.Array]]] = None,
     bias: Optional[Sequence[Optional[jax.Array]]] = None,
+    input_means: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """ConvContract on unbatched blocks with the fused Triton kernels (forward and gradients).
 
@@ -65,8 +67,11 @@ def conv_contract_triton(
             pixels) goes into the input-gradient kernel's epilogue, so no pass over the input
             gradient adds it. A "mean" block without the means shortcut (not a full torus) gets
             nothing here: the caller adds the output's own mean (kernels.triton._run).
+        input_means: with `bias`, per input key None or its spatial mean as its producer
+            computed it (`kernels.conv_contract`'s): used in place of a pass over that input.
     """
     bias = None if bias is None else check_bias(spec, bias)
+    given = check_given_means(spec, inputs, input_means) if bias is not None else None
     if bias is not None and offsets is not None and any(off is not None for off in offsets):
         raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
     bias_spec, spec = (spec if bias is not None else None), spec.without_bias()
@@ -86,7 +91,7 @@ def conv_contract_triton(
         # float64 (x64 oracles) is beyond the kernel's fp32 accumulation: the lax path is exact
         outs = conv_contract_dense(spec, inputs, weights, mode)
         if bias is not None:
-            offsets = bias_offsets(bias_spec, inputs, weights, bias)
+            offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
         return _add_offsets(outs, offsets, spec.D)
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
@@ -98,12 +103,19 @@ def conv_contract_triton(
     groups = filter_groups(spec, spatial, mode, blocks)
     none = (None,) * len(spec.out_keys)
     if groups is None:
-        return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias)
+        given = given or none_given(inputs)
+        return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias,
+                              given)
     if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
-        offsets = _offsets_from_means(bias_spec, input_means(bias_spec, inputs), weights, bias)
+        offsets = _offsets_from_means(bias_spec, _bias.input_means(bias_spec, inputs, given), weights, bias)
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
         sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
-        priors, None), inputs, weights, offsets)
+        priors, None, none_given(xs)), inputs, weights, offsets)
+
+
+def none_given(inputs) -> tuple:
+    """No input's mean given (`_conv_contract`'s `given`)."""
+    return (None,) * len(inputs)
 
 
 def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets) -> tuple[jax.Array, ...]:
@@ -143,11 +155,14 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 # (per output key None or an output-shaped array the forward adds to: filter groups) pass their
 # cotangent through unchanged. With `bias_spec` (the layer with its bias modes) the offsets come
 # from `bias` and the inputs' means (`_bias_offsets`) and the means' gradient, a constant over the
-# pixels, is the input-gradient kernel's epilogue offset.
+# pixels, is the input-gradient kernel's epilogue offset. `given` (per input None or its mean, as
+# its producer computed it) stands in for that input's means: constants here, whose gradient is
+# the inputs' (the same epilogue offset), so none goes back to them (kernels._bias.known_mean).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
+def _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias, given):
     if bias_spec is not None:
-        offsets = _offsets_from_means(bias_spec, _input_means(spec, mode, poison, bias_spec, inputs), weights, bias)
+        means = _input_means(spec, mode, poison, bias_spec, inputs, given)
+        offsets = _offsets_from_means(bias_spec, means, weights, bias)
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
 
 
@@ -155,10 +170,10 @@ def _offsets_from_means(bias_spec, means, weights, bias):
     return tuple(None if o is None else o.astype(jnp.float32) for o in offsets_from_means(bias_spec, means, weights, bias))
 
 
-def _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias):
+def _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias, given):
     """The layer's bias as float32 epilogue offsets, and the VJP of the tiny map from the inputs'
     spatial means, the weights and the bias to them (the means' reduction stays outside it)."""
-    means = _input_means(spec, mode, poison, bias_spec, inputs)
+    means = _input_means(spec, mode, poison, bias_spec, inputs, given)
     return jax.vjp(functools.partial(_offsets_from_means, bias_spec), means, weights, bias)
 
 
@@ -175,22 +190,23 @@ def input_means_impl() -> str:
     return env_choice(INPUT_MEANS_ENV, INPUT_MEANS_IMPLS, "xla")
 
 
-def _input_means(spec, mode, poison, bias_spec, inputs):
-    """`kernels._bias.input_means`, on the sums kernel in the CUDA kernels' layout where
-    `input_means_impl` asks for it and the CUDA forward runs this call (so the inputs already lie
-    in that layout); the same sums either way (the layout only decides where XLA transposes)."""
+def _input_means(spec, mode, poison, bias_spec, inputs, given):
+    """`kernels._bias.input_means` (`given`: per input None or its mean as its producer computed
+    it, used as is), on the sums kernel in the CUDA kernels' layout where `input_means_impl` asks
+    for it and the CUDA forward runs this call (so the inputs already lie in that layout); the
+    same sums either way (the layout only decides where XLA transposes)."""
     if input_means_impl() != "triton" or _cuda_forward_plan(spec, mode, poison, inputs) is None:
-        return input_means(bias_spec, inputs)
+        return _bias.input_means(bias_spec, inputs, given)
     if not takes_input_means(bias_spec):
         return None
     from ..cuda.conv_contract import layout as cuda_layout
 
     # float32 operands: the CUDA forward covers no other dtype
-    needed = input_means_needed(bias_spec)
+    needed = tuple(need and m is None for need, m in zip(input_means_needed(bias_spec), given))
     sums = _spatial_sums(inputs, [a for a, need in enumerate(needed) if need], spec.D, fixed_layout=cuda_layout())
     pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
-    return tuple(sums[a] / pixels if need else unread_mean(x, spec.D, jnp.float32)
-                 for a, (x, need) in enumerate(zip(inputs, needed)))
+    return tuple(sums[a] / pixels if need else unread_mean(x, spec.D, jnp.float32) if m is None
+                 else m.astype(jnp.float32) for a, (x, need, m) in enumerate(zip(inputs, needed, given)))
 
 
 FORWARD_IMPLS = ("cuda", "triton")
@@ -399,16 +415,18 @@ def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=Non
     return tuple(o[0] for o in outs)
 
 
-def _conv_contract_fwd(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias):
+def _conv_contract_fwd(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias,
+                       given):
     bias_vjp = None
     if bias_spec is not None:
-        offsets, bias_vjp = _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias)
+        offsets, bias_vjp = _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias, given)
     outs = _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
-    return outs, (inputs, weights, offsets, tuple(p is not None for p in priors), bias_vjp)
+    return outs, (inputs, weights, offsets, tuple(p is not None for p in priors), bias_vjp,
+                  tuple(m is not None for m in given))
 
 
 def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residuals, cotangents):
-    inputs, weights, offsets, carried, bias_vjp = residuals
+    inputs, weights, offsets, carried, bias_vjp, given = residuals
     cotangents = tuple(g.astype(jnp.float32) for g in cotangents)
     # an offset added to every pixel: its gradient is the spatial sum of the cotangent
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
@@ -450,6 +468,7 @@ def _conv_contract_bwd(spec, mode, blocks, poison, backward, bias_spec, residual
         d_offsets,
         tuple(g if c else None for g, c in zip(cotangents, carried)),
         d_bias,
+        tuple(None for _ in given),  # constants here: their gradient went to the inputs (above)
     )
 
 

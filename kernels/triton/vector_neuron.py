@@ -68,9 +68,11 @@ def vector_neuron_triton(
     blocks: Optional[VNBlocks] = None,
     planar: bool = True,
     affine: Optional[tuple] = None,
-) -> jax.Array:
+    with_means: bool = False,
+):
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as
     the fused Triton kernels; float32 in and out. Reverse-mode differentiable and vmappable.
+    Returns y, or with `with_means` (y, its spatial mean (c, *tensor)).
 
     Args:
         weight: (c, c) float32.
@@ -85,11 +87,14 @@ def vector_neuron_triton(
             y = m_c (x - shift_c) + v_c per pixel instead of x, y computed in the kernels'
             registers (a norm's affine map: y is never written; the backward recomputes it
             from x). Differentiable in m, v and shift too.
+        with_means: also return y's spatial mean, which the forward kernel adds up from the
+            tiles it writes (per-tile partial sums, then a fixed-order sum): a following layer's
+            "mean" bias takes it instead of reading y again (kernels._bias). Differentiable.
     """
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
-    cfg = _Config(D, name, float(eps), blocks, bool(planar))
+    cfg = _Config(D, name, float(eps), blocks, bool(planar), means=bool(with_means))
     if affine is None:
         return _vn(cfg, weight, block, None)
     affine = check_affine(affine, block.shape[0], math.prod(block.shape[1 + D :]))
@@ -106,6 +111,7 @@ class _Config(NamedTuple):
     blocks: VNBlocks
     planar: bool
     sums_fused: bool = False  # the affine map's backward sums on the Triton sums kernel (indexed as `planar`)
+    means: bool = False  # the forward also returns y's spatial means
 
 
 # ---- differentiation: custom_vjp, the residual is x (and d = W x with `blocks.save_mix`) ----------------
@@ -114,8 +120,16 @@ class _Config(NamedTuple):
 # map's own VJP (kernels._reduce.affine_backward) follows
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
-    (y,) = _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine))
-    return y[0]
+    outs = _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine))
+    return _results(cfg, x, outs[0], outs[-1])
+
+
+def _results(cfg, x, y, sums):
+    """y, or with `cfg.means` (y, its spatial means (c, *tensor)) from the launch's sums (1, c, T)."""
+    if not cfg.means:
+        return y[0]
+    pixels = math.prod(x.shape[1 : 1 + cfg.D])
+    return y[0], (sums[0] / pixels).reshape((x.shape[0],) + x.shape[1 + cfg.D :])
 
 
 def _launch_weights(w, affine) -> tuple:
@@ -126,12 +140,17 @@ def _launch_weights(w, affine) -> tuple:
 def _vn_fwd(cfg, w, x, affine):
     if not cfg.blocks.save_mix:
         return _vn(cfg, w, x, affine), (w, x, affine, None)
-    y, d = _batched_forward(cfg, True)((x[None],), _launch_weights(w, affine))
-    return y[0], (w, x, affine, d[0])
+    outs = _batched_forward(cfg, True)((x[None],), _launch_weights(w, affine))
+    return _results(cfg, x, outs[0], outs[-1]), (w, x, affine, outs[1][0])
 
 
 def _vn_bwd(cfg, res, gy):
     w, x, affine, d = res
+    if cfg.means:  # a mean's cotangent reaches every pixel divided by their count (zero, and
+        # dropped by XLA, where the consumer takes the means as constants: kernels._bias.known_mean)
+        gy, g_means = gy
+        pixels = math.prod(x.shape[1 : 1 + cfg.D])
+        gy = gy + (g_means / pixels).reshape(g_means.shape[:1] + (1,) * cfg.D + g_means.shape[1:])
     xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
     g, gw = _batched_backward(cfg)(xgs, _launch_weights(w, affine))
     if affine is None:
@@ -191,17 +210,29 @@ def _geometry(cfg, x, w, gy=None, aff=None):
 
 def _launch_forward(cfg, x, w, with_mix: bool, aff=None):
     """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c), aff None or (1 or B, c, affine_row(T))
-    -> (y,) or with `with_mix` (y, d), each (B, c, *spatial, *tensor)."""
+    -> (y,) or with `with_mix` (y, d), each (B, c, *spatial, *tensor); with `cfg.means` y's sums
+    over the pixels (B, c, T) last."""
     D, act, eps, blocks, planar = cfg.D, cfg.activation, cfg.eps, cfg.blocks, cfg.planar
     batch, g = _geometry(cfg, x, w, aff=aff)
     plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee",
-                        save_mix=with_mix)
+                        save_mix=with_mix, sums=cfg.means)
     order = block_order(D, x.ndim, planar)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     n_out = 2 if with_mix else 1
+    shapes, out_orders = [out] * n_out, [order] * n_out
+    width = g.channels * g.components
+    if cfg.means:
+        shapes.append(jax.ShapeDtypeStruct((batch, plan.programs_per_batch, width), jnp.float32))
+        out_orders.append(None)
     operands = [x, w] + ([] if aff is None else [aff])
-    return tuple(run_plan(plan, [out] * n_out, plan.programs_per_batch * batch, operands,
-                          in_orders=[order] + [None] * (len(operands) - 1), out_orders=[order] * n_out))
+    outs = run_plan(plan, shapes, plan.programs_per_batch * batch, operands,
+                    in_orders=[order] + [None] * (len(operands) - 1), out_orders=out_orders)
+    if not cfg.means:
+        return tuple(outs)
+    sums = plan_partial_sums(batch, plan.programs_per_batch, width, prefix="vector_neuron_y_sum")
+    (total,) = run_plan(sums, [jax.ShapeDtypeStruct((batch, width), jnp.float32)], sums.programs_per_batch * batch,
+                        [outs[-1]])
+    return tuple(outs[:-1]) + (total.reshape(batch, g.channels, g.components),)
 
 
 def _launch_backward(cfg, x, gy, w, d=None, aff=None):
