@@ -62,6 +62,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "vn-cuda-ffma": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0"}, ()),
     # and with Triton's forward kernel beside the CUDA backward
     "vn-cuda-triton-fwd": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_FORWARD": "triton"}, ()),
+    # the FFMA backward beside Triton's forward (whose kernel adds up the means for the next layer)
+    "vn-cuda-ffma-triton-fwd": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0",
+                                 "GINJAX_VN_CUDA_FORWARD": "triton"}, ()),
     # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it
     "vn-save-mix": ({"GINJAX_VN_SAVE_MIX": "1"}, ()),
     # the norms' statistics, their affine gradients and the bias gradients beside the CUDA kernels

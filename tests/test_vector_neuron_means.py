@@ -73,13 +73,18 @@ def test_kernel_means_match_its_output(planar, with_affine):
 
 
 def test_kernel_without_means_is_unchanged():
-    """with_means=False returns the array alone, and its launch writes no sums."""
+    """with_means=False returns the array alone, from a forward kernel that adds nothing up (the
+    same source as before the means: no `part` result, no row sums)."""
+    from kernels.triton import _vn_kernel as vk
+
     rng = np.random.default_rng(1)
     x, w = _normal(rng, (4, 8, 8, 2)), _normal(rng, (4, 4), 0.5)
     y = vector_neuron_triton(w, x, 2, jax.nn.relu, EPS)
     assert isinstance(y, jax.Array) and y.shape == x.shape
-    text = jax.jit(lambda w, x: vector_neuron_triton(w, x, 2, jax.nn.relu, EPS)).lower(w, x).as_text()
-    assert "vector_neuron_y_sum" not in text
+    g = vk.VNGeometry(4, 2, 64, True, False)
+    plain, summing = (vk.plan_forward(g, "relu", EPS, 64, 4, sums=s).source for s in (False, True))
+    assert "part" not in plain and "tl.sum" not in plain
+    assert "part" in summing and summing.count("tl.sum") == 2  # one row sum per component
     with_sums = jax.jit(lambda w, x: vector_neuron_triton(w, x, 2, jax.nn.relu, EPS, with_means=True)[1])
     assert with_sums(w, x).shape == (4, 2)
 
