@@ -50,19 +50,22 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # of XLA's two reductions a block
     "means-triton": ({"GINJAX_INPUT_MEANS": "triton"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
+    # the Triton VectorNeuron, forward and backward (the GPU default until session 28)
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),
-    # the opt-in CUDA VectorNeuron kernels (needs the built _ginjax_cuda.so; where they do not
-    # cover a call, it takes triton's path, so without the library this is vn-triton)
-    "vn-cuda": ({"GINJAX_VN_IMPL": "cuda"}, ()),
-    # the layers after a Triton VectorNeuron reduce its output for their bias's means themselves
-    # instead of taking the means its forward kernel added up (session 28's default)
+    # the layers after a VectorNeuron whose forward is Triton's reduce its output for their bias's
+    # means themselves instead of taking the means its kernel added up (on by default, session 28)
     "vn-no-means": ({"GINJAX_VN_MEANS": "0"}, ()),
-    # the same with the FFMA backward for 16 channels too (not the tensor-core one)
-    "vn-cuda-ffma": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0"}, ()),
-    # and with Triton's forward kernel beside the CUDA backward
-    "vn-cuda-triton-fwd": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_FORWARD": "triton"}, ()),
-    # the FFMA backward beside Triton's forward (whose kernel adds up the means for the next layer)
+    # The CUDA VectorNeuron's kernels, every choice spelled out (the default since session 28 is
+    # vn-cuda-ffma-triton-fwd; without the built library each is vn-triton): the CUDA forward and
+    # the tensor-core backward (16 channels; the FFMA one elsewhere)...
+    "vn-cuda": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "1", "GINJAX_VN_CUDA_FORWARD": "cuda"}, ()),
+    # ... with the FFMA backward for 16 channels too ...
+    "vn-cuda-ffma": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0", "GINJAX_VN_CUDA_FORWARD": "cuda"}, ()),
+    # ... Triton's forward kernel (with the means) beside the tensor-core backward ...
+    "vn-cuda-triton-fwd": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "1",
+                            "GINJAX_VN_CUDA_FORWARD": "triton"}, ()),
+    # ... and beside the FFMA backward
     "vn-cuda-ffma-triton-fwd": ({"GINJAX_VN_IMPL": "cuda", "GINJAX_VN_CUDA_MMA": "0",
                                  "GINJAX_VN_CUDA_FORWARD": "triton"}, ()),
     # the Triton VectorNeuron's backward reading the forward's d = W x instead of recomputing it

@@ -40,8 +40,8 @@ component-planar blocks too, and all the block kernels follow one switch (kernel
 `default_layout` is GINJAX_BLOCK_LAYOUT's choice, "planar" on a GPU and "minor" elsewhere;
 `GINJAX_VN_LAYOUT` (minor / planar) overrides it for the VectorNeuron alone.
 
-Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "triton" on a
-GPU, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
+Three implementations (`impl`, or `GINJAX_VN_IMPL` = xla / triton / cuda; default "cuda" on a
+GPU, which takes the "triton" path wherever the CUDA kernels do not run, "xla" elsewhere). On the H200 the Triton kernels passed their GPU tests
 (tests/test_vector_neuron_triton_gpu.py) and took a ResNet train step (d3_n64_b4) from 81.1 to
 72.7 ms and a DilResNet step from 104.9 to 93.7 ms, with 7-9 GB less temporary memory
 (bench/step_variants.py, bench/NOTES.md "VectorNeuron as one Triton kernel"); on a CPU they run
@@ -61,11 +61,14 @@ only through Triton's interpreter, which is for tests:
   (bench/NOTES.md, "Session 14"). A norm's affine map passed as `affine` runs in the kernels
   as their prologue on planar blocks (`GINJAX_VN_NORM_PROLOGUE=0` applies it as its own pass:
   one block-sized residual more per call; bench/NOTES.md "Session 18").
-- "cuda" (opt-in only, never a default): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
+- "cuda" (the GPU default since session 28: its FFMA backward beside Triton's forward kernel
+  took ResNet / DilResNet / UNet steps from 40.87 / 54.25 / 36.41 to 38.92 / 51.08 / 35.50 ms on the
+  H200; bench/NOTES.md "Session 28"): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
   C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
   block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
-  traffic). Used where `cuda_covers` the call: the opt-in library `_ginjax_cuda.so` built and
-  registered (kernels/cuda/README.md) and JAX's default backend a GPU, float32, jax.nn.relu or
+  traffic; the forward is Triton's kernel, GINJAX_VN_CUDA_FORWARD, and the tensor-core backward
+  opt-in, GINJAX_VN_CUDA_MMA: kernels/cuda/vector_neuron.py). Used where `cuda_covers` the call:
+  the library `_ginjax_cuda.so` built and registered (kernels/cuda/README.md) and JAX's default backend a GPU, float32, jax.nn.relu or
   jax.nn.gelu, eps a Python number, one device, no spatial sharding, and (channels, components)
   among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels,
   2 to 4 components); any other call takes the "triton" path where that covers it, else "xla".
@@ -112,8 +115,9 @@ def default_layout() -> str:
 
 
 def default_impl() -> str:
-    """$GINJAX_VN_IMPL if set, else "triton" on a GPU and "xla" elsewhere (module docstring)."""
-    return env_choice(IMPL_ENV, IMPLS, "triton" if jax.default_backend() == "gpu" else "xla")
+    """$GINJAX_VN_IMPL if set, else "cuda" on a GPU (the "triton" path where the CUDA library is
+    not built or does not cover the call) and "xla" elsewhere (module docstring)."""
+    return env_choice(IMPL_ENV, IMPLS, "cuda" if jax.default_backend() == "gpu" else "xla")
 
 
 def triton_covers(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps) -> bool:

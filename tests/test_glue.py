@@ -378,16 +378,16 @@ def test_vector_neuron_layout_is_checked(monkeypatch):
         _vector_neuron.vector_neuron(w, block, 2, jax.nn.relu, 1e-5)
 
 
-@pytest.mark.parametrize("platform, layout, impl", [("gpu", "planar", "triton"), ("cpu", "minor", "xla")])
+@pytest.mark.parametrize("platform, layout, impl", [("gpu", "planar", "cuda"), ("cpu", "minor", "xla")])
 def test_vector_neuron_defaults_by_platform(monkeypatch, platform, layout, impl):
-    # on a GPU the fused Triton kernels over planar blocks (measured faster on the H200 beside
-    # Triton's planar ConvContract kernels); elsewhere the XLA path in the blocks' own order; the
-    # environment overrides both
+    # on a GPU the CUDA kernels (Triton's where they do not run) over planar blocks (measured
+    # faster on the H200 beside the planar ConvContract kernels); elsewhere the XLA path in the
+    # blocks' own order; the environment overrides both
     monkeypatch.delenv(_vector_neuron.LAYOUT_ENV, raising=False)
     monkeypatch.delenv(_vector_neuron.IMPL_ENV, raising=False)
     monkeypatch.setattr(jax, "default_backend", lambda: platform)
     assert (_vector_neuron.default_layout(), _vector_neuron.default_impl()) == (layout, impl)
-    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "xla" if impl == "triton" else "triton")
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "xla" if impl != "xla" else "triton")
     assert _vector_neuron.default_impl() != impl
     monkeypatch.setenv(_vector_neuron.IMPL_ENV, "pallas")
     with pytest.raises(ValueError, match=r"`GINJAX_VN_IMPL` \(='pallas'\) must be one of"):

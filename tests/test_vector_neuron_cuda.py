@@ -45,6 +45,12 @@ def built(monkeypatch):
     monkeypatch.setattr(vn, "registered", lambda: (True, ""))
 
 
+@pytest.fixture
+def cuda_forward(monkeypatch, built):
+    """The CUDA forward kernel (GINJAX_VN_CUDA_FORWARD=cuda; Triton's is the default)."""
+    monkeypatch.setenv(vn.FORWARD_ENV, "cuda")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -139,7 +145,7 @@ def test_cuda_is_not_covered_without_a_gpu():
     assert not ok and why
 
 
-def test_lowered_calls_are_one_forward_and_one_backward_planar(built):
+def test_lowered_calls_are_one_forward_and_one_backward_planar(cuda_forward):
     w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, (5, 6, 7), 3, 1))
     xs = jnp.stack([x, x + 1, x - 1])
 
@@ -161,7 +167,7 @@ def test_lowered_calls_are_one_forward_and_one_backward_planar(built):
     assert f"-> ({planar}, tensor<3x{groups}x256xf32>)" in bwd
 
 
-def test_lowered_calls_with_an_affine_prologue(built):
+def test_lowered_calls_with_an_affine_prologue(cuda_forward):
     """With a norm's map: the packed (c, T^2 + 2T) coefficients per example beside the weight and
     affine = 1 on both calls, and every operand, the map's included, differentiable."""
     w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, (5, 6, 7), 3, 1))
@@ -183,8 +189,9 @@ def test_lowered_calls_with_an_affine_prologue(built):
 
 def test_lowered_backward_names_its_kernel(monkeypatch, built):
     """The backward's `tensor_cores` attribute and its groups follow `uses_mma` as the call is made:
-    on for 16 channels and a pixel count divisible by 4 (steps of 64 pixels), off for 210 pixels
-    and with GINJAX_VN_CUDA_MMA=0 (tiles of 128)."""
+    with GINJAX_VN_CUDA_MMA=1 on for 16 channels and a pixel count divisible by 4 (steps of 64
+    pixels), off for 210 pixels; off by default and with GINJAX_VN_CUDA_MMA=0 (tiles of 128)."""
+    monkeypatch.setenv(vn.MMA_ENV, "1")
     def lowered(spatial):
         w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, spatial, 3, 1))
         loss = lambda w, x: jnp.sum(jnp.sin(vn.vector_neuron_cuda(w, x, 3, jax.nn.relu, EPS)))  # noqa: E731
@@ -195,6 +202,8 @@ def test_lowered_backward_names_its_kernel(monkeypatch, built):
     assert "tensor_cores = 0 : i64" in lowered((5, 6, 7))  # 210 pixels
     monkeypatch.setenv(vn.MMA_ENV, "0")
     assert "tensor_cores = 0 : i64" in lowered((4, 6, 8)) and "groups = 2 : i64" in lowered((4, 6, 8))
+    monkeypatch.delenv(vn.MMA_ENV)
+    assert "tensor_cores = 0 : i64" in lowered((4, 6, 8))
 
 
 def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
@@ -218,6 +227,8 @@ def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
     monkeypatch.setenv(vn.FORWARD_ENV, "xla")
     with pytest.raises(ValueError, match="GINJAX_VN_CUDA_FORWARD"):
         vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS)
+    monkeypatch.delenv(vn.FORWARD_ENV)
+    assert vn.forward_impl() == "triton"  # the default: with the means for the next layer
 
 
 def test_means_come_from_the_triton_forward_only(monkeypatch, built):
@@ -228,6 +239,7 @@ def test_means_come_from_the_triton_forward_only(monkeypatch, built):
     from kernels._bias import known_mean
 
     w, x, _ = (jnp.asarray(a) for a in _operands(5, 16, (3, 4, 5), 3, 1))
+    monkeypatch.setenv(vn.FORWARD_ENV, "cuda")
     y, means = jax.eval_shape(lambda w, x: vn.vector_neuron_cuda(w, x, 3, jax.nn.gelu, EPS, with_means=True), w, x)
     assert means is None and y.shape == x.shape
     monkeypatch.setenv(vn.FORWARD_ENV, "triton")
@@ -244,7 +256,9 @@ def test_means_come_from_the_triton_forward_only(monkeypatch, built):
 
 
 def test_backward_groups(monkeypatch):
-    # 16 channels, pixels a multiple of 4: the tensor-core kernel, 3 CTAs an SM, steps of 64 pixels
+    assert not vn.uses_mma(16, 3, 64**3)  # the tensor cores are opt-in
+    # with them, 16 channels, pixels a multiple of 4: 3 CTAs an SM, steps of 64 pixels
+    monkeypatch.setenv(vn.MMA_ENV, "1")
     assert vn.uses_mma(16, 3, 64**3) and not vn.uses_mma(16, 3, 301) and not vn.uses_mma(8, 3, 64**3)
     assert vn.backward_groups(16, 3, 64**3, sms=132) == 396
     assert vn.backward_groups(16, 3, 300, sms=132) == 5  # at most one per step

@@ -52,15 +52,22 @@ CASES = [
     ("c8-t2", 2, (2, 8, 19, 23, 2), jax.nn.gelu),
     ("c8-t3-tiny", 3, (3, 8, 3, 4, 5, 3), jax.nn.relu),  # fewer pixels than a tile
     ("c8-t4", 2, (1, 8, 45, 29, 2, 2), jax.nn.relu),
-    # 16 channels, pixels a multiple of 4 (the standard block too): the tensor-core backward
+    # 16 channels, pixels a multiple of 4 (the standard block too): with GINJAX_VN_CUDA_MMA=1 the
+    # tensor-core backward (the "mma" cases run with it)
     ("c16-t3-mma-ragged", 3, (2, 16, 5, 6, 10, 3), jax.nn.relu),  # 300 pixels: a ragged last step
     ("c16-t2-mma", 2, (3, 16, 36, 41, 2), jax.nn.gelu),
     ("c16-t4-mma", 2, (2, 16, 32, 35, 2, 2), jax.nn.relu),
+    ("standard-gelu-mma", 3, (4, 16, 64, 64, 64, 3), jax.nn.gelu),
 ]
 
 
 @pytest.mark.parametrize("name, D, shape, activation", CASES, ids=[c[0] for c in CASES])
-def test_against_xla_fp32(name, D, shape, activation):
+def test_against_xla_fp32(monkeypatch, name, D, shape, activation):
+    """The default kernels (Triton's forward, the FFMA backward) and, for the "mma" cases, the
+    opt-in tensor-core backward, against the XLA path (check_against_xla: within 3x its error)."""
+    from kernels.cuda import vector_neuron as vn
+
+    monkeypatch.setenv(vn.MMA_ENV, "1" if name.endswith(("mma", "mma-ragged")) else "0")
     w, x, _ = operands(1, shape, shape[1])
     assert _vector_neuron.cuda_covers(w, x[0], D, activation, EPS)[0]
     check_against_xla("cuda", D, shape, activation)
@@ -84,13 +91,20 @@ def test_weight_gradient_bit_identical():
     check_bit_identical("cuda")
 
 
-@pytest.mark.parametrize("D, shape", [(3, (4, 16, 64, 64, 64, 3)), (2, (2, 16, 32, 35, 2, 2))], ids=["standard", "t4"])
+_MMA_OFF_TOLERANCE = pytest.mark.xfail(
+    strict=True, reason="the opt-in tensor-core backward's gradients are 4.0e-5 from the FFMA one's on the standard "
+    "block on the H200 (session 28): not within fp32's tolerance, so GINJAX_VN_CUDA_MMA stays off by default")
+
+
+@pytest.mark.parametrize("D, shape", [pytest.param(3, (4, 16, 64, 64, 64, 3), id="standard", marks=_MMA_OFF_TOLERANCE),
+                                      pytest.param(2, (2, 16, 32, 35, 2, 2), id="t4")])
 def test_tensor_core_backward_matches_the_ffma_one(monkeypatch, D, shape):
-    """The same gradients from both backward kernels of a 16-channel block (GINJAX_VN_CUDA_MMA=0
-    keeps the FFMA one): within fp32's tolerance of each other (3xTF32 against fp32 FMAs)."""
+    """The same gradients from both backward kernels of a 16-channel block (GINJAX_VN_CUDA_MMA=1
+    the tensor-core one): within fp32's tolerance of each other (3xTF32 against fp32 FMAs)."""
     from kernels.cuda import vector_neuron as vn
 
     w, x, gy = operands(6, shape, 16)
+    monkeypatch.setenv(vn.MMA_ENV, "1")
     assert vn.uses_mma(16, math.prod(shape[2 + D :]), math.prod(shape[2 : 2 + D]))
     grads = {}
     for flag in ("1", "0"):
@@ -110,10 +124,16 @@ def test_outputs_are_fully_written():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
 
 
-def test_vmap_is_one_launch_of_each_kernel():
+@pytest.mark.parametrize("forward", ["cuda", "triton"])
+def test_vmap_is_one_launch_of_each_kernel(monkeypatch, forward):
+    """One launch of each CUDA kernel under vmap; with Triton's forward (the default) no CUDA
+    forward at all."""
+    from kernels.cuda import vector_neuron as vn
+
+    monkeypatch.setenv(vn.FORWARD_ENV, forward)
     w, x, gy = operands(4, (3, 16, 4, 6, 32, 3), 16)
     hlo = step("cuda", 3, jax.nn.gelu).lower(w, x, gy).as_text()
-    assert len(re.findall(rf"@{_ffi.VN_FORWARD}\(", hlo)) == 1
+    assert len(re.findall(rf"@{_ffi.VN_FORWARD}\(", hlo)) == (forward == "cuda")
     assert len(re.findall(rf"@{_ffi.VN_BACKWARD}\(", hlo)) == 1
 
 
@@ -137,10 +157,13 @@ def test_memcheck_clean():
     code = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
+        import os
         from kernels.cuda import vector_neuron_cuda
+        os.environ["GINJAX_VN_CUDA_FORWARD"] = "cuda"  # the CUDA forward too (Triton's is the default)
         rng = np.random.default_rng(0)
         for c, D, spatial, k in ((16, 3, (5, 6, 7), 1), (8, 2, (13, 11), 2), (16, 2, (3, 5), 1), (16, 3, (4, 6, 7), 1),
-                                 (16, 2, (8, 10), 2)):  # the last two: the tensor-core backward
+                                 (16, 2, (8, 10), 2)):  # the last two: the opt-in tensor-core backward
+            os.environ["GINJAX_VN_CUDA_MMA"] = "1" if spatial in ((4, 6, 7), (8, 10)) else "0"
             x = jnp.asarray(rng.normal(size=(2, c) + spatial + (D,) * k), jnp.float32)
             w = jnp.asarray(rng.normal(size=(c, c)) / c, jnp.float32)
             f = lambda w, x: jnp.sum(jnp.sin(jax.vmap(lambda b: vector_neuron_cuda(w, b, D, jax.nn.gelu, 1e-5))(x)))
@@ -151,12 +174,17 @@ def test_memcheck_clean():
     assert_sanitizer_clean(code)
 
 
-def test_no_relayout_around_the_cuda_calls():
+@pytest.mark.parametrize("forward", ["cuda", "triton"])
+def test_no_relayout_around_the_cuda_calls(monkeypatch, forward):
     """A ResNet-like step (Triton ConvContract, the CUDA VectorNeuron on the vector key,
     ConvContract; value and gradients): in the compiled HLO no operand of a CUDA VectorNeuron
-    call is produced by, and no result consumed by, a copy, a transpose or a fusion containing one."""
+    call is produced by, and no result consumed by, a copy, a transpose or a fusion containing one
+    (with Triton's forward, the default, the backward is the one CUDA call)."""
+    from kernels.cuda import vector_neuron as vn_module
+
     pytest.importorskip("kernels.triton")
+    monkeypatch.setenv(vn_module.FORWARD_ENV, forward)
     text = resnet_like_step_hlo(lambda w, b: cuda.vector_neuron_cuda(w, b, 3, jax.nn.gelu, EPS))
     vn, bad = relayouts_next_to(text, lambda name, line: re.search(r"ginjax_cuda_vn_(forward|backward)", line))
-    assert len(vn) == 2, vn
+    assert len(vn) == (2 if forward == "cuda" else 1), vn
     assert not bad, bad

@@ -3,9 +3,10 @@ and backward (kernels/cuda/vector_neuron.cu; the math and design are in its head
 
     y = vector_neuron_cuda(weight, block, D, activation, eps, affine=None)
 
-The same signature, validation and arithmetic as `kernels.triton.vector_neuron_triton`; opt-in
-(`GINJAX_VN_IMPL=cuda`, ginjax/_vector_neuron.py) and only for the (channels, components) the
-library instantiates (`COVERED`; `coverage` says why not). The block goes to the kernels
+The same signature, validation and arithmetic as `kernels.triton.vector_neuron_triton`; ginjax's
+default on a GPU where the library is built (ginjax/_vector_neuron.py), for the (channels,
+components) the library instantiates (`COVERED`; `coverage` says why not; elsewhere the Triton
+kernels run). The block goes to the kernels
 component-planar, (c, T, *spatial) row-major: on a GPU the fused ConvContract kernels keep vector
 blocks physically so, and the axis move is a layout bitcast (as for ginjax's "planar" XLA path).
 
@@ -15,9 +16,11 @@ in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 `kernels._reduce.affine_backward` after it, as on the Triton path.
 
 Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
-`groups` CTAs per example; 16-channel blocks whose pixel count is a multiple of 4 run on the
-tensor cores (vector_neuron_mma.cuh; `GINJAX_VN_CUDA_MMA=0` keeps the FFMA kernel, `uses_mma`;
-`GINJAX_VN_CUDA_FORWARD=triton` runs the forward on kernels/triton's kernel, `forward_impl`); the
+`groups` CTAs per example, on the FFMA kernel; `GINJAX_VN_CUDA_MMA=1` puts 16-channel blocks whose
+pixel count is a multiple of 4 on the tensor cores (vector_neuron_mma.cuh, `uses_mma`: faster, but
+its gW is 10x further from float64 than the FFMA kernel's, 3.0e-5 against 2.8e-6 on the H200, past
+fp32's 1e-5); the forward runs on kernels/triton's kernel (`forward_impl`, which also adds up the
+means of y for the next layer's bias; `GINJAX_VN_CUDA_FORWARD=cuda` runs the CUDA one); the
 partials are added by a plain `jnp.sum` over that axis (XLA's reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
 included) carry the batch axes.
@@ -137,18 +140,20 @@ FORWARD_ENV = "GINJAX_VN_CUDA_FORWARD"
 
 
 def forward_impl() -> str:
-    """Which kernel runs the forward beside the CUDA backward: GINJAX_VN_CUDA_FORWARD, "cuda"
-    (default) or "triton" (kernels/triton's forward kernel on the same planar block: its residual
-    is x, as the CUDA forward's, so the CUDA backward follows it unchanged). The Triton forward
-    measured 0.115 ms a launch against the CUDA one's 0.139 (session 22, before session 27 halved
-    the CUDA kernels' instructions): the switch lets one A/B decide."""
-    return env_choice(FORWARD_ENV, ("cuda", "triton"), "cuda")
+    """Which kernel runs the forward beside the CUDA backward: GINJAX_VN_CUDA_FORWARD, "triton"
+    (default: kernels/triton's forward kernel on the same planar block; its residual is x, as the
+    CUDA forward's, so the CUDA backward follows it unchanged, and it adds up y's means for the
+    next layer's bias) or "cuda". On the H200 (session 28, steps timed in alternation) Triton's
+    forward with the means beside the FFMA backward took ResNet / DilResNet / UNet to 38.92 /
+    51.08 / 35.50 ms, the CUDA forward (no means) to 39.83 / 52.52 / 35.92."""
+    return env_choice(FORWARD_ENV, ("cuda", "triton"), "triton")
 
 
 def uses_mma(channels: int, components: int, pixels: int) -> bool:
-    """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): 16
-    channels, pixels a multiple of 4 (its 16-byte rows), unless GINJAX_VN_CUDA_MMA=0."""
-    on = env_choice(MMA_ENV, ("1", "0"), "1") == "1"
+    """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): with
+    GINJAX_VN_CUDA_MMA=1 (opt-in: its gW misses fp32's 1e-5 on the H200, module docstring), 16
+    channels, pixels a multiple of 4 (its 16-byte rows)."""
+    on = env_choice(MMA_ENV, ("1", "0"), "0") == "1"
     return on and (channels, components) in COVERED_MMA and pixels % 4 == 0
 
 
