@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # of XLA's two reductions a block
     "means-triton": ({"GINJAX_INPUT_MEANS": "triton"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
+    # thin layers on `dense` as one convolution instead of two stages (kernels/_thin.py, session 26)
+    "thin-one-conv": ({"GINJAX_DENSE_THIN": "0"}, ()),
     # the Triton VectorNeuron, forward and backward (the GPU default until session 28)
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

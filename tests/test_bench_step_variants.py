@@ -52,6 +52,19 @@ def test_each_variant_changes_the_program(name, base_name, fn):
     assert base != other
 
 
+def test_thin_one_conv_takes_the_thin_layer_out_of_its_two_stages():
+    """thin-one-conv (GINJAX_DENSE_THIN=0): a model's first layer on dense is one convolution."""
+    from bench import _cases, _configs
+    from kernels import _thin
+
+    first = _cases.with_channels(_cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"]), 2, 16)
+    forms = {}
+    for name in ("baseline", "thin-one-conv"):
+        with step_variants.variant(name):
+            forms[name] = _thin.thin_form(first)
+    assert forms == {"baseline": "stencil-first", "thin-one-conv": None}, forms
+
+
 def test_norm_apart_takes_the_norm_out_of_the_kernels(monkeypatch):
     # with the Triton VectorNeuron on planar blocks (the GPU's default) the norm is the kernels'
     # affine operand; norm-apart applies it first, so the kernel's launch has one operand fewer
