@@ -103,17 +103,17 @@ def conv_contract_triton(
     groups = filter_groups(spec, spatial, mode, blocks)
     none = (None,) * len(spec.out_keys)
     if groups is None:
-        given = given or none_given(inputs)
+        given = given or _none_given(inputs)
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias,
                               given)
     if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
         offsets = _offsets_from_means(bias_spec, _bias.input_means(bias_spec, inputs, given), weights, bias)
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
         sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
-        priors, None, none_given(xs)), inputs, weights, offsets)
+        priors, None, _none_given(xs)), inputs, weights, offsets)
 
 
-def none_given(inputs) -> tuple:
+def _none_given(inputs) -> tuple:
     """No input's mean given (`_conv_contract`'s `given`)."""
     return (None,) * len(inputs)
 
