@@ -3,6 +3,7 @@ precision mode, versions; and whether a ConvContract backend can run here."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -32,7 +33,28 @@ def device_info() -> dict:
         # the operand precision JAX's default matmul precision means for the kernels
         "precision": kernels.resolve_precision(None),
         "cuda_kernels": cuda_kernels(),
+        "vector_neuron": vector_neuron_kernels(),
     }
+
+
+def vector_neuron_kernels() -> str:
+    """Which VectorNeuron kernels a model step runs by default here (ginjax._vector_neuron): the
+    implementation, and for "cuda" its forward and backward kernels; the library's absence says
+    so (its calls then take the Triton path)."""
+    from ginjax import _vector_neuron
+
+    impl = _vector_neuron.default_impl()
+    means = "means on" if os.environ.get(_vector_neuron.MEANS_ENV, "1") == "1" else "means off"
+    if impl != "cuda":
+        return f"{impl} ({means})" if impl == "triton" else impl
+    from kernels import cuda
+    from kernels.cuda import vector_neuron as vn
+
+    ok, why = cuda.availability()
+    if not ok:
+        return f"triton where it covers a call ({means}; cuda asked for, not here: {why})"
+    backward = "tensor-core backward for 16 channels" if os.environ.get(vn.MMA_ENV) == "1" else "FFMA backward"
+    return f"cuda ({backward}, {vn.forward_impl()} forward, {means})"
 
 
 def cuda_kernels() -> str:

@@ -162,7 +162,7 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
         "compile_s": compile_s,
         "operand_layouts": layouts,
         "calls_per_round": timing.calls_per_round if timing else 1,
-        **{k: info[k] for k in ("platform", "device_kind", "jax_version", "jaxlib_version", "precision", "cuda_kernels")},
+        **{k: info[k] for k in ("platform", "device_kind", "jax_version", "jaxlib_version", "precision", "cuda_kernels", "vector_neuron")},
     }
     if isinstance(cfg, LayerConfig):
         extra.update(c=cfg.c, k_max=cfg.k_max, cin=case.spec().cin, cout=case.spec().cout)

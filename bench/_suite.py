@@ -282,6 +282,7 @@ def describe_run(results: dict) -> str:
         f"{precision}, jax {m.get('jax_version', '?')} / jaxlib {m.get('jaxlib_version', '?')}, "
         f"commit {c.get('id', 'unknown')}, {results.get('datetime', '?')}"
         + (f"; CUDA kernels: {m['cuda_kernels']}" if m.get("cuda_kernels") else "")
+        + (f"; VectorNeuron: {m['vector_neuron']}" if m.get("vector_neuron") else "")
     )
 
 

@@ -77,6 +77,7 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
         assert bench["stats"]["median"] == pytest.approx(info["median_s"], rel=1e-6)
         for key in ("temp_bytes", "device_kind", "jax_version", "jaxlib_version"):
             assert key in info
+        assert info["vector_neuron"] == "xla"  # what a model step's VectorNeuron runs on this CPU
     # the printed table: one row per benchmark, the reference is 1.00x of itself
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| d2_n64_b4_c8")]
     assert len(rows) == 3 and "| reference | " in rows[0] and "1.00x" in rows[0] and "| auto " in rows[2]
@@ -208,6 +209,20 @@ def test_selection_errors_name_the_flag_and_value():
         _configs.select_configs("quick,d9_n1", "cpu")
     with pytest.raises(ValueError, match=r"--modes \(='bwd'\)"):
         _configs.parse_selection("bwd", _configs.MODES, "--modes")
+
+
+def test_device_says_which_vector_neuron_kernels_run(monkeypatch):
+    from bench import _device
+    from ginjax import _vector_neuron
+
+    monkeypatch.delenv(_vector_neuron.IMPL_ENV, raising=False)
+    monkeypatch.delenv(_vector_neuron.MEANS_ENV, raising=False)
+    assert _device.vector_neuron_kernels() == "xla"  # a CPU's default
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "triton")
+    assert _device.vector_neuron_kernels() == "triton (means on)"
+    monkeypatch.setenv(_vector_neuron.MEANS_ENV, "0")
+    monkeypatch.setenv(_vector_neuron.IMPL_ENV, "cuda")
+    assert _device.vector_neuron_kernels().startswith("triton where it covers a call (means off; cuda asked for, not here: ")
 
 
 def test_commit_falls_back_without_git(monkeypatch, tmp_path):
