@@ -53,7 +53,7 @@ COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 1}
 # The same for the tensor-core backward of 16 channels (4 warps, 4 x 16 pixels a step): registers
 # and its shared memory, 4 (4 (2 x 20 T 16 + 2 x 16 pitch) + 16 (T^2 + 2T)) bytes, pitch the least
 # >= 16 T that is 8 mod 32.
-COVERED_MMA = {(16, 2): 4, (16, 3): 3, (16, 4): 2}
+COVERED_MMA = {(16, 2): 3, (16, 3): 3, (16, 4): 2}
 MMA_STEP = 64  # pixels a CTA of the tensor-core backward takes per step
 MMA_ENV = "GINJAX_VN_CUDA_MMA"
 DEFAULT_SMS = 132  # an H200's, where the device does not say

@@ -5,9 +5,10 @@
 // instructions per warp and tile of 32 pixels, 2,304 of them the channel mixing's FMAs (d = W x,
 // W^T gd and gW, 768 each): it is instruction-bound, 3-5x above the 0.13 ms its bytes need on the
 // standard block (bench/NOTES.md, "Session 27"). Here the three products are mma.sync.m16n8k8 in
-// 3xTF32 (each operand split into a rounded tf32 part and its remainder, three mma a product:
-// fp32's accuracy, as the FFMA kernel's), 108 mma per warp and 16 pixels, and the FP32 pipe keeps
-// only the per-(pixel, channel) elementwise terms.
+// 3xTF32 (each operand split into a rounded tf32 part and its remainder, three mma a product,
+// meant for fp32's accuracy as the FFMA kernel's; on the H200 the gradients came out 10x further
+// from float64, so the kernel is opt-in: `mma_x3`), 108 mma per warp and 16 pixels, and the FP32
+// pipe keeps only the per-(pixel, channel) elementwise terms.
 //
 // Work split. A warp owns m-tiles of 16 pixels (the mma's M) and walks its own share (CTA grp,
 // warp w: pixels 64 (grp + groups i) + 16 w): no CTA barrier between the first and the last. Its
@@ -78,11 +79,22 @@ struct SplitB {
   }
 };
 
-// d += A B in 3xTF32 from split fragments: lo x hi, hi x lo, hi x hi.
-__device__ __forceinline__ void mma_x3(float (&d)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], const SplitB& b) {
-  mma_tf32x1(d, al, b.h0, b.h1);
-  mma_tf32x1(d, ah, b.l0, b.l1);
+// d += A B in 3xTF32 from split fragments, the two remainder products (lo x hi, hi x lo) into
+// `rest` and hi x hi into d: the tensor cores truncate each mma's sum toward zero relative to its
+// largest addend, so three mma a k-step into one accumulator gave d three biased truncations a
+// k-step (gradients 10x the FFMA kernel's error on the H200, session 28); with the remainders
+// apart, d takes one, and the caller adds `rest` (started at zero, small) by FADD.
+__device__ __forceinline__ void mma_x3(float (&d)[4], float (&rest)[4], const uint32_t (&ah)[4],
+                                       const uint32_t (&al)[4], const SplitB& b) {
+  mma_tf32x1(rest, al, b.h0, b.h1);
+  mma_tf32x1(rest, ah, b.l0, b.l1);
   mma_tf32x1(d, ah, b.h0, b.h1);
+}
+
+// acc += rest, element by element (round to nearest).
+__device__ __forceinline__ void add_rest(float (&acc)[4], const float (&rest)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] += rest[k];
 }
 
 // An A fragment (rows g, g + 8; columns tid, tid + 4) from four floats in the accumulator layout
@@ -99,14 +111,18 @@ __device__ __forceinline__ void a_from_acc(const float (&v)[4], uint32_t (&hi)[4
 template <int T>
 __device__ __forceinline__ void mix_channels(float (&acc)[T][2][4], const float (&a)[T][2][4], const SplitB (&w)[2][2]) {
 #pragma unroll
-  for (int t = 0; t < T; ++t)
+  for (int t = 0; t < T; ++t) {
+    float rest[2][4] = {};
 #pragma unroll
     for (int kc = 0; kc < 2; ++kc) {
       uint32_t ah[4], al[4];
       a_from_acc(a[t][kc], ah, al);
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) mma_x3(acc[t][nt], ah, al, w[kc][nt]);
+      for (int nt = 0; nt < 2; ++nt) mma_x3(acc[t][nt], rest[nt], ah, al, w[kc][nt]);
     }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) add_rest(acc[t][nt], rest[nt]);
+  }
 }
 
 // An m-tile in the accumulator layout into a warp's staging [pixel][t C + c] (pitch P): one
@@ -257,7 +273,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
     }
     __syncwarp();  // the staging's stores are every lane's to read
     // gW[o][c] += sum over the m-tile's pixels p and t of GD[p][o] X[p][c]: M = o, N = c, K = p
-    float gwt[NT][4] = {};
+    float gwt[NT][4] = {}, gwt_rest[NT][4] = {};
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
@@ -269,12 +285,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, T <= 3 ? 3 : 2)
 #pragma unroll
         for (int r = 0; r < 4; ++r) split_x3(av[r], ah[r], al[r]);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma_x3(gwt[nt], ah, al, SplitB(x_k[8 * nt], x_k[4 * K::kStPitch + 8 * nt]));
+        for (int nt = 0; nt < NT; ++nt)
+          mma_x3(gwt[nt], gwt_rest[nt], ah, al, SplitB(x_k[8 * nt], x_k[4 * K::kStPitch + 8 * nt]));
       }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) gw[nt][k] += gwt[nt][k];
+    for (int nt = 0; nt < NT; ++nt) {
+      add_rest(gwt[nt], gwt_rest[nt]);
+      add_rest(gw[nt], gwt[nt]);
+    }
   }
   // the warps' gW meet in shared memory (their buffers, free now) and are added in warp order
   copies_wait_all();
