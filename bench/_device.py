@@ -3,7 +3,6 @@ precision mode, versions; and whether a ConvContract backend can run here."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -44,7 +43,7 @@ def vector_neuron_kernels() -> str:
     from ginjax import _vector_neuron
 
     impl = _vector_neuron.default_impl()
-    means = "means on" if os.environ.get(_vector_neuron.MEANS_ENV, "1") == "1" else "means off"
+    means = "means on" if _vector_neuron.means_enabled() else "means off"
     if impl != "cuda":
         return f"{impl} ({means})" if impl == "triton" else impl
     from kernels import cuda
@@ -53,7 +52,7 @@ def vector_neuron_kernels() -> str:
     ok, why = cuda.availability()
     if not ok:
         return f"triton where it covers a call ({means}; cuda asked for, not here: {why})"
-    backward = "tensor-core backward for 16 channels" if os.environ.get(vn.MMA_ENV) == "1" else "FFMA backward"
+    backward = "tensor-core backward for 16 channels" if vn.mma_enabled() else "FFMA backward"
     return f"cuda ({backward}, {vn.forward_impl()} forward, {means})"
 
 

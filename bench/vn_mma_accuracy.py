@@ -22,15 +22,11 @@ import sys
 
 import numpy as np
 
+from kernels.cuda._plan import round_tf32
+from kernels.cuda.vector_neuron import MMA_ENV
+
 EPS = 1e-5
-MMA_ENV = "GINJAX_VN_CUDA_MMA"
 OPERANDS = ("none", "w", "x", "gy", "all")
-
-
-def tf32_exact(a: np.ndarray) -> np.ndarray:
-    """float32 `a` rounded to the nearest tf32 value (10 mantissa bits, ties away), as float32."""
-    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
 def rel_l2(a, b) -> float:
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for exact in OPERANDS:
-        ops = {k: (tf32_exact(v) if exact in (k, "all") else v) for k, v in base.items()}
+        ops = {k: (round_tf32(v) if exact in (k, "all") else v) for k, v in base.items()}
         with jax.enable_x64(True):  # the float64 truth; the rows below run in float32
             truth = run("xla", *(jnp.asarray(ops[k], jnp.float64) for k in ("w", "x", "gy")))
         for mma in ("1", "0"):

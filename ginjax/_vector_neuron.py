@@ -114,6 +114,11 @@ def default_layout() -> str:
     return block_layout(LAYOUT_ENV)
 
 
+def means_enabled() -> bool:
+    """Whether the "triton" forward kernel adds up y's means where asked ($GINJAX_VN_MEANS)."""
+    return env_choice(MEANS_ENV, ("0", "1"), "1") == "1"
+
+
 def default_impl() -> str:
     """$GINJAX_VN_IMPL if set, else "cuda" on a GPU (the "triton" path where the CUDA library is
     not built or does not cover the call) and "xla" elsewhere (module docstring)."""
@@ -212,7 +217,7 @@ def _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with
         block = channel_affine(m, v, block.reshape((block.shape[0], -1, T)), shift).reshape(block.shape)
         affine = None
         path = _path(impl, weight, block, D, activation, eps)  # the map's dtype may promote the block's
-    with_means = with_means and path != "xla" and env_choice(MEANS_ENV, ("0", "1"), "1") == "1"
+    with_means = with_means and path != "xla" and means_enabled()
     if path == "cuda":
         from kernels.cuda import vector_neuron_cuda
 

@@ -12,14 +12,14 @@ import pytest
 from bench import vn_mma_accuracy
 
 
-def test_tf32_exact_rounds_to_ten_mantissa_bits():
+def test_the_operands_round_to_ten_mantissa_bits():
     rng = np.random.default_rng(0)
     a = rng.normal(size=1000).astype(np.float32) * np.float32(1e3)
-    r = vn_mma_accuracy.tf32_exact(a)
+    r = vn_mma_accuracy.round_tf32(a)
     assert r.dtype == np.float32 and np.all(r.view(np.uint32) & np.uint32(0x1FFF) == 0)
     assert np.max(np.abs(r - a) / np.abs(a)) <= 2.0**-11  # half a tf32 ulp, relative
-    assert np.array_equal(vn_mma_accuracy.tf32_exact(r), r)  # tf32 values stay
-    assert vn_mma_accuracy.tf32_exact(np.float32([1 + 2**-11]))[0] == np.float32(1 + 2**-10)  # ties away
+    assert np.array_equal(vn_mma_accuracy.round_tf32(r), r)  # tf32 values stay
+    assert vn_mma_accuracy.round_tf32(np.float32([1 + 2**-11]))[0] == np.float32(1 + 2**-10)  # ties away
 
 
 def test_rows_on_the_xla_path(tmp_path):

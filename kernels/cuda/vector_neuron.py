@@ -153,8 +153,12 @@ def uses_mma(channels: int, components: int, pixels: int) -> bool:
     """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): with
     GINJAX_VN_CUDA_MMA=1 (opt-in: its gW misses fp32's 1e-5 on the H200, module docstring), 16
     channels, pixels a multiple of 4 (its 16-byte rows)."""
-    on = env_choice(MMA_ENV, ("1", "0"), "0") == "1"
-    return on and (channels, components) in COVERED_MMA and pixels % 4 == 0
+    return mma_enabled() and (channels, components) in COVERED_MMA and pixels % 4 == 0
+
+
+def mma_enabled() -> bool:
+    """GINJAX_VN_CUDA_MMA=1: the tensor-core backward where it covers a block (`uses_mma`)."""
+    return env_choice(MMA_ENV, ("1", "0"), "0") == "1"
 
 
 def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None,

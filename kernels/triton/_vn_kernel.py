@@ -355,7 +355,7 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     With `g.affine` kernel(x, w, aff, y[, dm]): the nonlinearity of M (x - shift) + v, its
     coefficients (c, `affine_row`) per example in aff. With `sums` a last result part
     (B, tiles, C * T): each program's sums of y over its tile's pixels, per channel and component
-    ([c * T + t]), for `plan_partial_sums` to add up: the block's spatial means (a consumer's
+    ([c * T + t]), for the caller to add up (XLA's column sum): the block's spatial means (a consumer's
     "mean" bias reads them, kernels._bias) without another pass over y."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels

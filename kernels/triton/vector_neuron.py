@@ -88,7 +88,7 @@ def vector_neuron_triton(
             registers (a norm's affine map: y is never written; the backward recomputes it
             from x). Differentiable in m, v and shift too.
         with_means: also return y's spatial mean, which the forward kernel adds up from the
-            tiles it writes (per-tile partial sums, then a fixed-order sum): a following layer's
+            tiles it writes (per-tile partial sums, then XLA's column sum): a following layer's
             "mean" bias takes it instead of reading y again (kernels._bias). Differentiable.
     """
     name, _ = check_arguments(weight, block, D, activation, eps)
@@ -120,16 +120,16 @@ class _Config(NamedTuple):
 # map's own VJP (kernels._reduce.affine_backward) follows
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _vn(cfg, w, x, affine):
-    outs = _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine))
-    return _results(cfg, x, outs[0], outs[-1])
+    return _results(cfg, x, _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine)))
 
 
-def _results(cfg, x, y, sums):
-    """y, or with `cfg.means` (y, its spatial means (c, *tensor)) from the launch's sums (1, c, T)."""
+def _results(cfg, x, outs):
+    """The launch's y (its first result), or with `cfg.means` (y, its spatial means (c, *tensor))
+    from the sums (1, c, T) the launch returns last."""
     if not cfg.means:
-        return y[0]
+        return outs[0][0]
     pixels = math.prod(x.shape[1 : 1 + cfg.D])
-    return y[0], (sums[0] / pixels).reshape((x.shape[0],) + x.shape[1 + cfg.D :])
+    return outs[0][0], (outs[-1][0] / pixels).reshape((x.shape[0],) + x.shape[1 + cfg.D :])
 
 
 def _launch_weights(w, affine) -> tuple:
@@ -141,7 +141,7 @@ def _vn_fwd(cfg, w, x, affine):
     if not cfg.blocks.save_mix:
         return _vn(cfg, w, x, affine), (w, x, affine, None)
     outs = _batched_forward(cfg, True)((x[None],), _launch_weights(w, affine))
-    return _results(cfg, x, outs[0], outs[-1]), (w, x, affine, outs[1][0])
+    return _results(cfg, x, outs), (w, x, affine, outs[1][0])
 
 
 def _vn_bwd(cfg, res, gy):
