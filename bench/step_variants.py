@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
     # thin layers on `dense` as one convolution instead of two stages (kernels/_thin.py, session 26)
     "thin-one-conv": ({"GINJAX_DENSE_THIN": "0"}, ()),
+    # a residual block's input added to its last convolution's output by XLA after the CUDA
+    # forward, instead of in the forward's epilogue (session 29, on by default)
+    "residual-after": ({"GINJAX_CUDA_RESIDUAL": "0"}, ()),
     # the Triton VectorNeuron, forward and backward (the GPU default until session 28)
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -130,6 +130,19 @@ def _same_dtype_as(x: geom.MultiImage, out: geom.MultiImage) -> geom.MultiImage:
     return geom.MultiImage({k: b.astype(dtype) for k, b in out.items()}, out.D, out.is_torus)
 
 
+def _residual_blocks(residual: Optional[geom.MultiImage], x: geom.MultiImage, out_order: list) -> Optional[list]:
+    """`residual`'s blocks in output order where the backend can add them itself: the result's
+    keys, D, torus flags and the inputs' dtype (so the sum is what `+` gives); else None."""
+    if residual is None or set(residual.keys()) != set(out_order) or residual.D != x.D:
+        return None
+    if tuple(residual.is_torus) != tuple(x.is_torus):
+        return None
+    dtype = jnp.result_type(*x.values())
+    if any(residual[k].dtype != dtype for k in out_order):
+        return None
+    return [residual[k] for k in out_order]
+
+
 def _hashable(value):
     """Lists (e.g. from JSON configs) to tuples, so geometry arguments can key a cache."""
     if isinstance(value, list):
@@ -373,7 +386,8 @@ class ConvContract(MultiImageLayer):
             kernels.check_float_dtype(block, f"`x[{k}]`")
 
     def _convolve(
-        self, x: geom.MultiImage, weights: Weights, backend: Optional[str], with_bias: bool = False
+        self, x: geom.MultiImage, weights: Weights, backend: Optional[str], with_bias: bool = False,
+        residual: Optional[geom.MultiImage] = None,
     ) -> geom.MultiImage:
         self._check_input(x)
         in_order = tuple(x.keys())
@@ -393,6 +407,7 @@ class ConvContract(MultiImageLayer):
         # the inputs' means where the layer that made a block added them up (the VectorNeuron):
         # a "mean" bias then reads no block again for them
         given = [x._block_mean(k) for k in in_order] if bias is not None else []
+        fused = _residual_blocks(residual, x, out_order)
         outs = kernels.conv_contract(
             spec,
             [x[k] for k in in_order],
@@ -400,8 +415,10 @@ class ConvContract(MultiImageLayer):
             bias=bias,
             backend=backend,
             input_means=given if any(m is not None for m in given) else None,
+            residual=fused,
         )
-        return geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
+        out = geom.MultiImage(dict(zip(out_order, outs)), x.D, x.is_torus)
+        return out if residual is None or fused is not None else _same_dtype_as(x, out) + residual
 
     def fast_convolve(self, input_multi_image: geom.MultiImage, weights: Weights) -> geom.MultiImage:
         """All pairs as one dense convolution (the `dense` backend), without bias."""
@@ -411,7 +428,15 @@ class ConvContract(MultiImageLayer):
         """One convolve_contract per key pair, as ginjax 0.1.8 (the `reference` backend), without bias."""
         return self._convolve(x, weights, "reference")
 
-    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
+    def __call__(self, x: geom.MultiImage, *, residual: Optional[geom.MultiImage] = None) -> geom.MultiImage:
         """Convolve-contract `x` (unbatched) on the selected backend, bias included (added by the
-        backend's epilogue or after it; see kernels._bias)."""
-        return _same_dtype_as(x, self._convolve(x, self.weights, self.backend, with_bias=True))
+        backend's epilogue or after it; see kernels._bias).
+
+        `residual` (an extension of ginjax 0.1.8's call): None, or a MultiImage added to the
+        result, `layer(x) + residual` (e.g. a residual block's input). Where it has the result's
+        keys, blocks and dtype the backend adds it as it writes the outputs (the `triton`
+        backend's CUDA forward in its epilogue: no pass of its own); otherwise by `+`."""
+        if residual is not None and not isinstance(residual, geom.MultiImage):
+            raise TypeError(f"`residual` (={type(residual).__name__}) must be None or a geom.MultiImage")
+        out = self._convolve(x, self.weights, self.backend, with_bias=True, residual=residual)
+        return out if residual is not None else _same_dtype_as(x, out)

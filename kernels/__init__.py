@@ -37,6 +37,7 @@ from ._spec import (
     Pair,
     check_float_dtype,
     check_operands,
+    check_residual,
     make_spec,
     resolve_padding,
 )
@@ -112,6 +113,7 @@ def conv_contract(
     backend: Optional[str] = None,
     precision=None,
     input_means: Optional[Sequence[Optional[jax.Array]]] = None,
+    residual: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """Run one ConvContract on unbatched blocks; returns the output blocks in `spec.out_keys` order.
 
@@ -129,6 +131,11 @@ def conv_contract(
             means, these are used instead of another pass over the inputs. They must be the
             inputs' means: they are taken as given, and the gradient reaches the inputs as
             through their own means (`kernels._bias.known_mean`), none reaches these arrays.
+        residual: None, or per output key None or an array of that output's shape
+            (o_b, *out_spatial, *(D,)*k_b) added to it after the bias: out_b + residual_b (e.g. a
+            residual block's input). Backends that can add it as they write the outputs do (the
+            `triton` backend's CUDA forward, in its epilogue), so no pass of its own runs over
+            the output; elsewhere it is one add. Its gradient is the output's cotangent.
 
     dtypes: inputs and weights must be floating point (`FLOAT_DTYPES`; anything else raises a
     ValueError); the outputs have the inputs' dtype, accumulated in at least float32.
@@ -136,6 +143,7 @@ def conv_contract(
     inputs = _as_sequence(inputs, "inputs")
     weights = _as_sequence(weights, "weights")
     spatial = check_operands(spec, inputs, weights)
+    residual = check_residual(spec, spatial, residual)
     bias = check_bias(spec, bias)
     input_means = check_given_means(spec, inputs, input_means)
     if bias is None:  # nothing reads them
@@ -145,9 +153,10 @@ def conv_contract(
     layout = active_spatial_sharding()
     if layout is not None:  # split over a device mesh: halo exchange, local backend per shard
         outs = sharded_conv_contract(spec, inputs, weights, layout, backend=backend, mode=mode, bias=bias)
+        outs = _registry.add_residual(outs, residual)
     else:
         choice = _registry.choose(spec, spatial, inputs[0].dtype, backend, _registry.traced_batch(inputs[0]))
-        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias, input_means)
+        outs = _registry.run_backend(choice.backend, spec, inputs, weights, mode, bias, input_means, residual)
     return tuple(o.astype(out_dtype) for o in outs)
 
 

@@ -45,6 +45,9 @@ class Backend:
             as `spec.bias_modes` say, and a keyword `input_means` (the inputs' spatial means
             where their producer computed them, `kernels.conv_contract`'s); otherwise `run` gets
             a spec without bias modes and the registry adds the bias after it (`run_backend`).
+        fused_residual: `run` takes a keyword `residual` (per output key None or an array of
+            that output's shape, `kernels.conv_contract`'s) and adds it itself after the bias
+            (with `fused_bias` only); otherwise the registry adds it after `run` (`run_backend`).
         describe: optional (spec, spatial) -> how the backend computes this configuration
             (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
     """
@@ -55,6 +58,7 @@ class Backend:
     coverage: Callable[[ConvSpec, tuple, object], tuple[bool, str]]
     priority: dict
     fused_bias: bool = False
+    fused_residual: bool = False
     describe: Optional[Callable[[ConvSpec, tuple], str]] = None
 
 
@@ -239,17 +243,29 @@ def get(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None, input_means=None) -> tuple:
+def run_backend(name: str, spec: ConvSpec, inputs, weights, mode: str, bias=None, input_means=None,
+                residual=None) -> tuple:
     """Run backend `name` on checked operands, the bias (checked against spec) included;
     `input_means` (checked: `_bias.check_given_means`) stand in for the inputs' own where the
-    bias reads them."""
+    bias reads them; `residual` (checked: `_spec.check_residual`) is added to the outputs last."""
     backend = _BACKENDS[name]
+    extra = {}
+    if input_means is not None:
+        extra["input_means"] = input_means
     if backend.fused_bias:
-        if input_means is None:
-            return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias)))
-        return tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias), input_means=input_means))
-    # the backend sees a spec without bias, so its caches do not split by bias mode
-    outputs = tuple(backend.run(spec.without_bias(), inputs, weights, mode))
-    if not spec.has_bias:
-        return outputs
-    return _bias.apply_bias(spec, inputs, weights, outputs, bias, input_means)
+        if residual is not None and backend.fused_residual:
+            extra["residual"], residual = residual, None
+        outputs = tuple(backend.run(spec, inputs, weights, mode, _bias.check_bias(spec, bias), **extra))
+    else:
+        # the backend sees a spec without bias, so its caches do not split by bias mode
+        outputs = tuple(backend.run(spec.without_bias(), inputs, weights, mode))
+        if spec.has_bias:
+            outputs = _bias.apply_bias(spec, inputs, weights, outputs, bias, input_means)
+    return add_residual(outputs, residual)
+
+
+def add_residual(outputs, residual) -> tuple:
+    """Each output plus its residual where one is given (None: the outputs as they are)."""
+    if residual is None:
+        return tuple(outputs)
+    return tuple(y if r is None else y + r for y, r in zip(outputs, residual))

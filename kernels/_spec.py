@@ -409,6 +409,27 @@ def check_operands(spec: ConvSpec, inputs: Sequence, weights: Sequence) -> tuple
     return spatial
 
 
+def check_residual(spec: ConvSpec, spatial: Sequence[int], residual) -> Optional[tuple]:
+    """`residual` (None, or per output key None or an array of that output's shape, added to it)
+    as a tuple, None when it holds no array. Raises ValueError naming `residual` and the entry."""
+    if residual is None:
+        return None
+    if hasattr(residual, "shape") or not isinstance(residual, Sequence) or len(residual) != len(spec.out_keys):
+        raise ValueError(
+            f"`residual` (={type(residual).__name__}) must be a sequence of {len(spec.out_keys)} entries, one per "
+            "output key (None or an array of that output's shape)"
+        )
+    out_spatial = spec.out_spatial(spatial)
+    for b, (r, (k, _, o)) in enumerate(zip(residual, spec.out_keys)):
+        if r is None:
+            continue
+        want = (o,) + tuple(out_spatial) + (spec.D,) * k
+        if not hasattr(r, "shape") or tuple(r.shape) != want:
+            raise ValueError(f"`residual[{b}]` (shape {tuple(getattr(r, 'shape', ()))}) must have output {b}'s shape {want}")
+        check_float_dtype(r, f"`residual[{b}]`")
+    return tuple(residual) if any(r is not None for r in residual) else None
+
+
 def check_float_dtype(x, name: str) -> None:
     """The dtype policy: ConvContract operands are floating point (float16, bfloat16, float32,
     float64); anything else raises a ValueError naming the operand."""

@@ -145,10 +145,12 @@ class Emulator:
     `out_channels` channels per key (None: the layer's o) of which this launch writes
     `first_channel` .. + o - 1, starting from `out` (the previous group's results, aliased) or, if
     None, from fresh memory. `planar`: the vector blocks x1 and y1 lie component-planar in memory
-    (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers)."""
+    (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers).
+    `residuals`: per key None or an array of the results' shape, read at the results' addresses
+    and added by the first pass (`residual_reads` counts the reads)."""
 
     def __init__(self, spec, x0, x1, packed, strip: int, tf32: bool = True, offsets=None, n_groups=None,
-                 out_channels=None, first_channel=0, out=None, planar=False, fp32=False):
+                 out_channels=None, first_channel=0, out=None, planar=False, fp32=False, residuals=None):
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
@@ -173,6 +175,10 @@ class Emulator:
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
         self.out_reads = [np.zeros(a.size, int) for a in self.out]
         self.out_thread = [np.full(a.size, -1) for a in self.out]  # (CTA, thread) of every access
+        residuals = residuals or (None, None)
+        self.res = [None if residuals[0] is None else np.asarray(residuals[0], np.float64).reshape(-1),
+                    None if residuals[1] is None else to_physical(np.asarray(residuals[1], np.float64), planar)]
+        self.residual_reads = [None if r is None else np.zeros(r.size, int) for r in self.res]
 
     # ---- load_slice ---------------------------------------------------------------------------
     def load_slice(self, key, slot, z, yy, writes, grp=0, x0=0):
@@ -374,7 +380,8 @@ class Emulator:
             for f in range(t, o * 4, 64):
                 oo, x4 = f >> 2, f & 3
                 v = stage[oo * s0 + 4 * x4 + np.arange(4)]
-                self.put(0, dst0(f), v + (self.off[oo] if grp == 0 else prev[0, f]), grp, thread(t))
+                self.put(0, dst0(f), v + (self.off[oo] + self.residual(0, dst0(f)) if grp == 0 else prev[0, f]), grp,
+                         thread(t))
             for f in range(t, o * 12, 64):
                 oo, x4 = f // 12, f % 12
                 if self.planar:  # four pixels of one component
@@ -383,7 +390,15 @@ class Emulator:
                     j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
                     comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
                 v = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
-                self.put(1, dst1(f), v + (self.off[o + 3 * oo + comps] if grp == 0 else prev[1, f]), grp, thread(t))
+                self.put(1, dst1(f), v + (self.off[o + 3 * oo + comps] + self.residual(1, dst1(f)) if grp == 0
+                                          else prev[1, f]), grp, thread(t))
+
+    def residual(self, key, dst):
+        """The first pass's read of a key's residual at an output float4's addresses (0 without one)."""
+        if self.res[key] is None:
+            return 0.0
+        self.residual_reads[key][dst] += 1
+        return self.res[key][dst]
 
     def load(self, key, dst, grp, thread):
         """A later pass's read of an output float4: what this thread stored there in the

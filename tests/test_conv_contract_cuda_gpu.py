@@ -517,3 +517,67 @@ def test_drawn_layers_against_reference(layer, seed):
     at tf32, every output finite."""
     spec, spatial, batch, strip = layer
     _check(spatial, batch, seed % 1000, None if strip is None else cuda.BlockSizes(strip_rows=strip), spec=spec)
+
+
+@pytest.mark.parametrize("channels, spatial, strip", [
+    ((16, 16), (4, 6, 64), 3),  # the standard layer, strips of several rows (the next row prefetched)
+    ((16, 8), (3, 5, 48), 5),  # 8 outputs (one n-tile), x 48
+    ((32, 16), (2, 4, 64), 2),  # two channel groups: only the first pass adds the residual
+    ((16, 32), (2, 3, 32), 3),  # two output groups: each launch its slice (ginjax_cuda_forward_into_add)
+    ((16, 16), (2, 3, 128), 3),  # x windows of 64
+])
+def test_residuals_added_in_the_epilogue(monkeypatch, channels, spatial, strip):
+    """The forward with residuals (forward_kernel<..., kRes = true>, through the triton backend's dispatch:
+    `kernels.conv_contract(..., residual=)`): outputs equal `reference` plus the residual, on
+    poisoned results too (each element written once, the residual added once); the residual
+    arrays unchanged (read, not aliased); a key without one (the scalar key here in half of the
+    cases) gets nothing added; gradients in the residual are the cotangent."""
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    spec = standard_spec(*channels)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 2, seed=90 + spatial[2])
+    o = channels[1]
+    rng = np.random.default_rng(91)
+    res = [jnp.asarray(rng.standard_normal((2, o) + spatial), jnp.float32) if spatial[2] != 48 else None,
+           jnp.asarray(rng.standard_normal((2, o) + spatial + (3,)), jnp.float32)]
+    kept = [None if r is None else np.asarray(r).copy() for r in res]
+    run = jax.jit(jax.vmap(lambda x, r: kernels.conv_contract(spec, x, ws, backend="triton", residual=r)))
+    text = run.lower(xs, res).as_text()
+    assert "ginjax_cuda_forward_add" in text, "the residual did not reach the CUDA forward"
+    got = run(xs, res)
+    want = _reference(xs, ws, spec)
+    for g, w, r, k in zip(got, want, res, kept):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_l2(g, w if r is None else w + r) <= kernels.TOLERANCE["tf32"]
+        if r is not None:
+            np.testing.assert_array_equal(np.asarray(r), k)
+    g_res = jax.grad(lambda r: sum(jnp.sum(jnp.sin(y)) for y in run(xs, r)))(res)
+    for g, y, r in zip(g_res, got, res):
+        if r is not None:
+            assert rel_l2(g, jnp.cos(y)) <= 1e-6
+
+
+def test_residuals_under_compute_sanitizer():
+    """memcheck of the residual kernels: the first row of a strip, the prefetch of the next row
+    (its addresses one row on: never past the residual's end, since the last row of a strip
+    prefetches nothing), two channel groups, x windows, and one residual key only."""
+    if shutil.which("compute-sanitizer") is None:
+        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        import jax, jax.numpy as jnp
+        from bench import _cases
+        from _conv_cuda_emulate import standard_spec
+        from kernels import cuda
+        for c, spatial, strip, keys in ((16, (2, 5, 64), 5, (0, 1)), (32, (1, 4, 64), 4, (1,)), (16, (2, 3, 128), 3, (0,))):
+            spec = standard_spec(c, 16)
+            xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=62)
+            res = (jnp.ones((1, 16) + spatial) if 0 in keys else None, jnp.ones((1, 16) + spatial + (3,)) if 1 in keys else None)
+            run = jax.jit(jax.vmap(lambda x, r0, r1: cuda.forward_call(spec, x, ws, residuals=(r0, r1)),
+                                   in_axes=(0, 0 if 0 in keys else None, 0 if 1 in keys else None)))
+            jax.block_until_ready(run(xs, *res))
+        print("done")
+        """
+    )
+    assert_sanitizer_clean(code, timeout=500)

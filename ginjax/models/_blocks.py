@@ -290,10 +290,19 @@ class ConvBlock(MultiImageModule):
         return self.nonlinearity(x), batch_stats
 
     def __call__(
-        self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State] = None
+        self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State] = None, *,
+        residual: Optional[geom.MultiImage] = None,
     ) -> tuple[geom.MultiImage, Optional[eqx.nn.State]]:
-        """Apply the block to `x` (unbatched); returns the output and the (updated) batch_stats."""
+        """Apply the block to `x` (unbatched); returns the output and the (updated) batch_stats.
+
+        `residual` (the residual models' use; not in ginjax 0.1.8's call): None, or a MultiImage
+        added to the block's output. In preactivation order the ConvContract adds it as it
+        writes its outputs (its `residual`), so no pass of its own runs over the output."""
         if self.preactivation_order:
             x, batch_stats = self._norm_and_activate(x, batch_stats)
-            return self.conv(x), batch_stats
-        return self._norm_and_activate(self.conv(x), batch_stats)
+            if residual is not None and isinstance(self.conv, layers.ConvContract):
+                return self.conv(x, residual=residual), batch_stats
+            y = self.conv(x)
+        else:
+            y, batch_stats = self._norm_and_activate(self.conv(x), batch_stats)
+        return (y if residual is None else y + residual), batch_stats

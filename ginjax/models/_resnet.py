@@ -69,9 +69,11 @@ def _run_residual(model, x: geom.MultiImage) -> geom.MultiImage:
         x, _ = layer(x)
     for block in model.blocks:
         residual = x
-        for layer in block:
+        for layer in block[:-1]:
             x, _ = layer(x)
-        x = x + residual
+        # the block's last ConvBlock adds the residual (its ConvContract, in preactivation order,
+        # as it writes the outputs)
+        x, _ = block[-1](x, residual=residual) if block else (x + residual, None)
     for layer in model.decoder:
         x, _ = layer(x)
     if not model.equivariant:

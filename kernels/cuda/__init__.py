@@ -23,11 +23,11 @@ from ._dw_plan import coverage as _dw_coverage
 from ._ffi import registered
 from ._plan import coverage as _coverage
 from ._tiling import BlockSizes
-from .conv_contract import conv_contract_cuda, forward_call
+from .conv_contract import conv_contract_cuda, forward_call, takes_residuals
 from .vector_neuron import vector_neuron_cuda, vector_neuron_cuda_covers
 from .weight_gradient import weight_gradient_and_sums, weight_gradient_call
 
-__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forward_call", "vector_neuron_cuda",
+__all__ = ["BlockSizes", "availability", "conv_contract_cuda", "coverage", "forward_call", "takes_residuals", "vector_neuron_cuda",
            "vector_neuron_cuda_covers", "weight_gradient_and_sums", "weight_gradient_call", "weight_gradient_coverage"]
 
 

@@ -68,6 +68,11 @@
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
 // floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation, x
 // window, precision (0: tf32, 1: fp32 by 3xTF32, the weights packed unrounded).
+// Residuals (GinjaxCudaForwardAdd, GinjaxCudaForwardIntoAdd): two more operands r0, r1 shaped and
+// laid out as y0, y1, read (not aliased: a residual is usually read again elsewhere) and added by
+// the first pass as it stores (kRes kernels, dilation 1 and TF32: a ResNet block's input added to
+// its last convolution's output without a pass of its own); attribute `residual` says which are
+// real (bit 0: r0, bit 1: r1; an operand whose bit is clear is a placeholder, never read).
 //
 // X windows (rows longer than 64 pixels): a CTA covers a window of NX of the row's nx pixels from x0 (grid x: windows x y phases x
 // strips), its slices holding x0 - d .. x0 + NX + d - 1 (the wrap runs from the neighbouring
@@ -108,6 +113,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -153,6 +159,10 @@ template <int D>
 struct Staging {
   static constexpr bool kInWeights = kStageInWeights[dil_index(D)];
 };
+
+__device__ __forceinline__ float4 add4(const float4& v, const float4& u) {
+  return make_float4(v.x + u.x, v.y + u.y, v.z + u.z, v.w + u.w);
+}
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
 template <int NT>
@@ -250,9 +260,17 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 // (false: the whole row is the window, its offsets compile-time), kSplit: fp32 by 3xTF32 (each Z
 // and weight split into a tf32 part and a tf32 remainder, three mma a tile: remainder x weight,
 // Z x remainder, Z x weight; the packed weights then hold plain fp32), compiled at D = 1 on whole
-// rows only.
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
-__global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
+// rows only. kRes: the first pass adds the residuals to what it stores (the header's "Residuals"),
+// compiled at dilation 1 in TF32 only.
+//
+// The residuals are kernel arguments after Params (`residuals`: two pointers, nullptr where a key
+// has none; an empty pack without kRes): two more pointers in Params, even unread, or a parameter
+// block extended by them, changed ptxas' register allocation (nvcc 13.0: spills in kernels that
+// had none), so the kernels without residuals keep the signature they had.
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes,
+          typename... Residuals>
+__global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Residuals... residuals) {
+  static_assert(!kRes || (D == 1 && !kSplit), "residuals are compiled at dilation 1 in TF32 only");
   extern __shared__ __align__(16) float smem[];
   constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
   constexpr bool kStaged = Staging<D>::kInWeights;
@@ -352,6 +370,36 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
         for (int i = 0; i < kF1; ++i)
           if (t + 64 * i < kO * 12) prev[kF0 + i] = *y1_at(t + 64 * i);
       }
+      // The residuals of this row (first pass): loaded with the previous-pass reads' timing, from
+      // lines prefetched into L2 a row ago, and the next row's (y + D, same offsets D nx on)
+      // prefetched now; a strip's first row reads from HBM. A key without one adds zeros.
+      float4 res[kF0 + kF1];
+      if constexpr (kRes) {
+        const float* const r[2] = {residuals...};
+        if (grp == 0) {
+          const bool ahead = j + 1 < j1;
+#pragma unroll
+          for (int i = 0; i < kF0; ++i) {
+            const int f = t + 64 * i;
+            res[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (f < kO * 4 && r[0] != nullptr) {
+              const float* at = r[0] + (reinterpret_cast<float*>(y0_at(f)) - p.y[0]);
+              res[i] = *reinterpret_cast<const float4*>(at);
+              if (ahead) prefetch_l2(at + D * nx);
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kF1; ++i) {
+            const int f = t + 64 * i;
+            res[kF0 + i] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (f < kO * 12 && r[1] != nullptr) {
+              const float* at = r[1] + (reinterpret_cast<float*>(y1_at(f)) - p.y[1]);
+              res[kF0 + i] = *reinterpret_cast<const float4*>(at);
+              if (ahead) prefetch_l2(at + (kPlanar ? 1 : 3) * D * nx);
+            }
+          }
+        }
+      }
       float* st = s_stage + seg * kO * (kStage0 + kStage1);
       auto at = [&](int q, int n, int k) {
         const int o = n * 8 + 2 * tid + (k & 1), x = lane_pixel<D>(g) + D * (k >> 1);
@@ -390,6 +438,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
           float4 v = *reinterpret_cast<const float4*>(st + o * kStage0 + 4 * x4);
           const float a = s_off[o];
           v.x += a, v.y += a, v.z += a, v.w += a;
+          if constexpr (kRes) v = add4(v, res[(f - t) >> 6]);
           *y0_at(f) = v;
         }
 #pragma unroll
@@ -405,6 +454,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
             const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
             v.x += a0, v.y += a1, v.z += a2, v.w += a0;
           }
+          if constexpr (kRes) v = add4(v, res[kF0 + ((f - t) >> 6)]);
           *y1_at(f) = v;
         }
       } else {
@@ -433,59 +483,72 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p) {
   cp_async_wait<0>();
 }
 
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit>
-cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
+// `res`: the residuals (two pointers, nullptr where none), read by the kRes kernels only.
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes>
+cudaError_t launch(const Params& p, const float* const* res, int batch, cudaStream_t stream) {
   const size_t stage = Staging<D>::kInWeights ? 0 : (NX / kSeg) * 8 * NT * (kStage0 + kStage1);
   const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + stage + 32 * NT);
-  cudaError_t err = cudaFuncSetAttribute(forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // windows x phases x strips
-  forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit><<<grid, 4 * NX, smem, stream>>>(p);
+  if constexpr (kRes) {
+    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, true, const float*, const float*>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, 4 * NX, smem, stream>>>(p, res[0], res[1]);
+  } else {
+    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, 4 * NX, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
 // The whole row (one window: NX = nx, 16 .. 64), or x windows of 32 or 64 (kWin, the rows longer
 // than their window; Forward refuses other window widths).
-template <int NT, bool kGroups, bool kPlanar, int D, bool kSplit>
-cudaError_t launch_nx(const Params& p, int nx, int batch, cudaStream_t stream) {
+template <int NT, bool kGroups, bool kPlanar, int D, bool kSplit, bool kRes = false>
+cudaError_t launch_nx(const Params& p, const float* const* res, int nx, int batch, cudaStream_t stream) {
   if constexpr (!kSplit) {  // the split (fp32) kernels take whole rows only (Forward refuses windows)
-    if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true, false>(p, batch, stream)
-                                       : launch<64, NT, kGroups, kPlanar, D, true, false>(p, batch, stream);
+    if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true, false, kRes>(p, res, batch, stream)
+                                       : launch<64, NT, kGroups, kPlanar, D, true, false, kRes>(p, res, batch, stream);
   }
   switch (nx) {
-    case 16: return launch<16, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
-    case 32: return launch<32, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
-    case 48: return launch<48, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
-    default: return launch<64, NT, kGroups, kPlanar, D, false, kSplit>(p, batch, stream);
+    case 16: return launch<16, NT, kGroups, kPlanar, D, false, kSplit, kRes>(p, res, batch, stream);
+    case 32: return launch<32, NT, kGroups, kPlanar, D, false, kSplit, kRes>(p, res, batch, stream);
+    case 48: return launch<48, NT, kGroups, kPlanar, D, false, kSplit, kRes>(p, res, batch, stream);
+    default: return launch<64, NT, kGroups, kPlanar, D, false, kSplit, kRes>(p, res, batch, stream);
   }
 }
 
 // Channel-group passes are compiled at dilation 1 only (Forward refuses groups with a dilation).
 // The split (fp32) kernels: dilation 1 only (Forward refuses others).
 template <int NT, bool kPlanar, bool kSplit>
-cudaError_t launch_groups(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
+cudaError_t launch_groups(const Params& p, const float* const* res, int nx, int dilation, int batch,
+                          cudaStream_t stream) {
   if constexpr (!kSplit) {
     switch (dilation) {
-      case 2: return launch_nx<NT, false, kPlanar, 2, false>(p, nx, batch, stream);
-      case 4: return launch_nx<NT, false, kPlanar, 4, false>(p, nx, batch, stream);
-      case 8: return launch_nx<NT, false, kPlanar, 8, false>(p, nx, batch, stream);
+      case 2: return launch_nx<NT, false, kPlanar, 2, false>(p, res, nx, batch, stream);
+      case 4: return launch_nx<NT, false, kPlanar, 4, false>(p, res, nx, batch, stream);
+      case 8: return launch_nx<NT, false, kPlanar, 8, false>(p, res, nx, batch, stream);
       default: break;
     }
+    if (res[0] != nullptr || res[1] != nullptr)  // residuals: dilation 1, TF32 (Run refuses the others)
+      return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, false, true>(p, res, nx, batch, stream)
+                          : launch_nx<NT, false, kPlanar, 1, false, true>(p, res, nx, batch, stream);
   }
-  return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, kSplit>(p, nx, batch, stream)
-                      : launch_nx<NT, false, kPlanar, 1, kSplit>(p, nx, batch, stream);
+  return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, kSplit>(p, res, nx, batch, stream)
+                      : launch_nx<NT, false, kPlanar, 1, kSplit>(p, res, nx, batch, stream);
 }
 
 template <bool kPlanar, bool kSplit>
-cudaError_t launch_nt(const Params& p, int nx, int dilation, int batch, cudaStream_t stream) {
-  return p.o == 8 ? launch_groups<1, kPlanar, kSplit>(p, nx, dilation, batch, stream)
-                  : launch_groups<2, kPlanar, kSplit>(p, nx, dilation, batch, stream);
+cudaError_t launch_nt(const Params& p, const float* const* res, int nx, int dilation, int batch, cudaStream_t stream) {
+  return p.o == 8 ? launch_groups<1, kPlanar, kSplit>(p, res, nx, dilation, batch, stream)
+                  : launch_groups<2, kPlanar, kSplit>(p, res, nx, dilation, batch, stream);
 }
 
-ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
-                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
-                   ffi::Span<const int64_t> geom) {
+// A launch of the layer; r0 / r1: the residuals added to y0 / y1, or null.
+ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> w,
+               ffi::Buffer<ffi::F32> off, const ffi::Buffer<ffi::F32>* r0, const ffi::Buffer<ffi::F32>* r1,
+               ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
   if (geom.size() != 25) return bad("`geom` must have 25 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
@@ -537,6 +600,12 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("operand sizes do not match `geom` and the batch");
   p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
   p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
+  if (r0 || r1) {
+    if (dilation != 1 || split) return bad("residuals are compiled at dilation 1 in TF32 only");
+    if ((r0 && r0->element_count() != y0->element_count()) || (r1 && r1->element_count() != y1->element_count()))
+      return bad("a residual's size is not its result's");
+  }
+  const float* res[2] = {r0 ? r0->typed_data() : nullptr, r1 ? r1->typed_data() : nullptr};
   p.region1 = p.cg[0] * kStride1[di][l];
   p.slice_floats = (p.region1 + p.cg[1] * kStride3[di][l] + 3) / 4 * 4;
   const int nt = p.o / 8;
@@ -546,29 +615,68 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
   if (kStageInWeights[di] && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
     return bad("the output staging does not fit the vector phase's weights it shares at this dilation");
-  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, nx, dilation, (int)batch, stream)
-                                          : launch_nt<false, true>(p, nx, dilation, (int)batch, stream))
-                                 : (planar ? launch_nt<true, false>(p, nx, dilation, (int)batch, stream)
-                                           : launch_nt<false, false>(p, nx, dilation, (int)batch, stream));
+  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, res, nx, dilation, (int)batch, stream)
+                                          : launch_nt<false, true>(p, res, nx, dilation, (int)batch, stream))
+                                 : (planar ? launch_nt<true, false>(p, res, nx, dilation, (int)batch, stream)
+                                           : launch_nt<false, false>(p, res, nx, dilation, (int)batch, stream));
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                   ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0,
+                   ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom) {
+  return Run(stream, x0, x1, w, off, nullptr, nullptr, y0, y1, geom);
 }
 
 // A later output group's launch: prev0 and prev1 are the previous launch's results, aliased to y0
 // and y1 (XLA hands over the same buffers, or copies them in where a previous result is still read
 // elsewhere), so the channels already written stay and this launch adds its slice.
+ffi::Error CheckInto(ffi::Buffer<ffi::F32> prev0, ffi::Buffer<ffi::F32> prev1, ffi::ResultBuffer<ffi::F32> y0,
+                     ffi::ResultBuffer<ffi::F32> y1) {
+  if (prev0.typed_data() != y0->typed_data() || prev1.typed_data() != y1->typed_data())
+    return ffi::Error::InvalidArgument("ginjax cuda ConvContract: the previous output group's results are not aliased to the results");
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardInto(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> prev0,
                        ffi::Buffer<ffi::F32> prev1, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                        ffi::Span<const int64_t> geom) {
-  if (prev0.typed_data() != y0->typed_data() || prev1.typed_data() != y1->typed_data())
-    return ffi::Error::InvalidArgument("ginjax cuda ConvContract: the previous output group's results are not aliased to the results");
-  return Forward(stream, x0, x1, w, off, y0, y1, geom);
+  if (ffi::Error err = CheckInto(prev0, prev1, y0, y1); err.failure()) return err;
+  return Run(stream, x0, x1, w, off, nullptr, nullptr, y0, y1, geom);
+}
+
+// The residuals r0, r1 where `residual`'s bits 0, 1 say so (the header's "Residuals").
+ffi::Error RunAdd(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> w,
+                  ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> r0, ffi::Buffer<ffi::F32> r1,
+                  ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom,
+                  int64_t residual) {
+  if (residual < 1 || residual > 3)
+    return ffi::Error::InvalidArgument("ginjax cuda ConvContract: `residual` must be 1, 2 or 3 (got " +
+                                       std::to_string(residual) + ")");
+  return Run(stream, x0, x1, w, off, (residual & 1) ? &r0 : nullptr, (residual & 2) ? &r1 : nullptr, y0, y1, geom);
+}
+
+ffi::Error ForwardAdd(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                      ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> r0,
+                      ffi::Buffer<ffi::F32> r1, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                      ffi::Span<const int64_t> geom, int64_t residual) {
+  return RunAdd(stream, x0, x1, w, off, r0, r1, y0, y1, geom, residual);
+}
+
+ffi::Error ForwardIntoAdd(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
+                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> prev0,
+                          ffi::Buffer<ffi::F32> prev1, ffi::Buffer<ffi::F32> r0, ffi::Buffer<ffi::F32> r1,
+                          ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
+                          ffi::Span<const int64_t> geom, int64_t residual) {
+  if (ffi::Error err = CheckInto(prev0, prev1, y0, y1); err.failure()) return err;
+  return RunAdd(stream, x0, x1, w, off, r0, r1, y0, y1, geom, residual);
 }
 
 }  // namespace
 
-// The operands both targets share: the stream, x0, x1, w and off.
+// The operands every target starts with: the stream, x0, x1, w and off.
 static auto ForwardOperands() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -578,16 +686,22 @@ static auto ForwardOperands() {
       .Arg<ffi::Buffer<ffi::F32>>();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward, Forward,
-                              ForwardOperands()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom"));
+// Two more buffer operands: the previous results (Into), or the residuals (Add).
+template <typename Binding>
+static auto TwoMore(Binding b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::F32>>().template Arg<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardInto, ForwardInto,
-                              ForwardOperands()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom"));
+// The results y0, y1 and the attribute `geom` every target ends with.
+template <typename Binding>
+static auto Results(Binding b) {
+  return std::move(b).template Ret<ffi::Buffer<ffi::F32>>().template Ret<ffi::Buffer<ffi::F32>>().template Attr<
+      ffi::Span<const int64_t>>("geom");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward, Forward, Results(ForwardOperands()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardInto, ForwardInto, Results(TwoMore(ForwardOperands())));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardAdd, ForwardAdd,
+                              Results(TwoMore(ForwardOperands())).Attr<int64_t>("residual"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardIntoAdd, ForwardIntoAdd,
+                              Results(TwoMore(TwoMore(ForwardOperands()))).Attr<int64_t>("residual"));

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._env import env_choice
 from .._fused import require_registered, resolve_block_sizes
 from .._layout import block_layout
 from .._precision import resolve_precision
@@ -26,7 +27,7 @@ from .._registry import traced_batch
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from . import _plan
-from ._ffi import INTO_TARGET, TARGET, registered
+from ._ffi import ADD_TARGET, INTO_ADD_TARGET, INTO_TARGET, TARGET, registered
 from ._tiling import BlockSizes
 
 LAYOUT_ENV = "GINJAX_CUDA_LAYOUT"
@@ -75,7 +76,7 @@ def conv_contract_cuda(
 def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
                  offsets: Optional[Sequence[Optional[jax.Array]]] = None, *, out_channels: Optional[int] = None,
                  first_channel: int = 0, into: Optional[Sequence[jax.Array]] = None,
-                 fp32: bool = False) -> tuple[jax.Array, ...]:
+                 fp32: bool = False, residuals: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
     """The kernel's outputs with no gradient rule of their own, for a backend that defines the
     gradients itself (the `triton` backend); the caller has checked `coverage` (`fp32`: the 3xTF32
     kernels, `_plan.fp32_coverage`; else TF32). `offsets`: per output key None or its (o, *tensor) offset, added to
@@ -86,11 +87,28 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     the results have O channels per key and this launch writes channels `first_channel` ..
     `first_channel` + o - 1 of them; `into` are the previous group's results, which this launch's
     results alias (the slices written before stay; the first group passes None and its other
-    slices hold garbage until the later groups have written them)."""
+    slices hold garbage until the later groups have written them).
+
+    `residuals`: per output key None or an array of the results' shape (O channels), of which this
+    launch adds its channels to what it writes, in the epilogue, read (not aliased) in the
+    results' layout: a layer's output plus a block of the same shape without a pass of its own
+    (where `takes_residuals`; elsewhere a ValueError)."""
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets,
-                    out_channels, first_channel, into, fp32)
+                    out_channels, first_channel, into, fp32, residuals)
+
+
+RESIDUAL_ENV = "GINJAX_CUDA_RESIDUAL"
+
+
+def takes_residuals(spec: ConvSpec, fp32: bool = False) -> bool:
+    """Whether the `triton` backend hands a layer's residuals to `forward_call`, which adds them in
+    the kernel's epilogue: GINJAX_CUDA_RESIDUAL not "0" (on by default; "0": XLA adds them after
+    the launch, the A/B) and the layer one the kernels with residuals are compiled for (dilation
+    1, TF32: `fp32` False)."""
+    on = env_choice(RESIDUAL_ENV, ("1", "0"), "1") == "1"
+    return on and not fp32 and all(d == 1 for d in spec.rhs_dilation)
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
@@ -131,7 +149,7 @@ def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]
 
 
 def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, out_channels=None, first_channel=0,
-             into=None, fp32=False):
+             into=None, fp32=False, residuals=None):
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     planar = layout() == "planar"
     geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel, planar=planar,
@@ -142,16 +160,36 @@ def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, 
     packed = _plan.pack_weights(spec, weights, xp=jnp, tf32=not fp32)  # fp32: the kernel splits them
     operands = [*inputs, packed, flat_offsets(spec, offsets)]
     layouts = dict(input_layouts=vector_layouts(planar, 1) + [None, None], output_layouts=vector_layouts(planar, 1))
-    if into is None:
-        call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="broadcast_all", **layouts)
-    else:
+    attrs = dict(geom=np.asarray(geom, np.int64))
+    aliases = {}
+    if into is not None:
         if [tuple(a.shape) for a in into] != [s.shape for s in shapes]:
             raise ValueError(f"`into` has shapes {[tuple(a.shape) for a in into]}; the results are {[s.shape for s in shapes]}")
         layouts["input_layouts"] += vector_layouts(planar, 1)  # an aliased operand has its result's layout
-        call = jax.ffi.ffi_call(INTO_TARGET, shapes, vmap_method="broadcast_all",
-                                input_output_aliases={len(operands): 0, len(operands) + 1: 1}, **layouts)
+        aliases = {len(operands): 0, len(operands) + 1: 1}
         operands += list(into)
-    return tuple(call(*operands, geom=np.asarray(geom, np.int64)))
+    if residuals is not None and any(r is not None for r in residuals):
+        if fp32 or any(d != 1 for d in spec.rhs_dilation):
+            raise ValueError("`residuals` are added by the kernels at dilation 1 in TF32 only; "
+                             f"this launch has dilation {spec.rhs_dilation} and fp32={fp32}")
+        if len(residuals) != 2 or any(r is not None and tuple(r.shape) != s.shape for r, s in zip(residuals, shapes)):
+            raise ValueError(f"`residuals` must be (scalar, vector) entries None or of the results' shapes "
+                             f"{[s.shape for s in shapes]}; got {[None if r is None else tuple(r.shape) for r in residuals]}")
+        layouts["input_layouts"] += vector_layouts(planar, 1)  # read as the results are written
+        # a key without one gets a one-float placeholder, which the kernel never reads
+        operands += [jnp.zeros((1,), jnp.float32) if r is None else r.astype(jnp.float32) for r in residuals]
+        if residuals[0] is None:
+            layouts["input_layouts"][-2] = None
+        if residuals[1] is None:
+            layouts["input_layouts"][-1] = None
+        attrs["residual"] = np.int64(sum(1 << k for k, r in enumerate(residuals) if r is not None))
+        target = ADD_TARGET if into is None else INTO_ADD_TARGET
+    else:
+        target = TARGET if into is None else INTO_TARGET
+    if aliases:
+        layouts["input_output_aliases"] = aliases
+    call = jax.ffi.ffi_call(target, shapes, vmap_method="broadcast_all", **layouts)
+    return tuple(call(*operands, **attrs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

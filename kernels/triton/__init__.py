@@ -88,16 +88,19 @@ def coverage(spec: ConvSpec, spatial: tuple, dtype) -> tuple[bool, str]:
     return True, "fused Triton forward (factorised over the basis nonzeros)"
 
 
-def _run(spec, inputs, weights, mode, bias=None, input_means=None):
+def _run(spec, inputs, weights, mode, bias=None, input_means=None, residual=None):
     """The layer with its bias: offsets (kernels._bias) added in the forward kernel's epilogue,
     the inputs' means' gradient in the input gradient's (`conv_contract_triton`'s `bias`; its
-    `input_means` where the inputs' producers computed them).
+    `input_means` where the inputs' producers computed them), and the `residual` added in the
+    epilogue too (`conv_contract_triton`'s).
     A "mean" bias whose input-mean shortcut is not exact (not a full torus) uses the output's own
-    mean after the kernel, as the lax backends do."""
+    mean after the kernel, as the lax backends do; such an output's residual is added after it."""
     bias = check_bias(spec, bias)
-    outputs = conv_contract_triton(spec, inputs, weights, precision=mode, bias=bias, input_means=input_means)
     exact = means_shortcut_exact(spec)
-    late = [b for b, m in enumerate(spec.bias_modes) if m == "mean" and not exact]
+    late = [b for b, m in enumerate(spec.bias_modes) if m == "mean" and not exact] if bias is not None else []
+    fused = None if residual is None else tuple(None if b in late else r for b, r in enumerate(residual))
+    outputs = conv_contract_triton(spec, inputs, weights, precision=mode, bias=bias, input_means=input_means,
+                                   residual=fused)
     if not late:
         return outputs
     space = tuple(range(1, 1 + spec.D))
@@ -106,6 +109,8 @@ def _run(spec, inputs, weights, mode, bias=None, input_means=None):
         k = spec.out_keys[b][0]
         mean = jnp.mean(outputs[b], axis=space, keepdims=True)
         outputs[b] = outputs[b] + bias[b].reshape((-1,) + (1,) * (spec.D + k)).astype(mean.dtype) * mean
+        if residual is not None and residual[b] is not None:
+            outputs[b] = outputs[b] + residual[b]
     return tuple(outputs)
 
 
@@ -146,4 +151,5 @@ def describe(spec: ConvSpec, spatial) -> str:
 
 
 register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True,
+                         fused_residual=True,
                          describe=describe))

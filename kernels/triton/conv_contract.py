@@ -50,6 +50,7 @@ def conv_contract_triton(
     offsets: Optional[Sequence[Optional[jax.Array]]] = None,
     bias: Optional[Sequence[Optional[jax.Array]]] = None,
     input_means: Optional[Sequence[Optional[jax.Array]]] = None,
+    residual: Optional[Sequence[Optional[jax.Array]]] = None,
 ) -> tuple[jax.Array, ...]:
     """ConvContract on unbatched blocks with the fused Triton kernels (forward and gradients).
 
@@ -69,6 +70,10 @@ def conv_contract_triton(
             nothing here: the caller adds the output's own mean (kernels.triton._run).
         input_means: with `bias`, per input key None or its spatial mean as its producer
             computed it (`kernels.conv_contract`'s): used in place of a pass over that input.
+        residual: per output key None or an array of that output's shape added to it
+            (`kernels.conv_contract`'s, checked): the forward kernel's epilogue adds it where
+            the CUDA forward runs the layer (read beside the bias offsets, no pass of its own),
+            Triton's kernel as the prior it adds to in place; its gradient is the cotangent.
     """
     bias = None if bias is None else check_bias(spec, bias)
     given = check_given_means(spec, inputs, input_means) if bias is not None else None
@@ -83,6 +88,10 @@ def conv_contract_triton(
             raise ValueError(f"`offsets[{b}]` has shape {tuple(off.shape)}; output key {b} needs {(o,) + (spec.D,) * k}")
     mode = resolve_precision(precision)
     inputs, weights = tuple(inputs), tuple(weights)
+    none = (None,) * len(spec.out_keys)
+    residual = none if residual is None else tuple(residual)
+    if len(residual) != len(spec.out_keys):
+        raise ValueError(f"`residual` has {len(residual)} entries; the layer has {len(spec.out_keys)} output keys")
     for name, arrays in (("inputs", inputs), ("weights", weights)):
         for n, a in enumerate(arrays):
             if not jnp.issubdtype(a.dtype, jnp.floating):
@@ -92,7 +101,7 @@ def conv_contract_triton(
         outs = conv_contract_dense(spec, inputs, weights, mode)
         if bias is not None:
             offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
-        return _add_offsets(outs, offsets, spec.D)
+        return tuple(y if r is None else y + r for y, r in zip(_add_offsets(outs, offsets, spec.D), residual))
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     check_sizes(spec, spatial)
@@ -100,17 +109,18 @@ def conv_contract_triton(
         raise ValueError(f"`backward` (={backward!r}) must be 'fused' or 'dense'")
     poison = None if poison is None else repr(float(poison))  # a hashable static (NaN != NaN)
     offsets = tuple(None if off is None else off.astype(jnp.float32) for off in offsets)
+    # float32 before the custom_vjp, whose cotangents are float32 (autodiff casts them back)
+    residual = tuple(None if r is None else r.astype(jnp.float32) for r in residual)
     groups = filter_groups(spec, spatial, mode, blocks)
-    none = (None,) * len(spec.out_keys)
     if groups is None:
         given = given or _none_given(inputs)
-        return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, none, bias,
-                              given)
+        return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, residual,
+                              bias, given)
     if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
         offsets = _offsets_from_means(bias_spec, _bias.input_means(bias_spec, inputs, given), weights, bias)
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
         sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
-        priors, None, _none_given(xs)), inputs, weights, offsets)
+        priors, None, _none_given(xs)), inputs, weights, offsets, residual)
 
 
 def _none_given(inputs) -> tuple:
@@ -118,20 +128,23 @@ def _none_given(inputs) -> tuple:
     return (None,) * len(inputs)
 
 
-def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets) -> tuple[jax.Array, ...]:
+def _by_filter_groups(groups, n_outputs: int, call, inputs, weights, offsets, residual) -> tuple[jax.Array, ...]:
     """The layer as the sum of its filter groups' launches (`_filter_groups`): `call(sub, inputs,
     weights, offsets, priors)` per group with its inputs, its weights' filter columns, for the
-    first group that writes an output that output's offset (the bias is added once) and, for a
-    later one, the output so far as its prior: the group's kernel adds to it in place, so no
-    partial output is kept and no separate sum runs."""
-    outputs: list = [None] * n_outputs
+    first group that writes an output that output's offset (the bias is added once) and its
+    residual (None or the array) as its prior, and for a later one the output so far as its
+    prior: the group's kernel adds to it in place, so no partial output is kept and no separate
+    sum runs."""
+    outputs: list = list(residual)
+    written: set = set()
     for group in groups:
         ws = tuple(weights[t][..., f[0]:f[-1] + 1] for t, f in group.filters)  # runs are consecutive
-        offs = tuple(offsets[b] if outputs[b] is None else None for b in group.outputs)
+        offs = tuple(None if b in written else offsets[b] for b in group.outputs)
         priors = tuple(outputs[b] for b in group.outputs)
         ys = call(group.spec, tuple(inputs[a] for a in group.inputs), ws, offs, priors)
         for b, y in zip(group.outputs, ys):
             outputs[b] = y
+            written.add(b)
     return tuple(outputs)
 
 
@@ -152,8 +165,8 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 # each is one batched launch; the weight kernel returns per-example gradients (cheap: they are
 # summed in registers per program, not a grouped convolution), which JAX adds up for shared
 # weights. Residuals: the inputs and weights only (Z is recomputed from X, not stored). `priors`
-# (per output key None or an output-shaped array the forward adds to: filter groups) pass their
-# cotangent through unchanged. With `bias_spec` (the layer with its bias modes) the offsets come
+# (per output key None or an output-shaped array the forward adds to: the caller's residual, or a
+# filter group's output so far) pass their cotangent through unchanged. With `bias_spec` (the layer with its bias modes) the offsets come
 # from `bias` and the inputs' means (`_bias_offsets`) and the means' gradient, a constant over the
 # pixels, is the input-gradient kernel's epilogue offset. `given` (per input None or its mean, as
 # its producer computed it) stands in for that input's means: constants here, whose gradient is
@@ -238,8 +251,9 @@ def _cuda_covers(impl: str, env: str, coverage: str, spec, spatial, dtype) -> tu
     return getattr(cuda, coverage)(spec, spatial, dtype)  # looked up per call: tests stand in for it
 
 
-def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
-    """The outputs of kernels.cuda's forward, `offsets` added in its epilogue, where it computes
+def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, residuals=None):
+    """The outputs of kernels.cuda's forward, `offsets` and `residuals` (per output key None or an
+    output-shaped array) added in its epilogue, where it computes
     this call exactly as asked (TF32, no test poison, a layer it was compiled for: `spec` itself
     or, for an input gradient, `spec` on the bases of the forward layer `like` with
     the weights moved, `with_bases_of`; either one whole or, with `output_groups_enabled`, as
@@ -252,9 +266,17 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None):
     if offsets is not None and all(o is None for o in offsets):
         offsets = None
     layer, move, split, fp32 = plan
+    # passed only where there are any (the launch without them is the plain kernel's) and the
+    # kernels add them (dilation 1, TF32: `takes_residuals`); elsewhere added after the launch
+    late = residuals if residuals is not None and any(r is not None for r in residuals) else None
+    extra = {}
+    if late is not None and cuda.takes_residuals(layer, fp32):
+        extra, late = {"residuals": late}, None
     if split is None:
-        return cuda.forward_call(layer, inputs, move(weights), offsets, fp32=fp32)
-    return _forward_by_output_groups(split, inputs, move(weights), offsets, fp32)
+        outs = cuda.forward_call(layer, inputs, move(weights), offsets, fp32=fp32, **extra)
+    else:
+        outs = _forward_by_output_groups(split, inputs, move(weights), offsets, fp32, **extra)
+    return outs if late is None else tuple(y if r is None else y + r for y, r in zip(outs, late))
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
@@ -303,9 +325,10 @@ def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     return None
 
 
-def _forward_by_output_groups(split, inputs, weights, offsets, fp32=False):
+def _forward_by_output_groups(split, inputs, weights, offsets, fp32=False, residuals=None):
     """The CUDA forward of `split`'s layer as one launch per output group, each writing its channel
-    slice of the same results (the later launches alias the previous results: no concatenation)."""
+    slice of the same results (the later launches alias the previous results: no concatenation),
+    each adding its slice of the `residuals` (whole: the launch reads its own channels)."""
     from .. import cuda
 
     sub, n = split
@@ -314,7 +337,8 @@ def _forward_by_output_groups(split, inputs, weights, offsets, fp32=False):
         rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
         part = None if offsets is None else tuple(None if a is None else a[rows] for a in offsets)
         outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * OUTPUT_GROUP,
-                                 first_channel=g * OUTPUT_GROUP, into=outs, fp32=fp32)
+                                 first_channel=g * OUTPUT_GROUP, into=outs, fp32=fp32,
+                                 **({} if residuals is None else {"residuals": residuals}))
     return outs
 
 
@@ -402,9 +426,9 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
     offsets = offsets or (None,) * len(spec.out_keys)
     priors = priors or (None,) * len(spec.out_keys)
-    outs = _cuda_forward(spec, mode, poison, inputs, weights, like, offsets)
+    outs = _cuda_forward(spec, mode, poison, inputs, weights, like, offsets, priors)
     if outs is not None:
-        return tuple(y if p is None else p + y for y, p in zip(outs, priors))
+        return outs
     biased = tuple(b for b, off in enumerate(offsets) if off is not None)
     carried = tuple(b for b, p in enumerate(priors) if p is not None)
     op = _batched_forward(spec, mode, blocks, poison, biased, carried)
