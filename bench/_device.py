@@ -74,7 +74,13 @@ def cuda_kernels() -> str:
                                           ("weight gradient", weight_grad_impl())) if impl == "cuda"]
     if not directions:
         return "built, not used (GINJAX_TRITON_FORWARD=triton, GINJAX_TRITON_WEIGHT_GRAD=triton)"
-    return "triton's " + " and ".join(directions) + " where the CUDA kernels cover the layer"
+    said = "triton's " + " and ".join(directions) + " where the CUDA kernels cover the layer"
+    if forward_impl() == "cuda":
+        from kernels.cuda.conv_contract import residuals_enabled
+
+        said += (", residuals added in the forward's epilogue" if residuals_enabled()
+                 else ", residuals added by XLA (GINJAX_CUDA_RESIDUAL=0)")
+    return said
 
 
 def backend_runs_here(backend: str) -> tuple[bool, str]:

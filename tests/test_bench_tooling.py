@@ -225,6 +225,23 @@ def test_device_says_which_vector_neuron_kernels_run(monkeypatch):
     assert _device.vector_neuron_kernels().startswith("triton where it covers a call (means off; cuda asked for, not here: ")
 
 
+def test_device_says_whether_the_cuda_forward_adds_residuals(monkeypatch):
+    pytest.importorskip("kernels.triton")
+    from bench import _device
+    from kernels import cuda
+    from kernels.cuda import conv_contract as cuda_entry
+
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.delenv(cuda_entry.RESIDUAL_ENV, raising=False)
+    assert _device.cuda_kernels().endswith("cover the layer, residuals added in the forward's epilogue")
+    monkeypatch.setenv(cuda_entry.RESIDUAL_ENV, "0")
+    assert _device.cuda_kernels().endswith("residuals added by XLA (GINJAX_CUDA_RESIDUAL=0)")
+    monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
+    assert "residuals" not in _device.cuda_kernels()
+
+
 def test_commit_falls_back_without_git(monkeypatch, tmp_path):
     monkeypatch.delenv(_suite.COMMIT_ENV, raising=False)
     assert _suite.resolve_commit("abc") == "abc"

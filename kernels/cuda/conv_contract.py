@@ -102,13 +102,17 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
 RESIDUAL_ENV = "GINJAX_CUDA_RESIDUAL"
 
 
+def residuals_enabled() -> bool:
+    """GINJAX_CUDA_RESIDUAL: "1" (default) lets the kernels add a layer's residuals in their
+    epilogue (`takes_residuals`), "0" leaves the add to XLA after the launch (the A/B)."""
+    return env_choice(RESIDUAL_ENV, ("1", "0"), "1") == "1"
+
+
 def takes_residuals(spec: ConvSpec, fp32: bool = False) -> bool:
     """Whether the `triton` backend hands a layer's residuals to `forward_call`, which adds them in
-    the kernel's epilogue: GINJAX_CUDA_RESIDUAL not "0" (on by default; "0": XLA adds them after
-    the launch, the A/B) and the layer one the kernels with residuals are compiled for (dilation
-    1, TF32: `fp32` False)."""
-    on = env_choice(RESIDUAL_ENV, ("1", "0"), "1") == "1"
-    return on and not fp32 and all(d == 1 for d in spec.rhs_dilation)
+    the kernel's epilogue: `residuals_enabled` and the layer one the kernels with residuals are
+    compiled for (dilation 1, TF32: `fp32` False)."""
+    return residuals_enabled() and not fp32 and all(d == 1 for d in spec.rhs_dilation)
 
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
