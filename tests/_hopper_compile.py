@@ -70,3 +70,17 @@ def run_offline(body: str, timeout: int = 600) -> list[str]:
     if done.stdout.startswith("skip:"):
         pytest.skip(done.stdout.strip())
     return done.stdout.splitlines()
+
+
+def ptxas_report(source, out_dir) -> str:
+    """nvcc 13's resource report (-Xptxas -v) of compiling the CUDA library source `source` for
+    sm_90a as the library's build does (-c: the host pass too; a device-only -cubin skips it),
+    the object written under `out_dir`; fails the test where nvcc fails."""
+    import jax
+
+    source = pathlib.Path(source)
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-c", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
+           f"-I{source.parent}", "-o", str(pathlib.Path(out_dir) / (source.stem + ".o")), str(source)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
+from _hopper_compile import ptxas_report
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as wg
@@ -382,13 +382,7 @@ def test_coverage_reasons(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
 def test_ptxas_resources_within_budget(tmp_path):
-    src = _dw_plan.INCLUDE.with_name("weight_gradient.cu")
-    # -c: the host pass too, as the library's build runs it (a device-only -cubin skips it)
-    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-c", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
-           f"-I{src.parent}", "-o", str(tmp_path / "k.o"), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    report = res.stderr
+    report = ptxas_report(_dw_plan.INCLUDE.with_name("weight_gradient.cu"), tmp_path)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     # weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
     # layouts, every dilation; every whole-row width (kWin false) and the window widths (kWin true);

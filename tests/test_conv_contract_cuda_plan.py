@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 from _conv_cuda_emulate import standard_spec
+from _hopper_compile import ptxas_report
 from kernels import cuda
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
@@ -320,14 +320,7 @@ def test_coverage_reasons(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
 def test_ptxas_resources_within_budget(tmp_path):
-    src = _plan.INCLUDE.with_name("conv_contract.cu")
-    # -c: the host pass too, as the library's build runs it (a device-only -cubin skips it)
-    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-c", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
-           f"-I{src.parent}",
-           "-o", str(tmp_path / "k.o"), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    report = res.stderr
+    report = ptxas_report(_plan.INCLUDE.with_name("conv_contract.cu"), tmp_path)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     # forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
     # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width

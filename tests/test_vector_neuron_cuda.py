@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import kernels.cuda
 import _vn_cuda_emulate as emulate
 from conftest import float64, rel_l2
+from _hopper_compile import ptxas_report
 from ginjax import _vector_neuron
 from kernels.cuda import _ffi, vector_neuron as vn
 
@@ -434,14 +435,9 @@ def test_the_cuda_source_with_an_affine_prologue_on_the_host(host_kernels, c, sp
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernels' compile check)")
 def test_ptxas_resources_match_the_residency_table(tmp_path):
-    src = vn.__file__.replace("vector_neuron.py", "vector_neuron.cu")
-    # -c: the host pass too, as the library's build runs it (a device-only -cubin skips it)
-    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90a", "-c", "-Xptxas", "-v", f"-I{jax.ffi.include_dir()}",
-           "-o", str(tmp_path / "vn.o"), src]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    report = ptxas_report(vn.__file__.replace("vector_neuron.py", "vector_neuron.cu"), tmp_path)
     kinds, mma = {}, {}
-    for chunk in res.stderr.split("Compiling entry function")[1:]:
+    for chunk in report.split("Compiling entry function")[1:]:
         # the tensor-core backward <T, kAffine, kAct> (C = 16, vector_neuron_mma.cuh)
         if name := re.match(r" '\w*?backward_mma_kernelILi(\d+)ELb([01])ELi([01])E", chunk):
             spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", chunk)
@@ -456,10 +452,10 @@ def test_ptxas_resources_match_the_residency_table(tmp_path):
         key = (name[1], int(name[2]), int(name[3]), bool(int(name[4])), int(name[5]))
         kinds[key] = tuple(int(v) for v in spill.groups()) + (int(regs[1]),)
     assert set(kinds) == {(kind, c, t, affine, act) for kind in ("forward", "backward") for c, t in vn.COVERED
-                          for affine in (False, True) for act in (0, 1)}, res.stderr
+                          for affine in (False, True) for act in (0, 1)}, report
     resident = {}
     for (kind, c, t, affine, act), (stack, stores, loads, regs) in kinds.items():
-        assert (stack, stores, loads) == (0, 0, 0), (kind, c, t, affine, act, res.stderr)
+        assert (stack, stores, loads) == (0, 0, 0), (kind, c, t, affine, act, report)
         if kind == "backward":
             per_cta = vn.THREADS * -(-regs // 8) * 8
             smem = 4 * (c * c + 2 * vn.THREADS * (t * c + 4) + 2 * vn.THREADS * t * c + c * (t * t + 2 * t))
