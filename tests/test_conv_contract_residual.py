@@ -188,8 +188,8 @@ def test_the_layer_adds_a_residual_as_plus_would(monkeypatch):
     assert seen[0] is not None and len(seen[0]) == 2 and seen[1] is None
     # another dtype: added by `+` after the layer (its promotion), not given to the backend
     seen.clear()
-    r64 = geom.MultiImage({k: v.astype(jnp.bfloat16) for k, v in r.items()}, x.D, x.is_torus)
-    got = layer(x, residual=r64)
+    r_bf16 = geom.MultiImage({k: v.astype(jnp.bfloat16) for k, v in r.items()}, x.D, x.is_torus)
+    got = layer(x, residual=r_bf16)
     assert seen == [None]
     for k in want.keys():
         np.testing.assert_allclose(np.asarray(got[k], np.float32), np.asarray(want[k]), rtol=2e-2, atol=2e-2)
