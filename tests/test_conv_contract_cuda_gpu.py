@@ -581,3 +581,34 @@ def test_residuals_under_compute_sanitizer():
         """
     )
     assert_sanitizer_clean(code, timeout=500)
+
+
+def test_a_resnet_adds_its_residuals_in_the_cuda_forward(monkeypatch):
+    """ResNet (preactivation, 16 + 16 channels at 16^3: layers the CUDA forward covers): its
+    compiled forward has one `ginjax_cuda_forward_add` per residual block, and its output equals
+    the program with GINJAX_CUDA_RESIDUAL=0 (XLA's add after the launch), which has none."""
+    import ginjax.geometric as geom
+    from conftest import filter_bank
+    from ginjax import models
+
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv(cuda_entry.RESIDUAL_ENV, raising=False)
+    D, N, blocks = 3, 16, 2
+    sig = geom.Signature(((((), 0), 1), (((False,), 0), 1)))
+    model = models.ResNet(D, sig, sig, 16, num_blocks=blocks, conv_filters=filter_bank(D, 3),
+                          key=jax.random.PRNGKey(0))
+    rng = np.random.default_rng(95)
+    x = geom.MultiImage({((), 0): jnp.asarray(rng.standard_normal((1,) + (N,) * D), jnp.float32),
+                         ((False,), 0): jnp.asarray(rng.standard_normal((1,) + (N,) * D + (D,)), jnp.float32)}, D, True)
+
+    def compiled():  # traced anew: the switch is read when the call is traced
+        return jax.jit(lambda x: model(x)[0]).lower(x).compile()
+
+    fused = compiled()
+    assert fused.as_text().count('custom_call_target="ginjax_cuda_forward_add"') == blocks, "a residual missed the kernel"
+    monkeypatch.setenv(cuda_entry.RESIDUAL_ENV, "0")
+    after = compiled()
+    assert "ginjax_cuda_forward_add" not in after.as_text()
+    got, want = fused(x), after(x)
+    for k in want.keys():
+        assert rel_l2(got[k], want[k]) <= 1e-6
