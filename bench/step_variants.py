@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # a residual block's input added to its last convolution's output by XLA after the CUDA
     # forward, instead of in the forward's epilogue (session 29, on by default)
     "residual-after": ({"GINJAX_CUDA_RESIDUAL": "0"}, ()),
+    # ... and DilResNet's (its blocks end with the VectorNeuron) after Triton's VectorNeuron forward
+    # instead of in it (session 29, on by default)
+    "vn-residual-after": ({"GINJAX_VN_RESIDUAL": "0"}, ()),
     # the Triton VectorNeuron, forward and backward (the GPU default until session 28)
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -106,6 +106,9 @@ NORM_PROLOGUE_ENV = "GINJAX_VN_NORM_PROLOGUE"
 # ConvContract's "mean" bias, which then reads no block again for them; "0": it does not, and the
 # bias takes its means from the block as before (for A/B)
 MEANS_ENV = "GINJAX_VN_MEANS"
+# "1" (default): a float32 `residual` is added by the "triton" forward kernel (also beside the
+# "cuda" backward) as it writes y; "0": by an add after it (for A/B)
+RESIDUAL_ENV = "GINJAX_VN_RESIDUAL"
 
 
 def default_layout() -> str:
@@ -117,6 +120,11 @@ def default_layout() -> str:
 def means_enabled() -> bool:
     """Whether the "triton" forward kernel adds up y's means where asked ($GINJAX_VN_MEANS)."""
     return env_choice(MEANS_ENV, ("0", "1"), "1") == "1"
+
+
+def residual_enabled() -> bool:
+    """Whether the kernels add a `residual` as they write y ($GINJAX_VN_RESIDUAL)."""
+    return env_choice(RESIDUAL_ENV, ("0", "1"), "1") == "1"
 
 
 def default_impl() -> str:
@@ -178,6 +186,7 @@ def vector_neuron(
     impl: str | None = None,
     affine: tuple | None = None,
     with_means: bool = False,
+    residual: jax.Array | None = None,
 ):
     """The VectorNeuronNonlinear of one block (c, *spatial[D], *tensor) with mixing `weight`
     (c, c); the result has the block's shape. Reverse-mode differentiable and vmappable.
@@ -191,12 +200,18 @@ def vector_neuron(
     ("cuda" where `cuda_covers` the call, "triton" where `triton_covers` it, else "xla"; "cuda"
     not covered falls back to "triton" and "xla" in that order).
     `with_means`: return (y, means), means y's spatial mean (c, *tensor) where the "triton"
-    forward kernel added it up as it wrote y (no pass over y; GINJAX_VN_MEANS), else None."""
-    y, means = _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means)
+    forward kernel added it up as it wrote y (no pass over y; GINJAX_VN_MEANS), else None.
+    `residual`: None, or an array of the block's shape added to the result (a residual block's
+    input), by the "triton" forward kernel (also beside the "cuda" backward) as it writes y, so
+    no pass of its own runs over it, and by an add elsewhere; the means include it."""
+    y, means = _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means, residual)
     return (y, means) if with_means else y
 
 
-def _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means):
+def _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with_means, residual=None):
+    if residual is not None and tuple(getattr(residual, "shape", ())) != tuple(block.shape):
+        raise ValueError(f"vector_neuron: `residual` (shape {tuple(getattr(residual, 'shape', ()))}) must have the "
+                         f"block's shape {tuple(block.shape)}")
     T = math.prod(block.shape[1 + D :])
     layout = default_layout() if layout is None else layout
     if layout not in LAYOUTS:
@@ -218,24 +233,35 @@ def _vector_neuron(weight, block, D, activation, eps, layout, impl, affine, with
         affine = None
         path = _path(impl, weight, block, D, activation, eps)  # the map's dtype may promote the block's
     with_means = with_means and path != "xla" and means_enabled()
+    # the kernels add a float32 residual as they write y; another dtype goes by `+`, as XLA's does
+    fused = (residual if residual is not None and residual.dtype == jnp.float32 and path != "xla"
+             and residual_enabled() else None)
+    late = residual if fused is None else None
+    extra = {} if fused is None else {"residual": fused}
     if path == "cuda":
         from kernels.cuda import vector_neuron_cuda
 
-        out = vector_neuron_cuda(weight, block, D, activation, float(eps), affine=affine, with_means=with_means)
-        return out if with_means else (out, None)
-    if path == "triton":
+        out = vector_neuron_cuda(weight, block, D, activation, float(eps), affine=affine, with_means=with_means,
+                                 **extra)
+        y, means = out if with_means else (out, None)
+    elif path == "triton":
         from kernels.triton import VNBlocks, vector_neuron_triton
 
         blocks = VNBlocks(save_mix=env_choice(SAVE_MIX_ENV, ("0", "1"), "0") == "1")
         out = vector_neuron_triton(weight, block, D, activation, float(eps), blocks, planar=layout == "planar",
-                                   affine=affine, with_means=with_means)
-        return out if with_means else (out, None)
-    lead = block.shape[: 1 + D]
-    x = block.reshape(lead + (T,))
-    if layout == "minor":
-        return _vn(weight, x, activation, eps, -1).reshape(block.shape), None
-    y = _vn(weight, jnp.moveaxis(x, -1, 1), activation, eps, 1)
-    return jnp.moveaxis(y, 1, -1).reshape(block.shape), None
+                                   affine=affine, with_means=with_means, **extra)
+        y, means = out if with_means else (out, None)
+    else:
+        lead = block.shape[: 1 + D]
+        x = block.reshape(lead + (T,))
+        if layout == "minor":
+            y = _vn(weight, x, activation, eps, -1).reshape(block.shape)
+        else:
+            y = jnp.moveaxis(_vn(weight, jnp.moveaxis(x, -1, 1), activation, eps, 1), 1, -1).reshape(block.shape)
+        means = None
+    if late is None:
+        return y, means
+    return y + late, None  # the means, where the kernel took them, are y's without it
 
 
 def component_dot(a: jax.Array, b: jax.Array, axis: int = -1) -> jax.Array:

@@ -278,26 +278,35 @@ class VectorNeuronNonlinear(MultiImageLayer):
                 subkey, (channels, channels), minval=-bound, maxval=bound
             )
 
-    def __call__(self, x: geom.MultiImage) -> geom.MultiImage:
-        """Apply the nonlinearity to `x`, a MultiImage with blocks (channels, *spatial, *tensor)."""
+    def __call__(self, x: geom.MultiImage, *, residual: Optional[geom.MultiImage] = None) -> geom.MultiImage:
+        """Apply the nonlinearity to `x`, a MultiImage with blocks (channels, *spatial, *tensor).
+
+        `residual` (an extension of ginjax 0.1.8's call): None, or a MultiImage added to the
+        result, `layer(x) + residual` (a residual block's input); where it has the result's keys
+        and block shapes, the VectorNeuron kernels add it as they write each block."""
         _check_dimension("VectorNeuronNonlinear", x, self.D)
+        blocks = _residual_blocks(residual, x)
         out = x.empty()
         for (k, p), block in x.items():
-            self._append_activated(out, k, p, block)
-        return out
+            self._append_activated(out, k, p, block, residual=None if blocks is None else blocks[(k, p)])
+        return out if residual is None or blocks is not None else out + residual
 
-    def _append_activated(self, out: geom.MultiImage, k, p, block: jax.Array, affine: Optional[tuple] = None) -> None:
-        """Append the activated block to `out`, with its spatial mean where the kernel added it up
-        (read by a following ConvContract's bias: `MultiImage._set_block_mean`)."""
+    def _append_activated(self, out: geom.MultiImage, k, p, block: jax.Array, affine: Optional[tuple] = None,
+                          residual: Optional[jax.Array] = None) -> None:
+        """Append the activated block (plus `residual`, if given) to `out`, with its spatial mean
+        where the kernel added it up (read by a following ConvContract's bias:
+        `MultiImage._set_block_mean`)."""
         if (k, p) == _SCALAR:
-            out.append(k, p, self.scalar_activation(block))
+            y = self.scalar_activation(block)
+            out.append(k, p, y if residual is None else y + residual)
             return
-        y, mean = self._activate_block(k, p, block, affine=affine, with_means=True)
+        y, mean = self._activate_block(k, p, block, affine=affine, with_means=True, residual=residual)
         out.append(k, p, y)
         if mean is not None:
             out._set_block_mean((k, p), mean)
 
-    def _activate_block(self, k, p, block: jax.Array, affine: Optional[tuple] = None, with_means: bool = False):
+    def _activate_block(self, k, p, block: jax.Array, affine: Optional[tuple] = None, with_means: bool = False,
+                        residual: Optional[jax.Array] = None):
         """One block through the nonlinearity; `affine` (M, v, shift), for non-scalar blocks:
         the nonlinearity of M (block - shift) + v (`vector_neuron`); `with_means` (non-scalar
         blocks): (y, its spatial mean or None), as `vector_neuron`'s."""
@@ -314,25 +323,43 @@ class VectorNeuronNonlinear(MultiImageLayer):
         # one custom-VJP operation: the mixing is a batched GEMM under vmap, the rest one
         # elementwise pass forward and one backward (ginjax._vector_neuron)
         return vector_neuron(weight, block, self.D, self.scalar_activation, self.eps, affine=affine,
-                             with_means=with_means)
+                             with_means=with_means, **({} if residual is None else {"residual": residual}))
 
 
 def normalize_and_activate(
-    norm: GroupNorm, nonlinearity: VectorNeuronNonlinear, x: geom.MultiImage
+    norm: GroupNorm, nonlinearity: VectorNeuronNonlinear, x: geom.MultiImage,
+    residual: Optional[geom.MultiImage] = None,
 ) -> geom.MultiImage:
     """nonlinearity(norm(x)), equal to the two layers one after the other, with each vector
     block's normalisation handed to the VectorNeuron as its affine map: where the fused Triton
     kernels run it they apply the map in registers, so the normalised block is never written
-    out nor kept for the backward (ginjax._vector_neuron)."""
+    out nor kept for the backward (ginjax._vector_neuron).
+    `residual`: None, or a MultiImage added to the result, as `VectorNeuronNonlinear`'s."""
     _check_dimension(type(norm).__name__, x, norm.D)
     _check_dimension("VectorNeuronNonlinear", x, nonlinearity.D)
     out = x.empty()
+    blocks = _residual_blocks(residual, x)
     for (k, p), block in x.items():
+        res = None if blocks is None else blocks[(k, p)]
         if len(k) == 1:
-            nonlinearity._append_activated(out, k, p, block, affine=norm._vector_affine(k, p, block))
+            nonlinearity._append_activated(out, k, p, block, affine=norm._vector_affine(k, p, block), residual=res)
         else:
-            nonlinearity._append_activated(out, k, p, norm._normalize_block(k, p, block))
-    return out
+            nonlinearity._append_activated(out, k, p, norm._normalize_block(k, p, block), residual=res)
+    return out if residual is None or blocks is not None else out + residual
+
+
+def _residual_blocks(residual: Optional[geom.MultiImage], x: geom.MultiImage) -> Optional[dict]:
+    """`residual`'s blocks by key where the nonlinearity can add them as it writes its output: the
+    same keys, D, torus flags and block shapes as `x` (the output's); else None (then `+`)."""
+    if residual is None:
+        return None
+    if not isinstance(residual, geom.MultiImage):
+        raise TypeError(f"`residual` (={type(residual).__name__}) must be None or a geom.MultiImage")
+    if set(residual.keys()) != set(x.keys()) or residual.D != x.D or tuple(residual.is_torus) != tuple(x.is_torus):
+        return None
+    if any(residual[k].shape != b.shape for k, b in x.items()):
+        return None
+    return {k: residual[k] for k in x.keys()}
 
 
 # ---------------------------------------------------------------------------------------------

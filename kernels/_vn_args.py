@@ -68,6 +68,19 @@ def check_affine(affine, channels: int, components: int) -> tuple:
     return tuple(affine)
 
 
+def check_residual(residual, block):
+    """A block added to the VectorNeuron's output (None, or an array of `block`'s shape), as
+    float32, or a ValueError naming `residual`."""
+    if residual is None:
+        return None
+    if not hasattr(residual, "shape") or tuple(residual.shape) != tuple(block.shape):
+        found = tuple(residual.shape) if hasattr(residual, "shape") else type(residual).__name__
+        raise ValueError(f"`residual` ({found}) must be None or an array of the block's shape {tuple(block.shape)}")
+    if not jnp.issubdtype(residual.dtype, jnp.floating):
+        raise ValueError(f"`residual` has dtype {residual.dtype}; it must be floating point")
+    return residual.astype(jnp.float32)
+
+
 def pack_affine(m, v, shift) -> jax.Array:
     """(c, T^2 + 2T): m row-major, v, shift per channel, the kernels' `aff` operand."""
     return jnp.concatenate([m.reshape(m.shape[0], -1), v, shift], axis=1)

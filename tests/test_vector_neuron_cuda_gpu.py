@@ -188,3 +188,38 @@ def test_no_relayout_around_the_cuda_calls(monkeypatch, forward):
     vn, bad = relayouts_next_to(text, lambda name, line: re.search(r"ginjax_cuda_vn_(forward|backward)", line))
     assert len(vn) == (2 if forward == "cuda" else 1), vn
     assert not bad, bad
+
+
+def test_a_residual_added_by_the_forward(monkeypatch):
+    """A residual (DilResNet's block input) added by the Triton forward beside the CUDA backward, on
+    the standard block, vmapped: y equals the XLA path plus the residual and its gradients in w,
+    x and the residual equal that composition's (the residual's is the cotangent), at fp32; the
+    compiled step has no add of the block after the forward (GINJAX_VN_RESIDUAL=0's has)."""
+    from kernels.cuda import vector_neuron as vn
+
+    monkeypatch.delenv(vn.FORWARD_ENV, raising=False)
+    monkeypatch.delenv(_vector_neuron.RESIDUAL_ENV, raising=False)
+    w, x, gy = operands(9, (4, 16, 64, 64, 64, 3), 16)
+    r = 0.5 * gy - 1.0
+
+    def loss(impl, fused):
+        def f(w, x, r):
+            if fused:
+                y = jax.vmap(lambda b, s: _vector_neuron.vector_neuron(w, b, 3, jax.nn.gelu, EPS, impl=impl,
+                                                                       residual=s))(x, r)
+            else:
+                y = jax.vmap(lambda b: _vector_neuron.vector_neuron(w, b, 3, jax.nn.gelu, EPS, impl=impl))(x) + r
+            return jnp.sum(y * gy), y
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    (_, got), grads = loss("cuda", True)(w, x, r)
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = loss("xla", False)(w, x, r)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
+    for a, b in zip(grads, want_grads):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 3e-5
+    fused = loss("cuda", True).lower(w, x, r).compile().as_text()
+    monkeypatch.setenv(_vector_neuron.RESIDUAL_ENV, "0")
+    after = loss("cuda", True).lower(w, x, r).compile().as_text()
+    add = re.compile(r"= f32\[4,16,64,64,64,3\]\{[^}]*\} add\(")
+    assert not add.search(fused) and add.search(after)

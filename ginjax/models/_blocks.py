@@ -277,17 +277,23 @@ class ConvBlock(MultiImageModule):
         self.nonlinearity = handle_activation(activation_f, equivariant, norm_keys, D, act_key)
 
     def _norm_and_activate(
-        self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State]
+        self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State], residual: Optional[geom.MultiImage] = None
     ) -> tuple[geom.MultiImage, Optional[eqx.nn.State]]:
-        if self.use_group_norm and isinstance(self.group_norm, layers.GroupNorm) and isinstance(
-            self.nonlinearity, layers.VectorNeuronNonlinear
-        ):  # the vector blocks' norm as the VectorNeuron's affine map (layers.normalize_and_activate)
-            return layers.normalize_and_activate(self.group_norm, self.nonlinearity, x), batch_stats
+        """norm -> activation, plus `residual` if given (added by the VectorNeuron's kernels as
+        they write their output, else by `+`)."""
+        vn = isinstance(self.nonlinearity, layers.VectorNeuronNonlinear)
+        given = {} if residual is None else {"residual": residual}
+        if self.use_group_norm and isinstance(self.group_norm, layers.GroupNorm) and vn:
+            # the vector blocks' norm as the VectorNeuron's affine map (layers.normalize_and_activate)
+            return layers.normalize_and_activate(self.group_norm, self.nonlinearity, x, **given), batch_stats
         if self.use_group_norm:
             x = self.group_norm(x)
         elif self.use_batch_norm:
             x, batch_stats = self.batch_norm(x, batch_stats)
-        return self.nonlinearity(x), batch_stats
+        if vn:
+            return self.nonlinearity(x, **given), batch_stats
+        y = self.nonlinearity(x)
+        return (y if residual is None else y + residual), batch_stats
 
     def __call__(
         self, x: geom.MultiImage, batch_stats: Optional[eqx.nn.State] = None, *,
@@ -296,13 +302,13 @@ class ConvBlock(MultiImageModule):
         """Apply the block to `x` (unbatched); returns the output and the (updated) batch_stats.
 
         `residual` (the residual models' use; not in ginjax 0.1.8's call): None, or a MultiImage
-        added to the block's output. In preactivation order the ConvContract adds it as it
-        writes its outputs (its `residual`), so no pass of its own runs over the output."""
-        if self.preactivation_order:
-            x, batch_stats = self._norm_and_activate(x, batch_stats)
-            if residual is not None and isinstance(self.conv, layers.ConvContract):
-                return self.conv(x, residual=residual), batch_stats
-            y = self.conv(x)
-        else:
-            y, batch_stats = self._norm_and_activate(self.conv(x), batch_stats)
+        added to the block's output by the layer that writes it: the ConvContract in
+        preactivation order (its `residual`), else the VectorNeuron's kernels, so no pass of its
+        own runs over the output."""
+        if not self.preactivation_order:
+            return self._norm_and_activate(self.conv(x), batch_stats, residual)
+        x, batch_stats = self._norm_and_activate(x, batch_stats)
+        if residual is not None and isinstance(self.conv, layers.ConvContract):
+            return self.conv(x, residual=residual), batch_stats
+        y = self.conv(x)
         return (y if residual is None else y + residual), batch_stats

@@ -71,8 +71,8 @@ def _run_residual(model, x: geom.MultiImage) -> geom.MultiImage:
         residual = x
         for layer in block[:-1]:
             x, _ = layer(x)
-        # the block's last ConvBlock adds the residual (its ConvContract, in preactivation order,
-        # as it writes the outputs)
+        # the block's last ConvBlock adds the residual as it writes its output (its ConvContract
+        # in preactivation order, else its VectorNeuron)
         x, _ = block[-1](x, residual=residual) if block else (x + residual, None)
     for layer in model.decoder:
         x, _ = layer(x)

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._env import env_choice
-from .._vn_args import ACTIVATIONS, check_affine, check_arguments, literal_eps, pack_affine, supported_activation
+from .._vn_args import (ACTIVATIONS, check_affine, check_arguments, check_residual, literal_eps, pack_affine,
+                        supported_activation)
 from .._reduce import affine_backward, fused_sums_cover
 from ._ffi import VN_BACKWARD, VN_FORWARD, registered
 
@@ -94,7 +95,7 @@ def vector_neuron_cuda_covers(weight: jax.Array, block: jax.Array, D: int, activ
 
 
 def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: Callable, eps: float,
-                       affine: tuple | None = None, with_means: bool = False):
+                       affine: tuple | None = None, with_means: bool = False, residual: jax.Array | None = None):
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as the
     CUDA kernels; float32 in and out. Reverse-mode differentiable and vmappable.
 
@@ -108,6 +109,9 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
             m_c (block - shift_c) + v_c instead, the map computed in the kernels.
         with_means: return (y, means), means y's spatial mean (c, *tensor) where the forward
             runs on Triton's kernel, which adds it up as it writes y (`forward_impl`), else None.
+        residual: None, or an array of the block's shape added to y: by Triton's forward kernel as
+            it writes y (the means include it), after the CUDA forward by XLA; its gradient is
+            y's cotangent.
     """
     name, T = check_arguments(weight, block, D, activation, eps)
     c = block.shape[0]
@@ -116,11 +120,13 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
         raise ValueError(f"`block` (shape {tuple(block.shape)}) is not covered by the CUDA kernels: {why}")
     if affine is not None:
         affine = check_affine(affine, c, T)
+    residual = check_residual(residual, block)
     ok, why = registered()
     if not ok:
         raise ValueError(f"the CUDA VectorNeuron cannot run here: {why}")
     lead = block.shape[: 1 + D]
-    planar = jnp.moveaxis(block.reshape(lead + (T,)), -1, 1)  # (c, T, *spatial)
+    as_planar = lambda a: jnp.moveaxis(a.reshape(lead + (T,)), -1, 1)  # noqa: E731  (c, T, *spatial)
+    planar = as_planar(block)
     # whether the map's backward sums run on the Triton sums kernel, which forward and which
     # backward kernel: decided here, outside the custom_vjp's rules (a decision inside them would
     # be reused from any trace JAX caches of them)
@@ -129,7 +135,7 @@ def vector_neuron_cuda(weight: jax.Array, block: jax.Array, D: int, activation: 
     mma = uses_mma(c, T, math.prod(block.shape[1 : 1 + D]))
     means = bool(with_means) and triton_forward is not None
     out = _vn(_Config(ACTIVATIONS.index(name), float(eps), sums_fused, triton_forward, mma, means), weight, planar,
-              affine)
+              affine, None if residual is None else as_planar(residual))
     y = jnp.moveaxis(out[0] if means else out, 1, -1).reshape(block.shape)
     if not with_means:
         return y
@@ -196,34 +202,36 @@ def _packed_affine(affine) -> jax.Array:
     return jnp.zeros((1,), jnp.float32) if affine is None else pack_affine(*affine)
 
 
-def _forward(cfg, w, x, affine):
+def _forward(cfg, w, x, affine, residual):
     if cfg.triton_forward is not None:  # the Triton forward on the block as (c, *spatial, *tensor), planar
         from ..triton.vector_neuron import vector_neuron_triton
 
         D, tensor = cfg.triton_forward
         c, T, spatial = x.shape[0], x.shape[1], x.shape[2:]
-        block = jnp.moveaxis(x, 1, -1).reshape((c,) + spatial + tensor)
+        as_block = lambda a: jnp.moveaxis(a, 1, -1).reshape((c,) + spatial + tensor)  # noqa: E731
         activation = getattr(jax.nn, ACTIVATIONS[cfg.act])
-        out = vector_neuron_triton(w, block, D, activation, cfg.eps, planar=True, affine=affine,
-                                   with_means=cfg.means)
+        out = vector_neuron_triton(w, as_block(x), D, activation, cfg.eps, planar=True, affine=affine,
+                                   with_means=cfg.means, residual=None if residual is None else as_block(residual))
         y = jnp.moveaxis((out[0] if cfg.means else out).reshape((c,) + spatial + (T,)), -1, 1)
         return (y, out[1]) if cfg.means else y
     call = jax.ffi.ffi_call(VN_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="broadcast_all")
-    return call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
+    y = call(x, w, _packed_affine(affine), affine=np.int64(affine is not None), **_attrs(cfg, x))
+    return y if residual is None else y + residual  # the CUDA forward kernel takes no residual
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _vn(cfg, w, x, affine):
-    """x (c, T, *spatial) planar; cfg a `_Config`; affine None or (m, v, shift)."""
-    return _forward(cfg, w, x, affine)
+def _vn(cfg, w, x, affine, residual):
+    """x (c, T, *spatial) planar; cfg a `_Config`; affine None or (m, v, shift); residual None or
+    x's shape, added to y."""
+    return _forward(cfg, w, x, affine, residual)
 
 
-def _vn_fwd(cfg, w, x, affine):
-    return _forward(cfg, w, x, affine), (w, x, affine)
+def _vn_fwd(cfg, w, x, affine, residual):
+    return _forward(cfg, w, x, affine, residual), (w, x, affine, residual is not None)
 
 
 def _vn_bwd(cfg, res, gy):
-    w, x, affine = res
+    w, x, affine, with_residual = res
     attrs = _attrs(cfg, x)
     c, T, S = (int(attrs[k]) for k in ("channels", "components", "pixels"))
     if cfg.means:  # a mean's cotangent reaches every pixel over their count (zero, dropped by XLA,
@@ -236,13 +244,14 @@ def _vn_bwd(cfg, res, gy):
     g, part = call(x, w, _packed_affine(affine), gy.astype(jnp.float32), affine=np.int64(affine is not None),
                    groups=np.int64(groups), tensor_cores=np.int64(cfg.mma), **attrs)
     gw = jnp.sum(part, axis=-2).reshape(c, c)
+    g_residual = gy.astype(jnp.float32) if with_residual else None  # y = ... + residual
     if affine is None:
-        return gw, g, None
+        return gw, g, None, g_residual
     # g is the gradient in the mapped block; the map's VJP on (c, S, T) views of the planar arrays
     m, _, shift = affine
     as_rows = lambda a: jnp.moveaxis(a.reshape(c, T, S), 1, 2)  # noqa: E731
     gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, as_rows(x), shift, as_rows(g), planar=True)
-    return gw, jnp.moveaxis(gx, 2, 1).reshape(x.shape), (gm, gv, gshift)
+    return gw, jnp.moveaxis(gx, 2, 1).reshape(x.shape), (gm, gv, gshift), g_residual
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)

@@ -349,14 +349,17 @@ def _finish(name, args, e: _Emit, programs: int, warps: int, stages: int = 1) ->
 
 @functools.lru_cache(maxsize=128)
 def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps: int,
-                 precision: str = "ieee", save_mix: bool = False, sums: bool = False) -> KernelPlan:
+                 precision: str = "ieee", save_mix: bool = False, sums: bool = False,
+                 residual: bool = False) -> KernelPlan:
     """y = x + h(s) u for one tile of `pixels` pixels per program: kernel(x, w, y), or with
     `save_mix` kernel(x, w, y, dm), also storing d = W x into dm (the block's shape and layout).
     With `g.affine` kernel(x, w, aff, y[, dm]): the nonlinearity of M (x - shift) + v, its
     coefficients (c, `affine_row`) per example in aff. With `sums` a last result part
     (B, tiles, C * T): each program's sums of y over its tile's pixels, per channel and component
     ([c * T + t]), for the caller to add up (XLA's column sum): the block's spatial means (a consumer's
-    "mean" bias reads them, kernels._bias) without another pass over y."""
+    "mean" bias reads them, kernels._bias) without another pass over y. With `residual` an operand
+    `resid` after the block's (and the coefficients'): a block of y's shape, layout and batch added
+    to y (y = x + h(s) u + resid; the sums include it), e.g. a residual block's input."""
     C, T, S = g.channels, g.components, g.pixels
     P = pixels
     tiles = -(-S // P)
@@ -366,16 +369,18 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     e(f"bat = (pid // {tiles}).to(tl.int64)  # 64-bit: batch offsets may pass 2^31")
     _emit_channels_and_weights(e, g, transposed=False)
     e(f"yb = y + bat * {C * T * S}")
+    if residual:
+        e(f"resb = resid + bat * {C * T * S}")
     if save_mix:
         e(f"dmb = dm + bat * {C * T * S}")
     if g.affine:
         _emit_affine_coefficients(e, g)
-    mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")])
+    mask = _emit_tile(e, g, P, S % P != 0, [("x", "xb")] + ([("res", "resb")] if residual else []))
     if g.affine:
         _emit_affine(e, g)
     _emit_local(e, g, activation, repr(float(eps)), derivative=False, precision=precision)
     for t in range(T):
-        e(f"y{t} = x{t} + h * u{t}")
+        e(f"y{t} = x{t} + h * u{t}" + (f" + res{t}" if residual else ""))
     _emit_store(e, g, P, "yb", {t: f"y{t}" for t in range(T)}, mask)
     if save_mix:
         _emit_store(e, g, P, "dmb", {t: f"d{t}" for t in range(T)}, mask)
@@ -390,7 +395,9 @@ def plan_forward(g: VNGeometry, activation: str, eps: float, pixels: int, warps:
     key = (g, activation, eps, P, warps) + ((precision,) if precision != "ieee" else ())
     key += ("save_mix",) if save_mix else ()
     key += ("sums",) if sums else ()
-    args = ["x", "w"] + (["aff"] if g.affine else []) + ["y"] + (["dm"] if save_mix else []) + (["part"] if sums else [])
+    key += ("residual",) if residual else ()
+    args = (["x", "w"] + (["aff"] if g.affine else []) + (["resid"] if residual else []) + ["y"]
+            + (["dm"] if save_mix else []) + (["part"] if sums else []))
     return _finish(_name("fwd", key), args, e, tiles, warps)
 
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from .._fused import INT32_MAX
 from .._reduce import affine_backward, fused_sums_cover, middle_sum
-from .._vn_args import check_affine, check_arguments, literal_eps, pack_affine, supported_activation
+from .._vn_args import check_affine, check_arguments, check_residual, literal_eps, pack_affine, supported_activation
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
@@ -69,6 +69,7 @@ def vector_neuron_triton(
     planar: bool = True,
     affine: Optional[tuple] = None,
     with_means: bool = False,
+    residual: Optional[jax.Array] = None,
 ):
     """The VectorNeuron of one block (c, *spatial[D], *tensor) with mixing `weight` (c, c), as
     the fused Triton kernels; float32 in and out. Reverse-mode differentiable and vmappable.
@@ -90,16 +91,20 @@ def vector_neuron_triton(
         with_means: also return y's spatial mean, which the forward kernel adds up from the
             tiles it writes (per-tile partial sums, then XLA's column sum): a following layer's
             "mean" bias takes it instead of reading y again (kernels._bias). Differentiable.
+        residual: None, or a float32 array of the block's shape added to y as the kernel writes
+            it (a residual block's input: no pass of its own); the means include it, and its
+            gradient is y's cotangent.
     """
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
     cfg = _Config(D, name, float(eps), blocks, bool(planar), means=bool(with_means))
+    residual = check_residual(residual, block)
     if affine is None:
-        return _vn(cfg, weight, block, None)
+        return _vn(cfg, weight, block, None, residual)
     affine = check_affine(affine, block.shape[0], math.prod(block.shape[1 + D :]))
     sums_fused = fused_sums_cover(block.reshape((block.shape[0], -1, affine[0].shape[-1])), products=True)
-    return _vn(cfg._replace(sums_fused=sums_fused), weight, block, affine)
+    return _vn(cfg._replace(sums_fused=sums_fused), weight, block, affine, residual)
 
 
 class _Config(NamedTuple):
@@ -119,8 +124,8 @@ class _Config(NamedTuple):
 # operand group of the launch; with it the kernels' gradient is in y = m (x - shift) + v, and the
 # map's own VJP (kernels._reduce.affine_backward) follows
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _vn(cfg, w, x, affine):
-    return _results(cfg, x, _batched_forward(cfg, False)((x[None],), _launch_weights(w, affine)))
+def _vn(cfg, w, x, affine, residual):
+    return _results(cfg, x, _batched_forward(cfg, False)(_launch_blocks(x, residual), _launch_weights(w, affine)))
 
 
 def _results(cfg, x, outs):
@@ -132,35 +137,42 @@ def _results(cfg, x, outs):
     return outs[0][0], (outs[-1][0] / pixels).reshape((x.shape[0],) + x.shape[1 + cfg.D :])
 
 
+def _launch_blocks(x, residual) -> tuple:
+    """The launch's block-shaped operands: (x,) or (x, residual)."""
+    return (x[None],) if residual is None else (x[None], residual[None])
+
+
 def _launch_weights(w, affine) -> tuple:
     """The launch's per-example operands besides the block: (w,) or (w, packed coefficients)."""
     return (w[None],) if affine is None else (w[None], pack_affine(*affine)[None])
 
 
-def _vn_fwd(cfg, w, x, affine):
+def _vn_fwd(cfg, w, x, affine, residual):
+    with_residual = residual is not None
     if not cfg.blocks.save_mix:
-        return _vn(cfg, w, x, affine), (w, x, affine, None)
-    outs = _batched_forward(cfg, True)((x[None],), _launch_weights(w, affine))
-    return _results(cfg, x, outs), (w, x, affine, outs[1][0])
+        return _vn(cfg, w, x, affine, residual), (w, x, affine, None, with_residual)
+    outs = _batched_forward(cfg, True)(_launch_blocks(x, residual), _launch_weights(w, affine))
+    return _results(cfg, x, outs), (w, x, affine, outs[1][0], with_residual)
 
 
 def _vn_bwd(cfg, res, gy):
-    w, x, affine, d = res
+    w, x, affine, d, with_residual = res
     if cfg.means:  # a mean's cotangent reaches every pixel divided by their count (zero, and
         # dropped by XLA, where the consumer takes the means as constants: kernels._bias.known_mean)
         gy, g_means = gy
         pixels = math.prod(x.shape[1 : 1 + cfg.D])
         gy = gy + (g_means / pixels).reshape(g_means.shape[:1] + (1,) * cfg.D + g_means.shape[1:])
+    g_residual = gy.astype(jnp.float32) if with_residual else None  # y = ... + residual
     xgs = (x[None], gy.astype(jnp.float32)[None]) + (() if d is None else (d[None],))
     g, gw = _batched_backward(cfg)(xgs, _launch_weights(w, affine))
     if affine is None:
-        return gw[0], g[0], None
+        return gw[0], g[0], None, g_residual
     m, _, shift = affine
     c, T = m.shape[0], m.shape[-1]
     # the sums read x and g in the layout these kernels read x and wrote g in: no transposes between
     gm, gv, gx, gshift = affine_backward(cfg.sums_fused, m, x.reshape((c, -1, T)), shift, g[0].reshape((c, -1, T)),
                                          planar=cfg.planar)
-    return gw[0], gx.reshape(x.shape), (gm, gv, gshift)
+    return gw[0], gx.reshape(x.shape), (gm, gv, gshift), g_residual
 
 
 _vn.defvjp(_vn_fwd, _vn_bwd)
@@ -170,8 +182,8 @@ _vn.defvjp(_vn_fwd, _vn_bwd)
 @functools.lru_cache(maxsize=64)
 def _batched_forward(cfg, with_mix: bool):
     @jax.custom_batching.custom_vmap
-    def op(xs, ws):  # ws: (w,) or (w, aff)
-        return _launch_forward(cfg, xs[0], ws[0], with_mix, *ws[1:])
+    def op(xs, ws):  # xs: (x,) or (x, residual); ws: (w,) or (w, aff)
+        return _launch_forward(cfg, xs[0], ws[0], with_mix, *ws[1:], resid=xs[1] if len(xs) > 1 else None)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
@@ -208,14 +220,14 @@ def _geometry(cfg, x, w, gy=None, aff=None):
     return batch, g
 
 
-def _launch_forward(cfg, x, w, with_mix: bool, aff=None):
-    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c), aff None or (1 or B, c, affine_row(T))
-    -> (y,) or with `with_mix` (y, d), each (B, c, *spatial, *tensor); with `cfg.means` y's sums
-    over the pixels (B, c, T) last."""
+def _launch_forward(cfg, x, w, with_mix: bool, aff=None, resid=None):
+    """x (1 or B, c, *spatial, *tensor), w (1 or B, c, c), aff None or (1 or B, c, affine_row(T)),
+    resid None or x's shape (1 or B) -> (y,) or with `with_mix` (y, d), each (B, c, *spatial,
+    *tensor); with `cfg.means` y's sums over the pixels (B, c, T) last."""
     D, act, eps, blocks, planar = cfg.D, cfg.activation, cfg.eps, cfg.blocks, cfg.planar
     batch, g = _geometry(cfg, x, w, aff=aff)
     plan = plan_forward(g, act, eps, *tiling(blocks, g, backward=False), precision=blocks.precision or "ieee",
-                        save_mix=with_mix, sums=cfg.means)
+                        save_mix=with_mix, sums=cfg.means, residual=resid is not None)
     order = block_order(D, x.ndim, planar)
     out = jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), jnp.float32)
     n_out = 2 if with_mix else 1
@@ -224,9 +236,12 @@ def _launch_forward(cfg, x, w, with_mix: bool, aff=None):
     if cfg.means:
         shapes.append(jax.ShapeDtypeStruct((batch, plan.programs_per_batch, width), jnp.float32))
         out_orders.append(None)
-    operands = [x, w] + ([] if aff is None else [aff])
-    outs = run_plan(plan, shapes, plan.programs_per_batch * batch, operands,
-                    in_orders=[order] + [None] * (len(operands) - 1), out_orders=out_orders)
+    operands, in_orders = [x, w] + ([] if aff is None else [aff]), [order] + [None] * (1 + (aff is not None))
+    if resid is not None:  # indexed as y is: the whole batch
+        operands.append(jnp.broadcast_to(resid, (batch,) + tuple(resid.shape[1:])))
+        in_orders.append(order)
+    outs = run_plan(plan, shapes, plan.programs_per_batch * batch, operands, in_orders=in_orders,
+                    out_orders=out_orders)
     if not cfg.means:
         return tuple(outs)
     # the partials are tall (a row per tile: 4096 x 48 a 64^3 example), which the fixed-order sums
