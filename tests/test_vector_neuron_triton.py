@@ -302,7 +302,10 @@ for C, T in ((16, 3), (32, 3), (3, 2)):
             plans += [vk.plan_forward(vk.VNGeometry(C, T, 64**3, True, False, planar=planar, affine=True, a_batched=True),
                                       "gelu", 1e-5, *tiling[0], sums=True),
                       vk.plan_backward(vk.VNGeometry(C, T, 64**3, True, False, True, planar=planar, affine=True,
-                                                     a_batched=True), "gelu", 1e-5, *tiling[1], 64)]
+                                                     a_batched=True), "gelu", 1e-5, *tiling[1], 64),
+                      # adding a residual block's input (DilResNet's blocks), with the means
+                      vk.plan_forward(vk.VNGeometry(C, T, 64**3, True, False, planar=planar), "gelu", 1e-5,
+                                      *tiling[0], sums=True, residual=True)]
         for plan in plans:
             compiled = compile_for_hopper(plan)
             assert compiled.asm.get("cubin"), plan.name
@@ -316,13 +319,13 @@ def test_kernels_compile_for_hopper():
     """If this Triton can compile offline, the forward and backward sources at the GPU's default
     tilings (16 and 32 channels of 3D vectors, 3 of 2D ones; planar and packed components-minor;
     at 16 channels also with the affine prologue, whose forward adds up its output's means as in
-    the models)
+    the models, and the forward adding a residual)
     compile to sm_90 cubins without a GPU (tests/_hopper_compile.py), and where Triton ships
     cuobjdump, with no stack (no spills) for the 3D vectors."""
     from _hopper_compile import run_offline
 
     lines = [line.split() for line in run_offline(_COMPILE_FOR_HOPPER) if line.startswith("compiled")]
-    assert len(lines) == 16, lines
+    assert len(lines) == 18, lines
     for _, name, C, T, planar, _, stack in lines:
         if T == "3":
             assert stack in ("0", "None"), f"{name} ({C} channels, planar={planar}) spills: stack {stack}"
