@@ -192,6 +192,21 @@ def run_drawn(check, examples: int, **strategies) -> None:
     run()
 
 
+def residual_model_by_plus(model, x):
+    """An equivariant residual model (ResNet, DilResNet) on unbatched `x` the plain way: each block's
+    ConvBlocks in turn, then its input added by MultiImage `+` (what `_run_residual` fuses)."""
+    for layer in model.encoder:
+        x, _ = layer(x)
+    for block in model.blocks:
+        residual = x
+        for layer in block:
+            x, _ = layer(x)
+        x = x + residual
+    for layer in model.decoder:
+        x, _ = layer(x)
+    return x
+
+
 def rel_l2(actual, expected) -> float:
     """Relative L2 error ||a - e|| / ||e||, computed in float64."""
     a = np.asarray(actual, dtype=np.float64)

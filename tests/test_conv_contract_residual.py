@@ -15,7 +15,7 @@ import pytest
 import ginjax.geometric as geom
 import kernels
 from bench import _cases
-from conftest import filter_bank, fixture_filters, invariant_pairs, random_operands, rel_l2
+from conftest import filter_bank, fixture_filters, invariant_pairs, random_operands, rel_l2, residual_model_by_plus
 from ginjax.layers import ConvContract
 from kernels import cuda
 from kernels.cuda import _ffi, _plan
@@ -214,18 +214,6 @@ def test_residual_models_give_the_block_input_to_its_last_convolution(monkeypatc
     x = geom.MultiImage({((), 0): jnp.asarray(rng.standard_normal((1, N, N)), jnp.float32),
                          ((False,), 0): jnp.asarray(rng.standard_normal((1, N, N, D)), jnp.float32)}, D, True)
 
-    def by_plus(model, x):
-        for layer in model.encoder:
-            x, _ = layer(x)
-        for block in model.blocks:
-            residual = x
-            for layer in block:
-                x, _ = layer(x)
-            x = x + residual
-        for layer in model.decoder:
-            x, _ = layer(x)
-        return x
-
     for cls, kw in ((models.ResNet, dict(num_blocks=2)), (models.DilResNet, dict(num_blocks=1))):
         model = cls(D, sig, sig, depth=4, equivariant=True, conv_filters=bank, key=jax.random.PRNGKey(0), **kw)
         seen = []
@@ -233,7 +221,7 @@ def test_residual_models_give_the_block_input_to_its_last_convolution(monkeypatc
         monkeypatch.setattr(kernels, "conv_contract", lambda *a, **k: seen.append(k.get("residual")) or real(*a, **k))
         got = _resnet._run_residual(model, x)
         monkeypatch.setattr(kernels, "conv_contract", real)
-        want = by_plus(model, x)
+        want = residual_model_by_plus(model, x)
         for k in want.keys():
             np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-5)
         fused = sum(r is not None for r in seen)
@@ -242,7 +230,7 @@ def test_residual_models_give_the_block_input_to_its_last_convolution(monkeypatc
             continue
         loss = lambda m, f: sum(jnp.sum(jnp.sin(b)) for b in f(m, x).values())  # noqa: E731
         g_got = jax.grad(lambda m: loss(m, _resnet._run_residual))(model)
-        g_want = jax.grad(lambda m: loss(m, by_plus))(model)
+        g_want = jax.grad(lambda m: loss(m, residual_model_by_plus))(model)
         for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 

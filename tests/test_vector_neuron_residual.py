@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import _vn_cuda_emulate as emulate
 import ginjax.geometric as geom
-from conftest import filter_bank, rel_l2
+from conftest import filter_bank, rel_l2, residual_model_by_plus
 from ginjax import _vector_neuron, layers
 from kernels.cuda import _ffi
 from kernels.cuda import vector_neuron as vn
@@ -194,24 +194,12 @@ def test_the_layer_and_dilresnet_hand_the_residual_to_the_kernel(monkeypatch):
                         or real(*a, **kw))
     model = models.DilResNet(D, sig, sig, 2, num_blocks=2, conv_filters=filter_bank(D, 3), key=jax.random.PRNGKey(0))
 
-    def by_plus(model, x):
-        for layer in model.encoder:
-            x, _ = layer(x)
-        for block in model.blocks:
-            residual = x
-            for layer in block:
-                x, _ = layer(x)
-            x = x + residual
-        for layer in model.decoder:
-            x, _ = layer(x)
-        return x
-
     got = _resnet._run_residual(model, x)
     assert sum(fused) == 2, fused
-    want = by_plus(model, x)
+    want = residual_model_by_plus(model, x)
     for k in want.keys():
         assert rel_l2(got[k], want[k]) < 1e-5
     loss = lambda m, f: sum(jnp.sum(jnp.sin(b)) for b in f(m, x).values())  # noqa: E731
     g_got = jax.grad(lambda m: loss(m, _resnet._run_residual))(model)
-    g_want = jax.grad(lambda m: loss(m, by_plus))(model)
+    g_want = jax.grad(lambda m: loss(m, residual_model_by_plus))(model)
     assert rel_l2(_flat(g_got), _flat(g_want)) < 1e-5
