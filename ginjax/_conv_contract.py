@@ -23,7 +23,7 @@ from kernels import ConvSpec
 
 from ginjax import geometric as geom
 from ginjax._filter_bank import FilterBank, TracedFiltersError
-from ginjax._validate import as_signature, check_key
+from ginjax._validate import as_signature, check_key, residual_blocks
 
 Key = tuple[tuple[bool, ...], int]
 Weights = dict[Key, dict[Key, jax.Array]]
@@ -128,19 +128,6 @@ def _same_dtype_as(x: geom.MultiImage, out: geom.MultiImage) -> geom.MultiImage:
     if all(b.dtype == dtype for b in out.values()):
         return out
     return geom.MultiImage({k: b.astype(dtype) for k, b in out.items()}, out.D, out.is_torus)
-
-
-def _residual_blocks(residual: Optional[geom.MultiImage], x: geom.MultiImage, out_order: list) -> Optional[list]:
-    """`residual`'s blocks in output order where the backend can add them itself: the result's
-    keys, D, torus flags and the inputs' dtype (so the sum is what `+` gives); else None."""
-    if residual is None or set(residual.keys()) != set(out_order) or residual.D != x.D:
-        return None
-    if tuple(residual.is_torus) != tuple(x.is_torus):
-        return None
-    dtype = jnp.result_type(*x.values())
-    if any(residual[k].dtype != dtype for k in out_order):
-        return None
-    return [residual[k] for k in out_order]
 
 
 def _hashable(value):
@@ -407,7 +394,10 @@ class ConvContract(MultiImageLayer):
         # the inputs' means where the layer that made a block added them up (the VectorNeuron):
         # a "mean" bias then reads no block again for them
         given = [x._block_mean(k) for k in in_order] if bias is not None else []
-        fused = _residual_blocks(residual, x, out_order)
+        # the backend adds a residual in the result's keys and the inputs' dtype (its block shapes
+        # kernels.conv_contract checks); otherwise `+` after it
+        blocks = residual_blocks(residual, x, out_order, dtype=jnp.result_type(*x.values()))
+        fused = None if blocks is None else [blocks[k] for k in out_order]
         outs = kernels.conv_contract(
             spec,
             [x[k] for k in in_order],
@@ -436,7 +426,5 @@ class ConvContract(MultiImageLayer):
         result, `layer(x) + residual` (e.g. a residual block's input). Where it has the result's
         keys, blocks and dtype the backend adds it as it writes the outputs (the `triton`
         backend's CUDA forward in its epilogue: no pass of its own); otherwise by `+`."""
-        if residual is not None and not isinstance(residual, geom.MultiImage):
-            raise TypeError(f"`residual` (={type(residual).__name__}) must be None or a geom.MultiImage")
         out = self._convolve(x, self.weights, self.backend, with_bias=True, residual=residual)
         return out if residual is not None else _same_dtype_as(x, out)

@@ -6,7 +6,7 @@ be valid, so that a bad argument never surfaces as a raw error from deep inside 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +50,24 @@ def check_multi_image(value: Any, where: str, name: str) -> None:
         raise TypeError(
             f"{where}: `{name}` (={type(value).__name__}) must be a geom.MultiImage"
         )
+
+
+def residual_blocks(residual: Optional[geom.MultiImage], x: geom.MultiImage, keys: Iterable, *,
+                    dtype=None, shapes: Optional[dict] = None) -> Optional[dict]:
+    """A layer's `residual` (None, or a MultiImage added to its result) as its blocks by key where
+    the layer can add them as it writes the result: exactly the result's `keys`, `x`'s D and torus
+    flags, and where given that `dtype` (so the sum is what `+` gives) and those block `shapes`;
+    else None, and the layer adds it by `+` (which raises where the two do not match). A residual
+    that is not a MultiImage raises a TypeError naming it."""
+    if residual is None:
+        return None
+    if not isinstance(residual, geom.MultiImage):
+        raise TypeError(f"`residual` (={type(residual).__name__}) must be None or a geom.MultiImage")
+    keys = list(keys)
+    if set(residual.keys()) != set(keys) or residual.D != x.D or tuple(residual.is_torus) != tuple(x.is_torus):
+        return None
+    if dtype is not None and any(residual[k].dtype != dtype for k in keys):
+        return None
+    if shapes is not None and any(residual[k].shape != shapes[k] for k in keys):
+        return None
+    return {k: residual[k] for k in keys}

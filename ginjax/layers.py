@@ -20,6 +20,7 @@ from jaxtyping import ArrayLike
 
 from ginjax import geometric as geom
 from ginjax._conv_contract import ConvContract, MultiImageLayer
+from ginjax._validate import residual_blocks
 from ginjax._filter_bank import FilterBank
 from ginjax._norm_stats import scalar_group_norm, vector_group_norm, vector_group_norm_coefficients
 from ginjax._vector_neuron import vector_neuron
@@ -285,7 +286,7 @@ class VectorNeuronNonlinear(MultiImageLayer):
         result, `layer(x) + residual` (a residual block's input); where it has the result's keys
         and block shapes, the VectorNeuron kernels add it as they write each block."""
         _check_dimension("VectorNeuronNonlinear", x, self.D)
-        blocks = _residual_blocks(residual, x)
+        blocks = residual_blocks(residual, x, x.keys(), shapes={k: b.shape for k, b in x.items()})
         out = x.empty()
         for (k, p), block in x.items():
             self._append_activated(out, k, p, block, residual=None if blocks is None else blocks[(k, p)])
@@ -338,7 +339,7 @@ def normalize_and_activate(
     _check_dimension(type(norm).__name__, x, norm.D)
     _check_dimension("VectorNeuronNonlinear", x, nonlinearity.D)
     out = x.empty()
-    blocks = _residual_blocks(residual, x)
+    blocks = residual_blocks(residual, x, x.keys(), shapes={k: b.shape for k, b in x.items()})
     for (k, p), block in x.items():
         res = None if blocks is None else blocks[(k, p)]
         if len(k) == 1:
@@ -346,20 +347,6 @@ def normalize_and_activate(
         else:
             nonlinearity._append_activated(out, k, p, norm._normalize_block(k, p, block), residual=res)
     return out if residual is None or blocks is not None else out + residual
-
-
-def _residual_blocks(residual: Optional[geom.MultiImage], x: geom.MultiImage) -> Optional[dict]:
-    """`residual`'s blocks by key where the nonlinearity can add them as it writes its output: the
-    same keys, D, torus flags and block shapes as `x` (the output's); else None (then `+`)."""
-    if residual is None:
-        return None
-    if not isinstance(residual, geom.MultiImage):
-        raise TypeError(f"`residual` (={type(residual).__name__}) must be None or a geom.MultiImage")
-    if set(residual.keys()) != set(x.keys()) or residual.D != x.D or tuple(residual.is_torus) != tuple(x.is_torus):
-        return None
-    if any(residual[k].shape != b.shape for k, b in x.items()):
-        return None
-    return {k: residual[k] for k in x.keys()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,3 +84,11 @@ def ptxas_report(source, out_dir) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stderr
+
+
+def ptxas_entries(report: str, mangled: str) -> list[tuple]:
+    """Per entry function in a `ptxas_report` whose mangled name contains the regex `mangled`
+    (its groups: the template arguments), those groups followed by its spill stores and loads
+    (bytes, as strings), in the report's order."""
+    return re.findall(r"Compiling entry function '\S*" + mangled
+                      + r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)

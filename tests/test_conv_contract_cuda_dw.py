@@ -24,7 +24,7 @@ import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call
 from _conv_cuda_emulate import standard_spec
 from conftest import float64
-from _hopper_compile import ptxas_report
+from _hopper_compile import ptxas_entries, ptxas_report
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as wg
@@ -387,8 +387,7 @@ def test_ptxas_resources_within_budget(tmp_path):
     # weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
     # layouts, every dilation; every whole-row width (kWin false) and the window widths (kWin true);
     # the fp32 (3xTF32) ones at dilation 1 on whole rows.
-    entries = re.findall(r"Compiling entry function '\S*weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])ELb([01])EE"
-                         r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    entries = ptxas_entries(report, r"weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])ELb([01])EE")
     kernels_ = [e[:6] for e in entries]
     expected = {(str(nx), str(nt), pl, str(d), win, "0") for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 from _conv_cuda_emulate import standard_spec
-from _hopper_compile import ptxas_report
+from _hopper_compile import ptxas_entries, ptxas_report
 from kernels import cuda
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
@@ -326,8 +326,7 @@ def test_ptxas_resources_within_budget(tmp_path):
     # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width
     # (kWin false) and the window widths (kWin true); the fp32 (3xTF32) ones at dilation 1 on whole
     # rows; each compiled exactly once.
-    entries = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])ELb0EJEE"
-                         r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])ELb0EJEE")
     kernels_ = [e[:7] for e in entries]
     expected = {(str(nx), str(nt), g, pl, str(d), win, "0") for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
@@ -345,9 +344,8 @@ def test_ptxas_resources_within_budget(tmp_path):
     # dilation 1, TF32, every width, n-tile count, group setting and layout, whole rows and
     # windows; at most a few words of spills (nvcc 13.0: 4 bytes in one, x 48 with 8 outputs in
     # two channel groups, planar)
-    residual = re.findall(r"Compiling entry function '\S*forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)"
-                          r"ELb([01])ELb([01])ELb1EJPKfS\d_EEEv[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, "
-                          r"(\d+) bytes spill loads", report)
+    residual = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])"
+                                     r"ELb1EJPKfS\d_EEEv")
     want_residual = {k for k in expected if k[4] == "1" and k[6] == "0"}
     assert sorted(e[:7] for e in residual) == sorted(want_residual), report
     assert all(int(e[7]) <= 16 and int(e[8]) <= 16 for e in residual), [e for e in residual if e[7] != "0"]

@@ -27,6 +27,7 @@ from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
 from .._precision import resolve_precision
+from .._registry import add_residual
 from .._reduce import fused_sums_cover, middle_sum
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
@@ -101,7 +102,7 @@ def conv_contract_triton(
         outs = conv_contract_dense(spec, inputs, weights, mode)
         if bias is not None:
             offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
-        return tuple(y if r is None else y + r for y, r in zip(_add_offsets(outs, offsets, spec.D), residual))
+        return add_residual(_add_offsets(outs, offsets, spec.D), residual)
     spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = resolve_block_sizes(block_sizes, BlockSizes, spec, spatial)
     check_sizes(spec, spatial)
@@ -276,7 +277,7 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, 
         outs = cuda.forward_call(layer, inputs, move(weights), offsets, fp32=fp32, **extra)
     else:
         outs = _forward_by_output_groups(split, inputs, move(weights), offsets, fp32, **extra)
-    return outs if late is None else tuple(y if r is None else y + r for y, r in zip(outs, late))
+    return add_residual(outs, late)
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
