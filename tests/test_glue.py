@@ -241,12 +241,15 @@ def test_vector_neuron_layer(rng, D, layout, monkeypatch):
         assert rel_l2(a, t) <= max(TOL, 2 * rel_l2(b, t))
 
 
-def _plain_vector_neuron(w, block, D, activation, eps, affine=None, with_means=False):
+def _plain_vector_neuron(w, block, D, activation, eps, affine=None, with_means=False, residual=None):
     """ginjax 0.1.8's formulation, differentiated by autodiff (safe norm: zero gradient at 0);
-    `with_means` as `vector_neuron`'s (no means: the layers after it reduce the block)."""
+    `with_means` as `vector_neuron`'s (no means: the layers after it reduce the block), and a
+    `residual` added by `+`."""
     assert affine is None, "the plain glue normalises first (layers.normalize_and_activate swapped out)"
     if with_means:
-        return _plain_vector_neuron(w, block, D, activation, eps), None
+        return _plain_vector_neuron(w, block, D, activation, eps, residual=residual), None
+    if residual is not None:
+        return _plain_vector_neuron(w, block, D, activation, eps) + residual
     axes = tuple(range(1 + D, block.ndim))
     d = jnp.tensordot(w, block, axes=1)
     squared = jnp.sum(d * d, axis=axes, keepdims=True)
@@ -302,10 +305,15 @@ def _plain_glue(monkeypatch):
     monkeypatch.setattr(layers, "vector_neuron", _plain_vector_neuron)
     monkeypatch.setattr(layers, "scalar_group_norm", lambda norm, block: norm(block))
     monkeypatch.setattr(layers, "vector_group_norm", _plain_vector_group_norm)
-    monkeypatch.setattr(layers, "normalize_and_activate", lambda norm, nonlinearity, x: nonlinearity(norm(x)))
+    monkeypatch.setattr(layers, "normalize_and_activate", _plain_normalize_and_activate)
     monkeypatch.setattr(_bias, "means_shortcut_exact", lambda spec: False)
     monkeypatch.setattr(_bias, "spatial_mean", lambda x, D: jnp.mean(x, axis=tuple(range(1, 1 + D))))
     monkeypatch.setattr(_bias, "add_spatial_offset", lambda b, o, D: b + o.reshape((o.shape[0],) + (1,) * D + o.shape[1:]))
+
+
+def _plain_normalize_and_activate(norm, nonlinearity, x, residual=None):
+    y = nonlinearity(norm(x))
+    return y if residual is None else y + residual
 
 
 def _plain_covariance(block, groups, D):
