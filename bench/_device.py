@@ -78,8 +78,11 @@ def cuda_kernels() -> str:
     if forward_impl() == "cuda":
         from kernels.cuda.conv_contract import residuals_enabled
 
+        from kernels.cuda._plan import twin_enabled
+
         said += (", residuals added in the forward's epilogue" if residuals_enabled()
                  else ", residuals added by XLA (GINJAX_CUDA_RESIDUAL=0)")
+        said += ", rows of 32 on twin rings" if twin_enabled() else ", rows of 32 on one ring (GINJAX_CUDA_TWIN=0)"
     return said
 
 

@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # ... and DilResNet's (its blocks end with the VectorNeuron) after Triton's VectorNeuron forward
     # instead of in it (session 29, on by default)
     "vn-residual-after": ({"GINJAX_VN_RESIDUAL": "0"}, ()),
+    # rows of 32 on one ring a CTA (4 warps an SM) instead of twin rings (session 30, on by default)
+    "one-ring": ({"GINJAX_CUDA_TWIN": "0"}, ()),
     # the Triton VectorNeuron, forward and backward (the GPU default until session 28)
     "vn-triton": ({"GINJAX_VN_IMPL": "triton"}, ()),
     "vn-xla": ({"GINJAX_VN_IMPL": "xla"}, ()),

@@ -229,17 +229,22 @@ def test_device_says_whether_the_cuda_forward_adds_residuals(monkeypatch):
     pytest.importorskip("kernels.triton")
     from bench import _device
     from kernels import cuda
+    from kernels.cuda import _plan
     from kernels.cuda import conv_contract as cuda_entry
 
     monkeypatch.setattr(cuda, "availability", lambda: (True, "stand-in"))
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     monkeypatch.delenv(cuda_entry.RESIDUAL_ENV, raising=False)
-    assert _device.cuda_kernels().endswith("cover the layer, residuals added in the forward's epilogue")
+    monkeypatch.delenv(_plan.TWIN_ENV, raising=False)
+    assert _device.cuda_kernels().endswith("cover the layer, residuals added in the forward's epilogue, "
+                                           "rows of 32 on twin rings")
     monkeypatch.setenv(cuda_entry.RESIDUAL_ENV, "0")
-    assert _device.cuda_kernels().endswith("residuals added by XLA (GINJAX_CUDA_RESIDUAL=0)")
+    monkeypatch.setenv(_plan.TWIN_ENV, "0")
+    assert _device.cuda_kernels().endswith("residuals added by XLA (GINJAX_CUDA_RESIDUAL=0), "
+                                           "rows of 32 on one ring (GINJAX_CUDA_TWIN=0)")
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
-    assert "residuals" not in _device.cuda_kernels()
+    assert "residuals" not in _device.cuda_kernels() and "ring" not in _device.cuda_kernels()
 
 
 def test_commit_falls_back_without_git(monkeypatch, tmp_path):

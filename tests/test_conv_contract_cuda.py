@@ -188,8 +188,8 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
         def call(x0, x1, w, off, geom):
             nz, ny, nx, c0, c1, o, strip = (int(v) for v in geom[:7])
             G, w_floats = int(geom[18]), int(geom[17])
-            assert len(geom) == 25 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
-            assert geom[24] == 0  # tf32
+            assert len(geom) == 26 and (nz, ny, nx, c0, c1, o) == (*spatial, 32, 32, 16) and geom[21] == planar
+            assert geom[24] == 0 and geom[25] == 0  # tf32, one ring (x 64)
             assert w.shape == (w_floats,) and off.shape == (4 * o,) and G == 2
             calls.append(G)
 
@@ -382,7 +382,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
-            assert len(geom) == 25 and int(geom[22]) == dilation and geom[21] == (layout == "planar") and geom[24] == 0
+            assert len(geom) == 26 and int(geom[22]) == dilation and geom[21] == (layout == "planar") and geom[24] == 0
             launches.append(int(geom[6]))
 
             # either direction runs a layer on the forward's bases
@@ -444,7 +444,7 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
         assert target == _ffi.TARGET, target
 
         def call(x0, x1, w, off, geom):
-            assert len(geom) == 25
+            assert len(geom) == 26
             launches.append(int(geom[24]))
 
             return _emulated_launch(spec, geom, shapes, (x0, x1, w, off))

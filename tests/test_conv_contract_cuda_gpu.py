@@ -46,12 +46,13 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 def layout(request, monkeypatch):
     """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
     minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward and the
-    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS, GINJAX_CUDA_NARROW_WINDOWS: on by
-    default; pinned here against a user's =0)."""
+    x windows and twin rings on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS,
+    GINJAX_CUDA_NARROW_WINDOWS, GINJAX_CUDA_TWIN: on by default; pinned here against a user's =0)."""
     monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     monkeypatch.setenv(_plan.NARROW_WINDOWS_ENV, "1")
+    monkeypatch.setenv(_plan.TWIN_ENV, "1")
     return request.param
 
 
@@ -448,14 +449,52 @@ def test_x_windows_against_reference(spatial, batch, strip, channels, dilation):
            spec=spec)
 
 
+@pytest.mark.parametrize("channels, spatial, batch, strip", [
+    ((16, 16), (4, 6, 32), 2, 3),  # one channel group, strips ending mid-grid
+    ((32, 16), (2, 5, 32), 2, 2),  # two channel groups (the UNet's 32^3 level): the later pass adds
+    ((16, 8), (6, 4, 32), 1, None),  # one n-tile
+    ((48, 16), (2, 3, 32), 1, None),  # three channel groups
+    ((32, 32), (4, 3, 32), 2, 3),  # two output groups (ginjax_cuda_forward_into)
+])
+def test_twin_rings_equal_one_ring(monkeypatch, channels, spatial, batch, strip):
+    """Rows of 32 at nz even run on twin rings (two z slabs a CTA, 8 warps): outputs bit for bit
+    those of the one-ring kernel (GINJAX_CUDA_TWIN=0: the same arithmetic in the same order per
+    pixel), within tf32 of `reference`, every element written (poisoned buffers donated first)."""
+    spec = standard_spec(*channels)
+    o = channels[1]
+    blocks = None if strip is None else cuda.BlockSizes(strip_rows=strip)
+    sub = standard_spec(channels[0], min(o, 16))  # a launch's layer (16 outputs per output group)
+    assert cuda_entry.geometry(sub, spatial, blocks or cuda.BlockSizes())[25] == 1
+    xs, ws, _ = _cases.spec_operands(spec, spatial, batch, seed=71 + o)
+    poison = [jnp.full((batch, o) + spatial, jnp.nan), jnp.full((batch, o) + spatial + (3,), jnp.nan)]
+    jax.block_until_ready(jax.jit(lambda p: [q * 2 for q in p], donate_argnums=0)(poison))
+
+    def run():
+        f = jax.jit(jax.vmap(lambda x, ws: kernels.conv_contract(spec, x, ws, backend="triton"), in_axes=(0, None)))
+        text = f.lower(xs, ws).as_text()
+        assert "ginjax_cuda_forward" in text, "not on the CUDA forward"
+        return [np.asarray(y) for y in f(xs, ws)]
+
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    twin = run()
+    monkeypatch.setenv(_plan.TWIN_ENV, "0")
+    assert cuda_entry.geometry(sub, spatial, blocks or cuda.BlockSizes())[25] == 0
+    one = run()
+    for t, u, w in zip(twin, one, _reference(xs, ws, spec)):
+        assert np.all(np.isfinite(t))
+        np.testing.assert_array_equal(t, u)
+        assert rel_l2(t, w) <= kernels.TOLERANCE["tf32"]
+
+
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_forward_under_compute_sanitizer(tool):
     """The forward's ring under compute-sanitizer (both layouts, the fixture): strips of several
     rows (the y ring slides, each MID leaving the other block's copy in flight), two chunk rounds
     a phase (32 + 32 channels at x 16: the scalar phase waits for its slice before the MID), two
-    channel groups (32 + 32 at x 64), a dilated strip, and a strip at dilation 8 at x 64 (its
-    outputs staged over the vector phase's weights, which each row copies in again); memcheck,
-    racecheck on shared memory and synccheck on the barriers."""
+    channel groups (32 + 32 at x 64), a dilated strip, a strip at dilation 8 at x 64 (its
+    outputs staged over the vector phase's weights, which each row copies in again), and twin
+    rings at x 32 in one and two channel groups; memcheck, racecheck on shared memory and
+    synccheck on the barriers."""
     if shutil.which("compute-sanitizer") is None:
         pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
     code = textwrap.dedent(
@@ -467,7 +506,8 @@ def test_forward_under_compute_sanitizer(tool):
         from _conv_cuda_emulate import standard_spec
         from kernels import cuda
         for c, d, spatial, strip in ((16, 1, (2, 5, 16), 5), (32, 1, (2, 5, 16), 3), (32, 1, (1, 4, 64), 4),
-                                     (16, 2, (2, 6, 16), 3), (16, 8, (1, 24, 64), 3)):
+                                     (16, 2, (2, 6, 16), 3), (16, 8, (1, 24, 64), 3), (16, 1, (2, 5, 32), 3),
+                                     (32, 1, (4, 3, 32), 2)):
             spec = standard_spec(c, 16, d)
             xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=61)
             blocks = cuda.BlockSizes(strip_rows=strip)

@@ -8,6 +8,8 @@ tests/test_conv_contract_cuda_gpu.py covers is said there."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import shutil
 
@@ -136,7 +138,7 @@ def test_channel_groups_where_the_ring_does_not_fit(monkeypatch):
     assert _plan.coverage(wide, (64, 64, 64), np.float32)[0]
 
     geom = cuda_entry.geometry(wide, (64, 64, 64), cuda.BlockSizes(strip_rows=32))
-    assert len(geom) == 25 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64, 0]
+    assert len(geom) == 26 and geom[3:6] == [32, 32, 16] and geom[17:] == [20_480, 2, 16, 0, 0, 1, 64, 0, 0]
     assert cuda_entry.geometry(wide, (4, 4, 16), cuda.BlockSizes(strip_rows=2), n_groups=2)[17:19] == [20_480, 2]
     assert cuda_entry.geometry(SPEC, (64, 64, 64), cuda.BlockSizes())[17:19] == [10_240, 1]
     with pytest.raises(ValueError, match=r"`n_groups` \(=3\)"):
@@ -152,6 +154,36 @@ def test_a_patched_group_count_reaches_the_launch_geometry(monkeypatch):
     monkeypatch.setattr(_plan, "groups", lambda spec, nx: 2)
     assert _plan.layout(spec, 16).groups == 2
     assert cuda_entry.geometry(spec, (2, 4, 16), blocks)[18] == 2
+
+
+def test_twin_rings_where_rows_of_32_would_leave_an_sm_4_warps(monkeypatch):
+    """Rows of 32 (the UNet's 32^3 level: 32 + 32 inputs in two channel groups, 16 outputs a launch)
+    run on twin rings: two rings, the weights once, 8 warps, within a CTA's shared memory; one ring
+    (4 warps) at 131,648 bytes leaves no room for a second CTA on the SM. Not at x 64, nz odd, a
+    dilation, fp32, GINJAX_CUDA_TWIN=0, or where two rings do not fit (32 + 32 inputs at 8
+    outputs, one channel group); `geom`[25] says which."""
+    monkeypatch.delenv(_plan.TWIN_ENV, raising=False)
+    unet = standard_spec(32, 16)
+    one = _plan.layout(unet, 32)
+    assert (one.groups, one.rings, one.threads, one.smem_bytes) == (2, 1, 128, 131_648)
+    assert 2 * one.smem_bytes > 228 * 1024  # an SM's shared memory: one such CTA an SM
+    two = dataclasses.replace(one, rings=2)
+    # 2 x (3 x 27,072 ring + 9,216 staging) + 40,960 weights + 256 offsets
+    assert (two.threads, two.smem_bytes) == (256, 222_080) and two.smem_bytes <= _plan.SMEM_LIMIT
+    blocks = cuda.BlockSizes()
+    for spec, spatial, fp32, want in [(unet, (32, 32, 32), False, 1), (SPEC, (4, 6, 32), False, 1),
+                                      (standard_spec(16, 8), (2, 2, 32), False, 1), (unet, (32, 32, 64), False, 0),
+                                      (unet, (31, 32, 32), False, 0), (SPEC, (4, 6, 32), True, 0),
+                                      (standard_spec(16, 16, 2), (4, 6, 32), False, 0),
+                                      (standard_spec(32, 8), (4, 6, 32), False, 0)]:
+        assert _plan.twin(spec, spatial, fp32) == bool(want), (spec, spatial, fp32)
+        assert cuda_entry.geometry(spec, spatial, blocks, fp32=fp32)[25] == want
+    assert _plan.layout(standard_spec(32, 8), 32).groups == 1  # whose single ring fits, twice it does not
+    monkeypatch.setenv(_plan.TWIN_ENV, "0")
+    assert not _plan.twin(unet, (32, 32, 32))
+    monkeypatch.setenv(_plan.TWIN_ENV, "2")
+    with pytest.raises(ValueError, match="GINJAX_CUDA_TWIN"):
+        _plan.twin(unet, (32, 32, 32))
 
 
 def test_shared_memory_of_the_standard_layer():
@@ -326,7 +358,7 @@ def test_ptxas_resources_within_budget(tmp_path):
     # layouts; G = 1 and G > 1 at dilation 1, G = 1 at the other dilations; every whole-row width
     # (kWin false) and the window widths (kWin true); the fp32 (3xTF32) ones at dilation 1 on whole
     # rows; each compiled exactly once.
-    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])ELb0EJEE")
+    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])ELb0ELb0EJEE")
     kernels_ = [e[:7] for e in entries]
     expected = {(str(nx), str(nt), g, pl, str(d), win, "0") for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in (1, 2) for pl in "01" for d in _plan.DILATIONS for g in ("01" if d == 1 else "0")}
@@ -345,10 +377,18 @@ def test_ptxas_resources_within_budget(tmp_path):
     # windows; at most a few words of spills (nvcc 13.0: 4 bytes in one, x 48 with 8 outputs in
     # two channel groups, planar)
     residual = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])"
-                                     r"ELb1EJPKfS\d_EEEv")
+                                     r"ELb1ELb0EJPKfS\d_EEEv")
     want_residual = {k for k in expected if k[4] == "1" and k[6] == "0"}
     assert sorted(e[:7] for e in residual) == sorted(want_residual), report
     assert all(int(e[7]) <= 16 and int(e[8]) <= 16 for e in residual), [e for e in residual if e[7] != "0"]
-    assert len(regs) == len(expected) + len(want_residual), report
+    # forward_kernel<32, ..., kTwin = true> (two rings a CTA, 256 threads): whole rows of 32 at
+    # dilation 1 in TF32, both n-tile counts, group settings and layouts, with and without
+    # residuals; no spills
+    twin = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb([01])ELi(\d)ELb([01])ELb([01])"
+                                 r"ELb([01])ELb1EJ")
+    want_twin = {("32", nt, g, pl, "1", "0", "0", r) for nt in "12" for g in "01" for pl in "01" for r in "01"}
+    assert sorted(e[:8] for e in twin) == sorted(want_twin), report
+    assert all((e[8], e[9]) == ("0", "0") for e in twin), [e for e in twin if e[8] != "0"]
+    assert len(regs) == len(expected) + len(want_residual) + len(want_twin), report
     assert max(regs) <= MAX_REGISTERS, report
     assert "bytes smem" not in report or all(int(b) == 0 for b in re.findall(r"(\d+) bytes smem", report))

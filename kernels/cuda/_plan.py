@@ -252,6 +252,7 @@ class Layout:
     groups: int = 1
     dilation: int = 1
     row: int = 0  # the rows' x extent (0: nx, one window); nx is a CTA's x window
+    rings: int = 1  # 2: twin rings, a CTA over two z slabs (`twin`), each with its ring and staging
 
     def chan(self, key: int, c: int) -> int:
         """Where channel c (an int, or lanes' channels as an integer array) of block `key` starts
@@ -290,14 +291,14 @@ class Layout:
 
     @property
     def smem_bytes(self) -> int:
-        """Three y slices (a ring), the packed weights, the output staging (none of its own where
-        `stage_in_weights`), the bias offsets."""
+        """Per ring three y slices and the output staging (none of its own where
+        `stage_in_weights`), then the packed weights and the bias offsets."""
         stage = 0 if self.stage_in_weights else self.stage_floats
-        return 4 * (3 * self.slice_floats + self.weight_floats + stage + 4 * self.out_channels)
+        return 4 * (self.rings * (3 * self.slice_floats + stage) + self.weight_floats + 4 * self.out_channels)
 
     @property
     def threads(self) -> int:
-        return 2 * 32 * (self.nx // SEG)
+        return 2 * 32 * (self.nx // SEG) * self.rings
 
 
 def layout(spec: ConvSpec, nx: int, n_groups: Optional[int] = None) -> Layout:
@@ -456,6 +457,27 @@ def split_coverage(what: str, covered: tuple[bool, str], spec: ConvSpec, spatial
     if spatial is not None and layout_of(spec, int(tuple(spatial)[2])).windows > 1:
         return False, f"the fp32 (3xTF32) {what} takes whole rows (x extent {tuple(spatial)[2]} needs x windows)"
     return True, ""
+
+
+TWIN_ENV = "GINJAX_CUDA_TWIN"
+TWIN_NX = 32  # the x extent the twin-ring kernels are compiled for
+
+
+def twin_enabled() -> bool:
+    """Whether the forward may run rows of 32 on twin rings (`twin`): on unless GINJAX_CUDA_TWIN="0"."""
+    return env_choice(TWIN_ENV, ("0", "1"), "1") == "1"
+
+
+def twin(spec: ConvSpec, spatial, fp32: bool = False, n_groups: Optional[int] = None) -> bool:
+    """Whether the forward runs on twin rings: a CTA of 8 warps over two z slabs (z, z + nz / 2),
+    a ring each and the weights shared, where a CTA of rows of 32 would have 4 warps and an SM to
+    itself (conv_contract.cu's header, "Twin rings"). Compiled for whole rows of 32 at dilation 1
+    in TF32; nz even; both rings must fit SMEM_LIMIT (in `n_groups` channel groups: `layout`'s)."""
+    nz, _, nx = (int(n) for n in spatial)
+    if not twin_enabled() or fp32 or nx != TWIN_NX or nz % 2 or dilation(spec) != 1:
+        return False
+    lay = layout(spec, nx, n_groups)
+    return lay.windows == 1 and dataclasses.replace(lay, rings=2).smem_bytes <= SMEM_LIMIT
 
 
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:

@@ -147,8 +147,10 @@ struct CtaRows {
 // pixels) for one y slice (row yy, z rows zz, the x window of NX pixels from x0) into shared
 // memory, a warp per channel: channel c's row dz = -d's interior x = 0 at base + chan(c)
 // (copy_channel_rows). The window's wrap runs are derived here, so a kernel keeps only x0 live;
-// without kWin the row is the whole window (nx = NX, x0 = 0), all of it compile-time.
-template <int NX, int kM, int kPitch, bool kPlanar, int kD, bool kWin, class Chan>
+// without kWin the row is the whole window (nx = NX, x0 = 0), all of it compile-time. kRings: the
+// CTA's warps split into that many sets of NX / 8, each filling its own ring (the forward's twin
+// rings), a set's warp w copying channels w, w + NX / 8, ...
+template <int NX, int kM, int kPitch, bool kPlanar, int kD, bool kWin, int kRings = 1, class Chan>
 __device__ __forceinline__ void copy_slice_channels(float* base, const float* x, size_t first, int n, int nz, int ny,
                                                     int nx_, int yy, const int (&zz)[3], int x0_, Chan chan) {
   constexpr int kWarps = NX / 8;
@@ -163,7 +165,7 @@ __device__ __forceinline__ void copy_slice_channels(float* base, const float* x,
   const int volume = nz * plane;  // planar: one component's floats
   const size_t channel = (size_t)kM * nz * ny * nx;
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
-  for (int c = threadIdx.x >> 5; c < n; c += kWarps)
+  for (int c = kRings == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % kWarps; c < n; c += kWarps)
     copy_channel_rows<NX, kM, kPitch, kPlanar, kD>(base + chan(c), x + (first + c) * channel, zoff, volume, lane, win);
 }
 

@@ -67,7 +67,7 @@
 // them, so XLA inserts no transposes); only the copies into the ring and the output stores differ.
 // Attribute `geom`: nz, ny, nx, c0, c1, o, strip, pitch0, pitch1, skew0[4], skew1[4], weight
 // floats (an example's, every group), channel groups G, O, o_base, planar (0 or 1), dilation, x
-// window, precision (0: tf32, 1: fp32 by 3xTF32, the weights packed unrounded).
+// window, precision (0: tf32, 1: fp32 by 3xTF32, the weights packed unrounded), twin rings (0 or 1).
 // Residuals (GinjaxCudaForwardAdd, GinjaxCudaForwardIntoAdd): two more operands r0, r1 shaped and
 // laid out as y0, y1, read (not aliased: a residual is usually read again elsewhere) and added by
 // the first pass as it stores (kRes kernels, dilation 1 and TF32: a ResNet block's input added to
@@ -102,6 +102,15 @@
 // L2) as a cp.async group of its own, which the next row's vector MID waits for, as it does for
 // the ring's copies, before that row's first mma reads them. Cost: a third CTA barrier a row and
 // the copy; the last row of a strip skips both.
+//
+// Twin rings (rows of 32 pixels at dilation 1 in TF32, nz even; `geom`[25]). A CTA of NX = 32
+// has 4 warps, and its ring and weights (131.6 KB for 16 + 16 channels) leave no room for a second
+// CTA on the SM, so the SM has 4 warps to hide the walk's latency where a row of 64 gives it 8.
+// kTwin CTAs hold two rings, one per z slab (z and z + nz / 2, grid y nz / 2) with warps 0-3 on
+// the first and 4-7 on the second, and share the packed weights and bias offsets (221.4 KB for
+// 16 + 16 channels and 16 outputs): the two slabs' rows slide in lockstep (the same strip, chunks
+// and channel groups), so the MID barriers are the CTA's as before, and each ring's warps copy
+// its slices (copy_slice_channels' kRings) and stage its outputs.
 //
 // Output groups. A layer with O = k o outputs per key (o = 8 or 16 covered) runs as k launches,
 // each on the weights' rows of its o channels, writing its channel slice of the full outputs:
@@ -181,15 +190,15 @@ __device__ __forceinline__ void pair_barrier(int id) {
 }
 
 // One y slice of input block KEY (3 z rows zz[0..2] around z, every channel of channel group
-// grp, x = -D .. NX + D - 1 wrapped) into `slice`: a warp per channel (common.cuh's
+// grp, x = -D .. NX + D - 1 wrapped) into `slice`: a warp of the ring's per channel (common.cuh's
 // copy_channel_rows, in the block's global layout: kPlanar, the vector block component-planar).
-template <int NX, int KEY, bool kPlanar, int D, bool kWin>
+template <int NX, int KEY, bool kPlanar, int D, bool kWin, int kRings>
 __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b, int grp, int yy, const int (&zz)[3],
                                            int x0) {
   using L = RowLayout<NX, KEY, D>;
   const int C = p.cg[KEY];
   // the group's channels from its first in the batch's channel axis, interior x = 0 of row 0
-  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin>(
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin, kRings>(
       slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c[KEY] + grp * C, C, p.nz, p.ny, p.nx, yy,
       zz, x0, [](int c) { return L::chan(c); });
 }
@@ -199,7 +208,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   if (last) {                                                                 \
     if (kKey == GJ_V_KEY) cp_async_wait<0>();                                 \
     __syncthreads();                                                          \
-    if (more) load_slice<NX, kKey, kPlanar, D, kWin>(p, next, b, grp, y_next, zz, x0); \
+    if (more) load_slice<NX, kKey, kPlanar, D, kWin, kRings>(p, next, b, grp, y_next, zz, x0); \
     cp_async_commit();                                                        \
   }
 
@@ -261,27 +270,32 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
 // and weight split into a tf32 part and a tf32 remainder, three mma a tile: remainder x weight,
 // Z x remainder, Z x weight; the packed weights then hold plain fp32), compiled at D = 1 on whole
 // rows only. kRes: the first pass adds the residuals to what it stores (the header's "Residuals"),
-// compiled at dilation 1 in TF32 only.
+// compiled at dilation 1 in TF32 only. kTwin: two rings, two z slabs a CTA (the header's "Twin
+// rings"), compiled at NX = 32 on whole rows, dilation 1, TF32.
 //
 // The residuals are kernel arguments after Params (`residuals`: two pointers, nullptr where a key
 // has none; an empty pack without kRes): two more pointers in Params, even unread, or a parameter
 // block extended by them, changed ptxas' register allocation (nvcc 13.0: spills in kernels that
 // had none), so the kernels without residuals keep the signature they had.
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes,
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes, bool kTwin,
           typename... Residuals>
-__global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Residuals... residuals) {
+__global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(const Params p, Residuals... residuals) {
   static_assert(!kRes || (D == 1 && !kSplit), "residuals are compiled at dilation 1 in TF32 only");
+  static_assert(!kTwin || (NX == 32 && D == 1 && !kWin && !kSplit), "twin rings are compiled at x 32, dilation 1, TF32");
   extern __shared__ __align__(16) float smem[];
-  constexpr int kO = 8 * NT, kThreads = 4 * NX, kSegs = NX / kSeg;
+  constexpr int kRings = kTwin ? 2 : 1;
+  constexpr int kO = 8 * NT, kThreads = 4 * NX * kRings, kSegs = NX / kSeg;
   constexpr bool kStaged = Staging<D>::kInWeights;
-  float* ring = smem;
-  float* s_w = ring + 3 * p.slice_floats;
-  float* s_stage = kStaged ? s_w : s_w + p.w_group;  // over the vector phase's weights, or after them
-  float* s_off = kStaged ? s_w + p.w_group : s_stage + kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int seg = warp % kSegs, half = warp / kSegs;
+  // twin rings: warps 0 .. 2 kSegs - 1 serve ring 0 (z slab 0 .. nz / 2 - 1), the rest ring 1
+  const int twin = kTwin ? warp / (2 * kSegs) : 0, warp_in_ring = kTwin ? warp % (2 * kSegs) : warp;
+  float* ring = smem + twin * 3 * p.slice_floats;
+  float* s_w = smem + kRings * 3 * p.slice_floats;
+  float* s_stage = kStaged ? s_w : s_w + p.w_group;  // over the vector phase's weights, or after them
+  float* s_off = kStaged ? s_w + p.w_group : s_stage + kRings * kSegs * kO * (kStage0 + kStage1);  // [o] scalar, then [o][3] vector offsets
+  const int seg = warp_in_ring % kSegs, half = warp_in_ring / kSegs;
   const int g = lane >> 2, tid = lane & 3;
-  const int b = blockIdx.z, z = blockIdx.y;
+  const int b = blockIdx.z, z = kTwin ? blockIdx.y + twin * (p.nz >> 1) : blockIdx.y;
   const CtaRows<NX, D, kWin> cta(p.windows, p.strip, p.nz, p.ny, z);  // its rows y = phase + D j and x window
   const int x0 = cta.x0, phase = cta.phase, j0 = cta.j0, j1 = cta.j1, y0 = cta.y0;
   const auto& zz = cta.zz;
@@ -311,10 +325,10 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Resi
     const float* ws = wx + p.groups * wv_n + grp * ws_n - wv_n;  // + e, e >= wv_n: scalar float e - wv_n
     for (int e = 4 * threadIdx.x; e < p.w_group; e += 4 * kThreads) cp_async16(s_w + e, (e < wv_n ? wv : ws) + e);
     for (int k = 0; k < 3; ++k)
-      load_slice<NX, 1, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
+      load_slice<NX, 1, kPlanar, D, kWin, kRings>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
     for (int k = 0; k < 3; ++k)
-      load_slice<NX, 0, kPlanar, D, kWin>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
+      load_slice<NX, 0, kPlanar, D, kWin, kRings>(p, ring + k * p.slice_floats, b, grp, wrap_y(y0 + (k - 1) * D), zz, x0);
     cp_async_commit();
     cp_async_wait<1>();  // the weights and vector slices; the scalar ones at the first vector MID
     __syncthreads();
@@ -400,7 +414,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Resi
           }
         }
       }
-      float* st = s_stage + seg * kO * (kStage0 + kStage1);
+      float* st = s_stage + (twin * kSegs + seg) * kO * (kStage0 + kStage1);
       auto at = [&](int q, int n, int k) {
         const int o = n * 8 + 2 * tid + (k & 1), x = lane_pixel<D>(g) + D * (k >> 1);
         if (kGroupBlock[q] == 0) return o * kStage0 + x;
@@ -414,7 +428,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Resi
 #pragma unroll
             for (int k = 0; k < 4; ++k) st[((q * NT + n) * 4 + k) * 32 + lane] = acc[q][n][k], acc[q][n][k] = 0.f;
       }
-      pair_barrier(1 + seg);
+      pair_barrier(1 + twin * kSegs + seg);
       if (half == 0) {
 #pragma unroll
         for (int q = 0; q < GJ_GROUPS; ++q)
@@ -430,7 +444,7 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Resi
 #pragma unroll
             for (int k = 0; k < 4; ++k) st[at(q, n, k)] = acc[q][n][k], acc[q][n][k] = 0.f;
       }
-      pair_barrier(1 + seg);
+      pair_barrier(1 + twin * kSegs + seg);
       if (grp == 0) {
 #pragma unroll
         for (int f = t; f < kO * 4; f += 64) {
@@ -483,33 +497,39 @@ __global__ void __launch_bounds__(4 * NX, 1) forward_kernel(const Params p, Resi
   cp_async_wait<0>();
 }
 
-// `res`: the residuals (two pointers, nullptr where none), read by the kRes kernels only.
-template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes>
+// `res`: the residuals (two pointers, nullptr where none), read by the kRes kernels only. kTwin:
+// two rings a CTA (the header's "Twin rings"), a CTA per z pair z, z + nz / 2.
+template <int NX, int NT, bool kGroups, bool kPlanar, int D, bool kWin, bool kSplit, bool kRes, bool kTwin = false>
 cudaError_t launch(const Params& p, const float* const* res, int batch, cudaStream_t stream) {
+  constexpr int kRings = kTwin ? 2 : 1;
   const size_t stage = Staging<D>::kInWeights ? 0 : (NX / kSeg) * 8 * NT * (kStage0 + kStage1);
-  const size_t smem = sizeof(float) * (3 * (size_t)p.slice_floats + p.w_group + stage + 32 * NT);
-  const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch);  // windows x phases x strips
+  const size_t smem = sizeof(float) * (3 * kRings * (size_t)p.slice_floats + p.w_group + kRings * stage + 32 * NT);
+  const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz / kRings, batch);  // windows x phases x strips
   if constexpr (kRes) {
-    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, true, const float*, const float*>;
+    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, true, kTwin, const float*, const float*>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, 4 * NX, smem, stream>>>(p, res[0], res[1]);
+    kernel<<<grid, 4 * NX * kRings, smem, stream>>>(p, res[0], res[1]);
   } else {
-    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, false>;
+    auto* kernel = forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, kSplit, false, kTwin>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, 4 * NX, smem, stream>>>(p);
+    kernel<<<grid, 4 * NX * kRings, smem, stream>>>(p);
   }
   return cudaGetLastError();
 }
 
 // The whole row (one window: NX = nx, 16 .. 64), or x windows of 32 or 64 (kWin, the rows longer
-// than their window; Forward refuses other window widths).
+// than their window; Forward refuses other window widths); `twin`: whole rows of 32 at dilation 1
+// in TF32 on twin rings (Forward refuses it elsewhere).
 template <int NT, bool kGroups, bool kPlanar, int D, bool kSplit, bool kRes = false>
-cudaError_t launch_nx(const Params& p, const float* const* res, int nx, int batch, cudaStream_t stream) {
+cudaError_t launch_nx(const Params& p, const float* const* res, int nx, bool twin, int batch, cudaStream_t stream) {
   if constexpr (!kSplit) {  // the split (fp32) kernels take whole rows only (Forward refuses windows)
     if (p.windows > 1) return nx == 32 ? launch<32, NT, kGroups, kPlanar, D, true, false, kRes>(p, res, batch, stream)
                                        : launch<64, NT, kGroups, kPlanar, D, true, false, kRes>(p, res, batch, stream);
+  }
+  if constexpr (D == 1 && !kSplit) {
+    if (twin) return launch<32, NT, kGroups, kPlanar, 1, false, false, kRes, true>(p, res, batch, stream);
   }
   switch (nx) {
     case 16: return launch<16, NT, kGroups, kPlanar, D, false, kSplit, kRes>(p, res, batch, stream);
@@ -522,27 +542,28 @@ cudaError_t launch_nx(const Params& p, const float* const* res, int nx, int batc
 // Channel-group passes are compiled at dilation 1 only (Forward refuses groups with a dilation).
 // The split (fp32) kernels: dilation 1 only (Forward refuses others).
 template <int NT, bool kPlanar, bool kSplit>
-cudaError_t launch_groups(const Params& p, const float* const* res, int nx, int dilation, int batch,
+cudaError_t launch_groups(const Params& p, const float* const* res, int nx, bool twin, int dilation, int batch,
                           cudaStream_t stream) {
   if constexpr (!kSplit) {
     switch (dilation) {
-      case 2: return launch_nx<NT, false, kPlanar, 2, false>(p, res, nx, batch, stream);
-      case 4: return launch_nx<NT, false, kPlanar, 4, false>(p, res, nx, batch, stream);
-      case 8: return launch_nx<NT, false, kPlanar, 8, false>(p, res, nx, batch, stream);
+      case 2: return launch_nx<NT, false, kPlanar, 2, false>(p, res, nx, twin, batch, stream);
+      case 4: return launch_nx<NT, false, kPlanar, 4, false>(p, res, nx, twin, batch, stream);
+      case 8: return launch_nx<NT, false, kPlanar, 8, false>(p, res, nx, twin, batch, stream);
       default: break;
     }
     if (res[0] != nullptr || res[1] != nullptr)  // residuals: dilation 1, TF32 (Run refuses the others)
-      return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, false, true>(p, res, nx, batch, stream)
-                          : launch_nx<NT, false, kPlanar, 1, false, true>(p, res, nx, batch, stream);
+      return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, false, true>(p, res, nx, twin, batch, stream)
+                          : launch_nx<NT, false, kPlanar, 1, false, true>(p, res, nx, twin, batch, stream);
   }
-  return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, kSplit>(p, res, nx, batch, stream)
-                      : launch_nx<NT, false, kPlanar, 1, kSplit>(p, res, nx, batch, stream);
+  return p.groups > 1 ? launch_nx<NT, true, kPlanar, 1, kSplit>(p, res, nx, twin, batch, stream)
+                      : launch_nx<NT, false, kPlanar, 1, kSplit>(p, res, nx, twin, batch, stream);
 }
 
 template <bool kPlanar, bool kSplit>
-cudaError_t launch_nt(const Params& p, const float* const* res, int nx, int dilation, int batch, cudaStream_t stream) {
-  return p.o == 8 ? launch_groups<1, kPlanar, kSplit>(p, res, nx, dilation, batch, stream)
-                  : launch_groups<2, kPlanar, kSplit>(p, res, nx, dilation, batch, stream);
+cudaError_t launch_nt(const Params& p, const float* const* res, int nx, bool twin, int dilation, int batch,
+                      cudaStream_t stream) {
+  return p.o == 8 ? launch_groups<1, kPlanar, kSplit>(p, res, nx, twin, dilation, batch, stream)
+                  : launch_groups<2, kPlanar, kSplit>(p, res, nx, twin, dilation, batch, stream);
 }
 
 // A launch of the layer; r0 / r1: the residuals added to y0 / y1, or null.
@@ -550,7 +571,7 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
                ffi::Buffer<ffi::F32> off, const ffi::Buffer<ffi::F32>* r0, const ffi::Buffer<ffi::F32>* r1,
                ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 25) return bad("`geom` must have 25 entries (has " + std::to_string(geom.size()) + ")");
+  if (geom.size() != 26) return bad("`geom` must have 26 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
   const int nx = (int)geom[23];  // the x window's extent (the kernel's NX); the rows' is geom[2]
   p.nx = (int)geom[2];
@@ -583,6 +604,10 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
   if (geom[24] != 0 && geom[24] != 1) return bad("`geom`[24] (the precision) must be 0 (tf32) or 1 (fp32, 3xTF32)");
   const bool split = geom[24] == 1;
   if (split && (dilation > 1 || p.windows > 1)) return bad("the fp32 (3xTF32) kernels take dilation 1 and whole rows only");
+  if (geom[25] != 0 && geom[25] != 1) return bad("`geom`[25] (twin rings) must be 0 or 1");
+  const bool twin = geom[25] == 1;
+  if (twin && (nx != 32 || p.windows > 1 || dilation != 1 || split || p.nz % 2))
+    return bad("twin rings take whole rows of 32 at dilation 1 in TF32, nz even");
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
   const int l = nx / kSeg - 1, di = dil_index(dilation);
   for (int k = 0; k < 4; ++k)
@@ -615,10 +640,10 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
     return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
   if (kStageInWeights[di] && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
     return bad("the output staging does not fit the vector phase's weights it shares at this dilation");
-  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, res, nx, dilation, (int)batch, stream)
-                                          : launch_nt<false, true>(p, res, nx, dilation, (int)batch, stream))
-                                 : (planar ? launch_nt<true, false>(p, res, nx, dilation, (int)batch, stream)
-                                           : launch_nt<false, false>(p, res, nx, dilation, (int)batch, stream));
+  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, res, nx, twin, dilation, (int)batch, stream)
+                                          : launch_nt<false, true>(p, res, nx, twin, dilation, (int)batch, stream))
+                                 : (planar ? launch_nt<true, false>(p, res, nx, twin, dilation, (int)batch, stream)
+                                           : launch_nt<false, false>(p, res, nx, twin, dilation, (int)batch, stream));
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

@@ -123,13 +123,13 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
     split: the tests' way to run several groups where one would fit), the results' output
     channels and the first one this launch writes (`forward_call`'s output groups), whether
     the vector blocks are component-planar, the dilation, the x window (`_plan.window`) and the
-    precision (1: fp32 by 3xTF32)."""
+    precision (1: fp32 by 3xTF32) and whether it runs on twin rings (`_plan.twin`)."""
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
     total = output_slice(spec, out_channels, first_channel)
     return [*spatial, c0, c1, o, blocks.strip_rows, *lay.pitch, *lay.skew[0], *lay.skew[1], g * lay.weight_floats, g,
-            total, first_channel, int(planar), lay.dilation, lay.nx, int(fp32)]
+            total, first_channel, int(planar), lay.dilation, lay.nx, int(fp32), int(_plan.twin(spec, spatial, fp32, n_groups))]
 
 
 def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int) -> int:
