@@ -218,8 +218,10 @@ def test_a_residual_added_by_the_forward(monkeypatch):
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
     for a, b in zip(grads, want_grads):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 3e-5
-    fused = loss("cuda", True).lower(w, x, r).compile().as_text()
+    # the program as jax lowers it (XLA fuses the add later, in a layout of its choosing)
+    fused = loss("cuda", True).lower(w, x, r).as_text()
     monkeypatch.setenv(_vector_neuron.RESIDUAL_ENV, "0")
-    after = loss("cuda", True).lower(w, x, r).compile().as_text()
-    add = re.compile(r"= f32\[4,16,64,64,64,3\]\{[^}]*\} add\(")
-    assert not add.search(fused) and add.search(after)
+    after = loss("cuda", True).lower(w, x, r).as_text()
+    # one block-sized add more: y + r (the backward's glue is the same in both)
+    add = re.compile(r"stablehlo\.add\b[^\n]*tensor<4x16x64x64x64x3xf32>")
+    assert len(add.findall(after)) == len(add.findall(fused)) + 1, (add.findall(fused), add.findall(after))

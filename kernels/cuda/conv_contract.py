@@ -93,6 +93,7 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     launch adds its channels to what it writes, in the epilogue, read (not aliased) in the
     results' layout: a layer's output plus a block of the same shape without a pass of its own
     (where `takes_residuals`; elsewhere a ValueError)."""
+    require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets,
