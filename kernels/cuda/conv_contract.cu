@@ -107,8 +107,8 @@
 // has 4 warps, and its ring and weights (131.6 KB for 16 + 16 channels) leave no room for a second
 // CTA on the SM, so the SM has 4 warps to hide the walk's latency where a row of 64 gives it 8.
 // kTwin CTAs hold two rings, one per z slab (z and z + nz / 2, grid y nz / 2) with warps 0-3 on
-// the first and 4-7 on the second, and share the packed weights and bias offsets (221.4 KB for
-// 16 + 16 channels and 16 outputs): the two slabs' rows slide in lockstep (the same strip, chunks
+// the first and 4-7 on the second, and share the packed weights and bias offsets (222,080 bytes
+// for 16 + 16 channels and 16 outputs): the two slabs' rows slide in lockstep (the same strip, chunks
 // and channel groups), so the MID barriers are the CTA's as before, and each ring's warps copy
 // its slices (copy_slice_channels' kRings) and stage its outputs.
 //
