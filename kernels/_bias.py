@@ -24,7 +24,8 @@ output's own mean is used after the convolution.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+import math
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,19 +121,27 @@ def input_means_needed(spec: ConvSpec) -> tuple[bool, ...]:
     return tuple(need)
 
 
-def input_means(spec: ConvSpec, inputs: Sequence[jax.Array], given: Optional[Sequence] = None) -> Optional[tuple]:
+def input_means(spec: ConvSpec, inputs: Sequence[jax.Array], given: Optional[Sequence] = None,
+                sums: Optional[Callable[[list[int]], dict]] = None) -> Optional[tuple]:
     """Per input key its spatial mean (c, *(D,)*k) in the compute dtype (at least float32), where
     `takes_input_means`; else None. A key whose mean reaches no offset (`input_means_needed`) gets
     zeros, a constant: no pass over it. `given` (`check_given_means`): per key None or the mean its
-    producer computed, taken as is (`known_mean`: no pass over that input either)."""
+    producer computed, taken as is (`known_mean`: no pass over that input either). `sums`: None
+    (XLA's reductions), or a function from the indices of the inputs still to reduce to their
+    spatial sums by index (a kernel reading them in a layout of its own)."""
     if not takes_input_means(spec):
         return None
     dtype = jnp.promote_types(jnp.result_type(*inputs), jnp.float32)
     given = tuple(given) if given is not None else (None,) * len(inputs)
+    needed = input_means_needed(spec)
+    wanted = [a for a, (need, m) in enumerate(zip(needed, given)) if need and m is None]
+    summed = sums(wanted) if sums is not None and wanted else {}
+    pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
     return tuple(unread_mean(x, spec.D, dtype) if not need
+                 else (summed[a] / pixels).astype(dtype) if a in summed
                  else spatial_mean(x.astype(dtype), spec.D) if m is None
                  else known_mean(x, m.astype(dtype), spec.D)
-                 for x, need, m in zip(inputs, input_means_needed(spec), given))
+                 for a, (x, need, m) in enumerate(zip(inputs, needed, given)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _bias
-from .._bias import (bias_offsets, check_bias, check_given_means, input_means_needed, offsets_from_means,
-                     takes_input_means, unread_mean)
+from .._bias import bias_offsets, check_bias, check_given_means, offsets_from_means
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights, with_bases_of
 from .._lax_common import compute_dtype
@@ -211,16 +210,10 @@ def _input_means(spec, mode, poison, bias_spec, inputs, given):
     same sums either way (the layout only decides where XLA transposes)."""
     if input_means_impl() != "triton" or _cuda_forward_plan(spec, mode, poison, inputs) is None:
         return _bias.input_means(bias_spec, inputs, given)
-    if not takes_input_means(bias_spec):
-        return None
     from ..cuda.conv_contract import layout as cuda_layout
 
-    # float32 operands: the CUDA forward covers no other dtype
-    needed = tuple(need and m is None for need, m in zip(input_means_needed(bias_spec), given))
-    sums = _spatial_sums(inputs, [a for a, need in enumerate(needed) if need], spec.D, fixed_layout=cuda_layout())
-    pixels = math.prod(inputs[0].shape[1 : 1 + spec.D])
-    return tuple(sums[a] / pixels if need else unread_mean(x, spec.D, jnp.float32) if m is None
-                 else m.astype(jnp.float32) for a, (x, need, m) in enumerate(zip(inputs, needed, given)))
+    return _bias.input_means(bias_spec, inputs, given,
+                             sums=lambda wanted: _spatial_sums(inputs, wanted, spec.D, fixed_layout=cuda_layout()))
 
 
 FORWARD_IMPLS = ("cuda", "triton")
