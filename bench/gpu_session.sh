@@ -14,7 +14,8 @@
 #            forward_kernel, the CUDA forward; PROFILE_STALLS=1: the warp stall reasons too)
 #   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
-#            triton file alone needs more than 170 s with the backward tests)
+#            triton file alone needs more than 170 s with the backward tests); TEST_ARGS: the files
+#            (word-split), TEST_K: a -k expression (kept whole: "a or b" survives)
 #   bench    python3 -m bench on the standard configurations (the committed A/B table)
 #   profile-steps  python3 -m bench profile on the UNet, ResNet and DilResNet train steps (d3_n64_b4,
 #            backend $PROFILE_BACKEND, default auto): where each step's GPU time goes, JSON/TXT/PNG
@@ -103,7 +104,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       OUT="$OUT/pallas" SKIP_TESTS=1 PALLAS_CHECK_TIMEOUT_S="${T_PALLAS:-150}" PALLAS_CHECK_BUDGET_S="$(( ${T_PALLAS:-150} - 30 ))" \
         bash bench/pallas_gpu_check.sh > "$OUT/pallas/log.txt" 2>&1 ;;
     tests)
-      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
+      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rfs --durations=15 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
