@@ -223,6 +223,13 @@ def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
     assert "bf16 calls too, at tf32" in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     monkeypatch.setenv("GINJAX_CUDA_BF16", "0")
     assert "bf16" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    # twin rings where the forward runs rows of 32 (nz even); not at 64, nor with GINJAX_CUDA_TWIN=0
+    monkeypatch.delenv("GINJAX_CUDA_TWIN", raising=False)
+    assert "twin rings" in kernels.explain(SPEC, (32, 32, 32), backend="triton").reason
+    assert "twin rings" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
+    assert "twin rings" not in kernels.explain(SPEC, (31, 32, 32), backend="triton").reason
+    monkeypatch.setenv("GINJAX_CUDA_TWIN", "0")
+    assert "twin rings" not in kernels.explain(SPEC, (32, 32, 32), backend="triton").reason
 
 
 def test_the_weight_gradient_goes_to_the_cuda_call_when_asked(monkeypatch):
