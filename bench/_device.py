@@ -76,9 +76,8 @@ def cuda_kernels() -> str:
         return "built, not used (GINJAX_TRITON_FORWARD=triton, GINJAX_TRITON_WEIGHT_GRAD=triton)"
     said = "triton's " + " and ".join(directions) + " where the CUDA kernels cover the layer"
     if forward_impl() == "cuda":
-        from kernels.cuda.conv_contract import residuals_enabled
-
         from kernels.cuda._plan import twin_enabled
+        from kernels.cuda.conv_contract import residuals_enabled
 
         said += (", residuals added in the forward's epilogue" if residuals_enabled()
                  else ", residuals added by XLA (GINJAX_CUDA_RESIDUAL=0)")
