@@ -26,6 +26,16 @@ LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 
 
+def library_emulated(monkeypatch, why: str = "emulated") -> None:
+    """The CUDA library as if built and registered, for tests whose FFI calls an emulation or a
+    stand-in answers: every module's `registered` check passes; the coverage checks stay real."""
+    from kernels import cuda
+    from kernels.cuda import conv_contract, weight_gradient
+
+    for module in (cuda, conv_contract, weight_gradient):
+        monkeypatch.setattr(module, "registered", lambda: (True, why))
+
+
 def x_window(x0: int, w: int, nx: int, d: int) -> tuple[int, int, int]:
     """common.cuh's XWindow of the window of w pixels from x0 in rows of nx: (x0, xl, xr), where the
     d wrap pixels before and after it start."""

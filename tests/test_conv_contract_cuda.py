@@ -22,12 +22,11 @@ import kernels
 from bench import _cases, _configs
 from _conv_cuda_dw_emulate import emulated_dw_call
 import _nonfinite
-from _conv_cuda_emulate import Emulator, from_physical, standard_spec
+from _conv_cuda_emulate import Emulator, from_physical, library_emulated, standard_spec
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
-from kernels.cuda import weight_gradient as cuda_wg
 
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
@@ -175,6 +174,7 @@ def test_entry_point_geometry_drives_the_emulated_passes(monkeypatch, layout):
     XLA for the vector blocks component-planar and says so in `geom`; the emulation then indexes
     the planar buffers."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")
+    library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     planar = layout == "planar"
     vector = cuda_entry.PLANAR_VECTOR if planar else None
@@ -225,6 +225,7 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch, layout):
     operands in the results' layout)."""
     from kernels.triton import conv_contract as triton_entry
 
+    library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     vector = cuda_entry.PLANAR_VECTOR if layout == "planar" else None
 
@@ -295,6 +296,7 @@ def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
     components ahead of the spatial axes where planar, on the operand and its aliased result alike."""
     from kernels.triton import conv_contract as triton_entry
 
+    library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
 
     spec, sub = standard_spec(16, 32), standard_spec(16, 16)
@@ -363,8 +365,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
     monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
-    monkeypatch.setattr(cuda, "registered", lambda: (True, "emulated"))  # the coverage checks are the real ones
-    monkeypatch.setattr(cuda_wg, "registered", lambda: (True, "emulated"))
+    library_emulated(monkeypatch)
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     spec, spatial = standard_spec(16, 16, dilation), (dilation + 1, 2 * dilation, 16)  # the backend wraps d <= n
@@ -427,8 +428,7 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
-    monkeypatch.setattr(cuda, "registered", lambda: (True, "emulated"))
-    monkeypatch.setattr(cuda_wg, "registered", lambda: (True, "emulated"))
+    library_emulated(monkeypatch)
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     spec, spatial = standard_spec(16, 16), (2, 3, 16)

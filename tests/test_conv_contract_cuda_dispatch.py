@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+from _conv_cuda_emulate import library_emulated
 from conftest import gradient_errors, rel_l2
 from kernels import cuda
 from kernels._fused import signed_permutation, transposed_spec, transposed_weights, with_bases_of
@@ -380,6 +381,7 @@ def test_the_forward_strip_shortens_where_a_launch_would_leave_sms_idle(monkeypa
         assert ctas >= _tiling.MIN_CTAS or strip == 2
         assert strip == 32 or batch * nz * -(-ny // (2 * strip)) < _tiling.MIN_CTAS  # the longest such
     seen = []
+    library_emulated(monkeypatch)
     monkeypatch.setattr(cuda_entry, "_forward", lambda spec, blocks, inputs, weights, *rest: seen.append(blocks.strip_rows) or
                         tuple(jnp.zeros((k[2],) + inputs[0].shape[1:4] + (3,) * k[0]) for k in spec.out_keys))
     spec, xs, ws = small_layer(c=2, N=32, batch=1)

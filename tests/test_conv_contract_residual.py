@@ -20,7 +20,7 @@ from ginjax.layers import ConvContract
 from kernels import cuda
 from kernels.cuda import _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
-from _conv_cuda_emulate import Emulator, standard_spec
+from _conv_cuda_emulate import Emulator, library_emulated, standard_spec
 
 BACKENDS = ["reference", "dense"] + [b for b in ("triton",) if b in kernels.available_backends()]
 
@@ -273,6 +273,7 @@ def test_output_groups_each_add_their_slice_of_the_residual(monkeypatch, layout)
     channels, each residual float read once over the two."""
     from kernels.triton import conv_contract as triton_entry
 
+    library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     vector = cuda_entry.PLANAR_VECTOR if layout == "planar" else None
     spec, sub, spatial = standard_spec(16, 32), standard_spec(16, 16), (2, 3, 16)
@@ -321,6 +322,7 @@ def test_the_residual_lowers_to_read_only_operands(monkeypatch, layout):
     aliased, a one-float placeholder for the scalar key, `residual = 2`."""
     from kernels.triton import conv_contract as triton_entry
 
+    library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     spec = standard_spec(16, 16)
     xs, ws, _ = _cases.spec_operands(spec, (2, 3, 16), 2, seed=13)
