@@ -14,6 +14,11 @@ import tempfile
 # torch CPU tensors; the variable must be set before triton is imported.
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
+# Likewise the CUDA kernels' library: without a GPU the tests see it as CI does, not built (an
+# in-place build would register its targets and let a test pass here that fails there), unless
+# GINJAX_CUDA_LIBRARY names one.
+if "GINJAX_CUDA_LIBRARY" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["GINJAX_CUDA_LIBRARY"] = os.path.join(tempfile.gettempdir(), "no-gpu-here", "_ginjax_cuda.so")
 
 import jax
 import numpy as np

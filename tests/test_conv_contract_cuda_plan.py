@@ -274,6 +274,21 @@ def test_a_library_that_will_not_load_is_a_reason_not_a_crash(monkeypatch, tmp_p
     assert not ok and f"{_ffi.NAME} could not be loaded from {bad}" in why
 
 
+def test_an_explicit_library_path_is_the_only_candidate(monkeypatch, tmp_path):
+    """$GINJAX_CUDA_LIBRARY naming no file is the reason, not a cue to load another build (the
+    in-place one, say): a mistyped path must not run other kernels than the ones asked for."""
+    missing = tmp_path / "elsewhere" / "_ginjax_cuda.so"
+    monkeypatch.setenv(_ffi.ENV, str(missing))
+    monkeypatch.setattr(_ffi.pathlib.Path, "is_file", lambda self: self != missing)  # every other path a file
+    _ffi.registered.cache_clear()
+    try:
+        assert _ffi.library() == missing
+        ok, why = _ffi.registered()
+    finally:
+        _ffi.registered.cache_clear()
+    assert not ok and f"${_ffi.ENV} ({missing}): no such file" in why
+
+
 def test_coverage_reasons(monkeypatch):
     monkeypatch.setattr(_ffi, "library", lambda: None)
     _ffi.registered.cache_clear()

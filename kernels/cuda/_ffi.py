@@ -34,6 +34,8 @@ def registered() -> tuple[bool, str]:
     path = library()
     if path is None:
         return False, f"the CUDA extension {NAME} is not built ({BUILD})"
+    if not path.is_file():
+        return False, f"the CUDA extension {NAME} is not at ${ENV} ({path}): no such file"
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in HANDLERS.items():
@@ -44,9 +46,12 @@ def registered() -> tuple[bool, str]:
 
 
 def library():
-    """The built library: $GINJAX_CUDA_LIBRARY, next to this file (a wheel, or the in-place CMake
-    build), or under kernels/cuda on sys.path (an editable install's build tree); None if absent."""
-    candidates = [pathlib.Path(os.environ[ENV])] if os.environ.get(ENV) else []
-    candidates += [pathlib.Path(__file__).with_name(NAME)]
+    """The built library: $GINJAX_CUDA_LIBRARY where set (the only candidate then, so that a wrong
+    path is reported rather than replaced by another build), else next to this file (a wheel, or the
+    in-place CMake build) or under kernels/cuda on sys.path (an editable install's build tree);
+    None if absent."""
+    if os.environ.get(ENV):
+        return pathlib.Path(os.environ[ENV])
+    candidates = [pathlib.Path(__file__).with_name(NAME)]
     candidates += [pathlib.Path(p) / "kernels" / "cuda" / NAME for p in sys.path if p]
     return next((c for c in candidates if c.is_file()), None)
