@@ -6,6 +6,7 @@ be valid, so that a bad argument never surfaces as a raw error from deep inside 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable, Optional
 
 import jax
@@ -32,6 +33,12 @@ def check_key(key: Any, where: str, name: str = "key") -> None:
         f"{where}: `{name}` (={_short(key)}) must be a jax.random key, e.g. "
         "jax.random.key(0) or jax.random.PRNGKey(0)"
     )
+
+
+def check_count(value: Any, where: str, name: str) -> None:
+    """`value` must be a non-negative int (a number of blocks, layers, ...; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{where}: `{name}` (={_short(value)}) must be a non-negative int")
 
 
 def as_signature(value: Any, where: str, name: str) -> geom.Signature:

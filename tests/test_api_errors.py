@@ -136,7 +136,16 @@ CASES = [
     ("UNet output_keys dict with bad key", lambda: _unet(output_keys={0: 1}), ValueError, r"UNet: `output_keys` \(=\{0: 1\}\) is not a signature"),
     ("UNet key=0", lambda: _unet(key=0), ValueError, r"UNet: `key` \(=0\) must be a jax.random key"),
     ("ResNet key=0", lambda: models.ResNet(D, SIG, SIG, 2, conv_filters=_filters(), key=0), ValueError, r"ResNet: `key` \(=0\) must be a jax.random key"),
+    ("ResNet depth=0", lambda: models.ResNet(D, SIG, SIG, 0, conv_filters=_filters(), key=KEY), ValueError, r"ResNet: `depth` \(=0\) must be a positive int: the channels of each key"),
+    ("UNet depth=-2", lambda: _unet(depth=-2), ValueError, r"UNet: `depth` \(=-2\) must be a positive int"),
+    ("DilResNet depth=1.5", lambda: models.DilResNet(D, SIG, SIG, 1.5, conv_filters=_filters(), key=KEY), ValueError, r"DilResNet: `depth` \(=1.5\) must be a positive int"),
+    ("ResNet num_blocks=-1", lambda: models.ResNet(D, SIG, SIG, 2, num_blocks=-1, conv_filters=_filters(), key=KEY), ValueError, r"ResNet: `num_blocks` \(=-1\) must be a non-negative int"),
+    ("DilResNet num_blocks=None", lambda: models.DilResNet(D, SIG, SIG, 2, num_blocks=None, conv_filters=_filters(), key=KEY), ValueError, r"DilResNet: `num_blocks` \(=None\) must be a non-negative int"),
     ("DilResNet input_keys=None", lambda: models.DilResNet(D, None, SIG, 2, conv_filters=_filters(), key=KEY), ValueError, r"DilResNet: `input_keys` \(=None\) is not a signature"),
+    # --- geometric helpers
+    ("get_subset out of range", lambda: _x().get_subset(jnp.array([0, 7])), ValueError, r"MultiImage.get_subset: `idxs` holds \[7\], out of range for the 2 entries"),
+    ("expand size -1", lambda: _x().expand(0, -1), ValueError, r"MultiImage.expand: `size` \(=-1\) must be a positive int"),
+    ("get_same_padding lengths", lambda: geom.get_same_padding((3, 3), (1, 1, 1)), ValueError, r"`rhs_dilation` \(=\(1, 1, 1\)\) .* one entry per spatial axis"),
     # --- ml (items 2, 3, 10)
     ("train X=dict", lambda: _train(X={"a": 1}), ValueError, r"`X` \(=dict\) must be a geom.MultiImage with a leading batch axis"),
     ("train Y=None", lambda: _train(Y=None), ValueError, r"`Y` \(=NoneType\) must be a geom.MultiImage"),

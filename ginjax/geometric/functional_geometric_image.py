@@ -85,6 +85,11 @@ def get_same_padding(
     """Per-axis (low, high) zero padding that keeps the spatial size ('SAME'), for odd filters."""
     if pad_dims is None:
         pad_dims = (True,) * len(filter_spatial_dims)
+    if not len(filter_spatial_dims) == len(rhs_dilation) == len(pad_dims):
+        raise ValueError(
+            f"get_same_padding: `filter_spatial_dims` (={tuple(filter_spatial_dims)}), `rhs_dilation` "
+            f"(={tuple(rhs_dilation)}) and `pad_dims` (={tuple(pad_dims)}) need one entry per spatial axis"
+        )
     return tuple(
         (((m - 1) // 2) * dil,) * 2 if pad else (0, 0)
         for m, dil, pad in zip(filter_spatial_dims, rhs_dilation, pad_dims)

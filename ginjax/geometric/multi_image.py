@@ -5,6 +5,7 @@ MultiImage and Signature from this path), and most of its length is MultiImage's
 """
 
 from collections.abc import ItemsView, KeysView, Mapping, ValuesView
+import numbers
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -574,6 +575,8 @@ class MultiImage:
 
     def expand(self: Self, axis: int, size: int) -> Self:
         """Split leading `axis` into (-1, size) in every block."""
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
+            raise ValueError(f"MultiImage.expand: `size` (={size!r}) must be a positive int")
         out = self.empty()
         for key, block in self.items():
             if block.shape[axis] % size:
@@ -636,6 +639,14 @@ class MultiImage:
             raise TypeError(
                 f"MultiImage.get_subset: `idxs` (={idxs!r}) must be an array with at least 1 axis"
             )
+        if not isinstance(idxs, jax.core.Tracer) and len(self.data):
+            n, concrete = next(iter(self.values())).shape[0], np.asarray(idxs)
+            bad = concrete[(concrete < -n) | (concrete >= n)]
+            if bad.size:  # jax would clamp them to the ends: a silent wrong subset
+                raise ValueError(
+                    f"MultiImage.get_subset: `idxs` holds {bad.ravel()[:5].tolist()}, out of range "
+                    f"for the {n} entries of the first axis"
+                )
         return self.__class__(
             {key: block[idxs] for key, block in self.items()},
             self.D,

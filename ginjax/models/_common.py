@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from ginjax import geometric as geom
@@ -20,8 +21,16 @@ def model_signatures(
     depth: int,
     equivariant: bool,
     mid_keys: Optional[geom.Signature],
+    model: str,
 ) -> tuple[geom.Signature, geom.Signature, geom.Signature]:
-    """(block input, block output, mid) signatures; non-equivariant models flatten to scalars."""
+    """(block input, block output, mid) signatures; non-equivariant models flatten to scalars.
+    `model` names the caller in errors: `depth` gives every hidden key its channels unless
+    `mid_keys` is given, so it must then be a positive int."""
+    if mid_keys is None and (isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth <= 0):
+        raise ValueError(
+            f"{model}: `depth` (={depth!r}) must be a positive int: the channels of each key of the "
+            "hidden signature (or pass `mid_keys`)"
+        )
     if equivariant:
         if mid_keys is None:
             mid_keys = geom.signature_union(input_keys, output_keys, depth)

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.random as random
 
-from ginjax._validate import as_signature, check_key
+from ginjax._validate import as_signature, check_count, check_key
 from ginjax import geometric as geom
 from ginjax.models._base import AnyDimensionalModel
 from ginjax.models._blocks import ConvBlock
@@ -139,6 +139,7 @@ class DilResNet(AnyDimensionalModel):
             key: jax.random key.
         """
         check_key(key, "DilResNet")
+        check_count(num_blocks, "DilResNet", "num_blocks")
         input_keys = as_signature(input_keys, "DilResNet", "input_keys")
         output_keys = as_signature(output_keys, "DilResNet", "output_keys")
         if equivariant and conv_filters is None:
@@ -148,7 +149,7 @@ class DilResNet(AnyDimensionalModel):
         self.output_keys = output_keys
         self.input_keys = input_keys
         block_in, block_out, mid_keys = model_signatures(
-            D, input_keys, output_keys, depth, equivariant, mid_keys
+            D, input_keys, output_keys, depth, equivariant, mid_keys, "DilResNet"
         )
         self.use_bias = use_bias
         self.activation_f = activation_f
@@ -259,6 +260,7 @@ class ResNet(AnyDimensionalModel):
             key: jax.random key.
         """
         check_key(key, "ResNet")
+        check_count(num_blocks, "ResNet", "num_blocks")
         input_keys = as_signature(input_keys, "ResNet", "input_keys")
         output_keys = as_signature(output_keys, "ResNet", "output_keys")
         if not isinstance(num_conv, int) or num_conv <= 0:
@@ -270,7 +272,7 @@ class ResNet(AnyDimensionalModel):
         self.output_keys = output_keys
         self.input_keys = input_keys
         block_in, block_out, mid_keys = model_signatures(
-            D, input_keys, output_keys, depth, equivariant, mid_keys
+            D, input_keys, output_keys, depth, equivariant, mid_keys, "ResNet"
         )
         self.use_bias = use_bias
         self.activation_f = activation_f

@@ -118,7 +118,7 @@ class UNet(AnyDimensionalModel):
                     f"num_downsamples (={num_downsamples}) > 0"
                 )
         block_in, block_out, mid_keys = model_signatures(
-            D, input_keys, output_keys, depth, equivariant, mid_keys
+            D, input_keys, output_keys, depth, equivariant, mid_keys, "UNet"
         )
 
         self.D = D
