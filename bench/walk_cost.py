@@ -1,0 +1,120 @@
+"""The CUDA forward's stencil walk counted for any D=3 layer: how much FP32 and shared-memory
+work the kernel's design (kernels/cuda/conv_contract.cu) would do on a layer it does not cover
+yet, e.g. the 2-tensor layer d3_n64_b2_c8_k2, against the standard layer it runs today.
+
+Each input key's Z tiles (output key, component j, pair, filter) are cut, in order, into
+sub-phases of at most `cap` tiles, since a phase's tiles are all live in registers (27 is the
+vector phase's 108 registers today). Each sub-phase is walked in the filters' symmetric basis, as
+`kernels.cuda._walk.row_groups` walks the kernel's phases, and counted per warp, output row of
+16 pixels and chunk of 8 channels:
+  - FP32: `_walk.walk_cost`, 4 a tile use, 8 a z class, 4 an x class;
+  - LDS: 8 shared loads a z row a row group loads (4 x positions x 2 channels).
+A sub-phase re-reads the rows an earlier one of the same key read, so a smaller cap costs
+shared-memory loads. At cap >= 27 the standard layer gives today's two phases exactly
+(948 FP32 instructions; tests/test_bench_walk_cost.py).
+
+    python -m bench.walk_cost --configs d3_n64_b4_c16,d3_n64_b2_c8_k2 --caps 20,27,40
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from kernels._fused.basis import basis_nonzeros
+from kernels._spec import ConvSpec
+from kernels.cuda._walk import Phase, PhaseTile, row_groups, walk_cost
+
+CHUNK = 8  # channels a warp's mma k-step takes (m16n8k8)
+SEGMENT = 16  # pixels a warp's row covers
+
+
+@dataclasses.dataclass(frozen=True)
+class WalkCost:
+    """Counts of one layer's walk at one cap (per warp, row and chunk; `*_total`: the layer's)."""
+
+    cap: int
+    phases: int
+    tiles: int
+    fp32: int
+    lds: int
+    fp32_total: int
+    lds_total: int
+
+
+def sub_phases(spec: ConvSpec, cap: int) -> tuple[Phase, ...]:
+    """Every input key's tiles in sub-phases of at most `cap`, the keys highest order first (as
+    the kernel walks the vector block before the scalar one); rows (dz, dy, i) dy-major."""
+    if spec.D != 3:
+        raise ValueError(f"`spec` has D={spec.D}; the CUDA forward's walk is 3x3x3 (D=3)")
+    if not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"`cap` (={cap!r}) must be a positive int")
+    nonzeros = basis_nonzeros(spec)
+
+    def tile(n):
+        return (spec.pairs[n.pair].out_index, n.j, n.pair, n.f)
+
+    out = []
+    for key in sorted({spec.pairs[n.pair].in_index for n in nonzeros}, key=lambda a: -spec.in_keys[a][0]):
+        tiles = sorted({tile(n) for n in nonzeros if spec.pairs[n.pair].in_index == key})
+        for start in range(0, len(tiles), cap):
+            index = {t: i for i, t in enumerate(tiles[start:start + cap])}
+            rows: dict[tuple[int, int, int], list] = {}
+            for n in nonzeros:
+                if tile(n) in index:
+                    dz, dy, dx = (int(a) - 1 for a in np.unravel_index(n.tap, (3, 3, 3)))
+                    rows.setdefault((dz, dy, n.i), []).append((index[tile(n)], dx, n.value))
+            order = sorted(rows, key=lambda r: (r[1], r[0], r[2]))
+            out.append(Phase(key, tuple(PhaseTile(0, 0, i) for i in range(len(index))),
+                             tuple((r, tuple(rows[r])) for r in order)))
+    return tuple(out)
+
+
+def walk_counts(spec: ConvSpec, cap: int, channels: int, batch: int, spatial: tuple[int, ...]) -> WalkCost:
+    """The walk's counts for `spec` at `cap`, and the layer's totals for `batch` grids of
+    `spatial` with `channels` input channels a key (a multiple of CHUNK)."""
+    if channels % CHUNK:
+        raise ValueError(f"`channels` (={channels}) must be a multiple of {CHUNK}")
+    phases = sub_phases(spec, cap)
+    fp32 = sum(walk_cost(p) for p in phases)
+    lds = sum(8 * len(g.dzs) for p in phases for g in row_groups(p))
+    warp_rows = batch * int(np.prod(spatial)) // SEGMENT * (channels // CHUNK)
+    return WalkCost(cap, len(phases), sum(len(p.tiles) for p in phases), fp32, lds, fp32 * warp_rows, lds * warp_rows)
+
+
+def layer_spec(cfg) -> ConvSpec:
+    """The spec of a bench layer config's ConvContract (the layer alone: no input drawn)."""
+    import jax
+
+    from bench import _cases
+    from ginjax import geometric as geom, layers
+
+    sig = geom.Signature(tuple((key, cfg.c) for key in cfg.keys))
+    filters = _cases.invariant_filters(cfg.D, cfg.M, cfg.filter_ks)
+    return layers.ConvContract(sig, sig, filters, key=jax.random.PRNGKey(0)).conv_spec()
+
+
+def main(argv=None) -> int:
+    from bench import _configs
+
+    parser = argparse.ArgumentParser(prog="python -m bench.walk_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="d3_n64_b4_c16,d3_n64_b2_c8_k2")
+    parser.add_argument("--caps", default="27")
+    args = parser.parse_args(argv)
+    caps = [int(c) for c in args.caps.split(",")]
+    print("| config | cap | phases | tiles | FP32 / warp-row | LDS / warp-row | layer FP32 / LDS (M warp-instr.) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.configs.split(","):
+        cfg = _configs.CONFIGS[name]
+        spec = layer_spec(cfg)
+        for cap in caps:
+            w = walk_counts(spec, cap, cfg.c, cfg.B, cfg.spatial)
+            print(f"| {name} | {cap} | {w.phases} | {w.tiles} | {w.fp32:,} | {w.lds:,} | "
+                  f"{w.fp32_total / 1e6:,.0f} / {w.lds_total / 1e6:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
