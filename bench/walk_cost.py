@@ -1,5 +1,5 @@
 """The CUDA forward's stencil walk counted for any D=3 layer: how much FP32 and shared-memory
-work the kernel's design (kernels/cuda/conv_contract.cu) would do on a layer it does not cover
+work the kernel's design (kernels/cuda/forward_kernel.cuh) would do on a layer it does not cover
 yet, e.g. the 2-tensor layer d3_n64_b2_c8_k2, against the standard layer it runs today.
 
 Each input key's Z tiles (output key, component j, pair, filter) are cut, in order, into

@@ -1,4 +1,4 @@
-"""conv_contract.cu's index arithmetic and arithmetic in numpy, lane by lane, for the CPU tests:
+"""forward_kernel.cuh's index arithmetic and arithmetic in numpy, lane by lane, for the CPU tests:
 the slice copies (every lane's cp.async source and destination, the wrap floats), the ring of
 three y slices per strip (at dilation d: rows y - d, y, y + d of one y phase) and the MID hook
 that refills the oldest one, the stencil reads at each

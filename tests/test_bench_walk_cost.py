@@ -29,7 +29,7 @@ def test_the_standard_layer_walks_as_the_kernel_does():
     ours = walk_cost.sub_phases(STANDARD, 27)
     assert [len(p.tiles) for p in ours] == [len(p.tiles) for p in kernel] == [27, 13]
     assert [_walk.walk_cost(p) for p in ours] == [_walk.walk_cost(p) for p in kernel]
-    assert sum(_walk.walk_cost(p) for p in ours) == 948  # conv_contract.cu's header
+    assert sum(_walk.walk_cost(p) for p in ours) == 948  # forward_kernel.cuh's header
     assert [[(g.dy, g.i, g.dzs) for g in _walk.row_groups(p)] for p in ours] == \
         [[(g.dy, g.i, g.dzs) for g in _walk.row_groups(p)] for p in kernel]
     w = walk_cost.walk_counts(STANDARD, 27, 16, 4, (64, 64, 64))

@@ -1,4 +1,4 @@
-"""The static plan of the CUDA forward kernel (kernels/cuda/conv_contract.cu): pure Python and
+"""The static plan of the CUDA forward kernel (kernels/cuda/forward_kernel.cuh): pure Python and
 numpy, so the tables, shared-memory layout and weight packing are checked on a CPU.
 
 The stencil walk, its phases and row groups are kernels/cuda/_walk.py's (re-exported here);
@@ -264,12 +264,12 @@ class Layout:
         """Whether the kernel stages its outputs in the vector phase's weights (the PACKED_DILATIONS):
         they are read only in the vector phase, which every warp has left by the scalar MID's
         barrier, and each row after the strip's first copies them in again after a barrier behind
-        the stores, landing by the next row's vector MID (conv_contract.cu, "Staging")."""
+        the stores, landing by the next row's vector MID (forward_kernel.cuh, "Staging at d = 8")."""
         return self.dilation in PACKED_DILATIONS
 
     @property
     def windows(self) -> int:
-        """x windows of nx pixels per row (conv_contract.cu's header, "X windows")."""
+        """x windows of nx pixels per row (forward_kernel.cuh's header, "X windows")."""
         return (self.row or self.nx) // self.nx
 
     @property
@@ -471,7 +471,7 @@ def twin_enabled() -> bool:
 def twin(spec: ConvSpec, spatial, fp32: bool = False, n_groups: Optional[int] = None) -> bool:
     """Whether the forward runs on twin rings: a CTA of 8 warps over two z slabs (z, z + nz / 2),
     a ring each and the weights shared, where a CTA of rows of 32 would have 4 warps and an SM to
-    itself (conv_contract.cu's header, "Twin rings"). Compiled for whole rows of 32 at dilation 1
+    itself (forward_kernel.cuh's header, "Twin rings"). Compiled for whole rows of 32 at dilation 1
     in TF32; nz even; both rings must fit SMEM_LIMIT (in `n_groups` channel groups: `layout`'s)."""
     nz, _, nx = (int(n) for n in spatial)
     if not twin_enabled() or fp32 or nx != TWIN_NX or nz % 2 or dilation(spec) != 1:

@@ -1,4 +1,4 @@
-"""The stencil walk of the CUDA forward (kernels/cuda/conv_contract.cu) as pure Python: the layer's
+"""The stencil walk of the CUDA forward (kernels/cuda/forward_kernel.cuh) as pure Python: the layer's
 Z tiles (from the Mosaic spike's plan, kernels/pallas/_mosaic_plan.py: output *groups* (output
 block b, component j), each with its tiles (term, f) and their basis nonzeros) regrouped into two
 *phases* by the input block they read (the vector block first, then the scalar one). A phase's

@@ -1,4 +1,4 @@
-// Shared by the CUDA ConvContract kernels (conv_contract.cu, weight_gradient.cu): the tf32 mma,
+// Shared by the CUDA ConvContract kernels (forward_kernel.cuh, weight_gradient.cu): the tf32 mma,
 // cp.async, and the generated stencil walk's hooks. Included inside each file's anonymous
 // namespace.
 #pragma once

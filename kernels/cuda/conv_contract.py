@@ -2,7 +2,7 @@
 
     outputs = conv_contract_cuda(spec, inputs, weights, precision=..., block_sizes=...)
 
-Forward: kernels/cuda/conv_contract.cu (TF32 mma.sync, or fp32 by 3xTF32; fp32 accumulation), all pairs in one
+Forward: kernels/cuda/forward_kernel.cuh, launched by conv_contract.cu (TF32 mma.sync, or fp32 by 3xTF32; fp32 accumulation), all pairs in one
 launch, the layer's bias offsets (`forward_call`'s) added in its epilogue. The vector blocks in
 and out are component-planar or components minor in memory (`layout()`: kernels/_layout.py's
 switch, GINJAX_CUDA_LAYOUT overriding it); the custom call asks XLA for that layout. Batching: vmap_method="broadcast_all", so a vmapped batch is one launch (grid z axis)

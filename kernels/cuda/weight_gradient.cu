@@ -4,7 +4,7 @@
 //   dW_t[o, c, f] = sum over pixels p, and the forward's tiles T = (group (b, j), t, f):
 //                   Z_T[p, c] * gY_(b,j)[p, o]
 //
-// with Z_T the forward's Z tiles of the inputs (conv_contract.cu's header) and gY the outputs'
+// with Z_T the forward's Z tiles of the inputs (forward_kernel.cuh's header) and gY the outputs'
 // cotangents. Plan and tables: kernels/cuda/_dw_plan.py, weight_gradient_d3.inc (generated).
 //
 // Work split. As the forward: a CTA owns (batch, z, strip of y rows) and slides along y with the
@@ -73,7 +73,7 @@
 // CTA covers NX of a row's nx pixels; its gY rows are staged from the window), precision (0: tf32,
 // 1: fp32 by 3xTF32).
 //
-// Dilation (template D; conv_contract.cu's header): the CTA's rows are one y phase's, its slices
+// Dilation (template D; forward_kernel.cuh's header): the CTA's rows are one y phase's, its slices
 // hold the z rows z - D, z, z + D, rows carry D wrap pixels a side (their own conflict-free layout
 // per (D, nx)), and a lane's pixel pair per k-step is x, x + D (B rows tid, tid + 4; x =
 // lane_pixel<D>(tid), k-step 1 at x + 8, or + 4 at D = 8), so the walk's four reads x - D .. x + 2D
@@ -129,7 +129,7 @@ struct GyLayout {
 };
 
 // One y slice of block KEY, the CTA's 16 channels from channel kg * 16 (3 z rows zz[0..2], x = -D
-// .. NX + D - 1 wrapped): conv_contract.cu's load_slice on this layout (common.cuh's copy_channel_rows).
+// .. NX + D - 1 wrapped): forward_kernel.cuh's load_slice on this layout (common.cuh's copy_channel_rows).
 template <int NX, int KEY, bool kPlanar, int D, bool kWin>
 __device__ __forceinline__ void load_slice_dw(const DwParams& p, float* slice, int b, int kg, int yy,
                                               const int (&zz)[3], int x0) {
