@@ -12,6 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -143,7 +144,7 @@ CASES = [
     ("DilResNet num_blocks=None", lambda: models.DilResNet(D, SIG, SIG, 2, num_blocks=None, conv_filters=_filters(), key=KEY), ValueError, r"DilResNet: `num_blocks` \(=None\) must be a non-negative int"),
     ("DilResNet input_keys=None", lambda: models.DilResNet(D, None, SIG, 2, conv_filters=_filters(), key=KEY), ValueError, r"DilResNet: `input_keys` \(=None\) is not a signature"),
     # --- geometric helpers
-    ("get_subset out of range", lambda: _x().get_subset(jnp.array([0, 7])), ValueError, r"MultiImage.get_subset: `idxs` holds \[7\], out of range for the 2 entries"),
+    ("get_subset out of range", lambda: _x().get_subset(np.array([0, 7])), ValueError, r"MultiImage.get_subset: `idxs` holds \[7\], out of range for the 2 entries"),
     ("expand size -1", lambda: _x().expand(0, -1), ValueError, r"MultiImage.expand: `size` \(=-1\) must be a positive int"),
     ("get_same_padding lengths", lambda: geom.get_same_padding((3, 3), (1, 1, 1)), ValueError, r"`rhs_dilation` \(=\(1, 1, 1\)\) .* one entry per spatial axis"),
     # --- ml (items 2, 3, 10)

@@ -634,15 +634,19 @@ class MultiImage:
         return self.expand(axis, self.get_L() // n_devices)
 
     def get_subset(self: Self, idxs: jax.Array) -> Self:
-        """Select entries idxs (a 1-D integer array) of the first axis of every block."""
+        """Select entries idxs (a 1-D integer array) of the first axis of every block; numpy
+        indices out of range are refused (jax arrays are indexed as jax does: clamped)."""
         if not isinstance(idxs, (jax.Array, np.ndarray)) or np.ndim(idxs) < 1:
             raise TypeError(
                 f"MultiImage.get_subset: `idxs` (={idxs!r}) must be an array with at least 1 axis"
             )
-        if not isinstance(idxs, jax.core.Tracer) and len(self.data):
-            n, concrete = next(iter(self.values())).shape[0], np.asarray(idxs)
-            bad = concrete[(concrete < -n) | (concrete >= n)]
-            if bad.size:  # jax would clamp them to the ends: a silent wrong subset
+        # host indices are checked (jax would clamp them to the ends: a silent wrong subset); a
+        # jax array is not, since reading it would wait for the device (the batching loops pass
+        # slices of an on-device permutation, and a wait there would stall every train step)
+        if isinstance(idxs, np.ndarray) and len(self.data):
+            n = next(iter(self.values())).shape[0]
+            bad = idxs[(idxs < -n) | (idxs >= n)]
+            if bad.size:
                 raise ValueError(
                     f"MultiImage.get_subset: `idxs` holds {bad.ravel()[:5].tolist()}, out of range "
                     f"for the {n} entries of the first axis"
