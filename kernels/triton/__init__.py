@@ -125,17 +125,20 @@ def describe(spec: ConvSpec, spatial) -> str:
                 f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
     directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
                   "the weight gradient": _entry.cuda_weight_grad_covers}
-    on_cuda, on_triton, launched = [], [], None
+    on_cuda, on_triton, forward_launch = [], [], None  # forward_launch: the layer a CUDA forward launch runs
     for what, covers in directions.items():
         layer_covered = lambda layer: covers(layer, tuple(spatial), "float32")[0]  # noqa: E731
         if layer_covered(spec):
             on_cuda.append(what)
-            launched = spec if launched is None else launched
+            launch = spec
         elif (split := _entry.output_split(spec, layer_covered)) is not None:
             on_cuda.append(f"{what} (as {split[1]} launches of {_entry.OUTPUT_GROUP} output channels per key)")
-            launched = split[0] if launched is None else launched
+            launch = split[0]
         else:
             on_triton.append(what)
+            continue
+        if covers is _entry.cuda_forward_covers:
+            forward_launch = launch
     if not on_cuda:
         return ""
     from ..cuda import _dw_plan
@@ -149,7 +152,7 @@ def describe(spec: ConvSpec, spatial) -> str:
         precisions += f", and {split} fp32 by 3xTF32 at dilation 1 on whole rows (GINJAX_CUDA_FP32=0: Triton's)"
     said = (" and ".join(on_cuda) + f" on kernels/cuda's CUDA kernels at {precisions} ({blocks} vector blocks; "
             "Triton's at other precisions)")
-    if on_cuda[0].startswith("the forward") and twin(launched.without_bias(), tuple(spatial)):
+    if forward_launch is not None and twin(forward_launch.without_bias(), tuple(spatial)):
         said += ", the forward's rows of 32 on twin rings (two z slabs a CTA; GINJAX_CUDA_TWIN=0: one)"
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
