@@ -2,7 +2,8 @@
 run, on every candidate backend, and write them into `auto`'s table kernels/measured/<device>.json.
 
     python -m bench measure-auto [--configs auto-models] [--backends dense,triton,pallas]
-        [--modes fwd_bwd,fwd] [--max-time 0.1] [--time-budget S] [--table PATH] [--out DIR] [--list]
+        [--modes fwd_bwd,fwd] [--row-lengths N[,N...]] [--max-time 0.1] [--time-budget S] [--table PATH]
+        [--out DIR] [--list]
 
 1. Trace each model step (bench/model_layers.py) and collect its distinct configurations
    (signature: geometry, keys, channels, filter bases, spatial size, dtype) with the batch the
@@ -43,6 +44,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--configs", default="auto-models", help="model configs or sets (default auto-models)")
     p.add_argument("--backends", default="", help="candidates (default: dense and every fused backend available here)")
     p.add_argument("--modes", default="fwd_bwd,fwd", help="fwd_bwd and/or fwd, in the order measured (default fwd_bwd,fwd)")
+    p.add_argument("--row-lengths", default="",
+                   help="only the configurations whose rows (last spatial axis) are this long, e.g. 32 (default: all); "
+                        "a kernel change that touches some row lengths re-times those and keeps the rest of the table")
     _suite.add_timing_args(p, max_time=0.1, warmup=False, budget_help="seconds; no case starts later (0: no limit)")
     p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
     p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
@@ -64,10 +68,28 @@ def parse_args(argv) -> argparse.Namespace:
             args.configs, tuple(_configs.CONFIGS) + tuple(_configs.AUTO_LAYER_GRID), "--configs",
             {**_configs.CONFIG_SETS, **_configs.AUTO_LAYER_SETS})
         args.modes = _configs.parse_selection(args.modes, _configs.LAYER_MODES, "--modes")
+        args.row_lengths = parse_row_lengths(args.row_lengths)
     except ValueError as err:
         p.error(str(err))
     _suite.check_timing_args(p, args)
     return args
+
+
+def parse_row_lengths(value: str) -> tuple[int, ...]:
+    """`--row-lengths` as a tuple of positive ints (empty: every configuration)."""
+    lengths = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"--row-lengths (={value!r}) must be positive integers separated by commas")
+        lengths.append(int(item))
+    return tuple(lengths)
+
+
+def select_rows(uses, row_lengths: tuple[int, ...]) -> list:
+    """The configurations whose last spatial axis is one of `row_lengths` (all where it is empty)."""
+    return [u for u in uses if not row_lengths or u.spatial[-1] in row_lengths]
 
 
 OPERAND_LAYOUTS = ("row-major", "auto", "fused-auto")
@@ -292,8 +314,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     # the budget counts from here: tracing the steps is part of it
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    uses = model_layers.model_uses(args.configs)
-    print(f"{len(uses)} distinct ConvContract configurations (with batch) in {', '.join(args.configs)} "
+    uses = select_rows(model_layers.model_uses(args.configs), args.row_lengths)
+    rows = f" with rows of {', '.join(map(str, args.row_lengths))}" if args.row_lengths else ""
+    print(f"{len(uses)} distinct ConvContract configurations (with batch){rows} in {', '.join(args.configs)} "
           f"({time.perf_counter() - started:.0f} s to trace):")
     for use in uses:
         print(f"  {use.describe()}  <- {', '.join(use.sources)}")
@@ -308,6 +331,7 @@ def main(argv=None) -> int:
     table = load_table(table_path, info["device_kind"])
     commit = _suite.resolve_commit(args.commit)
     layouts = "" if args.operand_layouts == "row-major" else f" --operand-layouts {args.operand_layouts}"
+    layouts += f" --row-lengths {','.join(map(str, args.row_lengths))}" if args.row_lengths else ""
     source = f"python -m bench measure-auto --configs {args.configs_arg}{layouts} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     targets = [table_path]
@@ -327,6 +351,8 @@ def main(argv=None) -> int:
     _measured.load.cache_clear()
     print()
     print(summary(uses, table, backends))
+    if args.row_lengths:
+        print(f"(the per-step sums cover only the layers with rows of {', '.join(map(str, args.row_lengths))})")
     print(f"\nwrote {', '.join(map(str, targets))}" + (f" and {paths['json']}" if args.out else "")
           + f" ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -343,3 +343,21 @@ def test_explain_on_a_cpu_names_the_rule_and_the_run_and_compile_times(monkeypat
     assert ("fastest measured on cpu (exact match, 1 batch size(s); ms per call = run ms + compile / 1000 calls: "
             "cheap-compile 0.3 ms + 0.5 s compile, dense 0.2 ms + 2.5 s compile; geometric means over them): "
             "0.8 ms per fwd_bwd call (compile included) against dense 2.7 ms") in choice.reason
+
+
+def test_measure_auto_can_re_time_only_some_row_lengths(capsys):
+    """--row-lengths keeps the configurations whose last spatial axis is listed (a kernel change at
+    rows of 32 re-times those and leaves the rest of the table), and names a bad value."""
+    from bench import measure_auto, model_layers
+
+    args = measure_auto.parse_args(["--configs", "cpu-small", "--row-lengths", "4, 8", "--list"])
+    assert args.row_lengths == (4, 8)
+    assert measure_auto.parse_args(["--list"]).row_lengths == ()
+    uses = model_layers.model_uses(["cpu_d2_n4_b4_c2_dil2"])
+    assert measure_auto.select_rows(uses, (4,)) == uses
+    assert measure_auto.select_rows(uses, (8,)) == []
+    assert measure_auto.select_rows(uses, ()) == uses
+    for bad in ("0", "32,x", "-4"):
+        with pytest.raises(SystemExit):
+            measure_auto.parse_args(["--row-lengths", bad])
+        assert f"--row-lengths (={bad!r}) must be positive integers" in capsys.readouterr().err
