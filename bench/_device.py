@@ -27,6 +27,8 @@ def device_info() -> dict:
         "device_kind": kind,
         "device_slug": slugify(kind),
         "device_count": jax.device_count(),
+        # "9.0" on Hopper, "" on a CPU: a GPU without a measured table ranks by one of its capability
+        "compute_capability": str(getattr(dev, "compute_capability", "") or ""),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         # the operand precision JAX's default matmul precision means for the kernels

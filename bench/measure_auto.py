@@ -118,13 +118,18 @@ def candidates(value: str) -> tuple[str, ...]:
     return ("dense",) + tuple(n for n in names if n != "dense")  # the baseline first
 
 
-def load_table(path: pathlib.Path, device_kind: str) -> dict:
+def load_table(path: pathlib.Path, device_kind: str, capability: str = "") -> dict:
+    """The table at `path` (a new one if there is none) for `device_kind`, with its compute
+    `capability` recorded (a GPU without a table of its own ranks by one of the same capability:
+    kernels._measured.table_kind)."""
     if path.exists():
         data = json.loads(path.read_text())
         if data.get("device_kind", device_kind) != device_kind:
             raise SystemExit(f"--table (={path}) is for {data['device_kind']!r}, this device is {device_kind!r}")
     else:
         data = {"device_kind": device_kind, "sources": [], "configs": {}}
+    if capability:
+        data["compute_capability"] = capability
     data.setdefault("exact", {})
     return data
 
@@ -328,7 +333,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
-    table = load_table(table_path, info["device_kind"])
+    table = load_table(table_path, info["device_kind"], info.get("compute_capability", ""))
     commit = _suite.resolve_commit(args.commit)
     layouts = "" if args.operand_layouts == "row-major" else f" --operand-layouts {args.operand_layouts}"
     layouts += f" --row-lengths {','.join(map(str, args.row_lengths))}" if args.row_lengths else ""
@@ -349,6 +354,7 @@ def main(argv=None) -> int:
         if args.out:
             paths["json"].write_text(json.dumps({"device": info, "configs": list(args.configs), "rows": log}, indent=1) + "\n")
     _measured.load.cache_clear()
+    _measured.kinds_by_capability.cache_clear()
     print()
     print(summary(uses, table, backends))
     if args.row_lengths:

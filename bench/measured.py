@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     table = {"device_kind": kind, "sources": sources, "configs": configs}
     if out.exists():  # keep the exact entries of `python -m bench measure-auto`
         old = json.loads(out.read_text())
+        if old.get("compute_capability"):  # measure-auto's record (kernels._measured.table_kind)
+            table["compute_capability"] = old["compute_capability"]
         if old.get("exact"):
             table["exact"] = old["exact"]
             table["sources"] += [s for s in old.get("sources", []) if s.startswith("python -m bench measure-auto")]

@@ -38,8 +38,16 @@ the calls a test, a notebook cell or a short run makes, compile is most of what 
 where native is slower per call on the CPU grid, it still wins back its compile saving only after
 4,000-70,000 calls. The GPU tables rank run time alone (no entry: long runs amortise compile).
 Backends left out of the returned dict rank after the measured ones (kernels/_registry.py), so
-`dense` wins wherever a fused backend was not shown faster. No table for the device: {} and the
-backends' priorities decide.
+`dense` wins wherever a fused backend was not shown faster.
+
+A GPU without a table of its own ranks by the committed table of a GPU with the same compute
+capability (`table_kind`: an H100 by the H200's, sm 9.0). The kernels are the same machine code,
+and what makes a layer fused or dense is mostly the same there (tile sizes, channel counts, the
+grid's fill), while HBM bandwidth differs (3.35 against 4.8 TB/s). A close call may go the other
+way, but the other choice is far worse: with no table, the backends' priorities decide. On an H100
+the UNet d3_n64_b4 step then ran its 16^3 layers (64 + 64 channels) on the CUDA kernels, 13.5 ms
+of a 44.9 ms step (bench/NOTES.md, session 32), where the H200's table keeps them on dense.
+No table of the device or of its capability: {} and the priorities decide.
 """
 
 from __future__ import annotations
@@ -124,6 +132,30 @@ def load(device_kind: str) -> Optional[dict]:
     if not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def table_kind(device_kind: str, capability: str = "") -> tuple[str, str]:
+    """(the device kind whose table `auto` ranks by on `device_kind`, a note where it is not its
+    own): its own table if committed; else the committed table recorded with compute capability
+    `capability` (e.g. "9.0"; the module doc says why); else `device_kind` itself, with no table."""
+    if not capability or load(device_kind) is not None:
+        return device_kind, ""
+    kind = kinds_by_capability().get(capability)
+    if kind is None:
+        return device_kind, ""
+    return kind, f"{device_kind} has no measured table; ranked by the {kind}'s, of the same compute capability {capability}"
+
+
+@functools.lru_cache(maxsize=None)
+def kinds_by_capability() -> dict[str, str]:
+    """Compute capability -> the device kind of the committed table recorded with it (the first by
+    file name where several are)."""
+    kinds: dict[str, str] = {}
+    for path in sorted(_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("compute_capability") and data.get("device_kind"):
+            kinds.setdefault(str(data["compute_capability"]), data["device_kind"])
+    return kinds
 
 
 def table_for(device_kind: str) -> Optional[dict]:

@@ -96,6 +96,14 @@ def device_kind() -> str:
         return ""
 
 
+def device_capability() -> str:
+    """The first device's compute capability ("9.0" on Hopper), "" where it has none (a CPU)."""
+    try:
+        return str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    except RuntimeError:
+        return ""
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, ConvContract layers whose backend is "auto" use `name`."""
@@ -200,7 +208,9 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             return Choice(name, name, source, "requested, and it covers this configuration")
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
-    kind = device_kind()  # "cpu" on a CPU: kernels/measured/cpu.json
+    # "cpu" on a CPU (kernels/measured/cpu.json); a GPU without a table of its own takes one of
+    # the same compute capability (_measured.table_kind)
+    kind, stand_in = _measured.table_kind(device_kind(), device_capability())
     dtype_name = str(jax.numpy.dtype(dtype)) if dtype is not None else None
     measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
     # measured-fastest first; unmeasured backends after, by their priority
@@ -219,7 +229,7 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             skipped.append(f"{b.name}: {why}")
             continue
         if b.name in measured:
-            reason = _measured_reason(kind, b.name, measured, rule)
+            reason = _measured_reason(kind, b.name, measured, rule) + (f" ({stand_in})" if stand_in else "")
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
         if skipped:

@@ -361,3 +361,30 @@ def test_measure_auto_can_re_time_only_some_row_lengths(capsys):
         with pytest.raises(SystemExit):
             measure_auto.parse_args(["--row-lengths", bad])
         assert f"--row-lengths (={bad!r}) must be positive integers" in capsys.readouterr().err
+
+
+def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatch):
+    """An H100 (no table of its own) ranks by the H200's, which records compute capability 9.0,
+    and says so; a GPU of another capability has none and falls to the priorities."""
+    assert _measured.kinds_by_capability().get("9.0") == "NVIDIA H200"  # the committed table
+    assert _measured.table_kind("NVIDIA H200", "9.0") == ("NVIDIA H200", "")
+    assert _measured.table_kind("NVIDIA H100 80GB HBM3", "9.0") == (
+        "NVIDIA H200", "NVIDIA H100 80GB HBM3 has no measured table; ranked by the NVIDIA H200's, "
+        "of the same compute capability 9.0")
+    assert _measured.table_kind("NVIDIA A100-SXM4-80GB", "8.0") == ("NVIDIA A100-SXM4-80GB", "")
+    assert _measured.table_kind("cpu", "") == ("cpu", "")
+
+    spec = _spec()
+    table = {**_table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}),
+                      (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}})), "compute_capability": "9.9"}
+    _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Test GPU", table)
+    monkeypatch.setattr(_measured, "kinds_by_capability", lambda: {"9.9": "Test GPU"})
+    monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Sibling GPU")
+    monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
+    choice = kernels.explain(spec, N64)
+    assert choice.backend == "fast-fused" and "fastest measured on Test GPU" in choice.reason
+    assert "Sibling GPU has no measured table; ranked by the Test GPU's" in choice.reason
+    assert kernels.explain(spec, (32,) * 3).backend == "dense"  # measured slower on the sibling
+    monkeypatch.setattr(kernels._registry, "device_capability", lambda: "8.0")
+    other = kernels.explain(spec, (32,) * 3)  # no table: the priorities, and fast-fused has the highest
+    assert other.backend == "fast-fused" and "highest-priority backend" in other.reason
