@@ -104,7 +104,10 @@ for stage in ${STAGES:-sweep profile pallas}; do
       OUT="$OUT/pallas" SKIP_TESTS=1 PALLAS_CHECK_TIMEOUT_S="${T_PALLAS:-150}" PALLAS_CHECK_BUDGET_S="$(( ${T_PALLAS:-150} - 30 ))" \
         bash bench/pallas_gpu_check.sh > "$OUT/pallas/log.txt" 2>&1 ;;
     tests)
-      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu -q -rfs --durations=15 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
+      # one line a test with its time, as it finishes (pytest >= 8.2; else -q): a stage cut off by
+      # its limit still says what ran and how long each test took (--durations prints only at the end)
+      style=$(python3 -c 'import pytest; print("-v -o console_output_style=times" if pytest.version_tuple >= (8, 2) else "-q")' 2>/dev/null || echo -q)
+      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu $style -rfs --durations=15 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
