@@ -36,8 +36,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._env import env_choice
 from ._lax_common import dimension_numbers
 from ._spec import ConvSpec
+
+# The one-GEMM sub-pixel form's product order (`_subpixel`): "channels-last" (the default) is
+# (*J, *s, Cout), whose depth-to-space and the blocks' unpacking after it (channels first) read
+# with a stride of s^D Cout floats; "channels-first" is (*s, Cout, *J), where they read rows of J
+# contiguous floats. On the H200 the UNet step's relayouts of the first order took ~0.9 ms
+# (loop_slice_fusion and _depth_to_space's transpose, -083f1f8-profile-unet_d3_n64_b4.*).
+SUBPIXEL_ORDER_ENV = "GINJAX_SUBPIXEL_ORDER"
+
+
+def subpixel_order() -> str:
+    """$GINJAX_SUBPIXEL_ORDER: "channels-last" (default) or "channels-first", read at trace time."""
+    return env_choice(SUBPIXEL_ORDER_ENV, ("channels-last", "channels-first"), "channels-last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,19 +201,13 @@ def _subpixel(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) 
         for d, ax in enumerate(per_axis):
             w = jnp.concatenate([lax.slice_in_dim(w, p.first_tap, p.first_tap + 1, axis=d) for p in ax], axis=d)
         w_all = jnp.moveaxis(w, D, 0).reshape(w.shape[D], -1)  # (Cin, (*s, Cout))
+        if subpixel_order() == "channels-first":
+            y = lax.dot_general(w_all, xp, (((0,), (D,)), ((), ())), precision=precision,
+                                preferred_element_type=out_dtype).reshape(tuple(s) + (cout,) + xp.shape[:D])
+            y = _phase_windows(y, per_axis, e_lo, J, cell_axis=D + 1, phase_axis=0)
+            return _depth_to_space_first(y, out)
         y = _gemm(xp, w_all, precision, out_dtype).reshape(xp.shape[:D] + tuple(s) + (cout,))
-        for d, ax in enumerate(per_axis):  # each phase's window of J cells (shifted by its offset)
-            starts = [p.offset - e_lo[d] for p in ax]
-            if len(set(starts)) == 1:
-                y = lax.slice_in_dim(y, starts[0], starts[0] + J[d], axis=d)
-            else:
-                y = jnp.concatenate(
-                    [
-                        lax.slice_in_dim(lax.slice_in_dim(y, phi, phi + 1, axis=D + d), st, st + J[d], axis=d)
-                        for phi, st in enumerate(starts)
-                    ],
-                    axis=D + d,
-                )
+        y = _phase_windows(y, per_axis, e_lo, J, cell_axis=0, phase_axis=D)
     else:
         parts = []
         for combo in itertools.product(*per_axis):
@@ -216,6 +223,36 @@ def _subpixel(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) 
             parts.append(_valid_conv(window, sub, precision, out_dtype))
         y = jnp.stack(parts, axis=D).reshape(tuple(J) + tuple(s) + (cout,))
     return _depth_to_space(y, out)
+
+
+def _phase_windows(y: jax.Array, per_axis, e_lo, J, cell_axis: int, phase_axis: int) -> jax.Array:
+    """Per axis d, each phase's window of J[d] cells of the one-GEMM product y (cell axes from
+    `cell_axis`, phase axes from `phase_axis`), shifted by the phase's offset into the padded input."""
+    for d, ax in enumerate(per_axis):
+        starts = [p.offset - e_lo[d] for p in ax]
+        if len(set(starts)) == 1:
+            y = lax.slice_in_dim(y, starts[0], starts[0] + J[d], axis=cell_axis + d)
+        else:
+            y = jnp.concatenate(
+                [
+                    lax.slice_in_dim(lax.slice_in_dim(y, phi, phi + 1, axis=phase_axis + d), st, st + J[d],
+                                     axis=cell_axis + d)
+                    for phi, st in enumerate(starts)
+                ],
+                axis=phase_axis + d,
+            )
+    return y
+
+
+def _depth_to_space_first(y: jax.Array, out) -> jax.Array:
+    """(*s, C, *J) -> (*out, C), as `_depth_to_space` of the channels-last order: the interleave
+    reads rows of J contiguous floats; the channels go last for the caller's unpacking, which moves
+    them first again (XLA folds the two transposes into one)."""
+    D = len(out)
+    s, C, J = y.shape[:D], y.shape[D], y.shape[D + 1 :]
+    order = [D] + [a for d in range(D) for a in (D + 1 + d, d)]
+    y = y.transpose(order).reshape((C,) + tuple(j * sd for j, sd in zip(J, s)))
+    return jnp.moveaxis(y[(slice(None),) + tuple(slice(0, o) for o in out)], 0, -1)
 
 
 def _depth_to_space(y: jax.Array, out) -> jax.Array:

@@ -65,6 +65,28 @@ def test_thin_one_conv_takes_the_thin_layer_out_of_its_two_stages():
     assert forms == {"baseline": "stencil-first", "thin-one-conv": None}, forms
 
 
+def test_subpixel_channels_first_reorders_the_upsampling_gemm():
+    """subpixel-channels-first (GINJAX_SUBPIXEL_ORDER): the UNet's upsampling on dense lowers to
+    another program (the GEMM's product channels first), with the same values."""
+    import kernels
+    from conftest import fixture_filters, invariant_pairs, random_operands
+
+    filters = fixture_filters(3, 2)
+    ins = [(0, 0, 2), (1, 0, 2)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 2)])
+    spec = kernels.make_spec(3, ins, outs, pairs, True, 1, ((1, 1),) * 3, (2,) * 3)
+    xs, ws = random_operands(spec, (4,) * 3, seed=5, batch=1, dtype="float32")
+    xs, ws = [jnp.asarray(x[0]) for x in xs], [jnp.asarray(w) for w in ws]
+    texts, values = {}, {}
+    for name in ("baseline", "subpixel-channels-first"):
+        with step_variants.variant(name):
+            fn = jax.jit(lambda x: kernels.conv_contract(spec, x, ws, backend="dense", precision="fp32"))
+            texts[name], values[name] = fn.lower(xs).as_text(), fn(xs)
+    assert texts["baseline"] != texts["subpixel-channels-first"]
+    for a, b in zip(values["baseline"], values["subpixel-channels-first"]):
+        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_norm_apart_takes_the_norm_out_of_the_kernels(monkeypatch):
     # with the Triton VectorNeuron on planar blocks (the GPU's default) the norm is the kernels'
     # affine operand; norm-apart applies it first, so the kernel's launch has one operand fewer

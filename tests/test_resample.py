@@ -267,6 +267,30 @@ def test_unet_upsampling_is_one_gemm(D):
     assert "sub-pixel GEMM" in kernels.explain(spec, (4,) * D).reason  # auto runs dense on a CPU
 
 
+@pytest.mark.parametrize("D, s, pad", [(2, 2, (1, 1)), (2, 2, (0, 1)), (2, 3, (2, 0)), (3, 2, (1, 1)), (3, 2, (1, 0))])
+def test_the_one_gemm_in_either_product_order(D, s, pad, monkeypatch):
+    """The one-GEMM sub-pixel form (filter side = lhs_dilation) with its product channels last (the
+    default) and channels first ($GINJAX_SUBPIXEL_ORDER): each against `reference` at fp32, values
+    and gradients, no convolution; the two orders' outputs agree to rounding."""
+    filters = fixture_filters(D, s)
+    ins = [(0, 0, 3), (1, 0, 2)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 3)])
+    spec = kernels.make_spec(D, ins, outs, pairs, True, 1, (pad,) * D, (s,) * D)
+    xs, ws = random_operands(spec, (5,) * D, seed=21, batch=2, dtype=np.float32)
+    got = {}
+    for order in ("channels-last", "channels-first"):
+        monkeypatch.setenv(_resample.SUBPIXEL_ORDER_ENV, order)
+        assert _resample.subpixel_order() == order
+        assert count_convolutions(check_against_reference(spec, xs, ws).as_text()) == 0
+        got[order] = jax.vmap(lambda x, w=ws: kernels.conv_contract(spec, x, w, backend="dense", precision="fp32"))(
+            [jnp.asarray(x) for x in xs])
+    for a, b in zip(got["channels-last"], got["channels-first"]):
+        assert a.shape == b.shape and rel_l2(b, a) <= 1e-6
+    monkeypatch.setenv(_resample.SUBPIXEL_ORDER_ENV, "rows")
+    with pytest.raises(ValueError, match="`GINJAX_SUBPIXEL_ORDER` \\(='rows'\\) must be one of"):
+        _resample.subpixel_order()
+
+
 def test_explain_names_the_form():
     filters = fixture_filters(2, 3)
     ins = [(0, 0, 1)]
