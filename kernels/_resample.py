@@ -40,11 +40,12 @@ from ._env import env_choice
 from ._lax_common import dimension_numbers
 from ._spec import ConvSpec
 
-# The one-GEMM sub-pixel form's product order (`_subpixel`): "channels-last" (the default) is
+# The one-GEMM sub-pixel form's product order: "channels-last" (the default, `_subpixel`) is
 # (*J, *s, Cout), whose depth-to-space and the blocks' unpacking after it (channels first) read
-# with a stride of s^D Cout floats; "channels-first" is (*s, Cout, *J), where they read rows of J
-# contiguous floats. On the H200 the UNet step's relayouts of the first order took ~0.9 ms
-# (loop_slice_fusion and _depth_to_space's transpose, -083f1f8-profile-unet_d3_n64_b4.*).
+# with a stride of s^D Cout floats; "channels-first" (`conv_channels_first`) is (*s, Cout, *J),
+# where they read rows of J contiguous floats. On the H200 the UNet step's relayouts of the first
+# order took ~0.9 ms (loop_slice_fusion and _depth_to_space's transpose,
+# -083f1f8-profile-unet_d3_n64_b4.*).
 SUBPIXEL_ORDER_ENV = "GINJAX_SUBPIXEL_ORDER"
 
 
@@ -114,9 +115,10 @@ def describe(spec: ConvSpec) -> str:
         n_phases = math.prod(len(p) for p in per_axis)
         counts = [math.prod(c) for c in itertools.product(*[[p.n_taps for p in ax] for ax in per_axis])]
         if all(ph.n_taps == 1 for ax in per_axis for ph in ax):
+            order = ", product channels first" if subpixel_order() == "channels-first" else ""
             return (
                 f"sub-pixel GEMM (lhs_dilation {_fmt(spec.lhs_dilation)}, {n_phases} phases, "
-                "1 tap each; no convolution)"
+                f"1 tap each{order}; no convolution)"
             )
         empty = sum(1 for c in counts if c == 0)
         return (
@@ -134,6 +136,21 @@ def describe(spec: ConvSpec) -> str:
         f"space-to-depth + stride-1 convolution (stride {_fmt(spec.stride)}, "
         f"{math.prod(spec.stride)} residues folded into the channels, {'x'.join(map(str, K))} taps)"
     )
+
+
+def one_gemm(spec: ConvSpec) -> bool:
+    """Whether the spec's sub-pixel form is one GEMM: every phase of every axis reads one tap
+    (filter side = lhs_dilation, the UNet's upsampling)."""
+    if method(spec) != "subpixel":
+        return False
+    per_axis = [axis_phases(s, m, lo) for s, m, (lo, _) in zip(spec.lhs_dilation, spec.filter_shape, spec.zero_pad)]
+    return all(p.n_taps == 1 for ax in per_axis for p in ax)
+
+
+def gives_channels_first(spec: ConvSpec) -> bool:
+    """Whether `conv_channels_first` runs this spec: its one-GEMM form, with
+    $GINJAX_SUBPIXEL_ORDER channels-first."""
+    return one_gemm(spec) and subpixel_order() == "channels-first"
 
 
 def conv(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
@@ -179,34 +196,66 @@ def _pad(x: jax.Array, pads) -> jax.Array:
 
 
 # ---- transposed: sub-pixel decomposition ---------------------------------------------------------
-def _subpixel(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
-    D = spec.D
-    n = x.shape[:D]
+@dataclasses.dataclass(frozen=True)
+class _SubpixelPlan:
+    per_axis: list  # each axis's phases
+    out: list  # the output's cells per axis
+    J: list  # cells every phase is computed on: ceil(out / s); the interleave is cropped to `out`
+    e_lo: list  # x is padded once to cover every phase's reads: x index e_lo .. J - 1 + e_hi
+
+
+def _subpixel_plan(spec: ConvSpec, n) -> _SubpixelPlan:
     s = spec.lhs_dilation
     per_axis = [axis_phases(sd, m, lo) for sd, m, (lo, _) in zip(s, spec.filter_shape, spec.zero_pad)]
-    out = [
-        (nd - 1) * sd + 1 + lo + hi - m + 1
-        for nd, sd, m, (lo, hi) in zip(n, s, spec.filter_shape, spec.zero_pad)
-    ]
-    # every phase is computed on J = ceil(out / s) cells; the interleave is cropped to `out`
-    J = [-(-o // sd) for o, sd in zip(out, s)]
-    # x is padded once to cover the reads of every phase: x index e_lo .. J-1 + e_hi
-    e_lo = [min(p.offset for p in ax if p.n_taps) for ax in per_axis]
-    e_hi = [max(p.offset + p.n_taps - 1 for p in ax if p.n_taps) for ax in per_axis]
-    xp = _pad(x, [(-lo, j - 1 + hi - (nd - 1)) for lo, hi, j, nd in zip(e_lo, e_hi, J, n)])
+    out = [(nd - 1) * sd + 1 + lo + hi - m + 1 for nd, sd, m, (lo, hi) in zip(n, s, spec.filter_shape, spec.zero_pad)]
+    return _SubpixelPlan(per_axis, out, [-(-o // sd) for o, sd in zip(out, s)],
+                         [min(p.offset for p in ax if p.n_taps) for ax in per_axis])
+
+
+def _subpixel_input(plan: _SubpixelPlan, x: jax.Array) -> jax.Array:
+    D = len(plan.out)
+    e_hi = [max(p.offset + p.n_taps - 1 for p in ax if p.n_taps) for ax in plan.per_axis]
+    return _pad(x, [(-lo, j - 1 + hi - (nd - 1)) for lo, hi, j, nd in zip(plan.e_lo, e_hi, plan.J, x.shape[:D])])
+
+
+def _one_gemm_filter(plan: _SubpixelPlan, w: jax.Array) -> jax.Array:
+    """w (*taps, Cin, Cout) -> (Cin, (*s, Cout)): every phase's single tap along the output channels."""
+    D = len(plan.out)
+    for d, ax in enumerate(plan.per_axis):
+        w = jnp.concatenate([lax.slice_in_dim(w, p.first_tap, p.first_tap + 1, axis=d) for p in ax], axis=d)
+    return jnp.moveaxis(w, D, 0).reshape(w.shape[D], -1)
+
+
+def conv_channels_first(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    """`conv` of a spec that `gives_channels_first`, returning (Cout, *out_spatial): the GEMM's
+    product is (*s, Cout, *J), so the phases' interleave reads rows of J contiguous floats, and
+    the blocks are sliced off the leading channel axis (`kernels.dense.unpack_channels_first`)."""
+    if not one_gemm(spec):
+        raise ValueError("kernels._resample.conv_channels_first: `spec` has no one-GEMM sub-pixel form")
+    D = spec.D
+    plan = _subpixel_plan(spec, x.shape[:D])
+    xp = _subpixel_input(plan, x)
+    y = lax.dot_general(_one_gemm_filter(plan, w), xp, (((0,), (D,)), ((), ())), precision=precision,
+                        preferred_element_type=out_dtype)
+    y = y.reshape(tuple(spec.lhs_dilation) + (w.shape[-1],) + xp.shape[:D])
+    y = _phase_windows(y, plan.per_axis, plan.e_lo, plan.J, cell_axis=D + 1, phase_axis=0)
+    s, C, J = y.shape[:D], y.shape[D], y.shape[D + 1 :]
+    order = [D] + [a for d in range(D) for a in (D + 1 + d, d)]
+    y = y.transpose(order).reshape((C,) + tuple(j * sd for j, sd in zip(J, s)))
+    return y[(slice(None),) + tuple(slice(0, o) for o in plan.out)]
+
+
+def _subpixel(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    D = spec.D
+    s = spec.lhs_dilation
+    plan = _subpixel_plan(spec, x.shape[:D])
+    per_axis, out, J, e_lo = plan.per_axis, plan.out, plan.J, plan.e_lo
+    xp = _subpixel_input(plan, x)
     cout = w.shape[-1]
 
-    if all(p.n_taps == 1 for ax in per_axis for p in ax):
+    if one_gemm(spec):
         # one GEMM of the input with every phase's single tap, phases along the output channels
-        for d, ax in enumerate(per_axis):
-            w = jnp.concatenate([lax.slice_in_dim(w, p.first_tap, p.first_tap + 1, axis=d) for p in ax], axis=d)
-        w_all = jnp.moveaxis(w, D, 0).reshape(w.shape[D], -1)  # (Cin, (*s, Cout))
-        if subpixel_order() == "channels-first":
-            y = lax.dot_general(w_all, xp, (((0,), (D,)), ((), ())), precision=precision,
-                                preferred_element_type=out_dtype).reshape(tuple(s) + (cout,) + xp.shape[:D])
-            y = _phase_windows(y, per_axis, e_lo, J, cell_axis=D + 1, phase_axis=0)
-            return _depth_to_space_first(y, out)
-        y = _gemm(xp, w_all, precision, out_dtype).reshape(xp.shape[:D] + tuple(s) + (cout,))
+        y = _gemm(xp, _one_gemm_filter(plan, w), precision, out_dtype).reshape(xp.shape[:D] + tuple(s) + (cout,))
         y = _phase_windows(y, per_axis, e_lo, J, cell_axis=0, phase_axis=D)
     else:
         parts = []
@@ -242,17 +291,6 @@ def _phase_windows(y: jax.Array, per_axis, e_lo, J, cell_axis: int, phase_axis: 
                 axis=phase_axis + d,
             )
     return y
-
-
-def _depth_to_space_first(y: jax.Array, out) -> jax.Array:
-    """(*s, C, *J) -> (*out, C), as `_depth_to_space` of the channels-last order: the interleave
-    reads rows of J contiguous floats; the channels go last for the caller's unpacking, which moves
-    them first again (XLA folds the two transposes into one)."""
-    D = len(out)
-    s, C, J = y.shape[:D], y.shape[D], y.shape[D + 1 :]
-    order = [D] + [a for d in range(D) for a in (D + 1 + d, d)]
-    y = y.transpose(order).reshape((C,) + tuple(j * sd for j, sd in zip(J, s)))
-    return jnp.moveaxis(y[(slice(None),) + tuple(slice(0, o) for o in out)], 0, -1)
 
 
 def _depth_to_space(y: jax.Array, out) -> jax.Array:

@@ -74,6 +74,19 @@ def unpack_channels_last(spec: ConvSpec, y: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(outs)
 
 
+def unpack_channels_first(spec: ConvSpec, y: jax.Array) -> tuple[jax.Array, ...]:
+    """(Cout, *spatial) -> blocks (o, *spatial, *j): each block's channels are a leading slice."""
+    D = spec.D
+    spatial = y.shape[1:]
+    outs, start = [], 0
+    for k, _, o in spec.out_keys:
+        width = o * D**k
+        blk = y[start : start + width].reshape((o,) + (D,) * k + spatial)
+        outs.append(jnp.moveaxis(blk, tuple(range(1, 1 + k)), tuple(range(1 + D, 1 + D + k))))
+        start += width
+    return tuple(outs)
+
+
 def conv_contract_dense(
     spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str
 ) -> tuple[jax.Array, ...]:
@@ -83,6 +96,8 @@ def conv_contract_dense(
     w_dense = assemble_dense_filter(spec, weights, dtype)
     x = wrap_pad(pack_channels_last(spec, [x.astype(dtype) for x in inputs])[None], spec, lead=1)
     precision, (x, w_dense) = lax_operands(mode, x, w_dense)
+    if _resample.gives_channels_first(spec):
+        return unpack_channels_first(spec, _resample.conv_channels_first(spec, x[0], w_dense, precision, dtype))
     if _resample.method(spec) in ("subpixel", "space_to_depth"):
         y = _resample.conv(spec, x[0], w_dense, precision, dtype)
     else:

@@ -282,6 +282,9 @@ def test_the_one_gemm_in_either_product_order(D, s, pad, monkeypatch):
         monkeypatch.setenv(_resample.SUBPIXEL_ORDER_ENV, order)
         assert _resample.subpixel_order() == order
         assert count_convolutions(check_against_reference(spec, xs, ws).as_text()) == 0
+        assert _resample.gives_channels_first(spec) == (order == "channels-first")
+        assert ("product channels first" in kernels.explain(spec, (5,) * D, backend="dense").reason) == (
+            order == "channels-first")
         got[order] = jax.vmap(lambda x, w=ws: kernels.conv_contract(spec, x, w, backend="dense", precision="fp32"))(
             [jnp.asarray(x) for x in xs])
     for a, b in zip(got["channels-last"], got["channels-first"]):
