@@ -114,7 +114,7 @@ def describe(spec: ConvSpec) -> str:
         ]
         n_phases = math.prod(len(p) for p in per_axis)
         counts = [math.prod(c) for c in itertools.product(*[[p.n_taps for p in ax] for ax in per_axis])]
-        if all(ph.n_taps == 1 for ax in per_axis for ph in ax):
+        if one_gemm(spec):
             order = ", product channels first" if subpixel_order() == "channels-first" else ""
             return (
                 f"sub-pixel GEMM (lhs_dilation {_fmt(spec.lhs_dilation)}, {n_phases} phases, "
