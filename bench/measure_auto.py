@@ -2,8 +2,8 @@
 run, on every candidate backend, and write them into `auto`'s table kernels/measured/<device>.json.
 
     python -m bench measure-auto [--configs auto-models] [--backends dense,triton,pallas]
-        [--modes fwd_bwd,fwd] [--row-lengths N[,N...]] [--max-time 0.1] [--time-budget S] [--table PATH]
-        [--out DIR] [--list]
+        [--modes fwd_bwd,fwd] [--row-lengths N[,N...]] [--thin-only] [--max-time 0.1] [--time-budget S]
+        [--table PATH] [--out DIR] [--list]
 
 1. Trace each model step (bench/model_layers.py) and collect its distinct configurations
    (signature: geometry, keys, channels, filter bases, spatial size, dtype) with the batch the
@@ -47,6 +47,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--row-lengths", default="",
                    help="only the configurations whose rows (last spatial axis) are this long, e.g. 32 (default: all); "
                         "a kernel change that touches some row lengths re-times those and keeps the rest of the table")
+    p.add_argument("--thin-only", action="store_true",
+                   help="only the thin layers, which `dense` runs in two stages (kernels/_thin.py): a model's first "
+                        "and last, whose dense rows were timed as one convolution before session 26")
     _suite.add_timing_args(p, max_time=0.1, warmup=False, budget_help="seconds; no case starts later (0: no limit)")
     p.add_argument("--table", default=None, help="the table to update (default kernels/measured/<device-slug>.json)")
     p.add_argument("--out", default=None, help="also write OUT/<device-slug>/<date>-<commit>-measure-auto.json (every measurement) and a copy of the table")
@@ -87,9 +90,13 @@ def parse_row_lengths(value: str) -> tuple[int, ...]:
     return tuple(lengths)
 
 
-def select_rows(uses, row_lengths: tuple[int, ...]) -> list:
-    """The configurations whose last spatial axis is one of `row_lengths` (all where it is empty)."""
-    return [u for u in uses if not row_lengths or u.spatial[-1] in row_lengths]
+def select_rows(uses, row_lengths: tuple[int, ...], thin_only: bool = False) -> list:
+    """The configurations whose last spatial axis is one of `row_lengths` (any where it is empty)
+    and, with `thin_only`, that `dense` runs in two stages (`kernels._thin.thin_form`)."""
+    from kernels import _thin
+
+    return [u for u in uses if (not row_lengths or u.spatial[-1] in row_lengths)
+            and (not thin_only or _thin.thin_form(u.spec) is not None)]
 
 
 OPERAND_LAYOUTS = ("row-major", "auto", "fused-auto")
@@ -319,8 +326,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     # the budget counts from here: tracing the steps is part of it
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    uses = select_rows(model_layers.model_uses(args.configs), args.row_lengths)
+    uses = select_rows(model_layers.model_uses(args.configs), args.row_lengths, args.thin_only)
     rows = f" with rows of {', '.join(map(str, args.row_lengths))}" if args.row_lengths else ""
+    rows += " (thin layers only)" if args.thin_only else ""
     print(f"{len(uses)} distinct ConvContract configurations (with batch){rows} in {', '.join(args.configs)} "
           f"({time.perf_counter() - started:.0f} s to trace):")
     for use in uses:
@@ -337,6 +345,7 @@ def main(argv=None) -> int:
     commit = _suite.resolve_commit(args.commit)
     layouts = "" if args.operand_layouts == "row-major" else f" --operand-layouts {args.operand_layouts}"
     layouts += f" --row-lengths {','.join(map(str, args.row_lengths))}" if args.row_lengths else ""
+    layouts += " --thin-only" if args.thin_only else ""
     source = f"python -m bench measure-auto --configs {args.configs_arg}{layouts} ({_dt.date.today()}, commit {commit})"
     table["sources"] = [s for s in table.get("sources", []) if s != source] + [source]
     targets = [table_path]
@@ -357,8 +366,8 @@ def main(argv=None) -> int:
     _measured.kinds_by_capability.cache_clear()
     print()
     print(summary(uses, table, backends))
-    if args.row_lengths:
-        print(f"(the per-step sums cover only the layers with rows of {', '.join(map(str, args.row_lengths))})")
+    if args.row_lengths or args.thin_only:
+        print(f"(the per-step sums cover only the layers selected{rows})")
     print(f"\nwrote {', '.join(map(str, targets))}" + (f" and {paths['json']}" if args.out else "")
           + f" ({time.perf_counter() - started:.0f} s)")
     return 0
