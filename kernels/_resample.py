@@ -235,9 +235,11 @@ def conv_channels_first(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, o
     D = spec.D
     plan = _subpixel_plan(spec, x.shape[:D])
     xp = _subpixel_input(plan, x)
-    y = lax.dot_general(_one_gemm_filter(plan, w), xp, (((0,), (D,)), ((), ())), precision=precision,
-                        preferred_element_type=out_dtype)
-    y = y.reshape(tuple(spec.lhs_dilation) + (w.shape[-1],) + xp.shape[:D])
+    # the filter split into (Cin, *s, Cout) before the GEMM, so that its product needs no reshape:
+    # under vmap a reshape would move the batch axis (a free axis of xp, behind Cout in the product)
+    # to the front in a pass of its own, where the interleave's transpose below moves it for free
+    w_phases = _one_gemm_filter(plan, w).reshape((w.shape[D],) + tuple(spec.lhs_dilation) + (w.shape[-1],))
+    y = lax.dot_general(w_phases, xp, (((0,), (D,)), ((), ())), precision=precision, preferred_element_type=out_dtype)
     y = _phase_windows(y, plan.per_axis, plan.e_lo, plan.J, cell_axis=D + 1, phase_axis=0)
     s, C, J = y.shape[:D], y.shape[D], y.shape[D + 1 :]
     order = [D] + [a for d in range(D) for a in (D + 1 + d, d)]
