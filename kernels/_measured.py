@@ -47,7 +47,10 @@ grid's fill), while HBM bandwidth differs (3.35 against 4.8 TB/s). A close call 
 way, but the other choice is far worse: with no table, the backends' priorities decide. On an H100
 the UNet d3_n64_b4 step then ran its 16^3 layers (64 + 64 channels) on the CUDA kernels, 13.5 ms
 of a 44.9 ms step (bench/NOTES.md, session 32), where the H200's table keeps them on dense.
-No table of the device or of its capability: {} and the priorities decide.
+No table of the device or of its capability: {} and the priorities decide. A device's own table,
+once committed, replaces the stand-in whole, so its first `measure-auto` should cover every
+configuration the steps run (the default `--configs auto-models`), not a `--row-lengths` or
+`--thin-only` part of them.
 """
 
 from __future__ import annotations
