@@ -349,7 +349,9 @@ def test_measure_auto_can_re_time_only_some_row_lengths(capsys):
     """--row-lengths keeps the configurations whose last spatial axis is listed (a kernel change at
     rows of 32 re-times those and leaves the rest of the table), --thin-only those dense runs in two
     stages; a bad value is named."""
-    from bench import measure_auto, model_layers
+    from types import SimpleNamespace
+
+    from bench import _cases, _configs, measure_auto, model_layers
 
     args = measure_auto.parse_args(["--configs", "cpu-small", "--row-lengths", "4, 8", "--list"])
     assert args.row_lengths == (4, 8)
@@ -359,9 +361,6 @@ def test_measure_auto_can_re_time_only_some_row_lengths(capsys):
     assert measure_auto.select_rows(uses, (8,)) == []
     assert measure_auto.select_rows(uses, ()) == uses
     assert measure_auto.parse_args(["--thin-only", "--list"]).thin_only
-    from bench import _cases, _configs
-    from types import SimpleNamespace
-
     standard = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
     layers = [SimpleNamespace(spec=_cases.with_channels(standard, cin, cout), spatial=(64,) * 3)
               for cin, cout in ((2, 16), (16, 16), (16, 1))]
