@@ -232,6 +232,9 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             reason = _measured_reason(kind, b.name, measured, rule) + (f" ({stand_in})" if stand_in else "")
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
+            if plat == "gpu" and _measured.load(kind) is None:
+                reason += (f" (no measured table for {kind or 'this device'} or its compute capability: "
+                           "`python -m bench measure-auto` makes one)")
         if skipped:
             reason += " (skipped " + "; ".join(skipped) + ")"
         return Choice(b.name, "auto", source, reason)

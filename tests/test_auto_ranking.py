@@ -397,3 +397,4 @@ def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatc
     monkeypatch.setattr(kernels._registry, "device_capability", lambda: "8.0")
     other = kernels.explain(spec, (32,) * 3)  # no table: the priorities, and fast-fused has the highest
     assert other.backend == "fast-fused" and "highest-priority backend" in other.reason
+    assert "no measured table for Sibling GPU or its compute capability" in other.reason
