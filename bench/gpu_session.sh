@@ -42,6 +42,9 @@
 #   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 (CUDA_NCU_CONFIG: a bench/triton_sweep.py
 #            config) in each layout (CUDA_NCU_LAYOUTS, default "minor planar"), warp stall reasons included;
 #            run cuda-build first (or CUDA_PREBUILT=1)
+#   env-ab         one switch in alternation: ENV_AB_ROUNDS rounds (default 2) of `python -m bench $ENV_AB_ARGS`
+#            with ENV_AB_VAR set to each of ENV_AB_VALUES in turn (default args: d3_n64_b4_c16, triton, fwd and
+#            fwd_bwd, in-model layouts); each run's limit T_ENV_AB (default 120 s)
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
@@ -56,7 +59,8 @@
 # Pass COMMIT=<short hash>: the device machine's copy of the tree may carry stale git metadata, and
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
-# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW.
+# T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW,
+# T_ENV_AB (each run of the stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -164,6 +168,19 @@ for stage in ${STAGES:-sweep profile pallas}; do
         grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issue Slots Busy|Registers Per" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
         grep -E "stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
+    env-ab)  # one switch's values in alternation over `python -m bench` runs of the same layers
+      # (ENV_AB_VAR, ENV_AB_VALUES, ENV_AB_ROUNDS, ENV_AB_ARGS); one results folder and log a run
+      rc=0
+      for round in $(seq "${ENV_AB_ROUNDS:-2}"); do
+        for value in ${ENV_AB_VALUES:?ENV_AB_VALUES: the values of ENV_AB_VAR to alternate}; do
+          env "${ENV_AB_VAR:?ENV_AB_VAR: the switch to alternate}=$value" timeout "${T_ENV_AB:-120}" python3 -u -m bench \
+            --out "$OUT/env-ab/$value-$round" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+            ${ENV_AB_ARGS:---configs d3_n64_b4_c16 --backends triton --modes fwd,fwd_bwd --operand-layouts auto --no-check} \
+            > "$OUT/env-ab/$value-$round.log" 2>&1 || rc=$?
+          echo "$ENV_AB_VAR=$value round $round:"; grep -E '^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step)' "$OUT/env-ab/$value-$round.log"
+        done
+      done
+      (exit $rc) ;;
     cuda-ab)  # two builds of the CUDA library in alternation (bench/library_ab.py): carry the baseline as
       # kernels/cuda/_ginjax_cuda_base.so beside the new kernels/cuda/_ginjax_cuda.so
       timeout "${T_CUDA_AB:-300}" python3 -u -m bench.library_ab "$OUT/cuda-ab" --a kernels/cuda/_ginjax_cuda_base.so \
