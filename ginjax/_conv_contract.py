@@ -21,7 +21,7 @@ import numpy as np
 import kernels
 from kernels import ConvSpec
 
-from ginjax import geometric as geom
+from ginjax import _init_random, geometric as geom
 from ginjax._filter_bank import FilterBank, TracedFiltersError
 from ginjax._validate import as_signature, check_key, residual_blocks
 
@@ -272,11 +272,11 @@ class ConvContract(MultiImageLayer):
                 n_filters = invariant_filters[fk].shape[0]
                 fan_in = in_c * math.prod(invariant_filters[fk].shape[1 : 1 + self.D]) * self.D ** len(in_k)
                 bound = 1.0 / math.sqrt(fan_in)
-                weights[(in_k, in_p)][(out_k, out_p)] = random.uniform(
+                weights[(in_k, in_p)][(out_k, out_p)] = _init_random.uniform(
                     w_key, (out_c, in_c, n_filters), minval=-bound, maxval=bound
                 )
                 if self.use_bias:
-                    bias[(out_k, out_p)] = random.uniform(b_key, (out_c,), minval=-bound, maxval=bound)
+                    bias[(out_k, out_p)] = _init_random.uniform(b_key, (out_c,), minval=-bound, maxval=bound)
         self.weights = weights
         self.bias = bias
         self.missing_filter = missing

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jax.random as random
 from jaxtyping import ArrayLike
 
-from ginjax import geometric as geom
+from ginjax import _init_random, geometric as geom
 from ginjax._conv_contract import ConvContract, MultiImageLayer
 from ginjax._validate import residual_blocks
 from ginjax._filter_bank import FilterBank
@@ -275,9 +275,7 @@ class VectorNeuronNonlinear(MultiImageLayer):
                 )
             bound = 1.0 / math.sqrt(channels)
             key, subkey = random.split(key)
-            self.weights[(k, p)] = random.uniform(
-                subkey, (channels, channels), minval=-bound, maxval=bound
-            )
+            self.weights[(k, p)] = _init_random.uniform(subkey, (channels, channels), minval=-bound, maxval=bound)
 
     def __call__(self, x: geom.MultiImage, *, residual: Optional[geom.MultiImage] = None) -> geom.MultiImage:
         """Apply the nonlinearity to `x`, a MultiImage with blocks (channels, *spatial, *tensor).
