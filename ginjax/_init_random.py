@@ -9,8 +9,8 @@ on the key and on i, the element's row-major index. So the first n elements of a
 a draw of n elements. `uniform` draws a power-of-two length (compiled once per length), takes its
 first n elements on the host and puts them back with `jax.device_put`, which compiles nothing
 (`jnp.asarray` would compile a copy per shape). A key under a trace (a model
-built inside `jit` or `vmap`), and the non-partitionable threefry, take `jax.random.uniform`
-itself.
+built inside `jit` or `vmap`), the non-partitionable threefry, and a key of another PRNG
+implementation (rbg) take `jax.random.uniform` itself.
 """
 
 from __future__ import annotations
@@ -33,8 +33,24 @@ def uniform(key: jax.Array, shape: tuple[int, ...], minval: float, maxval: float
     """`jax.random.uniform(key, shape, minval=minval, maxval=maxval)` in the default float dtype,
     the same values, compiled once per `draw_length` rather than once per shape."""
     n = math.prod(shape)
-    if (isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable or n == 0
-            or any(isinstance(v, jax.core.Tracer) for v in (minval, maxval))):
+    if n == 0 or any(_traced(v) for v in (key, minval, maxval)) or not _partitionable_threefry(key):
         return jax.random.uniform(key, shape, minval=minval, maxval=maxval)
     flat = jax.random.uniform(key, (draw_length(n),), minval=minval, maxval=maxval)
     return jax.device_put(np.asarray(flat)[:n].reshape(shape))
+
+
+def _partitionable_threefry(key) -> bool:
+    """Whether `key` draws by threefry, partitionably (jax's default since 0.5): the property the
+    prefix relies on. False for another PRNG (rbg) or where the flag is not found, so that those
+    take `jax.random.uniform` itself."""
+    try:
+        return str(jax.random.key_impl(key)) == "threefry2x32" and bool(jax.config.jax_threefry_partitionable)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _traced(value) -> bool:
+    """Whether `value` is a tracer (a model built under `jit` or `vmap`); True where jax.core has no
+    Tracer to ask, for the same reason."""
+    tracer = getattr(jax.core, "Tracer", None)
+    return tracer is None or isinstance(value, tracer)

@@ -26,14 +26,19 @@ def test_the_values_of_jax_random_uniform(shape):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_a_traced_key_and_the_non_partitionable_threefry_take_jax_random_uniform():
+def test_a_traced_key_another_prng_and_the_non_partitionable_threefry_take_jax_random_uniform():
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     got = jax.vmap(lambda k: _init_random.uniform(k, (4, 9), -1.0, 1.0))(keys)
     want = jax.vmap(lambda k: jax.random.uniform(k, (4, 9), minval=-1.0, maxval=1.0))(keys)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     jitted = jax.jit(lambda k: _init_random.uniform(k, (3, 5), -1.0, 1.0))(keys[0])
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(jax.random.uniform(keys[0], (3, 5), minval=-1.0, maxval=1.0)))
+    rbg = jax.random.key(5, impl="rbg")
+    assert not _init_random._partitionable_threefry(rbg) and _init_random._partitionable_threefry(keys[0])
+    np.testing.assert_array_equal(np.asarray(_init_random.uniform(rbg, (6, 3), 0.0, 1.0)),
+                                  np.asarray(jax.random.uniform(rbg, (6, 3))))
     with jax.threefry_partitionable(False):
+        assert not _init_random._partitionable_threefry(keys[1])
         got = _init_random.uniform(keys[1], (5, 7), -1.0, 1.0)
         want = jax.random.uniform(keys[1], (5, 7), minval=-1.0, maxval=1.0)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
