@@ -35,10 +35,12 @@ def check_key(key: Any, where: str, name: str = "key") -> None:
     )
 
 
-def check_count(value: Any, where: str, name: str) -> None:
-    """`value` must be a non-negative int (a number of blocks, layers, ...; not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{where}: `{name}` (={_short(value)}) must be a non-negative int")
+def check_count(value: Any, where: str, name: str, minimum: int = 0, why: str = "") -> None:
+    """`value` must be an int (not a bool) of at least `minimum`, 0 or 1 (a number of blocks,
+    layers, channels, ...); `why`, if given, follows the error's message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 else "a non-negative int"
+        raise ValueError(f"{where}: `{name}` (={_short(value)}) must be {kind}" + (f": {why}" if why else ""))
 
 
 def as_signature(value: Any, where: str, name: str) -> geom.Signature:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 from ginjax import geometric as geom
+from ginjax._validate import check_count
 
 
 def flat_scalar_signature(signature: geom.Signature, D: int) -> geom.Signature:
@@ -26,11 +26,9 @@ def model_signatures(
     """(block input, block output, mid) signatures; non-equivariant models flatten to scalars.
     `model` names the caller in errors: `depth` gives every hidden key its channels unless
     `mid_keys` is given, so it must then be a positive int."""
-    if mid_keys is None and (isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth <= 0):
-        raise ValueError(
-            f"{model}: `depth` (={depth!r}) must be a positive int: the channels of each key of the "
-            "hidden signature (or pass `mid_keys`)"
-        )
+    if mid_keys is None:
+        check_count(depth, model, "depth", minimum=1,
+                    why="the channels of each key of the hidden signature (or pass `mid_keys`)")
     if equivariant:
         if mid_keys is None:
             mid_keys = geom.signature_union(input_keys, output_keys, depth)
