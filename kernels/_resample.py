@@ -92,6 +92,11 @@ def axis_phases(s: int, M: int, lo: int) -> tuple[Phase, ...]:
     return tuple(phases)
 
 
+def spec_phases(spec: ConvSpec) -> list[tuple[Phase, ...]]:
+    """Each axis's phases (`axis_phases`) for the spec's lhs_dilation, filter and low padding."""
+    return [axis_phases(s, m, lo) for s, m, (lo, _) in zip(spec.lhs_dilation, spec.filter_shape, spec.zero_pad)]
+
+
 def _fmt(values: tuple[int, ...]) -> str:
     return str(values[0]) if len(set(values)) == 1 else str(values)
 
@@ -108,10 +113,7 @@ def describe(spec: ConvSpec) -> str:
             "lhs_dilation together with a stride or an rhs_dilation; cuDNN may take a slow path)"
         )
     if how == "subpixel":
-        per_axis = [
-            axis_phases(s, m, lo)
-            for s, m, (lo, _) in zip(spec.lhs_dilation, spec.filter_shape, spec.zero_pad)
-        ]
+        per_axis = spec_phases(spec)
         n_phases = math.prod(len(p) for p in per_axis)
         counts = [math.prod(c) for c in itertools.product(*[[p.n_taps for p in ax] for ax in per_axis])]
         if one_gemm(spec):
@@ -143,8 +145,7 @@ def one_gemm(spec: ConvSpec) -> bool:
     (filter side = lhs_dilation, the UNet's upsampling)."""
     if method(spec) != "subpixel":
         return False
-    per_axis = [axis_phases(s, m, lo) for s, m, (lo, _) in zip(spec.lhs_dilation, spec.filter_shape, spec.zero_pad)]
-    return all(p.n_taps == 1 for ax in per_axis for p in ax)
+    return all(p.n_taps == 1 for ax in spec_phases(spec) for p in ax)
 
 
 def gives_channels_first(spec: ConvSpec) -> bool:
@@ -206,7 +207,7 @@ class _SubpixelPlan:
 
 def _subpixel_plan(spec: ConvSpec, n) -> _SubpixelPlan:
     s = spec.lhs_dilation
-    per_axis = [axis_phases(sd, m, lo) for sd, m, (lo, _) in zip(s, spec.filter_shape, spec.zero_pad)]
+    per_axis = spec_phases(spec)
     out = [(nd - 1) * sd + 1 + lo + hi - m + 1 for nd, sd, m, (lo, hi) in zip(n, s, spec.filter_shape, spec.zero_pad)]
     return _SubpixelPlan(per_axis, out, [-(-o // sd) for o, sd in zip(out, s)],
                          [min(p.offset for p in ax if p.n_taps) for ax in per_axis])
