@@ -226,12 +226,15 @@ def profile_step(
     backend: Optional[str] = None,
     name: str = "step",
     trace_dir: Optional[str] = None,
+    operand_layouts: str = "row-major",
 ) -> StepProfile:
     """Profile one step `fn(*args)` (jitted here; `backend` applies `kernels.use_backend` to every
     ConvContract whose backend is 'auto'). Returns a StepProfile; see the module docstring.
 
     steps: traced calls on a GPU (the report is per step); a CPU runs the step once.
     trace_dir: keep the raw trace there (default: a temporary directory, removed afterwards).
+    operand_layouts: `_timing.compile_for`'s: "auto" profiles the step as one part of a larger
+    program (a layer inside a model: no relayouts at the jit boundary).
     """
     import jax
 
@@ -243,7 +246,8 @@ def profile_step(
     on_gpu = info["platform"] == "gpu"
     from bench import _timing
 
-    compiled = _timing.compile_for(fn, args, backend)
+    compiled = _timing.compile_for(fn, args, backend, operand_layouts=operand_layouts)
+    args = _timing.place(compiled, args)
     hlo_text = compiled.as_text() or ""
     module = _module_name(hlo_text)
     index = _trace.hlo_index(hlo_text)
@@ -281,9 +285,11 @@ def profile_step(
     )
 
 
-def profile_config(config: str, backend: str = "auto", mode: Optional[str] = None, steps: int = 3) -> StepProfile:
+def profile_config(config: str, backend: str = "auto", mode: Optional[str] = None, steps: int = 3,
+                   operand_layouts: str = "row-major") -> StepProfile:
     """profile_step on a standard bench configuration (bench/_configs.py): a model's train step,
-    or a layer's `fwd_bwd` (or `mode`)."""
+    or a layer's `fwd_bwd` (or `mode`); a layer at `operand_layouts` "auto" is named with an
+    "-auto-layouts" suffix."""
     from bench import _cases, _configs
 
     cfg = _configs.CONFIGS[config]
@@ -292,12 +298,14 @@ def profile_config(config: str, backend: str = "auto", mode: Optional[str] = Non
         raise ValueError(f"`--mode` (={mode!r}) must be one of {cfg.modes} for {config}")
     fn, args = _cases.build_case(cfg).function(mode)
     label = config if mode in ("step", "fwd_bwd") else f"{config}-{mode}"
-    return profile_step(fn, *args, steps=steps, backend=backend, name=label)
+    if operand_layouts != "row-major" and mode != "step":
+        label += f"-{operand_layouts}-layouts"
+    return profile_step(fn, *args, steps=steps, backend=backend, name=label, operand_layouts=operand_layouts)
 
 
 # ---- the command -------------------------------------------------------------------------------
 def parse_args(argv) -> argparse.Namespace:
-    from bench import _configs
+    from bench import _configs, _timing
 
     p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.splitlines()[0])
     p.add_argument("configs", help="config names or sets of bench/_configs.py (e.g. unet_d3_n64_b4, models)")
@@ -305,6 +313,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--mode", default=None, help="layer configs: fwd or fwd_bwd (default fwd_bwd)")
     p.add_argument("--out", default=None, help=f"write OUT/<device-slug>/<date>-<commit>-profile-<config>.{{json,txt,png}} (default {_suite.default_out_dir()})")
     p.add_argument("--steps", type=int, default=3, help="traced steps on a GPU (default 3)")
+    p.add_argument("--operand-layouts", default="row-major", choices=_timing.OPERAND_LAYOUTS,
+                   help="a layer's argument and result layouts: row-major (as handed over at a jit boundary) or "
+                        "auto (XLA picks them, as inside a model: no boundary relayouts; default row-major)")
     p.add_argument("--top", type=int, default=15, help="kernels listed (default 15)")
     p.add_argument("--commit", default=None, help=f"commit id in the file names (default: ${_suite.COMMIT_ENV}, git, 'unknown')")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -333,7 +344,7 @@ def main(argv=None) -> int:
     summary = []
     for config in args.configs:
         start = time.perf_counter()
-        report = profile_config(config, args.backend, args.mode, args.steps)
+        report = profile_config(config, args.backend, args.mode, args.steps, args.operand_layouts)
         print(report.format(top=args.top))
         paths = report.write(out, args.commit, plot=not args.no_plot, hlo=args.hlo)
         print(f"({time.perf_counter() - start:.0f} s) wrote " + ", ".join(str(p) for p in paths.values()) + "\n", flush=True)

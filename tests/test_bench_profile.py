@@ -291,3 +291,25 @@ def test_kernels_replayed_in_a_command_buffer_are_found_by_their_instruction_nam
     assert kinds == {"XLA reduce fusion": pytest.approx(2.0)}
     assert rows[0].hlo_op == "input_reduce_fusion"
     assert rows[0].jax_op == "jit(step)/jvp(VectorNeuron)/reduce_sum"
+
+
+def test_a_layer_is_profiled_at_in_model_operand_layouts(tmp_path, capsys):
+    """`--operand-layouts auto`: compiled with XLA's layouts at the boundary, the arguments placed
+    in them, and the report named so that it is not mistaken for the row-major profile."""
+    import jax
+
+    from bench import _cases, _configs
+    from bench.profile import parse_args, profile_step
+
+    fn, args = _cases.LayerCase(_configs.LayerConfig("t", D=2, N=8, B=2, c=2)).function("fwd")
+    report = profile_step(fn, *args, backend="dense", name="t-fwd-auto-layouts", operand_layouts="auto")
+    assert report.kernel_ms > 0 and report.name == "t-fwd-auto-layouts"
+    if jax.default_backend() == "cpu":
+        assert report.source == "cpu-thunks"
+    assert parse_args(["d3_n64_b4_c16"]).operand_layouts == "row-major"
+    assert parse_args(["d3_n64_b4_c16", "--operand-layouts", "auto"]).operand_layouts == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["d3_n64_b4_c16", "--operand-layouts", "planar"])
+    assert "--operand-layouts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"`operand_layouts` \(='planar'\)"):
+        profile_step(fn, *args, backend="dense", operand_layouts="planar")
