@@ -4,7 +4,9 @@ Selection order: the `backend` argument, then `use_backend(...)` context, then t
 variable GINJAX_BACKEND, then "auto". "auto" takes, among the registered backends that can run
 here and cover the configuration, the fastest one measured on this device kind
 (kernels/measured/, see _measured.py; on a CPU a backend's compile counts, spread over
-_measured.CALLS_PER_COMPILE calls), else the one with the highest priority for the platform. A named
+_measured.CALLS_PER_COMPILE calls), else the one with the highest priority for the platform (on a
+GPU with no table to rank by, a backend whose `unmeasured_caveat` names a structural cost for the
+configuration comes after those without one). A named
 backend that cannot run on this machine raises ValueError; a named backend that runs here but
 does not cover a configuration (say stride 2 on a fused kernel) falls back to `dense`, and
 `explain` says so.
@@ -50,6 +52,10 @@ class Backend:
             (with `fused_bias` only); otherwise the registry adds it after `run` (`run_backend`).
         describe: optional (spec, spatial) -> how the backend computes this configuration
             (e.g. "sub-pixel GEMM ..."), appended to `explain`'s reason; "" says nothing.
+        unmeasured_caveat: optional (spec, spatial) -> why, on a GPU with no measured table
+            to rank by, `auto` should rank this backend after those without a caveat for the
+            configuration, whatever its priority (a structural cost that does not depend on the
+            GPU); "" for none.
     """
 
     name: str
@@ -60,6 +66,7 @@ class Backend:
     fused_bias: bool = False
     fused_residual: bool = False
     describe: Optional[Callable[[ConvSpec, tuple], str]] = None
+    unmeasured_caveat: Optional[Callable[[ConvSpec, tuple], str]] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -213,10 +220,17 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
     kind, stand_in = _measured.table_kind(device_kind(), device_capability())
     dtype_name = str(jax.numpy.dtype(dtype)) if dtype is not None else None
     measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
-    # measured-fastest first; unmeasured backends after, by their priority
+    untabled = plat == "gpu" and (not kind or _measured.load(kind) is None)
+    caveats = {}  # with no table on a GPU: backends ranked after the others here, and why
+    if untabled:
+        for b in _BACKENDS.values():
+            if b.unmeasured_caveat is not None and plat in b.priority:
+                if why := b.unmeasured_caveat(spec, tuple(spatial)):
+                    caveats[b.name] = why
+    # measured-fastest first; unmeasured backends after, by their priority, those with a caveat last
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
-        key=lambda b: (measured.get(b.name, math.inf), -b.priority[plat]),
+        key=lambda b: (measured.get(b.name, math.inf), b.name in caveats, -b.priority[plat]),
     )
     skipped = []
     for b in ranked:
@@ -232,7 +246,10 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             reason = _measured_reason(kind, b.name, measured, rule) + (f" ({stand_in})" if stand_in else "")
         else:
             reason = f"highest-priority backend on {plat} that covers this configuration"
-            if plat == "gpu" and _measured.load(kind) is None:
+            passed = {n: why for n, why in caveats.items() if _BACKENDS[n].priority[plat] > b.priority[plat]}
+            if passed:
+                reason += " without a caveat (" + "; ".join(f"{n}: {why}" for n, why in passed.items()) + ")"
+            if untabled:
                 reason += (f" (no measured table for {kind or 'this device'} or its compute capability: "
                            "`python -m bench measure-auto` makes one)")
         if skipped:

@@ -398,3 +398,36 @@ def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatc
     other = kernels.explain(spec, (32,) * 3)  # no table: the priorities, and fast-fused has the highest
     assert other.backend == "fast-fused" and "highest-priority backend" in other.reason
     assert "no measured table for Sibling GPU or its compute capability" in other.reason
+
+
+def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch):
+    """No table for the GPU or its compute capability: the priorities decide, except that a
+    backend naming a structural cost for the layer (`unmeasured_caveat`) comes after those
+    without one. Triton's filter-group layers (the k2 layer) and every Pallas layer go to dense,
+    and `explain` says why; the standard layer stays on triton. With a table the caveats are moot."""
+    import dataclasses
+
+    from bench import _cases, _configs
+
+    monkeypatch.setitem(_registry._BACKENDS, "triton", dataclasses.replace(
+        _registry._BACKENDS["triton"], availability=lambda: (True, "")))
+    monkeypatch.setattr(_registry, "platform", lambda: "gpu")
+    monkeypatch.setattr(_registry, "device_kind", lambda: "Other GPU")
+    monkeypatch.setattr(_registry, "device_capability", lambda: "8.0")
+    monkeypatch.delenv(_registry.ENV_VAR, raising=False)
+    k2 = _cases.build_case(_configs.CONFIGS["d3_n64_b2_c8_k2"]).spec()
+    choice = kernels.explain(k2, N64)
+    assert choice.backend == "dense", choice.reason
+    assert "without a caveat (triton: its kernels would run this layer as 11 filter-group launches" in choice.reason
+    assert "pallas: its kernels lost to dense in fwd_bwd" in choice.reason
+    assert "no measured table for Other GPU" in choice.reason
+    standard = kernels.explain(_spec(), N64)
+    assert standard.backend == "triton" and "caveat" not in standard.reason, standard.reason
+    without_triton = dataclasses.replace(_registry._BACKENDS["triton"], availability=lambda: (False, "no GPU"))
+    monkeypatch.setitem(_registry._BACKENDS, "triton", without_triton)
+    assert kernels.explain(_spec(), N64).backend == "dense"  # pallas (priority 15) has a caveat everywhere
+    # a table for the GPU (even one that has nothing like the layer): the caveats are not consulted
+    monkeypatch.setattr(_measured, "load", lambda kind: {"configs": {}, "exact": {}} if kind == "Other GPU" else None)
+    monkeypatch.setitem(_registry._BACKENDS, "triton", dataclasses.replace(
+        _registry._BACKENDS["triton"], availability=lambda: (True, "")))
+    assert "caveat" not in kernels.explain(k2, N64).reason

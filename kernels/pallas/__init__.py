@@ -61,4 +61,13 @@ def _run(spec, inputs, weights, mode):
     return conv_contract_pallas(spec, inputs, weights, precision=mode)
 
 
-register_backend(Backend("pallas", _run, availability, coverage, priority={"gpu": 15}))
+def unmeasured_caveat(spec, spatial) -> str:
+    """Why `auto` on a GPU with no measured table should rank `dense` first: `auto` ranks for
+    training, and these kernels (one launch for all pairs through Pallas' Triton lowering) lost
+    to dense in fwd_bwd on every layer measured on the H200 (kernels/measured/nvidia-h200.json:
+    1.3x to 11x, the larger layers spilling registers)."""
+    return "its kernels lost to dense in fwd_bwd on every layer measured on the H200 (1.3x to 11x dense's time)"
+
+
+register_backend(Backend("pallas", _run, availability, coverage, priority={"gpu": 15},
+                         unmeasured_caveat=unmeasured_caveat))

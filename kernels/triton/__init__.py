@@ -157,6 +157,17 @@ def describe(spec: ConvSpec, spatial) -> str:
     return said + (", " + " and ".join(on_triton) + " on Triton's kernels" if on_triton else "")
 
 
+def unmeasured_caveat(spec: ConvSpec, spatial) -> str:
+    """Why `auto` on a GPU with no measured table should rank `dense` first for this layer: one
+    whose Triton kernel would run in filter groups. Each group is a launch that re-reads every
+    input and reads and rewrites the outputs, which costs HBM traffic on any GPU (on the H200
+    d3_n64_b2_c8_k2's 11 groups took 3.1x dense's time in fwd and 2.9x in fwd_bwd)."""
+    groups = filter_groups(spec.without_bias(), tuple(spatial), "tf32", BlockSizes.for_layer(spec.without_bias(), tuple(spatial)))
+    if groups is None:
+        return ""
+    return (f"its kernels would run this layer as {len(groups)} filter-group launches, each re-reading the inputs "
+            "and rewriting the outputs (3x dense's time on the H200's k2 layer)")
+
+
 register_backend(Backend("triton", _run, availability, coverage, priority={"gpu": 20}, fused_bias=True,
-                         fused_residual=True,
-                         describe=describe))
+                         fused_residual=True, describe=describe, unmeasured_caveat=unmeasured_caveat))
