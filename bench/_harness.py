@@ -111,7 +111,8 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
     fn, args = case.function(mode)
     start = time.perf_counter()
     layouts = options.get("operand_layouts", "row-major")
-    compiled = compile_for(fn, args, backend, operand_layouts=layouts)
+    phases = {}
+    compiled = compile_for(fn, args, backend, operand_layouts=layouts, phases=phases)
     compile_s = time.perf_counter() - start
     if layouts != "row-major":
         args = place(compiled, args)
@@ -120,7 +121,8 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
     first_call_s = time.perf_counter() - start
     if layouts != "row-major":  # through the host: jax 0.10.2 misreads such arrays in later jitted ops
         result = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), result)
-    progress(options, f"{label}: compiled and ran once ({compile_s:.1f} s to compile)")
+    progress(options, f"{label}: compiled and ran once ({compile_s:.1f} s to compile: lowering {phases['lower_s']:.1f}, "
+                      f"of which Triton {phases['triton_s']:.1f}, XLA {phases['xla_compile_s']:.1f})")
     start = time.perf_counter()
     if backend == "reference" and oracle_precision(cfg) is None:
         _ORACLES.setdefault((cfg.name, mode), result)  # it is its own oracle
@@ -160,6 +162,7 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
         "oracle": f"reference@{oracle_precision(cfg) or 'default'}",
         "tolerance": kernels.TOLERANCE[info["precision"]],
         "compile_s": compile_s,
+        **{f"compile_{k}": v for k, v in phases.items()},
         "operand_layouts": layouts,
         "calls_per_round": timing.calls_per_round if timing else 1,
         **{k: info[k] for k in ("platform", "device_kind", "jax_version", "jaxlib_version", "precision", "cuda_kernels", "vector_neuron")},

@@ -59,7 +59,7 @@ OPERAND_LAYOUTS = ("row-major", "auto")
 
 
 def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precision: Optional[str] = None,
-                operand_layouts: str = "row-major"):
+                operand_layouts: str = "row-major", phases: Optional[dict] = None):
     """AOT-compile fn(*args) with every 'auto' ConvContract on `backend` (None: left to `auto`).
 
     precision: None for JAX's default matmul precision, or a jax.default_matmul_precision name
@@ -68,6 +68,9 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
     wants another layout gets a relayout pass at the boundary), or "auto": XLA picks the layouts
     of the arguments and results as it does between the ops of a program, i.e. the function as
     one part of a larger program (a layer inside a model). Call it on `place(compiled, args)`.
+    phases: a dict to fill with where the time went, in seconds: `lower_s` (tracing and lowering,
+    which includes `triton_s`, compiling our Triton kernels to PTX) and `xla_compile_s` (XLA's
+    compile, autotuning included).
     """
     if operand_layouts not in OPERAND_LAYOUTS:
         raise ValueError(f"`operand_layouts` (={operand_layouts!r}) must be one of {OPERAND_LAYOUTS}")
@@ -87,7 +90,19 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
     else:
         jit = jax.jit(traced)
     with use, ctx:
-        return jit.lower(*args).compile()
+        start, triton_start = time.perf_counter(), _triton_compile_seconds()
+        lowered = jit.lower(*args)
+        lowered_at, triton_s = time.perf_counter(), _triton_compile_seconds() - triton_start
+        compiled = lowered.compile()
+    if phases is not None:
+        phases.update(lower_s=lowered_at - start, triton_s=triton_s, xla_compile_s=time.perf_counter() - lowered_at)
+    return compiled
+
+
+def _triton_compile_seconds() -> float:
+    from kernels.triton._custom_call import compile_seconds
+
+    return compile_seconds()
 
 
 def place(compiled, args: tuple) -> tuple:

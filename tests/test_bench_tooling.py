@@ -435,6 +435,34 @@ def test_auto_operand_layouts_give_the_row_major_results():
         _timing.compile_for(fn, args, "dense", operand_layouts="planar")
 
 
+def test_the_compile_time_is_split_into_lowering_triton_and_xla(monkeypatch):
+    """`compile_for(..., phases=)`: lowering (with our Triton kernels' compiles, counted once per
+    kernel by `kernels.triton._custom_call.compile_seconds`) and XLA's compile, in seconds."""
+    import time as _time
+
+    from bench import _harness, _timing
+    from kernels.triton import _custom_call
+
+    case = _harness.cached_case(_configs.CONFIGS["d2_n64_b4_c8"])
+    fn, args = case.function("fwd")
+    phases = {}
+    start = _time.perf_counter()
+    _timing.compile_for(fn, args, "dense", phases=phases)
+    total = _time.perf_counter() - start
+    assert set(phases) == {"lower_s", "triton_s", "xla_compile_s"}
+    assert phases["triton_s"] == 0.0 and 0 < phases["lower_s"] and 0 < phases["xla_compile_s"]
+    assert phases["lower_s"] + phases["xla_compile_s"] <= total
+
+    calls = []
+    monkeypatch.setattr(_custom_call, "_compile_kernel", lambda plan, types: calls.append(plan) or _time.sleep(0.05))
+    _custom_call._compiled_kernel.cache_clear()
+    before = _custom_call.compile_seconds()
+    _custom_call._compiled_kernel("plan-a", ("*fp32",))
+    _custom_call._compiled_kernel("plan-a", ("*fp32",))  # cached: not compiled, not counted
+    assert calls == ["plan-a"] and 0.05 <= _custom_call.compile_seconds() - before < 1.0
+    _custom_call._compiled_kernel.cache_clear()
+
+
 def test_a_slow_first_call_does_not_cut_the_warm_up():
     """A first call that carries one-time work (module loads, autotuning) longer than `max_time`
     does not decide the rounds: a fast warm call still gets the warm-up and rounds filling

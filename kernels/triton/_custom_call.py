@@ -17,6 +17,7 @@ CPU-only jaxlib (the interpreter path never lowers through it).
 from __future__ import annotations
 
 import functools
+import time
 import zlib
 from typing import Optional, Sequence
 
@@ -109,11 +110,29 @@ def _triton_type(dtype) -> str:
     return "*" + _TRITON_TYPES[name]
 
 
+_compile_seconds = 0.0  # this process's time in _compiled_kernel's misses
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling Triton kernels to PTX (while lowering; the
+    cubin is jaxlib's at the first launch), for a bench's compile-time split."""
+    return _compile_seconds
+
+
 @functools.lru_cache(maxsize=256)
 def _compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
     """jaxlib's TritonKernel for `plan` and, per pointer argument, whether Triton assumed it
     16-byte aligned (XLA's buffers are). Through jax-triton's compile helper; a register cap
     (`plan.max_registers`) goes into the CUDA backend's options as `maxnreg`."""
+    global _compile_seconds
+    start = time.perf_counter()
+    try:
+        return _compile_kernel(plan, arg_types)
+    finally:
+        _compile_seconds += time.perf_counter() - start
+
+
+def _compile_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
     from jax_triton import triton_lib
 
     def backend_init(device, compute_capability):
