@@ -66,8 +66,9 @@ only through Triton's interpreter, which is for tests:
   H200; bench/NOTES.md "Session 28"): `kernels.cuda.vector_neuron_cuda`, the same math as CUDA
   C++ kernels behind XLA FFI (kernels/cuda/vector_neuron.cu: one thread per pixel with the
   block's channels in registers, where Triton's fp32 dots bound the backward by shared-memory
-  traffic; the forward is Triton's kernel, GINJAX_VN_CUDA_FORWARD, and the tensor-core backward
-  opt-in, GINJAX_VN_CUDA_MMA: kernels/cuda/vector_neuron.py). Used where `cuda_covers` the call:
+  traffic; the forward is Triton's kernel, GINJAX_VN_CUDA_FORWARD, and 16-channel blocks' backward
+  on the tensor cores unless the default matmul precision is fp32, GINJAX_VN_CUDA_MMA:
+  kernels/cuda/vector_neuron.py). Used where `cuda_covers` the call:
   the library `_ginjax_cuda.so` built and registered (kernels/cuda/README.md) and JAX's default backend a GPU, float32, jax.nn.relu or
   jax.nn.gelu, eps a Python number, one device, no spatial sharding, and (channels, components)
   among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels,

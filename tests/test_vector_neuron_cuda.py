@@ -191,7 +191,8 @@ def test_lowered_calls_with_an_affine_prologue(cuda_forward):
 def test_lowered_backward_names_its_kernel(monkeypatch, built):
     """The backward's `tensor_cores` attribute and its groups follow `uses_mma` as the call is made:
     with GINJAX_VN_CUDA_MMA=1 on for 16 channels and a pixel count divisible by 4 (steps of 64
-    pixels), off for 210 pixels; off by default and with GINJAX_VN_CUDA_MMA=0 (tiles of 128)."""
+    pixels), off for 210 pixels; off with GINJAX_VN_CUDA_MMA=0 (tiles of 128); by default on, but off
+    under an fp32 default matmul precision."""
     monkeypatch.setenv(vn.MMA_ENV, "1")
     def lowered(spatial):
         w, x, _ = (jnp.asarray(a) for a in _operands(2, 16, spatial, 3, 1))
@@ -204,7 +205,11 @@ def test_lowered_backward_names_its_kernel(monkeypatch, built):
     monkeypatch.setenv(vn.MMA_ENV, "0")
     assert "tensor_cores = 0 : i64" in lowered((4, 6, 8)) and "groups = 2 : i64" in lowered((4, 6, 8))
     monkeypatch.delenv(vn.MMA_ENV)
-    assert "tensor_cores = 0 : i64" in lowered((4, 6, 8))
+    assert "tensor_cores = 1 : i64" in lowered((4, 6, 8))
+    with jax.default_matmul_precision("highest"):
+        assert "tensor_cores = 0 : i64" in lowered((4, 6, 8))
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert "tensor_cores = 1 : i64" in lowered((4, 6, 8))
 
 
 def test_triton_forward_beside_the_cuda_backward(monkeypatch, built):
@@ -257,9 +262,13 @@ def test_means_come_from_the_triton_forward_only(monkeypatch, built):
 
 
 def test_backward_groups(monkeypatch):
-    assert not vn.uses_mma(16, 3, 64**3)  # the tensor cores are opt-in
+    monkeypatch.delenv(vn.MMA_ENV, raising=False)
+    assert vn.uses_mma(16, 3, 64**3)  # the tensor cores by default, but not at fp32
+    with jax.default_matmul_precision("highest"):
+        assert not vn.uses_mma(16, 3, 64**3)
+        monkeypatch.setenv(vn.MMA_ENV, "1")  # forced
+        assert vn.uses_mma(16, 3, 64**3)
     # with them, 16 channels, pixels a multiple of 4: 3 CTAs an SM, steps of 64 pixels
-    monkeypatch.setenv(vn.MMA_ENV, "1")
     assert vn.uses_mma(16, 3, 64**3) and not vn.uses_mma(16, 3, 301) and not vn.uses_mma(8, 3, 64**3)
     assert vn.backward_groups(16, 3, 64**3, sms=132) == 396
     assert vn.backward_groups(16, 3, 300, sms=132) == 5  # at most one per step

@@ -119,7 +119,11 @@ def test_ginjax_dispatch_fuses_a_float32_residual_only(monkeypatch):
 
 def _cuda_backward_stand_in(monkeypatch):
     """kernels/cuda's backward FFI call replaced by its numpy emulation (tests/_vn_cuda_emulate.py)
-    through a host callback, so that a gradient through `vector_neuron_cuda` runs on a CPU."""
+    through a host callback, so that a gradient through `vector_neuron_cuda` runs on a CPU. The
+    emulation is the FFMA kernel's, so the tensor-core backward is turned off."""
+    from kernels.cuda import vector_neuron as vn
+
+    monkeypatch.setenv(vn.MMA_ENV, "0")
     real = jax.ffi.ffi_call
 
     def ffi_call(target, shapes, vmap_method=None, **kw):

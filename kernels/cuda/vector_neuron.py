@@ -16,10 +16,11 @@ in that mapped block; the map's own VJP (gm, gv, gshift and gx = m^T g) is one
 `kernels._reduce.affine_backward` after it, as on the Triton path.
 
 Backward (custom_vjp, the residuals are x and the map): one launch writes gx and per-CTA (c, c) partials of gW,
-`groups` CTAs per example, on the FFMA kernel; `GINJAX_VN_CUDA_MMA=1` puts 16-channel blocks whose
-pixel count is a multiple of 4 on the tensor cores (vector_neuron_mma.cuh, `uses_mma`: faster, but
-its gW is 10x further from float64 than the FFMA kernel's, 3.0e-5 against 2.8e-6 on the H200, past
-fp32's 1e-5); the forward runs on kernels/triton's kernel (`forward_impl`, which also adds up the
+`groups` CTAs per example. 16-channel blocks whose pixel count is a multiple of 4 go on the tensor
+cores (vector_neuron_mma.cuh, 3xTF32, `uses_mma`) unless the default matmul precision is fp32
+("highest"): there gx and gW are ~2x further from float64 than the FFMA kernel's (1.4e-5 against
+7e-6 on an H100, `bench.vn_mma_accuracy`), past fp32's 1e-5 but 100x inside tf32's 2e-3, and
+the steps are 0.4-1.0 ms faster (GINJAX_VN_CUDA_MMA=1 / 0 forces either); the forward runs on kernels/triton's kernel (`forward_impl`, which also adds up the
 means of y for the next layer's bias; `GINJAX_VN_CUDA_FORWARD=cuda` runs the CUDA one); the
 partials are added by a plain `jnp.sum` over that axis (XLA's reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._env import env_choice
+from .._precision import resolve_precision
 from .._vn_args import (ACTIVATIONS, check_affine, check_arguments, check_residual, literal_eps, pack_affine,
                         supported_activation)
 from .._reduce import affine_backward, fused_sums_cover
@@ -156,15 +158,19 @@ def forward_impl() -> str:
 
 
 def uses_mma(channels: int, components: int, pixels: int) -> bool:
-    """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): with
-    GINJAX_VN_CUDA_MMA=1 (opt-in: its gW misses fp32's 1e-5 on the H200, module docstring), 16
-    channels, pixels a multiple of 4 (its 16-byte rows)."""
+    """Whether the backward of this block runs on the tensor cores (vector_neuron_mma.cuh): where
+    `mma_enabled`, 16 channels, pixels a multiple of 4 (its 16-byte rows)."""
     return mma_enabled() and (channels, components) in COVERED_MMA and pixels % 4 == 0
 
 
 def mma_enabled() -> bool:
-    """GINJAX_VN_CUDA_MMA=1: the tensor-core backward where it covers a block (`uses_mma`)."""
-    return env_choice(MMA_ENV, ("1", "0"), "0") == "1"
+    """The tensor-core backward where it covers a block (`uses_mma`), read as a call is traced:
+    GINJAX_VN_CUDA_MMA "auto" (the default) unless the default matmul precision is fp32 (its
+    gradients miss fp32's 1e-5 by ~1.4x, module docstring), "1" always, "0" never."""
+    choice = env_choice(MMA_ENV, ("auto", "1", "0"), "auto")
+    if choice == "auto":
+        return resolve_precision(None) != "fp32"
+    return choice == "1"
 
 
 def backward_groups(channels: int, components: int, pixels: int, sms: int | None = None,
