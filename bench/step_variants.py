@@ -53,8 +53,10 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # thin layers on `dense` as one convolution instead of two stages (kernels/_thin.py, session 26)
     "thin-one-conv": ({"GINJAX_DENSE_THIN": "0"}, ()),
     # the UNet's upsampling GEMM with its product channels first, so the interleave of its phases
-    # and the blocks' unpacking read contiguous rows (kernels/_resample.py, session 32, opt-in)
+    # and the blocks' unpacking read contiguous rows (kernels/_resample.py, session 32; a GPU's
+    # default since session 33), or last
     "subpixel-channels-first": ({"GINJAX_SUBPIXEL_ORDER": "channels-first"}, ()),
+    "subpixel-channels-last": ({"GINJAX_SUBPIXEL_ORDER": "channels-last"}, ()),
     # a residual block's input added to its last convolution's output by XLA after the CUDA
     # forward, instead of in the forward's epilogue (session 29, on by default)
     "residual-after": ({"GINJAX_CUDA_RESIDUAL": "0"}, ()),

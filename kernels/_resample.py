@@ -40,18 +40,21 @@ from ._env import env_choice
 from ._lax_common import dimension_numbers
 from ._spec import ConvSpec
 
-# The one-GEMM sub-pixel form's product order: "channels-last" (the default, `_subpixel`) is
-# (*J, *s, Cout), whose depth-to-space and the blocks' unpacking after it (channels first) read
-# with a stride of s^D Cout floats; "channels-first" (`conv_channels_first`) is (*s, Cout, *J),
-# where they read rows of J contiguous floats. On the H200 the UNet step's relayouts of the first
-# order took ~0.9 ms (loop_slice_fusion and _depth_to_space's transpose,
-# -083f1f8-profile-unet_d3_n64_b4.*).
+# The one-GEMM sub-pixel form's product order: "channels-last" (`_subpixel`) is (*J, *s, Cout),
+# whose depth-to-space and the blocks' unpacking after it (channels first) read with a stride of
+# s^D Cout floats; "channels-first" (`conv_channels_first`) is (*s, Cout, *J), where they read
+# rows of J contiguous floats. On the H200 the UNet step's relayouts of the first order took
+# ~0.9 ms (loop_slice_fusion and _depth_to_space's transpose, -083f1f8-profile-unet_d3_n64_b4.*);
+# on an H100 the second order took 0.58 ms off the UNet step (twice, in alternation, session 33),
+# so it is a GPU's default. Unmeasured on a CPU, which keeps the first.
 SUBPIXEL_ORDER_ENV = "GINJAX_SUBPIXEL_ORDER"
 
 
 def subpixel_order() -> str:
-    """$GINJAX_SUBPIXEL_ORDER: "channels-last" (default) or "channels-first", read at trace time."""
-    return env_choice(SUBPIXEL_ORDER_ENV, ("channels-last", "channels-first"), "channels-last")
+    """$GINJAX_SUBPIXEL_ORDER: "channels-last" or "channels-first", read at trace time; by
+    default channels-first on a GPU, channels-last elsewhere."""
+    default = "channels-first" if jax.default_backend() == "gpu" else "channels-last"
+    return env_choice(SUBPIXEL_ORDER_ENV, ("channels-last", "channels-first"), default)
 
 
 @dataclasses.dataclass(frozen=True)

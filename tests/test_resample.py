@@ -269,9 +269,9 @@ def test_unet_upsampling_is_one_gemm(D):
 
 @pytest.mark.parametrize("D, s, pad", [(2, 2, (1, 1)), (2, 2, (0, 1)), (2, 3, (2, 0)), (3, 2, (1, 1)), (3, 2, (1, 0))])
 def test_the_one_gemm_in_either_product_order(D, s, pad, monkeypatch):
-    """The one-GEMM sub-pixel form (filter side = lhs_dilation) with its product channels last (the
-    default) and channels first ($GINJAX_SUBPIXEL_ORDER): each against `reference` at fp32, values
-    and gradients, no convolution; the two orders' outputs agree to rounding."""
+    """The one-GEMM sub-pixel form (filter side = lhs_dilation) with its product channels last (a
+    CPU's default) and channels first (a GPU's; $GINJAX_SUBPIXEL_ORDER): each against `reference`
+    at fp32, values and gradients, no convolution; the two orders' outputs agree to rounding."""
     filters = fixture_filters(D, s)
     ins = [(0, 0, 3), (1, 0, 2)]
     outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 3)])
@@ -289,6 +289,10 @@ def test_the_one_gemm_in_either_product_order(D, s, pad, monkeypatch):
             [jnp.asarray(x) for x in xs])
     for a, b in zip(got["channels-last"], got["channels-first"]):
         assert a.shape == b.shape and rel_l2(b, a) <= 1e-6
+    monkeypatch.delenv(_resample.SUBPIXEL_ORDER_ENV)
+    assert _resample.subpixel_order() == ("channels-first" if jax.default_backend() == "gpu" else "channels-last")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _resample.subpixel_order() == "channels-first"
     monkeypatch.setenv(_resample.SUBPIXEL_ORDER_ENV, "rows")
     with pytest.raises(ValueError, match="`GINJAX_SUBPIXEL_ORDER` \\(='rows'\\) must be one of"):
         _resample.subpixel_order()
