@@ -122,7 +122,8 @@ def run_benchmark(benchmark, cfg: Config, mode: str, backend: str, options: dict
     if layouts != "row-major":  # through the host: jax 0.10.2 misreads such arrays in later jitted ops
         result = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), result)
     progress(options, f"{label}: compiled and ran once ({compile_s:.1f} s to compile: lowering {phases['lower_s']:.1f}, "
-                      f"of which Triton {phases['triton_s']:.1f}, XLA {phases['xla_compile_s']:.1f})")
+                      f"of which Triton {phases['triton_s']:.1f}, XLA {phases['xla_compile_s']:.1f})"
+                      + "".join(f"; Triton's slowest {n} {t:.1f} s" for n, t in phases["triton_slowest"][:1]))
     start = time.perf_counter()
     if backend == "reference" and oracle_precision(cfg) is None:
         _ORACLES.setdefault((cfg.name, mode), result)  # it is its own oracle

@@ -70,7 +70,8 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
     one part of a larger program (a layer inside a model). Call it on `place(compiled, args)`.
     phases: a dict to fill with where the time went, in seconds: `lower_s` (tracing and lowering,
     which includes `triton_s`, compiling our Triton kernels to PTX) and `xla_compile_s` (XLA's
-    compile, autotuning included).
+    compile, autotuning included); `triton_slowest` lists the five slowest of those kernels as
+    (name, seconds).
     """
     if operand_layouts not in OPERAND_LAYOUTS:
         raise ValueError(f"`operand_layouts` (={operand_layouts!r}) must be one of {OPERAND_LAYOUTS}")
@@ -90,19 +91,21 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
     else:
         jit = jax.jit(traced)
     with use, ctx:
-        start, triton_start = time.perf_counter(), _triton_compile_seconds()
+        start, seen = time.perf_counter(), len(_triton_compile_log())
         lowered = jit.lower(*args)
-        lowered_at, triton_s = time.perf_counter(), _triton_compile_seconds() - triton_start
+        lowered_at, triton = time.perf_counter(), _triton_compile_log()[seen:]
         compiled = lowered.compile()
     if phases is not None:
-        phases.update(lower_s=lowered_at - start, triton_s=triton_s, xla_compile_s=time.perf_counter() - lowered_at)
+        phases.update(lower_s=lowered_at - start, triton_s=sum(s for _, s in triton),
+                      xla_compile_s=time.perf_counter() - lowered_at,
+                      triton_slowest=[(name, round(s, 2)) for name, s in sorted(triton, key=lambda k: -k[1])[:5]])
     return compiled
 
 
-def _triton_compile_seconds() -> float:
-    from kernels.triton._custom_call import compile_seconds
+def _triton_compile_log() -> list[tuple[str, float]]:
+    from kernels.triton._custom_call import compile_log
 
-    return compile_seconds()
+    return compile_log()
 
 
 def place(compiled, args: tuple) -> tuple:

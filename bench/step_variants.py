@@ -191,7 +191,7 @@ def measure(config: str, names, alternations: int, max_time: float) -> dict:
         t0, phases = time.perf_counter(), {}
         with variant(name):
             compiled[name] = _timing.compile_for(fn, args, _backend_of(name), phases=phases)
-        rows[name] = {"compile_s": round(time.perf_counter() - t0, 1), **{f"compile_{k}": round(v, 1) for k, v in phases.items()},
+        rows[name] = {"compile_s": round(time.perf_counter() - t0, 1), **{f"compile_{k}": round(v, 1) if isinstance(v, float) else v for k, v in phases.items()},
                       **_timing.memory_of(compiled[name]), "ms": []}
         jax.block_until_ready(compiled[name](*args))
     for _ in range(alternations):

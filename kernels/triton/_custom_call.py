@@ -110,13 +110,18 @@ def _triton_type(dtype) -> str:
     return "*" + _TRITON_TYPES[name]
 
 
-_compile_seconds = 0.0  # this process's time in _compiled_kernel's misses
+_compile_log: list[tuple[str, float]] = []  # (kernel name, seconds) of _compiled_kernel's misses
 
 
 def compile_seconds() -> float:
     """Seconds this process has spent compiling Triton kernels to PTX (while lowering; the
     cubin is jaxlib's at the first launch), for a bench's compile-time split."""
-    return _compile_seconds
+    return sum(s for _, s in _compile_log)
+
+
+def compile_log() -> list[tuple[str, float]]:
+    """(kernel name, seconds) of every Triton kernel this process compiled, in order."""
+    return list(_compile_log)
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,12 +129,11 @@ def _compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
     """jaxlib's TritonKernel for `plan` and, per pointer argument, whether Triton assumed it
     16-byte aligned (XLA's buffers are). Through jax-triton's compile helper; a register cap
     (`plan.max_registers`) goes into the CUDA backend's options as `maxnreg`."""
-    global _compile_seconds
     start = time.perf_counter()
     try:
         return _compile_kernel(plan, arg_types)
     finally:
-        _compile_seconds += time.perf_counter() - start
+        _compile_log.append((getattr(plan, "name", str(plan)), time.perf_counter() - start))
 
 
 def _compile_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
