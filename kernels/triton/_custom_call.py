@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.interpreters import mlir, xla
 
+from . import _compile_cache
 from ._kernel import compile_plan
 from ._tiling import KernelPlan
 
@@ -137,6 +138,8 @@ def _compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
 
 
 def _compile_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
+    import jax_triton
+    import triton
     from jax_triton import triton_lib
 
     def backend_init(device, compute_capability):
@@ -146,19 +149,20 @@ def _compile_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
             backend.parse_options = lambda opts: parse({**opts, "maxnreg": plan.max_registers})
         return backend
 
-    kernel, attrs = triton_lib.get_or_create_triton_kernel(
-        backend_init,
-        "cuda",
-        compile_plan(plan),
-        list(arg_types),
-        [],
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        num_ctas=1,
-        compute_capability=None,
-        enable_fp_fusion=True,
-        metaparams={},
-        dump=False,
-    )
+    with _compile_cache.around(triton_lib, (triton.__version__, getattr(jax_triton, "__version__", "?"))):
+        kernel, attrs = triton_lib.get_or_create_triton_kernel(
+            backend_init,
+            "cuda",
+            compile_plan(plan),
+            list(arg_types),
+            [],
+            num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
+            num_ctas=1,
+            compute_capability=None,
+            enable_fp_fusion=True,
+            metaparams={},
+            dump=False,
+        )
     aligned = [["tt.divisibility", 16] in attrs.get((i,), []) for i in range(len(arg_types))]
     return kernel, aligned
