@@ -222,11 +222,13 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
     measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
     untabled = plat == "gpu" and (not kind or _measured.load(kind) is None)
     caveats = {}  # with no table on a GPU: backends ranked after the others here, and why
-    if untabled:
+    if untabled and spatial is not None:
         for b in _BACKENDS.values():
-            if b.unmeasured_caveat is not None and plat in b.priority:
-                if why := b.unmeasured_caveat(spec, tuple(spatial)):
-                    caveats[b.name] = why
+            # asked only of a backend that could run the layer: a caveat may plan its kernels
+            if b.unmeasured_caveat is None or plat not in b.priority or not b.availability()[0]:
+                continue
+            if b.coverage(spec, spatial, dtype)[0] and (why := b.unmeasured_caveat(spec, tuple(spatial))):
+                caveats[b.name] = why
     # measured-fastest first; unmeasured backends after, by their priority, those with a caveat last
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),

@@ -423,6 +423,11 @@ def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch
     assert "no measured table for Other GPU" in choice.reason
     standard = kernels.explain(_spec(), N64)
     assert standard.backend == "triton" and "caveat" not in standard.reason, standard.reason
+    # explain's generic size gives the same answer; a layer triton does not cover (stride 2) is not
+    # asked for a caveat (planning its kernels could fail)
+    assert kernels.explain(k2).backend == "dense"
+    strided = kernels.explain(_spec(stride=2), N64)
+    assert strided.backend == "dense" and "triton: " not in strided.reason.split("skipped")[0]
     without_triton = dataclasses.replace(_registry._BACKENDS["triton"], availability=lambda: (False, "no GPU"))
     monkeypatch.setitem(_registry._BACKENDS, "triton", without_triton)
     assert kernels.explain(_spec(), N64).backend == "dense"  # pallas (priority 15) has a caveat everywhere
