@@ -22,6 +22,7 @@ import os
 import pathlib
 import tempfile
 import threading
+import warnings
 from typing import Callable, Optional
 
 CACHE_ENV = "GINJAX_TRITON_CACHE_DIR"
@@ -60,8 +61,12 @@ def cached_compile(compile_fn: Callable, result_type: type, directory: pathlib.P
     return compile_or_load
 
 
+_warned: set = set()  # the directories a failed write was reported for
+
+
 def _write(directory: pathlib.Path, path: pathlib.Path, entry: dict) -> None:
-    """`entry` as `path`, whole or not at all: a read-only or full disk costs the cache, not the compile."""
+    """`entry` as `path`, whole or not at all: a read-only or full disk costs the cache, not the
+    compile (with one warning per directory)."""
     temporary = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -69,10 +74,14 @@ def _write(directory: pathlib.Path, path: pathlib.Path, entry: dict) -> None:
             temporary = fh.name
             json.dump(entry, fh)
         os.replace(temporary, path)
-    except OSError:
+    except OSError as err:
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+        if directory not in _warned:
+            _warned.add(directory)
+            warnings.warn(f"`{CACHE_ENV}` (={os.environ.get(CACHE_ENV, '')!r}): cannot write the Triton compile "
+                          f"cache there ({err}); compiling without it", RuntimeWarning, stacklevel=2)
 
 
 @contextlib.contextmanager
