@@ -20,8 +20,9 @@ Backward (custom_vjp, the residuals are x and the map): one launch writes gx and
 cores (vector_neuron_mma.cuh, 3xTF32, `uses_mma`) unless the default matmul precision is fp32
 ("highest"): there gx and gW are ~2x further from float64 than the FFMA kernel's (1.4e-5 against
 7e-6 on an H100, `bench.vn_mma_accuracy`), past fp32's 1e-5 but 100x inside tf32's 2e-3, and
-the steps are 0.4-1.0 ms faster (GINJAX_VN_CUDA_MMA=1 / 0 forces either); the forward runs on kernels/triton's kernel (`forward_impl`, which also adds up the
-means of y for the next layer's bias; `GINJAX_VN_CUDA_FORWARD=cuda` runs the CUDA one); the
+the steps are 0.4-1.0 ms faster (GINJAX_VN_CUDA_MMA=1 / 0 forces either). The forward runs on
+kernels/triton's kernel (`forward_impl`, which also adds up the means of y for the next layer's
+bias; `GINJAX_VN_CUDA_FORWARD=cuda` runs the CUDA one); the
 partials are added by a plain `jnp.sum` over that axis (XLA's reduction is deterministic), so gW is bit-identical run to run. Batching: the FFI calls'
 vmap_method="broadcast_all", so a vmapped batch is one launch whose operands (the weight
 included) carry the batch axes.
