@@ -103,7 +103,7 @@ def compile_for(fn: Callable, args: tuple, backend: Optional[str] = None, precis
 
 
 def _triton_compile_log() -> list[tuple[str, float]]:
-    from kernels.triton._custom_call import compile_log
+    from kernels.triton._compile import compile_log
 
     return compile_log()
 

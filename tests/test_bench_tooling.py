@@ -437,11 +437,11 @@ def test_auto_operand_layouts_give_the_row_major_results():
 
 def test_the_compile_time_is_split_into_lowering_triton_and_xla(monkeypatch):
     """`compile_for(..., phases=)`: lowering (with our Triton kernels' compiles, counted once per
-    kernel by `kernels.triton._custom_call.compile_seconds`) and XLA's compile, in seconds."""
+    kernel by `kernels.triton._compile.compile_log`) and XLA's compile, in seconds."""
     import time as _time
 
     from bench import _harness, _timing
-    from kernels.triton import _custom_call
+    from kernels.triton import _compile
 
     case = _harness.cached_case(_configs.CONFIGS["d2_n64_b4_c8"])
     fn, args = case.function("fwd")
@@ -455,15 +455,15 @@ def test_the_compile_time_is_split_into_lowering_triton_and_xla(monkeypatch):
     assert phases["lower_s"] + phases["xla_compile_s"] <= total
 
     calls = []
-    monkeypatch.setattr(_custom_call, "_compile_kernel", lambda plan, types: calls.append(plan) or _time.sleep(0.05))
-    _custom_call._compiled_kernel.cache_clear()
-    before, logged = _custom_call.compile_seconds(), len(_custom_call.compile_log())
-    _custom_call._compiled_kernel("plan-a", ("*fp32",))
-    _custom_call._compiled_kernel("plan-a", ("*fp32",))  # cached: not compiled, not counted
-    assert calls == ["plan-a"] and 0.05 <= _custom_call.compile_seconds() - before < 1.0
-    (name, seconds), = _custom_call.compile_log()[logged:]
+    monkeypatch.setattr(_compile, "_compile", lambda plan, types: calls.append(plan) or _time.sleep(0.05))
+    _compile.forget()
+    before, logged = _compile.compile_seconds(), len(_compile.compile_log())
+    _compile.compiled_kernel("plan-a", ("*fp32",))
+    _compile.compiled_kernel("plan-a", ("*fp32",))  # compiled once: not again, not counted
+    assert calls == ["plan-a"] and 0.05 <= _compile.compile_seconds() - before < 1.0
+    (name, seconds), = _compile.compile_log()[logged:]
     assert name == "plan-a" and 0.05 <= seconds < 1.0
-    _custom_call._compiled_kernel.cache_clear()
+    _compile.forget()
 
 
 def test_a_slow_first_call_does_not_cut_the_warm_up():

@@ -342,7 +342,7 @@ def test_register_cap_reaches_the_compiler_options(monkeypatch):
     option parser adds the plan's cap, and leaves uncapped plans' options alone."""
     import types
 
-    from kernels.triton import _custom_call
+    from kernels.triton import _compile
 
     seen = []
 
@@ -357,15 +357,15 @@ def test_register_cap_reaches_the_compiler_options(monkeypatch):
 
     triton_lib = types.SimpleNamespace(get_or_create_triton_kernel=factory, get_cuda_backend=lambda d, cc: Backend())
     monkeypatch.setitem(sys.modules, "jax_triton", types.SimpleNamespace(triton_lib=triton_lib))
-    monkeypatch.setattr(_custom_call, "compile_plan", lambda plan: plan.name)
+    monkeypatch.setattr(_compile, "compile_plan", lambda plan: plan.name)
     spec = make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)])
     geometry = _kernel.Geometry((16,) * 3, (True, True), (False,) * 4)
     blocks = BlockSizes(max_registers=80, dw_max_registers=128)
     capped = _kernel.plan_kernel(spec, geometry, "tf32", blocks)
     plain = _kernel.plan_kernel(spec, geometry, "tf32", BlockSizes())
     assert capped.max_registers == 80 and blocks.for_weight_grad(3).max_registers == 128
-    assert _custom_call._compiled_kernel.__wrapped__(capped, ("*fp32",) * 2) == ("kernel", [True, True])
-    _custom_call._compiled_kernel.__wrapped__(plain, ("*fp32",))
+    assert _compile._compile(capped, ("*fp32",) * 2) == ("kernel", [True, True])
+    _compile._compile(plain, ("*fp32",))
     assert seen == [{"num_warps": 8, "maxnreg": 80}, {"num_warps": 8}]
 
 
@@ -375,7 +375,7 @@ def triton_calls_lowered_for_cuda(monkeypatch, f, *args) -> list[str]:
     import types
 
     import jax._src.lib as jax_lib
-    from kernels.triton import _custom_call
+    from kernels.triton import _compile
 
     fake = types.SimpleNamespace(
         create_array_parameter=lambda zeroed, align: align,
@@ -384,7 +384,7 @@ def triton_calls_lowered_for_cuda(monkeypatch, f, *args) -> list[str]:
         ),
     )
     monkeypatch.setattr(jax_lib, "gpu_triton", fake, raising=False)
-    monkeypatch.setattr(_custom_call, "_compiled_kernel", lambda plan, types_: ("K", [True] * len(types_)))
+    monkeypatch.setattr(_compile, "compiled_kernel", lambda plan, types_: ("K", [True] * len(types_)))
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
     hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     return [line for line in hlo.splitlines() if "custom_call @triton_kernel_call" in line]

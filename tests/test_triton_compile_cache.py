@@ -1,16 +1,19 @@
-"""The opt-in on-disk cache of our Triton kernels' PTX (kernels/triton/_compile_cache.py), around a
-stand-in for jax-triton's TTIR -> PTX step (jax-triton runs on a GPU machine only); the GPU tests
-and a bench run with GINJAX_TRITON_CACHE_DIR set check it there."""
+"""How our Triton kernels compile (kernels/triton/_compile.py): the opt-in on-disk cache of their
+PTX (kernels/triton/_compile_cache.py) and the opt-in worker threads, around a stand-in for
+jax-triton's TTIR -> PTX step (jax-triton runs on a GPU machine only); the GPU tests and a bench
+run with GINJAX_TRITON_CACHE_DIR and GINJAX_TRITON_COMPILE_THREADS set check them there."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 import types
 import warnings
 
 import pytest
 
-from kernels.triton import _compile_cache
+from kernels.triton import _compile, _compile_cache
 
 
 @dataclasses.dataclass
@@ -34,78 +37,156 @@ def _stand_in():
     return types.SimpleNamespace(compile_ttir_inplace=compile_ttir_inplace, CompilationResult=_Result), calls
 
 
-def _compile(lib, ttir="module @a {}", options="opts(num_warps=4)", cc=90):
-    return lib.compile_ttir_inplace(ttir, "backend", options, cc, "cuda")
+def _compile_with(step, ttir="module @a {}", options="opts(num_warps=4)", cc=90):
+    return step(ttir, "backend", options, cc, "cuda")
 
 
-def test_off_without_the_variable(monkeypatch, tmp_path):
-    monkeypatch.delenv(_compile_cache.CACHE_ENV, raising=False)
+def _cached(lib, directory, versions=("3.6.0", "0.3.1")):
+    return _compile_cache.cached_compile(lib.compile_ttir_inplace, _Result, directory, versions)
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    """The first compile writes one entry; a later one (as in a new process) returns the same
+    PTX, name and shared-memory size without compiling. Another TTIR, options, GPU or Triton
+    version is a miss."""
     lib, calls = _stand_in()
-    real = lib.compile_ttir_inplace
-    with _compile_cache.around(lib, ("3.6.0", "0.3.1")):
-        assert lib.compile_ttir_inplace is real
-        _compile(lib)
-        _compile(lib)
-    assert len(calls) == 2 and not any(tmp_path.iterdir())
-    monkeypatch.setenv(_compile_cache.CACHE_ENV, "")
-    assert _compile_cache.cache_dir() is None
-
-
-def test_a_second_process_loads_what_the_first_compiled(monkeypatch, tmp_path):
-    """The first block compiles and writes one entry; a later block (the module's function
-    restored in between, as in a new process) returns the same PTX, name and shared-memory size
-    without compiling. Another TTIR, options, GPU or Triton version is a miss."""
-    monkeypatch.setenv(_compile_cache.CACHE_ENV, str(tmp_path / "cache"))
-    lib, calls = _stand_in()
-    real = lib.compile_ttir_inplace
-    with _compile_cache.around(lib, ("3.6.0", "0.3.1")):
-        first = _compile(lib)
-    assert lib.compile_ttir_inplace is real and len(calls) == 1
+    first = _compile_with(_cached(lib, tmp_path / "cache"))
     entries = list((tmp_path / "cache").iterdir())
-    assert len(entries) == 1 and entries[0].suffix == ".json"
-    with _compile_cache.around(lib, ("3.6.0", "0.3.1")):
-        again = _compile(lib)
+    assert len(calls) == 1 and len(entries) == 1 and entries[0].suffix == ".json"
+    again = _compile_with(_cached(lib, tmp_path / "cache"))
     assert len(calls) == 1
     assert (again.binary, again.name, again.shared_mem_bytes) == (first.binary, first.name, first.shared_mem_bytes)
     assert again.ttgir is None and again.llir is None
-    with _compile_cache.around(lib, ("3.6.0", "0.3.1")):
-        _compile(lib, ttir="module @b {}")
-        _compile(lib, options="opts(num_warps=8)")
-        _compile(lib, cc=100)
-    with _compile_cache.around(lib, ("3.7.0", "0.3.1")):
-        _compile(lib)
+    step = _cached(lib, tmp_path / "cache")
+    _compile_with(step, ttir="module @b {}")
+    _compile_with(step, options="opts(num_warps=8)")
+    _compile_with(step, cc=100)
+    _compile_with(_cached(lib, tmp_path / "cache", ("3.7.0", "0.3.1")))
     assert len(calls) == 5 and len(list((tmp_path / "cache").glob("*.json"))) == 5
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_a_damaged_entry_is_compiled_again_and_replaced(monkeypatch, tmp_path):
-    monkeypatch.setenv(_compile_cache.CACHE_ENV, str(tmp_path))
+def test_a_damaged_entry_is_compiled_again_and_replaced(tmp_path):
     lib, calls = _stand_in()
-    with _compile_cache.around(lib, ("v",)):
-        first = _compile(lib)
+    first = _compile_with(_cached(lib, tmp_path))
     (entry,) = tmp_path.glob("*.json")
     entry.write_text('{"binary": "half an ent')
-    with _compile_cache.around(lib, ("v",)):
-        again = _compile(lib)
+    again = _compile_with(_cached(lib, tmp_path))
     assert len(calls) == 2 and again.binary == first.binary
-    with _compile_cache.around(lib, ("v",)):
-        _compile(lib)
+    _compile_with(_cached(lib, tmp_path))
     assert len(calls) == 2  # the rewritten entry is whole
 
 
-def test_an_unwritable_file_costs_the_cache_not_the_compile(monkeypatch, tmp_path):
-    """The cache path is a file, not a directory: every write fails, the compile still answers."""
+def test_an_unwritable_path_costs_the_cache_not_the_compile(monkeypatch, tmp_path):
+    """The cache path is a file, not a directory: every write fails, the compile still answers,
+    and a warning names the variable once."""
     blocker = tmp_path / "cache"
     blocker.write_text("not a directory")
     monkeypatch.setenv(_compile_cache.CACHE_ENV, str(blocker))
     lib, calls = _stand_in()
-    with _compile_cache.around(lib, ("v",)):
-        with pytest.warns(RuntimeWarning, match=r"`GINJAX_TRITON_CACHE_DIR` \(='.*cache'\): cannot write"):
-            assert _compile(lib).binary.startswith("// ptx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # said once per directory
-            assert _compile(lib).binary.startswith("// ptx")
+    step = _cached(lib, _compile_cache.cache_dir())
+    with pytest.warns(RuntimeWarning, match=r"`GINJAX_TRITON_CACHE_DIR` \(='.*cache'\): cannot write"):
+        assert _compile_with(step).binary.startswith("// ptx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per directory
+        assert _compile_with(step).binary.startswith("// ptx")
     assert len(calls) == 2 and blocker.read_text() == "not a directory"
+
+
+def test_the_installed_step_uses_the_cache_where_the_variable_says(monkeypatch, tmp_path):
+    """`install_backend_step` wraps jax-triton's step once; the wrapper reads the variable at
+    each compile: unset, it compiles and writes nothing; set, it caches there."""
+    lib, calls = _stand_in()
+    monkeypatch.delenv(_compile_cache.CACHE_ENV, raising=False)
+    _compile.install_backend_step(lib, ("v",))
+    step = lib.compile_ttir_inplace
+    _compile.install_backend_step(lib, ("v",))
+    assert lib.compile_ttir_inplace is step  # not wrapped twice
+    _compile_with(step)
+    _compile_with(step)
+    assert len(calls) == 2 and not any(tmp_path.iterdir())
+    monkeypatch.setenv(_compile_cache.CACHE_ENV, str(tmp_path))
+    _compile_with(step)
+    _compile_with(step)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setenv(_compile_cache.CACHE_ENV, "")
+    assert _compile_cache.cache_dir() is None
+    _compile.install_backend_step(types.SimpleNamespace(), ("v",))  # a jax-triton without that step
+
+
+def test_the_backend_step_runs_outside_the_front_end_lock():
+    """A compile holds the front-end lock while jax-triton builds the TTIR and lets it go for the
+    TTIR -> PTX step, so another thread's front end proceeds meanwhile; it holds it again after."""
+    lib, _ = _stand_in()
+    seen = []
+
+    def real(ttir, backend, options, cc, platform):
+        taken = _compile._frontend.acquire(blocking=False)
+        seen.append(taken)
+        if taken:
+            _compile._frontend.release()
+        return _Result("ptx", "k", 0, None, None)
+
+    lib.compile_ttir_inplace = real
+    _compile.install_backend_step(lib, ("v",))
+    with _compile._frontend:
+        _compile._local.frontend = True
+        try:
+            _compile_with(lib.compile_ttir_inplace)
+            assert not _compile._frontend.acquire(blocking=False)  # held again
+        finally:
+            _compile._local.frontend = False
+    assert seen == [True]
+
+
+def test_compile_threads_are_read_from_the_variable(monkeypatch):
+    monkeypatch.delenv(_compile.THREADS_ENV, raising=False)
+    assert _compile.compile_threads() == 1
+    monkeypatch.setenv(_compile.THREADS_ENV, "8")
+    assert _compile.compile_threads() == 8
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(_compile.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=rf"`GINJAX_TRITON_COMPILE_THREADS` \(='{bad}'\) must be an integer >= 1"):
+            _compile.compile_threads()
+
+
+def test_prefetched_kernels_compile_side_by_side_once_each(monkeypatch):
+    """With 3 threads, three kernels prefetched as they are traced compile at once (0.3 s each,
+    ~0.3 s in all); the lowering's `compiled_kernel` waits for each and compiles none again. A
+    kernel never prefetched compiles in the caller; a failed compile raises there, every time."""
+    monkeypatch.setenv(_compile.THREADS_ENV, "3")
+    monkeypatch.setattr(_compile, "_pool", None)
+    _compile.forget()
+    calls, threads = [], set()
+
+    def slow(plan, types_):
+        calls.append(plan)
+        threads.add(threading.current_thread().name)
+        time.sleep(0.3)
+        if plan == "broken":
+            raise RuntimeError("TTIR->TTGIR pass failed!")
+        return f"kernel {plan}", [True] * len(types_)
+
+    monkeypatch.setattr(_compile, "_compile", slow)
+    start = time.perf_counter()
+    for plan in ("a", "b", "c"):
+        _compile.prefetch(plan, ("*fp32",))
+        _compile.prefetch(plan, ("*fp32",))  # traced twice (vmap): one compile
+    got = [_compile.compiled_kernel(plan, ("*fp32",)) for plan in ("a", "b", "c")]
+    assert time.perf_counter() - start < 0.75  # 0.9 s one after another
+    assert got == [("kernel a", [True]), ("kernel b", [True]), ("kernel c", [True])]
+    assert sorted(calls) == ["a", "b", "c"] and all(t.startswith("ginjax-triton-compile") for t in threads)
+    assert _compile.compiled_kernel("d", ("*fp32",) * 2) == ("kernel d", [True, True])
+    assert threading.current_thread().name in threads
+    _compile.prefetch("broken", ("*fp32",))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="TTIR->TTGIR pass failed"):
+            _compile.compiled_kernel("broken", ("*fp32",))
+    assert calls.count("broken") == 1
+    monkeypatch.setenv(_compile.THREADS_ENV, "1")
+    _compile.prefetch("e", ("*fp32",))  # one thread: nothing starts early
+    assert "e" not in calls
+    _compile.forget()
 
 
 _TTIR_OF_A_PLAN = """

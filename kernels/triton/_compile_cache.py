@@ -5,7 +5,8 @@ shares (bench/NOTES.md, "Session 33": the compile split), and JAX's persistent c
 cannot spare it, since its key is the lowered program, which lowering builds by compiling them.
 
 What is cached: jax-triton's TTIR -> PTX step (`triton_lib.compile_ttir_inplace`, the expensive
-part; the AST -> TTIR before it takes milliseconds). The key is a SHA-256 of the TTIR text, the
+part; the AST -> TTIR before it takes milliseconds), which kernels/triton/_compile.py wraps with
+`cached_compile` where the variable is set. The key is a SHA-256 of the TTIR text, the
 backend options, the compute capability, the platform and the Triton and jax-triton versions:
 equal keys give equal PTX. A hit skips the compile; jax-triton then builds jaxlib's kernel object
 from the cached PTX, name and shared-memory size exactly as after a compile. Entries are written
@@ -21,12 +22,10 @@ import json
 import os
 import pathlib
 import tempfile
-import threading
 import warnings
 from typing import Callable, Optional
 
 CACHE_ENV = "GINJAX_TRITON_CACHE_DIR"
-_lock = threading.Lock()  # the patched module attribute is process-wide
 
 
 def cache_dir() -> Optional[pathlib.Path]:
@@ -82,20 +81,3 @@ def _write(directory: pathlib.Path, path: pathlib.Path, entry: dict) -> None:
             _warned.add(directory)
             warnings.warn(f"`{CACHE_ENV}` (={os.environ.get(CACHE_ENV, '')!r}): cannot write the Triton compile "
                           f"cache there ({err}); compiling without it", RuntimeWarning, stacklevel=2)
-
-
-@contextlib.contextmanager
-def around(triton_lib, versions: tuple):
-    """Within the block, jax-triton's TTIR -> PTX step reads and writes the cache (a no-op
-    without GINJAX_TRITON_CACHE_DIR)."""
-    directory = cache_dir()
-    if directory is None:
-        yield
-        return
-    with _lock:
-        real = triton_lib.compile_ttir_inplace
-        triton_lib.compile_ttir_inplace = cached_compile(real, triton_lib.CompilationResult, directory, versions)
-        try:
-            yield
-        finally:
-            triton_lib.compile_ttir_inplace = real

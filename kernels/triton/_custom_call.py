@@ -8,8 +8,9 @@ minor-to-major lists). XLA then assigns those layouts to the fusions that produc
 and consume the results, so a planar block written by one kernel is read by the next with no
 copy; only at a jit boundary that hands over row-major arrays does XLA insert a relayout.
 
-Compilation reuses jax-triton's compile helper (Triton source -> TTIR -> PTX, and jaxlib's
-`TritonKernel`); the serialised `TritonKernelCall` and the custom call are built here. The
+Compilation (kernels/triton/_compile.py) reuses jax-triton's compile helper (Triton source ->
+TTIR -> PTX, and jaxlib's `TritonKernel`); the serialised `TritonKernelCall` and the custom call
+are built here. The
 lowering imports jaxlib's GPU Triton module and jax-triton lazily: this module imports on a
 CPU-only jaxlib (the interpreter path never lowers through it).
 """
@@ -17,7 +18,6 @@ CPU-only jaxlib (the interpreter path never lowers through it).
 from __future__ import annotations
 
 import functools
-import time
 import zlib
 from typing import Optional, Sequence
 
@@ -25,8 +25,7 @@ import jax
 import numpy as np
 from jax.interpreters import mlir, xla
 
-from . import _compile_cache
-from ._kernel import compile_plan
+from . import _compile
 from ._tiling import KernelPlan
 
 from jax.extend.core import Primitive
@@ -49,6 +48,8 @@ def triton_kernel_call(
     """Run `plan` on `args` (all arrays, passed as pointers, then one pointer per result).
 
     aliases: (operand index, result index) pairs whose buffers XLA shares."""
+    # with GINJAX_TRITON_COMPILE_THREADS > 1 the kernel starts compiling now, beside the others
+    _compile.prefetch(plan, tuple(_triton_type(a.dtype) for a in list(args) + list(shapes)))
     return tuple(
         _triton_p.bind(
             *args,
@@ -83,7 +84,7 @@ def _lowering(ctx, *operands, plan, shapes, grid, in_orders, out_orders, aliases
     from jax._src.lib import gpu_triton  # jaxlib's CUDA Triton bindings (GPU jaxlib only)
 
     avals = list(ctx.avals_in) + list(ctx.avals_out)
-    kernel, aligned = _compiled_kernel(plan, tuple(_triton_type(a.dtype) for a in avals))
+    kernel, aligned = _compile.compiled_kernel(plan, tuple(_triton_type(a.dtype) for a in avals))
     params = [gpu_triton.create_array_parameter(0, 16 if ok else 0) for ok in aligned]
     call = gpu_triton.TritonKernelCall(kernel, grid, 1, 1, params)
     proto = call.to_proto(plan.name, b"")
@@ -109,60 +110,3 @@ def _triton_type(dtype) -> str:
     if name not in _TRITON_TYPES:
         raise ValueError(f"`dtype` (={name}) of a kernel operand is not one of {sorted(_TRITON_TYPES)}")
     return "*" + _TRITON_TYPES[name]
-
-
-_compile_log: list[tuple[str, float]] = []  # (kernel name, seconds) of _compiled_kernel's misses
-
-
-def compile_seconds() -> float:
-    """Seconds this process has spent compiling Triton kernels to PTX (while lowering; the
-    cubin is jaxlib's at the first launch), for a bench's compile-time split."""
-    return sum(s for _, s in _compile_log)
-
-
-def compile_log() -> list[tuple[str, float]]:
-    """(kernel name, seconds) of every Triton kernel this process compiled, in order."""
-    return list(_compile_log)
-
-
-@functools.lru_cache(maxsize=256)
-def _compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
-    """jaxlib's TritonKernel for `plan` and, per pointer argument, whether Triton assumed it
-    16-byte aligned (XLA's buffers are). Through jax-triton's compile helper; a register cap
-    (`plan.max_registers`) goes into the CUDA backend's options as `maxnreg`."""
-    start = time.perf_counter()
-    try:
-        return _compile_kernel(plan, arg_types)
-    finally:
-        _compile_log.append((getattr(plan, "name", str(plan)), time.perf_counter() - start))
-
-
-def _compile_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
-    import jax_triton
-    import triton
-    from jax_triton import triton_lib
-
-    def backend_init(device, compute_capability):
-        backend = triton_lib.get_cuda_backend(device, compute_capability)
-        if plan.max_registers is not None:
-            parse = backend.parse_options
-            backend.parse_options = lambda opts: parse({**opts, "maxnreg": plan.max_registers})
-        return backend
-
-    with _compile_cache.around(triton_lib, (triton.__version__, getattr(jax_triton, "__version__", "?"))):
-        kernel, attrs = triton_lib.get_or_create_triton_kernel(
-            backend_init,
-            "cuda",
-            compile_plan(plan),
-            list(arg_types),
-            [],
-            num_warps=plan.num_warps,
-            num_stages=plan.num_stages,
-            num_ctas=1,
-            compute_capability=None,
-            enable_fp_fusion=True,
-            metaparams={},
-            dump=False,
-        )
-    aligned = [["tt.divisibility", 16] in attrs.get((i,), []) for i in range(len(arg_types))]
-    return kernel, aligned

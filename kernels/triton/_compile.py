@@ -1,0 +1,167 @@
+"""Compiling the generated Triton kernels for our custom call (kernels/triton/_custom_call.py):
+jax-triton's compile helper (Triton source -> TTIR -> PTX, and jaxlib's kernel object), timed per
+kernel, optionally on worker threads started as the kernels are traced, optionally from the
+on-disk cache (kernels/triton/_compile_cache.py).
+
+Why threads: a process's first model step spends 24-28 s here, one kernel after another, while
+lowering (bench/NOTES.md, "Session 33"). Triton's MLIR and LLVM passes release the GIL: offline,
+six kernels compiled to PTX on 2 threads in 1.03 s against 2.00 s in turn. With
+GINJAX_TRITON_COMPILE_THREADS=N (opt-in until checked on a GPU) `prefetch`, called as a kernel's
+custom call is traced, starts its compile on one of N threads, and the lowering waits for it;
+every kernel of a program is traced before the first is lowered, so they compile side by side.
+The Python front end (the generated source executed, its AST turned into TTIR) takes turns under
+a lock; only the TTIR -> PTX step runs in parallel.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+
+from . import _compile_cache
+from ._kernel import compile_plan
+from ._tiling import KernelPlan
+
+THREADS_ENV = "GINJAX_TRITON_COMPILE_THREADS"
+
+_log: list[tuple[str, float]] = []  # (kernel name, seconds) of every compile, in the order they ended
+_futures: dict[tuple, concurrent.futures.Future] = {}  # (plan, argument types) -> its compile
+_lock = threading.Lock()  # _futures, the pool and the hook's installation
+_frontend = threading.Lock()  # the Python front end, one thread at a time
+_local = threading.local()  # whether this thread holds _frontend
+_pool = None
+
+
+def compile_threads() -> int:
+    """$GINJAX_TRITON_COMPILE_THREADS: threads compiling kernels ahead of the lowering (1, the
+    default: none, each kernel compiled when lowered)."""
+    value = os.environ.get(THREADS_ENV, "")
+    if not value:
+        return 1
+    n = int(value) if value.strip().isdigit() else 0
+    if n < 1:
+        raise ValueError(f"`{THREADS_ENV}` (={value!r}) must be an integer >= 1")
+    return n
+
+
+def compile_seconds() -> float:
+    """Seconds of Triton compile work in this process (on several threads: more than the wall
+    time it took), for a bench's compile-time split."""
+    return sum(s for _, s in _log)
+
+
+def compile_log() -> list[tuple[str, float]]:
+    """(kernel name, seconds) of every Triton kernel this process compiled."""
+    return list(_log)
+
+
+def prefetch(plan: KernelPlan, arg_types: tuple[str, ...]) -> None:
+    """Start compiling `plan` for `arg_types` on a worker thread (with more than one thread)."""
+    threads = compile_threads()
+    if threads <= 1:
+        return
+    global _pool
+    with _lock:
+        if (plan, arg_types) in _futures:
+            return
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ginjax-triton-compile")
+        _futures[plan, arg_types] = _pool.submit(_timed, plan, arg_types)
+
+
+def compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
+    """jaxlib's TritonKernel for `plan` and, per pointer argument, whether Triton assumed it
+    16-byte aligned (XLA's buffers are): compiled once per process, here or by `prefetch`."""
+    key = (plan, arg_types)
+    with _lock:
+        future = _futures.get(key)
+        mine = future is None
+        if mine:
+            future = _futures[key] = concurrent.futures.Future()
+    if mine:
+        try:
+            future.set_result(_timed(plan, arg_types))
+        except BaseException as err:  # handed to every caller; a compile error stays one
+            future.set_exception(err)
+    return future.result()
+
+
+def forget() -> None:
+    """Drop every compiled kernel of this process (tests)."""
+    with _lock:
+        _futures.clear()
+
+
+def _timed(plan, arg_types):
+    start = time.perf_counter()
+    try:
+        return _compile(plan, arg_types)
+    finally:
+        _log.append((getattr(plan, "name", str(plan)), time.perf_counter() - start))
+
+
+def _compile(plan: KernelPlan, arg_types: tuple[str, ...]):
+    """Through jax-triton's compile helper; a register cap (`plan.max_registers`) goes into the
+    CUDA backend's options as `maxnreg`."""
+    import jax_triton
+    import triton
+    from jax_triton import triton_lib
+
+    install_backend_step(triton_lib, (triton.__version__, getattr(jax_triton, "__version__", "?")))
+
+    def backend_init(device, compute_capability):
+        backend = triton_lib.get_cuda_backend(device, compute_capability)
+        if plan.max_registers is not None:
+            parse = backend.parse_options
+            backend.parse_options = lambda opts: parse({**opts, "maxnreg": plan.max_registers})
+        return backend
+
+    with _frontend:
+        _local.frontend = True
+        try:
+            kernel, attrs = triton_lib.get_or_create_triton_kernel(
+                backend_init,
+                "cuda",
+                compile_plan(plan),
+                list(arg_types),
+                [],
+                num_warps=plan.num_warps,
+                num_stages=plan.num_stages,
+                num_ctas=1,
+                compute_capability=None,
+                enable_fp_fusion=True,
+                metaparams={},
+                dump=False,
+            )
+        finally:
+            _local.frontend = False
+    aligned = [["tt.divisibility", 16] in attrs.get((i,), []) for i in range(len(arg_types))]
+    return kernel, aligned
+
+
+def install_backend_step(triton_lib, versions: tuple) -> None:
+    """Once per process: jax-triton's TTIR -> PTX step (`triton_lib.compile_ttir_inplace`, a
+    module global its helper looks up at each call) wrapped to run outside the front-end lock,
+    and to read and write the on-disk cache where GINJAX_TRITON_CACHE_DIR is set."""
+    with _lock:
+        real = getattr(triton_lib, "compile_ttir_inplace", None)
+        if real is None or getattr(real, "_ginjax_step", False):
+            return  # installed, or a jax-triton without that step: compiles run as it has them
+
+        def backend_step(ttir, backend, options, compute_capability, platform):
+            step = real
+            directory = _compile_cache.cache_dir()
+            if directory is not None:
+                step = _compile_cache.cached_compile(real, triton_lib.CompilationResult, directory, versions)
+            if not getattr(_local, "frontend", False):
+                return step(ttir, backend, options, compute_capability, platform)
+            _frontend.release()
+            try:
+                return step(ttir, backend, options, compute_capability, platform)
+            finally:
+                _frontend.acquire()
+
+        backend_step._ginjax_step = True
+        triton_lib.compile_ttir_inplace = backend_step
