@@ -45,6 +45,10 @@
 #   env-ab         one switch in alternation: ENV_AB_ROUNDS rounds (default 2) of `python -m bench $ENV_AB_ARGS`
 #            with ENV_AB_VAR set to each of ENV_AB_VALUES in turn (default args: d3_n64_b4_c16, triton, fwd and
 #            fwd_bwd, in-model layouts); each run's limit T_ENV_AB (default 120 s)
+#   compile-check  the opt-in compile switches (kernels/triton/_compile.py): COMPILE_CHECK_CONFIG's step
+#            (default resnet_d3_n64_b4, auto; COMPILE_CHECK_MODES, default step) compiled and timed in four fresh processes: plain, with
+#            GINJAX_TRITON_COMPILE_THREADS=16, and twice with GINJAX_TRITON_CACHE_DIR (cold, then warm);
+#            each run's limit T_COMPILE_CHECK (default 150 s); their compile split and step times
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
@@ -60,7 +64,7 @@
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
 # T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW,
-# T_ENV_AB (each run of the stage).
+# T_ENV_AB and T_COMPILE_CHECK (each run of the stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -168,6 +172,21 @@ for stage in ${STAGES:-sweep profile pallas}; do
         grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issue Slots Busy|Registers Per" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
         grep -E "stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
+    compile-check)  # the compile switches, each in a fresh process (a process compiles a kernel once)
+      rc=0
+      for run in plain threads cache-cold cache-warm; do
+        case "$run" in
+          plain) switch=GINJAX_TRITON_COMPILE_THREADS=1 ;;
+          threads) switch=GINJAX_TRITON_COMPILE_THREADS=16 ;;
+          *) switch="GINJAX_TRITON_CACHE_DIR=$OUT/compile-check/triton-cache" ;;
+        esac
+        env "$switch" timeout "${T_COMPILE_CHECK:-150}" python3 -u -m bench --configs "${COMPILE_CHECK_CONFIG:-resnet_d3_n64_b4}" \
+          --backends auto --modes "${COMPILE_CHECK_MODES:-step}" --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/compile-check/$run" \
+          --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/compile-check/$run.log" 2>&1 || rc=$?
+        echo "$run ($switch):"; grep -E "compiled and ran once|^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step) " "$OUT/compile-check/$run.log"
+      done
+      ls "$OUT/compile-check/triton-cache" 2>/dev/null | wc -l | sed 's/^/cache entries: /'
+      (exit $rc) ;;
     env-ab)  # one switch's values in alternation over `python -m bench` runs of the same layers
       # (ENV_AB_VAR, ENV_AB_VALUES, ENV_AB_ROUNDS, ENV_AB_ARGS); one results folder and log a run
       rc=0
