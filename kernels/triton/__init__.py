@@ -114,12 +114,18 @@ def _run(spec, inputs, weights, mode, bias=None, input_means=None, residual=None
     return tuple(outputs)
 
 
+def _layer_filter_groups(spec: ConvSpec, spatial):
+    """The filter groups the layer's forward would run in at its default tiling (None: one launch)."""
+    layer = spec.without_bias()
+    return filter_groups(layer, tuple(spatial), "tf32", BlockSizes.for_layer(layer, tuple(spatial)))
+
+
 def describe(spec: ConvSpec, spatial) -> str:
     """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
     gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), whole
     or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), else the Triton kernels, in filter
     groups where one kernel would keep too many Z tiles live (`_filter_groups`)."""
-    groups = filter_groups(spec.without_bias(), tuple(spatial), "tf32", BlockSizes.for_layer(spec.without_bias(), tuple(spatial)))
+    groups = _layer_filter_groups(spec, spatial)
     if groups is not None:
         return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, each adding into the "
                 f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
@@ -162,7 +168,7 @@ def unmeasured_caveat(spec: ConvSpec, spatial) -> str:
     whose Triton kernel would run in filter groups. Each group is a launch that re-reads every
     input and reads and rewrites the outputs, which costs HBM traffic on any GPU (on the H200
     d3_n64_b2_c8_k2's 11 groups took 3.1x dense's time in fwd and 2.9x in fwd_bwd)."""
-    groups = filter_groups(spec.without_bias(), tuple(spatial), "tf32", BlockSizes.for_layer(spec.without_bias(), tuple(spatial)))
+    groups = _layer_filter_groups(spec, spatial)
     if groups is None:
         return ""
     return (f"its kernels would run this layer as {len(groups)} filter-group launches, each re-reading the inputs "
