@@ -221,14 +221,22 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
     dtype_name = str(jax.numpy.dtype(dtype)) if dtype is not None else None
     measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
     untabled = plat == "gpu" and (not kind or _measured.load(kind) is None)
+    checked: dict[str, tuple[bool, str]] = {}
+
+    def runs(b: Backend) -> tuple[bool, str]:
+        """(ok, why not): available here and covering the configuration, asked once per call."""
+        if b.name not in checked:
+            ok, why = b.availability()
+            checked[b.name] = b.coverage(spec, spatial, dtype) if ok else (False, why)
+        return checked[b.name]
+
     caveats = {}  # with no table on a GPU: backends ranked after the others here, and why
     if untabled and spatial is not None:
         for b in _BACKENDS.values():
             # asked only of a backend that could run the layer: a caveat may plan its kernels
-            if b.unmeasured_caveat is None or plat not in b.priority or not b.availability()[0]:
-                continue
-            if b.coverage(spec, spatial, dtype)[0] and (why := b.unmeasured_caveat(spec, tuple(spatial))):
-                caveats[b.name] = why
+            if b.unmeasured_caveat is not None and plat in b.priority and runs(b)[0]:
+                if why := b.unmeasured_caveat(spec, tuple(spatial)):
+                    caveats[b.name] = why
     # measured-fastest first; unmeasured backends after, by their priority, those with a caveat last
     ranked = sorted(
         (b for b in _BACKENDS.values() if plat in b.priority),
@@ -236,11 +244,7 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
     )
     skipped = []
     for b in ranked:
-        ok, why = b.availability()
-        if not ok:
-            skipped.append(f"{b.name}: {why}")
-            continue
-        ok, why = b.coverage(spec, spatial, dtype)
+        ok, why = runs(b)
         if not ok:
             skipped.append(f"{b.name}: {why}")
             continue
