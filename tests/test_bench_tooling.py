@@ -457,10 +457,10 @@ def test_the_compile_time_is_split_into_lowering_triton_and_xla(monkeypatch):
     calls = []
     monkeypatch.setattr(_compile, "_compile", lambda plan, types: calls.append(plan) or _time.sleep(0.05))
     _compile.forget()
-    before, logged = _compile.compile_seconds(), len(_compile.compile_log())
+    logged = len(_compile.compile_log())
     _compile.compiled_kernel("plan-a", ("*fp32",))
     _compile.compiled_kernel("plan-a", ("*fp32",))  # compiled once: not again, not counted
-    assert calls == ["plan-a"] and 0.05 <= _compile.compile_seconds() - before < 1.0
+    assert calls == ["plan-a"]
     (name, seconds), = _compile.compile_log()[logged:]
     assert name == "plan-a" and 0.05 <= seconds < 1.0
     _compile.forget()

@@ -46,14 +46,9 @@ def compile_threads() -> int:
     return n
 
 
-def compile_seconds() -> float:
-    """Seconds of Triton compile work in this process (on several threads: more than the wall
-    time it took), for a bench's compile-time split."""
-    return sum(s for _, s in _log)
-
-
 def compile_log() -> list[tuple[str, float]]:
-    """(kernel name, seconds) of every Triton kernel this process compiled."""
+    """(kernel name, seconds) of every Triton kernel this process compiled (on several threads
+    their sum is more than the wall time it took), for a bench's compile-time split."""
     return list(_log)
 
 
