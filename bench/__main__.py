@@ -31,7 +31,7 @@ def parse_args(argv) -> argparse.Namespace:
         prog="python -m bench",
         description="A/B benchmark of ConvContract backends (subcommands: compare, measured, measure-auto, profile)",
     )
-    p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, models-b1, auto-models, small-models); default: quick on CPU, all on GPU")
+    p.add_argument("--configs", default="auto", help="names or sets (quick, full, all, layers, models, models-b1, models-2d, auto-models, small-models); default: quick on CPU, all on GPU")
     p.add_argument("--backends", default="", help="comma-separated backends (default: every one available here; on a CPU, not the interpreted triton/pallas)")
     p.add_argument("--modes", default="", help=f"comma-separated modes out of {', '.join(_configs.MODES)} (default: all)")
     p.add_argument("--out", default=None, help="write DIR/<device-slug>/<date>-<commit>.{json,png,txt} (default: $GINJAX_BENCH_OUT or ~/.cache/ginjax-bench)")

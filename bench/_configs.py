@@ -72,7 +72,7 @@ class ModelConfig:
     out_channels: tuple[int, int] = (1, 1)
     small: bool = False  # CPU-sized: checks the model path, not part of quick/full
     M: int = 3
-    extra: bool = False  # outside quick/full/all: the batch-1 steps `auto` is checked on
+    extra: bool = False  # outside quick/full/all: the batch-1 and 2D steps `auto` is checked on
 
     @property
     def quick(self) -> bool:
@@ -129,6 +129,12 @@ MODEL_CONFIGS += tuple(
     for n in (32, 64, 128)
     for model, kwargs in _KWARGS.items()
 )
+# The same models on a 2D grid at the standard 2D layer's size (256^2, 32 channels per key), at
+# batch 8: the steps of 2D users, whose layers run on Triton's kernels (the CUDA ones are D=3)
+MODEL_CONFIGS += tuple(
+    ModelConfig(f"{model.lower()}_d2_n256_b8", model, D=2, N=256, B=8, depth=32, model_kwargs=kwargs, extra=True)
+    for model, kwargs in _KWARGS.items()
+)
 
 CONFIGS: dict[str, Config] = {c.name: c for c in LAYER_CONFIGS + MODEL_CONFIGS}
 
@@ -151,18 +157,20 @@ AUTO_LAYER_SETS: dict[str, tuple[str, ...]] = {"cpu-small": tuple(AUTO_LAYER_GRI
 
 # named sets accepted wherever configs are selected
 _SMALL = tuple(c.name for c in MODEL_CONFIGS if c.small)
-_EXTRA = tuple(c.name for c in MODEL_CONFIGS if c.extra)
+_EXTRA = tuple(c.name for c in MODEL_CONFIGS if c.extra and c.D == 3)
+_MODELS_2D = tuple(c.name for c in MODEL_CONFIGS if c.extra and c.D == 2)
 CONFIG_SETS: dict[str, tuple[str, ...]] = {
     "quick": tuple(c.name for c in LAYER_CONFIGS if c.quick),
-    "full": tuple(c.name for c in CONFIGS.values() if not c.quick and c.name not in _SMALL + _EXTRA),
-    "all": tuple(c for c in CONFIGS if c not in _SMALL + _EXTRA),  # quick + full: the GPU default
+    "full": tuple(c.name for c in CONFIGS.values() if not c.quick and c.name not in _SMALL + _EXTRA + _MODELS_2D),
+    "all": tuple(c for c in CONFIGS if c not in _SMALL + _EXTRA + _MODELS_2D),  # quick + full: the GPU default
     "layers": tuple(c.name for c in LAYER_CONFIGS),
     "models": tuple(c.name for c in MODEL_CONFIGS if not c.small and not c.extra),
     "models-b1": _EXTRA,
+    "models-2d": _MODELS_2D,
     "small-models": _SMALL,
 }
 # the steps `python -m bench measure-auto` measures the layers of (and `auto` is checked on)
-CONFIG_SETS["auto-models"] = CONFIG_SETS["models"] + CONFIG_SETS["models-b1"]
+CONFIG_SETS["auto-models"] = CONFIG_SETS["models"] + CONFIG_SETS["models-b1"] + CONFIG_SETS["models-2d"]
 
 # Dense throughput ceilings measured on the device (TFLOP/s), by precision mode; keyed by a
 # lower-case substring of jax's device_kind: the H200's dense matmul peaks at TF32 and BF16.

@@ -8,7 +8,7 @@ run, on every candidate backend, and write them into `auto`'s table kernels/meas
 1. Trace each model step (bench/model_layers.py) and collect its distinct configurations
    (signature: geometry, keys, channels, filter bases, spatial size, dtype) with the batch the
    step runs them at. `--configs auto-models`: UNet, ResNet and DilResNet at D=3, batch 1 with
-   N=32, 64, 128, and the standard batch-4 N=64 steps.
+   N=32, 64, 128, the standard batch-4 N=64 steps, and at D=2 on 256^2 at batch 8 (`models-2d`).
    `--configs cpu-small`: single layers of CPU-sized models (bench/_configs.py AUTO_LAYER_GRID),
    what `auto` ranks by on a CPU beside the committed bench layers.
 2. Time each configuration (vmapped over the batch, as in the model) on `dense` and every fused

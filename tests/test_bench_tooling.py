@@ -201,6 +201,16 @@ def test_default_selection_says_what_it_leaves_out_and_why():
 
 
 
+def test_the_2d_model_steps_are_a_set_of_their_own():
+    # measured by `auto-models` (so `auto` gets exact rows for 2D users' layers), outside the
+    # default GPU run and outside models-b1
+    two_d = _configs.CONFIG_SETS["models-2d"]
+    assert len(two_d) == 3 and all(_configs.CONFIGS[c].D == 2 and _configs.CONFIGS[c].N == 256 for c in two_d)
+    assert set(two_d) <= set(_configs.CONFIG_SETS["auto-models"])
+    assert not set(two_d) & set(_configs.CONFIG_SETS["all"] + _configs.CONFIG_SETS["models-b1"])
+    assert {_configs.CONFIGS[c].model for c in two_d} == {"UNet", "ResNet", "DilResNet"}
+
+
 def test_selection_errors_name_the_flag_and_value():
     assert _configs.select_configs("quick", "gpu") == _configs.CONFIG_SETS["quick"]
     assert _configs.select_configs(None, "cpu") == _configs.CONFIG_SETS["quick"]
