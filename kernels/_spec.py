@@ -39,14 +39,15 @@ class FilterBasis:
     non-differentiable arguments need hashable, comparable statics).
     """
 
-    __slots__ = ("array", "_hash")
+    __slots__ = ("array", "_hash", "digest")
 
     def __init__(self, array) -> None:
         arr = np.array(array, dtype=np.float64, copy=True)
         arr.setflags(write=False)
         self.array = arr
-        digest = hashlib.sha1(arr.tobytes()).hexdigest()
-        self._hash = hash((arr.shape, digest))
+        # by content, the same in every process (`hash` of a str is salted per process)
+        self.digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+        self._hash = hash((arr.shape, self.digest))
 
     @property
     def n_filters(self) -> int:
@@ -116,6 +117,15 @@ class ConvSpec:
     @property
     def has_bias(self) -> bool:
         return any(m != "none" for m in self.bias_modes)
+
+    def digest(self) -> str:
+        """A SHA-1 of every field (the bases by content), the same in every process: what a
+        generated kernel's name is made from, so that its source, and the compile cache's key
+        (kernels/triton/_compile_cache.py), do not change from one process to the next, as
+        `hash(spec)` would (Python salts the hashes of strings per process)."""
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "pairs"]
+        pairs = [(p.in_index, p.out_index, p.basis.digest) for p in self.pairs]
+        return hashlib.sha1(repr((fields, pairs)).encode()).hexdigest()
 
     def without_bias(self) -> "ConvSpec":
         """This spec with every bias mode "none" (what a backend without fused bias runs)."""

@@ -70,7 +70,7 @@ def plan_kernel(
     op, pf = L.op, L.pf
     src = _Source()
     name = "conv_contract_fwd_" + hashlib.sha1(
-        repr((hash(spec), geometry, mode, blocks, aliased, bf16_dot_in_fp32, layout_barrier, carried)).encode()
+        repr((spec.digest(), geometry, mode, blocks, aliased, bf16_dot_in_fp32, layout_barrier, carried)).encode()
     ).hexdigest()[:12]
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     ws = [f"w{t}" for t in range(len(spec.pairs))]
@@ -192,7 +192,7 @@ def plan_weight_grad_kernel(
     pf = L.pf
     src = _Source()
     name = "conv_contract_dw_" + hashlib.sha1(
-        repr((hash(spec), geometry, mode, blocks, groups, units, bf16_dot_in_fp32, layout_barrier, sums)).encode()
+        repr((spec.digest(), geometry, mode, blocks, groups, units, bf16_dot_in_fp32, layout_barrier, sums)).encode()
     ).hexdigest()[:12]
     xs = [f"x{a}" for a in range(len(spec.in_keys))]
     gs = [f"g{b}" for b in range(len(spec.out_keys))]
