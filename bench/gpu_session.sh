@@ -45,9 +45,10 @@
 #   env-ab         one switch in alternation: ENV_AB_ROUNDS rounds (default 2) of `python -m bench $ENV_AB_ARGS`
 #            with ENV_AB_VAR set to each of ENV_AB_VALUES in turn (default args: d3_n64_b4_c16, triton, fwd and
 #            fwd_bwd, in-model layouts); each run's limit T_ENV_AB (default 120 s)
-#   compile-check  the opt-in compile switches (kernels/triton/_compile.py): COMPILE_CHECK_CONFIG's step
-#            (default resnet_d3_n64_b4, auto; COMPILE_CHECK_MODES, default step) compiled and timed in four fresh processes: plain, with
-#            GINJAX_TRITON_COMPILE_THREADS=16, and twice with GINJAX_TRITON_CACHE_DIR (cold, then warm);
+#   compile-check  the compile switches (kernels/triton/_compile.py): COMPILE_CHECK_CONFIG's step
+#            (default resnet_d3_n64_b4, auto; COMPILE_CHECK_MODES, default step) compiled and timed in four fresh processes: plain
+#            (one thread, no disk cache), 16 threads without the cache, and twice with the defaults on a new
+#            GINJAX_TRITON_CACHE_DIR (cold, then warm);
 #            each run's limit T_COMPILE_CHECK (default 150 s); their compile split and step times
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
@@ -176,11 +177,11 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=0
       for run in plain threads cache-cold cache-warm; do
         case "$run" in
-          plain) switch=GINJAX_TRITON_COMPILE_THREADS=1 ;;
-          threads) switch=GINJAX_TRITON_COMPILE_THREADS=16 ;;
-          *) switch="GINJAX_TRITON_CACHE_DIR=$OUT/compile-check/triton-cache" ;;
+          plain) switch="GINJAX_TRITON_COMPILE_THREADS=1 GINJAX_TRITON_CACHE_DIR=off" ;;
+          threads) switch="GINJAX_TRITON_COMPILE_THREADS=16 GINJAX_TRITON_CACHE_DIR=off" ;;
+          *) switch="GINJAX_TRITON_CACHE_DIR=$OUT/compile-check/triton-cache" ;;  # the default threads
         esac
-        env "$switch" timeout "${T_COMPILE_CHECK:-150}" python3 -u -m bench --configs "${COMPILE_CHECK_CONFIG:-resnet_d3_n64_b4}" \
+        env $switch timeout "${T_COMPILE_CHECK:-150}" python3 -u -m bench --configs "${COMPILE_CHECK_CONFIG:-resnet_d3_n64_b4}" \
           --backends auto --modes "${COMPILE_CHECK_MODES:-step}" --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/compile-check/$run" \
           --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/compile-check/$run.log" 2>&1 || rc=$?
         echo "$run ($switch):"; grep -E "compiled and ran once|^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step) " "$OUT/compile-check/$run.log"

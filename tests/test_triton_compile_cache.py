@@ -1,11 +1,12 @@
-"""How our Triton kernels compile (kernels/triton/_compile.py): the opt-in on-disk cache of their
-PTX (kernels/triton/_compile_cache.py) and the opt-in worker threads, around a stand-in for
-jax-triton's TTIR -> PTX step (jax-triton runs on a GPU machine only); the GPU tests and a bench
-run with GINJAX_TRITON_CACHE_DIR and GINJAX_TRITON_COMPILE_THREADS set check them there."""
+"""How our Triton kernels compile (kernels/triton/_compile.py): the on-disk cache of their PTX
+(kernels/triton/_compile_cache.py) and the worker threads, around a stand-in for jax-triton's
+TTIR -> PTX step (jax-triton runs on a GPU machine only); the GPU tests and the bench's
+compile-check stage check them there."""
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import threading
 import time
 import types
@@ -14,6 +15,14 @@ import warnings
 import pytest
 
 from kernels.triton import _compile, _compile_cache
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(monkeypatch, tmp_path):
+    """The cache is on by default (in the user's cache directory): these tests write only under
+    their own temporary directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-default"))
+    monkeypatch.setenv(_compile_cache.CACHE_ENV, "off")
 
 
 @dataclasses.dataclass
@@ -95,22 +104,35 @@ def test_an_unwritable_path_costs_the_cache_not_the_compile(monkeypatch, tmp_pat
 
 def test_the_installed_step_uses_the_cache_where_the_variable_says(monkeypatch, tmp_path):
     """`install_backend_step` wraps jax-triton's step once; the wrapper reads the variable at
-    each compile: unset, it compiles and writes nothing; set, it caches there."""
+    each compile: "off", it compiles and writes nothing; unset, it caches in the user's cache
+    directory; set to a path, it caches there."""
     lib, calls = _stand_in()
-    monkeypatch.delenv(_compile_cache.CACHE_ENV, raising=False)
+    home, chosen = tmp_path / "xdg", tmp_path / "chosen"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.setenv(_compile_cache.CACHE_ENV, "off")
     _compile.install_backend_step(lib, ("v",))
     step = lib.compile_ttir_inplace
     _compile.install_backend_step(lib, ("v",))
     assert lib.compile_ttir_inplace is step  # not wrapped twice
     _compile_with(step)
     _compile_with(step)
-    assert len(calls) == 2 and not any(tmp_path.iterdir())
-    monkeypatch.setenv(_compile_cache.CACHE_ENV, str(tmp_path))
+    assert len(calls) == 2 and not home.exists()
+    monkeypatch.delenv(_compile_cache.CACHE_ENV)
+    assert _compile_cache.cache_dir() == home / "ginjax" / "triton"
     _compile_with(step)
     _compile_with(step)
-    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 1
+    assert len(calls) == 3 and len(list((home / "ginjax" / "triton").glob("*.json"))) == 1
+    monkeypatch.setenv(_compile_cache.CACHE_ENV, str(chosen))
+    _compile_with(step, ttir="module @b {}")
+    _compile_with(step, ttir="module @b {}")
+    assert len(calls) == 4 and len(list(chosen.glob("*.json"))) == 1
+    for off in ("off", "0", "None", " OFF "):
+        monkeypatch.setenv(_compile_cache.CACHE_ENV, off)
+        assert _compile_cache.cache_dir() is None
     monkeypatch.setenv(_compile_cache.CACHE_ENV, "")
-    assert _compile_cache.cache_dir() is None
+    assert _compile_cache.cache_dir() == home / "ginjax" / "triton"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert _compile_cache.cache_dir() == pathlib.Path("~/.cache/ginjax/triton").expanduser()
     _compile.install_backend_step(types.SimpleNamespace(), ("v",))  # a jax-triton without that step
 
 
@@ -141,6 +163,13 @@ def test_the_backend_step_runs_outside_the_front_end_lock():
 
 def test_compile_threads_are_read_from_the_variable(monkeypatch):
     monkeypatch.delenv(_compile.THREADS_ENV, raising=False)
+    monkeypatch.setattr(_compile.os, "cpu_count", lambda: 64)
+    assert _compile.compile_threads() == _compile.MAX_DEFAULT_THREADS == 16
+    monkeypatch.setattr(_compile.os, "cpu_count", lambda: 2)
+    assert _compile.compile_threads() == 2
+    monkeypatch.setattr(_compile.os, "cpu_count", lambda: None)
+    assert _compile.compile_threads() == 1
+    monkeypatch.setenv(_compile.THREADS_ENV, "1")
     assert _compile.compile_threads() == 1
     monkeypatch.setenv(_compile.THREADS_ENV, "8")
     assert _compile.compile_threads() == 8
@@ -189,6 +218,40 @@ def test_prefetched_kernels_compile_side_by_side_once_each(monkeypatch):
     _compile.forget()
 
 
+_QUEUED_AT_EXIT = """
+import time
+from kernels.triton import _compile
+def slow(plan, types_):
+    time.sleep(1.0)
+    return plan, []
+_compile._compile = slow
+for n in range(8):
+    _compile.prefetch(f"k{n}", ("*fp32",))  # traced (eval_shape), never lowered
+time.sleep(0.2)
+print("done", flush=True)
+"""
+
+
+def test_a_process_exits_without_compiling_what_it_only_traced():
+    """Eight 1 s compiles queued on 2 threads would hold the exit for 4 s; the queued ones are
+    dropped at exit, and only the two running finish (~1 s)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _QUEUED_AT_EXIT], cwd=root, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, **{_compile.THREADS_ENV: "2"}))
+    took = time.perf_counter() - start
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    start = time.perf_counter()  # the same process's start and imports alone
+    assert subprocess.run([sys.executable, "-c", "import kernels.triton._compile"], cwd=root, timeout=120).returncode == 0
+    baseline = time.perf_counter() - start
+    assert took < baseline + 0.2 + 2.0, (took, baseline)  # its 0.2 s sleep, and the running compiles' 1 s (+1 of slack)
+
+
 _TTIR_OF_A_PLAN = """
 import hashlib
 from kernels.triton.channel_sums import plan_channel_sums
@@ -207,3 +270,41 @@ def test_a_generated_kernels_ttir_is_the_same_in_another_process():
 
     first, second = (run_offline(_TTIR_OF_A_PLAN, timeout=300) for _ in range(2))
     assert first == second and first[0].startswith("ttir "), (first, second)
+
+
+_PLANS_OF_THE_STANDARD_LAYER = """
+import hashlib
+from kernels.triton import _backward, _kernel
+from kernels.triton._tiling import BlockSizes
+from bench import _cases, _configs
+spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
+fwd = _kernel.plan_kernel(spec, _kernel.Geometry((64,) * 3, (True, True), (False,) * 4), "tf32", BlockSizes())
+units = _backward.weight_grad_units(spec, 4)[0]
+dw = _kernel.plan_weight_grad_kernel(spec, _kernel.Geometry((64,) * 3, (True, True), (), (True, True)), "tf32",
+                                     BlockSizes().for_weight_grad(3), 8, units)
+for plan in (fwd, dw):
+    print(plan.name, hashlib.sha256(plan.source.encode()).hexdigest())
+"""
+
+
+def test_a_layers_kernels_have_the_same_name_and_source_in_every_process():
+    """The compile cache's key holds the TTIR, which holds the kernel's name: a name made from
+    `hash(spec)` changed from one process to the next (Python salts str hashes), so every
+    ConvContract kernel missed the cache a second process should have hit (H100, session 34:
+    24.2 s of Triton compiles left in the warm run). Two processes with different hash seeds
+    generate the same names and sources."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", _PLANS_OF_THE_STANDARD_LAYER], cwd=root, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, PYTHONHASHSEED=seed))
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.split())
+    assert len(outputs[0]) == 4 and outputs[0][0].startswith("conv_contract_fwd_"), outputs
+    assert outputs[0][2].startswith("conv_contract_dw_"), outputs
+    assert outputs[0] == outputs[1]
