@@ -27,6 +27,21 @@ import pathlib
 import statistics
 import time
 
+class Computed:
+    """A patch's value computed when its variant is applied (the module it reads is imported then)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+
+def _vn_tiling_c32_before() -> dict:
+    """The VectorNeuron's default tilings with the 32-channel backward at session 33's register
+    pick (16 pixels, 8 warps) instead of the measured (32, 4)."""
+    from kernels.triton import _vn_kernel
+
+    return {**_vn_kernel._DEFAULT_TILING, (32, False): (_vn_kernel._DEFAULT_TILING[32, False][0], (16, 8))}
+
+
 # name -> (environment variables, (module, attribute, value) patches); baseline: as shipped
 VARIANTS: dict[str, tuple[dict, tuple]] = {
     "baseline": ({}, ()),
@@ -50,8 +65,12 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # of XLA's two reductions a block
     "means-triton": ({"GINJAX_INPUT_MEANS": "triton"}, ()),
     "plain-middle-sum": ({}, (("kernels._reduce", "_split", lambda n, t: None),)),
-    # thin layers on `dense` as one convolution instead of two stages (kernels/_thin.py, session 26)
-    "thin-one-conv": ({"GINJAX_DENSE_THIN": "0"}, ()),
+    # thin layers on `dense` in two stages instead of one convolution (kernels/_thin.py, session 26;
+    # off by default since session 34)
+    "thin-two-stages": ({"GINJAX_DENSE_THIN": "1"}, ()),
+    # Triton's VectorNeuron backward of 32-channel blocks (the UNet's second level) at its tiling
+    # before session 34
+    "vn-c32-tiling-before": ({}, (("kernels.triton._vn_kernel", "_DEFAULT_TILING", Computed(_vn_tiling_c32_before)),)),
     # the UNet's upsampling GEMM with its product channels first, so the interleave of its phases
     # and the blocks' unpacking read contiguous rows (kernels/_resample.py, session 32; a GPU's
     # default since session 33), or last
@@ -167,7 +186,7 @@ def variant(name: str):
         for module, attr, value in patches:
             mod = importlib.import_module(module)
             saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, value)
+            setattr(mod, attr, value.make() if isinstance(value, Computed) else value)
         yield
     finally:
         for mod, attr, value in reversed(saved):

@@ -52,17 +52,33 @@ def test_each_variant_changes_the_program(name, base_name, fn):
     assert base != other
 
 
-def test_thin_one_conv_takes_the_thin_layer_out_of_its_two_stages():
-    """thin-one-conv (GINJAX_DENSE_THIN=0): a model's first layer on dense is one convolution."""
+def test_thin_two_stages_puts_the_thin_layer_in_its_two_stages(monkeypatch):
+    """thin-two-stages (GINJAX_DENSE_THIN=1): a model's first layer on dense in two stages; by
+    default (baseline) one convolution."""
     from bench import _cases, _configs
     from kernels import _thin
 
+    monkeypatch.delenv(_thin.THIN_ENV, raising=False)
     first = _cases.with_channels(_cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"]), 2, 16)
     forms = {}
-    for name in ("baseline", "thin-one-conv"):
+    for name in ("baseline", "thin-two-stages"):
         with step_variants.variant(name):
             forms[name] = _thin.thin_form(first)
-    assert forms == {"baseline": "stencil-first", "thin-one-conv": None}, forms
+    assert forms == {"baseline": None, "thin-two-stages": "stencil-first"}, forms
+
+
+def test_vn_c32_tiling_before_restores_the_register_pick():
+    """vn-c32-tiling-before: the 32-channel VectorNeuron backward at (16, 8) while it is applied,
+    the measured (32, 4) before and after; other sizes untouched."""
+    from kernels.triton import _vn_kernel
+
+    shipped = dict(_vn_kernel._DEFAULT_TILING)
+    assert shipped[32, False][1] == (32, 4)
+    with step_variants.variant("vn-c32-tiling-before"):
+        assert _vn_kernel._DEFAULT_TILING[32, False] == (shipped[32, False][0], (16, 8))
+        assert {k: v for k, v in _vn_kernel._DEFAULT_TILING.items() if k != (32, False)} == \
+            {k: v for k, v in shipped.items() if k != (32, False)}
+    assert _vn_kernel._DEFAULT_TILING == shipped
 
 
 def test_subpixel_channels_first_reorders_the_upsampling_gemm():

@@ -321,11 +321,15 @@ def test_kernels_compile_for_hopper():
     at 16 channels also with the affine prologue, whose forward adds up its output's means as in
     the models, and the forward adding a residual)
     compile to sm_90 cubins without a GPU (tests/_hopper_compile.py), and where Triton ships
-    cuobjdump, with no stack (no spills) for the 3D vectors."""
+    cuobjdump, with no stack (no spills) for the 3D vectors, but for the few bytes of the
+    32-channel backward's measured tiling."""
     from _hopper_compile import run_offline
 
     lines = [line.split() for line in run_offline(_COMPILE_FOR_HOPPER) if line.startswith("compiled")]
     assert len(lines) == 18, lines
     for _, name, C, T, planar, _, stack in lines:
-        if T == "3":
-            assert stack in ("0", "None"), f"{name} ({C} channels, planar={planar}) spills: stack {stack}"
+        # the 32-channel backward's tiling was picked by its measured time, spills included (8
+        # and 16 bytes with Triton 3.6, up to 40 with 3.9): a few bytes, not a register blow-up
+        allowed = 64 if C == "32" and name.startswith("vector_neuron_bwd") else 0
+        if T == "3" and stack != "None":
+            assert int(stack) <= allowed, f"{name} ({C} channels, planar={planar}) spills: stack {stack}"

@@ -108,11 +108,14 @@ class VNGeometry:
 # traffic (ncu: 94% L1/TEX throughput at P=32, 4 warps; the FMA dots read their operands through
 # shared memory, each thread whole rows), and one warp on 16 pixels reads the least per product:
 # 5.60 ms for 8 chained fwd+bwd against 6.83 at (32, 4), 6.60 at (32, 1), 7.15 at (16, 2);
-# pipelining the loop or tensor-core dots (tf32x3) were slower. The other rows are register picks.
+# pipelining the loop or tensor-core dots (tf32x3) were slower. At C=32, T=3 (the d3_n64_b2_c32
+# block, H100, bench.vector_neuron_spike, session 34) the backward at (32, 4) took fwd_bwd from
+# 2.31 to 1.44 ms against the (16, 8) register pick ((16, 4) 1.50, (64, 8) 1.87, (32, 8) 2.14).
+# The other rows are register picks.
 _DEFAULT_TILING = {
     (16, False): ((64, 4), (16, 1)),  # forward [96]
     (16, True): ((16, 8), (16, 8)),  # [48], [102]
-    (32, False): ((32, 8), (16, 8)),  # [48], [138]
+    (32, False): ((32, 8), (32, 4)),  # [48], measured
     (32, True): ((16, 8), (16, 8)),
     (64, False): ((16, 8), (16, 8)),  # [117], [254]
     (64, True): ((16, 8), (16, 8)),
