@@ -92,11 +92,11 @@ def parse_row_lengths(value: str) -> tuple[int, ...]:
 
 def select_rows(uses, row_lengths: tuple[int, ...], thin_only: bool = False) -> list:
     """The configurations whose last spatial axis is one of `row_lengths` (any where it is empty)
-    and, with `thin_only`, that `dense` runs in two stages (`kernels._thin.thin_form`)."""
+    and, with `thin_only`, the thin ones (`kernels._thin.candidate_form`: a model's first and last layers)."""
     from kernels import _thin
 
     return [u for u in uses if (not row_lengths or u.spatial[-1] in row_lengths)
-            and (not thin_only or _thin.thin_form(u.spec) is not None)]
+            and (not thin_only or _thin.candidate_form(u.spec) is not None)]
 
 
 OPERAND_LAYOUTS = ("row-major", "auto", "fused-auto")

@@ -55,12 +55,22 @@ def fields(spec: ConvSpec) -> dict[str, int]:
 
 
 def thin_form(spec: ConvSpec) -> Optional[str]:
-    """The two-stage form `dense` runs `spec` in, or None (one convolution): the form of the
-    smaller intermediate where it is at most THIN_RATIO x (Cin + Cout) floats a pixel and the wide
-    side has at least WIDE channels (a small layer on both sides is one cheap convolution), for
-    layers of stride 1 without lhs dilation; GINJAX_DENSE_THIN="0" turns the forms off."""
-    if (env_choice(THIN_ENV, ("0", "1"), "1") == "0" or not spec.pairs or not spec.is_default_stride
-            or max(spec.cin, spec.cout) < WIDE):
+    """The two-stage form `dense` runs `spec` in where GINJAX_DENSE_THIN="1" (`candidate_form`),
+    or None (one convolution). Off by default: on the H100 (bench.thin_spike, session 34) the two
+    stages lost to one convolution in five of the six rows of the benchmarked thin layers (the
+    first layer's fwd 2.44 against 0.91 ms, fwd_bwd 7.29 against 4.05; the last's fwd_bwd 4.58
+    against 4.69, its one win), and Triton's kernels beat both in fwd_bwd (3.27 and 3.39)."""
+    if env_choice(THIN_ENV, ("0", "1"), "0") == "0":
+        return None
+    return candidate_form(spec)
+
+
+def candidate_form(spec: ConvSpec) -> Optional[str]:
+    """The two-stage form that suits `spec`'s shape, or None: the form of the smaller
+    intermediate where it is at most THIN_RATIO x (Cin + Cout) floats a pixel and the wide side
+    has at least WIDE channels (a small layer on both sides is one cheap convolution), for layers
+    of stride 1 without lhs dilation."""
+    if not spec.pairs or not spec.is_default_stride or max(spec.cin, spec.cout) < WIDE:
         return None
     size, form = min((n, f) for f, n in fields(spec).items())
     return form if size <= THIN_RATIO * (spec.cin + spec.cout) else None
