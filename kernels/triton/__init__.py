@@ -31,6 +31,7 @@ from .._spec import ConvSpec
 from ._filter_groups import LIVE_Z_CAP, filter_groups
 from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
+from . import _cuda_padding
 from . import conv_contract as _entry
 from .conv_contract import conv_contract_triton
 from ._vn_kernel import fits as vector_neuron_fits
@@ -123,7 +124,8 @@ def _layer_filter_groups(spec: ConvSpec, spatial):
 def describe(spec: ConvSpec, spatial) -> str:
     """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
     gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), whole
-    or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), else the Triton kernels, in filter
+    or in output-channel groups (GINJAX_CUDA_OUTPUT_GROUPS), or with zero channels
+    (GINJAX_CUDA_PAD_CHANNELS), else the Triton kernels, in filter
     groups where one kernel would keep too many Z tiles live (`_filter_groups`)."""
     groups = _layer_filter_groups(spec, spatial)
     if groups is not None:
@@ -140,6 +142,12 @@ def describe(spec: ConvSpec, spatial) -> str:
         elif (split := _entry.output_split(spec, layer_covered)) is not None:
             on_cuda.append(f"{what} (as {split[1]} launches of {_entry.OUTPUT_GROUP} output channels per key)")
             launch = split[0]
+        elif (_cuda_padding.enabled() and (padded := _cuda_padding.padded_layer(spec)) is not None
+              and layer_covered(padded)):
+            ins = "+".join(str(c) for _, _, c in padded.in_keys)
+            outs = "+".join(str(o) for _, _, o in padded.out_keys)
+            on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
+            launch = padded
         else:
             on_triton.append(what)
             continue

@@ -30,6 +30,7 @@ from .._registry import add_residual
 from .._reduce import fused_sums_cover, middle_sum
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
+from . import _cuda_padding
 from ._backward import weight_grad_launch
 from ._filter_groups import filter_groups
 from ._stencil import check_sizes
@@ -260,6 +261,15 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, 
     if offsets is not None and all(o is None for o in offsets):
         offsets = None
     layer, move, split, fp32 = plan
+    weights = move(weights)
+    padded = _padded(spec, layer)
+    if padded:  # a thin layer on the covered one with zero channels (kernels/triton/_cuda_padding.py)
+        inputs = _cuda_padding.pad_channels(inputs, _cuda_padding.in_channels(layer))
+        weights = _cuda_padding.pad_weights(layer, weights)
+        if offsets is not None:
+            offsets = _cuda_padding.pad_channels(offsets, _cuda_padding.out_channels(layer))
+        if residuals is not None:
+            residuals = _cuda_padding.pad_channels(residuals, _cuda_padding.out_channels(layer))
     # passed only where there are any (the launch without them is the plain kernel's) and the
     # kernels add them (dilation 1, TF32: `takes_residuals`); elsewhere added after the launch
     late = residuals if residuals is not None and any(r is not None for r in residuals) else None
@@ -267,10 +277,17 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, 
     if late is not None and cuda.takes_residuals(layer, fp32):
         extra, late = {"residuals": late}, None
     if split is None:
-        outs = cuda.forward_call(layer, inputs, move(weights), offsets, fp32=fp32, **extra)
+        outs = cuda.forward_call(layer, inputs, weights, offsets, fp32=fp32, **extra)
     else:
-        outs = _forward_by_output_groups(split, inputs, move(weights), offsets, fp32, **extra)
-    return add_residual(outs, late)
+        outs = _forward_by_output_groups(split, inputs, weights, offsets, fp32, **extra)
+    outs = add_residual(outs, late)
+    return _cuda_padding.crop_channels(outs, _cuda_padding.out_channels(spec)) if padded else outs
+
+
+def _padded(spec: ConvSpec, layer: ConvSpec) -> bool:
+    """Whether the CUDA plan's `layer` is `spec` with zero channels added (`_cuda_padding`)."""
+    return (_cuda_padding.in_channels(layer) != _cuda_padding.in_channels(spec)
+            or _cuda_padding.out_channels(layer) != _cuda_padding.out_channels(spec))
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
@@ -316,6 +333,14 @@ def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     for layer, move in layers:
         if (split := output_split(layer, covers)) is not None:
             return layer, move, split, fp32
+    if _cuda_padding.enabled():  # a thin layer as a covered one with zero channels
+        for layer, move in layers:
+            if (padded := _cuda_padding.padded_layer(layer)) is None:
+                continue
+            if covers(padded):
+                return padded, move, None, fp32
+            if (split := output_split(padded, covers)) is not None:
+                return padded, move, split, fp32
     return None
 
 
@@ -411,10 +436,18 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
         return None
     from .. import cuda
 
-    _, _, split, fp32 = plan
+    layer, _, split, fp32 = plan
+    padded = _padded(spec, layer)
+    if padded:  # zero channels (`_cuda_padding`): their rows and columns of dW are dropped
+        inputs = _cuda_padding.pad_channels(inputs, _cuda_padding.in_channels(layer))
+        cotangents = _cuda_padding.pad_channels(cotangents, _cuda_padding.out_channels(layer))
     if split is None:
-        return cuda.weight_gradient_and_sums(spec, inputs, cotangents, fp32=fp32)
-    return _weight_grad_by_output_groups(split, inputs, cotangents, fp32)
+        d_weights, sums = cuda.weight_gradient_and_sums(layer, inputs, cotangents, fp32=fp32)
+    else:
+        d_weights, sums = _weight_grad_by_output_groups(split, inputs, cotangents, fp32)
+    if padded:
+        return _cuda_padding.crop_weights(spec, d_weights), _cuda_padding.crop_channels(sums, _cuda_padding.out_channels(spec))
+    return d_weights, sums
 
 
 def _forward(spec, mode, blocks, poison, inputs, weights, offsets=None, like=None, priors=None):
