@@ -48,6 +48,11 @@ def padded_layer(spec: ConvSpec) -> Optional[ConvSpec]:
     return None if padded == spec else padded
 
 
+def is_padded(spec: ConvSpec, layer: ConvSpec) -> bool:
+    """Whether a CUDA plan's `layer` is `spec` with zero channels added."""
+    return in_channels(layer) != in_channels(spec) or out_channels(layer) != out_channels(spec)
+
+
 def pad_channels(blocks: Sequence[Optional[jnp.ndarray]], channels: Sequence[int]) -> tuple:
     """Each block (c, ...) with zero channels up to `channels` (None stays None)."""
     return tuple(None if b is None else _pad_axes(b, {0: n}) for b, n in zip(blocks, channels))

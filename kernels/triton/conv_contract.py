@@ -262,7 +262,7 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, 
         offsets = None
     layer, move, split, fp32 = plan
     weights = move(weights)
-    padded = _padded(spec, layer)
+    padded = _cuda_padding.is_padded(spec, layer)
     if padded:  # a thin layer on the covered one with zero channels (kernels/triton/_cuda_padding.py)
         inputs = _cuda_padding.pad_channels(inputs, _cuda_padding.in_channels(layer))
         weights = _cuda_padding.pad_weights(layer, weights)
@@ -282,12 +282,6 @@ def _cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, 
         outs = _forward_by_output_groups(split, inputs, weights, offsets, fp32, **extra)
     outs = add_residual(outs, late)
     return _cuda_padding.crop_channels(outs, _cuda_padding.out_channels(spec)) if padded else outs
-
-
-def _padded(spec: ConvSpec, layer: ConvSpec) -> bool:
-    """Whether the CUDA plan's `layer` is `spec` with zero channels added (`_cuda_padding`)."""
-    return (_cuda_padding.in_channels(layer) != _cuda_padding.in_channels(spec)
-            or _cuda_padding.out_channels(layer) != _cuda_padding.out_channels(spec))
 
 
 def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
@@ -437,7 +431,7 @@ def _cuda_weight_grad(spec, mode, poison, inputs, cotangents):
     from .. import cuda
 
     layer, _, split, fp32 = plan
-    padded = _padded(spec, layer)
+    padded = _cuda_padding.is_padded(spec, layer)
     if padded:  # zero channels (`_cuda_padding`): their rows and columns of dW are dropped
         inputs = _cuda_padding.pad_channels(inputs, _cuda_padding.in_channels(layer))
         cotangents = _cuda_padding.pad_channels(cotangents, _cuda_padding.out_channels(layer))
