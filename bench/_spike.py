@@ -46,7 +46,7 @@ class Spike:
         self.path = pathlib.Path(out_dir) / f"{name}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.spec = _cases.fixture_spec(cfg)
-        spatial = tuple(spatial or (cfg.N,) * 3)
+        spatial = tuple(spatial or cfg.spatial)
         batch = batch or cfg.B
         self.xs, self.ws, _ = _cases.spec_operands(self.spec, spatial, batch, seed=1)
         self.rows: dict = {"config": cfg.name, "spatial": spatial, "batch": batch, "jax": jax.__version__,

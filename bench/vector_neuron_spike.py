@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                   activation=args.activation)
     # the layer's vector output block, and a VectorNeuron weight as the layer initialises it
     block = spike.xs[1] if len(spike.xs) > 1 else spike.xs[0]
-    c = block.shape[1]
+    c, D = block.shape[1], spike.spec.D  # (B, c, *spatial, D): a vector block of D=2 or 3
     weight = jax.random.uniform(jax.random.PRNGKey(0), (c, c), jnp.float32, -c ** -0.5, c ** -0.5)
     spike.xs, spike.ws = block, weight
     spike.rows["block"] = list(block.shape)
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     def fwd(impl, blocks=None):
         def one(w, b):
             if blocks is not None:
-                return triton.vector_neuron_triton(w, b, 3, activation, EPS, blocks)
-            return _vector_neuron.vector_neuron(w, b, 3, activation, EPS, impl=impl)
+                return triton.vector_neuron_triton(w, b, D, activation, EPS, blocks)
+            return _vector_neuron.vector_neuron(w, b, D, activation, EPS, impl=impl)
 
         def f(x, w):
             for _ in range(args.repeat):
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         return run
 
     # the CUDA kernels (opt-in library, kernels/cuda/README.md) where built and covering the block
-    cuda_ok, cuda_why = _vector_neuron.cuda_covers(weight, block[0], 3, activation, EPS)
+    cuda_ok, cuda_why = _vector_neuron.cuda_covers(weight, block[0], D, activation, EPS)
     spike.rows["cuda"] = "covered" if cuda_ok else cuda_why
     spike.stage("reference_fwd", reference(fwd("xla")))
     spike.stage("triton_fwd", spike.correct_and_time(fwd("triton")))

@@ -512,3 +512,15 @@ def test_queued_calls_from_the_environment(monkeypatch):
         monkeypatch.setenv(_timing.QUEUED_CALLS_ENV, bad)
         with pytest.raises(ValueError, match="GINJAX_BENCH_QUEUED_CALLS"):
             _timing.time_compiled(lambda: np.zeros(()), (), max_time=0.02, min_rounds=2, warmup=0)
+
+
+def test_a_spike_builds_operands_of_its_configs_dimension(tmp_path):
+    """bench/_spike.py's operands on the config's own grid: a 2D config gets (B, c, N, N[, 2])
+    blocks (it once took N^3 for every config, so the 2D VectorNeuron spike ran on a 3D grid
+    with a 2-wide axis and ran out of time on the GPU)."""
+    from bench._spike import Spike
+
+    two = Spike("t", tmp_path, "d2_n64_b4_c8")
+    assert [x.shape for x in two.xs] == [(4, 8, 64, 64), (4, 8, 64, 64, 2)] and two.rows["spatial"] == (64, 64)
+    three = Spike("t", tmp_path, "d3_n16_b2_c8")
+    assert [x.shape for x in three.xs] == [(2, 8, 16, 16, 16), (2, 8, 16, 16, 16, 3)]
