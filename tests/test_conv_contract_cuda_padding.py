@@ -165,3 +165,67 @@ def test_explain_names_the_padded_layer(monkeypatch):
     assert "the forward and the input gradient (with zero channels, as 16+16 -> 16+16" in reason, reason
     assert "the weight gradient (with zero channels, as 16+16 -> 16+16: GINJAX_CUDA_PAD_CHANNELS=1)" in reason, reason
     assert "(with zero channels, as 16+16 -> 8+8" in kernels.explain(thin(16, 1), (64, 64, 64), backend="triton").reason
+
+
+def test_the_padded_first_layer_through_the_emulated_kernels(monkeypatch):
+    """The first thin layer's value and weight gradient through the real CUDA entry points
+    (coverage, geometry, weight packing, the FFI operands) with the kernels' host emulations
+    behind the FFI calls: the padded launch (16 + 16 -> 16 + 16, its input's 14 zero channels) and
+    the cropped results against `reference`."""
+    from _conv_cuda_dw_emulate import emulated_dw_call
+    from _conv_cuda_emulate import Emulator, library_emulated, standard_spec
+    from kernels.cuda import _ffi
+
+    library_emulated(monkeypatch)
+    monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
+    monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "1")
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    spec, spatial = thin(2, 16), (1, 2, 16)
+    launched = []
+
+    def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None, **kw):
+        if target == _ffi.DW_TARGET:
+            def record(geom):
+                launched.append(("dw", int(geom[3]), int(geom[4])))
+            return emulated_dw_call(standard_spec(16, 16), shapes, record)
+        assert target == _ffi.TARGET and not kw, (target, kw)
+
+        def call(x0, x1, w, off, geom):
+            c0, c1, o, strip = (int(v) for v in geom[3:7])
+            launched.append(("fwd", c0, c1, o))
+
+            def host(x0, x1, w, off):  # broadcast_all: every operand with the vmapped axis first
+                runs = [Emulator(standard_spec(c0, o), *(np.asarray(a[b]) for a in (x0, x1, w)), strip, tf32=False,
+                                 offsets=np.asarray(off[b]), planar=bool(geom[21])).run()[:2] for b in range(len(x0))]
+                return tuple(np.stack([r[k] for r in runs]).astype(np.float32) for k in range(2))
+
+            return jax.pure_callback(host, tuple(shapes), x0, x1, w, off, vmap_method="broadcast_all")
+
+        return call
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    rng = np.random.default_rng(3)
+    xs = [jnp.asarray(rng.standard_normal((1,) + spec.in_shape(a, spatial)), jnp.float32) for a in range(2)]
+    ws = [jnp.asarray(rng.standard_normal((16, 2, p.basis.n_filters)), jnp.float32) for p in spec.pairs]
+
+    cots = [jnp.asarray(rng.standard_normal((1, o) + spatial + (3,) * k), jnp.float32) for k, _, o in spec.out_keys]
+
+    def loss(backend, precision=None):  # linear in the outputs: dW does not see the forward's tf32
+        def f(ws):
+            outs = jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend=backend, precision=precision))(xs)
+            return sum(jnp.vdot(o, c) for o, c in zip(outs, cots)), outs
+        return jax.value_and_grad(f, has_aux=True)(ws)
+
+    (_, got), grads = loss("triton")
+    assert ("fwd", 16, 16, 16) in launched and ("dw", 16, 16) in launched, launched
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = loss("reference", "fp32")
+    assert [o.shape for o in got] == [w.shape for w in want]
+    assert max(rel_l2(o, w) for o, w in zip(got, want)) <= kernels.TOLERANCE["tf32"]
+    # the emulation sums exactly where the kernel truncates to tf32, and the entry point scales
+    # the truncation's mean error out (TRUNCATION_SCALE): scaled back, the gradients are exact
+    from kernels.cuda.weight_gradient import TRUNCATION_SCALE
+
+    errors = gradient_errors([g / TRUNCATION_SCALE for g in grads], want_grads, element_scale=1.0)
+    assert max(errors) <= 1e-5, errors
