@@ -133,6 +133,12 @@ def test_the_installed_step_uses_the_cache_where_the_variable_says(monkeypatch, 
     assert _compile_cache.cache_dir() == home / "ginjax" / "triton"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert _compile_cache.cache_dir() == pathlib.Path("~/.cache/ginjax/triton").expanduser()
+
+    def homeless(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(pathlib.Path, "expanduser", homeless)  # a container without HOME: no cache
+    assert _compile_cache.cache_dir() is None
     _compile.install_backend_step(types.SimpleNamespace(), ("v",))  # a jax-triton without that step
 
 

@@ -35,9 +35,14 @@ CACHE_ENV = "GINJAX_TRITON_CACHE_DIR"
 OFF = ("off", "0", "none")  # GINJAX_TRITON_CACHE_DIR values that turn the cache off
 
 
-def default_dir() -> pathlib.Path:
+def default_dir() -> Optional[pathlib.Path]:
+    """$XDG_CACHE_HOME/ginjax/triton, else ~/.cache/ginjax/triton; None where there is no home
+    directory to put it in (a container without HOME): then no cache, rather than a failed compile."""
     base = os.environ.get("XDG_CACHE_HOME", "")
-    return (pathlib.Path(base) if base else pathlib.Path("~/.cache").expanduser()) / "ginjax" / "triton"
+    try:
+        return (pathlib.Path(base) if base else pathlib.Path("~/.cache").expanduser()) / "ginjax" / "triton"
+    except RuntimeError:  # expanduser: "Could not determine home directory"
+        return None
 
 
 def cache_dir() -> Optional[pathlib.Path]:
@@ -46,7 +51,12 @@ def cache_dir() -> Optional[pathlib.Path]:
     value = os.environ.get(CACHE_ENV, "").strip()
     if value.lower() in OFF:
         return None
-    return pathlib.Path(value).expanduser() if value else default_dir()
+    if not value:
+        return default_dir()
+    try:
+        return pathlib.Path(value).expanduser()
+    except RuntimeError:  # "~/..." with no home directory: the path as given
+        return pathlib.Path(value)
 
 
 def cache_key(ttir: str, options, compute_capability, platform: str, versions: tuple) -> str:
