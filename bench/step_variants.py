@@ -27,6 +27,7 @@ import pathlib
 import statistics
 import time
 
+
 class Computed:
     """A patch's value computed when its variant is applied (the module it reads is imported then)."""
 
