@@ -6,7 +6,10 @@ compile-check stage check them there."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -241,11 +244,6 @@ print("done", flush=True)
 def test_a_process_exits_without_compiling_what_it_only_traced():
     """Eight 1 s compiles queued on 2 threads would hold the exit for 4 s; the queued ones are
     dropped at exit, and only the two running finish (~1 s)."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     root = pathlib.Path(__file__).parent.parent
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _QUEUED_AT_EXIT], cwd=root, capture_output=True, text=True,
@@ -299,11 +297,6 @@ def test_a_layers_kernels_have_the_same_name_and_source_in_every_process():
     ConvContract kernel missed the cache a second process should have hit (H100, session 34:
     24.2 s of Triton compiles left in the warm run). Two processes with different hash seeds
     generate the same names and sources."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     root = pathlib.Path(__file__).parent.parent
     outputs = []
     for seed in ("1", "2"):
