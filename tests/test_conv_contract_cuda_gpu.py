@@ -268,6 +268,22 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
     assert not joins, joins
 
 
+@pytest.mark.parametrize("channels, spatial", [((2, 16), (4, 6, 32)), ((16, 1), (3, 5, 64))], ids=["first", "last"])
+def test_thin_layers_with_zero_channels_all_three_directions(monkeypatch, channels, spatial):
+    """GINJAX_CUDA_PAD_CHANNELS=1: a model's first (2 + 2 -> 16 + 16) and last (16 + 16 -> 1 + 1)
+    layers run their forward, input gradient and weight gradient on the CUDA kernels with zero
+    channels added (kernels/triton/_cuda_padding.py); value and gradients (inputs, weights,
+    biases) against `reference` at tf32, every gradient finite, and no Triton kernel left in the
+    step but the offsets' sums."""
+    from kernels.triton import _cuda_padding
+
+    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
+    monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "1")
+    spec = _cases.with_channels(SPEC, *channels)
+    _cuda_step_against_reference(spec, spatial, 2, seed=61, forwards=2, weight_grads=1, finite=True)
+
+
 @pytest.mark.parametrize("means", ["xla", "triton"])
 def test_layer_bias_in_the_forward_epilogue_per_example(monkeypatch, means):
     """The layer's bias through the public API (scalar "add", vector "mean": offsets from each
