@@ -143,11 +143,11 @@ def describe(spec: ConvSpec, spatial) -> str:
             on_cuda.append(f"{what} (as {split[1]} launches of {_entry.OUTPUT_GROUP} output channels per key)")
             launch = split[0]
         elif (_cuda_padding.enabled() and (padded := _cuda_padding.padded_layer(spec)) is not None
-              and layer_covered(padded)):
+              and (layer_covered(padded) or _entry.output_split(padded, layer_covered) is not None)):
             ins = "+".join(str(c) for _, _, c in padded.in_keys)
             outs = "+".join(str(o) for _, _, o in padded.out_keys)
             on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
-            launch = padded
+            launch = padded if layer_covered(padded) else _entry.output_split(padded, layer_covered)[0]
         else:
             on_triton.append(what)
             continue
