@@ -1,13 +1,14 @@
 """A model's first and last ConvContract (the thin layers: 2 + 2 -> 16 + 16 and 16 + 16 -> 1 + 1
 channels, the standard 3x3x3 bases on a torus) on each way to run them, in one process: `dense`
-in two stages (kernels/_thin.py), `dense` as one convolution (GINJAX_DENSE_THIN=0) and `triton`.
+in two stages (kernels/_thin.py, GINJAX_DENSE_THIN=1), `dense` as one convolution, `triton` and
+`triton` with the CUDA kernels on zero channels (GINJAX_CUDA_PAD_CHANNELS=1).
 Per layer and mode (fwd; fwd_bwd: value_and_grad in the inputs and the weights; dw: in the
 weights only, as a first layer runs in a model, whose input is data): the error of the forward
 against `reference` (float32 'highest'), the time (bench/_timing.py's loop) and the temp bytes.
 Rows to OUT/thin_spike.json after every stage (bench/_spike.py's guard: a failure is recorded,
 the next stage runs).
 
-    python -m bench.thin_spike OUT_DIR [--spatial 64] [--batch 4] [--variants dense-thin,dense-one-conv,triton]
+    python -m bench.thin_spike OUT_DIR [--spatial 64] [--batch 4] [--variants dense-thin,dense-one-conv,triton,cuda-padded]
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ import kernels
 from bench import _cases, _configs, _timing
 from bench._spike import TIMING, rel_l2, run_stage
 from kernels import _thin
+from kernels.triton import _cuda_padding
 
 LAYERS = {"first": (2, 16), "last": (16, 1)}  # channels per key in, out
-VARIANTS = {"dense-thin": ("dense", "1"), "dense-one-conv": ("dense", "0"), "triton": ("triton", None)}
+# variant -> (backend, the switches it sets while its layers are traced)
+VARIANTS = {
+    "dense-thin": ("dense", {_thin.THIN_ENV: "1"}),
+    "dense-one-conv": ("dense", {_thin.THIN_ENV: "0"}),
+    "triton": ("triton", {_cuda_padding.PAD_CHANNELS_ENV: "0"}),
+    # the CUDA kernels with zero channels where they are built and run (else Triton's again)
+    "cuda-padded": ("triton", {_cuda_padding.PAD_CHANNELS_ENV: "1"}),
+}
 MODES = ("fwd", "fwd_bwd", "dw")
 
 
@@ -65,7 +74,8 @@ def main(argv=None) -> int:
     spatial = (args.spatial,) * 3
     rows: dict = {"spatial": spatial, "batch": args.batch, "jax": jax.__version__, "device": str(jax.devices()[0]),
                   "stages": {}}
-    saved = os.environ.get(_thin.THIN_ENV)
+    switches = {k for _, env in VARIANTS.values() for k in env}
+    saved = {k: os.environ.get(k) for k in switches}
     try:
         for layer, (cin, cout) in LAYERS.items():
             spec = thin_layer(cin, cout)
@@ -73,18 +83,18 @@ def main(argv=None) -> int:
             with jax.default_matmul_precision("highest"):
                 ref = jax.jit(functions(spec, "reference")["fwd"])(xs, ws, cots)
             for variant in variants:
-                backend, thin = VARIANTS[variant]
-                if thin is not None:
-                    os.environ[_thin.THIN_ENV] = thin  # read when the layer is traced
+                backend, env = VARIANTS[variant]
+                os.environ.update(env)  # read when the layer is traced
                 for mode in modes:
                     run_stage(rows["stages"], f"{layer}/{variant}/{mode}",
                               lambda: _run(spec, backend, mode, (xs, ws, cots), ref), shown=600)
                     path.write_text(json.dumps(rows, indent=1))
     finally:
-        if saved is None:
-            os.environ.pop(_thin.THIN_ENV, None)
-        else:
-            os.environ[_thin.THIN_ENV] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return 0 if all(r["ok"] for r in rows["stages"].values()) else 1
 
 
@@ -92,8 +102,11 @@ def _run(spec, backend, mode, args, ref) -> dict:
     fn = functions(spec, backend)[mode]
     compiled = _timing.compile_for(fn, args)
     out = jax.block_until_ready(compiled(*args))
-    row = {"form": (_thin.thin_form(spec) or "one convolution") if backend == "dense" else backend,
-           **_timing.memory_of(compiled)}
+    if backend == "dense":
+        form = _thin.thin_form(spec) or "one convolution"
+    else:  # what kernels.explain says runs it (the CUDA kernels with zero channels, or Triton's)
+        form = kernels.explain(spec, tuple(args[0][0].shape[2 : 2 + spec.D]), backend=backend).reason
+    row = {"form": form, **_timing.memory_of(compiled)}
     if mode == "fwd":
         row["rel_l2"] = rel_l2(out, ref)
     timing = _timing.time_compiled(compiled, args, **TIMING)

@@ -20,6 +20,7 @@ import kernels
 from bench import _cases, _configs
 from conftest import gradient_errors, rel_l2
 from kernels import _thin
+from kernels.triton import _cuda_padding
 from kernels.dense import describe_dense
 
 SPEC3 = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
@@ -157,6 +158,7 @@ def test_the_thin_spike_times_each_way_and_restores_the_switch(tmp_path, monkeyp
     from bench import thin_spike
 
     monkeypatch.setenv(_thin.THIN_ENV, "1")
+    monkeypatch.delenv(_cuda_padding.PAD_CHANNELS_ENV, raising=False)
     with jax.default_matmul_precision("highest"):
         rc = thin_spike.main([str(tmp_path), "--spatial", "5", "--batch", "1", "--variants", "dense-thin,dense-one-conv",
                               "--modes", "fwd,dw"])
@@ -166,7 +168,17 @@ def test_the_thin_spike_times_each_way_and_restores_the_switch(tmp_path, monkeyp
     assert rows["first/dense-one-conv/fwd"]["form"] == "one convolution"
     assert max(r["rel_l2"] for name, r in rows.items() if name.endswith("/fwd")) <= kernels.TOLERANCE["fp32"]
     assert all(r["ms"] > 0 for r in rows.values())
-    assert os.environ[_thin.THIN_ENV] == "1"
+    assert os.environ[_thin.THIN_ENV] == "1" and _cuda_padding.PAD_CHANNELS_ENV not in os.environ
+    # the padded variant: no CUDA kernels here, so `explain` names none (Triton's interpreter ran it)
+    with jax.default_matmul_precision("highest"):
+        rc = thin_spike.main([str(tmp_path), "--spatial", "5", "--batch", "1", "--variants", "cuda-padded",
+                              "--modes", "fwd"])
+    rows = json.loads((tmp_path / "thin_spike.json").read_text())["stages"]
+    assert rc == 0 and sorted(rows) == ["first/cuda-padded/fwd", "last/cuda-padded/fwd"]
+    assert "covers this configuration" in rows["first/cuda-padded/fwd"]["form"]
+    assert "CUDA" not in rows["first/cuda-padded/fwd"]["form"]
+    assert max(r["rel_l2"] for r in rows.values()) <= kernels.TOLERANCE["fp32"]
+    assert _cuda_padding.PAD_CHANNELS_ENV not in os.environ
     with pytest.raises(SystemExit):
         thin_spike.main([str(tmp_path), "--variants", "cudnn"])
     assert "--variants (='cudnn') must be a comma-separated subset" in capsys.readouterr().err
