@@ -96,7 +96,9 @@ def conv_configs(fn: Callable, *args: Any, batch: int, source: str = "step") -> 
     """The distinct ConvContract configurations of `fn(*args)`, in first-use order."""
     if batch < 1:
         raise ValueError(f"`batch` (={batch}) must be >= 1")
-    with recording() as calls:
+    from kernels.triton._compile import no_prefetch
+
+    with recording() as calls, no_prefetch():  # traced only: no kernel compiles in the background
         # a fresh function: eval_shape caches traces by function, and a cached one calls nothing
         jax.eval_shape(lambda *a: fn(*a), *args)
     uses: dict[str, LayerUse] = {}

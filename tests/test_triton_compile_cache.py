@@ -227,6 +227,46 @@ def test_prefetched_kernels_compile_side_by_side_once_each(monkeypatch):
     _compile.forget()
 
 
+def test_no_prefetch_holds_the_compiles_of_a_trace_that_is_never_lowered(monkeypatch):
+    """Inside `no_prefetch` (bench/model_layers.py's eval_shape of a step) a traced kernel starts
+    no compile; after it, and on another thread meanwhile, it does; nested blocks keep it off."""
+    monkeypatch.setenv(_compile.THREADS_ENV, "2")
+    monkeypatch.setattr(_compile, "_pool", None)
+    _compile.forget()
+    started = []
+    monkeypatch.setattr(_compile, "_compile", lambda plan, types_: started.append(plan) or (plan, []))
+    with _compile.no_prefetch():
+        with _compile.no_prefetch():
+            _compile.prefetch("inner", ("*fp32",))
+        _compile.prefetch("outer", ("*fp32",))
+        elsewhere = threading.Thread(target=_compile.prefetch, args=("other thread", ("*fp32",)))
+        elsewhere.start()
+        elsewhere.join()
+    _compile.prefetch("after", ("*fp32",))
+    assert _compile.compiled_kernel("after", ("*fp32",)) == ("after", [])
+    assert _compile.compiled_kernel("other thread", ("*fp32",)) == ("other thread", [])
+    assert sorted(started) == ["after", "other thread"]
+    _compile.forget()
+
+
+def test_listing_a_steps_layers_starts_no_compiles(monkeypatch):
+    """bench/model_layers.conv_configs traces the step inside `no_prefetch`."""
+    from bench import model_layers
+
+    entered = []
+    original = _compile.no_prefetch
+
+    def recording():
+        entered.append(True)
+        return original()
+
+    monkeypatch.setattr(_compile, "no_prefetch", recording)
+    import jax.numpy as jnp
+
+    assert model_layers.conv_configs(lambda x: x * 2, jnp.ones(3), batch=1) == []
+    assert entered == [True]
+
+
 _QUEUED_AT_EXIT = """
 import time
 from kernels.triton import _compile

@@ -17,6 +17,7 @@ PTX step runs in parallel. GINJAX_TRITON_COMPILE_THREADS=1 compiles each kernel 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -56,10 +57,24 @@ def compile_log() -> list[tuple[str, float]]:
     return list(_log)
 
 
+@contextlib.contextmanager
+def no_prefetch():
+    """Within the block (this thread), traced kernels start no compiles: for traces that are never
+    lowered (`jax.eval_shape` of a step to list its layers, bench/model_layers.py), whose kernels
+    would otherwise compile in the background for nothing."""
+    depth = getattr(_local, "no_prefetch", 0)
+    _local.no_prefetch = depth + 1
+    try:
+        yield
+    finally:
+        _local.no_prefetch = depth
+
+
 def prefetch(plan: KernelPlan, arg_types: tuple[str, ...]) -> None:
-    """Start compiling `plan` for `arg_types` on a worker thread (with more than one thread)."""
+    """Start compiling `plan` for `arg_types` on a worker thread (with more than one thread,
+    outside `no_prefetch`)."""
     threads = compile_threads()
-    if threads <= 1:
+    if threads <= 1 or getattr(_local, "no_prefetch", 0):
         return
     global _pool
     with _lock:
