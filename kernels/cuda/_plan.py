@@ -30,6 +30,7 @@ INCLUDE = pathlib.Path(__file__).with_name("stencil_d3.inc")
 SEG = 16  # output pixels (x) per warp: one m16 row block of the mma
 CHUNK = 8  # input channels per mma k-step
 CHANNELS_PER_ROUND = 2 * CHUNK  # a chunk per warp half: a block's (and a channel group's) multiple
+OUT_CHANNELS = (8, 16)  # output channels per key the kernels are compiled for (one or two n-tiles)
 NX_COVERED = (16, 32, 48, 64)  # x extents the kernel is compiled for (a segment of 16 per warp)
 # rhs_dilations the forward is compiled for (the same on every axis): a lane's two pixels x, x + d
 # keep the walk's four reads per row (x - d .. x + 2d) within a segment of 16 for d | 8
@@ -149,7 +150,7 @@ def layer_coverage(spec: ConvSpec, spatial, dtype=None, smem=None, smem_hint=Non
     o0, o1 = (o for _, _, o in spec.out_keys)
     if c0 % CHANNELS_PER_ROUND or c1 % CHANNELS_PER_ROUND:
         return False, f"input channels (={c0}, {c1}) must be multiples of {CHANNELS_PER_ROUND} (a chunk per warp half)"
-    if o0 != o1 or o0 not in (8, 16):
+    if o0 != o1 or o0 not in OUT_CHANNELS:
         return False, f"output channels (={o0}, {o1}) must be equal and 8 or 16"
     if spatial is not None:
         nx = int(tuple(spatial)[2])

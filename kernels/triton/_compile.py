@@ -32,7 +32,7 @@ _log: list[tuple[str, float]] = []  # (kernel name, seconds) of every compile, i
 _futures: dict[tuple, concurrent.futures.Future] = {}  # (plan, argument types) -> its compile
 _lock = threading.Lock()  # _futures, the pool and the hook's installation
 _frontend = threading.Lock()  # the Python front end, one thread at a time
-_local = threading.local()  # whether this thread holds _frontend
+_local = threading.local()  # per thread: whether it holds _frontend, its `no_prefetch` depth
 _pool = None
 
 

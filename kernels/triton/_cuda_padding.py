@@ -26,8 +26,6 @@ from .._env import env_choice
 from .._spec import ConvSpec
 
 PAD_CHANNELS_ENV = "GINJAX_CUDA_PAD_CHANNELS"
-IN_MULTIPLE = 16  # the CUDA kernels' input channels: a chunk of 8 per warp half (CHANNELS_PER_ROUND)
-OUT_SIZES = (8, 16)  # the output channels per key they are compiled for
 
 
 def enabled() -> bool:
@@ -37,12 +35,15 @@ def enabled() -> bool:
 
 
 def padded_layer(spec: ConvSpec) -> Optional[ConvSpec]:
-    """`spec` with every input key's channels raised to the same multiple of IN_MULTIPLE and, where
-    the outputs have at most 16 channels per key, every output key's to the next of OUT_SIZES;
-    None where that changes nothing (the layer is as covered as it gets without padding)."""
-    c = -(-max(ch for _, _, ch in spec.in_keys) // IN_MULTIPLE) * IN_MULTIPLE
+    """`spec` with every input key's channels raised to the same multiple of the CUDA kernels'
+    CHANNELS_PER_ROUND and, where the outputs have at most 16 channels per key, every output key's
+    to the next of their OUT_CHANNELS (kernels/cuda/_plan.py); None where that changes nothing
+    (the layer is as covered as it gets without padding)."""
+    from ..cuda._plan import CHANNELS_PER_ROUND, OUT_CHANNELS
+
+    c = -(-max(ch for _, _, ch in spec.in_keys) // CHANNELS_PER_ROUND) * CHANNELS_PER_ROUND
     widest = max(o for _, _, o in spec.out_keys)
-    o = next((n for n in OUT_SIZES if widest <= n), None)
+    o = next((n for n in OUT_CHANNELS if widest <= n), None)
     out_keys = spec.out_keys if o is None else tuple((k, p, o) for k, p, _ in spec.out_keys)
     padded = dataclasses.replace(spec, in_keys=tuple((k, p, c) for k, p, _ in spec.in_keys), out_keys=out_keys)
     return None if padded == spec else padded
