@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import pathlib
 import statistics
 import time
@@ -182,23 +181,19 @@ def variant(name: str):
     env, patches = VARIANTS.get(name, ({}, ()))
     if name.startswith(TABLE_PREFIX):
         patches = (("kernels._measured", "load", _table_loader(pathlib.Path(name[len(TABLE_PREFIX):]))),)
-    saved_env = {k: os.environ.get(k) for k in env}
+    from kernels._env import environment
+
     saved = []
-    try:
-        os.environ.update(env)
-        for module, attr, value in patches:
-            mod = importlib.import_module(module)
-            saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, value.make() if isinstance(value, Computed) else value)
-        yield
-    finally:
-        for mod, attr, value in reversed(saved):
-            setattr(mod, attr, value)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(env):
+        try:
+            for module, attr, value in patches:
+                mod = importlib.import_module(module)
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, value.make() if isinstance(value, Computed) else value)
+            yield
+        finally:
+            for mod, attr, value in reversed(saved):
+                setattr(mod, attr, value)
 
 
 def measure(config: str, names, alternations: int, max_time: float) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 
 import jax
@@ -25,6 +24,7 @@ import kernels
 from bench import _cases, _configs, _timing
 from bench._spike import TIMING, rel_l2, run_stage
 from kernels import _thin
+from kernels._env import environment
 from kernels.triton import _cuda_padding
 
 LAYERS = {"first": (2, 16), "last": (16, 1)}  # channels per key in, out
@@ -74,27 +74,18 @@ def main(argv=None) -> int:
     spatial = (args.spatial,) * 3
     rows: dict = {"spatial": spatial, "batch": args.batch, "jax": jax.__version__, "device": str(jax.devices()[0]),
                   "stages": {}}
-    switches = {k for _, env in VARIANTS.values() for k in env}
-    saved = {k: os.environ.get(k) for k in switches}
-    try:
-        for layer, (cin, cout) in LAYERS.items():
-            spec = thin_layer(cin, cout)
-            xs, ws, cots = _cases.spec_operands(spec, spatial, args.batch, seed=1)
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(functions(spec, "reference")["fwd"])(xs, ws, cots)
-            for variant in variants:
-                backend, env = VARIANTS[variant]
-                os.environ.update(env)  # read when the layer is traced
+    for layer, (cin, cout) in LAYERS.items():
+        spec = thin_layer(cin, cout)
+        xs, ws, cots = _cases.spec_operands(spec, spatial, args.batch, seed=1)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(functions(spec, "reference")["fwd"])(xs, ws, cots)
+        for variant in variants:
+            backend, env = VARIANTS[variant]
+            with environment(env):  # read when the layer is traced
                 for mode in modes:
                     run_stage(rows["stages"], f"{layer}/{variant}/{mode}",
                               lambda: _run(spec, backend, mode, (xs, ws, cots), ref), shown=600)
                     path.write_text(json.dumps(rows, indent=1))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return 0 if all(r["ok"] for r in rows["stages"].values()) else 1
 
 

@@ -22,12 +22,12 @@ fwd_bwd of the kernels at the other tilings given as PIXELS/WARPS/BWD_PIXELS/BWD
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 
 from bench._spike import Spike
+from kernels._env import environment
 
 EPS = 1e-5
 
@@ -111,15 +111,8 @@ def main(argv=None) -> int:
 def _with_env(name: str, value: str, run):
     """`run` (a stage) with os.environ[name] = value while it traces and times, then as before."""
     def stage():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with environment({name: value}):
             return run()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
     return stage
 
 

@@ -1,7 +1,9 @@
-"""Environment switches: one reader, one error for a value it does not know."""
+"""Environment switches: one reader, one error for a value it does not know; and a block that
+sets some for its duration (benchmarks' A/Bs, which read them as calls are traced)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -14,3 +16,19 @@ def env_choice(env: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ValueError(f"`{env}` (={value!r}) must be one of {choices}")
     return value
+
+
+@contextlib.contextmanager
+def environment(values: dict):
+    """Within the block, os.environ holds `values` (name -> str); after it (also on error) each
+    name is as it was, unset where it was unset."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

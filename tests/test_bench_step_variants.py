@@ -203,3 +203,18 @@ def test_table_variant_ranks_from_the_given_table(tmp_path):
     with pytest.raises(ValueError, match="names no table file"):
         with step_variants.variant(f"table={tmp_path / 'missing.json'}"):
             pass
+
+
+def test_environment_sets_its_values_and_restores_each_name(monkeypatch):
+    """kernels._env.environment, which the variants and the spikes set their switches with: set
+    within the block, then as before (a set name back to its value, an unset one unset), also
+    when the block raises."""
+    from kernels._env import environment
+
+    monkeypatch.setenv("GINJAX_TEST_A", "before")
+    monkeypatch.delenv("GINJAX_TEST_B", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with environment({"GINJAX_TEST_A": "1", "GINJAX_TEST_B": "2"}):
+            assert os.environ["GINJAX_TEST_A"] == "1" and os.environ["GINJAX_TEST_B"] == "2"
+            raise RuntimeError("inside")
+    assert os.environ["GINJAX_TEST_A"] == "before" and "GINJAX_TEST_B" not in os.environ
