@@ -48,7 +48,8 @@
 #   compile-check  the compile switches (kernels/triton/_compile.py): COMPILE_CHECK_CONFIG's step
 #            (default resnet_d3_n64_b4, auto; COMPILE_CHECK_MODES, default step) compiled and timed in four fresh processes: plain
 #            (one thread, no disk cache), 16 threads without the cache, and twice with the defaults on a new
-#            GINJAX_TRITON_CACHE_DIR (cold, then warm);
+#            GINJAX_TRITON_CACHE_DIR (cold, then warm); COMPILE_CHECK_RUNS picks some of them
+#            ("cache-cold cache-warm", say);
 #            each run's limit T_COMPILE_CHECK (default 150 s); their compile split and step times
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
@@ -175,7 +176,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       done ;;
     compile-check)  # the compile switches, each in a fresh process (a process compiles a kernel once)
       rc=0
-      for run in plain threads cache-cold cache-warm; do
+      for run in ${COMPILE_CHECK_RUNS:-plain threads cache-cold cache-warm}; do
         case "$run" in
           plain) switch="GINJAX_TRITON_COMPILE_THREADS=1 GINJAX_TRITON_CACHE_DIR=off" ;;
           threads) switch="GINJAX_TRITON_COMPILE_THREADS=16 GINJAX_TRITON_CACHE_DIR=off" ;;
