@@ -68,8 +68,9 @@ VARIANTS: dict[str, tuple[dict, tuple]] = {
     # thin layers on `dense` in two stages instead of one convolution (kernels/_thin.py, session 26;
     # off by default since session 34)
     "thin-two-stages": ({"GINJAX_DENSE_THIN": "1"}, ()),
-    # the thin first and last layers on the CUDA kernels with zero channels (kernels/triton/_cuda_padding.py)
-    "cuda-pad-channels": ({"GINJAX_CUDA_PAD_CHANNELS": "1"}, ()),
+    # the thin first and last layers on Triton's kernels instead of the CUDA kernels with zero
+    # channels (kernels/triton/_cuda_padding.py; the default since session 35)
+    "thin-on-triton": ({"GINJAX_CUDA_PAD_CHANNELS": "0"}, ()),
     # Triton's VectorNeuron backward of 32-channel blocks (the UNet's second level) at its tiling
     # before session 34
     "vn-c32-tiling-before": ({}, (("kernels.triton._vn_kernel", "_DEFAULT_TILING", Computed(_vn_tiling_c32_before)),)),

@@ -270,7 +270,7 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
 
 @pytest.mark.parametrize("channels, spatial", [((2, 16), (4, 6, 32)), ((16, 1), (3, 5, 64))], ids=["first", "last"])
 def test_thin_layers_with_zero_channels_all_three_directions(monkeypatch, channels, spatial):
-    """GINJAX_CUDA_PAD_CHANNELS=1: a model's first (2 + 2 -> 16 + 16) and last (16 + 16 -> 1 + 1)
+    """GINJAX_CUDA_PAD_CHANNELS=1 (the default): a model's first (2 + 2 -> 16 + 16) and last (16 + 16 -> 1 + 1)
     layers run their forward, input gradient and weight gradient on the CUDA kernels with zero
     channels added (kernels/triton/_cuda_padding.py); value and gradients (inputs, weights,
     biases) against `reference` at tf32, every gradient finite, and no Triton kernel left in the

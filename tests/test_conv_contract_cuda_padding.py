@@ -1,5 +1,5 @@
 """Thin layers on the CUDA kernels with zero channels (kernels/triton/_cuda_padding.py,
-GINJAX_CUDA_PAD_CHANNELS=1) on a CPU: the padded layer each direction asks the CUDA calls for,
+GINJAX_CUDA_PAD_CHANNELS=1, the default) on a CPU: the padded layer each direction asks the CUDA calls for,
 and values and gradients (inputs, weights, bias offsets) equal to `reference`. The CUDA calls are
 stand-ins (`dense` with a record of the layers asked for), covering what the compiled kernels
 cover: input channels in multiples of 16, 8 or 16 output channels a key, the forward layer's
@@ -126,7 +126,7 @@ def test_thin_layers_run_padded_on_the_cuda_calls_with_reference_gradients(cin, 
     spec = thin(cin, cout)
     xs, ws, offsets = _operands(spec, seed=cin + cout)
     asked = _stand_ins(monkeypatch)
-    monkeypatch.delenv(_cuda_padding.PAD_CHANNELS_ENV, raising=False)  # off by default: Triton's kernels
+    monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "0")  # off: Triton's kernels
     jax.eval_shape(lambda *a: _value_and_grads(spec, "triton", *a), xs, ws, offsets)  # traced, not run
     assert asked == {"forward": [], "weight_gradient": []}
     monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "1")
@@ -156,7 +156,7 @@ def test_explain_names_the_padded_layer(monkeypatch):
     _stand_ins(monkeypatch)
     monkeypatch.setattr(triton_entry, "cuda_forward_covers", cuda.coverage)
     monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", cuda.weight_gradient_coverage)
-    monkeypatch.delenv(_cuda_padding.PAD_CHANNELS_ENV, raising=False)
+    monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "0")
     assert "CUDA" not in kernels.explain(thin(2, 16), (64, 64, 64), backend="triton").reason
     monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "1")
     reason = kernels.explain(thin(2, 16), (64, 64, 64), backend="triton").reason

@@ -302,8 +302,8 @@ def _cuda_forward_plan(spec, mode, poison, inputs, like=None):
 def _cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
     (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None, fp32),
-    else the first whose `output_split` it takes, as (layer, move, split, fp32), else (with
-    GINJAX_CUDA_PAD_CHANNELS=1) the same for each one's `_cuda_padding.padded_layer` in turn, the
+    else the first whose `output_split` it takes, as (layer, move, split, fp32), else (unless
+    GINJAX_CUDA_PAD_CHANNELS=0) the same for each one's `_cuda_padding.padded_layer` in turn, the
     returned layer then wider than the call's (the callers pad and crop); None where the call
     is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: they
     compute TF32, which also serves bf16 calls where GINJAX_CUDA_BF16 allows (more precise than
