@@ -47,10 +47,11 @@ grid's fill), while HBM bandwidth differs (3.35 against 4.8 TB/s). A close call 
 way, but the other choice is far worse: with no table, the backends' priorities decide. On an H100
 the UNet d3_n64_b4 step then ran its 16^3 layers (64 + 64 channels) on the CUDA kernels, 13.5 ms
 of a 44.9 ms step (bench/NOTES.md, session 32), where the H200's table keeps them on dense.
-No table of the device or of its capability: {} and the priorities decide. A device's own table,
-once committed, replaces the stand-in whole, so its first `measure-auto` should cover every
-configuration the steps run (the default `--configs auto-models`), not a `--row-lengths` or
-`--thin-only` part of them.
+No table of the device or of its capability: {} and the priorities decide. A device's own table
+goes over the stand-in row by row (`device_table`): its `exact` and `configs` rows replace the
+stand-in's of the same signature or name, and the stand-in's other rows stay, so a device can
+measure the configurations where the stand-in is missing or wrong (the H100's 2D rows) without
+re-measuring the rest. The similar-configuration rule (2) then draws on both devices' rows.
 """
 
 from __future__ import annotations
@@ -151,14 +152,36 @@ def table_kind(device_kind: str, capability: str = "") -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def kinds_by_capability() -> dict[str, str]:
-    """Compute capability -> the device kind of the committed table recorded with it (the first by
-    file name where several are)."""
-    kinds: dict[str, str] = {}
+    """Compute capability -> the device kind of the committed table recorded with it: where
+    several are, the one with the most `exact` rows (then the first by file name), so a table
+    that measured a few rows over a stand-in does not become the stand-in of its capability."""
+    best: dict[str, tuple[int, str]] = {}
     for path in sorted(_DIR.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("compute_capability") and data.get("device_kind"):
-            kinds.setdefault(str(data["compute_capability"]), data["device_kind"])
-    return kinds
+            cap, rows = str(data["compute_capability"]), len(data.get("exact") or {})
+            if cap not in best or rows > best[cap][0]:
+                best[cap] = (rows, data["device_kind"])
+    return {cap: kind for cap, (_, kind) in best.items()}
+
+
+def device_table(device_kind: str, capability: str = "") -> tuple[str, Optional[dict], str]:
+    """(the device kind to name, the table `auto` ranks by on `device_kind`, a note where it is
+    not the device's own alone): the device's own rows over those of the table of its compute
+    capability (module doc); either alone where the other is missing; None where both are."""
+    kind, note = table_kind(device_kind, capability)
+    if kind != device_kind:
+        return kind, load(kind), note
+    own = load(device_kind)
+    other_kind = kinds_by_capability().get(capability) if capability else None
+    other = load(other_kind) if other_kind and other_kind != device_kind else None
+    if own is None or other is None:
+        return device_kind, own, ""
+    merged = {**other, **own,
+              "exact": {**(other.get("exact") or {}), **(own.get("exact") or {})},
+              "configs": {**(other.get("configs") or {}), **(own.get("configs") or {})}}
+    return device_kind, merged, (f"{device_kind}'s own rows, and where it has none the {other_kind}'s, "
+                                 f"of the same compute capability {capability}")
 
 
 def table_for(device_kind: str) -> Optional[dict]:

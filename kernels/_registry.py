@@ -215,12 +215,12 @@ def _choose(spec: ConvSpec, spatial: tuple, dtype, backend: Optional[str], batch
             return Choice(name, name, source, "requested, and it covers this configuration")
         return Choice(FALLBACK, name, source, f"{name!r} does not cover this configuration ({why}); using {FALLBACK!r}")
     plat = platform()
-    # "cpu" on a CPU (kernels/measured/cpu.json); a GPU without a table of its own takes one of
-    # the same compute capability (_measured.table_kind)
-    kind, stand_in = _measured.table_kind(device_kind(), device_capability())
+    # "cpu" on a CPU (kernels/measured/cpu.json); a GPU's own rows go over those of the table of
+    # its compute capability (_measured.device_table)
+    kind, table, stand_in = _measured.device_table(device_kind(), device_capability())
     dtype_name = str(jax.numpy.dtype(dtype)) if dtype is not None else None
-    measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch) if kind else ({}, "")
-    untabled = plat == "gpu" and (not kind or _measured.load(kind) is None)
+    measured, rule = _measured.ranking(kind, spec, spatial, dtype_name, batch=batch, table=table) if table else ({}, "")
+    untabled = plat == "gpu" and table is None
     checked: dict[str, tuple[bool, str]] = {}
 
     def runs(b: Backend) -> tuple[bool, str]:

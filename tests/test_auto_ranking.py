@@ -4,6 +4,8 @@ was measured faster than dense, the conservative rule for configurations not mea
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -436,3 +438,46 @@ def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch
     monkeypatch.setitem(_registry._BACKENDS, "triton", dataclasses.replace(
         _registry._BACKENDS["triton"], availability=lambda: (True, "")))
     assert "caveat" not in kernels.explain(k2, N64).reason
+
+
+def test_a_gpu_table_goes_over_the_one_of_its_compute_capability_row_by_row(monkeypatch):
+    """A GPU with a few rows of its own (an H100's 2D layers) ranks those by its own numbers and
+    every other configuration by the table of its compute capability, and says so; the stand-in
+    stays the table with the most rows."""
+    spec, other = _spec(), _spec(8)
+    mine = {**_table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}})), "device_kind": "Sibling GPU",
+            "compute_capability": "9.9"}
+    theirs = {**_table((spec, N64, {1: {"dense": 1.0, "fast-fused": 3.0}}),
+                       (other, N64, {1: {"dense": 4.0, "fast-fused": 1.0}})), "compute_capability": "9.9"}
+    tables = {"Test GPU": theirs, "Sibling GPU": mine}
+    _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Sibling GPU", mine)
+    monkeypatch.setattr(_measured, "load", tables.get)
+    monkeypatch.setattr(_measured, "kinds_by_capability", lambda: {"9.9": "Test GPU"})
+    monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
+
+    kind, table, note = _measured.device_table("Sibling GPU", "9.9")
+    assert kind == "Sibling GPU" and set(table["exact"]) == set(theirs["exact"])
+    assert table["exact"][_measured.signature(spec, N64)] == mine["exact"][_measured.signature(spec, N64)]
+    assert note == "Sibling GPU's own rows, and where it has none the Test GPU's, of the same compute capability 9.9"
+    own = kernels.explain(spec, N64)
+    assert own.backend == "fast-fused" and "fastest measured on Sibling GPU" in own.reason, own.reason
+    from_stand_in = kernels.explain(other, N64)
+    assert from_stand_in.backend == "fast-fused", from_stand_in.reason
+    assert note in from_stand_in.reason
+    # without its own table the device ranks by the stand-in alone, where dense wins `spec`
+    monkeypatch.setattr(_measured, "load", {"Test GPU": theirs}.get)
+    assert _measured.device_table("Sibling GPU", "9.9")[:2] == ("Test GPU", theirs)
+    assert kernels.explain(spec, N64).backend == "dense"
+
+
+def test_the_stand_in_of_a_capability_is_its_fullest_table(tmp_path, monkeypatch):
+    for name, kind, rows in (("a-small.json", "A GPU", 1), ("b-full.json", "B GPU", 3)):
+        exact = {f"row {i}": {} for i in range(rows)}
+        (tmp_path / name).write_text(json.dumps({"device_kind": kind, "compute_capability": "9.0", "exact": exact}))
+    monkeypatch.setattr(_measured, "_DIR", tmp_path)
+    _measured.kinds_by_capability.cache_clear()
+    try:
+        assert _measured.kinds_by_capability() == {"9.0": "B GPU"}
+    finally:
+        monkeypatch.undo()
+        _measured.kinds_by_capability.cache_clear()

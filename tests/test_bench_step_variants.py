@@ -196,8 +196,7 @@ def test_table_variant_ranks_from_the_given_table(tmp_path):
     with step_variants.variant(f"table={path}"):
         ms, rule = _measured.ranking(kind, spec, spatial, "float32", batch=1)
         assert ms == {"dense": 2.0, "triton": 1.0} and rule == "exact match at batch 1"
-        with pytest.raises(ValueError, match="the table is for 'NVIDIA H200'"):
-            _measured.load("cpu")
+        assert _measured.load("cpu") is None  # the variant's table alone
     assert _measured.load is before
     assert _measured.ranking(kind, spec, spatial, "float32", batch=1) == committed
     with pytest.raises(ValueError, match="names no table file"):
