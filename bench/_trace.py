@@ -345,7 +345,8 @@ def _cuda_direction(kernel: str, target: str, op_name: str) -> Optional[str]:
     gradient too (on the transposed layer), which only the name stack tells."""
     if target == _ffi.DW_TARGET or kernel.startswith("void (anonymous namespace)::weight_gradient_kernel"):
         return "weight-grad"
-    if target in (_ffi.TARGET, _ffi.INTO_TARGET):  # INTO: an output group's launch past the first
+    # INTO: an output group's launch past the first; ADD: residuals added in the epilogue
+    if target in (_ffi.TARGET, _ffi.INTO_TARGET, _ffi.ADD_TARGET, _ffi.INTO_ADD_TARGET):
         return "input-grad" if _BACKWARD_STACK.search(op_name) else "fwd"
     return None
 

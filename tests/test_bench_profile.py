@@ -191,6 +191,9 @@ def test_the_cuda_kernels_are_sorted_by_their_ffi_target():
     assert kind(conv, "ginjax_cuda_forward_into", "jit(s)/jvp(vmap())/ffi_call") == "ConvContract fused fwd"
     assert kind(conv, "ginjax_cuda_forward_into", "jit(s)/transpose(jvp(vmap()))/ffi_call") == \
         "ConvContract fused input-grad"
+    # with a residual block's input added in the epilogue (alone, and into a previous group's results)
+    for target in ("ginjax_cuda_forward_add", "ginjax_cuda_forward_into_add"):
+        assert kind(conv, target, "jit(s)/jvp(vmap())/ffi_call") == "ConvContract fused fwd"
     dw = "void (anonymous namespace)::weight_gradient_kernel<64>((anonymous namespace)::DwParams)"
     assert kind(dw, "ginjax_cuda_weight_gradient", "jit(s)/transpose(jvp(vmap()))/ffi_call") == \
         "ConvContract fused weight-grad"
