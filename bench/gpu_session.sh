@@ -49,7 +49,8 @@
 #            (default resnet_d3_n64_b4, auto; COMPILE_CHECK_MODES, default step) compiled and timed in four fresh processes: plain
 #            (one thread, no disk cache), 16 threads without the cache, and twice with the defaults on a new
 #            GINJAX_TRITON_CACHE_DIR (cold, then warm); COMPILE_CHECK_RUNS picks some of them
-#            ("cache-cold cache-warm", say);
+#            ("cache-cold cache-warm", say); COMPILE_CHECK_PROFILE=1 runs each under cProfile (the 40 costliest
+#            calls, cumulative, in $run-profile.txt: what the lowering spends beside Triton's compiles);
 #            each run's limit T_COMPILE_CHECK (default 150 s); their compile split and step times
 #   cuda-ab        bench/library_ab.py: kernels/cuda/_ginjax_cuda_base.so (A) against _ginjax_cuda.so (B), AB_ROUNDS
 #            rounds of `python -m bench $AB_ARGS` in alternation (default: d3_n64_b4_c16, triton, fwd and fwd_bwd)
@@ -182,10 +183,16 @@ for stage in ${STAGES:-sweep profile pallas}; do
           threads) switch="GINJAX_TRITON_COMPILE_THREADS=16 GINJAX_TRITON_CACHE_DIR=off" ;;
           *) switch="GINJAX_TRITON_CACHE_DIR=$OUT/compile-check/triton-cache" ;;  # the default threads
         esac
-        env $switch timeout "${T_COMPILE_CHECK:-150}" python3 -u -m bench --configs "${COMPILE_CHECK_CONFIG:-resnet_d3_n64_b4}" \
+        # COMPILE_CHECK_PROFILE=1: each run under cProfile, its 40 costliest calls (cumulative) in $run-profile.txt
+        prof=(); [ "${COMPILE_CHECK_PROFILE:-0}" = 1 ] && prof=(-m cProfile -o "$OUT/compile-check/$run.prof")
+        env $switch timeout "${T_COMPILE_CHECK:-150}" python3 -u "${prof[@]}" -m bench --configs "${COMPILE_CHECK_CONFIG:-resnet_d3_n64_b4}" \
           --backends auto --modes "${COMPILE_CHECK_MODES:-step}" --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/compile-check/$run" \
           --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$OUT/compile-check/$run.log" 2>&1 || rc=$?
         echo "$run ($switch):"; grep -E "compiled and ran once|^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step) " "$OUT/compile-check/$run.log"
+        if [ -f "$OUT/compile-check/$run.prof" ]; then
+          python3 -c "import pstats, sys; pstats.Stats(sys.argv[1], stream=open(sys.argv[2], 'w')).sort_stats('cumulative').print_stats(40)" \
+            "$OUT/compile-check/$run.prof" "$OUT/compile-check/$run-profile.txt" && rm -f "$OUT/compile-check/$run.prof"
+        fi
       done
       ls "$OUT/compile-check/triton-cache" 2>/dev/null | wc -l | sed 's/^/cache entries: /'
       (exit $rc) ;;
