@@ -65,7 +65,7 @@ def cuda_kernels() -> str:
     from kernels import cuda
 
     try:
-        from kernels.triton.conv_contract import forward_impl, weight_grad_impl
+        from kernels.triton._cuda_dispatch import forward_impl, weight_grad_impl
     except ImportError as err:  # no triton: no backend to run them under
         return f"not used: {err}"
 

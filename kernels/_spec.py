@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 

@@ -232,15 +232,15 @@ def test_triton_input_means_on_the_sums_kernel(monkeypatch, layout):
     from kernels import _reduce
     from kernels.cuda import conv_contract as cuda_entry
     from kernels.triton import channel_sums as sums_module
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch, conv_contract as triton_entry
 
     spec = _spec(2, bias_modes=("add", "mean", "mean"), **GEOMETRIES[0])
     assert _bias.means_shortcut_exact(spec)
     monkeypatch.setenv(triton_entry.INPUT_MEANS_ENV, "triton")
     monkeypatch.setenv(_reduce.SUMS_ENV, "triton")
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
-    monkeypatch.setattr(triton_entry, "_cuda_forward_plan", lambda *a, **k: ("a plan",))
-    monkeypatch.setattr(triton_entry, "_cuda_forward", lambda *a, **k: None)
+    monkeypatch.setattr(_cuda_dispatch, "cuda_forward_plan", lambda *a, **k: ("a plan",))
+    monkeypatch.setattr(_cuda_dispatch, "cuda_forward", lambda *a, **k: None)
     seen, real = [], sums_module.channel_sums_triton
 
     def spy(a, *args, planar=False, **kwargs):

@@ -223,7 +223,7 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch, layout):
     float once over the two; no concatenation; the bias offsets' rows per launch; against
     `reference`. Out-of-range slices are refused by `geometry`. Both layouts (the aliased
     operands in the results' layout)."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
@@ -265,7 +265,7 @@ def test_output_groups_write_their_slices_of_one_result(monkeypatch, layout):
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=19)
     split = (_sub, 2)
-    fn = lambda x, w, offs: triton_entry._forward_by_output_groups(split, x, w, offs)  # noqa: E731
+    fn = lambda x, w, offs: _cuda_dispatch.forward_by_output_groups(split, x, w, offs)  # noqa: E731
     jaxpr = str(jax.make_jaxpr(fn)([x[0] for x in xs], ws, offsets))
     joins = [line for line in jaxpr.splitlines() if "concatenate" in line]
     assert not [line for line in joins if "[32,2,3,16" in line], joins  # only the weight packing's
@@ -294,14 +294,14 @@ def test_output_groups_lower_to_aliased_custom_calls(monkeypatch, layout):
     aliased to its results 0 and 1, so XLA keeps one buffer per output key. The vector blocks'
     layouts (minor-to-major, the vmapped batch the most major axis): row-major, or with the
     components ahead of the spatial axes where planar, on the operand and its aliased result alike."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
 
     spec, sub = standard_spec(16, 32), standard_spec(16, 16)
     xs, ws, _ = _cases.spec_operands(spec, (2, 3, 16), 2, seed=23)
-    run = jax.jit(jax.vmap(lambda x, w: triton_entry._forward_by_output_groups((sub, 2), x, w, None), in_axes=(0, None)))
+    run = jax.jit(jax.vmap(lambda x, w: _cuda_dispatch.forward_by_output_groups((sub, 2), x, w, None), in_axes=(0, None)))
     text = run.trace(xs, ws).lower(lowering_platforms=("cuda",)).as_text()
     calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
     assert [re.search(r"custom_call @(\w+)", c).group(1) for c in calls] == [_ffi.TARGET, _ffi.INTO_TARGET]
@@ -360,7 +360,7 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
     transposed layer, a dilated layer on the forward's bases) are two forward launches whose
     `geom` says the dilation, the weight gradient one launch of the dilated weight-gradient
     kernel; outputs and every gradient match `reference`."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setenv(_plan.DILATED_ENV, "1")
@@ -369,8 +369,8 @@ def test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel(
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)
     spec, spatial = standard_spec(16, 16, dilation), (dilation + 1, 2 * dilation, 16)  # the backend wraps d <= n
-    assert triton_entry.cuda_forward_covers(spec, spatial, np.float32)[0]
-    assert triton_entry.cuda_weight_grad_covers(spec, spatial, np.float32)[0]
+    assert _cuda_dispatch.cuda_forward_covers(spec, spatial, np.float32)[0]
+    assert _cuda_dispatch.cuda_weight_grad_covers(spec, spatial, np.float32)[0]
     launches, dw_launches = [], []
 
     def ffi_call(target, shapes, vmap_method, input_layouts, output_layouts=None):
@@ -424,7 +424,7 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     weight gradient on Triton's kernel unless GINJAX_CUDA_FP32_WEIGHT_GRAD=1 (off by default), then
     one weight-gradient launch with `geom`[16] = 1 (emulated with the split). Without the switch, or
     on a dilated layer (compiled at dilation 1 only), fp32 makes no CUDA launch."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setattr(cuda, "availability", lambda: (True, "emulated"))
@@ -468,7 +468,7 @@ def test_fp32_calls_run_the_split_kernels_where_asked(monkeypatch, layout):
     assert launches == [1, 1] and dw_launches == [1]  # and the weight gradient, split
     _assert_matches_reference(got, grads, loss("reference"), xs, ws, kernels.TOLERANCE["fp32"])
     dilated = standard_spec(16, 16, 2)
-    assert triton_entry.cuda_forward_covers(dilated, (3, 4, 16), np.float32)[0]
+    assert _cuda_dispatch.cuda_forward_covers(dilated, (3, 4, 16), np.float32)[0]
     assert not _plan.fp32_coverage(dilated, (3, 4, 16), np.float32)[0]
     launches.clear()
     jax.value_and_grad(loss("triton", dilated), argnums=(0, 1), has_aux=True)(*_cases.spec_operands(dilated, (3, 4, 16), 1, seed=44)[:2])

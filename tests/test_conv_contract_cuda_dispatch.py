@@ -26,7 +26,7 @@ from kernels._spec import FilterBasis, Pair
 from kernels.cuda import _plan
 
 triton_backend = pytest.importorskip("kernels.triton")
-from kernels.triton import conv_contract as triton_entry  # noqa: E402
+from kernels.triton import _cuda_dispatch, conv_contract as triton_entry  # noqa: E402
 
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
@@ -82,7 +82,7 @@ def test_with_bases_of_refuses_filters_that_are_not_a_signed_permutation():
 def test_an_unknown_forward_kernel_is_refused(monkeypatch):
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "cudnn")
     with pytest.raises(ValueError, match=r"`GINJAX_TRITON_FORWARD` \(='cudnn'\) must be one of"):
-        triton_entry.forward_impl()
+        _cuda_dispatch.forward_impl()
 
 
 def _loss(spec, offsets):
@@ -169,7 +169,7 @@ def test_forward_and_input_gradient_go_to_the_cuda_call_where_it_covers_them(mon
 def test_without_the_library_the_backend_runs_its_own_kernels(monkeypatch):
     """Where the CUDA call cannot run a layer (here: not built, or not a GPU), the default leaves
     the triton kernels to do the work, with the numbers GINJAX_TRITON_FORWARD=triton gives."""
-    if triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32")[0]:
+    if _cuda_dispatch.cuda_forward_covers(SPEC, (64, 64, 64), "float32")[0]:
         pytest.skip("the CUDA kernel runs here: the fallback is not what runs")
     spec, xs, ws = small_layer(c=2, N=4, batch=1, seed=2)
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
@@ -186,26 +186,26 @@ def test_the_cuda_forward_runs_only_where_asked_built_and_on_hopper(monkeypatch)
     monkeypatch.setattr(cuda, "coverage", lambda s, spatial, dtype: (True, "stand-in"))
     monkeypatch.setattr(cuda, "ffi_availability", lambda *a: (True, "stand-in"))
     monkeypatch.setattr(cuda, "_compute_capability", lambda: "9.0")
-    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (True, "stand-in")
+    assert _cuda_dispatch.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (True, "stand-in")
     monkeypatch.setenv("GINJAX_TRITON_FORWARD", "triton")
-    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "GINJAX_TRITON_FORWARD=triton")
+    assert _cuda_dispatch.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "GINJAX_TRITON_FORWARD=triton")
     monkeypatch.delenv("GINJAX_TRITON_FORWARD")
     monkeypatch.setattr(cuda, "_compute_capability", lambda: "8.0")
-    ok, why = triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32")
+    ok, why = _cuda_dispatch.cuda_forward_covers(SPEC, (64, 64, 64), "float32")
     assert not ok and "compute capability is 8.0" in why, why
     monkeypatch.setattr(cuda, "ffi_availability", lambda *a: (False, "not built"))
-    assert triton_entry.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "not built")
+    assert _cuda_dispatch.cuda_forward_covers(SPEC, (64, 64, 64), "float32") == (False, "not built")
 
 
 def test_explain_says_what_runs_the_triton_backend_s_directions(monkeypatch):
-    monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (False, "stand-in"))
+    monkeypatch.setattr(_cuda_dispatch, "cuda_forward_covers", lambda spec, spatial, dtype: (False, "stand-in"))
     assert "CUDA" not in kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
-    monkeypatch.setattr(triton_entry, "cuda_forward_covers", lambda spec, spatial, dtype: (True, "stand-in"))
-    monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (False, "stand-in"))
+    monkeypatch.setattr(_cuda_dispatch, "cuda_forward_covers", lambda spec, spatial, dtype: (True, "stand-in"))
+    monkeypatch.setattr(_cuda_dispatch, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (False, "stand-in"))
     reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     assert "the forward and the input gradient on kernels/cuda's CUDA kernels" in reason, reason
     assert "the weight gradient on Triton's kernels" in reason, reason
-    monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (True, "stand-in"))
+    monkeypatch.setattr(_cuda_dispatch, "cuda_weight_grad_covers", lambda spec, spatial, dtype: (True, "stand-in"))
     reason = kernels.explain(SPEC, (64, 64, 64), backend="triton").reason
     assert "the forward and the input gradient and the weight gradient on kernels/cuda's" in reason, reason
     assert "Triton's kernels" not in reason, reason
@@ -327,7 +327,7 @@ def test_which_precisions_reach_the_cuda_calls(monkeypatch, mode):
 def test_an_unknown_weight_gradient_kernel_is_refused(monkeypatch):
     monkeypatch.setenv("GINJAX_TRITON_WEIGHT_GRAD", "cudnn")
     with pytest.raises(ValueError, match=r"`GINJAX_TRITON_WEIGHT_GRAD` \(='cudnn'\) must be one of"):
-        triton_entry.weight_grad_impl()
+        _cuda_dispatch.weight_grad_impl()
 
 
 def test_a_layer_bias_puts_the_means_gradient_in_the_cuda_input_gradient(monkeypatch):
@@ -430,7 +430,7 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
         return vjp(rows)[0]
 
     _install_cuda_stand_ins(monkeypatch, covers, forward, weight_gradient)
-    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
+    monkeypatch.setenv(_cuda_dispatch.OUTPUT_GROUPS_ENV, "1")
     loss = _loss(spec, offsets)
     (value, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(xs, ws, offsets)
     # forward: two launches with the offsets' rows 0-15 and 16-31; input gradient: two more
@@ -455,27 +455,27 @@ def test_output_groups_split_a_wide_layer_into_covered_launches(monkeypatch):
     errors = gradient_errors(grads, want, element_scale=1.0)
     assert max(errors) <= kernels.TOLERANCE["tf32"], errors
     # off: the split is never taken (the layer stays on Triton's kernels)
-    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "0")
-    assert triton_entry.output_split(spec, lambda s: covers(s, None, None)[0]) is None
-    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "2")
+    monkeypatch.setenv(_cuda_dispatch.OUTPUT_GROUPS_ENV, "0")
+    assert _cuda_dispatch.output_split(spec, lambda s: covers(s, None, None)[0]) is None
+    monkeypatch.setenv(_cuda_dispatch.OUTPUT_GROUPS_ENV, "2")
     with pytest.raises(ValueError, match="GINJAX_CUDA_OUTPUT_GROUPS"):
-        triton_entry.output_groups_enabled()
-    monkeypatch.delenv(triton_entry.OUTPUT_GROUPS_ENV)
-    assert triton_entry.output_groups_enabled()
+        _cuda_dispatch.output_groups_enabled()
+    monkeypatch.delenv(_cuda_dispatch.OUTPUT_GROUPS_ENV)
+    assert _cuda_dispatch.output_groups_enabled()
 
 
 def test_output_split_needs_equal_multiples_of_the_group(monkeypatch):
-    monkeypatch.setenv(triton_entry.OUTPUT_GROUPS_ENV, "1")
+    monkeypatch.setenv(_cuda_dispatch.OUTPUT_GROUPS_ENV, "1")
     covers_all = lambda s: True  # noqa: E731
 
     def wide(o0, o1):
         return dataclasses.replace(SPEC, out_keys=(SPEC.out_keys[0][:2] + (o0,), SPEC.out_keys[1][:2] + (o1,)))
 
-    assert triton_entry.output_split(wide(64, 64), covers_all)[1] == 4
-    assert triton_entry.output_split(wide(16, 16), covers_all) is None  # one launch already
-    assert triton_entry.output_split(wide(32, 16), covers_all) is None  # keys differ
-    assert triton_entry.output_split(wide(24, 24), covers_all) is None  # not a multiple of 16
-    assert triton_entry.output_split(wide(32, 32), lambda s: False) is None
+    assert _cuda_dispatch.output_split(wide(64, 64), covers_all)[1] == 4
+    assert _cuda_dispatch.output_split(wide(16, 16), covers_all) is None  # one launch already
+    assert _cuda_dispatch.output_split(wide(32, 16), covers_all) is None  # keys differ
+    assert _cuda_dispatch.output_split(wide(24, 24), covers_all) is None  # not a multiple of 16
+    assert _cuda_dispatch.output_split(wide(32, 32), lambda s: False) is None
 
 
 def test_bias_gradient_is_the_cuda_weight_gradients_sums(monkeypatch):

@@ -306,7 +306,7 @@ def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
     only from what the kernel gets: each launch takes the whole 32-channel cotangents (no channel
     slice is copied out for it) and reads rows `geom`[12] .. + 15 of them; the rows of dW against
     `reference`'s VJP. A first channel off the group grid is refused by `geometry`."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
     monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
@@ -329,7 +329,7 @@ def test_output_groups_read_their_cotangent_rows_in_place(monkeypatch, layout):
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, cots = _cases.spec_operands(spec, spatial, 1, seed=29)
-    got, sums = triton_entry._weight_grad_by_output_groups((sub, 2), [x[0] for x in xs], [c[0] for c in cots])
+    got, sums = _cuda_dispatch.weight_grad_by_output_groups((sub, 2), [x[0] for x in xs], [c[0] for c in cots])
     assert [s[:2] for s in seen] == [(32, 0), (32, 16)]
     assert all(g0[0] == 32 and g1[0] == 32 for *_, g0, g1 in seen)  # the whole cotangents, not a slice
     for g, w in zip(got, reference_dw(spec, xs, ws, cots)):  # exact sums, scaled as for the kernel

@@ -247,7 +247,7 @@ def test_output_groups_all_three_directions(monkeypatch, channels, spatial):
     offsets' sums."""
     import dataclasses
 
-    from kernels.triton.conv_contract import OUTPUT_GROUPS_ENV
+    from kernels.triton._cuda_dispatch import OUTPUT_GROUPS_ENV
 
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
     monkeypatch.delenv("GINJAX_TRITON_WEIGHT_GRAD", raising=False)

@@ -151,11 +151,11 @@ def test_an_unknown_padding_switch_is_refused(monkeypatch):
 
 
 def test_explain_names_the_padded_layer(monkeypatch):
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     _stand_ins(monkeypatch)
-    monkeypatch.setattr(triton_entry, "cuda_forward_covers", cuda.coverage)
-    monkeypatch.setattr(triton_entry, "cuda_weight_grad_covers", cuda.weight_gradient_coverage)
+    monkeypatch.setattr(_cuda_dispatch, "cuda_forward_covers", cuda.coverage)
+    monkeypatch.setattr(_cuda_dispatch, "cuda_weight_grad_covers", cuda.weight_gradient_coverage)
     monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "0")
     assert "CUDA" not in kernels.explain(thin(2, 16), (64, 64, 64), backend="triton").reason
     monkeypatch.setenv(_cuda_padding.PAD_CHANNELS_ENV, "1")

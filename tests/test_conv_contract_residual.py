@@ -271,7 +271,7 @@ def test_output_groups_each_add_their_slice_of_the_residual(monkeypatch, layout)
     `ginjax_cuda_forward_into_add` (the previous results aliased, operands 4 and 5); both take the
     whole residuals (operands after them, in the results' layout, `residual` = 3) and each adds its
     channels, each residual float read once over the two."""
-    from kernels.triton import conv_contract as triton_entry
+    from kernels.triton import _cuda_dispatch
 
     library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
@@ -305,7 +305,7 @@ def test_output_groups_each_add_their_slice_of_the_residual(monkeypatch, layout)
 
     monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=12)
-    got = triton_entry._forward_by_output_groups((sub, 2), [x[0] for x in xs], ws, None, residuals=res)
+    got = _cuda_dispatch.forward_by_output_groups((sub, 2), [x[0] for x in xs], ws, None, residuals=res)
     assert calls == [(_ffi.ADD_TARGET, 0, None, 3), (_ffi.INTO_ADD_TARGET, 16, {4: 0, 5: 1}, 3)]
     for key in range(2):
         assert ((reads[0][key] + reads[1][key]) == 1).all()
@@ -320,7 +320,6 @@ def test_the_residual_lowers_to_read_only_operands(monkeypatch, layout):
     """The real FFI call of a vmapped forward with a vector residual only, lowered for CUDA here:
     `ginjax_cuda_forward_add` with the residual after the offsets in the result's layout, not
     aliased, a one-float placeholder for the scalar key, `residual = 2`."""
-    from kernels.triton import conv_contract as triton_entry
 
     library_emulated(monkeypatch)
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)

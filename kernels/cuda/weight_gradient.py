@@ -70,7 +70,7 @@ def weight_gradient_and_sums(
             `_dw_plan.FP32_STRIP`, halved while the launch would have fewer than `_tiling.MIN_CTAS`
             CTAs); fewer, longer CTAs write fewer partials (`_dw_plan.scratch_bytes`).
         first_channel: the cotangents' first of the layer's o output channels (O a multiple of o,
-            an output group's launch: `kernels.triton.conv_contract.output_split`); the kernel
+            an output group's launch: `kernels.triton._cuda_dispatch.output_split`); the kernel
             reads those rows where they lie, so no channel slice of the cotangents is copied out.
     """
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too

@@ -177,7 +177,7 @@ def _kernel(x0, x1, *refs, plan: MosaicPlan, sets, share_loads: bool):
 def _build(plan: MosaicPlan, batch: int, auto_barriers: bool, share_loads: bool):
     sets = weight_sets(plan)
     nz, ny, nx = plan.spatial
-    c, o = plan.channels, plan.out_channels
+    o = plan.out_channels
     scratch = [
         plgpu.SMEM((3, 3, CHUNK, plan.row_floats(0)), F32),
         plgpu.SMEM((3, 3, CHUNK, plan.row_floats(1)), F32),

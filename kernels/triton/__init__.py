@@ -32,7 +32,7 @@ from ._filter_groups import LIVE_Z_CAP, filter_groups
 from ._stencil import check_sizes
 from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from . import _cuda_padding
-from . import conv_contract as _entry
+from . import _cuda_dispatch
 from .conv_contract import conv_contract_triton
 from ._vn_kernel import fits as vector_neuron_fits
 from .vector_neuron import VNBlocks, literal_eps, supported_activation, vector_neuron_triton
@@ -131,27 +131,27 @@ def describe(spec: ConvSpec, spatial) -> str:
     if groups is not None:
         return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, each adding into the "
                 f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
-    directions = {"the forward and the input gradient": _entry.cuda_forward_covers,
-                  "the weight gradient": _entry.cuda_weight_grad_covers}
+    directions = {"the forward and the input gradient": _cuda_dispatch.cuda_forward_covers,
+                  "the weight gradient": _cuda_dispatch.cuda_weight_grad_covers}
     on_cuda, on_triton, forward_launch = [], [], None  # forward_launch: the layer a CUDA forward launch runs
     for what, covers in directions.items():
         layer_covered = lambda layer: covers(layer, tuple(spatial), "float32")[0]  # noqa: E731
         if layer_covered(spec):
             on_cuda.append(what)
             launch = spec
-        elif (split := _entry.output_split(spec, layer_covered)) is not None:
-            on_cuda.append(f"{what} (as {split[1]} launches of {_entry.OUTPUT_GROUP} output channels per key)")
+        elif (split := _cuda_dispatch.output_split(spec, layer_covered)) is not None:
+            on_cuda.append(f"{what} (as {split[1]} launches of {_cuda_dispatch.OUTPUT_GROUP} output channels per key)")
             launch = split[0]
         elif (_cuda_padding.enabled() and (padded := _cuda_padding.padded_layer(spec)) is not None
-              and (layer_covered(padded) or _entry.output_split(padded, layer_covered) is not None)):
+              and (layer_covered(padded) or _cuda_dispatch.output_split(padded, layer_covered) is not None)):
             ins = "+".join(str(c) for _, _, c in padded.in_keys)
             outs = "+".join(str(o) for _, _, o in padded.out_keys)
             on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
-            launch = padded if layer_covered(padded) else _entry.output_split(padded, layer_covered)[0]
+            launch = padded if layer_covered(padded) else _cuda_dispatch.output_split(padded, layer_covered)[0]
         else:
             on_triton.append(what)
             continue
-        if covers is _entry.cuda_forward_covers:
+        if covers is _cuda_dispatch.cuda_forward_covers:
             forward_launch = launch
     if not on_cuda:
         return ""
