@@ -48,7 +48,7 @@ class FilterBank(geom.MultiImage):
                 f"FilterBank: `data` (={type(data).__name__}) must be a geom.MultiImage of "
                 "invariant filters"
             )
-        blocks, bases = {}, {}
+        blocks = {}
         for key, block in data.items():
             try:
                 arr = np.asarray(block)

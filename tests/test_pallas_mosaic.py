@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs

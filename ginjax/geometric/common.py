@@ -308,7 +308,6 @@ def get_unique_irrep_filters(
     distinct invariant filters, sorted, sign-rectified and scaled."""
     _check_filter_args(M, k, parity, D, operators)
     shape = (M,) * D + (D,) * k
-    covariant_axes = (False,) * k
     averaged = _group_sum(D, np.asarray(basis, dtype=np.float32), parity, operators, k)
     # float32 NumPy throughout: identical IEEE results to ginjax's eager jnp steps here, with
     # no per-shape XLA compilation
