@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
 import numpy as np
 
+from kernels._env import environment
 from kernels.cuda._plan import round_tf32
 from kernels.cuda.vector_neuron import MMA_ENV
 
@@ -75,15 +75,14 @@ def main(argv=None) -> int:
         with jax.enable_x64(True):  # the float64 truth; the rows below run in float32
             truth = run("xla", *(jnp.asarray(ops[k], jnp.float64) for k in ("w", "x", "gy")))
         for mma in ("1", "0"):
-            os.environ[MMA_ENV] = mma  # read as each call is traced
-            got = run(args.impl, *(jnp.asarray(ops[k]) for k in ("w", "x", "gy")))
+            with environment({MMA_ENV: mma}):  # read as each call is traced
+                got = run(args.impl, *(jnp.asarray(ops[k]) for k in ("w", "x", "gy")))
             row = {"exact": exact, "backward": "tensor cores" if mma == "1" else "ffma",
                    **{name: rel_l2(g, t) for name, g, t in zip(("y", "gw", "gx"), got, truth)}}
             rows.append(row)
             print(json.dumps(row), flush=True)
             (out / "vn_mma_accuracy.json").write_text(json.dumps({"shape": shape, "impl": args.impl, "rows": rows},
                                                                  indent=1))
-    os.environ.pop(MMA_ENV, None)
     return 0
 
 
