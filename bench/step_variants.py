@@ -152,7 +152,20 @@ def _table_loader(path: pathlib.Path):
         return data if data["device_kind"] == device_kind else None
 
     load.cache_clear = lambda: None
+    load.device_kind = data["device_kind"]
     return load
+
+
+def _check_table_device(name: str, kind: str) -> None:
+    """A table variant ranks this device only by a table of this device or of the device whose table
+    stands in for its compute capability; any other would leave `auto` without a table, silently."""
+    from kernels import _measured, _registry
+
+    here = _registry.device_kind()
+    stand_in = _measured.kinds_by_capability().get(_registry.device_capability())
+    if kind not in (here, stand_in):
+        raise ValueError(f"variant (={name!r}): the table is for {kind!r}; this device is {here!r}"
+                         + (f" (its compute capability's table is the {stand_in!r}'s)" if stand_in else ""))
 
 
 def _backend_of(name: str):
@@ -182,7 +195,9 @@ def variant(name: str):
     _check(name)
     env, patches = VARIANTS.get(name, ({}, ()))
     if name.startswith(TABLE_PREFIX):
-        patches = (("kernels._measured", "load", _table_loader(pathlib.Path(name[len(TABLE_PREFIX):]))),)
+        loader = _table_loader(pathlib.Path(name[len(TABLE_PREFIX):]))
+        _check_table_device(name, loader.device_kind)
+        patches = (("kernels._measured", "load", loader),)
     from kernels._env import environment
 
     saved = []

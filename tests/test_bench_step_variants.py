@@ -176,11 +176,12 @@ def test_configs_take_sets_and_reject_unknown_names(capsys):
     assert "--configs (='models-b1,nope'): unknown name 'nope'" in capsys.readouterr().err
 
 
-def test_table_variant_ranks_from_the_given_table(tmp_path):
+def test_table_variant_ranks_from_the_given_table(tmp_path, monkeypatch):
     """`table=PATH`: while it is applied, `auto`'s ranking reads PATH (here a table in which
-    triton beats dense on one signature, so the verdict flips), and the committed table after."""
+    triton beats dense on one signature, so the verdict flips), and the committed table after;
+    a table of neither this device nor its compute capability's stand-in is refused."""
     from bench import _configs, _cases
-    from kernels import _measured
+    from kernels import _measured, _registry
 
     spec = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
     spatial = (8, 8, 8)
@@ -190,6 +191,11 @@ def test_table_variant_ranks_from_the_given_table(tmp_path):
     table = {"device_kind": kind, "exact": {_measured.signature(spec, spatial, "float32"): entry}}
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
+    monkeypatch.setattr(_registry, "device_kind", lambda: "cpu")
+    with pytest.raises(ValueError, match="the table is for 'NVIDIA H200'; this device is 'cpu'"):
+        with step_variants.variant(f"table={path}"):
+            pass
+    monkeypatch.setattr(_registry, "device_kind", lambda: kind)
     before = _measured.load
     committed = _measured.ranking(kind, spec, spatial, "float32", batch=1)
     assert "triton" not in committed[0]  # the committed table has no such win: the variant must flip it
@@ -197,6 +203,10 @@ def test_table_variant_ranks_from_the_given_table(tmp_path):
         ms, rule = _measured.ranking(kind, spec, spatial, "float32", batch=1)
         assert ms == {"dense": 2.0, "triton": 1.0} and rule == "exact match at batch 1"
         assert _measured.load("cpu") is None  # the variant's table alone
+    monkeypatch.setattr(_registry, "device_kind", lambda: "NVIDIA H100 80GB HBM3")  # its stand-in's table
+    monkeypatch.setattr(_registry, "device_capability", lambda: "9.0")
+    with step_variants.variant(f"table={path}"):
+        assert _measured.device_table("NVIDIA H100 80GB HBM3", "9.0")[1]["exact"] == table["exact"]
     assert _measured.load is before
     assert _measured.ranking(kind, spec, spatial, "float32", batch=1) == committed
     with pytest.raises(ValueError, match="names no table file"):
