@@ -4,6 +4,7 @@
 
 Forward: the fused kernel of `_kernel.py`. Backward (custom_vjp): the input gradient is the same
 forward kernel on the transposed layer and the weight gradient its own kernel (`_backward.py`).
+Each direction runs on kernels/cuda's kernels instead where `_cuda_dispatch` takes the call.
 Forward-mode differentiation (jax.jvp) is not defined for a custom_vjp: use `dense` for it.
 Under `jax.vmap` each kernel is launched once for the whole batch (the custom calls do not batch
 by themselves): `custom_vmap` folds every vmapped axis into the kernels' batch axis,
@@ -35,7 +36,6 @@ from ._filter_groups import filter_groups
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
 from ._launch import launch
-
 
 
 def conv_contract_triton(
