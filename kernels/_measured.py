@@ -77,6 +77,7 @@ LARGER_BATCH_MARGIN = 2.5
 # calls one compile is spread over, per device slug (absent: run time alone)
 CALLS_PER_COMPILE = {"cpu": 1000}
 COMPILE_RULE = "ms per call = run ms + compile / "  # how a rule that counted compile says so
+ORIGIN = "measured_on"  # on a stand-in's row in a merged table (`device_table`): the device it came from
 
 
 def device_slug(device_kind: str) -> str:
@@ -177,9 +178,12 @@ def device_table(device_kind: str, capability: str = "") -> tuple[str, Optional[
     other = load(other_kind) if other_kind and other_kind != device_kind else None
     if own is None or other is None:
         return device_kind, own, ""
+    def theirs(rows):  # the stand-in's rows say where they were measured (`ranking`'s rules name it)
+        return {k: {**v, ORIGIN: other_kind} for k, v in (rows or {}).items()}
+
     merged = {**other, **own,
-              "exact": {**(other.get("exact") or {}), **(own.get("exact") or {})},
-              "configs": {**(other.get("configs") or {}), **(own.get("configs") or {})}}
+              "exact": {**theirs(other.get("exact")), **(own.get("exact") or {})},
+              "configs": {**theirs(other.get("configs")), **(own.get("configs") or {})}}
     return device_kind, merged, (f"{device_kind}'s own rows, and where it has none the {other_kind}'s, "
                                  f"of the same compute capability {capability}")
 
@@ -256,6 +260,7 @@ def _old_entries(data: dict) -> list[dict]:
             "D": entry["D"], "cin": entry["cin"], "cout": entry["cout"], "k_max": entry["k_max"],
             "pixels": entry.get("pixels"), "geometry": "plain",
             "batches": {"bench": {m: entry.get(m, {}) for m in MODES}},
+            **({ORIGIN: entry[ORIGIN]} if ORIGIN in entry else {}),
         })
     return out
 
@@ -278,6 +283,20 @@ def _similar(entry: dict, want: dict, exact: bool = False) -> bool:
     return all(
         1 / CHANNEL_FACTOR <= entry[c] / want[c] <= CHANNEL_FACTOR for c in ("cin", "cout")
     )
+
+
+def _origin(entries: list[dict]) -> str:
+    """Where rows of a merged table came from the stand-in (`device_table`): ", the X's row" for
+    one, ", n of them the X's" for several; "" where all are the device's own."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        if ORIGIN in e:
+            counts[e[ORIGIN]] = counts.get(e[ORIGIN], 0) + 1
+    if not counts:
+        return ""
+    if len(entries) == 1:
+        return f", the {next(iter(counts))}'s row"
+    return ", " + ", ".join(f"{n} of them the {k}'s" for k, n in sorted(counts.items()))
 
 
 def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: str = "fwd_bwd",
@@ -308,25 +327,28 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     if spatial is not None:
         entry = exact.get(signature(spec, spatial, dtype))
         if entry:
+            origin = _origin([entry])
             at_batch = entry["batches"].get(str(batch), {}) if batch is not None else {}
             if BASELINE in at_batch.get(mode, {}) and _has_fused(at_batch[mode]):
-                return verdict([at_batch], f"exact match at batch {batch}")
+                return verdict([at_batch], f"exact match at batch {batch}{origin}")
             batches = [sample(k, b) for k, b in entry["batches"].items() if b.get(mode)]
-            ms, rule = verdict(batches, f"exact match, {len(batches)} batch size(s)")
+            ms, rule = verdict(batches, f"exact match, {len(batches)} batch size(s){origin}")
             # at a known batch that no fused backend was measured at, dense alone is no verdict:
             # the similar configurations (this one's other batches among them) may still show one
             if ms and (batch is None or _has_fused(ms)):
                 return ms, rule
         # a standard bench layer of the `configs` table: the same sizes count as an exact match
-        same = [e["batches"]["bench"] for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
-        ms, rule = verdict(same, "a benchmarked configuration of the same sizes")
+        same_entries = [e for e in old if _similar(e, want, exact=True) and e["batches"]["bench"].get(mode)]
+        same = [e["batches"]["bench"] for e in same_entries]
+        ms, rule = verdict(same, "a benchmarked configuration of the same sizes" + _origin(same_entries))
         if ms:
             return ms, rule
     entries = list(exact.values()) + old
     similar = [e for e in entries if _similar(e, want)]
     # a sample of dense alone (a budget cut its fused cases) says nothing about the fused ones
-    batches = [sample(k, b) for e in similar for k, b in e["batches"].items() if b.get(mode) and _has_fused(b[mode])]
-    ms, rule = verdict(batches, f"{len(batches)} similar measured configuration(s)")
+    used = [(e, sample(k, b)) for e in similar for k, b in e["batches"].items() if b.get(mode) and _has_fused(b[mode])]
+    batches = [b for _, b in used]
+    ms, rule = verdict(batches, f"{len(batches)} similar measured configuration(s)" + _origin([e for e, _ in used]))
     if ms:
         return ms, rule
     # nothing close was measured: dense, at the time of the nearest configuration of this D

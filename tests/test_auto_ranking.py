@@ -460,10 +460,13 @@ def test_a_gpu_table_goes_over_the_one_of_its_compute_capability_row_by_row(monk
     assert table["exact"][_measured.signature(spec, N64)] == mine["exact"][_measured.signature(spec, N64)]
     assert note == "Sibling GPU's own rows, and where it has none the Test GPU's, of the same compute capability 9.9"
     own = kernels.explain(spec, N64)
-    assert own.backend == "fast-fused" and "fastest measured on Sibling GPU" in own.reason, own.reason
+    assert own.backend == "fast-fused" and "fastest measured on Sibling GPU (exact match, 1 batch size(s);" in own.reason, own.reason
     from_stand_in = kernels.explain(other, N64)
     assert from_stand_in.backend == "fast-fused", from_stand_in.reason
+    assert "(exact match, 1 batch size(s), the Test GPU's row;" in from_stand_in.reason, from_stand_in.reason
     assert note in from_stand_in.reason
+    similar = kernels.explain(spec, (32,) * 3)  # not measured: both tables' rows of the same kind
+    assert "2 similar measured configuration(s), 1 of them the Test GPU's;" in similar.reason, similar.reason
     # without its own table the device ranks by the stand-in alone, where dense wins `spec`
     monkeypatch.setattr(_measured, "load", {"Test GPU": theirs}.get)
     assert _measured.device_table("Sibling GPU", "9.9")[:2] == ("Test GPU", theirs)
