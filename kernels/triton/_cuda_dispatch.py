@@ -96,7 +96,7 @@ def cuda_forward_plan(spec, mode, poison, inputs, like=None):
     not (then Triton's kernel runs it); fp32: the 3xTF32 kernels (mode "fp32" where
     GINJAX_CUDA_FP32 is not "0" and `fp32_coverage` takes the layer), else TF32 (mode "tf32", and
     "bf16" unless GINJAX_CUDA_BF16 is "0"). Also what the inputs' means are read beside
-    (`_input_means`)."""
+    (conv_contract._input_means)."""
     layers = [(spec, lambda w: w)]
     if like is not None and (twin := with_bases_of(spec, like)) is not None:
         layers.append(twin)
