@@ -136,21 +136,19 @@ def describe(spec: ConvSpec, spatial) -> str:
     on_cuda, on_triton, forward_launch = [], [], None  # forward_launch: the layer a CUDA forward launch runs
     for what, covers in directions.items():
         layer_covered = lambda layer: covers(layer, tuple(spatial), "float32")[0]  # noqa: E731
-        if layer_covered(spec):
-            on_cuda.append(what)
-            launch = spec
-        elif (split := _cuda_dispatch.output_split(spec, layer_covered)) is not None:
-            on_cuda.append(f"{what} (as {split[1]} launches of {_cuda_dispatch.OUTPUT_GROUP} output channels per key)")
-            launch = split[0]
-        elif (_cuda_padding.enabled() and (padded := _cuda_padding.padded_layer(spec)) is not None
-              and (layer_covered(padded) or _cuda_dispatch.output_split(padded, layer_covered) is not None)):
-            ins = "+".join(str(c) for _, _, c in padded.in_keys)
-            outs = "+".join(str(o) for _, _, o in padded.out_keys)
-            on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
-            launch = padded if layer_covered(padded) else _cuda_dispatch.output_split(padded, layer_covered)[0]
-        else:
+        found = _cuda_dispatch.covered_launch([(spec, None)], layer_covered)
+        if found is None:
             on_triton.append(what)
             continue
+        layer, _, split = found
+        if _cuda_padding.is_padded(spec, layer):
+            ins, outs = ("+".join(map(str, f(layer))) for f in (_cuda_padding.in_channels, _cuda_padding.out_channels))
+            on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
+        elif split is not None:
+            on_cuda.append(f"{what} (as {split[1]} launches of {_cuda_dispatch.OUTPUT_GROUP} output channels per key)")
+        else:
+            on_cuda.append(what)
+        launch = layer if split is None else split[0]
         if covers is _cuda_dispatch.cuda_forward_covers:
             forward_launch = launch
     if not on_cuda:

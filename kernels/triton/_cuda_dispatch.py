@@ -106,11 +106,9 @@ def cuda_forward_plan(spec, mode, poison, inputs, like=None):
 
 
 def cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
-    """The first of `layers` ((layer, weight move) pairs, in order of preference) that `covers_fn`
-    (`cuda_forward_covers` or `cuda_weight_grad_covers`) takes whole, as (layer, move, None, fp32),
-    else the first whose `output_split` it takes, as (layer, move, split, fp32), else (unless
-    GINJAX_CUDA_PAD_CHANNELS=0) the same for each one's `_cuda_padding.padded_layer` in turn, the
-    returned layer then wider than the call's (the callers pad and crop); None where the call
+    """`covered_launch` of `layers` by `covers_fn` (`cuda_forward_covers` or
+    `cuda_weight_grad_covers`), with fp32 appended: (layer, move, split or None, fp32), a padded
+    layer wider than the call's (the callers pad and crop); None where the call
     is not the CUDA kernels' (test poison, no covered layer, a precision they do not compute: they
     compute TF32, which also serves bf16 calls where GINJAX_CUDA_BF16 allows (more precise than
     bf16, and faster than Triton's bf16 kernel), and fp32 where GINJAX_CUDA_FP32 allows and
@@ -129,20 +127,30 @@ def cuda_plan(covers_fn, layers, mode, poison, inputs, fp32_coverage):
     def covers(layer):
         return covers_fn(layer, spatial, dtype)[0] and (not fp32 or fp32_coverage(layer, spatial, dtype)[0])
 
+    found = covered_launch(layers, covers)
+    return None if found is None else (*found, fp32)
+
+
+def covered_launch(layers, covers) -> Optional[tuple]:
+    """How the CUDA kernels launch the first of `layers` ((layer, weight move) pairs, in order of
+    preference) that `covers(layer)` takes: (layer, move, None) whole, else (layer, move, split)
+    in `output_split`'s groups, else (unless GINJAX_CUDA_PAD_CHANNELS=0) the same for each one's
+    `_cuda_padding.padded_layer` in turn, the returned layer then wider than the given one; None
+    where none is taken. `cuda_plan` and `kernels.triton.describe` both ask it."""
     for layer, move in layers:
         if covers(layer):
-            return layer, move, None, fp32
+            return layer, move, None
     for layer, move in layers:
         if (split := output_split(layer, covers)) is not None:
-            return layer, move, split, fp32
+            return layer, move, split
     if _cuda_padding.enabled():  # a thin layer as a covered one with zero channels
         for layer, move in layers:
             if (padded := _cuda_padding.padded_layer(layer)) is None:
                 continue
             if covers(padded):
-                return padded, move, None, fp32
+                return padded, move, None
             if (split := output_split(padded, covers)) is not None:
-                return padded, move, split, fp32
+                return padded, move, split
     return None
 
 
