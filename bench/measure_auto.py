@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         if args.out:
             paths["json"].write_text(json.dumps({"device": info, "configs": list(args.configs), "rows": log}, indent=1) + "\n")
     _measured.load.cache_clear()
-    _measured.kinds_by_capability.cache_clear()
+    _measured.kinds_of_capability.cache_clear()
     print()
     print(summary(uses, table, backends))
     if args.row_lengths or args.thin_only:

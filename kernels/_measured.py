@@ -51,7 +51,10 @@ No table of the device or of its capability: {} and the priorities decide. A dev
 goes over the stand-in row by row (`device_table`): its `exact` and `configs` rows replace the
 stand-in's of the same signature or name, and the stand-in's other rows stay, so a device can
 measure the configurations where the stand-in is missing or wrong (the H100's 2D rows) without
-re-measuring the rest. The similar-configuration rule (2) then draws on both devices' rows.
+re-measuring the rest. Every other table of the capability fills in below those two: the stand-in
+itself (the H200) ranks the configurations only a sibling measured (the H100's 2D rows: its
+dilated layers at 2.4 ms on triton against 22 on cuDNN) by the sibling's rows, rather than by
+"nothing similar measured". The similar-configuration rule (2) then draws on all their rows.
 """
 
 from __future__ import annotations
@@ -152,40 +155,48 @@ def table_kind(device_kind: str, capability: str = "") -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def kinds_by_capability() -> dict[str, str]:
-    """Compute capability -> the device kind of the committed table recorded with it: where
-    several are, the one with the most `exact` rows (then the first by file name), so a table
-    that measured a few rows over a stand-in does not become the stand-in of its capability."""
-    best: dict[str, tuple[int, str]] = {}
+def kinds_of_capability() -> dict[str, tuple[str, ...]]:
+    """Compute capability -> the device kinds of the committed tables recorded with it, the one
+    with the most `exact` rows first (then by file name): the stand-in of its capability, so a
+    table that measured a few rows (an H100's 2D layers) does not become it."""
+    found: dict[str, list[tuple[int, str]]] = {}
     for path in sorted(_DIR.glob("*.json")):
         data = json.loads(path.read_text())
         if data.get("compute_capability") and data.get("device_kind"):
-            cap, rows = str(data["compute_capability"]), len(data.get("exact") or {})
-            if cap not in best or rows > best[cap][0]:
-                best[cap] = (rows, data["device_kind"])
-    return {cap: kind for cap, (_, kind) in best.items()}
+            found.setdefault(str(data["compute_capability"]), []).append((-len(data.get("exact") or {}), data["device_kind"]))
+    # sorted() is stable: equal row counts keep the file-name order
+    return {cap: tuple(kind for _, kind in sorted(kinds, key=lambda rk: rk[0])) for cap, kinds in found.items()}
+
+
+def kinds_by_capability() -> dict[str, str]:
+    """Compute capability -> the device kind whose table stands in for it (`kinds_of_capability`)."""
+    return {cap: kinds[0] for cap, kinds in kinds_of_capability().items()}
 
 
 def device_table(device_kind: str, capability: str = "") -> tuple[str, Optional[dict], str]:
     """(the device kind to name, the table `auto` ranks by on `device_kind`, a note where it is
-    not the device's own alone): the device's own rows over those of the table of its compute
-    capability (module doc); either alone where the other is missing; None where both are."""
-    kind, note = table_kind(device_kind, capability)
-    if kind != device_kind:
-        return kind, load(kind), note
+    not the device's own alone): the device's own rows first, then those of the other tables of
+    its compute capability, the stand-in's before the rest (module doc); None where there are none.
+    Rows from a table other than the named one carry ORIGIN, which `ranking`'s rules report."""
     own = load(device_kind)
-    other_kind = kinds_by_capability().get(capability) if capability else None
-    other = load(other_kind) if other_kind and other_kind != device_kind else None
-    if own is None or other is None:
-        return device_kind, own, ""
-    def theirs(rows):  # the stand-in's rows say where they were measured (`ranking`'s rules name it)
-        return {k: {**v, ORIGIN: other_kind} for k, v in (rows or {}).items()}
-
-    merged = {**other, **own,
-              "exact": {**theirs(other.get("exact")), **(own.get("exact") or {})},
-              "configs": {**theirs(other.get("configs")), **(own.get("configs") or {})}}
-    return device_kind, merged, (f"{device_kind}'s own rows, and where it has none the {other_kind}'s, "
-                                 f"of the same compute capability {capability}")
+    others = [k for k in (kinds_of_capability().get(capability, ()) if capability else ()) if k != device_kind]
+    tables = ([(device_kind, own)] if own is not None else []) + [(k, load(k)) for k in others]
+    tables = [(k, t) for k, t in tables if t is not None]
+    if not tables:
+        return device_kind, None, ""
+    named, first = tables[0]
+    lead = "" if named == device_kind else f"{device_kind} has no measured table; ranked by the {named}'s"
+    if len(tables) == 1:
+        return named, first, (lead + f", of the same compute capability {capability}" if lead else "")
+    merged = dict(first)
+    for part in ("exact", "configs"):
+        rows: dict = {}
+        for kind, table in reversed(tables):  # the named table's rows last, so they win
+            rows.update({k: v if kind == named else {**v, ORIGIN: kind} for k, v in (table.get(part) or {}).items()})
+        merged[part] = rows
+    fill = ", then ".join(f"the {k}'s" for k, _ in tables[1:])
+    head = lead or f"{device_kind}'s own rows"
+    return named, merged, f"{head}, and where it has none {fill}, of the same compute capability {capability}"
 
 
 def table_for(device_kind: str) -> Optional[dict]:

@@ -375,12 +375,12 @@ def test_measure_auto_can_re_time_only_some_row_lengths(capsys):
 
 
 def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatch):
-    """An H100 (no table of its own) ranks by the H200's, which records compute capability 9.0,
+    """A GH200 (no table of its own) ranks by the H200's, which records compute capability 9.0,
     and says so; a GPU of another capability has none and falls to the priorities."""
     assert _measured.kinds_by_capability().get("9.0") == "NVIDIA H200"  # the committed table
     assert _measured.table_kind("NVIDIA H200", "9.0") == ("NVIDIA H200", "")
-    assert _measured.table_kind("NVIDIA H100 80GB HBM3", "9.0") == (
-        "NVIDIA H200", "NVIDIA H100 80GB HBM3 has no measured table; ranked by the NVIDIA H200's, "
+    assert _measured.table_kind("NVIDIA GH200 480GB", "9.0") == (
+        "NVIDIA H200", "NVIDIA GH200 480GB has no measured table; ranked by the NVIDIA H200's, "
         "of the same compute capability 9.0")
     assert _measured.table_kind("NVIDIA A100-SXM4-80GB", "8.0") == ("NVIDIA A100-SXM4-80GB", "")
     assert _measured.table_kind("cpu", "") == ("cpu", "")
@@ -389,7 +389,7 @@ def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatc
     table = {**_table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}),
                       (spec, (32,) * 3, {1: {"dense": 1.0, "fast-fused": 1.2}})), "compute_capability": "9.9"}
     _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Test GPU", table)
-    monkeypatch.setattr(_measured, "kinds_by_capability", lambda: {"9.9": "Test GPU"})
+    monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.9": ("Test GPU",)})
     monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Sibling GPU")
     monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
     choice = kernels.explain(spec, N64)
@@ -452,7 +452,7 @@ def test_a_gpu_table_goes_over_the_one_of_its_compute_capability_row_by_row(monk
     tables = {"Test GPU": theirs, "Sibling GPU": mine}
     _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Sibling GPU", mine)
     monkeypatch.setattr(_measured, "load", tables.get)
-    monkeypatch.setattr(_measured, "kinds_by_capability", lambda: {"9.9": "Test GPU"})
+    monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.9": ("Test GPU",)})
     monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
 
     kind, table, note = _measured.device_table("Sibling GPU", "9.9")
@@ -473,14 +473,66 @@ def test_a_gpu_table_goes_over_the_one_of_its_compute_capability_row_by_row(monk
     assert kernels.explain(spec, N64).backend == "dense"
 
 
+def test_the_stand_in_takes_a_siblings_rows_where_it_has_none(monkeypatch):
+    """The stand-in of a capability (an H200) ranks a configuration only a sibling measured (the
+    H100's 2D layers) by the sibling's row, and a GPU with no table of its own draws on both,
+    the stand-in's rows first; `explain` names where each row came from."""
+    spec, other = _spec(), _spec(8)
+    stand_in = {**_table((spec, N64, {1: {"dense": 1.0, "fast-fused": 3.0}})), "compute_capability": "9.9"}
+    sibling = {**_table((spec, N64, {1: {"dense": 9.0, "fast-fused": 1.0}}),
+                        (other, N64, {1: {"dense": 4.0, "fast-fused": 1.0}})),
+               "device_kind": "Sibling GPU", "compute_capability": "9.9"}
+    _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Test GPU", stand_in)
+    monkeypatch.setattr(_measured, "load", {"Test GPU": stand_in, "Sibling GPU": sibling}.get)
+    monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.9": ("Test GPU", "Sibling GPU")})
+    monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
+
+    kind, table, note = _measured.device_table("Test GPU", "9.9")
+    assert kind == "Test GPU" and set(table["exact"]) == set(sibling["exact"])
+    assert note == "Test GPU's own rows, and where it has none the Sibling GPU's, of the same compute capability 9.9"
+    assert kernels.explain(spec, N64).backend == "dense"  # its own row, not the sibling's
+    filled = kernels.explain(other, N64)
+    assert filled.backend == "fast-fused" and "the Sibling GPU's row;" in filled.reason, filled.reason
+
+    monkeypatch.setattr(kernels._registry, "device_kind", lambda: "Third GPU")
+    kind, table, note = _measured.device_table("Third GPU", "9.9")
+    assert kind == "Test GPU" and note == ("Third GPU has no measured table; ranked by the Test GPU's, and where it "
+                                           "has none the Sibling GPU's, of the same compute capability 9.9")
+    assert kernels.explain(spec, N64).backend == "dense"
+    assert kernels.explain(other, N64).backend == "fast-fused"
+    # nothing of the capability: no table
+    assert _measured.device_table("Third GPU", "8.0") == ("Third GPU", None, "")
+
+
+def test_the_committed_h200_table_takes_the_h100s_2d_rows():
+    """On the committed tables: every row the H100 measured and the H200 did not (the 2D model
+    layers, session 36) reaches the H200's ranking, tagged as the H100's; the H200's own rows
+    stay its own. Among them the dilated 2D layers, where triton beat cuDNN by ~9x on the H100."""
+    h200, h100 = _measured.load("NVIDIA H200"), _measured.load("NVIDIA H100 80GB HBM3")
+    assert h200 and h100, "the committed tables"
+    kind, table, note = _measured.device_table("NVIDIA H200", "9.0")
+    assert kind == "NVIDIA H200" and "where it has none the NVIDIA H100 80GB HBM3's" in note
+    only_h100 = set(h100["exact"]) - set(h200["exact"])
+    assert only_h100, "the H100 table should hold rows the H200's lacks"
+    for sig in only_h100:
+        assert table["exact"][sig][_measured.ORIGIN] == "NVIDIA H100 80GB HBM3"
+    for sig in h200["exact"]:
+        assert _measured.ORIGIN not in table["exact"][sig]
+    dilated = [table["exact"][sig] for sig in only_h100 if table["exact"][sig].get("geometry") == "dilated"]
+    assert dilated, "the 2D DilResNet's dilated rows"
+    for entry in dilated:
+        ms = _measured._allowed(list(entry["batches"].values()), "fwd_bwd")
+        assert "triton" in ms and ms["triton"] < ms["dense"], entry["batches"]
+
+
 def test_the_stand_in_of_a_capability_is_its_fullest_table(tmp_path, monkeypatch):
     for name, kind, rows in (("a-small.json", "A GPU", 1), ("b-full.json", "B GPU", 3)):
         exact = {f"row {i}": {} for i in range(rows)}
         (tmp_path / name).write_text(json.dumps({"device_kind": kind, "compute_capability": "9.0", "exact": exact}))
     monkeypatch.setattr(_measured, "_DIR", tmp_path)
-    _measured.kinds_by_capability.cache_clear()
+    _measured.kinds_of_capability.cache_clear()
     try:
         assert _measured.kinds_by_capability() == {"9.0": "B GPU"}
     finally:
         monkeypatch.undo()
-        _measured.kinds_by_capability.cache_clear()
+        _measured.kinds_of_capability.cache_clear()
