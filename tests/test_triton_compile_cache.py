@@ -347,3 +347,71 @@ def test_a_layers_kernels_have_the_same_name_and_source_in_every_process():
     assert len(outputs[0]) == 4 and outputs[0][0].startswith("conv_contract_fwd_"), outputs
     assert outputs[0][2].startswith("conv_contract_dw_"), outputs
     assert outputs[0] == outputs[1]
+
+
+def _cuda_backend():
+    """Triton's CUDA backend for sm_90 (needs no GPU) and libtriton, or a skip naming what is missing."""
+    libtriton = pytest.importorskip("triton._C.libtriton", reason="needs triton")
+    if not hasattr(libtriton, "native_specialize_impl"):
+        pytest.skip(f"this triton has no native_specialize_impl (the function replaced here)")
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    return CUDABackend(GPUTarget("cuda", 90, 32)), libtriton
+
+
+def test_the_python_specializer_answers_as_tritons_cpp():
+    """For the arguments jax-triton's helper builds (pointers of every dtype, aligned or not, and
+    its scalars, which it passes the same way with alignment 0), the Python answer is Triton's;
+    anything else goes to the C++ function."""
+    backend, libtriton = _cuda_backend()
+    mine = _compile._PythonSpecializer(libtriton)
+    for dtype in sorted(_compile._PythonSpecializer.DTYPES) + ["i1", "fp8e4nv"]:
+        for pointer in (0, 8, 16, 32, 48, 4):
+            for align in (True, False):
+                arg = types.SimpleNamespace(data_ptr=lambda p=pointer: p, dtype=dtype)
+                want = libtriton.native_specialize_impl(backend, arg, False, True, align)
+                assert mine.native_specialize_impl(backend, arg, False, True, align) == tuple(want), (dtype, pointer, align)
+    for other in (7, 2.5, None):  # not what jax-triton builds: Triton's own answer
+        assert mine.native_specialize_impl(backend, other, False, True, True) == \
+            libtriton.native_specialize_impl(backend, other, False, True, True)
+    assert mine.ir is libtriton.ir  # everything else is libtriton's
+
+
+def test_the_python_specializer_imports_no_torch():
+    """The reason for it: Triton's C++ specializer (3.6, the GPU machine's) imports torch on its
+    first call where torch is installed; the Python one imports nothing."""
+    _cuda_backend()
+    script = """
+import sys, types
+import triton._C.libtriton as libtriton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from kernels.triton._compile import _PythonSpecializer
+backend = CUDABackend(GPUTarget("cuda", 90, 32))
+arg = types.SimpleNamespace(data_ptr=lambda: 16, dtype="fp32")
+assert "torch" not in sys.modules, "imported before the call"
+spec = _PythonSpecializer(libtriton).native_specialize_impl
+assert tuple(spec(backend, arg, False, True, True)) == ("*fp32", "D")
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"  # with Triton's own in its place, 3.6 prints True here
+
+
+def test_the_python_specializer_is_installed_once_and_only_where_it_fits():
+    calls = []
+    lib = types.SimpleNamespace(native_specialize_impl=lambda *a: calls.append(a) or ("*x", ""), ir="ir")
+    triton_lib = types.SimpleNamespace(_triton=lib)
+    _compile.install_python_specializer(triton_lib)
+    wrapped = triton_lib._triton
+    assert isinstance(wrapped, _compile._PythonSpecializer) and wrapped.ir == "ir"
+    _compile.install_python_specializer(triton_lib)
+    assert triton_lib._triton is wrapped  # not wrapped twice
+    assert wrapped.native_specialize_impl(None, 3, False, True, True) == ("*x", "") and len(calls) == 1
+    for without in (types.SimpleNamespace(), types.SimpleNamespace(_triton=types.SimpleNamespace(ir="ir"))):
+        before = dict(vars(without))
+        _compile.install_python_specializer(without)  # a jax-triton or triton of another shape: left alone
+        assert vars(without) == before

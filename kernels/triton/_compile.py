@@ -136,6 +136,7 @@ def _compile(plan: KernelPlan, arg_types: tuple[str, ...]):
     from jax_triton import triton_lib
 
     install_backend_step(triton_lib, (triton.__version__, getattr(jax_triton, "__version__", "?")))
+    install_python_specializer(triton_lib)
 
     def backend_init(device, compute_capability):
         backend = triton_lib.get_cuda_backend(device, compute_capability)
@@ -192,3 +193,39 @@ def install_backend_step(triton_lib, versions: tuple) -> None:
 
         backend_step._ginjax_step = True
         triton_lib.compile_ttir_inplace = backend_step
+
+
+class _PythonSpecializer:
+    """libtriton as jax-triton's helper sees it (`triton_lib._triton`), but with
+    `native_specialize_impl` answered in Python for the arguments that helper builds (an object
+    with `data_ptr()` and a string `dtype` of DTYPES, never constant): ("*" + dtype, "D" where `align` and the
+    pointer is 16-byte aligned, else ""), what Triton's C++ returns for them
+    (tests/test_triton_compile_cache.py compares the two). Why: on its first call Triton's C++
+    specializer imports torch, where torch is installed, to recognise its tensors, and the
+    first kernel a process compiled took ~5 s with every kernel a disk-cache hit (H100,
+    bench/NOTES.md "Session 36"). Anything else goes to the C++ function."""
+
+    def __init__(self, lib):
+        self._lib = lib
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+    # element types whose names Triton keeps as given (it renames some, e.g. i1 to u1)
+    DTYPES = frozenset({"fp16", "bf16", "fp32", "fp64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64"})
+
+    def native_specialize_impl(self, backend, arg, is_const, specialize_value, align):
+        dtype = getattr(arg, "dtype", None)
+        if is_const or dtype not in self.DTYPES or not callable(getattr(arg, "data_ptr", None)):
+            return self._lib.native_specialize_impl(backend, arg, is_const, specialize_value, align)
+        return "*" + dtype, ("D" if align and arg.data_ptr() % 16 == 0 else "")
+
+
+def install_python_specializer(triton_lib) -> None:
+    """Once per process: jax-triton's module reference to libtriton wrapped in
+    `_PythonSpecializer` (a jax-triton without that reference is left as it is)."""
+    with _lock:
+        lib = getattr(triton_lib, "_triton", None)
+        if lib is None or isinstance(lib, _PythonSpecializer) or not hasattr(lib, "native_specialize_impl"):
+            return
+        triton_lib._triton = _PythonSpecializer(lib)
