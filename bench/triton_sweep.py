@@ -147,6 +147,19 @@ def dw_blocks(D, warps, tile, units, cap=None, spec=None, spatial=None):
                                dw_max_registers=cap)
 
 
+def dw_tilings(text: str) -> list[tuple[int, int, int]]:
+    """--dw-tilings: "w/t/u,..." (warps, pixels, units); empty: the five of the H200's sweep."""
+    if not text:
+        return [(4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)]
+    out = []
+    for item in text.split(","):
+        parts = item.split("/")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"--dw-tilings (={text!r}): {item!r} is not warps/pixels/units")
+        out.append(tuple(map(int, parts)))
+    return out
+
+
 def rel(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     num = sum(float(jnp.sum((x.astype(jnp.float32) - y) ** 2)) for x, y in zip(la, lb))
@@ -164,6 +177,9 @@ def main():
                     "preset final: of CONFIGS, default all)")
     ap.add_argument("--variants-bwd", action="store_true", help="preset final: each variant's fwd_bwd too")
     ap.add_argument("--dw-variants", action="store_true", help="preset final: the weight kernel's tilings on every config")
+    ap.add_argument("--dw-tilings", default="",
+                    help="with --dw-variants: the weight kernel's tilings, warps/pixels/units comma-separated "
+                         "(default: five of them)")
     ap.add_argument("--layouts", default="planar,interleaved", help="preset layers: BlockSizes.layout variants on the first config")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -241,7 +257,7 @@ def main():
         if config == "d3_n64_b4_c16" or args.dw_variants:
             bwd_variants.update({
                 f"dw-w{w}-t{t}-u{u}-fwd_bwd": dict(block_sizes=dw_blocks(D, w, t, u, spec=spec, spatial=(N,) * D))
-                for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else ((4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)))
+                for w, t, u in (((4, 32, 4), (2, 64, 3), (2, 16, 6)) if backward else dw_tilings(args.dw_tilings))
             })
         for label, kw in bwd_variants.items():
             run_case(config, label, fwd_bwd(lambda x, w, kw=kw: conv_contract_triton(spec, x, w, precision="tf32", **kw)), (xs, ws), None, extra)

@@ -420,6 +420,18 @@ def test_gpu_default_tiling_per_dimension(monkeypatch):
     assert (d3.num_warps, d3.resolved_tile(3)) == (8, (1, 1, 64))
     assert (d2.num_warps, d2.resolved_tile(2)) == (_tiling.D2_WARPS, (1, 64)) and _tiling.D2_WARPS == 4
     assert not d2.unroll_chunks and d2.num_stages == 1
+    # the D=2 weight-gradient tiling from $GINJAX_TRITON_D2_DW (for sweeps in a step), D=3 untouched
+    assert (d2.dw_num_warps, d2.dw_tile, d2.dw_units) == (2, None, 4)
+    monkeypatch.setenv(_tiling.D2_DW_ENV, "4/64/2")
+    layer2 = make_layer(2, 3, [("s", 32), ("v", 32)], [("s", 32), ("v", 32)])
+    swept = BlockSizes.for_layer(layer2, (256,) * 2)
+    assert (swept.dw_num_warps, swept.dw_tile, swept.dw_units, swept.num_warps) == (4, (1, 64), 2, _tiling.D2_WARPS)
+    assert swept.for_weight_grad(2).tile == (1, 64)
+    assert BlockSizes.for_layer(make_layer(3, 3, [("s", 16), ("v", 16)], [("s", 16), ("v", 16)]), (64,) * 3) == d3
+    for bad in ("4/64", "4/x/2", "0/64/2", "4/64/2/1"):
+        monkeypatch.setenv(_tiling.D2_DW_ENV, bad)
+        with pytest.raises(ValueError, match=f"`GINJAX_TRITON_D2_DW` \\(={bad!r}\\) must be warps/pixels/units"):
+            BlockSizes.for_layer(layer2, (256,) * 2)
 
 
 def _backend_config(line: str) -> bytes:

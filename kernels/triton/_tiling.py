@@ -16,8 +16,23 @@ from .._spec import ConvSpec
 DW_WARPS = 132 * 16 * 2
 # warps of a D=2 forward program (bench/NOTES.md, "Session 23": the H200 sweep)
 D2_WARPS = 4
+# the weight-gradient kernel's tiling on D=2 layers, "warps/pixels/units" (unset: BlockSizes'
+# defaults), for sweeping it inside a model step (bench/gpu_session.sh's env-ab stage)
+D2_DW_ENV = "GINJAX_TRITON_D2_DW"
 # Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
 MAX_NONZEROS = 6000
+
+
+def d2_weight_grad_tiling() -> dict:
+    """$GINJAX_TRITON_D2_DW as BlockSizes fields ({} where unset)."""
+    value = os.environ.get(D2_DW_ENV, "")
+    if not value:
+        return {}
+    parts = value.split("/")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"`{D2_DW_ENV}` (={value!r}) must be warps/pixels/units, e.g. 2/32/4")
+    warps, pixels, units = map(int, parts)
+    return dict(dw_num_warps=warps, dw_tile=(1, pixels), dw_units=units)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +120,7 @@ class BlockSizes:
         on d2_n256_b16_c32; bench/NOTES.md, "Session 23").
         """
         if not interpreting():
-            return cls(num_warps=D2_WARPS) if spec.D == 2 else cls()
+            return cls(num_warps=D2_WARPS, **d2_weight_grad_tiling()) if spec.D == 2 else cls()
         tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
         for ax in range(len(tile)):
             while math.prod(tile) > 512 and tile[ax] > 1:
