@@ -411,7 +411,7 @@ def test_gpu_lowering_asks_for_planar_layouts(monkeypatch):
 def test_gpu_default_tiling_per_dimension(monkeypatch):
     """On a GPU (the interpreter's large tiles patched away) D=3 layers get 8-warp programs and D=2
     layers 4-warp ones (bench/NOTES.md, "Session 23": 1.10 against 1.31 ms on d2_n256_b16_c32),
-    both over 64 pixels of a row."""
+    both over 64 pixels of a row; D=2 weight-gradient programs over 64 pixels ("Session 36")."""
     from kernels.triton import _tiling
 
     monkeypatch.setattr(_tiling, "interpreting", lambda: False)
@@ -421,7 +421,8 @@ def test_gpu_default_tiling_per_dimension(monkeypatch):
     assert (d2.num_warps, d2.resolved_tile(2)) == (_tiling.D2_WARPS, (1, 64)) and _tiling.D2_WARPS == 4
     assert not d2.unroll_chunks and d2.num_stages == 1
     # the D=2 weight-gradient tiling from $GINJAX_TRITON_D2_DW (for sweeps in a step), D=3 untouched
-    assert (d2.dw_num_warps, d2.dw_tile, d2.dw_units) == (2, None, 4)
+    assert (d2.dw_num_warps, d2.dw_tile, d2.dw_units) == (2, (1, _tiling.D2_DW_PIXELS), 4) and _tiling.D2_DW_PIXELS == 64
+    assert d3.dw_tile is None and d3.for_weight_grad(3).tile == (1, 1, 32)
     monkeypatch.setenv(_tiling.D2_DW_ENV, "4/64/2")
     layer2 = make_layer(2, 3, [("s", 32), ("v", 32)], [("s", 32), ("v", 32)])
     swept = BlockSizes.for_layer(layer2, (256,) * 2)

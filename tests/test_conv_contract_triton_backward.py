@@ -87,6 +87,27 @@ def test_weight_kernel_gpu_tiling_shares_and_ragged_round():
         assert rel_l2(g, w) <= 1e-5
 
 
+def test_weight_kernel_d2_gpu_default_over_rows_longer_than_its_tile(monkeypatch):
+    """The D=2 weight-gradient tiling a GPU picks (`BlockSizes.for_layer`: 64-pixel row tiles,
+    2 warps, 4 units) on rows of 70 pixels (a full tile and a ragged one) and pixel shares that
+    do not divide the tiles, against `reference`."""
+    from kernels.triton import _tiling
+
+    spec = make_layer(2, 3, [("s", 3), ("v", 2)], [("s", 2), ("v", 3)], (True, False))
+    monkeypatch.setattr(_tiling, "interpreting", lambda: False)
+    blocks = BlockSizes.for_layer(spec, (3, 70)).for_weight_grad(2)
+    monkeypatch.undo()
+    assert blocks.tile == (1, 64) and blocks.num_warps == 2 and blocks.dw_units == 4
+    xs, ws = operands(spec, (3, 70), seed=11, batch=2)
+    gs = [jnp.asarray(np.random.default_rng(12).standard_normal((2, o) + (3, 70) + (2,) * k), jnp.float32)
+          for k, _, o in spec.out_keys]
+    got = _backward.weight_grad_launch(spec, "fp32", blocks, xs, gs, groups=4)
+    want = jax.vmap(lambda x, g: jax.vjp(lambda w: kernels.conv_contract(spec, x, w, backend="reference", precision="fp32"), ws)[1](tuple(g)))(xs, gs)[0]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_l2(g, w) <= 1e-5
+
+
 def test_weight_kernels_also_sum_the_cotangents_over_pixels():
     """The bias gradient from the weight kernels: the cotangent of each output key summed over the
     pixels, with ragged pixel shares, two output-channel tiles and two input-channel chunks (only

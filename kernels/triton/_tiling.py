@@ -16,15 +16,19 @@ from .._spec import ConvSpec
 DW_WARPS = 132 * 16 * 2
 # warps of a D=2 forward program (bench/NOTES.md, "Session 23": the H200 sweep)
 D2_WARPS = 4
-# the weight-gradient kernel's tiling on D=2 layers, "warps/pixels/units" (unset: BlockSizes'
-# defaults), for sweeping it inside a model step (bench/gpu_session.sh's env-ab stage)
+# pixels along a row of a D=2 weight-gradient program: on the H100 64 took d2_n256_b16_c32's
+# fwd_bwd from 4.43 to 4.00 ms against 32 (the best of nine tilings; 2 warps and 4 units stay)
+# and the 2D DilResNet step from 48.3-48.9 to 47.0-47.2 ms (bench/NOTES.md, "Session 36")
+D2_DW_PIXELS = 64
+# the weight-gradient kernel's tiling on D=2 layers, "warps/pixels/units" (unset: 2 warps,
+# D2_DW_PIXELS, 4 units), for sweeping it inside a model step
 D2_DW_ENV = "GINJAX_TRITON_D2_DW"
 # Unrolled source grows with the basis nonzeros; beyond this Triton's compile time gets silly.
 MAX_NONZEROS = 6000
 
 
 def d2_weight_grad_tiling() -> dict:
-    """$GINJAX_TRITON_D2_DW as BlockSizes fields ({} where unset)."""
+    """$GINJAX_TRITON_D2_DW as BlockSizes fields ({} where unset: `for_layer`'s D=2 defaults)."""
     value = os.environ.get(D2_DW_ENV, "")
     if not value:
         return {}
@@ -117,10 +121,13 @@ class BlockSizes:
         On the interpreter one program covers up to 512 output pixels: every program is a Python
         loop over numpy ops, so fewer, larger programs are much faster there. On a GPU, D=2 layers
         run 4-warp programs, measured faster than 8-warp ones on the H200 (1.10 against 1.31 ms
-        on d2_n256_b16_c32; bench/NOTES.md, "Session 23").
+        on d2_n256_b16_c32; bench/NOTES.md, "Session 23"), and weight-gradient programs over 64
+        pixels of a row (D2_DW_PIXELS).
         """
         if not interpreting():
-            return cls(num_warps=D2_WARPS, **d2_weight_grad_tiling()) if spec.D == 2 else cls()
+            if spec.D != 2:
+                return cls()
+            return cls(**{"num_warps": D2_WARPS, "dw_tile": (1, D2_DW_PIXELS), **d2_weight_grad_tiling()})
         tile = [next_pow2(n) for n in spec.out_spatial(spatial)]
         for ax in range(len(tile)):
             while math.prod(tile) > 512 and tile[ax] > 1:
