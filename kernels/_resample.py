@@ -14,8 +14,18 @@ position p as (p // s, p % s) folds the s^D residues into the channels (space-to
 then reads block j + (t*r)//s at residue (t*r) % s, a stride-1 correlation with a filter of
 (M-1)*r//s + 1 taps per axis, a pure GEMM when that is 1 (M <= s, r = 1).
 
-Both rewrites are pads, reshapes, transposes, slices, GEMMs and stride-1 VALID convolutions, so
-JAX's autodiff of them contains no dilated or strided convolution either: the transpose of a
+A convolution with rhs_dilation r (DilResNet's atrous layers) reads input i + r*t for output i
+and tap t. Writing both as (cell // r, cell % r) splits them into r^D phases that never mix:
+output phase rho reads input phase rho, undilated, so the layer is r^D stride-1 convolutions of
+1/r^D of the grid each, run as one convolution with the phases in its batch (opt-in,
+$GINJAX_DENSE_DILATED=phases). Where it applies, the output extent of every dilated axis must
+divide by r; elsewhere the lax dilated convolution stays. cuDNN's dilated backward is its slow
+path: on the H100 a 2D DilResNet layer (256^2, batch 8, 96 -> 96 channels) took 22.4 ms
+fwd_bwd dilated against 2.5 ms undilated, its forward 0.8-0.9 ms either way (bench/NOTES.md,
+"Session 36").
+
+All three rewrites are pads, reshapes, transposes, slices, GEMMs and stride-1 VALID convolutions,
+so JAX's autodiff of them contains no dilated or strided convolution either: the transpose of a
 stride-1 convolution is a stride-1 convolution, of a GEMM a GEMM.
 
 Per axis, with the wrapped input x of n cells, zero padding (lo, hi), lhs_dilation s (spec
@@ -48,6 +58,14 @@ from ._spec import ConvSpec
 # on an H100 the second order took 0.58 ms off the UNet step (twice, in alternation, session 33),
 # so it is a GPU's default. Unmeasured on a CPU, which keeps the first.
 SUBPIXEL_ORDER_ENV = "GINJAX_SUBPIXEL_ORDER"
+# rhs-dilated layers: "lax" (one dilated lax convolution, the default until the phases are timed
+# on a GPU) or "phases" (`_dilated_phases`)
+DILATED_ENV = "GINJAX_DENSE_DILATED"
+
+
+def dilated_form() -> str:
+    """$GINJAX_DENSE_DILATED: "lax" (default) or "phases", read at trace time."""
+    return env_choice(DILATED_ENV, ("lax", "phases"), "lax")
 
 
 def subpixel_order() -> str:
@@ -73,12 +91,16 @@ class Phase:
 
 
 def method(spec: ConvSpec) -> str:
-    """How `dense` runs the spec: 'plain' (stride 1, no lhs_dilation), 'subpixel', 'space_to_depth',
-    or 'lax' (lhs_dilation with a stride or an rhs_dilation: one dilated lax convolution)."""
+    """How `dense` runs the spec: 'plain' (stride 1, no dilation), 'subpixel', 'space_to_depth',
+    'dilated_phases' (rhs_dilation with $GINJAX_DENSE_DILATED=phases; `dilated_phases_fit` says
+    whether a grid splits), or 'lax' (lhs_dilation with a stride or an rhs_dilation, or
+    rhs_dilation alone by default: one dilated lax convolution)."""
     upsample = any(d != 1 for d in spec.lhs_dilation)
     strided = any(s != 1 for s in spec.stride)
     if not upsample and not strided:
-        return "plain"
+        if all(r == 1 for r in spec.rhs_dilation):
+            return "plain"
+        return "dilated_phases" if dilated_form() == "phases" else "lax"
     if upsample:
         if strided or any(r != 1 for r in spec.rhs_dilation):
             return "lax"
@@ -104,11 +126,22 @@ def _fmt(values: tuple[int, ...]) -> str:
     return str(values[0]) if len(set(values)) == 1 else str(values)
 
 
-def describe(spec: ConvSpec) -> str:
-    """A line saying how `dense` computes this spec (empty for a plain stride-1 convolution)."""
+def describe(spec: ConvSpec, spatial=None) -> str:
+    """A line saying how `dense` computes this spec (empty for a plain stride-1 convolution);
+    `spatial`, the input's grid, where the form depends on it."""
     how = method(spec)
     if how == "plain":
         return ""
+    if how == "dilated_phases":
+        r = spec.rhs_dilation
+        if spatial is not None and not dilated_phases_fit(spec, spatial):
+            return (f"one lax convolution with rhs_dilation {_fmt(r)} (the output extent "
+                    f"{_fmt(tuple(_padded_out(spec, spatial)[1]))} does not divide into its phases)")
+        return (f"dilation phases (rhs_dilation {_fmt(r)}: {math.prod(r)} undilated stride-1 "
+                "convolutions in one batch)" + ("" if spatial is not None else ", where the output extent divides by it"))
+    if how == "lax" and not any(d != 1 for d in spec.lhs_dilation) and not any(s != 1 for s in spec.stride):
+        return (f"one lax convolution with rhs_dilation {_fmt(spec.rhs_dilation)} (cuDNN's backward "
+                f"takes a slow path; {DILATED_ENV}=phases splits it into undilated phases)")
     if how == "lax":
         return (
             f"one lax convolution with lhs_dilation {_fmt(spec.lhs_dilation)}, stride "
@@ -160,14 +193,18 @@ def gives_channels_first(spec: ConvSpec) -> bool:
 def conv(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
     """The spec's convolution of the wrapped input x (*spatial, Cin) with w (*taps, Cin, Cout).
 
-    Only for method(spec) in ('subpixel', 'space_to_depth'); returns (*out_spatial, Cout).
+    Only for method(spec) in ('subpixel', 'space_to_depth', 'dilated_phases'); returns
+    (*out_spatial, Cout).
     """
     how = method(spec)
     if how == "subpixel":
         return _subpixel(spec, x, w, precision, out_dtype)
     if how == "space_to_depth":
         return _space_to_depth(spec, x, w, precision, out_dtype)
-    raise ValueError(f"kernels._resample.conv: `spec` needs method 'subpixel' or 'space_to_depth', not {how!r}")
+    if how == "dilated_phases":
+        return _dilated_phases(spec, x, w, precision, out_dtype)
+    raise ValueError(f"kernels._resample.conv: `spec` needs method 'subpixel', 'space_to_depth' or "
+                     f"'dilated_phases', not {how!r}")
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -355,3 +392,46 @@ def _space_to_depth(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_d
     ).reshape(tuple(K) + (math.prod(s) * cin, w.shape[-1]))
     return _valid_conv(z, w_s2d, precision, out_dtype)
 
+
+
+# ---- rhs-dilated: phases ---------------------------------------------------------------------------
+def _padded_out(spec: ConvSpec, spatial) -> tuple[list[int], list[int]]:
+    """(zero-padded extent, output extent) per axis of a stride-1 rhs-dilated convolution of the
+    wrapped input grid `spatial` (the torus wrap included)."""
+    padded = [n + lo + hi for n, (lo, hi) in zip(spatial, spec.zero_pad)]
+    return padded, [p - (m - 1) * r for p, m, r in zip(padded, spec.filter_shape, spec.rhs_dilation)]
+
+
+def dilated_phases_fit(spec: ConvSpec, spatial) -> bool:
+    """Whether the phases apply to the input grid `spatial` (before the torus wrap): every axis's
+    output extent divides by its rhs_dilation."""
+    wrapped = [n + lo + hi for n, (lo, hi) in zip(spatial, spec.torus_pad)]
+    out = _padded_out(spec, wrapped)[1]
+    return all(o > 0 and o % r == 0 for o, r in zip(out, spec.rhs_dilation))
+
+
+def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
+    """x (*wrapped, Cin) -> (*out, Cout): zero-pad, split each axis of P cells into (P/r, r), move
+    the residues into one batch axis, one undilated VALID convolution, and interleave the output
+    phases back (output cell r q + rho is phase rho's cell q, which read input cells r (q + t) + rho).
+    Grids whose output extent does not divide by r take the lax dilated convolution."""
+    from ._lax_common import conv_general_channels_last
+
+    D = spec.D
+    padded, out = _padded_out(spec, x.shape[:D])
+    r = spec.rhs_dilation
+    if not all(o > 0 and o % rd == 0 for o, rd in zip(out, r)):
+        return conv_general_channels_last(x[None], w, stride=(1,) * D, padding=spec.zero_pad, lhs_dilation=None,
+                                          rhs_dilation=r, precision=precision, out_dtype=out_dtype)[0]
+    xp = _pad(x, spec.zero_pad)
+    cin, cout = x.shape[-1], w.shape[-1]
+    split = xp.reshape(tuple(v for p, rd in zip(padded, r) for v in (p // rd, rd)) + (cin,))
+    residues = [2 * d + 1 for d in range(D)]
+    cells = [2 * d for d in range(D)]
+    phases = split.transpose(residues + cells + [2 * D]).reshape((math.prod(r),) + tuple(p // rd for p, rd in zip(padded, r)) + (cin,))
+    y = lax.conv_general_dilated(phases, w, window_strides=(1,) * D, padding="VALID",
+                                 dimension_numbers=dimension_numbers(D), precision=precision,
+                                 preferred_element_type=out_dtype)  # (R, *out / r, Cout)
+    y = y.reshape(tuple(r) + tuple(o // rd for o, rd in zip(out, r)) + (cout,))
+    order = [a for d in range(D) for a in (D + d, d)] + [2 * D]  # (q_1, rho_1, q_2, rho_2, ..., C)
+    return y.transpose(order).reshape(tuple(out) + (cout,))

@@ -7,7 +7,8 @@ assembled in HBM (small: taps * Cin * Cout). Pairs without a filter leave zero b
 
 Transposed (lhs_dilation) and strided layers do not run as a dilated or strided lax convolution
 (cuDNN's slow path on the GPU): `_resample` rewrites them as GEMMs and stride-1 convolutions
-(sub-pixel decomposition, space-to-depth). Thin layers (few channels on one side: a model's
+(sub-pixel decomposition, space-to-depth), and with GINJAX_DENSE_DILATED=phases rhs-dilated ones
+as undilated phases in one batch. Thin layers (few channels on one side: a model's
 first and last) can run in two stages, a convolution with the filter bases and GEMMs with the
 weights (`_thin`, with GINJAX_DENSE_THIN=1; measured slower than one convolution on the H100, so
 off by default). `describe_dense` says which form runs.
@@ -99,7 +100,7 @@ def conv_contract_dense(
     precision, (x, w_dense) = lax_operands(mode, x, w_dense)
     if _resample.gives_channels_first(spec):
         return unpack_channels_first(spec, _resample.conv_channels_first(spec, x[0], w_dense, precision, dtype))
-    if _resample.method(spec) in ("subpixel", "space_to_depth"):
+    if _resample.method(spec) in ("subpixel", "space_to_depth", "dilated_phases"):
         y = _resample.conv(spec, x[0], w_dense, precision, dtype)
     else:
         y = conv_channels_last(x, w_dense, spec, precision, out_dtype=dtype)[0]
@@ -108,4 +109,4 @@ def conv_contract_dense(
 
 def describe_dense(spec: ConvSpec, spatial: tuple) -> str:
     """How `dense` computes this configuration (empty for one plain stride-1 convolution)."""
-    return _thin.describe(spec) or _resample.describe(spec)
+    return _thin.describe(spec) or _resample.describe(spec, spatial)

@@ -252,6 +252,77 @@ def test_drawn_layers_match_reference(examples):
     run_drawn(_drawn_layers_match_reference, examples, cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
 
 
+# ---- rhs-dilated layers as undilated phases (opt-in: $GINJAX_DENSE_DILATED=phases) ----------------
+_RHS_FIELD = re.compile(r"\b(rhs_dilate|rhs_dilation)\s*=\s*(?:array<i64:\s*|dense<)?\[?([0-9,\s]+)")
+
+
+def dilated_convolutions(hlo_text: str) -> list[str]:
+    """The convolution lines of lowered (StableHLO) text with an rhs (filter) dilation != 1."""
+    return [line.strip() for line in _CONV_LINE.findall(hlo_text)
+            if any(any(int(v) != 1 for v in values.replace(",", " ").split()) for _, values in _RHS_FIELD.findall(line))]
+
+
+def test_hlo_check_catches_rhs_dilated_convolutions():
+    x, w = jnp.ones((1, 9, 9, 2)), jnp.ones((3, 3, 2, 3))
+    dn = ("NHWC", "HWIO", "NHWC")
+    lowered = lambda r: jax.jit(lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (1, 1), "VALID", rhs_dilation=r, dimension_numbers=dn)).lower(x, w).as_text()
+    assert dilated_convolutions(lowered((2, 1))) and not dilated_convolutions(lowered((1, 1)))
+
+
+def _dilated_spec(D, r, torus, padding, M=3):
+    filters = fixture_filters(D, M)
+    ins = [(0, 0, 3), (1, 0, 2)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 2), (1, 0, 3)])
+    return kernels.make_spec(D, ins, outs, pairs, torus, 1, padding, None, r)
+
+
+@pytest.mark.parametrize("D, N, r, torus, padding", [
+    (2, 8, 2, True, None),            # DilResNet's: a torus, 'same' size
+    (2, (8, 12), 4, True, None),      # the wrap covers most of the grid
+    (2, 9, 3, False, "SAME"),         # zero padding
+    (2, (6, 10), (2, 1), (True, False), ((2, 2), (1, 0))),  # per-axis dilation, torus, padding
+    (3, 4, 2, True, None),
+    (3, (6, 8, 9), (1, 2, 3), False, "VALID"),  # outputs 4, 4, 3: each divides by its r
+], ids=["d2-torus", "d2-torus-r4", "d2-zeros", "d2-mixed", "d3-torus", "d3-valid-mixed"])
+def test_dilated_phases_match_reference_without_a_dilated_convolution(D, N, r, torus, padding, monkeypatch):
+    """With $GINJAX_DENSE_DILATED=phases an rhs-dilated layer is one undilated convolution over the
+    r^D phases: values and gradients against `reference` at fp32, and no rhs-dilated convolution
+    in the lowered forward and gradient (cuDNN's dilated backward is its slow path)."""
+    monkeypatch.setenv(_resample.DILATED_ENV, "phases")
+    spec = _dilated_spec(D, r, torus, padding)
+    grid = N if isinstance(N, tuple) else (N,) * D
+    assert _resample.method(spec) == "dilated_phases" and _resample.dilated_phases_fit(spec, grid)
+    xs, ws = random_operands(spec, grid, seed=5, batch=2, dtype=np.float32)
+    text = check_against_reference(spec, xs, ws).as_text()
+    assert count_convolutions(text) > 0 and not dilated_convolutions(text), dilated_convolutions(text)
+    assert "dilation phases" in kernels.explain(spec, grid, backend="dense").reason
+
+
+def test_dilated_layers_off_the_phases(monkeypatch):
+    """By default, and on a grid whose output extent does not divide by r, the layer is one
+    dilated lax convolution (checked against `reference` too), and explain says which."""
+    spec = _dilated_spec(2, 2, True, None)
+    monkeypatch.delenv(_resample.DILATED_ENV, raising=False)
+    assert _resample.dilated_form() == "lax" and _resample.method(spec) == "lax"
+    xs, ws = random_operands(spec, (8, 8), seed=6, batch=2, dtype=np.float32)
+    assert dilated_convolutions(_grads_and_outputs(spec, "dense").lower(xs, ws).as_text())
+    assert "GINJAX_DENSE_DILATED=phases splits it" in kernels.explain(spec, (8, 8), backend="dense").reason
+    monkeypatch.setenv(_resample.DILATED_ENV, "phases")
+    assert not _resample.dilated_phases_fit(spec, (7, 8))  # 7 cells a side on a torus: 7 outputs
+    xs, ws = random_operands(spec, (7, 8), seed=7, batch=2, dtype=np.float32)
+    inputs, weights = [jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws]
+    (dx, dw), out = _grads_and_outputs(spec, "dense")(inputs, weights)
+    (dx_ref, dw_ref), out_ref = _grads_and_outputs(spec, "reference")(inputs, weights)
+    for got, want in ((out, out_ref), (dx, dx_ref), (dw, dw_ref)):
+        _close(got, want)
+    assert dilated_convolutions(_grads_and_outputs(spec, "dense").lower(inputs, weights).as_text())
+    assert "does not divide into its phases" in kernels.explain(spec, (7, 8), backend="dense").reason
+    monkeypatch.setenv(_resample.DILATED_ENV, "holes")
+    with pytest.raises(ValueError, match="`GINJAX_DENSE_DILATED` \\(='holes'\\) must be one of"):
+        _resample.method(spec)
+
+
 @pytest.mark.parametrize("D", [2, 3])
 def test_unet_upsampling_is_one_gemm(D):
     """lhs_dilation 2, 2^D filters, padding 1 (the UNet's upsampling): no convolution at all, in the
