@@ -201,11 +201,12 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=0
       for round in $(seq "${ENV_AB_ROUNDS:-2}"); do
         for value in ${ENV_AB_VALUES:?ENV_AB_VALUES: the values of ENV_AB_VAR to alternate}; do
+          tag=$(printf '%s' "$value" | tr -c 'A-Za-z0-9._-' '-')  # a file name (values like 2/64/4)
           env "${ENV_AB_VAR:?ENV_AB_VAR: the switch to alternate}=$value" timeout "${T_ENV_AB:-120}" python3 -u -m bench \
-            --out "$OUT/env-ab/$value-$round" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+            --out "$OUT/env-ab/$tag-$round" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
             ${ENV_AB_ARGS:---configs d3_n64_b4_c16 --backends triton --modes fwd,fwd_bwd --operand-layouts auto --no-check} \
-            > "$OUT/env-ab/$value-$round.log" 2>&1 || rc=$?
-          echo "$ENV_AB_VAR=$value round $round:"; grep -E '^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step)' "$OUT/env-ab/$value-$round.log"
+            > "$OUT/env-ab/$tag-$round.log" 2>&1 || rc=$?
+          echo "$ENV_AB_VAR=$value round $round:"; grep -E '^\| [a-z0-9_]+ +\| (fwd|fwd_bwd|step)' "$OUT/env-ab/$tag-$round.log"
         done
       done
       (exit $rc) ;;
