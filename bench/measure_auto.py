@@ -128,7 +128,7 @@ def candidates(value: str) -> tuple[str, ...]:
 def load_table(path: pathlib.Path, device_kind: str, capability: str = "") -> dict:
     """The table at `path` (a new one if there is none) for `device_kind`, with its compute
     `capability` recorded (a GPU without a table of its own ranks by one of the same capability:
-    kernels._measured.table_kind)."""
+    kernels._measured.device_table)."""
     if path.exists():
         data = json.loads(path.read_text())
         if data.get("device_kind", device_kind) != device_kind:

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     table = {"device_kind": kind, "sources": sources, "configs": configs}
     if out.exists():  # keep the exact entries of `python -m bench measure-auto`
         old = json.loads(out.read_text())
-        if old.get("compute_capability"):  # measure-auto's record (kernels._measured.table_kind)
+        if old.get("compute_capability"):  # measure-auto's record (kernels._measured.device_table)
             table["compute_capability"] = old["compute_capability"]
         if old.get("exact"):
             table["exact"] = old["exact"]

@@ -41,7 +41,7 @@ Backends left out of the returned dict rank after the measured ones (kernels/_re
 `dense` wins wherever a fused backend was not shown faster.
 
 A GPU without a table of its own ranks by the committed table of a GPU with the same compute
-capability (`table_kind`: an H100 by the H200's, sm 9.0). The kernels are the same machine code,
+capability (`device_table`: a GH200 by the H200's, sm 9.0). The kernels are the same machine code,
 and what makes a layer fused or dense is mostly the same there (tile sizes, channel counts, the
 grid's fill), while HBM bandwidth differs (3.35 against 4.8 TB/s). A close call may go the other
 way, but the other choice is far worse: with no table, the backends' priorities decide. On an H100
@@ -140,18 +140,6 @@ def load(device_kind: str) -> Optional[dict]:
     if not path.exists():
         return None
     return json.loads(path.read_text())
-
-
-def table_kind(device_kind: str, capability: str = "") -> tuple[str, str]:
-    """(the device kind whose table `auto` ranks by on `device_kind`, a note where it is not its
-    own): its own table if committed; else the committed table recorded with compute capability
-    `capability` (e.g. "9.0"; the module doc says why); else `device_kind` itself, with no table."""
-    if not capability or load(device_kind) is not None:
-        return device_kind, ""
-    kind = kinds_by_capability().get(capability)
-    if kind is None:
-        return device_kind, ""
-    return kind, f"{device_kind} has no measured table; ranked by the {kind}'s, of the same compute capability {capability}"
 
 
 @functools.lru_cache(maxsize=None)

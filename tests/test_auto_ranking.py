@@ -378,12 +378,14 @@ def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatc
     """A GH200 (no table of its own) ranks by the H200's, which records compute capability 9.0,
     and says so; a GPU of another capability has none and falls to the priorities."""
     assert _measured.kinds_by_capability().get("9.0") == "NVIDIA H200"  # the committed table
-    assert _measured.table_kind("NVIDIA H200", "9.0") == ("NVIDIA H200", "")
-    assert _measured.table_kind("NVIDIA GH200 480GB", "9.0") == (
-        "NVIDIA H200", "NVIDIA GH200 480GB has no measured table; ranked by the NVIDIA H200's, "
-        "of the same compute capability 9.0")
-    assert _measured.table_kind("NVIDIA A100-SXM4-80GB", "8.0") == ("NVIDIA A100-SXM4-80GB", "")
-    assert _measured.table_kind("cpu", "") == ("cpu", "")
+    assert _measured.device_table("NVIDIA H200", "9.0")[0] == "NVIDIA H200"
+    kind, table, note = _measured.device_table("NVIDIA GH200 480GB", "9.0")
+    assert kind == "NVIDIA H200" and note == (
+        "NVIDIA GH200 480GB has no measured table; ranked by the NVIDIA H200's, and where it has none "
+        "the NVIDIA H100 80GB HBM3's, of the same compute capability 9.0")
+    assert set(_measured.load("NVIDIA H200")["exact"]) <= set(table["exact"])
+    assert _measured.device_table("NVIDIA A100-SXM4-80GB", "8.0") == ("NVIDIA A100-SXM4-80GB", None, "")
+    assert _measured.device_table("cpu", "") == ("cpu", _measured.load("cpu"), "")
 
     spec = _spec()
     table = {**_table((spec, N64, {1: {"dense": 2.0, "fast-fused": 1.0}}),

@@ -198,8 +198,8 @@ def install_backend_step(triton_lib, versions: tuple) -> None:
 class _PythonSpecializer:
     """libtriton as jax-triton's helper sees it (`triton_lib._triton`), but with
     `native_specialize_impl` answered in Python for the arguments that helper builds (an object
-    with `data_ptr()` and a string `dtype` of DTYPES, never constant): ("*" + dtype, "D" where `align` and the
-    pointer is 16-byte aligned, else ""), what Triton's C++ returns for them
+    with `data_ptr()` and a dtype name in DTYPES, never constant): ("*" + dtype, "D" where
+    `align` and the pointer is 16-byte aligned, else ""), what Triton's C++ returns for them
     (tests/test_triton_compile_cache.py compares the two). Why: on its first call Triton's C++
     specializer imports torch, where torch is installed, to recognise its tensors, and the
     first kernel a process compiled took ~5 s with every kernel a disk-cache hit (H100,
