@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from ._env import env_choice
-from ._lax_common import dimension_numbers
+from ._lax_common import conv_general_channels_last, dimension_numbers
 from ._spec import ConvSpec
 
 # The one-GEMM sub-pixel form's product order: "channels-last" (`_subpixel`) is (*J, *s, Cout),
@@ -136,7 +136,7 @@ def describe(spec: ConvSpec, spatial=None) -> str:
         r = spec.rhs_dilation
         if spatial is not None and not dilated_phases_fit(spec, spatial):
             return (f"one lax convolution with rhs_dilation {_fmt(r)} (the output extent "
-                    f"{_fmt(tuple(_padded_out(spec, spatial)[1]))} does not divide into its phases)")
+                    f"{_fmt(tuple(phase_outputs(spec, spatial)))} does not divide into its phases)")
         return (f"dilation phases (rhs_dilation {_fmt(r)}: {math.prod(r)} undilated stride-1 "
                 "convolutions in one batch)" + ("" if spatial is not None else ", where the output extent divides by it"))
     if how == "lax" and not any(d != 1 for d in spec.lhs_dilation) and not any(s != 1 for s in spec.stride):
@@ -395,19 +395,26 @@ def _space_to_depth(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_d
 
 
 # ---- rhs-dilated: phases ---------------------------------------------------------------------------
-def _padded_out(spec: ConvSpec, spatial) -> tuple[list[int], list[int]]:
+def _padded_out(spec: ConvSpec, wrapped) -> tuple[list[int], list[int]]:
     """(zero-padded extent, output extent) per axis of a stride-1 rhs-dilated convolution of the
-    wrapped input grid `spatial` (the torus wrap included)."""
-    padded = [n + lo + hi for n, (lo, hi) in zip(spatial, spec.zero_pad)]
+    wrapped input grid (the torus wrap included)."""
+    padded = [n + lo + hi for n, (lo, hi) in zip(wrapped, spec.zero_pad)]
     return padded, [p - (m - 1) * r for p, m, r in zip(padded, spec.filter_shape, spec.rhs_dilation)]
+
+
+def _splits(out, r) -> bool:
+    return all(o > 0 and o % rd == 0 for o, rd in zip(out, r))
+
+
+def phase_outputs(spec: ConvSpec, spatial) -> list[int]:
+    """The output extent per axis for the input grid `spatial` (before the torus wrap)."""
+    return _padded_out(spec, [n + lo + hi for n, (lo, hi) in zip(spatial, spec.torus_pad)])[1]
 
 
 def dilated_phases_fit(spec: ConvSpec, spatial) -> bool:
     """Whether the phases apply to the input grid `spatial` (before the torus wrap): every axis's
     output extent divides by its rhs_dilation."""
-    wrapped = [n + lo + hi for n, (lo, hi) in zip(spatial, spec.torus_pad)]
-    out = _padded_out(spec, wrapped)[1]
-    return all(o > 0 and o % r == 0 for o, r in zip(out, spec.rhs_dilation))
+    return _splits(phase_outputs(spec, spatial), spec.rhs_dilation)
 
 
 def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
@@ -415,20 +422,16 @@ def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_d
     the residues into one batch axis, one undilated VALID convolution, and interleave the output
     phases back (output cell r q + rho is phase rho's cell q, which read input cells r (q + t) + rho).
     Grids whose output extent does not divide by r take the lax dilated convolution."""
-    from ._lax_common import conv_general_channels_last
-
-    D = spec.D
+    D, r = spec.D, spec.rhs_dilation
     padded, out = _padded_out(spec, x.shape[:D])
-    r = spec.rhs_dilation
-    if not all(o > 0 and o % rd == 0 for o, rd in zip(out, r)):
+    if not _splits(out, r):
         return conv_general_channels_last(x[None], w, stride=(1,) * D, padding=spec.zero_pad, lhs_dilation=None,
                                           rhs_dilation=r, precision=precision, out_dtype=out_dtype)[0]
-    xp = _pad(x, spec.zero_pad)
     cin, cout = x.shape[-1], w.shape[-1]
-    split = xp.reshape(tuple(v for p, rd in zip(padded, r) for v in (p // rd, rd)) + (cin,))
-    residues = [2 * d + 1 for d in range(D)]
-    cells = [2 * d for d in range(D)]
-    phases = split.transpose(residues + cells + [2 * D]).reshape((math.prod(r),) + tuple(p // rd for p, rd in zip(padded, r)) + (cin,))
+    cells = tuple(p // rd for p, rd in zip(padded, r))
+    split = _pad(x, spec.zero_pad).reshape(tuple(v for c, rd in zip(cells, r) for v in (c, rd)) + (cin,))
+    residues_first = [2 * d + 1 for d in range(D)] + [2 * d for d in range(D)] + [2 * D]
+    phases = split.transpose(residues_first).reshape((math.prod(r),) + cells + (cin,))
     y = lax.conv_general_dilated(phases, w, window_strides=(1,) * D, padding="VALID",
                                  dimension_numbers=dimension_numbers(D), precision=precision,
                                  preferred_element_type=out_dtype)  # (R, *out / r, Cout)
