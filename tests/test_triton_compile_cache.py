@@ -353,7 +353,7 @@ def _cuda_backend():
     """Triton's CUDA backend for sm_90 (needs no GPU) and libtriton, or a skip naming what is missing."""
     libtriton = pytest.importorskip("triton._C.libtriton", reason="needs triton")
     if not hasattr(libtriton, "native_specialize_impl"):
-        pytest.skip(f"this triton has no native_specialize_impl (the function replaced here)")
+        pytest.skip("this triton has no native_specialize_impl (the function replaced here)")
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
