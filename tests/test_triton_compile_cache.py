@@ -415,3 +415,91 @@ def test_the_python_specializer_is_installed_once_and_only_where_it_fits():
         before = dict(vars(without))
         _compile.install_python_specializer(without)  # a jax-triton or triton of another shape: left alone
         assert vars(without) == before
+
+
+def test_held_compiles_start_at_the_first_lowering_unless_superseded(monkeypatch):
+    """`deferred_prefetch` holds what is traced under its key; `supersede` drops a key's held
+    compiles; `eager_prefetch` starts them at once even inside a deferring block; the first
+    `compiled_kernel` (a lowering) starts everything still held."""
+    monkeypatch.setenv(_compile.THREADS_ENV, "2")
+    monkeypatch.setattr(_compile, "_pool", None)
+    _compile.forget()
+    started = []
+    monkeypatch.setattr(_compile, "_compile", lambda plan, types_: started.append(plan) or (f"kernel {plan}", []))
+    with _compile.deferred_prefetch("op at (1, 8)"):
+        _compile.prefetch("unbatched", ("*fp32",))
+        with _compile.eager_prefetch():
+            with _compile.deferred_prefetch("inner"):  # a vmap rule's own trace: not held
+                _compile.prefetch("folded", ("*fp32",))
+    with _compile.deferred_prefetch("never vmapped"):
+        _compile.prefetch("alone", ("*fp32",))
+    assert set(_compile._pending) == {"op at (1, 8)", "never vmapped"}
+    _compile.supersede("op at (1, 8)")
+    assert set(_compile._pending) == {"never vmapped"}
+    assert _compile.compiled_kernel("folded", ("*fp32",)) == ("kernel folded", [])
+    assert _compile.compiled_kernel("alone", ("*fp32",)) == ("kernel alone", [])
+    assert not _compile._pending and sorted(started) == ["alone", "folded"]  # "unbatched" never compiled
+    _compile.forget()
+
+
+def _every_kernel_call(jaxpr) -> set:
+    """The plan names of every Triton custom call in a jaxpr, sub-jaxprs included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ginjax_triton_kernel_call":
+            names.add(eqn.params["plan"].name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _every_kernel_call(inner)
+    return names
+
+
+def test_a_vmapped_trace_starts_only_the_kernels_its_program_runs(monkeypatch):
+    """A custom_vmap op's body is traced at the unbatched shapes first, and under vmap its rule
+    traces it again at the folded batch: only the second trace's kernels are in the program.
+    Traced as on a GPU (the interpreter's switch patched off; nothing is lowered or run): under
+    vmap every compile started is one the program runs and nothing is left held (before this,
+    the unbatched traces' kernels compiled too: half of them); without vmap nothing starts while
+    tracing and the held compiles are the program's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import kernels
+    from kernels.triton import _backward, _launch, _tiling, _vn_kernel, conv_contract_triton
+    from kernels.triton import vector_neuron as vn
+    from conftest import fixture_filters, invariant_pairs, random_operands
+
+    for module in (_backward, _launch, _tiling, _vn_kernel, sys.modules["kernels.triton"]):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setenv(_compile.THREADS_ENV, "2")
+    _compile.forget()
+    started = []
+    monkeypatch.setattr(_compile, "_submit", lambda plan, types_: started.append(plan.name))
+    filters = fixture_filters(3, 3)
+    ins = [(0, 0, 4), (1, 0, 4)]
+    outs, pairs = invariant_pairs(filters, ins, [(0, 0, 4), (1, 0, 4)])
+    spec = kernels.make_spec(3, ins, outs, pairs, True)
+    xs, ws = random_operands(spec, (8,) * 3, 1, batch=2, dtype=np.float32)
+    xs, ws = [jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws]
+    w, block = jnp.ones((16, 16)), jnp.ones((2, 16, 8, 8, 8, 3))
+
+    def conv(xs, ws):
+        return sum(jnp.sum(o) for o in jax.vmap(lambda x: conv_contract_triton(spec, x, ws))(xs))
+
+    def vector_neuron(w, block):
+        return jnp.sum(jax.vmap(lambda b: vn.vector_neuron_triton(w, b, 3, jax.nn.gelu, 1e-5))(block))
+
+    for f, args in ((conv, (xs, ws)), (vector_neuron, (w, block))):
+        started.clear()
+        program = _every_kernel_call(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args).jaxpr)
+        assert program and set(started) == program, (sorted(started), sorted(program))
+        assert not _compile._pending
+    started.clear()
+    unbatched = lambda w, b: jnp.sum(vn.vector_neuron_triton(w, b, 3, jax.nn.gelu, 1e-5))
+    program = _every_kernel_call(jax.make_jaxpr(jax.grad(unbatched, argnums=(0, 1)))(w, block[0]).jaxpr)
+    held = {plan.name for entries in _compile._pending.values() for plan, _ in entries}
+    assert not started and held == program
+    _compile.forget()

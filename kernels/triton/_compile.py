@@ -34,6 +34,9 @@ _lock = threading.Lock()  # _futures, the pool and the hook's installation
 _frontend = threading.Lock()  # the Python front end, one thread at a time
 _local = threading.local()  # per thread: whether it holds _frontend, its `no_prefetch` depth
 _pool = None
+# compiles held back (`deferred_prefetch`): key -> {(plan, argument types): None}, started when a
+# lowering first asks for a kernel unless a vmap rule drops them first (`supersede`)
+_pending: dict = {}
 
 
 MAX_DEFAULT_THREADS = 16  # measured on the H100's 16 cores; more threads share the same cores
@@ -70,20 +73,78 @@ def no_prefetch():
         _local.no_prefetch = depth
 
 
+@contextlib.contextmanager
+def deferred_prefetch(key):
+    """Within the block (this thread, outside `eager_prefetch`), kernels traced are held under
+    `key` instead of starting to compile. For the body of a custom_vmap op, keyed by the op and
+    its operands' shapes: JAX traces that body at the unbatched shapes first, and under vmap the
+    op's rule replaces that trace with one at the folded batch (a new plan), so the first trace's
+    kernels would compile for nothing: half the kernels of a vmapped model step (bench/NOTES.md,
+    "Session 36"). The rule drops them (`supersede`) and runs its own trace under
+    `eager_prefetch`; what is still held starts when a lowering first asks for a kernel
+    (`compiled_kernel`): the kernels of calls that were never vmapped."""
+    if getattr(_local, "eager", 0):
+        yield
+        return
+    outer = getattr(_local, "hold", None)
+    _local.hold = key
+    try:
+        yield
+    finally:
+        _local.hold = outer
+
+
+@contextlib.contextmanager
+def eager_prefetch():
+    """Within the block (this thread), `deferred_prefetch` holds nothing back: a vmap rule's own
+    trace of its op, the one that is lowered."""
+    _local.eager = getattr(_local, "eager", 0) + 1
+    outer, _local.hold = getattr(_local, "hold", None), None
+    try:
+        yield
+    finally:
+        _local.eager -= 1
+        _local.hold = outer
+
+
+def supersede(key) -> None:
+    """Drop the compiles held under `key` (a vmap rule replacing its op's unbatched trace)."""
+    with _lock:
+        _pending.pop(key, None)
+
+
 def prefetch(plan: KernelPlan, arg_types: tuple[str, ...]) -> None:
     """Start compiling `plan` for `arg_types` on a worker thread (with more than one thread,
-    outside `no_prefetch`)."""
-    threads = compile_threads()
-    if threads <= 1 or getattr(_local, "no_prefetch", 0):
+    outside `no_prefetch`; within `deferred_prefetch`, hold it instead)."""
+    if compile_threads() <= 1 or getattr(_local, "no_prefetch", 0):
         return
+    hold = getattr(_local, "hold", None)
+    if hold is not None:
+        with _lock:
+            if (plan, arg_types) not in _futures:
+                _pending.setdefault(hold, {})[plan, arg_types] = None
+        return
+    _submit(plan, arg_types)
+
+
+def _submit(plan: KernelPlan, arg_types: tuple[str, ...]) -> None:
     global _pool
     with _lock:
         if (plan, arg_types) in _futures:
             return
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ginjax-triton-compile")
+            _pool = concurrent.futures.ThreadPoolExecutor(compile_threads(), thread_name_prefix="ginjax-triton-compile")
             _at_exit(_pool)
         _futures[plan, arg_types] = _pool.submit(_timed, plan, arg_types)
+
+
+def _start_held() -> None:
+    """Start every compile still held (`deferred_prefetch`)."""
+    with _lock:
+        held = [k for entries in _pending.values() for k in entries]
+        _pending.clear()
+    for plan, arg_types in held:
+        _submit(plan, arg_types)
 
 
 def _at_exit(pool) -> None:
@@ -100,6 +161,8 @@ def _at_exit(pool) -> None:
 def compiled_kernel(plan: KernelPlan, arg_types: tuple[str, ...]):
     """jaxlib's TritonKernel for `plan` and, per pointer argument, whether Triton assumed it
     16-byte aligned (XLA's buffers are): compiled once per process, here or by `prefetch`."""
+    if _pending:
+        _start_held()
     key = (plan, arg_types)
     with _lock:
         future = _futures.get(key)
@@ -118,6 +181,7 @@ def forget() -> None:
     """Drop every compiled kernel of this process (tests)."""
     with _lock:
         _futures.clear()
+        _pending.clear()
 
 
 def _timed(plan, arg_types):

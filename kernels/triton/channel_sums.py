@@ -41,7 +41,7 @@ from .._fused import INT32_MAX
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._tiling import KernelPlan
-from .conv_contract import _fold_batch_rule
+from .conv_contract import batched_op
 
 __all__ = ["channel_sums_triton", "products_fit"]
 
@@ -99,12 +99,7 @@ def channel_sums_triton(a: jax.Array, b: Optional[jax.Array] = None, *, products
 
 @functools.lru_cache(maxsize=16)
 def _batched(products: bool, two: bool, shifted: bool, planar: bool):
-    @jax.custom_batching.custom_vmap
-    def op(operands):
-        return (_launch(products, two, shifted, planar, operands),)
-
-    op.def_vmap(functools.partial(_fold_batch_rule, op))
-    return op
+    return batched_op(lambda operands: (_launch(products, two, shifted, planar, operands),))
 
 
 def _launch(products: bool, two: bool, shifted: bool, planar: bool, operands) -> jax.Array:

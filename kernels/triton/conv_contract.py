@@ -30,7 +30,7 @@ from .._registry import add_residual
 from .._reduce import fused_sums_cover, middle_sum
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
-from . import _cuda_dispatch
+from . import _compile, _cuda_dispatch
 from ._backward import weight_grad_launch
 from ._filter_groups import filter_groups
 from ._stencil import check_sizes
@@ -320,8 +320,7 @@ def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, bias
     the output keys whose (1 or B, o, D^k) offsets are the third operand group; `carried`: those
     whose priors (output-shaped, batch B) are the fourth, added to in place."""
 
-    @jax.custom_batching.custom_vmap
-    def op(xs, ws, bs, ps):
+    def body(xs, ws, bs, ps):
         offsets, priors = [None] * len(spec.out_keys), [None] * len(spec.out_keys)
         for b, off in zip(biased, bs):
             offsets[b] = off
@@ -330,8 +329,7 @@ def _batched_forward(spec: ConvSpec, mode: str, blocks: BlockSizes, poison, bias
         return launch(spec, mode, blocks, xs, ws, None if poison is None else float(poison), offsets if bs else (),
                       priors if ps else ())
 
-    op.def_vmap(functools.partial(_fold_batch_rule, op))
-    return op
+    return batched_op(body)
 
 
 @functools.lru_cache(maxsize=256)
@@ -340,18 +338,34 @@ def _batched_weight_grad(spec: ConvSpec, mode: str, blocks: BlockSizes, sums: tu
     per pair (B, o, c, F): per-example gradients, summed by the caller where weights are shared;
     then per output key in `sums` its cotangent summed over the pixels, (B, o, *tensor)."""
 
+    return batched_op(lambda xs, gs: weight_grad_launch(spec, mode, blocks, xs, gs, sums=sums))
+
+
+def batched_op(body):
+    """A custom_vmap op running `body(*groups)` (tuples of arrays with a leading batch axis of 1
+    or B) whose vmap rule folds the vmapped axis into that batch axis: one launch for the whole
+    batch. The kernels of its unbatched trace are held back (`_compile.deferred_prefetch`); under
+    vmap the rule's trace at the folded batch replaces them."""
+
     @jax.custom_batching.custom_vmap
-    def op(xs, gs):
-        return weight_grad_launch(spec, mode, blocks, xs, gs, sums=sums)
+    def op(*groups):
+        with _compile.deferred_prefetch((op, _shapes(a for group in groups for a in group))):
+            return body(*groups)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
+
+
+def _shapes(arrays) -> tuple:
+    return tuple((tuple(a.shape), str(a.dtype)) for a in arrays)
 
 
 def _fold_batch_rule(op, axis_size, in_batched, *groups):
     """custom_vmap rule of the batched ops: fold the vmapped axis into their leading batch axis."""
     operands = [a for group in groups for a in group]
     flags = [f for group in in_batched for f in group]
+    # the op's unbatched trace planned kernels for shapes without the vmapped axis: not lowered
+    _compile.supersede((op, tuple((tuple(a.shape[1:] if f else a.shape), str(a.dtype)) for a, f in zip(operands, flags))))
     # each operand is (n, L, ...) if vmapped, else (L, ...), with L in {1, inner}
     inner = max(a.shape[1] if f else a.shape[0] for a, f in zip(operands, flags))
     merged = []
@@ -372,6 +386,7 @@ def _fold_batch_rule(op, axis_size, in_batched, *groups):
     for group in groups:
         regrouped.append(tuple(merged[start : start + len(group)]))
         start += len(group)
-    outs = op(*regrouped)
+    with _compile.eager_prefetch():
+        outs = op(*regrouped)
     outs = tuple(o.reshape((axis_size, inner) + o.shape[1:]) for o in outs)
     return outs, tuple(True for _ in outs)

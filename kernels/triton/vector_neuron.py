@@ -54,7 +54,7 @@ from .._vn_args import check_affine, check_arguments, check_residual, literal_ep
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
-from .conv_contract import _fold_batch_rule
+from .conv_contract import batched_op
 
 __all__ = ["VNBlocks", "literal_eps", "supported_activation", "vector_neuron_triton"]
 
@@ -181,22 +181,18 @@ _vn.defvjp(_vn_fwd, _vn_bwd)
 # ---- batching: custom_vmap into one launch -------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _batched_forward(cfg, with_mix: bool):
-    @jax.custom_batching.custom_vmap
-    def op(xs, ws):  # xs: (x,) or (x, residual); ws: (w,) or (w, aff)
+    def body(xs, ws):  # xs: (x,) or (x, residual); ws: (w,) or (w, aff)
         return _launch_forward(cfg, xs[0], ws[0], with_mix, *ws[1:], resid=xs[1] if len(xs) > 1 else None)
 
-    op.def_vmap(functools.partial(_fold_batch_rule, op))
-    return op
+    return batched_op(body)
 
 
 @functools.lru_cache(maxsize=64)
 def _batched_backward(cfg):
-    @jax.custom_batching.custom_vmap
-    def op(xgs, ws):  # xgs: (x, gy) or (x, gy, d); ws: (w,) or (w, aff)
+    def body(xgs, ws):  # xgs: (x, gy) or (x, gy, d); ws: (w,) or (w, aff)
         return _launch_backward(cfg, xgs[0], xgs[1], ws[0], *xgs[2:], aff=ws[1] if len(ws) > 1 else None)
 
-    op.def_vmap(functools.partial(_fold_batch_rule, op))
-    return op
+    return batched_op(body)
 
 
 def _geometry(cfg, x, w, gy=None, aff=None):
