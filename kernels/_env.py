@@ -1,5 +1,6 @@
 """Environment switches: one reader, one error for a value it does not know; and a block that
-sets some for its duration (benchmarks' A/Bs, which read them as calls are traced)."""
+sets some for its duration (benchmarks' A/Bs, which read them as calls are traced); and the same
+for a thread's own setting (`thread_setting`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def environment(values: dict):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def thread_setting(local, name: str, value):
+    """Within the block, `local.<name>` (a threading.local's attribute) is `value`; after it (also
+    on error) what it was, None where unset."""
+    outer = getattr(local, name, None)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        setattr(local, name, outer)

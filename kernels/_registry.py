@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import jax
 
 from . import _bias, _measured
+from ._env import thread_setting
 from ._spec import ConvSpec
 
 ENV_VAR = "GINJAX_BACKEND"
@@ -117,12 +118,8 @@ def use_backend(name: str):
     if not isinstance(name, str):
         raise ValueError(f"`use_backend` name (={name!r}) must be a string")
     _check_name(name, "`use_backend` name")
-    prev = getattr(_local, "forced", None)
-    _local.forced = name
-    try:
+    with thread_setting(_local, "forced", name):
         yield
-    finally:
-        _local.forced = prev
 
 
 def _check_name(name: str, source: str = "`backend`") -> None:

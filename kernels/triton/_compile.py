@@ -22,6 +22,7 @@ import os
 import threading
 import time
 
+from .._env import thread_setting
 from . import _compile_cache
 from ._kernel import compile_plan
 from ._tiling import KernelPlan
@@ -83,28 +84,16 @@ def deferred_prefetch(key):
     "Session 36"). The rule drops them (`supersede`) and runs its own trace under
     `eager_prefetch`; what is still held starts when a lowering first asks for a kernel
     (`compiled_kernel`): the kernels of calls that were never vmapped."""
-    if getattr(_local, "eager", 0):
+    with thread_setting(_local, "hold", None if getattr(_local, "eager", None) else key):
         yield
-        return
-    outer = getattr(_local, "hold", None)
-    _local.hold = key
-    try:
-        yield
-    finally:
-        _local.hold = outer
 
 
 @contextlib.contextmanager
 def eager_prefetch():
     """Within the block (this thread), `deferred_prefetch` holds nothing back: a vmap rule's own
     trace of its op, the one that is lowered."""
-    _local.eager = getattr(_local, "eager", 0) + 1
-    outer, _local.hold = getattr(_local, "hold", None), None
-    try:
+    with thread_setting(_local, "eager", True), thread_setting(_local, "hold", None):
         yield
-    finally:
-        _local.eager -= 1
-        _local.hold = outer
 
 
 def supersede(key) -> None:
