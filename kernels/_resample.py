@@ -136,10 +136,10 @@ def describe(spec: ConvSpec, spatial=None) -> str:
         r = spec.rhs_dilation
         if spatial is not None and not dilated_phases_fit(spec, spatial):
             return (f"one lax convolution with rhs_dilation {_fmt(r)} (the output extent "
-                    f"{_fmt(tuple(phase_outputs(spec, spatial)))} does not divide into its phases)")
+                    f"{_fmt(spec.out_spatial(spatial))} does not divide into its phases)")
         return (f"dilation phases (rhs_dilation {_fmt(r)}: {math.prod(r)} undilated stride-1 "
                 "convolutions in one batch)" + ("" if spatial is not None else ", where the output extent divides by it"))
-    if how == "lax" and not any(d != 1 for d in spec.lhs_dilation) and not any(s != 1 for s in spec.stride):
+    if how == "lax" and all(d == 1 for d in spec.lhs_dilation):  # rhs_dilation alone (the other 'lax' upsamples)
         return (f"one lax convolution with rhs_dilation {_fmt(spec.rhs_dilation)} (cuDNN's backward "
                 f"takes a slow path; {DILATED_ENV}=phases splits it into undilated phases)")
     if how == "lax":
@@ -406,15 +406,10 @@ def _splits(out, r) -> bool:
     return all(o > 0 and o % rd == 0 for o, rd in zip(out, r))
 
 
-def phase_outputs(spec: ConvSpec, spatial) -> list[int]:
-    """The output extent per axis for the input grid `spatial` (before the torus wrap)."""
-    return _padded_out(spec, [n + lo + hi for n, (lo, hi) in zip(spatial, spec.torus_pad)])[1]
-
-
 def dilated_phases_fit(spec: ConvSpec, spatial) -> bool:
     """Whether the phases apply to the input grid `spatial` (before the torus wrap): every axis's
     output extent divides by its rhs_dilation."""
-    return _splits(phase_outputs(spec, spatial), spec.rhs_dilation)
+    return _splits(spec.out_spatial(spatial), spec.rhs_dilation)
 
 
 def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
@@ -435,6 +430,5 @@ def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_d
     y = lax.conv_general_dilated(phases, w, window_strides=(1,) * D, padding="VALID",
                                  dimension_numbers=dimension_numbers(D), precision=precision,
                                  preferred_element_type=out_dtype)  # (R, *out / r, Cout)
-    y = y.reshape(tuple(r) + tuple(o // rd for o, rd in zip(out, r)) + (cout,))
-    order = [a for d in range(D) for a in (D + d, d)] + [2 * D]  # (q_1, rho_1, q_2, rho_2, ..., C)
-    return y.transpose(order).reshape(tuple(out) + (cout,))
+    y = y.reshape(tuple(r) + tuple(o // rd for o, rd in zip(out, r)) + (cout,))  # (*rho, *q, Cout)
+    return _depth_to_space(jnp.moveaxis(y, tuple(range(D)), tuple(range(D, 2 * D))), out)
