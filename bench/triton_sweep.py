@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
 from bench import _timing  # noqa: E402
 from kernels.triton import BlockSizes, conv_contract_triton  # noqa: E402
+from kernels.triton._tiling import weight_grad_tiling  # noqa: E402
 
 FILTERS = ROOT / "tests" / "data" / "ginjax-0.1.8" / "invariant_filters.npz"
 CONFIGS = {  # name: (D, N, B, c)
@@ -153,10 +154,9 @@ def dw_tilings(text: str) -> list[tuple[int, int, int]]:
         return [(4, 32, 4), (2, 32, 4), (1, 16, 4), (2, 16, 3), (4, 16, 6)]
     out = []
     for item in text.split(","):
-        parts = item.split("/")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        if (tiling := weight_grad_tiling(item)) is None:
             raise SystemExit(f"--dw-tilings (={text!r}): {item!r} is not warps/pixels/units")
-        out.append(tuple(map(int, parts)))
+        out.append(tiling)
     return out
 
 

@@ -27,15 +27,23 @@ D2_DW_ENV = "GINJAX_TRITON_D2_DW"
 MAX_NONZEROS = 6000
 
 
+def weight_grad_tiling(text: str) -> Optional[tuple[int, int, int]]:
+    """A weight-gradient tiling written "warps/pixels/units" (positive integers), else None."""
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    warps, pixels, units = map(int, parts)
+    return warps, pixels, units
+
+
 def d2_weight_grad_tiling() -> dict:
     """$GINJAX_TRITON_D2_DW as BlockSizes fields ({} where unset: `for_layer`'s D=2 defaults)."""
     value = os.environ.get(D2_DW_ENV, "")
     if not value:
         return {}
-    parts = value.split("/")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if (tiling := weight_grad_tiling(value)) is None:
         raise ValueError(f"`{D2_DW_ENV}` (={value!r}) must be warps/pixels/units, e.g. 2/32/4")
-    warps, pixels, units = map(int, parts)
+    warps, pixels, units = tiling
     return dict(dw_num_warps=warps, dw_tile=(1, pixels), dw_units=units)
 
 
