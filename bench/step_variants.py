@@ -158,7 +158,9 @@ def _table_loader(path: pathlib.Path):
 
 def _check_table_device(name: str, kind: str) -> None:
     """A table variant ranks this device only by a table of this device or of the device whose table
-    stands in for its compute capability; any other would leave `auto` without a table, silently."""
+    stands in for its compute capability: one of another capability would leave `auto` without a
+    table, silently, and a sibling's of the same capability (which `device_table` lays only under
+    those two) would rank by rows the device never ranks by alone."""
     from kernels import _measured, _registry
 
     here = _registry.device_kind()

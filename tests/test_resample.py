@@ -50,15 +50,15 @@ _WINDOW_FIELD = re.compile(
 )
 
 
+def _convolutions_with(field: re.Pattern, hlo_text: str) -> list[str]:
+    """The convolution lines of lowered (StableHLO) text where a `field` holds a value != 1."""
+    return [line.strip() for line in _CONV_LINE.findall(hlo_text)
+            if any(any(int(v) != 1 for v in values.replace(",", " ").split()) for _, values in field.findall(line))]
+
+
 def resampling_convolutions(hlo_text: str) -> list[str]:
-    """The convolution lines of lowered (StableHLO) text with a window stride or lhs dilation != 1."""
-    bad = []
-    for line in _CONV_LINE.findall(hlo_text):
-        for _, values in _WINDOW_FIELD.findall(line):
-            if any(int(v) != 1 for v in values.replace(",", " ").split()):
-                bad.append(line.strip())
-                break
-    return bad
+    """The convolution lines with a window stride or lhs dilation != 1."""
+    return _convolutions_with(_WINDOW_FIELD, hlo_text)
 
 
 def count_convolutions(hlo_text: str) -> int:
@@ -257,9 +257,8 @@ _RHS_FIELD = re.compile(r"\b(rhs_dilate|rhs_dilation)\s*=\s*(?:array<i64:\s*|den
 
 
 def dilated_convolutions(hlo_text: str) -> list[str]:
-    """The convolution lines of lowered (StableHLO) text with an rhs (filter) dilation != 1."""
-    return [line.strip() for line in _CONV_LINE.findall(hlo_text)
-            if any(any(int(v) != 1 for v in values.replace(",", " ").split()) for _, values in _RHS_FIELD.findall(line))]
+    """The convolution lines with an rhs (filter) dilation != 1."""
+    return _convolutions_with(_RHS_FIELD, hlo_text)
 
 
 def test_hlo_check_catches_rhs_dilated_convolutions():
