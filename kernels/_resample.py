@@ -17,12 +17,11 @@ then reads block j + (t*r)//s at residue (t*r) % s, a stride-1 correlation with 
 A convolution with rhs_dilation r (DilResNet's atrous layers) reads input i + r*t for output i
 and tap t. Writing both as (cell // r, cell % r) splits them into r^D phases that never mix:
 output phase rho reads input phase rho, undilated, so the layer is r^D stride-1 convolutions of
-1/r^D of the grid each, run as one convolution with the phases in its batch (opt-in,
-$GINJAX_DENSE_DILATED=phases). Where it applies, the output extent of every dilated axis must
-divide by r; elsewhere the lax dilated convolution stays. cuDNN's dilated backward is its slow
-path: on the H100 a 2D DilResNet layer (256^2, batch 8, 96 -> 96 channels) took 22.4 ms
-fwd_bwd dilated against 2.5 ms undilated, its forward 0.8-0.9 ms either way (bench/NOTES.md,
-"Session 36").
+1/r^D of the grid each, run as one convolution with the phases in its batch (a GPU's default;
+$GINJAX_DENSE_DILATED=lax / phases picks either). Where it applies, the output extent of every
+dilated axis must divide by r; elsewhere the lax dilated convolution stays. cuDNN's dilated
+backward is its slow path: on the H100 a 2D DilResNet layer (256^2, batch 8, 96 -> 96 channels)
+took 22.4 ms fwd_bwd dilated, 3.0-3.2 ms as phases (bench/NOTES.md, "Session 37").
 
 All three rewrites are pads, reshapes, transposes, slices, GEMMs and stride-1 VALID convolutions,
 so JAX's autodiff of them contains no dilated or strided convolution either: the transpose of a
@@ -58,14 +57,19 @@ from ._spec import ConvSpec
 # on an H100 the second order took 0.58 ms off the UNet step (twice, in alternation, session 33),
 # so it is a GPU's default. Unmeasured on a CPU, which keeps the first.
 SUBPIXEL_ORDER_ENV = "GINJAX_SUBPIXEL_ORDER"
-# rhs-dilated layers: "lax" (one dilated lax convolution, the default until the phases are timed
-# on a GPU) or "phases" (`_dilated_phases`)
+# rhs-dilated layers: "lax" (one dilated lax convolution) or "phases" (`_dilated_phases`). cuDNN runs
+# a dilated layer's forward at 0.8-0.9 ms but its backward at ~21.5 ms (2D, 32+32 channels, 256^2,
+# batch 8, H100); as phases the layer's fwd_bwd is 3.0-3.2 ms, and the dense DilResNet steps went
+# from 253.1 to 55.4 ms (2D) and from 535.6 to 151.5 ms (3D): so a GPU's default. A CPU showed no
+# gain (XLA's CPU convolution has no slow dilated path) and keeps lax.
 DILATED_ENV = "GINJAX_DENSE_DILATED"
 
 
 def dilated_form() -> str:
-    """$GINJAX_DENSE_DILATED: "lax" (default) or "phases", read at trace time."""
-    return env_choice(DILATED_ENV, ("lax", "phases"), "lax")
+    """$GINJAX_DENSE_DILATED: "lax" or "phases", read at trace time; by default phases on a GPU,
+    lax elsewhere."""
+    default = "phases" if jax.default_backend() == "gpu" else "lax"
+    return env_choice(DILATED_ENV, ("lax", "phases"), default)
 
 
 def subpixel_order() -> str:
@@ -92,9 +96,9 @@ class Phase:
 
 def method(spec: ConvSpec) -> str:
     """How `dense` runs the spec: 'plain' (stride 1, no dilation), 'subpixel', 'space_to_depth',
-    'dilated_phases' (rhs_dilation with $GINJAX_DENSE_DILATED=phases; `dilated_phases_fit` says
-    whether a grid splits), or 'lax' (lhs_dilation with a stride or an rhs_dilation, or
-    rhs_dilation alone by default: one dilated lax convolution)."""
+    'dilated_phases' (rhs_dilation where `dilated_form` is phases, a GPU's default;
+    `dilated_phases_fit` says whether a grid splits), or 'lax' (lhs_dilation with a stride or an
+    rhs_dilation, or rhs_dilation alone elsewhere: one dilated lax convolution)."""
     upsample = any(d != 1 for d in spec.lhs_dilation)
     strided = any(s != 1 for s in spec.stride)
     if not upsample and not strided:
@@ -141,7 +145,7 @@ def describe(spec: ConvSpec, spatial=None) -> str:
                 "convolutions in one batch)" + ("" if spatial is not None else ", where the output extent divides by it"))
     if how == "lax" and all(d == 1 for d in spec.lhs_dilation):  # rhs_dilation alone (the other 'lax' upsamples)
         return (f"one lax convolution with rhs_dilation {_fmt(spec.rhs_dilation)} (cuDNN's backward "
-                f"takes a slow path; {DILATED_ENV}=phases splits it into undilated phases)")
+                f"takes a slow path: a GPU splits it into undilated phases, {DILATED_ENV}=phases anywhere)")
     if how == "lax":
         return (
             f"one lax convolution with lhs_dilation {_fmt(spec.lhs_dilation)}, stride "

@@ -7,7 +7,7 @@ assembled in HBM (small: taps * Cin * Cout). Pairs without a filter leave zero b
 
 Transposed (lhs_dilation) and strided layers do not run as a dilated or strided lax convolution
 (cuDNN's slow path on the GPU): `_resample` rewrites them as GEMMs and stride-1 convolutions
-(sub-pixel decomposition, space-to-depth), and with GINJAX_DENSE_DILATED=phases rhs-dilated ones
+(sub-pixel decomposition, space-to-depth), and on a GPU (GINJAX_DENSE_DILATED) rhs-dilated ones
 as undilated phases in one batch. Thin layers (few channels on one side: a model's
 first and last) can run in two stages, a convolution with the filter bases and GEMMs with the
 weights (`_thin`, with GINJAX_DENSE_THIN=1; measured slower than one convolution on the H100, so

@@ -299,14 +299,23 @@ def test_dilated_phases_match_reference_without_a_dilated_convolution(D, N, r, t
 
 
 def test_dilated_layers_off_the_phases(monkeypatch):
-    """By default, and on a grid whose output extent does not divide by r, the layer is one
-    dilated lax convolution (checked against `reference` too), and explain says which."""
+    """By default on a CPU (phases on a GPU), with GINJAX_DENSE_DILATED=lax, and on a grid whose
+    output extent does not divide by r, the layer is one dilated lax convolution (checked against
+    `reference` too), and explain says which."""
     spec = _dilated_spec(2, 2, True, None)
     monkeypatch.delenv(_resample.DILATED_ENV, raising=False)
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: "gpu")
+        assert _resample.dilated_form() == "phases" and _resample.method(spec) == "dilated_phases"
+    monkeypatch.setenv(_resample.DILATED_ENV, "lax")
     assert _resample.dilated_form() == "lax" and _resample.method(spec) == "lax"
+    monkeypatch.delenv(_resample.DILATED_ENV)
+    want = "phases" if jax.default_backend() == "gpu" else "lax"
+    assert _resample.dilated_form() == want and _resample.method(spec) == ("dilated_phases" if want == "phases" else "lax")
+    monkeypatch.setenv(_resample.DILATED_ENV, "lax")
     xs, ws = random_operands(spec, (8, 8), seed=6, batch=2, dtype=np.float32)
     assert dilated_convolutions(_grads_and_outputs(spec, "dense").lower(xs, ws).as_text())
-    assert "GINJAX_DENSE_DILATED=phases splits it" in kernels.explain(spec, (8, 8), backend="dense").reason
+    assert "a GPU splits it into undilated phases" in kernels.explain(spec, (8, 8), backend="dense").reason
     monkeypatch.setenv(_resample.DILATED_ENV, "phases")
     assert not _resample.dilated_phases_fit(spec, (7, 8))  # 7 cells a side on a torus: 7 outputs
     xs, ws = random_operands(spec, (7, 8), seed=7, batch=2, dtype=np.float32)
