@@ -7,7 +7,9 @@ sums over pixels of x and of x x^T. So the layer is:
 
 - `channel_sums`: one read of the block, the per-channel sums as wide reductions in the block's
   own layout (kernels._reduce); its backward is elementwise (d/dx of sum x x^T is (G + G^T) x);
-- the statistics, eigh and the affine coefficients on (c, T, T) arrays (autodiff);
+- the statistics, eigh and the affine coefficients on (c, T, T) arrays (autodiff, but for the
+  whitening C^(-1/2), whose derivative `inverse_sqrt` takes in closed form: eigh's own has
+  1 / (eigenvalue gaps), and a vector group's covariance is near-isotropic);
 - `channel_affine`: one elementwise pass (T multiply-adds per component, fused by XLA; no GEMM
   with inner dimension T); its backward is one `channel_sums` of (gy, x) for gM and gv, and one
   elementwise pass for gx = M^T gy, which XLA fuses with the sums' backward.
@@ -145,6 +147,37 @@ def _affine_bwd(fused, planar, res, g):
 _channel_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def inverse_sqrt(cov: jax.Array, eps: float) -> jax.Array:
+    """(C + eps I)^(-1/2) of symmetric (..., D, D) matrices C, as V diag(1 / sqrt(w + eps)) V^T
+    from eigh's eigenvalues w and eigenvectors V.
+
+    The derivative is taken in closed form rather than through eigh's: for a matrix function
+    f(C) = V f(w) V^T, df = V (G o (V^T dC V)) V^T with G_ij the divided difference
+    (f(w_i) - f(w_j)) / (w_i - w_j), which for f(w) = (w + eps)^(-1/2) and s = sqrt(w + eps) is
+    -1 / (s_i s_j (s_i + s_j)), f'(w_i) on the diagonal included. eigh's derivative instead
+    carries 1 / (w_j - w_i) into the eigenvectors, to cancel in V f(w) V^T; a vector group's
+    covariance is near-isotropic (rotations mix its components), so those factors are huge and
+    the cancellation leaves rounding noise: in a 2D ResNet step at initialisation a 1e-7
+    relative change of the input moved the gradients by 7% (bench/NOTES.md, "Session 37")."""
+    eigvals, eigvecs = jnp.linalg.eigh(cov, symmetrize_input=False)
+    return jnp.einsum("...ij,...j,...kj->...ik", eigvecs, 1.0 / jnp.sqrt(eigvals + eps), eigvecs)
+
+
+@inverse_sqrt.defjvp
+def _inverse_sqrt_jvp(eps, primals, tangents):
+    (cov,), (dcov,) = primals, tangents
+    eigvals, eigvecs = jnp.linalg.eigh(cov, symmetrize_input=False)
+    s = jnp.sqrt(eigvals + eps)
+    out = jnp.einsum("...ij,...j,...kj->...ik", eigvecs, 1.0 / s, eigvecs)
+    si, sj = s[..., :, None], s[..., None, :]
+    gain = -1.0 / (si * sj * (si + sj))
+    hi = jax.lax.Precision.HIGHEST  # D x D products: TF32 would cost accuracy and save nothing
+    dsym = 0.5 * (dcov + jnp.swapaxes(dcov, -1, -2))
+    rotated = jnp.einsum("...ji,...jk,...kl->...il", eigvecs, dsym, eigvecs, precision=hi)
+    return out, jnp.einsum("...ij,...jk,...lk->...il", eigvecs, gain * rotated, eigvecs, precision=hi)
+
+
 def vector_group_norm(
     block: jax.Array,
     groups: int,
@@ -164,8 +197,8 @@ def vector_group_norm(
     the inverse transposed Cholesky factor (+ eps on its diagonal) by "cholesky".
 
     One statistics pass (`_group_moments`), the G x D x D algebra, and one per-channel affine
-    map y = M_c (x - shift_c) + v_c (`channel_affine`); eigh's (or the Cholesky factor's)
-    gradient is autodiff's on the D x D matrices.
+    map y = M_c (x - shift_c) + v_c (`channel_affine`); the gradient of "eigh"'s whitening is
+    `inverse_sqrt`'s closed form, the Cholesky factor's autodiff's on the D x D matrices.
     """
     m, v, shift = vector_group_norm_coefficients(block, groups, D, eps, method, scale, bias)
     x = block.reshape((block.shape[0], -1, D))
@@ -187,9 +220,7 @@ def vector_group_norm_coefficients(
     cov = m2 - m1[:, :, None] * m1[:, None, :]
     cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))  # exactly symmetric for eigh
     if method == "eigh":
-        eigvals, eigvecs = jnp.linalg.eigh(cov, symmetrize_input=False)
-        inv_sqrt = 1.0 / jnp.sqrt(eigvals + eps)
-        whitening = jnp.einsum("gij,gj,gkj->gik", eigvecs, inv_sqrt, eigvecs)
+        whitening = inverse_sqrt(cov, eps)
     elif method == "cholesky":
         factor = jax.lax.linalg.cholesky(cov, symmetrize_input=False)
         factor = factor + eps * jnp.eye(D, dtype=factor.dtype)
