@@ -15,7 +15,8 @@
 #   pallas   bench/pallas_gpu_check.sh's timing part (block-size sweep)
 #   tests    python3 -m pytest -m gpu, triton tests first, then pallas (memcheck included; the
 #            triton file alone needs more than 170 s with the backward tests); TEST_ARGS: the files
-#            (word-split), TEST_K: a -k expression (kept whole: "a or b" survives)
+#            (word-split), TEST_K: a -k expression (kept whole: "a or b" survives), TEST_MARK: the -m
+#            expression (default gpu; TEST_MARK= runs the files' every test, CPU-marked ones on the GPU)
 #   bench    python3 -m bench on the standard configurations (the committed A/B table)
 #   profile-steps  python3 -m bench profile on the UNet, ResNet and DilResNet train steps (d3_n64_b4,
 #            backend $PROFILE_BACKEND, default auto): where each step's GPU time goes, JSON/TXT/PNG
@@ -118,7 +119,9 @@ for stage in ${STAGES:-sweep profile pallas}; do
       # one line a test with its time, as it finishes (pytest >= 8.2; else -q): a stage cut off by
       # its limit still says what ran and how long each test took (--durations prints only at the end)
       style=$(python3 -c 'import pytest; print("-v -o console_output_style=times" if pytest.version_tuple >= (8, 2) else "-q")' 2>/dev/null || echo -q)
-      timeout "${T_TESTS:-300}" python3 -m pytest -m gpu $style -rfs --durations=15 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
+      # TEST_MARK (default gpu; empty: every test of TEST_ARGS, e.g. CPU-marked files run on the GPU)
+      mark="${TEST_MARK-gpu}"
+      timeout "${T_TESTS:-300}" python3 -m pytest ${mark:+-m "$mark"} $style -rfs --durations=15 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests/test_conv_contract_triton_gpu.py tests/test_conv_contract_pallas_gpu.py} > "$OUT/tests/log.txt" 2>&1 ;;
     bench)
       timeout "${T_BENCH:-300}" python3 -u -m bench --out "$OUT/bench" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
         --time-budget "$(( ${T_BENCH:-300} - 40 ))" ${BENCH_ARGS:-} > "$OUT/bench/log.txt" 2>&1 ;;
