@@ -71,8 +71,8 @@ only through Triton's interpreter, which is for tests:
   kernels/cuda/vector_neuron.py). Used where `cuda_covers` the call:
   the library `_ginjax_cuda.so` built and registered (kernels/cuda/README.md) and JAX's default backend a GPU, float32, jax.nn.relu or
   jax.nn.gelu, eps a Python number, one device, no spatial sharding, and (channels, components)
-  among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels,
-  2 to 4 components); any other call takes the "triton" path where that covers it, else "xla".
+  among those the library instantiates (`kernels.cuda.vector_neuron.COVERED`: 8 or 16 channels
+  with 2 to 4 components, 32 with 2); any other call takes the "triton" path where that covers it, else "xla".
   A norm's affine map runs in these kernels as their prologue too (`GINJAX_VN_NORM_PROLOGUE`).
 """
 

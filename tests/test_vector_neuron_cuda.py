@@ -362,6 +362,7 @@ def host_kernels(tmp_path_factory):
         (8, (3, 4, 5), 3, 1, "relu", 1),  # fewer pixels than a tile
         (8, (23, 29), 2, 1, "gelu", 3),  # three CTAs over six tiles
         (8, (11, 13), 2, 2, "relu", 2),  # T = 4
+        (32, (17, 19), 2, 1, "gelu", 2),  # C = 32: one split of gW a thread; a CTA walks two tiles
     ],
 )
 def test_the_cuda_source_run_on_the_host_matches_autodiff(host_kernels, c, spatial, D, k, act, groups):
@@ -412,6 +413,7 @@ def test_a_nan_input_reaches_the_outputs_on_the_host(host_kernels, c, spatial, D
     (16, (8, 10), 2, 2, "gelu", 1),  # ... at T = 4
     (8, (23, 29), 2, 1, "relu", 3),  # CTAs walking two tiles
     (8, (11, 13), 2, 2, "gelu", 2),  # T = 4
+    (32, (9, 31), 2, 1, "relu", 1),  # C = 32, three tiles
 ])
 def test_the_cuda_source_with_an_affine_prologue_on_the_host(host_kernels, c, spatial, D, k, act, groups):
     """The norm's affine map as the kernels' prologue: y = VN(x') with x' = m (x - shift) + v per

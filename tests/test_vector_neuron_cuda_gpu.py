@@ -52,6 +52,8 @@ CASES = [
     ("c8-t2", 2, (2, 8, 19, 23, 2), jax.nn.gelu),
     ("c8-t3-tiny", 3, (3, 8, 3, 4, 5, 3), jax.nn.relu),  # fewer pixels than a tile
     ("c8-t4", 2, (1, 8, 45, 29, 2, 2), jax.nn.relu),
+    ("c32-t2", 2, (3, 32, 37, 41, 2), jax.nn.gelu),  # a 2D model's 32-channel block, ragged
+    ("c32-t2-model", 2, (8, 32, 256, 256, 2), jax.nn.gelu),  # the 2D DilResNet's block
     # 16 channels, pixels a multiple of 4 (the standard block too): with GINJAX_VN_CUDA_MMA=1 the
     # tensor-core backward (the "mma" cases run with it)
     ("c16-t3-mma-ragged", 3, (2, 16, 5, 6, 10, 3), jax.nn.relu),  # 300 pixels: a ragged last step

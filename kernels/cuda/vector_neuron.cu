@@ -66,7 +66,7 @@ namespace {
 // ---- device code (tests/test_vector_neuron_cuda.py compiles this part for the host as well)
 constexpr int kThreads = 128;  // pixels per tile, one thread each
 // The instantiated (C, T): vector_neuron.py's COVERED lists the same pairs.
-#define GJ_VN_SIZES(X) X(8, 2) X(8, 3) X(8, 4) X(16, 2) X(16, 3) X(16, 4)
+#define GJ_VN_SIZES(X) X(8, 2) X(8, 3) X(8, 4) X(16, 2) X(16, 3) X(16, 4) X(32, 2)
 constexpr int kRelu = 0, kGelu = 1;
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluA = 0.044715f;
@@ -283,11 +283,26 @@ struct Bwd {
   static constexpr int kSlots = C * C / 8;          // 2 x 4 blocks of gW
   static constexpr int kSplits = kThreads / kSlots;  // threads per block, each every kSplits-th row
   static constexpr int kBlocksPerRow = C / 4;
+  // 32 channels and up: the channel loop rolled (four channels an iteration). Fully unrolled, the
+  // (32, 2) backward's code outgrew the instruction cache: ncu's top stall was no_instruction
+  // with one 4-warp CTA an SM to cover it (bench/NOTES.md, "Session 37").
+  static constexpr bool kWide = C >= 32;
   static_assert(C % 8 == 0 && kThreads % kSlots == 0 && kPitch % 8 == 4, "unsupported size");
   static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's x and gy, the affine map
     return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + 2 * (size_t)C * T * kThreads + C * kAffineRow<T>);
   }
 };
+
+// This thread's pixel row of the gW staging: x as float4s of four channels per component.
+template <int C, int T>
+__device__ __forceinline__ void stage_row(float* row, const float (&xv)[C][T]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+#pragma unroll
+    for (int kq = 0; kq < C / 4; ++kq)
+      *reinterpret_cast<float4*>(row + t * C + 4 * kq) =
+          make_float4(xv[4 * kq][t], xv[4 * kq + 1][t], xv[4 * kq + 2][t], xv[4 * kq + 3][t]);
+}
 
 template <int C, int T, bool kAffine, int kAct>
 __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
@@ -347,53 +362,67 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
       prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
       copies_commit();
     }
+    if constexpr (K::kWide) stage_row<C, T>(xrow, xv);  // x_c is read back from it in the channel loop
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
       for (int t = 0; t < T; ++t) acc[c][t] = 0.f;
-    float gdq[4][T];  // gd of four channels, stored as float4s
+    // Channels four at a time; a wide block's outer loop stays rolled (K::kWide, above), so that
+    // it reads x_c from its staged row and leaves gx's local part in gy's column, not in
+    // dynamically indexed registers.
+#pragma unroll(K::kWide ? 1 : C / 4)
+    for (int cq = 0; cq < C / 4; ++cq) {
+      float gdq[4][T];  // gd of the four channels, stored as float4s
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      float d[T], g[T], gxl[T];
-      mix_row<C, T>(sw, c, xv, d);
+      for (int i = 0; i < 4; ++i) {
+        const int c = 4 * cq + i;
+        float d[T], g[T], gxl[T], xc[T];
+        mix_row<C, T>(sw, c, xv, d);
 #pragma unroll
-      for (int t = 0; t < T; ++t) g[t] = next_gy[(c * T + t) * kThreads + tid];
-      local_backward<T, kAct>(d, xv[c], g, eps, gdq[c % 4], gxl);
+        for (int t = 0; t < T; ++t) {
+          g[t] = next_gy[(c * T + t) * kThreads + tid];
+          xc[t] = K::kWide ? xrow[t * C + c] : xv[c][t];
+        }
+        local_backward<T, kAct>(d, xc, g, eps, gdq[i], gxl);
 #pragma unroll
-      for (int t = 0; t < T; ++t) acc[c][t] += gxl[t];
-      // W^T gd: channel c's gd reaches every k through W[c, k] (the float4 row d_c read)
+        for (int t = 0; t < T; ++t) {
+          if constexpr (K::kWide) next_gy[(c * T + t) * kThreads + tid] = gxl[t];  // this thread's own slot
+          else acc[c][t] += gxl[t];
+        }
+        // W^T gd: channel c's gd reaches every k through W[c, k] (the float4 row d_c read)
 #pragma unroll
-      for (int kq = 0; kq < C / 4; ++kq) {
-        const float4 wq = sw[c * (C / 4) + kq];
-        const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
+        for (int kq = 0; kq < C / 4; ++kq) {
+          const float4 wq = sw[c * (C / 4) + kq];
+          const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int t = 0; t < T; ++t) acc[4 * kq + i][t] = fmaf(wk[i], gdq[c % 4][t], acc[4 * kq + i][t]);
+            for (int t = 0; t < T; ++t) acc[4 * kq + j][t] = fmaf(wk[j], gdq[i][t], acc[4 * kq + j][t]);
+        }
       }
-      if (c % 4 == 3) {
 #pragma unroll
-        for (int t = 0; t < T; ++t)
-          *reinterpret_cast<float4*>(gdrow + t * C + c - 3) = make_float4(gdq[0][t], gdq[1][t], gdq[2][t], gdq[3][t]);
+      for (int t = 0; t < T; ++t)
+        *reinterpret_cast<float4*>(gdrow + t * C + 4 * cq) = make_float4(gdq[0][t], gdq[1][t], gdq[2][t], gdq[3][t]);
+    }
+    // the next tile's gy, behind this one's stores and gW; a wide block's gx reads its local part
+    // from gy's column first
+    const auto prefetch_gy = [&] {
+      if (more) {
+        prefetch_column<C, T>(next_gy, gy + base, p + groups * kThreads, S);
+        copies_commit();
       }
-    }
-    if (more) {  // the next tile's gy, behind this one's stores and gW
-      prefetch_column<C, T>(next_gy, gy + base, p + groups * kThreads, S);
-      copies_commit();
-    }
+    };
+    if constexpr (!K::kWide) prefetch_gy();
     if (ok) {
       float* gxb = gx + base + p;
 #pragma unroll
       for (int c = 0; c < C; ++c)
 #pragma unroll
-        for (int t = 0; t < T; ++t) gxb[(size_t)(c * T + t) * S] = acc[c][t];
+        for (int t = 0; t < T; ++t)
+          gxb[(size_t)(c * T + t) * S] = K::kWide ? acc[c][t] + next_gy[(c * T + t) * kThreads + tid] : acc[c][t];
     }
-#pragma unroll
-    for (int t = 0; t < T; ++t)
-#pragma unroll
-      for (int kq = 0; kq < C / 4; ++kq)
-        *reinterpret_cast<float4*>(xrow + t * C + 4 * kq) =
-            make_float4(xv[4 * kq][t], xv[4 * kq + 1][t], xv[4 * kq + 2][t], xv[4 * kq + 3][t]);
+    if constexpr (K::kWide) prefetch_gy();
+    if constexpr (!K::kWide) stage_row<C, T>(xrow, xv);
     __syncthreads();
     // this thread's split takes every kSplits-th pixel of the tile, each with all T components
     // (pointers walked by the pitch: no division by T, 4x unrolled)
