@@ -349,15 +349,17 @@ def batched_op(body):
 
     @jax.custom_batching.custom_vmap
     def op(*groups):
-        with _compile.deferred_prefetch((op, _shapes(a for group in groups for a in group))):
+        with _compile.deferred_prefetch(_held_key(op, ((a.shape, a.dtype) for group in groups for a in group))):
             return body(*groups)
 
     op.def_vmap(functools.partial(_fold_batch_rule, op))
     return op
 
 
-def _shapes(arrays) -> tuple:
-    return tuple((tuple(a.shape), str(a.dtype)) for a in arrays)
+def _held_key(op, shapes) -> tuple:
+    """The key of `op`'s held compiles (`_compile.deferred_prefetch`) from its operands' unbatched
+    (shape, dtype) pairs: the op's body and its vmap rule both build it here, so that they agree."""
+    return op, tuple((tuple(shape), str(dtype)) for shape, dtype in shapes)
 
 
 def _fold_batch_rule(op, axis_size, in_batched, *groups):
@@ -365,7 +367,7 @@ def _fold_batch_rule(op, axis_size, in_batched, *groups):
     operands = [a for group in groups for a in group]
     flags = [f for group in in_batched for f in group]
     # the op's unbatched trace planned kernels for shapes without the vmapped axis: not lowered
-    _compile.supersede((op, tuple((tuple(a.shape[1:] if f else a.shape), str(a.dtype)) for a, f in zip(operands, flags))))
+    _compile.supersede(_held_key(op, ((a.shape[1:] if f else a.shape, a.dtype) for a, f in zip(operands, flags))))
     # each operand is (n, L, ...) if vmapped, else (L, ...), with L in {1, inner}
     inner = max(a.shape[1] if f else a.shape[0] for a, f in zip(operands, flags))
     merged = []
