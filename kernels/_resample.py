@@ -219,20 +219,22 @@ def _gemm(x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
     )
 
 
-def _valid_conv(x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
-    """Stride-1, undilated, unpadded correlation of x (*spatial, Cin) with w (*taps, Cin, Cout)."""
+def _valid_conv(x: jax.Array, w: jax.Array, precision, out_dtype, batched: bool = False) -> jax.Array:
+    """Stride-1, undilated, unpadded correlation of x (*spatial, Cin), or with `batched` of each
+    x[n] of x (N, *spatial, Cin), with w (*taps, Cin, Cout)."""
     if all(m == 1 for m in w.shape[:-2]):
         return _gemm(x, w.reshape(w.shape[-2:]), precision, out_dtype)
-    D = x.ndim - 1
-    return lax.conv_general_dilated(
-        x[None],
+    D = x.ndim - 1 - batched
+    y = lax.conv_general_dilated(
+        x if batched else x[None],
         w,
         window_strides=(1,) * D,
         padding="VALID",
         dimension_numbers=dimension_numbers(D),
         precision=precision,
         preferred_element_type=out_dtype,
-    )[0]
+    )
+    return y if batched else y[0]
 
 
 def _pad(x: jax.Array, pads) -> jax.Array:
@@ -431,8 +433,6 @@ def _dilated_phases(spec: ConvSpec, x: jax.Array, w: jax.Array, precision, out_d
     split = _pad(x, spec.zero_pad).reshape(tuple(v for c, rd in zip(cells, r) for v in (c, rd)) + (cin,))
     residues_first = [2 * d + 1 for d in range(D)] + [2 * d for d in range(D)] + [2 * D]
     phases = split.transpose(residues_first).reshape((math.prod(r),) + cells + (cin,))
-    y = lax.conv_general_dilated(phases, w, window_strides=(1,) * D, padding="VALID",
-                                 dimension_numbers=dimension_numbers(D), precision=precision,
-                                 preferred_element_type=out_dtype)  # (R, *out / r, Cout)
+    y = _valid_conv(phases, w, precision, out_dtype, batched=True)  # (R, *out / r, Cout)
     y = y.reshape(tuple(r) + tuple(o // rd for o, rd in zip(out, r)) + (cout,))  # (*rho, *q, Cout)
     return _depth_to_space(jnp.moveaxis(y, tuple(range(D)), tuple(range(D, 2 * D))), out)
