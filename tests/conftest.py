@@ -240,6 +240,18 @@ def gradient_errors(got, want, element_scale: float = 0.0) -> list[float]:
     return errors
 
 
+def jaxpr_equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside its equations (custom_vjp, pjit, cond
+    branches, ...), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    yield from jaxpr_equations(getattr(inner, "jaxpr", inner))
+
+
 @contextlib.contextmanager
 def float64():
     """Enable 64-bit arrays inside the block only (the oracle precision of docs/ARCHITECTURE.md)."""

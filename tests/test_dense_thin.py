@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
-from conftest import gradient_errors, rel_l2
+from conftest import gradient_errors, jaxpr_equations, rel_l2
 from kernels import _thin
 from kernels.triton import _cuda_padding
 from kernels.dense import describe_dense
@@ -100,15 +100,7 @@ def test_thin_forms_match_reference_with_gradients(name, base, cin, cout, geomet
 
 def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
     """The output shapes of every convolution in a jaxpr, nested jaxprs included."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                shapes += _conv_outputs(inner)
-    return shapes
+    return [tuple(e.outvars[0].aval.shape) for e in jaxpr_equations(jaxpr) if e.primitive.name == "conv_general_dilated"]
 
 
 @pytest.mark.parametrize("cin, cout, forward, dgrad", [(2, 16, 4, 0), (16, 1, 4, 4)])

@@ -444,16 +444,9 @@ def test_held_compiles_start_at_the_first_lowering_unless_superseded(monkeypatch
 
 def _every_kernel_call(jaxpr) -> set:
     """The plan names of every Triton custom call in a jaxpr, sub-jaxprs included."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "ginjax_triton_kernel_call":
-            names.add(eqn.params["plan"].name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names |= _every_kernel_call(inner)
-    return names
+    from conftest import jaxpr_equations
+
+    return {e.params["plan"].name for e in jaxpr_equations(jaxpr) if e.primitive.name == "ginjax_triton_kernel_call"}
 
 
 def test_a_vmapped_trace_starts_only_the_kernels_its_program_runs(monkeypatch):

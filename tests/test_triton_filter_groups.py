@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import kernels
-from conftest import rel_l2
+from conftest import jaxpr_equations, rel_l2
 
 triton_backend = pytest.importorskip("kernels.triton")
 from kernels.triton import conv_contract as triton_entry  # noqa: E402
@@ -101,7 +101,7 @@ def test_split_layer_matches_reference_with_bias_and_gradients(monkeypatch, cap=
         written.update(group.outputs)
     assert carried == want_carried and any(want_carried)
     jaxpr = jax.make_jaxpr(vf("triton"))(xs, ws, bias)
-    adds = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "add" and e.outvars[0].aval.ndim >= 4]
+    adds = [e for e in jaxpr_equations(jaxpr.jaxpr) if e.primitive.name == "add" and e.outvars[0].aval.ndim >= 4]
     assert not adds, adds
 
     def loss(backend):
@@ -111,17 +111,6 @@ def test_split_layer_matches_reference_with_bias_and_gradients(monkeypatch, cap=
     want = jax.grad(loss("reference"), argnums=(0, 1, 2))(xs, ws, bias)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert rel_l2(g, r) <= 1e-5
-
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside its equations (custom_vjp, pjit, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    yield from _equations(getattr(inner, "jaxpr", inner))
 
 
 def test_priors_lower_to_aliased_operands(monkeypatch):
