@@ -252,7 +252,7 @@ def test_drawn_layers_match_reference(examples):
     run_drawn(_drawn_layers_match_reference, examples, cfg=resampling_layers(), seed=st.integers(0, 2**31 - 1))
 
 
-# ---- rhs-dilated layers as undilated phases (opt-in: $GINJAX_DENSE_DILATED=phases) ----------------
+# ---- rhs-dilated layers as undilated phases (a GPU's default; $GINJAX_DENSE_DILATED) -------------
 _RHS_FIELD = re.compile(r"\b(rhs_dilate|rhs_dilation)\s*=\s*(?:array<i64:\s*|dense<)?\[?([0-9,\s]+)")
 
 
