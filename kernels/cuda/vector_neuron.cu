@@ -23,7 +23,8 @@
 // else resident to cover it. Each thread therefore copies its own pixel's x and gy of the *next*
 // tile into shared memory (cp.async, [component row][pixel]: a warp's 32 pixels are 32 banks) while
 // it works on this one: x as soon as this tile's x is in registers, gy once this tile's channel
-// loop is done. A thread reads back only what it copied itself, so its own cp.async wait orders
+// loop is done. Blocks of 32 channels (Bwd::kCopyX) copy only gy, so that two CTAs fit an SM, and
+// load x at the tile's start from L2, where a prefetch a tile ahead put it. A thread reads back only what it copied itself, so its own cp.async wait orders
 // them: no CTA barrier.
 //
 // The weight gradient. After a tile's gx, each thread stages its pixel's x and gd in shared
@@ -130,6 +131,12 @@ __device__ __forceinline__ void copy16_async(float* dst, const float* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16u : 0u) : "memory");
 #else
   for (int i = 0; i < 4; ++i) dst[i] = ok ? src[i] : 0.f;
+#endif
+}
+// A line of global memory into L2 ahead of its use (nothing on the host build).
+__device__ __forceinline__ void prefetch_l2(const float* src) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(src));
 #endif
 }
 __device__ __forceinline__ void copies_commit() {
@@ -287,9 +294,15 @@ struct Bwd {
   // (32, 2) backward's code outgrew the instruction cache: ncu's top stall was no_instruction
   // with one 4-warp CTA an SM to cover it (bench/NOTES.md, "Session 37").
   static constexpr bool kWide = C >= 32;
+  // Whether the next tile's x is copied into shared memory a tile ahead. A wide block loads its x
+  // from global memory at the tile's start instead (with an L2 prefetch a tile ahead): the copy's
+  // 32 KB would take the (32, 2) kernel to 137 KB, one CTA (4 warps) an SM with nothing to cover
+  // the loop's latencies; without it 105 KB, two CTAs an SM, one loading while the other computes.
+  static constexpr bool kCopyX = !kWide;
   static_assert(C % 8 == 0 && kThreads % kSlots == 0 && kPitch % 8 == 4, "unsupported size");
-  static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's x and gy, the affine map
-    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + 2 * (size_t)C * T * kThreads + C * kAffineRow<T>);
+  static constexpr size_t smem_bytes() {  // W, the gW staging of x and gd, the next tile's (x and) gy, the affine map
+    return sizeof(float) * (C * C + 2 * (size_t)kThreads * kPitch + (kCopyX ? 2 : 1) * (size_t)C * T * kThreads +
+                            C * kAffineRow<T>);
   }
 };
 
@@ -314,8 +327,8 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   float4* sw = smem4;                                   // C * C floats
   float* xs = reinterpret_cast<float*>(smem4 + C * C / 4);  // kThreads * kPitch
   float* gds = xs + kThreads * K::kPitch;                // kThreads * kPitch
-  float* next_x = gds + kThreads * K::kPitch;            // [C T][kThreads]: the tile's x, copied a tile ahead
-  float* next_gy = next_x + C * T * kThreads;            // [C T][kThreads]: its gy
+  float* next_x = gds + kThreads * K::kPitch;            // [C T][kThreads]: the tile's x, copied a tile ahead (kCopyX)
+  float* next_gy = next_x + (K::kCopyX ? C * T * kThreads : 0);  // [C T][kThreads]: its gy
   float* s_aff = next_gy + C * T * kThreads;             // [C][affine_row]
   const size_t b = blockIdx.y;
   const int grp = blockIdx.x, tid = threadIdx.x;
@@ -329,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
   float* gdrow = gds + tid * K::kPitch;
   const int tiles = (S + kThreads - 1) / kThreads;
   if (grp < tiles) {
-    prefetch_column<C, T>(next_x, x + base, grp * kThreads + tid, S);
+    if constexpr (K::kCopyX) prefetch_column<C, T>(next_x, x + base, grp * kThreads + tid, S);
     prefetch_column<C, T>(next_gy, gy + base, grp * kThreads + tid, S);
     copies_commit();
   }
@@ -340,10 +353,28 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
     const bool more = tile + groups < tiles;
     // past the end: x = gy = 0 (zeros in the copies), so d = 0, h = gs = 0, gu = gd = 0: nothing
     // reaches gW
-    copies_wait_all();  // this thread's copies of the tile's x and gy
+    copies_wait_all();  // this thread's copies of the tile's (x and) gy
+    float xv[C][T], acc[C][T];
+    if constexpr (!K::kCopyX) {
+      // x from global memory (in L2 where the previous tile's prefetch reached it), mapped in registers
+      const float* xb = x + base + (ok ? p : 0);
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int t = 0; t < T; ++t) xv[c][t] = ok ? xb[(size_t)(c * T + t) * S] : 0.f;
+      if constexpr (kAffine) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) affine_map<T>(s_aff + c * kAffineRow<T>, xv[c]);
+      }
+      if (more) {  // the next tile's x into L2: lane l of a warp takes rows l, l + 32, ... of its 32 pixels
+        const int q = p - (tid & 31) + groups * kThreads;  // the warp's first pixel in the next tile
+        if (q < S)
+          for (int e = tid & 31; e < C * T; e += 32) prefetch_l2(x + base + (size_t)e * S + q);
+      }
+    }
     // x' in place in this thread's column (the coefficients landed before the first barrier), one
     // channel at a time: mapped in registers beside x and acc, (16, 4) spilled
-    if constexpr (kAffine) {
+    if constexpr (kAffine && K::kCopyX) {
       for (int c = 0; c < C; ++c) {
         float xc[T];
 #pragma unroll
@@ -353,14 +384,15 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
         for (int t = 0; t < T; ++t) next_x[(c * T + t) * kThreads + tid] = xc[t];
       }
     }
-    float xv[C][T], acc[C][T];
+    if constexpr (K::kCopyX) {
 #pragma unroll
-    for (int c = 0; c < C; ++c)
+      for (int c = 0; c < C; ++c)
 #pragma unroll
-      for (int t = 0; t < T; ++t) xv[c][t] = next_x[(c * T + t) * kThreads + tid];
-    if (more) {  // the next tile's x into the column just read
-      prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
-      copies_commit();
+        for (int t = 0; t < T; ++t) xv[c][t] = next_x[(c * T + t) * kThreads + tid];
+      if (more) {  // the next tile's x into the column just read
+        prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
+        copies_commit();
+      }
     }
     if constexpr (K::kWide) stage_row<C, T>(xrow, xv);  // x_c is read back from it in the channel loop
 #pragma unroll
@@ -498,6 +530,10 @@ cudaError_t launch_backward(const float* x, const float* w, const float* aff, co
                        : (act == kGelu ? backward_kernel<C, T, false, kGelu> : backward_kernel<C, T, false, kRelu>);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
+  if constexpr (Bwd<C, T>::kWide) {  // two CTAs of 105 KB an SM need the whole carveout as shared memory
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<dim3(groups, batch), kThreads, smem, stream>>>(x, w, aff, gy, gx, part, S, groups, eps);
   return cudaGetLastError();
 }

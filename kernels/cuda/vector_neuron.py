@@ -50,12 +50,13 @@ __all__ = ["COVERED", "COVERED_MMA", "coverage", "uses_mma", "vector_neuron_cuda
 THREADS = 128  # pixels per tile (vector_neuron.cu kThreads)
 # (channels, components) -> backward CTAs resident per SM: the least of the register limit of
 # ptxas' count for sm_90a (65,536 / (128 threads x registers rounded up to 8)) and the shared
-# memory's, 4 (C^2 + 2 x 128 x (T C + 4) + 2 x 128 T C) bytes (W, the gW staging, the next tile's
-# x and gy) plus 1 KB a CTA out of 228 KB. tests/test_vector_neuron_cuda.py (slow) recompiles and
-# holds ptxas and the shared memory to these, and to no spills. (32, 2), a 2D model's 32-channel
-# vector block: 243 registers with its channel loop rolled (vector_neuron.cu `Bwd::kWide`), 140 KB
-# of shared memory, so one CTA (4 warps) an SM; (32, 3) spills at 255 registers and is left to Triton.
-COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 1, (32, 2): 1}
+# memory's, 4 (C^2 + 2 x 128 x (T C + 4) + k x 128 T C + C (T^2 + 2T)) bytes (W, the gW staging,
+# the next tile's gy, and its x where k = 2, the affine map) plus 1 KB a CTA out of 228 KB.
+# tests/test_vector_neuron_cuda.py (slow) recompiles and holds ptxas and the shared memory to these,
+# and to no spills. (32, 2), a 2D model's 32-channel vector block: 243-248 registers with its channel
+# loop rolled (vector_neuron.cu `Bwd::kWide`) and 105 KB of shared memory without the x copy
+# (`Bwd::kCopyX`, k = 1), so two CTAs (8 warps) an SM; (32, 3) spills at 255 registers and is left to Triton.
+COVERED = {(8, 2): 5, (8, 3): 4, (8, 4): 3, (16, 2): 3, (16, 3): 2, (16, 4): 1, (32, 2): 2}
 # The same for the tensor-core backward of 16 channels (4 warps, 4 x 16 pixels a step): registers
 # and its shared memory, 4 (4 (2 x 20 T 16 + 2 x 16 pitch) + 16 (T^2 + 2T)) bytes, pitch the least
 # >= 16 T that is 8 mod 32.
