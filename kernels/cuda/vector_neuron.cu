@@ -354,8 +354,29 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
     // past the end: x = gy = 0 (zeros in the copies), so d = 0, h = gs = 0, gu = gd = 0: nothing
     // reaches gW
     copies_wait_all();  // this thread's copies of the tile's (x and) gy
+    // x' in place in this thread's column (the coefficients landed before the first barrier), one
+    // channel at a time: mapped in registers beside x and acc, (16, 4) spilled
+    if constexpr (kAffine && K::kCopyX) {
+      for (int c = 0; c < C; ++c) {
+        float xc[T];
+#pragma unroll
+        for (int t = 0; t < T; ++t) xc[t] = next_x[(c * T + t) * kThreads + tid];
+        affine_map<T>(s_aff + c * kAffineRow<T>, xc);
+#pragma unroll
+        for (int t = 0; t < T; ++t) next_x[(c * T + t) * kThreads + tid] = xc[t];
+      }
+    }
     float xv[C][T], acc[C][T];
-    if constexpr (!K::kCopyX) {
+    if constexpr (K::kCopyX) {
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int t = 0; t < T; ++t) xv[c][t] = next_x[(c * T + t) * kThreads + tid];
+      if (more) {  // the next tile's x into the column just read
+        prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
+        copies_commit();
+      }
+    } else {
       // x from global memory (in L2 where the previous tile's prefetch reached it), mapped in registers
       const float* xb = x + base + (ok ? p : 0);
 #pragma unroll
@@ -370,28 +391,6 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
         const int q = p - (tid & 31) + groups * kThreads;  // the warp's first pixel in the next tile
         if (q < S)
           for (int e = tid & 31; e < C * T; e += 32) prefetch_l2(x + base + (size_t)e * S + q);
-      }
-    }
-    // x' in place in this thread's column (the coefficients landed before the first barrier), one
-    // channel at a time: mapped in registers beside x and acc, (16, 4) spilled
-    if constexpr (kAffine && K::kCopyX) {
-      for (int c = 0; c < C; ++c) {
-        float xc[T];
-#pragma unroll
-        for (int t = 0; t < T; ++t) xc[t] = next_x[(c * T + t) * kThreads + tid];
-        affine_map<T>(s_aff + c * kAffineRow<T>, xc);
-#pragma unroll
-        for (int t = 0; t < T; ++t) next_x[(c * T + t) * kThreads + tid] = xc[t];
-      }
-    }
-    if constexpr (K::kCopyX) {
-#pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int t = 0; t < T; ++t) xv[c][t] = next_x[(c * T + t) * kThreads + tid];
-      if (more) {  // the next tile's x into the column just read
-        prefetch_column<C, T>(next_x, x + base, p + groups * kThreads, S);
-        copies_commit();
       }
     }
     if constexpr (K::kWide) stage_row<C, T>(xrow, xv);  // x_c is read back from it in the channel loop
