@@ -161,20 +161,28 @@ __device__ __forceinline__ void prefetch_column(float* dst, const float* src, in
   for (int e = 0; e < C * T; ++e, at += S) copy4_async(dst + e * kThreads + tid, at, ok);
 }
 
-// d_c = W[c, :] x (T components), k ascending, W read as float4 broadcasts from shared memory.
-template <int C, int T>
-__device__ __forceinline__ void mix_row(const float4* sw, int c, const float (&x)[C][T], float (&d)[T]) {
-#pragma unroll
-  for (int t = 0; t < T; ++t) d[t] = 0.f;
+// f(k, W[c, k]) for k ascending, W's row c read as float4 broadcasts from shared memory: the
+// product W x (mix_row) and the backward's scatter W^T gd both walk a row this way.
+template <int C, typename F>
+__device__ __forceinline__ void for_row_of_w(const float4* sw, int c, F&& f) {
 #pragma unroll
   for (int kq = 0; kq < C / 4; ++kq) {
     const float4 wq = sw[c * (C / 4) + kq];
     const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int t = 0; t < T; ++t) d[t] = fmaf(wk[i], x[4 * kq + i][t], d[t]);
+    for (int i = 0; i < 4; ++i) f(4 * kq + i, wk[i]);
   }
+}
+
+// d_c = W[c, :] x (T components), k ascending.
+template <int C, int T>
+__device__ __forceinline__ void mix_row(const float4* sw, int c, const float (&x)[C][T], float (&d)[T]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t) d[t] = 0.f;
+  for_row_of_w<C>(sw, c, [&](int k, float w) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) d[t] = fmaf(w, x[k][t], d[t]);
+  });
 }
 
 // n, 1 / (n + eps), u and s of one channel.
@@ -420,16 +428,11 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const float* __re
           if constexpr (K::kWide) next_gy[(c * T + t) * kThreads + tid] = gxl[t];  // this thread's own slot
           else acc[c][t] += gxl[t];
         }
-        // W^T gd: channel c's gd reaches every k through W[c, k] (the float4 row d_c read)
+        // W^T gd: channel c's gd reaches every k through W[c, k] (the row d_c read)
+        for_row_of_w<C>(sw, c, [&](int k, float w) {
 #pragma unroll
-        for (int kq = 0; kq < C / 4; ++kq) {
-          const float4 wq = sw[c * (C / 4) + kq];
-          const float wk[4] = {wq.x, wq.y, wq.z, wq.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int t = 0; t < T; ++t) acc[4 * kq + j][t] = fmaf(wk[j], gdq[i][t], acc[4 * kq + j][t]);
-        }
+          for (int t = 0; t < T; ++t) acc[k][t] = fmaf(w, gdq[i][t], acc[k][t]);
+        });
       }
 #pragma unroll
       for (int t = 0; t < T; ++t)
