@@ -80,7 +80,9 @@ def test_against_xla_fp32(monkeypatch, name, D, shape, activation):
     (3, (16, 64, 64, 64, 3), jax.nn.gelu),
     (3, (16, 7, 9, 11, 3), jax.nn.relu),  # a ragged last tile: x' = v - m shift past the end
     (2, (8, 33, 35, 2, 2), jax.nn.gelu),
-], ids=["standard", "c16-t3-odd", "c8-t4"])
+    (2, (8, 19, 23, 2), jax.nn.relu),
+    (2, (32, 37, 41, 2), jax.nn.gelu),  # the map in registers as x is loaded (no x copy: Bwd::kCopyX)
+], ids=["standard", "c16-t3-odd", "c8-t4", "c8-t2", "c32-t2"])
 def test_affine_prologue_against_composition_fp32(D, shape, activation):
     """A norm's affine map in the kernels' registers against `channel_affine` then the XLA path:
     the value and the gradients in w, x, m, v and shift."""
