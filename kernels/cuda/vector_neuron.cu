@@ -24,8 +24,8 @@
 // tile into shared memory (cp.async, [component row][pixel]: a warp's 32 pixels are 32 banks) while
 // it works on this one: x as soon as this tile's x is in registers, gy once this tile's channel
 // loop is done. Blocks of 32 channels (Bwd::kCopyX) copy only gy, so that two CTAs fit an SM, and
-// load x at the tile's start from L2, where a prefetch a tile ahead put it. A thread reads back only what it copied itself, so its own cp.async wait orders
-// them: no CTA barrier.
+// load x at the tile's start from L2, where a prefetch a tile ahead put it. A thread reads back
+// only what it copied itself, so its own cp.async wait orders them: no CTA barrier.
 //
 // The weight gradient. After a tile's gx, each thread stages its pixel's x and gd in shared
 // memory, row-major per pixel with a pitch of T*C + 4 floats (== 4 mod 8: the float4 stores of
