@@ -58,6 +58,9 @@
 #   cuda-dw        the CUDA weight gradient's GPU tests (tests/test_conv_contract_cuda_dw_gpu.py, memcheck
 #            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
 #            --strip with no value: no forward rows); run cuda-build first
+#   vn-ncu         Nsight Compute on the CUDA VectorNeuron backward (bench/vector_neuron_profile.py --impl cuda,
+#            VN_NCU_SHAPE, default 16,32,256,256,2: d2_n256_b16_c32's block), the stall metrics included; carry
+#            the library (CUDA_PREBUILT=1) or run cuda-build first
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
 # Every stage's files end up in $OUT/results.tar.gz as well (the device tool returns few files).
@@ -68,7 +71,7 @@
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
 # T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW,
-# T_ENV_AB and T_COMPILE_CHECK (each run of the stage).
+# T_ENV_AB, T_VN_NCU and T_COMPILE_CHECK (each run of the stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -225,6 +228,15 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=$?; tail -3 "$OUT/cuda-dw/tests.log"
       timeout "${T_CUDA_DW:-300}" python3 -u -m bench.cuda_spike "$OUT/cuda-dw" --strip > "$OUT/cuda-dw/spike.log" 2>&1
       cut -c1-300 "$OUT/cuda-dw/spike.log"; (exit $rc) ;;
+    vn-ncu)
+      export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+      timeout "${T_VN_NCU:-150}" ncu --clock-control none --kernel-name regex:backward_kernel --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
+        --metrics "$STALL_METRICS" python3 bench/vector_neuron_profile.py --impl cuda --shape "${VN_NCU_SHAPE:-16,32,256,256,2}" \
+        > "$OUT/vn-ncu/ncu.txt" 2>&1
+      rc=$?; grep -E "Duration|Issue Slots Busy|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/vn-ncu/ncu.txt"
+      grep -E "stalled" "$OUT/vn-ncu/ncu.txt" | sort -k3 -n -r | head -12; (exit $rc) ;;
     vn-cuda)
       build_cuda "$OUT/vn-cuda/build.log"
       timeout "${T_VN_CUDA:-240}" python3 -m pytest -m gpu -v -rfEs -p no:cacheprovider tests/test_vector_neuron_cuda_gpu.py \

@@ -4,7 +4,7 @@
         --section SpeedOfLight ... python3 bench/vector_neuron_profile.py --impl cuda
 
 The block is bench.vector_neuron_spike's: the vector output block of d3_n64_b4_c16, (4, 16, 64,
-64, 64, 3), gelu; `--affine` adds a LayerNorm's affine map (the Triton kernels' prologue on
+64, 64, 3), gelu (`--shape`: another, e.g. 16,32,256,256,2 for d2_n256_b16_c32's); `--affine` adds a LayerNorm's affine map (the Triton kernels' prologue on
 planar blocks), `--layout` picks the block's layout. Only the launches matter (the first
 forward, then the first backward: the CUDA kernels are `forward_kernel<C, T>` /
 `backward_kernel<C, T>`, Triton's `vector_neuron_fwd_*` / `vector_neuron_bwd_*`).
@@ -40,12 +40,12 @@ def main():
     w = jax.random.uniform(jax.random.PRNGKey(1), (c, c), jnp.float32, -c ** -0.5, c ** -0.5)
     D = len(shape) - 3
 
-    def one(b):
+    def one(b, w):
         affine = vector_group_norm_coefficients(b, 1, D, 1e-5, "eigh", jnp.ones(c), jnp.zeros(c)) if args.affine else None
         return _vector_neuron.vector_neuron(w, b, D, jax.nn.gelu, 1e-5, layout=args.layout, impl=args.impl, affine=affine)
 
-    def loss(x, w):
-        return jnp.sum(jnp.sin(jax.vmap(one)(x)))
+    def loss(x, w):  # w is an argument, so its gradient (gW's partial sums) is in the program
+        return jnp.sum(jnp.sin(jax.vmap(one, in_axes=(0, None))(x, w)))
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
     for _ in range(args.reps):
