@@ -1,6 +1,8 @@
-"""The CUDA forward's stencil walk counted for any D=3 layer: how much FP32 and shared-memory
-work the kernel's design (kernels/cuda/forward_kernel.cuh) would do on a layer it does not cover
-yet, e.g. the 2-tensor layer d3_n64_b2_c8_k2, against the standard layer it runs today.
+"""The CUDA forward's stencil walk counted for any layer of 3^D filters (D = 2 or 3): how much
+FP32 and shared-memory work the kernel's design (kernels/cuda/forward_kernel.cuh) would do on a
+layer it does not cover yet, e.g. the 2-tensor layer d3_n64_b2_c8_k2 or the 2D layer
+d2_n256_b16_c32, against the standard layer it runs today. A 2D layer's taps are the 3D walk's
+dz = 0 plane: its row groups load one row each and form no z classes.
 
 Each input key's Z tiles (output key, component j, pair, filter) are cut, in order, into
 sub-phases of at most `cap` tiles, since a phase's tiles are all live in registers (27 is the
@@ -13,7 +15,7 @@ A sub-phase re-reads the rows an earlier one of the same key read, so a smaller 
 shared-memory loads. At cap >= 27 the standard layer gives today's two phases exactly
 (948 FP32 instructions; tests/test_bench_walk_cost.py).
 
-    python -m bench.walk_cost --configs d3_n64_b4_c16,d3_n64_b2_c8_k2 --caps 20,27,40
+    python -m bench.walk_cost --configs d3_n64_b4_c16,d3_n64_b2_c8_k2,d2_n256_b16_c32 --caps 20,27,40
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class WalkCost:
 def sub_phases(spec: ConvSpec, cap: int) -> tuple[Phase, ...]:
     """Every input key's tiles in sub-phases of at most `cap`, the keys highest order first (as
     the kernel walks the vector block before the scalar one); rows (dz, dy, i) dy-major."""
-    if spec.D != 3:
-        raise ValueError(f"`spec` has D={spec.D}; the CUDA forward's walk is 3x3x3 (D=3)")
+    if spec.D not in (2, 3) or tuple(spec.filter_shape) != (3,) * spec.D:
+        raise ValueError(f"`spec` has D={spec.D} and filters {tuple(spec.filter_shape)}; the CUDA forward's "
+                         "walk takes 3x3x3 (D=3) or 3x3 (D=2) filters")
     if not isinstance(cap, int) or cap < 1:
         raise ValueError(f"`cap` (={cap!r}) must be a positive int")
     nonzeros = basis_nonzeros(spec)
@@ -64,7 +67,8 @@ def sub_phases(spec: ConvSpec, cap: int) -> tuple[Phase, ...]:
             rows: dict[tuple[int, int, int], list] = {}
             for n in nonzeros:
                 if tile(n) in index:
-                    dz, dy, dx = (int(a) - 1 for a in np.unravel_index(n.tap, (3, 3, 3)))
+                    taps = (0,) * (3 - spec.D) + tuple(int(a) - 1 for a in np.unravel_index(n.tap, (3,) * spec.D))
+                    dz, dy, dx = taps  # D = 2: the plane dz = 0
                     rows.setdefault((dz, dy, n.i), []).append((index[tile(n)], dx, n.value))
             order = sorted(rows, key=lambda r: (r[1], r[0], r[2]))
             out.append(Phase(key, tuple(PhaseTile(0, 0, i) for i in range(len(index))),
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     from bench import _configs
 
     parser = argparse.ArgumentParser(prog="python -m bench.walk_cost", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="d3_n64_b4_c16,d3_n64_b2_c8_k2")
+    parser.add_argument("--configs", default="d3_n64_b4_c16,d3_n64_b2_c8_k2,d2_n256_b16_c32")
     parser.add_argument("--caps", default="27")
     args = parser.parse_args(argv)
     caps = [int(c) for c in args.caps.split(",")]

@@ -1,9 +1,10 @@
 """bench/walk_cost.py: its sub-phases reproduce the CUDA forward's own walk where the kernel covers
 the layer (kernels.cuda._walk.phases: 948 FP32 instructions a warp-row on the standard layer), and
-on any layer every basis nonzero is walked exactly once at any cap."""
+on any layer every basis nonzero is walked exactly once at any cap; a 2D layer walks the plane dz = 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -53,5 +54,23 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"`channels` \(=12\) must be a multiple of 8"):
         walk_cost.walk_counts(STANDARD, 27, 12, 1, (8, 8, 8))
     d2 = _cases.fixture_spec(_configs.CONFIGS["d2_n64_b4_c8"])
-    with pytest.raises(ValueError, match=r"`spec` has D=2"):
-        walk_cost.sub_phases(d2, 27)
+    five = dataclasses.replace(d2, filter_shape=(5, 5))
+    with pytest.raises(ValueError, match=r"`spec` has D=2 and filters \(5, 5\)"):
+        walk_cost.sub_phases(five, 27)
+
+
+def test_a_2d_layer_walks_the_plane_dz_0():
+    """The 2D standard layer (3x3 filters): every nonzero walked once in two phases (the vector
+    key's tiles, then the scalar key's), each row group loading one row and forming no z class;
+    236 FP32 instructions a warp-row against the 3D standard layer's 948 (bench/NOTES.md)."""
+    spec = _cases.fixture_spec(_configs.CONFIGS["d2_n256_b16_c32"])
+    phases = walk_cost.sub_phases(spec, 27)
+    assert _uses(phases) == len(basis_nonzeros(spec)) == 67
+    assert [spec.in_keys[p.key][0] for p in phases] == [1, 0] and sum(len(p.tiles) for p in phases) == 19
+    groups = [g for p in phases for g in _walk.row_groups(p)]
+    assert all(g.dzs == (0,) and g.zc == () for g in groups)
+    # each tap of a phase's rows is the nonzero's (dy, dx): the 3x3 plane, dz = 0
+    taps = {(dz, dy, t[1]) for p in phases for (dz, dy, _), uses in p.rows for t in uses}
+    assert {dz for dz, _, _ in taps} == {0} and {(dy, dx) for _, dy, dx in taps} <= {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}
+    w = walk_cost.walk_counts(spec, 27, 32, 16, (256, 256))
+    assert (w.phases, w.tiles, w.fp32, w.lds) == (2, 19, 236, 72)
