@@ -167,7 +167,10 @@ def test_memcheck_clean():
         from kernels.cuda import vector_neuron_cuda
         os.environ["GINJAX_VN_CUDA_FORWARD"] = "cuda"  # the CUDA forward too (Triton's is the default)
         rng = np.random.default_rng(0)
+        # (32, 2) at 190 x 181 pixels: 269 tiles, more than the 264 CTAs of a 132-SM GPU, so some CTAs walk a
+        # second tile, loaded after the L2 prefetch (Bwd::kCopyX) and ragged at the end
         for c, D, spatial, k in ((16, 3, (5, 6, 7), 1), (8, 2, (13, 11), 2), (16, 2, (3, 5), 1), (32, 2, (9, 31), 1),
+                                 (32, 2, (190, 181), 1),
                                  (16, 3, (4, 6, 7), 1), (16, 2, (8, 10), 2)):  # the last two: the tensor-core backward
             os.environ["GINJAX_VN_CUDA_MMA"] = "1" if spatial in ((4, 6, 7), (8, 10)) else "0"
             x = jnp.asarray(rng.normal(size=(2, c) + spatial + (D,) * k), jnp.float32)
