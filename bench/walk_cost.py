@@ -88,20 +88,8 @@ def walk_counts(spec: ConvSpec, cap: int, channels: int, batch: int, spatial: tu
     return WalkCost(cap, len(phases), sum(len(p.tiles) for p in phases), fp32, lds, fp32 * warp_rows, lds * warp_rows)
 
 
-def layer_spec(cfg) -> ConvSpec:
-    """The spec of a bench layer config's ConvContract (the layer alone: no input drawn)."""
-    import jax
-
-    from bench import _cases
-    from ginjax import geometric as geom, layers
-
-    sig = geom.Signature(tuple((key, cfg.c) for key in cfg.keys))
-    filters = _cases.invariant_filters(cfg.D, cfg.M, cfg.filter_ks)
-    return layers.ConvContract(sig, sig, filters, key=jax.random.PRNGKey(0)).conv_spec()
-
-
 def main(argv=None) -> int:
-    from bench import _configs
+    from bench import _cases, _configs
 
     parser = argparse.ArgumentParser(prog="python -m bench.walk_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="d3_n64_b4_c16,d3_n64_b2_c8_k2,d2_n256_b16_c32")
@@ -112,7 +100,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         cfg = _configs.CONFIGS[name]
-        spec = layer_spec(cfg)
+        spec = _cases.layer_spec(cfg)
         for cap in caps:
             w = walk_counts(spec, cap, cfg.c, cfg.B, cfg.spatial)
             print(f"| {name} | {cap} | {w.phases} | {w.tiles} | {w.fp32:,} | {w.lds:,} | "

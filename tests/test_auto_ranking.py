@@ -419,7 +419,7 @@ def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch
     monkeypatch.setattr(_registry, "device_kind", lambda: "Other GPU")
     monkeypatch.setattr(_registry, "device_capability", lambda: "8.0")
     monkeypatch.delenv(_registry.ENV_VAR, raising=False)
-    k2 = _cases.build_case(_configs.CONFIGS["d3_n64_b2_c8_k2"]).spec()
+    k2 = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
     choice = kernels.explain(k2, N64)
     assert choice.backend == "dense", choice.reason
     assert "without a caveat (triton: its kernels would run this layer as 11 filter-group launches" in choice.reason

@@ -18,7 +18,7 @@ STANDARD = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
 @functools.cache
 def _k2_spec():
-    return walk_cost.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
+    return _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
 
 
 def _uses(phases) -> int:

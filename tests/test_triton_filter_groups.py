@@ -45,7 +45,7 @@ def test_the_two_tensor_layer_splits_within_the_cap():
     exactly one group; the standard layer and a plain 2D one stay one launch."""
     from bench import _cases, _configs
 
-    spec = _cases.build_case(_configs.CONFIGS["d3_n64_b2_c8_k2"]).spec()  # every invariant filter
+    spec = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])  # every invariant filter
     spatial, blocks = (64,) * 3, BlockSizes()
     assert peak_live_z(spec, spatial, "tf32", blocks) > 4 * LIVE_Z_CAP
     groups = filter_groups(spec, spatial, "tf32", blocks)

@@ -30,7 +30,7 @@ from test_conv_contract_triton import operands  # noqa: E402
 def test_two_tensor_layer_in_filter_groups_against_reference():
     from bench import _cases, _configs
 
-    base = _cases.build_case(_configs.CONFIGS["d3_n64_b2_c8_k2"]).spec()
+    base = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
     spec = kernels.make_spec(3, base.in_keys, base.out_keys, [(p.in_index, p.out_index, p.basis.array) for p in base.pairs],
                              True, bias_modes=("add", "mean", "none"))
     said = kernels.explain(spec, (16,) * 3, backend="triton").reason
