@@ -59,8 +59,8 @@
 #            included), then bench.cuda_spike's weight-gradient rows (cuda vs triton's kernel vs dense's VJP;
 #            --strip with no value: no forward rows); run cuda-build first
 #   vn-ncu         Nsight Compute on the CUDA VectorNeuron backward (bench/vector_neuron_profile.py --impl cuda,
-#            VN_NCU_SHAPE, default 16,32,256,256,2: d2_n256_b16_c32's block), the stall metrics included; carry
-#            the library (CUDA_PREBUILT=1) or run cuda-build first
+#            VN_NCU_SHAPE, default 16,32,256,256,2: d2_n256_b16_c32's block), the stall metrics included; builds
+#            the library as cuda-build does (CUDA_PREBUILT=1: the carried one)
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
 # Every stage's files end up in $OUT/results.tar.gz as well (the device tool returns few files).
@@ -100,6 +100,9 @@ build_cuda() {  # the opt-in CUDA library in place, for this and the later stage
 STALL_METRICS="$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' short_scoreboard \
   long_scoreboard mio_throttle barrier math_pipe_throttle wait not_selected selected dispatch_stall lg_throttle \
   no_instruction branch_resolving membar tex_throttle drain imc_miss misc | sed 's/,$//')"
+# Nsight Compute's sections of the profile stages (profile, vn-ncu; cuda-ncu adds the memory tables)
+NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+  --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats --section InstructionStats)
 for stage in ${STAGES:-sweep profile pallas}; do
   rm -rf "${OUT:?}/$stage" && mkdir -p "$OUT/$stage"  # a warm machine may keep an earlier run's files
   t0=$(date +%s)
@@ -109,9 +112,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
         --budget "$(( ${T_SWEEP:-240} - 25 ))" ${SWEEP_ARGS:-} > "$OUT/sweep/log.txt" 2>&1 ;;
     profile)
       timeout "${T_PROFILE:-120}" ncu --clock-control none --kernel-name "regex:${PROFILE_KERNEL:-conv_contract}" --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-1}" \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-        --section InstructionStats ${PROFILE_STALLS:+--metrics "$STALL_METRICS"} python3 bench/triton_profile.py ${PROFILE_ARGS:-} \
+        "${NCU_SECTIONS[@]}" ${PROFILE_STALLS:+--metrics "$STALL_METRICS"} python3 bench/triton_profile.py ${PROFILE_ARGS:-} \
         > "$OUT/profile/ncu.txt" 2>&1
       rc=$?; grep -E "Duration|Issue Slots Busy|L1/TEX Cache Throughput|Registers Per" "$OUT/profile/ncu.txt"
       grep -E "stalled" "$OUT/profile/ncu.txt" | sort -k3 -n -r | head -18; (exit $rc) ;;
@@ -174,9 +175,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       # sections; --print-details all and regex metrics segfaulted it in sessions 22-23
       for layout in ${CUDA_NCU_LAYOUTS:-minor planar}; do
         GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
-          --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-          --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats --section Occupancy \
-          --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats --metrics "$STALL_METRICS" \
+          --launch-skip 2 --launch-count 1 "${NCU_SECTIONS[@]}" --section MemoryWorkloadAnalysis_Tables --metrics "$STALL_METRICS" \
           python3 bench/triton_profile.py --config "${CUDA_NCU_CONFIG:-d3_n64_b4_c16}" > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
         grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issue Slots Busy|Registers Per" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
         grep -E "stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | sort -k3 -n -r | head -18
@@ -229,11 +228,9 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_CUDA_DW:-300}" python3 -u -m bench.cuda_spike "$OUT/cuda-dw" --strip > "$OUT/cuda-dw/spike.log" 2>&1
       cut -c1-300 "$OUT/cuda-dw/spike.log"; (exit $rc) ;;
     vn-ncu)
-      export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+      build_cuda "$OUT/vn-ncu/build.log"
       timeout "${T_VN_NCU:-150}" ncu --clock-control none --kernel-name regex:backward_kernel --launch-skip 1 --launch-count 1 \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-        --section Occupancy --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats \
-        --metrics "$STALL_METRICS" python3 bench/vector_neuron_profile.py --impl cuda --shape "${VN_NCU_SHAPE:-16,32,256,256,2}" \
+        "${NCU_SECTIONS[@]}" --metrics "$STALL_METRICS" python3 bench/vector_neuron_profile.py --impl cuda --shape "${VN_NCU_SHAPE:-16,32,256,256,2}" \
         > "$OUT/vn-ncu/ncu.txt" 2>&1
       rc=$?; grep -E "Duration|Issue Slots Busy|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/vn-ncu/ncu.txt"
       grep -E "stalled" "$OUT/vn-ncu/ncu.txt" | sort -k3 -n -r | head -12; (exit $rc) ;;

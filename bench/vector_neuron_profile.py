@@ -4,8 +4,9 @@
         --section SpeedOfLight ... python3 bench/vector_neuron_profile.py --impl cuda
 
 The block is bench.vector_neuron_spike's: the vector output block of d3_n64_b4_c16, (4, 16, 64,
-64, 64, 3), gelu (`--shape`: another, e.g. 16,32,256,256,2 for d2_n256_b16_c32's); `--affine` adds a LayerNorm's affine map (the Triton kernels' prologue on
-planar blocks), `--layout` picks the block's layout. Only the launches matter (the first
+64, 64, 3), gelu (`--shape`: another, e.g. 16,32,256,256,2 for d2_n256_b16_c32's); `--affine`
+adds a LayerNorm's affine map (the Triton kernels' prologue on planar blocks), `--layout` picks
+the block's layout. Only the launches matter (the first
 forward, then the first backward: the CUDA kernels are `forward_kernel<C, T>` /
 `backward_kernel<C, T>`, Triton's `vector_neuron_fwd_*` / `vector_neuron_bwd_*`).
 """
