@@ -51,19 +51,20 @@ def _signature(pairs):
 
 
 def _layer(cfg: LayerConfig):
-    """(the config's ConvContract, the key its input is drawn with)."""
+    """(the config's ConvContract, its signature, the key its input is drawn with)."""
     from ginjax import layers
 
     sig = _signature((key, cfg.c) for key in cfg.keys)
     filters = invariant_filters(cfg.D, cfg.M, cfg.filter_ks)
     k_layer, k_x = jax.random.split(jax.random.PRNGKey(SEED))
-    return layers.ConvContract(sig, sig, filters, key=k_layer), k_x
+    return layers.ConvContract(sig, sig, filters, key=k_layer), sig, k_x
 
 
 def layer_spec(cfg: LayerConfig) -> kernels.ConvSpec:
     """The ConvSpec of a layer config's ConvContract (`LayerCase(cfg).spec()`) without drawing
     its input: a 2-tensor config's (d3_n64_b2_c8_k2) is 54 M floats."""
-    return _layer(cfg)[0].conv_spec()
+    layer, _, _ = _layer(cfg)
+    return layer.conv_spec()
 
 
 class LayerCase:
@@ -71,8 +72,7 @@ class LayerCase:
 
     def __init__(self, cfg: LayerConfig):
         self.cfg = cfg
-        self.layer, k_x = _layer(cfg)
-        sig = _signature((key, cfg.c) for key in cfg.keys)
+        self.layer, sig, k_x = _layer(cfg)
         self.x = _random_multi_image(k_x, sig, cfg.D, cfg.B, cfg.spatial)
 
     def spec(self) -> kernels.ConvSpec:
