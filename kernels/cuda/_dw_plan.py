@@ -235,6 +235,8 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     walks 16 channels of each) within this kernel's shared memory, which holds one channel group
     (so 32 + 32 input channels at x extent 64 fit here, not in the forward), and the weight
     gradient's compiled passes."""
+    if spec.D != 3:
+        return False, f"D={spec.D}; the CUDA weight gradient is compiled for D=3 layers"
     d = dilation(spec)
     if d > 1 and not _plan.dilated_enabled():
         return False, f"the dilated weight gradient is turned off ({_plan.DILATED_ENV}=0)"

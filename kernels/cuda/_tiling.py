@@ -32,7 +32,7 @@ class BlockSizes:
         from . import _plan
 
         d = max(1, min(spec.rhs_dilation)) if spec is not None else 1
-        nz, ny, nx = (int(n) for n in spatial)
+        nz, ny, nx = _plan.kernel_spatial(spec, spatial) if spec is not None else (int(n) for n in spatial)
         w = (_plan.window(spec, nx) if spec is not None else None) or nx  # CTAs per row: its x windows
         return cls(strip_rows=strip_for(nz * d * max(1, nx // w), max(1, ny // d), batch or 1, cls.strip_rows))
 

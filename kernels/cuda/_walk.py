@@ -1,7 +1,8 @@
 """The stencil walk of the CUDA forward (kernels/cuda/forward_kernel.cuh) as pure Python: the layer's
-Z tiles (from the Mosaic spike's plan, kernels/pallas/_mosaic_plan.py: output *groups* (output
-block b, component j), each with its tiles (term, f) and their basis nonzeros) regrouped into two
-*phases* by the input block they read (the vector block first, then the scalar one). A phase's
+Z tiles (output *groups* (output block b, component j), each with its tiles (term, f) and their
+basis nonzeros, in the order of the Mosaic spike's plan, kernels/pallas/_mosaic_plan.py)
+regrouped into two *phases* by the input block they read (the vector block first, then the
+scalar one). A D = 2 layer's taps are the plane dz = 0 of a D = 3 one's: its rows are (0, dy, i). A phase's
 tiles are all live in registers while every input row it reads (dz, dy, component i) is loaded
 from shared memory once and fed to every tile that uses it. The rows are ordered dy-major, so
 after the dy = -1 rows the kernel can overwrite that y slice with the next one while the rest of
@@ -23,8 +24,8 @@ import functools
 
 import numpy as np
 
+from .._fused.basis import basis_nonzeros
 from .._spec import ConvSpec
-from ..pallas._mosaic_plan import MosaicPlan, make_plan
 
 PHASE_KEYS = (1, 0)  # the vector block's tiles first (the larger phase), then the scalar ones
 
@@ -72,23 +73,40 @@ def lane_pixel(g, d: int):
     return 2 * d * (g // d) + g % d
 
 
+def output_groups(spec: ConvSpec) -> tuple[tuple[int, int, tuple], ...]:
+    """Per output group (block b, component j), in the Mosaic plan's order (blocks, then j): its
+    tiles (term, f), each with its basis nonzeros ((dz, dy, dx), i, coefficient) in (tap, i)
+    order; a D = 2 layer's taps have dz = 0. A tile is a (term, f) with a nonzero at j."""
+    by_tile: dict[tuple[int, int, int], list] = {}
+    for n in basis_nonzeros(spec):  # ordered by (pair, f, tap, i, j)
+        taps = tuple(int(a) - 1 for a in np.unravel_index(n.tap, (3,) * spec.D))
+        by_tile.setdefault((n.pair, n.f, n.j), []).append(((0,) * (3 - spec.D) + taps, n.i, n.value))
+    out = []
+    for dst, (k_out, _, _) in enumerate(spec.out_keys):
+        for j in range(spec.D**k_out):
+            tiles = tuple(((t, f), tuple(by_tile[t, f, j])) for t, pair in enumerate(spec.pairs)
+                          if pair.out_index == dst for f in range(pair.basis.n_filters) if (t, f, j) in by_tile)
+            out.append((dst, j, tiles))
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=32)
 def phases(spec: ConvSpec) -> tuple[tuple[tuple[int, int], ...], tuple[Phase, ...]]:
-    """((dst block, j) per output group, the phases) of a layer the Mosaic plan covers (at
-    dilation 1: a dilated layer's phases are its undilated one's)."""
+    """((dst block, j) per output group, the phases) of a layer of 3^D filters (at dilation 1: a
+    dilated layer's phases are its undilated one's)."""
     spec = undilated(spec)
-    plan: MosaicPlan = make_plan(spec, (3, 3, 64))  # the tables do not depend on z, y
-    groups = tuple((g.dst, g.j) for g in plan.groups)
+    plan = output_groups(spec)
+    groups = tuple((dst, j) for dst, j, _ in plan)
     out = []
     for key in PHASE_KEYS:
         tiles, rows = [], {}
-        for gi, g in enumerate(plan.groups):
-            for (t, f), entries in zip(g.tiles, g.entries):
+        for gi, (_, _, group_tiles) in enumerate(plan):
+            for (t, f), entries in group_tiles:
                 if plan_src(spec, t) != key:
                     continue
                 ti = len(tiles)
                 tiles.append(PhaseTile(gi, t, f))
-                for (dz, dy, dx), _, i, coef in entries:
+                for (dz, dy, dx), i, coef in entries:
                     rows.setdefault((dz, dy, i), []).append((ti, dx, coef))
         order = sorted(rows, key=lambda r: (r[1], r[0], r[2]))
         out.append(Phase(key, tuple(tiles), tuple((r, tuple(rows[r])) for r in order)))

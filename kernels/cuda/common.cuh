@@ -70,26 +70,27 @@ struct XWindow {
   int x0, xl, xr;
 };
 
-// The three z rows (dz = -d, 0, d; d the dilation kD) of one channel of a y slice into shared
-// memory, by one warp. dst: the row dz = -d's interior x = 0 in shared memory (row dz at + (dz / d
+// The three z rows (dz = -d, 0, d; d the dilation kD; kRows = 1: the one row of a 2D layer) of one
+// channel of a y slice into shared memory, by one warp. dst: the row dz = -d's interior x = 0 in shared memory (row dz at + (dz / d
 // + 1) kPitch, the wrap x = -d .. -1 and x = NX .. NX + d - 1 before and after the interior, kM
 // floats a pixel); src: the channel's first float in global memory (x = 0 of its row); zoff[k]: row
 // k's offset within one component's volume; win: the window's runs (XWindow). Components minor
 // (kPlanar false): the interior is one run of NX kM floats; lane l copies floats l, l + 32, ... and
 // the wrap floats w = l (and l + 32 where 2 d kM > 32), w < d kM before the interior, the next
-// d kM after it. Component-planar (kPlanar, kM = 3): component i's row is a run at i * volume; lane
-// l copies its pixels l, l + 32, ... of each component to 3 x + i (stride 3 floats: 32 distinct
-// banks), and wrap floats w < 6 d: pixel w / 3 (before) or w / 3 - d (after) of component w % 3.
+// d kM after it. Component-planar (kPlanar, kM = 3 or 2): component i's row is a run at i * volume;
+// lane l copies its pixels l, l + 32, ... of each component to kM x + i (stride kM floats: 32
+// distinct banks for kM odd, 16 for kM = 2), and wrap floats w < 2 d kM: pixel w / kM (before) or
+// w / kM - d (after) of component w % kM.
 // Either way every address is a per-row base (+ lane) plus an immediate, and a warp's load of the
 // interior is 128 consecutive bytes.
-template <int NX, int kM, int kPitch, bool kPlanar, int kD = 1>
+template <int NX, int kM, int kPitch, bool kPlanar, int kD = 1, int kRows = 3>
 __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, const int (&zoff)[3], int volume,
                                                   int lane, const XWindow& win) {
   constexpr int kWrap = kD * kM;  // wrap floats on each side
   if constexpr (!kPlanar) {
     constexpr int kRow = NX * kM, kFull = kRow / 32, kRem = kRow % 32;
 #pragma unroll
-    for (int dz = 0; dz < 3; ++dz) {
+    for (int dz = 0; dz < kRows; ++dz) {
       const float* s = src + lane + zoff[dz];
       const float* si = s + win.x0 * kM;
       float* d = dst + lane + dz * kPitch;
@@ -104,23 +105,23 @@ __device__ __forceinline__ void copy_channel_rows(float* dst, const float* src, 
       }
     }
   } else {
-    static_assert(kM == 3, "only vector blocks have a planar layout here");
+    static_assert(kM == 3 || kM == 2, "only vector blocks have a planar layout here");
     constexpr int kFull = NX / 32, kRem = NX % 32;
 #pragma unroll
-    for (int dz = 0; dz < 3; ++dz) {
+    for (int dz = 0; dz < kRows; ++dz) {
 #pragma unroll
-      for (int i = 0; i < 3; ++i) {
+      for (int i = 0; i < kM; ++i) {
         const float* s = src + i * volume + zoff[dz] + win.x0 + lane;
-        float* d = dst + dz * kPitch + 3 * lane + i;
+        float* d = dst + dz * kPitch + kM * lane + i;
 #pragma unroll
-        for (int k = 0; k < kFull; ++k) cp_async4(d + 96 * k, s + 32 * k);
-        if (kRem && lane < kRem) cp_async4(d + 96 * kFull, s + 32 * kFull);
+        for (int k = 0; k < kFull; ++k) cp_async4(d + 32 * kM * k, s + 32 * k);
+        if (kRem && lane < kRem) cp_async4(d + 32 * kM * kFull, s + 32 * kFull);
       }
 #pragma unroll
       for (int w0 = 0; w0 < 2 * kWrap; w0 += 32) {
-        const int w = w0 + lane, i = w % 3, x = w / 3;  // x < kD: pixel x - kD; else pixel NX + x - kD
+        const int w = w0 + lane, i = w % kM, x = w / kM;  // x < kD: pixel x - kD; else pixel NX + x - kD
         const float* s = src + i * volume + zoff[dz] + (x < kD ? win.xl + x : win.xr + x - kD);
-        if (w < 2 * kWrap) cp_async4(dst + dz * kPitch + 3 * (x < kD ? x - kD : NX + x - kD) + i, s);
+        if (w < 2 * kWrap) cp_async4(dst + dz * kPitch + kM * (x < kD ? x - kD : NX + x - kD) + i, s);
       }
     }
   }
@@ -149,8 +150,9 @@ struct CtaRows {
 // (copy_channel_rows). The window's wrap runs are derived here, so a kernel keeps only x0 live;
 // without kWin the row is the whole window (nx = NX, x0 = 0), all of it compile-time. kRings: the
 // CTA's warps split into that many sets of NX / 8, each filling its own ring (the forward's twin
-// rings), a set's warp w copying channels w, w + NX / 8, ...
-template <int NX, int kM, int kPitch, bool kPlanar, int kD, bool kWin, int kRings = 1, class Chan>
+// rings), a set's warp w copying channels w, w + NX / 8, ... kRows: the z rows a slice holds (3; 1
+// in 2D, where nz = 1).
+template <int NX, int kM, int kPitch, bool kPlanar, int kD, bool kWin, int kRings = 1, int kRows = 3, class Chan>
 __device__ __forceinline__ void copy_slice_channels(float* base, const float* x, size_t first, int n, int nz, int ny,
                                                     int nx_, int yy, const int (&zz)[3], int x0_, Chan chan) {
   constexpr int kWarps = NX / 8;
@@ -166,17 +168,19 @@ __device__ __forceinline__ void copy_slice_channels(float* base, const float* x,
   const size_t channel = (size_t)kM * nz * ny * nx;
 #pragma unroll 1  // unrolled, ptxas rematerialises the slot addresses per copy (registers are scarce at MID)
   for (int c = kRings == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % kWarps; c < n; c += kWarps)
-    copy_channel_rows<NX, kM, kPitch, kPlanar, kD>(base + chan(c), x + (first + c) * channel, zoff, volume, lane, win);
+    copy_channel_rows<NX, kM, kPitch, kPlanar, kD, kRows>(base + chan(c), x + (first + c) * channel, zoff, volume, lane,
+                                                          win);
 }
 
-// The generated walk's hooks (stencil_d3.inc, weight_gradient_d3.inc): ROW loads u[dz + 1] from
-// the lane's row bases r0 / r1 per y slice (the channel pair in the forward, the k-step pair in
-// the weight gradient; kXs floats between its four x reads), ZC / XC form the symmetric classes, NZ
-// accumulates a Z tile.
+// The generated walk's hooks (stencil_d3.inc, stencil_d2.inc, weight_gradient_d3.inc): ROW loads
+// u[dz + 1] from the lane's row bases r0 / r1 per y slice (the channel pair in the forward, the
+// k-step pair in the weight gradient; kXs floats between its four x reads; row dz at (dz + kMid)
+// pitches, kMid 1 where a slice holds three z rows, 0 where it holds one), ZC / XC form the
+// symmetric classes, NZ accumulates a Z tile.
 #define GJ_ROW(dz, dy, i)                                                        \
   _Pragma("unroll") for (int s = 0; s < 4; ++s) {                                \
-    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + 1) * kP + (i) + s * kXs];           \
-    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + 1) * kP + (i) + s * kXs];           \
+    u[(dz) + 1][0][s] = r0[(dy) + 1][((dz) + kMid) * kP + (i) + s * kXs];        \
+    u[(dz) + 1][1][s] = r1[(dy) + 1][((dz) + kMid) * kP + (i) + s * kXs];        \
   }
 #define GJ_Z(zk, ch, s) ((zk) == 0 ? u[1][ch][s] : zc[zk][ch][s])
 #define GJ_ZC(zk)                                                                             \

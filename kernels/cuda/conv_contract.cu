@@ -154,9 +154,9 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
   // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
   const int l = nx / kSeg - 1, di = dil_index(dilation);
   for (int k = 0; k < 4; ++k)
-    if (geom[9 + k] != ((kSkew1[di][l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkew3[di][l] >> (8 * k)) & 0xff))
+    if (geom[9 + k] != ((kSkewS[di][l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkewV[di][l] >> (8 * k)) & 0xff))
       return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
-  if (geom[7] != kPitch1[di][l] || geom[8] != kPitch3[di][l])
+  if (geom[7] != kPitchS[di][l] || geom[8] != kPitchV[di][l])
     return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
   const int64_t pix = (int64_t)p.nz * p.ny * p.nx;
   const int64_t batch = x0.element_count() / (p.c[0] * pix);
@@ -174,8 +174,8 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
       return bad("a residual's size is not its result's");
   }
   const float* res[2] = {r0 ? r0->typed_data() : nullptr, r1 ? r1->typed_data() : nullptr};
-  p.region1 = p.cg[0] * kStride1[di][l];
-  p.slice_floats = (p.region1 + p.cg[1] * kStride3[di][l] + 3) / 4 * 4;
+  p.region1 = p.cg[0] * kStrideS[di][l];
+  p.slice_floats = (p.region1 + p.cg[1] * kStrideV[di][l] + 3) / 4 * 4;
   const int nt = p.o / 8;
   p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
   p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;

@@ -27,12 +27,14 @@ from .._registry import traced_batch
 from .._spec import ConvSpec
 from ..dense import conv_contract_dense
 from . import _plan
-from ._ffi import ADD_TARGET, INTO_ADD_TARGET, INTO_TARGET, TARGET, registered
+from ._ffi import ADD_TARGET, INTO_ADD_TARGET, INTO_TARGET, INTO_TARGET_2D, TARGET, TARGET_2D, registered
+from ._plan import LAYOUT_ENV
 from ._tiling import BlockSizes
 
-LAYOUT_ENV = "GINJAX_CUDA_LAYOUT"
-# a vector block (c, nz, ny, nx, 3) component-planar: physical axis order, major to minor
+# a vector block (c, nz, ny, nx, 3) component-planar: physical axis order, major to minor; a D = 2
+# one (c, ny, nx, 2)
 PLANAR_VECTOR = (0, 4, 1, 2, 3)
+PLANAR_VECTOR_2D = (0, 3, 1, 2)
 
 
 def layout() -> str:
@@ -41,9 +43,10 @@ def layout() -> str:
     return block_layout(LAYOUT_ENV)
 
 
-def vector_layouts(planar: bool, n: int) -> list:
-    """ffi_call layouts (major to minor; None: row-major) of n (scalar, vector) block pairs."""
-    return [None, PLANAR_VECTOR if planar else None] * n
+def vector_layouts(planar: bool, n: int, dims: int = 3) -> list:
+    """ffi_call layouts (major to minor; None: row-major) of n (scalar, vector) block pairs of a
+    layer of `dims` spatial dimensions."""
+    return [None, (PLANAR_VECTOR if dims == 3 else PLANAR_VECTOR_2D) if planar else None] * n
 
 
 def conv_contract_cuda(
@@ -65,7 +68,7 @@ def conv_contract_cuda(
     require_registered(registered, "cuda")
     split = resolve_precision(precision) == "fp32"
     inputs, weights = tuple(inputs), tuple(weights)
-    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     ok, why = (_plan.fp32_coverage if split else _plan.coverage)(spec, spatial, inputs[0].dtype)
     if not ok:
         raise ValueError(f"`spec` is not covered by the CUDA kernel{' in fp32' if split else ''}: {why}")
@@ -94,7 +97,7 @@ def forward_call(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[
     results' layout: a layer's output plus a block of the same shape without a pass of its own
     (where `takes_residuals`; elsewhere a ValueError)."""
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
-    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     blocks = BlockSizes.for_layer(spec, spatial, traced_batch(inputs[0]))
     return _forward(spec, blocks, tuple(inputs), tuple(w.astype(jnp.float32) for w in weights), offsets,
                     out_channels, first_channel, into, fp32, residuals)
@@ -113,10 +116,10 @@ def takes_residuals(spec: ConvSpec, fp32: bool = False) -> bool:
     """Whether the `triton` backend hands a layer's residuals to `forward_call`, which adds them in
     the kernel's epilogue: `residuals_enabled` and the layer one the kernels with residuals are
     compiled for (dilation 1, TF32: `fp32` False)."""
-    return residuals_enabled() and not fp32 and all(d == 1 for d in spec.rhs_dilation)
+    return residuals_enabled() and not fp32 and spec.D == 3 and all(d == 1 for d in spec.rhs_dilation)
 
 
-def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
+def geometry(spec: ConvSpec, spatial: tuple[int, ...], blocks: BlockSizes,
              n_groups: Optional[int] = None, out_channels: Optional[int] = None, first_channel: int = 0,
              planar: bool = False, fp32: bool = False) -> list[int]:
     """The kernel's `geom` attribute (conv_contract.cu's header lists the entries): the layer's
@@ -124,7 +127,9 @@ def geometry(spec: ConvSpec, spatial: tuple[int, int, int], blocks: BlockSizes,
     split: the tests' way to run several groups where one would fit), the results' output
     channels and the first one this launch writes (`forward_call`'s output groups), whether
     the vector blocks are component-planar, the dilation, the x window (`_plan.window`) and the
-    precision (1: fp32 by 3xTF32) and whether it runs on twin rings (`_plan.twin`)."""
+    precision (1: fp32 by 3xTF32) and whether it runs on twin rings (`_plan.twin`). A D = 2 grid
+    (ny, nx) is the kernel's (1, ny, nx)."""
+    spatial = _plan.kernel_spatial(spec, spatial)
     lay = _plan.layout(spec, spatial[2], n_groups)
     g = lay.groups
     (c0, c1), o = (g * c for c in lay.channels), spec.out_keys[0][2]
@@ -145,38 +150,40 @@ def output_slice(spec: ConvSpec, out_channels: Optional[int], first_channel: int
 
 
 def flat_offsets(spec: ConvSpec, offsets: Optional[Sequence[Optional[jax.Array]]]) -> jax.Array:
-    """The kernel's `off` operand: (4 o,) floats, the scalar key's (o,) offsets then the vector
-    key's (o, 3), zeros for a key without one (under vmap a batched key's batch axis is jax's)."""
+    """The kernel's `off` operand: ((1 + D) o,) floats, the scalar key's (o,) offsets then the
+    vector key's (o, D), zeros for a key without one (under vmap a batched key's batch axis is
+    jax's)."""
     o = spec.out_keys[0][2]
     parts = [jnp.zeros(n, jnp.float32) if off is None else off.astype(jnp.float32).reshape(n)
-             for off, n in zip(offsets or (None, None), (o, 3 * o))]
+             for off, n in zip(offsets or (None, None), (o, spec.D * o))]
     return jnp.concatenate(parts)
 
 
 def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, out_channels=None, first_channel=0,
              into=None, fp32=False, residuals=None):
-    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    spatial = tuple(int(n) for n in inputs[0].shape[1 : 1 + spec.D])
     planar = layout() == "planar"
     geom = geometry(spec, spatial, blocks, out_channels=out_channels, first_channel=first_channel, planar=planar,
                     fp32=fp32)
-    total = geom[19]
+    total, dims = geom[19], spec.D
     shapes = [jax.ShapeDtypeStruct((total,) + spatial, jnp.float32),
-              jax.ShapeDtypeStruct((total,) + spatial + (3,), jnp.float32)]
+              jax.ShapeDtypeStruct((total,) + spatial + (dims,), jnp.float32)]
     packed = _plan.pack_weights(spec, weights, xp=jnp, tf32=not fp32)  # fp32: the kernel splits them
     operands = [*inputs, packed, flat_offsets(spec, offsets)]
-    layouts = dict(input_layouts=vector_layouts(planar, 1) + [None, None], output_layouts=vector_layouts(planar, 1))
+    layouts = dict(input_layouts=vector_layouts(planar, 1, dims) + [None, None],
+                   output_layouts=vector_layouts(planar, 1, dims))
     attrs = dict(geom=np.asarray(geom, np.int64))
     aliases = {}
     if into is not None:
         if [tuple(a.shape) for a in into] != [s.shape for s in shapes]:
             raise ValueError(f"`into` has shapes {[tuple(a.shape) for a in into]}; the results are {[s.shape for s in shapes]}")
-        layouts["input_layouts"] += vector_layouts(planar, 1)  # an aliased operand has its result's layout
+        layouts["input_layouts"] += vector_layouts(planar, 1, dims)  # an aliased operand has its result's layout
         aliases = {len(operands): 0, len(operands) + 1: 1}
         operands += list(into)
     if residuals is not None and any(r is not None for r in residuals):
-        if fp32 or any(d != 1 for d in spec.rhs_dilation):
-            raise ValueError("`residuals` are added by the kernels at dilation 1 in TF32 only; "
-                             f"this launch has dilation {spec.rhs_dilation} and fp32={fp32}")
+        if fp32 or dims != 3 or any(d != 1 for d in spec.rhs_dilation):
+            raise ValueError("`residuals` are added by the D=3 kernels at dilation 1 in TF32 only; "
+                             f"this launch has D={dims}, dilation {spec.rhs_dilation} and fp32={fp32}")
         if len(residuals) != 2 or any(r is not None and tuple(r.shape) != s.shape for r, s in zip(residuals, shapes)):
             raise ValueError(f"`residuals` must be (scalar, vector) entries None or of the results' shapes "
                              f"{[s.shape for s in shapes]}; got {[None if r is None else tuple(r.shape) for r in residuals]}")
@@ -189,6 +196,8 @@ def _forward(spec: ConvSpec, blocks: BlockSizes, inputs, weights, offsets=None, 
             layouts["input_layouts"][-1] = None
         attrs["residual"] = np.int64(sum(1 << k for k, r in enumerate(residuals) if r is not None))
         target = ADD_TARGET if into is None else INTO_ADD_TARGET
+    elif dims == 2:
+        target = TARGET_2D if into is None else INTO_TARGET_2D
     else:
         target = TARGET if into is None else INTO_TARGET
     if aliases:

@@ -1,4 +1,4 @@
-# The opt-in CUDA kernels (kernels/cuda/_ginjax_cuda.so: the ConvContract forward and weight
+# The opt-in CUDA kernels (kernels/cuda/_ginjax_cuda.so: the ConvContract forward (D=3 and D=2) and weight
 # gradient, the VectorNeuron forward and backward), included by CMakeLists.txt only with -DGINJAX_CUDA=ON. A plain shared
 # library (no Python module): kernels/cuda/_ffi.py loads it with ctypes and registers its XLA FFI
 # handlers for platform "CUDA".
@@ -19,7 +19,7 @@ if(NOT ginjax_cuda_ffi EQUAL 0 OR NOT EXISTS "${GINJAX_CUDA_FFI_INCLUDE}/xla/ffi
   message(WARNING "ginjax-kernels: GINJAX_CUDA=ON but jax's FFI headers were not found; not building the CUDA kernel")
   return()
 endif()
-add_library(_ginjax_cuda MODULE ${CMAKE_CURRENT_LIST_DIR}/conv_contract.cu
+add_library(_ginjax_cuda MODULE ${CMAKE_CURRENT_LIST_DIR}/conv_contract.cu ${CMAKE_CURRENT_LIST_DIR}/conv_contract_d2.cu
             ${CMAKE_CURRENT_LIST_DIR}/weight_gradient.cu ${CMAKE_CURRENT_LIST_DIR}/vector_neuron.cu)
 set_target_properties(_ginjax_cuda PROPERTIES PREFIX "" SUFFIX ".so" CUDA_ARCHITECTURES 90a
                       CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)

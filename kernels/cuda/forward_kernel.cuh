@@ -101,9 +101,16 @@
 // namespace, after common.cuh and the generated stencil_d3.inc it builds on.
 #pragma once
 
+#ifndef GJ_COMPS  // stencil_d3.inc: a vector block's 3 components, three z rows a slice per channel
+#define GJ_COMPS 3
+#define GJ_ROWS 3
+#endif
+
 constexpr int kSeg = 16;   // pixels per warp (mma M)
 constexpr int kChunk = 8;  // channels per mma k-step
-constexpr int kStage0 = kSeg + 4, kStage1 = 3 * kSeg + 4;  // _plan.STAGE_PITCH
+constexpr int kComps = GJ_COMPS;  // a vector block's components (the layer's spatial dimensions)
+constexpr int kRows = GJ_ROWS;    // z rows a y slice holds per channel (1: a 2D layer, nz = 1)
+constexpr int kStage0 = kSeg + 4, kStage1 = kComps * kSeg + 4;  // _plan.stage_pitch
 
 struct Params {
   const float* x[2];
@@ -118,14 +125,14 @@ struct Params {
 };
 
 // Block KEY's row layout for x extent NX and dilation D (generated tables, _plan.row_layout): a
-// channel c's rows dz = -D, 0, D at region + chan(c) + (dz / D + 1) * kPitch, each x = -D ..
-// NX + D - 1, kM floats a pixel.
+// channel c's rows dz = -D, 0, D at region + chan(c) + (dz / D + kMid) * kPitch (2D: its one row,
+// kMid 0), each x = -D .. NX + D - 1, kM floats a pixel.
 template <int NX, int KEY, int D>
 struct RowLayout {
-  static constexpr int kM = KEY ? 3 : 1;
-  static constexpr int kPitch = KEY ? kPitch3[dil_index(D)][NX / kSeg - 1] : kPitch1[dil_index(D)][NX / kSeg - 1];
-  static constexpr int kSkews = KEY ? kSkew3[dil_index(D)][NX / kSeg - 1] : kSkew1[dil_index(D)][NX / kSeg - 1];
-  static constexpr int kStride = KEY ? kStride3[dil_index(D)][NX / kSeg - 1] : kStride1[dil_index(D)][NX / kSeg - 1];
+  static constexpr int kM = KEY ? kComps : 1, kMid = kRows / 2;
+  static constexpr int kPitch = KEY ? kPitchV[dil_index(D)][NX / kSeg - 1] : kPitchS[dil_index(D)][NX / kSeg - 1];
+  static constexpr int kSkews = KEY ? kSkewV[dil_index(D)][NX / kSeg - 1] : kSkewS[dil_index(D)][NX / kSeg - 1];
+  static constexpr int kStride = KEY ? kStrideV[dil_index(D)][NX / kSeg - 1] : kStrideS[dil_index(D)][NX / kSeg - 1];
   __device__ static __forceinline__ int chan(int c) { return c * kStride + ((kSkews >> (8 * (c & 3))) & 0xff); }
 };
 
@@ -141,7 +148,9 @@ __device__ __forceinline__ float4 add4(const float4& v, const float4& u) {
   return make_float4(v.x + u.x, v.y + u.y, v.z + u.z, v.w + u.w);
 }
 
-// A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load.
+// A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load (two 16-byte
+// loads for 4 n-tiles: the specialisation below, which leaves this template's code as it was
+// compiled before there were 4 n-tiles; cicc added a shared load to 8 of its kernels otherwise).
 template <int NT>
 __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
   if constexpr (NT == 2) {
@@ -151,6 +160,12 @@ __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
     const float2 v = *reinterpret_cast<const float2*>(src);
     bw[0] = v.x, bw[1] = v.y;
   }
+}
+
+template <>
+__device__ __forceinline__ void load_b<4>(float (&bw)[8], const float* src) {
+  const float4 v = *reinterpret_cast<const float4*>(src), u = *reinterpret_cast<const float4*>(src + 4);
+  bw[0] = v.x, bw[1] = v.y, bw[2] = v.z, bw[3] = v.w, bw[4] = u.x, bw[5] = u.y, bw[6] = u.z, bw[7] = u.w;
 }
 
 __device__ __forceinline__ void pair_barrier(int id) {
@@ -166,7 +181,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   using L = RowLayout<NX, KEY, D>;
   const int C = p.cg[KEY];
   // the group's channels from its first in the batch's channel axis, interior x = 0 of row 0
-  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin, kRings>(
+  copy_slice_channels<NX, L::kM, L::kPitch, kPlanar && KEY == 1, D, kWin, kRings, kRows>(
       slice + (KEY ? p.region1 : 0) + D * L::kM, p.x[KEY], (size_t)b * p.c[KEY] + grp * C, C, p.nz, p.ny, p.nx, yy,
       zz, x0, [](int c) { return L::chan(c); });
 }
@@ -187,7 +202,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
   {                                                                                             \
     constexpr int kKey = GJ_##NAME##_KEY, kTiles = GJ_##NAME##_TILES;                           \
     constexpr int kM = RowLayout<NX, kKey, D>::kM, kP = RowLayout<NX, kKey, D>::kPitch;         \
-    constexpr int kXs = D * kM; /* floats between a row read's four x */                        \
+    constexpr int kXs = D * kM, kMid = RowLayout<NX, kKey, D>::kMid; /* x reads' stride; dz = 0 */ \
     const int n_chunks = p.cg[kKey] / kChunk;                                                   \
     /* more than one chunk round: the first reads slice y + 1 before the vector MID's wait */   \
     if (kKey == GJ_V_KEY && n_chunks > 2) {                                                     \
@@ -269,7 +284,13 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
   const auto& zz = cta.zz;
   auto wrap_y = [&](int yy) { return cta.wrap_y(yy); };
 
-  if (threadIdx.x < 4 * kO) s_off[threadIdx.x] = p.off[(size_t)b * 4 * kO + threadIdx.x];  // seen after the barrier below
+  // the offsets, seen after the barrier below (a 2D CTA of 16 pixels has 64 threads for 96 of them)
+  constexpr int kOff = (1 + kComps) * kO;
+  if constexpr (kOff <= kThreads) {
+    if (threadIdx.x < kOff) s_off[threadIdx.x] = p.off[(size_t)b * kOff + threadIdx.x];
+  } else {
+    for (int e = threadIdx.x; e < kOff; e += kThreads) s_off[e] = p.off[(size_t)b * kOff + e];
+  }
   float acc[GJ_GROUPS][NT][4];
 #pragma unroll
   for (int q = 0; q < GJ_GROUPS; ++q)
@@ -333,16 +354,17 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
       const size_t nx = kWin ? p.nx : NX;  // the rows' extent (NX: the window's)
       float* y0_row = p.y[0] + (first * o_rows + zy) * nx + x0 + seg * kSeg;  // float4 (o, x4) at + o o_rows nx + 4 x4
       // minor: float4 r of output o at + o o_rows 3 nx + 4 r; planar: component r / 4, x4 = r % 4 at
-      // + (3 o + r / 4) o_rows nx + 4 x4
-      float* y1_row = kPlanar ? p.y[1] + (3 * first * o_rows + zy) * nx + x0 + seg * kSeg
-                              : p.y[1] + (first * o_rows + zy) * (3 * nx) + 3 * (x0 + seg * kSeg);
+      // + (3 o + r / 4) o_rows nx + 4 x4 (3: kComps; kV = 4 kComps float4s an output's 16 pixels)
+      constexpr int kV = 4 * kComps;
+      float* y1_row = kPlanar ? p.y[1] + (kComps * first * o_rows + zy) * nx + x0 + seg * kSeg
+                              : p.y[1] + (first * o_rows + zy) * (kComps * nx) + kComps * (x0 + seg * kSeg);
       auto y0_at = [&](int f) { return reinterpret_cast<float4*>(y0_row + (f >> 2) * o_rows * nx + 4 * (f & 3)); };
       auto y1_at = [&](int f) {
-        const int o = f / 12, r = f - 12 * o;
-        return reinterpret_cast<float4*>(kPlanar ? y1_row + (3 * o + (r >> 2)) * o_rows * nx + 4 * (r & 3)
-                                                 : y1_row + o * o_rows * (3 * nx) + 4 * r);
+        const int o = f / kV, r = f - kV * o;
+        return reinterpret_cast<float4*>(kPlanar ? y1_row + (kComps * o + (r >> 2)) * o_rows * nx + 4 * (r & 3)
+                                                 : y1_row + o * o_rows * (kComps * nx) + 4 * r);
       };
-      constexpr int kF0 = (kO * 4 + 63) / 64, kF1 = (kO * 12 + 63) / 64;  // float4s per thread, at most
+      constexpr int kF0 = (kO * 4 + 63) / 64, kF1 = (kO * kV + 63) / 64;  // float4s per thread, at most
       float4 prev[kF0 + kF1];
       if (kGroups && grp > 0) {
 #pragma unroll
@@ -350,7 +372,7 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
           if (t + 64 * i < kO * 4) prev[i] = *y0_at(t + 64 * i);
 #pragma unroll
         for (int i = 0; i < kF1; ++i)
-          if (t + 64 * i < kO * 12) prev[kF0 + i] = *y1_at(t + 64 * i);
+          if (t + 64 * i < kO * kV) prev[kF0 + i] = *y1_at(t + 64 * i);
       }
       // The residuals of this row (first pass): loaded with the previous-pass reads' timing, from
       // lines prefetched into L2 a row ago, and the next row's (y + D, same offsets D nx on)
@@ -374,10 +396,10 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
           for (int i = 0; i < kF1; ++i) {
             const int f = t + 64 * i;
             res[kF0 + i] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (f < kO * 12 && r[1] != nullptr) {
+            if (f < kO * kV && r[1] != nullptr) {
               const float* at = r[1] + (reinterpret_cast<float*>(y1_at(f)) - p.y[1]);
               res[kF0 + i] = *reinterpret_cast<const float4*>(at);
-              if (ahead) prefetch_l2(at + (kPlanar ? 1 : 3) * D * nx);
+              if (ahead) prefetch_l2(at + (kPlanar ? 1 : kComps) * D * nx);
             }
           }
         }
@@ -386,7 +408,7 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
       auto at = [&](int q, int n, int k) {
         const int o = n * 8 + 2 * tid + (k & 1), x = lane_pixel<D>(g) + D * (k >> 1);
         if (kGroupBlock[q] == 0) return o * kStage0 + x;
-        return kO * kStage0 + o * kStage1 + (kPlanar ? kSeg * kGroupComp[q] + x : 3 * x + kGroupComp[q]);
+        return kO * kStage0 + o * kStage1 + (kPlanar ? kSeg * kGroupComp[q] + x : kComps * x + kGroupComp[q]);
       };
       if (half == 1) {
 #pragma unroll
@@ -424,13 +446,15 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
           *y0_at(f) = v;
         }
 #pragma unroll
-        for (int f = t; f < kO * 12; f += 64) {
-          const int o = f / 12, x4 = f - 12 * o;
+        for (int f = t; f < kO * kV; f += 64) {
+          const int o = f / kV, x4 = f - kV * o;
           float4 v = *reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4);
-          const float* a = s_off + kO + 3 * o;
+          const float* a = s_off + kO + kComps * o;
           if constexpr (kPlanar) {  // 4 pixels of component x4 / 4
             const float a0 = a[x4 >> 2];
             v.x += a0, v.y += a0, v.z += a0, v.w += a0;
+          } else if constexpr (kComps == 2) {  // two pixels' components 0, 1, 0, 1
+            v.x += a[0], v.y += a[1], v.z += a[0], v.w += a[1];
           } else {  // floats 4 x4 .. 4 x4 + 3 of the row's 16 pixels x 3 components: components j, j + 1, j + 2, j
             const int j = x4 % 3;
             const float a0 = a[j], a1 = a[j == 2 ? 0 : j + 1], a2 = a[j == 0 ? 2 : j - 1];
@@ -448,8 +472,8 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
         }
 #pragma unroll
         for (int i = 0; i < kF1; ++i) {
-          const int f = t + 64 * i, o = f / 12, x4 = f - 12 * o;
-          if (f < kO * 12)
+          const int f = t + 64 * i, o = f / kV, x4 = f - kV * o;
+          if (f < kO * kV)
             *y1_at(f) = add(*reinterpret_cast<const float4*>(st + kO * kStage0 + o * kStage1 + 4 * x4), prev[kF0 + i]);
         }
       }

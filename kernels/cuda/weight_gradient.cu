@@ -275,7 +275,7 @@ struct GySum {
   {                                                                                               \
     constexpr int kKey = GJ_DW_P##K##_KEY, kTiles = GJ_DW_P##K##_TILES;                           \
     constexpr int kM = DwLayout<NX, kKey, D>::kM, kP = DwLayout<NX, kKey, D>::kPitch;             \
-    constexpr int kXs = D * kM; /* floats between a row read's four x */                        \
+    constexpr int kXs = D * kM, kMid = 1; /* floats between a row read's four x; row dz = 0 */   \
     const int off0 = (kKey ? p.region1 : 0) + DwLayout<NX, kKey, D>::chan(half * kChunk + g) +    \
                      (seg * kSeg + lane_pixel<D>(tid)) * kM;                                      \
     const int off1 = off0 + (D == 8 ? 4 : 8) * kM; /* k-step 1: kShift pixels on */             \

@@ -145,7 +145,7 @@ def describe(spec: ConvSpec, spatial) -> str:
             ins, outs = ("+".join(map(str, f(layer))) for f in (_cuda_padding.in_channels, _cuda_padding.out_channels))
             on_cuda.append(f"{what} (with zero channels, as {ins} -> {outs}: {_cuda_padding.PAD_CHANNELS_ENV}=1)")
         elif split is not None:
-            on_cuda.append(f"{what} (as {split[1]} launches of {_cuda_dispatch.OUTPUT_GROUP} output channels per key)")
+            on_cuda.append(f"{what} (as {split[1]} launches of {split[0].out_keys[0][2]} output channels per key)")
         else:
             on_cuda.append(what)
         launch = layer if split is None else split[0]

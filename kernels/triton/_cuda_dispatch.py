@@ -161,19 +161,26 @@ def forward_by_output_groups(split, inputs, weights, offsets, fp32=False, residu
     from .. import cuda
 
     sub, n = split
+    o = sub.out_keys[0][2]  # a launch's output channels per key (`output_group`)
     outs = None
     for g in range(n):
-        rows = slice(g * OUTPUT_GROUP, (g + 1) * OUTPUT_GROUP)
+        rows = slice(g * o, (g + 1) * o)
         part = None if offsets is None else tuple(None if a is None else a[rows] for a in offsets)
-        outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * OUTPUT_GROUP,
-                                 first_channel=g * OUTPUT_GROUP, into=outs, fp32=fp32,
+        outs = cuda.forward_call(sub, inputs, tuple(w[rows] for w in weights), part, out_channels=n * o,
+                                 first_channel=g * o, into=outs, fp32=fp32,
                                  **({} if residuals is None else {"residuals": residuals}))
     return outs
 
 
-# output channels per key of one CUDA launch where a layer's outputs are split (the kernels
-# cover 8 or 16: kernels.cuda._plan.layer_coverage)
+# output channels per key of one CUDA launch where a layer's outputs are split (the D = 3 kernels
+# cover 8 or 16, the D = 2 ones 16 or 32: kernels.cuda._plan.out_channels)
 OUTPUT_GROUP = 16
+OUTPUT_GROUP_2D = 32
+
+
+def output_group(spec: ConvSpec) -> int:
+    """Output channels per key of one launch of `spec` split into output groups."""
+    return OUTPUT_GROUP_2D if spec.D == 2 else OUTPUT_GROUP
 OUTPUT_GROUPS_ENV = "GINJAX_CUDA_OUTPUT_GROUPS"
 
 
@@ -186,18 +193,19 @@ def output_groups_enabled() -> bool:
 
 
 def output_split(spec: ConvSpec, covers) -> Optional[tuple[ConvSpec, int]]:
-    """(the layer with OUTPUT_GROUP output channels per key, the number of launches) where output
-    groups are on, every output key has the same channels, a multiple of OUTPUT_GROUP above it,
+    """(the layer with `output_group` output channels per key, the number of launches) where output
+    groups are on, every output key has the same channels, a multiple of that group above it,
     and `covers` the smaller layer; else None. Each launch reads every input channel and writes
     its own slice of the outputs: the same result as one launch over all of them."""
     channels = {o for _, _, o in spec.out_keys}
     if not output_groups_enabled() or len(channels) != 1:
         return None
     (o,) = channels
-    if o <= OUTPUT_GROUP or o % OUTPUT_GROUP:
+    group = output_group(spec)
+    if o <= group or o % group:
         return None
-    sub = dataclasses.replace(spec, out_keys=tuple((k, p, OUTPUT_GROUP) for k, p, _ in spec.out_keys))
-    return (sub, o // OUTPUT_GROUP) if covers(sub) else None
+    sub = dataclasses.replace(spec, out_keys=tuple((k, p, group) for k, p, _ in spec.out_keys))
+    return (sub, o // group) if covers(sub) else None
 
 
 def weight_grad_by_output_groups(split, inputs, cotangents, fp32=False):
@@ -207,7 +215,8 @@ def weight_grad_by_output_groups(split, inputs, cotangents, fp32=False):
     from .. import cuda
 
     sub, n = split
-    results = [cuda.weight_gradient_and_sums(sub, inputs, cotangents, first_channel=g * OUTPUT_GROUP, fp32=fp32)
+    o = sub.out_keys[0][2]
+    results = [cuda.weight_gradient_and_sums(sub, inputs, cotangents, first_channel=g * o, fp32=fp32)
                for g in range(n)]
     join = lambda parts: tuple(jnp.concatenate(blocks, axis=0) for blocks in zip(*parts))  # noqa: E731
     return join([r[0] for r in results]), join([r[1] for r in results])

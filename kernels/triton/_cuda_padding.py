@@ -41,14 +41,15 @@ def enabled() -> bool:
 
 def padded_layer(spec: ConvSpec) -> Optional[ConvSpec]:
     """`spec` with every input key's channels raised to the same multiple of the CUDA kernels'
-    CHANNELS_PER_ROUND and, where the outputs have at most 16 channels per key, every output key's
-    to the next of their OUT_CHANNELS (kernels/cuda/_plan.py); None where that changes nothing
+    CHANNELS_PER_ROUND and, where the outputs have at most the widest of their output channels per
+    key (kernels/cuda/_plan.py's `out_channels`: 8 or 16 in 3D, 16 or 32 in 2D), every output key's
+    to the next of them; None where that changes nothing
     (the layer is as covered as it gets without padding)."""
-    from ..cuda._plan import CHANNELS_PER_ROUND, OUT_CHANNELS
+    from ..cuda._plan import CHANNELS_PER_ROUND, out_channels
 
     c = -(-max(ch for _, _, ch in spec.in_keys) // CHANNELS_PER_ROUND) * CHANNELS_PER_ROUND
     widest = max(o for _, _, o in spec.out_keys)
-    o = next((n for n in OUT_CHANNELS if widest <= n), None)
+    o = next((n for n in out_channels(spec.D) if widest <= n), None)
     out_keys = spec.out_keys if o is None else tuple((k, p, o) for k, p, _ in spec.out_keys)
     padded = dataclasses.replace(spec, in_keys=tuple((k, p, c) for k, p, _ in spec.in_keys), out_keys=out_keys)
     return None if padded == spec else padded

@@ -1,0 +1,211 @@
+"""The D = 2 CUDA forward's plan on a CPU (kernels/cuda/conv_contract_d2.cu: forward_kernel.cuh compiled
+on the 2D walk): its generated walk (stencil_d2.inc) is up to date; its phases hold every basis
+nonzero once; the walk and the packed weights, evaluated as the kernel combines them (each Z tile
+from its rows' shifted reads, then the tile's mma B fragments), give `reference`'s layer at every
+compiled dilation and both output widths; one-row slices read free of bank conflicts and fit the
+shared-memory budget; the launch geometry; coverage and its reasons; the `triton` backend's CUDA
+plan for 2D layers (whole, in output groups of 32, the weight gradient on Triton's kernel). The
+kernel's index arithmetic and its launches run only on a GPU: tests/test_conv_contract_cuda_d2_gpu.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench import _cases, _configs
+from _hopper_compile import ptxas_entries, ptxas_report
+from conftest import rel_l2
+from kernels.cuda import _dw_plan, _plan
+from kernels.cuda import conv_contract as cuda_entry
+
+SPEC = _cases.fixture_spec(_configs.CONFIGS["d2_n256_b16_c32"])
+LANE = np.arange(32)
+G, TID = LANE >> 2, LANE & 3
+
+
+@pytest.fixture(autouse=True)
+def planar(monkeypatch):
+    """The GPU's block layout, the only one the 2D kernels are compiled for."""
+    monkeypatch.setenv(_plan.LAYOUT_ENV, "planar")
+
+
+def spec_2d(c_in: int, c_out: int, dilation: int = 1):
+    """The 2D {scalar, vector} layer of SPEC's filters with c_in / c_out channels a key."""
+    spec = dataclasses.replace(SPEC, in_keys=tuple((k, p, c_in) for k, p, _ in SPEC.in_keys),
+                               out_keys=tuple((k, p, c_out) for k, p, _ in SPEC.out_keys))
+    if dilation == 1:
+        return spec
+    return dataclasses.replace(spec, rhs_dilation=(dilation,) * 2, torus_pad=((dilation, dilation),) * 2)
+
+
+def test_generated_walk_is_up_to_date():
+    assert _plan.INCLUDES[2].read_text() == _plan.stencil_source(SPEC), (
+        "regenerate: kernels/cuda/stencil_d2.inc = _plan.stencil_source(spec) of the D=2 layer")
+    assert "#define GJ_COMPS 2" in _plan.compiled_stencil(2) and "#define GJ_ROWS 1" in _plan.compiled_stencil(2)
+
+
+def test_phases_of_the_2d_layer():
+    groups, (vec, sca) = _plan.phases(SPEC)
+    assert groups == ((0, 0), (1, 0), (1, 1))
+    assert (vec.key, len(vec.tiles), sca.key, len(sca.tiles)) == (1, 12, 0, 7)
+    assert sum(len(u) for ph in (vec, sca) for _, u in ph.rows) == 67  # every basis nonzero once
+    assert all(dz == 0 for ph in (vec, sca) for (dz, _, _), _ in ph.rows)  # one row a channel and slice
+    for ph in (vec, sca):
+        dys = [dy for (_, dy, _), _ in ph.rows]
+        assert dys == sorted(dys) and ph.first_rows > 0  # dy-major: the MID hook frees the dy = -1 slice
+        assert all(g.dzs == (0,) and not g.zc for g in _plan.row_groups(ph))
+    assert _plan.walk_cost(vec) + _plan.walk_cost(sca) == 236  # FP32 a warp, row and chunk (bench.walk_cost)
+
+
+def unpack_weights(spec, packed, ph, base):
+    """Phase ph's (tiles, o, c) weights from the packed B fragments at `base`: [chunk h][tile][lane]
+    [n-tile][r] = w[o = 8 n + lane / 4, c = 8 h + lane % 4 + 4 r] (pack_weights' layout)."""
+    o = spec.out_keys[0][2]
+    c = spec.in_keys[ph.key][2]
+    n_t, nt = len(ph.tiles), o // 8
+    size = (c // 8) * n_t * 32 * 2 * nt
+    w = np.asarray(packed[base:base + size]).reshape(c // 8, n_t, 8, 4, nt, 2)  # h, T, g, tid, n, r
+    return w.transpose(1, 4, 2, 0, 5, 3).reshape(n_t, o, c), base + size
+
+
+def plan_forward(spec, x0, x1, weights):
+    """The layer as the kernel computes it from its plan, in float64: per phase and tile, Z[c, y, x]
+    = sum of the tile's (row (0, dy, i), dx, coefficient) uses times the input at (y + d dy, x + d dx)
+    (torus), then out[group] += W_tile Z over the phase's channels, W from the packed fragments."""
+    d = _plan.dilation(spec)
+    groups, phases = _plan.phases(spec)
+    o = spec.out_keys[0][2]
+    outs = [np.zeros((o,) + x0.shape[1:]), np.zeros((o,) + x0.shape[1:] + (2,))]
+    packed = np.asarray(_plan.pack_weights(spec, weights, tf32=False), np.float64)
+    base = 0
+    for ph in phases:
+        x = np.asarray(x0, np.float64)[..., None] if ph.key == 0 else np.asarray(x1, np.float64)
+        w, base = unpack_weights(spec, packed, ph, base)
+        for T, tile in enumerate(ph.tiles):
+            z = np.zeros(x.shape[:3])
+            for (_, dy, i), uses in ph.rows:
+                for t, dx, coef in uses:
+                    if t == T:
+                        z += coef * np.roll(x[..., i], (-d * dy, -d * dx), axis=(1, 2))
+            b, j = groups[tile.group]
+            out = np.einsum("oc,cyx->oyx", w[T], z)
+            if b == 0:
+                outs[0] += out
+            else:
+                outs[1][..., j] += out
+    assert base == packed.size
+    return outs
+
+
+@pytest.mark.parametrize("c_in, c_out, dilation", [(32, 32, 1), (16, 16, 1), (32, 16, 2), (16, 32, 4), (16, 16, 8)])
+def test_walk_and_packed_weights_give_the_reference_layer(c_in, c_out, dilation):
+    spec = spec_2d(c_in, c_out, dilation)
+    spatial = (24, 32) if dilation < 8 else (16, 40)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=5 + dilation)
+    got = plan_forward(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), [np.asarray(w) for w in ws])
+    with jax.default_matmul_precision("highest"):
+        want = kernels.conv_contract(spec, [x[0] for x in xs], ws, backend="reference")
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_l2(jnp.asarray(g, jnp.float32), w) < 1e-6
+
+
+@pytest.mark.parametrize("dilation", _plan.DILATIONS)
+@pytest.mark.parametrize("nx", [16, 32, 48, 64])
+def test_one_row_slices_read_free_of_bank_conflicts(nx, dilation):
+    d = dilation
+    for comps in (1, 2):
+        pitch, skew, stride = _plan.row_layout(nx, comps, d, rows=1)
+        assert stride == pitch and pitch >= (nx + 2 * d) * comps + max(skew) and max(skew) < 256
+        for half in (0, 4):  # every (channel half, s, i) read of a warp hits 32 distinct banks
+            for s in range(4):
+                for i in range(comps):
+                    c = TID + half
+                    addr = c * stride + np.asarray(skew)[c & 3] + (_plan.lane_pixel(G, d) + s * d) * comps + i
+                    assert len(set((addr % 32).tolist())) == 32
+    lay = _plan.window_layout(spec_2d(32, 32, d), nx)  # the standard 2D layer's channels, one group
+    assert lay.dims == 2 and not lay.stage_in_weights and lay.smem_bytes <= _plan.SMEM_LIMIT
+    assert lay.stage_floats == (nx // 16) * 32 * (20 + 36)  # 16 scalar and 32 vector floats an output, padded
+
+
+def test_shared_memory_and_geometry_of_the_2d_layer():
+    lay = _plan.layout(SPEC, 256)  # rows of 256 in x windows of 64
+    assert (lay.nx, lay.windows, lay.groups) == (64, 4, 1)
+    assert lay.weight_floats == (12 + 7) * 32 * 32
+    assert lay.slice_floats == 32 * 71 + 32 * 133 and lay.slice_floats % 4 == 0
+    assert lay.smem_bytes == 4 * (3 * lay.slice_floats + lay.stage_floats + lay.weight_floats + 4 * 32)
+    blocks = cuda_entry.BlockSizes.for_layer(SPEC, (256, 256), 16)
+    geom = cuda_entry.geometry(SPEC, (256, 256), blocks, planar=True)
+    assert geom[:7] == [1, 256, 256, 32, 32, 32, blocks.strip_rows]
+    assert geom[17:] == [lay.weight_floats, 1, 32, 0, 1, 1, 64, 0, 0]
+    assert cuda_entry.flat_offsets(SPEC, None).shape == (3 * 32,)  # o scalar, then (o, 2) vector offsets
+
+
+def test_coverage_of_2d_layers(monkeypatch):
+    ok, why = _plan.coverage(SPEC, (256, 256))
+    assert ok and why.startswith("CUDA forward: D=2"), why
+    assert _plan.coverage(spec_2d(32, 16, 8), (64, 48))[0]
+    assert _plan.coverage(spec_2d(16, 16), (20, 16))[0]
+    for spec, spatial, reason in [
+        (spec_2d(32, 8), (64, 64), "must be equal and 16 or 32"),
+        (spec_2d(32, 64), (64, 64), "must be equal and 16 or 32"),
+        (spec_2d(8, 16), (64, 64), "multiples of 16"),
+        (SPEC, (64, 40), "multiple of 16"),
+        (spec_2d(16, 16, 2), (63, 64), "multiple of the dilation"),
+    ]:
+        ok, why = _plan.coverage(spec, spatial)
+        assert not ok and reason in why, why
+    ok, why = _plan.fp32_coverage(SPEC, (64, 64))
+    assert not ok and "compiled for D=3" in why
+    ok, why = _dw_plan.coverage(SPEC, (64, 64))
+    assert not ok and "D=2" in why
+    monkeypatch.setenv(_plan.LAYOUT_ENV, "minor")
+    ok, why = _plan.coverage(SPEC, (64, 64))
+    assert not ok and "component-planar" in why
+    assert not cuda_entry.takes_residuals(SPEC)  # no residual epilogue in 2D: XLA adds them
+
+
+def test_the_triton_backend_plans_2d_forwards_on_cuda(monkeypatch):
+    """Where the library runs, a 2D layer's forward (and its input gradient, the transposed layer on
+    the forward's bases) is one CUDA launch, a layer of 64 outputs two launches of 32, and the
+    weight gradient stays on Triton's kernel."""
+    from kernels import cuda
+    from kernels.triton import _cuda_dispatch
+
+    monkeypatch.setattr(cuda, "availability", lambda: (True, ""))
+    monkeypatch.setattr(cuda, "coverage", lambda spec, spatial, dtype: _plan.coverage(spec, spatial, dtype))
+    monkeypatch.setattr(cuda, "weight_gradient_coverage", lambda spec, spatial, dtype: _dw_plan.coverage(spec, spatial, dtype))
+    x = [jnp.zeros((32, 64, 64)), jnp.zeros((32, 64, 64, 2))]
+    layer, _, split, fp32 = _cuda_dispatch.cuda_forward_plan(SPEC, "tf32", None, x)
+    assert (layer, split, fp32) == (SPEC, None, False)
+    wide = spec_2d(32, 64)
+    layer, _, split, _ = _cuda_dispatch.cuda_forward_plan(wide, "tf32", None, x)
+    assert layer == wide and split[1] == 2 and split[0].out_keys[0][2] == 32
+    from kernels._fused import transposed_spec
+
+    spec_t, _ = transposed_spec(SPEC)
+    assert _cuda_dispatch.cuda_forward_plan(spec_t, "tf32", None, x, like=SPEC) is not None
+    assert _cuda_dispatch.cuda_weight_grad(SPEC, "tf32", None, x, x) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
+def test_ptxas_resources_of_the_2d_kernels(tmp_path):
+    """forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, ...> of conv_contract_d2.cu: every whole-row
+    width and window width, 2 and 4 n-tiles, every dilation, planar, one group; each compiled once,
+    no spills, within the 255 registers of one 256-thread CTA an SM."""
+    report = ptxas_report(_plan.INCLUDES[2].with_name("conv_contract_d2.cu"), tmp_path)
+    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb0ELb1ELi(\d)ELb([01])ELb0ELb0ELb0EJEE")
+    expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                for nx in widths for nt in "24" for d in _plan.DILATIONS}
+    assert sorted(e[:4] for e in entries) == sorted(expected), report
+    assert all((e[4], e[5]) == ("0", "0") for e in entries), [e for e in entries if e[4] != "0"]
+    assert max(int(r) for r in re.findall(r"Used (\d+) registers", report)) <= 255
