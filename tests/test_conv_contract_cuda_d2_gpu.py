@@ -103,12 +103,14 @@ def test_bias_offsets_per_example():
     assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
 
 
-@pytest.mark.parametrize("spec, spatial, launches", [(spec_2d(32, 64), (8, 64), 4), (spec_2d(32, 32, 2), (8, 128), 2),
+@pytest.mark.parametrize("spec, spatial, launches", [(spec_2d(32, 64), (8, 64), 2), (spec_2d(32, 32, 2), (8, 128), 2),
                                                      (SPEC, (16, 64), 2)], ids=["two-groups", "dilated", "standard"])
 def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launches):
-    """value_and_grad of a vmapped, biased `triton` layer: forward and input gradient on the 2D
-    kernel (`launches` launches: two output groups of 32 each way for 64 outputs), the weight
-    gradient on Triton's kernel; value and gradients (inputs, weights, biases) against `reference`."""
+    """value_and_grad of a vmapped, biased `triton` layer: the forward and the input gradient on the
+    2D kernel where it covers them (`launches` custom calls: for 64 outputs the forward's two output
+    groups of 32, the second an `_into` launch, while the input gradient, 64 + 64 inputs whose ring
+    and weights need 312 KB in one channel group, runs on Triton's kernel), the weight gradient on
+    Triton's; value and gradients (inputs, weights, biases) against `reference`."""
     from kernels.triton.conv_contract import conv_contract_triton
 
     monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
