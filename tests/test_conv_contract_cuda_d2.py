@@ -66,14 +66,24 @@ def test_phases_of_the_2d_layer():
 
 
 def unpack_weights(spec, packed, ph, base):
-    """Phase ph's (tiles, o, c) weights from the packed B fragments at `base`: [chunk h][tile][lane]
-    [n-tile][r] = w[o = 8 n + lane / 4, c = 8 h + lane % 4 + 4 r] (pack_weights' layout)."""
+    """Phase ph's (tiles, o, c) weights from the packed B fragments at `base`, read the way the
+    kernel reads them: lane (g, tid)'s 2 NT floats of chunk h and tile T start at
+    ((h n_tiles + T) NT 64 + kLaneB lane) (kLaneB 4 at 4 n-tiles, else 2 NT), the second float4 of
+    4 n-tiles 128 floats on; float 2 n + r is w[o = 8 n + g, c = 8 h + tid + 4 r]."""
     o = spec.out_keys[0][2]
     c = spec.in_keys[ph.key][2]
     n_t, nt = len(ph.tiles), o // 8
-    size = (c // 8) * n_t * 32 * 2 * nt
-    w = np.asarray(packed[base:base + size]).reshape(c // 8, n_t, 8, 4, nt, 2)  # h, T, g, tid, n, r
-    return w.transpose(1, 4, 2, 0, 5, 3).reshape(n_t, o, c), base + size
+    lane_b = 4 if nt == 4 else 2 * nt
+    w = np.zeros((n_t, o, c))
+    for h in range(c // 8):
+        for T in range(n_t):
+            for lane in range(32):
+                at = base + (h * n_t + T) * nt * 64 + lane_b * lane
+                floats = np.concatenate([packed[at:at + 4], packed[at + 128:at + 132]]) if nt == 4 else packed[at:at + 2 * nt]
+                for n in range(nt):
+                    for r in range(2):
+                        w[T, 8 * n + lane // 4, 8 * h + lane % 4 + 4 * r] = floats[2 * n + r]
+    return w, base + (c // 8) * n_t * nt * 64
 
 
 def plan_forward(spec, x0, x1, weights):

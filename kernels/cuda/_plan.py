@@ -627,17 +627,21 @@ def truncate_tf32(x, xp=np):
 def pack_weights(spec: ConvSpec, weights, xp=np, tf32: bool = True):
     """The mma B fragments, flat and rounded to tf32 (the kernel copies them as they are) after a
     scale of 1 / (1 - TF32_TRUNCATION_BIAS), which takes out the mean error of Z's truncation: per
-    phase (vector, then scalar), [chunk h][tile T][lane][n-tile][r] = w_t[o = 8 n + lane / 4,
-    c = 8 h + lane % 4 + 4 r, f] of tile T = (t, f). One read per lane and tile (16 bytes for
-    both n-tiles of 16 output channels). `tf32` False keeps the float32 values (the fp32 kernels
+    phase (vector, then scalar), [chunk h][tile T][n_hi][lane][n_lo][r] = w_t[o = 8 n + lane / 4,
+    c = 8 h + lane % 4 + 4 r, f] of tile T = (t, f), n-tile n = 2 n_hi + n_lo. One read per lane
+    and tile (16 bytes for both n-tiles of 16 output channels; two, 512 bytes apart, for 32). `tf32` False keeps the float32 values (the fp32 kernels
     split them themselves; the CPU emulation's exact check of the index arithmetic)."""
     _, phs = phases(spec)
     parts = []
     for ph in phs:
         w = xp.stack([weights[t.term][:, :, t.f] for t in ph.tiles])  # (T, o, c)
         n_t, o, c = w.shape
-        w = w.reshape(n_t, o // 8, 8, c // CHUNK, 2, 4)  # T, n, g, h, r, tid
-        parts.append(w.transpose(3, 0, 2, 5, 1, 4).reshape(-1))  # h, T, g, tid, n, r
+        # n-tiles n = 2 n_hi + n_lo: a lane's float4 holds n_lo = 0, 1 (one n-tile: its float2), and
+        # 4 n-tiles are two such runs of 32 lanes, so each 16-byte load of a warp reads 512
+        # consecutive bytes (lane strides of 32 bytes took twice the wavefronts)
+        n_hi, n_lo = max(1, o // 16), min(o // 8, 2)
+        w = w.reshape(n_t, n_hi, n_lo, 8, c // CHUNK, 2, 4)  # T, n_hi, n_lo, g, h, r, tid
+        parts.append(w.transpose(4, 0, 1, 3, 6, 2, 5).reshape(-1))  # h, T, n_hi, g, tid, n_lo, r
     packed = xp.concatenate(parts)
     if not tf32:
         return packed

@@ -149,8 +149,12 @@ __device__ __forceinline__ float4 add4(const float4& v, const float4& u) {
 }
 
 // A lane's B fragments of one tile, every n-tile: one 8- or 16-byte shared load (two 16-byte
-// loads for 4 n-tiles: the specialisation below, which leaves this template's code as it was
-// compiled before there were 4 n-tiles; cicc added a shared load to 8 of its kernels otherwise).
+// loads for 4 n-tiles, 128 floats apart: _plan.pack_weights lays n-tiles 0, 1 of every lane out
+// before n-tiles 2, 3, so each load of a warp reads 512 consecutive bytes; the specialisation
+// below, which leaves this template's code as it was compiled before there were 4 n-tiles).
+// kLaneB: the floats from one lane's first load to the next lane's.
+template <int NT>
+constexpr int kLaneB = NT == 4 ? 4 : 2 * NT;
 template <int NT>
 __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
   if constexpr (NT == 2) {
@@ -164,7 +168,7 @@ __device__ __forceinline__ void load_b(float (&bw)[2 * NT], const float* src) {
 
 template <>
 __device__ __forceinline__ void load_b<4>(float (&bw)[8], const float* src) {
-  const float4 v = *reinterpret_cast<const float4*>(src), u = *reinterpret_cast<const float4*>(src + 4);
+  const float4 v = *reinterpret_cast<const float4*>(src), u = *reinterpret_cast<const float4*>(src + 128);
   bw[0] = v.x, bw[1] = v.y, bw[2] = v.z, bw[3] = v.w, bw[4] = u.x, bw[5] = u.y, bw[6] = u.z, bw[7] = u.w;
 }
 
@@ -221,7 +225,7 @@ __device__ __forceinline__ void load_slice(const Params& p, float* slice, int b,
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) zt[t][0] = zt[t][1] = zt[t][2] = zt[t][3] = 0.f; \
       float u[3][2][4], zc[3][2][4], xc[3][3][2][2];                                            \
       GJ_##NAME##_STENCIL(GJ_ROW, GJ_ZC, GJ_XC, GJ_NZ, GJ_MID)                                  \
-      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + 2 * NT * lane;            \
+      const float* wt = s_w + p.w_base[kKey] + h * kTiles * NT * 64 + kLaneB<NT> * lane;        \
       _Pragma("unroll") for (int t = 0; t < kTiles; ++t) {                                      \
         float bw[2 * NT];                                                                       \
         load_b<NT>(bw, wt + t * NT * 64);                                                       \
