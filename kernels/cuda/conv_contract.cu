@@ -39,6 +39,7 @@ namespace {
 #include "common.cuh"
 #include "stencil_d3.inc"
 #include "forward_kernel.cuh"
+#include "forward_ffi.cuh"
 
 // `res`: the residuals (two pointers, nullptr where none), read by the kRes kernels only. kTwin:
 // two rings a CTA (forward_kernel.cuh's "Twin rings"), a CTA per z pair z, z + nz / 2.
@@ -197,16 +198,6 @@ ffi::Error Forward(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ff
   return Run(stream, x0, x1, w, off, nullptr, nullptr, y0, y1, geom);
 }
 
-// A later output group's launch: prev0 and prev1 are the previous launch's results, aliased to y0
-// and y1 (XLA hands over the same buffers, or copies them in where a previous result is still read
-// elsewhere), so the channels already written stay and this launch adds its slice.
-ffi::Error CheckInto(ffi::Buffer<ffi::F32> prev0, ffi::Buffer<ffi::F32> prev1, ffi::ResultBuffer<ffi::F32> y0,
-                     ffi::ResultBuffer<ffi::F32> y1) {
-  if (prev0.typed_data() != y0->typed_data() || prev1.typed_data() != y1->typed_data())
-    return ffi::Error::InvalidArgument("ginjax cuda ConvContract: the previous output group's results are not aliased to the results");
-  return ffi::Error::Success();
-}
-
 ffi::Error ForwardInto(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1,
                        ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> prev0,
                        ffi::Buffer<ffi::F32> prev1, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
@@ -243,29 +234,6 @@ ffi::Error ForwardIntoAdd(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
 }
 
 }  // namespace
-
-// The operands every target starts with: the stream, x0, x1, w and off.
-static auto ForwardOperands() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>();
-}
-
-// Two more buffer operands: the previous results (Into), or the residuals (Add).
-template <typename Binding>
-static auto TwoMore(Binding b) {
-  return std::move(b).template Arg<ffi::Buffer<ffi::F32>>().template Arg<ffi::Buffer<ffi::F32>>();
-}
-
-// The results y0, y1 and the attribute `geom` every target ends with.
-template <typename Binding>
-static auto Results(Binding b) {
-  return std::move(b).template Ret<ffi::Buffer<ffi::F32>>().template Ret<ffi::Buffer<ffi::F32>>().template Attr<
-      ffi::Span<const int64_t>>("geom");
-}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward, Forward, Results(ForwardOperands()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForwardInto, ForwardInto, Results(TwoMore(ForwardOperands())));

@@ -27,6 +27,7 @@ namespace {
 #include "common.cuh"
 #include "stencil_d2.inc"
 #include "forward_kernel.cuh"
+#include "forward_ffi.cuh"
 
 static_assert(kComps == 2 && kRows == 1, "conv_contract_d2.cu compiles the 2D walk");
 
@@ -125,37 +126,15 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
-// A later output group's launch: prev0 and prev1 are the previous launch's results, aliased to y0
-// and y1 (conv_contract.cu's ForwardInto).
+// A later output group's launch into the previous results (forward_ffi.cuh's CheckInto).
 ffi::Error RunInto(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> off, ffi::Buffer<ffi::F32> prev0, ffi::Buffer<ffi::F32> prev1,
                    ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom) {
-  if (prev0.typed_data() != y0->typed_data() || prev1.typed_data() != y1->typed_data())
-    return ffi::Error::InvalidArgument(
-        "ginjax cuda ConvContract (2D): the previous output group's results are not aliased to the results");
+  if (ffi::Error err = CheckInto(prev0, prev1, y0, y1); err.failure()) return err;
   return Run(stream, x0, x1, w, off, y0, y1, geom);
 }
 
 }  // namespace
 
-static auto Operands2d() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward2d, Run,
-                              Operands2d()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward2dInto, RunInto,
-                              Operands2d()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("geom"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward2d, Run, Results(ForwardOperands()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaForward2dInto, RunInto, Results(TwoMore(ForwardOperands())));
