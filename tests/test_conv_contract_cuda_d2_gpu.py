@@ -91,9 +91,11 @@ def test_outputs_are_fully_written():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
 
 
-def test_bias_offsets_per_example():
-    """forward_call's offsets (each example its own, as the 'mean' bias gives) added in the epilogue."""
-    xs, ws, _ = _cases.spec_operands(SPEC, (10, 64), 3, seed=5)
+@pytest.mark.parametrize("spatial", [(10, 64), (6, 16)])
+def test_bias_offsets_per_example(spatial):
+    """forward_call's offsets (each example its own, as the 'mean' bias gives) added in the epilogue;
+    at x 16 a CTA's 64 threads copy the 96 offsets of 32 outputs in two rounds."""
+    xs, ws, _ = _cases.spec_operands(SPEC, spatial, 3, seed=5)
     rng = np.random.default_rng(5)
     offs = (jnp.asarray(rng.standard_normal((3, 32)), jnp.float32), jnp.asarray(rng.standard_normal((3, 32, 2)), jnp.float32))
     got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(SPEC, x, ws, off)))(xs, offs)
