@@ -177,6 +177,11 @@ def test_coverage_of_2d_layers(monkeypatch):
     assert not ok and "compiled for D=3" in why
     ok, why = _dw_plan.coverage(SPEC, (64, 64))
     assert not ok and "D=2" in why
+    from kernels.cuda import weight_gradient
+
+    x = [jnp.zeros((32, 16, 16)), jnp.zeros((32, 16, 16, 2))]
+    with pytest.raises(ValueError, match="D=2: the CUDA weight gradient is compiled for D=3"):
+        weight_gradient.weight_gradient_and_sums(SPEC, x, x)
     monkeypatch.setenv(_plan.LAYOUT_ENV, "minor")
     ok, why = _plan.coverage(SPEC, (64, 64))
     assert not ok and "component-planar" in why

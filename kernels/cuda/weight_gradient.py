@@ -73,6 +73,9 @@ def weight_gradient_and_sums(
             an output group's launch: `kernels.triton._cuda_dispatch.output_split`); the kernel
             reads those rows where they lie, so no channel slice of the cotangents is copied out.
     """
+    if spec.D != 3:
+        raise ValueError(f"`spec` has D={spec.D}: the CUDA weight gradient is compiled for D=3 layers "
+                         "(a 2D layer's weight gradient runs on Triton's kernel)")
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = tuple(int(n) for n in inputs[0].shape[1:4])
     if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
