@@ -2,11 +2,11 @@
 Z tiles (output *groups* (output block b, component j), each with its tiles (term, f) and their
 basis nonzeros, in the order of the Mosaic spike's plan, kernels/pallas/_mosaic_plan.py)
 regrouped into two *phases* by the input block they read (the vector block first, then the
-scalar one). A D = 2 layer's taps are the plane dz = 0 of a D = 3 one's: its rows are (0, dy, i). A phase's
-tiles are all live in registers while every input row it reads (dz, dy, component i) is loaded
-from shared memory once and fed to every tile that uses it. The rows are ordered dy-major, so
-after the dy = -1 rows the kernel can overwrite that y slice with the next one while the rest of
-the phase computes.
+scalar one). A phase's tiles are all live in registers while every input row it reads (dz, dy,
+component i) is loaded from shared memory once and fed to every tile that uses it. The rows are
+ordered dy-major, so after the dy = -1 rows the kernel can overwrite that y slice with the next one
+while the rest of the phase computes. A D = 2 layer's taps are the plane dz = 0 of a D = 3 one's:
+its rows are (0, dy, i).
 
 The walk is emitted in the filters' reflection symmetry (`row_groups`): the three z rows of one
 (dy, component) are loaded together, and each tile's 3x3 (dz, dx) pattern is split into z classes
