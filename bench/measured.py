@@ -15,6 +15,12 @@ import pathlib
 from kernels._measured import _DIR, device_slug
 
 
+def measure_auto_source(source: str) -> bool:
+    """Whether a table's source names a `python -m bench measure-auto` run (the `exact` entries'
+    provenance, kept when the `configs` part is rebuilt), with or without an environment prefix."""
+    return "python -m bench measure-auto" in source
+
+
 def table_from_run(run: dict, configs: dict | None = None) -> tuple[str, dict]:
     """(device kind, table) from a pytest-benchmark JSON written by `python -m bench --out`,
     updating `configs` (a table from earlier runs) when given."""
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
             table["compute_capability"] = old["compute_capability"]
         if old.get("exact"):
             table["exact"] = old["exact"]
-            table["sources"] += [s for s in old.get("sources", []) if s.startswith("python -m bench measure-auto")]
+            table["sources"] += [s for s in old.get("sources", []) if measure_auto_source(s)]
     out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}: {len(configs)} configurations from {', '.join(sources)}")
     return 0

@@ -312,12 +312,12 @@ def test_measured_table_from_a_committed_run():
     """`python -m bench measured` rebuilds the committed `auto` table from the run it names."""
     import json as _json
 
-    from bench.measured import table_from_run
+    from bench.measured import measure_auto_source, table_from_run
     from kernels._measured import _DIR
 
     committed = _json.loads((_DIR / "nvidia-h200.json").read_text())
     configs = {}
-    runs = [s for s in committed["sources"] if not s.startswith("python -m bench measure-auto")]
+    runs = [s for s in committed["sources"] if not measure_auto_source(s)]
     assert runs, committed["sources"]  # measure-auto's sources fill the `exact` entries, not `configs`
     for source in runs:  # oldest first: later runs replace earlier numbers
         kind, configs = table_from_run(_json.loads((pathlib.Path(__file__).parents[1] / source).read_text()), configs)
