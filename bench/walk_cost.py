@@ -25,9 +25,8 @@ import dataclasses
 
 import numpy as np
 
-from kernels._fused.basis import basis_nonzeros
 from kernels._spec import ConvSpec
-from kernels.cuda._walk import Phase, PhaseTile, row_groups, walk_cost
+from kernels.cuda._walk import Phase, PhaseTile, output_groups, row_groups, walk_cost
 
 CHUNK = 8  # channels a warp's mma k-step takes (m16n8k8)
 SEGMENT = 16  # pixels a warp's row covers
@@ -54,24 +53,17 @@ def sub_phases(spec: ConvSpec, cap: int) -> tuple[Phase, ...]:
                          "walk takes 3x3x3 (D=3) or 3x3 (D=2) filters")
     if not isinstance(cap, int) or cap < 1:
         raise ValueError(f"`cap` (={cap!r}) must be a positive int")
-    nonzeros = basis_nonzeros(spec)
-
-    def tile(n):
-        return (spec.pairs[n.pair].out_index, n.j, n.pair, n.f)
-
+    groups = output_groups(spec)  # the kernel's tiles, in its order, each with its nonzeros
     out = []
-    for key in sorted({spec.pairs[n.pair].in_index for n in nonzeros}, key=lambda a: -spec.in_keys[a][0]):
-        tiles = sorted({tile(n) for n in nonzeros if spec.pairs[n.pair].in_index == key})
+    for key in sorted({p.in_index for p in spec.pairs}, key=lambda a: -spec.in_keys[a][0]):
+        tiles = [entries for _, _, group in groups for (t, _), entries in group if spec.pairs[t].in_index == key]
         for start in range(0, len(tiles), cap):
-            index = {t: i for i, t in enumerate(tiles[start:start + cap])}
             rows: dict[tuple[int, int, int], list] = {}
-            for n in nonzeros:
-                if tile(n) in index:
-                    taps = (0,) * (3 - spec.D) + tuple(int(a) - 1 for a in np.unravel_index(n.tap, (3,) * spec.D))
-                    dz, dy, dx = taps  # D = 2: the plane dz = 0
-                    rows.setdefault((dz, dy, n.i), []).append((index[tile(n)], dx, n.value))
+            for index, entries in enumerate(tiles[start:start + cap]):
+                for (dz, dy, dx), i, coef in entries:  # D = 2: the plane dz = 0
+                    rows.setdefault((dz, dy, i), []).append((index, dx, coef))
             order = sorted(rows, key=lambda r: (r[1], r[0], r[2]))
-            out.append(Phase(key, tuple(PhaseTile(0, 0, i) for i in range(len(index))),
+            out.append(Phase(key, tuple(PhaseTile(0, 0, i) for i in range(len(tiles[start:start + cap]))),
                              tuple((r, tuple(rows[r])) for r in order)))
     return tuple(out)
 
