@@ -31,6 +31,7 @@ from conftest import assert_sanitizer_clean, rel_l2
 from kernels import cuda
 from kernels.cuda import _plan
 from test_conv_contract_cuda_d2 import SPEC, spec_2d
+from test_conv_contract_cuda_gpu import _reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,10 +55,7 @@ def _check(spec, spatial, batch, seed, strip=None):
     run = jax.jit(jax.vmap(lambda x, ws: cuda.conv_contract_cuda(spec, x, ws, block_sizes=blocks), in_axes=(0, None)))
     hlo = run.lower(xs, ws).as_text()
     assert hlo.count("ginjax_cuda_forward_2d") == 1, "one launch of the 2D kernel for the batch"
-    got = run(xs, ws)
-    with jax.default_matmul_precision("highest"):
-        want = jax.jit(jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference")))(xs)
-    for g, w in zip(got, want):
+    for g, w in zip(run(xs, ws), _reference(xs, ws, spec)):
         assert g.shape == w.shape
         assert bool(jnp.all(jnp.isfinite(g))), "non-finite output: an unwritten or corrupted element"
         assert rel_l2(g, w) <= kernels.TOLERANCE["tf32"]
@@ -99,8 +97,7 @@ def test_bias_offsets_per_example(spatial):
     rng = np.random.default_rng(5)
     offs = (jnp.asarray(rng.standard_normal((3, 32)), jnp.float32), jnp.asarray(rng.standard_normal((3, 32, 2)), jnp.float32))
     got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(SPEC, x, ws, off)))(xs, offs)
-    with jax.default_matmul_precision("highest"):
-        want = jax.vmap(lambda x: kernels.conv_contract(SPEC, x, ws, backend="reference"))(xs)
+    want = _reference(xs, ws, SPEC)
     assert rel_l2(got[0], want[0] + offs[0][:, :, None, None]) <= kernels.TOLERANCE["tf32"]
     assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
 
