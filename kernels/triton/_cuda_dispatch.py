@@ -3,7 +3,7 @@
 
 - The forward (and the input gradient, the forward of the transposed layer) and the weight
   gradient each take the CUDA kernel where asked (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD)
-  and where it covers the layer: whole, in output-channel groups of OUTPUT_GROUP
+  and where it covers the layer: whole, in output-channel groups of `output_group` channels
   (`output_split`), or with zero channels added (`_cuda_padding`), in that order (`cuda_plan`).
 - `cuda_forward` and `cuda_weight_grad` run the plan, or return None where Triton's kernels are
   to run the call; kernels/triton/conv_contract.py asks them first.
@@ -58,7 +58,7 @@ def cuda_forward(spec, mode, poison, inputs, weights, like=None, offsets=None, r
     this call exactly as asked (TF32, no test poison, a layer it was compiled for: `spec` itself
     or, for an input gradient, `spec` on the bases of the forward layer `like` with
     the weights moved, `with_bases_of`; either one whole or, with `output_groups_enabled`, as
-    launches of OUTPUT_GROUP output channels per key, `output_split`), else None."""
+    launches of `output_group` output channels per key, `output_split`), else None."""
     plan = cuda_forward_plan(spec, mode, poison, inputs, like)
     if plan is None:
         return None
@@ -172,15 +172,13 @@ def forward_by_output_groups(split, inputs, weights, offsets, fp32=False, residu
     return outs
 
 
-# output channels per key of one CUDA launch where a layer's outputs are split (the D = 3 kernels
-# cover 8 or 16, the D = 2 ones 16 or 32: kernels.cuda._plan.out_channels)
-OUTPUT_GROUP = 16
-OUTPUT_GROUP_2D = 32
-
-
 def output_group(spec: ConvSpec) -> int:
-    """Output channels per key of one launch of `spec` split into output groups."""
-    return OUTPUT_GROUP_2D if spec.D == 2 else OUTPUT_GROUP
+    """Output channels per key of one launch of `spec` split into output groups: the widest the
+    kernels of its spatial dimensions are compiled for (kernels.cuda._plan.out_channels: 16 in 3D,
+    32 in 2D)."""
+    from ..cuda._plan import out_channels
+
+    return max(out_channels(spec.D))
 OUTPUT_GROUPS_ENV = "GINJAX_CUDA_OUTPUT_GROUPS"
 
 
