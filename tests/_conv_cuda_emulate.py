@@ -43,14 +43,15 @@ def x_window(x0: int, w: int, nx: int, d: int) -> tuple[int, int, int]:
 
 
 def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, nx: int, planar: bool, d: int = 1,
-                 win=None):
+                 win=None, rows: int = 3):
     """common.cuh's copy_channel_rows for one channel, as (destination, source, lane mask) lane
     vectors per cp.async: dst_c the row dz = -d's interior x = 0 in shared memory, src_c the
     channel's first float, zoff[k] row k's offset in a component's volume, nx the x window's pixels,
     d the dilation (d wrap pixels on each side), win its (x0, xl, xr) in the rows (`x_window`; None:
     the whole row). Minor: lane l copies floats l, l + 32, ... of the window's run and wrap floats
-    w = l, l + 32, ... < 2 d m; planar (m = 3): component i's run at i * volume, lane l's pixels
-    to 3 x + i, and wrap floats w < 6 d (component w % 3)."""
+    w = l, l + 32, ... < 2 d m; planar (m = 3, or 2 in 2D): component i's run at i * volume, lane
+    l's pixels to m x + i, and wrap floats w < 2 d m (component w % m). rows: the z rows a slice
+    holds (3; 1 in 2D)."""
     x0, xl, xr = win if win is not None else (0, nx - d, 0)
     copies = []
     every = LANE >= 0
@@ -58,7 +59,7 @@ def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, 
     if not planar:
         row = nx * m
         k_full, k_rem = divmod(row, 32)
-        for dz in range(3):
+        for dz in range(rows):
             src, dst = src_c + zoff[dz] + LANE, dst_c + dz * pitch + LANE
             inner = src + x0 * m
             copies += [(dst + 32 * k, inner + 32 * k, every) for k in range(k_full)]
@@ -69,25 +70,26 @@ def slice_copies(m: int, pitch: int, dst_c: int, src_c: int, zoff, volume: int, 
                 copies.append((dst + w0 - wrap, src + w0 + xl * m, w < wrap))
                 copies.append((dst + w0 + row - wrap, src + w0 - wrap + xr * m, (w >= wrap) & (w < 2 * wrap)))
         return copies
-    assert m == 3, "only vector blocks have a planar layout"
+    assert m in (2, 3), "only vector blocks have a planar layout"
     k_full, k_rem = divmod(nx, 32)
-    for dz in range(3):
-        for i in range(3):
-            src, dst = src_c + i * volume + zoff[dz] + x0 + LANE, dst_c + dz * pitch + 3 * LANE + i
-            copies += [(dst + 96 * k, src + 32 * k, every) for k in range(k_full)]
+    for dz in range(rows):
+        for i in range(m):
+            src, dst = src_c + i * volume + zoff[dz] + x0 + LANE, dst_c + dz * pitch + m * LANE + i
+            copies += [(dst + 32 * m * k, src + 32 * k, every) for k in range(k_full)]
             if k_rem:
-                copies.append((dst + 96 * k_full, src + 32 * k_full, LANE < k_rem))
+                copies.append((dst + 32 * m * k_full, src + 32 * k_full, LANE < k_rem))
         for w0 in range(0, 2 * wrap, 32):
             w = w0 + LANE
-            i, x = w % 3, w // 3
+            i, x = w % m, w // m
             src = src_c + i * volume + zoff[dz] + np.where(x < d, xl + x, xr + x - d)
-            dst = dst_c + dz * pitch + 3 * np.where(x < d, x - d, nx + x - d) + i
+            dst = dst_c + dz * pitch + m * np.where(x < d, x - d, nx + x - d) + i
             copies.append((dst, src, w < 2 * wrap))
     return copies
 
 
 def to_physical(x1: np.ndarray, planar: bool) -> np.ndarray:
-    """A vector block (..., c, nz, ny, nx, 3) flattened in the kernel's memory order."""
+    """A vector block (..., c, nz, ny, nx, 3) (or (..., c, 1, ny, nx, 2) of a 2D layer) flattened
+    in the kernel's memory order."""
     return (np.moveaxis(x1, -1, -4) if planar else x1).reshape(-1)
 
 
@@ -303,12 +305,13 @@ class Emulator:
         return {"h": h, "offs": offs, "m": m, "P": P, "xs": m * self.d, "zt": np.zeros((len(ph.tiles), 4, 32))}
 
     def walk(self, ph, st, groups, sl):
-        # xs: floats between a row read's four x (kXs: the pixel's floats times the dilation)
-        P, zt, xs = st["P"], st["zt"], st.get("xs", st["m"])
+        # xs: floats between a row read's four x (kXs: the pixel's floats times the dilation); mid:
+        # the rows before row dz = 0 in a slice (kMid: 1, or 0 where a slice holds one row)
+        P, zt, xs, mid = st["P"], st["zt"], st.get("xs", st["m"]), st.get("mid", 1)
         for grp in groups:
             u = {}
             for dz in grp.dzs:  # u[dz][ch][s]
-                u[dz] = np.stack([[sl[grp.dy + 1][off + (dz + 1) * P + grp.i + s * xs] for s in range(4)]
+                u[dz] = np.stack([[sl[grp.dy + 1][off + (dz + mid) * P + grp.i + s * xs] for s in range(4)]
                                   for off in st["offs"]])
             zc = {0: u.get(0)}
             for zk in grp.zc:

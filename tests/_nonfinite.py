@@ -74,26 +74,27 @@ CANONICAL_NAN = np.uint32(0x7FFFFFFF).view(np.float32)
 
 
 def standard_hits(spatial):
-    """The GPU's canonical NaN in scalar channel 3 and an inf in component 2 of vector channel 5, at
-    pixels away from each other (so the reached sets overlap only where the grid is small)."""
+    """The GPU's canonical NaN in scalar channel 3 and an inf in the last component of vector channel
+    5 (2 in 3D, 1 in 2D), at pixels away from each other (so the reached sets overlap only where the
+    grid is small)."""
     first = tuple(n // 2 for n in spatial)
     second = tuple((n // 2 + n // 3 + 1) % n for n in spatial)
-    return [(0, 3, first, 0), (1, 5, second, 2)], [CANONICAL_NAN, np.inf]
+    return [(0, 3, first, 0), (1, 5, second, len(spatial) - 1)], [CANONICAL_NAN, np.inf]
 
 
-def cotangent_hit(spatial):
-    """A canonical NaN in the cotangent of output block 1 (vector), channel 7, component 1: the
+def cotangent_hit(spatial, channel: int = 7):
+    """A canonical NaN in the cotangent of output block 1 (vector), `channel`, component 1: the
     weight gradient reads it from memory as it is (no arithmetic makes it canonical first)."""
-    return (1, 7, tuple((n // 3) % n for n in spatial), 1), CANONICAL_NAN
+    return (1, channel, tuple((n // 3) % n for n in spatial), 1), CANONICAL_NAN
 
 
-def poison_weight_gradient_operands(inputs, cotangents, spatial):
+def poison_weight_gradient_operands(inputs, cotangents, spatial, cotangent_channel: int = 7):
     """One example's inputs and cotangents (numpy, (c, *spatial[, comps])) poisoned for the weight
     gradient's check: `standard_hits` in the inputs, `cotangent_hit` in the cotangents. Returns
     (input hits, cotangent hits, bad inputs, clean inputs, bad cotangents, clean cotangents)."""
     hits, values = standard_hits(spatial)
     bad, clean = poison(inputs, hits, values)
-    g_hit, g_value = cotangent_hit(spatial)
+    g_hit, g_value = cotangent_hit(spatial, cotangent_channel)
     bad_g, clean_g = poison(cotangents, [g_hit], [g_value])
     return hits, [g_hit], bad, clean, bad_g, clean_g
 

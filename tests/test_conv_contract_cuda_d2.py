@@ -4,7 +4,8 @@ nonzero once; the walk and the packed weights, evaluated as the kernel combines 
 from its rows' shifted reads, then the tile's mma B fragments), give `reference`'s layer at every
 compiled dilation and both output widths; one-row slices read free of bank conflicts and fit the
 shared-memory budget; the launch geometry; coverage and its reasons; the `triton` backend's CUDA
-plan for 2D layers (whole, in output groups of 32, the weight gradient on Triton's kernel). The
+plan for 2D layers (whole, in output groups of 32, the weight gradient on the CUDA kernel too:
+tests/test_conv_contract_cuda_dw_d2.py). The
 kernel's index arithmetic and its launches run only on a GPU: tests/test_conv_contract_cuda_d2_gpu.py."""
 
 from __future__ import annotations
@@ -175,13 +176,6 @@ def test_coverage_of_2d_layers(monkeypatch):
         assert not ok and reason in why, why
     ok, why = _plan.fp32_coverage(SPEC, (64, 64))
     assert not ok and "compiled for D=3" in why
-    ok, why = _dw_plan.coverage(SPEC, (64, 64))
-    assert not ok and "D=2" in why
-    from kernels.cuda import weight_gradient
-
-    x = [jnp.zeros((32, 16, 16)), jnp.zeros((32, 16, 16, 2))]
-    with pytest.raises(ValueError, match="D=2: the CUDA weight gradient is compiled for D=3"):
-        weight_gradient.weight_gradient_and_sums(SPEC, x, x)
     monkeypatch.setenv(_plan.LAYOUT_ENV, "minor")
     ok, why = _plan.coverage(SPEC, (64, 64))
     assert not ok and "component-planar" in why
@@ -190,8 +184,8 @@ def test_coverage_of_2d_layers(monkeypatch):
 
 def test_the_triton_backend_plans_2d_forwards_on_cuda(monkeypatch):
     """Where the library runs, a 2D layer's forward (and its input gradient, the transposed layer on
-    the forward's bases) is one CUDA launch, a layer of 64 outputs two launches of 32, and the
-    weight gradient stays on Triton's kernel."""
+    the forward's bases) is one CUDA launch, a layer of 64 outputs two launches of 32; so is its
+    weight gradient (test_conv_contract_cuda_dw_d2.py runs that plan on the emulated kernel)."""
     from kernels import cuda
     from kernels.triton import _cuda_dispatch
 
@@ -208,7 +202,9 @@ def test_the_triton_backend_plans_2d_forwards_on_cuda(monkeypatch):
 
     spec_t, _ = transposed_spec(SPEC)
     assert _cuda_dispatch.cuda_forward_plan(spec_t, "tf32", None, x, like=SPEC) is not None
-    assert _cuda_dispatch.cuda_weight_grad(SPEC, "tf32", None, x, x) is None
+    plan_dw = lambda spec: _cuda_dispatch.cuda_plan(_cuda_dispatch.cuda_weight_grad_covers, [(spec, None)], "tf32",  # noqa: E731
+                                                    None, x, _dw_plan.fp32_coverage)
+    assert plan_dw(SPEC)[2] is None and plan_dw(wide)[2][1] == 2
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 pixels on odd y extents and short strips, 16 and 32 output channels, 16 .. 48 input channels (one to
 three chunk rounds a warp half), every dilation; poisoned outputs (every element written); vmap as
 one launch with the bias offsets of each example; the `triton` backend's step with the forward and
-the input gradient on the kernel (a layer of 64 outputs as two launches of 32, and a dilated one),
-the weight gradient on Triton's; compute-sanitizer. Build first (kernels/cuda/README.md), then on the
+the input gradient on the kernel (a layer of 64 outputs as two launches of 32, and a dilated one;
+its weight gradient on weight_gradient_d2.cu's kernel, tests/test_conv_contract_cuda_dw_d2_gpu.py);
+compute-sanitizer. Build first (kernels/cuda/README.md), then on the
 GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_d2_gpu.py
@@ -102,17 +103,21 @@ def test_bias_offsets_per_example(spatial):
     assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
 
 
-@pytest.mark.parametrize("spec, spatial, launches", [(spec_2d(32, 64), (8, 64), 2), (spec_2d(32, 32, 2), (8, 128), 2),
-                                                     (SPEC, (16, 64), 2)], ids=["two-groups", "dilated", "standard"])
-def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launches):
+@pytest.mark.parametrize("spec, spatial, launches, dw_launches", [
+    (spec_2d(32, 64), (8, 64), 2, 2), (spec_2d(32, 32, 2), (8, 128), 2, 1), (SPEC, (16, 64), 2, 1)],
+    ids=["two-groups", "dilated", "standard"])
+def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launches, dw_launches):
     """value_and_grad of a vmapped, biased `triton` layer: the forward and the input gradient on the
     2D kernel where it covers them (`launches` custom calls: for 64 outputs the forward's two output
     groups of 32, the second an `_into` launch, while the input gradient, 64 + 64 inputs whose ring
-    and weights need 312 KB in one channel group, runs on Triton's kernel), the weight gradient on
-    Triton's; value and gradients (inputs, weights, biases) against `reference`."""
+    and weights need 312 KB in one channel group, runs on Triton's kernel), and the weight gradient
+    (the biases' from its cotangent sums) on weight_gradient_d2.cu's in `dw_launches` (64 outputs:
+    two output groups of 32 reading the cotangents in place); value and gradients (inputs, weights,
+    biases) against `reference`."""
     from kernels.triton.conv_contract import conv_contract_triton
 
-    monkeypatch.delenv("GINJAX_TRITON_FORWARD", raising=False)
+    for env in ("GINJAX_TRITON_FORWARD", "GINJAX_TRITON_WEIGHT_GRAD"):
+        monkeypatch.delenv(env, raising=False)
     o = spec.out_keys[0][2]
     xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=6)
     rng = np.random.default_rng(6)
@@ -129,6 +134,7 @@ def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launch
     step = jax.jit(jax.value_and_grad(lambda *a: loss(run, *a), argnums=(0, 1, 2)))
     hlo = step.lower(xs, ws, offs).as_text()
     assert hlo.count("ginjax_cuda_forward_2d") == launches, hlo[-2000:]
+    assert hlo.count("ginjax_cuda_weight_gradient_2d") == dw_launches, hlo[-2000:]
     with jax.default_matmul_precision("highest"):
         want = jax.value_and_grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(xs, ws, offs)
     got = step(xs, ws, offs)

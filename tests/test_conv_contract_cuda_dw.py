@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 import _nonfinite
-from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call
+from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call, reference_dw, rel, unpack_matches_the_fragment_order
 from _conv_cuda_emulate import standard_spec
-from conftest import float64
 from _hopper_compile import ptxas_entries, ptxas_report
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
@@ -33,23 +32,6 @@ SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 LANE = np.arange(32)
 G, TID = LANE >> 2, LANE & 3
 MAX_REGISTERS = 255  # __launch_bounds__(4 nx, 1) at nx 64: 65,536 registers / 256 threads
-
-
-def reference_dw(spec, xs, ws, cots):
-    """dW of the batch (weights shared) by jax.vjp of `reference`, in float64 (jit: eager
-    dispatch of the reference's einsums costs seconds)."""
-
-    def vjp(x64, w64, c64):
-        run = lambda ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(x64)  # noqa: E731
-        return jax.vjp(run, w64)[1](tuple(c64))[0]
-
-    with float64():
-        x64, w64, c64 = ([jnp.asarray(np.asarray(a), jnp.float64) for a in group] for group in (xs, ws, cots))
-        return [np.asarray(g) for g in jax.jit(vjp)(x64, w64, c64)]
-
-
-def rel(got, want):
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 def test_generated_include_is_up_to_date():
@@ -140,21 +122,7 @@ def test_shared_memory_scratch_and_registers():
 
 
 def test_unpack_is_the_inverse_of_the_fragment_order():
-    rng = np.random.default_rng(1)
-    spec = standard_spec(32, 8)
-    n_w = len(_dw_plan.weights(spec))
-    part = rng.standard_normal((2, 2, n_w, 4, 32))
-    got = _dw_plan.unpack(spec, part)
-    index = {w: k for k, w in enumerate(_dw_plan.weights(spec))}
-    for t, pair in enumerate(spec.pairs):
-        assert got[t].shape == (8, 32, pair.basis.n_filters)
-        for f in range(pair.basis.n_filters):
-            for kg in range(2):
-                for half in range(2):
-                    for k in range(4):
-                        o, c = G + 8 * (k >> 1), 16 * kg + 8 * half + 2 * TID + (k & 1)
-                        keep = o < 8
-                        assert np.array_equal(got[t][o[keep], c[keep], f], part[kg, half, index[t, f], k][keep])
+    unpack_matches_the_fragment_order(standard_spec(32, 8))
 
 
 @pytest.mark.parametrize("spatial, strip, batch, channels, planar, dilation", [
@@ -367,7 +335,7 @@ def test_coverage_reasons(monkeypatch):
     pairs = [(0, 0, basis(0)), (0, 1, basis(1)), (1, 0, basis(1)), (1, 1, basis(2))]
     unequal = kernels.make_spec(3, [(0, 0, 16), (1, 0, 32)], [(0, 0, 16), (1, 0, 16)], pairs, True)
     assert "same channel count" in _dw_plan.coverage(unequal, (4, 4, 16), np.float32)[1]  # a CTA walks 16 of each
-    monkeypatch.setattr(_dw_plan, "compiled_source", lambda: "")  # a library built before the weight gradient
+    monkeypatch.setattr(_dw_plan, "compiled_source", lambda dims=3: "")  # a library built before the weight gradient
     assert "weight_gradient_d3.inc was generated" in _dw_plan.coverage(SPEC, None)[1]
     monkeypatch.undo()
     monkeypatch.setattr(_ffi, "library", lambda: None)

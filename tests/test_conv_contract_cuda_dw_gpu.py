@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 import _nonfinite
-from _conv_cuda_dw_emulate import DwEmulator
+from _conv_cuda_dw_emulate import DwEmulator, reference_dw, rel
 from _conv_cuda_emulate import standard_spec
-from conftest import assert_sanitizer_clean, float64
+from conftest import assert_sanitizer_clean
 from kernels import cuda
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import weight_gradient as wg
@@ -55,20 +55,6 @@ def _built():
     ok, why = cuda.weight_gradient_coverage(SPEC, (16, 16, 16), jnp.float32)
     if not ok:
         pytest.fail(f"the CUDA weight gradient must be built for these tests: {why}")
-
-
-def reference_dw(spec, xs, ws, cots):
-    def vjp(x64, w64, c64):
-        run = lambda ws: jax.vmap(lambda x: kernels.conv_contract(spec, x, ws, backend="reference"))(x64)  # noqa: E731
-        return jax.vjp(run, w64)[1](tuple(c64))[0]
-
-    with float64():
-        x64, w64, c64 = ([jnp.asarray(np.asarray(a), jnp.float64) for a in group] for group in (xs, ws, cots))
-        return [np.asarray(g) for g in jax.jit(vjp)(x64, w64, c64)]
-
-
-def rel(got, want):
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 def batched(spec, strip=None, fp32=False):

@@ -18,12 +18,14 @@ INTO_ADD_TARGET = "ginjax_cuda_forward_into_add"  # both
 TARGET_2D = "ginjax_cuda_forward_2d"  # the D = 2 layer's forward (conv_contract_d2.cu)
 INTO_TARGET_2D = "ginjax_cuda_forward_2d_into"
 DW_TARGET = "ginjax_cuda_weight_gradient"
+DW_TARGET_2D = "ginjax_cuda_weight_gradient_2d"  # the D = 2 layer's (weight_gradient_d2.cu)
 VN_FORWARD = "ginjax_cuda_vn_forward"
 VN_BACKWARD = "ginjax_cuda_vn_backward"
 # target -> the handler symbol the library exports
 HANDLERS = {TARGET: "GinjaxCudaForward", INTO_TARGET: "GinjaxCudaForwardInto", ADD_TARGET: "GinjaxCudaForwardAdd",
             INTO_ADD_TARGET: "GinjaxCudaForwardIntoAdd", TARGET_2D: "GinjaxCudaForward2d",
             INTO_TARGET_2D: "GinjaxCudaForward2dInto", DW_TARGET: "GinjaxCudaWeightGradient",
+            DW_TARGET_2D: "GinjaxCudaWeightGradient2d",
             VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library

@@ -20,7 +20,8 @@ if(NOT ginjax_cuda_ffi EQUAL 0 OR NOT EXISTS "${GINJAX_CUDA_FFI_INCLUDE}/xla/ffi
   return()
 endif()
 add_library(_ginjax_cuda MODULE ${CMAKE_CURRENT_LIST_DIR}/conv_contract.cu ${CMAKE_CURRENT_LIST_DIR}/conv_contract_d2.cu
-            ${CMAKE_CURRENT_LIST_DIR}/weight_gradient.cu ${CMAKE_CURRENT_LIST_DIR}/vector_neuron.cu)
+            ${CMAKE_CURRENT_LIST_DIR}/weight_gradient.cu ${CMAKE_CURRENT_LIST_DIR}/weight_gradient_d2.cu
+            ${CMAKE_CURRENT_LIST_DIR}/vector_neuron.cu)
 set_target_properties(_ginjax_cuda PROPERTIES PREFIX "" SUFFIX ".so" CUDA_ARCHITECTURES 90a
                       CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
 target_include_directories(_ginjax_cuda PRIVATE "${GINJAX_CUDA_FFI_INCLUDE}" ${CMAKE_CURRENT_LIST_DIR})

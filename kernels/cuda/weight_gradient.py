@@ -1,5 +1,5 @@
-"""The CUDA weight gradient's entry point: one XLA FFI call (kernels/cuda/weight_gradient.cu) for
-the per-CTA partial dW and cotangent sums, summed over the CTAs by XLA in a fixed order (no
+"""The CUDA weight gradient's entry point: one XLA FFI call (kernels/cuda/weight_gradient.cu, or
+weight_gradient_d2.cu for a D = 2 layer) for the per-CTA partial dW and cotangent sums, summed over the CTAs by XLA in a fixed order (no
 atomics: deterministic).
 
     d_weights = weight_gradient_call(spec, inputs, cotangents)
@@ -23,8 +23,8 @@ from .._fused import require_registered
 from .._registry import traced_batch
 from .._spec import ConvSpec
 from . import _dw_plan
-from ._ffi import DW_TARGET, registered
-from ._plan import TF32_TRUNCATION_BIAS
+from ._ffi import DW_TARGET, DW_TARGET_2D, registered
+from ._plan import TF32_TRUNCATION_BIAS, kernel_spatial
 from ._tiling import strip_for
 from .conv_contract import layout, output_slice, vector_layouts
 
@@ -36,7 +36,8 @@ TRUNCATION_SCALE = 1.0 / (1.0 - TF32_TRUNCATION_BIAS) ** 2
 
 def geometry(spec: ConvSpec, spatial: tuple[int, int, int], strip: int, out_channels: Optional[int] = None,
              first_channel: int = 0, planar: bool = False, fp32: bool = False) -> list[int]:
-    """The kernel's `geom` attribute (weight_gradient.cu's header lists the entries)."""
+    """The kernel's `geom` attribute (weight_gradient_kernel.cuh's header lists the entries);
+    `spatial` (nz, ny, nx), a 2D layer's with nz = 1."""
     lay = _dw_plan.layout(spec, spatial[2])
     packed = [sum(s << (4 * k) for k, s in enumerate(sk)) for sk in lay.skew]
     total = output_slice(spec, out_channels, first_channel)
@@ -56,9 +57,9 @@ def weight_gradient_and_sums(
     spec: ConvSpec, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array], strip: Optional[int] = None,
     *, first_channel: int = 0, fp32: bool = False
 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array]]:
-    """(per pair dW (o, c, F), (gy0's sum over the pixels (o,), gy1's (o, 3))) in float32, of
+    """(per pair dW (o, c, F), (gy0's sum over the pixels (o,), gy1's (o, D))) in float32, of
     unbatched inputs x0 (c, nz, ny, nx), x1 (c, nz, ny, nx, 3) and output cotangents gy0 (O, nz,
-    ny, nx), gy1 (O, nz, ny, nx, 3): dW in the `weights` layout of `conv_contract_cuda`, the sums
+    ny, nx), gy1 (O, nz, ny, nx, 3) (a D = 2 layer's: (c, ny, nx), (c, ny, nx, 2), ...): dW in the `weights` layout of `conv_contract_cuda`, the sums
     (the layer's bias gradient, of this launch's o channels) taken by the kernel from the gY rows
     it stages anyway, in fp32. The caller has checked `_dw_plan.coverage` (with `fp32`,
     `_dw_plan.fp32_coverage`) and the precision: TF32 (gY and Z truncated to tf32, their mean
@@ -73,25 +74,24 @@ def weight_gradient_and_sums(
             an output group's launch: `kernels.triton._cuda_dispatch.output_split`); the kernel
             reads those rows where they lie, so no channel slice of the cotangents is copied out.
     """
-    if spec.D != 3:
-        raise ValueError(f"`spec` has D={spec.D}: the CUDA weight gradient is compiled for D=3 layers "
-                         "(a 2D layer's weight gradient runs on Triton's kernel)")
+    if spec.D not in _dw_plan.INCLUDES:
+        raise ValueError(f"`spec` has D={spec.D}: the CUDA weight gradient is compiled for D=3 and D=2 layers")
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
-    spatial = tuple(int(n) for n in inputs[0].shape[1:4])
+    spatial = kernel_spatial(spec, inputs[0].shape[1 : 1 + spec.D])
     if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
         lay = _dw_plan.layout(spec, spatial[2])  # a strip holds rows of one y phase, of one x window
         strip = strip_for(spatial[0] * lay.dilation * lay.windows, spatial[1] // lay.dilation,
                           traced_batch(inputs[0]) or 1, _dw_plan.FP32_STRIP if fp32 else _dw_plan.DEFAULT_STRIP)
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
-    n_w = len(_dw_plan.weights(spec))
+    lay = _dw_plan.layout(spec, spatial[2])
     parts = partials(spec, inputs, cotangents, strip, first_channel, fp32).reshape(groups, nz * strips, -1)
-    n_dw = _dw_plan.layout(spec, spatial[2]).partial_floats
+    n_dw = lay.partial_floats
     scale = jnp.float32(1.0 if fp32 else TRUNCATION_SCALE)
-    dws = _dw_plan.unpack(spec, scale * jnp.sum(parts[..., :n_dw].reshape(groups, nz * strips, 2, n_w, 4, 32), axis=1),
-                          xp=jnp)
+    fragments = parts[..., :n_dw].reshape(groups, nz * strips, 2, lay.n_weights, lay.m_tiles, 4, 32)
+    dws = _dw_plan.unpack(spec, scale * jnp.sum(fragments, axis=1), xp=jnp)
     # the sums are exact fp32 (no tf32 operand, no scale); only channel group 0's CTAs take them
-    sums = _dw_plan.unpack_sums(spec.out_keys[0][2], jnp.sum(parts[0, :, n_dw:], axis=0), xp=jnp)
+    sums = _dw_plan.unpack_sums(spec.out_keys[0][2], jnp.sum(parts[0, :, n_dw:], axis=0), spec.D)
     return dws, sums
 
 
@@ -102,13 +102,14 @@ def partials(spec: ConvSpec, inputs, cotangents, strip: int, first_channel: int 
     _check_strip(strip)
     x0, x1 = (jnp.asarray(x, jnp.float32) for x in inputs)
     g0, g1 = (jnp.asarray(g, jnp.float32) for g in cotangents)
-    spatial = tuple(int(n) for n in x0.shape[1:4])
+    spatial = kernel_spatial(spec, x0.shape[1 : 1 + spec.D])
     lay = _dw_plan.layout(spec, spatial[2])
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
     shape = jax.ShapeDtypeStruct((groups * nz * strips, lay.result_floats), jnp.float32)
     planar = layout() == "planar"
     geom = geometry(spec, spatial, strip, int(g0.shape[0]), first_channel, planar, fp32)
-    call = jax.ffi.ffi_call(DW_TARGET, shape, vmap_method="broadcast_all", input_layouts=vector_layouts(planar, 2))
+    target = DW_TARGET_2D if spec.D == 2 else DW_TARGET
+    call = jax.ffi.ffi_call(target, shape, vmap_method="broadcast_all", input_layouts=vector_layouts(planar, 2, spec.D))
     return call(x0, x1, g0, g1, geom=np.asarray(geom, np.int64))
 
 
