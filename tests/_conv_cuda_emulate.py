@@ -12,7 +12,9 @@ channels) and the read-add-store epilogue of the passes after the first. Vectori
 lanes of a warp; float64 arithmetic (tf32 rounding of Z optional, as the kernel's one integer
 add; or the fp32 kernels' 3xTF32 split of Z and the weights). Counts every shared-memory float a copy writes and every output float stored and read,
 with the thread that did it, so the tests can check that each slice float is written once per
-copy and each output float G times and read G - 1 times, all by one thread."""
+copy and each output float G times and read G - 1 times, all by one thread. D = 2 layers
+(conv_contract_d2.cu) as a grid of one z plane: one row a channel in each y slice, vector blocks
+of two components, up to four n-tiles of outputs."""
 
 from __future__ import annotations
 
@@ -94,10 +96,10 @@ def to_physical(x1: np.ndarray, planar: bool) -> np.ndarray:
 
 
 def from_physical(flat: np.ndarray, shape: tuple, planar: bool) -> np.ndarray:
-    """`to_physical`'s inverse: the flat buffer as the logical (..., c, nz, ny, nx, 3) block."""
+    """`to_physical`'s inverse: the flat buffer as the logical (..., c, nz, ny, nx, m) block."""
     if not planar:
         return flat.reshape(shape)
-    return np.moveaxis(flat.reshape(shape[:-4] + (3,) + shape[-4:-1]), -4, -1)
+    return np.moveaxis(flat.reshape(shape[:-4] + shape[-1:] + shape[-4:-1]), -4, -1)
 
 
 def standard_spec(c_in: int, c_out: int, dilation: int = 1):
@@ -153,8 +155,11 @@ def mma_fragments(a, b, fp32=False):
 
 class Emulator:
     """One batch element: x0 (c0, nz, ny, nx), x1 (c1, nz, ny, nx, 3), packed weights; `n_groups`
-    channel groups (None: the kernel's choice, `_plan.groups`). Output groups: the results hold
-    `out_channels` channels per key (None: the layer's o) of which this launch writes
+    channel groups (None: the kernel's choice, `_plan.groups`). A D = 2 layer's x0 (c0, ny, nx), x1
+    (c1, ny, nx, 2) and results (conv_contract_d2.cu) as a grid of one z plane: one row a channel in
+    each y slice, vector blocks of two components, 16 or 32 outputs (two or four n-tiles); planar,
+    one channel group, no residuals, not fp32 (what the 2D kernels are compiled for). Output
+    groups: the results hold `out_channels` channels per key (None: the layer's o) of which this launch writes
     `first_channel` .. + o - 1, starting from `out` (the previous group's results, aliased) or, if
     None, from fresh memory. `planar`: the vector blocks x1 and y1 lie component-planar in memory
     (arrays in and out are logical; the emulated index arithmetic runs on the planar buffers).
@@ -163,9 +168,16 @@ class Emulator:
 
     def __init__(self, spec, x0, x1, packed, strip: int, tf32: bool = True, offsets=None, n_groups=None,
                  out_channels=None, first_channel=0, out=None, planar=False, fp32=False, residuals=None):
+        if spec.D == 2:  # one z plane
+            assert planar and not fp32 and residuals is None, "the 2D kernels: planar, TF32, no residuals"
+            x0, x1 = np.asarray(x0)[:, None], np.asarray(x1)[:, None]
+            out = None if out is None else [np.asarray(a)[:, None] for a in out]
+        self.dims = spec.D
+        self.comps, self.rows = _plan.vector_comps(spec.D), _plan.slice_rows(spec.D)
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
+        assert spec.D == 3 or self.n_groups == 1, "the 2D kernels take one channel group"
         self.d = self.lay.dilation
         self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
         self.groups, self.phases = _plan.phases(spec)
@@ -175,14 +187,14 @@ class Emulator:
         self.x = [np.asarray(x0, np.float64).reshape(-1), to_physical(np.asarray(x1, np.float64), planar)]
         self.packed = np.asarray(packed, np.float64)
         self.strip, self.tf32, self.fp32 = strip, tf32, fp32  # fp32: the 3xTF32 kernels (packed unrounded)
-        # the epilogue's `off` operand: o scalar offsets, then (o, 3) vector ones
-        self.off = np.zeros(4 * self.o) if offsets is None else np.asarray(offsets, np.float64)
+        # the epilogue's `off` operand: o scalar offsets, then (o, comps) vector ones
+        self.off = np.zeros((1 + self.comps) * self.o) if offsets is None else np.asarray(offsets, np.float64)
         c = self.lay.channels
         self.w_base = [(c[1] // _plan.CHUNK) * len(self.phases[0].tiles) * self.nt * 64, 0]
         self.o_total, self.o_base = out_channels or self.o, first_channel
         # fresh outputs are NaN until stored, so a read before the first store shows
         pixels = self.o_total * self.nz * self.ny * self.nx
-        self.out = ([np.full(pixels, np.nan), np.full(pixels * 3, np.nan)] if out is None else
+        self.out = ([np.full(pixels, np.nan), np.full(pixels * self.comps, np.nan)] if out is None else
                     [np.array(out[0], np.float64).reshape(-1), to_physical(np.array(out[1], np.float64), planar)])
         self.out_writes = [np.zeros(a.size, int) for a in self.out]
         self.out_reads = [np.zeros(a.size, int) for a in self.out]
@@ -195,7 +207,7 @@ class Emulator:
     # ---- load_slice ---------------------------------------------------------------------------
     def load_slice(self, key, slot, z, yy, writes, grp=0, x0=0):
         lay, nx = self.lay, self.nx
-        m, P = (3 if key else 1), lay.pitch[key]
+        m, P = (self.comps if key else 1), lay.pitch[key]
         planar = self.planar and key == 1
         run, C, warps = (nx if planar else nx * m), lay.channels[key], self.w // 8
         win = x_window(x0, self.w, nx, self.d)
@@ -207,15 +219,16 @@ class Emulator:
         for warp in range(warps):
             for c in range(warp, C, warps):
                 dst_c, src_c = base + lay.chan(key, c), (grp * C + c) * channel  # the group's channel c
-                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, self.w, planar, self.d, win):
+                for dst, src, mask in slice_copies(m, P, dst_c, src_c, zoff, volume, self.w, planar, self.d, win,
+                                                   self.rows):
                     np.add.at(writes, dst[mask], 1)
                     slot[dst[mask]] = self.x[key][src[mask]]
 
     # ---- the kernel ---------------------------------------------------------------------------
     def run(self):
         """Every CTA (z, y phase, strip) of the batch element; returns the outputs (o, nz, ny, nx),
-        (o, nz, ny, nx, 3) and the shared-memory write counts of every slice copy (the tests'
-        coverage checks)."""
+        (o, nz, ny, nx, 3) (2D: (o, ny, nx), (o, ny, nx, 2)) and the shared-memory write counts of
+        every slice copy (the tests' coverage checks)."""
         copies = []
         d = self.d
         rows = self.ny // d
@@ -226,7 +239,10 @@ class Emulator:
                         for grp in range(self.n_groups):
                             copies += self.cta(z, phase, j0, min(j0 + self.strip, rows), grp, x0)
         shape = (self.o_total, self.nz, self.ny, self.nx)
-        return self.out[0].reshape(shape), from_physical(self.out[1], shape + (3,), self.planar), copies
+        y0, y1 = self.out[0].reshape(shape), from_physical(self.out[1], shape + (self.comps,), self.planar)
+        if self.dims == 2:
+            y0, y1 = y0[:, 0], y1[:, 0]
+        return y0, y1, copies
 
     def group_weights(self, grp):
         """The kernel's copy of a group's packed weights into shared memory: float e (16-byte
@@ -297,12 +313,13 @@ class Emulator:
     def chunk_start(self, ph, warp, h):
         seg, _ = warp
         lay = self.lay
-        m, P = (3 if ph.key else 1), lay.pitch[ph.key]
+        m, P = (self.comps if ph.key else 1), lay.pitch[ph.key]
         c0 = h * _plan.CHUNK + TID
         c1 = c0 + 4
         px = (seg * _plan.SEG + _plan.lane_pixel(G, self.d)) * m + lay.region[ph.key]
         offs = [px + lay.chan(ph.key, c) for c in (c0, c1)]
-        return {"h": h, "offs": offs, "m": m, "P": P, "xs": m * self.d, "zt": np.zeros((len(ph.tiles), 4, 32))}
+        return {"h": h, "offs": offs, "m": m, "P": P, "xs": m * self.d, "mid": self.rows // 2,
+                "zt": np.zeros((len(ph.tiles), 4, 32))}
 
     def walk(self, ph, st, groups, sl):
         # xs: floats between a row read's four x (kXs: the pixel's floats times the dilation); mid:
@@ -329,35 +346,41 @@ class Emulator:
 
     def mma(self, ph, st, acc):
         n_t = len(ph.tiles)
+        # load_b<NT>: a lane's 2 NT floats from kLaneB lane on, at 4 n-tiles two float4s with n-tiles
+        # 2, 3 128 floats after 0, 1 (pack_weights' n_hi)
+        lane_b = 4 if self.nt == 4 else 2 * self.nt
         for t, tile in enumerate(ph.tiles):
             a = st["zt"][t]  # fp32: as the kernel holds it, split at the mma
             a = tf32_operand(a) if self.tf32 and not self.fp32 else a
             for n in range(self.nt):
-                idx = self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + 2 * self.nt * LANE + t * self.nt * 64 + 2 * n
+                idx = (self.w_base[ph.key] + st["h"] * n_t * self.nt * 64 + lane_b * LANE + t * self.nt * 64
+                       + 128 * (n >> 1) + 2 * (n & 1))
                 acc[tile.group, n] += mma_fragments(a, np.stack([self.s_w[idx], self.s_w[idx + 1]]), self.fp32)
 
     def store(self, seg, z, y, acc0, acc1, grp=0):
         """The halves' meeting in the staging area and the segment's 16-byte stores: the first
         group's with the bias offsets, a later one's added to what the previous pass stored
         (loaded by each thread before the halves meet, as the kernel does)."""
-        o, s0, s1 = self.o, *_plan.STAGE_PITCH
+        o, s0, s1 = self.o, *_plan.stage_pitch(self.dims)
+        m = self.comps
+        kv = 4 * m  # float4s of an output's 16 vector pixels (kV)
         o_rows = self.nz * self.ny
         row = self.o_base * o_rows + z * self.ny + y  # (o = o_base, z, y) of one batch element
         segs = self.w // _plan.SEG
         x = self.x0 + seg * _plan.SEG  # the segment's first pixel in the row
         # thread t = half * 32 + lane of the segment (warp (half, seg)): its float4 f = t + 64 i
-        # of the row, scalar f < 4 o at dst0(f), vector f < 12 o at dst1(f)
+        # of the row, scalar f < 4 o at dst0(f), vector f < kv o at dst1(f)
         dst0 = lambda f: (row + (f >> 2) * o_rows) * self.nx + x + 4 * (f & 3) + np.arange(4)  # noqa: E731
         if self.planar:  # output o's float4 r: component r // 4, pixels 4 (r % 4) ..
-            dst1 = lambda f: ((((self.o_base + f // 12) * 3 + f % 12 // 4) * o_rows + z * self.ny + y) * self.nx  # noqa: E731
+            dst1 = lambda f: ((((self.o_base + f // kv) * m + f % kv // 4) * o_rows + z * self.ny + y) * self.nx  # noqa: E731
                               + x + 4 * (f % 4) + np.arange(4))
         else:
-            dst1 = lambda f: (row + (f // 12) * o_rows) * 3 * self.nx + 3 * x + 4 * (f % 12) + np.arange(4)  # noqa: E731
+            dst1 = lambda f: (row + (f // kv) * o_rows) * m * self.nx + m * x + 4 * (f % kv) + np.arange(4)  # noqa: E731
         thread = lambda t: self.cta_id + ((t >> 5) * segs + seg) * 32 + (t & 31)  # noqa: E731
         prev = {}
         if grp > 0:
             for t in range(64):
-                for key, dst, n in ((0, dst0, o * 4), (1, dst1, o * 12)):
+                for key, dst, n in ((0, dst0, o * 4), (1, dst1, o * kv)):
                     for f in range(t, n, 64):
                         prev[key, f] = self.load(key, dst(f), grp, thread(t))
         if self.lay.stage_in_weights:  # over the vector phase's weights, which the next row copies in again
@@ -395,15 +418,15 @@ class Emulator:
                 v = stage[oo * s0 + 4 * x4 + np.arange(4)]
                 self.put(0, dst0(f), v + (self.off[oo] + self.residual(0, dst0(f)) if grp == 0 else prev[0, f]), grp,
                          thread(t))
-            for f in range(t, o * 12, 64):
-                oo, x4 = f // 12, f % 12
+            for f in range(t, o * kv, 64):
+                oo, x4 = f // kv, f % kv
                 if self.planar:  # four pixels of one component
                     comps = np.full(4, x4 // 4)
                 else:
-                    j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3)
+                    j = x4 % 3  # the kernel's component of float 4 x4 of the row (4 = 1 mod 3; 3D only)
                     comps = np.array([j, (j + 1) % 3, (j + 2) % 3, j])
                 v = stage[o * s0 + oo * s1 + 4 * x4 + np.arange(4)]
-                self.put(1, dst1(f), v + (self.off[o + 3 * oo + comps] + self.residual(1, dst1(f)) if grp == 0
+                self.put(1, dst1(f), v + (self.off[o + m * oo + comps] + self.residual(1, dst1(f)) if grp == 0
                                           else prev[1, f]), grp, thread(t))
 
     def residual(self, key, dst):

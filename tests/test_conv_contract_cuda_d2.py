@@ -5,8 +5,13 @@ from its rows' shifted reads, then the tile's mma B fragments), give `reference`
 compiled dilation and both output widths; one-row slices read free of bank conflicts and fit the
 shared-memory budget; the launch geometry; coverage and its reasons; the `triton` backend's CUDA
 plan for 2D layers (whole, in output groups of 32, the weight gradient on the CUDA kernel too:
-tests/test_conv_contract_cuda_dw_d2.py). The
-kernel's index arithmetic and its launches run only on a GPU: tests/test_conv_contract_cuda_d2_gpu.py."""
+tests/test_conv_contract_cuda_dw_d2.py). The kernel's index arithmetic through the lane-by-lane
+emulation (tests/_conv_cuda_emulate.py's `Emulator` on a grid of one z plane: the one-row slice
+copies and wrap floats, the ring, the walk's reads, the B fragments of two and four n-tiles, the
+staging and the 16-byte planar stores with the bias offsets) against the float64 `reference` on
+whole rows and x windows, every dilation, 16 and 32 outputs, 16 .. 48 inputs, every slice float
+written once a copy and every output float once. What only tests/test_conv_contract_cuda_d2_gpu.py
+covers: the compiled kernel's numbers (cp.async, barriers, mma), its launches, compute-sanitizer."""
 
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs
+from _conv_cuda_emulate import Emulator
 from _hopper_compile import ptxas_entries, ptxas_report
-from conftest import rel_l2
+from conftest import float64, rel_l2
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import conv_contract as cuda_entry
 
@@ -147,12 +153,123 @@ def test_one_row_slices_read_free_of_bank_conflicts(nx, dilation):
     assert lay.stage_floats == (nx // 16) * 32 * (20 + 36)  # 16 scalar and 32 vector floats an output, padded
 
 
+def reference_64(spec, xs, ws):
+    """`reference`'s layer of the first example in float64 (jit: eager dispatch of its einsums
+    costs seconds)."""
+    with float64():
+        run = jax.jit(lambda x, w: kernels.conv_contract(spec, x, w, backend="reference"))
+        outs = run([jnp.asarray(np.asarray(x[0]), jnp.float64) for x in xs],
+                   [jnp.asarray(np.asarray(w), jnp.float64) for w in ws])
+        return [np.asarray(a) for a in outs]
+
+
+def emulate(spec, xs, ws, strip, **kwargs):
+    """The emulated kernel (no tf32 rounding: float64, the index arithmetic and the walk's
+    reassociation alone) on the first example, planar, the weights packed unrounded."""
+    packed = _plan.pack_weights(spec, [np.asarray(w) for w in ws], tf32=False)
+    emu = Emulator(spec, np.asarray(xs[0][0]), np.asarray(xs[1][0]), packed, strip, tf32=False, planar=True, **kwargs)
+    return emu, emu.run()
+
+
+@pytest.mark.parametrize("spatial, strip, c_in, c_out, dilation", [
+    # whole rows of 16 .. 64: odd y extents, strips that end mid-grid, a single row (its slices y - 1,
+    # y, y + 1 the same row), 32 and 48 inputs (two and three chunk rounds a warp half), 16 and 32
+    # outputs (two and four n-tiles)
+    ((3, 16), 2, 16, 16, 1), ((5, 32), 2, 32, 32, 1), ((3, 48), 2, 48, 16, 1), ((4, 64), 3, 16, 32, 1),
+    ((1, 32), 1, 16, 32, 1),
+    # dilated: a CTA's rows of one y phase, strips ending inside a phase (2 of 3 rows), one row a
+    # phase (ny = d), the lanes' pixel pairs d apart, 2 d wrap pixels a row (d 8: all 32 lanes copy
+    # vector wrap floats)
+    ((6, 32), 2, 32, 16, 2), ((12, 16), 2, 16, 32, 4), ((16, 48), 3, 32, 32, 8), ((8, 64), 1, 16, 16, 8),
+    # x windows: rows of 96 in three windows of 32, of 128 in two of 64, the wrap runs from the
+    # neighbouring windows (or around the row at its ends), dilated too
+    ((3, 96), 2, 16, 32, 1), ((2, 128), 1, 32, 16, 1), ((4, 96), 1, 48, 16, 2), ((8, 128), 3, 16, 32, 4),
+    ((8, 128), 1, 16, 32, 8)])
+def test_emulated_kernel_matches_reference(spatial, strip, c_in, c_out, dilation, monkeypatch):
+    """The 2D kernel emulated lane by lane (conv_contract_d2.cu's instantiations: planar, one
+    channel group, TF32 without its rounding) is the float64 `reference` up to reassociation; every
+    slice float a copy writes is the wrapped input row it should be, written once, no pad touched;
+    every output float is stored once, by one thread."""
+    monkeypatch.setenv(_plan.DILATED_ENV, "1")  # their defaults, pinned against a user's =0
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
+    spec = spec_2d(c_in, c_out, dilation)
+    assert _plan.coverage(spec, spatial, np.float32)[0]
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=11 + dilation)
+    emu, (y0, y1, copies) = emulate(spec, xs, ws, strip)
+    ny, nx = spatial
+    windows = {96: 3, 128: 2}.get(nx, 1)
+    lay, d, w = emu.lay, emu.d, emu.w
+    assert (emu.nz, emu.comps, emu.rows, emu.nt, emu.n_groups) == (1, 2, 1, c_out // 8, 1)
+    assert d == dilation and lay.windows == windows and w * windows == nx and not lay.stage_in_weights
+    for got, want in zip((y0, y1), reference_64(spec, xs, ws)):
+        assert got.shape == want.shape and rel_l2(got, want) <= 1e-12
+    assert all((n == 1).all() for n in emu.out_writes) and all((t >= 0).all() for t in emu.out_thread)
+    rows = ny // d  # a CTA's strip: rows of one y phase of one x window; 3 + L - 1 slices a key
+    assert len(copies) == d * windows * sum(2 * (min(j0 + strip, rows) - j0 + 2) for j0 in range(0, rows, strip))
+    runs = {}  # per key, where the rows of its channels lie in a slice: x = -d .. w + d - 1
+    for key in (0, 1):
+        m = 2 if key else 1
+        runs[key] = [lay.region[key] + lay.chan(key, c) + np.arange((w + 2 * d) * m) for c in range(lay.channels[key])]
+    for key, z, yy, writes in copies:
+        want_at = np.zeros(lay.slice_floats, int)
+        want_at[np.concatenate(runs[key])] = 1
+        assert z == 0 and np.array_equal(writes, want_at), (key, yy)
+    # a slot's contents for the last x window's CTA: each channel's wrapped row (component-planar
+    # in global memory, pixel-major in the slice)
+    x0 = nx - w
+    slot = np.full(lay.slice_floats, np.nan)
+    x = [np.asarray(xs[0][0], np.float64)[..., None], np.asarray(xs[1][0], np.float64)]
+    for key in (0, 1):
+        emu.load_slice(key, slot, 0, ny - 1, np.zeros(lay.slice_floats, int), 0, x0)
+        for c, at in enumerate(runs[key]):
+            assert np.array_equal(slot[at], x[key][c, ny - 1][np.arange(x0 - d, nx + d) % nx].reshape(-1))
+
+
+@pytest.mark.parametrize("c_out", [16, 32])
+def test_emulated_kernel_adds_the_bias_offsets(c_out):
+    """The epilogue's offsets (`off`: o scalar, then (o, 2) vector, as flat_offsets lays them out)
+    added to every pixel of their output channel and component; at 32 outputs a CTA of 16 pixels
+    (64 threads) copies the 96 offsets in two rounds."""
+    spec, spatial = spec_2d(16, c_out), (3, 16)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=23)
+    rng = np.random.default_rng(24)
+    offsets = (jnp.asarray(rng.standard_normal(c_out), jnp.float32),
+               jnp.asarray(rng.standard_normal((c_out, 2)), jnp.float32))
+    off = np.asarray(cuda_entry.flat_offsets(spec, offsets), np.float64)
+    assert off.shape == (3 * c_out,)
+    _, (y0, y1, _) = emulate(spec, xs, ws, 2, offsets=off)
+    want = reference_64(spec, xs, ws)
+    want = (want[0] + off[:c_out, None, None], want[1] + off[c_out:].reshape(c_out, 1, 1, 2))
+    for got, w in zip((y0, y1), want):
+        assert rel_l2(got, w) <= 1e-12
+
+
+def test_emulated_output_groups_write_each_output_float_once():
+    """A layer of 64 outputs as two launches of 32 into one result (the `triton` backend's output
+    groups): the first launch, into fresh (NaN) results of 64 channels, stores each float of
+    channels 0-31 once, by one thread, and none of 32-63; the second, starting from the first's
+    results, stores each of 32-63 once and none of 0-31; together `reference`'s layer."""
+    spec, sub = spec_2d(16, 64), spec_2d(16, 32)
+    spatial = (3, 32)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=29)
+    out = None
+    for first in (0, 32):
+        mine = [np.asarray(w)[first : first + 32] for w in ws]
+        emu, (*out, _) = emulate(sub, xs, mine, 2, out_channels=64, first_channel=first, out=out)
+        for writes, thread in zip(emu.out_writes, emu.out_thread):
+            writes, thread = writes.reshape(64, -1), thread.reshape(64, -1)  # planar: channel-major too
+            assert (writes[first : first + 32] == 1).all() and (thread[first : first + 32] >= 0).all()
+            assert (writes[:first] == 0).all() and (writes[first + 32 :] == 0).all()
+    for got, want in zip(out, reference_64(spec, xs, ws)):
+        assert got.shape == want.shape and rel_l2(got, want) <= 1e-12
+
+
 def test_shared_memory_and_geometry_of_the_2d_layer():
     lay = _plan.layout(SPEC, 256)  # rows of 256 in x windows of 64
     assert (lay.nx, lay.windows, lay.groups) == (64, 4, 1)
     assert lay.weight_floats == (12 + 7) * 32 * 32
     assert lay.slice_floats == 32 * 71 + 32 * 133 and lay.slice_floats % 4 == 0
-    assert lay.smem_bytes == 4 * (3 * lay.slice_floats + lay.stage_floats + lay.weight_floats + 4 * 32)
+    assert lay.smem_bytes == 4 * (3 * lay.slice_floats + lay.stage_floats + lay.weight_floats + 3 * 32)  # + the offsets
     blocks = cuda_entry.BlockSizes.for_layer(SPEC, (256, 256), 16)
     geom = cuda_entry.geometry(SPEC, (256, 256), blocks, planar=True)
     assert geom[:7] == [1, 256, 256, 32, 32, 32, blocks.strip_rows]

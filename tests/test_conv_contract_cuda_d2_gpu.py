@@ -10,9 +10,8 @@ GPU machine:
 
     python3 -m pytest -m gpu tests/test_conv_contract_cuda_d2_gpu.py
 
-What the CPU run cannot check (no lane emulation of the 2D kernel): the kernel's index arithmetic,
-its copies and stores, which only these tests cover; tests/test_conv_contract_cuda_d2.py checks
-its plan (walk, packed weights, layouts, coverage) against `reference` on the CPU.
+The CPU run emulates the kernel lane by lane (tests/_conv_cuda_emulate.py's Emulator, D-generic:
+tests/test_conv_contract_cuda_d2.py, against `reference`); these tests run the compiled kernel.
 """
 
 from __future__ import annotations

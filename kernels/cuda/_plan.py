@@ -391,7 +391,8 @@ class Layout:
         """Per ring three y slices and the output staging (none of its own where
         `stage_in_weights`), then the packed weights and the bias offsets."""
         stage = 0 if self.stage_in_weights else self.stage_floats
-        return 4 * (self.rings * (3 * self.slice_floats + stage) + self.weight_floats + 4 * self.out_channels)
+        offsets = (1 + vector_comps(self.dims)) * self.out_channels  # o scalar, then o x D vector
+        return 4 * (self.rings * (3 * self.slice_floats + stage) + self.weight_floats + offsets)
 
     @property
     def threads(self) -> int:
