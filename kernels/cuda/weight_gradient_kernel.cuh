@@ -416,7 +416,8 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
     for (int s = 1; s < kSegs; ++s) sum += smem[s * kPart + e];
     out[e] = sum;
   }
-  if (threadIdx.x < kSumFloats) out[kPart + threadIdx.x] = GySum<NX, NT, kPlanar>::total(sums, threadIdx.x);
+  // (2D at x 16: 96 floats, 64 threads)
+  for (int e = threadIdx.x; e < kSumFloats; e += kThreads) out[kPart + e] = GySum<NX, NT, kPlanar>::total(sums, e);
 }
 
 template <int NX, int NT, bool kPlanar, int D, bool kWin, bool kSplit>
