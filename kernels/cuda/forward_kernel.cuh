@@ -345,10 +345,10 @@ __global__ void __launch_bounds__(4 * NX * (kTwin ? 2 : 1), 1) forward_kernel(co
 
       // The warp halves' sums meet in the segment's staging area: half 1's partials in fragment
       // order (conflict-free), half 0 adds them and, once its whole warp has read them, writes the
-      // sums in the outputs' layout (scalar [o][16 x]; vector [o][16 x][3], planar [o][3][16 x];
-      // two wavefronts a store); then the segment's 64 threads store it as 16-byte rows (float4
-      // f of the row: scalar f < 4 kO, vector f < 12 kO, float4 r = f - 12 o of output o's 48
-      // staged floats; thread t's f = t + 64 i), the first pass with the bias offsets, a later
+      // sums in the outputs' layout (scalar [o][16 x]; vector [o][16 x][kComps], planar
+      // [o][kComps][16 x]; two wavefronts a store); then the segment's 64 threads store it as
+      // 16-byte rows (float4 f of the row: scalar f < 4 kO, vector f < kV kO, float4 r = f - kV o
+      // of output o's 16 kComps staged floats; thread t's f = t + 64 i), the first pass with the bias offsets, a later
       // one adding what the previous pass stored there: the same thread's store to the same
       // address, so program order makes it visible. A later pass loads those float4s before the
       // halves meet, all at once, so their latency overlaps the staging.
