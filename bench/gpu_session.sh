@@ -41,7 +41,8 @@
 #   cuda-fwd       the CUDA forward's spike (bench.cuda_spike: cuda vs triton vs dense) and its GPU tests
 #            (run cuda-build first)
 #   cuda-ncu       Nsight Compute on the CUDA forward of d3_n64_b4_c16 (CUDA_NCU_CONFIG: a bench/triton_sweep.py
-#            config) in each layout (CUDA_NCU_LAYOUTS, default "minor planar"), warp stall reasons included;
+#            config; CUDA_NCU_KERNEL: the kernel-name regex, e.g. weight_gradient_kernel with CUDA_NCU_ARGS=--bwd)
+#            in each layout (CUDA_NCU_LAYOUTS, default "minor planar"), warp stall reasons included;
 #            run cuda-build first (or CUDA_PREBUILT=1)
 #   env-ab         one switch in alternation: ENV_AB_ROUNDS rounds (default 2) of `python -m bench $ENV_AB_ARGS`
 #            with ENV_AB_VAR set to each of ENV_AB_VALUES in turn (default args: d3_n64_b4_c16, triton, fwd and
@@ -174,9 +175,9 @@ for stage in ${STAGES:-sweep profile pallas}; do
       # bench.cuda_spike ncu segfaulted at the first kernel (session 24), also with the plain
       # sections; --print-details all and regex metrics segfaulted it in sessions 22-23
       for layout in ${CUDA_NCU_LAYOUTS:-minor planar}; do
-        GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name regex:forward_kernel \
+        GINJAX_CUDA_LAYOUT=$layout timeout "${T_CUDA_NCU:-150}" ncu --clock-control none --kernel-name "regex:${CUDA_NCU_KERNEL:-forward_kernel}" \
           --launch-skip 2 --launch-count 1 "${NCU_SECTIONS[@]}" --section MemoryWorkloadAnalysis_Tables --metrics "$STALL_METRICS" \
-          python3 bench/triton_profile.py --config "${CUDA_NCU_CONFIG:-d3_n64_b4_c16}" > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
+          python3 bench/triton_profile.py --config "${CUDA_NCU_CONFIG:-d3_n64_b4_c16}" ${CUDA_NCU_ARGS:-} > "$OUT/cuda-ncu/ncu-$layout.txt" 2>&1
         grep -E "Duration|Memory Throughput|DRAM Throughput|L2 Hit Rate|Issue Slots Busy|Registers Per" "$OUT/cuda-ncu/ncu-$layout.txt" | head -12
         grep -E "stalled" "$OUT/cuda-ncu/ncu-$layout.txt" | sort -k3 -n -r | head -18
       done ;;
