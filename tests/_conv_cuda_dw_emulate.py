@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from bench import _cases
 from conftest import float64
 
 from _conv_cuda_emulate import Emulator, mma_fragments, slice_copies, tf32_operand, to_physical, x_window
@@ -45,6 +46,43 @@ def reference_dw(spec, xs, ws, cots):
 
 def rel(got, want):
     return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def check_entry_point_batches(monkeypatch, spec, spatial, strip: int, planar: bool):
+    """weight_gradient_and_sums with the FFI call replaced by the emulation (`emulated_dw_call`): the
+    layer's target (the 2D one for D = 2), the vector blocks asked for in `planar`'s layout and `geom`
+    the compiled layout's; under vmap one call for the batch of 3 (broadcast_all), one dW per
+    example in the weights' layout, their sum the VJP of the shared weights; the sums per example."""
+    from kernels.cuda import _ffi
+    from kernels.cuda import conv_contract as cuda_entry
+    from kernels.cuda import weight_gradient as wg
+
+    vector = (cuda_entry.PLANAR_VECTOR if spec.D == 3 else cuda_entry.PLANAR_VECTOR_2D) if planar else None
+    calls = []
+
+    def ffi_call(target, shape, vmap_method, input_layouts):
+        assert target == (_ffi.DW_TARGET if spec.D == 3 else _ffi.DW_TARGET_2D) and vmap_method == "broadcast_all"
+        assert list(input_layouts) == [None, vector, None, vector]
+
+        def record(geom):
+            assert list(geom) == wg.geometry(spec, _plan.kernel_spatial(spec, spatial), strip, planar=planar)
+            calls.append(geom)
+
+        return emulated_dw_call(spec, shape, record)
+
+    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
+    monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=10)
+    got, sums = jax.vmap(lambda x, g: wg.weight_gradient_and_sums(spec, x, g, strip=strip))(xs, cots)
+    assert len(calls) == 1
+    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
+        assert g.shape == (3,) + w.shape and g.dtype == jnp.float32
+        # the emulation's sums are exact; the entry point scales them for the kernel's truncation
+        assert rel(jnp.sum(g, axis=0) / wg.TRUNCATION_SCALE, want) <= 1e-5
+    for s, cot in zip(sums, cots):  # per batch element, unscaled: the sums meet no tf32 operand
+        want = np.asarray(cot, np.float64).sum(axis=tuple(range(2, 2 + spec.D)))
+        assert s.shape == want.shape and s.dtype == jnp.float32 and rel(s, want) <= 1e-6
+    return xs, cots, got
 
 
 def unpack_matches_the_fragment_order(spec):

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 import _nonfinite
-from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call, reference_dw, rel, unpack_matches_the_fragment_order
+from _conv_cuda_dw_emulate import (DwEmulator, check_entry_point_batches, reference_dw, rel,
+                                   unpack_matches_the_fragment_order)
 from _conv_cuda_emulate import standard_spec
 from _hopper_compile import ptxas_entries, ptxas_report
 from kernels.cuda import _dw_plan, _ffi, _plan
@@ -233,34 +234,8 @@ def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch, layout
     the VJP of the shared weights. The geometry attribute is the compiled layout's; the vector
     blocks are asked for in GINJAX_CUDA_LAYOUT's layout and `geom` says which."""
     monkeypatch.setenv(cuda_entry.LAYOUT_ENV, layout)
-    planar = layout == "planar"
-    vector = cuda_entry.PLANAR_VECTOR if planar else None
-    spec = standard_spec(32, 16)
-    spatial, strip = (2, 3, 16), 2
-    calls = []
-
-    def ffi_call(target, shape, vmap_method, input_layouts):
-        assert target == _ffi.DW_TARGET and vmap_method == "broadcast_all"
-        assert list(input_layouts) == [None, vector, None, vector]
-
-        def record(geom):
-            assert list(geom) == wg.geometry(spec, spatial, strip, planar=planar)
-            calls.append(geom)
-
-        return emulated_dw_call(spec, shape, record)
-
-    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
-    monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
-    xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=10)
-    got, sums = jax.vmap(lambda x, g: wg.weight_gradient_and_sums(spec, x, g, strip=strip))(xs, cots)
-    assert len(calls) == 1
-    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
-        assert g.shape == (3,) + w.shape and g.dtype == jnp.float32
-        # the emulation's sums are exact; the entry point scales them for the kernel's truncation
-        assert rel(jnp.sum(g, axis=0) / wg.TRUNCATION_SCALE, want) <= 1e-5
-    for s, cot in zip(sums, cots):  # per batch element, unscaled: the sums meet no tf32 operand
-        want = np.asarray(cot, np.float64).sum(axis=(2, 3, 4))
-        assert s.shape == want.shape and s.dtype == jnp.float32 and rel(s, want) <= 1e-6
+    spec, strip = standard_spec(32, 16), 2
+    xs, cots, got = check_entry_point_batches(monkeypatch, spec, (2, 3, 16), strip, layout == "planar")
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.vmap(lambda x, g: wg.weight_gradient_call(
         spec, x, g, strip=strip))(xs, cots), got))
     with pytest.raises(ValueError, match=r"`strip` \(=0\)"):

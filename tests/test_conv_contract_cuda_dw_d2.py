@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import kernels
 from bench import _cases, _configs
 import _nonfinite
-from _conv_cuda_dw_emulate import DwEmulator, emulated_dw_call, reference_dw, rel, unpack_matches_the_fragment_order
+from _conv_cuda_dw_emulate import DwEmulator, check_entry_point_batches, reference_dw, rel, unpack_matches_the_fragment_order
 from _hopper_compile import ptxas_entries, ptxas_report
 from kernels.cuda import _dw_plan, _ffi, _plan
-from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as wg
 from test_conv_contract_cuda_d2 import spec_2d
 
@@ -176,35 +175,9 @@ def test_nan_and_inf_reach_exactly_their_weights_on_the_emulated_kernel(dilation
 
 
 def test_entry_point_batches_like_the_triton_weight_gradient(monkeypatch):
-    """weight_gradient_and_sums of a 2D layer with the FFI call replaced by the emulation: the 2D
-    target, the blocks asked for component-planar, `geom` with nz = 1; under vmap one call for the
-    batch, one dW per example, the sums per example."""
-    spec = spec_2d(16, 32)
-    spatial, strip = (3, 32), 2
-    vector = cuda_entry.PLANAR_VECTOR_2D
-    calls = []
-
-    def ffi_call(target, shape, vmap_method, input_layouts):
-        assert target == _ffi.DW_TARGET_2D and vmap_method == "broadcast_all"
-        assert list(input_layouts) == [None, vector, None, vector]
-
-        def record(geom):
-            assert list(geom) == wg.geometry(spec, (1,) + spatial, strip, planar=True)
-            calls.append(geom)
-
-        return emulated_dw_call(spec, shape, record)
-
-    monkeypatch.setattr(jax.ffi, "ffi_call", ffi_call)
-    monkeypatch.setattr(wg, "registered", lambda: (True, "the emulation stands in for the library"))
-    xs, ws, cots = _cases.spec_operands(spec, spatial, 3, seed=10)
-    got, sums = jax.vmap(lambda x, g: wg.weight_gradient_and_sums(spec, x, g, strip=strip))(xs, cots)
-    assert len(calls) == 1
-    for g, w, want in zip(got, ws, reference_dw(spec, xs, ws, cots)):
-        assert g.shape == (3,) + w.shape and g.dtype == jnp.float32
-        assert rel(jnp.sum(g, axis=0) / wg.TRUNCATION_SCALE, want) <= 1e-5
-    for s, cot in zip(sums, cots):
-        want = np.asarray(cot, np.float64).sum(axis=(2, 3))
-        assert s.shape == want.shape and rel(s, want) <= 1e-6
+    """weight_gradient_and_sums of a 2D layer (32 outputs) on the emulated FFI call: the 2D target,
+    planar blocks, `geom` with nz = 1, one call for a vmapped batch."""
+    check_entry_point_batches(monkeypatch, spec_2d(16, 32), (3, 32), 2, True)
 
 
 def test_triton_backend_runs_output_groups_of_32_on_the_emulated_kernel(monkeypatch):
