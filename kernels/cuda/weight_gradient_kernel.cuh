@@ -357,12 +357,12 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   cp_async_wait<0>();
   __syncthreads();
 
-  constexpr int kM = kMTiles<NT>;
-  float acc[GJ_DW_WEIGHTS][kM][4];
+  constexpr int kMT = kMTiles<NT>;  // m-tiles (GJ_DW_PASS's kM: a pixel's floats)
+  float acc[GJ_DW_WEIGHTS][kMT][4];
 #pragma unroll
   for (int w = 0; w < GJ_DW_WEIGHTS; ++w)
 #pragma unroll
-    for (int m = 0; m < kM; ++m) acc[w][m][0] = acc[w][m][1] = acc[w][m][2] = acc[w][m][3] = 0.f;
+    for (int m = 0; m < kMT; ++m) acc[w][m][0] = acc[w][m][1] = acc[w][m][2] = acc[w][m][3] = 0.f;
   // every channel group's CTAs read the same gY rows: the first group's sum them (in 2D the first
   // 3 NX threads: the others' shares would lie past the staged rows)
   const GySum<NX, NT, kPlanar> gsum_at(threadIdx.x);
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
     // the A fragments of gY row y, every group, k-step and m-tile, once a row (32 registers live
     // through the 3D walk, 48 in 2D at 32 outputs; loaded per pass they cost 96 more LDS and tf32
     // adds a row and, in ptxas, registers)
-    uint32_t a[kGroups][2][kM][4];
+    uint32_t a[kGroups][2][kMT][4];
     load_a<NX, NT, kPlanar, D>(a, gy + (j & 1) * GyLayout<NX>::kFloats, seg, g, tid);
     if (sums_rows) gsum += gsum_at.row(gy + (j & 1) * GyLayout<NX>::kFloats);
     GJ_DW_WALK
@@ -399,13 +399,13 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
   // at 32 outputs past it); summed in segment order; the threads' cotangent sums after them (the
   // gY buffers in 3D)
   constexpr int kPart = kPartial<NT>;
-  float* red = smem + seg * kPart + ((half * GJ_DW_WEIGHTS) * kM * 4) * 32 + lane;
+  float* red = smem + seg * kPart + ((half * GJ_DW_WEIGHTS) * kMT * 4) * 32 + lane;
 #pragma unroll
   for (int w = 0; w < GJ_DW_WEIGHTS; ++w)
 #pragma unroll
-    for (int m = 0; m < kM; ++m)
+    for (int m = 0; m < kMT; ++m)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) red[((w * kM + m) * 4 + k) * 32] = acc[w][m][k];
+      for (int k = 0; k < 4; ++k) red[((w * kMT + m) * 4 + k) * 32] = acc[w][m][k];
   float* sums = smem + max(3 * p.slice_floats, kSegs * kPart);
   sums[threadIdx.x] = gsum;
   __syncthreads();
