@@ -78,13 +78,13 @@ def weight_gradient_and_sums(
         raise ValueError(f"`spec` has D={spec.D}: the CUDA weight gradient is compiled for D=3 and D=2 layers")
     require_registered(registered, "cuda")  # a direct call registers the FFI targets too
     spatial = kernel_spatial(spec, inputs[0].shape[1 : 1 + spec.D])
+    lay = _dw_plan.layout(spec, spatial[2])
     if strip is None:  # shorter where the default would leave SMs idle (a small batch or grid)
-        lay = _dw_plan.layout(spec, spatial[2])  # a strip holds rows of one y phase, of one x window
+        # a strip holds rows of one y phase, of one x window
         strip = strip_for(spatial[0] * lay.dilation * lay.windows, spatial[1] // lay.dilation,
                           traced_batch(inputs[0]) or 1, _dw_plan.FP32_STRIP if fp32 else _dw_plan.DEFAULT_STRIP)
     _check_strip(strip)
     strips, nz, groups = _dw_plan.grid(spec, spatial, strip)
-    lay = _dw_plan.layout(spec, spatial[2])
     parts = partials(spec, inputs, cotangents, strip, first_channel, fp32).reshape(groups, nz * strips, -1)
     n_dw = lay.partial_floats
     scale = jnp.float32(1.0 if fp32 else TRUNCATION_SCALE)

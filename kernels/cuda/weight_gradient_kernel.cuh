@@ -422,15 +422,19 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
 
 template <int NX, int NT, bool kPlanar, int D, bool kWin, bool kSplit>
 cudaError_t launch_dw(const DwParams& p, int batch, cudaStream_t stream) {
-  // the ring and two gY rows, or at the end the segments' partials and the threads' sums (_dw_plan.Layout.smem_bytes)
-  const int reduction = std::max(3 * p.slice_floats, (NX / kSeg) * kPartial<NT>);
-  const size_t smem = sizeof(float) * std::max(3 * p.slice_floats + 2 * GyLayout<NX>::kFloats, reduction + 4 * NX);
-  cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // windows x phases x strips
-  weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit><<<grid, 4 * NX, smem, stream>>>(p);
-  return cudaGetLastError();
+  if constexpr (NX % (8 * NT) != 0) {  // GySum's split needs the outputs to divide the window (not compiled;
+    return cudaErrorInvalidValue;      // WeightGradient refuses these first: 32 outputs at x 16 or 48)
+  } else {
+    // the ring and two gY rows, or at the end the segments' partials and the threads' sums (_dw_plan.Layout.smem_bytes)
+    const int reduction = std::max(3 * p.slice_floats, (NX / kSeg) * kPartial<NT>);
+    const size_t smem = sizeof(float) * std::max(3 * p.slice_floats + 2 * GyLayout<NX>::kFloats, reduction + 4 * NX);
+    cudaError_t err = cudaFuncSetAttribute(weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(p.windows * D * ((p.ny / D + p.strip - 1) / p.strip), p.nz, batch * p.groups);  // windows x phases x strips
+    weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit><<<grid, 4 * NX, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
 }
 
 // The whole row (NX = nx), or x windows of 32 or 64 (kWin; WeightGradient refuses other widths,
@@ -442,13 +446,9 @@ cudaError_t launch_dw_nx(const DwParams& p, int nx, int batch, cudaStream_t stre
                                        : launch_dw<64, NT, kPlanar, D, true, false>(p, batch, stream);
   }
   switch (nx) {
-    case 16:  // 32 outputs (NT 4) take x windows of 32 or 64 (GySum: NX / 32 pixel runs per output)
-      if constexpr (NT <= 2) return launch_dw<16, NT, kPlanar, D, false, kSplit>(p, batch, stream);
-      return cudaErrorInvalidValue;
+    case 16: return launch_dw<16, NT, kPlanar, D, false, kSplit>(p, batch, stream);
     case 32: return launch_dw<32, NT, kPlanar, D, false, kSplit>(p, batch, stream);
-    case 48:
-      if constexpr (NT <= 2) return launch_dw<48, NT, kPlanar, D, false, kSplit>(p, batch, stream);
-      return cudaErrorInvalidValue;
+    case 48: return launch_dw<48, NT, kPlanar, D, false, kSplit>(p, batch, stream);
     default: return launch_dw<64, NT, kPlanar, D, false, kSplit>(p, batch, stream);
   }
 }
