@@ -138,6 +138,24 @@ SLOW: dict[str, dict[str, str]] = {
         "test_non_equivariant_variants_run[UNet]": "[ResNet] runs by default",
         "test_model_equivariant[UNet-plain-2]": "[UNet-plain-3] and [UNet-groupnorm-2] run by default",
     },
+    "test_conv_contract_cuda.py": {
+        "test_fp32_calls_run_the_split_kernels_where_asked[minor]":
+            "[planar] (the GPU's layout; the split dispatch is the same code) runs by default",
+        "test_a_dilated_layer_runs_forward_and_input_gradient_on_the_emulated_kernel[minor-4]":
+            "[planar-2] runs by default; dilation 4 in the minor layout is the lane emulation's"
+            " (tests/test_conv_contract_cuda_plan.py and the emulation tests)",
+    },
+    "test_dense_thin.py": {
+        "test_the_thin_spike_times_each_way_and_restores_the_switch":
+            "bench/thin_spike.py end to end (bench tooling); the thin forms and the switch are"
+            " checked by test_thin_forms_match_reference_with_gradients and the tests around it",
+        "test_thin_forms_match_reference_with_gradients[first, torus]":
+            "[first, dilation 2] and [first, D = 2] (the same first-layer form) run by default",
+    },
+    "test_vector_neuron_means.py": {
+        "test_models_take_the_means_from_the_vector_neurons[UNet]":
+            "[DilResNet] (the same VectorNeuron and bias-mean hand-off) runs by default",
+    },
     "test_glue.py": {
         "test_model_step_equals_plain_glue[ResNet-3]": "[ResNet-2] runs by default",
         "test_model_step_equals_plain_glue[DilResNet-2]":
