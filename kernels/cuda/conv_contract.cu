@@ -115,79 +115,28 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
                ffi::Buffer<ffi::F32> off, const ffi::Buffer<ffi::F32>* r0, const ffi::Buffer<ffi::F32>* r1,
                ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1, ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract: " + why); };
-  if (geom.size() != 26) return bad("`geom` must have 26 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
-  const int nx = (int)geom[23];  // the x window's extent (the kernel's NX); the rows' is geom[2]
-  p.nx = (int)geom[2];
-  if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[23]) must divide the x extent");
-  p.windows = p.nx / nx;
-  if (p.windows > 1 && nx != 32 && nx != 64) return bad("x windows must be 32 or 64 pixels wide");
-  p.nz = (int)geom[0], p.ny = (int)geom[1];
-  p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
-  p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
-  if (geom[21] != 0 && geom[21] != 1) return bad("`geom`[21] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
-  const bool planar = geom[21] == 1;
-  const int dilation = (int)geom[22];
-  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
-    return bad("the dilation (`geom`[22] = " + std::to_string(geom[22]) + ") must be 1, 2, 4 or 8");
-  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
-  if (p.groups < 1 || p.c[0] % p.groups || p.c[1] % p.groups)
-    return bad("the channel groups (`geom`[18] = " + std::to_string(p.groups) + ") must divide the input channels (" +
-               std::to_string(p.c[0]) + ", " + std::to_string(p.c[1]) + ")");
-  p.cg[0] = p.c[0] / p.groups, p.cg[1] = p.c[1] / p.groups;
-  if (p.cg[0] % (2 * kChunk) || p.cg[1] % (2 * kChunk))
-    return bad("a channel group's input channels (" + std::to_string(p.cg[0]) + ", " + std::to_string(p.cg[1]) +
-               ") must be multiples of 16");
-  if (p.o != 8 && p.o != 16) return bad("output channels must be 8 or 16");
-  if (p.o_base < 0 || p.o_base % p.o || p.o_base + p.o > p.o_total)
-    return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(p.o) +
-               ") must be a whole group within the results' " + std::to_string(p.o_total));
-  if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
-  if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
+  Launch l{};
+  if (const std::string why = DecodeForward(x0, x1, w, off, y0, y1, geom, 8, 16, p, l); !why.empty()) return bad(why);
+  const int nx = l.nx, dilation = l.dilation;
+  const bool planar = l.planar, split = l.split, twin = l.twin;
   if (dilation > 1 && p.groups > 1) return bad("channel groups are compiled at dilation 1 only");
-  if (geom[24] != 0 && geom[24] != 1) return bad("`geom`[24] (the precision) must be 0 (tf32) or 1 (fp32, 3xTF32)");
-  const bool split = geom[24] == 1;
   if (split && (dilation > 1 || p.windows > 1)) return bad("the fp32 (3xTF32) kernels take dilation 1 and whole rows only");
-  if (geom[25] != 0 && geom[25] != 1) return bad("`geom`[25] (twin rings) must be 0 or 1");
-  const bool twin = geom[25] == 1;
   if (twin && (nx != 32 || p.windows > 1 || dilation != 1 || split || p.nz % 2))
     return bad("twin rings take whole rows of 32 at dilation 1 in TF32, nz even");
-  // the row layouts are compiled in (stencil_d3.inc); geom carries the plan's, which must agree
-  const int l = nx / kSeg - 1, di = dil_index(dilation);
-  for (int k = 0; k < 4; ++k)
-    if (geom[9 + k] != ((kSkewS[di][l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkewV[di][l] >> (8 * k)) & 0xff))
-      return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
-  if (geom[7] != kPitchS[di][l] || geom[8] != kPitchV[di][l])
-    return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
-  const int64_t pix = (int64_t)p.nz * p.ny * p.nx;
-  const int64_t batch = x0.element_count() / (p.c[0] * pix);
-  if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
-  if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * 3 ||
-      w.element_count() != batch * p.w_floats || off.element_count() != batch * 4 * p.o ||
-      y0->element_count() != batch * p.o_total * pix ||
-      y1->element_count() != batch * p.o_total * pix * 3)
-    return bad("operand sizes do not match `geom` and the batch");
-  p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
-  p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
   if (r0 || r1) {
     if (dilation != 1 || split) return bad("residuals are compiled at dilation 1 in TF32 only");
     if ((r0 && r0->element_count() != y0->element_count()) || (r1 && r1->element_count() != y1->element_count()))
       return bad("a residual's size is not its result's");
   }
   const float* res[2] = {r0 ? r0->typed_data() : nullptr, r1 ? r1->typed_data() : nullptr};
-  p.region1 = p.cg[0] * kStrideS[di][l];
-  p.slice_floats = (p.region1 + p.cg[1] * kStrideV[di][l] + 3) / 4 * 4;
-  const int nt = p.o / 8;
-  p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
-  p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
-  if ((int64_t)p.groups * p.w_group != p.w_floats)
-    return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  if (kStageInWeights[di] && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
+  if (kStageInWeights[dil_index(dilation)] && (nx / kSeg) * p.o * (kStage0 + kStage1) > p.w_base[0])
     return bad("the output staging does not fit the vector phase's weights it shares at this dilation");
-  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, res, nx, twin, dilation, (int)batch, stream)
-                                          : launch_nt<false, true>(p, res, nx, twin, dilation, (int)batch, stream))
-                                 : (planar ? launch_nt<true, false>(p, res, nx, twin, dilation, (int)batch, stream)
-                                           : launch_nt<false, false>(p, res, nx, twin, dilation, (int)batch, stream));
+  const int batch = (int)l.batch;
+  const cudaError_t err = split ? (planar ? launch_nt<true, true>(p, res, nx, twin, dilation, batch, stream)
+                                          : launch_nt<false, true>(p, res, nx, twin, dilation, batch, stream))
+                                 : (planar ? launch_nt<true, false>(p, res, nx, twin, dilation, batch, stream)
+                                           : launch_nt<false, false>(p, res, nx, twin, dilation, batch, stream));
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

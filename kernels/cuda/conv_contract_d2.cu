@@ -68,60 +68,17 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Buffer<ffi::F
                ffi::Buffer<ffi::F32> off, ffi::ResultBuffer<ffi::F32> y0, ffi::ResultBuffer<ffi::F32> y1,
                ffi::Span<const int64_t> geom) {
   auto bad = [](const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda ConvContract (2D): " + why); };
-  if (geom.size() != 26) return bad("`geom` must have 26 entries (has " + std::to_string(geom.size()) + ")");
   Params p{};
-  const int nx = (int)geom[23];  // the x window's extent (the kernel's NX); the rows' is geom[2]
-  p.nx = (int)geom[2];
-  if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[23]) must divide the x extent");
-  p.windows = p.nx / nx;
-  if (p.windows > 1 && nx != 32 && nx != 64) return bad("x windows must be 32 or 64 pixels wide");
-  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
-  p.nz = (int)geom[0], p.ny = (int)geom[1];
+  Launch l{};
+  if (const std::string why = DecodeForward(x0, x1, w, off, y0, y1, geom, 16, 32, p, l); !why.empty()) return bad(why);
   if (p.nz != 1) return bad("`geom`[0] (nz) must be 1 for a 2D layer");
-  p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
-  p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
-  if (geom[21] != 1) return bad("the 2D kernels take component-planar vector blocks only (`geom`[21] must be 1)");
+  if (!l.planar) return bad("the 2D kernels take component-planar vector blocks only (`geom`[21] must be 1)");
   if (p.groups != 1) return bad("the 2D kernels take one channel group (`geom`[18] must be 1)");
-  if (geom[24] != 0) return bad("the 2D kernels compute TF32 only (`geom`[24] must be 0)");
-  if (geom[25] != 0) return bad("the 2D kernels have no twin rings (`geom`[25] must be 0)");
-  const int dilation = (int)geom[22];
-  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
-    return bad("the dilation (`geom`[22] = " + std::to_string(geom[22]) + ") must be 1, 2, 4 or 8");
-  p.cg[0] = p.c[0], p.cg[1] = p.c[1];
-  if (p.c[0] % (2 * kChunk) || p.c[1] % (2 * kChunk) || p.c[0] < 1 || p.c[1] < 1)
-    return bad("the input channels (" + std::to_string(p.c[0]) + ", " + std::to_string(p.c[1]) +
-               ") must be positive multiples of 16");
-  if (p.o != 16 && p.o != 32) return bad("output channels must be 16 or 32");
-  if (p.o_base < 0 || p.o_base % p.o || p.o_base + p.o > p.o_total)
-    return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(p.o) +
-               ") must be a whole group within the results' " + std::to_string(p.o_total));
-  if (p.strip < 1 || p.ny < 1) return bad("strip and ny must be >= 1");
-  if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
-  // the row layouts are compiled in (stencil_d2.inc); geom carries the plan's, which must agree
-  const int l = nx / kSeg - 1, di = dil_index(dilation);
-  for (int k = 0; k < 4; ++k)
-    if (geom[9 + k] != ((kSkewS[di][l] >> (8 * k)) & 0xff) || geom[13 + k] != ((kSkewV[di][l] >> (8 * k)) & 0xff))
-      return bad("the row skews in `geom` are not the compiled ones (rebuild the library)");
-  if (geom[7] != kPitchS[di][l] || geom[8] != kPitchV[di][l])
-    return bad("the row pitches in `geom` are not the compiled ones (rebuild the library)");
-  const int64_t pix = (int64_t)p.ny * p.nx;
-  const int64_t batch = x0.element_count() / (p.c[0] * pix);
-  if (batch < 1 || batch > 65535) return bad("batch must be in [1, 65535]");
-  if (x0.element_count() != batch * p.c[0] * pix || x1.element_count() != batch * p.c[1] * pix * kComps ||
-      w.element_count() != batch * p.w_floats || off.element_count() != batch * (1 + kComps) * p.o ||
-      y0->element_count() != batch * p.o_total * pix || y1->element_count() != batch * p.o_total * pix * kComps)
-    return bad("operand sizes do not match `geom` and the batch");
-  p.x[0] = x0.typed_data(), p.x[1] = x1.typed_data(), p.w = w.typed_data(), p.off = off.typed_data();
-  p.y[0] = y0->typed_data(), p.y[1] = y1->typed_data();
-  p.region1 = p.cg[0] * kStrideS[di][l];
-  p.slice_floats = (p.region1 + p.cg[1] * kStrideV[di][l] + 3) / 4 * 4;
-  const int nt = p.o / 8;
-  p.w_base[1] = 0, p.w_base[0] = (p.cg[1] / kChunk) * GJ_V_TILES * nt * 64;
-  p.w_group = p.w_base[0] + (p.cg[0] / kChunk) * GJ_S_TILES * nt * 64;
-  if (p.w_group != p.w_floats)
-    return bad("the packed weights' size (`geom`[17] = " + std::to_string(p.w_floats) + ") is not the layer's");
-  const cudaError_t err = p.o == 16 ? launch_dilation<2>(p, nx, dilation, (int)batch, stream)
-                                    : launch_dilation<4>(p, nx, dilation, (int)batch, stream);
+  if (l.split) return bad("the 2D kernels compute TF32 only (`geom`[24] must be 0)");
+  if (l.twin) return bad("the 2D kernels have no twin rings (`geom`[25] must be 0)");
+  const int nx = l.nx, dilation = l.dilation, batch = (int)l.batch;
+  const cudaError_t err = p.o == 16 ? launch_dilation<2>(p, nx, dilation, batch, stream)
+                                    : launch_dilation<4>(p, nx, dilation, batch, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda ConvContract (2D): ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
