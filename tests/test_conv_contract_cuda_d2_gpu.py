@@ -16,7 +16,6 @@ tests/test_conv_contract_cuda_d2.py, against `reference`); these tests run the c
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 
 import numpy as np
@@ -27,23 +26,18 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases
+from _cuda_gpu import GPU_ONLY, pin_2d_kernels, require_compute_sanitizer
 from conftest import assert_sanitizer_clean, rel_l2
 from kernels import cuda
-from kernels.cuda import _plan
 from test_conv_contract_cuda_d2 import SPEC, spec_2d
 from test_conv_contract_cuda_gpu import _reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(autouse=True)
 def _built(monkeypatch):
-    monkeypatch.setenv(_plan.LAYOUT_ENV, "planar")
-    for env in (_plan.DILATED_ENV, _plan.X_WINDOWS_ENV, _plan.NARROW_WINDOWS_ENV):
-        monkeypatch.setenv(env, "1")
+    pin_2d_kernels(monkeypatch)
     ok, why = cuda.availability()
     if not ok:
         pytest.fail(f"the CUDA kernel must be built for these tests: {why}")
@@ -145,8 +139,7 @@ def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launch
 def test_2d_forward_under_compute_sanitizer(tool):
     """Strips of several rows (the ring slides), x windows at both ends of a row, two chunk rounds
     a phase (32 + 32 channels), 32 outputs, dilation 8 whole rows and dilation 2 in windows."""
-    if shutil.which("compute-sanitizer") is None:
-        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    require_compute_sanitizer()
     code = textwrap.dedent(
         """
         import sys

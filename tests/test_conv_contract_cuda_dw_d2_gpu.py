@@ -15,7 +15,6 @@ tests/test_conv_contract_cuda_dw_d2.py runs the kernel's emulation and plan on t
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 
 import numpy as np
@@ -28,23 +27,19 @@ import kernels
 from bench import _cases
 import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, reference_dw, rel
+from _cuda_gpu import GPU_ONLY, pin_2d_kernels, require_compute_sanitizer
 from conftest import assert_sanitizer_clean
 from kernels import cuda
-from kernels.cuda import _dw_plan, _plan
+from kernels.cuda import _dw_plan
 from kernels.cuda import weight_gradient as wg
 from test_conv_contract_cuda_d2 import SPEC, spec_2d
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(autouse=True)
 def _built(monkeypatch):
-    monkeypatch.setenv(_plan.LAYOUT_ENV, "planar")
-    for env in (_plan.DILATED_ENV, _plan.X_WINDOWS_ENV, _plan.NARROW_WINDOWS_ENV):
-        monkeypatch.setenv(env, "1")
+    pin_2d_kernels(monkeypatch)
     ok, why = cuda.weight_gradient_coverage(SPEC, (16, 64), jnp.float32)
     if not ok:
         pytest.fail(f"the 2D CUDA weight gradient must be built for these tests: {why}")
@@ -128,8 +123,7 @@ def test_nan_and_inf_reach_exactly_their_weights(dilation, spatial):
 def test_2d_weight_gradient_under_compute_sanitizer(tool):
     """Strips of several rows, x windows at both ends of a row, two channel groups, 16 and 32 outputs
     (the reduction past the ring), rows of 48, dilation 8 whole rows and dilation 2 in windows."""
-    if shutil.which("compute-sanitizer") is None:
-        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    require_compute_sanitizer()
     code = textwrap.dedent(
         """
         import sys

@@ -26,28 +26,17 @@ from bench import _cases, _configs
 import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, reference_dw, rel
 from _conv_cuda_emulate import standard_spec
+from _cuda_gpu import GPU_ONLY, both_layouts_fixture
 from conftest import assert_sanitizer_clean
 from kernels import cuda
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import weight_gradient as wg
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU_ONLY
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
-
-@pytest.fixture(autouse=True, params=["minor", "planar"])
-def layout(request, monkeypatch):
-    """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated kernels and the
-    x windows on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS: on by default; pinned
-    here against a user's =0)."""
-    monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
-    monkeypatch.setenv(_plan.DILATED_ENV, "1")
-    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
-    return request.param
+# every test in both layouts, with the dilated kernels and the x windows on
+layout = both_layouts_fixture(_plan.DILATED_ENV, _plan.X_WINDOWS_ENV)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ Build first (kernels/cuda/README.md), then on the GPU machine:
 from __future__ import annotations
 
 import re
-import shutil
 import textwrap
 import zlib
 
@@ -29,31 +28,20 @@ import kernels
 from bench import _cases, _configs
 import _nonfinite
 from _conv_cuda_emulate import Emulator, standard_spec
+from _cuda_gpu import GPU_ONLY, both_layouts_fixture, require_compute_sanitizer
 from conftest import assert_sanitizer_clean, rel_l2
 from kernels import cuda
 from kernels.cuda import _dw_plan, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from test_conv_contract_triton import _backend_config
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU"),
-]
+pytestmark = GPU_ONLY
 SPEC = _cases.fixture_spec(_configs.CONFIGS["d3_n64_b4_c16"])
 
-
-@pytest.fixture(autouse=True, params=["minor", "planar"])
-def layout(request, monkeypatch):
-    """Every test in both layouts of the vector blocks in memory (GINJAX_CUDA_LAYOUT): components
-    minor, and component-planar (kernels/_layout.py's default on a GPU). The dilated forward and the
-    x windows and twin rings on (GINJAX_CUDA_DILATED, GINJAX_CUDA_X_WINDOWS,
-    GINJAX_CUDA_NARROW_WINDOWS, GINJAX_CUDA_TWIN: on by default; pinned here against a user's =0)."""
-    monkeypatch.setenv("GINJAX_CUDA_LAYOUT", request.param)
-    monkeypatch.setenv(_plan.DILATED_ENV, "1")
-    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
-    monkeypatch.setenv(_plan.NARROW_WINDOWS_ENV, "1")
-    monkeypatch.setenv(_plan.TWIN_ENV, "1")
-    return request.param
+# every test in both layouts, with the dilated forward, the x windows and the twin rings on
+layout = both_layouts_fixture(
+    _plan.DILATED_ENV, _plan.X_WINDOWS_ENV, _plan.NARROW_WINDOWS_ENV, _plan.TWIN_ENV
+)
 
 
 @pytest.fixture(autouse=True)
@@ -511,8 +499,7 @@ def test_forward_under_compute_sanitizer(tool):
     outputs staged over the vector phase's weights, which each row copies in again), and twin
     rings at x 32 in one and two channel groups; memcheck, racecheck on shared memory and
     synccheck on the barriers."""
-    if shutil.which("compute-sanitizer") is None:
-        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    require_compute_sanitizer()
     code = textwrap.dedent(
         """
         import sys
@@ -616,8 +603,7 @@ def test_residuals_under_compute_sanitizer():
     """memcheck of the residual kernels: the first row of a strip, the prefetch of the next row
     (its addresses one row on: never past the residual's end, since the last row of a strip
     prefetches nothing), two channel groups, x windows, and one residual key only."""
-    if shutil.which("compute-sanitizer") is None:
-        pytest.fail("compute-sanitizer is not installed: the GPU machine has it")
+    require_compute_sanitizer()
     code = textwrap.dedent(
         """
         import sys

@@ -61,6 +61,44 @@ def _residual_layers(
     return encoder, blocks, decoder
 
 
+def _checked_signatures(name, key, num_blocks, input_keys, output_keys):
+    """The argument checks DilResNet and ResNet open with; returns (input_keys, output_keys) as
+    signatures."""
+    check_key(key, name)
+    check_count(num_blocks, name, "num_blocks")
+    input_keys = as_signature(input_keys, name, "input_keys")
+    output_keys = as_signature(output_keys, name, "output_keys")
+    return input_keys, output_keys
+
+
+def _init_residual_model(
+    model, name, D, input_keys, output_keys, depth, num_blocks, block_conv_kwargs, use_bias,
+    activation_f, equivariant, conv_filters, kernel_size, use_group_norm, mid_keys, padding_mode,
+    key,
+) -> None:
+    """Set the fields DilResNet and ResNet share on `model` (inside its __init__) and build its
+    layers with `_residual_layers`; the signatures come from `_checked_signatures`."""
+    if equivariant and conv_filters is None:
+        raise ValueError(f"{name}: `conv_filters` (=None) is required when equivariant")
+    model.D = D
+    model.equivariant = equivariant
+    model.output_keys = output_keys
+    model.input_keys = input_keys
+    block_in, block_out, mid_keys = model_signatures(
+        D, input_keys, output_keys, depth, equivariant, mid_keys, name
+    )
+    model.use_bias = use_bias
+    model.activation_f = activation_f
+    model.use_group_norm = use_group_norm
+    model.mid_keys = mid_keys
+    model.padding_mode = padding_mode
+
+    model.encoder, model.blocks, model.decoder = _residual_layers(
+        D, block_in, block_out, mid_keys, num_blocks, block_conv_kwargs, use_bias, activation_f,
+        equivariant, conv_filters, kernel_size, use_group_norm, padding_mode, key,
+    )
+
+
 def _run_residual(model, x: geom.MultiImage) -> geom.MultiImage:
     check_signature(type(model).__name__, x, model.D, model.input_keys)
     if not model.equivariant:
@@ -138,30 +176,14 @@ class DilResNet(AnyDimensionalModel):
             padding_mode: padding mode of the non-equivariant convolutions.
             key: jax.random key.
         """
-        check_key(key, "DilResNet")
-        check_count(num_blocks, "DilResNet", "num_blocks")
-        input_keys = as_signature(input_keys, "DilResNet", "input_keys")
-        output_keys = as_signature(output_keys, "DilResNet", "output_keys")
-        if equivariant and conv_filters is None:
-            raise ValueError("DilResNet: `conv_filters` (=None) is required when equivariant")
-        self.D = D
-        self.equivariant = equivariant
-        self.output_keys = output_keys
-        self.input_keys = input_keys
-        block_in, block_out, mid_keys = model_signatures(
-            D, input_keys, output_keys, depth, equivariant, mid_keys, "DilResNet"
+        input_keys, output_keys = _checked_signatures(
+            "DilResNet", key, num_blocks, input_keys, output_keys
         )
-        self.use_bias = use_bias
-        self.activation_f = activation_f
-        self.use_group_norm = use_group_norm
-        self.mid_keys = mid_keys
-        self.padding_mode = padding_mode
-
-        self.encoder, self.blocks, self.decoder = _residual_layers(
-            D, block_in, block_out, mid_keys, num_blocks,
+        _init_residual_model(
+            self, "DilResNet", D, input_keys, output_keys, depth, num_blocks,
             [{"rhs_dilation": (dilation,) * D} for dilation in _DILATIONS],
             use_bias, activation_f, equivariant, conv_filters, kernel_size, use_group_norm,
-            padding_mode, key,
+            mid_keys, padding_mode, key,
         )
 
     def __call__(
@@ -259,34 +281,18 @@ class ResNet(AnyDimensionalModel):
             padding_mode: padding mode of the non-equivariant convolutions (e.g. 'CIRCULAR').
             key: jax.random key.
         """
-        check_key(key, "ResNet")
-        check_count(num_blocks, "ResNet", "num_blocks")
-        input_keys = as_signature(input_keys, "ResNet", "input_keys")
-        output_keys = as_signature(output_keys, "ResNet", "output_keys")
+        input_keys, output_keys = _checked_signatures(
+            "ResNet", key, num_blocks, input_keys, output_keys
+        )
         if not isinstance(num_conv, int) or num_conv <= 0:
             raise ValueError(f"ResNet: `num_conv` (={num_conv}) must be a positive int")
-        if equivariant and conv_filters is None:
-            raise ValueError("ResNet: `conv_filters` (=None) is required when equivariant")
-        self.D = D
-        self.equivariant = equivariant
-        self.output_keys = output_keys
-        self.input_keys = input_keys
-        block_in, block_out, mid_keys = model_signatures(
-            D, input_keys, output_keys, depth, equivariant, mid_keys, "ResNet"
-        )
-        self.use_bias = use_bias
-        self.activation_f = activation_f
-        self.use_group_norm = use_group_norm
-        self.preactivation_order = preactivation_order
-        self.mid_keys = mid_keys
-        self.padding_mode = padding_mode
-
-        self.encoder, self.blocks, self.decoder = _residual_layers(
-            D, block_in, block_out, mid_keys, num_blocks,
+        _init_residual_model(
+            self, "ResNet", D, input_keys, output_keys, depth, num_blocks,
             [{"preactivation_order": preactivation_order}] * num_conv,
             use_bias, activation_f, equivariant, conv_filters, kernel_size, use_group_norm,
-            padding_mode, key,
+            mid_keys, padding_mode, key,
         )
+        self.preactivation_order = preactivation_order
 
     def __call__(
         self, x: geom.MultiImage, aux_data: Optional[eqx.nn.State] = None
