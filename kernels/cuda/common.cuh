@@ -6,6 +6,36 @@
 // The generated tables' index of dilation D (_plan.DILATIONS: 1, 2, 4, 8).
 constexpr int dil_index(int D) { return D == 1 ? 0 : D == 2 ? 1 : D == 4 ? 2 : 3; }
 
+// Pixels a warp takes along x: the forward's mma M, the weight gradient's two k-steps of 8.
+constexpr int kSeg = 16;
+
+// The checks of a launch's rows that the forward and the weight gradient decode alike from their
+// `geom` (window_at and dilation_at: the entries' indices, for the messages): the x window of
+// `window` pixels against the rows' x extent `row`, the dilation, and the CTAs' strip against the
+// grid's extents. An empty string, or why the call is refused.
+inline std::string CheckRows(int window, int row, int window_at, int dilation, int dilation_at, int strip, int nz,
+                             int ny) {
+  if (window < 1 || row < window || row % window)
+    return "the x window (`geom`[" + std::to_string(window_at) + "] = " + std::to_string(window) +
+           ") must divide the x extent (" + std::to_string(row) + ")";
+  if (row > window && window != 32 && window != 64) return "x windows must be 32 or 64 pixels wide";
+  if (window % kSeg || window > 4 * kSeg) return "the x window must be 16, 32, 48 or 64";
+  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
+    return "the dilation (`geom`[" + std::to_string(dilation_at) + "] = " + std::to_string(dilation) +
+           ") must be 1, 2, 4 or 8";
+  if (strip < 1 || nz < 1 || ny < 1) return "strip, nz and ny must be >= 1";
+  if (ny % dilation) return "ny must be a multiple of the dilation (a CTA's rows are one y phase)";
+  return "";
+}
+
+// A launch's slice of output channels, base .. base + count - 1, within the `total` of `what`.
+inline std::string CheckOutputSlice(int base, int count, int total, const char* what) {
+  if (base < 0 || base % count || base + count > total)
+    return "the launch's output channels (" + std::to_string(base) + " + " + std::to_string(count) +
+           ") must be a whole group within the " + what + "' " + std::to_string(total);
+  return "";
+}
+
 // The x (within a 16-pixel segment) of a lane's first pixel at dilation D, its second being x + D
 // (_walk.lane_pixel): the forward's mma rows g and g + 8, the weight gradient's B rows tid and
 // tid + 4 of k-step 0. A lane's four row reads x - D, x, x + D, x + 2D serve both pixels' taps.

@@ -24,18 +24,14 @@ std::string DecodeForward(ffi::Buffer<ffi::F32>& x0, ffi::Buffer<ffi::F32>& x1, 
   if (geom.size() != 26) return "`geom` must have 26 entries (has " + str(geom.size()) + ")";
   l.nx = (int)geom[23];
   p.nx = (int)geom[2];
-  if (l.nx < 1 || p.nx < l.nx || p.nx % l.nx) return "the x window (`geom`[23]) must divide the x extent";
-  p.windows = p.nx / l.nx;
-  if (p.windows > 1 && l.nx != 32 && l.nx != 64) return "x windows must be 32 or 64 pixels wide";
-  if (l.nx % kSeg || l.nx > 4 * kSeg) return "the x window must be 16, 32, 48 or 64";
   p.nz = (int)geom[0], p.ny = (int)geom[1];
   p.c[0] = (int)geom[3], p.c[1] = (int)geom[4], p.o = (int)geom[5], p.strip = (int)geom[6];
   p.w_floats = (int)geom[17], p.groups = (int)geom[18], p.o_total = (int)geom[19], p.o_base = (int)geom[20];
   if (geom[21] != 0 && geom[21] != 1) return "`geom`[21] (the vector blocks' layout) must be 0 (minor) or 1 (planar)";
   l.planar = geom[21] == 1;
   l.dilation = (int)geom[22];
-  if (l.dilation != 1 && l.dilation != 2 && l.dilation != 4 && l.dilation != 8)
-    return "the dilation (`geom`[22] = " + str(geom[22]) + ") must be 1, 2, 4 or 8";
+  if (const std::string why = CheckRows(l.nx, p.nx, 23, l.dilation, 22, p.strip, p.nz, p.ny); !why.empty()) return why;
+  p.windows = p.nx / l.nx;
   if (geom[24] != 0 && geom[24] != 1) return "`geom`[24] (the precision) must be 0 (tf32) or 1 (fp32, 3xTF32)";
   l.split = geom[24] == 1;
   if (geom[25] != 0 && geom[25] != 1) return "`geom`[25] (twin rings) must be 0 or 1";
@@ -48,11 +44,7 @@ std::string DecodeForward(ffi::Buffer<ffi::F32>& x0, ffi::Buffer<ffi::F32>& x1, 
     return "a channel group's input channels (" + str(p.cg[0]) + ", " + str(p.cg[1]) + ") must be multiples of 16";
   if (p.o != o_small && p.o != o_large)
     return "output channels (" + str(p.o) + ") must be " + str(o_small) + " or " + str(o_large);
-  if (p.o_base < 0 || p.o_base % p.o || p.o_base + p.o > p.o_total)
-    return "the launch's output channels (" + str(p.o_base) + " + " + str(p.o) + ") must be a whole group within the results' " +
-           str(p.o_total);
-  if (p.strip < 1 || p.nz < 1 || p.ny < 1) return "strip, nz and ny must be >= 1";
-  if (p.ny % l.dilation) return "ny must be a multiple of the dilation (a CTA's rows are one y phase)";
+  if (const std::string why = CheckOutputSlice(p.o_base, p.o, p.o_total, "results"); !why.empty()) return why;
   // the row layouts are compiled in (stencil_d*.inc); geom carries the plan's, which must agree
   const int lw = l.nx / kSeg - 1, di = dil_index(l.dilation);
   for (int k = 0; k < 4; ++k)

@@ -106,7 +106,6 @@
 #define GJ_ROWS 3
 #endif
 
-constexpr int kSeg = 16;   // pixels per warp (mma M)
 constexpr int kChunk = 8;  // channels per mma k-step
 constexpr int kComps = GJ_COMPS;  // a vector block's components (the layer's spatial dimensions)
 constexpr int kRows = GJ_ROWS;    // z rows a y slice holds per channel (1: a 2D layer, nz = 1)

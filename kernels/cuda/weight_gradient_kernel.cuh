@@ -90,7 +90,6 @@
 // take the shared memory from float 0 at the end. Compiled for component-planar blocks, TF32.
 #pragma once
 
-constexpr int kSeg = 16;       // pixels per warp: two k-steps of 8
 constexpr int kChunk = 8;      // input channels per warp (mma N)
 constexpr int kChannels = 16;  // input channels per block a CTA walks (_dw_plan.CHANNELS)
 constexpr int kComps = GJ_DW_COMPS;  // a vector block's components (3; 2 in 2D)
@@ -484,28 +483,20 @@ ffi::Error WeightGradient(cudaStream_t stream, ffi::Buffer<ffi::F32> x0, ffi::Bu
   DwParams p{};
   const int nx = (int)geom[15], o = (int)geom[4];  // the x window's extent (the kernel's NX); the rows' is geom[2]
   p.nx = (int)geom[2];
-  if (nx < 1 || p.nx < nx || p.nx % nx) return bad("the x window (`geom`[15]) must divide the x extent");
-  p.windows = p.nx / nx;
-  if (p.windows > 1 && nx != 32 && nx != 64) return bad("x windows must be 32 or 64 pixels wide");
   p.nz = (int)geom[0], p.ny = (int)geom[1], p.c = (int)geom[3], p.strip = (int)geom[5];
-  if (nx % kSeg || nx < kSeg || nx > 4 * kSeg) return bad("the x window must be 16, 32, 48 or 64");
+  const int dilation = (int)geom[14];
+  if (const std::string why = CheckRows(nx, p.nx, 15, dilation, 14, p.strip, p.nz, p.ny); !why.empty()) return bad(why);
+  p.windows = p.nx / nx;
   if (p.c % kChannels || p.c < kChannels) return bad("input channels must be a positive multiple of 16");
   if (kRows == 3 && o != 8 && o != 16) return bad("output channels must be 8 or 16");
   if (kRows == 1 && o != 16 && o != 32) return bad("output channels must be 16 or 32");
   if (nx % o) return bad("a launch's output channels must divide the x window's pixels (the cotangent sums' split)");
   if (kRows == 1 && p.nz != 1) return bad("`geom`[0] (nz) must be 1 for a 2D layer");
   p.o_total = (int)geom[11], p.o_base = (int)geom[12];
-  if (p.o_base < 0 || p.o_base % o || p.o_base + o > p.o_total)
-    return bad("the launch's output channels (" + std::to_string(p.o_base) + " + " + std::to_string(o) +
-               ") must be a whole group within the cotangents' " + std::to_string(p.o_total));
+  if (const std::string why = CheckOutputSlice(p.o_base, o, p.o_total, "cotangents"); !why.empty()) return bad(why);
   if (geom[13] != 0 && geom[13] != 1) return bad("`geom`[13] (the vector blocks' layout) must be 0 (minor) or 1 (planar)");
   const bool planar = geom[13] == 1;
   if (kRows == 1 && !planar) return bad("the 2D kernels take component-planar vector blocks only (`geom`[13] must be 1)");
-  const int dilation = (int)geom[14];
-  if (dilation != 1 && dilation != 2 && dilation != 4 && dilation != 8)
-    return bad("the dilation (`geom`[14] = " + std::to_string(geom[14]) + ") must be 1, 2, 4 or 8");
-  if (p.strip < 1 || p.nz < 1 || p.ny < 1) return bad("strip, nz and ny must be >= 1");
-  if (p.ny % dilation) return bad("ny must be a multiple of the dilation (a CTA's rows are one y phase)");
   if (geom[16] != 0 && geom[16] != 1) return bad("`geom`[16] (the precision) must be 0 (tf32) or 1 (fp32)");
   const bool split = geom[16] == 1;
   if (split && kRows == 1) return bad("the 2D kernels compute TF32 only (`geom`[16] must be 0)");
