@@ -1,4 +1,5 @@
-"""PNG plot of a results file: speedup vs the reference backend against grid size, per backend.
+"""PNG plot of a results file: speedup vs the reference backend (or `dense`, in a run without the
+reference) against grid size, per backend.
 
     python -m bench.plot RESULTS.json [OUT.png]
 
@@ -25,11 +26,23 @@ def have_matplotlib() -> bool:
     return True
 
 
+def speedup_rows(results: dict) -> tuple[str, list[dict]]:
+    """(baseline, rows to plot): the baseline is `reference` where the run has it, else `dense`
+    (GPU runs often leave the slow reference out); a row is plotted when it has a speedup over
+    the baseline and a grid size, the baseline's own rows excepted."""
+    rows = _suite.table_rows(results)
+    baseline = "reference" if any(r["backend"] == "reference" for r in rows) else "dense"
+    return baseline, [
+        r for r in rows if r[f"vs_{baseline}"] is not None and r["pixels"] and r["backend"] != baseline
+    ]
+
+
 def plot_speedups(results: dict, path, title: Optional[str] = None) -> bool:
     """Write the plot to `path`; False (nothing written) when matplotlib is missing.
 
     One panel per mode; x: cells per sample (N^D, log scale), y: median speedup over the
-    `reference` backend on the same config; one line per backend, configs labelled at their points.
+    baseline (`speedup_rows`) on the same config; one line per backend, configs labelled at their
+    points.
     """
     if not have_matplotlib():
         return False
@@ -39,10 +52,7 @@ def plot_speedups(results: dict, path, title: Optional[str] = None) -> bool:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = [
-        r for r in _suite.table_rows(results)
-        if r["vs_reference"] is not None and r["pixels"] and r["backend"] != "reference"
-    ]
+    baseline, rows = speedup_rows(results)
     modes = [m for m in ("fwd", "fwd_bwd", "step") if any(r["mode"] == m for r in rows)] or ["fwd"]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False)
     backends = sorted({r["backend"] for r in rows}, key=_suite.backend_order)
@@ -54,7 +64,7 @@ def plot_speedups(results: dict, path, title: Optional[str] = None) -> bool:
             for D in sorted({r["D"] for r in rows}):
                 # one line per (backend, D); configs of one D differ in N, B and c
                 pts = sorted(
-                    (r["pixels"], r["vs_reference"], r["config"])
+                    (r["pixels"], r[f"vs_{baseline}"], r["config"])
                     for r in rows
                     if r["mode"] == mode and r["backend"] == backend and r["D"] == D
                 )
@@ -66,11 +76,11 @@ def plot_speedups(results: dict, path, title: Optional[str] = None) -> bool:
                     if name not in labelled:
                         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
                         labelled.add(name)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="reference")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label=baseline)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("grid cells per sample (N^D)")
-        ax.set_ylabel("speedup vs reference backend (median)")
+        ax.set_ylabel(f"speedup vs {baseline} backend (median)")
         ax.set_title(mode)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

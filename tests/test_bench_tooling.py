@@ -99,6 +99,22 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_the_plot_falls_back_to_dense_in_a_run_without_the_reference(recorded_run):
+    """GPU runs leave the slow reference out; their plots then show speedups over dense, not an
+    empty panel."""
+    from bench import plot
+
+    _, out = recorded_run
+    results = _suite.load_results(next(out.rglob("*.json")))
+    baseline, rows = plot.speedup_rows(results)
+    assert baseline == "reference" and sorted(r["backend"] for r in rows) == ["auto", "dense"]
+    without = copy.deepcopy(results)
+    without["benchmarks"] = [b for b in without["benchmarks"] if b["extra_info"]["backend"] != "reference"]
+    baseline, rows = plot.speedup_rows(without)
+    assert baseline == "dense" and [r["backend"] for r in rows] == ["auto"]
+    assert rows[0]["vs_dense"] > 0 and rows[0]["pixels"] == 64 * 64
+
 # ---- compare ---------------------------------------------------------------------------------------
 def _scaled(results: dict, factor: float) -> dict:
     """A copy of `results` with every median (and every timing) multiplied by `factor`."""
