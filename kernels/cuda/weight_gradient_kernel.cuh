@@ -30,8 +30,9 @@
 // components accumulates their tiles, each with its own gY_j (A fragment), into one accumulator:
 // 18 weights x 4 floats a lane, live for the whole strip. gY rows are staged by 16-byte cp.async
 // one row ahead (two buffers); each warp reads its A fragments of the row once, at the row's
-// start (float2 reads, pitch = 8 mod 32: conflict-free per half warp), as tf32 operands
-// (truncated, as Z is: common.cuh's tf32_bits): 32 registers live through the row.
+// start (one float a load, so that each lands in its mma quad's register: load_a; 2-way bank
+// conflicts at pitch 8 mod 32, where float2 reads were conflict-free per half warp), as tf32
+// operands (truncated, as Z is: common.cuh's tf32_bits): 32 registers live through the row.
 //
 // Why passes (the forward keeps the vector phase's 27 tiles live): 72 accumulator registers live
 // across rows and 32 of A fragments through a row; with 27 tiles (108 registers) the walk would
@@ -54,7 +55,7 @@
 //
 // Arithmetic per warp and output row (d3_n64_b4_c16, 131,072 warp-rows as the forward): the walk
 // is the forward's 948 FP32 (_walk.walk_cost: the same rows, none read twice) and 288 row loads;
-// on top 104 mma (forward 80), 208 tf32 adds of Z (160), the A fragments (16 LDS.64 and 32 tf32
+// on top 104 mma (forward 80), 208 tf32 adds of Z (160), the A fragments (32 LDS.32 and 32 tf32
 // adds a row; the forward's B fragments were 40 LDS.128), the gY copy (4 cp.async.16 a thread) and
 // a third barrier. ptxas: 199-219 registers, no spills (the forward 237-244), so the same 8 warps
 // an SM. Counted in PTX (nvcc -ptx, the row loop's body, copy loops once): 2,481 instructions
@@ -189,33 +190,17 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][kMTiles<NT>][4]
       for (int r = 0; r < 2; ++r) {
         const int o = 16 * m + g + 8 * r;
         const float* vr = gyr + kSumChannels * G::kP0 + o * G::kP1;
-        if (2 * m + r < NT && D > 1) {  // pixels x and x + D: one float a load
+        // One float a load, also at D = 1 where pixels x and x + 1 are adjacent: a float2 would
+        // land (a[r], a[2 + r]) in a register pair, and the mma wants a[0..3] in four consecutive
+        // registers, so ptxas rebuilt every A quad with moves before each mma (SASS of the row
+        // loop at D = 1: 312 moves of 1,438 instructions in 2D, 411 of 2,507 in 3D; at D = 2,
+        // which loaded floats, 16 and ~0).
+        if (2 * m + r < NT) {
           a[0][s][m][r] = tf32_bits(gyr[o * G::kP0 + x]), a[0][s][m][2 + r] = tf32_bits(gyr[o * G::kP0 + x + D]);
 #pragma unroll
           for (int j = 0; j < kComps; ++j) {  // component j of pixel x: planar at j NX + x, minor at kComps x + j
             const int at = kPlanar ? j * NX + x : kComps * x + j, step = kPlanar ? D : kComps * D;
             a[1 + j][s][m][r] = tf32_bits(vr[at]), a[1 + j][s][m][2 + r] = tf32_bits(vr[at + step]);
-          }
-        } else if (2 * m + r < NT) {
-          const float2 v = *reinterpret_cast<const float2*>(gyr + o * G::kP0 + x);
-          a[0][s][m][r] = tf32_bits(v.x), a[0][s][m][2 + r] = tf32_bits(v.y);
-          if constexpr (kPlanar) {  // component j's pixels x, x + 1 at j NX + x
-#pragma unroll
-            for (int j = 0; j < kComps; ++j) {
-              const float2 vj = *reinterpret_cast<const float2*>(vr + j * NX + x);
-              a[1 + j][s][m][r] = tf32_bits(vj.x), a[1 + j][s][m][2 + r] = tf32_bits(vj.y);
-            }
-          } else if constexpr (kComps == 3) {  // pixels x, x + 1: six floats from 3 x
-            const float2 v01 = *reinterpret_cast<const float2*>(vr + 3 * x);
-            const float2 v23 = *reinterpret_cast<const float2*>(vr + 3 * x + 2);
-            const float2 v45 = *reinterpret_cast<const float2*>(vr + 3 * x + 4);
-            a[1][s][m][r] = tf32_bits(v01.x), a[1][s][m][2 + r] = tf32_bits(v23.y);  // j = 0: pixels x, x + 1
-            a[2][s][m][r] = tf32_bits(v01.y), a[2][s][m][2 + r] = tf32_bits(v45.x);  // j = 1
-            a[3][s][m][r] = tf32_bits(v23.x), a[3][s][m][2 + r] = tf32_bits(v45.y);  // j = 2
-          } else {  // pixels x, x + 1: 2 kComps floats from kComps x
-            const float4 v = *reinterpret_cast<const float4*>(vr + kComps * x);
-            a[1][s][m][r] = tf32_bits(v.x), a[1][s][m][2 + r] = tf32_bits(v.z);
-            a[2][s][m][r] = tf32_bits(v.y), a[2][s][m][2 + r] = tf32_bits(v.w);
           }
         } else {
 #pragma unroll
