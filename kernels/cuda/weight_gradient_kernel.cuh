@@ -176,7 +176,8 @@ __device__ __forceinline__ void load_gy(const DwParams& p, float* dst, int b, in
 // a[q][s][m] = {gY_q[o][x], gY_q[o + 8][x], gY_q[o][x + D], gY_q[o + 8][x + D]}, o = 16 m + g, x =
 // the k-step's pixel of B row tid (2 tid + 8 s at D = 1: _dw_plan.k_pixel, kstep_shift); tf32 by
 // truncation; zero past the launch's 8 NT channels.
-template <int NX, int NT, bool kPlanar, int D>
+// kPairs (the fp32 kernels, at D = 1): pixels x and x + 1 by one float2 (below: why not otherwise).
+template <int NX, int NT, bool kPlanar, int D, bool kPairs = false>
 __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][kMTiles<NT>][4], const float* gyr, int seg, int g,
                                        int tid) {
   using G = GyLayout<NX>;
@@ -194,13 +195,35 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][kMTiles<NT>][4]
         // land (a[r], a[2 + r]) in a register pair, and the mma wants a[0..3] in four consecutive
         // registers, so ptxas rebuilt every A quad with moves before each mma (SASS of the row
         // loop at D = 1: 312 moves of 1,438 instructions in 2D, 411 of 2,507 in 3D; at D = 2,
-        // which loaded floats, 16 and ~0).
-        if (2 * m + r < NT) {
+        // which loaded floats, 16 and ~0). The fp32 kernels split each quad per use anyway, and
+        // one of them spilled 40 bytes with float loads: they keep the float2.
+        if (2 * m + r < NT && !(kPairs && D == 1)) {
           a[0][s][m][r] = tf32_bits(gyr[o * G::kP0 + x]), a[0][s][m][2 + r] = tf32_bits(gyr[o * G::kP0 + x + D]);
 #pragma unroll
           for (int j = 0; j < kComps; ++j) {  // component j of pixel x: planar at j NX + x, minor at kComps x + j
             const int at = kPlanar ? j * NX + x : kComps * x + j, step = kPlanar ? D : kComps * D;
             a[1 + j][s][m][r] = tf32_bits(vr[at]), a[1 + j][s][m][2 + r] = tf32_bits(vr[at + step]);
+          }
+        } else if (2 * m + r < NT) {
+          const float2 v = *reinterpret_cast<const float2*>(gyr + o * G::kP0 + x);
+          a[0][s][m][r] = tf32_bits(v.x), a[0][s][m][2 + r] = tf32_bits(v.y);
+          if constexpr (kPlanar) {  // component j's pixels x, x + 1 at j NX + x
+#pragma unroll
+            for (int j = 0; j < kComps; ++j) {
+              const float2 vj = *reinterpret_cast<const float2*>(vr + j * NX + x);
+              a[1 + j][s][m][r] = tf32_bits(vj.x), a[1 + j][s][m][2 + r] = tf32_bits(vj.y);
+            }
+          } else if constexpr (kComps == 3) {  // pixels x, x + 1: six floats from 3 x
+            const float2 v01 = *reinterpret_cast<const float2*>(vr + 3 * x);
+            const float2 v23 = *reinterpret_cast<const float2*>(vr + 3 * x + 2);
+            const float2 v45 = *reinterpret_cast<const float2*>(vr + 3 * x + 4);
+            a[1][s][m][r] = tf32_bits(v01.x), a[1][s][m][2 + r] = tf32_bits(v23.y);  // j = 0: pixels x, x + 1
+            a[2][s][m][r] = tf32_bits(v01.y), a[2][s][m][2 + r] = tf32_bits(v45.x);  // j = 1
+            a[3][s][m][r] = tf32_bits(v23.x), a[3][s][m][2 + r] = tf32_bits(v45.y);  // j = 2
+          } else {  // pixels x, x + 1: 2 kComps floats from kComps x
+            const float4 v = *reinterpret_cast<const float4*>(vr + kComps * x);
+            a[1][s][m][r] = tf32_bits(v.x), a[1][s][m][2 + r] = tf32_bits(v.z);
+            a[2][s][m][r] = tf32_bits(v.y), a[2][s][m][2 + r] = tf32_bits(v.w);
           }
         } else {
 #pragma unroll
@@ -371,7 +394,7 @@ __global__ void __launch_bounds__(4 * NX, 1) weight_gradient_kernel(const DwPara
     // through the 3D walk, 48 in 2D at 32 outputs; loaded per pass they cost 96 more LDS and tf32
     // adds a row and, in ptxas, registers)
     uint32_t a[kGroups][2][kMT][4];
-    load_a<NX, NT, kPlanar, D>(a, gy + (j & 1) * GyLayout<NX>::kFloats, seg, g, tid);
+    load_a<NX, NT, kPlanar, D, kSplit>(a, gy + (j & 1) * GyLayout<NX>::kFloats, seg, g, tid);
     if (sums_rows) gsum += gsum_at.row(gy + (j & 1) * GyLayout<NX>::kFloats);
     GJ_DW_WALK
     oldest = mid;
