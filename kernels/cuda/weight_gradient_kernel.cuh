@@ -194,8 +194,8 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][2][kMTiles<NT>][4]
         // One float a load, also at D = 1 where pixels x and x + 1 are adjacent: a float2 would
         // land (a[r], a[2 + r]) in a register pair, and the mma wants a[0..3] in four consecutive
         // registers, so ptxas rebuilt every A quad with moves before each mma (SASS of the row
-        // loop at D = 1: 312 moves of 1,438 instructions in 2D, 411 of 2,507 in 3D; at D = 2,
-        // which loaded floats, 16 and ~0). The fp32 kernels split each quad per use anyway, and
+        // loop at D = 1: 313 moves of 1,438 instructions in 2D, 411 of 2,507 in 3D; at D = 2,
+        // which loaded floats, 17 and 12). The fp32 kernels split each quad per use anyway, and
         // one of them spilled 40 bytes with float loads: they keep the float2.
         if (2 * m + r < NT && !(kPairs && D == 1)) {
           a[0][s][m][r] = tf32_bits(gyr[o * G::kP0 + x]), a[0][s][m][2 + r] = tf32_bits(gyr[o * G::kP0 + x + D]);
