@@ -99,7 +99,6 @@ def test_bench_command_writes_results_table_and_plot(recorded_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-
 def test_the_plot_falls_back_to_dense_in_a_run_without_the_reference(recorded_run):
     """GPU runs leave the slow reference out; their plots then show speedups over dense, not an
     empty panel."""
@@ -114,6 +113,7 @@ def test_the_plot_falls_back_to_dense_in_a_run_without_the_reference(recorded_ru
     baseline, rows = plot.speedup_rows(without)
     assert baseline == "dense" and [r["backend"] for r in rows] == ["auto"]
     assert rows[0]["vs_dense"] > 0 and rows[0]["pixels"] == 64 * 64
+
 
 # ---- compare ---------------------------------------------------------------------------------------
 def _scaled(results: dict, factor: float) -> dict:
