@@ -8,14 +8,16 @@ and that loop's opcodes by count, moves (MOV, IMAD.MOV) in a column of their own
 
 Why SASS: PTX counts misled (bench/NOTES.md, session 42). Equal PTX rows took 855 and 1,348
 executed instructions, because ptxas added register moves to build mma operands. The
-disassembler is `cuobjdump` (CUDA toolkit, or the `nvidia-cuda-cuobjdump` wheel). `--cuobjdump`
-names it where it is not on PATH; `--sass FILE` reads a saved `cuobjdump -sass` listing instead.
+disassembler is `cuobjdump` with `nvdisasm`: the CUDA toolkit's on PATH, else the
+`nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels', else `--cuobjdump PATH`. `--sass FILE` reads a saved `cuobjdump -sass` listing instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -71,12 +73,41 @@ def largest_loop(kernel: str, instructions: list[tuple[int, str]]) -> Loop | Non
     return Loop(kernel, len(instructions), best[0], tuple(t for _, t in instructions[best[0]:best[1] + 1]))
 
 
-def disassemble(library: str, cuobjdump: str | None = None) -> str:
-    tool = cuobjdump or shutil.which("cuobjdump")
-    if tool is None:
-        raise FileNotFoundError("cuobjdump is not on PATH: install the CUDA toolkit or the nvidia-cuda-cuobjdump "
-                                "wheel, and pass --cuobjdump PATH where it is not on PATH")
-    return subprocess.run([tool, "-sass", library], check=True, capture_output=True, text=True).stdout
+def _tool(name: str) -> str | None:
+    """`name` on PATH, else the NVIDIA wheel's (nvidia/cu*/bin/ in site-packages, not on PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for entry in sys.path:
+        for candidate in sorted(pathlib.Path(entry or ".").glob(f"nvidia/cu*/bin/{name}"), reverse=True):
+            if os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
+def find_cuobjdump() -> tuple[str | None, str]:
+    """(cuobjdump's path, or None and why not). `cuobjdump -sass` runs `nvdisasm`, which must be
+    found too: the CUDA toolkit has both on PATH, the wheels `nvidia-cuda-cuobjdump` and
+    `nvidia-cuda-nvdisasm` put them in site-packages."""
+    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        missing = " and ".join(n for n, t in (("cuobjdump", cuobjdump), ("nvdisasm", nvdisasm)) if t is None)
+        return None, (f"{missing} not found: install the CUDA toolkit or the wheels nvidia-cuda-cuobjdump and "
+                      "nvidia-cuda-nvdisasm")
+    return cuobjdump, ""
+
+
+def disassemble(library, cuobjdump: str | None = None) -> str:
+    """`cuobjdump -sass` of a library or object file."""
+    if cuobjdump is None:
+        cuobjdump, why = find_cuobjdump()
+        if cuobjdump is None:
+            raise FileNotFoundError(why + ", or pass --cuobjdump PATH")
+    env = dict(os.environ)
+    nvdisasm = _tool("nvdisasm")
+    if nvdisasm is not None:  # cuobjdump looks for it on PATH
+        env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
+    return subprocess.run([cuobjdump, "-sass", str(library)], check=True, capture_output=True, text=True, env=env).stdout
 
 
 def report(loop: Loop, top: int = 12) -> str:

@@ -92,3 +92,21 @@ def ptxas_entries(report: str, mangled: str) -> list[tuple]:
     (bytes, as strings), in the report's order."""
     return re.findall(r"Compiling entry function '\S*" + mangled
                       + r"[^\n]*\n(?:[^\n]*\n)*?[^\n]*?(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+
+
+def row_loop_moves(obj, mangled: str) -> dict[tuple, tuple[int, int]]:
+    """Per kernel of the compiled object `obj` whose mangled name contains the regex `mangled` (its
+    groups: the template arguments): (register moves, instructions) of its largest loop, the row
+    loop, in SASS (bench.sass_loop). Skips the calling test, saying why, without cuobjdump."""
+    from bench import sass_loop
+
+    tool, why = sass_loop.find_cuobjdump()
+    if tool is None:
+        pytest.skip(why)
+    out = {}
+    for name, instructions in sass_loop.functions(sass_loop.disassemble(obj, tool)).items():
+        m = re.search(mangled, name)
+        loop = sass_loop.largest_loop(name, instructions) if m else None
+        if loop is not None:
+            out[m.groups()] = (loop.moves(), len(loop.instructions))
+    return out

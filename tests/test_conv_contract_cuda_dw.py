@@ -24,7 +24,7 @@ import _nonfinite
 from _conv_cuda_dw_emulate import (DwEmulator, check_entry_point_batches, reference_dw, rel,
                                    unpack_matches_the_fragment_order)
 from _conv_cuda_emulate import standard_spec
-from _hopper_compile import ptxas_entries, ptxas_report
+from _hopper_compile import ptxas_entries, ptxas_report, row_loop_moves
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import conv_contract as cuda_entry
 from kernels.cuda import weight_gradient as wg
@@ -322,10 +322,17 @@ def test_coverage_reasons(monkeypatch):
         _ffi.registered.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def compiled_dw(tmp_path_factory):
+    """weight_gradient.cu compiled for sm_90a as the library's build does: (ptxas' report, the object)."""
+    out = tmp_path_factory.mktemp("weight_gradient")
+    return ptxas_report(_dw_plan.INCLUDE.with_name("weight_gradient.cu"), out), out / "weight_gradient.o"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
-def test_ptxas_resources_within_budget(tmp_path):
-    report = ptxas_report(_dw_plan.INCLUDE.with_name("weight_gradient.cu"), tmp_path)
+def test_ptxas_resources_within_budget(compiled_dw):
+    report = compiled_dw[0]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     # weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit>: both n-tile counts, both block
     # layouts, every dilation; every whole-row width (kWin false) and the window widths (kWin true);
@@ -342,3 +349,17 @@ def test_ptxas_resources_within_budget(tmp_path):
     for e in entries:
         assert (e[6], e[7]) == ("0", "0") if e[5] == "0" else int(e[6]) <= 16, (e, report)
     assert max(regs) <= MAX_REGISTERS, report
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
+def test_row_loops_do_not_rebuild_mma_operands(compiled_dw):
+    """The TF32 kernels' row loops in SASS: at most 4 % register moves. With float2 A loads ptxas
+    rebuilt each mma's A quad with moves before every mma, 14-16 % of the loop (load_a;
+    bench/NOTES.md, "Session 42"). The 8-output kernels (NT = 1), whose quads' zero halves are
+    written before each mma (~9 %), and the fp32 ones, which split each quad per use, are left out."""
+    loops = row_loop_moves(compiled_dw[1], r"weight_gradient_kernelILi(\d+)ELi(\d)ELb([01])ELi(\d)ELb([01])ELb([01])EE")
+    checked = {k: v for k, v in loops.items() if k[1] == "2" and k[5] == "0"}
+    assert len(checked) == 2 * len(_plan.DILATIONS) * (len(_plan.NX_COVERED) + len(_plan.WINDOWS_COVERED)), sorted(loops)
+    heavy = {k: v for k, v in checked.items() if v[0] > 0.04 * v[1]}
+    assert not heavy, heavy

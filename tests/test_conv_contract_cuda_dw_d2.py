@@ -24,7 +24,7 @@ import kernels
 from bench import _cases, _configs
 import _nonfinite
 from _conv_cuda_dw_emulate import DwEmulator, check_entry_point_batches, reference_dw, rel, unpack_matches_the_fragment_order
-from _hopper_compile import ptxas_entries, ptxas_report
+from _hopper_compile import ptxas_entries, ptxas_report, row_loop_moves
 from kernels.cuda import _dw_plan, _ffi, _plan
 from kernels.cuda import weight_gradient as wg
 from test_conv_contract_cuda_d2 import spec_2d
@@ -246,16 +246,36 @@ def test_coverage_of_the_2d_weight_gradient(monkeypatch):
     assert "weight_gradient_d2.inc was generated" in _dw_plan.coverage(SPEC, None)[1]
 
 
+@pytest.fixture(scope="module")
+def compiled_dw_2d(tmp_path_factory):
+    """weight_gradient_d2.cu compiled for sm_90a as the library's build does: (ptxas' report, the object)."""
+    out = tmp_path_factory.mktemp("weight_gradient_d2")
+    return ptxas_report(_dw_plan.INCLUDES[2].with_name("weight_gradient_d2.cu"), out), out / "weight_gradient_d2.o"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
-def test_ptxas_resources_of_the_2d_kernels(tmp_path):
+def test_ptxas_resources_of_the_2d_kernels(compiled_dw_2d):
     """weight_gradient_kernel<NX, NT, kPlanar, D, kWin, kSplit> of weight_gradient_d2.cu: every
     whole-row width and window width, 16 and 32 outputs (32 at x 32 and 64), every dilation, planar,
     TF32; each compiled once, no spills, within the 255 registers of one 256-thread CTA an SM."""
-    report = ptxas_report(_dw_plan.INCLUDES[2].with_name("weight_gradient_d2.cu"), tmp_path)
+    report = compiled_dw_2d[0]
     entries = ptxas_entries(report, r"weight_gradient_kernelILi(\d+)ELi(\d)ELb1ELi(\d)ELb([01])ELb0EE")
     expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
                 for nx in widths for nt in "24" for d in _plan.DILATIONS if nt == "2" or nx % 32 == 0}
     assert sorted(e[:4] for e in entries) == sorted(expected), report
     assert all((e[4], e[5]) == ("0", "0") for e in entries), [e for e in entries if e[4] != "0"]
     assert max(int(r) for r in re.findall(r"Used (\d+) registers", report)) <= 255
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
+def test_row_loops_do_not_rebuild_mma_operands(compiled_dw_2d):
+    """Every 2D kernel's row loop in SASS: at most 4 % register moves (float2 A loads made ptxas
+    rebuild each mma's A quad with moves, 22 % of the loop at 32 outputs; bench/NOTES.md, "Session 42")."""
+    loops = row_loop_moves(compiled_dw_2d[1], r"weight_gradient_kernelILi(\d+)ELi(\d)ELb1ELi(\d)ELb([01])ELb0EE")
+    expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                for nx in widths for nt in "24" for d in _plan.DILATIONS if nt == "2" or nx % 32 == 0}
+    assert set(loops) == expected, sorted(loops)
+    heavy = {k: v for k, v in loops.items() if v[0] > 0.04 * v[1]}
+    assert not heavy, heavy

@@ -51,3 +51,12 @@ def test_the_command(tmp_path, capsys):
     assert "`--kernel` (='(') is not a regular expression" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sass_loop.main([])
+
+
+def test_without_the_disassembler_it_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(sass_loop.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sass_loop.sys, "path", [str(tmp_path)])
+    tool, why = sass_loop.find_cuobjdump()
+    assert tool is None and "cuobjdump and nvdisasm not found" in why and "nvidia-cuda-nvdisasm" in why
+    with pytest.raises(FileNotFoundError, match="--cuobjdump PATH"):
+        sass_loop.disassemble(tmp_path / "x.so")
