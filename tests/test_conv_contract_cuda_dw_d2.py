@@ -246,6 +246,13 @@ def test_coverage_of_the_2d_weight_gradient(monkeypatch):
     assert "weight_gradient_d2.inc was generated" in _dw_plan.coverage(SPEC, None)[1]
 
 
+# weight_gradient_kernel<NX, NT, planar, D, kWin, TF32> as weight_gradient_d2.cu compiles it: every
+# whole-row width and window width, 16 and 32 outputs (32 at x 32 and 64), every dilation.
+_DW_2D_KERNEL = r"weight_gradient_kernelILi(\d+)ELi(\d)ELb1ELi(\d)ELb([01])ELb0EE"
+_DW_2D_KERNELS = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                  for nx in widths for nt in "24" for d in _plan.DILATIONS if nt == "2" or nx % 32 == 0}
+
+
 @pytest.fixture(scope="module")
 def compiled_dw_2d(tmp_path_factory):
     """weight_gradient_d2.cu compiled for sm_90a as the library's build does: (ptxas' report, the object)."""
@@ -260,10 +267,8 @@ def test_ptxas_resources_of_the_2d_kernels(compiled_dw_2d):
     whole-row width and window width, 16 and 32 outputs (32 at x 32 and 64), every dilation, planar,
     TF32; each compiled once, no spills, within the 255 registers of one 256-thread CTA an SM."""
     report = compiled_dw_2d[0]
-    entries = ptxas_entries(report, r"weight_gradient_kernelILi(\d+)ELi(\d)ELb1ELi(\d)ELb([01])ELb0EE")
-    expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
-                for nx in widths for nt in "24" for d in _plan.DILATIONS if nt == "2" or nx % 32 == 0}
-    assert sorted(e[:4] for e in entries) == sorted(expected), report
+    entries = ptxas_entries(report, _DW_2D_KERNEL)
+    assert sorted(e[:4] for e in entries) == sorted(_DW_2D_KERNELS), report
     assert all((e[4], e[5]) == ("0", "0") for e in entries), [e for e in entries if e[4] != "0"]
     assert max(int(r) for r in re.findall(r"Used (\d+) registers", report)) <= 255
 
@@ -273,9 +278,7 @@ def test_ptxas_resources_of_the_2d_kernels(compiled_dw_2d):
 def test_row_loops_do_not_rebuild_mma_operands(compiled_dw_2d):
     """Every 2D kernel's row loop in SASS: at most 4 % register moves (float2 A loads made ptxas
     rebuild each mma's A quad with moves, 22 % of the loop at 32 outputs; bench/NOTES.md, "Session 42")."""
-    loops = row_loop_moves(compiled_dw_2d[1], r"weight_gradient_kernelILi(\d+)ELi(\d)ELb1ELi(\d)ELb([01])ELb0EE")
-    expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
-                for nx in widths for nt in "24" for d in _plan.DILATIONS if nt == "2" or nx % 32 == 0}
-    assert set(loops) == expected, sorted(loops)
+    loops = row_loop_moves(compiled_dw_2d[1], _DW_2D_KERNEL)
+    assert set(loops) == _DW_2D_KERNELS, sorted(loops)
     heavy = {k: v for k, v in loops.items() if v[0] > 0.04 * v[1]}
     assert not heavy, heavy
