@@ -9,7 +9,8 @@ and that loop's opcodes by count, moves (MOV, IMAD.MOV) in a column of their own
 Why SASS: PTX counts misled (bench/NOTES.md, session 42). Equal PTX rows took 855 and 1,348
 executed instructions, because ptxas added register moves to build mma operands. The
 disassembler is `cuobjdump` with `nvdisasm`: the CUDA toolkit's on PATH, else the
-`nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels', else `--cuobjdump PATH`. `--sass FILE` reads a saved `cuobjdump -sass` listing instead.
+`nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels', else `--cuobjdump PATH`.
+`--sass FILE` reads a saved `cuobjdump -sass` listing instead.
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ class Loop:
     instructions: tuple[str, ...]
 
     def opcodes(self) -> collections.Counter:
-        """Opcode (the mnemonic without its modifiers, predicate dropped) -> count."""
-        return collections.Counter(_PREDICATE.sub("", t).split()[0].split(".")[0] for t in self.instructions)
+        """Opcode (the mnemonic without its modifiers) -> count."""
+        return collections.Counter(_mnemonic(t).split(".")[0] for t in self.instructions)
 
     def moves(self) -> int:
-        return sum(1 for t in self.instructions if _PREDICATE.sub("", t).split()[0] in MOVES)
+        return sum(1 for t in self.instructions if _mnemonic(t) in MOVES)
+
+
+def _mnemonic(instruction: str) -> str:
+    """The instruction's mnemonic with its modifiers, its predicate dropped: `IMAD.MOV.U32`."""
+    return _PREDICATE.sub("", instruction).split()[0]
 
 
 def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
