@@ -177,7 +177,6 @@ class Emulator:
         self.c0, self.nz, self.ny, self.nx = x0.shape
         self.lay = _plan.layout(spec, self.nx, n_groups)  # one group's channels and weights
         self.n_groups = self.lay.groups
-        assert spec.D == 3 or self.n_groups == 1, "the 2D kernels take one channel group"
         self.d = self.lay.dilation
         self.w = self.lay.nx  # a CTA's x window (the whole row where lay.windows is 1)
         self.groups, self.phases = _plan.phases(spec)

@@ -244,6 +244,40 @@ def test_emulated_kernel_adds_the_bias_offsets(c_out):
         assert rel_l2(got, w) <= 1e-12
 
 
+@pytest.mark.parametrize("spatial, strip, c_in, c_out, n_groups", [
+    # forced splits where one group would fit: 32 + 32 inputs in two groups of 16 + 16, 48 + 48 in
+    # three, a single row (its slices y - 1, y, y + 1 the same row)
+    ((3, 32), 2, 32, 16, 2), ((4, 16), 3, 48, 32, 3), ((1, 32), 1, 32, 32, 2),
+    # the plan's own: 64 + 64 inputs at x 64 (the UNet's decoder layer after its skip concatenation:
+    # 341 KB in one group), and in x windows of 64 of a row of 128
+    ((3, 64), 2, 64, 16, None), ((2, 128), 1, 64, 32, None)])
+def test_emulated_channel_groups_match_reference(spatial, strip, c_in, c_out, n_groups, monkeypatch):
+    """Channel-group passes in 2D (conv_contract_d2.cu's kGroups instantiations, dilation 1): each
+    pass copies its group's weights and refills the ring with its channels, the first stores with
+    the bias offsets and a later one adds to what the same thread stored; the sum is the float64
+    `reference` plus the offsets, up to reassociation; every output float is stored once a pass."""
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")  # their defaults, pinned against a user's =0
+    monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
+    spec = spec_2d(c_in, c_out)
+    assert _plan.coverage(spec, spatial, np.float32)[0]
+    want_groups = n_groups or _plan.groups(spec, spatial[1])
+    assert want_groups > 1 and (n_groups or _plan.window_layout(spec, spatial[1]).smem_bytes > _plan.SMEM_LIMIT)
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=31 + c_in)
+    rng = np.random.default_rng(32 + c_in)
+    offsets = (jnp.asarray(rng.standard_normal(c_out), jnp.float32),
+               jnp.asarray(rng.standard_normal((c_out, 2)), jnp.float32))
+    off = np.asarray(cuda_entry.flat_offsets(spec, offsets), np.float64)
+    emu, (y0, y1, copies) = emulate(spec, xs, ws, strip, offsets=off, n_groups=n_groups)
+    assert emu.n_groups == want_groups and emu.lay.smem_bytes <= _plan.SMEM_LIMIT
+    assert emu.lay.channels == (c_in // want_groups, c_in // want_groups)
+    want = reference_64(spec, xs, ws)
+    want = (want[0] + off[:c_out, None, None], want[1] + off[c_out:].reshape(c_out, 1, 1, 2))
+    for got, w in zip((y0, y1), want):
+        assert got.shape == w.shape and rel_l2(got, w) <= 1e-12
+    assert all((n == want_groups).all() for n in emu.out_writes)
+    assert len({key for key, *_ in copies}) == 2
+
+
 def test_emulated_output_groups_write_each_output_float_once():
     """A layer of 64 outputs as two launches of 32 into one result (the `triton` backend's output
     groups): the first launch, into fresh (NaN) results of 64 channels, stores each float of
@@ -328,12 +362,15 @@ def test_the_triton_backend_plans_2d_forwards_on_cuda(monkeypatch):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
 def test_ptxas_resources_of_the_2d_kernels(tmp_path):
     """forward_kernel<NX, NT, kGroups, kPlanar, D, kWin, ...> of conv_contract_d2.cu: every whole-row
-    width and window width, 2 and 4 n-tiles, every dilation, planar, one group; each compiled once,
-    no spills, within the 255 registers of one 256-thread CTA an SM."""
+    width and window width, 2 and 4 n-tiles, planar; one group at every dilation and the
+    channel-group passes at dilation 1; each compiled once, no spills, within the 255 registers of
+    one 256-thread CTA an SM."""
     report = ptxas_report(_plan.INCLUDES[2].with_name("conv_contract_d2.cu"), tmp_path)
-    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb0ELb1ELi(\d)ELb([01])ELb0ELb0ELb0EJEE")
-    expected = {(str(nx), nt, str(d), win) for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
-                for nx in widths for nt in "24" for d in _plan.DILATIONS}
-    assert sorted(e[:4] for e in entries) == sorted(expected), report
-    assert all((e[4], e[5]) == ("0", "0") for e in entries), [e for e in entries if e[4] != "0"]
+    entries = ptxas_entries(report, r"forward_kernelILi(\d+)ELi(\d)ELb([01])ELb1ELi(\d)ELb([01])ELb0ELb0ELb0EJEE")
+    expected = {(str(nx), nt, groups, str(d), win)
+                for win, widths in (("0", _plan.NX_COVERED), ("1", _plan.WINDOWS_COVERED))
+                for nx in widths for nt in "24" for groups in "01" for d in _plan.DILATIONS
+                if groups == "0" or d == 1}
+    assert sorted(e[:5] for e in entries) == sorted(expected), report
+    assert all((e[5], e[6]) == ("0", "0") for e in entries), [e for e in entries if e[5] != "0"]
     assert max(int(r) for r in re.findall(r"Used (\d+) registers", report)) <= 255

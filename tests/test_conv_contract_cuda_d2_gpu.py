@@ -1,9 +1,10 @@
 """The D = 2 CUDA forward (kernels/cuda/conv_contract_d2.cu) built and run on a Hopper GPU, against
 `reference` at the tf32 tolerance: the standard 2D layer's rows in x windows, whole rows of 16 .. 64
 pixels on odd y extents and short strips, 16 and 32 output channels, 16 .. 48 input channels (one to
-three chunk rounds a warp half), every dilation; poisoned outputs (every element written); vmap as
+three chunk rounds a warp half), every dilation, channel-group passes (64 + 64 and 128 + 128 inputs); poisoned outputs (every element written); vmap as
 one launch with the bias offsets of each example; the `triton` backend's step with the forward and
-the input gradient on the kernel (a layer of 64 outputs as two launches of 32, and a dilated one;
+the input gradient on the kernel (a layer of 64 outputs as two launches of 32, its input gradient in
+two channel groups, and a dilated one;
 its weight gradient on weight_gradient_d2.cu's kernel, tests/test_conv_contract_cuda_dw_d2_gpu.py);
 compute-sanitizer. Build first (kernels/cuda/README.md), then on the
 GPU machine:
@@ -73,6 +74,33 @@ def test_dilated_layers(dilation, spatial, strip):
     _check(spec_2d(32, 32, dilation), spatial, 2, seed=3, strip=strip)
 
 
+@pytest.mark.parametrize("channels, spatial, batch, strip", [
+    ((64, 32), (9, 64), 2, 4),  # 64 + 64 inputs at x 64 (341 KB in one group): two passes
+    ((64, 16), (5, 128), 1, None),  # in x windows of 64
+    ((128, 32), (4, 32), 2, 3),  # the UNet's 32^2 level: 128 + 128 inputs
+])
+def test_channel_group_passes(channels, spatial, batch, strip):
+    """Where one group's ring does not fit, the kernel passes over the strip once per channel group
+    (the later passes adding to what the first stored); `_plan.groups` says how many."""
+    from kernels.cuda import _plan
+
+    spec = spec_2d(*channels)
+    assert _plan.groups(spec, spatial[1]) > 1
+    _check(spec, spatial, batch, seed=8, strip=strip)
+
+
+def test_channel_group_passes_add_the_bias_offsets_once():
+    """Per-example offsets with two channel groups: only the first pass adds them."""
+    spec = spec_2d(64, 32)
+    xs, ws, _ = _cases.spec_operands(spec, (6, 64), 2, seed=9)
+    rng = np.random.default_rng(9)
+    offs = (jnp.asarray(rng.standard_normal((2, 32)), jnp.float32), jnp.asarray(rng.standard_normal((2, 32, 2)), jnp.float32))
+    got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(spec, x, ws, off)))(xs, offs)
+    want = _reference(xs, ws, spec)
+    assert rel_l2(got[0], want[0] + offs[0][:, :, None, None]) <= kernels.TOLERANCE["tf32"]
+    assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
+
+
 def test_outputs_are_fully_written():
     """Fresh output buffers: a donated NaN-filled buffer of the same size first, so a skipped
     element shows up as NaN."""
@@ -97,13 +125,13 @@ def test_bias_offsets_per_example(spatial):
 
 
 @pytest.mark.parametrize("spec, spatial, launches, dw_launches", [
-    (spec_2d(32, 64), (8, 64), 2, 2), (spec_2d(32, 32, 2), (8, 128), 2, 1), (SPEC, (16, 64), 2, 1)],
+    (spec_2d(32, 64), (8, 64), 3, 2), (spec_2d(32, 32, 2), (8, 128), 2, 1), (SPEC, (16, 64), 2, 1)],
     ids=["two-groups", "dilated", "standard"])
 def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launches, dw_launches):
     """value_and_grad of a vmapped, biased `triton` layer: the forward and the input gradient on the
     2D kernel where it covers them (`launches` custom calls: for 64 outputs the forward's two output
-    groups of 32, the second an `_into` launch, while the input gradient, 64 + 64 inputs whose ring
-    and weights need 312 KB in one channel group, runs on Triton's kernel), and the weight gradient
+    groups of 32, the second an `_into` launch, and the input gradient, 64 + 64 inputs whose ring
+    and weights need 312 KB in one channel group, one launch in two channel-group passes), and the weight gradient
     (the biases' from its cotangent sums) on weight_gradient_d2.cu's in `dw_launches` (64 outputs:
     two output groups of 32 reading the cotangents in place); value and gradients (inputs, weights,
     biases) against `reference`."""
@@ -138,7 +166,8 @@ def test_triton_backend_step_on_the_2d_kernel(monkeypatch, spec, spatial, launch
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_2d_forward_under_compute_sanitizer(tool):
     """Strips of several rows (the ring slides), x windows at both ends of a row, two chunk rounds
-    a phase (32 + 32 channels), 32 outputs, dilation 8 whole rows and dilation 2 in windows."""
+    a phase (32 + 32 channels), 32 outputs, dilation 8 whole rows and dilation 2 in windows, two
+    channel-group passes (64 + 64 channels)."""
     require_compute_sanitizer()
     code = textwrap.dedent(
         """
@@ -149,7 +178,7 @@ def test_2d_forward_under_compute_sanitizer(tool):
         from test_conv_contract_cuda_d2 import spec_2d
         from kernels import cuda
         for c, o, d, spatial, strip in ((32, 32, 1, (5, 128), 3), (16, 16, 1, (4, 16), 2), (16, 32, 8, (16, 64), 1),
-                                        (32, 16, 2, (6, 64), 2), (16, 16, 2, (4, 128), 1)):
+                                        (32, 16, 2, (6, 64), 2), (16, 16, 2, (4, 128), 1), (64, 32, 1, (5, 64), 2)):
             spec = spec_2d(c, o, d)
             xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=7)
             blocks = cuda.BlockSizes(strip_rows=strip)

@@ -583,8 +583,8 @@ def twin(spec: ConvSpec, spatial, fp32: bool = False, n_groups: Optional[int] = 
 
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
     """`splits`, or only the single group where channel-group passes are off or the layer is
-    dilated or 2D (the group passes are compiled for D = 3 at dilation 1 only)."""
-    return splits(spec) if channel_groups_enabled() and dilation(spec) == 1 and spec.D == 3 else splits(spec)[:1]
+    dilated (the group passes are compiled at dilation 1 only, for D = 3 and D = 2)."""
+    return splits(spec) if channel_groups_enabled() and dilation(spec) == 1 else splits(spec)[:1]
 
 
 def groups(spec: ConvSpec, nx: int) -> Optional[int]:
