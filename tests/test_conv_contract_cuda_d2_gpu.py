@@ -89,18 +89,6 @@ def test_channel_group_passes(channels, spatial, batch, strip):
     _check(spec, spatial, batch, seed=8, strip=strip)
 
 
-def test_channel_group_passes_add_the_bias_offsets_once():
-    """Per-example offsets with two channel groups: only the first pass adds them."""
-    spec = spec_2d(64, 32)
-    xs, ws, _ = _cases.spec_operands(spec, (6, 64), 2, seed=9)
-    rng = np.random.default_rng(9)
-    offs = (jnp.asarray(rng.standard_normal((2, 32)), jnp.float32), jnp.asarray(rng.standard_normal((2, 32, 2)), jnp.float32))
-    got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(spec, x, ws, off)))(xs, offs)
-    want = _reference(xs, ws, spec)
-    assert rel_l2(got[0], want[0] + offs[0][:, :, None, None]) <= kernels.TOLERANCE["tf32"]
-    assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
-
-
 def test_outputs_are_fully_written():
     """Fresh output buffers: a donated NaN-filled buffer of the same size first, so a skipped
     element shows up as NaN."""
@@ -111,15 +99,17 @@ def test_outputs_are_fully_written():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in got)
 
 
-@pytest.mark.parametrize("spatial", [(10, 64), (6, 16)])
-def test_bias_offsets_per_example(spatial):
+@pytest.mark.parametrize("spec, spatial", [(SPEC, (10, 64)), (SPEC, (6, 16)), (spec_2d(64, 32), (6, 64))],
+                         ids=["x64", "x16", "two-channel-groups"])
+def test_bias_offsets_per_example(spec, spatial):
     """forward_call's offsets (each example its own, as the 'mean' bias gives) added in the epilogue;
-    at x 16 a CTA's 64 threads copy the 96 offsets of 32 outputs in two rounds."""
-    xs, ws, _ = _cases.spec_operands(SPEC, spatial, 3, seed=5)
+    at x 16 a CTA's 64 threads copy the 96 offsets of 32 outputs in two rounds; with two channel
+    groups only the first pass adds them."""
+    xs, ws, _ = _cases.spec_operands(spec, spatial, 3, seed=5)
     rng = np.random.default_rng(5)
     offs = (jnp.asarray(rng.standard_normal((3, 32)), jnp.float32), jnp.asarray(rng.standard_normal((3, 32, 2)), jnp.float32))
-    got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(SPEC, x, ws, off)))(xs, offs)
-    want = _reference(xs, ws, SPEC)
+    got = jax.jit(jax.vmap(lambda x, off: cuda.forward_call(spec, x, ws, off)))(xs, offs)
+    want = _reference(xs, ws, spec)
     assert rel_l2(got[0], want[0] + offs[0][:, :, None, None]) <= kernels.TOLERANCE["tf32"]
     assert rel_l2(got[1], want[1] + offs[1][:, :, None, None, :]) <= kernels.TOLERANCE["tf32"]
 
