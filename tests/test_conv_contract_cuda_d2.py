@@ -257,6 +257,7 @@ def test_emulated_channel_groups_match_reference(spatial, strip, c_in, c_out, n_
     the bias offsets and a later one adds to what the same thread stored; the sum is the float64
     `reference` plus the offsets, up to reassociation; every output float is stored once a pass."""
     monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "1")  # their defaults, pinned against a user's =0
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_2D_ENV, "1")  # opt-in until the GPU tests pass
     monkeypatch.setenv(_plan.X_WINDOWS_ENV, "1")
     spec = spec_2d(c_in, c_out)
     assert _plan.coverage(spec, spatial, np.float32)[0]
@@ -325,6 +326,16 @@ def test_coverage_of_2d_layers(monkeypatch):
     ]:
         ok, why = _plan.coverage(spec, spatial)
         assert not ok and reason in why, why
+    # channel-group passes: opt-in in 2D until their GPU tests pass (64 + 64 inputs at x 64: 341 KB in one group)
+    monkeypatch.delenv(_plan.CHANNEL_GROUPS_ENV, raising=False)
+    monkeypatch.delenv(_plan.CHANNEL_GROUPS_2D_ENV, raising=False)
+    ok, why = _plan.coverage(spec_2d(64, 32), (8, 64))
+    assert not ok and "341376 bytes" in why and f"{_plan.CHANNEL_GROUPS_2D_ENV}=1" in why, why
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_2D_ENV, "1")
+    assert _plan.coverage(spec_2d(64, 32), (8, 64))[0] and _plan.groups(spec_2d(64, 32), 64) == 2
+    assert _plan.groups(spec_2d(32, 32, 2), 64) == 1  # dilated layers: one group, as compiled
+    monkeypatch.setenv(_plan.CHANNEL_GROUPS_ENV, "0")  # the switch of every D turns them off too
+    assert not _plan.coverage(spec_2d(64, 32), (8, 64))[0]
     ok, why = _plan.fp32_coverage(SPEC, (64, 64))
     assert not ok and "compiled for D=3" in why
     monkeypatch.setenv(_plan.LAYOUT_ENV, "minor")

@@ -182,9 +182,13 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     def groups_hint(nx: int) -> str:
         if dilation(spec) != 1:
             return " (channel-group passes are compiled at dilation 1 only)"
-        if channel_groups_enabled() or all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
+        if all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
             return ""
-        return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
+        if not channel_groups_enabled():
+            return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
+        if spec.D == 2 and not channel_groups_2d_enabled():
+            return f"; channel-group passes would fit (2D: opt-in, {CHANNEL_GROUPS_2D_ENV}=1)"
+        return ""
 
     def hint(nx: int) -> str:
         if x_windows_enabled() and forward_rows_whole(nx):
@@ -583,8 +587,21 @@ def twin(spec: ConvSpec, spatial, fp32: bool = False, n_groups: Optional[int] = 
 
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
     """`splits`, or only the single group where channel-group passes are off or the layer is
-    dilated (the group passes are compiled at dilation 1 only, for D = 3 and D = 2)."""
-    return splits(spec) if channel_groups_enabled() and dilation(spec) == 1 else splits(spec)[:1]
+    dilated (the group passes are compiled at dilation 1 only, for D = 3 and D = 2; in 2D they
+    are opt-in until their GPU tests pass: `channel_groups_2d_enabled`)."""
+    on = channel_groups_enabled() and dilation(spec) == 1 and (spec.D == 3 or channel_groups_2d_enabled())
+    return splits(spec) if on else splits(spec)[:1]
+
+
+CHANNEL_GROUPS_2D_ENV = "GINJAX_CUDA_CHANNEL_GROUPS_2D"
+
+
+def channel_groups_2d_enabled() -> bool:
+    """Whether a 2D layer's forward may pass over several channel groups: off unless
+    GINJAX_CUDA_CHANNEL_GROUPS_2D="1". The kernels are built (conv_contract_d2.cu's kGroups
+    instantiations) and emulated lane by lane against `reference` on the CPU, but have not yet run
+    on a GPU (session 43; bench/NOTES.md): the 3D passes were off by default until theirs had."""
+    return env_choice(CHANNEL_GROUPS_2D_ENV, ("0", "1"), "0") == "1"
 
 
 def groups(spec: ConvSpec, nx: int) -> Optional[int]:
