@@ -158,7 +158,7 @@ class Emulator:
     channel groups (None: the kernel's choice, `_plan.groups`). A D = 2 layer's x0 (c0, ny, nx), x1
     (c1, ny, nx, 2) and results (conv_contract_d2.cu) as a grid of one z plane: one row a channel in
     each y slice, vector blocks of two components, 16 or 32 outputs (two or four n-tiles); planar,
-    one channel group, no residuals, not fp32 (what the 2D kernels are compiled for). Output
+    channel groups at dilation 1 only, no residuals, not fp32 (what the 2D kernels are compiled for). Output
     groups: the results hold `out_channels` channels per key (None: the layer's o) of which this launch writes
     `first_channel` .. + o - 1, starting from `out` (the previous group's results, aliased) or, if
     None, from fresh memory. `planar`: the vector blocks x1 and y1 lie component-planar in memory
