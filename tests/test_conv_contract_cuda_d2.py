@@ -171,6 +171,18 @@ def emulate(spec, xs, ws, strip, **kwargs):
     return emu, emu.run()
 
 
+def emulate_biased(spec, xs, ws, strip, seed, **kwargs):
+    """`emulate` with fresh bias offsets in the epilogue: (the flat offsets as the kernel reads them,
+    the emulator, its results, float64 `reference` plus the offsets)."""
+    o = spec.out_keys[0][2]
+    rng = np.random.default_rng(seed)
+    offsets = (jnp.asarray(rng.standard_normal(o), jnp.float32), jnp.asarray(rng.standard_normal((o, 2)), jnp.float32))
+    off = np.asarray(cuda_entry.flat_offsets(spec, offsets), np.float64)
+    emu, out = emulate(spec, xs, ws, strip, offsets=off, **kwargs)
+    want = reference_64(spec, xs, ws)
+    return off, emu, out, (want[0] + off[:o, None, None], want[1] + off[o:].reshape(o, 1, 1, 2))
+
+
 @pytest.mark.parametrize("spatial, strip, c_in, c_out, dilation", [
     # whole rows of 16 .. 64: odd y extents, strips that end mid-grid, a single row (its slices y - 1,
     # y, y + 1 the same row), 32 and 48 inputs (two and three chunk rounds a warp half), 16 and 32
@@ -232,14 +244,8 @@ def test_emulated_kernel_adds_the_bias_offsets(c_out):
     (64 threads) copies the 96 offsets in two rounds."""
     spec, spatial = spec_2d(16, c_out), (3, 16)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=23)
-    rng = np.random.default_rng(24)
-    offsets = (jnp.asarray(rng.standard_normal(c_out), jnp.float32),
-               jnp.asarray(rng.standard_normal((c_out, 2)), jnp.float32))
-    off = np.asarray(cuda_entry.flat_offsets(spec, offsets), np.float64)
+    off, _, (y0, y1, _), want = emulate_biased(spec, xs, ws, 2, seed=24)
     assert off.shape == (3 * c_out,)
-    _, (y0, y1, _) = emulate(spec, xs, ws, 2, offsets=off)
-    want = reference_64(spec, xs, ws)
-    want = (want[0] + off[:c_out, None, None], want[1] + off[c_out:].reshape(c_out, 1, 1, 2))
     for got, w in zip((y0, y1), want):
         assert rel_l2(got, w) <= 1e-12
 
@@ -264,15 +270,9 @@ def test_emulated_channel_groups_match_reference(spatial, strip, c_in, c_out, n_
     want_groups = n_groups or _plan.groups(spec, spatial[1])
     assert want_groups > 1 and (n_groups or _plan.window_layout(spec, spatial[1]).smem_bytes > _plan.SMEM_LIMIT)
     xs, ws, _ = _cases.spec_operands(spec, spatial, 1, seed=31 + c_in)
-    rng = np.random.default_rng(32 + c_in)
-    offsets = (jnp.asarray(rng.standard_normal(c_out), jnp.float32),
-               jnp.asarray(rng.standard_normal((c_out, 2)), jnp.float32))
-    off = np.asarray(cuda_entry.flat_offsets(spec, offsets), np.float64)
-    emu, (y0, y1, copies) = emulate(spec, xs, ws, strip, offsets=off, n_groups=n_groups)
+    _, emu, (y0, y1, copies), want = emulate_biased(spec, xs, ws, strip, seed=32 + c_in, n_groups=n_groups)
     assert emu.n_groups == want_groups and emu.lay.smem_bytes <= _plan.SMEM_LIMIT
     assert emu.lay.channels == (c_in // want_groups, c_in // want_groups)
-    want = reference_64(spec, xs, ws)
-    want = (want[0] + off[:c_out, None, None], want[1] + off[c_out:].reshape(c_out, 1, 1, 2))
     for got, w in zip((y0, y1), want):
         assert got.shape == w.shape and rel_l2(got, w) <= 1e-12
     assert all((n == want_groups).all() for n in emu.out_writes)

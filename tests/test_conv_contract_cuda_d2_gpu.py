@@ -30,6 +30,7 @@ from bench import _cases
 from _cuda_gpu import GPU_ONLY, pin_2d_kernels, require_compute_sanitizer
 from conftest import assert_sanitizer_clean, rel_l2
 from kernels import cuda
+from kernels.cuda import _plan
 from test_conv_contract_cuda_d2 import SPEC, spec_2d
 from test_conv_contract_cuda_gpu import _reference
 
@@ -82,8 +83,6 @@ def test_dilated_layers(dilation, spatial, strip):
 def test_channel_group_passes(channels, spatial, batch, strip):
     """Where one group's ring does not fit, the kernel passes over the strip once per channel group
     (the later passes adding to what the first stored); `_plan.groups` says how many."""
-    from kernels.cuda import _plan
-
     spec = spec_2d(*channels)
     assert _plan.groups(spec, spatial[1]) > 1
     _check(spec, spatial, batch, seed=8, strip=strip)

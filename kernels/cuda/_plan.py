@@ -182,13 +182,11 @@ def coverage(spec: ConvSpec, spatial, dtype=None) -> tuple[bool, str]:
     def groups_hint(nx: int) -> str:
         if dilation(spec) != 1:
             return " (channel-group passes are compiled at dilation 1 only)"
-        if all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
+        if channel_groups_on(spec) or all(layout(spec, nx, g).smem_bytes > SMEM_LIMIT for g in splits(spec)):
             return ""
         if not channel_groups_enabled():
             return f"; channel-group passes would fit (turned off by {CHANNEL_GROUPS_ENV}=0)"
-        if spec.D == 2 and not channel_groups_2d_enabled():
-            return f"; channel-group passes would fit (2D: opt-in, {CHANNEL_GROUPS_2D_ENV}=1)"
-        return ""
+        return f"; channel-group passes would fit (2D: opt-in, {CHANNEL_GROUPS_2D_ENV}=1)"
 
     def hint(nx: int) -> str:
         if x_windows_enabled() and forward_rows_whole(nx):
@@ -589,8 +587,13 @@ def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
     """`splits`, or only the single group where channel-group passes are off or the layer is
     dilated (the group passes are compiled at dilation 1 only, for D = 3 and D = 2; in 2D they
     are opt-in until their GPU tests pass: `channel_groups_2d_enabled`)."""
-    on = channel_groups_enabled() and dilation(spec) == 1 and (spec.D == 3 or channel_groups_2d_enabled())
-    return splits(spec) if on else splits(spec)[:1]
+    return splits(spec) if channel_groups_on(spec) and dilation(spec) == 1 else splits(spec)[:1]
+
+
+def channel_groups_on(spec: ConvSpec) -> bool:
+    """Whether the switches let `spec`'s forward pass over channel groups: GINJAX_CUDA_CHANNEL_GROUPS
+    for every D, and in 2D also GINJAX_CUDA_CHANNEL_GROUPS_2D (`channel_groups_2d_enabled`)."""
+    return channel_groups_enabled() and (spec.D == 3 or channel_groups_2d_enabled())
 
 
 CHANNEL_GROUPS_2D_ENV = "GINJAX_CUDA_CHANNEL_GROUPS_2D"
