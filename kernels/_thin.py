@@ -55,14 +55,19 @@ def fields(spec: ConvSpec) -> dict[str, int]:
 
 
 def thin_form(spec: ConvSpec) -> Optional[str]:
-    """The two-stage form `dense` runs `spec` in where GINJAX_DENSE_THIN="1" (`candidate_form`),
-    or None (one convolution). Off by default: on the H100 (bench.thin_spike, session 34) the two
+    """The two-stage form `dense` runs `spec` in, or None (one convolution). GINJAX_DENSE_THIN:
+    "0" (default) none; "1" `candidate_form`; "stencil-first" or "contract-first" that form for
+    every layer it can run (stride 1, no lhs dilation), wide ones included, for measuring it
+    (bench.thin_spike --layers). Off by default: on the H100 (bench.thin_spike, session 34) the two
     stages lost to one convolution in five of the six rows of the benchmarked thin layers (the
     first layer's fwd 2.44 against 0.91 ms, fwd_bwd 7.29 against 4.05; the last's fwd_bwd 4.58
     against 4.69, its one win), and Triton's kernels beat both in fwd_bwd (3.27 and 3.39)."""
-    if env_choice(THIN_ENV, ("0", "1"), "0") == "0":
+    choice = env_choice(THIN_ENV, ("0", "1") + FORMS, "0")
+    if choice == "0":
         return None
-    return candidate_form(spec)
+    if choice == "1":
+        return candidate_form(spec)
+    return choice if spec.pairs and spec.is_default_stride else None
 
 
 def candidate_form(spec: ConvSpec) -> Optional[str]:
@@ -81,7 +86,8 @@ def describe(spec: ConvSpec) -> str:
     if form is None:
         return ""
     n = fields(spec)[form]
-    return (f"thin layer in two stages, {form} ({n} intermediate floats a pixel against {spec.cin} in, "
+    kind = "thin layer" if candidate_form(spec) == form else f"layer ({THIN_ENV}={form})"
+    return (f"{kind} in two stages, {form} ({n} intermediate floats a pixel against {spec.cin} in, "
             f"{spec.cout} out; {THIN_ENV}=0: one convolution)")
 
 

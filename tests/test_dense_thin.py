@@ -58,6 +58,19 @@ def test_the_first_and_last_layers_take_the_forms_and_the_hidden_one_does_not(mo
         _thin.thin_form(first)
 
 
+@pytest.mark.parametrize("form", _thin.FORMS)
+def test_a_named_form_runs_every_stride_one_layer(form, monkeypatch):
+    """GINJAX_DENSE_THIN=<form>: that form for wide layers too (for timing them: bench.thin_spike
+    --layers), the thin ones included; strided and transposed layers keep their own rewrites."""
+    monkeypatch.setenv(_thin.THIN_ENV, form)
+    wide, first = layer(SPEC2, 32, 32), layer(SPEC3, 2, 16)
+    assert _thin.candidate_form(wide) is None
+    assert _thin.thin_form(wide) == form and _thin.thin_form(first) == form
+    assert f"layer ({_thin.THIN_ENV}={form}) in two stages, {form}" in describe_dense(wide, (8, 8))
+    assert _thin.thin_form(dataclasses.replace(first, stride=(2, 2, 2))) is None
+    assert _thin.thin_form(dataclasses.replace(first, lhs_dilation=(2, 2, 2))) is None
+
+
 def test_an_unknown_form_is_refused():
     with pytest.raises(ValueError, match=r"`form` \(='gemm'\) must be one of"):
         _thin.conv_contract_thin(SPEC3, [], [], "fp32", jnp.float32, "gemm")
@@ -81,7 +94,30 @@ def test_thin_forms_match_reference_with_gradients(name, base, cin, cout, geomet
     monkeypatch.setenv(_thin.THIN_ENV, "1")
     spec = layer(base, cin, cout, **geometry)
     assert _thin.thin_form(spec) == ("stencil-first" if cin < cout else "contract-first")
-    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=len(name))
+    assert_matches_reference_with_gradients(spec, spatial, seed=len(name))
+
+
+WIDE_CASES = [
+    ("D = 2, torus", SPEC2, 8, 12, {}, (6, 7)),
+    ("D = 3, dilation 2", SPEC3, 6, 4, {"rhs_dilation": (2, 2, 2), "torus_pad": ((2, 2),) * 3}, (5, 4, 6)),
+]
+
+
+@pytest.mark.parametrize("form", _thin.FORMS)
+@pytest.mark.parametrize("name, base, cin, cout, geometry, spatial", WIDE_CASES, ids=[c[0] for c in WIDE_CASES])
+def test_named_forms_on_wide_layers_match_reference_with_gradients(name, base, cin, cout, geometry, spatial, form,
+                                                                   monkeypatch):
+    """Layers with as many channels on both sides (no thin side) in a form named by the switch."""
+    monkeypatch.setenv(_thin.THIN_ENV, form)
+    spec = layer(base, cin, cout, **geometry)
+    assert _thin.candidate_form(spec) is None and _thin.thin_form(spec) == form
+    assert_matches_reference_with_gradients(spec, spatial, seed=len(name) + len(form))
+
+
+def assert_matches_reference_with_gradients(spec, spatial, seed: int):
+    """dense (in whatever form the switch makes) against `reference`: the values and the gradients
+    of a random linear loss in the inputs and the weights, vmapped over a batch of 2, at fp32."""
+    xs, ws, cots = _cases.spec_operands(spec, spatial, 2, seed=seed)
 
     def loss(backend):
         def f(xs, ws):
@@ -174,3 +210,17 @@ def test_the_thin_spike_times_each_way_and_restores_the_switch(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         thin_spike.main([str(tmp_path), "--variants", "cudnn"])
     assert "--variants (='cudnn') must be a comma-separated subset" in capsys.readouterr().err
+    # a wide 2D layer (--dims, --layers) in both named forms and one convolution
+    with jax.default_matmul_precision("highest"):
+        rc = thin_spike.main([str(tmp_path), "--dims", "2", "--spatial", "6", "--batch", "2", "--layers", "w=8:8",
+                              "--variants", "dense-stencil-first,dense-contract-first,dense-one-conv", "--modes", "fwd"])
+    rows = json.loads((tmp_path / "thin_spike.json").read_text())
+    assert rc == 0 and rows["spatial"] == [6, 6] and sorted(rows["stages"]) == [
+        "w/dense-contract-first/fwd", "w/dense-one-conv/fwd", "w/dense-stencil-first/fwd"]
+    assert [rows["stages"][f"w/dense-{f}/fwd"]["form"] for f in _thin.FORMS] == list(_thin.FORMS)
+    assert max(r["rel_l2"] for r in rows["stages"].values()) <= kernels.TOLERANCE["fp32"]
+    assert os.environ[_thin.THIN_ENV] == "1"
+    for bad in ("w=8", "w=0:8", "=8:8", ""):
+        with pytest.raises(SystemExit):
+            thin_spike.main([str(tmp_path), "--layers", bad])
+        assert "`--layers`" in capsys.readouterr().err
