@@ -100,9 +100,6 @@ def select_rows(uses, row_lengths: tuple[int, ...], thin_only: bool = False) -> 
 
 
 OPERAND_LAYOUTS = ("row-major", "auto", "fused-auto")
-# backends made of XLA's own convolutions and GEMMs: compiled one at a time, not beside others
-# (XLA autotunes them on the GPU, and autotuning next to other work could pick a slower algorithm)
-AUTOTUNED_ALONE = ("dense", "factorised")
 
 
 def layouts_for(choice: str, backend: str) -> str:
@@ -110,7 +107,7 @@ def layouts_for(choice: str, backend: str) -> str:
     if choice not in OPERAND_LAYOUTS:
         raise ValueError(f"`--operand-layouts` (={choice!r}) must be one of {OPERAND_LAYOUTS}")
     if choice == "fused-auto":
-        return "row-major" if backend in AUTOTUNED_ALONE + ("reference",) else "auto"
+        return "row-major" if backend in ("dense", "reference") else "auto"
     return choice
 
 
@@ -244,10 +241,11 @@ def measure_all(uses, backends, args, table: dict, table_path, log: list, worker
                 break
             batch = todo[i : i + chunk]
             if pool:
-                # dense and factorised compile here, alone (AUTOTUNED_ALONE)
-                futures = [pool.submit(_compile, c) for c in batch if c.backend not in AUTOTUNED_ALONE]
+                # dense compiles here, alone: XLA autotunes its convolutions on the GPU, and
+                # autotuning next to other autotuning could pick a slower algorithm than the model gets
+                futures = [pool.submit(_compile, c) for c in batch if c.backend != "dense"]
                 for c in batch:
-                    if c.backend in AUTOTUNED_ALONE:
+                    if c.backend == "dense":
                         _compile(c)
                 concurrent.futures.wait(futures)
             else:

@@ -8,8 +8,7 @@ invariant filter bases of every (input key, output key) pair, padding, stride an
 (o_b, c_a, n_filters) coefficient arrays. Batch with jax.vmap. This package never imports ginjax.
 
 Backends: `reference` (ginjax 0.1.8's per-pair algorithm, the oracle), `dense` (one convolution),
-`factorised` (two lax stages: a convolution with the filter bases and the channel GEMMs), and the
-fused GPU kernels `triton` and `pallas` when they can run. See `explain` for which one runs.
+and the fused GPU kernels `triton` and `pallas` when they can run. See `explain` for which one runs.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from . import _registry, _thin
+from . import _registry
 from ._bias import check_bias, check_given_means
 from ._precision import MODES, TOLERANCE, resolve_precision
 from ._registry import (
@@ -87,18 +86,6 @@ register_backend(
         _covers_all,
         priority={"cpu": 10, "gpu": 10, "tpu": 10},
         describe=describe_dense,
-    )
-)
-# dense's two-stage form for every stride-1 layer: below dense's priority, so `auto` takes it only
-# where a measured table puts it first (wide layers on small grids)
-register_backend(
-    Backend(
-        "factorised",
-        _thin.conv_contract_factorised,
-        _always,
-        _thin.covers_factorised,
-        priority={"gpu": 5},
-        describe=_thin.describe_factorised,
     )
 )
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ._env import env_choice
 from ._fused.basis import pair_basis
-from ._lax_common import compute_dtype, conv_channels_last, wrap_pad
+from ._lax_common import conv_channels_last, wrap_pad
 from ._precision import lax_operands
 from ._spec import ConvSpec
 
@@ -79,39 +79,6 @@ def candidate_form(spec: ConvSpec) -> Optional[str]:
         return None
     size, form = min((n, f) for f, n in fields(spec).items())
     return form if size <= THIN_RATIO * (spec.cin + spec.cout) else None
-
-
-def factorised_form(spec: ConvSpec) -> str:
-    """The form of the `factorised` backend: the smaller intermediate (stencil first on a tie)."""
-    z = fields(spec)
-    return "stencil-first" if z["stencil-first"] <= z["contract-first"] else "contract-first"
-
-
-def covers_factorised(spec: ConvSpec, spatial, dtype) -> tuple[bool, str]:
-    """The `factorised` backend's coverage: stride 1 without lhs dilation (the strided and
-    transposed layers have `dense`'s own rewrites, kernels/_resample.py)."""
-    if not spec.pairs:
-        return False, "the layer has no (input key, output key) pair"
-    if not spec.is_default_stride:
-        return False, f"stride {spec.stride} / lhs dilation {spec.lhs_dilation}: only stride-1 layers run in two stages"
-    return True, "every stride-1 layer"
-
-
-def conv_contract_factorised(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
-                             mode: str) -> tuple[jax.Array, ...]:
-    """The `factorised` backend: the layer in two lax stages, in `factorised_form`, whatever its
-    shape. For wide layers on small grids, where one convolution's channel GEMM (Cin x Cout x taps
-    MACs a pixel) is the cost: the factorised form has 4.3x (D = 2) or 10.8x (D = 3) fewer MACs
-    on the standard bases, for an intermediate of ~3x the layer's I/O floats, written and read once.
-    `auto` takes it where measured faster (kernels/measured/)."""
-    dtype = compute_dtype(*inputs, *weights)
-    return conv_contract_thin(spec, inputs, weights, mode, dtype, factorised_form(spec))
-
-
-def describe_factorised(spec: ConvSpec, spatial) -> str:
-    form = factorised_form(spec)
-    return (f"two lax stages, {form} ({fields(spec)[form]} intermediate floats a pixel against {spec.cin} in, "
-            f"{spec.cout} out)")
 
 
 def describe(spec: ConvSpec) -> str:

@@ -24,7 +24,7 @@ from conftest import (
     rel_l2,
 )
 
-LAX_BACKENDS = ["reference", "dense", "factorised"]
+LAX_BACKENDS = ["reference", "dense"]
 
 
 # ---- hypothesis: dense against reference --------------------------------------------------------

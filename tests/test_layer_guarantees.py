@@ -21,7 +21,7 @@ from conftest import filter_bank, rel_l2
 D = 2
 KEY = jax.random.PRNGKey(3)
 SIG = geom.Signature((((0, 0), 2), ((1, 0), 1)))
-LAX_BACKENDS = ["reference", "dense", "factorised"]
+LAX_BACKENDS = ["reference", "dense"]
 
 
 def _filters(M=3, ks=(0, 1, 2)):
