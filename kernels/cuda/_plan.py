@@ -601,9 +601,12 @@ CHANNEL_GROUPS_2D_ENV = "GINJAX_CUDA_CHANNEL_GROUPS_2D"
 
 def channel_groups_2d_enabled() -> bool:
     """Whether a 2D layer's forward may pass over several channel groups: off unless
-    GINJAX_CUDA_CHANNEL_GROUPS_2D="1". The kernels are built (conv_contract_d2.cu's kGroups
-    instantiations) and emulated lane by lane against `reference` on the CPU, but have not yet run
-    on a GPU (session 43; bench/NOTES.md): the 3D passes were off by default until theirs had."""
+    GINJAX_CUDA_CHANNEL_GROUPS_2D="1". Correct on the GPU (session 44's GPU tests), but slower than
+    the default path on five of the 2D UNet's six layers that take them on an H100 (64 + 64 at 128^2
+    1.66 against 1.59 ms fwd_bwd, 128 + 128 at 64^2 1.88 against 1.68; bench/NOTES.md, "Session 44"):
+    at 64^2 and 128^2 the grids give a few hundred CTAs of short strips, and each pass past the first
+    rereads and rewrites the outputs. Only the 64 + 64 -> 32 + 32 layer at 256^2 gained (2.82 against
+    3.06 ms)."""
     return env_choice(CHANNEL_GROUPS_2D_ENV, ("0", "1"), "0") == "1"
 
 
