@@ -61,6 +61,10 @@ def parse_args(argv) -> argparse.Namespace:
                    help="the timed layer's arguments and results: row-major (default), auto (XLA picks them, every "
                         "backend), or fused-auto (the fused backends with XLA's picks, as inside a model where their "
                         "neighbours take their block layout; dense row-major)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="measure new rows on fewer backends than another table of this compute capability has for "
+                        "them (refused otherwise: the new row would hide that table's row, so `auto` would rank the "
+                        "layer without the backends left out)")
     p.add_argument("--only-unmeasured", action="store_true",
                    help="skip the cases the table already holds (configuration, batch, mode and backend): "
                         "a budgeted run measures the costliest first, so its cheap tail is measured by a second run")
@@ -123,6 +127,29 @@ def candidates(value: str) -> tuple[str, ...]:
         plat = _registry.platform()
         names = ("dense",) + tuple(b for b in kernels.available_backends() if plat in _registry.get(b).priority)
     return ("dense",) + tuple(n for n in names if n != "dense")  # the baseline first
+
+
+def hidden_backends(uses, backends, table: dict, device_kind: str, capability: str) -> dict[str, tuple[str, list]]:
+    """{signature: (other device kind, backends)} for the configurations this device's `table` has no row for
+    while another table of its compute `capability` has one with backends outside `backends`: a row measured
+    now would replace that row in `auto`'s merged table (`_measured.device_table`), those backends with it."""
+    from kernels import _measured
+
+    hidden = {}
+    others = [k for k in (_measured.kinds_of_capability().get(capability, ()) if capability else ()) if k != device_kind]
+    for use in uses:
+        if use.signature in table.get("exact", {}):
+            continue
+        for kind in others:
+            row = ((_measured.load(kind) or {}).get("exact") or {}).get(use.signature)
+            if row is None:
+                continue
+            measured = {b for batch in row.get("batches", {}).values() for mode in _measured.MODES
+                        for b in (batch.get(mode) or {})}
+            if missing := sorted(measured - set(backends)):
+                hidden[use.signature] = (kind, missing)
+            break  # the first table with a row is the one the new row would hide
+    return hidden
 
 
 def load_table(path: pathlib.Path, device_kind: str, capability: str = "") -> dict:
@@ -342,6 +369,14 @@ def main(argv=None) -> int:
         return 2
     table_path = pathlib.Path(args.table) if args.table else _measured._DIR / f"{info['device_slug']}.json"
     table = load_table(table_path, info["device_kind"], info.get("compute_capability", ""))
+    hidden = hidden_backends(uses, backends, table, info["device_kind"], info.get("compute_capability", ""))
+    if hidden and not args.allow_partial:
+        shown = "; ".join(f"{sig} ({kind}: {', '.join(names)})" for sig, (kind, names) in list(hidden.items())[:4])
+        print(f"error: --backends (={','.join(backends)}) leaves out backends that another table of compute capability "
+              f"{info.get('compute_capability')} measured for {len(hidden)} of these configurations, e.g. {shown}. "
+              f"This device's new rows would hide those rows and `auto` would rank the layers without them: add them "
+              f"to --backends, or pass --allow-partial", file=sys.stderr)
+        return 2
     commit = _suite.resolve_commit(args.commit)
     layouts = "" if args.operand_layouts == "row-major" else f" --operand-layouts {args.operand_layouts}"
     layouts += f" --row-lengths {','.join(map(str, args.row_lengths))}" if args.row_lengths else ""

@@ -538,3 +538,29 @@ def test_the_stand_in_of_a_capability_is_its_fullest_table(tmp_path, monkeypatch
     finally:
         monkeypatch.undo()
         _measured.kinds_of_capability.cache_clear()
+
+
+def test_measure_auto_refuses_new_rows_that_would_hide_another_tables_backends(monkeypatch):
+    """A row measured on fewer backends than the stand-in table of the same compute capability has
+    for that configuration would replace the stand-in's row in `auto`'s merged table: on an H100,
+    `--backends factorised` (with dense) over the 3D UNet's layers hid the H200 rows' `triton` and the
+    step ran at dense's speed (bench/NOTES.md, "Session 44"). hidden_backends names such rows."""
+    from types import SimpleNamespace
+
+    from bench import measure_auto
+    from kernels import _measured
+
+    stand_in = {"exact": {"A": {"batches": {"4": {"fwd_bwd": {"dense": 1.0, "triton": 0.5}}}},
+                          "B": {"batches": {"4": {"fwd": {"dense": 1.0}}}}}}
+    monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.0": ("H200", "H100")})
+    monkeypatch.setattr(_measured, "load", lambda kind: stand_in if kind == "H200" else None)
+    uses = [SimpleNamespace(signature=s) for s in ("A", "B", "C")]
+    own = {"exact": {}}
+    assert measure_auto.hidden_backends(uses, ("dense", "factorised"), own, "H100", "9.0") == {"A": ("H200", ["triton"])}
+    assert measure_auto.hidden_backends(uses, ("dense", "triton"), own, "H100", "9.0") == {}
+    # a row this device already has is not new: measuring more backends into it hides nothing
+    assert measure_auto.hidden_backends(uses, ("dense",), {"exact": {"A": {}}}, "H100", "9.0") == {}
+    # no other table of the capability, or none given
+    assert measure_auto.hidden_backends(uses, ("dense",), own, "H100", "8.0") == {}
+    assert measure_auto.hidden_backends(uses, ("dense",), own, "H100", "") == {}
+    assert measure_auto.parse_args(["--allow-partial", "--list"]).allow_partial
