@@ -13,7 +13,8 @@ the next stage runs).
 Wide layers too: `--dims 2 --spatial 32 --batch 8 --layers w256=256:256 --variants
 dense-one-conv,dense-stencil-first,dense-contract-first,triton` times the two-stage forms where
 the channel GEMM dominates (the factorised form has 4.3x (2D) or 10.8x (3D) fewer MACs than one
-convolution, for an intermediate of ~3x the layer's I/O floats).
+convolution, for an intermediate of ~3x the layer's I/O floats). On an H100 both forms lost to one
+convolution on every wide layer of the UNets (bench/NOTES.md, "Session 44").
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ VARIANTS = {
 MODES = ("fwd", "fwd_bwd", "dw")
 
 
-BASE_CONFIGS = {2: "d2_n256_b16_c32", 3: "d3_n64_b4_c16"}  # dims -> the standard layer whose keys and bases
+BASE_CONFIGS = {2: "d2_n256_b16_c32", 3: "d3_n64_b4_c16"}  # dims -> the standard layer giving keys and bases
 
 
 def thin_layer(cin: int, cout: int, dims: int = 3) -> kernels.ConvSpec:
