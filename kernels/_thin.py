@@ -62,7 +62,7 @@ def thin_form(spec: ConvSpec) -> Optional[str]:
     stages lost to one convolution in five of the six rows of the benchmarked thin layers (the
     first layer's fwd 2.44 against 0.91 ms, fwd_bwd 7.29 against 4.05; the last's fwd_bwd 4.58
     against 4.69, its one win), and Triton's kernels beat both in fwd_bwd (3.27 and 3.39). Named
-    forms on the UNets' wide layers lost too (session 44: 1.1-6.4x `dense`'s fwd_bwd)."""
+    forms on the UNets' wide layers lost too (session 44: 1.3-6.4x `dense`'s fwd_bwd)."""
     choice = env_choice(THIN_ENV, ("0", "1") + FORMS, "0")
     if choice == "0":
         return None
