@@ -41,6 +41,7 @@ VARIANTS = {
     # a form whatever the layer's shape (wide layers included)
     "dense-stencil-first": ("dense", {_thin.THIN_ENV: "stencil-first"}),
     "dense-contract-first": ("dense", {_thin.THIN_ENV: "contract-first"}),
+    "dense-grouped-stencil-first": ("dense", {_thin.THIN_ENV: _thin.GROUPED}),
     "triton": ("triton", {_cuda_padding.PAD_CHANNELS_ENV: "0"}),
     # the CUDA kernels with zero channels where they are built and run (else Triton's again)
     "cuda-padded": ("triton", {_cuda_padding.PAD_CHANNELS_ENV: "1"}),

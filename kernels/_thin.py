@@ -40,6 +40,9 @@ THIN_RATIO = 1.5
 WIDE = 32  # channels (Cin or Cout) the wide side needs: narrower layers stay one convolution
 THIN_ENV = "GINJAX_DENSE_THIN"
 FORMS = ("stencil-first", "contract-first")
+# a form only by name (GINJAX_DENSE_THIN): stencil first, the convolution grouped by channel (`_grouped_stencil_first`)
+GROUPED = "grouped-stencil-first"
+NAMED_FORMS = FORMS + (GROUPED,)
 
 
 def fields(spec: ConvSpec) -> dict[str, int]:
@@ -56,14 +59,13 @@ def fields(spec: ConvSpec) -> dict[str, int]:
 
 def thin_form(spec: ConvSpec) -> Optional[str]:
     """The two-stage form `dense` runs `spec` in, or None (one convolution). GINJAX_DENSE_THIN:
-    "0" (default) none; "1" `candidate_form`; "stencil-first" or "contract-first" that form for
-    every layer it can run (stride 1, no lhs dilation), wide ones included, for measuring it
+    "0" (default) none; "1" `candidate_form`; one of NAMED_FORMS: that form for every layer it can run (stride 1, no lhs dilation), wide ones included, for measuring it
     (bench.thin_spike --layers). Off by default: on the H100 (bench.thin_spike, session 34) the two
     stages lost to one convolution in five of the six rows of the benchmarked thin layers (the
     first layer's fwd 2.44 against 0.91 ms, fwd_bwd 7.29 against 4.05; the last's fwd_bwd 4.58
     against 4.69, its one win), and Triton's kernels beat both in fwd_bwd (3.27 and 3.39). Named
     forms on the UNets' wide layers lost too (session 44: 1.3-6.4x `dense`'s fwd_bwd)."""
-    choice = env_choice(THIN_ENV, ("0", "1") + FORMS, "0")
+    choice = env_choice(THIN_ENV, ("0", "1") + NAMED_FORMS, "0")
     if choice == "0":
         return None
     if choice == "1":
@@ -86,7 +88,7 @@ def describe(spec: ConvSpec) -> str:
     form = thin_form(spec)
     if form is None:
         return ""
-    n = fields(spec)[form]
+    n = fields(spec)["stencil-first" if form == GROUPED else form]
     kind = "thin layer" if candidate_form(spec) == form else f"layer ({THIN_ENV}={form})"
     return (f"{kind} in two stages, {form} ({n} intermediate floats a pixel against {spec.cin} in, "
             f"{spec.cout} out; {THIN_ENV}=0: one convolution)")
@@ -99,10 +101,10 @@ def _basis(spec: ConvSpec, t: int, dtype) -> jax.Array:
 
 def conv_contract_thin(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str,
                        dtype, form: str) -> tuple[jax.Array, ...]:
-    """The layer on unbatched blocks (c_a, *spatial, *i) in `form` (one of FORMS)."""
-    if form not in FORMS:
-        raise ValueError(f"`form` (={form!r}) must be one of {FORMS}")
-    run = _stencil_first if form == "stencil-first" else _contract_first
+    """The layer on unbatched blocks (c_a, *spatial, *i) in `form` (one of NAMED_FORMS)."""
+    if form not in NAMED_FORMS:
+        raise ValueError(f"`form` (={form!r}) must be one of {NAMED_FORMS}")
+    run = {"stencil-first": _stencil_first, "contract-first": _contract_first, GROUPED: _grouped_stencil_first}[form]
     outs = run(spec, [x.astype(dtype) for x in inputs], [w.astype(dtype) for w in weights], mode, dtype)
     D = spec.D
     spatial = spec.out_spatial(tuple(inputs[0].shape[1 : 1 + D]))
@@ -127,6 +129,37 @@ def _stencil_first(spec, inputs, weights, mode, dtype) -> list:
         z = z.reshape(z.shape[:-1] + (n_f, n_j))
         precision, (z, w) = lax_operands(mode, z, weights[t])
         y = jnp.einsum("c...fj,ocf->o...j", z, w, precision=precision, preferred_element_type=dtype)
+        y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
+        outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
+    return outs
+
+
+def _grouped_stencil_first(spec, inputs, weights, mode, dtype) -> list:
+    """Stencil first without transposes of Z: each input block channels last, (1, *spatial, c I);
+    per pair and output component j, one convolution grouped by channel (c groups of I inputs, F
+    outputs each, the basis' column j in every group), whose output (1, *out, c F) is the GEMM's
+    left operand with K = (c, f) contiguous, and one GEMM with the weights as (c F, o). (`_stencil_first`
+    puts c in the convolution's batch and K's two axes apart, so XLA transposes Z for the GEMM:
+    session 44 measured that form 1.3-6.4x `dense` on the UNets' wide layers.)"""
+    D, taps = spec.D, spec.filter_shape
+    lasts = []
+    for x in inputs:  # (c, *spatial, *i) -> (1, *spatial, c i)
+        x = jnp.moveaxis(x.reshape(x.shape[: 1 + D] + (-1,)), 0, D)
+        lasts.append(wrap_pad(x.reshape(x.shape[:D] + (-1,))[None], spec, lead=1))
+    outs: list = [None] * len(spec.out_keys)
+    for t, p in enumerate(spec.pairs):
+        basis = _basis(spec, t, dtype)  # (taps, I, F, J)
+        n_i, n_f, n_j = basis.shape[1:]
+        c, o = spec.in_keys[p.in_index][2], spec.out_keys[p.out_index][2]
+        w = jnp.transpose(weights[t], (1, 2, 0)).reshape(c * n_f, o)  # (c f, o)
+        ys = []
+        for j in range(n_j):
+            filt = jnp.tile(basis[..., j], (1, 1, c)).reshape(taps + (n_i, c * n_f))
+            precision, (xs, filt) = lax_operands(mode, lasts[p.in_index], filt)
+            z = conv_channels_last(xs, filt, spec, precision, feature_group_count=c, out_dtype=dtype)[0]
+            precision, (z, wj) = lax_operands(mode, z, w)
+            ys.append(jnp.einsum("...k,ko->o...", z, wj, precision=precision, preferred_element_type=dtype))
+        y = jnp.stack(ys, axis=-1)  # (o, *out, J)
         y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
         outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
     return outs

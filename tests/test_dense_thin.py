@@ -58,7 +58,7 @@ def test_the_first_and_last_layers_take_the_forms_and_the_hidden_one_does_not(mo
         _thin.thin_form(first)
 
 
-@pytest.mark.parametrize("form", _thin.FORMS)
+@pytest.mark.parametrize("form", _thin.NAMED_FORMS)
 def test_a_named_form_runs_every_stride_one_layer(form, monkeypatch):
     """GINJAX_DENSE_THIN=<form>: that form for wide layers too (for timing them: bench.thin_spike
     --layers), the thin ones included; strided and transposed layers keep their own rewrites."""
@@ -103,7 +103,7 @@ WIDE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", _thin.FORMS)
+@pytest.mark.parametrize("form", _thin.NAMED_FORMS)
 @pytest.mark.parametrize("name, base, cin, cout, geometry, spatial", WIDE_CASES, ids=[c[0] for c in WIDE_CASES])
 def test_named_forms_on_wide_layers_match_reference_with_gradients(name, base, cin, cout, geometry, spatial, form,
                                                                    monkeypatch):
@@ -213,11 +213,12 @@ def test_the_thin_spike_times_each_way_and_restores_the_switch(tmp_path, monkeyp
     # a wide 2D layer (--dims, --layers) in both named forms and one convolution
     with jax.default_matmul_precision("highest"):
         rc = thin_spike.main([str(tmp_path), "--dims", "2", "--spatial", "6", "--batch", "2", "--layers", "w=8:8",
-                              "--variants", "dense-stencil-first,dense-contract-first,dense-one-conv", "--modes", "fwd"])
+                              "--variants", ",".join(f"dense-{f}" for f in _thin.NAMED_FORMS) + ",dense-one-conv",
+                              "--modes", "fwd"])
     rows = json.loads((tmp_path / "thin_spike.json").read_text())
-    assert rc == 0 and rows["spatial"] == [6, 6] and sorted(rows["stages"]) == [
-        "w/dense-contract-first/fwd", "w/dense-one-conv/fwd", "w/dense-stencil-first/fwd"]
-    assert [rows["stages"][f"w/dense-{f}/fwd"]["form"] for f in _thin.FORMS] == list(_thin.FORMS)
+    assert rc == 0 and rows["spatial"] == [6, 6] and sorted(rows["stages"]) == sorted(
+        [f"w/dense-{f}/fwd" for f in _thin.NAMED_FORMS] + ["w/dense-one-conv/fwd"])
+    assert [rows["stages"][f"w/dense-{f}/fwd"]["form"] for f in _thin.NAMED_FORMS] == list(_thin.NAMED_FORMS)
     assert max(r["rel_l2"] for r in rows["stages"].values()) <= kernels.TOLERANCE["fp32"]
     assert os.environ[_thin.THIN_ENV] == "1"
     for bad in ("w=8", "w=0:8", "=8:8", ""):
