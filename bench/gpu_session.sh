@@ -139,7 +139,7 @@ for stage in ${STAGES:-sweep profile pallas}; do
       timeout "${T_MEASURE_AUTO:-240}" python3 -u -m bench measure-auto --configs "${MEASURE_CONFIGS:-${AUTO_CONFIGS:-auto-models}}" \
         --time-budget "$(( ${T_MEASURE_AUTO:-240} - 45 ))" --out "$OUT/measure-auto" \
         --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" ${MEASURE_ARGS:-} > "$OUT/measure-auto/log.txt" 2>&1
-      rc=$?; sed -n '/^per step, the ConvContract/,$p' "$OUT/measure-auto/log.txt"; (exit $rc) ;;
+      rc=$?; grep -E "^error:" "$OUT/measure-auto/log.txt"; sed -n '/^per step, the ConvContract/,$p' "$OUT/measure-auto/log.txt"; (exit $rc) ;;
     auto-check)
       timeout "${T_AUTO_CHECK:-400}" python3 -u -m bench --configs "${AUTO_CONFIGS:-auto-models}" --backends auto,dense --modes step \
         --no-check --max-time 0.5 --min-rounds 3 --out "$OUT/auto-check" --time-budget "$(( ${T_AUTO_CHECK:-400} - 40 ))" \
