@@ -21,6 +21,11 @@ reduce over the pixels. The intermediate (Z or V) has `fields` floats a pixel, w
 read once (twice under differentiation): the form is taken only where that is at most THIN_RATIO
 times the layer's own channels in and out, i.e. where it costs about as much HBM traffic as
 reading the input and writing the output once more.
+
+By name (GINJAX_DENSE_THIN=<form>, for timing: bench.thin_spike --layers) a form runs any stride-1
+layer, wide ones included, and a third form is there: stencil first with the convolution grouped
+by channel (`_grouped_stencil_first`), which leaves Z as the GEMM reads it. On the UNets' wide
+layers the two forms lost to one convolution by 1.3-6.4x (session 44); the grouped one is untimed.
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ def fields(spec: ConvSpec) -> dict[str, int]:
 
 def thin_form(spec: ConvSpec) -> Optional[str]:
     """The two-stage form `dense` runs `spec` in, or None (one convolution). GINJAX_DENSE_THIN:
-    "0" (default) none; "1" `candidate_form`; one of NAMED_FORMS: that form for every layer it can run (stride 1, no lhs dilation), wide ones included, for measuring it
-    (bench.thin_spike --layers). Off by default: on the H100 (bench.thin_spike, session 34) the two
+    "0" (default) none; "1" `candidate_form`; one of NAMED_FORMS: that form for every layer it can
+    run (stride 1, no lhs dilation), wide ones included, for measuring it (bench.thin_spike
+    --layers). Off by default: on the H100 (bench.thin_spike, session 34) the two
     stages lost to one convolution in five of the six rows of the benchmarked thin layers (the
     first layer's fwd 2.44 against 0.91 ms, fwd_bwd 7.29 against 4.05; the last's fwd_bwd 4.58
     against 4.69, its one win), and Triton's kernels beat both in fwd_bwd (3.27 and 3.39). Named
@@ -158,8 +164,8 @@ def _grouped_stencil_first(spec, inputs, weights, mode, dtype) -> list:
             precision, (xs, filt) = lax_operands(mode, lasts[p.in_index], filt)
             z = conv_channels_last(xs, filt, spec, precision, feature_group_count=c, out_dtype=dtype)[0]
             precision, (z, wj) = lax_operands(mode, z, w)
-            ys.append(jnp.einsum("...k,ko->o...", z, wj, precision=precision, preferred_element_type=dtype))
-        y = jnp.stack(ys, axis=-1)  # (o, *out, J)
+            ys.append(jnp.einsum("...k,ko->...o", z, wj, precision=precision, preferred_element_type=dtype))
+        y = jnp.moveaxis(jnp.stack(ys, axis=-1), D, 0)  # (*out, o, J) -> (o, *out, J): one transpose a pair
         y = y.reshape(y.shape[: 1 + D] + (D,) * spec.out_keys[p.out_index][0])
         outs[p.out_index] = y if outs[p.out_index] is None else outs[p.out_index] + y
     return outs
