@@ -130,25 +130,26 @@ def candidates(value: str) -> tuple[str, ...]:
 
 
 def hidden_backends(uses, backends, table: dict, device_kind: str, capability: str) -> dict[str, tuple[str, list]]:
-    """{signature: (other device kind, backends)} for the configurations this device's `table` has no row for
-    while another table of its compute `capability` has one with backends outside `backends`: a row measured
-    now would replace that row in `auto`'s merged table (`_measured.device_table`), those backends with it."""
+    """{signature: (other device kind, backends)} for the configurations (at their batch) this device's
+    `table` has not measured while another table of its compute `capability` has, with backends outside
+    `backends`: a sample measured now would replace that one in `auto`'s merged table
+    (`_measured.device_table`, batch by batch), those backends with it."""
     from kernels import _measured
 
     hidden = {}
     others = [k for k in (_measured.kinds_of_capability().get(capability, ()) if capability else ()) if k != device_kind]
     for use in uses:
-        if use.signature in table.get("exact", {}):
+        if str(use.batch) in table.get("exact", {}).get(use.signature, {}).get("batches", {}):
             continue
         for kind in others:
-            row = ((_measured.load(kind) or {}).get("exact") or {}).get(use.signature)
-            if row is None:
+            row = ((_measured.load(kind) or {}).get("exact") or {}).get(use.signature, {})
+            sample = row.get("batches", {}).get(str(use.batch))
+            if sample is None:
                 continue
-            measured = {b for batch in row.get("batches", {}).values() for mode in _measured.MODES
-                        for b in (batch.get(mode) or {})}
+            measured = {b for mode in _measured.MODES for b in (sample.get(mode) or {})}
             if missing := sorted(measured - set(backends)):
                 hidden[use.signature] = (kind, missing)
-            break  # the first table with a row is the one the new row would hide
+            break  # the first table with the sample is the one the new one would hide
     return hidden
 
 

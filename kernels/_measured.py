@@ -48,10 +48,12 @@ way, but the other choice is far worse: with no table, the backends' priorities 
 the UNet d3_n64_b4 step then ran its 16^3 layers (64 + 64 channels) on the CUDA kernels, 13.5 ms
 of a 44.9 ms step (bench/NOTES.md, session 32), where the H200's table keeps them on dense.
 No table of the device or of its capability: {} and the priorities decide. A device's own table
-goes over the stand-in row by row (`device_table`): its `exact` and `configs` rows replace the
-stand-in's of the same signature or name, and the stand-in's other rows stay, so a device can
-measure the configurations where the stand-in is missing or wrong (the H100's 2D rows) without
-re-measuring the rest. Every other table of the capability fills in below those two: the stand-in
+goes over the stand-in row by row and batch by batch (`device_table`): its `configs` rows replace
+the stand-in's of the same name, and its `exact` rows the stand-in's batch sizes it measured, the
+stand-in's other rows and batch sizes staying, so a device can measure the configurations where
+the stand-in is missing or wrong (the H100's 2D rows) without re-measuring the rest. (Whole exact
+rows replaced, the H100's batch-4 rows of the 3D UNet hid the H200's batch-1 ones, and batch-1
+UNet layers fell to `dense` by the larger-batch margin.) Every other table of the capability fills in below those two: the stand-in
 itself (the H200) ranks the configurations only a sibling measured (the H100's 2D rows: its
 dilated layers at 2.4 ms on triton against 22 on cuDNN) by the sibling's rows, rather than by
 "nothing similar measured". The similar-configuration rule (2) then draws on all their rows.
@@ -180,7 +182,14 @@ def device_table(device_kind: str, capability: str = "") -> tuple[str, Optional[
     for part in ("exact", "configs"):
         rows: dict = {}
         for kind, table in reversed(tables):  # the named table's rows last, so they win
-            rows.update({k: v if kind == named else {**v, ORIGIN: kind} for k, v in (table.get(part) or {}).items()})
+            for key, row in (table.get(part) or {}).items():
+                row = row if kind == named else {**row, ORIGIN: kind}
+                below = rows.get(key)
+                if part == "exact" and below is not None:
+                    # batch by batch: the batch sizes below that this row lacks stay, marked with their origin
+                    kept = {b: s if ORIGIN in s else {**s, ORIGIN: below[ORIGIN]} for b, s in below["batches"].items()}
+                    row = {**row, "batches": {**kept, **row["batches"]}}
+                rows[key] = row
         merged[part] = rows
     fill = ", then ".join(f"the {k}'s" for k, _ in tables[1:])
     head = lead or f"{device_kind}'s own rows"
@@ -284,6 +293,13 @@ def _similar(entry: dict, want: dict, exact: bool = False) -> bool:
     )
 
 
+def _source(entry: dict, sample: dict) -> dict:
+    """{ORIGIN: the device} where a batch sample came from another table than the named one (the
+    sample's own mark, from a merged row, else its row's), {} where it is the device's own."""
+    origin = sample.get(ORIGIN, entry.get(ORIGIN))
+    return {ORIGIN: origin} if origin else {}
+
+
 def _origin(entries: list[dict]) -> str:
     """Where rows of a merged table came from the stand-in (`device_table`): ", the X's row" for
     one, ", n of them the X's" for several; "" where all are the device's own."""
@@ -326,11 +342,11 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     if spatial is not None:
         entry = exact.get(signature(spec, spatial, dtype))
         if entry:
-            origin = _origin([entry])
             at_batch = entry["batches"].get(str(batch), {}) if batch is not None else {}
             if BASELINE in at_batch.get(mode, {}) and _has_fused(at_batch[mode]):
-                return verdict([at_batch], f"exact match at batch {batch}{origin}")
+                return verdict([at_batch], f"exact match at batch {batch}{_origin([_source(entry, at_batch)])}")
             batches = [sample(k, b) for k, b in entry["batches"].items() if b.get(mode)]
+            origin = _origin([_source(entry, b) for b in batches])
             ms, rule = verdict(batches, f"exact match, {len(batches)} batch size(s){origin}")
             # at a known batch that no fused backend was measured at, dense alone is no verdict:
             # the similar configurations (this one's other batches among them) may still show one
@@ -347,7 +363,7 @@ def ranking(device_kind: str, spec: ConvSpec, spatial=None, dtype=None, mode: st
     # a sample of dense alone (a budget cut its fused cases) says nothing about the fused ones
     used = [(e, sample(k, b)) for e in similar for k, b in e["batches"].items() if b.get(mode) and _has_fused(b[mode])]
     batches = [b for _, b in used]
-    ms, rule = verdict(batches, f"{len(batches)} similar measured configuration(s)" + _origin([e for e, _ in used]))
+    ms, rule = verdict(batches, f"{len(batches)} similar measured configuration(s)" + _origin([_source(e, b) for e, b in used]))
     if ms:
         return ms, rule
     # nothing close was measured: dense, at the time of the nearest configuration of this D

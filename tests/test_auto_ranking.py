@@ -475,6 +475,36 @@ def test_a_gpu_table_goes_over_the_one_of_its_compute_capability_row_by_row(monk
     assert kernels.explain(spec, N64).backend == "dense"
 
 
+def test_a_gpu_row_goes_over_the_stand_ins_batch_by_batch(monkeypatch):
+    """A device that measured a configuration at batch 4 only keeps the stand-in's batch-1
+    sample of it: batch-1 calls rank by the stand-in's exact sample (named), batch-4 calls by the
+    device's own. (Whole rows replaced, an H100's batch-4 rows of the 3D UNet hid the H200's
+    batch-1 ones, and batch-1 layers fell to dense by the larger-batch margin: session 44.)"""
+    spec = _spec()
+    mine = {**_table((spec, N64, {4: {"dense": 2.0, "fast-fused": 1.5}})), "device_kind": "Sibling GPU",
+            "compute_capability": "9.9"}
+    theirs = {**_table((spec, N64, {1: {"dense": 1.0, "fast-fused": 0.5}, 4: {"dense": 9.0, "fast-fused": 1.0}})),
+              "compute_capability": "9.9"}
+    _auto_with(monkeypatch, "fast-fused", kernels.conv_contract_reference, "gpu", "Sibling GPU", mine)
+    monkeypatch.setattr(_measured, "load", {"Test GPU": theirs, "Sibling GPU": mine}.get)
+    monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.9": ("Test GPU",)})
+    monkeypatch.setattr(kernels._registry, "device_capability", lambda: "9.9")
+
+    kind, table, _ = _measured.device_table("Sibling GPU", "9.9")
+    row = table["exact"][_measured.signature(spec, N64)]
+    assert _measured.ORIGIN not in row and row["batches"]["4"] == mine["exact"][_measured.signature(spec, N64)]["batches"]["4"]
+    assert row["batches"]["1"] == {**theirs["exact"][_measured.signature(spec, N64)]["batches"]["1"],
+                                   _measured.ORIGIN: "Test GPU"}
+    at_1 = _measured.ranking(kind, spec, N64, batch=1, table=table)
+    assert at_1 == ({"dense": 1.0, "fast-fused": 0.5}, "exact match at batch 1, the Test GPU's row")
+    at_4 = _measured.ranking(kind, spec, N64, batch=4, table=table)
+    assert at_4 == ({"dense": 2.0, "fast-fused": 1.5}, "exact match at batch 4")
+    # at an unmeasured batch both samples count (the batch-4 one with the larger-batch margin, so the
+    # fused backend does not beat dense in both), each named by where it came from
+    ms, rule = _measured.ranking(kind, spec, N64, batch=2, table=table)
+    assert set(ms) == {"dense"} and rule == "2 similar measured configuration(s), 1 of them the Test GPU's", (ms, rule)
+
+
 def test_the_stand_in_takes_a_siblings_rows_where_it_has_none(monkeypatch):
     """The stand-in of a capability (an H200) ranks a configuration only a sibling measured (the
     H100's 2D layers) by the sibling's row, and a GPU with no table of its own draws on both,
@@ -527,6 +557,21 @@ def test_the_committed_h200_table_takes_the_h100s_2d_rows():
         assert "triton" in ms and ms["triton"] < ms["dense"], entry["batches"]
 
 
+def test_the_committed_h100_rows_keep_the_h200s_other_batch_sizes():
+    """On the committed tables: the H100's own 3D UNet rows (batch 4, session 44) leave the H200's
+    batch-1 samples of the same layers in the H100's merged table, tagged as the H200's."""
+    h200, h100 = _measured.load("NVIDIA H200"), _measured.load("NVIDIA H100 80GB HBM3")
+    kind, table, _ = _measured.device_table("NVIDIA H100 80GB HBM3", "9.0")
+    shared = [sig for sig in set(h100["exact"]) & set(h200["exact"])
+              if "1" in h200["exact"][sig]["batches"] and "1" not in h100["exact"][sig]["batches"]]
+    assert shared, "3D UNet rows both measured, the H200 at batch 1 and the H100 not"
+    for sig in shared:
+        row = table["exact"][sig]
+        assert _measured.ORIGIN not in row
+        assert row["batches"]["1"][_measured.ORIGIN] == "NVIDIA H200"
+        assert all(_measured.ORIGIN not in b for k, b in row["batches"].items() if k in h100["exact"][sig]["batches"])
+
+
 def test_the_stand_in_of_a_capability_is_its_fullest_table(tmp_path, monkeypatch):
     for name, kind, rows in (("a-small.json", "A GPU", 1), ("b-full.json", "B GPU", 3)):
         exact = {f"row {i}": {} for i in range(rows)}
@@ -554,12 +599,14 @@ def test_measure_auto_refuses_new_rows_that_would_hide_another_tables_backends(m
                           "B": {"batches": {"4": {"fwd": {"dense": 1.0}}}}}}
     monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.0": ("H200", "H100")})
     monkeypatch.setattr(_measured, "load", lambda kind: stand_in if kind == "H200" else None)
-    uses = [SimpleNamespace(signature=s) for s in ("A", "B", "C")]
+    uses = [SimpleNamespace(signature=s, batch=4) for s in ("A", "B", "C")]
     own = {"exact": {}}
     assert measure_auto.hidden_backends(uses, ("dense", "factorised"), own, "H100", "9.0") == {"A": ("H200", ["triton"])}
     assert measure_auto.hidden_backends(uses, ("dense", "triton"), own, "H100", "9.0") == {}
-    # a row this device already has is not new: measuring more backends into it hides nothing
-    assert measure_auto.hidden_backends(uses, ("dense",), {"exact": {"A": {}}}, "H100", "9.0") == {}
+    # a batch this device already measured is not new: measuring more backends into it hides nothing
+    assert measure_auto.hidden_backends(uses, ("dense",), {"exact": {"A": {"batches": {"4": {}}}}}, "H100", "9.0") == {}
+    # rows merge batch by batch: a batch the other table lacks hides nothing
+    assert measure_auto.hidden_backends([SimpleNamespace(signature="A", batch=1)], ("dense",), own, "H100", "9.0") == {}
     # no other table of the capability, or none given
     assert measure_auto.hidden_backends(uses, ("dense",), own, "H100", "8.0") == {}
     assert measure_auto.hidden_backends(uses, ("dense",), own, "H100", "") == {}
