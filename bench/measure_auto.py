@@ -62,9 +62,9 @@ def parse_args(argv) -> argparse.Namespace:
                         "backend), or fused-auto (the fused backends with XLA's picks, as inside a model where their "
                         "neighbours take their block layout; dense row-major)")
     p.add_argument("--allow-partial", action="store_true",
-                   help="measure new rows on fewer backends than another table of this compute capability has for "
-                        "them (refused otherwise: the new row would hide that table's row, so `auto` would rank the "
-                        "layer without the backends left out)")
+                   help="measure new samples without backends that beat dense in another table of this compute "
+                        "capability's samples of them (refused otherwise: the new sample would hide that table's, so "
+                        "`auto` would rank the layer without the backends left out)")
     p.add_argument("--only-unmeasured", action="store_true",
                    help="skip the cases the table already holds (configuration, batch, mode and backend): "
                         "a budgeted run measures the costliest first, so its cheap tail is measured by a second run")
@@ -132,8 +132,9 @@ def candidates(value: str) -> tuple[str, ...]:
 def hidden_backends(uses, backends, table: dict, device_kind: str, capability: str) -> dict[str, tuple[str, list]]:
     """{signature: (other device kind, backends)} for the configurations (at their batch) this device's
     `table` has not measured while another table of its compute `capability` has, with backends outside
-    `backends`: a sample measured now would replace that one in `auto`'s merged table
-    (`_measured.device_table`, batch by batch), those backends with it."""
+    `backends` that beat dense there: a sample measured now would replace that one in `auto`'s merged
+    table (`_measured.device_table`, batch by batch), those backends with it. (A backend that lost to
+    dense there, e.g. pallas, ranks after dense either way: leaving it out hides nothing.)"""
     from kernels import _measured
 
     hidden = {}
@@ -146,8 +147,9 @@ def hidden_backends(uses, backends, table: dict, device_kind: str, capability: s
             sample = row.get("batches", {}).get(str(use.batch))
             if sample is None:
                 continue
-            measured = {b for mode in _measured.MODES for b in (sample.get(mode) or {})}
-            if missing := sorted(measured - set(backends)):
+            winners = {b for mode in _measured.MODES for b, ms in (sample.get(mode) or {}).items()
+                       if b != _measured.BASELINE and ms < (sample.get(mode) or {}).get(_measured.BASELINE, 0.0)}
+            if missing := sorted(winners - set(backends)):
                 hidden[use.signature] = (kind, missing)
             break  # the first table with the sample is the one the new one would hide
     return hidden
@@ -373,8 +375,8 @@ def main(argv=None) -> int:
     hidden = hidden_backends(uses, backends, table, info["device_kind"], info.get("compute_capability", ""))
     if hidden and not args.allow_partial:
         shown = "; ".join(f"{sig} ({kind}: {', '.join(names)})" for sig, (kind, names) in list(hidden.items())[:4])
-        print(f"error: --backends (={','.join(backends)}) leaves out backends that another table of compute capability "
-              f"{info.get('compute_capability')} measured for {len(hidden)} of these configurations, e.g. {shown}. "
+        print(f"error: --backends (={','.join(backends)}) leaves out backends that beat dense in another table of compute "
+              f"capability {info.get('compute_capability')} for {len(hidden)} of these configurations, e.g. {shown}. "
               f"This device's new rows would hide those rows and `auto` would rank the layers without them: add them "
               f"to --backends, or pass --allow-partial", file=sys.stderr)
         return 2

@@ -595,13 +595,14 @@ def test_measure_auto_refuses_new_rows_that_would_hide_another_tables_backends(m
     from bench import measure_auto
     from kernels import _measured
 
-    stand_in = {"exact": {"A": {"batches": {"4": {"fwd_bwd": {"dense": 1.0, "triton": 0.5}}}},
+    stand_in = {"exact": {"A": {"batches": {"4": {"fwd_bwd": {"dense": 1.0, "triton": 0.5, "pallas": 2.0}}}},
                           "B": {"batches": {"4": {"fwd": {"dense": 1.0}}}}}}
     monkeypatch.setattr(_measured, "kinds_of_capability", lambda: {"9.0": ("H200", "H100")})
     monkeypatch.setattr(_measured, "load", lambda kind: stand_in if kind == "H200" else None)
     uses = [SimpleNamespace(signature=s, batch=4) for s in ("A", "B", "C")]
     own = {"exact": {}}
     assert measure_auto.hidden_backends(uses, ("dense", "factorised"), own, "H100", "9.0") == {"A": ("H200", ["triton"])}
+    # pallas lost to dense there: leaving it out hides nothing
     assert measure_auto.hidden_backends(uses, ("dense", "triton"), own, "H100", "9.0") == {}
     # a batch this device already measured is not new: measuring more backends into it hides nothing
     assert measure_auto.hidden_backends(uses, ("dense",), {"exact": {"A": {"batches": {"4": {}}}}}, "H100", "9.0") == {}
