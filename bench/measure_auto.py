@@ -147,8 +147,9 @@ def hidden_backends(uses, backends, table: dict, device_kind: str, capability: s
             sample = row.get("batches", {}).get(str(use.batch))
             if sample is None:
                 continue
-            winners = {b for mode in _measured.MODES for b, ms in (sample.get(mode) or {}).items()
-                       if b != _measured.BASELINE and ms < (sample.get(mode) or {}).get(_measured.BASELINE, 0.0)}
+            timed = [sample.get(mode) or {} for mode in _measured.MODES]
+            winners = {b for ms in timed for b, t in ms.items()
+                       if b != _measured.BASELINE and t < ms.get(_measured.BASELINE, 0.0)}
             if missing := sorted(winners - set(backends)):
                 hidden[use.signature] = (kind, missing)
             break  # the first table with the sample is the one the new one would hide
@@ -377,7 +378,7 @@ def main(argv=None) -> int:
         shown = "; ".join(f"{sig} ({kind}: {', '.join(names)})" for sig, (kind, names) in list(hidden.items())[:4])
         print(f"error: --backends (={','.join(backends)}) leaves out backends that beat dense in another table of compute "
               f"capability {info.get('compute_capability')} for {len(hidden)} of these configurations, e.g. {shown}. "
-              f"This device's new rows would hide those rows and `auto` would rank the layers without them: add them "
+              f"This device's new samples would hide those and `auto` would rank the layers without them: add them "
               f"to --backends, or pass --allow-partial", file=sys.stderr)
         return 2
     commit = _suite.resolve_commit(args.commit)

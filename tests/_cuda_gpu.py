@@ -40,7 +40,7 @@ def both_layouts_fixture(*switches_on):
 def pin_2d_kernels(monkeypatch):
     """The D = 2 kernels' tests run in the planar layout with the dilated, x-window,
     narrow-window and channel-group kernels on (pinned against a user's =0; the 2D channel groups
-    are opt-in until these tests have passed on a GPU)."""
+    are opt-in, correct but slower than the default path on most 2D layers measured)."""
     monkeypatch.setenv(_plan.LAYOUT_ENV, "planar")
     for env in (_plan.DILATED_ENV, _plan.X_WINDOWS_ENV, _plan.NARROW_WINDOWS_ENV, _plan.CHANNEL_GROUPS_ENV,
                 _plan.CHANNEL_GROUPS_2D_ENV):

@@ -586,10 +586,10 @@ def test_the_stand_in_of_a_capability_is_its_fullest_table(tmp_path, monkeypatch
 
 
 def test_measure_auto_refuses_new_rows_that_would_hide_another_tables_backends(monkeypatch):
-    """A row measured on fewer backends than the stand-in table of the same compute capability has
-    for that configuration would replace the stand-in's row in `auto`'s merged table: on an H100,
+    """A sample (configuration and batch) measured without a backend that beat dense in the stand-in
+    table's sample of it would replace that sample in `auto`'s merged table: on an H100,
     `--backends factorised` (with dense) over the 3D UNet's layers hid the H200 rows' `triton` and the
-    step ran at dense's speed (bench/NOTES.md, "Session 44"). hidden_backends names such rows."""
+    step ran at dense's speed (bench/NOTES.md, "Session 44"). hidden_backends names such samples."""
     from types import SimpleNamespace
 
     from bench import measure_auto

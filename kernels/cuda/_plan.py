@@ -586,7 +586,7 @@ def twin(spec: ConvSpec, spatial, fp32: bool = False, n_groups: Optional[int] = 
 def allowed_splits(spec: ConvSpec) -> tuple[int, ...]:
     """`splits`, or only the single group where channel-group passes are off or the layer is
     dilated (the group passes are compiled at dilation 1 only, for D = 3 and D = 2; in 2D they
-    are opt-in until their GPU tests pass: `channel_groups_2d_enabled`)."""
+    are opt-in, measured slower on most layers: `channel_groups_2d_enabled`)."""
     return splits(spec) if channel_groups_on(spec) and dilation(spec) == 1 else splits(spec)[:1]
 
 
