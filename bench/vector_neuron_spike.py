@@ -9,6 +9,11 @@ default precision, as in a model step.
 
     python -m bench.vector_neuron_spike OUT_DIR [--config d3_n64_b4_c16] [--activation gelu]
                                                 [--tilings 32/4/32/4 128/8/32/8 ...]
+                                                [--channels C --spatial N --batch B]
+
+--channels, --spatial and --batch replace the config's block by a random normal one of that many
+channels, cells a side and examples (the config still gives D): the blocks of a UNet's deeper
+levels, wider than any standard layer's.
 
 Where the opt-in CUDA library is built (kernels/cuda/README.md) and covers the block, cuda_fwd and
 cuda_fwd_bwd rows (kernels.cuda.vector_neuron_cuda, through GINJAX_VN_IMPL's "cuda" path) follow
@@ -39,7 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--activation", choices=("gelu", "relu"), default="gelu")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--tilings", nargs="*", default=["32/4/16/4", "128/8/64/8", "64/8/32/8", "256/8/16/8"])
+    p.add_argument("--channels", type=int, help="a random block of this many channels instead of the config's")
+    p.add_argument("--spatial", type=int, help="cells a side of the block (default: the config's)")
+    p.add_argument("--batch", type=int, help="examples in the block (default: the config's)")
     args = p.parse_args(argv)
+    for name in ("channels", "spatial", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} (={getattr(args, name)}) must be >= 1")
     from ginjax import _vector_neuron
     from kernels import triton
 
@@ -48,6 +59,11 @@ def main(argv=None) -> int:
                   activation=args.activation)
     # the layer's vector output block, and a VectorNeuron weight as the layer initialises it
     block = spike.xs[1] if len(spike.xs) > 1 else spike.xs[0]
+    if args.channels or args.spatial or args.batch:
+        D = spike.spec.D
+        shape = (args.batch or block.shape[0], args.channels or block.shape[1],
+                 *(args.spatial or block.shape[2],) * D, D)
+        block = jax.random.normal(jax.random.PRNGKey(2), shape, jnp.float32)
     c, D = block.shape[1], spike.spec.D  # (B, c, *spatial, D): a vector block of D=2 or 3
     weight = jax.random.uniform(jax.random.PRNGKey(0), (c, c), jnp.float32, -c ** -0.5, c ** -0.5)
     spike.xs, spike.ws = block, weight
