@@ -333,3 +333,50 @@ def test_kernels_compile_for_hopper():
         allowed = 64 if C == "32" and name.startswith("vector_neuron_bwd") else 0
         if T == "3" and stack != "None":
             assert int(stack) <= allowed, f"{name} ({C} channels, planar={planar}) spills: stack {stack}"
+
+
+def test_default_precision_follows_the_switch_and_the_matmul_precision(monkeypatch):
+    """GINJAX_VN_TRITON_PRECISION names the dots' precision; "auto" gives TF32 only to blocks of at
+    least TF32_MIN_CHANNELS channels and only while JAX's default matmul precision is TF32."""
+    from kernels.triton import _vn_kernel
+
+    monkeypatch.setattr(_vn_kernel, "TF32_MIN_CHANNELS", 32)
+    assert _vn_kernel.default_precision(16) == "ieee"
+    assert _vn_kernel.default_precision(32) == "tf32"
+    with jax.default_matmul_precision("highest"):
+        assert _vn_kernel.default_precision(64) == "ieee"
+    monkeypatch.setattr(_vn_kernel, "TF32_MIN_CHANNELS", None)
+    assert _vn_kernel.default_precision(256) == "ieee"
+    for value in ("ieee", "tf32", "tf32x3"):
+        monkeypatch.setenv(_vn_kernel.PRECISION_ENV, value)
+        assert _vn_kernel.default_precision(8) == value
+    monkeypatch.setenv(_vn_kernel.PRECISION_ENV, "bf16")
+    with pytest.raises(ValueError, match=_vn_kernel.PRECISION_ENV):
+        _vn_kernel.default_precision(8)
+
+
+def test_the_switch_reaches_the_kernels_and_tf32_meets_its_tolerance(monkeypatch):
+    """With GINJAX_VN_TRITON_PRECISION=tf32 both kernels are planned with TF32 dots, and the values
+    and both gradients stay within tf32's tolerance of the plain chain at fp32."""
+    from kernels.triton import _vn_kernel
+    from kernels.triton import vector_neuron as vn_module
+
+    seen = []
+    for name in ("plan_forward", "plan_backward"):
+        original = getattr(vn_module, name)
+
+        def spy(*args, _original=original, _name=name, **kw):
+            seen.append((_name, kw.get("precision")))
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(vn_module, name, spy)
+    monkeypatch.setenv(_vn_kernel.PRECISION_ENV, "tf32")
+    D, k = 2, 1
+    w, x, gy = _operands(7, 32, (8, 8), D, k)
+    got = _value_and_grads(lambda w, x: vector_neuron_triton(w, x, D, jax.nn.gelu, EPS), w, x, gy)
+    with jax.default_matmul_precision("highest"):
+        want = _value_and_grads(lambda w, x: _plain(w, x, D, jax.nn.gelu, EPS), w, x, gy)
+    assert {p for _, p in seen} == {"tf32"} and {n for n, _ in seen} == {"plan_forward", "plan_backward"}
+    for g, r in zip(got, want):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"]

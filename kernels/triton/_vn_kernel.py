@@ -23,7 +23,9 @@ import hashlib
 import math
 from typing import Optional
 
+from .._env import env_choice
 from .._fused import next_pow2
+from .._precision import resolve_precision
 from .._vn_args import ACTIVATIONS
 from ._tiling import KernelPlan, interpreting
 
@@ -121,6 +123,25 @@ _DEFAULT_TILING = {
     (64, True): ((16, 8), (16, 8)),
 }
 MAX_CHANNELS = 64  # wider blocks take the XLA path: the fp32 dot's operands outgrow the registers
+
+
+PRECISION_ENV = "GINJAX_VN_TRITON_PRECISION"
+# "auto" runs the dots in TF32 on blocks of at least this many channels where JAX's default matmul
+# precision is TF32 (None: never, the dots stay "ieee")
+TF32_MIN_CHANNELS: Optional[int] = None
+
+
+def default_precision(channels: int) -> str:
+    """The channel-mixing dots' precision where `VNBlocks.precision` is None, read as a call is
+    traced: $GINJAX_VN_TRITON_PRECISION "ieee", "tf32" or "tf32x3" as given, or "auto" (the
+    default): "tf32" for blocks of at least `TF32_MIN_CHANNELS` channels when JAX's default matmul
+    precision is TF32 (`kernels._precision.resolve_precision(None)`: the XLA path's dots then run
+    in TF32 too), else "ieee"."""
+    choice = env_choice(PRECISION_ENV, ("auto",) + PRECISIONS, "auto")
+    if choice != "auto":
+        return choice
+    wide = TF32_MIN_CHANNELS is not None and channels >= TF32_MIN_CHANNELS
+    return "tf32" if wide and resolve_precision(None) == "tf32" else "ieee"
 
 
 def fits(channels: int, components: int) -> bool:

@@ -41,6 +41,7 @@ XLA path). float32 only. Under `jax.vmap` each kernel is one launch for the whol
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable, NamedTuple, Optional
@@ -53,7 +54,7 @@ from .._reduce import affine_backward, fused_sums_cover, middle_sum
 from .._vn_args import check_affine, check_arguments, check_residual, literal_eps, pack_affine, supported_activation
 from ._kernel import plan_partial_sums
 from ._launch import batch_size, batched_flags, block_order, run_plan
-from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, plan_backward, plan_forward, tiling
+from ._vn_kernel import VNBlocks, VNGeometry, backward_groups, default_precision, plan_backward, plan_forward, tiling
 from .conv_contract import batched_op
 
 __all__ = ["VNBlocks", "literal_eps", "supported_activation", "vector_neuron_triton"]
@@ -81,7 +82,8 @@ def vector_neuron_triton(
         D: the number of spatial axes.
         activation: jax.nn.relu or jax.nn.gelu (see `supported_activation`).
         eps: a Python float > 0.
-        blocks: the kernels' tiling (None: `VNBlocks()`).
+        blocks: the kernels' tiling (None: `VNBlocks()`); its precision None takes
+            `default_precision` (GINJAX_VN_TRITON_PRECISION).
         planar: index the block component-planar (True) or components-minor (False); the
             result is the same, the layout XLA gives the block around the call differs.
         affine: None, or (m (c, T, T), v (c, T), shift (c, T)) float32: the nonlinearity of
@@ -98,6 +100,8 @@ def vector_neuron_triton(
     name, _ = check_arguments(weight, block, D, activation, eps)
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
+    if blocks.precision is None:  # fixed here: the launchers' cache key and the plans then agree
+        blocks = dataclasses.replace(blocks, precision=default_precision(int(block.shape[0])))
     cfg = _Config(D, name, float(eps), blocks, bool(planar), means=bool(with_means))
     residual = check_residual(residual, block)
     if affine is None:
