@@ -540,3 +540,14 @@ def test_a_spike_builds_operands_of_its_configs_dimension(tmp_path):
     assert [x.shape for x in two.xs] == [(4, 8, 64, 64), (4, 8, 64, 64, 2)] and two.rows["spatial"] == (64, 64)
     three = Spike("t", tmp_path, "d3_n16_b2_c8")
     assert [x.shape for x in three.xs] == [(2, 8, 16, 16, 16), (2, 8, 16, 16, 16, 3)]
+
+
+@pytest.mark.parametrize("flag", ["--channels", "--spatial", "--batch"])
+def test_the_vector_neuron_spike_refuses_a_block_size_below_one(flag, tmp_path, capsys):
+    """bench.vector_neuron_spike's random-block sizes: 0 is refused by name before anything runs."""
+    from bench import vector_neuron_spike
+
+    with pytest.raises(SystemExit):
+        vector_neuron_spike.main([str(tmp_path), flag, "0"])
+    assert f"{flag} (=0) must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
