@@ -57,7 +57,7 @@ only through Triton's interpreter, which is for tests:
   block onto every device); any other call takes the "xla" path. On a CPU it is for tests
   only (the interpreter is slow). `GINJAX_VN_TRITON_PRECISION` (ieee / tf32 / tf32x3 / auto, the
   default: `kernels.triton._vn_kernel.default_precision`) sets its channel-mixing dots' precision;
-  "auto" keeps fp32 until a width from which TF32 wins is measured. `GINJAX_VN_SAVE_MIX=1` keeps d = W x from the forward for the
+  "auto" gives TF32 to 2D vector blocks of 64+ channels under a TF32 default matmul precision. `GINJAX_VN_SAVE_MIX=1` keeps d = W x from the forward for the
   backward instead of recomputing it: a block-sized residual per call, for 0.7-0.8 ms of a
   ResNet or DilResNet step on the H200 at 26-37% more temporary memory, so off by default
   (bench/NOTES.md, "Session 14"). A norm's affine map passed as `affine` runs in the kernels

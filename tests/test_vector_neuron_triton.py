@@ -337,22 +337,24 @@ def test_kernels_compile_for_hopper():
 
 def test_default_precision_follows_the_switch_and_the_matmul_precision(monkeypatch):
     """GINJAX_VN_TRITON_PRECISION names the dots' precision; "auto" gives TF32 only to blocks of at
-    least TF32_MIN_CHANNELS channels and only while JAX's default matmul precision is TF32."""
+    least TF32_MIN_CHANNELS channels and at most TF32_MAX_COMPONENTS components, and only while
+    JAX's default matmul precision is TF32."""
     from kernels.triton import _vn_kernel
 
-    monkeypatch.setattr(_vn_kernel, "TF32_MIN_CHANNELS", 32)
-    assert _vn_kernel.default_precision(16) == "ieee"
-    assert _vn_kernel.default_precision(32) == "tf32"
+    assert (_vn_kernel.TF32_MIN_CHANNELS, _vn_kernel.TF32_MAX_COMPONENTS) == (64, 2)
+    assert _vn_kernel.default_precision(32, 2) == "ieee"
+    assert _vn_kernel.default_precision(64, 2) == "tf32"
+    assert _vn_kernel.default_precision(64, 3) == "ieee"  # spills in TF32 (ptxas)
     with jax.default_matmul_precision("highest"):
-        assert _vn_kernel.default_precision(64) == "ieee"
+        assert _vn_kernel.default_precision(64, 2) == "ieee"
     monkeypatch.setattr(_vn_kernel, "TF32_MIN_CHANNELS", None)
-    assert _vn_kernel.default_precision(256) == "ieee"
+    assert _vn_kernel.default_precision(256, 2) == "ieee"
     for value in ("ieee", "tf32", "tf32x3"):
         monkeypatch.setenv(_vn_kernel.PRECISION_ENV, value)
-        assert _vn_kernel.default_precision(8) == value
+        assert _vn_kernel.default_precision(8, 3) == value
     monkeypatch.setenv(_vn_kernel.PRECISION_ENV, "bf16")
     with pytest.raises(ValueError, match=_vn_kernel.PRECISION_ENV):
-        _vn_kernel.default_precision(8)
+        _vn_kernel.default_precision(8, 3)
 
 
 def test_the_switch_reaches_the_kernels_and_tf32_meets_its_tolerance(monkeypatch):

@@ -126,21 +126,27 @@ MAX_CHANNELS = 64  # wider blocks take the XLA path: the fp32 dot's operands out
 
 
 PRECISION_ENV = "GINJAX_VN_TRITON_PRECISION"
-# "auto" runs the dots in TF32 on blocks of at least this many channels where JAX's default matmul
-# precision is TF32 (None: never, the dots stay "ieee")
-TF32_MIN_CHANNELS: Optional[int] = None
+# "auto" runs the dots in TF32 on blocks of at least TF32_MIN_CHANNELS channels and at most
+# TF32_MAX_COMPONENTS components where JAX's default matmul precision is TF32. On an H100 (session 45,
+# `-env-ab-vn-precision-*`) TF32 in every Triton VectorNeuron kernel took the 2D UNet step from
+# 34.23 / 33.96 to 32.43 / 32.47 ms (two rounds in alternation) and the 3D one from 31.13 to 31.83:
+# with 3 components TF32 spills (ptxas: 488 stack bytes at (32, 3), 112 at (64, 3); none at (64, 2),
+# 248 registers against ieee's 254), so only 2D vector blocks of 64 channels and more take it.
+TF32_MIN_CHANNELS: Optional[int] = 64
+TF32_MAX_COMPONENTS = 2
 
 
-def default_precision(channels: int) -> str:
+def default_precision(channels: int, components: int) -> str:
     """The channel-mixing dots' precision where `VNBlocks.precision` is None, read as a call is
     traced: $GINJAX_VN_TRITON_PRECISION "ieee", "tf32" or "tf32x3" as given, or "auto" (the
-    default): "tf32" for blocks of at least `TF32_MIN_CHANNELS` channels when JAX's default matmul
-    precision is TF32 (`kernels._precision.resolve_precision(None)`: the XLA path's dots then run
-    in TF32 too), else "ieee"."""
+    default): "tf32" for blocks of at least `TF32_MIN_CHANNELS` channels and at most
+    `TF32_MAX_COMPONENTS` components when JAX's default matmul precision is TF32
+    (`kernels._precision.resolve_precision(None)`: the XLA path's dots then run in TF32 too), else
+    "ieee"."""
     choice = env_choice(PRECISION_ENV, ("auto",) + PRECISIONS, "auto")
     if choice != "auto":
         return choice
-    wide = TF32_MIN_CHANNELS is not None and channels >= TF32_MIN_CHANNELS
+    wide = TF32_MIN_CHANNELS is not None and channels >= TF32_MIN_CHANNELS and components <= TF32_MAX_COMPONENTS
     return "tf32" if wide and resolve_precision(None) == "tf32" else "ieee"
 
 

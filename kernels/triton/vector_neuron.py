@@ -101,7 +101,8 @@ def vector_neuron_triton(
     blocks = VNBlocks() if blocks is None else blocks
     blocks.validate()
     if blocks.precision is None:  # fixed here: the launchers' cache key and the plans then agree
-        blocks = dataclasses.replace(blocks, precision=default_precision(int(block.shape[0])))
+        blocks = dataclasses.replace(blocks, precision=default_precision(int(block.shape[0]),
+                                                                          math.prod(block.shape[1 + D :])))
     cfg = _Config(D, name, float(eps), blocks, bool(planar), means=bool(with_means))
     residual = check_residual(residual, block)
     if affine is None:
