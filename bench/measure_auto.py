@@ -147,9 +147,9 @@ def hidden_backends(uses, backends, table: dict, device_kind: str, capability: s
             sample = row.get("batches", {}).get(str(use.batch))
             if sample is None:
                 continue
-            timed = [sample.get(mode) or {} for mode in _measured.MODES]
-            winners = {b for ms in timed for b, t in ms.items()
-                       if b != _measured.BASELINE and t < ms.get(_measured.BASELINE, 0.0)}
+            # the ranking's own rule for a backend that beats dense in a sample (run times only)
+            winners = set().union(*(_measured._allowed([sample], mode) for mode in _measured.MODES))
+            winners.discard(_measured.BASELINE)
             if missing := sorted(winners - set(backends)):
                 hidden[use.signature] = (kind, missing)
             break  # the first table with the sample is the one the new one would hide
