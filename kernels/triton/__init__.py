@@ -34,6 +34,7 @@ from ._tiling import MAX_NONZEROS, BlockSizes, interpreting
 from . import _cuda_padding
 from . import _cuda_dispatch
 from .conv_contract import conv_contract_triton
+from .parity_conv import PARITY_ENV, parity_runs
 from ._vn_kernel import fits as vector_neuron_fits
 from .vector_neuron import VNBlocks, literal_eps, supported_activation, vector_neuron_triton
 
@@ -128,6 +129,9 @@ def describe(spec: ConvSpec, spatial) -> str:
     (GINJAX_CUDA_PAD_CHANNELS), else the Triton kernels, in filter
     groups where one kernel would keep too many Z tiles live (`_filter_groups`)."""
     groups = _layer_filter_groups(spec, spatial)
+    if parity_runs(spec.without_bias(), tuple(spatial), groups is not None):
+        return ("Triton's parity-blocked convolution: one tensor-core GEMM per (component class, sum or difference "
+                f"of opposite taps), forward, input and weight gradient ({PARITY_ENV}=off: the factorised kernels)")
     if groups is not None:
         return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, each adding into the "
                 f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
@@ -175,7 +179,7 @@ def unmeasured_caveat(spec: ConvSpec, spatial) -> str:
     input and reads and rewrites the outputs, which costs HBM traffic on any GPU (on the H200
     d3_n64_b2_c8_k2's 11 groups took 3.1x dense's time in fwd and 2.9x in fwd_bwd)."""
     groups = _layer_filter_groups(spec, spatial)
-    if groups is None:
+    if groups is None or parity_runs(spec.without_bias(), tuple(spatial), True):
         return ""
     return (f"its kernels would run this layer as {len(groups)} filter-group launches, each re-reading the inputs "
             "and rewriting the outputs (3x dense's time on the H200's k2 layer)")

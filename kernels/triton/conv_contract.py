@@ -36,6 +36,7 @@ from ._filter_groups import filter_groups
 from ._stencil import check_sizes
 from ._tiling import BlockSizes
 from ._launch import launch
+from .parity_conv import conv_contract_parity, parity_runs
 
 
 def conv_contract_triton(
@@ -112,6 +113,11 @@ def conv_contract_triton(
     # float32 before the custom_vjp, whose cotangents are float32 (autodiff casts them back)
     residual = tuple(None if r is None else r.astype(jnp.float32) for r in residual)
     groups = filter_groups(spec, spatial, mode, blocks)
+    if parity_runs(spec, spatial, groups is not None):  # tensor-core GEMMs; bias and residual by XLA
+        outs = conv_contract_parity(spec, inputs, weights, mode)
+        if bias is not None:
+            offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
+        return add_residual(_add_offsets(outs, offsets, spec.D), residual)
     if groups is None:
         given = given or _none_given(inputs)
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, residual,

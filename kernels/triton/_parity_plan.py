@@ -1,0 +1,558 @@
+"""The static plan of the parity-blocked convolution (`parity_conv.py`): channel classes, tap
+combinations, the dots they make, and the generated Triton source of its two kernels.
+
+The layer's dense filter W[tap, (c, i), (o, j)] (`kernels.dense.assemble_dense_filter`) is, per
+axis, rewritten from the taps -r..r to the combinations
+
+    x0 = tap 0,   s_g = (tap +g) + (tap -g),   d_g = (tap +g) - (tap -g)     (g = 1..r)
+
+with weights W'[x0] = W[0], W'[s_g] = (W[+g] + W[-g]) / 2, W'[d_g] = (W[+g] - W[-g]) / 2, so that
+sum_tap W[tap] X[p + tap] = sum_combo W'[combo] X_combo[p] exactly. The filters are invariant
+under the reflections of the octahedral group, so every (input component, output component)
+filter is even or odd along each axis: even under x -> -x when the two components carry an even
+number of x indices between them (a pseudo-tensor key flips all three), odd otherwise. An odd
+filter has no x0 or s term and an even one no d term, so W'[combo] is zero except where the
+components' classes (their per-axis index parities, `component_class`) differ by exactly the
+axes on which the combination takes a difference. For each input class and combination there is
+one output class: the layer becomes one small GEMM per (input class, combination), 7.5x fewer
+multiply-adds than the dense convolution of d3_n64_b2_c8_k2 (38,912 against 292,032 a pixel), on
+the tensor cores. `parity_plan` checks the structure on the layer's own bases.
+
+The kernels read packed operands: (batch, rows, *spatial), rows ordered by class (`ParityPlan`).
+The forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, forms the
+combinations by sums and differences axis by axis (`_butterfly`) and accumulates one tl.dot per
+combination into its output class. The weight gradient forms the same combinations and
+accumulates A^T dY per combination over a run of pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional
+
+import numpy as np
+
+from .._fused.basis import pair_basis
+from .._spec import ConvSpec
+from ._tiling import KernelPlan
+
+CHUNK = 16  # input rows per dot: tl.dot's least K
+MAX_OUT_WIDTH = 128  # accumulator columns a program keeps: BLOCK_X x 128 floats
+STRUCTURE_TOL = 1e-6  # |W'| outside the parity blocks, relative to the basis' largest entry
+
+
+def component_class(D: int, k: int, parity: int, comp: int) -> int:
+    """Bit a set where the component's index tuple holds axis a an odd number of times (all
+    bits flipped for a pseudo-tensor key)."""
+    bits = 0
+    for _ in range(k):
+        bits ^= 1 << (comp % D)
+        comp //= D
+    return bits ^ ((1 << D) - 1) if parity % 2 else bits
+
+
+def _classes_of(D: int, keys) -> tuple[tuple[int, ...], list[int]]:
+    """Per dense channel (block by block, (c, i) within a block) its class; and the packed order:
+    dense channel indices sorted by class (stable)."""
+    cls = []
+    for k, parity, c in keys:
+        comps = [component_class(D, k, parity, i) for i in range(D**k)]
+        cls += comps * c
+    order = sorted(range(len(cls)), key=lambda n: cls[n])
+    return tuple(cls), order
+
+
+def combo_matrix(M: int) -> np.ndarray:
+    """(M combos, M taps): rows x0, s_1, d_1, ..., s_r, d_r over taps -r..r."""
+    r = M // 2
+    T = np.zeros((M, M))
+    T[0, r] = 1.0
+    for g in range(1, r + 1):
+        T[2 * g - 1, r + g] = T[2 * g - 1, r - g] = 0.5
+        T[2 * g, r + g], T[2 * g, r - g] = 0.5, -0.5
+    return T
+
+
+def combo_odd(c: int) -> bool:
+    """Whether per-axis combination c (0 = x0, 2g-1 = s_g, 2g = d_g) is a difference."""
+    return c > 0 and c % 2 == 0
+
+
+def combo_group(c: int) -> int:
+    return (c + 1) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityPlan:
+    """Rows, classes and dots of one direction of the parity-blocked convolution.
+
+    in_classes / out_classes: (class, first packed row, rows) of the operand read / written,
+    classes with rows only, in packed order. chunks: (class, first row, rows <= CHUNK).
+    dots: (chunk index, per-axis combination tuple, output class index), in the order the
+    kernels walk them; `dot_index` maps (chunk, combo) to its place."""
+
+    D: int
+    M: int
+    dilation: tuple[int, ...]
+    torus: tuple[bool, ...]
+    in_classes: tuple[tuple[int, int, int], ...]
+    out_classes: tuple[tuple[int, int, int], ...]
+    chunks: tuple[tuple[int, int, int], ...]
+    dots: tuple[tuple[int, tuple[int, ...], int], ...]
+
+    @property
+    def cin(self) -> int:
+        return sum(w for _, _, w in self.in_classes)
+
+    @property
+    def cout(self) -> int:
+        return sum(w for _, _, w in self.out_classes)
+
+    @property
+    def r(self) -> int:
+        return self.M // 2
+
+    def out_pad(self, b: int) -> int:
+        """Accumulator columns of output class b: a power of two >= 16."""
+        return max(16, 1 << (self.out_classes[b][2] - 1).bit_length())
+
+    @property
+    def max_out_pad(self) -> int:
+        return max(self.out_pad(b) for b in range(len(self.out_classes)))
+
+    def dot_index(self) -> dict:
+        return {(ch, combo): n for n, (ch, combo, _) in enumerate(self.dots)}
+
+    def transposed(self) -> "ParityPlan":
+        """The input gradient's plan: the correlation with W[-tap]^T reads the output's classes."""
+        return _build(self.D, self.M, self.dilation, self.torus, self.out_classes, self.in_classes)
+
+    def out_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Output classes split into runs of at most MAX_OUT_WIDTH accumulator columns: one
+        forward launch each."""
+        groups, cur, width = [], [], 0
+        for b in range(len(self.out_classes)):
+            if cur and width + self.out_pad(b) > MAX_OUT_WIDTH:
+                groups.append(tuple(cur))
+                cur, width = [], 0
+            cur.append(b)
+            width += self.out_pad(b)
+        groups.append(tuple(cur))
+        return tuple(groups)
+
+
+def _class_runs(cls: tuple[int, ...], order: list[int]) -> tuple[tuple[int, int, int], ...]:
+    runs = []
+    for row, n in enumerate(order):
+        if runs and runs[-1][0] == cls[n]:
+            runs[-1][2] += 1
+        else:
+            runs.append([cls[n], row, 1])
+    return tuple(tuple(r) for r in runs)
+
+
+def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
+    chunks = tuple((c, s + k, min(CHUNK, w - k)) for c, s, w in in_classes for k in range(0, w, CHUNK))
+    by_class = {c: b for b, (c, _, _) in enumerate(out_classes)}
+    dots = []
+    for ch, (cls, _, _) in enumerate(chunks):
+        for combo in walk_combos(D, M):
+            q = sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
+            if cls ^ q in by_class:
+                dots.append((ch, combo, by_class[cls ^ q]))
+    return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
+
+
+def walk_combos(D: int, M: int) -> list[tuple[int, ...]]:
+    """Every per-axis combination tuple, in the kernels' order: by group tuple, then as
+    `_butterfly` leaves them."""
+    out = []
+    for groups in itertools.product(range(M // 2 + 1), repeat=D):
+        out += group_combos(groups)
+    return out
+
+
+def group_combos(groups: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The combinations of one group tuple: per axis x0 (group 0) or s_g, d_g."""
+    choices = [[0] if g == 0 else [2 * g - 1, 2 * g] for g in groups]
+    return [tuple(c) for c in itertools.product(*choices)]
+
+
+def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
+    """Why the parity-blocked form cannot run this layer (None: it can)."""
+    D, M = spec.D, spec.filter_shape[0]
+    if any(m != M for m in spec.filter_shape) or M % 2 == 0:
+        return f"filter shape {spec.filter_shape}: needs one odd size on every axis"
+    if any(s != 1 for s in spec.stride) or any(d != 1 for d in spec.lhs_dilation):
+        return "stride or lhs_dilation other than 1"
+    r = M // 2
+    for a in range(D):
+        half = r * spec.rhs_dilation[a]
+        pads = (spec.torus_pad[a], spec.zero_pad[a]) if spec.is_torus[a] else (spec.zero_pad[a], spec.torus_pad[a])
+        if tuple(pads[0]) != (half, half) or tuple(pads[1]) != (0, 0):
+            return f"axis {a}: padding other than SAME ({half} cells a side)"
+        if spatial[a] < half or (spec.is_torus[a] and spatial[a] < half):
+            return f"axis {a}: size {spatial[a]} below the filter's reach {half}"
+    for (k, parity, _) in spec.in_keys + spec.out_keys:
+        if parity not in (0, 1):
+            return f"key parity {parity}"
+    if _structure_error(spec) > STRUCTURE_TOL:
+        return "the filter bases are not even or odd along each axis per component pair"
+    return None
+
+
+def _structure_error(spec: ConvSpec) -> float:
+    """Largest |W'| outside the parity blocks over the pairs' bases, relative to each basis' largest."""
+    D, M = spec.D, spec.filter_shape[0]
+    T = combo_matrix(M)
+    worst = 0.0
+    for t, pair in enumerate(spec.pairs):
+        k_a, p_a, _ = spec.in_keys[pair.in_index]
+        k_b, p_b, _ = spec.out_keys[pair.out_index]
+        B = pair_basis(spec, t).reshape((-1,) + (M,) * D + (D**k_a, D**k_b))
+        scale = float(np.abs(B).max()) or 1.0
+        for a in range(D):
+            B = np.moveaxis(np.tensordot(T, np.moveaxis(B, a + 1, 0), axes=(1, 0)), 0, a + 1)
+        ci = np.array([component_class(D, k_a, p_a, i) for i in range(D**k_a)])
+        cj = np.array([component_class(D, k_b, p_b, j) for j in range(D**k_b)])
+        for combo in itertools.product(range(M), repeat=D):
+            q = sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
+            off = (ci[:, None] ^ cj[None, :]) != q
+            if off.any():
+                worst = max(worst, float(np.abs(B[(slice(None),) + combo][:, off]).max()) / scale)
+    return worst
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """A layer's packed row orders (dense channel index of each packed row) and forward plan."""
+
+    in_order: tuple[int, ...]
+    out_order: tuple[int, ...]
+    plan: ParityPlan
+
+
+def packed_layer(spec: ConvSpec) -> PackedLayer:
+    D, M = spec.D, spec.filter_shape[0]
+    cls_in, order_in = _classes_of(D, spec.in_keys)
+    cls_out, order_out = _classes_of(D, spec.out_keys)
+    plan = _build(D, M, spec.rhs_dilation, spec.is_torus, _class_runs(cls_in, order_in), _class_runs(cls_out, order_out))
+    return PackedLayer(tuple(order_in), tuple(order_out), plan)
+
+
+# ---- generated source ---------------------------------------------------------------------------------
+def _name(o: int) -> str:
+    return f"m{-o}" if o < 0 else f"p{o}"
+
+
+class _Source:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, line: str, depth: int = 1) -> None:
+        self.lines.append("    " * depth + line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _axis_offsets(plan: ParityPlan) -> list[list[int]]:
+    return [[g * plan.dilation[a] * s for g in range(plan.r + 1) for s in ((1,) if g == 0 else (-1, 1))]
+            for a in range(plan.D)]
+
+
+def _coordinates(e: _Source, plan: ParityPlan, spatial, depth: int, masked_x: bool) -> None:
+    """Shifted coordinates of the program's pixels: leading axes `c{a}_{o}` (scalars, wrapped or
+    with validity `v{a}_{o}`), the x axis `xo_{o}` (vectors, with `xm_{o}` where masked)."""
+    D = plan.D
+    for a, offsets in enumerate(_axis_offsets(plan)[:-1]):
+        n = spatial[a]
+        for o in offsets:
+            nm = f"c{a}_{_name(o)}"
+            if o == 0:
+                e(f"{nm} = c{a}", depth)
+            elif plan.torus[a]:
+                e(f"{nm} = (c{a} + {o + n}) % {n}", depth)
+            else:
+                e(f"{nm} = c{a} + {o}", depth)
+                # a vector: the interpreter rejects a scalar validity and-ed into a vector mask
+                e(f"v{a}_{_name(o)} = (xs * 0 + {nm} >= 0) & (xs * 0 + {nm} < {n})", depth)
+    n = spatial[-1]
+    for o in _axis_offsets(plan)[-1]:
+        nm = f"xo_{_name(o)}"
+        if o == 0:
+            e(f"{nm} = xs", depth)
+            if masked_x:
+                e(f"xm_{_name(o)} = xs < {n}", depth)
+            continue
+        e(f"{nm} = xs + {o}", depth)
+        if plan.torus[D - 1]:
+            e(f"{nm} = tl.where({nm} >= {n}, {nm} - {n}, tl.where({nm} < 0, {nm} + {n}, {nm}))", depth)
+            if masked_x:
+                e(f"xm_{_name(o)} = xs < {n}", depth)
+        else:
+            e(f"xm_{_name(o)} = ({nm} >= 0) & ({nm} < {n})" + (f" & (xs < {n})" if masked_x else ""), depth)
+
+
+def _tap_load(plan: ParityPlan, spatial, base: str, rows: str, offs: tuple[int, ...], rmask: Optional[str],
+              masked_x: bool) -> str:
+    """A [BLOCK_X, CHUNK] tile of `base` at the shifted pixel `offs` (one offset per axis)."""
+    D = plan.D
+    strides = [math.prod(spatial[a + 1:]) for a in range(D)]
+    lead = " + ".join(f"c{a}_{_name(o)} * {strides[a]}" for a, o in enumerate(offs[:-1])) or "0"
+    xo = _name(offs[-1])
+    masks = [f"v{a}_{_name(o)}" for a, o in enumerate(offs[:-1]) if o != 0 and not plan.torus[a]]
+    if masked_x or (offs[-1] != 0 and not plan.torus[-1]):
+        masks.append(f"xm_{xo}")
+    mask_terms = []
+    if masks:  # a vector mask: scalars alone (leading axes' validity) would not broadcast
+        vector = ([f"xm_{xo}"] if f"xm_{xo}" in masks else ["(xs >= 0)"]) + [m for m in masks if m != f"xm_{xo}"]
+        mask_terms.append(f"({' & '.join(vector)})[:, None]")
+    if rmask:
+        mask_terms.append(f"{rmask}[None, :]")
+    mask = f", mask={' & '.join(mask_terms)}, other=0.0" if mask_terms else ""
+    return f"tl.load({base} + {rows} + ({lead} + xo_{xo})[:, None]{mask})"
+
+
+def _butterfly(e: _Source, prefix: str, nz_axes: list[int], depth: int) -> dict:
+    """Sums and differences of the 2^k tiles `{prefix}_<m|p per nonzero axis>` axis by axis:
+    returns {per-axis 's'/'d' tuple: variable}."""
+    states = {pat: f"{prefix}_{''.join(pat)}" for pat in itertools.product("mp", repeat=len(nz_axes))}
+    for n in range(len(nz_axes)):
+        new = {}
+        for pat, var in states.items():
+            if pat[n] != "p":
+                continue
+            minus = states[pat[:n] + ("m",) + pat[n + 1:]]
+            for kind, op in (("s", "+"), ("d", "-")):
+                pat2 = pat[:n] + (kind,) + pat[n + 1:]
+                name = f"{prefix}_{''.join(pat2)}"
+                e(f"{name} = {var} {op} {minus}", depth)
+                new[pat2] = name
+        states = new
+    return states
+
+
+def _combo_of(groups: tuple[int, ...], nz_axes: list[int], pat: tuple[str, ...]) -> tuple[int, ...]:
+    combo = [0] * len(groups)
+    for n, a in enumerate(nz_axes):
+        combo[a] = 2 * groups[a] - 1 if pat[n] == "s" else 2 * groups[a]
+    return tuple(combo)
+
+
+def _dot_kw(precision: str) -> str:
+    return f", input_precision=\"{precision}\""
+
+
+def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
+                   batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The forward kernel of output classes `group`: (source, programs per batch element).
+    Operands x (B|1, cin, *spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
+    the group's classes, *spatial)."""
+    D, S = plan.D, math.prod(spatial)
+    n_x = spatial[-1]
+    nxb = -(-n_x // block_x)
+    masked_x = n_x % block_x != 0
+    lead = spatial[:-1]
+    programs = nxb * math.prod(lead)
+    wmax = plan.max_out_pad
+    index = plan.dot_index()
+    row0 = plan.out_classes[group[0]][1]
+    width = sum(plan.out_classes[b][2] for b in group)
+    e = _Source()
+    e("import triton", 0)
+    e("import triton.language as tl", 0)
+    e("", 0)
+    e("", 0)
+    e("@triton.jit", 0)
+    e(f"def {name}(x, w, y):", 0)
+    e("pid = tl.program_id(0)")
+    e(f"xb = pid % {nxb}")
+    e(f"t = pid // {nxb}")
+    for a in reversed(range(D - 1)):
+        e(f"c{a} = t % {spatial[a]}")
+        e(f"t = t // {spatial[a]}")
+    e("b = t.to(tl.int64)")
+    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})")
+    e(f"kk = tl.arange(0, {CHUNK})")
+    e(f"xbase = x{f' + b * {plan.cin * S}' if batched[0] else ''}")
+    e(f"wbase = w{f' + b * {len(plan.dots) * CHUNK * wmax}' if batched[1] else ''}")
+    _coordinates(e, plan, spatial, 1, masked_x)
+    for b in group:
+        e(f"acc{b} = tl.zeros(({block_x}, {plan.out_pad(b)}), tl.float32)")
+    pads = sorted({plan.out_pad(b) for b in group})
+    for p in pads:
+        e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
+    offsets = _axis_offsets(plan)
+    for ch, (cls, start, rows) in enumerate(plan.chunks):
+        wanted = [(combo, n) for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group]
+        if not wanted:
+            continue
+        wanted_combos = {combo for combo, _ in wanted}
+        e(f"rows = (kk + {start}).to(tl.int64) * {S}")
+        rmask = None
+        if rows < CHUNK:
+            e(f"rmask = kk < {rows}")
+            rmask = "rmask"
+        for groups in itertools.product(range(plan.r + 1), repeat=D):
+            combos = group_combos(groups)
+            if not any(c in wanted_combos for c in combos):
+                continue
+            nz = [a for a in range(D) if groups[a] > 0]
+            for pat in itertools.product("mp", repeat=len(nz)):
+                offs = [0] * D
+                for n_ax, a in enumerate(nz):
+                    offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
+                assert all(o in offsets[a] for a, o in enumerate(offs))
+                e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), rmask, masked_x)}")
+            tiles = _butterfly(e, "t", nz, 1)
+            for pat, var in tiles.items():
+                combo = _combo_of(groups, nz, pat)
+                n = index.get((ch, combo))
+                if n is None or plan.dots[n][2] not in group:
+                    continue
+                b = plan.dots[n][2]
+                p = plan.out_pad(b)
+                e(f"acc{b} = tl.dot({var}, tl.load(wbase + {n * CHUNK * wmax} + wk{p}), acc{b}{_dot_kw(precision)})")
+    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
+    e(f"ybase = y + b * {width * S}")
+    e(f"pix = ({lead_out} + xs)[:, None]")
+    for b in group:
+        _, start, rows = plan.out_classes[b]
+        p = plan.out_pad(b)
+        mask = []
+        if rows < p:
+            mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
+        if masked_x:
+            mask.append(f"(xs < {n_x})[:, None]")
+        m = f", mask={' & '.join(mask)}" if mask else ""
+        e(f"tl.store(ybase + (tl.arange(0, {p}) + {start - row0}).to(tl.int64)[None, :] * {S} + pix, acc{b}{m})")
+    return e.text(), programs
+
+
+def weight_grad_units(plan: ParityPlan) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """The weight gradient's program kinds: (input chunk, leading-axis groups) with a dot."""
+    index = plan.dot_index()
+    units = []
+    for ch in range(len(plan.chunks)):
+        for lg in itertools.product(range(plan.r + 1), repeat=plan.D - 1):
+            if any(c2 == ch and tuple(combo_group(c) for c in combo[:-1]) == lg for c2, combo in index):
+                units.append((ch, lg))
+    return tuple(units)
+
+
+def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], block_x: int, slabs: int,
+                       batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The weight gradient's partial sums: (source, programs per batch element). Operands x (B|1,
+    cin, *spatial), g (B|1, cout, *spatial); result part (B, slabs, dots, CHUNK, max_out_pad), each
+    program's dots (one input chunk, one tuple of leading-axis groups) over one run of rows."""
+    D, S = plan.D, math.prod(spatial)
+    n_x = spatial[-1]
+    nxb = -(-n_x // block_x)
+    masked_x = n_x % block_x != 0
+    lead = spatial[:-1]
+    n_rows = math.prod(lead)
+    per = -(-n_rows // slabs)
+    wmax = plan.max_out_pad
+    index = plan.dot_index()
+    units = weight_grad_units(plan)
+    nq = len(units)
+    e = _Source()
+    e("import triton", 0)
+    e("import triton.language as tl", 0)
+    e("", 0)
+    e("", 0)
+    e("@triton.jit", 0)
+    e(f"def {name}(x, g, part):", 0)
+    e("pid = tl.program_id(0)")
+    e(f"q = pid % {nq}")
+    e(f"slab = (pid // {nq}) % {slabs}")
+    e(f"b = (pid // {nq * slabs}).to(tl.int64)")
+    e(f"kk = tl.arange(0, {CHUNK})")
+    e(f"xbase = x{f' + b * {plan.cin * S}' if batched[0] else ''}")
+    e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
+    e(f"pbase = part + (b * {slabs} + slab) * {len(plan.dots) * CHUNK * wmax}")
+    for p in sorted({plan.out_pad(b) for b in range(len(plan.out_classes))}):
+        e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
+    e(f"wkfull = kk[:, None] * {wmax} + tl.arange(0, {wmax})[None, :]")
+    e(f"zero = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
+    offsets_x = _axis_offsets(plan)[-1]
+    for qi, (ch, lg) in enumerate(units):
+        cls, start, rows = plan.chunks[ch]
+        e(f"{'if' if qi == 0 else 'elif'} q == {qi}:")
+        nz = [a for a in range(D - 1) if lg[a] > 0]
+        # this unit's dots: leading combination from `lg`, any x combination
+        mine = []
+        for pat in itertools.product("sd", repeat=len(nz)):
+            lead_combo = _combo_of(lg + (0,), nz, pat)[:-1]
+            for cx in range(plan.M):
+                n = index.get((ch, lead_combo + (cx,)))
+                if n is not None:
+                    mine.append((pat, cx, n))
+        for _, _, n in mine:
+            e(f"a{n} = tl.zeros(({CHUNK}, {plan.out_pad(plan.dots[n][2])}), tl.float32)", 2)
+        e(f"rows = (kk + {start}).to(tl.int64) * {S}", 2)
+        rmask = None
+        if rows < CHUNK:
+            e(f"rmask = kk < {rows}", 2)
+            rmask = "rmask"
+        e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):", 2)
+        t = "row"
+        for a in reversed(range(D - 1)):
+            e(f"c{a} = {t} % {spatial[a]}", 3)
+            if a:
+                e(f"r{a} = {t} // {spatial[a]}", 3)
+                t = f"r{a}"
+        e(f"for xb in range({nxb}):", 3)
+        e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 4)
+        _coordinates(e, plan, spatial, 4, masked_x)
+        tiles_by_ox = {}
+        for ox in offsets_x:
+            for pat in itertools.product("mp", repeat=len(nz)):
+                offs = [0] * D
+                for n_ax, a in enumerate(nz):
+                    offs[a] = lg[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
+                offs[-1] = ox
+                e(f"t{_name(ox)}_{''.join(pat)} = "
+                  f"{_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), rmask, masked_x)}", 4)
+            tiles_by_ox[ox] = _butterfly(e, f"t{_name(ox)}", nz, 4)
+        # x combinations of each leading combination
+        lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
+        e(f"pix = ({lead_out} + xs)[:, None]", 4)
+        loaded = set()
+        for pat, cx, n in mine:
+            ptag = "".join(pat)
+            gx = combo_group(cx)
+            dil = plan.dilation[-1]
+            if cx == 0:
+                a_var = tiles_by_ox[0][pat]
+            else:
+                plus, minus = tiles_by_ox[gx * dil][pat], tiles_by_ox[-gx * dil][pat]
+                a_var = f"x{cx}_{ptag}"
+                e(f"{a_var} = {plus} {'+' if cx % 2 else '-'} {minus}", 4)
+            b = plan.dots[n][2]
+            if b not in loaded:
+                _, ostart, orows = plan.out_classes[b]
+                p = plan.out_pad(b)
+                mask = []
+                if orows < p:
+                    mask.append(f"(tl.arange(0, {p}) < {orows})[None, :]")
+                if masked_x:
+                    mask.append(f"(xs < {n_x})[:, None]")
+                m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
+                e(f"gy{b} = tl.load(gbase + (tl.arange(0, {p}) + {ostart}).to(tl.int64)[None, :] * {S} + pix{m})", 4)
+                loaded.add(b)
+            e(f"a{n} = tl.dot(tl.trans({a_var}), gy{b}, a{n}{_dot_kw(precision)})", 4)
+        for _, _, n in mine:
+            p = plan.out_pad(plan.dots[n][2])
+            if p < wmax:
+                e(f"tl.store(pbase + {n * CHUNK * wmax} + wkfull, zero, mask=wkfull % {wmax} >= {p})", 2)
+            e(f"tl.store(pbase + {n * CHUNK * wmax} + wk{p}, a{n})", 2)
+    return e.text(), nq * slabs
+
+
+def kernel_plan(name: str, source: str, programs: int, num_warps: int = 4) -> KernelPlan:
+    return KernelPlan(name=name, source=source, programs_per_batch=programs, out_spatial=(), num_warps=num_warps,
+                      num_stages=1, nonzeros=0, peak_live_z=0)

@@ -1,0 +1,282 @@
+"""The layer as a parity-blocked convolution on the tensor cores: one Triton forward, the same
+kernel on the transposed plan for the input gradient, and a weight-gradient kernel.
+
+    outputs = conv_contract_parity(spec, inputs, weights, mode)
+
+`_parity_plan.py` says why the layer's dense filter, rewritten from taps to sums and differences
+of opposite taps, splits into one small GEMM per (input component class, tap combination), and
+generates the kernels. Here: packing the blocks into class-ordered rows, the filter's rewrite
+(plain jnp, differentiated by autodiff down to the layer's weights), the launches, a custom_vjp
+and the reference the tests compare with (`kernels.dense`, the same filter as one convolution).
+
+Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
+residual are added by XLA after the kernel (`conv_contract_triton` does that for this path).
+Under `jax.vmap` each kernel is one launch for the batch (`batched_op`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._env import env_choice
+from ..dense import assemble_dense_filter
+from .._spec import ConvSpec
+from ._launch import batch_size, batched_flags, run_plan
+from ._parity_plan import (
+    CHUNK,
+    PackedLayer,
+    ParityPlan,
+    combo_matrix,
+    combo_odd,
+    component_class,
+    forward_source,
+    kernel_plan,
+    packed_layer,
+    unsupported,
+    weight_grad_source,
+    weight_grad_units,
+)
+
+__all__ = ["PARITY_ENV", "conv_contract_parity", "parity_runs", "parity_supported", "packed_layer"]
+
+# "auto": the layers Triton's factorised kernels would run in filter groups (2-tensor layers,
+# where they lose to `dense`); "on": every layer the form covers; "off": never
+PARITY_ENV = "GINJAX_TRITON_PARITY"
+PARITY_CHOICES = ("auto", "on", "off")
+
+# programs a weight-gradient launch aims at: a few per SM slot of a 132-SM GPU
+_TARGET_PROGRAMS = 1024
+_PRECISION = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "tf32"}  # bf16 calls run at tf32 (no slower)
+
+
+def parity_supported(spec: ConvSpec, spatial: tuple[int, ...]):
+    """None where `conv_contract_parity` runs this layer on these sizes, else why not."""
+    return unsupported(spec, spatial)
+
+
+def parity_runs(spec: ConvSpec, spatial: tuple[int, ...], grouped: bool) -> bool:
+    """Whether the `triton` backend runs this layer (without its bias) as the parity-blocked
+    convolution: $GINJAX_TRITON_PARITY, and `grouped`, whether its factorised kernels would take
+    several filter-group launches."""
+    choice = env_choice(PARITY_ENV, PARITY_CHOICES, "auto")
+    if choice == "off" or (choice == "auto" and not grouped):
+        return False
+    return unsupported(spec, tuple(spatial)) is None
+
+
+def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
+                         mode: str) -> tuple[jax.Array, ...]:
+    """ConvContract of unbatched blocks (c, *spatial, *(D,)*k) as the parity-blocked
+    convolution; float32 outputs (o, *spatial, *(D,)*k). Differentiable (custom_vjp); the
+    layer's bias is not included (spec.without_bias())."""
+    spatial = tuple(int(n) for n in inputs[0].shape[1:1 + spec.D])
+    why = unsupported(spec, spatial)
+    if why is not None:
+        raise ValueError(f"the parity-blocked form cannot run this layer: {why}")
+    layer = packed_layer(spec)
+    x = pack_rows(spec.D, spec.in_keys, layer.in_order, [a.astype(jnp.float32) for a in inputs])
+    wc = combo_filter(spec, layer, weights)
+    y = _parity_conv(layer.plan, spatial, _PRECISION[mode], x, wc)
+    return unpack_rows(spec.D, spec.out_keys, layer.out_order, y)
+
+
+# ---- packing: blocks <-> class-ordered rows ----------------------------------------------------------
+def _class_slices(D: int, keys, order: tuple[int, ...]):
+    """Per packed class run and block: (block, components of that class, in order). Rows of one
+    (class, block) are channel-major, component-minor, as `_parity_plan._classes_of` sorts them."""
+    runs, prev = [], None
+    for n in order:
+        block, comp = _locate(D, keys, n)
+        c_cls = component_class(D, keys[block][0], keys[block][1], comp)
+        if prev != (c_cls, block):
+            runs.append((c_cls, block, []))
+            prev = (c_cls, block)
+        if comp not in runs[-1][2]:
+            runs[-1][2].append(comp)
+    return [(c, b, tuple(sorted(comps))) for c, b, comps in runs]
+
+
+def _locate(D: int, keys, n: int) -> tuple[int, int]:
+    """(block, component) of dense channel index n."""
+    for b, (k, _, c) in enumerate(keys):
+        width = c * D**k
+        if n < width:
+            return b, n % D**k
+        n -= width
+    raise IndexError(n)
+
+
+def _components(a: jax.Array, comps: tuple[int, ...]) -> jax.Array:
+    """a[:, comps] for a static component list: a strided slice where they are evenly spaced."""
+    if len(comps) == 1 or len({j - i for i, j in zip(comps, comps[1:])}) == 1:
+        step = comps[1] - comps[0] if len(comps) > 1 else 1
+        return a[:, comps[0]:comps[-1] + 1:step]
+    return jnp.take(a, np.array(comps), axis=1)
+
+
+def pack_rows(D: int, keys, order: tuple[int, ...], blocks: Sequence[jax.Array]) -> jax.Array:
+    """Blocks (c, *spatial, *(D,)*k) -> (rows, *spatial), rows in `order` (class-ordered)."""
+    spatial = tuple(blocks[0].shape[1:1 + D])
+    planar = [jnp.moveaxis(x.reshape((x.shape[0],) + spatial + (D**k,)), -1, 1)
+              for x, (k, _, _) in zip(blocks, keys)]  # (c, T, *spatial)
+    parts = [_components(planar[b], comps).reshape((-1,) + spatial) for _, b, comps in _class_slices(D, keys, order)]
+    return jnp.concatenate(parts, axis=0)
+
+
+def unpack_rows(D: int, keys, order: tuple[int, ...], y: jax.Array) -> tuple[jax.Array, ...]:
+    """(rows, *spatial) in `order` -> blocks (o, *spatial, *(D,)*k)."""
+    spatial = tuple(y.shape[1:])
+    per_block: list[dict] = [dict() for _ in keys]
+    start = 0
+    for _, b, comps in _class_slices(D, keys, order):
+        c = keys[b][2]
+        seg = y[start:start + c * len(comps)].reshape((c, len(comps)) + spatial)
+        for n, comp in enumerate(comps):
+            per_block[b][comp] = seg[:, n]
+        start += c * len(comps)
+    outs = []
+    for (k, _, c), comps in zip(keys, per_block):
+        stacked = jnp.stack([comps[t] for t in range(D**k)], axis=-1)  # (c, *spatial, T)
+        outs.append(stacked.reshape((c,) + spatial + (D,) * k))
+    return tuple(outs)
+
+
+# ---- the filter: taps -> combinations -> per-dot tiles -----------------------------------------------
+def combo_filter(spec: ConvSpec, layer: PackedLayer, weights: Sequence[jax.Array]) -> jax.Array:
+    """(M^D combinations, cin, cout) in packed row orders, from the layer's weights (differentiable)."""
+    D, M = spec.D, spec.filter_shape[0]
+    w = assemble_dense_filter(spec, [jnp.asarray(a, jnp.float32) for a in weights], jnp.float32)
+    w = w[..., np.array(layer.in_order), :][..., np.array(layer.out_order)]
+    T = jnp.asarray(combo_matrix(M), jnp.float32)
+    for a in range(D):
+        w = jnp.moveaxis(jnp.tensordot(T, jnp.moveaxis(w, a, 0), axes=(1, 0), precision=jax.lax.Precision.HIGHEST), 0, a)
+    return w.reshape((M**D,) + w.shape[D:])
+
+
+def _combo_flat(combo: tuple[int, ...], M: int) -> int:
+    return int(np.ravel_multi_index(combo, (M,) * len(combo)))
+
+
+@functools.lru_cache(maxsize=64)
+def _dot_gather(plan: ParityPlan):
+    """Static indices of every dot's (CHUNK, max_out_pad) tile in the (combos, cin, cout) filter."""
+    wmax = plan.max_out_pad
+    n = len(plan.dots)
+    combos = np.zeros(n, np.int32)
+    rows = np.zeros((n, CHUNK), np.int32)
+    cols = np.zeros((n, wmax), np.int32)
+    valid = np.zeros((n, CHUNK, wmax), bool)
+    for d, (ch, combo, b) in enumerate(plan.dots):
+        _, start, width = plan.chunks[ch]
+        _, ostart, owidth = plan.out_classes[b]
+        combos[d] = _combo_flat(combo, plan.M)
+        rows[d, :width] = start + np.arange(width)
+        cols[d, :owidth] = ostart + np.arange(owidth)
+        valid[d, :width, :owidth] = True
+    return combos, rows, cols, valid
+
+
+def dot_weights(plan: ParityPlan, wc: jax.Array) -> jax.Array:
+    """(dots, CHUNK, max_out_pad): each dot's weight tile, zero-padded."""
+    combos, rows, cols, valid = _dot_gather(plan)
+    tiles = wc[combos[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return jnp.where(valid, tiles, 0.0)
+
+
+def transposed_combos(plan: ParityPlan, wc: jax.Array) -> jax.Array:
+    """The input gradient's filter: the correlation with W[-tap]^T, i.e. W'^T with the sign of
+    every difference flipped."""
+    M, D = plan.M, plan.D
+    sign = np.array([(-1.0) ** sum(combo_odd(c) for c in combo)
+                     for combo in np.ndindex(*(M,) * D)], np.float32)
+    return jnp.swapaxes(wc, 1, 2) * sign[:, None, None]
+
+
+# ---- launches ------------------------------------------------------------------------------------------
+def _block_x(n: int) -> int:
+    return max(16, min(64, 1 << (n - 1).bit_length()))
+
+
+def _named(prefix: str, make) -> tuple[str, str, int]:
+    """Generate with a placeholder name, then name the kernel after its source (cache key)."""
+    source, programs = make("KERNEL")
+    name = f"{prefix}_{hashlib.sha1(source.encode()).hexdigest()[:16]}"
+    return name, source.replace("KERNEL", name), programs
+
+
+@functools.lru_cache(maxsize=128)
+def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], precision: str):
+    from .conv_contract import batched_op
+
+    width = sum(plan.out_classes[b][2] for b in group)
+
+    def body(xs, ws):
+        (x,), (w,) = xs, ws
+        batch = batch_size([x, w])
+        flags = batched_flags([x, w], batch)
+        name, source, programs = _named("parity_fwd", lambda nm: forward_source(
+            plan, spatial, group, _block_x(spatial[-1]), flags, precision, nm))
+        shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
+        return run_plan(kernel_plan(name, source, programs), [shape], programs * batch, [x, w])
+
+    return batched_op(body)
+
+
+def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
+    """(cin, *spatial) -> (cout, *spatial), one launch per output group."""
+    outs = []
+    for group in plan.out_groups():
+        (y,) = _batched_forward(plan, spatial, group, precision)((x[None],), (wk[None],))
+        outs.append(y[0])
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+@functools.lru_cache(maxsize=128)
+def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], precision: str):
+    from .conv_contract import batched_op
+
+    def body(xs, gs):
+        (x,), (g,) = xs, gs
+        batch = batch_size([x, g])
+        flags = batched_flags([x, g], batch)
+        rows = math.prod(spatial[:-1])
+        units = len(weight_grad_units(plan))
+        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * units))))
+        name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
+            plan, spatial, _block_x(spatial[-1]), slabs, flags, precision, nm))
+        shape = jax.ShapeDtypeStruct((batch, slabs, len(plan.dots), CHUNK, plan.max_out_pad), jnp.float32)
+        (part,) = run_plan(kernel_plan(name, source, programs), [shape], programs * batch, [x, g])
+        return (jnp.sum(part, axis=1),)
+
+    return batched_op(body)
+
+
+# ---- differentiation ------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _parity_conv(plan: ParityPlan, spatial, precision, x, wc):
+    return _forward(plan, spatial, precision, x, dot_weights(plan, wc))
+
+
+def _parity_conv_fwd(plan, spatial, precision, x, wc):
+    return _forward(plan, spatial, precision, x, dot_weights(plan, wc)), (x, wc)
+
+
+def _parity_conv_bwd(plan, spatial, precision, residuals, dy):
+    x, wc = residuals
+    dy = dy.astype(jnp.float32)
+    plan_t = plan.transposed()
+    dx = _forward(plan_t, spatial, precision, dy, dot_weights(plan_t, transposed_combos(plan, wc)))
+    (dwk,) = _batched_weight_grad(plan, spatial, precision)((x[None],), (dy[None],))
+    _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
+    (dwc,) = gather_vjp(dwk[0])
+    return dx.astype(x.dtype), dwc.astype(wc.dtype)
+
+
+_parity_conv.defvjp(_parity_conv_fwd, _parity_conv_bwd)

@@ -1,0 +1,186 @@
+"""The parity-blocked convolution (kernels/triton/parity_conv.py) on the host: its generated
+forward, input-gradient and weight-gradient kernels through Triton's interpreter, against the
+`reference` and `dense` backends on fresh random inputs. Outputs on the interpreter path start as
+NaN, so an element the kernels fail to write shows up as non-finite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from bench._cases import layer_spec
+from bench._configs import CONFIGS
+from conftest import gradient_errors
+
+triton_backend = pytest.importorskip("kernels.triton")
+if not triton_backend.availability()[0]:
+    pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
+
+from kernels.triton import _parity_plan, parity_conv  # noqa: E402
+from kernels.triton.parity_conv import PARITY_ENV, conv_contract_parity, parity_supported  # noqa: E402
+from test_conv_contract_triton import check_close, make_layer, operands, run  # noqa: E402
+
+
+def _loss(f, xs, ws):
+    return sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(xs, ws)))
+
+
+def _check_gradients(f, g, xs, ws, tol):
+    """Gradients in inputs and weights, each block measured at the larger of its own norm and the
+    whole gradient's (`gradient_errors`: a block that cancels by symmetry is rounding noise)."""
+    got = jax.grad(lambda x, w: _loss(f, x, w), argnums=(0, 1))(xs, ws)
+    want = jax.grad(lambda x, w: _loss(g, x, w), argnums=(0, 1))(xs, ws)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(got))
+    assert max(gradient_errors(got, want)) <= tol, gradient_errors(got, want)
+
+
+@pytest.mark.parametrize(
+    "name, D, M, ins, outs, is_torus, geometry, N",
+    [
+        ("d3-s-v-t-torus", 3, 3, [("s", 2), ("v", 2), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)], True, {}, 5),
+        ("d3-same-mixed-pseudo", 3, 3, [("s", 1), ("pv", 1), ("t", 1)], [("pv", 2), ("t", 1)], (True, False, True),
+         {}, 4),
+        ("d2-all-orders-zero-pad", 2, 3, [("s", 2), ("v", 2), ("pv", 1), ("t", 1)],
+         [("s", 1), ("v", 2), ("pt", 1)], False, {"padding": "SAME"}, (6, 19)),
+        ("d2-dilated-torus", 2, 3, [("s", 2), ("t", 1)], [("v", 2), ("t", 1)], True, {"rhs_dilation": 2}, 7),
+        ("d2-m5", 2, 5, [("s", 1), ("v", 2)], [("s", 2), ("t", 1)], (True, False), {}, 7),
+    ],
+)
+def test_forward_and_gradients_match(name, D, M, ins, outs, is_torus, geometry, N):
+    """Outputs against `reference`, gradients in inputs and weights against `dense`'s autodiff:
+    tori, zero padding, pseudo-tensor keys (their classes flip), 2-tensors, dilation, a 5-tap
+    filter (two sum/difference groups an axis), and an x axis of 19 (two masked pixel blocks)."""
+    spec = make_layer(D, M, ins, outs, is_torus, **geometry)
+    spatial = (N,) * D if isinstance(N, int) else N
+    assert parity_supported(spec, spatial) is None
+    xs, ws = operands(spec, spatial, seed=zlib.crc32(name.encode()))
+    got = conv_contract_parity(spec, xs, ws, "fp32")
+    check_close(got, run(spec, xs, ws, "reference"), "fp32")
+    dense = kernels.dense.conv_contract_dense
+    _check_gradients(lambda x, w: conv_contract_parity(spec, x, w, "fp32"), lambda x, w: dense(spec, x, w, "fp32"),
+                     xs, ws, 1e-5)
+
+
+def test_dots_are_the_dense_filters_nonzeros():
+    """The plan's GEMMs cover exactly the nonzeros of the layer's filter rewritten to sums and
+    differences (computed here from the dense filter, not from the plan): nothing left out, and
+    for the issue's 2-tensor layer the 38,912 multiply-adds a pixel against dense's 292,032."""
+    spec = make_layer(3, 3, [("s", 8), ("v", 8), ("t", 8)], [("s", 8), ("v", 8), ("t", 8)])
+    layer = parity_conv.packed_layer(spec)
+    plan = layer.plan
+    xs, ws = operands(spec, 4, seed=3)
+    wc = np.asarray(parity_conv.combo_filter(spec, layer, ws))
+    nonzero = np.abs(wc) > 1e-6 * np.abs(wc).max()
+    covered = np.zeros_like(nonzero)
+    combos, rows, cols, valid = parity_conv._dot_gather(plan)
+    for d in range(len(plan.dots)):
+        r, c = rows[d][valid[d].any(1)], cols[d][valid[d].any(0)]
+        covered[combos[d]][np.ix_(r, c)] = True
+    assert not (nonzero & ~covered).any()
+    assert int(valid.sum()) == 38_912 == int(covered.sum())
+    assert spec.cin * spec.cout * 27 == 292_032
+
+
+def test_vmap_is_one_launch_per_kernel_and_matches_per_example():
+    spec = make_layer(3, 3, [("s", 1), ("t", 1)], [("v", 1), ("t", 1)])
+    xs, ws = operands(spec, 4, seed=7, batch=2)
+    f = jax.vmap(lambda x, w: conv_contract_parity(spec, x, w, "fp32"), in_axes=(0, None))
+    got = f(xs, ws)
+    for b in range(2):
+        want = run(spec, [x[b] for x in xs], ws, "reference")
+        check_close([g[b] for g in got], want, "fp32")
+    closed = jax.make_jaxpr(f)(xs, ws)
+    assert str(closed).count("pure_callback") == 1, closed
+    grads = jax.make_jaxpr(jax.grad(lambda x, w: _loss(f, x, w), argnums=(0, 1)))(xs, ws)
+    assert str(grads).count("pure_callback") == 3  # forward, input gradient, weight gradient
+    _check_gradients(f, jax.vmap(lambda x, w: run(spec, x, w, "reference"), in_axes=(0, None)), xs, ws, 1e-5)
+
+
+@pytest.mark.parametrize("mode, dtype", [("tf32", jnp.float32), ("bf16", jnp.bfloat16)])
+def test_lower_precisions(mode, dtype):
+    spec = make_layer(3, 3, [("s", 3), ("t", 2)], [("s", 2), ("v", 2), ("t", 1)])
+    xs, ws = operands(spec, 4, seed=13)
+    want = run(spec, xs, ws, "reference")
+    got = conv_contract_parity(spec, [x.astype(dtype) for x in xs], ws, mode)
+    check_close(got, want, mode)
+
+
+def test_triton_backend_runs_it_with_bias_and_residual(monkeypatch):
+    """Through `kernels.conv_contract` with GINJAX_TRITON_PARITY=on: the layer's bias ('add' and
+    a torus 'mean') and a residual added after the kernels, vmapped, against `reference`;
+    `explain` says which form runs under on, off and auto. Under auto the issue's 2-tensor layer
+    (8 channels a key, which the factorised kernels run in filter groups) takes the parity form
+    and this small one (one launch of theirs) does not."""
+    monkeypatch.setenv(PARITY_ENV, "on")
+    base = make_layer(3, 3, [("s", 2), ("v", 2), ("t", 2)], [("s", 2), ("v", 2), ("t", 2)])
+    spec = kernels.make_spec(3, base.in_keys, base.out_keys,
+                             [(p.in_index, p.out_index, p.basis.array) for p in base.pairs], True,
+                             bias_modes=("add", "mean", "none"))
+    xs, ws = operands(spec, 4, seed=17, batch=2)
+    bias = [jnp.linspace(-1.0, 1.0, 2), jnp.asarray([0.5, -2.0]), None]
+    residual = [None, None, jnp.ones((2, 2, 4, 4, 4, 3, 3))]
+    assert "parity-blocked" in kernels.explain(spec, (4,) * 3, backend="triton").reason
+
+    def call(backend):
+        return jax.vmap(lambda x, w, b, r: kernels.conv_contract(spec, x, w, bias=b, residual=r, backend=backend,
+                                                                  precision="fp32"),
+                        in_axes=(0, None, None, 0))
+
+    want = call("reference")(xs, ws, bias, residual)
+    closed = str(jax.make_jaxpr(call("triton"))(xs, ws, bias, residual))
+    assert closed.count("pure_callback") == 1 and "parity_fwd" not in closed  # names live in the callback
+    check_close(call("triton")(xs, ws, bias, residual), want, "fp32")
+    monkeypatch.setenv(PARITY_ENV, "off")
+    assert "parity-blocked" not in kernels.explain(spec, (4,) * 3, backend="triton").reason
+    monkeypatch.setenv(PARITY_ENV, "auto")
+    assert "parity-blocked" not in kernels.explain(spec, (4,) * 3, backend="triton").reason
+    k2 = layer_spec(CONFIGS["d3_n64_b2_c8_k2"])  # the full basis (the tests' fixture filters are fewer)
+    assert "parity-blocked" in kernels.explain(k2, (64,) * 3, backend="triton").reason
+
+
+@pytest.mark.parametrize(
+    "geometry, why",
+    [
+        ({"padding": "VALID"}, "padding other than SAME"),
+        ({"stride": 2}, "stride or lhs_dilation"),
+    ],
+)
+def test_unsupported_layers_say_why(geometry, why):
+    spec = make_layer(2, 3, [("s", 1), ("t", 1)], [("s", 1)], False, **geometry)
+    assert why in parity_supported(spec, (8, 8))
+    xs, ws = operands(spec, 8, seed=1)
+    with pytest.raises(ValueError, match=why):
+        conv_contract_parity(spec, xs, ws, "fp32")
+
+
+def test_env_choice_is_checked(monkeypatch):
+    spec = make_layer(2, 3, [("s", 1)], [("s", 1)])
+    monkeypatch.setenv(PARITY_ENV, "sometimes")
+    with pytest.raises(ValueError, match=PARITY_ENV):
+        parity_conv.parity_runs(spec, (8, 8), True)
+
+
+@pytest.mark.parametrize("D, k, parity", list(itertools.product((2, 3), (0, 1, 2), (0, 1))))
+def test_component_classes_follow_reflections(D, k, parity):
+    """A component's class bit a is the sign it takes under the reflection of axis a (times -1
+    for a pseudo-tensor key): checked by reflecting a random tensor."""
+    rng = np.random.default_rng(D * 10 + k + parity)
+    t = rng.normal(size=(D,) * k)
+    for a in range(D):
+        R = np.eye(D)
+        R[a, a] = -1
+        u = t
+        for axis in range(k):
+            u = np.moveaxis(np.tensordot(R, u, axes=(1, axis)), 0, axis)
+        u = u * (-1.0) ** parity
+        for i, idx in enumerate(np.ndindex(*(D,) * k)):
+            bit = (_parity_plan.component_class(D, k, parity, i) >> a) & 1
+            assert np.isclose(u[idx], t[idx] * (-1.0) ** bit)

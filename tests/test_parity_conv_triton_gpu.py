@@ -1,0 +1,83 @@
+"""The parity-blocked convolution on an NVIDIA GPU (`python3 -m pytest -m gpu
+tests/test_parity_conv_triton_gpu.py`): the compiled kernels (tf32 and 3xTF32 tensor-core dots)
+against `reference`, outputs and gradients, on the issue's 2-tensor layer and on odd sizes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from conftest import gradient_errors, rel_l2
+
+pytestmark = pytest.mark.gpu
+
+triton_backend = pytest.importorskip("kernels.triton")
+if not triton_backend.availability()[0] or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip(f"needs the GPU path: {triton_backend.availability()[1]}", allow_module_level=True)
+
+from test_conv_contract_triton import make_layer, operands  # noqa: E402
+
+
+def _k2(bias_modes=None):
+    from bench import _cases, _configs
+
+    base = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
+    return kernels.make_spec(3, base.in_keys, base.out_keys,
+                             [(p.in_index, p.out_index, p.basis.array) for p in base.pairs], True,
+                             bias_modes=bias_modes)
+
+
+def _loss(f):
+    return lambda x, w, b: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(x, w, b)))
+
+
+@pytest.mark.parametrize("mode", ["fp32", "tf32"])
+def test_two_tensor_layer_against_reference(mode):
+    """d3_n64_b2_c8_k2's layer at 16^3 (auto runs it parity-blocked), with an 'add' and a torus
+    'mean' bias, vmapped over 2: outputs and gradients in inputs, weights and bias."""
+    spec = _k2(("add", "mean", "none"))
+    said = kernels.explain(spec, (16,) * 3, backend="triton").reason
+    assert "parity-blocked" in said, said
+    xs, ws = operands(spec, 16, seed=29, batch=2)
+    rng = np.random.default_rng(5)
+    bias = [jnp.asarray(rng.standard_normal(8), jnp.float32), jnp.asarray(rng.standard_normal(8), jnp.float32), None]
+
+    def vf(backend, precision):
+        return jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend,
+                                                              precision=precision), in_axes=(0, None, None))
+
+    got = jax.jit(vf("triton", mode))(xs, ws, bias)
+    want = jax.jit(vf("reference", "fp32"))(xs, ws, bias)
+    for g, r in zip(got, want):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_l2(g, r) <= kernels.TOLERANCE[mode], rel_l2(g, r)
+    got = jax.jit(jax.grad(_loss(vf("triton", mode)), argnums=(0, 1, 2)))(xs, ws, bias)
+    want = jax.jit(jax.grad(_loss(vf("reference", "fp32")), argnums=(0, 1, 2)))(xs, ws, bias)
+    errors = gradient_errors(got, want, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE[mode], errors
+
+
+@pytest.mark.parametrize("spatial, torus", [((9, 12, 19), True), ((7, 10, 33), (False, True, False))])
+def test_odd_sizes_and_zero_padding(monkeypatch, spatial, torus):
+    """Sizes that no block divides, wrapped and zero-padded axes, every key order, in fp32."""
+    monkeypatch.setenv("GINJAX_TRITON_PARITY", "on")
+    spec = make_layer(3, 3, [("s", 3), ("v", 2), ("pv", 1), ("t", 2)], [("s", 2), ("v", 3), ("t", 1)], torus,
+                      **({} if torus is True else {"padding": "SAME"}))
+    assert "parity-blocked" in kernels.explain(spec, spatial, backend="triton").reason
+    xs, ws = operands(spec, spatial, seed=31)
+    f = lambda backend: (lambda x, w, b: kernels.conv_contract(spec, x, w, backend=backend, precision="fp32"))  # noqa: E731
+    got = jax.jit(f("triton"))(xs, ws, None)
+    want = jax.jit(f("reference"))(xs, ws, None)
+    for g, r in zip(got, want):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_l2(g, r) <= kernels.TOLERANCE["fp32"], rel_l2(g, r)
+    got = jax.jit(jax.grad(_loss(f("triton")), argnums=(0, 1)))(xs, ws, None)
+    want = jax.jit(jax.grad(_loss(f("reference")), argnums=(0, 1)))(xs, ws, None)
+    errors = gradient_errors(got, want, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["fp32"], errors
