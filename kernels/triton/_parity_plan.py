@@ -432,125 +432,103 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     return e.text(), programs
 
 
-def weight_grad_units(plan: ParityPlan) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """The weight gradient's program kinds: (input chunk, leading-axis groups) with a dot."""
+def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
+    """Per input chunk, the runtime table of the weight-gradient kernel of one group tuple:
+    (chunk's first row, its rows, then per combination of the group (`_butterfly` order) its
+    output class's first row and rows, 0 rows where the chunk's class has no such output)."""
+    by_class = {c: b for b, (c, _, _) in enumerate(plan.out_classes)}
+    nz = [a for a in range(plan.D) if groups[a] > 0]
+    table = []
+    for cls, start, rows in plan.chunks:
+        entry = [start, rows]
+        for pat in itertools.product("sd", repeat=len(nz)):
+            q = sum(1 << a for n, a in enumerate(nz) if pat[n] == "d")
+            b = by_class.get(cls ^ q)
+            entry += [0, 0] if b is None else list(plan.out_classes[b][1:])
+        table.append(entry)
+    return np.asarray(table, np.int32)
+
+
+def weight_grad_dots(plan: ParityPlan, groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(dot index, chunk, combination slot) of each dot the group tuple's kernel computes."""
     index = plan.dot_index()
-    units = []
+    nz = [a for a in range(plan.D) if groups[a] > 0]
+    out = []
     for ch in range(len(plan.chunks)):
-        for lg in itertools.product(range(plan.r + 1), repeat=plan.D - 1):
-            if any(c2 == ch and tuple(combo_group(c) for c in combo[:-1]) == lg for c2, combo in index):
-                units.append((ch, lg))
-    return tuple(units)
+        for j, pat in enumerate(itertools.product("sd", repeat=len(nz))):
+            n = index.get((ch, _combo_of(groups, nz, pat)))
+            if n is not None:
+                out.append((n, ch, j))
+    return out
 
 
-def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], block_x: int, slabs: int,
-                       batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
-    """The weight gradient's partial sums: (source, programs per batch element). Operands x (B|1,
-    cin, *spatial), g (B|1, cout, *spatial); result part (B, slabs, dots, CHUNK, max_out_pad), each
-    program's dots (one input chunk, one tuple of leading-axis groups) over one run of rows."""
+def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], block_x: int,
+                       slabs: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The weight gradient of one group tuple's combinations: (source, programs per batch
+    element). Operands x (B|1, cin, *spatial), g (B|1, cout, *spatial), tab (chunks, 2 + 2 C)
+    int32 (`weight_grad_table`); result part (B, slabs, chunks, C, CHUNK, max_out_pad), C = 2^k
+    combinations, every entry written: a program owns one input chunk (a runtime index: the
+    table gives its rows and its combinations' output rows) and one run of rows of pixels."""
     D, S = plan.D, math.prod(spatial)
     n_x = spatial[-1]
     nxb = -(-n_x // block_x)
     masked_x = n_x % block_x != 0
-    lead = spatial[:-1]
-    n_rows = math.prod(lead)
+    n_rows = math.prod(spatial[:-1])
     per = -(-n_rows // slabs)
     wmax = plan.max_out_pad
-    index = plan.dot_index()
-    units = weight_grad_units(plan)
-    nq = len(units)
+    n_ch = len(plan.chunks)
+    nz = [a for a in range(D) if groups[a] > 0]
+    n_c = 2 ** len(nz)
+    width = 2 + 2 * n_c
     e = _Source()
     e("import triton", 0)
     e("import triton.language as tl", 0)
     e("", 0)
     e("", 0)
     e("@triton.jit", 0)
-    e(f"def {name}(x, g, part):", 0)
+    e(f"def {name}(x, g, tab, part):", 0)
     e("pid = tl.program_id(0)")
-    e(f"q = pid % {nq}")
-    e(f"slab = (pid // {nq}) % {slabs}")
-    e(f"b = (pid // {nq * slabs}).to(tl.int64)")
+    e(f"ch = pid % {n_ch}")
+    e(f"slab = (pid // {n_ch}) % {slabs}")
+    e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
     e(f"kk = tl.arange(0, {CHUNK})")
+    e(f"oc = tl.arange(0, {wmax})")
     e(f"xbase = x{f' + b * {plan.cin * S}' if batched[0] else ''}")
     e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
-    e(f"pbase = part + (b * {slabs} + slab) * {len(plan.dots) * CHUNK * wmax}")
-    for p in sorted({plan.out_pad(b) for b in range(len(plan.out_classes))}):
-        e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
-    e(f"wkfull = kk[:, None] * {wmax} + tl.arange(0, {wmax})[None, :]")
-    e(f"zero = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
-    offsets_x = _axis_offsets(plan)[-1]
-    for qi, (ch, lg) in enumerate(units):
-        cls, start, rows = plan.chunks[ch]
-        e(f"{'if' if qi == 0 else 'elif'} q == {qi}:")
-        nz = [a for a in range(D - 1) if lg[a] > 0]
-        # this unit's dots: leading combination from `lg`, any x combination
-        mine = []
-        for pat in itertools.product("sd", repeat=len(nz)):
-            lead_combo = _combo_of(lg + (0,), nz, pat)[:-1]
-            for cx in range(plan.M):
-                n = index.get((ch, lead_combo + (cx,)))
-                if n is not None:
-                    mine.append((pat, cx, n))
-        for _, _, n in mine:
-            e(f"a{n} = tl.zeros(({CHUNK}, {plan.out_pad(plan.dots[n][2])}), tl.float32)", 2)
-        e(f"rows = (kk + {start}).to(tl.int64) * {S}", 2)
-        rmask = None
-        if rows < CHUNK:
-            e(f"rmask = kk < {rows}", 2)
-            rmask = "rmask"
-        e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):", 2)
-        t = "row"
-        for a in reversed(range(D - 1)):
-            e(f"c{a} = {t} % {spatial[a]}", 3)
-            if a:
-                e(f"r{a} = {t} // {spatial[a]}", 3)
-                t = f"r{a}"
-        e(f"for xb in range({nxb}):", 3)
-        e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 4)
-        _coordinates(e, plan, spatial, 4, masked_x)
-        tiles_by_ox = {}
-        for ox in offsets_x:
-            for pat in itertools.product("mp", repeat=len(nz)):
-                offs = [0] * D
-                for n_ax, a in enumerate(nz):
-                    offs[a] = lg[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
-                offs[-1] = ox
-                e(f"t{_name(ox)}_{''.join(pat)} = "
-                  f"{_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), rmask, masked_x)}", 4)
-            tiles_by_ox[ox] = _butterfly(e, f"t{_name(ox)}", nz, 4)
-        # x combinations of each leading combination
-        lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
-        e(f"pix = ({lead_out} + xs)[:, None]", 4)
-        loaded = set()
-        for pat, cx, n in mine:
-            ptag = "".join(pat)
-            gx = combo_group(cx)
-            dil = plan.dilation[-1]
-            if cx == 0:
-                a_var = tiles_by_ox[0][pat]
-            else:
-                plus, minus = tiles_by_ox[gx * dil][pat], tiles_by_ox[-gx * dil][pat]
-                a_var = f"x{cx}_{ptag}"
-                e(f"{a_var} = {plus} {'+' if cx % 2 else '-'} {minus}", 4)
-            b = plan.dots[n][2]
-            if b not in loaded:
-                _, ostart, orows = plan.out_classes[b]
-                p = plan.out_pad(b)
-                mask = []
-                if orows < p:
-                    mask.append(f"(tl.arange(0, {p}) < {orows})[None, :]")
-                if masked_x:
-                    mask.append(f"(xs < {n_x})[:, None]")
-                m = f", mask={' & '.join(mask)}, other=0.0" if mask else ""
-                e(f"gy{b} = tl.load(gbase + (tl.arange(0, {p}) + {ostart}).to(tl.int64)[None, :] * {S} + pix{m})", 4)
-                loaded.add(b)
-            e(f"a{n} = tl.dot(tl.trans({a_var}), gy{b}, a{n}{_dot_kw(precision)})", 4)
-        for _, _, n in mine:
-            p = plan.out_pad(plan.dots[n][2])
-            if p < wmax:
-                e(f"tl.store(pbase + {n * CHUNK * wmax} + wkfull, zero, mask=wkfull % {wmax} >= {p})", 2)
-            e(f"tl.store(pbase + {n * CHUNK * wmax} + wk{p}, a{n})", 2)
-    return e.text(), nq * slabs
+    e(f"tb = tab + ch * {width}")
+    e("rows = (kk + tl.load(tb)).to(tl.int64) * " + str(S))
+    e("rmask = kk < tl.load(tb + 1)")
+    for j in range(n_c):
+        e(f"ocol{j} = (oc + tl.load(tb + {2 + 2 * j})).to(tl.int64)[None, :] * {S}")
+        e(f"omask{j} = (oc < tl.load(tb + {3 + 2 * j}))[None, :]")
+        e(f"a{j} = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
+    e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
+    t = "row"
+    for a in reversed(range(D - 1)):
+        e(f"c{a} = {t} % {spatial[a]}", 2)
+        if a:
+            e(f"r{a} = {t} // {spatial[a]}", 2)
+            t = f"r{a}"
+    e(f"for xb in range({nxb}):", 2)
+    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
+    _coordinates(e, plan, spatial, 3, masked_x)
+    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
+    e(f"pix = ({lead_out} + xs)[:, None]", 3)
+    for pat in itertools.product("mp", repeat=len(nz)):
+        offs = [0] * D
+        for n_ax, a in enumerate(nz):
+            offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
+        e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), 'rmask', masked_x)}", 3)
+    tiles = _butterfly(e, "t", nz, 3)
+    xmask = f" & (xs < {n_x})[:, None]" if masked_x else ""
+    for j, (pat, var) in enumerate(tiles.items()):
+        e(f"gy = tl.load(gbase + ocol{j} + pix, mask=omask{j}{xmask}, other=0.0)", 3)
+        e(f"a{j} = tl.dot(tl.trans({var}), gy, a{j}{_dot_kw(precision)})", 3)
+    e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ch) * {n_c * CHUNK * wmax}")
+    e(f"wk = kk[:, None] * {wmax} + oc[None, :]")
+    for j in range(n_c):
+        e(f"tl.store(pbase + {j * CHUNK * wmax} + wk, a{j})")
+    return e.text(), n_ch * slabs
 
 
 def kernel_plan(name: str, source: str, programs: int, num_warps: int = 4) -> KernelPlan:

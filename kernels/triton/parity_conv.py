@@ -16,9 +16,12 @@ Under `jax.vmap` each kernel is one launch for the batch (`batched_op`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import itertools
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -40,8 +43,9 @@ from ._parity_plan import (
     kernel_plan,
     packed_layer,
     unsupported,
+    weight_grad_dots,
     weight_grad_source,
-    weight_grad_units,
+    weight_grad_table,
 )
 
 __all__ = ["PARITY_ENV", "conv_contract_parity", "parity_runs", "parity_supported", "packed_layer"]
@@ -200,8 +204,42 @@ def transposed_combos(plan: ParityPlan, wc: jax.Array) -> jax.Array:
 
 
 # ---- launches ------------------------------------------------------------------------------------------
+BLOCKS_ENV = "GINJAX_PARITY_BLOCKS"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityBlocks:
+    """The forward's tiling: pixels of one x row a program owns (a power of two >= 16; rows
+    shorter than it are masked) and its warps."""
+
+    block_x: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self):
+        if self.block_x < 16 or self.block_x & (self.block_x - 1):
+            raise ValueError(f"`block_x` (={self.block_x}) must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"`num_warps` (={self.num_warps}) must be 1, 2, 4, 8 or 16")
+
+    @classmethod
+    def from_env(cls) -> "ParityBlocks":
+        """$GINJAX_PARITY_BLOCKS as "block_x,num_warps" (for sweeps), else the defaults."""
+        value = os.environ.get(BLOCKS_ENV, "")
+        if not value:
+            return cls()
+        try:
+            bx, warps = (int(v) for v in value.split(","))
+        except ValueError:
+            raise ValueError(f"`{BLOCKS_ENV}` (={value!r}) must be 'block_x,num_warps', e.g. '64,4'") from None
+        return cls(bx, warps)
+
+    def for_row(self, n: int) -> int:
+        """block_x for rows of n pixels: no wider than the row needs."""
+        return max(16, min(self.block_x, 1 << (n - 1).bit_length()))
+
+
 def _block_x(n: int) -> int:
-    return max(16, min(64, 1 << (n - 1).bit_length()))
+    return ParityBlocks().for_row(n)
 
 
 def _named(prefix: str, make) -> tuple[str, str, int]:
@@ -212,7 +250,8 @@ def _named(prefix: str, make) -> tuple[str, str, int]:
 
 
 @functools.lru_cache(maxsize=128)
-def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], precision: str):
+def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], precision: str,
+                     blocks: ParityBlocks):
     from .conv_contract import batched_op
 
     width = sum(plan.out_classes[b][2] for b in group)
@@ -222,9 +261,9 @@ def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[in
         batch = batch_size([x, w])
         flags = batched_flags([x, w], batch)
         name, source, programs = _named("parity_fwd", lambda nm: forward_source(
-            plan, spatial, group, _block_x(spatial[-1]), flags, precision, nm))
+            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm))
         shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
-        return run_plan(kernel_plan(name, source, programs), [shape], programs * batch, [x, w])
+        return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, w])
 
     return batched_op(body)
 
@@ -233,29 +272,46 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
     """(cin, *spatial) -> (cout, *spatial), one launch per output group."""
     outs = []
     for group in plan.out_groups():
-        (y,) = _batched_forward(plan, spatial, group, precision)((x[None],), (wk[None],))
+        (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env())((x[None],), (wk[None],))
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
 
 @functools.lru_cache(maxsize=128)
-def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], precision: str):
+def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], precision: str):
+    """One group tuple's weight-gradient kernel: (B, chunks, combinations, CHUNK, max_out_pad)."""
     from .conv_contract import batched_op
+
+    table = jnp.asarray(weight_grad_table(plan, groups))
+    n_c = 2 ** sum(1 for g in groups if g > 0)
 
     def body(xs, gs):
         (x,), (g,) = xs, gs
         batch = batch_size([x, g])
         flags = batched_flags([x, g], batch)
         rows = math.prod(spatial[:-1])
-        units = len(weight_grad_units(plan))
-        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * units))))
+        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * len(plan.chunks)))))
         name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
-            plan, spatial, _block_x(spatial[-1]), slabs, flags, precision, nm))
-        shape = jax.ShapeDtypeStruct((batch, slabs, len(plan.dots), CHUNK, plan.max_out_pad), jnp.float32)
-        (part,) = run_plan(kernel_plan(name, source, programs), [shape], programs * batch, [x, g])
+            plan, spatial, groups, _block_x(spatial[-1]), slabs, flags, precision, nm))
+        shape = jax.ShapeDtypeStruct((batch, slabs, len(plan.chunks), n_c, CHUNK, plan.max_out_pad), jnp.float32)
+        (part,) = run_plan(kernel_plan(name, source, programs), [shape], programs * batch, [x, g, table])
         return (jnp.sum(part, axis=1),)
 
     return batched_op(body)
+
+
+def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: jax.Array) -> jax.Array:
+    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile, one launch per group
+    tuple (its combinations' tiles taken from the launch's output)."""
+    tiles = [None] * len(plan.dots)
+    for groups in itertools.product(range(plan.r + 1), repeat=plan.D):
+        dots = weight_grad_dots(plan, groups)
+        if not dots:
+            continue
+        (part,) = _batched_weight_grad(plan, spatial, groups, precision)((x[None],), (dy[None],))
+        for n, ch, j in dots:
+            tiles[n] = part[0, ch, j]
+    return jnp.stack(tiles)
 
 
 # ---- differentiation ------------------------------------------------------------------------------------
@@ -273,9 +329,9 @@ def _parity_conv_bwd(plan, spatial, precision, residuals, dy):
     dy = dy.astype(jnp.float32)
     plan_t = plan.transposed()
     dx = _forward(plan_t, spatial, precision, dy, dot_weights(plan_t, transposed_combos(plan, wc)))
-    (dwk,) = _batched_weight_grad(plan, spatial, precision)((x[None],), (dy[None],))
+    dwk = _weight_grad(plan, spatial, precision, x, dy)
     _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
-    (dwc,) = gather_vjp(dwk[0])
+    (dwc,) = gather_vjp(dwk)
     return dx.astype(x.dtype), dwc.astype(wc.dtype)
 
 
