@@ -87,7 +87,8 @@ def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: S
     layer = packed_layer(spec)
     x = pack_rows(spec.D, spec.in_keys, layer.in_order, [a.astype(jnp.float32) for a in inputs])
     wc = combo_filter(spec, layer, weights)
-    y = _parity_conv(layer.plan, spatial, _PRECISION[mode], x, wc)
+    precision = os.environ.get("GINJAX_PARITY_PRECISION") or _PRECISION[mode]  # spikes only
+    y = _parity_conv(layer.plan, spatial, precision, x, wc)
     return unpack_rows(spec.D, spec.out_keys, layer.out_order, y)
 
 
