@@ -1,5 +1,5 @@
 """The static plan of the parity-blocked convolution (`parity_conv.py`): channel classes, tap
-combinations, the GEMM blocks they make, and the generated Triton source of its kernels.
+combinations, the dots they make, and the generated Triton source of its two kernels.
 
 The layer's dense filter W[tap, (c, i), (o, j)] (`kernels.dense.assemble_dense_filter`) is, per
 axis, rewritten from the taps -r..r to the combinations
@@ -13,18 +13,16 @@ filter is even or odd along each axis: even under x -> -x when the two component
 number of x indices between them (a pseudo-tensor key flips all three), odd otherwise. An odd
 filter has no x0 or s term and an even one no d term, so W'[combo] is zero except where the
 components' classes (their per-axis index parities, `component_class`) differ by exactly the
-axes on which the combination takes a difference: 7.5x fewer multiply-adds than the dense
-convolution of d3_n64_b2_c8_k2 (38,912 against 292,032 a pixel). `unsupported` checks the
-structure on the layer's own bases.
+axes on which the combination takes a difference. For each input class and combination there is
+one output class: the layer becomes one small GEMM per (input class, combination), 7.5x fewer
+multiply-adds than the dense convolution of d3_n64_b2_c8_k2 (38,912 against 292,032 a pixel), on
+the tensor cores. `parity_plan` checks the structure on the layer's own bases.
 
-The GEMMs are grouped into blocks, one per (group tuple, output class): a group tuple picks per
-axis tap 0 (group 0) or the pair +-g (group g), and its combinations are the x0 / s_g / d_g of
-those. Output class P takes from input class P' the combination that takes differences on the
-axes where P and P' differ (which must be among the tuple's paired axes): one GEMM with K = the
-rows of every such input class. The forward builds that A tile from 2^k shifted loads of those
-rows (k paired axes), each added with a per-row sign (`_block_a`), and runs one tl.dot per block:
-56 dots of K <= 128 a pixel tile on the k2 layer instead of 216 of K = 16.
 The kernels read packed operands: (batch, rows, *spatial), rows ordered by class (`ParityPlan`).
+The forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, forms the
+combinations by sums and differences axis by axis (`_butterfly`) and accumulates one tl.dot per
+combination into its output class. The weight gradient forms the same combinations and
+accumulates A^T dY per combination over a run of pixels.
 """
 
 from __future__ import annotations
@@ -40,14 +38,10 @@ from .._fused.basis import pair_basis
 from .._spec import ConvSpec
 from ._tiling import KernelPlan
 
+CHUNK = 16  # input rows per dot: tl.dot's least K
 INT32_MAX = 2**31 - 1
-MAX_OUT_WIDTH = 128  # accumulator columns a forward program keeps: BLOCK_X x 128 floats
+MAX_OUT_WIDTH = 128  # accumulator columns a program keeps: BLOCK_X x 128 floats
 STRUCTURE_TOL = 1e-6  # |W'| outside the parity blocks, relative to the basis' largest entry
-
-
-def _pow2(n: int) -> int:
-    """The tile size for n rows or columns: a power of two >= 16 (tl.dot's least)."""
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def component_class(D: int, k: int, parity: int, comp: int) -> int:
@@ -87,24 +81,18 @@ def combo_odd(c: int) -> bool:
     return c > 0 and c % 2 == 0
 
 
-def _paired(groups: tuple[int, ...]) -> int:
-    """The bits of the axes a group tuple pairs (+-g)."""
-    return sum(1 << a for a, g in enumerate(groups) if g > 0)
-
-
-def block_combo(groups: tuple[int, ...], q: int) -> tuple[int, ...]:
-    """Per-axis combination of a group tuple for class difference q: x0, else d_g where q has the
-    axis, s_g where not."""
-    return tuple(0 if g == 0 else (2 * g if q >> a & 1 else 2 * g - 1) for a, g in enumerate(groups))
+def combo_group(c: int) -> int:
+    return (c + 1) // 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ParityPlan:
-    """Rows, classes and GEMM blocks of one direction of the parity-blocked convolution.
+    """Rows, classes and dots of one direction of the parity-blocked convolution.
 
     in_classes / out_classes: (class, first packed row, rows) of the operand read / written,
-    classes with rows only, in packed order. blocks: (group tuple, output class index, input
-    class indices), the A tile's rows being those input classes' rows in that order."""
+    classes with rows only, in packed order. chunks: (class, first row, rows <= CHUNK).
+    dots: (chunk index, per-axis combination tuple, output class index), in the order the
+    kernels walk them; `dot_index` maps (chunk, combo) to its place."""
 
     D: int
     M: int
@@ -112,7 +100,8 @@ class ParityPlan:
     torus: tuple[bool, ...]
     in_classes: tuple[tuple[int, int, int], ...]
     out_classes: tuple[tuple[int, int, int], ...]
-    blocks: tuple[tuple[tuple[int, ...], int, tuple[int, ...]], ...]
+    chunks: tuple[tuple[int, int, int], ...]
+    dots: tuple[tuple[int, tuple[int, ...], int], ...]
 
     @property
     def cin(self) -> int:
@@ -127,46 +116,15 @@ class ParityPlan:
         return self.M // 2
 
     def out_pad(self, b: int) -> int:
-        """Accumulator columns of output class b."""
-        return _pow2(self.out_classes[b][2])
+        """Accumulator columns of output class b: a power of two >= 16."""
+        return max(16, 1 << (self.out_classes[b][2] - 1).bit_length())
 
     @property
     def max_out_pad(self) -> int:
         return max(self.out_pad(b) for b in range(len(self.out_classes)))
 
-    def k_rows(self, n: int) -> int:
-        return sum(self.in_classes[a][2] for a in self.blocks[n][2])
-
-    def k_pad(self, n: int) -> int:
-        return _pow2(self.k_rows(n))
-
-    @property
-    def k_max(self) -> int:
-        return max(self.k_pad(n) for n in range(len(self.blocks)))
-
-    def block_rows(self, n: int) -> list[tuple[int, int]]:
-        """(packed input row, class difference q) of each A row of block n."""
-        groups, b, members = self.blocks[n]
-        out_cls = self.out_classes[b][0]
-        rows = []
-        for a in members:
-            cls, start, width = self.in_classes[a]
-            rows += [(start + i, cls ^ out_cls) for i in range(width)]
-        return rows
-
-    def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """(blocks, k_max) int32: each A row's packed input row (-1 past the block's rows) and
-        its class difference q (the signs of its shifted loads)."""
-        rows = np.full((len(self.blocks), self.k_max), -1, np.int32)
-        qs = np.zeros((len(self.blocks), self.k_max), np.int32)
-        for n in range(len(self.blocks)):
-            for i, (row, q) in enumerate(self.block_rows(n)):
-                rows[n, i], qs[n, i] = row, q
-        return rows, qs
-
-    def macs(self) -> int:
-        """Multiply-adds a pixel (the blocks' unpadded rows x columns)."""
-        return sum(self.k_rows(n) * self.out_classes[b][2] for n, (_, b, _) in enumerate(self.blocks))
+    def dot_index(self) -> dict:
+        return {(ch, combo): n for n, (ch, combo, _) in enumerate(self.dots)}
 
     def transposed(self) -> "ParityPlan":
         """The input gradient's plan: the correlation with W[-tap]^T reads the output's classes."""
@@ -185,10 +143,6 @@ class ParityPlan:
         groups.append(tuple(cur))
         return tuple(groups)
 
-    def tuples(self) -> list[tuple[int, ...]]:
-        """The group tuples with a block, in block order."""
-        return list(dict.fromkeys(g for g, _, _ in self.blocks))
-
 
 def _class_runs(cls: tuple[int, ...], order: list[int]) -> tuple[tuple[int, int, int], ...]:
     runs = []
@@ -201,14 +155,30 @@ def _class_runs(cls: tuple[int, ...], order: list[int]) -> tuple[tuple[int, int,
 
 
 def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
-    blocks = []
+    chunks = tuple((c, s + k, min(CHUNK, w - k)) for c, s, w in in_classes for k in range(0, w, CHUNK))
+    by_class = {c: b for b, (c, _, _) in enumerate(out_classes)}
+    dots = []
+    for ch, (cls, _, _) in enumerate(chunks):
+        for combo in walk_combos(D, M):
+            q = sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
+            if cls ^ q in by_class:
+                dots.append((ch, combo, by_class[cls ^ q]))
+    return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
+
+
+def walk_combos(D: int, M: int) -> list[tuple[int, ...]]:
+    """Every per-axis combination tuple, in the kernels' order: by group tuple, then as
+    `_butterfly` leaves them."""
+    out = []
     for groups in itertools.product(range(M // 2 + 1), repeat=D):
-        paired = _paired(groups)
-        for b, (out_cls, _, _) in enumerate(out_classes):
-            members = tuple(a for a, (cls, _, _) in enumerate(in_classes) if (cls ^ out_cls) & ~paired == 0)
-            if members:
-                blocks.append((groups, b, members))
-    return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), tuple(blocks))
+        out += group_combos(groups)
+    return out
+
+
+def group_combos(groups: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The combinations of one group tuple: per axis x0 (group 0) or s_g, d_g."""
+    choices = [[0] if g == 0 else [2 * g - 1, 2 * g] for g in groups]
+    return [tuple(c) for c in itertools.product(*choices)]
 
 
 def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
@@ -349,88 +319,30 @@ def _tap_load(plan: ParityPlan, spatial, base: str, rows: str, offs: tuple[int, 
     return f"tl.load({base} + {rows} + ({lead} + xo_{xo})[:, None]{mask})"
 
 
-def _dot_kw(precision: str) -> str:
-    return f", input_precision=\"{precision}\""
-
-
-def _block_a(e: _Source, plan: ParityPlan, spatial, groups: tuple[int, ...], k_pad: int, masked_x: bool,
-             depth: int) -> None:
-    """`A` = the block's [BLOCK_X, k_pad] tile: the 2^k shifted loads of its rows (`roff`,
-    `rmask`), each added with the sign its rows' combination gives it (from `q`)."""
-    nz = [a for a in range(plan.D) if groups[a] > 0]
-    for n_pat, pat in enumerate(itertools.product("pm", repeat=len(nz))):
-        offs = [0] * plan.D
-        for i, a in enumerate(nz):
-            offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[i] == "m" else 1)
-        load = _tap_load(plan, spatial, "xbase", "roff[None, :]", tuple(offs), "rmask", masked_x)
-        minus = sum(1 << a for i, a in enumerate(nz) if pat[i] == "m")
-        if n_pat == 0:  # every axis +g: sign +1
-            e(f"A = {load}", depth)
-            continue
-        bits = " ^ ".join(f"(qm >> {a})" for a in range(plan.D) if minus >> a & 1)
-        e(f"qm = q & {minus}", depth)
-        e(f"A += tl.where((({bits}) & 1) == 1, -1.0, 1.0)[None, :] * {load}", depth)
-
-
-def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
-                   batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
-    """The forward kernel of output classes `group`: (source, programs per batch element).
-    Operands x (B|1, cin, *spatial), w (B|1, blocks, k_max, max_out_pad), rtab and qtab
-    (`ParityPlan.tables`); result y (B, rows of the group's classes, *spatial)."""
-    D, S = plan.D, math.prod(spatial)
-    n_x = spatial[-1]
-    nxb = -(-n_x // block_x)
-    masked_x = n_x % block_x != 0
-    programs = nxb * math.prod(spatial[:-1])
-    wmax, kmax = plan.max_out_pad, plan.k_max
-    row0 = plan.out_classes[group[0]][1]
-    width = sum(plan.out_classes[b][2] for b in group)
-    e = _Source()
-    e("import triton", 0)
-    e("import triton.language as tl", 0)
-    e("", 0)
-    e("", 0)
-    e("@triton.jit", 0)
-    e(f"def {name}(x, w, rtab, qtab, y):", 0)
-    e("pid = tl.program_id(0)")
-    e(f"xb = pid % {nxb}")
-    e(f"t = pid // {nxb}")
-    for a in reversed(range(D - 1)):
-        e(f"c{a} = t % {spatial[a]}")
-        e(f"t = t // {spatial[a]}")
-    e("b = t.to(tl.int64)")
-    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})")
-    S_in = math.prod(in_spatial(plan, spatial))
-    e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
-    e(f"wbase = w{f' + b * {len(plan.blocks) * kmax * wmax}' if batched[1] else ''}")
-    _coordinates(e, plan, spatial, 1, masked_x)
-    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
-    e(f"ybase = y + b * {width * S}")
-    e(f"pix = ({lead_out} + xs)[:, None]")
-    # class by class, its blocks then its store: one accumulator live at a time (all of them at
-    # once spilled: 255 registers and ~1 KB of stack on sm_90)
-    for b in group:
-        p = plan.out_pad(b)
-        e(f"acc = tl.zeros(({block_x}, {p}), tl.float32)")
-        for n, (groups, b2, _) in enumerate(plan.blocks):
-            if b2 != b:
+def _butterfly(e: _Source, prefix: str, nz_axes: list[int], depth: int) -> dict:
+    """Sums and differences of the 2^k tiles `{prefix}_<m|p per nonzero axis>` axis by axis:
+    returns {per-axis 's'/'d' tuple: variable}."""
+    states = {pat: f"{prefix}_{''.join(pat)}" for pat in itertools.product("mp", repeat=len(nz_axes))}
+    for n in range(len(nz_axes)):
+        new = {}
+        for pat, var in states.items():
+            if pat[n] != "p":
                 continue
-            kp = plan.k_pad(n)
-            e(f"kk = tl.arange(0, {kp})")
-            _static_rows(e, plan, n, S_in)
-            _block_a(e, plan, spatial, groups, kp, masked_x, 1)
-            e(f"acc = tl.dot(A, tl.load(wbase + {n * kmax * wmax} + kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]),"
-              f" acc{_dot_kw(precision)})")
-        _, start, rows = plan.out_classes[b]
-        mask = []
-        if rows < p:
-            mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
-        if masked_x:
-            mask.append(f"(xs < {n_x})[:, None]")
-        m = f", mask={' & '.join(mask)}" if mask else ""
-        cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
-        e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{m})")
-    return e.text(), programs
+            minus = states[pat[:n] + ("m",) + pat[n + 1:]]
+            for kind, op in (("s", "+"), ("d", "-")):
+                pat2 = pat[:n] + (kind,) + pat[n + 1:]
+                name = f"{prefix}_{''.join(pat2)}"
+                e(f"{name} = {var} {op} {minus}", depth)
+                new[pat2] = name
+        states = new
+    return states
+
+
+def _combo_of(groups: tuple[int, ...], nz_axes: list[int], pat: tuple[str, ...]) -> tuple[int, ...]:
+    combo = [0] * len(groups)
+    for n, a in enumerate(nz_axes):
+        combo[a] = 2 * groups[a] - 1 if pat[n] == "s" else 2 * groups[a]
+    return tuple(combo)
 
 
 def _row_offsets(rows: str, extent: int, S: int) -> str:
@@ -439,71 +351,169 @@ def _row_offsets(rows: str, extent: int, S: int) -> str:
     return f"({rows}).to(tl.int64) * {S}" if extent > INT32_MAX else f"({rows}) * {S}"
 
 
-def _static_rows(e: _Source, plan: ParityPlan, n: int, S: int) -> None:
-    """`roff`, `rmask` and `q` of block n from its classes' row ranges (static where-chains: no
-    table loads, and the compiler sees the rows)."""
-    groups, b, members = plan.blocks[n]
-    out_cls = plan.out_classes[b][0]
-    segs, at = [], 0
-    for a in members:
-        cls, start, width = plan.in_classes[a]
-        segs.append((at, at + width, start, cls ^ out_cls))
-        at += width
-    ridx, q = "-1", "0"
-    for lo, hi, start, qa in reversed(segs):
-        ridx = f"tl.where(kk < {hi}, kk + {start - lo}, {ridx})"
-        q = f"tl.where(kk < {hi}, {qa}, {q})"
-    e(f"ridx = {ridx}")
-    e("rmask = ridx >= 0")
-    e(f"roff = {_row_offsets('tl.where(rmask, ridx, 0)', plan.cin * S, S)}")
-    e(f"q = {q}")
+def _dot_kw(precision: str) -> str:
+    return f", input_precision=\"{precision}\""
 
 
-def tuple_blocks(plan: ParityPlan, groups: tuple[int, ...]) -> list[int]:
-    """The block indices of one group tuple (consecutive)."""
-    return [n for n, (g, _, _) in enumerate(plan.blocks) if g == groups]
-
-
-def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], block_x: int,
-                       slabs: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
-    """The weight gradient of one group tuple's blocks: (source, programs per batch element).
-    Operands x (B|1, cin, *spatial), g (B|1, cout, *spatial), rtab, qtab (`ParityPlan.tables`),
-    otab (blocks, 2) int32 (each block's output class: first row, rows); result part (B, slabs,
-    the tuple's blocks, K, max_out_pad), K the tuple's largest k_pad, every entry written. A
-    program owns one block (a runtime index) and one run of rows of pixels: A^T dY summed."""
+def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
+                   batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The forward kernel of output classes `group`: (source, programs per batch element).
+    Operands x (B|1, cin, *spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
+    the group's classes, *spatial)."""
     D, S = plan.D, math.prod(spatial)
     n_x = spatial[-1]
     nxb = -(-n_x // block_x)
     masked_x = n_x % block_x != 0
-    n_rows = math.prod(spatial[:-1])
-    per = -(-n_rows // slabs)
-    wmax, kmax = plan.max_out_pad, plan.k_max
-    mine = tuple_blocks(plan, groups)
-    first, n_b = mine[0], len(mine)
-    kp = max(plan.k_pad(n) for n in mine)
+    lead = spatial[:-1]
+    programs = nxb * math.prod(lead)
+    wmax = plan.max_out_pad
+    index = plan.dot_index()
+    row0 = plan.out_classes[group[0]][1]
+    width = sum(plan.out_classes[b][2] for b in group)
     e = _Source()
     e("import triton", 0)
     e("import triton.language as tl", 0)
     e("", 0)
     e("", 0)
     e("@triton.jit", 0)
-    e(f"def {name}(x, g, rtab, qtab, otab, part):", 0)
+    e(f"def {name}(x, w, y):", 0)
     e("pid = tl.program_id(0)")
-    e(f"blk = pid % {n_b}")
-    e(f"slab = (pid // {n_b}) % {slabs}")
-    e(f"b = (pid // {n_b * slabs}).to(tl.int64)")
-    e(f"kk = tl.arange(0, {kp})")
+    e(f"xb = pid % {nxb}")
+    e(f"t = pid // {nxb}")
+    for a in reversed(range(D - 1)):
+        e(f"c{a} = t % {spatial[a]}")
+        e(f"t = t // {spatial[a]}")
+    e("b = t.to(tl.int64)")
+    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})")
+    e(f"kk = tl.arange(0, {CHUNK})")
+    S_in = math.prod(in_spatial(plan, spatial))
+    e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
+    e(f"wbase = w{f' + b * {len(plan.dots) * CHUNK * wmax}' if batched[1] else ''}")
+    _coordinates(e, plan, spatial, 1, masked_x)
+    for b in group:
+        e(f"acc{b} = tl.zeros(({block_x}, {plan.out_pad(b)}), tl.float32)")
+    pads = sorted({plan.out_pad(b) for b in group})
+    for p in pads:
+        e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
+    offsets = _axis_offsets(plan)
+    for ch, (cls, start, rows) in enumerate(plan.chunks):
+        wanted = [(combo, n) for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group]
+        if not wanted:
+            continue
+        wanted_combos = {combo for combo, _ in wanted}
+        e(f"rows = {_row_offsets(f'kk + {start}', plan.cin * S_in, S_in)}")
+        rmask = None
+        if rows < CHUNK:
+            e(f"rmask = kk < {rows}")
+            rmask = "rmask"
+        for groups in itertools.product(range(plan.r + 1), repeat=D):
+            combos = group_combos(groups)
+            if not any(c in wanted_combos for c in combos):
+                continue
+            nz = [a for a in range(D) if groups[a] > 0]
+            for pat in itertools.product("mp", repeat=len(nz)):
+                offs = [0] * D
+                for n_ax, a in enumerate(nz):
+                    offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
+                assert all(o in offsets[a] for a, o in enumerate(offs))
+                e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), rmask, masked_x)}")
+            tiles = _butterfly(e, "t", nz, 1)
+            for pat, var in tiles.items():
+                combo = _combo_of(groups, nz, pat)
+                n = index.get((ch, combo))
+                if n is None or plan.dots[n][2] not in group:
+                    continue
+                b = plan.dots[n][2]
+                p = plan.out_pad(b)
+                e(f"acc{b} = tl.dot({var}, tl.load(wbase + {n * CHUNK * wmax} + wk{p}), acc{b}{_dot_kw(precision)})")
+    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
+    e(f"ybase = y + b * {width * S}")
+    e(f"pix = ({lead_out} + xs)[:, None]")
+    for b in group:
+        _, start, rows = plan.out_classes[b]
+        p = plan.out_pad(b)
+        mask = []
+        if rows < p:
+            mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
+        if masked_x:
+            mask.append(f"(xs < {n_x})[:, None]")
+        m = f", mask={' & '.join(mask)}" if mask else ""
+        cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
+        e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{b}{m})")
+    return e.text(), programs
+
+
+def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
+    """Per input chunk, the runtime table of the weight-gradient kernel of one group tuple:
+    (chunk's first row, its rows, then per combination of the group (`_butterfly` order) its
+    output class's first row and rows, 0 rows where the chunk's class has no such output)."""
+    by_class = {c: b for b, (c, _, _) in enumerate(plan.out_classes)}
+    nz = [a for a in range(plan.D) if groups[a] > 0]
+    table = []
+    for cls, start, rows in plan.chunks:
+        entry = [start, rows]
+        for pat in itertools.product("sd", repeat=len(nz)):
+            q = sum(1 << a for n, a in enumerate(nz) if pat[n] == "d")
+            b = by_class.get(cls ^ q)
+            entry += [0, 0] if b is None else list(plan.out_classes[b][1:])
+        table.append(entry)
+    return np.asarray(table, np.int32)
+
+
+def weight_grad_dots(plan: ParityPlan, groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(dot index, chunk, combination slot) of each dot the group tuple's kernel computes."""
+    index = plan.dot_index()
+    nz = [a for a in range(plan.D) if groups[a] > 0]
+    out = []
+    for ch in range(len(plan.chunks)):
+        for j, pat in enumerate(itertools.product("sd", repeat=len(nz))):
+            n = index.get((ch, _combo_of(groups, nz, pat)))
+            if n is not None:
+                out.append((n, ch, j))
+    return out
+
+
+def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], block_x: int,
+                       slabs: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The weight gradient of one group tuple's combinations: (source, programs per batch
+    element). Operands x (B|1, cin, *spatial), g (B|1, cout, *spatial), tab (chunks, 2 + 2 C)
+    int32 (`weight_grad_table`); result part (B, slabs, chunks, C, CHUNK, max_out_pad), C = 2^k
+    combinations, every entry written: a program owns one input chunk (a runtime index: the
+    table gives its rows and its combinations' output rows) and one run of rows of pixels."""
+    D, S = plan.D, math.prod(spatial)
+    n_x = spatial[-1]
+    nxb = -(-n_x // block_x)
+    masked_x = n_x % block_x != 0
+    n_rows = math.prod(spatial[:-1])
+    per = -(-n_rows // slabs)
+    wmax = plan.max_out_pad
+    n_ch = len(plan.chunks)
+    nz = [a for a in range(D) if groups[a] > 0]
+    n_c = 2 ** len(nz)
+    width = 2 + 2 * n_c
+    e = _Source()
+    e("import triton", 0)
+    e("import triton.language as tl", 0)
+    e("", 0)
+    e("", 0)
+    e("@triton.jit", 0)
+    e(f"def {name}(x, g, tab, part):", 0)
+    e("pid = tl.program_id(0)")
+    e(f"ch = pid % {n_ch}")
+    e(f"slab = (pid // {n_ch}) % {slabs}")
+    e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
+    e(f"kk = tl.arange(0, {CHUNK})")
     e(f"oc = tl.arange(0, {wmax})")
     S_in = math.prod(in_spatial(plan, spatial))
     e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
     e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
-    e(f"ridx = tl.load(rtab + (blk + {first}) * {kmax} + kk)")
-    e("rmask = ridx >= 0")
-    e(f"roff = {_row_offsets('tl.where(rmask, ridx, 0)', plan.cin * S_in, S_in)}")
-    e(f"q = tl.load(qtab + (blk + {first}) * {kmax} + kk)")
-    e(f"ocol = ({_row_offsets(f'oc + tl.load(otab + (blk + {first}) * 2)', plan.cout * S, S)})[None, :]")
-    e(f"omask = (oc < tl.load(otab + (blk + {first}) * 2 + 1))[None, :]")
-    e(f"acc = tl.zeros(({kp}, {wmax}), tl.float32)")
+    e(f"tb = tab + ch * {width}")
+    e(f"rows = {_row_offsets('kk + tl.load(tb)', plan.cin * S_in, S_in)}")
+    e("rmask = kk < tl.load(tb + 1)")
+    for j in range(n_c):
+        e(f"ocol{j} = ({_row_offsets(f'oc + tl.load(tb + {2 + 2 * j})', plan.cout * S, S)})[None, :]")
+        e(f"omask{j} = (oc < tl.load(tb + {3 + 2 * j}))[None, :]")
+        e(f"a{j} = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
     e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
     t = "row"
     for a in reversed(range(D - 1)):
@@ -515,12 +525,22 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
     _coordinates(e, plan, spatial, 3, masked_x)
     lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
-    _block_a(e, plan, spatial, groups, kp, masked_x, 3)
+    e(f"pix = ({lead_out} + xs)[:, None]", 3)
+    for pat in itertools.product("mp", repeat=len(nz)):
+        offs = [0] * D
+        for n_ax, a in enumerate(nz):
+            offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
+        e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), 'rmask', masked_x)}", 3)
+    tiles = _butterfly(e, "t", nz, 3)
     xmask = f" & (xs < {n_x})[:, None]" if masked_x else ""
-    e(f"gy = tl.load(gbase + ocol + ({lead_out} + xs)[:, None], mask=omask{xmask}, other=0.0)", 3)
-    e(f"acc = tl.dot(tl.trans(A), gy, acc{_dot_kw(precision)})", 3)
-    e(f"tl.store(part + ((b * {slabs} + slab) * {n_b} + blk) * {kp * wmax} + kk[:, None] * {wmax} + oc[None, :], acc)")
-    return e.text(), n_b * slabs
+    for j, (pat, var) in enumerate(tiles.items()):
+        e(f"gy = tl.load(gbase + ocol{j} + pix, mask=omask{j}{xmask}, other=0.0)", 3)
+        e(f"a{j} = tl.dot(tl.trans({var}), gy, a{j}{_dot_kw(precision)})", 3)
+    e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ch) * {n_c * CHUNK * wmax}")
+    e(f"wk = kk[:, None] * {wmax} + oc[None, :]")
+    for j in range(n_c):
+        e(f"tl.store(pbase + {j * CHUNK * wmax} + wk, a{j})")
+    return e.text(), n_ch * slabs
 
 
 def kernel_plan(name: str, source: str, programs: int, num_warps: int = 4) -> KernelPlan:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 import os
 from typing import Sequence
@@ -32,9 +33,9 @@ from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
 from ._launch import batch_size, batched_flags, run_plan
 from ._parity_plan import (
+    CHUNK,
     PackedLayer,
     ParityPlan,
-    block_combo,
     combo_matrix,
     combo_odd,
     component_class,
@@ -42,9 +43,10 @@ from ._parity_plan import (
     halo,
     kernel_plan,
     packed_layer,
-    tuple_blocks,
     unsupported,
+    weight_grad_dots,
     weight_grad_source,
+    weight_grad_table,
 )
 
 __all__ = ["PARITY_ENV", "conv_contract_parity", "parity_runs", "parity_supported", "packed_layer"]
@@ -164,32 +166,33 @@ def combo_filter(spec: ConvSpec, layer: PackedLayer, weights: Sequence[jax.Array
     return w.reshape((M**D,) + w.shape[D:])
 
 
+def _combo_flat(combo: tuple[int, ...], M: int) -> int:
+    return int(np.ravel_multi_index(combo, (M,) * len(combo)))
+
+
 @functools.lru_cache(maxsize=64)
-def _block_gather(plan: ParityPlan):
-    """Static indices of every block's (k_max, max_out_pad) weight tile in the (combos, cin,
-    cout) filter: per A row its combination (the block's group tuple and the row's class
-    difference) and input row, per column the output row; and which entries are real."""
-    wmax, kmax = plan.max_out_pad, plan.k_max
-    n = len(plan.blocks)
-    combos = np.zeros((n, kmax), np.int32)
-    rows = np.zeros((n, kmax), np.int32)
+def _dot_gather(plan: ParityPlan):
+    """Static indices of every dot's (CHUNK, max_out_pad) tile in the (combos, cin, cout) filter."""
+    wmax = plan.max_out_pad
+    n = len(plan.dots)
+    combos = np.zeros(n, np.int32)
+    rows = np.zeros((n, CHUNK), np.int32)
     cols = np.zeros((n, wmax), np.int32)
-    valid = np.zeros((n, kmax, wmax), bool)
-    for d, (groups, b, _) in enumerate(plan.blocks):
+    valid = np.zeros((n, CHUNK, wmax), bool)
+    for d, (ch, combo, b) in enumerate(plan.dots):
+        _, start, width = plan.chunks[ch]
         _, ostart, owidth = plan.out_classes[b]
-        block_rows = plan.block_rows(d)
-        for i, (row, q) in enumerate(block_rows):
-            combos[d, i] = int(np.ravel_multi_index(block_combo(groups, q), (plan.M,) * plan.D))
-            rows[d, i] = row
+        combos[d] = _combo_flat(combo, plan.M)
+        rows[d, :width] = start + np.arange(width)
         cols[d, :owidth] = ostart + np.arange(owidth)
-        valid[d, :len(block_rows), :owidth] = True
+        valid[d, :width, :owidth] = True
     return combos, rows, cols, valid
 
 
-def block_weights(plan: ParityPlan, wc: jax.Array) -> jax.Array:
-    """(blocks, k_max, max_out_pad): each block's weight tile, zero-padded."""
-    combos, rows, cols, valid = _block_gather(plan)
-    tiles = wc[combos[:, :, None], rows[:, :, None], cols[:, None, :]]
+def dot_weights(plan: ParityPlan, wc: jax.Array) -> jax.Array:
+    """(dots, CHUNK, max_out_pad): each dot's weight tile, zero-padded."""
+    combos, rows, cols, valid = _dot_gather(plan)
+    tiles = wc[combos[:, None, None], rows[:, :, None], cols[:, None, :]]
     return jnp.where(valid, tiles, 0.0)
 
 
@@ -237,8 +240,7 @@ class ParityBlocks:
         return max(16, min(self.block_x, 1 << (n - 1).bit_length()))
 
 
-# the weight gradient's tiling: at (64, 4) its k2 kernel spilled 2.9 KB a thread on sm_90
-# (offline ptxas: the A^T operand's layout), at (32, 8) 24 bytes
+# the weight gradient's tiling (64 px and 4 warps spilled on sm_90, offline ptxas; see NOTES)
 WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8)
 
 
@@ -256,8 +258,6 @@ def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[in
 
     width = sum(plan.out_classes[b][2] for b in group)
 
-    tables = plan.tables()  # numpy: made arrays in each trace (a cached jnp array would leak a tracer)
-
     def body(xs, ws):
         (x,), (w,) = xs, ws
         batch = batch_size([x, w])
@@ -265,8 +265,7 @@ def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[in
         name, source, programs = _named("parity_fwd", lambda nm: forward_source(
             plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm))
         shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
-        return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch,
-                        [x, w] + [jnp.asarray(t) for t in tables])
+        return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, w])
 
     return batched_op(body)
 
@@ -280,7 +279,7 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
 
 
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
-    """(cin, *in_spatial) (with its x halo) -> (cout, *spatial), one launch per output group."""
+    """(cin, *spatial) -> (cout, *spatial), one launch per output group."""
     outs = []
     for group in plan.out_groups():
         (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env())((x[None],), (wk[None],))
@@ -290,60 +289,62 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
 
 @functools.lru_cache(maxsize=128)
 def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], precision: str):
-    """One group tuple's weight-gradient kernel: (B, the tuple's blocks, K, max_out_pad)."""
+    """One group tuple's weight-gradient kernel: (B, chunks, combinations, CHUNK, max_out_pad)."""
     from .conv_contract import batched_op
 
-    tables = plan.tables() + (np.array([plan.out_classes[b][1:] for _, b, _ in plan.blocks], np.int32),)
-    mine = tuple_blocks(plan, groups)
-    k = max(plan.k_pad(n) for n in mine)
+    table = weight_grad_table(plan, groups)  # numpy: an array made in each trace (a cached one would leak)
+    n_c = 2 ** sum(1 for g in groups if g > 0)
 
     def body(xs, gs):
         (x,), (g,) = xs, gs
         batch = batch_size([x, g])
         flags = batched_flags([x, g], batch)
         rows = math.prod(spatial[:-1])
-        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * len(mine)))))
+        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * len(plan.chunks)))))
         name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
             plan, spatial, groups, WEIGHT_GRAD_BLOCKS.for_row(spatial[-1]), slabs, flags, precision, nm))
-        shape = jax.ShapeDtypeStruct((batch, slabs, len(mine), k, plan.max_out_pad), jnp.float32)
-        (part,) = run_plan(kernel_plan(name, source, programs, WEIGHT_GRAD_BLOCKS.num_warps), [shape], programs * batch,
-                            [x, g] + [jnp.asarray(t) for t in tables])
+        shape = jax.ShapeDtypeStruct((batch, slabs, len(plan.chunks), n_c, CHUNK, plan.max_out_pad), jnp.float32)
+        (part,) = run_plan(kernel_plan(name, source, programs, WEIGHT_GRAD_BLOCKS.num_warps), [shape],
+                           programs * batch, [x, g, jnp.asarray(table)])
         return (jnp.sum(part, axis=1),)
 
     return batched_op(body)
 
 
 def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: jax.Array) -> jax.Array:
-    """(blocks, k_max, max_out_pad): the gradient of every block's weight tile, one launch per
-    group tuple."""
-    tiles = []
-    for groups in plan.tuples():
+    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile, one launch per group
+    tuple (its combinations' tiles taken from the launch's output)."""
+    tiles = [None] * len(plan.dots)
+    for groups in itertools.product(range(plan.r + 1), repeat=plan.D):
+        dots = weight_grad_dots(plan, groups)
+        if not dots:
+            continue
         (part,) = _batched_weight_grad(plan, spatial, groups, precision)((x[None],), (dy[None],))
-        part = part[0]
-        tiles.append(jnp.pad(part, ((0, 0), (0, plan.k_max - part.shape[1]), (0, 0))))
-    return jnp.concatenate(tiles, axis=0)
+        for n, ch, j in dots:
+            tiles[n] = part[0, ch, j]
+    return jnp.stack(tiles)
 
 
 # ---- differentiation ------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _parity_conv(plan: ParityPlan, spatial, precision, x, wc):
-    return _forward(plan, spatial, precision, with_halo(plan, x), block_weights(plan, wc))
+    return _forward(plan, spatial, precision, with_halo(plan, x), dot_weights(plan, wc))
 
 
 def _parity_conv_fwd(plan, spatial, precision, x, wc):
     x = with_halo(plan, x)
-    return _forward(plan, spatial, precision, x, block_weights(plan, wc)), (x, wc)
+    return _forward(plan, spatial, precision, x, dot_weights(plan, wc)), (x, wc)
 
 
 def _parity_conv_bwd(plan, spatial, precision, residuals, dy):
     x, wc = residuals
     dy = dy.astype(jnp.float32)
     plan_t = plan.transposed()
-    dx = _forward(plan_t, spatial, precision, with_halo(plan_t, dy), block_weights(plan_t, transposed_combos(plan, wc)))
+    dx = _forward(plan_t, spatial, precision, with_halo(plan_t, dy), dot_weights(plan_t, transposed_combos(plan, wc)))
     dwk = _weight_grad(plan, spatial, precision, x, dy)
-    _, gather_vjp = jax.vjp(functools.partial(block_weights, plan), wc)
+    _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
     (dwc,) = gather_vjp(dwk)
-    return dx.astype(x.dtype), dwc.astype(wc.dtype)  # x: float32 as packed
+    return dx.astype(x.dtype), dwc.astype(wc.dtype)
 
 
 _parity_conv.defvjp(_parity_conv_fwd, _parity_conv_bwd)
