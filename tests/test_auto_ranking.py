@@ -407,7 +407,7 @@ def test_a_gpu_without_a_table_ranks_by_one_of_its_compute_capability(monkeypatc
 def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch):
     """No table for the GPU or its compute capability: the priorities decide, except that a
     backend naming a structural cost for the layer (`unmeasured_caveat`) comes after those
-    without one. Triton's filter-group layers (the k2 layer) and every Pallas layer go to dense,
+    without one. Triton's parity-blocked layers (the k2 layer) and every Pallas layer go to dense,
     and `explain` says why; the standard layer stays on triton. With a table the caveats are moot."""
     import dataclasses
 
@@ -422,7 +422,7 @@ def test_a_gpu_without_any_table_ranks_caveated_backends_after_dense(monkeypatch
     k2 = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
     choice = kernels.explain(k2, N64)
     assert choice.backend == "dense", choice.reason
-    assert "without a caveat (triton: its kernels would run this layer as 11 filter-group launches" in choice.reason
+    assert "without a caveat (triton: its kernels would run this layer as the parity-blocked convolution" in choice.reason
     assert "pallas: its kernels lost to dense in fwd_bwd" in choice.reason
     assert "no measured table for Other GPU" in choice.reason
     standard = kernels.explain(_spec(), N64)

@@ -179,8 +179,11 @@ def unmeasured_caveat(spec: ConvSpec, spatial) -> str:
     input and reads and rewrites the outputs, which costs HBM traffic on any GPU (on the H200
     d3_n64_b2_c8_k2's 11 groups took 3.1x dense's time in fwd and 2.9x in fwd_bwd)."""
     groups = _layer_filter_groups(spec, spatial)
-    if groups is None or parity_runs(spec.without_bias(), tuple(spatial), True):
+    if groups is None:
         return ""
+    if parity_runs(spec.without_bias(), tuple(spatial), True):
+        return ("its kernels would run this layer as the parity-blocked convolution, which ran the k2 layer at 0.83x "
+                "dense's speed in fwd and 0.56x in fwd_bwd on the H100 (bench/NOTES.md, \"Session 46\")")
     return (f"its kernels would run this layer as {len(groups)} filter-group launches, each re-reading the inputs "
             "and rewriting the outputs (3x dense's time on the H200's k2 layer)")
 
