@@ -90,6 +90,10 @@ SLOW: dict[str, dict[str, str]] = {
     },
     # Kernel-internal checks in the CPU interpreters, 10-40 CPU seconds each; what covers each
     # mechanism by default is named.
+    "test_parity_conv_triton.py": {
+        "test_forward_and_gradients_match[d3-same-mixed-pseudo]":
+            "30 CPU s; zero padding and pseudo-tensor keys run by default in d2-all-orders-zero-pad",
+    },
     "test_conv_contract_triton.py": {
         "test_bias_in_the_epilogue_with_gradients_under_vmap[True]":
             "the epilogue bias with a torus mean; [False] runs by default, test_conformance.py the kernels",

@@ -42,18 +42,19 @@ def _check_gradients(f, g, xs, ws, tol):
     assert max(gradient_errors(got, want)) <= tol, gradient_errors(got, want)
 
 
-@pytest.mark.parametrize(
-    "name, D, M, ins, outs, is_torus, geometry, N",
-    [
-        ("d3-s-v-t-torus", 3, 3, [("s", 2), ("v", 2), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)], True, {}, 5),
-        ("d3-same-mixed-pseudo", 3, 3, [("s", 1), ("pv", 1), ("t", 1)], [("pv", 2), ("t", 1)], (True, False, True),
-         {}, 4),
-        ("d2-all-orders-zero-pad", 2, 3, [("s", 2), ("v", 2), ("pv", 1), ("t", 1)],
-         [("s", 1), ("v", 2), ("pt", 1)], False, {"padding": "SAME"}, (6, 19)),
-        ("d2-dilated-torus", 2, 3, [("s", 2), ("t", 1)], [("v", 2), ("t", 1)], True, {"rhs_dilation": 2}, 7),
-        ("d2-m5", 2, 5, [("s", 1), ("v", 2)], [("s", 2), ("t", 1)], (True, False), {}, 7),
-    ],
-)
+FORWARD_CASES = [
+    ("d3-s-v-t-torus", 3, 3, [("s", 2), ("v", 2), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)], True, {}, 4),
+    ("d3-same-mixed-pseudo", 3, 3, [("s", 1), ("pv", 1), ("t", 1)], [("pv", 2), ("t", 1)], (True, False, True),
+     {}, 4),
+    ("d2-all-orders-zero-pad", 2, 3, [("s", 2), ("v", 2), ("pv", 1), ("t", 1)],
+     [("s", 1), ("v", 2), ("pt", 1)], False, {"padding": "SAME"}, (6, 19)),
+    ("d2-dilated-torus", 2, 3, [("s", 2), ("t", 1)], [("v", 2), ("t", 1)], True, {"rhs_dilation": 2}, 7),
+    ("d2-m5", 2, 5, [("s", 1), ("v", 2)], [("s", 2), ("t", 1)], (True, False), {}, 7),
+]
+
+
+@pytest.mark.parametrize("name, D, M, ins, outs, is_torus, geometry, N", FORWARD_CASES,
+                         ids=[case[0] for case in FORWARD_CASES])
 def test_forward_and_gradients_match(name, D, M, ins, outs, is_torus, geometry, N):
     """Outputs against `reference`, gradients in inputs and weights against `dense`'s autodiff:
     tori, zero padding, pseudo-tensor keys (their classes flip), 2-tensors, dilation, a 5-tap
@@ -185,3 +186,18 @@ def test_component_classes_follow_reflections(D, k, parity):
         for i, idx in enumerate(np.ndindex(*(D,) * k)):
             bit = (_parity_plan.component_class(D, k, parity, i) >> a) & 1
             assert np.isclose(u[idx], t[idx] * (-1.0) ** bit)
+
+
+def test_offsets_go_64_bit_only_past_int32():
+    """The kernels index rows with int32 offsets (64-bit offset tiles cost two registers an
+    element) unless a batch element's rows span more than 2^31 - 1 elements: checked on the
+    generated source of a layer at 64^3 (27 M elements) and at 512^3 (2.3 G; not run here)."""
+    spec = make_layer(3, 3, [("s", 8), ("v", 8), ("t", 8)], [("s", 8), ("v", 8), ("t", 8)])
+    plan = parity_conv.packed_layer(spec).plan
+    for n, wide in ((64, False), (512, True)):
+        spatial = (n,) * 3
+        fwd, _ = _parity_plan.forward_source(plan, spatial, plan.out_groups()[0], 64, (True, False), "tf32", "k")
+        dw, _ = _parity_plan.weight_grad_source(plan, spatial, (1, 1, 1), 32, 4, (True, True), "tf32", "k")
+        for source in (fwd, dw):
+            assert (".to(tl.int64) * " in source) == wide  # row offsets
+            assert ".to(tl.int64)\n" in source  # the batch index is 64-bit always

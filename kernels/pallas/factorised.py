@@ -8,7 +8,7 @@ The basis is static, so the stencil is unrolled at trace time over its nonzeros 
 invariant filters are sparse, their coefficients mostly +-1): plain FMAs on tiles, tap by tap,
 each source tile loaded once per tap and used by every (term, f, j) that needs it. The Z tiles
 stay on chip; the GEMM runs on tensor cores. Fewer FLOPs than the per-tap dense filter build of
-conv_contract.py for wide layers (docs/ARCHITECTURE.md, "Three ways to evaluate it"). The
+conv_contract.py for wide layers (docs/ARCHITECTURE.md, "Ways to evaluate it"). The
 backend's default algorithm (`BlockSizes().algorithm`); BlockSizes(algorithm="taps") or
 $GINJAX_PALLAS_ALGORITHM=taps selects the tap kernels instead. Same operands, outputs and
 geometry as the tap kernels.

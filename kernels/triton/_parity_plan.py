@@ -252,6 +252,15 @@ class _Source:
     def __init__(self):
         self.lines: list[str] = []
 
+    @classmethod
+    def kernel(cls, name: str, args: str) -> "_Source":
+        """A kernel's source so far: its imports, its signature and its program id `pid`."""
+        e = cls()
+        for line in ("import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {name}({args}):"):
+            e(line, 0)
+        e("pid = tl.program_id(0)")
+        return e
+
     def __call__(self, line: str, depth: int = 1) -> None:
         self.lines.append("    " * depth + line)
 
@@ -370,14 +379,7 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     index = plan.dot_index()
     row0 = plan.out_classes[group[0]][1]
     width = sum(plan.out_classes[b][2] for b in group)
-    e = _Source()
-    e("import triton", 0)
-    e("import triton.language as tl", 0)
-    e("", 0)
-    e("", 0)
-    e("@triton.jit", 0)
-    e(f"def {name}(x, w, y):", 0)
-    e("pid = tl.program_id(0)")
+    e = _Source.kernel(name, "x, w, y")
     e(f"xb = pid % {nxb}")
     e(f"t = pid // {nxb}")
     for a in reversed(range(D - 1)):
@@ -491,14 +493,7 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     nz = [a for a in range(D) if groups[a] > 0]
     n_c = 2 ** len(nz)
     width = 2 + 2 * n_c
-    e = _Source()
-    e("import triton", 0)
-    e("import triton.language as tl", 0)
-    e("", 0)
-    e("", 0)
-    e("@triton.jit", 0)
-    e(f"def {name}(x, g, tab, part):", 0)
-    e("pid = tl.program_id(0)")
+    e = _Source.kernel(name, "x, g, tab, part")
     e(f"ch = pid % {n_ch}")
     e(f"slab = (pid // {n_ch}) % {slabs}")
     e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
