@@ -163,11 +163,21 @@ def test_unsupported_layers_say_why(geometry, why):
         conv_contract_parity(spec, xs, ws, "fp32")
 
 
-def test_env_choice_is_checked(monkeypatch):
+def test_env_choices_are_checked(monkeypatch):
+    """Bad values of the three switches are refused by name, before anything is planned."""
     spec = make_layer(2, 3, [("s", 1)], [("s", 1)])
     monkeypatch.setenv(PARITY_ENV, "sometimes")
     with pytest.raises(ValueError, match=PARITY_ENV):
         parity_conv.parity_runs(spec, (8, 8), True)
+    monkeypatch.delenv(PARITY_ENV)
+    xs, ws = operands(spec, 8, seed=2)
+    for env, value in ((parity_conv.PRECISION_ENV, "fast"), (parity_conv.BLOCKS_ENV, "64"),
+                       (parity_conv.BLOCKS_ENV, "48,4"), (parity_conv.BLOCKS_ENV, "64,3")):
+        monkeypatch.setenv(env, value)
+        with pytest.raises(ValueError, match=env if env == parity_conv.PRECISION_ENV or value == "64"
+                           else "block_x|num_warps"):
+            conv_contract_parity(spec, xs, ws, "fp32")
+        monkeypatch.delenv(env)
 
 
 @pytest.mark.parametrize("D, k, parity", list(itertools.product((2, 3), (0, 1, 2), (0, 1))))

@@ -28,6 +28,7 @@ accumulates A^T dY per combination over a run of pixels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Optional
@@ -204,6 +205,7 @@ def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def _structure_error(spec: ConvSpec) -> float:
     """Largest |W'| outside the parity blocks over the pairs' bases, relative to each basis' largest."""
     D, M = spec.D, spec.filter_shape[0]
@@ -235,6 +237,7 @@ class PackedLayer:
     plan: ParityPlan
 
 
+@functools.lru_cache(maxsize=256)
 def packed_layer(spec: ConvSpec) -> PackedLayer:
     D, M = spec.D, spec.filter_shape[0]
     cls_in, order_in = _classes_of(D, spec.in_keys)

@@ -59,7 +59,8 @@ def conv_contract_triton(
         spec, inputs, weights, precision: as for `kernels.conv_contract` (operands already checked).
         block_sizes: the kernels' tiling (None: `BlockSizes.for_layer(spec, spatial)`).
         poison: tests only: outputs start filled with this value before the kernel writes them.
-        backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B).
+        backward: "fused" (the input- and weight-gradient kernels) or "dense" (dense's VJP, for A/B);
+            a layer on the parity-blocked path (`parity_conv.parity_runs`) has its own backward.
         offsets: per output key, None or an (o, *(D,)*k) array added to every pixel of that
             output in the kernel's epilogue (`kernels._bias.bias_offsets`); differentiable: its
             gradient is the spatial sum of the output's cotangent.

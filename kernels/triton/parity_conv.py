@@ -6,8 +6,9 @@ kernel on the transposed plan for the input gradient, and a weight-gradient kern
 `_parity_plan.py` says why the layer's dense filter, rewritten from taps to sums and differences
 of opposite taps, splits into one small GEMM per (input component class, tap combination), and
 generates the kernels. Here: packing the blocks into class-ordered rows, the filter's rewrite
-(plain jnp, differentiated by autodiff down to the layer's weights), the launches, a custom_vjp
-and the reference the tests compare with (`kernels.dense`, the same filter as one convolution).
+(plain jnp, differentiated by autodiff down to the layer's weights), the launches and a
+custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the same filter as one
+convolution), whose autodiff is the gradients' oracle.
 
 Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
 residual are added by XLA after the kernel (`conv_contract_triton` does that for this path).
@@ -59,6 +60,9 @@ PARITY_CHOICES = ("auto", "on", "off")
 # programs a weight-gradient launch aims at: a few per SM slot of a 132-SM GPU
 _TARGET_PROGRAMS = 1024
 _PRECISION = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "tf32"}  # bf16 calls run at tf32 (no slower)
+# the dots' input_precision in place of the mode's, for spikes ("ieee": FMA dots)
+PRECISION_ENV = "GINJAX_PARITY_PRECISION"
+PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
 def parity_supported(spec: ConvSpec, spatial: tuple[int, ...]):
@@ -88,7 +92,7 @@ def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: S
     layer = packed_layer(spec)
     x = pack_rows(spec.D, spec.in_keys, layer.in_order, [a.astype(jnp.float32) for a in inputs])
     wc = combo_filter(spec, layer, weights)
-    precision = os.environ.get("GINJAX_PARITY_PRECISION") or _PRECISION[mode]  # spikes only
+    precision = env_choice(PRECISION_ENV, PRECISIONS, _PRECISION[mode])
     y = _parity_conv(layer.plan, spatial, precision, x, wc)
     return unpack_rows(spec.D, spec.out_keys, layer.out_order, y)
 
