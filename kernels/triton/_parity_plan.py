@@ -1,5 +1,5 @@
 """The static plan of the parity-blocked convolution (`parity_conv.py`): channel classes, tap
-combinations, the dots they make, and the generated Triton source of its two kernels.
+combinations, the dots they make, and the generated Triton source of its kernels.
 
 The layer's dense filter W[tap, (c, i), (o, j)] (`kernels.dense.assemble_dense_filter`) is, per
 axis, rewritten from the taps -r..r to the combinations
@@ -16,9 +16,10 @@ components' classes (their per-axis index parities, `component_class`) differ by
 axes on which the combination takes a difference. For each input class and combination there is
 one output class: the layer becomes one small GEMM per (input class, combination), 7.5x fewer
 multiply-adds than the dense convolution of d3_n64_b2_c8_k2 (38,912 against 292,032 a pixel), on
-the tensor cores. `parity_plan` checks the structure on the layer's own bases.
+the tensor cores. `unsupported` checks the structure on the layer's own bases.
 
-The kernels read packed operands: (batch, rows, *spatial), rows ordered by class (`ParityPlan`).
+The kernels read packed operands: (batch, rows, *spatial), rows ordered by class (`ParityPlan`),
+the input with `halo` cells a side along x so that every shifted load is a contiguous run.
 The forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, forms the
 combinations by sums and differences axis by axis (`_butterfly`) and accumulates one tl.dot per
 combination into its output class. The weight gradient forms the same combinations and
@@ -35,12 +36,12 @@ from typing import Optional
 
 import numpy as np
 
+from .._fused import INT32_MAX
 from .._fused.basis import pair_basis
 from .._spec import ConvSpec
 from ._tiling import KernelPlan
 
 CHUNK = 16  # input rows per dot: tl.dot's least K
-INT32_MAX = 2**31 - 1
 MAX_OUT_WIDTH = 128  # accumulator columns a program keeps: BLOCK_X x 128 floats
 STRUCTURE_TOL = 1e-6  # |W'| outside the parity blocks, relative to the basis' largest entry
 
