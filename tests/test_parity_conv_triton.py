@@ -211,3 +211,39 @@ def test_offsets_go_64_bit_only_past_int32():
         for source in (fwd, dw):
             assert (".to(tl.int64) * " in source) == wide  # row offsets
             assert ".to(tl.int64)\n" in source  # the batch index is 64-bit always
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's inf * 0
+def test_nan_and_inf_reach_exactly_the_parity_blocks_outputs():
+    """A NaN and an inf input (one at the grid's edge: the halo and the wrap) reach output pixel
+    p - t for each tap t, in every output class that a combination holding t feeds from the
+    input's class (the classes differing from it only on t's nonzero axes: the GEMM multiplies
+    the tile row into all of that class's columns, zero weights included, as `dense` does); every
+    other output is finite and equals `reference` on the clean inputs."""
+    spec = make_layer(3, 3, [("s", 2), ("v", 2), ("t", 1)], [("s", 1), ("v", 1), ("t", 1)])
+    N, D = 5, 3
+    xs, ws = operands(spec, N, seed=21)
+    hits = [(0, 1, (2, 2, 2), 0, np.nan), (1, 0, (0, 4, 1), 2, np.inf)]  # (block, channel, pixel, comp, value)
+    bad = [np.array(x, np.float32) for x in xs]
+    clean = [np.array(x, np.float32) for x in xs]
+    for block, ch, pixel, comp, value in hits:
+        index = (ch,) + pixel + ((comp,) if bad[block].ndim > 1 + D else ())
+        bad[block][index], clean[block][index] = value, 0.0
+    got = [np.asarray(y, np.float64) for y in conv_contract_parity(spec, [jnp.asarray(x) for x in bad], ws, "fp32")]
+    want = run(spec, [jnp.asarray(x) for x in clean], ws, "reference")
+    for b, (k_b, p_b, o) in enumerate(spec.out_keys):
+        reached = np.zeros((N,) * D + (D**k_b,), bool)
+        for block, _, pixel, comp, _ in hits:
+            k_a, p_a, _ = spec.in_keys[block]
+            cls_in = _parity_plan.component_class(D, k_a, p_a, comp)
+            for t in itertools.product((-1, 0, 1), repeat=D):
+                paired = sum(1 << a for a in range(D) if t[a])
+                at = tuple((p - s) % N for p, s in zip(pixel, t))
+                for j in range(D**k_b):
+                    if (_parity_plan.component_class(D, k_b, p_b, j) ^ cls_in) & ~paired == 0:
+                        reached[at + (j,)] = True
+        g = got[b].reshape((o,) + (N,) * D + (-1,))
+        w = np.asarray(want[b], np.float64).reshape(g.shape)
+        assert reached.any() and not reached.all()
+        assert np.array_equal(~np.isfinite(g), np.broadcast_to(reached, g.shape)), b
+        assert np.abs(np.where(reached, 0, g - w)).max() <= 1e-4 * np.abs(w).max()
