@@ -81,3 +81,11 @@ def test_odd_sizes_and_zero_padding(monkeypatch, spatial, torus):
     want = jax.jit(jax.grad(_loss(f("reference")), argnums=(0, 1)))(xs, ws, None)
     errors = gradient_errors(got, want, element_scale=1.0)
     assert max(errors) <= kernels.TOLERANCE["fp32"], errors
+
+
+def test_nan_and_inf_on_the_tensor_cores():
+    """The CPU test's NaN and inf, through the compiled kernels: the tensor cores' 0 * NaN and
+    0 * inf are NaN too, so exactly the same outputs are non-finite."""
+    from test_parity_conv_triton import test_nan_and_inf_reach_exactly_the_parity_blocks_outputs as check
+
+    check()
