@@ -10,7 +10,9 @@ backend reports itself unavailable and says why. It runs:
 
 Covered: D 2 and 3, tensor orders up to 2, any channel counts and sizes, torus / SAME / VALID /
 explicit padding, rhs_dilation, stride 1, float32 / bfloat16 / float16 operands. Other
-configurations (stride > 1, lhs_dilation) run on `dense`; `kernels.explain` says why.
+configurations (stride > 1, lhs_dilation) run on `dense`; `kernels.explain` says why. Layers the
+factorised kernels would split into filter groups (the 2-tensor layers) run as the parity-blocked
+convolution of `parity_conv.py` (GINJAX_TRITON_PARITY).
 
 Also here: `vector_neuron_triton`, ginjax's VectorNeuron nonlinearity of one block as one fused
 kernel forward and one backward (`vector_neuron.py`), on the same launcher.
