@@ -36,12 +36,13 @@ from typing import Optional
 
 import numpy as np
 
-from .._fused import INT32_MAX
+from .._fused import INT32_MAX, MIN_DOT_TILE, dot_tile
 from .._fused.basis import pair_basis
 from .._spec import ConvSpec
 from ._tiling import KernelPlan
+from ._vn_kernel import _header
 
-CHUNK = 16  # input rows per dot: tl.dot's least K
+CHUNK = MIN_DOT_TILE  # input rows per dot: tl.dot's least K
 MAX_OUT_WIDTH = 128  # accumulator columns a program keeps: BLOCK_X x 128 floats
 STRUCTURE_TOL = 1e-6  # |W'| outside the parity blocks, relative to the basis' largest entry
 
@@ -87,6 +88,17 @@ def combo_group(c: int) -> int:
     return (c + 1) // 2
 
 
+def combo_q(combo: tuple[int, ...]) -> int:
+    """The bits of the axes on which a per-axis combination tuple takes a difference: the class
+    difference of the component pairs it connects."""
+    return sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
+
+
+def paired_axes(groups: tuple[int, ...]) -> list[int]:
+    """The axes a group tuple pairs (+-g taps): its loads' sign patterns run over these."""
+    return [a for a, g in enumerate(groups) if g > 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class ParityPlan:
     """Rows, classes and dots of one direction of the parity-blocked convolution.
@@ -119,7 +131,7 @@ class ParityPlan:
 
     def out_pad(self, b: int) -> int:
         """Accumulator columns of output class b: a power of two >= 16."""
-        return max(16, 1 << (self.out_classes[b][2] - 1).bit_length())
+        return dot_tile(self.out_classes[b][2])
 
     @property
     def max_out_pad(self) -> int:
@@ -162,7 +174,7 @@ def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
     dots = []
     for ch, (cls, _, _) in enumerate(chunks):
         for combo in walk_combos(D, M):
-            q = sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
+            q = combo_q(combo)
             if cls ^ q in by_class:
                 dots.append((ch, combo, by_class[cls ^ q]))
     return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
@@ -196,7 +208,7 @@ def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
         pads = (spec.torus_pad[a], spec.zero_pad[a]) if spec.is_torus[a] else (spec.zero_pad[a], spec.torus_pad[a])
         if tuple(pads[0]) != (half, half) or tuple(pads[1]) != (0, 0):
             return f"axis {a}: padding other than SAME ({half} cells a side)"
-        if spatial[a] < half or (spec.is_torus[a] and spatial[a] < half):
+        if spatial[a] < half:
             return f"axis {a}: size {spatial[a]} below the filter's reach {half}"
     for (k, parity, _) in spec.in_keys + spec.out_keys:
         if parity not in (0, 1):
@@ -222,8 +234,7 @@ def _structure_error(spec: ConvSpec) -> float:
         ci = np.array([component_class(D, k_a, p_a, i) for i in range(D**k_a)])
         cj = np.array([component_class(D, k_b, p_b, j) for j in range(D**k_b)])
         for combo in itertools.product(range(M), repeat=D):
-            q = sum(1 << a for a, c in enumerate(combo) if combo_odd(c))
-            off = (ci[:, None] ^ cj[None, :]) != q
+            off = (ci[:, None] ^ cj[None, :]) != combo_q(combo)
             if off.any():
                 worst = max(worst, float(np.abs(B[(slice(None),) + combo][:, off]).max()) / scale)
     return worst
@@ -257,10 +268,10 @@ class _Source:
         self.lines: list[str] = []
 
     @classmethod
-    def kernel(cls, name: str, args: str) -> "_Source":
+    def kernel(cls, name: str, args: tuple[str, ...]) -> "_Source":
         """A kernel's source so far: its imports, its signature and its program id `pid`."""
         e = cls()
-        for line in ("import triton", "import triton.language as tl", "", "", "@triton.jit", f"def {name}({args}):"):
+        for line in _header(name, args):
             e(line, 0)
         e("pid = tl.program_id(0)")
         return e
@@ -279,7 +290,8 @@ def _axis_offsets(plan: ParityPlan) -> list[list[int]]:
 
 def _coordinates(e: _Source, plan: ParityPlan, spatial, depth: int, masked_x: bool) -> None:
     """Shifted coordinates of the program's pixels: leading axes `c{a}_{o}` (scalars, wrapped or
-    with validity `v{a}_{o}`), the x axis `xo_{o}` (vectors, with `xm_{o}` where masked)."""
+    with validity `v{a}_{o}`, a vector), the x axis `xo_{o}` (vectors; `xm`, the pixels inside
+    the row, where a block overhangs it)."""
     for a, offsets in enumerate(_axis_offsets(plan)[:-1]):
         n = spatial[a]
         for o in offsets:
@@ -292,11 +304,11 @@ def _coordinates(e: _Source, plan: ParityPlan, spatial, depth: int, masked_x: bo
                 e(f"{nm} = c{a} + {o}", depth)
                 # a vector: the interpreter rejects a scalar validity and-ed into a vector mask
                 e(f"v{a}_{_name(o)} = (xs * 0 + {nm} >= 0) & (xs * 0 + {nm} < {n})", depth)
-    n, h = spatial[-1], halo(plan)
+    h = halo(plan)
     for o in _axis_offsets(plan)[-1]:  # the packed input carries h halo cells a side along x
         e(f"xo_{_name(o)} = xs + {o + h}", depth)
-        if masked_x:
-            e(f"xm_{_name(o)} = xs < {n}", depth)
+    if masked_x:
+        e(f"xm = xs < {spatial[-1]}", depth)
 
 
 def halo(plan: ParityPlan) -> int:
@@ -320,12 +332,8 @@ def _tap_load(plan: ParityPlan, spatial, base: str, rows: str, offs: tuple[int, 
     lead = " + ".join(f"c{a}_{_name(o)} * {strides[a]}" for a, o in enumerate(offs[:-1])) or "0"
     xo = _name(offs[-1])
     masks = [f"v{a}_{_name(o)}" for a, o in enumerate(offs[:-1]) if o != 0 and not plan.torus[a]]
-    if masked_x:
-        masks.append(f"xm_{xo}")
-    mask_terms = []
-    if masks:  # a vector mask: scalars alone (leading axes' validity) would not broadcast
-        vector = ([f"xm_{xo}"] if f"xm_{xo}" in masks else ["(xs >= 0)"]) + [m for m in masks if m != f"xm_{xo}"]
-        mask_terms.append(f"({' & '.join(vector)})[:, None]")
+    masks += ["xm"] if masked_x else []
+    mask_terms = [f"({' & '.join(masks)})[:, None]"] if masks else []  # every term a vector over the pixels
     if rmask:
         mask_terms.append(f"{rmask}[None, :]")
     mask = f", mask={' & '.join(mask_terms)}, other=0.0" if mask_terms else ""
@@ -349,6 +357,20 @@ def _butterfly(e: _Source, prefix: str, nz_axes: list[int], depth: int) -> dict:
                 new[pat2] = name
         states = new
     return states
+
+
+def _pattern_offsets(plan: ParityPlan, groups: tuple[int, ...], pat: tuple[str, ...]) -> list[int]:
+    """Per axis, the tap offset of one sign pattern ('m' / 'p' per paired axis) of a group tuple."""
+    offs = [0] * plan.D
+    for n, a in enumerate(paired_axes(groups)):
+        offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n] == "m" else 1)
+    return offs
+
+
+def _pixel_offset(spatial) -> str:
+    """A program's output pixels (`xs` along x, `c{a}` on the leading axes) as element offsets."""
+    lead = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(len(spatial) - 1)) or "0"
+    return f"({lead} + xs)[:, None]"
 
 
 def _combo_of(groups: tuple[int, ...], nz_axes: list[int], pat: tuple[str, ...]) -> tuple[int, ...]:
@@ -377,13 +399,12 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     n_x = spatial[-1]
     nxb = -(-n_x // block_x)
     masked_x = n_x % block_x != 0
-    lead = spatial[:-1]
-    programs = nxb * math.prod(lead)
+    programs = nxb * math.prod(spatial[:-1])
     wmax = plan.max_out_pad
     index = plan.dot_index()
     row0 = plan.out_classes[group[0]][1]
     width = sum(plan.out_classes[b][2] for b in group)
-    e = _Source.kernel(name, "x, w, y")
+    e = _Source.kernel(name, ("x", "w", "y"))
     e(f"xb = pid % {nxb}")
     e(f"t = pid // {nxb}")
     for a in reversed(range(D - 1)):
@@ -401,7 +422,6 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     pads = sorted({plan.out_pad(b) for b in group})
     for p in pads:
         e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
-    offsets = _axis_offsets(plan)
     for ch, (cls, start, rows) in enumerate(plan.chunks):
         wanted = [(combo, n) for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group]
         if not wanted:
@@ -416,13 +436,10 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
             combos = group_combos(groups)
             if not any(c in wanted_combos for c in combos):
                 continue
-            nz = [a for a in range(D) if groups[a] > 0]
+            nz = paired_axes(groups)
             for pat in itertools.product("mp", repeat=len(nz)):
-                offs = [0] * D
-                for n_ax, a in enumerate(nz):
-                    offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
-                assert all(o in offsets[a] for a, o in enumerate(offs))
-                e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), rmask, masked_x)}")
+                offs = tuple(_pattern_offsets(plan, groups, pat))
+                e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}")
             tiles = _butterfly(e, "t", nz, 1)
             for pat, var in tiles.items():
                 combo = _combo_of(groups, nz, pat)
@@ -432,9 +449,8 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
                 b = plan.dots[n][2]
                 p = plan.out_pad(b)
                 e(f"acc{b} = tl.dot({var}, tl.load(wbase + {n * CHUNK * wmax} + wk{p}), acc{b}{_dot_kw(precision)})")
-    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
     e(f"ybase = y + b * {width * S}")
-    e(f"pix = ({lead_out} + xs)[:, None]")
+    e(f"pix = {_pixel_offset(spatial)}")
     for b in group:
         _, start, rows = plan.out_classes[b]
         p = plan.out_pad(b)
@@ -442,7 +458,7 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
         if rows < p:
             mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
         if masked_x:
-            mask.append(f"(xs < {n_x})[:, None]")
+            mask.append("xm[:, None]")
         m = f", mask={' & '.join(mask)}" if mask else ""
         cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
         e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{b}{m})")
@@ -454,13 +470,12 @@ def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
     (chunk's first row, its rows, then per combination of the group (`_butterfly` order) its
     output class's first row and rows, 0 rows where the chunk's class has no such output)."""
     by_class = {c: b for b, (c, _, _) in enumerate(plan.out_classes)}
-    nz = [a for a in range(plan.D) if groups[a] > 0]
+    nz = paired_axes(groups)
     table = []
     for cls, start, rows in plan.chunks:
         entry = [start, rows]
         for pat in itertools.product("sd", repeat=len(nz)):
-            q = sum(1 << a for n, a in enumerate(nz) if pat[n] == "d")
-            b = by_class.get(cls ^ q)
+            b = by_class.get(cls ^ combo_q(_combo_of(groups, nz, pat)))
             entry += [0, 0] if b is None else list(plan.out_classes[b][1:])
         table.append(entry)
     return np.asarray(table, np.int32)
@@ -469,7 +484,7 @@ def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
 def weight_grad_dots(plan: ParityPlan, groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(dot index, chunk, combination slot) of each dot the group tuple's kernel computes."""
     index = plan.dot_index()
-    nz = [a for a in range(plan.D) if groups[a] > 0]
+    nz = paired_axes(groups)
     out = []
     for ch in range(len(plan.chunks)):
         for j, pat in enumerate(itertools.product("sd", repeat=len(nz))):
@@ -494,10 +509,10 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     per = -(-n_rows // slabs)
     wmax = plan.max_out_pad
     n_ch = len(plan.chunks)
-    nz = [a for a in range(D) if groups[a] > 0]
+    nz = paired_axes(groups)
     n_c = 2 ** len(nz)
     width = 2 + 2 * n_c
-    e = _Source.kernel(name, "x, g, tab, part")
+    e = _Source.kernel(name, ("x", "g", "tab", "part"))
     e(f"ch = pid % {n_ch}")
     e(f"slab = (pid // {n_ch}) % {slabs}")
     e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
@@ -523,15 +538,12 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     e(f"for xb in range({nxb}):", 2)
     e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
     _coordinates(e, plan, spatial, 3, masked_x)
-    lead_out = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(D - 1)) or "0"
-    e(f"pix = ({lead_out} + xs)[:, None]", 3)
+    e(f"pix = {_pixel_offset(spatial)}", 3)
     for pat in itertools.product("mp", repeat=len(nz)):
-        offs = [0] * D
-        for n_ax, a in enumerate(nz):
-            offs[a] = groups[a] * plan.dilation[a] * (-1 if pat[n_ax] == "m" else 1)
-        e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', tuple(offs), 'rmask', masked_x)}", 3)
+        offs = tuple(_pattern_offsets(plan, groups, pat))
+        e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, 'rmask', masked_x)}", 3)
     tiles = _butterfly(e, "t", nz, 3)
-    xmask = f" & (xs < {n_x})[:, None]" if masked_x else ""
+    xmask = " & xm[:, None]" if masked_x else ""
     for j, (pat, var) in enumerate(tiles.items()):
         e(f"gy = tl.load(gbase + ocol{j} + pix, mask=omask{j}{xmask}, other=0.0)", 3)
         e(f"a{j} = tl.dot(tl.trans({var}), gy, a{j}{_dot_kw(precision)})", 3)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._env import env_choice
+from .._fused import MIN_DOT_TILE, next_pow2
 from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
 from ._launch import batch_size, batched_flags, run_plan
@@ -38,7 +39,7 @@ from ._parity_plan import (
     PackedLayer,
     ParityPlan,
     combo_matrix,
-    combo_odd,
+    combo_q,
     component_class,
     forward_source,
     halo,
@@ -204,8 +205,7 @@ def transposed_combos(plan: ParityPlan, wc: jax.Array) -> jax.Array:
     """The input gradient's filter: the correlation with W[-tap]^T, i.e. W'^T with the sign of
     every difference flipped."""
     M, D = plan.M, plan.D
-    sign = np.array([(-1.0) ** sum(combo_odd(c) for c in combo)
-                     for combo in np.ndindex(*(M,) * D)], np.float32)
+    sign = np.array([(-1.0) ** bin(combo_q(combo)).count("1") for combo in np.ndindex(*(M,) * D)], np.float32)
     return jnp.swapaxes(wc, 1, 2) * sign[:, None, None]
 
 
@@ -222,7 +222,7 @@ class ParityBlocks:
     num_warps: int = 4
 
     def __post_init__(self):
-        if self.block_x < 16 or self.block_x & (self.block_x - 1):
+        if self.block_x < MIN_DOT_TILE or self.block_x & (self.block_x - 1):
             raise ValueError(f"`block_x` (={self.block_x}) must be a power of two >= 16")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"`num_warps` (={self.num_warps}) must be 1, 2, 4, 8 or 16")
@@ -241,7 +241,7 @@ class ParityBlocks:
 
     def for_row(self, n: int) -> int:
         """block_x for rows of n pixels: no wider than the row needs."""
-        return max(16, min(self.block_x, 1 << (n - 1).bit_length()))
+        return max(MIN_DOT_TILE, min(self.block_x, next_pow2(n)))
 
 
 # the weight gradient's tiling (64 px and 4 warps spilled on sm_90, offline ptxas; see NOTES)
@@ -283,7 +283,7 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
 
 
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
-    """(cin, *spatial) -> (cout, *spatial), one launch per output group."""
+    """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
     outs = []
     for group in plan.out_groups():
         (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env())((x[None],), (wk[None],))
@@ -332,7 +332,7 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
 # ---- differentiation ------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _parity_conv(plan: ParityPlan, spatial, precision, x, wc):
-    return _forward(plan, spatial, precision, with_halo(plan, x), dot_weights(plan, wc))
+    return _parity_conv_fwd(plan, spatial, precision, x, wc)[0]
 
 
 def _parity_conv_fwd(plan, spatial, precision, x, wc):
