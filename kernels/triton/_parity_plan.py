@@ -105,8 +105,8 @@ class ParityPlan:
 
     in_classes / out_classes: (class, first packed row, rows) of the operand read / written,
     classes with rows only, in packed order. chunks: (class, first row, rows <= CHUNK).
-    dots: (chunk index, per-axis combination tuple, output class index), in the order the
-    kernels walk them; `dot_index` maps (chunk, combo) to its place."""
+    dots: (chunk index, per-axis combination tuple, output class index), by chunk, then output
+    class, then in `walk_combos` order; `dot_index` maps (chunk, combo) to its place."""
 
     D: int
     M: int
@@ -173,10 +173,10 @@ def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
     by_class = {c: b for b, (c, _, _) in enumerate(out_classes)}
     dots = []
     for ch, (cls, _, _) in enumerate(chunks):
-        for combo in walk_combos(D, M):
-            q = combo_q(combo)
-            if cls ^ q in by_class:
-                dots.append((ch, combo, by_class[cls ^ q]))
+        reached = [(by_class[cls ^ combo_q(combo)], combo) for combo in walk_combos(D, M)
+                   if cls ^ combo_q(combo) in by_class]
+        # a chunk's dots into one output class consecutive: the forward concatenates their tiles
+        dots += [(ch, combo, b) for b, combo in sorted(reached, key=lambda t: t[0])]
     return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
 
 
@@ -390,8 +390,61 @@ def _dot_kw(precision: str) -> str:
     return f", input_precision=\"{precision}\""
 
 
+def _concat_runs(plan: ParityPlan, dots: list[int], concat: int) -> list[list[int]]:
+    """Consecutive dots of one chunk into one output class, in runs of a power of two <= concat:
+    each run one tl.dot with its tiles' K concatenated."""
+    runs, cur = [], []
+    for n in dots:
+        if cur and (n != cur[-1] + 1 or plan.dots[n][2] != plan.dots[cur[0]][2]):
+            runs.append(cur)
+            cur = []
+        cur.append(n)
+    if cur:
+        runs.append(cur)
+    out = []
+    for run in runs:
+        while run:
+            m = min(concat, 1 << (len(run).bit_length() - 1))
+            out.append(run[:m])
+            run = run[m:]
+    return out
+
+
+def join_order(m: int) -> list[int]:
+    """The leaf order of `_emit_dot`'s join tree that puts tile s at trailing index s of the
+    reshaped [BLOCK_X, CHUNK * m] operand (K index = row * m + s)."""
+    level = [np.array(i) for i in range(m)]
+    while len(level) > 1:
+        level = [np.stack([a, b], axis=-1) for a, b in zip(level[::2], level[1::2])]
+    flat = level[0].reshape(-1)  # flat[s] = the leaf at trailing index s
+    order = [0] * m
+    for s, leaf in enumerate(flat):
+        order[int(leaf)] = s
+    return order
+
+
+def _emit_dot(e: _Source, plan: ParityPlan, tiles: list[str], n0: int, block_x: int, precision: str) -> None:
+    """acc_b += [tiles concatenated along K] @ the weight tiles of dots n0 .. n0 + len - 1 (w's
+    rows: (dot, CHUNK row) in order; K index row * m + s takes dot n0 + s's row)."""
+    m = len(tiles)
+    b = plan.dots[n0][2]
+    p = plan.out_pad(b)
+    if m == 1:
+        e(f"acc{b} = tl.dot({tiles[0]}, tl.load(wbase + {n0 * CHUNK * plan.max_out_pad} + wk{p}), acc{b}{_dot_kw(precision)})")
+        return
+    level = [tiles[s] for s in join_order(m)]
+    while len(level) > 1:
+        level = [f"tl.join({a}, {c})" for a, c in zip(level[::2], level[1::2])]
+    e(f"a_cat = tl.reshape({level[0]}, ({block_x}, {CHUNK * m}))")
+    e(f"k_cat = tl.arange(0, {CHUNK * m})")
+    wmax = plan.max_out_pad
+    e(f"w_cat = tl.load(wbase + {n0 * CHUNK * wmax} + ((k_cat % {m}) * {CHUNK} + k_cat // {m})[:, None] * {wmax}"
+      f" + tl.arange(0, {p})[None, :])")
+    e(f"acc{b} = tl.dot(a_cat, w_cat, acc{b}{_dot_kw(precision)})")
+
+
 def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
-                   batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+                   batched: tuple[bool, bool], precision: str, name: str, concat: int = 1) -> tuple[str, int]:
     """The forward kernel of output classes `group`: (source, programs per batch element).
     Operands x (B|1, cin, *spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
     the group's classes, *spatial)."""
@@ -423,32 +476,34 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     for p in pads:
         e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
     for ch, (cls, start, rows) in enumerate(plan.chunks):
-        wanted = [(combo, n) for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group]
+        wanted = {combo: n for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group}
         if not wanted:
             continue
-        wanted_combos = {combo for combo, _ in wanted}
         e(f"rows = {_row_offsets(f'kk + {start}', plan.cin * S_in, S_in)}")
         rmask = None
         if rows < CHUNK:
             e(f"rmask = kk < {rows}")
             rmask = "rmask"
-        for groups in itertools.product(range(plan.r + 1), repeat=D):
-            combos = group_combos(groups)
-            if not any(c in wanted_combos for c in combos):
+        tiles_of = {}  # dot index -> its A tile's variable
+        runs, emitted = _concat_runs(plan, sorted(wanted.values()), concat), set()
+        for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=D)):
+            if not any(c in wanted for c in group_combos(groups)):
                 continue
             nz = paired_axes(groups)
+            prefix = f"t{gi}"
             for pat in itertools.product("mp", repeat=len(nz)):
                 offs = tuple(_pattern_offsets(plan, groups, pat))
-                e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}")
-            tiles = _butterfly(e, "t", nz, 1)
-            for pat, var in tiles.items():
-                combo = _combo_of(groups, nz, pat)
-                n = index.get((ch, combo))
-                if n is None or plan.dots[n][2] not in group:
+                e(f"{prefix}_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}")
+            for pat, var in _butterfly(e, prefix, nz, 1).items():
+                n = wanted.get(_combo_of(groups, nz, pat))
+                if n is None:
                     continue
-                b = plan.dots[n][2]
-                p = plan.out_pad(b)
-                e(f"acc{b} = tl.dot({var}, tl.load(wbase + {n * CHUNK * wmax} + wk{p}), acc{b}{_dot_kw(precision)})")
+                tiles_of[n] = var
+            # each run's dot as soon as its last tile exists: the tiles live no longer than that
+            for run in runs:
+                if run[-1] not in emitted and all(n in tiles_of for n in run):
+                    _emit_dot(e, plan, [tiles_of[n] for n in run], run[0], block_x, precision)
+                    emitted.add(run[-1])
     e(f"ybase = y + b * {width * S}")
     e(f"pix = {_pixel_offset(spatial)}")
     for b in group:

@@ -216,28 +216,36 @@ BLOCKS_ENV = "GINJAX_PARITY_BLOCKS"
 @dataclasses.dataclass(frozen=True)
 class ParityBlocks:
     """The forward's tiling: pixels of one x row a program owns (a power of two >= 16; rows
-    shorter than it are masked) and its warps."""
+    shorter than it are masked), its warps, and how many of a chunk's dots into one output class
+    one tl.dot takes, their tiles concatenated along K (a power of two: fewer, larger wgmmas, each
+    with its own trip through shared memory and its barriers, against the registers the
+    concatenated operand holds)."""
 
     block_x: int = 64
     num_warps: int = 4
+    concat: int = 1
 
     def __post_init__(self):
         if self.block_x < MIN_DOT_TILE or self.block_x & (self.block_x - 1):
             raise ValueError(f"`block_x` (={self.block_x}) must be a power of two >= 16")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"`num_warps` (={self.num_warps}) must be 1, 2, 4, 8 or 16")
+        if self.concat not in (1, 2, 4, 8):
+            raise ValueError(f"`concat` (={self.concat}) must be 1, 2, 4 or 8")
 
     @classmethod
     def from_env(cls) -> "ParityBlocks":
-        """$GINJAX_PARITY_BLOCKS as "block_x,num_warps" (for sweeps), else the defaults."""
+        """$GINJAX_PARITY_BLOCKS as "block_x,num_warps[,concat]" (for sweeps), else the defaults."""
         value = os.environ.get(BLOCKS_ENV, "")
         if not value:
             return cls()
         try:
-            bx, warps = (int(v) for v in value.split(","))
+            fields = [int(v) for v in value.split(",")]
+            if len(fields) not in (2, 3):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"`{BLOCKS_ENV}` (={value!r}) must be 'block_x,num_warps', e.g. '64,4'") from None
-        return cls(bx, warps)
+            raise ValueError(f"`{BLOCKS_ENV}` (={value!r}) must be 'block_x,num_warps[,concat]', e.g. '64,4'") from None
+        return cls(*fields)
 
     def for_row(self, n: int) -> int:
         """block_x for rows of n pixels: no wider than the row needs."""
@@ -267,7 +275,7 @@ def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[in
         batch = batch_size([x, w])
         flags = batched_flags([x, w], batch)
         name, source, programs = _named("parity_fwd", lambda nm: forward_source(
-            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm))
+            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm, blocks.concat))
         shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
         return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, w])
 
