@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._fused import INT32_MAX, MIN_DOT_TILE, dot_tile
+from .._fused import INT32_MAX, MIN_DOT_TILE, dot_tile, next_pow2
 from .._fused.basis import pair_basis
 from .._spec import ConvSpec
 from ._tiling import KernelPlan
@@ -423,6 +423,18 @@ def join_order(m: int) -> list[int]:
     return order
 
 
+def _concat(tiles: list[str], block_x: int) -> str:
+    """[block_x, CHUNK] tiles concatenated along K (index row * m + s: tile s's row), as an
+    expression."""
+    m = len(tiles)
+    if m == 1:
+        return tiles[0]
+    level = [tiles[s] for s in join_order(m)]
+    while len(level) > 1:
+        level = [f"tl.join({a}, {c})" for a, c in zip(level[::2], level[1::2])]
+    return f"tl.reshape({level[0]}, ({block_x}, {CHUNK * m}))"
+
+
 def _emit_dot(e: _Source, plan: ParityPlan, tiles: list[str], n0: int, block_x: int, precision: str) -> None:
     """acc_b += [tiles concatenated along K] @ the weight tiles of dots n0 .. n0 + len - 1 (w's
     rows: (dot, CHUNK row) in order; K index row * m + s takes dot n0 + s's row)."""
@@ -432,10 +444,7 @@ def _emit_dot(e: _Source, plan: ParityPlan, tiles: list[str], n0: int, block_x: 
     if m == 1:
         e(f"acc{b} = tl.dot({tiles[0]}, tl.load(wbase + {n0 * CHUNK * plan.max_out_pad} + wk{p}), acc{b}{_dot_kw(precision)})")
         return
-    level = [tiles[s] for s in join_order(m)]
-    while len(level) > 1:
-        level = [f"tl.join({a}, {c})" for a, c in zip(level[::2], level[1::2])]
-    e(f"a_cat = tl.reshape({level[0]}, ({block_x}, {CHUNK * m}))")
+    e(f"a_cat = {_concat(tiles, block_x)}")
     e(f"k_cat = tl.arange(0, {CHUNK * m})")
     wmax = plan.max_out_pad
     e(f"w_cat = tl.load(wbase + {n0 * CHUNK * wmax} + ((k_cat % {m}) * {CHUNK} + k_cat // {m})[:, None] * {wmax}"
@@ -606,6 +615,111 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     e(f"wk = kk[:, None] * {wmax} + oc[None, :]")
     for j in range(n_c):
         e(f"tl.store(pbase + {j * CHUNK * wmax} + wk, a{j})")
+    return e.text(), n_ch * slabs
+
+
+def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int]:
+    """(first chunk, chunks) of input class index c: consecutive, and so are their dots, every
+    chunk of the class with the same dots in the same order."""
+    chs = [ch for ch, chunk in enumerate(plan.chunks) if chunk[0] == plan.in_classes[c][0]]
+    return chs[0], len(chs)
+
+
+def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
+                             concat: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+    """The weight gradient of input class index c's dots: (source, programs per batch element).
+    Operands x (B|1, cin, *in_spatial), g (B|1, cout, *spatial); result part (B, slabs, dots of
+    the class, CHUNK, max_out_pad), every entry written. A program owns one chunk of the class and
+    one slab of pixel rows; per block of pixels it forms the chunk's combinations once, loads each
+    output class's cotangent tile once, and accumulates A_cat^T dY per run of the chunk's dots
+    into one output class (`_concat_runs`: the run's tiles concatenated, M = CHUNK x run)."""
+    D = plan.D
+    n_x = spatial[-1]
+    nxb = -(-n_x // block_x)
+    masked_x = n_x % block_x != 0
+    n_rows = math.prod(spatial[:-1])
+    per = -(-n_rows // slabs)
+    wmax = plan.max_out_pad
+    S, S_in = math.prod(spatial), math.prod(in_spatial(plan, spatial))
+    ch0, n_ch = class_chunks(plan, c)
+    _, cstart, crows = plan.in_classes[c]
+    ch_dots = [n for n, d in enumerate(plan.dots) if d[0] == ch0]  # the first chunk's; the others' follow
+    per_chunk = len(ch_dots)
+    runs = _concat_runs(plan, ch_dots, concat)
+    e = _Source.kernel(name, ("x", "g", "part"))
+    e(f"ci = pid % {n_ch}")
+    e(f"slab = (pid // {n_ch}) % {slabs}")
+    e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
+    e(f"kk = tl.arange(0, {CHUNK})")
+    e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
+    e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
+    e(f"rows = {_row_offsets(f'kk + {cstart} + ci * {CHUNK}', plan.cin * S_in, S_in)}")
+    rmask = None
+    if crows % CHUNK:
+        e(f"rmask = kk < {crows} - ci * {CHUNK}")
+        rmask = "rmask"
+    outs = sorted({plan.dots[n][2] for n in ch_dots})
+    for ob in outs:
+        _, ostart, orows = plan.out_classes[ob]
+        p = plan.out_pad(ob)
+        e(f"gcol{ob} = ({_row_offsets(f'tl.arange(0, {p}) + {ostart}', plan.cout * S, S)})[None, :]")
+        if orows < p:
+            e(f"gm{ob} = (tl.arange(0, {p}) < {orows})[None, :]")
+    for j, run in enumerate(runs):
+        e(f"a{j} = tl.zeros(({CHUNK * len(run)}, {plan.out_pad(plan.dots[run[0]][2])}), tl.float32)")
+    e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
+    t = "row"
+    for a in reversed(range(D - 1)):
+        e(f"c{a} = {t} % {spatial[a]}", 2)
+        if a:
+            e(f"r{a} = {t} // {spatial[a]}", 2)
+            t = f"r{a}"
+    e(f"for xb in range({nxb}):", 2)
+    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
+    _coordinates(e, plan, spatial, 3, masked_x)
+    e(f"pix = {_pixel_offset(spatial)}", 3)
+    wanted = {plan.dots[n][1]: n for n in ch_dots}
+    tiles_of, done, loaded = {}, set(), set()
+    for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=D)):
+        if not any(cb in wanted for cb in group_combos(groups)):
+            continue
+        nz = paired_axes(groups)
+        prefix = f"t{gi}"
+        for pat in itertools.product("mp", repeat=len(nz)):
+            offs = tuple(_pattern_offsets(plan, groups, pat))
+            e(f"{prefix}_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}", 3)
+        for pat, var in _butterfly(e, prefix, nz, 3).items():
+            n = wanted.get(_combo_of(groups, nz, pat))
+            if n is not None:
+                tiles_of[n] = var
+        for j, run in enumerate(runs):
+            if j in done or not all(n in tiles_of for n in run):
+                continue
+            ob = plan.dots[run[0]][2]
+            if ob not in loaded:
+                masks = [f"gm{ob}"] if plan.out_classes[ob][2] < plan.out_pad(ob) else []
+                masks += ["xm[:, None]"] if masked_x else []
+                m = f", mask={' & '.join(masks)}, other=0.0" if masks else ""
+                e(f"gy{ob} = tl.load(gbase + gcol{ob} + pix{m})", 3)
+                loaded.add(ob)
+            e(f"a{j} = tl.dot(tl.trans({_concat([tiles_of[n] for n in run], block_x)}), gy{ob}, a{j}"
+              f"{_dot_kw(precision)})", 3)
+            done.add(j)
+    e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ci) * {per_chunk * CHUNK * wmax}")
+    for j, run in enumerate(runs):
+        m = len(run)
+        p = plan.out_pad(plan.dots[run[0]][2])
+        e(f"k_cat = tl.arange(0, {CHUNK * m})")
+        e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + ((k_cat % {m}) * {CHUNK} + k_cat // {m})[:, None]"
+          f" * {wmax} + tl.arange(0, {p})[None, :], a{j})")
+    for j, run in enumerate(runs):  # zeros in the columns past the run's output class
+        p = plan.out_pad(plan.dots[run[0]][2])
+        if p < wmax:
+            k = next_pow2(CHUNK * len(run))
+            e(f"k_all = tl.arange(0, {k})[:, None]")
+            e(f"wcol = tl.arange(0, {wmax})[None, :]")
+            e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + k_all * {wmax} + wcol, "
+              f"tl.zeros(({k}, {wmax}), tl.float32), mask=(k_all < {CHUNK * len(run)}) & (wcol >= {p}))")
     return e.text(), n_ch * slabs
 
 

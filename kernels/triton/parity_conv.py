@@ -45,6 +45,8 @@ from ._parity_plan import (
     halo,
     kernel_plan,
     packed_layer,
+    class_chunks,
+    class_weight_grad_source,
     unsupported,
     weight_grad_dots,
     weight_grad_source,
@@ -234,17 +236,17 @@ class ParityBlocks:
             raise ValueError(f"`concat` (={self.concat}) must be 1, 2, 4 or 8")
 
     @classmethod
-    def from_env(cls) -> "ParityBlocks":
-        """$GINJAX_PARITY_BLOCKS as "block_x,num_warps[,concat]" (for sweeps), else the defaults."""
-        value = os.environ.get(BLOCKS_ENV, "")
+    def from_env(cls, env: str = "GINJAX_PARITY_BLOCKS", default: "ParityBlocks | None" = None) -> "ParityBlocks":
+        """$env as "block_x,num_warps[,concat]" (for sweeps), else `default` (the defaults)."""
+        value = os.environ.get(env, "")
         if not value:
-            return cls()
+            return default or cls()
         try:
             fields = [int(v) for v in value.split(",")]
             if len(fields) not in (2, 3):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"`{BLOCKS_ENV}` (={value!r}) must be 'block_x,num_warps[,concat]', e.g. '64,4'") from None
+            raise ValueError(f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat]', e.g. '64,4'") from None
         return cls(*fields)
 
     def for_row(self, n: int) -> int:
@@ -254,6 +256,13 @@ class ParityBlocks:
 
 # the weight gradient's tiling (64 px and 4 warps spilled on sm_90, offline ptxas; see NOTES)
 WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8)
+# the weight gradient's kernels: "tuple", one per group tuple of taps (its 2^k combinations,
+# one cotangent tile each), or "class", one per input class (a chunk's every combination, one
+# cotangent tile per output class, the dots into one class concatenated: GINJAX_PARITY_DW_BLOCKS)
+WEIGHT_GRAD_ENV = "GINJAX_PARITY_DW"
+WEIGHT_GRAD_KINDS = ("tuple", "class")
+WEIGHT_GRAD_BLOCKS_ENV = "GINJAX_PARITY_DW_BLOCKS"
+CLASS_WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8, 8)
 
 
 def _named(prefix: str, make) -> tuple[str, str, int]:
@@ -294,7 +303,7 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
     """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
     outs = []
     for group in plan.out_groups():
-        (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env())((x[None],), (wk[None],))
+        (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env(BLOCKS_ENV))((x[None],), (wk[None],))
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -323,9 +332,41 @@ def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], groups: tup
     return batched_op(body)
 
 
+@functools.lru_cache(maxsize=128)
+def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, precision: str,
+                               blocks: ParityBlocks):
+    """Input class index c's weight-gradient kernel: (B, its dots, CHUNK, max_out_pad)."""
+    from .conv_contract import batched_op
+
+    _, n_ch = class_chunks(plan, c)
+    n_dots = sum(1 for d in plan.dots if plan.chunks[d[0]][0] == plan.in_classes[c][0])
+
+    def body(xs, gs):
+        (x,), (g,) = xs, gs
+        batch = batch_size([x, g])
+        flags = batched_flags([x, g], batch)
+        slabs = max(1, min(math.prod(spatial[:-1]), -(-_TARGET_PROGRAMS // (batch * n_ch))))
+        name, source, programs = _named("parity_dwc", lambda nm: class_weight_grad_source(
+            plan, spatial, c, blocks.for_row(spatial[-1]), slabs, blocks.concat, flags, precision, nm))
+        shape = jax.ShapeDtypeStruct((batch, slabs, n_dots, CHUNK, plan.max_out_pad), jnp.float32)
+        (part,) = run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, g])
+        return (jnp.sum(part, axis=1),)
+
+    return batched_op(body)
+
+
 def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: jax.Array) -> jax.Array:
-    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile, one launch per group
-    tuple (its combinations' tiles taken from the launch's output)."""
+    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile: one launch per input
+    class ("class"; the dots are in class order) or per group tuple ("tuple"; its combinations'
+    tiles taken from the launch's output)."""
+    if env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_KINDS, "tuple") == "class":
+        blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, CLASS_WEIGHT_GRAD_BLOCKS)
+        parts = []
+        for c in range(len(plan.in_classes)):
+            if any(plan.chunks[d[0]][0] == plan.in_classes[c][0] for d in plan.dots):
+                (part,) = _batched_class_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
+                parts.append(part[0])
+        return jnp.concatenate(parts, axis=0)
     tiles = [None] * len(plan.dots)
     for groups in itertools.product(range(plan.r + 1), repeat=plan.D):
         dots = weight_grad_dots(plan, groups)
