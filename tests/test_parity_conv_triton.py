@@ -76,9 +76,10 @@ def test_concatenated_dots_match(concat, monkeypatch):
     a reshape; the weight tiles interleaved to match `join_order`), its input gradient the same
     kernel, and the per-class weight gradient with the same runs along M: outputs against
     `reference`, gradients against `dense`'s autodiff, on a layer whose runs split unevenly (a
-    5-tap filter: 3 sums a non-difference axis) and one with every order. The generated source
-    must hold concatenated dots, fewer than the plan's."""
-    monkeypatch.setenv(parity_conv.BLOCKS_ENV, f"16,4,{concat}")
+    5-tap filter: 3 sums a non-difference axis) and one with every order; the forward's weight
+    loads hoisted 1-2 dots ahead (the same lines, reordered). The generated source must hold
+    concatenated dots, fewer than the plan's."""
+    monkeypatch.setenv(parity_conv.BLOCKS_ENV, f"16,4,{concat},{concat % 3}")
     monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
     monkeypatch.setenv(parity_conv.WEIGHT_GRAD_BLOCKS_ENV, f"16,4,{concat}")
     for name, D, M, ins, outs, is_torus, geometry, N in (FORWARD_CASES[0], FORWARD_CASES[4]):
@@ -87,6 +88,9 @@ def test_concatenated_dots_match(concat, monkeypatch):
         source, _ = _parity_plan.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
                                                 "k", concat)
         assert concat == 1 or ("tl.reshape(tl.join(" in source and source.count("tl.dot(") < len(plan.dots))
+        hoisted, _ = _parity_plan.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
+                                                 "k", concat, 2)
+        assert sorted(hoisted.splitlines()) == sorted(source.splitlines()) and hoisted != source
         xs, ws = operands(spec, (N,) * D, seed=zlib.crc32(name.encode()) + concat)
         check_close(conv_contract_parity(spec, xs, ws, "fp32"), run(spec, xs, ws, "reference"), "fp32")
         dense = kernels.dense.conv_contract_dense

@@ -435,25 +435,51 @@ def _concat(tiles: list[str], block_x: int) -> str:
     return f"tl.reshape({level[0]}, ({block_x}, {CHUNK * m}))"
 
 
-def _emit_dot(e: _Source, plan: ParityPlan, tiles: list[str], n0: int, block_x: int, precision: str) -> None:
-    """acc_b += [tiles concatenated along K] @ the weight tiles of dots n0 .. n0 + len - 1 (w's
-    rows: (dot, CHUNK row) in order; K index row * m + s takes dot n0 + s's row)."""
-    m = len(tiles)
-    b = plan.dots[n0][2]
-    p = plan.out_pad(b)
-    if m == 1:
-        e(f"acc{b} = tl.dot({tiles[0]}, tl.load(wbase + {n0 * CHUNK * plan.max_out_pad} + wk{p}), acc{b}{_dot_kw(precision)})")
-        return
-    e(f"a_cat = {_concat(tiles, block_x)}")
-    e(f"k_cat = tl.arange(0, {CHUNK * m})")
+def _weight_tile(plan: ParityPlan, n0: int, m: int, p: int) -> str:
+    """The [CHUNK * m, p] weight operand of dots n0 .. n0 + m - 1, K index row * m + s taking dot
+    n0 + s's row: a self-contained expression (`_hoist_weights` moves it)."""
     wmax = plan.max_out_pad
-    e(f"w_cat = tl.load(wbase + {n0 * CHUNK * wmax} + ((k_cat % {m}) * {CHUNK} + k_cat // {m})[:, None] * {wmax}"
-      f" + tl.arange(0, {p})[None, :])")
-    e(f"acc{b} = tl.dot(a_cat, w_cat, acc{b}{_dot_kw(precision)})")
+    if m == 1:
+        return f"tl.load(wbase + {n0 * CHUNK * wmax} + wk{p})"
+    k = f"tl.arange(0, {CHUNK * m})"
+    return (f"tl.load(wbase + {n0 * CHUNK * wmax} + (({k} % {m}) * {CHUNK} + {k} // {m})[:, None] * {wmax}"
+            f" + tl.arange(0, {p})[None, :])")
+
+
+_WEIGHT_LOAD = "# weight load"
+
+
+def _emit_dot(e: _Source, plan: ParityPlan, tiles: list[str], n0: int, block_x: int, precision: str) -> None:
+    """acc_b += [tiles concatenated along K] @ the weight tiles of dots n0 .. n0 + len - 1; the
+    weight load on a line of its own, tagged for `_hoist_weights`."""
+    b = plan.dots[n0][2]
+    e(f"wt{n0} = {_weight_tile(plan, n0, len(tiles), plan.out_pad(b))}  {_WEIGHT_LOAD}")
+    e(f"acc{b} = tl.dot({_concat(tiles, block_x)}, wt{n0}, acc{b}{_dot_kw(precision)})")
+
+
+def _hoist_weights(lines: list[str], lookahead: int) -> list[str]:
+    """Each dot's weight load moved up to just before the dot `lookahead` dots earlier (the first
+    ones to the `_WEIGHT_LOAD` marker line): its L2 round trip then overlaps that many dots
+    instead of stalling its own (num_stages=1 kernels issue loads where they stand)."""
+    if lookahead == 0:
+        return [line.replace(f"  {_WEIGHT_LOAD}", "") for line in lines if line.strip() != _WEIGHT_LOAD]
+    loads = [i for i, line in enumerate(lines) if line.endswith(_WEIGHT_LOAD) and line.strip() != _WEIGHT_LOAD]
+    start = next(i for i, line in enumerate(lines) if line.strip() == _WEIGHT_LOAD)
+    before: dict[int, list[str]] = {}
+    for k, i in enumerate(loads):
+        anchor = loads[k - lookahead] if k >= lookahead else start
+        before.setdefault(anchor, []).append(lines[i].replace(f"  {_WEIGHT_LOAD}", ""))
+    out = []
+    for i, line in enumerate(lines):
+        out += before.get(i, [])
+        if i not in loads and i != start:
+            out.append(line)
+    return out
 
 
 def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
-                   batched: tuple[bool, bool], precision: str, name: str, concat: int = 1) -> tuple[str, int]:
+                   batched: tuple[bool, bool], precision: str, name: str, concat: int = 1,
+                   lookahead: int = 0) -> tuple[str, int]:
     """The forward kernel of output classes `group`: (source, programs per batch element).
     Operands x (B|1, cin, *spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
     the group's classes, *spatial)."""
@@ -484,6 +510,7 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     pads = sorted({plan.out_pad(b) for b in group})
     for p in pads:
         e(f"wk{p} = kk[:, None] * {wmax} + tl.arange(0, {p})[None, :]")
+    e(_WEIGHT_LOAD)
     for ch, (cls, start, rows) in enumerate(plan.chunks):
         wanted = {combo: n for (c2, combo), n in index.items() if c2 == ch and plan.dots[n][2] in group}
         if not wanted:
@@ -526,6 +553,7 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
         m = f", mask={' & '.join(mask)}" if mask else ""
         cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
         e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{b}{m})")
+    e.lines = _hoist_weights(e.lines, lookahead)
     return e.text(), programs
 
 

@@ -226,6 +226,7 @@ class ParityBlocks:
     block_x: int = 64
     num_warps: int = 4
     concat: int = 1
+    lookahead: int = 0
 
     def __post_init__(self):
         if self.block_x < MIN_DOT_TILE or self.block_x & (self.block_x - 1):
@@ -234,19 +235,21 @@ class ParityBlocks:
             raise ValueError(f"`num_warps` (={self.num_warps}) must be 1, 2, 4, 8 or 16")
         if self.concat not in (1, 2, 4, 8):
             raise ValueError(f"`concat` (={self.concat}) must be 1, 2, 4 or 8")
+        if not 0 <= self.lookahead <= 8:
+            raise ValueError(f"`lookahead` (={self.lookahead}) must be 0 to 8")
 
     @classmethod
     def from_env(cls, env: str = "GINJAX_PARITY_BLOCKS", default: "ParityBlocks | None" = None) -> "ParityBlocks":
-        """$env as "block_x,num_warps[,concat]" (for sweeps), else `default` (the defaults)."""
+        """$env as "block_x,num_warps[,concat[,lookahead]]" (for sweeps), else `default` (the defaults)."""
         value = os.environ.get(env, "")
         if not value:
             return default or cls()
         try:
             fields = [int(v) for v in value.split(",")]
-            if len(fields) not in (2, 3):
+            if len(fields) not in (2, 3, 4):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat]', e.g. '64,4'") from None
+            raise ValueError(f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead]]', e.g. '64,4'") from None
         return cls(*fields)
 
     def for_row(self, n: int) -> int:
@@ -284,7 +287,7 @@ def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[in
         batch = batch_size([x, w])
         flags = batched_flags([x, w], batch)
         name, source, programs = _named("parity_fwd", lambda nm: forward_source(
-            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm, blocks.concat))
+            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm, blocks.concat, blocks.lookahead))
         shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
         return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, w])
 
