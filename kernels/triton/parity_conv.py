@@ -217,11 +217,11 @@ BLOCKS_ENV = "GINJAX_PARITY_BLOCKS"
 
 @dataclasses.dataclass(frozen=True)
 class ParityBlocks:
-    """The forward's tiling: pixels of one x row a program owns (a power of two >= 16; rows
-    shorter than it are masked), its warps, and how many of a chunk's dots into one output class
-    one tl.dot takes, their tiles concatenated along K (a power of two: fewer, larger wgmmas, each
-    with its own trip through shared memory and its barriers, against the registers the
-    concatenated operand holds)."""
+    """A kernel's tiling: pixels of one x row a program owns (a power of two >= 16; rows shorter
+    than it are masked), its warps; how many of a chunk's dots into one output class one tl.dot
+    takes, their tiles concatenated (a power of two: fewer, larger wgmmas, each with its own trip
+    through shared memory and its barriers, against the registers the concatenated operand
+    holds); and how many dots ahead the forward issues each weight load (`_hoist_weights`)."""
 
     block_x: int = 64
     num_warps: int = 4
