@@ -557,6 +557,24 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     return e.text(), programs
 
 
+def _slab_loops(e: _Source, plan: ParityPlan, spatial, per: int, block_x: int) -> None:
+    """The weight gradients' loops over a program's slab (`per` rows of pixels from `slab * per`)
+    and each row's blocks of block_x pixels: their bodies at depth 3, with the shifted
+    coordinates (`_coordinates`) and the pixels' offsets `pix`."""
+    n_rows = math.prod(spatial[:-1])
+    e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
+    t = "row"
+    for a in reversed(range(plan.D - 1)):
+        e(f"c{a} = {t} % {spatial[a]}", 2)
+        if a:
+            e(f"r{a} = {t} // {spatial[a]}", 2)
+            t = f"r{a}"
+    e(f"for xb in range({-(-spatial[-1] // block_x)}):", 2)
+    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
+    _coordinates(e, plan, spatial, 3, spatial[-1] % block_x != 0)
+    e(f"pix = {_pixel_offset(spatial)}", 3)
+
+
 def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
     """Per input chunk, the runtime table of the weight-gradient kernel of one group tuple:
     (chunk's first row, its rows, then per combination of the group (`_butterfly` order) its
@@ -593,12 +611,9 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     int32 (`weight_grad_table`); result part (B, slabs, chunks, C, CHUNK, max_out_pad), C = 2^k
     combinations, every entry written: a program owns one input chunk (a runtime index: the
     table gives its rows and its combinations' output rows) and one run of rows of pixels."""
-    D, S = plan.D, math.prod(spatial)
-    n_x = spatial[-1]
-    nxb = -(-n_x // block_x)
-    masked_x = n_x % block_x != 0
-    n_rows = math.prod(spatial[:-1])
-    per = -(-n_rows // slabs)
+    S = math.prod(spatial)
+    masked_x = spatial[-1] % block_x != 0
+    per = -(-math.prod(spatial[:-1]) // slabs)
     wmax = plan.max_out_pad
     n_ch = len(plan.chunks)
     nz = paired_axes(groups)
@@ -620,17 +635,7 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
         e(f"ocol{j} = ({_row_offsets(f'oc + tl.load(tb + {2 + 2 * j})', plan.cout * S, S)})[None, :]")
         e(f"omask{j} = (oc < tl.load(tb + {3 + 2 * j}))[None, :]")
         e(f"a{j} = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
-    e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
-    t = "row"
-    for a in reversed(range(D - 1)):
-        e(f"c{a} = {t} % {spatial[a]}", 2)
-        if a:
-            e(f"r{a} = {t} // {spatial[a]}", 2)
-            t = f"r{a}"
-    e(f"for xb in range({nxb}):", 2)
-    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
-    _coordinates(e, plan, spatial, 3, masked_x)
-    e(f"pix = {_pixel_offset(spatial)}", 3)
+    _slab_loops(e, plan, spatial, per, block_x)
     for pat in itertools.product("mp", repeat=len(nz)):
         offs = tuple(_pattern_offsets(plan, groups, pat))
         e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, 'rmask', masked_x)}", 3)
@@ -662,11 +667,8 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
     output class's cotangent tile once, and accumulates A_cat^T dY per run of the chunk's dots
     into one output class (`_concat_runs`: the run's tiles concatenated, M = CHUNK x run)."""
     D = plan.D
-    n_x = spatial[-1]
-    nxb = -(-n_x // block_x)
-    masked_x = n_x % block_x != 0
-    n_rows = math.prod(spatial[:-1])
-    per = -(-n_rows // slabs)
+    masked_x = spatial[-1] % block_x != 0
+    per = -(-math.prod(spatial[:-1]) // slabs)
     wmax = plan.max_out_pad
     S, S_in = math.prod(spatial), math.prod(in_spatial(plan, spatial))
     ch0, n_ch = class_chunks(plan, c)
@@ -695,17 +697,7 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
             e(f"gm{ob} = (tl.arange(0, {p}) < {orows})[None, :]")
     for j, run in enumerate(runs):
         e(f"a{j} = tl.zeros(({CHUNK * len(run)}, {plan.out_pad(plan.dots[run[0]][2])}), tl.float32)")
-    e(f"for row in range(slab * {per}, tl.minimum(slab * {per} + {per}, {n_rows})):")
-    t = "row"
-    for a in reversed(range(D - 1)):
-        e(f"c{a} = {t} % {spatial[a]}", 2)
-        if a:
-            e(f"r{a} = {t} // {spatial[a]}", 2)
-            t = f"r{a}"
-    e(f"for xb in range({nxb}):", 2)
-    e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
-    _coordinates(e, plan, spatial, 3, masked_x)
-    e(f"pix = {_pixel_offset(spatial)}", 3)
+    _slab_loops(e, plan, spatial, per, block_x)
     wanted = {plan.dots[n][1]: n for n in ch_dots}
     tiles_of, done, loaded = {}, set(), set()
     for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=D)):
