@@ -41,11 +41,12 @@ def run_stage(stages: dict, name: str, fn, shown: int = 1500) -> None:
 
 
 class Spike:
-    def __init__(self, name: str, out_dir, config: str, spatial=None, batch=None, **extra):
+    def __init__(self, name: str, out_dir, config: str, spatial=None, batch=None, spec=None, **extra):
+        """spec: the layer (default the config's fixture spec, k_max 1 only)."""
         cfg = _configs.CONFIGS[config]
         self.path = pathlib.Path(out_dir) / f"{name}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.spec = _cases.fixture_spec(cfg)
+        self.spec = spec if spec is not None else _cases.fixture_spec(cfg)
         spatial = tuple(spatial or cfg.spatial)
         batch = batch or cfg.B
         self.xs, self.ws, _ = _cases.spec_operands(self.spec, spatial, batch, seed=1)

@@ -1,0 +1,108 @@
+"""The parity-blocked path's switches on one layer (kernels/triton/parity_conv.py), in
+bench/cuda_spike.py's format: the `triton` layer (without its bias: the same XLA passes in every
+variant) under each forward tiling
+(GINJAX_PARITY_BLOCKS) and each weight-gradient kind (GINJAX_PARITY_DW), beside `dense` on the same
+operands. Every variant is traced before any is compiled, so their Triton kernels compile side by
+side (kernels/triton/_compile.py) instead of one variant after another. Forward rows carry the
+error against `reference` (float32 'highest'), fwd_bwd rows the error of the value and gradients
+against `dense`'s; every row its temp bytes. Rows to OUT/parity_spike.json after every stage.
+
+    python -m bench.parity_spike OUT_DIR [--config d3_n64_b2_c8_k2] [--forward 64,4,1,0 64,4,1,2]
+        [--weight-grad tuple class] [--spatial N --batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+
+import jax
+
+import kernels
+from bench import _cases, _configs, _timing
+from bench._spike import TIMING, Spike, rel_l2
+from kernels.triton import parity_conv
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.parity_spike")
+    p.add_argument("out")
+    p.add_argument("--config", default="d3_n64_b2_c8_k2")
+    p.add_argument("--spatial", type=int, default=None, help="grid size per axis (default: the config's)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--forward", nargs="*", default=["64,4,1,0", "64,4,1,2", "64,4,8,2"],
+                   help=f"{parity_conv.BLOCKS_ENV} values, each a forward row")
+    p.add_argument("--weight-grad", nargs="*", default=list(parity_conv.WEIGHT_GRAD_KINDS),
+                   help=f"{parity_conv.WEIGHT_GRAD_ENV} values, each a fwd_bwd row (the default forward)")
+    args = p.parse_args(argv)
+
+    cfg = _configs.CONFIGS[args.config]
+    spike = Spike("parity_spike", args.out, args.config, batch=args.batch, spec=_cases.layer_spec(cfg).without_bias(),
+                  spatial=None if args.spatial is None else (args.spatial,) * cfg.D)
+    spec, xs, ws = spike.spec, spike.xs, spike.ws
+    cots = _cases.spec_operands(spec, tuple(spike.rows["spatial"]), spike.rows["batch"], seed=1)[2]
+    operands = (xs, ws, cots)
+    triton = _cases.layer_functions(lambda x, w: kernels.conv_contract(spec, x, w, backend="triton"))
+    dense = _cases.layer_functions(lambda x, w: kernels.conv_contract(spec, x, w, backend="dense"))
+    spike.stage("reference", spike.reference)
+
+    def trace(mode: str, env: str, value: str):
+        # a new function object each time: jit reuses a function's trace, read switches and all
+        with _env(parity_conv.PARITY_ENV, "on"), _env(env, value):
+            return jax.jit(lambda *a: triton[mode](*a)).trace(*operands)
+
+    traced = {f"fwd {blocks}": trace("fwd", parity_conv.BLOCKS_ENV, blocks) for blocks in args.forward}
+    traced.update({f"fwd_bwd {kind}": trace("fwd_bwd", parity_conv.WEIGHT_GRAD_ENV, kind) for kind in args.weight_grad})
+
+    oracle = {}
+
+    def timed(fn, keep=None):
+        def run():
+            result, timing, extra = _timing.compile_and_time(fn, operands, **TIMING)
+            if keep:
+                oracle[keep] = result
+            return {**timing.as_ms(), **extra}
+        return run
+
+    def variant(name):
+        def run():
+            t0 = time.perf_counter()
+            compiled = traced[name].lower().compile()
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(compiled(*operands))
+            first_s = time.perf_counter() - t0
+            if name.startswith("fwd_bwd"):
+                want = oracle.get("fwd_bwd")
+                err = None if want is None else rel_l2(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(want))
+            else:
+                err = rel_l2(out, spike.ref)
+            row = {"rel_l2": err, "compile_s": round(compile_s, 1), **_timing.memory_of(compiled)}
+            return {**row, **_timing.time_compiled(compiled, operands, first_call_s=first_s, **TIMING).as_ms()}
+        return run
+
+    spike.stage("dense fwd", timed(dense["fwd"]))
+    if args.weight_grad:
+        spike.stage("dense fwd_bwd", timed(dense["fwd_bwd"], keep="fwd_bwd"))
+    for name in traced:
+        spike.stage(name, variant(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
