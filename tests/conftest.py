@@ -80,6 +80,9 @@ SLOW: dict[str, dict[str, str]] = {
             " changes its program are checked by default",
     },
     "test_bench_tooling.py": {
+        "test_the_parity_spike_measures_each_variant_it_names":
+            "bench.parity_spike through the interpreter (~45 CPU s); the switches it sets are each"
+            " checked by default in test_parity_conv_triton.py",
         "test_quick_suite_is_a_correctness_check_of_every_available_backend":
             "the bench's quick suite in a subprocess on every backend, interpreters included: over"
             " 64 CPU s (cut off by its 600 s timeout on a loaded machine); the backends' correctness"
