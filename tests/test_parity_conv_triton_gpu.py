@@ -63,6 +63,34 @@ def test_two_tensor_layer_against_reference(mode):
     assert max(errors) <= kernels.TOLERANCE[mode], errors
 
 
+@pytest.mark.parametrize("blocks", ["64,4,8,2", "32,4,2,4"])
+def test_concatenated_dots_and_class_weight_gradient(monkeypatch, blocks):
+    """The opt-in forms compiled (`GINJAX_PARITY_BLOCKS` concat and lookahead, the per-class
+    weight gradient with its own concat) on d3_n64_b2_c8_k2's layer at 16^3 x (16, 16, 48), tf32,
+    vmapped over 2: outputs and gradients in inputs and weights against `reference`."""
+    from kernels.triton import parity_conv
+
+    monkeypatch.setenv(parity_conv.BLOCKS_ENV, blocks)
+    monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
+    monkeypatch.setenv(parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8," + blocks.split(",")[2])
+    spec = _k2()
+    xs, ws = operands(spec, (16, 16, 48), seed=37, batch=2)
+
+    def vf(backend):
+        return jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, backend=backend, precision="tf32"),
+                        in_axes=(0, None, None))
+
+    got = jax.jit(vf("triton"))(xs, ws, None)
+    want = jax.jit(vf("reference"))(xs, ws, None)
+    for g, r in zip(got, want):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"], rel_l2(g, r)
+    got = jax.jit(jax.grad(_loss(vf("triton")), argnums=(0, 1)))(xs, ws, None)
+    want = jax.jit(jax.grad(_loss(vf("reference")), argnums=(0, 1)))(xs, ws, None)
+    errors = gradient_errors(got, want, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+
+
 @pytest.mark.parametrize("spatial, torus", [((9, 12, 19), True), ((7, 10, 33), (False, True, False))])
 def test_odd_sizes_and_zero_padding(monkeypatch, spatial, torus):
     """Sizes that no block divides, wrapped and zero-padded axes, every key order, in fp32."""
