@@ -390,6 +390,31 @@ def _dot_kw(precision: str) -> str:
     return f", input_precision=\"{precision}\""
 
 
+def _chunk_tiles(e: _Source, plan: ParityPlan, spatial, wanted: dict, runs: list[list[int]], rmask, masked_x: bool,
+                 depth: int):
+    """A chunk's combination tiles, group tuple by group tuple (its 2^k shifted loads, then
+    `_butterfly`), for the combinations in `wanted` ({combo: dot index}); after each group tuple,
+    yields ({dot index: tile variable} so far, the runs whose last tile just appeared): each run's
+    dot goes right after it, so that its tiles live no longer than that."""
+    tiles_of, done = {}, set()
+    for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=plan.D)):
+        if not any(c in wanted for c in group_combos(groups)):
+            continue
+        nz = paired_axes(groups)
+        prefix = f"t{gi}"
+        for pat in itertools.product("mp", repeat=len(nz)):
+            offs = tuple(_pattern_offsets(plan, groups, pat))
+            load = _tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)
+            e(f"{prefix}_{''.join(pat)} = {load}", depth)
+        for pat, var in _butterfly(e, prefix, nz, depth).items():
+            n = wanted.get(_combo_of(groups, nz, pat))
+            if n is not None:
+                tiles_of[n] = var
+        ready = [run for j, run in enumerate(runs) if j not in done and all(n in tiles_of for n in run)]
+        done.update(j for j, run in enumerate(runs) if run in ready)
+        yield tiles_of, ready
+
+
 def _concat_runs(plan: ParityPlan, dots: list[int], concat: int) -> list[list[int]]:
     """Consecutive dots of one chunk into one output class, in runs of a power of two <= concat:
     each run one tl.dot with its tiles' K concatenated."""
@@ -520,26 +545,10 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
         if rows < CHUNK:
             e(f"rmask = kk < {rows}")
             rmask = "rmask"
-        tiles_of = {}  # dot index -> its A tile's variable
-        runs, emitted = _concat_runs(plan, sorted(wanted.values()), concat), set()
-        for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=D)):
-            if not any(c in wanted for c in group_combos(groups)):
-                continue
-            nz = paired_axes(groups)
-            prefix = f"t{gi}"
-            for pat in itertools.product("mp", repeat=len(nz)):
-                offs = tuple(_pattern_offsets(plan, groups, pat))
-                e(f"{prefix}_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}")
-            for pat, var in _butterfly(e, prefix, nz, 1).items():
-                n = wanted.get(_combo_of(groups, nz, pat))
-                if n is None:
-                    continue
-                tiles_of[n] = var
-            # each run's dot as soon as its last tile exists: the tiles live no longer than that
-            for run in runs:
-                if run[-1] not in emitted and all(n in tiles_of for n in run):
-                    _emit_dot(e, plan, [tiles_of[n] for n in run], run[0], block_x, precision)
-                    emitted.add(run[-1])
+        runs = _concat_runs(plan, sorted(wanted.values()), concat)
+        for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 1):
+            for run in ready:
+                _emit_dot(e, plan, [tiles_of[n] for n in run], run[0], block_x, precision)
     e(f"ybase = y + b * {width * S}")
     e(f"pix = {_pixel_offset(spatial)}")
     for b in group:
@@ -666,7 +675,6 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
     one slab of pixel rows; per block of pixels it forms the chunk's combinations once, loads each
     output class's cotangent tile once, and accumulates A_cat^T dY per run of the chunk's dots
     into one output class (`_concat_runs`: the run's tiles concatenated, M = CHUNK x run)."""
-    D = plan.D
     masked_x = spatial[-1] % block_x != 0
     per = -(-math.prod(spatial[:-1]) // slabs)
     wmax = plan.max_out_pad
@@ -699,22 +707,10 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
         e(f"a{j} = tl.zeros(({CHUNK * len(run)}, {plan.out_pad(plan.dots[run[0]][2])}), tl.float32)")
     _slab_loops(e, plan, spatial, per, block_x)
     wanted = {plan.dots[n][1]: n for n in ch_dots}
-    tiles_of, done, loaded = {}, set(), set()
-    for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=D)):
-        if not any(cb in wanted for cb in group_combos(groups)):
-            continue
-        nz = paired_axes(groups)
-        prefix = f"t{gi}"
-        for pat in itertools.product("mp", repeat=len(nz)):
-            offs = tuple(_pattern_offsets(plan, groups, pat))
-            e(f"{prefix}_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, rmask, masked_x)}", 3)
-        for pat, var in _butterfly(e, prefix, nz, 3).items():
-            n = wanted.get(_combo_of(groups, nz, pat))
-            if n is not None:
-                tiles_of[n] = var
-        for j, run in enumerate(runs):
-            if j in done or not all(n in tiles_of for n in run):
-                continue
+    loaded = set()
+    for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 3):
+        for run in ready:
+            j = runs.index(run)
             ob = plan.dots[run[0]][2]
             if ob not in loaded:
                 masks = [f"gm{ob}"] if plan.out_classes[ob][2] < plan.out_pad(ob) else []
@@ -724,7 +720,6 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
                 loaded.add(ob)
             e(f"a{j} = tl.dot(tl.trans({_concat([tiles_of[n] for n in run], block_x)}), gy{ob}, a{j}"
               f"{_dot_kw(precision)})", 3)
-            done.add(j)
     e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ci) * {per_chunk * CHUNK * wmax}")
     for j, run in enumerate(runs):
         m = len(run)
