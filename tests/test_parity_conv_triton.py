@@ -24,7 +24,7 @@ triton_backend = pytest.importorskip("kernels.triton")
 if not triton_backend.availability()[0]:
     pytest.skip(f"triton backend unavailable: {triton_backend.availability()[1]}", allow_module_level=True)
 
-from kernels.triton import _parity_plan, parity_conv  # noqa: E402
+from kernels.triton import _parity_plan, _parity_source, parity_conv  # noqa: E402
 from kernels.triton.parity_conv import PARITY_ENV, conv_contract_parity, parity_supported  # noqa: E402
 from test_conv_contract_triton import check_close, make_layer, operands, run  # noqa: E402
 
@@ -85,10 +85,10 @@ def test_concatenated_dots_match(concat, monkeypatch):
     for name, D, M, ins, outs, is_torus, geometry, N in (FORWARD_CASES[0], FORWARD_CASES[4]):
         spec = make_layer(D, M, ins, outs, is_torus, **geometry)
         plan = parity_conv.packed_layer(spec).plan
-        source, _ = _parity_plan.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
+        source, _ = _parity_source.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
                                                 "k", concat)
         assert concat == 1 or ("tl.reshape(tl.join(" in source and source.count("tl.dot(") < len(plan.dots))
-        hoisted, _ = _parity_plan.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
+        hoisted, _ = _parity_source.forward_source(plan, (N,) * D, plan.out_groups()[0], 16, (True, False), "tf32",
                                                  "k", concat, 2)
         assert sorted(hoisted.splitlines()) == sorted(source.splitlines()) and hoisted != source
         xs, ws = operands(spec, (N,) * D, seed=zlib.crc32(name.encode()) + concat)
@@ -235,8 +235,8 @@ def test_offsets_go_64_bit_only_past_int32():
     plan = parity_conv.packed_layer(spec).plan
     for n, wide in ((64, False), (512, True)):
         spatial = (n,) * 3
-        fwd, _ = _parity_plan.forward_source(plan, spatial, plan.out_groups()[0], 64, (True, False), "tf32", "k")
-        dw, _ = _parity_plan.weight_grad_source(plan, spatial, (1, 1, 1), 32, 4, (True, True), "tf32", "k")
+        fwd, _ = _parity_source.forward_source(plan, spatial, plan.out_groups()[0], 64, (True, False), "tf32", "k")
+        dw, _ = _parity_source.weight_grad_source(plan, spatial, (1, 1, 1), 32, 4, (True, True), "tf32", "k")
         for source in (fwd, dw):
             assert (".to(tl.int64) * " in source) == wide  # row offsets
             assert ".to(tl.int64)\n" in source  # the batch index is 64-bit always

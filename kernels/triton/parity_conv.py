@@ -4,8 +4,8 @@ kernel on the transposed plan for the input gradient, and a weight-gradient kern
     outputs = conv_contract_parity(spec, inputs, weights, mode)
 
 `_parity_plan.py` says why the layer's dense filter, rewritten from taps to sums and differences
-of opposite taps, splits into one small GEMM per (input component class, tap combination), and
-generates the kernels. Here: packing the blocks into class-ordered rows, the filter's rewrite
+of opposite taps, splits into one small GEMM per (input component class, tap combination);
+`_parity_source.py` generates the kernels. Here: packing the blocks into class-ordered rows, the filter's rewrite
 (plain jnp, differentiated by autodiff down to the layer's weights), the launches and a
 custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the same filter as one
 convolution), whose autodiff is the gradients' oracle.
@@ -34,20 +34,13 @@ from .._fused import MIN_DOT_TILE, next_pow2
 from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
 from ._launch import batch_size, batched_flags, run_plan
-from ._parity_plan import (
-    CHUNK,
-    PackedLayer,
-    ParityPlan,
-    combo_matrix,
-    combo_q,
-    component_class,
+from ._parity_plan import CHUNK, PackedLayer, ParityPlan, combo_matrix, combo_q, component_class, packed_layer, unsupported
+from ._parity_source import (
+    class_chunks,
+    class_weight_grad_source,
     forward_source,
     halo,
     kernel_plan,
-    packed_layer,
-    class_chunks,
-    class_weight_grad_source,
-    unsupported,
     weight_grad_dots,
     weight_grad_source,
     weight_grad_table,
