@@ -1,0 +1,95 @@
+"""Offline sm_90 SASS of a parity-blocked kernel (kernels/triton/_parity_source.py), without a GPU:
+Triton compiles the generated source for GPUTarget("cuda", 90, 32) and the cuobjdump Triton ships
+reports the registers, stack and shared memory a thread, and the SASS opcode counts that say what
+each dot costs (HGMMA / HMMA, the shared-memory trips STS / STSM / LDS, BAR, FENCE, MEMBAR) and
+whether it spills (LDL / STL). Counts are of the whole kernel, a loop body once.
+
+    python -m bench.parity_sass [--config d3_n64_b2_c8_k2] [--kernel fwd|dw|dwc] [--block-x 64]
+        [--warps 4] [--concat 1] [--lookahead 0] [--group 0] [--tuple 111] [--cls 0]
+
+fwd: the forward of output group --group; dw: the weight gradient of group tuple --tuple; dwc:
+the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
+Triton version are estimates of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import tempfile
+import time
+
+OPCODES = ("HGMMA", "HMMA", "LDG", "LDS", "STS", "STSM", "BAR", "FENCE", "MEMBAR", "LDL", "STL", "FADD")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.parity_sass")
+    p.add_argument("--config", default="d3_n64_b2_c8_k2")
+    p.add_argument("--kernel", choices=("fwd", "dw", "dwc"), default="fwd")
+    p.add_argument("--block-x", type=int, default=64)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--concat", type=int, default=1)
+    p.add_argument("--lookahead", type=int, default=0)
+    p.add_argument("--group", type=int, default=0, help="fwd: the output group")
+    p.add_argument("--tuple", default="111", help="dw: the group tuple, one digit an axis")
+    p.add_argument("--cls", type=int, default=0, help="dwc: the input class index")
+    p.add_argument("--precision", default="tf32")
+    args = p.parse_args(argv)
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench import _cases, _configs
+    from kernels.triton import _parity_plan, _parity_source
+    from kernels.triton._kernel import compile_plan
+
+    cfg = _configs.CONFIGS[args.config]
+    plan = _parity_plan.packed_layer(_cases.layer_spec(cfg)).plan
+    spatial = tuple(cfg.spatial)
+    slabs = 8
+    if args.kernel == "fwd":
+        source, programs = _parity_source.forward_source(
+            plan, spatial, plan.out_groups()[args.group], args.block_x, (True, False), args.precision, "k",
+            args.concat, args.lookahead)
+        signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
+    elif args.kernel == "dw":
+        groups = tuple(int(d) for d in args.tuple)
+        source, programs = _parity_source.weight_grad_source(plan, spatial, groups, args.block_x, slabs, (True, True),
+                                                             args.precision, "k")
+        signature = {"x": "*fp32", "g": "*fp32", "tab": "*i32", "part": "*fp32"}
+    else:
+        source, programs = _parity_source.class_weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
+                                                                   args.concat, (True, True), args.precision, "k")
+        signature = {"x": "*fp32", "g": "*fp32", "part": "*fp32"}
+    # a compiled kernel, not the interpreter's (TRITON_INTERPRET=1 makes triton.jit return one)
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        fn = compile_plan(_parity_source.kernel_plan("k", source, programs, args.warps))
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={}), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=args.warps, num_stages=1))
+    seconds = time.perf_counter() - start
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", fh.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+    resources = " ".join(re.findall(r"(?:REG|STACK|SHARED):\d+", usage))
+    print(f"{args.config} {args.kernel} block_x {args.block_x} warps {args.warps} concat {args.concat} "
+          f"lookahead {args.lookahead} (triton {triton.__version__}, compile {seconds:.1f} s): {resources}")
+    counts = {op: len(re.findall(r"\b" + op + r"[.\s]", sass)) for op in OPCODES}
+    print("  " + "  ".join(f"{op} {n}" for op, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
