@@ -192,20 +192,29 @@ def test_unsupported_layers_say_why(geometry, why):
 
 
 def test_env_choices_are_checked(monkeypatch):
-    """Bad values of the three switches are refused by name, before anything is planned."""
+    """Bad values of the switches are refused by name, before anything is planned: the weight
+    gradient's in the backward, where they are read."""
     spec = make_layer(2, 3, [("s", 1)], [("s", 1)])
     monkeypatch.setenv(PARITY_ENV, "sometimes")
     with pytest.raises(ValueError, match=PARITY_ENV):
         parity_conv.parity_runs(spec, (8, 8), True)
     monkeypatch.delenv(PARITY_ENV)
     xs, ws = operands(spec, 8, seed=2)
-    for env, value in ((parity_conv.PRECISION_ENV, "fast"), (parity_conv.BLOCKS_ENV, "64"),
-                       (parity_conv.BLOCKS_ENV, "48,4"), (parity_conv.BLOCKS_ENV, "64,3"),
-                       (parity_conv.BLOCKS_ENV, "64,4,3")):
+    forward = lambda: conv_contract_parity(spec, xs, ws, "fp32")  # noqa: E731
+    backward = lambda: jax.grad(lambda w: sum(jnp.sum(o) for o in conv_contract_parity(spec, xs, w, "fp32")))(ws)  # noqa: E731
+    cases = [(parity_conv.PRECISION_ENV, "fast", forward, parity_conv.PRECISION_ENV),
+             (parity_conv.BLOCKS_ENV, "64", forward, parity_conv.BLOCKS_ENV),
+             (parity_conv.BLOCKS_ENV, "48,4", forward, "block_x"), (parity_conv.BLOCKS_ENV, "64,3", forward, "num_warps"),
+             (parity_conv.BLOCKS_ENV, "64,4,3", forward, "concat"),
+             (parity_conv.BLOCKS_ENV, "64,4,1,9", forward, "lookahead"),
+             (parity_conv.WEIGHT_GRAD_ENV, "rows", backward, parity_conv.WEIGHT_GRAD_ENV),
+             (parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8,8,1,1", backward, parity_conv.WEIGHT_GRAD_BLOCKS_ENV)]
+    for env, value, call, said in cases:
         monkeypatch.setenv(env, value)
-        with pytest.raises(ValueError, match=env if env == parity_conv.PRECISION_ENV or value == "64"
-                           else "block_x|num_warps|concat"):
-            conv_contract_parity(spec, xs, ws, "fp32")
+        if env == parity_conv.WEIGHT_GRAD_BLOCKS_ENV:
+            monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
+        with pytest.raises(ValueError, match=said):
+            call()
         monkeypatch.delenv(env)
 
 

@@ -5,9 +5,9 @@ kernel on the transposed plan for the input gradient, and a weight-gradient kern
 
 `_parity_plan.py` says why the layer's dense filter, rewritten from taps to sums and differences
 of opposite taps, splits into one small GEMM per (input component class, tap combination);
-`_parity_source.py` generates the kernels. Here: packing the blocks into class-ordered rows, the filter's rewrite
-(plain jnp, differentiated by autodiff down to the layer's weights), the launches and a
-custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the same filter as one
+`_parity_source.py` generates the kernels. Here: packing the blocks into class-ordered rows, the
+filter's rewrite (plain jnp, differentiated by autodiff down to the layer's weights), the
+launches and a custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the same filter as one
 convolution), whose autodiff is the gradients' oracle.
 
 Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
@@ -34,7 +34,16 @@ from .._fused import MIN_DOT_TILE, next_pow2
 from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
 from ._launch import batch_size, batched_flags, run_plan
-from ._parity_plan import CHUNK, PackedLayer, ParityPlan, combo_matrix, combo_q, component_class, packed_layer, unsupported
+from ._parity_plan import (
+    CHUNK,
+    PackedLayer,
+    ParityPlan,
+    combo_matrix,
+    combo_q,
+    component_class,
+    packed_layer,
+    unsupported,
+)
 from ._parity_source import (
     class_chunks,
     class_weight_grad_source,
@@ -232,8 +241,9 @@ class ParityBlocks:
             raise ValueError(f"`lookahead` (={self.lookahead}) must be 0 to 8")
 
     @classmethod
-    def from_env(cls, env: str = "GINJAX_PARITY_BLOCKS", default: "ParityBlocks | None" = None) -> "ParityBlocks":
-        """$env as "block_x,num_warps[,concat[,lookahead]]" (for sweeps), else `default` (the defaults)."""
+    def from_env(cls, env: str, default: "ParityBlocks | None" = None) -> "ParityBlocks":
+        """$env as "block_x,num_warps[,concat[,lookahead]]" (for sweeps), else `default` (else the
+        defaults). The weight gradient's kernels take no lookahead (their loads sit in a loop)."""
         value = os.environ.get(env, "")
         if not value:
             return default or cls()
@@ -242,7 +252,8 @@ class ParityBlocks:
             if len(fields) not in (2, 3, 4):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead]]', e.g. '64,4'") from None
+            raise ValueError(
+                f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead]]', e.g. '64,4'") from None
         return cls(*fields)
 
     def for_row(self, n: int) -> int:
@@ -299,7 +310,8 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
     """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
     outs = []
     for group in plan.out_groups():
-        (y,) = _batched_forward(plan, spatial, group, precision, ParityBlocks.from_env(BLOCKS_ENV))((x[None],), (wk[None],))
+        blocks = ParityBlocks.from_env(BLOCKS_ENV)
+        (y,) = _batched_forward(plan, spatial, group, precision, blocks)((x[None],), (wk[None],))
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
