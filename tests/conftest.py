@@ -80,6 +80,9 @@ SLOW: dict[str, dict[str, str]] = {
             " changes its program are checked by default",
     },
     "test_bench_tooling.py": {
+        "test_parity_sass_reports_a_kernels_resources_and_opcodes":
+            "an offline sm_90 compile (~20 CPU s); the kernel it compiles runs through the interpreter"
+            " by default in test_parity_conv_triton.py",
         "test_the_parity_spike_measures_each_variant_it_names":
             "bench.parity_spike through the interpreter (~45 CPU s); the switches it sets are each"
             " checked by default in test_parity_conv_triton.py",
