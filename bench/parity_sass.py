@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bench import _cases, _configs
+    from bench import _cases, _configs, sass_loop
     from kernels.triton import _parity_plan, _parity_source
     from kernels.triton._kernel import compile_plan
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         fh.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", fh.name], capture_output=True, text=True,
                                check=True).stdout
-        sass = subprocess.run([str(tool), "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+        sass = sass_loop.disassemble(fh.name, str(tool))
     resources = " ".join(re.findall(r"(?:REG|STACK|SHARED):\d+", usage))
     print(f"{args.config} {args.kernel} block_x {args.block_x} warps {args.warps} concat {args.concat} "
           f"lookahead {args.lookahead} (triton {triton.__version__}, compile {seconds:.1f} s): {resources}")

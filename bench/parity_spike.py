@@ -14,8 +14,6 @@ against `dense`'s; every row its temp bytes. Rows to OUT/parity_spike.json after
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 
 import jax
@@ -23,20 +21,8 @@ import jax
 import kernels
 from bench import _cases, _configs, _timing
 from bench._spike import TIMING, Spike, rel_l2
+from kernels._env import environment
 from kernels.triton import parity_conv
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def main(argv=None) -> int:
@@ -63,7 +49,7 @@ def main(argv=None) -> int:
 
     def trace(mode: str, env: str, value: str):
         # a new function object each time: jit reuses a function's trace, read switches and all
-        with _env(parity_conv.PARITY_ENV, "on"), _env(env, value):
+        with environment({parity_conv.PARITY_ENV: "on", env: value}):
             return jax.jit(lambda *a: triton[mode](*a)).trace(*operands)
 
     traced = {f"fwd {blocks}": trace("fwd", parity_conv.BLOCKS_ENV, blocks) for blocks in args.forward}

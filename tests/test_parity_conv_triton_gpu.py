@@ -37,6 +37,18 @@ def _loss(f):
     return lambda x, w, b: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(x, w, b)))
 
 
+def _check_against_reference(got_fn, want_fn, args, argnums, mode):
+    """got_fn's outputs (every element finite) and its gradients in `argnums` within `mode`'s
+    tolerance of want_fn's, each compiled."""
+    for g, r in zip(jax.jit(got_fn)(*args), jax.jit(want_fn)(*args)):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_l2(g, r) <= kernels.TOLERANCE[mode], rel_l2(g, r)
+    got = jax.jit(jax.grad(_loss(got_fn), argnums=argnums))(*args)
+    want = jax.jit(jax.grad(_loss(want_fn), argnums=argnums))(*args)
+    errors = gradient_errors(got, want, element_scale=1.0)
+    assert max(errors) <= kernels.TOLERANCE[mode], errors
+
+
 @pytest.mark.parametrize("mode", ["fp32", "tf32"])
 def test_two_tensor_layer_against_reference(mode):
     """d3_n64_b2_c8_k2's layer at 16^3 (auto runs it parity-blocked), with an 'add' and a torus
@@ -52,15 +64,7 @@ def test_two_tensor_layer_against_reference(mode):
         return jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend,
                                                               precision=precision), in_axes=(0, None, None))
 
-    got = jax.jit(vf("triton", mode))(xs, ws, bias)
-    want = jax.jit(vf("reference", "fp32"))(xs, ws, bias)
-    for g, r in zip(got, want):
-        assert np.isfinite(np.asarray(g)).all()
-        assert rel_l2(g, r) <= kernels.TOLERANCE[mode], rel_l2(g, r)
-    got = jax.jit(jax.grad(_loss(vf("triton", mode)), argnums=(0, 1, 2)))(xs, ws, bias)
-    want = jax.jit(jax.grad(_loss(vf("reference", "fp32")), argnums=(0, 1, 2)))(xs, ws, bias)
-    errors = gradient_errors(got, want, element_scale=1.0)
-    assert max(errors) <= kernels.TOLERANCE[mode], errors
+    _check_against_reference(vf("triton", mode), vf("reference", "fp32"), (xs, ws, bias), (0, 1, 2), mode)
 
 
 @pytest.mark.parametrize("blocks", ["64,4,8,2", "32,4,2,4"])
@@ -80,15 +84,7 @@ def test_concatenated_dots_and_class_weight_gradient(monkeypatch, blocks):
         return jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, backend=backend, precision="tf32"),
                         in_axes=(0, None, None))
 
-    got = jax.jit(vf("triton"))(xs, ws, None)
-    want = jax.jit(vf("reference"))(xs, ws, None)
-    for g, r in zip(got, want):
-        assert np.isfinite(np.asarray(g)).all()
-        assert rel_l2(g, r) <= kernels.TOLERANCE["tf32"], rel_l2(g, r)
-    got = jax.jit(jax.grad(_loss(vf("triton")), argnums=(0, 1)))(xs, ws, None)
-    want = jax.jit(jax.grad(_loss(vf("reference")), argnums=(0, 1)))(xs, ws, None)
-    errors = gradient_errors(got, want, element_scale=1.0)
-    assert max(errors) <= kernels.TOLERANCE["tf32"], errors
+    _check_against_reference(vf("triton"), vf("reference"), (xs, ws, None), (0, 1), "tf32")
 
 
 @pytest.mark.parametrize("spatial, torus", [((9, 12, 19), True), ((7, 10, 33), (False, True, False))])
@@ -100,15 +96,7 @@ def test_odd_sizes_and_zero_padding(monkeypatch, spatial, torus):
     assert "parity-blocked" in kernels.explain(spec, spatial, backend="triton").reason
     xs, ws = operands(spec, spatial, seed=31)
     f = lambda backend: (lambda x, w, b: kernels.conv_contract(spec, x, w, backend=backend, precision="fp32"))  # noqa: E731
-    got = jax.jit(f("triton"))(xs, ws, None)
-    want = jax.jit(f("reference"))(xs, ws, None)
-    for g, r in zip(got, want):
-        assert np.isfinite(np.asarray(g)).all()
-        assert rel_l2(g, r) <= kernels.TOLERANCE["fp32"], rel_l2(g, r)
-    got = jax.jit(jax.grad(_loss(f("triton")), argnums=(0, 1)))(xs, ws, None)
-    want = jax.jit(jax.grad(_loss(f("reference")), argnums=(0, 1)))(xs, ws, None)
-    errors = gradient_errors(got, want, element_scale=1.0)
-    assert max(errors) <= kernels.TOLERANCE["fp32"], errors
+    _check_against_reference(f("triton"), f("reference"), (xs, ws, None), (0, 1), "fp32")
 
 
 def test_nan_and_inf_on_the_tensor_cores():

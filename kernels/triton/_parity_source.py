@@ -19,10 +19,11 @@ from typing import Optional
 
 import numpy as np
 
-from .._fused import INT32_MAX, next_pow2
+from .._fused import INT32_MAX
 from ._parity_plan import CHUNK, ParityPlan, combo_q, group_combos, paired_axes
 from ._tiling import KernelPlan
 from ._vn_kernel import _header
+
 
 def _name(o: int) -> str:
     return f"m{-o}" if o < 0 else f"p{o}"
@@ -159,8 +160,8 @@ def _chunk_tiles(e: _Source, plan: ParityPlan, spatial, wanted: dict, runs: list
                  depth: int):
     """A chunk's combination tiles, group tuple by group tuple (its 2^k shifted loads, then
     `_butterfly`), for the combinations in `wanted` ({combo: dot index}); after each group tuple,
-    yields ({dot index: tile variable} so far, the runs whose last tile just appeared): each run's
-    dot goes right after it, so that its tiles live no longer than that."""
+    yields ({dot index: tile variable} so far, the indices of the runs whose last tile just
+    appeared): each run's dot goes right after it, so that its tiles live no longer than that."""
     tiles_of, done = {}, set()
     for gi, groups in enumerate(itertools.product(range(plan.r + 1), repeat=plan.D)):
         if not any(c in wanted for c in group_combos(groups)):
@@ -175,8 +176,8 @@ def _chunk_tiles(e: _Source, plan: ParityPlan, spatial, wanted: dict, runs: list
             n = wanted.get(_combo_of(groups, nz, pat))
             if n is not None:
                 tiles_of[n] = var
-        ready = [run for j, run in enumerate(runs) if j not in done and all(n in tiles_of for n in run)]
-        done.update(j for j, run in enumerate(runs) if run in ready)
+        ready = [j for j, run in enumerate(runs) if j not in done and all(n in tiles_of for n in run)]
+        done.update(ready)
         yield tiles_of, ready
 
 
@@ -225,6 +226,12 @@ def _concat(tiles: list[str], block_x: int) -> str:
     return f"tl.reshape({level[0]}, ({block_x}, {CHUNK * m}))"
 
 
+def _interleaved_rows(k: str, m: int) -> str:
+    """The (dot, CHUNK row) row, dot-major, of index k of an operand whose m dots' tiles are
+    concatenated (`_concat`: index row * m + s takes dot s's row), as an expression."""
+    return f"(({k} % {m}) * {CHUNK} + {k} // {m})"
+
+
 def _weight_tile(plan: ParityPlan, n0: int, m: int, p: int) -> str:
     """The [CHUNK * m, p] weight operand of dots n0 .. n0 + m - 1, K index row * m + s taking dot
     n0 + s's row: a self-contained expression (`_hoist_weights` moves it)."""
@@ -232,7 +239,7 @@ def _weight_tile(plan: ParityPlan, n0: int, m: int, p: int) -> str:
     if m == 1:
         return f"tl.load(wbase + {n0 * CHUNK * wmax} + wk{p})"
     k = f"tl.arange(0, {CHUNK * m})"
-    return (f"tl.load(wbase + {n0 * CHUNK * wmax} + (({k} % {m}) * {CHUNK} + {k} // {m})[:, None] * {wmax}"
+    return (f"tl.load(wbase + {n0 * CHUNK * wmax} + {_interleaved_rows(k, m)}[:, None] * {wmax}"
             f" + tl.arange(0, {p})[None, :])")
 
 
@@ -312,8 +319,8 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
             rmask = "rmask"
         runs = _concat_runs(plan, sorted(wanted.values()), concat)
         for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 1):
-            for run in ready:
-                _emit_dot(e, plan, [tiles_of[n] for n in run], run[0], block_x, precision)
+            for j in ready:
+                _emit_dot(e, plan, [tiles_of[n] for n in runs[j]], runs[j][0], block_x, precision)
     e(f"ybase = y + b * {width * S}")
     e(f"pix = {_pixel_offset(spatial)}")
     for b in group:
@@ -425,11 +432,12 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple
     return e.text(), n_ch * slabs
 
 
-def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int]:
-    """(first chunk, chunks) of input class index c: consecutive, and so are their dots, every
-    chunk of the class with the same dots in the same order."""
+def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int, list[int]]:
+    """(first chunk, chunks, the first chunk's dot indices) of input class index c. The chunks
+    are consecutive and so are their dots, every chunk of the class with the same dots in the same
+    order: the class has chunks x len(dots) dots, the next chunk's following the first's."""
     chs = [ch for ch, chunk in enumerate(plan.chunks) if chunk[0] == plan.in_classes[c][0]]
-    return chs[0], len(chs)
+    return chs[0], len(chs), [n for n, d in enumerate(plan.dots) if d[0] == chs[0]]
 
 
 def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
@@ -444,9 +452,8 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
     per = -(-math.prod(spatial[:-1]) // slabs)
     wmax = plan.max_out_pad
     S, S_in = math.prod(spatial), math.prod(in_spatial(plan, spatial))
-    ch0, n_ch = class_chunks(plan, c)
+    _, n_ch, ch_dots = class_chunks(plan, c)
     _, cstart, crows = plan.in_classes[c]
-    ch_dots = [n for n, d in enumerate(plan.dots) if d[0] == ch0]  # the first chunk's; the others' follow
     per_chunk = len(ch_dots)
     runs = _concat_runs(plan, ch_dots, concat)
     e = _Source.kernel(name, ("x", "g", "part"))
@@ -474,8 +481,8 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
     wanted = {plan.dots[n][1]: n for n in ch_dots}
     loaded = set()
     for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 3):
-        for run in ready:
-            j = runs.index(run)
+        for j in ready:
+            run = runs[j]
             ob = plan.dots[run[0]][2]
             if ob not in loaded:
                 masks = [f"gm{ob}"] if plan.out_classes[ob][2] < plan.out_pad(ob) else []
@@ -490,16 +497,16 @@ def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int,
         m = len(run)
         p = plan.out_pad(plan.dots[run[0]][2])
         e(f"k_cat = tl.arange(0, {CHUNK * m})")
-        e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + ((k_cat % {m}) * {CHUNK} + k_cat // {m})[:, None]"
+        e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + {_interleaved_rows('k_cat', m)}[:, None]"
           f" * {wmax} + tl.arange(0, {p})[None, :], a{j})")
     for j, run in enumerate(runs):  # zeros in the columns past the run's output class
         p = plan.out_pad(plan.dots[run[0]][2])
-        if p < wmax:
-            k = next_pow2(CHUNK * len(run))
+        if p < wmax:  # a run's CHUNK x 2^i rows: a tile of its own
+            k = CHUNK * len(run)
             e(f"k_all = tl.arange(0, {k})[:, None]")
             e(f"wcol = tl.arange(0, {wmax})[None, :]")
             e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + k_all * {wmax} + wcol, "
-              f"tl.zeros(({k}, {wmax}), tl.float32), mask=(k_all < {CHUNK * len(run)}) & (wcol >= {p}))")
+              f"tl.zeros(({k}, {wmax}), tl.float32), mask=wcol >= {p})")
     return e.text(), n_ch * slabs
 
 

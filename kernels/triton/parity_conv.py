@@ -309,8 +309,8 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
     """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
     outs = []
+    blocks = ParityBlocks.from_env(BLOCKS_ENV)
     for group in plan.out_groups():
-        blocks = ParityBlocks.from_env(BLOCKS_ENV)
         (y,) = _batched_forward(plan, spatial, group, precision, blocks)((x[None],), (wk[None],))
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
@@ -346,8 +346,8 @@ def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: in
     """Input class index c's weight-gradient kernel: (B, its dots, CHUNK, max_out_pad)."""
     from .conv_contract import batched_op
 
-    _, n_ch = class_chunks(plan, c)
-    n_dots = sum(1 for d in plan.dots if plan.chunks[d[0]][0] == plan.in_classes[c][0])
+    _, n_ch, ch_dots = class_chunks(plan, c)
+    n_dots = n_ch * len(ch_dots)
 
     def body(xs, gs):
         (x,), (g,) = xs, gs
@@ -371,7 +371,7 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
         blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, CLASS_WEIGHT_GRAD_BLOCKS)
         parts = []
         for c in range(len(plan.in_classes)):
-            if any(plan.chunks[d[0]][0] == plan.in_classes[c][0] for d in plan.dots):
+            if class_chunks(plan, c)[2]:
                 (part,) = _batched_class_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
                 parts.append(part[0])
         return jnp.concatenate(parts, axis=0)
