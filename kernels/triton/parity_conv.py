@@ -228,7 +228,7 @@ class ParityBlocks:
     block_x: int = 64
     num_warps: int = 4
     concat: int = 1
-    lookahead: int = 0
+    lookahead: int = 2
 
     def __post_init__(self):
         if self.block_x < MIN_DOT_TILE or self.block_x & (self.block_x - 1):
@@ -367,7 +367,7 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
     """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile: one launch per input
     class ("class"; the dots are in class order) or per group tuple ("tuple"; its combinations'
     tiles taken from the launch's output)."""
-    if env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_KINDS, "tuple") == "class":
+    if env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_KINDS, "class") == "class":
         blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, CLASS_WEIGHT_GRAD_BLOCKS)
         parts = []
         for c in range(len(plan.in_classes)):
