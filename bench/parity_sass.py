@@ -4,11 +4,10 @@ reports the registers, stack and shared memory a thread, and the SASS opcode cou
 each dot costs (HGMMA / HMMA, the shared-memory trips STS / STSM / LDS, BAR, FENCE, MEMBAR) and
 whether it spills (LDL / STL). Counts are of the whole kernel, a loop body once.
 
-    python -m bench.parity_sass [--config d3_n64_b2_c8_k2] [--kernel fwd|dw|dwc] [--block-x 64]
-        [--warps 4] [--concat 1] [--lookahead 0] [--group 0] [--tuple 111] [--cls 0]
+    python -m bench.parity_sass [--config d3_n64_b2_c8_k2] [--kernel fwd|dw] [--block-x 64]
+        [--warps 4] [--concat 1] [--lookahead 2] [--group 0] [--cls 0]
 
-fwd: the forward of output group --group; dw: the weight gradient of group tuple --tuple; dwc:
-the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
+fwd: the forward of output group --group; dw: the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
 Triton version are estimates of it.
 """
 
@@ -28,14 +27,13 @@ OPCODES = ("HGMMA", "HMMA", "LDG", "LDS", "STS", "STSM", "BAR", "FENCE", "MEMBAR
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.parity_sass")
     p.add_argument("--config", default="d3_n64_b2_c8_k2")
-    p.add_argument("--kernel", choices=("fwd", "dw", "dwc"), default="fwd")
+    p.add_argument("--kernel", choices=("fwd", "dw"), default="fwd")
     p.add_argument("--block-x", type=int, default=64)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--concat", type=int, default=1)
-    p.add_argument("--lookahead", type=int, default=0)
+    p.add_argument("--lookahead", type=int, default=2)
     p.add_argument("--group", type=int, default=0, help="fwd: the output group")
-    p.add_argument("--tuple", default="111", help="dw: the group tuple, one digit an axis")
-    p.add_argument("--cls", type=int, default=0, help="dwc: the input class index")
+    p.add_argument("--cls", type=int, default=0, help="dw: the input class index")
     p.add_argument("--precision", default="tf32")
     args = p.parse_args(argv)
 
@@ -56,11 +54,6 @@ def main(argv=None) -> int:
             plan, spatial, plan.out_groups()[args.group], args.block_x, (True, False), args.precision, "k",
             args.concat, args.lookahead)
         signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
-    elif args.kernel == "dw":
-        groups = tuple(int(d) for d in args.tuple)
-        source, programs = _parity_source.weight_grad_source(plan, spatial, groups, args.block_x, slabs, (True, True),
-                                                             args.precision, "k")
-        signature = {"x": "*fp32", "g": "*fp32", "tab": "*i32", "part": "*fp32"}
     else:
         source, programs = _parity_source.class_weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
                                                                    args.concat, (True, True), args.precision, "k")

@@ -1,14 +1,14 @@
 """The parity-blocked path's switches on one layer (kernels/triton/parity_conv.py), in
 bench/cuda_spike.py's format: the `triton` layer (without its bias: the same XLA passes in every
 variant) under each forward tiling
-(GINJAX_PARITY_BLOCKS) and each weight-gradient kind (GINJAX_PARITY_DW), beside `dense` on the same
+(GINJAX_PARITY_BLOCKS) and each weight-gradient tiling (GINJAX_PARITY_DW_BLOCKS), beside `dense` on the same
 operands. Every variant is traced before any is compiled, so their Triton kernels compile side by
 side (kernels/triton/_compile.py) instead of one variant after another. Forward rows carry the
 error against `reference` (float32 'highest'), fwd_bwd rows the error of the value and gradients
 against `dense`'s; every row its temp bytes. Rows to OUT/parity_spike.json after every stage.
 
     python -m bench.parity_spike OUT_DIR [--config d3_n64_b2_c8_k2] [--forward 64,4,1,0 64,4,1,2]
-        [--weight-grad tuple class] [--spatial N --batch B]
+        [--weight-grad 32,8,8 32,8,4] [--spatial N --batch B]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="d3_n64_b2_c8_k2")
     p.add_argument("--spatial", type=int, default=None, help="grid size per axis (default: the config's)")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--forward", nargs="*", default=["64,4,1,0", "64,4,1,2", "64,4,8,2"],
+    p.add_argument("--forward", nargs="*", default=["64,4,1,0", "64,4,1,2"],
                    help=f"{parity_conv.BLOCKS_ENV} values, each a forward row")
-    p.add_argument("--weight-grad", nargs="*", default=list(parity_conv.WEIGHT_GRAD_KINDS),
-                   help=f"{parity_conv.WEIGHT_GRAD_ENV} values, each a fwd_bwd row (the default forward)")
+    p.add_argument("--weight-grad", nargs="*", default=["32,8,8", "32,8,4"],
+                   help=f"{parity_conv.WEIGHT_GRAD_BLOCKS_ENV} values, each a fwd_bwd row (the default forward)")
     args = p.parse_args(argv)
 
     cfg = _configs.CONFIGS[args.config]
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
             return jax.jit(lambda *a: triton[mode](*a)).trace(*operands)
 
     traced = {f"fwd {blocks}": trace("fwd", parity_conv.BLOCKS_ENV, blocks) for blocks in args.forward}
-    traced.update({f"fwd_bwd {kind}": trace("fwd_bwd", parity_conv.WEIGHT_GRAD_ENV, kind) for kind in args.weight_grad})
+    traced.update({f"fwd_bwd {blocks}": trace("fwd_bwd", parity_conv.WEIGHT_GRAD_BLOCKS_ENV, blocks)
+                   for blocks in args.weight_grad})
 
     oracle = {}
 

@@ -555,7 +555,7 @@ def test_the_vector_neuron_spike_refuses_a_block_size_below_one(flag, tmp_path, 
 
 def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
     """bench.parity_spike on a 4^3 grid through the interpreter: each forward tiling and weight-
-    gradient kind is its own trace (jit would reuse one function's trace, switches and all: two
+    gradient tiling is its own trace (jit would reuse one function's trace, switches and all: two
     variants then gave bit-identical errors), the forward's error against `reference` and the
     fwd_bwd's against `dense` within fp32's tolerance, every row with its temp bytes."""
     import json
@@ -564,12 +564,13 @@ def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parity_spike, "TIMING", dict(max_time=0.0, min_rounds=1, max_rounds=1, warmup=0))
     parity_spike.main([str(tmp_path), "--spatial", "4", "--batch", "1", "--forward", "16,4,1,0", "16,4,8,1",
-                       "--weight-grad", "class"])
+                       "--weight-grad", "16,4,8", "16,4,2"])
     stages = json.loads((tmp_path / "parity_spike.json").read_text())["stages"]
     assert all(row["ok"] for row in stages.values()), stages
-    assert set(stages) == {"reference", "dense fwd", "dense fwd_bwd", "fwd 16,4,1,0", "fwd 16,4,8,1", "fwd_bwd class"}
-    errors = [stages[name]["rel_l2"] for name in ("fwd 16,4,1,0", "fwd 16,4,8,1", "fwd_bwd class")]
-    assert max(errors) <= 1e-5 and errors[0] != errors[1], errors
+    fwd, bwd = ["fwd 16,4,1,0", "fwd 16,4,8,1"], ["fwd_bwd 16,4,8", "fwd_bwd 16,4,2"]
+    assert set(stages) == {"reference", "dense fwd", "dense fwd_bwd", *fwd, *bwd}
+    errors = [stages[name]["rel_l2"] for name in fwd + bwd]
+    assert max(errors) <= 1e-5 and errors[0] != errors[1] and errors[2] != errors[3], errors
     assert all(stages[name]["temp_bytes"] is not None for name in stages if name != "reference")
 
 
@@ -583,7 +584,7 @@ def test_parity_sass_reports_a_kernels_resources_and_opcodes(capsys):
     pytest.importorskip("triton.backends.nvidia")
     from bench import parity_sass
 
-    parity_sass.main(["--kernel", "dwc", "--block-x", "32", "--warps", "8", "--concat", "8"])
+    parity_sass.main(["--kernel", "dw", "--block-x", "32", "--warps", "8", "--concat", "8"])
     out = capsys.readouterr().out
     registers = int(re.search(r"REG:(\d+)", out).group(1))
     counts = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", out.splitlines()[-1]))

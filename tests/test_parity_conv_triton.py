@@ -80,7 +80,6 @@ def test_concatenated_dots_match(concat, monkeypatch):
     loads hoisted 1-2 dots ahead (the same lines, reordered). The generated source must hold
     concatenated dots, fewer than the plan's."""
     monkeypatch.setenv(parity_conv.BLOCKS_ENV, f"16,4,{concat},{concat % 3}")
-    monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
     monkeypatch.setenv(parity_conv.WEIGHT_GRAD_BLOCKS_ENV, f"16,4,{concat}")
     for name, D, M, ins, outs, is_torus, geometry, N in (FORWARD_CASES[0], FORWARD_CASES[4]):
         spec = make_layer(D, M, ins, outs, is_torus, **geometry)
@@ -129,8 +128,11 @@ def test_vmap_is_one_launch_per_kernel_and_matches_per_example():
     closed = jax.make_jaxpr(f)(xs, ws)
     assert str(closed).count("pure_callback") == 1, closed
     grads = jax.make_jaxpr(jax.grad(lambda x, w: _loss(f, x, w), argnums=(0, 1)))(xs, ws)
-    # forward, input gradient, and the weight gradient's kernels, one per group tuple (2^3)
-    assert str(grads).count("pure_callback") == 2 + 8
+    # forward, input gradient, and the weight gradient's kernels, one per input class: 0 (the
+    # scalar and the tensor's diagonal), and the off-diagonal pairs' 3, 5, 6
+    plan = parity_conv.packed_layer(spec).plan
+    assert [c for c, _, _ in plan.in_classes] == [0, 3, 5, 6]
+    assert str(grads).count("pure_callback") == 2 + 4
     _check_gradients(f, jax.vmap(lambda x, w: run(spec, x, w, "reference"), in_axes=(0, None)), xs, ws, 1e-5)
 
 
@@ -207,12 +209,9 @@ def test_env_choices_are_checked(monkeypatch):
              (parity_conv.BLOCKS_ENV, "48,4", forward, "block_x"), (parity_conv.BLOCKS_ENV, "64,3", forward, "num_warps"),
              (parity_conv.BLOCKS_ENV, "64,4,3", forward, "concat"),
              (parity_conv.BLOCKS_ENV, "64,4,1,9", forward, "lookahead"),
-             (parity_conv.WEIGHT_GRAD_ENV, "rows", backward, parity_conv.WEIGHT_GRAD_ENV),
              (parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8,8,1,1", backward, parity_conv.WEIGHT_GRAD_BLOCKS_ENV)]
     for env, value, call, said in cases:
         monkeypatch.setenv(env, value)
-        if env == parity_conv.WEIGHT_GRAD_BLOCKS_ENV:
-            monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
         with pytest.raises(ValueError, match=said):
             call()
         monkeypatch.delenv(env)
@@ -245,7 +244,7 @@ def test_offsets_go_64_bit_only_past_int32():
     for n, wide in ((64, False), (512, True)):
         spatial = (n,) * 3
         fwd, _ = _parity_source.forward_source(plan, spatial, plan.out_groups()[0], 64, (True, False), "tf32", "k")
-        dw, _ = _parity_source.weight_grad_source(plan, spatial, (1, 1, 1), 32, 4, (True, True), "tf32", "k")
+        dw, _ = _parity_source.class_weight_grad_source(plan, spatial, 0, 32, 4, 8, (True, True), "tf32", "k")
         for source in (fwd, dw):
             assert (".to(tl.int64) * " in source) == wide  # row offsets
             assert ".to(tl.int64)\n" in source  # the batch index is 64-bit always

@@ -81,7 +81,6 @@ def test_concatenated_dots_and_class_weight_gradient(monkeypatch, blocks):
     from kernels.triton import parity_conv
 
     monkeypatch.setenv(parity_conv.BLOCKS_ENV, blocks)
-    monkeypatch.setenv(parity_conv.WEIGHT_GRAD_ENV, "class")
     monkeypatch.setenv(parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8," + blocks.split(",")[2])
     spec = _k2()
     xs, ws = operands(spec, (16, 16, 48), seed=37, batch=2)

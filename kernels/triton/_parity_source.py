@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from .._fused import INT32_MAX
-from ._parity_plan import CHUNK, ParityPlan, combo_q, group_combos, paired_axes
+from ._parity_plan import CHUNK, ParityPlan, group_combos, paired_axes
 from ._tiling import KernelPlan
 from ._vn_kernel import _header
 
@@ -354,82 +354,6 @@ def _slab_loops(e: _Source, plan: ParityPlan, spatial, per: int, block_x: int) -
     e(f"xs = xb * {block_x} + tl.arange(0, {block_x})", 3)
     _coordinates(e, plan, spatial, 3, spatial[-1] % block_x != 0)
     e(f"pix = {_pixel_offset(spatial)}", 3)
-
-
-def weight_grad_table(plan: ParityPlan, groups: tuple[int, ...]) -> np.ndarray:
-    """Per input chunk, the runtime table of the weight-gradient kernel of one group tuple:
-    (chunk's first row, its rows, then per combination of the group (`_butterfly` order) its
-    output class's first row and rows, 0 rows where the chunk's class has no such output)."""
-    by_class = {c: b for b, (c, _, _) in enumerate(plan.out_classes)}
-    nz = paired_axes(groups)
-    table = []
-    for cls, start, rows in plan.chunks:
-        entry = [start, rows]
-        for pat in itertools.product("sd", repeat=len(nz)):
-            b = by_class.get(cls ^ combo_q(_combo_of(groups, nz, pat)))
-            entry += [0, 0] if b is None else list(plan.out_classes[b][1:])
-        table.append(entry)
-    return np.asarray(table, np.int32)
-
-
-def weight_grad_dots(plan: ParityPlan, groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """(dot index, chunk, combination slot) of each dot the group tuple's kernel computes."""
-    index = plan.dot_index()
-    nz = paired_axes(groups)
-    out = []
-    for ch in range(len(plan.chunks)):
-        for j, pat in enumerate(itertools.product("sd", repeat=len(nz))):
-            n = index.get((ch, _combo_of(groups, nz, pat)))
-            if n is not None:
-                out.append((n, ch, j))
-    return out
-
-
-def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], block_x: int,
-                       slabs: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
-    """The weight gradient of one group tuple's combinations: (source, programs per batch
-    element). Operands x (B|1, cin, *spatial), g (B|1, cout, *spatial), tab (chunks, 2 + 2 C)
-    int32 (`weight_grad_table`); result part (B, slabs, chunks, C, CHUNK, max_out_pad), C = 2^k
-    combinations, every entry written: a program owns one input chunk (a runtime index: the
-    table gives its rows and its combinations' output rows) and one run of rows of pixels."""
-    S = math.prod(spatial)
-    masked_x = spatial[-1] % block_x != 0
-    per = -(-math.prod(spatial[:-1]) // slabs)
-    wmax = plan.max_out_pad
-    n_ch = len(plan.chunks)
-    nz = paired_axes(groups)
-    n_c = 2 ** len(nz)
-    width = 2 + 2 * n_c
-    e = _Source.kernel(name, ("x", "g", "tab", "part"))
-    e(f"ch = pid % {n_ch}")
-    e(f"slab = (pid // {n_ch}) % {slabs}")
-    e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
-    e(f"kk = tl.arange(0, {CHUNK})")
-    e(f"oc = tl.arange(0, {wmax})")
-    S_in = math.prod(in_spatial(plan, spatial))
-    e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
-    e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
-    e(f"tb = tab + ch * {width}")
-    e(f"rows = {_row_offsets('kk + tl.load(tb)', plan.cin * S_in, S_in)}")
-    e("rmask = kk < tl.load(tb + 1)")
-    for j in range(n_c):
-        e(f"ocol{j} = ({_row_offsets(f'oc + tl.load(tb + {2 + 2 * j})', plan.cout * S, S)})[None, :]")
-        e(f"omask{j} = (oc < tl.load(tb + {3 + 2 * j}))[None, :]")
-        e(f"a{j} = tl.zeros(({CHUNK}, {wmax}), tl.float32)")
-    _slab_loops(e, plan, spatial, per, block_x)
-    for pat in itertools.product("mp", repeat=len(nz)):
-        offs = tuple(_pattern_offsets(plan, groups, pat))
-        e(f"t_{''.join(pat)} = {_tap_load(plan, spatial, 'xbase', 'rows[None, :]', offs, 'rmask', masked_x)}", 3)
-    tiles = _butterfly(e, "t", nz, 3)
-    xmask = " & xm[:, None]" if masked_x else ""
-    for j, (pat, var) in enumerate(tiles.items()):
-        e(f"gy = tl.load(gbase + ocol{j} + pix, mask=omask{j}{xmask}, other=0.0)", 3)
-        e(f"a{j} = tl.dot(tl.trans({var}), gy, a{j}{_dot_kw(precision)})", 3)
-    e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ch) * {n_c * CHUNK * wmax}")
-    e(f"wk = kk[:, None] * {wmax} + oc[None, :]")
-    for j in range(n_c):
-        e(f"tl.store(pbase + {j * CHUNK * wmax} + wk, a{j})")
-    return e.text(), n_ch * slabs
 
 
 def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int, list[int]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import math
 import os
 from typing import Sequence
@@ -50,9 +49,6 @@ from ._parity_source import (
     forward_source,
     halo,
     kernel_plan,
-    weight_grad_dots,
-    weight_grad_source,
-    weight_grad_table,
 )
 
 __all__ = ["PARITY_ENV", "conv_contract_parity", "parity_runs", "parity_supported", "packed_layer"]
@@ -261,15 +257,11 @@ class ParityBlocks:
         return max(MIN_DOT_TILE, min(self.block_x, next_pow2(n)))
 
 
-# the weight gradient's tiling (64 px and 4 warps spilled on sm_90, offline ptxas; see NOTES)
-WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8)
-# the weight gradient's kernels: "tuple", one per group tuple of taps (its 2^k combinations,
-# one cotangent tile each), or "class", one per input class (a chunk's every combination, one
-# cotangent tile per output class, the dots into one class concatenated: GINJAX_PARITY_DW_BLOCKS)
-WEIGHT_GRAD_ENV = "GINJAX_PARITY_DW"
-WEIGHT_GRAD_KINDS = ("tuple", "class")
+# the weight gradient's tiling: one kernel per input class, a program one chunk of the class and a
+# slab of pixel rows, the dots into one output class concatenated 8 at a time (M = 16 x run: wgmma
+# from runs of 4); its lookahead field is unused (the loads sit in the pixel loop)
 WEIGHT_GRAD_BLOCKS_ENV = "GINJAX_PARITY_DW_BLOCKS"
-CLASS_WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8, 8)
+WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8, 8)
 
 
 def _named(prefix: str, make) -> tuple[str, str, int]:
@@ -317,30 +309,6 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
 
 
 @functools.lru_cache(maxsize=128)
-def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], groups: tuple[int, ...], precision: str):
-    """One group tuple's weight-gradient kernel: (B, chunks, combinations, CHUNK, max_out_pad)."""
-    from .conv_contract import batched_op
-
-    table = weight_grad_table(plan, groups)  # numpy: an array made in each trace (a cached one would leak)
-    n_c = 2 ** sum(1 for g in groups if g > 0)
-
-    def body(xs, gs):
-        (x,), (g,) = xs, gs
-        batch = batch_size([x, g])
-        flags = batched_flags([x, g], batch)
-        rows = math.prod(spatial[:-1])
-        slabs = max(1, min(rows, -(-_TARGET_PROGRAMS // (batch * len(plan.chunks)))))
-        name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
-            plan, spatial, groups, WEIGHT_GRAD_BLOCKS.for_row(spatial[-1]), slabs, flags, precision, nm))
-        shape = jax.ShapeDtypeStruct((batch, slabs, len(plan.chunks), n_c, CHUNK, plan.max_out_pad), jnp.float32)
-        (part,) = run_plan(kernel_plan(name, source, programs, WEIGHT_GRAD_BLOCKS.num_warps), [shape],
-                           programs * batch, [x, g, jnp.asarray(table)])
-        return (jnp.sum(part, axis=1),)
-
-    return batched_op(body)
-
-
-@functools.lru_cache(maxsize=128)
 def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, precision: str,
                                blocks: ParityBlocks):
     """Input class index c's weight-gradient kernel: (B, its dots, CHUNK, max_out_pad)."""
@@ -364,26 +332,15 @@ def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: in
 
 
 def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: jax.Array) -> jax.Array:
-    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile: one launch per input
-    class ("class"; the dots are in class order) or per group tuple ("tuple"; its combinations'
-    tiles taken from the launch's output)."""
-    if env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_KINDS, "class") == "class":
-        blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, CLASS_WEIGHT_GRAD_BLOCKS)
-        parts = []
-        for c in range(len(plan.in_classes)):
-            if class_chunks(plan, c)[2]:
-                (part,) = _batched_class_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
-                parts.append(part[0])
-        return jnp.concatenate(parts, axis=0)
-    tiles = [None] * len(plan.dots)
-    for groups in itertools.product(range(plan.r + 1), repeat=plan.D):
-        dots = weight_grad_dots(plan, groups)
-        if not dots:
-            continue
-        (part,) = _batched_weight_grad(plan, spatial, groups, precision)((x[None],), (dy[None],))
-        for n, ch, j in dots:
-            tiles[n] = part[0, ch, j]
-    return jnp.stack(tiles)
+    """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile, one launch per input
+    class (the dots are in class order)."""
+    blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, WEIGHT_GRAD_BLOCKS)
+    parts = []
+    for c in range(len(plan.in_classes)):
+        if class_chunks(plan, c)[2]:
+            (part,) = _batched_class_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
+            parts.append(part[0])
+    return jnp.concatenate(parts, axis=0)
 
 
 # ---- differentiation ------------------------------------------------------------------------------------
