@@ -259,9 +259,10 @@ class ParityBlocks:
 
 # the weight gradient's tiling: one kernel per input class, a program one chunk of the class and a
 # slab of pixel rows, the dots into one output class concatenated 8 at a time (M = 16 x run: wgmma
-# from runs of 4); its lookahead field is unused (the loads sit in the pixel loop)
+# from runs of 4); 4 warps (k2 fwd_bwd 11.16 ms against 12.81 at 8, H100 spike at 4150a85); the
+# lookahead field is unused (the loads sit in the pixel loop)
 WEIGHT_GRAD_BLOCKS_ENV = "GINJAX_PARITY_DW_BLOCKS"
-WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 8, 8)
+WEIGHT_GRAD_BLOCKS = ParityBlocks(32, 4, 8)
 
 
 def _named(prefix: str, make) -> tuple[str, str, int]:
