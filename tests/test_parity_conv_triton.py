@@ -50,6 +50,9 @@ FORWARD_CASES = [
      [("s", 1), ("v", 2), ("pt", 1)], False, {"padding": "SAME"}, (6, 19)),
     ("d2-dilated-torus", 2, 3, [("s", 2), ("t", 1)], [("v", 2), ("t", 1)], True, {"rhs_dilation": 2}, 7),
     ("d2-m5", 2, 5, [("s", 1), ("v", 2)], [("s", 2), ("t", 1)], (True, False), {}, 7),
+    # 'SAME' zero-pads a torus axis too: the plan must pad with zeros, not wrap
+    ("d2-torus-axis-same-pad", 2, 3, [("s", 1), ("v", 1)], [("v", 1), ("t", 1)], (False, True),
+     {"padding": "SAME"}, (5, 6)),
 ]
 
 
@@ -181,7 +184,7 @@ def test_triton_backend_runs_it_with_bias_and_residual(monkeypatch):
 @pytest.mark.parametrize(
     "geometry, why",
     [
-        ({"padding": "VALID"}, "padding other than SAME"),
+        ({"padding": "VALID"}, "padding other than SAME or TORUS"),
         ({"stride": 2}, "stride or lhs_dilation"),
     ],
 )

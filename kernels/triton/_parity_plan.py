@@ -185,6 +185,11 @@ def group_combos(groups: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(c) for c in itertools.product(*choices)]
 
 
+def wraps(spec: ConvSpec) -> tuple[bool, ...]:
+    """Per axis, whether the layer pads it by wrapping (a torus axis under 'TORUS'); else by zeros."""
+    return tuple(tuple(p) != (0, 0) for p in spec.torus_pad)
+
+
 def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
     """Why the parity-blocked form cannot run this layer (None: it can)."""
     D, M = spec.D, spec.filter_shape[0]
@@ -195,9 +200,10 @@ def unsupported(spec: ConvSpec, spatial: tuple[int, ...]) -> Optional[str]:
     r = M // 2
     for a in range(D):
         half = r * spec.rhs_dilation[a]
-        pads = (spec.torus_pad[a], spec.zero_pad[a]) if spec.is_torus[a] else (spec.zero_pad[a], spec.torus_pad[a])
-        if tuple(pads[0]) != (half, half) or tuple(pads[1]) != (0, 0):
-            return f"axis {a}: padding other than SAME ({half} cells a side)"
+        # wrapped or zeros, not both: a torus axis under padding='SAME' is zero-padded (wraps())
+        pads = sorted((tuple(spec.torus_pad[a]), tuple(spec.zero_pad[a])))
+        if pads != [(0, 0), (half, half)]:
+            return f"axis {a}: padding other than SAME or TORUS ({half} cells a side)"
         if spatial[a] < half:
             return f"axis {a}: size {spatial[a]} below the filter's reach {half}"
     for (k, parity, _) in spec.in_keys + spec.out_keys:
@@ -244,5 +250,5 @@ def packed_layer(spec: ConvSpec) -> PackedLayer:
     D, M = spec.D, spec.filter_shape[0]
     cls_in, order_in = _classes_of(D, spec.in_keys)
     cls_out, order_out = _classes_of(D, spec.out_keys)
-    plan = _build(D, M, spec.rhs_dilation, spec.is_torus, _class_runs(cls_in, order_in), _class_runs(cls_out, order_out))
+    plan = _build(D, M, spec.rhs_dilation, wraps(spec), _class_runs(cls_in, order_in), _class_runs(cls_out, order_out))
     return PackedLayer(tuple(order_in), tuple(order_out), plan)
