@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 import kernels
 from bench import _cases, _configs, _timing
+from bench._suite import resolve_commit
 
 TIMING = dict(max_time=0.5, min_rounds=10, max_rounds=40, warmup=2)
 
@@ -51,7 +52,8 @@ class Spike:
         batch = batch or cfg.B
         self.xs, self.ws, _ = _cases.spec_operands(self.spec, spatial, batch, seed=1)
         self.rows: dict = {"config": cfg.name, "spatial": spatial, "batch": batch, "jax": jax.__version__,
-                           "device": str(jax.devices()[0]), **extra, "stages": {}}
+                           "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+                           "commit": resolve_commit(), **extra, "stages": {}}
         self.ref = None
 
     def save(self) -> None:
