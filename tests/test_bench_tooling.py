@@ -568,10 +568,11 @@ def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
     stages = json.loads((tmp_path / "parity_spike.json").read_text())["stages"]
     assert all(row["ok"] for row in stages.values()), stages
     fwd, bwd = ["fwd 16,4,1,0", "fwd 16,4,8,1"], ["fwd_bwd 16,4,8", "fwd_bwd 16,4,2"]
-    assert set(stages) == {"reference", "dense fwd", "dense fwd_bwd", *fwd, *bwd}
+    assert set(stages) == {"reference", "compile", "dense fwd", "dense fwd_bwd", *fwd, *bwd}
+    assert set(stages["compile"]["compile_s"]) == {*fwd, *bwd}
     errors = [stages[name]["rel_l2"] for name in fwd + bwd]
     assert max(errors) <= 1e-5 and errors[0] != errors[1] and errors[2] != errors[3], errors
-    assert all(stages[name]["temp_bytes"] is not None for name in stages if name != "reference")
+    assert all(stages[name]["temp_bytes"] is not None for name in stages if name not in ("reference", "compile"))
 
 
 def test_parity_sass_reports_a_kernels_resources_and_opcodes(capsys):
