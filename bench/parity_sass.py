@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             args.concat, args.lookahead)
         signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
     else:
-        source, programs = _parity_source.class_weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
+        source, programs = _parity_source.weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
                                                                    args.concat, (True, True), args.precision, "k")
         signature = {"x": "*fp32", "g": "*fp32", "part": "*fp32"}
     # a compiled kernel, not the interpreter's (TRITON_INTERPRET=1 makes triton.jit return one)

@@ -247,7 +247,7 @@ def test_offsets_go_64_bit_only_past_int32():
     for n, wide in ((64, False), (512, True)):
         spatial = (n,) * 3
         fwd, _ = _parity_source.forward_source(plan, spatial, plan.out_groups()[0], 64, (True, False), "tf32", "k")
-        dw, _ = _parity_source.class_weight_grad_source(plan, spatial, 0, 32, 4, 8, (True, True), "tf32", "k")
+        dw, _ = _parity_source.weight_grad_source(plan, spatial, 0, 32, 4, 8, (True, True), "tf32", "k")
         for source in (fwd, dw):
             assert (".to(tl.int64) * " in source) == wide  # row offsets
             assert ".to(tl.int64)\n" in source  # the batch index is 64-bit always

@@ -7,8 +7,7 @@ forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, form
 combinations by sums and differences axis by axis (`_butterfly`) and accumulates, per run of the
 chunk's dots into one output class, one tl.dot (`_concat_runs`: the run's tiles concatenated
 along K). The weight gradients form the same combinations and accumulate A^T dY over a slab of
-pixels: one kernel per group tuple of taps, or one per input class with the runs concatenated
-along M.
+pixels, one kernel per input class, the runs concatenated along M.
 """
 
 from __future__ import annotations
@@ -364,7 +363,7 @@ def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int, list[int]]:
     return chs[0], len(chs), [n for n, d in enumerate(plan.dots) if d[0] == chs[0]]
 
 
-def class_weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
+def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
                              concat: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
     """The weight gradient of input class index c's dots: (source, programs per batch element).
     Operands x (B|1, cin, *in_spatial), g (B|1, cout, *spatial); result part (B, slabs, dots of

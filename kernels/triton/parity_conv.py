@@ -45,7 +45,7 @@ from ._parity_plan import (
 )
 from ._parity_source import (
     class_chunks,
-    class_weight_grad_source,
+    weight_grad_source,
     forward_source,
     halo,
     kernel_plan,
@@ -310,7 +310,7 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
 
 
 @functools.lru_cache(maxsize=128)
-def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, precision: str,
+def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, precision: str,
                                blocks: ParityBlocks):
     """Input class index c's weight-gradient kernel: (B, its dots, CHUNK, max_out_pad)."""
     from .conv_contract import batched_op
@@ -323,7 +323,7 @@ def _batched_class_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: in
         batch = batch_size([x, g])
         flags = batched_flags([x, g], batch)
         slabs = max(1, min(math.prod(spatial[:-1]), -(-_TARGET_PROGRAMS // (batch * n_ch))))
-        name, source, programs = _named("parity_dwc", lambda nm: class_weight_grad_source(
+        name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
             plan, spatial, c, blocks.for_row(spatial[-1]), slabs, blocks.concat, flags, precision, nm))
         shape = jax.ShapeDtypeStruct((batch, slabs, n_dots, CHUNK, plan.max_out_pad), jnp.float32)
         (part,) = run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, g])
@@ -339,7 +339,7 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
     parts = []
     for c in range(len(plan.in_classes)):
         if class_chunks(plan, c)[2]:
-            (part,) = _batched_class_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
+            (part,) = _batched_weight_grad(plan, spatial, c, precision, blocks)((x[None],), (dy[None],))
             parts.append(part[0])
     return jnp.concatenate(parts, axis=0)
 
