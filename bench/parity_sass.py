@@ -5,9 +5,9 @@ each dot costs (HGMMA / HMMA, the shared-memory trips STS / STSM / LDS, BAR, FEN
 whether it spills (LDL / STL). Counts are of the whole kernel, a loop body once.
 
     python -m bench.parity_sass [--config d3_n64_b2_c8_k2] [--kernel fwd|dw] [--block-x 64]
-        [--warps 4] [--concat 1] [--lookahead 2] [--group 0] [--cls 0]
+        [--warps 4] [--concat 1] [--lookahead 2] [--out-width 128] [--group 0] [--cls 0]
 
-fwd: the forward of output group --group; dw: the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
+fwd: the forward of output group --group (groups of at most --out-width accumulator columns); dw: the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
 Triton version are estimates of it.
 """
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--concat", type=int, default=1)
     p.add_argument("--lookahead", type=int, default=2)
+    p.add_argument("--out-width", type=int, default=128, help="fwd: accumulator columns a program keeps")
     p.add_argument("--group", type=int, default=0, help="fwd: the output group")
     p.add_argument("--cls", type=int, default=0, help="dw: the input class index")
     p.add_argument("--precision", default="tf32")
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     slabs = 8
     if args.kernel == "fwd":
         source, programs = _parity_source.forward_source(
-            plan, spatial, plan.out_groups()[args.group], args.block_x, (True, False), args.precision, "k",
+            plan, spatial, plan.out_groups(args.out_width)[args.group], args.block_x, (True, False), args.precision, "k",
             args.concat, args.lookahead)
         signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
     else:

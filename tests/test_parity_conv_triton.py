@@ -100,6 +100,26 @@ def test_concatenated_dots_match(concat, monkeypatch):
                          lambda x, w: dense(spec, x, w, "fp32"), xs, ws, 1e-5)
 
 
+
+def test_narrow_output_groups_match(monkeypatch):
+    """`out_width` 16 (GINJAX_PARITY_BLOCKS' fifth field): the forward and the input gradient
+    in one launch per output class (16-column groups), each reloading the input tiles: outputs
+    against `reference`, gradients against `dense`'s autodiff, and the launches counted."""
+    name, D, M, ins, outs, is_torus, geometry, N = FORWARD_CASES[0]
+    spec = make_layer(D, M, ins, outs, is_torus, **geometry)
+    plan = parity_conv.packed_layer(spec).plan
+    narrow, wide = len(plan.out_groups(16)), len(plan.out_groups())
+    assert narrow > wide == 1 and narrow == len(plan.out_classes), (narrow, wide)
+    monkeypatch.setenv(parity_conv.BLOCKS_ENV, "16,4,1,2,16")
+    xs, ws = operands(spec, (N,) * D, seed=zlib.crc32(name.encode()) + 16)
+    check_close(conv_contract_parity(spec, xs, ws, "fp32"), run(spec, xs, ws, "reference"), "fp32")
+    closed = jax.make_jaxpr(lambda x, w: conv_contract_parity(spec, x, w, "fp32"))(xs, ws)
+    assert str(closed).count("pure_callback") == narrow, closed
+    dense = kernels.dense.conv_contract_dense
+    _check_gradients(lambda x, w: conv_contract_parity(spec, x, w, "fp32"), lambda x, w: dense(spec, x, w, "fp32"),
+                     xs, ws, 1e-5)
+
+
 def test_dots_are_the_dense_filters_nonzeros():
     """The plan's GEMMs cover exactly the nonzeros of the layer's filter rewritten to sums and
     differences (computed here from the dense filter, not from the plan): nothing left out, and
@@ -212,7 +232,8 @@ def test_env_choices_are_checked(monkeypatch):
              (parity_conv.BLOCKS_ENV, "48,4", forward, "block_x"), (parity_conv.BLOCKS_ENV, "64,3", forward, "num_warps"),
              (parity_conv.BLOCKS_ENV, "64,4,3", forward, "concat"),
              (parity_conv.BLOCKS_ENV, "64,4,1,9", forward, "lookahead"),
-             (parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8,8,1,1", backward, parity_conv.WEIGHT_GRAD_BLOCKS_ENV)]
+             (parity_conv.BLOCKS_ENV, "64,4,1,2,48", forward, "out_width"),
+             (parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8,8,1,128,1", backward, parity_conv.WEIGHT_GRAD_BLOCKS_ENV)]
     for env, value, call, said in cases:
         monkeypatch.setenv(env, value)
         with pytest.raises(ValueError, match=said):

@@ -73,10 +73,10 @@ def test_two_tensor_layer_against_reference(mode):
     _check_against_reference(vf("triton", mode), vf("reference", "fp32"), (xs, ws, bias), (0, 1, 2), mode)
 
 
-@pytest.mark.parametrize("blocks", ["64,4,8,2", "32,4,2,4"])
+@pytest.mark.parametrize("blocks", ["64,4,8,2", "32,4,2,4", "64,4,1,2,32"])
 def test_concatenated_dots_and_weight_gradient_tilings(monkeypatch, blocks):
-    """Other tilings compiled (`GINJAX_PARITY_BLOCKS` concat and lookahead, the weight
-    gradient's concat) on d3_n64_b2_c8_k2's layer at 16^3 x (16, 16, 48), tf32,
+    """Other tilings compiled (`GINJAX_PARITY_BLOCKS` concat, lookahead and out_width, the
+    weight gradient's concat) on d3_n64_b2_c8_k2's layer at 16^3 x (16, 16, 48), tf32,
     vmapped over 2: outputs and gradients in inputs and weights against `reference`."""
     from kernels.triton import parity_conv
 

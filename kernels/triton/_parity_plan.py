@@ -134,12 +134,12 @@ class ParityPlan:
         """The input gradient's plan: the correlation with W[-tap]^T reads the output's classes."""
         return _build(self.D, self.M, self.dilation, self.torus, self.out_classes, self.in_classes)
 
-    def out_groups(self) -> tuple[tuple[int, ...], ...]:
-        """Output classes split into runs of at most MAX_OUT_WIDTH accumulator columns: one
-        forward launch each."""
+    def out_groups(self, max_width: int = MAX_OUT_WIDTH) -> tuple[tuple[int, ...], ...]:
+        """Output classes split into runs of at most max_width accumulator columns (a class
+        wider than that alone): one forward launch each."""
         groups, cur, width = [], [], 0
         for b in range(len(self.out_classes)):
-            if cur and width + self.out_pad(b) > MAX_OUT_WIDTH:
+            if cur and width + self.out_pad(b) > max_width:
                 groups.append(tuple(cur))
                 cur, width = [], 0
             cur.append(b)

@@ -35,6 +35,7 @@ from .._spec import ConvSpec
 from ._launch import batch_size, batched_flags, run_plan
 from ._parity_plan import (
     CHUNK,
+    MAX_OUT_WIDTH,
     PackedLayer,
     ParityPlan,
     combo_matrix,
@@ -219,12 +220,15 @@ class ParityBlocks:
     than it are masked), its warps; how many of a chunk's dots into one output class one tl.dot
     takes, their tiles concatenated (a power of two: fewer, larger wgmmas, each with its own trip
     through shared memory and its barriers, against the registers the concatenated operand
-    holds); and how many dots ahead the forward issues each weight load (`_hoist_weights`)."""
+    holds); how many dots ahead the forward issues each weight load (`_hoist_weights`); and the
+    accumulator columns a forward program keeps (`ParityPlan.out_groups`: narrower, fewer
+    registers and more programs an SM, each group reloading the input tiles)."""
 
     block_x: int = 64
     num_warps: int = 4
     concat: int = 1
     lookahead: int = 2
+    out_width: int = MAX_OUT_WIDTH
 
     def __post_init__(self):
         if self.block_x < MIN_DOT_TILE or self.block_x & (self.block_x - 1):
@@ -235,21 +239,24 @@ class ParityBlocks:
             raise ValueError(f"`concat` (={self.concat}) must be 1, 2, 4 or 8")
         if not 0 <= self.lookahead <= 8:
             raise ValueError(f"`lookahead` (={self.lookahead}) must be 0 to 8")
+        if self.out_width not in (16, 32, 64, 128):
+            raise ValueError(f"`out_width` (={self.out_width}) must be 16, 32, 64 or 128")
 
     @classmethod
     def from_env(cls, env: str, default: "ParityBlocks | None" = None) -> "ParityBlocks":
-        """$env as "block_x,num_warps[,concat[,lookahead]]" (for sweeps), else `default` (else the
-        defaults). The weight gradient's kernels take no lookahead (their loads sit in a loop)."""
+        """$env as "block_x,num_warps[,concat[,lookahead[,out_width]]]" (for sweeps), else
+        `default` (else the defaults). The weight gradient's kernels take neither lookahead (their
+        loads sit in a loop) nor out_width (a program keeps one output class at a time)."""
         value = os.environ.get(env, "")
         if not value:
             return default or cls()
         try:
             fields = [int(v) for v in value.split(",")]
-            if len(fields) not in (2, 3, 4):
+            if len(fields) not in (2, 3, 4, 5):
                 raise ValueError
         except ValueError:
             raise ValueError(
-                f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead]]', e.g. '64,4'") from None
+                f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead[,out_width]]]', e.g. '64,4'") from None
         return cls(*fields)
 
     def for_row(self, n: int) -> int:
@@ -303,7 +310,7 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
     """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
     outs = []
     blocks = ParityBlocks.from_env(BLOCKS_ENV)
-    for group in plan.out_groups():
+    for group in plan.out_groups(blocks.out_width):
         (y,) = _batched_forward(plan, spatial, group, precision, blocks)((x[None],), (wk[None],))
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
