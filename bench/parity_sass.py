@@ -7,8 +7,9 @@ whether it spills (LDL / STL). Counts are of the whole kernel, a loop body once.
     python -m bench.parity_sass [--config d3_n64_b2_c8_k2] [--kernel fwd|dw] [--block-x 64]
         [--warps 4] [--concat 1] [--lookahead 2] [--out-width 128] [--group 0] [--cls 0]
 
-fwd: the forward of output group --group (groups of at most --out-width accumulator columns); dw: the weight gradient of input class index --cls. The device runs Triton 3.6; counts from another
-Triton version are estimates of it.
+fwd: the forward of output group --group (groups of at most --out-width accumulator columns);
+dw: the weight gradient of input class index --cls. The device runs Triton 3.6; counts from
+another Triton version are estimates of it.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def main(argv=None) -> int:
     spatial = tuple(cfg.spatial)
     slabs = 8
     if args.kernel == "fwd":
+        group = plan.out_groups(args.out_width)[args.group]
         source, programs = _parity_source.forward_source(
-            plan, spatial, plan.out_groups(args.out_width)[args.group], args.block_x, (True, False), args.precision, "k",
-            args.concat, args.lookahead)
+            plan, spatial, group, args.block_x, (True, False), args.precision, "k", args.concat, args.lookahead)
         signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
     else:
         source, programs = _parity_source.weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,

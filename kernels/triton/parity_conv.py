@@ -46,10 +46,10 @@ from ._parity_plan import (
 )
 from ._parity_source import (
     class_chunks,
-    weight_grad_source,
     forward_source,
     halo,
     kernel_plan,
+    weight_grad_source,
 )
 
 __all__ = ["PARITY_ENV", "conv_contract_parity", "parity_runs", "parity_supported", "packed_layer"]
@@ -255,8 +255,8 @@ class ParityBlocks:
             if len(fields) not in (2, 3, 4, 5):
                 raise ValueError
         except ValueError:
-            raise ValueError(
-                f"`{env}` (={value!r}) must be 'block_x,num_warps[,concat[,lookahead[,out_width]]]', e.g. '64,4'") from None
+            raise ValueError(f"`{env}` (={value!r}) must be "
+                             "'block_x,num_warps[,concat[,lookahead[,out_width]]]', e.g. '64,4'") from None
         return cls(*fields)
 
     def for_row(self, n: int) -> int:
