@@ -7,8 +7,11 @@ one variant after another, and all are compiled before anything is timed. Forwar
 error against `reference` (float32 'highest'), fwd_bwd rows the error of the value and gradients
 against `dense`'s; every row its temp bytes. Rows to OUT/parity_spike.json after every stage.
 
-    python -m bench.parity_spike OUT_DIR [--config d3_n64_b2_c8_k2] [--forward 64,4,1,0 64,4,1,2]
-        [--weight-grad 32,8,8 32,8,4] [--spatial N --batch B]
+    python -m bench.parity_spike OUT_DIR [--config d3_n64_b2_c8_k2]
+        [--forward 64,4,1,2 64,4,1,2,64 64,4,1,2,32 64,4,1,2,16] [--weight-grad 32,4,8]
+        [--spatial N --batch B]
+
+(the defaults: the forward's output widths against today's default, session 48's open question)
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="d3_n64_b2_c8_k2")
     p.add_argument("--spatial", type=int, default=None, help="grid size per axis (default: the config's)")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--forward", nargs="*", default=["64,4,1,0", "64,4,1,2"],
+    p.add_argument("--forward", nargs="*", default=["64,4,1,2", "64,4,1,2,64", "64,4,1,2,32", "64,4,1,2,16"],
                    help=f"{parity_conv.BLOCKS_ENV} values, each a forward row")
-    p.add_argument("--weight-grad", nargs="*", default=["32,8,8", "32,8,4"],
+    p.add_argument("--weight-grad", nargs="*", default=["32,4,8"],
                    help=f"{parity_conv.WEIGHT_GRAD_BLOCKS_ENV} values, each a fwd_bwd row (the default forward)")
     args = p.parse_args(argv)
 
