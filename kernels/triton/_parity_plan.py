@@ -96,12 +96,13 @@ class ParityPlan:
     in_classes / out_classes: (class, first packed row, rows) of the operand read / written,
     classes with rows only, in packed order. chunks: (class, first row, rows <= CHUNK).
     dots: (chunk index, per-axis combination tuple, output class index), by chunk, then output
-    class, then in `walk_combos` order; `dot_index` maps (chunk, combo) to its place."""
+    class, then in `walk_combos` order; `dot_index` maps (chunk, combo) to its place. wraps: per
+    axis, whether the operands are padded by wrapping (else by zeros; `wraps`)."""
 
     D: int
     M: int
     dilation: tuple[int, ...]
-    torus: tuple[bool, ...]
+    wraps: tuple[bool, ...]
     in_classes: tuple[tuple[int, int, int], ...]
     out_classes: tuple[tuple[int, int, int], ...]
     chunks: tuple[tuple[int, int, int], ...]
@@ -132,7 +133,7 @@ class ParityPlan:
 
     def transposed(self) -> "ParityPlan":
         """The input gradient's plan: the correlation with W[-tap]^T reads the output's classes."""
-        return _build(self.D, self.M, self.dilation, self.torus, self.out_classes, self.in_classes)
+        return _build(self.D, self.M, self.dilation, self.wraps, self.out_classes, self.in_classes)
 
     def out_groups(self, max_width: int = MAX_OUT_WIDTH) -> tuple[tuple[int, ...], ...]:
         """Output classes split into runs of at most max_width accumulator columns (a class
@@ -158,7 +159,7 @@ def _class_runs(cls: tuple[int, ...], order: list[int]) -> tuple[tuple[int, int,
     return tuple(tuple(r) for r in runs)
 
 
-def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
+def _build(D, M, dilation, wraps, in_classes, out_classes) -> ParityPlan:
     chunks = tuple((c, s + k, min(CHUNK, w - k)) for c, s, w in in_classes for k in range(0, w, CHUNK))
     by_class = {c: b for b, (c, _, _) in enumerate(out_classes)}
     dots = []
@@ -167,7 +168,7 @@ def _build(D, M, dilation, torus, in_classes, out_classes) -> ParityPlan:
                    if cls ^ combo_q(combo) in by_class]
         # a chunk's dots into one output class consecutive: the forward concatenates their tiles
         dots += [(ch, combo, b) for b, combo in sorted(reached, key=lambda t: t[0])]
-    return ParityPlan(D, M, tuple(dilation), tuple(torus), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
+    return ParityPlan(D, M, tuple(dilation), tuple(wraps), tuple(in_classes), tuple(out_classes), chunks, tuple(dots))
 
 
 def walk_combos(D: int, M: int) -> list[tuple[int, ...]]:

@@ -6,7 +6,7 @@ the input with `halo` cells a side along x so that every shifted load is a conti
 forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, forms the
 combinations by sums and differences axis by axis (`_butterfly`) and accumulates, per run of the
 chunk's dots into one output class, one tl.dot (`_concat_runs`: the run's tiles concatenated
-along K). The weight gradients form the same combinations and accumulate A^T dY over a slab of
+along K). The weight gradient forms the same combinations and accumulates A^T dY over a slab of
 pixels, one kernel per input class, the runs concatenated along M.
 """
 
@@ -63,7 +63,7 @@ def _coordinates(e: _Source, plan: ParityPlan, spatial, depth: int, masked_x: bo
             nm = f"c{a}_{_name(o)}"
             if o == 0:
                 e(f"{nm} = c{a}", depth)
-            elif plan.torus[a]:
+            elif plan.wraps[a]:
                 e(f"{nm} = (c{a} + {o + n}) % {n}", depth)
             else:
                 e(f"{nm} = c{a} + {o}", depth)
@@ -96,7 +96,7 @@ def _tap_load(plan: ParityPlan, spatial, base: str, rows: str, offs: tuple[int, 
     strides = [math.prod(padded[a + 1:]) for a in range(D)]
     lead = " + ".join(f"c{a}_{_name(o)} * {strides[a]}" for a, o in enumerate(offs[:-1])) or "0"
     xo = _name(offs[-1])
-    masks = [f"v{a}_{_name(o)}" for a, o in enumerate(offs[:-1]) if o != 0 and not plan.torus[a]]
+    masks = [f"v{a}_{_name(o)}" for a, o in enumerate(offs[:-1]) if o != 0 and not plan.wraps[a]]
     masks += ["xm"] if masked_x else []
     mask_terms = [f"({' & '.join(masks)})[:, None]"] if masks else []  # every term a vector over the pixels
     if rmask:
@@ -338,7 +338,7 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
 
 
 def _slab_loops(e: _Source, plan: ParityPlan, spatial, per: int, block_x: int) -> None:
-    """The weight gradients' loops over a program's slab (`per` rows of pixels from `slab * per`)
+    """The weight gradient's loops over a program's slab (`per` rows of pixels from `slab * per`)
     and each row's blocks of block_x pixels: their bodies at depth 3, with the shifted
     coordinates (`_coordinates`) and the pixels' offsets `pix`."""
     n_rows = math.prod(spatial[:-1])
@@ -364,7 +364,7 @@ def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int, list[int]]:
 
 
 def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
-                             concat: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+                       concat: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
     """The weight gradient of input class index c's dots: (source, programs per batch element).
     Operands x (B|1, cin, *in_spatial), g (B|1, cout, *spatial); result part (B, slabs, dots of
     the class, CHUNK, max_out_pad), every entry written. A program owns one chunk of the class and

@@ -7,8 +7,8 @@ kernel on the transposed plan for the input gradient, and a weight-gradient kern
 of opposite taps, splits into one small GEMM per (input component class, tap combination);
 `_parity_source.py` generates the kernels. Here: packing the blocks into class-ordered rows, the
 filter's rewrite (plain jnp, differentiated by autodiff down to the layer's weights), the
-launches and a custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the same filter as one
-convolution), whose autodiff is the gradients' oracle.
+launches and a custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the
+same filter as one convolution), whose autodiff is the gradients' oracle.
 
 Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
 residual are added by XLA after the kernel (`conv_contract_triton` does that for this path).
@@ -303,7 +303,7 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
     axis, zero otherwise (written by the pass that packs the operand)."""
     h = halo(plan)
     widths = [(0, 0)] * (x.ndim - 1) + [(h, h)]
-    return jnp.pad(x, widths, mode="wrap" if plan.torus[-1] else "constant")
+    return jnp.pad(x, widths, mode="wrap" if plan.wraps[-1] else "constant")
 
 
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
@@ -318,7 +318,7 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
 
 @functools.lru_cache(maxsize=128)
 def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, precision: str,
-                               blocks: ParityBlocks):
+                         blocks: ParityBlocks):
     """Input class index c's weight-gradient kernel: (B, its dots, CHUNK, max_out_pad)."""
     from .conv_contract import batched_op
 
