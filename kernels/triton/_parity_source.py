@@ -417,19 +417,15 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block
               f"{_dot_kw(precision)})", 3)
     e(f"pbase = part + ((b * {slabs} + slab) * {n_ch} + ci) * {per_chunk * CHUNK * wmax}")
     for j, run in enumerate(runs):
-        m = len(run)
-        p = plan.out_pad(plan.dots[run[0]][2])
-        e(f"k_cat = tl.arange(0, {CHUNK * m})")
-        e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + {_interleaved_rows('k_cat', m)}[:, None]"
-          f" * {wmax} + tl.arange(0, {p})[None, :], a{j})")
-    for j, run in enumerate(runs):  # zeros in the columns past the run's output class
-        p = plan.out_pad(plan.dots[run[0]][2])
-        if p < wmax:  # a run's CHUNK x 2^i rows: a tile of its own
-            k = CHUNK * len(run)
-            e(f"k_all = tl.arange(0, {k})[:, None]")
+        k, p = CHUNK * len(run), plan.out_pad(plan.dots[run[0]][2])
+        tile = f"pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax}"
+        e(f"k_cat = tl.arange(0, {k})")
+        e(f"tl.store({tile} + {_interleaved_rows('k_cat', len(run))}[:, None] * {wmax} + tl.arange(0, {p})[None, :], "
+          f"a{j})")
+        if p < wmax:  # zeros in the columns past the run's output class (its CHUNK x 2^i rows: a tile)
             e(f"wcol = tl.arange(0, {wmax})[None, :]")
-            e(f"tl.store(pbase + {(run[0] - ch_dots[0]) * CHUNK * wmax} + k_all * {wmax} + wcol, "
-              f"tl.zeros(({k}, {wmax}), tl.float32), mask=wcol >= {p})")
+            e(f"tl.store({tile} + k_cat[:, None] * {wmax} + wcol, tl.zeros(({k}, {wmax}), tl.float32), "
+              f"mask=wcol >= {p})")
     return e.text(), n_ch * slabs
 
 
