@@ -50,7 +50,7 @@ class Spike:
         self.spec = spec if spec is not None else _cases.fixture_spec(cfg)
         spatial = tuple(spatial or cfg.spatial)
         batch = batch or cfg.B
-        self.xs, self.ws, _ = _cases.spec_operands(self.spec, spatial, batch, seed=1)
+        self.xs, self.ws, self.cots = _cases.spec_operands(self.spec, spatial, batch, seed=1)
         self.rows: dict = {"config": cfg.name, "spatial": spatial, "batch": batch, "jax": jax.__version__,
                            "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
                            "commit": resolve_commit(), **extra, "stages": {}}

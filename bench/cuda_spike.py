@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from bench import _cases, _timing
+from bench import _timing
 from bench._spike import TIMING, Spike, rel_l2
 
 
@@ -53,9 +53,8 @@ def weight_gradient_stages(spike: Spike, strips) -> None:
     from kernels._fused import resolve_block_sizes
     from kernels.cuda import _dw_plan
 
-    spec, xs, ws = spike.spec, spike.xs, spike.ws
+    spec, xs, ws, cots = spike.spec, spike.xs, spike.ws, spike.cots
     spatial, batch = tuple(spike.rows["spatial"]), spike.rows["batch"]
-    cots = _cases.spec_operands(spec, spatial, batch, seed=1)[2]
     state = {}
 
     def vjp_of(backend):

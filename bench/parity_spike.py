@@ -43,9 +43,8 @@ def main(argv=None) -> int:
     cfg = _configs.CONFIGS[args.config]
     spike = Spike("parity_spike", args.out, args.config, batch=args.batch, spec=_cases.layer_spec(cfg).without_bias(),
                   spatial=None if args.spatial is None else (args.spatial,) * cfg.D)
-    spec, xs, ws = spike.spec, spike.xs, spike.ws
-    cots = _cases.spec_operands(spec, tuple(spike.rows["spatial"]), spike.rows["batch"], seed=1)[2]
-    operands = (xs, ws, cots)
+    spec = spike.spec
+    operands = (spike.xs, spike.ws, spike.cots)
     triton = _cases.layer_functions(lambda x, w: kernels.conv_contract(spec, x, w, backend="triton"))
     dense = _cases.layer_functions(lambda x, w: kernels.conv_contract(spec, x, w, backend="dense"))
     spike.stage("reference", spike.reference)
