@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import re
-import subprocess
-import tempfile
+import sys
 import time
 
 OPCODES = ("HGMMA", "HMMA", "LDG", "LDS", "STS", "STSM", "BAR", "FENCE", "MEMBAR", "LDL", "STL", "FADD")
@@ -39,13 +37,18 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="tf32")
     args = p.parse_args(argv)
 
+    # this tool compiles for a GPU, never interprets; and a triton imported under the interpreter
+    # cannot compile (bench/_offline.py): refuse that rather than fail inside Triton
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "0"
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from bench import _cases, _configs, sass_loop
+    if triton.knobs.runtime.interpret:
+        raise SystemExit("bench.parity_sass needs triton imported without TRITON_INTERPRET: run it as "
+                         "`python -m bench.parity_sass` (tests: in a subprocess)")
+
+    from bench import _cases, _configs, _offline, sass_loop
     from kernels.triton import _parity_plan, _parity_source
-    from kernels.triton._kernel import compile_plan
 
     cfg = _configs.CONFIGS[args.config]
     plan = _parity_plan.packed_layer(_cases.layer_spec(cfg)).plan
@@ -55,29 +58,15 @@ def main(argv=None) -> int:
         group = plan.out_groups(args.out_width)[args.group]
         source, programs = _parity_source.forward_source(
             plan, spatial, group, args.block_x, (True, False), args.precision, "k", args.concat, args.lookahead)
-        signature = {"x": "*fp32", "w": "*fp32", "y": "*fp32"}
     else:
         source, programs = _parity_source.weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
-                                                                   args.concat, (True, True), args.precision, "k")
-        signature = {"x": "*fp32", "g": "*fp32", "part": "*fp32"}
-    # a compiled kernel, not the interpreter's (TRITON_INTERPRET=1 makes triton.jit return one)
-    interpret = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        fn = compile_plan(_parity_source.kernel_plan("k", source, programs, args.warps))
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
+                                                             args.concat, (True, True), args.precision, "k")
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={}), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=args.warps, num_stages=1))
+    compiled = _offline.compile_for_hopper(_parity_source.kernel_plan("k", source, programs, args.warps))
     seconds = time.perf_counter() - start
-    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(compiled.asm["cubin"])
-        fh.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", fh.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = sass_loop.disassemble(fh.name, str(tool))
+    with _offline.written_cubin(compiled) as fh:
+        usage = _offline.resource_usage(fh.name)
+        sass = sass_loop.disassemble(fh.name, str(_offline.cuobjdump()))
     resources = " ".join(re.findall(r"(?:REG|STACK|SHARED):\d+", usage))
     print(f"{args.config} {args.kernel} block_x {args.block_x} warps {args.warps} concat {args.concat} "
           f"lookahead {args.lookahead} (triton {triton.__version__}, compile {seconds:.1f} s): {resources}")

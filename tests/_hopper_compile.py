@@ -10,47 +10,19 @@ import pathlib
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
-
-class OfflineUnavailable(Exception):
-    """This Triton has no offline compile API of the shape used here (says nothing of the kernels)."""
-
-
-def compile_for_hopper(plan):
-    """Triton's compiled kernel of a generated `KernelPlan` (all pointer arguments fp32) for sm_90."""
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as err:
-        raise OfflineUnavailable(str(err)) from err
-    from kernels.triton._kernel import compile_plan
-
-    fn = compile_plan(plan)
-    try:
-        source = ASTSource(fn=fn, signature={name: "*fp32" for name in fn.arg_names}, constexprs={})
-    except TypeError as err:
-        raise OfflineUnavailable(str(err)) from err
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+from bench._offline import OfflineUnavailable, compile_for_hopper  # noqa: F401 (run_offline's subprocess imports them here)
+from bench._offline import cuobjdump, resource_usage, written_cubin
 
 
 def stack_bytes(compiled):
     """The kernel's stack frame in bytes (spills) from the cuobjdump Triton ships, or None."""
-    import triton
-
-    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.is_file():
+    if not cuobjdump().is_file():
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(compiled.asm["cubin"])
-        fh.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
-    found = re.search(r"STACK:(\d+)", usage)
+    with written_cubin(compiled) as fh:
+        found = re.search(r"STACK:(\d+)", resource_usage(fh.name))
     return int(found.group(1)) if found else None
 
 

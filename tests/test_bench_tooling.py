@@ -575,18 +575,19 @@ def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
     assert all(stages[name]["temp_bytes"] is not None for name in stages if name not in ("reference", "compile"))
 
 
-def test_parity_sass_reports_a_kernels_resources_and_opcodes(capsys):
+def test_parity_sass_reports_a_kernels_resources_and_opcodes():
     """bench.parity_sass compiles a generated kernel for sm_90 without a GPU (the cuobjdump that
     Triton's wheel ships) and prints its registers and SASS opcode counts: here the k2 layer's
     per-class weight gradient of its 32-row class, whose concatenated runs of 4-8 dots take the
-    wgmma path (HGMMA) and those of 1-2 the mma path (HMMA)."""
+    wgmma path (HGMMA) and those of 1-2 the mma path (HMMA). In a subprocess without the
+    interpreter (bench/_offline.py: this process's triton is the interpreter's)."""
     import re
 
     pytest.importorskip("triton.backends.nvidia")
-    from bench import parity_sass
-
-    parity_sass.main(["--kernel", "dw", "--block-x", "32", "--warps", "8", "--concat", "8"])
-    out = capsys.readouterr().out
+    done = _run("-m", "bench.parity_sass", "--kernel", "dw", "--block-x", "32", "--warps", "8", "--concat", "8",
+                env_extra={"TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
     registers = int(re.search(r"REG:(\d+)", out).group(1))
     counts = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", out.splitlines()[-1]))
     assert 32 <= registers <= 255 and counts["HGMMA"] > 0 and counts["HMMA"] > 0, out
