@@ -1,5 +1,6 @@
 """Loading the compiled kernel library and registering its XLA FFI targets (once, for CUDA): the
-ConvContract forward and weight gradient, and the VectorNeuron forward and backward."""
+ConvContract forward and weight gradient, the VectorNeuron forward and backward, and the
+parity-blocked forward."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ DW_TARGET = "ginjax_cuda_weight_gradient"
 DW_TARGET_2D = "ginjax_cuda_weight_gradient_2d"  # the D = 2 layer's (weight_gradient_d2.cu)
 VN_FORWARD = "ginjax_cuda_vn_forward"
 VN_BACKWARD = "ginjax_cuda_vn_backward"
+PARITY_FORWARD = "ginjax_cuda_parity_forward"  # the parity-blocked forward (parity_conv.cu)
 # target -> the handler symbol the library exports
 HANDLERS = {TARGET: "GinjaxCudaForward", INTO_TARGET: "GinjaxCudaForwardInto", ADD_TARGET: "GinjaxCudaForwardAdd",
             INTO_ADD_TARGET: "GinjaxCudaForwardIntoAdd", TARGET_2D: "GinjaxCudaForward2d",
             INTO_TARGET_2D: "GinjaxCudaForward2dInto", DW_TARGET: "GinjaxCudaWeightGradient",
             DW_TARGET_2D: "GinjaxCudaWeightGradient2d",
-            VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward"}
+            VN_FORWARD: "GinjaxCudaVnForward", VN_BACKWARD: "GinjaxCudaVnBackward",
+            PARITY_FORWARD: "GinjaxCudaParityForward"}
 NAME = "_ginjax_cuda.so"
 ENV = "GINJAX_CUDA_LIBRARY"  # an explicit path to the built library
 BUILD = ("`pip install` builds it where the machine has a Hopper GPU and nvcc >= 12, or "

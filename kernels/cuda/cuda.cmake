@@ -1,5 +1,5 @@
 # The opt-in CUDA kernels (kernels/cuda/_ginjax_cuda.so: the ConvContract forward (D=3 and D=2) and weight
-# gradient, the VectorNeuron forward and backward), included by CMakeLists.txt only with -DGINJAX_CUDA=ON. A plain shared
+# gradient, the VectorNeuron forward and backward, the parity-blocked forward), included by CMakeLists.txt only with -DGINJAX_CUDA=ON. A plain shared
 # library (no Python module): kernels/cuda/_ffi.py loads it with ctypes and registers its XLA FFI
 # handlers for platform "CUDA".
 # GINJAX_CUDA_INPLACE=ON writes it next to the sources (the standalone build in README.md).
@@ -21,7 +21,7 @@ if(NOT ginjax_cuda_ffi EQUAL 0 OR NOT EXISTS "${GINJAX_CUDA_FFI_INCLUDE}/xla/ffi
 endif()
 add_library(_ginjax_cuda MODULE ${CMAKE_CURRENT_LIST_DIR}/conv_contract.cu ${CMAKE_CURRENT_LIST_DIR}/conv_contract_d2.cu
             ${CMAKE_CURRENT_LIST_DIR}/weight_gradient.cu ${CMAKE_CURRENT_LIST_DIR}/weight_gradient_d2.cu
-            ${CMAKE_CURRENT_LIST_DIR}/vector_neuron.cu)
+            ${CMAKE_CURRENT_LIST_DIR}/vector_neuron.cu ${CMAKE_CURRENT_LIST_DIR}/parity_conv.cu)
 set_target_properties(_ginjax_cuda PROPERTIES PREFIX "" SUFFIX ".so" CUDA_ARCHITECTURES 90a
                       CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
 target_include_directories(_ginjax_cuda PRIVATE "${GINJAX_CUDA_FFI_INCLUDE}" ${CMAKE_CURRENT_LIST_DIR})

@@ -306,8 +306,25 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
     return jnp.pad(x, widths, mode="wrap" if plan.wraps[-1] else "constant")
 
 
+def cuda_forward_runs(plan: ParityPlan, spatial, precision: str) -> bool:
+    """Whether kernels/cuda's mma.sync forward runs this plan: asked for ($GINJAX_PARITY_CUDA),
+    the library built on a Hopper GPU, a plan it covers (`kernels.cuda.parity_forward.covers`)."""
+    from ..cuda import parity_forward as cuda_parity
+
+    if not cuda_parity.requested():
+        return False
+    from .. import cuda
+
+    return cuda.availability()[0] and cuda_parity.covers(plan, spatial, precision) is None
+
+
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
-    """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial), one launch per output group."""
+    """(cin, *in_spatial) (`with_halo`) -> (cout, *spatial): the CUDA forward where it runs, else
+    one Triton launch per output group."""
+    if cuda_forward_runs(plan, spatial, precision):
+        from ..cuda.parity_forward import parity_forward
+
+        return parity_forward(plan, tuple(spatial), x, wk, halo(plan))
     outs = []
     blocks = ParityBlocks.from_env(BLOCKS_ENV)
     for group in plan.out_groups(blocks.out_width):

@@ -1,0 +1,300 @@
+// The parity-blocked convolution's forward on mma.sync (XLA FFI target "ginjax_cuda_parity_forward"),
+// for D = 3 layers with 3x3x3 filters: the plan, the filter's rewrite and the packing are
+// kernels/triton/_parity_plan.py's and parity_conv.py's; this kernel replaces the Triton forward
+// (and, on the transposed plan, the input gradient) where kernels/cuda/parity_conv.py covers the
+// layer.
+//
+// Why. The Triton forward builds every combination tile (sums and differences of opposite taps) in
+// registers, then sends it through shared memory into wgmma's operand layout with a fence and a
+// barrier per dot: ~850 cycles a dot for 216 dots a program (bench/NOTES.md, "Session 48"). Here
+// mma.sync.m16n8k8 takes its A fragment from registers, so a lane computes the combinations of
+// its own four A elements from the taps in shared memory and hands them to the tensor cores as
+// they are: no trip back through shared memory, no barrier between dots.
+//
+// Work split. A CTA (4 warps) owns 64 pixels of one x row (blockIdx: row (z, y), x tile, batch);
+// warp w pixels 16 w .. 16 w + 15, the mma's M. For each input chunk (16 packed rows of one class)
+// the CTA stages in shared memory
+//   - the chunk's rows at the 3 x 3 (z, y) neighbour rows (dilated, wrapped or zero per axis), x
+//     from the tile's first pixel to its last plus the x halo (the packed operand carries h cells
+//     a side, wrapped or zero: parity_conv.with_halo): xs[k][zr][yr][XP floats], XP = 8 mod 32 so
+//     that 9 XP = 8 mod 32 and the A-fragment reads (lane g, t: pixel g, row t) hit 32 banks;
+//   - the chunk's dots' weight tiles rounded to tf32, [16 rows][pitch] with pitch = 8 mod 32 (the B
+//     fragments' reads, row t, column g, conflict-free);
+// then walks the 8 group tuples (gz, gy, gx) in {0, 1}^3 and its two k-steps of 8 rows: a lane
+// loads the 2^(gz+gy+gx) taps of each of its four A elements, butterflies them into the group's
+// combinations (x, then y, then z: s = plus + minus, d = plus - minus), and for each combination
+// with a dot (tab's dot_of) runs the dot's n-tiles into the accumulators of its output class.
+// Accumulators: 8 class slots x CAP n-tiles of 8 columns (a class of up to 8 CAP rows); the slot
+// a dot goes to is a runtime value, so each dot branches (warp-uniform) to the unrolled code of
+// its slot, which keeps every accumulator in registers.
+//
+// Operands (a leading batch of B on each, vmap_method="broadcast_all"): x (B, cin, nz, ny, nx + 2 h)
+// packed with its x halo, w (B, dots, 16, P) the dots' weight tiles (parity_conv.dot_weights), tab
+// (B, tab_size) int32 (kernels/cuda/parity_conv.py's `table`; only batch 0's is read); result y
+// (B, cout, nz, ny, nx). Attribute `geom`: nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout,
+// chunks, dots, out classes, P, XP, the largest chunk's weight-stage floats, tab_size.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#include "common.cuh"
+
+constexpr int kTile = 64;     // pixels of a CTA: 4 warps x 16
+constexpr int kChunk = 16;    // packed rows of a chunk (kernels/_fused MIN_DOT_TILE)
+constexpr int kCombos = 27;   // 3^3 per-axis combinations (x0, s_1, d_1 per axis)
+constexpr int kSlots = 8;     // output class slots (2^3 classes)
+
+struct ParityParams {
+  const float* x;
+  const float* w;
+  const int* tab;
+  float* y;
+  int nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, P, xp, w_stage;
+};
+
+// tab (int32): per chunk (row start, rows, first dot, dots); per (chunk, combination) its dot or -1;
+// per dot (output slot, weight-stage offset); per output slot (row start, rows, n-tiles, pitch).
+struct Tab {
+  const int* t;
+  int chunks, dots;
+  __device__ int chunk(int c, int f) const { return t[4 * c + f]; }
+  __device__ int dot_of(int c, int combo) const { return t[4 * chunks + kCombos * c + combo]; }
+  __device__ int dot(int d, int f) const { return t[(4 + kCombos) * chunks + 2 * d + f]; }
+  __device__ int out(int b, int f) const { return t[(4 + kCombos) * chunks + 2 * dots + 4 * b + f]; }
+};
+
+// One dot: the A fragment `a` (tf32 bits) times the dot's weight tile, k-step s, into slot b.
+template <int CAP>
+__device__ __forceinline__ void dot_into(float (&acc)[kSlots][CAP][4], const uint32_t (&a)[4], const float* ws,
+                                         int b, int pitch, const int (&ntiles)[kSlots], int s, int g, int t) {
+  const float* w0 = ws + (8 * s + t) * pitch + g;
+  const float* w1 = w0 + 4 * pitch;
+#pragma unroll
+  for (int bb = 0; bb < kSlots; ++bb) {
+    if (bb != b) continue;
+#pragma unroll
+    for (int nt = 0; nt < CAP; ++nt) {
+      if (nt < ntiles[bb]) mma_tf32(acc[bb][nt], a, __float_as_uint(w0[8 * nt]), __float_as_uint(w1[8 * nt]));
+    }
+  }
+}
+
+// The group tuple (GZ, GY, GX)'s combinations of a lane's four A elements (k-step s), then their dots.
+template <int CAP, int GZ, int GY, int GX>
+__device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const float* xs, const float* ws,
+                                           const Tab& tab, int ch, const int (&ntiles)[kSlots],
+                                           const int (&pitch)[kSlots], int xp, int h, int dx, int px, int s,
+                                           int g, int t) {
+  constexpr int NZ = GZ ? 2 : 1, NY = GY ? 2 : 1, NX = GX ? 2 : 1;
+  // v[e][iz][iy][ix]: element e's value at sign pattern (0: minus, 1: plus) / combination (0: s, 1: d)
+  float v[4][NZ][NY][NX];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int k = 8 * s + t + 4 * (e >> 1);
+    const float* base = xs + k * 9 * xp + px + 8 * (e & 1) + h;
+#pragma unroll
+    for (int iz = 0; iz < NZ; ++iz)
+#pragma unroll
+      for (int iy = 0; iy < NY; ++iy)
+#pragma unroll
+        for (int ix = 0; ix < NX; ++ix) {
+          const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
+          v[e][iz][iy][ix] = base[(3 * zr + yr) * xp + xo];
+        }
+    if (GX) {
+#pragma unroll
+      for (int iz = 0; iz < NZ; ++iz)
+#pragma unroll
+        for (int iy = 0; iy < NY; ++iy) {
+          const float m = v[e][iz][iy][0], p = v[e][iz][iy][NX - 1];
+          v[e][iz][iy][0] = p + m, v[e][iz][iy][NX - 1] = p - m;
+        }
+    }
+    if (GY) {
+#pragma unroll
+      for (int iz = 0; iz < NZ; ++iz)
+#pragma unroll
+        for (int ix = 0; ix < NX; ++ix) {
+          const float m = v[e][iz][0][ix], p = v[e][iz][NY - 1][ix];
+          v[e][iz][0][ix] = p + m, v[e][iz][NY - 1][ix] = p - m;
+        }
+    }
+    if (GZ) {
+#pragma unroll
+      for (int iy = 0; iy < NY; ++iy)
+#pragma unroll
+        for (int ix = 0; ix < NX; ++ix) {
+          const float m = v[e][0][iy][ix], p = v[e][NZ - 1][iy][ix];
+          v[e][0][iy][ix] = p + m, v[e][NZ - 1][iy][ix] = p - m;
+        }
+    }
+  }
+#pragma unroll
+  for (int iz = 0; iz < NZ; ++iz)
+#pragma unroll
+    for (int iy = 0; iy < NY; ++iy)
+#pragma unroll
+      for (int ix = 0; ix < NX; ++ix) {
+        // per axis: 0 = x0, 1 = s_1, 2 = d_1 (_parity_plan.combo_matrix's rows)
+        const int combo = 9 * (GZ ? 1 + iz : 0) + 3 * (GY ? 1 + iy : 0) + (GX ? 1 + ix : 0);
+        const int d = tab.dot_of(ch, combo);
+        if (d < 0) continue;
+        const int b = tab.dot(d, 0);
+        const uint32_t a[4] = {tf32_round(v[0][iz][iy][ix]), tf32_round(v[1][iz][iy][ix]),
+                               tf32_round(v[2][iz][iy][ix]), tf32_round(v[3][iz][iy][ix])};
+        int pb = 0;
+#pragma unroll
+        for (int bb = 0; bb < kSlots; ++bb) pb = bb == b ? pitch[bb] : pb;
+        dot_into<CAP>(acc, a, ws + tab.dot(d, 1), b, pb, ntiles, s, g, t);
+      }
+}
+
+template <int CAP>
+__global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
+  extern __shared__ float smem[];
+  float* xs = smem;
+  float* ws = smem + kChunk * 9 * p.xp;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int z = blockIdx.x / p.ny, yy = blockIdx.x % p.ny, x0 = blockIdx.y * kTile, batch = blockIdx.z;
+  const int nxh = p.nx + 2 * p.h, xw = kTile + 2 * p.h;
+  const size_t plane = (size_t)p.nz * p.ny * nxh;
+  const float* xb = p.x + (size_t)batch * p.cin * plane;
+  const float* wb = p.w + (size_t)batch * p.dots * kChunk * p.P;
+  const Tab tab{p.tab, p.chunks, p.dots};
+
+  // the 3 x 3 neighbour rows: offset in a plane, or -1 where zero padding
+  int src[9];
+#pragma unroll
+  for (int zr = 0; zr < 3; ++zr)
+#pragma unroll
+    for (int yr = 0; yr < 3; ++yr) {
+      int zz = z + (zr - 1) * p.dz, y2 = yy + (yr - 1) * p.dy;
+      bool ok = true;
+      if (p.wrap_z) zz = ((zz % p.nz) + p.nz) % p.nz; else ok = ok && zz >= 0 && zz < p.nz;
+      if (p.wrap_y) y2 = ((y2 % p.ny) + p.ny) % p.ny; else ok = ok && y2 >= 0 && y2 < p.ny;
+      src[3 * zr + yr] = ok ? (zz * p.ny + y2) * nxh : -1;
+    }
+  int ntiles[kSlots], pitch[kSlots];
+#pragma unroll
+  for (int b = 0; b < kSlots; ++b) {
+    ntiles[b] = b < p.n_out ? tab.out(b, 2) : 0;
+    pitch[b] = b < p.n_out ? tab.out(b, 3) : 0;
+  }
+  float acc[kSlots][CAP][4];
+#pragma unroll
+  for (int b = 0; b < kSlots; ++b)
+#pragma unroll
+    for (int nt = 0; nt < CAP; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[b][nt][i] = 0.f;
+
+  const int px = 16 * warp + g;
+  for (int ch = 0; ch < p.chunks; ++ch) {
+    const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1), d0 = tab.chunk(ch, 2), nd = tab.chunk(ch, 3);
+    __syncthreads();  // the previous chunk's reads are done
+    for (int i = tid; i < kChunk * 9 * xw; i += blockDim.x) {
+      const int k = i / (9 * xw), rem = i - k * 9 * xw, r = rem / xw, xi = rem - r * xw;
+      float v = 0.f;
+      if (k < rows && src[r] >= 0 && x0 + xi < nxh) v = __ldg(xb + (size_t)(r0 + k) * plane + src[r] + x0 + xi);
+      xs[(k * 9 + r) * p.xp + xi] = v;
+    }
+    for (int d = d0; d < d0 + nd; ++d) {
+      const int b = tab.dot(d, 0), off = tab.dot(d, 1), cols = 8 * tab.out(b, 2), pb = tab.out(b, 3);
+      const float* wd = wb + (size_t)d * kChunk * p.P;
+      for (int i = tid; i < kChunk * cols; i += blockDim.x) {
+        const int k = i / cols, n = i - k * cols;
+        ws[off + k * pb + n] = __uint_as_float(tf32_round(__ldg(wd + k * p.P + n)));
+      }
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int s = 0; s < 2; ++s) {
+      group_dots<CAP, 0, 0, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 0, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 1, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 1, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 0, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 0, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 1, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 1, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+    }
+  }
+
+  // the accumulators: lane (g, t) holds pixels g, g + 8 and columns 2 t, 2 t + 1 of each n-tile
+  float* yb = p.y + (size_t)batch * p.cout * p.nz * p.ny * p.nx + ((size_t)z * p.ny + yy) * p.nx;
+  const size_t out_plane = (size_t)p.nz * p.ny * p.nx;
+#pragma unroll
+  for (int b = 0; b < kSlots; ++b) {
+    if (b >= p.n_out) break;
+    const int o0 = tab.out(b, 0), width = tab.out(b, 1);
+#pragma unroll
+    for (int nt = 0; nt < CAP; ++nt) {
+      if (nt >= ntiles[b]) break;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int col = 8 * nt + 2 * t + (i & 1), xx = x0 + px + 8 * (i >> 1);
+        if (col < width && xx < p.nx) yb[(size_t)(o0 + col) * out_plane + xx] = acc[b][nt][i];
+      }
+    }
+  }
+}
+
+ffi::Error bad(const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda parity forward: " + why); }
+
+template <int CAP>
+cudaError_t launch(const ParityParams& p, int batch, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * ((size_t)kChunk * 9 * p.xp + p.w_stage);
+  auto* kernel = parity_forward<CAP>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.nz * p.ny, (p.nx + kTile - 1) / kTile, batch);
+  kernel<<<grid, 128, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::S32> tab, ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> geom) {
+  if (geom.size() != 18) return bad("`geom` must have 18 entries (has " + std::to_string(geom.size()) + ")");
+  ParityParams p{};
+  int* f[] = {&p.nz, &p.ny, &p.nx, &p.h, &p.dz, &p.dy, &p.dx, &p.wrap_z, &p.wrap_y, &p.cin, &p.cout,
+              &p.chunks, &p.dots, &p.n_out, &p.P, &p.xp, &p.w_stage};
+  for (int i = 0; i < 17; ++i) {
+    if (geom[i] < 0 || geom[i] > (1 << 30)) return bad("`geom`[" + std::to_string(i) + "] out of range");
+    *f[i] = (int)geom[i];
+  }
+  const int64_t tab_size = geom[17];
+  if (p.nz < 1 || p.ny < 1 || p.nx < 1 || p.chunks < 1 || p.dots < 1 || p.n_out < 1 || p.n_out > kSlots)
+    return bad("empty sizes, or more than 8 output classes");
+  if (p.h < p.dx || p.xp < kTile + 2 * p.h || p.xp % 32 != 8) return bad("the x halo or the stage pitch XP");
+  if (p.nz * (int64_t)p.ny > (1LL << 31) - 1) return bad("nz * ny must fit a grid's x");
+  const int64_t in_size = (int64_t)p.cin * p.nz * p.ny * (p.nx + 2 * p.h);
+  if (in_size == 0 || x.element_count() % in_size) return bad("x's size is not a batch of (cin, nz, ny, nx + 2h)");
+  const int64_t batch = x.element_count() / in_size;
+  if (batch < 1 || batch > 65535) return bad("the batch must be 1 to 65535");
+  if (w.element_count() != batch * p.dots * kChunk * p.P) return bad("w's size is not a batch of (dots, 16, P)");
+  if (tab.element_count() != batch * tab_size && tab.element_count() != tab_size) return bad("tab's size");
+  if (tab_size != (4 + kCombos) * (int64_t)p.chunks + 2 * (int64_t)p.dots + 4 * kSlots) return bad("tab_size");
+  if (y->element_count() != batch * p.cout * p.nz * p.ny * (int64_t)p.nx) return bad("y's size");
+  p.x = x.typed_data(), p.w = w.typed_data(), p.tab = tab.typed_data(), p.y = y->typed_data();
+  cudaError_t err = launch<4>(p, (int)batch, stream);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("ginjax cuda parity forward: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GinjaxCudaParityForward, ParityForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("geom"));

@@ -1,0 +1,127 @@
+"""The parity-blocked convolution's forward on mma.sync (kernels/cuda/parity_conv.cu, whose header
+says why and how): the plan's tables and the FFI call. kernels/triton/parity_conv.py calls it in
+place of its Triton forward (and input gradient) where `covers` allows and GINJAX_PARITY_CUDA asks.
+
+    y = parity_forward(plan, spatial, x, wk)     # x (cin, nz, ny, nx + 2h), wk (dots, 16, P)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._env import env_choice
+from ._ffi import PARITY_FORWARD
+
+# "on": the CUDA forward wherever it covers the call; "off": the Triton forward
+PARITY_CUDA_ENV = "GINJAX_PARITY_CUDA"
+PARITY_CUDA_CHOICES = ("off", "on")
+
+TILE = 64  # pixels of a CTA along x
+CHUNK = 16  # packed rows a chunk (the plan's CHUNK)
+SLOTS = 8  # output classes a CTA accumulates (2^3)
+CAP = 4  # n-tiles of 8 columns an output class may take (the kernel compiled with CAP = 4)
+COMBOS = 27
+MAX_SMEM_BYTES = 227 * 1024  # a CTA's dynamic shared memory on sm_90
+
+
+def requested() -> bool:
+    return env_choice(PARITY_CUDA_ENV, PARITY_CUDA_CHOICES, "off") == "on"
+
+
+def covers(plan, spatial, precision: str) -> Optional[str]:
+    """Why the CUDA forward cannot run this plan (None: it can). The library's availability
+    (a Hopper GPU, the library built) is checked by the caller."""
+    if plan.D != 3 or plan.M != 3:
+        return f"D={plan.D}, M={plan.M}: the kernel is compiled for D=3 with 3x3x3 filters"
+    if precision != "tf32":
+        return f"precision {precision!r}: the kernel computes TF32 only"
+    if len(plan.out_classes) > SLOTS:
+        return f"{len(plan.out_classes)} output classes (at most {SLOTS})"
+    widest = max(w for _, _, w in plan.out_classes)
+    if widest > 8 * CAP:
+        return f"an output class of {widest} rows (at most {8 * CAP})"
+    if max(w for _, _, w in plan.chunks) > CHUNK:
+        return "a chunk of more than 16 rows"
+    if smem_bytes(plan) > MAX_SMEM_BYTES:
+        return f"{smem_bytes(plan)} bytes of shared memory a CTA (at most {MAX_SMEM_BYTES})"
+    return None
+
+
+def smem_bytes(plan) -> int:
+    """A CTA's shared memory: the input stage (16 rows x 9 neighbour rows x XP) and the largest
+    chunk's weight tiles."""
+    return 4 * (CHUNK * 9 * _xp(plan.r * plan.dilation[-1]) + _table(plan)[1])
+
+
+def _pitch(cols: int) -> int:
+    """Smallest p >= cols with p = 8 mod 32: the B fragments' reads (row t, column g) hit 32 banks."""
+    p = cols + (8 - cols) % 32
+    return p
+
+
+@functools.lru_cache(maxsize=64)
+def _table(plan) -> tuple[np.ndarray, int]:
+    """The kernel's int32 table (parity_conv.cu's `Tab`) and the largest chunk's weight-stage floats."""
+    n_ch, n_dots = len(plan.chunks), len(plan.dots)
+    chunk_rows = np.zeros((n_ch, 4), np.int32)
+    dot_of = np.full((n_ch, COMBOS), -1, np.int32)
+    dots = np.zeros((n_dots, 2), np.int32)
+    outs = np.zeros((SLOTS, 4), np.int32)
+    for b, (_, start, width) in enumerate(plan.out_classes):
+        nt = -(-width // 8)
+        outs[b] = (start, width, nt, _pitch(8 * nt))
+    stage, first = {}, {}
+    for d, (ch, combo, b) in enumerate(plan.dots):
+        first.setdefault(ch, d)
+        if d > 0 and plan.dots[d - 1][0] > ch:
+            raise ValueError("the plan's dots are not ordered by chunk")
+        off = stage.get(ch, 0)
+        dots[d] = (b, off)
+        stage[ch] = off + CHUNK * int(outs[b, 3])
+        dot_of[ch, int(np.ravel_multi_index(combo, (3, 3, 3)))] = d
+    for ch, (_, start, rows) in enumerate(plan.chunks):
+        n = sum(1 for c, _, _ in plan.dots if c == ch)
+        chunk_rows[ch] = (start, rows, first.get(ch, 0), n)
+    tab = np.concatenate([chunk_rows.ravel(), dot_of.ravel(), dots.ravel(), outs.ravel()])
+    return tab, max(stage.values(), default=0)
+
+
+def table(plan) -> np.ndarray:
+    """The kernel's int32 operand `tab` (parity_conv.cu's `Tab`)."""
+    return _table(plan)[0]
+
+
+def geometry(plan, spatial: tuple[int, ...], P: int, h: int) -> list[int]:
+    """The kernel's `geom` attribute (parity_conv.cu's header lists the entries)."""
+    tab, w_stage = _table(plan)
+    nz, ny, nx = spatial
+    dz, dy, dx = plan.dilation
+    return [nz, ny, nx, h, dz, dy, dx, int(plan.wraps[0]), int(plan.wraps[1]), plan.cin, plan.cout,
+            len(plan.chunks), len(plan.dots), len(plan.out_classes), P, _xp(h), w_stage, tab.size]
+
+
+def _xp(h: int) -> int:
+    """The input stage's row pitch: >= TILE + 2h and 8 mod 32 (9 XP = 8 mod 32)."""
+    need = TILE + 2 * h
+    return need + (8 - need) % 32
+
+
+def parity_forward(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, h: int) -> jax.Array:
+    """(cout, *spatial) float32 from x (cin, nz, ny, nx + 2h) (the packed input with its x halo,
+    `parity_conv.with_halo`) and wk (dots, 16, P) (`parity_conv.dot_weights`); vmappable (one
+    launch for the batch)."""
+    nz, ny, nx = spatial
+    P = int(wk.shape[-1])
+    if x.shape[-4:] != (plan.cin, nz, ny, nx + 2 * h):
+        raise ValueError(f"`x` (shape {x.shape}) must be (cin={plan.cin}, {nz}, {ny}, {nx + 2 * h})")
+    if wk.shape[-3:] != (len(plan.dots), CHUNK, P):
+        raise ValueError(f"`wk` (shape {wk.shape}) must be ({len(plan.dots)}, {CHUNK}, P)")
+    tab, geom = table(plan), geometry(plan, spatial, P, h)
+    out = jax.ShapeDtypeStruct((plan.cout, nz, ny, nx), jnp.float32)
+    call = jax.ffi.ffi_call(PARITY_FORWARD, out, vmap_method="broadcast_all")
+    return call(x.astype(jnp.float32), wk.astype(jnp.float32), jnp.asarray(tab), geom=np.asarray(geom, np.int64))

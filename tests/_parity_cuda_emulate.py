@@ -1,0 +1,140 @@
+"""kernels/cuda/parity_conv.cu's forward emulated lane by lane in numpy (the tests' CPU check of its
+addressing): the same table and `geom`, the same shared-memory stages as flat arrays written by
+the kernel's loops, each lane's four A elements read at the kernel's addresses and combined by its
+butterfly, the mma.sync.m16n8k8 fragments assembled into matrices, and the epilogue's stores. The
+arithmetic is float64 without tf32 rounding, so an addressing error shows as a large difference
+from `reference`, not a rounding one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.cuda.parity_forward import CAP, CHUNK, COMBOS, SLOTS, TILE
+
+WARPS = 4
+
+
+class _Tab:
+    def __init__(self, t: np.ndarray, chunks: int, dots: int):
+        self.t, self.chunks, self.dots = t, chunks, dots
+
+    def chunk(self, c, f):
+        return int(self.t[4 * c + f])
+
+    def dot_of(self, c, combo):
+        return int(self.t[4 * self.chunks + COMBOS * c + combo])
+
+    def dot(self, d, f):
+        return int(self.t[(4 + COMBOS) * self.chunks + 2 * d + f])
+
+    def out(self, b, f):
+        return int(self.t[(4 + COMBOS) * self.chunks + 2 * self.dots + 4 * b + f])
+
+
+def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
+    """y (B, cout, nz, ny, nx) from x (B, cin, nz, ny, nx + 2h), w (B, dots, 16, P), tab, geom."""
+    nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, P, xp, w_stage, _ = (int(v) for v in geom)
+    B = x.shape[0]
+    T = _Tab(np.asarray(tab).reshape(-1)[: int(geom[17])], chunks, dots)  # a broadcast batch's first
+    nxh, xw = nx + 2 * h, TILE + 2 * h
+    y = np.full((B, cout, nz, ny, nx), np.nan)
+    lane = np.arange(32)
+    g, t = lane >> 2, lane & 3
+    warp = np.arange(WARPS)[:, None]
+    px = 16 * warp + g[None, :]  # (4, 32)
+    ntiles = [T.out(b, 2) if b < n_out else 0 for b in range(SLOTS)]
+    pitch = [T.out(b, 3) if b < n_out else 0 for b in range(SLOTS)]
+    xf = x.reshape(B, -1)
+    for batch in range(B):
+        for z in range(nz):
+            for yy in range(ny):
+                src = []
+                for zr in range(3):
+                    for yr in range(3):
+                        zz, y2, ok = z + (zr - 1) * dz, yy + (yr - 1) * dy, True
+                        if wrap_z:
+                            zz %= nz
+                        else:
+                            ok = ok and 0 <= zz < nz
+                        if wrap_y:
+                            y2 %= ny
+                        else:
+                            ok = ok and 0 <= y2 < ny
+                        src.append((zz * ny + y2) * nxh if ok else -1)
+                for x0 in range(0, nx, TILE):
+                    acc = np.zeros((SLOTS, CAP, WARPS, 32, 4))
+                    for ch in range(chunks):
+                        r0, rows, d0, nd = (T.chunk(ch, f) for f in range(4))
+                        xs = np.full(CHUNK * 9 * xp, np.nan)  # unwritten stage cells stay NaN
+                        plane = nz * ny * nxh
+                        for k in range(CHUNK):
+                            for r in range(9):
+                                for xi in range(xw):
+                                    v = 0.0
+                                    if k < rows and src[r] >= 0 and x0 + xi < nxh:
+                                        v = xf[batch, (r0 + k) * plane + src[r] + x0 + xi]
+                                    xs[(k * 9 + r) * xp + xi] = v
+                        ws = np.full(w_stage, np.nan)
+                        for d in range(d0, d0 + nd):
+                            b, off = T.dot(d, 0), T.dot(d, 1)
+                            cols, pb = 8 * T.out(b, 2), T.out(b, 3)
+                            for k in range(CHUNK):
+                                ws[off + k * pb: off + k * pb + cols] = w[batch, d, k, :cols]
+                        for s in range(2):
+                            for G in range(8):
+                                _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, (G >> 2) & 1, (G >> 1) & 1, G & 1)
+                    for b in range(min(n_out, SLOTS)):
+                        o0, width = T.out(b, 0), T.out(b, 1)
+                        for nt in range(ntiles[b]):
+                            for i in range(4):
+                                col = 8 * nt + 2 * t + (i & 1)  # (32,)
+                                xx = x0 + px + 8 * (i >> 1)  # (4, 32)
+                                for wv in range(WARPS):
+                                    for ln in range(32):
+                                        if col[ln] < width and xx[wv, ln] < nx:
+                                            y[batch, o0 + col[ln], z, yy, xx[wv, ln]] = acc[b, nt, wv, ln, i]
+    return y
+
+
+def _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, GZ, GY, GX):
+    NZ, NY, NX = (2 if a else 1 for a in (GZ, GY, GX))
+    v = np.zeros((4, NZ, NY, NX) + px.shape)
+    for e in range(4):
+        k = 8 * s + t + 4 * (e >> 1)  # (32,)
+        base = k * 9 * xp + px + 8 * (e & 1) + h  # (4, 32)
+        for iz in range(NZ):
+            for iy in range(NY):
+                for ix in range(NX):
+                    zr, yr = (2 * iz if GZ else 1), (2 * iy if GY else 1)
+                    xo = (2 * ix - 1) * dx if GX else 0
+                    v[e, iz, iy, ix] = xs[base + (3 * zr + yr) * xp + xo]
+    for axis, on in ((3, GX), (2, GY), (1, GZ)):
+        if on:
+            m, p = np.take(v, 0, axis=axis).copy(), np.take(v, 1, axis=axis).copy()
+            idx = [slice(None)] * v.ndim
+            idx[axis] = 0
+            v[tuple(idx)] = p + m
+            idx[axis] = 1
+            v[tuple(idx)] = p - m
+    for iz in range(NZ):
+        for iy in range(NY):
+            for ix in range(NX):
+                combo = 9 * (1 + iz if GZ else 0) + 3 * (1 + iy if GY else 0) + (1 + ix if GX else 0)
+                d = T.dot_of(ch, combo)
+                if d < 0:
+                    continue
+                b, off = T.dot(d, 0), T.dot(d, 1)
+                a = v[:, iz, iy, ix]  # (4 elements, 4 warps, 32 lanes)
+                A = np.zeros((px.shape[0], 16, 8))
+                for wv in range(px.shape[0]):
+                    A[wv, g, t], A[wv, g + 8, t] = a[0, wv], a[1, wv]
+                    A[wv, g, t + 4], A[wv, g + 8, t + 4] = a[2, wv], a[3, wv]
+                for nt in range(ntiles[b]):
+                    w0 = off + (8 * s + t) * pitch[b] + g + 8 * nt
+                    Bm = np.zeros((8, 8))
+                    Bm[t, g], Bm[t + 4, g] = ws[w0], ws[w0 + 4 * pitch[b]]
+                    D = A @ Bm  # (4, 16, 8)
+                    acc[b, nt, :, :, 0] += D[:, g, 2 * t]
+                    acc[b, nt, :, :, 1] += D[:, g, 2 * t + 1]
+                    acc[b, nt, :, :, 2] += D[:, g + 8, 2 * t]
+                    acc[b, nt, :, :, 3] += D[:, g + 8, 2 * t + 1]

@@ -1,0 +1,113 @@
+"""The parity-blocked forward on mma.sync (kernels/cuda/parity_conv.cu) on the CPU: its table and
+coverage, and the kernel's addressing through the lane emulation (tests/_parity_cuda_emulate.py)
+against `reference`, for the forward and for the input gradient (the same kernel on the transposed
+plan). The compiled kernel: tests/test_parity_forward_cuda_gpu.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from kernels.cuda import parity_forward as cuda_parity
+from kernels.triton import parity_conv
+from kernels.triton._parity_source import halo
+
+from _parity_cuda_emulate import emulate
+from conftest import rel_l2
+from test_conv_contract_triton import make_layer, operands
+
+
+def _layer(torus=True, **geometry):
+    return make_layer(3, 3, [("s", 3), ("v", 2), ("pv", 1), ("t", 2)], [("s", 2), ("v", 3), ("t", 1)], torus, **geometry)
+
+
+def _k2_plan():
+    from bench import _cases, _configs
+
+    return parity_conv.packed_layer(_cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])).plan
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_table_lists_every_dot_once_in_its_chunks_stage(transposed):
+    plan = _k2_plan()
+    plan = plan.transposed() if transposed else plan
+    tab, w_stage = cuda_parity._table(plan)
+    n_ch, n_dots = len(plan.chunks), len(plan.dots)
+    assert tab.dtype == np.int32 and tab.size == (4 + cuda_parity.COMBOS) * n_ch + 2 * n_dots + 4 * cuda_parity.SLOTS
+    chunk = tab[: 4 * n_ch].reshape(n_ch, 4)
+    dot_of = tab[4 * n_ch: (4 + cuda_parity.COMBOS) * n_ch].reshape(n_ch, -1)
+    dots = tab[(4 + cuda_parity.COMBOS) * n_ch: -4 * cuda_parity.SLOTS].reshape(n_dots, 2)
+    outs = tab[-4 * cuda_parity.SLOTS:].reshape(cuda_parity.SLOTS, 4)
+    assert sorted(dot_of[dot_of >= 0].tolist()) == list(range(n_dots))
+    for ch, (start, rows, first, n) in enumerate(chunk):
+        assert (start, rows) == plan.chunks[ch][1:]
+        spans = sorted((dots[d, 1], dots[d, 1] + 16 * outs[dots[d, 0], 3]) for d in range(first, first + n))
+        assert all(plan.dots[d][0] == ch for d in range(first, first + n))
+        assert spans[0][0] == 0 and spans[-1][1] <= w_stage
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two tiles overlap
+    for b, (_, start, width) in enumerate(plan.out_classes):
+        assert tuple(outs[b, :2]) == (start, width) and 8 * outs[b, 2] >= width
+        assert outs[b, 3] % 32 == 8 and outs[b, 3] >= 8 * outs[b, 2]
+    assert cuda_parity.covers(plan, (64,) * 3, "tf32") is None
+
+
+def test_coverage_names_what_it_cannot_run():
+    plan = _k2_plan()
+    assert "TF32 only" in cuda_parity.covers(plan, (64,) * 3, "tf32x3")
+    wide = parity_conv.packed_layer(make_layer(3, 3, [("s", 40)], [("s", 40)])).plan
+    assert "40 rows" in cuda_parity.covers(wide, (16,) * 3, "tf32")
+    flat = parity_conv.packed_layer(make_layer(2, 3, [("s", 4), ("v", 4)], [("s", 4), ("v", 4)])).plan
+    assert "D=2" in cuda_parity.covers(flat, (16,) * 2, "tf32")
+
+
+def test_off_by_default_and_not_run_without_the_library(monkeypatch):
+    plan = _k2_plan()
+    monkeypatch.delenv(cuda_parity.PARITY_CUDA_ENV, raising=False)
+    assert not cuda_parity.requested()
+    monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "on")
+    assert cuda_parity.requested()
+    assert not parity_conv.cuda_forward_runs(plan, (64,) * 3, "tf32")  # no Hopper GPU here
+    monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "sometimes")
+    with pytest.raises(ValueError, match=cuda_parity.PARITY_CUDA_ENV):
+        cuda_parity.requested()
+
+
+def _emulated(plan, spatial, rows, wk):
+    h = halo(plan)
+    x = parity_conv.with_halo(plan, rows)
+    y = emulate(np.asarray(x, np.float64)[None], np.asarray(wk, np.float64)[None], cuda_parity.table(plan),
+                cuda_parity.geometry(plan, spatial, int(wk.shape[-1]), h))
+    return jnp.asarray(y[0], jnp.float32)
+
+
+@pytest.mark.parametrize("spatial, torus, dilation", [((3, 4, 70), True, 1), ((4, 3, 21), (False, True, False), 2)])
+def test_emulated_kernel_matches_reference(spatial, torus, dilation):
+    """The forward (two x tiles, the second partial, or one short row) and the input gradient."""
+    geometry = {} if torus is True else {"padding": "SAME"}
+    if dilation > 1:
+        geometry["rhs_dilation"] = (dilation,) * 3
+    spec = _layer(torus, **geometry)
+    xs, ws = operands(spec, spatial, seed=47)
+    layer = parity_conv.packed_layer(spec)
+    plan = layer.plan
+    wc = parity_conv.combo_filter(spec, layer, ws)
+    rows = parity_conv.pack_rows(3, spec.in_keys, layer.in_order, xs)
+    y = _emulated(plan, spatial, rows, parity_conv.dot_weights(plan, wc))
+    got = parity_conv.unpack_rows(3, spec.out_keys, layer.out_order, y)
+    want = kernels.conv_contract(spec, xs, ws, backend="reference", precision="fp32")
+    for a, b in zip(got, want):
+        assert rel_l2(a, b) < 1e-5, rel_l2(a, b)
+
+    rng = np.random.default_rng(3)
+    dys = [jnp.asarray(rng.standard_normal(np.shape(o)), jnp.float32) for o in want]
+    _, vjp = jax.vjp(lambda x: kernels.conv_contract(spec, x, ws, backend="reference", precision="fp32"), xs)
+    (want_dx,) = vjp(tuple(dys))
+    plan_t = plan.transposed()
+    dy_rows = parity_conv.pack_rows(3, spec.out_keys, layer.out_order, dys)
+    dx = _emulated(plan_t, spatial, dy_rows, parity_conv.dot_weights(plan_t, parity_conv.transposed_combos(plan, wc)))
+    for a, b in zip(parity_conv.unpack_rows(3, spec.in_keys, layer.in_order, dx), want_dx):
+        assert rel_l2(a, b) < 1e-5, rel_l2(a, b)
