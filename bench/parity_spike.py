@@ -1,17 +1,17 @@
 """The parity-blocked path's switches on one layer (kernels/triton/parity_conv.py), in
 bench/cuda_spike.py's format: the `triton` layer (without its bias: the same XLA passes in every
 variant) under each forward tiling (GINJAX_PARITY_BLOCKS) and each weight-gradient tiling
-(GINJAX_PARITY_DW_BLOCKS), beside `dense` on the same operands. Every variant is traced before any
+(GINJAX_PARITY_DW_BLOCKS), or with kernels/cuda's mma.sync forward (the value `cuda`:
+GINJAX_PARITY_CUDA=on, default tilings), beside `dense` on the same operands. Every variant is traced before any
 is compiled, so their Triton kernels compile side by side (kernels/triton/_compile.py) instead of
 one variant after another, and all are compiled before anything is timed. Forward rows carry the
 error against `reference` (float32 'highest'), fwd_bwd rows the error of the value and gradients
 against `dense`'s; every row its temp bytes. Rows to OUT/parity_spike.json after every stage.
 
     python -m bench.parity_spike OUT_DIR [--config d3_n64_b2_c8_k2]
-        [--forward 64,4,1,2 64,4,1,2,64 64,4,1,2,32 64,4,1,2,16] [--weight-grad 32,4,8]
-        [--spatial N --batch B]
+        [--forward 64,4,1,2 cuda] [--weight-grad 32,4,8 cuda] [--spatial N --batch B]
 
-(the defaults: the forward's output widths against today's default, session 48's open question)
+(the defaults: Triton's forward against the CUDA one, alone and in fwd_bwd)
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import kernels
 from bench import _cases, _configs, _timing
 from bench._spike import TIMING, Spike, rel_l2
 from kernels._env import environment
+from kernels.cuda.parity_forward import PARITY_CUDA_ENV
 from kernels.triton import parity_conv
+
+CUDA = "cuda"  # a row's value: the CUDA forward (and input gradient), default tilings elsewhere
 
 
 def main(argv=None) -> int:
@@ -34,10 +37,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="d3_n64_b2_c8_k2")
     p.add_argument("--spatial", type=int, default=None, help="grid size per axis (default: the config's)")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--forward", nargs="*", default=["64,4,1,2", "64,4,1,2,64", "64,4,1,2,32", "64,4,1,2,16"],
-                   help=f"{parity_conv.BLOCKS_ENV} values, each a forward row")
-    p.add_argument("--weight-grad", nargs="*", default=["32,4,8"],
-                   help=f"{parity_conv.WEIGHT_GRAD_BLOCKS_ENV} values, each a fwd_bwd row (the default forward)")
+    p.add_argument("--forward", nargs="*", default=["64,4,1,2", CUDA],
+                   help=f"{parity_conv.BLOCKS_ENV} values or {CUDA!r}, each a forward row")
+    p.add_argument("--weight-grad", nargs="*", default=["32,4,8", CUDA],
+                   help=f"{parity_conv.WEIGHT_GRAD_BLOCKS_ENV} values (the default forward) or {CUDA!r}, "
+                        "each a fwd_bwd row")
     args = p.parse_args(argv)
 
     cfg = _configs.CONFIGS[args.config]
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
 
     def trace(mode: str, env: str, value: str):
         # a new function object each time: jit reuses a function's trace, read switches and all
-        with environment({parity_conv.PARITY_ENV: "on", env: value}):
+        switches = {PARITY_CUDA_ENV: "on"} if value == CUDA else {env: value}
+        with environment({parity_conv.PARITY_ENV: "on", **switches}):
             return jax.jit(lambda *a: triton[mode](*a)).trace(*operands)
 
     traced = {f"fwd {blocks}": trace("fwd", parity_conv.BLOCKS_ENV, blocks) for blocks in args.forward}

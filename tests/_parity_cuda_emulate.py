@@ -67,19 +67,21 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                         r0, rows, d0, nd = (T.chunk(ch, f) for f in range(4))
                         xs = np.full(CHUNK * 9 * xp, np.nan)  # unwritten stage cells stay NaN
                         plane = nz * ny * nxh
-                        for k in range(CHUNK):
+                        for k in range(CHUNK):  # row k = 8 s + 4 j + t at [4 s + t][r][xi][j]
+                            q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
                             for r in range(9):
                                 for xi in range(xw):
                                     v = 0.0
                                     if k < rows and src[r] >= 0 and x0 + xi < nxh:
                                         v = xf[batch, (r0 + k) * plane + src[r] + x0 + xi]
-                                    xs[(k * 9 + r) * xp + xi] = v
+                                    xs[2 * ((q * 9 + r) * xp + xi) + j] = v
                         ws = np.full(w_stage, np.nan)
                         for d in range(d0, d0 + nd):
                             b, off = T.dot(d, 0), T.dot(d, 1)
                             cols, pb = 8 * T.out(b, 2), T.out(b, 3)
-                            for k in range(CHUNK):
-                                ws[off + k * pb: off + k * pb + cols] = w[batch, d, k, :cols]
+                            for k in range(CHUNK):  # row k = 8 s + 4 j + t at [4 s + t][n][j]
+                                q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
+                                ws[off + 2 * q * pb + j: off + 2 * (q * pb + cols) + j: 2] = w[batch, d, k, :cols]
                         for s in range(2):
                             for G in range(8):
                                 _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, (G >> 2) & 1, (G >> 1) & 1, G & 1)
@@ -99,15 +101,14 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
 def _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, GZ, GY, GX):
     NZ, NY, NX = (2 if a else 1 for a in (GZ, GY, GX))
     v = np.zeros((4, NZ, NY, NX) + px.shape)
-    for e in range(4):
-        k = 8 * s + t + 4 * (e >> 1)  # (32,)
-        base = k * 9 * xp + px + 8 * (e & 1) + h  # (4, 32)
+    for e in range(4):  # e: pixel g + 8 (e & 1), row 8 s + t + 4 (e >> 1): half e >> 1 of a pair
+        base = 2 * ((4 * s + t) * 9 * xp + px + 8 * (e & 1) + h) + (e >> 1)  # (4, 32)
         for iz in range(NZ):
             for iy in range(NY):
                 for ix in range(NX):
                     zr, yr = (2 * iz if GZ else 1), (2 * iy if GY else 1)
                     xo = (2 * ix - 1) * dx if GX else 0
-                    v[e, iz, iy, ix] = xs[base + (3 * zr + yr) * xp + xo]
+                    v[e, iz, iy, ix] = xs[base + 2 * ((3 * zr + yr) * xp + xo)]
     for axis, on in ((3, GX), (2, GY), (1, GZ)):
         if on:
             m, p = np.take(v, 0, axis=axis).copy(), np.take(v, 1, axis=axis).copy()
@@ -130,9 +131,9 @@ def _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, GZ, GY, GX
                     A[wv, g, t], A[wv, g + 8, t] = a[0, wv], a[1, wv]
                     A[wv, g, t + 4], A[wv, g + 8, t + 4] = a[2, wv], a[3, wv]
                 for nt in range(ntiles[b]):
-                    w0 = off + (8 * s + t) * pitch[b] + g + 8 * nt
+                    w0 = off + 2 * ((4 * s + t) * pitch[b] + 8 * nt + g)  # the float2 (b0, b1)
                     Bm = np.zeros((8, 8))
-                    Bm[t, g], Bm[t + 4, g] = ws[w0], ws[w0 + 4 * pitch[b]]
+                    Bm[t, g], Bm[t + 4, g] = ws[w0], ws[w0 + 1]
                     D = A @ Bm  # (4, 16, 8)
                     acc[b, nt, :, :, 0] += D[:, g, 2 * t]
                     acc[b, nt, :, :, 1] += D[:, g, 2 * t + 1]

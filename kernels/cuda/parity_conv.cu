@@ -16,10 +16,11 @@
 // the CTA stages in shared memory
 //   - the chunk's rows at the 3 x 3 (z, y) neighbour rows (dilated, wrapped or zero per axis), x
 //     from the tile's first pixel to its last plus the x halo (the packed operand carries h cells
-//     a side, wrapped or zero: parity_conv.with_halo): xs[k][zr][yr][XP floats], XP = 8 mod 32 so
-//     that 9 XP = 8 mod 32 and the A-fragment reads (lane g, t: pixel g, row t) hit 32 banks;
-//   - the chunk's dots' weight tiles rounded to tf32, [16 rows][pitch] with pitch = 8 mod 32 (the B
-//     fragments' reads, row t, column g, conflict-free);
+//     a side, wrapped or zero: parity_conv.with_halo), rows 8 s + t and 8 s + t + 4 side by side
+//     (a lane's A elements e and e + 2: one 8-byte read): xs[4 s + t][zr][yr][XP][2] with XP = 4
+//     mod 16, so that a half warp's reads (pixel g, row t) cover the 32 banks once;
+//   - the chunk's dots' weight tiles rounded to tf32, rows paired the same way ([4 s + t][pitch][2],
+//     pitch = 4 mod 16: the B fragment b0, b1 of an n-tile is one conflict-free 8-byte read);
 // then walks the 8 group tuples (gz, gy, gx) in {0, 1}^3 and its two k-steps of 8 rows: a lane
 // loads the 2^(gz+gy+gx) taps of each of its four A elements, butterflies them into the group's
 // combinations (x, then y, then z: s = plus + minus, d = plus - minus), and for each combination
@@ -70,18 +71,29 @@ struct Tab {
   __device__ int out(int b, int f) const { return t[(4 + kCombos) * chunks + 2 * dots + 4 * b + f]; }
 };
 
+// src[r] for a runtime r without a local-memory array: a select chain over the 9 rows.
+__device__ __forceinline__ int src9(const int (&src)[9], int r) {
+  int v = src[0];
+#pragma unroll
+  for (int i = 1; i < 9; ++i) v = r == i ? src[i] : v;
+  return v;
+}
+
 // One dot: the A fragment `a` (tf32 bits) times the dot's weight tile, k-step s, into slot b.
 template <int CAP>
 __device__ __forceinline__ void dot_into(float (&acc)[kSlots][CAP][4], const uint32_t (&a)[4], const float* ws,
                                          int b, int pitch, const int (&ntiles)[kSlots], int s, int g, int t) {
-  const float* w0 = ws + (8 * s + t) * pitch + g;
-  const float* w1 = w0 + 4 * pitch;
+  // rows 8 s + t and 8 s + t + 4 (b0, b1) side by side: one 8-byte read an n-tile
+  const float2* w = reinterpret_cast<const float2*>(ws) + (4 * s + t) * pitch + g;
 #pragma unroll
   for (int bb = 0; bb < kSlots; ++bb) {
     if (bb != b) continue;
 #pragma unroll
     for (int nt = 0; nt < CAP; ++nt) {
-      if (nt < ntiles[bb]) mma_tf32(acc[bb][nt], a, __float_as_uint(w0[8 * nt]), __float_as_uint(w1[8 * nt]));
+      if (nt < ntiles[bb]) {
+        const float2 b01 = w[8 * nt];
+        mma_tf32(acc[bb][nt], a, __float_as_uint(b01.x), __float_as_uint(b01.y));
+      }
     }
   }
 }
@@ -89,25 +101,28 @@ __device__ __forceinline__ void dot_into(float (&acc)[kSlots][CAP][4], const uin
 // The group tuple (GZ, GY, GX)'s combinations of a lane's four A elements (k-step s), then their dots.
 template <int CAP, int GZ, int GY, int GX>
 __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const float* xs, const float* ws,
-                                           const Tab& tab, int ch, const int (&ntiles)[kSlots],
-                                           const int (&pitch)[kSlots], int xp, int h, int dx, int px, int s,
-                                           int g, int t) {
+                                           const int2* dots, const int (&ntiles)[kSlots], int xp, int h, int dx,
+                                           int px, int s, int g, int t) {
   constexpr int NZ = GZ ? 2 : 1, NY = GY ? 2 : 1, NX = GX ? 2 : 1;
   // v[e][iz][iy][ix]: element e's value at sign pattern (0: minus, 1: plus) / combination (0: s, 1: d)
   float v[4][NZ][NY][NX];
+  // rows t and t + 4 of k-step s side by side (elements e and e + 2): one 8-byte read a pixel
+  const float2* rows = reinterpret_cast<const float2*>(xs) + (4 * s + t) * 9 * xp + px + h;
+#pragma unroll
+  for (int iz = 0; iz < NZ; ++iz)
+#pragma unroll
+    for (int iy = 0; iy < NY; ++iy)
+#pragma unroll
+      for (int ix = 0; ix < NX; ++ix) {
+        const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // pixels g, g + 8
+          const float2 pair = rows[(3 * zr + yr) * xp + xo + 8 * half];
+          v[half][iz][iy][ix] = pair.x, v[2 + half][iz][iy][ix] = pair.y;
+        }
+      }
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int k = 8 * s + t + 4 * (e >> 1);
-    const float* base = xs + k * 9 * xp + px + 8 * (e & 1) + h;
-#pragma unroll
-    for (int iz = 0; iz < NZ; ++iz)
-#pragma unroll
-      for (int iy = 0; iy < NY; ++iy)
-#pragma unroll
-        for (int ix = 0; ix < NX; ++ix) {
-          const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
-          v[e][iz][iy][ix] = base[(3 * zr + yr) * xp + xo];
-        }
     if (GX) {
 #pragma unroll
       for (int iz = 0; iz < NZ; ++iz)
@@ -144,21 +159,19 @@ __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const f
       for (int ix = 0; ix < NX; ++ix) {
         // per axis: 0 = x0, 1 = s_1, 2 = d_1 (_parity_plan.combo_matrix's rows)
         const int combo = 9 * (GZ ? 1 + iz : 0) + 3 * (GY ? 1 + iy : 0) + (GX ? 1 + ix : 0);
-        const int d = tab.dot_of(ch, combo);
-        if (d < 0) continue;
-        const int b = tab.dot(d, 0);
+        const int2 dot = dots[combo];  // (slot | pitch << 8, weight-stage offset); slot -1: no dot
+        const int b = (int)(signed char)(dot.x & 0xff);
+        if (b < 0) continue;
         const uint32_t a[4] = {tf32_round(v[0][iz][iy][ix]), tf32_round(v[1][iz][iy][ix]),
                                tf32_round(v[2][iz][iy][ix]), tf32_round(v[3][iz][iy][ix])};
-        int pb = 0;
-#pragma unroll
-        for (int bb = 0; bb < kSlots; ++bb) pb = bb == b ? pitch[bb] : pb;
-        dot_into<CAP>(acc, a, ws + tab.dot(d, 1), b, pb, ntiles, s, g, t);
+        dot_into<CAP>(acc, a, ws + dot.y, b, dot.x >> 8, ntiles, s, g, t);
       }
 }
 
 template <int CAP>
 __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   extern __shared__ float smem[];
+  __shared__ int2 dots[kCombos];  // the chunk's dot per combination (group_dots)
   float* xs = smem;
   float* ws = smem + kChunk * 9 * p.xp;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -181,12 +194,9 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
       if (p.wrap_y) y2 = ((y2 % p.ny) + p.ny) % p.ny; else ok = ok && y2 >= 0 && y2 < p.ny;
       src[3 * zr + yr] = ok ? (zz * p.ny + y2) * nxh : -1;
     }
-  int ntiles[kSlots], pitch[kSlots];
+  int ntiles[kSlots];
 #pragma unroll
-  for (int b = 0; b < kSlots; ++b) {
-    ntiles[b] = b < p.n_out ? tab.out(b, 2) : 0;
-    pitch[b] = b < p.n_out ? tab.out(b, 3) : 0;
-  }
+  for (int b = 0; b < kSlots; ++b) ntiles[b] = b < p.n_out ? tab.out(b, 2) : 0;
   float acc[kSlots][CAP][4];
 #pragma unroll
   for (int b = 0; b < kSlots; ++b)
@@ -199,31 +209,45 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   for (int ch = 0; ch < p.chunks; ++ch) {
     const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1), d0 = tab.chunk(ch, 2), nd = tab.chunk(ch, 3);
     __syncthreads();  // the previous chunk's reads are done
-    for (int i = tid; i < kChunk * 9 * xw; i += blockDim.x) {
-      const int k = i / (9 * xw), rem = i - k * 9 * xw, r = rem / xw, xi = rem - r * xw;
-      float v = 0.f;
-      if (k < rows && src[r] >= 0 && x0 + xi < nxh) v = __ldg(xb + (size_t)(r0 + k) * plane + src[r] + x0 + xi);
-      xs[(k * 9 + r) * p.xp + xi] = v;
+    // a warp a staged row pair (k-step s, row t: rows 8 s + t and 8 s + t + 4) at neighbour row r,
+    // its lanes along x: no index division
+    for (int qr = warp; qr < 8 * 9; qr += 4) {
+      const int q = qr / 9, r = qr - 9 * q, k0 = 8 * (q >> 2) + (q & 3), at = src9(src, r);
+      const bool live0 = k0 < rows && at >= 0, live1 = k0 + 4 < rows && at >= 0;
+      const float* from = xb + (size_t)(r0 + k0) * plane + (at >= 0 ? at : 0) + x0;
+      float2* to = reinterpret_cast<float2*>(xs) + qr * p.xp;
+      for (int xi = lane; xi < xw; xi += 32) {
+        const bool in = x0 + xi < nxh;
+        to[xi] = make_float2(live0 && in ? __ldg(from + xi) : 0.f, live1 && in ? __ldg(from + 4 * plane + xi) : 0.f);
+      }
     }
-    for (int d = d0; d < d0 + nd; ++d) {
+    if (tid < kCombos) {
+      const int d = tab.dot_of(ch, tid);
+      const int b = d < 0 ? -1 : tab.dot(d, 0);
+      dots[tid] = d < 0 ? make_int2(0xff, 0) : make_int2(b | tab.out(b, 3) << 8, tab.dot(d, 1));
+    }
+    for (int d = d0 + warp; d < d0 + nd; d += 4) {  // a warp a dot's tile, its lanes along the columns
       const int b = tab.dot(d, 0), off = tab.dot(d, 1), cols = 8 * tab.out(b, 2), pb = tab.out(b, 3);
       const float* wd = wb + (size_t)d * kChunk * p.P;
-      for (int i = tid; i < kChunk * cols; i += blockDim.x) {
-        const int k = i / cols, n = i - k * cols;
-        ws[off + k * pb + n] = __uint_as_float(tf32_round(__ldg(wd + k * p.P + n)));
+      float2* to = reinterpret_cast<float2*>(ws + off);
+      for (int q = 0; q < 8; ++q) {  // rows k0 = 8 (q / 4) + q % 4 and k0 + 4 side by side
+        const float* from = wd + (8 * (q >> 2) + (q & 3)) * p.P;
+        for (int n = lane; n < cols; n += 32)
+          to[q * pb + n] = make_float2(__uint_as_float(tf32_round(__ldg(from + n))),
+                                       __uint_as_float(tf32_round(__ldg(from + 4 * p.P + n))));
       }
     }
     __syncthreads();
 #pragma unroll 1
     for (int s = 0; s < 2; ++s) {
-      group_dots<CAP, 0, 0, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 0, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 1, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 1, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 0, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 0, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 1, 0>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 1, 1>(acc, xs, ws, tab, ch, ntiles, pitch, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 0, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 0, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 1, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 0, 1, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 0, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 0, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 1, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+      group_dots<CAP, 1, 1, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
     }
   }
 
@@ -272,7 +296,7 @@ ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t tab_size = geom[17];
   if (p.nz < 1 || p.ny < 1 || p.nx < 1 || p.chunks < 1 || p.dots < 1 || p.n_out < 1 || p.n_out > kSlots)
     return bad("empty sizes, or more than 8 output classes");
-  if (p.h < p.dx || p.xp < kTile + 2 * p.h || p.xp % 32 != 8) return bad("the x halo or the stage pitch XP");
+  if (p.h < p.dx || p.xp < kTile + 2 * p.h || p.xp % 16 != 4) return bad("the x halo or the stage pitch XP");
   if (p.nz * (int64_t)p.ny > (1LL << 31) - 1) return bad("nz * ny must fit a grid's x");
   const int64_t in_size = (int64_t)p.cin * p.nz * p.ny * (p.nx + 2 * p.h);
   if (in_size == 0 || x.element_count() % in_size) return bad("x's size is not a batch of (cin, nz, ny, nx + 2h)");

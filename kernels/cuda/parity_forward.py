@@ -59,9 +59,9 @@ def smem_bytes(plan) -> int:
 
 
 def _pitch(cols: int) -> int:
-    """Smallest p >= cols with p = 8 mod 32: the B fragments' reads (row t, column g) hit 32 banks."""
-    p = cols + (8 - cols) % 32
-    return p
+    """Smallest p >= cols with p = 4 mod 16: a half warp's 8-byte B-fragment reads (row pair t,
+    column g) cover the 32 banks once."""
+    return cols + (4 - cols) % 16
 
 
 @functools.lru_cache(maxsize=64)
@@ -106,9 +106,9 @@ def geometry(plan, spatial: tuple[int, ...], P: int, h: int) -> list[int]:
 
 
 def _xp(h: int) -> int:
-    """The input stage's row pitch: >= TILE + 2h and 8 mod 32 (9 XP = 8 mod 32)."""
+    """The input stage's row pitch in row pairs: >= TILE + 2h and 4 mod 16 (so 9 XP = 4 mod 16)."""
     need = TILE + 2 * h
-    return need + (8 - need) % 32
+    return need + (4 - need) % 16
 
 
 def parity_forward(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, h: int) -> jax.Array:
