@@ -98,74 +98,56 @@ __device__ __forceinline__ void dot_into(float (&acc)[kSlots][CAP][4], const uin
   }
 }
 
+// Sums and differences along one axis of a group's values u[n], n = (iz NY + iy) NX + ix: the pair
+// (minus, plus) STRIDE apart becomes (s, d) = (plus + minus, plus - minus).
+template <int STRIDE, int N>
+__device__ __forceinline__ void butterfly(float (&u)[N]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    if ((n / STRIDE) % 2) continue;
+    const float m = u[n], p = u[n + STRIDE];
+    u[n] = p + m, u[n + STRIDE] = p - m;
+  }
+}
+
 // The group tuple (GZ, GY, GX)'s combinations of a lane's four A elements (k-step s), then their dots.
 template <int CAP, int GZ, int GY, int GX>
 __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const float* xs, const float* ws,
                                            const int2* dots, const int (&ntiles)[kSlots], int xp, int h, int dx,
                                            int px, int s, int g, int t) {
-  constexpr int NZ = GZ ? 2 : 1, NY = GY ? 2 : 1, NX = GX ? 2 : 1;
-  // v[e][iz][iy][ix]: element e's value at sign pattern (0: minus, 1: plus) / combination (0: s, 1: d)
-  float v[4][NZ][NY][NX];
+  constexpr int NZ = GZ ? 2 : 1, NY = GY ? 2 : 1, NX = GX ? 2 : 1, N = NZ * NY * NX;
+  // v[e][n]: element e's value at the taps' sign pattern n (per paired axis 0: minus, 1: plus),
+  // then at the combination n (0: s, 1: d)
+  float v[4][N];
   // rows t and t + 4 of k-step s side by side (elements e and e + 2): one 8-byte read a pixel
   const float2* rows = reinterpret_cast<const float2*>(xs) + (4 * s + t) * 9 * xp + px + h;
 #pragma unroll
-  for (int iz = 0; iz < NZ; ++iz)
+  for (int n = 0; n < N; ++n) {
+    const int iz = n / (NY * NX), iy = (n / NX) % NY, ix = n % NX;
+    const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
 #pragma unroll
-    for (int iy = 0; iy < NY; ++iy)
-#pragma unroll
-      for (int ix = 0; ix < NX; ++ix) {
-        const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // pixels g, g + 8
-          const float2 pair = rows[(3 * zr + yr) * xp + xo + 8 * half];
-          v[half][iz][iy][ix] = pair.x, v[2 + half][iz][iy][ix] = pair.y;
-        }
-      }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    if (GX) {
-#pragma unroll
-      for (int iz = 0; iz < NZ; ++iz)
-#pragma unroll
-        for (int iy = 0; iy < NY; ++iy) {
-          const float m = v[e][iz][iy][0], p = v[e][iz][iy][NX - 1];
-          v[e][iz][iy][0] = p + m, v[e][iz][iy][NX - 1] = p - m;
-        }
-    }
-    if (GY) {
-#pragma unroll
-      for (int iz = 0; iz < NZ; ++iz)
-#pragma unroll
-        for (int ix = 0; ix < NX; ++ix) {
-          const float m = v[e][iz][0][ix], p = v[e][iz][NY - 1][ix];
-          v[e][iz][0][ix] = p + m, v[e][iz][NY - 1][ix] = p - m;
-        }
-    }
-    if (GZ) {
-#pragma unroll
-      for (int iy = 0; iy < NY; ++iy)
-#pragma unroll
-        for (int ix = 0; ix < NX; ++ix) {
-          const float m = v[e][0][iy][ix], p = v[e][NZ - 1][iy][ix];
-          v[e][0][iy][ix] = p + m, v[e][NZ - 1][iy][ix] = p - m;
-        }
+    for (int half = 0; half < 2; ++half) {  // pixels g, g + 8
+      const float2 pair = rows[(3 * zr + yr) * xp + xo + 8 * half];
+      v[half][n] = pair.x, v[2 + half][n] = pair.y;
     }
   }
 #pragma unroll
-  for (int iz = 0; iz < NZ; ++iz)
+  for (int e = 0; e < 4; ++e) {
+    if (GX) butterfly<1>(v[e]);
+    if (GY) butterfly<NX>(v[e]);
+    if (GZ) butterfly<NX * NY>(v[e]);
+  }
 #pragma unroll
-    for (int iy = 0; iy < NY; ++iy)
-#pragma unroll
-      for (int ix = 0; ix < NX; ++ix) {
-        // per axis: 0 = x0, 1 = s_1, 2 = d_1 (_parity_plan.combo_matrix's rows)
-        const int combo = 9 * (GZ ? 1 + iz : 0) + 3 * (GY ? 1 + iy : 0) + (GX ? 1 + ix : 0);
-        const int2 dot = dots[combo];  // (slot | pitch << 8, weight-stage offset); slot -1: no dot
-        const int b = (int)(signed char)(dot.x & 0xff);
-        if (b < 0) continue;
-        const uint32_t a[4] = {tf32_round(v[0][iz][iy][ix]), tf32_round(v[1][iz][iy][ix]),
-                               tf32_round(v[2][iz][iy][ix]), tf32_round(v[3][iz][iy][ix])};
-        dot_into<CAP>(acc, a, ws + dot.y, b, dot.x >> 8, ntiles, s, g, t);
-      }
+  for (int n = 0; n < N; ++n) {
+    const int iz = n / (NY * NX), iy = (n / NX) % NY, ix = n % NX;
+    // per axis: 0 = x0, 1 = s_1, 2 = d_1 (_parity_plan.combo_matrix's rows)
+    const int combo = 9 * (GZ ? 1 + iz : 0) + 3 * (GY ? 1 + iy : 0) + (GX ? 1 + ix : 0);
+    const int2 dot = dots[combo];  // (slot | pitch << 8, weight-stage offset); slot -1: no dot
+    const int b = (int)(signed char)(dot.x & 0xff);
+    if (b < 0) continue;
+    const uint32_t a[4] = {tf32_round(v[0][n]), tf32_round(v[1][n]), tf32_round(v[2][n]), tf32_round(v[3][n])};
+    dot_into<CAP>(acc, a, ws + dot.y, b, dot.x >> 8, ntiles, s, g, t);
+  }
 }
 
 template <int CAP>

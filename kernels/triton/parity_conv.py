@@ -12,7 +12,9 @@ same filter as one convolution), whose autodiff is the gradients' oracle.
 
 Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
 residual are added by XLA after the kernel (`conv_contract_triton` does that for this path).
-Under `jax.vmap` each kernel is one launch for the batch (`batched_op`).
+Under `jax.vmap` each kernel is one launch for the batch (`batched_op`). With GINJAX_PARITY_CUDA=on
+the forward and the input gradient run kernels/cuda's mma.sync kernel where it covers the plan
+(`cuda_forward_runs`; opt-in until a GPU has measured it).
 """
 
 from __future__ import annotations
