@@ -8,6 +8,7 @@ from __future__ import annotations
 import pathlib
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -81,17 +82,57 @@ def test_off_by_default_and_not_run_without_the_library(monkeypatch):
         cuda_parity.requested()
 
 
-def _emulated(plan, spatial, rows, wk):
+def _kernel(run, plan, spatial, rows, wk):
     h = halo(plan)
     x = parity_conv.with_halo(plan, rows)
-    y = emulate(np.asarray(x, np.float64)[None], np.asarray(wk, np.float64)[None], cuda_parity.table(plan),
-                cuda_parity.geometry(plan, spatial, int(wk.shape[-1]), h))
+    y = run(np.asarray(x, np.float64)[None], np.asarray(wk, np.float64)[None], cuda_parity.table(plan),
+            cuda_parity.geometry(plan, spatial, int(wk.shape[-1]), h))
+    assert np.isfinite(y).all()  # every output written, no unwritten stage cell read
     return jnp.asarray(y[0], jnp.float32)
 
 
+HOST = pathlib.Path(__file__).with_name("parity_cuda_host.cpp")
+CU = pathlib.Path(cuda_parity.__file__).with_name("parity_conv.cu")
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    """parity_conv.cu's device code compiled for the host by g++ (tests/parity_cuda_host.cpp, with
+    tests/cuda_host.h: a CTA as 128 OS threads, the mma a warp's fragments exchanged, tf32 rounding
+    as cvt.rna). Runs (x, w, tab, geom) -> y, as `emulate` does."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (the host build of the CUDA kernel's device code)")
+    src = CU.read_text()
+    device = src[src.index("// ---- device code"): src.index("// ---- host side")]
+    assert device.count("extern __shared__ float smem[];") == 1
+    device = device.replace("extern __shared__ float smem[];", "float* smem = dynamic_smem;")
+    tmp = tmp_path_factory.mktemp("parity_host")
+    (tmp / "device.inc").write_text(device)
+    exe = tmp / "parity_host"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+           f'-DGJ_DEVICE_CODE="{tmp / "device.inc"}"', str(HOST), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    def run(x, w, tab, geom):
+        head = (" ".join(str(int(v)) for v in [x.shape[0], *geom]) + "\n").encode()
+        data = (np.ascontiguousarray(x, np.float32).tobytes() + np.ascontiguousarray(w, np.float32).tobytes()
+                + np.ascontiguousarray(tab, np.int32).tobytes())
+        out = subprocess.run([str(exe)], input=head + data, capture_output=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        nz, ny, nx, cout = geom[0], geom[1], geom[2], geom[10]
+        return np.frombuffer(out.stdout, np.float32).reshape(x.shape[0], cout, nz, ny, nx)
+    return run
+
+
+@pytest.mark.parametrize("runner", ["emulated", "host"])
 @pytest.mark.parametrize("spatial, torus, dilation", [((3, 4, 70), True, 1), ((4, 3, 21), (False, True, False), 2)])
-def test_emulated_kernel_matches_reference(spatial, torus, dilation):
-    """The forward (two x tiles, the second partial, or one short row) and the input gradient."""
+def test_kernel_on_the_cpu_matches_reference(request, runner, spatial, torus, dilation):
+    """The forward (two x tiles, the second partial, or one short row) and the input gradient,
+    through the lane emulation (float64, no rounding: within 1e-5) or the kernel's own code built
+    for the host (tf32 operands: within TF32's tolerance)."""
+    run = emulate if runner == "emulated" else request.getfixturevalue("host_kernel")
+    tol = 1e-5 if runner == "emulated" else kernels.TOLERANCE["tf32"]
     geometry = {} if torus is True else {"padding": "SAME"}
     if dilation > 1:
         geometry["rhs_dilation"] = (dilation,) * 3
@@ -101,11 +142,11 @@ def test_emulated_kernel_matches_reference(spatial, torus, dilation):
     plan = layer.plan
     wc = parity_conv.combo_filter(spec, layer, ws)
     rows = parity_conv.pack_rows(3, spec.in_keys, layer.in_order, xs)
-    y = _emulated(plan, spatial, rows, parity_conv.dot_weights(plan, wc))
+    y = _kernel(run, plan, spatial, rows, parity_conv.dot_weights(plan, wc))
     got = parity_conv.unpack_rows(3, spec.out_keys, layer.out_order, y)
     want = kernels.conv_contract(spec, xs, ws, backend="reference", precision="fp32")
     for a, b in zip(got, want):
-        assert rel_l2(a, b) < 1e-5, rel_l2(a, b)
+        assert rel_l2(a, b) < tol, rel_l2(a, b)
 
     rng = np.random.default_rng(3)
     dys = [jnp.asarray(rng.standard_normal(np.shape(o)), jnp.float32) for o in want]
@@ -113,9 +154,9 @@ def test_emulated_kernel_matches_reference(spatial, torus, dilation):
     (want_dx,) = vjp(tuple(dys))
     plan_t = plan.transposed()
     dy_rows = parity_conv.pack_rows(3, spec.out_keys, layer.out_order, dys)
-    dx = _emulated(plan_t, spatial, dy_rows, parity_conv.dot_weights(plan_t, parity_conv.transposed_combos(plan, wc)))
+    dx = _kernel(run, plan_t, spatial, dy_rows, parity_conv.dot_weights(plan_t, parity_conv.transposed_combos(plan, wc)))
     for a, b in zip(parity_conv.unpack_rows(3, spec.in_keys, layer.in_order, dx), want_dx):
-        assert rel_l2(a, b) < 1e-5, rel_l2(a, b)
+        assert rel_l2(a, b) < tol, rel_l2(a, b)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")

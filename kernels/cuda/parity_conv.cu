@@ -47,6 +47,8 @@ namespace {
 
 #include "common.cuh"
 
+// ---- device code (tests/test_parity_forward_cuda.py compiles this part for the host as well,
+// tests/parity_cuda_host.cpp: there mma_tf32 and tf32_round are the harness's)
 constexpr int kTile = 64;     // pixels of a CTA: 4 warps x 16
 constexpr int kChunk = 16;    // packed rows of a chunk (kernels/_fused MIN_DOT_TILE)
 constexpr int kCombos = 27;   // 3^3 per-axis combinations (x0, s_1, d_1 per axis)
@@ -252,6 +254,7 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   }
 }
 
+// ---- host side
 ffi::Error bad(const std::string& why) { return ffi::Error::InvalidArgument("ginjax cuda parity forward: " + why); }
 
 template <int CAP>
