@@ -1,13 +1,15 @@
 """Offline compilation of generated Triton plans for sm_90 on a host without a GPU: catches what
 the interpreter accepts but the compiler rejects (or spills) before a GPU session spends time on
 it. The compiles run in a subprocess (`run_offline`): the interpreter the other tests use patches
-triton.language process-wide."""
+triton.language process-wide. Also nvcc's resource report of a kernels/cuda source
+(`ptxas_report`) and the host build of its device code (`host_build`)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +84,25 @@ def row_loop_moves(obj, mangled: str) -> dict[tuple, tuple[int, int]]:
         if loop is not None:
             out[m.groups()] = (loop.moves(), len(loop.instructions))
     return out
+
+
+def host_build(source, harness, out_dir, replace=()) -> pathlib.Path:
+    """The device code of the kernels/cuda source `source` (between its "// ---- device code" and
+    "// ---- host side" lines), each (old, new, count) of `replace` substituted (old found exactly
+    count times), compiled by g++ with the host harness `harness` (a tests/*_host.cpp on
+    tests/cuda_host.h): the executable. Skips where g++ is missing."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
+    src = pathlib.Path(source).read_text()
+    device = src[src.index("// ---- device code"): src.index("// ---- host side")]
+    for old, new, count in replace:
+        assert device.count(old) == count, (old, device.count(old))
+        device = device.replace(old, new)
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / "device.inc").write_text(device)
+    exe = out_dir / pathlib.Path(harness).stem
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+           f'-DGJ_DEVICE_CODE="{out_dir / "device.inc"}"', str(harness), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return exe

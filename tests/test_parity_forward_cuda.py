@@ -21,7 +21,7 @@ from kernels.cuda import parity_forward as cuda_parity
 from kernels.triton import parity_conv
 from kernels.triton._parity_source import halo
 
-from _hopper_compile import ptxas_entries, ptxas_report
+from _hopper_compile import host_build, ptxas_entries, ptxas_report
 from _parity_cuda_emulate import emulate
 from conftest import rel_l2
 from test_conv_contract_triton import make_layer, operands
@@ -100,19 +100,8 @@ def host_kernel(tmp_path_factory):
     """parity_conv.cu's device code compiled for the host by g++ (tests/parity_cuda_host.cpp, with
     tests/cuda_host.h: a CTA as 128 OS threads, the mma a warp's fragments exchanged, tf32 rounding
     as cvt.rna). Runs (x, w, tab, geom) -> y, as `emulate` does."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed (the host build of the CUDA kernel's device code)")
-    src = CU.read_text()
-    device = src[src.index("// ---- device code"): src.index("// ---- host side")]
-    assert device.count("extern __shared__ float smem[];") == 1
-    device = device.replace("extern __shared__ float smem[];", "float* smem = dynamic_smem;")
-    tmp = tmp_path_factory.mktemp("parity_host")
-    (tmp / "device.inc").write_text(device)
-    exe = tmp / "parity_host"
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
-           f'-DGJ_DEVICE_CODE="{tmp / "device.inc"}"', str(HOST), "-o", str(exe)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
+    exe = host_build(CU, HOST, tmp_path_factory.mktemp("parity_host"),
+                     [("extern __shared__ float smem[];", "float* smem = dynamic_smem;", 1)])
 
     def run(x, w, tab, geom):
         head = (" ".join(str(int(v)) for v in [x.shape[0], *geom]) + "\n").encode()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import kernels.cuda
 import _vn_cuda_emulate as emulate
 from conftest import float64, rel_l2
-from _hopper_compile import ptxas_report
+from _hopper_compile import host_build, ptxas_report
 from ginjax import _vector_neuron
 from kernels.cuda import _ffi, vector_neuron as vn
 
@@ -320,22 +320,11 @@ def host_kernels(tmp_path_factory):
     """vector_neuron.cu's device code compiled for the host by g++ (tests/vn_cuda_host.cpp: a CTA
     as 128 OS threads meeting at a barrier for __syncthreads, dynamic shared memory a static
     buffer). Runs (C, T, S, B, groups, act, x, w, gy[, aff]) -> y, gx, part."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed (the host build of the CUDA kernels' device code)")
-    src = CU.read_text()
-    device = src[src.index("// ---- device code") : src.index("// ---- host side")]
     mma = '#include "vector_neuron_mma.cuh"'
-    assert device.count(mma) == 1
-    device = device.replace(mma, CU.with_name("vector_neuron_mma.cuh").read_text())
-    assert device.count("extern __shared__ float4 smem4[];") == 2  # the FFMA and the tensor-core backward
-    device = device.replace("extern __shared__ float4 smem4[];", "float4* smem4 = reinterpret_cast<float4*>(dynamic_smem);")
-    tmp = tmp_path_factory.mktemp("vn_host")
-    (tmp / "device.inc").write_text(device)
-    exe = tmp / "vn_host"
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
-           f'-DGJ_DEVICE_CODE="{tmp / "device.inc"}"', str(HOST), "-o", str(exe)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
+    exe = host_build(CU, HOST, tmp_path_factory.mktemp("vn_host"), [
+        (mma, CU.with_name("vector_neuron_mma.cuh").read_text(), 1),
+        # the FFMA and the tensor-core backward
+        ("extern __shared__ float4 smem4[];", "float4* smem4 = reinterpret_cast<float4*>(dynamic_smem);", 2)])
 
     def run(C, T, S, B, groups, act, x, w, gy, aff=None):
         head = f"{C} {T} {S} {B} {groups} {vn.ACTIVATIONS.index(act)} {EPS!r} {int(aff is not None)}\n".encode()
