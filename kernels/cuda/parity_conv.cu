@@ -1,8 +1,8 @@
 // The parity-blocked convolution's forward on mma.sync (XLA FFI target "ginjax_cuda_parity_forward"),
 // for D = 3 layers with 3x3x3 filters: the plan, the filter's rewrite and the packing are
 // kernels/triton/_parity_plan.py's and parity_conv.py's; this kernel replaces the Triton forward
-// (and, on the transposed plan, the input gradient) where kernels/cuda/parity_conv.py covers the
-// layer.
+// (and, on the transposed plan, the input gradient) where kernels/cuda/parity_forward.py's
+// `covers` allows.
 //
 // Why. The Triton forward builds every combination tile (sums and differences of opposite taps) in
 // registers, then sends it through shared memory into wgmma's operand layout with a fence and a
@@ -24,14 +24,14 @@
 // then walks the 8 group tuples (gz, gy, gx) in {0, 1}^3 and its two k-steps of 8 rows: a lane
 // loads the 2^(gz+gy+gx) taps of each of its four A elements, butterflies them into the group's
 // combinations (x, then y, then z: s = plus + minus, d = plus - minus), and for each combination
-// with a dot (tab's dot_of) runs the dot's n-tiles into the accumulators of its output class.
+// with a dot (the chunk's dot table, staged from tab) runs the dot's n-tiles into the accumulators of its output class.
 // Accumulators: 8 class slots x CAP n-tiles of 8 columns (a class of up to 8 CAP rows); the slot
 // a dot goes to is a runtime value, so each dot branches (warp-uniform) to the unrolled code of
 // its slot, which keeps every accumulator in registers.
 //
 // Operands (a leading batch of B on each, vmap_method="broadcast_all"): x (B, cin, nz, ny, nx + 2 h)
 // packed with its x halo, w (B, dots, 16, P) the dots' weight tiles (parity_conv.dot_weights), tab
-// (B, tab_size) int32 (kernels/cuda/parity_conv.py's `table`; only batch 0's is read); result y
+// (B, tab_size) int32 (kernels/cuda/parity_forward.py's `table`; only batch 0's is read); result y
 // (B, cout, nz, ny, nx). Attribute `geom`: nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout,
 // chunks, dots, out classes, P, XP, the largest chunk's weight-stage floats, tab_size.
 #include <cuda_runtime.h>

@@ -2,7 +2,7 @@
 says why and how): the plan's tables and the FFI call. kernels/triton/parity_conv.py calls it in
 place of its Triton forward (and input gradient) where `covers` allows and GINJAX_PARITY_CUDA asks.
 
-    y = parity_forward(plan, spatial, x, wk)     # x (cin, nz, ny, nx + 2h), wk (dots, 16, P)
+    y = parity_forward(plan, spatial, x, wk, h)     # x (cin, nz, ny, nx + 2h), wk (dots, 16, P)
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ MAX_SMEM_BYTES = 227 * 1024  # a CTA's dynamic shared memory on sm_90
 
 
 def requested() -> bool:
+    """Whether $GINJAX_PARITY_CUDA asks for the CUDA forward ("off", the default, until a GPU has
+    measured it)."""
     return env_choice(PARITY_CUDA_ENV, PARITY_CUDA_CHOICES, "off") == "on"
 
 
