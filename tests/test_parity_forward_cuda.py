@@ -160,3 +160,49 @@ def test_ptxas_no_spills_two_ctas_an_sm(tmp_path):
     block = report[report.index("parity_forwardILi4E"):]
     assert int(re.search(r"Used (\d+) registers", block).group(1)) <= 255
     assert re.search(r"(\d+) bytes stack frame", block).group(1) == "0", block[:600]
+
+
+def _ffi_calls(jaxpr, target):
+    """The equations calling FFI target `target` anywhere in a closed jaxpr (sub-jaxprs too)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.params.get("target_name") == target:
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _ffi_calls(sub, target)
+    return found
+
+
+def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
+    """With the switch on and the library taken as available, the layer's forward and input
+    gradient trace to the kernel's FFI call (what the GPU run will lower), vmapped: one call each
+    for the batch of 3, on the packed rows with their x halo, the dot tiles and the table."""
+    from kernels import cuda
+
+    monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "on")
+    monkeypatch.setattr(cuda, "availability", lambda: (True, ""))
+    spec = _layer()
+    spatial = (4, 4, 20)
+    xs, ws = operands(spec, spatial, seed=53, batch=3)
+
+    def loss(x, w):
+        ys = jax.vmap(lambda x: parity_conv.conv_contract_parity(spec, x, w, "tf32"))(x)
+        return sum(jnp.sum(y) for y in ys)
+
+    calls = _ffi_calls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xs, ws).jaxpr, cuda_parity.PARITY_FORWARD)
+    plan = parity_conv.packed_layer(spec).plan
+    h = halo(plan)
+    assert len(calls) == 2  # the forward and the input gradient
+    for call, (rows_in, rows_out) in zip(calls, ((plan.cin, plan.cout), (plan.cout, plan.cin))):
+        x, wk, tab = (v.aval for v in call.invars)
+        assert x.shape == (3, rows_in) + spatial[:2] + (spatial[2] + 2 * h,)
+        geom = dict(call.params["attributes"])["geom"]
+        geom = np.asarray(getattr(geom, "val", geom))  # a HashableArray on jax 0.11
+        assert wk.shape[0] == 3 and wk.shape[2] == 16 and tab.shape[-1] == int(geom[17])
+        assert call.outvars[0].aval.shape == (3, rows_out) + spatial
+    monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "off")
+    off = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xs, ws).jaxpr
+    assert not _ffi_calls(off, cuda_parity.PARITY_FORWARD)
