@@ -206,3 +206,19 @@ def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
     monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "off")
     off = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xs, ws).jaxpr
     assert not _ffi_calls(off, cuda_parity.PARITY_FORWARD)
+
+
+def test_explain_names_the_cuda_forward(monkeypatch):
+    """kernels.explain on the k2 layer: nothing about CUDA with the switch off; with it on, why the
+    kernel cannot run on a CPU, and that it runs where the library is available."""
+    from bench import _cases, _configs
+    from kernels import cuda
+
+    spec = _cases.layer_spec(_configs.CONFIGS["d3_n64_b2_c8_k2"])
+    monkeypatch.delenv(cuda_parity.PARITY_CUDA_ENV, raising=False)
+    assert "mma.sync" not in kernels.explain(spec, (64,) * 3, backend="triton").reason
+    monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "on")
+    assert "cannot run here" in kernels.explain(spec, (64,) * 3, backend="triton").reason
+    monkeypatch.setattr(cuda, "availability", lambda: (True, ""))
+    said = kernels.explain(spec, (64,) * 3, backend="triton").reason
+    assert "parity-blocked" in said and "mma.sync kernel" in said, said

@@ -124,6 +124,24 @@ def _layer_filter_groups(spec: ConvSpec, spatial):
     return filter_groups(layer, tuple(spatial), "tf32", BlockSizes.for_layer(layer, tuple(spatial)))
 
 
+def _parity_cuda_note(spec: ConvSpec, spatial) -> str:
+    """Where GINJAX_PARITY_CUDA asks for kernels/cuda's parity forward: whether it runs this layer
+    (in TF32, its only precision), else why not."""
+    from ..cuda import parity_forward as cuda_parity
+
+    if not cuda_parity.requested():
+        return ""
+    from .. import cuda
+    from .parity_conv import packed_layer
+
+    ok, why = cuda.availability()
+    if ok:
+        why = cuda_parity.covers(packed_layer(spec.without_bias()).plan, tuple(spatial), "tf32") or ""
+    if not why:
+        return f"; in TF32 its forward and input gradient run on kernels/cuda's mma.sync kernel ({cuda_parity.PARITY_CUDA_ENV}=on)"
+    return f"; {cuda_parity.PARITY_CUDA_ENV}=on, but its CUDA forward cannot run here: {why}"
+
+
 def describe(spec: ConvSpec, spatial) -> str:
     """What runs the layer's directions (for `kernels.explain`): the CUDA forward and weight
     gradient where they cover the layer (GINJAX_TRITON_FORWARD, GINJAX_TRITON_WEIGHT_GRAD), whole
@@ -133,7 +151,8 @@ def describe(spec: ConvSpec, spatial) -> str:
     groups = _layer_filter_groups(spec, spatial)
     if parity_runs(spec.without_bias(), tuple(spatial), groups is not None):
         return ("Triton's parity-blocked convolution: one tensor-core GEMM per (component class, sum or difference "
-                f"of opposite taps), forward, input and weight gradient ({PARITY_ENV}=off: the factorised kernels)")
+                f"of opposite taps), forward, input and weight gradient ({PARITY_ENV}=off: the factorised kernels)"
+                + _parity_cuda_note(spec, spatial))
     if groups is not None:
         return (f"Triton's kernels, as {len(groups)} launches over groups of the filters, each adding into the "
                 f"outputs the groups before it wrote (one kernel would keep more than {LIVE_Z_CAP} Z tiles live)")
