@@ -49,8 +49,9 @@ def covers(plan, spatial, precision: str) -> Optional[str]:
         return f"an output class of {widest} rows (at most {8 * CAP})"
     if max(w for _, _, w in plan.chunks) > CHUNK:
         return "a chunk of more than 16 rows"
-    if smem_bytes(plan) > MAX_SMEM_BYTES:
-        return f"{smem_bytes(plan)} bytes of shared memory a CTA (at most {MAX_SMEM_BYTES})"
+    smem = smem_bytes(plan)
+    if smem > MAX_SMEM_BYTES:
+        return f"{smem} bytes of shared memory a CTA (at most {MAX_SMEM_BYTES})"
     return None
 
 
@@ -77,7 +78,7 @@ def _table(plan) -> tuple[np.ndarray, int]:
     for b, (_, start, width) in enumerate(plan.out_classes):
         nt = -(-width // 8)
         outs[b] = (start, width, nt, _pitch(8 * nt))
-    stage, first = {}, {}
+    stage, first, count = {}, {}, {}  # per chunk: weight-stage floats, first dot, dots
     for d, (ch, combo, b) in enumerate(plan.dots):
         first.setdefault(ch, d)
         if d > 0 and plan.dots[d - 1][0] > ch:
@@ -85,10 +86,10 @@ def _table(plan) -> tuple[np.ndarray, int]:
         off = stage.get(ch, 0)
         dots[d] = (b, off)
         stage[ch] = off + CHUNK * int(outs[b, 3])
+        count[ch] = count.get(ch, 0) + 1
         dot_of[ch, int(np.ravel_multi_index(combo, (3, 3, 3)))] = d
     for ch, (_, start, rows) in enumerate(plan.chunks):
-        n = sum(1 for c, _, _ in plan.dots if c == ch)
-        chunk_rows[ch] = (start, rows, first.get(ch, 0), n)
+        chunk_rows[ch] = (start, rows, first.get(ch, 0), count.get(ch, 0))
     tab = np.concatenate([chunk_rows.ravel(), dot_of.ravel(), dots.ravel(), outs.ravel()])
     return tab, max(stage.values(), default=0)
 

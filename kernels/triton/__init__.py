@@ -128,16 +128,12 @@ def _parity_cuda_note(spec: ConvSpec, spatial) -> str:
     """Where GINJAX_PARITY_CUDA asks for kernels/cuda's parity forward: whether it runs this layer
     (in TF32, its only precision), else why not."""
     from ..cuda import parity_forward as cuda_parity
+    from .parity_conv import cuda_forward_refusal, packed_layer
 
     if not cuda_parity.requested():
         return ""
-    from .. import cuda
-    from .parity_conv import packed_layer
-
-    ok, why = cuda.availability()
-    if ok:
-        why = cuda_parity.covers(packed_layer(spec.without_bias()).plan, tuple(spatial), "tf32") or ""
-    if not why:
+    why = cuda_forward_refusal(packed_layer(spec.without_bias()).plan, tuple(spatial), "tf32")
+    if why is None:
         return f"; in TF32 its forward and input gradient run on kernels/cuda's mma.sync kernel ({cuda_parity.PARITY_CUDA_ENV}=on)"
     return f"; {cuda_parity.PARITY_CUDA_ENV}=on, but its CUDA forward cannot run here: {why}"
 

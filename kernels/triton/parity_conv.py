@@ -24,7 +24,7 @@ import functools
 import hashlib
 import math
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -308,16 +308,22 @@ def with_halo(plan: ParityPlan, x: jax.Array) -> jax.Array:
     return jnp.pad(x, widths, mode="wrap" if plan.wraps[-1] else "constant")
 
 
-def cuda_forward_runs(plan: ParityPlan, spatial, precision: str) -> bool:
-    """Whether kernels/cuda's mma.sync forward runs this plan: asked for ($GINJAX_PARITY_CUDA),
-    the library built on a Hopper GPU, a plan it covers (`kernels.cuda.parity_forward.covers`)."""
+def cuda_forward_refusal(plan: ParityPlan, spatial, precision: str) -> Optional[str]:
+    """None where kernels/cuda's mma.sync forward runs this plan, else why not: not asked for
+    ($GINJAX_PARITY_CUDA), the library not built or not on a Hopper GPU, a plan it does not cover
+    (`kernels.cuda.parity_forward.covers`)."""
     from ..cuda import parity_forward as cuda_parity
 
     if not cuda_parity.requested():
-        return False
+        return f"{cuda_parity.PARITY_CUDA_ENV}=off"
     from .. import cuda
 
-    return cuda.availability()[0] and cuda_parity.covers(plan, spatial, precision) is None
+    ok, why = cuda.availability()
+    return cuda_parity.covers(plan, spatial, precision) if ok else why
+
+
+def cuda_forward_runs(plan: ParityPlan, spatial, precision: str) -> bool:
+    return cuda_forward_refusal(plan, spatial, precision) is None
 
 
 def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Array) -> jax.Array:
