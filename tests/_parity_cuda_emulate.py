@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.cuda.parity_forward import CAP, CHUNK, COMBOS, SLOTS, TILE
+from kernels.cuda.parity_forward import CAP, CHUNK, CHUNK_FIELDS, COMBOS, NTILE_FLOATS, OUT_FIELDS, SLOTS, TILE
 
 WARPS = 4
 
@@ -19,16 +19,16 @@ class _Tab:
         self.t, self.chunks, self.dots = t, chunks, dots
 
     def chunk(self, c, f):
-        return int(self.t[4 * c + f])
+        return int(self.t[CHUNK_FIELDS * c + f])
 
     def dot_of(self, c, combo):
-        return int(self.t[4 * self.chunks + COMBOS * c + combo])
+        return int(self.t[CHUNK_FIELDS * self.chunks + COMBOS * c + combo])
 
     def dot(self, d, f):
-        return int(self.t[(4 + COMBOS) * self.chunks + 2 * d + f])
+        return int(self.t[(CHUNK_FIELDS + COMBOS) * self.chunks + 2 * d + f])
 
     def out(self, b, f):
-        return int(self.t[(4 + COMBOS) * self.chunks + 2 * self.dots + 4 * b + f])
+        return int(self.t[(CHUNK_FIELDS + COMBOS) * self.chunks + 2 * self.dots + OUT_FIELDS * b + f])
 
 
 def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
@@ -42,8 +42,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
     g, t = lane >> 2, lane & 3
     warp = np.arange(WARPS)[:, None]
     px = 16 * warp + g[None, :]  # (4, 32)
-    ntiles = [T.out(b, 2) if b < n_out else 0 for b in range(SLOTS)]
-    pitch = [T.out(b, 3) if b < n_out else 0 for b in range(SLOTS)]
+    ntiles = [T.out(b, 2) for b in range(SLOTS)]  # slot b: output class bits b (0 n-tiles: no such class)
     xf = x.reshape(B, -1)
     for batch in range(B):
         for z in range(nz):
@@ -64,10 +63,11 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                 for x0 in range(0, nx, TILE):
                     acc = np.zeros((SLOTS, CAP, WARPS, 32, 4))
                     for ch in range(chunks):
-                        r0, rows, d0, nd = (T.chunk(ch, f) for f in range(4))
+                        r0, rows, d0, nd, cls = (T.chunk(ch, f) for f in range(CHUNK_FIELDS))
+                        ksteps = 2 if rows > 8 else 1  # k-step 1 of a chunk of <= 8 rows: neither staged nor run
                         xs = np.full(CHUNK * 9 * xp, np.nan)  # unwritten stage cells stay NaN
                         plane = nz * ny * nxh
-                        for k in range(CHUNK):  # row k = 8 s + 4 j + t at [4 s + t][r][xi][j]
+                        for k in range(8 * ksteps):  # row k = 8 s + 4 j + t at [4 s + t][r][xi][j]
                             q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
                             for r in range(9):
                                 for xi in range(xw):
@@ -78,14 +78,16 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                         ws = np.full(w_stage, np.nan)
                         for d in range(d0, d0 + nd):
                             b, off = T.dot(d, 0), T.dot(d, 1)
-                            cols, pb = 8 * T.out(b, 2), T.out(b, 3)
-                            for k in range(CHUNK):  # row k = 8 s + 4 j + t at [4 s + t][n][j]
+                            for k in range(8 * ksteps):  # row k = 8 s + 4 j + t at [n // 8][4 s + t][n % 8][j]
                                 q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
-                                ws[off + 2 * q * pb + j: off + 2 * (q * pb + cols) + j: 2] = w[batch, d, k, :cols]
-                        for s in range(2):
+                                for n in range(8 * T.out(b, 2)):
+                                    ws[off + (n // 8) * NTILE_FLOATS + 2 * (8 * q + n % 8) + j] = w[batch, d, k, n]
+                        # the chunk's dot per combination as the kernel stages it: its offset, or -1
+                        staged = [-1 if T.dot_of(ch, c) < 0 else T.dot(T.dot_of(ch, c), 1) for c in range(COMBOS)]
+                        for s in range(ksteps):
                             for G in range(8):
-                                _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, (G >> 2) & 1, (G >> 1) & 1, G & 1)
-                    for b in range(min(n_out, SLOTS)):
+                                _group(acc, xs, ws, staged, cls, ntiles, xp, h, dx, px, s, g, t, (G >> 2) & 1, (G >> 1) & 1, G & 1)
+                    for b in range(SLOTS):
                         o0, width = T.out(b, 0), T.out(b, 1)
                         for nt in range(ntiles[b]):
                             for i in range(4):
@@ -98,7 +100,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
     return y
 
 
-def _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, GZ, GY, GX):
+def _group(acc, xs, ws, staged, cls, ntiles, xp, h, dx, px, s, g, t, GZ, GY, GX):
     NZ, NY, NX = (2 if a else 1 for a in (GZ, GY, GX))
     v = np.zeros((4, NZ, NY, NX) + px.shape)
     for e in range(4):  # e: pixel g + 8 (e & 1), row 8 s + t + 4 (e >> 1): half e >> 1 of a pair
@@ -121,17 +123,17 @@ def _group(acc, xs, ws, T, ch, ntiles, pitch, xp, h, dx, px, s, g, t, GZ, GY, GX
         for iy in range(NY):
             for ix in range(NX):
                 combo = 9 * (1 + iz if GZ else 0) + 3 * (1 + iy if GY else 0) + (1 + ix if GX else 0)
-                d = T.dot_of(ch, combo)
-                if d < 0:
+                b = cls ^ ((1 if GZ and iz else 0) | (2 if GY and iy else 0) | (4 if GX and ix else 0))
+                off = staged[combo]
+                if off < 0:
                     continue
-                b, off = T.dot(d, 0), T.dot(d, 1)
                 a = v[:, iz, iy, ix]  # (4 elements, 4 warps, 32 lanes)
                 A = np.zeros((px.shape[0], 16, 8))
                 for wv in range(px.shape[0]):
                     A[wv, g, t], A[wv, g + 8, t] = a[0, wv], a[1, wv]
                     A[wv, g, t + 4], A[wv, g + 8, t + 4] = a[2, wv], a[3, wv]
                 for nt in range(ntiles[b]):
-                    w0 = off + 2 * ((4 * s + t) * pitch[b] + 8 * nt + g)  # the float2 (b0, b1)
+                    w0 = off + nt * NTILE_FLOATS + 2 * (8 * (4 * s + t) + g)  # the float2 (b0, b1)
                     Bm = np.zeros((8, 8))
                     Bm[t, g], Bm[t + 4, g] = ws[w0], ws[w0 + 1]
                     D = A @ Bm  # (4, 16, 8)

@@ -39,25 +39,38 @@ def _k2_plan():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_table_lists_every_dot_once_in_its_chunks_stage(transposed):
+    """The kernel's table: each dot once, in its chunk's weight stage without overlap; the output
+    slots are the classes' bits, and a dot's slot is its chunk's class with the combination's
+    difference axes flipped (what the kernel, compiled per input class, assumes)."""
+    from kernels.triton._parity_plan import combo_q
+
     plan = _k2_plan()
     plan = plan.transposed() if transposed else plan
     tab, w_stage = cuda_parity._table(plan)
-    n_ch, n_dots = len(plan.chunks), len(plan.dots)
-    assert tab.dtype == np.int32 and tab.size == (4 + cuda_parity.COMBOS) * n_ch + 2 * n_dots + 4 * cuda_parity.SLOTS
-    chunk = tab[: 4 * n_ch].reshape(n_ch, 4)
-    dot_of = tab[4 * n_ch: (4 + cuda_parity.COMBOS) * n_ch].reshape(n_ch, -1)
-    dots = tab[(4 + cuda_parity.COMBOS) * n_ch: -4 * cuda_parity.SLOTS].reshape(n_dots, 2)
-    outs = tab[-4 * cuda_parity.SLOTS:].reshape(cuda_parity.SLOTS, 4)
+    n_ch, n_dots, F, O = len(plan.chunks), len(plan.dots), cuda_parity.CHUNK_FIELDS, cuda_parity.OUT_FIELDS
+    assert tab.dtype == np.int32 and tab.size == (F + cuda_parity.COMBOS) * n_ch + 2 * n_dots + O * cuda_parity.SLOTS
+    chunk = tab[: F * n_ch].reshape(n_ch, F)
+    dot_of = tab[F * n_ch: (F + cuda_parity.COMBOS) * n_ch].reshape(n_ch, -1)
+    dots = tab[(F + cuda_parity.COMBOS) * n_ch: -O * cuda_parity.SLOTS].reshape(n_dots, 2)
+    outs = tab[-O * cuda_parity.SLOTS:].reshape(cuda_parity.SLOTS, O)
     assert sorted(dot_of[dot_of >= 0].tolist()) == list(range(n_dots))
-    for ch, (start, rows, first, n) in enumerate(chunk):
-        assert (start, rows) == plan.chunks[ch][1:]
-        spans = sorted((dots[d, 1], dots[d, 1] + 16 * outs[dots[d, 0], 3]) for d in range(first, first + n))
+    for ch, (start, rows, first, n, cls) in enumerate(chunk):
+        assert (cls, start, rows) == plan.chunks[ch]
+        spans = sorted((dots[d, 1], dots[d, 1] + cuda_parity.NTILE_FLOATS * outs[dots[d, 0], 2])
+                       for d in range(first, first + n))
         assert all(plan.dots[d][0] == ch for d in range(first, first + n))
         assert spans[0][0] == 0 and spans[-1][1] <= w_stage
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two tiles overlap
-    for b, (_, start, width) in enumerate(plan.out_classes):
-        assert tuple(outs[b, :2]) == (start, width) and 8 * outs[b, 2] >= width
-        assert outs[b, 3] % 16 == 4 and outs[b, 3] >= 8 * outs[b, 2]
+        for combo in range(cuda_parity.COMBOS):
+            d = dot_of[ch, combo]
+            if d >= 0:
+                assert dots[d, 0] == cls ^ combo_q(np.unravel_index(combo, (3, 3, 3)))
+    classes = {cls: (start, width) for cls, start, width in plan.out_classes}
+    for b in range(cuda_parity.SLOTS):
+        if b not in classes:
+            assert outs[b, 2] == 0  # no n-tiles: the epilogue writes nothing for it
+            continue
+        assert tuple(outs[b, :2]) == classes[b] and 0 <= 8 * outs[b, 2] - classes[b][1] < 8
     assert cuda_parity.covers(plan, (64,) * 3, "tf32") is None
 
 
@@ -151,7 +164,8 @@ def test_kernel_on_the_cpu_matches_reference(request, runner, spatial, torus, di
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed (the CUDA kernel's compile check)")
 def test_ptxas_no_spills_two_ctas_an_sm(tmp_path):
     """parity_forward<4> compiles for sm_90a (nvcc, ~10 CPU s) without spills or stack, within __launch_bounds__(128,
-    2)'s 255 registers (238 with nvcc 13.0): the 8 x 4 accumulator tiles stay in registers."""
+    2)'s 255 registers (all 255 with nvcc 13.0, the kernel compiled per input class): the 8 x 4 accumulator
+    tiles stay in registers."""
     source = pathlib.Path(cuda_parity.__file__).with_name("parity_conv.cu")
     report = ptxas_report(source, tmp_path)
     entries = ptxas_entries(report, r"parity_forwardILi(\d)E")

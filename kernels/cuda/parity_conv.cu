@@ -19,15 +19,20 @@
 //     a side, wrapped or zero: parity_conv.with_halo), rows 8 s + t and 8 s + t + 4 side by side
 //     (a lane's A elements e and e + 2: one 8-byte read): xs[4 s + t][zr][yr][XP][2] with XP = 4
 //     mod 16, so that a half warp's reads (pixel g, row t) cover the 32 banks once;
-//   - the chunk's dots' weight tiles rounded to tf32, rows paired the same way ([4 s + t][pitch][2],
-//     pitch = 4 mod 16: the B fragment b0, b1 of an n-tile is one conflict-free 8-byte read);
-// then walks the 8 group tuples (gz, gy, gx) in {0, 1}^3 and its two k-steps of 8 rows: a lane
-// loads the 2^(gz+gy+gx) taps of each of its four A elements, butterflies them into the group's
-// combinations (x, then y, then z: s = plus + minus, d = plus - minus), and for each combination
-// with a dot (the chunk's dot table, staged from tab) runs the dot's n-tiles into the accumulators of its output class.
-// Accumulators: 8 class slots x CAP n-tiles of 8 columns (a class of up to 8 CAP rows); the slot
-// a dot goes to is a runtime value, so each dot branches (warp-uniform) to the unrolled code of
-// its slot, which keeps every accumulator in registers.
+//   - the chunk's dots' weight tiles rounded to tf32, each as [n-tile][4 s + t][column g][2] with
+//     rows t and t + 4 side by side: a lane's B fragment (b0, b1) of an n-tile is one 8-byte read,
+//     a half warp's reads are 128 consecutive bytes, and the lane's address is the tile's offset
+//     plus a per-k-step constant (no per-class pitch);
+// then walks the 8 group tuples (gz, gy, gx) in {0, 1}^3 and its k-steps of 8 rows (one where the
+// chunk has at most 8): a lane loads the 2^(gz+gy+gx) taps of each of its four A elements,
+// butterflies them into the group's combinations (x, then y, then z: s = plus + minus, d = plus -
+// minus), and for each combination with a dot (the chunk's dot table, staged from tab) runs the
+// dot's n-tiles into the accumulators of its output class.
+// Accumulators: 8 slots x CAP n-tiles of 8 columns (a class of up to 8 CAP rows), slot = the output
+// class's bits (its per-axis component parities). A combination connects input class C to output
+// class C ^ q, q its difference axes (_parity_plan.combo_q), so the code for a chunk is compiled per
+// input class (chunk_dots<C>, one warp-uniform switch a chunk) and every dot's slot is a constant
+// there: no branch on where a dot's result goes, only on its n-tiles (the class's width).
 //
 // Operands (a leading batch of B on each, vmap_method="broadcast_all"): x (B, cin, nz, ny, nx + 2 h)
 // packed with its x halo, w (B, dots, 16, P) the dots' weight tiles (parity_conv.dot_weights), tab
@@ -62,40 +67,34 @@ struct ParityParams {
   int nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, P, xp, w_stage;
 };
 
-// tab (int32): per chunk (row start, rows, first dot, dots); per (chunk, combination) its dot or -1;
-// per dot (output slot, weight-stage offset); per output slot (row start, rows, n-tiles, pitch).
+// tab (int32): per chunk (row start, rows, first dot, dots, input class); per (chunk, combination)
+// its dot or -1; per dot (output slot, weight-stage offset); per slot, i.e. output class bits (row
+// start, rows, n-tiles), n-tiles 0 where the layer has no such class.
+constexpr int kChunkFields = 5;
+constexpr int kOutFields = 3;
+constexpr int kNTileFloats = 8 * 8 * 2;  // a weight tile's n-tile in the stage: 8 row pairs x 8 columns x 2
 struct Tab {
   const int* t;
   int chunks, dots;
-  __device__ int chunk(int c, int f) const { return t[4 * c + f]; }
-  __device__ int dot_of(int c, int combo) const { return t[4 * chunks + kCombos * c + combo]; }
-  __device__ int dot(int d, int f) const { return t[(4 + kCombos) * chunks + 2 * d + f]; }
-  __device__ int out(int b, int f) const { return t[(4 + kCombos) * chunks + 2 * dots + 4 * b + f]; }
+  __device__ int chunk(int c, int f) const { return t[kChunkFields * c + f]; }
+  __device__ int dot_of(int c, int combo) const { return t[kChunkFields * chunks + kCombos * c + combo]; }
+  __device__ int dot(int d, int f) const { return t[(kChunkFields + kCombos) * chunks + 2 * d + f]; }
+  __device__ int out(int b, int f) const { return t[(kChunkFields + kCombos) * chunks + 2 * dots + kOutFields * b + f]; }
 };
 
-// src[r] for a runtime r without a local-memory array: a select chain over the 9 rows.
-__device__ __forceinline__ int src9(const int (&src)[9], int r) {
-  int v = src[0];
-#pragma unroll
-  for (int i = 1; i < 9; ++i) v = r == i ? src[i] : v;
-  return v;
-}
-
-// One dot: the A fragment `a` (tf32 bits) times the dot's weight tile, k-step s, into slot b.
+// One dot: the A fragment `a` (tf32 bits) times the dot's weight tile, k-step s, into the n-tiles
+// of slot b (`live` bit CAP b + nt: the slot's class has n-tile nt). The callers' b is a constant
+// once their loops unroll, so acc[b] stays in registers and the bit test is one instruction.
 template <int CAP>
-__device__ __forceinline__ void dot_into(float (&acc)[kSlots][CAP][4], const uint32_t (&a)[4], const float* ws,
-                                         int b, int pitch, const int (&ntiles)[kSlots], int s, int g, int t) {
-  // rows 8 s + t and 8 s + t + 4 (b0, b1) side by side: one 8-byte read an n-tile
-  const float2* w = reinterpret_cast<const float2*>(ws) + (4 * s + t) * pitch + g;
+__device__ __forceinline__ void dot_into(float (&acc)[CAP][4], const uint32_t (&a)[4], const float2* w,
+                                         uint32_t live, int b) {
+  // w: the lane's (b0, b1) of n-tile 0 (rows 8 s + t and 8 s + t + 4, column g), the next n-tiles
+  // a tile's n-tile further each
 #pragma unroll
-  for (int bb = 0; bb < kSlots; ++bb) {
-    if (bb != b) continue;
-#pragma unroll
-    for (int nt = 0; nt < CAP; ++nt) {
-      if (nt < ntiles[bb]) {
-        const float2 b01 = w[8 * nt];
-        mma_tf32(acc[bb][nt], a, __float_as_uint(b01.x), __float_as_uint(b01.y));
-      }
+  for (int nt = 0; nt < CAP; ++nt) {
+    if (live & (1u << (CAP * b + nt))) {
+      const float2 b01 = w[kNTileFloats / 2 * nt];
+      mma_tf32(acc[nt], a, __float_as_uint(b01.x), __float_as_uint(b01.y));
     }
   }
 }
@@ -112,10 +111,11 @@ __device__ __forceinline__ void butterfly(float (&u)[N]) {
   }
 }
 
-// The group tuple (GZ, GY, GX)'s combinations of a lane's four A elements (k-step s), then their dots.
-template <int CAP, int GZ, int GY, int GX>
+// The group tuple (GZ, GY, GX)'s combinations of a lane's four A elements (k-step s), then their
+// dots into input class C's output slots.
+template <int CAP, int C, int GZ, int GY, int GX>
 __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const float* xs, const float* ws,
-                                           const int2* dots, const int (&ntiles)[kSlots], int xp, int h, int dx,
+                                           const int* dots, uint32_t live, int xp, int h, int dx,
                                            int px, int s, int g, int t) {
   constexpr int NZ = GZ ? 2 : 1, NY = GY ? 2 : 1, NX = GX ? 2 : 1, N = NZ * NY * NX;
   // v[e][n]: element e's value at the taps' sign pattern n (per paired axis 0: minus, 1: plus),
@@ -123,6 +123,7 @@ __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const f
   float v[4][N];
   // rows t and t + 4 of k-step s side by side (elements e and e + 2): one 8-byte read a pixel
   const float2* rows = reinterpret_cast<const float2*>(xs) + (4 * s + t) * 9 * xp + px + h;
+  const int lane_w = 8 * (4 * s + t) + g;  // the lane's B pair in a weight tile's n-tile (float2s)
 #pragma unroll
   for (int n = 0; n < N; ++n) {
     const int iz = n / (NY * NX), iy = (n / NX) % NY, ix = n % NX;
@@ -144,18 +145,41 @@ __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const f
     const int iz = n / (NY * NX), iy = (n / NX) % NY, ix = n % NX;
     // per axis: 0 = x0, 1 = s_1, 2 = d_1 (_parity_plan.combo_matrix's rows)
     const int combo = 9 * (GZ ? 1 + iz : 0) + 3 * (GY ? 1 + iy : 0) + (GX ? 1 + ix : 0);
-    const int2 dot = dots[combo];  // (slot | pitch << 8, weight-stage offset); slot -1: no dot
-    const int b = (int)(signed char)(dot.x & 0xff);
-    if (b < 0) continue;
-    const uint32_t a[4] = {tf32_round(v[0][n]), tf32_round(v[1][n]), tf32_round(v[2][n]), tf32_round(v[3][n])};
-    dot_into<CAP>(acc, a, ws + dot.y, b, dot.x >> 8, ntiles, s, g, t);
+    // the output class: C with the difference axes' bits flipped (bit a: axis a, z first)
+    const int b = C ^ ((GZ && iz ? 1 : 0) | (GY && iy ? 2 : 0) | (GX && ix ? 4 : 0));
+    const int off = dots[combo];  // the dot's weight-stage offset; -1: no dot
+    if (off < 0) continue;
+    // A as fp32 bits: the tensor cores read the tf32 bits and drop the rest (truncation, as Triton's
+    // tf32 dots do); cvt.rna here would cost 2 instructions an element on sm_90, 8 a dot
+    const uint32_t a[4] = {__float_as_uint(v[0][n]), __float_as_uint(v[1][n]), __float_as_uint(v[2][n]),
+                           __float_as_uint(v[3][n])};
+    dot_into<CAP>(acc[b], a, reinterpret_cast<const float2*>(ws + off) + lane_w, live, b);
+  }
+}
+
+// A chunk of input class C: its k-steps (1 or 2), each the 8 group tuples.
+template <int CAP, int C>
+__device__ __forceinline__ void chunk_dots(float (&acc)[kSlots][CAP][4], const float* xs, const float* ws,
+                                           const int* dots, uint32_t live, int xp, int h, int dx,
+                                           int px, int ksteps, int g, int t) {
+#pragma unroll 1
+  for (int s = 0; s < ksteps; ++s) {
+    group_dots<CAP, C, 0, 0, 0>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 0, 0, 1>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 0, 1, 0>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 0, 1, 1>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 1, 0, 0>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 1, 0, 1>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 1, 1, 0>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
+    group_dots<CAP, C, 1, 1, 1>(acc, xs, ws, dots, live, xp, h, dx, px, s, g, t);
   }
 }
 
 template <int CAP>
 __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   extern __shared__ float smem[];
-  __shared__ int2 dots[kCombos];  // the chunk's dot per combination (group_dots)
+  __shared__ int dots[kCombos];  // the chunk's dot per combination: its weight-stage offset, or -1
+  __shared__ int src[9];
   float* xs = smem;
   float* ws = smem + kChunk * 9 * p.xp;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -166,21 +190,21 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   const float* wb = p.w + (size_t)batch * p.dots * kChunk * p.P;
   const Tab tab{p.tab, p.chunks, p.dots};
 
-  // the 3 x 3 neighbour rows: offset in a plane, or -1 where zero padding
-  int src[9];
+  // the 3 x 3 neighbour rows (3 zr + yr): offset in a plane, or -1 where zero padding; in shared
+  // memory, not registers (the accumulators take half of them); visible after the first chunk's barrier
+  if (tid < 9) {
+    const int zr = tid / 3, yr = tid % 3;
+    int zz = z + (zr - 1) * p.dz, y2 = yy + (yr - 1) * p.dy;
+    bool ok = true;
+    if (p.wrap_z) zz = ((zz % p.nz) + p.nz) % p.nz; else ok = ok && zz >= 0 && zz < p.nz;
+    if (p.wrap_y) y2 = ((y2 % p.ny) + p.ny) % p.ny; else ok = ok && y2 >= 0 && y2 < p.ny;
+    src[tid] = ok ? (zz * p.ny + y2) * nxh : -1;
+  }
+  // bit CAP b + nt: output class b has n-tile nt (one register for the 8 classes' widths)
+  static_assert(kSlots * CAP <= 32, "the n-tile mask is one 32-bit word");
+  uint32_t live = 0;
 #pragma unroll
-  for (int zr = 0; zr < 3; ++zr)
-#pragma unroll
-    for (int yr = 0; yr < 3; ++yr) {
-      int zz = z + (zr - 1) * p.dz, y2 = yy + (yr - 1) * p.dy;
-      bool ok = true;
-      if (p.wrap_z) zz = ((zz % p.nz) + p.nz) % p.nz; else ok = ok && zz >= 0 && zz < p.nz;
-      if (p.wrap_y) y2 = ((y2 % p.ny) + p.ny) % p.ny; else ok = ok && y2 >= 0 && y2 < p.ny;
-      src[3 * zr + yr] = ok ? (zz * p.ny + y2) * nxh : -1;
-    }
-  int ntiles[kSlots];
-#pragma unroll
-  for (int b = 0; b < kSlots; ++b) ntiles[b] = b < p.n_out ? tab.out(b, 2) : 0;
+  for (int b = 0; b < kSlots; ++b) live |= ((1u << tab.out(b, 2)) - 1) << (CAP * b);
   float acc[kSlots][CAP][4];
 #pragma unroll
   for (int b = 0; b < kSlots; ++b)
@@ -192,11 +216,12 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   const int px = 16 * warp + g;
   for (int ch = 0; ch < p.chunks; ++ch) {
     const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1), d0 = tab.chunk(ch, 2), nd = tab.chunk(ch, 3);
+    const int ksteps = rows > 8 ? 2 : 1;  // a chunk of at most 8 rows: k-step 1 would multiply zeros
     __syncthreads();  // the previous chunk's reads are done
     // a warp a staged row pair (k-step s, row t: rows 8 s + t and 8 s + t + 4) at neighbour row r,
     // its lanes along x: no index division
-    for (int qr = warp; qr < 8 * 9; qr += 4) {
-      const int q = qr / 9, r = qr - 9 * q, k0 = 8 * (q >> 2) + (q & 3), at = src9(src, r);
+    for (int qr = warp; qr < 4 * ksteps * 9; qr += 4) {
+      const int q = qr / 9, r = qr - 9 * q, k0 = 8 * (q >> 2) + (q & 3), at = src[r];
       const bool live0 = k0 < rows && at >= 0, live1 = k0 + 4 < rows && at >= 0;
       const float* from = xb + (size_t)(r0 + k0) * plane + (at >= 0 ? at : 0) + x0;
       float2* to = reinterpret_cast<float2*>(xs) + qr * p.xp;
@@ -207,31 +232,25 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
     }
     if (tid < kCombos) {
       const int d = tab.dot_of(ch, tid);
-      const int b = d < 0 ? -1 : tab.dot(d, 0);
-      dots[tid] = d < 0 ? make_int2(0xff, 0) : make_int2(b | tab.out(b, 3) << 8, tab.dot(d, 1));
+      dots[tid] = d < 0 ? -1 : tab.dot(d, 1);
     }
     for (int d = d0 + warp; d < d0 + nd; d += 4) {  // a warp a dot's tile, its lanes along the columns
-      const int b = tab.dot(d, 0), off = tab.dot(d, 1), cols = 8 * tab.out(b, 2), pb = tab.out(b, 3);
+      const int off = tab.dot(d, 1), cols = 8 * tab.out(tab.dot(d, 0), 2);
       const float* wd = wb + (size_t)d * kChunk * p.P;
       float2* to = reinterpret_cast<float2*>(ws + off);
-      for (int q = 0; q < 8; ++q) {  // rows k0 = 8 (q / 4) + q % 4 and k0 + 4 side by side
+      for (int q = 0; q < 4 * ksteps; ++q) {  // rows k0 = 8 (q / 4) + q % 4 and k0 + 4 side by side
         const float* from = wd + (8 * (q >> 2) + (q & 3)) * p.P;
-        for (int n = lane; n < cols; n += 32)
-          to[q * pb + n] = make_float2(__uint_as_float(tf32_round(__ldg(from + n))),
-                                       __uint_as_float(tf32_round(__ldg(from + 4 * p.P + n))));
+        for (int n = lane; n < cols; n += 32)  // column n: n-tile n / 8, column g = n % 8
+          to[(n >> 3) * (kNTileFloats / 2) + 8 * q + (n & 7)] =
+              make_float2(__uint_as_float(tf32_round(__ldg(from + n))), __uint_as_float(tf32_round(__ldg(from + 4 * p.P + n))));
       }
     }
     __syncthreads();
-#pragma unroll 1
-    for (int s = 0; s < 2; ++s) {
-      group_dots<CAP, 0, 0, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 0, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 1, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 0, 1, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 0, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 0, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 1, 0>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
-      group_dots<CAP, 1, 1, 1>(acc, xs, ws, dots, ntiles, p.xp, p.h, p.dx, px, s, g, t);
+    switch (tab.chunk(ch, 4)) {  // warp-uniform: the chunk's input class
+#define GJ_CHUNK(C) \
+  case C: chunk_dots<CAP, C>(acc, xs, ws, dots, live, p.xp, p.h, p.dx, px, ksteps, g, t); break;
+      GJ_CHUNK(0) GJ_CHUNK(1) GJ_CHUNK(2) GJ_CHUNK(3) GJ_CHUNK(4) GJ_CHUNK(5) GJ_CHUNK(6) GJ_CHUNK(7)
+#undef GJ_CHUNK
     }
   }
 
@@ -240,11 +259,10 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   const size_t out_plane = (size_t)p.nz * p.ny * p.nx;
 #pragma unroll
   for (int b = 0; b < kSlots; ++b) {
-    if (b >= p.n_out) break;
     const int o0 = tab.out(b, 0), width = tab.out(b, 1);
 #pragma unroll
     for (int nt = 0; nt < CAP; ++nt) {
-      if (nt >= ntiles[b]) break;
+      if (!(live & (1u << (CAP * b + nt)))) break;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int col = 8 * nt + 2 * t + (i & 1), xx = x0 + px + 8 * (i >> 1);
@@ -289,7 +307,8 @@ ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (batch < 1 || batch > 65535) return bad("the batch must be 1 to 65535");
   if (w.element_count() != batch * p.dots * kChunk * p.P) return bad("w's size is not a batch of (dots, 16, P)");
   if (tab.element_count() != batch * tab_size && tab.element_count() != tab_size) return bad("tab's size");
-  if (tab_size != (4 + kCombos) * (int64_t)p.chunks + 2 * (int64_t)p.dots + 4 * kSlots) return bad("tab_size");
+  if (tab_size != (kChunkFields + kCombos) * (int64_t)p.chunks + 2 * (int64_t)p.dots + kOutFields * kSlots)
+    return bad("tab_size");
   if (y->element_count() != batch * p.cout * p.nz * p.ny * (int64_t)p.nx) return bad("y's size");
   p.x = x.typed_data(), p.w = w.typed_data(), p.tab = tab.typed_data(), p.y = y->typed_data();
   cudaError_t err = launch<4>(p, (int)batch, stream);

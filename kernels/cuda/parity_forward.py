@@ -26,6 +26,9 @@ CHUNK = 16  # packed rows a chunk (the plan's CHUNK)
 SLOTS = 8  # output classes a CTA accumulates (2^3)
 CAP = 4  # n-tiles of 8 columns an output class may take (the kernel compiled with CAP = 4)
 COMBOS = 27
+CHUNK_FIELDS = 5  # per chunk in the table: row start, rows, first dot, dots, input class
+OUT_FIELDS = 3  # per output slot (class bits): row start, rows, n-tiles
+NTILE_FLOATS = 8 * 8 * 2  # a weight tile's n-tile in the kernel's stage: 8 row pairs x 8 columns x 2
 MAX_SMEM_BYTES = 227 * 1024  # a CTA's dynamic shared memory on sm_90
 
 
@@ -61,35 +64,35 @@ def smem_bytes(plan) -> int:
     return 4 * (CHUNK * 9 * _xp(plan.r * plan.dilation[-1]) + _table(plan)[1])
 
 
-def _pitch(cols: int) -> int:
-    """Smallest p >= cols with p = 4 mod 16: a half warp's 8-byte B-fragment reads (row pair t,
-    column g) cover the 32 banks once."""
-    return cols + (4 - cols) % 16
-
-
 @functools.lru_cache(maxsize=64)
 def _table(plan) -> tuple[np.ndarray, int]:
-    """The kernel's int32 table (parity_conv.cu's `Tab`) and the largest chunk's weight-stage floats."""
+    """The kernel's int32 table (parity_conv.cu's `Tab`) and the largest chunk's weight-stage floats.
+    Output slots are the classes' bits: the kernel, compiled per input class, knows a dot's slot as
+    the chunk's class ^ combo_q(combo) (checked here against the plan)."""
+    from ..triton._parity_plan import combo_q
+
     n_ch, n_dots = len(plan.chunks), len(plan.dots)
-    chunk_rows = np.zeros((n_ch, 4), np.int32)
+    chunk_rows = np.zeros((n_ch, CHUNK_FIELDS), np.int32)
     dot_of = np.full((n_ch, COMBOS), -1, np.int32)
     dots = np.zeros((n_dots, 2), np.int32)
-    outs = np.zeros((SLOTS, 4), np.int32)
-    for b, (_, start, width) in enumerate(plan.out_classes):
-        nt = -(-width // 8)
-        outs[b] = (start, width, nt, _pitch(8 * nt))
+    outs = np.zeros((SLOTS, OUT_FIELDS), np.int32)
+    for cls, start, width in plan.out_classes:
+        outs[cls] = (start, width, -(-width // 8))
     stage, first, count = {}, {}, {}  # per chunk: weight-stage floats, first dot, dots
     for d, (ch, combo, b) in enumerate(plan.dots):
         first.setdefault(ch, d)
         if d > 0 and plan.dots[d - 1][0] > ch:
             raise ValueError("the plan's dots are not ordered by chunk")
+        slot = plan.out_classes[b][0]
+        if slot != plan.chunks[ch][0] ^ combo_q(combo):
+            raise ValueError(f"dot {d}: output class {slot} is not the chunk's class ^ its difference axes")
         off = stage.get(ch, 0)
-        dots[d] = (b, off)
-        stage[ch] = off + CHUNK * int(outs[b, 3])
+        dots[d] = (slot, off)
+        stage[ch] = off + NTILE_FLOATS * int(outs[slot, 2])
         count[ch] = count.get(ch, 0) + 1
         dot_of[ch, int(np.ravel_multi_index(combo, (3, 3, 3)))] = d
-    for ch, (_, start, rows) in enumerate(plan.chunks):
-        chunk_rows[ch] = (start, rows, first.get(ch, 0), count.get(ch, 0))
+    for ch, (cls, start, rows) in enumerate(plan.chunks):
+        chunk_rows[ch] = (start, rows, first.get(ch, 0), count.get(ch, 0), cls)
     tab = np.concatenate([chunk_rows.ravel(), dot_of.ravel(), dots.ravel(), outs.ravel()])
     return tab, max(stage.values(), default=0)
 
