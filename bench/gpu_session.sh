@@ -64,6 +64,11 @@
 #            the library as cuda-build does (CUDA_PREBUILT=1: the carried one)
 #   vn-cuda        builds the CUDA kernels as cuda-build does, runs the CUDA VectorNeuron's GPU tests, then
 #            bench.vector_neuron_spike (its cuda rows beside triton); logs under $OUT/vn-cuda/
+#   parity-cuda    the CUDA parity forward (kernels/cuda/parity_conv.cu) on d3_n64_b2_c8_k2: bench.parity_spike's
+#            defaults (Triton's forward against it, alone and in fwd_bwd), `python -m bench` with
+#            GINJAX_PARITY_CUDA=on (triton and dense, fwd and fwd_bwd: the error column checks it on the layer),
+#            Nsight Compute on one launch (stall reasons included), then tests/test_parity_forward_cuda_gpu.py
+#            (TEST_K: a -k expression); each step archived as it ends; carry the library (CUDA_PREBUILT's build)
 # Every stage's files end up in $OUT/results.tar.gz as well (the device tool returns few files).
 # CUDA_PREBUILT=1: the CUDA stages use a kernels/cuda/_ginjax_cuda.so carried with the tree (built
 # on the CPU machine with the same nvcc: cmake -S . -B build/cuda -G Ninja -DGINJAX_CUDA=ON
@@ -72,7 +77,8 @@
 # results are named after the commit.
 # Per-stage time limits in seconds: T_SWEEP, T_PROFILE, T_PALLAS, T_TESTS, T_BENCH, T_PROFILE_STEPS,
 # T_MEASURE_AUTO, T_AUTO_CHECK, T_VARIANTS, T_VN_SPIKE, T_THIN_SPIKE, T_VN_CUDA, T_CUDA_FWD, T_CUDA_NCU, T_CUDA_DW,
-# T_ENV_AB, T_VN_NCU and T_COMPILE_CHECK (each run of the stage).
+# T_ENV_AB, T_VN_NCU and T_COMPILE_CHECK (each run of the stage); parity-cuda's steps T_PARITY_SPIKE,
+# T_PARITY_BENCH, T_PARITY_NCU and T_PARITY_TESTS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -104,6 +110,9 @@ STALL_METRICS="$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.r
 # Nsight Compute's sections of the profile stages (profile, vn-ncu; cuda-ncu adds the memory tables)
 NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
   --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats --section InstructionStats)
+archive() {  # everything so far into $OUT/results.tar.gz (the device tool returns few files)
+  tar czf /tmp/gpu_session_results.tar.gz --exclude=results.tar.gz -C "$OUT" . && mv /tmp/gpu_session_results.tar.gz "$OUT/results.tar.gz"
+}
 for stage in ${STAGES:-sweep profile pallas}; do
   rm -rf "${OUT:?}/$stage" && mkdir -p "$OUT/$stage"  # a warm machine may keep an earlier run's files
   t0=$(date +%s)
@@ -242,11 +251,27 @@ for stage in ${STAGES:-sweep profile pallas}; do
       rc=$?; tail -5 "$OUT/vn-cuda/tests.log"
       timeout 150 python3 -u -m bench.vector_neuron_spike "$OUT/vn-cuda" --repeat 8 --tilings > "$OUT/vn-cuda/spike.log" 2>&1
       cut -c1-300 "$OUT/vn-cuda/spike.log" | grep -E "^(triton|cuda)_" ; (exit $rc) ;;
+    parity-cuda)  # the CUDA parity forward (GINJAX_PARITY_CUDA) on the k2 layer, each step archived as it ends
+      # (a call cut off by its limit still returns what finished): spike, bench, ncu, GPU tests
+      d="$OUT/parity-cuda"; export GINJAX_CUDA_LIBRARY="$PWD/kernels/cuda/_ginjax_cuda.so"
+      timeout "${T_PARITY_SPIKE:-200}" python3 -m bench.parity_spike "$d/spike" > "$d/spike.log" 2>&1
+      rc=$?; tail -12 "$d/spike.log"; archive
+      GINJAX_PARITY_CUDA=on timeout "${T_PARITY_BENCH:-120}" python3 -u -m bench --out "$d/bench" \
+        --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+        --configs d3_n64_b2_c8_k2 --backends triton,dense --modes fwd,fwd_bwd > "$d/bench.log" 2>&1 || rc=$?
+      grep -E '^\| ' "$d/bench.log" | head -12; archive
+      timeout "${T_PARITY_NCU:-90}" ncu --clock-control none --kernel-name regex:parity_forward --launch-skip 1 --launch-count 1 \
+        "${NCU_SECTIONS[@]}" --metrics "$STALL_METRICS" python3 -m bench.parity_spike "$d/ncu_spike" --forward cuda --weight-grad \
+        > "$d/ncu.txt" 2>&1
+      grep -E "Duration|Issue Slots Busy|Executed Ipc A|L1/TEX Cache Throughput|L2 Cache Throughput|Registers Per|Achieved Occ" "$d/ncu.txt"
+      grep -E "stalled" "$d/ncu.txt" | sort -k3 -n -r | head -8; archive
+      timeout "${T_PARITY_TESTS:-240}" python3 -m pytest -m gpu -v -rfs -p no:cacheprovider tests/test_parity_forward_cuda_gpu.py \
+        ${TEST_K:+-k "$TEST_K"} > "$d/tests.log" 2>&1 || rc=$?
+      tail -12 "$d/tests.log"; (exit $rc) ;;
     *) echo "unknown stage $stage"; (exit 2) ;;
   esac
   echo "stage $stage: exit $? after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
 done
 # The device tool returns at most 8 files and no deeply nested folders: everything in one archive.
-rm -f "$OUT/results.tar.gz"  # not the previous run's archive inside this one
-tar czf "/tmp/gpu_session_results.tar.gz" -C "$OUT" . && mv /tmp/gpu_session_results.tar.gz "$OUT/results.tar.gz"
+archive
 echo "archived under $OUT/results.tar.gz"
