@@ -32,8 +32,10 @@ class _Tab:
 
 
 def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
-    """y (B, cout, nz, ny, nx) from x (B, cin, nz, ny, nx + 2h), w (B, dots, 16, P), tab, geom."""
-    nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, P, xp, w_stage, _ = (int(v) for v in geom)
+    """y (B, cout, nz, ny, nx) from x (B, cin, nz, ny, nx + 2h), w (B, w_total) (the staged weights,
+    parity_forward.stage_weights), tab, geom."""
+    nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, w_total, xp, w_stage, _ = (
+        int(v) for v in geom)
     B = x.shape[0]
     T = _Tab(np.asarray(tab).reshape(-1)[: int(geom[17])], chunks, dots)  # a broadcast batch's first
     nxh, xw = nx + 2 * h, TILE + 2 * h
@@ -63,7 +65,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                 for x0 in range(0, nx, TILE):
                     acc = np.zeros((SLOTS, CAP, WARPS, 32, 4))
                     for ch in range(chunks):
-                        r0, rows, d0, nd, cls = (T.chunk(ch, f) for f in range(CHUNK_FIELDS))
+                        r0, rows, d0, nd, cls, w_at, w_len = (T.chunk(ch, f) for f in range(CHUNK_FIELDS))
                         ksteps = 2 if rows > 8 else 1  # k-step 1 of a chunk of <= 8 rows: neither staged nor run
                         xs = np.full(CHUNK * 9 * xp, np.nan)  # unwritten stage cells stay NaN
                         plane = nz * ny * nxh
@@ -76,12 +78,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                                         v = xf[batch, (r0 + k) * plane + src[r] + x0 + xi]
                                     xs[2 * ((q * 9 + r) * xp + xi) + j] = v
                         ws = np.full(w_stage, np.nan)
-                        for d in range(d0, d0 + nd):
-                            b, off = T.dot(d, 0), T.dot(d, 1)
-                            for k in range(8 * ksteps):  # row k = 8 s + 4 j + t at [n // 8][4 s + t][n % 8][j]
-                                q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
-                                for n in range(8 * T.out(b, 2)):
-                                    ws[off + (n // 8) * NTILE_FLOATS + 2 * (8 * q + n % 8) + j] = w[batch, d, k, n]
+                        ws[:w_len] = w[batch, w_at:w_at + w_len]  # the chunk's tiles: one run
                         # the chunk's dot per combination as the kernel stages it: its offset, or -1
                         staged = [-1 if T.dot_of(ch, c) < 0 else T.dot(T.dot_of(ch, c), 1) for c in range(COMBOS)]
                         for s in range(ksteps):

@@ -1,19 +1,24 @@
 // Host harness for kernels/cuda/parity_conv.cu's device code (tests/test_parity_forward_cuda.py):
 // the kernel compiled by g++ with CUDA's vocabulary from tests/cuda_host.h, a CTA run as 128 OS
-// threads, every CTA of the grid in turn. mma_tf32 is the harness's warp exchange and tf32_round
-// cvt.rna's rounding (to nearest, ties away; inf and NaN kept).
+// threads, every CTA of the grid in turn. mma_tf32 is the harness's warp exchange; the cp.async
+// copies are plain copies (the kernel waits for them and passes a barrier before reading, so the
+// order they complete in does not matter there either).
 //
 // stdin: batch and the 18 `geom` entries as text on one line, then raw float32 x (B, cin, nz, ny,
-// nx + 2h), w (B, dots, 16, P) and raw int32 tab (tab_size). stdout: raw float32 y (B, cout, nz,
-// ny, nx), NaN where the kernel wrote nothing.
+// nx + 2h), w (B, w_total) (parity_forward.stage_weights) and raw int32 tab (tab_size). stdout: raw
+// float32 y (B, cout, nz, ny, nx), NaN where the kernel wrote nothing.
 #include "cuda_host.h"
 
+#include <algorithm>
+using std::max;  // CUDA's integer min and max
+using std::min;
+
 inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { host_mma_tf32(d, a, b0, b1); }
-inline uint32_t tf32_round(float x) {
-  const uint32_t u = __float_as_uint(x);
-  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf and NaN as they are
-  return (u + 0x1000u) & 0xffffe000u;               // half a tf32 ulp, then truncate: ties away from zero
-}
+inline void cp_async4_zfill(float* dst, const float* src, bool valid) { *dst = valid ? *src : 0.f; }
+inline void cp_async16(float* dst, const float* src) { std::memcpy(dst, src, 16); }
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
 
 namespace {
 #include GJ_DEVICE_CODE
@@ -27,9 +32,9 @@ int main() {
   getchar();  // the newline
   ParityParams p{};
   int* f[] = {&p.nz, &p.ny, &p.nx, &p.h, &p.dz, &p.dy, &p.dx, &p.wrap_z, &p.wrap_y, &p.cin, &p.cout,
-              &p.chunks, &p.dots, &p.n_out, &p.P, &p.xp, &p.w_stage};
+              &p.chunks, &p.dots, &p.n_out, &p.w_total, &p.xp, &p.w_stage};
   for (int i = 0; i < 17; ++i) *f[i] = (int)g[i];
-  const size_t nx_ = (size_t)B * p.cin * p.nz * p.ny * (p.nx + 2 * p.h), nw = (size_t)B * p.dots * 16 * p.P;
+  const size_t nx_ = (size_t)B * p.cin * p.nz * p.ny * (p.nx + 2 * p.h), nw = (size_t)B * p.w_total;
   const size_t nt = (size_t)g[17], ny_ = (size_t)B * p.cout * p.nz * p.ny * p.nx;
   std::vector<float> x(nx_), w(nw), y(ny_, NAN);
   std::vector<int> tab(nt);

@@ -54,17 +54,21 @@ def test_table_lists_every_dot_once_in_its_chunks_stage(transposed):
     dots = tab[(F + cuda_parity.COMBOS) * n_ch: -O * cuda_parity.SLOTS].reshape(n_dots, 2)
     outs = tab[-O * cuda_parity.SLOTS:].reshape(cuda_parity.SLOTS, O)
     assert sorted(dot_of[dot_of >= 0].tolist()) == list(range(n_dots))
-    for ch, (start, rows, first, n, cls) in enumerate(chunk):
+    w_at = 0
+    for ch, (start, rows, first, n, cls, w_first, w_len) in enumerate(chunk):
         assert (cls, start, rows) == plan.chunks[ch]
+        assert w_first == w_at and w_len % 4 == 0 and w_len <= w_stage  # the staged weights: one 16-byte run a chunk
+        w_at += w_len
         spans = sorted((dots[d, 1], dots[d, 1] + cuda_parity.NTILE_FLOATS * outs[dots[d, 0], 2])
                        for d in range(first, first + n))
         assert all(plan.dots[d][0] == ch for d in range(first, first + n))
-        assert spans[0][0] == 0 and spans[-1][1] <= w_stage
+        assert spans[0][0] == 0 and spans[-1][1] == w_len
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two tiles overlap
         for combo in range(cuda_parity.COMBOS):
             d = dot_of[ch, combo]
             if d >= 0:
                 assert dots[d, 0] == cls ^ combo_q(np.unravel_index(combo, (3, 3, 3)))
+    assert w_at == cuda_parity.staged_floats(plan)
     classes = {cls: (start, width) for cls, start, width in plan.out_classes}
     for b in range(cuda_parity.SLOTS):
         if b not in classes:
@@ -72,6 +76,35 @@ def test_table_lists_every_dot_once_in_its_chunks_stage(transposed):
             continue
         assert tuple(outs[b, :2]) == classes[b] and 0 <= 8 * outs[b, 2] - classes[b][1] < 8
     assert cuda_parity.covers(plan, (64,) * 3, "tf32") is None
+
+
+def test_staged_weights_are_the_kernels_layout_rounded_to_tf32():
+    """stage_weights: dot d's n-tile nt at [4 s + t][g][j] holds wk[d, 8 s + 4 j + t, 8 nt + g], rounded
+    to the nearest tf32 (ties away from zero, as cvt.rna; inf and NaN kept)."""
+    plan = _k2_plan()
+    rng = np.random.default_rng(5)
+    wk = rng.standard_normal((len(plan.dots), 16, plan.max_out_pad)).astype(np.float32)
+    wk[0, 0, 0], wk[0, 1, 0], wk[0, 2, 0] = np.inf, np.nan, np.float32(1 + 2**-11)  # a tie: away from zero
+    got = np.asarray(cuda_parity.stage_weights(plan, jnp.asarray(wk)))
+    raw = np.asarray(cuda_parity.stage_weights(plan, jnp.asarray(wk), tf32=False))
+    tab = cuda_parity.table(plan)
+    F, at = cuda_parity.CHUNK_FIELDS, 0
+    for d, (ch, _, b) in enumerate(plan.dots):
+        nts = -(-plan.out_classes[b][2] // 8)
+        base = tab[F * ch + 5] + tab[(F + cuda_parity.COMBOS) * len(plan.chunks) + 2 * d + 1]
+        assert base == at
+        for nt in range(nts):
+            for k in range(16):
+                s, j, t = k // 8, (k % 8) // 4, k % 4
+                i = base + nt * cuda_parity.NTILE_FLOATS + 2 * (8 * (4 * s + t) + np.arange(8)) + j
+                np.testing.assert_array_equal(raw[i], wk[d, k, 8 * nt: 8 * nt + 8])
+        at += nts * cuda_parity.NTILE_FLOATS
+    # dot 0, n-tile 0, column 0: rows 0, 1, 2 at [row pair t = 0, 1, 2][g = 0][j = 0]
+    assert got[0] == np.inf and np.isnan(got[16]) and got[32] == np.float32(1 + 2**-10)
+    u = raw.view(np.uint32)
+    want = np.where((u & 0x7F800000) == 0x7F800000, u, (u + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(np.abs(got[np.isfinite(got)] - raw[np.isfinite(raw)]) <= 2**-11 * np.abs(raw[np.isfinite(raw)]))
 
 
 def test_coverage_names_what_it_cannot_run():
@@ -96,10 +129,10 @@ def test_off_by_default_and_not_run_without_the_library(monkeypatch):
 
 
 def _kernel(run, plan, spatial, rows, wk):
-    h = halo(plan)
-    x = parity_conv.with_halo(plan, rows)
-    y = run(np.asarray(x, np.float64)[None], np.asarray(wk, np.float64)[None], cuda_parity.table(plan),
-            cuda_parity.geometry(plan, spatial, int(wk.shape[-1]), h))
+    # the emulation's arithmetic is exact: its weights unrounded; the host build's as on the GPU
+    x, w, tab, geom = cuda_parity.kernel_operands(plan, spatial, parity_conv.with_halo(plan, rows), wk, halo(plan),
+                                                  tf32=run is not emulate)
+    y = run(np.asarray(x, np.float64)[None], np.asarray(w, np.float64)[None], tab, geom)
     assert np.isfinite(y).all()  # every output written, no unwritten stage cell read
     return jnp.asarray(y[0], jnp.float32)
 
@@ -193,7 +226,7 @@ def _ffi_calls(jaxpr, target):
 def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
     """With the switch on and the library taken as available, the layer's forward and input
     gradient trace to the kernel's FFI call (what the GPU run will lower), vmapped: one call each
-    for the batch of 3, on the packed rows with their x halo, the dot tiles and the table."""
+    for the batch of 3, on the packed rows with their x halo, the staged weight tiles and the table."""
     from kernels import cuda
 
     monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "on")
@@ -211,11 +244,11 @@ def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
     h = halo(plan)
     assert len(calls) == 2  # the forward and the input gradient
     for call, (rows_in, rows_out) in zip(calls, ((plan.cin, plan.cout), (plan.cout, plan.cin))):
-        x, wk, tab = (v.aval for v in call.invars)
+        x, w, tab = (v.aval for v in call.invars)
         assert x.shape == (3, rows_in) + spatial[:2] + (spatial[2] + 2 * h,)
         geom = dict(call.params["attributes"])["geom"]
         geom = np.asarray(getattr(geom, "val", geom))  # a HashableArray on jax 0.11
-        assert wk.shape[0] == 3 and wk.shape[2] == 16 and tab.shape[-1] == int(geom[17])
+        assert w.shape == (3, int(geom[14])) and tab.shape[-1] == int(geom[17])
         assert call.outvars[0].aval.shape == (3, rows_out) + spatial
     monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "off")
     off = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xs, ws).jaxpr

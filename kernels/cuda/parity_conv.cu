@@ -19,7 +19,7 @@
 //     a side, wrapped or zero: parity_conv.with_halo), rows 8 s + t and 8 s + t + 4 side by side
 //     (a lane's A elements e and e + 2: one 8-byte read): xs[4 s + t][zr][yr][XP][2] with XP = 4
 //     mod 16, so that a half warp's reads (pixel g, row t) cover the 32 banks once;
-//   - the chunk's dots' weight tiles rounded to tf32, each as [n-tile][4 s + t][column g][2] with
+//   - the chunk's dots' weight tiles (rounded to tf32 by the caller), each as [n-tile][4 s + t][column g][2] with
 //     rows t and t + 4 side by side: a lane's B fragment (b0, b1) of an n-tile is one 8-byte read,
 //     a half warp's reads are 128 consecutive bytes, and the lane's address is the tile's offset
 //     plus a per-k-step constant (no per-class pitch);
@@ -35,10 +35,15 @@
 // there: no branch on where a dot's result goes, only on its n-tiles (the class's width).
 //
 // Operands (a leading batch of B on each, vmap_method="broadcast_all"): x (B, cin, nz, ny, nx + 2 h)
-// packed with its x halo, w (B, dots, 16, P) the dots' weight tiles (parity_conv.dot_weights), tab
-// (B, tab_size) int32 (kernels/cuda/parity_forward.py's `table`; only batch 0's is read); result y
-// (B, cout, nz, ny, nx). Attribute `geom`: nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout,
-// chunks, dots, out classes, P, XP, the largest chunk's weight-stage floats, tab_size.
+// packed with its x halo, w (B, w_total) the dots' weight tiles in the stage's layout, rounded to
+// tf32, a chunk's tiles one run (parity_forward.stage_weights), tab (B, tab_size) int32
+// (parity_forward.table; only batch 0's is read); result y (B, cout, nz, ny, nx). Attribute `geom`:
+// nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, out classes, w_total, XP, the
+// largest chunk's weight-stage floats, tab_size.
+//
+// Staging is cp.async (no registers held, every copy of a chunk in flight at once; the zero padding
+// by zero-fill): the accumulators take half the registers, so loads through registers would come
+// back a few at a time, a round trip to L2 each.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -53,24 +58,26 @@ namespace {
 #include "common.cuh"
 
 // ---- device code (tests/test_parity_forward_cuda.py compiles this part for the host as well,
-// tests/parity_cuda_host.cpp: there mma_tf32 and tf32_round are the harness's)
+// tests/parity_cuda_host.cpp: there mma_tf32 and the cp.async copies are the harness's)
 constexpr int kTile = 64;     // pixels of a CTA: 4 warps x 16
 constexpr int kChunk = 16;    // packed rows of a chunk (kernels/_fused MIN_DOT_TILE)
 constexpr int kCombos = 27;   // 3^3 per-axis combinations (x0, s_1, d_1 per axis)
 constexpr int kSlots = 8;     // output class slots (2^3 classes)
+constexpr int kMaxXw = 96;    // a staged row's x extent, kTile + 2 h: h <= 16
 
 struct ParityParams {
   const float* x;
   const float* w;
   const int* tab;
   float* y;
-  int nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, P, xp, w_stage;
+  int nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, w_total, xp, w_stage;
 };
 
-// tab (int32): per chunk (row start, rows, first dot, dots, input class); per (chunk, combination)
+// tab (int32): per chunk (row start, rows, first dot, dots, input class, first float and floats of its
+// weight tiles in w); per (chunk, combination)
 // its dot or -1; per dot (output slot, weight-stage offset); per slot, i.e. output class bits (row
 // start, rows, n-tiles), n-tiles 0 where the layer has no such class.
-constexpr int kChunkFields = 5;
+constexpr int kChunkFields = 7;
 constexpr int kOutFields = 3;
 constexpr int kNTileFloats = 8 * 8 * 2;  // a weight tile's n-tile in the stage: 8 row pairs x 8 columns x 2
 struct Tab {
@@ -187,7 +194,7 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   const int nxh = p.nx + 2 * p.h, xw = kTile + 2 * p.h;
   const size_t plane = (size_t)p.nz * p.ny * nxh;
   const float* xb = p.x + (size_t)batch * p.cin * plane;
-  const float* wb = p.w + (size_t)batch * p.dots * kChunk * p.P;
+  const float* wb = p.w + (size_t)batch * p.w_total;
   const Tab tab{p.tab, p.chunks, p.dots};
 
   // the 3 x 3 neighbour rows (3 zr + yr): offset in a plane, or -1 where zero padding; in shared
@@ -215,7 +222,7 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
 
   const int px = 16 * warp + g;
   for (int ch = 0; ch < p.chunks; ++ch) {
-    const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1), d0 = tab.chunk(ch, 2), nd = tab.chunk(ch, 3);
+    const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1);
     const int ksteps = rows > 8 ? 2 : 1;  // a chunk of at most 8 rows: k-step 1 would multiply zeros
     __syncthreads();  // the previous chunk's reads are done
     // a warp a staged row pair (k-step s, row t: rows 8 s + t and 8 s + t + 4) at neighbour row r,
@@ -223,28 +230,31 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
     for (int qr = warp; qr < 4 * ksteps * 9; qr += 4) {
       const int q = qr / 9, r = qr - 9 * q, k0 = 8 * (q >> 2) + (q & 3), at = src[r];
       const bool live0 = k0 < rows && at >= 0, live1 = k0 + 4 < rows && at >= 0;
-      const float* from = xb + (size_t)(r0 + k0) * plane + (at >= 0 ? at : 0) + x0;
-      float2* to = reinterpret_cast<float2*>(xs) + qr * p.xp;
-      for (int xi = lane; xi < xw; xi += 32) {
-        const bool in = x0 + xi < nxh;
-        to[xi] = make_float2(live0 && in ? __ldg(from + xi) : 0.f, live1 && in ? __ldg(from + 4 * plane + xi) : 0.f);
+      // a zero-filled copy reads nothing, but its source is kept in bounds all the same: the row,
+      // the neighbour row and x clamped to ones that exist
+      const float* from0 = xb + (size_t)(r0 + min(k0, rows - 1)) * plane + max(at, 0) + x0;
+      const float* from1 = xb + (size_t)(r0 + min(k0 + 4, rows - 1)) * plane + max(at, 0) + x0;
+      const int xlast = nxh - 1 - x0;  // the row's last x from this tile's first (a partial tile ends early)
+      float* to = xs + 2 * qr * p.xp;
+#pragma unroll
+      for (int i = 0; i < kMaxXw / 32; ++i) {
+        const int xi = lane + 32 * i, xc = min(xi, xlast);
+        if (xi < xw) {
+          cp_async4_zfill(to + 2 * xi, from0 + xc, live0 && xi <= xlast);
+          cp_async4_zfill(to + 2 * xi + 1, from1 + xc, live1 && xi <= xlast);
+        }
       }
     }
+    {  // the chunk's weight tiles: one run of whole n-tiles (multiples of 4 floats, 16-byte aligned)
+      const float* from = wb + tab.chunk(ch, 5);
+      for (int i = 4 * tid; i < tab.chunk(ch, 6); i += 4 * 128) cp_async16(ws + i, from + i);
+    }
+    cp_async_commit();
     if (tid < kCombos) {
       const int d = tab.dot_of(ch, tid);
       dots[tid] = d < 0 ? -1 : tab.dot(d, 1);
     }
-    for (int d = d0 + warp; d < d0 + nd; d += 4) {  // a warp a dot's tile, its lanes along the columns
-      const int off = tab.dot(d, 1), cols = 8 * tab.out(tab.dot(d, 0), 2);
-      const float* wd = wb + (size_t)d * kChunk * p.P;
-      float2* to = reinterpret_cast<float2*>(ws + off);
-      for (int q = 0; q < 4 * ksteps; ++q) {  // rows k0 = 8 (q / 4) + q % 4 and k0 + 4 side by side
-        const float* from = wd + (8 * (q >> 2) + (q & 3)) * p.P;
-        for (int n = lane; n < cols; n += 32)  // column n: n-tile n / 8, column g = n % 8
-          to[(n >> 3) * (kNTileFloats / 2) + 8 * q + (n & 7)] =
-              make_float2(__uint_as_float(tf32_round(__ldg(from + n))), __uint_as_float(tf32_round(__ldg(from + 4 * p.P + n))));
-      }
-    }
+    cp_async_wait<0>();
     __syncthreads();
     switch (tab.chunk(ch, 4)) {  // warp-uniform: the chunk's input class
 #define GJ_CHUNK(C) \
@@ -291,7 +301,7 @@ ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (geom.size() != 18) return bad("`geom` must have 18 entries (has " + std::to_string(geom.size()) + ")");
   ParityParams p{};
   int* f[] = {&p.nz, &p.ny, &p.nx, &p.h, &p.dz, &p.dy, &p.dx, &p.wrap_z, &p.wrap_y, &p.cin, &p.cout,
-              &p.chunks, &p.dots, &p.n_out, &p.P, &p.xp, &p.w_stage};
+              &p.chunks, &p.dots, &p.n_out, &p.w_total, &p.xp, &p.w_stage};
   for (int i = 0; i < 17; ++i) {
     if (geom[i] < 0 || geom[i] > (1 << 30)) return bad("`geom`[" + std::to_string(i) + "] out of range");
     *f[i] = (int)geom[i];
@@ -299,13 +309,14 @@ ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t tab_size = geom[17];
   if (p.nz < 1 || p.ny < 1 || p.nx < 1 || p.chunks < 1 || p.dots < 1 || p.n_out < 1 || p.n_out > kSlots)
     return bad("empty sizes, or more than 8 output classes");
-  if (p.h < p.dx || p.xp < kTile + 2 * p.h || p.xp % 16 != 4) return bad("the x halo or the stage pitch XP");
+  if (p.h < p.dx || kTile + 2 * p.h > kMaxXw || p.xp < kTile + 2 * p.h || p.xp % 16 != 4)
+    return bad("the x halo (at most 16) or the stage pitch XP");
   if (p.nz * (int64_t)p.ny > (1LL << 31) - 1) return bad("nz * ny must fit a grid's x");
   const int64_t in_size = (int64_t)p.cin * p.nz * p.ny * (p.nx + 2 * p.h);
   if (in_size == 0 || x.element_count() % in_size) return bad("x's size is not a batch of (cin, nz, ny, nx + 2h)");
   const int64_t batch = x.element_count() / in_size;
   if (batch < 1 || batch > 65535) return bad("the batch must be 1 to 65535");
-  if (w.element_count() != batch * p.dots * kChunk * p.P) return bad("w's size is not a batch of (dots, 16, P)");
+  if (w.element_count() != batch * p.w_total || p.w_total % 4) return bad("w's size is not a batch of w_total (a multiple of 4)");
   if (tab.element_count() != batch * tab_size && tab.element_count() != tab_size) return bad("tab's size");
   if (tab_size != (kChunkFields + kCombos) * (int64_t)p.chunks + 2 * (int64_t)p.dots + kOutFields * kSlots)
     return bad("tab_size");

@@ -3,6 +3,8 @@ says why and how): the plan's tables and the FFI call. kernels/triton/parity_con
 place of its Triton forward (and input gradient) where `covers` allows and GINJAX_PARITY_CUDA asks.
 
     y = parity_forward(plan, spatial, x, wk, h)     # x (cin, nz, ny, nx + 2h), wk (dots, 16, P)
+
+The weights reach the kernel in its shared-memory layout, rounded to tf32 (`stage_weights`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ CHUNK = 16  # packed rows a chunk (the plan's CHUNK)
 SLOTS = 8  # output classes a CTA accumulates (2^3)
 CAP = 4  # n-tiles of 8 columns an output class may take (the kernel compiled with CAP = 4)
 COMBOS = 27
-CHUNK_FIELDS = 5  # per chunk in the table: row start, rows, first dot, dots, input class
+# per chunk in the table: row start, rows, first dot, dots, input class, and its weight tiles' first
+# float and floats in the staged weights (`stage_weights`: the chunk's stage as one run)
+CHUNK_FIELDS = 7
 OUT_FIELDS = 3  # per output slot (class bits): row start, rows, n-tiles
 NTILE_FLOATS = 8 * 8 * 2  # a weight tile's n-tile in the kernel's stage: 8 row pairs x 8 columns x 2
 MAX_SMEM_BYTES = 227 * 1024  # a CTA's dynamic shared memory on sm_90
+MAX_HALO = 16  # x cells a side a staged row carries (parity_conv.cu's kMaxXw = TILE + 2 MAX_HALO)
 
 
 def requested() -> bool:
@@ -52,6 +57,8 @@ def covers(plan, spatial, precision: str) -> Optional[str]:
         return f"an output class of {widest} rows (at most {8 * CAP})"
     if max(w for _, _, w in plan.chunks) > CHUNK:
         return "a chunk of more than 16 rows"
+    if plan.r * plan.dilation[-1] > MAX_HALO:
+        return f"an x halo of {plan.r * plan.dilation[-1]} (at most {MAX_HALO}: rhs_dilation along x up to 16)"
     smem = smem_bytes(plan)
     if smem > MAX_SMEM_BYTES:
         return f"{smem} bytes of shared memory a CTA (at most {MAX_SMEM_BYTES})"
@@ -91,8 +98,10 @@ def _table(plan) -> tuple[np.ndarray, int]:
         stage[ch] = off + NTILE_FLOATS * int(outs[slot, 2])
         count[ch] = count.get(ch, 0) + 1
         dot_of[ch, int(np.ravel_multi_index(combo, (3, 3, 3)))] = d
+    w_at = 0  # the chunk's first float in the staged weights: the chunks' stages one after another
     for ch, (cls, start, rows) in enumerate(plan.chunks):
-        chunk_rows[ch] = (start, rows, first.get(ch, 0), count.get(ch, 0), cls)
+        chunk_rows[ch] = (start, rows, first.get(ch, 0), count.get(ch, 0), cls, w_at, stage.get(ch, 0))
+        w_at += stage.get(ch, 0)
     tab = np.concatenate([chunk_rows.ravel(), dot_of.ravel(), dots.ravel(), outs.ravel()])
     return tab, max(stage.values(), default=0)
 
@@ -102,13 +111,60 @@ def table(plan) -> np.ndarray:
     return _table(plan)[0]
 
 
-def geometry(plan, spatial: tuple[int, ...], P: int, h: int) -> list[int]:
+def staged_floats(plan) -> int:
+    """Floats of `stage_weights`' result: every dot's tile."""
+    return int(sum(_table(plan)[0][CHUNK_FIELDS * c + 6] for c in range(len(plan.chunks))))
+
+
+def geometry(plan, spatial: tuple[int, ...], h: int) -> list[int]:
     """The kernel's `geom` attribute (parity_conv.cu's header lists the entries)."""
     tab, w_stage = _table(plan)
     nz, ny, nx = spatial
     dz, dy, dx = plan.dilation
     return [nz, ny, nx, h, dz, dy, dx, int(plan.wraps[0]), int(plan.wraps[1]), plan.cin, plan.cout,
-            len(plan.chunks), len(plan.dots), len(plan.out_classes), P, _xp(h), w_stage, tab.size]
+            len(plan.chunks), len(plan.dots), len(plan.out_classes), staged_floats(plan), _xp(h), w_stage,
+            tab.size]
+
+
+def tf32_round(a: jax.Array) -> jax.Array:
+    """float32 to the nearest tf32 (10 mantissa bits), ties away from zero, inf and NaN kept: what
+    cvt.rna.tf32.f32 gives, as float32."""
+    u = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+    finite = (u & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    r = jnp.where(finite, (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000), u)
+    return jax.lax.bitcast_convert_type(r.astype(jnp.uint32), jnp.float32)
+
+
+def stage_weights(plan, wk: jax.Array, tf32: bool = True) -> jax.Array:
+    """wk (..., dots, 16, P) (`parity_conv.dot_weights`) -> (..., staged_floats) in the kernel's
+    shared-memory layout, rounded to tf32: per dot, in dot order, its output class's n-tiles, each
+    [row pair 4 s + t][column g][rows k = 8 s + t, 8 s + t + 4] (k = 8 s + 4 j + t); a chunk's tiles
+    are then one run the kernel copies with 16-byte cp.async. tf32=False: not rounded (the lane
+    emulation's exact arithmetic)."""
+    lead = wk.shape[:-3]
+    width = {b: 8 * -(-w // 8) for b, (_, _, w) in enumerate(plan.out_classes)}
+    tiles = []
+    for d, (_, _, b) in enumerate(plan.dots):
+        n = width[b]
+        tile = wk[..., d, :, :n].reshape(lead + (2, 2, 4, n // 8, 8))  # (s, j, t, n-tile, g)
+        tile = jnp.moveaxis(tile, (-2, -5, -3, -1, -4), (-5, -4, -3, -2, -1))  # (n-tile, s, t, g, j)
+        tiles.append(tile.reshape(lead + (n // 8 * NTILE_FLOATS,)))
+    staged = jnp.concatenate(tiles, axis=-1)
+    return tf32_round(staged) if tf32 else staged
+
+
+def kernel_operands(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, h: int, tf32: bool = True):
+    """(x, staged weights, tab, geom): what the FFI call takes, from the packed input with its halo
+    and the dots' weight tiles (as `parity_forward`; the CPU tests run the kernel's host build and
+    emulation on the same)."""
+    nz, ny, nx = spatial
+    if x.shape[-4:] != (plan.cin, nz, ny, nx + 2 * h):
+        raise ValueError(f"`x` (shape {x.shape}) must be (cin={plan.cin}, {nz}, {ny}, {nx + 2 * h})")
+    cols = max(8 * -(-w // 8) for _, _, w in plan.out_classes)
+    if wk.shape[-3:-1] != (len(plan.dots), CHUNK) or wk.shape[-1] < cols:
+        raise ValueError(f"`wk` (shape {wk.shape}) must be ({len(plan.dots)}, {CHUNK}, P >= {cols})")
+    return (x.astype(jnp.float32), stage_weights(plan, wk.astype(jnp.float32), tf32), table(plan),
+            geometry(plan, spatial, h))
 
 
 def _xp(h: int) -> int:
@@ -122,12 +178,7 @@ def parity_forward(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, 
     `parity_conv.with_halo`) and wk (dots, 16, P) (`parity_conv.dot_weights`); vmappable (one
     launch for the batch)."""
     nz, ny, nx = spatial
-    P = int(wk.shape[-1])
-    if x.shape[-4:] != (plan.cin, nz, ny, nx + 2 * h):
-        raise ValueError(f"`x` (shape {x.shape}) must be (cin={plan.cin}, {nz}, {ny}, {nx + 2 * h})")
-    if wk.shape[-3:] != (len(plan.dots), CHUNK, P):
-        raise ValueError(f"`wk` (shape {wk.shape}) must be ({len(plan.dots)}, {CHUNK}, P)")
-    tab, geom = table(plan), geometry(plan, spatial, P, h)
+    x, w, tab, geom = kernel_operands(plan, spatial, x, wk, h)
     out = jax.ShapeDtypeStruct((plan.cout, nz, ny, nx), jnp.float32)
     call = jax.ffi.ffi_call(PARITY_FORWARD, out, vmap_method="broadcast_all")
-    return call(x.astype(jnp.float32), wk.astype(jnp.float32), jnp.asarray(tab), geom=np.asarray(geom, np.int64))
+    return call(x, w, jnp.asarray(tab), geom=np.asarray(geom, np.int64))
