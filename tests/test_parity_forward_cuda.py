@@ -114,6 +114,9 @@ def test_coverage_names_what_it_cannot_run():
     assert "40 rows" in cuda_parity.covers(wide, (16,) * 3, "tf32")
     flat = parity_conv.packed_layer(make_layer(2, 3, [("s", 4), ("v", 4)], [("s", 4), ("v", 4)])).plan
     assert "D=2" in cuda_parity.covers(flat, (16,) * 2, "tf32")
+    far = parity_conv.packed_layer(make_layer(3, 3, [("s", 4), ("v", 4)], [("s", 4), ("v", 4)],
+                                              rhs_dilation=(1, 1, 17))).plan
+    assert "x halo of 17" in cuda_parity.covers(far, (4, 4, 40), "tf32")
 
 
 def test_off_by_default_and_not_run_without_the_library(monkeypatch):
