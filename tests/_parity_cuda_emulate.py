@@ -38,7 +38,8 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
         int(v) for v in geom)
     B = x.shape[0]
     T = _Tab(np.asarray(tab).reshape(-1)[: int(geom[17])], chunks, dots)  # a broadcast batch's first
-    nxh, xw = nx + 2 * h, TILE + 2 * h
+    row = -(-(nx + 2 * h) // 4) * 4  # a packed row, padded to 16-byte copies
+    copies = -(-(TILE + 2 * h) // 4)  # 16-byte copies a staged row
     y = np.full((B, cout, nz, ny, nx), np.nan)
     lane = np.arange(32)
     g, t = lane >> 2, lane & 3
@@ -61,22 +62,22 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
                             y2 %= ny
                         else:
                             ok = ok and 0 <= y2 < ny
-                        src.append((zz * ny + y2) * nxh if ok else -1)
+                        src.append((zz * ny + y2) * row if ok else -1)
                 for x0 in range(0, nx, TILE):
                     acc = np.zeros((SLOTS, CAP, WARPS, 32, 4))
                     for ch in range(chunks):
                         r0, rows, d0, nd, cls, w_at, w_len = (T.chunk(ch, f) for f in range(CHUNK_FIELDS))
                         ksteps = 2 if rows > 8 else 1  # k-step 1 of a chunk of <= 8 rows: neither staged nor run
                         xs = np.full(CHUNK * 9 * xp, np.nan)  # unwritten stage cells stay NaN
-                        plane = nz * ny * nxh
-                        for k in range(8 * ksteps):  # row k = 8 s + 4 j + t at [4 s + t][r][xi][j]
-                            q, j = 4 * (k // 8) + k % 4, (k % 8) // 4
+                        plane = nz * ny * row
+                        for k in range(8 * ksteps):  # row k at [k][r][xi], a 16-byte copy at a time
                             for r in range(9):
-                                for xi in range(xw):
-                                    v = 0.0
-                                    if k < rows and src[r] >= 0 and x0 + xi < nxh:
-                                        v = xf[batch, (r0 + k) * plane + src[r] + x0 + xi]
-                                    xs[2 * ((q * 9 + r) * xp + xi) + j] = v
+                                for c in range(copies):
+                                    for xi in range(4 * c, 4 * c + 4):
+                                        v = 0.0
+                                        if k < rows and src[r] >= 0 and x0 + 4 * c < row:
+                                            v = xf[batch, (r0 + k) * plane + src[r] + x0 + xi]
+                                        xs[(k * 9 + r) * xp + xi] = v
                         ws = np.full(w_stage, np.nan)
                         ws[:w_len] = w[batch, w_at:w_at + w_len]  # the chunk's tiles: one run
                         # the chunk's dot per combination as the kernel stages it: its offset, or -1
@@ -100,14 +101,14 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
 def _group(acc, xs, ws, staged, cls, ntiles, xp, h, dx, px, s, g, t, GZ, GY, GX):
     NZ, NY, NX = (2 if a else 1 for a in (GZ, GY, GX))
     v = np.zeros((4, NZ, NY, NX) + px.shape)
-    for e in range(4):  # e: pixel g + 8 (e & 1), row 8 s + t + 4 (e >> 1): half e >> 1 of a pair
-        base = 2 * ((4 * s + t) * 9 * xp + px + 8 * (e & 1) + h) + (e >> 1)  # (4, 32)
+    for e in range(4):  # e: pixel g + 8 (e & 1), row 8 s + t + 4 (e >> 1)
+        base = (8 * s + t + 4 * (e >> 1)) * 9 * xp + px + 8 * (e & 1) + h  # (4, 32)
         for iz in range(NZ):
             for iy in range(NY):
                 for ix in range(NX):
                     zr, yr = (2 * iz if GZ else 1), (2 * iy if GY else 1)
                     xo = (2 * ix - 1) * dx if GX else 0
-                    v[e, iz, iy, ix] = xs[base + 2 * ((3 * zr + yr) * xp + xo)]
+                    v[e, iz, iy, ix] = xs[base + (3 * zr + yr) * xp + xo]
     for axis, on in ((3, GX), (2, GY), (1, GZ)):
         if on:
             m, p = np.take(v, 0, axis=axis).copy(), np.take(v, 1, axis=axis).copy()

@@ -5,7 +5,7 @@
 // order they complete in does not matter there either).
 //
 // stdin: batch and the 18 `geom` entries as text on one line, then raw float32 x (B, cin, nz, ny,
-// nx + 2h), w (B, w_total) (parity_forward.stage_weights) and raw int32 tab (tab_size). stdout: raw
+// nx + 2h padded to a multiple of 4), w (B, w_total) (parity_forward.stage_weights) and raw int32 tab (tab_size). stdout: raw
 // float32 y (B, cout, nz, ny, nx), NaN where the kernel wrote nothing.
 #include "cuda_host.h"
 
@@ -14,7 +14,10 @@ using std::max;  // CUDA's integer min and max
 using std::min;
 
 inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { host_mma_tf32(d, a, b0, b1); }
-inline void cp_async4_zfill(float* dst, const float* src, bool valid) { *dst = valid ? *src : 0.f; }
+inline void cp_async16_zfill(float* dst, const float* src, int bytes) {
+  std::memset(dst, 0, 16);
+  std::memcpy(dst, src, bytes);
+}
 inline void cp_async16(float* dst, const float* src) { std::memcpy(dst, src, 16); }
 inline void cp_async_commit() {}
 template <int N>
@@ -34,7 +37,7 @@ int main() {
   int* f[] = {&p.nz, &p.ny, &p.nx, &p.h, &p.dz, &p.dy, &p.dx, &p.wrap_z, &p.wrap_y, &p.cin, &p.cout,
               &p.chunks, &p.dots, &p.n_out, &p.w_total, &p.xp, &p.w_stage};
   for (int i = 0; i < 17; ++i) *f[i] = (int)g[i];
-  const size_t nx_ = (size_t)B * p.cin * p.nz * p.ny * (p.nx + 2 * p.h), nw = (size_t)B * p.w_total;
+  const size_t nx_ = (size_t)B * p.cin * p.nz * p.ny * ((p.nx + 2 * p.h + 3) & ~3), nw = (size_t)B * p.w_total;
   const size_t nt = (size_t)g[17], ny_ = (size_t)B * p.cout * p.nz * p.ny * p.nx;
   std::vector<float> x(nx_), w(nw), y(ny_, NAN);
   std::vector<int> tab(nt);

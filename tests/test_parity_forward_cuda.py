@@ -229,7 +229,8 @@ def _ffi_calls(jaxpr, target):
 def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
     """With the switch on and the library taken as available, the layer's forward and input
     gradient trace to the kernel's FFI call (what the GPU run will lower), vmapped: one call each
-    for the batch of 3, on the packed rows with their x halo, the staged weight tiles and the table."""
+    for the batch of 3, on the packed rows with their x halo (padded to 16-byte rows), the staged weight tiles
+    and the table."""
     from kernels import cuda
 
     monkeypatch.setenv(cuda_parity.PARITY_CUDA_ENV, "on")
@@ -248,7 +249,7 @@ def test_the_layer_traces_to_the_ffi_call_under_vmap_and_grad(monkeypatch):
     assert len(calls) == 2  # the forward and the input gradient
     for call, (rows_in, rows_out) in zip(calls, ((plan.cin, plan.cout), (plan.cout, plan.cin))):
         x, w, tab = (v.aval for v in call.invars)
-        assert x.shape == (3, rows_in) + spatial[:2] + (spatial[2] + 2 * h,)
+        assert x.shape == (3, rows_in) + spatial[:2] + (cuda_parity.row_floats(spatial[2], h),)
         geom = dict(call.params["attributes"])["geom"]
         geom = np.asarray(getattr(geom, "val", geom))  # a HashableArray on jax 0.11
         assert w.shape == (3, int(geom[14])) and tab.shape[-1] == int(geom[17])

@@ -78,10 +78,10 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
 }
 
-// 4 bytes from src, or 4 zero bytes where !valid (source size 0: nothing is read from src)
-__device__ __forceinline__ void cp_async4_zfill(float* dst, const float* src, bool valid) {
+// 16 bytes, of which the first `bytes` (0, 4, .., 16) from src and the rest zeros (src 16-byte aligned)
+__device__ __forceinline__ void cp_async16_zfill(float* dst, const float* src, int bytes) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(src), "r"(valid ? 4 : 0) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ void cp_async16(float* dst, const float* src) {

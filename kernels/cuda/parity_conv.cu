@@ -16,9 +16,9 @@
 // the CTA stages in shared memory
 //   - the chunk's rows at the 3 x 3 (z, y) neighbour rows (dilated, wrapped or zero per axis), x
 //     from the tile's first pixel to its last plus the x halo (the packed operand carries h cells
-//     a side, wrapped or zero: parity_conv.with_halo), rows 8 s + t and 8 s + t + 4 side by side
-//     (a lane's A elements e and e + 2: one 8-byte read): xs[4 s + t][zr][yr][XP][2] with XP = 4
-//     mod 16, so that a half warp's reads (pixel g, row t) cover the 32 banks once;
+//     a side, wrapped or zero: parity_conv.with_halo, and its rows padded to a multiple of 4 floats,
+//     so a staged row is 16-byte copies): xs[row][zr][yr][XP] with XP = 8 mod 32, so that a warp's
+//     A reads (pixel g, row t: 9 XP t + g) cover the 32 banks once;
 //   - the chunk's dots' weight tiles (rounded to tf32 by the caller), each as [n-tile][4 s + t][column g][2] with
 //     rows t and t + 4 side by side: a lane's B fragment (b0, b1) of an n-tile is one 8-byte read,
 //     a half warp's reads are 128 consecutive bytes, and the lane's address is the tile's offset
@@ -41,9 +41,9 @@
 // nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, out classes, w_total, XP, the
 // largest chunk's weight-stage floats, tab_size.
 //
-// Staging is cp.async (no registers held, every copy of a chunk in flight at once; the zero padding
-// by zero-fill): the accumulators take half the registers, so loads through registers would come
-// back a few at a time, a round trip to L2 each.
+// Staging is cp.async, 16 bytes a copy (no registers held, every copy of a chunk in flight at once;
+// the zero padding by zero-fill): the accumulators take half the registers, so loads through
+// registers would come back a few at a time, a round trip to L2 each.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -128,8 +128,8 @@ __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const f
   // v[e][n]: element e's value at the taps' sign pattern n (per paired axis 0: minus, 1: plus),
   // then at the combination n (0: s, 1: d)
   float v[4][N];
-  // rows t and t + 4 of k-step s side by side (elements e and e + 2): one 8-byte read a pixel
-  const float2* rows = reinterpret_cast<const float2*>(xs) + (4 * s + t) * 9 * xp + px + h;
+  // element e: row 8 s + t + 4 (e >> 1), pixel px + 8 (e & 1)
+  const float* rows = xs + (8 * s + t) * 9 * xp + px + h;
   const int lane_w = 8 * (4 * s + t) + g;  // the lane's B pair in a weight tile's n-tile (float2s)
 #pragma unroll
   for (int n = 0; n < N; ++n) {
@@ -137,8 +137,8 @@ __device__ __forceinline__ void group_dots(float (&acc)[kSlots][CAP][4], const f
     const int zr = GZ ? 2 * iz : 1, yr = GY ? 2 * iy : 1, xo = GX ? (2 * ix - 1) * dx : 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // pixels g, g + 8
-      const float2 pair = rows[(3 * zr + yr) * xp + xo + 8 * half];
-      v[half][n] = pair.x, v[2 + half][n] = pair.y;
+      const float* at = rows + (3 * zr + yr) * xp + xo + 8 * half;
+      v[half][n] = at[0], v[2 + half][n] = at[4 * 9 * xp];
     }
   }
 #pragma unroll
@@ -191,8 +191,10 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
   float* ws = smem + kChunk * 9 * p.xp;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int z = blockIdx.x / p.ny, yy = blockIdx.x % p.ny, x0 = blockIdx.y * kTile, batch = blockIdx.z;
-  const int nxh = p.nx + 2 * p.h, xw = kTile + 2 * p.h;
-  const size_t plane = (size_t)p.nz * p.ny * nxh;
+  // a packed row: nx + 2 h floats padded to a multiple of 4 (`row`); a staged one: xw of them, in
+  // 16-byte copies
+  const int row = (p.nx + 2 * p.h + 3) & ~3, xw = kTile + 2 * p.h, copies = (xw + 3) / 4;
+  const size_t plane = (size_t)p.nz * p.ny * row;
   const float* xb = p.x + (size_t)batch * p.cin * plane;
   const float* wb = p.w + (size_t)batch * p.w_total;
   const Tab tab{p.tab, p.chunks, p.dots};
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
     bool ok = true;
     if (p.wrap_z) zz = ((zz % p.nz) + p.nz) % p.nz; else ok = ok && zz >= 0 && zz < p.nz;
     if (p.wrap_y) y2 = ((y2 % p.ny) + p.ny) % p.ny; else ok = ok && y2 >= 0 && y2 < p.ny;
-    src[tid] = ok ? (zz * p.ny + y2) * nxh : -1;
+    src[tid] = ok ? (zz * p.ny + y2) * row : -1;
   }
   // bit CAP b + nt: output class b has n-tile nt (one register for the 8 classes' widths)
   static_assert(kSlots * CAP <= 32, "the n-tile mask is one 32-bit word");
@@ -225,25 +227,15 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
     const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1);
     const int ksteps = rows > 8 ? 2 : 1;  // a chunk of at most 8 rows: k-step 1 would multiply zeros
     __syncthreads();  // the previous chunk's reads are done
-    // a warp a staged row pair (k-step s, row t: rows 8 s + t and 8 s + t + 4) at neighbour row r,
-    // its lanes along x: no index division
-    for (int qr = warp; qr < 4 * ksteps * 9; qr += 4) {
-      const int q = qr / 9, r = qr - 9 * q, k0 = 8 * (q >> 2) + (q & 3), at = src[r];
-      const bool live0 = k0 < rows && at >= 0, live1 = k0 + 4 < rows && at >= 0;
-      // a zero-filled copy reads nothing, but its source is kept in bounds all the same: the row,
-      // the neighbour row and x clamped to ones that exist
-      const float* from0 = xb + (size_t)(r0 + min(k0, rows - 1)) * plane + max(at, 0) + x0;
-      const float* from1 = xb + (size_t)(r0 + min(k0 + 4, rows - 1)) * plane + max(at, 0) + x0;
-      const int xlast = nxh - 1 - x0;  // the row's last x from this tile's first (a partial tile ends early)
-      float* to = xs + 2 * qr * p.xp;
-#pragma unroll
-      for (int i = 0; i < kMaxXw / 32; ++i) {
-        const int xi = lane + 32 * i, xc = min(xi, xlast);
-        if (xi < xw) {
-          cp_async4_zfill(to + 2 * xi, from0 + xc, live0 && xi <= xlast);
-          cp_async4_zfill(to + 2 * xi + 1, from1 + xc, live1 && xi <= xlast);
-        }
-      }
+    // a warp a staged row (row k at neighbour row r), a lane a 16-byte copy along x
+    for (int kr = warp; kr < 8 * ksteps * 9; kr += 4) {
+      const int k = kr / 9, r = kr - 9 * k, at = src[r];
+      // floats of the packed row left from this copy's first (a partial tile's row ends early; a
+      // row past the chunk's or a zero-padded neighbour row has none); a zero-filled copy reads
+      // nothing, but its source is kept in bounds all the same
+      const int left = k < rows && at >= 0 ? row - x0 - 4 * lane : 0;
+      const float* from = xb + (size_t)(r0 + min(k, rows - 1)) * plane + max(at, 0) + x0 + (left > 0 ? 4 * lane : 0);
+      if (lane < copies) cp_async16_zfill(xs + kr * p.xp + 4 * lane, from, 4 * min(max(left, 0), 4));
     }
     {  // the chunk's weight tiles: one run of whole n-tiles (multiples of 4 floats, 16-byte aligned)
       const float* from = wb + tab.chunk(ch, 5);
@@ -309,11 +301,11 @@ ffi::Error ParityForward(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t tab_size = geom[17];
   if (p.nz < 1 || p.ny < 1 || p.nx < 1 || p.chunks < 1 || p.dots < 1 || p.n_out < 1 || p.n_out > kSlots)
     return bad("empty sizes, or more than 8 output classes");
-  if (p.h < p.dx || kTile + 2 * p.h > kMaxXw || p.xp < kTile + 2 * p.h || p.xp % 16 != 4)
+  if (p.h < p.dx || kTile + 2 * p.h > kMaxXw || p.xp < ((kTile + 2 * p.h + 3) & ~3) || p.xp % 32 != 8)
     return bad("the x halo (at most 16) or the stage pitch XP");
   if (p.nz * (int64_t)p.ny > (1LL << 31) - 1) return bad("nz * ny must fit a grid's x");
-  const int64_t in_size = (int64_t)p.cin * p.nz * p.ny * (p.nx + 2 * p.h);
-  if (in_size == 0 || x.element_count() % in_size) return bad("x's size is not a batch of (cin, nz, ny, nx + 2h)");
+  const int64_t in_size = (int64_t)p.cin * p.nz * p.ny * ((p.nx + 2 * p.h + 3) & ~3);
+  if (in_size == 0 || x.element_count() % in_size) return bad("x's size is not a batch of (cin, nz, ny, nx + 2h padded to 4)");
   const int64_t batch = x.element_count() / in_size;
   if (batch < 1 || batch > 65535) return bad("the batch must be 1 to 65535");
   if (w.element_count() != batch * p.w_total || p.w_total % 4) return bad("w's size is not a batch of w_total (a multiple of 4)");

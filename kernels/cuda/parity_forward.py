@@ -155,22 +155,31 @@ def stage_weights(plan, wk: jax.Array, tf32: bool = True) -> jax.Array:
 
 def kernel_operands(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, h: int, tf32: bool = True):
     """(x, staged weights, tab, geom): what the FFI call takes, from the packed input with its halo
-    and the dots' weight tiles (as `parity_forward`; the CPU tests run the kernel's host build and
-    emulation on the same)."""
+    (its rows then padded to `row_floats`) and the dots' weight tiles (as `parity_forward`; the CPU
+    tests run the kernel's host build and emulation on the same)."""
     nz, ny, nx = spatial
     if x.shape[-4:] != (plan.cin, nz, ny, nx + 2 * h):
         raise ValueError(f"`x` (shape {x.shape}) must be (cin={plan.cin}, {nz}, {ny}, {nx + 2 * h})")
     cols = max(8 * -(-w // 8) for _, _, w in plan.out_classes)
     if wk.shape[-3:-1] != (len(plan.dots), CHUNK) or wk.shape[-1] < cols:
         raise ValueError(f"`wk` (shape {wk.shape}) must be ({len(plan.dots)}, {CHUNK}, P >= {cols})")
-    return (x.astype(jnp.float32), stage_weights(plan, wk.astype(jnp.float32), tf32), table(plan),
-            geometry(plan, spatial, h))
+    x = x.astype(jnp.float32)
+    pad = row_floats(nx, h) - (nx + 2 * h)
+    if pad:  # XLA folds it into with_halo's pad
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x, stage_weights(plan, wk.astype(jnp.float32), tf32), table(plan), geometry(plan, spatial, h)
 
 
 def _xp(h: int) -> int:
-    """The input stage's row pitch in row pairs: >= TILE + 2h and 4 mod 16 (so 9 XP = 4 mod 16)."""
-    need = TILE + 2 * h
-    return need + (4 - need) % 16
+    """The input stage's row pitch: TILE + 2h floats in 16-byte copies, and 8 mod 32, so that a
+    warp's A reads (row t: 9 XP t, pixel g) fall in 32 distinct banks."""
+    need = -(-(TILE + 2 * h) // 4) * 4
+    return need + (8 - need) % 32
+
+
+def row_floats(nx: int, h: int) -> int:
+    """A packed row in the kernel's operand: nx + 2h floats padded to a multiple of 4 (16-byte copies)."""
+    return -(-(nx + 2 * h) // 4) * 4
 
 
 def parity_forward(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array, h: int) -> jax.Array:
