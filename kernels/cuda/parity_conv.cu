@@ -227,15 +227,18 @@ __global__ void __launch_bounds__(128, 2) parity_forward(ParityParams p) {
     const int r0 = tab.chunk(ch, 0), rows = tab.chunk(ch, 1);
     const int ksteps = rows > 8 ? 2 : 1;  // a chunk of at most 8 rows: k-step 1 would multiply zeros
     __syncthreads();  // the previous chunk's reads are done
-    // a warp a staged row (row k at neighbour row r), a lane a 16-byte copy along x
-    for (int kr = warp; kr < 8 * ksteps * 9; kr += 4) {
-      const int k = kr / 9, r = kr - 9 * k, at = src[r];
-      // floats of the packed row left from this copy's first (a partial tile's row ends early; a
-      // row past the chunk's or a zero-padded neighbour row has none); a zero-filled copy reads
-      // nothing, but its source is kept in bounds all the same
-      const int left = k < rows && at >= 0 ? row - x0 - 4 * lane : 0;
-      const float* from = xb + (size_t)(r0 + min(k, rows - 1)) * plane + max(at, 0) + x0 + (left > 0 ? 4 * lane : 0);
-      if (lane < copies) cp_async16_zfill(xs + kr * p.xp + 4 * lane, from, 4 * min(max(left, 0), 4));
+    // a thread a (neighbour row r, 16-byte copy c) of every row k: the source and destination
+    // step by a plane and a staged row; a zero-filled copy (a row past the chunk's, a zero-padded
+    // neighbour row, x past a partial tile's row) reads nothing, but its source stays in bounds
+    for (int i = tid; i < 9 * copies; i += 128) {
+      const int r = i / copies, c = i - copies * r, at = src[r];
+      const int bytes = at >= 0 && x0 + 4 * c < row ? 16 : 0;
+      const float* from = xb + (size_t)r0 * plane + max(at, 0) + x0 + (bytes ? 4 * c : 0);
+      float* to = xs + r * p.xp + 4 * c;
+      for (int k = 0; k < 8 * ksteps; ++k, to += 9 * p.xp) {
+        cp_async16_zfill(to, from, k < rows ? bytes : 0);
+        if (k + 1 < rows) from += plane;
+      }
     }
     {  // the chunk's weight tiles: one run of whole n-tiles (multiples of 4 floats, 16-byte aligned)
       const float* from = wb + tab.chunk(ch, 5);
