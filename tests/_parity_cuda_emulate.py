@@ -32,8 +32,8 @@ class _Tab:
 
 
 def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
-    """y (B, cout, nz, ny, nx) from x (B, cin, nz, ny, nx + 2h), w (B, w_total) (the staged weights,
-    parity_forward.stage_weights), tab, geom."""
+    """y (B, cout, nz, ny, nx) from x (B, cin, nz, ny, row) (nx + 2h padded to a multiple of 4:
+    parity_forward.row_floats), w (B, w_total) (parity_forward.stage_weights), tab, geom."""
     nz, ny, nx, h, dz, dy, dx, wrap_z, wrap_y, cin, cout, chunks, dots, n_out, w_total, xp, w_stage, _ = (
         int(v) for v in geom)
     B = x.shape[0]
