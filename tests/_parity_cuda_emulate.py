@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.cuda.parity_forward import CAP, CHUNK, CHUNK_FIELDS, COMBOS, NTILE_FLOATS, OUT_FIELDS, SLOTS, TILE
+from kernels.cuda.parity_forward import (CAP, CHUNK, CHUNK_FIELDS, COMBOS, NTILE_FLOATS, OUT_FIELDS, SLOTS, TILE,
+                                         row_floats)
 
 WARPS = 4
 
@@ -38,7 +39,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
         int(v) for v in geom)
     B = x.shape[0]
     T = _Tab(np.asarray(tab).reshape(-1)[: int(geom[17])], chunks, dots)  # a broadcast batch's first
-    row = -(-(nx + 2 * h) // 4) * 4  # a packed row, padded to 16-byte copies
+    row = row_floats(nx, h)  # a packed row, padded to 16-byte copies
     copies = -(-(TILE + 2 * h) // 4)  # 16-byte copies a staged row
     y = np.full((B, cout, nz, ny, nx), np.nan)
     lane = np.arange(32)

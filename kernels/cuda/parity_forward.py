@@ -71,6 +71,11 @@ def smem_bytes(plan) -> int:
     return 4 * (CHUNK * 9 * _xp(plan.r * plan.dilation[-1]) + _table(plan)[1])
 
 
+def _ntiles(width: int) -> int:
+    """n-tiles of 8 columns an output class of `width` rows takes (the kernel's and the stage's)."""
+    return -(-width // 8)
+
+
 @functools.lru_cache(maxsize=64)
 def _table(plan) -> tuple[np.ndarray, int]:
     """The kernel's int32 table (parity_conv.cu's `Tab`) and the largest chunk's weight-stage floats.
@@ -84,7 +89,7 @@ def _table(plan) -> tuple[np.ndarray, int]:
     dots = np.zeros((n_dots, 2), np.int32)
     outs = np.zeros((SLOTS, OUT_FIELDS), np.int32)
     for cls, start, width in plan.out_classes:
-        outs[cls] = (start, width, -(-width // 8))
+        outs[cls] = (start, width, _ntiles(width))
     stage, first, count = {}, {}, {}  # per chunk: weight-stage floats, first dot, dots
     for d, (ch, combo, b) in enumerate(plan.dots):
         first.setdefault(ch, d)
@@ -142,7 +147,7 @@ def stage_weights(plan, wk: jax.Array, tf32: bool = True) -> jax.Array:
     are then one run the kernel copies with 16-byte cp.async. tf32=False: not rounded (the lane
     emulation's exact arithmetic)."""
     lead = wk.shape[:-3]
-    width = {b: 8 * -(-w // 8) for b, (_, _, w) in enumerate(plan.out_classes)}
+    width = {b: 8 * _ntiles(w) for b, (_, _, w) in enumerate(plan.out_classes)}
     tiles = []
     for d, (_, _, b) in enumerate(plan.dots):
         n = width[b]
@@ -160,7 +165,7 @@ def kernel_operands(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array,
     nz, ny, nx = spatial
     if x.shape[-4:] != (plan.cin, nz, ny, nx + 2 * h):
         raise ValueError(f"`x` (shape {x.shape}) must be (cin={plan.cin}, {nz}, {ny}, {nx + 2 * h})")
-    cols = max(8 * -(-w // 8) for _, _, w in plan.out_classes)
+    cols = max(8 * _ntiles(w) for _, _, w in plan.out_classes)
     if wk.shape[-3:-1] != (len(plan.dots), CHUNK) or wk.shape[-1] < cols:
         raise ValueError(f"`wk` (shape {wk.shape}) must be ({len(plan.dots)}, {CHUNK}, P >= {cols})")
     x = x.astype(jnp.float32)
