@@ -555,13 +555,26 @@ def test_the_vector_neuron_spike_refuses_a_block_size_below_one(flag, tmp_path, 
 
 def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
     """bench.parity_spike on a 4^3 grid through the interpreter: each forward tiling and weight-
-    gradient tiling is its own trace (jit would reuse one function's trace, switches and all: two
-    variants then gave bit-identical errors), the forward's error against `reference` and the
-    fwd_bwd's against `dense` within fp32's tolerance, every row with its temp bytes."""
+    gradient tiling is its own trace (jit would reuse one function's trace, switches and all: each
+    tiling named must reach the kernel builders), the forward's error against `reference` and the
+    fwd_bwd's against `dense` within fp32's tolerance, every row with its temp bytes. Errors alone
+    cannot tell the tilings apart: the weight gradient's concatenation groups independent dots, so
+    two concatenations may agree to the bit."""
     import json
 
     from bench import parity_spike
+    from kernels.triton import parity_conv
 
+    built = {"fwd": set(), "dw": set()}
+
+    def spy(kind, builder):
+        def wrapped(*args):
+            built[kind].add(args[-1])
+            return builder(*args)
+        return wrapped
+
+    monkeypatch.setattr(parity_conv, "_batched_forward", spy("fwd", parity_conv._batched_forward))
+    monkeypatch.setattr(parity_conv, "_batched_weight_grad", spy("dw", parity_conv._batched_weight_grad))
     monkeypatch.setattr(parity_spike, "TIMING", dict(max_time=0.0, min_rounds=1, max_rounds=1, warmup=0))
     parity_spike.main([str(tmp_path), "--spatial", "4", "--batch", "1", "--forward", "16,4,1,0", "16,4,8,1",
                        "--weight-grad", "16,4,8", "16,4,2"])
@@ -571,7 +584,10 @@ def test_the_parity_spike_measures_each_variant_it_names(tmp_path, monkeypatch):
     assert set(stages) == {"reference", "compile", "dense fwd", "dense fwd_bwd", *fwd, *bwd}
     assert set(stages["compile"]["compile_s"]) == {*fwd, *bwd}
     errors = [stages[name]["rel_l2"] for name in fwd + bwd]
-    assert max(errors) <= 1e-5 and errors[0] != errors[1] and errors[2] != errors[3], errors
+    assert max(errors) <= 1e-5, errors
+    tilings = {name: parity_conv.ParityBlocks(*map(int, name.split()[-1].split(","))) for name in fwd + bwd}
+    assert {tilings[name] for name in fwd} <= built["fwd"], built
+    assert {tilings[name] for name in bwd} == built["dw"], built
     assert all(stages[name]["temp_bytes"] is not None for name in stages if name not in ("reference", "compile"))
 
 
