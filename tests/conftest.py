@@ -102,7 +102,18 @@ SLOW: dict[str, dict[str, str]] = {
         "test_narrow_output_groups_match":
             "57 CPU s; `out_width` narrower than the default (measured slower at every width, session 49);"
             " the GPU test of other tilings (test_parity_conv_triton_gpu.py) compiles and checks it",
-        "test_concatenated_dots_match[2]": "36 CPU s; [8] (the same joined dots) and [1] (the default) run by default",
+        "test_concatenated_dots_match[2]": "36 CPU s; [8] (the same joined dots) runs by default",
+        "test_concatenated_dots_match[1]":
+            "27 CPU s; concat 1 is the forward's default tiling, which test_forward_and_gradients_match runs",
+        "test_forward_and_gradients_match[d2-m5]":
+            "27 CPU s; 2D runs by default in d2-all-orders-zero-pad (M = 3; M is the plan's filter size only)",
+        "test_forward_and_gradients_match[d2-dilated-torus]":
+            "21 CPU s; a torus runs by default in d3-s-v-t-torus, dilation in test_conformance.py's rows",
+        "test_forward_and_gradients_match[d2-torus-axis-same-pad]":
+            "20 CPU s; zero padding runs by default in d2-all-orders-zero-pad",
+        "test_vmap_is_one_launch_per_kernel_and_matches_per_example":
+            "44 CPU s; a vmapped forward through the backend runs by default in"
+            " test_triton_backend_runs_it_with_bias_and_residual (one launch), gradients unbatched",
     },
     "test_parity_forward_cuda.py": {
         "test_kernel_on_the_cpu_matches_reference[spatial0-True-1-host]":
@@ -135,6 +146,9 @@ SLOW: dict[str, dict[str, str]] = {
         "test_lowers_to_triton_for_cuda[tf32-factorised]": "[fp32-factorised] runs by default",
     },
     "test_conv_contract_bias.py": {
+        "test_layer_bias_is_ginjax_semantics[auto-True]":
+            "29 CPU s; 'auto' is 'scalar' on scalars and 'mean' on the rest: [scalar-True], [mean-True]"
+            " and [auto-False] run by default",
         "test_gradients_match_the_plain_bias[reference-{'is_torus': True}]": "the dense row runs by default",
         "test_bias_modes_fused_backends[pallas]": "[triton] and [native] run by default",
     },
@@ -165,6 +179,12 @@ SLOW: dict[str, dict[str, str]] = {
             " (tests/test_conv_contract_cuda_plan.py and the emulation tests)",
     },
     "test_dense_thin.py": {
+        "test_thin_forms_match_reference_with_gradients[last, torus]":
+            "17 CPU s; [last, valid], [last, zero padding] and [last, D = 2] run by default",
+        "test_thin_forms_match_reference_with_gradients[first, D = 2]":
+            "16 CPU s; [first, dilation 2] runs by default, D = 2 in [last, D = 2]",
+        "test_named_forms_on_wide_layers_match_reference_with_gradients[D = 3, dilation 2-stencil-first]":
+            "17 CPU s; the stencil form runs by default at D = 2, D = 3 in the contract and grouped forms",
         "test_the_thin_spike_times_each_way_and_restores_the_switch":
             "bench/thin_spike.py end to end (bench tooling); the thin forms and the switch are"
             " checked by test_thin_forms_match_reference_with_gradients and the tests around it",
@@ -172,6 +192,8 @@ SLOW: dict[str, dict[str, str]] = {
             "[first, dilation 2] and [first, D = 2] (the same first-layer form) run by default",
     },
     "test_vector_neuron_means.py": {
+        "test_models_take_the_means_from_the_vector_neurons[ResNet]":
+            "[DilResNet] (the same residual blocks, VectorNeuron and bias-mean hand-off) runs by default",
         "test_models_take_the_means_from_the_vector_neurons[UNet]":
             "[DilResNet] (the same VectorNeuron and bias-mean hand-off) runs by default",
     },
