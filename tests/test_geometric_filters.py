@@ -119,6 +119,26 @@ def test_group_action_composition(D):
 
 
 @pytest.mark.parametrize("D", [2, 3])
+def test_group_sum_is_the_sum_of_the_group_action(D):
+    """The filters' group average (`_group_sum`: one gather an operator, or one scatter on the
+    identity basis) against times_group_element summed over the group, on fresh random bases and
+    on the identity, for scalars, vectors and 2-tensors of both parities."""
+    from ginjax.geometric.common import _group_sum
+
+    rng = np.random.default_rng()
+    operators = geom.make_all_operators(D)
+    for k, parity in [(0, 1), (1, 0), (2, 1), (2, 0)]:
+        shape = (3,) * D + (D,) * k
+        size = int(np.prod(shape))
+        act = jax.jit(lambda x: sum(geom.times_group_element(D, x, parity, gg, (False,) * k, HIGHEST)
+                                    for gg in operators))
+        for basis in (rng.standard_normal((5,) + shape).astype(np.float32),
+                      np.eye(size, dtype=np.float32).reshape((size,) + shape)):
+            np.testing.assert_allclose(_group_sum(D, basis, parity, operators, k), act(jnp.asarray(basis)),
+                                       rtol=1e-5, atol=1e-4, err_msg=f"k={k} parity={parity}")
+
+
+@pytest.mark.parametrize("D", [2, 3])
 def test_group_action_matches_rotated_keys_gather(D):
     """The transpose/flip fast path agrees with gathering at get_rotated_keys."""
     rng = np.random.default_rng(1)

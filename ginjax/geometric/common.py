@@ -273,23 +273,53 @@ def _group_sum(
     many eager XLA compilations (one per operator) are avoided."""
     covariant_axes = (False,) * k
     total = np.zeros_like(basis)
+    flat = basis.reshape(len(basis), -1)
+    # the image basis is the identity: an operator's images of it are one signed entry a column
+    is_identity = flat.shape[0] == flat.shape[1] and np.array_equal(flat, np.eye(len(flat), dtype=flat.dtype))
     for gg in operators:
         gg = np.asarray(gg)
-        if _signed_permutation(gg) is None:  # general operators: use the jax implementation
+        perm = _signed_permutation(gg)
+        if perm is None:  # general operators: use the jax implementation
             total = total + np.asarray(
                 times_group_element(
                     D, jnp.asarray(basis), parity, gg, covariant_axes, jax.lax.Precision.HIGHEST
                 )
             )
             continue
-        sources, signs = _signed_permutation(gg)
-        moved = np.transpose(basis, [0] + [1 + s for s in sources] + list(range(1 + D, basis.ndim)))
-        flip_axes = tuple(1 + j for j, s in enumerate(signs) if s < 0)
-        moved = np.flip(moved, axis=flip_axes) if flip_axes else moved
-        for axis in range(1 + D, basis.ndim):
-            moved = np.moveaxis(np.tensordot(gg.astype(np.float32), moved, axes=([1], [axis])), 0, axis)
-        total = total + moved * np.float32(np.sign(np.linalg.det(gg)) ** parity)
+        # a signed permutation moves each entry of a filter to one place with a sign: found once
+        # on the entries' indices, then one gather of every basis element (the sums are the
+        # same: `total` starts at +0 and never holds a -0, so zeros' signs cannot differ)
+        index, sign = _signed_permutation_of_entries(D, basis.shape[1:], *perm)
+        scaled = sign * np.float32(np.sign(np.linalg.det(gg)) ** parity)
+        if is_identity:
+            np.add.at(total.reshape(flat.shape), (index, np.arange(len(index))), scaled)
+            continue
+        moved = flat[:, index]
+        moved *= scaled
+        total += moved.reshape(basis.shape)
     return total
+
+
+def _signed_permutation_of_entries(
+    D: int, shape: tuple[int, ...], sources: list[int], signs: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(index, sign) over a filter's flattened entries such that the operator (rows: entry
+    sources[i] times signs[i]) maps a filter f to sign * f.ravel()[index]: its pixel axes are
+    permuted and flipped, each tensor axis permuted with signs."""
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    sign = np.ones(shape, dtype=np.float32)
+    order = [s for s in sources] + list(range(D, len(shape)))
+    index, sign = np.transpose(index, order), np.transpose(sign, order)
+    flip_axes = tuple(j for j, s in enumerate(signs) if s < 0)
+    if flip_axes:
+        index, sign = np.flip(index, axis=flip_axes), np.flip(sign, axis=flip_axes)
+    sign_row = np.asarray(signs, dtype=np.float32)
+    for axis in range(D, len(shape)):
+        along = [1] * len(shape)
+        along[axis] = D
+        index = np.take(index, sources, axis=axis)
+        sign = np.take(sign, sources, axis=axis) * sign_row.reshape(along)
+    return index.ravel(), sign.ravel()
 
 
 def get_unique_irrep_filters(
