@@ -287,8 +287,8 @@ def _group_sum(
             )
             continue
         # a signed permutation moves each entry of a filter to one place with a sign: found once
-        # on the entries' indices, then one gather of every basis element (the sums are the
-        # same: `total` starts at +0 and never holds a -0, so zeros' signs cannot differ)
+        # on the entries' indices, then one gather of every basis element (exact: small integers,
+        # and `total` starts at +0, so neither the order of the sums nor zeros' signs matter)
         index, sign = _signed_permutation_of_entries(D, basis.shape[1:], *perm)
         scaled = sign * np.float32(np.sign(np.linalg.det(gg)) ** parity)
         if is_identity:
@@ -308,7 +308,7 @@ def _signed_permutation_of_entries(
     permuted and flipped, each tensor axis permuted with signs."""
     index = np.arange(int(np.prod(shape))).reshape(shape)
     sign = np.ones(shape, dtype=np.float32)
-    order = [s for s in sources] + list(range(D, len(shape)))
+    order = list(sources) + list(range(D, len(shape)))
     index, sign = np.transpose(index, order), np.transpose(sign, order)
     flip_axes = tuple(j for j, s in enumerate(signs) if s < 0)
     if flip_axes:
