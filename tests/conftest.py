@@ -106,9 +106,8 @@ SLOW: dict[str, dict[str, str]] = {
         "test_concatenated_dots_match[1]":
             "27 CPU s; concat 1 is the forward's default tiling, which test_forward_and_gradients_match runs",
         "test_forward_and_gradients_match[d2-m5]":
-            "27 CPU s; 2D runs by default in d2-all-orders-zero-pad (M = 3; M is the plan's filter size only)",
-        "test_forward_and_gradients_match[d2-dilated-torus]":
-            "21 CPU s; a torus runs by default in d3-s-v-t-torus, dilation in test_conformance.py's rows",
+            "27 CPU s; its halo of 2 is also d2-dilated-torus's (M = 3 at dilation 2), which runs by"
+            " default with d2-all-orders-zero-pad",
         "test_forward_and_gradients_match[d2-torus-axis-same-pad]":
             "20 CPU s; zero padding runs by default in d2-all-orders-zero-pad",
         "test_vmap_is_one_launch_per_kernel_and_matches_per_example":
@@ -189,7 +188,7 @@ SLOW: dict[str, dict[str, str]] = {
             "bench/thin_spike.py end to end (bench tooling); the thin forms and the switch are"
             " checked by test_thin_forms_match_reference_with_gradients and the tests around it",
         "test_thin_forms_match_reference_with_gradients[first, torus]":
-            "[first, dilation 2] and [first, D = 2] (the same first-layer form) run by default",
+            "[first, dilation 2] (the same first-layer form) runs by default",
     },
     "test_vector_neuron_means.py": {
         "test_models_take_the_means_from_the_vector_neurons[ResNet]":
