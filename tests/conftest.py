@@ -102,7 +102,10 @@ SLOW: dict[str, dict[str, str]] = {
         "test_narrow_output_groups_match":
             "57 CPU s; `out_width` narrower than the default (measured slower at every width, session 49);"
             " the GPU test of other tilings (test_parity_conv_triton_gpu.py) compiles and checks it",
-        "test_concatenated_dots_match[2]": "36 CPU s; [8] (the same joined dots) runs by default",
+        "test_concatenated_dots_match[2]":
+            "36 CPU s; the forward's joined dots are a tiling off its default (concat 1); the weight"
+            " gradient joins 8 by default in every gradient test, the GPU test compiles and checks the forward's",
+        "test_concatenated_dots_match[8]": "30-50 CPU s; as [2]",
         "test_concatenated_dots_match[1]":
             "27 CPU s; concat 1 is the forward's default tiling, which test_forward_and_gradients_match runs",
         "test_forward_and_gradients_match[d2-m5]":
@@ -178,12 +181,16 @@ SLOW: dict[str, dict[str, str]] = {
             " (tests/test_conv_contract_cuda_plan.py and the emulation tests)",
     },
     "test_dense_thin.py": {
+        "test_named_forms_on_wide_layers_match_reference_with_gradients[D = 2, torus-contract-first]":
+            "13 CPU s; the contract form runs by default at D = 3, D = 2 in the stencil form",
+        "test_named_forms_on_wide_layers_match_reference_with_gradients[D = 3, dilation 2-grouped-stencil-first]":
+            "15 CPU s; the grouped stencil runs by default at D = 2, D = 3 in the contract form",
         "test_thin_forms_match_reference_with_gradients[last, torus]":
             "17 CPU s; [last, valid], [last, zero padding] and [last, D = 2] run by default",
         "test_thin_forms_match_reference_with_gradients[first, D = 2]":
             "16 CPU s; [first, dilation 2] runs by default, D = 2 in [last, D = 2]",
         "test_named_forms_on_wide_layers_match_reference_with_gradients[D = 3, dilation 2-stencil-first]":
-            "17 CPU s; the stencil form runs by default at D = 2, D = 3 in the contract and grouped forms",
+            "17 CPU s; the stencil form runs by default at D = 2, D = 3 in the contract form",
         "test_the_thin_spike_times_each_way_and_restores_the_switch":
             "bench/thin_spike.py end to end (bench tooling); the thin forms and the switch are"
             " checked by test_thin_forms_match_reference_with_gradients and the tests around it",
