@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from ginjax.geometric.constants import TINY, FilterScaling, LeviCivitaSymbol
-from ginjax.geometric.functional_geometric_image import _signed_permutation, times_group_element
+from ginjax.geometric.functional_geometric_image import (
+    _permute_pixels,
+    _signed_permutation,
+    times_group_element,
+)
 from ginjax.geometric.geometric_image import GeometricFilter
 from ginjax.geometric.multi_image import MultiImage
 
@@ -306,13 +310,8 @@ def _signed_permutation_of_entries(
     """(index, sign) over a filter's flattened entries such that the operator (rows: entry
     sources[i] times signs[i]) maps a filter f to sign * f.ravel()[index]: its pixel axes are
     permuted and flipped, each tensor axis permuted with signs."""
-    index = np.arange(int(np.prod(shape))).reshape(shape)
-    sign = np.ones(shape, dtype=np.float32)
-    order = list(sources) + list(range(D, len(shape)))
-    index, sign = np.transpose(index, order), np.transpose(sign, order)
-    flip_axes = tuple(j for j, s in enumerate(signs) if s < 0)
-    if flip_axes:
-        index, sign = np.flip(index, axis=flip_axes), np.flip(sign, axis=flip_axes)
+    index = _permute_pixels(np, np.arange(int(np.prod(shape))).reshape(shape), 0, sources, signs)
+    sign = np.ones(shape, dtype=np.float32)  # moving pixels changes no sign
     sign_row = np.asarray(signs, dtype=np.float32)
     for axis in range(D, len(shape)):
         along = [1] * len(shape)

@@ -581,17 +581,23 @@ def tensor_times_gg(
     return _act_on_tensor_axes(tensor, tensor.ndim, parity, _check_operator(len(gg), gg), precision)
 
 
+def _permute_pixels(xp, data, n_lead: int, sources: list[int], signs: list[int]):
+    """The pixel move of a signed permutation (`_signed_permutation`'s sources and signs) on
+    (lead..., spatial..., tensor...) data, with `xp` NumPy or jax.numpy: its spatial axes
+    transposed and flipped, out[x] = data[gg^-1 x]."""
+    axes = list(range(data.ndim))
+    axes[n_lead : n_lead + len(sources)] = [n_lead + src for src in sources]
+    moved = xp.transpose(data, axes)
+    flip_axes = tuple(n_lead + j for j, s in enumerate(signs) if s < 0)
+    return xp.flip(moved, axis=flip_axes) if flip_axes else moved
+
+
 def _rotate_pixels(D: int, data: jax.Array, n_lead: int, gg: np.ndarray) -> jax.Array:
     """Move the pixels of (lead..., spatial..., tensor...) data: out[x] = data[gg^-1 x]."""
     spatial_dims = data.shape[n_lead : n_lead + D]
     perm = _signed_permutation(gg)
     if perm is not None:  # exact and cheap: transpose and flip spatial axes
-        sources, signs = perm
-        axes = list(range(data.ndim))
-        axes[n_lead : n_lead + D] = [n_lead + src for src in sources]
-        moved = jnp.transpose(data, axes)
-        flip_axes = tuple(n_lead + j for j, s in enumerate(signs) if s < 0)
-        return jnp.flip(moved, axis=flip_axes) if flip_axes else moved
+        return _permute_pixels(jnp, data, n_lead, *perm)
     keys = get_rotated_keys(D, spatial_dims, gg)
     rotated_dims = tuple(np.abs(gg @ np.array(spatial_dims)).astype(int))
     flat = data.reshape((-1,) + spatial_dims + data.shape[n_lead + D :])
