@@ -40,7 +40,7 @@ def emulate(x: np.ndarray, w: np.ndarray, tab: np.ndarray, geom) -> np.ndarray:
     B = x.shape[0]
     T = _Tab(np.asarray(tab).reshape(-1)[: int(geom[17])], chunks, dots)  # a broadcast batch's first
     row = row_floats(nx, h)  # a packed row, padded to 16-byte copies
-    copies = -(-(TILE + 2 * h) // 4)  # 16-byte copies a staged row
+    copies = row_floats(TILE, h) // 4  # 16-byte copies a staged row
     y = np.full((B, cout, nz, ny, nx), np.nan)
     lane = np.arange(32)
     g, t = lane >> 2, lane & 3

@@ -178,12 +178,13 @@ def kernel_operands(plan, spatial: tuple[int, ...], x: jax.Array, wk: jax.Array,
 def _xp(h: int) -> int:
     """The input stage's row pitch: TILE + 2h floats in 16-byte copies, and 8 mod 32, so that a
     warp's A reads (row t: 9 XP t, pixel g) fall in 32 distinct banks."""
-    need = -(-(TILE + 2 * h) // 4) * 4
+    need = row_floats(TILE, h)
     return need + (8 - need) % 32
 
 
 def row_floats(nx: int, h: int) -> int:
-    """A packed row in the kernel's operand: nx + 2h floats padded to a multiple of 4 (16-byte copies)."""
+    """A row of nx pixels and its halos, nx + 2h floats, padded to a multiple of 4 (16-byte copies):
+    the packed rows of the kernel's operand and the staged rows of its input stage."""
     return -(-(nx + 2 * h) // 4) * 4
 
 
