@@ -48,19 +48,28 @@ def main(argv=None) -> int:
                          "`python -m bench.parity_sass` (tests: in a subprocess)")
 
     from bench import _cases, _configs, _offline, sass_loop
-    from kernels.triton import _parity_plan, _parity_source
+    from kernels.triton import _parity_plan, _parity_source, parity_conv
 
     cfg = _configs.CONFIGS[args.config]
-    plan = _parity_plan.packed_layer(_cases.layer_spec(cfg)).plan
+    spec = _cases.layer_spec(cfg)
+    layer = _parity_plan.packed_layer(spec)
+    plan = layer.plan
     spatial = tuple(cfg.spatial)
     slabs = 8
     if args.kernel == "fwd":
         group = plan.out_groups(args.out_width)[args.group]
+        out = None  # as the layer runs it: its blocks written by the kernel where one launch holds every class,
+        if len(group) == len(plan.out_classes):  # with its bias offsets, no residual
+            offsets = tuple(mode != "none" for mode in spec.bias_modes)
+            rows = parity_conv.BlockRows.of(spec.D, spec.out_keys, layer.out_order)
+            out = rows.epilogue(offsets, (False,) * len(spec.out_keys))
+        batched = (True, False) + ((False,) * sum(out.offsets) if out is not None else ())
         source, programs = _parity_source.forward_source(
-            plan, spatial, group, args.block_x, (True, False), args.precision, "k", args.concat, args.lookahead)
+            plan, spatial, group, args.block_x, batched, args.precision, "k", args.concat, args.lookahead, out)
     else:
         source, programs = _parity_source.weight_grad_source(plan, spatial, args.cls, args.block_x, slabs,
-                                                             args.concat, (True, True), args.precision, "k")
+                                                             args.concat, (True, True), args.precision, "k",
+                                                             g_halo=True)
     start = time.perf_counter()
     compiled = _offline.compile_for_hopper(_parity_source.kernel_plan("k", source, programs, args.warps))
     seconds = time.perf_counter() - start

@@ -201,6 +201,96 @@ def test_triton_backend_runs_it_with_bias_and_residual(monkeypatch):
     assert "parity-blocked" in kernels.explain(k2, (64,) * 3, backend="triton").reason
 
 
+def _callback_shapes(closed) -> list[list[tuple[int, ...]]]:
+    """Per pure_callback (a kernel launch on the interpreter path) in a traced program, nested
+    jaxprs included, its results' shapes."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pure_callback":
+                found.append([tuple(v.aval.shape) for v in eqn.outvars])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed.jaxpr)
+    return found
+
+
+def test_the_forward_writes_the_blocks_with_offsets_and_priors(monkeypatch):
+    """One launch holds every output class, so the forward writes the layer's blocks itself
+    (its results are the blocks, no packed rows for XLA to unpack), each plus its bias offset and
+    its prior where it has one, and the input gradient writes the input's blocks: a layer whose
+    class 0 spans the scalar block and the 2-tensor's diagonal (two runs of planes, one of them
+    periodic), offsets on two keys, priors on two. Values against `reference` plus the same
+    offsets and priors; gradients in inputs, weights, offsets and priors against `dense`'s
+    autodiff."""
+    spec = make_layer(2, 3, [("s", 2), ("v", 1), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)])
+    N, D = 6, 2
+    xs, ws = operands(spec, N, seed=31)
+    rng = np.random.default_rng(31)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    offsets = [normal(2), None, normal(2, 2, 2)]
+    priors = [None, normal(1, N, N, 2), normal(2, N, N, 2, 2)]
+
+    def with_extras(ys, offs, prs):
+        ys = [y if o is None else y + o.reshape(o.shape[:1] + (1,) * D + o.shape[1:]) for y, o in zip(ys, offs)]
+        return [y if p is None else y + p for y, p in zip(ys, prs)]
+
+    def parity(x, w, offs, prs):
+        return conv_contract_parity(spec, x, w, "fp32", offsets=offs, priors=prs)
+
+    def dense(x, w, offs, prs):
+        return with_extras(kernels.dense.conv_contract_dense(spec, x, w, "fp32"), offs, prs)
+
+    blocks = [(1,) + tuple(y.shape) for y in dense(xs, ws, offsets, priors)]
+    assert _callback_shapes(jax.make_jaxpr(parity)(xs, ws, offsets, priors)) == [blocks]
+    monkeypatch.setenv(parity_conv.BLOCK_EPILOGUE_ENV, "off")  # the A/B switch: packed rows again
+    packed = lambda *a: parity(*a)  # noqa: E731  (a function of its own: make_jaxpr caches traces by function)
+    assert _callback_shapes(jax.make_jaxpr(packed)(xs, ws, offsets, priors)) == [[(1, spec.cout, N, N)]]
+    monkeypatch.delenv(parity_conv.BLOCK_EPILOGUE_ENV)
+    check_close(parity(xs, ws, offsets, priors), with_extras(run(spec, xs, ws, "reference"), offsets, priors), "fp32")
+
+    def loss(f):
+        return lambda *a: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(*a)))
+
+    launches = _callback_shapes(jax.make_jaxpr(jax.grad(loss(parity), argnums=(0, 1, 2, 3)))(xs, ws, offsets, priors))
+    assert [(1,) + tuple(x.shape) for x in xs] in launches  # the input gradient's results: the input blocks
+    got = jax.grad(loss(parity), argnums=(0, 1, 2, 3))(xs, ws, offsets, priors)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(xs, ws, offsets, priors)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(got))
+    assert max(gradient_errors(got, want)) <= 1e-5, gradient_errors(got, want)
+
+
+def test_bad_offsets_and_priors_are_refused_by_name():
+    spec = make_layer(2, 3, [("s", 1)], [("s", 2), ("v", 1)])
+    xs, ws = operands(spec, 8, seed=4)
+    cases = [({"offsets": [None]}, "`offsets` has 1 entries; the layer has 2"),
+             ({"priors": [None, None, None]}, "`priors` has 3 entries"),
+             ({"offsets": [None, jnp.zeros((1,))]}, r"`offsets\[1\]` has shape \(1,\); output key 1 needs \(1, 2\)"),
+             ({"priors": [jnp.zeros((2, 8, 7)), None]}, r"`priors\[0\]` has shape \(2, 8, 7\); output key 0 is \(2, 8, 8\)")]
+    for kwargs, said in cases:
+        with pytest.raises(ValueError, match=said):
+            conv_contract_parity(spec, xs, ws, "fp32", **kwargs)
+
+
+def test_index_expression_gives_each_runs_planes():
+    """The epilogue's static plane of each column (`index_expression`), evaluated as the kernel
+    would on its columns: the periodic runs a class has in a block (channel-major over evenly or
+    unevenly spaced components), affine runs, one plane, and an arbitrary list."""
+    cases = [[5], [0, 3, 6, 9], [0, 4, 8, 9, 13, 17, 18, 22, 26], [1, 2, 10, 11, 19, 20],
+             [0, 1, 5, 9, 10, 14], [7, 3, 11, 2, 8], list(range(12, 44))]
+    for values in cases:
+        for offset in (0, 3):
+            expr = _parity_source.index_expression(values, f"(jj - {offset})" if offset else "jj")
+            jj = np.arange(offset + len(values) + 4)
+            got = eval(expr, {"tl": type("tl", (), {"where": staticmethod(np.where)})}, {"jj": jj})
+            assert np.array_equal(np.broadcast_to(got, jj.shape)[offset:offset + len(values)], values), (values, expr)
+
+
 @pytest.mark.parametrize(
     "geometry, why",
     [
@@ -233,6 +323,7 @@ def test_env_choices_are_checked(monkeypatch):
              (parity_conv.BLOCKS_ENV, "64,4,3", forward, "concat"),
              (parity_conv.BLOCKS_ENV, "64,4,1,9", forward, "lookahead"),
              (parity_conv.BLOCKS_ENV, "64,4,1,2,48", forward, "out_width"),
+             (parity_conv.BLOCK_EPILOGUE_ENV, "yes", forward, parity_conv.BLOCK_EPILOGUE_ENV),
              (parity_conv.WEIGHT_GRAD_BLOCKS_ENV, "32,8,8,1,128,1", backward, parity_conv.WEIGHT_GRAD_BLOCKS_ENV)]
     for env, value, call, said in cases:
         monkeypatch.setenv(env, value)

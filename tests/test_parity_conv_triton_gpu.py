@@ -38,8 +38,8 @@ def _loss(f):
     backward's own. A nonlinear loss such as sum(sin(o)) passes the forward's TF32 error on to the
     cotangent multiplied by the outputs' size (~30 on the k2 layer at 16^3): 4e-3 to 1e-2 in the
     gradients of `dense` and of the filter-group kernels alike."""
-    def loss(x, w, b):
-        return sum(jnp.sum(o * jax.random.normal(jax.random.key(n), o.shape)) for n, o in enumerate(f(x, w, b)))
+    def loss(*args):
+        return sum(jnp.sum(o * jax.random.normal(jax.random.key(n), o.shape)) for n, o in enumerate(f(*args)))
     return loss
 
 
@@ -58,19 +58,23 @@ def _check_against_reference(got_fn, want_fn, args, argnums, mode):
 @pytest.mark.parametrize("mode", ["fp32", "tf32"])
 def test_two_tensor_layer_against_reference(mode):
     """d3_n64_b2_c8_k2's layer at 16^3 (auto runs it parity-blocked), with an 'add' and a torus
-    'mean' bias, vmapped over 2: outputs and gradients in inputs, weights and bias."""
+    'mean' bias and a residual on the 2-tensor block (the forward's epilogue adds them; the
+    residual's buffer is the output's), vmapped over 2: outputs and gradients in inputs, weights,
+    bias and residual."""
     spec = _k2(("add", "mean", "none"))
     said = kernels.explain(spec, (16,) * 3, backend="triton").reason
     assert "parity-blocked" in said, said
     xs, ws = operands(spec, 16, seed=29, batch=2)
     rng = np.random.default_rng(5)
     bias = [jnp.asarray(rng.standard_normal(8), jnp.float32), jnp.asarray(rng.standard_normal(8), jnp.float32), None]
+    residual = [None, None, jnp.asarray(rng.standard_normal(xs[2].shape), jnp.float32)]
 
     def vf(backend, precision):
-        return jax.vmap(lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, backend=backend,
-                                                              precision=precision), in_axes=(0, None, None))
+        return jax.vmap(lambda x, w, b, r: kernels.conv_contract(spec, x, w, bias=b, residual=r, backend=backend,
+                                                                 precision=precision), in_axes=(0, None, None, 0))
 
-    _check_against_reference(vf("triton", mode), vf("reference", "fp32"), (xs, ws, bias), (0, 1, 2), mode)
+    _check_against_reference(vf("triton", mode), vf("reference", "fp32"), (xs, ws, bias, residual), (0, 1, 2, 3),
+                             mode)
 
 
 @pytest.mark.parametrize("blocks", ["64,4,8,2", "32,4,2,4", "64,4,1,2,32"])

@@ -6,12 +6,15 @@ the input with `halo` cells a side along x so that every shifted load is a conti
 forward loads, per input chunk of 16 rows, the (2r+1)^D shifted tiles once, forms the
 combinations by sums and differences axis by axis (`_butterfly`) and accumulates, per run of the
 chunk's dots into one output class, one tl.dot (`_concat_runs`: the run's tiles concatenated
-along K). The weight gradient forms the same combinations and accumulates A^T dY over a slab of
-pixels, one kernel per input class, the runs concatenated along M.
+along K). It writes either packed rows or, with a `BlockEpilogue`, the layer's blocks themselves
+(component-planar), each plus its bias offset and its prior (a residual) where it has them. The
+weight gradient forms the same combinations and accumulates A^T dY over a slab of pixels, one
+kernel per input class, the runs concatenated along M.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Optional
@@ -132,10 +135,11 @@ def _pattern_offsets(plan: ParityPlan, groups: tuple[int, ...], pat: tuple[str, 
     return offs
 
 
-def _pixel_offset(spatial) -> str:
-    """A program's output pixels (`xs` along x, `c{a}` on the leading axes) as element offsets."""
+def _pixel_offset(spatial, skip: int = 0) -> str:
+    """A program's output pixels (`xs` along x, `c{a}` on the leading axes) as element offsets in
+    an operand of this spatial shape whose x axis starts `skip` cells in (a halo)."""
     lead = " + ".join(f"c{a} * {math.prod(spatial[a + 1:])}" for a in range(len(spatial) - 1)) or "0"
-    return f"({lead} + xs)[:, None]"
+    return f"({lead} + xs{f' + {skip}' if skip else ''})[:, None]"
 
 
 def _combo_of(groups: tuple[int, ...], nz_axes: list[int], pat: tuple[str, ...]) -> tuple[int, ...]:
@@ -273,12 +277,131 @@ def _hoist_weights(lines: list[str], lookahead: int) -> list[str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockEpilogue:
+    """The forward's results as the layer's blocks (B, c, *spatial, *(D,)*k), read component-planar
+    (B, c, D^k, *spatial): per packed output row its (block, plane), plane = channel x D^k +
+    component; per block its planes (c x D^k), whether an offset operand (B|1, planes) is added to
+    every pixel (the bias) and whether a prior operand of the block's shape is (a residual, the
+    same buffer as the result on the GPU)."""
+
+    rows: tuple[tuple[int, int], ...]
+    planes: tuple[int, ...]
+    offsets: tuple[bool, ...]
+    priors: tuple[bool, ...]
+
+    def __post_init__(self):
+        if not len(self.planes) == len(self.offsets) == len(self.priors):
+            raise ValueError(f"{len(self.planes)} blocks, {len(self.offsets)} offset and {len(self.priors)} "
+                             "prior flags")
+
+    def operands(self) -> tuple[str, ...]:
+        """The kernel's pointer arguments after x and w: offsets, priors, then the results."""
+        return (tuple(f"off{b}" for b, o in enumerate(self.offsets) if o)
+                + tuple(f"pr{b}" for b, p in enumerate(self.priors) if p)
+                + tuple(f"y{b}" for b in range(len(self.planes))))
+
+    def pieces(self, start: int, rows: int) -> list[tuple[int, int, list[int]]]:
+        """Packed rows start .. start + rows - 1 as runs in one block: (block, first column, planes)."""
+        out: list[tuple[int, int, list[int]]] = []
+        for j in range(rows):
+            blk, plane = self.rows[start + j]
+            if not out or out[-1][0] != blk:
+                out.append((blk, j, []))
+            out[-1][2].append(plane)
+        return out
+
+
+def index_expression(values: list[int], v: str) -> str:
+    """An expression of the int tensor `v` that is values[v] for 0 <= v < len(values) (anything
+    elsewhere): periodic with a constant step between periods, each period affine or a chain of
+    selects. A class's rows of one block are channel-major and component-minor, so for them the
+    period is the class's components in the block and the step D^k."""
+    n = len(values)
+    period, step = n, 0
+    for L in range(1, n + 1):
+        deltas = {values[j + L] - values[j] for j in range(n - L)}
+        if len(deltas) <= 1:
+            period, step = L, (deltas.pop() if deltas else 0)
+            break
+    base = values[:period]
+    within = v if period >= n else f"({v} % {period})"
+    diffs = {b - a for a, b in zip(base, base[1:])}
+    if period == 1:
+        expr = str(base[0])
+    elif len(diffs) == 1:
+        expr = f"{base[0]} + {within} * {diffs.pop()}"
+    else:
+        expr = str(base[-1])
+        for i in reversed(range(period - 1)):
+            expr = f"tl.where({within} == {i}, {base[i]}, {expr})"
+    if period < n and step:
+        expr = f"{expr} + ({v} // {period}) * {step}"
+    elif period == 1:  # one plane: still a tensor over the columns
+        expr = f"{expr} + {v} * 0"
+    return f"({expr})"
+
+
+def _packed_stores(e: _Source, plan: ParityPlan, group, width: int, S: int, masked_x: bool) -> None:
+    """Each output class's accumulator into the packed result y (B, width, *spatial)."""
+    row0 = plan.out_classes[group[0]][1]
+    e(f"ybase = y + b * {width * S}")
+    for b in group:
+        _, start, rows = plan.out_classes[b]
+        p = plan.out_pad(b)
+        mask = []
+        if rows < p:
+            mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
+        if masked_x:
+            mask.append("xm[:, None]")
+        m = f", mask={' & '.join(mask)}" if mask else ""
+        cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
+        e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{b}{m})")
+
+
+def _block_stores(e: _Source, plan: ParityPlan, group, out: BlockEpilogue, offsets_batched: tuple[bool, ...], S: int,
+                  masked_x: bool) -> None:
+    """Each output class's accumulator into the blocks its rows belong to (`BlockEpilogue`): per
+    run of the class's columns in one block, its planes' offsets (static), the bias offset and
+    the prior added, one masked store."""
+    flags = iter(offsets_batched)
+    for blk, planes in enumerate(out.planes):
+        e(f"y{blk}b = y{blk} + b * {planes * S}")
+        if out.offsets[blk]:
+            e(f"o{blk}b = off{blk}{f' + b * {planes}' if next(flags) else ''}")
+        if out.priors[blk]:
+            e(f"r{blk}b = pr{blk} + b * {planes * S}")
+    for b in group:
+        _, start, rows = plan.out_classes[b]
+        p = plan.out_pad(b)
+        e(f"jj = tl.arange(0, {p})")
+        for blk, j0, planes in out.pieces(start, rows):
+            j1 = j0 + len(planes)
+            e(f"pl = {index_expression(planes, f'(jj - {j0})' if j0 else 'jj')}")
+            cond = ([f"(jj >= {j0})"] if j0 else []) + ([f"(jj < {j1})"] if j1 < p else [])
+            pm = " & ".join(cond)
+            masks = ([f"({pm})[None, :]"] if cond else []) + (["xm[:, None]"] if masked_x else [])
+            mask = f", mask={' & '.join(masks)}" if masks else ""
+            value = f"acc{b}"
+            if out.offsets[blk]:
+                lm = f", mask={pm}, other=0.0" if cond else ""
+                e(f"val = {value} + tl.load(o{blk}b + pl{lm})[None, :]")
+                value = "val"
+            at = f"({_row_offsets('pl', out.planes[blk] * S, S)})[None, :] + pix"
+            if out.priors[blk]:
+                e(f"val = {value} + tl.load(r{blk}b + {at}{mask}{', other=0.0' if masks else ''})")
+                value = "val"
+            e(f"tl.store(y{blk}b + {at}, {value}{mask})")
+
+
 def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], block_x: int,
-                   batched: tuple[bool, bool], precision: str, name: str, concat: int = 1,
-                   lookahead: int = 0) -> tuple[str, int]:
+                   batched: tuple[bool, ...], precision: str, name: str, concat: int = 1,
+                   lookahead: int = 0, out: Optional[BlockEpilogue] = None) -> tuple[str, int]:
     """The forward kernel of output classes `group`: (source, programs per batch element).
-    Operands x (B|1, cin, *spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
-    the group's classes, *spatial)."""
+    Operands x (B|1, cin, *in_spatial), w (B|1, dots, CHUNK, max_out_pad); result y (B, width of
+    the group's classes, *spatial). With `out` (every output class in `group`): operands x, w,
+    the offsets and the priors, results the blocks (`BlockEpilogue`); `batched` then flags x, w
+    and each offset operand."""
     D, S = plan.D, math.prod(spatial)
     n_x = spatial[-1]
     nxb = -(-n_x // block_x)
@@ -286,9 +409,11 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
     programs = nxb * math.prod(spatial[:-1])
     wmax = plan.max_out_pad
     index = plan.dot_index()
-    row0 = plan.out_classes[group[0]][1]
     width = sum(plan.out_classes[b][2] for b in group)
-    e = _Source.kernel(name, ("x", "w", "y"))
+    if out is not None and len(group) != len(plan.out_classes):
+        raise ValueError(f"a block epilogue needs every output class in one launch; the group has {len(group)} of "
+                         f"{len(plan.out_classes)}")
+    e = _Source.kernel(name, ("x", "w") + (out.operands() if out is not None else ("y",)))
     e(f"xb = pid % {nxb}")
     e(f"t = pid // {nxb}")
     for a in reversed(range(D - 1)):
@@ -320,19 +445,11 @@ def forward_source(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int,
         for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 1):
             for j in ready:
                 _emit_dot(e, plan, [tiles_of[n] for n in runs[j]], runs[j][0], block_x, precision)
-    e(f"ybase = y + b * {width * S}")
     e(f"pix = {_pixel_offset(spatial)}")
-    for b in group:
-        _, start, rows = plan.out_classes[b]
-        p = plan.out_pad(b)
-        mask = []
-        if rows < p:
-            mask.append(f"(tl.arange(0, {p}) < {rows})[None, :]")
-        if masked_x:
-            mask.append("xm[:, None]")
-        m = f", mask={' & '.join(mask)}" if mask else ""
-        cols = _row_offsets(f"tl.arange(0, {p}) + {start - row0}", width * S, S)
-        e(f"tl.store(ybase + ({cols})[None, :] + pix, acc{b}{m})")
+    if out is None:
+        _packed_stores(e, plan, group, width, S, masked_x)
+    else:
+        _block_stores(e, plan, group, out, tuple(batched[2:]), S, masked_x)
     e.lines = _hoist_weights(e.lines, lookahead)
     return e.text(), programs
 
@@ -364,10 +481,12 @@ def class_chunks(plan: ParityPlan, c: int) -> tuple[int, int, list[int]]:
 
 
 def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block_x: int, slabs: int,
-                       concat: int, batched: tuple[bool, bool], precision: str, name: str) -> tuple[str, int]:
+                       concat: int, batched: tuple[bool, bool], precision: str, name: str,
+                       g_halo: bool = False) -> tuple[str, int]:
     """The weight gradient of input class index c's dots: (source, programs per batch element).
-    Operands x (B|1, cin, *in_spatial), g (B|1, cout, *spatial); result part (B, slabs, dots of
-    the class, CHUNK, max_out_pad), every entry written. A program owns one chunk of the class and
+    Operands x (B|1, cin, *in_spatial), g (B|1, cout, *spatial), or with `g_halo` (B|1, cout,
+    *in_spatial), the cotangent as the input gradient reads it, its halo skipped; result part
+    (B, slabs, dots of the class, CHUNK, max_out_pad), every entry written. A program owns one chunk of the class and
     one slab of pixel rows; per block of pixels it forms the chunk's combinations once, loads each
     output class's cotangent tile once, and accumulates A_cat^T dY per run of the chunk's dots
     into one output class (`_concat_runs`: the run's tiles concatenated, M = CHUNK x run)."""
@@ -375,6 +494,7 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block
     per = -(-math.prod(spatial[:-1]) // slabs)
     wmax = plan.max_out_pad
     S, S_in = math.prod(spatial), math.prod(in_spatial(plan, spatial))
+    S_g = S_in if g_halo else S
     _, n_ch, ch_dots = class_chunks(plan, c)
     _, cstart, crows = plan.in_classes[c]
     per_chunk = len(ch_dots)
@@ -385,7 +505,7 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block
     e(f"b = (pid // {n_ch * slabs}).to(tl.int64)")
     e(f"kk = tl.arange(0, {CHUNK})")
     e(f"xbase = x{f' + b * {plan.cin * S_in}' if batched[0] else ''}")
-    e(f"gbase = g{f' + b * {plan.cout * S}' if batched[1] else ''}")
+    e(f"gbase = g{f' + b * {plan.cout * S_g}' if batched[1] else ''}")
     e(f"rows = {_row_offsets(f'kk + {cstart} + ci * {CHUNK}', plan.cin * S_in, S_in)}")
     rmask = None
     if crows % CHUNK:
@@ -395,12 +515,16 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block
     for ob in outs:
         _, ostart, orows = plan.out_classes[ob]
         p = plan.out_pad(ob)
-        e(f"gcol{ob} = ({_row_offsets(f'tl.arange(0, {p}) + {ostart}', plan.cout * S, S)})[None, :]")
+        e(f"gcol{ob} = ({_row_offsets(f'tl.arange(0, {p}) + {ostart}', plan.cout * S_g, S_g)})[None, :]")
         if orows < p:
             e(f"gm{ob} = (tl.arange(0, {p}) < {orows})[None, :]")
     for j, run in enumerate(runs):
         e(f"a{j} = tl.zeros(({CHUNK * len(run)}, {plan.out_pad(plan.dots[run[0]][2])}), tl.float32)")
     _slab_loops(e, plan, spatial, per, block_x)
+    gpix = "pix"
+    if g_halo:
+        e(f"gpix = {_pixel_offset(in_spatial(plan, spatial), halo(plan))}", 3)
+        gpix = "gpix"
     wanted = {plan.dots[n][1]: n for n in ch_dots}
     loaded = set()
     for tiles_of, ready in _chunk_tiles(e, plan, spatial, wanted, runs, rmask, masked_x, 3):
@@ -411,7 +535,7 @@ def weight_grad_source(plan: ParityPlan, spatial: tuple[int, ...], c: int, block
                 masks = [f"gm{ob}"] if plan.out_classes[ob][2] < plan.out_pad(ob) else []
                 masks += ["xm[:, None]"] if masked_x else []
                 m = f", mask={' & '.join(masks)}, other=0.0" if masks else ""
-                e(f"gy{ob} = tl.load(gbase + gcol{ob} + pix{m})", 3)
+                e(f"gy{ob} = tl.load(gbase + gcol{ob} + {gpix}{m})", 3)
                 loaded.add(ob)
             e(f"a{j} = tl.dot(tl.trans({_concat([tiles_of[n] for n in run], block_x)}), gy{ob}, a{j}"
               f"{_dot_kw(precision)})", 3)

@@ -114,11 +114,10 @@ def conv_contract_triton(
     # float32 before the custom_vjp, whose cotangents are float32 (autodiff casts them back)
     residual = tuple(None if r is None else r.astype(jnp.float32) for r in residual)
     groups = filter_groups(spec, spatial, mode, blocks)
-    if parity_runs(spec, spatial, groups is not None):  # tensor-core GEMMs; bias and residual by XLA
-        outs = conv_contract_parity(spec, inputs, weights, mode)
+    if parity_runs(spec, spatial, groups is not None):  # tensor-core GEMMs; bias and residual in its epilogue
         if bias is not None:
             offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
-        return add_residual(_add_offsets(outs, offsets, spec.D), residual)
+        return conv_contract_parity(spec, inputs, weights, mode, offsets=offsets, priors=residual)
     if groups is None:
         given = given or _none_given(inputs)
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, residual,

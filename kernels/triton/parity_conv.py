@@ -10,11 +10,14 @@ filter's rewrite (plain jnp, differentiated by autodiff down to the layer's weig
 launches and a custom_vjp. The tests compare it with `reference` and with `kernels.dense` (the
 same filter as one convolution), whose autodiff is the gradients' oracle.
 
-Operands are packed by XLA (one pass over the inputs, one over the outputs); the bias and any
-residual are added by XLA after the kernel (`conv_contract_triton` does that for this path).
-Under `jax.vmap` each kernel is one launch for the batch (`batched_op`). With GINJAX_PARITY_CUDA=on
-the forward and the input gradient run kernels/cuda's mma.sync kernel where it covers the plan
-(`cuda_forward_runs`; opt-in until a GPU has measured it).
+The input is packed by XLA (one pass over the inputs, with the x halo). Where one launch holds
+every output class, the forward writes the layer's blocks itself (component-planar), its bias
+offsets and residual added in the epilogue, and the input gradient writes the input's blocks
+(`BlockEpilogue`); otherwise (narrow output groups, the CUDA forward) the kernel writes packed
+rows that XLA unpacks, adding offsets and residual. Under `jax.vmap` each kernel is one launch for
+the batch (`batched_op`). With GINJAX_PARITY_CUDA=on the forward and the input gradient run
+kernels/cuda's mma.sync kernel where it covers the plan (`cuda_forward_runs`; opt-in until a GPU
+has measured it).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import numpy as np
 
 from .._env import env_choice
 from .._fused import MIN_DOT_TILE, next_pow2
+from .._reduce import middle_sum
 from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
-from ._launch import batch_size, batched_flags, run_plan
+from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._parity_plan import (
     CHUNK,
     MAX_OUT_WIDTH,
@@ -47,6 +51,7 @@ from ._parity_plan import (
     unsupported,
 )
 from ._parity_source import (
+    BlockEpilogue,
     class_chunks,
     forward_source,
     halo,
@@ -84,21 +89,51 @@ def parity_runs(spec: ConvSpec, spatial: tuple[int, ...], grouped: bool) -> bool
     return unsupported(spec, tuple(spatial)) is None
 
 
-def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array],
-                         mode: str) -> tuple[jax.Array, ...]:
+def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str,
+                         offsets: Optional[Sequence[Optional[jax.Array]]] = None,
+                         priors: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
     """ConvContract of unbatched blocks (c, *spatial, *(D,)*k) as the parity-blocked
     convolution; float32 outputs (o, *spatial, *(D,)*k). Differentiable (custom_vjp); the
-    layer's bias is not included (spec.without_bias())."""
-    spatial = tuple(int(n) for n in inputs[0].shape[1:1 + spec.D])
+    layer's bias is not included (spec.without_bias()).
+
+    offsets: per output key None or an (o, *(D,)*k) array added at every pixel (the bias as
+        `kernels._bias.bias_offsets` gives it); its gradient is the cotangent's spatial sum.
+    priors: per output key None or an array of that output's shape added to it (a residual);
+        its gradient is the cotangent.
+    """
+    D = spec.D
+    spatial = tuple(int(n) for n in inputs[0].shape[1:1 + D])
     why = unsupported(spec, spatial)
     if why is not None:
         raise ValueError(f"the parity-blocked form cannot run this layer: {why}")
+    n_out = len(spec.out_keys)
+    offsets = tuple(offsets) if offsets is not None else (None,) * n_out
+    priors = tuple(priors) if priors is not None else (None,) * n_out
+    for name, given in (("offsets", offsets), ("priors", priors)):
+        if len(given) != n_out:
+            raise ValueError(f"`{name}` has {len(given)} entries; the layer has {n_out} output keys")
+    for b, (k, _, o) in enumerate(spec.out_keys):
+        if offsets[b] is not None and tuple(offsets[b].shape) != (o,) + (D,) * k:
+            raise ValueError(f"`offsets[{b}]` has shape {tuple(offsets[b].shape)}; output key {b} needs "
+                             f"{(o,) + (D,) * k}")
+        if priors[b] is not None and tuple(priors[b].shape) != (o,) + spatial + (D,) * k:
+            raise ValueError(f"`priors[{b}]` has shape {tuple(priors[b].shape)}; output key {b} is "
+                             f"{(o,) + spatial + (D,) * k}")
     layer = packed_layer(spec)
-    x = pack_rows(spec.D, spec.in_keys, layer.in_order, [a.astype(jnp.float32) for a in inputs])
     wc = combo_filter(spec, layer, weights)
     precision = env_choice(PRECISION_ENV, PRECISIONS, _PRECISION[mode])
-    y = _parity_conv(layer.plan, spatial, precision, x, wc)
-    return unpack_rows(spec.D, spec.out_keys, layer.out_order, y)
+    epilogue = env_choice(BLOCK_EPILOGUE_ENV, ("on", "off"), "on") == "on"
+    ins, outs = BlockRows.of(D, spec.in_keys, layer.in_order), BlockRows.of(D, spec.out_keys, layer.out_order)
+    return _parity_conv(ins, outs, layer.plan, spatial, (precision, epilogue), _present(offsets), _present(priors),
+                        _float32(inputs), wc, _float32(offsets), _float32(priors))
+
+
+def _float32(arrays) -> tuple:
+    return tuple(None if a is None else jnp.asarray(a).astype(jnp.float32) for a in arrays)
+
+
+def _present(arrays) -> tuple[bool, ...]:
+    return tuple(a is not None for a in arrays)
 
 
 # ---- packing: blocks <-> class-ordered rows ----------------------------------------------------------
@@ -133,6 +168,33 @@ def _components(a: jax.Array, comps: tuple[int, ...]) -> jax.Array:
         step = comps[1] - comps[0] if len(comps) > 1 else 1
         return a[:, comps[0]:comps[-1] + 1:step]
     return jnp.take(a, np.array(comps), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRows:
+    """One side of the layer: its keys (k, parity, c), packed row order (dense channel index of
+    each packed row) and D; hashable, a static argument of the custom_vjp."""
+
+    D: int
+    keys: tuple[tuple[int, int, int], ...]
+    order: tuple[int, ...]
+
+    @classmethod
+    def of(cls, D: int, keys, order) -> "BlockRows":
+        return cls(D, tuple(tuple(int(v) for v in key) for key in keys), tuple(order))
+
+    def shapes(self, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return tuple((c,) + tuple(spatial) + (self.D,) * k for k, _, c in self.keys)
+
+    def epilogue(self, offsets: tuple[bool, ...], priors: tuple[bool, ...]) -> BlockEpilogue:
+        """The forward's `BlockEpilogue` writing these blocks: a packed row's plane in its block is
+        its dense index there (channel-major, component-minor)."""
+        starts = np.cumsum([0] + [c * self.D**k for k, _, c in self.keys])
+        rows = []
+        for n in self.order:
+            blk = int(np.searchsorted(starts, n, side="right")) - 1
+            rows.append((blk, int(n - starts[blk])))
+        return BlockEpilogue(tuple(rows), tuple(int(v) for v in np.diff(starts)), offsets, priors)
 
 
 def pack_rows(D: int, keys, order: tuple[int, ...], blocks: Sequence[jax.Array]) -> jax.Array:
@@ -283,19 +345,36 @@ def _named(prefix: str, make) -> tuple[str, str, int]:
 
 @functools.lru_cache(maxsize=128)
 def _batched_forward(plan: ParityPlan, spatial: tuple[int, ...], group: tuple[int, ...], precision: str,
+                     rows: Optional[BlockRows], offsets: tuple[bool, ...], priors: tuple[bool, ...],
                      blocks: ParityBlocks):
+    """The forward of output classes `group`: op((x,), (w,), offsets, priors). rows None: one
+    result, the group's packed rows (B, width, *spatial); else (every output class in `group`)
+    the blocks of `rows`, component-planar, with the offsets (B|1, planes) of the blocks flagged
+    in `offsets` and the priors (B|1, *block) of those flagged in `priors` added in the epilogue."""
     from .conv_contract import batched_op
 
     width = sum(plan.out_classes[b][2] for b in group)
+    out = None if rows is None else rows.epilogue(offsets, priors)
 
-    def body(xs, ws):
+    def body(xs, ws, offs, prs):
         (x,), (w,) = xs, ws
-        batch = batch_size([x, w])
-        flags = batched_flags([x, w], batch)
+        batch = batch_size([x, w, *offs, *prs])
+        flags = batched_flags([x, w, *offs], batch)
         name, source, programs = _named("parity_fwd", lambda nm: forward_source(
-            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm, blocks.concat, blocks.lookahead))
-        shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
-        return run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, w])
+            plan, spatial, group, blocks.for_row(spatial[-1]), flags, precision, nm, blocks.concat, blocks.lookahead,
+            out))
+        kernel = kernel_plan(name, source, programs, blocks.num_warps)
+        if out is None:
+            shape = jax.ShapeDtypeStruct((batch, width) + spatial, jnp.float32)
+            return run_plan(kernel, [shape], programs * batch, [x, w])
+        shapes = [jax.ShapeDtypeStruct((batch,) + shape, jnp.float32) for shape in rows.shapes(spatial)]
+        orders = [block_order(plan.D, len(s.shape), True) for s in shapes]
+        prs = [p if p.shape[0] == batch else jnp.broadcast_to(p, (batch,) + p.shape[1:]) for p in prs]
+        carried = [b for b, flag in enumerate(priors) if flag]
+        first = 2 + len(offs)
+        return run_plan(kernel, shapes, programs * batch, [x, w, *offs, *prs], None,
+                        [None] * first + [orders[b] for b in carried], orders,
+                        carried=tuple((first + n, b) for n, b in enumerate(carried)))
 
     return batched_op(body)
 
@@ -336,9 +415,36 @@ def _forward(plan: ParityPlan, spatial, precision: str, x: jax.Array, wk: jax.Ar
     outs = []
     blocks = ParityBlocks.from_env(BLOCKS_ENV)
     for group in plan.out_groups(blocks.out_width):
-        (y,) = _batched_forward(plan, spatial, group, precision, blocks)((x[None],), (wk[None],))
+        (y,) = _batched_forward(plan, tuple(spatial), group, precision, None, (), (), blocks)((x[None],), (wk[None],),
+                                                                                             (), ())
         outs.append(y[0])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+# "on": the forward writes the blocks where one launch holds every output class; "off": packed
+# rows, unpacked by XLA (for A/B runs)
+BLOCK_EPILOGUE_ENV = "GINJAX_PARITY_BLOCK_EPILOGUE"
+
+
+def _forward_blocks(plan: ParityPlan, rows: BlockRows, spatial, precision: str, epilogue: bool, x: jax.Array,
+                    wk: jax.Array, offsets: tuple, priors: tuple) -> tuple[jax.Array, ...]:
+    """(cin, *in_spatial) (`with_halo`) -> the blocks of `rows`, each plus its offset (None or
+    (c, *(D,)*k)) and its prior (None or the block's shape): written by Triton's forward itself
+    where one launch holds every output class and `epilogue` ($GINJAX_PARITY_BLOCK_EPILOGUE, read
+    before the custom_vjp, whose traces JAX caches) allows, else unpacked (and added to) by XLA."""
+    blocks = ParityBlocks.from_env(BLOCKS_ENV)
+    groups = plan.out_groups(blocks.out_width)
+    if epilogue and len(groups) == 1 and not cuda_forward_runs(plan, spatial, precision):
+        has_off = tuple(o is not None for o in offsets)
+        has_pr = tuple(p is not None for p in priors)
+        op = _batched_forward(plan, tuple(spatial), groups[0], precision, rows, has_off, has_pr, blocks)
+        outs = op((x[None],), (wk[None],), tuple(o.reshape(1, -1) for o in offsets if o is not None),
+                  tuple(p[None] for p in priors if p is not None))
+        return tuple(y[0] for y in outs)
+    outs = unpack_rows(rows.D, rows.keys, rows.order, _forward(plan, spatial, precision, x, wk))
+    D = rows.D
+    outs = [y if o is None else y + o.reshape(o.shape[:1] + (1,) * D + o.shape[1:]) for y, o in zip(outs, offsets)]
+    return tuple(y if p is None else y + p for y, p in zip(outs, priors))
 
 
 @functools.lru_cache(maxsize=128)
@@ -356,7 +462,7 @@ def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, pre
         flags = batched_flags([x, g], batch)
         slabs = max(1, min(math.prod(spatial[:-1]), -(-_TARGET_PROGRAMS // (batch * n_ch))))
         name, source, programs = _named("parity_dw", lambda nm: weight_grad_source(
-            plan, spatial, c, blocks.for_row(spatial[-1]), slabs, blocks.concat, flags, precision, nm))
+            plan, spatial, c, blocks.for_row(spatial[-1]), slabs, blocks.concat, flags, precision, nm, g_halo=True))
         shape = jax.ShapeDtypeStruct((batch, slabs, n_dots, CHUNK, plan.max_out_pad), jnp.float32)
         (part,) = run_plan(kernel_plan(name, source, programs, blocks.num_warps), [shape], programs * batch, [x, g])
         return (jnp.sum(part, axis=1),)
@@ -366,7 +472,8 @@ def _batched_weight_grad(plan: ParityPlan, spatial: tuple[int, ...], c: int, pre
 
 def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: jax.Array) -> jax.Array:
     """(dots, CHUNK, max_out_pad): the gradient of every dot's weight tile, one launch per input
-    class (the dots are in class order)."""
+    class (the dots are in class order), from x and dy (cout, *in_spatial) both with their x halo
+    (`with_halo`: dy as the input gradient's forward reads it, one packed copy for both)."""
     blocks = ParityBlocks.from_env(WEIGHT_GRAD_BLOCKS_ENV, WEIGHT_GRAD_BLOCKS)
     parts = []
     for c in range(len(plan.in_classes)):
@@ -377,25 +484,40 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
 
 
 # ---- differentiation ------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _parity_conv(plan: ParityPlan, spatial, precision, x, wc):
-    return _parity_conv_fwd(plan, spatial, precision, x, wc)[0]
+# ins / outs: the layer's two sides (`BlockRows`); how: (the dots' precision, whether the forward
+# may write the blocks: `_forward_blocks`); has_off / has_pr: which output keys have an offset / a
+# prior (the entries of `offsets` / `priors` that are not None, which get None cotangents).
+# Residuals: the packed input with its halo and the combination filter.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _parity_conv(ins: BlockRows, outs: BlockRows, plan: ParityPlan, spatial, how, has_off, has_pr, inputs, wc,
+                 offsets, priors):
+    return _parity_conv_fwd(ins, outs, plan, spatial, how, has_off, has_pr, inputs, wc, offsets, priors)[0]
 
 
-def _parity_conv_fwd(plan, spatial, precision, x, wc):
-    x = with_halo(plan, x)
-    return _forward(plan, spatial, precision, x, dot_weights(plan, wc)), (x, wc)
+def _parity_conv_fwd(ins, outs, plan, spatial, how, has_off, has_pr, inputs, wc, offsets, priors):
+    x = with_halo(plan, pack_rows(ins.D, ins.keys, ins.order, inputs))
+    ys = _forward_blocks(plan, outs, spatial, *how, x, dot_weights(plan, wc), offsets, priors)
+    return ys, (x, wc)
 
 
-def _parity_conv_bwd(plan, spatial, precision, residuals, dy):
+def _parity_conv_bwd(ins, outs, plan, spatial, how, has_off, has_pr, residuals, dys):
+    precision = how[0]
     x, wc = residuals
-    dy = dy.astype(jnp.float32)
+    dys = tuple(d.astype(jnp.float32) for d in dys)
+    dy = pack_rows(outs.D, outs.keys, outs.order, dys)
     plan_t = plan.transposed()
-    dx = _forward(plan_t, spatial, precision, with_halo(plan_t, dy), dot_weights(plan_t, transposed_combos(plan, wc)))
+    none = (None,) * len(ins.keys)
+    dy = with_halo(plan_t, dy)
+    dxs = _forward_blocks(plan_t, ins, spatial, *how, dy, dot_weights(plan_t, transposed_combos(plan, wc)), none,
+                          none)
     dwk = _weight_grad(plan, spatial, precision, x, dy)
     _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
     (dwc,) = gather_vjp(dwk)
-    return dx.astype(x.dtype), dwc.astype(wc.dtype)
+    # an offset's gradient: the cotangent summed over the pixels, as two reductions (`middle_sum`: one
+    # over the pixels with the components minor is a slow column reduction)
+    doffsets = tuple(middle_sum(d, 1, 1 + outs.D) if h else None for d, h in zip(dys, has_off))
+    dpriors = tuple(d if h else None for d, h in zip(dys, has_pr))
+    return dxs, dwc.astype(wc.dtype), doffsets, dpriors
 
 
 _parity_conv.defvjp(_parity_conv_fwd, _parity_conv_bwd)
