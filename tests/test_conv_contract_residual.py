@@ -220,9 +220,9 @@ def test_residual_models_give_the_block_input_to_its_last_convolution(monkeypatc
         seen = []
         real = kernels.conv_contract
         monkeypatch.setattr(kernels, "conv_contract", lambda *a, **k: seen.append(k.get("residual")) or real(*a, **k))
-        got = _resnet._run_residual(model, x)
+        got = jax.jit(_resnet._run_residual)(model, x)  # jit: one compile instead of op-by-op dispatch
         monkeypatch.setattr(kernels, "conv_contract", real)
-        want = residual_model_by_plus(model, x)
+        want = jax.jit(residual_model_by_plus)(model, x)
         for k in want.keys():
             np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-5)
         fused = sum(r is not None for r in seen)
@@ -230,8 +230,8 @@ def test_residual_models_give_the_block_input_to_its_last_convolution(monkeypatc
         if cls is not models.ResNet:  # the same loop, with `+` in the end: its values suffice
             continue
         loss = lambda m, f: sum(jnp.sum(jnp.sin(b)) for b in f(m, x).values())  # noqa: E731
-        g_got = jax.grad(lambda m: loss(m, _resnet._run_residual))(model)
-        g_want = jax.grad(lambda m: loss(m, residual_model_by_plus))(model)
+        g_got = jax.jit(jax.grad(lambda m: loss(m, _resnet._run_residual)))(model)
+        g_want = jax.jit(jax.grad(lambda m: loss(m, residual_model_by_plus)))(model)
         for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 

@@ -265,13 +265,53 @@ def test_the_forward_writes_the_blocks_with_offsets_and_priors(monkeypatch):
     assert max(gradient_errors(got, want)) <= 1e-5, gradient_errors(got, want)
 
 
+def test_the_bias_and_its_means_gradient_go_to_the_epilogues(monkeypatch):
+    """The layer's bias through `kernels.conv_contract` ('add' and torus 'mean' blocks, a given
+    mean for one input): the forward's epilogue adds its offsets, and the means' gradient (a
+    constant over the pixels) goes into the input gradient's epilogue, the launches show it; values
+    and gradients in inputs, weights and bias against `dense`'s autodiff."""
+    monkeypatch.setenv(PARITY_ENV, "on")
+    base = make_layer(2, 3, [("s", 2), ("v", 1), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)])
+    spec = kernels.make_spec(2, base.in_keys, base.out_keys,
+                             [(p.in_index, p.out_index, p.basis.array) for p in base.pairs], True,
+                             bias_modes=("add", "mean", "mean"))
+    xs, ws = operands(spec, 6, seed=37)
+    rng = np.random.default_rng(37)
+    bias = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in (2, 1, 2)]
+    given = [None, None, jnp.mean(xs[2], axis=(1, 2))]
+    launches = []
+    real = parity_conv._batched_forward
+
+    def spy(plan, spatial, group, precision, rows, offsets, priors, blocks):
+        launches.append((plan.cout, rows is not None, offsets))
+        return real(plan, spatial, group, precision, rows, offsets, priors, blocks)
+
+    monkeypatch.setattr(parity_conv, "_batched_forward", spy)
+
+    def layer(backend):
+        return lambda x, w, b: kernels.conv_contract(spec, x, w, bias=b, input_means=given, backend=backend,
+                                                     precision="fp32")
+
+    loss = lambda f: lambda *a: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(*a)))  # noqa: E731
+    check_close(layer("triton")(xs, ws, bias), layer("dense")(xs, ws, bias), "fp32")
+    got = jax.grad(loss(layer("triton")), argnums=(0, 1, 2))(xs, ws, bias)
+    want = jax.grad(loss(layer("dense")), argnums=(0, 1, 2))(xs, ws, bias)
+    assert max(gradient_errors(got, want)) <= 1e-5, gradient_errors(got, want)
+    # the forward with the bias's three offsets, the input gradient with the means' gradient of
+    # every input (a mean reaches the vector and 2-tensor outputs)
+    assert (spec.cout, True, (True, True, True)) in launches, launches
+    assert (spec.cin, True, (True, True, True)) in launches, launches
+
+
 def test_bad_offsets_and_priors_are_refused_by_name():
     spec = make_layer(2, 3, [("s", 1)], [("s", 2), ("v", 1)])
     xs, ws = operands(spec, 8, seed=4)
     cases = [({"offsets": [None]}, "`offsets` has 1 entries; the layer has 2"),
              ({"priors": [None, None, None]}, "`priors` has 3 entries"),
              ({"offsets": [None, jnp.zeros((1,))]}, r"`offsets\[1\]` has shape \(1,\); output key 1 needs \(1, 2\)"),
-             ({"priors": [jnp.zeros((2, 8, 7)), None]}, r"`priors\[0\]` has shape \(2, 8, 7\); output key 0 is \(2, 8, 8\)")]
+             ({"priors": [jnp.zeros((2, 8, 7)), None]},
+              r"`priors\[0\]` has shape \(2, 8, 7\); output key 0 is \(2, 8, 8\)"),
+             ({"bias": [jnp.zeros(2), None]}, "`bias` needs `bias_spec`")]
     for kwargs, said in cases:
         with pytest.raises(ValueError, match=said):
             conv_contract_parity(spec, xs, ws, "fp32", **kwargs)

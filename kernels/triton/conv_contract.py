@@ -115,9 +115,8 @@ def conv_contract_triton(
     residual = tuple(None if r is None else r.astype(jnp.float32) for r in residual)
     groups = filter_groups(spec, spatial, mode, blocks)
     if parity_runs(spec, spatial, groups is not None):  # tensor-core GEMMs; bias and residual in its epilogue
-        if bias is not None:
-            offsets = bias_offsets(bias_spec, inputs, weights, bias, given)
-        return conv_contract_parity(spec, inputs, weights, mode, offsets=offsets, priors=residual)
+        return conv_contract_parity(spec, inputs, weights, mode, offsets=None if bias is not None else offsets,
+                                    priors=residual, bias_spec=bias_spec, bias=bias, given_means=given)
     if groups is None:
         given = given or _none_given(inputs)
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, residual,

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._bias import input_means, offsets_from_means
 from .._env import env_choice
 from .._fused import MIN_DOT_TILE, next_pow2
 from .._reduce import middle_sum
@@ -91,15 +92,22 @@ def parity_runs(spec: ConvSpec, spatial: tuple[int, ...], grouped: bool) -> bool
 
 def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], mode: str,
                          offsets: Optional[Sequence[Optional[jax.Array]]] = None,
-                         priors: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
+                         priors: Optional[Sequence[Optional[jax.Array]]] = None, bias_spec: Optional[ConvSpec] = None,
+                         bias: Optional[Sequence[Optional[jax.Array]]] = None,
+                         given_means: Optional[Sequence[Optional[jax.Array]]] = None) -> tuple[jax.Array, ...]:
     """ConvContract of unbatched blocks (c, *spatial, *(D,)*k) as the parity-blocked
-    convolution; float32 outputs (o, *spatial, *(D,)*k). Differentiable (custom_vjp); the
-    layer's bias is not included (spec.without_bias()).
+    convolution; float32 outputs (o, *spatial, *(D,)*k). Differentiable (custom_vjp); `spec`'s
+    own bias modes are ignored (give `bias_spec` and `bias` for the layer's bias).
 
-    offsets: per output key None or an (o, *(D,)*k) array added at every pixel (the bias as
-        `kernels._bias.bias_offsets` gives it); its gradient is the cotangent's spatial sum.
+    offsets: per output key None or an (o, *(D,)*k) array added at every pixel; its gradient is
+        the cotangent's spatial sum.
     priors: per output key None or an array of that output's shape added to it (a residual);
         its gradient is the cotangent.
+    bias_spec, bias, given_means: the layer's bias (checked by `kernels._bias.check_bias`; not with
+        `offsets`), its modes in `bias_spec`, and per input None or its spatial mean as its producer
+        computed it: the offsets are computed inside (`kernels._bias.offsets_from_means`, "mean"
+        blocks from the inputs' means where that is exact), so the means' gradient, a constant
+        over the pixels, goes into the input gradient's epilogue instead of a pass over it.
     """
     D = spec.D
     spatial = tuple(int(n) for n in inputs[0].shape[1:1 + D])
@@ -119,13 +127,31 @@ def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: S
         if priors[b] is not None and tuple(priors[b].shape) != (o,) + spatial + (D,) * k:
             raise ValueError(f"`priors[{b}]` has shape {tuple(priors[b].shape)}; output key {b} is "
                              f"{(o,) + spatial + (D,) * k}")
+    given_means = tuple(given_means) if given_means is not None else (None,) * len(inputs)
+    if bias is not None:
+        if bias_spec is None:
+            raise ValueError("`bias` needs `bias_spec`, the layer with its bias modes")
+        if any(off is not None for off in offsets):
+            raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
+        bias = tuple(bias)
+        # which outputs the bias reaches (shapes only: nothing is computed)
+        reached = jax.eval_shape(
+            lambda: _bias_offsets(bias_spec, input_means(bias_spec, _float32(inputs), given_means), weights, bias))
+        has_off = _present(reached)
+    else:
+        bias_spec, has_off = None, _present(offsets)
     layer = packed_layer(spec)
-    wc = combo_filter(spec, layer, weights)
     precision = env_choice(PRECISION_ENV, PRECISIONS, _PRECISION[mode])
     epilogue = env_choice(BLOCK_EPILOGUE_ENV, ("on", "off"), "on") == "on"
-    ins, outs = BlockRows.of(D, spec.in_keys, layer.in_order), BlockRows.of(D, spec.out_keys, layer.out_order)
-    return _parity_conv(ins, outs, layer.plan, spatial, (precision, epilogue), _present(offsets), _present(priors),
-                        _float32(inputs), wc, _float32(offsets), _float32(priors))
+    return _parity_conv(spec, layer, spatial, (precision, epilogue), has_off, _present(priors), bias_spec,
+                        _float32(inputs), tuple(weights), _float32(offsets), _float32(priors), bias,
+                        _float32(given_means))
+
+
+def _bias_offsets(bias_spec: ConvSpec, means, weights, bias) -> tuple:
+    """The layer's bias as float32 offsets per output key (None where it has none), from the
+    inputs' means (`kernels._bias.input_means`): a map of tiny arrays."""
+    return _float32(offsets_from_means(bias_spec, means, weights, bias))
 
 
 def _float32(arrays) -> tuple:
@@ -484,40 +510,64 @@ def _weight_grad(plan: ParityPlan, spatial, precision: str, x: jax.Array, dy: ja
 
 
 # ---- differentiation ------------------------------------------------------------------------------------
-# ins / outs: the layer's two sides (`BlockRows`); how: (the dots' precision, whether the forward
-# may write the blocks: `_forward_blocks`); has_off / has_pr: which output keys have an offset / a
-# prior (the entries of `offsets` / `priors` that are not None, which get None cotangents).
-# Residuals: the packed input with its halo and the combination filter.
+# Static: the layer, its packing, the spatial shape; how: (the dots' precision, whether the forward
+# may write the blocks: `_forward_blocks`); has_off / has_pr: which output keys get an offset (given,
+# or the bias's) / a prior; bias_spec: the layer with its bias modes where `bias` is given, else
+# None. Residuals: the packed input with its halo, the combination filter, and the VJPs of the maps
+# from the layer's weights to it and from the inputs' means, weights and bias to the offsets.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _parity_conv(ins: BlockRows, outs: BlockRows, plan: ParityPlan, spatial, how, has_off, has_pr, inputs, wc,
-                 offsets, priors):
-    return _parity_conv_fwd(ins, outs, plan, spatial, how, has_off, has_pr, inputs, wc, offsets, priors)[0]
+def _parity_conv(spec: ConvSpec, layer: PackedLayer, spatial, how, has_off, has_pr, bias_spec, inputs, weights,
+                 offsets, priors, bias, given):
+    return _parity_conv_fwd(spec, layer, spatial, how, has_off, has_pr, bias_spec, inputs, weights, offsets, priors,
+                            bias, given)[0]
 
 
-def _parity_conv_fwd(ins, outs, plan, spatial, how, has_off, has_pr, inputs, wc, offsets, priors):
+def _sides(spec: ConvSpec, layer: PackedLayer) -> tuple[BlockRows, BlockRows]:
+    return BlockRows.of(spec.D, spec.in_keys, layer.in_order), BlockRows.of(spec.D, spec.out_keys, layer.out_order)
+
+
+def _parity_conv_fwd(spec, layer, spatial, how, has_off, has_pr, bias_spec, inputs, weights, offsets, priors, bias,
+                     given):
+    plan = layer.plan
+    ins, outs = _sides(spec, layer)
+    wc, filter_vjp = jax.vjp(functools.partial(combo_filter, spec, layer), weights)
+    bias_vjp = None
+    if bias_spec is not None:  # the offsets from the means: tiny arrays, their VJP kept for the backward
+        means = input_means(bias_spec, inputs, given)
+        offsets, bias_vjp = jax.vjp(functools.partial(_bias_offsets, bias_spec), means, weights, bias)
     x = with_halo(plan, pack_rows(ins.D, ins.keys, ins.order, inputs))
     ys = _forward_blocks(plan, outs, spatial, *how, x, dot_weights(plan, wc), offsets, priors)
-    return ys, (x, wc)
+    return ys, (x, wc, filter_vjp, bias_vjp)
 
 
-def _parity_conv_bwd(ins, outs, plan, spatial, how, has_off, has_pr, residuals, dys):
-    precision = how[0]
-    x, wc = residuals
+def _parity_conv_bwd(spec, layer, spatial, how, has_off, has_pr, bias_spec, residuals, dys):
+    x, wc, filter_vjp, bias_vjp = residuals
+    plan = layer.plan
+    ins, outs = _sides(spec, layer)
     dys = tuple(d.astype(jnp.float32) for d in dys)
-    dy = pack_rows(outs.D, outs.keys, outs.order, dys)
-    plan_t = plan.transposed()
-    none = (None,) * len(ins.keys)
-    dy = with_halo(plan_t, dy)
-    dxs = _forward_blocks(plan_t, ins, spatial, *how, dy, dot_weights(plan_t, transposed_combos(plan, wc)), none,
-                          none)
-    dwk = _weight_grad(plan, spatial, precision, x, dy)
-    _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
-    (dwc,) = gather_vjp(dwk)
     # an offset's gradient: the cotangent summed over the pixels, as two reductions (`middle_sum`: one
     # over the pixels with the components minor is a slow column reduction)
-    doffsets = tuple(middle_sum(d, 1, 1 + outs.D) if h else None for d, h in zip(dys, has_off))
+    doffsets = tuple(middle_sum(d, 1, 1 + spec.D) if h else None for d, h in zip(dys, has_off))
+    in_offsets, dbias, dw_bias = (None,) * len(ins.keys), None, None
+    if bias_vjp is not None:  # the offsets were the bias's: through their map to the means, weights, bias
+        dmeans, dw_bias, dbias = bias_vjp(doffsets)
+        doffsets = (None,) * len(outs.keys)
+        if dmeans is not None:  # d mean / d x = 1 / pixels at every pixel: the input gradient's epilogue adds it
+            pixels = math.prod(spatial)
+            in_offsets = tuple(None if m is None else (m / pixels).astype(jnp.float32) for m in dmeans)
+    dy = with_halo(plan.transposed(), pack_rows(outs.D, outs.keys, outs.order, dys))
+    plan_t = plan.transposed()
+    dxs = _forward_blocks(plan_t, ins, spatial, *how, dy, dot_weights(plan_t, transposed_combos(plan, wc)),
+                          in_offsets, (None,) * len(ins.keys))
+    dwk = _weight_grad(plan, spatial, how[0], x, dy)
+    _, gather_vjp = jax.vjp(functools.partial(dot_weights, plan), wc)
+    (dwc,) = gather_vjp(dwk)
+    (dweights,) = filter_vjp(dwc.astype(wc.dtype))
+    if dw_bias is not None:
+        dweights = tuple(d + e for d, e in zip(dweights, dw_bias))
     dpriors = tuple(d if h else None for d, h in zip(dys, has_pr))
-    return dxs, dwc.astype(wc.dtype), doffsets, dpriors
+    # the given means are constants here: their gradient went to the inputs (the epilogue above)
+    return dxs, dweights, doffsets, dpriors, dbias, (None,) * len(spec.in_keys)
 
 
 _parity_conv.defvjp(_parity_conv_fwd, _parity_conv_bwd)
