@@ -555,8 +555,8 @@ def _parity_conv_bwd(spec, layer, spatial, how, has_off, has_pr, bias_spec, resi
         if dmeans is not None:  # d mean / d x = 1 / pixels at every pixel: the input gradient's epilogue adds it
             pixels = math.prod(spatial)
             in_offsets = tuple(None if m is None else (m / pixels).astype(jnp.float32) for m in dmeans)
-    dy = with_halo(plan.transposed(), pack_rows(outs.D, outs.keys, outs.order, dys))
     plan_t = plan.transposed()
+    dy = with_halo(plan_t, pack_rows(outs.D, outs.keys, outs.order, dys))
     dxs = _forward_blocks(plan_t, ins, spatial, *how, dy, dot_weights(plan_t, transposed_combos(plan, wc)),
                           in_offsets, (None,) * len(ins.keys))
     dwk = _weight_grad(plan, spatial, how[0], x, dy)
