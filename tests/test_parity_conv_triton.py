@@ -227,7 +227,8 @@ def test_the_forward_writes_the_blocks_with_offsets_and_priors(monkeypatch):
     class 0 spans the scalar block and the 2-tensor's diagonal (two runs of planes, one of them
     periodic), offsets on two keys, priors on two. Values against `reference` plus the same
     offsets and priors; gradients in inputs, weights, offsets and priors against `dense`'s
-    autodiff."""
+    autodiff; the same with GINJAX_PARITY_BLOCK_EPILOGUE=off (packed rows, XLA's unpack and adds:
+    the path of the CUDA forward and of narrow output groups)."""
     spec = make_layer(2, 3, [("s", 2), ("v", 1), ("t", 1)], [("s", 2), ("v", 1), ("t", 2)])
     N, D = 6, 2
     xs, ws = operands(spec, N, seed=31)
@@ -246,23 +247,23 @@ def test_the_forward_writes_the_blocks_with_offsets_and_priors(monkeypatch):
     def dense(x, w, offs, prs):
         return with_extras(kernels.dense.conv_contract_dense(spec, x, w, "fp32"), offs, prs)
 
-    blocks = [(1,) + tuple(y.shape) for y in dense(xs, ws, offsets, priors)]
-    assert _callback_shapes(jax.make_jaxpr(parity)(xs, ws, offsets, priors)) == [blocks]
-    monkeypatch.setenv(parity_conv.BLOCK_EPILOGUE_ENV, "off")  # the A/B switch: packed rows again
-    packed = lambda *a: parity(*a)  # noqa: E731  (a function of its own: make_jaxpr caches traces by function)
-    assert _callback_shapes(jax.make_jaxpr(packed)(xs, ws, offsets, priors)) == [[(1, spec.cout, N, N)]]
-    monkeypatch.delenv(parity_conv.BLOCK_EPILOGUE_ENV)
-    check_close(parity(xs, ws, offsets, priors), with_extras(run(spec, xs, ws, "reference"), offsets, priors), "fp32")
-
     def loss(f):
         return lambda *a: sum(jnp.sum(jnp.sin(o) * (n + 1)) for n, o in enumerate(f(*a)))
 
-    launches = _callback_shapes(jax.make_jaxpr(jax.grad(loss(parity), argnums=(0, 1, 2, 3)))(xs, ws, offsets, priors))
-    assert [(1,) + tuple(x.shape) for x in xs] in launches  # the input gradient's results: the input blocks
-    got = jax.grad(loss(parity), argnums=(0, 1, 2, 3))(xs, ws, offsets, priors)
+    values = with_extras(run(spec, xs, ws, "reference"), offsets, priors)
     want = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(xs, ws, offsets, priors)
-    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(got))
-    assert max(gradient_errors(got, want)) <= 1e-5, gradient_errors(got, want)
+    blocks = [(1,) + tuple(y.shape) for y in values]
+    for switch, launch in (("on", [blocks]), ("off", [[(1, spec.cout, N, N)]])):  # off: packed rows, XLA adds
+        monkeypatch.setenv(parity_conv.BLOCK_EPILOGUE_ENV, switch)
+        f = lambda *a: parity(*a)  # noqa: E731  (a function of its own: make_jaxpr caches traces by function)
+        assert _callback_shapes(jax.make_jaxpr(f)(xs, ws, offsets, priors)) == launch
+        check_close(f(xs, ws, offsets, priors), values, "fp32")
+        launches = _callback_shapes(jax.make_jaxpr(jax.grad(loss(f), argnums=(0, 1, 2, 3)))(xs, ws, offsets, priors))
+        # the input gradient's results: the input blocks, or packed rows
+        assert ([(1,) + tuple(x.shape) for x in xs] in launches) == (switch == "on"), launches
+        got = jax.grad(loss(f), argnums=(0, 1, 2, 3))(xs, ws, offsets, priors)
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(got))
+        assert max(gradient_errors(got, want)) <= 1e-5, (switch, gradient_errors(got, want))
 
 
 def test_the_bias_and_its_means_gradient_go_to_the_epilogues(monkeypatch):
