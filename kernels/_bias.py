@@ -243,6 +243,14 @@ def offsets_from_means(spec: ConvSpec, in_means: Optional[Sequence[jax.Array]], 
     return tuple(offsets)
 
 
+def float32_offsets_from_means(spec: ConvSpec, in_means: Optional[Sequence[jax.Array]],
+                               weights: Sequence[jax.Array], bias: Optional[Bias]) -> tuple:
+    """`offsets_from_means` in float32, what the kernels' epilogues add (None where a block has
+    no offset)."""
+    offsets = offsets_from_means(spec, in_means, weights, bias)
+    return tuple(None if o is None else o.astype(jnp.float32) for o in offsets)
+
+
 def bias_offsets(
     spec: ConvSpec, inputs: Sequence[jax.Array], weights: Sequence[jax.Array], bias: Optional[Bias],
     given_means: Optional[Sequence] = None,

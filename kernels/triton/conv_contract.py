@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _bias
-from .._bias import bias_offsets, check_bias, check_given_means, offsets_from_means
+from .._bias import bias_offsets, check_bias, check_given_means, float32_offsets_from_means
 from .._env import env_choice
 from .._fused import resolve_block_sizes, scatter_input_grads, transposed_spec, transposed_weights
 from .._lax_common import compute_dtype
@@ -115,14 +115,14 @@ def conv_contract_triton(
     residual = tuple(None if r is None else r.astype(jnp.float32) for r in residual)
     groups = filter_groups(spec, spatial, mode, blocks)
     if parity_runs(spec, spatial, groups is not None):  # tensor-core GEMMs; bias and residual in its epilogue
-        return conv_contract_parity(spec, inputs, weights, mode, offsets=None if bias is not None else offsets,
-                                    priors=residual, bias_spec=bias_spec, bias=bias, given_means=given)
+        return conv_contract_parity(spec, inputs, weights, mode, offsets=offsets, priors=residual, bias_spec=bias_spec,
+                                    bias=bias, given_means=given)
     if groups is None:
         given = given or _none_given(inputs)
         return _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, residual,
                               bias, given)
     if bias is not None:  # each group its own custom_vjp: the means' gradient goes through autodiff
-        offsets = _offsets_from_means(bias_spec, _bias.input_means(bias_spec, inputs, given), weights, bias)
+        offsets = float32_offsets_from_means(bias_spec, _bias.input_means(bias_spec, inputs, given), weights, bias)
     return _by_filter_groups(groups, len(spec.out_keys), lambda sub, xs, ws, offs, priors: _conv_contract(
         sub, mode, resolve_block_sizes(block_sizes, BlockSizes, sub, spatial), poison, backward, None, xs, ws, offs,
         priors, None, _none_given(xs)), inputs, weights, offsets, residual)
@@ -180,19 +180,15 @@ def _over_space(offset: jax.Array, D: int) -> jax.Array:
 def _conv_contract(spec, mode, blocks, poison, backward, bias_spec, inputs, weights, offsets, priors, bias, given):
     if bias_spec is not None:
         means = _input_means(spec, mode, poison, bias_spec, inputs, given)
-        offsets = _offsets_from_means(bias_spec, means, weights, bias)
+        offsets = float32_offsets_from_means(bias_spec, means, weights, bias)
     return _forward(spec, mode, blocks, poison, inputs, weights, offsets, priors=priors)
-
-
-def _offsets_from_means(bias_spec, means, weights, bias):
-    return tuple(None if o is None else o.astype(jnp.float32) for o in offsets_from_means(bias_spec, means, weights, bias))
 
 
 def _bias_offsets(spec, mode, poison, bias_spec, inputs, weights, bias, given):
     """The layer's bias as float32 epilogue offsets, and the VJP of the tiny map from the inputs'
     spatial means, the weights and the bias to them (the means' reduction stays outside it)."""
     means = _input_means(spec, mode, poison, bias_spec, inputs, given)
-    return jax.vjp(functools.partial(_offsets_from_means, bias_spec), means, weights, bias)
+    return jax.vjp(functools.partial(float32_offsets_from_means, bias_spec), means, weights, bias)
 
 
 INPUT_MEANS_ENV = "GINJAX_INPUT_MEANS"

@@ -33,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._bias import input_means, offsets_from_means
+from .._bias import float32_offsets_from_means, input_means
 from .._env import env_choice
 from .._fused import MIN_DOT_TILE, next_pow2
-from .._reduce import middle_sum
+from .._reduce import add_spatial_offset, middle_sum
 from ..dense import assemble_dense_filter
 from .._spec import ConvSpec
+from .._registry import add_residual
 from ._launch import batch_size, batched_flags, block_order, run_plan
 from ._parity_plan import (
     CHUNK,
@@ -135,8 +136,8 @@ def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: S
             raise ValueError("`offsets` and `bias` are exclusive: give the layer's bias, or offsets of your own")
         bias = tuple(bias)
         # which outputs the bias reaches (shapes only: nothing is computed)
-        reached = jax.eval_shape(
-            lambda: _bias_offsets(bias_spec, input_means(bias_spec, _float32(inputs), given_means), weights, bias))
+        means = lambda: input_means(bias_spec, _float32(inputs), given_means)  # noqa: E731
+        reached = jax.eval_shape(lambda: float32_offsets_from_means(bias_spec, means(), weights, bias))
         has_off = _present(reached)
     else:
         bias_spec, has_off = None, _present(offsets)
@@ -146,12 +147,6 @@ def conv_contract_parity(spec: ConvSpec, inputs: Sequence[jax.Array], weights: S
     return _parity_conv(spec, layer, spatial, (precision, epilogue), has_off, _present(priors), bias_spec,
                         _float32(inputs), tuple(weights), _float32(offsets), _float32(priors), bias,
                         _float32(given_means))
-
-
-def _bias_offsets(bias_spec: ConvSpec, means, weights, bias) -> tuple:
-    """The layer's bias as float32 offsets per output key (None where it has none), from the
-    inputs' means (`kernels._bias.input_means`): a map of tiny arrays."""
-    return _float32(offsets_from_means(bias_spec, means, weights, bias))
 
 
 def _float32(arrays) -> tuple:
@@ -461,16 +456,13 @@ def _forward_blocks(plan: ParityPlan, rows: BlockRows, spatial, precision: str, 
     blocks = ParityBlocks.from_env(BLOCKS_ENV)
     groups = plan.out_groups(blocks.out_width)
     if epilogue and len(groups) == 1 and not cuda_forward_runs(plan, spatial, precision):
-        has_off = tuple(o is not None for o in offsets)
-        has_pr = tuple(p is not None for p in priors)
-        op = _batched_forward(plan, tuple(spatial), groups[0], precision, rows, has_off, has_pr, blocks)
+        op = _batched_forward(plan, tuple(spatial), groups[0], precision, rows, _present(offsets), _present(priors),
+                              blocks)
         outs = op((x[None],), (wk[None],), tuple(o.reshape(1, -1) for o in offsets if o is not None),
                   tuple(p[None] for p in priors if p is not None))
         return tuple(y[0] for y in outs)
     outs = unpack_rows(rows.D, rows.keys, rows.order, _forward(plan, spatial, precision, x, wk))
-    D = rows.D
-    outs = [y if o is None else y + o.reshape(o.shape[:1] + (1,) * D + o.shape[1:]) for y, o in zip(outs, offsets)]
-    return tuple(y if p is None else y + p for y, p in zip(outs, priors))
+    return add_residual([y if o is None else add_spatial_offset(y, o, rows.D) for y, o in zip(outs, offsets)], priors)
 
 
 @functools.lru_cache(maxsize=128)
@@ -534,7 +526,7 @@ def _parity_conv_fwd(spec, layer, spatial, how, has_off, has_pr, bias_spec, inpu
     bias_vjp = None
     if bias_spec is not None:  # the offsets from the means: tiny arrays, their VJP kept for the backward
         means = input_means(bias_spec, inputs, given)
-        offsets, bias_vjp = jax.vjp(functools.partial(_bias_offsets, bias_spec), means, weights, bias)
+        offsets, bias_vjp = jax.vjp(functools.partial(float32_offsets_from_means, bias_spec), means, weights, bias)
     x = with_halo(plan, pack_rows(ins.D, ins.keys, ins.order, inputs))
     ys = _forward_blocks(plan, outs, spatial, *how, x, dot_weights(plan, wc), offsets, priors)
     return ys, (x, wc, filter_vjp, bias_vjp)
