@@ -204,20 +204,10 @@ def test_triton_backend_runs_it_with_bias_and_residual(monkeypatch):
 def _callback_shapes(closed) -> list[list[tuple[int, ...]]]:
     """Per pure_callback (a kernel launch on the interpreter path) in a traced program, nested
     jaxprs included, its results' shapes."""
-    found = []
+    from bench._flops import equations
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pure_callback":
-                found.append([tuple(v.aval.shape) for v in eqn.outvars])
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(closed.jaxpr)
-    return found
+    return [[tuple(v.aval.shape) for v in e.outvars] for e in equations(closed.jaxpr)
+            if e.primitive.name == "pure_callback"]
 
 
 def test_the_forward_writes_the_blocks_with_offsets_and_priors(monkeypatch):
